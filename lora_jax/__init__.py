@@ -1,0 +1,35 @@
+"""lora_jax: LoRA for JAX and Flax as a parameter-tree transform.
+
+    import lora_jax as lora
+    adapters = lora.init(params, r=8)                 # adapters for the attention kernels
+    y = model.apply({"params": lora.wrap(params, adapters)}, x)   # factored forward
+    merged = lora.merge(params, adapters)             # zero-latency inference
+"""
+
+from lora_jax.core import (
+    LoraAdapter,
+    LoraWeight,
+    Summary,
+    adapter_items,
+    combine,
+    init,
+    is_adapter,
+    is_lora_weight,
+    merge,
+    split,
+    summary,
+    unmerge,
+    unwrap,
+    wrap,
+)
+from lora_jax.ops import dense, dot, einsum, embed, materialize
+from lora_jax.optim import lora_plus, masked, trainable_labels
+from lora_jax.targets import PRESETS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraAdapter", "LoraWeight", "Summary", "PRESETS", "adapter_items", "combine", "dense", "dot", "einsum",
+    "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "split",
+    "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
+]

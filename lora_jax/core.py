@@ -1,0 +1,478 @@
+"""The adapter tree: LoRA as a transform of parameter pytrees.
+
+A LoRA adapter for a kernel ``W0`` of shape ``(*in_shape, *out_shape)`` is a pair
+
+    A: (prod(in_shape), r)      B: (r, prod(out_shape))
+
+and the adapted kernel is ``W0 + scale * reshape(A @ B)`` with ``scale = alpha / r`` (or ``alpha / sqrt(r)``
+with rsLoRA). ``B`` starts at zero, so an adapted model equals its base model exactly at step 0.
+
+Everything here is a pure function over pytrees:
+
+- :func:`init` builds the adapter tree for the targeted leaves of any parameter pytree (a Flax Linen
+  ``params`` dict, the state of ``nnx.split``, plain nested dicts);
+- :func:`merge` folds the adapters into the base (zero added inference latency), :func:`unmerge` undoes it;
+- :func:`wrap` puts :class:`LoraWeight` nodes in the tree so that :mod:`lora_jax.ops` computes the factored
+  forward ``x @ W0 + ((x @ A) @ B) * scale`` without ever forming ``W0 + A @ B``;
+- :func:`split` / :func:`combine` separate the frozen base from what is trained.
+
+The adapter tree is a nested ``dict`` that mirrors the parameter tree but holds only the targeted branches;
+its leaves are :class:`LoraAdapter` nodes whose arrays are pytree children and whose rank, alpha, scale
+and axis layout are static metadata, so ``jax.jit`` takes it and Orbax checkpoints it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import targets as _targets
+
+PyTree = Any
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------------- nodes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraAdapter:
+    """The trainable low-rank factors of one kernel.
+
+    Attributes:
+      a: ``(prod(in_shape), r)``, random at init.
+      b: ``(r, prod(out_shape))``, zero at init.
+      alpha: the LoRA alpha (static).
+      scale: the factor applied to ``A @ B``: ``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA (static).
+      in_shape: the kernel's input axes, contracted with the activations (static).
+      out_shape: the kernel's output axes (static).
+      dropout: dropout rate applied to the input of ``A`` during training (static).
+    """
+
+    a: Array
+    b: Array
+    alpha: float = dataclasses.field(default=8.0, metadata=dict(static=True))
+    scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+    in_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    out_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+    @property
+    def r(self) -> int:
+        return self.a.shape[-1]
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return (*self.in_shape, *self.out_shape)
+
+    def delta(self, dtype=jnp.float32) -> Array:
+        """``scale * A @ B`` reshaped to the kernel's shape, computed in ``dtype`` (float32 by default)."""
+        a = self.a.astype(dtype)
+        b = self.b.astype(dtype)
+        dw = (a @ b) * jnp.asarray(self.scale, dtype)
+        return dw.reshape(self.kernel_shape)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeight:
+    """A frozen kernel with its adapter, as seen by a model during a factored forward pass.
+
+    ``lora_jax.ops.dot`` / ``einsum`` on a ``LoraWeight`` compute
+    ``x @ base + ((dropout(x) @ A) @ B) * scale`` and never form ``base + A @ B``.
+    ``key`` is the dropout key (``None``: no dropout, e.g. at evaluation).
+    """
+
+    base: Array
+    adapter: LoraAdapter
+    key: Array | None = None
+
+    # Enough of the array interface for model code that inspects its weights.
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    def materialize(self) -> Array:
+        """``base + scale * A @ B`` (dW in float32, cast to the base dtype), for code that needs the dense
+        kernel. The factored ops never call this."""
+        return (self.base.astype(jnp.float32) + self.adapter.delta()).astype(self.base.dtype)
+
+
+def is_adapter(x: Any) -> bool:
+    return isinstance(x, LoraAdapter)
+
+
+def is_lora_weight(x: Any) -> bool:
+    return isinstance(x, LoraWeight)
+
+
+# ------------------------------------------------------------------------------------- tree plumbing
+
+
+def _leaves_by_path(tree: PyTree) -> list[tuple[tuple[str, ...], Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: is_adapter(x) or is_lora_weight(x))
+    return [(_targets.path_tuple(p), leaf) for p, leaf in flat]
+
+
+def _nested_get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    node = tree
+    for k in path:
+        if not isinstance(node, Mapping) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
+def _nested_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    node[path[-1]] = value
+
+
+def adapter_items(adapters: PyTree) -> list[tuple[str, LoraAdapter]]:
+    """``[("a/b/kernel", LoraAdapter), ...]`` in tree order."""
+    return [("/".join(p), leaf) for p, leaf in _leaves_by_path(adapters) if is_adapter(leaf)]
+
+
+def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, LoraAdapter], Any], what: str) -> PyTree:
+    """Replace every leaf of ``params`` that has an adapter by ``fn(path, leaf, adapter)``.
+
+    Raises if an adapter names a path that ``params`` lacks or whose shape differs: an adapter for another
+    base is a bug, never something to ignore.
+    """
+    adapter_paths = {tuple(p.split("/")): ad for p, ad in adapter_items(adapters)}
+    used = set()
+
+    def visit(path, leaf):
+        key = _targets.path_tuple(path)
+        ad = adapter_paths.get(key)
+        if ad is None:
+            return leaf
+        if is_lora_weight(leaf) or is_adapter(leaf):
+            raise ValueError(f"{what}: {'/'.join(key)} already holds a {type(leaf).__name__}; wrap/merge a tree once")
+        if tuple(leaf.shape) != ad.kernel_shape:
+            raise ValueError(
+                f"{what}: adapter for {'/'.join(key)} expects a kernel of shape {ad.kernel_shape}, "
+                f"the params have {tuple(leaf.shape)}; this adapter belongs to another base model"
+            )
+        used.add(key)
+        return fn('/'.join(key), leaf, ad)
+
+    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_lora_weight)
+    missing = sorted("/".join(k) for k in adapter_paths.keys() - used)
+    if missing:
+        raise ValueError(
+            f"{what}: {len(missing)} adapter(s) have no matching leaf in params: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}; this adapter belongs to another base model"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ init
+
+
+INIT_METHODS = ("lora", "gaussian")
+
+
+def init(
+    params: PyTree,
+    r: int = 8,
+    *,
+    alpha: float | None = None,
+    targets: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    key: Array | None = None,
+    init: str = "lora",
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    in_axes: Mapping[str, int] | None = None,
+    dtype: Any = None,
+    allow_embeddings: bool = False,
+) -> PyTree:
+    """Create LoRA adapters for the targeted kernels of ``params``.
+
+    Args:
+      params: any pytree of arrays (Flax Linen params, ``nnx.split`` state, nested dicts).
+      r: the rank of every adapter (overridden per leaf by ``rank_pattern``).
+      alpha: LoRA alpha; defaults to ``r`` (scale 1). The adapter computes ``(alpha / r) * A @ B``.
+      targets: which leaves to adapt: a preset name (``"attention"`` (default), ``"qv"``, ``"all-linear"``) or
+        regexes that must fully match a '/'-joined leaf path, e.g. ``".*attention/(query|value)/kernel"``.
+        A rule that matches nothing raises, listing the candidate paths.
+      exclude: regexes of paths never to adapt.
+      key: PRNG key for ``A``; ``None`` means ``jax.random.key(0)`` (deterministic).
+      init: ``"lora"`` (A Kaiming-uniform as in the reference implementation: U(-1/sqrt(d_in), 1/sqrt(d_in))),
+        or ``"gaussian"`` (A ~ N(0, 1/r^2)). B is zero either way.
+      dropout: dropout rate on the adapter input during training (applied when :func:`wrap` gets a key).
+      use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``.
+      rank_pattern, alpha_pattern: ``{regex: value}`` overrides per leaf path (first full match wins).
+      in_axes: ``{regex: n}``: how many leading kernel axes are inputs, for kernels with more than two
+        axes. By default 1, or ``ndim - 1`` for output projections (paths ending in out/o_proj/c_proj/...).
+      dtype: dtype of ``A`` and ``B``; default float32 (adapters train in full precision over a low-precision
+        base).
+      allow_embeddings: embedding tables are never adapted unless this is set and a rule names them.
+
+    Returns:
+      A nested dict mirroring ``params`` with a :class:`LoraAdapter` for each targeted leaf.
+    """
+    if not isinstance(r, (int, np.integer)) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if init not in INIT_METHODS:
+        raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    key = jax.random.key(0) if key is None else key
+    dtype = jnp.float32 if dtype is None else jnp.dtype(dtype)
+
+    selected = _targets.select(params, targets, exclude=exclude, allow_embeddings=allow_embeddings)
+    rank_of = _targets.PatternMap(rank_pattern, "rank_pattern", [p for p, _ in selected])
+    alpha_of = _targets.PatternMap(alpha_pattern, "alpha_pattern", [p for p, _ in selected])
+    in_axes_of = _targets.PatternMap(in_axes, "in_axes", [p for p, _ in selected])
+
+    adapters: dict = {}
+    keys = jax.random.split(key, max(len(selected), 1))
+    for (path, leaf), k in zip(selected, keys):
+        n_in = in_axes_of.get(path, _targets.default_in_axes(path, leaf.ndim))
+        if not 1 <= n_in < leaf.ndim:
+            raise ValueError(f"in_axes for {path} must be in [1, {leaf.ndim - 1}] for a kernel of shape "
+                             f"{tuple(leaf.shape)}, got {n_in}")
+        in_shape, out_shape = tuple(leaf.shape[:n_in]), tuple(leaf.shape[n_in:])
+        d_in, d_out = math.prod(in_shape), math.prod(out_shape)
+        leaf_r = int(rank_of.get(path, r))
+        leaf_alpha = float(alpha_of.get(path, alpha if alpha is not None else leaf_r))
+        if leaf_r < 1:
+            raise ValueError(f"rank for {path} must be positive, got {leaf_r}")
+        if leaf_r > min(d_in, d_out):
+            raise ValueError(f"rank {leaf_r} for {path} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
+                             f"of its {d_in}x{d_out} kernel")
+        if init == "lora":
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(k, (d_in, leaf_r), dtype, -bound, bound)
+        else:
+            a = jax.random.normal(k, (d_in, leaf_r), dtype) / leaf_r
+        b = jnp.zeros((leaf_r, d_out), dtype)
+        scale = leaf_alpha / (math.sqrt(leaf_r) if use_rslora else leaf_r)
+        _nested_set(adapters, tuple(path.split("/")),
+                    LoraAdapter(a, b, alpha=leaf_alpha, scale=scale, in_shape=in_shape, out_shape=out_shape,
+                                dropout=float(dropout)))
+    return adapters
+
+
+# ------------------------------------------------------------------------------------- merge / unmerge
+
+# A merged tree is made of plain arrays, so it cannot carry a flag. Instead each merged leaf made outside jit
+# is remembered weakly with the adapter folded into it, and merging that same adapter into it again raises.
+# Under jit the leaves are tracers with nothing to remember: there, merging twice is the caller's concern.
+# (jax arrays are unhashable, hence a dict keyed by id() that weak references keep honest.)
+_MERGED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _concrete(x: Any) -> bool:
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def _mark_merged(w: Array, ad: LoraAdapter) -> None:
+    if _concrete(w) and _concrete(ad.b):
+        key = id(w)
+        _MERGED[key] = (weakref.ref(w, lambda _, key=key: _MERGED.pop(key, None)), weakref.ref(ad.b))
+
+
+def _merged_with(w: Array, ad: LoraAdapter) -> bool:
+    entry = _MERGED.get(id(w))
+    return entry is not None and entry[0]() is w and entry[1]() is ad.b
+
+
+def merge(params: PyTree, adapters: PyTree) -> PyTree:
+    """Fold every adapter into its kernel: ``W = W0 + scale * A @ B``.
+
+    Pure and jit-able (also with ``donate_argnums=0``). dW is computed in float32 and the sum cast back to
+    each base leaf's dtype; leaves without an adapter pass through untouched. The result is a plain parameter
+    tree that runs at exactly the base model's speed. Merging an adapter into a tree that this function
+    already merged it into raises ``ValueError``.
+    """
+
+    def fold(path: str, w, ad: LoraAdapter):
+        if _merged_with(w, ad):
+            raise ValueError(f"merge: {path} already has this adapter merged in; merging again would add dW "
+                             "twice (unmerge first, or merge into the original params)")
+        out = (w.astype(jnp.float32) + ad.delta(jnp.float32)).astype(w.dtype)
+        _mark_merged(out, ad)
+        return out
+
+    return _map_targets(params, adapters, fold, "merge")
+
+
+def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
+    """Inverse of :func:`merge`: ``W0 = W - scale * A @ B`` (exact up to rounding in the base dtype)."""
+
+    def unfold(path: str, w, ad: LoraAdapter):
+        return (w.astype(jnp.float32) - ad.delta(jnp.float32)).astype(w.dtype)
+
+    return _map_targets(merged, adapters, unfold, "unmerge")
+
+
+# ------------------------------------------------------------------------------------------------ wrap
+
+
+def wrap(params: PyTree, adapters: PyTree, *, dropout_key: Array | None = None) -> PyTree:
+    """Return ``params`` with each targeted kernel replaced by a :class:`LoraWeight` (base + adapter).
+
+    Models that compute their projections with :func:`lora_jax.ops.dot` / :func:`lora_jax.ops.einsum` then
+    run the factored forward. Pass ``dropout_key`` during training to enable the adapters' dropout (each
+    adapter gets its own key); leave it ``None`` for evaluation.
+    """
+    index = {p: i for i, (p, _) in enumerate(adapter_items(adapters))}
+
+    def to_weight(path: str, w, ad: LoraAdapter):
+        key = None
+        if dropout_key is not None and ad.dropout > 0.0:
+            key = jax.random.fold_in(dropout_key, index[path])
+        return LoraWeight(w, ad, key)
+
+    return _map_targets(params, adapters, to_weight, "wrap")
+
+
+def unwrap(wrapped: PyTree) -> tuple[PyTree, PyTree]:
+    """Inverse of :func:`wrap`: ``(params, adapters)``."""
+    adapters: dict = {}
+
+    def take(path, leaf):
+        if is_lora_weight(leaf):
+            _nested_set(adapters, _targets.path_tuple(path), leaf.adapter)
+            return leaf.base
+        return leaf
+
+    params = jax.tree_util.tree_map_with_path(take, wrapped, is_leaf=is_lora_weight)
+    return params, adapters
+
+
+# ------------------------------------------------------------------------------------ frozen / trainable
+
+
+def split(params: PyTree, adapters: PyTree, train: str | Sequence[str] | None = None) -> tuple[PyTree, dict]:
+    """Separate what is trained from what stays frozen.
+
+    Args:
+      params: the base parameter tree.
+      adapters: the adapter tree from :func:`init`.
+      train: regexes (full match on '/'-joined paths) of base leaves trained in full, e.g. a new
+        classification head ``"classifier/.*"``. A rule that matches nothing raises.
+
+    Returns:
+      ``(frozen, trainable)``: ``frozen`` is ``params`` with the fully trained leaves set to ``None``;
+      ``trainable = {"adapters": adapters, "params": {...}}`` holds only what the optimizer should see.
+      Differentiate a loss with respect to ``trainable`` alone and the frozen base gets no gradient buffer.
+    """
+    rules = _targets.compile_rules(train, "train")
+    candidates = [p for p, _ in _targets.leaf_paths(params)]
+    for rule in rules:
+        if not any(rule.fullmatch(p) for p in candidates):
+            raise ValueError(_targets.no_match_message("train", rule.pattern, candidates))
+    full: dict = {}
+
+    def pick(path, leaf):
+        p = _targets.path_str(path)
+        if any(rule.fullmatch(p) for rule in rules):
+            if _nested_get(adapters, tuple(p.split("/"))) is not None:
+                raise ValueError(f"split: {p} has an adapter and is also trained in full; choose one")
+            _nested_set(full, _targets.path_tuple(path), leaf)
+            return None
+        return leaf
+
+    frozen = jax.tree_util.tree_map_with_path(pick, params)
+    return frozen, {"adapters": adapters, "params": full}
+
+
+def combine(frozen: PyTree, trainable: Mapping) -> tuple[PyTree, PyTree]:
+    """Inverse of :func:`split`: ``(params, adapters)``."""
+    full = trainable.get("params", {})
+
+    def put(path, leaf):
+        if leaf is None:
+            value = _nested_get(full, _targets.path_tuple(path))
+            if value is None:
+                raise ValueError(f"combine: {_targets.path_str(path)} is frozen as None but has no trained value")
+            return value
+        return leaf
+
+    params = jax.tree_util.tree_map_with_path(put, frozen, is_leaf=lambda x: x is None)
+    return params, trainable["adapters"]
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Parameter counts of a LoRA setup. ``rows`` has one ``(path, kernel_shape, r, params, adapter_params)``
+    per adapted kernel."""
+
+    total: int
+    trainable: int
+    total_bytes: int
+    trainable_bytes: int
+    targeted: int
+    rows: tuple[tuple[str, tuple[int, ...], int, int, int], ...]
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        width = max([len(r[0]) for r in self.rows] + [6])
+        lines = [f"{'target':<{width}}  {'shape':>16}  {'r':>4}  {'params':>12}  {'lora':>10}"]
+        for path, shape, r, n, n_lora in self.rows:
+            lines.append(f"{path:<{width}}  {str(shape):>16}  {r:>4}  {n:>12,}  {n_lora:>10,}")
+        lines.append(
+            f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.fraction:.3f}%), "
+            f"{self.trainable_bytes:,} of {self.total_bytes:,} bytes"
+        )
+        return "\n".join(lines)
+
+
+def summary(params: PyTree, adapters: PyTree, trainable_params: PyTree | None = None) -> Summary:
+    """Count trainable vs total parameters and bytes.
+
+    ``total`` counts the base plus the adapters; ``trainable`` counts the adapters plus
+    ``trainable_params`` (leaves trained in full, e.g. ``split(...)[1]["params"]``).
+
+    >>> import jax.numpy as jnp, lora_jax as lora
+    >>> params = {"dense": {"kernel": jnp.zeros((512, 64))}}
+    >>> s = lora.summary(params, lora.init(params, r=8, targets="dense/kernel"))
+    >>> s.trainable, s.targeted, f"{1 - s.trainable / s.targeted:.0%} fewer"
+    (4608, 32768, '86% fewer')
+    """
+    def size(tree):
+        leaves = [x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")]
+        return sum(int(np.prod(x.shape)) for x in leaves), sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+
+    base_n, base_b = size(params)
+    lora_n, lora_b = size(adapters)
+    full_n, full_b = size(trainable_params) if trainable_params is not None else (0, 0)
+    rows = tuple(
+        (p, ad.kernel_shape, ad.r, math.prod(ad.kernel_shape), int(ad.a.size + ad.b.size))
+        for p, ad in adapter_items(adapters)
+    )
+    return Summary(
+        total=base_n + lora_n, trainable=lora_n + full_n, total_bytes=base_b + lora_b,
+        trainable_bytes=lora_b + full_b, targeted=sum(r[3] for r in rows), rows=rows,
+    )
