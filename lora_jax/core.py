@@ -70,6 +70,11 @@ class LoraAdapter:
     def r(self) -> int:
         return self.a.shape[-1]
 
+    def __repr__(self) -> str:
+        return (f"LoraAdapter(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, kernel={self.kernel_shape}, "
+                f"a={_describe(self.a)}, b={_describe(self.b)}"
+                f"{f', dropout={self.dropout:g}' if self.dropout else ''})")
+
     @property
     def kernel_shape(self) -> tuple[int, ...]:
         return (*self.in_shape, *self.out_shape)
@@ -109,10 +114,17 @@ class LoraWeight:
     def ndim(self) -> int:
         return self.base.ndim
 
+    def __repr__(self) -> str:
+        return f"LoraWeight(base={_describe(self.base)}, adapter={self.adapter!r}, key={self.key is not None})"
+
     def materialize(self) -> Array:
         """``base + scale * A @ B`` (dW in float32, cast to the base dtype), for code that needs the dense
         kernel. The factored ops never call this."""
         return (self.base.astype(jnp.float32) + self.adapter.delta()).astype(self.base.dtype)
+
+
+def _describe(x: Any) -> str:
+    return f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") and hasattr(x, "dtype") else repr(x)
 
 
 def is_adapter(x: Any) -> bool:
