@@ -1,0 +1,585 @@
+"""BERT (Devlin et al. 2018) as a Flax Linen encoder whose projections all run through :mod:`lora_jax.ops`.
+
+Read top to bottom: ``Config`` -> embeddings -> self-attention -> feed-forward -> layer -> encoder ->
+:class:`BertModel` / :class:`BertForSequenceClassification` -> sentence-embedding helpers -> Hugging Face
+weight conversion.
+
+Parameter paths mirror the Hugging Face module names, so a LoRA target written for PEFT reads the same here
+(list index ``.N.`` -> ``_N``; ``nn.Linear.weight`` (out, in) -> ``kernel`` (in, out); ``LayerNorm.weight`` ->
+``scale``; ``nn.Embedding.weight`` -> ``embedding``)::
+
+    BertModel params                                         Hugging Face tensor
+    embeddings/word_embeddings/embedding        (V, D)        embeddings.word_embeddings.weight
+    embeddings/position_embeddings/embedding    (P, D)        embeddings.position_embeddings.weight
+    embeddings/token_type_embeddings/embedding  (T, D)        embeddings.token_type_embeddings.weight
+    embeddings/LayerNorm/{scale,bias}           (D,)          embeddings.LayerNorm.{weight,bias}
+    encoder/layer_N/attention/self/{query,key,value}/kernel (D, D)
+                                                              encoder.layer.N.attention.self.{query,key,value}.weight
+    encoder/layer_N/attention/output/dense/kernel (D, D)      encoder.layer.N.attention.output.dense.weight
+    encoder/layer_N/attention/output/LayerNorm/{scale,bias}   encoder.layer.N.attention.output.LayerNorm.*
+    encoder/layer_N/intermediate/dense/kernel   (D, F)        encoder.layer.N.intermediate.dense.weight
+    encoder/layer_N/output/dense/kernel         (F, D)        encoder.layer.N.output.dense.weight
+    encoder/layer_N/output/LayerNorm/{scale,bias}             encoder.layer.N.output.LayerNorm.*
+    pooler/dense/kernel                         (D, D)        pooler.dense.weight
+    (every Dense also has a ``bias`` <-> ``.bias``)
+
+:class:`BertForSequenceClassification` puts the tree above under ``bert/`` and adds ``classifier/kernel``
+``(D, num_labels)`` and ``classifier/bias``, exactly as Hugging Face names ``bert.*`` and ``classifier.*``.
+So ``lora.init(params, targets="qv")`` adapts ``.../attention/self/query/kernel`` and ``.../value/kernel`` of
+every layer, like PEFT's default for BERT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import ops
+from lora_jax.core import is_lora_weight
+from lora_jax.models.hf import CheckpointError
+from lora_jax.models.layers import Dense
+
+Array = jax.Array
+Dtype = Any
+logger = logging.getLogger("lora_jax.models")
+
+MODEL_TYPES = ("bert",)
+TASKS = ("base", "sequence-classification")
+
+# Hugging Face ``hidden_act`` names -> functions (``gelu`` is the exact erf form, as in BERT).
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """BERT hyper-parameters (the fields of ``transformers.BertConfig`` this model uses).
+
+    ``pooler``: whether the model has the pooler (HF ``add_pooling_layer``); checkpoints saved from heads
+    without it (e.g. ``BertForMaskedLM``) have no ``pooler.*`` tensors. ``labels``: the class names of a
+    sequence-classification head (HF ``id2label``), ``None`` for the default ``LABEL_i``.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    labels: tuple[str, ...] | None = None
+    problem_type: str | None = None
+    pooler: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BERT hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"BERT hidden_act {self.hidden_act!r} is not supported; expected one of "
+                             f"{sorted(ACTIVATIONS)}")
+        if self.labels is not None and len(self.labels) != self.num_labels:
+            raise ValueError(f"BERT labels {self.labels} must have num_labels={self.num_labels} entries")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf_config) -> Config:
+        """From a ``transformers`` ``BertConfig`` (or any ``PretrainedConfig`` with ``model_type == "bert"``).
+
+        Raises ``ValueError`` for settings this encoder does not implement: decoder / cross-attention use,
+        relative position embeddings, an unknown activation.
+        """
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"bert.Config.from_hf expects a config with model_type in {MODEL_TYPES}, got "
+                             f"{model_type!r}")
+        if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
+            raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported: this is the "
+                             "bidirectional encoder only")
+        pos = getattr(hf_config, "position_embedding_type", "absolute")
+        if pos not in (None, "absolute"):
+            raise ValueError(f"BERT position_embedding_type {pos!r} is not supported; only 'absolute'")
+        if hf_config.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"BERT hidden_act {hf_config.hidden_act!r} is not supported; expected one of "
+                             f"{sorted(ACTIVATIONS)}")
+        num_labels = int(getattr(hf_config, "num_labels", 2))
+        id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
+        labels = tuple(id2label.get(i, f"LABEL_{i}") for i in range(num_labels))
+        if labels == tuple(f"LABEL_{i}" for i in range(num_labels)):
+            labels = None
+        return cls(
+            vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+            num_hidden_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
+            intermediate_size=hf_config.intermediate_size, hidden_act=hf_config.hidden_act,
+            hidden_dropout_prob=float(hf_config.hidden_dropout_prob),
+            attention_probs_dropout_prob=float(hf_config.attention_probs_dropout_prob),
+            max_position_embeddings=hf_config.max_position_embeddings, type_vocab_size=hf_config.type_vocab_size,
+            layer_norm_eps=float(hf_config.layer_norm_eps), initializer_range=float(hf_config.initializer_range),
+            pad_token_id=hf_config.pad_token_id,
+            classifier_dropout=None if hf_config.classifier_dropout is None else float(hf_config.classifier_dropout),
+            num_labels=num_labels, labels=labels, problem_type=getattr(hf_config, "problem_type", None),
+        )
+
+    def to_hf(self):
+        """The equivalent ``transformers.BertConfig``."""
+        import transformers
+
+        id2label = {i: (self.labels[i] if self.labels else f"LABEL_{i}") for i in range(self.num_labels)}
+        return transformers.BertConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act, hidden_dropout_prob=self.hidden_dropout_prob,
+            attention_probs_dropout_prob=self.attention_probs_dropout_prob,
+            max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
+            layer_norm_eps=self.layer_norm_eps, initializer_range=self.initializer_range,
+            pad_token_id=self.pad_token_id, classifier_dropout=self.classifier_dropout,
+            id2label=id2label, label2id={v: k for k, v in id2label.items()}, problem_type=self.problem_type,
+        )
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+class Embed(nn.Module):
+    """``table[ids]`` with ``table`` of shape ``(num_embeddings, features)`` read through
+    :func:`lora_jax.ops.embed` (so an adapted table works). Output in ``dtype``."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, ids: Array) -> Array:
+        table = self.variable("params", "embedding", lambda: self.init_std * jax.random.normal(
+            self.make_rng("params"), (self.num_embeddings, self.features), self.param_dtype)).value
+        return ops.astype(ops.embed(ids, table), self.dtype)
+
+
+def _layer_norm(config: Config, dtype: Dtype, name: str) -> nn.LayerNorm:
+    # Exact variance (E[(x - mean)^2]) as torch computes it; statistics in float32 whatever the compute dtype.
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+class Embeddings(nn.Module):
+    """word + position + token-type embeddings, LayerNorm, dropout: ``(B, S)`` ids -> ``(B, S, D)``."""
+
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: Array, token_type_ids: Array, position_ids: Array, deterministic: bool) -> Array:
+        c = self.config
+        embed = lambda n, name: Embed(n, c.hidden_size, self.dtype, init_std=c.initializer_range, name=name)
+        x = embed(c.vocab_size, "word_embeddings")(input_ids)
+        x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        x = x + embed(c.max_position_embeddings, "position_embeddings")(position_ids)
+        x = _layer_norm(c, self.dtype, "LayerNorm")(x)
+        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention over the whole sequence (bidirectional).
+
+    ``x (B, S, D)``, ``mask (B, S)`` (1/True = attend to this key) -> ``(B, S, D)``. Scores and softmax run in
+    float32; a key masked out gets probability 0 exactly.
+    """
+
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+        c = self.config
+        b, s, _ = x.shape
+        dense = lambda name: Dense(c.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.normal(
+            c.initializer_range), name=name)
+        heads = lambda t: t.reshape(b, s, c.num_attention_heads, c.head_dim)
+        q, k, v = heads(dense("query")(x)), heads(dense("key")(x)), heads(dense("value")(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(c.head_dim)
+        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, c.hidden_size)
+
+
+class AddNorm(nn.Module):
+    """``LayerNorm(residual + dropout(dense(x)))``: HF's ``BertSelfOutput`` and ``BertOutput``."""
+
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
+        c = self.config
+        h = Dense(c.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.normal(c.initializer_range),
+                  name="dense")(x)
+        h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+        return _layer_norm(c, self.dtype, "LayerNorm")(h + residual)
+
+
+class Attention(nn.Module):
+    """Self-attention followed by its output projection, residual and LayerNorm."""
+
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+        h = SelfAttention(self.config, self.dtype, name="self")(x, mask, deterministic)
+        return AddNorm(self.config, self.dtype, name="output")(h, x, deterministic)
+
+
+class Intermediate(nn.Module):
+    """``act(x @ W + b)``: ``(B, S, D)`` -> ``(B, S, F)``."""
+
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        h = Dense(c.intermediate_size, dtype=self.dtype, kernel_init=nn.initializers.normal(c.initializer_range),
+                  name="dense")(x)
+        return ACTIVATIONS[c.hidden_act](h)
+
+
+class Layer(nn.Module):
+    """One transformer layer (post-LayerNorm, as in BERT): attention, then the feed-forward block."""
+
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+        x = Attention(self.config, self.dtype, name="attention")(x, mask, deterministic)
+        h = Intermediate(self.config, self.dtype, name="intermediate")(x)
+        return AddNorm(self.config, self.dtype, name="output")(h, x, deterministic)
+
+
+class Encoder(nn.Module):
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+        for i in range(self.config.num_hidden_layers):
+            x = Layer(self.config, self.dtype, name=f"layer_{i}")(x, mask, deterministic)
+        return x
+
+
+class Pooler(nn.Module):
+    """``tanh(dense(h[:, 0]))``: the [CLS] token's hidden state through a dense layer, ``(B, D)``."""
+
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: Array) -> Array:
+        c = self.config
+        h = Dense(c.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.normal(c.initializer_range),
+                  name="dense")(hidden[:, 0])
+        return jnp.tanh(h)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """``last_hidden_state (B, S, D)``; ``pooler_output (B, D)``, or ``None`` for a model without pooler."""
+
+    last_hidden_state: Array
+    pooler_output: Array | None = None
+
+
+def _default_inputs(input_ids: Array, attention_mask, token_type_ids, position_ids):
+    b, s = input_ids.shape
+    mask = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    types = jnp.zeros((b, s), jnp.int32) if token_type_ids is None else token_type_ids
+    positions = jnp.broadcast_to(jnp.arange(s), (b, s)) if position_ids is None else position_ids
+    return mask, types, positions
+
+
+class BertModel(nn.Module):
+    """The BERT encoder (HF ``BertModel``).
+
+    ``__call__(input_ids (B, S) int, attention_mask (B, S) 0/1 or bool (None: all ones), token_type_ids (B, S)
+    (None: zeros), position_ids (B, S) (None: 0..S-1), deterministic=True)`` -> :class:`ModelOutput`.
+    Pass ``deterministic=False`` and ``rngs={"dropout": key}`` to train with dropout. ``dtype`` is the compute
+    dtype (float32 or bfloat16); parameters keep whatever dtype they are stored in.
+    """
+
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
+                 position_ids: Array | None = None, deterministic: bool = True) -> ModelOutput:
+        if input_ids.ndim != 2:
+            raise ValueError(f"BertModel expects input_ids of shape (batch, seq), got {input_ids.shape}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        mask, types, positions = _default_inputs(input_ids, attention_mask, token_type_ids, position_ids)
+        x = Embeddings(self.config, self.dtype, name="embeddings")(input_ids, types, positions, deterministic)
+        x = Encoder(self.config, self.dtype, name="encoder")(x, mask, deterministic)
+        pooled = Pooler(self.config, self.dtype, name="pooler")(x) if self.config.pooler else None
+        return ModelOutput(last_hidden_state=x, pooler_output=pooled)
+
+
+class BertForSequenceClassification(nn.Module):
+    """HF ``BertForSequenceClassification``: pooled [CLS] -> dropout -> ``classifier`` -> logits
+    ``(B, num_labels)``. Same arguments as :class:`BertModel`."""
+
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
+                 position_ids: Array | None = None, deterministic: bool = True) -> Array:
+        c = self.config
+        if not c.pooler:
+            raise ValueError("BertForSequenceClassification needs the pooler (Config.pooler=True)")
+        out = BertModel(c, self.dtype, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
+                                                    deterministic)
+        rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
+        h = nn.Dropout(rate)(out.pooler_output, deterministic=deterministic)
+        return Dense(c.num_labels, dtype=self.dtype, kernel_init=nn.initializers.normal(c.initializer_range),
+                     name="classifier")(h)
+
+
+def build(config: Config, dtype: Dtype = jnp.float32, task: str | None = None) -> nn.Module:
+    """The Linen module for ``task``: ``None`` / ``"base"`` -> :class:`BertModel`, ``"sequence-classification"``
+    -> :class:`BertForSequenceClassification`."""
+    task = _check_task(task)
+    cls = BertModel if task == "base" else BertForSequenceClassification
+    return cls(config, dtype)
+
+
+def init_params(config: Config, key: Array, task: str | None = None) -> dict:
+    """Randomly initialised float32 parameters (HF's scheme: N(0, initializer_range) kernels and tables, zero
+    biases, unit LayerNorm scales)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return build(config, jnp.float32, task).init(key, ids)["params"]
+
+
+def _check_task(task: str | None) -> str:
+    task = "base" if task is None else task
+    if task not in TASKS:
+        raise ValueError(f"BERT supports tasks {TASKS}, got {task!r}")
+    return task
+
+
+# ----------------------------------------------------------------------------------- sentence embeddings
+
+
+def mean_pooling(hidden: Array, attention_mask: Array) -> Array:
+    """Average of the token states that the mask keeps: ``(B, S, D)``, ``(B, S)`` -> ``(B, D)`` (float32)."""
+    m = jnp.asarray(attention_mask).astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
+    return total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """``x / max(||x||, eps)`` along the last axis."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def sentence_embedding(hidden: Array, attention_mask: Array, normalize: bool = True) -> Array:
+    """What sentence-transformers computes for all-MiniLM-L6-v2: mean over the mask, then L2 normalise.
+
+    ``hidden``: ``BertModel`` ``last_hidden_state (B, S, D)``; returns ``(B, D)``, unit norm when
+    ``normalize``, so ``a @ b.T`` is the cosine similarity.
+    """
+    pooled = mean_pooling(hidden, attention_mask)
+    return l2_normalize(pooled) if normalize else pooled
+
+
+# ------------------------------------------------------------------------------- Hugging Face weights
+
+_HARMLESS = re.compile(r"(bert\.)?embeddings\.(position_ids|token_type_ids)")
+_BACKBONE = re.compile(r"(bert\.)?(embeddings|encoder)\..*")
+
+
+def hf_name(path: tuple[str, ...]) -> str:
+    """The Hugging Face tensor name of a parameter path, e.g. ``("bert", "encoder", "layer_0", "attention",
+    "self", "query", "kernel")`` -> ``"bert.encoder.layer.0.attention.self.query.weight"``."""
+    *modules, leaf = path
+    modules = [re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in modules]
+    return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
+
+
+def _to_hf_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.T) if path[-1] == "kernel" else x
+
+
+def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def _expected(config: Config, task: str) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    return _flat(jax.eval_shape(lambda: init_params(config, jax.random.key(0), task)))
+
+
+def adapt_to_checkpoint(config: Config, names, task: str | None) -> tuple[Config, str]:
+    """Settle what ``config.json`` does not say, from the checkpoint's tensor names: the task (``None`` ->
+    ``"sequence-classification"`` when the checkpoint has a ``classifier``, else ``"base"``) and whether a base
+    model has a pooler (checkpoints saved from ``BertForMaskedLM`` have none)."""
+    names = set(names)
+    if task is None:
+        task = "sequence-classification" if "classifier.weight" in names else "base"
+    task = _check_task(task)
+    has_pooler = any(re.fullmatch(r"(bert\.)?pooler\.dense\.weight", n) for n in names)
+    if task == "base" and not has_pooler:
+        config = dataclasses.replace(config, pooler=False)
+    return config, task
+
+
+def from_hf_weights(config: Config, tensors: Mapping[str, np.ndarray], source: str, task: str | None = None,
+                    key: Array | None = None, new: list | None = None) -> dict:
+    """Parameters for ``build(config, task=task)`` from Hugging Face tensors (names as in the checkpoint).
+
+    The backbone may be stored with the ``bert.`` prefix (``BertFor*`` heads) or without it (``BertModel``, e.g.
+    all-MiniLM-L6-v2). For ``task="sequence-classification"`` a checkpoint without a ``classifier`` (and
+    ``pooler``) gets them freshly initialised from ``key`` and a warning is logged; any other missing tensor or
+    a shape that does not match ``config`` raises :class:`~lora_jax.models.hf.CheckpointError` naming the tensor
+    and ``source``. Unused backbone tensors (a checkpoint deeper than the config) raise; unused head tensors
+    (``cls.*`` of pre-training checkpoints, a ``classifier`` when loading the base model) are logged.
+    Returns float arrays in the checkpoint's dtype; the paths (tuples) of freshly initialised parameters are
+    appended to ``new`` when a list is given.
+    """
+    task = "sequence-classification" if task is None and "classifier.weight" in tensors else _check_task(task)
+    names = list(tensors.keys())
+    prefixed = any(n.startswith("bert.") for n in names)
+    expected = _expected(config, task)
+    where = getattr(tensors, "source_of", None)
+    params, fresh_paths, used = {}, [], set()
+    for path, spec in expected.items():
+        backbone = path[1:] if task == "sequence-classification" and path[0] == "bert" else path
+        is_head = task == "sequence-classification" and path[0] != "bert"
+        name = hf_name(path if is_head else (("bert",) + backbone if prefixed else backbone))
+        if name not in tensors:
+            if task == "sequence-classification" and (is_head or backbone[0] == "pooler"):
+                fresh_paths.append(path)
+                continue
+            similar = [n for n in names if n.endswith(name.split(".", 1)[-1])][:3]
+            raise CheckpointError(
+                f"{source}: missing tensor {name!r} (for parameter {'/'.join(path)}, shape "
+                f"{_hf_shape(path, spec.shape)}); the checkpoint has {len(names)} tensors"
+                f"{f', e.g. {similar}' if similar else ''}. Is the config.json from the same model?")
+        x = np.asarray(tensors[name])
+        want = _hf_shape(path, spec.shape)
+        if tuple(x.shape) != want:
+            file = where(name) if where else source
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(x.shape)}, expected {want} for "
+                                  f"{'/'.join(path)} of a BERT with hidden_size={config.hidden_size}, "
+                                  f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}")
+        if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {x.dtype}, expected a float tensor")
+        params[path] = jnp.asarray(_to_hf_layout(path, x))
+        used.add(name)
+
+    if fresh_paths:
+        fresh = _flat(init_params(config, jax.random.key(0) if key is None else key, task))
+        for path in fresh_paths:
+            params[path] = fresh[path]
+        if new is not None:
+            new.extend(fresh_paths)
+        logger.warning("%s: no %s in the checkpoint; initialised new parameters %s for task %r (train them)",
+                       source, sorted({hf_name(p).rsplit(".", 1)[0] for p in fresh_paths}),
+                       ["/".join(p) for p in fresh_paths], task)
+
+    unused = [n for n in names if n not in used and not _HARMLESS.fullmatch(n)]
+    backbone_unused = [n for n in unused if _BACKBONE.fullmatch(n)]
+    if backbone_unused:
+        raise CheckpointError(f"{source}: {len(backbone_unused)} backbone tensor(s) do not fit the config "
+                              f"({config.num_hidden_layers} layers): {backbone_unused[:5]}")
+    if unused:
+        logger.warning("%s: %d tensor(s) not used by the %s model: %s%s", source, len(unused), task, unused[:8],
+                       " ..." if len(unused) > 8 else "")
+    return _unflat(params)
+
+
+def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
+
+
+def to_hf_weights(params: Mapping, config: Config) -> dict[str, np.ndarray]:
+    """Hugging Face names and layouts for ``params`` of a :class:`BertModel` (names without prefix, as
+    ``BertModel.save_pretrained`` writes them) or of a :class:`BertForSequenceClassification` (``bert.*`` and
+    ``classifier.*``). Parameters with LoRA still wrapped raise: merge them first (``lora.merge``)."""
+    flat = _flat(params)
+    wrapped = [p for p, v in flat.items() if is_lora_weight(v)]
+    if wrapped:
+        raise ValueError(f"to_hf_weights: params hold LoRA-wrapped kernels {['/'.join(p) for p in wrapped][:3]}; "
+                         "save lora.merge(params, adapters) instead")
+    task = "sequence-classification" if "bert" in params else "base"
+    cfg = config if task == "sequence-classification" or "pooler" in params else dataclasses.replace(config,
+                                                                                                     pooler=False)
+    expected = _expected(cfg, task)
+    if set(flat) != set(expected):
+        missing = sorted("/".join(p) for p in set(expected) - set(flat))
+        extra = sorted("/".join(p) for p in set(flat) - set(expected))
+        raise ValueError(f"to_hf_weights: params do not match a BERT {task} model of this config: missing "
+                         f"{missing[:5]}, unexpected {extra[:5]}")
+    out = {}
+    for path, spec in expected.items():
+        x = np.asarray(flat[path])
+        if tuple(x.shape) != tuple(spec.shape):
+            raise ValueError(f"to_hf_weights: {'/'.join(path)} has shape {tuple(x.shape)}, the config needs "
+                             f"{tuple(spec.shape)}")
+        out[hf_name(path)] = _to_hf_layout(path, x)
+    return out
+
+
+def hf_architectures(params: Mapping, config: Config) -> list[str]:
+    """The ``architectures`` entry of ``config.json`` for these params."""
+    return ["BertForSequenceClassification" if "bert" in params else "BertModel"]
