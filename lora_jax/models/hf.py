@@ -201,7 +201,7 @@ def fetch(repo_id: str, revision: str | None = None) -> Path:
         raise OSError(
             f"could not fetch {repo_id!r} from the Hugging Face hub"
             f"{' (HF_HUB_OFFLINE is set and it is not in the local cache)' if offline else ''}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].rstrip('.')}. "
             "Pass a local path instead: a folder with config.json and model.safetensors (and tokenizer files), "
             "or a .gguf file.") from None
 
