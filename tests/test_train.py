@@ -1,0 +1,240 @@
+"""The training job: config validation, data, the loop, checkpoints and exact resume, sharding."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import lora_jax as lora
+from train import data as data_lib
+from train.config import ConfigError, load_config
+from train.loop import NonFiniteError, run
+from train.metrics import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, minilm_path):
+    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved in Hugging Face layout."""
+    from transformers import AutoTokenizer
+
+    from lora_jax.models import bert, save_pretrained
+
+    config = bert.Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    params = bert.init_params(config, jax.random.key(0), task="sequence-classification")
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    save_pretrained(params, config, folder, tokenizer=AutoTokenizer.from_pretrained(str(minilm_path)))
+    return folder
+
+
+def overrides(model_dir, out, **extra):
+    base = {"model.name": str(model_dir), "data.source": "builtin:sentiment", "data.task": "classification",
+            "data.max_length": 16, "train.steps": 12, "train.batch_size": 8, "eval.every": 6, "eval.batch_size": 16,
+            "checkpoint.every": 4, "checkpoint.keep": 10, "lora.targets": "qv", "optim.lr": 5e-3,
+            "optim.warmup_steps": 2, "output.dir": str(out)}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_overrides():
+    cfg = load_config(None, ["lora.r=16", "optim.lr=3e-4", "lora.targets=[q_proj, v_proj]", "train.remat=true"])
+    assert cfg.lora.r == 16 and cfg.optim.lr == 3e-4 and cfg.lora.targets == ["q_proj", "v_proj"]
+    assert cfg.train.remat is True and cfg.data.source == "builtin:restaurants"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.rank=4", "unknown config key 'lora.rank'; did you mean 'lora.r'"),
+    ("optimizer.lr=1", "unknown config key 'optimizer'; did you mean 'optim'"),
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("train.steps=2.5", "train.steps: expected an integer"),
+    ("train.method=qlora2", "train.method: expected one of"),
+    ("lora.r=0", "lora.r must be >= 1"),
+    ("lora", "must look like section.key=value"),
+    ("lora.dropout=1.5", "lora.dropout must be in"),
+])
+def test_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  r: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_are_valid():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_cli_reports_config_error():
+    out = subprocess.run([sys.executable, "-m", "train.run", "lora.rr=3"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "did you mean 'lora.r'" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_builtin_restaurants_split_by_group():
+    cfg = load_config(None).data
+    rows = data_lib.load_rows(cfg, "train")
+    train, evals = data_lib.split_rows(rows, load_config(None, ["data.group_column=group"]).data)
+    assert not {r["group"] for r in train} & {r["group"] for r in evals}
+    assert len(evals) > 0.05 * len(rows)
+
+
+def test_causal_lm_loss_mask_covers_completion_only(minilm_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path))
+    cfg = load_config(None, ["data.max_length=32"]).data
+    rows = [{"prompt": "name[The Mill]", "completion": "The Mill is a pub."}]
+    t = data_lib.tokenize(rows, tok, cfg)
+    p = tok("name[The Mill]\n", add_special_tokens=False)["input_ids"]
+    c = tok("The Mill is a pub.", add_special_tokens=False)["input_ids"]
+    n = len(p) + len(c) + (tok.eos_token_id is not None)
+    assert t.attention_mask[0].sum() == n
+    # position t is marked when token t+1 is a completion token
+    np.testing.assert_array_equal(np.nonzero(t.loss_mask[0])[0], np.arange(len(p) - 1, n - 1))
+    assert t.references == [["The Mill is a pub."]]
+
+
+def test_batch_indices_are_epochs_of_a_permutation():
+    n = 10
+    first_epoch = np.concatenate([data_lib.batch_indices(n, 5, s, seed=3) for s in range(2)])
+    assert sorted(first_epoch.tolist()) == list(range(n))
+    np.testing.assert_array_equal(data_lib.batch_indices(n, 5, 7, 3), data_lib.batch_indices(n, 5, 7, 3))
+    assert not np.array_equal(data_lib.batch_indices(n, 5, 0, 3), data_lib.batch_indices(n, 5, 2, 3))
+
+
+def test_data_file_errors(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    cfg = load_config(None, [f"data.source={empty}", "data.task=classification"]).data
+    with pytest.raises(data_lib.DataError, match="is empty"):
+        data_lib.load_rows(cfg, "train")
+    wrong = tmp_path / "wrong.tsv"
+    wrong.write_text("text\tlabel\nhello\t1\n")
+    cfg = load_config(None, [f"data.source={wrong}", "data.task=classification"]).data
+    with pytest.raises(data_lib.DataError, match=r"expected \['sentence'\]"):
+        data_lib.load_rows(cfg, "train")
+    cfg = load_config(None, [f"data.source={tmp_path / 'nope.jsonl'}"]).data
+    with pytest.raises(data_lib.DataError, match="does not exist"):
+        data_lib.load_rows(cfg, "train")
+
+
+def test_sst2_tsv_loads():
+    sst2 = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
+    if not sst2.exists():
+        pytest.skip("shared data not present")
+    cfg = load_config(None, [f"data.source={sst2}", "data.task=classification"]).data
+    rows = data_lib.load_rows(cfg, "train")
+    assert len(rows) == 872 and set(r["label"] for r in rows) == {0, 1}
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_bert, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = run(load_config(None, overrides(tiny_bert, out)), print_fn=lambda *a: None)
+    return out, result
+
+
+def test_run_trains_and_writes_everything(full_run):
+    out, result = full_run
+    assert result.steps_done == 12
+    assert result.eval_after["loss"] < result.eval_before["loss"]
+    for name in ("config.yaml", "metrics.jsonl", "result.json", "adapters/lora_adapters.json"):
+        assert (out / name).exists(), name
+    assert any(p.name.startswith("events") for p in (out / "tensorboard").iterdir())
+    log = read_log(out)
+    assert [r["step"] for r in log if r["kind"] == "train"] == list(range(1, 13))
+    assert {"accuracy", "auc", "f1", "loss"} <= set(next(r for r in log if r["kind"] == "eval"))
+    adapters = lora.checkpoint.load_adapters(out / "adapters")
+    assert {p for p, _ in lora.adapter_items(adapters)} == {
+        f"bert/encoder/layer_{i}/attention/self/{m}/kernel" for i in range(2) for m in ("query", "value")}
+
+
+def test_resume_continues_exactly(full_run, tiny_bert, tmp_path):
+    out, result = full_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    for step_dir in (resumed / "checkpoints").iterdir():  # as if the run had died after step 4
+        if step_dir.name.isdigit() and int(step_dir.name) > 4:
+            shutil.rmtree(step_dir)
+    shutil.rmtree(resumed / "adapters")
+    again = run(load_config(None, overrides(tiny_bert, resumed)), resume=True, print_fn=lambda *a: None)
+    assert [h["step"] for h in again.history] == list(range(5, 13))
+    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in result.history[4:]],
+                               rtol=1e-6)
+    a = lora.checkpoint.load_adapters(out / "adapters")
+    b = lora.checkpoint.load_adapters(resumed / "adapters")
+    for (pa, x), (pb, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
+        np.testing.assert_allclose(x.b, y.b, rtol=1e-6, atol=1e-7)
+
+
+def test_output_folder_of_another_run_is_refused(full_run, tiny_bert):
+    out, _ = full_run
+    with pytest.raises(ConfigError, match="already holds a different run"):
+        run(load_config(None, overrides(tiny_bert, out, **{"lora.r": 4})), print_fn=lambda *a: None)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        run(load_config(None, overrides(tiny_bert, out)), print_fn=lambda *a: None)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert, tmp_path):
+    cfg = load_config(None, overrides(tiny_bert, tmp_path / "nan", **{
+        "optim.lr": 1e38, "optim.grad_clip": "null", "optim.name": "sgd", "optim.warmup_steps": 0,
+        "optim.schedule": "constant", "checkpoint.every": 1}))
+    with pytest.raises(NonFiniteError, match=r"step \d+: loss .* is not finite"):
+        run(cfg, print_fn=lambda *a: None)
+    from lora_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "nan" / "checkpoints")
+    assert ckpt.steps()  # at least one good step was saved before the failure
+    for step in ckpt.steps():  # no checkpoint holds a NaN
+        state = ckpt.restore_untyped(step)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+    assert not (tmp_path / "nan" / "adapters").exists()  # nothing exported from a broken run
+    for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train" and rec["finite"]:
+            assert np.isfinite(rec["loss"])
+
+
+def test_eight_devices_match_one(tiny_bert, tmp_path):
+    """The same run on 8 forced CPU devices (data 4 x fsdp 2) gives the losses of the 1-device run."""
+    losses = {}
+    for name, devices, mesh in (("one", 1, ["mesh.data=1", "mesh.fsdp=1"]),
+                                ("eight", 8, ["mesh.data=4", "mesh.fsdp=2"])):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_PLATFORMS="cpu")
+        args = overrides(tiny_bert, tmp_path / name, **{"train.steps": 6, "eval.every": 100}) + mesh
+        proc = subprocess.run([sys.executable, "-m", "train.run", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"over {devices} cpu device(s)" in proc.stdout
+        losses[name] = [r["loss"] for r in read_log(tmp_path / name) if r["kind"] == "train"]
+    assert len(losses["one"]) == 6
+    np.testing.assert_allclose(losses["eight"], losses["one"], rtol=2e-4)

@@ -1,0 +1,280 @@
+"""Data: load rows (built-in task, local files or a hub data set), split, tokenise once, serve fixed-shape batches.
+
+Every batch has the same shape ``(batch, max_length)``, so the jitted step compiles once. The order of examples
+is a pure function of ``(seed, step)``: a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train import builtin
+from train.config import DataConfig
+
+FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A data source that is missing, empty or malformed."""
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+def _load_files(paths: list[str], required: list[str]) -> list[dict]:
+    import datasets
+
+    suffixes = {Path(p).suffix.lower() for p in paths}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_TYPES:
+        raise DataError(f"data files must share one of the types {sorted(FILE_TYPES)}, got {paths}")
+    suffix = suffixes.pop()
+    for p in paths:
+        if not Path(p).is_file():
+            raise DataError(f"data file {p!r} does not exist")
+        if Path(p).stat().st_size == 0:
+            raise DataError(f"data file {p!r} is empty")
+    kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
+    try:
+        ds = datasets.load_dataset(FILE_TYPES[suffix], data_files=paths, split="train", **kwargs)
+    except Exception as e:  # datasets raises many types for malformed files
+        raise DataError(f"could not read {paths} as {FILE_TYPES[suffix]}: {type(e).__name__}: {e}") from None
+    missing = [c for c in required if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{paths} has columns {ds.column_names}; expected {missing} too "
+                        "(set data.*_column to the names your file uses)")
+    if len(ds) == 0:
+        raise DataError(f"{paths} holds no rows")
+    return ds.to_list()
+
+
+def _load_hub(name: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split).to_list()
+    except Exception as e:
+        raise DataError(f"could not load data set {name!r} split {split!r} from the hub ({type(e).__name__}: {e}); "
+                        "offline, give local files instead (csv/tsv/json/jsonl/parquet)") from None
+
+
+def _required_columns(cfg: DataConfig) -> list[str]:
+    if cfg.task == "causal-lm":
+        cols = [cfg.completion_column] + [c for c in _template_fields(cfg.prompt_template)]
+    else:
+        cols = [cfg.text_column, cfg.label_column]
+    return cols + ([cfg.group_column] if cfg.group_column else [])
+
+
+def _template_fields(template: str) -> list[str]:
+    import string
+
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def load_rows(cfg: DataConfig, split: str) -> list[dict]:
+    """Rows of ``split`` from ``cfg.source``: ``builtin:NAME``, local file(s) (comma-separated), or a hub name."""
+    source = cfg.source
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name not in builtin.BUILTIN:
+            raise DataError(f"unknown built-in data set {name!r}; choose from {sorted(builtin.BUILTIN)}")
+        rows = builtin.BUILTIN[name](seed=cfg.seed)
+        if name == "restaurants":  # its columns are prompt / completion / group
+            return [{"prompt": r["prompt"], "completion": r["completion"], "group": r["group"]} for r in rows]
+        return rows
+    paths = [p.strip() for p in source.split(",") if p.strip()]
+    if any(Path(p).suffix.lower() in FILE_TYPES for p in paths) or any(os.sep in p and Path(p).exists() for p in paths):
+        return _load_files(paths, _required_columns(cfg))
+    return _load_hub(source, split)
+
+
+def split_rows(rows: list[dict], cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """Hold out ``eval_fraction`` of the rows; with ``group_column`` whole groups are held out (E2E: by MR), so
+    evaluation inputs are unseen in training."""
+    rng = random.Random(cfg.seed)
+    if cfg.group_column:
+        groups = sorted({str(r[cfg.group_column]) for r in rows})
+        rng.shuffle(groups)
+        held = set(groups[: max(1, int(round(cfg.eval_fraction * len(groups))))])
+        train = [r for r in rows if str(r[cfg.group_column]) not in held]
+        evals = [r for r in rows if str(r[cfg.group_column]) in held]
+    else:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        n_eval = max(1, int(round(cfg.eval_fraction * len(rows))))
+        evals = [rows[i] for i in order[:n_eval]]
+        train = [rows[i] for i in order[n_eval:]]
+    if not train or not evals:
+        raise DataError(f"splitting {len(rows)} rows left an empty side (train {len(train)}, eval {len(evals)})")
+    return train, evals
+
+
+# ------------------------------------------------------------------------------------------ tokenising
+
+
+@dataclass
+class Tokenized:
+    """Fixed-shape arrays for one split.
+
+    ``input_ids``/``attention_mask``: (n, max_length) int32. Causal LM: ``loss_mask`` (n, max_length) marks the
+    positions whose *next* token is part of the completion, ``prompts``/``references`` keep the raw text for
+    generation metrics. Classification: ``labels`` (n,).
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    prompts: list[str] | None = None
+    references: list[list[str]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        batch = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
+        if self.loss_mask is not None:
+            batch["loss_mask"] = self.loss_mask[idx]
+        if self.labels is not None:
+            batch["labels"] = self.labels[idx]
+        return batch
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def tokenize(rows: list[dict], tokenizer, cfg: DataConfig, max_positions: int | None = None,
+             num_labels: int | None = None) -> Tokenized:
+    if max_positions is not None and cfg.max_length > max_positions:
+        raise DataError(f"data.max_length={cfg.max_length} exceeds the model's {max_positions} positions")
+    n, length = len(rows), cfg.max_length
+    ids = np.full((n, length), _pad_id(tokenizer), np.int32)
+    mask = np.zeros((n, length), np.int32)
+    if cfg.task == "classification":
+        labels = np.zeros((n,), np.int32)
+        for i, row in enumerate(rows):
+            toks = tokenizer(str(row[cfg.text_column]), truncation=True, max_length=length)["input_ids"]
+            ids[i, : len(toks)] = toks
+            mask[i, : len(toks)] = 1
+            try:
+                labels[i] = int(row[cfg.label_column])
+            except (TypeError, ValueError):
+                raise DataError(f"row {i}: label {row[cfg.label_column]!r} is not an integer class id") from None
+            if num_labels is not None and not 0 <= labels[i] < num_labels:
+                raise DataError(f"row {i}: label {labels[i]} is outside [0, {num_labels}) (model.num_labels)")
+        return Tokenized(ids, mask, labels=labels)
+
+    loss_mask = np.zeros((n, length), np.int32)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    prompts, too_long = [], 0
+    for i, row in enumerate(rows):
+        prompt = cfg.prompt_template.format(**row)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(str(row[cfg.completion_column]), add_special_tokens=False)["input_ids"]
+        c = c + ([eos] if eos is not None else [])
+        if len(p) >= length:
+            raise DataError(f"row {i}: the prompt alone has {len(p)} tokens, data.max_length is {length}")
+        if len(p) + len(c) > length:
+            too_long += 1
+        toks = (p + c)[:length]
+        ids[i, : len(toks)] = toks
+        mask[i, : len(toks)] = 1
+        # position t predicts token t+1: mark positions whose next token is a completion token
+        loss_mask[i, len(p) - 1: len(toks) - 1] = 1
+        prompts.append(prompt)
+    if too_long > 0.5 * n:
+        raise DataError(f"{too_long} of {n} examples are cut at data.max_length={length}; raise it")
+    # All references of a prompt (E2E has several per MR), for BLEU / ROUGE.
+    refs: dict[str, list[str]] = {}
+    for prompt, row in zip(prompts, rows):
+        refs.setdefault(prompt, []).append(str(row[cfg.completion_column]))
+    return Tokenized(ids, mask, loss_mask=loss_mask, prompts=prompts, references=[refs[p] for p in prompts])
+
+
+def cache_key(cfg: DataConfig, split: str, tokenizer_name: str) -> str:
+    payload = {"cfg": cfg.__dict__, "split": split, "tokenizer": tokenizer_name}
+    paths = [p.strip() for p in f"{cfg.source},{cfg.eval_source or ''}".split(",") if p.strip()]
+    payload["files"] = [(p, os.path.getmtime(p), os.path.getsize(p)) for p in paths if os.path.isfile(p)]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_tokenized(cfg: DataConfig, tokenizer, tokenizer_name: str, max_positions: int | None = None,
+                   num_labels: int | None = None, cache_dir: str | Path | None = None) -> tuple[Tokenized, Tokenized]:
+    """Train and eval splits, tokenised; cached as .npz under ``cache_dir`` keyed by config, files and tokenizer."""
+    key = cache_key(cfg, "both", tokenizer_name)
+    cache = Path(cache_dir) / f"{key}.npz" if cache_dir else None
+    meta = Path(cache_dir) / f"{key}.json" if cache_dir else None
+    if cache is not None and cache.is_file() and meta.is_file():
+        arrays = np.load(cache)
+        text = json.loads(meta.read_text())
+        out = []
+        for split in ("train", "eval"):
+            fields = {k.split("/", 1)[1]: arrays[k] for k in arrays.files if k.startswith(split + "/")}
+            out.append(Tokenized(**fields, **text[split]))
+        return out[0], out[1]
+
+    rows = load_rows(cfg, cfg.train_split)
+    if cfg.eval_source:
+        train_rows, eval_rows = rows, load_rows(dataclasses.replace(cfg, source=cfg.eval_source), "validation")
+    elif cfg.eval_split:
+        train_rows, eval_rows = rows, load_rows(cfg, cfg.eval_split)
+    else:
+        train_rows, eval_rows = split_rows(rows, cfg)
+    if cfg.max_train_examples:
+        train_rows = train_rows[: cfg.max_train_examples]
+    if cfg.max_eval_examples:
+        eval_rows = eval_rows[: cfg.max_eval_examples]
+    train = tokenize(train_rows, tokenizer, cfg, max_positions, num_labels)
+    evals = tokenize(eval_rows, tokenizer, cfg, max_positions, num_labels)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {}
+        text = {}
+        for split, t in (("train", train), ("eval", evals)):
+            for name in ("input_ids", "attention_mask", "loss_mask", "labels"):
+                if getattr(t, name) is not None:
+                    arrays[f"{split}/{name}"] = getattr(t, name)
+            text[split] = {"prompts": t.prompts, "references": t.references}
+        np.savez(cache, **arrays)
+        meta.write_text(json.dumps(text))
+    return train, evals
+
+
+# -------------------------------------------------------------------------------------------- batching
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Example indices of global batch ``step``: epochs of a seeded permutation, a pure function of its inputs."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset: offset + take].tolist())
+    return np.asarray(out, np.int64)
+
+
+def eval_batches(data: Tokenized, batch_size: int):
+    """Fixed-shape eval batches: the last one is padded by repeating rows, with ``weight`` 0 on the padding."""
+    n = len(data)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        weight = (idx < n).astype(np.float32)
+        batch = data.take(np.minimum(idx, n - 1))
+        batch["weight"] = weight
+        yield batch

@@ -1,0 +1,31 @@
+"""Multi-process start-up: ``jax.distributed.initialize`` when the environment says there are peers.
+
+TPU VM pod slices and SLURM/Open MPI launches are detected by JAX itself (``initialize()`` with no
+arguments). Elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID`` on every process (``JAX_LOCAL_DEVICE_IDS`` optionally). A single process starts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def initialize_from_env() -> bool:
+    """Initialise the JAX cluster if the environment describes one; return whether it did."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    n = os.environ.get("JAX_NUM_PROCESSES")
+    pid = os.environ.get("JAX_PROCESS_ID")
+    if address and n and pid is not None:
+        if int(n) > 1:
+            local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+            jax.distributed.initialize(address, int(n), int(pid),
+                                       local_device_ids=[int(x) for x in local.split(",")] if local else None)
+            return True
+        return False
+    if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1" or \
+            os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1":
+        jax.distributed.initialize()
+        return True
+    return False

@@ -1,0 +1,435 @@
+"""The training job: model + data + LoRA + sharded jitted step + evaluation + Orbax checkpoints + export.
+
+One function, :func:`run`, reads top to bottom: set up the output folder, the mesh, the model and the data;
+choose what is trained (``lora``: adapters (+ named leaves), ``full``: everything, ``linear_probe``: only the
+head); build the optimizer; then loop over jitted steps, evaluating, logging and checkpointing as configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lora_jax as lora
+from lora_jax import sharding
+from lora_jax.checkpoint import Checkpointer, save_adapters
+from train import data as data_lib
+from train import metrics as metrics_lib
+from train.config import Config, ConfigError, dump
+from train.tasks import LOSSES
+
+DEFAULT_HEAD = ["classifier/.*"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN/inf."""
+
+
+# ------------------------------------------------------------------------------------------- output dir
+
+
+def prepare_output(folder: Path, cfg: Config, resume: bool) -> None:
+    """Create the run folder; refuse to mix runs: a folder holding another run's config is an error unless
+    ``output.overwrite`` (a resumed run must have the same config up to its length and output options)."""
+    saved = folder / "config.yaml"
+    if saved.exists():
+        old = saved.read_text()
+        if resume:
+            import yaml
+
+            def comparable(d):
+                d = dict(d)
+                d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "time_budget_s")}
+                d.pop("output", None)
+                d.pop("eval", None)
+                d.pop("checkpoint", None)
+                return d
+
+            if comparable(yaml.safe_load(old)) != comparable(cfg.to_dict()):
+                raise ConfigError(f"--resume: {folder} holds a run with a different config; resume with the config "
+                                  f"saved in {saved} (train.steps may differ)")
+        elif old != dump(cfg) and not cfg.output.overwrite:
+            raise ConfigError(f"{folder} already holds a different run (see {saved}); choose another output.dir, "
+                              "pass --resume to continue it, or set output.overwrite=true")
+        elif not resume and (folder / "checkpoints").exists() and not cfg.output.overwrite:
+            raise ConfigError(f"{folder} already holds checkpoints of this run; pass --resume to continue it or "
+                              "set output.overwrite=true to start again")
+    elif resume:
+        raise ConfigError(f"--resume: {folder} holds no run to resume")
+    if cfg.output.overwrite and not resume:
+        import shutil
+
+        for name in ("checkpoints", "adapters", "metrics.jsonl", "tensorboard", "merged", "peft"):
+            p = folder / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        saved.write_text(dump(cfg))
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def load_model(cfg: Config):
+    """``(model, params, tokenizer, model_config)`` through :func:`lora_jax.models.load`."""
+    from lora_jax import models
+
+    task = "causal-lm" if cfg.data.task == "causal-lm" else "sequence-classification"
+    model, params, tokenizer, config = models.load(cfg.model.name, dtype=jnp.dtype(cfg.train.precision), task=task)
+    if task == "sequence-classification" and getattr(config, "num_labels", None) != cfg.model.num_labels:
+        raise ConfigError(f"model.num_labels={cfg.model.num_labels}, but {cfg.model.name} has a "
+                          f"{getattr(config, 'num_labels', None)}-way classification head")
+    return model, params, tokenizer, config
+
+
+def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dict]:
+    """``(frozen, trainable)`` for the configured method."""
+    lc = cfg.lora
+    head = lc.train if lc.train is not None else (DEFAULT_HEAD if cfg.data.task == "classification" else None)
+    if cfg.train.method == "full":
+        return lora.split(params, {}, train=".*")
+    if cfg.train.method == "linear_probe":
+        if not head:
+            raise ConfigError("train.method=linear_probe trains only named leaves: set lora.train (e.g. [lm_head/.*])")
+        return lora.split(params, {}, train=head)
+    adapters = lora.init(params, r=lc.r, alpha=lc.alpha, targets=lc.targets, exclude=lc.exclude, key=key,
+                         init=lc.init, dropout=lc.dropout, use_rslora=lc.use_rslora, rank_pattern=lc.rank_pattern,
+                         alpha_pattern=lc.alpha_pattern)
+    return lora.split(params, adapters, train=head)
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    oc, steps = cfg.optim, cfg.train.steps
+    warmup = min(oc.warmup_steps, max(steps - 1, 0))
+    if oc.schedule == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)), optax.constant_schedule(oc.lr)],
+                                  [warmup]) if warmup else oc.lr
+    elif oc.schedule == "linear":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
+                                   optax.linear_schedule(oc.lr, 0.0, max(steps - warmup, 1))], [warmup])
+    else:
+        lr = optax.warmup_cosine_decay_schedule(0.0, oc.lr, max(warmup, 1), max(steps, warmup + 1))
+
+    def make(learning_rate):
+        if oc.name == "adamw":
+            return optax.adamw(learning_rate, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay)
+        if oc.name == "adam":
+            return optax.adam(learning_rate, b1=oc.b1, b2=oc.b2)
+        return optax.sgd(learning_rate)
+
+    tx = lora.lora_plus(make, lr, ratio=oc.lora_plus_ratio) if oc.lora_plus_ratio else make(lr)
+    return optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx) if oc.grad_clip else tx
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def _token_count(batch: dict, task: str) -> jax.Array:
+    if task == "causal-lm":
+        return jnp.sum(batch["loss_mask"][..., :-1]).astype(jnp.float32)
+    return jnp.asarray(batch["labels"].size, jnp.float32)
+
+
+def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
+    """``step(trainable, opt_state, frozen, batches, key) -> (trainable, opt_state, metrics)``.
+
+    ``batches`` has a leading gradient-accumulation axis; the micro-batches are scanned and their gradients summed
+    (the loss is normalised by the tokens of the whole step, so accumulation equals one big batch). A step whose
+    loss or gradients are not finite leaves the state unchanged and reports ``finite = False``.
+    """
+    loss_fn = LOSSES[cfg.data.task]
+    task = cfg.data.task
+
+    def micro_loss(trainable, frozen, batch, key, total):
+        params, adapters = lora.combine(frozen, trainable)
+        wrapped = lora.wrap(params, adapters, dropout_key=key)
+        loss_sum, _ = loss_fn(model, wrapped, batch, train=True, rng=key)
+        return loss_sum / total
+
+    if cfg.train.remat:
+        micro_loss = jax.checkpoint(micro_loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+    def step(trainable, opt_state, frozen, batches, key):
+        total = jnp.maximum(_token_count(batches, task), 1.0)
+        keys = jax.random.split(key, batches["input_ids"].shape[0])
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+
+        def body(carry, xs):
+            grads, loss = carry
+            batch, k = xs
+            l, g = jax.value_and_grad(micro_loss)(trainable, frozen, batch, k, total)
+            return (jax.tree.map(jnp.add, grads, g), loss + l), None
+
+        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (batches, keys))
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        return keep(new_trainable, trainable), keep(new_opt, opt_state), {
+            "loss": loss, "grad_norm": grad_norm, "finite": finite,
+            "tokens": jnp.sum(batches["attention_mask"]).astype(jnp.float32)}
+
+    return step
+
+
+def make_eval_step(model, cfg: Config):
+    loss_fn = LOSSES[cfg.data.task]
+
+    def evaluate(trainable, frozen, batch):
+        params, adapters = lora.combine(frozen, trainable)
+        loss_sum, aux = loss_fn(model, lora.wrap(params, adapters), batch, train=False, rng=None)
+        return loss_sum, aux["count"], aux.get("logits")
+
+    return evaluate
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def generate_texts(model, params, tokenizer, prompts: list[str], cfg: Config) -> list[str]:
+    """Greedy (or beam) continuations of ``prompts`` with the KV cache, returned as text."""
+    from lora_jax.models import generate as gen
+
+    return gen.generate_text(model, params, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                             num_beams=cfg.eval.num_beams)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class RunResult:
+    folder: Path
+    steps_done: int
+    history: list[dict]
+    eval_before: dict
+    eval_after: dict
+    samples_before: list[tuple[str, str]]
+    samples_after: list[tuple[str, str]]
+    trainable_params: int
+    total_params: int
+    wall_s: float
+
+
+def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
+    t_start = time.perf_counter()
+    primary = jax.process_index() == 0
+    say = print_fn if primary else (lambda *a, **k: None)
+    folder = Path(cfg.output.dir)
+    prepare_output(folder, cfg, resume)
+    log = metrics_lib.MetricLog(folder, enabled=primary)
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
+        f"{jax.process_count()} process(es)")
+
+    t0 = time.perf_counter()
+    model, params, tokenizer, model_cfg = load_model(cfg)
+    say(f"loaded {cfg.model.name} in {time.perf_counter() - t0:.1f}s")
+    max_positions = getattr(model_cfg, "max_position_embeddings", None)
+    num_labels = cfg.model.num_labels if cfg.data.task == "classification" else None
+    train_data, eval_data = data_lib.load_tokenized(
+        cfg.data, tokenizer, cfg.model.name, max_positions, num_labels,
+        cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized")
+    say(f"data: {len(train_data)} train / {len(eval_data)} eval examples of {cfg.data.max_length} tokens")
+
+    key = jax.random.key(cfg.train.seed)
+    init_key, step_key = jax.random.split(key)
+    frozen, trainable = choose_trainable(cfg, params, init_key)
+    summary = lora.summary(params, trainable["adapters"], trainable["params"])
+    n_trainable = summary.trainable
+    say(f"method {cfg.train.method}: training {n_trainable:,} of {summary.total:,} parameters "
+        f"({100 * n_trainable / summary.total:.2f}%)")
+
+    # Place the frozen base FSDP-sharded, the trainable tree by the same rules (adapters are small: replicated).
+    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
+    trainable = jax.device_put(trainable, sharding.tree_shardings(trainable, mesh))
+    tx = make_optimizer(cfg)
+    opt_state = jax.jit(tx.init)(trainable)
+
+    accum, bsz = cfg.train.grad_accum, cfg.train.batch_size
+    n_devices = mesh.size
+    if bsz % n_devices:
+        raise ConfigError(f"train.batch_size={bsz} must be divisible by the {n_devices} devices of the mesh")
+    batch_shard = sharding.batch_sharding(mesh, ndim=3, leading=1)
+    eval_shard = sharding.batch_sharding(mesh, ndim=2, leading=0)
+    step_fn = jax.jit(make_train_step(model, cfg, tx), donate_argnums=(0, 1))
+    eval_fn = jax.jit(make_eval_step(model, cfg))
+
+    def put_batch(idx_steps: list[np.ndarray]) -> dict:
+        parts = [train_data.take(idx) for idx in idx_steps]
+        stacked = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+        return {k: jax.device_put(v, batch_shard if v.ndim == 3 else
+                                  sharding.NamedSharding(mesh, sharding.P(None, sharding.BATCH_AXES)))
+                for k, v in stacked.items()}
+
+    eval_bsz = max(cfg.eval.batch_size // n_devices, 1) * n_devices
+
+    def evaluate(trainable) -> dict:
+        loss_sum, count, logits, labels = 0.0, 0.0, [], []
+        for batch in data_lib.eval_batches(eval_data, eval_bsz):
+            weight = batch["weight"]
+            dev = {k: jax.device_put(v, eval_shard if v.ndim == 2 else
+                                     sharding.NamedSharding(mesh, sharding.P(sharding.BATCH_AXES)))
+                   for k, v in batch.items()}
+            l, c, lg = eval_fn(trainable, frozen, dev)
+            loss_sum += float(l)
+            count += float(c)
+            if lg is not None:
+                keep = weight > 0
+                logits.append(np.asarray(lg)[keep])
+                labels.append(batch["labels"][keep])
+        out = {"loss": loss_sum / max(count, 1.0)}
+        if cfg.data.task == "causal-lm":
+            out["perplexity"] = float(math.exp(min(out["loss"], 50.0)))
+        else:
+            out.update(metrics_lib.classification(np.concatenate(labels), np.concatenate(logits)))
+        return out
+
+    def samples(trainable, n: int) -> list[tuple[str, str]]:
+        if cfg.data.task != "causal-lm" or n <= 0:
+            return []
+        prompts = list(dict.fromkeys(eval_data.prompts))[:n]
+        params_now, adapters_now = lora.combine(frozen, trainable)
+        outs = generate_texts(model, lora.wrap(params_now, adapters_now), tokenizer, prompts, cfg)
+        return list(zip(prompts, outs))
+
+    def generation_metrics(trainable) -> dict:
+        n = cfg.eval.generate_eval
+        if cfg.data.task != "causal-lm" or n <= 0:
+            return {}
+        unique = list(dict.fromkeys(eval_data.prompts))[:n]
+        refs = {p: r for p, r in zip(eval_data.prompts, eval_data.references)}
+        params_now, adapters_now = lora.combine(frozen, trainable)
+        preds = generate_texts(model, lora.merge(params_now, adapters_now), tokenizer, unique, cfg)
+        return metrics_lib.generation(preds, [refs[p] for p in unique])
+
+    ckpt = Checkpointer(folder / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+    start, history = 0, []
+    if resume:
+        restored = ckpt.restore_latest(trainable, opt_state)
+        if restored is None:
+            raise ConfigError(f"--resume: {folder / 'checkpoints'} holds no checkpoint")
+        start, r_trainable, r_opt, meta = restored
+        trainable = jax.device_put(r_trainable, jax.tree.map(lambda x: x.sharding, trainable))
+        opt_state = jax.device_put(r_opt, jax.tree.map(lambda x: x.sharding, opt_state))
+        say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
+
+    eval_before, samples_before = {}, []
+    if start == 0:
+        eval_before = {**evaluate(trainable), **generation_metrics(trainable)}
+        samples_before = samples(trainable, cfg.eval.generate_samples)
+        log.write("eval", 0, **eval_before)
+        say("before training: " + _fmt(eval_before))
+        for prompt, out in samples_before:
+            say(f"  {prompt.strip()!r} -> {out.strip()!r}")
+
+    stop = {"signal": None}
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):  # preemption notice: finish the step, checkpoint, exit cleanly
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not primary, mininterval=2.0, dynamic_ncols=True,
+               desc=cfg.train.method)
+    step, skipped, tokens_seen, t_loop = start, 0, 0.0, None  # throughput counts from the end of the first
+    # (compiling) step
+    budget = cfg.train.time_budget_s
+    try:
+        while step < cfg.train.steps:
+            idx = [data_lib.batch_indices(len(train_data), bsz, step * accum + j, cfg.train.seed) for j in range(accum)]
+            batch = put_batch(idx)
+            trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(step_key, step))
+            loss, finite = float(m["loss"]), bool(m["finite"])
+            step += 1
+            if not finite:
+                if cfg.train.nan_policy == "stop":
+                    last = ckpt.steps()[-1] if ckpt.steps() else None
+                    raise NonFiniteError(f"step {step}: loss {loss} / grad norm {float(m['grad_norm'])} is not "
+                                         f"finite; the update was not applied, the last good checkpoint is "
+                                         f"{'step ' + str(last) if last is not None else 'none'} in "
+                                         f"{folder / 'checkpoints'}")
+                skipped += 1
+            if t_loop is None:
+                t_loop = time.perf_counter()
+            else:
+                tokens_seen += float(m["tokens"])
+            tok_s = tokens_seen / max(time.perf_counter() - t_loop, 1e-9)
+            record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite,
+                      "tokens_per_s": tok_s, "elapsed_s": time.perf_counter() - t_start}
+            history.append({"step": step, **record})
+            log.write("train", step, **record)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            meta = {"step": step, "examples_seen": step * accum * bsz, "skipped": skipped}
+            out_of_time = budget is not None and time.perf_counter() - t_start > budget
+            if step % cfg.eval.every == 0 and step < cfg.train.steps:
+                ev = evaluate(trainable)
+                log.write("eval", step, **ev, elapsed_s=time.perf_counter() - t_start)
+                bar.write(f"step {step}: " + _fmt(ev)) if primary else None
+            if ckpt.should_save(step) or step == cfg.train.steps or stop["signal"] or out_of_time:
+                ckpt.save(step, trainable, opt_state, meta)
+            if stop["signal"]:
+                say(f"SIGTERM: saved step {step}, exiting")
+                break
+            if out_of_time:
+                say(f"time budget of {budget:.0f}s spent after step {step}")
+                break
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+
+    eval_after = {**evaluate(trainable), **generation_metrics(trainable)}
+    log.write("eval", step, **eval_after, elapsed_s=time.perf_counter() - t_start)
+    samples_after = samples(trainable, cfg.eval.generate_samples)
+    say("after training:  " + _fmt(eval_after))
+    for prompt, out in samples_after:
+        say(f"  {prompt.strip()!r} -> {out.strip()!r}")
+
+    params_final, adapters_final = lora.combine(frozen, trainable)
+    if primary and cfg.train.method == "lora":
+        save_adapters(folder / "adapters", jax.device_get(adapters_final))
+    if primary and cfg.output.export_merged:
+        from lora_jax import models
+
+        merged = jax.device_get(lora.merge(params_final, adapters_final))
+        models.save_pretrained(merged, model_cfg, folder / "merged", tokenizer=tokenizer)
+        say(f"exported merged weights to {folder / 'merged'}")
+    if primary and cfg.output.export_peft and cfg.train.method == "lora":
+        lora.save_peft(jax.device_get(adapters_final), folder / "peft", base_model_name_or_path=cfg.model.name,
+                       config=model_cfg)
+        say(f"exported PEFT adapter to {folder / 'peft'}")
+    ckpt.close()
+    log.close()
+    result = RunResult(folder, step, history, eval_before, eval_after, samples_before, samples_after,
+                       n_trainable, summary.total, time.perf_counter() - t_start)
+    if primary:
+        (folder / "result.json").write_text(json.dumps({
+            "steps": step, "eval_before": eval_before, "eval_after": eval_after, "trainable_params": n_trainable,
+            "total_params": summary.total, "wall_s": result.wall_s,
+            "samples_before": samples_before, "samples_after": samples_after}, indent=1, default=float))
+    return result
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
