@@ -322,7 +322,7 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         return metrics_lib.generation(preds, [refs[p] for p in unique])
 
     ckpt = Checkpointer(folder / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-    start, history = 0, []
+    start, history, train_s0 = 0, [], 0.0
     if resume:
         restored = ckpt.restore_latest(trainable, opt_state)
         if restored is None:
@@ -330,13 +330,14 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         start, r_trainable, r_opt, meta = restored
         trainable = jax.device_put(r_trainable, jax.tree.map(lambda x: x.sharding, trainable))
         opt_state = jax.device_put(r_opt, jax.tree.map(lambda x: x.sharding, opt_state))
+        train_s0 = float(meta.get("train_s", 0.0))
         say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
 
     eval_before, samples_before = {}, []
     if start == 0:
         eval_before = {**evaluate(trainable), **generation_metrics(trainable)}
         samples_before = samples(trainable, cfg.eval.generate_samples)
-        log.write("eval", 0, **eval_before)
+        log.write("eval", 0, **eval_before, train_s=0.0)
         say("before training: " + _fmt(eval_before))
         for prompt, out in samples_before:
             say(f"  {prompt.strip()!r} -> {out.strip()!r}")
@@ -352,15 +353,19 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
 
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not primary, mininterval=2.0, dynamic_ncols=True,
                desc=cfg.train.method)
-    step, skipped, tokens_seen, t_loop = start, 0, 0.0, None  # throughput counts from the end of the first
-    # (compiling) step
+    # train_s: wall time spent in training steps (the first includes compilation), evaluation excluded;
+    # it is the clock of time budgets and of the time axis of the experiments' plots.
+    step, skipped, tokens_seen, train_s, steady_s = start, 0, 0.0, train_s0, 0.0
     budget = cfg.train.time_budget_s
     try:
         while step < cfg.train.steps:
+            t_step = time.perf_counter()
             idx = [data_lib.batch_indices(len(train_data), bsz, step * accum + j, cfg.train.seed) for j in range(accum)]
             batch = put_batch(idx)
             trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(step_key, step))
             loss, finite = float(m["loss"]), bool(m["finite"])
+            dt = time.perf_counter() - t_step
+            train_s += dt
             step += 1
             if not finite:
                 if cfg.train.nan_policy == "stop":
@@ -370,22 +375,21 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
                                          f"{'step ' + str(last) if last is not None else 'none'} in "
                                          f"{folder / 'checkpoints'}")
                 skipped += 1
-            if t_loop is None:
-                t_loop = time.perf_counter()
-            else:
+            if step > start + 1:  # throughput excludes the first (compiling) step
                 tokens_seen += float(m["tokens"])
-            tok_s = tokens_seen / max(time.perf_counter() - t_loop, 1e-9)
-            record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite,
-                      "tokens_per_s": tok_s, "elapsed_s": time.perf_counter() - t_start}
+                steady_s += dt
+            tok_s = tokens_seen / steady_s if steady_s else 0.0
+            record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite, "tokens_per_s": tok_s,
+                      "train_s": train_s}
             history.append({"step": step, **record})
             log.write("train", step, **record)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
-            meta = {"step": step, "examples_seen": step * accum * bsz, "skipped": skipped}
-            out_of_time = budget is not None and time.perf_counter() - t_start > budget
-            if step % cfg.eval.every == 0 and step < cfg.train.steps:
+            meta = {"step": step, "examples_seen": step * accum * bsz, "skipped": skipped, "train_s": train_s}
+            out_of_time = budget is not None and train_s > budget
+            if step % cfg.eval.every == 0 and step < cfg.train.steps and not out_of_time:
                 ev = evaluate(trainable)
-                log.write("eval", step, **ev, elapsed_s=time.perf_counter() - t_start)
+                log.write("eval", step, **ev, train_s=train_s)
                 bar.write(f"step {step}: " + _fmt(ev)) if primary else None
             if ckpt.should_save(step) or step == cfg.train.steps or stop["signal"] or out_of_time:
                 ckpt.save(step, trainable, opt_state, meta)
@@ -400,7 +404,7 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         signal.signal(signal.SIGTERM, previous)
 
     eval_after = {**evaluate(trainable), **generation_metrics(trainable)}
-    log.write("eval", step, **eval_after, elapsed_s=time.perf_counter() - t_start)
+    log.write("eval", step, **eval_after, train_s=train_s)
     samples_after = samples(trainable, cfg.eval.generate_samples)
     say("after training:  " + _fmt(eval_after))
     for prompt, out in samples_after:
@@ -424,11 +428,18 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
     result = RunResult(folder, step, history, eval_before, eval_after, samples_before, samples_after,
                        n_trainable, summary.total, time.perf_counter() - t_start)
     if primary:
+        last = folder / "checkpoints" / str(step)
         (folder / "result.json").write_text(json.dumps({
             "steps": step, "eval_before": eval_before, "eval_after": eval_after, "trainable_params": n_trainable,
-            "total_params": summary.total, "wall_s": result.wall_s,
+            "total_params": summary.total, "wall_s": result.wall_s, "train_s": train_s,
+            "optimizer_state_bytes": _nbytes(opt_state), "trainable_bytes": _nbytes(trainable),
+            "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) if last.exists() else None,
             "samples_before": samples_before, "samples_after": samples_after}, indent=1, default=float))
     return result
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
 
 
 def _fmt(d: dict) -> str:

@@ -1,0 +1,118 @@
+"""The seed presentations' experiments, each one command:
+
+    python -m train.experiment sst2_methods   # LoRA vs full fine-tuning vs frozen encoder + head, same time budget
+    python -m train.experiment rank_study     # rank r = 1..64, and which matrices at a fixed parameter budget
+    python -m train.experiment e2e_smollm2    # E2E data-to-text with SmolLM2-135M + LoRA: BLEU / ROUGE-L
+
+Options: ``--out DIR`` (default ``experiments/``) and ``--scale F`` (multiplies budgets and steps, e.g. 0.1 for a
+smoke run). Each writes ``DIR/NAME.json`` (every run's config, eval history and result) and PNG plots beside it.
+The runs of one experiment execute one after another in this process; on a shared machine their wall-clock times
+carry its noise, which the JSON records with each evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from train.config import load_config
+from train.loop import run
+from train.metrics import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = "configs/sst2_minilm_lora.yaml"
+
+
+def _run(name: str, config: str | None, overrides: list[str], out: Path) -> dict:
+    folder = out / "runs" / name
+    cfg = load_config(ROOT / config if config else None,
+                      [*overrides, f"output.dir={folder}", "output.overwrite=true"])
+    print(f"\n=== {name}: {' '.join(overrides)}", flush=True)
+    result = run(cfg, print_fn=lambda *a, **k: print(*a, **k, flush=True))
+    evals = [r for r in read_log(folder) if r["kind"] == "eval"]
+    saved = json.loads((folder / "result.json").read_text())
+    return {"name": name, "overrides": overrides, "evals": evals, "result": saved,
+            "final_train_loss": result.history[-1]["loss"] if result.history else None}
+
+
+def _plot(runs: list[dict], metric: str, path: Path, title: str, x: str = "train_s") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        pts = [(e.get(x, 0.0), e[metric]) for e in r["evals"] if metric in e]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=r["name"])
+    ax.set_xlabel("training time (s)" if x == "train_s" else x)
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sst2_methods(out: Path, scale: float) -> dict:
+    """Same wall-clock budget for each method on SST-2 (MiniLM, 872-sentence validation split)."""
+    budget = 300 * scale
+    common = ["train.steps=100000", f"train.time_budget_s={budget}", "eval.every=25", "checkpoint.every=100000"]
+    runs = [
+        _run("lora", SST2, [*common, "train.method=lora", "optim.lr=1e-3"], out),
+        _run("full", SST2, [*common, "train.method=full", "optim.lr=5e-5"], out),
+        _run("linear_probe", SST2, [*common, "train.method=linear_probe", "optim.lr=5e-3"], out),
+    ]
+    _plot(runs, "auc", out / "sst2_methods_auc.png", f"SST-2, MiniLM-L6: {budget:.0f}s budget each")
+    _plot(runs, "loss", out / "sst2_methods_loss.png", f"SST-2, MiniLM-L6: {budget:.0f}s budget each")
+    return {"runs": runs}
+
+
+def rank_study(out: Path, scale: float) -> dict:
+    """Rank r at fixed targets (q, v); then which matrices at a fixed budget of adapter parameters."""
+    steps = max(int(300 * scale), 2)
+    common = [f"train.steps={steps}", f"eval.every={max(steps // 4, 1)}", "checkpoint.every=100000", "optim.lr=1e-3"]
+    runs = [_run(f"r{r}_qv", SST2, [*common, f"lora.r={r}", f"lora.alpha={2 * r}", "lora.targets=qv"], out)
+            for r in (1, 2, 4, 8, 16, 64)]
+    # Fixed budget: 8 x (384 + 384) adapter parameters per layer, spread over more matrices at lower rank.
+    layouts = {"Wq r=8": (".*/self/query/kernel", 8), "Wq,Wv r=4": ("qv", 4),
+               "Wq,Wk,Wv,Wo r=2": ("attention", 2)}
+    for name, (targets, r) in layouts.items():
+        runs.append(_run(name.replace(",", "").replace(" ", "_").replace("=", ""), SST2,
+                         [*common, f"lora.r={r}", f"lora.alpha={2 * r}", f"lora.targets={targets}"], out))
+    _plot(runs[:6], "auc", out / "rank_study_auc.png", "SST-2, MiniLM-L6: LoRA rank (W_q, W_v)", x="step")
+    return {"runs": runs}
+
+
+def e2e_smollm2(out: Path, scale: float) -> dict:
+    """E2E NLG (split by MR) with SmolLM2-135M-Instruct and LoRA r=8 on q_proj, v_proj."""
+    steps = max(int(400 * scale), 2)
+    runs = [_run("e2e_lora", "configs/e2e_smollm2_lora.yaml",
+                 [f"train.steps={steps}", f"eval.every={max(steps // 4, 1)}", "checkpoint.every=100000"], out)]
+    _plot(runs, "loss", out / "e2e_smollm2_loss.png", "E2E, SmolLM2-135M + LoRA", x="step")
+    return {"runs": runs}
+
+
+EXPERIMENTS = {"sst2_methods": sst2_methods, "rank_study": rank_study, "e2e_smollm2": e2e_smollm2}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.experiment", description=__doc__.split("\n\n")[0])
+    ap.add_argument("name", choices=sorted(EXPERIMENTS))
+    ap.add_argument("--out", default="experiments")
+    ap.add_argument("--scale", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = EXPERIMENTS[args.name](out, args.scale)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float))
+    print(f"\nwrote {out / (args.name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
