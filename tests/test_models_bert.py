@@ -220,10 +220,13 @@ def test_lora_qv_merged_equals_factored(tiny):
     assert np.abs(np.asarray(factored) - np.asarray(base)).max() > 1e-2  # the adapters do something
 
 
-def test_lora_fine_tune_lowers_the_loss(tiny):
-    """A tiny task (does token 7 occur?) trained through adapters on query/value and a fully trained head."""
-    _, _, base_dir = tiny
-    loaded = load_model(base_dir, task="sequence-classification")
+def test_lora_fine_tune_lowers_the_loss(tmp_path):
+    """A tiny task (does token 7 occur?) learnt through rank-4 adapters on query/value plus a fully trained new
+    classifier, from a base checkpoint (HF's own init, N(0, 0.1))."""
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_hf_config(initializer_range=0.1, num_labels=2)).save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, task="sequence-classification")
+    assert loaded.new_params == ["classifier/bias", "classifier/kernel"]
     model, params = loaded.model, loaded.params
     rng = np.random.default_rng(0)
     ids = rng.integers(8, 99, (32, 12))
@@ -240,7 +243,7 @@ def test_lora_fine_tune_lowers_the_loss(tiny):
         logits = model.apply({"params": lora.wrap(p, ad)}, ids, mask, deterministic=False, rngs={"dropout": key})
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    tx = optax.adam(1e-2)
+    tx = optax.adam(3e-2)
     state = tx.init(trainable)
 
     @jax.jit
@@ -250,10 +253,11 @@ def test_lora_fine_tune_lowers_the_loss(tiny):
         return optax.apply_updates(trainable, updates), state, loss
 
     losses = []
-    for i in range(15):
+    for i in range(30):
         trainable, state, loss = step(trainable, state, jax.random.key(i))
         losses.append(float(loss))
-    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+    # from chance (ln 2 = 0.69) to well below it: the task is learnt, not only the label prior (measured 0.67 -> 0.03)
+    assert losses[0] > 0.6 and np.mean(losses[-3:]) < 0.3, losses
     trained_ad = trainable["adapters"]
     b_norm = sum(float(jnp.abs(ad.b).sum()) for _, ad in lora.adapter_items(trained_ad))
     assert b_norm > 0  # the adapters were trained, not only the head

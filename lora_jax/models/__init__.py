@@ -39,7 +39,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax.models.hf import CheckpointError, save_pretrained
 
