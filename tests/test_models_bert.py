@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import lora_jax as lora  # noqa: E402
-from lora_jax.models import bert, load, load_model  # noqa: E402
+from lora_jax.models import CheckpointError, bert, load, load_model  # noqa: E402
 
 TOL = 1e-4
 
@@ -124,6 +124,13 @@ def test_new_classification_head_on_a_base_checkpoint(tiny, caplog):
     assert all(jax.tree_util.tree_leaves(chex_equal))
     logits = loaded.model.apply({"params": loaded.params}, *inputs()[:2])
     assert logits.shape == (3, 3)
+    # a head of another size for a new task; an existing head of the wrong size is an error
+    model, params, _, config = load(base_dir, task="sequence-classification", num_labels=5)
+    assert config.num_labels == 5 and params["classifier"]["kernel"].shape == (32, 5)
+    with pytest.raises(CheckpointError, match=r"classifier\.(weight|bias).* \(3,.*num_labels=5"):
+        load(tiny[1], num_labels=5)
+    with pytest.raises(TypeError, match="no field.*num_lables"):
+        load(base_dir, num_lables=5)
 
 
 def test_sentence_embedding_helpers():

@@ -144,7 +144,8 @@ def _paths(tree: Any) -> set[str]:
     return {p for p, _ in leaf_paths(tree)}
 
 
-def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None) -> Loaded:
+def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None,
+               **config_overrides: Any) -> Loaded:
     """Like :func:`load`, returning a :class:`Loaded` that also says which parameters were newly
     initialised."""
     from lora_jax.models import hf
@@ -158,6 +159,8 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
             raise ImportError(f"{path}: reading GGUF files needs lora_jax.models.gguf, which is not available")
         from lora_jax.models import gguf
 
+        if config_overrides:
+            raise ValueError(f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF files")
         kwargs = {"task": task} if task is not None and _accepts(gguf.load_gguf, "task") else {}
         if task is not None and not kwargs:
             raise ValueError(f"{path}: load_gguf takes no task; got task={task!r}")
@@ -170,7 +173,7 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
         arch = arch_module(model_type)
     except ValueError as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from None
-    config = arch.Config.from_hf(hf_config)
+    config = _override(arch.Config.from_hf(hf_config), config_overrides, path)
     tensors = hf.open_weights(path)
     if hasattr(arch, "adapt_to_checkpoint"):
         config, task = arch.adapt_to_checkpoint(config, list(tensors.keys()), task)
@@ -189,7 +192,17 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
     return Loaded(model, params, hf.load_tokenizer(path), config, ["/".join(p) for p in new], tensors.source)
 
 
-def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None):
+def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
+    if not overrides:
+        return config
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"{path}: {type(config).__module__}.Config has no field(s) {unknown}; fields: {sorted(fields)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None, **config_overrides: Any):
     """Load a model: ``(model, params, tokenizer, config)``.
 
     Args:
@@ -198,13 +211,15 @@ def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = 
       dtype: compute dtype of the model and storage dtype of its float parameters (float32 or bfloat16).
       task: ``None`` (the checkpoint's own head: BERT ``"base"`` or ``"sequence-classification"``, Llama / GPT-2
         ``"causal-lm"``), ``"base"``, ``"sequence-classification"``, ``"causal-lm"``.
+      **config_overrides: fields of the architecture's ``Config`` to replace before the weights are read, e.g.
+        ``num_labels=3`` for a new classification head (a checkpoint whose head has another shape raises).
 
     Returns:
       ``model`` (a Flax Linen module; call ``model.apply({"params": params}, ...)``), ``params`` (a nested
       dict whose paths mirror the Hugging Face names), ``tokenizer`` (``transformers`` tokenizer or ``None``),
       ``config`` (the architecture's ``Config``).
     """
-    loaded = load_model(name_or_path, dtype, task)
+    loaded = load_model(name_or_path, dtype, task, **config_overrides)
     return loaded.model, loaded.params, loaded.tokenizer, loaded.config
 
 

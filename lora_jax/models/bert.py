@@ -521,7 +521,8 @@ def from_hf_weights(config: Config, tensors: Mapping[str, np.ndarray], source: s
             file = where(name) if where else source
             raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(x.shape)}, expected {want} for "
                                   f"{'/'.join(path)} of a BERT with hidden_size={config.hidden_size}, "
-                                  f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}")
+                                  f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}"
+                                  f"{f', num_labels={config.num_labels}' if is_head else ''}")
         if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {x.dtype}, expected a float tensor")
         params[path] = jnp.asarray(_to_hf_layout(path, x))
