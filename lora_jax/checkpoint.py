@@ -42,11 +42,13 @@ def adapter_metadata(adapters: Any) -> dict:
 
 
 def save_adapters(folder: str | Path, adapters: Any, *, force: bool = True) -> Path:
-    """Write ``adapters`` to ``folder`` (Orbax arrays + ``lora_adapters.json``)."""
+    """Write ``adapters`` to ``folder`` (Orbax arrays + ``lora_adapters.json``). In a multi-process run every
+    process calls this (Orbax coordinates the write); process 0 writes the metadata."""
     folder = Path(folder).absolute()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(folder / "arrays", adapters, force=force)
-    (folder / META_FILE).write_text(json.dumps(adapter_metadata(adapters), indent=1))
+    if jax.process_index() == 0:
+        (folder / META_FILE).write_text(json.dumps(adapter_metadata(adapters), indent=1))
     return folder
 
 

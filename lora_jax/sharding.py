@@ -99,3 +99,37 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding
     spec = [None] * ndim
     spec[leading] = BATCH_AXES
     return NamedSharding(mesh, P(*spec))
+
+
+def host_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Place a host array that every process holds in full (a batch computed identically everywhere) as a global
+    array: each process contributes only the rows its own devices hold (``make_array_from_process_local_data``)."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    index_map = sharding.addressable_devices_indices_map(x.shape)
+    # The rows this process holds along every axis: the span of its devices' slices (contiguous by construction:
+    # the mesh lists each process's devices together).
+    block = []
+    for axis in range(x.ndim):
+        starts = [idx[axis].start or 0 for idx in index_map.values()]
+        stops = [x.shape[axis] if idx[axis].stop is None else idx[axis].stop for idx in index_map.values()]
+        block.append(slice(min(starts), max(stops)))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x[tuple(block)]), x.shape)
+
+
+def put_tree(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put`` for trees whose values every process holds in full (loaded from the same checkpoint)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: host_to_global(np.asarray(x), s), tree, shardings)
+
+
+def global_to_host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-process) global array on every process."""
+    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -238,3 +238,44 @@ def test_eight_devices_match_one(tiny_bert, tmp_path):
         losses[name] = [r["loss"] for r in read_log(tmp_path / name) if r["kind"] == "train"]
     assert len(losses["one"]) == 6
     np.testing.assert_allclose(losses["eight"], losses["one"], rtol=2e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tiny_bert, tmp_path):
+    """A real 2-process JAX cluster on 127.0.0.1 (gloo), 4 CPU devices each, data 4 x fsdp 2: same losses and
+    adapters as one process on one device."""
+    args = overrides(tiny_bert, tmp_path / "multi", **{"train.steps": 6, "eval.every": 3})
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, "-m", "train.run", *args, "mesh.data=4", "mesh.fsdp=2"],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    assert "over 8 cpu device(s), 2 process(es)" in outs[0][0]
+    # only process 0 prints (gloo's own connection messages aside)
+    assert [line for line in outs[1][0].splitlines() if not line.startswith("[Gloo]")] == []
+
+    single = tmp_path / "single"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "train.run",
+                           *overrides(tiny_bert, single, **{"train.steps": 6, "eval.every": 3})],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    multi = [r["loss"] for r in read_log(tmp_path / "multi") if r["kind"] == "train"]
+    one = [r["loss"] for r in read_log(single) if r["kind"] == "train"]
+    np.testing.assert_allclose(multi, one, rtol=2e-4)
+    a = lora.checkpoint.load_adapters(tmp_path / "multi" / "adapters")
+    b = lora.checkpoint.load_adapters(single / "adapters")
+    for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
+        np.testing.assert_allclose(x.b, y.b, rtol=1e-3, atol=1e-6)

@@ -20,6 +20,8 @@ def initialize_from_env() -> bool:
     if address and n and pid is not None:
         if int(n) > 1:
             local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+            if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes need gloo
+                jax.config.update("jax_cpu_collectives_implementation", "gloo")
             jax.distributed.initialize(address, int(n), int(pid),
                                        local_device_ids=[int(x) for x in local.split(",")] if local else None)
             return True

@@ -259,8 +259,8 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         f"({100 * n_trainable / summary.total:.2f}%)")
 
     # Place the frozen base FSDP-sharded, the trainable tree by the same rules (adapters are small: replicated).
-    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
-    trainable = jax.device_put(trainable, sharding.tree_shardings(trainable, mesh))
+    frozen = sharding.put_tree(frozen, sharding.tree_shardings(frozen, mesh))
+    trainable = sharding.put_tree(trainable, sharding.tree_shardings(trainable, mesh))
     tx = make_optimizer(cfg)
     opt_state = jax.jit(tx.init)(trainable)
 
@@ -276,8 +276,8 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
     def put_batch(idx_steps: list[np.ndarray]) -> dict:
         parts = [train_data.take(idx) for idx in idx_steps]
         stacked = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
-        return {k: jax.device_put(v, batch_shard if v.ndim == 3 else
-                                  sharding.NamedSharding(mesh, sharding.P(None, sharding.BATCH_AXES)))
+        return {k: sharding.host_to_global(v, batch_shard if v.ndim == 3 else
+                                           sharding.NamedSharding(mesh, sharding.P(None, sharding.BATCH_AXES)))
                 for k, v in stacked.items()}
 
     eval_bsz = max(cfg.eval.batch_size // n_devices, 1) * n_devices
@@ -286,15 +286,15 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         loss_sum, count, logits, labels = 0.0, 0.0, [], []
         for batch in data_lib.eval_batches(eval_data, eval_bsz):
             weight = batch["weight"]
-            dev = {k: jax.device_put(v, eval_shard if v.ndim == 2 else
-                                     sharding.NamedSharding(mesh, sharding.P(sharding.BATCH_AXES)))
+            dev = {k: sharding.host_to_global(v, eval_shard if v.ndim == 2 else
+                                              sharding.NamedSharding(mesh, sharding.P(sharding.BATCH_AXES)))
                    for k, v in batch.items()}
             l, c, lg = eval_fn(trainable, frozen, dev)
             loss_sum += float(l)
             count += float(c)
             if lg is not None:
                 keep = weight > 0
-                logits.append(np.asarray(lg)[keep])
+                logits.append(sharding.global_to_host(lg)[keep])
                 labels.append(batch["labels"][keep])
         out = {"loss": loss_sum / max(count, 1.0)}
         if cfg.data.task == "causal-lm":
@@ -303,8 +303,13 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
             out.update(metrics_lib.classification(np.concatenate(labels), np.concatenate(logits)))
         return out
 
+    multi_process = jax.process_count() > 1
+    if multi_process and cfg.data.task == "causal-lm" and (cfg.eval.generate_samples or cfg.eval.generate_eval):
+        say("note: sample generation and BLEU/ROUGE run single-process only; skipped in this multi-process run "
+            "(evaluate the saved adapter with python -m train.predict)")
+
     def samples(trainable, n: int) -> list[tuple[str, str]]:
-        if cfg.data.task != "causal-lm" or n <= 0:
+        if cfg.data.task != "causal-lm" or n <= 0 or multi_process:
             return []
         prompts = list(dict.fromkeys(eval_data.prompts))[:n]
         params_now, adapters_now = lora.combine(frozen, trainable)
@@ -313,7 +318,7 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
 
     def generation_metrics(trainable) -> dict:
         n = cfg.eval.generate_eval
-        if cfg.data.task != "causal-lm" or n <= 0:
+        if cfg.data.task != "causal-lm" or n <= 0 or multi_process:
             return {}
         unique = list(dict.fromkeys(eval_data.prompts))[:n]
         refs = {p: r for p, r in zip(eval_data.prompts, eval_data.references)}
@@ -328,8 +333,8 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         if restored is None:
             raise ConfigError(f"--resume: {folder / 'checkpoints'} holds no checkpoint")
         start, r_trainable, r_opt, meta = restored
-        trainable = jax.device_put(r_trainable, jax.tree.map(lambda x: x.sharding, trainable))
-        opt_state = jax.device_put(r_opt, jax.tree.map(lambda x: x.sharding, opt_state))
+        trainable = sharding.put_tree(r_trainable, jax.tree.map(lambda x: x.sharding, trainable))
+        opt_state = sharding.put_tree(r_opt, jax.tree.map(lambda x: x.sharding, opt_state))
         train_s0 = float(meta.get("train_s", 0.0))
         say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
 
@@ -411,7 +416,11 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
     params_final, adapters_final = lora.combine(frozen, trainable)
-    if primary and cfg.train.method == "lora":
+    if multi_process:  # exports are written by process 0 from host copies of the (replicated or sharded) arrays
+        adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)
+        if cfg.output.export_merged:
+            params_final = jax.tree.map(sharding.global_to_host, params_final)
+    if cfg.train.method == "lora":  # every process takes part in Orbax writes
         save_adapters(folder / "adapters", jax.device_get(adapters_final))
     if primary and cfg.output.export_merged:
         from lora_jax import models
