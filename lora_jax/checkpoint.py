@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,19 +122,31 @@ class Checkpointer:
     def restore_latest(self, trainable_like: Any, opt_state_like: Any, *, fallback: bool = True):
         """The newest restorable step as ``(step, trainable, opt_state, meta)``, or ``None`` if there is none.
 
-        With ``fallback``, a damaged newest step is reported (warning) and the previous one is tried.
+        With ``fallback``, a damaged newest step is reported (a warning), moved aside to
+        ``<folder>-damaged/<step>`` (kept for inspection, never deleted) and the previous step is tried.
         """
+        import shutil
         import warnings
 
-        errors = []
+        errors, damaged = [], []
         for step in reversed(self.steps()):
             try:
-                return (step, *self.restore(step, trainable_like, opt_state_like))
+                restored = (step, *self.restore(step, trainable_like, opt_state_like))
             except CheckpointError as e:
                 if not fallback:
                     raise
                 errors.append(str(e))
+                damaged.append(step)
                 warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+                continue
+            if damaged:
+                aside = self.folder.parent / f"{self.folder.name}-damaged"
+                if jax.process_index() == 0:
+                    aside.mkdir(exist_ok=True)
+                    for bad in damaged:
+                        shutil.move(str(self.folder / str(bad)), str(aside / f"{bad}-{int(time.time())}"))
+                self.manager.reload()
+            return restored
         if errors:
             raise CheckpointError("no checkpoint could be restored:\n" + "\n".join(errors))
         return None

@@ -279,3 +279,103 @@ def test_two_processes_match_one(tiny_bert, tmp_path):
     b = lora.checkpoint.load_adapters(single / "adapters")
     for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
         np.testing.assert_allclose(x.b, y.b, rtol=1e-3, atol=1e-6)
+
+
+def _losses_by_step(folder) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
+    return {r["step"]: r["loss"] for r in read_log(folder) if r["kind"] == "train"}
+
+
+def _start_and_interrupt(tiny_bert, out, sig, at_step) -> subprocess.Popen:
+    import signal
+    import time
+
+    args = overrides(tiny_bert, out, **{"checkpoint.every": 1, "eval.every": 100})
+    proc = subprocess.Popen([sys.executable, "-m", "train.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and max(_losses_by_step(out), default=0) >= at_step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal({"kill": signal.SIGKILL, "term": signal.SIGTERM}[sig])
+    proc.communicate(timeout=120)
+    return proc
+
+
+@pytest.mark.parametrize("sig", ["kill", "term"])
+def test_interrupted_run_resumes_to_the_same_result(full_run, tiny_bert, tmp_path, sig):
+    """SIGKILL at a random step (or SIGTERM, the preemption notice) and --resume: per-step losses and final
+    adapters equal the uninterrupted run's."""
+    out, uninterrupted = full_run
+    at_step = int(np.random.default_rng().integers(2, 9))
+    proc = _start_and_interrupt(tiny_bert, tmp_path / sig, sig, at_step)
+    if sig == "term":
+        assert proc.returncode == 0  # a clean exit after saving
+        assert max(int(p.name) for p in (tmp_path / sig / "checkpoints").iterdir() if p.name.isdigit()) >= at_step
+    else:
+        assert proc.returncode == -9
+    again = subprocess.run([sys.executable, "-m", "train.run", "--resume",
+                            *overrides(tiny_bert, tmp_path / sig, **{"checkpoint.every": 1, "eval.every": 100})],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    losses = _losses_by_step(tmp_path / sig)
+    assert sorted(losses) == list(range(1, 13))
+    np.testing.assert_allclose([losses[s] for s in range(1, 13)], [h["loss"] for h in uninterrupted.history],
+                               rtol=1e-6)
+    a = lora.checkpoint.load_adapters(out / "adapters")
+    b = lora.checkpoint.load_adapters(tmp_path / sig / "adapters")
+    for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
+        np.testing.assert_allclose(x.b, y.b, rtol=1e-6, atol=1e-7)
+
+
+def test_damaged_latest_checkpoint_falls_back(full_run, tiny_bert, tmp_path):
+    """Truncate every file of the newest checkpoint: resume warns, uses the previous step and still ends equal."""
+    out, uninterrupted = full_run
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    for step_dir in (damaged / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > 8:
+            shutil.rmtree(step_dir)
+    truncated = 0
+    for f in (damaged / "checkpoints" / "8").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+            truncated += 1
+    assert truncated
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint: checkpoint step 8"):
+        again = run(load_config(None, overrides(tiny_bert, damaged)), resume=True, print_fn=lambda *a: None)
+    assert again.history[0]["step"] == 5  # resumed from step 4
+    assert [p.name.split("-")[0] for p in (damaged / "checkpoints-damaged").iterdir()] == ["8"]  # kept aside
+    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in uninterrupted.history[4:]],
+                               rtol=1e-6)
+
+
+def test_orbax_never_lists_an_unfinished_step(tmp_path):
+    """A step folder without Orbax's commit marker (as a write killed midway leaves) is not a checkpoint."""
+    import jax.numpy as jnp
+
+    from lora_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "c", every=1)
+    tree = {"adapters": {"w": jnp.ones(3)}, "params": {}}
+    ckpt.save(1, tree, {"count": jnp.zeros(())}, {"step": 1})
+    ckpt.close()
+    shutil.copytree(tmp_path / "c" / "1", tmp_path / "c" / "2.orbax-checkpoint-tmp-123")
+    assert Checkpointer(tmp_path / "c").steps() == [1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"lora.targets": ".*/nothing/kernel"}, "matches no leaf"),
+    ({"model.name": "/nonexistent/model"}, "no such model"),
+    ({"data.source": "/nonexistent/data.csv"}, "does not exist"),
+    ({"data.max_length": 4096}, "exceeds the model's 128 positions"),
+    ({"model.num_labels": 5}, "has shape (2,), expected (5,)"),  # the saved head is 2-way
+])
+def test_cli_bad_input_is_a_clear_error(tiny_bert, tmp_path, extra, message):
+    args = overrides(tiny_bert, tmp_path / "bad", **{"train.steps": 1, **extra})
+    proc = subprocess.run([sys.executable, "-m", "train.run", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr

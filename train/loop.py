@@ -88,11 +88,8 @@ def load_model(cfg: Config):
     from lora_jax import models
 
     task = "causal-lm" if cfg.data.task == "causal-lm" else "sequence-classification"
-    model, params, tokenizer, config = models.load(cfg.model.name, dtype=jnp.dtype(cfg.train.precision), task=task)
-    if task == "sequence-classification" and getattr(config, "num_labels", None) != cfg.model.num_labels:
-        raise ConfigError(f"model.num_labels={cfg.model.num_labels}, but {cfg.model.name} has a "
-                          f"{getattr(config, 'num_labels', None)}-way classification head")
-    return model, params, tokenizer, config
+    overrides = {"num_labels": cfg.model.num_labels} if task == "sequence-classification" else {}
+    return models.load(cfg.model.name, dtype=jnp.dtype(cfg.train.precision), task=task, **overrides)
 
 
 def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dict]:

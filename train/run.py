@@ -41,10 +41,16 @@ def main(argv=None) -> int:
     from train.data import DataError
     from train.loop import NonFiniteError, run
 
+    from lora_jax.checkpoint import CheckpointError
+
     try:
         run(cfg, resume=args.resume)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, ValueError, OSError) as e:
+        # Bad input (a config, data file, model or checkpoint that does not fit): the message says what was
+        # expected and what came; LORA_JAX_TRACEBACK=1 shows where.
+        if os.environ.get("LORA_JAX_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"stopped: {e}", file=sys.stderr)
