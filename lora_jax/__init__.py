@@ -25,6 +25,7 @@ from lora_jax.core import (
 from lora_jax.ops import dense, dot, einsum, embed, materialize
 from lora_jax.optim import lora_plus, masked, trainable_labels
 from lora_jax.targets import PRESETS
+from lora_jax.transform import init_stacked, transform, transform_report
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "LoraAdapter", "LoraWeight", "Summary", "PRESETS", "adapter_items", "combine", "dense", "dot", "einsum",
     "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
+    "init_stacked", "transform", "transform_report",
 ]
