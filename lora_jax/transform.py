@@ -541,7 +541,11 @@ def _scalar_rule(ctx: _Context, eqn, invals):
     name = eqn.primitive.name
     if name == "mul" and _is_lora(y) and not _is_lora(x):
         x, y = y, x
-    if not _is_lora(x) or _is_lora(y) or np.shape(y) != ():
+    if _is_lora(x) and _is_lora(y):
+        return _materialize_rule(ctx, eqn, invals, "of two LoRA values")
+    if not _is_lora(x):
+        return _materialize_rule(ctx, eqn, invals, "by a LoRA value")
+    if np.shape(y) != ():
         return _materialize_rule(ctx, eqn, invals, "by a non-scalar")
     c = jnp.asarray(y).astype(x.right.dtype)
     right = x.right * c if name == "mul" else x.right / c

@@ -19,6 +19,16 @@ from lora_jax.transform import init_stacked, transform, transform_report
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fast_compiles():
+    """Each test compiles a few tiny programs once: XLA's optimisation passes cost more than they save
+    (about 40% of this file's CPU time)."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 def randomise_b(adapters, seed=1, std=0.2):
     """Adapters fresh from ``lora.init`` have B = 0; give B values so that dW and dL/dA are non-zero."""
     leaves, treedef = jax.tree_util.tree_flatten(adapters, is_leaf=lora.is_adapter)
@@ -38,8 +48,8 @@ def assert_parity(fn, params, adapters, *args, expect_materialized=0, forward_mo
     merged_fn = lambda ad: fn(lora.merge(params, ad), *args)  # noqa: E731
     if forward_mode:
         tangent = randomise_b(jax.tree_util.tree_map(jnp.ones_like, adapters), seed=3)
-        derivative = jax.jit(lambda f, ad, t: jax.jvp(f, (ad,), (t,)), static_argnums=0)
-        got, want = derivative(factored_fn, adapters, tangent), derivative(merged_fn, adapters, tangent)
+        got, want = jax.jit(lambda ad, t: (jax.jvp(factored_fn, (ad,), (t,)), jax.jvp(merged_fn, (ad,), (t,))))(
+            adapters, tangent)
         assert float(jnp.abs(jax.tree_util.tree_leaves(got[1])[0]).max()) > 0
         names = ["output", "directional derivative"]
     else:
@@ -50,9 +60,10 @@ def assert_parity(fn, params, adapters, *args, expect_materialized=0, forward_mo
         def loss(out):
             return sum(jnp.vdot(o, p) for o, p in zip(jax.tree_util.tree_leaves(out), probes))
 
-        value_and_grad = jax.jit(lambda f, ad: jax.value_and_grad(lambda ad: (loss(out := f(ad)), out),
-                                                                  has_aux=True)(ad)[::-1], static_argnums=0)
-        got, want = value_and_grad(factored_fn, adapters), value_and_grad(merged_fn, adapters)
+        def value_and_grad(f, ad):
+            return jax.value_and_grad(lambda ad: (loss(out := f(ad)), out), has_aux=True)(ad)[::-1]
+
+        got, want = jax.jit(lambda ad: (value_and_grad(factored_fn, ad), value_and_grad(merged_fn, ad)))(adapters)
         for path, g in jax.tree_util.tree_leaves_with_path(got[1]):
             assert float(jnp.abs(g).max()) > 0, f"no gradient reached {jax.tree_util.keystr(path)}"
         names = ["output", "gradient"]
@@ -237,8 +248,13 @@ def test_cond_and_while_bodies_use_the_weight():
     for sign in (1.0, -1.0):  # both branches
         report = assert_parity(fn, params, adapters, sign * x, forward_mode=True)
     assert dict(report.factored) == {"dot_general": 3}
-    cond_only = lambda p, x: lax.cond(x.sum() > 0, lambda h: h @ p["w1"], lambda h: h @ p["w2"].T, x)  # noqa: E731
-    assert_parity(cond_only, params, adapters, x)
+
+    def cond_and_loop(p, x):  # reverse mode: cond, and fori_loop with static bounds (a scan with W as constant)
+        h = lax.cond(x.sum() > 0, lambda h: h @ p["w1"], lambda h: h @ p["w2"].T, x)
+        return lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ p["w1"]), h)
+
+    report = assert_parity(cond_and_loop, params, adapters, x)
+    assert dict(report.factored) == {"dot_general": 3}
 
 
 def test_structural_ops_are_pushed_through_the_factors():
@@ -251,10 +267,24 @@ def test_structural_ops_are_pushed_through_the_factors():
         heads = p["w"].reshape(8, 2, 4)                     # split the output axis into heads
         y = jnp.einsum("bsd,dhk->bshk", x, heads).reshape(2, 3, 8)
         z = x @ (0.5 * q.astype(jnp.float32)) @ k.T[:, :4] @ v[:4]  # scalar, cast, transpose, slices
-        return y, z, x @ -jnp.flip(p["w"], 0)[::-1]                # neg, rev twice
+        t = jnp.dot(p["w"].T, x.reshape(-1, 8).T)                 # the weight as the left operand
+        return y, z, t, x @ -jnp.flip(p["w"], 0)[::-1]             # neg, rev twice
 
     report = assert_parity(fn, params, adapters, x)
-    assert dict(report.factored) == {"dot_general": 5}
+    assert dict(report.factored) == {"dot_general": 6}
+
+
+def test_low_precision_compute_casts_the_factors():
+    model = nn.Dense(16, dtype=jnp.bfloat16)  # float32 params, bfloat16 compute: convert_element_type on W
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    params = jax.jit(model.init)(jax.random.key(1), x)["params"]
+    adapters = randomise_b(lora.init(params, r=2, targets="kernel"), std=1.0)
+    fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    out = jax.jit(transform(fn))(lora.wrap(params, adapters), x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), fn(lora.merge(params, adapters), x).astype(jnp.float32),
+                               rtol=2e-2, atol=2e-2)
+    assert transform_report(fn, lora.wrap(params, adapters), x).n_materialized == 0
 
 
 def test_materialisations_are_counted_and_strict_refuses_them():
