@@ -258,7 +258,8 @@ def test_cond_and_while_bodies_use_the_weight():
 
 
 def test_structural_ops_are_pushed_through_the_factors():
-    params = {"qkv": jax.random.normal(jax.random.key(0), (8, 12)) / 3, "w": jax.random.normal(jax.random.key(1), (8, 8))}
+    params = {"qkv": jax.random.normal(jax.random.key(0), (8, 12)) / 3,
+              "w": jax.random.normal(jax.random.key(1), (8, 8))}
     adapters = randomise_b(lora.init(params, r=2, targets=["qkv", "w"]))
     x = jax.random.normal(jax.random.key(2), (2, 3, 8))
 
