@@ -132,6 +132,24 @@ def test_tiny_gguf_tokenizer(tiny):
         assert tok(text)["input_ids"] == reference(text)["input_ids"]
 
 
+def test_gguf_saved_as_a_hugging_face_folder(tiny, tmp_path):
+    """GGUF -> save_pretrained -> transformers' from_pretrained and our load give the source model back."""
+    from lora_jax.models import load, save_pretrained
+
+    path, torch_model = tiny
+    model, params, tok, config = lgguf.load_gguf(path)
+    save_pretrained(params, config, tmp_path / "hf", tokenizer=tok)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(torch.tensor(ids)).logits.numpy(),
+                                   torch_model(torch.tensor(ids)).logits.numpy(), atol=1e-5)
+    _, params2, tok2, config2 = load(tmp_path / "hf")
+    assert config2 == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+    assert tok2("hello world")["input_ids"] == tok("hello world")["input_ids"]
+
+
 def test_damaged_files_are_clear_errors(tiny, tmp_path):
     path, _ = tiny
     data = path.read_bytes()
