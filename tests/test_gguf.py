@@ -2,7 +2,6 @@
 loads to the logits of the PyTorch model it came from; the real SmolLM2-135M-Instruct Q4_1 file answers
 "Paris" and its tokenizer encodes like transformers' own GGUF conversion."""
 
-import os
 from pathlib import Path
 
 import jax

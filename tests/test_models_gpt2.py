@@ -116,8 +116,8 @@ def test_unprefixed_checkpoint_with_mask_buffers_loads():
     params = gpt2.from_hf_weights(config, state, "model.safetensors")
     ids, mask = batch(2)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(jax_logits(config, params, ids, mask)[valid], torch_logits(torch_model, ids, mask)[valid],
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(jax_logits(config, params, ids, mask)[valid],
+                               torch_logits(torch_model, ids, mask)[valid], atol=1e-4, rtol=1e-4)
     del state["h.1.mlp.c_fc.weight"]
     with pytest.raises(CheckpointError, match=r"model.safetensors: missing tensor 'h\.1\.mlp\.c_fc\.weight'"):
         gpt2.from_hf_weights(config, state, "model.safetensors")

@@ -115,7 +115,8 @@ def test_to_hf_weights_load_into_transformers(case):
         with safe_open(f"{tmp}/model.safetensors", "np") as f:
             assert set(f.keys()) == set(tensors)
     fresh = transformers.AutoModelForCausalLM.from_config(case.config.to_hf()).eval()
-    missing, unexpected = fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=False)
+    missing, unexpected = fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
+                                                strict=False)
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if case.config.tie_word_embeddings else set())
     ids, mask = batch(1)
     valid = mask.astype(bool)
@@ -221,8 +222,8 @@ def test_lora_matches_peft():
     torch_model = randomize(transformers.LlamaForCausalLM(hf_config))
     config = llama.Config.from_hf(hf_config)
     params = llama.from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
-    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                  init_lora_weights=False)).eval()
+    peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(torch_model, peft_config).eval()
     adapters = lora.init(params, r=4, alpha=8, targets="qv")
     modules = dict(peft_model.named_modules())
 
