@@ -1,0 +1,596 @@
+"""Hugging Face PEFT LoRA adapters in and out: the exact on-disk format, both ways.
+
+A PEFT LoRA adapter is a folder with two files:
+
+    adapter_config.json          LoraConfig: peft_type "LORA", r, lora_alpha, target_modules, use_rslora,
+                                 rank_pattern, alpha_pattern, modules_to_save, fan_in_fan_out, ...
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight            (r, in)
+                                 base_model.model.<module>.lora_B.weight            (out, r)
+                                 base_model.model.<module>.lora_magnitude_vector    (out,)    DoRA only
+                                 base_model.model.<module>.lora_embedding_A         (r, num_embeddings)
+                                 base_model.model.<module>.lora_embedding_B         (dim, r)
+                                 base_model.model.<module>.<param>                  a module trained in full
+                                                                                    (modules_to_save)
+
+``<module>`` is the module's name inside the ``transformers`` model. This project's parameter paths mirror those
+names (``model.layers.0.self_attn.q_proj`` <-> ``model/layers_0/self_attn/q_proj/kernel``), so an adapter maps
+onto our tree one to one, with ``A = lora_A.weight.T`` ``(in, r)`` and ``B = lora_B.weight.T`` ``(r, out)``. (GPT-2's
+``Conv1D`` stores its weight ``(in, out)``; PEFT marks it ``fan_in_fan_out`` but its LoRA factors keep the layout
+above, so they map the same way.)
+
+PEFT's scaling is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), where ``r`` and ``lora_alpha``
+of a module come from ``rank_pattern`` / ``alpha_pattern`` when a key matches the module name: a key matches when
+it is a regex for a dot-separated suffix of the name (``re.match(rf"(.*\\.)?({key})$", name)``), first key in
+order wins. :func:`load_peft` follows these rules; :func:`save_peft` writes full module names as pattern keys.
+
+    loaded = lora.load_peft("path/to/adapter", params, config=config)
+    params = loaded.update(params)                   # modules_to_save, e.g. a trained classifier head
+    logits = model.apply({"params": lora.wrap(params, loaded.adapters)}, ids)
+    lora.save_peft(adapters, "out/", config=config, base_model_name_or_path="meta-llama/Llama-3.2-1B")
+
+Nothing here imports torch or ``peft``: the files are read and written with ``safetensors``' numpy API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import core
+from lora_jax import targets as _targets
+from lora_jax.models.hf import CheckpointError
+
+PyTree = Any
+logger = logging.getLogger("lora_jax.peft")
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# The key suffixes of a LoRA module in PEFT's state dict (the adapter name is removed when PEFT saves).
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
+                       r"lora_magnitude_vector(?:\.weight)?)")
+# Settings that change what the saved tensors mean in ways this loader does not implement.
+_UNSUPPORTED = {
+    "lora_bias": "a bias on lora_B (lora_bias=True)",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+}
+# init_lora_weights values for which PEFT also rewrites the base weights: such an adapter is relative to a
+# modified base unless it was converted when saved (path_initial_model_for_weight_conversion).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+class PeftError(CheckpointError):
+    """An adapter folder that cannot be loaded onto these params, or adapters that cannot be saved in PEFT's
+    format. The message names the file and the tensor."""
+
+
+def _has_dora() -> bool:
+    return "magnitude" in {f.name for f in dataclasses.fields(core.LoraAdapter)}
+
+
+def _dora_missing(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{what} uses DoRA (lora_magnitude_vector / use_dora=True), and this lora_jax has no DoRA support: "
+        "lora_jax.core.LoraAdapter has no 'magnitude' field")
+
+
+# ----------------------------------------------------------------------------------------------- naming
+
+
+@dataclasses.dataclass(frozen=True)
+class Naming:
+    """How this project's parameter paths map to Hugging Face module names for one architecture.
+
+    ``arch``: ``"bert"``, ``"llama"``, ``"gpt2"`` or ``"generic"`` (list index ``name_N`` -> ``name.N``, any 2-D
+    ``kernel`` transposed); ``backbone``: the prefix of the backbone in task models (``bert`` / ``model`` /
+    ``transformer``), which PEFT adapters trained on the bare backbone lack.
+    """
+
+    arch: str
+    hf_name: Callable[[tuple[str, ...]], str]
+    backbone: str | None
+    module: Any = None  # the architecture module (lora_jax.models.<arch>), when known
+
+    def tensor_name(self, path: tuple[str, ...]) -> str:
+        """``("model", "layers_0", "self_attn", "q_proj", "kernel")`` -> ``"model.layers.0.self_attn.q_proj.weight"``
+        (the architecture's own ``hf_name``)."""
+        return self.hf_name(tuple(path))
+
+    def module_name(self, path: tuple[str, ...]) -> str:
+        """The module owning a parameter: ``"model.layers.0.self_attn.q_proj"``."""
+        return self.tensor_name(path).rsplit(".", 1)[0]
+
+    def transposed(self, path: tuple[str, ...]) -> bool:
+        """Whether our leaf is the transpose of the Hugging Face tensor: ``nn.Linear`` kernels are, GPT-2's
+        ``Conv1D`` kernels (every kernel but an untied ``lm_head``) and embedding tables are not."""
+        if path[-1] != "kernel":
+            return False
+        return not (self.arch == "gpt2" and path[0] != "lm_head")
+
+    def to_hf(self, path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.T) if self.transposed(path) and x.ndim == 2 else x
+
+    def from_hf(self, path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
+        return self.to_hf(path, x)
+
+
+def _generic_hf_name(path: tuple[str, ...]) -> str:
+    *modules, leaf = path
+    modules = [re.sub(r"^(.+)_(\d+)$", r"\1.\2", m) for m in modules]
+    return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
+
+
+_BACKBONES = {"bert": "bert", "llama": "model", "gpt2": "transformer"}
+
+
+def naming(config: Any = None, paths: list[tuple[str, ...]] | None = None) -> Naming:
+    """The :class:`Naming` of a model: from its ``Config`` (a ``lora_jax.models.<arch>.Config``) when given, else
+    guessed from parameter paths (BERT ``encoder/layer_N``, GPT-2 ``h_N/attn/c_attn``, Llama ``layers_N/self_attn``),
+    else the generic rule."""
+    arch = None
+    if config is not None:
+        module = importlib.import_module(type(config).__module__)
+        if not hasattr(module, "hf_name"):
+            raise TypeError(f"config must be a lora_jax model Config (bert / llama / gpt2), got "
+                            f"{type(config).__qualname__} from {module.__name__}")
+        arch = module.__name__.rsplit(".", 1)[-1]
+    elif paths:
+        joined = ["/".join(p) for p in paths]
+        if any(re.search(r"(^|/)encoder/layer_\d+/", p) for p in joined):
+            arch = "bert"
+        elif any(re.search(r"(^|/)h_\d+/(attn|mlp)/", p) for p in joined):
+            arch = "gpt2"
+        elif any(re.search(r"(^|/)layers_\d+/(self_attn|mlp)/", p) for p in joined):
+            arch = "llama"
+    if arch not in _BACKBONES:
+        return Naming("generic", _generic_hf_name, None)
+    module = importlib.import_module(f"lora_jax.models.{arch}")
+    return Naming(arch, module.hf_name, _BACKBONES[arch], module)
+
+
+def _paths(tree: PyTree) -> list[tuple[tuple[str, ...], Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: core.is_adapter(x) or
+                                                   core.is_lora_weight(x))
+    return [(_targets.path_tuple(p), leaf) for p, leaf in flat]
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+class LoadedPeft(NamedTuple):
+    """What :func:`load_peft` returns.
+
+    ``adapters``: the adapter tree for :func:`lora_jax.wrap` / :func:`lora_jax.merge`.
+    ``trained``: the leaves PEFT trained in full (``modules_to_save``, e.g. a classifier head, or biases with
+    ``bias != "none"``), as a nested dict mirroring ``params`` (the shape of ``lora.split(...)[1]["params"]``);
+    empty when there are none. Put them into the base with :meth:`update`.
+    ``config``: the adapter's ``adapter_config.json`` as a dict.
+    """
+
+    adapters: PyTree
+    trained: dict
+    config: dict
+
+    def update(self, params: PyTree) -> PyTree:
+        """``params`` with the fully trained leaves replaced by the adapter's values (a new tree)."""
+        return with_leaves(params, self.trained)
+
+
+def with_leaves(params: PyTree, leaves: Mapping) -> PyTree:
+    """``params`` with every leaf present in the nested dict ``leaves`` replaced (paths must exist)."""
+    new = {tuple(p): v for p, v in _paths(leaves)}
+    used = set()
+
+    def put(path, leaf):
+        key = _targets.path_tuple(path)
+        if key in new:
+            used.add(key)
+            return new[key]
+        return leaf
+
+    out = jax.tree_util.tree_map_with_path(put, params, is_leaf=core.is_lora_weight)
+    missing = sorted("/".join(k) for k in set(new) - used)
+    if missing:
+        raise ValueError(f"trained leaves {missing[:5]} have no place in these params")
+    return out
+
+
+def _resolve(folder_or_hub_id: str | os.PathLike, revision: str | None) -> Path:
+    name = os.fspath(folder_or_hub_id)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise PeftError(f"{path}: expected a PEFT adapter folder (with {CONFIG_NAME} and {WEIGHTS_NAME}), got a file")
+    from lora_jax.models import hf
+
+    if os.path.isabs(name) or name.startswith((".", "~")) or not hf.is_hub_id(name):
+        raise FileNotFoundError(f"no such adapter folder: {name!r}")
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(name, revision=revision,
+                                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        raise OSError(
+            f"could not fetch the adapter {name!r} from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE is set and it is not in the local cache)' if offline else ''}: "
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].rstrip('.')}. Pass a local folder with "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME} instead.") from None
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """``adapter_config.json`` of a PEFT folder, checked to be a LoRA adapter this module can read."""
+    file = Path(folder) / CONFIG_NAME
+    if not file.is_file():
+        raise PeftError(f"{Path(folder)}: no {CONFIG_NAME} (expected a PEFT adapter folder)")
+    try:
+        cfg = json.loads(file.read_text())
+    except ValueError as e:
+        raise PeftError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PeftError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("peft_type") != "LORA":
+        raise PeftError(f"{file}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters ('LORA') are supported")
+    for field, what in _UNSUPPORTED.items():
+        if cfg.get(field):
+            raise NotImplementedError(f"{file}: {what} is not supported ({field}={cfg[field]!r})")
+    if cfg.get("use_dora") and not _has_dora():
+        raise _dora_missing(str(file))
+    for field in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(field), (int, float)) or cfg[field] <= 0:
+            raise PeftError(f"{file}: {field} must be a positive number, got {cfg.get(field)!r}")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        logger.warning("%s: init_lora_weights=%r rewrites the base weights in PEFT; unless the adapter was converted "
+                       "when saved, it only fits that modified base", file, init)
+    return cfg
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the value of the first key that is a regex for a
+    dot-separated suffix of ``module`` (``re.match(rf"(.*\\.)?({key})$", module)``), else ``default``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    file = folder / WEIGHTS_NAME
+    if not file.is_file():
+        hint = f" It has {PICKLE_NAME}: only safetensors is read here (re-save the adapter with " \
+               "safe_serialization=True)." if (folder / PICKLE_NAME).is_file() else ""
+        raise PeftError(f"{folder}: no {WEIGHTS_NAME}.{hint}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise PeftError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _index(params: PyTree, names: Naming) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Hugging Face tensor name -> (our path, leaf), with aliases for the backbone prefix toggled (an adapter
+    trained on ``BertModel`` loads onto ``BertForSequenceClassification`` params and back)."""
+    index: dict[str, tuple[tuple[str, ...], Any]] = {}
+    aliases: dict[str, tuple[tuple[str, ...], Any]] = {}
+    for path, leaf in _paths(params):
+        if core.is_lora_weight(leaf) or core.is_adapter(leaf):
+            raise ValueError(f"load_peft: params hold a {type(leaf).__name__} at {'/'.join(path)}; pass the plain "
+                             "base params (not wrapped or merged)")
+        name = names.tensor_name(path)
+        index[name] = (path, leaf)
+        if names.backbone:
+            prefix = names.backbone + "."
+            alias = name[len(prefix):] if name.startswith(prefix) else prefix + name
+            aliases.setdefault(alias, (path, leaf))
+    return {**aliases, **index}
+
+
+def _close(name: str, candidates: list[str], n: int = 3) -> list[str]:
+    tail = name.split(".")[-2:]
+    return [c for c in candidates if c.split(".")[-2:] == tail][:n] or candidates[:n]
+
+
+def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: Any = None, dtype=jnp.float32,
+              revision: str | None = None) -> LoadedPeft:
+    """Read a PEFT LoRA adapter onto this project's parameters.
+
+    Args:
+      folder_or_hub_id: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``, or a hub id
+        (fetched with ``huggingface_hub``; offline that fails with an error that says so).
+      params: the base parameters the adapter was trained on (plain arrays, e.g. from
+        :func:`lora_jax.models.load`).
+      config: the model's ``Config`` (names the architecture; guessed from ``params`` when ``None``).
+      dtype: dtype of the adapter factors (float32: adapters train in full precision).
+      revision: the hub revision.
+
+    Returns:
+      :class:`LoadedPeft` ``(adapters, trained, config)``. Each adapter has ``scale = lora_alpha / r`` (or
+      ``/ sqrt(r)`` with ``use_rslora``), with ``r`` and ``lora_alpha`` resolved per module through
+      ``rank_pattern`` / ``alpha_pattern``; DoRA magnitudes go into the adapters; ``modules_to_save`` tensors (and
+      trained biases) come back in ``trained``.
+
+    Raises:
+      PeftError: a tensor whose module has no parameter here, a shape that does not fit the kernel, a rank that
+        disagrees with ``rank_pattern``, an A without its B; each names the tensor.
+      NotImplementedError: PEFT features that change the forward pass and are not implemented (named).
+    """
+    folder = _resolve(folder_or_hub_id, revision)
+    cfg = read_config(folder)
+    tensors = _read_tensors(folder)
+    source = str(folder / WEIGHTS_NAME)
+    names = naming(config, [p for p, _ in _paths(params)])
+    index = _index(params, names)
+    known = sorted(index)
+
+    lora: dict[str, dict[str, np.ndarray]] = {}
+    full: dict[tuple[str, ...], Any] = {}
+    for key, x in tensors.items():
+        if not key.startswith(PREFIX):
+            raise PeftError(f"{source}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT LoRA state dict")
+        name = key[len(PREFIX):]
+        m = _LORA_KEY.fullmatch(name)
+        if m:
+            kind = m["kind"].removesuffix(".weight") if m["kind"].startswith("lora_magnitude") else m["kind"]
+            lora.setdefault(m["module"], {})[kind] = (key, np.asarray(x))
+            continue
+        if ".lora_" in name:
+            raise PeftError(f"{source}: tensor {key!r} is a LoRA tensor of a kind this loader does not know")
+        # PEFT saves the full table of an adapted embedding as "<module>.base_layer.weight" (save_embedding_layers)
+        name = name.replace(".base_layer.", ".")
+        if name not in index:
+            raise PeftError(f"{source}: tensor {key!r} (a module trained in full, modules_to_save) has no parameter "
+                            f"in these params; close names: {_close(name, known)}")
+        path, leaf = index[name]
+        value = names.from_hf(path, np.asarray(x))
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise PeftError(f"{source}: tensor {key!r} has shape {tuple(x.shape)}, but {'/'.join(path)} has shape "
+                            f"{tuple(leaf.shape)}{' (stored transposed)' if names.transposed(path) else ''}")
+        full[path] = jnp.asarray(value, leaf.dtype)
+
+    use_rslora = bool(cfg.get("use_rslora", False))
+    adapters: dict = {}
+    for module, parts in lora.items():
+        kinds = set(parts)
+        embedding = bool(kinds & {"lora_embedding_A", "lora_embedding_B"})
+        a_kind, b_kind = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        for k in (a_kind, b_kind):
+            if k not in parts:
+                other = next(iter(parts.values()))[0]
+                raise PeftError(f"{source}: {other!r} has no matching {PREFIX}{module}.{k}")
+        (a_key, a), (b_key, b) = parts[a_kind], parts[b_kind]
+        target = f"{module}.weight"
+        if target not in index:
+            raise PeftError(f"{source}: tensor {a_key!r} targets module {module!r}, which has no kernel in these "
+                            f"params; close names: {_close(target, known)}")
+        path, leaf = index[target]
+        if leaf.ndim != 2:
+            raise PeftError(f"{source}: {a_key!r} targets {'/'.join(path)} of shape {tuple(leaf.shape)}; PEFT LoRA "
+                            "layers here are 2-D")
+        if embedding != (path[-1] == "embedding"):
+            raise PeftError(f"{source}: {a_key!r} is a {'n embedding' if embedding else ' linear'} LoRA tensor but "
+                            f"{'/'.join(path)} is {'not ' if embedding else ''}an embedding table")
+        d_in, d_out = leaf.shape
+        r = a.shape[0]
+        want_a, want_b = ((r, d_in), (d_out, r))
+        for key, x, want in ((a_key, a, want_a), (b_key, b, want_b)):
+            if x.ndim != 2 or tuple(x.shape) != want:
+                raise PeftError(f"{source}: tensor {key!r} has shape {tuple(x.shape)}, expected {want} for "
+                                f"{'/'.join(path)} of shape {tuple(leaf.shape)} (our kernel layout: in, out) at "
+                                f"rank {r}")
+        want_r = pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
+        if int(want_r) != r:
+            raise PeftError(f"{source}: tensor {a_key!r} has rank {r}, but {CONFIG_NAME} gives {module} rank "
+                            f"{want_r} (r / rank_pattern)")
+        alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
+        scale = alpha / (math.sqrt(r) if use_rslora else r)
+        fields = dict(a=jnp.asarray(a.T, dtype), b=jnp.asarray(b.T, dtype), alpha=alpha, scale=scale,
+                      in_shape=(d_in,), out_shape=(d_out,), dropout=float(cfg.get("lora_dropout", 0.0) or 0.0))
+        if "lora_magnitude_vector" in parts:
+            m_key, mag = parts["lora_magnitude_vector"]
+            if not _has_dora():
+                raise _dora_missing(f"{source}: tensor {m_key!r}")
+            if tuple(mag.shape) != (d_out,):
+                raise PeftError(f"{source}: tensor {m_key!r} has shape {tuple(mag.shape)}, expected ({d_out},)")
+            fields["magnitude"] = jnp.asarray(mag, dtype)
+        elif cfg.get("use_dora"):
+            raise PeftError(f"{source}: use_dora is set but {module} has no lora_magnitude_vector")
+        core._nested_set(adapters, path, core.LoraAdapter(**fields))
+    if not lora:
+        logger.warning("%s: the adapter holds no LoRA tensors", source)
+    trained: dict = {}
+    for path, v in full.items():
+        core._nested_set(trained, path, v)
+    return LoadedPeft(adapters, trained, cfg)
+
+
+# ------------------------------------------------------------------------------------------------- save
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _most_common(values: list) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _close_to(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+
+
+def _guess_task(names: Naming, paths: list[tuple[str, ...]]) -> tuple[str | None, str | None]:
+    """(our task, PEFT task_type) from the adapted paths' top-level prefix."""
+    tops = {p[0] for p in paths}
+    if names.arch == "bert":
+        return ("sequence-classification", "SEQ_CLS") if "bert" in tops else ("base", "FEATURE_EXTRACTION")
+    if names.arch in ("llama", "gpt2"):
+        return ("causal-lm", "CAUSAL_LM") if names.backbone in tops else ("base", "FEATURE_EXTRACTION")
+    return None, None
+
+
+def _module_universe(names: Naming, config: Any, task: str | None) -> set[str] | None:
+    if names.module is None or config is None or task is None:
+        return None
+    shapes = jax.eval_shape(lambda: names.module.init_params(config, jax.random.key(0), task))
+    return {names.module_name(p) for p, _ in _paths(shapes)}
+
+
+def target_modules(adapted: set[str], universe: set[str] | None) -> list[str]:
+    """The shortest PEFT ``target_modules`` list (PEFT matches an entry when a module name equals it or ends with
+    ``"." + entry``) that selects exactly ``adapted`` among ``universe``. Without a universe: the full names."""
+    if universe is None:
+        return sorted(adapted)
+    others = universe - adapted
+    chosen: set[str] = set()
+    for name in adapted:
+        parts = name.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-n:])
+            if parts[-n].isdigit() and n < len(parts):
+                continue  # "layer.0.attention.output.dense" reads better than "0.attention.output.dense"
+            if not any(o == suffix or o.endswith("." + suffix) for o in others):
+                chosen.add(suffix)
+                break
+    return sorted(chosen)
+
+
+def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+              config: Any = None, modules_to_save: Mapping | None = None, task_type: str | None = None,
+              revision: str | None = None, dtype=None) -> Path:
+    """Write ``adapters`` as a PEFT LoRA adapter folder that ``peft.PeftModel.from_pretrained`` loads.
+
+    Args:
+      adapters: the adapter tree (from :func:`lora_jax.init`, trained).
+      folder: created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are written into it.
+      base_model_name_or_path: recorded in the config (what ``AutoPeftModel`` loads the base from).
+      config: the model's ``Config``: names the architecture (GPT-2 sets ``fan_in_fan_out``) and lets
+        ``target_modules`` be written as short suffixes (``["query", "value"]``) instead of full module names.
+      modules_to_save: leaves trained in full, as a nested dict mirroring the params (e.g.
+        ``lora.split(...)[1]["params"]`` holding ``classifier/{kernel,bias}``). Saved under their Hugging Face
+        names and listed in ``modules_to_save``; pass whole modules (kernel and bias).
+      task_type: PEFT's task type; guessed from the paths when ``None`` (``SEQ_CLS`` for a BERT classifier,
+        ``CAUSAL_LM`` for Llama / GPT-2 with their LM head, else ``FEATURE_EXTRACTION``).
+      revision: the base model revision recorded in the config.
+      dtype: dtype of the saved tensors (default: as the adapters hold them).
+
+    Each module's rank and scale are written as PEFT computes them: ``r`` and ``lora_alpha`` are the most
+    common values, other modules get ``rank_pattern`` / ``alpha_pattern`` entries keyed by their full module
+    name, ``lora_alpha`` being set so that PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) equals the
+    adapter's ``scale``. Returns the folder.
+    """
+    items = [(tuple(p.split("/")), ad) for p, ad in core.adapter_items(adapters)]
+    if not items:
+        raise ValueError("save_peft: the adapter tree holds no LoraAdapter")
+    names = naming(config, [p for p, _ in items])
+    tensors: dict[str, np.ndarray] = {}
+
+    def array(x) -> np.ndarray:
+        x = np.asarray(x if dtype is None else jnp.asarray(x, dtype))
+        return np.ascontiguousarray(x)
+
+    ranks, modules, dora = {}, {}, []
+    for path, ad in items:
+        if len(ad.in_shape) != 1 or len(ad.out_shape) != 1:
+            raise ValueError(f"save_peft: {'/'.join(path)} adapts a kernel of shape {ad.kernel_shape}; PEFT LoRA "
+                             "layers are 2-D (in, out)")
+        module = names.module_name(path)
+        modules[path] = module
+        ranks[module] = ad.r
+        key = PREFIX + module
+        if path[-1] == "embedding":
+            tensors[f"{key}.lora_embedding_A"] = array(ad.a.T)
+            tensors[f"{key}.lora_embedding_B"] = array(ad.b.T)
+        else:
+            tensors[f"{key}.lora_A.weight"] = array(ad.a.T)
+            tensors[f"{key}.lora_B.weight"] = array(ad.b.T)
+        magnitude = getattr(ad, "magnitude", None)
+        if magnitude is not None:
+            tensors[f"{key}.lora_magnitude_vector"] = array(magnitude)
+            dora.append(module)
+    if dora and len(dora) != len(items):
+        raise ValueError(f"save_peft: PEFT's use_dora is one switch for the whole adapter, but only {len(dora)} of "
+                         f"{len(items)} modules have a DoRA magnitude")
+
+    # One rsLoRA switch for all modules: on when every scale is alpha / sqrt(r) and some are not alpha / r.
+    rs = [_close_to(ad.scale, ad.alpha / math.sqrt(ad.r)) for _, ad in items]
+    plain = [_close_to(ad.scale, ad.alpha / ad.r) for _, ad in items]
+    use_rslora = all(rs) and not all(plain)
+    alphas = {modules[p]: _number(round(ad.scale * (math.sqrt(ad.r) if use_rslora else ad.r), 10)) for p, ad in items}
+    r = _most_common(list(ranks.values()))
+    alpha = _most_common(list(alphas.values()))
+    rank_pattern = {m: v for m, v in ranks.items() if v != r}
+    alpha_pattern = {m: v for m, v in alphas.items() if v != alpha}
+
+    saved_modules: list[str] = []
+    for path, leaf in _paths(modules_to_save or {}):
+        if not hasattr(leaf, "shape"):
+            raise TypeError(f"save_peft: modules_to_save leaf {'/'.join(path)} is a {type(leaf).__name__}, expected "
+                            "an array")
+        tensors[PREFIX + names.tensor_name(path)] = array(names.to_hf(path, np.asarray(leaf)))
+        module = names.module_name(path)
+        if module in ranks:
+            raise ValueError(f"save_peft: {module} has an adapter and is also in modules_to_save; choose one")
+        if module not in saved_modules:
+            saved_modules.append(module)
+
+    task, guessed_type = _guess_task(names, [p for p, _ in items])
+    dropouts = [ad.dropout for _, ad in items]
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": task_type if task_type is not None else guessed_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": revision,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": target_modules(set(ranks), _module_universe(names, config, task)),
+        "exclude_modules": None,
+        "lora_dropout": _most_common(dropouts),
+        "fan_in_fan_out": names.arch == "gpt2",
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": bool(dora),
+        "modules_to_save": saved_modules or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_bias": False,
+    }
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+__all__ = ["LoadedPeft", "Naming", "PeftError", "load_peft", "naming", "pattern_value", "read_config", "save_peft",
+           "target_modules", "with_leaves"]
