@@ -24,6 +24,7 @@ from lora_jax.core import (
 )
 from lora_jax.ops import dense, dot, einsum, embed, materialize
 from lora_jax.optim import lora_plus, masked, trainable_labels
+from lora_jax.peft import LoadedPeft, load_peft, save_peft
 from lora_jax.targets import PRESETS
 from lora_jax.transform import init_stacked, transform, transform_report
 
