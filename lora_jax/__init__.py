@@ -35,4 +35,5 @@ __all__ = [
     "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
     "init_stacked", "transform", "transform_report",
+    "LoadedPeft", "load_peft", "save_peft",
 ]
