@@ -18,6 +18,9 @@ Layouts. The paper writes ``h = W0 x + B A x`` with ``W0, dW: (d_out, d_in)``, `
 ``B: (r, d_out)``, so ``A_ours = A_paper^T``, ``B_ours = B_paper^T`` and ``dW_ours = dW_paper^T``. Every
 function here takes and returns the library's layout and says which space (``"input"``, ``R^{d_in}``, or
 ``"output"``, ``R^{d_out}``) a basis lives in; the docstrings give the paper's name for each.
+
+DoRA adapters (those with a ``magnitude`` vector) are analysed through their low-rank directional update
+``scale * A @ B``; the magnitude's column rescaling is not part of dW here.
 """
 
 from __future__ import annotations
@@ -333,9 +336,11 @@ def iter_matrices(adapters: PyTree) -> Iterator[tuple[str, tuple[int, ...], Lora
             yield path, (), ad
             continue
         stack = a.shape[:n]
+        magnitude = getattr(ad, "magnitude", None)  # DoRA: (*stack, d_out)
         for idx in np.ndindex(*stack):
+            extra = {"magnitude": np.asarray(magnitude)[idx]} if magnitude is not None else {}
             yield (f"{path}[{','.join(map(str, idx))}]", idx,
-                   dataclasses.replace(ad, a=a[idx], b=b[idx], in_shape=tuple(ad.in_shape[n:])))
+                   dataclasses.replace(ad, a=a[idx], b=b[idx], in_shape=tuple(ad.in_shape[n:]), **extra))
 
 
 def _get(tree: PyTree, keys: list[str]) -> Any:

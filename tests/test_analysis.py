@@ -265,6 +265,27 @@ def test_path_parsing():
     assert analysis.matrix_of("layers/q_proj/kernel[4]") == "q_proj"
 
 
+def test_report_verdict_tells_the_three_cases_apart():
+    """dW along W's strongest directions, along weak-but-present ones (the paper's finding), and random."""
+    from train.analyze import _verdict
+
+    rng = np.random.default_rng(8)
+    d, r = 64, 2
+    p, q = orthonormal(rng, d, d), orthonormal(rng, d, d)
+    params = {"query": {"kernel": (p @ np.diag(np.linspace(10.0, 0.1, d)) @ q.T).astype(np.float32)}}
+
+    def verdict(idx=None):
+        if idx is None:
+            return _verdict(analysis.layer_stats(params, {"query": {"kernel": adapter(
+                rng.standard_normal((d, r)), rng.standard_normal((r, d)))}}))[0]
+        a, b = p[:, idx], q[:, idx].T
+        return _verdict(analysis.layer_stats(params, {"query": {"kernel": adapter(a, b)}}))[0]
+
+    assert "among W's dominant ones" in verdict([0, 1])
+    assert "as Hu et al. (2021, Table 7) found" in verdict([45, 46])
+    assert "unrelated to W's structure" in verdict()
+
+
 # ------------------------------------------------------------------------------------ python -m train.analyze
 
 

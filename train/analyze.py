@@ -196,21 +196,29 @@ def _stats_section(label: str, rows: Sequence[analysis.LayerStats]) -> list[str]
 
 
 def _verdict(rows: Sequence[analysis.LayerStats]) -> list[str]:
-    """One paragraph answering: does dW amplify directions W does not emphasise?"""
+    """One paragraph answering: does dW amplify directions that W does not emphasise?"""
     live = [r for r in rows if r.amp.norm_dw > 0]
     if not live:
         return ["Every dW is zero (untrained adapters): nothing to analyse."]
     to_w = np.array([r.amp.proj_dw / r.amp.proj_w for r in live])
     to_rand = np.array([r.amp.proj_dw / r.amp.proj_random for r in live])
     factors = np.array([r.amp.factor for r in live])
-    return [f"W's component along dW's top-r directions is {100 * to_w.min():.1f}-{100 * to_w.max():.1f}% "
+    top = max(live, key=lambda r: r.amp.factor)
+    text = (f"W's component along dW's top-r directions is {100 * to_w.min():.1f}-{100 * to_w.max():.1f}% "
             f"(median {100 * np.median(to_w):.1f}%) of its component along its own top-r directions, and "
-            f"{to_rand.min():.2g}-{to_rand.max():.2g}x (median {np.median(to_rand):.2g}x) that along random "
-            f"directions. Amplification factor: {factors.min():.3g}-{factors.max():.3g} (median "
-            f"{np.median(factors):.3g}). "
-            + ("dW mostly amplifies directions that W does not emphasise (as in Hu et al. 2021, Sec. 7.3)."
-               if np.median(to_w) < 0.5 else
-               "dW's directions are largely among W's dominant ones here.")]
+            f"{to_rand.min():.2g}-{to_rand.max():.2g}x (median {np.median(to_rand):.2g}x) its component along "
+            f"random r-dimensional directions. ")
+    if np.median(to_w) >= 0.5:
+        text += "dW's directions are largely among W's dominant ones here. "
+    elif np.median(to_rand) > 2.0:
+        text += ("dW amplifies directions that W contains but does not emphasise, as Hu et al. (2021, Table 7) "
+                 "found for GPT-3 (0.32 along dW's directions vs 21.67 along W's own and 0.02 along random ones). ")
+    else:
+        text += ("dW works along directions that W does not emphasise, and W has no more along them than along "
+                 "random directions: here the update looks unrelated to W's structure. ")
+    text += (f"Amplification factor `‖dW‖_F / ‖UᵀWV‖_F`: {factors.min():.3g}-{factors.max():.3g} (median "
+             f"{np.median(factors):.3g}); largest at `{top.path}` ({top.amp.factor:.3g}).")
+    return [text]
 
 
 def _similarity_section(labels: tuple[str, str], grids: dict[str, dict[str, np.ndarray]], dims: dict[str, dict],
@@ -258,6 +266,11 @@ def analyze(base: str, folders: Sequence[str | Path], out: str | Path, labels: S
                      [[lab, f"`{f}`", len(rows), ", ".join(sorted({str(r.r) for r in rows})),
                        ", ".join(sorted({_fmt(r.scale) for r in rows}))]
                       for lab, f, rows in zip(labels, folders, stats.values())]), ""]
+    dora = [lab for lab, tree in zip(labels, trees)
+            if any(getattr(ad, "magnitude", None) is not None for _, _, ad in analysis.iter_matrices(tree))]
+    if dora:
+        lines += [f"DoRA adapters ({', '.join(dora)}): dW below is their low-rank directional update "
+                  "`scale * A @ B`; the magnitude vector's rescaling is not included.", ""]
     record: dict = {"base": base, "adapters": {lab: {"folder": str(f), "matrices": [stats_record(r) for r in rows]}
                                                for lab, f, rows in zip(labels, folders, stats.values())}}
     for lab, rows in stats.items():
