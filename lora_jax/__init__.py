@@ -4,6 +4,9 @@
     adapters = lora.init(params, r=8)                 # adapters for the attention kernels
     y = model.apply({"params": lora.wrap(params, adapters)}, x)   # factored forward
     merged = lora.merge(params, adapters)             # zero-latency inference
+
+QLoRA: ``lora.quantize(params, "nf4")`` stores the frozen kernels in 4 bits (see :mod:`lora_jax.quant`);
+DoRA: ``lora.init(..., use_dora=True)``; PiSSA: ``lora.init_pissa(params, r)`` (see :mod:`lora_jax.variants`).
 """
 
 from lora_jax.core import (
@@ -24,6 +27,8 @@ from lora_jax.core import (
 )
 from lora_jax.ops import dense, dot, einsum, embed, materialize
 from lora_jax.optim import lora_plus, masked, trainable_labels
+from lora_jax.quant import QuantizedWeight, dequantize, merge_quantized, quantize
+from lora_jax.variants import init_pissa
 from lora_jax.peft import LoadedPeft, load_peft, save_peft
 from lora_jax.targets import PRESETS
 from lora_jax.transform import init_stacked, transform, transform_report
@@ -35,5 +40,6 @@ __all__ = [
     "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
     "init_stacked", "transform", "transform_report",
+    "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "quantize",
     "LoadedPeft", "load_peft", "save_peft",
 ]

@@ -37,7 +37,8 @@ def _abstract(tree: Any) -> Any:
 def adapter_metadata(adapters: Any) -> dict:
     return {
         path: {"r": ad.r, "alpha": ad.alpha, "scale": ad.scale, "in_shape": list(ad.in_shape),
-               "out_shape": list(ad.out_shape), "dropout": ad.dropout, "dtype": str(ad.a.dtype)}
+               "out_shape": list(ad.out_shape), "dropout": ad.dropout, "dtype": str(ad.a.dtype),
+               **({"dora": True} if ad.is_dora else {})}
         for path, ad in adapter_items(adapters)
     }
 
@@ -62,7 +63,8 @@ def abstract_adapters(meta: dict) -> dict:
         _nested_set(tree, tuple(path.split("/")), LoraAdapter(
             jax.ShapeDtypeStruct((d_in, m["r"]), dtype), jax.ShapeDtypeStruct((m["r"], d_out), dtype),
             alpha=float(m["alpha"]), scale=float(m["scale"]), in_shape=tuple(m["in_shape"]),
-            out_shape=tuple(m["out_shape"]), dropout=float(m["dropout"])))
+            out_shape=tuple(m["out_shape"]), dropout=float(m["dropout"]),
+            magnitude=jax.ShapeDtypeStruct((d_out,), dtype) if m.get("dora") else None))
     return tree
 
 

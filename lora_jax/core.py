@@ -56,6 +56,9 @@ class LoraAdapter:
       in_shape: the kernel's input axes, contracted with the activations (static).
       out_shape: the kernel's output axes (static).
       dropout: dropout rate applied to the input of ``A`` during training (static).
+      magnitude: DoRA only (``None`` for plain LoRA): ``(prod(out_shape),)`` trainable magnitude ``m`` of
+        the adapted kernel ``W' = m * (W0 + scale*A@B) / ||W0 + scale*A@B||``, the norm taken over the input
+        axes for each output feature (Liu et al. 2024).
     """
 
     a: Array
@@ -65,22 +68,29 @@ class LoraAdapter:
     in_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     out_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    magnitude: Array | None = None
 
     @property
     def r(self) -> int:
         return self.a.shape[-1]
 
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
     def __repr__(self) -> str:
         return (f"LoraAdapter(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, kernel={self.kernel_shape}, "
                 f"a={_describe(self.a)}, b={_describe(self.b)}"
-                f"{f', dropout={self.dropout:g}' if self.dropout else ''})")
+                f"{f', dropout={self.dropout:g}' if self.dropout else ''}"
+                f"{f', dora magnitude={_describe(self.magnitude)}' if self.is_dora else ''})")
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
         return (*self.in_shape, *self.out_shape)
 
     def delta(self, dtype=jnp.float32) -> Array:
-        """``scale * A @ B`` reshaped to the kernel's shape, computed in ``dtype`` (float32 by default)."""
+        """``scale * A @ B`` reshaped to the kernel's shape, computed in ``dtype`` (float32 by default).
+        (For DoRA this is the directional update only: see :func:`merged_kernel` for the adapted kernel.)"""
         a = self.a.astype(dtype)
         b = self.b.astype(dtype)
         dw = (a @ b) * jnp.asarray(self.scale, dtype)
@@ -95,6 +105,7 @@ class LoraWeight:
     ``lora_jax.ops.dot`` / ``einsum`` on a ``LoraWeight`` compute
     ``x @ base + ((dropout(x) @ A) @ B) * scale`` and never form ``base + A @ B``.
     ``key`` is the dropout key (``None``: no dropout, e.g. at evaluation).
+    ``base`` may also be a weight node such as :class:`lora_jax.quant.QuantizedWeight` (QLoRA).
     """
 
     base: Array
@@ -120,7 +131,7 @@ class LoraWeight:
     def materialize(self) -> Array:
         """``base + scale * A @ B`` (dW in float32, cast to the base dtype), for code that needs the dense
         kernel. The factored ops never call this."""
-        return (self.base.astype(jnp.float32) + self.adapter.delta()).astype(self.base.dtype)
+        return merged_kernel(self.base, self.adapter).astype(self.base.dtype)
 
 
 def _describe(x: Any) -> str:
@@ -135,11 +146,43 @@ def is_lora_weight(x: Any) -> bool:
     return isinstance(x, LoraWeight)
 
 
+def _is_node(x: Any) -> bool:
+    return is_adapter(x) or is_lora_weight(x) or _targets.is_weight_node(x)
+
+
+def as_dense(w: Any, dtype=jnp.float32) -> Array:
+    """A kernel as a dense array in ``dtype``: a plain array is cast, a weight node (e.g. a
+    :class:`lora_jax.quant.QuantizedWeight`) is dequantised."""
+    return w.dequantize(dtype) if _targets.is_weight_node(w) else jnp.asarray(w).astype(dtype)
+
+
+def dora_norm(base: Any, adapter: LoraAdapter) -> Array:
+    """DoRA's ``||W0 + scale * A @ B||`` over the kernel's input axes: ``(prod(out_shape),)`` float32.
+
+    Callers in the forward pass wrap it in ``stop_gradient``, as the DoRA paper (sec. 4.3) and PEFT do.
+    """
+    d_in = math.prod(adapter.in_shape)
+    v = as_dense(base, jnp.float32).reshape(d_in, -1) + adapter.delta(jnp.float32).reshape(d_in, -1)
+    return jnp.sqrt(jnp.sum(v * v, axis=0))
+
+
+def merged_kernel(base: Any, adapter: LoraAdapter) -> Array:
+    """The adapted kernel in float32: ``W0 + scale * A @ B``, or for DoRA
+    ``m * (W0 + scale * A @ B) / ||W0 + scale * A @ B||`` (column norms over the input axes)."""
+    v = as_dense(base, jnp.float32) + adapter.delta(jnp.float32)
+    if not adapter.is_dora:
+        return v
+    d_in = math.prod(adapter.in_shape)
+    flat = v.reshape(d_in, -1)
+    norm = jnp.sqrt(jnp.sum(flat * flat, axis=0))
+    return (flat * (adapter.magnitude.astype(jnp.float32) / norm)).reshape(v.shape)
+
+
 # ------------------------------------------------------------------------------------- tree plumbing
 
 
 def _leaves_by_path(tree: PyTree) -> list[tuple[tuple[str, ...], Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: is_adapter(x) or is_lora_weight(x))
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)
     return [(_targets.path_tuple(p), leaf) for p, leaf in flat]
 
 
@@ -188,7 +231,7 @@ def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lor
         used.add(key)
         return fn('/'.join(key), leaf, ad)
 
-    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_lora_weight)
+    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_node)
     missing = sorted("/".join(k) for k in adapter_paths.keys() - used)
     if missing:
         raise ValueError(
@@ -202,6 +245,16 @@ def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lor
 
 
 INIT_METHODS = ("lora", "gaussian")
+
+
+def _column_norms(leaf: Any, path: str, n_in: int) -> Array:
+    """``||W0[..., j]||`` over the first ``n_in`` axes, flattened over the output axes (DoRA's initial m)."""
+    if not (_targets.is_weight_node(leaf) or isinstance(leaf, (jax.Array, np.ndarray))):
+        raise ValueError(f"init(use_dora=True): {path} is a {type(leaf).__name__} without values; DoRA starts its "
+                         "magnitude at the kernel's column norms, so it needs the real parameters")
+    w = as_dense(leaf, jnp.float32)
+    w = w.reshape(math.prod(w.shape[:n_in]), -1)
+    return jnp.sqrt(jnp.sum(w * w, axis=0))
 
 
 def init(
@@ -220,6 +273,7 @@ def init(
     in_axes: Mapping[str, int] | None = None,
     dtype: Any = None,
     allow_embeddings: bool = False,
+    use_dora: bool = False,
 ) -> PyTree:
     """Create LoRA adapters for the targeted kernels of ``params``.
 
@@ -242,6 +296,9 @@ def init(
       dtype: dtype of ``A`` and ``B``; default float32 (adapters train in full precision over a low-precision
         base).
       allow_embeddings: embedding tables are never adapted unless this is set and a rule names them.
+      use_dora: DoRA (Liu et al. 2024): each adapter also gets a trainable magnitude vector, initialised to
+        the column norms of ``W0`` (so the adapted model equals the base at step 0). Needs concrete params.
+        For PiSSA's SVD initialisation, which also changes the base, use :func:`lora_jax.init_pissa`.
 
     Returns:
       A nested dict mirroring ``params`` with a :class:`LoraAdapter` for each targeted leaf.
@@ -249,7 +306,8 @@ def init(
     if not isinstance(r, (int, np.integer)) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     if init not in INIT_METHODS:
-        raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
+        hint = " (PiSSA also changes the base: use lora.init_pissa(params, r, ...))" if "pissa" in str(init) else ""
+        raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}{hint}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     key = jax.random.key(0) if key is None else key
@@ -283,9 +341,15 @@ def init(
             a = jax.random.normal(k, (d_in, leaf_r), dtype) / leaf_r
         b = jnp.zeros((leaf_r, d_out), dtype)
         scale = leaf_alpha / (math.sqrt(leaf_r) if use_rslora else leaf_r)
+        magnitude = None
+        if use_dora:
+            if _targets.is_embedding(path):
+                raise NotImplementedError(f"init(use_dora=True): {path} is an embedding table; DoRA is implemented "
+                                          "for dense kernels only")
+            magnitude = _column_norms(leaf, path, n_in).astype(dtype)
         _nested_set(adapters, tuple(path.split("/")),
                     LoraAdapter(a, b, alpha=leaf_alpha, scale=scale, in_shape=in_shape, out_shape=out_shape,
-                                dropout=float(dropout)))
+                                dropout=float(dropout), magnitude=magnitude))
     return adapters
 
 
@@ -295,17 +359,19 @@ def init(
 # is remembered weakly with the adapter folded into it, and merging that same adapter into it again raises.
 # Under jit the leaves are tracers with nothing to remember: there, merging twice is the caller's concern.
 # (jax arrays are unhashable, hence a dict keyed by id() that weak references keep honest.)
-_MERGED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+# A DoRA merge also remembers the column norms ||W0 + s*A@B|| it divided by: the merged kernel alone does not
+# determine them, and unmerge needs them (PEFT caches them on the layer for the same reason).
+_MERGED: dict[int, tuple[weakref.ref, weakref.ref, Array | None]] = {}
 
 
 def _concrete(x: Any) -> bool:
     return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
-def _mark_merged(w: Array, ad: LoraAdapter) -> None:
+def _mark_merged(w: Array, ad: LoraAdapter, norm: Array | None = None) -> None:
     if _concrete(w) and _concrete(ad.b):
         key = id(w)
-        _MERGED[key] = (weakref.ref(w, lambda _, key=key: _MERGED.pop(key, None)), weakref.ref(ad.b))
+        _MERGED[key] = (weakref.ref(w, lambda _, key=key: _MERGED.pop(key, None)), weakref.ref(ad.b), norm)
 
 
 def _merged_with(w: Array, ad: LoraAdapter) -> bool:
@@ -313,31 +379,51 @@ def _merged_with(w: Array, ad: LoraAdapter) -> bool:
     return entry is not None and entry[0]() is w and entry[1]() is ad.b
 
 
+def _merged_norm(w: Array, ad: LoraAdapter) -> Array | None:
+    return _MERGED[id(w)][2] if _merged_with(w, ad) else None
+
+
 def merge(params: PyTree, adapters: PyTree) -> PyTree:
-    """Fold every adapter into its kernel: ``W = W0 + scale * A @ B``.
+    """Fold every adapter into its kernel: ``W = W0 + scale * A @ B`` (DoRA: ``m * (W0 + s*A@B) / ||.||``).
 
     Pure and jit-able (also with ``donate_argnums=0``). dW is computed in float32 and the sum cast back to
     each base leaf's dtype; leaves without an adapter pass through untouched. The result is a plain parameter
     tree that runs at exactly the base model's speed. Merging an adapter into a tree that this function
-    already merged it into raises ``ValueError``.
+    already merged it into raises ``ValueError``. A quantised base (:class:`lora_jax.quant.QuantizedWeight`)
+    is dequantised and merges into a dense kernel of its compute dtype; to quantise the result again, with a
+    report of the error that costs, use :func:`lora_jax.quant.merge_quantized`.
     """
 
     def fold(path: str, w, ad: LoraAdapter):
         if _merged_with(w, ad):
             raise ValueError(f"merge: {path} already has this adapter merged in; merging again would add dW "
                              "twice (unmerge first, or merge into the original params)")
-        out = (w.astype(jnp.float32) + ad.delta(jnp.float32)).astype(w.dtype)
-        _mark_merged(out, ad)
+        out = merged_kernel(w, ad).astype(w.dtype)
+        _mark_merged(out, ad, dora_norm(w, ad) if ad.is_dora and _concrete(out) else None)
         return out
 
     return _map_targets(params, adapters, fold, "merge")
 
 
 def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
-    """Inverse of :func:`merge`: ``W0 = W - scale * A @ B`` (exact up to rounding in the base dtype)."""
+    """Inverse of :func:`merge`: ``W0 = W - scale * A @ B`` (exact up to rounding in the base dtype).
+
+    DoRA: ``W0 = W * ||W0 + s*A@B|| / m - s*A@B``. The merged kernel does not determine those norms, so a
+    DoRA adapter unmerges only from a tree that :func:`merge` returned in this process outside ``jit`` (it
+    remembers them, as PEFT caches them); otherwise keep the original params instead of unmerging.
+    """
 
     def unfold(path: str, w, ad: LoraAdapter):
-        return (w.astype(jnp.float32) - ad.delta(jnp.float32)).astype(w.dtype)
+        if not ad.is_dora:
+            return (as_dense(w, jnp.float32) - ad.delta(jnp.float32)).astype(w.dtype)
+        norm = _merged_norm(w, ad)
+        if norm is None:
+            raise ValueError(f"unmerge: {path} has a DoRA adapter, whose unmerge needs the column norms "
+                             "||W0 + s*A@B|| used by merge; only a kernel returned by lora.merge in this process "
+                             "(outside jit, with this same adapter) remembers them. Keep the base params instead.")
+        d_in = math.prod(ad.in_shape)
+        v = as_dense(w, jnp.float32).reshape(d_in, -1) * (norm / ad.magnitude.astype(jnp.float32))
+        return (v.reshape(w.shape) - ad.delta(jnp.float32)).astype(w.dtype)
 
     return _map_targets(merged, adapters, unfold, "unmerge")
 
@@ -373,7 +459,7 @@ def unwrap(wrapped: PyTree) -> tuple[PyTree, PyTree]:
             return leaf.base
         return leaf
 
-    params = jax.tree_util.tree_map_with_path(take, wrapped, is_leaf=is_lora_weight)
+    params = jax.tree_util.tree_map_with_path(take, wrapped, is_leaf=_is_node)
     return params, adapters
 
 
@@ -410,7 +496,7 @@ def split(params: PyTree, adapters: PyTree, train: str | Sequence[str] | None = 
             return None
         return leaf
 
-    frozen = jax.tree_util.tree_map_with_path(pick, params)
+    frozen = jax.tree_util.tree_map_with_path(pick, params, is_leaf=_targets.is_weight_node)
     return frozen, {"adapters": adapters, "params": full}
 
 
@@ -473,15 +559,18 @@ def summary(params: PyTree, adapters: PyTree, trainable_params: PyTree | None = 
     >>> s.trainable, s.targeted, f"{1 - s.trainable / s.targeted:.0%} fewer"
     (4608, 32768, '86% fewer')
     """
-    def size(tree):
-        leaves = [x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")]
-        return sum(int(np.prod(x.shape)) for x in leaves), sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+    def size(tree):  # a weight node (quantised kernel) counts its logical parameters and its stored bytes
+        leaves = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=_targets.is_weight_node) if hasattr(x, "shape")]
+        stored = [jax.tree_util.tree_leaves(x) if _targets.is_weight_node(x) else [x] for x in leaves]
+        return (sum(int(np.prod(x.shape)) for x in leaves),
+                sum(int(np.prod(y.shape)) * y.dtype.itemsize for ys in stored for y in ys))
 
     base_n, base_b = size(params)
     lora_n, lora_b = size(adapters)
     full_n, full_b = size(trainable_params) if trainable_params is not None else (0, 0)
     rows = tuple(
-        (p, ad.kernel_shape, ad.r, math.prod(ad.kernel_shape), int(ad.a.size + ad.b.size))
+        (p, ad.kernel_shape, ad.r, math.prod(ad.kernel_shape),
+         int(ad.a.size + ad.b.size + (ad.magnitude.size if ad.is_dora else 0)))
         for p, ad in adapter_items(adapters)
     )
     return Summary(

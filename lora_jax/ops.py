@@ -9,6 +9,20 @@ so that backpropagation through them forms gradients for ``A`` (d_in x r) and ``
 activations, but never a d_in x d_out gradient for the frozen ``W0``. The low-rank path runs in the dtype
 of the base product (bf16 compute with float32 adapters casts the adapters down, and their gradients back
 up).
+
+Two variants ride on the same products:
+
+- a quantised base (:class:`~lora_jax.quant.QuantizedWeight`, QLoRA) is dequantised block-wise to its
+  compute dtype inside the computation, under ``jax.checkpoint``: backpropagation dequantises it again
+  rather than keeping a dense copy of every layer alive between the forward and the backward pass;
+- a DoRA adapter (``adapter.magnitude`` set) rescales each output feature:
+  ``m / ||W0 + s*A@B|| * (x @ W0 + s * (x @ A) @ B)`` with the norm held constant for the gradient
+  (``stop_gradient``, as the DoRA paper and PEFT do). With dropout active it follows PEFT exactly:
+  ``x @ W0 + (m/n - 1) * (x' @ W0) + m/n * s * (x' @ A) @ B`` where ``x'`` is the dropped-out input.
+
+Other weight types bring their own products by duck typing: a weight with a ``lora_dot`` / ``lora_einsum`` /
+``lora_embed`` / ``lora_astype`` method gets the call (e.g. :class:`lora_jax.multi.MultiLoraWeight`: several
+adapters in one batch, row by row).
 """
 
 from __future__ import annotations
@@ -19,7 +33,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lora_jax import core as _core
 from lora_jax.core import LoraWeight
+from lora_jax.quant import QuantizedWeight, is_quantized
 
 Array = jax.Array
 
@@ -32,10 +48,68 @@ def _dropout(x: Array, w: LoraWeight) -> Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
-def _tensordot(x: Array, w: Array, axes: int, precision) -> Array:
+def _dropout_active(w: LoraWeight) -> bool:
+    return w.key is not None and w.adapter.dropout > 0.0
+
+
+def _dense_tensordot(x: Array, w: Array, axes: int, precision) -> Array:
     if axes == 1:
         return jnp.matmul(x, w, precision=precision) if w.ndim == 2 else jnp.tensordot(x, w, 1, precision=precision)
     return jnp.tensordot(x, w, axes, precision=precision)
+
+
+def _tie(w, x: Array):
+    """``w`` (an array or a quantised kernel) unchanged in value but computed after ``x``.
+
+    ``x[0] * 0`` converted to an integer is 0 for every ``x`` (XLA converts NaN and infinities to 0 too), and
+    adding it to ``w`` makes ``w`` data-dependent on ``x``. So the compiler cannot hoist each layer's
+    dequantisation (or DoRA norm) to the start of the step and hold every layer's dense kernel at once.
+    (``lax.optimization_barrier`` expresses the same intent, but the CPU compiler drops barriers.)
+    """
+    zero = (x.reshape(-1)[0] * 0).astype(jnp.uint8)
+    if is_quantized(w):
+        return dataclasses.replace(w, codes=w.codes + zero.astype(w.codes.dtype))
+    return w + zero.astype(w.dtype)
+
+
+def _with_base(product, x: Array, w: Array | QuantizedWeight) -> Array:
+    """``product(x, dense_w)`` for a ``product`` linear in ``x``.
+
+    A quantised ``w`` is dequantised right where it is used, after ``x`` is known (:func:`_tie`), and its
+    custom VJP keeps only the quantised kernel for the backward pass, which dequantises it again after the
+    incoming cotangent is known (as bitsandbytes does). No cotangent flows into ``w``: a quantised base is
+    frozen.
+    """
+    if not is_quantized(w):
+        return product(x, w)
+    x_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+    @jax.custom_vjp
+    def run(x, q):
+        return product(x, _tie(q, x).dequantize())
+
+    def fwd(x, q):
+        return run(x, q), q
+
+    def bwd(q, dy):
+        dense = _tie(q, dy).dequantize()
+        (dx,) = jax.linear_transpose(lambda x: product(x, dense), x_shape)(dy)
+        return dx, None
+
+    run.defvjp(fwd, bwd)
+    return run(x, w)
+
+
+def _tensordot(x: Array, w: Array | QuantizedWeight, axes: int, precision) -> Array:
+    return _with_base(lambda x, w: _dense_tensordot(x, w, axes, precision), x, w)
+
+
+def _dora_factor(x: Array, w: LoraWeight, dtype) -> Array:
+    """``m / ||W0 + s*A@B||`` per output feature, ``(*out_shape)`` in ``dtype``, the norm a constant.
+    (Tied to ``x`` so that each layer forms its ``W0 + s*A@B`` only when it runs.)"""
+    ad = w.adapter
+    norm = jax.lax.stop_gradient(_core.dora_norm(_tie(w.base, x), ad))
+    return (ad.magnitude.astype(jnp.float32) / norm).astype(dtype).reshape(ad.out_shape)
 
 
 def dot(x: Array, w: Array | LoraWeight, axes: int = 1, *, precision=None) -> Array:
@@ -44,6 +118,8 @@ def dot(x: Array, w: Array | LoraWeight, axes: int = 1, *, precision=None) -> Ar
     Shapes: ``x (..., *in_shape)``, ``w (*in_shape, *out_shape)`` -> ``(..., *out_shape)``. With
     ``axes=1`` and a 2-D ``w`` this is ``x @ w``.
     """
+    if hasattr(w, "lora_dot"):  # a weight type that brings its own product (lora_jax.multi)
+        return w.lora_dot(x, axes, precision=precision)
     if not isinstance(w, LoraWeight):
         return _tensordot(x, w, axes, precision)
     ad = w.adapter
@@ -52,10 +128,17 @@ def dot(x: Array, w: Array | LoraWeight, axes: int = 1, *, precision=None) -> Ar
                          f"adapter whose kernel inputs are {ad.in_shape} (kernel {ad.kernel_shape})")
     y = _tensordot(x, w.base, axes, precision)
     batch = x.shape[: x.ndim - axes]
-    h = _dropout(x, w).reshape(*batch, math.prod(ad.in_shape))
+    xd = _dropout(x, w)
+    h = xd.reshape(*batch, math.prod(ad.in_shape))
     h = jnp.matmul(h, ad.a.astype(y.dtype), precision=precision)
     h = jnp.matmul(h, ad.b.astype(y.dtype), precision=precision) * jnp.asarray(ad.scale, y.dtype)
-    return y + h.reshape(*batch, *ad.out_shape)
+    h = h.reshape(*batch, *ad.out_shape)
+    if not ad.is_dora:
+        return y + h
+    f = _dora_factor(x, w, y.dtype)
+    if _dropout_active(w):
+        return y + (f - 1) * _tensordot(xd, w.base, axes, precision) + f * h
+    return f * (y + h)
 
 
 def dense(x: Array, kernel: Array | LoraWeight, bias: Array | None = None, axes: int = 1, *, precision=None) -> Array:
@@ -80,8 +163,10 @@ def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) 
     ellipsis, its first ``len(in_shape)`` indices must be contracted with ``x`` and its remaining indices must
     appear in the output. The adapter term is computed as two einsums through the rank-r bottleneck.
     """
+    if hasattr(w, "lora_einsum"):
+        return w.lora_einsum(subscripts, x, precision=precision)
     if not isinstance(w, LoraWeight):
-        return jnp.einsum(subscripts, x, w, precision=precision)
+        return _with_base(lambda x, w: jnp.einsum(subscripts, x, w, precision=precision), x, w)
     xs, ws, out = _parse(subscripts)
     ad = w.adapter
     n_in = len(ad.in_shape)
@@ -91,22 +176,46 @@ def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) 
     if any(c not in xs or c in out for c in w_in) or any(c in xs or c not in out for c in w_out):
         raise ValueError(f"lora einsum {subscripts!r}: the adapter's input axes {w_in!r} (kernel {ad.kernel_shape}) "
                          f"must be contracted with x and its output axes {w_out!r} must be kept")
-    y = jnp.einsum(subscripts, x, w.base, precision=precision)
+    def base_product(x, w):
+        return jnp.einsum(subscripts, x, w, precision=precision)
+
+    y = _with_base(base_product, x, w.base)
     rank = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in subscripts)
     x_kept = "".join(c for c in xs if c == "." or c in out)
     a = ad.a.astype(y.dtype).reshape(*ad.in_shape, ad.r)
     b = ad.b.astype(y.dtype).reshape(ad.r, *ad.out_shape)
-    h = jnp.einsum(f"{xs},{w_in}{rank}->{x_kept}{rank}", _dropout(x, w), a, precision=precision)
-    h = jnp.einsum(f"{x_kept}{rank},{rank}{w_out}->{out}", h, b, precision=precision)
-    return y + h * jnp.asarray(ad.scale, y.dtype)
+    xd = _dropout(x, w)
+    h = jnp.einsum(f"{xs},{w_in}{rank}->{x_kept}{rank}", xd, a, precision=precision)
+    h = jnp.einsum(f"{x_kept}{rank},{rank}{w_out}->{out}", h, b, precision=precision) * jnp.asarray(ad.scale, y.dtype)
+    if not ad.is_dora:
+        return y + h
+    f = _to_output_layout(_dora_factor(x, w, y.dtype), w_out, out, y.ndim)
+    if _dropout_active(w):
+        return y + (f - 1) * _with_base(base_product, xd, w.base) + f * h
+    return f * (y + h)
+
+
+def _to_output_layout(g: Array, w_out: str, out: str, ndim: int) -> Array:
+    """``g`` of shape ``(*out_shape)`` (axes named by ``w_out``) transposed and reshaped to broadcast against
+    an einsum output named by ``out`` (which may hold an ellipsis) with ``ndim`` axes."""
+    kept = "".join(c for c in out if c in w_out)
+    g = jnp.einsum(f"{w_out}->{kept}", g)
+    pre, _, post = out.partition("...")
+    names = [*pre, *([None] * (ndim - len(pre) - len(post)) if "..." in out else []), *post]
+    return g.reshape([g.shape[kept.index(c)] if c is not None and c in w_out else 1 for c in names])
 
 
 def embed(ids: Array, table: Array | LoraWeight) -> Array:
     """``table[ids]``; with a ``LoraWeight`` (an adapted embedding) ``table[ids] + (A[ids] @ B) * scale``."""
+    if hasattr(table, "lora_embed"):
+        return table.lora_embed(ids)
     if not isinstance(table, LoraWeight):
-        return jnp.take(table, ids, axis=0)
+        return jnp.take(_core.as_dense(table, table.dtype) if is_quantized(table) else table, ids, axis=0)
     ad = table.adapter
-    y = jnp.take(table.base, ids, axis=0)
+    if ad.is_dora:
+        raise NotImplementedError("lora embed: DoRA adapters on embedding tables are not supported")
+    base = table.base
+    y = jnp.take(_core.as_dense(base, base.dtype) if is_quantized(base) else base, ids, axis=0)
     h = jnp.take(ad.a.astype(y.dtype), ids, axis=0) @ ad.b.astype(y.dtype)
     return y + h * jnp.asarray(ad.scale, y.dtype)
 
@@ -114,12 +223,19 @@ def embed(ids: Array, table: Array | LoraWeight) -> Array:
 def materialize(w: Array | LoraWeight) -> Array:
     """The dense kernel, for the rare operation that needs one (e.g. tying an output head to an adapted
     embedding). Forms ``W0 + dW``: use sparingly."""
-    return w.materialize() if isinstance(w, LoraWeight) else w
+    if isinstance(w, LoraWeight):
+        return w.materialize()
+    return w.dequantize() if is_quantized(w) else w
 
 
 def astype(w: Array | LoraWeight, dtype) -> Array | LoraWeight:
     """Cast a kernel to the compute dtype; a ``LoraWeight`` casts its frozen base (its adapters are cast
-    inside the products, so their float32 master copies keep receiving float32 gradients)."""
+    inside the products, so their float32 master copies keep receiving float32 gradients). A quantised
+    kernel only records the dtype: the products dequantise straight to it."""
+    if hasattr(w, "lora_astype"):
+        return w.lora_astype(dtype)
     if isinstance(w, LoraWeight):
-        return dataclasses.replace(w, base=w.base.astype(dtype))
+        return dataclasses.replace(w, base=astype(w.base, dtype))
+    if is_quantized(w):
+        return w.astype(dtype)
     return jnp.asarray(w).astype(dtype)

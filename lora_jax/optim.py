@@ -25,11 +25,13 @@ def _label_adapters(tree: PyTree, a_label: str, b_label: str, other: str) -> PyT
     """Label every array of ``tree``: adapter A factors, adapter B factors, everything else."""
 
     def label(node):
-        if is_adapter(node):
+        if is_adapter(node):  # a DoRA magnitude goes with B, as in PEFT's LoRA+ (1-D parameters join B's group)
             return LoraAdapter(a_label, b_label, alpha=node.alpha, scale=node.scale, in_shape=node.in_shape,
-                               out_shape=node.out_shape, dropout=node.dropout)
-        if is_lora_weight(node):
-            return LoraWeight("frozen", _label_adapters(node.adapter, a_label, b_label, other),
+                               out_shape=node.out_shape, dropout=node.dropout,
+                               magnitude=None if node.magnitude is None else b_label)
+        if is_lora_weight(node):  # the base may be a pytree node itself (a quantised kernel)
+            return LoraWeight(jax.tree_util.tree_map(lambda _: "frozen", node.base),
+                              _label_adapters(node.adapter, a_label, b_label, other),
                               None if node.key is None else "frozen")
         return other
 

@@ -45,6 +45,24 @@ _HEAD = re.compile(r"(.*/)?(lm_head|classifier|score|head|qa_outputs)(/.*)?")
 _OUTPUT_PROJ = re.compile(r"(.*/)?(out|o_proj|out_proj|output|c_proj|wo|o)/\w+")
 
 
+# Pytree nodes that stand for one kernel, e.g. a quantised weight (lora_jax.quant.QuantizedWeight). Path
+# functions treat them as leaves, so rules see ``layer/kernel`` rather than the arrays inside. Such a node has
+# the logical kernel's ``shape``, ``dtype`` and ``ndim`` and a ``dequantize(dtype) -> Array`` method.
+_WEIGHT_NODES: tuple[type, ...] = ()
+
+
+def register_weight_node(cls: type) -> type:
+    """Class decorator: treat instances of ``cls`` as kernels (leaves) when selecting and mapping paths."""
+    global _WEIGHT_NODES
+    if cls not in _WEIGHT_NODES:
+        _WEIGHT_NODES = (*_WEIGHT_NODES, cls)
+    return cls
+
+
+def is_weight_node(x: Any) -> bool:
+    return isinstance(x, _WEIGHT_NODES)
+
+
 def path_tuple(path: Sequence[Any]) -> tuple[str, ...]:
     """A jax key path as a tuple of strings; the trailing ``.value`` of NNX variables is dropped."""
     parts = []
@@ -69,8 +87,8 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` for every array leaf of ``tree``."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    """``[(path, leaf), ...]`` for every array leaf (or weight node, see :func:`register_weight_node`)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_weight_node)
     return [(path_str(p), leaf) for p, leaf in flat]
 
 
