@@ -26,6 +26,16 @@ from lora_jax.core import (
     wrap,
 )
 from lora_jax.ops import dense, dot, einsum, embed, materialize
+from lora_jax.multi import (
+    AdapterSet,
+    MultiLoraWeight,
+    StackedAdapter,
+    load_slot,
+    row_ids,
+    stack_adapters,
+    weighted_adapter,
+    wrap_mixed,
+)
 from lora_jax.optim import lora_plus, masked, trainable_labels
 from lora_jax.quant import QuantizedWeight, dequantize, merge_quantized, quantize
 from lora_jax.variants import init_pissa
@@ -42,4 +52,6 @@ __all__ = [
     "init_stacked", "transform", "transform_report",
     "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "quantize",
     "LoadedPeft", "load_peft", "save_peft",
+    "AdapterSet", "MultiLoraWeight", "StackedAdapter", "load_slot", "row_ids", "stack_adapters", "weighted_adapter",
+    "wrap_mixed",
 ]
