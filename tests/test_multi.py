@@ -73,6 +73,8 @@ def test_registry_edits_are_immutable_and_checked(tiny_llama):
     assert empty.names == () and s.names == ("a", "b") and s.active == "b" and s.current is b
     assert s.activate("a").current is a and s.active == "b"
     assert s.disable().current is None and s.disable().enable().current is b
+    mixed = s.add_weighted("mix", ["a", "b"], [0.5, 0.5], "cat", activate=True)
+    assert mixed.active == "mix" and {ad.r for _, ad in lora.adapter_items(mixed.current)} == {6}
     t = s.delete("b")
     assert t.names == ("a",) and t.active is None and t.current is None and "b" in s
     with pytest.raises(ValueError, match="an adapter named 'a' exists"):
@@ -353,3 +355,8 @@ def test_mixed_errors_are_clear(tiny_llama):
         lora.load_slot(stacked, 0, wider)
     with pytest.raises(KeyError, match=r"rows name adapters \['c'\]"):
         multi.row_ids(["a", "c"], ["a", "b"])
+    dora = lora.init(params, r=2, targets="qv", use_dora=True)
+    with pytest.raises(NotImplementedError, match="DoRA adapter"):
+        lora.stack_adapters([ads[0], dora])
+    with pytest.raises(NotImplementedError, match="DoRA adapter"):
+        lora.weighted_adapter([dora], [1.0], "cat")

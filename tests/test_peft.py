@@ -156,6 +156,11 @@ def test_scaling_follows_rank_alpha_patterns_and_rslora(case, trained):
         ad = by_module[name]
         assert ad.r == module.r["default"]
         assert math.isclose(ad.scale, module.scaling["default"], rel_tol=1e-9), name
+    # without the config the architecture is recognised from the parameter paths
+    guessed = dict(lora.adapter_items(lora.load_peft(folder, case.params).adapters))
+    assert guessed.keys() == items.keys()
+    for p, ad in guessed.items():
+        np.testing.assert_array_equal(ad.a, items[p].a)
     if case.arch == "llama":
         q = items["model/layers_0/self_attn/q_proj/kernel"]
         v1 = items["model/layers_1/self_attn/v_proj/kernel"]
