@@ -68,7 +68,7 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
     """PiSSA adapters and the residual base they belong to.
 
     Args:
-      params: the base parameter tree (concrete arrays; quantised kernels are dequantised, see below).
+      params: the base parameter tree, in full precision (concrete arrays).
       r: the rank; ``key``: PRNG key of the randomised SVD (only with ``niter``).
       niter: ``None`` for the exact SVD, or the number of power iterations of a randomised top-r SVD.
       **init_kwargs: as for :func:`lora_jax.init` (``targets``, ``alpha``, ``rank_pattern``, ``use_rslora``,
@@ -76,10 +76,10 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
 
     Returns:
       ``(residual_params, adapters)``: ``params`` with each targeted kernel replaced by ``W - s*A@B`` (in the
-      kernel's dtype; a :class:`~lora_jax.quant.QuantizedWeight` is quantised again in its own format, which
-      is QPiSSA: the residual quantises with less error than ``W``), and the adapter tree. Use them together:
-      ``lora.wrap(residual_params, adapters)`` equals the original model at step 0; merging gives the
-      fine-tuned kernels.
+      kernel's dtype), and the adapter tree. Use them together: ``lora.wrap(residual_params, adapters)``
+      equals the original model at step 0; merging gives the fine-tuned kernels. For QPiSSA quantise the
+      residual afterwards (``lora.quantize(residual_params)``): with the principal directions taken out it
+      quantises with less error than ``W`` (quantised kernels are refused here, as PEFT refuses them).
     """
     if "init" in init_kwargs:
         raise ValueError("init_pissa: PiSSA is the initialisation; do not pass init=")
@@ -89,18 +89,16 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
     keys = iter(jax.random.split(jax.random.key(0) if key is None else key, len(_core.adapter_items(adapters))))
 
     def residual(path: str, leaf, ad: _core.LoraAdapter):
-        if not (_quant.is_quantized(leaf) or isinstance(leaf, (jax.Array, np.ndarray))):
+        if _quant.is_quantized(leaf):
+            raise ValueError(f"init_pissa: {path} is already quantised; run PiSSA on the full-precision params and "
+                             "quantise the residual it returns (QPiSSA): lora.quantize(residual_params)")
+        if not isinstance(leaf, (jax.Array, np.ndarray)):
             raise ValueError(f"init_pissa: {path} is a {type(leaf).__name__} without values; PiSSA needs the "
                              "real kernel for its SVD")
-        w = _core.as_dense(leaf, jnp.float32).reshape(math.prod(ad.in_shape), -1)
+        w = jnp.asarray(leaf, jnp.float32).reshape(math.prod(ad.in_shape), -1)
         a, b, res = pissa_factors(w, ad.r, ad.scale, niter=niter, key=next(keys))
         factors[path] = (a.astype(dtype), b.astype(dtype))
-        res = res.reshape(ad.kernel_shape)
-        if _quant.is_quantized(leaf):
-            return _quant.quantize_array(res, leaf.method, block_size=leaf.block_size or 64,
-                                         double_quant=leaf.double_quant, absmax_block_size=leaf.absmax_block_size or 256,
-                                         compute_dtype=leaf.dtype, in_ndim=leaf.in_ndim)
-        return res.astype(leaf.dtype)
+        return res.reshape(ad.kernel_shape).astype(leaf.dtype)
 
     residual_params = _core._map_targets(params, adapters, residual, "init_pissa")
 
