@@ -156,6 +156,12 @@ def _is_lora(x: Any) -> bool:
 def _from_weight(w: LoraWeight, name: str) -> _Lora:
     """The LoRA value of a wrapped kernel, stacked adapters included (see the module docstring)."""
     ad, base = w.adapter, w.base
+    if getattr(ad, "magnitude", None) is not None:
+        raise NotImplementedError(f"lora.transform: the adapter at {name!r} is a DoRA adapter; transform handles "
+                                  "plain LoRA only (use lora_jax.ops in the model, or lora.merge)")
+    if _targets.is_weight_node(base):
+        raise NotImplementedError(f"lora.transform: the base at {name!r} is a {type(base).__name__}; transform needs "
+                                  "dense kernels (use lora_jax.ops in the model, or lora.dequantize the base first)")
     a, b = ad.a, ad.b
     n_stack = a.ndim - 2
     stack = tuple(a.shape[:max(n_stack, 0)])

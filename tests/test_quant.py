@@ -359,3 +359,9 @@ def test_bits_per_weight_matches_the_paper():
     assert quant.quantize_array(w, "nf4").bits_per_weight == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / n)
     assert quant.quantize_array(w, "nf4", double_quant=False).bits_per_weight == 4.5
     assert math.isclose(quant.quantize_array(w, "int8").bits_per_weight, 8 + 32 / 1024)
+
+
+def test_transform_asks_for_a_dense_base():
+    qp = lora.quantize({"w": jnp.asarray(_weights((64, 64)))}, targets="w")
+    with pytest.raises(NotImplementedError, match="QuantizedWeight"):
+        lora.transform(lambda p, x: x @ p["w"])(lora.wrap(qp, lora.init(qp, r=2, targets="w")), jnp.ones((2, 64)))

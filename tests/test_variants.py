@@ -333,3 +333,10 @@ def test_lora_plus_with_a_schedule():
         u = updates["attn"]["kernel"]
         np.testing.assert_allclose(u.a, -schedule(step), rtol=1e-6)
         np.testing.assert_allclose(u.b, -4.0 * schedule(step), rtol=1e-6)
+
+
+def test_transform_refuses_dora_instead_of_ignoring_the_magnitude():
+    params = {"w": _w((8, 8))}
+    ad = lora.init(params, r=2, targets="w", use_dora=True)
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        lora.transform(lambda p, x: x @ p["w"])(lora.wrap(params, ad), jnp.ones((2, 8)))
