@@ -365,3 +365,32 @@ def test_transform_asks_for_a_dense_base():
     qp = lora.quantize({"w": jnp.asarray(_weights((64, 64)))}, targets="w")
     with pytest.raises(NotImplementedError, match="QuantizedWeight"):
         lora.transform(lambda p, x: x @ p["w"])(lora.wrap(qp, lora.init(qp, r=2, targets="w")), jnp.ones((2, 64)))
+
+
+def test_real_minilm_in_nf4_keeps_its_sentence_embeddings(minilm_path):
+    from lora_jax.models import bert, load
+
+    model, params, tokenizer, _ = load(str(minilm_path))
+    qp = lora.quantize(params, compute_dtype=jnp.float32)
+    quantized = [p for p, leaf in lora.targets.leaf_paths(qp) if quant.is_quantized(leaf)]
+    # q, k, v, attention output, intermediate, output in 6 layers, and the pooler; never the embeddings
+    assert len(quantized) == 6 * 6 + 1 and "pooler/dense/kernel" in quantized
+    assert not any("embeddings" in p for p in quantized)
+    shapes = [leaf.shape for p, leaf in lora.targets.leaf_paths(params) if p in quantized]
+    assert quant.nbytes(qp) == quant.nbytes(params) - sum(4 * math.prod(s) for s in shapes) + sum(
+        quant.expected_nbytes(s) for s in shapes)  # exactly: the embeddings (half of MiniLM) stay float32
+    sentences = ["A man is playing a guitar.", "A person plays the guitar.",
+                 "The central bank raised interest rates by half a percentage point."]
+    enc = tokenizer(sentences, padding=True, return_tensors="np")
+
+    def embed(p):
+        out = jax.jit(model.apply)({"params": p}, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        return np.asarray(bert.sentence_embedding(out.last_hidden_state, enc["attention_mask"]))
+
+    full, nf4 = embed(params), embed(qp)
+    assert np.all(np.sum(full * nf4, axis=-1) > 0.95), np.sum(full * nf4, axis=-1)  # cosine to full precision: 0.97
+    cos = nf4 @ nf4.T
+    assert cos[0, 1] > 0.6 and abs(cos[0, 2]) < 0.2  # still tells a paraphrase from an unrelated sentence
+    # and QLoRA adapters on it start at the quantised model
+    adapters = lora.init(qp, r=4, targets="qv")
+    np.testing.assert_allclose(embed(lora.wrap(qp, adapters)), nf4, atol=1e-6)
