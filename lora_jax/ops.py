@@ -61,11 +61,15 @@ def _dense_tensordot(x: Array, w: Array, axes: int, precision) -> Array:
 def _tie(w, x: Array):
     """``w`` (an array or a quantised kernel) unchanged in value but computed after ``x``.
 
-    ``x[0] * 0`` converted to an integer is 0 for every ``x`` (XLA converts NaN and infinities to 0 too), and
-    adding it to ``w`` makes ``w`` data-dependent on ``x``. So the compiler cannot hoist each layer's
-    dequantisation (or DoRA norm) to the start of the step and hold every layer's dense kernel at once.
-    (``lax.optimization_barrier`` expresses the same intent, but the CPU compiler drops barriers.)
+    So the compiler cannot hoist each layer's dequantisation (or DoRA norm) to the start of the step and hold
+    every layer's dense kernel at once. ``lax.optimization_barrier`` says exactly this, but XLA's CPU backend
+    drops barriers; there (on one device) ``w`` is made data-dependent on ``x`` instead: ``x[0] * 0``
+    converted to an integer is 0 for every ``x`` (XLA converts NaN and infinities to 0 too). On several devices
+    that element would have to be broadcast, so the barrier is used there.
     """
+    if jax.default_backend() != "cpu" or jax.device_count() > 1:
+        _, w = jax.lax.optimization_barrier((x, w))
+        return w
     zero = (x.reshape(-1)[0] * 0).astype(jnp.uint8)
     if is_quantized(w):
         return dataclasses.replace(w, codes=w.codes + zero.astype(w.codes.dtype))
