@@ -135,7 +135,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes stored (codes and every scale), exactly."""
-        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self))
+        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(self))
 
     @property
     def bits_per_weight(self) -> float:
