@@ -6,12 +6,18 @@ of ``(regex, spec)`` pairs matched in order against '/'-joined leaf paths, where
 ``PartitionSpec``, ``"fsdp"`` (shard the largest axis divisible by the fsdp size) or ``"replicate"``.
 
 Default rules: leaves with at least ``min_shard_size`` elements are FSDP-sharded, everything else (biases,
-norms, LoRA factors) is replicated. Optimizer state follows its parameter: initialise it with
-``jax.jit(tx.init)`` on the placed parameters and the moments inherit each parameter's sharding.
+norms) is replicated. A LoRA adapter follows its base kernel: the rules are applied to the kernel's path and
+shape, and a factor that is at least as large as the rule's threshold is sharded along the base's matching
+axis (``A``'s input axis when the base is sharded along its first input axis, ``B``'s output axis when it is
+sharded along its first output axis); otherwise (the usual case: the factors are small) it is replicated.
+Optimizer state follows its parameter: :func:`init_opt_state` runs ``tx.init`` with output shardings taken
+from the parameters (a bare ``jax.jit(tx.init)`` does not do this: its zeros depend on no input, so they land
+on one device).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lora_jax.targets import leaf_paths
+from lora_jax.core import LoraAdapter
+from lora_jax.targets import path_str
 
 BATCH_AXES = ("data", "fsdp")
 Rule = tuple[str, Any]
@@ -62,32 +69,123 @@ def default_rules(min_shard_size: int = 2**14) -> list[Rule]:
     return [(".*", ("fsdp-if-large", min_shard_size))]
 
 
-def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule]) -> P:
-    fsdp = mesh.shape["fsdp"]
+DEFAULT_MIN_SHARD_SIZE = 2**14
+
+
+def _rule_for(path: str, rules: Sequence[Rule]) -> Any:
     for pattern, spec in rules:
         if re.fullmatch(pattern, path):
-            if isinstance(spec, P):
-                return spec
-            if spec == "replicate":
-                return P()
-            if spec == "fsdp":
-                return fsdp_spec(shape, fsdp)
-            if isinstance(spec, tuple) and spec[0] == "fsdp-if-large":
-                return fsdp_spec(shape, fsdp) if int(np.prod(shape)) >= spec[1] else P()
-            raise ValueError(f"sharding rule {pattern!r}: unknown spec {spec!r}")
-    return P()
+            return pattern, spec
+    return None, None
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule]) -> P:
+    fsdp = mesh.shape["fsdp"]
+    pattern, spec = _rule_for(path, rules)
+    if spec is None:
+        return P()
+    if isinstance(spec, P):
+        return spec
+    if spec == "replicate":
+        return P()
+    if spec == "fsdp":
+        return fsdp_spec(shape, fsdp)
+    if isinstance(spec, tuple) and spec[0] == "fsdp-if-large":
+        return fsdp_spec(shape, fsdp) if int(np.prod(shape)) >= spec[1] else P()
+    raise ValueError(f"sharding rule {pattern!r}: unknown spec {spec!r}")
+
+
+def _axis_size(mesh: Mesh, entry: Any) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def adapter_shardings(path: str, adapter: LoraAdapter, mesh: Mesh, rules: Sequence[Rule]) -> LoraAdapter:
+    """Shardings for the arrays of one adapter (a :class:`LoraAdapter` whose array fields are
+    ``NamedSharding``): the factors follow the spec that ``rules`` give the base kernel (``path``, the adapter's
+    kernel shape). ``A`` (d_in, r) is sharded on its first axis when the base is sharded along its first input
+    axis, ``B`` (r, d_out) and a DoRA magnitude (d_out,) on their output axis when the base is sharded along its
+    first output axis, if the factor has at least the rule's ``min_shard_size`` elements (2**14 for rules without
+    one) and the axis divides evenly; every other factor is replicated."""
+    base = tuple(spec_for(path, adapter.kernel_shape, mesh, rules))
+    base = base + (None,) * (len(adapter.kernel_shape) - len(base))
+    _, rule = _rule_for(path, rules)
+    threshold = rule[1] if isinstance(rule, tuple) and rule[0] == "fsdp-if-large" else DEFAULT_MIN_SHARD_SIZE
+    n_in = len(adapter.in_shape)
+    entry_in, entry_out = base[0], base[n_in]
+
+    def place(x: Any, axis: int, entry: Any) -> Any:
+        if x is None:
+            return None
+        shape = np.shape(x)
+        if entry is None or int(np.prod(shape)) < threshold or shape[axis] % _axis_size(mesh, entry):
+            return NamedSharding(mesh, P())
+        spec = [None] * len(shape)
+        spec[axis] = entry
+        return NamedSharding(mesh, P(*spec))
+
+    # Only the first input / output axis: flattening (in_shape) -> d_in keeps its blocks contiguous.
+    return dataclasses.replace(adapter, a=place(adapter.a, 0, entry_in), b=place(adapter.b, 1, entry_out),
+                               magnitude=place(adapter.magnitude, 0, entry_out))
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule] | None = None) -> Any:
-    """A tree of ``NamedSharding`` with the structure of ``tree`` (``None`` leaves stay ``None``)."""
+    """A tree of ``NamedSharding`` with the structure of ``tree`` (``None`` leaves stay ``None``).
+
+    Every array is placed by ``rules`` on its own path and shape (the stored arrays of a quantised kernel too,
+    e.g. ``layer/kernel/codes``), except the factors of a LoRA adapter, which follow their base kernel (see
+    :func:`adapter_shardings`)."""
     rules = default_rules() if rules is None else rules
-    paths = iter(leaf_paths(tree))
 
-    def one(leaf):
-        path, _ = next(paths)
-        return NamedSharding(mesh, spec_for(path, np.shape(leaf), mesh, rules))
+    def one(path, leaf):
+        if isinstance(leaf, LoraAdapter):
+            return adapter_shardings(path_str(path), leaf, mesh, rules)
+        return NamedSharding(mesh, spec_for(path_str(path), np.shape(leaf), mesh, rules))
 
-    return jax.tree.map(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, LoraAdapter))
+
+
+def _path_tuple(path: Any) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def opt_state_shardings(state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for an optimizer state (or its ``jax.eval_shape``): a state leaf whose key path ends with a
+    parameter's key path and has that parameter's shape (Adam's ``mu/<path>``, ``nu/<path>``, the same inside
+    ``multi_transform`` / ``masked`` states) takes the parameter's sharding; the rest (step counts) is
+    replicated."""
+    by_path = {}
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_shardings = jax.tree_util.tree_leaves(param_shardings)
+    for (p, x), s in zip(flat_params, flat_shardings, strict=True):
+        by_path[_path_tuple(p)] = (tuple(np.shape(x)), s)
+    longest = max((len(k) for k in by_path), default=0)
+
+    def one(path, leaf):
+        key = _path_tuple(path)
+        for n in range(min(len(key), longest), 0, -1):
+            hit = by_path.get(key[-n:])
+            if hit is not None and hit[0] == tuple(np.shape(leaf)):
+                return hit[1]
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def init_opt_state(tx: Any, params: Any) -> Any:
+    """``tx.init(params)`` with every moment placed like its parameter (see :func:`opt_state_shardings`).
+
+    ``params`` must already be placed (``NamedSharding`` on one mesh). ``jax.jit(tx.init)(params)`` alone
+    puts the state on one device: the zeros depend on no input, so jit prunes the inputs and with them the
+    shardings. A step function then also compiles twice (its second call sees the placed outputs of the first).
+    """
+    shardings = [x.sharding for x in jax.tree_util.tree_leaves(params)]
+    if not shardings or not all(isinstance(s, NamedSharding) for s in shardings):
+        return jax.jit(tx.init)(params)
+    mesh = shardings[0].mesh
+    abstract = jax.eval_shape(tx.init, params)
+    out = opt_state_shardings(abstract, params, jax.tree.map(lambda x: x.sharding, params), mesh)
+    return jax.jit(tx.init, out_shardings=out)(params)
 
 
 def replicated(tree: Any, mesh: Mesh) -> Any:

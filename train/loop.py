@@ -259,7 +259,7 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
     frozen = sharding.put_tree(frozen, sharding.tree_shardings(frozen, mesh))
     trainable = sharding.put_tree(trainable, sharding.tree_shardings(trainable, mesh))
     tx = make_optimizer(cfg)
-    opt_state = jax.jit(tx.init)(trainable)
+    opt_state = sharding.init_opt_state(tx, trainable)  # moments placed like their parameters
 
     accum, bsz = cfg.train.grad_accum, cfg.train.batch_size
     n_devices = mesh.size
