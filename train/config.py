@@ -237,13 +237,18 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# What yaml.safe_load raises on bad input: YAMLError, but also ValueError / KeyError / AttributeError from explicit
+# tags with unparsable values (!!int abc, !!bool maybe, !!timestamp 12) and RecursionError from deep nesting.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, KeyError, AttributeError, TypeError, RecursionError)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. lora.r=16)")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
+    except _YAML_ERRORS as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
     return key.strip(), value
 
@@ -264,7 +269,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+        except _YAML_ERRORS as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
