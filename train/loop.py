@@ -267,7 +267,10 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         raise ConfigError(f"train.batch_size={bsz} must be divisible by the {n_devices} devices of the mesh")
     batch_shard = sharding.batch_sharding(mesh, ndim=3, leading=1)
     eval_shard = sharding.batch_sharding(mesh, ndim=2, leading=0)
-    step_fn = jax.jit(make_train_step(model, cfg, tx), donate_argnums=(0, 1))
+    # The state leaves the step with the shardings it came in with (left to XLA, the adapters can come out
+    # FSDP-split, and the next step would compile again for them).
+    state_shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
+    step_fn = jax.jit(make_train_step(model, cfg, tx), donate_argnums=(0, 1), out_shardings=(*state_shardings, None))
     eval_fn = jax.jit(make_eval_step(model, cfg))
 
     def put_batch(idx_steps: list[np.ndarray]) -> dict:
