@@ -246,6 +246,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. lora.r=16)")
     key, raw = text.split("=", 1)
+    if not all(key.strip().split(".")):  # '=4', '.lora.r=4', 'lora..r=4' would report an unknown key ''
+        raise ConfigError(f"override {text!r}: the key has an empty part; overrides look like section.key=value "
+                          "(e.g. lora.r=16)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except _YAML_ERRORS as e:
