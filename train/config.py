@@ -31,10 +31,12 @@ class LoraConfig:
     targets: str | list[str] = "qv"
     exclude: list[str] | None = None
     dropout: float = 0.0
-    use_rslora: bool = False
-    init: Literal["lora", "gaussian"] = "lora"
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, float] | None = None
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature (Liu et al. 2024)
+    init: Literal["lora", "gaussian", "pissa"] = "lora"  # pissa: A, B on W's top-r singular directions (residual base)
+    pissa_niter: int | None = None  # pissa: None for the exact SVD, N for a randomised SVD with N power iterations
+    rank_pattern: dict[str, int] | None = None  # {regex of a kernel path: r}, first full match wins
+    alpha_pattern: dict[str, float] | None = None  # {regex of a kernel path: alpha}
     train: list[str] | None = None  # base leaves trained in full (e.g. a new classifier head)
 
 
@@ -72,12 +74,24 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """The frozen base of ``train.method: qlora`` (Dettmers et al. 2023): kernels stored quantised, dequantised
+    to ``train.precision`` inside the jitted step; the adapters (and leaves trained in full) stay float32."""
+
+    type: Literal["nf4", "int8"] = "nf4"  # nf4: 4-bit NormalFloat, block-wise absmax; int8: per output channel
+    block_size: int = 64  # nf4: values per absmax block (32, 64, ..., 4096)
+    double_quant: bool = True  # nf4: quantise the absmax constants to 8 bits (blocks of 256)
+    targets: str | list[str] = "all-linear"  # which frozen kernels (preset or regexes); embeddings/heads stay float
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    method: Literal["lora", "full", "linear_probe"] = "lora"
+    method: Literal["lora", "qlora", "full", "linear_probe"] = "lora"
     steps: int = 60
     batch_size: int = 8
     grad_accum: int = 1
-    precision: Literal["float32", "bfloat16"] = "float32"  # frozen base and compute dtype; adapters stay float32
+    # frozen base and compute dtype; adapters (and, for lora / qlora, leaves trained in full) stay float32
+    precision: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
     seed: int = 0
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -118,6 +132,7 @@ class OutputConfig:
 class Config:
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
+    quant: QuantConfig = QuantConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -303,6 +318,22 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    lc = cfg.lora
+    for path, r in (lc.rank_pattern or {}).items():
+        if r < 1:
+            raise ConfigError(f"lora.rank_pattern[{path!r}] must be >= 1, got {r}")
+    if lc.pissa_niter is not None and (lc.init != "pissa" or lc.pissa_niter < 0):
+        raise ConfigError(f"lora.pissa_niter={lc.pissa_niter} needs lora.init=pissa and a value >= 0")
+    if cfg.quant.type == "nf4" and cfg.quant.block_size not in NF4_BLOCK_SIZES:
+        raise ConfigError(f"quant.block_size must be one of {list(NF4_BLOCK_SIZES)} for nf4, got "
+                          f"{cfg.quant.block_size}")
+    if cfg.train.method == "qlora" and lc.init == "pissa" and cfg.output.export_peft:
+        raise ConfigError("output.export_peft with lora.init=pissa and train.method=qlora: the adapters belong to the "
+                          "quantised PiSSA residual, a base PEFT cannot rebuild from the original model; export "
+                          "output.export_merged instead, or train PiSSA without quantisation")
+
+
+NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # as lora_jax.quant (bitsandbytes' block sizes)
 
 
 def dump(cfg: Config) -> str:

@@ -23,6 +23,7 @@ import optax
 import lora_jax as lora
 from lora_jax import sharding
 from lora_jax.checkpoint import Checkpointer, save_adapters
+from train import config as config_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train.config import Config, ConfigError, dump
@@ -55,7 +56,13 @@ def prepare_output(folder: Path, cfg: Config, resume: bool) -> None:
                 d.pop("checkpoint", None)
                 return d
 
-            if comparable(yaml.safe_load(old)) != comparable(cfg.to_dict()):
+            def normalised(raw):  # a run saved before a config section existed compares with its defaults
+                try:
+                    return config_lib._build(Config, raw, "").to_dict()
+                except ConfigError:
+                    return raw
+
+            if comparable(normalised(yaml.safe_load(old))) != comparable(cfg.to_dict()):
                 raise ConfigError(f"--resume: {folder} holds a run with a different config; resume with the config "
                                   f"saved in {saved} (train.steps may differ)")
         elif old != dump(cfg) and not cfg.output.overwrite:
@@ -69,7 +76,8 @@ def prepare_output(folder: Path, cfg: Config, resume: bool) -> None:
     if cfg.output.overwrite and not resume:
         import shutil
 
-        for name in ("checkpoints", "adapters", "metrics.jsonl", "tensorboard", "merged", "peft"):
+        for name in ("checkpoints", "adapters", "params", "metrics.jsonl", "tensorboard", "merged", "peft",
+                     "result.json"):
             p = folder / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -84,28 +92,139 @@ def prepare_output(folder: Path, cfg: Config, resume: bool) -> None:
 
 
 def load_model(cfg: Config):
-    """``(model, params, tokenizer, model_config)`` through :func:`lora_jax.models.load`."""
+    """``(model, params, tokenizer, model_config)`` through :func:`lora_jax.models.load`.
+
+    The parameters come in float32 whatever ``train.precision`` says (:func:`prepare` casts or quantises the
+    frozen base to it, so that a QLoRA base is quantised from the checkpoint's float32 values and leaves
+    trained in full keep float32 masters); the model computes in ``train.precision``.
+    """
     from lora_jax import models
 
     task = "causal-lm" if cfg.data.task == "causal-lm" else "sequence-classification"
     overrides = {"num_labels": cfg.model.num_labels} if task == "sequence-classification" else {}
-    return models.load(cfg.model.name, dtype=jnp.dtype(cfg.train.precision), task=task, **overrides)
+    model, params, tokenizer, model_cfg = models.load(cfg.model.name, dtype=jnp.float32, task=task, **overrides)
+    compute = jnp.dtype(cfg.train.precision)
+    if compute != jnp.float32:
+        model = model.clone(dtype=compute)
+    return model, params, tokenizer, model_cfg
+
+
+def _head_rules(cfg: Config) -> list[str] | None:
+    lc = cfg.lora
+    return lc.train if lc.train is not None else (DEFAULT_HEAD if cfg.data.task == "classification" else None)
 
 
 def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dict]:
-    """``(frozen, trainable)`` for the configured method."""
+    """``(frozen, trainable)`` for the configured method (in the parameters' own dtype; see :func:`prepare`).
+
+    ``lora`` / ``qlora``: adapters from :func:`lora_jax.init` (DoRA with ``lora.use_dora``); with
+    ``lora.init: pissa`` they come from :func:`lora_jax.init_pissa` and the frozen base is PiSSA's residual
+    ``W - s*A@B``, so the adapted model still equals the original one at step 0.
+    """
     lc = cfg.lora
-    head = lc.train if lc.train is not None else (DEFAULT_HEAD if cfg.data.task == "classification" else None)
+    head = _head_rules(cfg)
     if cfg.train.method == "full":
         return lora.split(params, {}, train=".*")
     if cfg.train.method == "linear_probe":
         if not head:
             raise ConfigError("train.method=linear_probe trains only named leaves: set lora.train (e.g. [lm_head/.*])")
         return lora.split(params, {}, train=head)
-    adapters = lora.init(params, r=lc.r, alpha=lc.alpha, targets=lc.targets, exclude=lc.exclude, key=key,
-                         init=lc.init, dropout=lc.dropout, use_rslora=lc.use_rslora, rank_pattern=lc.rank_pattern,
-                         alpha_pattern=lc.alpha_pattern)
+    kwargs = dict(alpha=lc.alpha, targets=lc.targets, exclude=lc.exclude, dropout=lc.dropout,
+                  use_rslora=lc.use_rslora, rank_pattern=lc.rank_pattern, alpha_pattern=lc.alpha_pattern,
+                  use_dora=lc.use_dora)
+    if lc.init == "pissa":
+        params, adapters = lora.init_pissa(params, lc.r, niter=lc.pissa_niter, key=key, **kwargs)
+    else:
+        adapters = lora.init(params, r=lc.r, key=key, init=lc.init, **kwargs)
     return lora.split(params, adapters, train=head)
+
+
+def _cast_floats(tree: Any, dtype) -> Any:
+    def cast(x):
+        if _is_weight_node(x) or not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(dtype) if x.dtype != dtype else x
+
+    return jax.tree.map(cast, tree, is_leaf=_is_weight_node)
+
+
+def _is_weight_node(x: Any) -> bool:
+    from lora_jax.targets import is_weight_node
+
+    return is_weight_node(x)
+
+
+def quantize_base(cfg: Config, frozen: Any) -> Any:
+    """The frozen tree with the ``quant.targets`` kernels as :class:`lora_jax.quant.QuantizedWeight` (stored in
+    ``quant.type``, dequantised to ``train.precision`` inside the products)."""
+    qc = cfg.quant
+    return lora.quant.quantize(frozen, qc.type, block_size=qc.block_size, double_quant=qc.double_quant,
+                               targets=qc.targets, compute_dtype=jnp.dtype(cfg.train.precision))
+
+
+def run_keys(cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """``(init_key, step_key)`` of a run: adapter init (and PiSSA's randomised SVD), and the per-step keys."""
+    init_key, step_key = jax.random.split(jax.random.key(cfg.train.seed))
+    return init_key, step_key
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What the step trains and what it reads.
+
+    ``frozen``: the base as the step sees it (``train.precision``; QuantizedWeight kernels for qlora; the PiSSA
+    residual for ``lora.init: pissa``), ``None`` where a leaf is trained. ``trainable``: ``{"adapters",
+    "params"}`` (adapters float32; leaves trained in full float32 for lora / qlora, ``train.precision``
+    otherwise). ``pissa_init``: the initial PiSSA adapters (host arrays), kept for the PEFT export, which states
+    the update against the original base.
+    """
+
+    frozen: Any
+    trainable: dict
+    pissa_init: Any = None
+
+
+def prepare(cfg: Config, params: Any, key: jax.Array) -> Prepared:
+    """Split ``params`` (float32, from :func:`load_model`) for ``cfg``: choose what is trained, quantise (qlora)
+    or cast the frozen base to ``train.precision``, keep float32 masters of what LoRA trains."""
+    frozen, trainable = choose_trainable(cfg, params, key)
+    compute = jnp.dtype(cfg.train.precision)
+    if cfg.train.method == "qlora":
+        frozen = quantize_base(cfg, frozen)
+    frozen = _cast_floats(frozen, compute)
+    if cfg.train.method in ("full", "linear_probe"):
+        trainable = {"adapters": trainable["adapters"], "params": _cast_floats(trainable["params"], compute)}
+    pissa_init = None
+    if cfg.lora.init == "pissa" and cfg.train.method in ("lora", "qlora") and cfg.output.export_peft:
+        pissa_init = jax.device_get(trainable["adapters"])
+    return Prepared(frozen, trainable, pissa_init)
+
+
+def combine(frozen: Any, trainable: dict) -> tuple[Any, Any]:
+    """:func:`lora_jax.combine` for a frozen tree that may hold weight nodes (quantised kernels): their own
+    ``None`` fields (an int8 or single-quantised kernel has no second-level scales) are not trained leaves."""
+    full = trainable.get("params", {})
+
+    def put(path, leaf):
+        if leaf is None:
+            value = lora.core._nested_get(full, lora.targets.path_tuple(path))
+            if value is None:
+                raise ValueError(f"combine: {lora.targets.path_str(path)} is frozen as None but has no trained value")
+            return value
+        return leaf
+
+    params = jax.tree_util.tree_map_with_path(put, frozen, is_leaf=lambda x: x is None or _is_weight_node(x))
+    return params, trainable["adapters"]
+
+
+def dequantized(params: Any) -> Any:
+    """``params`` with every quantised kernel dense (in its compute dtype)."""
+    return lora.quant.dequantize(params)
+
+
+def merged_params(params: Any, adapters: Any) -> Any:
+    """Plain parameters: the adapters merged, and the kernels quantised for QLoRA but not adapted made dense."""
+    return dequantized(lora.merge(params, adapters)) if adapters else dequantized(params)
 
 
 # ------------------------------------------------------------------------------------------- optimizer
@@ -154,9 +273,12 @@ def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
     task = cfg.data.task
 
     def micro_loss(trainable, frozen, batch, key, total):
-        params, adapters = lora.combine(frozen, trainable)
-        wrapped = lora.wrap(params, adapters, dropout_key=key)
-        loss_sum, _ = loss_fn(model, wrapped, batch, train=True, rng=key)
+        params, adapters = combine(frozen, trainable)
+        # One key per micro-batch, split between the adapters' dropout (lora.dropout, each adapter folds in its
+        # own index) and the model's own dropout layers.
+        lora_key, model_key = jax.random.split(key)
+        wrapped = lora.wrap(params, adapters, dropout_key=lora_key)
+        loss_sum, _ = loss_fn(model, wrapped, batch, train=True, rng=model_key)
         return loss_sum / total
 
     if cfg.train.remat:
@@ -190,22 +312,74 @@ def make_eval_step(model, cfg: Config):
     loss_fn = LOSSES[cfg.data.task]
 
     def evaluate(trainable, frozen, batch):
-        params, adapters = lora.combine(frozen, trainable)
+        params, adapters = combine(frozen, trainable)  # no dropout key: the adapters' dropout is off
         loss_sum, aux = loss_fn(model, lora.wrap(params, adapters), batch, train=False, rng=None)
         return loss_sum, aux["count"], aux.get("logits")
 
     return evaluate
 
 
+def compile_step(step_fn, *args) -> tuple[Any, dict]:
+    """Compile the jitted ``step_fn`` for ``args`` ahead of time: ``(callable, memory)``.
+
+    ``memory`` is XLA's account of the compiled step (``compiled.memory_analysis()``): bytes of its
+    ``arguments`` (frozen base, trainable state, optimizer state, batch), ``outputs``, ``aliased`` (donated
+    buffers reused for outputs) and ``temp`` (activations, gradients, dequantised kernels...), and ``peak`` =
+    arguments + outputs - aliased + temp, an upper bound of what the step holds at once; empty where the
+    backend does not report it. The callable is the compiled executable when it returns the trainable and
+    optimizer state with the shardings it takes (so it can be called again with its own outputs); otherwise
+    ``step_fn`` itself, which compiles again on its first call.
+    """
+    compiled = step_fn.lower(*args).compile()
+    memory: dict = {}
+    try:
+        stats = compiled.memory_analysis()
+        memory = {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
+                  "aliased": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
+        memory["peak"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temp"]
+    except Exception:  # noqa: BLE001 - a backend without memory statistics: the run goes on without them
+        memory = {}
+    try:
+        ins = jax.tree.leaves(compiled.input_shardings[0][:2])
+        outs = jax.tree.leaves(compiled.output_shardings[:2])
+        ndims = [x.ndim for x in jax.tree.leaves(args[:2])]
+        reusable = len(ins) == len(outs) == len(ndims) and all(
+            a.is_equivalent_to(b, n) for a, b, n in zip(ins, outs, ndims))
+    except Exception:  # noqa: BLE001
+        reusable = False
+    return (compiled if reusable else step_fn), memory
+
+
 # ------------------------------------------------------------------------------------------- generation
 
 
-def generate_texts(model, params, tokenizer, prompts: list[str], cfg: Config) -> list[str]:
-    """Greedy (or beam) continuations of ``prompts`` with the KV cache, returned as text."""
+def generate_texts(model, params, tokenizer, prompts: list[str], cfg: Config, batch_size: int = 8) -> list[str]:
+    """Continuations of ``prompts`` (greedy, or beam search with ``eval.num_beams``) as text.
+
+    Prompts are left-padded to a multiple of 16 tokens and batches are filled up to ``batch_size``, so decoding
+    compiles once per prompt-length bucket rather than once per call.
+    """
     from lora_jax.models import generate as gen
 
-    return gen.generate_text(model, params, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                             num_beams=cfg.eval.num_beams)
+    pad = data_lib._pad_id(tokenizer)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = -(-max(len(e) for e in encoded) // 16) * 16
+    settings = {"max_new_tokens": cfg.eval.max_new_tokens}
+    if cfg.eval.num_beams > 1:  # the LoRA paper's E2E decoding
+        settings.update(num_beams=cfg.eval.num_beams, length_penalty=0.9, no_repeat_ngram_size=4)
+    texts = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start: start + batch_size]
+        rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        ids = np.full((batch_size, width), pad, np.int32)
+        mask = np.zeros((batch_size, width), np.int32)
+        for i, e in enumerate(rows):
+            ids[i, width - len(e):] = e
+            mask[i, width - len(e):] = 1
+        out = np.asarray(gen.generate(model, params, ids, mask, **settings))[:, width:]
+        for row in out[: len(chunk)]:
+            texts.append(tokenizer.decode([int(t) for t in row if t != pad], skip_special_tokens=True).strip())
+    return texts
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -247,13 +421,16 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized")
     say(f"data: {len(train_data)} train / {len(eval_data)} eval examples of {cfg.data.max_length} tokens")
 
-    key = jax.random.key(cfg.train.seed)
-    init_key, step_key = jax.random.split(key)
-    frozen, trainable = choose_trainable(cfg, params, init_key)
+    init_key, step_key = run_keys(cfg)
+    prepared = prepare(cfg, params, init_key)
+    frozen, trainable = prepared.frozen, prepared.trainable
     summary = lora.summary(params, trainable["adapters"], trainable["params"])
+    del params  # the float32 copy as loaded; what is used from here on is frozen + trainable
     n_trainable = summary.trainable
+    frozen_bytes = _nbytes(frozen)
     say(f"method {cfg.train.method}: training {n_trainable:,} of {summary.total:,} parameters "
-        f"({100 * n_trainable / summary.total:.2f}%)")
+        f"({100 * n_trainable / summary.total:.2f}%); frozen base {frozen_bytes / 2**20:,.1f} MiB as stored"
+        + (f" ({cfg.quant.type})" if cfg.train.method == "qlora" else f" ({cfg.train.precision})"))
 
     # Place the frozen base FSDP-sharded, the trainable tree by the same rules (adapters are small: replicated).
     frozen = sharding.put_tree(frozen, sharding.tree_shardings(frozen, mesh))
@@ -312,7 +489,7 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         if cfg.data.task != "causal-lm" or n <= 0 or multi_process:
             return []
         prompts = list(dict.fromkeys(eval_data.prompts))[:n]
-        params_now, adapters_now = lora.combine(frozen, trainable)
+        params_now, adapters_now = combine(frozen, trainable)
         outs = generate_texts(model, lora.wrap(params_now, adapters_now), tokenizer, prompts, cfg)
         return list(zip(prompts, outs))
 
@@ -322,8 +499,8 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
             return {}
         unique = list(dict.fromkeys(eval_data.prompts))[:n]
         refs = {p: r for p, r in zip(eval_data.prompts, eval_data.references)}
-        params_now, adapters_now = lora.combine(frozen, trainable)
-        preds = generate_texts(model, lora.merge(params_now, adapters_now), tokenizer, unique, cfg)
+        params_now, adapters_now = combine(frozen, trainable)
+        preds = generate_texts(model, merged_params(params_now, adapters_now), tokenizer, unique, cfg)
         return metrics_lib.generation(preds, [refs[p] for p in unique])
 
     ckpt = Checkpointer(folder / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
@@ -361,13 +538,17 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
     # train_s: wall time spent in training steps (the first includes compilation), evaluation excluded;
     # it is the clock of time budgets and of the time axis of the experiments' plots.
     step, skipped, tokens_seen, train_s, steady_s = start, 0, 0.0, train_s0, 0.0
+    run_step, step_memory = step_fn, None
     budget = cfg.train.time_budget_s
     try:
         while step < cfg.train.steps:
             t_step = time.perf_counter()
             idx = [data_lib.batch_indices(len(train_data), bsz, step * accum + j, cfg.train.seed) for j in range(accum)]
             batch = put_batch(idx)
-            trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(step_key, step))
+            step_args = (trainable, opt_state, frozen, batch, jax.random.fold_in(step_key, step))
+            if step_memory is None:  # compile ahead of time once, to read the compiled step's memory use
+                run_step, step_memory = compile_step(step_fn, *step_args)
+            trainable, opt_state, m = run_step(*step_args)
             loss, finite = float(m["loss"]), bool(m["finite"])
             dt = time.perf_counter() - t_step
             train_s += dt
@@ -415,22 +596,30 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
     for prompt, out in samples_after:
         say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
-    params_final, adapters_final = lora.combine(frozen, trainable)
+    params_final, adapters_final = combine(frozen, trainable)
+    trained_final = trainable["params"]
     if multi_process:  # exports are written by process 0 from host copies of the (replicated or sharded) arrays
         adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)
+        trained_final = jax.tree.map(sharding.global_to_host, trained_final)
         if cfg.output.export_merged:
             params_final = jax.tree.map(sharding.global_to_host, params_final)
-    if cfg.train.method == "lora":  # every process takes part in Orbax writes
+    uses_adapters = cfg.train.method in ("lora", "qlora")
+    if uses_adapters:  # every process takes part in Orbax writes
         save_adapters(folder / "adapters", jax.device_get(adapters_final))
+    if jax.tree.leaves(trained_final):  # a head trained in full (or every leaf, for full fine-tuning)
+        save_trained(folder / "params", jax.device_get(trained_final))
     if primary and cfg.output.export_merged:
         from lora_jax import models
 
-        merged = jax.device_get(lora.merge(params_final, adapters_final))
+        merged = jax.device_get(merged_params(params_final, adapters_final))
         models.save_pretrained(merged, model_cfg, folder / "merged", tokenizer=tokenizer)
         say(f"exported merged weights to {folder / 'merged'}")
-    if primary and cfg.output.export_peft and cfg.train.method == "lora":
-        lora.save_peft(jax.device_get(adapters_final), folder / "peft", base_model_name_or_path=cfg.model.name,
-                       config=model_cfg)
+    if primary and cfg.output.export_peft and uses_adapters:
+        peft_adapters = jax.device_get(adapters_final)
+        if prepared.pissa_init is not None:  # PEFT applies adapters to the original base, not PiSSA's residual
+            peft_adapters = pissa_to_lora(peft_adapters, prepared.pissa_init)
+        lora.save_peft(peft_adapters, folder / "peft", base_model_name_or_path=cfg.model.name, config=model_cfg,
+                       modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None)
         say(f"exported PEFT adapter to {folder / 'peft'}")
     ckpt.close()
     log.close()
@@ -442,9 +631,55 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
             "steps": step, "eval_before": eval_before, "eval_after": eval_after, "trainable_params": n_trainable,
             "total_params": summary.total, "wall_s": result.wall_s, "train_s": train_s,
             "optimizer_state_bytes": _nbytes(opt_state), "trainable_bytes": _nbytes(trainable),
+            "frozen_bytes": frozen_bytes, "step_memory_bytes": (step_memory or {}).get("peak"),
+            "step_memory": step_memory,
             "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) if last.exists() else None,
             "samples_before": samples_before, "samples_after": samples_after}, indent=1, default=float))
     return result
+
+
+# ------------------------------------------------------------------------------------------- artifacts
+
+
+def save_trained(folder: Path, tree: Any) -> Path:
+    """Write the leaves trained in full (a nested dict of arrays, e.g. a classifier head) with Orbax."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder).absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(folder, tree, force=True)
+    return folder
+
+
+def load_trained(folder: Path, like: Any) -> Any:
+    """Read what :func:`save_trained` wrote, into the structure, shapes and dtypes of ``like``."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder).absolute()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(folder, target)
+
+
+def pissa_to_lora(adapters: Any, initial: Any) -> Any:
+    """PiSSA adapters trained over the residual ``W_res = W - s*A0@B0`` as plain LoRA adapters over the original
+    ``W`` (as PEFT converts them): ``W_res + s*A@B = W + s*[A, A0] @ [B; -B0]``, rank ``2r``, same scale (DoRA
+    magnitudes are unchanged: the adapted kernel is the same)."""
+    import math
+
+    init = {p: ad for p, ad in lora.adapter_items(initial)}
+
+    def convert(path, ad):
+        a0 = init[lora.targets.path_str(path)]
+        r = 2 * ad.r
+        rslora = not math.isclose(ad.scale, ad.alpha / ad.r) and math.isclose(ad.scale, ad.alpha / math.sqrt(ad.r))
+        alpha = ad.scale * (math.sqrt(r) if rslora else r)
+        return lora.LoraAdapter(np.concatenate([np.asarray(ad.a), np.asarray(a0.a)], axis=1),
+                                np.concatenate([np.asarray(ad.b), -np.asarray(a0.b)], axis=0),
+                                alpha=alpha, scale=ad.scale, in_shape=ad.in_shape, out_shape=ad.out_shape,
+                                dropout=ad.dropout, magnitude=ad.magnitude)
+
+    return jax.tree_util.tree_map_with_path(convert, adapters, is_leaf=lora.core.is_adapter)
 
 
 def _nbytes(tree: Any) -> int:
