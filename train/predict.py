@@ -1,0 +1,412 @@
+"""``python -m train.predict``: run a trained adapter on new inputs.
+
+    python -m train.predict --run runs/sst2_minilm_lora --text "a gorgeous film" --text "dull and long"
+    python -m train.predict --run runs/default --file prompts.jsonl --column prompt --out generations.jsonl
+    python -m train.predict --base all-MiniLM-L6-v2 --adapter runs/sst2/peft --file dev.tsv --column sentence
+
+The model comes from one of
+
+- ``--run DIR``: a finished ``python -m train.run`` output folder. Its ``config.yaml`` says which base, task,
+  method and precision; its ``adapters/`` (and ``params/``: leaves trained in full, e.g. a classifier head) hold
+  what was trained. The frozen base is rebuilt as the run trained over it: quantised for ``qlora``, PiSSA's
+  residual for ``lora.init: pissa``.
+- ``--base NAME --adapter DIR``: any model :func:`lora_jax.models.load` accepts and an adapter folder, either
+  :func:`lora_jax.checkpoint.save_adapters`' (``runs/X/adapters``) or a PEFT adapter (``adapter_config.json``,
+  e.g. ``runs/X/peft``; its ``modules_to_save`` such as a classifier head come with it).
+
+By default the adapters run factored (``x @ W0 + ((x @ A) @ B) * s``); ``--merged`` folds them into the base
+first (a quantised base is dequantised), which gives the same outputs at the base model's speed.
+
+Inputs are ``--text`` (repeatable) or ``--file`` (``.txt``: one input per line; ``.jsonl``: one JSON object or
+string per line; ``.csv`` / ``.tsv``: a header row) with ``--column``. A causal LM continues each prompt (greedy;
+``--num-beams N`` for beam search, ``--max-new-tokens``); prompts are formatted with the run's
+``data.prompt_template`` (a row that holds every field of the template fills it; a bare text fills its only
+field; ``--template '{text}'`` passes texts unchanged). A classifier prints the label and the class
+probabilities. ``--out FILE.jsonl`` writes one JSON record per input.
+
+Bad input (a missing folder or file, an adapter trained on another base, an unknown column) exits with status
+2 and a one-line message; ``LORA_JAX_TRACEBACK=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import string
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class PredictError(ValueError):
+    """Input to ``train.predict`` that does not fit (a folder, file, column or adapter)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_argument_group("model (one of --run, or --base with --adapter)")
+    src.add_argument("--run", help="a finished train.run output folder")
+    src.add_argument("--base", help="base model: a Hugging Face folder, .gguf file or offline alias")
+    src.add_argument("--adapter", help="with --base: a lora_jax adapters folder or a PEFT adapter folder")
+    src.add_argument("--task", choices=["causal-lm", "classification"],
+                     help="with --base: the task (default: a PEFT adapter's task_type, else classification for "
+                          "BERT and causal-lm for decoders)")
+    src.add_argument("--num-labels", type=int, help="with --base, classification: number of classes")
+    src.add_argument("--precision", choices=["float32", "bfloat16"], help="compute dtype (default: the run's)")
+    ap.add_argument("--merged", action="store_true", help="merge the adapters into the base before inference")
+    inp = ap.add_argument_group("inputs")
+    inp.add_argument("--text", action="append", default=[], help="an input text (repeatable)")
+    inp.add_argument("--file", help="a .txt, .jsonl, .csv or .tsv file of inputs")
+    inp.add_argument("--column", help="the field of --file rows to read (default: the run's text/prompt column)")
+    inp.add_argument("--template", help="prompt template for a causal LM (default: the run's data.prompt_template; "
+                                        "'{text}' for --base)")
+    gen = ap.add_argument_group("generation / classification")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (default 1: greedy)")
+    gen.add_argument("--max-length", type=int, default=None, help="classification: tokens per input "
+                                                                   "(default: the run's data.max_length)")
+    gen.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", help="write one JSON record per input to this .jsonl file")
+    args = ap.parse_args(argv)
+    if bool(args.run) == bool(args.base):
+        ap.error("give either --run DIR or --base NAME --adapter DIR")
+    if args.base and not args.adapter:
+        ap.error("--base needs --adapter DIR (to run the base model alone, point --adapter at nothing: not "
+                 "supported; use lora_jax.models.load)")
+    if args.run and (args.adapter or args.task or args.num_labels):
+        ap.error("--adapter / --task / --num-labels go with --base; a --run folder names its own")
+    if not args.text and not args.file:
+        ap.error("give inputs with --text (repeatable) or --file")
+    if args.num_beams < 1 or args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        ap.error("--num-beams, --batch-size and --max-new-tokens must be >= 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def read_inputs(texts: list[str], file: str | None, column: str | None) -> list[dict | str]:
+    """The inputs in order: each ``--text`` as a string, then each row of ``file`` (a dict for .jsonl objects
+    and .csv / .tsv rows, a string for .txt lines and .jsonl strings)."""
+    rows: list[dict | str] = list(texts)
+    if file is None:
+        return rows
+    path = Path(file)
+    if not path.is_file():
+        raise PredictError(f"--file {file!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        rows += [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    elif suffix == ".jsonl":
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PredictError(f"{file}:{i}: not valid JSON: {e}") from None
+            if not isinstance(value, (dict, str)):
+                raise PredictError(f"{file}:{i}: expected a JSON object or string, got {type(value).__name__}")
+            rows.append(value)
+    elif suffix in (".csv", ".tsv"):
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            rows += [dict(r) for r in reader]
+    else:
+        raise PredictError(f"--file {file!r}: expected a .txt, .jsonl, .csv or .tsv file")
+    if len(rows) == len(texts):
+        raise PredictError(f"--file {file!r} holds no inputs")
+    if column is not None:
+        for i, row in enumerate(rows):
+            if isinstance(row, dict) and column not in row:
+                raise PredictError(f"{file}: row {i + 1 - len(texts)} has columns {sorted(row)}, no {column!r} "
+                                   "(--column)")
+    return rows
+
+
+def template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def as_text(row: dict | str, column: str | None, default_column: str) -> str:
+    """The text of an input for a classifier: the string itself, or the row's ``column``."""
+    if isinstance(row, str):
+        return row
+    name = column or default_column
+    if name not in row:
+        raise PredictError(f"an input row has columns {sorted(row)}, no {name!r}; name the text with --column")
+    return str(row[name])
+
+
+def as_prompt(row: dict | str, column: str | None, template: str) -> str:
+    """A causal-LM prompt: a row holding every field of ``template`` fills it; otherwise the text (the string,
+    or the row's ``column``) fills the template's one field (or is used as it is, for a template of several)."""
+    fields = template_fields(template)
+    if isinstance(row, dict):
+        if column is None and fields and all(f in row for f in fields):
+            return template.format(**row)
+        if column is None:
+            raise PredictError(f"an input row has columns {sorted(row)}, not the template's fields {fields}; name "
+                               "the prompt with --column")
+        row = str(row[column])
+    if len(fields) == 1:
+        return template.format(**{fields[0]: row})
+    return row
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass
+class Predictor:
+    model: Any
+    weights: Any  # plain, merged or wrapped (lora.wrap) parameters
+    tokenizer: Any
+    cfg: Any  # a train Config: task, max_length, prompt template, generation settings
+    source: str
+
+
+def _check_folder(path: str, what: str) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise PredictError(f"{what} {path!r} does not exist")
+    if not folder.is_dir():
+        raise PredictError(f"{what} {path!r} is not a folder")
+    return folder
+
+
+def _finish(model, params, adapters, tokenizer, cfg, merged: bool, source: str) -> Predictor:
+    import lora_jax as lora
+    from train import loop
+
+    if merged:
+        weights = loop.merged_params(params, adapters)
+    else:
+        weights = lora.wrap(params, adapters) if adapters else params
+    return Predictor(model, weights, tokenizer, cfg, source)
+
+
+def from_run(folder: str, *, merged: bool = False, precision: str | None = None) -> Predictor:
+    """The model of a finished ``train.run`` folder, its frozen base rebuilt as the run trained over it."""
+    import lora_jax as lora
+    from lora_jax.checkpoint import load_adapters
+    from train import loop
+    from train.config import load_config
+
+    run_dir = _check_folder(folder, "--run folder")
+    if not (run_dir / "config.yaml").is_file():
+        raise PredictError(f"--run {folder!r} holds no train.run output (config.yaml missing)")
+    overrides = [f"train.precision={precision}"] if precision else []
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    model, params, tokenizer, _ = loop.load_model(cfg)
+    init_key, _ = loop.run_keys(cfg)
+    prepared = loop.prepare(cfg, params, init_key)
+    del params
+    adapters: Any = {}
+    if cfg.train.method in ("lora", "qlora"):
+        if not (run_dir / "adapters").is_dir():
+            raise PredictError(f"--run {folder!r} has no adapters/ folder: the run did not finish (resume it with "
+                               "python -m train.run --resume)")
+        adapters = load_adapters(run_dir / "adapters")
+        expected = {p: ad.kernel_shape for p, ad in lora.adapter_items(prepared.trainable["adapters"])}
+        found = {p: ad.kernel_shape for p, ad in lora.adapter_items(adapters)}
+        if set(found) != set(expected):
+            raise PredictError(f"{run_dir / 'adapters'} adapts {sorted(found)[:4]}..., its config.yaml targets "
+                               f"{sorted(expected)[:4]}...; the folder mixes two runs")
+    trained = prepared.trainable["params"]
+    if lora.targets.leaf_paths(trained):
+        if not (run_dir / "params").is_dir():
+            raise PredictError(f"--run {folder!r} has no params/ folder (the leaves trained in full, e.g. the "
+                               "classifier head): the run did not finish, or was written by an older train.run")
+        trained = loop.load_trained(run_dir / "params", trained)
+    params, adapters = loop.combine(prepared.frozen, {"adapters": adapters, "params": trained})
+    return _finish(model, params, adapters, tokenizer, cfg, merged, str(run_dir))
+
+
+def _adapter_kind(folder: Path) -> str:
+    from lora_jax.checkpoint import META_FILE
+
+    if (folder / "adapter_config.json").is_file():
+        return "peft"
+    if (folder / META_FILE).is_file():
+        return "lora_jax"
+    raise PredictError(f"--adapter {str(folder)!r} holds neither a lora_jax adapter ({META_FILE}) nor a PEFT "
+                       "adapter (adapter_config.json)")
+
+
+def from_base(base: str, adapter: str, *, task: str | None = None, num_labels: int | None = None,
+              merged: bool = False, precision: str | None = None) -> Predictor:
+    """A base model (anything :func:`lora_jax.models.load` takes) with a lora_jax or PEFT adapter."""
+    from lora_jax import models
+    from lora_jax.checkpoint import load_adapters
+    from train.config import load_config
+
+    if num_labels is not None and num_labels < 1:
+        raise PredictError(f"--num-labels must be >= 1, got {num_labels}")
+    folder = _check_folder(adapter, "--adapter folder")
+    kind = _adapter_kind(folder)
+    run_config = folder.parent / "config.yaml"
+    if kind == "lora_jax" and run_config.is_file():
+        run_cfg = load_config(run_config)
+        if run_cfg.train.method == "qlora" or run_cfg.lora.init == "pissa":
+            raise PredictError(f"{folder} was trained over a {'quantised' if run_cfg.train.method == 'qlora' else ''}"
+                               f"{' PiSSA residual' if run_cfg.lora.init == 'pissa' else ''} base, not over "
+                               f"{base!r} as it is; use --run {folder.parent}")
+    peft_cfg = json.loads((folder / "adapter_config.json").read_text()) if kind == "peft" else {}
+    if task is None and peft_cfg.get("task_type") in ("SEQ_CLS", "CAUSAL_LM"):
+        task = "classification" if peft_cfg["task_type"] == "SEQ_CLS" else "causal-lm"
+    path = models.resolve(base)
+    if task is None:
+        task = "classification" if path.is_dir() and _model_type(path) == "bert" else "causal-lm"
+    if num_labels is not None and task != "classification":
+        raise PredictError("--num-labels is for classification")
+    default = load_config(None)
+    cfg = dataclasses.replace(
+        default,
+        model=dataclasses.replace(default.model, name=str(base), num_labels=num_labels or (
+            _num_labels(path) if task == "classification" else default.model.num_labels)),
+        data=dataclasses.replace(default.data, task=task, prompt_template="{text}"),
+        train=dataclasses.replace(default.train, precision=precision or "float32"))
+    load_task = "causal-lm" if task == "causal-lm" else "sequence-classification"
+    extra = {"num_labels": cfg.model.num_labels} if task == "classification" else {}
+    loaded = models.load_model(base, dtype=cfg.train.precision, task=load_task, **extra)
+    params = loaded.params
+    if kind == "peft":
+        from lora_jax.peft import load_peft
+
+        peft = load_peft(folder, params, config=loaded.config)
+        adapters, params = peft.adapters, peft.update(params)
+        fresh = [p for p in loaded.new_params if not _in_tree(peft.trained, p)]
+    else:
+        adapters = load_adapters(folder)
+        fresh = list(loaded.new_params)
+    if fresh:
+        raise PredictError(f"{base!r} has no trained {', '.join(fresh[:2])} (a new head would be random) and the "
+                           f"adapter does not bring it; use --run with the training folder, or a PEFT export with "
+                           f"modules_to_save")
+    return _finish(loaded.model, params, adapters, loaded.tokenizer, cfg, merged, f"{base} + {folder}")
+
+
+def _in_tree(tree: dict, path: str) -> bool:
+    node: Any = tree
+    for k in path.split("/"):
+        if not isinstance(node, dict) or k not in node:
+            return False
+        node = node[k]
+    return True
+
+
+def _hf_config(path: Path) -> dict:
+    file = path / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _model_type(path: Path) -> str | None:
+    return _hf_config(path).get("model_type")
+
+
+def _num_labels(path: Path) -> int:
+    cfg = _hf_config(path)
+    if "num_labels" in cfg:
+        return int(cfg["num_labels"])
+    return len(cfg.get("id2label") or {}) or 2
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def classify(p: Predictor, texts: list[str], *, max_length: int | None = None, batch_size: int = 8) -> list[dict]:
+    """``[{"label": int, "probabilities": [...]}, ...]`` for ``texts`` (fixed-shape batches: one compile)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from train import data as data_lib
+
+    length = max_length or p.cfg.data.max_length
+    pad = data_lib._pad_id(p.tokenizer)
+
+    @jax.jit
+    def probs(weights, ids, mask):
+        logits = p.model.apply({"params": weights}, ids, attention_mask=mask, deterministic=True)
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start: start + batch_size]
+        ids = np.full((batch_size, length), pad, np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for i, t in enumerate(chunk + [chunk[-1]] * (batch_size - len(chunk))):
+            toks = p.tokenizer(t, truncation=True, max_length=length)["input_ids"]
+            ids[i, : len(toks)] = toks
+            mask[i, : len(toks)] = 1
+        pr = np.asarray(probs(p.weights, ids, mask))[: len(chunk)]
+        out += [{"label": int(np.argmax(row)), "probabilities": [float(x) for x in row]} for row in pr]
+    return out
+
+
+def generate(p: Predictor, prompts: list[str], *, max_new_tokens: int | None = None, num_beams: int = 1,
+             batch_size: int = 8) -> list[str]:
+    """Continuations of ``prompts`` (greedy, or beam search as the run's evaluation decodes)."""
+    from train import loop
+
+    ev = dataclasses.replace(p.cfg.eval, num_beams=num_beams,
+                             max_new_tokens=max_new_tokens or p.cfg.eval.max_new_tokens)
+    return loop.generate_texts(p.model, p.weights, p.tokenizer, prompts, dataclasses.replace(p.cfg, eval=ev),
+                               batch_size=batch_size)
+
+
+def predict(args: argparse.Namespace, print_fn=print) -> list[dict]:
+    rows = read_inputs(args.text, args.file, args.column)
+    if args.run:
+        p = from_run(args.run, merged=args.merged, precision=args.precision)
+    else:
+        p = from_base(args.base, args.adapter, task=args.task, num_labels=args.num_labels, merged=args.merged,
+                      precision=args.precision)
+    dc = p.cfg.data
+    records = []
+    if dc.task == "classification":
+        texts = [as_text(r, args.column, dc.text_column) for r in rows]
+        for text, res in zip(texts, classify(p, texts, max_length=args.max_length, batch_size=args.batch_size)):
+            records.append({"input": text, **res})
+            probs = " ".join(f"{x:.4f}" for x in res["probabilities"])
+            print_fn(f"{res['label']}\t[{probs}]\t{text}")
+    else:
+        template = args.template if args.template is not None else dc.prompt_template
+        column = args.column
+        prompts = [as_prompt(r, column, template) for r in rows]
+        outs = generate(p, prompts, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                        batch_size=args.batch_size)
+        for prompt, out in zip(prompts, outs):
+            records.append({"prompt": prompt, "output": out})
+            print_fn(f"{prompt.strip()!r} -> {out!r}")
+    if args.out:
+        out_path = Path(args.out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from lora_jax.checkpoint import CheckpointError
+    from train.config import ConfigError
+    from train.data import DataError
+
+    try:
+        predict(args)
+    except (PredictError, ConfigError, DataError, CheckpointError, ValueError, OSError, NotImplementedError) as e:
+        if os.environ.get("LORA_JAX_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    sys.exit(main())
