@@ -97,7 +97,40 @@ def e2e_smollm2(out: Path, scale: float) -> dict:
     return {"runs": runs}
 
 
-EXPERIMENTS = {"sst2_methods": sst2_methods, "rank_study": rank_study, "e2e_smollm2": e2e_smollm2}
+def qlora_vs_lora(out: Path, scale: float) -> dict:
+    """SST-2 / MiniLM, the same steps for each: LoRA over a float32 base, LoRA over a bfloat16 base, QLoRA over an
+    NF4 base (block 64, double quantisation, bfloat16 compute; every linear kernel quantised). Quality (validation
+    AUC, accuracy, loss) against memory: the frozen base as stored (all of it, the float word embeddings
+    included), the optimizer state and the compiled train step's peak (XLA's memory analysis)."""
+    steps = max(int(300 * scale), 2)
+    common = [f"train.steps={steps}", f"eval.every={max(steps // 4, 1)}", "checkpoint.every=100000"]
+    variants = {
+        "lora_f32": ["train.method=lora", "train.precision=float32"],
+        "lora_bf16_base": ["train.method=lora", "train.precision=bfloat16"],
+        "qlora_nf4": ["train.method=qlora", "train.precision=bfloat16", "quant.type=nf4", "quant.block_size=64",
+                      "quant.double_quant=true"],
+    }
+    runs = [_run(name, SST2, [*common, *extra], out) for name, extra in variants.items()]
+    table = []
+    for r in runs:
+        res = r["result"]
+        table.append({"name": r["name"], **{k: res["eval_after"].get(k) for k in ("auc", "accuracy", "loss")},
+                      "frozen_bytes": res.get("frozen_bytes"), "optimizer_state_bytes": res["optimizer_state_bytes"],
+                      "trainable_bytes": res["trainable_bytes"], "step_memory_bytes": res.get("step_memory_bytes"),
+                      "train_s": res["train_s"]})
+    print(f"\n{'run':<16} {'AUC':>7} {'acc':>7} {'loss':>7} {'base MiB':>9} {'opt MiB':>8} {'step MiB':>9}")
+    for row in table:
+        mib = [f"{row[k] / 2**20:.2f}" if row[k] is not None else "n/a"
+               for k in ("frozen_bytes", "optimizer_state_bytes", "step_memory_bytes")]
+        print(f"{row['name']:<16} {row['auc']:>7.4f} {row['accuracy']:>7.4f} {row['loss']:>7.4f} {mib[0]:>9} "
+              f"{mib[1]:>8} {mib[2]:>9}")
+    _plot(runs, "auc", out / "qlora_vs_lora_auc.png", f"SST-2, MiniLM-L6: {steps} steps each", x="step")
+    _plot(runs, "loss", out / "qlora_vs_lora_loss.png", f"SST-2, MiniLM-L6: {steps} steps each", x="step")
+    return {"runs": runs, "table": table}
+
+
+EXPERIMENTS = {"sst2_methods": sst2_methods, "rank_study": rank_study, "e2e_smollm2": e2e_smollm2,
+               "qlora_vs_lora": qlora_vs_lora}
 
 
 def main(argv=None) -> int:
