@@ -1,12 +1,14 @@
 """Multi-process start-up: ``jax.distributed.initialize`` when the environment says there are peers.
 
-TPU VM pod slices and SLURM/Open MPI launches are detected by JAX itself (``initialize()`` with no
-arguments). Elsewhere set ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
-``JAX_PROCESS_ID`` on every process (``JAX_LOCAL_DEVICE_IDS`` optionally). A single process starts nothing.
+Cloud TPU VMs (one host or a pod slice: where ``libtpu`` is installed), GKE TPU pods (``TPU_WORKER_HOSTNAMES``)
+and SLURM / Open MPI launches are detected by JAX itself (``initialize()`` with no arguments). Elsewhere set
+``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every
+process (``JAX_LOCAL_DEVICE_IDS`` optionally). A single process starts nothing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -29,5 +31,14 @@ def initialize_from_env() -> bool:
     if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1" or \
             os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1":
         jax.distributed.initialize()
+        return True
+    if importlib.util.find_spec("libtpu") is not None:
+        # A Cloud TPU VM sets none of the variables above: JAX finds the slice's workers on the metadata server.
+        # (libtpu alone drives a pod slice's devices, but Orbax's multi-host checkpoints need the distributed
+        # client.) On a machine with libtpu but no TPU, JAX detects no cluster and raises ValueError.
+        try:
+            jax.distributed.initialize()
+        except ValueError:
+            return False
         return True
     return False
