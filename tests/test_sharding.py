@@ -21,10 +21,13 @@ What they check, against the rules in :mod:`lora_jax.sharding`:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -435,3 +438,54 @@ def test_8dev_real_training_job_places_state_as_documented(mesh, tmp_path, minil
     # the batch: (accumulation, examples, tokens) with examples over both mesh axes
     assert _norm(batch["input_ids"].spec) == (None, ("data", "fsdp"))
     assert _norm(batch["labels"].spec) == (None, ("data", "fsdp"))
+
+
+# ------------------------------------------------------------------------------------------ docs/scaling.md
+
+
+def _doc_commands(text: str) -> list[str]:
+    """The shell commands of the page's code blocks, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    commands = []
+    for block in blocks:
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+    return commands
+
+
+def test_scaling_doc_uses_real_options():
+    """Every ``python -m train.run`` command in docs/scaling.md parses: its flags exist, its config file exists,
+    its overrides load, its batch divides over its mesh; every cluster variable it names is one the code reads."""
+    import shlex
+
+    from train.config import load_config
+    from train.run import parse_args
+
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    runs = 0
+    for command in _doc_commands(text):
+        if "train.run" not in command:
+            continue
+        # up to the end of the command: a closing quote (gcloud's --command="..."), '&' or ';'
+        rest = re.split(r'"|\s&|;', command.split("train.run", 1)[1])[0]
+        words = shlex.split(rest.replace("$i", "0"))
+        args = parse_args(words)  # argparse exits on an unknown --flag
+        assert all(not w.startswith("--") or w in ("--config", "--resume", "--print-config") for w in words), words
+        if args.config:
+            assert (ROOT / args.config).is_file(), args.config
+        cfg = load_config(ROOT / args.config if args.config else None, args.overrides)
+        devices = cfg.mesh.data * cfg.mesh.fsdp
+        assert cfg.mesh.data >= 1 and cfg.train.batch_size % devices == 0, (command, devices)
+        runs += 1
+    assert runs >= 8
+    source = (ROOT / "train" / "distributed.py").read_text()
+    for name in set(re.findall(r"\b((?:JAX|SLURM|OMPI)_[A-Z_]+)\b", text)) - {"JAX_PLATFORMS"}:
+        assert name in source, f"docs/scaling.md names {name}, which train/distributed.py does not read"
+    prefixed = re.findall(r"`(\w+\.\w+)`", text)  # `mesh.fsdp`, `train.batch_size`, ... in the prose
+    from train.config import Config
+
+    sections = typing.get_type_hints(Config)
+    for key in prefixed:
+        section, name = key.split(".")
+        if section in sections and not (ROOT / section / f"{name}.py").exists():  # not the module train.run
+            assert name in {f.name for f in dataclasses.fields(sections[section])}, key
