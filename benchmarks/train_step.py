@@ -408,13 +408,11 @@ def _notes(scale_rows) -> list[str]:
     if ratio.get("all-linear", 0) > 0.8:
         notes.append(
             f"all-linear costs {ratio['all-linear']:.2f}x full fine-tuning vs "
-            f"{ratio.get('attention', float('nan')):.2f}x for attention: the MLP adapters are slow on XLA:CPU. "
-            "lora_jax.ops.dot keeps the (batch, seq) axes in the low-rank product, so autodiff forms dB = h^T @ dy as "
-            "a dot contracting two axes; XLA:CPU then transposes the (tokens x d_out) cotangent, fused into the SwiGLU "
-            "backward's elementwise loop, which reads its inputs column-wise (~50 ms for one 512 x 1536 layer in the "
-            "profile). Flattening the low-rank path to 2-D (x.reshape(-1, d_in) @ A @ B) removes the transpose: "
-            "measured once with ops.dot so patched, on SmolLM2-135M (30 layers, 4 x 128 tokens), all-linear went "
-            "from 0.90x to 0.69x of full fine-tuning (qv unchanged, 0.61x).")
+            f"{ratio.get('attention', float('nan')):.2f}x for attention: the MLP adapters are slow here. "
+            "Before lora_jax.ops.dot ran the low-rank path on a 2-D (tokens, d_in) matrix, autodiff formed "
+            "dB = h^T @ dy as a dot contracting the batch and sequence axes and XLA:CPU transposed the whole "
+            "(tokens x d_out) cotangent inside the SwiGLU backward (~50 ms for one 512 x 1536 layer in the "
+            "profile); check whether a change brought that back.")
     return notes
 
 

@@ -512,7 +512,10 @@ def combine(frozen: PyTree, trainable: Mapping) -> tuple[PyTree, PyTree]:
             return value
         return leaf
 
-    params = jax.tree_util.tree_map_with_path(put, frozen, is_leaf=lambda x: x is None)
+    # A weight node (a quantised kernel) is one frozen leaf: its own ``None`` fields (an int8 or single-quantised
+    # kernel has no second-level scales) are not trained leaves that went missing.
+    is_leaf = lambda x: x is None or _targets.is_weight_node(x)  # noqa: E731
+    params = jax.tree_util.tree_map_with_path(put, frozen, is_leaf=is_leaf)
     return params, trainable["adapters"]
 
 

@@ -394,3 +394,19 @@ def test_real_minilm_in_nf4_keeps_its_sentence_embeddings(minilm_path):
     # and QLoRA adapters on it start at the quantised model
     adapters = lora.init(qp, r=4, targets="qv")
     np.testing.assert_allclose(embed(lora.wrap(qp, adapters)), nf4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,double_quant", [("int8", False), ("nf4", False), ("nf4", True)])
+def test_split_combine_round_trips_a_quantized_base_with_a_trained_head(method, double_quant):
+    # An int8 or single-quantised kernel has empty (None) second-level scale fields; combine must not take them
+    # for trained leaves that went missing.
+    params = {"layer": {"kernel": jnp.asarray(_weights((64, 32)))}, "head": {"kernel": jnp.zeros((32, 2))}}
+    q = lora.quantize(params, method, double_quant=double_quant, targets="layer/kernel", block_size=64)
+    adapters = lora.init(q, r=4, targets="layer/kernel")
+    frozen, trainable = lora.split(q, adapters, train="head/.*")
+    assert frozen["head"]["kernel"] is None and set(trainable["params"]) == {"head"}
+    params2, adapters2 = lora.combine(frozen, trainable)
+    assert jax.tree.structure(params2) == jax.tree.structure(q)
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(q)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert adapters2 is adapters

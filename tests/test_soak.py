@@ -9,7 +9,7 @@ Two runs, both ``-m slow``:
 
 Compilations are counted from ``jax.log_compiles`` records ("Compiling jit(...)") and must stop after step 200
 (warm-up); memory is the process RSS (psutil) after ``gc.collect()``, every 100 steps from step 200 to 2,000. The
-numbers are printed (``pytest -m slow -s tests/test_soak.py``).
+numbers are printed (``pytest -m slow -n 0 -s tests/test_soak.py``).
 """
 
 from __future__ import annotations

@@ -223,6 +223,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert, tmp_path):
             assert np.isfinite(rec["loss"])
 
 
+@pytest.mark.slow  # tests/test_sharding.py checks the same on 8 devices in the fast suite
 def test_eight_devices_match_one(tiny_bert, tmp_path):
     """The same run on 8 forced CPU devices (data 4 x fsdp 2) gives the losses of the 1-device run."""
     losses = {}
@@ -305,7 +306,7 @@ def _start_and_interrupt(tiny_bert, out, sig, at_step) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("sig", ["kill", "term"])
+@pytest.mark.parametrize("sig", ["kill", pytest.param("term", marks=pytest.mark.slow)])
 def test_interrupted_run_resumes_to_the_same_result(full_run, tiny_bert, tmp_path, sig):
     """SIGKILL at a random step (or SIGTERM, the preemption notice) and --resume: per-step losses and final
     adapters equal the uninterrupted run's."""

@@ -70,7 +70,7 @@ def trained(cfg, folder):
     prepared = loop.prepare(cfg, params, loop.run_keys(cfg)[0])
     head = loop.load_trained(folder / "params", prepared.trainable["params"])
     adapters = load_adapters(folder / "adapters")
-    full, adapters = loop.combine(prepared.frozen, {"adapters": adapters, "params": head})
+    full, adapters = lora.combine(prepared.frozen, {"adapters": adapters, "params": head})
     return model, full, adapters, batch, model_cfg, params
 
 
@@ -226,7 +226,7 @@ def test_pissa_starts_on_the_principal_directions_and_equals_the_base(tiny_bert,
     cfg = config(tiny_bert, tmp_path, **{"lora.init": "pissa", "lora.r": 4})
     model, params, _, batch = _data(cfg)
     prepared = loop.prepare(cfg, params, jax.random.key(0))
-    full, adapters = loop.combine(prepared.frozen, prepared.trainable)
+    full, adapters = lora.combine(prepared.frozen, prepared.trainable)
     for path, ad in lora.adapter_items(adapters):
         w = np.asarray(lora.core._nested_get(params, tuple(path.split("/"))))
         res = np.asarray(lora.core._nested_get(full, tuple(path.split("/"))))

@@ -200,23 +200,6 @@ def prepare(cfg: Config, params: Any, key: jax.Array) -> Prepared:
     return Prepared(frozen, trainable, pissa_init)
 
 
-def combine(frozen: Any, trainable: dict) -> tuple[Any, Any]:
-    """:func:`lora_jax.combine` for a frozen tree that may hold weight nodes (quantised kernels): their own
-    ``None`` fields (an int8 or single-quantised kernel has no second-level scales) are not trained leaves."""
-    full = trainable.get("params", {})
-
-    def put(path, leaf):
-        if leaf is None:
-            value = lora.core._nested_get(full, lora.targets.path_tuple(path))
-            if value is None:
-                raise ValueError(f"combine: {lora.targets.path_str(path)} is frozen as None but has no trained value")
-            return value
-        return leaf
-
-    params = jax.tree_util.tree_map_with_path(put, frozen, is_leaf=lambda x: x is None or _is_weight_node(x))
-    return params, trainable["adapters"]
-
-
 def dequantized(params: Any) -> Any:
     """``params`` with every quantised kernel dense (in its compute dtype)."""
     return lora.quant.dequantize(params)
@@ -273,7 +256,7 @@ def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
     task = cfg.data.task
 
     def micro_loss(trainable, frozen, batch, key, total):
-        params, adapters = combine(frozen, trainable)
+        params, adapters = lora.combine(frozen, trainable)
         # One key per micro-batch, split between the adapters' dropout (lora.dropout, each adapter folds in its
         # own index) and the model's own dropout layers.
         lora_key, model_key = jax.random.split(key)
@@ -312,7 +295,7 @@ def make_eval_step(model, cfg: Config):
     loss_fn = LOSSES[cfg.data.task]
 
     def evaluate(trainable, frozen, batch):
-        params, adapters = combine(frozen, trainable)  # no dropout key: the adapters' dropout is off
+        params, adapters = lora.combine(frozen, trainable)  # no dropout key: the adapters' dropout is off
         loss_sum, aux = loss_fn(model, lora.wrap(params, adapters), batch, train=False, rng=None)
         return loss_sum, aux["count"], aux.get("logits")
 
@@ -489,7 +472,7 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         if cfg.data.task != "causal-lm" or n <= 0 or multi_process:
             return []
         prompts = list(dict.fromkeys(eval_data.prompts))[:n]
-        params_now, adapters_now = combine(frozen, trainable)
+        params_now, adapters_now = lora.combine(frozen, trainable)
         outs = generate_texts(model, lora.wrap(params_now, adapters_now), tokenizer, prompts, cfg)
         return list(zip(prompts, outs))
 
@@ -499,7 +482,7 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
             return {}
         unique = list(dict.fromkeys(eval_data.prompts))[:n]
         refs = {p: r for p, r in zip(eval_data.prompts, eval_data.references)}
-        params_now, adapters_now = combine(frozen, trainable)
+        params_now, adapters_now = lora.combine(frozen, trainable)
         preds = generate_texts(model, merged_params(params_now, adapters_now), tokenizer, unique, cfg)
         return metrics_lib.generation(preds, [refs[p] for p in unique])
 
@@ -596,7 +579,7 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
     for prompt, out in samples_after:
         say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
-    params_final, adapters_final = combine(frozen, trainable)
+    params_final, adapters_final = lora.combine(frozen, trainable)
     trained_final = trainable["params"]
     if multi_process:  # exports are written by process 0 from host copies of the (replicated or sharded) arrays
         adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)

@@ -223,7 +223,7 @@ def from_run(folder: str, *, merged: bool = False, precision: str | None = None)
             raise PredictError(f"--run {folder!r} has no params/ folder (the leaves trained in full, e.g. the "
                                "classifier head): the run did not finish, or was written by an older train.run")
         trained = loop.load_trained(run_dir / "params", trained)
-    params, adapters = loop.combine(prepared.frozen, {"adapters": adapters, "params": trained})
+    params, adapters = lora.combine(prepared.frozen, {"adapters": adapters, "params": trained})
     return _finish(model, params, adapters, tokenizer, cfg, merged, str(run_dir))
 
 
