@@ -381,3 +381,24 @@ def test_cli_bad_input_is_a_clear_error(tiny_bert, tmp_path, extra, message):
                           timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_experiment_run_records_evals_and_reuse_skips_only_an_identical_finished_run(tiny_bert, tmp_path,
+                                                                                     monkeypatch):
+    from train import experiment
+
+    ov = [o for o in overrides(tiny_bert, tmp_path / "unused", **{"train.steps": 4, "eval.every": 2})
+          if not o.startswith("output.dir=")]
+    first = experiment._run("tiny", None, ov, tmp_path)
+    assert [e["step"] for e in first["evals"]] == [0, 2, 4] and first["result"]["steps"] == 4
+    assert np.isfinite(first["final_train_loss"])
+
+    monkeypatch.setattr(experiment, "REUSE", True)
+    calls = []
+    real_run = experiment.run
+    monkeypatch.setattr(experiment, "run", lambda cfg, **k: calls.append(cfg) or real_run(cfg, **k))
+    again = experiment._run("tiny", None, ov, tmp_path)  # same config: reused, not trained
+    assert calls == [] and again["result"] == first["result"] and again["evals"] == first["evals"]
+    changed = experiment._run("tiny", None, [*ov, "lora.r=2"], tmp_path)  # another config: trained again
+    assert len(calls) == 1 and calls[0].lora.r == 2 and changed["result"]["trainable_params"] != \
+        first["result"]["trainable_params"]

@@ -4,8 +4,9 @@
     python -m train.experiment rank_study     # rank r = 1..64, and which matrices at a fixed parameter budget
     python -m train.experiment e2e_smollm2    # E2E data-to-text with SmolLM2-135M + LoRA: BLEU / ROUGE-L
 
-Options: ``--out DIR`` (default ``experiments/``) and ``--scale F`` (multiplies budgets and steps, e.g. 0.1 for a
-smoke run). Each writes ``DIR/NAME.json`` (every run's config, eval history and result) and PNG plots beside it.
+Options: ``--out DIR`` (default ``experiments/``), ``--scale F`` (multiplies budgets and steps, e.g. 0.1 for a
+smoke run) and ``--reuse`` (take the result of a finished run whose saved config is the same instead of training
+it again: an experiment extended by a run, or one interrupted part-way, only trains what is missing). Each writes ``DIR/NAME.json`` (every run's config, eval history and result) and PNG plots beside it.
 The runs of one experiment execute one after another in this process; on a shared machine their wall-clock times
 carry its noise, which the JSON records with each evaluation.
 """
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from train.config import load_config
+from train.config import dump, load_config
 from train.loop import run
 from train.metrics import read_log
 
@@ -25,16 +26,32 @@ ROOT = Path(__file__).resolve().parents[1]
 SST2 = "configs/sst2_minilm_lora.yaml"
 
 
+REUSE = False  # --reuse
+
+
+def _finished(folder: Path, cfg) -> bool:
+    """Whether ``folder`` holds a finished run of exactly ``cfg``."""
+    try:
+        return (folder / "config.yaml").read_text() == dump(cfg) and (folder / "result.json").is_file()
+    except OSError:
+        return False
+
+
 def _run(name: str, config: str | None, overrides: list[str], out: Path) -> dict:
     folder = out / "runs" / name
     cfg = load_config(ROOT / config if config else None,
                       [*overrides, f"output.dir={folder}", "output.overwrite=true"])
-    print(f"\n=== {name}: {' '.join(overrides)}", flush=True)
-    result = run(cfg, print_fn=lambda *a, **k: print(*a, **k, flush=True))
-    evals = [r for r in read_log(folder) if r["kind"] == "eval"]
+    if REUSE and _finished(folder, cfg):
+        print(f"\n=== {name}: reusing the finished run in {folder}", flush=True)
+    else:
+        print(f"\n=== {name}: {' '.join(overrides)}", flush=True)
+        run(cfg, print_fn=lambda *a, **k: print(*a, **k, flush=True))
+    log = read_log(folder)
+    evals = [r for r in log if r["kind"] == "eval"]
+    train = [r for r in log if r["kind"] == "train"]
     saved = json.loads((folder / "result.json").read_text())
     return {"name": name, "overrides": overrides, "evals": evals, "result": saved,
-            "final_train_loss": result.history[-1]["loss"] if result.history else None}
+            "final_train_loss": train[-1]["loss"] if train else None}
 
 
 def _plot(runs: list[dict], metric: str, path: Path, title: str, x: str = "train_s") -> None:
@@ -78,13 +95,16 @@ def rank_study(out: Path, scale: float) -> dict:
     common = [f"train.steps={steps}", f"eval.every={max(steps // 4, 1)}", "checkpoint.every=100000", "optim.lr=1e-3"]
     runs = [_run(f"r{r}_qv", SST2, [*common, f"lora.r={r}", f"lora.alpha={2 * r}", "lora.targets=qv"], out)
             for r in (1, 2, 4, 8, 16, 64)]
-    # Fixed budget: 8 x (384 + 384) adapter parameters per layer, spread over more matrices at lower rank.
+    # Fixed budget: 8 x (384 + 384) adapter parameters per layer, spread over more matrices at lower rank. Every
+    # linear layer at the lowest rank, r=1, is 4 x 768 + 2 x 1920 = 6,912 per layer: 1.125x the budget.
     layouts = {"Wq r=8": (".*/self/query/kernel", 8), "Wq,Wv r=4": ("qv", 4),
-               "Wq,Wk,Wv,Wo r=2": ("attention", 2)}
+               "Wq,Wk,Wv,Wo r=2": ("attention", 2), "all-linear r=1": ("all-linear", 1)}
     for name, (targets, r) in layouts.items():
         runs.append(_run(name.replace(",", "").replace(" ", "_").replace("=", ""), SST2,
                          [*common, f"lora.r={r}", f"lora.alpha={2 * r}", f"lora.targets={targets}"], out))
     _plot(runs[:6], "auc", out / "rank_study_auc.png", "SST-2, MiniLM-L6: LoRA rank (W_q, W_v)", x="step")
+    _plot(runs[6:], "auc", out / "rank_study_matrices_auc.png",
+          "SST-2, MiniLM-L6: which matrices, ~6K adapter params per layer", x="step")
     return {"runs": runs}
 
 
@@ -138,7 +158,10 @@ def main(argv=None) -> int:
     ap.add_argument("name", choices=sorted(EXPERIMENTS))
     ap.add_argument("--out", default="experiments")
     ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs whose saved config is the same")
     args = ap.parse_args(argv)
+    global REUSE
+    REUSE = args.reuse
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = EXPERIMENTS[args.name](out, args.scale)
