@@ -96,7 +96,7 @@ def rank_study(out: Path, scale: float) -> dict:
     runs = [_run(f"r{r}_qv", SST2, [*common, f"lora.r={r}", f"lora.alpha={2 * r}", "lora.targets=qv"], out)
             for r in (1, 2, 4, 8, 16, 64)]
     # Fixed budget: 8 x (384 + 384) adapter parameters per layer, spread over more matrices at lower rank. Every
-    # linear layer at the lowest rank, r=1, is 4 x 768 + 2 x 1920 = 6,912 per layer: 1.125x the budget.
+    # linear layer at the lowest rank, r=1 (4 x 768 + 2 x 1920 per layer, plus the pooler), is 1.15x the budget.
     layouts = {"Wq r=8": (".*/self/query/kernel", 8), "Wq,Wv r=4": ("qv", 4),
                "Wq,Wk,Wv,Wo r=2": ("attention", 2), "all-linear r=1": ("all-linear", 1)}
     for name, (targets, r) in layouts.items():
