@@ -289,18 +289,13 @@ def main(argv=None) -> dict:
         else:
             notes.append("peft: skipped, torch and peft are not installed (pip install torch==2.13.0 peft)")
     ids_j = jnp.asarray(ids)
-    if "nnx" in args.peers:
-        t0 = time.perf_counter()
-        model = nnx_model(cfg, args.r)
-        run, _ = nnx_step(model, args.lr)
-        fns["nnx"] = lambda run=run: run(ids_j)
-        info["nnx"] = {"trainable": count_lora(model), "setup_s": time.perf_counter() - t0}
-    if "nnx-split" in args.peers:
-        t0 = time.perf_counter()
-        model = nnx_model(cfg, args.r)
-        run, _ = nnx_split_step(model, args.lr)
-        fns["nnx-split"] = lambda run=run: run(ids_j)
-        info["nnx-split"] = {"trainable": count_lora(model), "setup_s": time.perf_counter() - t0}
+    for peer, make_step in (("nnx", nnx_step), ("nnx-split", nnx_split_step)):
+        if peer in args.peers:
+            t0 = time.perf_counter()
+            model = nnx_model(cfg, args.r)
+            run, _ = make_step(model, args.lr)
+            fns[peer] = lambda run=run: run(ids_j)
+            info[peer] = {"trainable": count_lora(model), "setup_s": time.perf_counter() - t0}
     if "qwix" in args.peers:
         ok, why = qwix_available()
         if ok:

@@ -135,7 +135,7 @@ def dot(x: Array, w: Array | LoraWeight, axes: int = 1, *, precision=None) -> Ar
     xd = _dropout(x, w)
     # The low-rank path runs on a 2-D (tokens, d_in) matrix: with the batch axes kept, autodiff forms
     # dB = h^T @ dy as a dot contracting several axes, and XLA:CPU transposes the whole (tokens, d_out)
-    # cotangent for it (measured in benchmarks/train_step.py: all-linear 0.90x -> 0.69x of full fine-tuning).
+    # cotangent for it (benchmarks/train_step.py, adapters on every linear layer: 0.97x -> 0.75x of full fine-tuning).
     h = xd.reshape(math.prod(batch), math.prod(ad.in_shape))
     h = jnp.matmul(h, ad.a.astype(y.dtype), precision=precision)
     h = jnp.matmul(h, ad.b.astype(y.dtype), precision=precision) * jnp.asarray(ad.scale, y.dtype)

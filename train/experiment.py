@@ -6,7 +6,8 @@
 
 Options: ``--out DIR`` (default ``experiments/``), ``--scale F`` (multiplies budgets and steps, e.g. 0.1 for a
 smoke run) and ``--reuse`` (take the result of a finished run whose saved config is the same instead of training
-it again: an experiment extended by a run, or one interrupted part-way, only trains what is missing). Each writes ``DIR/NAME.json`` (every run's config, eval history and result) and PNG plots beside it.
+it again: an experiment extended by a run, or one interrupted part-way, only trains what is missing). Each
+writes ``DIR/NAME.json`` (every run's config, eval history and result) and PNG plots beside it.
 The runs of one experiment execute one after another in this process; on a shared machine their wall-clock times
 carry its noise, which the JSON records with each evaluation.
 """

@@ -141,17 +141,11 @@ def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dic
 
 def _cast_floats(tree: Any, dtype) -> Any:
     def cast(x):
-        if _is_weight_node(x) or not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+        if lora.targets.is_weight_node(x) or not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
             return x
         return x.astype(dtype) if x.dtype != dtype else x
 
-    return jax.tree.map(cast, tree, is_leaf=_is_weight_node)
-
-
-def _is_weight_node(x: Any) -> bool:
-    from lora_jax.targets import is_weight_node
-
-    return is_weight_node(x)
+    return jax.tree.map(cast, tree, is_leaf=lora.targets.is_weight_node)
 
 
 def quantize_base(cfg: Config, frozen: Any) -> Any:
