@@ -25,6 +25,16 @@ from lora_jax.core import (
     unwrap,
     wrap,
 )
+from lora_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    LoraJaxError,
+    MergeStateError,
+    NonFiniteError,
+    PeftError,
+    TargetError,
+)
 from lora_jax.ops import dense, dot, einsum, embed, materialize
 from lora_jax.multi import (
     AdapterSet,
@@ -46,6 +56,8 @@ from lora_jax.transform import init_stacked, transform, transform_report
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError", "ConfigError", "DataError", "LoraJaxError", "MergeStateError", "NonFiniteError", "PeftError",
+    "TargetError",
     "LoraAdapter", "LoraWeight", "Summary", "PRESETS", "adapter_items", "combine", "dense", "dot", "einsum",
     "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",

@@ -21,13 +21,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lora_jax.errors import CheckpointError
 from lora_jax.core import LoraAdapter, _nested_set, adapter_items
 
 META_FILE = "lora_adapters.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the expected structure."""
 
 
 def _abstract(tree: Any) -> Any:

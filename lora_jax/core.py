@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import targets as _targets
+from lora_jax.errors import MergeStateError, TargetError
 
 PyTree = Any
 Array = jax.Array
@@ -396,7 +397,7 @@ def merge(params: PyTree, adapters: PyTree) -> PyTree:
 
     def fold(path: str, w, ad: LoraAdapter):
         if _merged_with(w, ad):
-            raise ValueError(f"merge: {path} already has this adapter merged in; merging again would add dW "
+            raise MergeStateError(f"merge: {path} already has this adapter merged in; merging again would add dW "
                              "twice (unmerge first, or merge into the original params)")
         out = merged_kernel(w, ad).astype(w.dtype)
         _mark_merged(out, ad, dora_norm(w, ad) if ad.is_dora and _concrete(out) else None)
@@ -484,7 +485,7 @@ def split(params: PyTree, adapters: PyTree, train: str | Sequence[str] | None = 
     candidates = [p for p, _ in _targets.leaf_paths(params)]
     for rule in rules:
         if not any(rule.fullmatch(p) for p in candidates):
-            raise ValueError(_targets.no_match_message("train", rule.pattern, candidates))
+            raise TargetError(_targets.no_match_message("train", rule.pattern, candidates))
     full: dict = {}
 
     def pick(path, leaf):

@@ -51,7 +51,7 @@ import numpy as np
 
 from lora_jax import core
 from lora_jax import targets as _targets
-from lora_jax.models.hf import CheckpointError
+from lora_jax.errors import CheckpointError, PeftError
 
 PyTree = Any
 logger = logging.getLogger("lora_jax.peft")
@@ -79,9 +79,6 @@ _UNSUPPORTED = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
-class PeftError(CheckpointError):
-    """An adapter folder that cannot be loaded onto these params, or adapters that cannot be saved in PEFT's
-    format. The message names the file and the tensor."""
 
 
 def _has_dora() -> bool:

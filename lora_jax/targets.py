@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import TargetError
+
 _KERNEL = r"(kernel|weight|w)"
 _ATTN_BLOCK = r"(attention|attn|self_attn|self_attention|cross_attn|cross_attention|crossattention|mha)"
 
@@ -150,11 +152,11 @@ def select(
     """
     leaves = leaf_paths(params)
     if not leaves:
-        raise ValueError("params has no array leaves to adapt")
+        raise TargetError("params has no array leaves to adapt")
     excluded = compile_rules(exclude, "exclude")
     for rule in excluded:
         if not any(rule.fullmatch(p) for p, _ in leaves):
-            raise ValueError(no_match_message("exclude", rule.pattern, [p for p, _ in leaves]))
+            raise TargetError(no_match_message("exclude", rule.pattern, [p for p, _ in leaves]))
 
     preset = None
     if targets is None:
@@ -164,7 +166,7 @@ def select(
     elif isinstance(targets, str) and re.fullmatch(r"[a-z]+(-[a-z]+)*", targets) and not any(
         re.fullmatch(targets, p) for p, _ in leaves
     ):
-        raise ValueError(f"targets {targets!r} is neither a preset {sorted(PRESETS)} nor a regex that matches a "
+        raise TargetError(f"targets {targets!r} is neither a preset {sorted(PRESETS)} nor a regex that matches a "
                          f"leaf path (e.g. '.*{targets}/kernel')")
 
     candidates = [p for p, leaf in leaves if _is_kernel_like(leaf) and not is_embedding(p)]
@@ -176,31 +178,31 @@ def select(
                     and not is_head(p) and not any(r.fullmatch(p) for r in excluded):
                 chosen[p] = leaf
         if not chosen:
-            raise ValueError(f"targets preset {preset!r} matches no kernel of these params. Name the kernels with "
+            raise TargetError(f"targets preset {preset!r} matches no kernel of these params. Name the kernels with "
                              f"a regex instead. {no_match_message('targets', preset, candidates)}")
     else:
         rules = compile_rules(targets, "targets")
         for rule in rules:
             hits = [(p, leaf) for p, leaf in leaves if rule.fullmatch(p)]
             if not hits:
-                raise ValueError(no_match_message("targets", rule.pattern, candidates))
+                raise TargetError(no_match_message("targets", rule.pattern, candidates))
             for p, leaf in hits:
                 if any(r.fullmatch(p) for r in excluded):
                     continue
                 if not hasattr(leaf, "shape") or not jnp.issubdtype(leaf.dtype, jnp.floating):
-                    raise ValueError(f"targets rule {rule.pattern!r} selects {p}, which is not a floating-point "
+                    raise TargetError(f"targets rule {rule.pattern!r} selects {p}, which is not a floating-point "
                                      f"array (dtype {getattr(leaf, 'dtype', type(leaf).__name__)}); LoRA adapts "
                                      "float kernels only")
                 if len(leaf.shape) < 2:
-                    raise ValueError(f"targets rule {rule.pattern!r} selects {p} of shape {tuple(leaf.shape)}; "
+                    raise TargetError(f"targets rule {rule.pattern!r} selects {p} of shape {tuple(leaf.shape)}; "
                                      "LoRA adapts kernels with at least two axes (biases and norms are trained "
                                      "in full with split(..., train=...) instead)")
                 if is_embedding(p) and not allow_embeddings:
-                    raise ValueError(f"targets rule {rule.pattern!r} selects the embedding table {p}; embeddings "
+                    raise TargetError(f"targets rule {rule.pattern!r} selects the embedding table {p}; embeddings "
                                      "are adapted only with allow_embeddings=True (and lora_jax.ops.embed)")
                 chosen[p] = leaf
         if not chosen:
-            raise ValueError(f"targets {[r.pattern for r in rules]} select nothing once exclude "
+            raise TargetError(f"targets {[r.pattern for r in rules]} select nothing once exclude "
                              f"{[r.pattern for r in excluded]} is applied")
     return [(p, leaf) for p, leaf in leaves if p in chosen]
 
@@ -213,7 +215,7 @@ class PatternMap:
         self._rules = [(re.compile(k), v) for k, v in (patterns or {}).items()]
         for rule, _ in self._rules:
             if not any(rule.fullmatch(p) for p in paths):
-                raise ValueError(no_match_message(what, rule.pattern, list(paths)))
+                raise TargetError(no_match_message(what, rule.pattern, list(paths)))
 
     def get(self, path: str, default: Any) -> Any:
         for rule, value in self._rules:

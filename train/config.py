@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from lora_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -145,8 +147,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 # ---------------------------------------------------------------------------------------------- typing

@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax.errors import DataError
 from train import builtin
 from train.config import DataConfig
 
 FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
-    """A data source that is missing, empty or malformed."""
 
 
 # ------------------------------------------------------------------------------------------------ rows

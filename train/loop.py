@@ -23,6 +23,7 @@ import optax
 import lora_jax as lora
 from lora_jax import sharding
 from lora_jax.checkpoint import Checkpointer, save_adapters
+from lora_jax.errors import NonFiniteError
 from train import config as config_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
@@ -32,8 +33,6 @@ from train.tasks import LOSSES
 DEFAULT_HEAD = ["classifier/.*"]
 
 
-class NonFiniteError(FloatingPointError):
-    """The loss or a gradient became NaN/inf."""
 
 
 # ------------------------------------------------------------------------------------------- output dir

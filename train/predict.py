@@ -40,8 +40,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lora_jax.errors import LoraJaxError
 
-class PredictError(ValueError):
+
+class PredictError(LoraJaxError, ValueError):
     """Input to ``train.predict`` that does not fit (a folder, file, column or adapter)."""
 
 

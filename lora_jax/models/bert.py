@@ -45,7 +45,7 @@ import numpy as np
 
 from lora_jax import ops
 from lora_jax.core import is_lora_weight
-from lora_jax.models.hf import CheckpointError
+from lora_jax.errors import CheckpointError
 from lora_jax.models.layers import Dense
 
 Array = jax.Array

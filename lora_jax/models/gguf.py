@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models import llama
-from lora_jax.models.llama import CheckpointError
+from lora_jax.errors import CheckpointError
 
 logger = logging.getLogger("lora_jax.models")
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax.errors import CheckpointError
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
@@ -37,9 +39,6 @@ HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.saf
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: a missing, corrupt or mis-shaped tensor, a missing file. The
-    message names the file and the tensor."""
 
 
 # ------------------------------------------------------------------------------------------- weights

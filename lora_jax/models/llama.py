@@ -45,11 +45,7 @@ from lora_jax.core import is_lora_weight
 from lora_jax.models.generate import KVCache, begin_step, default_positions, finish_step, write_cache
 from lora_jax.models.layers import Dense
 
-try:  # the shared checkpoint error of lora_jax.models.hf (a ValueError)
-    from lora_jax.models.hf import CheckpointError
-except ImportError:  # pragma: no cover - hf.py is developed alongside
-    class CheckpointError(ValueError):
-        """A checkpoint that cannot be loaded (names the file and the tensor)."""
+from lora_jax.errors import CheckpointError
 
 Array = jax.Array
 Dtype = Any
