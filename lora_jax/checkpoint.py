@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,18 @@ from lora_jax.core import LoraAdapter, _nested_set, adapter_items
 META_FILE = "lora_adapters.json"
 
 
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Orbax logs a damaged file through absl at ERROR level before raising; the raised error is reported."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -149,7 +163,8 @@ class Checkpointer:
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
                                                enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.folder, options=options)
+        with _quiet_absl():  # (damaged step metadata is reported when the step is restored)
+            self.manager = ocp.CheckpointManager(self.folder, options=options)
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0
@@ -166,8 +181,9 @@ class Checkpointer:
     def restore(self, step: int, trainable_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict]:
         target = _abstract({"trainable": trainable_like, "opt_state": opt_state_like})
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            with _quiet_absl():  # a damaged step: the error below says it in one line
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:
             raise CheckpointError(f"checkpoint step {step} in {self.folder} cannot be restored: "
                                   f"{type(e).__name__}: {_first_line(e)}") from e
@@ -189,14 +205,16 @@ class Checkpointer:
         errors, damaged = [], []
         for step in reversed(self.steps()):
             try:
-                restored = (step, *self.restore(step, trainable_like, opt_state_like))
+                with _quiet_absl():
+                    restored = (step, *self.restore(step, trainable_like, opt_state_like))
             except CheckpointError as e:
                 if not fallback:
                     raise
                 errors.append(str(e))
                 damaged.append(step)
-                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
                 continue
+            for e in errors:  # (when nothing restores, the error below says it all)
+                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
             if damaged:
                 aside = self.folder.parent / f"{self.folder.name}-damaged"
                 if jax.process_index() == 0:

@@ -453,6 +453,11 @@ def _checked_adapters(adapters: Any, what: str) -> list[tuple[str, LoraAdapter]]
     return adapter_items(adapters)
 
 
+def _check_flag(value: Any, what: str, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what}: {name} must be True or False, got {value!r}")
+
+
 def _check_params(params: Any, what: str) -> None:
     if isinstance(params, (str, bytes, LoraAdapter)) or hasattr(params, "shape"):
         raise TypeError(f"{what}: params must be a parameter tree (nested dict of arrays), got "
@@ -478,6 +483,7 @@ def merge(params: PyTree, adapters: PyTree, *, stack: bool = False) -> PyTree:
     tree raise ``TypeError``.
     """
     _check_params(params, "merge")
+    _check_flag(stack, "merge", "stack")
     paths = frozenset(p for p, _ in _checked_adapters(adapters, "merge"))
     prior = merge_record(params) or ()
     shared = set().union(*(rec & paths for rec in prior)) if prior else set()
@@ -517,6 +523,7 @@ def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) ->
     remembers them, as PEFT caches them); otherwise keep the original params instead of unmerging.
     """
     _check_params(merged, "unmerge")
+    _check_flag(assume_merged, "unmerge", "assume_merged")
     paths = frozenset(p for p, _ in _checked_adapters(adapters, "unmerge"))
     record = merge_record(merged)
     remaining: tuple[frozenset, ...] = ()
@@ -569,6 +576,7 @@ def wrap(params: PyTree, adapters: PyTree, *, dropout_key: Array | None = None, 
     if not isinstance(adapters, Mapping):
         raise TypeError(f"wrap: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, got "
                         f"{type(adapters).__name__}")
+    _check_flag(stack, "wrap", "stack")
     items = adapter_items(adapters)
     record = merge_record(params)
     if record and not stack:

@@ -13,7 +13,6 @@ for a training run), a run folder, or a job folder (``runs/<name>``: its latest 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_jax import analysis
+from train.cli import ArgumentParser
 
 # Subspaces compared between the first two adapters: the paper's (A's input directions) and dW's column space
 # in the paper's layout (the output directions the update writes).
@@ -325,7 +325,7 @@ def analyze(base: str, folders: Sequence[str | Path], out: str | Path, labels: S
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.analyze", description=__doc__.split("\n\n")[1])
+    ap = ArgumentParser(prog="python -m train.analyze", description=__doc__.split("\n\n")[1])
     ap.add_argument("--base", required=True, help="base model: anything lora_jax.models.load accepts")
     ap.add_argument("--adapters", required=True, nargs="+", help="adapter folders (save_adapters); the first two "
                     "are compared")

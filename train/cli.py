@@ -6,6 +6,7 @@ shows the full traceback instead.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -25,6 +26,13 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (LoraJaxError, ValueError, OSErr
                                                  KeyError, IndexError)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line too (exit 2; ``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
 def one_line(text: Any, limit: int = MAX_MESSAGE) -> str:
     """``text`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
     line = " ".join(str(text).split())
@@ -35,8 +43,25 @@ def _traceback_wanted() -> bool:
     return os.environ.get("LORA_JAX_TRACEBACK", "") not in ("", "0")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
+
+
 def guarded(fn: Callable[[], Any], prefix: str = "error") -> int:
-    """Run ``fn()``; return the exit status (0 on success) after printing one line for an error."""
+    """Run ``fn()``; return the exit status (0 on success) after printing one line for an error. Warnings are
+    printed as one line each (``warning: ...``)."""
+    import warnings
+
+    show = warnings.showwarning
+    if not _traceback_wanted():
+        warnings.showwarning = _one_line_warning
+    try:
+        return _guarded(fn, prefix)
+    finally:
+        warnings.showwarning = show
+
+
+def _guarded(fn: Callable[[], Any], prefix: str) -> int:
     try:
         fn()
     except KeyboardInterrupt:

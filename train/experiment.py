@@ -14,12 +14,12 @@ carry its noise, which the JSON records with each evaluation.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
+from train.cli import ArgumentParser
 from train.config import dump, load_config
 from train.loop import run
 from train.metrics import read_log
@@ -160,7 +160,7 @@ EXPERIMENTS = {"sst2_methods": sst2_methods, "rank_study": rank_study, "e2e_smol
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.experiment", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m train.experiment", description=__doc__.split("\n\n")[0])
     ap.add_argument("name", choices=sorted(EXPERIMENTS))
     ap.add_argument("--out", default="experiments")
     ap.add_argument("--scale", type=float, default=1.0)

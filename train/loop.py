@@ -424,7 +424,8 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
                                            sharding.NamedSharding(mesh, sharding.P(None, sharding.BATCH_AXES)))
                 for k, v in stacked.items()}
 
-    eval_bsz = max(cfg.eval.batch_size // n_devices, 1) * n_devices
+    # (no larger than the evaluation set needs: padding rows cost memory and count for nothing)
+    eval_bsz = max(min(cfg.eval.batch_size, -(-len(eval_data) // n_devices) * n_devices) // n_devices, 1) * n_devices
 
     def evaluate(trainable) -> dict:
         loss_sum, count, logits, labels = 0.0, 0.0, [], []

@@ -49,7 +49,10 @@ def resolve_run(folder: str | Path, what: str = "folder") -> Path:
         return folder
     latest = folder / LATEST
     if latest.is_symlink() or latest.exists():
-        target = latest.resolve()
+        try:
+            target = latest.resolve(strict=True)
+        except (OSError, RuntimeError) as e:  # a dangling link, a link loop
+            raise ConfigError(f"{what} {str(folder)!r}: {LATEST} does not lead to a run folder ({e})") from None
         if not is_run(target):
             raise ConfigError(f"{what} {str(folder)!r}: {LATEST} points to {str(target)!r}, which holds no run "
                               f"({CONFIG} missing)")
@@ -207,8 +210,11 @@ def plan(cfg: Config, resume: bool) -> Plan:
         return Plan(job, job, False, replaces=job)
     latest = job / LATEST
     if cfg.output.overwrite and (latest.is_symlink() or latest.exists()):
-        target = latest.resolve()
-        if target.parent == job.resolve() and target.is_dir():
+        try:
+            target = latest.resolve(strict=True)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"output.overwrite: {latest} does not lead to a run folder ({e}); remove it") from None
+        if target.parent == job.resolve() and is_run(target):
             return Plan(job, job / target.name, False, replaces=job / target.name)
     return Plan(job, job / f"run-{_next_run(job)}", False)
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_jax.errors import LoraJaxError
+from train.cli import ArgumentParser
 
 
 class PredictError(LoraJaxError, ValueError):
@@ -49,7 +50,7 @@ class PredictError(LoraJaxError, ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("model (one of --run, or --base with --adapter)")
     src.add_argument("--run", help="a finished train.run run folder, or its output.dir (the latest run)")
@@ -95,6 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_inputs(texts: list[str], file: str | None, column: str | None) -> list[dict | str]:
     """The inputs in order: each ``--text`` as a string, then each row of ``file`` (a dict for .jsonl objects
     and .csv / .tsv rows, a string for .txt lines and .jsonl strings)."""
+    try:
+        return _read_inputs(texts, file, column)
+    except UnicodeDecodeError as e:
+        raise PredictError(f"--file {file!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise PredictError(f"--file {file!r} is not a valid CSV / TSV file ({e})") from None
+
+
+def _read_inputs(texts: list[str], file: str | None, column: str | None) -> list[dict | str]:
     rows: list[dict | str] = list(texts)
     if file is None:
         return rows
@@ -350,6 +360,9 @@ def classify(p: Predictor, texts: list[str], *, max_length: int | None = None, b
     from train import data as data_lib
 
     length = max_length or p.cfg.data.max_length
+    positions = getattr(getattr(p.model, "config", None), "max_position_embeddings", None)
+    if positions is not None and length > positions:
+        raise PredictError(f"--max-length {length} exceeds the model's {positions} positions")
     pad = data_lib._pad_id(p.tokenizer)
 
     @jax.jit

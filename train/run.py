@@ -18,9 +18,11 @@ import argparse
 import os
 import sys
 
+from train.cli import ArgumentParser
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML config (default: the embedded offline default)")
     ap.add_argument("--resume", action="store_true", help="continue the latest run in output.dir from its last "
                                                           "checkpoint")
