@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 import torch
 import transformers
 
@@ -16,7 +17,7 @@ from lora_jax.models import generate as gen
 from lora_jax.models import gguf as lgguf
 from lora_jax.models.hf import CheckpointError
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 
 # A byte-level BPE vocabulary: three special tokens, the 256 byte symbols, five merges.
 MERGES = ["h e", "l l", "he ll", "Ġ w", "o r"]
