@@ -237,8 +237,8 @@ def explain(rows: dict[str, dict], info: dict[str, dict], quick: bool) -> list[s
         flops = info.get(name, {}).get("flops_per_step")
         if flops and name in rows:
             ms = rows[name]["median_ms"]
-            rates.append(f"{name}: {flops / 1e9:,.0f} GFLOP per step ({info[name]['flops_counter']}) in "
-                         f"{ms / 1e3:.2f} s = {flops / 1e6 / ms:,.0f} GFLOP/s")
+            rates.append(f"{name}: {flops / 1e9:,.4g} GFLOP per step ({info[name]['flops_counter']}) in "
+                         f"{ms / 1e3:.2f} s = {flops / 1e6 / ms:,.4g} GFLOP/s")
     if rates:
         notes.append("measured in this run (the two counters count different op sets): " + "; ".join(rates))
     return notes

@@ -192,7 +192,7 @@ def peers_block(results: dict) -> str:
     flops = [(n, info[n]) for n in ("ours", "peft") if info.get(n, {}).get("flops_per_step")]
     if flops:
         out += ["", "Measured in this run: " + "; ".join(
-            f"{n} {i['flops_per_step'] / 1e9:,.0f} GFLOP per step ({i['flops_counter']})" for n, i in flops) + "."]
+            f"{n} {i['flops_per_step'] / 1e9:,.4g} GFLOP per step ({i['flops_counter']})" for n, i in flops) + "."]
     out += ["", provenance(r, "python -m benchmarks.peers")]
     return "\n".join(out)
 

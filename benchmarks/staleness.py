@@ -104,8 +104,8 @@ def check(results_dir: Path = RESULTS, root: Path = ROOT) -> list[Stale]:
         elif last and _git(root, "merge-base", "--is-ancestor", last, commit, check=False).returncode != 0:
             changed = _git(root, "log", "--format=%h %s", f"{commit}..HEAD", "--", *sources).stdout.splitlines()
             files = _git(root, "diff", "--name-only", commit, "HEAD", "--", *sources).stdout.split()
-            why = (f"measured at {commit[:12]}; {len(changed)} later commit(s) changed {', '.join(files) or 'its sources'}"
-                   + (f" (latest: {changed[0][:100]})" if changed else ""))
+            why = (f"measured at {commit[:12]}; {len(changed)} later commit(s) changed "
+                   f"{', '.join(files) or 'its sources'}" + (f" (latest: {changed[0][:100]})" if changed else ""))
         elif git.get("dirty_sources"):
             why = f"measured with uncommitted changes to {', '.join(git['dirty_sources'])}"
         if why:

@@ -81,7 +81,7 @@ def test_peers_quick_jax(tmp_path):
         assert r["trainable"] == result["rows"][0]["trainable"]
         assert r["paired"]["rounds"] == 2 and len(r["paired"]["ci95"]) == 2
     _check_times(result["times_s"])
-    assert result["notes"] == ["quick: a tiny model, where per-call dispatch dominates; no conclusions from these times"]
+    assert result["notes"] == [peers.explain({}, {}, quick=True)[0]]
     _check_provenance(json.loads((tmp_path / "peers_quick.json").read_text()), "peers", "--quick")
 
 
