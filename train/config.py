@@ -105,10 +105,12 @@ class DataConfig:
     label_column: str = key("label", "classification: the column of integer class ids 0..num_labels-1",
                             min_length=1)
     group_column: str | None = key(None, "rows sharing this value stay on the same side of the split (E2E: the "
-                                   "meaning representation)", min_length=1)
+                                   "meaning representation); null: causal-lm keeps the rows of one prompt together, "
+                                   "classification splits rows", min_length=1)
     max_length: int = key(64, "tokens per example (prompt + completion)", ge=8, le=2**20)
     max_train_examples: int | None = key(None, "use at most this many training rows", ge=1, le=INT_MAX)
-    max_eval_examples: int | None = key(None, "use at most this many evaluation rows", ge=1, le=INT_MAX)
+    max_eval_examples: int | None = key(None, "use at most this many evaluation examples (causal-lm: distinct "
+                                        "prompts, with all their rows; classification: rows)", ge=1, le=INT_MAX)
     prompt_template: str = key("{prompt}\n", "causal-lm: the prompt, with {column} fields", min_length=1)
     seed: int = key(0, "seed of the built-in data and of the train / eval split", ge=0, le=SEED_MAX)
 
