@@ -106,7 +106,7 @@ class Plan:
 
     def create(self, cfg: Config, primary: bool = True) -> "RunFolder":
         """Write the run folder, its ``config.yaml`` and the ``latest`` pointer (on the primary process)."""
-        rf = RunFolder(self)
+        rf = RunFolder(self, primary)
         if self.resume or not primary:
             return rf
         job_existed = self.job.exists()
@@ -131,13 +131,13 @@ class Plan:
 class RunFolder:
     """A run folder being written; :meth:`abort` undoes :meth:`Plan.create` until :meth:`commit`."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, primary: bool = True):
         self.plan = plan
         self.folder = plan.folder
         self.aside: Path | None = None
         self.previous_latest: str | None = None
         self.job_created = False
-        self.committed = plan.resume
+        self.committed = plan.resume or not primary  # only process 0 creates, and so only it undoes
 
     def commit(self) -> None:
         """The run has a checkpoint: from now on its folder stays, and a run it replaced is deleted."""
