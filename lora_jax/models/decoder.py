@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models.arch import Names, Task
-from lora_jax.models.generate import KVCache, begin_step, default_positions, finish_step
+from lora_jax.models.generate import KVCache, begin_step, default_positions, run_layers
 from lora_jax.models.layers import Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, check_activation, normal
 
 Array = jax.Array
@@ -248,17 +248,9 @@ class DecoderModel(nn.Module):
         b, s = input_ids.shape
         step = begin_step(b, s, attention_mask, cache, self.config.sliding_window)
         positions = default_positions(b, s, step.start) if positions is None else jnp.asarray(positions)
-        x = self.embed_tokens(input_ids)
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            mask = step.sliding if self.config.is_sliding(i) else step.causal
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer(x, positions, mask, kv, step.start)
-            if kv is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
-        x = self.norm(x)
-        return x, None if cache is None else finish_step(cache, step, keys, values, s)
+        x, cache = run_layers(self.layers, self.embed_tokens(input_ids), cache, step, lambda i, layer, x, kv: layer(
+            x, positions, step.sliding if self.config.is_sliding(i) else step.causal, kv, step.start))
+        return self.norm(x), cache
 
     def attend(self, h: Array) -> Array:
         """Logits through the tied embedding: ``h @ embed_tokens.T``."""
