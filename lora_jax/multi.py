@@ -441,7 +441,7 @@ class MultiLoraWeight:
         return self.base.ndim
 
     def __repr__(self) -> str:
-        return f"MultiLoraWeight(base={core._describe(self.base)}, stacked={self.stacked!r}, rows={self.ids.shape})"
+        return f"MultiLoraWeight(base={core.describe(self.base)}, stacked={self.stacked!r}, rows={self.ids.shape})"
 
     # the per-row factors
     def _rows(self, x_rows: int, dtype) -> tuple[Array, Array, Array]:
@@ -473,7 +473,7 @@ class MultiLoraWeight:
         return y + h.reshape(*batch, *st.out_shape)
 
     def lora_einsum(self, subscripts: str, x: Array, *, precision=None) -> Array:
-        xs, ws, out = ops._parse(subscripts)
+        xs, ws, out = ops.parse_subscripts(subscripts)
         st = self.stacked
         n_in = len(st.in_shape)
         row = xs[:1]
