@@ -34,7 +34,7 @@ import numpy as np
 
 from lora_jax import core, ops
 from lora_jax import targets as _targets
-from lora_jax import tree as _tree
+from lora_jax.tree import unflatten
 from lora_jax.core import LoraAdapter
 
 PyTree = Any
@@ -55,10 +55,7 @@ def _items(tree: PyTree, what: str) -> dict[str, LoraAdapter]:
 
 
 def _tree(items: Mapping[str, Any]) -> dict:
-    out: dict = {}
-    for path, leaf in items.items():
-        _tree.put(out, path, leaf)
-    return out
+    return unflatten(items)
 
 
 # -------------------------------------------------------------------------------------------- registry
