@@ -233,19 +233,19 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """``embed_tokens``, ``layers`` (``layer`` blocks, :class:`DecoderLayer` by default) and the final
-    ``norm``: ``(B, S)`` ids -> ``(B, S, D)`` hidden states and the updated cache (``None`` when called without
-    one). See :mod:`lora_jax.models.generate` for the cache and masks.
+    """``embed_tokens``, ``layers`` (``layer(config, i, dtype)`` blocks, :class:`DecoderLayer` by default) and the
+    final ``norm``: ``(B, S)`` ids -> ``(B, S, D)`` hidden states and the updated cache (``None`` when called
+    without one). See :mod:`lora_jax.models.generate` for the cache and masks.
 
-    ``norm_offset``: the final norm's :class:`~lora_jax.models.layers.RMSNorm` offset (1: Gemma's ``(1 + w)``);
-    ``scale_embeddings``: multiply the embeddings by ``sqrt(hidden_size)``, rounded to the compute dtype (Gemma).
+    ``scale_embeddings``: multiply the embeddings by ``sqrt(hidden_size)`` (in the compute dtype, as Gemma);
+    ``norm_offset``: the final :class:`~lora_jax.models.layers.RMSNorm`'s offset (1: Gemma's ``(1 + w)``).
     """
 
     config: DecoderConfig
     dtype: Dtype = jnp.float32
     layer: Any = DecoderLayer
-    norm_offset: float = 0.0
     scale_embeddings: bool = False
+    norm_offset: float = 0.0
 
     def setup(self):
         c = self.config
@@ -253,17 +253,15 @@ class DecoderModel(nn.Module):
         self.layers = [self.layer(c, i, self.dtype) for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.norm_offset)
 
-    def embed(self, input_ids: Array) -> Array:
-        """``(B, S)`` ids -> ``(B, S, D)`` embeddings in the compute dtype (scaled when ``scale_embeddings``)."""
-        x = self.embed_tokens(input_ids)
-        return x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype) if self.scale_embeddings else x
-
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
                  cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
         b, s = input_ids.shape
         step = begin_step(b, s, attention_mask, cache, self.config.sliding_window)
         positions = default_positions(b, s, step.start) if positions is None else jnp.asarray(positions)
-        x, cache = run_layers(self.layers, self.embed(input_ids), cache, step, lambda i, layer, x, kv: layer(
+        x = self.embed_tokens(input_ids)
+        if self.scale_embeddings:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
+        x, cache = run_layers(self.layers, x, cache, step, lambda i, layer, x, kv: layer(
             x, positions, step.sliding if self.config.is_sliding(i) else step.causal, kv, step.start))
         return self.norm(x), cache
 

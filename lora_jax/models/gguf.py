@@ -278,16 +278,17 @@ def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> di
         arrays = []
         for hf_name, want in zip(where.names, [tuple(x.shape) for x in where.layout.save(
                 np.broadcast_to(np.zeros((), np.float32), shape.shape))]):
-            name = spec.name(hf_name)
-            if name is None or name not in tensors:
-                raise CheckpointError(f"{source}: missing tensor {name or hf_name!r} (for {tree.join(path)}, shape "
-                                      f"{want})")
-            x = dequantize(tensors[name], np.float32)
+            parts = spec.names(hf_name) or (hf_name,)
+            for name in parts:
+                if name not in tensors:
+                    raise CheckpointError(f"{source}: missing tensor {name!r} (for {tree.join(path)}, shape {want})")
+            x = np.concatenate([dequantize(tensors[n], np.float32) for n in parts], axis=-2) if len(parts) > 1 \
+                else dequantize(tensors[parts[0]], np.float32)
             if tuple(x.shape) != want:
-                raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(x.shape)}, expected {want} for "
-                                      f"{tree.join(path)}")
+                raise CheckpointError(f"{source}: tensor {' + '.join(parts)!r} has shape {tuple(x.shape)}, expected "
+                                      f"{want} for {tree.join(path)}")
             arrays.append(spec.from_gguf(hf_name, x, config) if spec.from_gguf is not None else x)
-            used.add(name)
+            used.update(parts)
         params[path] = jnp.asarray(np.ascontiguousarray(where.layout.load(arrays)), dtype)
     unused = sorted(set(tensors) - used)
     if unused:
