@@ -457,4 +457,5 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, task: str | None = Non
 
 
 __all__ = ["GGUFFile", "GGUFTensor", "architecture", "config_from_metadata", "dequantize", "hf_config_fields",
-           "load_gguf", "metadata", "open_gguf", "params_from_reader", "sentencepiece_merges", "tokenizer_from_metadata"]
+           "load_gguf", "metadata", "open_gguf", "params_from_reader", "sentencepiece_merges",
+           "tokenizer_from_metadata"]
