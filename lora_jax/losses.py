@@ -178,6 +178,8 @@ def _loss_sum_fwd(st, h, xl, w, fin, fout, targets, weights):
 
 
 def _loss_sum_bwd(st, grads, ct):
+    if isinstance(ct, jax.custom_derivatives.SymbolicZero):  # the loss itself is not differentiated
+        return (None,) * (len(_NAMES) + 2)
     out = tuple(None if grads[k] is None else (grads[k] * ct.astype(grads[k].dtype)) for k in _NAMES)
     return (*out, None, None)
 

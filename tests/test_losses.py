@@ -356,3 +356,36 @@ def test_remat_policies_same_step_less_memory():
         out[policy] = compiled(*args)[0]
     _assert_close(out["full"], out["none"])
     assert temp["full"] < temp["none"], temp
+
+
+SHARDED_CHILD = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from lora_jax import losses
+assert jax.device_count() == 8, jax.devices()
+k = jax.random.split(jax.random.key(0), 4)
+h = jax.random.normal(k[0], (8, 21, 16))
+w = jax.random.normal(k[1], (16, 101)) * 0.3
+t = jax.random.randint(k[2], (8, 21), 0, 101)
+m = (jax.random.uniform(k[3], (8, 21)) > 0.3).astype(jnp.float32)
+f = jax.value_and_grad(lambda h, w: losses.chunked_cross_entropy(h, w, t, m, chunk_size=40)[0], argnums=(0, 1))
+want = jax.jit(f)(h, w)
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+hs = jax.device_put(h, NamedSharding(mesh, P(("data", "fsdp"))))
+ws = jax.device_put(w, NamedSharding(mesh, P(None, "fsdp")))
+got = jax.jit(f)(hs, ws)
+assert got[1][0].sharding.is_equivalent_to(hs.sharding, 3), got[1][0].sharding
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+print("OK")
+"""
+
+
+def test_sharded_batch_on_8_cpu_devices():
+    """A batch sharded over 8 devices (data 4 x fsdp 2, the head split over fsdp): the loss and gradients of one
+    device, and the hidden states' gradient keeps the batch's sharding."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED_CHILD)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -94,7 +94,10 @@ class TrainConfig:
     grad_accum: int = 1
     # frozen base and compute dtype; adapters (and, for lora / qlora, leaves trained in full) stay float32
     precision: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
+    # activation checkpointing of each layer (lora_jax.models.layers.REMAT_POLICIES; models without per-layer
+    # remat: of the whole loss): none / full (keep layer inputs only) / dots / dots_no_batch; true = dots_no_batch
+    remat: bool | Literal["none", "full", "dots", "dots_no_batch"] = False
+    loss_chunk: int | Literal["auto"] = "auto"  # causal LM: tokens per cross-entropy chunk; 0: full logits
     seed: int = 0
     nan_policy: Literal["stop", "skip"] = "stop"
     time_budget_s: float | None = None  # stop early when the wall-clock budget is spent
@@ -314,6 +317,8 @@ def validate(cfg: Config) -> None:
         (cfg.eval.every >= 1, f"eval.every must be >= 1, got {cfg.eval.every}"),
         (cfg.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {cfg.checkpoint.every}"),
         (cfg.mesh.fsdp >= 1, f"mesh.fsdp must be >= 1, got {cfg.mesh.fsdp}"),
+        (cfg.train.loss_chunk == "auto" or cfg.train.loss_chunk >= 0,
+         f"train.loss_chunk must be 'auto', 0 (full logits) or a number of tokens, got {cfg.train.loss_chunk}"),
     ]
     for ok, message in checks:
         if not ok:

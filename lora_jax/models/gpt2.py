@@ -38,7 +38,7 @@ import numpy as np
 
 from lora_jax.core import is_lora_weight
 from lora_jax.models.generate import KVCache, begin_step, default_positions, finish_step, write_cache
-from lora_jax.models.layers import Dense
+from lora_jax.models.layers import Dense, remat
 from lora_jax.models.llama import CheckpointError, Embed, _flat, _unflat, attend
 
 Array = jax.Array
@@ -221,12 +221,13 @@ class GPT2Model(nn.Module):
 
     config: Config
     dtype: Dtype = jnp.float32
+    remat: str = "none"  # checkpoint policy of each block (lora_jax.models.layers.REMAT_POLICIES)
 
     def setup(self):
         c = self.config
         self.wte = Embed(c.vocab_size, c.hidden_size, self.dtype, c.initializer_range)
         self.wpe = Embed(c.max_position_embeddings, c.hidden_size, self.dtype, c.initializer_range)
-        self.h = [Block(c, i, self.dtype) for i in range(c.num_hidden_layers)]
+        self.h = [remat(Block, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
         self.ln_f = _layer_norm(c, self.dtype, None)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
@@ -255,18 +256,30 @@ class GPT2LMHeadModel(nn.Module):
 
     config: Config
     dtype: Dtype = jnp.float32
+    remat: str = "none"  # checkpoint policy of each block
 
     def setup(self):
-        self.transformer = GPT2Model(self.config, self.dtype)
+        self.transformer = GPT2Model(self.config, self.dtype, self.remat)
         if not self.config.tie_word_embeddings:
             self.lm_head = Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
                                  kernel_init=nn.initializers.normal(self.config.initializer_range))
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, hidden: bool = False) -> tuple[Array, KVCache | None]:
         h, cache = self.transformer(input_ids, positions, attention_mask, cache)
+        if hidden:  # the final hidden states (B, S, D), for a loss that applies self.head() itself
+            return h, cache
         logits = self.transformer.wte.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
         return logits, cache
+
+    def head(self) -> tuple[Any, bool]:
+        """The output projection as ``(weight, tied)``: the embedding table ``(V, D)`` and ``True`` when tied, else
+        ``lm_head``'s kernel ``(D, V)`` and ``False``; the stored leaf (an array, ``LoraWeight`` or
+        ``QuantizedWeight``), for :func:`lora_jax.losses.chunked_cross_entropy`."""
+        params = self.variables["params"]
+        if self.config.tie_word_embeddings:
+            return params["transformer"]["wte"]["embedding"], True
+        return params["lm_head"]["kernel"], False
 
 
 def build(config: Config, dtype: Dtype = jnp.float32, task: str | None = None) -> nn.Module:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lora_jax import ops
@@ -40,3 +41,21 @@ class Dense(nn.Module):
             bias = self.variable("params", "bias", lambda: jnp.zeros((self.features,), self.param_dtype)).value
             y = y + bias.astype(dtype)
         return y
+
+
+# Activation checkpointing of each block: what its forward pass keeps for the backward pass (the rest is
+# recomputed there). "none": everything kept (no checkpoint); "full": only the block's inputs.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
+    """``block`` itself for ``policy="none"``, else ``nn.remat(block)`` with that policy of
+    :data:`REMAT_POLICIES` (parameter paths are unchanged)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+    return block if policy == "none" else nn.remat(block, policy=REMAT_POLICIES[policy])

@@ -43,7 +43,7 @@ import numpy as np
 from lora_jax import ops
 from lora_jax.core import is_lora_weight
 from lora_jax.models.generate import KVCache, begin_step, default_positions, finish_step, write_cache
-from lora_jax.models.layers import Dense
+from lora_jax.models.layers import Dense, remat
 
 from lora_jax.errors import CheckpointError
 
@@ -390,11 +390,12 @@ class LlamaModel(nn.Module):
 
     config: Config
     dtype: Dtype = jnp.float32
+    remat: str = "none"  # checkpoint policy of each layer (lora_jax.models.layers.REMAT_POLICIES)
 
     def setup(self):
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, c.initializer_range)
-        self.layers = [DecoderLayer(c, self.dtype) for _ in range(c.num_hidden_layers)]
+        self.layers = [remat(DecoderLayer, self.remat)(c, self.dtype) for _ in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
@@ -426,18 +427,30 @@ class LlamaForCausalLM(nn.Module):
 
     config: Config
     dtype: Dtype = jnp.float32
+    remat: str = "none"  # checkpoint policy of each decoder layer
 
     def setup(self):
-        self.model = LlamaModel(self.config, self.dtype)
+        self.model = LlamaModel(self.config, self.dtype, self.remat)
         if not self.config.tie_word_embeddings:
             self.lm_head = Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
                                  kernel_init=nn.initializers.normal(self.config.initializer_range))
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, hidden: bool = False) -> tuple[Array, KVCache | None]:
         h, cache = self.model(input_ids, positions, attention_mask, cache)
+        if hidden:  # the final hidden states (B, S, D), for a loss that applies self.head() itself
+            return h, cache
         logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
         return logits, cache
+
+    def head(self) -> tuple[Any, bool]:
+        """The output projection as ``(weight, tied)``: the embedding table ``(V, D)`` and ``True`` when tied, else
+        ``lm_head``'s kernel ``(D, V)`` and ``False``; the stored leaf (an array, ``LoraWeight`` or
+        ``QuantizedWeight``), for :func:`lora_jax.losses.chunked_cross_entropy`."""
+        params = self.variables["params"]
+        if self.config.tie_word_embeddings:
+            return params["model"]["embed_tokens"]["embedding"], True
+        return params["lm_head"]["kernel"], False
 
 
 def build(config: Config, dtype: Dtype = jnp.float32, task: str | None = None) -> nn.Module:
