@@ -48,8 +48,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import block, median, table, write_results  # noqa: E402
-from benchmarks.train_step import build_lm, time_rotated  # noqa: E402
+from benchmarks.common import block, median, table  # noqa: E402
+from benchmarks.train_step import build_lm, save, time_rotated  # noqa: E402
 from lora_jax.models.layers import REMAT_POLICIES  # noqa: E402
 from train import loop  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -237,7 +237,8 @@ def longest_sequence(lm, loss_chunk: Any, remat: str, batch: int, budget: int, s
                 lo_n = mid
             else:
                 hi_n = mid
-    return {"longest": lo_n * step, "capped": lo_n * step == hi, "peaks_MiB": {s: p / MiB for s, p in sorted(tried.items())}}
+    return {"longest": lo_n * step, "capped": lo_n * step == hi,
+            "peaks_MiB": {s: p / MiB for s, p in sorted(tried.items())}}
 
 
 def long_section(args) -> list[dict]:
@@ -305,7 +306,8 @@ def parse_args(argv=None):
     ap.add_argument("--long-max", type=int, default=8192, help="SmolLM2's max_position_embeddings")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results name (default loss_memory, loss_memory_quick with --quick)")
+    ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
     args = ap.parse_args(argv)
     args.long_runs = [(0, "none"), ("auto", "none"), (0, "full"), ("auto", "full")]
     if args.quick:
@@ -326,7 +328,8 @@ def main(argv=None) -> dict:
     if "memory" in args.sections:
         print(f"== compiled step memory, batch {args.batch} x {args.seq}, float32 ==")
         rows, ref_rows = memory_section(args)
-        print(table(rows, ["model", "method", "loss", "remat", "argument_MiB", "temp_MiB", "peak_MiB", "ratio_to_full"]))
+        print(table(rows, ["model", "method", "loss", "remat", "argument_MiB", "temp_MiB", "peak_MiB",
+                           "ratio_to_full"]))
         print("benchmarks.train_step's step (the issue's 0.48x / 0.51x), no remat:")
         print(table(ref_rows, ["model", "step", "temp_MiB", "peak_MiB", "ratio_to_full"]))
         result["memory"], result["memory_train_step"] = rows, ref_rows
@@ -353,7 +356,7 @@ def main(argv=None) -> dict:
         result["time"] = rows
         result["times_s"] = raw
     result["wall_s"] = time.perf_counter() - t0
-    path = write_results(args.out, result)
+    path = save(args.out, result, args.out_dir)
     print(f"wall {result['wall_s']:.0f} s; wrote {path}")
     return result
 

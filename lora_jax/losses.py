@@ -126,7 +126,8 @@ def _run(st: _Static, need: dict[str, bool], h, xl, w, fin, fout, targets, weigh
         nll = lse - zt if not eps else lse - (1 - eps) * zt - eps * jnp.mean(z, axis=-1)
         if st.z_loss:
             nll = nll + st.z_loss * lse * lse
-        loss = loss + jnp.sum(nll * wt)
+        live = wt != 0  # (where, not a product: a weight-0 position never brings a NaN in)
+        loss = loss + jnp.sum(jnp.where(live, nll * wt, 0.0))
         if not any_grad:
             return loss, g
         # d nll / d z = softmax * (1 + 2 z_loss lse) - (1 - eps) onehot - eps / V, times the token's weight
@@ -134,7 +135,7 @@ def _run(st: _Static, need: dict[str, bool], h, xl, w, fin, fout, targets, weigh
         if st.z_loss:
             p = p * (1 + 2 * st.z_loss * lse)[..., None]
         onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None]
-        dz = (p - jnp.where(onehot, 1 - eps, 0.0) - eps / vocab) * wt[..., None]
+        dz = jnp.where(live[..., None], (p - jnp.where(onehot, 1 - eps, 0.0) - eps / vocab) * wt[..., None], 0.0)
         dz = dz.astype(cdt)
         g = dict(g)
         if need["h"]:

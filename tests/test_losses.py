@@ -116,7 +116,8 @@ def test_lora_head_gradients_for_a_and_b(tied):
         w = head_of(a)
         return h @ ops.materialize(w).T if tied else ops.dot(h, w)
 
-    ref_loss, ref_grads = jax.jit(jax.value_and_grad(_reference(plain_logits, targets, mask), argnums=(0, 1)))(h, adapters)
+    ref = _reference(plain_logits, targets, mask)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(h, adapters)
 
     def chunked(h, a):
         return losses.chunked_cross_entropy(h, head_of(a), targets, mask, tied=tied, chunk_size=8)[0]
@@ -162,11 +163,12 @@ def test_quantized_table_head():
 
 
 def test_mask_is_respected():
-    """Masked positions change neither the loss nor any gradient, whatever their targets and hidden states."""
+    """Masked positions change neither the loss nor any gradient, whatever their hidden states and targets (even
+    ids outside the vocabulary, as padding may carry)."""
     h, kernel, _, targets, mask = _data()
     off = mask == 0
     h2 = jnp.where(off[..., None], 100.0, h)
-    t2 = jnp.where(off, (targets + 5) % V, targets)
+    t2 = jnp.where(off, V + 5, targets)
 
     def f(h, w, t):
         return losses.chunked_cross_entropy(h, w, t, mask, chunk_size=8)[0]
@@ -372,7 +374,7 @@ f = jax.value_and_grad(lambda h, w: losses.chunked_cross_entropy(h, w, t, m, chu
 want = jax.jit(f)(h, w)
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
 hs = jax.device_put(h, NamedSharding(mesh, P(("data", "fsdp"))))
-ws = jax.device_put(w, NamedSharding(mesh, P(None, "fsdp")))
+ws = jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))
 got = jax.jit(f)(hs, ws)
 assert got[1][0].sharding.is_equivalent_to(hs.sharding, 3), got[1][0].sharding
 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -382,10 +384,31 @@ print("OK")
 
 
 def test_sharded_batch_on_8_cpu_devices():
-    """A batch sharded over 8 devices (data 4 x fsdp 2, the head split over fsdp): the loss and gradients of one
+    """A batch sharded over 8 devices (data 4 x fsdp 2, the head kernel split over fsdp): the loss and gradients of one
     device, and the hidden states' gradient keeps the batch's sharding."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED_CHILD)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_loss_memory_benchmark_quick(tmp_path):
+    """benchmarks/loss_memory.py --quick: its tables, ratios and goals come out consistent."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import loss_memory
+
+    result = loss_memory.main(["--quick", "--models", "gpt2-small", "--sections", "memory", "time", "--policies",
+                               "none", "full", "--out-dir", str(tmp_path)])
+    rows = result["memory"]
+    full = next(r for r in rows if r["method"] == "full" and r["loss"] == "plain" and r["remat"] == "none")
+    assert full["ratio_to_full"] == 1.0
+    for r in rows:
+        b = r["bytes"]
+        assert b["peak"] == b["argument"] + b["output"] - b["alias"] + b["temp"] > 0
+        assert r["ratio_to_full"] == pytest.approx(b["peak"] / full["bytes"]["peak"])
+    assert {r["variant"] for r in result["time"]} == set(loss_memory.TIME_VARIANTS)
+    losses_by_variant = [r["loss"] for r in result["time"]]
+    np.testing.assert_allclose(losses_by_variant, losses_by_variant[0], rtol=1e-5)
+    assert (tmp_path / "loss_memory_quick.json").is_file() and result["commit"] and result["goals"]
