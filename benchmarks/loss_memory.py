@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,8 +47,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import block, median, table  # noqa: E402
-from benchmarks.train_step import build_lm, save, time_rotated  # noqa: E402
+from benchmarks.common import Recorder, block, median, paired_summary, table  # noqa: E402
+from benchmarks.train_step import build_lm, time_rotated  # noqa: E402
 from lora_jax.models.layers import REMAT_POLICIES  # noqa: E402
 from train import loop  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -58,28 +57,10 @@ MiB = 2 ** 20
 GiB = 2 ** 30
 GOAL = 0.35
 POLICIES = list(REMAT_POLICIES)  # none, full, dots, dots_no_batch
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
+# The code this benchmark measures (benchmarks.staleness: a result older than their last commit is stale).
+SOURCES = ("lora_jax/losses.py", "lora_jax/core.py", "lora_jax/ops.py", "lora_jax/models", "train/tasks.py",
+           "train/loop.py", "train/config.py", "benchmarks/loss_memory.py", "benchmarks/train_step.py",
+           "benchmarks/common.py")
 
 
 def job_config(method: str, loss_chunk: Any, remat: str, batch: int):
@@ -284,11 +265,13 @@ def time_section(args) -> tuple[list[dict], dict]:
         times = time_rotated(fns, rounds=args.rounds, warmup=args.warmup)
         raw[name] = times
         for label in fns:
+            paired = paired_summary(times[label], times["plain"])
             rows.append({"model": name, "variant": label, "median_ms": 1e3 * median(times[label]),
-                         "ratio_to_plain": median([t / p for t, p in zip(times[label], times["plain"])]),
-                         "loss": losses[label]})
-            print(f"  {name} {label}: {rows[-1]['ratio_to_plain']:.3f} x plain (median {rows[-1]['median_ms']:.0f} ms,"
-                  f" loss {losses[label]:.6f})", flush=True)
+                         "ratio_to_plain": paired["median"], "ratio_to_plain_ci95": paired["ci95"],
+                         "paired": paired, "loss": losses[label]})
+            print(f"  {name} {label}: {paired['median']:.3f} x plain (95% CI {paired['ci95'][0]:.3f}-"
+                  f"{paired['ci95'][1]:.3f}; median {rows[-1]['median_ms']:.0f} ms, loss {losses[label]:.6f})",
+                  flush=True)
         del lm, fns
     return rows, raw
 
@@ -308,7 +291,7 @@ def parse_args(argv=None):
     ap.add_argument("--long-runs", nargs="+", default=["0:none", "auto:none", "0:full", "auto:full"],
                     help="LOSS_CHUNK:REMAT pairs searched in the longest-sequence section")
     ap.add_argument("--whole", action="store_true", help="also the whole loss checkpointed (dots_no_batch)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=None, help="results name (default loss_memory, loss_memory_quick with --quick)")
     ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
@@ -323,12 +306,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {"commit": git_commit(), "cpu": cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                              "machine_note": "2 CPU cores shared with other jobs while measuring; times are noisy, "
-                                              "compare the ratios measured side by side",
-                              "config": dict(vars(args))}
-    print(f"{jax.default_backend()} x{jax.device_count()} ({result['cpu']}), commit {result['commit']}")
+    recorder = Recorder("loss_memory", SOURCES, argv)
+    result: dict[str, Any] = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "config": dict(vars(args))}
+    print(f"{jax.default_backend()} x{jax.device_count()}, commit {recorder.git.get('commit')}")
     if "memory" in args.sections:
         print(f"== compiled step memory, batch {args.batch} x {args.seq}, float32 ==")
         rows, ref_rows = memory_section(args)
@@ -359,9 +339,8 @@ def main(argv=None) -> dict:
         rows, raw = time_section(args)
         result["time"] = rows
         result["times_s"] = raw
-    result["wall_s"] = time.perf_counter() - t0
-    path = save(args.out, result, args.out_dir)
-    print(f"wall {result['wall_s']:.0f} s; wrote {path}")
+    path = recorder.write(args.out, result, args.out_dir)
+    print(f"wrote {path}")
     return result
 
 

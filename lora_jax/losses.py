@@ -68,6 +68,7 @@ class _Static:
     rows: int  # sequence positions per chunk (each chunk holds batch x rows tokens)
     z_loss: float
     label_smoothing: float
+    softcap: float | None
 
 
 def _subscripts(tied: bool) -> tuple[str, str, str]:
@@ -120,6 +121,9 @@ def _run(st: _Static, need: dict[str, bool], h, xl, w, fin, fout, targets, weigh
             xl_c = take(xl)
             u = ein(f"bsd,{ins}->bsr", xl_c, fin).astype(cdt)
             z = z + ein(f"bsr,{outs}->bsv", u, fout) * st.scale
+        if st.softcap:  # Gemma 2's final soft-capping: cap * tanh(logits / cap)
+            th = jnp.tanh(z / st.softcap)
+            z = st.softcap * th
         lse = jax.nn.logsumexp(z, axis=-1)
         zt = jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0]
         eps = st.label_smoothing
@@ -136,6 +140,8 @@ def _run(st: _Static, need: dict[str, bool], h, xl, w, fin, fout, targets, weigh
             p = p * (1 + 2 * st.z_loss * lse)[..., None]
         onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None]
         dz = jnp.where(live[..., None], (p - jnp.where(onehot, 1 - eps, 0.0) - eps / vocab) * wt[..., None], 0.0)
+        if st.softcap:
+            dz = dz * (1 - th * th)
         dz = dz.astype(cdt)
         g = dict(g)
         if need["h"]:
@@ -208,7 +214,7 @@ def _dora_kernel(w: LoraWeight, dtype) -> Array:
 
 def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | None = None, *,
                           tied: bool = False, chunk_size: int | None = None, z_loss: float = 0.0,
-                          label_smoothing: float = 0.0) -> tuple[Array, Array]:
+                          label_smoothing: float = 0.0, logit_softcap: float | None = None) -> tuple[Array, Array]:
     """Summed cross-entropy of ``hidden @ head`` against ``targets``, never holding all the logits.
 
     Args:
@@ -227,6 +233,7 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
       z_loss: adds ``z_loss * logsumexp(logits)**2`` per token (PaLM's auxiliary loss).
       label_smoothing: the target distribution puts ``1 - label_smoothing`` on the target and spreads
         ``label_smoothing`` uniformly over the vocabulary (optax.smooth_labels).
+      logit_softcap: ``c``: the logits are ``c * tanh(logits / c)`` (Gemma 2's ``final_logit_softcapping``).
 
     Returns:
       ``(loss_sum, count)``: ``sum(weights * ce)`` and ``sum(weights)``, float32 scalars, so callers can
@@ -291,13 +298,14 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
     rows = min(s, max(1, tokens // batch))
     rows = -(-s // -(-s // rows))  # ceil(S / n) for n = ceil(S / rows): equal chunks
     st = _Static(tied=bool(tied), scale=scale, rows=rows, z_loss=float(z_loss),
-                 label_smoothing=float(label_smoothing))
+                 label_smoothing=float(label_smoothing), softcap=float(logit_softcap) if logit_softcap else None)
     loss = _loss_sum(st, h, xl, w, fin, fout, t, wt)
     return loss, jnp.sum(wt)
 
 
 def cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | None = None, *, tied: bool = False,
-                  z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[Array, Array]:
+                  z_loss: float = 0.0, label_smoothing: float = 0.0,
+                  logit_softcap: float | None = None) -> tuple[Array, Array]:
     """The plain path, for comparison: full float32 logits (``hidden @ head`` through :func:`lora_jax.ops.dot`,
     or ``hidden @ materialize(head).T`` for a table), then optax's cross-entropy. Same signature and result as
     :func:`chunked_cross_entropy`."""
@@ -306,6 +314,8 @@ def cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | Non
     else:
         logits = _ops.dot(hidden, _ops.astype(head, hidden.dtype))
     logits = logits.astype(jnp.float32)
+    if logit_softcap:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     vocab = logits.shape[-1]
     wt = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     if label_smoothing:

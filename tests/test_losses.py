@@ -8,6 +8,7 @@ table), differentiated by JAX's own autodiff.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -37,9 +38,11 @@ def _data(seed=0, dtype=jnp.float32):
     return h, kernel, table, targets, mask
 
 
-def _reference(logits_fn, targets, mask, *, z_loss=0.0, label_smoothing=0.0):
+def _reference(logits_fn, targets, mask, *, z_loss=0.0, label_smoothing=0.0, softcap=None):
     def loss(*args):
         logits = logits_fn(*args).astype(jnp.float32)
+        if softcap:
+            logits = softcap * jnp.tanh(logits / softcap)
         if label_smoothing:
             ce = optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(targets, V), label_smoothing))
         else:
@@ -77,16 +80,16 @@ def test_loss_and_gradients_equal_optax_on_full_logits(tied, chunk):
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["kernel", "table"])
-def test_z_loss_and_label_smoothing(tied):
+def test_z_loss_label_smoothing_and_softcap(tied):
     h, kernel, table, targets, mask = _data(1)
     head = table if tied else kernel
     logits = (lambda h, w: h @ w.T) if tied else (lambda h, w: h @ w)
-    ref = _reference(logits, targets, mask, z_loss=1e-2, label_smoothing=0.1)
+    ref = _reference(logits, targets, mask, z_loss=1e-2, label_smoothing=0.1, softcap=3.0)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(h, head)
 
     def chunked(h, w):
         return losses.chunked_cross_entropy(h, w, targets, mask, tied=tied, chunk_size=10, z_loss=1e-2,
-                                            label_smoothing=0.1)[0]
+                                            label_smoothing=0.1, logit_softcap=3.0)[0]
 
     loss, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(h, head)
     _assert_close(loss, ref_loss)
@@ -411,4 +414,5 @@ def test_loss_memory_benchmark_quick(tmp_path):
     assert {r["variant"] for r in result["time"]} == set(loss_memory.TIME_VARIANTS)
     losses_by_variant = [r["loss"] for r in result["time"]]
     np.testing.assert_allclose(losses_by_variant, losses_by_variant[0], rtol=1e-5)
-    assert (tmp_path / "loss_memory_quick.json").is_file() and result["commit"] and result["goals"]
+    saved = json.loads((tmp_path / "loss_memory_quick.json").read_text())
+    assert saved["provenance"]["benchmark"] == "loss_memory" and saved["provenance"]["git"]["commit"] and result["goals"]

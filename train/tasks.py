@@ -22,7 +22,7 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
     ``loss_chunk`` (``train.loss_chunk``): tokens per chunk of :func:`lora_jax.losses.chunked_cross_entropy`,
     which applies the output head chunk by chunk and never holds the ``(B, S, V)`` float32 logits (``"auto"``:
     sized by the vocabulary); ``0``: the full logits and optax's cross-entropy. A model without a ``head()``
-    method (see :class:`lora_jax.models.llama.LlamaForCausalLM`) always takes the full-logits path.
+    method (see :class:`lora_jax.models.decoder.CausalLM`) always takes the full-logits path.
     """
     ids = batch["input_ids"]
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -31,14 +31,14 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
     if loss_chunk != 0 and callable(getattr(type(model), "head", None)):
         def hidden_and_head(module, ids, attention_mask):
             h, _ = module(ids, attention_mask=attention_mask, hidden=True)
-            return h, *module.head()
+            return h, module.head()
 
-        h, head, tied = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head)
+        h, head = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head)
         # Position t predicts token t + 1; the last position predicts nothing (weight 0, target 0).
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
         mask = mask.at[:, -1].set(0.0)
-        loss_sum, count = losses.chunked_cross_entropy(h, head, targets, mask, tied=tied,
-                                                       chunk_size=None if loss_chunk == "auto" else int(loss_chunk))
+        chunk = None if loss_chunk == "auto" else int(loss_chunk)
+        loss_sum, count = losses.chunked_cross_entropy(h, targets=targets, weights=mask, chunk_size=chunk, **head)
         return loss_sum, {"count": count}
     logits, _ = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"])
     logits = logits[:, :-1].astype(jnp.float32)
