@@ -102,9 +102,7 @@ def _smollm2_config() -> tuple[llama.Config, str]:
         from lora_jax.models import gguf
 
         reader = gguf.open_gguf(path)
-        meta = {k: f.contents() for k, f in reader.fields.items()
-                if not k.startswith("GGUF.") and k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                           "tokenizer.ggml.token_type", "tokenizer.ggml.scores")}
+        meta = gguf.metadata(reader)
         config = gguf.config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
         return config, f"GGUF metadata of {path.name}"
     import transformers

@@ -287,7 +287,7 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
             a, b = ad.a.astype(cdt), ad.b.astype(cdt)
             fin, fout = (b, a) if tied else (a, b)
             scale = float(ad.scale)
-            xl = _ops._dropout(hidden, head).reshape(h.shape)
+            xl = _ops.adapter_dropout(hidden, head).reshape(h.shape)
     else:
         w = _dense(head, cdt)
 
