@@ -241,6 +241,39 @@ def step_ratio_block(results: dict) -> str:
                       "", _table(["method", "median ms", "ratio to full"], rows), "", provenance(r, cmd)])
 
 
+def loss_memory_block(results: dict) -> str:
+    r, long = results["loss_memory"], results["loss_memory_long"]
+    names = {"gpt2-small": "GPT-2-small", "smollm2-135m": "SmolLM2-135M"}
+    cfg = r["config"]
+    rows = [[names.get(m["model"], m["model"]), "full fine-tuning" if m["method"] == "full" else "LoRA", m["loss"],
+             m["remat"], f"{m['temp_MiB']:,.0f}", f"{m['peak_MiB']:,.0f}", _x(m["ratio_to_full"])] for m in r["memory"]]
+    ref = [[names.get(m["model"], m["model"]), m["step"], f"{m['peak_MiB']:,.0f}", _x(m["ratio_to_full"])]
+           for m in r["memory_train_step"]]
+    out = [f"The job's own step (`train.loop.make_train_step`, AdamW, LoRA r=8 on q, v), batch {cfg['batch']} x "
+           f"{cfg['seq']}, float32; compiled memory (`peak` = argument + output - alias + temp; ratio to full "
+           "fine-tuning with the plain loss and no remat):", "",
+           _table(["model", "method", "loss", "train.remat", "temp MiB", "step peak MiB", "ratio to full"], rows), "",
+           "`benchmarks.train_step`'s step (no gradient clipping or finiteness check; where the 0.48x / 0.51x of "
+           "issue 16 came from), no remat:", "", _table(["model", "step", "step peak MiB", "ratio to full"], ref), "",
+           "Goals:", ""]
+    out += [f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in r.get("goals", {}).items()]
+    lc = long["config"]
+    lrows = [[m["loss"], m["remat"], f"{m['longest_seq']:,}" + (" (the cap)" if m["capped_at_max"] else "")]
+             for m in long["longest_sequence"]]
+    out += ["", f"Longest sequence of a SmolLM2-135M LoRA step (batch {lc['long_batch']}, a multiple of "
+            f"{lc['long_step']} tokens, at most {lc['long_max']:,}) whose compiled peak fits {lc['budget_gib']:g} GiB:",
+            "", _table(["loss", "train.remat", "longest sequence"], lrows), ""]
+    trows = [[names.get(t["model"], t["model"]), t["variant"], _ms(t["median_ms"]), _x(t["ratio_to_plain"]),
+              f"{_x(t['ratio_to_plain_ci95'][0])}-{_x(t['ratio_to_plain_ci95'][1])}"] for t in r.get("time", [])]
+    if trows:
+        out += [f"LoRA step time, batch {cfg['batch']} x {cfg['seq']}, {cfg['rounds']} rotated rounds on a shared "
+                "machine (compare the paired ratios, not the times):", "",
+                _table(["model", "variant", "median ms", "time / plain (paired median)", "95% CI"], trows), ""]
+    out += [provenance(r, "python -m benchmarks.loss_memory"), "",
+            provenance(long, "python -m benchmarks.loss_memory --sections long")]
+    return "\n".join(out)
+
+
 # id -> (results it reads, renderer, inline?)
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
@@ -251,6 +284,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "multi_adapter": (("multi_adapter",), multi_adapter_block, False),
     "smollm2_speed": (("smollm2_speed",), smollm2_block, False),
     "step_ratio": (("step_ratio",), step_ratio_block, False),
+    "loss_memory": (("loss_memory", "loss_memory_long"), loss_memory_block, False),
 }
 
 

@@ -102,9 +102,7 @@ def _smollm2_config() -> tuple[llama.Config, str]:
         from lora_jax.models import gguf
 
         reader = gguf.open_gguf(path)
-        meta = {k: f.contents() for k, f in reader.fields.items()
-                if not k.startswith("GGUF.") and k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                           "tokenizer.ggml.token_type", "tokenizer.ggml.scores")}
+        meta = gguf.metadata(reader)
         config = gguf.config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
         return config, f"GGUF metadata of {path.name}"
     import transformers
@@ -158,11 +156,12 @@ def copy(tree):
 # ------------------------------------------------------------------------------------------------- steps
 
 
-def make_step(model, tx: optax.GradientTransformation, kind: str):
+def make_step(model, tx: optax.GradientTransformation, kind: str, loss_chunk: Any = "auto"):
     """``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss)``.
 
     ``kind``: ``"full"`` (``trainable`` is the whole param tree, ``frozen`` unused), ``"merged"`` (the model sees
     ``lora.merge(frozen, trainable)``) or ``"factored"`` (the model sees ``lora.wrap(frozen, trainable)``).
+    ``loss_chunk``: as ``train.loss_chunk`` (0: the full logits).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -170,7 +169,7 @@ def make_step(model, tx: optax.GradientTransformation, kind: str):
     def loss_fn(trainable, frozen, batch):
         params = {"full": lambda: trainable, "merged": lambda: lora.merge(frozen, trainable),
                   "factored": lambda: lora.wrap(frozen, trainable)}[kind]()
-        total, aux = causal_lm_loss(model, params, batch, train=True, rng=None)
+        total, aux = causal_lm_loss(model, params, batch, train=True, rng=None, loss_chunk=loss_chunk)
         return total / aux["count"]
 
     def step(trainable, opt_state, frozen, batch):

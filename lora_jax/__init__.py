@@ -37,6 +37,7 @@ from lora_jax.errors import (
     PeftError,
     TargetError,
 )
+from lora_jax.losses import chunked_cross_entropy
 from lora_jax.ops import dense, dot, einsum, embed, materialize
 from lora_jax.multi import (
     AdapterSet,
@@ -60,7 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "LoraJaxError", "MergeStateError", "NonFiniteError", "PeftError",
     "TargetError",
-    "LoraAdapter", "LoraWeight", "MergedParams", "Summary", "PRESETS", "adapter_items", "combine", "dense", "dot", "einsum",
+    "LoraAdapter", "LoraWeight", "MergedParams", "Summary", "PRESETS", "adapter_items", "chunked_cross_entropy", "combine", "dense", "dot", "einsum",
     "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "merge_record", "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
     "init_stacked", "transform", "transform_report",

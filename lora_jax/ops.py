@@ -40,7 +40,8 @@ from lora_jax.quant import QuantizedWeight, is_quantized
 Array = jax.Array
 
 
-def _dropout(x: Array, w: LoraWeight) -> Array:
+def adapter_dropout(x: Array, w: LoraWeight) -> Array:
+    """The adapter's input: ``x`` with ``w``'s LoRA dropout applied (``x`` itself without a key or a rate)."""
     rate = w.adapter.dropout
     if w.key is None or rate == 0.0:
         return x
@@ -132,7 +133,7 @@ def dot(x: Array, w: Array | LoraWeight, axes: int = 1, *, precision=None) -> Ar
                          f"adapter whose kernel inputs are {ad.in_shape} (kernel {ad.kernel_shape})")
     y = _tensordot(x, w.base, axes, precision)
     batch = x.shape[: x.ndim - axes]
-    xd = _dropout(x, w)
+    xd = adapter_dropout(x, w)
     # The low-rank path runs on a 2-D (tokens, d_in) matrix: with the batch axes kept, autodiff forms
     # dB = h^T @ dy as a dot contracting several axes, and XLA:CPU transposes the whole (tokens, d_out)
     # cotangent for it (benchmarks/train_step.py, adapters on every linear layer: 0.97x -> 0.75x of full fine-tuning).
@@ -194,7 +195,7 @@ def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) 
     x_kept = "".join(c for c in xs if c == "." or c in out)
     a = ad.a.astype(y.dtype).reshape(*ad.in_shape, ad.r)
     b = ad.b.astype(y.dtype).reshape(ad.r, *ad.out_shape)
-    xd = _dropout(x, w)
+    xd = adapter_dropout(x, w)
     h = jnp.einsum(f"{xs},{w_in}{rank}->{x_kept}{rank}", xd, a, precision=precision)
     h = jnp.einsum(f"{x_kept}{rank},{rank}{w_out}->{out}", h, b, precision=precision) * jnp.asarray(ad.scale, y.dtype)
     if not ad.is_dora:

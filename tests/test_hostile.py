@@ -497,7 +497,7 @@ NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
     "optim.schedule": ("cosine", []), "optim.warmup_steps": ("2", []), "optim.grad_clip": ("null", []),
     "optim.lora_plus_ratio": ("8", []), "train.method": ("full", []), "train.steps": ("5", []),
     "train.batch_size": ("4", []), "train.grad_accum": ("2", []), "train.precision": ("bfloat16", []),
-    "train.remat": ("true", []), "train.seed": ("7", []), "train.nan_policy": ("skip", []),
+    "train.remat": ("true", []), "train.loss_chunk": ("64", []), "train.seed": ("7", []), "train.nan_policy": ("skip", []),
     "train.time_budget_s": ("60", []), "mesh.data": ("1", []), "mesh.fsdp": ("2", []),
     "eval.every": ("5", []), "eval.batch_size": ("8", []), "eval.generate_samples": ("0", []),
     "eval.generate_eval": ("4", []), "eval.max_new_tokens": ("8", []), "eval.num_beams": ("2", []),

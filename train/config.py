@@ -153,7 +153,12 @@ class TrainConfig:
     grad_accum: int = key(1, "micro-batches of batch_size accumulated per step", ge=1, le=2**16)
     precision: Literal["float32", "bfloat16"] = key("float32", "frozen base and compute dtype; adapters (and, for "
                                                     "lora / qlora, leaves trained in full) stay float32")
-    remat: bool = key(False, "recompute activations in the backward pass (less memory, more time)")
+    remat: bool | Literal["none", "full", "dots", "dots_no_batch"] = key(
+        False, "activation checkpointing of each layer (lora_jax.models.layers.REMAT_POLICIES; models without "
+        "per-layer remat: of the whole loss): none / full (keep layer inputs only) / dots / dots_no_batch; "
+        "true = dots_no_batch")
+    loss_chunk: int | Literal["auto"] = key("auto", "causal-lm: tokens per cross-entropy chunk (never the full "
+                                            "tokens x vocab logits); 0: full logits")
     seed: int = key(0, "seed of the adapters' init, dropout and the batch order", ge=0, le=SEED_MAX)
     nan_policy: Literal["stop", "skip"] = key("stop", "a step whose loss, gradients or updated state are not "
                                               "finite: stop (exit 3; checkpoints stay finite) or skip it (at most "
@@ -545,7 +550,7 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
      lambda c: c.train.method == "qlora", "train.method=qlora"),
     (("quant.block_size", "quant.double_quant"), lambda c: c.quant.type == "nf4", "quant.type=nf4"),
     (("data.prompt_column", "data.completion_column", "data.prompt_template", "eval.generate_samples",
-      "eval.generate_eval"), _causal, "data.task=causal-lm"),
+      "eval.generate_eval", "train.loss_chunk"), _causal, "data.task=causal-lm"),
     (("eval.max_new_tokens", "eval.num_beams"),
      lambda c: _causal(c) and (c.eval.generate_samples > 0 or c.eval.generate_eval > 0),
      "data.task=causal-lm with eval.generate_samples or eval.generate_eval > 0"),
@@ -601,6 +606,9 @@ def validate(cfg: Config) -> None:
     lc, oc = cfg.lora, cfg.optim
     if cfg.mesh.data == 0:
         raise ConfigError("mesh.data must be -1 (all devices) or >= 1, got 0")
+    if cfg.train.loss_chunk != "auto" and cfg.train.loss_chunk < 0:
+        raise ConfigError("train.loss_chunk must be 'auto', 0 (full logits) or a number of tokens > 0, got "
+                          f"{cfg.train.loss_chunk}")
     if cfg.quant.type == "nf4" and cfg.quant.block_size not in NF4_BLOCK_SIZES:
         raise ConfigError(f"quant.block_size must be one of {list(NF4_BLOCK_SIZES)} for nf4, got "
                           f"{cfg.quant.block_size}")

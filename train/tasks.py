@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lora_jax import losses
 
-def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | None) -> tuple[jax.Array, dict]:
-    """Mean next-token cross-entropy over completion tokens only (the prompt is context, not a target).
+
+def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | None,
+                   loss_chunk: int | str = "auto") -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy over completion tokens only (the prompt is context, not a target).
 
     ``batch["loss_mask"][i, t] = 1`` when token ``t + 1`` belongs to the completion. Returns the summed loss over
     tokens and the token count, so that gradient accumulation and sharded batches weight every token equally.
+
+    ``loss_chunk`` (``train.loss_chunk``): tokens per chunk of :func:`lora_jax.losses.chunked_cross_entropy`,
+    which applies the output head chunk by chunk and never holds the ``(B, S, V)`` float32 logits (``"auto"``:
+    sized by the vocabulary); ``0``: the full logits and optax's cross-entropy. A model without a ``head()``
+    method (see :class:`lora_jax.models.decoder.CausalLM`) always takes the full-logits path.
     """
-    logits, _ = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, :-1].astype(jnp.float32)
+    ids = batch["input_ids"]
+    mask = batch["loss_mask"].astype(jnp.float32)
     if "weight" in batch:  # padding rows of the last eval batch weigh 0
         mask = mask * batch["weight"][:, None]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if loss_chunk != 0 and callable(getattr(type(model), "head", None)):
+        def hidden_and_head(module, ids, attention_mask):
+            h, _ = module(ids, attention_mask=attention_mask, hidden=True)
+            return h, module.head()
+
+        h, head = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head)
+        # Position t predicts token t + 1; the last position predicts nothing (weight 0, target 0).
+        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        mask = mask.at[:, -1].set(0.0)
+        chunk = None if loss_chunk == "auto" else int(loss_chunk)
+        loss_sum, count = losses.chunked_cross_entropy(h, targets=targets, weights=mask, chunk_size=chunk, **head)
+        return loss_sum, {"count": count}
+    logits, _ = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"])
+    logits = logits[:, :-1].astype(jnp.float32)
+    mask = mask[:, :-1]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
     return jnp.sum(ce * mask), {"count": jnp.sum(mask)}
 
 
@@ -37,3 +59,9 @@ def classification_loss(model, params, batch: dict, *, train: bool, rng: jax.Arr
 
 
 LOSSES: dict[str, Any] = {"causal-lm": causal_lm_loss, "classification": classification_loss}
+
+
+def loss_for(cfg) -> Any:
+    """``LOSSES[cfg.data.task]`` with the run's loss options bound (causal LM: ``train.loss_chunk``)."""
+    fn = LOSSES[cfg.data.task]
+    return functools.partial(fn, loss_chunk=cfg.train.loss_chunk) if fn is causal_lm_loss else fn

@@ -38,7 +38,7 @@ import numpy as np
 
 from lora_jax.models.arch import Names, Task
 from lora_jax.models.generate import KVCache, begin_step, default_positions, run_layers
-from lora_jax.models.layers import Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, check_activation, normal
+from lora_jax.models.layers import Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, check_activation, normal, remat
 
 Array = jax.Array
 Dtype = Any
@@ -246,11 +246,12 @@ class DecoderModel(nn.Module):
     layer: Any = DecoderLayer
     scale_embeddings: bool = False
     norm_offset: float = 0.0
+    remat: str = "none"  # checkpoint policy of each layer (lora_jax.models.layers.REMAT_POLICIES)
 
     def setup(self):
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, c.initializer_range)
-        self.layers = [self.layer(c, i, self.dtype) for i in range(c.num_hidden_layers)]
+        self.layers = [remat(self.layer, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.norm_offset)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
@@ -278,19 +279,28 @@ class CausalLM(nn.Module):
     ``__call__(input_ids (B, S), positions=None, attention_mask=None, cache=None) -> (logits (B, S, V),
     cache)``. ``positions`` default to ``cache.index + arange(S)`` (``arange(S)`` without a cache), as
     ``transformers`` does without ``position_ids``; ``attention_mask`` ``(B, S)`` marks real tokens (0: padding,
-    never attended to).
+    never attended to). With ``hidden=True`` it returns the final hidden states ``(B, S, D)`` instead of the logits,
+    for a loss that applies :meth:`head` itself (:func:`lora_jax.losses.chunked_cross_entropy`).
+
+    ``embedding``: the backbone's token embedding (the tied head); ``remat``: the checkpoint policy of each of
+    the backbone's layers (:data:`lora_jax.models.layers.REMAT_POLICIES`).
     """
 
     config: Any
     dtype: Dtype = jnp.float32
     backbone: Any = DecoderModel
     backbone_name: str = "model"
+    embedding: str = "embed_tokens"
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-        body = self.backbone(self.config, self.dtype, name=self.backbone_name)
+                 cache: KVCache | None = None, hidden: bool = False) -> tuple[Array, KVCache | None]:
+        extra = {} if self.remat == "none" else {"remat": self.remat}  # a backbone without remat still builds
+        body = self.backbone(self.config, self.dtype, name=self.backbone_name, **extra)
         h, cache = body(input_ids, positions, attention_mask, cache)
+        if hidden:
+            return h, cache
         if self.config.tie_word_embeddings:
             logits = body.attend(h)
         else:
@@ -298,6 +308,15 @@ class CausalLM(nn.Module):
                            kernel_init=normal(self.config.initializer_range), name="lm_head")(h)
         cap = getattr(self.config, "final_logit_softcapping", None)
         return (logits if cap is None else cap * jnp.tanh(logits / cap)), cache
+
+    def head(self) -> dict[str, Any]:
+        """The output head as keyword arguments of :func:`lora_jax.losses.chunked_cross_entropy`: ``head`` (the
+        stored leaf, an array, ``LoraWeight`` or ``QuantizedWeight``: the embedding table ``(V, D)`` when tied,
+        else ``lm_head``'s kernel ``(D, V)``), ``tied`` and ``logit_softcap``."""
+        params = self.variables["params"]
+        tied = bool(self.config.tie_word_embeddings)
+        weight = params[self.backbone_name][self.embedding]["embedding"] if tied else params["lm_head"]["kernel"]
+        return {"head": weight, "tied": tied, "logit_softcap": getattr(self.config, "final_logit_softcapping", None)}
 
 
 # --------------------------------------------------------------------------------------- declarations

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from lora_jax.models.arch import SAME, Architecture, Names, Rule, Task
 from lora_jax.models.decoder import CausalLM
 from lora_jax.models.generate import KVCache, begin_step, default_positions, run_layers, write_cache
-from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, attend, check_activation, layer_norm, normal
+from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, attend, check_activation, layer_norm, normal, remat
 
 Array = jax.Array
 Dtype = Any
@@ -198,12 +198,13 @@ class GPT2Model(nn.Module):
 
     config: Config
     dtype: Dtype = jnp.float32
+    remat: str = "none"  # checkpoint policy of each block (lora_jax.models.layers.REMAT_POLICIES)
 
     def setup(self):
         c = self.config
         self.wte = Embed(c.vocab_size, c.hidden_size, self.dtype, c.initializer_range)
         self.wpe = Embed(c.max_position_embeddings, c.hidden_size, self.dtype, c.initializer_range)
-        self.h = [Block(c, i, self.dtype) for i in range(c.num_hidden_layers)]
+        self.h = [remat(Block, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
         self.ln_f = layer_norm(c.layer_norm_epsilon, self.dtype)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
@@ -223,7 +224,7 @@ class GPT2Model(nn.Module):
 # -------------------------------------------------------------------------------------------- declaration
 
 # ``GPT2LMHeadModel``: :class:`GPT2Model` under ``transformer`` plus ``lm_head`` (tied to ``wte`` by default).
-GPT2LMHeadModel = functools.partial(CausalLM, backbone=GPT2Model, backbone_name="transformer")
+GPT2LMHeadModel = functools.partial(CausalLM, backbone=GPT2Model, backbone_name="transformer", embedding="wte")
 
 ARCHITECTURE = Architecture(
     name="gpt2",

@@ -291,5 +291,23 @@ class GatedMLP(nn.Module):
         return dense(self.features, "down_proj")(h)
 
 
-__all__ = ["ACTIVATIONS", "ROPE_TYPES", "Attention", "Dense", "Embed", "GatedMLP", "RMSNorm", "Rope", "apply_rope",
-           "attend", "check_activation", "layer_norm", "normal"]
+# Activation checkpointing of each block: what its forward pass keeps for the backward pass (the rest is
+# recomputed there). "none": everything kept (no checkpoint); "full": only the block's inputs.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(block: Any, policy: str) -> Any:
+    """The module class ``block`` itself for ``policy="none"``, else ``nn.remat(block)`` with that policy of
+    :data:`REMAT_POLICIES` (parameter paths are unchanged)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+    return block if policy == "none" else nn.remat(block, policy=REMAT_POLICIES[policy])
+
+
+__all__ = ["ACTIVATIONS", "REMAT_POLICIES", "ROPE_TYPES", "Attention", "Dense", "Embed", "GatedMLP", "RMSNorm", "Rope",
+           "apply_rope", "attend", "check_activation", "layer_norm", "normal", "remat"]

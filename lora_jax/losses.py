@@ -1,0 +1,335 @@
+"""Cross-entropy over a large vocabulary without the full logits.
+
+A language model's loss is ``CE(h @ W, targets)`` with ``h`` the final hidden states ``(tokens, D)`` and ``W``
+the output head ``(D, V)`` (or, tied to the input embedding, the table ``(V, D)`` read transposed). Computed
+plainly, the float32 logits ``(tokens, V)`` exist at once, and autodiff keeps them (and the softmax, and the
+logits' cotangent) alive between the forward and the backward pass: at 512 tokens and a 50K vocabulary that is
+~100 MiB per copy, more than every LoRA adapter's activations together.
+
+:func:`chunked_cross_entropy` walks the tokens in chunks along the sequence axis. For each chunk it forms that
+chunk's logits (float32, whatever the compute dtype), their log-sum-exp, the loss, and, when something is being
+differentiated, the logits' cotangent ``softmax - onehot`` and from it at once the gradients of the hidden
+states and of whatever in the head is trained (a fused linear cross-entropy, as Liger-Kernel and Apple's
+Cut-Cross-Entropy do it; here a ``jax.custom_vjp`` whose forward rule returns the gradients as residuals, so
+the backward pass only scales them). At most one chunk's ``(chunk, V)`` logits live at a time, in the forward
+pass and in the backward pass, and the head's matmul runs once forward and twice backward, as in the plain
+path (nothing is recomputed).
+
+The head may be
+
+- a plain array (kernel ``(D, V)`` or tied table ``(V, D)``): its gradient is formed only when it is
+  differentiated (full fine-tuning, a trained head), chunk by chunk into one float32 ``(D, V)`` buffer;
+- a :class:`~lora_jax.quant.QuantizedWeight` (frozen: dequantised once to the compute dtype);
+- a :class:`~lora_jax.core.LoraWeight` over either (LoRA on ``lm_head``, or on the tied embedding table): the
+  adapter runs factored, ``h @ W0 + s * (h @ A) @ B`` (kernel) or ``h @ E0.T + s * (h @ B.T) @ A.T`` (table),
+  and the gradients of ``A`` and ``B`` come from the chunk's cotangent through the rank-``r`` bottleneck,
+  never through a ``(D, V)`` weight gradient. Adapter dropout draws the same mask as the plain path (the mask
+  has the hidden states' shape). A DoRA head forms its adapted ``(D, V)`` kernel once (weight-sized, never
+  tokens x vocab), with the norm held constant as :mod:`lora_jax.ops` does.
+
+Which inputs are differentiated is known inside the custom VJP (``symbolic_zeros``), so a frozen head costs no
+weight-gradient matmul and a frozen ``W0`` under an adapter none either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax import core as _core
+from lora_jax import ops as _ops
+from lora_jax.core import LoraWeight
+from lora_jax.quant import is_quantized
+
+Array = jax.Array
+
+# One chunk's float32 logits take about this many bytes when ``chunk_size`` is not given. Each chunk streams the
+# whole head through two matmuls, so on a CPU, where they are bound by memory bandwidth, small chunks cost time:
+# GPT-2's tied head, 512 tokens, loss + gradient, measured side by side on 2 shared cores: 32 tokens per chunk
+# 1.9x the full-logits time, 64 1.4x, 128 1.16x, 256 1.08x.
+DEFAULT_CHUNK_BYTES = 64 * 2 ** 20
+
+
+def default_chunk_size(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Tokens per chunk such that one chunk's float32 logits take about ``chunk_bytes`` (at least 8 tokens):
+    4096 tokens at a 4K vocabulary, 333 at GPT-2's 50,257, 64 at a 262K vocabulary."""
+    return max(8, chunk_bytes // (4 * vocab_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    tied: bool
+    scale: float  # LoRA scale (unused without adapter)
+    rows: int  # sequence positions per chunk (each chunk holds batch x rows tokens)
+    z_loss: float
+    label_smoothing: float
+    softcap: float | None
+
+
+def _subscripts(tied: bool) -> tuple[str, str, str]:
+    """einsum names of the head ``w`` and of the adapter's input factor (d -> r) and output factor (r -> v).
+
+    Kernel ``(D, V)``: ``A (D, r)``, ``B (r, V)``. Table ``(V, D)`` (its adapter has input axis V, output D):
+    ``A (V, r)``, ``B (r, D)``, so ``h @ (E + s A B).T = h @ E.T + s (h @ B.T) @ A.T``: B is the input factor.
+    """
+    return ("vd", "rd", "vr") if tied else ("dv", "dr", "rv")
+
+
+def _run(st: _Static, need: dict[str, bool], h, xl, w, fin, fout, targets, weights):
+    """The loop over chunks: ``(loss_sum, grads)``, ``grads[name]`` for every ``need[name]`` (else ``None``).
+
+    ``h`` (B, S, D), ``xl`` the adapter's input (``h`` with dropout applied) or ``None``, ``w`` the head in the
+    compute dtype, ``fin`` / ``fout`` the adapter's factors (see :func:`_subscripts`) or ``None``, ``targets``
+    (B, S) int, ``weights`` (B, S) float32.
+    """
+    b, s, d = h.shape
+    cdt = h.dtype
+    rows = st.rows
+    n = -(-s // rows)
+    ws, ins, outs = _subscripts(st.tied)
+    vocab = w.shape[0] if st.tied else w.shape[1]
+    lora = fin is not None
+    f32 = jnp.float32
+
+    def ein(spec, x, y):
+        return jnp.einsum(spec, x, y, preferred_element_type=f32)
+
+    def zeros_like(x):
+        return jnp.zeros(x.shape, f32)
+
+    grads0 = {"h": jnp.zeros_like(h) if need["h"] else None,
+              "xl": jnp.zeros_like(xl) if need["xl"] else None,
+              "w": zeros_like(w) if need["w"] else None,
+              "fin": zeros_like(fin) if need["fin"] else None,
+              "fout": zeros_like(fout) if need["fout"] else None}
+    any_grad = any(need.values())
+
+    def body(i, carry):
+        loss, g = carry
+        # The last chunk is shifted back to end at s; the positions an earlier chunk covered get weight 0.
+        start = jnp.minimum(i * rows, s - rows)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1)  # noqa: E731
+        h_c, t_c = take(h), take(targets)
+        wt = take(weights) * ((start + jnp.arange(rows)) >= i * rows).astype(f32)
+        z = ein(f"bsd,{ws}->bsv", h_c, w)
+        if lora:
+            xl_c = take(xl)
+            u = ein(f"bsd,{ins}->bsr", xl_c, fin).astype(cdt)
+            z = z + ein(f"bsr,{outs}->bsv", u, fout) * st.scale
+        if st.softcap:  # Gemma 2's final soft-capping: cap * tanh(logits / cap)
+            th = jnp.tanh(z / st.softcap)
+            z = st.softcap * th
+        lse = jax.nn.logsumexp(z, axis=-1)
+        zt = jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0]
+        eps = st.label_smoothing
+        nll = lse - zt if not eps else lse - (1 - eps) * zt - eps * jnp.mean(z, axis=-1)
+        if st.z_loss:
+            nll = nll + st.z_loss * lse * lse
+        live = wt != 0  # (where, not a product: a weight-0 position never brings a NaN in)
+        loss = loss + jnp.sum(jnp.where(live, nll * wt, 0.0))
+        if not any_grad:
+            return loss, g
+        # d nll / d z = softmax * (1 + 2 z_loss lse) - (1 - eps) onehot - eps / V, times the token's weight
+        p = jnp.exp(z - lse[..., None])
+        if st.z_loss:
+            p = p * (1 + 2 * st.z_loss * lse)[..., None]
+        onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None]
+        dz = jnp.where(live[..., None], (p - jnp.where(onehot, 1 - eps, 0.0) - eps / vocab) * wt[..., None], 0.0)
+        if st.softcap:
+            dz = dz * (1 - th * th)
+        dz = dz.astype(cdt)
+        g = dict(g)
+        if need["h"]:
+            g["h"] = jax.lax.dynamic_update_slice_in_dim(
+                g["h"], take(g["h"]) + ein(f"bsv,{ws}->bsd", dz, w).astype(cdt), start, axis=1)
+        if need["w"]:
+            g["w"] = g["w"] + ein(f"bsv,bsd->{ws}", dz, h_c)
+        if lora:
+            if need["fout"]:
+                g["fout"] = g["fout"] + ein(f"bsv,bsr->{outs}", dz, u) * st.scale
+            if need["xl"] or need["fin"]:
+                du = (ein(f"bsv,{outs}->bsr", dz, fout) * st.scale).astype(cdt)
+                if need["fin"]:
+                    g["fin"] = g["fin"] + ein(f"bsr,bsd->{ins}", du, xl_c)
+                if need["xl"]:
+                    g["xl"] = jax.lax.dynamic_update_slice_in_dim(
+                        g["xl"], take(g["xl"]) + ein(f"bsr,{ins}->bsd", du, fin).astype(cdt), start, axis=1)
+        return loss, g
+
+    loss, grads = jax.lax.fori_loop(0, n, body, (jnp.zeros((), f32), grads0))
+    like = {"w": w, "fin": fin, "fout": fout}
+    grads = {k: (v.astype(like[k].dtype) if k in like and v is not None else v) for k, v in grads.items()}
+    return loss, grads
+
+
+_NAMES = ("h", "xl", "w", "fin", "fout")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _loss_sum(st: _Static, h, xl, w, fin, fout, targets, weights):
+    loss, _ = _run(st, dict.fromkeys(_NAMES, False), h, xl, w, fin, fout, targets, weights)
+    return loss
+
+
+def _loss_sum_fwd(st, h, xl, w, fin, fout, targets, weights):
+    args = dict(zip(_NAMES, (h, xl, w, fin, fout)))
+    need = {k: v is not None and bool(v.perturbed) for k, v in args.items()}
+    values = {k: (None if v is None else v.value) for k, v in args.items()}
+    loss, grads = _run(st, need, *(values[k] for k in _NAMES), targets.value, weights.value)
+    return loss, grads
+
+
+def _loss_sum_bwd(st, grads, ct):
+    if isinstance(ct, jax.custom_derivatives.SymbolicZero):  # the loss itself is not differentiated
+        return (None,) * (len(_NAMES) + 2)
+    out = tuple(None if grads[k] is None else (grads[k] * ct.astype(grads[k].dtype)) for k in _NAMES)
+    return (*out, None, None)
+
+
+_loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd, symbolic_zeros=True)
+
+
+def _dense(w: Any, dtype) -> Array:
+    """A base kernel or table in ``dtype``; a quantised one dequantised (frozen: no gradient flows into it)."""
+    if is_quantized(w):
+        return jax.lax.stop_gradient(w.dequantize(dtype))
+    return jnp.asarray(w).astype(dtype)
+
+
+def _dora_kernel(w: LoraWeight, dtype) -> Array:
+    """A DoRA head's adapted kernel ``m / ||W0 + s A B|| * (W0 + s A B)`` with the norm held constant (as
+    :func:`lora_jax.ops.dot` computes it), differentiable in ``A``, ``B`` and ``m``."""
+    ad = w.adapter
+    v = _core.as_dense(w.base, jnp.float32) + ad.delta(jnp.float32)
+    norm = jax.lax.stop_gradient(_core.dora_norm(w.base, ad))
+    d_in = math.prod(ad.in_shape)
+    factor = ad.magnitude.astype(jnp.float32) / norm
+    return (v.reshape(d_in, -1) * factor).reshape(v.shape).astype(dtype)
+
+
+def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | None = None, *,
+                          tied: bool = False, chunk_size: int | None = None, z_loss: float = 0.0,
+                          label_smoothing: float = 0.0, logit_softcap: float | None = None) -> tuple[Array, Array]:
+    """Summed cross-entropy of ``hidden @ head`` against ``targets``, never holding all the logits.
+
+    Args:
+      hidden: final hidden states ``(..., S, D)`` (e.g. ``(B, S, D)``; ``(N, D)`` is one row of N tokens), any
+        float dtype (the compute dtype: the head is cast to it; logits, softmax and loss are float32). Chunks
+        run along the second-to-last axis, so a batch sharded over its leading axes stays sharded.
+      head: the output projection: a kernel ``(D, V)`` (``tied=False``) or an embedding table ``(V, D)``
+        (``tied=True``, logits ``hidden @ head.T``); an array, a :class:`~lora_jax.quant.QuantizedWeight` or a
+        :class:`~lora_jax.core.LoraWeight` (see the module docstring).
+      targets: integer ids ``hidden.shape[:-1]`` in ``[0, V)``.
+      weights: per-token weights (e.g. a 0/1 loss mask) of ``targets``' shape; ``None``: all ones.
+      tied: the head is a ``(V, D)`` table.
+      chunk_size: tokens per chunk over the whole batch (``chunk_size // batch`` sequence positions, at least
+        one); ``None``: :func:`default_chunk_size` for this vocabulary. Chunks are made equal (``S`` split in
+        ``ceil(S / positions)`` parts), so no chunk is wasted on padding.
+      z_loss: adds ``z_loss * logsumexp(logits)**2`` per token (PaLM's auxiliary loss).
+      label_smoothing: the target distribution puts ``1 - label_smoothing`` on the target and spreads
+        ``label_smoothing`` uniformly over the vocabulary (optax.smooth_labels).
+      logit_softcap: ``c``: the logits are ``c * tanh(logits / c)`` (Gemma 2's ``final_logit_softcapping``).
+
+    Returns:
+      ``(loss_sum, count)``: ``sum(weights * ce)`` and ``sum(weights)``, float32 scalars, so callers can
+      normalise over a whole (accumulated, sharded) batch. Differentiable w.r.t. ``hidden`` and every float
+      array in ``head``; equal to ``optax.softmax_cross_entropy_with_integer_labels`` on the full float32
+      logits up to float rounding.
+    """
+    if hidden.ndim < 2:
+        raise ValueError(f"chunked_cross_entropy: hidden must be (..., S, D), got shape {tuple(hidden.shape)}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"chunked_cross_entropy: targets of shape {tuple(targets.shape)} do not fit hidden states "
+                         f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-1])})")
+    if weights is not None and tuple(weights.shape) != tuple(targets.shape):
+        raise ValueError(f"chunked_cross_entropy: weights of shape {tuple(weights.shape)}, expected "
+                         f"{tuple(targets.shape)} like targets")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"chunked_cross_entropy: targets must be integer ids, got {targets.dtype}")
+    if hasattr(head, "lora_dot"):
+        raise NotImplementedError(f"chunked_cross_entropy: a {type(head).__name__} head (several adapters in one "
+                                  "batch) is not supported; compute its logits with lora.dot")
+    d = hidden.shape[-1]
+    cdt = hidden.dtype
+    shape = tuple(head.shape)
+    if len(shape) != 2 or shape[1 if tied else 0] != d:
+        want = "(V, D) table" if tied else "(D, V) kernel"
+        raise ValueError(f"chunked_cross_entropy: head of shape {shape} is not a {want} for hidden size {d} "
+                         f"(tied={tied})")
+    vocab = shape[0] if tied else shape[1]
+
+    lead = hidden.shape[:-2]
+    s = hidden.shape[-2]
+    h = hidden.reshape(math.prod(lead), s, d) if lead else hidden[None]
+    t = targets.reshape(h.shape[:2]).astype(jnp.int32)
+    wt = jnp.ones(h.shape[:2], jnp.float32) if weights is None else weights.reshape(h.shape[:2]).astype(jnp.float32)
+
+    xl = fin = fout = None
+    scale = 0.0
+    if isinstance(head, LoraWeight):
+        ad = head.adapter
+        if ad.is_dora:
+            if tied:
+                raise NotImplementedError("chunked_cross_entropy: a DoRA adapter on a tied embedding table is not "
+                                          "supported (lora.embed does not support it either)")
+            w = _dora_kernel(head, cdt)
+        else:
+            want_in = (vocab,) if tied else (d,)
+            if tuple(ad.in_shape) != want_in:
+                raise ValueError(f"chunked_cross_entropy: the head's adapter has input axes {ad.in_shape}, expected "
+                                 f"{want_in} for a {'table' if tied else 'kernel'} of shape {shape}")
+            w = _dense(head.base, cdt)
+            a, b = ad.a.astype(cdt), ad.b.astype(cdt)
+            fin, fout = (b, a) if tied else (a, b)
+            scale = float(ad.scale)
+            xl = _ops.adapter_dropout(hidden, head).reshape(h.shape)
+    else:
+        w = _dense(head, cdt)
+
+    batch = h.shape[0]
+    tokens = default_chunk_size(vocab) if chunk_size is None else int(chunk_size)
+    if tokens < 1:
+        raise ValueError(f"chunked_cross_entropy: chunk_size must be >= 1 token, got {chunk_size}")
+    rows = min(s, max(1, tokens // batch))
+    rows = -(-s // -(-s // rows))  # ceil(S / n) for n = ceil(S / rows): equal chunks
+    st = _Static(tied=bool(tied), scale=scale, rows=rows, z_loss=float(z_loss),
+                 label_smoothing=float(label_smoothing), softcap=float(logit_softcap) if logit_softcap else None)
+    loss = _loss_sum(st, h, xl, w, fin, fout, t, wt)
+    return loss, jnp.sum(wt)
+
+
+def cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | None = None, *, tied: bool = False,
+                  z_loss: float = 0.0, label_smoothing: float = 0.0,
+                  logit_softcap: float | None = None) -> tuple[Array, Array]:
+    """The plain path, for comparison: full float32 logits (``hidden @ head`` through :func:`lora_jax.ops.dot`,
+    or ``hidden @ materialize(head).T`` for a table), then optax's cross-entropy. Same signature and result as
+    :func:`chunked_cross_entropy`."""
+    if tied:
+        logits = jnp.matmul(hidden, _ops.materialize(head).astype(hidden.dtype).T)
+    else:
+        logits = _ops.dot(hidden, _ops.astype(head, hidden.dtype))
+    logits = logits.astype(jnp.float32)
+    if logit_softcap:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    vocab = logits.shape[-1]
+    wt = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    if label_smoothing:
+        import optax
+
+        labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab), label_smoothing)
+        ce = optax.softmax_cross_entropy(logits, labels)
+    else:
+        import optax
+
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if z_loss:
+        ce = ce + z_loss * jax.nn.logsumexp(logits, axis=-1) ** 2
+    return jnp.sum(ce * wt), jnp.sum(wt)
+
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "chunked_cross_entropy", "cross_entropy", "default_chunk_size"]
