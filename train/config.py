@@ -128,6 +128,8 @@ class OutputConfig:
     overwrite: bool = False  # allow writing into a folder that holds a different run
     export_merged: bool = False  # write merged HF-layout safetensors at the end
     export_peft: bool = False  # write a PEFT-format adapter at the end
+    export_gguf_adapter: bool = False  # write a llama.cpp LoRA adapter (adapter.gguf) for the GGUF base
+    export_gguf: str | None = None  # write the merged model as GGUF: base (its own types), f32, f16, bf16, q8_0, q4_0, ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,306 @@
+"""GGUF exports: llama.cpp LoRA adapter files and merged GGUF models.
+
+Without llama.cpp: the adapter file has llama.cpp's metadata, names, layouts and Q/K row permutation (checked
+against the permutation written independently in tests/test_gguf.py and by computing dW the way llama.cpp
+does from the file), reads back to the same dW, and the merged file reads back (through the GGUF reader) to
+``lora.merge``. With llama.cpp (``llama-cpp-python`` installed; ``-m llamacpp``): a tiny float32 Llama +
+our adapter gives our factored model's logits, and the merged file gives the adapter path's.
+The real SmolLM2 Q4_1 comparisons run in ``benchmarks/llamacpp_parity.py`` (results committed).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lora
+from lora_jax import gguf_export as ge
+from lora_jax.models import gguf as lgguf
+from lora_jax.models import llama
+
+gguf = pytest.importorskip("gguf")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks folder is not an installed package
+from benchmarks import llamacpp  # noqa: E402
+from test_gguf import MERGES, llama_cpp_permute, tiny_vocab  # noqa: E402  (written independently there)
+
+TOKENS, TOKEN_TYPES = tiny_vocab()
+TINY = llama.Config(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed "
+                                    "(pip install -e '.[gguf]')")
+
+
+def write_tiny_gguf(params, config, path) -> Path:
+    """A float32 Llama GGUF of ``params`` with a byte-level BPE vocabulary (264 tokens, as in test_gguf)."""
+    tmap = ge.tensor_map(config)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_dimension_count(config.head_dim)
+    w.add_vocab_size(config.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(TOKENS)
+    w.add_token_types(TOKEN_TYPES)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)
+    flat = llama._flat(params)
+    for p, name in tmap.names.items():
+        w.add_tensor(name, tmap.to_gguf(p, np.asarray(flat[p])))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def nonzero(adapters, key=1, std=0.05):
+    """The adapters with a random (nonzero) B, so that dW != 0."""
+    leaves = lora.adapter_items(adapters)
+    keys = dict(zip([p for p, _ in leaves], jax.random.split(jax.random.key(key), len(leaves))))
+
+    def fill(path, ad):
+        b = std * jax.random.normal(keys[lora.targets.path_str(path)], ad.b.shape)
+        return lora.LoraAdapter(ad.a, b, alpha=ad.alpha, scale=ad.scale, in_shape=ad.in_shape,
+                                out_shape=ad.out_shape, magnitude=ad.magnitude)
+
+    return jax.tree_util.tree_map_with_path(fill, adapters, is_leaf=lora.is_adapter)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(float32 tiny Llama GGUF, its params, its model)."""
+    params = llama.init_params(TINY, jax.random.key(0))
+    params = jax.tree.map(lambda x: x * 5.0 if x.ndim == 2 else x, params)  # peaked logits: no greedy near-ties
+    path = write_tiny_gguf(params, TINY, tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf")
+    model, loaded, _, config = lgguf.load_gguf(path, tokenizer=False)
+    return path, loaded, model
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny):
+    """All-linear r=4 adapters plus an r=2 adapter with another alpha on o_proj (one file alpha cannot hold
+    both scales: the ratio is folded into lora_b) and an adapter on the untied lm_head."""
+    _, params, _ = tiny
+    ad = lora.init(params, r=4, alpha=8.0, targets="all-linear", key=jax.random.key(3),
+                   rank_pattern={r".*o_proj.*": 2}, alpha_pattern={r".*o_proj.*": 3.0})
+    head = lora.init(params, r=4, alpha=8.0, targets=[r"lm_head/kernel"], key=jax.random.key(4))
+    return nonzero({**ad, **head})
+
+
+def test_permutation_is_llama_cpp_converters(tiny):
+    x = np.arange(4 * 16 * 3, dtype=np.float32).reshape(4 * 16, 3)
+    np.testing.assert_array_equal(ge.permute_rope_rows(x, 4), llama_cpp_permute(x, 4))
+    np.testing.assert_array_equal(lgguf.unpermute_rope_rows(ge.permute_rope_rows(x, 4), 4), x)
+    # the tiny base written through the family mapping reads back (through the GGUF reader) as the params
+    path, params, _ = tiny
+    _, again, _, config = lgguf.load_gguf(path, tokenizer=False)
+    assert config == lgguf.config_from_metadata(lgguf.metadata(lgguf.open_gguf(path)),
+                                                {t.name for t in lgguf.open_gguf(path).tensors}, str(path))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, again))
+
+
+def test_adapter_file_is_what_llama_cpp_reads(tiny, adapters, tmp_path):
+    path, params, _ = tiny
+    out = ge.save_gguf_adapter(adapters, tmp_path / "a.gguf", base=path, name="tiny-lora")
+    reader = lgguf.open_gguf(out)
+    meta = lgguf.metadata(reader)
+    assert (meta["general.type"], meta["adapter.type"], meta["general.architecture"]) == ("adapter", "lora", "llama")
+    assert meta["adapter.lora.alpha"] == 8.0  # the most common scale * r (2.0 * 4)
+    assert reader.fields["adapter.lora.alpha"].types[0] == gguf.GGUFValueType.FLOAT32
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 * len(lora.adapter_items(adapters))
+    base = {t.name: t for t in lgguf.open_gguf(path).tensors}
+    for p, ad in lora.adapter_items(adapters):
+        name = ge.tensor_map(TINY).names[tuple(p.split("/"))]
+        ta, tb = tensors[name + ".lora_a"], tensors[name + ".lora_b"]
+        d_in, d_out = (int(d) for d in base[name].shape)  # ne of the base weight
+        assert [int(d) for d in ta.shape] == [d_in, ad.r] and [int(d) for d in tb.shape] == [ad.r, d_out]
+        assert ta.tensor_type == tb.tensor_type == gguf.GGMLQuantizationType.F32
+        # dW as llama.cpp computes it from the file: alpha / r * B @ A, in the base tensor's GGUF layout
+        a, b = lgguf.dequantize(ta), lgguf.dequantize(tb)
+        dw_cpp = meta["adapter.lora.alpha"] / ad.r * (b @ a)
+        dw_ours = np.asarray(ad.delta()).T  # (out, in), Hugging Face row order
+        if "q_proj" in p or "k_proj" in p:
+            dw_ours = llama_cpp_permute(dw_ours, 4 if "q_proj" in p else 2)
+        np.testing.assert_allclose(dw_cpp, dw_ours, atol=1e-6)
+
+
+def test_adapter_file_reads_back(tiny, adapters, tmp_path):
+    path, params, _ = tiny
+    out = ge.save_gguf_adapter(adapters, tmp_path / "a.gguf", base=path)
+    for kwargs in ({}, {"params": params}):
+        back = ge.load_gguf_adapter(out, path, **kwargs)
+        assert [p for p, _ in lora.adapter_items(back)] == [p for p, _ in lora.adapter_items(adapters)]
+        for (p, want), (_, got) in zip(lora.adapter_items(adapters), lora.adapter_items(back)):
+            assert got.r == want.r and got.scale == 8.0 / got.r
+            np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=p)
+    # a config names the layout as well as the base file; f16 factors read back to f16 precision
+    half = ge.save_gguf_adapter(adapters, tmp_path / "h.gguf", base=TINY, dtype="f16")
+    assert {t.tensor_type for t in lgguf.open_gguf(half).tensors} == {gguf.GGMLQuantizationType.F16}
+    back = ge.load_gguf_adapter(half, TINY)
+    for (p, want), (_, got) in zip(lora.adapter_items(adapters), lora.adapter_items(back)):
+        np.testing.assert_allclose(got.delta(), want.delta(), atol=2e-3, err_msg=p)
+
+
+def test_adapter_export_refuses_what_llama_cpp_cannot_run(tiny, adapters, tmp_path, smollm2_gguf_path):
+    path, params, _ = tiny
+    dora = lora.init(params, r=2, targets="qv", use_dora=True, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="DoRA"):
+        ge.save_gguf_adapter(dora, tmp_path / "d.gguf", base=path)
+    # SmolLM2 ties its embeddings: llama.cpp uses token_embd as the output head too
+    smol = llama.Config(**{**TINY.__dict__, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+                           "head_dim": 64, "tie_word_embeddings": True})
+    emb = {"model": {"embed_tokens": {"embedding": lora.LoraAdapter(
+        jnp.ones((264, 2)), jnp.ones((2, 576)), alpha=2.0, scale=1.0, in_shape=(264,), out_shape=(576,))}}}
+    with pytest.raises(ValueError, match="tied embeddings"):
+        ge.save_gguf_adapter(emb, tmp_path / "e.gguf", base=smol)
+    with pytest.raises(lora.CheckpointError, match="lm_head/kernel has no GGUF tensor"):  # no output.weight
+        ge.save_gguf_adapter(adapters, tmp_path / "x.gguf", base=smol)
+    with pytest.raises(lora.CheckpointError, match=r"blk.0.ffn_down.weight' has shape \(576, 1536\)"):
+        ge.save_gguf_adapter({"model": adapters["model"]}, tmp_path / "x.gguf", base=smollm2_gguf_path)
+    with pytest.raises(lora.CheckpointError, match="not a LoRA adapter"):
+        ge.load_gguf_adapter(path, path)
+    with pytest.raises(ValueError, match="must be one of"):
+        ge.save_merged_gguf(adapters, tmp_path / "m.gguf", base=path, type="q4_k")
+
+
+def test_embedding_adapter_layout(tiny, tmp_path):
+    """token_embd's lora_a is (vocab, r) in numpy (rows gathered per token), lora_b (d, r): llm_build_inp_embd."""
+    path, params, _ = tiny
+    ad = nonzero(lora.init(params, r=3, targets=[r".*embed_tokens/embedding"], allow_embeddings=True,
+                           key=jax.random.key(5)))
+    out = ge.save_gguf_adapter(ad, tmp_path / "emb.gguf", base=path)
+    t = {x.name: lgguf.dequantize(x) for x in lgguf.open_gguf(out).tensors}
+    a, b = t["token_embd.weight.lora_a"], t["token_embd.weight.lora_b"]
+    assert a.shape == (264, 3) and b.shape == (64, 3)
+    ids = np.array([7, 123, 263])
+    got = (a[ids] @ b.T) * (3.0 / 3)  # alpha / r with alpha = scale * r = r
+    np.testing.assert_allclose(got, np.asarray(ad["model"]["embed_tokens"]["embedding"].delta())[ids], atol=1e-6)
+    back = ge.load_gguf_adapter(out, path, params=params)
+    np.testing.assert_allclose(back["model"]["embed_tokens"]["embedding"].delta(),
+                               ad["model"]["embed_tokens"]["embedding"].delta(), atol=1e-6)
+
+
+def test_merged_gguf_reads_back_as_the_merge(tiny, adapters, tmp_path):
+    path, params, _ = tiny
+    merged = lora.merge(params, adapters)
+    rep = ge.save_merged_gguf(adapters, tmp_path / "m32.gguf", base=path, type="base")  # F32 base: exact
+    assert set(rep.errors) == {p for p, _ in lora.adapter_items(adapters)}
+    assert all(e.max_abs == 0.0 and e.delta_rms > 0 for e in rep.errors.values())
+    _, back, _, _ = lgguf.load_gguf(rep.path, tokenizer=False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), merged, back)
+    src, dst = lgguf.metadata(lgguf.open_gguf(path)), lgguf.metadata(lgguf.open_gguf(rep.path))
+    assert src == dst  # tokenizer and every hyper-parameter copied
+
+    # Q8_0 everywhere: the reported error is the error of the file; untouched vectors stay F32
+    q8 = ge.save_merged_gguf(adapters, tmp_path / "m8.gguf", base=path, type="q8_0")
+    assert q8.types["blk.0.attn_q.weight"] == "Q8_0" and q8.types["blk.0.attn_norm.weight"] == "F32"
+    assert lgguf.metadata(lgguf.open_gguf(q8.path))["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    _, back8, _, _ = lgguf.load_gguf(q8.path, tokenizer=False)
+    flat_m, flat_b = llama._flat(merged), llama._flat(back8)
+    for p, err in q8.errors.items():
+        diff = np.asarray(flat_b[tuple(p.split("/"))]) - np.asarray(flat_m[tuple(p.split("/"))])
+        assert np.isclose(err.max_abs, np.abs(diff).max(), rtol=1e-5)
+        assert np.isclose(err.rms, np.sqrt(np.mean(diff ** 2)), rtol=1e-4)
+        assert 0 < err.rms < 0.05 * err.delta_rms * 10
+
+    # "base" on a quantised base: untouched tensors are copied byte for byte, changed ones keep their type
+    q41 = ge.save_merged_gguf({}, tmp_path / "b41.gguf", base=path, type="q4_1").path
+    again = ge.save_merged_gguf(adapters, tmp_path / "m41.gguf", base=q41, type="base")
+    t0 = {t.name: t for t in lgguf.open_gguf(q41).tensors}
+    t1 = {t.name: t for t in lgguf.open_gguf(again.path).tensors}
+    assert {n: t.tensor_type for n, t in t0.items()} == {n: t.tensor_type for n, t in t1.items()}
+    adapted = {ge.tensor_map(TINY).names[tuple(p.split("/"))] for p in again.errors}
+    for n in t0:
+        assert np.array_equal(t0[n].data, t1[n].data) == (n not in adapted), n
+
+
+def test_merged_gguf_falls_back_for_types_gguf_cannot_write(tiny, adapters, tmp_path, caplog):
+    """An adapted Q4_K tensor (gguf-py dequantises K-quants but cannot write them) is written as the fallback
+    type, Q8_0, with a warning; the untouched Q4_K tensor is copied as it is."""
+    path, params, _ = tiny
+    reader = lgguf.open_gguf(path)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            w.add_key_value(field.name, field.contents(), field.types[0],
+                            sub_type=field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    rng = np.random.RandomState(0)
+    for t in reader.tensors:
+        if t.name.endswith("ffn_down.weight"):  # (64, 256): one 256-value Q4_K block (144 bytes) per row
+            block = rng.randint(0, 256, (64, 144)).astype(np.uint8)
+            block[:, 0:2] = np.array([0.002], np.float16).view(np.uint8)  # d
+            block[:, 2:4] = np.array([0.001], np.float16).view(np.uint8)  # dmin
+            w.add_tensor(t.name, block, raw_shape=block.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        else:
+            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    only_layer0 = {"model": {"layers_0": {"mlp": {"down_proj": adapters["model"]["layers_0"]["mlp"]["down_proj"]}}}}
+    with caplog.at_level("WARNING", logger="lora_jax.gguf"):
+        rep = ge.save_merged_gguf(only_layer0, tmp_path / "m.gguf", base=tmp_path / "k.gguf", type="base")
+    assert rep.types["blk.0.ffn_down.weight"] == "Q8_0" and rep.types["blk.1.ffn_down.weight"] == "Q4_K"
+    assert "Q8_0 instead of Q4_K" in caplog.text
+    err = rep.errors["model/layers_0/mlp/down_proj/kernel"]
+    assert 0 < err.rms < err.delta_rms
+    assert ge._quantisable(gguf.GGMLQuantizationType.Q4_1) and not ge._quantisable(gguf.GGMLQuantizationType.Q4_K)
+
+
+# --------------------------------------------------------------------------------------- the real llama.cpp
+
+
+def _our_logits(model, params, adapters, ids):
+    weights = lora.wrap(params, adapters) if adapters else params
+    out, _ = model.apply({"params": weights}, jnp.asarray([ids]))
+    return np.asarray(out[0], np.float32)
+
+
+@needs_llamacpp
+def test_llama_cpp_runs_our_adapter_and_merged_file(tiny, adapters, tmp_path):
+    """float32 tiny Llama: llama.cpp's matmuls are float32 too, so logits agree to float32 accumulation
+    differences (atol 2e-3 on logits of magnitude ~10), and greedy continuations are identical."""
+    path, params, model = tiny
+    file = ge.save_gguf_adapter(adapters, tmp_path / "a.gguf", base=path)
+    merged = ge.save_merged_gguf(adapters, tmp_path / "m.gguf", base=path, type="f32").path
+    ids = [1, 50, 72, 28, 201, 17, 33, 260, 12, 99]
+    ours = _our_logits(model, params, adapters, ids)
+    base_ours = _our_logits(model, params, None, ids)
+    mark = llamacpp.log_mark()
+    with_adapter = llamacpp.open_model(path, file)
+    cpp = llamacpp.logits(with_adapter, ids)
+    assert llamacpp.warnings_since(mark) == [], llamacpp.log_since(mark)
+    assert "llama_adapter_lora_init_impl" in llamacpp.log_since(mark)  # the adapter was really loaded
+    assert np.abs(ours - base_ours).max() > 1.0  # the adapter changes the logits a lot...
+    np.testing.assert_allclose(cpp, ours, atol=2e-3, rtol=0)  # ...and llama.cpp applies exactly that
+    mark = llamacpp.log_mark()
+    from_merged = llamacpp.open_model(merged)
+    np.testing.assert_allclose(llamacpp.logits(from_merged, ids), ours, atol=2e-3, rtol=0)
+    assert llamacpp.warnings_since(mark) == [], llamacpp.log_since(mark)
+    steps = 12
+    from lora_jax.models import generate as gen
+
+    ours_greedy = np.asarray(gen.generate(model, lora.wrap(params, adapters), np.array([ids]), max_new_tokens=steps,
+                                          eos_token_id=2, pad_token_id=0))[0, len(ids):].tolist()
+    if 2 in ours_greedy:
+        ours_greedy = ours_greedy[: ours_greedy.index(2) + 1]
+    cpp_greedy = llamacpp.greedy(with_adapter, ids, steps, eos=2)
+    assert cpp_greedy == ours_greedy == llamacpp.greedy(from_merged, ids, steps, eos=2)
