@@ -10,6 +10,7 @@ The real SmolLM2 Q4_1 comparisons run in ``benchmarks/llamacpp_parity.py`` (resu
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -26,14 +27,30 @@ from lora_jax.models import llama
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks folder is not an installed package
 from benchmarks import llamacpp  # noqa: E402
-from test_gguf import MERGES, llama_cpp_permute, tiny_vocab  # noqa: E402  (written independently there)
+
+# A byte-level BPE vocabulary: three special tokens, the 256 byte symbols, five merges.
+MERGES = ["h e", "l l", "he ll", "Ġ w", "o r"]
+
+
+def tiny_vocab():
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = ["<unk>", "<s>", "</s>"] + sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in MERGES]
+    return tokens, [2, 3, 3] + [1] * (len(tokens) - 3)  # unknown, control, control, normal...
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute (rows of q_proj / k_proj), written out here so the
+    test does not lean on the code it checks."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
 
 TOKENS, TOKEN_TYPES = tiny_vocab()
 TINY = llama.Config(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                     rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed "
-                                    "(pip install -e '.[gguf]')")
+# Tests of the real llama.cpp (an optional extra that builds llama.cpp from source; CI does not install it) take
+# 20-60 s each here: they are marked slow and llamacpp (`pytest -m llamacpp -n 0`).
 
 
 def write_tiny_gguf(params, config, path) -> Path:
@@ -70,23 +87,21 @@ def write_tiny_gguf(params, config, path) -> Path:
     return Path(path)
 
 
-def nonzero(adapters, key=1, std=0.05):
+def nonzero(adapters, seed=1, std=0.05):
     """The adapters with a random (nonzero) B, so that dW != 0."""
-    leaves = lora.adapter_items(adapters)
-    keys = dict(zip([p for p, _ in leaves], jax.random.split(jax.random.key(key), len(leaves))))
+    rng = np.random.RandomState(seed)
 
-    def fill(path, ad):
-        b = std * jax.random.normal(keys[lora.targets.path_str(path)], ad.b.shape)
-        return lora.LoraAdapter(ad.a, b, alpha=ad.alpha, scale=ad.scale, in_shape=ad.in_shape,
-                                out_shape=ad.out_shape, magnitude=ad.magnitude)
+    def fill(ad):
+        return lora.LoraAdapter(ad.a, jnp.asarray(std * rng.standard_normal(ad.b.shape), jnp.float32), alpha=ad.alpha,
+                                scale=ad.scale, in_shape=ad.in_shape, out_shape=ad.out_shape, magnitude=ad.magnitude)
 
-    return jax.tree_util.tree_map_with_path(fill, adapters, is_leaf=lora.is_adapter)
+    return jax.tree.map(fill, adapters, is_leaf=lora.is_adapter)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(float32 tiny Llama GGUF, its params, its model)."""
-    params = llama.init_params(TINY, jax.random.key(0))
+    params = jax.jit(lambda k: llama.init_params(TINY, k))(jax.random.key(0))
     params = jax.tree.map(lambda x: x * 5.0 if x.ndim == 2 else x, params)  # peaked logits: no greedy near-ties
     path = write_tiny_gguf(params, TINY, tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf")
     model, loaded, _, config = lgguf.load_gguf(path, tokenizer=False)
@@ -159,7 +174,7 @@ def test_adapter_file_reads_back(tiny, adapters, tmp_path):
         np.testing.assert_allclose(got.delta(), want.delta(), atol=2e-3, err_msg=p)
 
 
-def test_adapter_export_refuses_what_llama_cpp_cannot_run(tiny, adapters, tmp_path, smollm2_gguf_path):
+def test_adapter_export_refuses_what_llama_cpp_cannot_run(tiny, adapters, tmp_path):
     path, params, _ = tiny
     dora = lora.init(params, r=2, targets="qv", use_dora=True, key=jax.random.key(0))
     with pytest.raises(ValueError, match="DoRA"):
@@ -173,8 +188,10 @@ def test_adapter_export_refuses_what_llama_cpp_cannot_run(tiny, adapters, tmp_pa
         ge.save_gguf_adapter(emb, tmp_path / "e.gguf", base=smol)
     with pytest.raises(lora.CheckpointError, match="lm_head/kernel has no GGUF tensor"):  # no output.weight
         ge.save_gguf_adapter(adapters, tmp_path / "x.gguf", base=smol)
-    with pytest.raises(lora.CheckpointError, match=r"blk.0.ffn_down.weight' has shape \(576, 1536\)"):
-        ge.save_gguf_adapter({"model": adapters["model"]}, tmp_path / "x.gguf", base=smollm2_gguf_path)
+    wrong = {"model": {"layers_0": {"self_attn": {"q_proj": {"kernel": lora.LoraAdapter(  # a 64 -> 32 kernel's
+        jnp.ones((64, 2)), jnp.ones((2, 32)), alpha=2.0, scale=1.0, in_shape=(64,), out_shape=(32,))}}}}}
+    with pytest.raises(lora.CheckpointError, match=r"blk.0.attn_q.weight' has shape \(64, 64\)"):
+        ge.save_gguf_adapter(wrong, tmp_path / "x.gguf", base=path)
     with pytest.raises(lora.CheckpointError, match="not a LoRA adapter"):
         ge.load_gguf_adapter(path, path)
     with pytest.raises(ValueError, match="must be one of"):
@@ -274,7 +291,9 @@ def _our_logits(model, params, adapters, ids):
     return np.asarray(out[0], np.float32)
 
 
-@needs_llamacpp
+@pytest.mark.slow
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed (pip install -e '.[gguf]')")
 def test_llama_cpp_runs_our_adapter_and_merged_file(tiny, adapters, tmp_path):
     """float32 tiny Llama: llama.cpp's matmuls are float32 too, so logits agree to float32 accumulation
     differences (atol 2e-3 on logits of magnitude ~10), and greedy continuations are identical."""
@@ -304,3 +323,96 @@ def test_llama_cpp_runs_our_adapter_and_merged_file(tiny, adapters, tmp_path):
         ours_greedy = ours_greedy[: ours_greedy.index(2) + 1]
     cpp_greedy = llamacpp.greedy(with_adapter, ids, steps, eos=2)
     assert cpp_greedy == ours_greedy == llamacpp.greedy(from_merged, ids, steps, eos=2)
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+@pytest.mark.skipif(llamacpp.source_dir() is None, reason="llama.cpp's convert_lora_to_gguf.py is not unpacked "
+                    "(python -c 'from benchmarks import llamacpp; llamacpp.fetch_source()')")
+def test_llama_cpp_converter_writes_the_same_file(tiny, tmp_path):
+    """A PEFT export converted by llama.cpp's own convert_lora_to_gguf.py holds the tensors our writer writes
+    (same names, shapes, permutation, values), and reads back here to the same dW."""
+    path, params, _ = tiny
+    ad = nonzero(lora.init(params, r=4, alpha=8.0, targets="all-linear", key=jax.random.key(3)))
+    lora.save_peft(ad, tmp_path / "peft", config=TINY)
+    hf = TINY.to_hf()
+    hf.architectures = ["LlamaForCausalLM"]
+    hf.save_pretrained(tmp_path / "hf")  # the converter reads the base's config.json only
+    llamacpp.convert_peft(tmp_path / "peft", tmp_path / "hf", tmp_path / "theirs.gguf")
+    ours = ge.save_gguf_adapter(ad, tmp_path / "ours.gguf", base=path)
+    theirs_r, ours_r = lgguf.open_gguf(tmp_path / "theirs.gguf"), lgguf.open_gguf(ours)
+    meta = lgguf.metadata(theirs_r)
+    assert (meta["general.type"], meta["adapter.type"], meta["adapter.lora.alpha"]) == ("adapter", "lora", 8.0)
+    theirs_t = {t.name: t for t in theirs_r.tensors}
+    ours_t = {t.name: t for t in ours_r.tensors}
+    assert set(theirs_t) == set(ours_t)
+    for name, t in theirs_t.items():
+        assert list(t.shape) == list(ours_t[name].shape) and t.tensor_type == ours_t[name].tensor_type, name
+        np.testing.assert_array_equal(lgguf.dequantize(t), lgguf.dequantize(ours_t[name]), err_msg=name)
+    back = ge.load_gguf_adapter(tmp_path / "theirs.gguf", path, params=params)
+    for (p, want), (_, got) in zip(lora.adapter_items(ad), lora.adapter_items(back)):
+        np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=p)
+
+
+# ------------------------------------------------------------------------------------ train.run / predict
+
+
+def _run_overrides(model, out, **extra):
+    base = {"model.name": str(model), "data.max_length": 248, "train.steps": 3, "train.batch_size": 4,
+            "eval.every": 100, "eval.batch_size": 8, "eval.generate_samples": 0, "eval.generate_eval": 0,
+            "data.max_eval_examples": 8, "checkpoint.every": 100, "lora.r": 4, "lora.targets": "attention",
+            "optim.lr": 1e-2, "output.dir": str(out)}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_train_run_exports_gguf_and_predict_reads_it(tiny, tmp_path):
+    """output.export_gguf_adapter / output.export_gguf write files that hold the trained adapters (read back
+    here), with the merged file's error report; train.predict --adapter X.gguf runs the same adapters."""
+    from lora_jax.checkpoint import load_adapters
+    from train import loop, predict
+    from train.config import load_config
+
+    path, params, model = tiny
+    out = tmp_path / "run"
+    cfg = load_config(None, _run_overrides(path, out, **{"output.export_gguf_adapter": True,
+                                                           "output.export_gguf": "q8_0"}))
+    loop.run(cfg, print_fn=lambda *a, **k: None)
+    trained = load_adapters(out / "adapters")
+    back = ge.load_gguf_adapter(out / "adapter.gguf", path, params=params)
+    for (p, want), (_, got) in zip(lora.adapter_items(trained), lora.adapter_items(back)):
+        np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=p)
+    report = json.loads((out / "merged_gguf_errors.json").read_text())
+    assert set(report["errors"]) == {p for p, _ in lora.adapter_items(trained)}
+    assert report["types"]["blk.0.attn_q.weight"] == "Q8_0"
+    _, merged, _, _ = lgguf.load_gguf(out / "merged.gguf", tokenizer=False)
+    flat, exact = llama._flat(merged), llama._flat(lora.merge(params, trained))
+    for p, e in report["errors"].items():
+        key = tuple(p.split("/"))
+        assert np.isclose(np.abs(np.asarray(flat[key]) - np.asarray(exact[key])).max(), e["max_abs"], rtol=1e-5)
+
+    p = predict.from_base(str(path), str(out / "adapter.gguf"))  # what train.predict --adapter X.gguf runs
+    _, loaded = lora.unwrap(p.weights)
+    for (q, want), (_, got) in zip(lora.adapter_items(trained), lora.adapter_items(loaded)):
+        np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=q)
+    records = predict.predict(predict.parse_args(["--base", str(path), "--adapter", str(out / "adapter.gguf"),
+                                                  "--max-new-tokens", "2", "--text", "The Eagle"]),
+                              print_fn=lambda *a: None)
+    assert len(records) == 1 and records[0]["prompt"] == "The Eagle"
+
+
+def test_train_run_refuses_gguf_exports_it_cannot_write(tiny, tmp_path, minilm_path):
+    from train import loop
+    from train.config import ConfigError, load_config
+
+    path, _, _ = tiny
+    bad = [({"output.export_gguf": "q4_k"}, "must be one of"),
+           ({"output.export_gguf_adapter": True, "lora.use_dora": True}, "no DoRA"),
+           ({"output.export_gguf_adapter": True, "train.method": "full"}, "no adapters")]
+    for extra, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            loop.run(load_config(None, _run_overrides(path, tmp_path / "x", **extra)), print_fn=lambda *a: None)
+    with pytest.raises(ConfigError, match="need a GGUF base"):
+        loop.run(load_config(None, _run_overrides(minilm_path, tmp_path / "y", **{"output.export_gguf": "f16"})),
+                 print_fn=lambda *a: None)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before anything was written
