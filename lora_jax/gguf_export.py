@@ -49,7 +49,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -81,20 +81,27 @@ def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _same_rows(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
+    return x
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
     """How a model's parameters are laid out in a GGUF file of one architecture family.
 
     ``arch``: GGUF ``general.architecture``. ``names``: our parameter path (causal-LM layout,
     ``("model", "layers_0", "self_attn", "q_proj", "kernel")``) -> GGUF tensor name (``"blk.0.attn_q.weight"``).
-    ``rope_heads``: the paths whose rows llama.cpp permutes, with the head count of the permutation.
+    ``rows_to_gguf`` / ``rows_from_gguf``: ``(path, x) -> x`` reorder the rows (first axis: the output features)
+    of an array in Hugging Face layout into llama.cpp's order and back (Llama's Q / K RoPE permutation; the
+    identity elsewhere). They serve a weight ``(out, in)``, a bias and a LoRA ``B.T`` ``(out, r)`` alike.
     ``tied``: the output head is the embedding table (no ``output.weight``).
     """
 
     arch: str
     names: Mapping[tuple[str, ...], str]
-    rope_heads: Mapping[tuple[str, ...], int]
     tied: bool
+    rows_to_gguf: Callable[[tuple[str, ...], np.ndarray], np.ndarray] = _same_rows
+    rows_from_gguf: Callable[[tuple[str, ...], np.ndarray], np.ndarray] = _same_rows
 
     def path_of(self, name: str) -> tuple[str, ...] | None:
         """The parameter path of a GGUF tensor name (``None`` for a name this family does not use)."""
@@ -105,22 +112,16 @@ class TensorMap:
         return {v: k for k, v in self.names.items()}
 
     def to_gguf(self, path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-        """Our leaf (a kernel ``(in, out)``, a table, a vector) in GGUF's numpy layout (``(out, in)``, rows
-        permuted where llama.cpp permutes them)."""
+        """Our leaf (a kernel ``(in, out)``, a table, a vector) in GGUF's numpy layout (``(out, in)``, rows in
+        llama.cpp's order)."""
         x = np.asarray(x, np.float32)
         if path[-1] == "kernel":
             x = x.T
-        if path in self.rope_heads:
-            x = permute_rope_rows(x, self.rope_heads[path])
-        return np.ascontiguousarray(x)
+        return np.ascontiguousarray(self.rows_to_gguf(path, x))
 
     def from_gguf(self, path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`to_gguf`."""
-        from lora_jax.models.gguf import unpermute_rope_rows
-
-        x = np.asarray(x, np.float32)
-        if path in self.rope_heads:
-            x = unpermute_rope_rows(x, self.rope_heads[path])
+        x = self.rows_from_gguf(path, np.asarray(x, np.float32))
         if path[-1] == "kernel":
             x = x.T
         return np.ascontiguousarray(x)
@@ -128,17 +129,23 @@ class TensorMap:
 
 def _llama_family(config) -> TensorMap:
     from lora_jax.models import llama
-    from lora_jax.models.gguf import _gguf_name
+    from lora_jax.models.gguf import _gguf_name, unpermute_rope_rows
 
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[config.model_type]
-    paths = list(llama._expected(config, "causal-lm"))
-    names = {p: _gguf_name(p) for p in paths}
-    rope = {}
-    if arch == "llama":  # llama.cpp's converter permutes Llama / Mistral Q and K (weights and biases), not Qwen2's
-        for p in paths:
-            if p[-2] in ("q_proj", "k_proj"):
-                rope[p] = config.num_attention_heads if p[-2] == "q_proj" else config.num_key_value_heads
-    return TensorMap(arch, names, rope, bool(config.tie_word_embeddings))
+    names = {p: _gguf_name(p) for p in llama._expected(config, "causal-lm")}
+    if arch != "llama":  # llama.cpp's converter permutes Llama / Mistral Q and K rows (weights, biases), not Qwen2's
+        return TensorMap(arch, names, bool(config.tie_word_embeddings))
+
+    def heads(path):
+        return {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(path[-2])
+
+    def to_gguf(path, x):
+        return x if heads(path) is None else permute_rope_rows(x, heads(path))
+
+    def from_gguf(path, x):
+        return x if heads(path) is None else unpermute_rope_rows(x, heads(path))
+
+    return TensorMap(arch, names, bool(config.tie_word_embeddings), to_gguf, from_gguf)
 
 
 # model_type -> the family's mapping. Gemma 3 joins as one entry when its model lands.
@@ -290,9 +297,7 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
     for p, ad in items:
         fold = ad.scale * ad.r / alpha
         a = np.asarray(ad.a, np.float32)  # (d_in, r)
-        bt = np.asarray(ad.b, np.float32).T * np.float32(fold)  # (d_out, r)
-        if p in tmap.rope_heads:
-            bt = permute_rope_rows(bt, tmap.rope_heads[p])
+        bt = tmap.rows_to_gguf(p, np.asarray(ad.b, np.float32).T * np.float32(fold))  # (d_out, r)
         lora_a = a if p[-1] == "embedding" else a.T  # token_embd: A's rows are gathered per token
         tensor = tmap.names[p]
         for suffix, x in ((".lora_a", lora_a), (".lora_b", bt)):
@@ -378,10 +383,7 @@ def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = 
         if tuple(a.shape) != want_a or tuple(bt.shape) != (d_out, r):
             raise CheckpointError(f"{source}: {name}: lora_a {a.shape} / lora_b {bt.shape} do not fit "
                                   f"{'/'.join(p)} {shape}: expected {want_a} / {(d_out, r)} (numpy layout)")
-        if p in tmap.rope_heads:
-            from lora_jax.models.gguf import unpermute_rope_rows
-
-            bt = unpermute_rope_rows(bt, tmap.rope_heads[p])
+        bt = tmap.rows_from_gguf(p, bt)
         a_ours = a if p[-1] == "embedding" else a.T
         scale = alpha / r if alpha else 1.0
         core._nested_set(adapters, p, core.LoraAdapter(
