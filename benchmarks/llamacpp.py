@@ -64,14 +64,31 @@ def warnings_since(mark: int) -> list[str]:
 
 
 def open_model(model_path: str | os.PathLike, lora_path: str | os.PathLike | None = None, *, n_ctx: int = 256,
-               threads: int = 2):
-    """A ``llama_cpp.Llama`` over ``model_path`` (+ LoRA adapter) that keeps the logits of every position."""
+               threads: int = 2, extra_bufts: bool = False):
+    """A ``llama_cpp.Llama`` over ``model_path`` (+ LoRA adapter) that keeps the logits of every position.
+
+    ``extra_bufts``: llama.cpp's extra CPU buffer types (AMX tiles, repacked Q4_0 / Q8_0 weights;
+    ``llama_model_params.use_extra_bufts``, which ``llama_cpp.Llama`` does not expose). Off by default: on this
+    project's VM the CPU reports AMX but its tile instructions trap (SIGILL in libggml-cpu), and llama.cpp
+    does not load LoRA tensors into those buffers anyway (it warns and falls back to its plain CPU kernels)."""
     _install_log()
     import llama_cpp
+    import llama_cpp.llama_cpp as lib
 
-    return llama_cpp.Llama(model_path=os.fspath(model_path), lora_path=os.fspath(lora_path) if lora_path else None,
-                           n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
-                           n_threads_batch=threads, seed=0, verbose=False)
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = extra_bufts
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=os.fspath(model_path), lora_path=os.fspath(lora_path) if lora_path else None,
+                               n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
+                               n_threads_batch=threads, seed=0, verbose=False)
+    finally:
+        lib.llama_model_default_params = default
 
 
 def logits(llm, ids: Sequence[int]) -> np.ndarray:

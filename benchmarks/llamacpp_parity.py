@@ -167,6 +167,10 @@ def main(argv=None) -> dict:
     n = args.new_tokens
     timings = {}
 
+    def say(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    say(f"{len(prompts)} held-out prompts; writing the GGUF files to {work}")
     # --- the files
     t0 = time.perf_counter()
     adapter_file = run / "adapter.gguf"
@@ -180,6 +184,7 @@ def main(argv=None) -> dict:
         merged[t] = lora.save_merged_gguf(adapters, work / f"merged-{t}.gguf", base=base, type=t)
         timings[f"save_merged_gguf_{t}_s"] = time.perf_counter() - t0
 
+    say("our model: greedy continuations and teacher-forced logits")
     # --- ours
     wrapped = lora.wrap(params, adapters)
     ours_greedy = our_greedy(model, wrapped, prompts, n, eos, pad)
@@ -190,6 +195,7 @@ def main(argv=None) -> dict:
     base_logits = our_logits(model, params, seqs, length)
     merged_logits = our_logits(model, lora.merge(params, adapters), seqs, length)
 
+    say("llama.cpp runs")
     # --- llama.cpp
     runs = {
         "q4_1_base+adapter": llama_run(base, adapter_file, prompts, seqs, n, eos),
@@ -201,6 +207,7 @@ def main(argv=None) -> dict:
     }
     converter = None
     if not args.no_converter:
+        say("llama.cpp's convert_lora_to_gguf.py on our PEFT export")
         llamacpp.fetch_source()
         peft_dir = run / "peft" if (run / "peft").is_dir() else lora.save_peft(adapters, work / "peft", config=config)
         hf = config.to_hf()
