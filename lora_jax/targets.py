@@ -8,9 +8,22 @@ Rules are regexes that must match a whole path (``re.fullmatch``). Presets are n
 follow the naming of Flax, Hugging Face and this project's models:
 
 - ``"qv"``: the query and value projections (PEFT's default targets: BERT query/value, Llama q_proj/v_proj,
-  GPT-2's fused c_attn);
-- ``"attention"`` (the default): every dense kernel inside an attention block;
+  GPT-2's fused c_attn, Flax ``MultiHeadDotProductAttention``'s query/value);
+- ``"attention"`` (the default): every dense kernel inside an attention block. A block is found by its name
+  or by what it holds:
+
+  * by name: a path component that contains ``attention``, ``attn`` or is ``mha`` (any case, any prefix or
+    index), so Flax Linen's auto-names (``MultiHeadDotProductAttention_0``, ``SelfAttention_0``,
+    ``Attention_3``), indexed names (``attention_0``, ``layers_2/attn``) and Hugging Face's
+    (``self_attn/q_proj``, ``attention/self/query``, ``attn/c_attn``) all count;
+  * by content: a node whose children include a query, key and value projection (``query``/``key``/``value``,
+    ``q_proj``/``k_proj``/``v_proj``, ``q``/``k``/``v``, ``wq``/``wk``/``wv``): its projection kernels
+    (those three and the output ``out``/``o_proj``/``out_proj``/``o``/``wo``) are attention kernels, which
+    covers the state of a bare ``nnx.MultiHeadAttention`` (``query/kernel``, ..., ``out/kernel``);
 - ``"all-linear"``: every dense kernel except embeddings and the output head.
+
+Every preset skips embedding tables and output heads (``lm_head``, ``classifier``, ``head``, ``score``, ...,
+with or without a Linen index).
 """
 
 from __future__ import annotations
@@ -19,20 +32,22 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from lora_jax.errors import TargetError
+from lora_jax.tree import join, leaves, path_str, path_tuple  # noqa: F401  (path_str, path_tuple: public here too)
 
 _KERNEL = r"(kernel|weight|w)"
-_ATTN_BLOCK = r"(attention|attn|self_attn|self_attention|cross_attn|cross_attention|crossattention|mha)"
+# A path component naming an attention block: contains "attention" or "attn" (MultiHeadDotProductAttention_0,
+# SelfAttention_0, Attention_3, attention_0, self_attn, attn_proj, ...) or is "mha" / "mha_N"; any case.
+_ATTN_BLOCK = r"([^/]*(attention|attn)[^/]*|mha(_\d+)?)"
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "qv": (
         rf"(.*/)?(query|value|q_proj|v_proj|q|v|c_attn|wq|wv)/{_KERNEL}",
     ),
     "attention": (
-        rf"(.*/)?{_ATTN_BLOCK}/(.*/)?{_KERNEL}",
+        rf"(?i)(.*/)?{_ATTN_BLOCK}/(.*/)?{_KERNEL}",
     ),
     "all-linear": (
         rf"(.*/)?{_KERNEL}",
@@ -40,9 +55,16 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_PRESET = "attention"
 
+# "attention" also selects the projections of a node that holds a query, key and value projection, whatever
+# the node is called (a bare nnx.MultiHeadAttention's state has no block name at all): the kernel below one of
+# these children, when the node's children include one whole triple of QKV_NAMES.
+QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wq", "wk", "wv"))
+ATTENTION_PROJECTIONS = frozenset({"query", "key", "value", "out", "q_proj", "k_proj", "v_proj", "o_proj", "out_proj",
+                                   "q", "k", "v", "o", "wq", "wk", "wv", "wo"})
+
 # Leaves never adapted by a preset: embeddings and output heads (as PEFT's "all-linear" does).
-_EMBEDDING = re.compile(r"(.*/)?(\w*embed\w*|wte|wpe|embedding)(/.*)?")
-_HEAD = re.compile(r"(.*/)?(lm_head|classifier|score|head|qa_outputs)(/.*)?")
+_EMBEDDING = re.compile(r"(.*/)?(\w*embed\w*|wte|wpe|embedding)(/.*)?", re.IGNORECASE)
+_HEAD = re.compile(r"(.*/)?(lm_head|classifier|score|head|qa_outputs)(_\d+)?(/.*)?", re.IGNORECASE)
 # Kernels with more than two axes whose inputs are all but the last axis (output projections of attention).
 _OUTPUT_PROJ = re.compile(r"(.*/)?(out|o_proj|out_proj|output|c_proj|wo|o)/\w+")
 
@@ -65,33 +87,9 @@ def is_weight_node(x: Any) -> bool:
     return isinstance(x, _WEIGHT_NODES)
 
 
-def path_tuple(path: Sequence[Any]) -> tuple[str, ...]:
-    """A jax key path as a tuple of strings; the trailing ``.value`` of NNX variables is dropped."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:  # pragma: no cover - future key types
-            parts.append(str(k))
-    if len(parts) > 1 and parts[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
-        parts.pop()
-    return tuple(parts)
-
-
-def path_str(path: Sequence[Any]) -> str:
-    return "/".join(path_tuple(path))
-
-
 def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
     """``[(path, leaf), ...]`` for every array leaf (or weight node, see :func:`register_weight_node`)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_weight_node)
-    return [(path_str(p), leaf) for p, leaf in flat]
+    return [(join(p), leaf) for p, leaf in leaves(tree, is_leaf=is_weight_node)]
 
 
 def compile_rules(rules: str | Sequence[str] | None, what: str) -> list[re.Pattern]:
@@ -123,6 +121,25 @@ def is_embedding(path: str) -> bool:
 
 def is_head(path: str) -> bool:
     return _HEAD.fullmatch(path) is not None
+
+
+def attention_by_content(paths: Sequence[str]) -> set[str]:
+    """The paths among ``paths`` that are ``node/P/kernel`` (``kernel``, ``weight`` or ``w``) for a projection
+    ``P`` in :data:`ATTENTION_PROJECTIONS` of a ``node`` (possibly the root) whose children include one whole
+    triple of :data:`QKV_NAMES`: the attention kernels of a block that no name marks as attention."""
+    children: dict[tuple[str, ...], set[str]] = {}
+    for p in paths:
+        parts = tuple(p.split("/"))
+        for i in range(len(parts)):
+            children.setdefault(parts[:i], set()).add(parts[i])
+    blocks = {node for node, kids in children.items() if any(set(qkv) <= kids for qkv in QKV_NAMES)}
+    out = set()
+    for p in paths:
+        parts = tuple(p.split("/"))
+        if len(parts) >= 2 and re.fullmatch(_KERNEL, parts[-1]) and parts[-2] in ATTENTION_PROJECTIONS \
+                and parts[:-2] in blocks:
+            out.add(p)
+    return out
 
 
 def _is_kernel_like(leaf: Any) -> bool:
@@ -173,9 +190,11 @@ def select(
     chosen: dict[str, Any] = {}
     if preset is not None:
         rules = compile_rules(PRESETS[preset], "targets")
+        by_content = attention_by_content([p for p, _ in leaves]) if preset == "attention" else set()
         for p, leaf in leaves:
-            if any(r.fullmatch(p) for r in rules) and _is_kernel_like(leaf) and not is_embedding(p) \
-                    and not is_head(p) and not any(r.fullmatch(p) for r in excluded):
+            named = any(r.fullmatch(p) for r in rules) or p in by_content
+            if named and _is_kernel_like(leaf) and not is_embedding(p) and not is_head(p) \
+                    and not any(r.fullmatch(p) for r in excluded):
                 chosen[p] = leaf
         if not chosen:
             raise TargetError(f"targets preset {preset!r} matches no kernel of these params. Name the kernels with "
