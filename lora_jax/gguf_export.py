@@ -24,8 +24,8 @@ One ``alpha`` serves the whole file, so adapters whose ``scale * r`` differs (``
 mixed ranks) get the ratio folded into their ``lora_b``: the file computes the same ``dW`` and reads back with
 ``scale = alpha / r``.
 
-llama.cpp stores the rows of Llama-family Q and K projections permuted for its interleaved RoPE (see
-:func:`lora_jax.models.gguf.unpermute_rope_rows`); a LoRA ``B`` is permuted the same way (its rows are the
+llama.cpp stores the rows of Llama Q and K projections permuted for its interleaved RoPE (see
+:func:`lora_jax.models.decoder.permute_rope_rows`); a LoRA ``B`` is permuted the same way (its rows are the
 projection's output rows), ``A`` is not.
 
 **The merged model** is the base GGUF with ``dW`` folded into the adapted tensors, every other tensor copied
@@ -36,9 +36,12 @@ quantise K-quants or i-quants, which fall back to ``fallback``, Q8_0 by default)
 ``"bf16"`` / ``"q8_0"`` / ``"q4_0"`` / ... writes every 2-D weight in that type. The error each re-quantised
 tensor costs is measured as :func:`lora_jax.merge_quantized` does (:class:`~lora_jax.quant.RequantError`).
 
-**Families.** Which of our parameter paths is which GGUF tensor, and which rows llama.cpp permutes, is one
-function per architecture family (:func:`tensor_map`): Llama / Mistral (GGUF ``llama``, Q/K permuted) and
-Qwen2 (GGUF ``qwen2``, no permutation) today. A new family is one more entry there.
+**Families.** Which of our parameter paths is which GGUF tensor, and how llama.cpp stores its values, comes
+from the family's declaration (:class:`lora_jax.models.arch.GGUF`: names, ``to_gguf`` / ``from_gguf`` fixes),
+read by :func:`tensor_map`: every family that declares GGUF support exports (Llama / SmolLM2 and Qwen2 as
+``llama`` / ``qwen2``, Qwen3, Gemma 3 as ``gemma3``) with nothing family-specific here. A LoRA ``B`` carries a
+fix only when it acts on output rows alone (a permutation: checked on a probe), else the tensor is refused
+for adapter files (merged export still works).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import core
-from lora_jax import targets as _targets
+from lora_jax import tree
 from lora_jax.errors import CheckpointError
 from lora_jax.quant import RequantError
 
@@ -73,100 +76,143 @@ MERGED_TYPES = ("base", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q
 # ------------------------------------------------------------------------------------ the family mapping
 
 
-def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's reordering of Q / K rows (the inverse of :func:`lora_jax.models.gguf.unpermute_rope_rows`):
-    within each head, row ``i`` of the first RoPE half and row ``i`` of the second become adjacent. ``w`` is
-    ``(out, ...)`` with ``out = n_heads * head_dim`` (a weight ``(out, in)``, a LoRA B ``(out, r)``, a bias)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """Where one parameter sits in a GGUF file: its Hugging Face tensor names, the GGUF tensor names of each
+    (several: concatenated along the second-to-last axis, a fused ``gate_up_proj``), and the layout between
+    our leaf and the Hugging Face tensors (:class:`lora_jax.models.arch.Layout`)."""
 
-
-def _same_rows(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-    return x
+    hf_names: tuple[str, ...]
+    gguf_names: tuple[tuple[str, ...], ...]
+    layout: Any
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-    """How a model's parameters are laid out in a GGUF file of one architecture family.
+    """How a model's parameters are laid out in a GGUF file, read from the family's declaration
+    (:class:`lora_jax.models.arch.GGUF`: tensor names, the value fixes ``to_gguf`` / ``from_gguf`` such as
+    llama.cpp's Q / K row permutation for Llama, Gemma's ``1 + w`` norms).
 
-    ``arch``: GGUF ``general.architecture``. ``names``: our parameter path (causal-LM layout,
-    ``("model", "layers_0", "self_attn", "q_proj", "kernel")``) -> GGUF tensor name (``"blk.0.attn_q.weight"``).
-    ``rows_to_gguf`` / ``rows_from_gguf``: ``(path, x) -> x`` reorder the rows (first axis: the output features)
-    of an array in Hugging Face layout into llama.cpp's order and back (Llama's Q / K RoPE permutation; the
-    identity elsewhere). They serve a weight ``(out, in)``, a bias and a LoRA ``B.T`` ``(out, r)`` alike.
-    ``tied``: the output head is the embedding table (no ``output.weight``).
+    ``arch``: GGUF ``general.architecture``; ``leaves``: our parameter path (causal-LM layout,
+    ``("model", "layers_0", "self_attn", "q_proj", "kernel")``) -> :class:`Leaf`; ``tied``: the output head is
+    the embedding table (no ``output.weight``).
     """
 
     arch: str
-    names: Mapping[tuple[str, ...], str]
+    leaves: Mapping[tuple[str, ...], Leaf]
     tied: bool
-    rows_to_gguf: Callable[[tuple[str, ...], np.ndarray], np.ndarray] = _same_rows
-    rows_from_gguf: Callable[[tuple[str, ...], np.ndarray], np.ndarray] = _same_rows
-
-    def path_of(self, name: str) -> tuple[str, ...] | None:
-        """The parameter path of a GGUF tensor name (``None`` for a name this family does not use)."""
-        return self._inverse.get(name)
+    config: Any
+    spec: Any  # lora_jax.models.arch.GGUF
+    backbone: str | None = "model"  # the causal LM's backbone key (its bare backbone's paths lack it)
 
     @functools.cached_property
-    def _inverse(self) -> dict[str, tuple[str, ...]]:
-        return {v: k for k, v in self.names.items()}
+    def names(self) -> dict[tuple[str, ...], str]:
+        """Path -> GGUF tensor name, for the leaves stored as one GGUF tensor."""
+        return {p: leaf.gguf_names[0][0] for p, leaf in self.leaves.items()
+                if len(leaf.gguf_names) == 1 and len(leaf.gguf_names[0]) == 1}
 
-    def to_gguf(self, path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-        """Our leaf (a kernel ``(in, out)``, a table, a vector) in GGUF's numpy layout (``(out, in)``, rows in
-        llama.cpp's order)."""
-        x = np.asarray(x, np.float32)
-        if path[-1] == "kernel":
-            x = x.T
-        return np.ascontiguousarray(self.rows_to_gguf(path, x))
+    @functools.cached_property
+    def _owner(self) -> dict[str, tuple[str, ...]]:
+        return {n: p for p, leaf in self.leaves.items() for names in leaf.gguf_names for n in names}
 
-    def from_gguf(self, path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`to_gguf`."""
-        x = self.rows_from_gguf(path, np.asarray(x, np.float32))
-        if path[-1] == "kernel":
-            x = x.T
-        return np.ascontiguousarray(x)
+    def path_of(self, name: str) -> tuple[str, ...] | None:
+        """The parameter path holding GGUF tensor ``name`` (``None`` for a name this family does not use)."""
+        return self._owner.get(name)
+
+    def _fix(self, hf_name: str, x: np.ndarray, to_gguf: bool) -> np.ndarray:
+        fix = self.spec.to_gguf if to_gguf else self.spec.from_gguf
+        return fix(hf_name, x, self.config) if fix is not None else x
+
+    def to_gguf(self, path: tuple[str, ...], x) -> dict[str, np.ndarray]:
+        """Our leaf as its GGUF tensors ``{name: array in GGUF's numpy layout}`` (``(out, in)`` for a kernel,
+        fixed as llama.cpp stores it)."""
+        leaf = self.leaves[path]
+        out = {}
+        for hf, names, arr in zip(leaf.hf_names, leaf.gguf_names, leaf.layout.save(np.asarray(x, np.float32))):
+            arr = self._fix(hf, np.asarray(arr, np.float32), True)
+            parts = np.split(arr, len(names), axis=-2) if len(names) > 1 else [arr]
+            out.update({n: np.ascontiguousarray(a) for n, a in zip(names, parts)})
+        return out
+
+    def from_gguf(self, path: tuple[str, ...], tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Inverse of :meth:`to_gguf`: the leaf from its GGUF tensors (dequantised, GGUF's numpy layout)."""
+        leaf = self.leaves[path]
+        arrays = []
+        for hf, names in zip(leaf.hf_names, leaf.gguf_names):
+            arr = np.concatenate([tensors[n] for n in names], axis=-2) if len(names) > 1 else tensors[names[0]]
+            arrays.append(self._fix(hf, np.asarray(arr, np.float32), False))
+        return np.ascontiguousarray(np.asarray(leaf.layout.load(arrays), np.float32))
+
+    def lora_rows(self, path: tuple[str, ...]) -> tuple[Callable[[np.ndarray], np.ndarray],
+                                                           Callable[[np.ndarray], np.ndarray]]:
+        """``(to_gguf, from_gguf)`` for a LoRA ``B.T`` ``(out, r)`` of the kernel at ``path``: the family's fix
+        of that tensor applied to B's rows. Raises ``NotImplementedError`` when llama.cpp's LoRA cannot express
+        an adapter of this leaf: not one 2-D tensor stored transposed (a kernel) or as it is (a token table), or
+        a fix that does not act on rows alone (it must commute with ``@ A.T``; checked on a random probe)."""
+        leaf = self.leaves[path]
+        where = "/".join(path)
+        if len(leaf.hf_names) != 1 or len(leaf.gguf_names[0]) != 1:
+            raise NotImplementedError(f"{where} is stored as {leaf.gguf_names} in GGUF; llama.cpp LoRA adapters "
+                                      "adapt single tensors: export the merged model instead")
+        hf = leaf.hf_names[0]
+        embedding = path[-1] == "embedding"
+        if embedding == bool(leaf.layout.transposed):
+            raise NotImplementedError(f"{where}: a {'transposed table' if embedding else 'kernel stored as it is'}"
+                                      " has no llama.cpp LoRA layout")
+        rng = np.random.RandomState(0)
+        n = self.shape(path)[-1 if not embedding else 0]
+        probe, mix = rng.standard_normal((n, 3)).astype(np.float32), rng.standard_normal((3, 2)).astype(np.float32)
+        try:
+            fixed = self._fix(hf, probe, True)
+            ok = np.allclose(self._fix(hf, probe @ mix, True), fixed @ mix, atol=1e-4) and (
+                not embedding or np.allclose(fixed, probe))
+        except Exception:  # noqa: BLE001 - a fix that needs the whole tensor's shape is not a row transform
+            ok = False
+        if not ok:
+            raise NotImplementedError(f"{where}: the family's GGUF fix of {hf} is not a transform of the output "
+                                      "rows alone, so a LoRA B cannot carry it; export the merged model instead")
+        return (lambda b: self._fix(hf, b, True)), (lambda b: self._fix(hf, b, False))
+
+    @functools.cached_property
+    def _shapes(self) -> dict:
+        from lora_jax.models import arch as arch_lib
+
+        return arch_lib.for_config(self.config).shapes(self.config, self.spec.task)
+
+    def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+        """The shape of our leaf at ``path``."""
+        return tuple(self._shapes[path].shape)
 
 
-def _llama_family(config) -> TensorMap:
-    from lora_jax.models import llama
-    from lora_jax.models.gguf import _gguf_name, unpermute_rope_rows
+def _build_map(config) -> TensorMap:
+    from lora_jax.models import arch as arch_lib
 
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[config.model_type]
-    names = {p: _gguf_name(p) for p in llama._expected(config, "causal-lm")}
-    if arch != "llama":  # llama.cpp's converter permutes Llama / Mistral Q and K rows (weights, biases), not Qwen2's
-        return TensorMap(arch, names, bool(config.tie_word_embeddings))
-
-    def heads(path):
-        return {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(path[-2])
-
-    def to_gguf(path, x):
-        return x if heads(path) is None else permute_rope_rows(x, heads(path))
-
-    def from_gguf(path, x):
-        return x if heads(path) is None else unpermute_rope_rows(x, heads(path))
-
-    return TensorMap(arch, names, bool(config.tie_word_embeddings), to_gguf, from_gguf)
-
-
-# model_type -> the family's mapping. Gemma 3 joins as one entry when its model lands.
-_FAMILIES = {"llama": _llama_family, "mistral": _llama_family, "qwen2": _llama_family}
+    family = arch_lib.for_config(config)
+    spec = family.gguf
+    archs = [k for k, v in (spec.model_types.items() if spec is not None else ()) if v == config.model_type]
+    if not archs:
+        raise NotImplementedError(f"GGUF export of a {config.model_type!r} model is not declared (families with "
+                                  f"GGUF: {arch_lib.gguf_architectures()})")
+    task = spec.task
+    prefix = family.tasks[task].backbone
+    leaves = {}
+    for path in family.shapes(config, task):
+        where = family.names.tensor(family.checkpoint_path(path, task, prefix), config)
+        leaves[path] = Leaf(tuple(where.names), tuple(spec.names(n) or (n,) for n in where.names), where.layout)
+    return TensorMap(archs[0], leaves, bool(getattr(config, "tie_word_embeddings", False)), config, spec, prefix)
 
 
 def tensor_map(config) -> TensorMap:
-    """The :class:`TensorMap` of a model ``Config`` (``lora_jax.models.<arch>.Config``)."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _FAMILIES:
-        raise NotImplementedError(f"GGUF export of model_type {model_type!r} is not implemented; GGUF families: "
-                                  f"{sorted(_FAMILIES)}")
+    """The :class:`TensorMap` of a model ``Config`` (a registered family's), from its declaration."""
     try:
         return _cached_map(config)
     except TypeError:  # an unhashable config
-        return _FAMILIES[model_type](config)
+        return _build_map(config)
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_map(config) -> TensorMap:
-    return _FAMILIES[config.model_type](config)
+    return _build_map(config)
 
 
 # ------------------------------------------------------------------------------------------- the base
@@ -175,7 +221,7 @@ def _cached_map(config) -> TensorMap:
 @dataclasses.dataclass
 class _Base:
     config: Any
-    reader: Any  # gguf.GGUFReader, or None when the base is a Config
+    reader: Any  # lora_jax.models.gguf.GGUFFile, or None when the base is a Config
     source: str
 
     def tensors(self) -> dict:
@@ -187,7 +233,7 @@ def _open_base(base) -> _Base:
     ``Config``."""
     from lora_jax.models import gguf as gguf_io
 
-    if hasattr(base, "model_type") and not isinstance(base, (str, os.PathLike)):
+    if not isinstance(base, (str, os.PathLike)):
         return _Base(base, None, f"<{type(base).__name__} {base.model_type}>")
     from lora_jax.models import resolve
 
@@ -208,7 +254,10 @@ def _gguf_shape(tensor) -> tuple[int, ...]:
 
 def _normalise(path: tuple[str, ...], tmap: TensorMap) -> tuple[str, ...]:
     """Accept the paths of a bare backbone (``LlamaModel``: ``layers_0/...``) as well as a causal LM's."""
-    return path if path in tmap.names or path[0] in ("model", "lm_head") else ("model",) + path
+    if path in tmap.leaves or tmap.backbone is None:
+        return path
+    backbone = (tmap.backbone,) + path
+    return backbone if backbone in tmap.leaves else path
 
 
 # --------------------------------------------------------------------------------------- adapter files
@@ -262,9 +311,10 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
         if len(ad.in_shape) != 1 or len(ad.out_shape) != 1:
             raise ValueError(f"save_gguf_adapter: {where} adapts a kernel of shape {ad.kernel_shape}; llama.cpp "
                              "LoRA tensors are 2-D")
-        if p not in tmap.names:
+        if p not in tmap.leaves:
             raise CheckpointError(f"save_gguf_adapter: {where} has no GGUF tensor in a {tmap.arch} model "
                                   f"({b.source})")
+        tmap.lora_rows(p)  # raises for a leaf llama.cpp's LoRA cannot adapt
         if p[-1] == "embedding" and tmap.tied:
             raise ValueError(f"save_gguf_adapter: {where} adapts the token embedding of a model with tied "
                              "embeddings; llama.cpp uses that table as its output head too and cannot apply an "
@@ -297,7 +347,7 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
     for p, ad in items:
         fold = ad.scale * ad.r / alpha
         a = np.asarray(ad.a, np.float32)  # (d_in, r)
-        bt = tmap.rows_to_gguf(p, np.asarray(ad.b, np.float32).T * np.float32(fold))  # (d_out, r)
+        bt = tmap.lora_rows(p)[0](np.asarray(ad.b, np.float32).T * np.float32(fold))  # (d_out, r)
         lora_a = a if p[-1] == "embedding" else a.T  # token_embd: A's rows are gathered per token
         tensor = tmap.names[p]
         for suffix, x in ((".lora_a", lora_a), (".lora_b", bt)):
@@ -330,7 +380,6 @@ def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = 
     this architecture, a tensor the base lacks, an unpaired or mis-shaped ``lora_a`` / ``lora_b``.
     """
     from lora_jax.models import gguf as gguf_io
-    from lora_jax.models import llama
 
     b = _open_base(base)
     tmap = tensor_map(b.config)
@@ -355,10 +404,9 @@ def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = 
             logger.warning("%s: skipping %s (a norm vector; llama.cpp ignores these in adapters too)", source, t.name)
         else:
             raise CheckpointError(f"{source}: tensor {t.name!r} is neither a .lora_a nor a .lora_b tensor")
-    kernels = llama._flat(params) if params is not None else {
-        p: s for p, s in llama._expected(b.config, "causal-lm").items()}
-    if params is not None and "model" not in params:
-        kernels = {("model",) + p: v for p, v in kernels.items()}
+    kernels = {_normalise(p, tmap): v for p, v in tree.flatten(params).items()} if params is not None else {
+        p: leaf for p, leaf in tmap._shapes.items()}
+    bare = params is not None and not any(p in tmap.leaves for p in tree.flatten(params))
     adapters: dict = {}
     for name, ab in pairs.items():
         if set(ab) != {"a", "b"}:
@@ -383,16 +431,16 @@ def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = 
         if tuple(a.shape) != want_a or tuple(bt.shape) != (d_out, r):
             raise CheckpointError(f"{source}: {name}: lora_a {a.shape} / lora_b {bt.shape} do not fit "
                                   f"{'/'.join(p)} {shape}: expected {want_a} / {(d_out, r)} (numpy layout)")
-        bt = tmap.rows_from_gguf(p, bt)
+        bt = tmap.lora_rows(p)[1](bt)
         a_ours = a if p[-1] == "embedding" else a.T
         scale = alpha / r if alpha else 1.0
-        core._nested_set(adapters, p, core.LoraAdapter(
+        tree.put(adapters, p, core.LoraAdapter(
             a=jnp.asarray(a_ours, dtype), b=jnp.asarray(bt.T, dtype), alpha=alpha if alpha else float(r),
             scale=scale, in_shape=(d_in,), out_shape=(d_out,)))
     if not pairs:
         logger.warning("%s: the adapter holds no LoRA tensors", source)
-    if params is not None and "model" not in params:
-        adapters = adapters.get("model", {})
+    if bare:  # params of the bare backbone: adapters in its paths
+        adapters = adapters.get(tmap.backbone, {})
     return adapters
 
 
@@ -442,15 +490,15 @@ def check_merged_type(type: str) -> str:
     return t
 
 
-def _copy_metadata(reader, writer, skip: set[str]) -> None:
+def _copy_metadata(file, writer, skip: set[str]) -> None:
+    """Every metadata key of a :class:`~lora_jax.models.gguf.GGUFFile` but ``skip``, with its value type."""
     from gguf import GGUFValueType
 
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in skip:
+    for key, value in file.metadata.items():
+        if key in skip:
             continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        kind, item = file.types[key]
+        writer.add_key_value(key, value, GGUFValueType(kind), sub_type=None if item is None else GGUFValueType(item))
 
 
 def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: str = "base",
@@ -487,12 +535,12 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
     changes: dict[tuple[str, ...], Any] = {}
     for p, ad in core.adapter_items(adapters or {}):
         changes[_normalise(tuple(p.split("/")), tmap)] = ad
-    trained_leaves = {_normalise(_targets.path_tuple(k), tmap): v for k, v in
+    trained_leaves = {_normalise(tree.path_tuple(k), tmap): v for k, v in
                       jax.tree_util.tree_flatten_with_path(trained or {})[0]}
     both = sorted("/".join(p) for p in set(changes) & set(trained_leaves))
     if both:
         raise ValueError(f"save_merged_gguf: {both[:3]} have an adapter and a fully trained value; pass one")
-    unknown = sorted("/".join(p) for p in set(changes) | set(trained_leaves) if p not in tmap.names)
+    unknown = sorted("/".join(p) for p in set(changes) | set(trained_leaves) if p not in tmap.leaves)
     if unknown:
         raise CheckpointError(f"save_merged_gguf: {unknown[:3]} have no tensor in a {tmap.arch} model ({b.source})")
     fallback_q = _qtype(check_merged_type(fallback)) if fallback != "base" else None
@@ -507,13 +555,32 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
             "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}[t])
-    if "general.alignment" in b.reader.fields:
-        writer.data_alignment = int(b.reader.fields["general.alignment"].contents())
+    if "general.alignment" in b.reader.metadata:
+        writer.data_alignment = int(b.reader.metadata["general.alignment"])
     _copy_metadata(b.reader, writer, skip)
 
-    errors: dict[str, RequantError] = {}
+    base_tensors = b.tensors()
     types: dict[str, str] = {}
     seen = set()
+    exact_of: dict[tuple[str, ...], tuple[dict, dict]] = {}  # changed path -> ({name: exact}, {name: base})
+    stats: dict[tuple[str, ...], list[float]] = {}  # changed path -> [max |err|, sum err^2, sum delta^2, count]
+
+    def exact_tensors(p):
+        """The changed leaf's GGUF tensors, exact (float32), and the base's."""
+        if p not in exact_of:
+            names = [n for group in tmap.leaves[p].gguf_names for n in group]
+            w0 = {n: gguf_io.dequantize(base_tensors[n], np.float32) for n in names}
+            leaf0 = tmap.from_gguf(p, w0)
+            if p in changes:
+                new = np.asarray(core.merged_kernel(jnp.asarray(leaf0), changes[p]))
+            else:
+                new = np.asarray(trained_leaves[p], np.float32)
+                if new.shape != leaf0.shape:
+                    raise CheckpointError(f"save_merged_gguf: trained {'/'.join(p)} has shape {new.shape}, the base "
+                                          f"holds {leaf0.shape} ({', '.join(names)})")
+            exact_of[p] = (tmap.to_gguf(p, new), w0)
+        return exact_of[p]
+
     for tensor in b.reader.tensors:
         p = tmap.path_of(tensor.name)
         shape = _gguf_shape(tensor)
@@ -528,27 +595,24 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
         if p is not None:
             seen.add(p)
         if p in changes or p in trained_leaves:
-            w0 = gguf_io.dequantize(tensor, np.float32)
-            if p in changes:
-                exact_ours = np.asarray(core.merged_kernel(jnp.asarray(tmap.from_gguf(p, w0)), changes[p]))
-            else:
-                exact_ours = np.asarray(trained_leaves[p], np.float32)
-                if exact_ours.shape != tmap.from_gguf(p, w0).shape:
-                    raise CheckpointError(f"save_merged_gguf: trained {'/'.join(p)} has shape {exact_ours.shape}, "
-                                          f"the base tensor {tensor.name!r} holds {tmap.from_gguf(p, w0).shape}")
-            exact = tmap.to_gguf(p, exact_ours)
+            exact_all, w0_all = exact_tensors(p)
+            exact, w0 = exact_all[tensor.name], w0_all[tensor.name]
             data = _encode(exact, want)
             back = np.asarray(gguf.quants.dequantize(data, want), np.float32).reshape(exact.shape)
             err, delta = back - exact, exact - w0
-            errors["/".join(p)] = RequantError(max_abs=float(np.max(np.abs(err))),
-                                               rms=float(np.sqrt(np.mean(err * err))),
-                                               delta_rms=float(np.sqrt(np.mean(delta * delta))))
+            st = stats.setdefault(p, [0.0, 0.0, 0.0, 0])
+            st[0] = max(st[0], float(np.max(np.abs(err))))
+            st[1] += float(np.sum(err.astype(np.float64) ** 2))
+            st[2] += float(np.sum(delta.astype(np.float64) ** 2))
+            st[3] += err.size
         elif want != own:
             data = _encode(gguf_io.dequantize(tensor, np.float32), want)
         else:
             data = tensor.data
         writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=want)
         types[tensor.name] = want.name
+    errors = {"/".join(p): RequantError(max_abs=m, rms=math.sqrt(e / n), delta_rms=math.sqrt(d / n))
+              for p, (m, e, d, n) in stats.items()}
     missing = sorted("/".join(p) for p in (set(changes) | set(trained_leaves)) - seen)
     if missing:
         raise CheckpointError(f"{b.source}: has no tensors for {missing[:3]}")
@@ -565,5 +629,5 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
     return MergedGGUF(path, errors, types)
 
 
-__all__ = ["ADAPTER_TYPES", "MERGED_TYPES", "MergedGGUF", "TensorMap", "check_merged_type", "load_gguf_adapter",
-           "permute_rope_rows", "save_gguf_adapter", "save_merged_gguf", "tensor_map"]
+__all__ = ["ADAPTER_TYPES", "MERGED_TYPES", "Leaf", "MergedGGUF", "TensorMap", "check_merged_type",
+           "load_gguf_adapter", "save_gguf_adapter", "save_merged_gguf", "tensor_map"]

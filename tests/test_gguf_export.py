@@ -10,6 +10,7 @@ The real SmolLM2 Q4_1 comparisons run in ``benchmarks/llamacpp_parity.py`` (resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,11 +21,13 @@ import numpy as np
 import pytest
 
 import lora_jax as lora
+from conftest import require
 from lora_jax import gguf_export as ge
+from lora_jax import tree
 from lora_jax.models import gguf as lgguf
 from lora_jax.models import llama
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks folder is not an installed package
 from benchmarks import llamacpp  # noqa: E402
 
@@ -77,9 +80,9 @@ def write_tiny_gguf(params, config, path) -> Path:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_add_bos_token(False)
-    flat = llama._flat(params)
-    for p, name in tmap.names.items():
-        w.add_tensor(name, tmap.to_gguf(p, np.asarray(flat[p])))
+    for p, x in tree.flatten(params).items():
+        for name, arr in tmap.to_gguf(p, np.asarray(x)).items():
+            w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -120,9 +123,16 @@ def adapters(tiny):
 
 
 def test_permutation_is_llama_cpp_converters(tiny):
-    x = np.arange(4 * 16 * 3, dtype=np.float32).reshape(4 * 16, 3)
-    np.testing.assert_array_equal(ge.permute_rope_rows(x, 4), llama_cpp_permute(x, 4))
-    np.testing.assert_array_equal(lgguf.unpermute_rope_rows(ge.permute_rope_rows(x, 4), 4), x)
+    """The family mapping (read from the Llama declaration) stores Q / K as llama.cpp's converter does, and
+    reads it back."""
+    tmap = ge.tensor_map(TINY)
+    for proj, name, heads in (("q_proj", "attn_q", 4), ("k_proj", "attn_k", 2), ("v_proj", "attn_v", None)):
+        path = ("model", "layers_1", "self_attn", proj, "kernel")
+        kernel = np.random.RandomState(0).standard_normal(tmap.shape(path)).astype(np.float32)
+        stored = tmap.to_gguf(path, kernel)
+        want = llama_cpp_permute(kernel.T, heads) if heads else kernel.T
+        np.testing.assert_array_equal(stored[f"blk.1.{name}.weight"], want)
+        np.testing.assert_array_equal(tmap.from_gguf(path, stored), kernel)
     # the tiny base written through the family mapping reads back (through the GGUF reader) as the params
     path, params, _ = tiny
     _, again, _, config = lgguf.load_gguf(path, tokenizer=False)
@@ -138,7 +148,7 @@ def test_adapter_file_is_what_llama_cpp_reads(tiny, adapters, tmp_path):
     meta = lgguf.metadata(reader)
     assert (meta["general.type"], meta["adapter.type"], meta["general.architecture"]) == ("adapter", "lora", "llama")
     assert meta["adapter.lora.alpha"] == 8.0  # the most common scale * r (2.0 * 4)
-    assert reader.fields["adapter.lora.alpha"].types[0] == gguf.GGUFValueType.FLOAT32
+    assert reader.types["adapter.lora.alpha"] == (gguf.GGUFValueType.FLOAT32, None)
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 2 * len(lora.adapter_items(adapters))
     base = {t.name: t for t in lgguf.open_gguf(path).tensors}
@@ -180,8 +190,8 @@ def test_adapter_export_refuses_what_llama_cpp_cannot_run(tiny, adapters, tmp_pa
     with pytest.raises(ValueError, match="DoRA"):
         ge.save_gguf_adapter(dora, tmp_path / "d.gguf", base=path)
     # SmolLM2 ties its embeddings: llama.cpp uses token_embd as the output head too
-    smol = llama.Config(**{**TINY.__dict__, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
-                           "head_dim": 64, "tie_word_embeddings": True})
+    smol = dataclasses.replace(TINY, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                               tie_word_embeddings=True)
     emb = {"model": {"embed_tokens": {"embedding": lora.LoraAdapter(
         jnp.ones((264, 2)), jnp.ones((2, 576)), alpha=2.0, scale=1.0, in_shape=(264,), out_shape=(576,))}}}
     with pytest.raises(ValueError, match="tied embeddings"):
@@ -231,7 +241,7 @@ def test_merged_gguf_reads_back_as_the_merge(tiny, adapters, tmp_path):
     assert q8.types["blk.0.attn_q.weight"] == "Q8_0" and q8.types["blk.0.attn_norm.weight"] == "F32"
     assert lgguf.metadata(lgguf.open_gguf(q8.path))["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     _, back8, _, _ = lgguf.load_gguf(q8.path, tokenizer=False)
-    flat_m, flat_b = llama._flat(merged), llama._flat(back8)
+    flat_m, flat_b = tree.flatten(merged), tree.flatten(back8)
     for p, err in q8.errors.items():
         diff = np.asarray(flat_b[tuple(p.split("/"))]) - np.asarray(flat_m[tuple(p.split("/"))])
         assert np.isclose(err.max_abs, np.abs(diff).max(), rtol=1e-5)
@@ -255,10 +265,7 @@ def test_merged_gguf_falls_back_for_types_gguf_cannot_write(tiny, adapters, tmp_
     path, params, _ = tiny
     reader = lgguf.open_gguf(path)
     w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
-    for field in reader.fields.values():
-        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
-            w.add_key_value(field.name, field.contents(), field.types[0],
-                            sub_type=field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    ge._copy_metadata(reader, w, {"general.architecture"})
     rng = np.random.RandomState(0)
     for t in reader.tensors:
         if t.name.endswith("ffn_down.weight"):  # (64, 256): one 256-value Q4_K block (144 bytes) per row
@@ -366,6 +373,28 @@ def _run_overrides(model, out, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def test_export_gguf_writes_the_run_files(tiny, adapters, tmp_path):
+    """train.loop.export_gguf (what train.run calls at the end with output.export_gguf_adapter /
+    output.export_gguf) writes adapter.gguf and merged.gguf with its error report."""
+    from train import loop
+    from train.config import load_config
+
+    path, params, _ = tiny
+    cfg = load_config(None, _run_overrides(path, tmp_path, **{"output.export_gguf_adapter": True,
+                                                                "output.export_gguf": "f16"}))
+    said = []
+    loop.export_gguf(cfg, tmp_path, {"model": adapters["model"]}, {}, None, said.append)
+    back = ge.load_gguf_adapter(tmp_path / loop.GGUF_ADAPTER, path)
+    assert len(lora.adapter_items(back)) == len(lora.adapter_items(adapters["model"]))
+    report = json.loads((tmp_path / loop.GGUF_MERGED_REPORT).read_text())
+    assert report["type"] == "f16" and report["types"]["blk.1.ffn_up.weight"] == "F16"
+    assert set(report["errors"]) == {"model/" + p for p, _ in lora.adapter_items(adapters["model"])}
+    assert all(0 < e["rms"] < e["delta_rms"] for e in report["errors"].values())
+    assert lgguf.open_gguf(tmp_path / loop.GGUF_MERGED).metadata["general.file_type"] == 1  # MOSTLY_F16
+    assert len(said) == 2 and "adapter.gguf" in said[0] and "merged GGUF (f16)" in said[1]
+
+
+@pytest.mark.slow
 def test_train_run_exports_gguf_and_predict_reads_it(tiny, tmp_path):
     """output.export_gguf_adapter / output.export_gguf write files that hold the trained adapters (read back
     here), with the merged file's error report; train.predict --adapter X.gguf runs the same adapters."""
@@ -386,7 +415,7 @@ def test_train_run_exports_gguf_and_predict_reads_it(tiny, tmp_path):
     assert set(report["errors"]) == {p for p, _ in lora.adapter_items(trained)}
     assert report["types"]["blk.0.attn_q.weight"] == "Q8_0"
     _, merged, _, _ = lgguf.load_gguf(out / "merged.gguf", tokenizer=False)
-    flat, exact = llama._flat(merged), llama._flat(lora.merge(params, trained))
+    flat, exact = tree.flatten(merged), tree.flatten(lora.merge(params, trained))
     for p, e in report["errors"].items():
         key = tuple(p.split("/"))
         assert np.isclose(np.abs(np.asarray(flat[key]) - np.asarray(exact[key])).max(), e["max_abs"], rtol=1e-5)
