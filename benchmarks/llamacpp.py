@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+SOURCES = ("benchmarks/llamacpp.py",)  # a helper of llamacpp_parity and the tests, not a benchmark of its own
+
 _LOG: list[tuple[int, str]] = []  # (ggml log level, text) of every message llama.cpp logged
 _CALLBACK = None  # keeps the ctypes callback alive
 WARN, ERROR, CONT = 3, 4, 5  # ggml.h ggml_log_level (llama-cpp-python's _logger.py still maps the old 1..4 enum)
