@@ -274,6 +274,48 @@ def loss_memory_block(results: dict) -> str:
     return "\n".join(out)
 
 
+def _llamacpp_family(name: str, r: dict) -> list[str]:
+    rows = []
+    for c in r["comparisons"]:
+        warn = c["warnings_beyond_base"]
+        rows.append([c["llama_cpp"], c["reference"], f"{c['tokens_agreeing']} / {c['tokens']}",
+                     f"{c['identical_continuations']} / {c['prompts']}",
+                     f"{c['max_abs_logit_diff']:.3g} ({c['max_abs_logit']:.0f})", str(len(warn)) if warn else "none"])
+    q = r["requantisation"]
+    lines = [f"**{name}** (`{r['base']}`, {r['adapters']['count']} adapters r={'/'.join(map(str, r['adapters']['r']))}"
+             f"; {r['prompts']} prompts x {r['max_new_tokens']} greedy tokens):", "",
+             _table(["llama.cpp runs", "against", "tokens agreeing", "identical continuations",
+                     "max logit diff (max logit)", "new warnings"], rows), "",
+             "Re-quantisation error of the merged files (rms of requant(W) - W over the rms of the update dW, per "
+             f"tensor): the base's own types ({', '.join(q['base']['types_of_changed_tensors'])}) worst "
+             f"{q['base']['worst_relative']:.2f}, median {q['base']['median_relative']:.2f}; Q8_0 worst "
+             f"{q['q8_0']['worst_relative']:.2f}, median {q['q8_0']['median_relative']:.2f}."]
+    c = r.get("converter")
+    if c:
+        lines[-1] += (f" llama.cpp's `convert_lora_to_gguf.py` on our PEFT export writes "
+                      f"{'the same tensors' if c['same_tensor_names'] else 'other tensor names'} (max difference "
+                      f"{c['max_abs_tensor_diff']:.3g}), which load here to dW within {c['loaded_here_max_abs_dW_diff']:.3g}.")
+    if r.get("base_warnings"):
+        lines[-1] += " The base file alone makes llama.cpp warn: " + "; ".join(
+            f"\"{w[:90]}\"" for w in r["base_warnings"]) + "."
+    return lines
+
+
+def llamacpp_block(results: dict) -> str:
+    r = results["llamacpp_parity"]
+    head = (f"llama-cpp-python {r['llama_cpp_python']} ({r['llama_cpp_settings']}); token ids from our tokenizer go "
+            "into both; logits teacher-forced on prompt + our continuation, every position and vocabulary entry.")
+    if r.get("run_eval_after"):
+        ev = r["run_eval_after"]
+        head += (f" The SmolLM2 adapter is `{r['run']}` ({r['run_steps']} steps; held-out BLEU {ev.get('bleu', 0):.1f}"
+                 f", loss {ev.get('loss', 0):.3f}).")
+    parts = [head, ""] + _llamacpp_family("SmolLM2-135M-Instruct", r["smollm2"])
+    if "gemma3" in r:
+        parts += ["", *_llamacpp_family("Gemma 3 270M, a deterministic nonzero adapter", r["gemma3"])]
+    return "\n".join(parts + ["", provenance(r, "python -m benchmarks.llamacpp_parity --run runs/llamacpp_parity "
+                                                "--gemma3")])
+
+
 # id -> (results it reads, renderer, inline?)
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
@@ -285,6 +327,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "smollm2_speed": (("smollm2_speed",), smollm2_block, False),
     "step_ratio": (("step_ratio",), step_ratio_block, False),
     "loss_memory": (("loss_memory", "loss_memory_long"), loss_memory_block, False),
+    "llamacpp_parity": (("llamacpp_parity",), llamacpp_block, False),
 }
 
 

@@ -7,6 +7,8 @@
 
 QLoRA: ``lora.quantize(params, "nf4")`` stores the frozen kernels in 4 bits (see :mod:`lora_jax.quant`);
 DoRA: ``lora.init(..., use_dora=True)``; PiSSA: ``lora.init_pissa(params, r)`` (see :mod:`lora_jax.variants`).
+Serving: ``lora.save_peft`` (transformers / vLLM), ``lora.save_gguf_adapter`` / ``lora.save_merged_gguf``
+(llama.cpp / Ollama; see :mod:`lora_jax.gguf_export`).
 """
 
 from lora_jax.core import (
@@ -53,6 +55,7 @@ from lora_jax.optim import lora_plus, masked, trainable_labels
 from lora_jax.quant import QuantizedWeight, dequantize, merge_quantized, quantize
 from lora_jax.variants import init_pissa
 from lora_jax.peft import LoadedPeft, load_peft, save_peft
+from lora_jax.gguf_export import MergedGGUF, load_gguf_adapter, save_gguf_adapter, save_merged_gguf
 from lora_jax.targets import PRESETS
 from lora_jax.transform import init_stacked, transform, transform_report
 
@@ -67,6 +70,7 @@ __all__ = [
     "init_stacked", "transform", "transform_report",
     "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "quantize",
     "LoadedPeft", "load_peft", "save_peft",
+    "MergedGGUF", "load_gguf_adapter", "save_gguf_adapter", "save_merged_gguf",
     "AdapterSet", "MultiLoraWeight", "StackedAdapter", "load_slot", "row_ids", "stack_adapters", "weighted_adapter",
     "wrap_mixed",
 ]

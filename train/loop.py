@@ -34,6 +34,11 @@ from train.tasks import loss_for
 
 
 
+# ------------------------------------------------------------------------------------------- output files
+
+GGUF_ADAPTER, GGUF_MERGED, GGUF_MERGED_REPORT = "adapter.gguf", "merged.gguf", "merged_gguf_errors.json"
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 
@@ -144,7 +149,8 @@ def prepare(cfg: Config, params: Any, key: jax.Array) -> Prepared:
     if cfg.train.method in ("full", "linear_probe"):
         trainable = {"adapters": trainable["adapters"], "params": _cast_floats(trainable["params"], compute)}
     pissa_init = None
-    if cfg.lora.init == "pissa" and cfg.train.method in ("lora", "qlora") and cfg.output.export_peft:
+    if cfg.lora.init == "pissa" and cfg.train.method in ("lora", "qlora") and (
+            cfg.output.export_peft or cfg.output.export_gguf_adapter or cfg.output.export_gguf):
         pissa_init = jax.device_get(trainable["adapters"])
     return Prepared(frozen, trainable, pissa_init)
 
@@ -394,6 +400,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     t_start = time.perf_counter()
     primary = jax.process_index() == 0
     say = print_fn if primary else (lambda *a, **k: None)
+    check_gguf_exports(cfg)
     out_plan = outputs.plan(cfg, resume)
 
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
@@ -642,6 +649,9 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
             lora.save_peft(peft_adapters, folder / "peft", base_model_name_or_path=cfg.model.name, config=model_cfg,
                            modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None)
             say(f"exported PEFT adapter to {folder / 'peft'}")
+        if primary and (cfg.output.export_gguf_adapter or cfg.output.export_gguf):
+            export_gguf(cfg, folder, jax.device_get(adapters_final) if uses_adapters else {},
+                        jax.device_get(trained_final), prepared.pissa_init, say)
         ckpt.close()
         log.close()
         run_folder.commit()
@@ -668,6 +678,67 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
 
 
 # ------------------------------------------------------------------------------------------- artifacts
+
+
+def check_gguf_exports(cfg: Config) -> None:
+    """Refuse GGUF exports that cannot be written before training, not after: a base that is not a GGUF file,
+    an unknown type, an adapter file of what llama.cpp's LoRA cannot express."""
+    out = cfg.output
+    if not (out.export_gguf_adapter or out.export_gguf):
+        return
+    from lora_jax import gguf_export
+    from lora_jax.models import resolve
+
+    keys = "output.export_gguf_adapter / output.export_gguf"
+    if out.export_gguf is not None:
+        try:
+            gguf_export.check_merged_type(out.export_gguf)
+        except ValueError as e:
+            raise ConfigError(f"output.export_gguf: {e}") from None
+    try:
+        is_gguf = resolve(cfg.model.name).suffix.lower() == ".gguf"
+    except (FileNotFoundError, OSError):
+        is_gguf = str(cfg.model.name).lower().endswith(".gguf")
+    if not is_gguf:
+        raise ConfigError(f"{keys} need a GGUF base (model.name {cfg.model.name!r} is not a .gguf file): the "
+                          "file's tensor names, tokenizer and metadata are what the exports are written against")
+    if out.export_gguf_adapter:
+        if cfg.train.method not in ("lora", "qlora"):
+            raise ConfigError(f"output.export_gguf_adapter with train.method={cfg.train.method}: there are no "
+                              "adapters; use output.export_gguf")
+        if cfg.lora.use_dora:
+            raise ConfigError("output.export_gguf_adapter with lora.use_dora: llama.cpp's LoRA has no DoRA "
+                              "magnitude; use output.export_gguf (the merged model)")
+        if cfg.train.method == "qlora" and cfg.lora.init == "pissa":
+            raise ConfigError("output.export_gguf_adapter with lora.init=pissa and train.method=qlora: the adapters "
+                              "belong to the quantised PiSSA residual, not to the GGUF base; use "
+                              "output.export_gguf")
+
+
+def export_gguf(cfg: Config, folder: Path, adapters: Any, trained: Any, pissa_init: Any, say) -> None:
+    """Write ``adapter.gguf`` (llama.cpp LoRA) and / or ``merged.gguf`` (with ``merged_gguf_errors.json``, the
+    re-quantisation error of every changed tensor) against the run's GGUF base."""
+    from lora_jax import gguf_export
+    from lora_jax.models import resolve
+
+    base = resolve(cfg.model.name)
+    if pissa_init is not None:  # stated against the original base, as for PEFT
+        adapters = pissa_to_lora(adapters, pissa_init)
+    if cfg.output.export_gguf_adapter:
+        gguf_export.save_gguf_adapter(adapters, folder / GGUF_ADAPTER, base=base, name=f"{folder.name} LoRA")
+        say(f"exported llama.cpp LoRA adapter to {folder / GGUF_ADAPTER} (llama-cli -m {base} --lora "
+            f"{folder / GGUF_ADAPTER})")
+    if cfg.output.export_gguf:
+        rep = gguf_export.save_merged_gguf(adapters, folder / GGUF_MERGED, base=base, type=cfg.output.export_gguf,
+                                           trained=trained if jax.tree.leaves(trained) else None)
+        (folder / GGUF_MERGED_REPORT).write_text(json.dumps({
+            "type": cfg.output.export_gguf, "types": rep.types,
+            "errors": {p: dataclasses.asdict(e) | {"relative": e.relative} for p, e in rep.errors.items()}},
+            indent=1, default=float))
+        worst = rep.worst()
+        say(f"exported merged GGUF ({cfg.output.export_gguf}) to {folder / GGUF_MERGED}"
+            + (f"; worst re-quantisation error rms {worst[1].rms:.3g} = {worst[1].relative:.2f} x the update's rms "
+               f"({worst[0]})" if worst else ""))
 
 
 def save_trained(folder: Path, tree: Any) -> Path:

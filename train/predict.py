@@ -3,6 +3,7 @@
     python -m train.predict --run runs/sst2_minilm_lora --text "a gorgeous film" --text "dull and long"
     python -m train.predict --run runs/default --file prompts.jsonl --column prompt --out generations.jsonl
     python -m train.predict --base all-MiniLM-L6-v2 --adapter runs/sst2/peft --file dev.tsv --column sentence
+    python -m train.predict --base SmolLM2-135M-Instruct-Q4_1 --adapter runs/default/adapter.gguf --text "..."
 
 The model comes from one of
 
@@ -13,7 +14,8 @@ The model comes from one of
   residual for ``lora.init: pissa``.
 - ``--base NAME --adapter DIR``: any model :func:`lora_jax.models.load` accepts and an adapter folder, either
   :func:`lora_jax.checkpoint.save_adapters`' (``runs/X/adapters``) or a PEFT adapter (``adapter_config.json``,
-  e.g. ``runs/X/peft``; its ``modules_to_save`` such as a classifier head come with it).
+  e.g. ``runs/X/peft``; its ``modules_to_save`` such as a classifier head come with it), or a llama.cpp LoRA
+  adapter file (``.gguf``, e.g. ``runs/X/adapter.gguf``, or one made by llama.cpp's ``convert_lora_to_gguf.py``).
 
 By default the adapters run factored (``x @ W0 + ((x @ A) @ B) * s``); ``--merged`` folds them into the base
 first (a quantised base is dequantised), which gives the same outputs at the base model's speed.
@@ -55,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = ap.add_argument_group("model (one of --run, or --base with --adapter)")
     src.add_argument("--run", help="a finished train.run run folder, or its output.dir (the latest run)")
     src.add_argument("--base", help="base model: a Hugging Face folder, .gguf file or offline alias")
-    src.add_argument("--adapter", help="with --base: a lora_jax adapters folder or a PEFT adapter folder")
+    src.add_argument("--adapter", help="with --base: a lora_jax adapters folder, a PEFT adapter folder or a "
+                                       "llama.cpp LoRA adapter .gguf file")
     src.add_argument("--task", choices=["causal-lm", "classification"],
                      help="with --base: the task (default: a PEFT adapter's task_type, else causal-lm for a model "
                           "family that has one, classification for the others)")
@@ -272,8 +275,11 @@ def from_base(base: str, adapter: str, *, task: str | None = None, num_labels: i
 
     if num_labels is not None and num_labels < 1:
         raise PredictError(f"--num-labels must be >= 1, got {num_labels}")
-    folder = _check_folder(adapter, "--adapter folder")
-    kind = _adapter_kind(folder)
+    if Path(adapter).is_file() and Path(adapter).suffix.lower() == ".gguf":
+        folder, kind = Path(adapter), "gguf"
+    else:
+        folder = _check_folder(adapter, "--adapter folder")
+        kind = _adapter_kind(folder)
     run_config = folder.parent / "config.yaml"
     if kind == "lora_jax" and run_config.is_file():
         from train import outputs
@@ -314,6 +320,11 @@ def from_base(base: str, adapter: str, *, task: str | None = None, num_labels: i
         peft = load_peft(folder, params, config=loaded.config)
         adapters, params = peft.adapters, peft.update(params)
         fresh = [p for p in loaded.new_params if not _in_tree(peft.trained, p)]
+    elif kind == "gguf":
+        from lora_jax.gguf_export import load_gguf_adapter
+
+        adapters = load_gguf_adapter(folder, loaded.config, params=params)
+        fresh = list(loaded.new_params)
     else:
         adapters = load_adapters(folder)
         fresh = list(loaded.new_params)

@@ -73,6 +73,8 @@ class GGUFFile:
     path: Path
     metadata: dict[str, Any]
     tensors: list[GGUFTensor]
+    types: dict[str, tuple[int, int | None]] = dataclasses.field(default_factory=dict)
+    """key -> (GGUF value type, element type of an array or None): what a writer needs to copy the metadata."""
 
 
 # GGUF metadata value types (gguf-py's GGUFValueType) -> struct formats; 8: string, 9: array.
@@ -126,10 +128,12 @@ def _parse(path: Path) -> GGUFFile:
     version, n_tensors, n_kv = read("IQQ")
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} (expected 2 or 3, little-endian)")
-    meta = {}
+    meta, types = {}, {}
     for _ in range(n_kv):
         key = string()
-        meta[key] = value(read("I"))
+        kind = read("I")
+        types[key] = (kind, struct.unpack_from("<I", buf, pos)[0] if kind == 9 else None)
+        meta[key] = value(kind)
     infos = []
     for _ in range(n_tensors):
         name = string()
@@ -152,7 +156,7 @@ def _parse(path: Path) -> GGUFFile:
         if start + offset + count * dtype.itemsize > len(buf):
             raise ValueError(f"tensor {name!r} runs past the end of the file ({len(buf)} bytes)")
         tensors.append(GGUFTensor(name, kind, shape, np.frombuffer(buf, dtype, count, start + offset).reshape(rows)))
-    return GGUFFile(path, meta, tensors)
+    return GGUFFile(path, meta, tensors, types)
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
