@@ -589,5 +589,41 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
     return folder
 
 
-__all__ = ["LoadedPeft", "Naming", "PeftError", "load_peft", "naming", "pattern_value", "read_config", "save_peft",
-           "target_modules", "with_leaves"]
+# ------------------------------------------------------------------------------------------ expert stacks
+# PEFT adapts a 3-D expert parameter through ``target_parameters`` (``lora.ParamWrapper``): one ``nn.Linear``
+# pair for all experts, ``lora_A.weight (r*E, in)`` whose rows are expert-major (row ``e*r + k``) and
+# ``lora_B.weight (out, r*E)`` whose columns are rank-major (column ``k*E + e``); expert ``e``'s update is
+# ``scale * lora_B[:, k*E + e] @ lora_A[e*r + k, :]`` summed over ``k`` (``get_delta_weight``'s
+# ``einsum("o r e, e r i -> e o i")``). ``in`` / ``out`` are the expert's features: for a parameter stored
+# ``(E, out, in)`` (Qwen3-MoE, Mixtral: ``nn.Linear`` order) and for one stored ``(E, in, out)`` (GPT-OSS,
+# ``is_transposed``) alike. Several parameters of one module nest their wrappers: the one registered last is
+# outermost, so its tensors are ``<module>.lora_A.weight`` and the one before it ``<module>.base_layer.lora_A.weight``.
+
+
+def expert_factors_from_peft(lora_a: np.ndarray, lora_b: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's ``lora_A.weight (r*E, in)`` / ``lora_B.weight (out, r*E)`` of an expert parameter -> this project's
+    per-expert factors ``a (E, in, r)``, ``b (E, r, out)`` (``delta[e] = scale * a[e] @ b[e]``, ``(in, out)``)."""
+    lora_a, lora_b = np.asarray(lora_a), np.asarray(lora_b)
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1] or lora_a.shape[0] % num_experts:
+        raise PeftError(f"expert LoRA tensors lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} are not "
+                        f"(r*E, in) / (out, r*E) with E = {num_experts}")
+    r = lora_a.shape[0] // num_experts
+    a = lora_a.reshape(num_experts, r, -1).transpose(0, 2, 1)
+    b = lora_b.reshape(lora_b.shape[0], r, num_experts).transpose(2, 1, 0)
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+def expert_factors_to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`expert_factors_from_peft`: ``a (E, in, r)``, ``b (E, r, out)`` -> PEFT's
+    ``lora_A.weight (r*E, in)``, ``lora_B.weight (out, r*E)``."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise PeftError(f"per-expert factors a {tuple(a.shape)} / b {tuple(b.shape)} are not (E, in, r) / (E, r, out)")
+    n_exp, d_in, r = a.shape
+    lora_a = a.transpose(0, 2, 1).reshape(n_exp * r, d_in)
+    lora_b = b.transpose(2, 1, 0).reshape(b.shape[2], r * n_exp)
+    return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
+
+
+__all__ = ["LoadedPeft", "Naming", "PeftError", "expert_factors_from_peft", "expert_factors_to_peft", "load_peft",
+           "naming", "pattern_value", "read_config", "save_peft", "target_modules", "with_leaves"]
