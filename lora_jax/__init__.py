@@ -7,6 +7,8 @@
 
 QLoRA: ``lora.quantize(params, "nf4")`` stores the frozen kernels in 4 bits (see :mod:`lora_jax.quant`);
 DoRA: ``lora.init(..., use_dora=True)``; PiSSA: ``lora.init_pissa(params, r)`` (see :mod:`lora_jax.variants`).
+Mixtures of experts: ``lora.init(params, targets="experts")`` gives each routed expert of a stacked expert kernel
+its own adapter, applied by ``lora.ragged_dot`` (see :mod:`lora_jax.models.moe`).
 """
 
 from lora_jax.core import (
@@ -35,7 +37,7 @@ from lora_jax.errors import (
     PeftError,
     TargetError,
 )
-from lora_jax.ops import dense, dot, einsum, embed, materialize
+from lora_jax.ops import dense, dot, einsum, embed, materialize, ragged_dot
 from lora_jax.multi import (
     AdapterSet,
     MultiLoraWeight,
@@ -59,7 +61,8 @@ __all__ = [
     "CheckpointError", "ConfigError", "DataError", "LoraJaxError", "MergeStateError", "NonFiniteError", "PeftError",
     "TargetError",
     "LoraAdapter", "LoraWeight", "Summary", "PRESETS", "adapter_items", "combine", "dense", "dot", "einsum",
-    "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "split",
+    "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "ragged_dot",
+    "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
     "init_stacked", "transform", "transform_report",
     "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "quantize",

@@ -5,7 +5,9 @@ A LoRA adapter for a kernel ``W0`` of shape ``(*in_shape, *out_shape)`` is a pai
     A: (prod(in_shape), r)      B: (r, prod(out_shape))
 
 and the adapted kernel is ``W0 + scale * reshape(A @ B)`` with ``scale = alpha / r`` (or ``alpha / sqrt(r)``
-with rsLoRA). ``B`` starts at zero, so an adapted model equals its base model exactly at step 0.
+with rsLoRA). ``B`` starts at zero, so an adapted model equals its base model exactly at step 0. A stack of
+expert kernels ``(E, d_in, d_out)`` (a mixture of experts) gets one such pair per expert, stacked:
+``A (E, d_in, r)``, ``B (E, r, d_out)`` (see :func:`init`'s ``expert_axes``).
 
 Everything here is a pure function over pytrees:
 
