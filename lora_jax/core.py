@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import targets as _targets
+from lora_jax import tree as _tree
 from lora_jax.errors import MergeStateError, TargetError
 
 PyTree = Any
@@ -192,24 +193,11 @@ def merged_kernel(base: Any, adapter: LoraAdapter) -> Array:
 
 
 def _leaves_by_path(tree: PyTree) -> list[tuple[tuple[str, ...], Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)
-    return [(_targets.path_tuple(p), leaf) for p, leaf in flat]
+    return _tree.leaves(tree, is_leaf=_is_node)
 
 
-def _nested_get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    node = tree
-    for k in path:
-        if not isinstance(node, Mapping) or k not in node:
-            return None
-        node = node[k]
-    return node
-
-
-def _nested_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    node = tree
-    for k in path[:-1]:
-        node = node.setdefault(k, {})
-    node[path[-1]] = value
+_nested_get = _tree.get
+_nested_set = _tree.put
 
 
 def adapter_items(adapters: PyTree) -> list[tuple[str, LoraAdapter]]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from lora_jax import core, ops
 from lora_jax import targets as _targets
+from lora_jax import tree as _tree
 from lora_jax.core import LoraAdapter
 
 PyTree = Any
@@ -56,7 +57,7 @@ def _items(tree: PyTree, what: str) -> dict[str, LoraAdapter]:
 def _tree(items: Mapping[str, Any]) -> dict:
     out: dict = {}
     for path, leaf in items.items():
-        core._nested_set(out, tuple(path.split("/")), leaf)
+        _tree.put(out, path, leaf)
     return out
 
 

