@@ -70,6 +70,8 @@ FAMILIES: tuple[str, ...] = (
     "lora_jax.models.llama",
     "lora_jax.models.gpt2",
     "lora_jax.models.qwen3",
+    "lora_jax.models.qwen3_moe",
+    "lora_jax.models.mixtral",
 )
 
 

@@ -25,16 +25,22 @@ columns and the up projection in the last ``F`` (HF's ``gate_up_proj(...).chunk(
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lora_jax import ops
+from lora_jax import ops, tree
 from lora_jax.core import LoraWeight
+from lora_jax.models.arch import Layout
+from lora_jax.models.layers import ACTIVATIONS, Attention, Dense, GatedMLP, RMSNorm
 
 Array = jax.Array
+Dtype = Any
 
 DISPATCHES = ("ragged", "dense")
 
@@ -179,4 +185,151 @@ def load_balancing_loss(router_logits: Sequence[Array], num_experts: int, top_k:
     return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))
 
 
-__all__ = ["DISPATCHES", "Routing", "Sorted", "experts_glu", "load_balancing_loss", "route", "sort_by_expert"]
+# ------------------------------------------------------------------------------------------ Linen modules
+
+
+class Experts(nn.Module):
+    """The routed experts of a block: parameters ``gate_up_proj (E, D, 2F)`` and ``down_proj (E, F, D)`` (named
+    as ``transformers``' ``*Experts`` modules name them), applied by :func:`experts_glu`."""
+
+    num_experts: int
+    features: int
+    intermediate: int
+    activation: str = "silu"
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    dispatch: str = "ragged"
+
+    @nn.compact
+    def __call__(self, x: Array, routing: Routing) -> Array:
+        e, d, f = self.num_experts, self.features, self.intermediate
+        init = lambda shape: lambda: self.init_std * jax.random.normal(self.make_rng("params"), shape)  # noqa: E731
+        gate_up = self.variable("params", "gate_up_proj", init((e, d, 2 * f))).value
+        down = self.variable("params", "down_proj", init((e, f, d))).value
+        return experts_glu(x.astype(self.dtype), routing, gate_up=ops.astype(gate_up, self.dtype),
+                           down=ops.astype(down, self.dtype), act=ACTIVATIONS[self.activation], dispatch=self.dispatch)
+
+
+class SparseMoeBlock(nn.Module):
+    """A sparse MoE block as ``transformers``' ``*SparseMoeBlock``: the router ``gate`` (a bias-free
+    ``(D, E)`` kernel), top-``k`` :func:`route`, the :class:`Experts`. ``(B, S, D) -> (B, S, D)``.
+
+    The router logits ``(B*S, E)`` are sown as ``intermediates / router_logits`` (apply with
+    ``mutable=["intermediates"]`` to get them; :func:`collect_router_logits` gathers every layer's in order)."""
+
+    num_experts: int
+    top_k: int
+    features: int
+    intermediate: int
+    norm_topk_prob: bool = True
+    activation: str = "silu"
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    dispatch: str = "ragged"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, s, d = x.shape
+        h = x.reshape(b * s, d)
+        logits = Dense(self.num_experts, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(
+            self.init_std), name="gate")(h)
+        self.sow("intermediates", "router_logits", logits)
+        routing = route(logits, self.top_k, norm_topk_prob=self.norm_topk_prob)
+        y = Experts(self.num_experts, d, self.intermediate, self.activation, self.init_std, self.dtype, self.dispatch,
+                    name="experts")(h, routing)
+        return y.reshape(b, s, d)
+
+
+class MoeDecoderLayer(nn.Module):
+    """The pre-norm decoder block of the MoE families (Qwen3-MoE, Mixtral): ``x + self_attn(input_layernorm(x))``,
+    then ``x + mlp(post_attention_layernorm(x))`` where ``mlp`` is a :class:`SparseMoeBlock` on the layers
+    ``config.is_sparse(layer)`` marks and a dense :class:`~lora_jax.models.layers.GatedMLP` on the others.
+
+    ``config``: a :class:`~lora_jax.models.decoder.DecoderConfig` with ``num_experts``, ``num_experts_per_tok``,
+    ``moe_intermediate_size``, ``norm_topk_prob``, ``moe_dispatch`` and ``is_sparse(layer)``."""
+
+    config: Any
+    layer: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv, start):
+        c = self.config
+        attn = Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.qkv_bias,
+                         c.o_bias, c.rope, c.rms_norm_eps if c.qk_norm else None, init_std=c.initializer_range,
+                         dtype=self.dtype, name="self_attn")
+        h, kv = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, mask, kv, start)
+        x = x + h
+        if c.is_sparse(self.layer):
+            mlp = SparseMoeBlock(c.num_experts, c.num_experts_per_tok, c.hidden_size, c.moe_intermediate_size,
+                                 c.norm_topk_prob, c.hidden_act, c.initializer_range, self.dtype, c.moe_dispatch,
+                                 name="mlp")
+        else:
+            mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, c.initializer_range,
+                           self.dtype, name="mlp")
+        return x + mlp(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)), kv
+
+
+def aux_loss(intermediates: Mapping, config: Any, attention_mask: Array | None = None) -> Array:
+    """``config.router_aux_loss_coef * load_balancing_loss(...)`` over the router logits sown by a forward pass
+    with ``mutable=["intermediates"]``: what ``transformers``' ``*ForCausalLM`` adds to its loss when
+    ``output_router_logits`` is set. ``attention_mask (B, S)`` leaves padding out."""
+    logits = collect_router_logits(intermediates)
+    if not logits:
+        raise ValueError("aux_loss: no router_logits in intermediates; apply the model with "
+                         "mutable=['intermediates']")
+    return config.router_aux_loss_coef * load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok,
+                                                             attention_mask)
+
+
+def collect_router_logits(intermediates: Mapping) -> list[Array]:
+    """Every ``router_logits`` sown by a :class:`SparseMoeBlock` in ``intermediates`` (from
+    ``apply(..., mutable=["intermediates"])``), in layer order (``layers_0``, ``layers_1``, ...)."""
+    found = []
+    for path, value in tree.flatten(intermediates).items():
+        if path[-1] == "router_logits":  # sow keeps a tuple: one entry per call
+            order = tuple(int(m.group(1)) if (m := re.fullmatch(r".*_(\d+)", p)) else -1 for p in path)
+            found += [(order, i, v) for i, v in enumerate(value if isinstance(value, tuple) else (value,))]
+    return [v for *_, v in sorted(found, key=lambda t: t[:2])]
+
+
+# -------------------------------------------------------------------------------------- checkpoint layouts
+
+
+def expert_tensor_names(module_template: str, names: Sequence[str]) -> Callable:
+    """A :class:`~lora_jax.models.arch.Rule` ``name`` for a stacked expert leaf stored as one tensor per expert and
+    projection, as ``transformers`` saves MoE checkpoints: ``module_template`` formats ``{layer}`` / ``{expert}``
+    / ``{name}`` into a module name (``"model.layers.{layer}.mlp.experts.{expert}.{name}"``), for each expert and
+    each of ``names`` (``("gate_proj", "up_proj")`` for a fused ``gate_up_proj`` leaf). The layer is the first
+    ``layers.N`` in the default name; without a config (``Names.hf_name``) only expert 0's names."""
+
+    def rule(default: str, config: Any) -> tuple[str, ...]:
+        layer = re.search(r"layers\.(\d+)\.", default).group(1)
+        prefix = default[: default.index("layers.")]
+        experts = 1 if config is None else config.num_experts  # without a config: the first tensor's name
+        return tuple(prefix + module_template.format(layer=layer, expert=e, name=n) + ".weight"
+                     for e in range(experts) for n in names)
+
+    return rule
+
+
+def per_expert(parts: int) -> Layout:
+    """The :class:`~lora_jax.models.arch.Layout` of a stacked expert leaf ``(E, d_in, parts * d_out)`` stored as
+    ``E * parts`` ``nn.Linear`` weights ``(d_out, d_in)``, expert-major (``gate_0, up_0, gate_1, up_1, ...``): each
+    expert's kernel is its parts side by side along the output axis (``parts=2``: a fused ``gate_up_proj``)."""
+
+    def load(xs):
+        lib = jnp if isinstance(xs[0], jax.Array) else np
+        n = len(xs) // parts
+        return lib.stack([lib.concatenate([xs[e * parts + i].T for i in range(parts)], axis=1) for e in range(n)])
+
+    def save(x):
+        f = x.shape[2] // parts
+        return [x[e, :, i * f:(i + 1) * f].T for e in range(x.shape[0]) for i in range(parts)]
+
+    return Layout(load=load, save=save, transposed=True)
+
+
+__all__ = ["DISPATCHES", "Experts", "MoeDecoderLayer", "Routing", "Sorted", "SparseMoeBlock", "aux_loss",
+           "collect_router_logits",
+           "expert_tensor_names", "experts_glu", "load_balancing_loss", "per_expert", "route", "sort_by_expert"]
