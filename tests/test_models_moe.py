@@ -181,6 +181,31 @@ def test_aux_loss_matches_transformers(case):
     assert float(aux) == pytest.approx(case.config.router_aux_loss_coef * float(out.aux_loss), rel=1e-5)
 
 
+def test_training_loss_is_transformers_loss_with_the_aux_loss():
+    """train.tasks.causal_lm_loss on a MoE whose config sets output_router_logits: (summed CE + coef * aux *
+    count) / count is transformers' training loss; without the flag, or at evaluation, it is the plain CE."""
+    from train.tasks import causal_lm_loss
+
+    case = make_case("mixtral")
+    ids, mask = batch(5)
+    pairs = mask[:, :-1] * mask[:, 1:]  # token t+1 is a target of a real (not padding) position t
+    loss_mask = np.concatenate([pairs, np.zeros((2, 1), mask.dtype)], axis=1)
+    b = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(loss_mask)}
+    on = dataclasses.replace(case.config, output_router_logits=True, router_aux_loss_coef=0.05)
+    total, extra = causal_lm_loss(mixtral.build(on), case.params, b, train=True, rng=None)
+    plain, _ = causal_lm_loss(mixtral.build(case.config), case.params, b, train=True, rng=None)
+    at_eval, _ = causal_lm_loss(mixtral.build(on), case.params, b, train=False, rng=None)
+    assert float(at_eval) == pytest.approx(float(plain), rel=1e-6) and float(extra["aux_loss"]) > 0
+    hf_config = on.to_hf()
+    model = randomize(transformers.AutoModelForCausalLM.from_config(hf_config))
+    model.load_state_dict(case.torch_model.state_dict())
+    labels = np.concatenate([np.full((2, 1), -100), np.where(pairs == 1, ids[:, 1:], -100)], axis=1)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
+    assert float(total / extra["count"]) == pytest.approx(float(ref), rel=1e-5)
+    assert float(plain / extra["count"]) != pytest.approx(float(ref), rel=1e-5)  # the aux term is what closes it
+
+
 def test_lora_presets_on_the_model(case):
     paths = lambda ads: {p for p, _ in lora.adapter_items(ads)}  # noqa: E731
     experts = paths(lora.init(case.params, r=2, targets="experts"))

@@ -24,6 +24,9 @@ from lora_jax.errors import ConfigError
 class ModelConfig:
     name: str = "SmolLM2-135M-Instruct-Q4_1"  # HF hub id, local folder, .gguf file or offline alias
     num_labels: int = 2  # for sequence classification
+    # mixtures of experts: the weight of the load-balancing loss added to the training loss (transformers'
+    # router_aux_loss_coef, added when output_router_logits); None: as the checkpoint's config says; 0: off
+    router_aux_loss_coef: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +86,8 @@ class QuantConfig:
     type: Literal["nf4", "int8"] = "nf4"  # nf4: 4-bit NormalFloat, block-wise absmax; int8: per output channel
     block_size: int = 64  # nf4: values per absmax block (32, 64, ..., 4096)
     double_quant: bool = True  # nf4: quantise the absmax constants to 8 bits (blocks of 256)
-    targets: str | list[str] = "all-linear"  # which frozen kernels (preset or regexes); embeddings/heads stay float
+    targets: str | list[str] = "all-linear+experts"  # which frozen kernels (preset or regexes; MoE experts too);
+    # embeddings, heads and routers stay float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,7 @@ class TrainConfig:
 class MeshConfig:
     data: int = -1  # devices along the data axis (-1: all devices / fsdp)
     fsdp: int = 1  # devices along the FSDP axis that shards the frozen base
+    expert: int = 1  # devices along the expert axis: a mixture of experts' routed experts split across them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +319,7 @@ def validate(cfg: Config) -> None:
         (cfg.eval.every >= 1, f"eval.every must be >= 1, got {cfg.eval.every}"),
         (cfg.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {cfg.checkpoint.every}"),
         (cfg.mesh.fsdp >= 1, f"mesh.fsdp must be >= 1, got {cfg.mesh.fsdp}"),
+        (cfg.mesh.expert >= 1, f"mesh.expert must be >= 1, got {cfg.mesh.expert}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -14,15 +14,30 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
 
     ``batch["loss_mask"][i, t] = 1`` when token ``t + 1`` belongs to the completion. Returns the summed loss over
     tokens and the token count, so that gradient accumulation and sharded batches weight every token equally.
+
+    A mixture of experts whose config sets ``output_router_logits`` adds, in training, its
+    ``router_aux_loss_coef`` times the load-balancing loss over the non-padding tokens, as ``transformers`` adds
+    it to the mean cross-entropy (here: times the token count, so that the sum over count is that mean).
     """
-    logits, _ = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
+    config = getattr(model, "config", None)
+    aux = None
+    if train and getattr(config, "output_router_logits", False):
+        from lora_jax.models import moe
+
+        (logits, _), state = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         mutable=["intermediates"])
+        aux = moe.aux_loss(state["intermediates"], config, batch["attention_mask"])
+    else:
+        logits, _ = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = logits[:, :-1].astype(jnp.float32)
     targets = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, :-1].astype(jnp.float32)
     if "weight" in batch:  # padding rows of the last eval batch weigh 0
         mask = mask * batch["weight"][:, None]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.sum(ce * mask), {"count": jnp.sum(mask)}
+    if aux is None:
+        return jnp.sum(ce * mask), {"count": jnp.sum(mask)}
+    return jnp.sum(ce * mask) + aux * jnp.sum(mask), {"count": jnp.sum(mask), "aux_loss": aux}
 
 
 def classification_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | None) -> tuple[jax.Array, dict]:
