@@ -149,6 +149,9 @@ def _describe(x: Any) -> str:
     return f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") and hasattr(x, "dtype") else repr(x)
 
 
+describe = _describe  # public: used by other modules
+
+
 def is_adapter(x: Any) -> bool:
     return isinstance(x, LoraAdapter)
 
@@ -237,6 +240,9 @@ def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lor
             f"{' ...' if len(missing) > 5 else ''}; this adapter belongs to another base model"
         )
     return out
+
+
+map_targets = _map_targets  # public: used by other modules
 
 
 # ------------------------------------------------------------------------------------------------ init

@@ -101,7 +101,7 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
         factors[path] = (a.astype(dtype), b.astype(dtype))
         return res.reshape(ad.kernel_shape).astype(leaf.dtype)
 
-    residual_params = _core._map_targets(params, adapters, residual, "init_pissa")
+    residual_params = _core.map_targets(params, adapters, residual, "init_pissa")
 
     def replace(path, ad):
         a, b = factors[_tree.path_str(path)]

@@ -266,6 +266,8 @@ class GGUF:
       model_types: ``general.architecture`` -> the Hugging Face ``model_type`` it stands for.
       tensors: regex over Hugging Face module names -> GGUF name template (``re`` groups), e.g.
         ``r"model\\.layers\\.(\\d+)\\.self_attn\\.q_proj": r"blk.\\1.attn_q"``; ``.weight`` / ``.bias`` carry over.
+        A tuple of templates: the checkpoint tensor is those GGUF tensors concatenated along its second-to-last
+        axis (a fused ``gate_up_proj`` from ``ffn_gate`` and ``ffn_up``).
       config: GGUF metadata key (after ``"<arch>."``) -> Hugging Face config field.
       required: the keys of ``config`` a file must have.
       derive: ``(metadata, tensor_names, gguf_arch) -> {HF config field: value}``: more fields (overriding the
@@ -276,7 +278,7 @@ class GGUF:
     """
 
     model_types: Mapping[str, str]
-    tensors: Mapping[str, str]
+    tensors: Mapping[str, str | tuple[str, ...]]
     config: Mapping[str, str]
     required: tuple[str, ...] = ()
     derive: Callable[[Mapping[str, Any], set[str], str], dict] | None = None
@@ -288,15 +290,21 @@ class GGUF:
     def _tensors(self) -> tuple[tuple[re.Pattern, str], ...]:
         return tuple((re.compile(k), v) for k, v in self.tensors.items())
 
-    def name(self, hf_name: str) -> str | None:
-        """The GGUF name of checkpoint tensor ``hf_name`` (``model.layers.0.self_attn.q_proj.weight`` ->
-        ``blk.0.attn_q.weight``), or ``None`` when the table has no entry for its module."""
+    def names(self, hf_name: str) -> tuple[str, ...]:
+        """The GGUF name(s) of checkpoint tensor ``hf_name`` (``model.layers.0.self_attn.q_proj.weight`` ->
+        ``("blk.0.attn_q.weight",)``); ``()`` when the table has no entry for its module."""
         module, _, leaf = hf_name.rpartition(".")
         for pattern, template in self._tensors:
             m = pattern.fullmatch(module)
             if m:
-                return f"{m.expand(template)}.{leaf}"
-        return None
+                templates = (template,) if isinstance(template, str) else template
+                return tuple(f"{m.expand(t)}.{leaf}" for t in templates)
+        return ()
+
+    def name(self, hf_name: str) -> str | None:
+        """The one GGUF name of checkpoint tensor ``hf_name``, or ``None`` (see :meth:`names`)."""
+        names = self.names(hf_name)
+        return names[0] if len(names) == 1 else None
 
 
 # ------------------------------------------------------------------------------------- architecture

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models.arch import Names, Task
-from lora_jax.models.generate import KVCache, begin_step, default_positions, finish_step
+from lora_jax.models.generate import KVCache, begin_step, default_positions, run_layers
 from lora_jax.models.layers import Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, check_activation, normal
 
 Array = jax.Array
@@ -229,19 +229,25 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """``embed_tokens``, ``layers`` (``layer`` blocks, :class:`DecoderLayer` by default) and the final
-    ``norm``: ``(B, S)`` ids -> ``(B, S, D)`` hidden states and the updated cache (``None`` when called without
-    one). See :mod:`lora_jax.models.generate` for the cache and masks."""
+    """``embed_tokens``, ``layers`` (``layer(config, i, dtype)`` blocks, :class:`DecoderLayer` by default) and the
+    final ``norm``: ``(B, S)`` ids -> ``(B, S, D)`` hidden states and the updated cache (``None`` when called
+    without one). See :mod:`lora_jax.models.generate` for the cache and masks.
+
+    ``scale_embeddings``: multiply the embeddings by ``sqrt(hidden_size)`` (in the compute dtype, as Gemma);
+    ``norm_offset``: the final :class:`~lora_jax.models.layers.RMSNorm`'s offset (1: Gemma's ``(1 + w)``).
+    """
 
     config: DecoderConfig
     dtype: Dtype = jnp.float32
     layer: Any = DecoderLayer
+    scale_embeddings: bool = False
+    norm_offset: float = 0.0
 
     def setup(self):
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, c.initializer_range)
         self.layers = [self.layer(c, i, self.dtype) for i in range(c.num_hidden_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.norm_offset)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
                  cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
@@ -249,16 +255,11 @@ class DecoderModel(nn.Module):
         step = begin_step(b, s, attention_mask, cache, self.config.sliding_window)
         positions = default_positions(b, s, step.start) if positions is None else jnp.asarray(positions)
         x = self.embed_tokens(input_ids)
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            mask = step.sliding if self.config.is_sliding(i) else step.causal
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer(x, positions, mask, kv, step.start)
-            if kv is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
-        x = self.norm(x)
-        return x, None if cache is None else finish_step(cache, step, keys, values, s)
+        if self.scale_embeddings:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
+        x, cache = run_layers(self.layers, x, cache, step, lambda i, layer, x, kv: layer(
+            x, positions, step.sliding if self.config.is_sliding(i) else step.causal, kv, step.start))
+        return self.norm(x), cache
 
     def attend(self, h: Array) -> Array:
         """Logits through the tied embedding: ``h @ embed_tokens.T``."""

@@ -178,28 +178,29 @@ def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> di
         arrays = []
         for hf_name, want in zip(where.names, [tuple(x.shape) for x in where.layout.save(
                 np.broadcast_to(np.zeros((), np.float32), shape.shape))]):
-            name = spec.name(hf_name)
-            # "blk.0.ffn_gate_exps[3].weight": expert 3 of a tensor that stacks every expert on its first axis
-            part = re.fullmatch(r"(?P<stem>.+)\[(?P<index>\d+)\](?P<leaf>\.\w+)", name) if name else None
-            if part is not None:
-                name = part["stem"] + part["leaf"]
-            if name is None or name not in tensors:
-                raise CheckpointError(f"{source}: missing tensor {name or hf_name!r} (for {tree.join(path)}, shape "
-                                      f"{want})")
-            if part is not None:
-                if name not in stacks:  # dequantised once for all its experts
-                    stacks[name] = dequantize(tensors[name], np.float32)
-                if int(part["index"]) >= stacks[name].shape[0]:
-                    raise CheckpointError(f"{source}: tensor {name!r} of shape {stacks[name].shape} has no expert "
+            parts, xs = spec.names(hf_name) or (hf_name,), []
+            for name in parts:
+                # "blk.0.ffn_gate_exps[3].weight": expert 3 of a tensor that stacks every expert on its first axis
+                part = re.fullmatch(r"(?P<stem>.+)\[(?P<index>\d+)\](?P<leaf>\.\w+)", name)
+                stem = part["stem"] + part["leaf"] if part is not None else name
+                if stem not in tensors:
+                    raise CheckpointError(f"{source}: missing tensor {stem!r} (for {tree.join(path)}, shape {want})")
+                if part is None:
+                    xs.append(dequantize(tensors[stem], np.float32))
+                    continue
+                if stem not in stacks:  # dequantised once for all its experts
+                    stacks[stem] = dequantize(tensors[stem], np.float32)
+                if int(part["index"]) >= stacks[stem].shape[0]:
+                    raise CheckpointError(f"{source}: tensor {stem!r} of shape {stacks[stem].shape} has no expert "
                                           f"{part['index']} (for {tree.join(path)})")
-                x = stacks[name][int(part["index"])]
-            else:
-                x = dequantize(tensors[name], np.float32)
+                xs.append(stacks[stem][int(part["index"])])
+            parts = tuple(re.sub(r"\[\d+\]", "", n) for n in parts)
+            x = np.concatenate(xs, axis=-2) if len(xs) > 1 else xs[0]
             if tuple(x.shape) != want:
-                raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(x.shape)}, expected {want} for "
-                                      f"{tree.join(path)}")
+                raise CheckpointError(f"{source}: tensor {' + '.join(parts)!r} has shape {tuple(x.shape)}, expected "
+                                      f"{want} for {tree.join(path)}")
             arrays.append(spec.from_gguf(hf_name, x, config) if spec.from_gguf is not None else x)
-            used.add(name)
+            used.update(parts)
         params[path] = jnp.asarray(np.ascontiguousarray(where.layout.load(arrays)), dtype)
     unused = sorted(set(tensors) - used)
     if unused:

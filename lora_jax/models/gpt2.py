@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from lora_jax.models.arch import SAME, Architecture, Names, Rule, Task
 from lora_jax.models.decoder import CausalLM
-from lora_jax.models.generate import KVCache, begin_step, default_positions, finish_step, write_cache
+from lora_jax.models.generate import KVCache, begin_step, default_positions, run_layers, write_cache
 from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, attend, check_activation, layer_norm, normal
 
 Array = jax.Array
@@ -211,16 +211,9 @@ class GPT2Model(nn.Module):
         b, s = input_ids.shape
         step = begin_step(b, s, attention_mask, cache)
         positions = default_positions(b, s, step.start) if positions is None else jnp.asarray(positions)
-        x = self.wte(input_ids) + self.wpe(positions)
-        keys, values = [], []
-        for i, block in enumerate(self.h):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = block(x, step.causal, kv, step.start)
-            if kv is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
-        x = self.ln_f(x)
-        return x, None if cache is None else finish_step(cache, step, keys, values, s)
+        x, cache = run_layers(self.h, self.wte(input_ids) + self.wpe(positions), cache, step,
+                              lambda i, block, x, kv: block(x, step.causal, kv, step.start))
+        return self.ln_f(x), cache
 
     def attend(self, h: Array) -> Array:
         """Logits through the tied embedding: ``h @ wte.T``."""

@@ -319,7 +319,7 @@ def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str,
                     key: Any = None, new: list | None = None) -> dict:
     """The parameters of ``config``'s family for ``task`` from checkpoint tensors (names as in the checkpoint).
 
-    The backbone may be stored with its prefix (``model.``, ``bert.``, ``transformer.``: saved from a task
+    The backbone may be stored with its prefix (the task's ``backbone``, e.g. ``model.``: saved from a task
     class) or without (saved from the bare backbone); both load into any task. ``task=None`` picks the task
     whose head the checkpoint has, else the family's default.
 
