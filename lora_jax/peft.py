@@ -343,7 +343,8 @@ def _load_parameter_adapter(wrapper, parts: Mapping, cfg: Mapping, use_rslora: b
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1] \
             or a.shape[0] % n_exp:
         raise PeftError(f"{source}: tensors {a_key!r} {tuple(a.shape)} / {b_key!r} {tuple(b.shape)} do not fit "
-                        f"{'/'.join(path)} of shape {tuple(leaf.shape)}: expected (r*{n_exp}, {d_in}) / ({d_out}, r*{n_exp})")
+                        f"{'/'.join(path)} of shape {tuple(leaf.shape)}: expected (r*{n_exp}, {d_in}) / "
+                        f"({d_out}, r*{n_exp})")
     r = a.shape[0] // n_exp
     want_r = pattern_value(cfg.get("rank_pattern"), name, cfg["r"])
     if int(want_r) != r:
@@ -682,8 +683,8 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
 # ``lora_B.weight (out, r*E)`` whose columns are rank-major (column ``k*E + e``); expert ``e``'s update is
 # ``scale * lora_B[:, k*E + e] @ lora_A[e*r + k, :]`` summed over ``k`` (``get_delta_weight``'s
 # ``einsum("o r e, e r i -> e o i")``). ``in`` / ``out`` are the expert's features: for a parameter stored
-# ``(E, out, in)`` (Qwen3-MoE, Mixtral: ``nn.Linear`` order) and for one stored ``(E, in, out)`` (GPT-OSS,
-# ``is_transposed``) alike. Several parameters of one module nest their wrappers: the one registered last is
+# ``(E, out, in)`` (``nn.Linear`` order, as most families store it) and for one stored ``(E, in, out)``
+# (``is_transposed``) alike. Several parameters of one module nest their wrappers: the one registered last is
 # outermost, so its tensors are ``<module>.lora_A.weight`` and the one before it ``<module>.base_layer.lora_A.weight``.
 
 

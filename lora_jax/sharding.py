@@ -163,7 +163,8 @@ def adapter_shardings(path: str, adapter: LoraAdapter, mesh: Mesh, rules: Sequen
         return NamedSharding(mesh, P(*spec) if any(e is not None for e in spec) else P())
 
     # Only the first input / output axis: flattening (in_shape) -> d_in keeps its blocks contiguous.
-    return dataclasses.replace(adapter, a=place(adapter.a, n_stack, entry_in), b=place(adapter.b, n_stack + 1, entry_out),
+    return dataclasses.replace(adapter, a=place(adapter.a, n_stack, entry_in),
+                               b=place(adapter.b, n_stack + 1, entry_out),
                                magnitude=place(adapter.magnitude, 0, entry_out))
 
 

@@ -126,7 +126,8 @@ def test_checkpoint_names_both_ways(case):
     for name in ours:
         np.testing.assert_array_equal(ours[name], saved[name])
     layer = case.params["model"]["layers_0"]["mlp"]
-    assert layer["experts"]["gate_up_proj"].shape == (case.config.num_experts, 32, 2 * case.config.moe_intermediate_size)
+    e, width = case.config.num_experts, case.config.moe_intermediate_size
+    assert layer["experts"]["gate_up_proj"].shape == (e, 32, 2 * width)
     if case.name == "qwen3_moe":  # the dense layer has no experts
         assert set(case.params["model"]["layers_1"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
 
@@ -332,7 +333,8 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path):
     tokens = ["<unk>", "<s>", "</s>"] + sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in merges]
     n_exp, width, d, layers = 4, 768, 32, 2
     hf_config = transformers.Qwen3MoeConfig(
-        vocab_size=len(tokens), hidden_size=d, intermediate_size=48, moe_intermediate_size=width, num_hidden_layers=layers,
+        vocab_size=len(tokens), hidden_size=d, intermediate_size=48, moe_intermediate_size=width,
+        num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=n_exp, num_experts_per_tok=2,
         norm_topk_prob=True, max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-6)
     torch.manual_seed(0)
@@ -376,7 +378,8 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path):
     w.close()
 
     flax_model, params, _, config = lgguf.load_gguf(path, tokenizer=False)
-    assert isinstance(config, qwen3_moe.Config) and (config.num_experts, config.moe_intermediate_size) == (n_exp, width)
+    assert isinstance(config, qwen3_moe.Config)
+    assert (config.num_experts, config.moe_intermediate_size) == (n_exp, width)
     assert config.norm_topk_prob  # llama.cpp's qwen3moe always renormalises
     ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 10))
     with torch.no_grad():

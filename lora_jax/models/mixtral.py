@@ -79,13 +79,14 @@ def _router_name(default: str, config) -> tuple[str, ...]:
     return (default.replace(".mlp.gate.", ".block_sparse_moe.gate."),)
 
 
+_EXPERT = "layers.{layer}.block_sparse_moe.experts.{expert}.{name}"
 NAMES = Names(
     lists=decoder.NAMES.lists, ignore=decoder.NAMES.ignore, tied=decoder.NAMES.tied,
-    rules=(Rule(r"(.*/)?layers_\d+/mlp/gate/kernel", TRANSPOSE, _router_name),
+    rules=(Rule(r"(.*/)?layers_\d+/mlp/gate/kernel", TRANSPOSE, _router_name, also=((TRANSPOSE, None),)),
            Rule(r"(.*/)?layers_\d+/mlp/experts/gate_up_proj", moe.per_expert(2),
-                moe.expert_tensor_names("layers.{layer}.block_sparse_moe.experts.{expert}.{name}", ("w1", "w3"))),
-           Rule(r"(.*/)?layers_\d+/mlp/experts/down_proj", stacked(),
-                moe.expert_tensor_names("layers.{layer}.block_sparse_moe.experts.{expert}.{name}", ("w2",)))))
+                moe.expert_tensor_names(_EXPERT, ("w1", "w3")), also=moe.FUSED),
+           Rule(r"(.*/)?layers_\d+/mlp/experts/down_proj", stacked(), moe.expert_tensor_names(_EXPERT, ("w2",)),
+                also=moe.FUSED)))
 
 ARCHITECTURE = Architecture(
     name="mixtral",

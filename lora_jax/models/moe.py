@@ -36,7 +36,7 @@ import numpy as np
 
 from lora_jax import ops, tree
 from lora_jax.core import LoraWeight
-from lora_jax.models.arch import Layout
+from lora_jax.models.arch import Layout, permuted
 from lora_jax.models.layers import ACTIVATIONS, Attention, Dense, GatedMLP, RMSNorm
 
 Array = jax.Array
@@ -131,7 +131,8 @@ def experts_glu(
     """
     if dispatch not in DISPATCHES:
         raise ValueError(f"experts_glu: dispatch must be one of {DISPATCHES}, got {dispatch!r}")
-    if (gate_up is None) == (gate is None or up is None) or (gate_up is not None and (gate is not None or up is not None)):
+    if (gate_up is None) == (gate is None or up is None) or \
+            (gate_up is not None and (gate is not None or up is not None)):
         raise ValueError("experts_glu: pass either gate_up (E, D, 2F) or both gate and up (E, D, F)")
     n_tok, k = routing.experts.shape
     n_exp = down.shape[0]
@@ -313,6 +314,12 @@ def expert_tensor_names(module_template: str, names: Sequence[str]) -> Callable:
     return rule
 
 
+FUSED = ((permuted((0, 2, 1)), None),)
+"""A :class:`~lora_jax.models.arch.Rule`'s ``also`` for an expert stack: the one fused ``(E, d_out, d_in)`` tensor
+named as ``transformers`` names the parameter at run time (``model.layers.0.mlp.experts.gate_up_proj``), which is
+what a file saved from a ``state_dict`` holds (``transformers`` reads such files too)."""
+
+
 def per_expert(parts: int) -> Layout:
     """The :class:`~lora_jax.models.arch.Layout` of a stacked expert leaf ``(E, d_in, parts * d_out)`` stored as
     ``E * parts`` ``nn.Linear`` weights ``(d_out, d_in)``, expert-major (``gate_0, up_0, gate_1, up_1, ...``): each
@@ -330,6 +337,6 @@ def per_expert(parts: int) -> Layout:
     return Layout(load=load, save=save, transposed=True)
 
 
-__all__ = ["DISPATCHES", "Experts", "MoeDecoderLayer", "Routing", "Sorted", "SparseMoeBlock", "aux_loss",
-           "collect_router_logits",
-           "expert_tensor_names", "experts_glu", "load_balancing_loss", "per_expert", "route", "sort_by_expert"]
+__all__ = ["DISPATCHES", "FUSED", "Experts", "MoeDecoderLayer", "Routing", "Sorted", "SparseMoeBlock", "aux_loss",
+           "collect_router_logits", "expert_tensor_names", "experts_glu", "load_balancing_loss", "per_expert", "route",
+           "sort_by_expert"]

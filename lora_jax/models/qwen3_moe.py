@@ -59,7 +59,8 @@ class Config(DecoderConfig):
 
     def is_sparse(self, layer: int) -> bool:
         """Whether ``layer`` has the sparse MoE block (``transformers``' rule)."""
-        return layer not in self.mlp_only_layers and self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
+        return (layer not in self.mlp_only_layers and self.num_experts > 0
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def fields_from_hf(cls, hf_config) -> dict:
@@ -84,12 +85,13 @@ class Config(DecoderConfig):
                 "router_aux_loss_coef": self.router_aux_loss_coef, "output_router_logits": self.output_router_logits}
 
 
+_EXPERT = "layers.{layer}.mlp.experts.{expert}.{name}"
 NAMES = Names(
     lists=decoder.NAMES.lists, ignore=decoder.NAMES.ignore, tied=decoder.NAMES.tied,
     rules=(Rule(r"(.*/)?layers_\d+/mlp/experts/gate_up_proj", moe.per_expert(2),
-                moe.expert_tensor_names("layers.{layer}.mlp.experts.{expert}.{name}", ("gate_proj", "up_proj"))),
-           Rule(r"(.*/)?layers_\d+/mlp/experts/down_proj", stacked(),
-                moe.expert_tensor_names("layers.{layer}.mlp.experts.{expert}.{name}", ("down_proj",)))))
+                moe.expert_tensor_names(_EXPERT, ("gate_proj", "up_proj")), also=moe.FUSED),
+           Rule(r"(.*/)?layers_\d+/mlp/experts/down_proj", stacked(), moe.expert_tensor_names(_EXPERT, ("down_proj",)),
+                also=moe.FUSED)))
 
 PRESETS = {
     **decoder.PRESETS,
