@@ -1,19 +1,35 @@
-"""Shared helpers for the benchmarks: interleaved timing, environment facts, a table printer, JSON output."""
+"""Shared helpers for the benchmarks: interleaved timing, paired statistics, provenance of every result (git
+commit, date, machine, load, library versions), a table printer, JSON output.
+
+Every benchmark module declares ``SOURCES``: the files and folders (relative to the repository root) whose code
+it measures, itself included. ``python -m benchmarks.staleness`` compares them with the commit a result records.
+"""
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
+import math
 import os
 import platform
+import random
+import shlex
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# Library versions recorded with every result (None: not installed).
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "transformers", "tokenizers", "gguf",
+             "torch", "peft", "bitsandbytes", "qwix")
 
 
 def block(x: Any) -> Any:
@@ -39,6 +55,112 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def sign_test_p(above: int, n: int) -> float:
+    """One-sided exact sign test: P(X >= above) for X ~ Binomial(n, 1/2) (ties dropped before counting ``n``)."""
+    return sum(math.comb(n, k) for k in range(above, n + 1)) / 2 ** n if n else 1.0
+
+
+def bootstrap_median_ci(xs: Sequence[float], level: float = 0.95, resamples: int = 10_000,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the median of ``xs`` (seeded: the same data, the same CI)."""
+    rng = random.Random(seed)
+    n = len(xs)
+    meds = sorted(statistics.median(rng.choices(xs, k=n)) for _ in range(resamples))
+    lo = meds[int(math.floor((1 - level) / 2 * resamples))]
+    hi = meds[min(int(math.ceil((1 + level) / 2 * resamples)) - 1, resamples - 1)]
+    return lo, hi
+
+
+def paired_summary(times: Sequence[float], reference: Sequence[float]) -> dict[str, Any]:
+    """Paired per-round ratios ``times[i] / reference[i]`` (both measured in round ``i``): their median, its 95%
+    bootstrap CI, and the sign test of "slower than the reference" (rounds with a ratio above 1 vs below)."""
+    ratios = [t / r for t, r in zip(times, reference, strict=True)]
+    above, below = sum(x > 1 for x in ratios), sum(x < 1 for x in ratios)
+    lo, hi = bootstrap_median_ci(ratios)
+    return {"rounds": len(ratios), "median": statistics.median(ratios), "ci95": [lo, hi],
+            "slower_rounds": above, "faster_rounds": below,
+            "sign_test_p_slower": sign_test_p(above, above + below),
+            "sign_test_p_faster": sign_test_p(below, above + below)}
+
+
+def ratio_verdict(summary: Mapping[str, Any], a: str, b: str) -> str:
+    """What paired rounds of ``a`` over ``b`` show, in words and from the summary's own numbers."""
+    lo, hi = summary["ci95"]
+    where = (f"median {summary['median']:.2f}, 95% CI {lo:.2f}-{hi:.2f} over {summary['rounds']} paired rounds; "
+             f"{a} slower in {summary['slower_rounds']} of them")
+    if lo > 1:
+        return f"{a} is slower than {b} ({where})"
+    if hi < 1:
+        return f"{a} is faster than {b} ({where})"
+    return f"no difference between {a} and {b} detected at this number of rounds ({where})"
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def git_state(sources: Sequence[str] = ()) -> dict[str, Any]:
+    """The commit the working tree is at, whether it has uncommitted changes, and which of ``sources`` do."""
+    try:
+        commit = _git("rev-parse", "HEAD")
+        dirty = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    except (OSError, subprocess.CalledProcessError) as e:
+        return {"commit": None, "error": f"no git history here: {e}"}
+    dirty_sources = sorted({d for d in dirty for s in sources if d == s or d.startswith(s.rstrip("/") + "/")})
+    return {"commit": commit, "dirty": bool(dirty), "dirty_files": dirty, "dirty_sources": dirty_sources}
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, flags and core counts (from /proc/cpuinfo where there is one)."""
+    info: dict[str, Any] = {"model": platform.processor() or platform.machine(), "flags": [],
+                            "logical_cores": os.cpu_count()}
+    if hasattr(os, "sched_getaffinity"):
+        info["usable_cores"] = len(os.sched_getaffinity(0))
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    cores = set()
+    physical = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name":
+            info["model"] = value
+        elif key == "flags" and not info["flags"]:
+            info["flags"] = sorted(value.split())
+        elif key == "physical id":
+            physical = value
+        elif key == "core id":
+            cores.add((physical, value))
+    if cores:
+        info["physical_cores"] = len(cores)
+    return info
+
+
+def library_versions() -> dict[str, str | None]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     dev = jax.devices()[0]
     return {
@@ -51,6 +173,39 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+class Recorder:
+    """Provenance of one benchmark run: call at the start (git state and load average before), ``write`` at
+    the end (load average after, wall time). Every results JSON goes through it."""
+
+    def __init__(self, benchmark: str, sources: Sequence[str], argv: Sequence[str] | None = None):
+        self.benchmark = benchmark
+        self.sources = list(sources)
+        args = list(sys.argv[1:] if argv is None else argv)
+        self.command = " ".join(["python -m benchmarks." + benchmark, *map(shlex.quote, args)])
+        self.t0 = time.perf_counter()
+        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.load_before = load_average()
+        self.git = git_state(self.sources)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"benchmark": self.benchmark, "command": self.command, "sources": self.sources, "git": self.git,
+                "date": self.started,
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "wall_s": time.perf_counter() - self.t0, "cpu": cpu_info(),
+                "load_average": {"before": self.load_before, "after": load_average()},
+                "libraries": library_versions(), "python": platform.python_version(),
+                "platform": platform.platform()}
+
+    def write(self, name: str, payload: Mapping[str, Any], out_dir: str | Path | None = None) -> Path:
+        """``benchmarks/results/NAME.json`` (or ``out_dir/NAME.json``): provenance, environment, payload."""
+        folder = Path(out_dir) if out_dir is not None else RESULTS
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.json"
+        record = {"provenance": self.provenance(), "environment": environment(), **payload}
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return path
 
 
 def table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
@@ -67,10 +222,3 @@ def table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
-
-
-def write_results(name: str, payload: Mapping[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
-    return path

@@ -30,10 +30,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_jax as lora  # noqa: E402
-from benchmarks.common import block, median, table, time_interleaved, write_results  # noqa: E402
+from benchmarks.common import Recorder, block, median, table, time_interleaved  # noqa: E402
 from lora_jax.models import llama, save_pretrained  # noqa: E402
 
 MIXES = (1, 4, 16, 64)
+# The code this benchmark measures (benchmarks.staleness).
+SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/multi.py", "lora_jax/peft.py", "lora_jax/models",
+           "benchmarks/multi_adapter.py", "benchmarks/common.py")
 
 
 def make_adapters(params, n: int, r: int, seed: int = 0) -> list:
@@ -62,7 +65,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison (no torch needed)")
     ap.add_argument("--out", default="multi_adapter")
+    ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
     args = ap.parse_args(argv)
+    recorder = Recorder("multi_adapter", SOURCES, argv)
     if args.batch % max(MIXES):
         raise SystemExit(f"--batch must be a multiple of {max(MIXES)} so that every mix fills whole groups")
 
@@ -141,7 +146,8 @@ def main(argv=None) -> dict:
                        "speedup_vs_peft_same_mix", "throughput_vs_peft_1_adapter"]))
     at16 = one / median(times["mixed batch, 16 adapter(s)"])
     print(f"\nmixed batch over 16 adapters: {at16:.2f}x the throughput of the same batch on one adapter (goal >= 0.8)")
-    path = write_results(args.out, {"config": vars(args), "rows": rows, "ratio_16_vs_one_adapter": at16})
+    path = recorder.write(args.out, {"config": vars(args), "rows": rows, "ratio_16_vs_one_adapter": at16},
+                          args.out_dir)
     print(f"wrote {path}")
     return {"rows": rows, "ratio_16": at16}
 

@@ -25,8 +25,11 @@ The NNX models use the same attention arithmetic as ours (``lora_jax.models.laye
 float32, a causal mask), so the JAX rows differ only in how they express the model and the adapters.
 All variants are warmed up and then timed round-robin in one process (each round starting at the next variant);
 the table reports medians and ours/peer: the median over rounds of ours' time divided by the peer's in the same
-round (below 1: ours is faster). ``--quick``: a 1-layer width-64 model on
-2 x 16 tokens, 2 rounds (a smoke run). Writes ``benchmarks/results/peers.json``.
+round (below 1: ours is faster), with its 95% bootstrap CI and a sign test; a peer is called faster or slower
+only when the CI excludes 1. The notes quote only this run's figures: the per-step FLOPs of ours (XLA's cost
+analysis of the compiled step) and of PEFT (``torch.utils.flop_counter`` over one extra, untimed step), each
+over its own median step time. ``--quick``: a 1-layer width-64 model on 2 x 16 tokens, 2 rounds (a smoke run).
+Writes ``benchmarks/results/peers.json`` with the provenance of :class:`benchmarks.common.Recorder`.
 """
 
 from __future__ import annotations
@@ -47,11 +50,14 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_jax as lora  # noqa: E402
-from benchmarks.common import block, median, table  # noqa: E402
-from benchmarks.train_step import build_lm, make_batch, paired_ratio, prepare, save, time_rotated  # noqa: E402
+from benchmarks.common import Recorder, block, median, paired_summary, ratio_verdict, table  # noqa: E402
+from benchmarks.train_step import build_lm, make_batch, paired_ratio, prepare, time_rotated  # noqa: E402
 from lora_jax.models.layers import attend  # noqa: E402
 
 PEERS = ("ours", "peft", "nnx", "nnx-split", "qwix")
+# The code this benchmark measures (benchmarks.staleness).
+SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/models", "train/tasks.py", "benchmarks/peers.py",
+           "benchmarks/train_step.py", "benchmarks/common.py")
 LABELS = {"ours": "ours (lora_jax factored)", "peft": "HF PEFT (torch CPU)", "nnx": "flax nnx.LoRALinear (nnx.jit)",
           "nnx-split": "flax nnx.LoRALinear (split + jax.jit)", "qwix": "qwix LoraProvider (nnx.jit)"}
 
@@ -194,45 +200,48 @@ def peft_step(cfg, ids: np.ndarray, r: int, lr: float, threads: int):
     return run, info
 
 
+def peft_step_flops(run) -> float | None:
+    """FLOPs of one PEFT step as ``torch.utils.flop_counter`` counts them (matmuls, attention; one untimed step)."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return float(counter.get_total_flops())
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of a compiled XLA program as its cost analysis counts them (every op, elementwise included)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 # ------------------------------------------------------------------------------------------------ main
 
-# Why a peer can be faster, from profiling both steps on this machine (2-core Xeon with AVX-512, quiet, GPT-2 small,
-# 8 x 128 tokens) when this benchmark was written: jax.profiler trace of our compiled step, torch.profiler of PEFT's.
-PEFT_FASTER = (
-    "peft is faster ({ratio:.2f}x ours/peer). Not because of LoRA: the profiles show both steps are GEMM-bound and do "
-    "the same ~506 GFLOP of frozen-weight products (forward + input gradients, the 50,257-token head included); "
-    "PyTorch runs them in MKL sgemm (aten::mm + aten::addmm: 2.66 s of its 3.65 s step, ~190 GFLOP/s), XLA:CPU in "
-    "YNNPACK dot fusions (3.85 s of our ~4.5 s step, ~131 GFLOP/s; 135-150 GFLOP/s per projection), and PEFT's "
-    "attention is SDPA's fused flash kernel (~0.18 s) where ours is einsum + float32 softmax (~0.32 s). Our LoRA "
-    "products cost < 0.1 s. The JAX rows (ours, nnx.LoRALinear, qwix) run at the same speed within noise: the gap is "
-    "the XLA:CPU backend's matmul throughput, not the adapter formulation (falling back to Eigen with "
-    "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= did not help). Under load from other processes the order "
-    "flips: torch's OpenMP threads wait on each other and its step slows more than XLA's (a run with 3-4 busy "
-    "neighbours gave ours/peft = 0.74)."
-)
-JAX_PEER = ("{name} is {ratio:.2f}x ours/peer: within this run's noise (compare min/max). It compiles to the same XLA "
-            "program as ours up to op order: the frozen products, the adapters as two small matmuls, gradients for A "
-            "and B only.")
 
-
-def explain(rows: dict[str, dict], quick: bool) -> list[str]:
-    """Notes on peers that came out faster than ours."""
+def explain(rows: dict[str, dict], info: dict[str, dict], quick: bool) -> list[str]:
+    """Notes from this run's own measurements: each peer's paired comparison with ours, and the FLOP rates."""
     if quick:
         return ["quick: a tiny model, where per-call dispatch dominates; no conclusions from these times"]
-    notes = []
-    for name, row in rows.items():
-        ratio = row["ours/peer"]
-        if name == "ours" or ratio <= 1.0:
-            continue
-        if name == "peft":
-            notes.append(PEFT_FASTER.format(ratio=ratio))
-        elif ratio < 1.1:
-            notes.append(JAX_PEER.format(name=name, ratio=ratio))
-        else:
-            notes.append(f"{name} is faster ({ratio:.2f}x ours/peer), beyond the noise seen when this benchmark was "
-                         "written: profile both steps (jax.profiler.trace) before trusting it")
+    notes = [ratio_verdict(row["paired"], "ours", name) for name, row in rows.items() if name != "ours"]
+    rates = []
+    for name in ("ours", "peft"):
+        flops = info.get(name, {}).get("flops_per_step")
+        if flops and name in rows:
+            ms = rows[name]["median_ms"]
+            rates.append(f"{name}: {flops / 1e9:,.4g} GFLOP per step ({info[name]['flops_counter']}) in "
+                         f"{ms / 1e3:.2f} s = {flops / 1e6 / ms:,.4g} GFLOP/s")
+    if rates:
+        notes.append("measured in this run (the two counters count different op sets): " + "; ".join(rates))
     return notes
-
 
 
 def qwix_available() -> tuple[bool, str]:
@@ -265,6 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    recorder = Recorder("peers", SOURCES, argv)
     t_start = time.perf_counter()
     cfg = hf_config(args.quick)
     notes: list[str] = []
@@ -279,13 +289,16 @@ def main(argv=None) -> dict:
     adapters = lora.init(lm.params, r=args.r, alpha=2 * args.r, targets="qv")
     ours = prepare(lm, "factored", batch, adapters=adapters, lr=args.lr)
     fns["ours"] = ours
-    info["ours"] = {"trainable": ours.trainable_params, "setup_s": time.perf_counter() - t0}
+    info["ours"] = {"trainable": ours.trainable_params, "setup_s": time.perf_counter() - t0,
+                    "flops_per_step": xla_flops(ours.compiled), "flops_counter": "XLA cost analysis"}
 
     if "peft" in args.peers:
         if importlib.util.find_spec("peft") and importlib.util.find_spec("torch"):
             t0 = time.perf_counter()
             fns["peft"], info["peft"] = peft_step(cfg, ids, args.r, args.lr, args.threads)
             info["peft"]["setup_s"] = time.perf_counter() - t0
+            info["peft"]["flops_per_step"] = peft_step_flops(fns["peft"])
+            info["peft"]["flops_counter"] = "torch.utils.flop_counter"
         else:
             notes.append("peft: skipped, torch and peft are not installed (pip install torch==2.13.0 peft)")
     ids_j = jnp.asarray(ids)
@@ -321,20 +334,23 @@ def main(argv=None) -> dict:
     rows = []
     for name, ts in times.items():
         t = median(ts)
+        paired = paired_summary(times["ours"], ts)
         rows.append({"peer": LABELS[name], "trainable": info[name]["trainable"], "median_ms": 1e3 * t,
                      "tokens/s": tokens / t, "ours/peer": paired_ratio(times, "ours", name),
-                     "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts)})
-    notes += explain(dict(zip(times, rows)), args.quick)
+                     "ours/peer CI95": f"{paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f}",
+                     "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts), "paired": paired})
+    notes += explain(dict(zip(times, rows)), info, args.quick)
 
     print(f"GPT-2-small-shaped LM ({cfg.n_layer} layers, d={cfg.n_embd}, vocab {cfg.vocab_size}), batch {args.batch} x "
           f"{args.seq}, LoRA r={args.r} on c_attn, AdamW, float32, {os.cpu_count()} cores, medians of {args.rounds} "
           f"interleaved rounds{' [quick]' if args.quick else ''}")
-    print(table(rows, ["peer", "trainable", "median_ms", "tokens/s", "ours/peer", "min_ms", "max_ms"]))
+    print(table(rows, ["peer", "trainable", "median_ms", "tokens/s", "ours/peer", "ours/peer CI95", "min_ms",
+                       "max_ms"]))
     for n in notes:
         print("note:", n)
     result = {"config": vars(args), "rows": rows, "info": info, "notes": notes, "times_s": times,
               "wall_s": time.perf_counter() - t_start}
-    print(f"wall time {result['wall_s']:.0f} s; wrote {save(args.out, result, args.out_dir)}")
+    print(f"wall time {result['wall_s']:.0f} s; wrote {recorder.write(args.out, result, args.out_dir)}")
     return result
 
 

@@ -36,10 +36,13 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_jax as lora  # noqa: E402
-from benchmarks.common import table, write_results  # noqa: E402
+from benchmarks.common import Recorder, table  # noqa: E402
 from lora_jax import ops, quant  # noqa: E402
 
 MiB = 2 ** 20
+# The code this benchmark measures (benchmarks.staleness).
+SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/quant.py", "benchmarks/qlora_memory.py",
+           "benchmarks/common.py")
 
 
 def kernel_shapes(d: int) -> dict[str, tuple[int, int]]:
@@ -113,14 +116,16 @@ def lora_step(base, batch, tx, r: int, dtype):
     return compiled_memory(step, adapters, state, base, *batch), quant.nbytes(adapters)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--r", type=int, default=16)
-    args = ap.parse_args()
+    ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
+    args = ap.parse_args(argv)
+    recorder = Recorder("qlora_memory", SOURCES, argv)
 
     f32 = abstract_params(args.layers, args.d, jnp.float32)
     bf16 = abstract_params(args.layers, args.d, jnp.bfloat16)
@@ -156,9 +161,10 @@ def main() -> None:
     print(f"\n{args.layers} blocks, d={args.d} ({n_weights / 1e6:.1f}M kernel weights), batch {args.batch}x{args.seq}, "
           f"backend {jax.default_backend()}\n")
     print(table(rows, columns))
-    path = write_results("qlora_memory", {"config": vars(args), "kernel_weights": n_weights,
-                                          "rows": [{k.lstrip("_"): v for k, v in r.items()} for r in rows]})
-    print(f"\nwrote {path}")
+    result = {"config": vars(args), "kernel_weights": n_weights,
+              "rows": [{k.lstrip("_"): v for k, v in r.items()} for r in rows]}
+    print(f"\nwrote {recorder.write('qlora_memory', result, args.out_dir)}")
+    return result
 
 
 def _abstract_quantize(params: dict, method: str) -> dict:

@@ -28,9 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import block, median, table, time_interleaved, write_results  # noqa: E402
+from benchmarks.common import Recorder, block, median, table, time_interleaved  # noqa: E402
 from lora_jax.models import generate as gen  # noqa: E402
 from lora_jax.models import gguf as lgguf  # noqa: E402
+
+# The code this benchmark measures (benchmarks.staleness).
+SOURCES = ("lora_jax/models", "benchmarks/smollm2_speed.py", "benchmarks/common.py")
 
 
 def gguf_path() -> Path:
@@ -40,14 +43,16 @@ def gguf_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--torch", action="store_true", help="also time transformers' PyTorch model")
-    args = ap.parse_args()
+    ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
+    args = ap.parse_args(argv)
+    recorder = Recorder("smollm2_speed", SOURCES, argv)
     path = gguf_path()
 
     load_times = []
@@ -104,12 +109,13 @@ def main() -> None:
                      "seconds": median(ts), "tokens/s": tokens / median(ts)})
     print(table(rows, ["what", "seconds", "tokens/s"]))
     sample = tok.decode(np.asarray(gen.generate(model, params, prompt[:1], max_new_tokens=8))[0])
-    out = write_results("smollm2_speed", {
+    result = {
         "args": vars(args), "rows": rows, "times": times, "load_times": load_times, "sample": sample,
         "model": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "params": int(sum(
             x.size for x in jax.tree_util.tree_leaves(params)))},
-    })
-    print(f"sample: {sample!r}\nwrote {out}")
+    }
+    print(f"sample: {sample!r}\nwrote {recorder.write('smollm2_speed', result, args.out_dir)}")
+    return result
 
 
 if __name__ == "__main__":

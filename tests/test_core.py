@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.extend import core as jex_core
 
 import lora_jax as lora
 from lora_jax.models.layers import Dense
@@ -265,17 +266,29 @@ def test_factored_grad_forms_no_dense_weight_gradient():
     x = jax.random.normal(jax.random.key(1), (16, d_in))
 
     def shapes_in(jaxpr):
+        """Output shapes of every equation, descending into the sub-jaxprs of jit, remat, scan, cond, ..."""
         out = []
         for eqn in jaxpr.eqns:
             out += [tuple(v.aval.shape) for v in eqn.outvars]
-            for sub in jax.core.subjaxprs(eqn.params) if hasattr(jax.core, "subjaxprs") else []:
+            for sub in jex_core.jaxprs_in_params(eqn.params):
                 out += shapes_in(sub)
         return out
 
-    factored = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(lora.dot(x, lora.wrap(params, a)["attn"]["kernel"]) ** 2)))(ad)
-    merged = jax.make_jaxpr(jax.grad(lambda a: jnp.sum((x @ lora.merge(params, a)["attn"]["kernel"]) ** 2)))(ad)
-    assert (d_in, d_out) not in shapes_in(factored.jaxpr)
-    assert (d_in, d_out) in shapes_in(merged.jaxpr)  # the check can fail: the merged path does form it
+    def factored_loss(a):
+        return jnp.sum(lora.dot(x, lora.wrap(params, a)["attn"]["kernel"]) ** 2)
+
+    def merged_loss(a):
+        return jnp.sum((x @ lora.merge(params, a)["attn"]["kernel"]) ** 2)
+
+    for wrap in (lambda f: f, jax.jit, jax.checkpoint):  # top level, then inside a sub-jaxpr
+        factored = jax.make_jaxpr(jax.grad(wrap(factored_loss)))(ad)
+        merged = jax.make_jaxpr(jax.grad(wrap(merged_loss)))(ad)
+        assert (d_in, d_out) not in shapes_in(factored.jaxpr)
+        assert (d_in, d_out) in shapes_in(merged.jaxpr)  # the check can fail: the merged path does form it
+    # under jit the products live only in the sub-jaxpr: the walk must descend to find them
+    top = [tuple(v.aval.shape) for e in jax.make_jaxpr(jax.jit(jax.grad(merged_loss)))(ad).jaxpr.eqns
+           for v in e.outvars]
+    assert (d_in, d_out) not in top
 
 
 def test_einsum_and_dot_multi_axis():

@@ -302,7 +302,8 @@ def _to_yaml(value: Any) -> str:
 BRANCHES = ["attention", "attn", "self_attn", "mlp", "layer_0", "layer_1", "encoder", "query", "value", "key",
             "q_proj", "v_proj", "o_proj", "out", "dense", "c_attn", "c_proj", "embeddings", "wte", "lm_head",
             "classifier", "head", "norm"]
-ATTENTION_BRANCHES = ["attention", "attn", "self_attn", "query", "value", "q_proj", "v_proj", "c_attn"]
+ATTENTION_BRANCHES = ["attention", "attn", "self_attn", "query", "value", "q_proj", "v_proj", "c_attn",
+                      "SelfAttention_0", "attention_1"]
 LEAVES = ["kernel", "weight", "w", "bias", "scale", "embedding", "count", "step"]
 DTYPES = ["float32", "float32", "bfloat16", "float16", "int32", "int8", "uint8", "bool"]
 
@@ -403,6 +404,23 @@ def _kernel_like(leaf) -> bool:
     return leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
+def _attention_by_content(paths: list[str]) -> set[str]:
+    """The documented second rule of the "attention" preset, written out: ``node/P/(kernel|weight|w)`` where
+    ``P`` is a q/k/v/output projection name and ``node``'s children include a whole q, k, v triple."""
+    out = set()
+    for p in paths:
+        parts = p.split("/")
+        if len(parts) < 2 or parts[-1] not in ("kernel", "weight", "w") or \
+                parts[-2] not in targets_lib.ATTENTION_PROJECTIONS:
+            continue
+        node = parts[:-2]
+        kids = {q.split("/")[len(node)] for q in paths if q.split("/")[:len(node)] == node and
+                len(q.split("/")) > len(node)}
+        if any(set(qkv) <= kids for qkv in targets_lib.QKV_NAMES):
+            out.add(p)
+    return out
+
+
 def expected_selection(params, targets, exclude) -> tuple[dict, set[str], dict]:
     """The documented rules, written out independently of ``lora_jax.targets.select``.
 
@@ -424,10 +442,12 @@ def expected_selection(params, targets, exclude) -> tuple[dict, set[str], dict]:
 
     chosen = {}
     if targets is None or (isinstance(targets, str) and targets in targets_lib.PRESETS):
-        preset = targets_lib.PRESETS[targets or targets_lib.DEFAULT_PRESET]
+        name = targets or targets_lib.DEFAULT_PRESET
+        preset = targets_lib.PRESETS[name]
+        by_content = _attention_by_content(list(leaves)) if name == "attention" else set()
         for p, x in leaves.items():
-            if any(re.fullmatch(r, p) for r in preset) and _kernel_like(x) and not targets_lib.is_embedding(p) \
-                    and not targets_lib.is_head(p) and p not in excluded:
+            if (any(re.fullmatch(r, p) for r in preset) or p in by_content) and _kernel_like(x) \
+                    and not targets_lib.is_embedding(p) and not targets_lib.is_head(p) and p not in excluded:
                 chosen[p] = x
         if not chosen:
             errors.add("preset matches nothing")

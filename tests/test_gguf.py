@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 import torch
 import transformers
 
@@ -16,7 +17,7 @@ from lora_jax.models import generate as gen
 from lora_jax.models import gguf as lgguf
 from lora_jax.errors import CheckpointError
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 
 # A byte-level BPE vocabulary: three special tokens, the 256 byte symbols, five merges.
 MERGES = ["h e", "l l", "he ll", "Ġ w", "o r"]
@@ -188,7 +189,36 @@ def test_metadata_that_does_not_fit_is_a_clear_error(tiny):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf_path):
-    return lgguf.load_gguf(smollm2_gguf_path)
+    """The default job's model, loaded the way ``train.run`` loads it (the offline alias)."""
+    from lora_jax.models import load, resolve
+
+    assert resolve("SmolLM2-135M-Instruct-Q4_1") == Path(smollm2_gguf_path)
+    return load("SmolLM2-135M-Instruct-Q4_1")
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2_gguf_path):
+    """The same file through transformers' own GGUF conversion (PyTorch): tokenizer and model."""
+    path = Path(smollm2_gguf_path)
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    return tok, model
+
+
+def test_default_job_model_matches_transformers_gguf_loader(smollm2, smollm2_reference):
+    """The fast suite's check of the default job's real model: one 5-token prompt, tokens and every logit."""
+    model, params, tok, _ = smollm2
+    ref_tok, ref = smollm2_reference
+    text = "The capital of France is"
+    ids = tok(text)["input_ids"]
+    assert ids == ref_tok(text)["input_ids"] == [504, 3575, 282, 4649, 314]
+    ours, _ = model.apply({"params": params}, jnp.asarray([ids]))
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits.numpy()
+    assert ours.shape == theirs.shape == (1, 5, 49152)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-3, rtol=1e-4)
+    assert np.array_equal(np.argmax(np.asarray(ours), -1), np.argmax(theirs, -1))
 
 
 def test_smollm2_knows_the_capital_of_france(smollm2):
@@ -219,13 +249,10 @@ def test_smollm2_tokenizer(smollm2, smollm2_gguf_path):
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers_gguf_loader(smollm2, smollm2_gguf_path):
-    """Same file through transformers' own GGUF conversion: the same tokens and logits."""
+def test_smollm2_matches_transformers_gguf_loader(smollm2, smollm2_reference):
+    """Same file through transformers' own GGUF conversion: the same tokens and logits, padded batch."""
     model, params, tok, _ = smollm2
-    path = Path(smollm2_gguf_path)
-    ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                            dtype=torch.float32).eval()
+    ref_tok, ref = smollm2_reference
     texts = ["The capital of France is", "Hello, my dog is cute and"]
     for text in texts:
         assert tok(text)["input_ids"] == ref_tok(text)["input_ids"]

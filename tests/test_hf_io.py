@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 from safetensors.numpy import load_file, save_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 import lora_jax as lora  # noqa: E402
 from lora_jax.models import (CheckpointError, bert, from_hf_weights, hf, load, load_model, resolve,  # noqa: E402

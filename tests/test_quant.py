@@ -1,6 +1,5 @@
 """QLoRA: NF4 + double quantisation and int8 kernels, the ops that dequantise them, and LoRA over them."""
 
-import importlib.util
 import math
 
 import flax.linen as nn
@@ -9,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import require
 
 import lora_jax as lora
 from lora_jax import ops, quant
@@ -323,9 +323,10 @@ def test_merge_quantized_requantizes_and_reports_the_error(method):
     assert none == {} and not quant.is_quantized(dense["attn"]["kernel"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_matches_bitsandbytes():
     import torch
+
+    require("bitsandbytes")
     import bitsandbytes.functional as bnb
 
     assert np.array_equal(bnb.get_4bit_type("nf4", device="cpu").numpy(), quant.NF4)

@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import require
 import torch
 
 import lora_jax as lora
 from lora_jax import ops, quant
 from lora_jax.checkpoint import load_adapters, save_adapters
 
-peft = pytest.importorskip("peft")
+peft = require("peft")
 
 
 def _w(shape, seed=0, std=0.1):

@@ -57,10 +57,12 @@ class DataConfig:
     completion_column: str = "completion"
     text_column: str = "sentence"
     label_column: str = "label"
-    group_column: str | None = None  # rows sharing this value stay on the same side of the split (E2E: the MR)
+    # rows sharing this value stay on the same side of the split (E2E: the MR); None: causal-lm keeps the rows of
+    # one prompt (prompt_template filled in) together, classification splits rows
+    group_column: str | None = None
     max_length: int = 64
     max_train_examples: int | None = None
-    max_eval_examples: int | None = None
+    max_eval_examples: int | None = None  # causal-lm: distinct prompts (with all their rows); classification: rows
     prompt_template: str = "{prompt}\n"
     seed: int = 0
 

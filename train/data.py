@@ -96,16 +96,31 @@ def load_rows(cfg: DataConfig, split: str) -> list[dict]:
     return _load_hub(source, split)
 
 
-def split_rows(rows: list[dict], cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """Hold out ``eval_fraction`` of the rows; with ``group_column`` whole groups are held out (E2E: by MR), so
-    evaluation inputs are unseen in training."""
-    rng = random.Random(cfg.seed)
+def split_key(cfg: DataConfig):
+    """What keeps rows together across the train / eval split, as a function of a row, or None to split rows.
+
+    ``group_column`` when set; otherwise, for causal-lm, the prompt as the model sees it
+    (``prompt_template`` filled in): every reference of a prompt lands on one side, so the held-out prompts are
+    ones training never showed (the built-in task and E2E have several references per meaning
+    representation). Classification splits by row."""
     if cfg.group_column:
-        groups = sorted({str(r[cfg.group_column]) for r in rows})
+        return lambda row: str(row[cfg.group_column])
+    if cfg.task == "causal-lm":
+        return lambda row: cfg.prompt_template.format(**row)
+    return None
+
+
+def split_rows(rows: list[dict], cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """Hold out ``eval_fraction`` of the groups of :func:`split_key` (of the rows when there is none): evaluation
+    inputs are unseen in training."""
+    rng = random.Random(cfg.seed)
+    key = split_key(cfg)
+    if key is not None:
+        groups = sorted({key(r) for r in rows})
         rng.shuffle(groups)
         held = set(groups[: max(1, int(round(cfg.eval_fraction * len(groups))))])
-        train = [r for r in rows if str(r[cfg.group_column]) not in held]
-        evals = [r for r in rows if str(r[cfg.group_column]) in held]
+        train = [r for r in rows if key(r) not in held]
+        evals = [r for r in rows if key(r) in held]
     else:
         order = list(range(len(rows)))
         rng.shuffle(order)
@@ -115,6 +130,23 @@ def split_rows(rows: list[dict], cfg: DataConfig) -> tuple[list[dict], list[dict
     if not train or not evals:
         raise DataError(f"splitting {len(rows)} rows left an empty side (train {len(train)}, eval {len(evals)})")
     return train, evals
+
+
+def cap_eval_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
+    """The rows of the first ``max_eval_examples`` distinct prompts (causal-lm: every reference of a kept prompt
+    stays, so BLEU / ROUGE-L score it against all of them) or the first ``max_eval_examples`` rows
+    (classification)."""
+    if cfg.task != "causal-lm":
+        return rows[: cfg.max_eval_examples]
+    kept: set[str] = set()
+    out = []
+    for row in rows:
+        prompt = cfg.prompt_template.format(**row)
+        if prompt not in kept and len(kept) >= cfg.max_eval_examples:
+            continue
+        kept.add(prompt)
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ tokenising
@@ -205,7 +237,8 @@ def tokenize(rows: list[dict], tokenizer, cfg: DataConfig, max_positions: int | 
 
 
 def cache_key(cfg: DataConfig, split: str, tokenizer_name: str) -> str:
-    payload = {"cfg": cfg.__dict__, "split": split, "tokenizer": tokenizer_name}
+    # split_rule: bump when split_rows / cap_eval_rows change what a config selects (2: split by prompt)
+    payload = {"cfg": cfg.__dict__, "split": split, "tokenizer": tokenizer_name, "split_rule": 2}
     paths = [p.strip() for p in f"{cfg.source},{cfg.eval_source or ''}".split(",") if p.strip()]
     payload["files"] = [(p, os.path.getmtime(p), os.path.getsize(p)) for p in paths if os.path.isfile(p)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -236,7 +269,7 @@ def load_tokenized(cfg: DataConfig, tokenizer, tokenizer_name: str, max_position
     if cfg.max_train_examples:
         train_rows = train_rows[: cfg.max_train_examples]
     if cfg.max_eval_examples:
-        eval_rows = eval_rows[: cfg.max_eval_examples]
+        eval_rows = cap_eval_rows(eval_rows, cfg)
     train = tokenize(train_rows, tokenizer, cfg, max_positions, num_labels)
     evals = tokenize(eval_rows, tokenizer, cfg, max_positions, num_labels)
     if cache is not None:

@@ -1,0 +1,164 @@
+"""The benchmarks' bookkeeping: every result records its run, the README's figures are generated from the results
+(and a test fails when they disagree), stale results are found from git history, and the goal checks can fail."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the benchmarks folder is not an installed package
+
+from benchmarks import common, report, staleness, train_step  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------- README <-> JSON
+
+
+def test_readme_figures_are_generated_from_the_results():
+    readme = (ROOT / "README.md").read_text()
+    results = report.load_results()
+    assert report.render(readme, results) == readme, \
+        "README.md disagrees with benchmarks/results/*.json: run python -m benchmarks.report"
+
+
+def test_report_follows_the_results_and_covers_them_all():
+    readme = (ROOT / "README.md").read_text()
+    results = report.load_results()
+    ids = {m.group("id") for m in report.MARKER.finditer(readme)}
+    assert ids == set(report.RENDERERS)  # every renderer has its place in the README, and no marker is unknown
+    assert {n for needs, _, _ in report.RENDERERS.values() for n in needs} == set(results)  # no unreported result
+    changed = copy.deepcopy(results)
+    changed["train_step"]["step"][0]["median_ms"] *= 2
+    assert report.render(readme, changed) != readme  # the check can fail
+    with pytest.raises(KeyError, match="no renderer"):
+        report.render("<!-- report:nope --><!-- /report:nope -->", results)
+
+
+# --------------------------------------------------------------------------------------------- staleness
+
+
+def test_benchmark_results_are_not_older_than_the_code_they_measure():
+    """Fails until every listed results file is rerun on the current code (see the rerun commands)."""
+    stale = staleness.check()  # raises NoHistory outside a full git checkout: no silent pass
+    assert not stale, "stale benchmark results:\n" + "\n".join(f"  {s.results}: {s.why}\n    rerun: {s.rerun}"
+                                                             for s in stale)
+
+
+def test_every_benchmark_declares_existing_sources():
+    for module in sorted((ROOT / "benchmarks").glob("*.py")):
+        if module.stem in ("__init__", "common", "report", "staleness"):
+            continue
+        sources = staleness.declared_sources(module)
+        assert f"benchmarks/{module.name}" in sources, module
+        assert all((ROOT / s).exists() for s in sources), (module, sources)
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
+                          env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                               "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}).stdout.strip()
+
+
+def _commit(repo: Path, files: dict[str, str], message: str) -> str:
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", message)
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def _result(repo: Path, name: str, git: dict | None) -> None:
+    record = {"provenance": {"benchmark": "foo", "git": git}} if git is not None else {"rows": []}
+    (repo / "results").mkdir(exist_ok=True)
+    (repo / "results" / f"{name}.json").write_text(json.dumps(record))
+
+
+def test_staleness_from_git_history(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    measured = _commit(repo, {"lib/ops.py": "a = 1\n", "other.py": "",
+                              "benchmarks/foo.py": 'SOURCES = ("lib", "benchmarks/foo.py")\n'}, "code")
+    _result(repo, "foo", {"commit": measured, "dirty_sources": []})
+    assert staleness.check(repo / "results", repo) == []
+    _commit(repo, {"other.py": "x = 2\n"}, "unrelated")  # a change outside the sources keeps it fresh
+    assert staleness.check(repo / "results", repo) == []
+    _commit(repo, {"lib/ops.py": "a = 2\n"}, "faster ops")
+    (stale,) = staleness.check(repo / "results", repo)
+    assert stale.benchmark == "foo" and "lib/ops.py" in stale.why and "faster ops" in stale.why
+    _result(repo, "foo", {"commit": _git(repo, "rev-parse", "HEAD"), "dirty_sources": []})
+    assert staleness.check(repo / "results", repo) == []  # rerun on the new code: fresh again
+    _result(repo, "foo", {"commit": _git(repo, "rev-parse", "HEAD"), "dirty_sources": ["lib/ops.py"]})
+    assert "uncommitted" in staleness.check(repo / "results", repo)[0].why
+    _result(repo, "foo", None)
+    assert "no git commit" in staleness.check(repo / "results", repo)[0].why
+    _result(repo, "foo", {"commit": "0" * 40})
+    assert "not in this repository" in staleness.check(repo / "results", repo)[0].why
+    # without history the check refuses to run rather than pass
+    shallow = tmp_path / "shallow"
+    _git(tmp_path, "clone", "-q", "--depth", "1", f"file://{repo}", str(shallow))
+    with pytest.raises(staleness.NoHistory, match="shallow"):
+        staleness.check(shallow / "results", shallow)
+    plain = tmp_path / "plain"
+    (plain / "results").mkdir(parents=True)
+    with pytest.raises(staleness.NoHistory, match="not a git checkout"):
+        staleness.check(plain / "results", plain)
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def test_recorder_writes_the_run_it_measured(tmp_path):
+    rec = common.Recorder("train_step", train_step.SOURCES, ["--quick"])
+    path = rec.write("x", {"rows": [1]}, tmp_path)
+    record = json.loads(path.read_text())
+    p = record["provenance"]
+    assert record["rows"] == [1] and p["benchmark"] == "train_step"
+    assert p["command"] == "python -m benchmarks.train_step --quick" and p["sources"] == list(train_step.SOURCES)
+    assert re.fullmatch(r"[0-9a-f]{40}", p["git"]["commit"]) and isinstance(p["git"]["dirty"], bool)
+    assert p["date"].endswith("+00:00") and p["wall_s"] >= 0
+    assert p["cpu"]["model"] and p["cpu"]["logical_cores"] >= 1
+    if Path("/proc/cpuinfo").is_file():
+        assert p["cpu"]["flags"] and all(isinstance(f, str) for f in p["cpu"]["flags"])
+    assert len(p["load_average"]["before"]) == 3 and len(p["load_average"]["after"]) == 3
+    assert p["libraries"]["jax"] == jax.__version__ and "torch" in p["libraries"] and "peft" in p["libraries"]
+
+
+# ----------------------------------------------------------------------------------------------- goals
+
+
+def test_paired_statistics():
+    assert common.sign_test_p(20, 20) == pytest.approx(2.0 ** -20)
+    assert common.sign_test_p(0, 5) == 1.0 and common.sign_test_p(3, 6) == pytest.approx(42 / 64)
+    s = common.paired_summary([1.1, 2.2, 3.3, 4.4], [1.0, 2.0, 3.0, 4.0])
+    assert s["median"] == pytest.approx(1.1) and s["ci95"] == pytest.approx([1.1, 1.1])
+    assert s["slower_rounds"] == 4 and s["faster_rounds"] == 0 and s["sign_test_p_slower"] == pytest.approx(1 / 16)
+    assert common.ratio_verdict(s, "a", "b").startswith("a is slower than b")
+    even = common.paired_summary([1.0, 1.2, 0.8, 1.1, 0.9], [1.0] * 5)
+    assert even["ci95"][0] <= 1 <= even["ci95"][1]
+    assert common.ratio_verdict(even, "a", "b").startswith("no difference")
+
+
+def _goal(ratios, control=(1.0,) * 20):
+    base = [1.0] * len(ratios)
+    return train_step.merged_goal(common.paired_summary(list(ratios), base),
+                                  common.paired_summary(list(control), [1.0] * len(control)))
+
+
+def test_merged_latency_goal_can_fail():
+    jitter = [1 + 0.01 * ((i * 7) % 5 - 2) for i in range(20)]  # within +-2% of the base, both ways
+    assert _goal(jitter)["met"]
+    slower = [1.08 * j for j in jitter]  # 8% slower in every round
+    goal = _goal(slower)
+    assert not goal["met"] and goal["value"] == pytest.approx(1.08, abs=0.02) and goal["slower_rounds"] == 20
+    noisy = [0.8, 1.3] * 10  # median 1.05, far too noisy to claim 1.05 or better
+    assert not _goal(noisy)["met"]
