@@ -19,12 +19,13 @@ and then timed round-robin in one process (each round starting at the next varia
   the experts, ``target_modules`` q/k/v/o), ``torch.optim.AdamW``, eager PyTorch on the CPU (its experts loop
   over the experts that received tokens and gather their tokens: grouped work).
 
-Reported: median step time, the median over rounds of each variant's time over ``full``'s in the same round, and
-XLA's compiled memory (arguments + outputs - aliased + temporaries; PEFT: not measured). On XLA:CPU,
+Reported: median step time, the median over rounds of each variant's time over ``full``'s in the same round (with
+its 95% bootstrap CI and sign test: :func:`benchmarks.common.paired_summary`), and XLA's compiled memory
+(arguments + outputs - aliased + temporaries; PEFT: not measured). On XLA:CPU,
 ``jax.lax.ragged_dot`` is lowered to a dense product masked per expert (``E`` times the grouped FLOPs, more
 than the one-hot path's ``E / k``), so on CPU the grouped path is the slower one; GPUs and TPUs lower it to a
 grouped matmul. ``--quick``: a width-32 model, 2 rounds (a smoke run). Writes ``benchmarks/results/moe_step.json``
-with the commit, date and machine.
+with its run's provenance (:class:`benchmarks.common.Recorder`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,10 +45,13 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_jax as lora  # noqa: E402
-from benchmarks.common import block, median, table  # noqa: E402
-from benchmarks.train_step import LM, make_batch, memory, paired_ratio, prepare, save, time_rotated  # noqa: E402
+from benchmarks.common import Recorder, block, median, paired_summary, ratio_verdict, table  # noqa: E402
+from benchmarks.train_step import LM, make_batch, memory, paired_ratio, prepare, time_rotated  # noqa: E402
 from lora_jax.models import qwen3_moe  # noqa: E402
 
+# The code this benchmark measures (benchmarks.staleness).
+SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/models", "train/tasks.py", "benchmarks/moe_step.py",
+           "benchmarks/train_step.py", "benchmarks/common.py")
 MiB = 2 ** 20
 VARIANTS = ("full", "lora", "lora-merged", "lora-dense", "full-dense", "peft")
 LABELS = {"full": "full fine-tuning (grouped)", "lora": "LoRA factored (grouped ragged_dot)",
@@ -144,23 +146,11 @@ def section(experts: int, args) -> tuple[list[dict], list[dict], dict, dict]:
             "expert_width": e.moe_intermediate_size, "layers": e.num_hidden_layers, "vocab": e.vocab_size,
             "adapter_params": int(sum(x.size for x in jax.tree_util.tree_leaves(adapters))),
             "expert_rows_per_step": tokens * e.num_experts_per_tok}
+    info["verdicts"] = {f"{a} vs {b}": ratio_verdict(paired_summary(times[a], times[b]), LABELS[a], LABELS[b])
+                        for a, b in (("lora", "full"), ("lora", "lora-dense"), ("full", "full-dense"),
+                                     ("lora", "lora-merged"), ("lora", "peft")) if a in times and b in times}
+    info["paired_to_full"] = {name: paired_summary(times[name], times["full"]) for name in times if name != "full"}
     return rows, mems, {k: v for k, v in times.items()}, info
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu, "cores": os.cpu_count(),
-            "platform": platform.platform()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -184,6 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    recorder = Recorder("moe_step", SOURCES, argv)
     t0 = time.perf_counter()
     rows, mems, times, models = [], [], {}, {}
     for experts in args.experts:
@@ -196,14 +187,17 @@ def main(argv=None) -> dict:
     print()
     print(table([{k: v for k, v in m.items() if k != "bytes"} for m in mems],
                 ["model", "variant", "peak_MiB", "peak_ratio_to_full", "temp_MiB", "opt_state_MiB"]))
-    payload = {"machine": machine(), "config": vars(args), "models": models, "step": rows, "memory": mems,
+    for info in models.values():
+        for verdict in info["verdicts"].values():
+            print("  " + verdict)
+    payload = {"config": vars(args), "models": models, "step": rows, "memory": mems,
                "times_s": times, "notes": [
                    "XLA:CPU lowers jax.lax.ragged_dot to a dense product masked per expert (E x the grouped FLOPs), "
                    "the one-hot dispatch costs E/k x: on CPU the grouped path is the slower one; on GPU/TPU "
                    "ragged_dot is a grouped matmul.",
                    "Timed on a CPU shared with other jobs: ratios within a round are the result, not absolute times."],
                "wall_s": time.perf_counter() - t0}
-    path = save(args.out or ("moe_step_quick" if args.quick else "moe_step"), payload, args.out_dir)
+    path = recorder.write(args.out or ("moe_step_quick" if args.quick else "moe_step"), payload, args.out_dir)
     print(f"\nwrote {path}")
     return payload
 

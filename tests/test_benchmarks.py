@@ -127,4 +127,5 @@ def test_moe_step_quick(tmp_path):
     mem = {m["variant"]: m for m in result["memory"]}
     assert mem[moe_step.LABELS["lora"]]["opt_state_MiB"] < mem[moe_step.LABELS["full"]]["opt_state_MiB"]
     saved = json.loads((tmp_path / "moe_step_quick.json").read_text())
-    assert saved["machine"]["date"] and "cpu" in saved["machine"] and saved["step"] == json.loads(json.dumps(result["step"]))
+    assert saved["provenance"]["benchmark"] == "moe_step" and saved["provenance"]["git"]
+    assert saved["step"] == json.loads(json.dumps(result["step"]))
