@@ -230,6 +230,11 @@ def test_qlora_on_quantised_experts(setup, method):
     g_ref = jax.grad(lambda a: jnp.sum(block(lora.merge(qp, a), x, "dense") ** 2))(ads)
     for got, want in zip(jax.tree.leaves(g_fact), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    requantized, errors = lora.merge_quantized(qp, ads)  # merged per expert, quantised again in the same layout
+    again = requantized["mlp"]["experts"]["gate_up_proj"]
+    assert (again.method, again.stack_ndim, again.shape) == (method, q.stack_ndim, q.shape)
+    assert set(errors) == {"mlp/experts/gate_up_proj", "mlp/experts/down_proj"}
+    assert all(e.relative < (1.0 if method == "nf4" else 0.2) for e in errors.values()), errors
 
 
 def test_dora_on_experts_is_refused():
