@@ -18,7 +18,8 @@ What a declaration says
 - ``gguf``: llama.cpp's tensor names, the GGUF metadata -> config mapping, and value fixes such as RoPE row
   permutations (:class:`GGUF`); ``None`` when the family has no GGUF reading.
 - ``presets``: the PEFT ``target_modules`` of each LoRA preset (``"qv"``, ``"attention"``, ``"all-linear"``).
-- ``adapt``: settles what ``config.json`` does not say from a checkpoint's tensor names (optional).
+- ``adapt``: ``(config, tensor_names, task) -> config``: settles what ``config.json`` does not say from a
+  checkpoint's tensor names (optional; BERT: whether the checkpoint has a pooler).
 
 How a parameter path maps: our paths mirror the ``transformers`` module names. ``layers_3`` (a Linen list) is
 ``layers.3`` when ``"layers"`` is in ``Names.lists``; the leaf ``kernel`` / ``scale`` / ``embedding`` is

@@ -18,8 +18,7 @@ from typing import ClassVar
 
 from lora_jax.models import decoder
 from lora_jax.models.arch import GGUF, Architecture
-from lora_jax.models.decoder import (CausalLM, DecoderConfig, DecoderLayer, DecoderModel, permute_rope_rows,
-                                     rope_rows, unpermute_rope_rows)
+from lora_jax.models.decoder import DecoderConfig, permute_rope_rows, rope_rows, unpermute_rope_rows
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -81,7 +80,4 @@ ARCHITECTURE = Architecture(
 build = ARCHITECTURE.build
 init_params = ARCHITECTURE.init_params
 
-# The modules under their family names, for callers that import them from here.
-LlamaModel, LlamaForCausalLM, DecoderLayer = DecoderModel, CausalLM, DecoderLayer
-
-__all__ = ["ARCHITECTURE", "MODEL_TYPES", "Config", "LlamaForCausalLM", "LlamaModel", "build", "init_params"]
+__all__ = ["ARCHITECTURE", "MODEL_TYPES", "Config", "build", "init_params"]
