@@ -38,9 +38,7 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,7 +48,9 @@ from benchmarks.train_step import LM, make_batch, memory, paired_ratio, prepare,
 from lora_jax.models import qwen3_moe  # noqa: E402
 
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/models", "train/tasks.py", "benchmarks/moe_step.py",
+SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/quant.py", "lora_jax/models/moe.py",
+           "lora_jax/models/qwen3_moe.py", "lora_jax/models/decoder.py", "lora_jax/models/layers.py",
+           "lora_jax/models/generate.py", "lora_jax/models/arch.py", "train/tasks.py", "benchmarks/moe_step.py",
            "benchmarks/train_step.py", "benchmarks/common.py")
 MiB = 2 ** 20
 VARIANTS = ("full", "lora", "lora-merged", "lora-dense", "full-dense", "peft")
