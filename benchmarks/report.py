@@ -317,6 +317,36 @@ def llamacpp_block(results: dict) -> str:
 
 
 # id -> (results it reads, renderer, inline?)
+def moe_step_block(results: dict) -> str:
+    r = results["moe_step"]
+    cfg = r["config"]
+    mem = {(m["model"], m["variant"]): m for m in r["memory"]}
+    keys = {v: k for k, v in {"full": "full fine-tuning (grouped)", "lora": "LoRA factored (grouped ragged_dot)",
+                              "lora-merged": "LoRA merge-then-forward (grouped)",
+                              "lora-dense": "LoRA factored (dense one-hot dispatch)",
+                              "full-dense": "full fine-tuning (dense one-hot dispatch)",
+                              "peft": "HF PEFT target_parameters (torch CPU)"}.items()}
+    rows = []
+    for s in r["step"]:
+        e = s["model"].split("E=")[-1]
+        key = keys.get(s["variant"])
+        ps = r["models"][f"E={e}"]["paired_to_full"].get(key) if key != "full" else None
+        m = mem.get((s["model"], s["variant"]))
+        rows.append([e, s["variant"], _params(s["trainable"]), _ms(s["median_ms"]),
+                     "1.00" if ps is None else f"{_x(ps['median'])} ({_x(ps['ci95'][0])}-{_x(ps['ci95'][1])})",
+                     "-" if m is None else f"{m['peak_MiB']:,.1f}", "-" if m is None else f"{m['opt_state_MiB']:,.2f}"])
+    info = next(iter(r["models"].values()))
+    verdicts = [f"E={i['experts']}: {v}" for i in r["models"].values() for v in i["verdicts"].values()]
+    out = [f"Qwen3-MoE-shaped model (d={info['hidden']}, {info['layers']} layers, experts of width "
+           f"{info['expert_width']}, top-{info['top_k']}, vocab {info['vocab']}), batch {cfg['batch']} x {cfg['seq']}, "
+           f"LoRA r={cfg['r']} on the routed experts and q/k/v/o, AdamW, medians of {cfg['rounds']} rotated rounds:",
+           "", _table(["E", "variant", "trained", "median step ms", "time / full (95% CI)", "peak MiB",
+                       "optimizer state MiB"], rows), "", "From the paired rounds:", "",
+           *(f"- {v}" for v in verdicts),
+           "", provenance(r, "python -m benchmarks.moe_step")]
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
     "train_step.merged": (("train_step",), merged_headline, True),
@@ -328,6 +358,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "step_ratio": (("step_ratio",), step_ratio_block, False),
     "loss_memory": (("loss_memory", "loss_memory_long"), loss_memory_block, False),
     "llamacpp_parity": (("llamacpp_parity",), llamacpp_block, False),
+    "moe_step": (("moe_step",), moe_step_block, False),
 }
 
 

@@ -9,6 +9,8 @@ QLoRA: ``lora.quantize(params, "nf4")`` stores the frozen kernels in 4 bits (see
 DoRA: ``lora.init(..., use_dora=True)``; PiSSA: ``lora.init_pissa(params, r)`` (see :mod:`lora_jax.variants`).
 Serving: ``lora.save_peft`` (transformers / vLLM), ``lora.save_gguf_adapter`` / ``lora.save_merged_gguf``
 (llama.cpp / Ollama; see :mod:`lora_jax.gguf_export`).
+Mixtures of experts: ``lora.init(params, targets="experts")`` gives each routed expert of a stacked expert kernel
+its own adapter, applied by ``lora.ragged_dot`` (see :mod:`lora_jax.models.moe`).
 """
 
 from lora_jax.core import (
@@ -40,7 +42,7 @@ from lora_jax.errors import (
     TargetError,
 )
 from lora_jax.losses import chunked_cross_entropy
-from lora_jax.ops import dense, dot, einsum, embed, materialize
+from lora_jax.ops import dense, dot, einsum, embed, materialize, ragged_dot
 from lora_jax.multi import (
     AdapterSet,
     MultiLoraWeight,
@@ -65,7 +67,8 @@ __all__ = [
     "CheckpointError", "ConfigError", "DataError", "LoraJaxError", "MergeStateError", "NonFiniteError", "PeftError",
     "TargetError",
     "LoraAdapter", "LoraWeight", "MergedParams", "Summary", "PRESETS", "adapter_items", "chunked_cross_entropy", "combine", "dense", "dot", "einsum",
-    "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "merge_record", "split",
+    "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "merge_record", "ragged_dot",
+    "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
     "init_stacked", "transform", "transform_report",
     "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "quantize",

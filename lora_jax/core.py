@@ -5,7 +5,9 @@ A LoRA adapter for a kernel ``W0`` of shape ``(*in_shape, *out_shape)`` is a pai
     A: (prod(in_shape), r)      B: (r, prod(out_shape))
 
 and the adapted kernel is ``W0 + scale * reshape(A @ B)`` with ``scale = alpha / r`` (or ``alpha / sqrt(r)``
-with rsLoRA). ``B`` starts at zero, so an adapted model equals its base model exactly at step 0.
+with rsLoRA). ``B`` starts at zero, so an adapted model equals its base model exactly at step 0. A stack of
+expert kernels ``(E, d_in, d_out)`` (a mixture of experts) gets one such pair per expert, stacked:
+``A (E, d_in, r)``, ``B (E, r, d_out)`` (see :func:`init`'s ``expert_axes``).
 
 Everything here is a pure function over pytrees:
 
@@ -51,8 +53,9 @@ class LoraAdapter:
     """The trainable low-rank factors of one kernel.
 
     Attributes:
-      a: ``(prod(in_shape), r)``, random at init.
-      b: ``(r, prod(out_shape))``, zero at init.
+      a: ``(prod(in_shape), r)``, random at init. A stacked adapter (one per expert of an expert stack, or
+        per layer of a scanned stack) has leading stack axes: ``(*stack, prod(in_shape[len(stack):]), r)``.
+      b: ``(r, prod(out_shape))``, zero at init; stacked: ``(*stack, r, prod(out_shape))``.
       alpha: the LoRA alpha (static).
       scale: the factor applied to ``A @ B``: ``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA (static).
       in_shape: the kernel's input axes, contracted with the activations (static).
@@ -79,6 +82,12 @@ class LoraAdapter:
     @property
     def is_dora(self) -> bool:
         return self.magnitude is not None
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """The leading stack axes of a stacked adapter (``(E,)`` for an expert stack), ``()`` otherwise; they
+        lead ``in_shape`` too."""
+        return tuple(self.a.shape[:-2])
 
     def __repr__(self) -> str:
         return (f"LoraAdapter(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, kernel={self.kernel_shape}, "
@@ -269,6 +278,7 @@ def init(
     dtype: Any = None,
     allow_embeddings: bool = False,
     use_dora: bool = False,
+    expert_axes: Mapping[str, int] | None = None,
 ) -> PyTree:
     """Create LoRA adapters for the targeted kernels of ``params``.
 
@@ -288,6 +298,12 @@ def init(
       rank_pattern, alpha_pattern: ``{regex: value}`` overrides per leaf path (first full match wins).
       in_axes: ``{regex: n}``: how many leading kernel axes are inputs, for kernels with more than two
         axes. By default 1, or ``ndim - 1`` for output projections (paths ending in out/o_proj/c_proj/...).
+        For an expert stack, the axes after the expert axes.
+      expert_axes: ``{regex: n}``: how many leading kernel axes index experts. Such a kernel
+        ``(E, *in_shape, *out_shape)`` gets one adapter per expert, stacked: ``a (E, d_in, r)``,
+        ``b (E, r, d_out)``, ``in_shape = (E, *in_shape)`` (so ``merge`` / ``unmerge`` / ``wrap`` work on it
+        unchanged and :func:`lora_jax.ops.ragged_dot` applies it factored). Default: 1 for a 3-D kernel of
+        routed experts (under a module named ``experts``, see :mod:`lora_jax.targets`), else 0.
       dtype: dtype of ``A`` and ``B``; default float32 (adapters train in full precision over a low-precision
         base).
       allow_embeddings: embedding tables are never adapted unless this is set and a rule names them.
@@ -312,15 +328,22 @@ def init(
     rank_of = _targets.PatternMap(rank_pattern, "rank_pattern", [p for p, _ in selected])
     alpha_of = _targets.PatternMap(alpha_pattern, "alpha_pattern", [p for p, _ in selected])
     in_axes_of = _targets.PatternMap(in_axes, "in_axes", [p for p, _ in selected])
+    expert_axes_of = _targets.PatternMap(expert_axes, "expert_axes", [p for p, _ in selected])
 
     adapters: dict = {}
     keys = jax.random.split(key, max(len(selected), 1))
     for (path, leaf), k in zip(selected, keys):
-        n_in = in_axes_of.get(path, _targets.default_in_axes(path, leaf.ndim))
-        if not 1 <= n_in < leaf.ndim:
-            raise ValueError(f"in_axes for {path} must be in [1, {leaf.ndim - 1}] for a kernel of shape "
-                             f"{tuple(leaf.shape)}, got {n_in}")
-        in_shape, out_shape = tuple(leaf.shape[:n_in]), tuple(leaf.shape[n_in:])
+        n_stack = int(expert_axes_of.get(path, _targets.default_expert_axes(path, leaf.ndim)))
+        if not 0 <= n_stack <= leaf.ndim - 2:
+            raise ValueError(f"expert_axes for {path} must be in [0, {leaf.ndim - 2}] for a kernel of shape "
+                             f"{tuple(leaf.shape)} (each expert's kernel needs an input and an output axis), "
+                             f"got {n_stack}")
+        stack, per_expert = tuple(leaf.shape[:n_stack]), tuple(leaf.shape[n_stack:])
+        n_in = in_axes_of.get(path, _targets.default_in_axes(path, len(per_expert)))
+        if not 1 <= n_in < len(per_expert):
+            raise ValueError(f"in_axes for {path} must be in [1, {len(per_expert) - 1}] for a kernel of shape "
+                             f"{tuple(leaf.shape)}{f' ({n_stack} expert axes)' if n_stack else ''}, got {n_in}")
+        in_shape, out_shape = per_expert[:n_in], per_expert[n_in:]
         d_in, d_out = math.prod(in_shape), math.prod(out_shape)
         leaf_r = int(rank_of.get(path, r))
         leaf_alpha = float(alpha_of.get(path, alpha if alpha is not None else leaf_r))
@@ -331,20 +354,25 @@ def init(
                              f"of its {d_in}x{d_out} kernel")
         if init == "lora":
             bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(k, (d_in, leaf_r), dtype, -bound, bound)
+            a = jax.random.uniform(k, (*stack, d_in, leaf_r), dtype, -bound, bound)
         else:
-            a = jax.random.normal(k, (d_in, leaf_r), dtype) / leaf_r
-        b = jnp.zeros((leaf_r, d_out), dtype)
+            a = jax.random.normal(k, (*stack, d_in, leaf_r), dtype) / leaf_r
+        b = jnp.zeros((*stack, leaf_r, d_out), dtype)
         scale = leaf_alpha / (math.sqrt(leaf_r) if use_rslora else leaf_r)
         magnitude = None
         if use_dora:
             if _targets.is_embedding(path):
                 raise NotImplementedError(f"init(use_dora=True): {path} is an embedding table; DoRA is implemented "
                                           "for dense kernels only")
+            if n_stack:
+                raise NotImplementedError(
+                    f"init(use_dora=True): {path} is a stack of {math.prod(stack)} expert kernels {tuple(leaf.shape)}; "
+                    "DoRA is implemented for dense kernels only (PEFT refuses it on target_parameters too). Use plain "
+                    "LoRA on the experts, or exclude them from the DoRA targets")
             magnitude = _column_norms(leaf, path, n_in).astype(dtype)
         _nested_set(adapters, tuple(path.split("/")),
-                    LoraAdapter(a, b, alpha=leaf_alpha, scale=scale, in_shape=in_shape, out_shape=out_shape,
-                                dropout=float(dropout), magnitude=magnitude))
+                    LoraAdapter(a, b, alpha=leaf_alpha, scale=scale, in_shape=(*stack, *in_shape),
+                                out_shape=out_shape, dropout=float(dropout), magnitude=magnitude))
     return adapters
 
 

@@ -77,8 +77,9 @@ def _tie(w, x: Array):
     return w + zero.astype(w.dtype)
 
 
-def _with_base(product, x: Array, w: Array | QuantizedWeight) -> Array:
-    """``product(x, dense_w)`` for a ``product`` linear in ``x``.
+def _with_base(product, x: Array, w: Array | QuantizedWeight, *aux: Array) -> Array:
+    """``product(x, dense_w, *aux)`` for a ``product`` linear in ``x``; ``aux`` are non-differentiable operands
+    (the group sizes of a grouped product).
 
     A quantised ``w`` is dequantised right where it is used, after ``x`` is known (:func:`_tie`), and its
     custom VJP keeps only the quantised kernel for the backward pass, which dequantises it again after the
@@ -86,23 +87,24 @@ def _with_base(product, x: Array, w: Array | QuantizedWeight) -> Array:
     frozen.
     """
     if not is_quantized(w):
-        return product(x, w)
+        return product(x, w, *aux)
     x_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
 
     @jax.custom_vjp
-    def run(x, q):
-        return product(x, _tie(q, x).dequantize())
+    def run(x, q, *aux):
+        return product(x, _tie(q, x).dequantize(), *aux)
 
-    def fwd(x, q):
-        return run(x, q), q
+    def fwd(x, q, *aux):
+        return run(x, q, *aux), (q, aux)
 
-    def bwd(q, dy):
+    def bwd(res, dy):
+        q, aux = res
         dense = _tie(q, dy).dequantize()
-        (dx,) = jax.linear_transpose(lambda x: product(x, dense), x_shape)(dy)
-        return dx, None
+        (dx,) = jax.linear_transpose(lambda x: product(x, dense, *aux), x_shape)(dy)
+        return (dx, None, *(None for _ in aux))
 
     run.defvjp(fwd, bwd)
-    return run(x, w)
+    return run(x, w, *aux)
 
 
 def _tensordot(x: Array, w: Array | QuantizedWeight, axes: int, precision) -> Array:
@@ -147,6 +149,54 @@ def dot(x: Array, w: Array | LoraWeight, axes: int = 1, *, precision=None) -> Ar
     if _dropout_active(w):
         return y + (f - 1) * _tensordot(xd, w.base, axes, precision) + f * h
     return f * (y + h)
+
+
+def ragged_dot(x: Array, w: Array | LoraWeight, group_sizes: Array, *, precision=None,
+               preferred_element_type=None) -> Array:
+    """The grouped product of a mixture of experts: each row of ``x`` times the kernel of its group.
+
+    Shapes: ``x (m, d_in)`` with its rows sorted by group (group ``g`` holds rows
+    ``sum(group_sizes[:g])`` up to ``sum(group_sizes[:g + 1])``; rows past ``sum(group_sizes)`` give 0),
+    ``w (E, d_in, d_out)``, ``group_sizes (E,)`` integer -> ``(m, d_out)``. This is
+    ``jax.lax.ragged_dot``; ``w`` may also be
+
+    - a :class:`~lora_jax.quant.QuantizedWeight` of the stack (QLoRA): dequantised block-wise to its compute
+      dtype inside the product and again in the backward pass (never stored between them);
+    - a :class:`~lora_jax.core.LoraWeight` whose adapter is per expert (``a (E, d_in, r)``,
+      ``b (E, r, d_out)``, from :func:`lora_jax.init` on a routed-expert stack): then
+      ``ragged_dot(x, W0) + ragged_dot(ragged_dot(dropout(x), A), B) * scale``, the three products sharing the
+      one sort of the tokens and its ``group_sizes``. Backpropagation forms ``(E, d_in, r)`` and ``(E, r, d_out)``
+      gradients, never an ``(E, d_in, d_out)`` one, and no per-token kernel is ever gathered.
+
+    (On GPU and TPU XLA runs ``ragged_dot`` as a grouped matmul; XLA:CPU lowers it to a dense product masked
+    per group, which costs ``E`` times the FLOPs of the grouped one.)
+    """
+    if hasattr(w, "lora_ragged_dot"):
+        return w.lora_ragged_dot(x, group_sizes, precision=precision, preferred_element_type=preferred_element_type)
+
+    def product(x, w, group_sizes):
+        return jax.lax.ragged_dot(x, w, group_sizes, precision=precision,
+                                  preferred_element_type=preferred_element_type)
+
+    base = w.base if isinstance(w, LoraWeight) else w
+    if x.ndim != 2 or len(base.shape) != 3 or x.shape[1] != base.shape[1] or group_sizes.shape != base.shape[:1]:
+        raise ValueError(f"lora ragged_dot: expected x (m, d_in), w (E, d_in, d_out) and group_sizes (E,), got x "
+                         f"{tuple(x.shape)}, w {tuple(base.shape)}, group_sizes {tuple(group_sizes.shape)}")
+    if not isinstance(w, LoraWeight):
+        return _with_base(product, x, w, group_sizes)
+    ad = w.adapter
+    if ad.is_dora:
+        raise NotImplementedError("lora ragged_dot: DoRA adapters on expert kernels are not supported (a DoRA "
+                                  "magnitude per expert output is not implemented; PEFT refuses it there too)")
+    n_exp, d_in, d_out = base.shape
+    if ad.stack_shape != (n_exp,) or ad.a.shape[1] != d_in or ad.b.shape[2] != d_out:
+        raise ValueError(f"lora ragged_dot: the adapter (a {tuple(ad.a.shape)}, b {tuple(ad.b.shape)}) is not one "
+                         f"adapter per expert of the ({n_exp}, {d_in}, {d_out}) expert stack; expected a "
+                         f"({n_exp}, {d_in}, r) and b ({n_exp}, r, {d_out}) (lora.init on a routed-expert kernel)")
+    y = _with_base(product, x, base, group_sizes)
+    h = product(adapter_dropout(x, w), ad.a.astype(x.dtype), group_sizes)
+    h = product(h, ad.b.astype(h.dtype), group_sizes)
+    return y + (h * jnp.asarray(ad.scale, h.dtype)).astype(y.dtype)
 
 
 def dense(x: Array, kernel: Array | LoraWeight, bias: Array | None = None, axes: int = 1, *, precision=None) -> Array:

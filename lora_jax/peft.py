@@ -19,6 +19,13 @@ with ``A = lora_A.weight.T`` ``(in, r)`` and ``B = lora_B.weight.T`` ``(r, out)`
 weight ``(in, out)``; PEFT marks it ``fan_in_fan_out`` but its LoRA factors keep the layout above, so they map
 the same way.)
 
+Mixtures of experts: PEFT reaches the stacked expert parameters (``mlp.experts.gate_up_proj``, ``(E, out, in)``
+at run time) with ``target_parameters``; their tensors are ``<module>.lora_A.weight (r*E, in)`` /
+``lora_B.weight (out, r*E)``, nested as ``<module>.base_layer.lora_A.weight`` for the parameter registered
+before the outermost one. They map onto this project's per-expert adapters ``a (E, in, r)``, ``b (E, r, out)``
+(:func:`expert_factors_from_peft`), both ways; parameters are named as the ``transformers`` model names them at
+run time, which a checkpoint may not (one tensor per expert).
+
 PEFT's scaling is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), where ``r`` and ``lora_alpha``
 of a module come from ``rank_pattern`` / ``alpha_pattern`` when a key matches the module name: a key matches when
 it is a regex for a dot-separated suffix of the name (``re.match(rf"(.*\\.)?({key})$", name)``), first key in
@@ -68,7 +75,6 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|
 _UNSUPPORTED = {
     "lora_bias": "a bias on lora_B (lora_bias=True)",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QA-LoRA (use_qalora)",
@@ -112,8 +118,12 @@ class Naming:
         return self.arch.backbones() if self.arch is not None else ()
 
     def tensor_name(self, path: tuple[str, ...]) -> str:
-        """``("model", "layers_0", "self_attn", "q_proj", "kernel")`` -> ``"model.layers.0.self_attn.q_proj.weight"``."""
-        return self.names.hf_name(tuple(path))
+        """``("model", "layers_0", "self_attn", "q_proj", "kernel")`` -> ``"model.layers.0.self_attn.q_proj.weight"``:
+        the parameter's name in the ``transformers`` model at run time, which PEFT uses (a checkpoint may store it
+        otherwise: one tensor per expert for ``model.layers.0.mlp.experts.gate_up_proj``)."""
+        from lora_jax.models.arch import LEAF_NAMES
+
+        return f"{self.names.module(tuple(path))}.{LEAF_NAMES.get(path[-1], path[-1])}"
 
     def module_name(self, path: tuple[str, ...]) -> str:
         """The module owning a parameter: ``"model.layers.0.self_attn.q_proj"``."""
@@ -332,6 +342,77 @@ def _index(params: PyTree, names: Naming) -> dict[str, tuple[tuple[str, ...], An
     return {**aliases, **index}
 
 
+# ------------------------------------------------------------------------------------ target_parameters
+# PEFT wraps each targeted nn.Parameter in a lora.ParamWrapper; several parameters of one module nest, the one
+# registered first innermost. transformers' expert modules register gate_up_proj (or gate_proj, up_proj) before
+# down_proj (biases after their weight), the order of the forward pass; other names follow, alphabetically.
+_PARAM_ORDER = ("gate_up_proj", "gate_up_proj_bias", "gate_proj", "up_proj", "w1", "w3", "down_proj",
+                "down_proj_bias", "w2")
+
+
+def _registration_order(params: list[str]) -> list[str]:
+    return sorted(params, key=lambda p: (_PARAM_ORDER.index(p) if p in _PARAM_ORDER else len(_PARAM_ORDER), p))
+
+
+def _targets_parameter(name: str, targets: list[str]) -> bool:
+    """PEFT's rule for ``target_parameters``: ``module.param`` equals an entry or ends with ``"." + entry``."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _parameter_target(module: str, parts: Mapping, targets: list[str], index: Mapping, source: str):
+    """For the LoRA tensors of PEFT module ``module`` (``<m>`` or ``<m>.base_layer...``): ``(param name,
+    runtime name, path, leaf)`` of the ``target_parameters`` entry they belong to, or ``None`` when ``<m>``
+    has no targeted parameter (an ordinary ``target_modules`` LoRA)."""
+    m = re.fullmatch(r"(?P<module>.+?)(?P<nest>(\.base_layer)*)", module)
+    base, depth = m["module"], m["nest"].count(".base_layer")
+    wrapped = _registration_order([n[len(base) + 1:] for n in index if n.startswith(base + ".")
+                                   and "." not in n[len(base) + 1:] and _targets_parameter(n, targets)])
+    if not wrapped:
+        return None
+    if depth >= len(wrapped):
+        key = next(iter(parts.values()))[0]
+        raise PeftError(f"{source}: tensor {key!r} is nested {depth} wrapper(s) deep in {base!r}, whose targeted "
+                        f"parameters are only {wrapped} (target_parameters)")
+    param = wrapped[len(wrapped) - 1 - depth]  # the parameter registered last wraps outermost
+    name = f"{base}.{param}"
+    return param, name, *index[name]
+
+
+def _load_parameter_adapter(wrapper, parts: Mapping, cfg: Mapping, use_rslora: bool, dtype, source: str):
+    """One ``lora.ParamWrapper``'s tensors as a :class:`~lora_jax.core.LoraAdapter` (per expert for a 3-D
+    expert stack, see :func:`expert_factors_from_peft`)."""
+    param, name, path, leaf = wrapper
+    for k in ("lora_A.weight", "lora_B.weight"):
+        if k not in parts:
+            raise PeftError(f"{source}: {next(iter(parts.values()))[0]!r} has no matching lora {k} for {name}")
+    if set(parts) - {"lora_A.weight", "lora_B.weight"}:
+        raise PeftError(f"{source}: {name} (target_parameters) has tensors {sorted(parts)}; PEFT's ParamWrapper has "
+                        "only lora_A / lora_B")
+    (a_key, a), (b_key, b) = parts["lora_A.weight"], parts["lora_B.weight"]
+    if leaf.ndim not in (2, 3):
+        raise PeftError(f"{source}: {a_key!r} targets {'/'.join(path)} of shape {tuple(leaf.shape)}; PEFT adapts 2-D "
+                        "and 3-D parameters")
+    n_exp, d_in, d_out = (leaf.shape if leaf.ndim == 3 else (1, *leaf.shape))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1] \
+            or a.shape[0] % n_exp:
+        raise PeftError(f"{source}: tensors {a_key!r} {tuple(a.shape)} / {b_key!r} {tuple(b.shape)} do not fit "
+                        f"{'/'.join(path)} of shape {tuple(leaf.shape)}: expected (r*{n_exp}, {d_in}) / "
+                        f"({d_out}, r*{n_exp})")
+    r = a.shape[0] // n_exp
+    want_r = pattern_value(cfg.get("rank_pattern"), name, cfg["r"])
+    if int(want_r) != r:
+        raise PeftError(f"{source}: tensor {a_key!r} has rank {r} per expert, but {CONFIG_NAME} gives {name} rank "
+                        f"{want_r} (r / rank_pattern)")
+    alpha = float(pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
+    scale = alpha / (math.sqrt(r) if use_rslora else r)
+    if leaf.ndim == 3:
+        a3, b3 = expert_factors_from_peft(a, b, n_exp)
+        fields = dict(a=jnp.asarray(a3, dtype), b=jnp.asarray(b3, dtype), in_shape=(n_exp, d_in), out_shape=(d_out,))
+    else:
+        fields = dict(a=jnp.asarray(a.T, dtype), b=jnp.asarray(b.T, dtype), in_shape=(d_in,), out_shape=(d_out,))
+    return path, core.LoraAdapter(**fields, alpha=alpha, scale=scale)
+
+
 def _close(name: str, candidates: list[str], n: int = 3) -> list[str]:
     tail = name.split(".")[-2:]
     return [c for c in candidates if c.split(".")[-2:] == tail][:n] or candidates[:n]
@@ -395,8 +476,15 @@ def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: An
         full[path] = jnp.asarray(value, leaf.dtype)
 
     use_rslora = bool(cfg.get("use_rslora", False))
+    param_targets = list(cfg.get("target_parameters") or [])
     adapters: dict = {}
     for module, parts in lora.items():
+        if param_targets:
+            wrapper = _parameter_target(module, parts, param_targets, index, source)
+            if wrapper is not None:
+                path, ad = _load_parameter_adapter(wrapper, parts, cfg, use_rslora, dtype, source)
+                tree.put(adapters, path, ad)
+                continue
         kinds = set(parts)
         embedding = bool(kinds & {"lora_embedding_A", "lora_embedding_B"})
         a_kind, b_kind = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
@@ -476,6 +564,13 @@ def _module_universe(names: Naming, config: Any, task: str | None) -> set[str] |
     return {names.module_name(p) for p in names.arch.shapes(config, task)}
 
 
+def _parameter_universe(names: Naming, config: Any, task: str | None) -> set[str] | None:
+    """Every parameter's run-time name (``module.param``): what PEFT matches ``target_parameters`` against."""
+    if names.arch is None or config is None or task is None:
+        return None
+    return {names.tensor_name(p) for p in names.arch.shapes(config, task)}
+
+
 def target_modules(adapted: set[str], universe: set[str] | None) -> list[str]:
     """The shortest PEFT ``target_modules`` list (PEFT matches an entry when a module name equals it or ends with
     ``"." + entry``) that selects exactly ``adapted`` among ``universe``. Without a universe: the full names."""
@@ -530,8 +625,28 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
         x = np.asarray(x if dtype is None else jnp.asarray(x, dtype))
         return np.ascontiguousarray(x)
 
-    ranks, modules, dora = {}, {}, []
+    ranks, modules, dora, params_adapted = {}, {}, [], {}
+    experts = [(path, ad) for path, ad in items if ad.stack_shape]
+    by_module: dict[str, list[str]] = {}
+    for path, _ in experts:
+        by_module.setdefault(names.module_name(path), []).append(path[-1])
+    for path, ad in experts:  # expert stacks: PEFT's target_parameters (nested ParamWrappers)
+        if len(ad.stack_shape) != 1 or len(ad.out_shape) != 1 or ad.is_dora or ad.dropout:
+            raise PeftError(f"save_peft: {'/'.join(path)} is a stacked adapter {ad!r}; PEFT's target_parameters "
+                            "takes one expert axis, no DoRA and no dropout")
+        module = names.module_name(path)
+        order = _registration_order(by_module[module])
+        depth = len(order) - 1 - order.index(path[-1])
+        name = f"{module}.{path[-1]}"
+        modules[path] = name
+        ranks[name] = ad.r
+        params_adapted[name] = path
+        key = PREFIX + module + ".base_layer" * depth
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = map(
+            array, expert_factors_to_peft(np.asarray(ad.a), np.asarray(ad.b)))
     for path, ad in items:
+        if ad.stack_shape:
+            continue
         if len(ad.in_shape) != 1 or len(ad.out_shape) != 1:
             raise ValueError(f"save_peft: {'/'.join(path)} adapts a kernel of shape {ad.kernel_shape}; PEFT LoRA "
                              "layers are 2-D (in, out)")
@@ -570,14 +685,14 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
                             "an array")
         tensors[PREFIX + names.tensor_name(path)] = array(names.to_hf(path, np.asarray(leaf)))
         module = names.module_name(path)
-        if module in ranks:
+        if module in ranks or any(p.startswith(module + ".") for p in params_adapted):
             raise ValueError(f"save_peft: {module} has an adapter and is also in modules_to_save; choose one")
         if module not in saved_modules:
             saved_modules.append(module)
 
     task, guessed_type = _guess_task(names, [p for p, _ in items])
     # PEFT's one switch for layers that store their weight (in, out) (Conv1D), as every adapted kernel does here
-    linear = [p for p, _ in items if p[-1] != "embedding"]
+    linear = [p for p, ad in items if p[-1] != "embedding" and not ad.stack_shape]
     fan_in_fan_out = bool(linear) and not any(names.transposed(p) for p in linear)
     dropouts = [ad.dropout for _, ad in items]
     peft_config = {
@@ -588,7 +703,10 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
         "inference_mode": True,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": target_modules(set(ranks), _module_universe(names, config, task)),
+        "target_modules": target_modules(set(ranks) - set(params_adapted), _module_universe(names, config, task))
+        if len(ranks) > len(params_adapted) else None,
+        "target_parameters": target_modules(set(params_adapted), _parameter_universe(names, config, task))
+        if params_adapted else None,
         "exclude_modules": None,
         "lora_dropout": _most_common(dropouts),
         "fan_in_fan_out": fan_in_fan_out,
@@ -612,5 +730,41 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
     return folder
 
 
-__all__ = ["LoadedPeft", "Naming", "PeftError", "load_peft", "naming", "pattern_value", "read_config", "save_peft",
-           "target_modules", "with_leaves"]
+# ------------------------------------------------------------------------------------------ expert stacks
+# PEFT adapts a 3-D expert parameter through ``target_parameters`` (``lora.ParamWrapper``): one ``nn.Linear``
+# pair for all experts, ``lora_A.weight (r*E, in)`` whose rows are expert-major (row ``e*r + k``) and
+# ``lora_B.weight (out, r*E)`` whose columns are rank-major (column ``k*E + e``); expert ``e``'s update is
+# ``scale * lora_B[:, k*E + e] @ lora_A[e*r + k, :]`` summed over ``k`` (``get_delta_weight``'s
+# ``einsum("o r e, e r i -> e o i")``). ``in`` / ``out`` are the expert's features: for a parameter stored
+# ``(E, out, in)`` (``nn.Linear`` order, as most families store it) and for one stored ``(E, in, out)``
+# (``is_transposed``) alike. Several parameters of one module nest their wrappers: the one registered last is
+# outermost, so its tensors are ``<module>.lora_A.weight`` and the one before it ``<module>.base_layer.lora_A.weight``.
+
+
+def expert_factors_from_peft(lora_a: np.ndarray, lora_b: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's ``lora_A.weight (r*E, in)`` / ``lora_B.weight (out, r*E)`` of an expert parameter -> this project's
+    per-expert factors ``a (E, in, r)``, ``b (E, r, out)`` (``delta[e] = scale * a[e] @ b[e]``, ``(in, out)``)."""
+    lora_a, lora_b = np.asarray(lora_a), np.asarray(lora_b)
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1] or lora_a.shape[0] % num_experts:
+        raise PeftError(f"expert LoRA tensors lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} are not "
+                        f"(r*E, in) / (out, r*E) with E = {num_experts}")
+    r = lora_a.shape[0] // num_experts
+    a = lora_a.reshape(num_experts, r, -1).transpose(0, 2, 1)
+    b = lora_b.reshape(lora_b.shape[0], r, num_experts).transpose(2, 1, 0)
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+def expert_factors_to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`expert_factors_from_peft`: ``a (E, in, r)``, ``b (E, r, out)`` -> PEFT's
+    ``lora_A.weight (r*E, in)``, ``lora_B.weight (out, r*E)``."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise PeftError(f"per-expert factors a {tuple(a.shape)} / b {tuple(b.shape)} are not (E, in, r) / (E, r, out)")
+    n_exp, d_in, r = a.shape
+    lora_a = a.transpose(0, 2, 1).reshape(n_exp * r, d_in)
+    lora_b = b.transpose(2, 1, 0).reshape(b.shape[2], r * n_exp)
+    return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
+
+
+__all__ = ["LoadedPeft", "Naming", "PeftError", "expert_factors_from_peft", "expert_factors_to_peft", "load_peft",
+           "naming", "pattern_value", "read_config", "save_peft", "target_modules", "with_leaves"]

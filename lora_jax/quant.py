@@ -19,7 +19,7 @@ static metadata) that stands in the parameter tree where the kernel was. :func:`
 ``jax.checkpoint``, so that backpropagation re-dequantises instead of keeping a dense copy of every layer
 alive), and :func:`lora_jax.init` / :func:`~lora_jax.wrap` / :func:`~lora_jax.merge` accept it as a base:
 
-    qparams = lora.quantize(params, "nf4")                       # all-linear kernels -> NF4
+    qparams = lora.quantize(params, "nf4")                       # all-linear kernels (and experts) -> NF4
     adapters = lora.init(qparams, r=16, targets="all-linear")    # reads the logical kernel shapes
     y = model.apply({"params": lora.wrap(qparams, adapters)}, x)  # dequantised base + factored LoRA
     merged = lora.merge(qparams, adapters)                       # dense kernels (compute dtype)
@@ -99,7 +99,8 @@ class QuantizedWeight:
       codes: ``nf4``: ``(n_blocks * block_size / 2,)`` uint8, two 4-bit codes per byte (high nibble first) of
         the flattened kernel zero-padded to whole blocks; ``int8``: int8 of the kernel's ``shape``.
       absmax: ``nf4``: ``(n_blocks,)`` float32 per-block absmax, or uint8 codes of ``absmax - absmax_mean``
-        with double quantisation; ``int8``: ``(prod(out_shape),)`` float32 per-output-channel absmax.
+        with double quantisation; ``int8``: ``(prod(out_shape),)`` float32 per-output-channel absmax
+        (``(*stack, prod(out_shape))`` for an expert stack: one per expert and output channel).
       absmax_scale: double quantisation only: ``(ceil(n_blocks / absmax_block_size),)`` float32.
       absmax_mean: double quantisation only: ``()`` float32, the mean of the per-block absmax.
       shape: the logical kernel shape (static).
@@ -107,7 +108,10 @@ class QuantizedWeight:
       method: ``"nf4"`` or ``"int8"`` (static).
       block_size: values per absmax block (``nf4``; 0 for ``int8``) (static).
       absmax_block_size: absmax constants per second-level scale; 0 without double quantisation (static).
-      in_ndim: how many leading axes are inputs (``int8`` channels are the remaining axes) (static).
+      in_ndim: how many axes (after the stack axes) are inputs (``int8`` channels are the remaining axes)
+        (static).
+      stack_ndim: leading expert axes of an expert stack ``(E, d_in, d_out)`` (static; ``int8`` scales are per
+        expert; NF4 blocks never straddle two experts when ``d_in * d_out`` is a multiple of the block size).
     """
 
     codes: Array
@@ -120,6 +124,7 @@ class QuantizedWeight:
     block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
     absmax_block_size: int = dataclasses.field(default=0, metadata=dict(static=True))
     in_ndim: int = dataclasses.field(default=1, metadata=dict(static=True))
+    stack_ndim: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def ndim(self) -> int:
@@ -195,12 +200,14 @@ def _quantize_nf4(w: Array, block_size: int, absmax_block_size: int) -> dict[str
     return out
 
 
-def _quantize_int8(w: Array, in_ndim: int) -> dict[str, Array]:
-    d_in = math.prod(w.shape[:in_ndim])
-    x = w.astype(jnp.float32).reshape(d_in, -1)
-    absmax = jnp.max(jnp.abs(x), axis=0)
+def _quantize_int8(w: Array, in_ndim: int, stack_ndim: int = 0) -> dict[str, Array]:
+    stack = w.shape[:stack_ndim]
+    d_in = math.prod(w.shape[stack_ndim:stack_ndim + in_ndim])
+    x = w.astype(jnp.float32).reshape(math.prod(stack), d_in, -1)
+    absmax = jnp.max(jnp.abs(x), axis=1, keepdims=True)
     codes = jnp.round(x * (127.0 / jnp.maximum(absmax, 1e-38)))
-    return {"codes": jnp.clip(codes, -127, 127).astype(jnp.int8).reshape(w.shape), "absmax": absmax}
+    return {"codes": jnp.clip(codes, -127, 127).astype(jnp.int8).reshape(w.shape),
+            "absmax": absmax.reshape(*stack, -1)}
 
 
 def _absmax_f32(q: QuantizedWeight) -> Array:
@@ -223,6 +230,7 @@ def quantize_array(
     absmax_block_size: int = 256,
     compute_dtype: Any = None,
     in_ndim: int = 1,
+    stack_ndim: int = 0,
 ) -> QuantizedWeight:
     """Quantise one kernel.
 
@@ -232,7 +240,9 @@ def quantize_array(
       block_size: NF4 values per absmax (one of 32, 64, ..., 4096, as in bitsandbytes).
       double_quant: NF4 only: quantise the absmax constants to 8 bits in blocks of ``absmax_block_size``.
       compute_dtype: the dtype :meth:`QuantizedWeight.dequantize` returns (default: ``w.dtype``).
-      in_ndim: int8 only: how many leading axes are inputs; one scale per element of the other axes.
+      in_ndim: int8 only: how many leading axes (after the stack axes) are inputs; one scale per element of
+        the other axes.
+      stack_ndim: leading expert axes of an expert stack (int8: one set of scales per expert).
     """
     if method not in METHODS:
         raise ValueError(f"quantize: method must be one of {METHODS}, got {method!r}")
@@ -241,21 +251,22 @@ def quantize_array(
     dtype = jnp.dtype(w.dtype if compute_dtype is None else compute_dtype)
     shape = tuple(int(s) for s in w.shape)
     if method == "int8":
-        if not 1 <= in_ndim < len(shape):
-            raise ValueError(f"quantize int8: in_ndim must be in [1, {len(shape) - 1}] for shape {shape}, got {in_ndim}")
-        return QuantizedWeight(**_jit_int8(w, in_ndim), shape=shape, dtype=dtype, method="int8", block_size=0,
-                               in_ndim=in_ndim)
+        if not 0 <= stack_ndim <= len(shape) - 2 or not 1 <= in_ndim < len(shape) - stack_ndim:
+            raise ValueError(f"quantize int8: in_ndim must be in [1, {len(shape) - stack_ndim - 1}] and stack_ndim in "
+                             f"[0, {len(shape) - 2}] for shape {shape}, got {in_ndim} and {stack_ndim}")
+        return QuantizedWeight(**_jit_int8(w, in_ndim, stack_ndim), shape=shape, dtype=dtype, method="int8",
+                               block_size=0, in_ndim=in_ndim, stack_ndim=stack_ndim)
     if block_size not in _BLOCK_SIZES:
         raise ValueError(f"quantize nf4: block_size must be one of {_BLOCK_SIZES}, got {block_size}")
     if double_quant and absmax_block_size not in _BLOCK_SIZES:
         raise ValueError(f"quantize nf4: absmax_block_size must be one of {_BLOCK_SIZES}, got {absmax_block_size}")
     second = absmax_block_size if double_quant else 0
     return QuantizedWeight(**_jit_nf4(w, block_size, second), shape=shape, dtype=dtype, method="nf4",
-                           block_size=block_size, absmax_block_size=second, in_ndim=in_ndim)
+                           block_size=block_size, absmax_block_size=second, in_ndim=in_ndim, stack_ndim=stack_ndim)
 
 
 _jit_nf4 = jax.jit(_quantize_nf4, static_argnums=(1, 2))
-_jit_int8 = jax.jit(_quantize_int8, static_argnums=(1,))
+_jit_int8 = jax.jit(_quantize_int8, static_argnums=(1, 2))
 
 
 def dequantize(tree: QuantizedWeight | PyTree, dtype: Any = None) -> Array | PyTree:
@@ -271,8 +282,10 @@ def dequantize(tree: QuantizedWeight | PyTree, dtype: Any = None) -> Array | PyT
     q = tree
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
     if q.method == "int8":
-        d_in = math.prod(q.shape[: q.in_ndim])
-        w = q.codes.reshape(d_in, -1).astype(jnp.float32) * (q.absmax.astype(jnp.float32) / 127.0)
+        n_stack = math.prod(q.shape[:q.stack_ndim])
+        d_in = math.prod(q.shape[q.stack_ndim:q.stack_ndim + q.in_ndim])
+        scale = q.absmax.astype(jnp.float32).reshape(n_stack, 1, -1) / 127.0
+        w = q.codes.reshape(n_stack, d_in, -1).astype(jnp.float32) * scale
         return w.reshape(q.shape).astype(dtype)
     hi, lo = q.codes >> 4, q.codes & 0xF
     idx = jnp.stack([hi, lo], axis=-1).reshape(-1, q.block_size).astype(jnp.int32)
@@ -290,7 +303,7 @@ def quantize(
     block_size: int = 64,
     double_quant: bool = True,
     absmax_block_size: int = 256,
-    targets: str | Sequence[str] | None = "all-linear",
+    targets: str | Sequence[str] | None = "all-linear+experts",
     exclude: str | Sequence[str] | None = None,
     compute_dtype: Any = jnp.bfloat16,
     allow_embeddings: bool = False,
@@ -302,8 +315,9 @@ def quantize(
       method: ``"nf4"`` (4-bit NormalFloat, block-wise absmax) or ``"int8"`` (per-output-channel absmax).
       block_size, double_quant, absmax_block_size: NF4 layout (QLoRA defaults: 64, True, 256).
       targets, exclude, allow_embeddings: which leaves, as in :func:`lora_jax.init`; the default
-        ``"all-linear"`` takes every dense kernel and leaves embeddings, norms, biases and heads in high
-        precision (name them with a regex to quantise them too).
+        ``"all-linear+experts"`` takes every dense kernel and the routed experts of a mixture of experts (most of
+        its weights), and leaves embeddings, norms, biases, routers and heads in high precision (name them with a
+        regex to quantise them too).
       compute_dtype: the dtype the kernels are dequantised to in the forward pass (``None``: their own).
 
     Returns:
@@ -324,9 +338,10 @@ def quantize(
         p = _targets.path_str(path)
         if p not in chosen:
             return leaf
+        n_stack = _targets.default_expert_axes(p, leaf.ndim)
         return quantize_array(leaf, method, block_size=block_size, double_quant=double_quant,
                               absmax_block_size=absmax_block_size, compute_dtype=compute_dtype,
-                              in_ndim=_targets.default_in_axes(p, leaf.ndim))
+                              in_ndim=_targets.default_in_axes(p, leaf.ndim - n_stack), stack_ndim=n_stack)
 
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_targets.is_weight_node)
 
@@ -396,7 +411,8 @@ def merge_quantized(params: PyTree, adapters: PyTree, *,
             return new
         exact = _core.merged_kernel(q, _tree.get(adapters, p))
         out = quantize_array(exact, q.method, block_size=q.block_size or 64, double_quant=q.double_quant,
-                             absmax_block_size=q.absmax_block_size or 256, compute_dtype=q.dtype, in_ndim=q.in_ndim)
+                             absmax_block_size=q.absmax_block_size or 256, compute_dtype=q.dtype, in_ndim=q.in_ndim,
+                             stack_ndim=q.stack_ndim)
         err = dequantize(out, jnp.float32) - exact
         delta = exact - dequantize(q, jnp.float32)
         errors[p] = RequantError(max_abs=float(jnp.max(jnp.abs(err))), rms=float(jnp.sqrt(jnp.mean(err * err))),

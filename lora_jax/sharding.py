@@ -13,6 +13,13 @@ sharded along its first output axis); otherwise (the usual case: the factors are
 Optimizer state follows its parameter: :func:`init_opt_state` runs ``tx.init`` with output shardings taken
 from the parameters (a bare ``jax.jit(tx.init)`` does not do this: its zeros depend on no input, so they land
 on one device).
+
+Mixtures of experts: ``make_mesh(..., expert=n)`` adds a third axis ``expert`` (expert parallelism). A
+routed-expert stack ``(E, d_in, d_out)`` (:func:`lora_jax.targets.default_expert_axes`) is split along ``E``
+over it, each device holding ``E / n`` whole experts (its other axes follow the rule as before), and its
+per-expert adapters ``a (E, d_in, r)`` / ``b (E, r, d_out)`` are split the same way, whatever their size, so an
+expert's factors live with its kernel. The batch is split over every axis. (A quantised stack's stored arrays
+are flat and are placed by the rules alone.)
 """
 
 from __future__ import annotations
@@ -27,29 +34,47 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax.core import LoraAdapter
+from lora_jax.targets import default_expert_axes
 from lora_jax.tree import path_str, path_tuple
 
 BATCH_AXES = ("data", "fsdp")
+EXPERT_AXIS = "expert"
 Rule = tuple[str, Any]
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp)`` mesh over ``devices`` (default: all). ``-1`` on one axis takes the remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None, *, expert: int = 1) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (default: all), or ``(data, fsdp, expert)`` with ``expert > 1``
+    (routed experts split over ``expert`` devices). ``-1`` on data or fsdp takes the remaining devices."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
+    if expert < 1 or n % expert:
+        raise ValueError(f"mesh: expert={expert} must be a positive divisor of the {n} devices")
+    n //= expert
     if data == -1 and fsdp == -1:
         raise ValueError("mesh: at most one of data/fsdp may be -1")
     if data == -1:
         if n % fsdp:
-            raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n} devices")
+            raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n * expert} devices / expert={expert}")
         data = n // fsdp
     if fsdp == -1:
         if n % data:
-            raise ValueError(f"mesh: data={data} does not divide the {n} devices")
+            raise ValueError(f"mesh: data={data} does not divide the {n * expert} devices / expert={expert}")
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available")
-    return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+        raise ValueError(f"mesh: data={data} x fsdp={fsdp} x expert={expert} = {data * fsdp * expert} devices, but "
+                         f"{n * expert} are available")
+    if expert == 1:
+        return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+    return Mesh(np.asarray(devices).reshape(data, fsdp, expert), (*BATCH_AXES, EXPERT_AXIS))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the example axis of a batch is split over: all of them (``data``, ``fsdp``, ``expert``)."""
+    return tuple(a for a in (*BATCH_AXES, EXPERT_AXIS) if a in mesh.shape)
+
+
+def expert_size(mesh: Mesh) -> int:
+    return mesh.shape.get(EXPERT_AXIS, 1)
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
@@ -80,8 +105,17 @@ def _rule_for(path: str, rules: Sequence[Rule]) -> Any:
 
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule]) -> P:
-    fsdp = mesh.shape["fsdp"]
     pattern, spec = _rule_for(path, rules)
+    n_exp = expert_size(mesh)
+    if n_exp > 1 and default_expert_axes(path, len(shape)) and shape[0] % n_exp == 0 and spec is not None \
+            and not isinstance(spec, P) and spec != "replicate":
+        rest = tuple(_rule_spec(pattern, spec, tuple(shape[1:]), mesh))  # the rule on one expert's kernel
+        return P(EXPERT_AXIS, *rest)
+    return _rule_spec(pattern, spec, shape, mesh)
+
+
+def _rule_spec(pattern: str | None, spec: Any, shape: Sequence[int], mesh: Mesh) -> P:
+    fsdp = mesh.shape["fsdp"]
     if spec is None:
         return P()
     if isinstance(spec, P):
@@ -106,26 +140,31 @@ def adapter_shardings(path: str, adapter: LoraAdapter, mesh: Mesh, rules: Sequen
     kernel shape). ``A`` (d_in, r) is sharded on its first axis when the base is sharded along its first input
     axis, ``B`` (r, d_out) and a DoRA magnitude (d_out,) on their output axis when the base is sharded along its
     first output axis, if the factor has at least the rule's ``min_shard_size`` elements (2**14 for rules without
-    one) and the axis divides evenly; every other factor is replicated."""
+    one) and the axis divides evenly; every other factor is replicated. A stacked adapter (per expert:
+    ``a (E, d_in, r)``, ``b (E, r, d_out)``) splits its stack axes as the base splits its own, at any size."""
     base = tuple(spec_for(path, adapter.kernel_shape, mesh, rules))
     base = base + (None,) * (len(adapter.kernel_shape) - len(base))
     _, rule = _rule_for(path, rules)
     threshold = rule[1] if isinstance(rule, tuple) and rule[0] == "fsdp-if-large" else DEFAULT_MIN_SHARD_SIZE
     n_in = len(adapter.in_shape)
-    entry_in, entry_out = base[0], base[n_in]
+    n_stack = len(adapter.stack_shape)  # a stacked adapter (one per expert): its stack axes lead a, b and the base
+    entry_in, entry_out = base[n_stack], base[n_in]
 
     def place(x: Any, axis: int, entry: Any) -> Any:
         if x is None:
             return None
         shape = np.shape(x)
-        if entry is None or int(np.prod(shape)) < threshold or shape[axis] % _axis_size(mesh, entry):
-            return NamedSharding(mesh, P())
         spec = [None] * len(shape)
-        spec[axis] = entry
-        return NamedSharding(mesh, P(*spec))
+        for i in range(n_stack):  # the stack axes follow the base's, whatever the factor's size
+            if base[i] is not None and shape[i] % _axis_size(mesh, base[i]) == 0:
+                spec[i] = base[i]
+        if entry is not None and int(np.prod(shape)) >= threshold and shape[axis] % _axis_size(mesh, entry) == 0:
+            spec[axis] = entry
+        return NamedSharding(mesh, P(*spec) if any(e is not None for e in spec) else P())
 
     # Only the first input / output axis: flattening (in_shape) -> d_in keeps its blocks contiguous.
-    return dataclasses.replace(adapter, a=place(adapter.a, 0, entry_in), b=place(adapter.b, 1, entry_out),
+    return dataclasses.replace(adapter, a=place(adapter.a, n_stack, entry_in),
+                               b=place(adapter.b, n_stack + 1, entry_out),
                                magnitude=place(adapter.magnitude, 0, entry_out))
 
 
@@ -189,9 +228,9 @@ def replicated(tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding:
-    """Shard axis ``leading`` (the example axis) over both mesh axes."""
+    """Shard axis ``leading`` (the example axis) over every mesh axis (:func:`batch_axes`)."""
     spec = [None] * ndim
-    spec[leading] = BATCH_AXES
+    spec[leading] = batch_axes(mesh)
     return NamedSharding(mesh, P(*spec))
 
 

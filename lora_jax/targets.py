@@ -20,10 +20,28 @@ follow the naming of Flax, Hugging Face and this project's models:
     ``q_proj``/``k_proj``/``v_proj``, ``q``/``k``/``v``, ``wq``/``wk``/``wv``): its projection kernels
     (those three and the output ``out``/``o_proj``/``out_proj``/``o``/``wo``) are attention kernels, which
     covers the state of a bare ``nnx.MultiHeadAttention`` (``query/kernel``, ..., ``out/kernel``);
-- ``"all-linear"``: every dense kernel except embeddings and the output head.
+- ``"all-linear"``: every dense kernel except embeddings and the output head (and, in a mixture of
+  experts, except the routers and the routed experts, as PEFT's ``"all-linear"``, which takes ``nn.Linear``
+  modules only).
 
 Every preset skips embedding tables and output heads (``lm_head``, ``classifier``, ``head``, ``score``, ...,
 with or without a Linen index).
+
+Mixtures of experts. A leaf of an MoE block has one of three roles (:func:`moe_roles`), told apart by name:
+
+- **routed experts**: the kernels under a module named exactly ``experts`` (``mlp/experts/gate_up_proj``,
+  ``experts/down_proj/kernel``, or per-expert modules ``experts_3/w1/kernel``); a 3-D kernel there is a
+  stack ``(E, d_in, d_out)`` and gets one adapter per expert (:func:`default_expert_axes`);
+- **shared experts**: kernels under ``shared_expert`` / ``shared_experts`` / ``shared_mlp`` (Qwen2-MoE,
+  DeepSeek, Llama 4): dense MLPs every token goes through;
+- **routers**: the ``gate`` / ``router`` kernel beside an ``experts`` module (``mlp/gate/kernel``), and
+  Qwen2-MoE's ``shared_expert_gate``.
+
+Presets for them: ``"experts"`` (routed experts only), ``"shared-experts"``, ``"router"`` and
+``"all-linear+experts"`` (``"all-linear"`` plus the routed experts; still no router). A router is adapted
+only when asked for by name. A regex rule that selects a router together with any other kernel, or routed
+together with shared experts, is an error: ``".*experts/.*"`` also matches ``shared_experts/...``, and
+``".*gate.*"`` matches ``gate_up_proj`` and the router ``gate``; a rule has to say which one it means.
 """
 
 from __future__ import annotations
@@ -41,6 +59,15 @@ _KERNEL = r"(kernel|weight|w)"
 # A path component naming an attention block: contains "attention" or "attn" (MultiHeadDotProductAttention_0,
 # SelfAttention_0, Attention_3, attention_0, self_attn, attn_proj, ...) or is "mha" / "mha_N"; any case.
 _ATTN_BLOCK = r"([^/]*(attention|attn)[^/]*|mha(_\d+)?)"
+_NOT_BIAS = r"(?!\w*bias)\w+"  # a leaf name that is not a bias (GPT-OSS stores expert biases (E, d_out))
+# Routed experts: anything (but a bias) under a component named exactly "experts" (or "experts_N").
+_ROUTED_RULE = rf"(.*/)?experts(_\d+)?/(.*/)?{_NOT_BIAS}"
+_SHARED_RULE = rf"(.*/)?(shared_experts?|shared_mlp)(_\d+)?/(.*/)?{_KERNEL}"
+_ROUTER_RULE = rf"(.*/)?(gate|router|shared_expert_gate)/{_NOT_BIAS}"
+_ROUTED = re.compile(_ROUTED_RULE)
+_SHARED = re.compile(_SHARED_RULE)
+_ROUTER = re.compile(rf"(?P<parent>(.*/)?)(gate|router)/{_NOT_BIAS}")
+_SHARED_GATE = re.compile(rf"(.*/)?shared_expert_gate/{_NOT_BIAS}")
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "qv": (
@@ -52,6 +79,19 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "all-linear": (
         rf"(.*/)?{_KERNEL}",
     ),
+    "experts": (
+        _ROUTED_RULE,
+    ),
+    "shared-experts": (
+        _SHARED_RULE,
+    ),
+    "router": (
+        _ROUTER_RULE,
+    ),
+    "all-linear+experts": (
+        rf"(.*/)?{_KERNEL}",
+        _ROUTED_RULE,
+    ),
 }
 DEFAULT_PRESET = "attention"
 
@@ -61,6 +101,18 @@ DEFAULT_PRESET = "attention"
 QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wq", "wk", "wv"))
 ATTENTION_PROJECTIONS = frozenset({"query", "key", "value", "out", "q_proj", "k_proj", "v_proj", "o_proj", "out_proj",
                                    "q", "k", "v", "o", "wq", "wk", "wv", "wo"})
+
+# The MoE roles (see moe_roles) each preset may select; None: a leaf outside any MoE role.
+ROUTED, SHARED, ROUTER = "routed expert", "shared expert", "router"
+_PRESET_ROLES: dict[str, frozenset] = {
+    "qv": frozenset({None}),
+    "attention": frozenset({None}),
+    "all-linear": frozenset({None, SHARED}),
+    "experts": frozenset({ROUTED}),
+    "shared-experts": frozenset({SHARED}),
+    "router": frozenset({ROUTER}),
+    "all-linear+experts": frozenset({None, SHARED, ROUTED}),
+}
 
 # Leaves never adapted by a preset: embeddings and output heads (as PEFT's "all-linear" does).
 _EMBEDDING = re.compile(r"(.*/)?(\w*embed\w*|wte|wpe|embedding)(/.*)?", re.IGNORECASE)
@@ -147,6 +199,34 @@ def _is_kernel_like(leaf: Any) -> bool:
         jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
+def moe_roles(paths: Sequence[str]) -> dict[str, str | None]:
+    """The mixture-of-experts role of each path: :data:`ROUTED`, :data:`SHARED`, :data:`ROUTER` or ``None``.
+
+    A ``gate`` / ``router`` leaf is a router only beside an ``experts`` module (its parent also holds
+    ``experts``): a dense MLP whose projection happens to be called ``gate`` keeps the role ``None``.
+    """
+    paths = list(paths)
+    parents = {m.group("parent") for p in paths if (m := re.fullmatch(r"(?P<parent>(.*/)?)experts(_\d+)?/.*", p))}
+    roles: dict[str, str | None] = {}
+    for p in paths:
+        m = _ROUTER.fullmatch(p)
+        if _ROUTED.fullmatch(p):
+            roles[p] = ROUTED
+        elif _SHARED.fullmatch(p):
+            roles[p] = SHARED
+        elif _SHARED_GATE.fullmatch(p) or (m is not None and m.group("parent") in parents):
+            roles[p] = ROUTER
+        else:
+            roles[p] = None
+    return roles
+
+
+def default_expert_axes(path: str, ndim: int) -> int:
+    """How many leading axes of a kernel index experts: 1 for a 3-D kernel of routed experts (a stack
+    ``(E, d_in, d_out)``: one adapter per expert), else 0."""
+    return 1 if ndim == 3 and _ROUTED.fullmatch(path) else 0
+
+
 def default_in_axes(path: str, ndim: int) -> int:
     """How many leading axes of a kernel are its inputs: 1, or ``ndim - 1`` for an output projection with
     more than two axes (Flax ``DenseGeneral`` (heads, head_dim, d_model))."""
@@ -165,7 +245,8 @@ def select(
     """The ``(path, leaf)`` pairs that ``targets`` selects in ``params``, in tree order.
 
     Raises ``ValueError`` when a rule matches nothing (listing the candidate kernels), when a rule selects a
-    non-floating or one-dimensional leaf, or an embedding table without ``allow_embeddings``.
+    non-floating or one-dimensional leaf, or an embedding table without ``allow_embeddings``, or mixes MoE
+    roles (a router with anything else, routed with shared experts; see the module docstring).
     """
     leaves = leaf_paths(params)
     if not leaves:
@@ -187,13 +268,15 @@ def select(
                          f"leaf path (e.g. '.*{targets}/kernel')")
 
     candidates = [p for p, leaf in leaves if _is_kernel_like(leaf) and not is_embedding(p)]
+    roles = moe_roles([p for p, _ in leaves])
     chosen: dict[str, Any] = {}
     if preset is not None:
         rules = compile_rules(PRESETS[preset], "targets")
+        allowed = _PRESET_ROLES.get(preset, frozenset({None, SHARED}))
         by_content = attention_by_content([p for p, _ in leaves]) if preset == "attention" else set()
         for p, leaf in leaves:
             named = any(r.fullmatch(p) for r in rules) or p in by_content
-            if named and _is_kernel_like(leaf) and not is_embedding(p) and not is_head(p) \
+            if named and _is_kernel_like(leaf) and not is_embedding(p) and not is_head(p) and roles[p] in allowed \
                     and not any(r.fullmatch(p) for r in excluded):
                 chosen[p] = leaf
         if not chosen:
@@ -220,10 +303,30 @@ def select(
                     raise TargetError(f"targets rule {rule.pattern!r} selects the embedding table {p}; embeddings "
                                      "are adapted only with allow_embeddings=True (and lora_jax.ops.embed)")
                 chosen[p] = leaf
+            _check_roles(rule.pattern, [p for p, _ in hits if not any(r.fullmatch(p) for r in excluded)], roles)
         if not chosen:
             raise TargetError(f"targets {[r.pattern for r in rules]} select nothing once exclude "
                              f"{[r.pattern for r in excluded]} is applied")
     return [(p, leaf) for p, leaf in leaves if p in chosen]
+
+
+def _check_roles(rule: str, hits: Sequence[str], roles: Mapping[str, str | None]) -> None:
+    """A rule may not select a router together with any other kernel, nor routed with shared experts."""
+    by_role: dict[str | None, list[str]] = {}
+    for p in hits:
+        by_role.setdefault(roles[p], []).append(p)
+    if ROUTER in by_role and len(by_role) > 1:
+        other = next(r for r in by_role if r != ROUTER)
+        raise TargetError(
+            f"targets rule {rule!r} selects the router {by_role[ROUTER][0]} and also {other or 'non-MoE'} "
+            f"kernel(s) such as {by_role[other][0]}; adapting a router changes which experts tokens go to, so it "
+            "must be asked for alone (preset 'router' or a rule that selects only routers). For the experts use "
+            "preset 'experts' / 'shared-experts' or a rule that excludes the router")
+    if ROUTED in by_role and SHARED in by_role:
+        raise TargetError(
+            f"targets rule {rule!r} selects routed experts ({by_role[ROUTED][0]}) and shared experts "
+            f"({by_role[SHARED][0]}) at once; name one (presets 'experts' and 'shared-experts', or e.g. "
+            "'(.*/)?mlp/experts/.*' for the routed ones), or give two rules to adapt both")
 
 
 class PatternMap:

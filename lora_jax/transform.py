@@ -35,7 +35,10 @@ How it works (all at trace time, so the result costs nothing at run time beyond 
    ``dot_general(x, W0) + ((dropout(x) . F1) . F2) * s``, where ``F1`` is the factor that holds the
    contracted axes (``A`` for ``x @ W``, ``B`` for ``x @ W.T``); ``conv_general_dilated`` convolves with the
    factor holding the spatial and input-feature axes (a rank-``r`` output) and then projects with the other;
-   ``gather`` (embedding lookups) gathers rows of the factor and forms only the gathered rows.
+   ``gather`` (embedding lookups) gathers rows of the factor and forms only the gathered rows;
+   ``ragged_dot_general`` (``jax.lax.ragged_dot``: the grouped product of a mixture of experts) on an expert
+   stack with per-expert adapters becomes ``ragged_dot(x, W0) + ragged_dot(ragged_dot(dropout(x), A), B) * s``
+   on the same group sizes.
 5. Nested jaxprs are interpreted recursively when a LoRA value flows into them: ``jit`` / ``closed_call``
    (inlined), ``checkpoint`` (re-wrapped in :func:`jax.checkpoint` with the same policy), ``scan`` (a LoRA
    value among the scanned-over ``xs`` is sliced per iteration: base and factors alike), ``while`` and
@@ -635,6 +638,48 @@ def _dot_general_rule(ctx: _Context, eqn, invals):
     return [base_out + y.astype(base_out.dtype)]
 
 
+def _ragged_dot_rule(ctx: _Context, eqn, invals):
+    """``ragged_dot(x, W, group_sizes)`` with ``W`` an expert stack ``(E, d_in, d_out)`` holding per-expert
+    adapters: ``ragged_dot(x, W0) + ragged_dot(ragged_dot(dropout(x), A), B) * s``, all three on the same
+    ``group_sizes`` (the tokens' one sort by expert).
+
+    Handled: ``W`` the right operand of a ragged (non-contracting) product without batch axes, its group axis
+    a stack axis (kind ``B``), its contracted axes held by one factor and its free axes by the other (so also
+    ``x @ W[e].T`` through a transpose). Anything else gets the dense stack."""
+    lhs, rhs, sizes = invals
+    p = eqn.params
+    dims = p["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = dims.dot_dimension_numbers
+    if _is_lora(lhs) or _is_lora(sizes) or lb or rb or p.get("group_offset") is not None:
+        return _materialize_rule(ctx, eqn, invals, "LoRA value outside the grouped kernel, or batch axes")
+    (ragged,), (group,) = tuple(dims.lhs_ragged_dimensions), tuple(dims.rhs_group_dimensions)
+    free = [i for i in range(rhs.ndim) if i != group and i not in rc]
+    first = rhs.kinds[rc[0]] if rc else None
+    second = R if first == L else L
+    if ragged in lc or rhs.kinds[group] != B or first not in (L, R) \
+            or any(rhs.kinds[i] != first for i in rc) or any(rhs.kinds[i] != second for i in free):
+        return _materialize_rule(ctx, eqn, invals, f"expert kernel axis kinds {''.join(rhs.kinds)} do not separate "
+                                                   "the expert axis, the inputs and the outputs")
+    kw = dict(precision=p.get("precision"), preferred_element_type=p.get("preferred_element_type"))
+    base_out = _bind(eqn, [lhs, rhs.base, sizes])[0]
+    f1_axes, f2_axes = rhs.axes(first), rhs.axes(second)
+    f1 = rhs.factor(first).astype(rhs.dtype)  # axes: f1_axes + rank
+    h = lax.ragged_dot_general(
+        _dropout(lhs, rhs), f1, sizes, lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=((tuple(lc), tuple(f1_axes.index(i) for i in rc)), ((), ())),
+            lhs_ragged_dimensions=(ragged,), rhs_group_dimensions=(f1_axes.index(group),)), **kw)
+    # h: x's free axes (the ragged one among them) then the rank
+    x_free = [i for i in range(lhs.ndim) if i not in lc]
+    f2 = rhs.factor(second).astype(rhs.dtype)  # axes: f2_axes + rank
+    y = lax.ragged_dot_general(
+        h, f2, sizes, lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(((h.ndim - 1,), (f2.ndim - 1,)), ((), ())),
+            lhs_ragged_dimensions=(x_free.index(ragged),), rhs_group_dimensions=(f2_axes.index(group),)), **kw)
+    y = y if rhs.scale == 1.0 else y * jnp.asarray(rhs.scale, y.dtype)
+    ctx.note_factored("ragged_dot_general")
+    return [base_out + y.astype(base_out.dtype)]
+
+
 def _conv_rule(ctx: _Context, eqn, invals):
     """``conv(x, W) = conv(x, W0) + (conv(dropout(x), K) . F_out) * s`` where ``K`` is the factor holding the
     kernel's spatial and input-feature axes with the rank as its output features."""
@@ -827,6 +872,7 @@ _RULES: dict[str, Callable] = {
     "sharding_constraint": _passthrough_rule,
     "stop_gradient": _stop_gradient_rule,
     "dot_general": _dot_general_rule,
+    "ragged_dot_general": _ragged_dot_rule,
     "conv_general_dilated": _conv_rule,
     "gather": _gather_rule,
     "jit": _call_rule,
@@ -896,7 +942,7 @@ def transform(fn: Callable, *, report: bool = False, strict: bool = False) -> Ca
     Returns:
       A function with ``fn``'s signature that accepts pytrees with ``LoraWeight`` leaves (from
       ``lora.wrap``) anywhere in its arguments. Every ``dot_general`` / ``conv_general_dilated`` /
-      ``gather`` consuming such a weight, through transposes, casts, reshapes, slices, ``jit``,
+      ``gather`` / ``ragged_dot_general`` consuming such a weight, through transposes, casts, reshapes, slices, ``jit``,
       ``checkpoint``, ``scan``, ``while`` and ``cond``, runs as ``x @ W0 + ((dropout(x) @ A) @ B) * s``.
       It is ordinary JAX: jit it (eager calls re-trace ``fn`` each time), differentiate it.
 

@@ -20,6 +20,7 @@ import transformers
 import lora_jax as lora
 from lora_jax import models, tree
 from lora_jax.models import arch as arch_lib
+from lora_jax.models import hf
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -31,6 +32,10 @@ TINY = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=16),
     "gemma3": lambda: transformers.Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=16, sliding_window=8),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                                     num_experts_per_tok=2, moe_intermediate_size=16),
+    "mixtral": lambda: transformers.MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=4,
+                                                  num_experts_per_tok=2),
 }
 
 
@@ -42,27 +47,31 @@ CASES = [(a.name, task) for a in arch_lib.families() if a.name in TINY for task 
 
 
 @pytest.mark.parametrize("family,task", CASES)
-def test_checkpoint_names_and_shapes_are_transformers_own(family, task):
-    """Every leaf of every task maps to the tensor transformers' own class of that task holds, with its shape;
-    the weights load into it and back."""
+def test_checkpoint_names_and_shapes_are_transformers_own(family, task, tmp_path):
+    """Every leaf of every task maps to the tensor transformers' own class of that task saves, with its shape
+    (an MoE's experts one tensor per expert, as save_pretrained writes them); transformers loads the weights,
+    and they come back from its state_dict (its run-time names: an MoE's experts fused) unchanged."""
     hf_config = TINY[family]()
     arch = arch_lib.for_model_type(hf_config.model_type)
     config = arch.config.from_hf(hf_config)
     params = arch.init_params(config, jax.random.key(0), task)
     tensors = models.to_hf_weights(params, config)
-    torch_model = getattr(transformers, arch.hf_class(config.to_hf(), task))(config.to_hf())
-    state = torch_model.state_dict()
-    prefix = arch.checkpoint_prefix(list(state))
+    cls = getattr(transformers, arch.hf_class(config.to_hf(), task))
+    cls(config.to_hf()).save_pretrained(tmp_path / "theirs")
+    saved = hf.open_weights(tmp_path / "theirs")
+    prefix = arch.checkpoint_prefix(list(saved))
     strip = lambda n: n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else n  # noqa: E731
-    want = {k: tuple(v.shape) for k, v in state.items() if not arch.names.is_ignored(strip(k), config)}
+    want = {k: saved.shape(k) for k in saved if not arch.names.is_ignored(strip(k), config)}
     assert {k: v.shape for k, v in tensors.items()} == want
-    missing, unexpected = torch_model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
-                                                      strict=False)
-    assert not unexpected and all(arch.names.is_ignored(strip(k), config) for k in missing)
-    back = models.from_hf_weights(config, tensors, "to_hf_weights", task)
-    assert tree.flatten(back).keys() == tree.flatten(params).keys()
-    for p, x in tree.flatten(params).items():
-        np.testing.assert_array_equal(np.asarray(tree.get(back, p)), np.asarray(x))
+    hf.save_pretrained(params, config, tmp_path / "ours")
+    loaded, info = cls.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert all(arch.names.is_ignored(strip(k), config) for k in info["missing_keys"]), info
+    for state in (tensors, {k: v.numpy() for k, v in loaded.state_dict().items()}):
+        back = models.from_hf_weights(config, state, "to_hf_weights", task)
+        assert tree.flatten(back).keys() == tree.flatten(params).keys()
+        for p, x in tree.flatten(params).items():
+            np.testing.assert_array_equal(np.asarray(tree.get(back, p)), np.asarray(x))
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
@@ -74,7 +83,7 @@ def test_presets_select_the_declared_peft_modules(family):
     task = next((n for n, t in arch.tasks.items() if t.backbone), arch.default_task)  # with its head
     params = jax.eval_shape(lambda: arch.init_params(config, jax.random.key(0), task))
     kernels = [tree.join(p) for p, _ in tree.leaves(params)]
-    assert set(arch.presets) == set(lora.PRESETS)
+    assert {"qv", "attention", "all-linear"} <= set(arch.presets) <= set(lora.PRESETS)
     for preset in arch.presets:
         selected = {p for p, _ in lora.targets.select(params, preset)}
         declared = {p for p in kernels if any(re.fullmatch(r, p) for r in arch.preset_rules(preset))}
@@ -93,7 +102,11 @@ def test_gguf_names_are_llama_cpp_own(family):
         enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch)
         table = gguf.get_tensor_name_map(enum, config.num_hidden_layers)
         for name in names:
-            assert arch.gguf.name(name) == table.get_name(name, try_suffixes=(".weight", ".bias")), (gguf_arch, name)
+            # one expert's tensor ("model.layers.0.mlp.experts.3.gate_proj.weight") is expert 3 of llama.cpp's
+            # stack of them ("blk.0.ffn_gate_exps.weight[3]" is written "blk.0.ffn_gate_exps[3].weight")
+            stack = re.sub(r"\.experts\.\d+\.", ".experts.", name)
+            ours = re.sub(r"\[\d+\]", "", arch.gguf.name(name) or "") or None
+            assert ours == table.get_name(stack, try_suffixes=(".weight", ".bias")), (gguf_arch, name)
 
 
 def test_names_of_a_tree_of_no_family_follow_the_generic_rule():
@@ -117,7 +130,8 @@ def test_unknown_family_and_task_are_clear_errors():
 
 def _family_words() -> re.Pattern:
     words = {w for a in arch_lib.families() for w in (a.name, *a.model_types)}
-    return re.compile(rf"\b({'|'.join(sorted(map(re.escape, words)))})\b", re.IGNORECASE)
+    # llama.cpp / llama-cli are a serving engine, not the Llama family
+    return re.compile(rf"\b({'|'.join(sorted(map(re.escape, words)))})\b(?![.-](cpp|cli)\b)", re.IGNORECASE)
 
 
 @pytest.mark.parametrize("file", ["lora_jax/peft.py", "lora_jax/models/generate.py", "lora_jax/models/hf.py",

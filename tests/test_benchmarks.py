@@ -110,3 +110,22 @@ def test_peers_quick_all(tmp_path):
     for r in result["rows"]:
         assert _positive(r["median_ms"]) and _positive(r["tokens/s"])
     _check_times(result["times_s"])
+
+
+@pytest.mark.slow  # ~60 s of CPU: five compiled steps and a PyTorch model
+def test_moe_step_quick(tmp_path):
+    from benchmarks import moe_step
+
+    result = moe_step.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = {r["variant"]: r for r in result["step"]}
+    assert set(rows) == {moe_step.LABELS[v] for v in moe_step.VARIANTS}
+    for r in rows.values():
+        assert _positive(r["median_ms"]) and _positive(r["ratio_to_full"])
+    assert rows[moe_step.LABELS["full"]]["ratio_to_full"] == 1.0
+    full, lora_ = rows[moe_step.LABELS["full"]]["trainable"], rows[moe_step.LABELS["lora"]]["trainable"]
+    assert lora_ < full and rows[moe_step.LABELS["peft"]]["trainable"] == lora_  # PEFT trains the same adapters
+    mem = {m["variant"]: m for m in result["memory"]}
+    assert mem[moe_step.LABELS["lora"]]["opt_state_MiB"] < mem[moe_step.LABELS["full"]]["opt_state_MiB"]
+    saved = json.loads((tmp_path / "moe_step_quick.json").read_text())
+    assert saved["provenance"]["benchmark"] == "moe_step" and saved["provenance"]["git"]
+    assert saved["step"] == json.loads(json.dumps(result["step"]))

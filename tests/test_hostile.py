@@ -478,7 +478,8 @@ KEYS = [f"{s}.{k}" for s, cls in HINTS.items() for k in cls.__pydantic_fields__]
 
 # A valid non-default value of every key, and the overrides it needs to have an effect.
 NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
-    "model.name": ("all-MiniLM-L6-v2", []), "model.num_labels": ("3", ["data.task=classification"]),
+    "model.name": ("all-MiniLM-L6-v2", []), "model.router_aux_loss_coef": ("0.01", []),
+    "model.num_labels": ("3", ["data.task=classification"]),
     "lora.r": ("4", []), "lora.alpha": ("16", []), "lora.targets": ("attention", []),
     "lora.exclude": ("['.*layer_1.*']", []), "lora.dropout": ("0.1", []), "lora.use_rslora": ("true", []),
     "lora.use_dora": ("true", []), "lora.init": ("gaussian", []), "lora.pissa_niter": ("2", ["lora.init=pissa"]),
@@ -498,7 +499,7 @@ NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
     "optim.lora_plus_ratio": ("8", []), "train.method": ("full", []), "train.steps": ("5", []),
     "train.batch_size": ("4", []), "train.grad_accum": ("2", []), "train.precision": ("bfloat16", []),
     "train.remat": ("true", []), "train.loss_chunk": ("64", []), "train.seed": ("7", []), "train.nan_policy": ("skip", []),
-    "train.time_budget_s": ("60", []), "mesh.data": ("1", []), "mesh.fsdp": ("2", []),
+    "train.time_budget_s": ("60", []), "mesh.data": ("1", []), "mesh.fsdp": ("2", []), "mesh.expert": ("2", []),
     "eval.every": ("5", []), "eval.batch_size": ("8", []), "eval.generate_samples": ("0", []),
     "eval.generate_eval": ("4", []), "eval.max_new_tokens": ("8", []), "eval.num_beams": ("2", []),
     "checkpoint.every": ("2", []), "checkpoint.keep": ("3", []), "output.dir": ("runs/x", []),

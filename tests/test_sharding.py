@@ -347,6 +347,71 @@ def test_8dev_train_steps_match_one_device(mesh, threshold):
         np.testing.assert_allclose(x8, x1, rtol=1e-4, atol=5e-5, err_msg=p8)
 
 
+def _moe_train(mesh, steps: int):
+    """A tiny Qwen3-MoE (8 experts, top-2, load-balancing loss on) trained by train.loop's step: LoRA on the
+    routed experts and q/v, the state placed by the default rules on ``mesh``."""
+    import jax
+
+    from lora_jax import sharding
+    from lora_jax.models import qwen3_moe
+    from train import loop
+
+    config = qwen3_moe.Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                              num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=32,
+                              output_router_logits=True, router_aux_loss_coef=0.05)
+    model = qwen3_moe.build(config)
+    cfg = _cfg("data.task=causal-lm", "lora.targets=['(.*/)?mlp/experts/.*', '.*self_attn/(q|v)_proj/kernel']",
+               "lora.r=4")
+    frozen, trainable = loop.choose_trainable(cfg, qwen3_moe.init_params(config, jax.random.key(0)), jax.random.key(1))
+    frozen = sharding.put_tree(frozen, sharding.tree_shardings(frozen, mesh))
+    trainable = sharding.put_tree(trainable, sharding.tree_shardings(trainable, mesh))
+    tx = loop.make_optimizer(cfg)
+    opt_state = sharding.init_opt_state(tx, trainable)
+    rng = np.random.default_rng(0)
+    host = {"input_ids": rng.integers(1, 128, (1, 8, 16)).astype(np.int32),
+            "attention_mask": np.ones((1, 8, 16), np.int32), "loss_mask": np.ones((1, 8, 16), np.int32)}
+    host["attention_mask"][:, 1, :3] = 0
+    batch = {k: sharding.host_to_global(v, sharding.batch_sharding(mesh, ndim=3, leading=1)) for k, v in host.items()}
+    step_fn = jax.jit(loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1))
+    placed = (_specs(frozen), _specs(trainable))
+    losses = []
+    for i in range(steps):
+        trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    return losses, jax.device_get(trainable), placed, frozen
+
+
+@child_only
+def test_8dev_expert_axis_splits_experts_and_matches_one_device():
+    """mesh.expert: a (data=2, fsdp=1, expert=4) mesh holds 2 of the 8 experts of each stack (and of its
+    per-expert adapters) per device; the batch is split over all 8 devices; train steps equal one device's."""
+    import jax
+
+    from lora_jax import sharding
+    from lora_jax.targets import leaf_paths
+
+    mesh = sharding.make_mesh(2, 1, expert=4)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4}
+    assert sharding.batch_axes(mesh) == ("data", "fsdp", "expert")
+    losses8, final8, (base, trained), frozen = _moe_train(mesh, steps=3)
+    stack = "model/layers_0/mlp/experts/gate_up_proj"
+    assert _norm(base[stack].spec) == ("expert",)
+    x = dict(leaf_paths(frozen))[stack]
+    assert {tuple(sh.data.shape) for sh in x.addressable_shards} == {(2, 64, 64)}  # 2 whole experts per device
+    assert _norm(base["model/layers_0/self_attn/q_proj/kernel"].spec) == ()  # (64, 64): below the threshold
+    for factor in ("a", "b"):
+        assert _norm(trained[f"adapters/{stack}/{factor}"].spec) == ("expert",)  # small, but with its experts
+    assert _norm(trained["adapters/model/layers_0/self_attn/q_proj/kernel/a"].spec) == ()
+    one = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    losses1, final1, _, _ = _moe_train(one, steps=3)
+    assert losses8[-1] < losses8[0]
+    np.testing.assert_allclose(losses8, losses1, rtol=2e-5)
+    for (p8, x8), (p1, x1) in zip(leaf_paths(final8), leaf_paths(final1), strict=True):
+        assert p8 == p1
+        np.testing.assert_allclose(x8, x1, rtol=1e-4, atol=5e-5, err_msg=p8)
+
+
 @child_only
 def test_8dev_real_training_job_places_state_as_documented(mesh, tmp_path, minilm_path, monkeypatch):
     """``train.loop.run`` on 8 devices: spy on the jitted step's arguments at every call."""

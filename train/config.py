@@ -62,8 +62,11 @@ def key(default: Any, doc: str, **rules: Any) -> Any:
 @section
 class ModelConfig:
     name: str = key("SmolLM2-135M-Instruct-Q4_1", "a Hugging Face hub id, a local HF folder, a .gguf file or an "
-                    "offline alias (all-MiniLM-L6-v2, SmolLM2-135M-Instruct-Q4_1)", min_length=1)
+                    "offline alias (all-MiniLM-L6-v2, SmolLM2-135M-Instruct-Q4_1, gemma-3-270m)", min_length=1)
     num_labels: int = key(2, "classes of a sequence classifier (data.task=classification)", ge=2, le=INT_MAX)
+    router_aux_loss_coef: Float | None = key(None, "mixtures of experts: weight of the load-balancing loss added "
+                                             "to the training loss (transformers' router_aux_loss_coef); null: as "
+                                             "the checkpoint's config says (output_router_logits); 0: off", ge=0)
 
 
 @section
@@ -139,8 +142,8 @@ class QuantConfig:
                                        "channel")
     block_size: int = key(64, f"nf4: values per absmax block, one of {list(NF4_BLOCK_SIZES)}", ge=32, le=4096)
     double_quant: bool = key(True, "nf4: quantise the absmax constants to 8 bits (blocks of 256)")
-    targets: str | list[str] = key("all-linear", "frozen kernels quantised (preset or regexes); embeddings and "
-                                   "heads stay float", min_length=1)
+    targets: str | list[str] = key("all-linear+experts", "frozen kernels quantised (preset or regexes; a mixture "
+                                   "of experts' expert stacks too); embeddings, heads and routers stay float", min_length=1)
 
 
 @section
@@ -171,6 +174,8 @@ class TrainConfig:
 class MeshConfig:
     data: int = key(-1, "devices along the data axis (-1: all devices / mesh.fsdp)", ge=-1, le=2**20)
     fsdp: int = key(1, "devices along the FSDP axis that shards the frozen base", ge=1, le=2**20)
+    expert: int = key(1, "devices along the expert axis: a mixture of experts' routed experts split across them",
+                      ge=1, le=2**20)
 
 
 @section

@@ -53,7 +53,16 @@ def load_model(cfg: Config):
 
     task = "causal-lm" if cfg.data.task == "causal-lm" else "sequence-classification"
     overrides = {"num_labels": cfg.model.num_labels} if task == "sequence-classification" else {}
-    model, params, tokenizer, model_cfg = models.load(cfg.model.name, dtype=jnp.float32, task=task, **overrides)
+    coef = cfg.model.router_aux_loss_coef
+    if coef is not None:
+        overrides.update(router_aux_loss_coef=float(coef), output_router_logits=coef > 0)
+    try:
+        model, params, tokenizer, model_cfg = models.load(cfg.model.name, dtype=jnp.float32, task=task, **overrides)
+    except TypeError as e:
+        if coef is None or "router_aux_loss_coef" not in str(e):
+            raise
+        raise ConfigError(f"model.router_aux_loss_coef={coef}: {cfg.model.name} is not a mixture of experts "
+                          "(its Config has no router); leave it unset") from None
     compute = jnp.dtype(cfg.train.precision)
     if compute != jnp.float32:
         model = model.clone(dtype=compute)
@@ -403,7 +412,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     check_gguf_exports(cfg)
     out_plan = outputs.plan(cfg, resume)
 
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, expert=cfg.mesh.expert)
     say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
         f"{jax.process_count()} process(es)")
     if cfg.train.batch_size % mesh.size:
@@ -461,7 +470,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
         parts = [train_data.take(idx) for idx in idx_steps]
         stacked = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
         return {k: sharding.host_to_global(v, batch_shard if v.ndim == 3 else
-                                           sharding.NamedSharding(mesh, sharding.P(None, sharding.BATCH_AXES)))
+                                           sharding.NamedSharding(mesh, sharding.P(None, sharding.batch_axes(mesh))))
                 for k, v in stacked.items()}
 
     # (no larger than the evaluation set needs: padding rows cost memory and count for nothing)
@@ -472,7 +481,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
         for batch in data_lib.eval_batches(eval_data, eval_bsz):
             weight = batch["weight"]
             dev = {k: sharding.host_to_global(v, eval_shard if v.ndim == 2 else
-                                              sharding.NamedSharding(mesh, sharding.P(sharding.BATCH_AXES)))
+                                              sharding.NamedSharding(mesh, sharding.P(sharding.batch_axes(mesh))))
                    for k, v in batch.items()}
             l, c, lg = eval_fn(trainable, frozen, dev)
             loss_sum += float(l)

@@ -23,28 +23,46 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
     which applies the output head chunk by chunk and never holds the ``(B, S, V)`` float32 logits (``"auto"``:
     sized by the vocabulary); ``0``: the full logits and optax's cross-entropy. A model without a ``head()``
     method (see :class:`lora_jax.models.decoder.CausalLM`) always takes the full-logits path.
+
+    A mixture of experts whose config sets ``output_router_logits`` adds, in training, its
+    ``router_aux_loss_coef`` times the load-balancing loss over the non-padding tokens, as ``transformers`` adds
+    it to the mean cross-entropy (here: times the token count, so that the sum over count is that mean).
     """
     ids = batch["input_ids"]
     mask = batch["loss_mask"].astype(jnp.float32)
     if "weight" in batch:  # padding rows of the last eval batch weigh 0
         mask = mask * batch["weight"][:, None]
+    config = getattr(model, "config", None)
+    with_aux = train and getattr(config, "output_router_logits", False)
+    mutable = ["intermediates"] if with_aux else False
+
+    def finish(loss_sum, count, state):
+        if not with_aux:
+            return loss_sum, {"count": count}
+        from lora_jax.models import moe
+
+        aux = moe.aux_loss(state["intermediates"], config, batch["attention_mask"])
+        return loss_sum + aux * count, {"count": count, "aux_loss": aux}
+
     if loss_chunk != 0 and callable(getattr(type(model), "head", None)):
         def hidden_and_head(module, ids, attention_mask):
             h, _ = module(ids, attention_mask=attention_mask, hidden=True)
             return h, module.head()
 
-        h, head = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head)
+        out = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head, mutable=mutable)
+        (h, head), state = out if with_aux else (out, None)
         # Position t predicts token t + 1; the last position predicts nothing (weight 0, target 0).
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
         mask = mask.at[:, -1].set(0.0)
         chunk = None if loss_chunk == "auto" else int(loss_chunk)
         loss_sum, count = losses.chunked_cross_entropy(h, targets=targets, weights=mask, chunk_size=chunk, **head)
-        return loss_sum, {"count": count}
-    logits, _ = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"])
+        return finish(loss_sum, count, state)
+    out = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"], mutable=mutable)
+    (logits, _), state = out if with_aux else (out, None)
     logits = logits[:, :-1].astype(jnp.float32)
     mask = mask[:, :-1]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
-    return jnp.sum(ce * mask), {"count": jnp.sum(mask)}
+    return finish(jnp.sum(ce * mask), jnp.sum(mask), state)
 
 
 def classification_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | None) -> tuple[jax.Array, dict]:

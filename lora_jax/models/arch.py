@@ -72,6 +72,8 @@ FAMILIES: tuple[str, ...] = (
     "lora_jax.models.gpt2",
     "lora_jax.models.qwen3",
     "lora_jax.models.gemma3",
+    "lora_jax.models.qwen3_moe",
+    "lora_jax.models.mixtral",
 )
 
 
@@ -132,12 +134,15 @@ class Rule:
     ``layout``: how the leaf is stored. ``name``: ``None`` keeps the default tensor name; a string is a
     ``re.sub`` template over the path giving the module name (``.weight`` / ``.bias`` is appended as usual); a
     callable ``(default_name, config) -> tuple of names`` gives several tensors (with a :func:`stacked`
-    layout).
+    layout). ``also``: other ``(layout, name)`` pairs (``name``: ``None`` or a callable as above) in which
+    checkpoints may hold the leaf, read when the first way's tensors are absent and never written (an expert
+    stack saved one tensor per expert, or fused as ``transformers`` holds it at run time).
     """
 
     path: str
     layout: Layout = SAME
     name: str | Callable[[str, Any], tuple[str, ...]] | None = None
+    also: tuple[tuple[Layout, Callable[[str, Any], tuple[str, ...]] | None], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +209,17 @@ class Names:
                 names = rule.name(name, config) if callable(rule.name) else (name,)
                 return Tensor(tuple(names), rule.layout)
         return Tensor((name,), TRANSPOSE if path[-1] == "kernel" else SAME)
+
+    def candidates(self, path: Sequence[str], config: Any = None) -> tuple[Tensor, ...]:
+        """Every way a checkpoint may hold leaf ``path``: :meth:`tensor` first, then its rule's ``also``."""
+        first = self.tensor(path, config)
+        joined = tree.join(tree.split(path))
+        rule = next((r for pattern, r in self._rules if pattern.fullmatch(joined)), None)
+        if rule is None or not rule.also:
+            return (first,)
+        default = f"{self.module(path)}.{LEAF_NAMES.get(path[-1], path[-1])}"
+        return (first, *(Tensor(tuple(name(default, config)) if callable(name) else (default,), layout)
+                         for layout, name in rule.also))
 
     def hf_name(self, path: Sequence[str]) -> str:
         """The (first) tensor name of leaf ``path``: ``model.layers.0.self_attn.q_proj.weight``."""

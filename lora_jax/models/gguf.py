@@ -14,7 +14,8 @@ One reader for every family that declares GGUF support (:class:`lora_jax.models.
   family's ``Config.from_hf``: so a GGUF file and the Hugging Face folder of the same model give the same
   ``Config``.
 - Tensors are named from the family's Hugging Face names through the declared table
-  (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``), dequantised with
+  (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``; a name ``blk.0.ffn_gate_exps[3]`` is
+  expert 3 of a tensor stacking every expert, as llama.cpp stores MoE experts), dequantised with
   ``gguf.quants.dequantize`` (Q4_0/Q4_1/Q8_0/K-quants/F16/BF16/F32: whatever the package implements), fixed
   where the declaration says (llama.cpp permutes the Llama Q and K rows for its interleaved RoPE), put in our
   layout and cast to the requested dtype. LoRA then trains on top of the dequantised base.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -276,18 +278,30 @@ def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> di
     tensors = {t.name: t for t in reader.tensors}
     task = spec.task
     prefix = family.tasks[task].backbone
-    params, used = {}, set()
+    params, used, stacks = {}, set(), {}
     for path, shape in family.shapes(config, task).items():
         where = family.names.tensor(family.checkpoint_path(path, task, prefix), config)
         arrays = []
         for hf_name, want in zip(where.names, [tuple(x.shape) for x in where.layout.save(
                 np.broadcast_to(np.zeros((), np.float32), shape.shape))]):
-            parts = spec.names(hf_name) or (hf_name,)
+            parts, xs = spec.names(hf_name) or (hf_name,), []
             for name in parts:
-                if name not in tensors:
-                    raise CheckpointError(f"{source}: missing tensor {name!r} (for {tree.join(path)}, shape {want})")
-            x = np.concatenate([dequantize(tensors[n], np.float32) for n in parts], axis=-2) if len(parts) > 1 \
-                else dequantize(tensors[parts[0]], np.float32)
+                # "blk.0.ffn_gate_exps[3].weight": expert 3 of a tensor that stacks every expert on its first axis
+                part = re.fullmatch(r"(?P<stem>.+)\[(?P<index>\d+)\](?P<leaf>\.\w+)", name)
+                stem = part["stem"] + part["leaf"] if part is not None else name
+                if stem not in tensors:
+                    raise CheckpointError(f"{source}: missing tensor {stem!r} (for {tree.join(path)}, shape {want})")
+                if part is None:
+                    xs.append(dequantize(tensors[stem], np.float32))
+                    continue
+                if stem not in stacks:  # dequantised once for all its experts
+                    stacks[stem] = dequantize(tensors[stem], np.float32)
+                if int(part["index"]) >= stacks[stem].shape[0]:
+                    raise CheckpointError(f"{source}: tensor {stem!r} of shape {stacks[stem].shape} has no expert "
+                                          f"{part['index']} (for {tree.join(path)})")
+                xs.append(stacks[stem][int(part["index"])])
+            parts = tuple(re.sub(r"\[\d+\]", "", n) for n in parts)
+            x = np.concatenate(xs, axis=-2) if len(xs) > 1 else xs[0]
             if tuple(x.shape) != want:
                 raise CheckpointError(f"{source}: tensor {' + '.join(parts)!r} has shape {tuple(x.shape)}, expected "
                                       f"{want} for {tree.join(path)}")

@@ -345,7 +345,8 @@ def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str,
     initialise = [re.compile(p) for p in t.head + t.optional]
     params, fresh, used = {}, [], set()
     for path, spec in expected.items():
-        spec_t = arch.names.tensor(arch.checkpoint_path(path, task, prefix), config)
+        ways = arch.names.candidates(arch.checkpoint_path(path, task, prefix), config)
+        spec_t = next((w for w in ways if all(n in tensors for n in w.names)), ways[0])
         missing = [n for n in spec_t.names if n not in tensors]
         if missing:
             if any(r.fullmatch(tree.join(path)) for r in initialise):
