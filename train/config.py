@@ -45,7 +45,8 @@ class LoraConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "builtin:restaurants"  # builtin:NAME, a hub dataset name, or local csv/tsv/json/jsonl/parquet files
-    task: Literal["causal-lm", "classification"] = "causal-lm"
+    # audio-classification: rows name a WAV file (audio_column) and a class id; max_length counts mel frames
+    task: Literal["causal-lm", "classification", "audio-classification"] = "causal-lm"
     train_split: str = "train"
     eval_source: str | None = None  # evaluation file(s) (local data); None: see eval_split
     eval_split: str | None = None  # hub data set split; None (and no eval_source): hold out eval_fraction of train
@@ -54,6 +55,7 @@ class DataConfig:
     completion_column: str = "completion"
     text_column: str = "sentence"
     label_column: str = "label"
+    audio_column: str = "audio"  # audio-classification: WAV paths (relative ones: to the data file's folder)
     group_column: str | None = None  # rows sharing this value stay on the same side of the split (E2E: the MR)
     max_length: int = 64
     max_train_examples: int | None = None

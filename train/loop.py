@@ -30,7 +30,10 @@ from train import metrics as metrics_lib
 from train.config import Config, ConfigError, dump
 from train.tasks import LOSSES
 
-DEFAULT_HEAD = ["classifier/.*"]
+# What a classification task trains in full by default: the new head (Whisper's has a projector before it).
+DEFAULT_HEADS = {"classification": ["classifier/.*"], "audio-classification": ["projector/.*", "classifier/.*"]}
+MODEL_TASKS = {"causal-lm": "causal-lm", "classification": "sequence-classification",
+               "audio-classification": "audio-classification"}
 
 
 
@@ -99,8 +102,8 @@ def load_model(cfg: Config):
     """
     from lora_jax import models
 
-    task = "causal-lm" if cfg.data.task == "causal-lm" else "sequence-classification"
-    overrides = {"num_labels": cfg.model.num_labels} if task == "sequence-classification" else {}
+    task = MODEL_TASKS[cfg.data.task]
+    overrides = {"num_labels": cfg.model.num_labels} if task != "causal-lm" else {}
     model, params, tokenizer, model_cfg = models.load(cfg.model.name, dtype=jnp.float32, task=task, **overrides)
     compute = jnp.dtype(cfg.train.precision)
     if compute != jnp.float32:
@@ -110,7 +113,7 @@ def load_model(cfg: Config):
 
 def _head_rules(cfg: Config) -> list[str] | None:
     lc = cfg.lora
-    return lc.train if lc.train is not None else (DEFAULT_HEAD if cfg.data.task == "classification" else None)
+    return lc.train if lc.train is not None else DEFAULT_HEADS.get(cfg.data.task)
 
 
 def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dict]:
@@ -262,7 +265,7 @@ def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
 
     def step(trainable, opt_state, frozen, batches, key):
         total = jnp.maximum(_token_count(batches, task), 1.0)
-        keys = jax.random.split(key, batches["input_ids"].shape[0])
+        keys = jax.random.split(key, batches["attention_mask"].shape[0])
         zeros = jax.tree.map(jnp.zeros_like, trainable)
 
         def body(carry, xs):
@@ -391,7 +394,7 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
     model, params, tokenizer, model_cfg = load_model(cfg)
     say(f"loaded {cfg.model.name} in {time.perf_counter() - t0:.1f}s")
     max_positions = getattr(model_cfg, "max_position_embeddings", None)
-    num_labels = cfg.model.num_labels if cfg.data.task == "classification" else None
+    num_labels = cfg.model.num_labels if cfg.data.task != "causal-lm" else None
     train_data, eval_data = data_lib.load_tokenized(
         cfg.data, tokenizer, cfg.model.name, max_positions, num_labels,
         cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized")
