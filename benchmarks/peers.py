@@ -21,7 +21,7 @@ ids, mean next-token cross-entropy over every position, LoRA r=8 (alpha 16) on t
   ``qwix.apply_lora_to_model(model, qwix.LoraProvider(module_path=".*c_attn", rank=8, alpha=16))`` (it
   intercepts the layer's ``dot_general`` and adds the factored ``(x@A)@B``), trained as the NNX row.
 
-The NNX models use the same attention arithmetic as ours (``lora_jax.models.llama.attend``: scores and softmax in
+The NNX models use the same attention arithmetic as ours (``lora_jax.models.layers.attend``: scores and softmax in
 float32, a causal mask), so the JAX rows differ only in how they express the model and the adapters.
 All variants are warmed up and then timed round-robin in one process (each round starting at the next variant);
 the table reports medians and ours/peer: the median over rounds of ours' time divided by the peer's in the same
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lora_jax as lora  # noqa: E402
 from benchmarks.common import block, median, table  # noqa: E402
 from benchmarks.train_step import build_lm, make_batch, paired_ratio, prepare, save, time_rotated  # noqa: E402
-from lora_jax.models.llama import attend  # noqa: E402
+from lora_jax.models.layers import attend  # noqa: E402
 
 PEERS = ("ours", "peft", "nnx", "nnx-split", "qwix")
 LABELS = {"ours": "ours (lora_jax factored)", "peft": "HF PEFT (torch CPU)", "nnx": "flax nnx.LoRALinear (nnx.jit)",

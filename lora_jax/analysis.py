@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lora_jax import tree
 from lora_jax.core import LoraAdapter, adapter_items
 
 PyTree = Any
@@ -343,15 +344,6 @@ def iter_matrices(adapters: PyTree) -> Iterator[tuple[str, tuple[int, ...], Lora
                    dataclasses.replace(ad, a=a[idx], b=b[idx], in_shape=tuple(ad.in_shape[n:]), **extra))
 
 
-def _get(tree: PyTree, keys: list[str]) -> Any:
-    node = tree
-    for key in keys:
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def find_kernel(params: PyTree, path: str) -> Any:
     """The leaf of ``params`` at the '/'-joined ``path``, allowing for a task wrapper on either side.
 
@@ -361,12 +353,12 @@ def find_kernel(params: PyTree, path: str) -> Any:
     """
     keys = path.split("/")
     for start in range(len(keys) - 1):
-        leaf = _get(params, keys[start:])
+        leaf = tree.get(params, keys[start:])
         if leaf is not None and not isinstance(leaf, Mapping):
             return leaf
     from lora_jax.targets import leaf_paths
 
-    paths = [(p, leaf) for p, leaf in leaf_paths(params)]
+    paths = leaf_paths(params)
     ends = [leaf for p, leaf in paths if p.endswith("/" + path)]
     if len(ends) == 1:
         return ends[0]

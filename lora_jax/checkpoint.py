@@ -22,7 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax.errors import CheckpointError
-from lora_jax.core import LoraAdapter, _nested_set, adapter_items
+from lora_jax.core import LoraAdapter, adapter_items
+from lora_jax.tree import put
 
 META_FILE = "lora_adapters.json"
 
@@ -59,7 +60,7 @@ def abstract_adapters(meta: dict) -> dict:
     for path, m in meta.items():
         d_in, d_out = int(np.prod(m["in_shape"])), int(np.prod(m["out_shape"]))
         dtype = np.dtype(m["dtype"]) if m["dtype"] != "bfloat16" else jax.numpy.bfloat16
-        _nested_set(tree, tuple(path.split("/")), LoraAdapter(
+        put(tree, path, LoraAdapter(
             jax.ShapeDtypeStruct((d_in, m["r"]), dtype), jax.ShapeDtypeStruct((m["r"], d_out), dtype),
             alpha=float(m["alpha"]), scale=float(m["scale"]), in_shape=tuple(m["in_shape"]),
             out_shape=tuple(m["out_shape"]), dropout=float(m["dropout"]),

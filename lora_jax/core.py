@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import targets as _targets
+from lora_jax import tree as _tree
 from lora_jax.errors import MergeStateError, TargetError
 
 PyTree = Any
@@ -139,6 +140,9 @@ def _describe(x: Any) -> str:
     return f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") and hasattr(x, "dtype") else repr(x)
 
 
+describe = _describe  # public: used by other modules
+
+
 def is_adapter(x: Any) -> bool:
     return isinstance(x, LoraAdapter)
 
@@ -183,24 +187,11 @@ def merged_kernel(base: Any, adapter: LoraAdapter) -> Array:
 
 
 def _leaves_by_path(tree: PyTree) -> list[tuple[tuple[str, ...], Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)
-    return [(_targets.path_tuple(p), leaf) for p, leaf in flat]
+    return _tree.leaves(tree, is_leaf=_is_node)
 
 
-def _nested_get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    node = tree
-    for k in path:
-        if not isinstance(node, Mapping) or k not in node:
-            return None
-        node = node[k]
-    return node
-
-
-def _nested_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    node = tree
-    for k in path[:-1]:
-        node = node.setdefault(k, {})
-    node[path[-1]] = value
+_nested_get = _tree.get
+_nested_set = _tree.put
 
 
 def adapter_items(adapters: PyTree) -> list[tuple[str, LoraAdapter]]:
@@ -240,6 +231,9 @@ def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lor
             f"{' ...' if len(missing) > 5 else ''}; this adapter belongs to another base model"
         )
     return out
+
+
+map_targets = _map_targets  # public: used by other modules
 
 
 # ------------------------------------------------------------------------------------------------ init

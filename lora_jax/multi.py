@@ -34,6 +34,7 @@ import numpy as np
 
 from lora_jax import core, ops
 from lora_jax import targets as _targets
+from lora_jax import tree as _tree
 from lora_jax.core import LoraAdapter
 
 PyTree = Any
@@ -56,7 +57,7 @@ def _items(tree: PyTree, what: str) -> dict[str, LoraAdapter]:
 def _tree(items: Mapping[str, Any]) -> dict:
     out: dict = {}
     for path, leaf in items.items():
-        core._nested_set(out, tuple(path.split("/")), leaf)
+        _tree.put(out, path, leaf)
     return out
 
 
@@ -440,7 +441,7 @@ class MultiLoraWeight:
         return self.base.ndim
 
     def __repr__(self) -> str:
-        return f"MultiLoraWeight(base={core._describe(self.base)}, stacked={self.stacked!r}, rows={self.ids.shape})"
+        return f"MultiLoraWeight(base={core.describe(self.base)}, stacked={self.stacked!r}, rows={self.ids.shape})"
 
     # the per-row factors
     def _rows(self, x_rows: int, dtype) -> tuple[Array, Array, Array]:
@@ -472,7 +473,7 @@ class MultiLoraWeight:
         return y + h.reshape(*batch, *st.out_shape)
 
     def lora_einsum(self, subscripts: str, x: Array, *, precision=None) -> Array:
-        xs, ws, out = ops._parse(subscripts)
+        xs, ws, out = ops.parse_subscripts(subscripts)
         st = self.stacked
         n_in = len(st.in_shape)
         row = xs[:1]

@@ -163,6 +163,9 @@ def _parse(subscripts: str) -> tuple[str, str, str]:
     return xs, ws, out
 
 
+parse_subscripts = _parse  # public: used by other modules
+
+
 def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) -> Array:
     """``jnp.einsum(subscripts, x, w)`` where ``w`` may be a :class:`LoraWeight`.
 

@@ -13,10 +13,11 @@ A PEFT LoRA adapter is a folder with two files:
                                                                                     (modules_to_save)
 
 ``<module>`` is the module's name inside the ``transformers`` model. This project's parameter paths mirror those
-names (``model.layers.0.self_attn.q_proj`` <-> ``model/layers_0/self_attn/q_proj/kernel``), so an adapter maps
-onto our tree one to one, with ``A = lora_A.weight.T`` ``(in, r)`` and ``B = lora_B.weight.T`` ``(r, out)``. (GPT-2's
-``Conv1D`` stores its weight ``(in, out)``; PEFT marks it ``fan_in_fan_out`` but its LoRA factors keep the layout
-above, so they map the same way.)
+names (``model.layers.0.self_attn.q_proj`` <-> ``model/layers_0/self_attn/q_proj/kernel``; each family's name rule
+is part of its declaration, :class:`lora_jax.models.arch.Names`), so an adapter maps onto our tree one to one,
+with ``A = lora_A.weight.T`` ``(in, r)`` and ``B = lora_B.weight.T`` ``(r, out)``. (A ``Conv1D`` layer stores its
+weight ``(in, out)``; PEFT marks it ``fan_in_fan_out`` but its LoRA factors keep the layout above, so they map
+the same way.)
 
 PEFT's scaling is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), where ``r`` and ``lora_alpha``
 of a module come from ``rank_pattern`` / ``alpha_pattern`` when a key matches the module name: a key matches when
@@ -26,7 +27,7 @@ order wins. :func:`load_peft` follows these rules; :func:`save_peft` writes full
     loaded = lora.load_peft("path/to/adapter", params, config=config)
     params = loaded.update(params)                   # modules_to_save, e.g. a trained classifier head
     logits = model.apply({"params": lora.wrap(params, loaded.adapters)}, ids)
-    lora.save_peft(adapters, "out/", config=config, base_model_name_or_path="meta-llama/Llama-3.2-1B")
+    lora.save_peft(adapters, "out/", config=config, base_model_name_or_path="org/base-model")
 
 Nothing here imports torch or ``peft``: the files are read and written with ``safetensors``' numpy API.
 """
@@ -34,7 +35,6 @@ Nothing here imports torch or ``peft``: the files are read and written with ``sa
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -49,8 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import core
-from lora_jax import targets as _targets
+from lora_jax import core, tree
 from lora_jax.errors import CheckpointError, PeftError
 
 PyTree = Any
@@ -96,83 +95,52 @@ def _dora_missing(what: str) -> NotImplementedError:
 
 @dataclasses.dataclass(frozen=True)
 class Naming:
-    """How this project's parameter paths map to Hugging Face module names for one architecture.
+    """How this project's parameter paths map to Hugging Face module names for one model family.
 
-    ``arch``: ``"bert"``, ``"llama"``, ``"gpt2"`` or ``"generic"`` (list index ``name_N`` -> ``name.N``, any 2-D
-    ``kernel`` transposed); ``backbone``: the prefix of the backbone in task models (``bert`` / ``model`` /
-    ``transformer``), which PEFT adapters trained on the bare backbone lack.
+    ``arch``: the family's declaration (:class:`lora_jax.models.arch.Architecture`), or ``None`` for a tree of
+    no known family (then list index ``name_N`` -> ``name.N`` for every module and any ``kernel`` transposed);
+    ``names``: its name rule.
     """
 
-    arch: str
-    hf_name: Callable[[tuple[str, ...]], str]
-    backbone: str | None
-    module: Any = None  # the architecture module (lora_jax.models.<arch>), when known
+    arch: Any
+    names: Any
+
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        """The prefixes of the backbone in task models, which PEFT adapters trained on the bare backbone lack."""
+        return self.arch.backbones() if self.arch is not None else ()
 
     def tensor_name(self, path: tuple[str, ...]) -> str:
-        """``("model", "layers_0", "self_attn", "q_proj", "kernel")`` -> ``"model.layers.0.self_attn.q_proj.weight"``
-        (the architecture's own ``hf_name``)."""
-        return self.hf_name(tuple(path))
+        """``("model", "layers_0", "self_attn", "q_proj", "kernel")`` -> ``"model.layers.0.self_attn.q_proj.weight"``."""
+        return self.names.hf_name(tuple(path))
 
     def module_name(self, path: tuple[str, ...]) -> str:
         """The module owning a parameter: ``"model.layers.0.self_attn.q_proj"``."""
-        return self.tensor_name(path).rsplit(".", 1)[0]
+        return self.names.module(tuple(path))
 
     def transposed(self, path: tuple[str, ...]) -> bool:
-        """Whether our leaf is the transpose of the Hugging Face tensor: ``nn.Linear`` kernels are, GPT-2's
-        ``Conv1D`` kernels (every kernel but an untied ``lm_head``) and embedding tables are not."""
-        if path[-1] != "kernel":
-            return False
-        return not (self.arch == "gpt2" and path[0] != "lm_head")
+        """Whether our leaf is stored with its axes reversed (``nn.Linear`` kernels; not ``Conv1D`` kernels,
+        embedding tables or vectors)."""
+        return self.names.tensor(tuple(path)).layout.transposed
 
     def to_hf(self, path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x.T) if self.transposed(path) and x.ndim == 2 else x
+        return np.ascontiguousarray(self.names.tensor(tuple(path)).layout.save(x)[0])
 
     def from_hf(self, path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-        return self.to_hf(path, x)
-
-
-def _generic_hf_name(path: tuple[str, ...]) -> str:
-    *modules, leaf = path
-    modules = [re.sub(r"^(.+)_(\d+)$", r"\1.\2", m) for m in modules]
-    return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
-
-
-# Whisper: the encoder is ``encoder.*`` in WhisperForAudioClassification, ``model.encoder.*`` in the speech models.
-_BACKBONES = {"bert": "bert", "llama": "model", "gpt2": "transformer", "whisper": "model"}
+        return np.ascontiguousarray(self.names.tensor(tuple(path)).layout.load([x]))
 
 
 def naming(config: Any = None, paths: list[tuple[str, ...]] | None = None) -> Naming:
-    """The :class:`Naming` of a model: from its ``Config`` (a ``lora_jax.models.<arch>.Config``) when given, else
-    guessed from parameter paths (BERT ``encoder/layer_N``, GPT-2 ``h_N/attn/c_attn``, Whisper
-    ``encoder/layers_N/self_attn``, Llama ``layers_N/self_attn``),
-    else the generic rule."""
-    arch = None
-    if config is not None:
-        module = importlib.import_module(type(config).__module__)
-        if not hasattr(module, "hf_name"):
-            raise TypeError(f"config must be a lora_jax model Config (bert / llama / gpt2), got "
-                            f"{type(config).__qualname__} from {module.__name__}")
-        arch = module.__name__.rsplit(".", 1)[-1]
-    elif paths:
-        joined = ["/".join(p) for p in paths]
-        if any(re.search(r"(^|/)encoder/layer_\d+/", p) for p in joined):
-            arch = "bert"
-        elif any(re.search(r"(^|/)h_\d+/(attn|mlp)/", p) for p in joined):
-            arch = "gpt2"
-        elif any(re.search(r"(^|/)encoder/layers_\d+/(self_attn|fc1|fc2)/", p) for p in joined):
-            arch = "whisper"
-        elif any(re.search(r"(^|/)layers_\d+/(self_attn|mlp)/", p) for p in joined):
-            arch = "llama"
-    if arch not in _BACKBONES:
-        return Naming("generic", _generic_hf_name, None)
-    module = importlib.import_module(f"lora_jax.models.{arch}")
-    return Naming(arch, module.hf_name, _BACKBONES[arch], module)
+    """The :class:`Naming` of a model: from its ``Config`` (any registered family's) when given, else guessed from
+    parameter paths (:func:`lora_jax.models.arch.for_paths`), else the generic rule."""
+    from lora_jax.models import arch as arch_lib
+
+    arch = arch_lib.for_config(config) if config is not None else arch_lib.for_paths(paths or [])
+    return Naming(arch, arch.names if arch is not None else arch_lib.GENERIC_NAMES)
 
 
-def _paths(tree: PyTree) -> list[tuple[tuple[str, ...], Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: core.is_adapter(x) or
-                                                   core.is_lora_weight(x))
-    return [(_targets.path_tuple(p), leaf) for p, leaf in flat]
+def _paths(tree_: PyTree) -> list[tuple[tuple[str, ...], Any]]:
+    return tree.leaves(tree_, is_leaf=lambda x: core.is_adapter(x) or core.is_lora_weight(x))
 
 
 # ------------------------------------------------------------------------------------------------- load
@@ -203,7 +171,7 @@ def with_leaves(params: PyTree, leaves: Mapping) -> PyTree:
     used = set()
 
     def put(path, leaf):
-        key = _targets.path_tuple(path)
+        key = tree.path_tuple(path)
         if key in new:
             used.add(key)
             return new[key]
@@ -304,8 +272,8 @@ def _index(params: PyTree, names: Naming) -> dict[str, tuple[tuple[str, ...], An
                              "base params (not wrapped or merged)")
         name = names.tensor_name(path)
         index[name] = (path, leaf)
-        if names.backbone:
-            prefix = names.backbone + "."
+        for backbone in names.backbones:
+            prefix = backbone + "."
             alias = name[len(prefix):] if name.startswith(prefix) else prefix + name
             aliases.setdefault(alias, (path, leaf))
     return {**aliases, **index}
@@ -420,13 +388,10 @@ def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: An
             fields["magnitude"] = jnp.asarray(mag, dtype)
         elif cfg.get("use_dora"):
             raise PeftError(f"{source}: use_dora is set but {module} has no lora_magnitude_vector")
-        core._nested_set(adapters, path, core.LoraAdapter(**fields))
+        tree.put(adapters, path, core.LoraAdapter(**fields))
     if not lora:
         logger.warning("%s: the adapter holds no LoRA tensors", source)
-    trained: dict = {}
-    for path, v in full.items():
-        core._nested_set(trained, path, v)
-    return LoadedPeft(adapters, trained, cfg)
+    return LoadedPeft(adapters, tree.unflatten(full), cfg)
 
 
 # ------------------------------------------------------------------------------------------------- save
@@ -445,22 +410,17 @@ def _close_to(a: float, b: float) -> bool:
 
 
 def _guess_task(names: Naming, paths: list[tuple[str, ...]]) -> tuple[str | None, str | None]:
-    """(our task, PEFT task_type) from the adapted paths' top-level prefix."""
-    tops = {p[0] for p in paths}
-    if names.arch == "bert":
-        return ("sequence-classification", "SEQ_CLS") if "bert" in tops else ("base", "FEATURE_EXTRACTION")
-    if names.arch in ("llama", "gpt2"):
-        return ("causal-lm", "CAUSAL_LM") if names.backbone in tops else ("base", "FEATURE_EXTRACTION")
-    if names.arch == "whisper":  # PEFT has no audio task type: the plain PeftModel passes input_features through
-        return "audio-classification", None
-    return None, None
+    """(our task, PEFT task_type) from the adapted paths' top-level keys."""
+    if names.arch is None:
+        return None, None
+    task = names.arch.task_of({p[0] for p in paths})
+    return (task, names.arch.tasks[task].peft_task_type) if task is not None else (None, None)
 
 
 def _module_universe(names: Naming, config: Any, task: str | None) -> set[str] | None:
-    if names.module is None or config is None or task is None:
+    if names.arch is None or config is None or task is None:
         return None
-    shapes = jax.eval_shape(lambda: names.module.init_params(config, jax.random.key(0), task))
-    return {names.module_name(p) for p, _ in _paths(shapes)}
+    return {names.module_name(p) for p in names.arch.shapes(config, task)}
 
 
 def target_modules(adapted: set[str], universe: set[str] | None) -> list[str]:
@@ -491,13 +451,14 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
       adapters: the adapter tree (from :func:`lora_jax.init`, trained).
       folder: created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` are written into it.
       base_model_name_or_path: recorded in the config (what ``AutoPeftModel`` loads the base from).
-      config: the model's ``Config``: names the architecture (GPT-2 sets ``fan_in_fan_out``) and lets
-        ``target_modules`` be written as short suffixes (``["query", "value"]``) instead of full module names.
+      config: the model's ``Config``: names the family and lets ``target_modules`` be written as short suffixes
+        (``["q_proj", "v_proj"]``) instead of full module names.
       modules_to_save: leaves trained in full, as a nested dict mirroring the params (e.g.
         ``lora.split(...)[1]["params"]`` holding ``classifier/{kernel,bias}``). Saved under their Hugging Face
         names and listed in ``modules_to_save``; pass whole modules (kernel and bias).
-      task_type: PEFT's task type; guessed from the paths when ``None`` (``SEQ_CLS`` for a BERT classifier,
-        ``CAUSAL_LM`` for Llama / GPT-2 with their LM head, else ``FEATURE_EXTRACTION``).
+      task_type: PEFT's task type; when ``None``, the declared type of the task the paths belong to (e.g.
+        ``CAUSAL_LM`` for a causal LM's params, ``SEQ_CLS`` for a classifier's, ``FEATURE_EXTRACTION`` for a bare
+        backbone).
       revision: the base model revision recorded in the config.
       dtype: dtype of the saved tensors (default: as the adapters hold them).
 
@@ -506,7 +467,7 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
     name, ``lora_alpha`` being set so that PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) equals the
     adapter's ``scale``. Returns the folder.
     """
-    items = [(tuple(p.split("/")), ad) for p, ad in core.adapter_items(adapters)]
+    items = [(tree.split(p), ad) for p, ad in core.adapter_items(adapters)]
     if not items:
         raise ValueError("save_peft: the adapter tree holds no LoraAdapter")
     names = naming(config, [p for p, _ in items])
@@ -562,6 +523,9 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
             saved_modules.append(module)
 
     task, guessed_type = _guess_task(names, [p for p, _ in items])
+    # PEFT's one switch for layers that store their weight (in, out) (Conv1D), as every adapted kernel does here
+    linear = [p for p, _ in items if p[-1] != "embedding"]
+    fan_in_fan_out = bool(linear) and not any(names.transposed(p) for p in linear)
     dropouts = [ad.dropout for _, ad in items]
     peft_config = {
         "peft_type": "LORA",
@@ -574,7 +538,7 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
         "target_modules": target_modules(set(ranks), _module_universe(names, config, task)),
         "exclude_modules": None,
         "lora_dropout": _most_common(dropouts),
-        "fan_in_fan_out": names.arch == "gpt2",
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "use_rslora": use_rslora,
         "use_dora": bool(dora),

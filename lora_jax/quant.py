@@ -39,6 +39,7 @@ import numpy as np
 
 from lora_jax import core as _core
 from lora_jax import targets as _targets
+from lora_jax import tree as _tree
 
 PyTree = Any
 Array = jax.Array
@@ -393,7 +394,7 @@ def merge_quantized(params: PyTree, adapters: PyTree, *,
         p = _targets.path_str(path)
         if p not in adapted or not is_quantized(q):
             return new
-        exact = _core.merged_kernel(q, _core._nested_get(adapters, tuple(p.split("/"))))
+        exact = _core.merged_kernel(q, _tree.get(adapters, p))
         out = quantize_array(exact, q.method, block_size=q.block_size or 64, double_quant=q.double_quant,
                              absmax_block_size=q.absmax_block_size or 256, compute_dtype=q.dtype, in_ndim=q.in_ndim)
         err = dequantize(out, jnp.float32) - exact

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax.core import LoraAdapter
-from lora_jax.targets import path_str
+from lora_jax.tree import path_str, path_tuple
 
 BATCH_AXES = ("data", "fsdp")
 Rule = tuple[str, Any]
@@ -145,10 +145,6 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule] | None = None) -
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, LoraAdapter))
 
 
-def _path_tuple(path: Any) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def opt_state_shardings(state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings for an optimizer state (or its ``jax.eval_shape``): a state leaf whose key path ends with a
     parameter's key path and has that parameter's shape (Adam's ``mu/<path>``, ``nu/<path>``, the same inside
@@ -158,11 +154,11 @@ def opt_state_shardings(state: Any, params: Any, param_shardings: Any, mesh: Mes
     flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
     flat_shardings = jax.tree_util.tree_leaves(param_shardings)
     for (p, x), s in zip(flat_params, flat_shardings, strict=True):
-        by_path[_path_tuple(p)] = (tuple(np.shape(x)), s)
+        by_path[path_tuple(p)] = (tuple(np.shape(x)), s)
     longest = max((len(k) for k in by_path), default=0)
 
     def one(path, leaf):
-        key = _path_tuple(path)
+        key = path_tuple(path)
         for n in range(min(len(key), longest), 0, -1):
             hit = by_path.get(key[-n:])
             if hit is not None and hit[0] == tuple(np.shape(leaf)):

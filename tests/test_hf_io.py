@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import lora_jax as lora  # noqa: E402
-from lora_jax.models import CheckpointError, bert, hf, load, load_model, resolve, save_pretrained  # noqa: E402
+from lora_jax.models import (CheckpointError, bert, from_hf_weights, hf, load, load_model, resolve,  # noqa: E402
+                             save_pretrained, to_hf_weights)
 
 TINY = bert.Config(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                    max_position_embeddings=64, num_labels=3, hidden_act="gelu")
@@ -147,7 +148,7 @@ def test_prefixed_checkpoint_loads_as_base_model(tmp_path, caplog):
 
 def test_checkpoint_without_pooler_loads_without_one(tmp_path):
     params = random_params("base")
-    tensors = bert.to_hf_weights(params, TINY)
+    tensors = to_hf_weights(params, TINY)
     save_file({k: v for k, v in tensors.items() if not k.startswith("pooler.")}, str(tmp_path / "model.safetensors"),
               metadata={"format": "pt"})
     TINY.to_hf().save_pretrained(tmp_path)
@@ -160,10 +161,10 @@ def test_checkpoint_without_pooler_loads_without_one(tmp_path):
 def test_weight_conversion_inverts_on_a_plain_dict():
     """from_hf_weights takes any Mapping of HF names (here a dict), and to_hf_weights inverts it."""
     params = random_params("sequence-classification", seed=5)
-    tensors = bert.to_hf_weights(params, TINY)
+    tensors = to_hf_weights(params, TINY)
     assert tensors["classifier.weight"].shape == (3, 32)  # nn.Linear layout (out, in)
     assert tensors["bert.encoder.layer.1.intermediate.dense.weight"].shape == (37, 32)
-    assert_trees_equal(bert.from_hf_weights(TINY, tensors, "a dict"), params)
+    assert_trees_equal(from_hf_weights(TINY, tensors, "a dict"), params)
 
 
 # --------------------------------------------------------------------------------------------------- errors

@@ -12,9 +12,9 @@ import torch
 import transformers
 
 import lora_jax as lora
-from lora_jax.models import gpt2
+from lora_jax.models import from_hf_weights, gpt2, to_hf_weights
 from lora_jax.models.generate import init_cache
-from lora_jax.models.hf import CheckpointError
+from lora_jax.errors import CheckpointError
 
 SMALL = dict(vocab_size=80, n_embd=32, n_layer=2, n_head=4, n_positions=40, bos_token_id=1, eos_token_id=2,
              pad_token_id=0)
@@ -43,7 +43,7 @@ def case(request):
     hf_config = CONFIGS[request.param]()
     torch_model = randomize(transformers.GPT2LMHeadModel(hf_config))
     config = gpt2.Config.from_hf(hf_config)
-    params = gpt2.from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
+    params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
     return dataclasses.make_dataclass("Case", ["hf_config", "torch_model", "config", "params"])(
         hf_config, torch_model, config, params)
 
@@ -88,7 +88,7 @@ def test_logits_match_transformers(case):
 
 
 def test_to_hf_weights_load_into_transformers(case):
-    tensors = gpt2.to_hf_weights(case.params, case.config)
+    tensors = to_hf_weights(case.params, case.config)
     with tempfile.TemporaryDirectory() as tmp:
         case.torch_model.save_pretrained(tmp)
         from safetensors import safe_open
@@ -113,14 +113,14 @@ def test_unprefixed_checkpoint_with_mask_buffers_loads():
              if k != "lm_head.weight"}
     state.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 40, 40), bool)) for i in range(2)})
     config = gpt2.Config.from_hf(hf_config)
-    params = gpt2.from_hf_weights(config, state, "model.safetensors")
+    params = from_hf_weights(config, state, "model.safetensors")
     ids, mask = batch(2)
     valid = mask.astype(bool)
     np.testing.assert_allclose(jax_logits(config, params, ids, mask)[valid],
                                torch_logits(torch_model, ids, mask)[valid], atol=1e-4, rtol=1e-4)
     del state["h.1.mlp.c_fc.weight"]
     with pytest.raises(CheckpointError, match=r"model.safetensors: missing tensor 'h\.1\.mlp\.c_fc\.weight'"):
-        gpt2.from_hf_weights(config, state, "model.safetensors")
+        from_hf_weights(config, state, "model.safetensors")
 
 
 def test_cache_matches_full_forward(case):
@@ -163,7 +163,7 @@ def test_factored_forward_equals_merged_and_matches_peft():
     hf_config = CONFIGS["gpt2"]()
     torch_model = randomize(transformers.GPT2LMHeadModel(hf_config))
     config = gpt2.Config.from_hf(hf_config)
-    params = gpt2.from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
+    params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
     peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"],
                                                                   fan_in_fan_out=True, init_lora_weights=False))
     peft_model.eval()

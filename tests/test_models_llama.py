@@ -13,9 +13,9 @@ import torch
 import transformers
 
 import lora_jax as lora
-from lora_jax.models import llama
+from lora_jax.models import from_hf_weights, llama, to_hf_weights
 from lora_jax.models.generate import init_cache
-from lora_jax.models.hf import CheckpointError
+from lora_jax.errors import CheckpointError
 
 SMALL = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -55,7 +55,7 @@ def case(request):
     torch_model = randomize(transformers.AutoModelForCausalLM.from_config(hf_config))
     config = llama.Config.from_hf(hf_config)
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    params = llama.from_hf_weights(config, state, "state_dict")
+    params = from_hf_weights(config, state, "state_dict")
     return dataclasses.make_dataclass("Case", ["name", "hf_config", "torch_model", "config", "params"])(
         request.param, hf_config, torch_model, config, params)
 
@@ -107,7 +107,7 @@ def test_sliding_window_is_applied():
 
 
 def test_to_hf_weights_load_into_transformers(case):
-    tensors = llama.to_hf_weights(case.params, case.config)
+    tensors = to_hf_weights(case.params, case.config)
     with tempfile.TemporaryDirectory() as tmp:  # the names transformers itself saves
         case.torch_model.save_pretrained(tmp)
         from safetensors import safe_open
@@ -158,17 +158,17 @@ def test_missing_wrong_shape_and_extra_tensors_raise():
     broken = dict(state)
     del broken["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(CheckpointError, match=r"ckpt.safetensors.*'model\.layers\.1\.mlp\.up_proj\.weight'"):
-        llama.from_hf_weights(config, broken, "ckpt.safetensors")
+        from_hf_weights(config, broken, "ckpt.safetensors")
     broken = dict(state, **{"model.layers.0.self_attn.k_proj.weight": np.zeros((48, 48), np.float32)})
     with pytest.raises(CheckpointError, match=r"k_proj\.weight' has shape \(48, 48\), expected \(16, 48\)"):
-        llama.from_hf_weights(config, broken, "ckpt.safetensors")
+        from_hf_weights(config, broken, "ckpt.safetensors")
     with pytest.raises(CheckpointError, match="model.layers.2.mlp.up_proj.weight"):
-        llama.from_hf_weights(config, dict(state, **{"model.layers.2.mlp.up_proj.weight": state[
+        from_hf_weights(config, dict(state, **{"model.layers.2.mlp.up_proj.weight": state[
             "model.layers.1.mlp.up_proj.weight"]}), "ckpt.safetensors")
     # rotary buffers of older checkpoints are harmless
-    llama.from_hf_weights(config, dict(state, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4)}), "x")
+    from_hf_weights(config, dict(state, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4)}), "x")
     # the base model reads the model.* tensors
-    base = llama.from_hf_weights(config, state, "x", task="base")
+    base = from_hf_weights(config, state, "x", task="base")
     assert set(base) == {"embed_tokens", "layers_0", "layers_1", "norm"}
 
 
@@ -221,7 +221,7 @@ def test_lora_matches_peft():
     torch.manual_seed(0)
     torch_model = randomize(transformers.LlamaForCausalLM(hf_config))
     config = llama.Config.from_hf(hf_config)
-    params = llama.from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
+    params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
     peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     peft_model = peft.get_peft_model(torch_model, peft_config).eval()
     adapters = lora.init(params, r=4, alpha=8, targets="qv")

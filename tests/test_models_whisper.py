@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 import lora_jax as lora  # noqa: E402
 from lora_jax.errors import CheckpointError  # noqa: E402
-from lora_jax.models import audio, ct2, load, load_model, save_pretrained, whisper  # noqa: E402
+from lora_jax.models import (audio, ct2, from_hf_weights, load, load_model, save_pretrained,  # noqa: E402
+                             to_hf_weights, whisper)
 
 TOL = 1e-4
 MELS, FRAMES = 8, 20  # tiny config: max_source_positions 10 -> 20 mel frames
@@ -103,7 +104,7 @@ def test_classification_logits_and_hidden_states_match_transformers(tiny):
         ref = ref_model(torch.from_numpy(x), output_hidden_states=True)
     logits = loaded.model.apply({"params": loaded.params}, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(logits), ref.logits.numpy(), atol=TOL, rtol=TOL)
-    enc = whisper.build(loaded.config, task="base").apply({"params": {"encoder": loaded.params["encoder"]}},
+    enc = whisper.build(loaded.config, task="base").apply({"params": {"model": {"encoder": loaded.params["encoder"]}}},
                                                           jnp.asarray(x), output_hidden_states=True)
     assert len(enc.hidden_states) == len(ref.hidden_states) == 3
     for ours, theirs in zip(enc.hidden_states, ref.hidden_states):
@@ -123,7 +124,7 @@ def test_gradients_match_transformers(tiny):
 
     grads = jax.grad(loss)(loaded.params)
     theirs = {n: p.grad.numpy() for n, p in ref_model.named_parameters() if p.grad is not None}
-    ours = whisper.to_hf_weights(grads, loaded.config)
+    ours = to_hf_weights(grads, loaded.config)
     for name in ("encoder.layers.0.self_attn.q_proj.weight", "encoder.conv1.weight", "projector.weight",
                  "encoder.layers.1.fc2.bias"):
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-4, rtol=1e-3)
@@ -132,17 +133,18 @@ def test_gradients_match_transformers(tiny):
 def test_shorter_inputs_are_opt_out_and_use_the_first_positions(tiny):
     _, _, loaded = tiny
     x = features(frames=FRAMES)
-    strict = whisper.build(loaded.config, task="audio-classification", allow_shorter=False)
+    strict = whisper.WhisperForAudioClassification(loaded.config, allow_shorter=False)
     with pytest.raises(ValueError, match=f"{FRAMES} mel frames"):
         strict.apply({"params": loaded.params}, jnp.asarray(x[:, :, :8]))
     enc = whisper.build(loaded.config, task="base")
-    short = enc.apply({"params": {"encoder": loaded.params["encoder"]}}, jnp.asarray(x[:, :, :8]))
+    params = {"model": {"encoder": loaded.params["encoder"]}}
+    short = enc.apply({"params": params}, jnp.asarray(x[:, :, :8]))
     assert short.last_hidden_state.shape == (2, 4, 16)
     with pytest.raises(ValueError, match="mel frames"):
-        enc.apply({"params": {"encoder": loaded.params["encoder"]}}, jnp.asarray(x[:, :, :7]))
+        enc.apply({"params": params}, jnp.asarray(x[:, :, :7]))
     # the position table is the sinusoids HF initialises it with (it is a frozen buffer there)
     np.testing.assert_allclose(whisper.sinusoids(10, 16), whisper.init_params(
-        loaded.config, jax.random.key(0), "base")["encoder"]["embed_positions"]["embedding"], atol=1e-6)
+        loaded.config, jax.random.key(0), "base")["model"]["encoder"]["embed_positions"]["embedding"], atol=1e-6)
 
 
 def test_save_pretrained_round_trip_and_new_head(tiny, tmp_path):
@@ -161,13 +163,17 @@ def test_save_pretrained_round_trip_and_new_head(tiny, tmp_path):
     base = load_model(tmp_path / "asr", task="audio-classification", num_labels=5)
     assert sorted(base.new_params) == ["classifier/bias", "classifier/kernel", "projector/bias", "projector/kernel"]
     assert base.params["classifier"]["kernel"].shape == (12, 5)
-    enc = whisper.build(base.config, task="base")
     with torch.no_grad():
         want = ref_model.encoder(torch.from_numpy(x)).last_hidden_state.numpy()
-    got = enc.apply({"params": {"encoder": base.params["encoder"]}}, jnp.asarray(x)).last_hidden_state
+    model, params, fe, _ = load(tmp_path / "asr")  # no task asked: the encoder alone
+    assert isinstance(model, whisper.WhisperEncoderModel) and set(params) == {"model"}
+    assert isinstance(fe, audio.FeatureExtractor)
+    got = model.apply({"params": params}, jnp.asarray(x)).last_hidden_state
     np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=TOL)
-    model, params, _, _ = load(tmp_path / "asr")  # no task asked: the encoder alone
-    assert isinstance(model, whisper.WhisperEncoderModel) and set(params) == {"encoder"}
+    # and the classifier's encoder is the same one
+    enc = {"model": {"encoder": base.params["encoder"]}}
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": enc}, jnp.asarray(x)).last_hidden_state),
+                                  np.asarray(got))
 
 
 def test_checkpoint_errors_name_the_tensor(tiny):
@@ -176,13 +182,13 @@ def test_checkpoint_errors_name_the_tensor(tiny):
     bad = dict(sd)
     del bad["encoder.layers.1.fc1.weight"]
     with pytest.raises(CheckpointError, match="encoder.layers.1.fc1.weight"):
-        whisper.from_hf_weights(loaded.config, bad, "mem", task="audio-classification")
+        from_hf_weights(loaded.config, bad, "mem", "audio-classification")
     bad = dict(sd, **{"encoder.layers.0.fc1.weight": sd["encoder.layers.0.fc1.weight"][:, :-1]})
     with pytest.raises(CheckpointError, match=r"shape \(24, 15\), expected \(24, 16\)"):
-        whisper.from_hf_weights(loaded.config, bad, "mem", task="audio-classification")
+        from_hf_weights(loaded.config, bad, "mem", "audio-classification")
     deeper = dict(sd, **{"encoder.layers.2.fc1.weight": sd["encoder.layers.0.fc1.weight"]})
-    with pytest.raises(CheckpointError, match="do not fit the config"):
-        whisper.from_hf_weights(loaded.config, deeper, "mem", task="audio-classification")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        from_hf_weights(loaded.config, deeper, "mem", "audio-classification")
 
 
 # ------------------------------------------------------------------------------------------ CTranslate2
@@ -493,7 +499,7 @@ def test_real_whisper_base_encoder_and_head_match_transformers(whisper_base):
     assert (cfg.d_model, cfg.encoder_layers, cfg.encoder_attention_heads, cfg.num_mel_bins) == (512, 6, 8, 80)
     ref, missing = _hf_from_ct2(whisper_base, transformers.WhisperForAudioClassification, num_labels=4)
     assert missing == {"projector.weight", "projector.bias", "classifier.weight", "classifier.bias"}
-    head = whisper.to_hf_weights(loaded.params, cfg)
+    head = to_hf_weights(loaded.params, cfg)
     ref.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in head.items()
                          if k.startswith(("projector", "classifier"))}, strict=False)
     t = np.arange(32000) / 16000
@@ -503,8 +509,8 @@ def test_real_whisper_base_encoder_and_head_match_transformers(whisper_base):
         out = ref(torch.from_numpy(x), output_hidden_states=True)
     logits = loaded.model.apply({"params": loaded.params}, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=1e-3)
-    enc = whisper.build(cfg, task="base").apply({"params": {"encoder": loaded.params["encoder"]}}, jnp.asarray(x),
-                                                output_hidden_states=True)
+    enc = whisper.build(cfg, task="base").apply({"params": {"model": {"encoder": loaded.params["encoder"]}}},
+                                                jnp.asarray(x), output_hidden_states=True)
     for i, (ours, theirs) in enumerate(zip(enc.hidden_states, out.hidden_states)):
         scale = float(theirs.abs().max())
         np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4 * max(scale, 1.0), rtol=0,

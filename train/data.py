@@ -194,7 +194,7 @@ def featurize(rows: list[dict], feature_extractor, cfg: DataConfig, num_labels: 
                         f"extractor); this model's preprocessor is a {type(fe).__name__}")
     frames = cfg.max_length
     if frames % 2 or frames > fe.nb_max_frames:
-        raise DataError(f"data.max_length={frames} mel frames: Whisper needs an even number of at most "
+        raise DataError(f"data.max_length={frames} mel frames: the model needs an even number of at most "
                         f"{fe.nb_max_frames} ({fe.nb_max_frames * fe.hop_length // fe.sampling_rate} s)")
     feats = np.zeros((len(rows), fe.feature_size, frames), np.float32)
     mask = np.zeros((len(rows), frames), np.int32)

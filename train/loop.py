@@ -30,8 +30,7 @@ from train import metrics as metrics_lib
 from train.config import Config, ConfigError, dump
 from train.tasks import LOSSES
 
-# What a classification task trains in full by default: the new head (Whisper's has a projector before it).
-DEFAULT_HEADS = {"classification": ["classifier/.*"], "audio-classification": ["projector/.*", "classifier/.*"]}
+# data.task -> the model task it trains
 MODEL_TASKS = {"causal-lm": "causal-lm", "classification": "sequence-classification",
                "audio-classification": "audio-classification"}
 
@@ -111,9 +110,16 @@ def load_model(cfg: Config):
     return model, params, tokenizer, model_cfg
 
 
-def _head_rules(cfg: Config) -> list[str] | None:
+def _head_rules(cfg: Config, params: Any) -> list[str] | None:
+    """``lora.train``, else for classification the new head that the model family declares for the task (a
+    ``classifier``, and whatever else the family's head holds)."""
+    from lora_jax import models
+
     lc = cfg.lora
-    return lc.train if lc.train is not None else DEFAULT_HEADS.get(cfg.data.task)
+    if lc.train is not None:
+        return lc.train
+    task = MODEL_TASKS[cfg.data.task]
+    return (models.head_rules(task, params) or None) if task != "causal-lm" else None
 
 
 def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dict]:
@@ -124,7 +130,7 @@ def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dic
     ``W - s*A@B``, so the adapted model still equals the original one at step 0.
     """
     lc = cfg.lora
-    head = _head_rules(cfg)
+    head = _head_rules(cfg, params)
     if cfg.train.method == "full":
         return lora.split(params, {}, train=".*")
     if cfg.train.method == "linear_probe":

@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--base", help="base model: a Hugging Face folder, .gguf file or offline alias")
     src.add_argument("--adapter", help="with --base: a lora_jax adapters folder or a PEFT adapter folder")
     src.add_argument("--task", choices=["causal-lm", "classification"],
-                     help="with --base: the task (default: a PEFT adapter's task_type, else classification for "
-                          "BERT and causal-lm for decoders)")
+                     help="with --base: the task (default: a PEFT adapter's task_type, else causal-lm for a model "
+                          "family that has one, classification for the others)")
     src.add_argument("--num-labels", type=int, help="with --base, classification: number of classes")
     src.add_argument("--precision", choices=["float32", "bfloat16"], help="compute dtype (default: the run's)")
     ap.add_argument("--merged", action="store_true", help="merge the adapters into the base before inference")
@@ -263,7 +263,8 @@ def from_base(base: str, adapter: str, *, task: str | None = None, num_labels: i
         task = "classification" if peft_cfg["task_type"] == "SEQ_CLS" else "causal-lm"
     path = models.resolve(base)
     if task is None:
-        task = "classification" if path.is_dir() and _model_type(path) == "bert" else "causal-lm"
+        task = "causal-lm" if not path.is_dir() or "causal-lm" in models.for_model_type(_model_type(path)).tasks \
+            else "classification"
     if num_labels is not None and task != "classification":
         raise PredictError("--num-labels is for classification")
     default = load_config(None)

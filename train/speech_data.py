@@ -1,4 +1,4 @@
-"""Spoken-language identification from synthesised speech: the audio task of the Whisper experiment.
+"""Spoken-language identification from synthesised speech: the audio task of ``whisper_methods``.
 
     python -m train.speech_data --out data/speech_langid      # ~1,440 clips of 1.5-3.5 s, a few minutes
 

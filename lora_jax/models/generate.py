@@ -1,7 +1,6 @@
 """Autoregressive generation with a key/value cache: greedy, sampling and beam search, compiled once per shape.
 
-The decoders (:mod:`lora_jax.models.llama`, :mod:`lora_jax.models.gpt2`) share the cache defined here. A
-causal LM is called as::
+Every decoder of :mod:`lora_jax.models` shares the cache defined here. A causal LM is called as::
 
     logits, cache = model.apply({"params": params}, input_ids, positions=None, attention_mask=None, cache=None)
 
@@ -105,8 +104,8 @@ def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KV
     """The attention masks for ``seq_len`` new tokens of ``batch`` rows.
 
     Query ``i`` (slot ``start + i``) may attend key slot ``j`` when ``j`` holds a real token and
-    ``j <= start + i``; with a sliding window also ``start + i - j < sliding_window`` (Mistral's rule, on
-    slots as ``transformers`` counts them).
+    ``j <= start + i``; with a sliding window also ``start + i - j < sliding_window`` (on slots, as
+    ``transformers`` counts them).
     """
     new_valid = jnp.ones((batch, seq_len), bool) if attention_mask is None else jnp.asarray(attention_mask) != 0
     if new_valid.shape != (batch, seq_len):
@@ -144,6 +143,19 @@ def finish_step(cache: KVCache, step: StepMask, keys: Sequence[Array], values: S
     """The cache after a call that wrote ``seq_len`` tokens: the layers' new keys/values, the filled mask,
     the index moved on."""
     return KVCache(tuple(keys), tuple(values), step.key_valid, cache.index + seq_len)
+
+
+def run_layers(layers: Sequence[Any], x: Array, cache: KVCache | None, step: StepMask,
+               call: Any) -> tuple[Array, KVCache | None]:
+    """Run a decoder's layers in order, each ``x, kv = call(i, layer, x, kv)`` with ``kv`` its ``(keys,
+    values)`` from ``cache`` (``None`` without one), and collect the updated cache."""
+    keys, values = [], []
+    for i, layer in enumerate(layers):
+        x, kv = call(i, layer, x, None if cache is None else (cache.keys[i], cache.values[i]))
+        if kv is not None:
+            keys.append(kv[0])
+            values.append(kv[1])
+    return x, None if cache is None else finish_step(cache, step, keys, values, x.shape[1])
 
 
 def default_positions(batch: int, seq_len: int, start: Array) -> Array:
@@ -456,7 +468,7 @@ def generate(model, params: PyTree, input_ids, attention_mask=None, *, key: Arra
     """Continue each prompt of a (left-padded) batch.
 
     Args:
-      model: a causal LM module built by this package (``llama.build`` / ``gpt2.build``); its ``config``
+      model: a causal LM module built by this package (``lora_jax.models.build(config)``); its ``config``
         gives the cache shape and the default ``eos_token_id`` / ``pad_token_id``.
       params: its parameters: plain, merged, or LoRA-wrapped (``lora.wrap``: the factored forward).
       input_ids: ``(B, P)`` int prompts, padded on the left.
@@ -508,6 +520,6 @@ def generate(model, params: PyTree, input_ids, attention_mask=None, *, key: Arra
     return _compiled(model, g)(params, input_ids, mask, key)
 
 
-__all__ = ["BeamState", "GenerationConfig", "KVCache", "ban_repeated_ngrams", "begin_step", "generate", "init_cache",
-           "process_logits", "prompt_positions", "reorder_cache", "repeat_cache", "top_k_filter", "top_p_filter",
-           "write_cache"]
+__all__ = ["BeamState", "GenerationConfig", "KVCache", "ban_repeated_ngrams", "begin_step", "default_positions",
+           "generate", "init_cache", "process_logits", "prompt_positions", "reorder_cache", "repeat_cache", "run_layers",
+           "top_k_filter", "top_p_filter", "write_cache"]

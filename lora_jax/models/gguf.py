@@ -1,25 +1,22 @@
-"""GGUF files (llama.cpp's format): Llama-family weights, config and tokenizer, read with the ``gguf`` package.
+"""GGUF files (llama.cpp's format): weights, config and tokenizer, read with the ``gguf`` package.
 
 :func:`load_gguf` returns what :func:`lora_jax.models.load` returns for a Hugging Face folder::
 
     model, params, tokenizer, config = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
 
-- Tensors are dequantised with ``gguf.quants.dequantize`` (Q4_0/Q4_1/Q8_0/K-quants/F16/BF16/F32: whatever the
-  package implements) and cast to the requested dtype. LoRA then trains on top of the dequantised base.
-- Names map as llama.cpp's converter wrote them::
+One reader for every family that declares GGUF support (:class:`lora_jax.models.arch.GGUF`):
 
-      token_embd.weight           model/embed_tokens/embedding
-      blk.N.attn_norm.weight      model/layers_N/input_layernorm/scale
-      blk.N.attn_{q,k,v}.weight   model/layers_N/self_attn/{q,k,v}_proj/kernel   (+ .bias for Qwen2)
-      blk.N.attn_output.weight    model/layers_N/self_attn/o_proj/kernel
-      blk.N.ffn_norm.weight       model/layers_N/post_attention_layernorm/scale
-      blk.N.ffn_{gate,up,down}.weight  model/layers_N/mlp/{gate,up,down}_proj/kernel
-      output_norm.weight          model/norm/scale
-      output.weight               lm_head/kernel   (absent: tied embeddings)
-
-  llama.cpp stores the rows of the Llama Q and K projections permuted for its interleaved RoPE; they are
-  permuted back here so the result is the Hugging Face layout (rotate-half RoPE) the model uses.
-- The config comes from the ``{arch}.*`` metadata (heads, KV heads, rope theta, RMS eps, context length).
+- ``general.architecture`` names the family (:func:`lora_jax.models.arch.for_gguf`).
+- The config: the ``{arch}.*`` metadata mapped to ``transformers`` config fields by the declaration (heads, KV
+  heads, context length, RMS eps, ...), plus what every file says the same way (RoPE base and linear scaling,
+  the vocabulary size, special token ids, tied embeddings when there is no ``output.weight``), then the
+  family's ``Config.from_hf``: so a GGUF file and the Hugging Face folder of the same model give the same
+  ``Config``.
+- Tensors are named from the family's Hugging Face names through the declared table
+  (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``), dequantised with
+  ``gguf.quants.dequantize`` (Q4_0/Q4_1/Q8_0/K-quants/F16/BF16/F32: whatever the package implements), fixed
+  where the declaration says (llama.cpp permutes the Llama Q and K rows for its interleaved RoPE), put in our
+  layout and cast to the requested dtype. LoRA then trains on top of the dequantised base.
 - The tokenizer is rebuilt with ``tokenizers`` from ``tokenizer.ggml.tokens`` / ``merges`` (byte-level BPE,
   ``tokenizer.ggml.model == "gpt2"``), with llama.cpp's pre-tokenizer for ``tokenizer.ggml.pre`` and the
   special tokens and chat template of the metadata, wrapped as ``transformers.PreTrainedTokenizerFast``.
@@ -37,12 +34,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models import llama
+from lora_jax import tree
 from lora_jax.errors import CheckpointError
+from lora_jax.models import arch as arch_lib
 
 logger = logging.getLogger("lora_jax.models")
 
-ARCHITECTURES = ("llama", "qwen2")
 # llama.cpp pre-tokenizer names whose split is GPT-2's regex, with digits split one by one for the second set
 # (llama.cpp's llama-vocab.cpp: "\p{N}" before the GPT-2 expression).
 GPT2_PRE = ("gpt2", "default", "mpt", "olmo", "jais")
@@ -94,107 +91,107 @@ def dequantize(tensor, dtype=jnp.float32) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- config
 
 
-def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> llama.Config:
-    """The :class:`lora_jax.models.llama.Config` described by GGUF metadata (``general.architecture`` llama or
-    qwen2); tied embeddings when the file has no ``output.weight``."""
-    arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; supported: {ARCHITECTURES}")
+def architecture(meta: Mapping[str, Any], source: str) -> arch_lib.Architecture:
+    """The family of a GGUF file (its ``general.architecture``); ``CheckpointError`` when none reads it."""
+    name = meta.get("general.architecture")
+    arch = arch_lib.for_gguf(name)
+    if arch is None:
+        raise CheckpointError(f"{source}: GGUF architecture {name!r} is not supported; supported: "
+                              f"{arch_lib.gguf_architectures()}")
+    return arch
 
-    def get(key: str, default: Any = KeyError):
-        value = meta.get(f"{arch}.{key}", default)
-        if value is KeyError:
-            raise CheckpointError(f"{source}: GGUF metadata {arch}.{key} is missing")
-        return value
 
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", hidden // heads))
-    rope_dim = int(get("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
-        raise CheckpointError(f"{source}: partial rotary embeddings ({arch}.rope.dimension_count {rope_dim} < head "
-                              f"dim {head_dim}) are not supported")
-    scaling = get("rope.scaling.type", "none")
+def hf_config_fields(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> tuple[str, dict]:
+    """``(model_type, {transformers config field: value})`` described by GGUF metadata."""
+    name = meta.get("general.architecture")
+    spec = architecture(meta, source).gguf
+
+    def get(key: str, default: Any = None):
+        return meta.get(f"{name}.{key}", default)
+
+    for key in spec.required:
+        if get(key) is None:
+            raise CheckpointError(f"{source}: GGUF metadata {name}.{key} is missing")
+    fields = {field: get(key) for key, field in spec.config.items() if get(key) is not None}
     if "rope_freqs.weight" in tensor_names:
         raise CheckpointError(f"{source}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 scaling) are not "
                               "supported in GGUF files; load the Hugging Face checkpoint instead")
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    head_dim = get("attention.key_length", hidden // heads if heads and hidden else None)
+    rope_dim = get("rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise CheckpointError(f"{source}: partial rotary embeddings ({name}.rope.dimension_count {rope_dim} < head "
+                              f"dim {head_dim}) are not supported")
+    scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
-        raise CheckpointError(f"{source}: {arch}.rope.scaling.type {scaling!r} is not supported (none, linear)")
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        raise CheckpointError(f"{source}: {name}.rope.scaling.type {scaling!r} is not supported (none, linear)")
+    rope = {"rope_type": "linear" if scaling == "linear" else "default",
+            "rope_theta": float(get("rope.freq_base", 10000.0))}
+    if scaling == "linear":
+        rope["factor"] = float(get("rope.scaling.factor", 1.0))
+    vocab = fields.get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     if not vocab:
-        raise CheckpointError(f"{source}: no vocabulary size ({arch}.vocab_size or tokenizer.ggml.tokens)")
-    layers = int(get("block_count"))
-    return llama.Config(
-        vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
-        max_position_embeddings=int(get("context_length")),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_type="linear" if scaling == "linear" else "default",
-        rope_factor=float(get("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
-        qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensor_names,
-        o_bias="blk.0.attn_output.bias" in tensor_names,
-        tie_word_embeddings="output.weight" not in tensor_names,
+        raise CheckpointError(f"{source}: no vocabulary size ({name}.vocab_size or tokenizer.ggml.tokens)")
+    fields.update(
+        vocab_size=int(vocab), rope_parameters=rope, tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-        model_type="qwen2" if arch == "qwen2" else "llama",
-    )
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    if spec.derive is not None:
+        fields.update(spec.derive(meta, tensor_names, name))
+    return spec.model_types[name], fields
+
+
+def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> Any:
+    """The family ``Config`` described by GGUF metadata: :func:`hf_config_fields` through ``transformers``'
+    config class and the family's ``Config.from_hf`` (so a setting the model does not implement raises here,
+    as ``CheckpointError`` naming ``source``)."""
+    import transformers
+
+    arch = architecture(meta, source)
+    model_type, fields = hf_config_fields(meta, tensor_names, source)
+    try:
+        return arch.config.from_hf(transformers.AutoConfig.for_model(model_type, **fields))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 # -------------------------------------------------------------------------------------------- weights
 
 
-def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's reordering of Q / K rows: within each head it stores the two RoPE halves interleaved
-    (row pairs ``(i, i + hd/2)`` adjacent); Hugging Face keeps the halves contiguous. ``w`` is ``(out, ...)``
-    with ``out = n_heads * head_dim`` (a weight ``(out, in)`` or a bias ``(out,)``)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_name(path: tuple[str, ...]) -> str:
-    """GGUF tensor name of a :class:`LlamaForCausalLM` parameter path."""
-    if path[0] == "lm_head":
-        return "output.weight"
-    if path[1] == "embed_tokens":
-        return "token_embd.weight"
-    if path[1] == "norm":
-        return "output_norm.weight"
-    layer = path[1].split("_")[1]
-    module = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "q_proj": "attn_q",
-              "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
-              "up_proj": "ffn_up", "down_proj": "ffn_down"}[path[-2]]
-    return f"blk.{layer}.{module}.{'bias' if path[-1] == 'bias' else 'weight'}"
-
-
-def params_from_reader(reader, config: llama.Config, arch: str, dtype, source: str) -> dict:
-    """The :class:`LlamaForCausalLM` params of a GGUF file, dequantised to ``dtype``; a missing tensor, a wrong
-    shape or an unused tensor raises naming the tensor and ``source``."""
+def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> dict:
+    """The params of the family's GGUF task (a causal LM) from a GGUF file (``arch``: its
+    ``general.architecture``), dequantised to ``dtype``; a missing tensor, a wrong shape or an unused tensor
+    raises naming the tensor and ``source``."""
+    family = arch_lib.for_gguf(arch)
+    if family is None:
+        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; supported: "
+                              f"{arch_lib.gguf_architectures()}")
+    spec = family.gguf
     tensors = {t.name: t for t in reader.tensors}
-    expected = llama._expected(config, "causal-lm")
+    task = spec.task
+    prefix = family.tasks[task].backbone
     params, used = {}, set()
-    for path, spec in expected.items():
-        name = _gguf_name(path)
-        want = llama._hf_shape(path, spec.shape)
-        if name not in tensors:
-            raise CheckpointError(f"{source}: missing tensor {name!r} (for {'/'.join(path)}, shape {want})")
-        x = dequantize(tensors[name], np.float32)
-        if tuple(x.shape) != want:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(x.shape)}, expected {want} for "
-                                  f"{'/'.join(path)}")
-        if arch == "llama" and path[-2] in ("q_proj", "k_proj"):
-            x = unpermute_rope_rows(x, config.num_attention_heads if path[-2] == "q_proj"
-                                    else config.num_key_value_heads)
-        if path[-1] == "kernel":
-            x = x.T
-        params[path] = jnp.asarray(np.ascontiguousarray(x), dtype)
-        used.add(name)
+    for path, shape in family.shapes(config, task).items():
+        where = family.names.tensor(family.checkpoint_path(path, task, prefix), config)
+        arrays = []
+        for hf_name, want in zip(where.names, [tuple(x.shape) for x in where.layout.save(
+                np.broadcast_to(np.zeros((), np.float32), shape.shape))]):
+            name = spec.name(hf_name)
+            if name is None or name not in tensors:
+                raise CheckpointError(f"{source}: missing tensor {name or hf_name!r} (for {tree.join(path)}, shape "
+                                      f"{want})")
+            x = dequantize(tensors[name], np.float32)
+            if tuple(x.shape) != want:
+                raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(x.shape)}, expected {want} for "
+                                      f"{tree.join(path)}")
+            arrays.append(spec.from_gguf(hf_name, x, config) if spec.from_gguf is not None else x)
+            used.add(name)
+        params[path] = jnp.asarray(np.ascontiguousarray(where.layout.load(arrays)), dtype)
     unused = sorted(set(tensors) - used)
     if unused:
         raise CheckpointError(f"{source}: {len(unused)} tensor(s) do not fit the {arch} config read from its "
                               f"metadata: {unused[:5]}")
-    return llama._unflat(params)
+    return tree.unflatten(params)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -265,19 +262,18 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], source: str = "<gguf>"):
 
 
 def load_gguf(path: str | os.PathLike, dtype=jnp.float32, task: str | None = None, tokenizer: bool = True):
-    """Load a Llama-family GGUF file: ``(model, params, tokenizer, config)``.
+    """Load a GGUF file: ``(model, params, tokenizer, config)``.
 
     Args:
       path: the ``.gguf`` file.
       dtype: compute dtype of the model and storage dtype of the dequantised parameters.
-      task: ``None`` / ``"causal-lm"`` (:class:`~lora_jax.models.llama.LlamaForCausalLM`) or ``"base"``
-        (:class:`~lora_jax.models.llama.LlamaModel`, whose params are the ``model`` subtree).
+      task: ``None`` (the family's GGUF task, a causal LM) or another task of the family whose params are
+        part of it (``"base"``: the backbone alone).
       tokenizer: build the tokenizer from the metadata (``False``: return ``None`` for it).
 
-    Raises :class:`~lora_jax.models.hf.CheckpointError` (naming the file) for a missing, truncated or corrupt
+    Raises :class:`~lora_jax.errors.CheckpointError` (naming the file) for a missing, truncated or corrupt
     file, an unsupported architecture, or tensors that do not fit the metadata.
     """
-    task = llama._check_task(task)
     path = Path(path)
     start = time.perf_counter()
     reader = open_gguf(path)
@@ -287,15 +283,21 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, task: str | None = Non
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read the GGUF metadata ({type(e).__name__}: {e}); the file may be "
                               "corrupt") from None
+    family = architecture(meta, str(path))
+    own = family.gguf.task
+    task = own if task is None else family.task(task)
+    backbone = family.tasks[own].backbone
+    if task != own and not (family.tasks[task].backbone is None and backbone is not None):
+        raise ValueError(f"{path}: a GGUF file holds a {own} model; task {task!r} cannot be read from it")
     config = config_from_metadata(meta, names, str(path))
     params = params_from_reader(reader, config, meta["general.architecture"], dtype, str(path))
-    if task == "base":
-        params = params["model"]
+    if task != own:
+        params = params[backbone]
     tok = tokenizer_from_metadata(meta, str(path)) if tokenizer else None
     logger.info("%s: loaded %s (%d layers) in %.1f s", path, meta.get("general.name", "model"),
-                config.num_hidden_layers, time.perf_counter() - start)
-    return llama.build(config, jnp.dtype(dtype), task), params, tok, config
+                getattr(config, "num_hidden_layers", -1), time.perf_counter() - start)
+    return family.build(config, jnp.dtype(dtype), task), params, tok, config
 
 
-__all__ = ["config_from_metadata", "dequantize", "load_gguf", "metadata", "open_gguf", "params_from_reader",
-           "tokenizer_from_metadata", "unpermute_rope_rows"]
+__all__ = ["architecture", "config_from_metadata", "dequantize", "hf_config_fields", "load_gguf", "metadata",
+           "open_gguf", "params_from_reader", "tokenizer_from_metadata"]

@@ -1,7 +1,7 @@
 """GPT-2 (Radford et al. 2019) as a Flax Linen decoder whose projections all run through :mod:`lora_jax.ops`.
 
-Read top to bottom: ``Config`` -> attention (fused ``c_attn``) -> MLP -> block -> :class:`GPT2Model` /
-:class:`GPT2LMHeadModel` -> Hugging Face weight conversion.
+Read top to bottom: ``Config`` -> attention (fused ``c_attn``) -> MLP -> block -> :class:`GPT2Model` -> the
+declaration (the language-model head is the shared :class:`lora_jax.models.decoder.CausalLM`).
 
 GPT-2's projections are ``Conv1D`` modules whose weights are already stored ``(in, out)``, so they are used
 as kernels without a transpose. Parameter paths mirror the Hugging Face names::
@@ -26,36 +26,23 @@ without the ``transformer.`` prefix; both load. ``lora.init(params, targets="qv"
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import re
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lora_jax.core import is_lora_weight
-from lora_jax.models.generate import KVCache, begin_step, default_positions, finish_step, write_cache
-from lora_jax.models.layers import Dense
-from lora_jax.models.llama import CheckpointError, Embed, _flat, _unflat, attend
+from lora_jax.models.arch import SAME, Architecture, Names, Rule, Task
+from lora_jax.models.decoder import CausalLM
+from lora_jax.models.generate import KVCache, begin_step, default_positions, run_layers, write_cache
+from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, attend, check_activation, layer_norm, normal
 
 Array = jax.Array
 Dtype = Any
 
 MODEL_TYPES = ("gpt2",)
-TASKS = ("causal-lm", "base")
-
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -87,9 +74,7 @@ class Config:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"GPT-2 n_embd {self.hidden_size} must be a multiple of n_head "
                              f"{self.num_attention_heads}")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"GPT-2 activation_function {self.activation_function!r} is not supported; expected "
-                             f"one of {sorted(ACTIVATIONS)}")
+        check_activation(self.activation_function, "GPT-2 activation_function")
 
     @property
     def head_dim(self) -> int:
@@ -114,9 +99,7 @@ class Config:
             raise ValueError(f"gpt2.Config.from_hf expects a config with model_type 'gpt2', got {model_type!r}")
         if getattr(hf_config, "add_cross_attention", False):
             raise ValueError("GPT-2 with add_cross_attention is not supported: this is the decoder-only model")
-        if hf_config.activation_function not in ACTIVATIONS:
-            raise ValueError(f"GPT-2 activation_function {hf_config.activation_function!r} is not supported; "
-                             f"expected one of {sorted(ACTIVATIONS)}")
+        check_activation(hf_config.activation_function, "GPT-2 activation_function")
         eos = hf_config.eos_token_id
         return cls(
             vocab_size=hf_config.vocab_size, hidden_size=hf_config.n_embd, num_hidden_layers=hf_config.n_layer,
@@ -153,12 +136,7 @@ class Config:
 
 
 def _dense(config: Config, features: int, dtype: Dtype, name: str) -> Dense:
-    return Dense(features, dtype=dtype, name=name, kernel_init=nn.initializers.normal(config.initializer_range))
-
-
-def _layer_norm(config: Config, dtype: Dtype, name: str) -> nn.LayerNorm:
-    # Exact variance (E[(x - mean)^2]) as torch computes it; statistics in float32 whatever the compute dtype.
-    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, use_fast_variance=False, name=name)
+    return Dense(features, dtype=dtype, name=name, kernel_init=normal(config.initializer_range))
 
 
 class Attention(nn.Module):
@@ -208,11 +186,10 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, mask, kv, start):
         c = self.config
-        h, kv = Attention(c, self.layer, self.dtype, name="attn")(_layer_norm(c, self.dtype, "ln_1")(x), mask, kv,
-                                                                  start)
+        ln = lambda name: layer_norm(c.layer_norm_epsilon, self.dtype, name)  # noqa: E731
+        h, kv = Attention(c, self.layer, self.dtype, name="attn")(ln("ln_1")(x), mask, kv, start)
         x = x + h
-        x = x + MLP(c, self.dtype, name="mlp")(_layer_norm(c, self.dtype, "ln_2")(x))
-        return x, kv
+        return x + MLP(c, self.dtype, name="mlp")(ln("ln_2")(x)), kv
 
 
 class GPT2Model(nn.Module):
@@ -227,157 +204,44 @@ class GPT2Model(nn.Module):
         self.wte = Embed(c.vocab_size, c.hidden_size, self.dtype, c.initializer_range)
         self.wpe = Embed(c.max_position_embeddings, c.hidden_size, self.dtype, c.initializer_range)
         self.h = [Block(c, i, self.dtype) for i in range(c.num_hidden_layers)]
-        self.ln_f = _layer_norm(c, self.dtype, None)
+        self.ln_f = layer_norm(c.layer_norm_epsilon, self.dtype)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
                  cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
         b, s = input_ids.shape
         step = begin_step(b, s, attention_mask, cache)
         positions = default_positions(b, s, step.start) if positions is None else jnp.asarray(positions)
-        x = self.wte(input_ids) + self.wpe(positions)
-        keys, values = [], []
-        for i, block in enumerate(self.h):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = block(x, step.causal, kv, step.start)
-            if kv is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
-        x = self.ln_f(x)
-        return x, None if cache is None else finish_step(cache, step, keys, values, s)
+        x, cache = run_layers(self.h, self.wte(input_ids) + self.wpe(positions), cache, step,
+                              lambda i, block, x, kv: block(x, step.causal, kv, step.start))
+        return self.ln_f(x), cache
+
+    def attend(self, h: Array) -> Array:
+        """Logits through the tied embedding: ``h @ wte.T``."""
+        return self.wte.attend(h)
 
 
-class GPT2LMHeadModel(nn.Module):
-    """:class:`GPT2Model` under ``transformer`` plus the language-model head (tied to ``wte`` by default).
+# -------------------------------------------------------------------------------------------- declaration
 
-    ``__call__(input_ids (B, S), positions=None, attention_mask=None, cache=None) -> (logits (B, S, V),
-    cache)``, with the same conventions as :class:`lora_jax.models.llama.LlamaForCausalLM`.
-    """
+# ``GPT2LMHeadModel``: :class:`GPT2Model` under ``transformer`` plus ``lm_head`` (tied to ``wte`` by default).
+GPT2LMHeadModel = functools.partial(CausalLM, backbone=GPT2Model, backbone_name="transformer")
 
-    config: Config
-    dtype: Dtype = jnp.float32
+ARCHITECTURE = Architecture(
+    name="gpt2",
+    model_types=MODEL_TYPES,
+    config=Config,
+    tasks={"causal-lm": Task(GPT2LMHeadModel, backbone="transformer", hf_class="{}LMHeadModel",
+                             peft_task_type="CAUSAL_LM"),
+           "base": Task(GPT2Model, hf_class="{}Model")},
+    names=Names(
+        lists=("h",),
+        # Conv1D stores its weight (in, out) like our kernels; only an untied lm_head is an nn.Linear.
+        rules=(Rule(r"(.*/)?h_\d+/.*/kernel", SAME),),
+        # causal-mask buffers that older checkpoints (the original gpt2 weights among them) store per layer
+        ignore=(r"h\.\d+\.attn\.(bias|masked_bias)",),
+        tied="lm_head.weight"),
+    presets={"qv": ("c_attn",), "attention": ("c_attn", "attn.c_proj"), "all-linear": ("c_attn", "c_proj", "c_fc")},
+)
+build = ARCHITECTURE.build
+init_params = ARCHITECTURE.init_params
 
-    def setup(self):
-        self.transformer = GPT2Model(self.config, self.dtype)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
-                                 kernel_init=nn.initializers.normal(self.config.initializer_range))
-
-    def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-        h, cache = self.transformer(input_ids, positions, attention_mask, cache)
-        logits = self.transformer.wte.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
-        return logits, cache
-
-
-def build(config: Config, dtype: Dtype = jnp.float32, task: str | None = None) -> nn.Module:
-    """The Linen module for ``task``: ``None`` / ``"causal-lm"`` -> :class:`GPT2LMHeadModel`, ``"base"`` ->
-    :class:`GPT2Model`. ``dtype`` is the compute dtype."""
-    task = _check_task(task)
-    return (GPT2LMHeadModel if task == "causal-lm" else GPT2Model)(config, dtype)
-
-
-def init_params(config: Config, key: Array, task: str | None = None) -> dict:
-    """Randomly initialised float32 parameters (N(0, initializer_range) kernels and tables, zero biases, unit
-    LayerNorm scales)."""
-    return build(config, jnp.float32, task).init(key, jnp.zeros((1, 2), jnp.int32))["params"]
-
-
-def _check_task(task: str | None) -> str:
-    task = "causal-lm" if task is None else task
-    if task not in TASKS:
-        raise ValueError(f"GPT-2 supports tasks {TASKS}, got {task!r}")
-    return task
-
-
-# ------------------------------------------------------------------------------- Hugging Face weights
-
-# Causal-mask buffers that older checkpoints (the original gpt2 weights among them) store per layer.
-_HARMLESS = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
-
-
-def hf_name(path: tuple[str, ...]) -> str:
-    """The Hugging Face tensor name of a parameter path, e.g. ``("transformer", "h_0", "attn", "c_attn",
-    "kernel")`` -> ``"transformer.h.0.attn.c_attn.weight"``."""
-    *modules, leaf = path
-    modules = [re.sub(r"^h_(\d+)$", r"h.\1", m) for m in modules]
-    return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
-
-
-def _transposed(path: tuple[str, ...]) -> bool:
-    # Conv1D kernels are stored (in, out) like ours; only an untied lm_head is an nn.Linear (out, in).
-    return path[-1] == "kernel" and path[0] == "lm_head"
-
-
-def _expected(config: Config, task: str) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    return _flat(jax.eval_shape(lambda: init_params(config, jax.random.key(0), task)))
-
-
-def from_hf_weights(config: Config, tensors: Mapping[str, np.ndarray], source: str,
-                    task: str | None = None) -> dict:
-    """Parameters for ``build(config, task=task)`` from Hugging Face tensors, named with or without the
-    ``transformer.`` prefix. A missing tensor or a wrong shape raises
-    :class:`~lora_jax.models.hf.CheckpointError` naming the tensor and ``source``; unused tensors raise too,
-    except the per-layer ``attn.bias`` / ``attn.masked_bias`` mask buffers and a tied ``lm_head.weight``."""
-    task = _check_task(task)
-    names = list(tensors.keys())
-    prefixed = any(n.startswith("transformer.") for n in names)
-    where = getattr(tensors, "source_of", None)
-    params, used = {}, set()
-    for path, spec in _expected(config, task).items():
-        backbone = path[1:] if task == "causal-lm" and path[0] == "transformer" else path
-        is_head = task == "causal-lm" and path[0] == "lm_head"
-        name = hf_name(path if is_head else (("transformer",) + backbone if prefixed else backbone))
-        want = tuple(reversed(spec.shape)) if _transposed(path) else tuple(spec.shape)
-        if name not in tensors:
-            raise CheckpointError(
-                f"{source}: missing tensor {name!r} (for parameter {'/'.join(path)}, shape {want}) of a GPT-2 with "
-                f"{config.num_hidden_layers} layers; the checkpoint has {len(names)} tensors. Is the config from "
-                "the same model?")
-        x = np.asarray(tensors[name])
-        if tuple(x.shape) != want:
-            raise CheckpointError(
-                f"{where(name) if where else source}: tensor {name!r} has shape {tuple(x.shape)}, expected {want} "
-                f"for {'/'.join(path)} (n_embd={config.hidden_size}, n_inner={config.intermediate_size}, "
-                f"n_positions={config.max_position_embeddings}, vocab_size={config.vocab_size})")
-        if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {x.dtype}, expected a float tensor")
-        params[path] = jnp.asarray(np.ascontiguousarray(x.T) if _transposed(path) else x)
-        used.add(name)
-    unused = [n for n in names if n not in used and not _HARMLESS.fullmatch(n)
-              and not (n == "lm_head.weight" and (config.tie_word_embeddings or task == "base"))]
-    if unused:
-        raise CheckpointError(f"{source}: {len(unused)} tensor(s) do not fit this GPT-2 config "
-                              f"({config.num_hidden_layers} layers, tie_word_embeddings="
-                              f"{config.tie_word_embeddings}): {unused[:5]}")
-    return _unflat(params)
-
-
-def to_hf_weights(params: Mapping, config: Config) -> dict[str, np.ndarray]:
-    """Hugging Face names and layouts for the params of a :class:`GPT2LMHeadModel` (``transformer.*``, plus
-    ``lm_head.weight`` when untied) or of a :class:`GPT2Model` (unprefixed). LoRA-wrapped params raise: save
-    ``lora.merge(params, adapters)``."""
-    flat = _flat(params)
-    wrapped = [p for p, v in flat.items() if is_lora_weight(v)]
-    if wrapped:
-        raise ValueError(f"to_hf_weights: params hold LoRA-wrapped kernels {['/'.join(p) for p in wrapped][:3]}; "
-                         "save lora.merge(params, adapters) instead")
-    task = "causal-lm" if "transformer" in params else "base"
-    expected = _expected(config, task)
-    if set(flat) != set(expected):
-        missing = sorted("/".join(p) for p in set(expected) - set(flat))
-        extra = sorted("/".join(p) for p in set(flat) - set(expected))
-        raise ValueError(f"to_hf_weights: params do not match a GPT-2 {task} model of this config: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}")
-    out = {}
-    for path, spec in expected.items():
-        x = np.asarray(flat[path])
-        if tuple(x.shape) != tuple(spec.shape):
-            raise ValueError(f"to_hf_weights: {'/'.join(path)} has shape {tuple(x.shape)}, the config needs "
-                             f"{tuple(spec.shape)}")
-        out[hf_name(path)] = np.ascontiguousarray(x.T) if _transposed(path) else x
-    return out
-
-
-def hf_architectures(params: Mapping, config: Config) -> list[str]:
-    """The ``architectures`` entry of ``config.json`` for these params."""
-    return ["GPT2LMHeadModel" if "transformer" in params else "GPT2Model"]
+__all__ = ["ARCHITECTURE", "MODEL_TYPES", "Config", "GPT2LMHeadModel", "GPT2Model", "build", "init_params"]

@@ -15,12 +15,17 @@ imports torch. :func:`save_pretrained` writes the same layout, so ``transformers
 Hub ids are fetched with ``huggingface_hub.snapshot_download`` (config, safetensors and tokenizer files only);
 without network (or with ``HF_HUB_OFFLINE=1``) that fails with an error that says so and that a local folder
 works instead.
+
+:func:`from_hf_weights` / :func:`to_hf_weights` are the one converter between checkpoint tensors and a
+family's parameters, for every family: they read the family's declaration
+(:class:`lora_jax.models.arch.Architecture`: its tasks, name rule and layouts).
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -29,7 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax import tree
 from lora_jax.errors import CheckpointError
+
+logger = logging.getLogger("lora_jax.models")
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,8 +45,6 @@ HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.saf
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                 "merges.txt", "tokenizer.model", "added_tokens.json", "*.tiktoken"]
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
-
-
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -266,23 +272,21 @@ def save_pretrained(params: Mapping, config: Any, folder: str | os.PathLike, tok
 
     Args:
       params: plain parameters (merge LoRA adapters first with ``lora.merge``).
-      config: the architecture's ``Config`` (its module provides ``to_hf_weights`` and ``Config.to_hf``).
+      config: the family's ``Config`` (its declaration gives the names, layouts and ``transformers`` class).
       folder: created if needed.
       tokenizer: a ``transformers`` tokenizer to save alongside, or ``None``.
       max_shard_size: shard the weights above this size (bytes or ``"5GB"``).
 
     Returns the folder.
     """
-    arch = importlib.import_module(type(config).__module__)
-    if not hasattr(arch, "to_hf_weights"):
-        raise TypeError(f"save_pretrained: {type(config).__qualname__} is not a lora_jax model Config (its module "
-                        f"{arch.__name__} has no to_hf_weights)")
-    tensors = arch.to_hf_weights(params, config)
+    from lora_jax.models import arch as arch_lib
+
+    arch = arch_lib.for_config(config)
+    tensors = to_hf_weights(params, config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf_config = config.to_hf()
-    if hasattr(arch, "hf_architectures"):
-        hf_config.architectures = arch.hf_architectures(params, config)
+    hf_config.architectures = [arch.hf_class(hf_config, arch.task_of(set(params)))]
     dtypes = {str(x.dtype) for x in tensors.values() if x.dtype.kind == "f" or x.dtype.name == "bfloat16"}
     if len(dtypes) == 1:
         hf_config.dtype = dtypes.pop()
@@ -291,3 +295,134 @@ def save_pretrained(params: Mapping, config: Any, folder: str | os.PathLike, tok
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     return folder
+
+
+# ------------------------------------------------------------------------------------------ converter
+
+
+def _summary(config: Any) -> str:
+    """The integer fields of a config, for errors that say which config produced an expected shape."""
+    return ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+                     if type(getattr(config, f.name)) is int)
+
+
+def _hf_shapes(layout, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The checkpoint shapes of a leaf of ``shape`` (computed on a zero-strided view: nothing allocated)."""
+    return [tuple(x.shape) for x in layout.save(np.broadcast_to(np.zeros((), np.float32), shape))]
+
+
+def _is_float(x: np.ndarray) -> bool:
+    return x.dtype.kind == "f" or x.dtype.name == "bfloat16"
+
+
+def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str, task: str | None = None, *,
+                    key: Any = None, new: list | None = None) -> dict:
+    """The parameters of ``config``'s family for ``task`` from checkpoint tensors (names as in the checkpoint).
+
+    The backbone may be stored with its prefix (the task's ``backbone``, e.g. ``model.``: saved from a task
+    class) or without (saved from the bare backbone); both load into any task. ``task=None`` picks the task
+    whose head the checkpoint has, else the family's default.
+
+    A leaf the checkpoint lacks raises :class:`~lora_jax.errors.CheckpointError` naming the tensor and
+    ``source``, except the task's new head (and ``optional`` leaves), which are initialised from ``key``
+    (default ``jax.random.key(0)``), logged, and their paths appended to ``new``. A wrong shape or a non-float
+    tensor raises too. Unused tensors of the backbone (a checkpoint deeper than the config) raise; other unused
+    tensors (the head of another task) are logged; declared buffers and a tied output head are ignored.
+    Returns arrays in the checkpoint's dtype.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax.models import arch as arch_lib
+
+    arch = arch_lib.for_config(config)
+    names = list(tensors.keys())
+    task = arch.detect_task(config, names) if task is None else arch.task(task)
+    t = arch.tasks[task]
+    prefix = arch.checkpoint_prefix(names)
+    where = getattr(tensors, "source_of", None)
+    expected = arch.shapes(config, task)
+    initialise = [re.compile(p) for p in t.head + t.optional]
+    params, fresh, used = {}, [], set()
+    for path, spec in expected.items():
+        spec_t = arch.names.tensor(arch.checkpoint_path(path, task, prefix), config)
+        missing = [n for n in spec_t.names if n not in tensors]
+        if missing:
+            if any(r.fullmatch(tree.join(path)) for r in initialise):
+                fresh.append(path)
+                continue
+            similar = [n for n in names if n.endswith(missing[0].split(".", 1)[-1])][:3]
+            raise CheckpointError(
+                f"{source}: missing tensor {missing[0]!r} (for parameter {tree.join(path)}, shape "
+                f"{_hf_shapes(spec_t.layout, spec.shape)[0]}) of a {arch.name} {task} model ({_summary(config)}); "
+                f"the checkpoint has {len(names)} tensors{f', e.g. {similar}' if similar else ''}. Is the config "
+                "from the same model?")
+        arrays = [np.asarray(tensors[n]) for n in spec_t.names]
+        wants = _hf_shapes(spec_t.layout, spec.shape)
+        for n, x, want in zip(spec_t.names, arrays, wants):
+            if tuple(x.shape) != want:
+                raise CheckpointError(
+                    f"{where(n) if where else source}: tensor {n!r} has shape {tuple(x.shape)}, expected {want} for "
+                    f"{tree.join(path)} of a {arch.name} {task} model ({_summary(config)})")
+            if not _is_float(x):
+                raise CheckpointError(f"{source}: tensor {n!r} has dtype {x.dtype}, expected a float tensor")
+        params[path] = jnp.asarray(np.ascontiguousarray(spec_t.layout.load(arrays)))
+        used.update(spec_t.names)
+
+    if fresh:
+        init = tree.flatten(arch.init_params(config, jax.random.key(0) if key is None else key, task))
+        for path in fresh:
+            params[path] = init[path]
+        if new is not None:
+            new.extend(fresh)
+        logger.warning("%s: no %s in the checkpoint; initialised new parameters %s for task %r (train them)",
+                       source, sorted({arch.names.module(p) for p in fresh}), [tree.join(p) for p in fresh], task)
+
+    strip = lambda n: n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else n  # noqa: E731
+    unused = [n for n in names if n not in used and not arch.names.is_ignored(strip(n), config)]
+    backbone_modules = {strip(arch.names.hf_name(arch.checkpoint_path(p, task, prefix))).split(".")[0]
+                        for p in expected if t.backbone is None or p[0] == t.backbone}
+    in_backbone = [n for n in unused if strip(n).split(".")[0] in backbone_modules]
+    if in_backbone:
+        raise CheckpointError(f"{source}: {len(in_backbone)} tensor(s) of the backbone do not fit this {arch.name} "
+                              f"config ({_summary(config)}): {in_backbone[:5]}")
+    if unused:
+        logger.warning("%s: %d tensor(s) not used by the %s %s model: %s%s", source, len(unused), arch.name, task,
+                       unused[:8], " ..." if len(unused) > 8 else "")
+    return tree.unflatten(params)
+
+
+def to_hf_weights(params: Mapping, config: Any) -> dict[str, np.ndarray]:
+    """Checkpoint names and layouts for the parameters of any task of ``config``'s family (the task is read
+    from the params' top-level keys), as that task's ``transformers`` class saves them. LoRA-wrapped params
+    raise: save ``lora.merge(params, adapters)``."""
+    from lora_jax.core import is_adapter, is_lora_weight
+    from lora_jax.models import arch as arch_lib
+
+    arch = arch_lib.for_config(config)
+    flat = tree.flatten(params)
+    wrapped = [p for p, v in flat.items() if is_lora_weight(v) or is_adapter(v)]
+    if wrapped:
+        raise ValueError(f"to_hf_weights: params hold LoRA-wrapped kernels {[tree.join(p) for p in wrapped][:3]}; "
+                         "save lora.merge(params, adapters) instead")
+    task = arch.task_of(set(params))
+    expected = arch.shapes(config, task) if task is not None else {}
+    optional = [re.compile(p) for p in arch.tasks[task].optional] if task is not None else []
+    missing = sorted(tree.join(p) for p in set(expected) - set(flat)
+                     if not any(r.fullmatch(tree.join(p)) for r in optional))
+    extra = sorted(tree.join(p) for p in set(flat) - set(expected))
+    if missing or extra:
+        raise ValueError(f"to_hf_weights: params do not match a {arch.name} {task} model of this config: missing "
+                         f"{missing[:5]}, unexpected {extra[:5]}")
+    out = {}
+    for path, spec in expected.items():
+        if path not in flat:
+            continue
+        x = np.asarray(flat[path])
+        if tuple(x.shape) != tuple(spec.shape):
+            raise ValueError(f"to_hf_weights: {tree.join(path)} has shape {tuple(x.shape)}, the config needs "
+                             f"{tuple(spec.shape)}")
+        spec_t = arch.names.tensor(path, config)
+        for name, y in zip(spec_t.names, spec_t.layout.save(x), strict=True):
+            out[name] = np.ascontiguousarray(y)
+    return out

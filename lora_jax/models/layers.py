@@ -1,23 +1,61 @@
-"""Building blocks shared by the project's Flax models.
+"""Building blocks shared by the project's Flax models, written once.
 
 Every projection goes through :func:`lora_jax.ops.dot`, so a kernel that :func:`lora_jax.wrap` turned into a
 ``LoraWeight`` runs the factored LoRA forward, and a plain kernel runs an ordinary matmul.
 
-Kernels are read with ``self.variable("params", ...)`` rather than ``self.param``: Linen's ``param`` checks
-the stored value's leaves against the initialiser's shape, which a ``LoraWeight`` (base, A, B) or a
+Kernels and tables are read with ``self.variable("params", ...)`` rather than ``self.param``: Linen's ``param``
+checks the stored value's leaves against the initialiser's shape, which a ``LoraWeight`` (base, A, B) or a
 quantised kernel would fail although the model handles them.
+
+Submodules are named as ``transformers`` names them (``q_proj``, ``gate_proj``, ``q_norm``, ...), so the default
+name rule of :class:`lora_jax.models.arch.Names` maps their parameters.
+
+- :class:`Dense`, :class:`Embed` (with ``attend`` for a tied output head), :class:`RMSNorm` (``offset=1``:
+  Gemma's ``(1 + w)``), :func:`layer_norm`, :data:`ACTIVATIONS`;
+- :class:`Rope` (default / linear / Llama 3 scaling) and :func:`apply_rope`;
+- :func:`attend` (grouped-query softmax attention under a boolean mask) and :class:`Attention` (q/k/v/o
+  projections, RoPE, optional per-head q/k RMSNorm, KV cache; the mask carries causality and sliding windows,
+  see :mod:`lora_jax.models.generate`);
+- :class:`GatedMLP` (SwiGLU / GeGLU: ``down(act(gate(x)) * up(x))``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax import ops
+from lora_jax.models.generate import write_cache
 
+Array = jax.Array
 Dtype = Any
+
+# Hugging Face ``hidden_act`` / ``activation_function`` names -> functions (``gelu`` is the exact erf form).
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def check_activation(name: str, what: str) -> None:
+    """Raise ``ValueError`` naming the supported activations when ``name`` is not one."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{what} {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+
+
+def normal(std: float):
+    return nn.initializers.normal(std)
 
 
 class Dense(nn.Module):
@@ -40,3 +78,212 @@ class Dense(nn.Module):
             bias = self.variable("params", "bias", lambda: jnp.zeros((self.features,), self.param_dtype)).value
             y = y + bias.astype(dtype)
         return y
+
+
+class Embed(nn.Module):
+    """A table ``(num_embeddings, features)`` read through :func:`lora_jax.ops.embed` (so an adapted table
+    works); ``attend`` computes ``x @ table.T`` for a tied output head (materialising the table only when it
+    is adapted)."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    init_std: float = 0.02
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.table = self.variable("params", "embedding", lambda: self.init_std * jax.random.normal(
+            self.make_rng("params"), (self.num_embeddings, self.features), self.param_dtype))
+
+    def __call__(self, ids: Array) -> Array:
+        """``(...,)`` int -> ``(..., features)`` in ``dtype``."""
+        return ops.embed(ids, self.table.value).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """``(..., features)`` -> ``(..., num_embeddings)`` logits."""
+        table = ops.materialize(self.table.value)
+        return jnp.matmul(x, jnp.asarray(table, x.dtype).T)
+
+
+class RMSNorm(nn.Module):
+    """``(offset + scale) * x / sqrt(mean(x^2) + eps)`` over the last axis, statistics in float32.
+
+    ``offset=0`` (Llama, Qwen): the normalised ``x`` is cast to ``dtype`` before the scale, as
+    ``LlamaRMSNorm``; ``offset=1`` (Gemma, whose stored weight is ``w`` in ``x * (1 + w)``): scaled in float32,
+    then cast, as ``GemmaRMSNorm``; the scale then initialises to zeros.
+    """
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    offset: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + jnp.asarray(scale, jnp.float32))).astype(self.dtype)
+        return jnp.asarray(scale, self.dtype) * h.astype(self.dtype)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with the exact variance ``E[(x - mean)^2]`` that torch computes; statistics in float32
+    whatever the compute dtype."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary embedding settings (Hugging Face ``rope_parameters``): base ``theta`` and a scaling
+    (``default``, ``linear`` (positions interpolated by ``factor``) or ``llama3``)."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self):
+        if self.type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.type!r} is not supported; expected one of {ROPE_TYPES}")
+
+    def inv_freq(self, dim: int) -> np.ndarray:
+        """Inverse frequencies ``(dim // 2,)`` float32 after the scaling:
+
+        - ``default``: ``theta ** (-2i / dim)``;
+        - ``linear``: divided by ``factor``;
+        - ``llama3``: long wavelengths divided by ``factor``, short ones kept, a smooth blend in between
+          (Llama 3.1).
+        """
+        inv_freq = 1.0 / (np.float32(self.theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+        if self.type == "linear":
+            inv_freq = inv_freq / np.float32(self.factor)
+        elif self.type == "llama3":
+            factor, low, high = self.factor, self.low_freq_factor, self.high_freq_factor
+            old_len = self.original_max_position_embeddings or self.max_position_embeddings
+            wavelen = 2 * math.pi / inv_freq
+            scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+            smooth = (old_len / wavelen - low) / (high - low)
+            blended = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+            inv_freq = np.where(medium, blended, scaled)
+        return np.asarray(inv_freq, np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate ``x`` ``(B, S, heads, head_dim)`` by the angles ``positions (B, S) * inv_freq``.
+
+    Hugging Face layout: the two halves of each head are the two coordinates of each rotated pair
+    (``rotate_half``), angles computed in float32.
+    """
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # (B, S, hd/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+# ----------------------------------------------------------------------------------------- attention
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None) -> Array:
+    """Softmax attention with grouped key/value heads.
+
+    Shapes: ``q (B, S, H, hd)``, ``k``/``v`` ``(B, T, KV, hd)`` with ``H`` a multiple of ``KV``, ``mask
+    (B, S, T)`` bool (True: may attend) -> ``(B, S, H, hd)``. Scores (times ``scale``, default
+    ``1 / sqrt(hd)``) and softmax in float32.
+    """
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, s, kv, h // kv, d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h, d)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: ``q_proj`` / ``k_proj`` / ``v_proj`` -> (per-head ``q_norm`` /
+    ``k_norm``) -> RoPE -> KV cache -> :func:`attend` -> ``o_proj``.
+
+    Attributes:
+      num_heads, num_kv_heads, head_dim, features: query heads, key/value heads (a divisor of ``num_heads``),
+        the head width and the output width.
+      qkv_bias, o_bias: which projections have biases.
+      rope: the rotary embedding (``None``: no rotation).
+      qk_norm_eps: RMS-normalise each query and key head before RoPE (Qwen3, Gemma 3) with this epsilon;
+        ``None``: no q/k norms. ``norm_offset``: the :class:`RMSNorm` offset of those norms.
+      scale: the score scale (``None``: ``1 / sqrt(head_dim)``).
+      init_std: the std of the kernels' normal init.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    features: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    rope: Rope | None = None
+    qk_norm_eps: float | None = None
+    norm_offset: float = 0.0
+    scale: float | None = None
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, start: Array):
+        """``x (B, S, D)``, ``positions (B, S)``, ``mask (B, S, T)`` -> ``(B, S, features)`` and the layer's
+        updated ``(keys, values)`` (``None`` without cache)."""
+        b, s, _ = x.shape
+        dense = lambda n, bias, name: Dense(n, use_bias=bias, dtype=self.dtype, name=name,  # noqa: E731
+                                            kernel_init=normal(self.init_std))
+        q = dense(self.num_heads * self.head_dim, self.qkv_bias, "q_proj")(x)
+        k = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "k_proj")(x)
+        v = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "v_proj")(x)
+        q = q.reshape(b, s, self.num_heads, self.head_dim)
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.qk_norm_eps is not None:
+            q = RMSNorm(self.qk_norm_eps, self.dtype, self.norm_offset, name="q_norm")(q)
+            k = RMSNorm(self.qk_norm_eps, self.dtype, self.norm_offset, name="k_norm")(k)
+        if self.rope is not None:
+            inv_freq = self.rope.inv_freq(self.head_dim)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if kv is not None:
+            k, v = write_cache(kv[0], k, start), write_cache(kv[1], v, start)
+            kv = (k, v)
+        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.scale).reshape(b, s, -1)
+        return dense(self.features, self.o_bias, "o_proj")(out), kv
+
+
+class GatedMLP(nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``: SwiGLU with ``silu``, GeGLU with a ``gelu``."""
+
+    features: int
+    intermediate: int
+    activation: str = "silu"
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = lambda n, name: Dense(n, use_bias=self.use_bias, dtype=self.dtype, name=name,  # noqa: E731
+                                      kernel_init=normal(self.init_std))
+        h = ACTIVATIONS[self.activation](dense(self.intermediate, "gate_proj")(x)) * dense(self.intermediate,
+                                                                                         "up_proj")(x)
+        return dense(self.features, "down_proj")(h)
+
+
+__all__ = ["ACTIVATIONS", "ROPE_TYPES", "Attention", "Dense", "Embed", "GatedMLP", "RMSNorm", "Rope", "apply_rope",
+           "attend", "check_activation", "layer_norm", "normal"]

