@@ -226,7 +226,8 @@ def _ct2_from_hf(model) -> dict[str, np.ndarray]:
         v[f"{side}/num_heads"] = np.array(heads, np.int16)
         v[f"{side}/activation"] = np.array(1, np.int8)
         v[f"{side}/position_encodings/encodings"] = sd[p + "embed_positions.weight"]
-        v[f"{side}/layer_norm/gamma"], v[f"{side}/layer_norm/beta"] = sd[p + "layer_norm.weight"], sd[p + "layer_norm.bias"]
+        v[f"{side}/layer_norm/gamma"] = sd[p + "layer_norm.weight"]
+        v[f"{side}/layer_norm/beta"] = sd[p + "layer_norm.bias"]
         if side == "encoder":
             for c in ("conv1", "conv2"):
                 v[f"encoder/{c}/weight"], v[f"encoder/{c}/bias"] = sd[p + c + ".weight"], sd[p + c + ".bias"]
@@ -255,7 +256,8 @@ def _ct2_from_hf(model) -> dict[str, np.ndarray]:
                 v[o + "attention/layer_norm/gamma"] = sd[q + "encoder_attn_layer_norm.weight"]
                 v[o + "attention/layer_norm/beta"] = sd[q + "encoder_attn_layer_norm.bias"]
             for j, fc in enumerate(("fc1", "fc2")):
-                v[o + f"ffn/linear_{j}/weight"], v[o + f"ffn/linear_{j}/bias"] = sd[q + fc + ".weight"], sd[q + fc + ".bias"]
+                v[o + f"ffn/linear_{j}/weight"] = sd[q + fc + ".weight"]
+                v[o + f"ffn/linear_{j}/bias"] = sd[q + fc + ".bias"]
             v[o + "ffn/layer_norm/gamma"] = sd[q + "final_layer_norm.weight"]
             v[o + "ffn/layer_norm/beta"] = sd[q + "final_layer_norm.bias"]
     return v
@@ -268,7 +270,8 @@ def tiny_ct2(tmp_path_factory):
     _randomize(model, 2)
     folder = tmp_path_factory.mktemp("tiny_ct2")
     variables = _ct2_from_hf(model)
-    (folder / "model.bin").write_bytes(_ct2_bytes(variables, {"decoder/projection/weight": "decoder/embeddings/weight"}))
+    tied = {"decoder/projection/weight": "decoder/embeddings/weight"}
+    (folder / "model.bin").write_bytes(_ct2_bytes(variables, tied))
     (folder / "config.json").write_text(json.dumps({"lang_ids": [], "suppress_ids": []}))
     return model, folder, variables
 
@@ -386,8 +389,9 @@ def test_presets_pick_whisper_kernels(tiny_cls):
 
 def _random_b(adapters, seed=4, scale=0.3):
     keys = iter(jax.random.split(jax.random.key(seed), 200))
-    return jax.tree_util.tree_map(lambda ad: dataclasses.replace(ad, b=scale * jax.random.normal(next(keys), ad.b.shape)),
-                                  adapters, is_leaf=lora.is_adapter)
+    return jax.tree_util.tree_map(
+        lambda ad: dataclasses.replace(ad, b=scale * jax.random.normal(next(keys), ad.b.shape)), adapters,
+        is_leaf=lora.is_adapter)
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "qlora"])
