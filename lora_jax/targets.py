@@ -20,9 +20,9 @@ follow the naming of Flax, Hugging Face and this project's models:
     ``q_proj``/``k_proj``/``v_proj``, ``q``/``k``/``v``, ``wq``/``wk``/``wv``): its projection kernels
     (those three and the output ``out``/``o_proj``/``out_proj``/``o``/``wo``) are attention kernels, which
     covers the state of a bare ``nnx.MultiHeadAttention`` (``query/kernel``, ..., ``out/kernel``);
-- ``"all-linear"``: every dense kernel except embeddings and the output head (and, in a mixture of
-  experts, except the routers and the routed experts, as PEFT's ``"all-linear"``, which takes ``nn.Linear``
-  modules only).
+- ``"all-linear"``: every dense kernel except embeddings, the output head and convolutions (a kernel of more
+  than two axes in a module named ``conv*``, e.g. Whisper's ``conv1``), and, in a mixture of experts, except the
+  routers and the routed experts, as PEFT's ``"all-linear"``, which takes ``nn.Linear`` modules only.
 
 Every preset skips embedding tables and output heads (``lm_head``, ``classifier``, ``head``, ``score``, ...,
 with or without a Linen index).
@@ -117,6 +117,8 @@ _PRESET_ROLES: dict[str, frozenset] = {
 # Leaves never adapted by a preset: embeddings and output heads (as PEFT's "all-linear" does).
 _EMBEDDING = re.compile(r"(.*/)?(\w*embed\w*|wte|wpe|embedding)(/.*)?", re.IGNORECASE)
 _HEAD = re.compile(r"(.*/)?(lm_head|classifier|score|head|qa_outputs)(_\d+)?(/.*)?", re.IGNORECASE)
+# Convolution kernels (k, in, out): not linear layers, so no preset selects them (PEFT's "all-linear" neither).
+_CONV = re.compile(r"(.*/)?(conv\w*|\w*_conv)/(kernel|weight)", re.IGNORECASE)
 # Kernels with more than two axes whose inputs are all but the last axis (output projections of attention).
 _OUTPUT_PROJ = re.compile(r"(.*/)?(out|o_proj|out_proj|output|c_proj|wo|o)/\w+")
 
@@ -277,6 +279,7 @@ def select(
         for p, leaf in leaves:
             named = any(r.fullmatch(p) for r in rules) or p in by_content
             if named and _is_kernel_like(leaf) and not is_embedding(p) and not is_head(p) and roles[p] in allowed \
+                    and not (leaf.ndim > 2 and _CONV.fullmatch(p)) \
                     and not any(r.fullmatch(p) for r in excluded):
                 chosen[p] = leaf
         if not chosen:

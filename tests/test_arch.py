@@ -36,6 +36,11 @@ TINY = {
                                                      num_experts_per_tok=2, moe_intermediate_size=16),
     "mixtral": lambda: transformers.MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=4,
                                                   num_experts_per_tok=2),
+    "whisper": lambda: transformers.WhisperConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=48, decoder_layers=1,
+        decoder_attention_heads=4, decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=16, classifier_proj_size=12, num_labels=3, use_weighted_layer_sum=True, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
 }
 
 

@@ -95,8 +95,9 @@ class LoraConfig:
 class DataConfig:
     source: str = key("builtin:restaurants", "builtin:NAME (restaurants, sentiment), a hub data set name, or "
                       "local csv/tsv/json/jsonl/parquet files (comma-separated)", min_length=1)
-    task: Literal["causal-lm", "classification"] = key("causal-lm", "causal-lm: loss on the completion only; "
-                                                       "classification: a sequence classifier")
+    task: Literal["causal-lm", "classification", "audio-classification"] = key(
+        "causal-lm", "causal-lm: loss on the completion only; classification: a sequence classifier; "
+        "audio-classification: rows name a WAV file (audio_column) and a class id, max_length counts log-mel frames")
     train_split: str = key("train", "hub data set: the training split", min_length=1)
     eval_source: str | None = key(None, "local evaluation file(s); null: see eval_split", min_length=1)
     eval_split: str | None = key(None, "hub data set: the evaluation split; null (and no eval_source): hold out "
@@ -107,6 +108,8 @@ class DataConfig:
     text_column: str = key("sentence", "classification: the text column", min_length=1)
     label_column: str = key("label", "classification: the column of integer class ids 0..num_labels-1",
                             min_length=1)
+    audio_column: str = key("audio", "audio-classification: the column of 16 kHz WAV paths (relative ones: to the "
+                            "data file's folder)", min_length=1)
     group_column: str | None = key(None, "rows sharing this value stay on the same side of the split (E2E: the "
                                    "meaning representation); null: causal-lm keeps the rows of one prompt together, "
                                    "classification splits rows", min_length=1)
@@ -564,7 +567,9 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
     (("eval.max_new_tokens", "eval.num_beams"),
      lambda c: _causal(c) and (c.eval.generate_samples > 0 or c.eval.generate_eval > 0),
      "data.task=causal-lm with eval.generate_samples or eval.generate_eval > 0"),
-    (("data.text_column", "data.label_column"), lambda c: not _causal(c), "data.task=classification"),
+    (("data.text_column",), lambda c: c.data.task == "classification", "data.task=classification"),
+    (("data.label_column",), lambda c: not _causal(c), "data.task=classification or audio-classification"),
+    (("data.audio_column",), lambda c: c.data.task == "audio-classification", "data.task=audio-classification"),
     (("data.train_split", "data.eval_split"), _hub, "a hub data set in data.source (local files and built-in "
                                                     "data have no splits)"),
     (("data.eval_fraction",), lambda c: not c.data.eval_source and not c.data.eval_split,

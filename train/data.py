@@ -105,6 +105,8 @@ def _required_columns(cfg: DataConfig) -> list[str]:
     if cfg.task == "causal-lm":
         cols = [cfg.completion_column] + [cfg.prompt_column if c == "prompt" else c
                                           for c in _template_fields(cfg.prompt_template)]
+    elif cfg.task == "audio-classification":
+        cols = [cfg.audio_column, cfg.label_column]
     else:
         cols = [cfg.text_column, cfg.label_column]
     return list(dict.fromkeys(cols + ([cfg.group_column] if cfg.group_column else [])))
@@ -144,7 +146,11 @@ def load_rows(cfg: DataConfig, split: str) -> list[dict]:
         return _check_columns(_tag([dict(r) for r in rows], source), cfg, f"data.source={source!r}")
     paths = [p.strip() for p in source.split(",") if p.strip()]
     if any(Path(p).suffix.lower() in FILE_TYPES for p in paths) or any(os.sep in p and Path(p).exists() for p in paths):
-        return _load_files(paths, _required_columns(cfg))
+        rows = _load_files(paths, _required_columns(cfg))
+        if cfg.task == "audio-classification":  # audio paths relative to the data file's folder
+            base = Path(paths[0]).parent
+            rows = [{**r, cfg.audio_column: str(base / r[cfg.audio_column])} for r in rows]
+        return rows
     return _check_columns(_tag(_load_hub(source, split), f"{source}[{split}]"), cfg, f"data set {source!r}")
 
 
@@ -210,21 +216,28 @@ class Tokenized:
 
     ``input_ids``/``attention_mask``: (n, max_length) int32. Causal LM: ``loss_mask`` (n, max_length) marks the
     positions whose *next* token is part of the completion, ``prompts``/``references`` keep the raw text for
-    generation metrics. Classification: ``labels`` (n,).
+    generation metrics. Classification: ``labels`` (n,). Audio classification: ``input_features`` (n, mel bins,
+    max_length) float32 log-mel spectrograms instead of ``input_ids``, ``attention_mask`` marking the frames that
+    hold audio.
     """
 
-    input_ids: np.ndarray
+    input_ids: np.ndarray | None
     attention_mask: np.ndarray
     loss_mask: np.ndarray | None = None
     labels: np.ndarray | None = None
     prompts: list[str] | None = None
     references: list[list[str]] | None = None
+    input_features: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.attention_mask)
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        batch = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
+        batch = {"attention_mask": self.attention_mask[idx]}
+        if self.input_ids is not None:
+            batch["input_ids"] = self.input_ids[idx]
+        if self.input_features is not None:
+            batch["input_features"] = self.input_features[idx]
         if self.loss_mask is not None:
             batch["loss_mask"] = self.loss_mask[idx]
         if self.labels is not None:
@@ -240,18 +253,55 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+def _labels(rows: list[dict], cfg: DataConfig, num_labels: int | None) -> np.ndarray:
+    """Each row's ``label_column`` as a class id in ``[0, num_labels)`` (:func:`class_id`)."""
+    return np.array([class_id(row[cfg.label_column], num_labels, f"{source_of(row, f'row {i}')}: {cfg.label_column}")
+                     for i, row in enumerate(rows)], np.int32).reshape(len(rows))
+
+
+def featurize(rows: list[dict], feature_extractor, cfg: DataConfig, num_labels: int | None = None) -> Tokenized:
+    """Audio classification: each row's WAV file as log-mel features of ``cfg.max_length`` frames (a clip is
+    padded with silence or cut; ``attention_mask`` marks the frames that hold audio)."""
+    import wave as wave_lib
+
+    from lora_jax.models.audio import read_wav
+
+    fe = feature_extractor
+    if not hasattr(fe, "log_mel"):
+        raise DataError(f"data.task=audio-classification needs an audio model (its loader gives a feature "
+                        f"extractor); this model's preprocessor is a {type(fe).__name__}")
+    frames = cfg.max_length
+    if frames % 2 or frames > fe.nb_max_frames:
+        raise DataError(f"data.max_length={frames} mel frames: the model needs an even number of at most "
+                        f"{fe.nb_max_frames} ({fe.nb_max_frames * fe.hop_length // fe.sampling_rate} s)")
+    feats = np.zeros((len(rows), fe.feature_size, frames), np.float32)
+    mask = np.zeros((len(rows), frames), np.int32)
+    for i, row in enumerate(rows):
+        path = row[cfg.audio_column]
+        try:
+            wave, rate = read_wav(path)
+        except (OSError, EOFError, ValueError, wave_lib.Error) as e:
+            raise DataError(f"row {i}: cannot read {path!r} as a PCM WAV file ({type(e).__name__}: {e})") from None
+        if rate != fe.sampling_rate:
+            raise DataError(f"row {i}: {path!r} is sampled at {rate} Hz; the model needs {fe.sampling_rate} Hz "
+                            f"(resample it, e.g. sox in.wav -r {fe.sampling_rate} out.wav)")
+        feats[i] = fe.log_mel(wave, frames)
+        mask[i, : min(frames, -(-len(wave) // fe.hop_length))] = 1
+    return Tokenized(None, mask, labels=_labels(rows, cfg, num_labels), input_features=feats)
+
+
 def tokenize(rows: list[dict], tokenizer, cfg: DataConfig, max_positions: int | None = None,
              num_labels: int | None = None) -> Tokenized:
+    if cfg.task == "audio-classification":
+        return featurize(rows, tokenizer, cfg, num_labels)
     if max_positions is not None and cfg.max_length > max_positions:
         raise DataError(f"data.max_length={cfg.max_length} exceeds the model's {max_positions} positions")
     n, length = len(rows), cfg.max_length
     ids = np.full((n, length), _pad_id(tokenizer), np.int32)
     mask = np.zeros((n, length), np.int32)
     if cfg.task == "classification":
-        labels = np.zeros((n,), np.int32)
+        labels = _labels(rows, cfg, num_labels)
         for i, row in enumerate(rows):
-            labels[i] = class_id(row[cfg.label_column], num_labels, f"{source_of(row, f'row {i}')}: "
-                                                                    f"{cfg.label_column}")
             toks = tokenizer(str(row[cfg.text_column]), truncation=True, max_length=length)["input_ids"]
             ids[i, : len(toks)] = toks
             mask[i, : len(toks)] = 1
@@ -362,7 +412,7 @@ def load_tokenized(cfg: DataConfig, tokenizer, tokenizer_name: str, max_position
                 out = []
                 for split in ("train", "eval"):
                     fields = {k.split("/", 1)[1]: arrays[k] for k in arrays.files if k.startswith(split + "/")}
-                    out.append(Tokenized(**fields, **text[split]))
+                    out.append(Tokenized(**{"input_ids": None, **fields}, **text[split]))
             return out[0], out[1]
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
             pass
@@ -385,7 +435,7 @@ def load_tokenized(cfg: DataConfig, tokenizer, tokenizer_name: str, max_position
         arrays = {}
         text = {}
         for split, t in (("train", train), ("eval", evals)):
-            for name in ("input_ids", "attention_mask", "loss_mask", "labels"):
+            for name in ("input_ids", "attention_mask", "loss_mask", "labels", "input_features"):
                 if getattr(t, name) is not None:
                     arrays[f"{split}/{name}"] = getattr(t, name)
             text[split] = {"prompts": t.prompts, "references": t.references}

