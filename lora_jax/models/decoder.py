@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models.arch import Names, Task
-from lora_jax.models.generate import KVCache, begin_step, default_positions, run_layers
+from lora_jax.models.generate import KVCache, begin_step, input_positions, run_layers
 from lora_jax.models.layers import Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, check_activation, normal
 
 Array = jax.Array
@@ -231,7 +231,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """``embed_tokens``, ``layers`` (``layer(config, i, dtype)`` blocks, :class:`DecoderLayer` by default) and the
     final ``norm``: ``(B, S)`` ids -> ``(B, S, D)`` hidden states and the updated cache (``None`` when called
-    without one). See :mod:`lora_jax.models.generate` for the cache and masks.
+    without one; ``segment_ids``: packed rows). See :mod:`lora_jax.models.generate` for the cache and masks.
 
     ``scale_embeddings``: multiply the embeddings by ``sqrt(hidden_size)`` (in the compute dtype, as Gemma);
     ``norm_offset``: the final :class:`~lora_jax.models.layers.RMSNorm`'s offset (1: Gemma's ``(1 + w)``).
@@ -250,10 +250,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.norm_offset)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         b, s = input_ids.shape
-        step = begin_step(b, s, attention_mask, cache, self.config.sliding_window)
-        positions = default_positions(b, s, step.start) if positions is None else jnp.asarray(positions)
+        step = begin_step(b, s, attention_mask, cache, self.config.sliding_window, segment_ids)
+        positions = input_positions(positions, segment_ids, b, s, step.start)
         x = self.embed_tokens(input_ids)
         if self.scale_embeddings:
             x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
@@ -270,10 +270,11 @@ class CausalLM(nn.Module):
     """A decoder ``backbone`` (under the key ``backbone_name``) plus the language-model head: ``lm_head``, or
     the backbone's ``attend`` (the tied embedding) when ``config.tie_word_embeddings``.
 
-    ``__call__(input_ids (B, S), positions=None, attention_mask=None, cache=None) -> (logits (B, S, V),
-    cache)``. ``positions`` default to ``cache.index + arange(S)`` (``arange(S)`` without a cache), as
-    ``transformers`` does without ``position_ids``; ``attention_mask`` ``(B, S)`` marks real tokens (0: padding,
-    never attended to).
+    ``__call__(input_ids (B, S), positions=None, attention_mask=None, cache=None, segment_ids=None) ->
+    (logits (B, S, V), cache)``. ``positions`` default to ``cache.index + arange(S)`` (``arange(S)`` without a
+    cache), as ``transformers`` does without ``position_ids``; ``attention_mask`` ``(B, S)`` marks real tokens (0:
+    padding, never attended to). ``segment_ids`` ``(B, S)``: packed rows (several examples per row, ``0``:
+    padding; no cache): attention stays inside each example and the default positions restart per example.
     """
 
     config: Any
@@ -283,9 +284,9 @@ class CausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         body = self.backbone(self.config, self.dtype, name=self.backbone_name)
-        h, cache = body(input_ids, positions, attention_mask, cache)
+        h, cache = body(input_ids, positions, attention_mask, cache, segment_ids)
         if self.config.tie_word_embeddings:
             return body.attend(h), cache
         head = Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
