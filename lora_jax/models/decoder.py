@@ -130,6 +130,9 @@ class DecoderConfig:
             raise ValueError(f"{cls.__module__}.Config.from_hf expects a config with model_type in "
                              f"{cls.MODEL_TYPES}, got {model_type!r}")
         rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+        # RoPE settings per layer type (Gemma 3): those of the full-attention layers are the model's; a family reads
+        # the others in fields_from_hf.
+        rope = dict(rope.get("full_attention") or {}) if "full_attention" in rope else rope
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"{model_type} rope scaling {rope_type!r} is not supported; supported: "
@@ -137,7 +140,8 @@ class DecoderConfig:
         if float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
             raise ValueError(f"{model_type}: partial rotary embeddings (partial_rotary_factor "
                              f"{rope.get('partial_rotary_factor')}) are not supported")
-        check_activation(hf_config.hidden_act, f"{model_type} hidden_act")
+        act = getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", None)  # Gemma's name
+        check_activation(act, f"{model_type} hidden_act")
         heads = hf_config.num_attention_heads
         eos = getattr(hf_config, "eos_token_id", None)
         fields = dict(
@@ -145,7 +149,7 @@ class DecoderConfig:
             intermediate_size=hf_config.intermediate_size, num_hidden_layers=hf_config.num_hidden_layers,
             num_attention_heads=heads, num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
             head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
-            hidden_act=hf_config.hidden_act, max_position_embeddings=hf_config.max_position_embeddings,
+            hidden_act=act, max_position_embeddings=hf_config.max_position_embeddings,
             rms_norm_eps=float(hf_config.rms_norm_eps), initializer_range=float(hf_config.initializer_range),
             rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))), rope_type=rope_type,
             rope_factor=float(rope.get("factor", 1.0)), rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
@@ -268,7 +272,8 @@ class DecoderModel(nn.Module):
 
 class CausalLM(nn.Module):
     """A decoder ``backbone`` (under the key ``backbone_name``) plus the language-model head: ``lm_head``, or
-    the backbone's ``attend`` (the tied embedding) when ``config.tie_word_embeddings``.
+    the backbone's ``attend`` (the tied embedding) when ``config.tie_word_embeddings``; logits soft-capped to
+    ``c * tanh(logits / c)`` when the config has a ``final_logit_softcapping`` ``c`` (Gemma 2 / 3).
 
     ``__call__(input_ids (B, S), positions=None, attention_mask=None, cache=None, segment_ids=None) ->
     (logits (B, S, V), cache)``. ``positions`` default to ``cache.index + arange(S)`` (``arange(S)`` without a
@@ -288,10 +293,12 @@ class CausalLM(nn.Module):
         body = self.backbone(self.config, self.dtype, name=self.backbone_name)
         h, cache = body(input_ids, positions, attention_mask, cache, segment_ids)
         if self.config.tie_word_embeddings:
-            return body.attend(h), cache
-        head = Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
-                     kernel_init=normal(self.config.initializer_range), name="lm_head")
-        return head(h), cache
+            logits = body.attend(h)
+        else:
+            logits = Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
+                           kernel_init=normal(self.config.initializer_range), name="lm_head")(h)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return (logits if cap is None else cap * jnp.tanh(logits / cap)), cache
 
 
 # --------------------------------------------------------------------------------------- declarations

@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's format): weights, config and tokenizer, read with the ``gguf`` package.
+"""GGUF files (llama.cpp's format): weights, config and tokenizer, parsed here and dequantised with the ``gguf``
+package.
 
 :func:`load_gguf` returns what :func:`lora_jax.models.load` returns for a Hugging Face folder::
 
@@ -18,12 +19,14 @@ One reader for every family that declares GGUF support (:class:`lora_jax.models.
   where the declaration says (llama.cpp permutes the Llama Q and K rows for its interleaved RoPE), put in our
   layout and cast to the requested dtype. LoRA then trains on top of the dequantised base.
 - The tokenizer is rebuilt with ``tokenizers`` from ``tokenizer.ggml.tokens`` / ``merges`` (byte-level BPE,
-  ``tokenizer.ggml.model == "gpt2"``), with llama.cpp's pre-tokenizer for ``tokenizer.ggml.pre`` and the
+  ``tokenizer.ggml.model == "gpt2"``, or SentencePiece BPE, ``"llama"``, whose merges the vocabulary implies),
+  with llama.cpp's pre-tokenizer for ``tokenizer.ggml.pre`` and the
   special tokens and chat template of the metadata, wrapped as ``transformers.PreTrainedTokenizerFast``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -51,11 +54,110 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 # ------------------------------------------------------------------------------------------- reading
 
 
-def open_gguf(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped); a missing, foreign, truncated or corrupt file raises
-    :class:`~lora_jax.models.hf.CheckpointError` naming it."""
-    import gguf
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file: ``shape`` in llama.cpp's order (``ne0`` first), ``data`` a read-only view of the
+    file (the element type for float / integer tensors, the raw bytes ``(..., bytes per row)`` for quantised
+    ones), as ``gguf.GGUFReader`` gives it and ``gguf.quants.dequantize`` takes it."""
 
+    name: str
+    tensor_type: Any
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file's metadata (``{key: Python value}``) and tensors (:class:`GGUFTensor`), memory-mapped."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensor]
+
+
+# GGUF metadata value types (gguf-py's GGUFValueType) -> struct formats; 8: string, 9: array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# Tensor types stored as plain numpy elements (the others as raw bytes).
+_TYPED = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
+
+
+def _parse(path: Path) -> GGUFFile:
+    """Parse a little-endian GGUF v2 / v3 file with ``struct`` (``gguf.GGUFReader`` makes a numpy view of every
+    array element at open: 17 s of CPU for Gemma 3's 262,144-token vocabulary, against well under a second
+    here). Raises ``ValueError`` / ``struct.error`` / ``UnicodeDecodeError`` on a damaged file."""
+    import mmap
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    pos = 4
+
+    def read(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string() -> str:
+        nonlocal pos
+        n = read("Q")
+        if pos + n > len(buf):
+            raise ValueError(f"a string of {n} bytes at offset {pos} runs past the end of the file")
+        pos += n
+        return buf[pos - n:pos].decode("utf-8")
+
+    def value(kind: int):
+        nonlocal pos
+        if kind in _SCALARS:
+            return read(_SCALARS[kind])
+        if kind == 8:
+            return string()
+        if kind != 9:
+            raise ValueError(f"unknown metadata value type {kind} at offset {pos}")
+        item, n = read("IQ")
+        if item in _SCALARS and item != 7:
+            dtype = np.dtype("<" + _SCALARS[item])
+            pos += n * dtype.itemsize
+            return np.frombuffer(buf, dtype, n, pos - n * dtype.itemsize).tolist()
+        return [value(item) for _ in range(n)]
+
+    version, n_tensors, n_kv = read("IQQ")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} (expected 2 or 3, little-endian)")
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(read("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = read("I")
+        shape = tuple(int(d) for d in np.frombuffer(buf, "<u8", dims, pos))
+        pos += 8 * dims
+        infos.append((name, shape, *read("IQ")))
+    align = int(meta.get("general.alignment", 32))
+    start = -(-pos // align) * align
+    tensors = []
+    for name, shape, kind, offset in infos:
+        kind = GGMLQuantizationType(kind)
+        rows = tuple(reversed(shape))
+        block, size = GGML_QUANT_SIZES[kind]
+        if kind.name in _TYPED:
+            dtype, count = np.dtype(_TYPED[kind.name]), int(np.prod(shape))
+        else:
+            dtype, rows = np.dtype(np.uint8), rows[:-1] + (rows[-1] // block * size,)
+            count = int(np.prod(rows))
+        if start + offset + count * dtype.itemsize > len(buf):
+            raise ValueError(f"tensor {name!r} runs past the end of the file ({len(buf)} bytes)")
+        tensors.append(GGUFTensor(name, kind, shape, np.frombuffer(buf, dtype, count, start + offset).reshape(rows)))
+    return GGUFFile(path, meta, tensors)
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """A GGUF file's metadata and tensor index (:class:`GGUFFile`, memory-mapped); a missing, foreign,
+    truncated or corrupt file raises :class:`~lora_jax.errors.CheckpointError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file not found")
@@ -64,15 +166,15 @@ def open_gguf(path: str | os.PathLike):
     if magic != b"GGUF":
         raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError / struct / numpy errors on a damaged file
+        return _parse(path)
+    except Exception as e:  # struct / value / unicode errors on a damaged file
         raise CheckpointError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {e}); it may be truncated "
                               "or corrupt, re-download it") from None
 
 
-def metadata(reader) -> dict[str, Any]:
+def metadata(reader: GGUFFile) -> dict[str, Any]:
     """The key/value metadata of a GGUF file as Python values (strings, numbers, lists)."""
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    return dict(reader.metadata)
 
 
 def dequantize(tensor, dtype=jnp.float32) -> np.ndarray:
@@ -198,57 +300,111 @@ def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> di
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-def tokenizer_from_metadata(meta: Mapping[str, Any], source: str = "<gguf>"):
-    """A ``transformers.PreTrainedTokenizerFast`` rebuilt from the ``tokenizer.*`` metadata of a GGUF file, or
-    ``None`` when it has none.
+def sentencepiece_merges(pieces: list[str]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece BPE vocabulary implies (GGUF files of ``tokenizer.ggml.model == "llama"``
+    store no merges): every split of a piece into two pieces of the vocabulary, ranked by the merged piece's
+    position in the vocabulary (SentencePiece lists BPE pieces in the order they were learned; the scores of
+    some files, Gemma's, do not follow it), then by the longer left part first."""
+    vocab = set(pieces)
+    return [(piece[:cut], piece[cut:]) for piece in pieces for cut in range(len(piece) - 1, 0, -1)
+            if piece[:cut] in vocab and piece[cut:] in vocab]
 
-    Only byte-level BPE (``tokenizer.ggml.model == "gpt2"``) is implemented, with the pre-tokenizers of
-    llama.cpp's ``gpt2`` family and of its ``smollm`` / ``starcoder`` family (digits split one by one); other
-    models or pre-tokenizers raise ``ValueError``. Control tokens become special tokens (never split,
-    skipped by ``decode(..., skip_special_tokens=True)``).
-    """
-    import transformers
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    kind = meta.get("tokenizer.ggml.model")
-    if kind is None:
-        return None
-    if kind != "gpt2":
-        raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2'); "
-                         "pass tokenizer=False to load_gguf to load the weights alone")
+def _sentencepiece_model(meta: Mapping[str, Any], tokens: list[str], unk: str | None):
+    """The ``(model, normalizer, pre_tokenizer, decoder)`` of a SentencePiece BPE vocabulary: spaces become
+    ``"▁"``, with one ``"▁"`` before the text when ``tokenizer.ggml.add_space_prefix`` (the default; not before
+    text that follows a special token), no pre-split, unknown bytes as the ``<0xNN>`` byte pieces."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    # A piece of spaces stored as real spaces (Gemma's "  ") could never match the normalised text.
+    pieces = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+    model = models.BPE(vocab={t: i for i, t in enumerate(pieces)}, merges=sentencepiece_merges(pieces),
+                       unk_token=unk, fuse_unk=True, byte_fallback=True)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        return (model, None, pre_tokenizers.Metaspace("\u2581", prepend_scheme="first", split=False),
+                decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)]))
+    return model, normalizers.Replace(" ", "\u2581"), None, decoders.Sequence(steps)
+
+
+def _byte_level_model(meta: Mapping[str, Any], tokens: list[str], source: str):
+    """The ``(model, normalizer, pre_tokenizer, decoder)`` of a byte-level BPE vocabulary with its merges and
+    llama.cpp's pre-tokenizer for ``tokenizer.ggml.pre``."""
+    from tokenizers import decoders, models, pre_tokenizers
+
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in GPT2_PRE + DIGIT_PRE:
         raise ValueError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported (supported: {GPT2_PRE + DIGIT_PRE}); "
                          "pass tokenizer=False to load_gguf to load the weights alone")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     if any(len(m) != 2 for m in merges):
         raise ValueError(f"{source}: tokenizer.ggml.merges holds entries without a space separator")
-
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                               byte_fallback=False))
+    model = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                       byte_fallback=False)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)),
                                           use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if pre in DIGIT_PRE else byte_level)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind == TOKEN_CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, kind in zip(tokens, types) if kind == TOKEN_USER_DEFINED])
+    pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                     if pre in DIGIT_PRE else byte_level)
+    return model, None, pre_tokenizer, decoders.ByteLevel()
+
+
+def tokenizer_from_metadata(meta: Mapping[str, Any], source: str = "<gguf>"):
+    """A ``transformers.PreTrainedTokenizerFast`` rebuilt from the ``tokenizer.*`` metadata of a GGUF file, or
+    ``None`` when it has none.
+
+    Two vocabularies are implemented: byte-level BPE (``tokenizer.ggml.model == "gpt2"``) with the
+    pre-tokenizers of llama.cpp's ``gpt2`` family and of its ``smollm`` / ``starcoder`` family (digits split
+    one by one), and SentencePiece BPE (``"llama"``: Llama 2, Gemma; merges rebuilt from the vocabulary by
+    :func:`sentencepiece_merges`, byte fallback). Others raise ``ValueError``. Control tokens become special
+    tokens (never split, skipped by ``decode(..., skip_special_tokens=True)``), user-defined ones added tokens;
+    BOS / EOS are added as ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say (llama.cpp adds BOS to a
+    SentencePiece vocabulary that does not say).
+    """
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return None
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2', "
+                         "SentencePiece BPE 'llama'); pass tokenizer=False to load_gguf to load the weights alone")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
 
     def token(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    bos = token("bos")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
+    if kind == "gpt2":
+        model, normalizer, pre_tokenizer, decoder = _byte_level_model(meta, tokens, source)
     else:
+        model, normalizer, pre_tokenizer, decoder = _sentencepiece_model(meta, tokens, token("unknown"))
+    tok = Tokenizer(model)
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    if pre_tokenizer is not None:
+        tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoder
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, types) if kind == TOKEN_CONTROL])
+    # (a user-defined piece the vocabulary respelled, Gemma's "  " -> "▁▁", is left to the model)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for i, (t, kind) in enumerate(zip(tokens, types))
+                    if kind == TOKEN_USER_DEFINED and tok.token_to_id(t) == i])
+
+    bos, eos = token("bos"), token("eos")
+    bos = bos if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") else None
+    eos = eos if meta.get("tokenizer.ggml.add_eos_token", False) else None
+    if bos is not None or eos is not None:
+        first, last = [f"{bos}"] if bos else [], [f"{eos}"] if eos else []
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join(first + ["$A"] + last),
+            pair=" ".join(first + ["$A"] + last + [f"{t}:1" for t in first] + ["$B:1"] + [f"{t}:1" for t in last]),
+            special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(first + last)])
+    elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    kwargs = {k: v for k, v in dict(bos_token=bos, eos_token=token("eos"), unk_token=token("unknown"),
+    kwargs = {k: v for k, v in dict(bos_token=token("bos"), eos_token=token("eos"), unk_token=token("unknown"),
                                      pad_token=token("padding")).items() if v is not None}
     if "tokenizer.chat_template" in meta:
         kwargs["chat_template"] = meta["tokenizer.chat_template"]
@@ -300,5 +456,6 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, task: str | None = Non
     return family.build(config, jnp.dtype(dtype), task), params, tok, config
 
 
-__all__ = ["architecture", "config_from_metadata", "dequantize", "hf_config_fields", "load_gguf", "metadata",
-           "open_gguf", "params_from_reader", "tokenizer_from_metadata"]
+__all__ = ["GGUFFile", "GGUFTensor", "architecture", "config_from_metadata", "dequantize", "hf_config_fields",
+           "load_gguf", "metadata", "open_gguf", "params_from_reader", "sentencepiece_merges",
+           "tokenizer_from_metadata"]

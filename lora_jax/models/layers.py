@@ -195,18 +195,22 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 # ----------------------------------------------------------------------------------------- attention
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None,
+           softcap: float | None = None) -> Array:
     """Softmax attention with grouped key/value heads.
 
     Shapes: ``q (B, S, H, hd)``, ``k``/``v`` ``(B, T, KV, hd)`` with ``H`` a multiple of ``KV``, ``mask
     (B, S, T)`` bool (True: may attend) -> ``(B, S, H, hd)``. Scores (times ``scale``, default
-    ``1 / sqrt(hd)``) and softmax in float32.
+    ``1 / sqrt(hd)``; with ``softcap`` then ``softcap * tanh(scores / softcap)``, Gemma's attention logit
+    soft-capping) and softmax in float32.
     """
     b, s, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, s, kv, h // kv, d)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h, d)
@@ -223,7 +227,8 @@ class Attention(nn.Module):
       rope: the rotary embedding (``None``: no rotation).
       qk_norm_eps: RMS-normalise each query and key head before RoPE (Qwen3, Gemma 3) with this epsilon;
         ``None``: no q/k norms. ``norm_offset``: the :class:`RMSNorm` offset of those norms.
-      scale: the score scale (``None``: ``1 / sqrt(head_dim)``).
+      scale: the score scale (``None``: ``1 / sqrt(head_dim)``); softcap: soft-cap the scores at this value
+        (``None``: no capping), see :func:`attend`.
       init_std: the std of the kernels' normal init.
     """
 
@@ -237,6 +242,7 @@ class Attention(nn.Module):
     qk_norm_eps: float | None = None
     norm_offset: float = 0.0
     scale: float | None = None
+    softcap: float | None = None
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
 
@@ -262,7 +268,7 @@ class Attention(nn.Module):
         if kv is not None:
             k, v = write_cache(kv[0], k, start), write_cache(kv[1], v, start)
             kv = (k, v)
-        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.scale).reshape(b, s, -1)
+        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.scale, self.softcap).reshape(b, s, -1)
         return dense(self.features, self.o_bias, "o_proj")(out), kv
 
 
