@@ -9,13 +9,21 @@ import jax.numpy as jnp
 import optax
 
 
+def packing(batch: dict) -> dict:
+    """The packed-row inputs of ``batch`` (``segment_ids``, ``positions``) that it has, as model keywords."""
+    return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+
+
 def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | None) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy over completion tokens only (the prompt is context, not a target).
 
-    ``batch["loss_mask"][i, t] = 1`` when token ``t + 1`` belongs to the completion. Returns the summed loss over
+    ``batch["loss_mask"][i, t] = 1`` when token ``t + 1`` belongs to the completion. A packed batch
+    (``train.data.PackedBatches``) also has ``segment_ids`` and ``positions``: the model keeps each example to
+    itself, and the loss mask never predicts across examples. Returns the summed loss over
     tokens and the token count, so that gradient accumulation and sharded batches weight every token equally.
     """
-    logits, _ = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits, _ = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                            **packing(batch))
     logits = logits[:, :-1].astype(jnp.float32)
     targets = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, :-1].astype(jnp.float32)
