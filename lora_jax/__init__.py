@@ -12,6 +12,7 @@ DoRA: ``lora.init(..., use_dora=True)``; PiSSA: ``lora.init_pissa(params, r)`` (
 from lora_jax.core import (
     LoraAdapter,
     LoraWeight,
+    MergedParams,
     Summary,
     adapter_items,
     combine,
@@ -19,6 +20,7 @@ from lora_jax.core import (
     is_adapter,
     is_lora_weight,
     merge,
+    merge_record,
     split,
     summary,
     unmerge,
@@ -58,8 +60,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "LoraJaxError", "MergeStateError", "NonFiniteError", "PeftError",
     "TargetError",
-    "LoraAdapter", "LoraWeight", "Summary", "PRESETS", "adapter_items", "combine", "dense", "dot", "einsum",
-    "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "split",
+    "LoraAdapter", "LoraWeight", "MergedParams", "Summary", "PRESETS", "adapter_items", "combine", "dense", "dot", "einsum",
+    "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "merge_record", "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
     "init_stacked", "transform", "transform_report",
     "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "quantize",

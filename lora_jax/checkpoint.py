@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,25 @@ from lora_jax.tree import put
 META_FILE = "lora_adapters.json"
 
 
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Orbax logs a damaged file through absl at ERROR level before raising; the raised error is reported."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The gist of an Orbax / TensorStore error (whose full text can run to hundreds of lines of specs)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def _abstract(tree: Any) -> Any:
@@ -54,6 +75,54 @@ def save_adapters(folder: str | Path, adapters: Any, *, force: bool = True) -> P
     return folder
 
 
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def check_metadata(meta: Any, where: str) -> dict:
+    """Validate an adapter metadata record read from a file (untrusted): a mapping of kernel paths to ``r`` (an
+    integer >= 1), finite ``alpha`` and ``scale``, positive integer shapes, a dropout in [0, 1) and a float dtype.
+    Raises :class:`CheckpointError` naming the file, the path and the field."""
+    import math
+
+    if not isinstance(meta, dict) or not meta:
+        raise CheckpointError(f"{where}: expected a non-empty mapping of kernel paths to adapter records, got "
+                              f"{type(meta).__name__}")
+
+    def bad(path, field, value, expected):
+        text = repr(value)
+        raise CheckpointError(f"{where}: {path}: {field} must be {expected}, got "
+                              f"{text if len(text) < 60 else text[:57] + '...'}")
+
+    for path, m in meta.items():
+        if not isinstance(path, str) or not path or any(not p for p in path.split("/")):
+            bad("a key", "the kernel path", path, "a '/'-joined path")
+        if not isinstance(m, dict):
+            bad(path, "the record", m, "a mapping")
+        for field in ("r", "alpha", "scale", "in_shape", "out_shape", "dtype"):
+            if field not in m:
+                bad(path, field, None, "present")
+        r = m["r"]
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 2**31 - 1:
+            bad(path, "r", r, "an integer >= 1")
+        for field in ("alpha", "scale"):
+            v = m[field]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(path, field, v, "a finite number")
+        for field in ("in_shape", "out_shape"):
+            v = m[field]
+            if not isinstance(v, list) or not v or any(isinstance(d, bool) or not isinstance(d, int) or not
+                                                       1 <= d <= 2**31 - 1 for d in v) or math.prod(v) > 2**40:
+                bad(path, field, v, "a non-empty list of positive integers")
+        dropout = m.get("dropout", 0.0)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            bad(path, "dropout", dropout, "a number in [0, 1)")
+        if m["dtype"] not in _DTYPES:
+            bad(path, "dtype", m["dtype"], f"one of {list(_DTYPES)}")
+        if not isinstance(m.get("dora", False), bool):
+            bad(path, "dora", m["dora"], "true or false")
+    return meta
+
+
 def abstract_adapters(meta: dict) -> dict:
     """A tree of ``LoraAdapter`` with ``ShapeDtypeStruct`` leaves, rebuilt from :func:`adapter_metadata`."""
     tree: dict = {}
@@ -76,13 +145,15 @@ def load_adapters(folder: str | Path) -> Any:
         raise CheckpointError(f"{folder} holds no adapter checkpoint ({META_FILE} missing)")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, OSError, RecursionError) as e:
         raise CheckpointError(f"{meta_path} is corrupt: {e}") from None
+    check_metadata(meta, str(meta_path))
     try:
         with ocp.StandardCheckpointer() as ckpt:
             return ckpt.restore(folder / "arrays", abstract_adapters(meta))
     except Exception as e:
-        raise CheckpointError(f"could not restore adapters from {folder / 'arrays'}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"could not restore adapters from {folder / 'arrays'}: {type(e).__name__}: "
+                              f"{_first_line(e)}") from e
 
 
 class Checkpointer:
@@ -93,7 +164,8 @@ class Checkpointer:
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
                                                enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.folder, options=options)
+        with _quiet_absl():  # (damaged step metadata is reported when the step is restored)
+            self.manager = ocp.CheckpointManager(self.folder, options=options)
 
     def should_save(self, step: int) -> bool:
         return step % self.every == 0
@@ -110,11 +182,12 @@ class Checkpointer:
     def restore(self, step: int, trainable_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict]:
         target = _abstract({"trainable": trainable_like, "opt_state": opt_state_like})
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            with _quiet_absl():  # a damaged step: the error below says it in one line
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:
             raise CheckpointError(f"checkpoint step {step} in {self.folder} cannot be restored: "
-                                  f"{type(e).__name__}: {e}") from e
+                                  f"{type(e).__name__}: {_first_line(e)}") from e
         return out["state"]["trainable"], out["state"]["opt_state"], dict(out["meta"])
 
     def restore_untyped(self, step: int) -> Any:
@@ -133,14 +206,16 @@ class Checkpointer:
         errors, damaged = [], []
         for step in reversed(self.steps()):
             try:
-                restored = (step, *self.restore(step, trainable_like, opt_state_like))
+                with _quiet_absl():
+                    restored = (step, *self.restore(step, trainable_like, opt_state_like))
             except CheckpointError as e:
                 if not fallback:
                     raise
                 errors.append(str(e))
                 damaged.append(step)
-                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
                 continue
+            for e in errors:  # (when nothing restores, the error below says it all)
+                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
             if damaged:
                 aside = self.folder.parent / f"{self.folder.name}-damaged"
                 if jax.process_index() == 0:
@@ -150,7 +225,8 @@ class Checkpointer:
                 self.manager.reload()
             return restored
         if errors:
-            raise CheckpointError("no checkpoint could be restored:\n" + "\n".join(errors))
+            raise CheckpointError(f"no checkpoint in {self.folder} could be restored (steps "
+                                  f"{', '.join(map(str, damaged))} are damaged; newest: {errors[0]})")
         return None
 
     def close(self) -> None:

@@ -350,13 +350,63 @@ def init(
 
 # ------------------------------------------------------------------------------------- merge / unmerge
 
-# A merged tree is made of plain arrays, so it cannot carry a flag. Instead each merged leaf made outside jit
-# is remembered weakly with the adapter folded into it, and merging that same adapter into it again raises.
-# Under jit the leaves are tracers with nothing to remember: there, merging twice is the caller's concern.
-# (jax arrays are unhashable, hence a dict keyed by id() that weak references keep honest.)
-# A DoRA merge also remembers the column norms ||W0 + s*A@B|| it divided by: the merged kernel alone does not
-# determine them, and unmerge needs them (PEFT caches them on the layer for the same reason).
+# Two records of what was merged:
+# - MergedParams: the dict that merge returns carries, as static pytree metadata, the kernel paths each merge
+#   changed. A copy (jax.tree.map, device_put, copy.deepcopy, pickle) and a jit call (in and out) keep it, so a
+#   second merge into those kernels, or an unmerge of params that never held the adapters, is caught. Only paths
+#   are recorded (no digest of the values): the record is part of the tree structure, and values in it would make
+#   jit compile again for every adapter. dict(...), files and containers other than a dict (nnx.State,
+#   FrozenDict) do not carry it: unmerge then asks the caller to say so (assume_merged=True).
+# - _MERGED: each merged leaf made outside jit is remembered weakly with the adapter folded into it, which also
+#   catches merging twice into the same object for any container type. A DoRA merge also remembers the column
+#   norms ||W0 + s*A@B|| it divided by: the merged kernel alone does not determine them, and unmerge needs them
+#   (PEFT caches them on the layer for the same reason). (jax arrays are unhashable, hence a dict keyed by id()
+#   that weak references keep honest.)
 _MERGED: dict[int, tuple[weakref.ref, weakref.ref, Array | None]] = {}
+
+
+class MergedParams(dict):
+    """The parameter dict :func:`merge` returns: an ordinary ``dict`` for every consumer (Flax ``apply``,
+    ``save_pretrained``, Orbax), which also records in ``merges`` the kernel paths of each merge it went through
+    (a tuple of frozensets, oldest first).
+
+    It is a pytree node whose record is static metadata: ``jax.tree.map`` copies, ``jax.device_put`` and ``jit``
+    (arguments and results) keep it. Its tree structure is therefore not a plain dict's: to combine it with plain
+    params in one ``jax.tree.map`` (or compare them with ``chex``), use ``dict(merged)``, which drops the record.
+    """
+
+    __slots__ = ("merges",)
+
+    def __init__(self, items=(), merges: tuple[frozenset, ...] = ()):
+        super().__init__(items)
+        self.merges = tuple(merges)
+
+    def __repr__(self) -> str:
+        return f"MergedParams({dict.__repr__(self)}, merges={len(self.merges)})"
+
+    def __reduce__(self):
+        return (MergedParams, (dict(self), self.merges))
+
+
+def _flatten_merged(tree: MergedParams):
+    keys = sorted(tree.keys())
+    return [(jax.tree_util.DictKey(k), tree[k]) for k in keys], (tuple(keys), tree.merges)
+
+
+def _unflatten_merged(aux, children) -> MergedParams:
+    keys, merges = aux
+    return MergedParams(zip(keys, children), merges)
+
+
+jax.tree_util.register_pytree_with_keys(
+    MergedParams, _flatten_merged, _unflatten_merged,
+    lambda t: ([t[k] for k in sorted(t.keys())], (tuple(sorted(t.keys())), t.merges)))
+
+
+def merge_record(params: PyTree) -> tuple[frozenset, ...] | None:
+    """The kernel paths of each :func:`merge` that ``params`` went through (empty: none), or ``None`` when
+    ``params`` carries no record (it is not a :class:`MergedParams`), so that it cannot be told."""
+    return params.merges if isinstance(params, MergedParams) else None
 
 
 def _concrete(x: Any) -> bool:
@@ -378,35 +428,115 @@ def _merged_norm(w: Array, ad: LoraAdapter) -> Array | None:
     return _MERGED[id(w)][2] if _merged_with(w, ad) else None
 
 
-def merge(params: PyTree, adapters: PyTree) -> PyTree:
+def _checked_adapters(adapters: Any, what: str) -> list[tuple[str, LoraAdapter]]:
+    """The items of an adapter tree, after checking that it is one (a mapping whose leaves are all
+    ``LoraAdapter``; not empty)."""
+    if isinstance(adapters, LoraAdapter):
+        raise TypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
+                        "got a single LoraAdapter")
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
+                        f"got {type(adapters).__name__}")
+    leaves = jax.tree.leaves(adapters, is_leaf=_is_node)
+    other = [leaf for leaf in leaves if not is_adapter(leaf)]
+    if other:
+        raise TypeError(f"{what}: adapters hold a leaf of type {type(other[0]).__name__}; an adapter tree holds only "
+                        "LoraAdapter (were params and adapters swapped?)")
+    if not leaves:
+        raise ValueError(f"{what}: the adapter tree is empty: there is nothing to {what}")
+    return adapter_items(adapters)
+
+
+def _check_flag(value: Any, what: str, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what}: {name} must be True or False, got {value!r}")
+
+
+def _check_params(params: Any, what: str) -> None:
+    if isinstance(params, (str, bytes, LoraAdapter)) or hasattr(params, "shape"):
+        raise TypeError(f"{what}: params must be a parameter tree (nested dict of arrays), got "
+                        f"{type(params).__name__}")
+
+
+def _sample(paths) -> str:
+    paths = sorted(paths)
+    return ", ".join(paths[:2]) + (f" and {len(paths) - 2} more" if len(paths) > 2 else "")
+
+
+def merge(params: PyTree, adapters: PyTree, *, stack: bool = False) -> PyTree:
     """Fold every adapter into its kernel: ``W = W0 + scale * A @ B`` (DoRA: ``m * (W0 + s*A@B) / ||.||``).
 
     Pure and jit-able (also with ``donate_argnums=0``). dW is computed in float32 and the sum cast back to
-    each base leaf's dtype; leaves without an adapter pass through untouched. The result is a plain parameter
-    tree that runs at exactly the base model's speed. Merging an adapter into a tree that this function
-    already merged it into raises ``ValueError``. A quantised base (:class:`lora_jax.quant.QuantizedWeight`)
-    is dequantised and merges into a dense kernel of its compute dtype; to quantise the result again, with a
-    report of the error that costs, use :func:`lora_jax.quant.merge_quantized`.
+    each base leaf's dtype; leaves without an adapter pass through untouched. The result runs at exactly the base
+    model's speed. For a dict ``params`` it is a :class:`MergedParams` (a dict) that records which kernels were
+    merged, through copies and ``jit``: merging adapters into kernels that already hold a recorded merge raises
+    :class:`~lora_jax.errors.MergeStateError` (the same adapter would add dW twice) unless ``stack=True`` says it
+    is a different adapter to add on top. A quantised base (:class:`lora_jax.quant.QuantizedWeight`) is
+    dequantised and merges into a dense kernel of its compute dtype; to quantise the result again, with a report
+    of the error that costs, use :func:`lora_jax.quant.merge_quantized`. ``adapters`` that are not an adapter
+    tree raise ``TypeError``.
     """
+    _check_params(params, "merge")
+    _check_flag(stack, "merge", "stack")
+    paths = frozenset(p for p, _ in _checked_adapters(adapters, "merge"))
+    prior = merge_record(params) or ()
+    shared = set().union(*(rec & paths for rec in prior)) if prior else set()
+    if shared and not stack:
+        raise MergeStateError(f"merge: {_sample(shared)} already hold a merged adapter (these params, or a copy of "
+                              "them, come from lora.merge); merging the same adapter again would add dW twice. "
+                              "Unmerge first or merge into the original params, or pass stack=True to add a "
+                              "different adapter on top")
 
     def fold(path: str, w, ad: LoraAdapter):
         if _merged_with(w, ad):
             raise MergeStateError(f"merge: {path} already has this adapter merged in; merging again would add dW "
-                             "twice (unmerge first, or merge into the original params)")
+                                  "twice (unmerge first, or merge into the original params)")
         out = merged_kernel(w, ad).astype(w.dtype)
         _mark_merged(out, ad, dora_norm(w, ad) if ad.is_dora and _concrete(out) else None)
         return out
 
-    return _map_targets(params, adapters, fold, "merge")
+    out = _map_targets(params, adapters, fold, "merge")
+    if type(out) in (dict, MergedParams):
+        return MergedParams(out, (*prior, paths))
+    return out
 
 
-def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
+def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) -> PyTree:
     """Inverse of :func:`merge`: ``W0 = W - scale * A @ B`` (exact up to rounding in the base dtype).
+
+    ``merged`` must hold these adapters. A :class:`MergedParams` from :func:`merge` records which kernels were
+    merged: unmerging adapters whose kernels it records no merge of raises
+    :class:`~lora_jax.errors.MergeStateError` instead of subtracting a dW that was never added. Params without
+    that record (a plain dict, an ``nnx.State``, params read back from a file) cannot tell: unmerge raises unless
+    ``assume_merged=True`` says they hold these adapters. (The record holds kernel paths, not values: unmerging
+    a *different* adapter of the same kernels is the caller's concern.) The result is a plain dict (a
+    :class:`MergedParams` while other merges remain).
 
     DoRA: ``W0 = W * ||W0 + s*A@B|| / m - s*A@B``. The merged kernel does not determine those norms, so a
     DoRA adapter unmerges only from a tree that :func:`merge` returned in this process outside ``jit`` (it
     remembers them, as PEFT caches them); otherwise keep the original params instead of unmerging.
     """
+    _check_params(merged, "unmerge")
+    _check_flag(assume_merged, "unmerge", "assume_merged")
+    paths = frozenset(p for p, _ in _checked_adapters(adapters, "unmerge"))
+    record = merge_record(merged)
+    remaining: tuple[frozenset, ...] = ()
+    if record is not None:
+        hits = [i for i, rec in enumerate(record) if rec & paths]
+        if not hits:
+            raise MergeStateError(f"unmerge: these params record no merge at {_sample(paths)}; unmerging would "
+                                  "subtract a dW that was never added")
+        i = hits[-1]
+        if record[i] != paths:
+            raise MergeStateError(f"unmerge: the merge recorded at {_sample(record[i] & paths)} covered "
+                                  f"{len(record[i])} kernels, these adapters cover {len(paths)}; unmerge with the "
+                                  "adapter tree that was merged")
+        remaining = record[:i] + record[i + 1:]
+    elif not assume_merged:
+        raise MergeStateError(f"unmerge: params of type {type(merged).__name__} carry no merge record, so whether "
+                              "they hold these adapters cannot be told (lora.merge returns a MergedParams dict that "
+                              "records it; dict(...), files and nnx.State do not keep it). If they do hold them, "
+                              "pass assume_merged=True")
 
     def unfold(path: str, w, ad: LoraAdapter):
         if not ad.is_dora:
@@ -420,20 +550,36 @@ def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
         v = as_dense(w, jnp.float32).reshape(d_in, -1) * (norm / ad.magnitude.astype(jnp.float32))
         return (v.reshape(w.shape) - ad.delta(jnp.float32)).astype(w.dtype)
 
-    return _map_targets(merged, adapters, unfold, "unmerge")
+    out = _map_targets(merged, adapters, unfold, "unmerge")
+    if isinstance(out, MergedParams):
+        return MergedParams(out, remaining) if remaining else dict(out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ wrap
 
 
-def wrap(params: PyTree, adapters: PyTree, *, dropout_key: Array | None = None) -> PyTree:
+def wrap(params: PyTree, adapters: PyTree, *, dropout_key: Array | None = None, stack: bool = False) -> PyTree:
     """Return ``params`` with each targeted kernel replaced by a :class:`LoraWeight` (base + adapter).
 
     Models that compute their projections with :func:`lora_jax.ops.dot` / :func:`lora_jax.ops.einsum` then
     run the factored forward. Pass ``dropout_key`` during training to enable the adapters' dropout (each
-    adapter gets its own key); leave it ``None`` for evaluation.
+    adapter gets its own key); leave it ``None`` for evaluation. Params from :func:`merge` that already hold a
+    merged adapter at these kernels raise :class:`~lora_jax.errors.MergeStateError` unless ``stack=True``.
     """
-    index = {p: i for i, (p, _) in enumerate(adapter_items(adapters))}
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"wrap: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, got "
+                        f"{type(adapters).__name__}")
+    _check_flag(stack, "wrap", "stack")
+    items = adapter_items(adapters)
+    record = merge_record(params)
+    if record and not stack:
+        shared = set().union(*(rec & {p for p, _ in items} for rec in record))
+        if shared:
+            raise MergeStateError(f"wrap: {_sample(shared)} already hold a merged adapter (these params come from "
+                                  "lora.merge); wrapping the same adapter would add dW a second time. Wrap the "
+                                  "original params, or pass stack=True to add a different adapter on top")
+    index = {p: i for i, (p, _) in enumerate(items)}
 
     def to_weight(path: str, w, ad: LoraAdapter):
         key = None

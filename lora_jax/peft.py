@@ -35,6 +35,7 @@ Nothing here imports torch or ``peft``: the files are read and written with ``sa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -216,7 +217,7 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise PeftError(f"{Path(folder)}: no {CONFIG_NAME} (expected a PEFT adapter folder)")
     try:
         cfg = json.loads(file.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise PeftError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise PeftError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
@@ -227,9 +228,7 @@ def read_config(folder: str | os.PathLike) -> dict:
             raise NotImplementedError(f"{file}: {what} is not supported ({field}={cfg[field]!r})")
     if cfg.get("use_dora") and not _has_dora():
         raise _dora_missing(str(file))
-    for field in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(field), (int, float)) or cfg[field] <= 0:
-            raise PeftError(f"{file}: {field} must be a positive number, got {cfg.get(field)!r}")
+    _check_numbers_and_patterns(cfg, file)
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         logger.warning("%s: init_lora_weights=%r rewrites the base weights in PEFT; unless the adapter was converted "
@@ -237,11 +236,65 @@ def read_config(folder: str | os.PathLike) -> dict:
     return cfg
 
 
+def _check_numbers_and_patterns(cfg: dict, file: Path) -> None:
+    """An adapter_config.json is untrusted input: its numbers must be finite and in range (a NaN or infinite
+    alpha would give NaN outputs), its pattern keys valid regexes, compiled for linear-time matching (RE2: no
+    backreferences or lookaround, so no pattern can take exponential time on a module name)."""
+
+    def number(value, field, integer=False, low=0.0, low_ok=False, high=None):
+        ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and \
+            math.isfinite(value) and (value >= low if low_ok else value > low) and (high is None or value < high)
+        if not ok:
+            kind = "an integer" if integer else "a finite number"
+            bound = f">= {low:g}" if low_ok else f"> {low:g}"
+            raise PeftError(f"{file}: {field} must be {kind} {bound}{f' and < {high:g}' if high else ''}, got "
+                            f"{value!r:.60}")
+
+    number(cfg.get("r"), "r", integer=True)
+    number(cfg.get("lora_alpha"), "lora_alpha")
+    number(cfg.get("lora_dropout") or 0.0, "lora_dropout", low_ok=True, high=1.0)
+    for field in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if field in cfg and cfg[field] is not None and not isinstance(cfg[field], bool):
+            raise PeftError(f"{file}: {field} must be true or false, got {cfg[field]!r:.60}")
+    for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = cfg.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise PeftError(f"{file}: {field} must be a mapping of module patterns to numbers, got "
+                            f"{type(patterns).__name__}")
+        for key, value in patterns.items():
+            _suffix_pattern(key, f"{file}: {field} key")
+            number(value, f"{field}[{key!r:.60}]", integer=integer)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled_suffix(key: str):
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # the error goes into the message, not to stderr
+    return re2.compile(rf"(.*\.)?({key})$", options)
+
+
+def _suffix_pattern(key: Any, where: str):
+    """PEFT's pattern for a module-name suffix, compiled with RE2 (linear-time matching)."""
+    if not isinstance(key, str) or not key:
+        raise PeftError(f"{where} {key!r:.60} must be a non-empty string (a regex of a module name)")
+    try:
+        return _compiled_suffix(key)
+    except Exception as e:  # re2.error: an invalid pattern, or one RE2 cannot run in linear time
+        detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise PeftError(f"{where} {key!r:.60} is not a valid pattern for linear-time matching (RE2: "
+                        f"{detail[:120]}; backreferences and lookaround are not supported)") from None
+
+
 def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the value of the first key that is a regex for a
-    dot-separated suffix of ``module`` (``re.match(rf"(.*\\.)?({key})$", module)``), else ``default``."""
+    dot-separated suffix of ``module`` (``re.match(rf"(.*\\.)?({key})$", module)``, run by RE2), else
+    ``default``."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _suffix_pattern(key, "pattern").match(module):
             return value
     return default
 

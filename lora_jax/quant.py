@@ -403,7 +403,11 @@ def merge_quantized(params: PyTree, adapters: PyTree, *,
                                  delta_rms=float(jnp.sqrt(jnp.mean(delta * delta))))
         return out
 
-    out = jax.tree_util.tree_map_with_path(requant, params, merged, is_leaf=_targets.is_weight_node)
+    record = _core.merge_record(merged)
+    bare = dict(merged) if record is not None else merged  # the structure of params (a plain dict)
+    out = jax.tree_util.tree_map_with_path(requant, params, bare, is_leaf=_targets.is_weight_node)
+    if record is not None:  # keep merge's record of which kernels now hold the adapters
+        out = _core.MergedParams(out, record)
     return out, errors
 
 

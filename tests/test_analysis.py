@@ -367,4 +367,4 @@ def test_analyze_command_rejects_adapters_of_another_model(tiny_bert, tmp_path, 
     assert "(32, 32)" in err and "(48, 48)" in err
     assert analyze.main(["--base", str(folder), "--adapters", str(tmp_path / "missing"), "--out",
                          str(tmp_path / "out")]) == 2
-    assert "lora_adapters.json missing" in capsys.readouterr().err
+    assert "missing' does not exist" in capsys.readouterr().err

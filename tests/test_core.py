@@ -166,7 +166,7 @@ def test_dense_general_kernels_flatten_in_and_out_axes():
 def test_merge_of_fresh_init_is_bit_identical(net):
     _, params, _ = net
     merged = lora.merge(params, lora.init(params, r=4, targets="all-linear"))
-    chex.assert_trees_all_equal(merged, params)
+    chex.assert_trees_all_equal(dict(merged), params)  # dict(): a MergedParams' record is part of its structure
 
 
 def test_merge_unmerge_roundtrip_and_untouched_leaves(net):
@@ -185,7 +185,7 @@ def test_merging_twice_is_detected(net):
     _, params, _ = net
     ad = _random_b(lora.init(params, r=4, targets="qv"))
     merged = lora.merge(params, ad)
-    with pytest.raises(ValueError, match="already has this adapter merged"):
+    with pytest.raises(ValueError, match="already hold a merged adapter"):
         lora.merge(merged, ad)
     lora.merge(lora.unmerge(merged, ad), ad)  # after unmerge it is allowed again
 
@@ -396,7 +396,7 @@ def test_jit_takes_adapter_tree_and_static_metadata_survives(net):
     model, params, ids = net
     ad = lora.init(params, r=4, alpha=8, targets="qv")
     out = jax.jit(lambda p, a: lora.merge(p, a))(params, ad)
-    chex.assert_trees_all_equal(out, params)
+    chex.assert_trees_all_equal(dict(out), params)
     leaves, treedef = jax.tree_util.tree_flatten(ad)
     assert all(isinstance(x, jax.Array) for x in leaves)
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)

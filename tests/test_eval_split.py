@@ -35,7 +35,7 @@ def _check_no_leak(cfg, tokenizer, rows):
     scored = list(dict.fromkeys(evals.prompts))[: cfg.eval.generate_eval]
     assert scored and not set(scored) & set(train.prompts)
     # every held-out prompt keeps all of its references (as many as the source has for it)
-    per_prompt = collections.Counter(cfg.data.prompt_template.format(**r) for r in rows)
+    per_prompt = collections.Counter(data_lib.format_prompt(r, cfg.data) for r in rows)
     for prompt, refs in zip(evals.prompts, evals.references):
         assert len(refs) == per_prompt[prompt], prompt
     return train, evals, scored
@@ -46,7 +46,7 @@ def test_default_job_evaluates_on_unseen_prompts(config, smollm2_tokenizer):
     cfg = load_config(None if config is None else ROOT / config)
     assert cfg.data.source == "builtin:restaurants" and cfg.data.group_column is None
     rows = data_lib.load_rows(cfg.data, cfg.data.train_split)
-    prompts = collections.Counter(cfg.data.prompt_template.format(**r) for r in rows)
+    prompts = collections.Counter(data_lib.format_prompt(r, cfg.data) for r in rows)
     assert sum(n > 1 for n in prompts.values()) > 0.3 * len(prompts)  # prompts repeat: a row split would leak
     train, evals, scored = _check_no_leak(cfg, smollm2_tokenizer, rows)
     assert len(train) + len(evals) == len(rows)

@@ -65,10 +65,9 @@ def _overrides(model_dir, out, **extra):
 @pytest.fixture(scope="module")
 def cls_run(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "cls"
-    loop.run(load_config(None, _overrides(tiny_bert, out, **{
+    return loop.run(load_config(None, _overrides(tiny_bert, out, **{
         "data.source": "builtin:sentiment", "data.task": "classification", "data.max_length": 16,
-        "output.export_peft": "true"})), **QUIET)
-    return out
+        "output.export_peft": "true"})), **QUIET).folder
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,7 @@ def lm_run(tiny_llama, tmp_path_factory):
     loop.run(load_config(None, _overrides(tiny_llama, out, **{
         "data.source": "builtin:restaurants", "data.task": "causal-lm", "data.max_length": 64, "train.batch_size": 4,
         "data.max_eval_examples": 16, "eval.generate_samples": 0, "eval.generate_eval": 0})), **QUIET)
-    return out
+    return out  # the job folder: train.predict --run follows its latest run
 
 
 def _records(path):
@@ -154,8 +153,8 @@ def test_predict_errors(cls_run, tiny_bert, wide_bert, tmp_path, capsys):
     csv_file = tmp_path / "in.csv"
     csv_file.write_text("text\nhello\n")
     cases = [
-        (["--run", str(tmp_path / "nope"), "--text", "x"], "--run folder '" + str(tmp_path / "nope") + "' does not exist"),
-        (["--run", str(empty), "--text", "x"], "holds no train.run output (config.yaml missing)"),
+        (["--run", str(tmp_path / "nope"), "--text", "x"], "--run '" + str(tmp_path / "nope") + "' does not exist"),
+        (["--run", str(empty), "--text", "x"], "holds no run: no config.yaml and no latest"),
         (["--run", str(cls_run), "--file", str(tmp_path / "missing.csv")], "does not exist"),
         (["--run", str(cls_run), "--file", str(csv_file), "--column", "sentence"], "no 'sentence' (--column)"),
         (["--run", str(cls_run), "--file", str(csv_file)], "no 'sentence'; name the text with --column"),

@@ -159,7 +159,8 @@ def test_sst2_tsv_loads():
 def full_run(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "full"
     result = run(load_config(None, overrides(tiny_bert, out)), print_fn=lambda *a: None)
-    return out, result
+    assert result.folder == out / "run-1" and (out / "latest").resolve() == result.folder.resolve()
+    return result.folder, result
 
 
 def test_run_trains_and_writes_everything(full_run):
@@ -195,12 +196,18 @@ def test_resume_continues_exactly(full_run, tiny_bert, tmp_path):
         np.testing.assert_allclose(x.b, y.b, rtol=1e-6, atol=1e-7)
 
 
-def test_output_folder_of_another_run_is_refused(full_run, tiny_bert):
+def test_a_second_run_goes_beside_the_first_and_a_run_folder_is_not_reused(full_run, tiny_bert):
+    from train import outputs
+
     out, _ = full_run
-    with pytest.raises(ConfigError, match="already holds a different run"):
+    job = out.parent
+    again = outputs.plan(load_config(None, overrides(tiny_bert, job)), resume=False)
+    assert again.folder == job / "run-2" and again.replaces is None  # the same command twice: a second run
+    assert outputs.plan(load_config(None, overrides(tiny_bert, job)), resume=True).folder.resolve() == out.resolve()
+    with pytest.raises(ConfigError, match="is itself a run folder"):  # never written into, unless replaced
         run(load_config(None, overrides(tiny_bert, out, **{"lora.r": 4})), print_fn=lambda *a: None)
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
-        run(load_config(None, overrides(tiny_bert, out)), print_fn=lambda *a: None)
+    with pytest.raises(ConfigError, match=r"holds a run with a different config \(lora.r: saved 8, now 4\)"):
+        run(load_config(None, overrides(tiny_bert, job, **{"lora.r": 4})), resume=True, print_fn=lambda *a: None)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert, tmp_path):
@@ -211,13 +218,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert, tmp_path):
         run(cfg, print_fn=lambda *a: None)
     from lora_jax.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(tmp_path / "nan" / "checkpoints")
+    ckpt = Checkpointer(tmp_path / "nan" / "latest" / "checkpoints")
     assert ckpt.steps()  # at least one good step was saved before the failure
     for step in ckpt.steps():  # no checkpoint holds a NaN
         state = ckpt.restore_untyped(step)
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
-    assert not (tmp_path / "nan" / "adapters").exists()  # nothing exported from a broken run
-    for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines():
+    assert not (tmp_path / "nan" / "latest" / "adapters").exists()  # nothing exported from a broken run
+    for line in (tmp_path / "nan" / "latest" / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec["kind"] == "train" and rec["finite"]:
             assert np.isfinite(rec["loss"])
@@ -236,7 +243,7 @@ def test_eight_devices_match_one(tiny_bert, tmp_path):
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"over {devices} cpu device(s)" in proc.stdout
-        losses[name] = [r["loss"] for r in read_log(tmp_path / name) if r["kind"] == "train"]
+        losses[name] = [r["loss"] for r in read_log(tmp_path / name / "latest") if r["kind"] == "train"]
     assert len(losses["one"]) == 6
     np.testing.assert_allclose(losses["eight"], losses["one"], rtol=2e-4)
 
@@ -274,17 +281,18 @@ def test_two_processes_match_one(tiny_bert, tmp_path):
                            *overrides(tiny_bert, single, **{"train.steps": 6, "eval.every": 3})],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    multi = [r["loss"] for r in read_log(tmp_path / "multi") if r["kind"] == "train"]
-    one = [r["loss"] for r in read_log(single) if r["kind"] == "train"]
+    multi = [r["loss"] for r in read_log(tmp_path / "multi" / "latest") if r["kind"] == "train"]
+    one = [r["loss"] for r in read_log(single / "latest") if r["kind"] == "train"]
     np.testing.assert_allclose(multi, one, rtol=2e-4)
-    a = lora.checkpoint.load_adapters(tmp_path / "multi" / "adapters")
-    b = lora.checkpoint.load_adapters(single / "adapters")
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["latest", "run-1"]  # one folder, agreed on
+    a = lora.checkpoint.load_adapters(tmp_path / "multi" / "latest" / "adapters")
+    b = lora.checkpoint.load_adapters(single / "latest" / "adapters")
     for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
         np.testing.assert_allclose(x.b, y.b, rtol=1e-3, atol=1e-6)
 
 
 def _losses_by_step(folder) -> dict[int, float]:
-    """The last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
+    """The logged loss of every step."""
     return {r["step"]: r["loss"] for r in read_log(folder) if r["kind"] == "train"}
 
 
@@ -297,7 +305,7 @@ def _start_and_interrupt(tiny_bert, out, sig, at_step) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and max(_losses_by_step(out), default=0) >= at_step:
+        if (out / "latest" / "metrics.jsonl").exists() and max(_losses_by_step(out / "latest"), default=0) >= at_step:
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -315,19 +323,22 @@ def test_interrupted_run_resumes_to_the_same_result(full_run, tiny_bert, tmp_pat
     proc = _start_and_interrupt(tiny_bert, tmp_path / sig, sig, at_step)
     if sig == "term":
         assert proc.returncode == 0  # a clean exit after saving
-        assert max(int(p.name) for p in (tmp_path / sig / "checkpoints").iterdir() if p.name.isdigit()) >= at_step
+        assert max(int(p.name) for p in (tmp_path / sig / "latest" / "checkpoints").iterdir() if p.name.isdigit()) \
+            >= at_step
     else:
         assert proc.returncode == -9
     again = subprocess.run([sys.executable, "-m", "train.run", "--resume",
                             *overrides(tiny_bert, tmp_path / sig, **{"checkpoint.every": 1, "eval.every": 100})],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    losses = _losses_by_step(tmp_path / sig)
+    losses = _losses_by_step(tmp_path / sig / "latest")
     assert sorted(losses) == list(range(1, 13))
+    steps = [r["step"] for r in read_log(tmp_path / sig / "latest") if r["kind"] == "train"]
+    assert steps == list(range(1, 13))  # the steps trained again after the checkpoint are logged once
     np.testing.assert_allclose([losses[s] for s in range(1, 13)], [h["loss"] for h in uninterrupted.history],
                                rtol=1e-6)
     a = lora.checkpoint.load_adapters(out / "adapters")
-    b = lora.checkpoint.load_adapters(tmp_path / sig / "adapters")
+    b = lora.checkpoint.load_adapters(tmp_path / sig / "latest" / "adapters")
     for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
         np.testing.assert_allclose(x.b, y.b, rtol=1e-6, atol=1e-7)
 

@@ -87,11 +87,11 @@ def _merged_matches_factored(folder, model, full, adapters, batch):
 
 
 def test_option_overrides_parse():
-    cfg = load_config(None, ["train.method=qlora", "quant.type=int8", "quant.block_size=128",
+    cfg = load_config(None, ["train.method=qlora", "quant.type=nf4", "quant.block_size=128",
                              "quant.double_quant=false", "lora.use_dora=true", "lora.init=pissa", "lora.pissa_niter=4",
                              'lora.rank_pattern={".*/layer_0/.*": 2}', 'lora.alpha_pattern={".*value.*": 3}',
                              "optim.lora_plus_ratio=16", "lora.use_rslora=true", "lora.dropout=0.1"])
-    assert (cfg.train.method, cfg.quant.type, cfg.quant.block_size, cfg.quant.double_quant) == ("qlora", "int8", 128,
+    assert (cfg.train.method, cfg.quant.type, cfg.quant.block_size, cfg.quant.double_quant) == ("qlora", "nf4", 128,
                                                                                                 False)
     assert cfg.lora.use_dora and cfg.lora.init == "pissa" and cfg.lora.pissa_niter == 4
     assert cfg.lora.rank_pattern == {".*/layer_0/.*": 2} and cfg.lora.alpha_pattern == {".*value.*": 3.0}
@@ -103,7 +103,7 @@ def test_option_overrides_parse():
     (["quant.block_size=100"], "quant.block_size must be one of"),
     (["quant.type=fp8"], "quant.type: expected one of ['nf4', 'int8']"),
     (["lora.init=svd"], "lora.init: expected one of ['lora', 'gaussian', 'pissa']"),
-    (["lora.pissa_niter=2"], "lora.pissa_niter=2 needs lora.init=pissa"),
+    (["lora.pissa_niter=2"], "lora.pissa_niter=2 has no effect here: it applies only with lora.init=pissa"),
     (['lora.rank_pattern={".*": 0}'], "lora.rank_pattern['.*'] must be >= 1"),
     (["train.method=qlora", "lora.init=pissa", "output.export_peft=true"], "quantised PiSSA residual"),
 ])
@@ -165,7 +165,7 @@ def qlora_run(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "qlora"
     cfg, result = _run(tiny_bert, out, **{"train.method": "qlora", "train.steps": 12, "optim.lr": 5e-3,
                                           "output.export_merged": "true"})
-    return cfg, out, result
+    return cfg, result.folder, result
 
 
 def test_qlora_run_trains_reports_memory_and_exports_merged(qlora_run):
@@ -192,7 +192,7 @@ def dora_run(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "dora"
     cfg, result = _run(tiny_bert, out, **{"lora.use_dora": "true", "output.export_merged": "true",
                                           "output.export_peft": "true"})
-    return cfg, out, result
+    return cfg, result.folder, result
 
 
 def test_dora_magnitude_is_trained_checkpointed_merged_and_exported(dora_run):
@@ -246,7 +246,7 @@ def options_run(tiny_bert, tmp_path_factory):
         "lora.r": 4, "lora.alpha": 8, "lora.use_rslora": "true", "lora.dropout": 0.3, "optim.lora_plus_ratio": 4,
         "lora.rank_pattern": '{".*/layer_0/attention/self/query/kernel": 2}',
         "lora.alpha_pattern": '{".*/layer_1/.*/value/kernel": 2}'})
-    return cfg, out, result
+    return cfg, result.folder, result
 
 
 def test_pissa_run_equals_base_at_step_0_and_exports_for_the_original_base(tiny_bert, tmp_path, options_run):
@@ -255,7 +255,7 @@ def test_pissa_run_equals_base_at_step_0_and_exports_for_the_original_base(tiny_
     # At step 0 the model is the base model: the same validation loss as a LoRA run (B = 0) of the same base.
     np.testing.assert_allclose(result.eval_before["loss"], options_run[2].eval_before["loss"], rtol=1e-5)
     assert result.eval_after["loss"] != result.eval_before["loss"]
-    out = tmp_path / "pissa"
+    out = result.folder
     model, full, adapters, batch, model_cfg, params = trained(cfg, out)
     want = _logits(model, lora.wrap(full, adapters), batch)
     _merged_matches_factored(out, model, full, adapters, batch)

@@ -6,17 +6,15 @@ that W already emphasises?); with two or more adapters of the same base, the sub
 first two (e.g. an r=8 and an r=64 run) at every common matrix.
 
 ``MODEL`` is anything :func:`lora_jax.models.load` accepts (``all-MiniLM-L6-v2``, a Hugging Face folder, a GGUF
-file); each ``DIR`` is a folder written by :func:`lora_jax.checkpoint.save_adapters` (``runs/<name>/adapters`` for
-a training run). Writes ``REPORT_DIR/report.md`` (tables), ``analysis.json`` (every number), ``spectra_<label>.png``
-and, with two adapters, ``similarity_A.png`` / ``similarity_output.png`` (heat maps of phi(i, j)).
+file); each ``DIR`` is a folder written by :func:`lora_jax.checkpoint.save_adapters` (``runs/<name>/run-N/adapters``
+for a training run), a run folder, or a job folder (``runs/<name>``: its latest run). Writes
+``REPORT_DIR/report.md`` (tables), ``analysis.json`` (every number), ``spectra_<label>.png`` and, with two adapters, ``similarity_A.png`` / ``similarity_output.png`` (heat maps of phi(i, j)).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_jax import analysis
+from train.cli import ArgumentParser
 
 # Subspaces compared between the first two adapters: the paper's (A's input directions) and dW's column space
 # in the paper's layout (the output directions the update writes).
@@ -32,12 +31,31 @@ BASIS_TITLE = {"A": "right-singular vectors of A (paper Fig. 3)", "output": "col
                "input": "row space of dW (input side)", "B": "column space of B"}
 
 
+def adapter_folder(folder: str | Path) -> Path:
+    """The adapter folder that ``folder`` names: itself (``runs/x/run-1/adapters``), or a run folder's
+    ``adapters/``, or the latest run's of a job folder (``runs/x``)."""
+    from lora_jax.checkpoint import META_FILE
+    from train import outputs
+
+    folder = Path(folder)
+    if (folder / META_FILE).is_file() or folder.name == "adapters":
+        return folder
+    return outputs.resolve_run(folder, "--adapters") / "adapters"
+
+
 def labels_for(folders: Sequence[Path]) -> list[str]:
-    """A short name per adapter folder: ``runs/r8_qv/adapters`` -> ``r8_qv``; duplicates get ``#2``, ``#3``."""
+    """A short name per adapter folder: ``runs/r8_qv/adapters``, ``runs/r8_qv/latest/adapters`` and ``runs/r8_qv``
+    -> ``r8_qv``; duplicates get ``#2``, ``#3``."""
+    import re
+
     out: list[str] = []
     for folder in folders:
         folder = Path(folder).absolute()
-        name = folder.parent.name if folder.name == "adapters" else folder.name
+        if folder.name == "adapters":
+            folder = folder.parent
+        if folder.name == "latest" or re.fullmatch(r"run-\d+", folder.name):
+            folder = folder.parent
+        name = folder.name
         label, n = name, 2
         while label in out:
             label, n = f"{name}#{n}", n + 1
@@ -254,11 +272,12 @@ def analyze(base: str, folders: Sequence[str | Path], out: str | Path, labels: S
     if len(labels) != len(folders):
         raise ValueError(f"{len(labels)} labels for {len(folders)} adapter folders")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, expected a folder")
+    trees = [load_adapters(adapter_folder(f)) for f in folders]  # checked before the (slow) base model loads
     print_fn(f"loading base model {base}")
     params = load(base)[1]
-    trees = [load_adapters(f) for f in folders]
+    out.mkdir(parents=True, exist_ok=True)
     stats = {lab: analysis.layer_stats(params, tree) for lab, tree in zip(labels, trees)}
 
     lines = ["# LoRA update analysis", "", f"Base model: `{base}`", "",
@@ -306,23 +325,16 @@ def analyze(base: str, folders: Sequence[str | Path], out: str | Path, labels: S
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.analyze", description=__doc__.split("\n\n")[1])
+    ap = ArgumentParser(prog="python -m train.analyze", description=__doc__.split("\n\n")[1])
     ap.add_argument("--base", required=True, help="base model: anything lora_jax.models.load accepts")
     ap.add_argument("--adapters", required=True, nargs="+", help="adapter folders (save_adapters); the first two "
                     "are compared")
     ap.add_argument("--out", required=True, help="report folder")
     ap.add_argument("--labels", nargs="+", help="names for the adapters (default: their run folder names)")
     args = ap.parse_args(argv)
-    from lora_jax.checkpoint import CheckpointError
+    from train.cli import guarded
 
-    try:
-        analyze(args.base, args.adapters, args.out, args.labels)
-    except (CheckpointError, ValueError, KeyError, OSError) as e:
-        if os.environ.get("LORA_JAX_TRACEBACK"):
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(lambda: analyze(args.base, args.adapters, args.out, args.labels))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,23 @@ FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", "
 # ------------------------------------------------------------------------------------------------ rows
 
 
+# Each row remembers where it came from (file and row number, counted from 1 after any header), so that an error
+# found after the rows were shuffled and split names the row of the file. Extra keys do not disturb
+# ``prompt_template.format(**row)``.
+SOURCE_KEY = "__source_row__"
+
+
+def source_of(row: dict, fallback: str = "a row") -> str:
+    """Where ``row`` came from, e.g. ``'data/train.csv row 17'``."""
+    return str(row.get(SOURCE_KEY, fallback))
+
+
+def _tag(rows: list[dict], source: str) -> list[dict]:
+    for i, row in enumerate(rows, 1):
+        row[SOURCE_KEY] = f"{source} row {i}"
+    return rows
+
+
 def _load_files(paths: list[str], required: list[str]) -> list[dict]:
     import datasets
 
@@ -42,17 +63,32 @@ def _load_files(paths: list[str], required: list[str]) -> list[dict]:
         if Path(p).stat().st_size == 0:
             raise DataError(f"data file {p!r} is empty")
     kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
+    rows: list[dict] = []
+    bars = not datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # errors are one line on stderr; no progress bars around them
     try:
-        ds = datasets.load_dataset(FILE_TYPES[suffix], data_files=paths, split="train", **kwargs)
-    except Exception as e:  # datasets raises many types for malformed files
-        raise DataError(f"could not read {paths} as {FILE_TYPES[suffix]}: {type(e).__name__}: {e}") from None
-    missing = [c for c in required if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{paths} has columns {ds.column_names}; expected {missing} too "
-                        "(set data.*_column to the names your file uses)")
-    if len(ds) == 0:
-        raise DataError(f"{paths} holds no rows")
-    return ds.to_list()
+        for p in paths:  # one file at a time, so that each row knows its file
+            # A fresh cache folder: datasets' own cache is keyed on the path and modification time, so an edit
+            # that keeps both would be served stale (the tokenised cache above is keyed on the content).
+            with tempfile.TemporaryDirectory(prefix="lora_jax_data_") as tmp:
+                try:
+                    ds = datasets.load_dataset(FILE_TYPES[suffix], data_files=[p], split="train", cache_dir=tmp,
+                                               **kwargs)
+                    columns, n, file_rows = ds.column_names, len(ds), ds.to_list()
+                except Exception as e:  # datasets raises many types for malformed files
+                    detail = " ".join(f"{type(e).__name__}: {e}".split())
+                    raise DataError(f"could not read {p!r} as {FILE_TYPES[suffix]}: {detail[:300]}") from None
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise DataError(f"{p!r} has columns {columns}; expected {missing} too "
+                                "(set data.*_column to the names your file uses)")
+            if n == 0:
+                raise DataError(f"{p!r} holds no rows")
+            rows += _tag(file_rows, p)
+    finally:
+        if not bars:
+            datasets.enable_progress_bars()
+    return rows
 
 
 def _load_hub(name: str, split: str) -> list[dict]:
@@ -67,10 +103,26 @@ def _load_hub(name: str, split: str) -> list[dict]:
 
 def _required_columns(cfg: DataConfig) -> list[str]:
     if cfg.task == "causal-lm":
-        cols = [cfg.completion_column] + [c for c in _template_fields(cfg.prompt_template)]
+        cols = [cfg.completion_column] + [cfg.prompt_column if c == "prompt" else c
+                                          for c in _template_fields(cfg.prompt_template)]
     else:
         cols = [cfg.text_column, cfg.label_column]
-    return cols + ([cfg.group_column] if cfg.group_column else [])
+    return list(dict.fromkeys(cols + ([cfg.group_column] if cfg.group_column else [])))
+
+
+def _check_columns(rows: list[dict], cfg: DataConfig, source: str) -> list[dict]:
+    columns = [c for c in rows[0] if c != SOURCE_KEY] if rows else []
+    missing = [c for c in _required_columns(cfg) if c not in columns]
+    if missing:
+        raise DataError(f"{source} has columns {columns}; expected {missing} too (set data.*_column / "
+                        "data.prompt_template to the names it uses)")
+    return rows
+
+
+def format_prompt(row: dict, cfg: DataConfig) -> str:
+    """The prompt of ``row``: ``data.prompt_template`` with its fields from the row's columns (``{prompt}`` from
+    ``data.prompt_column``)."""
+    return cfg.prompt_template.format(**{**row, "prompt": row.get(cfg.prompt_column, row.get("prompt"))})
 
 
 def _template_fields(template: str) -> list[str]:
@@ -88,12 +140,12 @@ def load_rows(cfg: DataConfig, split: str) -> list[dict]:
             raise DataError(f"unknown built-in data set {name!r}; choose from {sorted(builtin.BUILTIN)}")
         rows = builtin.BUILTIN[name](seed=cfg.seed)
         if name == "restaurants":  # its columns are prompt / completion / group
-            return [{"prompt": r["prompt"], "completion": r["completion"], "group": r["group"]} for r in rows]
-        return rows
+            rows = [{"prompt": r["prompt"], "completion": r["completion"], "group": r["group"]} for r in rows]
+        return _check_columns(_tag([dict(r) for r in rows], source), cfg, f"data.source={source!r}")
     paths = [p.strip() for p in source.split(",") if p.strip()]
     if any(Path(p).suffix.lower() in FILE_TYPES for p in paths) or any(os.sep in p and Path(p).exists() for p in paths):
         return _load_files(paths, _required_columns(cfg))
-    return _load_hub(source, split)
+    return _check_columns(_tag(_load_hub(source, split), f"{source}[{split}]"), cfg, f"data set {source!r}")
 
 
 def split_key(cfg: DataConfig):
@@ -106,7 +158,7 @@ def split_key(cfg: DataConfig):
     if cfg.group_column:
         return lambda row: str(row[cfg.group_column])
     if cfg.task == "causal-lm":
-        return lambda row: cfg.prompt_template.format(**row)
+        return lambda row: format_prompt(row, cfg)
     return None
 
 
@@ -141,7 +193,7 @@ def cap_eval_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
     kept: set[str] = set()
     out = []
     for row in rows:
-        prompt = cfg.prompt_template.format(**row)
+        prompt = format_prompt(row, cfg)
         if prompt not in kept and len(kept) >= cfg.max_eval_examples:
             continue
         kept.add(prompt)
@@ -198,27 +250,24 @@ def tokenize(rows: list[dict], tokenizer, cfg: DataConfig, max_positions: int | 
     if cfg.task == "classification":
         labels = np.zeros((n,), np.int32)
         for i, row in enumerate(rows):
+            labels[i] = class_id(row[cfg.label_column], num_labels, f"{source_of(row, f'row {i}')}: "
+                                                                    f"{cfg.label_column}")
             toks = tokenizer(str(row[cfg.text_column]), truncation=True, max_length=length)["input_ids"]
             ids[i, : len(toks)] = toks
             mask[i, : len(toks)] = 1
-            try:
-                labels[i] = int(row[cfg.label_column])
-            except (TypeError, ValueError):
-                raise DataError(f"row {i}: label {row[cfg.label_column]!r} is not an integer class id") from None
-            if num_labels is not None and not 0 <= labels[i] < num_labels:
-                raise DataError(f"row {i}: label {labels[i]} is outside [0, {num_labels}) (model.num_labels)")
         return Tokenized(ids, mask, labels=labels)
 
     loss_mask = np.zeros((n, length), np.int32)
     eos = getattr(tokenizer, "eos_token_id", None)
     prompts, too_long = [], 0
     for i, row in enumerate(rows):
-        prompt = cfg.prompt_template.format(**row)
+        prompt = format_prompt(row, cfg)
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c = tokenizer(str(row[cfg.completion_column]), add_special_tokens=False)["input_ids"]
         c = c + ([eos] if eos is not None else [])
         if len(p) >= length:
-            raise DataError(f"row {i}: the prompt alone has {len(p)} tokens, data.max_length is {length}")
+            raise DataError(f"{source_of(row, f'row {i}')}: the prompt alone has {len(p)} tokens, data.max_length is "
+                            f"{length}")
         if len(p) + len(c) > length:
             too_long += 1
         toks = (p + c)[:length]
@@ -236,28 +285,87 @@ def tokenize(rows: list[dict], tokenizer, cfg: DataConfig, max_positions: int | 
     return Tokenized(ids, mask, loss_mask=loss_mask, prompts=prompts, references=[refs[p] for p in prompts])
 
 
-def cache_key(cfg: DataConfig, split: str, tokenizer_name: str) -> str:
+def class_id(value: Any, num_labels: int | None, where: str) -> int:
+    """``value`` as a class id in ``[0, num_labels)``: an integer, an integral float (``1.0``, as a CSV column of
+    numbers reads) or a string of digits. Anything else (``1.5``, ``true``, ``'pos'``, ``2**40``) is refused
+    rather than truncated or wrapped."""
+    v: int | None = None
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        v = None
+    elif isinstance(value, (int, np.integer)):
+        v = int(value)
+    elif isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        v = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,18}\s*", value):
+        v = int(value)
+    if v is None:
+        raise DataError(f"{where}: label {_short(value)} is not an integer class id")
+    hi = num_labels if num_labels is not None else 2**31
+    if not 0 <= v < hi:
+        raise DataError(f"{where}: label {v} is outside [0, {hi})" + (" (model.num_labels)" if num_labels else ""))
+    return v
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of what the tokenizer does (its serialised vocabulary, merges and normalisers), so that a
+    changed tokenizer behind the same model name does not reuse cached token ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else
+                          repr(tokenizer))
+    extra = {k: getattr(tokenizer, k, None) for k in ("pad_token_id", "eos_token_id", "bos_token_id")}
+    return hashlib.sha256((text + json.dumps(extra, default=str)).encode()).hexdigest()
+
+
+# The code that turns rows into arrays: a cache made by other code is not reused.
+_CODE = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], builtin))).hexdigest()
+
+
+def cache_key(cfg: DataConfig, split: str, tokenizer_name: str, tokenizer=None) -> str:
+    """Key of the tokenised cache: the data config, the split, the tokenizer (its name and, given, its content),
+    the code, and the *content* of every local data file (not its path, size or modification time, which an
+    edit can leave unchanged)."""
     # split_rule: bump when split_rows / cap_eval_rows change what a config selects (2: split by prompt)
-    payload = {"cfg": cfg.__dict__, "split": split, "tokenizer": tokenizer_name, "split_rule": 2}
+    payload = {"cfg": dataclasses.asdict(cfg), "split": split, "tokenizer": tokenizer_name, "code": _CODE,
+               "tokenizer_digest": tokenizer_digest(tokenizer) if tokenizer is not None else None, "split_rule": 2}
     paths = [p.strip() for p in f"{cfg.source},{cfg.eval_source or ''}".split(",") if p.strip()]
-    payload["files"] = [(p, os.path.getmtime(p), os.path.getsize(p)) for p in paths if os.path.isfile(p)]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    payload["files"] = [(p, file_digest(p)) for p in paths if os.path.isfile(p)]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def load_tokenized(cfg: DataConfig, tokenizer, tokenizer_name: str, max_positions: int | None = None,
                    num_labels: int | None = None, cache_dir: str | Path | None = None) -> tuple[Tokenized, Tokenized]:
     """Train and eval splits, tokenised; cached as .npz under ``cache_dir`` keyed by config, files and tokenizer."""
-    key = cache_key(cfg, "both", tokenizer_name)
+    key = cache_key(cfg, "both", tokenizer_name, tokenizer)
     cache = Path(cache_dir) / f"{key}.npz" if cache_dir else None
     meta = Path(cache_dir) / f"{key}.json" if cache_dir else None
     if cache is not None and cache.is_file() and meta.is_file():
-        arrays = np.load(cache)
-        text = json.loads(meta.read_text())
-        out = []
-        for split in ("train", "eval"):
-            fields = {k.split("/", 1)[1]: arrays[k] for k in arrays.files if k.startswith(split + "/")}
-            out.append(Tokenized(**fields, **text[split]))
-        return out[0], out[1]
+        try:
+            with np.load(cache) as arrays:
+                text = json.loads(meta.read_text())
+                out = []
+                for split in ("train", "eval"):
+                    fields = {k.split("/", 1)[1]: arrays[k] for k in arrays.files if k.startswith(split + "/")}
+                    out.append(Tokenized(**fields, **text[split]))
+            return out[0], out[1]
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+            pass
 
     rows = load_rows(cfg, cfg.train_split)
     if cfg.eval_source:
@@ -281,8 +389,14 @@ def load_tokenized(cfg: DataConfig, tokenizer, tokenizer_name: str, max_position
                 if getattr(t, name) is not None:
                     arrays[f"{split}/{name}"] = getattr(t, name)
             text[split] = {"prompts": t.prompts, "references": t.references}
-        np.savez(cache, **arrays)
-        meta.write_text(json.dumps(text))
+        # Written to temporary names and renamed: a reader never sees half a cache entry.
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
+        tmp_meta.write_text(json.dumps(text))
+        os.replace(tmp_meta, meta)
+        os.replace(tmp, cache)
     return train, evals
 
 

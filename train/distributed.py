@@ -20,6 +20,9 @@ def initialize_from_env() -> bool:
     n = os.environ.get("JAX_NUM_PROCESSES")
     pid = os.environ.get("JAX_PROCESS_ID")
     if address and n and pid is not None:
+        for name, value in (("JAX_NUM_PROCESSES", n), ("JAX_PROCESS_ID", pid)):
+            if not value.strip().isdigit():
+                raise ValueError(f"environment variable {name}={value!r}: expected a non-negative integer")
         if int(n) > 1:
             local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
             if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes need gloo

@@ -14,11 +14,12 @@ carry its noise, which the JSON records with each evaluation.
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from train.cli import ArgumentParser
 from train.config import dump, load_config
 from train.loop import run
 from train.metrics import read_log
@@ -39,14 +40,17 @@ def _finished(folder: Path, cfg) -> bool:
 
 
 def _run(name: str, config: str | None, overrides: list[str], out: Path) -> dict:
-    folder = out / "runs" / name
+    """Run (or, with ``--reuse``, reuse) one configuration; each name keeps one run, ``out/runs/NAME/latest``
+    (``output.overwrite``: a rerun replaces it once the new run has checkpointed)."""
+    job = out / "runs" / name
     cfg = load_config(ROOT / config if config else None,
-                      [*overrides, f"output.dir={folder}", "output.overwrite=true"])
+                      [*overrides, f"output.dir={job}", "output.overwrite=true"])
+    folder = job / "latest"
     if REUSE and _finished(folder, cfg):
-        print(f"\n=== {name}: reusing the finished run in {folder}", flush=True)
+        print(f"\n=== {name}: reusing the finished run in {folder.resolve()}", flush=True)
     else:
         print(f"\n=== {name}: {' '.join(overrides)}", flush=True)
-        run(cfg, print_fn=lambda *a, **k: print(*a, **k, flush=True))
+        folder = run(cfg, print_fn=lambda *a, **k: print(*a, **k, flush=True)).folder
     log = read_log(folder)
     evals = [r for r in log if r["kind"] == "eval"]
     train = [r for r in log if r["kind"] == "train"]
@@ -82,8 +86,9 @@ def sst2_methods(out: Path, scale: float) -> dict:
     common = ["train.steps=100000", f"train.time_budget_s={budget}", "eval.every=25", "checkpoint.every=100000"]
     runs = [
         _run("lora", SST2, [*common, "train.method=lora", "optim.lr=1e-3"], out),
-        _run("full", SST2, [*common, "train.method=full", "optim.lr=5e-5"], out),
-        _run("linear_probe", SST2, [*common, "train.method=linear_probe", "optim.lr=5e-3"], out),
+        # (the config's lora.alpha applies to adapters only)
+        _run("full", SST2, [*common, "train.method=full", "optim.lr=5e-5", "lora.alpha=null"], out),
+        _run("linear_probe", SST2, [*common, "train.method=linear_probe", "optim.lr=5e-3", "lora.alpha=null"], out),
     ]
     _plot(runs, "auc", out / "sst2_methods_auc.png", f"SST-2, MiniLM-L6: {budget:.0f}s budget each")
     _plot(runs, "loss", out / "sst2_methods_loss.png", f"SST-2, MiniLM-L6: {budget:.0f}s budget each")
@@ -155,20 +160,28 @@ EXPERIMENTS = {"sst2_methods": sst2_methods, "rank_study": rank_study, "e2e_smol
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.experiment", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m train.experiment", description=__doc__.split("\n\n")[0])
     ap.add_argument("name", choices=sorted(EXPERIMENTS))
     ap.add_argument("--out", default="experiments")
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--reuse", action="store_true", help="keep finished runs whose saved config is the same")
     args = ap.parse_args(argv)
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        ap.error(f"--scale must be a positive number, got {args.scale}")
     global REUSE
     REUSE = args.reuse
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = EXPERIMENTS[args.name](out, args.scale)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float))
-    print(f"\nwrote {out / (args.name + '.json')}")
-    return 0
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out {args.out!r} is a file, expected a folder")
+
+    def go():
+        result = EXPERIMENTS[args.name](out, args.scale)
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float))
+        print(f"\nwrote {out / (args.name + '.json')}")
+
+    from train.cli import guarded
+
+    return guarded(go)
 
 
 if __name__ == "__main__":

