@@ -12,11 +12,18 @@ import optax
 from lora_jax import losses
 
 
+def packing(batch: dict) -> dict:
+    """The packed-row inputs of ``batch`` (``segment_ids``, ``positions``) that it has, as model keywords."""
+    return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+
+
 def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | None,
                    loss_chunk: int | str = "auto") -> tuple[jax.Array, dict]:
     """Next-token cross-entropy over completion tokens only (the prompt is context, not a target).
 
-    ``batch["loss_mask"][i, t] = 1`` when token ``t + 1`` belongs to the completion. Returns the summed loss over
+    ``batch["loss_mask"][i, t] = 1`` when token ``t + 1`` belongs to the completion. A packed batch
+    (``train.data.PackedBatches``) also has ``segment_ids`` and ``positions``: the model keeps each example to
+    itself, and the loss mask never predicts across examples. Returns the summed loss over
     tokens and the token count, so that gradient accumulation and sharded batches weight every token equally.
 
     ``loss_chunk`` (``train.loss_chunk``): tokens per chunk of :func:`lora_jax.losses.chunked_cross_entropy`,
@@ -45,11 +52,12 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
         return loss_sum + aux * count, {"count": count, "aux_loss": aux}
 
     if loss_chunk != 0 and callable(getattr(type(model), "head", None)):
-        def hidden_and_head(module, ids, attention_mask):
-            h, _ = module(ids, attention_mask=attention_mask, hidden=True)
+        def hidden_and_head(module, ids, attention_mask, **packed):
+            h, _ = module(ids, attention_mask=attention_mask, hidden=True, **packed)
             return h, module.head()
 
-        out = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head, mutable=mutable)
+        out = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head, mutable=mutable,
+                          **packing(batch))
         (h, head), state = out if with_aux else (out, None)
         # Position t predicts token t + 1; the last position predicts nothing (weight 0, target 0).
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
@@ -57,7 +65,8 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
         chunk = None if loss_chunk == "auto" else int(loss_chunk)
         loss_sum, count = losses.chunked_cross_entropy(h, targets=targets, weights=mask, chunk_size=chunk, **head)
         return finish(loss_sum, count, state)
-    out = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"], mutable=mutable)
+    out = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"], mutable=mutable,
+                      **packing(batch))
     (logits, _), state = out if with_aux else (out, None)
     logits = logits[:, :-1].astype(jnp.float32)
     mask = mask[:, :-1]

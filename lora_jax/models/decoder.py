@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models.arch import Names, Task
-from lora_jax.models.generate import KVCache, begin_step, default_positions, run_layers
+from lora_jax.models.generate import KVCache, begin_step, input_positions, run_layers
 from lora_jax.models.layers import Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, check_activation, normal, remat
 
 Array = jax.Array
@@ -235,7 +235,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """``embed_tokens``, ``layers`` (``layer(config, i, dtype)`` blocks, :class:`DecoderLayer` by default) and the
     final ``norm``: ``(B, S)`` ids -> ``(B, S, D)`` hidden states and the updated cache (``None`` when called
-    without one). See :mod:`lora_jax.models.generate` for the cache and masks.
+    without one; ``segment_ids``: packed rows). See :mod:`lora_jax.models.generate` for the cache and masks.
 
     ``scale_embeddings``: multiply the embeddings by ``sqrt(hidden_size)`` (in the compute dtype, as Gemma);
     ``norm_offset``: the final :class:`~lora_jax.models.layers.RMSNorm`'s offset (1: Gemma's ``(1 + w)``).
@@ -255,10 +255,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.norm_offset)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         b, s = input_ids.shape
-        step = begin_step(b, s, attention_mask, cache, self.config.sliding_window)
-        positions = default_positions(b, s, step.start) if positions is None else jnp.asarray(positions)
+        step = begin_step(b, s, attention_mask, cache, self.config.sliding_window, segment_ids)
+        positions = input_positions(positions, segment_ids, b, s, step.start)
         x = self.embed_tokens(input_ids)
         if self.scale_embeddings:
             x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
@@ -276,11 +276,13 @@ class CausalLM(nn.Module):
     the backbone's ``attend`` (the tied embedding) when ``config.tie_word_embeddings``; logits soft-capped to
     ``c * tanh(logits / c)`` when the config has a ``final_logit_softcapping`` ``c`` (Gemma 2 / 3).
 
-    ``__call__(input_ids (B, S), positions=None, attention_mask=None, cache=None) -> (logits (B, S, V),
-    cache)``. ``positions`` default to ``cache.index + arange(S)`` (``arange(S)`` without a cache), as
-    ``transformers`` does without ``position_ids``; ``attention_mask`` ``(B, S)`` marks real tokens (0: padding,
-    never attended to). With ``hidden=True`` it returns the final hidden states ``(B, S, D)`` instead of the logits,
-    for a loss that applies :meth:`head` itself (:func:`lora_jax.losses.chunked_cross_entropy`).
+    ``__call__(input_ids (B, S), positions=None, attention_mask=None, cache=None, segment_ids=None) ->
+    (logits (B, S, V), cache)``. ``positions`` default to ``cache.index + arange(S)`` (``arange(S)`` without a
+    cache), as ``transformers`` does without ``position_ids``; ``attention_mask`` ``(B, S)`` marks real tokens (0:
+    padding, never attended to). ``segment_ids`` ``(B, S)``: packed rows (several examples per row, ``0``:
+    padding; no cache): attention stays inside each example and the default positions restart per example.
+    With ``hidden=True`` it returns the final hidden states ``(B, S, D)`` instead of the logits, for a loss that
+    applies :meth:`head` itself (:func:`lora_jax.losses.chunked_cross_entropy`).
 
     ``embedding``: the backbone's token embedding (the tied head); ``remat``: the checkpoint policy of each of
     the backbone's layers (:data:`lora_jax.models.layers.REMAT_POLICIES`).
@@ -295,10 +297,11 @@ class CausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None, hidden: bool = False) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, hidden: bool = False,
+                 segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         extra = {} if self.remat == "none" else {"remat": self.remat}  # a backbone without remat still builds
         body = self.backbone(self.config, self.dtype, name=self.backbone_name, **extra)
-        h, cache = body(input_ids, positions, attention_mask, cache)
+        h, cache = body(input_ids, positions, attention_mask, cache, segment_ids)
         if hidden:
             return h, cache
         if self.config.tie_word_embeddings:

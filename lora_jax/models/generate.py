@@ -2,12 +2,18 @@
 
 Every decoder of :mod:`lora_jax.models` shares the cache defined here. A causal LM is called as::
 
-    logits, cache = model.apply({"params": params}, input_ids, positions=None, attention_mask=None, cache=None)
+    logits, cache = model.apply({"params": params}, input_ids, positions=None, attention_mask=None, cache=None,
+                                segment_ids=None)
 
 ``cache=None`` runs without a cache (training). With a :class:`KVCache` of ``max_len`` slots the ``S`` new
 tokens are written at slots ``cache.index ... cache.index + S - 1`` and attend to every filled slot before
 them, so prefilling a prompt and then feeding one token at a time gives the same logits as the full forward.
 All shapes are fixed by ``(batch, max_len)``: a decoding loop jits once.
+
+Packed rows (training): ``segment_ids (B, S)`` says which example each token belongs to (``0``: padding); a
+token attends only to earlier tokens of its own example and positions restart at each example
+(:func:`segment_positions`), so each example of a packed row gets the logits it would get alone. A call with
+``segment_ids`` takes no cache.
 
 Left-padded batches: row ``b`` of a prompt may start with padding (``attention_mask[b, t] == 0``). Padding
 slots are never attended to, and :func:`generate` gives each real token the position
@@ -100,13 +106,28 @@ class StepMask:
 
 
 def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KVCache | None,
-               sliding_window: int | None = None) -> StepMask:
+               sliding_window: int | None = None, segment_ids: Array | None = None) -> StepMask:
     """The attention masks for ``seq_len`` new tokens of ``batch`` rows.
 
     Query ``i`` (slot ``start + i``) may attend key slot ``j`` when ``j`` holds a real token and
     ``j <= start + i``; with a sliding window also ``start + i - j < sliding_window`` (on slots, as
     ``transformers`` counts them).
+
+    ``segment_ids`` ``(B, S)`` int (packed rows, training without a cache): which example each token belongs to
+    (``1, 2, ...``; ``0``: padding). A query then attends only keys of its own segment, so every example of a
+    packed row sees exactly what it would alone (with :func:`segment_positions`). Without ``attention_mask`` the
+    tokens of segment 0 are padding.
     """
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+        if segment_ids.shape != (batch, seq_len):
+            raise ValueError(f"segment_ids must have shape (batch, seq_len) = {(batch, seq_len)}, got "
+                             f"{tuple(segment_ids.shape)}")
+        if cache is not None:
+            raise ValueError("segment_ids (packed rows) are for calls without a KV cache; decode one sequence per "
+                             "row (left-padded) with a cache")
+        if attention_mask is None:
+            attention_mask = segment_ids != 0
     new_valid = jnp.ones((batch, seq_len), bool) if attention_mask is None else jnp.asarray(attention_mask) != 0
     if new_valid.shape != (batch, seq_len):
         raise ValueError(f"attention_mask must have shape (batch, seq_len) = {(batch, seq_len)}, got "
@@ -129,6 +150,8 @@ def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KV
     query_slots = start + jnp.arange(seq_len)
     distance = query_slots[:, None] - key_slots[None, :]  # (S, T)
     causal = key_valid[:, None, :] & (distance >= 0)[None]
+    if segment_ids is not None:
+        causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
     sliding = None if sliding_window is None else causal & (distance < sliding_window)[None]
     return StepMask(start, key_valid, causal, sliding)
 
@@ -162,6 +185,31 @@ def default_positions(batch: int, seq_len: int, start: Array) -> Array:
     """``start + arange(seq_len)`` for every row: ``(B, S)`` int32 (what ``transformers`` uses when no
     ``position_ids`` are given)."""
     return jnp.broadcast_to(start + jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Positions that restart at 0 where each segment of a packed row begins: ``(B, S)`` int32.
+
+    ``[[1, 1, 1, 2, 2, 0, 0]] -> [[0, 1, 2, 0, 1, 0, 1]]`` (a run of equal ids is one segment; padding counts
+    on like a segment of its own, and is never attended to).
+    """
+    segment_ids = jnp.asarray(segment_ids)
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                             axis=1)
+    first = jax.lax.cummax(jnp.where(begins, t[None, :], 0), axis=1)
+    return t[None, :] - first
+
+
+def input_positions(positions: Array | None, segment_ids: Array | None, batch: int, seq_len: int,
+                    start: Array) -> Array:
+    """The positions a decoder gives its ``(B, S)`` new tokens: ``positions`` when given, else restarting per
+    segment of a packed row (:func:`segment_positions`), else :func:`default_positions`."""
+    if positions is not None:
+        return jnp.asarray(positions)
+    if segment_ids is not None:
+        return segment_positions(segment_ids)
+    return default_positions(batch, seq_len, start)
 
 
 # ------------------------------------------------------------------------------------- logits processing
@@ -521,5 +569,5 @@ def generate(model, params: PyTree, input_ids, attention_mask=None, *, key: Arra
 
 
 __all__ = ["BeamState", "GenerationConfig", "KVCache", "ban_repeated_ngrams", "begin_step", "default_positions",
-           "generate", "init_cache", "process_logits", "prompt_positions", "reorder_cache", "repeat_cache", "run_layers",
-           "top_k_filter", "top_p_filter", "write_cache"]
+           "generate", "init_cache", "input_positions", "process_logits", "prompt_positions", "reorder_cache",
+           "repeat_cache", "run_layers", "segment_positions", "top_k_filter", "top_p_filter", "write_cache"]

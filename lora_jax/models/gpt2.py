@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from lora_jax.models.arch import SAME, Architecture, Names, Rule, Task
 from lora_jax.models.decoder import CausalLM
-from lora_jax.models.generate import KVCache, begin_step, default_positions, run_layers, write_cache
+from lora_jax.models.generate import KVCache, begin_step, input_positions, run_layers, write_cache
 from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, attend, check_activation, layer_norm, normal, remat
 
 Array = jax.Array
@@ -194,7 +194,8 @@ class Block(nn.Module):
 
 class GPT2Model(nn.Module):
     """Token + learned position embeddings, blocks, final LayerNorm: ``(B, S)`` ids -> ``(B, S, D)`` and the
-    updated cache (``None`` when called without one)."""
+    updated cache (``None`` when called without one). With ``segment_ids`` (packed rows) attention stays inside
+    each example and the learned positions restart per example."""
 
     config: Config
     dtype: Dtype = jnp.float32
@@ -208,10 +209,10 @@ class GPT2Model(nn.Module):
         self.ln_f = layer_norm(c.layer_norm_epsilon, self.dtype)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         b, s = input_ids.shape
-        step = begin_step(b, s, attention_mask, cache)
-        positions = default_positions(b, s, step.start) if positions is None else jnp.asarray(positions)
+        step = begin_step(b, s, attention_mask, cache, segment_ids=segment_ids)
+        positions = input_positions(positions, segment_ids, b, s, step.start)
         x, cache = run_layers(self.h, self.wte(input_ids) + self.wpe(positions), cache, step,
                               lambda i, block, x, kv: block(x, step.causal, kv, step.start))
         return self.ln_f(x), cache
