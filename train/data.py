@@ -604,7 +604,7 @@ class FixedBatches(Batches):
 
     def __init__(self, data: Tokenized, batch_size: int, seed: int):
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.widths = (data.input_ids.shape[1],)
+        self.widths = (data.attention_mask.shape[1],)  # audio: frames (no input_ids)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         return self.data.take(batch_indices(len(self.data), self.batch_size, index, self.seed))
