@@ -494,7 +494,7 @@ NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
     "data.label_column": ("y", ["data.task=classification"]),
     "data.audio_column": ("wav", ["data.task=audio-classification"]), "data.group_column": ("prompt", []),
     "data.max_length": ("32", []), "data.batching": ("fixed", []),
-    "data.buckets": ("2", ["data.task=classification"]), "data.max_train_examples": ("100", []), "data.max_eval_examples": ("10", []),
+    "data.buckets": ("2", ["data.task=classification"]), "data.pack_length": ("256", []), "data.max_train_examples": ("100", []), "data.max_eval_examples": ("10", []),
     "data.prompt_template": ("'Q: {prompt}\\n'", []), "data.seed": ("3", []), "optim.name": ("sgd", []),
     "optim.lr": ("0.001", []), "optim.weight_decay": ("0.01", []), "optim.b1": ("0.8", []), "optim.b2": ("0.99", []),
     "optim.schedule": ("cosine", []), "optim.warmup_steps": ("2", []), "optim.grad_clip": ("null", []),

@@ -97,6 +97,8 @@ def test_default_batching_packs_causal_lm_and_buckets_classification():
     (["data.task=classification", "data.batching=packed"], r"^data.batching=packed needs data.task=causal-lm"),
     (["data.task=audio-classification", "data.batching=bucketed"], r"^data.batching=bucketed with data.task=audio"),
     (["data.buckets=2"], r"^data.buckets=2 has no effect here: it applies only with data.batching=bucketed"),
+    (["data.batching=fixed", "data.pack_length=128"], r"^data.pack_length=128 has no effect here: it applies only "
+                                                      r"with data.batching=packed"),
     (["data.task=classification", "data.buckets=0"], r"^data.buckets must be in \[1, 64\], got 0$"),
 ])
 def test_bad_batching_is_refused_in_one_line(extra, message):
@@ -286,6 +288,8 @@ def packed_run(tiny_llama, tmp_path_factory):
 def test_packed_run_trains_on_full_rows_and_records_its_shape(packed_run, tiny_llama):
     """Causal LM packs examples by default: one step shape (2 x 4 rows x 96 tokens, compiled once), about two
     examples per row, nearly no padding; tokens per second count real tokens only."""
+    from train.loop import training_batches
+
     cfg, result = packed_run
     saved = json.loads((result.folder / "result.json").read_text())
     train_data, batches = _train_batches(cfg, tiny_llama)
@@ -296,6 +300,11 @@ def test_packed_run_trains_on_full_rows_and_records_its_shape(packed_run, tiny_l
     assert saved["real_token_share"] == pytest.approx(sum(m.sum() for m in masks) / sum(m.size for m in masks))
     assert saved["real_token_share"] > max(0.9, 1.8 * train_data.attention_mask.mean())  # fixed: about 0.49
     assert result.eval_after["loss"] < result.eval_before["loss"]
+    # data.pack_length: rows twice as wide hold about twice the examples
+    wide = training_batches(load_config(None, lm_overrides(tiny_llama, "x", **{"train.grad_accum": 2,
+                                                                               "data.pack_length": 192})), train_data)
+    assert wide.widths == (192,) and wide(0)["input_ids"].shape == (8, 192)
+    assert sum(wide.examples(s) for s in range(6)) > 1.8 * saved["examples_seen"]
     log = [r for r in read_log(result.folder) if r["kind"] == "train"]
     assert log[-1]["tokens_per_s"] > 0 and [r["step"] for r in log] == list(range(1, 7))
 

@@ -117,10 +117,12 @@ class DataConfig:
     batching: Literal["auto", "fixed", "bucketed", "packed"] = key(
         "auto", "training batches: fixed (every batch padded to max_length), bucketed (examples of similar length "
         "together, each batch cut to one of data.buckets widths), packed (causal-lm: several examples per row of "
-        "max_length tokens, kept apart; train.batch_size counts rows); auto: packed for causal-lm, bucketed for "
+        "pack_length tokens, kept apart; train.batch_size counts rows); auto: packed for causal-lm, bucketed for "
         "classification, fixed for audio-classification. Evaluation batches are always fixed")
     buckets: int = key(4, "bucketed: at most this many sequence widths (each one compilation of the step)", ge=1,
                        le=64)
+    pack_length: int | None = key(None, "packed: tokens per packed row (null: max_length); rows wider than the "
+                                  "examples hold more of them", ge=8, le=2**20)
     max_train_examples: int | None = key(None, "use at most this many training rows", ge=1, le=INT_MAX)
     max_eval_examples: int | None = key(None, "use at most this many evaluation examples (causal-lm: distinct "
                                         "prompts, with all their rows; classification: rows)", ge=1, le=INT_MAX)
@@ -587,6 +589,8 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
     (("data.text_column",), lambda c: c.data.task == "classification", "data.task=classification"),
     (("data.buckets",), lambda c: batching(c) == "bucketed",
      "data.batching=bucketed (the default for data.task=classification)"),
+    (("data.pack_length",), lambda c: batching(c) == "packed",
+     "data.batching=packed (the default for data.task=causal-lm)"),
     (("data.label_column",), lambda c: not _causal(c), "data.task=classification or audio-classification"),
     (("data.audio_column",), lambda c: c.data.task == "audio-classification", "data.task=audio-classification"),
     (("data.train_split", "data.eval_split"), _hub, "a hub data set in data.source (local files and built-in "

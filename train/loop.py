@@ -218,7 +218,7 @@ def training_batches(cfg: Config, data: data_lib.Tokenized) -> data_lib.Batches:
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     kind = config_lib.batching(cfg)
     if kind == "packed":
-        return data_lib.PackedBatches(data, per_step, cfg.train.seed)
+        return data_lib.PackedBatches(data, per_step, cfg.train.seed, width=cfg.data.pack_length)
     if kind == "bucketed":
         return data_lib.BucketedBatches(data, per_step, cfg.train.seed, n_shapes=cfg.data.buckets)
     return data_lib.FixedBatches(data, per_step, cfg.train.seed)
