@@ -22,6 +22,7 @@ What they check, against the rules in :mod:`lora_jax.sharding`:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -478,7 +479,9 @@ def test_8dev_real_training_job_places_state_as_documented(mesh, tmp_path, minil
         monkeypatch.undo()
 
     assert result.steps_done == 4
-    assert len(compiles) == 1, compiles  # one compilation serves all four steps
+    saved = json.loads((result.folder / "result.json").read_text())
+    assert saved["batching"] == "bucketed"  # classification's default: one compilation per width of batch taken
+    assert len(compiles) == saved["step_compilations"] == len(saved["step_shapes"]) <= 2, compiles
     assert calls and all(c == calls[0] for c in calls)  # every step is handed the shardings of the first
     trainable, opt_state, frozen, batch = (jax.tree_util.tree_leaves_with_path(t) for t in calls[0])
     from lora_jax.targets import path_str

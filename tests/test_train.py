@@ -36,6 +36,32 @@ def tiny_bert(tmp_path_factory, minilm_path):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, minilm_path):
+    """A 2-layer, 32-wide random Llama with MiniLM's tokenizer (its vocabulary), saved in Hugging Face layout."""
+    from transformers import AutoTokenizer
+
+    from lora_jax.models import llama, save_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
+    config = llama.Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    params = llama.init_params(config, jax.random.key(0))
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save_pretrained(params, config, folder, tokenizer=tokenizer)
+    return folder
+
+
+def lm_overrides(model_dir, out, **extra):
+    """The built-in restaurants task (causal LM) on :func:`tiny_llama`, no generation."""
+    base = {"model.name": str(model_dir), "data.max_length": 96, "train.steps": 6, "train.batch_size": 4,
+            "eval.every": 100, "eval.batch_size": 16, "eval.generate_samples": 0, "eval.generate_eval": 0,
+            "data.max_eval_examples": 8, "checkpoint.every": 3, "checkpoint.keep": 10, "optim.lr": 5e-3,
+            "optim.warmup_steps": 1, "output.dir": str(out)}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
 def overrides(model_dir, out, **extra):
     base = {"model.name": str(model_dir), "data.source": "builtin:sentiment", "data.task": "classification",
             "data.max_length": 16, "train.steps": 12, "train.batch_size": 8, "eval.every": 6, "eval.batch_size": 16,
@@ -52,6 +78,33 @@ def test_config_defaults_and_overrides():
     cfg = load_config(None, ["lora.r=16", "optim.lr=3e-4", "lora.targets=[q_proj, v_proj]", "train.remat=true"])
     assert cfg.lora.r == 16 and cfg.optim.lr == 3e-4 and cfg.lora.targets == ["q_proj", "v_proj"]
     assert cfg.train.remat is True and cfg.data.source == "builtin:restaurants"
+
+
+def test_default_batching_packs_causal_lm_and_buckets_classification():
+    from train.config import batching
+
+    assert load_config(None, []).data.batching == "auto"
+    assert batching(load_config(None, [])) == "packed"
+    assert batching(load_config(None, ["data.task=classification"])) == "bucketed"
+    assert batching(load_config(None, ["data.task=audio-classification"])) == "fixed"
+    assert batching(load_config(None, ["data.task=classification", "data.batching=fixed"])) == "fixed"
+    assert batching(load_config(None, ["data.batching=bucketed", "data.buckets=2"])) == "bucketed"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["data.batching=padded"], r"^data.batching: expected one of \['auto', 'fixed', 'bucketed', 'packed'\], got "
+                               r"'padded' \(str\)$"),
+    (["data.task=classification", "data.batching=packed"], r"^data.batching=packed needs data.task=causal-lm"),
+    (["data.task=audio-classification", "data.batching=bucketed"], r"^data.batching=bucketed with data.task=audio"),
+    (["data.buckets=2"], r"^data.buckets=2 has no effect here: it applies only with data.batching=bucketed"),
+    (["data.batching=fixed", "data.pack_length=128"], r"^data.pack_length=128 has no effect here: it applies only "
+                                                      r"with data.batching=packed"),
+    (["data.task=classification", "data.buckets=0"], r"^data.buckets must be in \[1, 64\], got 0$"),
+])
+def test_bad_batching_is_refused_in_one_line(extra, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(None, extra)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -176,6 +229,100 @@ def test_run_trains_and_writes_everything(full_run):
     adapters = lora.checkpoint.load_adapters(out / "adapters")
     assert {p for p, _ in lora.adapter_items(adapters)} == {
         f"bert/encoder/layer_{i}/attention/self/{m}/kernel" for i in range(2) for m in ("query", "value")}
+
+
+def _train_batches(cfg, model_dir):
+    """The run's training batches (:func:`train.loop.training_batches`) rebuilt from its config."""
+    from transformers import AutoTokenizer
+
+    from train.loop import training_batches
+
+    train_data, _ = data_lib.load_tokenized(cfg.data, AutoTokenizer.from_pretrained(str(model_dir)), cfg.model.name,
+                                            None, cfg.model.num_labels if cfg.data.task != "causal-lm" else None)
+    return train_data, training_batches(cfg, train_data)
+
+
+def test_classification_run_is_bucketed_and_records_its_step_shapes(full_run, tiny_bert):
+    """The default batching of classification is length-bucketed: result.json records the widths, the step shapes
+    compiled (those of the batches the steps took) and the share of real tokens, above the fixed batches'."""
+    out, result = full_run
+    cfg = load_config(None, overrides(tiny_bert, out.parent))
+    saved = json.loads((out / "result.json").read_text())
+    train_data, batches = _train_batches(cfg, tiny_bert)
+    assert type(batches) is data_lib.BucketedBatches and saved["batching"] == "bucketed"
+    assert saved["batch_widths"] == list(batches.widths) == [8, 16]
+    shapes = sorted({(1, *batches(s)["input_ids"].shape) for s in range(12)})
+    assert saved["step_shapes"] == [list(x) for x in shapes] and saved["step_compilations"] == 2
+    masks = [batches(s)["attention_mask"] for s in range(12)]
+    assert saved["real_token_share"] == pytest.approx(sum(m.sum() for m in masks) / sum(m.size for m in masks))
+    assert saved["real_token_share"] > train_data.attention_mask.mean() + 0.05  # less padding than fixed batches
+    assert saved["examples_seen"] == 12 * 8
+
+
+def _resume_after(out: Path, copy: Path, step: int, cfg_overrides: list[str]):
+    """Copy the run folder ``out``, drop its checkpoints after ``step`` and its exports, ``--resume`` it."""
+    shutil.copytree(out, copy)
+    for step_dir in (copy / "checkpoints").iterdir():  # as if the run had died after ``step``
+        if step_dir.name.isdigit() and int(step_dir.name) > step:
+            shutil.rmtree(step_dir)
+    shutil.rmtree(copy / "adapters")
+    return run(load_config(None, cfg_overrides), resume=True, print_fn=lambda *a: None)
+
+
+def _same_adapters(a_dir: Path, b_dir: Path) -> None:
+    a, b = lora.checkpoint.load_adapters(a_dir), lora.checkpoint.load_adapters(b_dir)
+    assert [p for p, _ in lora.adapter_items(a)] == [p for p, _ in lora.adapter_items(b)]
+    for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
+        np.testing.assert_allclose(x.a, y.a, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(x.b, y.b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def packed_run(tiny_llama, tmp_path_factory):
+    """The default causal-LM batching (packed rows), 2 micro-batches of 4 rows per step."""
+    out = tmp_path_factory.mktemp("runs") / "packed"
+    cfg = load_config(None, lm_overrides(tiny_llama, out, **{"train.grad_accum": 2}))
+    return cfg, run(cfg, print_fn=lambda *a: None)
+
+
+def test_packed_run_trains_on_full_rows_and_records_its_shape(packed_run, tiny_llama):
+    """Causal LM packs examples by default: one step shape (2 x 4 rows x 96 tokens, compiled once), about two
+    examples per row, nearly no padding; tokens per second count real tokens only."""
+    from train.loop import training_batches
+
+    cfg, result = packed_run
+    saved = json.loads((result.folder / "result.json").read_text())
+    train_data, batches = _train_batches(cfg, tiny_llama)
+    assert type(batches) is data_lib.PackedBatches and saved["batching"] == "packed"
+    assert saved["step_shapes"] == [[2, 4, 96]] and saved["step_compilations"] == 1
+    assert saved["examples_seen"] == sum(batches.examples(s) for s in range(6)) > 6 * 8 * 1.5
+    masks = [batches(s)["attention_mask"] for s in range(6)]
+    assert saved["real_token_share"] == pytest.approx(sum(m.sum() for m in masks) / sum(m.size for m in masks))
+    assert saved["real_token_share"] > max(0.9, 1.8 * train_data.attention_mask.mean())  # fixed: about 0.49
+    assert result.eval_after["loss"] < result.eval_before["loss"]
+    # data.pack_length: rows twice as wide hold about twice the examples
+    wide = training_batches(load_config(None, lm_overrides(tiny_llama, "x", **{"train.grad_accum": 2,
+                                                                               "data.pack_length": 192})), train_data)
+    assert wide.widths == (192,) and wide(0)["input_ids"].shape == (8, 192)
+    assert sum(wide.examples(s) for s in range(6)) > 1.8 * saved["examples_seen"]
+    log = [r for r in read_log(result.folder) if r["kind"] == "train"]
+    assert log[-1]["tokens_per_s"] > 0 and [r["step"] for r in log] == list(range(1, 7))
+
+
+def test_packed_run_resumes_exactly_and_accumulation_equals_one_batch(packed_run, tiny_llama, tmp_path):
+    """Resumed at the step-3 checkpoint, the packed run trains the same batches: equal losses and adapters. And
+    2 micro-batches of 4 rows give the losses of one batch of 8 rows (the same packed rows, one width)."""
+    cfg, result = packed_run
+    again = _resume_after(result.folder, tmp_path / "resumed", 3,
+                          lm_overrides(tiny_llama, tmp_path / "resumed", **{"train.grad_accum": 2}))
+    assert [h["step"] for h in again.history] == [4, 5, 6]
+    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in result.history[3:]],
+                               rtol=1e-6)
+    _same_adapters(result.folder / "adapters", tmp_path / "resumed" / "adapters")
+    one = run(load_config(None, lm_overrides(tiny_llama, tmp_path / "one", **{"train.batch_size": 8})),
+              print_fn=lambda *a: None)
+    assert json.loads((one.folder / "result.json").read_text())["step_shapes"] == [[1, 8, 96]]
+    np.testing.assert_allclose([h["loss"] for h in one.history], [h["loss"] for h in result.history], rtol=2e-5)
 
 
 def test_resume_continues_exactly(full_run, tiny_bert, tmp_path):

@@ -114,6 +114,15 @@ class DataConfig:
                                    "meaning representation); null: causal-lm keeps the rows of one prompt together, "
                                    "classification splits rows", min_length=1)
     max_length: int = key(64, "tokens per example (prompt + completion)", ge=8, le=2**20)
+    batching: Literal["auto", "fixed", "bucketed", "packed"] = key(
+        "auto", "training batches: fixed (every batch padded to max_length), bucketed (examples of similar length "
+        "together, each batch cut to one of data.buckets widths), packed (causal-lm: several examples per row of "
+        "pack_length tokens, kept apart; train.batch_size counts rows); auto: packed for causal-lm, bucketed for "
+        "classification, fixed for audio-classification. Evaluation batches are always fixed")
+    buckets: int = key(4, "bucketed: at most this many sequence widths (each one compilation of the step)", ge=1,
+                       le=64)
+    pack_length: int | None = key(None, "packed: tokens per packed row (null: max_length); rows wider than the "
+                                  "examples hold more of them", ge=8, le=2**20)
     max_train_examples: int | None = key(None, "use at most this many training rows", ge=1, le=INT_MAX)
     max_eval_examples: int | None = key(None, "use at most this many evaluation examples (causal-lm: distinct "
                                         "prompts, with all their rows; classification: rows)", ge=1, le=INT_MAX)
@@ -548,6 +557,16 @@ def _causal(cfg: Config) -> bool:
     return cfg.data.task == "causal-lm"
 
 
+# data.batching=auto by task: padding-free packed rows for causal LM, length buckets for text classification, fixed
+# batches for audio (its log-mel frames are not cut)
+AUTO_BATCHING = {"causal-lm": "packed", "classification": "bucketed", "audio-classification": "fixed"}
+
+
+def batching(cfg: Config) -> str:
+    """``data.batching`` with ``auto`` resolved for ``data.task``: ``fixed``, ``bucketed`` or ``packed``."""
+    return AUTO_BATCHING[cfg.data.task] if cfg.data.batching == "auto" else cfg.data.batching
+
+
 # (keys, applies(cfg), what must hold): a key whose value differs from its default while its condition does not
 # hold would be silently ignored; it is refused instead.
 APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
@@ -568,6 +587,10 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
      lambda c: _causal(c) and (c.eval.generate_samples > 0 or c.eval.generate_eval > 0),
      "data.task=causal-lm with eval.generate_samples or eval.generate_eval > 0"),
     (("data.text_column",), lambda c: c.data.task == "classification", "data.task=classification"),
+    (("data.buckets",), lambda c: batching(c) == "bucketed",
+     "data.batching=bucketed (the default for data.task=classification)"),
+    (("data.pack_length",), lambda c: batching(c) == "packed",
+     "data.batching=packed (the default for data.task=causal-lm)"),
     (("data.label_column",), lambda c: not _causal(c), "data.task=classification or audio-classification"),
     (("data.audio_column",), lambda c: c.data.task == "audio-classification", "data.task=audio-classification"),
     (("data.train_split", "data.eval_split"), _hub, "a hub data set in data.source (local files and built-in "
@@ -624,6 +647,12 @@ def validate(cfg: Config) -> None:
     if cfg.train.loss_chunk != "auto" and cfg.train.loss_chunk < 0:
         raise ConfigError("train.loss_chunk must be 'auto', 0 (full logits) or a number of tokens > 0, got "
                           f"{cfg.train.loss_chunk}")
+    if cfg.data.batching == "packed" and not _causal(cfg):
+        raise ConfigError(f"data.batching=packed needs data.task=causal-lm (a {cfg.data.task} model reads one "
+                          "example per row); use bucketed or fixed")
+    if cfg.data.batching == "bucketed" and cfg.data.task == "audio-classification":
+        raise ConfigError("data.batching=bucketed with data.task=audio-classification: log-mel frames are not cut "
+                          "to length; use fixed")
     if cfg.quant.type == "nf4" and cfg.quant.block_size not in NF4_BLOCK_SIZES:
         raise ConfigError(f"quant.block_size must be one of {list(NF4_BLOCK_SIZES)} for nf4, got "
                           f"{cfg.quant.block_size}")

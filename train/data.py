@@ -1,7 +1,9 @@
-"""Data: load rows (built-in task, local files or a hub data set), split, tokenise once, serve fixed-shape batches.
+"""Data: load rows (built-in task, local files or a hub data set), split, tokenise once, serve batches.
 
-Every batch has the same shape ``(batch, max_length)``, so the jitted step compiles once. The order of examples
-is a pure function of ``(seed, step)``: a resumed run sees exactly the batches an uninterrupted run would.
+Examples are tokenised to ``(n, max_length)``; training batches are fixed (that width), length-bucketed (a few
+widths, so the jitted step compiles a few times) or packed (several causal-LM examples per row): see
+:class:`Batches`. The order of examples is a pure function of ``(seed, step)``: a resumed run sees exactly the
+batches an uninterrupted run would. Evaluation batches are fixed (:func:`eval_batches`).
 """
 
 from __future__ import annotations
@@ -602,7 +604,7 @@ class FixedBatches(Batches):
 
     def __init__(self, data: Tokenized, batch_size: int, seed: int):
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.widths = (data.input_ids.shape[1],)
+        self.widths = (data.attention_mask.shape[1],)  # audio: frames (no input_ids)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         return self.data.take(batch_indices(len(self.data), self.batch_size, index, self.seed))

@@ -24,6 +24,7 @@ import lora_jax as lora
 from lora_jax import sharding
 from lora_jax.checkpoint import Checkpointer, save_adapters
 from lora_jax.errors import NonFiniteError
+from train import config as config_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import outputs
@@ -203,6 +204,32 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx) if oc.grad_clip else tx
 
 
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def training_batches(cfg: Config, data: data_lib.Tokenized) -> data_lib.Batches:
+    """The run's training batches (``data.batching``, :func:`train.config.batching`): batch ``s`` is step
+    ``s``'s ``train.grad_accum x train.batch_size`` examples (packed: rows), a pure function of the data,
+    ``train.seed`` and ``s``, so a run resumed at step ``k`` sees the batches an uninterrupted run would.
+
+    One batch per step, split into the micro-batches by :func:`micro_batches`: accumulation equals one batch of
+    the whole step, every micro-batch of a step has the same width, and bucket widths are chosen for the step's
+    batch."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    kind = config_lib.batching(cfg)
+    if kind == "packed":
+        return data_lib.PackedBatches(data, per_step, cfg.train.seed, width=cfg.data.pack_length)
+    if kind == "bucketed":
+        return data_lib.BucketedBatches(data, per_step, cfg.train.seed, n_shapes=cfg.data.buckets)
+    return data_lib.FixedBatches(data, per_step, cfg.train.seed)
+
+
+def micro_batches(batch: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
+    """A step's batch ``{name: (accum * B, ...)}`` as ``{name: (accum, B, ...)}`` (consecutive rows per
+    micro-batch)."""
+    return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
+
+
 # ------------------------------------------------------------------------------------------------ steps
 
 
@@ -279,8 +306,7 @@ def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         return keep(new_trainable, trainable), keep(new_opt, opt_state), {
-            "loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite,
-            "tokens": jnp.sum(batches["attention_mask"]).astype(jnp.float32)}
+            "loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite}
 
     return step
 
@@ -431,6 +457,9 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
         cfg.data, tokenizer, cfg.model.name, max_positions, num_labels,
         cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized")
     say(f"data: {len(train_data)} train / {len(eval_data)} eval examples of {cfg.data.max_length} tokens")
+    batches = training_batches(cfg, train_data)
+    say(f"training on {batches.describe()}" + (f", {cfg.train.grad_accum} micro-batches per step"
+                                                if cfg.train.grad_accum > 1 else ""))
     warmup = min(cfg.optim.warmup_steps, max(cfg.train.steps - 1, 0))
     if warmup < cfg.optim.warmup_steps:
         say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} is not below train.steps={cfg.train.steps}: the "
@@ -469,9 +498,9 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
                       compiler_options=step_compiler_options(cfg))
     eval_fn = jax.jit(make_eval_step(model, cfg))
 
-    def put_batch(idx_steps: list[np.ndarray]) -> dict:
-        parts = [train_data.take(idx) for idx in idx_steps]
-        stacked = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    def put_batch(host: dict[str, np.ndarray]) -> dict:
+        """A step's host batch as global arrays ``(accum, B, ...)``, split along B over the mesh."""
+        stacked = micro_batches(host, accum)
         return {k: sharding.host_to_global(v, batch_shard if v.ndim == 3 else
                                            sharding.NamedSharding(mesh, sharding.P(None, sharding.batch_axes(mesh))))
                 for k, v in stacked.items()}
@@ -531,7 +560,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     say(f"run folder {folder}" + (" (resumed)" if resume else ""))
     try:
         ckpt = Checkpointer(folder / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-        start, history, train_s0 = 0, [], 0.0
+        start, history, train_s0, examples0 = 0, [], 0.0, 0
         if resume:
             restored = ckpt.restore_latest(trainable, opt_state)
             if restored is None:
@@ -544,6 +573,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
             trainable = sharding.put_tree(r_trainable, jax.tree.map(lambda x: x.sharding, trainable))
             opt_state = sharding.put_tree(r_opt, jax.tree.map(lambda x: x.sharding, opt_state))
             train_s0 = float(meta.get("train_s", 0.0))
+            examples0 = int(meta.get("examples_seen", start * accum * bsz))
             say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
             if primary:  # the steps after the checkpoint are trained again: drop their records
                 metrics_lib.truncate_log(folder, start)
@@ -572,22 +602,28 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
 
         bar = tqdm(total=cfg.train.steps, initial=start, disable=not primary, mininterval=2.0, dynamic_ncols=True,
                    desc=cfg.train.method)
-        # train_s: wall time spent in training steps (the first includes compilation), evaluation excluded;
-        # it is the clock of time budgets and of the time axis of the experiments' plots.
+        # train_s: wall time spent in training steps (those of a new batch shape include compiling it), evaluation
+        # excluded; it is the clock of time budgets and of the time axis of the experiments' plots.
         step, skipped, tokens_seen, train_s, steady_s = start, 0, 0.0, train_s0, 0.0
+        examples_seen, real_tokens, slots = examples0, 0, 0
         last_finite, in_a_row = start, 0  # the last step whose update was applied; non-finite steps in a row
-        run_step, step_memory = step_fn, None
+        # One compiled step per batch shape (bucketed batches have a few widths): {shape: (callable, memory)}
+        compiled: dict[tuple[int, ...], tuple[Any, dict]] = {}
         budget = cfg.train.time_budget_s
         try:
             while step < cfg.train.steps:
                 t_step = time.perf_counter()
-                idx = [data_lib.batch_indices(len(train_data), bsz, step * accum + j, cfg.train.seed)
-                       for j in range(accum)]
-                batch = put_batch(idx)
+                host = batches(step)
+                shape = (accum, *micro_batches(host, accum)["attention_mask"].shape[1:])
+                batch = put_batch(host)
                 step_args = (trainable, opt_state, frozen, batch, jax.random.fold_in(step_key, step))
-                if step_memory is None:  # compile ahead of time once, to read the compiled step's memory use
-                    run_step, step_memory = compile_step(step_fn, *step_args)
-                trainable, opt_state, m = run_step(*step_args)
+                new_shape = shape not in compiled
+                if new_shape:  # compile ahead of time, once per shape, to read the compiled step's memory use
+                    compiled[shape] = compile_step(step_fn, *step_args)
+                    if primary and len(batches.widths) > 1:
+                        bar.write(f"step {step + 1}: compiled the step for batches of {' x '.join(map(str, shape))} "
+                                  f"tokens ({len(compiled)} of at most {len(batches.widths)} shapes)")
+                trainable, opt_state, m = compiled[shape][0](*step_args)
                 loss, finite = float(m["loss"]), bool(m["finite"])
                 dt = time.perf_counter() - t_step
                 train_s += dt
@@ -598,8 +634,11 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
                     skipped, in_a_row = skipped + 1, in_a_row + 1
                     if cfg.train.nan_policy == "stop" or in_a_row >= MAX_SKIPPED_IN_A_ROW:
                         raise NonFiniteError(_non_finite_message(step, m, last_finite, in_a_row, ckpt, cfg))
-                if step > start + 1:  # throughput excludes the first (compiling) step
-                    tokens_seen += float(m["tokens"])
+                n_real = int(host["attention_mask"].sum())  # tokens that are not padding
+                real_tokens, slots = real_tokens + n_real, slots + host["attention_mask"].size
+                examples_seen += batches.examples(step - 1)
+                if not new_shape:  # throughput excludes the steps that compiled
+                    tokens_seen += n_real
                     steady_s += dt
                 tok_s = tokens_seen / steady_s if steady_s else 0.0
                 record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite, "tokens_per_s": tok_s,
@@ -608,7 +647,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
                 log.write("train", step, **record)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
-                meta = {"step": step, "examples_seen": step * accum * bsz, "skipped": skipped, "train_s": train_s}
+                meta = {"step": step, "examples_seen": examples_seen, "skipped": skipped, "train_s": train_s}
                 out_of_time = budget is not None and train_s > budget
                 if step % cfg.eval.every == 0 and step < cfg.train.steps and not out_of_time:
                     ev = evaluate(trainable)
@@ -669,6 +708,8 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
         run_folder.commit()
         result = RunResult(folder, step, history, eval_before, eval_after, samples_before, samples_after,
                            n_trainable, summary.total, time.perf_counter() - t_start)
+        # the widest shape's memory: the step's peak (one compiled executable is held per shape)
+        step_memory = max((mem for _, mem in compiled.values()), key=lambda mem: mem.get("peak", 0), default=None)
         if primary:
             last = folder / "checkpoints" / str(step)
             (folder / "result.json").write_text(json.dumps({
@@ -679,6 +720,9 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
                 "step_memory": step_memory,
                 "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
                 if last.exists() else None,
+                "batching": config_lib.batching(cfg), "batch_widths": list(batches.widths),
+                "step_shapes": sorted(list(k) for k in compiled), "step_compilations": len(compiled),
+                "examples_seen": examples_seen, "real_token_share": real_tokens / slots if slots else None,
                 "samples_before": samples_before, "samples_after": samples_after}, indent=1, default=float))
         return result
     except BaseException:
