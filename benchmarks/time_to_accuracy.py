@@ -27,7 +27,7 @@ wall time of each is the sum of its rounds; the paired per-round ratios (ours / 
 bootstrap CI (:func:`benchmarks.common.paired_summary`). Dev accuracy is measured after training (untimed).
 
 Goal (issue 16): ours >= 1.5x faster (PEFT's training wall time / ours) at equal dev accuracy: ours at most 0.5
-point below PEFT's. ``--quick``: 4 steps in 2 rounds on 512 training sentences, 64 dev sentences (a smoke run).
+point below PEFT's. ``--quick``: 4 steps in 2 rounds on 512 training sentences, at most 2 widths, 64 dev sentences (a smoke run).
 Writes ``benchmarks/results/time_to_accuracy.json`` with the provenance of :class:`benchmarks.common.Recorder`.
 """
 
@@ -254,7 +254,7 @@ def goals(speedup: float, acc_ours: float, acc_peft: float) -> dict[str, dict]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.time_to_accuracy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="4 steps, 2 rounds, 512 train / 64 dev sentences")
+    ap.add_argument("--quick", action="store_true", help="4 steps, 2 rounds, 512 train / 64 dev sentences, 2 widths")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
@@ -272,6 +272,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.rounds = 4, 2
         args.max_train, args.max_eval = args.max_train or 512, args.max_eval or 64
+        args.shapes = min(args.shapes, 2)
     if not 1 <= args.rounds <= args.steps:
         ap.error(f"--rounds must be between 1 and --steps ({args.steps}), got {args.rounds}")
     args.out = args.out or ("time_to_accuracy_quick" if args.quick else "time_to_accuracy")

@@ -124,6 +124,7 @@ def worker(model_name: str, quick: bool, out: str) -> None:
     import jax
     import jax.numpy as jnp
 
+    jax.devices()  # XLA reads XLA_FLAGS here: a flag it does not know ends the worker before any other work
     from train import loop
 
     cfg, model, params, batch = (_minilm if model_name == "minilm" else _gpt2)(quick)
