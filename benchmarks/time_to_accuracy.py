@@ -184,8 +184,8 @@ class Peft:
         base = transformers.BertForSequenceClassification.from_pretrained(str(model_path),
                                                                           num_labels=cfg.model.num_labels)
         with torch.no_grad():  # the same initial head as ours
-            base.classifier.weight.copy_(torch.from_numpy(np.ascontiguousarray(head_init[0].T)))
-            base.classifier.bias.copy_(torch.from_numpy(head_init[1]))
+            base.classifier.weight.copy_(torch.tensor(np.array(head_init[0].T)))
+            base.classifier.bias.copy_(torch.tensor(np.array(head_init[1])))
         lc = cfg.lora
         self.model = peft.get_peft_model(base, peft.LoraConfig(
             task_type="SEQ_CLS", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
