@@ -27,8 +27,9 @@ wall time of each is the sum of its rounds; the paired per-round ratios (ours / 
 bootstrap CI (:func:`benchmarks.common.paired_summary`). Dev accuracy is measured after training (untimed).
 
 Goal (issue 16): ours >= 1.5x faster (PEFT's training wall time / ours) at equal dev accuracy: ours at most 0.5
-point below PEFT's. ``--quick``: 4 steps in 2 rounds on 512 training sentences, at most 2 widths, 64 dev sentences (a smoke run).
-Writes ``benchmarks/results/time_to_accuracy.json`` with the provenance of :class:`benchmarks.common.Recorder`.
+point below PEFT's. ``--quick``: 4 steps in 2 rounds on 512 training sentences, at most 2 widths, 64 dev
+sentences (a smoke run). Writes ``benchmarks/results/time_to_accuracy.json`` with the provenance of
+:class:`benchmarks.common.Recorder`.
 """
 
 from __future__ import annotations
