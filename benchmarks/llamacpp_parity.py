@@ -255,7 +255,9 @@ def main(argv=None) -> dict:
     def say(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    run = Path(args.run)
+    from train.outputs import resolve_run
+
+    run = resolve_run(args.run)  # a job folder means the run its `latest` points at
     cfg = load_config(run / "config.yaml")
     base = resolve(cfg.model.name)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="llamacpp_parity_"))
