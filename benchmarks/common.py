@@ -109,7 +109,10 @@ def git_state(sources: Sequence[str] = ()) -> dict[str, Any]:
     """The commit the working tree is at, whether it has uncommitted changes, and which of ``sources`` do."""
     try:
         commit = _git("rev-parse", "HEAD")
-        dirty = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
+        # not _git's stripped output: each porcelain line starts "XY " and X may be a space
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
+        dirty = [line[3:] for line in status.splitlines() if line.strip()]
     except (OSError, subprocess.CalledProcessError) as e:
         return {"commit": None, "error": f"no git history here: {e}"}
     dirty_sources = sorted({d for d in dirty for s in sources if d == s or d.startswith(s.rstrip("/") + "/")})

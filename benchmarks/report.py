@@ -316,7 +316,6 @@ def llamacpp_block(results: dict) -> str:
                                                 "--gemma3")])
 
 
-# id -> (results it reads, renderer, inline?)
 def moe_step_block(results: dict) -> str:
     r = results["moe_step"]
     cfg = r["config"]
@@ -347,6 +346,54 @@ def moe_step_block(results: dict) -> str:
     return "\n".join(out)
 
 
+def time_to_accuracy_block(results: dict) -> str:
+    from benchmarks.time_to_accuracy import goals  # the rule the benchmark applies now
+
+    r = results["time_to_accuracy"]
+    cfg, times, acc = r["config"], r["times_s"], r["accuracy"]
+    total = {n: sum(ts) for n, ts in times.items()}
+    rows = [[x["method"], _params(x["trainable"]), f"{total[n]:,.1f}", f"{x['pad_fraction']:.2f}",
+             f"{100 * acc[n]:.1f}%", f"{x['final_loss']:.3f}"] for n, x in zip(("ours", "peft"), r["rows"])]
+    paired = paired_summary(times["ours"], times["peft"])
+    lo, hi = paired["ci95"]
+    goal = goals(total["peft"] / total["ours"], acc["ours"], acc["peft"])
+    out = [f"SST-2, all-MiniLM-L6-v2, LoRA r={cfg['r']} on query/value + a new head, batch {cfg['batch']}, lr "
+           f"{cfg['lr']:g}, {cfg['steps']} steps on the same examples in {cfg['rounds']} alternating rounds; dev "
+           f"accuracy on {r['eval_examples']} sentences; ours used widths {sorted(set(r['widths_used']))} "
+           f"({r['compilations']} compilations):", "",
+           _table(["implementation", "trainable", "training wall s", "padding fraction", "dev accuracy",
+                   "final loss (last 10 steps)"], rows), "",
+           f"PEFT's training time / ours: **{_x(total['peft'] / total['ours'])}x**; per round, ours / PEFT: median "
+           f"{_x(paired['median'])} (95% CI {_x(lo)}-{_x(hi)}, round 1 includes our compilations).", "", "Goals:", "",
+           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in goal.items()), "",
+           provenance(r, "python -m benchmarks.time_to_accuracy")]
+    return "\n".join(out)
+
+
+def xla_flags_block(results: dict) -> str:
+    r = results["xla_flags"]
+    out = [f"Each set in its own process, {r['config']['rounds']} alternating rounds against a reference process "
+           "without extra flags; time / default is the median of the per-round ratios; outputs: the first step's "
+           "loss and updated adapters against the reference's:", ""]
+    for m in r["results"]:
+        rows = []
+        for row in m["rows"]:
+            s = row.get("ratio_to_default")
+            rows.append([row["set"], f"`{row['flags']}`" if row["flags"] else "",
+                         _ms(row["median_step_ms"]) if row.get("median_step_ms") else "",
+                         f"{_x(s['median'])} ({_x(s['ci95'][0])}-{_x(s['ci95'][1])})" if s else "",
+                         "unchanged" if row.get("unchanged") else ("differ" if row["status"] == "ran" else ""),
+                         row["verdict"] + (f": {row['error']}" if row.get("error") else "")])
+        out += [f"**{m['model']}** ({m['steps_per_round']} steps per round):", "",
+                _table(["set", "XLA_FLAGS", "median step ms", "time / default (95% CI)", "outputs", "verdict"], rows),
+                ""]
+    helps = {m: ", ".join(v) or "none" for m, v in r["helps"].items()}
+    out += ["Helps (outputs unchanged, CI below 1, sign test p < 0.05): " +
+            "; ".join(f"{m}: {v}" for m, v in helps.items()) + ".", "", provenance(r, "python -m benchmarks.xla_flags")]
+    return "\n".join(out)
+
+
+# id -> (results it reads, renderer, inline?)
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
     "train_step.merged": (("train_step",), merged_headline, True),
@@ -359,6 +406,8 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "loss_memory": (("loss_memory", "loss_memory_long"), loss_memory_block, False),
     "llamacpp_parity": (("llamacpp_parity",), llamacpp_block, False),
     "moe_step": (("moe_step",), moe_step_block, False),
+    "time_to_accuracy": (("time_to_accuracy",), time_to_accuracy_block, False),
+    "xla_flags": (("xla_flags",), xla_flags_block, False),
 }
 
 

@@ -162,3 +162,16 @@ def test_merged_latency_goal_can_fail():
     assert not goal["met"] and goal["value"] == pytest.approx(1.08, abs=0.02) and goal["slower_rounds"] == 20
     noisy = [0.8, 1.3] * 10  # median 1.05, far too noisy to claim 1.05 or better
     assert not _goal(noisy)["met"]
+
+
+def test_git_state_names_the_changed_sources(tmp_path, monkeypatch):
+    """A source changed but not committed is named in full (the first porcelain line starts with a space)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _commit(repo, {"lib/ops.py": "a = 1\n", "other.py": ""}, "code")
+    (repo / "lib" / "ops.py").write_text("a = 2\n")
+    monkeypatch.setattr(common, "ROOT", repo)
+    state = common.git_state(["lib"])
+    assert state["dirty"] and state["dirty_files"] == ["lib/ops.py"] and state["dirty_sources"] == ["lib/ops.py"]
+    assert common.git_state(["other.py"])["dirty_sources"] == []

@@ -8,11 +8,13 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks folder is not an installed package
 
 from benchmarks import peers, train_step  # noqa: E402
+from conftest import require, shared_data  # noqa: E402
 
 
 def _positive(x) -> bool:
@@ -129,3 +131,119 @@ def test_moe_step_quick(tmp_path):
     saved = json.loads((tmp_path / "moe_step_quick.json").read_text())
     assert saved["provenance"]["benchmark"] == "moe_step" and saved["provenance"]["git"]
     assert saved["step"] == json.loads(json.dumps(result["step"]))
+
+
+# ------------------------------------------------------------------------------------------ time to accuracy
+
+
+def test_time_to_accuracy_goals_can_fail():
+    from benchmarks import time_to_accuracy as tta
+
+    def met(speedup, ours, peft):
+        return [g["met"] for g in tta.goals(speedup, ours, peft).values()]
+
+    assert met(1.6, 0.90, 0.90) == [True, True]
+    assert met(1.4, 0.90, 0.90) == [False, True]
+    assert met(2.0, 0.896, 0.90) == [True, True]  # 0.4 point below: within the margin
+    assert met(2.0, 0.894, 0.90) == [True, False]  # 0.6 point below
+    assert tta.goals(2.0, 0.894, 0.90)["dev accuracy ours - PEFT >= -0.5 point"]["value"] == pytest.approx(-0.6)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_time_to_accuracy_peft_schedule_is_the_jobs(schedule):
+    """PEFT's LambdaLR follows the learning rate train.loop.make_optimizer applies, step by step (read from
+    plain SGD's updates of a unit gradient)."""
+    import jax.numpy as jnp
+
+    from benchmarks import time_to_accuracy as tta
+    from train import loop
+    from train.config import load_config
+
+    cfg = load_config(None, ["optim.name=sgd", "optim.grad_clip=null", "optim.lr=1e-3", "optim.warmup_steps=5",
+                             "train.steps=20", f"optim.schedule={schedule}"])
+    tx = loop.make_optimizer(cfg)
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    sched = tta.lr_schedule(cfg)
+    for step in range(cfg.train.steps):
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        assert float(-updates["w"]) == pytest.approx(sched(step), rel=1e-5, abs=1e-9), step
+
+
+@pytest.mark.slow  # ~60-120 s: MiniLM compiled twice and the PyTorch model, a few steps each
+def test_time_to_accuracy_quick(tmp_path):
+    from benchmarks import time_to_accuracy as tta
+
+    sst2 = shared_data("sst2")
+    require("peft")
+    result = tta.main(["--quick", "--data", str(sst2), "--out-dir", str(tmp_path)])
+    assert [r["method"] for r in result["rows"]] == [tta.LABELS["ours"], tta.LABELS["peft"]]
+    assert result["rows"][0]["trainable"] == result["rows"][1]["trainable"]  # the same adapters and head
+    assert result["same_tokens"] == 1.0  # one tokenizer.json, both implementations: the same ids
+    for name in ("ours", "peft"):
+        assert len(result["times_s"][name]) == 2 and all(_positive(t) for t in result["times_s"][name])
+        assert len(result["losses"][name]) == 4 and all(math.isfinite(x) and x > 0 for x in result["losses"][name])
+        assert 0.0 <= result["accuracy"][name] <= 1.0
+    # the same first batch, the same initial head: the same first loss up to dropout masks and float32
+    assert result["losses"]["ours"][0] == pytest.approx(result["losses"]["peft"][0], abs=0.05)
+    assert set(result["widths_used"]) <= set(result["widths"]) and len(result["widths"]) <= 2
+    assert result["rows"][1]["pad_fraction"] <= result["rows"][0]["pad_fraction"]  # per-batch padding is tighter
+    assert result["eval_examples"] == 64 and result["train_examples"] == 512
+    assert all(isinstance(g["met"], bool) for g in result["goals"].values()) and len(result["goals"]) == 2
+    saved = json.loads((tmp_path / "time_to_accuracy_quick.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    _check_provenance(saved, "time_to_accuracy", "--quick")
+
+
+# ------------------------------------------------------------------------------------------------ xla flags
+
+
+def test_xla_flags_verdicts_come_from_the_rows():
+    from benchmarks import common, xla_flags
+
+    ref = {"loss": 0.7, "tree": np.array([1.0, -2.0, 0.5])}
+    assert xla_flags.compare(ref, ref)["unchanged"]
+    off = xla_flags.compare(ref, {"loss": 0.7, "tree": np.array([1.0, -2.0, 0.51])})
+    assert not off["unchanged"] and off["updated_tree_max_rel_diff"] == pytest.approx(0.005)
+    assert not xla_flags.compare(ref, {"loss": 0.7001, "tree": ref["tree"]})["unchanged"]
+
+    def row(ratios, unchanged=True):
+        return {"status": "ran", "unchanged": unchanged,
+                "ratio_to_default": common.paired_summary(list(ratios), [1.0] * len(ratios))}
+
+    assert xla_flags.verdict(row([0.9] * 6)) == "helps"
+    assert xla_flags.verdict(row([1.1] * 6)) == "slower"
+    assert xla_flags.verdict(row([0.9, 1.1] * 3)) == "no difference"
+    assert xla_flags.verdict(row([0.9] * 6, unchanged=False)) == "outputs differ"
+    assert xla_flags.verdict(row([0.9] * 2)) == "too few rounds"
+    assert xla_flags.verdict({"status": "not available"}) == "not available"
+
+
+def test_xla_flags_unknown_flag_is_recorded_not_raised(tmp_path):
+    from benchmarks import xla_flags
+
+    w = xla_flags.Worker("bogus", "--xla_cpu_no_such_flag_here=true", "minilm", True, tmp_path)
+    try:
+        w.wait_ready()
+    finally:
+        w.close()
+    assert w.compile_s is None and "--xla_cpu_no_such_flag_here" in w.error and "Unknown flag" in w.error
+
+
+@pytest.mark.slow  # ~60 s: three worker processes, each importing jax and compiling a tiny step
+def test_xla_flags_quick(tmp_path):
+    from benchmarks import xla_flags
+
+    result = xla_flags.main(["--quick", "--models", "minilm", "--sets", "onednn", "--flags",
+                             "bogus=--xla_cpu_no_such_flag_here=true", "--out-dir", str(tmp_path)])
+    (model,) = result["results"]
+    rows = {r["set"]: r for r in model["rows"]}
+    assert list(rows) == ["default", "onednn", "bogus"]
+    assert rows["default"]["verdict"] == "reference" and _positive(rows["default"]["median_step_ms"])
+    assert rows["onednn"]["status"] == "ran" and rows["onednn"]["unchanged"]
+    assert rows["onednn"]["verdict"] == "too few rounds" and len(rows["onednn"]["times_s"]) == 2
+    assert rows["bogus"]["status"] == "not available" and "Unknown flag" in rows["bogus"]["error"]
+    assert result["helps"] == {"minilm": []}
+    saved = json.loads((tmp_path / "xla_flags_quick.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    _check_provenance(saved, "xla_flags", "--quick")
