@@ -242,7 +242,8 @@ def step_ratio_block(results: dict) -> str:
 
 
 def loss_memory_block(results: dict) -> str:
-    r, long = results["loss_memory"], results["loss_memory_long"]
+    r = results["loss_memory"]
+    long = r if "longest_sequence" in r else results["loss_memory_long"]  # one run of every section, or two
     names = {"gpt2-small": "GPT-2-small", "smollm2-135m": "SmolLM2-135M"}
     cfg = r["config"]
     rows = [[names.get(m["model"], m["model"]), "full fine-tuning" if m["method"] == "full" else "LoRA", m["loss"],
@@ -269,8 +270,9 @@ def loss_memory_block(results: dict) -> str:
         out += [f"LoRA step time, batch {cfg['batch']} x {cfg['seq']}, {cfg['rounds']} rotated rounds on a shared "
                 "machine (compare the paired ratios, not the times):", "",
                 _table(["model", "variant", "median ms", "time / plain (paired median)", "95% CI"], trows), ""]
-    out += [provenance(r, "python -m benchmarks.loss_memory"), "",
-            provenance(long, "python -m benchmarks.loss_memory --sections long")]
+    out += [provenance(r, "python -m benchmarks.loss_memory")]
+    if long is not r:
+        out += ["", provenance(long, "python -m benchmarks.loss_memory --sections long")]
     return "\n".join(out)
 
 
@@ -403,7 +405,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "multi_adapter": (("multi_adapter",), multi_adapter_block, False),
     "smollm2_speed": (("smollm2_speed",), smollm2_block, False),
     "step_ratio": (("step_ratio",), step_ratio_block, False),
-    "loss_memory": (("loss_memory", "loss_memory_long"), loss_memory_block, False),
+    "loss_memory": (("loss_memory",), loss_memory_block, False),
     "llamacpp_parity": (("llamacpp_parity",), llamacpp_block, False),
     "moe_step": (("moe_step",), moe_step_block, False),
     "time_to_accuracy": (("time_to_accuracy",), time_to_accuracy_block, False),

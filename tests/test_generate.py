@@ -174,6 +174,7 @@ def test_warpers_match_transformers():
         assert np.isinf(ours).any()
 
 
+@pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_sampling_follows_the_filtered_distribution(tiny_llama):
     """One sampled token for 1000 copies of a prompt: only tokens the warpers keep, at their probabilities."""
     _, model, params = tiny_llama
@@ -190,6 +191,7 @@ def test_sampling_follows_the_filtered_distribution(tiny_llama):
     assert 0.5 * np.abs(freq - probs).sum() < 0.08  # total variation (about 0.03 expected from 1000 draws)
 
 
+@pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny_llama):
     _, model, params = tiny_llama
     ids, mask = prompts(5)

@@ -221,6 +221,7 @@ def test_default_job_model_matches_transformers_gguf_loader(smollm2, smollm2_ref
     assert np.array_equal(np.argmax(np.asarray(ours), -1), np.argmax(theirs, -1))
 
 
+@pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_smollm2_knows_the_capital_of_france(smollm2):
     model, params, tok, config = smollm2
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,

@@ -102,6 +102,7 @@ def test_bfloat16_compute_stays_close(tiny):
     assert np.abs(np.asarray(y16, np.float32) - np.asarray(y32)).max() < 0.1 * np.abs(np.asarray(y32)).max()
 
 
+@pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_dropout_only_when_not_deterministic(tiny):
     _, cls_dir, _ = tiny
     model, params, _, _ = load(cls_dir)

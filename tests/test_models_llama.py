@@ -95,6 +95,7 @@ def test_logits_match_transformers(case):
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_sliding_window_is_applied():
     config = llama.Config.from_hf(CONFIGS["mistral-window"]())
     params = llama.init_params(config, jax.random.key(0))
@@ -242,6 +243,7 @@ def test_lora_matches_peft():
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_a_few_steps_train_only_the_adapters():
     config = llama.Config.from_hf(CONFIGS["qwen2"]())
     params = llama.init_params(config, jax.random.key(0))

@@ -111,6 +111,7 @@ def test_classification_logits_and_hidden_states_match_transformers(tiny):
         np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=TOL, rtol=TOL)
 
 
+@pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_gradients_match_transformers(tiny):
     ref_model, _, loaded = tiny
     x, labels = features(), np.array([0, 2])
@@ -394,7 +395,7 @@ def _random_b(adapters, seed=4, scale=0.3):
         is_leaf=lora.is_adapter)
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("variant", [pytest.param("lora", marks=pytest.mark.slow), "dora", "qlora"])
 def test_factored_equals_merged_on_whisper(tiny_cls, variant):
     _, _, loaded = tiny_cls
     params = loaded.params

@@ -107,7 +107,8 @@ def tiny_whisper(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "linear_probe"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=pytest.mark.slow),
+                                    pytest.param("linear_probe", marks=pytest.mark.slow)])
 def test_train_run_on_audio(tiny_task, tiny_whisper, tmp_path, method):
     cfg = load_config(None, [f"model.name={tiny_whisper}", "model.num_labels=3",
                              f"data.source={tiny_task / 'train.jsonl'}", f"data.eval_source={tiny_task / 'eval.jsonl'}",

@@ -403,6 +403,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_two_processes_match_one(tiny_bert, tmp_path):
     """A real 2-process JAX cluster on 127.0.0.1 (gloo), 4 CPU devices each, data 4 x fsdp 2: same losses and
     adapters as one process on one device."""
@@ -461,7 +462,7 @@ def _start_and_interrupt(tiny_bert, out, sig, at_step) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("sig", ["kill", pytest.param("term", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("sig", [pytest.param("kill", marks=pytest.mark.slow), pytest.param("term", marks=pytest.mark.slow)])
 def test_interrupted_run_resumes_to_the_same_result(full_run, tiny_bert, tmp_path, sig):
     """SIGKILL at a random step (or SIGTERM, the preemption notice) and --resume: per-step losses and final
     adapters equal the uninterrupted run's."""
@@ -490,6 +491,7 @@ def test_interrupted_run_resumes_to_the_same_result(full_run, tiny_bert, tmp_pat
         np.testing.assert_allclose(x.b, y.b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_damaged_latest_checkpoint_falls_back(full_run, tiny_bert, tmp_path):
     """Truncate every file of the newest checkpoint: resume warns, uses the previous step and still ends equal."""
     out, uninterrupted = full_run
