@@ -18,9 +18,9 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from conftest import missing, require
+from peft_parity import assert_lora_gradients_match_peft
 
 import lora_jax as lora
 from lora_jax import models
@@ -184,39 +184,8 @@ def test_attention_softcap():
 
 def test_lora_gradients_match_peft(tiny):
     """The same A, B in PEFT and here: equal loss and gradients w.r.t. A and B (local and global layers)."""
-    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
-    torch.manual_seed(2)
-    peft_model = peft.get_peft_model(copy.deepcopy(tiny.torch_model), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))  # random A and B
-    names = lora.peft.naming(tiny.config)
-    modules = dict(peft_model.base_model.model.named_modules())
-    adapters = lora.init(tiny.params, r=4, alpha=8, targets=[rf".*/{t}/kernel" for t in targets])
-
-    def from_peft(path, ad):
-        m = modules[names.module_name(lora.tree.path_tuple(path))]
-        return dataclasses.replace(ad, a=jnp.asarray(m.lora_A["default"].weight.detach().numpy().T),
-                                   b=jnp.asarray(m.lora_B["default"].weight.detach().numpy().T))
-
-    adapters = jax.tree_util.tree_map_with_path(from_peft, adapters, is_leaf=lora.is_adapter)
-    ids, _ = batch(5)
-    out = peft_model(torch.tensor(ids), labels=torch.tensor(ids))
-    out.loss.backward()
-
-    def loss_fn(adapters):
-        logits, _ = tiny.model.apply({"params": lora.wrap(tiny.params, adapters)}, jnp.asarray(ids))
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.asarray(ids)[:, 1:]).mean()
-
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(adapters)
-    np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
-    checked = 0
-    for path, g in lora.adapter_items(grads):
-        m = modules[names.module_name(lora.tree.split(path))]
-        ga, gb = m.lora_A["default"].weight.grad.numpy().T, m.lora_B["default"].weight.grad.numpy().T
-        assert np.abs(gb).max() > 1e-4
-        np.testing.assert_allclose(np.asarray(g.a), ga, atol=2e-5, rtol=1e-3)
-        np.testing.assert_allclose(np.asarray(g.b), gb, atol=2e-5, rtol=1e-3)
-        checked += 1
-    assert checked == 4 * tiny.config.num_hidden_layers
+    assert_lora_gradients_match_peft(tiny.model, tiny.params, tiny.config, tiny.torch_model, batch(5)[0],
+                                     ["q_proj", "v_proj", "o_proj", "down_proj"])
 
 
 def test_cache_past_the_window_and_greedy_text(tiny):
