@@ -55,7 +55,7 @@ from lora_jax.multi import (
 )
 from lora_jax.optim import lora_plus, masked, trainable_labels
 from lora_jax.quant import QuantizedWeight, dequantize, merge_quantized, quantize
-from lora_jax.variants import init_pissa
+from lora_jax.variants import init_pissa, pissa_to_lora
 from lora_jax.peft import LoadedPeft, load_peft, save_peft
 from lora_jax.gguf_export import MergedGGUF, load_gguf_adapter, save_gguf_adapter, save_merged_gguf
 from lora_jax.targets import PRESETS
@@ -71,9 +71,20 @@ __all__ = [
     "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
     "init_stacked", "transform", "transform_report",
-    "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "quantize",
+    "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "pissa_to_lora", "quantize",
+    "load_trained", "save_trained",
     "LoadedPeft", "load_peft", "save_peft",
     "MergedGGUF", "load_gguf_adapter", "save_gguf_adapter", "save_merged_gguf",
     "AdapterSet", "MultiLoraWeight", "StackedAdapter", "load_slot", "row_ids", "stack_adapters", "weighted_adapter",
     "wrap_mixed",
 ]
+
+
+def __getattr__(name: str):
+    """``lora.save_trained`` / ``lora.load_trained`` (:mod:`lora_jax.checkpoint`), imported on first use so that
+    ``import lora_jax`` does not import Orbax."""
+    if name in ("load_trained", "save_trained"):
+        from lora_jax import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")

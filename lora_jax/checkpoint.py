@@ -156,6 +156,31 @@ def load_adapters(folder: str | Path) -> Any:
                               f"{_first_line(e)}") from e
 
 
+def save_trained(folder: str | Path, tree: Any) -> Path:
+    """Write leaves trained in full (a nested dict of arrays, e.g. a classifier head) with Orbax to ``folder``
+    (replaced if it exists); returns the absolute folder. Read back with :func:`load_trained`."""
+    folder = Path(folder).absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(folder, tree, force=True)
+    return folder
+
+
+def load_trained(folder: str | Path, like: Any) -> Any:
+    """Read what :func:`save_trained` wrote, into the structure, shapes and dtypes of ``like`` (a tree of arrays
+    or ``ShapeDtypeStruct``). Raises :class:`CheckpointError` naming the folder when it is missing or does not
+    hold that tree."""
+    folder = Path(folder).absolute()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} holds no trained parameters (the folder is missing)")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+    try:
+        with _quiet_absl(), ocp.StandardCheckpointer() as ckpt:
+            return ckpt.restore(folder, target)
+    except Exception as e:
+        raise CheckpointError(f"could not restore trained parameters from {folder}: {type(e).__name__}: "
+                              f"{_first_line(e)}") from e
+
+
 class Checkpointer:
     """Training-state checkpoints: ``{"trainable", "opt_state"}`` arrays plus a JSON ``meta`` record per step."""
 

@@ -27,6 +27,7 @@ import numpy as np
 from lora_jax import core as _core
 from lora_jax import quant as _quant
 from lora_jax import tree as _tree
+from lora_jax.errors import TargetError
 
 PyTree = Any
 Array = jax.Array
@@ -111,4 +112,38 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
     return residual_params, jax.tree_util.tree_map_with_path(replace, adapters, is_leaf=_core.is_adapter)
 
 
-__all__ = ["init_pissa", "pissa_factors"]
+def pissa_to_lora(adapters: PyTree, initial: PyTree) -> PyTree:
+    """PiSSA adapters trained over the residual ``W_res = W - s*A0@B0`` as plain LoRA adapters over the original
+    ``W`` (as PEFT converts them): ``W_res + s*A@B = W + s*[A, A0] @ [B; -B0]``, rank ``2r``, same scale (DoRA
+    magnitudes are unchanged: the adapted kernel is the same).
+
+    Args:
+      adapters: the trained adapter tree (host or device arrays).
+      initial: the adapters :func:`init_pissa` returned, before training (same paths and ranks).
+
+    Returns:
+      An adapter tree of numpy arrays: ``a`` of shape ``(d_in, 2r)``, ``b`` of shape ``(2r, d_out)``, ``alpha``
+      such that the scale is unchanged (``s * 2r``, or ``s * sqrt(2r)`` for rsLoRA-scaled adapters).
+      Raises :class:`lora_jax.TargetError` when an adapter has no initial adapter of the same rank.
+    """
+    init = {p: ad for p, ad in _core.adapter_items(initial)}
+
+    def convert(path, ad):
+        name = _tree.path_str(path)
+        a0 = init.get(name)
+        if a0 is None or a0.r != ad.r:
+            raise TargetError(f"pissa_to_lora: {name} (rank {ad.r}) has "
+                              + ("no initial adapter" if a0 is None else f"an initial adapter of rank {a0.r}")
+                              + f"; the initial adapters hold {sorted(init)[:8]}")
+        r = 2 * ad.r
+        rslora = not math.isclose(ad.scale, ad.alpha / ad.r) and math.isclose(ad.scale, ad.alpha / math.sqrt(ad.r))
+        alpha = ad.scale * (math.sqrt(r) if rslora else r)
+        return _core.LoraAdapter(np.concatenate([np.asarray(ad.a), np.asarray(a0.a)], axis=1),
+                                 np.concatenate([np.asarray(ad.b), -np.asarray(a0.b)], axis=0),
+                                 alpha=alpha, scale=ad.scale, in_shape=ad.in_shape, out_shape=ad.out_shape,
+                                 dropout=ad.dropout, magnitude=ad.magnitude)
+
+    return jax.tree_util.tree_map_with_path(convert, adapters, is_leaf=_core.is_adapter)
+
+
+__all__ = ["init_pissa", "pissa_factors", "pissa_to_lora"]

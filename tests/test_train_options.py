@@ -68,7 +68,7 @@ def trained(cfg, folder):
     """``(model, frozen params as trained over, adapters, eval batch, model config)`` of a finished run."""
     model, params, model_cfg, batch = _data(cfg)
     prepared = loop.prepare(cfg, params, loop.run_keys(cfg)[0])
-    head = loop.load_trained(folder / "params", prepared.trainable["params"])
+    head = lora.load_trained(folder / "params", prepared.trainable["params"])
     adapters = load_adapters(folder / "adapters")
     full, adapters = lora.combine(prepared.frozen, {"adapters": adapters, "params": head})
     return model, full, adapters, batch, model_cfg, params
@@ -309,7 +309,7 @@ def test_dropout_applies_in_training_with_the_step_key_and_not_in_eval(tiny_bert
     cfg, out, _ = options_run
     model, full, adapters, batch, _, params = trained(cfg, out)
     prepared = loop.prepare(cfg, params, loop.run_keys(cfg)[0])
-    trainable = {"adapters": adapters, "params": loop.load_trained(out / "params", prepared.trainable["params"])}
+    trainable = {"adapters": adapters, "params": lora.load_trained(out / "params", prepared.trainable["params"])}
     tx = loop.make_optimizer(cfg)
     step = jax.jit(loop.make_train_step(model, cfg, tx))
     evaluate = jax.jit(loop.make_eval_step(model, cfg))

@@ -300,6 +300,23 @@ def test_pissa_with_dora_and_errors():
         lora.init_pissa(params, 4, init="gaussian")
 
 
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_pissa_to_lora_states_the_trained_adapters_against_the_original_base(use_rslora):
+    """Trained PiSSA adapters over the residual, converted: rank 2r, same scale, and the original kernel plus the
+    converted update equals the residual plus the trained update. An adapter without its initial one is refused."""
+    params = {"attn": {"query": {"kernel": _w((32, 24), 5)}}, "mlp": {"kernel": _w((24, 40), 3)}}
+    res, initial = lora.init_pissa(params, 4, alpha=16, targets="all-linear", use_rslora=use_rslora)
+    trained = _perturb(initial)
+    plain = lora.pissa_to_lora(trained, initial)
+    for (path, t), (path2, c) in zip(lora.adapter_items(trained), lora.adapter_items(plain)):
+        assert path == path2 and c.r == 8 and c.a.shape == (t.a.shape[0], 8) and c.scale == pytest.approx(t.scale)
+        w0 = dict(lora.targets.leaf_paths(params))[path]
+        w_res = dict(lora.targets.leaf_paths(res))[path]
+        np.testing.assert_allclose(w0 + c.delta(), w_res + t.delta(), atol=1e-5)
+    with pytest.raises(lora.TargetError, match="mlp/kernel .*no initial adapter"):
+        lora.pissa_to_lora(trained, {"attn": initial["attn"]})
+
+
 # ------------------------------------------------------------------------------------ rsLoRA and LoRA+
 
 
