@@ -377,6 +377,57 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert, tmp_path):
             assert np.isfinite(rec["loss"])
 
 
+def _records(folder):
+    """The run's metric records without their clocks (``train_s``, ``tokens_per_s``)."""
+    return [{k: v for k, v in r.items() if k not in ("train_s", "tokens_per_s")} for r in read_log(folder)]
+
+
+def test_prefetch_off_trains_and_logs_exactly_as_on(full_run, tiny_bert, tmp_path):
+    """``train.prefetch`` (on in ``full_run``: the next batch placed and the previous step's metrics read while a
+    step runs) changes only when the host works: the same records in the same order (every loss, gradient norm
+    and evaluation equal to the bit), the same checkpoints, the same adapters."""
+    out, result = full_run
+    off = run(load_config(None, overrides(tiny_bert, tmp_path / "off", **{"train.prefetch": "false"})),
+              print_fn=lambda *a: None)
+    assert _records(off.folder) == _records(out)
+    assert [h["loss"] for h in off.history] == [h["loss"] for h in result.history]
+    assert sorted(os.listdir(off.folder / "checkpoints")) == sorted(os.listdir(out / "checkpoints"))
+    a = lora.checkpoint.load_adapters(out / "adapters")
+    b = lora.checkpoint.load_adapters(off.folder / "adapters")
+    for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
+        np.testing.assert_array_equal(x.a, y.a)
+        np.testing.assert_array_equal(x.b, y.b)
+
+
+def test_nan_with_prefetch_stops_as_without_it(tiny_bert, tmp_path):
+    """With ``train.prefetch`` a step's metrics are read one step late; a non-finite step still stops the run
+    with the error of the synchronous loop (the same step, the same last finite step, the same newest
+    checkpoint), after the same records, and no checkpoint holds a NaN. The first non-finite step here is not a
+    checkpoint step, so its check really is deferred past the next step's dispatch."""
+    seen = {}
+    for prefetch in ("true", "false"):
+        out = tmp_path / prefetch
+        cfg = load_config(None, overrides(tiny_bert, out, **{
+            "optim.lr": 1e38, "optim.grad_clip": "null", "optim.name": "sgd", "optim.warmup_steps": 8,
+            "optim.schedule": "constant", "checkpoint.every": 2, "eval.every": 100, "train.prefetch": prefetch}))
+        with pytest.raises(NonFiniteError, match=r"step \d+: .*not finite") as e:
+            run(cfg, print_fn=lambda *a: None)
+        folder = (out / "latest").resolve()
+        from lora_jax.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(folder / "checkpoints")
+        for step in ckpt.steps():  # no checkpoint holds a NaN
+            state = ckpt.restore_untyped(step)
+            assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+        seen[prefetch] = (str(e.value).replace(str(folder), "RUN"), ckpt.steps(), _records(folder))
+    message, steps, records = seen["true"]
+    assert seen["true"] == seen["false"]
+    assert steps, "the run must fail after a checkpoint for the test to check one"
+    first_bad = int(message.split(":")[0].split()[1])
+    assert first_bad % 2, message  # not a checkpoint step: the deferred check is the one that fired
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, first_bad))
+
+
 @pytest.mark.slow  # tests/test_sharding.py checks the same on 8 devices in the fast suite
 def test_eight_devices_match_one(tiny_bert, tmp_path):
     """The same run on 8 forced CPU devices (data 4 x fsdp 2) gives the losses of the 1-device run."""

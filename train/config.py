@@ -180,6 +180,8 @@ class TrainConfig:
                                               "10 in a row)")
     time_budget_s: Float | None = key(None, "stop (with a checkpoint) when training has taken this many seconds",
                                       gt=0)
+    prefetch: bool = key(True, "overlap host work with the step: place the next batch and read the previous step's "
+                         "loss while a step runs (the non-finite stop then comes one step later; same results)")
 
 
 @section

@@ -1,8 +1,12 @@
 """The training job: model + data + LoRA + sharded jitted step + evaluation + Orbax checkpoints + export.
 
-One function, :func:`run`, reads top to bottom: check the output folder, set up the mesh, the model and the data;
-choose what is trained (``lora``: adapters (+ named leaves), ``full``: everything, ``linear_probe``: only the
-head); build the optimizer; then loop over jitted steps, evaluating, logging and checkpointing as configured.
+:func:`run` checks the output folder's plan and composes the parts, each taking what it reads explicitly:
+:func:`setup` sets up the mesh, the model and the data, chooses what is trained (``lora``: adapters (+ named leaves),
+``full``: everything, ``linear_probe``: only the head), builds the optimizer and jits the step (a frozen
+:class:`Setup` and the initial :class:`TrainState`); :func:`restore` resumes from a checkpoint;
+:func:`evaluate_all` evaluates before and after training; :func:`train_steps` loops over the jitted steps,
+evaluating, logging and checkpointing as configured (a :class:`Progress` of its counters); :func:`export` writes
+the adapters and the configured exports, :func:`write_result` the run's ``result.json``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +26,9 @@ import optax
 
 import lora_jax as lora
 from lora_jax import sharding
-from lora_jax.checkpoint import Checkpointer, save_adapters
+from lora_jax.checkpoint import Checkpointer, load_trained, save_adapters, save_trained  # noqa: F401 (load_trained: train.predict)
 from lora_jax.errors import NonFiniteError
+from lora_jax.variants import pissa_to_lora
 from train import config as config_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
@@ -430,17 +435,83 @@ class RunResult:
     wall_s: float
 
 
-def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=print) -> RunResult | None:
-    """Train as ``cfg`` says. Everything the run reads is checked before anything is written: the output folder
-    (:func:`train.outputs.plan`), the mesh, the model, the data, the targets, the batch layout; then the run
-    folder is created. A run that fails before its first checkpoint leaves the job folder as it found it.
-    ``check``: stop after the checks (nothing written) and return ``None``."""
-    t_start = time.perf_counter()
-    primary = jax.process_index() == 0
-    say = print_fn if primary else (lambda *a, **k: None)
-    check_gguf_exports(cfg)
-    out_plan = outputs.plan(cfg, resume)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run reads and never changes, from :func:`setup`: the model and its frozen base (placed on the
+    mesh), the data, the jitted step and evaluation, the shardings of the batches.
 
+    ``step_fn``: ``jax.jit`` of :func:`make_train_step` (donates the trainable and optimizer state);
+    ``eval_fn``: ``jax.jit`` of :func:`make_eval_step`; ``step_key``: folded with the step number for the
+    step's dropout; ``eval_bsz``: global evaluation batch size (a multiple of the devices); ``pissa_init``: as
+    :class:`Prepared`; ``say``: prints on process 0 only.
+    """
+
+    cfg: Config
+    model: Any
+    model_cfg: Any
+    tokenizer: Any
+    mesh: Any
+    frozen: Any
+    eval_data: data_lib.Tokenized
+    batches: data_lib.Batches
+    step_fn: Any
+    eval_fn: Any
+    step_key: jax.Array
+    batch_shardings: tuple[Any, Any]  # (accum, B, T) arrays, (accum, B) arrays
+    eval_shardings: tuple[Any, Any]  # (B, T) arrays, (B,) arrays
+    eval_bsz: int
+    pissa_init: Any
+    n_trainable: int
+    total_params: int
+    frozen_bytes: int
+    primary: bool
+    multi_process: bool
+    say: Callable[..., None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What a step changes: ``trainable`` (``{"adapters", "params"}``) and ``opt_state``, placed on the mesh."""
+
+    trainable: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class Progress:
+    """The step loop's counters, carried from :func:`restore` through :func:`train_steps` into the run's result.
+
+    ``step``: steps done; ``start``: the step the loop started from (0, or the resumed checkpoint's);
+    ``train_s``: wall time of the training steps (compiling included, evaluation and checkpoints excluded);
+    ``steady_s`` / ``tokens_seen``: the same over the steps that did not compile (the throughput's clock and
+    tokens); ``real_tokens`` / ``slots``: non-padding tokens / token slots of every batch; ``last_finite``: the
+    last step whose update was applied; ``in_a_row``: non-finite steps in a row; ``compiled``: one compiled step
+    per batch shape, ``{shape: (callable, memory)}``; ``last_metrics``: the newest step's metrics (host values).
+    """
+
+    start: int = 0
+    step: int = 0
+    skipped: int = 0
+    tokens_seen: float = 0.0
+    train_s: float = 0.0
+    steady_s: float = 0.0
+    examples_seen: int = 0
+    real_tokens: int = 0
+    slots: int = 0
+    last_finite: int = 0
+    in_a_row: int = 0
+    history: list[dict] = dataclasses.field(default_factory=list)
+    compiled: dict[tuple[int, ...], tuple[Any, dict]] = dataclasses.field(default_factory=dict)
+    last_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) -> tuple[Setup, TrainState] | None:
+    """Check and load everything the run reads: the mesh, the model, the data, the trainable tree, the optimizer;
+    then place the frozen base and the trainable state on the mesh and jit the step and the evaluation.
+
+    ``check``: the output folder's plan as text (:func:`train.outputs.describe`); stop after the checks, say
+    that they passed, and return ``None`` (nothing placed, nothing written)."""
+    primary = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, expert=cfg.mesh.expert)
     say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
         f"{jax.process_count()} process(es)")
@@ -477,9 +548,8 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
         + (f" ({cfg.quant.type})" if cfg.train.method == "qlora" else f" ({cfg.train.precision})"))
 
     tx = make_optimizer(cfg)
-    if check:
-        say(f"check: the config, {cfg.model.name}, the data, the targets and {outputs.describe(out_plan)} are "
-            "valid; nothing was written")
+    if check is not None:
+        say(f"check: the config, {cfg.model.name}, the data, the targets and {check} are valid; nothing was written")
         return None
 
     # Place the frozen base FSDP-sharded, the trainable tree by the same rules (adapters are small: replicated).
@@ -487,70 +557,348 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     trainable = sharding.put_tree(trainable, sharding.tree_shardings(trainable, mesh))
     opt_state = sharding.init_opt_state(tx, trainable)  # moments placed like their parameters
 
-    accum, bsz = cfg.train.grad_accum, cfg.train.batch_size
-    n_devices = mesh.size
-    batch_shard = sharding.batch_sharding(mesh, ndim=3, leading=1)
-    eval_shard = sharding.batch_sharding(mesh, ndim=2, leading=0)
     # The state leaves the step with the shardings it came in with (left to XLA, the adapters can come out
     # FSDP-split, and the next step would compile again for them).
     state_shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
     step_fn = jax.jit(make_train_step(model, cfg, tx), donate_argnums=(0, 1), out_shardings=(*state_shardings, None),
                       compiler_options=step_compiler_options(cfg))
     eval_fn = jax.jit(make_eval_step(model, cfg))
-
-    def put_batch(host: dict[str, np.ndarray]) -> dict:
-        """A step's host batch as global arrays ``(accum, B, ...)``, split along B over the mesh."""
-        stacked = micro_batches(host, accum)
-        return {k: sharding.host_to_global(v, batch_shard if v.ndim == 3 else
-                                           sharding.NamedSharding(mesh, sharding.P(None, sharding.batch_axes(mesh))))
-                for k, v in stacked.items()}
-
+    rows = sharding.batch_axes(mesh)
+    batch_shardings = (sharding.batch_sharding(mesh, ndim=3, leading=1),
+                       sharding.NamedSharding(mesh, sharding.P(None, rows)))
+    eval_shardings = (sharding.batch_sharding(mesh, ndim=2, leading=0), sharding.NamedSharding(mesh, sharding.P(rows)))
     # (no larger than the evaluation set needs: padding rows cost memory and count for nothing)
+    n_devices = mesh.size
     eval_bsz = max(min(cfg.eval.batch_size, -(-len(eval_data) // n_devices) * n_devices) // n_devices, 1) * n_devices
-
-    def evaluate(trainable) -> dict:
-        loss_sum, count, logits, labels = 0.0, 0.0, [], []
-        for batch in data_lib.eval_batches(eval_data, eval_bsz):
-            weight = batch["weight"]
-            dev = {k: sharding.host_to_global(v, eval_shard if v.ndim == 2 else
-                                              sharding.NamedSharding(mesh, sharding.P(sharding.batch_axes(mesh))))
-                   for k, v in batch.items()}
-            l, c, lg = eval_fn(trainable, frozen, dev)
-            loss_sum += float(l)
-            count += float(c)
-            if lg is not None:
-                keep = weight > 0
-                logits.append(sharding.global_to_host(lg)[keep])
-                labels.append(batch["labels"][keep])
-        out = {"loss": loss_sum / max(count, 1.0)}
-        if cfg.data.task == "causal-lm":
-            out["perplexity"] = float(math.exp(min(out["loss"], 50.0)))
-        else:
-            out.update(metrics_lib.classification(np.concatenate(labels), np.concatenate(logits)))
-        return out
 
     multi_process = jax.process_count() > 1
     if multi_process and cfg.data.task == "causal-lm" and (cfg.eval.generate_samples or cfg.eval.generate_eval):
         say("note: sample generation and BLEU/ROUGE run single-process only; skipped in this multi-process run "
             "(evaluate the saved adapter with python -m train.predict)")
+    s = Setup(cfg=cfg, model=model, model_cfg=model_cfg, tokenizer=tokenizer, mesh=mesh, frozen=frozen,
+              eval_data=eval_data, batches=batches, step_fn=step_fn, eval_fn=eval_fn, step_key=step_key,
+              batch_shardings=batch_shardings, eval_shardings=eval_shardings, eval_bsz=eval_bsz,
+              pissa_init=prepared.pissa_init, n_trainable=n_trainable, total_params=summary.total,
+              frozen_bytes=frozen_bytes, primary=primary, multi_process=multi_process, say=say)
+    return s, TrainState(trainable, opt_state)
 
-    def samples(trainable, n: int) -> list[tuple[str, str]]:
-        if cfg.data.task != "causal-lm" or n <= 0 or multi_process:
-            return []
-        prompts = list(dict.fromkeys(eval_data.prompts))[:n]
-        params_now, adapters_now = lora.combine(frozen, trainable)
-        outs = generate_texts(model, lora.wrap(params_now, adapters_now), tokenizer, prompts, cfg)
-        return list(zip(prompts, outs))
 
-    def generation_metrics(trainable) -> dict:
-        n = cfg.eval.generate_eval
-        if cfg.data.task != "causal-lm" or n <= 0 or multi_process:
-            return {}
-        unique = list(dict.fromkeys(eval_data.prompts))[:n]
-        refs = {p: r for p, r in zip(eval_data.prompts, eval_data.references)}
-        params_now, adapters_now = lora.combine(frozen, trainable)
-        preds = generate_texts(model, merged_params(params_now, adapters_now), tokenizer, unique, cfg)
-        return metrics_lib.generation(preds, [refs[p] for p in unique])
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(s: Setup, trainable: Any) -> dict:
+    """Loss (and perplexity, or the classification metrics) of ``trainable`` on the whole evaluation set."""
+    cfg = s.cfg
+    loss_sum, count, logits, labels = 0.0, 0.0, [], []
+    for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz):
+        weight = batch["weight"]
+        dev = {k: sharding.host_to_global(v, s.eval_shardings[0] if v.ndim == 2 else s.eval_shardings[1])
+               for k, v in batch.items()}
+        l, c, lg = s.eval_fn(trainable, s.frozen, dev)
+        loss_sum += float(l)
+        count += float(c)
+        if lg is not None:
+            keep = weight > 0
+            logits.append(sharding.global_to_host(lg)[keep])
+            labels.append(batch["labels"][keep])
+    out = {"loss": loss_sum / max(count, 1.0)}
+    if cfg.data.task == "causal-lm":
+        out["perplexity"] = float(math.exp(min(out["loss"], 50.0)))
+    else:
+        out.update(metrics_lib.classification(np.concatenate(labels), np.concatenate(logits)))
+    return out
+
+
+def samples(s: Setup, trainable: Any, n: int) -> list[tuple[str, str]]:
+    """``(prompt, continuation)`` for the first ``n`` distinct evaluation prompts (causal LM, single process)."""
+    if s.cfg.data.task != "causal-lm" or n <= 0 or s.multi_process:
+        return []
+    prompts = list(dict.fromkeys(s.eval_data.prompts))[:n]
+    params_now, adapters_now = lora.combine(s.frozen, trainable)
+    outs = generate_texts(s.model, lora.wrap(params_now, adapters_now), s.tokenizer, prompts, s.cfg)
+    return list(zip(prompts, outs))
+
+
+def generation_metrics(s: Setup, trainable: Any) -> dict:
+    """BLEU / ROUGE of the merged model's continuations of ``eval.generate_eval`` distinct evaluation prompts
+    (causal LM, single process; ``{}`` otherwise)."""
+    n = s.cfg.eval.generate_eval
+    if s.cfg.data.task != "causal-lm" or n <= 0 or s.multi_process:
+        return {}
+    eval_data = s.eval_data
+    unique = list(dict.fromkeys(eval_data.prompts))[:n]
+    refs = {p: r for p, r in zip(eval_data.prompts, eval_data.references)}
+    params_now, adapters_now = lora.combine(s.frozen, trainable)
+    preds = generate_texts(s.model, merged_params(params_now, adapters_now), s.tokenizer, unique, s.cfg)
+    return metrics_lib.generation(preds, [refs[p] for p in unique])
+
+
+def evaluate_all(s: Setup, trainable: Any) -> tuple[dict, list[tuple[str, str]]]:
+    """The evaluation before and after training: ``({**evaluate, **generation_metrics}, samples)``."""
+    return {**evaluate(s, trainable), **generation_metrics(s, trainable)}, samples(s, trainable,
+                                                                                  s.cfg.eval.generate_samples)
+
+
+# ------------------------------------------------------------------------------------------- the step loop
+
+
+def restore(s: Setup, ckpt: Checkpointer, folder: Path, state: TrainState) -> tuple[TrainState, Progress]:
+    """The newest checkpoint in ``ckpt`` placed like ``state``, and the loop's progress at that step (its
+    records after the checkpoint are dropped from the metric log)."""
+    restored = ckpt.restore_latest(state.trainable, state.opt_state)
+    if restored is None:
+        raise ConfigError(f"--resume: {folder / 'checkpoints'} holds no checkpoint")
+    start, r_trainable, r_opt, meta = restored
+    if not all_finite((r_trainable, r_opt)):
+        raise NonFiniteError(f"--resume: checkpoint step {start} in {folder / 'checkpoints'} holds NaN / inf "
+                             "values (written by an older version?); move it aside to resume from an "
+                             "earlier one")
+    trainable = sharding.put_tree(r_trainable, jax.tree.map(lambda x: x.sharding, state.trainable))
+    opt_state = sharding.put_tree(r_opt, jax.tree.map(lambda x: x.sharding, state.opt_state))
+    cfg = s.cfg
+    examples0 = int(meta.get("examples_seen", start * cfg.train.grad_accum * cfg.train.batch_size))
+    s.say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
+    if s.primary:  # the steps after the checkpoint are trained again: drop their records
+        metrics_lib.truncate_log(folder, start)
+    progress = Progress(start=start, step=start, train_s=float(meta.get("train_s", 0.0)), examples_seen=examples0,
+                        last_finite=start)
+    return TrainState(trainable, opt_state), progress
+
+
+def put_batch(s: Setup, host: dict[str, np.ndarray]) -> dict:
+    """A step's host batch as global arrays ``(accum, B, ...)``, split along B over the mesh."""
+    stacked = micro_batches(host, s.cfg.train.grad_accum)
+    return {k: sharding.host_to_global(v, s.batch_shardings[0] if v.ndim == 3 else s.batch_shardings[1])
+            for k, v in stacked.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placed:
+    """Step ``step``'s batch: ``host`` arrays, the compiled step's ``shape`` key, and the placed ``batch``."""
+
+    step: int
+    host: dict
+    shape: tuple[int, ...]
+    batch: dict
+
+
+def place(s: Setup, step: int) -> _Placed:
+    """Gather step ``step``'s batch on the host and start placing it on the mesh."""
+    host = s.batches(step)
+    accum = s.cfg.train.grad_accum
+    shape = (accum, *micro_batches(host, accum)["attention_mask"].shape[1:])
+    return _Placed(step, host, shape, put_batch(s, host))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dispatched:
+    """A dispatched step whose metrics (device arrays) are not read yet; ``step`` counts from 1."""
+
+    step: int
+    metrics: dict
+    host: dict
+    compiled_now: bool
+
+
+class _StopFlag:
+    """SIGTERM handler: a preemption notice; the loop finishes the step, checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+
+def _read_metrics(s: Setup, p: Progress, done: _Dispatched, clock: list[float], log: metrics_lib.MetricLog, bar,
+                  ckpt: Checkpointer) -> None:
+    """Read a dispatched step's metrics (waiting for it) into ``p``: its wall time (since the previous read, or
+    the last evaluation / checkpoint: ``clock[0]``), the non-finite check (raises :class:`NonFiniteError` as
+    ``train.nan_policy`` says), the counters, the history and the ``train`` log record."""
+    cfg, m = s.cfg, done.metrics
+    loss, finite = float(m["loss"]), bool(m["finite"])
+    now = time.perf_counter()
+    dt, clock[0] = now - clock[0], now
+    p.train_s += dt
+    step = done.step
+    p.last_metrics = m = {k: np.asarray(v) for k, v in m.items()}
+    if finite:
+        p.last_finite, p.in_a_row = step, 0
+    else:
+        p.skipped, p.in_a_row = p.skipped + 1, p.in_a_row + 1
+        if cfg.train.nan_policy == "stop" or p.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteError(_non_finite_message(step, m, p.last_finite, p.in_a_row, ckpt, cfg))
+    mask = done.host["attention_mask"]
+    n_real = int(mask.sum())  # tokens that are not padding
+    p.real_tokens, p.slots = p.real_tokens + n_real, p.slots + mask.size
+    p.examples_seen += s.batches.examples(step - 1)
+    if not done.compiled_now:  # throughput excludes the steps that compiled
+        p.tokens_seen += n_real
+        p.steady_s += dt
+    tok_s = p.tokens_seen / p.steady_s if p.steady_s else 0.0
+    record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite, "tokens_per_s": tok_s,
+              "train_s": p.train_s}
+    p.history.append({"step": step, **record})
+    log.write("train", step, **record)
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+    bar.update(1)
+
+
+def train_steps(s: Setup, state: TrainState, p: Progress, ckpt: Checkpointer, log: metrics_lib.MetricLog,
+                run_folder: outputs.RunFolder) -> tuple[TrainState, Progress]:
+    """Train from step ``p.step`` to ``train.steps``: evaluate every ``eval.every`` steps, checkpoint as
+    ``checkpoint.every`` says and at the end, stop cleanly (with a checkpoint) on SIGTERM or when
+    ``train.time_budget_s`` is spent, raise :class:`NonFiniteError` on non-finite steps as ``train.nan_policy``
+    says. Returns the trained state and ``p``, updated in place.
+
+    With ``train.prefetch`` the host work overlaps the step: step ``k+1``'s batch is gathered and placed while
+    step ``k`` runs, and step ``k``'s metrics are read after step ``k+1`` is dispatched. The non-finite check of
+    step ``k`` therefore runs one step late, after step ``k+1`` was dispatched; that costs nothing: a non-finite
+    step leaves the state unchanged (:func:`make_train_step`), and before every evaluation, checkpoint or stop
+    the pending metrics are read, so no decision is taken on unread metrics and a checkpoint always follows
+    the non-finite check of its own step. Same batches, keys and updates either way: the same losses.
+    """
+    cfg = s.cfg
+    steps, every, budget, prefetch = cfg.train.steps, cfg.eval.every, cfg.train.time_budget_s, cfg.train.prefetch
+    trainable, opt_state = state.trainable, state.opt_state
+    stop = _StopFlag()
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, stop)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=p.step, disable=not s.primary, mininterval=2.0, dynamic_ncols=True,
+               desc=cfg.train.method)
+    n_widths = len(s.batches.widths)
+    clock = [time.perf_counter()]  # when the time charged to the next step read began
+    nxt: _Placed | None = None  # the next step's batch, placed while a step runs
+    pending: _Dispatched | None = None  # a dispatched step whose metrics are not read yet
+    try:
+        while p.step < steps:
+            placed = nxt if nxt is not None else place(s, p.step)
+            nxt = None
+            step_args = (trainable, opt_state, s.frozen, placed.batch, jax.random.fold_in(s.step_key, p.step))
+            new_shape = placed.shape not in p.compiled
+            if new_shape:  # compile ahead of time, once per shape, to read the compiled step's memory use
+                if pending is not None:  # charge the compilation to this step, not to the previous one
+                    _read_metrics(s, p, pending, clock, log, bar, ckpt)
+                    pending = None
+                p.compiled[placed.shape] = compile_step(s.step_fn, *step_args)
+                if s.primary and n_widths > 1:
+                    bar.write(f"step {p.step + 1}: compiled the step for batches of "
+                              f"{' x '.join(map(str, placed.shape))} tokens ({len(p.compiled)} of at most "
+                              f"{n_widths} shapes)")
+            trainable, opt_state, m = p.compiled[placed.shape][0](*step_args)
+            step = p.step = p.step + 1
+            if prefetch and step < steps:
+                nxt = place(s, step)  # host work of the next step while this one runs
+            if pending is not None:  # the previous step: finished, its outputs are this step's inputs
+                _read_metrics(s, p, pending, clock, log, bar, ckpt)
+            pending = _Dispatched(step, m, placed.host, new_shape)
+            live_s = p.train_s + time.perf_counter() - clock[0]
+            if prefetch and not (step % every == 0 or ckpt.should_save(step) or step == steps or stop.signal
+                                 or (budget is not None and live_s > budget)):
+                continue  # nothing to decide at this step: read its metrics after the next one is dispatched
+            _read_metrics(s, p, pending, clock, log, bar, ckpt)
+            pending = None
+            meta = {"step": step, "examples_seen": p.examples_seen, "skipped": p.skipped, "train_s": p.train_s}
+            out_of_time = budget is not None and p.train_s > budget
+            if step % every == 0 and step < steps and not out_of_time:
+                ev = evaluate(s, trainable)
+                log.write("eval", step, **ev, train_s=p.train_s)
+                bar.write(f"step {step}: " + _fmt(ev)) if s.primary else None
+            if ckpt.should_save(step) or step == steps or stop.signal or out_of_time:
+                if p.last_finite == p.start and p.skipped and (step == steps or stop.signal or out_of_time):
+                    raise NonFiniteError(_non_finite_message(step, p.last_metrics, p.last_finite, p.in_a_row, ckpt,
+                                                             cfg))
+                ckpt.save(step, trainable, opt_state, meta)  # the state of step last_finite: always finite
+                run_folder.commit()
+            clock[0] = time.perf_counter()  # evaluation and checkpoints are not training time
+            if stop.signal:
+                s.say(f"SIGTERM: saved step {step}, exiting")
+                break
+            if out_of_time:
+                s.say(f"time budget of {budget:.0f}s spent after step {step}")
+                break
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+    return TrainState(trainable, opt_state), p
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def export(s: Setup, folder: Path, trainable: Any) -> None:
+    """Write the trained adapters (``adapters/``) and leaves trained in full (``params/``), and the exports
+    ``output.*`` asks for: merged weights, a PEFT adapter, GGUF files."""
+    cfg, say, primary = s.cfg, s.say, s.primary
+    params_final, adapters_final = lora.combine(s.frozen, trainable)
+    trained_final = trainable["params"]
+    if s.multi_process:  # exports are written by process 0 from host copies of the (replicated or sharded) arrays
+        adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)
+        trained_final = jax.tree.map(sharding.global_to_host, trained_final)
+        if cfg.output.export_merged:
+            params_final = jax.tree.map(sharding.global_to_host, params_final)
+    uses_adapters = cfg.train.method in ("lora", "qlora")
+    if uses_adapters:  # every process takes part in Orbax writes
+        save_adapters(folder / "adapters", jax.device_get(adapters_final))
+    if jax.tree.leaves(trained_final):  # a head trained in full (or every leaf, for full fine-tuning)
+        save_trained(folder / "params", jax.device_get(trained_final))
+    if primary and cfg.output.export_merged:
+        from lora_jax import models
+
+        merged = jax.device_get(merged_params(params_final, adapters_final))
+        models.save_pretrained(merged, s.model_cfg, folder / "merged", tokenizer=s.tokenizer)
+        say(f"exported merged weights to {folder / 'merged'}")
+    if primary and cfg.output.export_peft and uses_adapters:
+        peft_adapters = jax.device_get(adapters_final)
+        if s.pissa_init is not None:  # PEFT applies adapters to the original base, not PiSSA's residual
+            peft_adapters = pissa_to_lora(peft_adapters, s.pissa_init)
+        lora.save_peft(peft_adapters, folder / "peft", base_model_name_or_path=cfg.model.name, config=s.model_cfg,
+                       modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None)
+        say(f"exported PEFT adapter to {folder / 'peft'}")
+    if primary and (cfg.output.export_gguf_adapter or cfg.output.export_gguf):
+        export_gguf(cfg, folder, jax.device_get(adapters_final) if uses_adapters else {},
+                    jax.device_get(trained_final), s.pissa_init, say)
+
+
+def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress) -> None:
+    """``result.json``: the run's evaluations, sizes, times, the compiled step's memory and the batch shapes."""
+    folder, step = result.folder, p.step
+    # the widest shape's memory: the step's peak (one compiled executable is held per shape)
+    step_memory = max((mem for _, mem in p.compiled.values()), key=lambda mem: mem.get("peak", 0), default=None)
+    last = folder / "checkpoints" / str(step)
+    (folder / "result.json").write_text(json.dumps({
+        "steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
+        "trainable_params": s.n_trainable, "total_params": s.total_params, "wall_s": result.wall_s,
+        "train_s": p.train_s, "optimizer_state_bytes": _nbytes(state.opt_state),
+        "trainable_bytes": _nbytes(state.trainable), "frozen_bytes": s.frozen_bytes,
+        "step_memory_bytes": (step_memory or {}).get("peak"), "step_memory": step_memory,
+        "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
+        if last.exists() else None,
+        "batching": config_lib.batching(s.cfg), "batch_widths": list(s.batches.widths),
+        "step_shapes": sorted(list(k) for k in p.compiled), "step_compilations": len(p.compiled),
+        "examples_seen": p.examples_seen, "real_token_share": p.real_tokens / p.slots if p.slots else None,
+        "samples_before": result.samples_before, "samples_after": result.samples_after}, indent=1, default=float))
+
+
+def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=print) -> RunResult | None:
+    """Train as ``cfg`` says. Everything the run reads is checked before anything is written: the output folder
+    (:func:`train.outputs.plan`), the mesh, the model, the data, the targets, the batch layout; then the run
+    folder is created. A run that fails before its first checkpoint leaves the job folder as it found it.
+    ``check``: stop after the checks (nothing written) and return ``None``.
+
+    :func:`setup` -> :func:`restore` (``resume``) -> :func:`evaluate_all` -> :func:`train_steps` ->
+    :func:`evaluate_all` -> :func:`export` -> :func:`write_result`."""
+    t_start = time.perf_counter()
+    primary = jax.process_index() == 0
+    say = print_fn if primary else (lambda *a, **k: None)
+    check_gguf_exports(cfg)
+    out_plan = outputs.plan(cfg, resume)
+    ready = setup(cfg, say, check=outputs.describe(out_plan) if check else None)
+    if ready is None:
+        return None
+    s, state = ready
 
     # Every input is checked: now the run folder is written (and removed again if the run fails before its
     # first checkpoint; a run it replaces is moved back).
@@ -560,170 +908,36 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     say(f"run folder {folder}" + (" (resumed)" if resume else ""))
     try:
         ckpt = Checkpointer(folder / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-        start, history, train_s0, examples0 = 0, [], 0.0, 0
-        if resume:
-            restored = ckpt.restore_latest(trainable, opt_state)
-            if restored is None:
-                raise ConfigError(f"--resume: {folder / 'checkpoints'} holds no checkpoint")
-            start, r_trainable, r_opt, meta = restored
-            if not all_finite((r_trainable, r_opt)):
-                raise NonFiniteError(f"--resume: checkpoint step {start} in {folder / 'checkpoints'} holds NaN / inf "
-                                     "values (written by an older version?); move it aside to resume from an "
-                                     "earlier one")
-            trainable = sharding.put_tree(r_trainable, jax.tree.map(lambda x: x.sharding, trainable))
-            opt_state = sharding.put_tree(r_opt, jax.tree.map(lambda x: x.sharding, opt_state))
-            train_s0 = float(meta.get("train_s", 0.0))
-            examples0 = int(meta.get("examples_seen", start * accum * bsz))
-            say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
-            if primary:  # the steps after the checkpoint are trained again: drop their records
-                metrics_lib.truncate_log(folder, start)
-        log = metrics_lib.MetricLog(folder, enabled=primary, purge_step=start + 1 if resume else None)
+        state, progress = restore(s, ckpt, folder, state) if resume else (state, Progress())
+        log = metrics_lib.MetricLog(folder, enabled=primary, purge_step=progress.start + 1 if resume else None)
 
         eval_before, samples_before = {}, []
         if resume:  # the evaluation before training, as the run's first part logged it
             eval_before = next(({k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
                                 for r in metrics_lib.read_log(folder) if r["kind"] == "eval" and r["step"] == 0), {})
-        if start == 0:
-            eval_before = {**evaluate(trainable), **generation_metrics(trainable)}
-            samples_before = samples(trainable, cfg.eval.generate_samples)
+        if progress.start == 0:
+            eval_before, samples_before = evaluate_all(s, state.trainable)
             log.write("eval", 0, **eval_before, train_s=0.0)
             say("before training: " + _fmt(eval_before))
             for prompt, out in samples_before:
                 say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
-        stop = {"signal": None}
-        previous = signal.getsignal(signal.SIGTERM)
+        state, progress = train_steps(s, state, progress, ckpt, log, run_folder)
 
-        def on_sigterm(signum, frame):  # preemption notice: finish the step, checkpoint, exit cleanly
-            stop["signal"] = signum
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.train.steps, initial=start, disable=not primary, mininterval=2.0, dynamic_ncols=True,
-                   desc=cfg.train.method)
-        # train_s: wall time spent in training steps (those of a new batch shape include compiling it), evaluation
-        # excluded; it is the clock of time budgets and of the time axis of the experiments' plots.
-        step, skipped, tokens_seen, train_s, steady_s = start, 0, 0.0, train_s0, 0.0
-        examples_seen, real_tokens, slots = examples0, 0, 0
-        last_finite, in_a_row = start, 0  # the last step whose update was applied; non-finite steps in a row
-        # One compiled step per batch shape (bucketed batches have a few widths): {shape: (callable, memory)}
-        compiled: dict[tuple[int, ...], tuple[Any, dict]] = {}
-        budget = cfg.train.time_budget_s
-        try:
-            while step < cfg.train.steps:
-                t_step = time.perf_counter()
-                host = batches(step)
-                shape = (accum, *micro_batches(host, accum)["attention_mask"].shape[1:])
-                batch = put_batch(host)
-                step_args = (trainable, opt_state, frozen, batch, jax.random.fold_in(step_key, step))
-                new_shape = shape not in compiled
-                if new_shape:  # compile ahead of time, once per shape, to read the compiled step's memory use
-                    compiled[shape] = compile_step(step_fn, *step_args)
-                    if primary and len(batches.widths) > 1:
-                        bar.write(f"step {step + 1}: compiled the step for batches of {' x '.join(map(str, shape))} "
-                                  f"tokens ({len(compiled)} of at most {len(batches.widths)} shapes)")
-                trainable, opt_state, m = compiled[shape][0](*step_args)
-                loss, finite = float(m["loss"]), bool(m["finite"])
-                dt = time.perf_counter() - t_step
-                train_s += dt
-                step += 1
-                if finite:
-                    last_finite, in_a_row = step, 0
-                else:
-                    skipped, in_a_row = skipped + 1, in_a_row + 1
-                    if cfg.train.nan_policy == "stop" or in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                        raise NonFiniteError(_non_finite_message(step, m, last_finite, in_a_row, ckpt, cfg))
-                n_real = int(host["attention_mask"].sum())  # tokens that are not padding
-                real_tokens, slots = real_tokens + n_real, slots + host["attention_mask"].size
-                examples_seen += batches.examples(step - 1)
-                if not new_shape:  # throughput excludes the steps that compiled
-                    tokens_seen += n_real
-                    steady_s += dt
-                tok_s = tokens_seen / steady_s if steady_s else 0.0
-                record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite, "tokens_per_s": tok_s,
-                          "train_s": train_s}
-                history.append({"step": step, **record})
-                log.write("train", step, **record)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-                bar.update(1)
-                meta = {"step": step, "examples_seen": examples_seen, "skipped": skipped, "train_s": train_s}
-                out_of_time = budget is not None and train_s > budget
-                if step % cfg.eval.every == 0 and step < cfg.train.steps and not out_of_time:
-                    ev = evaluate(trainable)
-                    log.write("eval", step, **ev, train_s=train_s)
-                    bar.write(f"step {step}: " + _fmt(ev)) if primary else None
-                if ckpt.should_save(step) or step == cfg.train.steps or stop["signal"] or out_of_time:
-                    if last_finite == start and skipped and (step == cfg.train.steps or stop["signal"] or out_of_time):
-                        raise NonFiniteError(_non_finite_message(step, m, last_finite, in_a_row, ckpt, cfg))
-                    ckpt.save(step, trainable, opt_state, meta)  # the state of step last_finite: always finite
-                    run_folder.commit()
-                if stop["signal"]:
-                    say(f"SIGTERM: saved step {step}, exiting")
-                    break
-                if out_of_time:
-                    say(f"time budget of {budget:.0f}s spent after step {step}")
-                    break
-        finally:
-            bar.close()
-            signal.signal(signal.SIGTERM, previous)
-
-        eval_after = {**evaluate(trainable), **generation_metrics(trainable)}
-        log.write("eval", step, **eval_after, train_s=train_s)
-        samples_after = samples(trainable, cfg.eval.generate_samples)
+        eval_after, samples_after = evaluate_all(s, state.trainable)
+        log.write("eval", progress.step, **eval_after, train_s=progress.train_s)
         say("after training:  " + _fmt(eval_after))
         for prompt, out in samples_after:
             say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
-        params_final, adapters_final = lora.combine(frozen, trainable)
-        trained_final = trainable["params"]
-        if multi_process:  # exports are written by process 0 from host copies of the (replicated or sharded) arrays
-            adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)
-            trained_final = jax.tree.map(sharding.global_to_host, trained_final)
-            if cfg.output.export_merged:
-                params_final = jax.tree.map(sharding.global_to_host, params_final)
-        uses_adapters = cfg.train.method in ("lora", "qlora")
-        if uses_adapters:  # every process takes part in Orbax writes
-            save_adapters(folder / "adapters", jax.device_get(adapters_final))
-        if jax.tree.leaves(trained_final):  # a head trained in full (or every leaf, for full fine-tuning)
-            save_trained(folder / "params", jax.device_get(trained_final))
-        if primary and cfg.output.export_merged:
-            from lora_jax import models
-
-            merged = jax.device_get(merged_params(params_final, adapters_final))
-            models.save_pretrained(merged, model_cfg, folder / "merged", tokenizer=tokenizer)
-            say(f"exported merged weights to {folder / 'merged'}")
-        if primary and cfg.output.export_peft and uses_adapters:
-            peft_adapters = jax.device_get(adapters_final)
-            if prepared.pissa_init is not None:  # PEFT applies adapters to the original base, not PiSSA's residual
-                peft_adapters = pissa_to_lora(peft_adapters, prepared.pissa_init)
-            lora.save_peft(peft_adapters, folder / "peft", base_model_name_or_path=cfg.model.name, config=model_cfg,
-                           modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None)
-            say(f"exported PEFT adapter to {folder / 'peft'}")
-        if primary and (cfg.output.export_gguf_adapter or cfg.output.export_gguf):
-            export_gguf(cfg, folder, jax.device_get(adapters_final) if uses_adapters else {},
-                        jax.device_get(trained_final), prepared.pissa_init, say)
+        export(s, folder, state.trainable)
         ckpt.close()
         log.close()
         run_folder.commit()
-        result = RunResult(folder, step, history, eval_before, eval_after, samples_before, samples_after,
-                           n_trainable, summary.total, time.perf_counter() - t_start)
-        # the widest shape's memory: the step's peak (one compiled executable is held per shape)
-        step_memory = max((mem for _, mem in compiled.values()), key=lambda mem: mem.get("peak", 0), default=None)
+        result = RunResult(folder, progress.step, progress.history, eval_before, eval_after, samples_before,
+                           samples_after, s.n_trainable, s.total_params, time.perf_counter() - t_start)
         if primary:
-            last = folder / "checkpoints" / str(step)
-            (folder / "result.json").write_text(json.dumps({
-                "steps": step, "eval_before": eval_before, "eval_after": eval_after, "trainable_params": n_trainable,
-                "total_params": summary.total, "wall_s": result.wall_s, "train_s": train_s,
-                "optimizer_state_bytes": _nbytes(opt_state), "trainable_bytes": _nbytes(trainable),
-                "frozen_bytes": frozen_bytes, "step_memory_bytes": (step_memory or {}).get("peak"),
-                "step_memory": step_memory,
-                "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
-                if last.exists() else None,
-                "batching": config_lib.batching(cfg), "batch_widths": list(batches.widths),
-                "step_shapes": sorted(list(k) for k in compiled), "step_compilations": len(compiled),
-                "examples_seen": examples_seen, "real_token_share": real_tokens / slots if slots else None,
-                "samples_before": samples_before, "samples_after": samples_after}, indent=1, default=float))
+            write_result(s, result, state, progress)
         return result
     except BaseException:
         if not run_folder.committed and not resume:
@@ -795,47 +1009,6 @@ def export_gguf(cfg: Config, folder: Path, adapters: Any, trained: Any, pissa_in
         say(f"exported merged GGUF ({cfg.output.export_gguf}) to {folder / GGUF_MERGED}"
             + (f"; worst re-quantisation error rms {worst[1].rms:.3g} = {worst[1].relative:.2f} x the update's rms "
                f"({worst[0]})" if worst else ""))
-
-
-def save_trained(folder: Path, tree: Any) -> Path:
-    """Write the leaves trained in full (a nested dict of arrays, e.g. a classifier head) with Orbax."""
-    import orbax.checkpoint as ocp
-
-    folder = Path(folder).absolute()
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(folder, tree, force=True)
-    return folder
-
-
-def load_trained(folder: Path, like: Any) -> Any:
-    """Read what :func:`save_trained` wrote, into the structure, shapes and dtypes of ``like``."""
-    import orbax.checkpoint as ocp
-
-    folder = Path(folder).absolute()
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(folder, target)
-
-
-def pissa_to_lora(adapters: Any, initial: Any) -> Any:
-    """PiSSA adapters trained over the residual ``W_res = W - s*A0@B0`` as plain LoRA adapters over the original
-    ``W`` (as PEFT converts them): ``W_res + s*A@B = W + s*[A, A0] @ [B; -B0]``, rank ``2r``, same scale (DoRA
-    magnitudes are unchanged: the adapted kernel is the same)."""
-    import math
-
-    init = {p: ad for p, ad in lora.adapter_items(initial)}
-
-    def convert(path, ad):
-        a0 = init[lora.targets.path_str(path)]
-        r = 2 * ad.r
-        rslora = not math.isclose(ad.scale, ad.alpha / ad.r) and math.isclose(ad.scale, ad.alpha / math.sqrt(ad.r))
-        alpha = ad.scale * (math.sqrt(r) if rslora else r)
-        return lora.LoraAdapter(np.concatenate([np.asarray(ad.a), np.asarray(a0.a)], axis=1),
-                                np.concatenate([np.asarray(ad.b), -np.asarray(a0.b)], axis=0),
-                                alpha=alpha, scale=ad.scale, in_shape=ad.in_shape, out_shape=ad.out_shape,
-                                dropout=ad.dropout, magnitude=ad.magnitude)
-
-    return jax.tree_util.tree_map_with_path(convert, adapters, is_leaf=lora.core.is_adapter)
 
 
 def _nbytes(tree: Any) -> int:
