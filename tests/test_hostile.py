@@ -308,6 +308,18 @@ def test_untrusted_lora_adapters_json(tmp_path):
         lora.checkpoint.load_adapters(folder)
 
 
+def test_trained_params_round_trip_and_a_missing_or_mismatched_folder_is_a_checkpoint_error(tmp_path):
+    head = {"classifier": {"kernel": jnp.arange(6.0).reshape(3, 2), "bias": jnp.ones(2)}}
+    folder = lora.save_trained(tmp_path / "params", head)
+    back = lora.load_trained(folder, head)
+    for x, y in zip(jax.tree.leaves(head), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(CheckpointError, match="holds no trained parameters"):
+        lora.load_trained(tmp_path / "nowhere", head)
+    with pytest.raises(CheckpointError, match="could not restore trained parameters from"):
+        lora.load_trained(folder, {"classifier": {"kernel": jnp.zeros((5, 2)), "bias": jnp.ones(2)}})
+
+
 @pytest.mark.parametrize("value, message", [
     (1.5, "label 1.5 is not an integer class id"), ("pos", "label 'pos' is not an integer class id"),
     (True, "label True is not an integer class id"), (None, "label None is not an integer class id"),
@@ -501,7 +513,7 @@ NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
     "optim.lora_plus_ratio": ("8", []), "train.method": ("full", []), "train.steps": ("5", []),
     "train.batch_size": ("4", []), "train.grad_accum": ("2", []), "train.precision": ("bfloat16", []),
     "train.remat": ("true", []), "train.loss_chunk": ("64", []), "train.seed": ("7", []), "train.nan_policy": ("skip", []),
-    "train.time_budget_s": ("60", []), "mesh.data": ("1", []), "mesh.fsdp": ("2", []), "mesh.expert": ("2", []),
+    "train.time_budget_s": ("60", []), "train.prefetch": ("false", []), "mesh.data": ("1", []), "mesh.fsdp": ("2", []), "mesh.expert": ("2", []),
     "eval.every": ("5", []), "eval.batch_size": ("8", []), "eval.generate_samples": ("0", []),
     "eval.generate_eval": ("4", []), "eval.max_new_tokens": ("8", []), "eval.num_beams": ("2", []),
     "checkpoint.every": ("2", []), "checkpoint.keep": ("3", []), "output.dir": ("runs/x", []),
