@@ -395,6 +395,26 @@ def xla_flags_block(results: dict) -> str:
     return "\n".join(out)
 
 
+def host_overlap_block(results: dict) -> str:
+    from benchmarks.host_overlap import goals  # the rule the benchmark applies now
+
+    r = results["host_overlap"]
+    cfg, times = r["config"], r["times_s"]
+    paired = paired_summary(times["on"], times["off"])
+    rows = [[mode, f"{x['median_round_s']:.2f}", f"{x['steps_per_s']:.2f}"]
+            for mode, x in zip(("on", "off"), sorted(r["rows"], key=lambda x: x["prefetch"] != "on"))]
+    out = [("**A smoke run (`--quick`), not a measurement: rerun `python -m benchmarks.host_overlap`.** " if
+            cfg.get("quick") else "") +
+           f"SST-2 / all-MiniLM-L6-v2 LoRA (`configs/sst2_minilm_lora.yaml`), `train.loop.train_steps` with "
+           f"`train.prefetch` on and off, {cfg['steps']} steps per round, {cfg['rounds']} alternating rounds after "
+           f"a warm-up that compiled the {r['compilations']} batch widths {r['widths']}:", "",
+           _table(["train.prefetch", "median round s", "steps / s"], rows), "",
+           f"Time with prefetch on / off: {_verdict(paired)}.", "", "Goals:", "",
+           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3f}" for k, g in goals(paired).items()), "",
+           provenance(r, "python -m benchmarks.host_overlap")]
+    return "\n".join(out)
+
+
 # id -> (results it reads, renderer, inline?)
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
@@ -410,6 +430,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "moe_step": (("moe_step",), moe_step_block, False),
     "time_to_accuracy": (("time_to_accuracy",), time_to_accuracy_block, False),
     "xla_flags": (("xla_flags",), xla_flags_block, False),
+    "host_overlap": (("host_overlap",), host_overlap_block, False),
 }
 
 
