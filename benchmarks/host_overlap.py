@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Recorder, paired_summary, ratio_verdict, table  # noqa: E402
+from benchmarks.common import Recorder, median, paired_summary, ratio_verdict, table  # noqa: E402
 from benchmarks.time_to_accuracy import data_dir  # noqa: E402
 
 # The code this benchmark measures (benchmarks.staleness).
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
             for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
                 times[mode].append(one_round(mode, i))
     summary = paired_summary(times["on"], times["off"])
-    rows = [{"prefetch": mode, "median_round_s": sorted(ts)[len(ts) // 2], "steps_per_s": args.steps * len(ts) / sum(ts)}
+    rows = [{"prefetch": mode, "median_round_s": median(ts), "steps_per_s": args.steps * len(ts) / sum(ts)}
             for mode, ts in times.items()]
     goal = goals(summary)
     print(f"SST-2 / all-MiniLM-L6-v2 LoRA, batch {cfg.train.batch_size}, {args.steps} steps per round, "

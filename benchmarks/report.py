@@ -407,7 +407,8 @@ def host_overlap_block(results: dict) -> str:
             cfg.get("quick") else "") +
            f"SST-2 / all-MiniLM-L6-v2 LoRA (`configs/sst2_minilm_lora.yaml`), `train.loop.train_steps` with "
            f"`train.prefetch` on and off, {cfg['steps']} steps per round, {cfg['rounds']} alternating rounds after "
-           f"a warm-up that compiled the {r['compilations']} batch widths {r['widths']}:", "",
+           f"a warm-up that compiled the step for the {r['compilations']} of the batch widths {r['widths']} "
+           "that the rounds' batches use:", "",
            _table(["train.prefetch", "median round s", "steps / s"], rows), "",
            f"Time with prefetch on / off: {_verdict(paired)}.", "", "Goals:", "",
            *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3f}" for k, g in goals(paired).items()), "",

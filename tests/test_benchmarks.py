@@ -195,6 +195,21 @@ def test_time_to_accuracy_quick(tmp_path):
     _check_provenance(saved, "time_to_accuracy", "--quick")
 
 
+# ---------------------------------------------------------------------------------------------- host overlap
+
+
+def test_host_overlap_goal_can_fail():
+    """The goal reads the upper end of the paired CI of time(prefetch on) / time(prefetch off)."""
+    from benchmarks import common, host_overlap
+
+    def met(on, off):
+        return next(iter(host_overlap.goals(common.paired_summary(on, off)).values()))["met"]
+
+    assert met([0.90, 0.92, 0.91, 0.93, 0.90], [1.0] * 5)
+    assert met([1.0, 1.01, 0.99, 1.0, 1.0], [1.0] * 5)
+    assert not met([1.05, 1.08, 1.04, 1.10, 1.06], [1.0] * 5)
+
+
 # ------------------------------------------------------------------------------------------------ xla flags
 
 
