@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import paired_summary  # noqa: E402
+from benchmarks.common import bootstrap_median_ci, paired_summary  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -372,6 +373,36 @@ def time_to_accuracy_block(results: dict) -> str:
     return "\n".join(out)
 
 
+def causal_tokens_block(results: dict) -> str:
+    from benchmarks.causal_tokens import goals  # the rule the benchmark applies now
+
+    r = results["causal_tokens"]
+    cfg, times = r["config"], r["times_s"]
+    total = {n: sum(ts) for n, ts in times.items()}
+    rows = [[x["method"], _params(x["trainable"]), f"{x['useful_tokens']:,}", f"{x['loss_tokens']:,}",
+             f"{x['pad_fraction']:.2f}", f"{total[n]:,.1f}", f"{x['useful_tokens'] / total[n]:,.0f}",
+             f"{x['warmup_s']:,.1f}"] for n, x in zip(("ours", "peft"), r["rows"])]
+    per_round = [p / o for o, p in zip(times["ours"], times["peft"])]
+    lo, hi = bootstrap_median_ci(per_round)
+    speedup = total["peft"] / total["ours"]
+    goal = goals(speedup)
+    check = r["peft_packing_check"]
+    layers = f" (first {cfg['layers']} layers)" if cfg.get("layers") else ""
+    out = [f"E2E (training split), SmolLM2-135M-Instruct{layers}, LoRA r={cfg['r']} on q,v, {cfg['batch']} packed "
+           f"rows x {r['pack_width']} tokens per step on our side, the same examples flattened into one padding-free row "
+           f"per step on PEFT's; {cfg['steps']} steps after one warm-up step each, in {cfg['rounds']} alternating "
+           f"rounds; ours: {r['compilations']} compilation(s) of the step; PEFT: {r['peft_info']['attn_implementation']}"
+           f" attention, no KV cache (its packed-sequence mask checked: logits as run alone within "
+           f"{check['max_abs_logit_diff']:.1g}):", "",
+           _table(["implementation", "trainable", "useful tokens", "loss tokens", "padding fraction",
+                   "training wall s", "useful tokens/s", "warm-up s (excluded)"], rows), "",
+           f"Ours / PEFT useful tokens per second: **{_x(speedup)}x**; per round: median "
+           f"{_x(statistics.median(per_round))} (95% CI {_x(lo)}-{_x(hi)}).", "", "Goal:", "",
+           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in goal.items()), "",
+           provenance(r, "python -m benchmarks.causal_tokens")]
+    return "\n".join(out)
+
+
 def xla_flags_block(results: dict) -> str:
     r = results["xla_flags"]
     out = [f"Each set in its own process, {r['config']['rounds']} alternating rounds against a reference process "
@@ -409,6 +440,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "llamacpp_parity": (("llamacpp_parity",), llamacpp_block, False),
     "moe_step": (("moe_step",), moe_step_block, False),
     "time_to_accuracy": (("time_to_accuracy",), time_to_accuracy_block, False),
+    "causal_tokens": (("causal_tokens",), causal_tokens_block, False),
     "xla_flags": (("xla_flags",), xla_flags_block, False),
 }
 
