@@ -389,11 +389,11 @@ def causal_tokens_block(results: dict) -> str:
     check = r["peft_packing_check"]
     layers = f" (first {cfg['layers']} layers)" if cfg.get("layers") else ""
     out = [f"E2E (training split), SmolLM2-135M-Instruct{layers}, LoRA r={cfg['r']} on q,v, {cfg['batch']} packed "
-           f"rows x {r['pack_width']} tokens per step on our side, the same examples flattened into one padding-free row "
-           f"per step on PEFT's; {cfg['steps']} steps after one warm-up step each, in {cfg['rounds']} alternating "
-           f"rounds; ours: {r['compilations']} compilation(s) of the step; PEFT: {r['peft_info']['attn_implementation']}"
-           f" attention, no KV cache (its packed-sequence mask checked: logits as run alone within "
-           f"{check['max_abs_logit_diff']:.1g}):", "",
+           f"rows x {r['pack_width']} tokens per step on our side, the same examples flattened into one "
+           f"padding-free row per step on PEFT's; {cfg['steps']} steps after one warm-up step each, in "
+           f"{cfg['rounds']} alternating rounds; ours: {r['compilations']} compilation(s) of the step; PEFT: "
+           f"{r['peft_info']['attn_implementation']} attention, no KV cache (its packed-sequence mask checked: "
+           f"logits as run alone within {check['max_abs_logit_diff']:.1g}):", "",
            _table(["implementation", "trainable", "useful tokens", "loss tokens", "padding fraction",
                    "training wall s", "useful tokens/s", "warm-up s (excluded)"], rows), "",
            f"Ours / PEFT useful tokens per second: **{_x(speedup)}x**; per round: median "
