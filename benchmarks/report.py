@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import paired_summary  # noqa: E402
+from benchmarks.common import bootstrap_median_ci, paired_summary  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -377,6 +378,36 @@ def time_to_accuracy_block(results: dict) -> str:
     return "\n".join(out)
 
 
+def causal_tokens_block(results: dict) -> str:
+    from benchmarks.causal_tokens import goals  # the rule the benchmark applies now
+
+    r = results["causal_tokens"]
+    cfg, times, best = r["config"], r["times_s"], r["best_peft"]
+    total = {n: sum(ts) for n, ts in times.items()}
+    rows = [[x["method"], _params(x["trainable"]), f"{x['useful_tokens']:,}", f"{x['loss_tokens']:,}",
+             f"{x['pad_fraction']:.2f}", f"{total[x['runner']]:,.1f}",
+             f"{x['useful_tokens'] / total[x['runner']]:,.0f}", f"{x['warmup_s']:,.1f}"] for x in r["rows"]]
+    per_round = [p / o for o, p in zip(times["ours"], times[best])]
+    lo, hi = bootstrap_median_ci(per_round)
+    speedup = total[best] / total["ours"]
+    goal = goals(speedup)
+    check = r["peft_packing_check"]
+    info = r["peft_info"][best]
+    layers = f" (first {cfg['layers']} layers)" if cfg.get("layers") else ""
+    out = [f"E2E (training split), SmolLM2-135M-Instruct{layers}, LoRA r={cfg['r']} on q,v, {cfg['batch']} packed "
+           f"rows x {r['pack_width']} tokens per step on our side, the same examples flattened into one "
+           f"padding-free row per step on PEFT's; {cfg['steps']} steps after one warm-up step each, in "
+           f"{cfg['rounds']} rotating rounds; ours: {r['compilations']} compilation(s) of the step; PEFT: "
+           f"{info['attn_implementation']} attention, no KV cache (its packed-sequence mask checked: logits as run "
+           f"alone within {check['max_abs_logit_diff']:.1g}), run at each torch thread count listed:", "",
+           _table(["implementation", "trainable", "useful tokens", "loss tokens", "padding fraction",
+                   "training wall s", "useful tokens/s", "warm-up s (excluded)"], rows), "",
+           f"Ours / PEFT's fastest ({info['threads']} torch thread(s)) useful tokens per second: **{_x(speedup)}x**; "
+           f"per round: median {_x(statistics.median(per_round))} (95% CI {_x(lo)}-{_x(hi)}).", "", "Goal:", "",
+           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in goal.items()), "",
+           provenance(r, "python -m benchmarks.causal_tokens")]
+    return "\n".join(out)
+
 def xla_flags_block(results: dict) -> str:
     r = results["xla_flags"]
     out = [f"Each set in its own process, {r['config']['rounds']} alternating rounds against a reference process "
@@ -435,6 +466,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "llamacpp_parity": (("llamacpp_parity",), llamacpp_block, False),
     "moe_step": (("moe_step",), moe_step_block, False),
     "time_to_accuracy": (("time_to_accuracy",), time_to_accuracy_block, False),
+    "causal_tokens": (("causal_tokens",), causal_tokens_block, False),
     "xla_flags": (("xla_flags",), xla_flags_block, False),
     "host_overlap": (("host_overlap",), host_overlap_block, False),
 }

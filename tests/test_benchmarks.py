@@ -295,3 +295,93 @@ def test_loss_memory_missed_goal_explained_from_its_own_rows():
     assert "300 MiB" in missed["why"] and "50 MiB" in missed["why"] and "250 MiB are activations" in missed["why"]
     assert "needs a peak of 350 MiB, the step has 400" in missed["why"]
     assert "why" not in met
+
+
+# ---------------------------------------------------------------------------------------------- causal tokens
+
+
+def test_causal_tokens_goal_can_fail():
+    from benchmarks import causal_tokens as ct
+
+    assert [g["met"] for g in ct.goals(1.31).values()] == [True]
+    assert [g["met"] for g in ct.goals(1.29).values()] == [False]
+
+
+def test_causal_tokens_flattened_batches_hold_our_packed_rows_tokens():
+    """PEFT's DataCollatorWithFlattening batch of a step's examples has exactly the real tokens of our packed rows,
+    positions restarting per example as ours, and labels on exactly the tokens our loss mask predicts."""
+    transformers = require("transformers")
+    from benchmarks import causal_tokens as ct
+    from train import data as data_lib
+
+    rng = np.random.default_rng(0)
+    n, width = 7, 12
+    lengths = rng.integers(4, width + 1, n)
+    ids = np.zeros((n, width), np.int32)
+    mask = np.zeros((n, width), np.int32)
+    loss_mask = np.zeros((n, width), np.int32)
+    for i, length in enumerate(lengths):
+        prompt = int(rng.integers(1, length - 1))
+        ids[i, :length] = rng.integers(3, 100, length)
+        mask[i, :length] = 1
+        loss_mask[i, prompt - 1: length - 1] = 1  # as train.data.tokenize marks a completion
+    data = data_lib.Tokenized(ids, mask, loss_mask=loss_mask)
+    batches = data_lib.PackedBatches(data, rows=3, seed=0, width=width)
+    features = ct.example_features(data)
+    collate = transformers.DataCollatorWithFlattening(return_tensors="np")
+    for step in range(3):
+        ours = batches(step)
+        flat = collate([features[i] for row in batches.row_indices(step) for i in row])
+        real = ours["attention_mask"] > 0
+        assert flat["input_ids"].shape == (1, int(real.sum()))
+        assert flat["input_ids"][0].tolist() == ours["input_ids"][real].tolist()
+        assert flat["position_ids"][0].tolist() == ours["positions"][real].tolist()
+        # our loss_mask[t] marks "t predicts t+1"; transformers' labels[t + 1] is that target (shifted inside)
+        targets = np.zeros_like(ours["loss_mask"])
+        targets[:, 1:] = ours["loss_mask"][:, :-1]
+        assert ((flat["labels"][0] != -100) == targets[real].astype(bool)).all()
+        assert int((flat["labels"] != -100).sum()) == int(ours["loss_mask"][:, :-1].sum()) > 0
+
+
+@pytest.mark.slow  # ~60-90 s: SmolLM2's GGUF dequantised (~16 s), one layer compiled, the PyTorch model
+def test_causal_tokens_quick(tmp_path, smollm2_gguf_path):
+    from benchmarks import causal_tokens as ct
+
+    devset = shared_data("e2e", "devset.csv")
+    require("peft")
+    result = ct.main(["--quick", "--threads", "1,2", "--data", str(devset), "--out-dir", str(tmp_path)])
+    assert result["runners"] == ["ours", "peft-1t", "peft-2t"]
+    rows = {r["runner"]: r for r in result["rows"]}
+    ours = rows["ours"]
+    assert ours["method"] == ct.LABELS["ours"]
+    for name in ("peft-1t", "peft-2t"):
+        peft_ = rows[name]
+        assert peft_["method"].startswith(ct.LABELS["peft"])
+        assert result["peft_info"][name]["threads"] == int(name[5])
+        assert ours["trainable"] == peft_["trainable"] == 8 * (576 + 576) + 8 * (576 + 192)  # A, B of q, v; 1 layer
+        # both sides consumed the same useful and loss-bearing tokens, step by step (warm-up step included)
+        tokens = result["tokens"]
+        assert tokens["real"]["ours"] == tokens["real"][name] and len(tokens["real"]["ours"]) == 3
+        assert tokens["loss"]["ours"] == tokens["loss"][name] and all(t > 0 for t in tokens["loss"]["ours"])
+        assert ours["useful_tokens"] == peft_["useful_tokens"] == sum(result["useful_tokens_per_round"]) > 0
+        assert ours["loss_tokens"] == peft_["loss_tokens"] == sum(tokens["loss"]["ours"][1:])
+        # PEFT's flattened batch has no padding; ours pads each row to its width
+        assert peft_["pad_fraction"] == 0.0 and tokens["slots"][name] == tokens["real"][name]
+        # the same weights, the same first batch, LoRA B = 0 on both sides: the same first loss
+        assert result["losses"]["ours"][0] == pytest.approx(result["losses"][name][0], rel=1e-4)
+        assert result["peft_info"][name]["attn_implementation"] == "sdpa"
+    assert ours["useful_tokens"] == sum(result["tokens"]["real"]["ours"][1:])
+    assert result["tokens"]["slots"]["ours"] == [2 * result["pack_width"]] * 3 and 0.0 <= ours["pad_fraction"] < 1.0
+    for name in result["runners"]:
+        assert len(result["times_s"][name]) == 2 and all(_positive(t) for t in result["times_s"][name])
+        assert len(result["losses"][name]) == 3 and all(math.isfinite(x) for x in result["losses"][name])
+        assert _positive(result["warmup_s"][name])
+    assert result["peft_packing_check"]["max_abs_logit_diff"] < 1e-3  # attention kept inside each example
+    assert result["compilations"] == 1
+    best = result["best_peft"]
+    assert sum(result["times_s"][best]) == min(sum(result["times_s"][n]) for n in ("peft-1t", "peft-2t"))
+    assert result["speedup"] == pytest.approx(sum(result["times_s"][best]) / sum(result["times_s"]["ours"]))
+    assert [g["met"] for g in result["goals"].values()] == [result["speedup"] >= ct.SPEEDUP_GOAL]
+    saved = json.loads((tmp_path / "causal_tokens_quick.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    _check_provenance(saved, "causal_tokens", "--quick")
