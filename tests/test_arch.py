@@ -20,7 +20,7 @@ import transformers
 import lora_jax as lora
 from lora_jax import models, tree
 from lora_jax.models import arch as arch_lib
-from lora_jax.models import bert, gpt2, hf, llama, qwen3_moe, whisper
+from lora_jax.models import bert, gpt2, hf, llama, mixtral, qwen3, qwen3_moe, whisper
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -141,6 +141,15 @@ def test_unknown_family_and_task_are_clear_errors():
      "num_attention_heads 6 must be a multiple of num_key_value_heads 4 (grouped-query attention)"),
     (lambda: qwen3_moe.Config(num_attention_heads=6, num_key_value_heads=4),
      "num_attention_heads 6 must be a multiple of num_key_value_heads 4 (grouped-query attention)"),
+    (lambda: mixtral.Config(num_experts=4, num_experts_per_tok=5),
+     "num_experts_per_tok 5 must be in [1, num_local_experts 4]"),
+    (lambda: qwen3_moe.Config(num_experts=4, num_experts_per_tok=0),
+     "num_experts_per_tok 0 must be in [1, num_experts 4]"),
+    (lambda: qwen3_moe.Config(moe_dispatch="sparse"), "moe_dispatch must be one of ('ragged', 'dense'), got 'sparse'"),
+    (lambda: qwen3.Config(qkv_bias=True).hf_fields(),
+     "a Qwen3 config has q/k norms and one attention_bias for q, k, v and o; this Config differs"),
+    (lambda: qwen3_moe.Config(qk_norm=False).hf_fields(),
+     "a Qwen3-MoE config has q/k norms and one attention_bias for q, k, v and o; this Config differs"),
     (lambda: bert.Config(num_labels=2, labels=("a",)), "BERT labels ('a',) must have num_labels=2 entries"),
     (lambda: whisper.Config(num_labels=3, labels=("a", "b")),
      "Whisper labels ('a', 'b') must have num_labels=3 entries"),

@@ -25,6 +25,7 @@ columns and the up projection in the last ``F`` (HF's ``gate_up_proj(...).chunk(
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -37,7 +38,7 @@ import numpy as np
 from lora_jax import ops, tree
 from lora_jax.core import LoraWeight
 from lora_jax.models.arch import Layout, permuted
-from lora_jax.models.decoder import DecoderLayer
+from lora_jax.models.decoder import DecoderLayer, DecoderModel
 from lora_jax.models.layers import ACTIVATIONS, Dense
 
 Array = jax.Array
@@ -187,6 +188,17 @@ def load_balancing_loss(router_logits: Sequence[Array], num_experts: int, top_k:
     return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))
 
 
+def check_config(config: Any, experts: str = "num_experts") -> None:
+    """What a MoE family's ``Config.__post_init__`` checks of its MoE fields: ``moe_dispatch`` is one of
+    :data:`DISPATCHES` and ``1 <= num_experts_per_tok <= num_experts``; ``experts`` names the expert count as the
+    family's ``transformers`` config does (Mixtral: ``num_local_experts``). Raises ``ValueError``."""
+    if config.moe_dispatch not in DISPATCHES:
+        raise ValueError(f"moe_dispatch must be one of {DISPATCHES}, got {config.moe_dispatch!r}")
+    if not 1 <= config.num_experts_per_tok <= config.num_experts:
+        raise ValueError(f"num_experts_per_tok {config.num_experts_per_tok} must be in [1, {experts} "
+                         f"{config.num_experts}]")
+
+
 # ------------------------------------------------------------------------------------------ Linen modules
 
 
@@ -260,6 +272,11 @@ class MoeDecoderLayer(DecoderLayer):
                               name="mlp")
 
 
+MoeDecoderModel = functools.partial(DecoderModel, layer=MoeDecoderLayer)
+"""The decoder stack of the MoE families (:class:`~lora_jax.models.decoder.DecoderModel` of
+:class:`MoeDecoderLayer` blocks): their declarations' ``tasks=decoder.tasks(moe.MoeDecoderModel)``."""
+
+
 def aux_loss(intermediates: Mapping, config: Any, attention_mask: Array | None = None) -> Array:
     """``config.router_aux_loss_coef * load_balancing_loss(...)`` over the router logits sown by a forward pass
     with ``mutable=["intermediates"]``: what ``transformers``' ``*ForCausalLM`` adds to its loss when
@@ -326,6 +343,6 @@ def per_expert(parts: int) -> Layout:
     return Layout(load=load, save=save, transposed=True)
 
 
-__all__ = ["DISPATCHES", "FUSED", "Experts", "MoeDecoderLayer", "Routing", "Sorted", "SparseMoeBlock", "aux_loss",
-           "collect_router_logits", "expert_tensor_names", "experts_glu", "load_balancing_loss", "per_expert", "route",
-           "sort_by_expert"]
+__all__ = ["DISPATCHES", "FUSED", "Experts", "MoeDecoderLayer", "MoeDecoderModel", "Routing", "Sorted",
+           "SparseMoeBlock", "aux_loss", "check_config", "collect_router_logits", "expert_tensor_names", "experts_glu",
+           "load_balancing_loss", "per_expert", "route", "sort_by_expert"]
