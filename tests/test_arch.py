@@ -20,7 +20,7 @@ import transformers
 import lora_jax as lora
 from lora_jax import models, tree
 from lora_jax.models import arch as arch_lib
-from lora_jax.models import hf
+from lora_jax.models import bert, gpt2, hf, llama, mixtral, qwen3, qwen3_moe, whisper
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -128,6 +128,56 @@ def test_unknown_family_and_task_are_clear_errors():
         models.build(object())
     with pytest.raises(ValueError, match=r"qwen3 supports tasks \('causal-lm', 'base'\), got 'translation'"):
         arch_lib.for_model_type("qwen3").task("translation")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: bert.Config(hidden_size=30, num_attention_heads=4),
+     "BERT hidden_size 30 must be a multiple of num_attention_heads 4"),
+    (lambda: whisper.Config(d_model=30, encoder_attention_heads=4),
+     "Whisper d_model 30 must be a multiple of encoder_attention_heads 4"),
+    (lambda: gpt2.Config(hidden_size=30, num_attention_heads=4),
+     "GPT-2 n_embd 30 must be a multiple of n_head 4"),
+    (lambda: llama.Config(num_attention_heads=6, num_key_value_heads=4),
+     "num_attention_heads 6 must be a multiple of num_key_value_heads 4 (grouped-query attention)"),
+    (lambda: qwen3_moe.Config(num_attention_heads=6, num_key_value_heads=4),
+     "num_attention_heads 6 must be a multiple of num_key_value_heads 4 (grouped-query attention)"),
+    (lambda: mixtral.Config(num_experts=4, num_experts_per_tok=5),
+     "num_experts_per_tok 5 must be in [1, num_local_experts 4]"),
+    (lambda: qwen3_moe.Config(num_experts=4, num_experts_per_tok=0),
+     "num_experts_per_tok 0 must be in [1, num_experts 4]"),
+    (lambda: qwen3_moe.Config(moe_dispatch="sparse"), "moe_dispatch must be one of ('ragged', 'dense'), got 'sparse'"),
+    (lambda: qwen3.Config(qkv_bias=True).hf_fields(),
+     "a Qwen3 config has q/k norms and one attention_bias for q, k, v and o; this Config differs"),
+    (lambda: qwen3_moe.Config(qk_norm=False).hf_fields(),
+     "a Qwen3-MoE config has q/k norms and one attention_bias for q, k, v and o; this Config differs"),
+    (lambda: bert.Config(num_labels=2, labels=("a",)), "BERT labels ('a',) must have num_labels=2 entries"),
+    (lambda: whisper.Config(num_labels=3, labels=("a", "b")),
+     "Whisper labels ('a', 'b') must have num_labels=3 entries"),
+    (lambda: bert.Config.from_hf(transformers.GPT2Config()),
+     "bert.Config.from_hf expects a config with model_type in ('bert',), got 'gpt2'"),
+    (lambda: gpt2.Config.from_hf(transformers.BertConfig()),
+     "gpt2.Config.from_hf expects a config with model_type in ('gpt2',), got 'bert'"),
+    (lambda: llama.Config.from_hf(transformers.BertConfig()),
+     "lora_jax.models.llama.Config.from_hf expects a config with model_type in ('llama', 'mistral', 'qwen2'), got "
+     "'bert'"),
+])
+def test_config_checks_name_the_field_what_was_expected_and_what_came(make, message):
+    """The configs' shared checks (lora_jax.models.layers.check_*): the same error type and words for each family."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make()
+
+
+def test_class_names_of_a_classification_head_map_both_ways():
+    from lora_jax.models.layers import id2label, labels_from_hf
+
+    named = transformers.BertConfig(num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"})
+    assert labels_from_hf(named) == (3, ("neg", "neu", "pos"))
+    assert labels_from_hf(transformers.BertConfig(num_labels=3)) == (3, None)  # the defaults LABEL_i: no names
+    assert id2label(("neg", "neu", "pos"), 3) == {0: "neg", 1: "neu", 2: "pos"}
+    assert id2label(None, 2) == {0: "LABEL_0", 1: "LABEL_1"}
+    for family in (bert, whisper):
+        config = family.Config(num_labels=3, labels=("neg", "neu", "pos"))
+        assert family.Config.from_hf(config.to_hf()) == config
 
 
 # ------------------------------------------------------------------------------------------ the code

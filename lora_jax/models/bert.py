@@ -43,6 +43,7 @@ import numpy as np
 
 from lora_jax.models.arch import Architecture, Names, Task
 from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, check_activation, layer_norm, normal
+from lora_jax.models.layers import check_labels, check_model_type, check_multiple, id2label, labels_from_hf
 
 Array = jax.Array
 Dtype = Any
@@ -82,12 +83,9 @@ class Config:
     pooler: bool = True
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"BERT hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
-                             f"{self.num_attention_heads}")
+        check_multiple("BERT hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         check_activation(self.hidden_act, "BERT hidden_act")
-        if self.labels is not None and len(self.labels) != self.num_labels:
-            raise ValueError(f"BERT labels {self.labels} must have num_labels={self.num_labels} entries")
+        check_labels("BERT", self.labels, self.num_labels)
 
     @property
     def head_dim(self) -> int:
@@ -100,10 +98,7 @@ class Config:
         Raises ``ValueError`` for settings this encoder does not implement: decoder / cross-attention use,
         relative position embeddings, an unknown activation.
         """
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"bert.Config.from_hf expects a config with model_type in {MODEL_TYPES}, got "
-                             f"{model_type!r}")
+        check_model_type(hf_config, MODEL_TYPES, "bert.Config.from_hf")
         if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
             raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported: this is the "
                              "bidirectional encoder only")
@@ -111,11 +106,7 @@ class Config:
         if pos not in (None, "absolute"):
             raise ValueError(f"BERT position_embedding_type {pos!r} is not supported; only 'absolute'")
         check_activation(hf_config.hidden_act, "BERT hidden_act")
-        num_labels = int(getattr(hf_config, "num_labels", 2))
-        id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
-        labels = tuple(id2label.get(i, f"LABEL_{i}") for i in range(num_labels))
-        if labels == tuple(f"LABEL_{i}" for i in range(num_labels)):
-            labels = None
+        num_labels, labels = labels_from_hf(hf_config)
         return cls(
             vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
             num_hidden_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
@@ -133,7 +124,7 @@ class Config:
         """The equivalent ``transformers.BertConfig``."""
         import transformers
 
-        id2label = {i: (self.labels[i] if self.labels else f"LABEL_{i}") for i in range(self.num_labels)}
+        names = id2label(self.labels, self.num_labels)
         return transformers.BertConfig(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
@@ -142,7 +133,7 @@ class Config:
             max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
             layer_norm_eps=self.layer_norm_eps, initializer_range=self.initializer_range,
             pad_token_id=self.pad_token_id, classifier_dropout=self.classifier_dropout,
-            id2label=id2label, label2id={v: k for k, v in id2label.items()}, problem_type=self.problem_type,
+            id2label=names, label2id={v: k for k, v in names.items()}, problem_type=self.problem_type,
         )
 
 

@@ -38,7 +38,8 @@ import numpy as np
 
 from lora_jax.models.arch import Names, Task
 from lora_jax.models.generate import KVCache, begin_step, input_positions, run_layers
-from lora_jax.models.layers import Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, check_activation, normal, remat
+from lora_jax.models.layers import Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, normal, remat
+from lora_jax.models.layers import check_activation, check_model_type, check_multiple
 
 Array = jax.Array
 Dtype = Any
@@ -93,9 +94,8 @@ class DecoderConfig:
         if self.model_type not in self.MODEL_TYPES:
             raise ValueError(f"{type(self).__module__}.Config model_type must be one of {self.MODEL_TYPES}, got "
                              f"{self.model_type!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} must be a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads} (grouped-query attention)")
+        check_multiple("num_attention_heads", self.num_attention_heads, "num_key_value_heads",
+                       self.num_key_value_heads, "grouped-query attention")
         if self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         check_activation(self.hidden_act, "hidden_act")
@@ -125,10 +125,7 @@ class DecoderConfig:
         Raises ``ValueError`` for settings this model does not implement: a RoPE scaling other than ``linear``
         / ``llama3``, partial rotary embeddings, an unknown activation.
         """
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in cls.MODEL_TYPES:
-            raise ValueError(f"{cls.__module__}.Config.from_hf expects a config with model_type in "
-                             f"{cls.MODEL_TYPES}, got {model_type!r}")
+        model_type = check_model_type(hf_config, cls.MODEL_TYPES, f"{cls.__module__}.Config.from_hf")
         rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
         # RoPE settings per layer type (Gemma 3): those of the full-attention layers are the model's; a family reads
         # the others in fields_from_hf.
@@ -213,11 +210,22 @@ class DecoderConfig:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + self_attn(input_layernorm(x))``, then ``x + mlp(post_attention_layernorm(x))``."""
+    """Pre-norm block: ``x + self_attn(input_layernorm(x))``, then ``x + mlp(post_attention_layernorm(x))``.
+
+    ``mlp`` is what :meth:`feed_forward` builds (a dense :class:`~lora_jax.models.layers.GatedMLP` here); a
+    family whose feed-forward differs (:class:`lora_jax.models.moe.MoeDecoderLayer`) subclasses and overrides
+    only that method, so the attention half and every parameter path stay the same."""
 
     config: DecoderConfig
     layer: int
     dtype: Dtype = jnp.float32
+
+    def feed_forward(self) -> nn.Module:
+        """The feed-forward submodule ``mlp`` of this layer: ``(B, S, D) -> (B, S, D)``. Called from the compact
+        ``__call__``, so the module it builds is bound there under the name ``mlp``."""
+        c = self.config
+        return GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, c.initializer_range, self.dtype,
+                        name="mlp")
 
     @nn.compact
     def __call__(self, x, positions, mask, kv, start):
@@ -227,9 +235,7 @@ class DecoderLayer(nn.Module):
                          dtype=self.dtype, name="self_attn")
         h, kv = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, mask, kv, start)
         x = x + h
-        mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, c.initializer_range, self.dtype,
-                       name="mlp")
-        return x + mlp(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)), kv
+        return x + self.feed_forward()(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)), kv
 
 
 class DecoderModel(nn.Module):

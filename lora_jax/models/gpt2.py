@@ -37,7 +37,8 @@ import jax.numpy as jnp
 from lora_jax.models.arch import SAME, Architecture, Names, Rule, Task
 from lora_jax.models.decoder import CausalLM
 from lora_jax.models.generate import KVCache, begin_step, input_positions, run_layers, write_cache
-from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, attend, check_activation, layer_norm, normal, remat
+from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, attend, layer_norm, normal, remat
+from lora_jax.models.layers import check_activation, check_model_type, check_multiple
 
 Array = jax.Array
 Dtype = Any
@@ -71,9 +72,7 @@ class Config:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"GPT-2 n_embd {self.hidden_size} must be a multiple of n_head "
-                             f"{self.num_attention_heads}")
+        check_multiple("GPT-2 n_embd", self.hidden_size, "n_head", self.num_attention_heads)
         check_activation(self.activation_function, "GPT-2 activation_function")
 
     @property
@@ -94,9 +93,7 @@ class Config:
     def from_hf(cls, hf_config) -> Config:
         """From a ``transformers.GPT2Config``. Raises ``ValueError`` for cross-attention (GPT-2 as the decoder of
         an encoder-decoder) and for an unknown activation."""
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"gpt2.Config.from_hf expects a config with model_type 'gpt2', got {model_type!r}")
+        check_model_type(hf_config, MODEL_TYPES, "gpt2.Config.from_hf")
         if getattr(hf_config, "add_cross_attention", False):
             raise ValueError("GPT-2 with add_cross_attention is not supported: this is the decoder-only model")
         check_activation(hf_config.activation_function, "GPT-2 activation_function")

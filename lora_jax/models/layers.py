@@ -16,7 +16,9 @@ name rule of :class:`lora_jax.models.arch.Names` maps their parameters.
 - :func:`attend` (grouped-query softmax attention under a boolean mask) and :class:`Attention` (q/k/v/o
   projections, RoPE, optional per-head q/k RMSNorm, KV cache; the mask carries causality and sliding windows,
   see :mod:`lora_jax.models.generate`);
-- :class:`GatedMLP` (SwiGLU / GeGLU: ``down(act(gate(x)) * up(x))``).
+- :class:`GatedMLP` (SwiGLU / GeGLU: ``down(act(gate(x)) * up(x))``);
+- the configs' shared checks and mappings: :func:`check_activation`, :func:`check_multiple`,
+  :func:`check_model_type`, :func:`check_labels`, :func:`labels_from_hf` / :func:`id2label`.
 """
 
 from __future__ import annotations
@@ -48,10 +50,54 @@ ACTIVATIONS = {
 }
 
 
+# ------------------------------------------------------------------------------------ config checks
+# What the families' configs check and map alike (``__post_init__``, ``from_hf`` / ``to_hf``), written once; each
+# error names the field, what it expected and what came.
+
+
 def check_activation(name: str, what: str) -> None:
     """Raise ``ValueError`` naming the supported activations when ``name`` is not one."""
     if name not in ACTIVATIONS:
         raise ValueError(f"{what} {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+
+
+def check_multiple(what: str, value: int, of: str, divisor: int, why: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` (the field ``what``, e.g. ``"BERT hidden_size"``) is a multiple of
+    ``divisor`` (the field ``of``, e.g. ``"num_attention_heads"``): ``"<what> <value> must be a multiple of <of>
+    <divisor>"``, then `` (<why>)`` when given."""
+    if value % divisor:
+        raise ValueError(f"{what} {value} must be a multiple of {of} {divisor}" + (f" ({why})" if why else ""))
+
+
+def check_model_type(hf_config: Any, model_types: tuple[str, ...], who: str) -> str:
+    """``hf_config.model_type`` when it is one of ``model_types``, else ``ValueError`` naming ``who`` (the reader,
+    e.g. ``"bert.Config.from_hf"``), the model types it reads and the one that came."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in model_types:
+        raise ValueError(f"{who} expects a config with model_type in {model_types}, got {model_type!r}")
+    return model_type
+
+
+def check_labels(what: str, labels: tuple[str, ...] | None, num_labels: int) -> None:
+    """Raise ``ValueError`` when a classification head's class names ``labels`` (``None``: the defaults) are not
+    ``num_labels`` of them; ``what`` names the family (``"BERT"``)."""
+    if labels is not None and len(labels) != num_labels:
+        raise ValueError(f"{what} labels {labels} must have num_labels={num_labels} entries")
+
+
+def labels_from_hf(hf_config: Any) -> tuple[int, tuple[str, ...] | None]:
+    """``(num_labels, labels)`` of a ``transformers`` config: ``num_labels`` (2 when absent) and the class names of
+    its ``id2label`` in index order, ``None`` when they are all the defaults ``LABEL_i``."""
+    num_labels = int(getattr(hf_config, "num_labels", 2))
+    id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
+    labels = tuple(id2label.get(i, f"LABEL_{i}") for i in range(num_labels))
+    return num_labels, None if labels == tuple(f"LABEL_{i}" for i in range(num_labels)) else labels
+
+
+def id2label(labels: tuple[str, ...] | None, num_labels: int) -> dict[int, str]:
+    """A ``transformers`` config's ``id2label`` for these class names (``None``: ``LABEL_i``); the inverse of
+    :func:`labels_from_hf`."""
+    return {i: (labels[i] if labels else f"LABEL_{i}") for i in range(num_labels)}
 
 
 def normal(std: float):
@@ -310,4 +356,5 @@ def remat(block: Any, policy: str) -> Any:
 
 
 __all__ = ["ACTIVATIONS", "REMAT_POLICIES", "ROPE_TYPES", "Attention", "Dense", "Embed", "GatedMLP", "RMSNorm", "Rope",
-           "apply_rope", "attend", "check_activation", "layer_norm", "normal", "remat"]
+           "apply_rope", "attend", "check_activation", "check_labels", "check_model_type", "check_multiple", "id2label",
+           "labels_from_hf", "layer_norm", "normal", "remat"]

@@ -18,7 +18,6 @@ input) is read and written back but not applied.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 from lora_jax.models import decoder, moe
@@ -45,11 +44,7 @@ class Config(DecoderConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.moe_dispatch not in moe.DISPATCHES:
-            raise ValueError(f"moe_dispatch must be one of {moe.DISPATCHES}, got {self.moe_dispatch!r}")
-        if not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_local_experts "
-                             f"{self.num_experts}]")
+        moe.check_config(self, "num_local_experts")
 
     @property
     def moe_intermediate_size(self) -> int:
@@ -92,7 +87,7 @@ ARCHITECTURE = Architecture(
     name="mixtral",
     model_types=Config.MODEL_TYPES,
     config=Config,
-    tasks=decoder.tasks(functools.partial(decoder.DecoderModel, layer=moe.MoeDecoderLayer)),
+    tasks=decoder.tasks(moe.MoeDecoderModel),
     names=NAMES,
     # PEFT's all-linear on Mixtral: the attention projections (the router and the experts are not nn.Linear)
     presets={**decoder.PRESETS, "all-linear": decoder.PRESETS["attention"]},

@@ -25,6 +25,7 @@ columns and the up projection in the last ``F`` (HF's ``gate_up_proj(...).chunk(
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -37,7 +38,8 @@ import numpy as np
 from lora_jax import ops, tree
 from lora_jax.core import LoraWeight
 from lora_jax.models.arch import Layout, permuted
-from lora_jax.models.layers import ACTIVATIONS, Attention, Dense, GatedMLP, RMSNorm
+from lora_jax.models.decoder import DecoderLayer, DecoderModel
+from lora_jax.models.layers import ACTIVATIONS, Dense
 
 Array = jax.Array
 Dtype = Any
@@ -186,6 +188,17 @@ def load_balancing_loss(router_logits: Sequence[Array], num_experts: int, top_k:
     return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))
 
 
+def check_config(config: Any, experts: str = "num_experts") -> None:
+    """What a MoE family's ``Config.__post_init__`` checks of its MoE fields: ``moe_dispatch`` is one of
+    :data:`DISPATCHES` and ``1 <= num_experts_per_tok <= num_experts``; ``experts`` names the expert count as the
+    family's ``transformers`` config does (Mixtral: ``num_local_experts``). Raises ``ValueError``."""
+    if config.moe_dispatch not in DISPATCHES:
+        raise ValueError(f"moe_dispatch must be one of {DISPATCHES}, got {config.moe_dispatch!r}")
+    if not 1 <= config.num_experts_per_tok <= config.num_experts:
+        raise ValueError(f"num_experts_per_tok {config.num_experts_per_tok} must be in [1, {experts} "
+                         f"{config.num_experts}]")
+
+
 # ------------------------------------------------------------------------------------------ Linen modules
 
 
@@ -241,34 +254,27 @@ class SparseMoeBlock(nn.Module):
         return y.reshape(b, s, d)
 
 
-class MoeDecoderLayer(nn.Module):
-    """The pre-norm decoder block of the MoE families (Qwen3-MoE, Mixtral): ``x + self_attn(input_layernorm(x))``,
-    then ``x + mlp(post_attention_layernorm(x))`` where ``mlp`` is a :class:`SparseMoeBlock` on the layers
-    ``config.is_sparse(layer)`` marks and a dense :class:`~lora_jax.models.layers.GatedMLP` on the others.
+class MoeDecoderLayer(DecoderLayer):
+    """The pre-norm decoder block of the MoE families (Qwen3-MoE, Mixtral): a
+    :class:`~lora_jax.models.decoder.DecoderLayer` (``x + self_attn(input_layernorm(x))``, then
+    ``x + mlp(post_attention_layernorm(x))``) whose ``mlp`` is a :class:`SparseMoeBlock` on the layers
+    ``config.is_sparse(layer)`` marks and the dense :class:`~lora_jax.models.layers.GatedMLP` on the others.
 
     ``config``: a :class:`~lora_jax.models.decoder.DecoderConfig` with ``num_experts``, ``num_experts_per_tok``,
     ``moe_intermediate_size``, ``norm_topk_prob``, ``moe_dispatch`` and ``is_sparse(layer)``."""
 
-    config: Any
-    layer: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, positions, mask, kv, start):
+    def feed_forward(self) -> nn.Module:
         c = self.config
-        attn = Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.qkv_bias,
-                         c.o_bias, c.rope, c.rms_norm_eps if c.qk_norm else None, init_std=c.initializer_range,
-                         dtype=self.dtype, name="self_attn")
-        h, kv = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, mask, kv, start)
-        x = x + h
-        if c.is_sparse(self.layer):
-            mlp = SparseMoeBlock(c.num_experts, c.num_experts_per_tok, c.hidden_size, c.moe_intermediate_size,
-                                 c.norm_topk_prob, c.hidden_act, c.initializer_range, self.dtype, c.moe_dispatch,
-                                 name="mlp")
-        else:
-            mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, c.initializer_range,
-                           self.dtype, name="mlp")
-        return x + mlp(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)), kv
+        if not c.is_sparse(self.layer):
+            return super().feed_forward()
+        return SparseMoeBlock(c.num_experts, c.num_experts_per_tok, c.hidden_size, c.moe_intermediate_size,
+                              c.norm_topk_prob, c.hidden_act, c.initializer_range, self.dtype, c.moe_dispatch,
+                              name="mlp")
+
+
+MoeDecoderModel = functools.partial(DecoderModel, layer=MoeDecoderLayer)
+"""The decoder stack of the MoE families (:class:`~lora_jax.models.decoder.DecoderModel` of
+:class:`MoeDecoderLayer` blocks): their declarations' ``tasks=decoder.tasks(moe.MoeDecoderModel)``."""
 
 
 def aux_loss(intermediates: Mapping, config: Any, attention_mask: Array | None = None) -> Array:
@@ -337,6 +343,6 @@ def per_expert(parts: int) -> Layout:
     return Layout(load=load, save=save, transposed=True)
 
 
-__all__ = ["DISPATCHES", "FUSED", "Experts", "MoeDecoderLayer", "Routing", "Sorted", "SparseMoeBlock", "aux_loss",
-           "collect_router_logits", "expert_tensor_names", "experts_glu", "load_balancing_loss", "per_expert", "route",
-           "sort_by_expert"]
+__all__ = ["DISPATCHES", "FUSED", "Experts", "MoeDecoderLayer", "MoeDecoderModel", "Routing", "Sorted",
+           "SparseMoeBlock", "aux_loss", "check_config", "collect_router_logits", "expert_tensor_names", "experts_glu",
+           "load_balancing_loss", "per_expert", "route", "sort_by_expert"]

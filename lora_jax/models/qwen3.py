@@ -30,12 +30,18 @@ class Config(DecoderConfig):
         return {"qk_norm": True}
 
     def hf_fields(self) -> dict:
-        if self.qkv_bias != self.o_bias or not self.qk_norm:
-            raise ValueError("a Qwen3 config has q/k norms and one attention_bias for q, k, v and o; this Config "
-                             "differs")
-        return {**super().hf_fields(), "attention_bias": self.qkv_bias,
-                "use_sliding_window": self.sliding_window is not None, "sliding_window": self.sliding_window,
-                "layer_types": self.layer_types()}
+        return {**super().hf_fields(), **attention_hf_fields(self, "Qwen3"), "layer_types": self.layer_types()}
+
+
+def attention_hf_fields(config: DecoderConfig, family: str) -> dict:
+    """The attention fields of a Qwen3-style ``transformers`` config (Qwen3, Qwen3-MoE: ``family``):
+    ``attention_bias`` (one for q, k, v and o), ``use_sliding_window`` and ``sliding_window``. Raises
+    ``ValueError`` for a ``config`` such a family cannot express (no q/k norms, or biases that differ)."""
+    if config.qkv_bias != config.o_bias or not config.qk_norm:
+        raise ValueError(f"a {family} config has q/k norms and one attention_bias for q, k, v and o; this Config "
+                         "differs")
+    return {"attention_bias": config.qkv_bias, "use_sliding_window": config.sliding_window is not None,
+            "sliding_window": config.sliding_window}
 
 
 ARCHITECTURE = Architecture(
@@ -51,4 +57,4 @@ ARCHITECTURE = Architecture(
 build = ARCHITECTURE.build
 init_params = ARCHITECTURE.init_params
 
-__all__ = ["ARCHITECTURE", "Config", "build", "init_params"]
+__all__ = ["ARCHITECTURE", "Config", "attention_hf_fields", "build", "init_params"]

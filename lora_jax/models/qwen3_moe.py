@@ -22,10 +22,9 @@ from a forward pass with ``mutable=["intermediates"]`` (``transformers`` adds it
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
-from lora_jax.models import decoder, moe
+from lora_jax.models import decoder, moe, qwen3
 from lora_jax.models.arch import GGUF, Architecture, Names, Rule, stacked
 from lora_jax.models.decoder import DecoderConfig
 
@@ -51,11 +50,7 @@ class Config(DecoderConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.moe_dispatch not in moe.DISPATCHES:
-            raise ValueError(f"moe_dispatch must be one of {moe.DISPATCHES}, got {self.moe_dispatch!r}")
-        if not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts "
-                             f"{self.num_experts}]")
+        moe.check_config(self)
 
     def is_sparse(self, layer: int) -> bool:
         """Whether ``layer`` has the sparse MoE block (``transformers``' rule)."""
@@ -74,11 +69,7 @@ class Config(DecoderConfig):
                 "output_router_logits": bool(hf_config.output_router_logits)}
 
     def hf_fields(self) -> dict:
-        if self.qkv_bias != self.o_bias or not self.qk_norm:
-            raise ValueError("a Qwen3-MoE config has q/k norms and one attention_bias for q, k, v and o; this Config "
-                             "differs")
-        return {**super().hf_fields(), "attention_bias": self.qkv_bias,
-                "use_sliding_window": self.sliding_window is not None, "sliding_window": self.sliding_window,
+        return {**super().hf_fields(), **qwen3.attention_hf_fields(self, "Qwen3-MoE"),
                 "num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
                 "moe_intermediate_size": self.moe_intermediate_size, "norm_topk_prob": self.norm_topk_prob,
                 "decoder_sparse_step": self.decoder_sparse_step, "mlp_only_layers": list(self.mlp_only_layers),
@@ -117,7 +108,7 @@ ARCHITECTURE = Architecture(
     name="qwen3_moe",
     model_types=Config.MODEL_TYPES,
     config=Config,
-    tasks=decoder.tasks(functools.partial(decoder.DecoderModel, layer=moe.MoeDecoderLayer)),
+    tasks=decoder.tasks(moe.MoeDecoderModel),
     names=NAMES,
     presets=PRESETS,
     # llama.cpp's qwen3moe graph always renormalises the top-k weights (transformers' GGUF reader sets it too)

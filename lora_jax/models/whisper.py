@@ -62,6 +62,7 @@ import numpy as np
 from lora_jax import ops
 from lora_jax.models.arch import SAME, Architecture, Names, Rule, Task
 from lora_jax.models.layers import ACTIVATIONS, Dense, attend, check_activation, layer_norm, normal
+from lora_jax.models.layers import check_labels, check_model_type, check_multiple, id2label, labels_from_hf
 
 Array = jax.Array
 Dtype = Any
@@ -110,12 +111,9 @@ class Config:
     decoder_start_token_id: int | None = 50257
 
     def __post_init__(self):
-        if self.d_model % self.encoder_attention_heads:
-            raise ValueError(f"Whisper d_model {self.d_model} must be a multiple of encoder_attention_heads "
-                             f"{self.encoder_attention_heads}")
+        check_multiple("Whisper d_model", self.d_model, "encoder_attention_heads", self.encoder_attention_heads)
         check_activation(self.activation_function, "Whisper activation_function")
-        if self.labels is not None and len(self.labels) != self.num_labels:
-            raise ValueError(f"Whisper labels {self.labels} must have num_labels={self.num_labels} entries")
+        check_labels("Whisper", self.labels, self.num_labels)
 
     @property
     def head_dim(self) -> int:
@@ -129,16 +127,9 @@ class Config:
     @classmethod
     def from_hf(cls, hf_config) -> Config:
         """From a ``transformers.WhisperConfig`` (or any config with ``model_type == "whisper"``)."""
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"whisper.Config.from_hf expects a config with model_type in {MODEL_TYPES}, got "
-                             f"{model_type!r}")
+        check_model_type(hf_config, MODEL_TYPES, "whisper.Config.from_hf")
         check_activation(hf_config.activation_function, "Whisper activation_function")
-        num_labels = int(getattr(hf_config, "num_labels", 2))
-        id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
-        labels = tuple(id2label.get(i, f"LABEL_{i}") for i in range(num_labels))
-        if labels == tuple(f"LABEL_{i}" for i in range(num_labels)):
-            labels = None
+        num_labels, labels = labels_from_hf(hf_config)
         return cls(
             num_mel_bins=hf_config.num_mel_bins, d_model=hf_config.d_model, encoder_layers=hf_config.encoder_layers,
             encoder_attention_heads=hf_config.encoder_attention_heads, encoder_ffn_dim=hf_config.encoder_ffn_dim,
@@ -156,7 +147,7 @@ class Config:
         """The equivalent ``transformers.WhisperConfig``."""
         import transformers
 
-        id2label = {i: (self.labels[i] if self.labels else f"LABEL_{i}") for i in range(self.num_labels)}
+        names = id2label(self.labels, self.num_labels)
         return transformers.WhisperConfig(
             num_mel_bins=self.num_mel_bins, d_model=self.d_model, encoder_layers=self.encoder_layers,
             encoder_attention_heads=self.encoder_attention_heads, encoder_ffn_dim=self.encoder_ffn_dim,
@@ -168,8 +159,8 @@ class Config:
             decoder_attention_heads=self.decoder_attention_heads, decoder_ffn_dim=self.decoder_ffn_dim,
             max_target_positions=self.max_target_positions, pad_token_id=self.pad_token_id,
             bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
-            decoder_start_token_id=self.decoder_start_token_id, id2label=id2label,
-            label2id={v: k for k, v in id2label.items()})
+            decoder_start_token_id=self.decoder_start_token_id, id2label=names,
+            label2id={v: k for k, v in names.items()})
 
 
 # --------------------------------------------------------------------------------------------- layers
