@@ -129,7 +129,8 @@ def train_step_block(results: dict) -> str:
     for name, g in r.get("goals", {}).items():
         if name.startswith("merged/base"):
             continue  # restated below from the raw rounds, with the current rule
-        goals.append(f"- {'MET' if g['met'] else 'MISSED'}: {name}: {_x(g['value'])}")
+        goals.append(f"- {'MET' if g['met'] else 'MISSED'}: {name}: {_x(g['value'])}" +
+                     (f" (measured why: {g['why']})" if g.get("why") else ""))
     from benchmarks.train_step import MERGED_GOAL  # the rule the benchmark applies now
 
     met = merged["ci95"][1] <= MERGED_GOAL
@@ -193,6 +194,9 @@ def peers_block(results: dict) -> str:
     if flops:
         out += ["", "Measured in this run: " + "; ".join(
             f"{n} {i['flops_per_step'] / 1e9:,.4g} GFLOP per step ({i['flops_counter']})" for n, i in flops) + "."]
+    for k, g in r.get("goals", {}).items():
+        out += ["", f"Goal: {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])} (95% CI {_x(g['ci95'][0])}-"
+                    f"{_x(g['ci95'][1])})" + (f"; measured why: {g['why']}." if g.get("why") else ".")]
     out += ["", provenance(r, "python -m benchmarks.peers")]
     return "\n".join(out)
 
@@ -257,7 +261,8 @@ def loss_memory_block(results: dict) -> str:
            "`benchmarks.train_step`'s step (no gradient clipping or finiteness check; where the 0.48x / 0.51x of "
            "issue 16 came from), no remat:", "", _table(["model", "step", "step peak MiB", "ratio to full"], ref), "",
            "Goals:", ""]
-    out += [f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in r.get("goals", {}).items()]
+    out += [f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" + (f" (measured why: {g['why']})"
+            if g.get("why") else "") for k, g in r.get("goals", {}).items()]
     lc = long["config"]
     lrows = [[m["loss"], m["remat"], f"{m['longest_seq']:,}" + (" (the cap)" if m["capped_at_max"] else "")]
              for m in long["longest_sequence"]]

@@ -247,3 +247,36 @@ def test_xla_flags_quick(tmp_path):
     saved = json.loads((tmp_path / "xla_flags_quick.json").read_text())
     assert saved["results"] == json.loads(json.dumps(result["results"]))
     _check_provenance(saved, "xla_flags", "--quick")
+
+
+def test_peers_throughput_goal_can_fail_and_says_why_from_the_run():
+    from benchmarks.peers import GOAL, throughput_goal
+
+    def rows(median):  # ours / PEFT per paired round
+        return {"ours": {"median_ms": 1000.0 * median}, "peft": {"median_ms": 1000.0,
+                                                                 "paired": {"median": median, "ci95": [0.9 * median, 1.1 * median]}}}
+
+    info = {"ours": {"flops_per_step": 4e11}, "peft": {"flops_per_step": 5e11}}
+    fast = throughput_goal(rows(0.5), info)
+    assert fast["met"] and fast["value"] == pytest.approx(2.0) and "why" not in fast
+    slow = throughput_goal(rows(1.0), info)
+    assert not slow["met"] and slow["value"] == pytest.approx(1.0) and GOAL > 1.0
+    assert slow["ci95"] == pytest.approx([1 / 1.1, 1 / 0.9])
+    assert "0.80x PEFT's counted FLOPs" in slow["why"] and "400 GFLOP/s against PEFT's 500" in slow["why"]
+
+
+def test_loss_memory_missed_goal_explained_from_its_own_rows():
+    from benchmarks.loss_memory import explain_misses
+
+    rows = [{"model": "m", "method": "full", "loss": "plain", "remat": "none", "peak_MiB": 1000.0, "temp_MiB": 500.0},
+            {"model": "m", "method": "lora", "loss": "chunked", "remat": "none", "peak_MiB": 400.0, "temp_MiB": 300.0},
+            {"model": "m", "method": "lora", "loss": "chunked", "remat": "full (per layer)", "peak_MiB": 150.0,
+             "temp_MiB": 50.0}]
+    goals = {"m: LoRA step peak / full fine-tuning <= 0.35 (chunked loss, remat none)": {"value": 0.4, "met": False},
+             "m: LoRA step peak / full fine-tuning <= 0.35 (chunked loss, remat full (per layer))": {"value": 0.15,
+                                                                                                   "met": True}}
+    explain_misses(goals, rows, [])
+    missed, met = goals.values()
+    assert "300 MiB" in missed["why"] and "50 MiB" in missed["why"] and "250 MiB are activations" in missed["why"]
+    assert "needs a peak of 350 MiB, the step has 400" in missed["why"]
+    assert "why" not in met
