@@ -63,7 +63,26 @@ def test_e2e_config_evaluates_on_unseen_mrs(smollm2_tokenizer):
     held = set(evals.prompts)
     assert len(mrs) == 547 and len(held) == round(0.1 * 547)  # all held-out MRs fit max_eval_examples
     assert len(evals) == sum(r["mr"] + "\n" in held for r in rows)
-    assert len(scored) == cfg.eval.generate_eval == 48  # the README's "48 held-out MRs"
+    assert len(scored) == len(held) == 55  # eval.generate_eval covers every held-out MR
+    # train.experiment e2e_smollm2's final scoring (train.predict.score_heldout) sees the same 55 MRs, each once
+    # with every reference the loader kept for it
+    from train import predict
+
+    train_rows, eval_rows = predict.heldout_split(cfg)
+    prompts, refs = predict.reference_groups(eval_rows, cfg.data)
+    assert len(prompts) == len(set(prompts)) == 55 and set(prompts) == held
+    assert dict(zip(prompts, refs)) == dict(zip(evals.prompts, evals.references))
+    assert len(train_rows) == len(train) and not set(prompts) & set(train.prompts)
+
+
+def test_reference_groups_keeps_each_prompt_once_with_all_its_references():
+    from train import predict
+
+    rows = [{"mr": m, "ref": r} for m, r in (("b", "b1"), ("a", "a1"), ("b", "b2"), ("c", "c1"), ("a", "a2"),
+                                             ("b", "b3"))]
+    cfg = load_config(None, ["data.prompt_column=mr", "data.completion_column=ref"]).data
+    prompts, refs = predict.reference_groups(rows, cfg)
+    assert prompts == ["b\n", "a\n", "c\n"] and refs == [["b1", "b2", "b3"], ["a1", "a2"], ["c1"]]
 
 
 def test_max_eval_examples_caps_prompts_not_rows():

@@ -594,6 +594,59 @@ def test_cli_bad_input_is_a_clear_error(tiny_bert, tmp_path, extra, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_e2e_experiment_scores_every_heldout_mr_greedy_and_with_the_papers_beam(tiny_llama, tmp_path, monkeypatch):
+    """train.experiment e2e_smollm2 on a tiny E2E-like CSV and a tiny random Llama: every held-out MR is decoded
+    once per decoding and scored against all its references; the beam settings reach generate."""
+    import csv
+    import random
+
+    from lora_jax.models import generate as gen
+    from train import experiment
+
+    rng = random.Random(0)
+    mrs = [f"name[N{i}], food[F{i % 3}]" for i in range(12)]
+    rows = [{"mr": mr, "ref": f"N{i} serves F{i % 3} food, version {k}."}
+            for i, mr in enumerate(mrs) for k in range(1 + rng.randrange(3))]
+    rng.shuffle(rows)
+    source = tmp_path / "e2e.csv"
+    with open(source, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["mr", "ref"])
+        writer.writeheader()
+        writer.writerows(rows)
+    calls = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append((a[2].shape, k)) or real(*a, **k))
+    extra = lm_overrides(tiny_llama, tmp_path / "unused", **{
+        "data.source": source, "data.prompt_column": "mr", "data.completion_column": "ref", "data.group_column": "mr",
+        "data.eval_fraction": 0.25, "data.max_eval_examples": 2, "eval.max_new_tokens": 3, "eval.batch_size": 8,
+        "eval.generate_samples": 1, "train.steps": 2})
+    out = experiment.e2e_smollm2(tmp_path, 0.001, config=None, extra=[o for o in extra if "output.dir" not in o])
+    json.dumps(out, default=float)  # what main() writes
+
+    held_mrs = {r["mr"] for r in data_lib.split_rows(rows, load_config(None, extra).data)[1]}
+    assert len(held_mrs) == 3  # max_eval_examples (2) caps the run's eval loss, not the final scoring
+    h = out["heldout"]
+    assert sorted(h["prompt_texts"]) == sorted(m + "\n" for m in held_mrs)
+    assert h["prompts"] == 3 and h["references"] == sum(r["mr"] in held_mrs for r in rows)
+    assert h["train_rows"] == len(rows) - h["references"] and h["train_prompts"] == 9
+    greedy, beam = h["decodings"]["greedy"], h["decodings"]["beam10_lp0.9_norepeat4"]
+    for d in (greedy, beam):
+        assert len(d["predictions"]) == d["prompts_scored"] == 3 and d["references"] == h["references"]
+        assert {"bleu", "rougeL", "decode_s", "decoding"} <= set(d) and d["decode_s"] > 0
+    # the run decoded its one sample before and after training, no BLEU prompts; then one batch of
+    # eval.batch_size rows per decoding holds all 3 held-out prompts
+    assert len(calls) == 4 and all(shape[0] == 8 for shape, _ in calls)
+    calls = calls[2:]
+    assert calls[0][1] == {"max_new_tokens": 3} and greedy["decoding"] == {"num_beams": 1, "max_new_tokens": 3}
+    assert calls[1][1] == {"max_new_tokens": 3, "num_beams": 10, "length_penalty": 0.9, "no_repeat_ngram_size": 4}
+    assert beam["decoding"] == calls[1][1]
+    t = out["training"]
+    assert t["steps"] == 2 and t["train_rows"] == h["train_rows"] and t["batching"] == "packed"
+    assert t["epochs"] == t["examples_seen"] / t["train_rows"] > 0
+    assert [r["name"] for r in out["table"]] == ["greedy", "beam10_lp0.9_norepeat4"]
+    assert out["table"][1]["decoding"] == beam["decoding"] and out["table"][1]["bleu"] == beam["bleu"]
+
+
 def test_experiment_run_records_evals_and_reuse_skips_only_an_identical_finished_run(tiny_bert, tmp_path,
                                                                                      monkeypatch):
     from train import experiment

@@ -407,6 +407,81 @@ def generate(p: Predictor, prompts: list[str], *, max_new_tokens: int | None = N
                                batch_size=batch_size)
 
 
+# The decodings :func:`score_heldout` runs: greedy, and the LoRA paper's E2E decoding (beam 10, length penalty 0.9,
+# no repeated 4-grams; :func:`train.loop.generate_texts` applies the last two whenever ``num_beams > 1``).
+GREEDY = {"num_beams": 1}
+PAPER_BEAM = {"num_beams": 10, "length_penalty": 0.9, "no_repeat_ngram_size": 4}
+
+
+def reference_groups(rows: list[dict], cfg) -> tuple[list[str], list[list[str]]]:
+    """Each distinct prompt of ``rows`` once (in first-seen order, ``data.prompt_template`` filled in) and all
+    of its references (the ``data.completion_column`` of every row with that prompt, in row order)."""
+    from train import data as data_lib
+
+    refs: dict[str, list[str]] = {}
+    for row in rows:
+        refs.setdefault(data_lib.format_prompt(row, cfg), []).append(str(row[cfg.completion_column]))
+    return list(refs), list(refs.values())
+
+
+def heldout_split(cfg) -> tuple[list[dict], list[dict]]:
+    """The training rows a run of ``cfg`` (a train Config) trained on and *every* held-out row: the split
+    :func:`train.data.load_tokenized` makes, with ``data.max_train_examples`` applied and
+    ``data.max_eval_examples`` not (scoring covers all held-out prompts)."""
+    from train import data as data_lib
+
+    dc = cfg.data
+    rows = data_lib.load_rows(dc, dc.train_split)
+    if dc.eval_source:
+        train_rows, eval_rows = rows, data_lib.load_rows(dataclasses.replace(dc, source=dc.eval_source), "validation")
+    elif dc.eval_split:
+        train_rows, eval_rows = rows, data_lib.load_rows(dc, dc.eval_split)
+    else:
+        train_rows, eval_rows = data_lib.split_rows(rows, dc)
+    if dc.max_train_examples:
+        train_rows = train_rows[: dc.max_train_examples]
+    return train_rows, eval_rows
+
+
+def score_heldout(p: Predictor, decodings: dict[str, dict], *, batch_size: int | None = None,
+                  print_fn=None) -> dict:
+    """BLEU / ROUGE-L (:func:`train.metrics.generation`) of ``p`` on every distinct held-out prompt of its run's
+    split (:func:`heldout_split`), each decoded once and scored against all its references, once per entry of
+    ``decodings`` (``name -> {"num_beams": K, ...}``; :data:`GREEDY`, :data:`PAPER_BEAM`).
+
+    Returns ``{"prompts", "references", "prompt_texts", "train_rows", "train_prompts", "decodings": {name:
+    {metrics..., "prompts_scored", "references", "decoding", "decode_s", "predictions"}}}`` (``predictions[i]``
+    is the output for ``prompt_texts[i]``)."""
+    import time
+
+    from train import metrics as metrics_lib
+
+    if p.cfg.data.task != "causal-lm":
+        raise PredictError(f"scoring held-out prompts is for causal-lm runs, this one is {p.cfg.data.task}")
+    train_rows, eval_rows = heldout_split(p.cfg)
+    prompts, refs = reference_groups(eval_rows, p.cfg.data)
+    out = {"prompts": len(prompts), "references": sum(map(len, refs)), "prompt_texts": prompts,
+           "train_rows": len(train_rows),
+           "train_prompts": len(reference_groups(train_rows, p.cfg.data)[0]), "decodings": {}}
+    for name, settings in decodings.items():
+        beams = int(settings.get("num_beams", 1))
+        stated = PAPER_BEAM if beams > 1 else GREEDY
+        if {**stated, **settings} != stated:
+            raise PredictError(f"decoding {name!r}: {settings} cannot be run; train.loop.generate_texts decodes "
+                               f"greedily or as {PAPER_BEAM}")
+        t0 = time.perf_counter()
+        preds = generate(p, prompts, num_beams=beams, batch_size=batch_size or p.cfg.eval.batch_size)
+        seconds = time.perf_counter() - t0
+        out["decodings"][name] = {**metrics_lib.generation(preds, refs), "prompts_scored": len(prompts),
+                                  "references": sum(map(len, refs)),
+                                  "decoding": {**stated, "max_new_tokens": p.cfg.eval.max_new_tokens},
+                                  "decode_s": seconds, "predictions": preds}
+        if print_fn is not None:
+            print_fn(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in out["decodings"][name].items()
+                                              if isinstance(v, float)))
+    return out
+
+
 def predict(args: argparse.Namespace, print_fn=print) -> list[dict]:
     if args.template is not None:
         template_fields(args.template)  # a malformed --template is refused before anything is loaded
