@@ -291,6 +291,7 @@ def test_factored_grad_forms_no_dense_weight_gradient():
     assert (d_in, d_out) not in top
 
 
+@pytest.mark.slow
 def test_einsum_and_dot_multi_axis():
     x = jax.random.normal(jax.random.key(0), (2, 3, 8))
     w = jax.random.normal(jax.random.key(1), (8, 4, 5))

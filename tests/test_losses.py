@@ -291,7 +291,8 @@ def _lm_batch(vocab: int, b: int = 2, s: int = 13):
             "weight": jnp.asarray([1.0, 0.5], jnp.float32)}
 
 
-@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("gpt2", True)])
+@pytest.mark.parametrize("family,tied", [pytest.param("llama", False, marks=pytest.mark.slow), ("llama", True),
+                                         ("gpt2", True)])
 def test_causal_lm_loss_chunked_equals_full_logits(family, tied):
     """train.tasks.causal_lm_loss through the model's hidden states + head() equals the full-logits path: loss,
     token count, and the gradients of LoRA adapters on q/v and on the head (lm_head, or the tied table)."""

@@ -395,7 +395,8 @@ def _random_b(adapters, seed=4, scale=0.3):
         is_leaf=lora.is_adapter)
 
 
-@pytest.mark.parametrize("variant", [pytest.param("lora", marks=pytest.mark.slow), "dora", "qlora"])
+@pytest.mark.parametrize("variant", [pytest.param("lora", marks=pytest.mark.slow),
+                                     pytest.param("dora", marks=pytest.mark.slow), "qlora"])
 def test_factored_equals_merged_on_whisper(tiny_cls, variant):
     _, _, loaded = tiny_cls
     params = loaded.params

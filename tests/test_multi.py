@@ -231,6 +231,7 @@ def test_bert_mixed_batch_and_padding_mask():
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_mixed_batch_on_a_quantised_base(tiny_llama):
     """QLoRA serving: an NF4 base, several adapters in one batch."""
     model, params = tiny_llama

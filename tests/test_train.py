@@ -582,9 +582,10 @@ def test_orbax_never_lists_an_unfinished_step(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     ({"lora.targets": ".*/nothing/kernel"}, "matches no leaf"),
     ({"model.name": "/nonexistent/model"}, "no such model"),
-    ({"data.source": "/nonexistent/data.csv"}, "does not exist"),
-    ({"data.max_length": 4096}, "exceeds the model's 128 positions"),
-    ({"model.num_labels": 5}, "has shape (2,), expected (5,)"),  # the saved head is 2-way
+    # each case starts a fresh interpreter (~15 s on 2 cores): the default run keeps two, -m slow runs all five
+    pytest.param({"data.source": "/nonexistent/data.csv"}, "does not exist", marks=pytest.mark.slow),
+    pytest.param({"data.max_length": 4096}, "exceeds the model's 128 positions", marks=pytest.mark.slow),
+    pytest.param({"model.num_labels": 5}, "has shape (2,), expected (5,)", marks=pytest.mark.slow),  # 2-way head
 ])
 def test_cli_bad_input_is_a_clear_error(tiny_bert, tmp_path, extra, message):
     args = overrides(tiny_bert, tmp_path / "bad", **{"train.steps": 1, **extra})
