@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (Recorder, bootstrap_median_ci, paired_summary, ratio_verdict,  # noqa: E402
                                table)
+from benchmarks.time_to_accuracy import peft_lora, torch_update  # noqa: E402  (PEFT trained as the job trains)
 
 # The code this benchmark measures (benchmarks.staleness).
 SOURCES = ("benchmarks/causal_tokens.py", "benchmarks/common.py", "benchmarks/time_to_accuracy.py",
@@ -186,7 +187,6 @@ class Peft:
         import torch
         import transformers
 
-        from benchmarks.time_to_accuracy import lr_schedule
         from lora_jax import models
 
         torch.set_num_threads(threads)
@@ -208,18 +208,9 @@ class Peft:
         if tied:
             base.tie_weights()
         self.base_parameters = sum(p.numel() for p in base.parameters())
-        lc = cfg.lora
-        self.model = peft.get_peft_model(base, peft.LoraConfig(
-            task_type="CAUSAL_LM", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-            target_modules=["q_proj", "v_proj"]))
-        self.model.train()
-        params_ = [p for p in self.model.parameters() if p.requires_grad]
-        self.trainable_count = sum(p.numel() for p in params_)
-        oc = cfg.optim
-        self.opt = torch.optim.AdamW(params_, lr=oc.lr, betas=(oc.b1, oc.b2), weight_decay=oc.weight_decay)
-        sched = lr_schedule(cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: sched(s) / oc.lr)
-        self.params, self.grad_clip = params_, oc.grad_clip
+        self.model, self.params, self.opt, self.scheduler = peft_lora(base, cfg, "CAUSAL_LM", ["q_proj", "v_proj"])
+        self.trainable_count = sum(p.numel() for p in self.params)
+        self.grad_clip = cfg.optim.grad_clip
         self.collate = transformers.DataCollatorWithFlattening(return_tensors="pt")
         self.features, self.examples = features, examples
         self.losses: list[Any] = []
@@ -243,12 +234,7 @@ class Peft:
             self.loss_tokens.append(int((batch["labels"] != -100).sum()))
             self.slots.append(int(batch["input_ids"].numel()))  # one row, no padding
             loss = self.model(**batch, use_cache=False).loss
-            loss.backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-            self.opt.step()
-            self.scheduler.step()
-            self.opt.zero_grad(set_to_none=True)
+            torch_update(loss, self.params, self.opt, self.scheduler, self.grad_clip)
             self.losses.append(loss.detach())
         self.losses = [float(x) for x in self.losses]
 

@@ -90,6 +90,35 @@ def lr_schedule(cfg):
     return lambda step: float(sched(step))
 
 
+def peft_lora(base, cfg, task_type: str, targets: list[str]):
+    """``base`` (a transformers model) wrapped by PEFT with the job's LoRA settings on ``targets``, in training mode,
+    and what trains it as the job does: ``(model, trainable parameters, AdamW, LambdaLR)`` with the job's optimizer
+    settings and :func:`lr_schedule`."""
+    import peft
+    import torch
+
+    lc, oc = cfg.lora, cfg.optim
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type=task_type, r=lc.r, lora_alpha=lc.alpha,
+                                                      lora_dropout=lc.dropout, target_modules=targets))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=oc.lr, betas=(oc.b1, oc.b2), weight_decay=oc.weight_decay)
+    sched = lr_schedule(cfg)
+    return model, params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sched(s) / oc.lr)
+
+
+def torch_update(loss, params, opt, scheduler, grad_clip: float | None) -> None:
+    """One optimizer step of PEFT's side from ``loss``: backward, the job's gradient clipping, AdamW, schedule."""
+    import torch
+
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    scheduler.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def build_config(args, root: Path):
     from train.config import load_config
 
@@ -187,18 +216,9 @@ class Peft:
         with torch.no_grad():  # the same initial head as ours
             base.classifier.weight.copy_(torch.tensor(np.array(head_init[0].T)))
             base.classifier.bias.copy_(torch.tensor(np.array(head_init[1])))
-        lc = cfg.lora
-        self.model = peft.get_peft_model(base, peft.LoraConfig(
-            task_type="SEQ_CLS", r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-            target_modules=["query", "value"]))
-        self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.trainable_count = sum(p.numel() for p in params)
-        oc = cfg.optim
-        self.opt = torch.optim.AdamW(params, lr=oc.lr, betas=(oc.b1, oc.b2), weight_decay=oc.weight_decay)
-        sched = lr_schedule(cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: sched(s) / oc.lr)
-        self.params, self.grad_clip = params, oc.grad_clip
+        self.model, self.params, self.opt, self.scheduler = peft_lora(base, cfg, "SEQ_CLS", ["query", "value"])
+        self.trainable_count = sum(p.numel() for p in self.params)
+        self.grad_clip = cfg.optim.grad_clip
         # tokenised up front, as datasets.map would (untimed, like our own tokenisation)
         text, label, length = cfg.data.text_column, cfg.data.label_column, cfg.data.max_length
         enc = self.tokenizer([str(r[text]) for r in train_rows], truncation=True, max_length=length)
@@ -214,17 +234,11 @@ class Peft:
                      "attn_implementation": getattr(base.config, "_attn_implementation", None)}
 
     def run(self, steps: int) -> None:
-        torch = self.torch
         for _ in range(steps):
             batch = self.collate([self.features[i] for i in self.indices(self.step)])
             self.pad_fraction.append(1.0 - float(batch["attention_mask"].float().mean()))
             loss = self.model(**batch).loss
-            loss.backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-            self.opt.step()
-            self.scheduler.step()
-            self.opt.zero_grad(set_to_none=True)
+            torch_update(loss, self.params, self.opt, self.scheduler, self.grad_clip)
             self.losses.append(loss.detach())
             self.step += 1
         self.losses = [float(x) for x in self.losses]
