@@ -496,6 +496,49 @@ def e2e_block(results: dict) -> str:
         f"`--scale 1` = {E2E_STEPS} steps, two epochs).*"])
 
 
+SST2 = "experiments/sst2_methods"  # results key of train.experiment sst2_methods' JSON
+SST2_NAMES = {"lora": "LoRA r=8 on W_q, W_v + head", "full": "full fine-tuning",
+              "linear_probe": "frozen encoder + linear head"}
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def sst2_block(results: dict) -> str:
+    """The SST-2 methods experiment (``python -m train.experiment sst2_methods``): the same steps for LoRA, full
+    fine-tuning and a frozen encoder + head, their time and final validation metrics; the best of each bold."""
+    r = results[SST2]
+    table = r["table"]
+    best = {k: max(row[k] for row in table) for k in ("auc", "accuracy")}
+    best["loss"] = min(row["loss"] for row in table)
+    per_step = {row["name"]: row["train_s"] / row["steps"] for row in table}
+
+    def metric(row: dict, k: str) -> str:
+        return f"**{row[k]:.3f}**" if row[k] == best[k] else f"{row[k]:.3f}"
+
+    rows = [[SST2_NAMES.get(row["name"], row["name"]), f"{row['trainable_params']:,}", f"{row['steps']:,}",
+             f"{row['epochs']:.2f}", f"{row['train_s']:,.0f}", f"{per_step[row['name']] * 1e3:,.0f}",
+             metric(row, "auc"), metric(row, "accuracy"), metric(row, "loss"),
+             _bytes(row["optimizer_state_bytes"]), _bytes(row["checkpoint_bytes"])] for row in table]
+    widths = sorted({w for row in table for w in row.get("batch_widths") or []})
+    ratios = ", ".join(f"{SST2_NAMES.get(n, n)} {t / per_step['full']:.2f}x" for n, t in per_step.items()
+                       if n != "full") if "full" in per_step else ""
+    scale = "" if r["scale"] == 1 else f" --scale {r['scale']:g}"
+    return "\n".join([
+        f"{r['steps']:,} steps of {r['batch_size']} sentences each ({table[0]['epochs']:.2f} epochs of the "
+        f"{r['train_rows']:,} training sentences), {table[0]['batching']} batches (widths {widths}), the same data "
+        "order for every method; validation on the 872 sentences of the dev set. Training time excludes evaluation "
+        "and includes the step's compilations.", "",
+        _table(["method", "trainable params", "steps", "epochs", "train s", "ms / step", "val AUC", "val accuracy",
+                "val loss", "optimizer state", "checkpoint"], rows), "",
+        *([f"Time per step relative to full fine-tuning: {ratios}.", ""] if ratios else []),
+        f"*Run: `python -m train.experiment sst2_methods{scale}` "
+        "(results: `experiments/sst2_methods.json`; `--scale 1` = one epoch).*"])
+
+
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
     "train_step.merged": (("train_step",), merged_headline, True),
@@ -513,15 +556,17 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "xla_flags": (("xla_flags",), xla_flags_block, False),
     "host_overlap": (("host_overlap",), host_overlap_block, False),
     "e2e_experiment": ((E2E,), e2e_block, False),
+    "sst2_methods": ((SST2,), sst2_block, False),
 }
 
 
 def load_results(results_dir: Path = RESULTS, experiments_dir: Path = EXPERIMENTS) -> dict[str, dict]:
     """Every benchmark's results (by name) and the experiments the README reports (``experiments/NAME``)."""
     out = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
-    e2e = experiments_dir / "e2e_smollm2.json"
-    if e2e.is_file():
-        out[E2E] = json.loads(e2e.read_text())
+    for key in (E2E, SST2):
+        path = experiments_dir / f"{key.split('/')[-1]}.json"
+        if path.is_file():
+            out[key] = json.loads(path.read_text())
     return out
 
 

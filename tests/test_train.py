@@ -648,6 +648,35 @@ def test_e2e_experiment_scores_every_heldout_mr_greedy_and_with_the_papers_beam(
     assert out["table"][1]["decoding"] == beam["decoding"] and out["table"][1]["bleu"] == beam["bleu"]
 
 
+def test_sst2_methods_runs_each_method_for_the_same_steps_an_epoch_times_scale(tiny_bert, tmp_path):
+    """train.experiment sst2_methods on the built-in sentiment set (600 rows, 540 after the 10% held out) with a
+    tiny BERT: the steps are one epoch (68 batches of 8) x scale for every method, and the README block renders
+    from the JSON it writes."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+    from train import experiment
+
+    extra = [o for o in overrides(tiny_bert, tmp_path / "unused") if not o.startswith(("output.dir=", "train.steps=",
+                                                                                         "eval.every="))]
+    out = experiment.sst2_methods(tmp_path, 0.1, config=None, extra=tuple(extra))
+    out = json.loads(json.dumps(out, default=float))  # what main() writes
+    assert out["train_rows"] == 540 and out["steps"] == 7  # ceil(540 / 8 x 0.1)
+    assert [r["name"] for r in out["table"]] == ["lora", "full", "linear_probe"]
+    trainable = {r["name"]: r["trainable_params"] for r in out["table"]}
+    assert trainable["linear_probe"] < trainable["lora"] < trainable["full"]
+    for run, row in zip(out["runs"], out["table"]):
+        assert row["steps"] == 7 and row["examples_seen"] == 56 and row["epochs"] == pytest.approx(56 / 540)
+        assert [e["step"] for e in run["evals"]] == list(range(8))  # before training, then every step (7 // 16 -> 1)
+        assert row["auc"] == run["evals"][-1]["auc"] and row["batching"] == "bucketed"
+    for name in ("sst2_methods_auc.png", "sst2_methods_loss.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    block = report.sst2_block({report.SST2: out})
+    assert "7 steps of 8 sentences each (0.10 epochs of the 540 training sentences)" in block
+    assert "`python -m train.experiment sst2_methods --scale 0.1`" in block
+    best_auc = max(r["auc"] for r in out["table"])
+    assert f"**{best_auc:.3f}**" in block and block.count("**") >= 6  # the best of each metric column is bold
+
+
 def test_experiment_run_records_evals_and_reuse_skips_only_an_identical_finished_run(tiny_bert, tmp_path,
                                                                                      monkeypatch):
     from train import experiment
