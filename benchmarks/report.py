@@ -539,6 +539,43 @@ def sst2_block(results: dict) -> str:
         "(results: `experiments/sst2_methods.json`; `--scale 1` = one epoch).*"])
 
 
+E2E_ANALYSIS = "experiments/analysis_e2e/analysis"  # python -m train.analyze on the E2E experiment's adapter
+
+
+def e2e_analysis_block(results: dict) -> str:
+    """dW of the E2E adapter (``python -m train.analyze``): per adapted matrix kind, medians over the layers of
+    ‖dW‖/‖W‖, effective rank, W along dW's directions against random frames and against W's own top directions,
+    and the amplification factor; then the layers holding most of Σ‖dW‖²."""
+    r = results[E2E_ANALYSIS]
+    (label, adapter), = r["adapters"].items()
+    ms = adapter["matrices"]
+    rows = []
+    for name in sorted({m["matrix"] for m in ms}):
+        group = [m for m in ms if m["matrix"] == name]
+        rel = [m["relative"] for m in group]
+        amp = [m["amplification"] for m in group]
+        rows.append([name, f"{statistics.median(rel):.3f} ({min(rel):.3f}-{max(rel):.3f})",
+                     f"{statistics.median([m['effective_rank'] for m in group]):.1f}",
+                     f"{statistics.median([m['proj_dw'] / m['proj_random'] for m in group]):.2f}",
+                     f"{statistics.median([m['proj_w'] / m['proj_dw'] for m in group]):.1f}",
+                     f"{statistics.median(amp):.1f} ({min(amp):.1f}-{max(amp):.1f})"])
+    by_layer: dict[int, float] = {}
+    for m in ms:
+        by_layer[m["layer"]] = by_layer.get(m["layer"], 0.0) + m["norm_dw"] ** 2
+    top = sorted(by_layer, key=by_layer.get, reverse=True)[:6]
+    share = sum(by_layer[k] for k in top) / sum(by_layer.values())
+    ranks = sorted({m["r"] for m in ms})
+    return "\n".join([
+        f"E2E / SmolLM2-135M, r={'/'.join(map(str, ranks))} on q, v ({len(ms)} matrices of the `{label}` adapter; "
+        f"`python -m train.analyze --base {r['base']} --adapters experiments/runs/e2e_lora --out "
+        "experiments/analysis_e2e`; medians over the layers):", "",
+        _table(["matrix", "‖dW‖/‖W‖ (median, range)", f"effective rank of dW (of {ranks[-1]})",
+                "‖UᵀWV‖ / random frame", f"W's own top-{ranks[-1]} / ‖UᵀWV‖", "amplification (median, range)"],
+               rows), "",
+        f"The 6 layers with the largest Σ‖dW‖² (layers {', '.join(map(str, sorted(top)))}) hold "
+        f"{100 * share:.0f}% of it ({len(by_layer)} layers)."])
+
+
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
     "train_step.merged": (("train_step",), merged_headline, True),
@@ -557,14 +594,15 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "host_overlap": (("host_overlap",), host_overlap_block, False),
     "e2e_experiment": ((E2E,), e2e_block, False),
     "sst2_methods": ((SST2,), sst2_block, False),
+    "e2e_analysis": ((E2E_ANALYSIS,), e2e_analysis_block, False),
 }
 
 
 def load_results(results_dir: Path = RESULTS, experiments_dir: Path = EXPERIMENTS) -> dict[str, dict]:
     """Every benchmark's results (by name) and the experiments the README reports (``experiments/NAME``)."""
     out = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
-    for key in (E2E, SST2):
-        path = experiments_dir / f"{key.split('/')[-1]}.json"
+    for key in (E2E, SST2, E2E_ANALYSIS):
+        path = experiments_dir / f"{key.split('/', 1)[1]}.json"
         if path.is_file():
             out[key] = json.loads(path.read_text())
     return out

@@ -175,3 +175,16 @@ def test_git_state_names_the_changed_sources(tmp_path, monkeypatch):
     state = common.git_state(["lib"])
     assert state["dirty"] and state["dirty_files"] == ["lib/ops.py"] and state["dirty_sources"] == ["lib/ops.py"]
     assert common.git_state(["other.py"])["dirty_sources"] == []
+
+
+def test_experiment_blocks_follow_their_results():
+    """The experiments' README blocks (E2E, SST-2 methods, the E2E dW analysis) change when their JSON does."""
+    readme = (ROOT / "README.md").read_text()
+    results = report.load_results()
+    for key, edit in [(report.E2E, lambda r: r["table"][0].update(bleu=r["table"][0]["bleu"] + 1)),
+                      (report.SST2, lambda r: r["table"][0].update(auc=r["table"][0]["auc"] - 0.1)),
+                      (report.E2E_ANALYSIS,
+                       lambda r: next(iter(r["adapters"].values()))["matrices"][0].update(relative=9.0))]:
+        changed = copy.deepcopy(results)
+        edit(changed[key])
+        assert report.render(readme, changed) != readme, key
