@@ -608,7 +608,7 @@ OVERRIDES = st.lists(st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@settings(max_examples=12, **FUZZ)
+@settings(max_examples=12, derandomize=True, **FUZZ)  # the same 12 draws on every CI run
 @given(OVERRIDES)
 def test_fuzz_run_check_over_every_key(tiny_bert, tmp_path_factory, capsys, monkeypatch, pairs):
     """``python -m train.run --check`` with random overrides of any key (over a tiny valid base config): exit 0
