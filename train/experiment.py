@@ -90,9 +90,10 @@ def sst2_methods(out: Path, scale: float, config: str | None = SST2, extra: tupl
     from train import data as data_lib
 
     cfg = load_config(ROOT / config if config else None, list(extra))
-    train_rows = len(data_lib.load_rows(cfg.data, "train"))
+    rows = data_lib.load_rows(cfg.data, "train")
     if cfg.data.eval_source is None:  # the job holds out data.eval_fraction of the rows
-        train_rows = len(data_lib.split_rows(data_lib.load_rows(cfg.data, "train"), cfg.data)[0])
+        rows = data_lib.split_rows(rows, cfg.data)[0]
+    train_rows = len(rows)
     steps = max(int(math.ceil(train_rows / cfg.train.batch_size * scale)), 2)
     common = [f"train.steps={steps}", f"eval.every={max(-(-steps // 16), 1)}", "checkpoint.every=100000"]
     runs = [
