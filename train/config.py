@@ -178,6 +178,9 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = key("stop", "a step whose loss, gradients or updated state are not "
                                               "finite: stop (exit 3; checkpoints stay finite) or skip it (at most "
                                               "10 in a row)")
+    device_memory: str | None = key(None, "memory per device that the run may use, e.g. '16GB' (null: what the "
+                                    "backend reports; checked against the memory plan before the first step)",
+                                    pattern=r"(?i)^\s*\d+(\.\d+)?\s*([KMGT]?i?B?)\s*$")
     time_budget_s: Float | None = key(None, "stop (with a checkpoint) when training has taken this many seconds",
                                       gt=0)
     prefetch: bool = key(True, "overlap host work with the step: place the next batch and read the previous step's "
@@ -190,6 +193,8 @@ class MeshConfig:
     fsdp: int = key(1, "devices along the FSDP axis that shards the frozen base", ge=1, le=2**20)
     expert: int = key(1, "devices along the expert axis: a mixture of experts' routed experts split across them",
                       ge=1, le=2**20)
+    tensor: int = key(1, "devices along the tensor-parallel axis: attention heads, MLP columns and the vocabulary "
+                      "split across them (same examples on each)", ge=1, le=2**20)
 
 
 @section
