@@ -26,6 +26,7 @@ import optax
 
 import lora_jax as lora
 from lora_jax import sharding
+from lora_jax.models import placement
 from lora_jax.checkpoint import Checkpointer, load_trained, save_adapters, save_trained  # noqa: F401 (load_trained: train.predict)
 from lora_jax.errors import NonFiniteError
 from lora_jax.variants import pissa_to_lora
@@ -194,7 +195,7 @@ class _InMemory:
         out = {}
         for p in wanted:
             x = self.params[p]
-            want = dtype(p) if callable(dtype) else dtype
+            want = placement.dtype_of(dtype, p)
             x = x.astype(want) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != want else x
             x = jax.device_put(x, where[p]) if p in where else x
             out[p] = then(p, x) if then is not None else x

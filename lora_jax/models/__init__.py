@@ -200,9 +200,8 @@ class Checkpoint:
         """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (float leaves in ``dtype``, or ``dtype(path)``;
         ``None``: float32): what sharding rules, ``lora.init`` and the optimizer need before any value exists."""
         def one(path, x):
-            want = dtype(path) if callable(dtype) else dtype
-            cast = want is not None and placement.is_float(x.dtype)
-            return jax.ShapeDtypeStruct(x.shape, jnp.dtype(want) if cast else x.dtype)
+            want = placement.dtype_of(dtype, path)
+            return jax.ShapeDtypeStruct(x.shape, want if want is not None and placement.is_float(x.dtype) else x.dtype)
 
         return tree.unflatten({p: one(p, x) for p, x in self.shapes.items()})
 
@@ -227,7 +226,7 @@ class Checkpoint:
             sharding_of = lambda path: default  # noqa: E731
         else:
             sharding_of = tree.flatten(shardings).__getitem__
-        dtype_of = dtype if callable(dtype) else (lambda path: dtype)
+        dtype_of = lambda path: placement.dtype_of(dtype, path)  # noqa: E731
         sources = {p: s for p, s in self.sources.items() if wanted is None or p in wanted}
         params = placement.place(sources, sharding_of, dtype_of, then=then)
         fresh = [p for p in self.fresh if wanted is None or p in wanted]

@@ -30,6 +30,17 @@ def is_float(dtype: Any) -> bool:
     return jnp.issubdtype(np.dtype(dtype), jnp.floating)
 
 
+def dtype_of(dtype: DtypeFor, path: Path) -> np.dtype | None:
+    """``dtype`` for the leaf at ``path``: ``dtype`` itself when it names a dtype (``jnp.bfloat16``, ``"float32"``:
+    scalar types are callable too, so the test is whether numpy reads it), else ``dtype(path)``."""
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return np.dtype(dtype(path))
+
+
 def _key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
 
@@ -65,7 +76,7 @@ def place(sources: Mapping[Path, Any], shardings: Mapping[Path, jax.sharding.Sha
     out = {}
     for path, source in sources.items():
         sharding = shardings(path) if callable(shardings) else shardings[path]
-        x = place_leaf(source, sharding, dtype(path) if callable(dtype) else dtype)
+        x = place_leaf(source, sharding, dtype_of(dtype, path))
         out[path] = then(path, x) if then is not None else x
     return out
 
@@ -77,4 +88,4 @@ def shard_nbytes(x: Any) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
-__all__ = ["is_float", "place", "place_leaf", "shard_nbytes"]
+__all__ = ["dtype_of", "is_float", "place", "place_leaf", "shard_nbytes"]
