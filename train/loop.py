@@ -921,8 +921,8 @@ def say_outputs(s: Setup, folder: Path, result: RunResult) -> None:
                        (GGUF_MERGED, "merged GGUF model")):
         if (folder / name).exists() and (name != "loss.png" or png is not None):
             s.say(f"  {folder / name}  ({what})")
-    s.say(f"look at it: python -m train.plot {folder}  |  tensorboard --logdir {job}  |  "
-          f"python -m train.predict --run {job} --text ...")
+    s.say(f"look at it: python -m train.plot {folder} (redraws loss.png)  |  python -m train.predict --run {job} "
+          f"--text ...  |  tensorboard --logdir {job} (if TensorBoard is installed)")
 
 
 def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, phases: dict | None = None) -> None:
