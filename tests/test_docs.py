@@ -92,6 +92,29 @@ def test_doc_commands_run_from_a_fresh_clone():
                     importlib.util.find_spec(module) is not None, f"{page.name}: no module {module}: {cmd}"
             for config in re.findall(r"--config (\S+)", cmd):
                 assert (ROOT / config).is_file(), f"{page.name}: no config {config}: {cmd}"
+            if "train.run" in cmd:
+                _check_data_of(cmd, page)
+
+
+def _check_data_of(cmd: str, page: Path) -> None:
+    """A ``train.run`` command reads built-in data, files of the checkout, or data it names itself: never a data
+    file that only a shipped config points at and a fresh clone does not have."""
+    import shlex
+
+    from train.config import load_config
+    from train.run import parse_args
+
+    rest = re.split(r'"|\s&|;', cmd.split("train.run", 1)[1])[0]
+    if "--help" in rest:
+        return
+    args = parse_args(shlex.split(rest.replace("$i", "0")))
+    if any(o.startswith(("data.source=", "data.eval_source=")) for o in args.overrides):
+        return  # the command names its data
+    data = load_config(ROOT / args.config if args.config else None, args.overrides).data
+    for source in filter(None, [data.source, data.eval_source]):
+        for path in source.split(","):
+            if not path.startswith("builtin:"):
+                assert (ROOT / path).exists(), f"{page.name}: {cmd}\n  reads {path}, which a fresh clone lacks"
 
 
 # ------------------------------------------------------------------------------------------------- README
