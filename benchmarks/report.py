@@ -497,6 +497,22 @@ def e2e_block(results: dict) -> str:
         f"`--scale 1` = {E2E_STEPS} steps, two epochs).*"])
 
 
+def e2e_headline(results: dict) -> str:
+    """One line for the README: the E2E experiment's held-out scores (greedy and beam) and its command."""
+    from train.experiment import E2E_STEPS
+
+    r = results[E2E]
+    t, h = r["training"], r["heldout"]
+    by_name = {d["name"]: d for d in r["table"]}
+    greedy, beam = by_name.get("greedy"), next((d for n, d in by_name.items() if n.startswith("beam")), None)
+    parts = [f"greedy BLEU {greedy['bleu']:.1f} / ROUGE-L {greedy['rougeL']:.1f}"] if greedy else []
+    if beam:
+        parts.append(f"beam search BLEU {beam['bleu']:.1f} / ROUGE-L {beam['rougeL']:.1f}")
+    return (f"E2E NLG with SmolLM2-135M-Instruct and LoRA r=8 ({t['steps']} steps): "
+            f"{' and '.join(parts)} on all {h['prompts']} held-out meaning representations "
+            f"(`python -m train.experiment e2e_smollm2 --scale {t['steps'] / E2E_STEPS:.2g}`)")
+
+
 SST2 = "experiments/sst2_methods"  # results key of train.experiment sst2_methods' JSON
 SST2_NAMES = {"lora": "LoRA r=8 on W_q, W_v + head", "full": "full fine-tuning",
               "linear_probe": "frozen encoder + linear head"}
@@ -649,6 +665,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "xla_flags": (("xla_flags",), xla_flags_block, False),
     "host_overlap": (("host_overlap",), host_overlap_block, False),
     "e2e_experiment": ((E2E,), e2e_block, False),
+    "e2e_experiment.headline": ((E2E,), e2e_headline, True),
     "sst2_methods": ((SST2,), sst2_block, False),
     "e2e_analysis": ((E2E_ANALYSIS,), e2e_analysis_block, False),
     "newcomer": (("newcomer",), newcomer_block, False),

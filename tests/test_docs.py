@@ -25,6 +25,7 @@ SHELL = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 # ------------------------------------------------------------------------------------------------ the site
 
 
+@pytest.mark.slow  # 15-60 s (mkdocstrings reads the whole package): in CI's slow tier (.ci/run), not the default one
 def test_site_builds_strict(tmp_path):
     """``mkdocs build --strict``: every page in the nav, every link, anchor and API reference resolves."""
     require("mkdocs", "bash scripts/setup.sh test installs the docs extra")
