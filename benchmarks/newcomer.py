@@ -71,7 +71,7 @@ def main_job() -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
-SUMMARY = re.compile(r"=+ (?P<body>.*?) in (?P<secs>[\d.]+)s")
+SUMMARY = re.compile(r"^=*\s*(?P<body>\d+ \w+.*?) in (?P<secs>[\d.]+)s")  # "613 passed, 20 skipped in 837.12s"
 
 
 def tests() -> dict:
