@@ -620,8 +620,8 @@ def newcomer_block(results: dict) -> str:
         split = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in phases.items())
         gen = res.get("generate_eval") or "the"
         out.append(
-            f"**The main job** (`{job['command']}`) trains {res['steps']} steps and, on {gen} held-out prompts it never "
-            f"trained on, takes the held-out loss from {before['loss']:.3f} to {after['loss']:.3f}, BLEU from "
+            f"**The main job** (`{job['command']}`) trains {res['steps']} steps and takes the loss on prompts it never "
+            f"trained on from {before['loss']:.3f} to {after['loss']:.3f} and, on {gen} of them, BLEU from "
             f"{before.get('bleu', float('nan')):.1f} to {after.get('bleu', float('nan')):.1f} and ROUGE-L from "
             f"{before.get('rougeL', float('nan')):.1f} to {after.get('rougeL', float('nan')):.1f}, in "
             f"**{_minutes(job['wall_s'])}** of wall time" + (f" ({split})" if split else "") +
@@ -637,8 +637,13 @@ def newcomer_block(results: dict) -> str:
                    f"{_minutes(setup['wall_s'])}.")
     for name, what in (("main_job", "the main job"), ("tests", "the tests"), ("setup", "the setup")):
         if name in r:
+            p = r[name].get("provenance", {})
+            load = ((p.get("load_average") or {}).get("before") or [0])[0]
+            cores = (p.get("cpu") or {}).get("usable_cores") or 1
+            busy = (f" **A busy machine** (load average {load} on {cores} cores): these times are inflated; rerun "
+                    f"on an idle one.") if load > 2 * cores else ""
             out.append(f"*Timed by `python -m benchmarks.newcomer --{name.replace('_', '-')}` ({what}): "
-                       f"{_ran_on(r[name])}.*")
+                       f"{_ran_on(r[name])}.*{busy}")
         else:
             out.append(f"*{what.capitalize()}: not recorded yet (`python -m benchmarks.newcomer "
                        f"--{name.replace('_', '-')}`).*")
