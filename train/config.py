@@ -163,8 +163,8 @@ class TrainConfig:
     method: Literal["lora", "qlora", "full", "linear_probe"] = key(
         "lora", "lora: adapters (+ lora.train leaves); qlora: lora over a quantised base; full: every weight; "
         "linear_probe: only lora.train leaves (the head)")
-    steps: int = key(60, "optimizer steps (a resumed run may raise it)", ge=1, le=INT_MAX)
-    batch_size: int = key(8, "examples per step (a multiple of the mesh's devices)", ge=1, le=2**24)
+    steps: int = key(40, "optimizer steps (a resumed run may raise it)", ge=1, le=INT_MAX)
+    batch_size: int = key(4, "examples per step (a multiple of the mesh's devices)", ge=1, le=2**24)
     grad_accum: int = key(1, "micro-batches of batch_size accumulated per step", ge=1, le=2**16)
     precision: Literal["float32", "bfloat16"] = key("float32", "frozen base and compute dtype; adapters (and, for "
                                                     "lora / qlora, leaves trained in full) stay float32")

@@ -289,17 +289,30 @@ def merged_params(params: Any, adapters: Any) -> Any:
 # ------------------------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+def lr_schedule(cfg: Config) -> optax.Schedule | float:
+    """The learning rate by optimizer update (0-based): ``optim.warmup_steps`` of linear warmup, then
+    ``optim.schedule``; a float when it is constant from the start. (With LoRA+, A's rate; B's is
+    ``optim.lora_plus_ratio`` times it.)"""
     oc, steps = cfg.optim, cfg.train.steps
     warmup = min(oc.warmup_steps, max(steps - 1, 0))
     if oc.schedule == "constant":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)), optax.constant_schedule(oc.lr)],
-                                  [warmup]) if warmup else oc.lr
-    elif oc.schedule == "linear":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
-                                   optax.linear_schedule(oc.lr, 0.0, max(steps - warmup, 1))], [warmup])
-    else:
-        lr = optax.warmup_cosine_decay_schedule(0.0, oc.lr, max(warmup, 1), max(steps, warmup + 1))
+        return optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
+                                     optax.constant_schedule(oc.lr)], [warmup]) if warmup else oc.lr
+    if oc.schedule == "linear":
+        return optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
+                                     optax.linear_schedule(oc.lr, 0.0, max(steps - warmup, 1))], [warmup])
+    return optax.warmup_cosine_decay_schedule(0.0, oc.lr, max(warmup, 1), max(steps, warmup + 1))
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """The learning rate the update of (1-based) ``step`` used."""
+    lr = lr_schedule(cfg)
+    return float(lr(step - 1)) if callable(lr) else float(lr)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    oc = cfg.optim
+    lr = lr_schedule(cfg)
 
     def make(learning_rate):
         if oc.name == "adamw":
@@ -620,6 +633,18 @@ class Progress:
     last_metrics: dict = dataclasses.field(default_factory=dict)
 
 
+def check_data_source(cfg: Config) -> None:
+    """Read the local or built-in training (and evaluation) rows and check their columns, before the model is
+    loaded (seconds instead of the model's load time). Hub data sets are left to the full load."""
+    dc = cfg.data
+    sources = [dc.source] + ([dc.eval_source] if dc.eval_source else [])
+    for source in sources:
+        is_local = source.startswith("builtin:") or any(
+            Path(p.strip()).suffix.lower() in data_lib.FILE_TYPES for p in source.split(","))
+        if is_local:
+            data_lib.load_rows(dataclasses.replace(dc, source=source), dc.train_split)
+
+
 def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) -> tuple[Setup, TrainState] | None:
     """Check and load everything the run reads: the mesh, the model, the data, the trainable tree, the optimizer;
     then place the frozen base and the trainable state on the mesh and jit the step and the evaluation.
@@ -635,6 +660,7 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {replicas} devices of "
                           "the mesh that see different examples (data x fsdp x expert)")
 
+    check_data_source(cfg)  # a wrong path or column fails here, before the model is loaded
     t0 = time.perf_counter()
     ckpt, model = open_model(cfg)  # config, tokenizer, tensor names and shapes: no weight read yet
     tokenizer, model_cfg = ckpt.tokenizer, ckpt.config
@@ -767,9 +793,22 @@ def generation_metrics(s: Setup, trainable: Any) -> dict:
 
 
 def evaluate_all(s: Setup, trainable: Any) -> tuple[dict, list[tuple[str, str]]]:
-    """The evaluation before and after training: ``({**evaluate, **generation_metrics}, samples)``."""
-    return {**evaluate(s, trainable), **generation_metrics(s, trainable)}, samples(s, trainable,
-                                                                                  s.cfg.eval.generate_samples)
+    """The evaluation before and after training: ``({**evaluate, **generation_metrics}, samples)``.
+
+    The printed samples are the first ``eval.generate_samples`` of the continuations scored for BLEU / ROUGE-L
+    (the merged model's, which equal the factored model's up to rounding) when those cover them: one generation
+    pass, one compilation of the decoder, instead of two."""
+    cfg = s.cfg
+    n_samples, n_scored = cfg.eval.generate_samples, cfg.eval.generate_eval
+    if cfg.data.task != "causal-lm" or s.multi_process or not (0 < n_samples <= n_scored):
+        return {**evaluate(s, trainable), **generation_metrics(s, trainable)}, samples(s, trainable, n_samples)
+    unique = list(dict.fromkeys(s.eval_data.prompts))[:n_scored]
+    refs = {p: r for p, r in zip(s.eval_data.prompts, s.eval_data.references)}
+    params_now, adapters_now = lora.combine(s.frozen, trainable)
+    preds = generate_texts(s.model, merged_params(params_now, adapters_now), s.tokenizer, unique, cfg,
+                           batch_size=min(16, -(-len(unique) // 8) * 8))
+    scores = metrics_lib.generation(preds, [refs[p] for p in unique])
+    return {**evaluate(s, trainable), **scores}, list(zip(unique, preds))[:n_samples]
 
 
 # ------------------------------------------------------------------------------------------- the step loop
@@ -869,11 +908,11 @@ def _read_metrics(s: Setup, p: Progress, done: _Dispatched, clock: list[float], 
         p.tokens_seen += n_real
         p.steady_s += dt
     tok_s = p.tokens_seen / p.steady_s if p.steady_s else 0.0
-    record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite, "tokens_per_s": tok_s,
-              "train_s": p.train_s}
+    record = {"loss": loss, "lr": lr_at(cfg, step), "grad_norm": float(m["grad_norm"]), "finite": finite,
+              "tokens_per_s": tok_s, "train_s": p.train_s}
     p.history.append({"step": step, **record})
     log.write("train", step, **record)
-    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
     bar.update(1)
 
 
@@ -995,8 +1034,33 @@ def export(s: Setup, folder: Path, trainable: Any) -> None:
                     jax.device_get(trained_final), s.pissa_init, say)
 
 
-def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress) -> None:
-    """``result.json``: the run's evaluations, sizes, times, the compiled step's memory and the batch shapes."""
+def say_outputs(s: Setup, folder: Path, result: RunResult) -> None:
+    """Draw ``loss.png`` and say where the run's outputs are and how to look at them."""
+    from train import plot
+
+    try:
+        png = plot.plot_run(folder)
+    except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn does not fail a finished run
+        png = None
+        s.say(f"note: could not draw the loss plot ({type(e).__name__}: {e})")
+    job = folder.parent
+    s.say(f"\nfinished in {result.wall_s:.0f}s; outputs in {folder}:")
+    for name, what in (("result.json", "metrics before / after, sizes, times"),
+                       ("metrics.jsonl", "loss, learning rate, gradient norm, tokens/s by step; evaluations"),
+                       ("loss.png", "loss and learning rate by step"), ("tensorboard", "TensorBoard events"),
+                       ("adapters", "the trained adapters"), ("params", "leaves trained in full"),
+                       ("checkpoints", "resume with --resume"), ("peft", "PEFT adapter (transformers, vLLM)"),
+                       ("merged", "merged Hugging Face weights"), (GGUF_ADAPTER, "llama.cpp LoRA adapter"),
+                       (GGUF_MERGED, "merged GGUF model")):
+        if (folder / name).exists() and (name != "loss.png" or png is not None):
+            s.say(f"  {folder / name}  ({what})")
+    s.say(f"look at it: python -m train.plot {folder} (redraws loss.png)  |  python -m train.predict --run {job} "
+          f"--text ...  |  tensorboard --logdir {job} (if TensorBoard is installed)")
+
+
+def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, phases: dict | None = None) -> None:
+    """``result.json``: the run's evaluations, sizes, times (``phases_s``: wall seconds by phase), the compiled
+    step's memory and the batch shapes."""
     folder, step = result.folder, p.step
     # the widest shape's memory: the step's peak (one compiled executable is held per shape)
     step_memory = max((mem for _, mem in p.compiled.values()), key=lambda mem: mem.get("peak", 0), default=None)
@@ -1012,6 +1076,7 @@ def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress) ->
         "batching": config_lib.batching(s.cfg), "batch_widths": list(s.batches.widths),
         "step_shapes": sorted(list(k) for k in p.compiled), "step_compilations": len(p.compiled),
         "examples_seen": p.examples_seen, "real_token_share": p.real_tokens / p.slots if p.slots else None,
+        "phases_s": phases or {}, "generate_eval": s.cfg.eval.generate_eval if s.cfg.data.task == "causal-lm" else 0,
         "samples_before": result.samples_before, "samples_after": result.samples_after}, indent=1, default=float))
 
 
@@ -1032,6 +1097,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     if ready is None:
         return None
     s, state = ready
+    phases = {"setup": time.perf_counter() - t_start}  # wall seconds by phase (result.json: phases_s)
 
     # Every input is checked: now the run folder is written (and removed again if the run fails before its
     # first checkpoint; a run it replaces is moved back).
@@ -1049,28 +1115,37 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
             eval_before = next(({k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
                                 for r in metrics_lib.read_log(folder) if r["kind"] == "eval" and r["step"] == 0), {})
         if progress.start == 0:
+            t0 = time.perf_counter()
             eval_before, samples_before = evaluate_all(s, state.trainable)
+            phases["eval_before"] = time.perf_counter() - t0
             log.write("eval", 0, **eval_before, train_s=0.0)
             say("before training: " + _fmt(eval_before))
             for prompt, out in samples_before:
                 say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
+        t0 = time.perf_counter()
         state, progress = train_steps(s, state, progress, ckpt, log, run_folder)
+        phases["training"] = time.perf_counter() - t0  # steps, their compilation, evaluations, checkpoints
 
+        t0 = time.perf_counter()
         eval_after, samples_after = evaluate_all(s, state.trainable)
+        phases["eval_after"] = time.perf_counter() - t0
         log.write("eval", progress.step, **eval_after, train_s=progress.train_s)
         say("after training:  " + _fmt(eval_after))
         for prompt, out in samples_after:
             say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
+        t0 = time.perf_counter()
         export(s, folder, state.trainable)
         ckpt.close()
         log.close()
         run_folder.commit()
+        phases["export"] = time.perf_counter() - t0
         result = RunResult(folder, progress.step, progress.history, eval_before, eval_after, samples_before,
                            samples_after, s.n_trainable, s.total_params, time.perf_counter() - t_start)
         if primary:
-            write_result(s, result, state, progress)
+            write_result(s, result, state, progress, phases)
+            say_outputs(s, folder, result)
         return result
     except BaseException:
         if not run_folder.committed and not resume:
