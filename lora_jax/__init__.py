@@ -40,6 +40,7 @@ from lora_jax.errors import (
     NonFiniteError,
     PeftError,
     TargetError,
+    UnsupportedError,
 )
 from lora_jax.losses import chunked_cross_entropy
 from lora_jax.ops import dense, dot, einsum, embed, materialize, ragged_dot
@@ -65,7 +66,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "LoraJaxError", "MergeStateError", "NonFiniteError", "PeftError",
-    "TargetError",
+    "TargetError", "UnsupportedError",
     "LoraAdapter", "LoraWeight", "MergedParams", "Summary", "PRESETS", "adapter_items", "chunked_cross_entropy", "combine", "dense", "dot", "einsum",
     "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "merge_record", "ragged_dot",
     "split",
