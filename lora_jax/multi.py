@@ -440,6 +440,15 @@ class MultiLoraWeight:
     def __repr__(self) -> str:
         return f"MultiLoraWeight(base={core.describe(self.base)}, stacked={self.stacked!r}, rows={self.ids.shape})"
 
+    def __getitem__(self, index):
+        raise core.not_an_array(self, f"indexes it ([{index!r}])")
+
+    def __jax_array__(self):
+        raise core.not_an_array(self, "converts it to an array")
+
+    def __array__(self, *args, **kwargs):
+        raise core.not_an_array(self, "converts it to a NumPy array")
+
     # the per-row factors
     def _rows(self, x_rows: int, dtype) -> tuple[Array, Array, Array]:
         """``A (B, d_in, R)``, ``B (B, R, d_out)`` and ``scale (B,)`` of each row, in ``dtype``."""
