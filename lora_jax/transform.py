@@ -51,6 +51,22 @@ How it works (all at trace time, so the result costs nothing at run time beyond 
    :func:`transform_report` (or ``transform(fn, report=True)``) returns the counts, and
    ``transform(fn, strict=True)`` raises instead.
 
+Every weight kind of the library goes through it:
+
+- a quantised base (:class:`~lora_jax.quant.QuantizedWeight`, QLoRA), wrapped or not: ``fn`` is traced with a
+  stand-in of the kernel's shape and dtype, structural ops are recorded on the still-quantised kernel, and each
+  product dequantises it right there (after its input is known) and again in the backward pass, keeping only the
+  quantised kernel in between (:func:`lora_jax.ops._with_base`), so no dense copy of the base is ever whole;
+- mixed-adapter batches (:class:`~lora_jax.multi.MultiLoraWeight` from ``lora.wrap_mixed``): the ``n`` slots'
+  factors sit side by side on the rank axis and a ``(rows, n * R)`` mask keeps, for each batch row (the
+  activations' first axis), only its slot's columns times that slot's scale; exact, and no per-row gather;
+- DoRA: ``(x @ W0 + s * (x @ A) @ B) * m / ||W0 + s*A@B||`` over the output axes (the norm a constant), through
+  casts and products; other ops on a DoRA kernel get its dense form.
+
+What has no correct form here raises :class:`~lora_jax.errors.UnsupportedError` naming the weight and what to
+do: a mixed-adapter kernel that would need one dense kernel (or is indexed as an embedding), a quantised stack
+scanned over per layer.
+
 The re-traced program is ordinary JAX: ``jax.jit``, ``jax.grad``, ``jax.vmap`` and friends apply to it as
 usual, and the gradient of a factored product reaches ``A`` and ``B`` through the rank-``r`` bottleneck
 without ever forming a ``d_in x d_out`` array.
