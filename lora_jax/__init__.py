@@ -40,6 +40,7 @@ from lora_jax.errors import (
     NonFiniteError,
     PeftError,
     TargetError,
+    UnsupportedError,
 )
 from lora_jax.losses import chunked_cross_entropy
 from lora_jax.ops import dense, dot, einsum, embed, materialize, ragged_dot
@@ -65,14 +66,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "LoraJaxError", "MergeStateError", "NonFiniteError", "PeftError",
-    "TargetError",
+    "TargetError", "UnsupportedError",
     "LoraAdapter", "LoraWeight", "MergedParams", "Summary", "PRESETS", "adapter_items", "chunked_cross_entropy", "combine", "dense", "dot", "einsum",
     "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "merge_record", "ragged_dot",
     "split",
     "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
     "init_stacked", "transform", "transform_report",
     "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "pissa_to_lora", "quantize",
-    "load_trained", "save_trained",
+    "load_adapters", "save_adapters", "load_trained_params", "save_trained_params", "TrainStateCheckpointer",
     "LoadedPeft", "load_peft", "save_peft",
     "MergedGGUF", "load_gguf_adapter", "save_gguf_adapter", "save_merged_gguf",
     "AdapterSet", "MultiLoraWeight", "StackedAdapter", "load_slot", "row_ids", "stack_adapters", "weighted_adapter",
@@ -80,11 +81,29 @@ __all__ = [
 ]
 
 
+# Checkpoints import Orbax, which takes a while: these names load lora_jax.checkpoint on first use.
+_CHECKPOINT_NAMES = {"save_adapters": "save_adapters", "load_adapters": "load_adapters",
+                     "save_trained_params": "save_trained_params", "load_trained_params": "load_trained_params",
+                     "TrainStateCheckpointer": "Checkpointer"}
+_DEPRECATED = {"save_trained": "save_trained_params", "load_trained": "load_trained_params"}
+
+
 def __getattr__(name: str):
-    """``lora.save_trained`` / ``lora.load_trained`` (:mod:`lora_jax.checkpoint`), imported on first use so that
-    ``import lora_jax`` does not import Orbax."""
-    if name in ("load_trained", "save_trained"):
+    """``lora.save_adapters`` / ``lora.load_adapters`` (adapters), ``lora.save_trained_params`` /
+    ``lora.load_trained_params`` (leaves trained in full) and ``lora.TrainStateCheckpointer`` (adapters + optimizer
+    state every N steps), from :mod:`lora_jax.checkpoint`, imported on first use so that ``import lora_jax`` does
+    not import Orbax. ``save_trained`` / ``load_trained`` are deprecated aliases."""
+    if name in _CHECKPOINT_NAMES or name in _DEPRECATED:
+        import warnings
+
         from lora_jax import checkpoint
 
-        return getattr(checkpoint, name)
+        if name in _DEPRECATED:
+            warnings.warn(f"lora.{name} is deprecated: use lora.{_DEPRECATED[name]}", DeprecationWarning, stacklevel=2)
+            return getattr(checkpoint, _DEPRECATED[name])
+        return getattr(checkpoint, _CHECKPOINT_NAMES[name])
     raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CHECKPOINT_NAMES))

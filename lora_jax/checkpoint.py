@@ -1,8 +1,13 @@
 """Orbax checkpoints of adapters and of training state.
 
-- :func:`save_adapters` / :func:`load_adapters`: an adapter tree on its own (a few MB for a 100M-parameter
-  model), with its static metadata (rank, alpha, scale, axis layout) in a JSON file beside the arrays, so it
-  restores without the code that created it.
+- :func:`save_adapters` / :func:`load_adapters` (also ``lora.save_adapters`` / ``lora.load_adapters``): an
+  adapter tree on its own (a few MB for a 100M-parameter model), with its static metadata (rank, alpha, scale,
+  axis layout) in a JSON file beside the arrays, so it restores without the code that created it. Given
+  ``like=`` (the adapter tree the caller expects), a checkpoint of another rank or layout is refused with the
+  adapter path and both shapes.
+- :func:`save_trained_params` / :func:`load_trained_params`: leaves trained in full beside the adapters (a new
+  classification head), read back into the structure of a template. (``save_trained`` / ``load_trained`` are
+  their old names, kept as deprecated aliases.)
 - :class:`Checkpointer`: an ``orbax.checkpoint.CheckpointManager`` for training: the trainable tree, the
   optimizer state and a JSON record (step, data position, ...) saved together every N steps. Orbax finalises a
   step atomically (it writes to a temporary folder and renames it), so a step interrupted while being written is
@@ -137,8 +142,63 @@ def abstract_adapters(meta: dict) -> dict:
     return tree
 
 
-def load_adapters(folder: str | Path) -> Any:
-    """Read an adapter tree written by :func:`save_adapters`."""
+def _saved_shapes(metadata: Any) -> dict[str, tuple[int, ...]]:
+    """``{'a/b/c': shape}`` of the arrays an Orbax checkpoint's metadata lists (empty if it lists none)."""
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+    from lora_jax.targets import path_str
+
+    return {path_str(p): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
+
+
+def _shape_mismatches(saved: dict[str, tuple[int, ...]], target: Any, where: str, keys: bool = True) -> None:
+    """Raise :class:`CheckpointError` naming each array whose saved shape differs from the expected one (with
+    ``keys``, also each that one side lacks), instead of Orbax's advice to restore with ``strict=False``."""
+    if not saved:
+        return
+    from lora_jax.targets import path_str
+
+    flat = jax.tree_util.tree_flatten_with_path(target)[0]
+    want = {path_str(p): tuple(np.shape(x)) for p, x in flat}
+    diff = [f"{p}: saved {saved[p]}, expected {want[p]}" for p in want if p in saved and saved[p] != want[p]]
+    if keys:
+        diff += [f"{p}: not in the checkpoint (expected {want[p]})" for p in want if p not in saved]
+        diff += [f"{p}: saved {saved[p]}, not expected" for p in saved if p not in want]
+    if diff:
+        raise CheckpointError(f"{where} does not fit the tree it is restored into ({len(diff)} difference(s)): "
+                              + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
+                              + ". A different rank or targets than the run that wrote it? Restore with the same "
+                              "settings, or load the adapters on their own (lora.load_adapters(folder)).")
+
+
+def _check_like(meta: dict, like: Any, where: str) -> None:
+    """``like`` (an adapter tree) against the saved metadata: each adapter path and its A / B shapes."""
+    got = {p: ad for p, ad in adapter_items(like)}
+    saved = abstract_adapters(meta)
+    saved_items = dict(adapter_items(saved))
+    diff = []
+    for p in sorted(set(got) | set(saved_items)):
+        if p not in saved_items:
+            diff.append(f"{p}: not in the checkpoint")
+        elif p not in got:
+            diff.append(f"{p}: in the checkpoint (r={saved_items[p].r}) but not expected")
+        else:
+            s, g = saved_items[p], got[p]
+            if (tuple(s.a.shape), tuple(s.b.shape)) != (tuple(np.shape(g.a)), tuple(np.shape(g.b))):
+                diff.append(f"{p}: saved A {tuple(s.a.shape)} / B {tuple(s.b.shape)} (r={s.r}), expected "
+                            f"A {tuple(np.shape(g.a))} / B {tuple(np.shape(g.b))} (r={g.r})")
+    if diff:
+        raise CheckpointError(f"{where}: the saved adapters do not fit the expected tree ({len(diff)} "
+                              f"difference(s)): " + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else ""))
+
+
+def load_adapters(folder: str | Path, like: Any = None) -> Any:
+    """Read an adapter tree written by :func:`save_adapters`.
+
+    ``like``: optionally the adapter tree the caller expects (e.g. ``lora.init(params, r=4)``); an adapter path
+    that differs in rank or shape, or is missing on either side, raises :class:`CheckpointError` naming it and
+    both shapes. Without it the tree is rebuilt from the saved metadata alone."""
     folder = Path(folder).absolute()
     meta_path = folder / META_FILE
     if not meta_path.is_file():
@@ -148,6 +208,8 @@ def load_adapters(folder: str | Path) -> Any:
     except (ValueError, OSError, RecursionError) as e:
         raise CheckpointError(f"{meta_path} is corrupt: {e}") from None
     check_metadata(meta, str(meta_path))
+    if like is not None:
+        _check_like(meta, like, str(folder))
     try:
         with ocp.StandardCheckpointer() as ckpt:
             return ckpt.restore(folder / "arrays", abstract_adapters(meta))
@@ -156,23 +218,29 @@ def load_adapters(folder: str | Path) -> Any:
                               f"{_first_line(e)}") from e
 
 
-def save_trained(folder: str | Path, tree: Any) -> Path:
+def save_trained_params(folder: str | Path, tree: Any) -> Path:
     """Write leaves trained in full (a nested dict of arrays, e.g. a classifier head) with Orbax to ``folder``
-    (replaced if it exists); returns the absolute folder. Read back with :func:`load_trained`."""
+    (replaced if it exists); returns the absolute folder. Read back with :func:`load_trained_params`."""
     folder = Path(folder).absolute()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(folder, tree, force=True)
     return folder
 
 
-def load_trained(folder: str | Path, like: Any) -> Any:
-    """Read what :func:`save_trained` wrote, into the structure, shapes and dtypes of ``like`` (a tree of arrays
-    or ``ShapeDtypeStruct``). Raises :class:`CheckpointError` naming the folder when it is missing or does not
-    hold that tree."""
+def load_trained_params(folder: str | Path, like: Any) -> Any:
+    """Read what :func:`save_trained_params` wrote, into the structure, shapes and dtypes of ``like`` (a tree of
+    arrays or ``ShapeDtypeStruct``). Raises :class:`CheckpointError` naming the folder when it is missing, and
+    each array whose saved shape differs from ``like``'s (both shapes)."""
     folder = Path(folder).absolute()
     if not folder.is_dir():
         raise CheckpointError(f"{folder} holds no trained parameters (the folder is missing)")
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+    try:
+        with _quiet_absl(), ocp.StandardCheckpointer() as ckpt:
+            saved = _saved_shapes(ckpt.metadata(folder))
+    except Exception:  # unreadable metadata: the restore below reports it
+        saved = {}
+    _shape_mismatches(saved, target, f"could not restore trained parameters from {folder}: the checkpoint")
     try:
         with _quiet_absl(), ocp.StandardCheckpointer() as ckpt:
             return ckpt.restore(folder, target)
@@ -181,8 +249,13 @@ def load_trained(folder: str | Path, like: Any) -> Any:
                               f"{_first_line(e)}") from e
 
 
+# The old names (train/, tests): deprecated aliases of the functions above.
+save_trained = save_trained_params
+load_trained = load_trained_params
+
+
 class Checkpointer:
-    """Training-state checkpoints: ``{"trainable", "opt_state"}`` arrays plus a JSON ``meta`` record per step."""
+    """Training-state checkpoints (``lora.TrainStateCheckpointer``): ``{"trainable", "opt_state"}`` arrays plus a JSON ``meta`` record per step."""
 
     def __init__(self, folder: str | Path, *, every: int = 100, keep: int = 2, primary: bool = True):
         self.folder = Path(folder).absolute()
@@ -204,7 +277,20 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def check_shapes(self, step: int, trainable_like: Any, opt_state_like: Any) -> None:
+        """Raise :class:`CheckpointError` naming each array of ``step`` whose saved shape differs from the
+        target's (a rank-8 run resumed as rank 4): a mismatch, not damage, so :meth:`restore_latest` does not
+        fall back past it."""
+        try:
+            with _quiet_absl():
+                saved = _saved_shapes(self.manager.item_metadata(step)["state"])
+        except Exception:  # damaged metadata: restore reports it
+            return
+        _shape_mismatches(saved, {"trainable": trainable_like, "opt_state": opt_state_like},
+                          f"checkpoint step {step} in {self.folder}", keys=False)
+
     def restore(self, step: int, trainable_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict]:
+        self.check_shapes(step, trainable_like, opt_state_like)
         target = _abstract({"trainable": trainable_like, "opt_state": opt_state_like})
         try:
             with _quiet_absl():  # a damaged step: the error below says it in one line
@@ -230,6 +316,7 @@ class Checkpointer:
 
         errors, damaged = [], []
         for step in reversed(self.steps()):
+            self.check_shapes(step, trainable_like, opt_state_like)  # a mismatch is the caller's, not damage
             try:
                 with _quiet_absl():
                     restored = (step, *self.restore(step, trainable_like, opt_state_like))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -143,6 +144,29 @@ class LoraWeight:
         """``base + scale * A @ B`` (dW in float32, cast to the base dtype), for code that needs the dense
         kernel. The factored ops never call this."""
         return merged_kernel(self.base, self.adapter).astype(self.base.dtype)
+
+    # A model that was not written with lora_jax.ops treats its kernels as arrays: say what to do instead of
+    # failing deep inside the model ("'LoraWeight' object is not subscriptable", "float() argument ...").
+    def __getitem__(self, index):
+        raise not_an_array(self, f"indexes it ([{index!r}])")
+
+    def __jax_array__(self):
+        raise not_an_array(self, "converts it to an array")
+
+    def __array__(self, *args, **kwargs):
+        raise not_an_array(self, "converts it to a NumPy array")
+
+
+def not_an_array(w: Any, how: str) -> Exception:
+    """The error for model code that uses a wrapped kernel (``LoraWeight``, ``MultiLoraWeight``) as an array."""
+    from lora_jax.errors import UnsupportedError
+
+    return UnsupportedError(
+        f"a model {how}, but it is a {type(w).__name__} (a frozen kernel {tuple(w.shape)} with its adapter), not an "
+        "array. Models that do not call lora_jax.ops.dot / einsum need lora.transform around the function: "
+        "lora.transform(lambda p, x: model.apply({'params': p}, x))(lora.wrap(params, adapters), x), or for NNX "
+        "lora.transform(lambda s, x: nnx.merge(graphdef, s)(x))(lora.wrap(state, adapters), x); or merge first "
+        "(lora.merge(params, adapters))")
 
 
 def _describe(x: Any) -> str:
@@ -431,10 +455,108 @@ jax.tree_util.register_pytree_with_keys(
     lambda t: ([t[k] for k in sorted(t.keys())], (tuple(sorted(t.keys())), t.merges)))
 
 
+def _frozen_dict_type():
+    """Flax's ``FrozenDict`` if Flax is imported (core does not import Flax itself)."""
+    mod = sys.modules.get("flax.core.frozen_dict")
+    return getattr(mod, "FrozenDict", None)
+
+
+_MERGED_FROZEN: dict[type, type] = {}
+
+
+def _merged_frozen_cls():
+    """``MergedFrozenDict``: a Flax ``FrozenDict`` that records its merges as :class:`MergedParams` does (a pytree
+    node whose record is static metadata, so ``jit`` and ``jax.tree.map`` keep it). Built on first use."""
+    base = _frozen_dict_type()
+    if base in _MERGED_FROZEN:
+        return _MERGED_FROZEN[base]
+
+    class MergedFrozenDict(base):
+        __slots__ = ("merges",)
+
+        def __init__(self, *args, merges: tuple[frozenset, ...] = (), **kwargs):
+            super().__init__(*args, **kwargs)
+            self.merges = tuple(merges)
+
+        def __reduce__(self):
+            return (_rebuild_frozen, (dict(self._dict), self.merges))
+
+    def flatten(t):
+        keys = sorted(t.keys())
+        return [(jax.tree_util.DictKey(k), t[k]) for k in keys], (tuple(keys), t.merges)
+
+    def unflatten(aux, children):
+        keys, merges = aux
+        return MergedFrozenDict(dict(zip(keys, children)), __unsafe_skip_copy__=True, merges=merges)
+
+    jax.tree_util.register_pytree_with_keys(
+        MergedFrozenDict, flatten, unflatten,
+        lambda t: ([t[k] for k in sorted(t.keys())], (tuple(sorted(t.keys())), t.merges)))
+    _MERGED_FROZEN[base] = MergedFrozenDict
+    return MergedFrozenDict
+
+
+def _rebuild_frozen(items: dict, merges):
+    return _merged_frozen_cls()(items, merges=merges)
+
+
+def _is_variable(x: Any) -> bool:
+    """A Flax NNX ``Variable`` (``nnx.Param``, ...): its metadata is static pytree data that ``jit`` keeps."""
+    return type(x).__module__.startswith("flax.") and hasattr(x, "get_metadata") and hasattr(x, "replace") \
+        and hasattr(x, "has_metadata")
+
+
+_META = "lora_merges"  # the NNX Variable metadata key: the merges folded into this kernel, oldest first
+
+
+def _variables(tree: PyTree) -> list[tuple[str, Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]
+    return [(_targets.path_str(p), v) for p, v in flat if _is_variable(v)]
+
+
 def merge_record(params: PyTree) -> tuple[frozenset, ...] | None:
-    """The kernel paths of each :func:`merge` that ``params`` went through (empty: none), or ``None`` when
-    ``params`` carries no record (it is not a :class:`MergedParams`), so that it cannot be told."""
-    return params.merges if isinstance(params, MergedParams) else None
+    """The kernel paths of each :func:`merge` that ``params`` went through, oldest first (empty: none), or
+    ``None`` when ``params`` carries no record, so that it cannot be told.
+
+    The record travels with the tree through copies, ``jax.tree.map`` and ``jit``: a dict from :func:`merge` is a
+    :class:`MergedParams`, a Flax ``FrozenDict`` a ``MergedFrozenDict`` (both keep it as static pytree metadata),
+    and an ``nnx.State`` keeps it on each merged kernel's ``Variable`` (metadata ``lora_merges``), so an
+    ``nnx.State`` always knows (an unmarked one: no merge).
+    """
+    if isinstance(params, MergedParams) or (type(params).__name__ == "MergedFrozenDict" and hasattr(params, "merges")):
+        return params.merges
+    variables = _variables(params)
+    if not variables:
+        return None
+    merges: list[frozenset] = []
+    for _, v in variables:
+        for rec in (v.get_metadata().get(_META, ()) if v.has_metadata(_META) else ()):
+            if frozenset(rec) not in merges:
+                merges.append(frozenset(rec))
+    return tuple(merges)
+
+
+def _with_record(tree: PyTree, paths: frozenset, merges: tuple[frozenset, ...], add: bool) -> PyTree:
+    """``tree`` (the result of a merge or an unmerge) carrying ``merges``: the container's record for a dict or a
+    ``FrozenDict``, the Variables' metadata for an ``nnx.State`` (``add``: mark ``paths`` with this merge;
+    otherwise remove it from them)."""
+    if type(tree) in (dict, MergedParams):
+        return MergedParams(tree, merges) if merges else dict(tree)
+    frozen = _frozen_dict_type()
+    if frozen is not None and isinstance(tree, frozen):
+        items = dict(tree._dict)
+        return _merged_frozen_cls()(items, __unsafe_skip_copy__=True, merges=merges) if merges else \
+            frozen(items, __unsafe_skip_copy__=True)
+    sig = tuple(sorted(paths))
+
+    def mark(path, v):
+        if not _is_variable(v) or _targets.path_str(path) not in paths:
+            return v
+        recs = tuple(v.get_metadata().get(_META, ())) if v.has_metadata(_META) else ()
+        recs = (*recs, sig) if add else tuple(r for r in recs if tuple(r) != sig)
+        return v.replace(**{_META: recs})
+
+    return jax.tree_util.tree_map_with_path(mark, tree, is_leaf=_is_variable)
 
 
 def _concrete(x: Any) -> bool:
@@ -524,9 +646,7 @@ def merge(params: PyTree, adapters: PyTree, *, stack: bool = False) -> PyTree:
         return out
 
     out = _map_targets(params, adapters, fold, "merge")
-    if type(out) in (dict, MergedParams):
-        return MergedParams(out, (*prior, paths))
-    return out
+    return _with_record(out, paths, (*prior, paths), add=True)
 
 
 def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) -> PyTree:
@@ -548,8 +668,9 @@ def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) ->
     _check_flag(assume_merged, "unmerge", "assume_merged")
     paths = frozenset(p for p, _ in _checked_adapters(adapters, "unmerge"))
     record = merge_record(merged)
-    remaining: tuple[frozenset, ...] = ()
-    if record is not None:
+    remaining: tuple[frozenset, ...] = record or ()
+    hits: list[int] = []
+    if record is not None and not (assume_merged and not any(rec & paths for rec in record)):
         hits = [i for i, rec in enumerate(record) if rec & paths]
         if not hits:
             raise MergeStateError(f"unmerge: these params record no merge at {_sample(paths)}; unmerging would "
@@ -562,9 +683,9 @@ def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) ->
         remaining = record[:i] + record[i + 1:]
     elif not assume_merged:
         raise MergeStateError(f"unmerge: params of type {type(merged).__name__} carry no merge record, so whether "
-                              "they hold these adapters cannot be told (lora.merge returns a MergedParams dict that "
-                              "records it; dict(...), files and nnx.State do not keep it). If they do hold them, "
-                              "pass assume_merged=True")
+                              "they hold these adapters cannot be told (lora.merge's result records it, for a dict, "
+                              "a FrozenDict and an nnx.State, through copies and jit; dict(...) and files do not "
+                              "keep it). If they do hold them, pass assume_merged=True")
 
     def unfold(path: str, w, ad: LoraAdapter):
         if not ad.is_dora:
@@ -579,9 +700,9 @@ def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) ->
         return (v.reshape(w.shape) - ad.delta(jnp.float32)).astype(w.dtype)
 
     out = _map_targets(merged, adapters, unfold, "unmerge")
-    if isinstance(out, MergedParams):
-        return MergedParams(out, remaining) if remaining else dict(out)
-    return out
+    if record is None:
+        return out
+    return _with_record(out, record[hits[-1]] if hits else paths, remaining, add=False)
 
 
 # ------------------------------------------------------------------------------------------------ wrap

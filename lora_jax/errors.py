@@ -12,6 +12,8 @@ keeps working. Messages name the input (file, tensor, key, row) and say what was
     ├── MergeStateError    merging merged params, unmerging unmerged ones                   (ValueError)
     ├── CheckpointError    weights, adapters or a training checkpoint that cannot be loaded (ValueError)
     │   └── PeftError      a PEFT adapter folder that cannot be read or written
+    ├── UnsupportedError   a weight kind an operation cannot handle (names the leaf, says what to do)
+    │                                                                          (NotImplementedError)
     └── NonFiniteError     a loss, gradient or parameter became NaN / inf                  (FloatingPointError)
 """
 
@@ -48,9 +50,14 @@ class PeftError(CheckpointError):
     PEFT's format."""
 
 
+class UnsupportedError(LoraJaxError, NotImplementedError):
+    """An operation that cannot handle this kind of weight or adapter (e.g. ``lora.transform`` on a mixed-adapter
+    kernel that a function uses densely). The message names the leaf and what to do instead."""
+
+
 class NonFiniteError(LoraJaxError, FloatingPointError):
     """The loss, a gradient or an updated parameter became NaN / inf."""
 
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "LoraJaxError", "MergeStateError", "NonFiniteError",
-           "PeftError", "TargetError"]
+           "PeftError", "TargetError", "UnsupportedError"]

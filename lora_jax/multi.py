@@ -11,7 +11,9 @@ Three tools, each a small set of pure functions over adapter trees (the base par
   zero-padded to a common maximum); :func:`wrap_mixed` puts :class:`MultiLoraWeight` nodes in the params so that
   row ``i`` of the batch runs with adapter ``ids[i]`` (``-1``: the base model alone). The project's models
   run it unchanged: :mod:`lora_jax.ops` hands a ``MultiLoraWeight`` its own product, which gathers each row's
-  factors and runs two batched matmuls through the rank bottleneck (no loop over adapters). Adapter values,
+  factors and runs two batched matmuls through the rank bottleneck (no loop over adapters). Any other model
+  (stock Flax layers, NNX) runs it through :func:`lora_jax.transform`:
+  ``lora.transform(lambda p, x: model.apply({"params": p}, x))(lora.wrap_mixed(params, stacked, ids), x)``. Adapter values,
   scales and ids are arrays, so a compiled step serves any ids and any set of same-shaped adapters;
   :func:`load_slot` hot-swaps one adapter (of the same or a smaller rank) without recompiling.
 
@@ -439,6 +441,15 @@ class MultiLoraWeight:
 
     def __repr__(self) -> str:
         return f"MultiLoraWeight(base={core.describe(self.base)}, stacked={self.stacked!r}, rows={self.ids.shape})"
+
+    def __getitem__(self, index):
+        raise core.not_an_array(self, f"indexes it ([{index!r}])")
+
+    def __jax_array__(self):
+        raise core.not_an_array(self, "converts it to an array")
+
+    def __array__(self, *args, **kwargs):
+        raise core.not_an_array(self, "converts it to a NumPy array")
 
     # the per-row factors
     def _rows(self, x_rows: int, dtype) -> tuple[Array, Array, Array]:

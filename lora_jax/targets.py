@@ -162,10 +162,27 @@ def compile_rules(rules: str | Sequence[str] | None, what: str) -> list[re.Patte
     return compiled
 
 
+def suggestions(candidates: Sequence[str], skip: str | None = None) -> str:
+    """What would match these candidate kernel paths: each preset that selects some of them (by path), and a
+    regex naming the projection layers among them (``.*/(query|value)/kernel``). Empty if nothing would."""
+    lines = []
+    for name, rules in PRESETS.items():
+        hits = [p for p in candidates if any(re.fullmatch(r, p) for r in rules)]
+        if hits and name != skip:
+            lines.append(f"preset {name!r} would select {len(hits)} ({', '.join(hits[:2])}{', ...' if len(hits) > 2 else ''})")
+    parents = sorted({p.split("/")[-2] for p in candidates if p.count("/") >= 1
+                      and p.split("/")[-2] in ATTENTION_PROJECTIONS})
+    qv = [n for n in parents if n in ("query", "value", "q_proj", "v_proj", "q", "v", "wq", "wv")]
+    if parents:
+        lines.append(f"a regex: targets='(.*/)?({'|'.join(qv or parents)})/kernel'")
+    return ("\nWould match: " + "; ".join(lines)) if lines else ""
+
+
 def no_match_message(what: str, rule: str, candidates: Sequence[str], limit: int = 40) -> str:
     shown = "\n  ".join(candidates[:limit])
     more = f"\n  ... and {len(candidates) - limit} more" if len(candidates) > limit else ""
-    return (f"{what} rule {rule!r} matches no leaf (rules must match the whole '/'-joined path). "
+    hint = suggestions(candidates, skip=rule) if what == "targets" else ""
+    return (f"{what} rule {rule!r} matches no leaf (rules must match the whole '/'-joined path).{hint} "
             f"Candidates:\n  {shown}{more}")
 
 

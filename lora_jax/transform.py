@@ -51,6 +51,22 @@ How it works (all at trace time, so the result costs nothing at run time beyond 
    :func:`transform_report` (or ``transform(fn, report=True)``) returns the counts, and
    ``transform(fn, strict=True)`` raises instead.
 
+Every weight kind of the library goes through it:
+
+- a quantised base (:class:`~lora_jax.quant.QuantizedWeight`, QLoRA), wrapped or not: ``fn`` is traced with a
+  stand-in of the kernel's shape and dtype, structural ops are recorded on the still-quantised kernel, and each
+  product dequantises it right there (after its input is known) and again in the backward pass, keeping only the
+  quantised kernel in between (:func:`lora_jax.ops._with_base`), so no dense copy of the base is ever whole;
+- mixed-adapter batches (:class:`~lora_jax.multi.MultiLoraWeight` from ``lora.wrap_mixed``): the ``n`` slots'
+  factors sit side by side on the rank axis and a ``(rows, n * R)`` mask keeps, for each batch row (the
+  activations' first axis), only its slot's columns times that slot's scale; exact, and no per-row gather;
+- DoRA: ``(x @ W0 + s * (x @ A) @ B) * m / ||W0 + s*A@B||`` over the output axes (the norm a constant), through
+  casts and products; other ops on a DoRA kernel get its dense form.
+
+What has no correct form here raises :class:`~lora_jax.errors.UnsupportedError` naming the weight and what to
+do: a mixed-adapter kernel that would need one dense kernel (or is indexed as an embedding), a quantised stack
+scanned over per layer.
+
 The re-traced program is ordinary JAX: ``jax.jit``, ``jax.grad``, ``jax.vmap`` and friends apply to it as
 usual, and the gradient of a factored product reaches ``A`` and ``B`` through the rank-``r`` bottleneck
 without ever forming a ``d_in x d_out`` array.
@@ -91,8 +107,11 @@ from jax import lax
 from jax.extend import core as jcore
 
 from lora_jax import core as _core
+from lora_jax import multi as _multi
+from lora_jax import ops as _ops
 from lora_jax import targets as _targets
 from lora_jax.core import LoraWeight
+from lora_jax.errors import UnsupportedError
 
 Array = jax.Array
 PyTree = Any
@@ -101,6 +120,79 @@ L, R, B, N = "L", "R", "B", "N"  # where an axis of a LoRA value lives: left fac
 
 
 # ------------------------------------------------------------------------------------------ LoRA values
+
+
+@jax.tree_util.register_pytree_node_class
+class _Lazy:
+    """A quantised kernel (:class:`~lora_jax.quant.QuantizedWeight`) after the structural ops seen so far,
+    kept quantised: :meth:`at_product` dequantises it where a product uses it, so a QLoRA base never exists
+    as a whole dense tree (one kernel at a time, as :mod:`lora_jax.ops` does).
+
+    ``steps``: ``(eqn, position, output index)`` per op, applied in order to the dense kernel with the op's
+    other operands ``extras`` (static: the equations); ``aval``: the shape and dtype after the ops.
+    """
+
+    def __init__(self, q: Any, extras: tuple = (), steps: tuple = (), aval: Any = None):
+        self.q, self.extras, self.steps = q, tuple(extras), tuple(steps)
+        self.aval = aval if aval is not None else jax.ShapeDtypeStruct(tuple(q.shape), jnp.dtype(q.dtype))
+
+    def tree_flatten(self):
+        return (self.q, self.extras), (self.steps, self.aval)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], children[1], *aux)
+
+    shape = property(lambda self: tuple(self.aval.shape))
+    dtype = property(lambda self: self.aval.dtype)
+    ndim = property(lambda self: len(self.aval.shape))
+
+    def then(self, eqn, invals: Sequence[Any], pos: int) -> list[_Lazy]:
+        """The outputs of ``eqn`` applied with this kernel at operand ``pos`` (the others are ``invals``)."""
+        others = tuple(v for i, v in enumerate(invals) if i != pos)
+        return [_Lazy(self.q, (*self.extras, others), (*self.steps, (eqn, pos, k)), out.aval)
+                for k, out in enumerate(eqn.outvars)]
+
+    def apply(self, dense: Array, extras: Sequence[Any] | None = None) -> Array:
+        """The recorded ops applied to the dequantised kernel ``dense``."""
+        for (eqn, pos, k), others in zip(self.steps, self.extras if extras is None else extras):
+            args = list(others)
+            args.insert(pos, dense)
+            dense = _bind(eqn, args)[k]
+        return dense
+
+    def materialize(self) -> Array:
+        return self.apply(self.q.dequantize())
+
+
+def _on_base(eqn, invals: Sequence[Any], v: _Lora) -> list[Any]:
+    """``eqn`` applied to ``v``'s base (``v`` among ``invals``, the other operands ordinary values)."""
+    pos = next(i for i, a in enumerate(invals) if a is v)
+    if isinstance(v.base, _Lazy):
+        return v.base.then(eqn, [a for a in invals], pos)
+    return _bind(eqn, [v.base if i == pos else a for i, a in enumerate(invals)])
+
+
+def _base_out(eqn, invals: Sequence[Any], w: _Lora, x_pos: int) -> Array:
+    """``eqn`` (a product linear in operand ``x_pos``) on ``w``'s base. A lazy quantised base is dequantised
+    right there, after ``x`` is known, and again in the backward pass (:func:`lora_jax.ops._with_base`), so
+    only the quantised kernel is kept between them."""
+    pos = next(i for i, a in enumerate(invals) if a is w)
+    if not isinstance(w.base, _Lazy):
+        return _bind(eqn, [w.base if i == pos else a for i, a in enumerate(invals)])[0]
+    lz = w.base
+    flat, tree = jax.tree_util.tree_flatten(lz.extras)
+    aux_pos = [i for i in range(len(invals)) if i not in (pos, x_pos)]
+
+    def product(x, dense, *rest):
+        kernel = lz.apply(dense, jax.tree_util.tree_unflatten(tree, rest[:len(flat)]))
+        args = list(invals)
+        args[pos], args[x_pos] = kernel, x
+        for i, a in zip(aux_pos, rest[len(flat):]):
+            args[i] = a
+        return _bind(eqn, args)[0]
+
+    return _ops._with_base(product, invals[x_pos], lz.q, *flat, *[invals[i] for i in aux_pos])
 
 
 @jax.tree_util.register_dataclass
@@ -120,6 +212,14 @@ class _Lora:
       name: the weight's path in the arguments, for reports (static).
       gathered: rows picked by a ``gather`` (an embedding lookup): activation-sized, so forming it densely
         *is* the factored lookup and is not counted as a materialisation (static).
+      rowmask: mixed-adapter batches only (:class:`~lora_jax.multi.MultiLoraWeight`): ``(rows, n * R)``, the
+        coefficient of each rank column for each row of the batch. The ``n`` slots' factors are concatenated
+        along the rank axis (``left (..., n * R)``), and row ``i`` keeps only the columns of its slot ``ids[i]``,
+        times that slot's scale: ``x_i @ W0 + ((x_i @ A_cat) * rowmask_i) @ B_cat^T``. Such a value has one
+        kernel per row, so it never materialises.
+      col: DoRA only: ``m / ||W0 + s*A@B||`` over the output axes (kind ``R``, in order), the norm a constant;
+        the kernel is ``(base + delta) * col``. Kept only through ops that leave the axes in place.
+      ``base`` is an array, or a :class:`_Lazy` quantised kernel that is dequantised at each product.
     """
 
     base: Array
@@ -131,6 +231,8 @@ class _Lora:
     rate: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     name: str = dataclasses.field(default="", metadata=dict(static=True))
     gathered: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    rowmask: Array | None = None
+    col: Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -157,14 +259,13 @@ def _is_lora(x: Any) -> bool:
 
 
 def _from_weight(w: LoraWeight, name: str) -> _Lora:
-    """The LoRA value of a wrapped kernel, stacked adapters included (see the module docstring)."""
+    """The LoRA value of a wrapped kernel: stacked adapters (see the module docstring), a quantised base
+    (kept lazy) and DoRA (the column factor ``m / ||W0 + s*A@B||`` computed here, its norm a constant as in
+    :func:`lora_jax.ops.dot`) included."""
     ad, base = w.adapter, w.base
-    if getattr(ad, "magnitude", None) is not None:
-        raise NotImplementedError(f"lora.transform: the adapter at {name!r} is a DoRA adapter; transform handles "
-                                  "plain LoRA only (use lora_jax.ops in the model, or lora.merge)")
-    if _targets.is_weight_node(base):
-        raise NotImplementedError(f"lora.transform: the base at {name!r} is a {type(base).__name__}; transform needs "
-                                  "dense kernels (use lora_jax.ops in the model, or lora.dequantize the base first)")
+    if _targets.is_weight_node(base) and not hasattr(base, "dequantize"):
+        raise UnsupportedError(f"lora.transform: the base at {name!r} is a {type(base).__name__}, which has no "
+                               "dequantize(); transform handles arrays and lora_jax.quant.QuantizedWeight bases")
     a, b = ad.a, ad.b
     n_stack = a.ndim - 2
     stack = tuple(a.shape[:max(n_stack, 0)])
@@ -184,7 +285,60 @@ def _from_weight(w: LoraWeight, name: str) -> _Lora:
     right = jnp.moveaxis(b.reshape(*stack, r, *ad.out_shape), n_stack, -1)
     kinds = (B,) * n_stack + (L,) * len(in_rest) + (R,) * len(ad.out_shape)
     key = w.key if ad.dropout > 0.0 else None
-    return _Lora(base, left, right, key, kinds, float(ad.scale), float(ad.dropout), name)
+    col = None
+    if ad.is_dora:
+        if n_stack:
+            raise UnsupportedError(f"lora.transform: the DoRA adapter at {name!r} is stacked {stack}; DoRA is "
+                                   "implemented for single kernels (use plain LoRA adapters on stacked kernels)")
+        norm = lax.stop_gradient(_core.dora_norm(base, ad))
+        col = (ad.magnitude.astype(jnp.float32) / norm).reshape(ad.out_shape)
+    lazy = _Lazy(base) if _targets.is_weight_node(base) else base
+    return _Lora(lazy, left, right, key, kinds, float(ad.scale), float(ad.dropout), name, col=col)
+
+
+def _from_multi(w: Any, name: str) -> _Lora:
+    """The LoRA value of a :class:`~lora_jax.multi.MultiLoraWeight`: the ``n`` slots' factors side by side on
+    the rank axis, and a per-row mask that keeps each row's slot (see ``_Lora.rowmask``)."""
+    st, base, ids = w.stacked, w.base, jnp.asarray(w.ids)
+    if st.a.ndim != 3 or tuple(base.shape) != st.kernel_shape:
+        raise UnsupportedError(f"lora.transform: the mixed-adapter weight at {name!r} has factors "
+                               f"{tuple(st.a.shape)} / {tuple(st.b.shape)} for a kernel {tuple(base.shape)}; "
+                               "transform handles slots of single kernels, a (n, d_in, R) / (n, R, d_out)")
+    if ids.ndim != 1:
+        raise ValueError(f"lora.transform: the mixed-adapter weight at {name!r} has ids of shape {ids.shape}; "
+                         "expected one id per batch row, (rows,)")
+    n, d_in, rank = st.a.shape
+    left = jnp.transpose(st.a, (1, 0, 2)).reshape(*st.in_shape, n * rank)
+    right = jnp.transpose(st.b, (2, 0, 1)).reshape(*st.out_shape, n * rank)
+    ids = ids.astype(jnp.int32)
+    k = jnp.clip(ids, 0, n - 1)
+    coef = jax.nn.one_hot(k, n, dtype=jnp.float32) * jnp.where(ids >= 0, st.scale[k], 0.0)[:, None]
+    rowmask = jnp.repeat(coef, rank, axis=1)
+    kinds = (L,) * len(st.in_shape) + (R,) * len(st.out_shape)
+    lazy = _Lazy(base) if _targets.is_weight_node(base) else base
+    return _Lora(lazy, left, right, None, kinds, 1.0, 0.0, name, rowmask=rowmask)
+
+
+def _from_node(q: Any, name: str) -> _Lora:
+    """A quantised kernel without an adapter (an untargeted layer of a QLoRA base): a lazy base with rank-0
+    factors, so it too is dequantised one product at a time."""
+    if not hasattr(q, "dequantize"):
+        raise UnsupportedError(f"lora.transform: {name!r} is a {type(q).__name__}, which has no dequantize()")
+    stack = int(getattr(q, "stack_ndim", 0))
+    n_in = int(getattr(q, "in_ndim", 1))
+    shape = tuple(q.shape)
+    kinds = (B,) * stack + (L,) * n_in + (R,) * (len(shape) - stack - n_in)
+    left = jnp.zeros((*shape[:stack + n_in], 0), q.dtype)
+    right = jnp.zeros((*shape[:stack], *shape[stack + n_in:], 0), q.dtype)
+    return _Lora(_Lazy(q), left, right, None, kinds, 1.0, 0.0, name)
+
+
+def _rank0(v: _Lora) -> bool:
+    return v.left.shape[-1] == 0
+
+
+def _col_axes(v: _Lora) -> list[int]:
+    return [i for i, k in enumerate(v.kinds) if k == R]
 
 
 def _delta(v: _Lora, dtype) -> Array:
@@ -197,11 +351,22 @@ def _delta(v: _Lora, dtype) -> Array:
 
 
 def _dense(v: _Lora) -> Array:
-    """``base + delta`` in the base dtype (the sum taken in at least float32, as ``LoraWeight.materialize``)."""
+    """``base + delta`` in the base dtype (the sum taken in at least float32, as ``LoraWeight.materialize``);
+    DoRA: times the column factor."""
+    if v.rowmask is not None:
+        raise UnsupportedError(f"lora.transform: the mixed-adapter weight at {v.name!r} would need its dense kernel "
+                               "(see the report's reason), but a mixed batch has one kernel per row; use the kernel "
+                               "only in products (dot_general) with the batch rows on the activations' first axis")
+    base = v.base.materialize() if isinstance(v.base, _Lazy) else v.base
+    if _rank0(v):
+        return base
     if v.gathered:
-        return v.base + _delta(v, v.dtype)
+        return base + _delta(v, v.dtype)
     acc = jnp.promote_types(v.dtype, jnp.float32)
-    return (v.base.astype(acc) + _delta(v, acc)).astype(v.dtype)
+    out = base.astype(acc) + _delta(v, acc)
+    if v.col is not None:
+        out = out * lax.broadcast_in_dim(v.col.astype(acc), v.shape, _col_axes(v))
+    return out.astype(v.dtype)
 
 
 def _dropout(x: Array, v: _Lora) -> Array:
@@ -329,6 +494,10 @@ def _eval(ctx: _Context, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> l
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
             ctx.stack = outer + (id(eqn),)
+            if any(_is_lora(v) and v.col is not None for v in invals) and eqn.primitive.name not in _COL_SAFE:
+                invals = [ctx.materialize(v, f"{eqn.primitive.name} (a DoRA kernel keeps its factored form "
+                                             "through casts and products only)", ("dora", i))
+                          if _is_lora(v) and v.col is not None else v for i, v in enumerate(invals)]
             if any(map(_is_lora, invals)):
                 outvals = _RULES.get(eqn.primitive.name, _materialize_rule)(ctx, eqn, invals)
             else:
@@ -385,7 +554,7 @@ def _transpose_rule(eqn, v: _Lora):
         order = [old.index(p) for p in perm if v.kinds[p] in (side, B)] + [len(old)]
         return arr if order == sorted(order) else arr.transpose(order)
 
-    base = _bind(eqn, [v.base])[0]
+    base = _on_base(eqn, [v], v)[0]
     return [dataclasses.replace(v, base=base, kinds=kinds, left=permute(v.left, L), right=permute(v.right, R))]
 
 
@@ -393,7 +562,7 @@ def _transpose_rule(eqn, v: _Lora):
 def _convert_rule(eqn, v: _Lora):
     if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
         return f"to the non-float dtype {eqn.params['new_dtype']}"
-    return [dataclasses.replace(v, base=_bind(eqn, [v.base])[0])]
+    return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0])]
 
 
 def _reshape_kinds(old_shape, old_kinds, new_shape) -> tuple[str, ...] | None:
@@ -437,7 +606,7 @@ def _reshape_rule(eqn, v: _Lora):
     r = v.left.shape[-1]
     left = v.left.reshape(*[new_shape[i] for i, k in enumerate(kinds) if k in (L, B)], r)
     right = v.right.reshape(*[new_shape[i] for i, k in enumerate(kinds) if k in (R, B)], r)
-    return [dataclasses.replace(v, base=_bind(eqn, [v.base])[0], left=left, right=right, kinds=kinds)]
+    return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0], left=left, right=right, kinds=kinds)]
 
 
 @_structural
@@ -445,7 +614,7 @@ def _squeeze_rule(eqn, v: _Lora):
     dims = tuple(eqn.params["dimensions"])
     v = _as_broadcast(v, dims)
     kinds = tuple(k for i, k in enumerate(v.kinds) if i not in dims)
-    return [dataclasses.replace(v, base=_bind(eqn, [v.base])[0], kinds=kinds)]
+    return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0], kinds=kinds)]
 
 
 @_structural
@@ -459,7 +628,7 @@ def _broadcast_rule(eqn, v: _Lora, *dyn):
     kinds = [N] * len(shape)
     for i, d in enumerate(dims):
         kinds[d] = v.kinds[i]
-    return [dataclasses.replace(v, base=_bind(eqn, [v.base])[0], kinds=tuple(kinds))]
+    return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0], kinds=tuple(kinds))]
 
 
 def _per_axis(v: _Lora, side: str, values: Sequence[Any], rank_value: Any) -> list[Any]:
@@ -476,7 +645,7 @@ def _slice_rule(eqn, v: _Lora):
         return lax.slice(v.factor(side), _per_axis(v, side, p["start_indices"], 0),
                          _per_axis(v, side, p["limit_indices"], r), _per_axis(v, side, strides, 1))
 
-    return [dataclasses.replace(v, base=_bind(eqn, [v.base])[0], left=cut(L), right=cut(R))]
+    return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0], left=cut(L), right=cut(R))]
 
 
 @_structural
@@ -493,7 +662,7 @@ def _dynamic_slice_rule(eqn, v: _Lora, *starts):
         zero = jnp.zeros((), jnp.asarray(starts[0]).dtype)
         return lax.dynamic_slice(arr, _per_axis(v, side, starts, zero), _per_axis(v, side, sizes, r))
 
-    base = _bind(eqn, [v.base, *starts])[0]
+    base = _on_base(eqn, [v, *starts], v)[0]
     return [dataclasses.replace(v, base=base, left=cut(L), right=cut(R))]
 
 
@@ -506,7 +675,7 @@ def _rev_rule(eqn, v: _Lora):
         local = tuple(axes.index(d) for d in dims if d in axes)
         return lax.rev(v.factor(side), local) if local else v.factor(side)
 
-    return [dataclasses.replace(v, base=_bind(eqn, [v.base])[0], left=flip(L), right=flip(R))]
+    return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0], left=flip(L), right=flip(R))]
 
 
 @_structural
@@ -519,7 +688,7 @@ def _split_rule(eqn, v: _Lora):
             return lax.split(v.factor(side), sizes, axes.index(axis))
         return [v.factor(side)] * len(sizes)
 
-    bases = _bind(eqn, [v.base])
+    bases = _on_base(eqn, [v], v)
     return [dataclasses.replace(v, base=b, left=lf, right=rf) for b, lf, rf in zip(bases, parts(L), parts(R))]
 
 
@@ -534,14 +703,14 @@ def _unstack_rule(eqn, v: _Lora):
         return lax.index_in_dim(v.factor(side), i, axes.index(axis), keepdims=False) if axis in axes \
             else v.factor(side)
 
-    bases = _bind(eqn, [v.base])
+    bases = _on_base(eqn, [v], v)
     return [dataclasses.replace(v, base=b, left=pick(L, i), right=pick(R, i), kinds=kinds)
             for i, b in enumerate(bases)]
 
 
 @_structural
 def _neg_rule(eqn, v: _Lora):
-    return [dataclasses.replace(v, base=_bind(eqn, [v.base])[0], scale=-v.scale)]
+    return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0], scale=-v.scale)]
 
 
 def _scalar_rule(ctx: _Context, eqn, invals):
@@ -558,22 +727,24 @@ def _scalar_rule(ctx: _Context, eqn, invals):
         return _materialize_rule(ctx, eqn, invals, "by a non-scalar")
     c = jnp.asarray(y).astype(x.right.dtype)
     right = x.right * c if name == "mul" else x.right / c
-    base = _bind(eqn, [a.base if _is_lora(a) else a for a in invals])[0]
+    base = _on_base(eqn, invals, x)[0]
     return [dataclasses.replace(x, base=base, right=right)]
 
 
 def _passthrough_rule(ctx: _Context, eqn, invals):
     """Ops that return their operands unchanged in value (copies, placement, sharding annotations)."""
-    outs = _bind(eqn, [v.base if _is_lora(v) else v for v in invals])
-    if len(outs) != len(invals):
+    if len(eqn.outvars) != len(invals):
         return _materialize_rule(ctx, eqn, invals)
-    return [dataclasses.replace(v, base=o) if _is_lora(v) else o for v, o in zip(invals, outs)]
+    outs = _bind(eqn, [v.base if _is_lora(v) and not isinstance(v.base, _Lazy) else v for v in invals])
+    return [(v if isinstance(v.base, _Lazy) else dataclasses.replace(v, base=o)) if _is_lora(v) else o
+            for v, o in zip(invals, outs)]
 
 
 @_structural
 def _stop_gradient_rule(eqn, v: _Lora):
-    return [dataclasses.replace(v, base=_bind(eqn, [v.base])[0], left=lax.stop_gradient(v.left),
-                                right=lax.stop_gradient(v.right))]
+    return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0], left=lax.stop_gradient(v.left),
+                                right=lax.stop_gradient(v.right),
+                                col=None if v.col is None else lax.stop_gradient(v.col))]
 
 
 # ------------------------------------------------------------------------------------------- products
@@ -603,7 +774,12 @@ def _dot_general_rule(ctx: _Context, eqn, invals):
         return _bind(eqn, _dense_all(ctx, invals, "dot_general", "in"))
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     xc, wc, xb, wb = (lc, rc, lb, rb) if w_is_rhs else (rc, lc, rb, lb)
-    base_out = _bind(eqn, [lhs.base if lhs is w else lhs, rhs.base if rhs is w else rhs])[0]
+    if w.col is not None and any(i in wc for i in _col_axes(w)):
+        return _materialize_rule(ctx, eqn, invals, "DoRA kernel whose output axes are contracted")
+    x_pos = 0 if w_is_rhs else 1
+    base_out = _base_out(eqn, invals, w, x_pos)
+    if _rank0(w):  # a quantised kernel without an adapter
+        return [base_out]
 
     x_lab = list(range(x.ndim))
     w_lab: list[int | None] = [None] * w.ndim
@@ -628,14 +804,33 @@ def _dot_general_rule(ctx: _Context, eqn, invals):
     kw = dict(precision=eqn.params.get("precision"), preferred_element_type=eqn.params.get("preferred_element_type"))
     keep = set(f2_lab) | set(out_lab)
     h_lab = [l for l in _unique(x_lab + f1_lab) if l in keep]
-    h = jnp.einsum(_dropout(x, w), x_lab, w.factor(first).astype(w.dtype), f1_lab, h_lab, **kw)
+    xd = _dropout(x, w)
+    h = jnp.einsum(xd, x_lab, w.factor(first).astype(w.dtype), f1_lab, h_lab, **kw)
+    if w.rowmask is not None:  # a mixed-adapter batch: row i keeps the rank columns of its own slot
+        row = x_lab[0] if x.ndim else None
+        if row not in h_lab or x.shape[0] != w.rowmask.shape[0]:
+            raise UnsupportedError(
+                f"lora.transform: the mixed-adapter weight at {w.name!r} meets activations of shape "
+                f"{tuple(x.shape)} whose first axis is {'contracted' if row not in h_lab else 'not'} the batch of "
+                f"{w.rowmask.shape[0]} rows (one adapter id per row); a mixed batch needs the rows on the "
+                "activations' first axis, kept by every product with the kernel")
+        h = h * lax.broadcast_in_dim(w.rowmask.astype(h.dtype), h.shape, [h_lab.index(row), h_lab.index(rank)])
     y_lab = [l for l in out_lab if l in set(h_lab) | set(f2_lab)]
     y = jnp.einsum(h, h_lab, w.factor(second).astype(w.dtype), f2_lab, y_lab, **kw)
     y = y if w.scale == 1.0 else y * jnp.asarray(w.scale, y.dtype)
     if len(y_lab) < len(out_lab):
         y = lax.broadcast_in_dim(y, base_out.shape, [out_lab.index(l) for l in y_lab])
     ctx.note_factored("dot_general")
-    return [base_out + y.astype(base_out.dtype)]
+    if w.col is None:
+        return [base_out + y.astype(base_out.dtype)]
+    # DoRA, as lora_jax.ops.dot: (x @ W0 + s*(x A) B) * col; with dropout the magnitude's share of the base
+    # path sees the dropped input: x @ W0 + (col - 1) * (xd @ W0) + col * s*(xd A) B.
+    col = lax.broadcast_in_dim(w.col.astype(base_out.dtype), base_out.shape,
+                               [out_lab.index(w_lab[i]) for i in _col_axes(w)])
+    if xd is x:
+        return [(base_out + y.astype(base_out.dtype)) * col]
+    base_d = _base_out(eqn, [xd, w] if w_is_rhs else [w, xd], w, x_pos)
+    return [base_out + (col - 1) * base_d + col * y.astype(base_out.dtype)]
 
 
 def _ragged_dot_rule(ctx: _Context, eqn, invals):
@@ -661,7 +856,9 @@ def _ragged_dot_rule(ctx: _Context, eqn, invals):
         return _materialize_rule(ctx, eqn, invals, f"expert kernel axis kinds {''.join(rhs.kinds)} do not separate "
                                                    "the expert axis, the inputs and the outputs")
     kw = dict(precision=p.get("precision"), preferred_element_type=p.get("preferred_element_type"))
-    base_out = _bind(eqn, [lhs, rhs.base, sizes])[0]
+    base_out = _base_out(eqn, [lhs, rhs, sizes], rhs, 0)
+    if _rank0(rhs):
+        return [base_out]
     f1_axes, f2_axes = rhs.axes(first), rhs.axes(second)
     f1 = rhs.factor(first).astype(rhs.dtype)  # axes: f1_axes + rank
     h = lax.ragged_dot_general(
@@ -700,7 +897,9 @@ def _conv_rule(ctx: _Context, eqn, invals):
     r = w.left.shape[-1]
     kernel = w.factor(inner).reshape(*[w.shape[a] for a in rest], r)  # size-1 N axes come back as 1s
     kernel = jnp.moveaxis(kernel, -1, o_ax).astype(w.dtype)
-    base_out = _bind(eqn, [x, w.base])[0]
+    base_out = _base_out(eqn, [x, w], w, 0)
+    if _rank0(w):
+        return [base_out]
     h = _bind(eqn, [_dropout(x, w), kernel])[0]
     f = out_spec[1]
     h_lab = list(range(h.ndim))
@@ -722,6 +921,10 @@ def _gather_rule(ctx: _Context, eqn, invals):
     dn, sizes = p["dimension_numbers"], tuple(p["slice_sizes"])
     if not _is_lora(v) or _is_lora(idx) or dn.operand_batching_dims:
         return _materialize_rule(ctx, eqn, invals, "batched gather")
+    if v.rowmask is not None:
+        raise UnsupportedError(f"lora.transform: the mixed-adapter weight at {v.name!r} is indexed (an embedding "
+                               "lookup); transform runs mixed batches through products only. Leave embeddings out "
+                               "of the stacked adapters, or run the model with lora_jax.ops.embed")
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     kinds = {v.kinds[a] for a in indexed}
     side = kinds.pop() if len(kinds) == 1 else None
@@ -756,7 +959,7 @@ def _gather_rule(ctx: _Context, eqn, invals):
             perm.append(n_b)
             n_b += 1
     gathered = gathered.transpose(perm + [gathered.ndim - 1])
-    base = _bind(eqn, [v.base, idx])[0]
+    base = _on_base(eqn, [v, idx], v)[0]
     out = dataclasses.replace(v, base=base, kinds=tuple(out_kinds), gathered=True,
                               **{("left" if side == L else "right"): gathered,
                                  ("right" if side == L else "left"): v.factor(other)})
@@ -796,6 +999,11 @@ def _scan_rule(ctx: _Context, eqn, invals):
     xs_in = []
     for v in xs:
         if _is_lora(v):
+            if isinstance(v.base, _Lazy):
+                raise UnsupportedError(
+                    f"lora.transform: the quantised kernel at {v.name!r} {v.shape} is scanned over (a stacked "
+                    "layer axis); a quantised stack cannot be sliced per layer. Quantise the layers unstacked, or "
+                    "lora.dequantize this kernel before transform")
             keys = None if v.key is None else jax.random.split(v.key, p["length"])
             xs_in.append((v.base, v.left if v.kinds[0] in (L, B) else None,
                           v.right if v.kinds[0] in (R, B) else None, keys))
@@ -852,6 +1060,12 @@ def _cond_rule(ctx: _Context, eqn, invals):
     return list(lax.switch(index, [branch(j, k) for k, j in enumerate(eqn.params["branches"])], *operands))
 
 
+# Ops that keep a DoRA value's axes in place (its column factor stays valid); any other op on one gets the
+# dense DoRA kernel.
+_COL_SAFE = frozenset({"convert_element_type", "copy", "copy_p", "device_put", "sharding_constraint", "stop_gradient",
+                       "neg", "mul", "div", "dot_general", "jit", "pjit", "closed_call", "core_call", "remat",
+                       "remat2", "checkpoint", "cond", "while"})
+
 _RULES: dict[str, Callable] = {
     "transpose": _transpose_rule,
     "convert_element_type": _convert_rule,
@@ -898,17 +1112,29 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+def _is_weight(x: Any) -> bool:
+    return _core.is_lora_weight(x) or isinstance(x, _multi.MultiLoraWeight) or _targets.is_weight_node(x)
+
+
 def _run(fn: Callable, args: tuple, kwargs: dict, ctx: _Context) -> PyTree:
-    flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_core.is_lora_weight)
+    flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_weight)
     leaves = [leaf for _, leaf in flat]
     dyn_pos, values, traced = [], [], []
     for i, (path, leaf) in enumerate(flat):
-        if _core.is_lora_weight(leaf):
+        if _is_weight(leaf):
             name = _targets.path_str(path[1:])
-            ctx.weights.append(name)
+            if _core.is_lora_weight(leaf):
+                ctx.weights.append(name)
+                values.append(_from_weight(leaf, name))
+            elif isinstance(leaf, _multi.MultiLoraWeight):
+                ctx.weights.append(name)
+                values.append(_from_multi(leaf, name))
+            else:
+                values.append(_from_node(leaf, name))
             dyn_pos.append(i)
-            values.append(_from_weight(leaf, name))
-            traced.append(leaf.base)
+            base = values[-1].base
+            # fn is traced with a stand-in of the kernel's shape and dtype; a quantised kernel stays quantised
+            traced.append(jax.ShapeDtypeStruct(base.shape, base.dtype) if isinstance(base, _Lazy) else base)
         elif _is_array(leaf):  # Python scalars, strings, ... stay static (e.g. ``train=True``)
             dyn_pos.append(i)
             values.append(leaf)

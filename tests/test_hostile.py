@@ -517,7 +517,7 @@ NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
     "eval.every": ("5", []), "eval.batch_size": ("8", []), "eval.generate_samples": ("0", []),
     "eval.generate_eval": ("4", []), "eval.max_new_tokens": ("8", []), "eval.num_beams": ("2", []),
     "checkpoint.every": ("2", []), "checkpoint.keep": ("3", []), "output.dir": ("runs/x", []),
-    "output.overwrite": ("true", []), "output.export_merged": ("true", []), "output.export_peft": ("true", []), "output.export_gguf_adapter": ("true", []),
+    "output.overwrite": ("true", []), "output.export_merged": ("true", []), "output.export_peft": ("true", []), "output.peft_base_model": ("org/base", ["output.export_peft=true"]), "output.export_gguf_adapter": ("true", []),
     "output.export_gguf": ("q8_0", []),
 }
 

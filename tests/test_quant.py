@@ -362,10 +362,13 @@ def test_bits_per_weight_matches_the_paper():
     assert math.isclose(quant.quantize_array(w, "int8").bits_per_weight, 8 + 32 / 1024)
 
 
-def test_transform_asks_for_a_dense_base():
+def test_transform_takes_a_quantised_base():
+    """lora.transform dequantises a quantised base at the product (it used to ask for a dense base)."""
     qp = lora.quantize({"w": jnp.asarray(_weights((64, 64)))}, targets="w")
-    with pytest.raises(NotImplementedError, match="QuantizedWeight"):
-        lora.transform(lambda p, x: x @ p["w"])(lora.wrap(qp, lora.init(qp, r=2, targets="w")), jnp.ones((2, 64)))
+    ad = lora.init(qp, r=2, targets="w")
+    f = lora.transform(lambda p, x: x @ p["w"])
+    x = jnp.ones((2, 64))
+    np.testing.assert_allclose(f(lora.wrap(qp, ad), x), f(lora.wrap(lora.dequantize(qp), ad), x), rtol=1e-6)
 
 
 def test_real_minilm_in_nf4_keeps_its_sentence_embeddings(minilm_path):

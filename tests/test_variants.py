@@ -1,6 +1,8 @@
 """LoRA variants: DoRA (magnitude + direction), PiSSA (SVD init of adapters and residual base), rsLoRA and
 LoRA+ details, checked against the real PEFT where PEFT has the feature."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -353,8 +355,11 @@ def test_lora_plus_with_a_schedule():
         np.testing.assert_allclose(u.b, -4.0 * schedule(step), rtol=1e-6)
 
 
-def test_transform_refuses_dora_instead_of_ignoring_the_magnitude():
+def test_transform_applies_the_dora_magnitude():
+    """transform runs DoRA (it used to refuse it rather than ignore the magnitude): equal to the merged kernel."""
     params = {"w": _w((8, 8))}
     ad = lora.init(params, r=2, targets="w", use_dora=True)
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        lora.transform(lambda p, x: x @ p["w"])(lora.wrap(params, ad), jnp.ones((2, 8)))
+    ad = {"w": dataclasses.replace(ad["w"], b=ad["w"].b + 0.3, magnitude=ad["w"].magnitude * 1.5)}
+    x = jnp.ones((2, 8))
+    got = lora.transform(lambda p, x: x @ p["w"])(lora.wrap(params, ad), x)
+    np.testing.assert_allclose(got, x @ lora.merge(params, ad)["w"], rtol=1e-5, atol=1e-5)

@@ -224,6 +224,9 @@ class OutputConfig:
                           "kept aside until the new one has checkpointed)")
     export_merged: bool = key(False, "write merged Hugging Face safetensors (merged/) at the end")
     export_peft: bool = key(False, "lora / qlora: write a PEFT adapter folder (peft/) at the end")
+    peft_base_model: str | None = key(None, "the base_model_name_or_path the PEFT export records (what "
+                                      "AutoPeftModel loads); default: the hub id of an offline alias, the absolute "
+                                      "path of a local folder, else model.name", min_length=1)
     export_gguf_adapter: bool = key(False, "lora / qlora over a GGUF base: write a llama.cpp LoRA adapter "
                                     "(adapter.gguf) at the end")
     export_gguf: str | None = key(None, "GGUF base: write the merged model (merged.gguf) at the end, its tensors as "
@@ -582,6 +585,7 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
       "lora.init", "lora.rank_pattern", "lora.alpha_pattern", "optim.lora_plus_ratio", "output.export_peft",
       "output.export_gguf_adapter"),
      uses_adapters, "train.method=lora or qlora"),
+    (("output.peft_base_model",), lambda c: uses_adapters(c) and c.output.export_peft, "output.export_peft=true"),
     (("lora.train",), lambda c: c.train.method != "full", "train.method lora, qlora or linear_probe (full trains "
                                                            "every leaf)"),
     (("lora.pissa_niter",), lambda c: c.lora.init == "pissa", "lora.init=pissa"),

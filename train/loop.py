@@ -1026,7 +1026,10 @@ def export(s: Setup, folder: Path, trainable: Any) -> None:
         peft_adapters = jax.device_get(adapters_final)
         if s.pissa_init is not None:  # PEFT applies adapters to the original base, not PiSSA's residual
             peft_adapters = pissa_to_lora(peft_adapters, s.pissa_init)
-        lora.save_peft(peft_adapters, folder / "peft", base_model_name_or_path=cfg.model.name, config=s.model_cfg,
+        from lora_jax import models
+
+        base_name = cfg.output.peft_base_model or models.peft_base_name(cfg.model.name)
+        lora.save_peft(peft_adapters, folder / "peft", base_model_name_or_path=base_name, config=s.model_cfg,
                        modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None)
         say(f"exported PEFT adapter to {folder / 'peft'}")
     if primary and (cfg.output.export_gguf_adapter or cfg.output.export_gguf):

@@ -102,6 +102,29 @@ ALIASES = {
     "openai/whisper-base": _whisper_base,
 }
 
+# The Hugging Face hub id of each alias's model, recorded as ``base_model_name_or_path`` in a PEFT export so that
+# the standard recipe (``peft.AutoPeftModelForCausalLM.from_pretrained(folder)``) finds the base. A GGUF alias
+# names the unquantised original (transformers can also read the GGUF itself: ``gguf_file=``).
+HUB_IDS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "SmolLM2-135M-Instruct-Q4_1": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma-3-270m": "google/gemma-3-270m",
+    "whisper-base": "openai/whisper-base",
+    "openai/whisper-base": "openai/whisper-base",
+}
+assert set(HUB_IDS) == set(ALIASES), "every offline alias needs its hub id (HUB_IDS)"
+
+
+def peft_base_name(name: str | os.PathLike) -> str:
+    """What a PEFT export should record as ``base_model_name_or_path`` for the model loaded from ``name``: the hub
+    id of an offline alias, the absolute path of a local folder or file, else ``name`` itself (a hub id)."""
+    name = str(name)
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
 
 def build(config: Any, dtype: Any = jnp.float32, task: str | None = None):
     """The Linen module of ``task`` for any family's ``config`` (``None``: the family's default task)."""
@@ -331,6 +354,6 @@ def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = 
     return loaded.model, loaded.params, loaded.tokenizer, loaded.config
 
 
-__all__ = ["ALIASES", "Architecture", "Checkpoint", "CheckpointError", "Loaded", "build", "for_config",
+__all__ = ["ALIASES", "HUB_IDS", "Architecture", "Checkpoint", "CheckpointError", "Loaded", "build", "for_config",
            "for_model_type", "from_hf_weights", "head_rules", "init_params", "load", "load_model", "open_checkpoint",
-           "resolve", "save_pretrained", "to_hf_weights"]
+           "peft_base_name", "resolve", "save_pretrained", "to_hf_weights"]
