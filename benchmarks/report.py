@@ -576,6 +576,27 @@ def e2e_analysis_block(results: dict) -> str:
         f"{100 * share:.0f}% of it ({len(by_layer)} layers)."])
 
 
+def loss_positions_block(results: dict) -> str:
+    """Logits everywhere vs at the loss positions: FLOPs (XLA) and paired step times per ``data.pack_length``."""
+    r = results["loss_positions"]
+    rows = [[str(x["pack_length"]), str(x["rows"]), f"{x['capacity']}", f"{x['no_loss_share']:.0%}",
+             f"{x['no_logits_share']:.0%}", f"{x['head_share']:.0%}",
+             f"{x['step_gflops']['all']:,.0f} -> {x['step_gflops']['loss']:,.0f}",
+             f"-{x['flops_drop']:.1%} (expected -{x['expected_drop']:.1%})",
+             f"{_ms(x['median_ms']['all'])} -> {_ms(x['median_ms']['loss'])}",
+             f"{x['loss_tokens_per_s']['all']:,.0f} -> {x['loss_tokens_per_s']['loss']:,.0f}",
+             _verdict(x["paired"])] for x in r["rows"]]
+    out = [f"SmolLM2-135M shapes (tied 49,152-token head), LoRA r=8 on q,v, float32, {r['data']} packed rows; the "
+           "job's step with the head and cross-entropy at every position (`train.logits=all`) vs at the loss "
+           "positions only (`train.logits=loss`, K loss slots per row), the same batch:", "",
+           _table(["pack_length", "rows", "K", "positions without loss", "positions without logits",
+                   "head's share of the FLOPs", "step GFLOP (XLA)", "FLOPs", "step ms (median)", "loss tokens/s",
+                   "time at loss positions / everywhere"], rows), "", "Goals:", "",
+           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3g}" for k, g in r["goals"].items()), "",
+           provenance(r, "python -m benchmarks.loss_positions")]
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
     "train_step.merged": (("train_step",), merged_headline, True),
@@ -592,6 +613,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "causal_tokens": (("causal_tokens",), causal_tokens_block, False),
     "xla_flags": (("xla_flags",), xla_flags_block, False),
     "host_overlap": (("host_overlap",), host_overlap_block, False),
+    "loss_positions": (("loss_positions",), loss_positions_block, False),
     "e2e_experiment": ((E2E,), e2e_block, False),
     "sst2_methods": ((SST2,), sst2_block, False),
     "e2e_analysis": ((E2E_ANALYSIS,), e2e_analysis_block, False),

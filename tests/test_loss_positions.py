@@ -83,13 +83,14 @@ def _case(tied: bool, lora_head: bool, seed: int = 0):
     return h, head, targets, jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("tied,lora_head,options", [
-    (True, False, {}),
-    (False, False, {"logit_softcap": 5.0}),
-    (True, True, {"z_loss": 1e-3, "label_smoothing": 0.1}),
-    (False, True, {"logit_softcap": 3.0}),
+@pytest.mark.parametrize("tied,lora_head,options,plain", [
+    (True, False, {}, False),
+    (False, False, {"logit_softcap": 5.0}, False),
+    (True, True, {"z_loss": 1e-3, "label_smoothing": 0.1}, False),
+    (False, True, {"logit_softcap": 3.0}, False),
+    (True, False, {}, True),
+    (False, True, {"logit_softcap": 3.0}, True),
 ])
-@pytest.mark.parametrize("plain", [False, True], ids=["chunked", "plain"])
 def test_loss_and_gradients_at_loss_positions_equal_the_full_logits(tied, lora_head, options, plain):
     """Loss, count and the gradients of the hidden states and of the head (a plain array, or a LoRA adapter's
     factors) equal the full computation's; tied and untied heads, soft-capping, z-loss, label smoothing; the
@@ -272,3 +273,102 @@ def test_logits_config_keys():
         load_config(None, ["data.loss_capacity=64", "train.logits=all"])
     with pytest.raises(ConfigError, match="train.logits"):
         load_config(None, ["train.logits=all", "data.task=classification", "data.source=builtin:sentiment"])
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+
+
+def _bench_row(**changes):
+    row = {"pack_length": 96, "flops_drop": 0.10, "expected_drop": 0.11, "time_ratio_ci95": [0.85, 0.95],
+           "speedup": 1.1, "loss": {"all": 2.0, "loss": 2.0000001}}
+    row.update(changes)
+    return row
+
+
+def test_loss_positions_goals_can_fail():
+    from benchmarks.loss_positions import goals
+
+    def met(**changes):
+        return [g["met"] for g in goals([_bench_row(**changes)]).values()]
+
+    assert met() == [True, True, True]
+    assert met(flops_drop=0.01) == [False, True, True]  # FLOPs did not drop as the head's share says
+    assert met(time_ratio_ci95=[0.9, 1.05]) == [True, False, True]  # no speed-up shown
+    assert met(loss={"all": 2.0, "loss": 2.01}) == [True, True, False]  # a different loss
+
+
+def test_loss_positions_benchmark_quick(tmp_path, smollm2_gguf_path):
+    """``python -m benchmarks.loss_positions --quick`` runs and writes its record (a smoke run: the figures are
+    checked for consistency, not for speed; its tokenizer comes from SmolLM2's GGUF metadata)."""
+    import json
+
+    from benchmarks import loss_positions
+
+    loss_positions.main(["--quick", "--out-dir", str(tmp_path)])
+    rec = json.loads((tmp_path / "loss_positions_quick.json").read_text())
+    assert rec["provenance"]["benchmark"] == "loss_positions"
+    (row,) = rec["rows"]
+    assert row["capacity"] < row["pack_length"]
+    assert row["step_gflops"]["loss"] < row["step_gflops"]["all"]
+    assert row["head_gflops"]["loss"] < row["head_gflops"]["all"]
+    assert abs(row["loss"]["all"] - row["loss"]["loss"]) <= 1e-4 * abs(row["loss"]["all"])
+    assert len(rec["goals"]) == 3
+
+
+_SHARDED_CHILD = r"""
+import dataclasses, json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, ".")
+sys.path.insert(0, "tests")
+import lora_jax as lora
+from lora_jax import sharding
+from test_loss_positions import _tiny_lm, _tokenized
+from train import data as D
+from train.tasks import causal_lm_loss
+
+assert jax.device_count() == 8, jax.devices()
+model, params = _tiny_lm("llama")
+ad = lora.init(params, r=4, targets="all-linear", key=jax.random.key(1))
+ad = jax.tree.map(lambda a: dataclasses.replace(a, b=0.05 * jnp.ones_like(a.b)), ad, is_leaf=lora.is_adapter)
+host = D.PackedBatches(_tokenized(n=60, width=24), 8, seed=0, width=48, loss_positions=True)(0)
+mesh = sharding.make_mesh(4, 2)  # data 4 x fsdp 2: rows over all 8 devices, the base FSDP-sharded, as the job does
+rows = sharding.batch_sharding(mesh, ndim=2)
+placed = sharding.put_tree(params, sharding.tree_shardings(params, mesh))
+out = {}
+for logits in ("all", "loss"):
+    def f(a, p, batch):
+        return causal_lm_loss(model, lora.wrap(p, a), batch, train=True, rng=None, logits=logits)[0]
+    g = jax.jit(jax.value_and_grad(f))
+    one = g(ad, params, {k: jnp.asarray(v) for k, v in host.items()})
+    batch = {k: jax.device_put(v, rows) for k, v in host.items()}
+    hlo = g.lower(ad, placed, batch).compile().as_text()
+    many = g(ad, placed, batch)
+    out[logits] = {"one": float(one[0]), "many": float(many[0]), "all_gathers": hlo.count("all-gather("),
+                   "grad_diff": max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(one[1]),
+                                                                                 jax.tree.leaves(many[1])))}
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # ~30 s: a child process with 8 CPU devices, four compilations
+def test_loss_positions_on_8_devices_match_one_and_gather_nothing_more(tmp_path):
+    """Rows split over 8 devices and the base FSDP-sharded (mesh data 4 x fsdp 2, as the job places them): the loss
+    and gradients at loss positions equal one device's and the full-logits path's, and the compiled gather adds no
+    all-gather (each device gathers its own rows)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_CHILD], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for r in out.values():
+        assert r["many"] == pytest.approx(r["one"], rel=1e-5) and r["grad_diff"] < 1e-5, r
+    assert out["loss"]["one"] == pytest.approx(out["all"]["one"], rel=1e-5)
+    assert out["loss"]["all_gathers"] <= out["all"]["all_gathers"], out
