@@ -1,7 +1,7 @@
 """Logits only where the loss is: the training job's step with the LM head and the cross-entropy at every position
 (``train.logits=all``) vs only at the positions that carry loss (``train.logits=loss``), side by side.
 
-    python -m benchmarks.loss_positions [--quick] [--widths 96 384] [--rows 8 2] [--rounds 6] [--data FILE]
+    python -m benchmarks.loss_positions [--quick] [--widths 96 384] [--rows 4 1] [--rounds 3] [--data FILE]
 
 The task (``configs/e2e_smollm2_lora.yaml``): E2E NLG (``../shared/data/e2e/devset.csv``, ``--data`` or
 ``$LORA_JAX_SHARED_DATA``; the built-in restaurants data when none is found), the training split, tokenised with
@@ -209,8 +209,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a 1-layer tiny model, 64 examples, 2 rounds: a smoke run")
     ap.add_argument("--widths", type=int, nargs="+", default=[96, 384], help="data.pack_length values")
-    ap.add_argument("--rows", type=int, nargs="+", default=[8, 2], help="rows per step for each width")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rows", type=int, nargs="+", default=[4, 1], help="rows per step for each width")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--data", default=None, help="the E2E devset.csv (default: the shared data folder)")
     ap.add_argument("--out", default=None, help="results name (default loss_positions, loss_positions_quick with "
@@ -240,6 +240,10 @@ def main(argv=None) -> dict:
         row, times = measure_width(args, lm, tok, path, n, width)
         rows.append(row)
         raw[str(width)] = times
+        if len(rows) < len(args.widths):  # a long run keeps what it has measured so far
+            recorder.write(args.out, {"config": dict(vars(args)), "data": str(path or "builtin:restaurants"),
+                                      "model": lm.source, "rows": rows, "times_s": raw, "goals": goals(rows),
+                                      "partial": f"{len(rows)} of {len(args.widths)} widths"}, args.out_dir)
     print(table(rows, ["pack_length", "rows", "capacity", "no_loss_share", "no_logits_share", "head_share",
                        "flops_drop", "expected_drop", "time_ratio", "speedup"]))
     result: dict[str, Any] = {"config": dict(vars(args)), "data": str(path or "builtin:restaurants"),
