@@ -227,7 +227,8 @@ def _step_setup(family: str, logits: str, accum: int, chunk="auto"):
     return cfg, model, prepared.frozen, trainable, tx
 
 
-@pytest.mark.parametrize("family,accum,chunk", [("llama", 2, "auto"), pytest.param("gemma3", 1, 32, marks=pytest.mark.slow),
+@pytest.mark.parametrize("family,accum,chunk", [("llama", 2, "auto"),
+                                               pytest.param("gemma3", 1, 32, marks=pytest.mark.slow),
                                                pytest.param("llama", 1, 0, marks=pytest.mark.slow)])
 def test_train_step_at_loss_positions_equals_full_logits(family, accum, chunk):
     """The job's step on packed rows (several examples per row, pack_length above max_length), with gradient
