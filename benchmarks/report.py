@@ -584,15 +584,17 @@ def loss_positions_block(results: dict) -> str:
              f"{x['step_gflops']['all']:,.0f} -> {x['step_gflops']['loss']:,.0f}",
              f"-{x['flops_drop']:.1%} (expected -{x['expected_drop']:.1%})",
              f"{_ms(x['median_ms']['all'])} -> {_ms(x['median_ms']['loss'])}",
-             f"{x['loss_tokens_per_s']['all']:,.0f} -> {x['loss_tokens_per_s']['loss']:,.0f}",
+             " -> ".join(f"{x['loss_tokens_per_s'][k]:,.1f}" for k in ("all", "loss")),
              _verdict(x["paired"])] for x in r["rows"]]
-    out = [f"SmolLM2-135M shapes (tied 49,152-token head), LoRA r=8 on q,v, float32, {r['data']} packed rows; the "
-           "job's step with the head and cross-entropy at every position (`train.logits=all`) vs at the loss "
+    out = [f"SmolLM2-135M shapes (tied 49,152-token head), LoRA r=8 on q,v, float32, packed rows of `{r['data']}`; "
+           "the job's step with the head and cross-entropy at every position (`train.logits=all`) vs at the loss "
            "positions only (`train.logits=loss`, K loss slots per row), the same batch:", "",
            _table(["pack_length", "rows", "K", "positions without loss", "positions without logits",
                    "head's share of the FLOPs", "step GFLOP (XLA)", "FLOPs", "step ms (median)", "loss tokens/s",
                    "time at loss positions / everywhere"], rows), "", "Goals:", "",
            *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3g}" for k, g in r["goals"].items()), "",
+           "Step times come from the medians of each variant's rounds, the ratio from the rounds paired; on a loaded "
+           "machine the two can disagree, and only the paired ratio is the claim.", "",
            provenance(r, "python -m benchmarks.loss_positions")]
     return "\n".join(out)
 
