@@ -593,6 +593,29 @@ def e2e_analysis_block(results: dict) -> str:
         f"{100 * share:.0f}% of it ({len(by_layer)} layers)."])
 
 
+def loss_positions_block(results: dict) -> str:
+    """Logits everywhere vs at the loss positions: FLOPs (XLA) and paired step times per ``data.pack_length``."""
+    r = results["loss_positions"]
+    rows = [[str(x["pack_length"]), str(x["rows"]), f"{x['capacity']}", f"{x['no_loss_share']:.0%}",
+             f"{x['no_logits_share']:.0%}", f"{x['head_share']:.0%}",
+             f"{x['step_gflops']['all']:,.0f} -> {x['step_gflops']['loss']:,.0f}",
+             f"-{x['flops_drop']:.1%} (expected -{x['expected_drop']:.1%})",
+             f"{_ms(x['median_ms']['all'])} -> {_ms(x['median_ms']['loss'])}",
+             " -> ".join(f"{x['loss_tokens_per_s'][k]:,.1f}" for k in ("all", "loss")),
+             _verdict(x["paired"])] for x in r["rows"]]
+    out = [f"SmolLM2-135M shapes (tied 49,152-token head), LoRA r=8 on q,v, float32, packed rows of `{r['data']}`; "
+           "the job's step with the head and cross-entropy at every position (`train.logits=all`) vs at the loss "
+           "positions only (`train.logits=loss`, K loss slots per row), the same batch:", "",
+           _table(["pack_length", "rows", "K", "positions without loss", "positions without logits",
+                   "head's share of the FLOPs", "step GFLOP (XLA)", "FLOPs", "step ms (median)", "loss tokens/s",
+                   "time at loss positions / everywhere"], rows), "", "Goals:", "",
+           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3g}" for k, g in r["goals"].items()), "",
+           "Step times come from the medians of each variant's rounds, the ratio from the rounds paired; on a loaded "
+           "machine the two can disagree, and only the paired ratio is the claim.", "",
+           provenance(r, "python -m benchmarks.loss_positions")]
+    return "\n".join(out)
+
+
 def _minutes(s: float) -> str:
     m, sec = divmod(int(round(s)), 60)
     return f"{m} min {sec} s" if m else f"{sec} s"
@@ -669,6 +692,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "causal_tokens": (("causal_tokens",), causal_tokens_block, False),
     "xla_flags": (("xla_flags",), xla_flags_block, False),
     "host_overlap": (("host_overlap",), host_overlap_block, False),
+    "loss_positions": (("loss_positions",), loss_positions_block, False),
     "e2e_experiment": ((E2E,), e2e_block, False),
     "e2e_experiment.headline": ((E2E,), e2e_headline, True),
     "sst2_methods": ((SST2,), sst2_block, False),

@@ -29,6 +29,13 @@ The head may be
 
 Which inputs are differentiated is known inside the custom VJP (``symbolic_zeros``), so a frozen head costs no
 weight-gradient matmul and a frozen ``W0`` under an adapter none either.
+
+Logits only where the loss is: in supervised fine-tuning most positions carry no loss (the prompt, padding), yet
+the head's matmuls cost the same at every position. ``positions`` (from :func:`loss_positions`, built on the host
+with a fixed capacity per row, so shapes stay static under ``jit``) gathers the hidden states, targets and weights
+of the positions that carry loss before the head is applied: the head then runs on ``K`` positions per row instead
+of ``S``, and the result is the same sum over the same tokens. The gather's backward pass scatters the hidden
+states' gradient back to their positions.
 """
 
 from __future__ import annotations
@@ -40,10 +47,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax import core as _core
 from lora_jax import ops as _ops
 from lora_jax.core import LoraWeight
+from lora_jax.errors import DataError
 from lora_jax.quant import is_quantized
 
 Array = jax.Array
@@ -212,9 +221,74 @@ def _dora_kernel(w: LoraWeight, dtype) -> Array:
     return (v.reshape(d_in, -1) * factor).reshape(v.shape).astype(dtype)
 
 
+def loss_positions(weights: Any, capacity: int, *, multiple: int = 1) -> np.ndarray:
+    """Host-side (numpy) indices of the positions that carry loss, ``capacity`` slots per row.
+
+    Args:
+      weights: ``(..., S)`` per-token weights or a 0/1 loss mask (nonzero: the position carries loss).
+      capacity: slots per row ``K`` (a static shape: keep it fixed across batches, or one compilation per value).
+      multiple: round ``capacity`` up to a multiple of this.
+
+    Returns:
+      ``(..., K)`` int32: each row's loss positions in increasing order, then ``S`` (one past the last position:
+      an empty slot, which :func:`gather_positions` fills with zeros) in the slots left over.
+
+    Raises:
+      DataError: a row carries loss at more than ``K`` positions (naming the row and its count): a gather of
+      ``K`` slots would drop loss silently.
+    """
+    w = np.asarray(weights)
+    if w.ndim < 1:
+        raise ValueError(f"loss_positions: weights must be (..., S), got a scalar of shape {w.shape}")
+    k = int(capacity)
+    if k < 1:
+        raise ValueError(f"loss_positions: capacity must be >= 1 slot, got {capacity}")
+    k = -(-k // multiple) * multiple
+    s = w.shape[-1]
+    live = w.reshape(-1, s) != 0
+    counts = live.sum(axis=1)
+    if counts.size and counts.max() > k:
+        row = int(np.argmax(counts))
+        raise DataError(f"loss_positions: row {row} carries loss at {int(counts[row])} positions, more than the "
+                        f"capacity of {k} slots per row (raise the capacity, or pack fewer loss tokens per row)")
+    out = np.full((live.shape[0], k), s, np.int32)
+    rows, cols = np.nonzero(live)  # row-major: each row's positions in increasing order
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out[rows, slot] = cols
+    return out.reshape(*w.shape[:-1], k)
+
+
+def gather_positions(x: Array, positions: Array) -> Array:
+    """``x[..., positions, ...]`` along the sequence axis: ``x`` ``(..., S)`` or ``(..., S, D)`` (per-token
+    values or vectors), ``positions`` ``(..., K)`` int (same leading axes); slots outside ``[0, S)`` give zeros
+    (and take no gradient). Returns ``(..., K)`` or ``(..., K, D)``."""
+    lead = positions.ndim - 1
+    if x.ndim == positions.ndim:
+        return jnp.take_along_axis(x, positions, axis=-1, mode="fill", fill_value=0)
+    if x.ndim != positions.ndim + 1:
+        raise ValueError(f"gather_positions: positions of shape {tuple(positions.shape)} do not index the sequence "
+                         f"axis of an array of shape {tuple(x.shape)} (expected (..., S) or (..., S, D) with the "
+                         f"leading axes {tuple(positions.shape[:lead])})")
+    return jnp.take_along_axis(x, positions[..., None], axis=-2, mode="fill", fill_value=0)
+
+
+def _gather_inputs(hidden, targets, weights, positions, who: str):
+    """``hidden``, ``targets``, ``weights`` at ``positions`` (see :func:`gather_positions`), checked."""
+    if tuple(positions.shape[:-1]) != tuple(hidden.shape[:-2]):
+        raise ValueError(f"{who}: positions of shape {tuple(positions.shape)} do not fit hidden states "
+                         f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-2])} + (K,))")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"{who}: positions must be integer indices, got {positions.dtype}")
+    if weights is None:  # an empty slot must weigh 0
+        weights = jnp.ones(targets.shape, jnp.float32)
+    return (gather_positions(hidden, positions), gather_positions(targets, positions),
+            gather_positions(weights, positions))
+
+
 def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | None = None, *,
                           tied: bool = False, chunk_size: int | None = None, z_loss: float = 0.0,
-                          label_smoothing: float = 0.0, logit_softcap: float | None = None) -> tuple[Array, Array]:
+                          label_smoothing: float = 0.0, logit_softcap: float | None = None,
+                          positions: Array | None = None) -> tuple[Array, Array]:
     """Summed cross-entropy of ``hidden @ head`` against ``targets``, never holding all the logits.
 
     Args:
@@ -234,6 +308,10 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
       label_smoothing: the target distribution puts ``1 - label_smoothing`` on the target and spreads
         ``label_smoothing`` uniformly over the vocabulary (optax.smooth_labels).
       logit_softcap: ``c``: the logits are ``c * tanh(logits / c)`` (Gemma 2's ``final_logit_softcapping``).
+      positions: ``(..., K)`` int (``hidden``'s leading axes): the sequence positions that carry loss, from
+        :func:`loss_positions` (slots outside ``[0, S)`` are empty); only these positions get logits. Every
+        position of nonzero weight must be among them (what :func:`loss_positions` checks on the host); the
+        result is then the full computation's up to float rounding. ``None``: every position.
 
     Returns:
       ``(loss_sum, count)``: ``sum(weights * ce)`` and ``sum(weights)``, float32 scalars, so callers can
@@ -251,6 +329,8 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
                          f"{tuple(targets.shape)} like targets")
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(f"chunked_cross_entropy: targets must be integer ids, got {targets.dtype}")
+    if positions is not None:
+        hidden, targets, weights = _gather_inputs(hidden, targets, weights, positions, "chunked_cross_entropy")
     if hasattr(head, "lora_dot"):
         raise NotImplementedError(f"chunked_cross_entropy: a {type(head).__name__} head (several adapters in one "
                                   "batch) is not supported; compute its logits with lora.dot")
@@ -304,11 +384,13 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
 
 
 def cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | None = None, *, tied: bool = False,
-                  z_loss: float = 0.0, label_smoothing: float = 0.0,
-                  logit_softcap: float | None = None) -> tuple[Array, Array]:
+                  z_loss: float = 0.0, label_smoothing: float = 0.0, logit_softcap: float | None = None,
+                  positions: Array | None = None) -> tuple[Array, Array]:
     """The plain path, for comparison: full float32 logits (``hidden @ head`` through :func:`lora_jax.ops.dot`,
     or ``hidden @ materialize(head).T`` for a table), then optax's cross-entropy. Same signature and result as
-    :func:`chunked_cross_entropy`."""
+    :func:`chunked_cross_entropy` (``positions``: the logits of those positions only)."""
+    if positions is not None:
+        hidden, targets, weights = _gather_inputs(hidden, targets, weights, positions, "cross_entropy")
     if tied:
         logits = jnp.matmul(hidden, _ops.materialize(head).astype(hidden.dtype).T)
     else:
@@ -332,4 +414,5 @@ def cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | Non
     return jnp.sum(ce * wt), jnp.sum(wt)
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "chunked_cross_entropy", "cross_entropy", "default_chunk_size"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "chunked_cross_entropy", "cross_entropy", "default_chunk_size", "gather_positions",
+           "loss_positions"]

@@ -123,6 +123,9 @@ class DataConfig:
                        le=64)
     pack_length: int | None = key(None, "packed: tokens per packed row (null: max_length); rows wider than the "
                                   "examples hold more of them", ge=8, le=2**20)
+    loss_capacity: int | None = key(None, "packed, with train.logits=loss: at most this many loss positions "
+                                    "(completion tokens) per packed row, the logits computed per row; null: the most "
+                                    "of any row of the first epoch packed without a limit", ge=1, le=2**20)
     max_train_examples: int | None = key(None, "use at most this many training rows", ge=1, le=INT_MAX)
     max_eval_examples: int | None = key(None, "use at most this many evaluation examples (causal-lm: distinct "
                                         "prompts, with all their rows; classification: rows)", ge=1, le=INT_MAX)
@@ -174,6 +177,9 @@ class TrainConfig:
         "true = dots_no_batch")
     loss_chunk: int | Literal["auto"] = key("auto", "causal-lm: tokens per cross-entropy chunk (never the full "
                                             "tokens x vocab logits); 0: full logits")
+    logits: Literal["loss", "all"] = key("loss", "causal-lm: where the LM head and the cross-entropy run: loss (only "
+                                         "at the positions that carry loss, the completion tokens; same loss) or all "
+                                         "(every position, prompt and padding too)")
     seed: int = key(0, "seed of the adapters' init, dropout and the batch order", ge=0, le=SEED_MAX)
     nan_policy: Literal["stop", "skip"] = key("stop", "a step whose loss, gradients or updated state are not "
                                               "finite: stop (exit 3; checkpoints stay finite) or skip it (at most "
@@ -593,7 +599,9 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
      lambda c: c.train.method == "qlora", "train.method=qlora"),
     (("quant.block_size", "quant.double_quant"), lambda c: c.quant.type == "nf4", "quant.type=nf4"),
     (("data.prompt_column", "data.completion_column", "data.prompt_template", "eval.generate_samples",
-      "eval.generate_eval", "train.loss_chunk"), _causal, "data.task=causal-lm"),
+      "eval.generate_eval", "train.loss_chunk", "train.logits"), _causal, "data.task=causal-lm"),
+    (("data.loss_capacity",), lambda c: _causal(c) and batching(c) == "packed" and c.train.logits == "loss",
+     "data.task=causal-lm, data.batching=packed (its default) and train.logits=loss (its default)"),
     (("eval.max_new_tokens", "eval.num_beams"),
      lambda c: _causal(c) and (c.eval.generate_samples > 0 or c.eval.generate_eval > 0),
      "data.task=causal-lm with eval.generate_samples or eval.generate_eval > 0"),

@@ -468,14 +468,16 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 
 
 def eval_batches(data: Tokenized, batch_size: int):
-    """Fixed-shape eval batches: the last one is padded by repeating rows, with ``weight`` 0 on the padding."""
+    """Fixed-shape eval batches: the last one is padded by repeating rows, with ``weight`` 0 on the padding.
+    Causal LM: with ``loss_positions`` (:func:`with_loss_positions`, one capacity for the whole set)."""
     n = len(data)
+    capacity = example_capacity(data) if data.loss_mask is not None else None
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         weight = (idx < n).astype(np.float32)
         batch = data.take(np.minimum(idx, n - 1))
         batch["weight"] = weight
-        yield batch
+        yield with_loss_positions(batch, capacity)
 
 
 # ----------------------------------------------------------------------------- bucketed and packed batches
@@ -492,6 +494,46 @@ def eval_batches(data: Tokenized, batch_size: int):
 def example_lengths(data: Tokenized) -> np.ndarray:
     """Real (non-padding) tokens of each example: ``(n,)`` int64."""
     return np.asarray(data.attention_mask, np.int64).sum(axis=1)
+
+
+# ------------------------------------------------------------------------------- loss positions
+#
+# The LM head and the cross-entropy need to run only where the loss is (lora_jax.losses: ``positions``). Each
+# causal-LM batch carries ``loss_positions`` (rows, K): the positions of each row whose next token is a completion
+# token, then empty slots (the row width). K is fixed per run (one compilation): the longest completion for batches
+# of one example per row, a capacity per packed row that the packer respects (:func:`pack_order`).
+
+CAPACITY_MULTIPLE = 8  # loss slots per row are rounded up to a multiple of this
+
+
+def _round_up(n: int, multiple: int = CAPACITY_MULTIPLE) -> int:
+    return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+def loss_counts(data: Tokenized, width: int | None = None) -> np.ndarray:
+    """Positions carrying loss in each example's first ``width`` tokens (all of them: ``None``): ``(n,)``
+    int64."""
+    mask = np.asarray(data.loss_mask, np.int64)
+    return (mask if width is None else mask[:, :width]).sum(axis=1)
+
+
+def example_capacity(data: Tokenized) -> int:
+    """Loss slots per row for batches of one example per row: the most loss positions of any example, rounded up
+    to a multiple of :data:`CAPACITY_MULTIPLE`, at most the tokenised width."""
+    width = data.loss_mask.shape[1]
+    most = int(loss_counts(data).max()) if len(data) else 1
+    return min(_round_up(most), width)
+
+
+def with_loss_positions(batch: dict[str, np.ndarray], capacity: int | None) -> dict[str, np.ndarray]:
+    """``batch`` with ``loss_positions`` (:func:`lora_jax.losses.loss_positions` of its ``loss_mask``, ``capacity``
+    slots per row, at most the batch's width); unchanged when ``capacity`` is ``None`` or it has no loss mask."""
+    if capacity is None or "loss_mask" not in batch:
+        return batch
+    from lora_jax.losses import loss_positions
+
+    width = batch["loss_mask"].shape[1]
+    return {**batch, "loss_positions": loss_positions(batch["loss_mask"], min(capacity, width))}
 
 
 class EpochStream:
@@ -602,18 +644,25 @@ class Batches:
 class FixedBatches(Batches):
     """Every batch ``(batch_size, max_length)``: :func:`batch_indices` (the data as tokenised)."""
 
-    def __init__(self, data: Tokenized, batch_size: int, seed: int):
+    def __init__(self, data: Tokenized, batch_size: int, seed: int, loss_positions: bool = False):
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.widths = (data.attention_mask.shape[1],)  # audio: frames (no input_ids)
+        self.capacity = example_capacity(data) if loss_positions and data.loss_mask is not None else None
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        return self.data.take(batch_indices(len(self.data), self.batch_size, index, self.seed))
+        return with_loss_positions(self.data.take(batch_indices(len(self.data), self.batch_size, index, self.seed)),
+                                   self.capacity)
 
     def examples(self, index: int) -> int:
         return self.batch_size
 
     def describe(self) -> str:
-        return f"fixed batches of {self.batch_size} x {self.widths[0]} tokens"
+        return f"fixed batches of {self.batch_size} x {self.widths[0]} tokens" + _describe_capacity(self.capacity,
+                                                                                                 self.widths[0])
+
+
+def _describe_capacity(capacity: int | None, width: int) -> str:
+    return "" if capacity is None else f", logits at {capacity} of {width} positions per row"
 
 
 def _cut(batch: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
@@ -626,8 +675,10 @@ class BucketedBatches(Batches):
     them, the largest the longest example rounded up to a multiple of 8, at most the tokenised width)."""
 
     def __init__(self, data: Tokenized, batch_size: int, seed: int, n_shapes: int = 4,
-                 widths: tuple[int, ...] | None = None, group: int = 50):
+                 widths: tuple[int, ...] | None = None, group: int = 50, loss_positions: bool = False):
         self.data, self.batch_size, self.seed, self.group = data, batch_size, seed, group
+        # a batch cut to width w gets min(capacity, w) slots: one shape per width
+        self.capacity = example_capacity(data) if loss_positions and data.loss_mask is not None else None
         self.lengths = example_lengths(data)
         full = data.input_ids.shape[1]
         self.stream = EpochStream(lambda e: grouped_order(self.lengths, batch_size, seed, e, group))
@@ -649,7 +700,7 @@ class BucketedBatches(Batches):
         idx = self.indices(index)
         longest = int(self.lengths[idx].max())
         width = next(w for w in self.widths if w >= longest)
-        return _cut(self.data.take(idx), width)
+        return with_loss_positions(_cut(self.data.take(idx), width), self.capacity)
 
     def examples(self, index: int) -> int:
         return self.batch_size
@@ -658,13 +709,23 @@ class BucketedBatches(Batches):
         return f"length-bucketed batches of {self.batch_size} examples, widths {list(self.widths)}"
 
 
-def pack_order(lengths: np.ndarray, width: int, seed: int, epoch: int, window: int = 1024) -> list[np.ndarray]:
+def pack_order(lengths: np.ndarray, width: int, seed: int, epoch: int, window: int = 1024,
+               losses: np.ndarray | None = None, capacity: int | None = None) -> list[np.ndarray]:
     """An epoch's packed rows: lists of example indices whose lengths sum to at most ``width``.
 
     A seeded permutation is cut into windows of ``window`` examples; each window is packed best-fit decreasing
     (the longest example first, each into the fullest row it fits, else a new row), and the rows of the epoch
     are shuffled. Examples longer than ``width`` are cut to it when packed.
+
+    ``losses`` (n,) / ``capacity``: each example's loss positions (within its first ``width`` tokens) and the most
+    a row may hold; an example goes only into a row with room for its tokens and for its loss positions (the
+    fullest such row). Without them (or when the capacity never binds) the rows are the same.
     """
+    if capacity is not None and losses is not None and len(losses) and int(np.max(losses)) > capacity:
+        i = int(np.argmax(losses))
+        raise DataError(f"example {i} carries loss at {int(losses[i])} positions, more than the capacity of "
+                        f"{capacity} loss positions per packed row (data.loss_capacity)")
+    bound = capacity is not None and losses is not None
     perm = np.random.default_rng([seed, epoch]).permutation(len(lengths))
     rows: list[list[int]] = []
     for start in range(0, len(perm), window):
@@ -672,15 +733,27 @@ def pack_order(lengths: np.ndarray, width: int, seed: int, epoch: int, window: i
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
         free: list[list[int]] = [[] for _ in range(width + 1)]  # free[s]: open rows with s tokens left
         local: list[list[int]] = []
+        room: list[int] = []  # loss positions each row can still take
         for i in chunk:
             n = min(int(lengths[i]), width)
-            s = next((s for s in range(n, width + 1) if free[s]), None)
-            if s is None:
+            need = int(losses[i]) if bound else 0
+            r = None
+            for s in range(n, width + 1):
+                if not free[s]:
+                    continue
+                # the last row opened with s tokens left, as without a capacity; else the last that has room
+                at = next((j for j in range(len(free[s]) - 1, -1, -1) if room[free[s][j]] >= need), None) \
+                    if bound else len(free[s]) - 1
+                if at is not None:
+                    r = free[s].pop(at)
+                    local[r].append(int(i))
+                    break
+            if r is None:
                 local.append([int(i)])
+                room.append(capacity if bound else 0)
                 r, s = len(local) - 1, width
-            else:
-                r = free[s].pop()
-                local[r].append(int(i))
+            if bound:
+                room[r] -= need
             left = s - n
             if left > 0:
                 free[left].append(r)
@@ -716,22 +789,41 @@ def pack_rows(data: Tokenized, rows: list[np.ndarray], width: int) -> dict[str, 
 
 class PackedBatches(Batches):
     """Causal-LM batches of ``rows`` rows of ``width`` tokens, each row several examples (:func:`pack_order`,
-    :func:`pack_rows`)."""
+    :func:`pack_rows`).
 
-    def __init__(self, data: Tokenized, rows: int, seed: int, width: int | None = None, window: int = 1024):
+    ``loss_positions``: each batch carries ``loss_positions`` (rows, ``capacity``) and no row holds more loss
+    positions than ``capacity`` (the packer respects it). ``capacity=None``: the most loss positions of any row of
+    the first epoch packed without a limit (rounded up to a multiple of :data:`CAPACITY_MULTIPLE`), so the first
+    epoch's rows are the rows packed without loss positions, and later epochs rarely differ."""
+
+    def __init__(self, data: Tokenized, rows: int, seed: int, width: int | None = None, window: int = 1024,
+                 loss_positions: bool = False, capacity: int | None = None):
         if data.loss_mask is None:
             raise DataError("packing is for causal-LM data (examples with a loss mask)")
         self.data, self.rows, self.seed = data, rows, seed
         self.width = int(width or data.input_ids.shape[1])
         self.widths = (self.width,)
         self.lengths = example_lengths(data)
-        self.stream = EpochStream(lambda e: pack_order(self.lengths, self.width, seed, e, window))
+        self.losses = loss_counts(data, self.width)
+        self.capacity = None
+        if loss_positions:
+            if capacity is None:
+                first = pack_order(self.lengths, self.width, seed, 0, window)
+                capacity = _round_up(max((int(self.losses[r].sum()) for r in first), default=1))
+            self.capacity = min(int(capacity), self.width)
+            if len(data) and int(self.losses.max()) > self.capacity:
+                i = int(np.argmax(self.losses))
+                raise DataError(f"example {i} carries loss at {int(self.losses[i])} positions, more than the "
+                                f"capacity of {self.capacity} loss positions per packed row (data.loss_capacity); "
+                                f"raise it to at least {int(self.losses[i])}")
+        self.stream = EpochStream(lambda e: pack_order(self.lengths, self.width, seed, e, window, self.losses,
+                                                       self.capacity))
 
     def row_indices(self, index: int) -> list[np.ndarray]:
         return self.stream.take(index * self.rows, self.rows)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        return pack_rows(self.data, self.row_indices(index), self.width)
+        return with_loss_positions(pack_rows(self.data, self.row_indices(index), self.width), self.capacity)
 
     def examples(self, index: int) -> int:
         return sum(len(r) for r in self.row_indices(index))
@@ -740,4 +832,5 @@ class PackedBatches(Batches):
         rows = self.stream.take(0, self.stream._size(0))
         used = sum(min(int(self.lengths[i]), self.width) for r in rows for i in r)
         return (f"packed batches of {self.rows} rows x {self.width} tokens ({len(self.data) / len(rows):.2f} "
-                f"examples and {100 * used / (len(rows) * self.width):.1f}% real tokens per row in the first epoch)")
+                f"examples and {100 * used / (len(rows) * self.width):.1f}% real tokens per row in the first epoch)"
+                + _describe_capacity(self.capacity, self.width))

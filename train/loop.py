@@ -335,14 +335,19 @@ def training_batches(cfg: Config, data: data_lib.Tokenized) -> data_lib.Batches:
 
     One batch per step, split into the micro-batches by :func:`micro_batches`: accumulation equals one batch of
     the whole step, every micro-batch of a step has the same width, and bucket widths are chosen for the step's
-    batch."""
+    batch. Causal LM with ``train.logits=loss``: every batch also has ``loss_positions`` (rows, K), K fixed by the
+    batching and its width (``data.loss_capacity`` for packed rows), so the step's shape is still its width's."""
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     kind = config_lib.batching(cfg)
+    # causal LM with train.logits=loss: batches carry loss_positions, a fixed number per row (one compilation)
+    at_loss = cfg.data.task == "causal-lm" and cfg.train.logits == "loss"
     if kind == "packed":
-        return data_lib.PackedBatches(data, per_step, cfg.train.seed, width=cfg.data.pack_length)
+        return data_lib.PackedBatches(data, per_step, cfg.train.seed, width=cfg.data.pack_length,
+                                      loss_positions=at_loss, capacity=cfg.data.loss_capacity)
     if kind == "bucketed":
-        return data_lib.BucketedBatches(data, per_step, cfg.train.seed, n_shapes=cfg.data.buckets)
-    return data_lib.FixedBatches(data, per_step, cfg.train.seed)
+        return data_lib.BucketedBatches(data, per_step, cfg.train.seed, n_shapes=cfg.data.buckets,
+                                        loss_positions=at_loss)
+    return data_lib.FixedBatches(data, per_step, cfg.train.seed, loss_positions=at_loss)
 
 
 def micro_batches(batch: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ def packing(batch: dict) -> dict:
 
 
 def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | None,
-                   loss_chunk: int | str = "auto") -> tuple[jax.Array, dict]:
+                   loss_chunk: int | str = "auto", logits: str = "loss") -> tuple[jax.Array, dict]:
     """Next-token cross-entropy over completion tokens only (the prompt is context, not a target).
 
     ``batch["loss_mask"][i, t] = 1`` when token ``t + 1`` belongs to the completion. A packed batch
@@ -30,6 +30,11 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
     which applies the output head chunk by chunk and never holds the ``(B, S, V)`` float32 logits (``"auto"``:
     sized by the vocabulary); ``0``: the full logits and optax's cross-entropy. A model without a ``head()``
     method (see :class:`lora_jax.models.decoder.CausalLM`) always takes the full-logits path.
+
+    ``logits`` (``train.logits``): ``"loss"``: when the batch has ``loss_positions`` (``(B, K)``, from
+    ``train.data``; every position of ``loss_mask`` among them), the head and the cross-entropy run on those K
+    positions per row only (:func:`lora_jax.losses.chunked_cross_entropy`'s ``positions``; with ``loss_chunk=0``
+    :func:`lora_jax.losses.cross_entropy` on them); the same loss as ``"all"``, every position's logits.
 
     A mixture of experts whose config sets ``output_router_logits`` adds, in training, its
     ``router_aux_loss_coef`` times the load-balancing loss over the non-padding tokens, as ``transformers`` adds
@@ -51,7 +56,9 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
         aux = moe.aux_loss(state["intermediates"], config, batch["attention_mask"])
         return loss_sum + aux * count, {"count": count, "aux_loss": aux}
 
-    if loss_chunk != 0 and callable(getattr(type(model), "head", None)):
+    positions = batch.get("loss_positions") if logits == "loss" else None
+    has_head = callable(getattr(type(model), "head", None))
+    if has_head and (loss_chunk != 0 or positions is not None):
         def hidden_and_head(module, ids, attention_mask, **packed):
             h, _ = module(ids, attention_mask=attention_mask, hidden=True, **packed)
             return h, module.head()
@@ -62,8 +69,12 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
         # Position t predicts token t + 1; the last position predicts nothing (weight 0, target 0).
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
         mask = mask.at[:, -1].set(0.0)
-        chunk = None if loss_chunk == "auto" else int(loss_chunk)
-        loss_sum, count = losses.chunked_cross_entropy(h, targets=targets, weights=mask, chunk_size=chunk, **head)
+        if loss_chunk == 0:  # full logits, of the loss positions only
+            loss_sum, count = losses.cross_entropy(h, targets=targets, weights=mask, positions=positions, **head)
+        else:
+            chunk = None if loss_chunk == "auto" else int(loss_chunk)
+            loss_sum, count = losses.chunked_cross_entropy(h, targets=targets, weights=mask, chunk_size=chunk,
+                                                           positions=positions, **head)
         return finish(loss_sum, count, state)
     out = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"], mutable=mutable,
                       **packing(batch))
@@ -94,6 +105,9 @@ LOSSES: dict[str, Any] = {"causal-lm": causal_lm_loss, "classification": classif
 
 
 def loss_for(cfg) -> Any:
-    """``LOSSES[cfg.data.task]`` with the run's loss options bound (causal LM: ``train.loss_chunk``)."""
+    """``LOSSES[cfg.data.task]`` with the run's loss options bound (causal LM: ``train.loss_chunk``,
+    ``train.logits``)."""
     fn = LOSSES[cfg.data.task]
-    return functools.partial(fn, loss_chunk=cfg.train.loss_chunk) if fn is causal_lm_loss else fn
+    if fn is causal_lm_loss:
+        return functools.partial(fn, loss_chunk=cfg.train.loss_chunk, logits=cfg.train.logits)
+    return fn
