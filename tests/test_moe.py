@@ -5,6 +5,7 @@ lora.transform on ragged_dot, PEFT's target_parameters layout, and the MoE layer
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -357,3 +358,115 @@ def test_moe_layers_match_transformers():
         got = moe.load_balancing_loss([jnp.asarray(t.numpy()) for t in logits], E, K,
                                       None if m is None else jnp.asarray(m.numpy()))
         assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ expert parallelism
+#
+# Tokens dispatched to their experts' devices and back (moe.experts_glu_sharded). The algorithm (capacity
+# buffers, slots, drops) runs here on a one-device mesh whose expert axis has size 1 (the all-to-alls are then
+# the identity); the 8-device checks (compiled HLO, equality with one device, a training step) run in a child
+# process whose JAX starts with 8 CPU devices (test_expert_parallel_on_8_cpu_devices).
+
+CHILD = os.environ.get("LORA_JAX_8DEV") == "1"
+child_only = pytest.mark.skipif(not CHILD, reason="runs in the 8-device child of test_expert_parallel_on_8_cpu_devices")
+
+
+def _mesh(expert: int):
+    from jax.sharding import Mesh
+
+    devices = np.asarray(jax.devices()[: expert]).reshape(1, 1, expert)
+    return Mesh(devices, ("data", "fsdp", "expert"))
+
+
+def _np_keep(experts: np.ndarray, num_experts: int, capacity: int) -> np.ndarray:
+    """The drop rule by hand: each expert takes the first ``capacity`` of one device's pairs, in token order."""
+    seen = np.zeros(num_experts, int)
+    keep = []
+    for e in np.asarray(experts).reshape(-1):
+        keep.append(seen[e] < capacity)
+        seen[e] += 1
+    return np.asarray(keep).reshape(np.shape(experts))
+
+
+def _routed(params, x):
+    return moe.route(x @ params["mlp"]["gate"]["kernel"], K)
+
+
+def test_expert_capacity():
+    assert moe.expert_capacity(64, 2, 8, None) == 64  # never drops: a token picks an expert at most once
+    assert moe.expert_capacity(64, 2, 8, 1.0) == 16  # the balanced share t * k / E
+    assert moe.expert_capacity(64, 2, 8, 1.25) == 20
+    assert moe.expert_capacity(64, 2, 8, 100.0) == 64  # never more than the tokens
+    assert moe.expert_capacity(3, 1, 64, 0.01) == 1
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        moe.expert_capacity(64, 2, 8, 0.0)
+    from lora_jax.models import qwen3_moe
+
+    with pytest.raises(ValueError, match="moe_capacity_factor must be a number > 0 or None"):
+        qwen3_moe.Config(moe_capacity_factor=-1.0)
+
+
+def test_dispatch_slots_follow_the_drop_rule():
+    experts = jax.random.randint(jax.random.key(2), (40, 3), 0, 5)
+    experts = jnp.sort(experts, axis=1) + jnp.arange(3)  # distinct per token, as top_k gives: 0..6
+    for capacity in (1, 4, 9, 40):
+        slot, keep = jax.jit(moe.dispatch_slots, static_argnums=(1, 2))(experts, 7, capacity)
+        want = _np_keep(np.asarray(experts), 7, capacity).reshape(-1)
+        np.testing.assert_array_equal(keep, want)
+        flat = np.asarray(experts).reshape(-1)
+        kept = np.asarray(slot)[want]
+        assert len(set(kept.tolist())) == len(kept)  # one row per kept pair
+        np.testing.assert_array_equal(kept // capacity, flat[want])  # in its expert's rows
+        assert (np.asarray(slot)[~want] == 7 * capacity).all()  # dropped: one past the buffer
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_sharded_dispatch_on_one_device_equals_grouped_experts(setup, capacity_factor):
+    """On a one-device expert mesh the dispatch is the capacity buffers and slots alone: the same outputs and
+    adapter gradients as experts_glu, with each dropped pair (by the hand-written rule) contributing nothing."""
+    params, ads, x = setup
+    mesh = _mesh(1)
+    routing = _routed(params, x)
+    cap = moe.expert_capacity(T, K, E, capacity_factor)
+    keep = _np_keep(np.asarray(routing.experts), E, cap)
+    ref_routing = routing._replace(weights=routing.weights * keep)
+    if capacity_factor is not None:
+        assert 0 < (~keep).sum() < keep.size  # some pairs dropped, not all
+
+    def loss(a, sharded):
+        e = lora.wrap(params, a)["mlp"]["experts"]
+        if sharded:
+            out = moe.experts_glu_sharded(x, routing, mesh=mesh, gate_up=e["gate_up_proj"], down=e["down_proj"],
+                                          capacity_factor=capacity_factor)
+            return jnp.sum(jnp.tanh(out.y) ** 2), out
+        y = moe.experts_glu(x, ref_routing, gate_up=e["gate_up_proj"], down=e["down_proj"])
+        return jnp.sum(jnp.tanh(y) ** 2), None
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (got, out), g_got = grad(ads, True)
+    (want, _), g_want = grad(ads, False)
+    assert int(out.dropped) == int((~keep).sum()) and out.capacity == cap
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 1e-3
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_expert_parallel_needs_an_expert_mesh_and_says_what_blocks_it(setup):
+    from lora_jax import sharding
+
+    params, ads, x = setup
+    assert sharding.expert_mesh() is None  # no mesh in context: the single-device path
+    with jax.set_mesh(_mesh(1)):
+        assert sharding.expert_mesh() is None  # an expert axis of one device is no expert parallelism
+    e = params["mlp"]["experts"]
+    routing = _routed(params, x)
+    mesh = _mesh(1)
+    q = lora.quantize(params, "int8", targets="experts")["mlp"]["experts"]
+    with pytest.raises(ValueError, match="down is a quantised stack"):
+        moe.experts_glu_sharded(x, routing, mesh=mesh, gate_up=e["gate_up_proj"], down=q["down_proj"])
+    with pytest.raises(ValueError, match="pass either gate_up"):
+        moe.experts_glu_sharded(x, routing, mesh=mesh, gate=e["gate_up_proj"], down=e["down_proj"])
+    flat = lora.init(params, r=2, targets=".*experts/down_proj", expert_axes={".*": 0})
+    w = lora.wrap(params, flat)["mlp"]["experts"]["down_proj"]
+    assert "down's adapter is not one adapter per expert" in moe.expert_parallel_blocker(mesh, T, {"down": w})
