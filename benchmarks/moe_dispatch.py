@@ -118,7 +118,7 @@ def section(experts: int, args) -> tuple[list[dict], dict]:
     def record(name, cf, comp, out, per_device_tokens, reference=None):
         flops = float(comp.cost_analysis().get("flops", float("nan")))
         (loss, dropped), _ = out
-        losses[name] = float(loss)
+        losses[name if cf == "-" else f"{name}, capacity factor {cf}"] = float(loss)
         cap = None if cf == "-" else moe.expert_capacity(per_device_tokens, k, experts, cf)
         row = {"E": experts, "variant": name, "capacity_factor": "none (dropless)" if cf is None else cf,
                "capacity": cap, "flops_per_device": flops, "dropped_pairs": int(dropped),

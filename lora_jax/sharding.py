@@ -19,7 +19,9 @@ routed-expert stack ``(E, d_in, d_out)`` (:func:`lora_jax.targets.default_expert
 over it, each device holding ``E / n`` whole experts (its other axes follow the rule as before), and its
 per-expert adapters ``a (E, d_in, r)`` / ``b (E, r, d_out)`` are split the same way, whatever their size, so an
 expert's factors live with its kernel. The batch is split over every axis. (A quantised stack's stored arrays
-are flat and are placed by the rules alone.)
+are flat and are placed by the rules alone.) A step traced under that mesh (``jax.set_mesh(mesh)``:
+:func:`expert_mesh`) also moves the tokens: each MoE block sends them to their experts' devices and back with
+all-to-alls (:func:`lora_jax.models.moe.experts_glu_sharded`) instead of every device walking every token.
 """
 
 from __future__ import annotations

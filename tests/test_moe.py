@@ -493,13 +493,14 @@ def _run_8dev_child(select: str) -> None:
 
 def test_expert_parallel_on_8_cpu_devices():
     """The compiled dispatch on 8 CPU devices (test_8dev_expert_dispatch_*)."""
-    _run_8dev_child("8dev and dispatch")
+    _run_8dev_child("8dev and dispatch and not benchmark")
 
 
 @pytest.mark.slow
 def test_expert_parallel_training_on_8_cpu_devices():
-    """A Qwen3-MoE's loss, gradients and train.loop steps on 8 CPU devices (test_8dev_*_training_*)."""
-    _run_8dev_child("8dev and training")
+    """A Qwen3-MoE's loss, gradients and train.loop steps on 8 CPU devices (test_8dev_*_training_*), and
+    ``benchmarks.moe_dispatch --quick``."""
+    _run_8dev_child("8dev and (training or benchmark)")
 
 
 def _collectives(hlo: str) -> dict[str, list[int]]:
@@ -644,3 +645,31 @@ def test_8dev_qwen3_moe_training_equals_one_device():
         for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(one[4]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
+
+
+@child_only
+def test_8dev_dispatch_benchmark_quick(tmp_path):
+    """benchmarks.moe_dispatch --quick: each device's program is about 1/8 of the whole batch's at the same
+    capacity, the dispatch gathers nothing while the placement-only program gathers and reduces activations, and
+    the record keeps its provenance."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import moe_dispatch
+
+    result = moe_dispatch.main(["--quick", "--out", str(tmp_path / "moe_dispatch_quick.json")])
+    rows = {(r["variant"], str(r["capacity_factor"])): r for r in result["rows"]}
+    for cf in ("none (dropless)", "1.25"):
+        ep = rows[("8 devices, all-to-all", cf)]
+        assert 0.1 < ep["to_1dev_capacity"] < 0.15 and ep["collectives"]["all-to-all"]["count"] >= 2
+        assert "all-gather" not in ep["collectives"]
+    assert rows[("8 devices, all-to-all", "none (dropless)")]["dropped_pairs"] == 0
+    placed = rows[("8 devices, placement", "-")]["collectives"]
+    assert placed["all-reduce"]["largest_elements"] >= 256 * 2 * 32  # tokens x k x D
+    losses = result["models"]["E=8"]["losses"]
+    assert losses["8 devices, all-to-all, capacity factor None"] == pytest.approx(losses["1 device, grouped"], rel=1e-5)
+    assert losses["8 devices, all-to-all, capacity factor 1.25"] != losses["1 device, grouped"]  # pairs dropped
+    saved = json.loads((tmp_path / "moe_dispatch_quick.json").read_text())
+    assert saved["provenance"]["benchmark"] == "moe_dispatch" and saved["provenance"]["git"]

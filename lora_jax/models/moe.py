@@ -18,6 +18,13 @@ A sparse MoE block (Qwen3-MoE, Mixtral, ...) on ``T`` tokens of width ``D`` with
 4. :func:`load_balancing_loss`: the Switch Transformer auxiliary loss exactly as ``transformers`` computes it
    (``load_balancing_loss_func``) from the router logits of every layer.
 
+Expert parallelism: traced under a mesh with an ``expert`` axis (``jax.set_mesh(mesh)``,
+:func:`lora_jax.sharding.expert_mesh`), a :class:`SparseMoeBlock` routes each device's own tokens
+(:func:`route_sharded`) and sends them to the devices that hold their experts and back with two all-to-alls
+(:func:`experts_glu_sharded`): each device computes only its own experts' rows, with their per-expert adapters,
+at a fixed capacity per expert (``moe_capacity_factor``; ``None`` never drops a token) and a count of the
+dropped pairs sown as ``intermediates / dropped_pairs``. Without such a mesh the single-device path above runs.
+
 Expert kernels are in this project's layout ``(E, d_in, d_out)`` (Hugging Face stores ``(E, d_out, d_in)``:
 the converters transpose). The fused ``gate_up`` kernel ``(E, D, 2F)`` holds the gate in its first ``F``
 columns and the up projection in the last ``F`` (HF's ``gate_up_proj(...).chunk(2)``).
@@ -400,7 +407,10 @@ def check_config(config: Any, experts: str = "num_experts") -> None:
 
 class Experts(nn.Module):
     """The routed experts of a block: parameters ``gate_up_proj (E, D, 2F)`` and ``down_proj (E, F, D)`` (named
-    as ``transformers``' ``*Experts`` modules name them), applied by :func:`experts_glu`."""
+    as ``transformers``' ``*Experts`` modules name them), applied by :func:`experts_glu`, or by
+    :func:`experts_glu_sharded` when traced under a mesh with an ``expert`` axis (``jax.set_mesh``) that the
+    dispatch applies to (:func:`expert_parallel_blocker`); then the number of dropped (token, expert) pairs is
+    sown as ``intermediates / dropped_pairs``. ``capacity_factor``: see :func:`expert_capacity`."""
 
     num_experts: int
     features: int
@@ -548,6 +558,7 @@ def per_expert(parts: int) -> Layout:
     return Layout(load=load, save=save, transposed=True)
 
 
-__all__ = ["DISPATCHES", "FUSED", "Experts", "MoeDecoderLayer", "MoeDecoderModel", "Routing", "Sorted",
-           "SparseMoeBlock", "aux_loss", "check_config", "collect_router_logits", "expert_tensor_names", "experts_glu",
-           "load_balancing_loss", "per_expert", "route", "sort_by_expert"]
+__all__ = ["DISPATCHES", "FUSED", "Dispatch", "Experts", "MoeDecoderLayer", "MoeDecoderModel", "Routing", "Sorted",
+           "SparseMoeBlock", "aux_loss", "check_config", "collect_router_logits", "dispatch_slots", "expert_capacity",
+           "expert_parallel_blocker", "expert_tensor_names", "experts_glu", "experts_glu_sharded",
+           "load_balancing_loss", "per_expert", "route", "route_sharded", "sort_by_expert"]
