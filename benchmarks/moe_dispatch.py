@@ -143,6 +143,33 @@ def section(experts: int, args) -> tuple[list[dict], dict]:
     return rows, info
 
 
+def markdown(record: dict) -> str:
+    """The record as a Markdown table (for a ``benchmarks.report`` renderer): per expert count, one device's
+    program FLOPs for each variant, the share of the whole batch's at the same capacity, the dropped pairs and the
+    largest array an all-gather / all-reduce moves, in elements and in units of one device's tokens x hidden."""
+    rows = []
+    for r in record["rows"]:
+        m = record["models"][f"E={r['E']}"]
+        own = m["tokens"] // record["devices"] * m["hidden"]  # one device's tokens x hidden
+        c = r["collectives"]
+
+        def largest(kind):
+            n = c.get(kind, {}).get("largest_elements", 0)
+            return "-" if not n else f"{n:,} ({n / own:.3g}x)"
+
+        share = "-" if r["to_1dev_capacity"] is None else f"{r['to_1dev_capacity']:.3f}"
+        rows.append(f"| {r['E']} | {r['variant']} | {r['capacity_factor']} | {r['flops_per_device'] / 1e9:,.2f} | "
+                    f"{share} | {r['dropped_share']:.1%} | {c.get('all-to-all', {}).get('count', 0)} | "
+                    f"{largest('all-gather')} | {largest('all-reduce')} |")
+    m = next(iter(record["models"].values()))
+    head = (f"One MoE block (d={m['hidden']}, experts of width {m['expert_width']}, top-{m['top_k']}, LoRA r={m['r']} "
+            f"on every expert, {m['tokens']} tokens), forward + backward, {record['devices']} CPU devices, "
+            "expert axis of 8; the largest arrays in elements and in units of one device's tokens x hidden:")
+    return "\n".join([head, "", "| E | program | capacity factor | GFLOP per device | share of 1 device at the same "
+                       "capacity | pairs dropped | all-to-alls | largest all-gather | largest all-reduce |",
+                       "|---|---|---|---|---|---|---|---|---|", *rows])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small block: a smoke run")
@@ -185,6 +212,8 @@ def main(argv=None) -> dict:
         "count E x the grouped work; the capacity variants use batched products and count what they compute.",
         "largest all-gather / all-reduce: elements of the largest array one such collective moves; the tokens' "
         "activations are tokens x hidden elements."], "wall_s": time.perf_counter() - t0}
+    print()
+    print(markdown(payload))
     if args.out:
         out = Path(args.out)
         path = recorder.write(out.stem, payload, out.parent)
