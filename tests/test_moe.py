@@ -673,3 +673,23 @@ def test_8dev_dispatch_benchmark_quick(tmp_path):
     assert losses["8 devices, all-to-all, capacity factor 1.25"] != losses["1 device, grouped"]  # pairs dropped
     saved = json.loads((tmp_path / "moe_dispatch_quick.json").read_text())
     assert saved["provenance"]["benchmark"] == "moe_dispatch" and saved["provenance"]["git"]
+
+
+def test_sharded_dispatch_applies_adapter_dropout(setup):
+    """LoRA dropout inside the dispatch: each device folds its index into the key; with a rate the output moves
+    off the dropout-free one, without a key it is that one."""
+    params, ads, x = setup
+    mesh = _mesh(1)
+    routing = _routed(params, x)
+    ads = jax.tree_util.tree_map(lambda ad: dataclasses.replace(ad, dropout=0.5), ads, is_leaf=lora.is_adapter)
+
+    @jax.jit
+    def run(key):
+        e = lora.wrap(params, ads, dropout_key=key)["mlp"]["experts"]
+        return moe.experts_glu_sharded(x, routing, mesh=mesh, gate_up=e["gate_up_proj"], down=e["down_proj"]).y
+
+    e = lora.wrap(params, ads)["mlp"]["experts"]
+    plain = moe.experts_glu(x, routing, gate_up=e["gate_up_proj"], down=e["down_proj"])
+    dropped = run(jax.random.key(0))
+    assert bool(jnp.all(jnp.isfinite(dropped))) and float(jnp.max(jnp.abs(dropped - plain))) > 1e-3
+    np.testing.assert_allclose(run(None), plain, atol=1e-5, rtol=1e-5)

@@ -318,7 +318,6 @@ def experts_glu_sharded(
     t = x.shape[0] // int(np.prod([mesh.shape[a] for a in tok_axes]))
     k = routing.experts.shape[1]
     capacity = expert_capacity(t, k, n_exp, capacity_factor)
-    all_axes = tuple(mesh.axis_names)
 
     def split(w):  # a stack, its per-expert factors: along expert; a dropout key: the same on every device
         return jax.tree.map(lambda leaf: P(axis) if getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] == n_exp
@@ -327,7 +326,7 @@ def experts_glu_sharded(
     def local(x, weights, experts, kernels):
         d = x.shape[-1]
         slot, keep = dispatch_slots(experts, n_exp, capacity)
-        kernels = {name: _fold_key(w, all_axes) for name, w in kernels.items()}
+        kernels = {name: _fold_key(w, tok_axes) for name, w in kernels.items()}
         send = jnp.zeros((n_exp * capacity, d), x.dtype).at[slot].set(x[jnp.arange(slot.shape[0]) // k],
                                                                        mode="drop")
         recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # (src, local expert, C) rows
@@ -342,7 +341,7 @@ def experts_glu_sharded(
         back = jax.lax.all_to_all(y, axis, 0, 0, tiled=True)  # each row home, in its send slot
         rows = back.at[slot].get(mode="fill", fill_value=0).reshape(experts.shape[0], k, -1)
         out = jnp.einsum("tkd,tk->td", rows, weights.astype(rows.dtype)).astype(x.dtype)
-        dropped = jax.lax.psum(jnp.sum(~keep, dtype=jnp.int32), all_axes)
+        dropped = jax.lax.psum(jnp.sum(~keep, dtype=jnp.int32), tok_axes)
         return out, dropped
 
     tok = P(tok_axes)
@@ -352,7 +351,8 @@ def experts_glu_sharded(
 
 
 def _fold_key(w: Any, axes: tuple[str, ...]) -> Any:
-    """A :class:`LoraWeight` whose dropout key differs on every device (each draws masks for its own rows)."""
+    """A :class:`LoraWeight` whose dropout key differs on every device of the token ``axes`` (each draws masks for
+    its own rows; devices that hold the same tokens draw the same masks)."""
     if not isinstance(w, LoraWeight) or w.key is None:
         return w
     return dataclasses.replace(w, key=jax.random.fold_in(w.key, jax.lax.axis_index(axes)))
