@@ -1,10 +1,11 @@
-"""The README's benchmark figures, generated from ``benchmarks/results/*.json``.
+"""The figures of the README and the docs pages, generated from ``benchmarks/results/*.json``.
 
-    python -m benchmarks.report            # rewrite the marked parts of README.md from the results
-    python -m benchmarks.report --check    # exit 1 when README.md and the results disagree
+    python -m benchmarks.report            # rewrite the marked parts of README.md and docs/**/*.md from the results
+    python -m benchmarks.report --check    # exit 1 when a page and the results disagree
 
 A marked part is everything between ``<!-- report:ID -->`` and ``<!-- /report:ID -->``; ``RENDERERS[ID]`` makes
-it from the results (a table, a list of goals, or an inline phrase). Nothing else in the README is touched.
+it from the results (a table, a list of goals, or an inline phrase). Nothing else in a page is touched. The pages
+are the README and every Markdown file under ``docs/`` (:func:`pages`); an ID may appear on several pages.
 Every figure shown is read from the JSON files or computed from their raw per-round times (paired ratios with
 :func:`benchmarks.common.paired_summary`), and every block names the run it comes from (commit, date, CPU, load,
 library versions, or "not recorded" for results that predate provenance recording).
@@ -496,6 +497,22 @@ def e2e_block(results: dict) -> str:
         f"`--scale 1` = {E2E_STEPS} steps, two epochs).*"])
 
 
+def e2e_headline(results: dict) -> str:
+    """One line for the README: the E2E experiment's held-out scores (greedy and beam) and its command."""
+    from train.experiment import E2E_STEPS
+
+    r = results[E2E]
+    t, h = r["training"], r["heldout"]
+    by_name = {d["name"]: d for d in r["table"]}
+    greedy, beam = by_name.get("greedy"), next((d for n, d in by_name.items() if n.startswith("beam")), None)
+    parts = [f"greedy BLEU {greedy['bleu']:.1f} / ROUGE-L {greedy['rougeL']:.1f}"] if greedy else []
+    if beam:
+        parts.append(f"beam search BLEU {beam['bleu']:.1f} / ROUGE-L {beam['rougeL']:.1f}")
+    return (f"E2E NLG with SmolLM2-135M-Instruct and LoRA r=8 ({t['steps']} steps): "
+            f"{' and '.join(parts)} on all {h['prompts']} held-out meaning representations "
+            f"(`python -m train.experiment e2e_smollm2 --scale {t['steps'] / E2E_STEPS:.2g}`)")
+
+
 SST2 = "experiments/sst2_methods"  # results key of train.experiment sst2_methods' JSON
 SST2_NAMES = {"lora": "LoRA r=8 on W_q, W_v + head", "full": "full fine-tuning",
               "linear_probe": "frozen encoder + linear head"}
@@ -576,6 +593,66 @@ def e2e_analysis_block(results: dict) -> str:
         f"{100 * share:.0f}% of it ({len(by_layer)} layers)."])
 
 
+def _minutes(s: float) -> str:
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m} min {sec} s" if m else f"{sec} s"
+
+
+def _ran_on(section: dict) -> str:
+    p = section.get("provenance", {})
+    cpu, load = p.get("cpu", {}), p.get("load_average", {})
+    git = p.get("git", {})
+    commit = (git.get("commit") or "?")[:10] + (" with uncommitted changes" if git.get("dirty") else "")
+    return (f"{cpu.get('model', '?')}, {cpu.get('usable_cores', cpu.get('logical_cores', '?'))} cores, load average "
+            f"{(load.get('before') or ['?'])[0]} before / {(load.get('after') or ['?'])[0]} after, commit {commit}, "
+            f"{p.get('date', '?')[:16].replace('T', ' ')} UTC")
+
+
+def newcomer_block(results: dict) -> str:
+    """The README's times and counts for what a newcomer runs (benchmarks/newcomer.py)."""
+    r = results.get("newcomer", {})
+    out = []
+    job = r.get("main_job")
+    if job:
+        res = job["result"]
+        before, after = res["eval_before"], res["eval_after"]
+        phases = res.get("phases_s") or {}
+        split = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in phases.items())
+        gen = res.get("generate_eval") or "the"
+        out.append(
+            f"**The main job** (`{job['command']}`) trains {res['steps']} steps and takes the loss on prompts it never "
+            f"trained on from {before['loss']:.3f} to {after['loss']:.3f} and, on {gen} of them, BLEU from "
+            f"{before.get('bleu', float('nan')):.1f} to {after.get('bleu', float('nan')):.1f} and ROUGE-L from "
+            f"{before.get('rougeL', float('nan')):.1f} to {after.get('rougeL', float('nan')):.1f}, in "
+            f"**{_minutes(job['wall_s'])}** of wall time" + (f" ({split})" if split else "") +
+            f"; it ends by printing where its outputs went and writes `loss.png` into its run folder.")
+    tests = r.get("tests")
+    if tests:
+        counts = ", ".join(f"{n} {what}" for what, n in tests.get("counts", {}).items())
+        out.append(f"**The tests** (`{tests['command']}`): {counts or 'no summary'} in "
+                   f"**{_minutes(tests['wall_s'])}** of wall time.")
+    setup = r.get("setup")
+    if setup:
+        out.append(f"**The setup** (`{setup['command']}`, pip's cache {setup.get('pip_cache', '?')}): "
+                   f"{_minutes(setup['wall_s'])}.")
+    for name, what in (("main_job", "the main job"), ("tests", "the tests"), ("setup", "the setup")):
+        if name in r:
+            p = r[name].get("provenance", {})
+            load = ((p.get("load_average") or {}).get("before") or [0])[0]
+            cores = (p.get("cpu") or {}).get("usable_cores") or 1
+            busy = (f" **A busy machine** (load average {load} on {cores} cores): these times are inflated; rerun "
+                    f"on an idle one.") if load > 2 * cores else ""
+            out.append(f"*Timed by `python -m benchmarks.newcomer --{name.replace('_', '-')}` ({what}): "
+                       f"{_ran_on(r[name])}.*{busy}")
+        else:
+            out.append(f"*{what.capitalize()}: not recorded yet (`python -m benchmarks.newcomer "
+                       f"--{name.replace('_', '-')}`).*")
+    return "\n\n".join(out)
+
+
+# Results whose block says "not recorded yet" until their command has run (what it says names the command).
+OPTIONAL = frozenset({"newcomer"})
+
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
     "train_step.merged": (("train_step",), merged_headline, True),
@@ -593,13 +670,15 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "xla_flags": (("xla_flags",), xla_flags_block, False),
     "host_overlap": (("host_overlap",), host_overlap_block, False),
     "e2e_experiment": ((E2E,), e2e_block, False),
+    "e2e_experiment.headline": ((E2E,), e2e_headline, True),
     "sst2_methods": ((SST2,), sst2_block, False),
     "e2e_analysis": ((E2E_ANALYSIS,), e2e_analysis_block, False),
+    "newcomer": (("newcomer",), newcomer_block, False),
 }
 
 
 def load_results(results_dir: Path = RESULTS, experiments_dir: Path = EXPERIMENTS) -> dict[str, dict]:
-    """Every benchmark's results (by name) and the experiments the README reports (``experiments/NAME``)."""
+    """Every benchmark's results (by name) and the experiments the pages report (``experiments/NAME``)."""
     out = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
     for key in (E2E, SST2, E2E_ANALYSIS):
         path = experiments_dir / f"{key.split('/', 1)[1]}.json"
@@ -613,9 +692,9 @@ def render(readme: str, results: dict[str, dict]) -> str:
     def one(m: re.Match) -> str:
         rid = m.group("id")
         if rid not in RENDERERS:
-            raise KeyError(f"README marker report:{rid} has no renderer; known: {sorted(RENDERERS)}")
+            raise KeyError(f"marker report:{rid} has no renderer; known: {sorted(RENDERERS)}")
         needs, fn, inline = RENDERERS[rid]
-        missing = [n for n in needs if n not in results]
+        missing = [n for n in needs if n not in results and n not in OPTIONAL]
         if missing:
             raise FileNotFoundError(f"report:{rid} needs benchmarks/results/{missing[0]}.json")
         body = fn(results)
@@ -625,26 +704,45 @@ def render(readme: str, results: dict[str, dict]) -> str:
     return MARKER.sub(one, readme)
 
 
+def pages(root: Path = ROOT) -> list[Path]:
+    """The pages that may hold marked parts: ``README.md`` and every Markdown file under ``docs/``."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+
+
+def marker_ids(paths: list[Path] | None = None) -> set[str]:
+    """Every report ID marked on ``paths`` (default: :func:`pages`)."""
+    return {m.group("id") for p in (pages() if paths is None else paths) for m in MARKER.finditer(p.read_text())}
+
+
+def stale_pages(results: dict[str, dict], paths: list[Path] | None = None) -> list[Path]:
+    """The pages whose marked parts differ from what ``results`` renders."""
+    return [p for p in (pages() if paths is None else paths) if render(p.read_text(), results) != p.read_text()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="compare only; exit 1 when README.md is out of date")
-    ap.add_argument("--readme", default=str(README))
+    ap.add_argument("--check", action="store_true", help="compare only; exit 1 when a page is out of date")
+    ap.add_argument("--pages", nargs="+", help="the pages to render (default: README.md and docs/**/*.md)")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
-    path = Path(args.readme)
-    text = path.read_text()
-    new = render(text, load_results(Path(args.results)))
+    paths = [Path(p) for p in args.pages] if args.pages else pages()
+    results = load_results(Path(args.results))
+    missing = set(RENDERERS) - marker_ids(paths) if not args.pages else set()
+    if missing:
+        print(f"no page marks {sorted(missing)}: every result belongs on a page", file=sys.stderr)
+        return 1
+    stale = stale_pages(results, paths)
     if args.check:
-        if new != text:
+        for path in stale:
             print(f"{path} disagrees with {args.results}: run python -m benchmarks.report", file=sys.stderr)
-            return 1
-        print(f"{path} matches {args.results}")
-        return 0
-    if new != text:
-        path.write_text(new)
+        if not stale:
+            print(f"{len(paths)} pages match {args.results}")
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(render(path.read_text(), results))
         print(f"rewrote the report sections of {path}")
-    else:
-        print(f"{path} already matches {args.results}")
+    if not stale:
+        print(f"{len(paths)} pages already match {args.results}")
     return 0
 
 

@@ -323,27 +323,55 @@ def quantize(
     Returns:
       ``params`` with the targeted leaves quantised (everything else is the same object).
     """
+    one = quantizer(params, method, block_size=block_size, double_quant=double_quant,
+                    absmax_block_size=absmax_block_size, targets=targets, exclude=exclude,
+                    compute_dtype=compute_dtype, allow_embeddings=allow_embeddings)
+    abstract = [(p, type(leaf).__name__) for p, leaf in _targets.leaf_paths(params)
+                if one.targets(p) and not isinstance(leaf, (jax.Array, np.ndarray))]
+    if abstract:
+        raise ValueError(f"quantize: {abstract[0][0]} is a {abstract[0][1]}, not an array with values; quantise "
+                         "concrete parameters")
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: one(_targets.path_str(path), leaf), params,
+                                            is_leaf=_targets.is_weight_node)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    """What :func:`quantize` does to one leaf: ``quantizer(path, leaf)`` is the quantised leaf for a targeted
+    '/'-joined ``path`` and ``leaf`` itself otherwise. Made by :func:`quantizer`, so that a loader can quantise each
+    kernel as it is read (and drop its dense values) instead of holding the whole dense tree first."""
+
+    chosen: frozenset
+    kwargs: dict
+
+    def targets(self, path: str) -> bool:
+        return path in self.chosen
+
+    def __call__(self, path: str, leaf: Any) -> Any:
+        if path not in self.chosen:
+            return leaf
+        n_stack = _targets.default_expert_axes(path, leaf.ndim)
+        return quantize_array(leaf, **self.kwargs, in_ndim=_targets.default_in_axes(path, leaf.ndim - n_stack),
+                              stack_ndim=n_stack)
+
+
+def quantizer(params: PyTree, method: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
+              absmax_block_size: int = 256, targets: str | Sequence[str] | None = "all-linear+experts",
+              exclude: str | Sequence[str] | None = None, compute_dtype: Any = jnp.bfloat16,
+              allow_embeddings: bool = False) -> Quantizer:
+    """The per-leaf :class:`Quantizer` of :func:`quantize` (same arguments) for the leaves ``params`` targets;
+    ``params`` may be abstract (``jax.ShapeDtypeStruct`` leaves): only its paths and shapes are read. Raises
+    as :func:`quantize` does for targets that match nothing or kernels already quantised."""
     selected = _targets.select(params, targets, exclude=exclude, allow_embeddings=allow_embeddings)
     already = [p for p, leaf in selected if is_quantized(leaf)]
     if already:
         raise ValueError(f"quantize: {len(already)} targeted kernel(s) are already quantised, e.g. {already[0]}; "
                          "dequantize them first or exclude them")
-    abstract = [(p, type(leaf).__name__) for p, leaf in selected if not isinstance(leaf, (jax.Array, np.ndarray))]
-    if abstract:
-        raise ValueError(f"quantize: {abstract[0][0]} is a {abstract[0][1]}, not an array with values; quantise "
-                         "concrete parameters")
-    chosen = dict(selected)
-
-    def visit(path, leaf):
-        p = _targets.path_str(path)
-        if p not in chosen:
-            return leaf
-        n_stack = _targets.default_expert_axes(p, leaf.ndim)
-        return quantize_array(leaf, method, block_size=block_size, double_quant=double_quant,
-                              absmax_block_size=absmax_block_size, compute_dtype=compute_dtype,
-                              in_ndim=_targets.default_in_axes(p, leaf.ndim - n_stack), stack_ndim=n_stack)
-
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_targets.is_weight_node)
+    if method not in METHODS:
+        raise ValueError(f"quantize: method must be one of {METHODS}, got {method!r}")
+    return Quantizer(frozenset(p for p, _ in selected),
+                     dict(method=method, block_size=block_size, double_quant=double_quant,
+                          absmax_block_size=absmax_block_size, compute_dtype=compute_dtype))
 
 
 def nbytes(tree: PyTree) -> int:

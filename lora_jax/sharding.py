@@ -26,6 +26,8 @@ all-to-alls (:func:`lora_jax.models.moe.experts_glu_sharded`) instead of every d
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
 from collections.abc import Sequence
@@ -41,16 +43,30 @@ from lora_jax.tree import path_str, path_tuple
 
 BATCH_AXES = ("data", "fsdp")
 EXPERT_AXIS = "expert"
+TENSOR_AXIS = "tensor"
 Rule = tuple[str, Any]
 
+LOGICAL_AXES = {"embed": "fsdp", "vocab": TENSOR_AXIS, "heads": TENSOR_AXIS, "kv_heads": TENSOR_AXIS,
+                "mlp": TENSOR_AXIS, "experts": EXPERT_AXIS}
+"""The one table from the logical axes that architectures declare for their kernels (``embed``, ``heads``, ...) to
+mesh axes: the model width is split over ``fsdp`` (gathered before use), attention heads, MLP columns and the
+vocabulary over ``tensor`` (each device computes its part: tensor parallelism), routed experts over ``expert``."""
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None, *, expert: int = 1) -> Mesh:
-    """A ``(data, fsdp)`` mesh over ``devices`` (default: all), or ``(data, fsdp, expert)`` with ``expert > 1``
-    (routed experts split over ``expert`` devices). ``-1`` on data or fsdp takes the remaining devices."""
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None, *, expert: int = 1,
+              tensor: int = 1) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (default: all), with an ``expert`` axis when ``expert > 1``
+    (routed experts split over ``expert`` devices) and a ``tensor`` axis, last (neighbouring devices), when
+    ``tensor > 1`` (heads, MLP columns and vocabulary split over ``tensor`` devices, which see the same
+    examples). ``-1`` on data or fsdp takes the remaining devices."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
+    if tensor < 1 or n % tensor:
+        raise ValueError(f"mesh: tensor={tensor} must be a positive divisor of the {n} devices")
+    n //= tensor
     if expert < 1 or n % expert:
-        raise ValueError(f"mesh: expert={expert} must be a positive divisor of the {n} devices")
+        raise ValueError(f"mesh: expert={expert} must be a positive divisor of the {n * tensor} devices / "
+                         f"tensor={tensor}")
     n //= expert
     if data == -1 and fsdp == -1:
         raise ValueError("mesh: at most one of data/fsdp may be -1")
@@ -63,16 +79,69 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
             raise ValueError(f"mesh: data={data} does not divide the {n * expert} devices / expert={expert}")
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh: data={data} x fsdp={fsdp} x expert={expert} = {data * fsdp * expert} devices, but "
-                         f"{n * expert} are available")
-    if expert == 1:
-        return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
-    return Mesh(np.asarray(devices).reshape(data, fsdp, expert), (*BATCH_AXES, EXPERT_AXIS))
+        raise ValueError(f"mesh: data={data} x fsdp={fsdp} x expert={expert} x tensor={tensor} = "
+                         f"{data * fsdp * expert * tensor} devices, but {n * expert * tensor} are available")
+    sizes = {"data": data, "fsdp": fsdp, EXPERT_AXIS: expert, TENSOR_AXIS: tensor}
+    names = (*BATCH_AXES, *(a for a in (EXPERT_AXIS, TENSOR_AXIS) if sizes[a] > 1))
+    return Mesh(np.asarray(devices).reshape(*(sizes[a] for a in names)), names)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """The mesh axes the example axis of a batch is split over: all of them (``data``, ``fsdp``, ``expert``)."""
+    """The mesh axes the example axis of a batch is split over: ``data``, ``fsdp`` and ``expert`` (the devices
+    of a ``tensor`` group see the same examples)."""
     return tuple(a for a in (*BATCH_AXES, EXPERT_AXIS) if a in mesh.shape)
+
+
+_ACTIVATIONS: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+ACTIVATION_AXES = {"heads": TENSOR_AXIS, "kv_heads": TENSOR_AXIS, "mlp": TENSOR_AXIS, "vocab": TENSOR_AXIS}
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh):
+    """While a step is traced inside this block, :func:`constrain` pins the shared layers' activations to ``mesh``
+    (batch over the batch axes, heads / MLP columns / vocabulary over ``tensor``)."""
+    token = _ACTIVATIONS.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``x`` with a sharding constraint from logical activation axis ``names`` (``"batch"``, ``"heads"``,
+    ``"kv_heads"``, ``"mlp"``, ``"vocab"`` or ``None`` per axis) on the mesh of :func:`activation_mesh`; ``x`` itself
+    outside that block or on a mesh without a ``tensor`` axis (FSDP alone needs no activation constraint). An axis
+    that does not divide evenly is left unconstrained. Tensor parallelism needs this: without it XLA may gather a
+    head-split activation whole before the output projection instead of reducing partial sums after it."""
+    mesh = _ACTIVATIONS.get()
+    if mesh is None or TENSOR_AXIS not in mesh.shape:
+        return x
+    spec = []
+    for name, size in zip(names, x.shape):
+        axes = batch_axes(mesh) if name == "batch" else (ACTIVATION_AXES.get(name),) if name else ()
+        axes = tuple(a for a in axes if a is not None)
+        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        spec.append((axes if len(axes) > 1 else axes[0]) if axes and size % n == 0 else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+def logical_rules(axes: Sequence[tuple[str, Sequence[str | None]]], min_shard_size: int = 2**14) -> list[Rule]:
+    """Sharding rules from an architecture's logical axes (``[(path regex, (logical name per axis)), ...]``,
+    :attr:`lora_jax.models.arch.Architecture.logical_axes`), then the default rules for every other leaf."""
+    return [(pattern, ("logical", tuple(names))) for pattern, names in axes] + default_rules(min_shard_size)
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """The ``PartitionSpec`` of a leaf whose axes have logical ``names``, through :data:`LOGICAL_AXES`: an axis is
+    split over its mesh axis when the mesh has it and it divides the axis evenly, and left whole otherwise."""
+    if len(names) != len(shape):
+        raise ValueError(f"sharding: logical axes {tuple(names)} do not fit a leaf of shape {tuple(shape)}")
+    spec = []
+    for name, size in zip(names, shape):
+        axis = LOGICAL_AXES.get(name) if name is not None else None
+        ok = axis in mesh.shape and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0
+        spec.append(axis if ok else None)
+    return P(*spec)
 
 
 def expert_size(mesh: Mesh) -> int:
@@ -118,6 +187,10 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule])
 
 def _rule_spec(pattern: str | None, spec: Any, shape: Sequence[int], mesh: Mesh) -> P:
     fsdp = mesh.shape["fsdp"]
+    if isinstance(spec, tuple) and spec[0] == "logical":
+        if TENSOR_AXIS not in mesh.shape:  # FSDP alone: the largest divisible axis, whatever its name
+            return fsdp_spec(shape, fsdp) if int(np.prod(shape)) >= DEFAULT_MIN_SHARD_SIZE else P()
+        return logical_spec(spec[1], shape, mesh)
     if spec is None:
         return P()
     if isinstance(spec, P):

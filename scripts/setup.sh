@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if absent) and install lora_jax with the given extras, from nothing.
 #   bash scripts/setup.sh            # the library and the training job (extra "train")
-#   bash scripts/setup.sh test       # + test dependencies (CPU torch 2.13.0, peft; "test" includes "train")
+#   bash scripts/setup.sh test       # + test dependencies (CPU torch 2.13.0, peft) and the docs tools (mkdocs,
+#                                    #   mkdocs-material, mkdocstrings); "test" includes "train" and "docs"
 #   bash scripts/setup.sh ""         # the library alone (pip install lora_jax)
 #   bash scripts/setup.sh test,gguf  # + llama-cpp-python, the real llama.cpp for the GGUF export checks (pytest -m
 #                                    #   llamacpp): pip builds llama.cpp from source (51 min on a shared 2-core VM)

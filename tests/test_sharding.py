@@ -529,7 +529,7 @@ def test_scaling_doc_uses_real_options():
     from train.config import load_config
     from train.run import parse_args
 
-    text = (ROOT / "docs" / "scaling.md").read_text()
+    text = (ROOT / "docs" / "guides" / "scaling.md").read_text()
     runs = 0
     for command in _doc_commands(text):
         if "train.run" not in command:

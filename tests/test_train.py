@@ -14,6 +14,7 @@ from conftest import shared_data
 
 import lora_jax as lora
 from train import data as data_lib
+from train import loop
 from train.config import ConfigError, load_config
 from train.loop import NonFiniteError, run
 from train.metrics import read_log
@@ -229,6 +230,16 @@ def test_run_trains_and_writes_everything(full_run):
     adapters = lora.checkpoint.load_adapters(out / "adapters")
     assert {p for p, _ in lora.adapter_items(adapters)} == {
         f"bert/encoder/layer_{i}/attention/self/{m}/kernel" for i in range(2) for m in ("query", "value")}
+
+
+def test_run_logs_the_learning_rate_and_draws_its_loss(full_run):
+    """Each training record carries the learning rate its update used, and the run leaves loss.png behind."""
+    out, result = full_run
+    cfg = load_config(None, overrides("unused", "unused"))
+    train = [r for r in read_log(out) if r["kind"] == "train"]
+    assert [r["lr"] for r in train] == [pytest.approx(loop.lr_at(cfg, r["step"])) for r in train]
+    assert train[0]["lr"] == 0.0 and max(r["lr"] for r in train) == pytest.approx(cfg.optim.lr)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _train_batches(cfg, model_dir):

@@ -163,8 +163,8 @@ class TrainConfig:
     method: Literal["lora", "qlora", "full", "linear_probe"] = key(
         "lora", "lora: adapters (+ lora.train leaves); qlora: lora over a quantised base; full: every weight; "
         "linear_probe: only lora.train leaves (the head)")
-    steps: int = key(60, "optimizer steps (a resumed run may raise it)", ge=1, le=INT_MAX)
-    batch_size: int = key(8, "examples per step (a multiple of the mesh's devices)", ge=1, le=2**24)
+    steps: int = key(40, "optimizer steps (a resumed run may raise it)", ge=1, le=INT_MAX)
+    batch_size: int = key(4, "examples per step (a multiple of the mesh's devices)", ge=1, le=2**24)
     grad_accum: int = key(1, "micro-batches of batch_size accumulated per step", ge=1, le=2**16)
     precision: Literal["float32", "bfloat16"] = key("float32", "frozen base and compute dtype; adapters (and, for "
                                                     "lora / qlora, leaves trained in full) stay float32")
@@ -178,6 +178,9 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = key("stop", "a step whose loss, gradients or updated state are not "
                                               "finite: stop (exit 3; checkpoints stay finite) or skip it (at most "
                                               "10 in a row)")
+    device_memory: str | None = key(None, "memory per device that the run may use, e.g. '16GB' (null: what the "
+                                    "backend reports; checked against the memory plan before the first step)",
+                                    pattern=r"(?i)^\s*\d+(\.\d+)?\s*([KMGT]?i?B?)\s*$")
     time_budget_s: Float | None = key(None, "stop (with a checkpoint) when training has taken this many seconds",
                                       gt=0)
     prefetch: bool = key(True, "overlap host work with the step: place the next batch and read the previous step's "
@@ -190,6 +193,8 @@ class MeshConfig:
     fsdp: int = key(1, "devices along the FSDP axis that shards the frozen base", ge=1, le=2**20)
     expert: int = key(1, "devices along the expert axis: a mixture of experts' routed experts split across them",
                       ge=1, le=2**20)
+    tensor: int = key(1, "devices along the tensor-parallel axis: attention heads, MLP columns and the vocabulary "
+                      "split across them (same examples on each)", ge=1, le=2**20)
 
 
 @section

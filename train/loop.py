@@ -26,11 +26,13 @@ import optax
 
 import lora_jax as lora
 from lora_jax import sharding
+from lora_jax.models import placement
 from lora_jax.checkpoint import Checkpointer, load_trained, save_adapters, save_trained  # noqa: F401 (load_trained: train.predict)
 from lora_jax.errors import NonFiniteError
 from lora_jax.variants import pissa_to_lora
 from train import config as config_lib
 from train import data as data_lib
+from train import memory
 from train import metrics as metrics_lib
 from train import outputs
 from train.config import Config, ConfigError
@@ -51,13 +53,10 @@ GGUF_ADAPTER, GGUF_MERGED, GGUF_MERGED_REPORT = "adapter.gguf", "merged.gguf", "
 # ----------------------------------------------------------------------------------------------- model
 
 
-def load_model(cfg: Config):
-    """``(model, params, tokenizer, model_config)`` through :func:`lora_jax.models.load`.
-
-    The parameters come in float32 whatever ``train.precision`` says (:func:`prepare` casts or quantises the
-    frozen base to it, so that a QLoRA base is quantised from the checkpoint's float32 values and leaves
-    trained in full keep float32 masters); the model computes in ``train.precision``.
-    """
+def open_model(cfg: Config):
+    """``(checkpoint, model)``: the configured model opened (config, tokenizer, tensor names and shapes; no weight
+    read yet, see :class:`lora_jax.models.Checkpoint`) and its Linen module computing in ``train.precision``, with
+    ``train.remat``."""
     from lora_jax import models
 
     task = MODEL_TASKS[cfg.data.task]
@@ -66,18 +65,23 @@ def load_model(cfg: Config):
     if coef is not None:
         overrides.update(router_aux_loss_coef=float(coef), output_router_logits=coef > 0)
     try:
-        model, params, tokenizer, model_cfg = models.load(cfg.model.name, dtype=jnp.float32, task=task, **overrides)
+        ckpt = models.open_checkpoint(cfg.model.name, task=task, **overrides)
     except TypeError as e:
         if coef is None or "router_aux_loss_coef" not in str(e):
             raise
         raise ConfigError(f"model.router_aux_loss_coef={coef}: {cfg.model.name} is not a mixture of experts "
                           "(its Config has no router); leave it unset") from None
-    compute = jnp.dtype(cfg.train.precision)
-    if compute != jnp.float32:
-        model = model.clone(dtype=compute)
+    model = ckpt.build(jnp.dtype(cfg.train.precision))
     if hasattr(model, "remat"):  # checkpoint each layer (train.remat); other models checkpoint the whole loss
         model = model.clone(remat=remat_name(cfg.train.remat))
-    return model, params, tokenizer, model_cfg
+    return ckpt, model
+
+
+def load_model(cfg: Config):
+    """``(model, params, tokenizer, model_config)``: :func:`open_model` with every parameter read whole, in
+    float32, onto the default device (for evaluation and tests; training loads through :func:`prepare`)."""
+    ckpt, model = open_model(cfg)
+    return model, ckpt.load(dtype=jnp.float32), ckpt.tokenizer, ckpt.config
 
 
 def _head_rules(cfg: Config, params: Any) -> list[str] | None:
@@ -92,12 +96,20 @@ def _head_rules(cfg: Config, params: Any) -> list[str] | None:
     return (models.head_rules(task, params) or None) if task != "causal-lm" else None
 
 
+def _adapter_kwargs(cfg: Config) -> dict:
+    lc = cfg.lora
+    return dict(alpha=lc.alpha, targets=lc.targets, exclude=lc.exclude, dropout=lc.dropout,
+                use_rslora=lc.use_rslora, rank_pattern=lc.rank_pattern, alpha_pattern=lc.alpha_pattern,
+                use_dora=lc.use_dora)
+
+
 def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dict]:
     """``(frozen, trainable)`` for the configured method (in the parameters' own dtype; see :func:`prepare`).
 
     ``lora`` / ``qlora``: adapters from :func:`lora_jax.init` (DoRA with ``lora.use_dora``); with
     ``lora.init: pissa`` they come from :func:`lora_jax.init_pissa` and the frozen base is PiSSA's residual
-    ``W - s*A@B``, so the adapted model still equals the original one at step 0.
+    ``W - s*A@B``, so the adapted model still equals the original one at step 0. ``params`` may be abstract
+    (``jax.ShapeDtypeStruct`` leaves) unless the adapters need the base's values (DoRA, PiSSA).
     """
     lc = cfg.lora
     head = _head_rules(cfg, params)
@@ -107,14 +119,16 @@ def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dic
         if not head:
             raise ConfigError("train.method=linear_probe trains only named leaves: set lora.train (e.g. [lm_head/.*])")
         return lora.split(params, {}, train=head)
-    kwargs = dict(alpha=lc.alpha, targets=lc.targets, exclude=lc.exclude, dropout=lc.dropout,
-                  use_rslora=lc.use_rslora, rank_pattern=lc.rank_pattern, alpha_pattern=lc.alpha_pattern,
-                  use_dora=lc.use_dora)
     if lc.init == "pissa":
-        params, adapters = lora.init_pissa(params, lc.r, niter=lc.pissa_niter, key=key, **kwargs)
+        params, adapters = lora.init_pissa(params, lc.r, niter=lc.pissa_niter, key=key, **_adapter_kwargs(cfg))
     else:
-        adapters = lora.init(params, r=lc.r, key=key, init=lc.init, **kwargs)
+        adapters = lora.init(params, r=lc.r, key=key, init=lc.init, **_adapter_kwargs(cfg))
     return lora.split(params, adapters, train=head)
+
+
+def _needs_base_values(cfg: Config) -> bool:
+    """Whether the adapters are initialised from the base's values (DoRA's magnitudes, PiSSA's SVD)."""
+    return cfg.train.method in ("lora", "qlora") and (cfg.lora.use_dora or cfg.lora.init == "pissa")
 
 
 def _cast_floats(tree: Any, dtype) -> Any:
@@ -129,9 +143,17 @@ def _cast_floats(tree: Any, dtype) -> Any:
 def quantize_base(cfg: Config, frozen: Any) -> Any:
     """The frozen tree with the ``quant.targets`` kernels as :class:`lora_jax.quant.QuantizedWeight` (stored in
     ``quant.type``, dequantised to ``train.precision`` inside the products)."""
+    return lora.quant.quantize(frozen, **_quant_kwargs(cfg))
+
+
+def _quant_kwargs(cfg: Config) -> dict:
     qc = cfg.quant
-    return lora.quant.quantize(frozen, qc.type, block_size=qc.block_size, double_quant=qc.double_quant,
-                               targets=qc.targets, compute_dtype=jnp.dtype(cfg.train.precision))
+    return dict(method=qc.type, block_size=qc.block_size, double_quant=qc.double_quant, targets=qc.targets,
+                compute_dtype=jnp.dtype(cfg.train.precision))
+
+
+def _quantizer(cfg: Config, frozen: Any) -> lora.quant.Quantizer:
+    return lora.quant.quantizer(frozen, **_quant_kwargs(cfg))
 
 
 def run_keys(cfg: Config) -> tuple[jax.Array, jax.Array]:
@@ -144,11 +166,13 @@ def run_keys(cfg: Config) -> tuple[jax.Array, jax.Array]:
 class Prepared:
     """What the step trains and what it reads.
 
-    ``frozen``: the base as the step sees it (``train.precision``; QuantizedWeight kernels for qlora; the PiSSA
-    residual for ``lora.init: pissa``), ``None`` where a leaf is trained. ``trainable``: ``{"adapters",
-    "params"}`` (adapters float32; leaves trained in full float32 for lora / qlora, ``train.precision``
-    otherwise). ``pissa_init``: the initial PiSSA adapters (host arrays), kept for the PEFT export, which states
-    the update against the original base.
+    Attributes:
+      frozen: the base as the step sees it (``train.precision``; QuantizedWeight kernels for qlora; the PiSSA
+        residual for ``lora.init: pissa``), ``None`` where a leaf is trained.
+      trainable: ``{"adapters", "params"}`` (adapters float32; leaves trained in full float32 for lora / qlora,
+        ``train.precision`` otherwise).
+      pissa_init: the initial PiSSA adapters (host arrays), kept for the PEFT export, which states the update
+        against the original base.
     """
 
     frozen: Any
@@ -156,18 +180,97 @@ class Prepared:
     pissa_init: Any = None
 
 
-def prepare(cfg: Config, params: Any, key: jax.Array) -> Prepared:
-    """Split ``params`` (float32, from :func:`load_model`) for ``cfg``: choose what is trained, quantise (qlora)
-    or cast the frozen base to ``train.precision``, keep float32 masters of what LoRA trains."""
-    frozen, trainable = choose_trainable(cfg, params, key)
+class _InMemory:
+    """Concrete parameters behind the part of :class:`lora_jax.models.Checkpoint` that :func:`prepare` reads."""
+
+    def __init__(self, params: Any):
+        self.params = lora.tree.flatten(params)
+
+    def abstract(self) -> Any:
+        return lora.tree.unflatten({p: jax.ShapeDtypeStruct(np.shape(x), x.dtype) for p, x in self.params.items()})
+
+    def load(self, shardings: Any = None, dtype: Any = jnp.float32, only: Any = None, then: Any = None) -> Any:
+        wanted = [p for p, v in lora.tree.flatten(only).items() if v is not None] if only is not None else self.params
+        where = lora.tree.flatten(shardings) if shardings is not None else {}
+        out = {}
+        for p in wanted:
+            x = self.params[p]
+            want = placement.dtype_of(dtype, p)
+            x = x.astype(want) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != want else x
+            x = jax.device_put(x, where[p]) if p in where else x
+            out[p] = then(p, x) if then is not None else x
+        return lora.tree.unflatten(out)
+
+
+def _like(abstract: Any, loaded: Any) -> Any:
+    """``loaded`` (nested dicts of the leaves read) in the structure of ``abstract``, ``None`` where it has
+    ``None`` (the leaves :func:`lora_jax.split` moved to the trainable tree)."""
+    flat = lora.tree.flatten(loaded)
+    return lora.tree.unflatten({p: None if v is None else flat[p] for p, v in lora.tree.flatten(abstract).items()})
+
+
+def sharding_rules(base: Any) -> list:
+    """The sharding rules of a run: the architecture's logical axes (what a ``tensor`` axis splits), then the FSDP
+    defaults (:func:`lora_jax.sharding.logical_rules`)."""
+    arch = getattr(base, "arch", None)
+    return sharding.logical_rules(arch.logical_axes if arch is not None else ())
+
+
+def prepare(cfg: Config, base: Any, key: jax.Array, mesh: Any = None) -> Prepared:
+    """Read the base for ``cfg`` and split it: choose what is trained, quantise (qlora) or cast the frozen base to
+    ``train.precision``, keep float32 masters of what LoRA trains.
+
+    ``base``: a :class:`lora_jax.models.Checkpoint` (read here, each leaf straight into its place on ``mesh`` and in
+    its final dtype: the frozen base in ``train.precision``, a QLoRA base quantised kernel by kernel as it is read,
+    leaves trained in full in float32 for lora / qlora; nothing whole on one device unless the sharding rules
+    replicate it) or concrete float32 parameters. ``mesh``: ``None`` leaves every array on the default device.
+    DoRA and PiSSA initialise the adapters from the base's values: their base is read in float32 first.
+    """
+    source = base if hasattr(base, "sources") else _InMemory(base)
+    abstract = source.abstract()
+    rules = sharding_rules(base)
     compute = jnp.dtype(cfg.train.precision)
-    if cfg.train.method == "qlora":
-        frozen = quantize_base(cfg, frozen)
-    frozen = _cast_floats(frozen, compute)
-    if cfg.train.method in ("full", "linear_probe"):
-        trainable = {"adapters": trainable["adapters"], "params": _cast_floats(trainable["params"], compute)}
+    method = cfg.train.method
+    concrete = _needs_base_values(cfg)
+    # what is trained, from the shapes alone (adapters that need the base's values are made after it is read)
+    if concrete:
+        frozen_abs, trainable_abs = lora.split(abstract, {}, train=_head_rules(cfg, abstract))
+    else:
+        frozen_abs, trainable_abs = choose_trainable(cfg, abstract, key)
+    trained_dtype = compute if method in ("full", "linear_probe") else jnp.dtype(jnp.float32)
+    quantize = _quantizer(cfg, frozen_abs) if method == "qlora" and not concrete else None
+    if concrete:
+        frozen_dtype = jnp.dtype(jnp.float32)
+    elif quantize is not None:  # a QLoRA kernel is quantised from its float32 values, the rest cast as usual
+        frozen_dtype = lambda path: jnp.dtype(jnp.float32) if quantize.targets(lora.tree.join(path)) else compute  # noqa: E731
+    else:
+        frozen_dtype = compute
+
+    def shardings(tree: Any, dtype: Any) -> Any:
+        if mesh is None:
+            return None
+        return sharding.tree_shardings(tree, mesh, rules)  # from shapes: the same whatever the dtype
+
+    def requantize(path: tuple, x: Any) -> Any:  # each kernel quantised as soon as it is read
+        q = quantize(lora.tree.join(path), x)
+        if mesh is None or q is x:
+            return q
+        placed = sharding.tree_shardings(lora.tree.unflatten({path: q}), mesh, rules)
+        return jax.device_put(q, lora.tree.get(placed, path))
+
+    frozen = _like(frozen_abs, source.load(shardings(frozen_abs, frozen_dtype), dtype=frozen_dtype, only=frozen_abs,
+                                           then=requantize if quantize is not None else None))
+    trained = trainable_abs["params"]
+    params = source.load(shardings(trained, trained_dtype), dtype=trained_dtype, only=trained) \
+        if lora.tree.leaves(trained) else {}
+    trainable = {"adapters": trainable_abs["adapters"], "params": params}
+    if concrete:
+        frozen, trainable = choose_trainable(cfg, lora.combine(frozen, trainable)[0], key)
+        if method == "qlora":
+            frozen = quantize_base(cfg, frozen)
+        frozen = _cast_floats(frozen, compute)
     pissa_init = None
-    if cfg.lora.init == "pissa" and cfg.train.method in ("lora", "qlora") and (
+    if cfg.lora.init == "pissa" and method in ("lora", "qlora") and (
             cfg.output.export_peft or cfg.output.export_gguf_adapter or cfg.output.export_gguf):
         pissa_init = jax.device_get(trainable["adapters"])
     return Prepared(frozen, trainable, pissa_init)
@@ -186,17 +289,30 @@ def merged_params(params: Any, adapters: Any) -> Any:
 # ------------------------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+def lr_schedule(cfg: Config) -> optax.Schedule | float:
+    """The learning rate by optimizer update (0-based): ``optim.warmup_steps`` of linear warmup, then
+    ``optim.schedule``; a float when it is constant from the start. (With LoRA+, A's rate; B's is
+    ``optim.lora_plus_ratio`` times it.)"""
     oc, steps = cfg.optim, cfg.train.steps
     warmup = min(oc.warmup_steps, max(steps - 1, 0))
     if oc.schedule == "constant":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)), optax.constant_schedule(oc.lr)],
-                                  [warmup]) if warmup else oc.lr
-    elif oc.schedule == "linear":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
-                                   optax.linear_schedule(oc.lr, 0.0, max(steps - warmup, 1))], [warmup])
-    else:
-        lr = optax.warmup_cosine_decay_schedule(0.0, oc.lr, max(warmup, 1), max(steps, warmup + 1))
+        return optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
+                                     optax.constant_schedule(oc.lr)], [warmup]) if warmup else oc.lr
+    if oc.schedule == "linear":
+        return optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
+                                     optax.linear_schedule(oc.lr, 0.0, max(steps - warmup, 1))], [warmup])
+    return optax.warmup_cosine_decay_schedule(0.0, oc.lr, max(warmup, 1), max(steps, warmup + 1))
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """The learning rate the update of (1-based) ``step`` used."""
+    lr = lr_schedule(cfg)
+    return float(lr(step - 1)) if callable(lr) else float(lr)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    oc = cfg.optim
+    lr = lr_schedule(cfg)
 
     def make(learning_rate):
         if oc.name == "adamw":
@@ -344,6 +460,16 @@ def _non_finite_message(step: int, m: dict, last_finite: int, in_a_row: int, ckp
             f"{where}")
 
 
+def on_mesh(fn: Callable, mesh: Any) -> Callable:
+    """``fn`` traced inside :func:`lora_jax.sharding.activation_mesh`: the shared layers pin their activations to
+    ``mesh`` (what tensor parallelism needs; nothing changes on a mesh without a ``tensor`` axis)."""
+    def traced(*args):
+        with sharding.activation_mesh(mesh):
+            return fn(*args)
+
+    return traced
+
+
 def make_eval_step(model, cfg: Config):
     loss_fn = loss_for(cfg)
 
@@ -467,6 +593,8 @@ class Setup:
     primary: bool
     multi_process: bool
     say: Callable[..., None]
+    memory_plan: dict = dataclasses.field(default_factory=dict)
+    first_compiled: tuple | None = None  # (batch shape, compile_step's result) from plan_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,6 +633,18 @@ class Progress:
     last_metrics: dict = dataclasses.field(default_factory=dict)
 
 
+def check_data_source(cfg: Config) -> None:
+    """Read the local or built-in training (and evaluation) rows and check their columns, before the model is
+    loaded (seconds instead of the model's load time). Hub data sets are left to the full load."""
+    dc = cfg.data
+    sources = [dc.source] + ([dc.eval_source] if dc.eval_source else [])
+    for source in sources:
+        is_local = source.startswith("builtin:") or any(
+            Path(p.strip()).suffix.lower() in data_lib.FILE_TYPES for p in source.split(","))
+        if is_local:
+            data_lib.load_rows(dataclasses.replace(dc, source=source), dc.train_split)
+
+
 def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) -> tuple[Setup, TrainState] | None:
     """Check and load everything the run reads: the mesh, the model, the data, the trainable tree, the optimizer;
     then place the frozen base and the trainable state on the mesh and jit the step and the evaluation.
@@ -512,16 +652,18 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     ``check``: the output folder's plan as text (:func:`train.outputs.describe`); stop after the checks, say
     that they passed, and return ``None`` (nothing placed, nothing written)."""
     primary = jax.process_index() == 0
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, expert=cfg.mesh.expert)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, expert=cfg.mesh.expert, tensor=cfg.mesh.tensor)
     say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
         f"{jax.process_count()} process(es)")
-    if cfg.train.batch_size % mesh.size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {mesh.size} devices of "
-                          "the mesh")
+    replicas = mesh.size // mesh.shape.get(sharding.TENSOR_AXIS, 1)  # the devices that see different examples
+    if cfg.train.batch_size % replicas:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {replicas} devices of "
+                          "the mesh that see different examples (data x fsdp x expert)")
 
+    check_data_source(cfg)  # a wrong path or column fails here, before the model is loaded
     t0 = time.perf_counter()
-    model, params, tokenizer, model_cfg = load_model(cfg)
-    say(f"loaded {cfg.model.name} in {time.perf_counter() - t0:.1f}s")
+    ckpt, model = open_model(cfg)  # config, tokenizer, tensor names and shapes: no weight read yet
+    tokenizer, model_cfg = ckpt.tokenizer, ckpt.config
     max_positions = getattr(model_cfg, "max_position_embeddings", None)
     num_labels = cfg.model.num_labels if cfg.data.task != "causal-lm" else None
     train_data, eval_data = data_lib.load_tokenized(
@@ -537,32 +679,35 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
             f"warmup is shortened to {warmup} steps")
 
     init_key, step_key = run_keys(cfg)
-    prepared = prepare(cfg, params, init_key)
+    tx = make_optimizer(cfg)
+    if check is not None:  # the targets and what is trained, from the shapes alone: no weight is read
+        plain = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, use_dora=False, init="lora"))
+        choose_trainable(plain, ckpt.abstract(), init_key)
+        say(f"check: the config, {cfg.model.name}, the data, the targets and {check} are valid; nothing was written")
+        return None
+
+    # Every leaf straight into its place on the mesh, in its final dtype (see prepare).
+    prepared = prepare(cfg, ckpt, init_key, mesh)
     frozen, trainable = prepared.frozen, prepared.trainable
-    summary = lora.summary(params, trainable["adapters"], trainable["params"])
-    del params  # the float32 copy as loaded; what is used from here on is frozen + trainable
+    say(f"loaded {cfg.model.name} into the mesh in {time.perf_counter() - t0:.1f}s")
+    summary = lora.summary(lora.combine(frozen, {"adapters": {}, "params": trainable["params"]})[0],
+                           trainable["adapters"], trainable["params"])
     n_trainable = summary.trainable
     frozen_bytes = _nbytes(frozen)
     say(f"method {cfg.train.method}: training {n_trainable:,} of {summary.total:,} parameters "
         f"({100 * n_trainable / summary.total:.2f}%); frozen base {frozen_bytes / 2**20:,.1f} MiB as stored"
         + (f" ({cfg.quant.type})" if cfg.train.method == "qlora" else f" ({cfg.train.precision})"))
 
-    tx = make_optimizer(cfg)
-    if check is not None:
-        say(f"check: the config, {cfg.model.name}, the data, the targets and {check} are valid; nothing was written")
-        return None
-
-    # Place the frozen base FSDP-sharded, the trainable tree by the same rules (adapters are small: replicated).
-    frozen = sharding.put_tree(frozen, sharding.tree_shardings(frozen, mesh))
-    trainable = sharding.put_tree(trainable, sharding.tree_shardings(trainable, mesh))
+    # The trainable tree by the same rules (adapters are small: replicated); the base is already in place.
+    trainable = sharding.put_tree(trainable, sharding.tree_shardings(trainable, mesh, sharding_rules(ckpt)))
     opt_state = sharding.init_opt_state(tx, trainable)  # moments placed like their parameters
 
     # The state leaves the step with the shardings it came in with (left to XLA, the adapters can come out
     # FSDP-split, and the next step would compile again for them).
     state_shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
-    step_fn = jax.jit(make_train_step(model, cfg, tx), donate_argnums=(0, 1), out_shardings=(*state_shardings, None),
-                      compiler_options=step_compiler_options(cfg))
-    eval_fn = jax.jit(make_eval_step(model, cfg))
+    step_fn = jax.jit(on_mesh(make_train_step(model, cfg, tx), mesh), donate_argnums=(0, 1),
+                      out_shardings=(*state_shardings, None), compiler_options=step_compiler_options(cfg))
+    eval_fn = jax.jit(on_mesh(make_eval_step(model, cfg), mesh))
     rows = sharding.batch_axes(mesh)
     batch_shardings = (sharding.batch_sharding(mesh, ndim=3, leading=1),
                        sharding.NamedSharding(mesh, sharding.P(None, rows)))
@@ -580,7 +725,21 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
               batch_shardings=batch_shardings, eval_shardings=eval_shardings, eval_bsz=eval_bsz,
               pissa_init=prepared.pissa_init, n_trainable=n_trainable, total_params=summary.total,
               frozen_bytes=frozen_bytes, primary=primary, multi_process=multi_process, say=say)
-    return s, TrainState(trainable, opt_state)
+    return plan_memory(s, TrainState(trainable, opt_state)), TrainState(trainable, opt_state)
+
+
+def plan_memory(s: Setup, state: TrainState) -> Setup:
+    """Compile the step for the first batch's shape and check the memory plan (:mod:`train.memory`) before any
+    step runs: a run that would not fit stops here with a :class:`ConfigError` that names what would help. The
+    compiled step is kept for the loop (``Setup.first_compiled``) and the plan for ``result.json``."""
+    placed = place(s, 0)
+    args = (state.trainable, state.opt_state, s.frozen, placed.batch, jax.random.fold_in(s.step_key, 0))
+    compiled = compile_step(s.step_fn, *args)
+    p = memory.plan(s.frozen, state.trainable, state.opt_state, placed.batch, compiled[1],
+                    memory.device_capacity(s.cfg))
+    s.say(p.describe())
+    memory.check(p, s.cfg)
+    return dataclasses.replace(s, memory_plan=p.as_dict(), first_compiled=(placed.shape, compiled))
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -634,9 +793,22 @@ def generation_metrics(s: Setup, trainable: Any) -> dict:
 
 
 def evaluate_all(s: Setup, trainable: Any) -> tuple[dict, list[tuple[str, str]]]:
-    """The evaluation before and after training: ``({**evaluate, **generation_metrics}, samples)``."""
-    return {**evaluate(s, trainable), **generation_metrics(s, trainable)}, samples(s, trainable,
-                                                                                  s.cfg.eval.generate_samples)
+    """The evaluation before and after training: ``({**evaluate, **generation_metrics}, samples)``.
+
+    The printed samples are the first ``eval.generate_samples`` of the continuations scored for BLEU / ROUGE-L
+    (the merged model's, which equal the factored model's up to rounding) when those cover them: one generation
+    pass, one compilation of the decoder, instead of two."""
+    cfg = s.cfg
+    n_samples, n_scored = cfg.eval.generate_samples, cfg.eval.generate_eval
+    if cfg.data.task != "causal-lm" or s.multi_process or not (0 < n_samples <= n_scored):
+        return {**evaluate(s, trainable), **generation_metrics(s, trainable)}, samples(s, trainable, n_samples)
+    unique = list(dict.fromkeys(s.eval_data.prompts))[:n_scored]
+    refs = {p: r for p, r in zip(s.eval_data.prompts, s.eval_data.references)}
+    params_now, adapters_now = lora.combine(s.frozen, trainable)
+    preds = generate_texts(s.model, merged_params(params_now, adapters_now), s.tokenizer, unique, cfg,
+                           batch_size=min(16, -(-len(unique) // 8) * 8))
+    scores = metrics_lib.generation(preds, [refs[p] for p in unique])
+    return {**evaluate(s, trainable), **scores}, list(zip(unique, preds))[:n_samples]
 
 
 # ------------------------------------------------------------------------------------------- the step loop
@@ -736,11 +908,11 @@ def _read_metrics(s: Setup, p: Progress, done: _Dispatched, clock: list[float], 
         p.tokens_seen += n_real
         p.steady_s += dt
     tok_s = p.tokens_seen / p.steady_s if p.steady_s else 0.0
-    record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "finite": finite, "tokens_per_s": tok_s,
-              "train_s": p.train_s}
+    record = {"loss": loss, "lr": lr_at(cfg, step), "grad_norm": float(m["grad_norm"]), "finite": finite,
+              "tokens_per_s": tok_s, "train_s": p.train_s}
     p.history.append({"step": step, **record})
     log.write("train", step, **record)
-    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
     bar.update(1)
 
 
@@ -777,6 +949,8 @@ def train_steps(s: Setup, state: TrainState, p: Progress, ckpt: Checkpointer, lo
             placed = nxt if nxt is not None else place(s, p.step)
             nxt = None
             step_args = (trainable, opt_state, s.frozen, placed.batch, jax.random.fold_in(s.step_key, p.step))
+            if s.first_compiled is not None and s.first_compiled[0] not in p.compiled:
+                p.compiled[s.first_compiled[0]] = s.first_compiled[1]  # compiled by plan_memory
             new_shape = placed.shape not in p.compiled
             if new_shape:  # compile ahead of time, once per shape, to read the compiled step's memory use
                 if pending is not None:  # charge the compilation to this step, not to the previous one
@@ -834,22 +1008,20 @@ def export(s: Setup, folder: Path, trainable: Any) -> None:
     cfg, say, primary = s.cfg, s.say, s.primary
     params_final, adapters_final = lora.combine(s.frozen, trainable)
     trained_final = trainable["params"]
-    if s.multi_process:  # exports are written by process 0 from host copies of the (replicated or sharded) arrays
+    if cfg.output.export_merged:  # merged on the mesh, sharded like the base; written below leaf by leaf
+        from lora_jax import models
+
+        models.save_pretrained(merged_params(params_final, adapters_final), s.model_cfg, folder / "merged",
+                               tokenizer=s.tokenizer)  # every process gathers each leaf in turn, process 0 writes
+        say(f"exported merged weights to {folder / 'merged'}")
+    if s.multi_process:  # the other exports are written by process 0 from host copies of the (small) arrays
         adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)
         trained_final = jax.tree.map(sharding.global_to_host, trained_final)
-        if cfg.output.export_merged:
-            params_final = jax.tree.map(sharding.global_to_host, params_final)
     uses_adapters = cfg.train.method in ("lora", "qlora")
     if uses_adapters:  # every process takes part in Orbax writes
         save_adapters(folder / "adapters", jax.device_get(adapters_final))
     if jax.tree.leaves(trained_final):  # a head trained in full (or every leaf, for full fine-tuning)
         save_trained(folder / "params", jax.device_get(trained_final))
-    if primary and cfg.output.export_merged:
-        from lora_jax import models
-
-        merged = jax.device_get(merged_params(params_final, adapters_final))
-        models.save_pretrained(merged, s.model_cfg, folder / "merged", tokenizer=s.tokenizer)
-        say(f"exported merged weights to {folder / 'merged'}")
     if primary and cfg.output.export_peft and uses_adapters:
         peft_adapters = jax.device_get(adapters_final)
         if s.pissa_init is not None:  # PEFT applies adapters to the original base, not PiSSA's residual
@@ -862,8 +1034,33 @@ def export(s: Setup, folder: Path, trainable: Any) -> None:
                     jax.device_get(trained_final), s.pissa_init, say)
 
 
-def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress) -> None:
-    """``result.json``: the run's evaluations, sizes, times, the compiled step's memory and the batch shapes."""
+def say_outputs(s: Setup, folder: Path, result: RunResult) -> None:
+    """Draw ``loss.png`` and say where the run's outputs are and how to look at them."""
+    from train import plot
+
+    try:
+        png = plot.plot_run(folder)
+    except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn does not fail a finished run
+        png = None
+        s.say(f"note: could not draw the loss plot ({type(e).__name__}: {e})")
+    job = folder.parent
+    s.say(f"\nfinished in {result.wall_s:.0f}s; outputs in {folder}:")
+    for name, what in (("result.json", "metrics before / after, sizes, times"),
+                       ("metrics.jsonl", "loss, learning rate, gradient norm, tokens/s by step; evaluations"),
+                       ("loss.png", "loss and learning rate by step"), ("tensorboard", "TensorBoard events"),
+                       ("adapters", "the trained adapters"), ("params", "leaves trained in full"),
+                       ("checkpoints", "resume with --resume"), ("peft", "PEFT adapter (transformers, vLLM)"),
+                       ("merged", "merged Hugging Face weights"), (GGUF_ADAPTER, "llama.cpp LoRA adapter"),
+                       (GGUF_MERGED, "merged GGUF model")):
+        if (folder / name).exists() and (name != "loss.png" or png is not None):
+            s.say(f"  {folder / name}  ({what})")
+    s.say(f"look at it: python -m train.plot {folder} (redraws loss.png)  |  python -m train.predict --run {job} "
+          f"--text ...  |  tensorboard --logdir {job} (if TensorBoard is installed)")
+
+
+def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, phases: dict | None = None) -> None:
+    """``result.json``: the run's evaluations, sizes, times (``phases_s``: wall seconds by phase), the compiled
+    step's memory and the batch shapes."""
     folder, step = result.folder, p.step
     # the widest shape's memory: the step's peak (one compiled executable is held per shape)
     step_memory = max((mem for _, mem in p.compiled.values()), key=lambda mem: mem.get("peak", 0), default=None)
@@ -872,13 +1069,14 @@ def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress) ->
         "steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
         "trainable_params": s.n_trainable, "total_params": s.total_params, "wall_s": result.wall_s,
         "train_s": p.train_s, "optimizer_state_bytes": _nbytes(state.opt_state),
-        "trainable_bytes": _nbytes(state.trainable), "frozen_bytes": s.frozen_bytes,
+        "trainable_bytes": _nbytes(state.trainable), "frozen_bytes": s.frozen_bytes, "memory_plan": s.memory_plan,
         "step_memory_bytes": (step_memory or {}).get("peak"), "step_memory": step_memory,
         "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
         if last.exists() else None,
         "batching": config_lib.batching(s.cfg), "batch_widths": list(s.batches.widths),
         "step_shapes": sorted(list(k) for k in p.compiled), "step_compilations": len(p.compiled),
         "examples_seen": p.examples_seen, "real_token_share": p.real_tokens / p.slots if p.slots else None,
+        "phases_s": phases or {}, "generate_eval": s.cfg.eval.generate_eval if s.cfg.data.task == "causal-lm" else 0,
         "samples_before": result.samples_before, "samples_after": result.samples_after}, indent=1, default=float))
 
 
@@ -899,6 +1097,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     if ready is None:
         return None
     s, state = ready
+    phases = {"setup": time.perf_counter() - t_start}  # wall seconds by phase (result.json: phases_s)
 
     # Every input is checked: now the run folder is written (and removed again if the run fails before its
     # first checkpoint; a run it replaces is moved back).
@@ -916,28 +1115,37 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
             eval_before = next(({k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
                                 for r in metrics_lib.read_log(folder) if r["kind"] == "eval" and r["step"] == 0), {})
         if progress.start == 0:
+            t0 = time.perf_counter()
             eval_before, samples_before = evaluate_all(s, state.trainable)
+            phases["eval_before"] = time.perf_counter() - t0
             log.write("eval", 0, **eval_before, train_s=0.0)
             say("before training: " + _fmt(eval_before))
             for prompt, out in samples_before:
                 say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
+        t0 = time.perf_counter()
         state, progress = train_steps(s, state, progress, ckpt, log, run_folder)
+        phases["training"] = time.perf_counter() - t0  # steps, their compilation, evaluations, checkpoints
 
+        t0 = time.perf_counter()
         eval_after, samples_after = evaluate_all(s, state.trainable)
+        phases["eval_after"] = time.perf_counter() - t0
         log.write("eval", progress.step, **eval_after, train_s=progress.train_s)
         say("after training:  " + _fmt(eval_after))
         for prompt, out in samples_after:
             say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
+        t0 = time.perf_counter()
         export(s, folder, state.trainable)
         ckpt.close()
         log.close()
         run_folder.commit()
+        phases["export"] = time.perf_counter() - t0
         result = RunResult(folder, progress.step, progress.history, eval_before, eval_after, samples_before,
                            samples_after, s.n_trainable, s.total_params, time.perf_counter() - t_start)
         if primary:
-            write_result(s, result, state, progress)
+            write_result(s, result, state, progress, phases)
+            say_outputs(s, folder, result)
         return result
     except BaseException:
         if not run_folder.committed and not resume:

@@ -21,8 +21,29 @@ import sys
 from train.cli import ArgumentParser
 
 
+def config_keys_help(width: int = 118) -> str:
+    """Every config key with its default and meaning, for ``--help`` (from the schema in :mod:`train.config`)."""
+    import re
+    import textwrap
+
+    from train.config import key_table
+
+    row = re.compile(r"^\| `(?P<key>[^`]+)` \| `(?P<default>[^`]*)` \| (?P<allowed>.*?) \| (?P<meaning>.*) \|$")
+    lines = ["config keys (section.key=value; the full table with allowed values: docs/reference/config.md, or "
+             "python -m train.config):"]
+    for line in key_table().splitlines()[2:]:
+        m = row.match(line)
+        if m:
+            lines.append(f"  {m['key']} (default {m['default']})")
+            lines += textwrap.wrap(m["meaning"], width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0])
+    wants_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+    ap = ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0].replace("``", ""),
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog=config_keys_help() if wants_help else None)
     ap.add_argument("--config", help="YAML config (default: the embedded offline default)")
     ap.add_argument("--resume", action="store_true", help="continue the latest run in output.dir from its last "
                                                           "checkpoint")

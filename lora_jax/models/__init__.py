@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from lora_jax import tree
 from lora_jax.errors import CheckpointError
 from lora_jax.models import arch as _arch
+from lora_jax.models import placement
 from lora_jax.models.arch import Architecture, for_config, for_model_type
 from lora_jax.models.hf import from_hf_weights, save_pretrained, to_hf_weights
 
@@ -156,22 +157,105 @@ class Loaded:
     source: str
 
 
-def _cast(params: Any, dtype) -> Any:
-    def cast(x):
-        x = jnp.asarray(x)
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+@dataclasses.dataclass
+class Checkpoint:
+    """A model checkpoint opened but not yet read: its config, tokenizer and, per parameter, where the values are
+    (:class:`~lora_jax.models.hf.LeafSource`). :meth:`load` creates the parameters, each straight into its final
+    sharding and dtype (see :mod:`lora_jax.models.placement`)::
 
-    return jax.tree_util.tree_map(cast, params)
+        ckpt = open_checkpoint("path/to/Llama-3.1-8B")                 # reads names, shapes and the config only
+        shardings = sharding.tree_shardings(ckpt.abstract(jnp.bfloat16), mesh)
+        params = ckpt.load(shardings, dtype=jnp.bfloat16)               # every device reads only its blocks
+
+    Attributes:
+      arch: the family's declaration.
+      config: the family's ``Config``.
+      task: the task whose parameters are read.
+      tokenizer: the preprocessor (a tokenizer, or an audio model's feature extractor; ``None`` if the folder
+        has none).
+      sources: ``{path: LeafSource}`` of the parameters the checkpoint holds.
+      fresh: paths the checkpoint lacks that are initialised (a new task head).
+      shapes: ``{path: ShapeDtypeStruct}`` of every parameter (float32).
+      source: the file the weights come from.
+    """
+
+    arch: Architecture
+    config: Any
+    task: str
+    tokenizer: Any
+    sources: dict
+    fresh: list
+    shapes: dict
+    source: str
+
+    @property
+    def new_params(self) -> list[str]:
+        return [tree.join(p) for p in self.fresh]
+
+    def build(self, dtype: Any = jnp.float32):
+        """The Linen module of :attr:`task`, computing in ``dtype``."""
+        return self.arch.build(self.config, jnp.dtype(dtype), self.task)
+
+    def abstract(self, dtype: Any = None) -> dict:
+        """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (float leaves in ``dtype``, or ``dtype(path)``;
+        ``None``: float32): what sharding rules, ``lora.init`` and the optimizer need before any value exists."""
+        def one(path, x):
+            want = placement.dtype_of(dtype, path)
+            return jax.ShapeDtypeStruct(x.shape, want if want is not None and placement.is_float(x.dtype) else x.dtype)
+
+        return tree.unflatten({p: one(p, x) for p, x in self.shapes.items()})
+
+    def load(self, shardings: Any = None, dtype: Any = jnp.float32, key: jax.Array | None = None,
+             only: Any = None, then: Any = None) -> dict:
+        """The parameters, each created with its final sharding and dtype.
+
+        Args:
+          shardings: a tree of ``jax.sharding.Sharding`` shaped like the params (or like the part in ``only``), or
+            ``None``: every leaf whole on the default device.
+          dtype: the float leaves' dtype, or ``dtype(path) -> dtype`` (e.g. the frozen base in bfloat16 and a
+            head that is trained in full in float32).
+          key: PRNG key for the leaves the checkpoint lacks (default ``jax.random.key(0)``).
+          only: a tree (nested dicts) whose non-``None`` leaves' paths say which parameters to create (``None``:
+            all).
+          then: ``then(path, array) -> leaf``, applied to each leaf as soon as it is created (e.g. quantise it, so
+            that its dense values are dropped before the next leaf is read).
+        """
+        wanted = None if only is None else {p for p, v in tree.flatten(only).items() if v is not None}
+        if shardings is None:
+            default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            sharding_of = lambda path: default  # noqa: E731
+        else:
+            sharding_of = tree.flatten(shardings).__getitem__
+        dtype_of = lambda path: placement.dtype_of(dtype, path)  # noqa: E731
+        sources = {p: s for p, s in self.sources.items() if wanted is None or p in wanted}
+        params = placement.place(sources, sharding_of, dtype_of, then=then)
+        fresh = [p for p in self.fresh if wanted is None or p in wanted]
+        if fresh:
+            made = self._init_fresh(fresh, sharding_of, dtype_of, key)
+            params.update({p: then(p, x) if then is not None else x for p, x in made.items()})
+        return tree.unflatten(params)
+
+    def _init_fresh(self, paths: list, sharding_of, dtype_of, key) -> dict:
+        """The leaves the checkpoint lacks, initialised by the family's scheme under ``jit`` with their shardings
+        (only these leaves are computed: jit drops the rest of the model's initialisation)."""
+        def init(k):
+            full = tree.flatten(self.arch.init_params(self.config, k, self.task))
+            return {tree.join(p): full[p].astype(dtype_of(p)) if placement.is_float(full[p].dtype) else full[p]
+                    for p in paths}
+
+        out = jax.jit(init, out_shardings={tree.join(p): sharding_of(p) for p in paths})(
+            jax.random.key(0) if key is None else key)
+        return {tree.split(k): v for k, v in out.items()}
 
 
-def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None,
-               **config_overrides: Any) -> Loaded:
-    """Like :func:`load`, returning a :class:`Loaded` that also says which parameters were newly
-    initialised."""
-    from lora_jax.models import hf
+def open_checkpoint(name_or_path: str | os.PathLike, task: str | None = None, *, tokenizer: bool = True,
+                    **config_overrides: Any) -> Checkpoint:
+    """Open a model for :meth:`Checkpoint.load`: read its config, tokenizer and tensor names and shapes, check
+    that they fit the family's parameters, and read no weight yet. ``name_or_path``, ``task`` and
+    ``config_overrides`` are as for :func:`load`."""
+    from lora_jax.models import ct2, hf
 
     path = resolve(name_or_path)
-    dtype = jnp.dtype(dtype)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
@@ -179,13 +263,13 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
 
         if config_overrides:
             raise ValueError(f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF files")
-        model, params, tokenizer, config = gguf.load_gguf(path, dtype=dtype, task=task)
-        return Loaded(model, params, tokenizer, config, [], str(path))
-
-    from lora_jax.models import ct2
-
+        family, config, task, sources, tok = gguf.open_gguf_checkpoint(path, task, tokenizer)
+        shapes = family.shapes(config, task)
+        return Checkpoint(family, config, task, tok, sources, [], shapes, str(path))
     if ct2.is_ct2_folder(path):
-        return Loaded(*ct2.load_ct2(path, dtype, task, **config_overrides))
+        config, plan, preprocessor, source = ct2.open_ct2_checkpoint(path, task, **config_overrides)
+        return Checkpoint(for_config(config), config, plan.task, preprocessor, plan.sources, plan.fresh, plan.shapes,
+                          source)
     hf_config = hf.read_config(path)
     try:
         arch = for_model_type(getattr(hf_config, "model_type", None))
@@ -197,11 +281,21 @@ def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | N
     task = arch.detect_task(config, names) if task is None else arch.task(task)
     if arch.adapt is not None:
         config = arch.adapt(config, names, task)
-    new: list[tuple[str, ...]] = []
-    params = _cast(from_hf_weights(config, tensors, tensors.source, task, new=new), dtype)
-    model = arch.build(config, dtype, task)
-    preprocessor = arch.preprocessor(path, config) if arch.preprocessor is not None else hf.load_tokenizer(path)
-    return Loaded(model, params, preprocessor, config, [tree.join(p) for p in new], tensors.source)
+    plan = hf.plan_hf_weights(config, tensors, tensors.source, task)
+    preprocessor = None
+    if tokenizer:
+        preprocessor = arch.preprocessor(path, config) if arch.preprocessor is not None else hf.load_tokenizer(path)
+    return Checkpoint(arch, config, task, preprocessor, plan.sources, plan.fresh, plan.shapes, tensors.source)
+
+
+def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None,
+               **config_overrides: Any) -> Loaded:
+    """Like :func:`load`, returning a :class:`Loaded` that also says which parameters were newly
+    initialised."""
+    ckpt = open_checkpoint(name_or_path, task, **config_overrides)
+    dtype = jnp.dtype(dtype)
+    return Loaded(ckpt.build(dtype), ckpt.load(dtype=dtype), ckpt.tokenizer, ckpt.config, ckpt.new_params,
+                  ckpt.source)
 
 
 def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
@@ -237,6 +331,6 @@ def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = 
     return loaded.model, loaded.params, loaded.tokenizer, loaded.config
 
 
-__all__ = ["ALIASES", "Architecture", "CheckpointError", "Loaded", "build", "for_config", "for_model_type",
-           "from_hf_weights", "head_rules", "init_params", "load", "load_model", "resolve", "save_pretrained",
-           "to_hf_weights"]
+__all__ = ["ALIASES", "Architecture", "Checkpoint", "CheckpointError", "Loaded", "build", "for_config",
+           "for_model_type", "from_hf_weights", "head_rules", "init_params", "load", "load_model", "open_checkpoint",
+           "resolve", "save_pretrained", "to_hf_weights"]

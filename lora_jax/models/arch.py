@@ -22,6 +22,9 @@ What a declaration says
   checkpoint's tensor names (optional; BERT: whether the checkpoint has a pooler).
 - ``preprocessor``: ``(folder or None, config) -> object`` that :func:`lora_jax.models.load` returns in the
   tokenizer's place (an audio family's feature extractor); ``None``: the folder's ``transformers`` tokenizer.
+- ``logical_axes``: ``(path regex, (logical axis name per leaf axis))`` for the kernels that a ``tensor`` mesh axis
+  splits (``("embed", "heads")`` for a query projection); :data:`lora_jax.sharding.LOGICAL_AXES` maps the names to
+  mesh axes. Leaves it does not name are placed by the FSDP rules.
 
 How a parameter path maps: our paths mirror the ``transformers`` module names. ``layers_3`` (a Linen list) is
 ``layers.3`` when ``"layers"`` is in ``Names.lists``; the leaf ``kernel`` / ``scale`` / ``embedding`` is
@@ -90,21 +93,34 @@ class Layout:
 
     ``transposed``: the checkpoint holds the leaf with its axes reversed (what PEFT calls not
     ``fan_in_fan_out`` for a linear layer).
+
+    ``read``: ``(views, index) -> array``, the leaf's block ``leaf[index]`` (``index``: one ``slice`` per leaf axis)
+    read from lazy tensor ``views`` (anything indexable like a numpy array: safetensors' ``get_slice``, a
+    memory map) by reading only the matching block of each tensor. ``None``: the layout cannot say which bytes
+    a block needs, and :meth:`read_block` loads the whole leaf and slices it.
     """
 
     load: Callable[[Sequence[Any]], Any]
     save: Callable[[Any], list[Any]]
     transposed: bool = False
+    read: Callable[[Sequence[Any], tuple[slice, ...]], Any] | None = None
+
+    def read_block(self, views: Sequence[Any], index: tuple[slice, ...]) -> np.ndarray:
+        """``load(views)[index]``, reading only that block of the tensors when the layout knows how."""
+        if self.read is not None:
+            return np.asarray(self.read(views, tuple(index)))
+        return np.asarray(self.load([np.asarray(v) for v in views]))[tuple(index)]
 
 
 def _reverse(x):
     return x.transpose(tuple(range(x.ndim))[::-1])
 
 
-SAME = Layout(load=lambda xs: xs[0], save=lambda x: [x])
+SAME = Layout(load=lambda xs: xs[0], save=lambda x: [x], read=lambda vs, index: vs[0][index])
 """Stored as it is (norm scales, biases, embedding tables, GPT-2's ``Conv1D`` kernels)."""
 
-TRANSPOSE = Layout(load=lambda xs: _reverse(xs[0]), save=lambda x: [_reverse(x)], transposed=True)
+TRANSPOSE = Layout(load=lambda xs: _reverse(xs[0]), save=lambda x: [_reverse(x)], transposed=True,
+                   read=lambda vs, index: _reverse(np.asarray(vs[0][index[::-1]])))
 """Stored with the axes reversed: ``nn.Linear`` ``(out, in)`` <-> kernel ``(in, out)``; ``nn.Conv1d``
 ``(out, in, k)`` <-> Flax ``nn.Conv`` ``(k, in, out)``."""
 
@@ -115,7 +131,8 @@ def permuted(axes: Sequence[int]) -> Layout:
     axes = tuple(axes)
     inverse = tuple(int(i) for i in np.argsort(axes))
     return Layout(load=lambda xs: xs[0].transpose(inverse), save=lambda x: [x.transpose(axes)],
-                  transposed=axes == tuple(range(len(axes)))[::-1])
+                  transposed=axes == tuple(range(len(axes)))[::-1],
+                  read=lambda vs, index: np.asarray(vs[0][tuple(index[a] for a in axes)]).transpose(inverse))
 
 
 def stacked(each: Layout = TRANSPOSE) -> Layout:
@@ -123,8 +140,13 @@ def stacked(each: Layout = TRANSPOSE) -> Layout:
     ``experts.N.gate_proj.weight`` tensors -> one ``(E, in, out)`` kernel). Pair it with a :class:`Rule` whose
     ``name`` gives the tensor names in order."""
     stack = lambda xs: (jnp if isinstance(xs[0], jax.Array) else np).stack(xs)  # noqa: E731
+
+    def read(views, index):  # only the tensors of the experts in the block, each read blockwise
+        return np.stack([each.read_block([views[e]], index[1:]) for e in range(*index[0].indices(len(views)))])
+
     return Layout(load=lambda xs: stack([each.load([x]) for x in xs]),
-                  save=lambda x: [each.save(x[i])[0] for i in range(x.shape[0])], transposed=each.transposed)
+                  save=lambda x: [each.save(x[i])[0] for i in range(x.shape[0])], transposed=each.transposed,
+                  read=read)
 
 
 # -------------------------------------------------------------------------------------------- names
@@ -343,6 +365,7 @@ class Architecture:
     presets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     adapt: Callable[[Any, Sequence[str], str], Any] | None = None
     preprocessor: Callable[[Any, Any], Any] | None = None
+    logical_axes: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
 
     def __post_init__(self):
         if not self.tasks:

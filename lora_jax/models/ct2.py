@@ -268,35 +268,38 @@ def whisper_config(model: Ct2Model, **overrides: Any):
     return whisper.Config(**{**sizes, **overrides})
 
 
-def load_ct2(path: str | os.PathLike, dtype: Any = None, task: str | None = None, **config_overrides: Any):
-    """A CTranslate2 Whisper folder as ``(model, params, feature_extractor, config, new_params, source)``: the
-    encoder's tensors mapped to Hugging Face names (``model.encoder.*``) and read by the one Hugging Face
-    converter, for ``task`` (``None``: ``"base"``, the encoder) with ``config_overrides`` (e.g. ``num_labels``).
-    ``dtype``: of the float params and the computation (default float32)."""
+def open_ct2_checkpoint(path: str | os.PathLike, task: str | None = None, **config_overrides: Any):
+    """A CTranslate2 Whisper folder opened: ``(config, plan, feature_extractor, source)``, ``plan`` being the
+    :class:`~lora_jax.models.hf.WeightPlan` of the encoder's tensors under Hugging Face names (``model.encoder.*``)
+    for ``task`` (``None``: ``"base"``, the encoder) with ``config_overrides`` (e.g. ``num_labels``). The file is
+    read into host memory as CTranslate2 stores it (float16); nothing is cast or placed yet."""
     import dataclasses
 
-    import jax
-    import jax.numpy as jnp
-
-    from lora_jax import tree
     from lora_jax.models import hf, whisper
 
     arch = whisper.ARCHITECTURE
-    dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     parsed = read_model(Path(path) / MODEL_NAME)
     fields = {f.name for f in dataclasses.fields(whisper.Config)}
     unknown = sorted(set(config_overrides) - fields)
     if unknown:
         raise TypeError(f"{path}: whisper.Config has no field(s) {unknown}; fields: {sorted(fields)}")
     config = whisper_config(parsed, **config_overrides)
-    # cast in numpy: casting 100+ float16 arrays on the device would compile one conversion per shape
-    tensors = {k: v.astype(dtype) for k, v in whisper_to_hf(parsed, decoder=False).items()}
-    task = arch.task(task)
-    new: list[tuple[str, ...]] = []
-    params = hf.from_hf_weights(config, tensors, parsed.source, task, new=new)
-    params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    return (arch.build(config, dtype, task), params, whisper.feature_extractor(None, config), config,
-            [tree.join(p) for p in new], parsed.source)
+    plan = hf.plan_hf_weights(config, whisper_to_hf(parsed, decoder=False), parsed.source, arch.task(task))
+    return config, plan, whisper.feature_extractor(None, config), parsed.source
+
+
+def load_ct2(path: str | os.PathLike, dtype: Any = None, task: str | None = None, **config_overrides: Any):
+    """A CTranslate2 Whisper folder as ``(model, params, feature_extractor, config, new_params, source)``, the
+    params whole on the default device (see :func:`open_ct2_checkpoint`; to load into a device mesh, see
+    :func:`lora_jax.models.open_checkpoint`). ``dtype``: of the float params and the computation (default
+    float32)."""
+    import jax.numpy as jnp
+
+    from lora_jax.models import open_checkpoint
+
+    ckpt = open_checkpoint(path, task=task, **config_overrides)
+    dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    return (ckpt.build(dtype), ckpt.load(dtype=dtype), ckpt.tokenizer, ckpt.config, ckpt.new_params, ckpt.source)
 
 
 def is_ct2_folder(path: Path) -> bool:
@@ -353,5 +356,5 @@ def assemble_whisper_base(folder: str | os.PathLike | None = None) -> Path | Non
     return folder
 
 
-__all__ = ["Ct2Model", "assemble_whisper_base", "is_ct2_folder", "load_ct2", "read_model", "whisper_config",
+__all__ = ["Ct2Model", "assemble_whisper_base", "is_ct2_folder", "load_ct2", "open_ct2_checkpoint", "read_model", "whisper_config",
            "whisper_to_hf"]

@@ -383,6 +383,21 @@ GGUF_REQUIRED = ("context_length", "embedding_length", "block_count", "feed_forw
                  "attention.layer_norm_rms_epsilon")
 
 
+LOGICAL_AXES = (
+    (r"(.*/)?self_attn/q_proj/kernel", ("embed", "heads")),
+    (r"(.*/)?self_attn/(k_proj|v_proj)/kernel", ("embed", "kv_heads")),
+    (r"(.*/)?self_attn/o_proj/kernel", ("heads", "embed")),
+    (r"(.*/)?self_attn/q_proj/bias", ("heads",)),
+    (r"(.*/)?self_attn/(k_proj|v_proj)/bias", ("kv_heads",)),
+    (r"(.*/)?mlp/(gate_proj|up_proj)/kernel", ("embed", "mlp")),
+    (r"(.*/)?mlp/down_proj/kernel", ("mlp", "embed")),
+    (r"(.*/)?embed_tokens/embedding", ("vocab", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+)
+"""The logical axes of the shared decoder's kernels (:attr:`lora_jax.models.arch.Architecture.logical_axes`): what a
+``tensor`` mesh axis splits (heads, KV heads, MLP columns, the vocabulary) and what ``fsdp`` splits (the width)."""
+
+
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's reordering of Q / K rows: within each head it stores the two RoPE halves interleaved
     (row pairs ``(i, i + hd/2)`` adjacent); Hugging Face keeps the halves contiguous. ``w`` is ``(out, ...)``

@@ -187,6 +187,7 @@ ARCHITECTURE = Architecture(
     tasks=decoder.tasks(backbone=Gemma3TextModel, lm_class="Gemma3ForCausalLM"),
     names=decoder.NAMES,
     presets=decoder.PRESETS,
+    logical_axes=decoder.LOGICAL_AXES,
     gguf=GGUF(model_types={"gemma3": "gemma3_text"}, tensors=GGUF_TENSORS,
               config={**decoder.GGUF_CONFIG, "attention.sliding_window": "sliding_window"},
               required=decoder.GGUF_REQUIRED, derive=_gguf_fields, from_gguf=_norm_shift(-1.0),

@@ -266,10 +266,13 @@ def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], source
 # -------------------------------------------------------------------------------------------- weights
 
 
-def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> dict:
-    """The params of the family's GGUF task (a causal LM) from a GGUF file (``arch``: its
-    ``general.architecture``), dequantised to ``dtype``; a missing tensor, a wrong shape or an unused tensor
-    raises naming the tensor and ``source``."""
+def sources_from_reader(reader, config: Any, arch: str, source: str) -> dict:
+    """``{path: LeafSource}`` for the params of the family's GGUF task (a causal LM) from a GGUF file (``arch``: its
+    ``general.architecture``). Names are checked here (a missing or unused tensor raises naming it and
+    ``source``); a leaf's tensors are dequantised to float32 only when its source is read (whole: a quantised
+    block row mixes every column of a row), and a wrong shape raises then."""
+    from lora_jax.models.hf import LeafSource
+
     family = arch_lib.for_gguf(arch)
     if family is None:
         raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; supported: "
@@ -278,41 +281,62 @@ def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> di
     tensors = {t.name: t for t in reader.tensors}
     task = spec.task
     prefix = family.tasks[task].backbone
-    params, used, stacks = {}, set(), {}
+    sources, used = {}, set()
     for path, shape in family.shapes(config, task).items():
         where = family.names.tensor(family.checkpoint_path(path, task, prefix), config)
-        arrays = []
-        for hf_name, want in zip(where.names, [tuple(x.shape) for x in where.layout.save(
-                np.broadcast_to(np.zeros((), np.float32), shape.shape))]):
-            parts, xs = spec.names(hf_name) or (hf_name,), []
-            for name in parts:
+        wants = [tuple(x.shape) for x in where.layout.save(np.broadcast_to(np.zeros((), np.float32), shape.shape))]
+        plan = []
+        for hf_name, want in zip(where.names, wants):
+            parts = []
+            for name in spec.names(hf_name) or (hf_name,):
                 # "blk.0.ffn_gate_exps[3].weight": expert 3 of a tensor that stacks every expert on its first axis
                 part = re.fullmatch(r"(?P<stem>.+)\[(?P<index>\d+)\](?P<leaf>\.\w+)", name)
                 stem = part["stem"] + part["leaf"] if part is not None else name
                 if stem not in tensors:
                     raise CheckpointError(f"{source}: missing tensor {stem!r} (for {tree.join(path)}, shape {want})")
-                if part is None:
-                    xs.append(dequantize(tensors[stem], np.float32))
-                    continue
-                if stem not in stacks:  # dequantised once for all its experts
-                    stacks[stem] = dequantize(tensors[stem], np.float32)
-                if int(part["index"]) >= stacks[stem].shape[0]:
-                    raise CheckpointError(f"{source}: tensor {stem!r} of shape {stacks[stem].shape} has no expert "
-                                          f"{part['index']} (for {tree.join(path)})")
-                xs.append(stacks[stem][int(part["index"])])
-            parts = tuple(re.sub(r"\[\d+\]", "", n) for n in parts)
-            x = np.concatenate(xs, axis=-2) if len(xs) > 1 else xs[0]
-            if tuple(x.shape) != want:
-                raise CheckpointError(f"{source}: tensor {' + '.join(parts)!r} has shape {tuple(x.shape)}, expected "
-                                      f"{want} for {tree.join(path)}")
-            arrays.append(spec.from_gguf(hf_name, x, config) if spec.from_gguf is not None else x)
-            used.update(parts)
-        params[path] = jnp.asarray(np.ascontiguousarray(where.layout.load(arrays)), dtype)
+                parts.append((stem, None if part is None else int(part["index"])))
+                used.add(stem)
+            plan.append((hf_name, want, parts))
+
+        def value(path=path, where=where, plan=plan) -> np.ndarray:
+            stacks, arrays = {}, []
+            for hf_name, want, parts in plan:
+                xs = []
+                for stem, index in parts:
+                    if stem not in stacks:  # dequantised once for all its experts
+                        stacks[stem] = dequantize(tensors[stem], np.float32)
+                    if index is None:
+                        xs.append(stacks[stem])
+                        continue
+                    if index >= stacks[stem].shape[0]:
+                        raise CheckpointError(f"{source}: tensor {stem!r} of shape {stacks[stem].shape} has no expert "
+                                              f"{index} (for {tree.join(path)})")
+                    xs.append(stacks[stem][index])
+                x = np.concatenate(xs, axis=-2) if len(xs) > 1 else xs[0]
+                if tuple(x.shape) != want:
+                    names = " + ".join(dict.fromkeys(stem for stem, _ in parts))
+                    raise CheckpointError(f"{source}: tensor {names!r} has shape {tuple(x.shape)}, expected "
+                                          f"{want} for {tree.join(path)}")
+                arrays.append(spec.from_gguf(hf_name, x, config) if spec.from_gguf is not None else x)
+            return np.ascontiguousarray(where.layout.load(arrays))
+
+        sources[path] = LeafSource(tuple(shape.shape), np.dtype(np.float32),
+                                   lambda index, value=value: value()[index],
+                                   " + ".join(dict.fromkeys(stem for *_, parts in plan for stem, _ in parts)),
+                                   blockwise=False)
     unused = sorted(set(tensors) - used)
     if unused:
         raise CheckpointError(f"{source}: {len(unused)} tensor(s) do not fit the {arch} config read from its "
                               f"metadata: {unused[:5]}")
-    return tree.unflatten(params)
+    return sources
+
+
+def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> dict:
+    """The params of the family's GGUF task (a causal LM) from a GGUF file (``arch``: its
+    ``general.architecture``), dequantised to ``dtype``, whole, on the default device; a missing tensor, a wrong
+    shape or an unused tensor raises naming the tensor and ``source``."""
+    return tree.unflatten({path: jnp.asarray(src.value(), dtype)
+                           for path, src in sources_from_reader(reader, config, arch, source).items()})
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -436,21 +460,10 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], source: str = "<gguf>"):
 # ------------------------------------------------------------------------------------------------ load
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.float32, task: str | None = None, tokenizer: bool = True):
-    """Load a GGUF file: ``(model, params, tokenizer, config)``.
-
-    Args:
-      path: the ``.gguf`` file.
-      dtype: compute dtype of the model and storage dtype of the dequantised parameters.
-      task: ``None`` (the family's GGUF task, a causal LM) or another task of the family whose params are
-        part of it (``"base"``: the backbone alone).
-      tokenizer: build the tokenizer from the metadata (``False``: return ``None`` for it).
-
-    Raises :class:`~lora_jax.errors.CheckpointError` (naming the file) for a missing, truncated or corrupt
-    file, an unsupported architecture, or tensors that do not fit the metadata.
-    """
+def open_gguf_checkpoint(path: str | os.PathLike, task: str | None = None, tokenizer: bool = True):
+    """A GGUF file opened but not read: ``(family, config, task, sources, tokenizer)``, ``sources`` being
+    ``{path: LeafSource}`` of ``task``'s params (paths relative to the task's tree). See :func:`load_gguf`."""
     path = Path(path)
-    start = time.perf_counter()
     reader = open_gguf(path)
     try:
         meta = metadata(reader)
@@ -465,15 +478,35 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, task: str | None = Non
     if task != own and not (family.tasks[task].backbone is None and backbone is not None):
         raise ValueError(f"{path}: a GGUF file holds a {own} model; task {task!r} cannot be read from it")
     config = config_from_metadata(meta, names, str(path))
-    params = params_from_reader(reader, config, meta["general.architecture"], dtype, str(path))
+    sources = sources_from_reader(reader, config, meta["general.architecture"], str(path))
     if task != own:
-        params = params[backbone]
+        sources = {p[1:]: src for p, src in sources.items() if p[0] == backbone}
     tok = tokenizer_from_metadata(meta, str(path)) if tokenizer else None
-    logger.info("%s: loaded %s (%d layers) in %.1f s", path, meta.get("general.name", "model"),
+    return family, config, task, sources, tok
+
+
+def load_gguf(path: str | os.PathLike, dtype=jnp.float32, task: str | None = None, tokenizer: bool = True):
+    """Load a GGUF file: ``(model, params, tokenizer, config)``, the params whole on the default device (to load
+    into a device mesh, see :func:`lora_jax.models.open_checkpoint`).
+
+    Args:
+      path: the ``.gguf`` file.
+      dtype: compute dtype of the model and storage dtype of the dequantised parameters.
+      task: ``None`` (the family's GGUF task, a causal LM) or another task of the family whose params are
+        part of it (``"base"``: the backbone alone).
+      tokenizer: build the tokenizer from the metadata (``False``: return ``None`` for it).
+
+    Raises :class:`~lora_jax.errors.CheckpointError` (naming the file) for a missing, truncated or corrupt
+    file, an unsupported architecture, or tensors that do not fit the metadata.
+    """
+    start = time.perf_counter()
+    family, config, task, sources, tok = open_gguf_checkpoint(path, task, tokenizer)
+    params = tree.unflatten({p: jnp.asarray(src.value(), dtype) for p, src in sources.items()})
+    logger.info("%s: loaded %s (%d layers) in %.1f s", path, family.name,
                 getattr(config, "num_hidden_layers", -1), time.perf_counter() - start)
     return family.build(config, jnp.dtype(dtype), task), params, tok, config
 
 
 __all__ = ["GGUFFile", "GGUFTensor", "architecture", "config_from_metadata", "dequantize", "hf_config_fields",
-           "load_gguf", "metadata", "open_gguf", "params_from_reader", "sentencepiece_merges",
-           "tokenizer_from_metadata"]
+           "load_gguf", "metadata", "open_gguf", "open_gguf_checkpoint", "params_from_reader", "sentencepiece_merges",
+           "sources_from_reader", "tokenizer_from_metadata"]

@@ -23,7 +23,9 @@ family's parameters, for every family: they read the family's declaration
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -74,6 +76,7 @@ class SafetensorsWeights(Mapping):
     def __init__(self, files: Mapping[str, Path], source: str):
         self._where = dict(files)
         self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         self.source = source
 
     @classmethod
@@ -113,6 +116,20 @@ class SafetensorsWeights(Mapping):
         """The shape of tensor ``name`` without reading it."""
         return tuple(self._handle(self._where[name]).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> np.dtype:
+        """The dtype of tensor ``name`` without reading it."""
+        code = self._handle(self._where[name]).get_slice(name).get_dtype()
+        return np.dtype(SAFETENSORS_DTYPES.get(code, "V"))
+
+    def view(self, name: str) -> TensorView:
+        """A lazy view of tensor ``name``: indexing it reads only that block of the file."""
+        return TensorView(self, name)
+
+    def _offsets(self, file: Path) -> tuple[int, dict]:
+        if file not in self._headers:
+            self._headers[file] = _data_offsets(file)
+        return self._headers[file]
+
     def __getitem__(self, name: str) -> np.ndarray:
         file = self._where[name]  # KeyError for an unknown name, as a Mapping should
         handle = self._handle(file)
@@ -130,6 +147,103 @@ class SafetensorsWeights(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self._where
+
+
+def _data_offsets(file: Path) -> tuple[int, dict]:
+    """``(start of the data section, {tensor name: its header entry})`` of a safetensors file: an 8-byte
+    little-endian header length, then the JSON header (``dtype``, ``shape``, ``data_offsets`` per tensor)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def read_block(fd: int, offset: int, shape: tuple[int, ...], dtype: np.dtype, index: tuple[slice, ...]) -> np.ndarray:
+    """The block ``index`` (slices with step 1) of a C-ordered array of ``shape`` / ``dtype`` whose bytes start at
+    ``offset`` in file ``fd``, read with ``pread`` into a new array: one read per contiguous run (the block's rows
+    along its last partial axis, with every later axis whole), nothing else, and no memory map (the pages of a
+    mapped file would count in the process's resident memory for as long as it lives)."""
+    starts = [s.start for s in index]
+    ext = [s.stop - s.start for s in index]
+    out = np.empty(ext, dtype)
+    if out.size == 0:
+        return out
+    partial = [i for i in range(len(shape)) if ext[i] != shape[i]]
+    k = partial[-1] if partial else 0  # runs: axis k's range with all later axes whole
+    item = dtype.itemsize
+    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+    run = ext[k] * strides[k] * item if shape else item
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    pos = 0
+    for lead in np.ndindex(*ext[:k]):
+        at = offset + (sum((starts[i] + j) * strides[i] for i, j in enumerate(lead)) + starts[k] * strides[k]) * item \
+            if shape else offset
+        done = 0
+        while done < run:
+            got = os.preadv(fd, [buf[pos + done: pos + run]], at + done)
+            if got <= 0:
+                raise OSError(f"unexpected end of file at byte {at + done}")
+            done += got
+        pos += run
+    return out
+
+
+class TensorView:
+    """One tensor of a :class:`SafetensorsWeights`, read lazily: ``view[index]`` reads the block ``index`` (a tuple
+    of slices) with :func:`read_block`, only its bytes; ``np.asarray(view)`` reads it whole. Blocks read inside
+    :func:`recording_reads` are recorded (for tests and reports)."""
+
+    def __init__(self, weights: SafetensorsWeights, name: str):
+        self.weights, self.name = weights, name
+        self.shape = weights.shape(name)
+        self.dtype = weights.dtype(name)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        index = tuple(slice(*s.indices(n)) for s, n in zip(index, self.shape))
+        if any(s.step != 1 for s in index) or len(index) != len(self.shape):
+            raise ValueError(f"{self.name}: blocks are read with one slice of step 1 per axis, got {index}")
+        file = Path(self.weights._where[self.name])
+        if _reads is not None:
+            _reads.append((self.name, index))
+        try:
+            start, header = self.weights._offsets(file)
+            begin, end = header[self.name]["data_offsets"]
+            if end - begin != int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize:
+                raise ValueError(f"header says {end - begin} bytes for shape {self.shape} of {self.dtype}")
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                return read_block(fd, start + begin, self.shape, self.dtype, index)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{file}: cannot read block {index} of tensor {self.name!r} ({e}); the file may be "
+                                  "truncated or corrupt") from None
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        x = self[tuple(slice(0, n) for n in self.shape)]
+        return x if dtype is None else x.astype(dtype)
+
+
+_reads: list | None = None
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[list[tuple[str, tuple[slice, ...]]]]:
+    """Within the ``with`` block, every block a :class:`TensorView` reads is appended to the yielded list as
+    ``(tensor name, slices)`` (what a process read from its checkpoint, for tests and reports)."""
+    global _reads
+    outer, _reads = _reads, []
+    try:
+        yield _reads
+    finally:
+        _reads = outer
+
+# safetensors' dtype codes -> numpy (bfloat16 through ml_dtypes, which jax installs)
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def open_weights(folder: str | os.PathLike) -> SafetensorsWeights:
@@ -225,16 +339,72 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
-def _shard(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
-    shards: list[dict[str, np.ndarray]] = [{}]
+def _shard(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, x in tensors.items():
-        if shards[-1] and size + x.nbytes > max_bytes:
-            shards.append({})
+    for name, n in sizes.items():
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = x
-        size += x.nbytes
+        shards[-1].append(name)
+        size += n
     return shards
+
+
+_ST_CODES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def _write_file(file: Path, names: list[str], specs: Mapping[str, tuple], get) -> None:
+    """One safetensors file: the header (shapes, dtypes, offsets: known before any value), then each tensor's bytes
+    as ``get(name)`` returns it, one tensor at a time."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers' loader requires a framework tag
+    offset = 0
+    for name in names:
+        shape, dtype = specs[name]
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _ST_CODES[np.dtype(dtype)], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = file.with_name(file.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in names:
+            x = np.asarray(get(name), order="C")
+            if tuple(x.shape) != tuple(specs[name][0]) or x.dtype != np.dtype(specs[name][1]):
+                raise ValueError(f"{name}: got {x.dtype}{tuple(x.shape)}, announced {specs[name]}")
+            f.write(memoryview(x.reshape(-1).view(np.uint8)))
+    os.replace(tmp, file)
+
+
+def write_safetensors_streaming(specs: Mapping[str, tuple[tuple[int, ...], Any]], get, folder: str | os.PathLike,
+                                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[Path]:
+    """Write tensors that are produced one at a time: ``specs`` gives each name's ``(shape, dtype)`` up front,
+    ``get(name)`` its values when its turn comes (in ``specs`` order), so at most one tensor need exist on the
+    host at once (a sharded tree gathered leaf by leaf, a merge computed leaf by leaf). The layout is
+    :func:`write_safetensors`'s: ``model.safetensors``, or shards of at most ``max_shard_size`` bytes plus
+    ``model.safetensors.index.json``; weight files of an earlier save in ``folder`` are removed first. safetensors'
+    own writer needs every tensor of a file in memory at once, hence this one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
+    sizes = {k: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for k, (shape, dtype) in specs.items()}
+    shards = _shard(sizes, parse_size(max_shard_size))
+    if len(shards) == 1:
+        _write_file(folder / WEIGHTS_NAME, shards[0], specs, get)
+        return [folder / WEIGHTS_NAME]
+    files, weight_map = [], {}
+    for i, names in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _write_file(folder / name, names, specs, get)
+        files.append(folder / name)
+        weight_map.update({k: name for k in names})
+    index = {"metadata": {"total_size": int(sum(sizes.values()))}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [*files, folder / INDEX_NAME]
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLike,
@@ -243,32 +413,15 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLi
     larger than that gets a shard of its own) plus ``model.safetensors.index.json``. Weight files of an earlier
     save in ``folder`` are removed first, so that a stale ``model.safetensors`` cannot shadow new shards.
     Returns the files written."""
-    from safetensors.numpy import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in [folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("model-*-of-*.safetensors")]:
-        old.unlink(missing_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    shards = _shard(tensors, parse_size(max_shard_size))
-    meta = {"format": "pt"}  # transformers' loader requires a framework tag
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata=meta)
-        return [folder / WEIGHTS_NAME]
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata=meta)
-        files.append(folder / name)
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))}, "weight_map": weight_map}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return [*files, folder / INDEX_NAME]
+    specs = {k: (np.shape(v), np.asarray(v).dtype) for k, v in tensors.items()}
+    return write_safetensors_streaming(specs, lambda k: np.asarray(tensors[k]), folder, max_shard_size)
 
 
 def save_pretrained(params: Mapping, config: Any, folder: str | os.PathLike, tokenizer: Any = None,
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write ``params`` as a Hugging Face folder that ``transformers.AutoModel.from_pretrained`` loads.
+
+    The weights are written leaf by leaf (:func:`write_hf_weights`): a sharded tree is never gathered whole.
 
     Args:
       params: plain parameters (merge LoRA adapters first with ``lora.merge``).
@@ -281,17 +434,19 @@ def save_pretrained(params: Mapping, config: Any, folder: str | os.PathLike, tok
     """
     from lora_jax.models import arch as arch_lib
 
+    import jax
+
     arch = arch_lib.for_config(config)
-    tensors = to_hf_weights(params, config)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    specs = write_hf_weights(params, config, folder, max_shard_size)  # leaf by leaf: never the whole model on host
+    if jax.process_index() != 0:
+        return folder
     hf_config = config.to_hf()
     hf_config.architectures = [arch.hf_class(hf_config, arch.task_of(set(params)))]
-    dtypes = {str(x.dtype) for x in tensors.values() if x.dtype.kind == "f" or x.dtype.name == "bfloat16"}
+    dtypes = {str(dtype) for _, dtype in specs.values() if _is_float(np.empty(0, dtype))}
     if len(dtypes) == 1:
         hf_config.dtype = dtypes.pop()
     hf_config.save_pretrained(str(folder))
-    write_safetensors(tensors, folder, max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     return folder
@@ -315,24 +470,56 @@ def _is_float(x: np.ndarray) -> bool:
     return x.dtype.kind == "f" or x.dtype.name == "bfloat16"
 
 
-def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str, task: str | None = None, *,
-                    key: Any = None, new: list | None = None) -> dict:
-    """The parameters of ``config``'s family for ``task`` from checkpoint tensors (names as in the checkpoint).
+@dataclasses.dataclass(frozen=True)
+class LeafSource:
+    """Where one parameter's values come from, read block by block.
 
-    The backbone may be stored with its prefix (the task's ``backbone``, e.g. ``model.``: saved from a task
-    class) or without (saved from the bare backbone); both load into any task. ``task=None`` picks the task
-    whose head the checkpoint has, else the family's default.
-
-    A leaf the checkpoint lacks raises :class:`~lora_jax.errors.CheckpointError` naming the tensor and
-    ``source``, except the task's new head (and ``optional`` leaves), which are initialised from ``key``
-    (default ``jax.random.key(0)``), logged, and their paths appended to ``new``. A wrong shape or a non-float
-    tensor raises too. Unused tensors of the backbone (a checkpoint deeper than the config) raise; other unused
-    tensors (the head of another task) are logged; declared buffers and a tied output head are ignored.
-    Returns arrays in the checkpoint's dtype.
+    ``shape``: the leaf's shape; ``dtype``: the dtype of its stored values (before any cast); ``block(index)``
+    returns ``leaf[index]`` (``index``: one ``slice`` per axis) as a numpy array. ``blockwise``: whether a block
+    costs only its own bytes (a safetensors tensor in a sliceable layout); when not (a quantised GGUF tensor, a
+    fused layout), every block costs reading the whole leaf, so readers read it once and slice it.
+    ``what``: the tensor name(s), for errors.
     """
-    import jax
-    import jax.numpy as jnp
 
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    block: Any  # Callable[[tuple[slice, ...]], np.ndarray]
+    what: str = ""
+    blockwise: bool = True
+
+    def value(self) -> np.ndarray:
+        """The whole leaf."""
+        return self.block(tuple(slice(0, n) for n in self.shape))
+
+
+@dataclasses.dataclass
+class WeightPlan:
+    """What :func:`plan_hf_weights` found: the task, a :class:`LeafSource` per parameter the checkpoint holds,
+    the paths it lacks that are initialised instead (a new head), and the shapes of all of them."""
+
+    task: str
+    sources: dict[tuple[str, ...], LeafSource]
+    fresh: list[tuple[str, ...]]
+    shapes: dict[tuple[str, ...], Any]
+
+
+def _tensor_shape(tensors: Mapping, name: str) -> tuple[int, ...]:
+    return tuple(tensors.shape(name)) if hasattr(tensors, "shape") else tuple(np.shape(tensors[name]))
+
+
+def _tensor_dtype(tensors: Mapping, name: str) -> np.dtype:
+    return tensors.dtype(name) if hasattr(tensors, "dtype") else np.asarray(tensors[name]).dtype
+
+
+def _tensor_view(tensors: Mapping, name: str) -> Any:
+    return tensors.view(name) if hasattr(tensors, "view") else tensors[name]
+
+
+def plan_hf_weights(config: Any, tensors: Mapping[str, Any], source: str, task: str | None = None) -> WeightPlan:
+    """Match checkpoint tensors to the parameters of ``config``'s family for ``task`` and check them, reading no
+    tensor data (names, shapes and dtypes only; see :func:`from_hf_weights` for the rules and errors).
+
+    ``tensors``: a :class:`SafetensorsWeights` (read lazily, block by block) or any mapping of names to arrays."""
     from lora_jax.models import arch as arch_lib
 
     arch = arch_lib.for_config(config)
@@ -343,7 +530,7 @@ def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str,
     where = getattr(tensors, "source_of", None)
     expected = arch.shapes(config, task)
     initialise = [re.compile(p) for p in t.head + t.optional]
-    params, fresh, used = {}, [], set()
+    sources, fresh, used = {}, [], set()
     for path, spec in expected.items():
         ways = arch.names.candidates(arch.checkpoint_path(path, task, prefix), config)
         spec_t = next((w for w in ways if all(n in tensors for n in w.names)), ways[0])
@@ -358,26 +545,23 @@ def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str,
                 f"{_hf_shapes(spec_t.layout, spec.shape)[0]}) of a {arch.name} {task} model ({_summary(config)}); "
                 f"the checkpoint has {len(names)} tensors{f', e.g. {similar}' if similar else ''}. Is the config "
                 "from the same model?")
-        arrays = [np.asarray(tensors[n]) for n in spec_t.names]
         wants = _hf_shapes(spec_t.layout, spec.shape)
-        for n, x, want in zip(spec_t.names, arrays, wants):
-            if tuple(x.shape) != want:
+        dtypes = []
+        for n, want in zip(spec_t.names, wants):
+            shape = _tensor_shape(tensors, n)
+            if shape != want:
                 raise CheckpointError(
-                    f"{where(n) if where else source}: tensor {n!r} has shape {tuple(x.shape)}, expected {want} for "
+                    f"{where(n) if where else source}: tensor {n!r} has shape {shape}, expected {want} for "
                     f"{tree.join(path)} of a {arch.name} {task} model ({_summary(config)})")
-            if not _is_float(x):
-                raise CheckpointError(f"{source}: tensor {n!r} has dtype {x.dtype}, expected a float tensor")
-        params[path] = jnp.asarray(np.ascontiguousarray(spec_t.layout.load(arrays)))
+            dtype = _tensor_dtype(tensors, n)
+            if not _is_float(np.empty(0, dtype)):
+                raise CheckpointError(f"{source}: tensor {n!r} has dtype {dtype}, expected a float tensor")
+            dtypes.append(dtype)
+        views = tuple(_tensor_view(tensors, n) for n in spec_t.names)
+        sources[path] = LeafSource(tuple(spec.shape), np.result_type(*dtypes),
+                                   functools.partial(spec_t.layout.read_block, views), " + ".join(spec_t.names),
+                                   blockwise=spec_t.layout.read is not None)
         used.update(spec_t.names)
-
-    if fresh:
-        init = tree.flatten(arch.init_params(config, jax.random.key(0) if key is None else key, task))
-        for path in fresh:
-            params[path] = init[path]
-        if new is not None:
-            new.extend(fresh)
-        logger.warning("%s: no %s in the checkpoint; initialised new parameters %s for task %r (train them)",
-                       source, sorted({arch.names.module(p) for p in fresh}), [tree.join(p) for p in fresh], task)
 
     strip = lambda n: n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else n  # noqa: E731
     unused = [n for n in names if n not in used and not arch.names.is_ignored(strip(n), config)]
@@ -390,13 +574,48 @@ def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str,
     if unused:
         logger.warning("%s: %d tensor(s) not used by the %s %s model: %s%s", source, len(unused), arch.name, task,
                        unused[:8], " ..." if len(unused) > 8 else "")
+    if fresh:
+        logger.warning("%s: no %s in the checkpoint; initialised new parameters %s for task %r (train them)",
+                       source, sorted({arch.names.module(p) for p in fresh}), [tree.join(p) for p in fresh], task)
+    return WeightPlan(task, sources, fresh, expected)
+
+
+def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str, task: str | None = None, *,
+                    key: Any = None, new: list | None = None) -> dict:
+    """The parameters of ``config``'s family for ``task`` from checkpoint tensors (names as in the checkpoint),
+    whole, on the default device.
+
+    The backbone may be stored with its prefix (the task's ``backbone``, e.g. ``model.``: saved from a task
+    class) or without (saved from the bare backbone); both load into any task. ``task=None`` picks the task
+    whose head the checkpoint has, else the family's default.
+
+    A leaf the checkpoint lacks raises :class:`~lora_jax.errors.CheckpointError` naming the tensor and
+    ``source``, except the task's new head (and ``optional`` leaves), which are initialised from ``key``
+    (default ``jax.random.key(0)``), logged, and their paths appended to ``new``. A wrong shape or a non-float
+    tensor raises too. Unused tensors of the backbone (a checkpoint deeper than the config) raise; other unused
+    tensors (the head of another task) are logged; declared buffers and a tied output head are ignored.
+    Returns arrays in the checkpoint's dtype. (To load straight into a device mesh, see
+    :func:`lora_jax.models.open_checkpoint`.)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax.models import arch as arch_lib
+
+    plan = plan_hf_weights(config, tensors, source, task)
+    params = {path: jnp.asarray(np.ascontiguousarray(src.value())) for path, src in plan.sources.items()}
+    if plan.fresh:
+        init = tree.flatten(arch_lib.for_config(config).init_params(
+            config, jax.random.key(0) if key is None else key, plan.task))
+        params.update({path: init[path] for path in plan.fresh})
+        if new is not None:
+            new.extend(plan.fresh)
     return tree.unflatten(params)
 
 
-def to_hf_weights(params: Mapping, config: Any) -> dict[str, np.ndarray]:
-    """Checkpoint names and layouts for the parameters of any task of ``config``'s family (the task is read
-    from the params' top-level keys), as that task's ``transformers`` class saves them. LoRA-wrapped params
-    raise: save ``lora.merge(params, adapters)``."""
+def _hf_leaves(params: Mapping, config: Any) -> list[tuple[Any, Any]]:
+    """``[(leaf, Tensor), ...]``: each leaf of ``params`` with its checkpoint names and layout, in the family's
+    order, after checking that ``params`` are the plain parameters of one of the family's tasks."""
     from lora_jax.core import is_adapter, is_lora_weight
     from lora_jax.models import arch as arch_lib
 
@@ -415,15 +634,58 @@ def to_hf_weights(params: Mapping, config: Any) -> dict[str, np.ndarray]:
     if missing or extra:
         raise ValueError(f"to_hf_weights: params do not match a {arch.name} {task} model of this config: missing "
                          f"{missing[:5]}, unexpected {extra[:5]}")
-    out = {}
+    out = []
     for path, spec in expected.items():
         if path not in flat:
             continue
-        x = np.asarray(flat[path])
-        if tuple(x.shape) != tuple(spec.shape):
-            raise ValueError(f"to_hf_weights: {tree.join(path)} has shape {tuple(x.shape)}, the config needs "
-                             f"{tuple(spec.shape)}")
-        spec_t = arch.names.tensor(path, config)
-        for name, y in zip(spec_t.names, spec_t.layout.save(x), strict=True):
+        if tuple(np.shape(flat[path])) != tuple(spec.shape):
+            raise ValueError(f"to_hf_weights: {tree.join(path)} has shape {tuple(np.shape(flat[path]))}, the config "
+                             f"needs {tuple(spec.shape)}")
+        out.append((flat[path], arch.names.tensor(path, config)))
+    return out
+
+
+def to_hf_weights(params: Mapping, config: Any) -> dict[str, np.ndarray]:
+    """Checkpoint names and layouts for the parameters of any task of ``config``'s family (the task is read
+    from the params' top-level keys), as that task's ``transformers`` class saves them. LoRA-wrapped params
+    raise: save ``lora.merge(params, adapters)``."""
+    out = {}
+    for leaf, spec_t in _hf_leaves(params, config):
+        for name, y in zip(spec_t.names, spec_t.layout.save(np.asarray(leaf)), strict=True):
             out[name] = np.ascontiguousarray(y)
     return out
+
+
+def write_hf_weights(params: Mapping, config: Any, folder: str | os.PathLike,
+                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> dict[str, Any]:
+    """:func:`to_hf_weights` written straight to safetensors files, one leaf at a time: a sharded leaf is gathered
+    to the host when its turn comes and dropped after, so the host holds at most one leaf's tensors (never the
+    whole model). In a multi-process run every process takes part in each gather and process 0 alone writes.
+    Returns ``{tensor name: (shape, dtype)}``."""
+    import jax
+
+    from lora_jax.sharding import global_to_host
+
+    leaves = _hf_leaves(params, config)
+    specs, owner = {}, {}
+    for i, (leaf, spec_t) in enumerate(leaves):
+        dtype = np.dtype(leaf.dtype)
+        for name, shape in zip(spec_t.names, _hf_shapes(spec_t.layout, tuple(leaf.shape)), strict=True):
+            specs[name] = (shape, dtype)
+            owner[name] = i
+    held: dict[int, dict] = {}
+
+    def get(name: str) -> np.ndarray:
+        i = owner[name]
+        if i not in held:
+            held.clear()  # the previous leaf's tensors are written: drop them
+            leaf, spec_t = leaves[i]
+            held[i] = dict(zip(spec_t.names, spec_t.layout.save(global_to_host(leaf)), strict=True))
+        return held[i][name]
+
+    if jax.process_index() != 0:
+        for name in specs:  # the gathers are collective: take part, write nothing
+            get(name)
+        return specs
+    write_safetensors_streaming(specs, get, folder, max_shard_size)
+    return specs

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import ops
+from lora_jax.sharding import constrain
 from lora_jax.models.generate import write_cache
 
 Array = jax.Array
@@ -302,9 +303,9 @@ class Attention(nn.Module):
         q = dense(self.num_heads * self.head_dim, self.qkv_bias, "q_proj")(x)
         k = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "k_proj")(x)
         v = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "v_proj")(x)
-        q = q.reshape(b, s, self.num_heads, self.head_dim)
-        k = k.reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = v.reshape(b, s, self.num_kv_heads, self.head_dim)
+        q = constrain(q.reshape(b, s, self.num_heads, self.head_dim), ("batch", None, "heads", None))
+        k = constrain(k.reshape(b, s, self.num_kv_heads, self.head_dim), ("batch", None, "kv_heads", None))
+        v = constrain(v.reshape(b, s, self.num_kv_heads, self.head_dim), ("batch", None, "kv_heads", None))
         if self.qk_norm_eps is not None:
             q = RMSNorm(self.qk_norm_eps, self.dtype, self.norm_offset, name="q_norm")(q)
             k = RMSNorm(self.qk_norm_eps, self.dtype, self.norm_offset, name="k_norm")(k)
@@ -334,7 +335,7 @@ class GatedMLP(nn.Module):
                                       kernel_init=normal(self.init_std))
         h = ACTIVATIONS[self.activation](dense(self.intermediate, "gate_proj")(x)) * dense(self.intermediate,
                                                                                          "up_proj")(x)
-        return dense(self.features, "down_proj")(h)
+        return dense(self.features, "down_proj")(constrain(h, ("batch", None, "mlp")))
 
 
 # Activation checkpointing of each block: what its forward pass keeps for the backward pass (the rest is

@@ -67,6 +67,7 @@ ARCHITECTURE = Architecture(
     tasks=decoder.tasks(),
     names=decoder.NAMES,
     presets=decoder.PRESETS,
+    logical_axes=decoder.LOGICAL_AXES,
     gguf=GGUF(
         model_types={"llama": "llama", "qwen2": "qwen2"},
         tensors=decoder.GGUF_TENSORS,

@@ -94,6 +94,7 @@ ARCHITECTURE = Architecture(
     names=NAMES,
     # PEFT's all-linear on Mixtral: the attention projections (the router and the experts are not nn.Linear)
     presets={**decoder.PRESETS, "all-linear": decoder.PRESETS["attention"]},
+    logical_axes=decoder.LOGICAL_AXES,
 )
 build = ARCHITECTURE.build
 init_params = ARCHITECTURE.init_params

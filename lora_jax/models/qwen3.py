@@ -51,6 +51,7 @@ ARCHITECTURE = Architecture(
     tasks=decoder.tasks(),
     names=decoder.NAMES,
     presets=decoder.PRESETS,
+    logical_axes=decoder.LOGICAL_AXES,
     gguf=GGUF(model_types={"qwen3": "qwen3"}, tensors=decoder.GGUF_TENSORS, config=decoder.GGUF_CONFIG,
               required=decoder.GGUF_REQUIRED),
 )

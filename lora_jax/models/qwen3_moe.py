@@ -114,6 +114,7 @@ ARCHITECTURE = Architecture(
     tasks=decoder.tasks(moe.MoeDecoderModel),
     names=NAMES,
     presets=PRESETS,
+    logical_axes=decoder.LOGICAL_AXES,
     # llama.cpp's qwen3moe graph always renormalises the top-k weights (transformers' GGUF reader sets it too)
     gguf=GGUF(model_types={"qwen3moe": "qwen3_moe"}, tensors=GGUF_TENSORS, config=GGUF_CONFIG,
               required=(*decoder.GGUF_REQUIRED, "expert_count", "expert_used_count"),
