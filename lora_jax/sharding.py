@@ -349,13 +349,16 @@ def global_to_host(x: jax.Array) -> np.ndarray:
 def expert_mesh() -> Any:
     """The mesh that routed experts are dispatched over, or ``None``.
 
-    That is the mesh set by ``jax.set_mesh(mesh)`` (an ``AbstractMesh`` while tracing) when it has an ``expert``
+    That is the mesh set by ``jax.set_mesh(mesh)`` (an ``AbstractMesh`` while tracing), else the one of
+    :func:`activation_mesh` (the training loop's), when it has an ``expert``
     axis of more than one device: a :class:`lora_jax.models.moe.SparseMoeBlock` traced under it sends each token
     to the devices holding its experts (all-to-all, :func:`lora_jax.models.moe.experts_glu_sharded`) instead of
     every device walking every token. Without such a mesh in context the experts run as on one device (their
     stacks may still be placed along ``expert``: then XLA partitions the single-device program)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or mesh.shape.get(EXPERT_AXIS, 1) <= 1:
+    if mesh is None or mesh.empty:
+        mesh = _ACTIVATIONS.get()  # the training loop traces its step inside activation_mesh(mesh)
+    if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) <= 1:
         return None
     return mesh
 

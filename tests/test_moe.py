@@ -460,6 +460,8 @@ def test_expert_parallel_needs_an_expert_mesh_and_says_what_blocks_it(setup):
     assert sharding.expert_mesh() is None  # no mesh in context: the single-device path
     with jax.set_mesh(_mesh(1)):
         assert sharding.expert_mesh() is None  # an expert axis of one device is no expert parallelism
+    with sharding.activation_mesh(_mesh(1)):
+        assert sharding.expert_mesh() is None
     e = params["mlp"]["experts"]
     routing = _routed(params, x)
     mesh = _mesh(1)
@@ -559,6 +561,8 @@ def test_8dev_expert_dispatch_moves_tokens_not_activations_and_equals_one_device
         step = jax.jit(grad, static_argnums=3)
         hlo = _collectives(step.lower(a8, x8, p8, None).compile().as_text())
         (l8, dropped), g8 = step(a8, x8, p8, None)
+    with sharding.activation_mesh(mesh):  # the training loop's context (train.loop.on_mesh) selects it too
+        assert dict(sharding.expert_mesh().shape) == dict(mesh.shape)
     assert hlo["all-to-all"] and "all-gather" not in hlo and "reduce-scatter" not in hlo
     assert max(hlo.get("all-reduce", [0])) < (t // 8) * d, hlo  # never one device's tokens x D, let alone all
     assert int(dropped) == 0
