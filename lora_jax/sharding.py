@@ -19,7 +19,9 @@ routed-expert stack ``(E, d_in, d_out)`` (:func:`lora_jax.targets.default_expert
 over it, each device holding ``E / n`` whole experts (its other axes follow the rule as before), and its
 per-expert adapters ``a (E, d_in, r)`` / ``b (E, r, d_out)`` are split the same way, whatever their size, so an
 expert's factors live with its kernel. The batch is split over every axis. (A quantised stack's stored arrays
-are flat and are placed by the rules alone.)
+are flat and are placed by the rules alone.) A step traced under that mesh (``jax.set_mesh(mesh)``:
+:func:`expert_mesh`) also moves the tokens: each MoE block sends them to their experts' devices and back with
+all-to-alls (:func:`lora_jax.models.moe.experts_glu_sharded`) instead of every device walking every token.
 """
 
 from __future__ import annotations
@@ -339,3 +341,29 @@ def global_to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ------------------------------------------------------------------------------------ expert parallelism
+
+
+def expert_mesh() -> Any:
+    """The mesh that routed experts are dispatched over, or ``None``.
+
+    That is the mesh set by ``jax.set_mesh(mesh)`` (an ``AbstractMesh`` while tracing), else the one of
+    :func:`activation_mesh` (the training loop's), when it has an ``expert``
+    axis of more than one device: a :class:`lora_jax.models.moe.SparseMoeBlock` traced under it sends each token
+    to the devices holding its experts (all-to-all, :func:`lora_jax.models.moe.experts_glu_sharded`) instead of
+    every device walking every token. Without such a mesh in context the experts run as on one device (their
+    stacks may still be placed along ``expert``: then XLA partitions the single-device program)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        mesh = _ACTIVATIONS.get()  # the training loop traces its step inside activation_mesh(mesh)
+    if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) <= 1:
+        return None
+    return mesh
+
+
+def token_axes(mesh: Any) -> tuple[str, ...]:
+    """The mesh axes that the tokens entering an expert block are split over inside the expert dispatch: the
+    batch axes (:func:`batch_axes`: ``data``, ``fsdp``, ``expert``) that ``mesh`` has."""
+    return batch_axes(mesh)

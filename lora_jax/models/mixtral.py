@@ -29,7 +29,9 @@ from lora_jax.models.decoder import DecoderConfig
 class Config(DecoderConfig):
     """A Mixtral decoder: :class:`~lora_jax.models.decoder.DecoderConfig` with the MoE fields of
     ``transformers.MixtralConfig`` (``num_experts`` is its ``num_local_experts``; each expert's width is
-    ``intermediate_size``). ``moe_dispatch``: ``"ragged"`` or ``"dense"`` (not a ``transformers`` field)."""
+    ``intermediate_size``). ``moe_dispatch``: ``"ragged"`` or ``"dense"``; ``moe_capacity_factor``: rows per expert
+    under expert parallelism (:func:`lora_jax.models.moe.expert_capacity`; ``None``: never drop a token). Neither
+    is a ``transformers`` field."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("mixtral",)
     num_experts: int = 8
@@ -38,6 +40,7 @@ class Config(DecoderConfig):
     output_router_logits: bool = False
     router_jitter_noise: float = 0.0
     moe_dispatch: str = "ragged"
+    moe_capacity_factor: float | None = None
     model_type: str = "mixtral"
 
     norm_topk_prob: ClassVar[bool] = True  # Mixtral's router always renormalises

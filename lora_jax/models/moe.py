@@ -18,6 +18,13 @@ A sparse MoE block (Qwen3-MoE, Mixtral, ...) on ``T`` tokens of width ``D`` with
 4. :func:`load_balancing_loss`: the Switch Transformer auxiliary loss exactly as ``transformers`` computes it
    (``load_balancing_loss_func``) from the router logits of every layer.
 
+Expert parallelism: traced under a mesh with an ``expert`` axis (``jax.set_mesh(mesh)``,
+:func:`lora_jax.sharding.expert_mesh`), a :class:`SparseMoeBlock` routes each device's own tokens
+(:func:`route_sharded`) and sends them to the devices that hold their experts and back with two all-to-alls
+(:func:`experts_glu_sharded`): each device computes only its own experts' rows, with their per-expert adapters,
+at a fixed capacity per expert (``moe_capacity_factor``; ``None`` never drops a token) and a count of the
+dropped pairs sown as ``intermediates / dropped_pairs``. Without such a mesh the single-device path above runs.
+
 Expert kernels are in this project's layout ``(E, d_in, d_out)`` (Hugging Face stores ``(E, d_out, d_in)``:
 the converters transpose). The fused ``gate_up`` kernel ``(E, D, 2F)`` holds the gate in its first ``F``
 columns and the up projection in the last ``F`` (HF's ``gate_up_proj(...).chunk(2)``).
@@ -25,6 +32,7 @@ columns and the up projection in the last ``F`` (HF's ``gate_up_proj(...).chunk(
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from lora_jax import ops, tree
 from lora_jax.core import LoraWeight
@@ -64,6 +73,29 @@ def route(logits: Array, top_k: int, *, norm_topk_prob: bool = True) -> Routing:
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(weights.astype(logits.dtype), experts.astype(jnp.int32), logits)
+
+
+def route_sharded(logits: Array, top_k: int, *, norm_topk_prob: bool = True, mesh: Any = None) -> Routing:
+    """:func:`route` on each device's own tokens: ``logits (T, E)`` split over ``mesh``'s token axes
+    (:func:`lora_jax.sharding.token_axes`) in a ``jax.shard_map``, so that no device gathers the whole batch's
+    probabilities (XLA's partitioner all-gathers the ``(T, E)`` probabilities in front of a ``top_k`` on tokens
+    it has split). Plain :func:`route` when ``mesh`` is ``None`` or ``T`` does not split evenly."""
+    if mesh is None:
+        return route(logits, top_k, norm_topk_prob=norm_topk_prob)
+    from lora_jax import sharding
+
+    axes = sharding.token_axes(mesh)
+    if logits.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+        return route(logits, top_k, norm_topk_prob=norm_topk_prob)
+    tok = P(axes)
+    return jax.shard_map(functools.partial(route, top_k=top_k, norm_topk_prob=norm_topk_prob), mesh=mesh,
+                         in_specs=tok, out_specs=Routing(tok, tok, tok))(logits)
+
+
+def _expert_mesh() -> Any:
+    from lora_jax import sharding
+
+    return sharding.expert_mesh()
 
 
 class Sorted(NamedTuple):
@@ -158,6 +190,174 @@ def experts_glu(
     return jnp.einsum("tkd,tk->td", y, routing.weights.astype(y.dtype)).astype(x.dtype)
 
 
+# ---------------------------------------------------------------------------------- expert parallelism
+
+
+class Dispatch(NamedTuple):
+    """What :func:`experts_glu_sharded` returns: ``y (T, D)``; ``dropped``: int32 scalar, the (token, expert)
+    pairs over all devices that found their expert full (each contributed 0 to its token); ``capacity``: the
+    rows each expert takes from each device (static)."""
+
+    y: Array
+    dropped: Array
+    capacity: int
+
+
+def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
+    """Rows each expert takes from the ``tokens`` of one device: ``ceil(capacity_factor * tokens * top_k /
+    num_experts)``, at least 1 and at most ``tokens``; ``None`` gives ``tokens``, which never drops a pair (the
+    ``k`` experts of a token are distinct, so no expert can be chosen by more than ``tokens`` pairs of one device).
+    A factor of 1 is the share of a perfectly balanced router; 1.25 - 2 is the usual headroom."""
+    if capacity_factor is None:
+        return tokens
+    if not capacity_factor > 0:
+        raise ValueError(f"expert capacity: capacity_factor must be > 0 (or None: never drop), got {capacity_factor}")
+    return int(min(tokens, max(1, int(np.ceil(capacity_factor * tokens * top_k / num_experts)))))
+
+
+def dispatch_slots(experts: Array, num_experts: int, capacity: int) -> tuple[Array, Array]:
+    """Where each (token, expert) pair of one device goes in its send buffer ``(num_experts * capacity, D)``.
+
+    ``experts (t, k)`` -> ``slot (t*k,)`` int32 and ``keep (t*k,)`` bool, in the flattened ``(t, k)`` order.
+    Expert ``e`` owns rows ``e * capacity`` up to ``(e + 1) * capacity``; its pairs fill them in token order
+    (then choice order) and the pairs past ``capacity`` are dropped (``keep`` False, ``slot`` =
+    ``num_experts * capacity``, one past the buffer)."""
+    s = sort_by_expert(experts, num_experts)
+    flat = experts.reshape(-1)
+    starts = jnp.cumsum(s.group_sizes) - s.group_sizes
+    pos = s.inverse.astype(jnp.int32) - starts[flat]  # rank of the pair among its expert's pairs (stable sort)
+    keep = pos < capacity
+    return jnp.where(keep, flat * capacity + pos, num_experts * capacity).astype(jnp.int32), keep
+
+
+def _per_expert(x: Array, w: Array | LoraWeight) -> Array:
+    """Each expert of ``w (El, d_in, d_out)`` on its own rows ``x (El, c, d_in)`` -> ``(El, c, d_out)``; a
+    :class:`LoraWeight` with per-expert adapters factored (``x @ W0 + (dropout(x) @ A) @ B * scale``)."""
+    base = w.base if isinstance(w, LoraWeight) else w
+    y = jnp.einsum("ecd,edf->ecf", x, base.astype(x.dtype))
+    if not isinstance(w, LoraWeight):
+        return y
+    ad = w.adapter
+    if ad.is_dora:
+        raise NotImplementedError("experts_glu_sharded: DoRA adapters on expert kernels are not supported")
+    h = jnp.einsum("ecd,edr->ecr", ops.adapter_dropout(x, w), ad.a.astype(x.dtype))
+    return y + jnp.einsum("ecr,erf->ecf", h, ad.b.astype(x.dtype)) * jnp.asarray(ad.scale, x.dtype)
+
+
+def expert_parallel_blocker(mesh: Any, n_tokens: int, kernels: Mapping[str, Any]) -> str | None:
+    """Why the routed experts ``kernels`` (``{name: (E, d_in, d_out) stack}``) on ``n_tokens`` tokens cannot be
+    dispatched over ``mesh``'s ``expert`` axis, or ``None`` when they can. They cannot when ``E`` is not a
+    multiple of the expert axis (the stacks are then replicated, :func:`lora_jax.sharding.spec_for`), when a
+    stack is quantised (its stored arrays are flat, not split by expert), when an adapter is not one per expert,
+    or when the tokens do not split evenly over the token axes (:func:`lora_jax.sharding.token_axes`): a
+    generation step with fewer tokens than devices, for one."""
+    from lora_jax import sharding
+
+    n_exp = mesh.shape[sharding.EXPERT_AXIS]
+    n_tok = int(np.prod([mesh.shape[a] for a in sharding.token_axes(mesh)]))
+    for name, w in kernels.items():
+        base = w.base if isinstance(w, LoraWeight) else w
+        if ops.is_quantized(base) or not hasattr(base, "shape"):
+            return f"{name} is a quantised stack (its stored arrays are not split by expert)"
+        if base.shape[0] % n_exp:
+            return f"{name} has {base.shape[0]} experts, not a multiple of the expert axis ({n_exp})"
+        if isinstance(w, LoraWeight) and w.adapter.stack_shape != (base.shape[0],):
+            return f"{name}'s adapter is not one adapter per expert"
+    if n_tokens % n_tok:
+        return f"{n_tokens} tokens do not split over the {n_tok} devices of the token axes"
+    return None
+
+
+def experts_glu_sharded(
+    x: Array,
+    routing: Routing,
+    *,
+    mesh: Any,
+    down: Array | LoraWeight,
+    gate_up: Array | LoraWeight | None = None,
+    gate: Array | LoraWeight | None = None,
+    up: Array | LoraWeight | None = None,
+    act: Callable[[Array], Array] = jax.nn.silu,
+    capacity_factor: float | None = None,
+) -> Dispatch:
+    """:func:`experts_glu` with the experts split over ``mesh``'s ``expert`` axis: tokens travel to their
+    experts and back, each device computes only its own experts' rows.
+
+    ``x (T, D)`` and ``routing`` are split over the token axes (:func:`lora_jax.sharding.token_axes`), the
+    stacks ``(E, ...)`` and their per-expert adapters ``a (E, d_in, r)`` / ``b (E, r, d_out)`` over ``expert``
+    (``n`` devices, ``El = E / n`` experts each). In one ``jax.shard_map``, each device with its ``t`` tokens:
+
+    1. places its ``t * k`` (token, expert) pairs in a send buffer ``(E * C, D)``, ``C`` rows per expert
+       (:func:`expert_capacity`, :func:`dispatch_slots`; pairs past ``C`` are dropped and counted);
+    2. ``all_to_all`` over ``expert``: device ``j`` receives, from each of the ``n`` devices of its expert group,
+       the ``El * C`` rows of its experts ``(n * El * C, D)``;
+    3. runs its ``El`` experts' gated MLP as batched products on ``(El, n * C, D)`` (LoRA factored, the adapters
+       never leave their experts' device; padding rows are zeros and give zeros);
+    4. ``all_to_all`` back, gathers each pair's row, and sums a token's ``k`` rows times their routing weights.
+
+    Per device that is ``E * C * 3 * 2 * D * F`` expert FLOPs, ``capacity_factor * k * t`` rows: ``1 / n`` of the
+    whole batch's at a fixed capacity factor. The activations crossing devices are the two all-to-alls of
+    ``(E * C, D)``; nothing of shape ``(tokens, D)`` is all-gathered or all-reduced. With ``capacity_factor``
+    ``None`` (``C = t``) nothing is dropped and the result equals :func:`experts_glu`'s, at ``E / k`` times
+    the rows of a perfectly balanced capacity.
+    """
+    from lora_jax import sharding
+
+    if (gate_up is None) == (gate is None or up is None) or \
+            (gate_up is not None and (gate is not None or up is not None)):
+        raise ValueError("experts_glu_sharded: pass either gate_up (E, D, 2F) or both gate and up (E, D, F)")
+    kernels = {"down": down, **({"gate_up": gate_up} if gate_up is not None else {"gate": gate, "up": up})}
+    why = expert_parallel_blocker(mesh, x.shape[0], kernels)
+    if why is not None:
+        raise ValueError(f"experts_glu_sharded: cannot dispatch over the expert axis: {why}")
+    axis = sharding.EXPERT_AXIS
+    tok_axes = sharding.token_axes(mesh)
+    n_exp = down.shape[0]
+    n_dev = mesh.shape[axis]
+    local_experts = n_exp // n_dev
+    t = x.shape[0] // int(np.prod([mesh.shape[a] for a in tok_axes]))
+    k = routing.experts.shape[1]
+    capacity = expert_capacity(t, k, n_exp, capacity_factor)
+
+    def split(w):  # a stack, its per-expert factors: along expert; a dropout key: the same on every device
+        return jax.tree.map(lambda leaf: P(axis) if getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] == n_exp
+                            else P(), w)
+
+    def local(x, weights, experts, kernels):
+        d = x.shape[-1]
+        slot, keep = dispatch_slots(experts, n_exp, capacity)
+        kernels = {name: _fold_key(w, tok_axes) for name, w in kernels.items()}
+        send = jnp.zeros((n_exp * capacity, d), x.dtype).at[slot].set(x[jnp.arange(slot.shape[0]) // k],
+                                                                       mode="drop")
+        recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # (src, local expert, C) rows
+        h = recv.reshape(n_dev, local_experts, capacity, d).transpose(1, 0, 2, 3)
+        h = h.reshape(local_experts, n_dev * capacity, d)
+        if "gate_up" in kernels:
+            g, u = _split_gate_up(_per_expert(h, kernels["gate_up"]))
+        else:
+            g, u = _per_expert(h, kernels["gate"]), _per_expert(h, kernels["up"])
+        y = _per_expert(act(g) * u, kernels["down"])
+        y = y.reshape(local_experts, n_dev, capacity, -1).transpose(1, 0, 2, 3).reshape(n_exp * capacity, -1)
+        back = jax.lax.all_to_all(y, axis, 0, 0, tiled=True)  # each row home, in its send slot
+        rows = back.at[slot].get(mode="fill", fill_value=0).reshape(experts.shape[0], k, -1)
+        out = jnp.einsum("tkd,tk->td", rows, weights.astype(rows.dtype)).astype(x.dtype)
+        dropped = jax.lax.psum(jnp.sum(~keep, dtype=jnp.int32), tok_axes)
+        return out, dropped
+
+    tok = P(tok_axes)
+    y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, split(kernels)),
+                               out_specs=(tok, P()))(x, routing.weights, routing.experts, kernels)
+    return Dispatch(y, dropped, capacity)
+
+
+def _fold_key(w: Any, axes: tuple[str, ...]) -> Any:
+    """A :class:`LoraWeight` whose dropout key differs on every device of the token ``axes`` (each draws masks for
+    its own rows; devices that hold the same tokens draw the same masks)."""
+    if not isinstance(w, LoraWeight) or w.key is None:
+        return w
+    return dataclasses.replace(w, key=jax.random.fold_in(w.key, jax.lax.axis_index(axes)))
+
+
 def load_balancing_loss(router_logits: Sequence[Array], num_experts: int, top_k: int,
                         attention_mask: Array | None = None) -> Array:
     """The auxiliary load-balancing loss of ``transformers``' ``load_balancing_loss_func`` (Switch Transformer
@@ -194,6 +394,9 @@ def check_config(config: Any, experts: str = "num_experts") -> None:
     family's ``transformers`` config does (Mixtral: ``num_local_experts``). Raises ``ValueError``."""
     if config.moe_dispatch not in DISPATCHES:
         raise ValueError(f"moe_dispatch must be one of {DISPATCHES}, got {config.moe_dispatch!r}")
+    cf = getattr(config, "moe_capacity_factor", None)
+    if cf is not None and not (isinstance(cf, int | float) and cf > 0):
+        raise ValueError(f"moe_capacity_factor must be a number > 0 or None (never drop a token), got {cf!r}")
     if not 1 <= config.num_experts_per_tok <= config.num_experts:
         raise ValueError(f"num_experts_per_tok {config.num_experts_per_tok} must be in [1, {experts} "
                          f"{config.num_experts}]")
@@ -204,7 +407,10 @@ def check_config(config: Any, experts: str = "num_experts") -> None:
 
 class Experts(nn.Module):
     """The routed experts of a block: parameters ``gate_up_proj (E, D, 2F)`` and ``down_proj (E, F, D)`` (named
-    as ``transformers``' ``*Experts`` modules name them), applied by :func:`experts_glu`."""
+    as ``transformers``' ``*Experts`` modules name them), applied by :func:`experts_glu`, or by
+    :func:`experts_glu_sharded` when traced under a mesh with an ``expert`` axis (``jax.set_mesh``) that the
+    dispatch applies to (:func:`expert_parallel_blocker`); then the number of dropped (token, expert) pairs is
+    sown as ``intermediates / dropped_pairs``. ``capacity_factor``: see :func:`expert_capacity`."""
 
     num_experts: int
     features: int
@@ -213,15 +419,22 @@ class Experts(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     dispatch: str = "ragged"
+    capacity_factor: float | None = None
 
     @nn.compact
     def __call__(self, x: Array, routing: Routing) -> Array:
         e, d, f = self.num_experts, self.features, self.intermediate
         init = lambda shape: lambda: self.init_std * jax.random.normal(self.make_rng("params"), shape)  # noqa: E731
-        gate_up = self.variable("params", "gate_up_proj", init((e, d, 2 * f))).value
-        down = self.variable("params", "down_proj", init((e, f, d))).value
-        return experts_glu(x.astype(self.dtype), routing, gate_up=ops.astype(gate_up, self.dtype),
-                           down=ops.astype(down, self.dtype), act=ACTIVATIONS[self.activation], dispatch=self.dispatch)
+        gate_up = ops.astype(self.variable("params", "gate_up_proj", init((e, d, 2 * f))).value, self.dtype)
+        down = ops.astype(self.variable("params", "down_proj", init((e, f, d))).value, self.dtype)
+        act = ACTIVATIONS[self.activation]
+        mesh = _expert_mesh() if self.dispatch == "ragged" and not self.is_initializing() else None
+        if mesh is not None and expert_parallel_blocker(mesh, x.shape[0], {"gate_up": gate_up, "down": down}) is None:
+            out = experts_glu_sharded(x.astype(self.dtype), routing, mesh=mesh, gate_up=gate_up, down=down, act=act,
+                                      capacity_factor=self.capacity_factor)
+            self.sow("intermediates", "dropped_pairs", out.dropped)
+            return out.y
+        return experts_glu(x.astype(self.dtype), routing, gate_up=gate_up, down=down, act=act, dispatch=self.dispatch)
 
 
 class SparseMoeBlock(nn.Module):
@@ -240,6 +453,7 @@ class SparseMoeBlock(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     dispatch: str = "ragged"
+    capacity_factor: float | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -248,9 +462,10 @@ class SparseMoeBlock(nn.Module):
         logits = Dense(self.num_experts, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(
             self.init_std), name="gate")(h)
         self.sow("intermediates", "router_logits", logits)
-        routing = route(logits, self.top_k, norm_topk_prob=self.norm_topk_prob)
+        routing = route_sharded(logits, self.top_k, norm_topk_prob=self.norm_topk_prob,
+                                mesh=None if self.is_initializing() else _expert_mesh())
         y = Experts(self.num_experts, d, self.intermediate, self.activation, self.init_std, self.dtype, self.dispatch,
-                    name="experts")(h, routing)
+                    self.capacity_factor, name="experts")(h, routing)
         return y.reshape(b, s, d)
 
 
@@ -269,7 +484,7 @@ class MoeDecoderLayer(DecoderLayer):
             return super().feed_forward()
         return SparseMoeBlock(c.num_experts, c.num_experts_per_tok, c.hidden_size, c.moe_intermediate_size,
                               c.norm_topk_prob, c.hidden_act, c.initializer_range, self.dtype, c.moe_dispatch,
-                              name="mlp")
+                              getattr(c, "moe_capacity_factor", None), name="mlp")
 
 
 MoeDecoderModel = functools.partial(DecoderModel, layer=MoeDecoderLayer)
@@ -343,6 +558,7 @@ def per_expert(parts: int) -> Layout:
     return Layout(load=load, save=save, transposed=True)
 
 
-__all__ = ["DISPATCHES", "FUSED", "Experts", "MoeDecoderLayer", "MoeDecoderModel", "Routing", "Sorted",
-           "SparseMoeBlock", "aux_loss", "check_config", "collect_router_logits", "expert_tensor_names", "experts_glu",
-           "load_balancing_loss", "per_expert", "route", "sort_by_expert"]
+__all__ = ["DISPATCHES", "FUSED", "Dispatch", "Experts", "MoeDecoderLayer", "MoeDecoderModel", "Routing", "Sorted",
+           "SparseMoeBlock", "aux_loss", "check_config", "collect_router_logits", "dispatch_slots", "expert_capacity",
+           "expert_parallel_blocker", "expert_tensor_names", "experts_glu", "experts_glu_sharded",
+           "load_balancing_loss", "per_expert", "route", "route_sharded", "sort_by_expert"]

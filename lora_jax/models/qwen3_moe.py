@@ -33,7 +33,9 @@ from lora_jax.models.decoder import DecoderConfig
 class Config(DecoderConfig):
     """A Qwen3-MoE decoder: :class:`~lora_jax.models.decoder.DecoderConfig` with q/k norms and the MoE fields of
     ``transformers.Qwen3MoeConfig``. ``moe_dispatch``: ``"ragged"`` (grouped products) or ``"dense"`` (the
-    one-hot reference); not a ``transformers`` field."""
+    one-hot reference); ``moe_capacity_factor``: rows per expert under expert parallelism
+    (:func:`lora_jax.models.moe.expert_capacity`; ``None``: never drop a token). Neither is a ``transformers``
+    field."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("qwen3_moe",)
     qk_norm: bool = True
@@ -46,6 +48,7 @@ class Config(DecoderConfig):
     router_aux_loss_coef: float = 0.001
     output_router_logits: bool = False
     moe_dispatch: str = "ragged"
+    moe_capacity_factor: float | None = None
     model_type: str = "qwen3_moe"
 
     def __post_init__(self):
