@@ -77,6 +77,11 @@ def load_model(cfg: Config):
         model = model.clone(dtype=compute)
     if hasattr(model, "remat"):  # checkpoint each layer (train.remat); other models checkpoint the whole loss
         model = model.clone(remat=remat_name(cfg.train.remat))
+    if hasattr(model, "attention"):  # the shared decoder's attention implementation (lora_jax.models.attention)
+        model = model.clone(attention=cfg.model.attention)
+    elif cfg.model.attention != "auto":
+        raise ConfigError(f"model.attention={cfg.model.attention}: {cfg.model.name} has its own attention (only the "
+                          "shared decoder's families choose one); leave it auto")
     return model, params, tokenizer, model_cfg
 
 
