@@ -676,6 +676,40 @@ def newcomer_block(results: dict) -> str:
 # Results whose block says "not recorded yet" until their command has run (what it says names the command).
 OPTIONAL = frozenset({"newcomer"})
 
+def attention_memory_block(results: dict) -> str:
+    r = results["attention_memory"]
+    cfg = r["config"]
+    rows = [[m["attention"] + (f" ({r.get('auto_is')})" if m["attention"] == "auto" else ""), f"{m['seq']:,}",
+             f"{m['temp_MiB']:,.0f}", f"{m['peak_MiB']:,.0f}"] for m in r["memory"]]
+    growth = [f"- `{impl}`: {g['tokens_ratio']:.0f}x the tokens, {g['temp_ratio']:.1f}x the temporaries"
+              for impl, g in r.get("growth", {}).items() if g]
+    out = [f"The job's LoRA step (r=8 on q, v, AdamW, chunked loss, float32, no remat) of a 2-layer width-128 Llama, "
+           f"batch {cfg['batch']}, compiled memory by `model.attention`:", "",
+           _table(["attention", "tokens", "temp MiB", "step peak MiB"], rows), "", *growth, "", "Goals:", ""]
+    out += [f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in r.get("goals", {}).items()]
+    trows = [[t["attention"], f"{t['seq']:,}", _ms(t["median_ms"]), _x(t[f"ratio_to_{cfg['impls'][0]}"]),
+              f"{_x(t['ci95'][0])}-{_x(t['ci95'][1])}"] for t in r.get("time", [])]
+    if trows:
+        out += ["", f"Step time, {cfg['rounds']} rotated rounds on a shared machine (compare the paired ratios):", "",
+                _table(["attention", "tokens", "median ms", f"time / {cfg['impls'][0]}", "95% CI"], trows)]
+    return "\n".join(out + ["", provenance(r, "python -m benchmarks.attention_memory")])
+
+
+def accelerator_block(results: dict) -> str:
+    r = results["accelerator"]
+    pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
+    rows = [[m["model"], f"{m['layers']} x {m['hidden']}", f"{m['batch']} x {m['seq']}", m["device_kind"],
+             f"{m['tokens_per_s']:,.0f}", f"{max(m['peak_memory_per_device_GiB']):.2f}"
+             if m["peak_memory_per_device_GiB"] else f"{m['compiled_plan_per_device_GiB']:.3f} (plan)",
+             pct(m["mfu"]["6N"]), pct(m["mfu"]["lora_aware_4N_plus_6Na"])] for m in r["runs"]]
+    head = ("Measured on an accelerator:" if r.get("measured_on_accelerator") else
+            "**No accelerator has run this yet**: the record is the `--quick` CPU smoke run (tiny models), which only "
+            "shows the command works; the accelerator row is unmeasured until a device is lent.")
+    return "\n".join([head, "", _table(["model", "layers x width", "batch x tokens", "device", "tokens/s",
+                                         "peak GiB / device", "MFU 6N", "MFU LoRA-aware"], rows), "",
+                      provenance(r, "python -m benchmarks.accelerator")])
+
+
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "train_step.headline": (("train_step",), train_step_headline, True),
     "train_step.merged": (("train_step",), merged_headline, True),
@@ -698,6 +732,8 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "sst2_methods": ((SST2,), sst2_block, False),
     "e2e_analysis": ((E2E_ANALYSIS,), e2e_analysis_block, False),
     "newcomer": (("newcomer",), newcomer_block, False),
+    "attention_memory": (("attention_memory",), attention_memory_block, False),
+    "accelerator": (("accelerator",), accelerator_block, False),
 }
 
 

@@ -385,3 +385,46 @@ def test_causal_tokens_quick(tmp_path, smollm2_gguf_path):
     saved = json.loads((tmp_path / "causal_tokens_quick.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     _check_provenance(saved, "causal_tokens", "--quick")
+
+
+def test_attention_memory_goal_can_fail():
+    """The growth of the temporaries and the goal come from the rows: quadratic rows miss it, linear ones meet it."""
+    from benchmarks import attention_memory
+
+    def rows(impl, temps):
+        return [{"attention": impl, "seq": s, "bytes": {"temp": t, "peak": t + 10}}
+                for s, t in zip((1024, 2048, 8192), temps)]
+
+    quadratic = attention_memory.growth(rows("xla", [100, 400, 6400]), "xla")
+    assert quadratic["tokens_ratio"] == 8 and quadratic["temp_ratio"] == 64 > attention_memory.GOAL
+    assert attention_memory.growth(rows("auto", [100, 180, 700]), "auto")["temp_ratio"] == 7 <= attention_memory.GOAL
+    assert attention_memory.growth(rows("auto", [100]), "auto") is None
+
+
+def test_accelerator_flops_and_peaks():
+    """6N and the LoRA-aware count from the parameters; the attention term from the mask; the device table."""
+    from benchmarks import accelerator
+
+    assert accelerator.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert accelerator.peak_tflops("TPU v5 lite") == 197.0 and accelerator.peak_tflops("cpu") is None
+    config = accelerator.model_config("gemma3", quick=True)  # 2 layers: sliding (window 64), then global
+    s = 256
+    want = 3 * 4 * config.num_attention_heads * config.head_dim * (
+        np.minimum(np.arange(1, s + 1), 64).mean() + np.arange(1, s + 1).mean())
+    assert accelerator.attention_flops_per_token(config, s) == pytest.approx(want)
+
+
+@pytest.mark.slow  # ~1-2 min of CPU: two tiny models' bf16 LoRA steps compiled and run
+def test_accelerator_quick(tmp_path):
+    from benchmarks import accelerator
+
+    result = accelerator.main(["--quick", "--out-dir", str(tmp_path)])
+    assert [r["model"] for r in result["runs"]] == ["llama", "gemma3"]
+    for r in result["runs"]:
+        assert _positive(r["tokens_per_s"]) and r["matmul_params_N"] > r["adapter_params_Na"] > 0
+        assert r["flops_per_token"]["6N"] == 6 * r["matmul_params_N"]
+        assert r["flops_per_token"]["lora_aware_4N_plus_6Na"] == 4 * r["matmul_params_N"] + 6 * r["adapter_params_Na"]
+        assert all(math.isfinite(x) for x in r["losses"])
+        assert r["peak_memory_per_device_GiB"] or _positive(r["compiled_plan_per_device_GiB"])
+    written = json.loads((tmp_path / "accelerator.json").read_text())
+    assert written["provenance"]["benchmark"] == "accelerator" and not written["measured_on_accelerator"]

@@ -67,6 +67,9 @@ class ModelConfig:
     router_aux_loss_coef: Float | None = key(None, "mixtures of experts: weight of the load-balancing loss added "
                                              "to the training loss (transformers' router_aux_loss_coef); null: as "
                                              "the checkpoint's config says (output_router_logits); 0: off", ge=0)
+    attention: Literal["auto", "xla", "blockwise", "cudnn", "splash"] = key(
+        "auto", "decoders' attention (lora_jax.models.attention): auto (cuDNN on GPU, splash on TPU, else blockwise; "
+        "xla when decoding), xla (dense T x T scores), blockwise (never forms T x T), cudnn, splash")
 
 
 @section

@@ -74,6 +74,11 @@ def open_model(cfg: Config):
     model = ckpt.build(jnp.dtype(cfg.train.precision))
     if hasattr(model, "remat"):  # checkpoint each layer (train.remat); other models checkpoint the whole loss
         model = model.clone(remat=remat_name(cfg.train.remat))
+    if hasattr(model, "attention"):  # the shared decoder's attention implementation (lora_jax.models.attention)
+        model = model.clone(attention=cfg.model.attention)
+    elif cfg.model.attention != "auto":
+        raise ConfigError(f"model.attention={cfg.model.attention}: {cfg.model.name} has its own attention (only the "
+                          "shared decoder's families choose one); leave it auto")
     return ckpt, model
 
 

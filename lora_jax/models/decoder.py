@@ -253,6 +253,7 @@ class DecoderModel(nn.Module):
     scale_embeddings: bool = False
     norm_offset: float = 0.0
     remat: str = "none"  # checkpoint policy of each layer (lora_jax.models.layers.REMAT_POLICIES)
+    attention: str = "auto"  # the attention implementation (lora_jax.models.attention.IMPLEMENTATIONS)
 
     def setup(self):
         c = self.config
@@ -269,7 +270,7 @@ class DecoderModel(nn.Module):
         if self.scale_embeddings:
             x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
         x, cache = run_layers(self.layers, x, cache, step, lambda i, layer, x, kv: layer(
-            x, positions, step.sliding if self.config.is_sliding(i) else step.causal, kv, step.start))
+            x, positions, step.mask(self.config.is_sliding(i), self.attention), kv, step.start))
         return self.norm(x), cache
 
     def attend(self, h: Array) -> Array:
@@ -291,7 +292,8 @@ class CausalLM(nn.Module):
     applies :meth:`head` itself (:func:`lora_jax.losses.chunked_cross_entropy`).
 
     ``embedding``: the backbone's token embedding (the tied head); ``remat``: the checkpoint policy of each of
-    the backbone's layers (:data:`lora_jax.models.layers.REMAT_POLICIES`).
+    the backbone's layers (:data:`lora_jax.models.layers.REMAT_POLICIES`); ``attention``: the backbone's attention
+    implementation (:data:`lora_jax.models.attention.IMPLEMENTATIONS`, ``auto`` by default).
     """
 
     config: Any
@@ -300,12 +302,14 @@ class CausalLM(nn.Module):
     backbone_name: str = "model"
     embedding: str = "embed_tokens"
     remat: str = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
                  cache: KVCache | None = None, hidden: bool = False,
                  segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         extra = {} if self.remat == "none" else {"remat": self.remat}  # a backbone without remat still builds
+        extra.update({} if self.attention == "auto" else {"attention": self.attention})
         body = self.backbone(self.config, self.dtype, name=self.backbone_name, **extra)
         h, cache = body(input_ids, positions, attention_mask, cache, segment_ids)
         if hidden:

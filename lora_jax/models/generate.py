@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.models import attention
+
 Array = jax.Array
 PyTree = Any
 
@@ -96,13 +98,28 @@ class StepMask:
 
     ``start``: slot of the first new token (0 without a cache); ``key_valid``: ``(B, T)`` real-token slots
     (``T = S`` without a cache, ``max_len`` with one); ``causal``: ``(B, S, T)`` bool, query may see key;
-    ``sliding``: the same restricted to a window (``None`` when the model has no sliding window).
+    ``sliding``: the same restricted to a window (``None`` when the model has no sliding window);
+    ``segment_ids``: the packed rows' ``(B, S)`` segments (``None``: none), ``window``: the sliding window,
+    ``padded``: an ``attention_mask`` or a cache says which key slots are real (else every slot is).
+
+    Under ``jit`` the dense ``causal`` / ``sliding`` masks cost nothing unless a layer reads them: :meth:`mask`
+    describes the same masks in ``O(S + T)`` numbers for :func:`lora_jax.models.attention.attend`.
     """
 
     start: Array
     key_valid: Array
     causal: Array
     sliding: Array | None
+    segment_ids: Array | None = None
+    window: int | None = None
+    padded: bool = True
+    cached: bool = False
+
+    def mask(self, sliding: bool, implementation: str = "auto") -> attention.Mask:
+        """The :class:`lora_jax.models.attention.Mask` of a layer (``sliding``: with the window, as
+        :attr:`sliding`, else as :attr:`causal`) for the attention ``implementation``."""
+        return attention.Mask(self.key_valid if self.padded else None, self.segment_ids, self.start,
+                              self.window if sliding else None, self.cached, implementation)
 
 
 def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KVCache | None,
@@ -153,7 +170,8 @@ def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KV
     if segment_ids is not None:
         causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
     sliding = None if sliding_window is None else causal & (distance < sliding_window)[None]
-    return StepMask(start, key_valid, causal, sliding)
+    return StepMask(start, key_valid, causal, sliding, segment_ids, sliding_window,
+                    padded=attention_mask is not None or cache is not None, cached=cache is not None)
 
 
 def write_cache(cached: Array, new: Array, start: Array) -> Array:

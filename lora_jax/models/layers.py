@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import ops
+from lora_jax.models import attention
 from lora_jax.sharding import constrain
 from lora_jax.models.generate import write_cache
 
@@ -265,7 +266,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None
 
 class Attention(nn.Module):
     """Grouped-query self-attention: ``q_proj`` / ``k_proj`` / ``v_proj`` -> (per-head ``q_norm`` /
-    ``k_norm``) -> RoPE -> KV cache -> :func:`attend` -> ``o_proj``.
+    ``k_norm``) -> RoPE -> KV cache -> :func:`lora_jax.models.attention.attend` -> ``o_proj``.
 
     Attributes:
       num_heads, num_kv_heads, head_dim, features: query heads, key/value heads (a divisor of ``num_heads``),
@@ -295,8 +296,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, start: Array):
-        """``x (B, S, D)``, ``positions (B, S)``, ``mask (B, S, T)`` -> ``(B, S, features)`` and the layer's
-        updated ``(keys, values)`` (``None`` without cache)."""
+        """``x (B, S, D)``, ``positions (B, S)``, ``mask`` (a :class:`lora_jax.models.attention.Mask`, whose
+        implementation attends, or a ``(B, S, T)`` bool array) -> ``(B, S, features)`` and the layer's updated
+        ``(keys, values)`` (``None`` without cache)."""
         b, s, _ = x.shape
         dense = lambda n, bias, name: Dense(n, use_bias=bias, dtype=self.dtype, name=name,  # noqa: E731
                                             kernel_init=normal(self.init_std))
@@ -315,7 +317,8 @@ class Attention(nn.Module):
         if kv is not None:
             k, v = write_cache(kv[0], k, start), write_cache(kv[1], v, start)
             kv = (k, v)
-        out = attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.scale, self.softcap).reshape(b, s, -1)
+        out = attention.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.scale, self.softcap)
+        out = out.reshape(b, s, -1)
         return dense(self.features, self.o_bias, "o_proj")(out), kv
 
 
