@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from lora_jax.errors import CheckpointError
 from lora_jax.core import LoraAdapter, adapter_items
 from lora_jax.tree import put
+from lora_jax.untrusted import check_tree
 
 META_FILE = "lora_adapters.json"
 
@@ -150,10 +151,11 @@ def load_adapters(folder: str | Path) -> Any:
     check_metadata(meta, str(meta_path))
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore(folder / "arrays", abstract_adapters(meta))
+            restored = ckpt.restore(folder / "arrays", abstract_adapters(meta))
     except Exception as e:
         raise CheckpointError(f"could not restore adapters from {folder / 'arrays'}: {type(e).__name__}: "
                               f"{_first_line(e)}") from e
+    return check_tree(restored, str(folder / "arrays"))  # a NaN / inf factor: one error naming it
 
 
 def save_trained(folder: str | Path, tree: Any) -> Path:
@@ -175,10 +177,11 @@ def load_trained(folder: str | Path, like: Any) -> Any:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
     try:
         with _quiet_absl(), ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore(folder, target)
+            restored = ckpt.restore(folder, target)
     except Exception as e:
         raise CheckpointError(f"could not restore trained parameters from {folder}: {type(e).__name__}: "
                               f"{_first_line(e)}") from e
+    return check_tree(restored, str(folder))
 
 
 class Checkpointer:

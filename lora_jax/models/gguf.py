@@ -42,6 +42,7 @@ import numpy as np
 from lora_jax import tree
 from lora_jax.errors import CheckpointError
 from lora_jax.models import arch as arch_lib
+from lora_jax.untrusted import check_array
 
 logger = logging.getLogger("lora_jax.models")
 
@@ -305,6 +306,7 @@ def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> di
             if tuple(x.shape) != want:
                 raise CheckpointError(f"{source}: tensor {' + '.join(parts)!r} has shape {tuple(x.shape)}, expected "
                                       f"{want} for {tree.join(path)}")
+            check_array(x, " + ".join(parts), source)  # NaN / inf weights (a damaged or hostile file)
             arrays.append(spec.from_gguf(hf_name, x, config) if spec.from_gguf is not None else x)
             used.update(parts)
         params[path] = jnp.asarray(np.ascontiguousarray(where.layout.load(arrays)), dtype)

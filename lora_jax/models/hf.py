@@ -36,6 +36,7 @@ import numpy as np
 
 from lora_jax import tree
 from lora_jax.errors import CheckpointError
+from lora_jax.untrusted import check_array
 
 logger = logging.getLogger("lora_jax.models")
 
@@ -367,6 +368,7 @@ def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str,
                     f"{tree.join(path)} of a {arch.name} {task} model ({_summary(config)})")
             if not _is_float(x):
                 raise CheckpointError(f"{source}: tensor {n!r} has dtype {x.dtype}, expected a float tensor")
+            check_array(x, n, where(n) if where else source)  # NaN / inf weights: one error naming the tensor
         params[path] = jnp.asarray(np.ascontiguousarray(spec_t.layout.load(arrays)))
         used.update(spec_t.names)
 
