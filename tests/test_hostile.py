@@ -699,6 +699,16 @@ def test_an_overwrite_killed_before_its_first_checkpoint_hides_nothing(tmp_path)
     outputs.plan(cfg, resume=False)  # the next command puts the old run back
     assert snapshot(job2) == before
 
+    # as an older version left it: run-1 moved aside, latest pointing at a run-1 without a checkpoint
+    job3 = tmp_path / "job3"
+    old = fake_job(job3)
+    before = snapshot(job3)
+    old.rename(job3 / f".run-1.replaced-123-{dead.pid}")
+    (job3 / "run-1").mkdir()
+    (job3 / "run-1" / "config.yaml").write_text(config_lib.dump(load_config(None)))
+    outputs.plan(load_config(None, [f"output.dir={job3}"]), resume=False)
+    assert snapshot(job3) == before
+
 
 def test_resume_of_a_finished_run_logs_its_final_evaluation_once(tiny_bert, tmp_path):
     from train.metrics import read_log

@@ -222,6 +222,8 @@ def plan(cfg: Config, resume: bool) -> Plan:
     replacement had moved aside, :func:`recover`)."""
     job = Path(cfg.output.dir)
     recover(job)
+    for aside in sorted(job.glob(".run-*.replaced-*")) if job.is_dir() else []:  # (left by an older version)
+        recover(job / aside.name[1:].split(".replaced-")[0])
     if job.exists() and not job.is_dir():
         raise ConfigError(f"output.dir={str(job)!r} is a file, expected a folder")
     anc = _writable_ancestor(job)
