@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from lora_jax.errors import CheckpointError
 from lora_jax.core import LoraAdapter, adapter_items
 from lora_jax.tree import put
+from lora_jax.untrusted import check_tree
 
 META_FILE = "lora_adapters.json"
 
@@ -212,10 +213,11 @@ def load_adapters(folder: str | Path, like: Any = None) -> Any:
         _check_like(meta, like, str(folder))
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore(folder / "arrays", abstract_adapters(meta))
+            restored = ckpt.restore(folder / "arrays", abstract_adapters(meta))
     except Exception as e:
         raise CheckpointError(f"could not restore adapters from {folder / 'arrays'}: {type(e).__name__}: "
                               f"{_first_line(e)}") from e
+    return check_tree(restored, str(folder / "arrays"))  # a NaN / inf factor: one error naming it
 
 
 def save_trained_params(folder: str | Path, tree: Any) -> Path:
@@ -243,10 +245,11 @@ def load_trained_params(folder: str | Path, like: Any) -> Any:
     _shape_mismatches(saved, target, f"could not restore trained parameters from {folder}: the checkpoint")
     try:
         with _quiet_absl(), ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore(folder, target)
+            restored = ckpt.restore(folder, target)
     except Exception as e:
         raise CheckpointError(f"could not restore trained parameters from {folder}: {type(e).__name__}: "
                               f"{_first_line(e)}") from e
+    return check_tree(restored, str(folder))
 
 
 # The old names (train/, tests): deprecated aliases of the functions above.

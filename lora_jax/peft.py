@@ -42,7 +42,6 @@ Nothing here imports torch or ``peft``: the files are read and written with ``sa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -57,7 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import core, tree
+from lora_jax import core, regex, tree
+from lora_jax.untrusted import check_array, nonfinite_summary
 from lora_jax.errors import CheckpointError, PeftError
 
 PyTree = Any
@@ -278,25 +278,12 @@ def _check_numbers_and_patterns(cfg: dict, file: Path) -> None:
             number(value, f"{field}[{key!r:.60}]", integer=integer)
 
 
-@functools.lru_cache(maxsize=4096)
-def _compiled_suffix(key: str):
-    import re2
-
-    options = re2.Options()
-    options.log_errors = False  # the error goes into the message, not to stderr
-    return re2.compile(rf"(.*\.)?({key})$", options)
-
-
 def _suffix_pattern(key: Any, where: str):
-    """PEFT's pattern for a module-name suffix, compiled with RE2 (linear-time matching)."""
+    """PEFT's pattern for a module-name suffix, compiled with RE2 (:mod:`lora_jax.regex`: linear-time matching).
+    Only a pattern RE2 refuses becomes a :class:`PeftError`; nothing else is swallowed."""
     if not isinstance(key, str) or not key:
         raise PeftError(f"{where} {key!r:.60} must be a non-empty string (a regex of a module name)")
-    try:
-        return _compiled_suffix(key)
-    except Exception as e:  # re2.error: an invalid pattern, or one RE2 cannot run in linear time
-        detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
-        raise PeftError(f"{where} {key!r:.60} is not a valid pattern for linear-time matching (RE2: "
-                        f"{detail[:120]}; backreferences and lookaround are not supported)") from None
+    return regex.compile(rf"(.*\.)?({key})$", where, PeftError, shown=f"{where} {key!r:.60}")
 
 
 def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
@@ -315,12 +302,12 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
         hint = f" It has {PICKLE_NAME}: only safetensors is read here (re-save the adapter with " \
                "safe_serialization=True)." if (folder / PICKLE_NAME).is_file() else ""
         raise PeftError(f"{folder}: no {WEIGHTS_NAME}.{hint}")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(file), framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
+    except (SafetensorError, OSError, ValueError) as e:  # a damaged file; anything else is not hidden
         raise PeftError(f"{file}: not a readable safetensors file ({e})") from None
 
 
@@ -453,6 +440,7 @@ def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: An
     lora: dict[str, dict[str, np.ndarray]] = {}
     full: dict[tuple[str, ...], Any] = {}
     for key, x in tensors.items():
+        check_array(x, key, source, error=PeftError)  # a float tensor with finite values (shapes: below, per use)
         if not key.startswith(PREFIX):
             raise PeftError(f"{source}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT LoRA state dict")
         name = key[len(PREFIX):]
@@ -721,6 +709,16 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
         "alpha_pattern": alpha_pattern,
         "lora_bias": False,
     }
+    for key, x in tensors.items():  # nothing is written when one is non-finite: such a file gives NaN outputs
+        bad = nonfinite_summary(x)
+        if bad is not None:
+            raise PeftError(f"save_peft: tensor {key!r} holds {bad}; refusing to write a PEFT adapter with "
+                            "non-finite weights (nothing was written)")
+    for field, value in (("lora_alpha", peft_config.get("lora_alpha")),
+                         *((f"alpha_pattern[{k!r}]", v) for k, v in (peft_config.get("alpha_pattern") or {}).items())):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PeftError(f"save_peft: {field} is {value!r}; refusing to write a non-finite alpha (nothing was "
+                            "written)")
     from safetensors.numpy import save_file
 
     folder = Path(folder)

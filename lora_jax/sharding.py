@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lora_jax import regex
 from lora_jax.core import LoraAdapter
 from lora_jax.targets import default_expert_axes
 from lora_jax.tree import path_str, path_tuple
@@ -170,7 +170,7 @@ DEFAULT_MIN_SHARD_SIZE = 2**14
 
 def _rule_for(path: str, rules: Sequence[Rule]) -> Any:
     for pattern, spec in rules:
-        if re.fullmatch(pattern, path):
+        if regex.compile(pattern, "sharding rule").fullmatch(path):  # RE2: a user's rule, linear time
             return pattern, spec
     return None, None
 

@@ -4,8 +4,9 @@ A leaf's path is its pytree key path joined by '/', e.g. ``encoder/layer_0/atten
 ``value`` attribute that ``nnx.split`` states add under each variable is dropped, so a Linen tree and the
 state of the equivalent NNX module have the same paths.
 
-Rules are regexes that must match a whole path (``re.fullmatch``). Presets are names for rule sets that
-follow the naming of Flax, Hugging Face and this project's models:
+Rules are regexes that must match a whole path (``fullmatch``), run by RE2 (:mod:`lora_jax.regex`: linear-time
+matching, so no rule can hang on a path; backreferences and lookaround are refused). Presets are names for rule
+sets that follow the naming of Flax, Hugging Face and this project's models:
 
 - ``"qv"``: the query and value projections (PEFT's default targets: BERT query/value, Llama q_proj/v_proj,
   GPT-2's fused c_attn, Flax ``MultiHeadDotProductAttention``'s query/value);
@@ -20,6 +21,10 @@ follow the naming of Flax, Hugging Face and this project's models:
     ``q_proj``/``k_proj``/``v_proj``, ``q``/``k``/``v``, ``wq``/``wk``/``wv``): its projection kernels
     (those three and the output ``out``/``o_proj``/``out_proj``/``o``/``wo``) are attention kernels, which
     covers the state of a bare ``nnx.MultiHeadAttention`` (``query/kernel``, ..., ``out/kernel``);
+  * a block named like attention is not proof enough: a kernel below it in a module named like an MLP
+    (``mlp``, ``ffn``, ``feed_forward``, ``fc1``, ``c_fc``, ``intermediate``, ``gate_proj``, ``w1``, ``experts``,
+    ...), or in a block that holds a further attention block (``AttentionBlock_0/{attn, Dense_0}``: the
+    transformer layer, not its attention), is not selected;
 - ``"all-linear"``: every dense kernel except embeddings, the output head and convolutions (a kernel of more
   than two axes in a module named ``conv*``, e.g. Whisper's ``conv1``), and, in a mixture of experts, except the
   routers and the routed experts, as PEFT's ``"all-linear"``, which takes ``nn.Linear`` modules only.
@@ -52,6 +57,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from lora_jax import regex
 from lora_jax.errors import TargetError
 from lora_jax.tree import join, leaves, path_str, path_tuple  # noqa: F401  (path_str, path_tuple: public here too)
 
@@ -59,6 +65,12 @@ _KERNEL = r"(kernel|weight|w)"
 # A path component naming an attention block: contains "attention" or "attn" (MultiHeadDotProductAttention_0,
 # SelfAttention_0, Attention_3, attention_0, self_attn, attn_proj, ...) or is "mha" / "mha_N"; any case.
 _ATTN_BLOCK = r"([^/]*(attention|attn)[^/]*|mha(_\d+)?)"
+_ATTN_COMPONENT = re.compile(_ATTN_BLOCK, re.IGNORECASE)
+# A module inside an attention-named block that is an MLP, not attention (a transformer layer named
+# "AttentionBlock" holding its feed-forward): its kernels are not attention kernels.
+_MLP_COMPONENT = re.compile(r"[^/]*(mlp|ffn|feed_?forward|moe)[^/]*|ff(_\d+)?|fc[12]|c_fc|intermediate|experts?(_\d+)?|"
+                            r"gate_proj|up_proj|down_proj|gate_up_proj|w[123]|wi(_\d+)?|dense_h_to_4h|dense_4h_to_h",
+                            re.IGNORECASE)
 _NOT_BIAS = r"(?!\w*bias)\w+"  # a leaf name that is not a bias (GPT-OSS stores expert biases (E, d_out))
 # Routed experts: anything (but a bias) under a component named exactly "experts" (or "experts_N").
 _ROUTED_RULE = rf"(.*/)?experts(_\d+)?/(.*/)?{_NOT_BIAS}"
@@ -146,20 +158,40 @@ def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
     return [(join(p), leaf) for p, leaf in leaves(tree, is_leaf=is_weight_node)]
 
 
-def compile_rules(rules: str | Sequence[str] | None, what: str) -> list[re.Pattern]:
+def compile_rules(rules: str | Sequence[str] | None, what: str) -> list[regex.Pattern]:
+    """User rules (one regex or a list) compiled by RE2 (:func:`lora_jax.regex.compile`): ``TargetError`` naming
+    ``what`` for a rule that is not a string or that RE2 refuses."""
     if rules is None:
         return []
     if isinstance(rules, str):
         rules = [rules]
-    compiled = []
-    for rule in rules:
-        if not isinstance(rule, str):
-            raise TypeError(f"{what}: rules must be regex strings, got {type(rule).__name__}: {rule!r}")
-        try:
-            compiled.append(re.compile(rule))
-        except re.error as e:
-            raise ValueError(f"{what}: {rule!r} is not a valid regex: {e}") from None
-    return compiled
+    if not isinstance(rules, Sequence):
+        raise TargetError(f"{what}: expected a regex string or a list of them, got {type(rules).__name__}")
+    return [regex.compile(rule, what) for rule in rules]
+
+
+def _preset_rules(preset: str) -> list[re.Pattern]:
+    """A preset's own rules (written here, so Python's ``re`` with its lookahead is safe for them)."""
+    return [re.compile(rule) for rule in PRESETS[preset]]
+
+
+def in_attention_block(paths: Sequence[str]) -> set[str]:
+    """The paths among ``paths`` below a component named like attention (:data:`_ATTN_BLOCK`) that are attention
+    kernels: not below an MLP-named module inside that block, and not in a block that holds a further
+    attention-named block (then the outer block is a whole transformer layer, and only its inner attention
+    counts). The kernel's own module (``attn/c_attn/kernel``) names a projection, not a block."""
+    last: dict[tuple[str, ...], int] = {}
+    outer: set[tuple[str, ...]] = set()
+    for p in paths:
+        parts = tuple(p.split("/"))
+        hits = [i for i, c in enumerate(parts[:-1]) if _ATTN_COMPONENT.fullmatch(c)]
+        if not hits:
+            continue
+        last[parts] = hits[-1]
+        blocks = [i for i in hits if i < len(parts) - 2]
+        outer.update(parts[:j + 1] for j in blocks[:-1])
+    return {"/".join(parts) for parts, i in last.items()
+            if parts[:i + 1] not in outer and not any(_MLP_COMPONENT.fullmatch(c) for c in parts[i + 1:-1])}
 
 
 def suggestions(candidates: Sequence[str], skip: str | None = None) -> str:
@@ -281,7 +313,7 @@ def select(
     elif isinstance(targets, str) and targets in PRESETS:
         preset = targets
     elif isinstance(targets, str) and re.fullmatch(r"[a-z]+(-[a-z]+)*", targets) and not any(
-        re.fullmatch(targets, p) for p, _ in leaves
+        regex.compile(targets, "targets").fullmatch(p) for p, _ in leaves
     ):
         raise TargetError(f"targets {targets!r} is neither a preset {sorted(PRESETS)} nor a regex that matches a "
                          f"leaf path (e.g. '.*{targets}/kernel')")
@@ -290,11 +322,13 @@ def select(
     roles = moe_roles([p for p, _ in leaves])
     chosen: dict[str, Any] = {}
     if preset is not None:
-        rules = compile_rules(PRESETS[preset], "targets")
+        rules = _preset_rules(preset)
         allowed = _PRESET_ROLES.get(preset, frozenset({None, SHARED}))
-        by_content = attention_by_content([p for p, _ in leaves]) if preset == "attention" else set()
+        paths = [p for p, _ in leaves]
+        by_content = attention_by_content(paths) if preset == "attention" else set()
+        by_name = in_attention_block(paths) if preset == "attention" else None
         for p, leaf in leaves:
-            named = any(r.fullmatch(p) for r in rules) or p in by_content
+            named = (any(r.fullmatch(p) for r in rules) and (by_name is None or p in by_name)) or p in by_content
             if named and _is_kernel_like(leaf) and not is_embedding(p) and not is_head(p) and roles[p] in allowed \
                     and not (leaf.ndim > 2 and _CONV.fullmatch(p)) \
                     and not any(r.fullmatch(p) for r in excluded):
@@ -354,7 +388,9 @@ class PatternMap:
     must match at least one of ``paths`` (a silent no-op pattern is a typo nobody notices)."""
 
     def __init__(self, patterns: Mapping[str, Any] | None, what: str, paths: Sequence[str]):
-        self._rules = [(re.compile(k), v) for k, v in (patterns or {}).items()]
+        if patterns is not None and not isinstance(patterns, Mapping):
+            raise TargetError(f"{what}: expected a mapping of regex -> value, got {type(patterns).__name__}")
+        self._rules = [(regex.compile(k, what), v) for k, v in (patterns or {}).items()]
         for rule, _ in self._rules:
             if not any(rule.fullmatch(p) for p in paths):
                 raise TargetError(no_match_message(what, rule.pattern, list(paths)))

@@ -2,6 +2,13 @@
 
 In CI (``.ci/run`` exports ``LORA_JAX_CI=1``) a missing real-weight package or test dependency is an error, not a
 skip (the shared data folder is not the project's and may be absent: its tests skip, naming where they looked): a suite that quietly skips its real-model checks would still pass.
+
+Every test asks for a dependency through one of these helpers, never with a bare ``pytest.skip`` /
+``pytest.importorskip`` (``tests/test_untrusted.py`` greps for them):
+
+- :func:`require` a Python package of the ``test`` extra, :func:`require_program` a program ``scripts/setup.sh``
+  installs (espeak-ng, sox), :func:`missing` anything else required (real weights): skip here, fail in CI;
+- :func:`optional` what CI does not install (the ``gguf`` extra's llama.cpp): a skip everywhere, naming it.
 """
 
 import importlib
@@ -32,6 +39,30 @@ def require(module: str, how: str | None = None):
     """``import module``, or :func:`missing` (a skip outside CI, an error in it)."""
     if importlib.util.find_spec(module) is None:
         missing(f"the Python package {module!r}", how or "bash scripts/setup.sh test installs it")
+    return importlib.import_module(module)
+
+
+def require_program(*names: str, how: str = "bash scripts/setup.sh installs it (apt-get install espeak-ng sox)"):
+    """The paths of the programs ``names`` (e.g. ``espeak-ng``, ``sox``), or :func:`missing` for the first absent."""
+    import shutil
+
+    found = [shutil.which(n) for n in names]
+    for name, path in zip(names, found):
+        if path is None:
+            missing(f"the program {name!r}", how)
+    return found
+
+
+# What CI does not install (not in the ``test`` extra): its tests skip everywhere. Only these may skip in CI.
+OPTIONAL = {"llama_cpp": "pip install -e '.[gguf]' (llama-cpp-python builds llama.cpp from source)"}
+
+
+def optional(module: str):
+    """``import module`` for a dependency in :data:`OPTIONAL`, or a skip (also in CI) naming how to install it."""
+    if module not in OPTIONAL:
+        raise ValueError(f"{module!r} is not an optional dependency ({sorted(OPTIONAL)}); use require()")
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed: {OPTIONAL[module]}", allow_module_level=True)
     return importlib.import_module(module)
 
 

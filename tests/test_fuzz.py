@@ -421,6 +421,26 @@ def _attention_by_content(paths: list[str]) -> set[str]:
     return out
 
 
+def _attention_by_name(paths: list[str]) -> set[str]:
+    """The documented name rule of the "attention" preset: below a component named like attention, not below an
+    MLP-named module inside it, and not in a block that holds a further attention-named block (the kernel's own
+    module, e.g. c_attn, names a projection, not a block)."""
+    attn = lambda c: re.fullmatch(r"(?i)[^/]*(attention|attn)[^/]*|mha(_\d+)?", c) is not None  # noqa: E731
+    outer = set()
+    for p in paths:
+        parts = p.split("/")
+        blocks = [i for i in range(len(parts) - 2) if attn(parts[i])]
+        outer |= {"/".join(parts[:i + 1]) for i in blocks[:-1]}
+    out = set()
+    for p in paths:
+        parts = p.split("/")
+        named = [i for i in range(len(parts) - 1) if attn(parts[i])]
+        if named and "/".join(parts[:named[-1] + 1]) not in outer and \
+                not any("mlp" in c.lower() for c in parts[named[-1] + 1:-1]):  # (BRANCHES' only MLP name)
+            out.add(p)
+    return out
+
+
 def expected_selection(params, targets, exclude) -> tuple[dict, set[str], dict]:
     """The documented rules, written out independently of ``lora_jax.targets.select``.
 
@@ -445,8 +465,10 @@ def expected_selection(params, targets, exclude) -> tuple[dict, set[str], dict]:
         name = targets or targets_lib.DEFAULT_PRESET
         preset = targets_lib.PRESETS[name]
         by_content = _attention_by_content(list(leaves)) if name == "attention" else set()
+        by_name = _attention_by_name(list(leaves)) if name == "attention" else None
         for p, x in leaves.items():
-            if (any(re.fullmatch(r, p) for r in preset) or p in by_content) and _kernel_like(x) \
+            named = any(re.fullmatch(r, p) for r in preset) and (by_name is None or p in by_name)
+            if (named or p in by_content) and _kernel_like(x) \
                     and not targets_lib.is_embedding(p) and not targets_lib.is_head(p) and p not in excluded:
                 chosen[p] = x
         if not chosen:
@@ -480,7 +502,7 @@ def expected_selection(params, targets, exclude) -> tuple[dict, set[str], dict]:
 
 
 ERROR_MESSAGES = {
-    "invalid regex": "is not a valid regex",
+    "invalid regex": "is not a valid pattern",
     "exclude matches nothing": "exclude rule .* matches no leaf",
     "preset matches nothing": "matches no kernel",
     "rule matches nothing": "targets rule .* matches no leaf",

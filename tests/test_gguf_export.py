@@ -250,13 +250,56 @@ def test_merged_gguf_reads_back_as_the_merge(tiny, adapters, tmp_path):
 
     # "base" on a quantised base: untouched tensors are copied byte for byte, changed ones keep their type
     q41 = ge.save_merged_gguf({}, tmp_path / "b41.gguf", base=path, type="q4_1").path
-    again = ge.save_merged_gguf(adapters, tmp_path / "m41.gguf", base=q41, type="base")
+    again = ge.save_merged_gguf(adapters, tmp_path / "m41.gguf", base=q41, type="base", allow_lossy=True)
     t0 = {t.name: t for t in lgguf.open_gguf(q41).tensors}
     t1 = {t.name: t for t in lgguf.open_gguf(again.path).tensors}
     assert {n: t.tensor_type for n, t in t0.items()} == {n: t.tensor_type for n, t in t1.items()}
     adapted = {ge.tensor_map(TINY).names[tuple(p.split("/"))] for p in again.errors}
     for n in t0:
         assert np.array_equal(t0[n].data, t1[n].data) == (n not in adapted), n
+
+
+def test_merged_gguf_that_loses_the_update_is_refused_unless_asked_for(tiny, adapters, tmp_path):
+    """A small update merged into a 4-bit base: re-quantising costs more than MAX_REQUANT_RELATIVE of the update's
+    rms. The export refuses (nothing written), naming the tensor, the base's weight type and the exports that keep
+    the fine-tune; allow_lossy=True writes it, with the error in the report."""
+    path, params, _ = tiny
+    q41 = ge.save_merged_gguf({}, tmp_path / "b41.gguf", base=path, type="q4_1").path
+    small = jax.tree.map(lambda x: x, adapters)
+    small = jax.tree.map(lambda ad: dataclasses.replace(ad, b=ad.b * 1e-2), small, is_leaf=lora.is_adapter)
+    with pytest.raises(ValueError) as e:
+        ge.save_merged_gguf(small, tmp_path / "m.gguf", base=q41, type="base")
+    msg = str(e.value)
+    for part in ("merging into the base types (Q4_1)", "x the update's rms (over 0.5)", "type='f16'", "'q8_0'",
+                 "GGUF adapter", "allow_lossy=True", "Nothing was written"):
+        assert part in msg, (part, msg)
+    assert not (tmp_path / "m.gguf").exists()
+    rep = ge.save_merged_gguf(small, tmp_path / "m.gguf", base=q41, type="base", allow_lossy=True)
+    assert rep.worst()[1].relative > ge.MAX_REQUANT_RELATIVE and rep.path.is_file()
+    exact = ge.save_merged_gguf(small, tmp_path / "f16.gguf", base=q41, type="f16")  # f16 keeps it
+    assert exact.worst()[1].relative < ge.MAX_REQUANT_RELATIVE
+
+
+def test_weight_type_is_the_files_not_the_most_common_tensor_type(tiny, tmp_path):
+    """A quantised GGUF of a real model holds more F32 norm vectors than quantised matrices: its weight type is
+    its general.file_type (or, without one, the most common type of its 2-D tensors), never "F32"."""
+    path, _, _ = tiny
+    q41 = ge.save_merged_gguf({}, tmp_path / "b41.gguf", base=path, type="q4_1").path
+    assert ge.weight_type(q41) == "Q4_1" and ge.weight_type(path) == "F32"
+    reader = lgguf.open_gguf(q41)
+    w = gguf.GGUFWriter(str(tmp_path / "no-type.gguf"), "llama")
+    ge._copy_metadata(reader, w, {"general.architecture", "general.file_type"})
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    for i in range(40):  # norm-like vectors, as a deep model has: now F32 is the most common tensor type
+        w.add_tensor(f"extra.{i}.weight", np.ones(64, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    types = [t.tensor_type.name for t in lgguf.open_gguf(tmp_path / "no-type.gguf").tensors]
+    assert types.count("F32") > types.count("Q4_1")  # the trap the parity table fell into
+    assert ge.weight_type(tmp_path / "no-type.gguf") == "Q4_1"
 
 
 def test_merged_gguf_falls_back_for_types_gguf_cannot_write(tiny, adapters, tmp_path, caplog):
@@ -281,7 +324,8 @@ def test_merged_gguf_falls_back_for_types_gguf_cannot_write(tiny, adapters, tmp_
     w.close()
     only_layer0 = {"model": {"layers_0": {"mlp": {"down_proj": adapters["model"]["layers_0"]["mlp"]["down_proj"]}}}}
     with caplog.at_level("WARNING", logger="lora_jax.gguf"):
-        rep = ge.save_merged_gguf(only_layer0, tmp_path / "m.gguf", base=tmp_path / "k.gguf", type="base")
+        rep = ge.save_merged_gguf(only_layer0, tmp_path / "m.gguf", base=tmp_path / "k.gguf", type="base",
+                                  allow_lossy=True)
     assert rep.types["blk.0.ffn_down.weight"] == "Q8_0" and rep.types["blk.1.ffn_down.weight"] == "Q4_K"
     assert "Q8_0 instead of Q4_K" in caplog.text
     err = rep.errors["model/layers_0/mlp/down_proj/kernel"]

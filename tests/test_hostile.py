@@ -136,7 +136,7 @@ def test_output_plans(tmp_path):
     assert outputs.plan(cfg, resume=False).folder == job / "run-2"
     assert outputs.plan(cfg, resume=True).folder.resolve() == run1.resolve()
     replace = outputs.plan(load_config(None, [f"output.dir={job}", "output.overwrite=true"]), resume=False)
-    assert replace.folder == run1 and replace.replaces == run1
+    assert replace.folder == job / "run-2" and replace.replaces == run1  # beside it until it checkpoints
     cases = [
         ([f"output.dir={run1}"], False, "is itself a run folder"),
         ([f"output.dir={job}", "lora.r=4"], True, "different config (lora.r: saved 8, now 4)"),
@@ -206,7 +206,7 @@ def test_failed_update_is_not_kept_and_a_replaced_run_comes_back(tiny_bert, tmp_
     (["data.prompt_template='{}'"], "must be a column name"),
     (["data.prompt_template='{prompt:>999999999}'"], "must be a plain {name}"),
     (["data.prompt_template='no fields'"], "has no {column} field"),
-    (["lora.exclude=['(']"], "lora.exclude: '(' is not a valid regular expression"),
+    (["lora.exclude=['(']"], "lora.exclude: '(' is not a valid pattern for linear-time matching"),
 ])
 def test_values_that_make_no_sense_are_refused(extra, message):
     with pytest.raises(ConfigError) as e:
@@ -416,8 +416,10 @@ def test_cli_paths_answer_one_line_and_exit_2(tiny_bert, tmp_path, capsys):
         (run_cli.main, ["--resume", f"output.dir={job}"], "config.yaml is damaged or from another version"),
         (run_cli.main, [*overrides(tiny_bert, tmp_path / "x"), "model.num_labels=0"],
          "model.num_labels must be >= 2, got 0"),
-        (run_cli.main, [*overrides(tiny_bert, tmp_path / "x"), "data.source=" + str(job / "run-1" / "result.json")],
+        (run_cli.main, overrides(tiny_bert, tmp_path / "x", **{"data.source": job / "run-1" / "result.json"}),
          "has columns"),
+        (run_cli.main, [*overrides(tiny_bert, tmp_path / "x"), "lora.r=8", "lora.r=16"],
+         "lora.r is already given on this command line ('lora.r=8'); give each key once"),
         (predict.main, ["--run", str(job), "--text", "x"], "config.yaml is damaged"),
         (predict.main, ["--base", str(tiny_bert), "--adapter", str(bad_peft), "--text", "x"],
          "lora_alpha must be a finite number > 0, got nan"),
@@ -645,8 +647,9 @@ def _fuzz_check(tiny_bert, tmp_path_factory, capsys, monkeypatch, pairs):
     monkeypatch.setattr(loop, "load_model", lambda cfg: _cached_model(
         cfg.model.name, cfg.data.task, cfg.model.num_labels, cfg.train.precision))
     out = tmp_path_factory.mktemp("fuzz")
-    base = overrides(tiny_bert, out / "job", **{"eval.batch_size": 8})
     given_ = [f"{k}={v}" for k, v in pairs]
+    base = [b for b in overrides(tiny_bert, out / "job", **{"eval.batch_size": 8})  # (a key given twice is refused)
+            if b.split("=", 1)[0] not in {k for k, _ in pairs}]
     note(f"overrides: {given_}")
     status = run_cli.main(["--check", *base, *given_])
     err = capsys.readouterr().err
@@ -658,10 +661,62 @@ def _fuzz_check(tiny_bert, tmp_path_factory, capsys, monkeypatch, pairs):
         return
     event("checked: valid")
     cfg = load_config(None, [*base, *given_])
-    for text in given_:  # every accepted override is in effect (the last one of a key wins)
+    for text in given_:  # every accepted override is in effect (a key given twice was refused)
         k, v = text.split("=", 1)
-        if [t.split("=", 1)[0] for t in given_].count(k) == 1:
-            want = config_lib.parse_override(text)[1]
-            got = config_lib._get(cfg, k)
-            assert _same_value(got, want), (k, got, want)
+        want = config_lib.parse_override(text)[1]
+        got = config_lib._get(cfg, k)
+        assert _same_value(got, want), (k, got, want)
     assert not any(out.rglob("config.yaml"))  # --check writes nothing
+
+
+# ------------------------------------------------------------------------------------ issue 30, smaller items
+
+
+def test_an_overwrite_killed_before_its_first_checkpoint_hides_nothing(tmp_path):
+    """output.overwrite writes the new run beside the one latest points to; latest moves and the old run goes
+    only at the new run's first checkpoint. Killed before then (no abort ran), the old run is where it was and
+    latest still points to it. A run folder replaced in place (output.dir = the run) is put back by the next
+    plan when the process that moved it aside is gone."""
+    job = tmp_path / "job"
+    run1 = fake_job(job)
+    before = snapshot(job)
+    cfg = load_config(None, [f"output.dir={job}", "output.overwrite=true"])
+    rf = outputs.plan(cfg, resume=False).create(cfg)  # ... and the process is killed here
+    assert rf.folder == job / "run-2" and os.readlink(job / "latest") == "run-1"
+    assert {k: v for k, v in snapshot(job).items() if not k.startswith("run-2")} == before
+    assert outputs.resolve_run(job) == run1
+    rf.commit()  # the new run's first checkpoint: now it replaces the old one
+    assert os.readlink(job / "latest") == "run-2" and not run1.exists()
+
+    job2 = tmp_path / "job2"
+    run = fake_job(job2)
+    before = snapshot(job2)
+    cfg = load_config(None, [f"output.dir={run}", "output.overwrite=true"])
+    rf = outputs.plan(cfg, resume=False).create(cfg)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = rf.aside.rename(rf.aside.with_name(rf.aside.name.rsplit("-", 1)[0] + f"-{dead.pid}"))  # killed
+    assert aside.exists() and not (run / "result.json").exists()
+    outputs.plan(cfg, resume=False)  # the next command puts the old run back
+    assert snapshot(job2) == before
+
+    # as an older version left it: run-1 moved aside, latest pointing at a run-1 without a checkpoint
+    job3 = tmp_path / "job3"
+    old = fake_job(job3)
+    before = snapshot(job3)
+    old.rename(job3 / f".run-1.replaced-123-{dead.pid}")
+    (job3 / "run-1").mkdir()
+    (job3 / "run-1" / "config.yaml").write_text(config_lib.dump(load_config(None)))
+    outputs.plan(load_config(None, [f"output.dir={job3}"]), resume=False)
+    assert snapshot(job3) == before
+
+
+def test_resume_of_a_finished_run_logs_its_final_evaluation_once(tiny_bert, tmp_path):
+    from train.metrics import read_log
+
+    job = tmp_path / "job"
+    cfg = load_config(None, overrides(tiny_bert, job, **{"train.steps": 2, "checkpoint.every": 2}))
+    loop.run(cfg, **QUIET)
+    loop.run(cfg, resume=True, **QUIET)
+    finals = [r for r in read_log(job / "latest") if r["kind"] == "eval" and r["step"] == 2]
+    assert len(finals) == 1, finals

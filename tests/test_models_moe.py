@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 import lora_jax as lora  # noqa: E402
 from lora_jax import peft as lpeft  # noqa: E402
@@ -264,7 +265,7 @@ def test_lora_on_experts_trains_and_merges(name):
 def test_peft_adapters_both_ways(case, tmp_path):
     """An adapter made by the real peft (target_parameters on the experts, target_modules on attention) loads
     here with PEFT's logits and adapter gradients; ours saves and loads in PEFT with our logits."""
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     ids, mask = batch(4)
     valid = mask.astype(bool)
     targets = [f"mlp.experts.{k}" for k in ("gate_up_proj", "down_proj")]
@@ -324,7 +325,7 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path):
     """A tiny qwen3moe GGUF (experts stacked per projection, one Q8_0 tensor) read here and by transformers'
     GGUF reader: the same logits as the source model. (transformers' reader ignores
     qwen3moe.expert_feed_forward_length and assumes Qwen3MoeConfig's default 768, so the experts are 768 wide.)"""
-    gguf = pytest.importorskip("gguf")
+    gguf = require("gguf")
     from tokenizers.pre_tokenizers import ByteLevel
 
     from lora_jax.models import gguf as lgguf

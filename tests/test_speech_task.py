@@ -2,14 +2,12 @@
 the fly with espeak-ng and sox, a tiny random Whisper, LoRA / full / frozen-encoder runs."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
+from conftest import require_program
 
-if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
-    pytest.skip("espeak-ng and sox are needed (apt-get install -y espeak-ng sox; scripts/setup.sh installs them)",
-                allow_module_level=True)
+require_program("espeak-ng", "sox")
 
 from lora_jax.errors import DataError  # noqa: E402
 from lora_jax.models import audio  # noqa: E402

@@ -31,6 +31,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
+from lora_jax import regex
 from lora_jax.errors import ConfigError
 
 NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # as lora_jax.quant (bitsandbytes' block sizes)
@@ -542,8 +543,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML config (``None``: the defaults), apply ``dotted.key=value`` overrides, validate."""
     raw = read_file(path) if path is not None else {}
     extra: dict = {}
+    given: dict[str, str] = {}
     for text in overrides:
         name, value = parse_override(text)
+        if name in given:  # the last one would win without a word
+            raise ConfigError(f"override {short(text)}: {name} is already given on this command line "
+                              f"({short(given[name])}); give each key once")
+        given[name] = text
         _set_dotted(extra, name, value)
     cfg = _build(Config, _merge_dicts(raw, extra), "")
     validate(cfg)
@@ -703,10 +709,7 @@ def validate(cfg: Config) -> None:
                 continue
             if not rule:
                 raise ConfigError(f"{dotted}: an empty pattern matches no path")
-            try:
-                re.compile(rule)
-            except (re.error, RecursionError, OverflowError) as e:
-                raise ConfigError(f"{dotted}: {short(rule)} is not a valid regular expression ({e})") from None
+            regex.compile(rule, dotted, ConfigError)  # the engine lora_jax runs it with (RE2, linear time)
     if _causal(cfg):
         template = cfg.data.prompt_template
         try:
@@ -726,6 +729,13 @@ def validate(cfg: Config) -> None:
         if not fields:
             raise ConfigError(f"data.prompt_template={short(template)} has no {{column}} field: every prompt would "
                               "be the same text")
+        columns = [cfg.data.prompt_column if f == "prompt" else f for f in fields]
+        if cfg.data.completion_column in columns:  # the answer would be inside the prompt
+            via = "data.prompt_column" if cfg.data.prompt_column == cfg.data.completion_column else \
+                f"data.prompt_template={short(template)}"
+            raise ConfigError(f"data.completion_column={short(cfg.data.completion_column)} is also read into the "
+                              f"prompt (through {via}): the model would see the answer in its prompt; point the "
+                              "prompt and the completion at different columns")
         if cfg.data.prompt_column != default.data.prompt_column and "prompt" not in fields:
             raise ConfigError(f"data.prompt_column={short(cfg.data.prompt_column)} has no effect: it fills the "
                               f"{{prompt}} field, and data.prompt_template={short(template)} has none")

@@ -135,8 +135,53 @@ def _template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
+def _text_columns(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(columns that must hold text, template fields that may also hold a number) for ``cfg.task``."""
+    if cfg.task == "causal-lm":
+        fields = [cfg.prompt_column if c == "prompt" else c for c in _template_fields(cfg.prompt_template)]
+        text = [cfg.completion_column] + ([cfg.prompt_column] if cfg.prompt_column in fields else [])
+        return text, [f for f in fields if f not in text]
+    if cfg.task == "classification":
+        return [cfg.text_column], []
+    return [], []
+
+
+def _chat_hint() -> str:
+    """Where a list of chat messages belongs, true whether or not this version has a chat task."""
+    import typing
+
+    tasks = typing.get_args(typing.get_type_hints(DataConfig)["task"])
+    if "chat" in tasks:
+        return "a column of chat messages is read by data.task=chat"
+    return ("this version has no chat task (data.task is one of " + ", ".join(tasks) + "): flatten each "
+            "conversation into a prompt and a completion column")
+
+
+def check_cells(rows: list[dict], cfg: DataConfig) -> list[dict]:
+    """``rows`` unchanged when every cell the task reads as text is a string (a template field may also be a
+    number); a list or dict (a chat ``messages`` column), None or bytes would otherwise be trained as its Python
+    text form. Raises :class:`DataError` naming the file, the row and the column."""
+    text, numeric = _text_columns(cfg)
+    for row in rows:
+        for col in text + numeric:
+            value = row.get(col)
+            if isinstance(value, str) or (col in numeric and isinstance(value, (int, float)) and
+                                          not isinstance(value, bool)):
+                continue
+            kind = type(value).__name__
+            hint = f"; {_chat_hint()}" if isinstance(value, (list, dict)) else ""
+            raise DataError(f"{source_of(row)}: column {col!r} holds a {kind} ({_short(value)}), expected text"
+                            f"{' or a number' if col in numeric else ''}{hint}")
+    return rows
+
+
 def load_rows(cfg: DataConfig, split: str) -> list[dict]:
-    """Rows of ``split`` from ``cfg.source``: ``builtin:NAME``, local file(s) (comma-separated), or a hub name."""
+    """Rows of ``split`` from ``cfg.source``: ``builtin:NAME``, local file(s) (comma-separated), or a hub name;
+    every cell read as text checked to be text (:func:`check_cells`)."""
+    return check_cells(_load_rows(cfg, split), cfg)
+
+
+def _load_rows(cfg: DataConfig, split: str) -> list[dict]:
     source = cfg.source
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]

@@ -1093,6 +1093,15 @@ def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, ph
         "samples_before": result.samples_before, "samples_after": result.samples_after}, indent=1, default=float))
 
 
+def _final_eval_logged(folder: Path, p: Progress) -> dict | None:
+    """The evaluation a resumed run already logged at its last step, when it trained no step this time (it was
+    finished): the values of that record, else None."""
+    if p.step != p.start or p.step == 0:
+        return None
+    return next(({k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
+                 for r in metrics_lib.read_log(folder) if r["kind"] == "eval" and r["step"] == p.step), None)
+
+
 def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=print) -> RunResult | None:
     """Train as ``cfg`` says. Everything the run reads is checked before anything is written: the output folder
     (:func:`train.outputs.plan`), the mesh, the model, the data, the targets, the batch layout; then the run
@@ -1140,10 +1149,14 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
         state, progress = train_steps(s, state, progress, ckpt, log, run_folder)
         phases["training"] = time.perf_counter() - t0  # steps, their compilation, evaluations, checkpoints
 
+        logged = _final_eval_logged(folder, progress) if resume else None
         t0 = time.perf_counter()
-        eval_after, samples_after = evaluate_all(s, state.trainable)
+        if logged is not None:  # a finished run resumed: its final evaluation is in the log already, once
+            eval_after, samples_after = logged, []
+        else:
+            eval_after, samples_after = evaluate_all(s, state.trainable)
+            log.write("eval", progress.step, **eval_after, train_s=progress.train_s)
         phases["eval_after"] = time.perf_counter() - t0
-        log.write("eval", progress.step, **eval_after, train_s=progress.train_s)
         say("after training:  " + _fmt(eval_after))
         for prompt, out in samples_after:
             say(f"  {prompt.strip()!r} -> {out.strip()!r}")

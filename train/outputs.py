@@ -73,10 +73,14 @@ def _comparable(d: dict) -> dict:
 
 
 def saved_config(folder: Path, what: str) -> Config:
-    """The validated ``config.yaml`` of a run folder (one line naming it if damaged)."""
+    """The validated ``config.yaml`` of a run folder (one line naming it if damaged): built and checked as a
+    command line's config is (:func:`train.config.validate`: combinations, regexes compiled by RE2), since the
+    file may have been edited or come from elsewhere."""
     path = folder / CONFIG
     try:
-        return config_lib._build(Config, config_lib.read_file(path), "")
+        cfg = config_lib._build(Config, config_lib.read_file(path), "")
+        config_lib.validate(cfg)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{what}: {path} is damaged or from another version ({e})") from None
 
@@ -97,7 +101,11 @@ def _next_run(job: Path) -> int:
 @dataclasses.dataclass
 class Plan:
     """Where a run will write. ``folder``: the run folder (existing when resuming); ``replaces``: a run folder
-    that ``output.overwrite`` replaces (moved aside by :meth:`create`)."""
+    that ``output.overwrite`` replaces. The run that ``latest`` points to is replaced by a new ``run-N`` beside it:
+    it stays where it is, and ``latest`` keeps pointing at it, until the new run's first checkpoint
+    (:meth:`RunFolder.commit`), so a run killed before then hides nothing. A run folder named by ``output.dir``
+    itself is moved aside by :meth:`create` and put back by :meth:`RunFolder.abort`, or by the next :func:`plan`
+    when the process was killed (:func:`recover`)."""
 
     job: Path
     folder: Path
@@ -113,15 +121,15 @@ class Plan:
         latest = self.job / LATEST
         rf.previous_latest = os.readlink(latest) if latest.is_symlink() else None
         rf.job_created = not job_existed
-        if self.replaces is not None:
+        if self.replaces is not None and self.replaces == self.folder:
             aside = self.replaces.parent / f".{self.replaces.name}.replaced-{int(time.time())}-{os.getpid()}"
             os.rename(self.replaces, aside)
             rf.aside = aside
         try:
             self.folder.mkdir(parents=True, exist_ok=False)
             (self.folder / CONFIG).write_text(config_lib.dump(cfg))
-            if self.folder.parent == self.job and self.folder != self.job:
-                _point(latest, self.folder.name)
+            if self.folder.parent == self.job and self.folder != self.job and self.replaces is None:
+                _point(latest, self.folder.name)  # (a replacement takes latest over at its first checkpoint)
         except BaseException:
             rf.abort()
             raise
@@ -144,6 +152,10 @@ class RunFolder:
         if self.committed:
             return
         self.committed = True
+        replaced = self.plan.replaces
+        if replaced is not None and replaced != self.folder:  # latest moves to the new run, then the old one goes
+            _point(self.plan.job / LATEST, self.folder.name)
+            shutil.rmtree(replaced, ignore_errors=True)
         if self.aside is not None and self.aside.exists():
             shutil.rmtree(self.aside, ignore_errors=True)
             self.aside = None
@@ -176,9 +188,42 @@ def _point(link: Path, target: str) -> None:
     os.replace(tmp, link)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def recover(folder: Path) -> Path | None:
+    """Put back a run folder that a replacement moved aside (``.NAME.replaced-TIME-PID``) when that replacement
+    was killed before its first checkpoint (its process is gone, ``folder`` holds no checkpoint); returns the
+    folder put back, or None."""
+    asides = sorted(folder.parent.glob(f".{folder.name}.replaced-*")) if folder.parent.is_dir() else []
+    for aside in reversed(asides):
+        pid = aside.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        ckpts = folder / "checkpoints"
+        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            continue  # the replacement had checkpointed: the aside is the leftover, not the run
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(aside, folder)
+        return folder
+    return None
+
+
 def plan(cfg: Config, resume: bool) -> Plan:
-    """Check where ``cfg``'s run will write, without writing anything."""
+    """Check where ``cfg``'s run will write, without writing anything (except putting back a run that a killed
+    replacement had moved aside, :func:`recover`)."""
     job = Path(cfg.output.dir)
+    recover(job)
+    for aside in sorted(job.glob(".run-*.replaced-*")) if job.is_dir() else []:  # (left by an older version)
+        recover(job / aside.name[1:].split(".replaced-")[0])
     if job.exists() and not job.is_dir():
         raise ConfigError(f"output.dir={str(job)!r} is a file, expected a folder")
     anc = _writable_ancestor(job)
@@ -215,7 +260,7 @@ def plan(cfg: Config, resume: bool) -> Plan:
         except (OSError, RuntimeError) as e:
             raise ConfigError(f"output.overwrite: {latest} does not lead to a run folder ({e}); remove it") from None
         if target.parent == job.resolve() and is_run(target):
-            return Plan(job, job / target.name, False, replaces=job / target.name)
+            return Plan(job, job / f"run-{_next_run(job)}", False, replaces=job / target.name)
     return Plan(job, job / f"run-{_next_run(job)}", False)
 
 
@@ -236,7 +281,7 @@ def agree(p: Plan) -> Plan:
     have looked at the job folder after process 0 created ``run-N``)."""
     import jax
 
-    if jax.process_count() == 1 or p.resume or p.replaces is not None:
+    if jax.process_count() == 1 or p.resume or p.replaces == p.folder:
         return p
     import numpy as np
     from jax.experimental import multihost_utils
@@ -260,5 +305,7 @@ def describe(p: Plan) -> str:
     if p.resume:
         return f"the run to resume ({p.folder})"
     if p.replaces is not None:
-        return f"the output folder ({p.folder}, replacing the run there)"
+        return (f"the output folder ({p.folder}, replacing the run there)" if p.replaces == p.folder else
+                f"the output folder (a new run would go to {p.folder} and replace {p.replaces} at its first "
+                "checkpoint)")
     return f"the output folder (a new run would go to {p.folder})"

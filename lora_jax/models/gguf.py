@@ -42,6 +42,7 @@ import numpy as np
 from lora_jax import tree
 from lora_jax.errors import CheckpointError
 from lora_jax.models import arch as arch_lib
+from lora_jax.untrusted import check_array
 
 logger = logging.getLogger("lora_jax.models")
 
@@ -317,6 +318,7 @@ def sources_from_reader(reader, config: Any, arch: str, source: str) -> dict:
                     names = " + ".join(dict.fromkeys(stem for stem, _ in parts))
                     raise CheckpointError(f"{source}: tensor {names!r} has shape {tuple(x.shape)}, expected "
                                           f"{want} for {tree.join(path)}")
+                check_array(x, " + ".join(dict.fromkeys(stem for stem, _ in parts)), source)  # NaN / inf weights
                 arrays.append(spec.from_gguf(hf_name, x, config) if spec.from_gguf is not None else x)
             return np.ascontiguousarray(where.layout.load(arrays))
 

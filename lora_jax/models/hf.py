@@ -38,6 +38,7 @@ import numpy as np
 
 from lora_jax import tree
 from lora_jax.errors import CheckpointError
+from lora_jax.untrusted import check_array
 
 logger = logging.getLogger("lora_jax.models")
 
@@ -515,6 +516,15 @@ def _tensor_view(tensors: Mapping, name: str) -> Any:
     return tensors.view(name) if hasattr(tensors, "view") else tensors[name]
 
 
+def _checked(read, what: str, source: str):
+    """``read`` whose blocks are checked as they come (float, finite: :func:`lora_jax.untrusted.check_array`), so a
+    NaN in a file the user did not make fails naming the tensor, whichever device's block holds it."""
+    def block(index):
+        return check_array(read(index), what, source)
+
+    return block
+
+
 def plan_hf_weights(config: Any, tensors: Mapping[str, Any], source: str, task: str | None = None) -> WeightPlan:
     """Match checkpoint tensors to the parameters of ``config``'s family for ``task`` and check them, reading no
     tensor data (names, shapes and dtypes only; see :func:`from_hf_weights` for the rules and errors).
@@ -558,9 +568,11 @@ def plan_hf_weights(config: Any, tensors: Mapping[str, Any], source: str, task: 
                 raise CheckpointError(f"{source}: tensor {n!r} has dtype {dtype}, expected a float tensor")
             dtypes.append(dtype)
         views = tuple(_tensor_view(tensors, n) for n in spec_t.names)
+        what = " + ".join(spec_t.names)
         sources[path] = LeafSource(tuple(spec.shape), np.result_type(*dtypes),
-                                   functools.partial(spec_t.layout.read_block, views), " + ".join(spec_t.names),
-                                   blockwise=spec_t.layout.read is not None)
+                                   _checked(functools.partial(spec_t.layout.read_block, views), what,
+                                            where(spec_t.names[0]) if where else source),
+                                   what, blockwise=spec_t.layout.read is not None)
         used.update(spec_t.names)
 
     strip = lambda n: n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else n  # noqa: E731
