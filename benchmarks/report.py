@@ -673,6 +673,30 @@ def newcomer_block(results: dict) -> str:
     return "\n\n".join(out)
 
 
+def withdrawn(records: list[dict], inline: bool) -> str:
+    """What a page says in place of results whose code changed after they were measured (moved to
+    ``benchmarks/results/stale/``): no figure, the commit they measured and the command that measures them again."""
+    cmds = ", ".join(f"`{r.get('provenance', {}).get('command', '?')}`" for r in records)
+    if inline:
+        return f"(withdrawn until {cmds} is rerun on the current code)"
+    commits = ", ".join((r.get("provenance", {}).get("git", {}).get("commit") or "?")[:10] for r in records)
+    return (f"*Withdrawn: these figures were measured on commit {commits}, and the code they measure has changed "
+            f"since. They are not quoted until {cmds} is rerun (`python -m benchmarks.staleness` lists what is "
+            "stale).*")
+
+
+def sharded_load_block(results: dict) -> str:
+    """Peak host memory of train.run loading a 1.1B model straight into the mesh (benchmarks/sharded_load.py)."""
+    r = results["sharded_load"]
+    rows = [[x["run"], f"{x['peak_rss_gib']:.2f}", f"{x['x_checkpoint']:.2f}x", f"{x['load_s']:.0f}",
+             f"<= {x['goal']}x" if x["goal"] else "", x["met"]] for x in r["rows"]]
+    out = [f"A Llama-shaped checkpoint of {r['checkpoint_bytes'] / 2**30:.2f} GiB (bfloat16, HF sharded safetensors, "
+           f"preset `{r['preset']}`), peak resident memory of each process (`/usr/bin/time`):", "",
+           _table(["run", "peak RSS GiB", "x checkpoint", "load s", "goal", "met"], rows), "",
+           provenance(r, "python -m benchmarks.sharded_load")]
+    return "\n".join(out)
+
+
 # Results whose block says "not recorded yet" until their command has run (what it says names the command).
 OPTIONAL = frozenset({"newcomer"})
 
@@ -734,12 +758,15 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "newcomer": (("newcomer",), newcomer_block, False),
     "attention_memory": (("attention_memory",), attention_memory_block, False),
     "accelerator": (("accelerator",), accelerator_block, False),
+    "sharded_load": (("sharded_load",), sharded_load_block, False),
 }
 
 
 def load_results(results_dir: Path = RESULTS, experiments_dir: Path = EXPERIMENTS) -> dict[str, dict]:
-    """Every benchmark's results (by name) and the experiments the pages report (``experiments/NAME``)."""
+    """Every benchmark's results (by name) and the experiments the pages report (``experiments/NAME``); results
+    withdrawn because the code they measured changed (``benchmarks/results/stale/NAME.json``) as ``stale/NAME``."""
     out = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    out.update({f"stale/{p.stem}": json.loads(p.read_text()) for p in sorted((results_dir / "stale").glob("*.json"))})
     for key in (E2E, SST2, E2E_ANALYSIS):
         path = experiments_dir / f"{key.split('/', 1)[1]}.json"
         if path.is_file():
@@ -755,9 +782,9 @@ def render(readme: str, results: dict[str, dict]) -> str:
             raise KeyError(f"marker report:{rid} has no renderer; known: {sorted(RENDERERS)}")
         needs, fn, inline = RENDERERS[rid]
         missing = [n for n in needs if n not in results and n not in OPTIONAL]
-        if missing:
+        if any(f"stale/{n}" not in results for n in missing):
             raise FileNotFoundError(f"report:{rid} needs benchmarks/results/{missing[0]}.json")
-        body = fn(results)
+        body = withdrawn([results[f"stale/{n}"] for n in missing], inline) if missing else fn(results)
         return f"<!-- report:{rid} -->{body}<!-- /report:{rid} -->" if inline else \
             f"<!-- report:{rid} -->\n{body}\n<!-- /report:{rid} -->"
 

@@ -517,6 +517,7 @@ NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
     "train.batch_size": ("4", []), "train.grad_accum": ("2", []), "train.precision": ("bfloat16", []),
     "train.remat": ("true", []), "train.loss_chunk": ("64", []), "train.logits": ("all", []), "train.seed": ("7", []), "train.nan_policy": ("skip", []),
     "train.time_budget_s": ("60", []), "train.prefetch": ("false", []), "mesh.data": ("1", []), "mesh.fsdp": ("2", []), "mesh.expert": ("2", []),
+    "mesh.tensor": ("2", []), "train.device_memory": ("16GB", []),
     "eval.every": ("5", []), "eval.batch_size": ("8", []), "eval.generate_samples": ("0", []),
     "eval.generate_eval": ("4", []), "eval.max_new_tokens": ("8", []), "eval.num_beams": ("2", []),
     "checkpoint.every": ("2", []), "checkpoint.keep": ("3", []), "output.dir": ("runs/x", []),
