@@ -343,3 +343,153 @@ def test_dpo_config_combinations_are_checked():
     with pytest.raises(ConfigError, match="model.adapter"):
         load_config(None, ["model.adapter=runs/x", "output.export_peft=true"])
     assert load_config(None, ["data.task=chat"]).data.task == "chat"
+
+
+# ----------------------------------------------------------------------------------------------- the job
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, minilm_path):
+    """A 2-layer, 32-wide random Llama with MiniLM's tokenizer, preference pairs and conversations made from
+    the built-in restaurants task (the rejected answer: another row's reference)."""
+    from transformers import AutoTokenizer
+
+    from lora_jax.models import llama, save_pretrained
+    from train import builtin
+
+    folder = tmp_path_factory.mktemp("dpo_job")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
+    config = llama.Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    save_pretrained(llama.init_params(config, jax.random.key(0)), config, folder / "model", tokenizer=tokenizer)
+    rows = builtin.BUILTIN["restaurants"](seed=0)[:96]
+    with open(folder / "pairs.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"prompt": r["prompt"], "chosen": r["completion"],
+                                "rejected": rows[(i + 7) % len(rows)]["completion"]}) + "\n")
+    with open(folder / "chat.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                             {"role": "assistant", "content": r["completion"]}]}) + "\n")
+    return folder
+
+
+def dpo_overrides(job: Path, out: Path, **extra) -> list[str]:
+    base = {"model.name": str(job / "model"), "data.source": str(job / "pairs.jsonl"), "train.objective": "dpo",
+            "data.max_length": 80, "train.steps": 4, "train.batch_size": 4, "eval.every": 100, "eval.batch_size": 8,
+            "eval.generate_samples": 0, "eval.generate_eval": 0, "checkpoint.every": 2, "checkpoint.keep": 10,
+            "optim.lr": 2e-2, "optim.warmup_steps": 1, "dpo.beta": 0.5, "output.dir": str(out)}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(job, tmp_path_factory):
+    from train.loop import run
+
+    out = tmp_path_factory.mktemp("runs") / "dpo"
+    cfg = load_config(None, dpo_overrides(job, out, **{"output.export_peft": "true"}))
+    return cfg, run(cfg, print_fn=lambda *a: None)
+
+
+def test_dpo_run_starts_at_ln2_learns_the_pairs_and_logs_trl_names(dpo_run):
+    """Zero adapters: policy = reference, every pair's loss ln 2 and rewards 0. Training moves the held-out
+    rewards; the train log holds TRL's metric names; a PEFT adapter is exported."""
+    from train.metrics import read_log
+
+    cfg, result = dpo_run
+    assert result.eval_before["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.eval_before["rewards/margins"] == 0.0
+    assert result.eval_after["loss"] != pytest.approx(math.log(2), abs=1e-4)
+    train_log = [r for r in read_log(result.folder) if r["kind"] == "train"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(train_log[-1])
+    assert train_log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (result.folder / "peft" / "adapter_config.json").is_file()
+    saved = json.loads((result.folder / "result.json").read_text())
+    assert saved["batching"] == "fixed" and saved["step_shapes"] == [[1, 4, 2, 80]]
+
+
+def test_dpo_run_resumes_exactly(dpo_run, job, tmp_path):
+    import shutil
+
+    from train.loop import run
+
+    cfg, result = dpo_run
+    copy = tmp_path / "resumed"
+    shutil.copytree(result.folder, copy)
+    for step_dir in (copy / "checkpoints").iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > 2:
+            shutil.rmtree(step_dir)
+    shutil.rmtree(copy / "adapters")
+    again = run(load_config(None, dpo_overrides(job, copy)), resume=True, print_fn=lambda *a: None)
+    assert [h["step"] for h in again.history] == [3, 4]
+    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in result.history[2:]],
+                               rtol=1e-6)
+    a = lora.checkpoint.load_adapters(result.folder / "adapters")
+    b = lora.checkpoint.load_adapters(copy / "adapters")
+    for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
+        np.testing.assert_allclose(x.b, y.b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("extra", [{"train.method": "qlora", "train.precision": "bfloat16"},
+                                   {"lora.use_dora": "true", "dpo.loss": "ipo"},
+                                   {"dpo.loss": "simpo", "train.grad_accum": 2, "train.batch_size": 2}])
+def test_dpo_with_qlora_dora_ipo_simpo_and_accumulation(job, tmp_path, extra):
+    """QLoRA (the reference over the same NF4 base), DoRA (zero B: policy = reference), IPO, SimPO (no reference)
+    with gradient accumulation: finite steps, and the DPO / IPO loss at zero adapters is the loss of equal
+    policies (ln 2; IPO: (1 / (2 beta))^2)."""
+    from train.loop import run
+
+    result = run(load_config(None, dpo_overrides(job, tmp_path / "r", **{"train.steps": 2, **extra})),
+                 print_fn=lambda *a: None)
+    assert all(h["finite"] for h in result.history)
+    loss = extra.get("dpo.loss", "sigmoid")
+    if loss == "sigmoid":
+        assert result.eval_before["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    elif loss == "ipo":
+        assert result.eval_before["loss"] == pytest.approx(1.0, abs=1e-5)  # beta 0.5
+    else:
+        assert result.eval_before["rewards/margins"] != 0.0  # SimPO's rewards are the policy's own
+
+
+def test_dpo_on_a_sharded_mesh_equals_one_device(dpo_run, job, tmp_path):
+    """4 CPU devices (data 2 x fsdp 2): the same losses as the single-device run."""
+    import os
+    import subprocess
+    import sys
+
+    from train.metrics import read_log
+
+    cfg, result = dpo_run
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "sharded"
+    args = dpo_overrides(job, out, **{"mesh.data": 2, "mesh.fsdp": 2})
+    proc = subprocess.run([sys.executable, "-m", "train.run", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [r["loss"] for r in read_log(out / "latest") if r["kind"] == "train"]
+    np.testing.assert_allclose(losses, [h["loss"] for h in result.history], rtol=2e-5)
+
+
+def test_chat_sft_run_masks_assistant_turns_and_generates_from_the_template(job, tmp_path):
+    from train.loop import run
+
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [SEP] {% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    args = dpo_overrides(job, tmp_path / "chat", **{"data.source": str(job / "chat.jsonl"), "data.task": "chat",
+                                                    "train.objective": "sft", "data.max_length": 96,
+                                                    "eval.generate_samples": 1, "eval.max_new_tokens": 4,
+                                                    "train.steps": 2})
+    args = [a for a in args if not a.startswith("dpo.")]
+    result = run(load_config(None, [*args, f"data.chat_template={json.dumps(template)}"]), print_fn=lambda *a: None)
+    assert all(h["finite"] for h in result.history)
+    [(prompt, _)] = result.samples_after
+    assert prompt.startswith("[user] name[") and prompt.endswith("[SEP] [assistant] ")
+    from train import predict  # train.predict renders with the run's template too
+
+    p = predict.from_run(str(result.folder))
+    row = {"messages": [{"role": "user", "content": "name[Aromi]"}, {"role": "assistant", "content": "ref"}]}
+    assert predict.as_chat_prompt(row, None, p.tokenizer, p.cfg.data) == "[user] name[Aromi] [SEP] [assistant] "
+    assert predict.as_chat_prompt("hi", None, p.tokenizer, p.cfg.data) == "[user] hi [SEP] [assistant] "
+    with pytest.raises(DataError, match="data.chat_template"):
+        run(load_config(None, [*args, f"output.dir={tmp_path / 'none'}"]), print_fn=lambda *a: None)

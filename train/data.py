@@ -144,6 +144,8 @@ def format_prompt(row: dict, cfg: DataConfig) -> str:
 # the generation prompt, and with the message), and the tokens that overlap them are the targets.
 
 ROLES = ("system", "user", "assistant", "tool")
+# the system message of the built-in restaurants task read as conversations (data.task=chat)
+CHAT_SYSTEM = "Describe the restaurant in one sentence from its attributes."
 
 
 def _messages(value: Any, where: str, what: str) -> list[dict]:
@@ -286,6 +288,11 @@ def load_rows(cfg: DataConfig, split: str, pairs: bool = False) -> list[dict]:
         rows = builtin.BUILTIN[name](seed=cfg.seed)
         if name == "restaurants":  # its columns are prompt / completion / group
             rows = [{"prompt": r["prompt"], "completion": r["completion"], "group": r["group"]} for r in rows]
+            if cfg.task == "chat" and not pairs:  # as conversations: a system message, the MR, the description
+                rows = [{"messages": [{"role": "system", "content": CHAT_SYSTEM},
+                                      {"role": "user", "content": r["prompt"]},
+                                      {"role": "assistant", "content": r["completion"]}], "group": r["group"]}
+                        for r in rows]
         return _check_columns(_tag([dict(r) for r in rows], source), cfg, f"data.source={source!r}", pairs)
     paths = [p.strip() for p in source.split(",") if p.strip()]
     if any(Path(p).suffix.lower() in FILE_TYPES for p in paths) or any(os.sep in p and Path(p).exists() for p in paths):
