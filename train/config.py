@@ -207,6 +207,9 @@ class DpoConfig:
                                                    "et al. 2023); simpo: SimPO, reference-free (Meng et al. 2024)")
     beta: Float = key(0.1, "inverse temperature of the implicit reward (IPO: the regulariser tau)", gt=0)
     simpo_gamma: Float = key(0.5, "simpo: the target reward margin", ge=0)
+    reference: Literal["step", "cached"] = key("step", "sigmoid / ipo: the reference log-probabilities computed in "
+                                               "every step (a second forward, adapters off) or cached: once for "
+                                               "every training pair before training")
 
 
 @section
@@ -634,6 +637,8 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
     (("data.messages_column",), lambda c: c.data.task == "chat", "data.task=chat"),
     (("data.chosen_column", "data.rejected_column", "dpo.loss", "dpo.beta"), _dpo, "train.objective=dpo"),
     (("dpo.simpo_gamma",), lambda c: _dpo(c) and c.dpo.loss == "simpo", "train.objective=dpo with dpo.loss=simpo"),
+    (("dpo.reference",), lambda c: _dpo(c) and c.dpo.loss != "simpo",
+     "train.objective=dpo with dpo.loss sigmoid or ipo (simpo has no reference)"),
     (("data.text_column",), lambda c: c.data.task == "classification", "data.task=classification"),
     (("data.buckets",), lambda c: batching(c) == "bucketed",
      "data.batching=bucketed (the default for data.task=classification)"),

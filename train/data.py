@@ -381,6 +381,7 @@ class Tokenized:
     prompts: list[str] | None = None
     references: list[list[str]] | None = None
     input_features: np.ndarray | None = None
+    ref_logps: np.ndarray | None = None  # preference pairs, dpo.reference=cached: (n, 2) float32
 
     def __len__(self) -> int:
         return len(self.attention_mask)
@@ -395,6 +396,8 @@ class Tokenized:
             batch["loss_mask"] = self.loss_mask[idx]
         if self.labels is not None:
             batch["labels"] = self.labels[idx]
+        if self.ref_logps is not None:
+            batch["ref_logps"] = self.ref_logps[idx]
         return batch
 
 
@@ -641,6 +644,8 @@ def cache_key(cfg: DataConfig, split: str, tokenizer_name: str, tokenizer=None) 
     # split_rule: bump when split_rows / cap_eval_rows change what a config selects (2: split by prompt)
     payload = {"cfg": dataclasses.asdict(cfg), "split": split, "tokenizer": tokenizer_name, "code": _CODE,
                "tokenizer_digest": tokenizer_digest(tokenizer) if tokenizer is not None else None, "split_rule": 2}
+    if cfg.task == "chat":  # the tokenizer's own chat template renders the rows
+        payload["chat_template"] = str(getattr(tokenizer, "chat_template", None))
     paths = [p.strip() for p in f"{cfg.source},{cfg.eval_source or ''}".split(",") if p.strip()]
     payload["files"] = [(p, file_digest(p)) for p in paths if os.path.isfile(p)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]

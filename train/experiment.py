@@ -242,7 +242,7 @@ def e2e_smollm2(out: Path, scale: float, config: str | None = "configs/e2e_smoll
 
 # SFT then DPO on E2E, sized for about 25 minutes of a 2-core machine: E2E_DPO_SFT_STEPS packed SFT steps, then
 # E2E_DPO_STEPS preference steps (configs/e2e_smollm2_dpo.yaml) from the SFT adapter.
-E2E_DPO_SFT_STEPS = 60
+E2E_DPO_SFT_STEPS = 120
 E2E_DPO = "configs/e2e_smollm2_dpo.yaml"
 
 
@@ -296,8 +296,9 @@ def e2e_dpo(out: Path, scale: float, sft_config: str | None = "configs/e2e_smoll
     t0 = time.perf_counter()
     loads = {"start": load()}
     sft_steps = max(int(math.ceil(E2E_DPO_SFT_STEPS * scale)), 2)
-    sft_over = [f"train.steps={sft_steps}", f"eval.every={max(-(-sft_steps // 2), 1)}", "checkpoint.every=100000",
-                "eval.generate_eval=0", "eval.generate_samples=2", f"optim.warmup_steps={max(sft_steps // 10, 1)}"]
+    # (evaluation before and after only, on 8 held-out MRs: the held-out scoring below covers all of them)
+    sft_over = [f"train.steps={sft_steps}", "eval.every=100000", "data.max_eval_examples=8", "checkpoint.every=100000",
+                "eval.generate_eval=0", "eval.generate_samples=1", f"optim.warmup_steps={max(sft_steps // 10, 1)}"]
     source = _shared_data("e2e", "devset.csv")
     if sft_config is not None and source is not None and not Path(load_config(ROOT / sft_config).data.source).is_file():
         sft_over.append(f"data.source={source}")
@@ -307,12 +308,13 @@ def e2e_dpo(out: Path, scale: float, sft_config: str | None = "configs/e2e_smoll
     sft_cfg = load_config(sft_folder / "config.yaml")
 
     train_rows, eval_rows = predict.heldout_split(sft_cfg)
-    pairs_dir = out / "e2e_dpo_pairs"
+    pairs_dir = out / "runs" / "e2e_dpo_pairs"  # generated, reproducible: not committed
     kinds = build_e2e_pairs(train_rows, eval_rows, pairs_dir, mr_column=sft_cfg.data.prompt_column,
                             ref_column=sft_cfg.data.completion_column)
     dpo_cfg = load_config(ROOT / dpo_config if dpo_config else None)
     dpo_steps = max(int(math.ceil(dpo_cfg.train.steps * scale)), 2)
-    dpo_over = [f"train.steps={dpo_steps}", f"eval.every={max(-(-dpo_steps // 4), 1)}", "checkpoint.every=100000",
+    dpo_over = [f"train.steps={dpo_steps}", f"eval.every={max(-(-dpo_steps // 2), 1)}", "checkpoint.every=100000",
+                "data.max_eval_examples=16",
                 f"data.source={pairs_dir / 'train.jsonl'}", f"data.eval_source={pairs_dir / 'eval.jsonl'}",
                 f"model.adapter={sft_folder.resolve()}"]
     dpo = _run("e2e_dpo", dpo_config, [*dpo_over, *extra], out)

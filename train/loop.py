@@ -385,7 +385,7 @@ def preference_terms(model, cfg: Config, trainable: Any, frozen: Any, batch: dic
                      dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
     """``(losses (B,), metrics)`` of preference pairs (``batch`` arrays ``(B, 2, T)``) under ``dpo.loss``: the
     policy is the base with the adapters (dropout with ``dropout_key``), the reference the same frozen base with
-    the adapters off (no gradient). ``metrics``: TRL's ``rewards/*`` and ``logps/chosen`` / ``logps/rejected``,
+    the adapters off (no gradient; ``batch["ref_logps"]`` ``(B, 2)`` when cached). ``metrics``: TRL's ``rewards/*`` and ``logps/chosen`` / ``logps/rejected``,
     summed over the pairs (``weight`` applied when the batch has it)."""
     dc = cfg.dpo
     params, adapters = lora.combine(frozen, trainable)
@@ -393,7 +393,10 @@ def preference_terms(model, cfg: Config, trainable: Any, frozen: Any, batch: dic
                                 cfg.train.loss_chunk)
     ref = (None, None)
     if dc.loss != "simpo":
-        r, _ = pair_logps(model, lora.wrap(params, {}), batch, cfg.train.loss_chunk)
+        if "ref_logps" in batch:  # dpo.reference=cached: computed once by cache_reference_logps
+            r = batch["ref_logps"]
+        else:
+            r, _ = pair_logps(model, lora.wrap(params, {}), batch, cfg.train.loss_chunk)
         r = jax.lax.stop_gradient(r)
         ref = (r[:, 0], r[:, 1])
     out = lora.losses.preference_loss(policy[:, 0], policy[:, 1], *ref, chosen_tokens=tokens[:, 0],
@@ -405,6 +408,27 @@ def preference_terms(model, cfg: Config, trainable: Any, frozen: Any, batch: dic
     metrics = {**lora.losses.preference_metrics(out, w), "logps/chosen": jnp.sum(sg(policy[:, 0]) * w),
                "logps/rejected": jnp.sum(sg(policy[:, 1]) * w)}
     return out.losses * w, metrics
+
+
+def cache_reference_logps(s: "Setup") -> None:
+    """``dpo.reference=cached``: the reference log-probabilities of every training pair, computed once (the base
+    with the adapters off, batches of the evaluation size) and stored with the training data, so that each step
+    runs the policy alone. The reference never changes in training, so the steps compute what they would
+    otherwise, in one forward pass per pair instead of one per step that sees it."""
+    data = s.batches.data
+    cfg = s.cfg
+    fn = jax.jit(lambda frozen, batch: pair_logps(s.model, lora.wrap(lora.combine(frozen, {"adapters": {},
+                                                                      "params": {}})[0], {}), batch,
+                                                  cfg.train.loss_chunk)[0])
+    out = np.zeros((len(data), 2), np.float32)
+    names = ("input_ids", "attention_mask", "loss_mask")
+    for start in range(0, len(data), s.eval_bsz):
+        idx = np.minimum(np.arange(start, start + s.eval_bsz), len(data) - 1)
+        batch = {k: sharding.host_to_global(getattr(data, k)[idx], s.eval_shardings[0]) for k in names}
+        got = sharding.global_to_host(fn(s.frozen, batch))
+        out[idx] = got
+    data.ref_logps = out
+    s.say(f"dpo.reference=cached: reference log-probabilities of {len(data)} training pairs computed once")
 
 
 def make_dpo_step(model, cfg: Config, tx: optax.GradientTransformation):
@@ -1088,6 +1112,8 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
             for prompt, out in samples_before:
                 say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
+        if cfg.train.objective == "dpo" and cfg.dpo.loss != "simpo" and cfg.dpo.reference == "cached":
+            cache_reference_logps(s)
         state, progress = train_steps(s, state, progress, ckpt, log, run_folder)
 
         eval_after, samples_after = evaluate_all(s, state.trainable)
