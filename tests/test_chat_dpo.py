@@ -442,8 +442,9 @@ def test_dpo_run_resumes_exactly(dpo_run, job, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [{"train.method": "qlora", "train.precision": "bfloat16"},
-                                   {"lora.use_dora": "true", "dpo.loss": "ipo"},
-                                   {"dpo.loss": "simpo", "train.grad_accum": 2, "train.batch_size": 2}])
+                                   pytest.param({"lora.use_dora": "true", "dpo.loss": "ipo"}, marks=pytest.mark.slow),
+                                   pytest.param({"dpo.loss": "simpo", "train.grad_accum": 2, "train.batch_size": 2},
+                                                marks=pytest.mark.slow)])
 def test_dpo_with_qlora_dora_ipo_simpo_and_accumulation(job, tmp_path, extra):
     """QLoRA (the reference over the same NF4 base), DoRA (zero B: policy = reference), IPO, SimPO (no reference)
     with gradient accumulation: finite steps, and the DPO / IPO loss at zero adapters is the loss of equal
@@ -462,6 +463,7 @@ def test_dpo_with_qlora_dora_ipo_simpo_and_accumulation(job, tmp_path, extra):
         assert result.eval_before["rewards/margins"] != 0.0  # SimPO's rewards are the policy's own
 
 
+@pytest.mark.slow  # a subprocess on 4 CPU devices (model load and compilation again)
 def test_dpo_on_a_sharded_mesh_equals_one_device(dpo_run, job, tmp_path):
     """4 CPU devices (data 2 x fsdp 2): the same losses as the single-device run."""
     import os
