@@ -148,7 +148,7 @@ ROLES = ("system", "user", "assistant", "tool")
 CHAT_SYSTEM = "Describe the restaurant in one sentence from its attributes."
 
 
-def _messages(value: Any, where: str, what: str) -> list[dict]:
+def parse_messages(value: Any, where: str, what: str) -> list[dict]:
     """``value`` as a list of ``{"role", "content"}`` dicts (a JSON string of one is parsed, as a CSV cell
     holds it); anything else is a :class:`DataError` naming ``where``."""
     if isinstance(value, str):
@@ -173,7 +173,7 @@ def _messages(value: Any, where: str, what: str) -> list[dict]:
 def chat_messages(row: dict, cfg: DataConfig) -> list[dict]:
     """The conversation of a chat row (``data.messages_column``); it must end with an assistant message."""
     where = source_of(row)
-    msgs = _messages(row[cfg.messages_column], where, f"column {cfg.messages_column!r}")
+    msgs = parse_messages(row[cfg.messages_column], where, f"column {cfg.messages_column!r}")
     if msgs[-1]["role"] != "assistant":
         raise DataError(f"{where}: the conversation ends with a {msgs[-1]['role']!r} message; the last message must "
                         "be the assistant's (what the model learns to write)")
@@ -190,7 +190,7 @@ def chat_prompt_messages(row: dict, cfg: DataConfig) -> list[dict]:
                 value = row[col]
                 if isinstance(value, str) and not value.lstrip().startswith("["):
                     return [{"role": "user", "content": value}]
-                return _messages(value, source_of(row), f"column {col!r}")
+                return parse_messages(value, source_of(row), f"column {col!r}")
         raise DataError(f"{source_of(row)}: a preference row needs its prompt in column {cfg.messages_column!r} "
                         f"or {cfg.prompt_column!r} (data.messages_column / data.prompt_column)")
     return chat_messages(row, cfg)[:-1]
@@ -201,7 +201,7 @@ def answer_messages(value: Any, where: str, what: str) -> list[dict]:
     preference rows hold ``[{"role": "assistant", ...}]``)."""
     if isinstance(value, str) and not value.lstrip().startswith("["):
         return [{"role": "assistant", "content": value}]
-    msgs = _messages(value, where, what)
+    msgs = parse_messages(value, where, what)
     if msgs[-1]["role"] != "assistant":
         raise DataError(f"{where}: {what} must end with an assistant message, got {msgs[-1]['role']!r}")
     return msgs

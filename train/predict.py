@@ -205,7 +205,7 @@ def as_chat_prompt(row: dict | str, column: str | None, tokenizer, data_cfg) -> 
             messages = [{"role": "user", "content": value}]
         else:
             try:
-                messages = data_lib._messages(value, "an input row", f"column {name!r}")
+                messages = data_lib.parse_messages(value, "an input row", f"column {name!r}")
             except data_lib.DataError as e:
                 raise PredictError(str(e)) from None
         if messages[-1]["role"] == "assistant":
