@@ -165,7 +165,7 @@ def test_chat_rows_tokenize_with_shifted_loss_mask_and_generation_prompts(smollm
     ids, mask = data_lib.chat_token_mask(tok, CONVERSATION, tok.chat_template)
     assert t.input_ids[0, : len(ids)].tolist() == ids
     assert t.loss_mask[0, : len(ids) - 1].tolist() == mask[1:]  # position t predicts token t + 1
-    assert t.prompts[0].endswith("<|im_start|>assistant\n") and "Burger King?" in t.prompts[0]
+    assert t.prompts[0].endswith("<|im_start|>assistant\n") and "Burger King]?" in t.prompts[0]
     assert t.references[0] == [CONVERSATION[-1]["content"]]
     with pytest.raises(DataError, match="row 3.*last message must be the assistant"):
         data_lib.tokenize([{"messages": CONVERSATION[:2], data_lib.SOURCE_KEY: "f.jsonl row 3"}], tok,
