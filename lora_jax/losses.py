@@ -414,5 +414,88 @@ def cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | Non
     return jnp.sum(ce * wt), jnp.sum(wt)
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "chunked_cross_entropy", "cross_entropy", "default_chunk_size", "gather_positions",
-           "loss_positions"]
+# --------------------------------------------------------------------------------------- preference losses
+#
+# Direct preference optimisation (Rafailov et al. 2023) and two variants, over per-example sequence
+# log-probabilities: ``sum_t log p(y_t | x, y_<t)`` over the response tokens of the chosen and of the rejected
+# answer, under the policy and (DPO, IPO) under the reference policy. With LoRA the reference is the frozen base
+# with the adapters off. Conventions and metric names follow TRL's DPOTrainer / CPOTrainer.
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceOutput:
+    """Per-pair results of :func:`preference_loss`, each ``(B,)`` float32: ``losses``, and the implicit
+    rewards of the chosen and rejected answers (no gradient), as TRL logs them."""
+
+    losses: Array
+    chosen_rewards: Array
+    rejected_rewards: Array
+
+
+def sequence_logps(token_logps: Array, mask: Array) -> tuple[Array, Array]:
+    """``(logps, tokens)``, both ``(B,)`` float32: per-sequence log-probabilities summed over the response tokens
+    (``mask`` ``(B, T)``, 1 where ``token_logps[b, t]`` scores a response token) and the number of them."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(token_logps.astype(jnp.float32) * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def preference_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array | None = None,
+                    ref_rejected_logps: Array | None = None, *, chosen_tokens: Array | None = None,
+                    rejected_tokens: Array | None = None, loss_type: str = "sigmoid", beta: float = 0.1,
+                    simpo_gamma: float = 0.5) -> PreferenceOutput:
+    """The per-pair preference loss of ``loss_type``, as TRL computes it. Inputs ``(B,)``: log-probabilities
+    *summed* over each response's tokens (:func:`sequence_logps`), and (``ipo``, ``simpo``) the number of
+    response tokens of each answer, ``chosen_tokens`` / ``rejected_tokens``.
+
+    - ``sigmoid`` (DPO, TRL's DPOTrainer): ``-log sigmoid(beta h)`` with
+      ``h = (chosen - ref_chosen) - (rejected - ref_rejected)``;
+    - ``ipo`` (Azar et al. 2023, TRL's DPOTrainer): ``(h' - 1 / (2 beta))**2`` where ``h'`` takes each answer's
+      log-ratio averaged over its tokens;
+    - ``simpo`` (Meng et al. 2024, TRL's CPOTrainer with ``cpo_alpha=0``), reference-free:
+      ``-log sigmoid(beta (avg_chosen - avg_rejected) - simpo_gamma)`` on per-token averages (the reference
+      arguments are ignored; pass ``None``).
+
+    Rewards (TRL's): ``beta * (logps - ref_logps)`` (DPO, IPO; sums), ``beta * avg_logps`` (SimPO), without
+    gradient. Raises ``ValueError`` for an unknown ``loss_type``, a non-positive ``beta`` or a missing input.
+    """
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"preference_loss: loss_type must be one of {list(PREFERENCE_LOSSES)}, got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"preference_loss: beta must be > 0, got {beta}")
+    if loss_type in ("ipo", "simpo") and (chosen_tokens is None or rejected_tokens is None):
+        raise ValueError(f"preference_loss: loss_type={loss_type!r} averages over the response tokens: pass "
+                         "chosen_tokens and rejected_tokens")
+    if loss_type != "simpo" and (ref_chosen_logps is None or ref_rejected_logps is None):
+        raise ValueError(f"preference_loss: loss_type={loss_type!r} needs the reference log-probabilities")
+    sg = jax.lax.stop_gradient
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    chosen, rejected = f32(chosen_logps), f32(rejected_logps)
+    if loss_type == "simpo":
+        avg_c = chosen / jnp.maximum(f32(chosen_tokens), 1.0)
+        avg_r = rejected / jnp.maximum(f32(rejected_tokens), 1.0)
+        losses = -jax.nn.log_sigmoid(beta * (avg_c - avg_r) - simpo_gamma)
+        return PreferenceOutput(losses, beta * sg(avg_c), beta * sg(avg_r))
+    ratio_c = chosen - f32(ref_chosen_logps)
+    ratio_r = rejected - f32(ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -jax.nn.log_sigmoid(beta * (ratio_c - ratio_r))
+    else:
+        delta = (ratio_c / jnp.maximum(f32(chosen_tokens), 1.0)) - (ratio_r / jnp.maximum(f32(rejected_tokens), 1.0))
+        losses = (delta - 1 / (2 * beta)) ** 2
+    return PreferenceOutput(losses, beta * sg(ratio_c), beta * sg(ratio_r))
+
+
+def preference_metrics(out: PreferenceOutput, weight: Array | None = None) -> dict[str, Array]:
+    """TRL's logged names, summed over the pairs (divide by the weight's sum for the mean): ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margins`` and ``rewards/accuracies`` (chosen reward > rejected reward)."""
+    w = jnp.ones_like(out.losses) if weight is None else weight.astype(jnp.float32)
+    c, r = out.chosen_rewards, out.rejected_rewards
+    return {"rewards/chosen": jnp.sum(c * w), "rewards/rejected": jnp.sum(r * w),
+            "rewards/margins": jnp.sum((c - r) * w), "rewards/accuracies": jnp.sum((c > r).astype(jnp.float32) * w)}
+
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "PREFERENCE_LOSSES", "PreferenceOutput", "chunked_cross_entropy", "cross_entropy",
+           "default_chunk_size", "gather_positions", "loss_positions", "preference_loss", "preference_metrics",
+           "sequence_logps"]

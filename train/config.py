@@ -71,6 +71,9 @@ class ModelConfig:
     attention: Literal["auto", "xla", "blockwise", "cudnn", "splash"] = key(
         "auto", "decoders' attention (lora_jax.models.attention): auto (cuDNN on GPU, splash on TPU, else blockwise; "
         "xla when decoding), xla (dense T x T scores), blockwise (never forms T x T), cudnn, splash")
+    adapter: str | None = key(None, "a trained LoRA adapter (a run folder, or its adapters/ folder) merged into the "
+                              "frozen base before training: new adapters start from that model (e.g. DPO after "
+                              "SFT, whose reference is then the SFT model)", min_length=1)
 
 
 @section
@@ -99,8 +102,9 @@ class LoraConfig:
 class DataConfig:
     source: str = key("builtin:restaurants", "builtin:NAME (restaurants, sentiment), a hub data set name, or "
                       "local csv/tsv/json/jsonl/parquet files (comma-separated)", min_length=1)
-    task: Literal["causal-lm", "classification", "audio-classification"] = key(
-        "causal-lm", "causal-lm: loss on the completion only; classification: a sequence classifier; "
+    task: Literal["causal-lm", "chat", "classification", "audio-classification"] = key(
+        "causal-lm", "causal-lm: loss on the completion only; chat: conversations (messages_column) rendered by the "
+        "chat template, loss on the assistant turns only; classification: a sequence classifier; "
         "audio-classification: rows name a WAV file (audio_column) and a class id, max_length counts log-mel frames")
     train_split: str = key("train", "hub data set: the training split", min_length=1)
     eval_source: str | None = key(None, "local evaluation file(s); null: see eval_split", min_length=1)
@@ -109,6 +113,14 @@ class DataConfig:
     eval_fraction: Float = key(0.1, "share of the training rows held out for evaluation", gt=0, lt=1)
     prompt_column: str = key("prompt", "causal-lm: the column that fills {prompt} in prompt_template", min_length=1)
     completion_column: str = key("completion", "causal-lm: the column the model learns to write", min_length=1)
+    messages_column: str = key("messages", "chat: the column of {role, content} message lists (JSON text in a CSV "
+                               "cell); dpo: may hold the prompt's messages", min_length=1)
+    chat_template: str | None = key(None, "chat: a Jinja chat template (its text or a .jinja file) replacing the "
+                                    "tokenizer's (null: the tokenizer's own; a GGUF file's tokenizer.chat_template)",
+                                    min_length=1)
+    chosen_column: str = key("chosen", "train.objective=dpo: the preferred answer (text, or assistant messages)",
+                             min_length=1)
+    rejected_column: str = key("rejected", "train.objective=dpo: the dispreferred answer", min_length=1)
     text_column: str = key("sentence", "classification: the text column", min_length=1)
     label_column: str = key("label", "classification: the column of integer class ids 0..num_labels-1",
                             min_length=1)
@@ -193,8 +205,24 @@ class TrainConfig:
                                     pattern=r"(?i)^\s*\d+(\.\d+)?\s*([KMGT]?i?B?)\s*$")
     time_budget_s: Float | None = key(None, "stop (with a checkpoint) when training has taken this many seconds",
                                       gt=0)
+    objective: Literal["sft", "dpo"] = key("sft", "sft: the task's loss; dpo: preference tuning on prompt + "
+                                           "chosen + rejected rows (lora / qlora: the reference is the frozen base "
+                                           "with the adapters off; see the dpo section)")
     prefetch: bool = key(True, "overlap host work with the step: place the next batch and read the previous step's "
                          "loss while a step runs (the non-finite stop then comes one step later; same results)")
+
+
+@section
+class DpoConfig:
+    """Preference tuning (``train.objective: dpo``), as TRL's DPOTrainer (sigmoid, IPO) and CPOTrainer (SimPO)."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = key("sigmoid", "sigmoid: DPO (Rafailov et al. 2023); ipo: IPO (Azar "
+                                                   "et al. 2023); simpo: SimPO, reference-free (Meng et al. 2024)")
+    beta: Float = key(0.1, "inverse temperature of the implicit reward (IPO: the regulariser tau)", gt=0)
+    simpo_gamma: Float = key(0.5, "simpo: the target reward margin", ge=0)
+    reference: Literal["step", "cached"] = key("step", "sigmoid / ipo: the reference log-probabilities computed in "
+                                               "every step (a second forward, adapters off) or cached: once for "
+                                               "every training pair before training")
 
 
 @section
@@ -251,6 +279,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    dpo: DpoConfig = DpoConfig()
     mesh: MeshConfig = MeshConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -584,18 +613,30 @@ def _causal(cfg: Config) -> bool:
 
 # data.batching=auto by task: padding-free packed rows for causal LM, length buckets for text classification, fixed
 # batches for audio (its log-mel frames are not cut)
-AUTO_BATCHING = {"causal-lm": "packed", "classification": "bucketed", "audio-classification": "fixed"}
+AUTO_BATCHING = {"causal-lm": "packed", "chat": "packed", "classification": "bucketed",
+                 "audio-classification": "fixed"}
 
 
 def batching(cfg: Config) -> str:
-    """``data.batching`` with ``auto`` resolved for ``data.task``: ``fixed``, ``bucketed`` or ``packed``."""
-    return AUTO_BATCHING[cfg.data.task] if cfg.data.batching == "auto" else cfg.data.batching
+    """``data.batching`` with ``auto`` resolved for ``data.task``: ``fixed``, ``bucketed`` or ``packed``
+    (preference pairs: ``fixed``)."""
+    if cfg.data.batching == "auto":
+        return "fixed" if _dpo(cfg) else AUTO_BATCHING[cfg.data.task]
+    return cfg.data.batching
+
+
+def _dpo(cfg: Config) -> bool:
+    return cfg.train.objective == "dpo"
+
+
+def _generates(cfg: Config) -> bool:
+    return cfg.data.task in ("causal-lm", "chat")
 
 
 # (keys, applies(cfg), what must hold): a key whose value differs from its default while its condition does not
 # hold would be silently ignored; it is refused instead.
 APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
-    (("model.num_labels",), lambda c: not _causal(c), "data.task=classification"),
+    (("model.num_labels",), lambda c: not _generates(c), "data.task=classification"),
     (("lora.r", "lora.alpha", "lora.targets", "lora.exclude", "lora.dropout", "lora.use_rslora", "lora.use_dora",
       "lora.init", "lora.rank_pattern", "lora.alpha_pattern", "optim.lora_plus_ratio", "output.export_peft",
       "output.export_gguf_adapter"),
@@ -607,19 +648,30 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
     (("quant.type", "quant.block_size", "quant.double_quant", "quant.targets"),
      lambda c: c.train.method == "qlora", "train.method=qlora"),
     (("quant.block_size", "quant.double_quant"), lambda c: c.quant.type == "nf4", "quant.type=nf4"),
-    (("data.prompt_column", "data.completion_column", "data.prompt_template", "eval.generate_samples",
-      "eval.generate_eval", "train.loss_chunk", "train.logits"), _causal, "data.task=causal-lm"),
+    (("data.prompt_template",), _causal, "data.task=causal-lm"),
+    (("data.completion_column",), lambda c: _causal(c) and not _dpo(c), "data.task=causal-lm (train.objective=sft)"),
+    (("data.prompt_column",), lambda c: _causal(c) or c.data.task == "chat" and _dpo(c),
+     "data.task=causal-lm, or chat with train.objective=dpo"),
+    (("eval.generate_samples", "eval.generate_eval", "train.loss_chunk"), _generates,
+     "data.task=causal-lm or chat"),
+    (("train.logits",), _causal, "data.task=causal-lm"),
     (("data.loss_capacity",), lambda c: _causal(c) and batching(c) == "packed" and c.train.logits == "loss",
      "data.task=causal-lm, data.batching=packed (its default) and train.logits=loss (its default)"),
     (("eval.max_new_tokens", "eval.num_beams"),
-     lambda c: _causal(c) and (c.eval.generate_samples > 0 or c.eval.generate_eval > 0),
-     "data.task=causal-lm with eval.generate_samples or eval.generate_eval > 0"),
+     lambda c: _generates(c) and (c.eval.generate_samples > 0 or c.eval.generate_eval > 0),
+     "data.task=causal-lm or chat with eval.generate_samples or eval.generate_eval > 0"),
+    (("data.chat_template",), lambda c: c.data.task == "chat", "data.task=chat"),
+    (("data.messages_column",), lambda c: c.data.task == "chat", "data.task=chat"),
+    (("data.chosen_column", "data.rejected_column", "dpo.loss", "dpo.beta"), _dpo, "train.objective=dpo"),
+    (("dpo.simpo_gamma",), lambda c: _dpo(c) and c.dpo.loss == "simpo", "train.objective=dpo with dpo.loss=simpo"),
+    (("dpo.reference",), lambda c: _dpo(c) and c.dpo.loss != "simpo",
+     "train.objective=dpo with dpo.loss sigmoid or ipo (simpo has no reference)"),
     (("data.text_column",), lambda c: c.data.task == "classification", "data.task=classification"),
     (("data.buckets",), lambda c: batching(c) == "bucketed",
      "data.batching=bucketed (the default for data.task=classification)"),
     (("data.pack_length",), lambda c: batching(c) == "packed",
      "data.batching=packed (the default for data.task=causal-lm)"),
-    (("data.label_column",), lambda c: not _causal(c), "data.task=classification or audio-classification"),
+    (("data.label_column",), lambda c: not _generates(c), "data.task=classification or audio-classification"),
     (("data.audio_column",), lambda c: c.data.task == "audio-classification", "data.task=audio-classification"),
     (("data.train_split", "data.eval_split"), _hub, "a hub data set in data.source (local files and built-in "
                                                     "data have no splits)"),
@@ -675,7 +727,23 @@ def validate(cfg: Config) -> None:
     if cfg.train.loss_chunk != "auto" and cfg.train.loss_chunk < 0:
         raise ConfigError("train.loss_chunk must be 'auto', 0 (full logits) or a number of tokens > 0, got "
                           f"{cfg.train.loss_chunk}")
-    if cfg.data.batching == "packed" and not _causal(cfg):
+    if _dpo(cfg):
+        if cfg.train.method not in ("lora", "qlora"):
+            raise ConfigError(f"train.objective=dpo needs train.method lora or qlora (got {cfg.train.method}): the "
+                              "reference policy is the frozen base with the adapters off")
+        if not _generates(cfg):
+            raise ConfigError(f"train.objective=dpo needs data.task causal-lm or chat, got {cfg.data.task}")
+        if lc.train is not None:
+            raise ConfigError("train.objective=dpo with lora.train: leaves trained in full would change the "
+                              "reference policy (the base with the adapters off); train adapters only")
+        if batching(cfg) != "fixed":
+            raise ConfigError(f"train.objective=dpo: data.batching={cfg.data.batching} is not supported for "
+                              "preference pairs; use fixed (or auto)")
+    if cfg.model.adapter is not None and (cfg.output.export_peft or cfg.output.export_gguf_adapter):
+        raise ConfigError("model.adapter with output.export_peft / export_gguf_adapter: the new adapters are an "
+                          "update of the base with model.adapter merged in, which a PEFT or llama.cpp adapter of "
+                          "the original base cannot state; export output.export_merged / export_gguf instead")
+    if cfg.data.batching == "packed" and not _generates(cfg):
         raise ConfigError(f"data.batching=packed needs data.task=causal-lm (a {cfg.data.task} model reads one "
                           "example per row); use bucketed or fixed")
     if cfg.data.batching == "bucketed" and cfg.data.task == "audio-classification":

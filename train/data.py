@@ -103,8 +103,14 @@ def _load_hub(name: str, split: str) -> list[dict]:
                         "offline, give local files instead (csv/tsv/json/jsonl/parquet)") from None
 
 
-def _required_columns(cfg: DataConfig) -> list[str]:
-    if cfg.task == "causal-lm":
+def _required_columns(cfg: DataConfig, pairs: bool = False) -> list[str]:
+    if pairs:  # preference pairs (train.objective=dpo): a prompt (chat: messages or the prompt column) + answers
+        prompt = ([] if cfg.task == "chat" else
+                  [cfg.prompt_column if c == "prompt" else c for c in _template_fields(cfg.prompt_template)])
+        cols = prompt + [cfg.chosen_column, cfg.rejected_column]
+    elif cfg.task == "chat":
+        cols = [cfg.messages_column]
+    elif cfg.task == "causal-lm":
         cols = [cfg.completion_column] + [cfg.prompt_column if c == "prompt" else c
                                           for c in _template_fields(cfg.prompt_template)]
     elif cfg.task == "audio-classification":
@@ -114,9 +120,9 @@ def _required_columns(cfg: DataConfig) -> list[str]:
     return list(dict.fromkeys(cols + ([cfg.group_column] if cfg.group_column else [])))
 
 
-def _check_columns(rows: list[dict], cfg: DataConfig, source: str) -> list[dict]:
+def _check_columns(rows: list[dict], cfg: DataConfig, source: str, pairs: bool = False) -> list[dict]:
     columns = [c for c in rows[0] if c != SOURCE_KEY] if rows else []
-    missing = [c for c in _required_columns(cfg) if c not in columns]
+    missing = [c for c in _required_columns(cfg, pairs) if c not in columns]
     if missing:
         raise DataError(f"{source} has columns {columns}; expected {missing} too (set data.*_column / "
                         "data.prompt_template to the names it uses)")
@@ -127,6 +133,142 @@ def format_prompt(row: dict, cfg: DataConfig) -> str:
     """The prompt of ``row``: ``data.prompt_template`` with its fields from the row's columns (``{prompt}`` from
     ``data.prompt_column``)."""
     return cfg.prompt_template.format(**{**row, "prompt": row.get(cfg.prompt_column, row.get("prompt"))})
+
+
+# ------------------------------------------------------------------------------------------------ chat
+#
+# A conversation is a list of {"role", "content"} messages (TRL's, Axolotl's and tunix's format), rendered by the
+# model's own chat template. The loss covers the assistant turns only: the characters each assistant message adds
+# to the rendering (its content and the template's end-of-turn text, not the header that announces the turn, which
+# the prompt at inference already holds) are found by rendering the conversation up to that message twice (with
+# the generation prompt, and with the message), and the tokens that overlap them are the targets.
+
+ROLES = ("system", "user", "assistant", "tool")
+# the system message of the built-in restaurants task read as conversations (data.task=chat)
+CHAT_SYSTEM = "Describe the restaurant in one sentence from its attributes."
+
+
+def parse_messages(value: Any, where: str, what: str) -> list[dict]:
+    """``value`` as a list of ``{"role", "content"}`` dicts (a JSON string of one is parsed, as a CSV cell
+    holds it); anything else is a :class:`DataError` naming ``where``."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: {what} must be a list of {{'role', 'content'}} messages (or its JSON text), "
+                            f"got the text {_short(value)}") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{where}: {what} must be a non-empty list of {{'role', 'content'}} messages, got "
+                        f"{_short(value)}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {what}[{i}] must be {{'role': str, 'content': str}}, got {_short(m)}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: {what}[{i}] has role {m['role']!r}; expected one of {list(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def chat_messages(row: dict, cfg: DataConfig) -> list[dict]:
+    """The conversation of a chat row (``data.messages_column``); it must end with an assistant message."""
+    where = source_of(row)
+    msgs = parse_messages(row[cfg.messages_column], where, f"column {cfg.messages_column!r}")
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation ends with a {msgs[-1]['role']!r} message; the last message must "
+                        "be the assistant's (what the model learns to write)")
+    return msgs
+
+
+def chat_prompt_messages(row: dict, cfg: DataConfig) -> list[dict]:
+    """The prompt of a chat row as messages: a conversation without its last (assistant) message, or, for a
+    preference row, its ``messages_column`` / ``prompt_column`` (a list of messages, or a text that becomes one
+    user message)."""
+    if cfg.chosen_column in row and cfg.rejected_column in row:  # a preference row
+        for col in (cfg.messages_column, cfg.prompt_column):
+            if col in row:
+                value = row[col]
+                if isinstance(value, str) and not value.lstrip().startswith("["):
+                    return [{"role": "user", "content": value}]
+                return parse_messages(value, source_of(row), f"column {col!r}")
+        raise DataError(f"{source_of(row)}: a preference row needs its prompt in column {cfg.messages_column!r} "
+                        f"or {cfg.prompt_column!r} (data.messages_column / data.prompt_column)")
+    return chat_messages(row, cfg)[:-1]
+
+
+def answer_messages(value: Any, where: str, what: str) -> list[dict]:
+    """A preference row's answer as messages: a text becomes one assistant message (TRL's conversational
+    preference rows hold ``[{"role": "assistant", ...}]``)."""
+    if isinstance(value, str) and not value.lstrip().startswith("["):
+        return [{"role": "assistant", "content": value}]
+    msgs = parse_messages(value, where, what)
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: {what} must end with an assistant message, got {msgs[-1]['role']!r}")
+    return msgs
+
+
+def chat_template(tokenizer, cfg: DataConfig) -> str:
+    """The Jinja chat template: ``data.chat_template`` (its text, or a file holding it) or the tokenizer's own (a
+    Hugging Face tokenizer's ``chat_template``; for a GGUF model, the file's ``tokenizer.chat_template``)."""
+    given = cfg.chat_template
+    if given:
+        path = Path(given)
+        if "{" not in given and path.suffix in (".jinja", ".j2", ".txt") or path.is_file():
+            if not path.is_file():
+                raise DataError(f"data.chat_template={given!r}: no such file")
+            return path.read_text()
+        return given
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):
+        own = own.get("default")
+    if not own:
+        raise DataError("data.task=chat: this model's tokenizer has no chat template (a base model, or a GGUF file "
+                        "without tokenizer.chat_template); give one with data.chat_template (the template text, or "
+                        "a .jinja file)")
+    return own
+
+
+def render_chat(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False) -> str:
+    """``messages`` rendered by ``template`` (``transformers``' ``apply_chat_template``), as text."""
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - the template's own raise_exception, or a Jinja error
+        raise DataError(f"the chat template cannot render this conversation ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]})") from None
+
+
+def assistant_spans(tokenizer, messages: list[dict], template: str, first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """``(text, spans)``: the rendered conversation and the character spans ``[start, end)`` of the assistant
+    messages from index ``first`` on: what rendering message ``i`` adds to the rendering of ``messages[:i]`` with
+    the generation prompt (the content and the template's end of turn; not the turn's header).
+
+    Raises :class:`DataError` when the template does not render a conversation as the concatenation of its
+    prefixes (a template that rewrites earlier turns, e.g. drops past reasoning, cannot be masked this way)."""
+    text = render_chat(tokenizer, messages, template)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i < first:
+            continue
+        before = render_chat(tokenizer, messages[:i], template, add_generation_prompt=True) if i else ""
+        through = render_chat(tokenizer, messages[: i + 1], template)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError(f"the chat template renders assistant message {i} differently inside the whole "
+                            "conversation than after its prefix; it cannot be masked turn by turn (give a template "
+                            "that renders each turn once, with data.chat_template)")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def chat_token_mask(tokenizer, messages: list[dict], template: str, first: int = 0) -> tuple[list[int], list[int]]:
+    """``(ids, mask)``: the token ids of the rendered conversation and 1 on each token that overlaps an
+    assistant span of :func:`assistant_spans` (as ``transformers``' ``return_assistant_tokens_mask`` marks the
+    tokens of a template's ``{% generation %}`` blocks)."""
+    text, spans = assistant_spans(tokenizer, messages, template, first)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
+    return ids, mask
 
 
 def _template_fields(template: str) -> list[str]:
@@ -175,13 +317,15 @@ def check_cells(rows: list[dict], cfg: DataConfig) -> list[dict]:
     return rows
 
 
-def load_rows(cfg: DataConfig, split: str) -> list[dict]:
+def load_rows(cfg: DataConfig, split: str, pairs: bool = False) -> list[dict]:
     """Rows of ``split`` from ``cfg.source``: ``builtin:NAME``, local file(s) (comma-separated), or a hub name;
-    every cell read as text checked to be text (:func:`check_cells`)."""
-    return check_cells(_load_rows(cfg, split), cfg)
+    every cell read as text checked to be text (:func:`check_cells`). ``pairs``: preference rows (prompt +
+    ``chosen_column`` + ``rejected_column``, whose columns :func:`tokenize_pairs` checks)."""
+    rows = _load_rows(cfg, split, pairs)
+    return rows if pairs else check_cells(rows, cfg)
 
 
-def _load_rows(cfg: DataConfig, split: str) -> list[dict]:
+def _load_rows(cfg: DataConfig, split: str, pairs: bool = False) -> list[dict]:
     source = cfg.source
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
@@ -190,15 +334,20 @@ def _load_rows(cfg: DataConfig, split: str) -> list[dict]:
         rows = builtin.BUILTIN[name](seed=cfg.seed)
         if name == "restaurants":  # its columns are prompt / completion / group
             rows = [{"prompt": r["prompt"], "completion": r["completion"], "group": r["group"]} for r in rows]
-        return _check_columns(_tag([dict(r) for r in rows], source), cfg, f"data.source={source!r}")
+            if cfg.task == "chat" and not pairs:  # as conversations: a system message, the MR, the description
+                rows = [{"messages": [{"role": "system", "content": CHAT_SYSTEM},
+                                      {"role": "user", "content": r["prompt"]},
+                                      {"role": "assistant", "content": r["completion"]}], "group": r["group"]}
+                        for r in rows]
+        return _check_columns(_tag([dict(r) for r in rows], source), cfg, f"data.source={source!r}", pairs)
     paths = [p.strip() for p in source.split(",") if p.strip()]
     if any(Path(p).suffix.lower() in FILE_TYPES for p in paths) or any(os.sep in p and Path(p).exists() for p in paths):
-        rows = _load_files(paths, _required_columns(cfg))
+        rows = _load_files(paths, _required_columns(cfg, pairs))
         if cfg.task == "audio-classification":  # audio paths relative to the data file's folder
             base = Path(paths[0]).parent
             rows = [{**r, cfg.audio_column: str(base / r[cfg.audio_column])} for r in rows]
         return rows
-    return _check_columns(_tag(_load_hub(source, split), f"{source}[{split}]"), cfg, f"data set {source!r}")
+    return _check_columns(_tag(_load_hub(source, split), f"{source}[{split}]"), cfg, f"data set {source!r}", pairs)
 
 
 def split_key(cfg: DataConfig):
@@ -210,6 +359,8 @@ def split_key(cfg: DataConfig):
     representation). Classification splits by row."""
     if cfg.group_column:
         return lambda row: str(row[cfg.group_column])
+    if cfg.task == "chat":  # the conversation up to its last answer (preference rows: their prompt)
+        return lambda row: json.dumps(chat_prompt_messages(row, cfg), sort_keys=True)
     if cfg.task == "causal-lm":
         return lambda row: format_prompt(row, cfg)
     return None
@@ -241,12 +392,13 @@ def cap_eval_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
     """The rows of the first ``max_eval_examples`` distinct prompts (causal-lm: every reference of a kept prompt
     stays, so BLEU / ROUGE-L score it against all of them) or the first ``max_eval_examples`` rows
     (classification)."""
-    if cfg.task != "causal-lm":
+    if cfg.task not in ("causal-lm", "chat"):
         return rows[: cfg.max_eval_examples]
     kept: set[str] = set()
     out = []
+    key = split_key(dataclasses.replace(cfg, group_column=None))
     for row in rows:
-        prompt = format_prompt(row, cfg)
+        prompt = key(row)
         if prompt not in kept and len(kept) >= cfg.max_eval_examples:
             continue
         kept.add(prompt)
@@ -275,6 +427,7 @@ class Tokenized:
     prompts: list[str] | None = None
     references: list[list[str]] | None = None
     input_features: np.ndarray | None = None
+    ref_logps: np.ndarray | None = None  # preference pairs, dpo.reference=cached: (n, 2) float32
 
     def __len__(self) -> int:
         return len(self.attention_mask)
@@ -289,6 +442,8 @@ class Tokenized:
             batch["loss_mask"] = self.loss_mask[idx]
         if self.labels is not None:
             batch["labels"] = self.labels[idx]
+        if self.ref_logps is not None:
+            batch["ref_logps"] = self.ref_logps[idx]
         return batch
 
 
@@ -338,11 +493,15 @@ def featurize(rows: list[dict], feature_extractor, cfg: DataConfig, num_labels: 
 
 
 def tokenize(rows: list[dict], tokenizer, cfg: DataConfig, max_positions: int | None = None,
-             num_labels: int | None = None) -> Tokenized:
+             num_labels: int | None = None, pairs: bool = False) -> Tokenized:
     if cfg.task == "audio-classification":
         return featurize(rows, tokenizer, cfg, num_labels)
     if max_positions is not None and cfg.max_length > max_positions:
         raise DataError(f"data.max_length={cfg.max_length} exceeds the model's {max_positions} positions")
+    if pairs:
+        return tokenize_pairs(rows, tokenizer, cfg)
+    if cfg.task == "chat":
+        return tokenize_chat(rows, tokenizer, cfg)
     n, length = len(rows), cfg.max_length
     ids = np.full((n, length), _pad_id(tokenizer), np.int32)
     mask = np.zeros((n, length), np.int32)
@@ -380,6 +539,96 @@ def tokenize(rows: list[dict], tokenizer, cfg: DataConfig, max_positions: int | 
     for prompt, row in zip(prompts, rows):
         refs.setdefault(prompt, []).append(str(row[cfg.completion_column]))
     return Tokenized(ids, mask, loss_mask=loss_mask, prompts=prompts, references=[refs[p] for p in prompts])
+
+
+def _place(ids: list[int], target: list[int], length: int, row: int, out: dict, where: str) -> bool:
+    """Write one example (``target[t] = 1``: token ``t`` is learnt) into row ``row`` of ``out``'s
+    ``(n, [2,] length)`` arrays, cut to ``length``; the loss mask is shifted (position ``t`` predicts ``t + 1``).
+    Returns whether it was cut; an example with no learnt token left is a :class:`DataError`."""
+    if not any(target[1:length]):
+        raise DataError(f"{where}: no answer token is left within data.max_length={length} (the prompt takes "
+                        f"{target.index(1) if 1 in target else len(ids)} tokens); raise data.max_length")
+    n = min(len(ids), length)
+    out["input_ids"][row][:n] = ids[:n]
+    out["attention_mask"][row][:n] = 1
+    out["loss_mask"][row][: n - 1] = target[1:n]
+    return len(ids) > length
+
+
+def tokenize_chat(rows: list[dict], tokenizer, cfg: DataConfig) -> Tokenized:
+    """Chat rows (``data.messages_column``) rendered by the chat template (:func:`chat_template`), the loss on
+    every assistant turn (:func:`chat_token_mask`). ``prompts``: the conversation before its last answer with the
+    generation prompt (what generation continues), ``references``: every last answer of that prompt."""
+    template = chat_template(tokenizer, cfg)
+    n, length = len(rows), cfg.max_length
+    out = {"input_ids": np.full((n, length), _pad_id(tokenizer), np.int32),
+           "attention_mask": np.zeros((n, length), np.int32), "loss_mask": np.zeros((n, length), np.int32)}
+    prompts, answers, cut = [], [], 0
+    for i, row in enumerate(rows):
+        msgs = chat_messages(row, cfg)
+        where = source_of(row, f"row {i}")
+        try:
+            ids, target = chat_token_mask(tokenizer, msgs, template)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        cut += _place(ids, target, length, i, out, where)
+        prompts.append(render_chat(tokenizer, msgs[:-1], template, add_generation_prompt=True))
+        answers.append(msgs[-1]["content"])
+    if cut > 0.5 * n:
+        raise DataError(f"{cut} of {n} conversations are cut at data.max_length={length}; raise it")
+    refs: dict[str, list[str]] = {}
+    for prompt, answer in zip(prompts, answers):
+        refs.setdefault(prompt, []).append(answer)
+    return Tokenized(out["input_ids"], out["attention_mask"], loss_mask=out["loss_mask"], prompts=prompts,
+                     references=[refs[p] for p in prompts])
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, cfg: DataConfig) -> Tokenized:
+    """Preference rows (``train.objective=dpo``): a prompt and two answers, ``chosen_column`` and
+    ``rejected_column``. Arrays ``(n, 2, max_length)``, ``[:, 0]`` the prompt + chosen answer, ``[:, 1]`` the
+    prompt + rejected one, the loss mask on the answer's tokens. ``data.task=chat``: the prompt's messages
+    (:func:`chat_prompt_messages`) and the answer as the next assistant turn, rendered by the chat template, as
+    TRL's DPOTrainer renders them; ``causal-lm``: ``prompt_template`` filled in, then the answer and EOS.
+    ``prompts`` / ``references``: the prompt as generation continues it, and its chosen answers."""
+    chat = cfg.task == "chat"
+    template = chat_template(tokenizer, cfg) if chat else None
+    eos = getattr(tokenizer, "eos_token_id", None)
+    n, length = len(rows), cfg.max_length
+    out = {"input_ids": np.full((n, 2, length), _pad_id(tokenizer), np.int32),
+           "attention_mask": np.zeros((n, 2, length), np.int32), "loss_mask": np.zeros((n, 2, length), np.int32)}
+    prompts, chosen, cut = [], [], 0
+    for i, row in enumerate(rows):
+        where = source_of(row, f"row {i}")
+        if chat:
+            prompt_msgs = chat_prompt_messages(row, cfg)
+            prompt = render_chat(tokenizer, prompt_msgs, template, add_generation_prompt=True)
+        else:
+            prompt = format_prompt(row, cfg)
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for k, col in enumerate((cfg.chosen_column, cfg.rejected_column)):
+            if chat:
+                answer = answer_messages(row[col], where, f"column {col!r}")
+                try:
+                    ids, target = chat_token_mask(tokenizer, prompt_msgs + answer, template, first=len(prompt_msgs))
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
+                text = answer[-1]["content"]
+            else:
+                text = str(row[col])
+                c_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+                ids, target = p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids)
+            view = {name: arr[:, k] for name, arr in out.items()}
+            cut += _place(ids, target, length, i, view, where)
+            if k == 0:
+                chosen.append(text)
+        prompts.append(prompt)
+    if cut > 0.5 * 2 * n:
+        raise DataError(f"{cut} of {2 * n} answers are cut at data.max_length={length}; raise it")
+    refs: dict[str, list[str]] = {}
+    for prompt, answer in zip(prompts, chosen):
+        refs.setdefault(prompt, []).append(answer)
+    return Tokenized(out["input_ids"], out["attention_mask"], loss_mask=out["loss_mask"], prompts=prompts,
+                     references=[refs[p] for p in prompts])
 
 
 def class_id(value: Any, num_labels: int | None, where: str) -> int:
@@ -441,15 +690,19 @@ def cache_key(cfg: DataConfig, split: str, tokenizer_name: str, tokenizer=None) 
     # split_rule: bump when split_rows / cap_eval_rows change what a config selects (2: split by prompt)
     payload = {"cfg": dataclasses.asdict(cfg), "split": split, "tokenizer": tokenizer_name, "code": _CODE,
                "tokenizer_digest": tokenizer_digest(tokenizer) if tokenizer is not None else None, "split_rule": 2}
+    if cfg.task == "chat":  # the tokenizer's own chat template renders the rows
+        payload["chat_template"] = str(getattr(tokenizer, "chat_template", None))
     paths = [p.strip() for p in f"{cfg.source},{cfg.eval_source or ''}".split(",") if p.strip()]
     payload["files"] = [(p, file_digest(p)) for p in paths if os.path.isfile(p)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def load_tokenized(cfg: DataConfig, tokenizer, tokenizer_name: str, max_positions: int | None = None,
-                   num_labels: int | None = None, cache_dir: str | Path | None = None) -> tuple[Tokenized, Tokenized]:
-    """Train and eval splits, tokenised; cached as .npz under ``cache_dir`` keyed by config, files and tokenizer."""
-    key = cache_key(cfg, "both", tokenizer_name, tokenizer)
+                   num_labels: int | None = None, cache_dir: str | Path | None = None,
+                   pairs: bool = False) -> tuple[Tokenized, Tokenized]:
+    """Train and eval splits, tokenised; cached as .npz under ``cache_dir`` keyed by config, files and tokenizer.
+    ``pairs``: preference rows (:func:`tokenize_pairs`)."""
+    key = cache_key(cfg, "pairs" if pairs else "both", tokenizer_name, tokenizer)
     cache = Path(cache_dir) / f"{key}.npz" if cache_dir else None
     meta = Path(cache_dir) / f"{key}.json" if cache_dir else None
     if cache is not None and cache.is_file() and meta.is_file():
@@ -464,19 +717,19 @@ def load_tokenized(cfg: DataConfig, tokenizer, tokenizer_name: str, max_position
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
             pass
 
-    rows = load_rows(cfg, cfg.train_split)
+    rows = load_rows(cfg, cfg.train_split, pairs)
     if cfg.eval_source:
-        train_rows, eval_rows = rows, load_rows(dataclasses.replace(cfg, source=cfg.eval_source), "validation")
+        train_rows, eval_rows = rows, load_rows(dataclasses.replace(cfg, source=cfg.eval_source), "validation", pairs)
     elif cfg.eval_split:
-        train_rows, eval_rows = rows, load_rows(cfg, cfg.eval_split)
+        train_rows, eval_rows = rows, load_rows(cfg, cfg.eval_split, pairs)
     else:
         train_rows, eval_rows = split_rows(rows, cfg)
     if cfg.max_train_examples:
         train_rows = train_rows[: cfg.max_train_examples]
     if cfg.max_eval_examples:
         eval_rows = cap_eval_rows(eval_rows, cfg)
-    train = tokenize(train_rows, tokenizer, cfg, max_positions, num_labels)
-    evals = tokenize(eval_rows, tokenizer, cfg, max_positions, num_labels)
+    train = tokenize(train_rows, tokenizer, cfg, max_positions, num_labels, pairs)
+    evals = tokenize(eval_rows, tokenizer, cfg, max_positions, num_labels, pairs)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         arrays = {}
@@ -691,7 +944,7 @@ class FixedBatches(Batches):
 
     def __init__(self, data: Tokenized, batch_size: int, seed: int, loss_positions: bool = False):
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.widths = (data.attention_mask.shape[1],)  # audio: frames (no input_ids)
+        self.widths = (data.attention_mask.shape[-1],)  # audio: frames (no input_ids); pairs: (n, 2, T)
         self.capacity = example_capacity(data) if loss_positions and data.loss_mask is not None else None
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@
     python -m train.experiment rank_study     # rank r = 1..64, and which matrices at a fixed parameter budget
     python -m train.experiment e2e_smollm2    # E2E data-to-text with SmolLM2-135M + LoRA: BLEU / ROUGE-L
     python -m train.experiment whisper_methods  # the seed's own: a pretrained speech encoder, spoken-language ID
+    python -m train.experiment e2e_dpo        # E2E: SFT, then DPO on MR-contradicting pairs: slot error rate, BLEU
 
 Options: ``--out DIR`` (default ``experiments/``), ``--scale F`` (multiplies budgets and steps, e.g. 0.1 for a
 smoke run) and ``--reuse`` (take the result of a finished run whose saved config is the same instead of training
@@ -19,6 +20,8 @@ import json
 import math
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from train.cli import ArgumentParser
 from train.config import dump, load_config
@@ -237,6 +240,163 @@ def e2e_smollm2(out: Path, scale: float, config: str | None = "configs/e2e_smoll
     return {"runs": runs, "training": training, "heldout": scores, "table": table}
 
 
+# SFT then DPO on E2E, sized for about 25 minutes of a 2-core machine: E2E_DPO_SFT_STEPS packed SFT steps, then
+# E2E_DPO_STEPS preference steps (configs/e2e_smollm2_dpo.yaml) from the SFT adapter.
+E2E_DPO_SFT_STEPS = 120
+E2E_DPO = "configs/e2e_smollm2_dpo.yaml"
+
+
+def build_e2e_pairs(train_rows: list[dict], eval_rows: list[dict], folder: Path, seed: int = 0,
+                    mr_column: str = "mr", ref_column: str = "ref") -> dict:
+    """Preference pairs for E2E: each training reference is a chosen answer, its rejected twin contradicts the
+    MR (:func:`train.e2e_slots.rejected_answer`); the held-out MRs get one pair each (their first reference), for
+    the DPO run's evaluation. Writes ``folder/train.jsonl`` and ``folder/eval.jsonl``; returns the counts of
+    each kind of corruption."""
+    import collections
+    import random
+
+    from train import e2e_slots
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds: dict[str, collections.Counter] = {}
+    for name, rows in (("train", train_rows), ("eval", list({r[mr_column]: r for r in eval_rows[::-1]}.values())[::-1])):
+        counts: collections.Counter = collections.Counter()
+        with open(folder / f"{name}.jsonl", "w") as f:
+            for row in rows:
+                made = e2e_slots.rejected_answer(row[mr_column], row[ref_column], rng)
+                counts[made[1] if made else "none"] += 1
+                if made:
+                    f.write(json.dumps({"mr": row[mr_column], "chosen": row[ref_column], "rejected": made[0],
+                                        "kind": made[1]}) + "\n")
+        kinds[name] = dict(counts)
+    return kinds
+
+
+def e2e_dpo(out: Path, scale: float, sft_config: str | None = "configs/e2e_smollm2_lora.yaml",
+            dpo_config: str | None = E2E_DPO, extra: tuple[str, ...] = ()) -> dict:
+    """SFT, then DPO from the SFT adapter, on E2E with SmolLM2-135M-Instruct: slot error rate
+    (:mod:`train.e2e_slots`) and BLEU / ROUGE-L of greedy decoding on every held-out MR, SFT alone vs SFT + DPO.
+
+    SFT: ``configs/e2e_smollm2_lora.yaml`` for ``E2E_DPO_SFT_STEPS x scale`` steps. Pairs: every training
+    reference with a rejected twin that contradicts its MR (:func:`build_e2e_pairs`). DPO:
+    ``configs/e2e_smollm2_dpo.yaml`` (sigmoid loss, beta 0.1; its steps x ``scale``) with ``model.adapter`` = the
+    SFT run: the SFT update is merged into the frozen base, so the reference policy is the SFT model. The
+    machine's load average is recorded before and after each stage. ``extra``: overrides of both runs (tests)."""
+    import os
+    import time
+
+    from train import data as data_lib
+    from train import e2e_slots, predict
+    from train import metrics as metrics_lib
+
+    def load() -> list[float]:
+        return [round(x, 2) for x in os.getloadavg()]
+
+    t0 = time.perf_counter()
+    loads = {"start": load()}
+    sft_steps = max(int(math.ceil(E2E_DPO_SFT_STEPS * scale)), 2)
+    # (evaluation before and after only, on 8 held-out MRs: the held-out scoring below covers all of them)
+    sft_over = [f"train.steps={sft_steps}", "eval.every=100000", "data.max_eval_examples=8", "checkpoint.every=100000",
+                "eval.generate_eval=0", "eval.generate_samples=1", f"optim.warmup_steps={max(sft_steps // 10, 1)}"]
+    source = _shared_data("e2e", "devset.csv")
+    if sft_config is not None and source is not None and not Path(load_config(ROOT / sft_config).data.source).is_file():
+        sft_over.append(f"data.source={source}")
+    sft = _run("e2e_sft", sft_config, [*sft_over, *extra], out)
+    loads["after_sft"] = load()
+    sft_folder = out / "runs" / "e2e_sft" / "latest"
+    sft_cfg = load_config(sft_folder / "config.yaml")
+
+    train_rows, eval_rows = predict.heldout_split(sft_cfg)
+    pairs_dir = out / "runs" / "e2e_dpo_pairs"  # generated, reproducible: not committed
+    kinds = build_e2e_pairs(train_rows, eval_rows, pairs_dir, mr_column=sft_cfg.data.prompt_column,
+                            ref_column=sft_cfg.data.completion_column)
+    dpo_cfg = load_config(ROOT / dpo_config if dpo_config else None)
+    dpo_steps = max(int(math.ceil(dpo_cfg.train.steps * scale)), 2)
+    dpo_over = [f"train.steps={dpo_steps}", f"eval.every={max(-(-dpo_steps // 2), 1)}", "checkpoint.every=100000",
+                "data.max_eval_examples=16",
+                f"data.source={pairs_dir / 'train.jsonl'}", f"data.eval_source={pairs_dir / 'eval.jsonl'}",
+                f"model.adapter={sft_folder.resolve()}"]
+    dpo = _run("e2e_dpo", dpo_config, [*dpo_over, *extra], out)
+    loads["after_dpo"] = load()
+
+    # Every held-out MR, greedy, against all its references.
+    prompts, refs = predict.reference_groups(eval_rows, sft_cfg.data)
+    mr_of = {data_lib.format_prompt(r, sft_cfg.data): r[sft_cfg.data.prompt_column] for r in eval_rows}
+    mrs = [mr_of[p] for p in prompts]
+    floor = e2e_slots.corpus_ser([mr for mr, rs in zip(mrs, refs) for _ in rs], [x for rs in refs for x in rs])
+    scores = {"human_references": {"slot_errors": floor}}
+    for name, folder in (("sft", sft_folder), ("sft_dpo", out / "runs" / "e2e_dpo" / "latest")):
+        print(f"\n=== {name}: decoding {len(prompts)} held-out MRs", flush=True)
+        p = predict.from_run(str(folder), merged=True)
+        t1 = time.perf_counter()
+        preds = predict.generate(p, prompts, num_beams=1, max_new_tokens=sft_cfg.eval.max_new_tokens,
+                                 batch_size=sft_cfg.eval.batch_size)
+        scores[name] = {**metrics_lib.generation(preds, refs), "slot_errors": e2e_slots.corpus_ser(mrs, preds),
+                        "decode_s": time.perf_counter() - t1, "predictions": preds}
+    loads["end"] = load()
+    _plot_e2e_dpo(scores, dpo, out)
+    table = [{"name": n, "ser": scores[n]["slot_errors"]["ser"], **{k: scores[n]["slot_errors"][k]
+             for k in ("missing", "wrong", "added")}, "bleu": scores[n].get("bleu"), "rougeL": scores[n].get("rougeL")}
+             for n in ("human_references", "sft", "sft_dpo")]
+    print(f"\n{'':<18} {'SER %':>7} {'missing':>8} {'wrong':>6} {'added':>6} {'BLEU':>6} {'ROUGE-L':>8}")
+    for row in table:
+        print(f"{row['name']:<18} {100 * row['ser']:>7.2f} {100 * row['missing']:>8.2f} {100 * row['wrong']:>6.2f} "
+              f"{100 * row['added']:>6.2f} {row['bleu'] or float('nan'):>6.2f} {row['rougeL'] or float('nan'):>8.2f}")
+    from benchmarks.common import cpu_info, git_state
+
+    return {"runs": [sft, dpo], "pairs": kinds, "heldout": {"mrs": mrs, "references": refs, "prompts": prompts},
+            "scores": scores, "table": table, "sft_steps": sft_steps, "dpo_steps": dpo_steps,
+            "provenance": {"git": git_state(["train", "lora_jax", "configs"]), "cpu": cpu_info(),
+                           "load_average": loads, "wall_s": time.perf_counter() - t0,
+                           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                           "command": f"python -m train.experiment e2e_dpo --scale {scale:g}"}}
+
+
+def _plot_e2e_dpo(scores: dict, dpo: dict, out: Path) -> None:
+    """Two figures: the slot errors (missing / wrong / added, stacked) and BLEU of the human references, SFT and
+    SFT + DPO on the held-out MRs; the DPO run's training curve (TRL's rewards/margins and rewards/accuracies)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [("human_references", "human refs"), ("sft", "SFT"), ("sft_dpo", "SFT + DPO")]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
+    bottom = np.zeros(len(names))
+    for kind, colour in (("missing", "#c44e52"), ("wrong", "#dd8452"), ("added", "#8172b3")):
+        vals = np.array([100 * scores[n]["slot_errors"][kind] for n, _ in names])
+        ax[0].bar([label for _, label in names], vals, bottom=bottom, label=kind, color=colour)
+        bottom += vals
+    for i, v in enumerate(bottom):
+        ax[0].text(i, v, f"{v:.1f}%", ha="center", va="bottom")
+    ax[0].set_ylabel("slot error rate (%)")
+    ax[0].set_title("E2E held-out MRs: slot errors")
+    ax[0].legend()
+    bleu = [scores[n].get("bleu", 0.0) for n, _ in names[1:]]
+    ax[1].bar([label for _, label in names[1:]], bleu, color="#4c72b0")
+    for i, v in enumerate(bleu):
+        ax[1].text(i, v, f"{v:.1f}", ha="center", va="bottom")
+    ax[1].set_ylabel("BLEU (greedy)")
+    ax[1].set_title("BLEU")
+    fig.tight_layout()
+    fig.savefig(out / "e2e_dpo_scores.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, style in (("rewards/margins", "-"), ("rewards/accuracies", "--")):
+        pts = [(e["step"], e[key]) for e in dpo["evals"] if key in e]
+        if pts:
+            ax.plot(*zip(*pts), style, marker="o", ms=3, label=f"held-out {key}")
+    ax.set_xlabel("DPO step")
+    ax.set_title("DPO from the SFT adapter: held-out pairs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "e2e_dpo_rewards.png", dpi=120)
+    plt.close(fig)
+
+
 def qlora_vs_lora(out: Path, scale: float) -> dict:
     """SST-2 / MiniLM, the same steps for each: LoRA over a float32 base, LoRA over a bfloat16 base, QLoRA over an
     NF4 base (block 64, double quantisation, bfloat16 compute; every linear kernel quantised). Quality (validation
@@ -270,7 +430,7 @@ def qlora_vs_lora(out: Path, scale: float) -> dict:
 
 
 EXPERIMENTS = {"sst2_methods": sst2_methods, "rank_study": rank_study, "e2e_smollm2": e2e_smollm2,
-               "qlora_vs_lora": qlora_vs_lora, "whisper_methods": whisper_methods}
+               "qlora_vs_lora": qlora_vs_lora, "whisper_methods": whisper_methods, "e2e_dpo": e2e_dpo}
 
 
 def main(argv=None) -> int:

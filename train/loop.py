@@ -39,7 +39,7 @@ from train.config import Config, ConfigError
 from train.tasks import loss_for
 
 # data.task -> the model task it trains
-MODEL_TASKS = {"causal-lm": "causal-lm", "classification": "sequence-classification",
+MODEL_TASKS = {"causal-lm": "causal-lm", "chat": "causal-lm", "classification": "sequence-classification",
                "audio-classification": "audio-classification"}
 
 
@@ -132,8 +132,10 @@ def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dic
 
 
 def _needs_base_values(cfg: Config) -> bool:
-    """Whether the adapters are initialised from the base's values (DoRA's magnitudes, PiSSA's SVD)."""
-    return cfg.train.method in ("lora", "qlora") and (cfg.lora.use_dora or cfg.lora.init == "pissa")
+    """Whether what is trained is made from the base's values: DoRA's magnitudes, PiSSA's SVD, or a start adapter
+    (``model.adapter``) merged into the base first."""
+    return cfg.model.adapter is not None or (
+        cfg.train.method in ("lora", "qlora") and (cfg.lora.use_dora or cfg.lora.init == "pissa"))
 
 
 def _cast_floats(tree: Any, dtype) -> Any:
@@ -229,7 +231,8 @@ def prepare(cfg: Config, base: Any, key: jax.Array, mesh: Any = None) -> Prepare
     its final dtype: the frozen base in ``train.precision``, a QLoRA base quantised kernel by kernel as it is read,
     leaves trained in full in float32 for lora / qlora; nothing whole on one device unless the sharding rules
     replicate it) or concrete float32 parameters. ``mesh``: ``None`` leaves every array on the default device.
-    DoRA and PiSSA initialise the adapters from the base's values: their base is read in float32 first.
+    DoRA and PiSSA initialise the adapters from the base's values, and ``model.adapter`` is merged into the base
+    first (:func:`merge_start_adapter`): their base is read in float32 first.
     """
     source = base if hasattr(base, "sources") else _InMemory(base)
     abstract = source.abstract()
@@ -270,7 +273,7 @@ def prepare(cfg: Config, base: Any, key: jax.Array, mesh: Any = None) -> Prepare
         if lora.tree.leaves(trained) else {}
     trainable = {"adapters": trainable_abs["adapters"], "params": params}
     if concrete:
-        frozen, trainable = choose_trainable(cfg, lora.combine(frozen, trainable)[0], key)
+        frozen, trainable = choose_trainable(cfg, merge_start_adapter(cfg, lora.combine(frozen, trainable)[0]), key)
         if method == "qlora":
             frozen = quantize_base(cfg, frozen)
         frozen = _cast_floats(frozen, compute)
@@ -279,6 +282,29 @@ def prepare(cfg: Config, base: Any, key: jax.Array, mesh: Any = None) -> Prepare
             cfg.output.export_peft or cfg.output.export_gguf_adapter or cfg.output.export_gguf):
         pissa_init = jax.device_get(trainable["adapters"])
     return Prepared(frozen, trainable, pissa_init)
+
+
+def merge_start_adapter(cfg: Config, params: Any) -> Any:
+    """``params`` with ``model.adapter`` (a run folder, or an ``adapters/`` folder of one) merged in, as plain
+    arrays: the model new adapters start from (and, for DPO, the reference policy); ``params`` when unset."""
+    if cfg.model.adapter is None:
+        return params
+    from lora_jax.checkpoint import load_adapters
+
+    folder = Path(cfg.model.adapter)
+    if (folder / "adapters").is_dir():
+        folder = folder / "adapters"
+    elif (folder / "latest" / "adapters").is_dir():
+        folder = folder / "latest" / "adapters"
+    if not folder.is_dir():
+        raise ConfigError(f"model.adapter={cfg.model.adapter!r}: no such folder (expected a run folder or its "
+                          "adapters/ folder)")
+    try:
+        merged = lora.merge(params, load_adapters(folder))
+    except Exception as e:  # noqa: BLE001 - an adapter of another model: say which setting is wrong
+        raise ConfigError(f"model.adapter={cfg.model.adapter!r} does not fit {cfg.model.name} "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    return dict(merged)  # plain params: the new adapters are not a second merge of the same one
 
 
 def dequantized(params: Any) -> Any:
@@ -365,7 +391,7 @@ def micro_batches(batch: dict[str, np.ndarray], accum: int) -> dict[str, np.ndar
 
 
 def _token_count(batch: dict, task: str) -> jax.Array:
-    if task == "causal-lm":
+    if task in ("causal-lm", "chat"):
         return jnp.sum(batch["loss_mask"][..., :-1]).astype(jnp.float32)
     return jnp.asarray(batch["labels"].size, jnp.float32)
 
@@ -440,6 +466,167 @@ def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
             "loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite}
 
     return step
+
+
+# -------------------------------------------------------------------------------------------- preference step
+#
+# DPO with LoRA needs no second model: the reference policy is the frozen base with the adapters off. Each step
+# runs the pairs through the model twice over the same frozen arrays, once wrapped with the adapters (the policy,
+# differentiated) and once bare (the reference, held constant); SimPO is reference-free and runs once.
+
+
+def sequence_logps(model, params: Any, batch: dict, loss_chunk: int | str = "auto") -> tuple[jax.Array, jax.Array]:
+    """``(logps, tokens)``, ``(N,)`` each: the log-probability of each row's answer tokens (``loss_mask[t] = 1``:
+    token ``t + 1`` is one) summed over them, and their number. ``batch``: ``input_ids`` / ``attention_mask`` /
+    ``loss_mask`` ``(N, T)``. A model with a ``head()`` runs :func:`lora_jax.losses.chunked_cross_entropy` row by
+    row (never the ``(N, T, V)`` logits); others take the full logits."""
+    ids, mask = batch["input_ids"], batch["loss_mask"].astype(jnp.float32)
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    mask = mask.at[:, -1].set(0.0)
+    if loss_chunk != 0 and callable(getattr(type(model), "head", None)):
+        def hidden_and_head(module, ids, attention_mask):
+            h, _ = module(ids, attention_mask=attention_mask, hidden=True)
+            return h, module.head()
+
+        h, head = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head)
+        chunk = None if loss_chunk == "auto" else int(loss_chunk)
+        per_row = jax.vmap(lambda hh, tt, ww: lora.losses.chunked_cross_entropy(
+            hh, targets=tt, weights=ww, chunk_size=chunk, **head))
+        ce, tokens = per_row(h, targets, mask)
+        return -ce, tokens
+    logits, _ = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_logps = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return lora.losses.sequence_logps(token_logps, mask)
+
+
+def pair_logps(model, params: Any, batch: dict, loss_chunk: int | str = "auto") -> tuple[jax.Array, jax.Array]:
+    """:func:`sequence_logps` of preference pairs: ``batch`` arrays ``(B, 2, T)`` (``[:, 0]`` chosen, ``[:, 1]``
+    rejected) -> ``(logps, tokens)`` ``(B, 2)`` each."""
+    flat = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    logps, tokens = sequence_logps(model, params, flat, loss_chunk)
+    return logps.reshape(-1, 2), tokens.reshape(-1, 2)
+
+
+def preference_terms(model, cfg: Config, trainable: Any, frozen: Any, batch: dict,
+                     dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
+    """``(losses (B,), metrics)`` of preference pairs (``batch`` arrays ``(B, 2, T)``) under ``dpo.loss``: the
+    policy is the base with the adapters (dropout with ``dropout_key``), the reference the same frozen base with
+    the adapters off (no gradient; ``batch["ref_logps"]`` ``(B, 2)`` when cached). ``metrics``: TRL's ``rewards/*`` and ``logps/chosen`` / ``logps/rejected``,
+    summed over the pairs (``weight`` applied when the batch has it)."""
+    dc = cfg.dpo
+    params, adapters = lora.combine(frozen, trainable)
+    policy, tokens = pair_logps(model, lora.wrap(params, adapters, dropout_key=dropout_key), batch,
+                                cfg.train.loss_chunk)
+    ref = (None, None)
+    if dc.loss != "simpo":
+        if "ref_logps" in batch:  # dpo.reference=cached: computed once by cache_reference_logps
+            r = batch["ref_logps"]
+        else:
+            r, _ = pair_logps(model, lora.wrap(params, {}), batch, cfg.train.loss_chunk)
+        r = jax.lax.stop_gradient(r)
+        ref = (r[:, 0], r[:, 1])
+    out = lora.losses.preference_loss(policy[:, 0], policy[:, 1], *ref, chosen_tokens=tokens[:, 0],
+                                      rejected_tokens=tokens[:, 1], loss_type=dc.loss, beta=dc.beta,
+                                      simpo_gamma=dc.simpo_gamma)
+    weight = batch.get("weight")
+    w = jnp.ones_like(out.losses) if weight is None else weight.astype(jnp.float32)
+    sg = jax.lax.stop_gradient
+    metrics = {**lora.losses.preference_metrics(out, w), "logps/chosen": jnp.sum(sg(policy[:, 0]) * w),
+               "logps/rejected": jnp.sum(sg(policy[:, 1]) * w)}
+    return out.losses * w, metrics
+
+
+def cache_reference_logps(s: "Setup") -> None:
+    """``dpo.reference=cached``: the reference log-probabilities of every training pair, computed once (the base
+    with the adapters off, batches of the evaluation size) and stored with the training data, so that each step
+    runs the policy alone. The reference never changes in training, so the steps compute what they would
+    otherwise, in one forward pass per pair instead of one per step that sees it."""
+    data = s.batches.data
+    cfg = s.cfg
+    fn = jax.jit(lambda frozen, batch: pair_logps(s.model, lora.wrap(lora.combine(frozen, {"adapters": {},
+                                                                      "params": {}})[0], {}), batch,
+                                                  cfg.train.loss_chunk)[0])
+    out = np.zeros((len(data), 2), np.float32)
+    names = ("input_ids", "attention_mask", "loss_mask")
+    for start in range(0, len(data), s.eval_bsz):
+        idx = np.minimum(np.arange(start, start + s.eval_bsz), len(data) - 1)
+        batch = {k: sharding.host_to_global(getattr(data, k)[idx], s.eval_shardings[0]) for k in names}
+        got = sharding.global_to_host(fn(s.frozen, batch))
+        out[idx] = got
+    data.ref_logps = out
+    s.say(f"dpo.reference=cached: reference log-probabilities of {len(data)} training pairs computed once")
+
+
+def make_dpo_step(model, cfg: Config, tx: optax.GradientTransformation):
+    """The preference step, :func:`make_train_step`'s signature and contract (gradient accumulation over the
+    leading axis, non-finite steps skipped): ``batches`` arrays ``(accum, B, 2, T)``; the loss is the mean over
+    the step's pairs of :func:`preference_terms`. Metrics: ``loss``, ``grad_norm``, ``finite``, ``state_finite``
+    and the means of TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``."""
+
+    def micro_loss(trainable, frozen, batch, key, total):
+        losses, metrics = preference_terms(model, cfg, trainable, frozen, batch, key)
+        return jnp.sum(losses) / total, jax.tree.map(lambda m: m / total, metrics)
+
+    remat = remat_name(cfg.train.remat)
+    if remat != "none" and getattr(model, "remat", None) != remat:
+        from lora_jax.models.layers import REMAT_POLICIES
+
+        micro_loss = jax.checkpoint(micro_loss, policy=REMAT_POLICIES[remat])
+
+    def step(trainable, opt_state, frozen, batches, key):
+        accum, pairs = batches["attention_mask"].shape[:2]
+        total = jnp.asarray(accum * pairs, jnp.float32)
+        keys = jax.random.split(key, accum)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+
+        def body(carry, xs):
+            grads, loss, metrics = carry
+            batch, k = xs
+            (l, m), g = jax.value_and_grad(micro_loss, has_aux=True)(trainable, frozen, batch, k, total)
+            return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, metrics, m)), None
+
+        names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                 "logps/rejected")
+        init = (zeros, jnp.zeros((), jnp.float32), {n: jnp.zeros((), jnp.float32) for n in names})
+        (grads, loss, metrics), _ = jax.lax.scan(body, init, (batches, keys))
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        state_finite = all_finite((new_trainable, new_opt))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        return keep(new_trainable, trainable), keep(new_opt, opt_state), {
+            "loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite, **metrics}
+
+    return step
+
+
+def make_dpo_eval_step(model, cfg: Config):
+    """``evaluate(trainable, frozen, batch) -> (loss_sum, pairs, metric sums)`` over preference pairs (batch
+    arrays ``(B, 2, T)`` with a ``weight`` of 0 on padding rows); adapters' dropout off."""
+
+    def evaluate(trainable, frozen, batch):
+        losses, metrics = preference_terms(model, cfg, trainable, frozen, batch, None)
+        return jnp.sum(losses), jnp.sum(batch["weight"]), metrics
+
+    return evaluate
+
+
+def evaluate_pairs(s: "Setup", trainable: Any) -> dict:
+    """The preference loss and TRL's reward metrics (means over the pairs) on the whole evaluation set."""
+    loss_sum, count, sums = 0.0, 0.0, {}
+    for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz):
+        dev = {k: sharding.host_to_global(v, s.eval_shardings[0] if v.ndim >= 2 else s.eval_shardings[1])
+               for k, v in batch.items()}
+        l, c, m = s.eval_fn(trainable, s.frozen, dev)
+        loss_sum += float(l)
+        count += float(c)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    count = max(count, 1.0)
+    return {"loss": loss_sum / count, **{k: v / count for k, v in sums.items()}}
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -678,7 +865,7 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     num_labels = cfg.model.num_labels if cfg.data.task != "causal-lm" else None
     train_data, eval_data = data_lib.load_tokenized(
         cfg.data, tokenizer, cfg.model.name, max_positions, num_labels,
-        cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized")
+        cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized", pairs=cfg.train.objective == "dpo")
     say(f"data: {len(train_data)} train / {len(eval_data)} eval examples of {cfg.data.max_length} tokens")
     batches = training_batches(cfg, train_data)
     say(f"training on {batches.describe()}" + (f", {cfg.train.grad_accum} micro-batches per step"
@@ -715,9 +902,10 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     # The state leaves the step with the shardings it came in with (left to XLA, the adapters can come out
     # FSDP-split, and the next step would compile again for them).
     state_shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
-    step_fn = jax.jit(on_mesh(make_train_step(model, cfg, tx), mesh), donate_argnums=(0, 1),
+    dpo = cfg.train.objective == "dpo"
+    step_fn = jax.jit(on_mesh((make_dpo_step if dpo else make_train_step)(model, cfg, tx), mesh), donate_argnums=(0, 1),
                       out_shardings=(*state_shardings, None), compiler_options=step_compiler_options(cfg))
-    eval_fn = jax.jit(on_mesh(make_eval_step(model, cfg), mesh))
+    eval_fn = jax.jit(on_mesh((make_dpo_eval_step if dpo else make_eval_step)(model, cfg), mesh))
     rows = sharding.batch_axes(mesh)
     batch_shardings = (sharding.batch_sharding(mesh, ndim=3, leading=1),
                        sharding.NamedSharding(mesh, sharding.P(None, rows)))
@@ -727,7 +915,7 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     eval_bsz = max(min(cfg.eval.batch_size, -(-len(eval_data) // n_devices) * n_devices) // n_devices, 1) * n_devices
 
     multi_process = jax.process_count() > 1
-    if multi_process and cfg.data.task == "causal-lm" and (cfg.eval.generate_samples or cfg.eval.generate_eval):
+    if multi_process and cfg.data.task in ("causal-lm", "chat") and (cfg.eval.generate_samples or cfg.eval.generate_eval):
         say("note: sample generation and BLEU/ROUGE run single-process only; skipped in this multi-process run "
             "(evaluate the saved adapter with python -m train.predict)")
     s = Setup(cfg=cfg, model=model, model_cfg=model_cfg, tokenizer=tokenizer, mesh=mesh, frozen=frozen,
@@ -756,8 +944,11 @@ def plan_memory(s: Setup, state: TrainState) -> Setup:
 
 
 def evaluate(s: Setup, trainable: Any) -> dict:
-    """Loss (and perplexity, or the classification metrics) of ``trainable`` on the whole evaluation set."""
+    """Loss (and perplexity, or the classification metrics; preference pairs: :func:`evaluate_pairs`) of
+    ``trainable`` on the whole evaluation set."""
     cfg = s.cfg
+    if cfg.train.objective == "dpo":
+        return evaluate_pairs(s, trainable)
     loss_sum, count, logits, labels = 0.0, 0.0, [], []
     for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz):
         weight = batch["weight"]
@@ -771,7 +962,7 @@ def evaluate(s: Setup, trainable: Any) -> dict:
             logits.append(sharding.global_to_host(lg)[keep])
             labels.append(batch["labels"][keep])
     out = {"loss": loss_sum / max(count, 1.0)}
-    if cfg.data.task == "causal-lm":
+    if cfg.data.task in ("causal-lm", "chat"):
         out["perplexity"] = float(math.exp(min(out["loss"], 50.0)))
     else:
         out.update(metrics_lib.classification(np.concatenate(labels), np.concatenate(logits)))
@@ -780,7 +971,7 @@ def evaluate(s: Setup, trainable: Any) -> dict:
 
 def samples(s: Setup, trainable: Any, n: int) -> list[tuple[str, str]]:
     """``(prompt, continuation)`` for the first ``n`` distinct evaluation prompts (causal LM, single process)."""
-    if s.cfg.data.task != "causal-lm" or n <= 0 or s.multi_process:
+    if s.cfg.data.task not in ("causal-lm", "chat") or n <= 0 or s.multi_process:
         return []
     prompts = list(dict.fromkeys(s.eval_data.prompts))[:n]
     params_now, adapters_now = lora.combine(s.frozen, trainable)
@@ -792,7 +983,7 @@ def generation_metrics(s: Setup, trainable: Any) -> dict:
     """BLEU / ROUGE of the merged model's continuations of ``eval.generate_eval`` distinct evaluation prompts
     (causal LM, single process; ``{}`` otherwise)."""
     n = s.cfg.eval.generate_eval
-    if s.cfg.data.task != "causal-lm" or n <= 0 or s.multi_process:
+    if s.cfg.data.task not in ("causal-lm", "chat") or n <= 0 or s.multi_process:
         return {}
     eval_data = s.eval_data
     unique = list(dict.fromkeys(eval_data.prompts))[:n]
@@ -919,7 +1110,8 @@ def _read_metrics(s: Setup, p: Progress, done: _Dispatched, clock: list[float], 
         p.steady_s += dt
     tok_s = p.tokens_seen / p.steady_s if p.steady_s else 0.0
     record = {"loss": loss, "lr": lr_at(cfg, step), "grad_norm": float(m["grad_norm"]), "finite": finite,
-              "tokens_per_s": tok_s, "train_s": p.train_s}
+              "tokens_per_s": tok_s, "train_s": p.train_s,
+              **{k: float(v) for k, v in m.items() if "/" in k}}  # DPO: rewards/...
     p.history.append({"step": step, **record})
     log.write("train", step, **record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
@@ -1145,6 +1337,8 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
             for prompt, out in samples_before:
                 say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
+        if cfg.train.objective == "dpo" and cfg.dpo.loss != "simpo" and cfg.dpo.reference == "cached":
+            cache_reference_logps(s)
         t0 = time.perf_counter()
         state, progress = train_steps(s, state, progress, ckpt, log, run_folder)
         phases["training"] = time.perf_counter() - t0  # steps, their compilation, evaluations, checkpoints

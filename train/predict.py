@@ -188,6 +188,35 @@ def as_prompt(row: dict | str, column: str | None, template: str, prompt_column:
     return row
 
 
+def as_chat_prompt(row: dict | str, column: str | None, tokenizer, data_cfg) -> str:
+    """A chat run's prompt, rendered by the run's chat template with the generation prompt: a text is one user
+    message; a row's ``column`` (default ``data.messages_column``) holds messages (a last assistant message, the
+    reference, is dropped)."""
+    from train import data as data_lib
+
+    if isinstance(row, str):
+        messages = [{"role": "user", "content": row}]
+    else:
+        name = column or data_cfg.messages_column
+        if name not in row:
+            raise PredictError(f"an input row has columns {sorted(row)}, no {name!r}; name the messages with --column")
+        value = row[name]
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            messages = [{"role": "user", "content": value}]
+        else:
+            try:
+                messages = data_lib.parse_messages(value, "an input row", f"column {name!r}")
+            except data_lib.DataError as e:
+                raise PredictError(str(e)) from None
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    try:
+        template = data_lib.chat_template(tokenizer, data_cfg)
+        return data_lib.render_chat(tokenizer, messages, template, add_generation_prompt=True)
+    except data_lib.DataError as e:
+        raise PredictError(str(e)) from None
+
+
 # ------------------------------------------------------------------------------------------------- model
 
 
@@ -502,9 +531,11 @@ def predict(args: argparse.Namespace, print_fn=print) -> list[dict]:
             probs = " ".join(f"{x:.4f}" for x in res["probabilities"])
             print_fn(f"{res['label']}\t[{probs}]\t{text}")
     else:
-        template = args.template if args.template is not None else dc.prompt_template
-        column = args.column
-        prompts = [as_prompt(r, column, template, dc.prompt_column) for r in rows]
+        if dc.task == "chat":
+            prompts = [as_chat_prompt(r, args.column, p.tokenizer, dc) for r in rows]
+        else:
+            template = args.template if args.template is not None else dc.prompt_template
+            prompts = [as_prompt(r, args.column, template, dc.prompt_column) for r in rows]
         outs = generate(p, prompts, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                         batch_size=args.batch_size)
         for prompt, out in zip(prompts, outs):

@@ -100,7 +100,7 @@ def classification_loss(model, params, batch: dict, *, train: bool, rng: jax.Arr
     return jnp.sum(ce * weight), {"count": jnp.sum(weight), "logits": logits}
 
 
-LOSSES: dict[str, Any] = {"causal-lm": causal_lm_loss, "classification": classification_loss,
+LOSSES: dict[str, Any] = {"causal-lm": causal_lm_loss, "chat": causal_lm_loss, "classification": classification_loss,
                           "audio-classification": classification_loss}
 
 
