@@ -685,6 +685,17 @@ def withdrawn(records: list[dict], inline: bool) -> str:
             "stale).*")
 
 
+def transform_qlora_block(results: dict) -> str:
+    """Compiled train-step memory of a stock Linen model through lora.transform, dense vs NF4 bases."""
+    r = results["transform_qlora"]
+    rows = [[x["base"], f"{x['base MiB']:.1f}", f"{x['temp MiB']:.1f}", f"{x['peak MiB']:.1f}"] for x in r["rows"]]
+    c = r["config"]
+    return "\n".join([f"{c['blocks']} blocks of `nn.MultiHeadDotProductAttention` + MLP, d={c['d']}, batch "
+                      f"{c['batch']} x {c['seq']}, r={c['r']}; XLA's compiled memory analysis of the train step:", "",
+                      _table(["base", "stored base MiB", "temp MiB", "peak MiB"], rows), "",
+                      provenance(r, "python -m benchmarks.transform_qlora")])
+
+
 def sharded_load_block(results: dict) -> str:
     """Peak host memory of train.run loading a 1.1B model straight into the mesh (benchmarks/sharded_load.py)."""
     r = results.get("sharded_load")
@@ -761,6 +772,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "attention_memory": (("attention_memory",), attention_memory_block, False),
     "accelerator": (("accelerator",), accelerator_block, False),
     "sharded_load": (("sharded_load",), sharded_load_block, False),
+    "transform_qlora": (("transform_qlora",), transform_qlora_block, False),
 }
 
 
