@@ -77,7 +77,7 @@ def _tie(w, x: Array):
     return w + zero.astype(w.dtype)
 
 
-def _with_base(product, x: Array, w: Array | QuantizedWeight, *aux: Array) -> Array:
+def with_base(product, x: Array, w: Array | QuantizedWeight, *aux: Array) -> Array:
     """``product(x, dense_w, *aux)`` for a ``product`` linear in ``x``; ``aux`` are non-differentiable operands
     (the group sizes of a grouped product).
 
@@ -108,7 +108,7 @@ def _with_base(product, x: Array, w: Array | QuantizedWeight, *aux: Array) -> Ar
 
 
 def _tensordot(x: Array, w: Array | QuantizedWeight, axes: int, precision) -> Array:
-    return _with_base(lambda x, w: _dense_tensordot(x, w, axes, precision), x, w)
+    return with_base(lambda x, w: _dense_tensordot(x, w, axes, precision), x, w)
 
 
 def _dora_factor(x: Array, w: LoraWeight, dtype) -> Array:
@@ -183,7 +183,7 @@ def ragged_dot(x: Array, w: Array | LoraWeight, group_sizes: Array, *, precision
         raise ValueError(f"lora ragged_dot: expected x (m, d_in), w (E, d_in, d_out) and group_sizes (E,), got x "
                          f"{tuple(x.shape)}, w {tuple(base.shape)}, group_sizes {tuple(group_sizes.shape)}")
     if not isinstance(w, LoraWeight):
-        return _with_base(product, x, w, group_sizes)
+        return with_base(product, x, w, group_sizes)
     ad = w.adapter
     if ad.is_dora:
         raise NotImplementedError("lora ragged_dot: DoRA adapters on expert kernels are not supported (a DoRA "
@@ -193,7 +193,7 @@ def ragged_dot(x: Array, w: Array | LoraWeight, group_sizes: Array, *, precision
         raise ValueError(f"lora ragged_dot: the adapter (a {tuple(ad.a.shape)}, b {tuple(ad.b.shape)}) is not one "
                          f"adapter per expert of the ({n_exp}, {d_in}, {d_out}) expert stack; expected a "
                          f"({n_exp}, {d_in}, r) and b ({n_exp}, r, {d_out}) (lora.init on a routed-expert kernel)")
-    y = _with_base(product, x, base, group_sizes)
+    y = with_base(product, x, base, group_sizes)
     h = product(adapter_dropout(x, w), ad.a.astype(x.dtype), group_sizes)
     h = product(h, ad.b.astype(h.dtype), group_sizes)
     return y + (h * jnp.asarray(ad.scale, h.dtype)).astype(y.dtype)
@@ -227,7 +227,7 @@ def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) 
     if hasattr(w, "lora_einsum"):
         return w.lora_einsum(subscripts, x, precision=precision)
     if not isinstance(w, LoraWeight):
-        return _with_base(lambda x, w: jnp.einsum(subscripts, x, w, precision=precision), x, w)
+        return with_base(lambda x, w: jnp.einsum(subscripts, x, w, precision=precision), x, w)
     xs, ws, out = _parse(subscripts)
     ad = w.adapter
     n_in = len(ad.in_shape)
@@ -240,7 +240,7 @@ def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) 
     def base_product(x, w):
         return jnp.einsum(subscripts, x, w, precision=precision)
 
-    y = _with_base(base_product, x, w.base)
+    y = with_base(base_product, x, w.base)
     rank = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in subscripts)
     x_kept = "".join(c for c in xs if c == "." or c in out)
     a = ad.a.astype(y.dtype).reshape(*ad.in_shape, ad.r)
@@ -252,7 +252,7 @@ def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) 
         return y + h
     f = _to_output_layout(_dora_factor(x, w, y.dtype), w_out, out, y.ndim)
     if _dropout_active(w):
-        return y + (f - 1) * _with_base(base_product, xd, w.base) + f * h
+        return y + (f - 1) * with_base(base_product, xd, w.base) + f * h
     return f * (y + h)
 
 

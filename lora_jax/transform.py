@@ -56,7 +56,7 @@ Every weight kind of the library goes through it:
 - a quantised base (:class:`~lora_jax.quant.QuantizedWeight`, QLoRA), wrapped or not: ``fn`` is traced with a
   stand-in of the kernel's shape and dtype, structural ops are recorded on the still-quantised kernel, and each
   product dequantises it right there (after its input is known) and again in the backward pass, keeping only the
-  quantised kernel in between (:func:`lora_jax.ops._with_base`), so no dense copy of the base is ever whole;
+  quantised kernel in between (:func:`lora_jax.ops.with_base`), so no dense copy of the base is ever whole;
 - mixed-adapter batches (:class:`~lora_jax.multi.MultiLoraWeight` from ``lora.wrap_mixed``): the ``n`` slots'
   factors sit side by side on the rank axis and a ``(rows, n * R)`` mask keeps, for each batch row (the
   activations' first axis), only its slot's columns times that slot's scale; exact, and no per-row gather;
@@ -175,7 +175,7 @@ def _on_base(eqn, invals: Sequence[Any], v: _Lora) -> list[Any]:
 
 def _base_out(eqn, invals: Sequence[Any], w: _Lora, x_pos: int) -> Array:
     """``eqn`` (a product linear in operand ``x_pos``) on ``w``'s base. A lazy quantised base is dequantised
-    right there, after ``x`` is known, and again in the backward pass (:func:`lora_jax.ops._with_base`), so
+    right there, after ``x`` is known, and again in the backward pass (:func:`lora_jax.ops.with_base`), so
     only the quantised kernel is kept between them."""
     pos = next(i for i, a in enumerate(invals) if a is w)
     if not isinstance(w.base, _Lazy):
@@ -192,7 +192,7 @@ def _base_out(eqn, invals: Sequence[Any], w: _Lora, x_pos: int) -> Array:
             args[i] = a
         return _bind(eqn, args)[0]
 
-    return _ops._with_base(product, invals[x_pos], lz.q, *flat, *[invals[i] for i in aux_pos])
+    return _ops.with_base(product, invals[x_pos], lz.q, *flat, *[invals[i] for i in aux_pos])
 
 
 @jax.tree_util.register_dataclass

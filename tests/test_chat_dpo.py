@@ -20,7 +20,7 @@ from conftest import missing, require
 import lora_jax as lora
 from lora_jax.errors import DataError
 from train import data as data_lib
-from train.config import ConfigError, load_config
+from train.config import ConfigError, last_wins, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -504,7 +504,7 @@ def test_chat_sft_run_masks_assistant_turns_and_generates_from_the_template(job,
     assert predict.as_chat_prompt(row, None, p.tokenizer, p.cfg.data) == "[user] name[Aromi] [SEP] [assistant] "
     assert predict.as_chat_prompt("hi", None, p.tokenizer, p.cfg.data) == "[user] hi [SEP] [assistant] "
     with pytest.raises(DataError, match="data.chat_template"):
-        run(load_config(None, [*args, f"output.dir={tmp_path / 'none'}"]), print_fn=lambda *a: None)
+        run(load_config(None, last_wins([*args, f"output.dir={tmp_path / 'none'}"])), print_fn=lambda *a: None)
 
 
 def test_cached_reference_gives_the_same_steps(dpo_run, job, tmp_path):

@@ -568,6 +568,16 @@ def read_file(path: str | Path) -> dict:
     return raw
 
 
+def last_wins(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """``overrides`` with one entry per key, the last one given: for programs that compose command lines from parts
+    (an experiment's base plus its variant); a person's command line names each key once (:func:`load_config`)."""
+    out: dict[str, str] = {}
+    for text in overrides:
+        out.pop(parse_override(text)[0], None)
+        out[parse_override(text)[0]] = text
+    return list(out.values())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (``None``: the defaults), apply ``dotted.key=value`` overrides, validate."""
     raw = read_file(path) if path is not None else {}

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from train.cli import ArgumentParser
-from train.config import dump, load_config
+from train.config import dump, last_wins, load_config
 from train.loop import run
 from train.metrics import read_log
 
@@ -49,7 +49,7 @@ def _run(name: str, config: str | None, overrides: list[str], out: Path) -> dict
     (``output.overwrite``: a rerun replaces it once the new run has checkpointed)."""
     job = out / "runs" / name
     cfg = load_config(ROOT / config if config else None,
-                      [*overrides, f"output.dir={job}", "output.overwrite=true"])
+                      last_wins([*overrides, f"output.dir={job}", "output.overwrite=true"]))
     folder = job / "latest"
     if REUSE and _finished(folder, cfg):
         print(f"\n=== {name}: reusing the finished run in {folder.resolve()}", flush=True)

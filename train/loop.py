@@ -839,7 +839,8 @@ def check_data_source(cfg: Config) -> None:
         is_local = source.startswith("builtin:") or any(
             Path(p.strip()).suffix.lower() in data_lib.FILE_TYPES for p in source.split(","))
         if is_local:
-            data_lib.load_rows(dataclasses.replace(dc, source=source), dc.train_split)
+            data_lib.load_rows(dataclasses.replace(dc, source=source), dc.train_split,
+                               pairs=cfg.train.objective == "dpo")
 
 
 def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) -> tuple[Setup, TrainState] | None:
