@@ -71,10 +71,11 @@ def _tiny_bert(layers: int = 1):
 
 
 def _cfg(*extra: str):
-    from train.config import load_config
+    from train.config import last_wins, load_config
 
-    return load_config(None, ["data.task=classification", "lora.targets=all-linear", "lora.r=8", "train.steps=6",
-                              "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=1e-2", *extra])
+    return load_config(None, last_wins(["data.task=classification", "lora.targets=all-linear", "lora.r=8",
+                                        "train.steps=6", "optim.warmup_steps=0", "optim.schedule=constant",
+                                        "optim.lr=1e-2", *extra]))
 
 
 def _state(mesh, rules=None, *extra: str):

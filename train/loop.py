@@ -12,6 +12,7 @@ the adapters and the configured exports, :func:`write_result` the run's ``result
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -660,6 +661,7 @@ def _non_finite_message(step: int, m: dict, last_finite: int, in_a_row: int, ckp
 def on_mesh(fn: Callable, mesh: Any) -> Callable:
     """``fn`` traced inside :func:`lora_jax.sharding.activation_mesh`: the shared layers pin their activations to
     ``mesh`` (what tensor parallelism needs; nothing changes on a mesh without a ``tensor`` axis)."""
+    @functools.wraps(fn)  # keeps the step's name: jit(step) in compile logs and profiles
     def traced(*args):
         with sharding.activation_mesh(mesh):
             return fn(*args)
