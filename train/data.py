@@ -765,11 +765,12 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def eval_batches(data: Tokenized, batch_size: int):
+def eval_batches(data: Tokenized, batch_size: int, loss_positions: bool = True):
     """Fixed-shape eval batches: the last one is padded by repeating rows, with ``weight`` 0 on the padding.
-    Causal LM: with ``loss_positions`` (:func:`with_loss_positions`, one capacity for the whole set)."""
+    Causal LM: with ``loss_positions`` (:func:`with_loss_positions`, one capacity for the whole set) unless
+    ``loss_positions`` is false (preference pairs, scored by their sequence log-probabilities)."""
     n = len(data)
-    capacity = example_capacity(data) if data.loss_mask is not None else None
+    capacity = example_capacity(data) if data.loss_mask is not None and loss_positions else None
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         weight = (idx < n).astype(np.float32)

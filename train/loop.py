@@ -372,7 +372,7 @@ def training_batches(cfg: Config, data: data_lib.Tokenized) -> data_lib.Batches:
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     kind = config_lib.batching(cfg)
     # causal LM with train.logits=loss: batches carry loss_positions, a fixed number per row (one compilation)
-    at_loss = cfg.data.task == "causal-lm" and cfg.train.logits == "loss"
+    at_loss = cfg.data.task == "causal-lm" and cfg.train.logits == "loss" and cfg.train.objective != "dpo"
     if kind == "packed":
         return data_lib.PackedBatches(data, per_step, cfg.train.seed, width=cfg.data.pack_length,
                                       loss_positions=at_loss, capacity=cfg.data.loss_capacity)
@@ -618,7 +618,7 @@ def make_dpo_eval_step(model, cfg: Config):
 def evaluate_pairs(s: "Setup", trainable: Any) -> dict:
     """The preference loss and TRL's reward metrics (means over the pairs) on the whole evaluation set."""
     loss_sum, count, sums = 0.0, 0.0, {}
-    for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz):
+    for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz, loss_positions=False):
         dev = {k: sharding.host_to_global(v, s.eval_shardings[0] if v.ndim >= 2 else s.eval_shardings[1])
                for k, v in batch.items()}
         l, c, m = s.eval_fn(trainable, s.frozen, dev)
