@@ -793,7 +793,7 @@ class Setup:
     multi_process: bool
     say: Callable[..., None]
     memory_plan: dict = dataclasses.field(default_factory=dict)
-    first_compiled: tuple | None = None  # (batch shape, compile_step's result) from plan_memory
+    first_compiled: tuple | None = None  # (batch shape, batch keys, compile_step's result) from plan_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -940,7 +940,7 @@ def plan_memory(s: Setup, state: TrainState) -> Setup:
                     memory.device_capacity(s.cfg))
     s.say(p.describe())
     memory.check(p, s.cfg)
-    return dataclasses.replace(s, memory_plan=p.as_dict(), first_compiled=(placed.shape, compiled))
+    return dataclasses.replace(s, memory_plan=p.as_dict(), first_compiled=(placed.shape, tuple(sorted(placed.batch)), compiled))
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -1153,9 +1153,10 @@ def train_steps(s: Setup, state: TrainState, p: Progress, ckpt: Checkpointer, lo
         while p.step < steps:
             placed = nxt if nxt is not None else place(s, p.step)
             nxt = None
+            if s.first_compiled is not None and placed.shape not in p.compiled and \
+                    s.first_compiled[:2] == (placed.shape, tuple(sorted(placed.batch))):
+                p.compiled[placed.shape] = s.first_compiled[2]  # compiled by plan_memory for this batch's shape
             step_args = (trainable, opt_state, s.frozen, placed.batch, jax.random.fold_in(s.step_key, p.step))
-            if s.first_compiled is not None and s.first_compiled[0] not in p.compiled:
-                p.compiled[s.first_compiled[0]] = s.first_compiled[1]  # compiled by plan_memory
             new_shape = placed.shape not in p.compiled
             if new_shape:  # compile ahead of time, once per shape, to read the compiled step's memory use
                 if pending is not None:  # charge the compilation to this step, not to the previous one
