@@ -418,6 +418,22 @@ def step_compiler_options(cfg: Config) -> dict | None:
     return {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
+def apply_if_finite(tx: optax.GradientTransformation, trainable: Any, opt_state: Any, grads: Any,
+                    loss: jax.Array) -> tuple[Any, Any, dict]:
+    """One optimizer update of ``trainable`` by ``grads``, kept only if everything it produced is finite (a finite
+    loss and gradient can still give NaN / inf parameters: an infinite learning rate, an overflowing moment);
+    otherwise the state comes back unchanged. Returns ``(trainable, opt_state, {loss, grad_norm, finite,
+    state_finite})``: the tail of the SFT step and of the DPO step."""
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = tx.update(grads, opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    state_finite = all_finite((new_trainable, new_opt))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    return keep(new_trainable, trainable), keep(new_opt, opt_state), {
+        "loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite}
+
+
 def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
     """``step(trainable, opt_state, frozen, batches, key) -> (trainable, opt_state, metrics)``.
 
@@ -455,16 +471,7 @@ def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
             return (jax.tree.map(jnp.add, grads, g), loss + l), None
 
         (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (batches, keys))
-        grad_norm = optax.global_norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        # The update is kept only if everything it produced is finite: a finite loss and gradient can still give
-        # NaN / inf parameters (an infinite learning rate, an overflowing moment).
-        state_finite = all_finite((new_trainable, new_opt))
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        return keep(new_trainable, trainable), keep(new_opt, opt_state), {
-            "loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite}
+        return apply_if_finite(tx, trainable, opt_state, grads, loss)
 
     return step
 
@@ -592,14 +599,8 @@ def make_dpo_step(model, cfg: Config, tx: optax.GradientTransformation):
                  "logps/rejected")
         init = (zeros, jnp.zeros((), jnp.float32), {n: jnp.zeros((), jnp.float32) for n in names})
         (grads, loss, metrics), _ = jax.lax.scan(body, init, (batches, keys))
-        grad_norm = optax.global_norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        state_finite = all_finite((new_trainable, new_opt))
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        return keep(new_trainable, trainable), keep(new_opt, opt_state), {
-            "loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite, **metrics}
+        new_trainable, new_opt, m = apply_if_finite(tx, trainable, opt_state, grads, loss)
+        return new_trainable, new_opt, {**m, **metrics}
 
     return step
 
