@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lora_jax import tree
+from lora_jax import stacking, tree
 from lora_jax.core import LoraAdapter, adapter_items
 
 PyTree = Any
@@ -327,6 +327,7 @@ def iter_matrices(adapters: PyTree) -> Iterator[tuple[str, tuple[int, ...], Lora
     Stacked adapters (``A: (L, d_in, r)`` from :func:`lora_jax.transform.init_stacked`) are split into one 2-D
     adapter per layer, labelled ``path[l]`` with ``index = (l,)``; ordinary ones have ``index = ()``.
     """
+    adapters = stacking.unstack(adapters)  # a scanned stack: its layers by name (layers_N)
     for path, ad in adapter_items(adapters):
         a, b = np.asarray(ad.a), np.asarray(ad.b)
         n = a.ndim - 2
@@ -352,6 +353,10 @@ def find_kernel(params: PyTree, path: str) -> Any:
     unique leaf whose path ends with ``/path`` (the other way round). Raises ``KeyError`` naming what exists.
     """
     keys = path.split("/")
+    layer = next((int(k.rsplit("_", 1)[1]) for k in keys[:-1] if re.fullmatch(rf"{stacking.STACK}_\d+", k)), None)
+    if layer is not None and stacking.is_stacked(params):  # a layer of a scanned stack: its slice of the leaf
+        stacked = [stacking.STACK if re.fullmatch(rf"{stacking.STACK}_\d+", k) else k for k in keys]
+        return find_kernel(params, "/".join(stacked))[layer]
     for start in range(len(keys) - 1):
         leaf = tree.get(params, keys[start:])
         if leaf is not None and not isinstance(leaf, Mapping):

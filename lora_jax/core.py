@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import stacking as _stacking
 from lora_jax import targets as _targets
 from lora_jax import tree as _tree
 from lora_jax.errors import MergeStateError, TargetError
@@ -357,7 +358,8 @@ def init(
     adapters: dict = {}
     keys = jax.random.split(key, max(len(selected), 1))
     for (path, leaf), k in zip(selected, keys):
-        n_stack = int(expert_axes_of.get(path, _targets.default_expert_axes(path, leaf.ndim)))
+        n_layers = _stacking.layer_axes(path)  # a scanned layer stack: one adapter per layer, stacked
+        n_stack = n_layers + int(expert_axes_of.get(path, _targets.default_expert_axes(path, leaf.ndim - n_layers)))
         if not 0 <= n_stack <= leaf.ndim - 2:
             raise ValueError(f"expert_axes for {path} must be in [0, {leaf.ndim - 2}] for a kernel of shape "
                              f"{tuple(leaf.shape)} (each expert's kernel needs an input and an output axis), "
@@ -388,6 +390,8 @@ def init(
             if _targets.is_embedding(path):
                 raise NotImplementedError(f"init(use_dora=True): {path} is an embedding table; DoRA is implemented "
                                           "for dense kernels only")
+            if n_layers:
+                raise _stacking.unsupported(f"DoRA (init(use_dora=True) on {path})")
             if n_stack:
                 raise NotImplementedError(
                     f"init(use_dora=True): {path} is a stack of {math.prod(stack)} expert kernels {tuple(leaf.shape)}; "

@@ -60,8 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import core
-from lora_jax import tree
+from lora_jax import core, stacking, tree
 from lora_jax.errors import CheckpointError
 from lora_jax.quant import RequantError
 from lora_jax.untrusted import check_array, check_number
@@ -299,6 +298,7 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
     is also llama.cpp's output head), kernels that are not 2-D; :class:`~lora_jax.CheckpointError` for an
     adapter that does not fit the base (named tensor and shapes).
     """
+    adapters, base = stacking.unstack(adapters), stacking.unrolled(base)  # GGUF names layers
     import gguf
 
     if dtype not in ADAPTER_TYPES:
@@ -385,6 +385,9 @@ def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = 
     llama.cpp ignores them. Raises :class:`~lora_jax.CheckpointError` for a file that is not a LoRA adapter of
     this architecture, a tensor the base lacks, an unpaired or mis-shaped ``lora_a`` / ``lora_b``.
     """
+    if params is not None and stacking.is_stacked(params):  # a scanned model: read per layer, stack
+        return stacking.stack(load_gguf_adapter(path, stacking.unrolled(base), params=stacking.unstack(params),
+                                                dtype=dtype), like=params)
     from lora_jax.models import gguf as gguf_io
 
     b = _open_base(base)
@@ -566,6 +569,8 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
 
     Returns :class:`MergedGGUF` (path, per-tensor re-quantisation errors, types written).
     """
+    adapters, base = stacking.unstack(adapters), stacking.unrolled(base)  # GGUF names layers
+    trained = None if trained is None else stacking.unstack(trained)
     import gguf
     from gguf import GGMLQuantizationType
 

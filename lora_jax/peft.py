@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import core, regex, tree
+from lora_jax import core, regex, stacking, tree
 from lora_jax.untrusted import check_array, nonfinite_summary
 from lora_jax.errors import CheckpointError, PeftError
 
@@ -400,6 +400,14 @@ def _load_parameter_adapter(wrapper, parts: Mapping, cfg: Mapping, use_rslora: b
     return path, core.LoraAdapter(**fields, alpha=alpha, scale=scale)
 
 
+def _restack(tree_: PyTree, like: PyTree, source: Any) -> PyTree:
+    try:
+        return stacking.stack(tree_, like=like)
+    except ValueError as e:
+        raise PeftError(f"{source}: the adapter does not cover every layer of the scanned model's stack the same way "
+                        f"({e}); load the model with unrolled layers (scan_layers=False) to use it") from e
+
+
 def _close(name: str, candidates: list[str], n: int = 3) -> list[str]:
     tail = name.split(".")[-2:]
     return [c for c in candidates if c.split(".")[-2:] == tail][:n] or candidates[:n]
@@ -429,6 +437,11 @@ def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: An
         disagrees with ``rank_pattern``, an A without its B; each names the tensor.
       NotImplementedError: PEFT features that change the forward pass and are not implemented (named).
     """
+    if stacking.is_stacked(params):  # a scanned model: PEFT files name layers; read per layer, then stack
+        loaded = load_peft(folder_or_hub_id, stacking.unstack(params), config=stacking.unrolled(config), dtype=dtype,
+                           revision=revision)
+        return LoadedPeft(_restack(loaded.adapters, params, folder_or_hub_id),
+                          _restack(loaded.trained, params, folder_or_hub_id), loaded.config)
     folder = _resolve(folder_or_hub_id, revision)
     cfg = read_config(folder)
     tensors = _read_tensors(folder)
@@ -603,6 +616,8 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
     name, ``lora_alpha`` being set so that PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) equals the
     adapter's ``scale``. Returns the folder.
     """
+    adapters, config = stacking.unstack(adapters), stacking.unrolled(config)  # PEFT files name layers
+    modules_to_save = None if modules_to_save is None else stacking.unstack(modules_to_save)
     items = [(tree.split(p), ad) for p, ad in core.adapter_items(adapters)]
     if not items:
         raise ValueError("save_peft: the adapter tree holds no LoraAdapter")

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import core as _core
+from lora_jax import stacking as _stacking
 from lora_jax import targets as _targets
 from lora_jax import tree as _tree
 
@@ -350,6 +351,8 @@ class Quantizer:
     def __call__(self, path: str, leaf: Any) -> Any:
         if path not in self.chosen:
             return leaf
+        if _stacking.layer_axes(path):
+            raise _stacking.unsupported(f"quantising {path} (QLoRA)")
         n_stack = _targets.default_expert_axes(path, leaf.ndim)
         return quantize_array(leaf, **self.kwargs, in_ndim=_targets.default_in_axes(path, leaf.ndim - n_stack),
                               stack_ndim=n_stack)

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax import regex
 from lora_jax.core import LoraAdapter
+from lora_jax.stacking import layer_axes
 from lora_jax.targets import default_expert_axes
 from lora_jax.tree import path_str, path_tuple
 
@@ -176,6 +177,12 @@ def _rule_for(path: str, rules: Sequence[Rule]) -> Any:
 
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule]) -> P:
+    if layer_axes(path) and len(shape) > 1:  # a scanned stack: the layer axis stays whole, each layer as unrolled
+        return P(None, *_spec_one(path, tuple(shape[1:]), mesh, rules))
+    return _spec_one(path, shape, mesh, rules)
+
+
+def _spec_one(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule]) -> P:
     pattern, spec = _rule_for(path, rules)
     n_exp = expert_size(mesh)
     if n_exp > 1 and default_expert_axes(path, len(shape)) and shape[0] % n_exp == 0 and spec is not None \

@@ -62,11 +62,13 @@ def open_model(cfg: Config):
 
     task = MODEL_TASKS[cfg.data.task]
     overrides = {"num_labels": cfg.model.num_labels} if task != "causal-lm" else {}
+    if not scan_layers(cfg):
+        overrides["scan_layers"] = False
     coef = cfg.model.router_aux_loss_coef
     if coef is not None:
         overrides.update(router_aux_loss_coef=float(coef), output_router_logits=coef > 0)
     try:
-        ckpt = models.open_checkpoint(cfg.model.name, task=task, **overrides)
+        ckpt = _open(models, cfg.model.name, task, overrides)
     except TypeError as e:
         if coef is None or "router_aux_loss_coef" not in str(e):
             raise
@@ -81,6 +83,29 @@ def open_model(cfg: Config):
         raise ConfigError(f"model.attention={cfg.model.attention}: {cfg.model.name} has its own attention (only the "
                           "shared decoder's families choose one); leave it auto")
     return ckpt, model
+
+
+def _open(models: Any, name: str, task: str, overrides: dict) -> Any:
+    try:
+        return models.open_checkpoint(name, task=task, **overrides)
+    except TypeError as e:
+        if "scan_layers" not in str(e):
+            raise
+    # a family whose layers never scan (BERT, GPT-2, Whisper): its Config has no scan_layers
+    return models.open_checkpoint(name, task=task, **{k: v for k, v in overrides.items() if k != "scan_layers"})
+
+
+def scan_layers(cfg: Config) -> bool:
+    """Whether a decoder runs its layers scanned (``model.scan_layers``); a scanned stack does not support QLoRA
+    or DoRA yet, and says so rather than running unrolled behind the user's back."""
+    if not cfg.model.scan_layers:
+        return False
+    why = [k for k, on in (("train.method=qlora", cfg.train.method == "qlora"), ("lora.use_dora", cfg.lora.use_dora))
+           if on]
+    if why:
+        raise ConfigError(f"model.scan_layers=true: {', '.join(why)} does not support a scanned layer stack yet; "
+                          "set model.scan_layers=false")
+    return True
 
 
 def load_model(cfg: Config):

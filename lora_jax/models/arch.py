@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import tree
+from lora_jax import stacking, tree
 
 Path = tuple[str, ...]
 
@@ -149,6 +149,23 @@ def stacked(each: Layout = TRANSPOSE) -> Layout:
                   read=read)
 
 
+def layer_stacked(each: Layout, per_layer: int, layers: int) -> Layout:
+    """One leaf of a scanned layer stack (:mod:`lora_jax.stacking`): layer ``i`` is stored as ``per_layer``
+    tensors in layout ``each`` (the names of all layers in order), so files keep their per-layer names."""
+    k = per_layer
+
+    def load(xs):
+        parts = [each.load(xs[i * k:(i + 1) * k]) for i in range(layers)]
+        return (jnp if isinstance(parts[0], jax.Array) else np).stack(parts)
+
+    def read(views, index):  # only the layers in the block, each read blockwise as its layout allows
+        return np.stack([each.read_block(views[i * k:(i + 1) * k], index[1:])
+                         for i in range(*index[0].indices(layers))])
+
+    return Layout(load=load, save=lambda x: [t for i in range(x.shape[0]) for t in each.save(x[i])],
+                  transposed=each.transposed, read=read if each.read is not None else None)
+
+
 # -------------------------------------------------------------------------------------------- names
 
 
@@ -224,9 +241,23 @@ class Names:
                  for p in path[:-1]]
         return ".".join(parts)
 
+    def _stack_size(self, path: Path, config: Any) -> int:
+        """The layer count of a leaf in a scanned stack (``0``: the leaf is not in one)."""
+        if not stacking.layer_axes(path) or (self.lists is not None and stacking.STACK not in self.lists):
+            return 0
+        n = getattr(config, "num_hidden_layers", None)
+        if n is None:
+            raise ValueError(f"{tree.join(path)} is in a scanned layer stack; its checkpoint names need the config "
+                             "(its num_hidden_layers)")
+        return int(n)
+
     def tensor(self, path: Sequence[str], config: Any = None) -> Tensor:
-        """The checkpoint tensor(s) of leaf ``path`` and their layout."""
+        """The checkpoint tensor(s) of leaf ``path`` and their layout (a leaf of a scanned stack: the tensors of
+        every layer, :func:`layer_stacked`)."""
         path = tree.split(path)
+        layers = self._stack_size(path, config)
+        if layers:
+            return _stack_tensors([self.tensor(stacking.per_layer_path(path, i), config) for i in range(layers)])
         name = f"{self.module(path)}.{LEAF_NAMES.get(path[-1], path[-1])}"
         joined = tree.join(path)
         for pattern, rule in self._rules:
@@ -237,6 +268,10 @@ class Names:
 
     def candidates(self, path: Sequence[str], config: Any = None) -> tuple[Tensor, ...]:
         """Every way a checkpoint may hold leaf ``path``: :meth:`tensor` first, then its rule's ``also``."""
+        layers = self._stack_size(tree.split(path), config)
+        if layers:
+            ways = [self.candidates(stacking.per_layer_path(tree.split(path), i), config) for i in range(layers)]
+            return tuple(_stack_tensors([w[j] for w in ways]) for j in range(len(ways[0])))
         first = self.tensor(path, config)
         joined = tree.join(tree.split(path))
         rule = next((r for pattern, r in self._rules if pattern.fullmatch(joined)), None)
@@ -247,14 +282,21 @@ class Names:
                          for layout, name in rule.also))
 
     def hf_name(self, path: Sequence[str]) -> str:
-        """The (first) tensor name of leaf ``path``: ``model.layers.0.self_attn.q_proj.weight``."""
-        return self.tensor(path).names[0]
+        """The (first) tensor name of leaf ``path``: ``model.layers.0.self_attn.q_proj.weight`` (layer 0's for a
+        leaf of a scanned stack)."""
+        return self.tensor(stacking.per_layer_path(tree.split(path), 0)).names[0]
 
     def is_ignored(self, name: str, config: Any) -> bool:
         """Whether checkpoint tensor ``name`` (without backbone prefix) holds no parameter of ``config``."""
         if self.tied is not None and name == self.tied and getattr(config, "tie_word_embeddings", False):
             return True
         return any(re.fullmatch(p, name) for p in self.ignore)
+
+
+def _stack_tensors(per_layer: Sequence[Tensor]) -> Tensor:
+    first = per_layer[0]
+    return Tensor(tuple(n for t in per_layer for n in t.names),
+                  layer_stacked(first.layout, len(first.names), len(per_layer)))
 
 
 GENERIC_NAMES = Names(lists=None)
@@ -523,4 +565,4 @@ def for_paths(paths: Sequence[Sequence[str]]) -> Architecture | None:
 
 __all__ = ["FAMILIES", "GENERIC_NAMES", "GGUF", "LEAF_NAMES", "SAME", "TRANSPOSE", "Architecture", "Layout",
            "Names", "Rule", "Task", "Tensor", "families", "for_config", "for_gguf", "for_model_type", "for_paths",
-           "gguf_architectures", "model_types", "permuted", "register", "stacked"]
+           "gguf_architectures", "layer_stacked", "model_types", "permuted", "register", "stacked"]

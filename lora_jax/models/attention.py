@@ -108,6 +108,19 @@ class Mask:
         return m
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("full", "sliding", "use_sliding"), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class LayerMask:
+    """The masks of a scanned layer stack whose layers differ only in their window (Gemma 3's interleaved local
+    and global layers; Qwen2's ``layer_types``): ``full`` and ``sliding`` are the two :class:`Mask` s, and
+    ``use_sliding`` (a ``()`` bool, one per layer, handed to each step of the scan) picks one. :func:`attend`
+    runs the chosen one under ``jax.lax.cond``, so every layer runs one compiled body."""
+
+    full: Mask
+    sliding: Mask
+    use_sliding: Array | None = None
+
+
 def choose(mask: Mask, q: Array, softcap: float | None) -> str:
     """The implementation ``mask.implementation`` names; for ``auto`` the one this backend, dtype and call get
     (see the module docstring)."""
@@ -139,6 +152,11 @@ def attend(q: Array, k: Array, v: Array, mask: Mask | Array, scale: float | None
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"the {q.shape[2]} query heads must be a multiple of the {k.shape[2]} key/value heads")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if isinstance(mask, LayerMask):
+        if mask.use_sliding is None:
+            raise ValueError("attend: a LayerMask needs use_sliding (the layer's flag) set")
+        return jax.lax.cond(mask.use_sliding, lambda: attend(q, k, v, mask.sliding, scale, softcap),
+                            lambda: attend(q, k, v, mask.full, scale, softcap))
     if not isinstance(mask, Mask):
         return xla(q, k, v, mask, scale, softcap)
     name = choose(mask, q, softcap)
@@ -386,5 +404,5 @@ def splash(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: floa
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)
 
 
-__all__ = ["BLOCK", "IMPLEMENTATIONS", "Mask", "attend", "blockwise", "check_implementation", "choose", "cudnn",
+__all__ = ["BLOCK", "IMPLEMENTATIONS", "LayerMask", "Mask", "attend", "blockwise", "check_implementation", "choose", "cudnn",
            "splash", "xla"]

@@ -36,9 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import stacking, tree
+from lora_jax.models import attention
 from lora_jax.models.arch import Names, Task
-from lora_jax.models.generate import KVCache, begin_step, input_positions, run_layers
-from lora_jax.models.layers import Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, normal, remat
+from lora_jax.models.generate import KVCache, begin_step, finish_step, input_positions, run_layers
+from lora_jax.models.layers import REMAT_POLICIES, Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, normal, remat
 from lora_jax.models.layers import check_activation, check_model_type, check_multiple
 
 Array = jax.Array
@@ -56,7 +58,9 @@ class DecoderConfig:
     ``rope_*``: rotary embedding base and scaling (see :class:`~lora_jax.models.layers.Rope`). ``qkv_bias`` /
     ``o_bias`` / ``mlp_bias``: which projections have biases. ``qk_norm``: per-head RMSNorm of queries and keys
     before RoPE. ``sliding_window``: local attention span in tokens, applied to the layers marked in
-    ``sliding_layers`` (``None``: all layers).
+    ``sliding_layers`` (``None``: all layers). ``scan_layers``: run the layers as one scanned layer over stacked
+    parameters (:mod:`lora_jax.stacking`; see :attr:`scanned`), not a file setting: ``from_hf`` / ``to_hf``
+    leave it alone.
     """
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
@@ -89,6 +93,7 @@ class DecoderConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     model_type: str = ""
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.model_type not in self.MODEL_TYPES:
@@ -117,6 +122,19 @@ class DecoderConfig:
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and (self.sliding_layers is None or self.sliding_layers[layer])
+
+    def layer_structure(self, layer: int) -> Any:
+        """What decides layer ``layer``'s parameters (a family whose layers differ overrides it: Qwen3-MoE's dense
+        layers among sparse ones). Layers of one structure can share a scanned stack; layers that differ only in
+        their window (:meth:`is_sliding`) can too."""
+        return ()
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the model runs its layers scanned: ``scan_layers`` and every layer of one structure
+        (:meth:`layer_structure`); else it runs them unrolled, with per-layer parameters ``layers_N``."""
+        n = self.num_hidden_layers
+        return self.scan_layers and n > 0 and len({self.layer_structure(i) for i in range(n)}) == 1
 
     @classmethod
     def from_hf(cls, hf_config) -> DecoderConfig:
@@ -214,10 +232,14 @@ class DecoderLayer(nn.Module):
 
     ``mlp`` is what :meth:`feed_forward` builds (a dense :class:`~lora_jax.models.layers.GatedMLP` here); a
     family whose feed-forward differs (:class:`lora_jax.models.moe.MoeDecoderLayer`) subclasses and overrides
-    only that method, so the attention half and every parameter path stay the same."""
+    only that method, so the attention half and every parameter path stay the same.
+
+    ``layer``: the layer's index, or for a scanned stack (:class:`LayerStack`) any layer of it when its layers are
+    alike, ``None`` when they differ in their window (each step then gets a
+    :class:`~lora_jax.models.attention.LayerMask` that says which kind it is)."""
 
     config: DecoderConfig
-    layer: int
+    layer: int | None
     dtype: Dtype = jnp.float32
 
     def feed_forward(self) -> nn.Module:
@@ -236,6 +258,60 @@ class DecoderLayer(nn.Module):
         h, kv = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, mask, kv, start)
         x = x + h
         return x + self.feed_forward()(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)), kv
+
+
+class LayerStack(nn.Module):
+    """A decoder's layers as one scanned layer: the parameters of all ``config.num_hidden_layers`` layers stacked
+    (each leaf ``(L, ...)``, under this module's name, :data:`lora_jax.stacking.STACK`) and ``jax.lax.scan``
+    running one compiled ``layer`` over them, each step checkpointed with the ``remat`` policy. So the compiled
+    program and its compile time do not grow with depth, and a backward pass recomputes one layer at a time
+    (with FSDP: gathers one layer's weights at a time).
+
+    ``__call__(x, positions, mask, kv, start, use_sliding)``: ``kv`` the stacked cache ``(keys, values)``, each
+    ``(L, B, T, KV, hd)``, or ``None``; ``use_sliding`` ``(L,)`` bool when ``mask`` is a
+    :class:`~lora_jax.models.attention.LayerMask` (layers that differ in their window), else ``None``. Values a
+    layer sows (MoE router logits) are sown here once per layer, in layer order."""
+
+    layer: Any
+    config: Any
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+    mixed: bool = False  # the layers differ in their window: each step gets its flag
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv, start, use_sliding):
+        c = self.config
+        n = c.num_hidden_layers
+        block = self.layer(c, None if self.mixed else 0, self.dtype, parent=None)
+        if self.is_initializing():
+            probe = attention.Mask(None, None, jnp.zeros((), jnp.int32), implementation="xla")
+
+            def init_one(key):
+                return block.init(key, x[:1, :1], jnp.zeros((1, 1), jnp.int32), probe, None,
+                                  jnp.zeros((), jnp.int32))["params"]
+
+            stacked = jax.vmap(init_one)(jax.random.split(self.make_rng("params"), n))
+            params = {name: self.param(name, lambda _, v=v: v) for name, v in stacked.items()}
+        else:
+            params = self.variables["params"]
+        views = jax.tree_util.tree_map(lambda p: stacking.layer_view(p, n), dict(params),
+                                       is_leaf=stacking.is_node)
+
+        def step(h, xs):
+            p, layer_kv, flag = xs
+            m = mask if flag is None else dataclasses.replace(mask, use_sliding=flag)
+            (h, layer_kv), state = block.apply({"params": p}, h, positions, m, layer_kv, start,
+                                               mutable=["intermediates"])
+            return h, (layer_kv, state.get("intermediates", {}))
+
+        if self.remat != "none":
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, (kv, sown) = jax.lax.scan(step, x, (views, kv, use_sliding))
+        for path, value in tree.flatten(sown).items():  # a sow's tuple per layer: re-sown in layer order
+            for call in value if isinstance(value, tuple) else (value,):
+                self.sow("intermediates", path[-1], tuple(call[i] for i in range(n)), init_fn=tuple,
+                         reduce_fn=lambda xs, x: xs + x)
+        return x, kv
 
 
 class DecoderModel(nn.Module):
@@ -258,7 +334,11 @@ class DecoderModel(nn.Module):
     def setup(self):
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, c.initializer_range)
-        self.layers = [remat(self.layer, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
+        if c.scanned:
+            mixed = len({c.is_sliding(i) for i in range(c.num_hidden_layers)}) > 1
+            self.layers = LayerStack(self.layer, c, self.dtype, self.remat, mixed)
+        else:
+            self.layers = [remat(self.layer, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.norm_offset)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
@@ -269,8 +349,20 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.scale_embeddings:
             x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
-        x, cache = run_layers(self.layers, x, cache, step, lambda i, layer, x, kv: layer(
-            x, positions, step.mask(self.config.is_sliding(i), self.attention), kv, step.start))
+        c = self.config
+        if c.scanned:
+            kinds = [c.is_sliding(i) for i in range(c.num_hidden_layers)]
+            if len(set(kinds)) == 1:
+                mask, flags = step.mask(kinds[0], self.attention), None
+            else:
+                mask = attention.LayerMask(step.mask(False, self.attention), step.mask(True, self.attention))
+                flags = jnp.asarray(kinds)
+            x, kv = self.layers(x, positions, mask, None if cache is None else (cache.keys, cache.values),
+                                step.start, flags)
+            cache = None if cache is None else finish_step(cache, step, kv[0], kv[1], s)
+        else:
+            x, cache = run_layers(self.layers, x, cache, step, lambda i, layer, x, kv: layer(
+                x, positions, step.mask(c.is_sliding(i), self.attention), kv, step.start))
         return self.norm(x), cache
 
     def attend(self, h: Array) -> Array:
@@ -433,4 +525,4 @@ def rope_rows(permute) -> Any:
 
 
 __all__ = ["GGUF_CONFIG", "GGUF_REQUIRED", "GGUF_TENSORS", "NAMES", "PRESETS", "CausalLM", "DecoderConfig",
-           "DecoderLayer", "DecoderModel", "permute_rope_rows", "rope_rows", "tasks", "unpermute_rope_rows"]
+           "DecoderLayer", "DecoderModel", "LayerStack", "permute_rope_rows", "rope_rows", "tasks", "unpermute_rope_rows"]

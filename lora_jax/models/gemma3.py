@@ -122,15 +122,17 @@ class DecoderLayer(nn.Module):
     ``x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``; every norm ``(1 + w)``."""
 
     config: Config
-    layer: int
+    layer: int | None  # None: a scanned stack mixing local and global layers (see decoder.DecoderLayer)
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, positions, mask, kv, start):
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, self.dtype, 1.0)
+        mixed = self.layer is None  # a scanned stack of local and global layers: the mask says which (LayerMask)
         attn = Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.qkv_bias,
-                         c.o_bias, c.layer_rope(self.layer), c.rms_norm_eps, norm_offset=1.0,
+                         c.o_bias, c.rope if mixed else c.layer_rope(self.layer),
+                         sliding_rope=c.local_rope if mixed else None, qk_norm_eps=c.rms_norm_eps, norm_offset=1.0,
                          scale=c.query_pre_attn_scalar ** -0.5, softcap=c.attn_logit_softcapping,
                          init_std=c.initializer_range, dtype=self.dtype, name="self_attn")
         h, kv = attn(norm(name="input_layernorm")(x), positions, mask, kv, start)

@@ -48,13 +48,14 @@ class KVCache:
     """Keys and values of every layer for ``max_len`` token slots.
 
     Attributes:
-      keys, values: one array per layer, ``(batch, max_len, num_kv_heads, head_dim)``.
+      keys, values: one array per layer, ``(batch, max_len, num_kv_heads, head_dim)``; for a model with scanned
+        layers (``config.scanned``) one stacked array ``(layers, batch, max_len, num_kv_heads, head_dim)``.
       mask: ``(batch, max_len)`` bool: the slot holds a real token (False for padding and unwritten slots).
       index: ``()`` int32: the next slot to write (the same for every row: rows are left-padded).
     """
 
-    keys: tuple[Array, ...]
-    values: tuple[Array, ...]
+    keys: tuple[Array, ...] | Array
+    values: tuple[Array, ...] | Array
     mask: Array
     index: Array
 
@@ -69,11 +70,15 @@ class KVCache:
 
 def init_cache(config: Any, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache for ``config`` (any decoder ``Config`` with ``num_hidden_layers``,
-    ``num_key_value_heads`` and ``head_dim``): zeros of ``(batch, max_len, num_kv_heads, head_dim)`` per layer,
-    no slot filled, index 0."""
+    ``num_key_value_heads`` and ``head_dim``): zeros of ``(batch, max_len, num_kv_heads, head_dim)`` per layer
+    (stacked into one ``(layers, ...)`` array when ``config.scanned``), no slot filled, index 0."""
     if batch < 1 or max_len < 1:
         raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
     shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    if getattr(config, "scanned", False):
+        stacked = (config.num_hidden_layers, *shape)
+        return KVCache(keys=jnp.zeros(stacked, dtype), values=jnp.zeros(stacked, dtype),
+                       mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
     return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
                    mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
@@ -83,13 +88,20 @@ def reorder_cache(cache: KVCache, rows: Array) -> KVCache:
     """The cache with its batch rows replaced by ``rows`` (``(batch,)`` int): beam search keeps the cache of
     the beams it continues."""
     take = functools.partial(jnp.take, indices=rows, axis=0)
-    return KVCache(tuple(map(take, cache.keys)), tuple(map(take, cache.values)), take(cache.mask), cache.index)
+    return KVCache(*_per_layer(take, cache.keys, cache.values), take(cache.mask), cache.index)
+
+
+def _per_layer(f, keys, values):
+    """``f`` (an operation on batch axis 0) applied to every layer's keys and values, stacked or not."""
+    if isinstance(keys, tuple):
+        return tuple(map(f, keys)), tuple(map(f, values))
+    return jax.vmap(f)(keys), jax.vmap(f)(values)
 
 
 def repeat_cache(cache: KVCache, n: int) -> KVCache:
     """Each batch row repeated ``n`` times in a row (``(B, ...)`` -> ``(B * n, ...)``), for ``n`` beams."""
     rep = functools.partial(jnp.repeat, repeats=n, axis=0)
-    return KVCache(tuple(map(rep, cache.keys)), tuple(map(rep, cache.values)), rep(cache.mask), cache.index)
+    return KVCache(*_per_layer(rep, cache.keys, cache.values), rep(cache.mask), cache.index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,11 +191,13 @@ def write_cache(cached: Array, new: Array, start: Array) -> Array:
     return jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), (0, start) + (0,) * (cached.ndim - 2))
 
 
-def finish_step(cache: KVCache, step: StepMask, keys: Sequence[Array], values: Sequence[Array],
+def finish_step(cache: KVCache, step: StepMask, keys: Sequence[Array] | Array, values: Sequence[Array] | Array,
                 seq_len: int) -> KVCache:
-    """The cache after a call that wrote ``seq_len`` tokens: the layers' new keys/values, the filled mask,
-    the index moved on."""
-    return KVCache(tuple(keys), tuple(values), step.key_valid, cache.index + seq_len)
+    """The cache after a call that wrote ``seq_len`` tokens: the layers' new keys/values (a sequence per layer,
+    or the stacked arrays of a scanned stack), the filled mask, the index moved on."""
+    if not isinstance(keys, jax.Array):
+        keys, values = tuple(keys), tuple(values)
+    return KVCache(keys, values, step.key_valid, cache.index + seq_len)
 
 
 def run_layers(layers: Sequence[Any], x: Array, cache: KVCache | None, step: StepMask,

@@ -273,6 +273,8 @@ class Attention(nn.Module):
         the head width and the output width.
       qkv_bias, o_bias: which projections have biases.
       rope: the rotary embedding (``None``: no rotation).
+      sliding_rope: the rotary embedding of the layers a :class:`lora_jax.models.attention.LayerMask` marks
+        sliding (Gemma 3's local RoPE base; ``None``: ``rope``), for a scanned stack that mixes both kinds.
       qk_norm_eps: RMS-normalise each query and key head before RoPE (Qwen3, Gemma 3) with this epsilon;
         ``None``: no q/k norms. ``norm_offset``: the :class:`RMSNorm` offset of those norms.
       scale: the score scale (``None``: ``1 / sqrt(head_dim)``); softcap: soft-cap the scores at this value
@@ -293,6 +295,7 @@ class Attention(nn.Module):
     softcap: float | None = None
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
+    sliding_rope: Rope | None = None
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, start: Array):
@@ -313,6 +316,8 @@ class Attention(nn.Module):
             k = RMSNorm(self.qk_norm_eps, self.dtype, self.norm_offset, name="k_norm")(k)
         if self.rope is not None:
             inv_freq = self.rope.inv_freq(self.head_dim)
+            if self.sliding_rope is not None and isinstance(mask, attention.LayerMask):
+                inv_freq = jnp.where(mask.use_sliding, self.sliding_rope.inv_freq(self.head_dim), inv_freq)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if kv is not None:
             k, v = write_cache(kv[0], k, start), write_cache(kv[1], v, start)

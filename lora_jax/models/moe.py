@@ -480,7 +480,7 @@ class MoeDecoderLayer(DecoderLayer):
 
     def feed_forward(self) -> nn.Module:
         c = self.config
-        if not c.is_sparse(self.layer):
+        if not c.is_sparse(0 if self.layer is None else self.layer):  # a scanned stack: every layer alike
             return super().feed_forward()
         return SparseMoeBlock(c.num_experts, c.num_experts_per_tok, c.hidden_size, c.moe_intermediate_size,
                               c.norm_topk_prob, c.hidden_act, c.initializer_range, self.dtype, c.moe_dispatch,

@@ -60,6 +60,9 @@ class Config(DecoderConfig):
         return (layer not in self.mlp_only_layers and self.num_experts > 0
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
+    def layer_structure(self, layer: int) -> bool:
+        return self.is_sparse(layer)  # dense and sparse layers cannot share a scanned stack
+
     @classmethod
     def fields_from_hf(cls, hf_config) -> dict:
         return {"qk_norm": True, "num_experts": hf_config.num_experts,

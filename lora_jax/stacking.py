@@ -1,0 +1,243 @@
+"""Scanned layer stacks: the one convention, and the conversions between stacked and per-layer trees.
+
+A model whose identical layers run as one scanned layer (``jax.lax.scan`` over the layers, as Flax's ``nn.scan``,
+MaxText and tunix do) keeps their parameters stacked: one leaf per parameter with the layer as its first axis,
+under a module named :data:`STACK` (``layers``) where an unrolled model has ``layers_0``, ``layers_1``, ...::
+
+    model/layers_N/self_attn/q_proj/kernel (D, H*hd)    unrolled: one leaf per layer
+    model/layers/self_attn/q_proj/kernel   (L, D, H*hd) scanned: one leaf, layer first
+
+Everything else follows from the convention. A LoRA adapter of a stacked kernel is stacked the same way (``a (L,
+d_in, r)``, ``b (L, r, d_out)``, ``in_shape = (L, d_in)``: :class:`lora_jax.core.LoraAdapter`'s stack axes), so
+``lora.init`` / ``merge`` / ``wrap`` work on it unchanged, and checkpoints keep their per-layer names
+(:class:`lora_jax.models.arch.Names` maps a stacked leaf to its ``L`` tensors).
+
+- :func:`unstack` / :func:`stack`: a tree (params, adapters, ``LoraWeight`` or ``QuantizedWeight`` nodes, shapes)
+  between the two forms, for code that speaks per-layer names (PEFT files, GGUF, the dW analysis per layer).
+- :func:`layer_view`: a stacked node whose static metadata describes one layer while its arrays stay stacked:
+  what ``jax.lax.scan`` needs to hand each step a valid per-layer node.
+- :func:`layer_axes`: whether a leaf path lies in a stack (its leaves lead with one layer axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from lora_jax.errors import UnsupportedError
+
+PyTree = Any
+
+STACK = "layers"
+"""The module name of a scanned layer stack (``nn.scan``'s usual name; the unrolled form names ``layers_N``)."""
+
+_UNROLLED = re.compile(rf"{STACK}_(\d+)")
+
+
+def layer_axes(path: str | tuple[str, ...]) -> int:
+    """How many leading axes of the leaf at ``path`` ('/'-joined or a tuple) index layers of a scanned stack: 1
+    when a module on the path is named :data:`STACK` (and not the leaf itself), else 0."""
+    parts = path.split("/") if isinstance(path, str) else tuple(path)
+    return 1 if STACK in parts[:-1] else 0
+
+
+def is_stacked(tree: PyTree) -> bool:
+    """Whether ``tree`` (a nested mapping) holds a scanned stack anywhere."""
+    if not hasattr(tree, "items"):
+        return False
+    return any(k == STACK and hasattr(v, "items") or is_stacked(v) for k, v in tree.items())
+
+
+def num_layers(tree: PyTree) -> int:
+    """The layer count of the first stack in ``tree`` (the leading axis of its leaves)."""
+    for k, v in tree.items():
+        if k == STACK and hasattr(v, "items"):
+            leaf = jax.tree_util.tree_leaves(v, is_leaf=is_node)[0]
+            return int(_stack_size(leaf))
+        if hasattr(v, "items") and is_stacked(v):
+            return num_layers(v)
+    raise ValueError("num_layers: the tree holds no scanned stack")
+
+
+# ----------------------------------------------------------------------------------------------- nodes
+
+
+def is_node(x: Any) -> bool:
+    from lora_jax import targets
+    from lora_jax.core import is_adapter, is_lora_weight
+
+    return is_adapter(x) or is_lora_weight(x) or targets.is_weight_node(x)
+
+
+def _stack_size(x: Any) -> int:
+    from lora_jax.core import is_adapter, is_lora_weight
+
+    if is_lora_weight(x):
+        return _stack_size(x.adapter)
+    if is_adapter(x):
+        return x.a.shape[0]
+    return x.shape[0]
+
+
+def unsupported(what: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"{what} in a scanned layer stack is not supported yet; build the model with unrolled layers "
+        "(the config's scan_layers=False; in the training job model.scan_layers: false)")
+
+
+def _key_per_layer(key: Any, n: int) -> Any:
+    """A dropout key for each layer: the stacked node's key split ``n`` ways (each layer draws its own mask)."""
+    if key is None:
+        return None
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if (typed and key.ndim == 1 and key.shape[0] == n) or (not typed and key.ndim == 2 and key.shape[0] == n):
+        return key  # already one per layer
+    return jax.random.split(key, n)
+
+
+def layer_view(node: Any, n: int) -> Any:
+    """``node`` (stacked over ``n`` layers) with the static metadata of one layer and its arrays still stacked,
+    so that slicing every array along axis 0 (what ``jax.lax.scan`` does to its inputs) gives a valid node of
+    that layer. Plain arrays are returned as they are."""
+    from lora_jax import targets
+    from lora_jax.core import is_adapter, is_lora_weight
+
+    if is_lora_weight(node):
+        return dataclasses.replace(node, base=layer_view(node.base, n), adapter=layer_view(node.adapter, n),
+                                   key=_key_per_layer(node.key, n))
+    if is_adapter(node):
+        return dataclasses.replace(node, in_shape=node.in_shape[1:])
+    if targets.is_weight_node(node):
+        raise unsupported(f"a {type(node).__name__} (a quantised base: QLoRA)")
+    return node
+
+
+def _slice(node: Any, i: int) -> Any:
+    """Layer ``i`` of a stacked node or array."""
+    from lora_jax import targets
+    from lora_jax.core import is_adapter, is_lora_weight
+
+    if is_lora_weight(node):
+        return dataclasses.replace(node, base=_slice(node.base, i), adapter=_slice(node.adapter, i),
+                                   key=None if node.key is None else _key_per_layer(node.key, _stack_size(node))[i])
+    if is_adapter(node):
+        return dataclasses.replace(node, a=node.a[i], b=node.b[i], in_shape=node.in_shape[1:],
+                                   magnitude=None if node.magnitude is None else node.magnitude[i])
+    if targets.is_weight_node(node):
+        raise unsupported(f"a {type(node).__name__} (a quantised base: QLoRA)")
+    if isinstance(node, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(node.shape[1:], node.dtype, sharding=None)
+    return node[i]
+
+
+def _join(nodes: list) -> Any:
+    """The stacked node of per-layer ``nodes``."""
+    from lora_jax import targets
+    from lora_jax.core import is_adapter, is_lora_weight
+
+    first = nodes[0]
+    if is_lora_weight(first):
+        keys = [x.key for x in nodes]
+        return dataclasses.replace(first, base=_join([x.base for x in nodes]),
+                                   adapter=_join([x.adapter for x in nodes]),
+                                   key=None if keys[0] is None else _stack_arrays(keys))
+    if is_adapter(first):
+        mags = [x.magnitude for x in nodes]
+        return dataclasses.replace(first, a=_stack_arrays([x.a for x in nodes]), b=_stack_arrays([x.b for x in nodes]),
+                                   in_shape=(len(nodes), *first.in_shape),
+                                   magnitude=None if mags[0] is None else _stack_arrays(mags))
+    if targets.is_weight_node(first):
+        raise unsupported(f"a {type(first).__name__} (a quantised base: QLoRA)")
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(nodes), *first.shape), first.dtype)
+    return _stack_arrays(nodes)
+
+
+def _stack_arrays(xs: list) -> Any:
+    if isinstance(xs[0], jax.Array):
+        import jax.numpy as jnp
+
+        return jnp.stack(xs)
+    return np.stack([np.asarray(x) for x in xs])
+
+
+# ----------------------------------------------------------------------------------------------- trees
+
+
+def _map_nodes(tree: PyTree, f) -> PyTree:
+    return jax.tree_util.tree_map(f, tree, is_leaf=is_node)
+
+
+def unstack(tree: PyTree) -> PyTree:
+    """``tree`` with every scanned stack (a mapping under :data:`STACK`) split into its layers ``layers_0`` ...
+    ``layers_{L-1}`` (arrays sliced, adapters and nodes per layer). A tree without a stack is returned as it is.
+    Dict-like containers come back as plain dicts."""
+    if not hasattr(tree, "items"):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        if k == STACK and hasattr(v, "items"):
+            n = num_layers({k: v})
+            for i in range(n):
+                out[f"{STACK}_{i}"] = _map_nodes(unstack_plain(v), lambda x, i=i: _slice(x, i))
+        else:
+            out[k] = unstack(v) if hasattr(v, "items") else v
+    return out
+
+
+def unstack_plain(tree: PyTree) -> PyTree:
+    """A stack's own subtree as plain nested dicts (a stack holds no nested stack)."""
+    return {k: unstack_plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def stack(tree: PyTree, like: PyTree | None = None) -> PyTree:
+    """The inverse of :func:`unstack`: every run ``layers_0`` ... ``layers_{L-1}`` of a mapping joined into one
+    stack under :data:`STACK`. With ``like`` (a tree in the stacked form, e.g. the model's params), only the
+    mappings that are stacks in ``like`` are joined, and a layer missing from ``tree`` raises; without it, every
+    complete run is joined."""
+    if not hasattr(tree, "items"):
+        return tree
+    keys = list(tree)
+    numbered = sorted((int(m.group(1)), k) for k in keys if (m := _UNROLLED.fullmatch(k)))
+    join = bool(numbered) if like is None else (hasattr(like, "items") and STACK in like)
+    out = {}
+    if join and numbered:
+        n = num_layers({STACK: like[STACK]}) if like is not None else len(numbered)
+        have = [i for i, _ in numbered]
+        if have != list(range(n)):
+            missing = sorted(set(range(n)) - set(have))
+            raise ValueError(f"stack: layers {missing[:8]} of {n} are missing (have {have[:8]}...)")
+        per_layer = [tree[f"{STACK}_{i}"] for i in range(n)]
+        structure = jax.tree_util.tree_structure(per_layer[0], is_leaf=is_node)
+        for i, t in enumerate(per_layer[1:], 1):
+            if jax.tree_util.tree_structure(t, is_leaf=is_node) != structure:
+                raise ValueError(f"stack: layer {i} holds other leaves than layer 0; only identical layers stack")
+        out[STACK] = jax.tree_util.tree_map(lambda *xs: _join(list(xs)), *per_layer, is_leaf=is_node)
+    for k in keys:
+        if join and _UNROLLED.fullmatch(k):
+            continue
+        v = tree[k]
+        sub_like = like.get(k) if hasattr(like, "get") else None
+        out[k] = stack(v, sub_like) if hasattr(v, "items") and (like is None or sub_like is not None) else v
+    return out
+
+
+def unrolled(config: Any) -> Any:
+    """``config`` with ``scan_layers=False`` when it describes a scanned model (the per-layer names and shapes of
+    the same model), else ``config`` itself."""
+    if getattr(config, "scanned", False):
+        return dataclasses.replace(config, scan_layers=False)
+    return config
+
+
+def per_layer_path(path: tuple[str, ...], layer: int) -> tuple[str, ...]:
+    """``path`` of a stacked leaf with the stack named as layer ``layer`` (``layers`` -> ``layers_3``)."""
+    return tuple(f"{STACK}_{layer}" if (p == STACK and i < len(path) - 1) else p for i, p in enumerate(path))
+
+
+__all__ = ["STACK", "is_node", "is_stacked", "layer_axes", "layer_view", "num_layers", "per_layer_path", "unsupported", "stack", "unrolled", "unstack",
+           "unstack_plain"]
