@@ -732,6 +732,26 @@ def attention_memory_block(results: dict) -> str:
     return "\n".join(out + ["", provenance(r, "python -m benchmarks.attention_memory")])
 
 
+def scan_layers_block(results: dict) -> str:
+    r = results["scan_layers"]
+    cfg = r["config"]
+    rows = [[str(m["layers"]), m["form"], f"{m['compile_s']:.2f}", f"{m['temp_MiB']:,.0f}"] for m in r["compile"]]
+    growth = [f"- {form}: compile({g['deep']} layers) / compile({g['shallow']} layers) = {_x(g['compile_ratio'])}"
+              for form, g in r["growth"].items()]
+    out = [f"Compiling the job's LoRA step (r=8 on q, v, AdamW, float32, train.remat={r['remat']}) of a width-128 Llama, "
+           f"batch {cfg['batch']} x {cfg['seq']}, medians of {cfg['rounds']} interleaved rounds:", "",
+           _table(["layers", "form", "compile s", "temp MiB"], rows), "", *growth, "", "Goals:", ""]
+    out += [f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in r.get("goals", {}).items()]
+    trows = [[str(t["layers"]), _ms(next(u["median_ms"] for u in r["time"] if u["layers"] == t["layers"]
+                                         and u["form"] == "unrolled")), _ms(t["median_ms"]),
+              _x(t["ratio_to_unrolled"]), f"{_x(t['ci95'][0])}-{_x(t['ci95'][1])}"]
+             for t in r.get("time", []) if t["form"] == "scanned"]
+    if trows:
+        out += ["", f"Step time on this CPU, {cfg['time_rounds']} rotated rounds (compare the paired ratios):", "",
+                _table(["layers", "unrolled ms", "scanned ms", "scanned / unrolled", "95% CI"], trows)]
+    return "\n".join(out + ["", provenance(r, "python -m benchmarks.scan_layers")])
+
+
 def accelerator_block(results: dict) -> str:
     r = results["accelerator"]
     pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
@@ -771,6 +791,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "newcomer": (("newcomer",), newcomer_block, False),
     "attention_memory": (("attention_memory",), attention_memory_block, False),
     "accelerator": (("accelerator",), accelerator_block, False),
+    "scan_layers": (("scan_layers",), scan_layers_block, False),
     "sharded_load": (("sharded_load",), sharded_load_block, False),
     "transform_qlora": (("transform_qlora",), transform_qlora_block, False),
 }

@@ -11,7 +11,9 @@ Face sharded safetensors (``model-0000K-of-0000N`` + index, 500 MB shards) with 
 1. ``whole``: what loading looked like before: ``lora_jax.models.load(folder, dtype=float32)``, the whole model on
    one device in float32 (the loader alone, no training);
 2. ``sharded 1x8``: ``python -m train.run`` on 8 CPU devices (``mesh.fsdp=8``), ``train.precision=bfloat16``,
-   ``train.remat=full``, LoRA r=8 on q/v, ``--steps`` steps of 8 rows x 64 tokens, evaluation and exports off;
+   ``train.remat=full``, LoRA r=8 on q/v, ``--steps`` steps of 8 rows x 64 tokens, evaluation and exports off,
+   layers scanned (the job's default); ``sharded 1x8 unrolled``: the same with ``model.scan_layers=false`` (the
+   reference: unrolled, XLA keeps each layer's gathered weights from the forward to the backward pass);
 3. ``sharded 2x4``: the same job as two processes of 4 CPU devices each forming a JAX cluster on 127.0.0.1 (each
    process's peak is reported; each reads only the blocks its devices hold).
 
@@ -38,8 +40,8 @@ import numpy as np
 from benchmarks.common import Recorder, table
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["lora_jax/models/placement.py", "lora_jax/models/hf.py", "lora_jax/models/__init__.py",
-           "lora_jax/sharding.py", "train/loop.py", "train/memory.py", "benchmarks/sharded_load.py"]
+SOURCES = ["lora_jax/models", "lora_jax/stacking.py", "lora_jax/sharding.py", "train/loop.py", "train/memory.py",
+           "benchmarks/sharded_load.py"]
 PRESETS = {
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4),
@@ -134,6 +136,8 @@ def measure(folder: Path, steps: int, work: Path) -> dict[str, list[dict]]:
     rows = {"whole": [_finish(whole, "whole-model load")]}
     one = _timed(_job_args(folder, work / "one", steps, 8), _env(8))
     rows["sharded 1x8"] = [_finish(one, "train.run on 8 devices")]
+    unrolled = _timed([*_job_args(folder, work / "unrolled", steps, 8), "model.scan_layers=false"], _env(8))
+    rows["sharded 1x8 unrolled"] = [_finish(unrolled, "train.run on 8 devices, unrolled layers")]
     port = _free_port()
     procs = [_timed(_job_args(folder, work / "two", steps, 8),
                     _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))

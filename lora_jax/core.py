@@ -239,6 +239,7 @@ def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lor
     Raises if an adapter names a path that ``params`` lacks or whose shape differs: an adapter for another
     base is a bug, never something to ignore.
     """
+    adapters = _stacking.conform(adapters, params)  # trained scanned, applied unrolled (or back)
     adapter_paths = {tuple(p.split("/")): ad for p, ad in adapter_items(adapters)}
     used = set()
 

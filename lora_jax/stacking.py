@@ -70,7 +70,11 @@ def is_node(x: Any) -> bool:
     from lora_jax import targets
     from lora_jax.core import is_adapter, is_lora_weight
 
-    return is_adapter(x) or is_lora_weight(x) or targets.is_weight_node(x)
+    return is_adapter(x) or is_lora_weight(x) or targets.is_weight_node(x) or _is_multi(x)
+
+
+def _is_multi(x: Any) -> bool:
+    return type(x).__name__ == "MultiLoraWeight" and type(x).__module__ == "lora_jax.multi"
 
 
 def _stack_size(x: Any) -> int:
@@ -111,6 +115,8 @@ def layer_view(node: Any, n: int) -> Any:
                                    key=_key_per_layer(node.key, n))
     if is_adapter(node):
         return dataclasses.replace(node, in_shape=node.in_shape[1:])
+    if _is_multi(node):
+        raise unsupported("a mixed-adapter batch (lora.wrap_mixed)")
     if targets.is_weight_node(node):
         raise unsupported(f"a {type(node).__name__} (a quantised base: QLoRA)")
     return node
@@ -146,6 +152,12 @@ def _join(nodes: list) -> Any:
                                    adapter=_join([x.adapter for x in nodes]),
                                    key=None if keys[0] is None else _stack_arrays(keys))
     if is_adapter(first):
+        for i, x in enumerate(nodes[1:], 1):
+            for field in ("r", "alpha", "scale", "dropout", "in_shape", "out_shape"):
+                if getattr(x, field) != getattr(first, field):
+                    raise ValueError(f"layer {i}'s adapter has {field}={getattr(x, field)}, layer 0's "
+                                     f"{getattr(first, field)}: a scanned stack holds one adapter shape and scale for "
+                                     "all its layers (per-layer rank / alpha patterns need unrolled layers)")
         mags = [x.magnitude for x in nodes]
         return dataclasses.replace(first, a=_stack_arrays([x.a for x in nodes]), b=_stack_arrays([x.b for x in nodes]),
                                    in_shape=(len(nodes), *first.in_shape),
@@ -226,6 +238,23 @@ def stack(tree: PyTree, like: PyTree | None = None) -> PyTree:
     return out
 
 
+def _has_unrolled(tree: PyTree) -> bool:
+    if not hasattr(tree, "items"):
+        return False
+    return any(_UNROLLED.fullmatch(str(k)) or _has_unrolled(v) for k, v in tree.items())
+
+
+def conform(tree: PyTree, like: PyTree) -> PyTree:
+    """``tree`` (adapters, trained leaves) in the form of ``like`` (the params they go with): unstacked when
+    ``like`` has per-layer modules and ``tree`` a stack, stacked when ``like`` has a stack and ``tree`` per-layer
+    modules, else as it is. So adapters trained scanned merge into a model loaded unrolled, and back."""
+    if is_stacked(tree) and not is_stacked(like) and _has_unrolled(like):
+        return unstack(tree)
+    if is_stacked(like) and not is_stacked(tree) and _has_unrolled(tree):
+        return stack(tree, like=like)
+    return tree
+
+
 def unrolled(config: Any) -> Any:
     """``config`` with ``scan_layers=False`` when it describes a scanned model (the per-layer names and shapes of
     the same model), else ``config`` itself."""
@@ -239,5 +268,5 @@ def per_layer_path(path: tuple[str, ...], layer: int) -> tuple[str, ...]:
     return tuple(f"{STACK}_{layer}" if (p == STACK and i < len(path) - 1) else p for i, p in enumerate(path))
 
 
-__all__ = ["STACK", "is_node", "is_stacked", "layer_axes", "layer_view", "num_layers", "per_layer_path", "unsupported", "stack", "unrolled", "unstack",
+__all__ = ["STACK", "conform", "is_node", "is_stacked", "layer_axes", "layer_view", "num_layers", "per_layer_path", "unsupported", "stack", "unrolled", "unstack",
            "unstack_plain"]

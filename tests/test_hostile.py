@@ -493,7 +493,7 @@ KEYS = [f"{s}.{k}" for s, cls in HINTS.items() for k in cls.__pydantic_fields__]
 # A valid non-default value of every key, and the overrides it needs to have an effect.
 NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
     "model.name": ("all-MiniLM-L6-v2", []), "model.router_aux_loss_coef": ("0.01", []),
-    "model.attention": ("blockwise", []),
+    "model.attention": ("blockwise", []), "model.scan_layers": ("false", []),
     "model.num_labels": ("3", ["data.task=classification"]),
     "lora.r": ("4", []), "lora.alpha": ("16", []), "lora.targets": ("attention", []),
     "lora.exclude": ("['.*layer_1.*']", []), "lora.dropout": ("0.1", []), "lora.use_rslora": ("true", []),

@@ -162,3 +162,34 @@ def test_scanned_stack_refuses_what_it_does_not_support_by_name():
         lora.quantize(stacked)
     with pytest.raises(ValueError, match=r"layers \[1\] of 3 are missing"):
         stacking.stack({"model": {"layers_0": {}, "layers_2": {}}}, like=stacked)
+
+
+def test_the_training_job_scans_unless_the_run_needs_layers_apart():
+    from train import loop
+    from train.config import ConfigError, load_config
+
+    ckpt, model = loop.open_model(load_config(None, []))  # the default job: SmolLM2, scanned
+    assert ckpt.config.scanned and model.config.scanned
+    assert any(p[:2] == ("model", "layers") for p in ckpt.sources)
+    assert ckpt.sources[("model", "layers", "self_attn", "q_proj", "kernel")].shape[0] == ckpt.config.num_hidden_layers
+    for why in (["lora.use_dora=true"], ["lora.targets=[model/layers_1/self_attn/q_proj/kernel]"],
+                ["model.scan_layers=false"]):
+        assert not loop.scan_layers(load_config(None, why)), why
+    with pytest.raises(ConfigError, match="lora.use_dora needs unrolled layers"):
+        loop.scan_layers(load_config(None, ["model.scan_layers=true", "lora.use_dora=true"]))
+    ckpt, _ = loop.open_model(load_config(None, ["model.name=all-MiniLM-L6-v2", "data.task=classification"]))
+    assert not hasattr(ckpt.config, "scan_layers")  # a family that never scans opens as before
+
+
+def test_adapters_trained_scanned_apply_to_the_unrolled_model_and_back():
+    mod, config, scanned, params, stacked = pair("llama")
+    adapters = jax.tree.map(lambda x: x + 0.01, lora.init(params, r=2, targets="qv"))
+    adapters_s = stacking.stack(adapters)
+    want = mod.ARCHITECTURE.build(config).apply({"params": lora.merge(params, adapters)}, IDS)[0]
+    got = mod.ARCHITECTURE.build(config).apply({"params": lora.merge(params, adapters_s)}, IDS)[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    got_s = mod.ARCHITECTURE.build(scanned).apply({"params": lora.wrap(stacked, adapters)}, IDS)[0]
+    np.testing.assert_allclose(got_s, want, atol=2e-5)
+    partial = {"model": {"layers_0": adapters["model"]["layers_0"]}}  # one layer only: no stack to make
+    with pytest.raises(ValueError, match=r"layers \[1, 2\] of 3 are missing"):
+        lora.merge(stacked, partial)

@@ -71,9 +71,10 @@ class ModelConfig:
     attention: Literal["auto", "xla", "blockwise", "cudnn", "splash"] = key(
         "auto", "decoders' attention (lora_jax.models.attention): auto (cuDNN on GPU, splash on TPU, else blockwise; "
         "xla when decoding), xla (dense T x T scores), blockwise (never forms T x T), cudnn, splash")
-    scan_layers: bool = key(
-        False, "decoders: run the layers as one scanned layer over stacked parameters (compile time that does not "
-        "grow with depth) instead of unrolled; not with train.method=qlora or lora.use_dora yet")
+    scan_layers: Literal["auto"] | bool = key(
+        "auto", "decoders: run the layers as one scanned layer over stacked parameters (compile time that does not "
+        "grow with depth; benchmarks.scan_layers) or unrolled; auto: scanned unless the run needs unrolled layers "
+        "(train.method=qlora, lora.use_dora, a lora rule that names one layer, e.g. layers_3), which the log says")
     adapter: str | None = key(None, "a trained LoRA adapter (a run folder, or its adapters/ folder) merged into the "
                               "frozen base before training: new adapters start from that model (e.g. DPO after "
                               "SFT, whose reference is then the SFT model)", min_length=1)

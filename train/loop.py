@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -39,6 +41,8 @@ from train import outputs
 from train.config import Config, ConfigError
 from train.tasks import loss_for
 
+logger = logging.getLogger(__name__)
+
 # data.task -> the model task it trains
 MODEL_TASKS = {"causal-lm": "causal-lm", "chat": "causal-lm", "classification": "sequence-classification",
                "audio-classification": "audio-classification"}
@@ -62,8 +66,7 @@ def open_model(cfg: Config):
 
     task = MODEL_TASKS[cfg.data.task]
     overrides = {"num_labels": cfg.model.num_labels} if task != "causal-lm" else {}
-    if not scan_layers(cfg):
-        overrides["scan_layers"] = False
+    overrides["scan_layers"] = scan_layers(cfg)
     coef = cfg.model.router_aux_loss_coef
     if coef is not None:
         overrides.update(router_aux_loss_coef=float(coef), output_router_logits=coef > 0)
@@ -96,16 +99,24 @@ def _open(models: Any, name: str, task: str, overrides: dict) -> Any:
 
 
 def scan_layers(cfg: Config) -> bool:
-    """Whether a decoder runs its layers scanned (``model.scan_layers``); a scanned stack does not support QLoRA
-    or DoRA yet, and says so rather than running unrolled behind the user's back."""
-    if not cfg.model.scan_layers:
+    """Whether a decoder runs its layers scanned (``model.scan_layers``): ``auto`` scans unless the run needs
+    per-layer parameters (QLoRA and DoRA are not implemented over a stack yet; a LoRA rule naming one layer,
+    ``layers_N``, needs the layers apart), logging why; ``true`` refuses such a run instead."""
+    choice = cfg.model.scan_layers
+    if choice is False:
         return False
-    why = [k for k, on in (("train.method=qlora", cfg.train.method == "qlora"), ("lora.use_dora", cfg.lora.use_dora))
+    rules = [cfg.lora.targets, cfg.lora.exclude, cfg.lora.train, cfg.lora.rank_pattern, cfg.lora.alpha_pattern]
+    texts = [t for r in rules if r for t in ([r] if isinstance(r, str) else list(r))]
+    why = [k for k, on in (("train.method=qlora", cfg.train.method == "qlora"), ("lora.use_dora", cfg.lora.use_dora),
+                           ("a lora rule naming one layer", any(re.search(r"layers_(\\d|\d)", t) for t in texts)))
            if on]
-    if why:
-        raise ConfigError(f"model.scan_layers=true: {', '.join(why)} does not support a scanned layer stack yet; "
-                          "set model.scan_layers=false")
-    return True
+    if not why:
+        return True
+    if choice is True:
+        raise ConfigError(f"model.scan_layers=true: {', '.join(why)} needs unrolled layers (not supported over a "
+                          "scanned stack yet); set model.scan_layers=false or auto")
+    logger.info("model.scan_layers=auto: unrolled layers, for %s", ", ".join(why))
+    return False
 
 
 def load_model(cfg: Config):

@@ -284,9 +284,10 @@ def open_checkpoint(name_or_path: str | os.PathLike, task: str | None = None, *,
             raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
         from lora_jax.models import gguf
 
+        scan = config_overrides.pop("scan_layers", None)  # how to build the model, not what the file holds
         if config_overrides:
             raise ValueError(f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF files")
-        family, config, task, sources, tok = gguf.open_gguf_checkpoint(path, task, tokenizer)
+        family, config, task, sources, tok = gguf.open_gguf_checkpoint(path, task, tokenizer, scan_layers=scan)
         shapes = family.shapes(config, task)
         return Checkpoint(family, config, task, tok, sources, [], shapes, str(path))
     if ct2.is_ct2_folder(path):

@@ -462,9 +462,12 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], source: str = "<gguf>"):
 # ------------------------------------------------------------------------------------------------ load
 
 
-def open_gguf_checkpoint(path: str | os.PathLike, task: str | None = None, tokenizer: bool = True):
+def open_gguf_checkpoint(path: str | os.PathLike, task: str | None = None, tokenizer: bool = True,
+                         scan_layers: bool | None = None):
     """A GGUF file opened but not read: ``(family, config, task, sources, tokenizer)``, ``sources`` being
-    ``{path: LeafSource}`` of ``task``'s params (paths relative to the task's tree). See :func:`load_gguf`."""
+    ``{path: LeafSource}`` of ``task``'s params (paths relative to the task's tree). See :func:`load_gguf`.
+    ``scan_layers``: build a decoder scanned or not (``None``: the config's default); the only setting a GGUF file
+    does not fix."""
     path = Path(path)
     reader = open_gguf(path)
     try:
@@ -480,6 +483,8 @@ def open_gguf_checkpoint(path: str | os.PathLike, task: str | None = None, token
     if task != own and not (family.tasks[task].backbone is None and backbone is not None):
         raise ValueError(f"{path}: a GGUF file holds a {own} model; task {task!r} cannot be read from it")
     config = config_from_metadata(meta, names, str(path))
+    if scan_layers is not None and hasattr(config, "scan_layers"):
+        config = dataclasses.replace(config, scan_layers=bool(scan_layers))
     sources = sources_from_reader(reader, config, meta["general.architecture"], str(path))
     if task != own:
         sources = {p[1:]: src for p, src in sources.items() if p[0] == backbone}
