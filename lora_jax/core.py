@@ -92,9 +92,9 @@ class LoraAdapter:
 
     def __repr__(self) -> str:
         return (f"LoraAdapter(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, kernel={self.kernel_shape}, "
-                f"a={_describe(self.a)}, b={_describe(self.b)}"
+                f"a={describe(self.a)}, b={describe(self.b)}"
                 f"{f', dropout={self.dropout:g}' if self.dropout else ''}"
-                f"{f', dora magnitude={_describe(self.magnitude)}' if self.is_dora else ''})")
+                f"{f', dora magnitude={describe(self.magnitude)}' if self.is_dora else ''})")
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -138,7 +138,7 @@ class LoraWeight:
         return self.base.ndim
 
     def __repr__(self) -> str:
-        return f"LoraWeight(base={_describe(self.base)}, adapter={self.adapter!r}, key={self.key is not None})"
+        return f"LoraWeight(base={describe(self.base)}, adapter={self.adapter!r}, key={self.key is not None})"
 
     def materialize(self) -> Array:
         """``base + scale * A @ B`` (dW in float32, cast to the base dtype), for code that needs the dense
@@ -169,11 +169,9 @@ def not_an_array(w: Any, how: str) -> Exception:
         "(lora.merge(params, adapters))")
 
 
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
+    """An array as ``dtype[shape]`` (``float32[4, 8]``), anything else as its repr: for reprs and messages."""
     return f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") and hasattr(x, "dtype") else repr(x)
-
-
-describe = _describe  # public: used by other modules
 
 
 def is_adapter(x: Any) -> bool:
@@ -232,7 +230,7 @@ def adapter_items(adapters: PyTree) -> list[tuple[str, LoraAdapter]]:
     return [("/".join(p), leaf) for p, leaf in _leaves_by_path(adapters) if is_adapter(leaf)]
 
 
-def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, LoraAdapter], Any], what: str) -> PyTree:
+def map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, LoraAdapter], Any], what: str) -> PyTree:
     """Replace every leaf of ``params`` that has an adapter by ``fn(path, leaf, adapter)``.
 
     Raises if an adapter names a path that ``params`` lacks or whose shape differs: an adapter for another
@@ -264,9 +262,6 @@ def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lor
             f"{' ...' if len(missing) > 5 else ''}; this adapter belongs to another base model"
         )
     return out
-
-
-map_targets = _map_targets  # public: used by other modules
 
 
 # ------------------------------------------------------------------------------------------------ init
@@ -645,7 +640,7 @@ def merge(params: PyTree, adapters: PyTree, *, stack: bool = False) -> PyTree:
         _mark_merged(out, ad, dora_norm(w, ad) if ad.is_dora and _concrete(out) else None)
         return out
 
-    out = _map_targets(params, adapters, fold, "merge")
+    out = map_targets(params, adapters, fold, "merge")
     return _with_record(out, paths, (*prior, paths), add=True)
 
 
@@ -699,7 +694,7 @@ def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) ->
         v = as_dense(w, jnp.float32).reshape(d_in, -1) * (norm / ad.magnitude.astype(jnp.float32))
         return (v.reshape(w.shape) - ad.delta(jnp.float32)).astype(w.dtype)
 
-    out = _map_targets(merged, adapters, unfold, "unmerge")
+    out = map_targets(merged, adapters, unfold, "unmerge")
     if record is None:
         return out
     return _with_record(out, record[hits[-1]] if hits else paths, remaining, add=False)
@@ -736,7 +731,7 @@ def wrap(params: PyTree, adapters: PyTree, *, dropout_key: Array | None = None, 
             key = jax.random.fold_in(dropout_key, index[path])
         return LoraWeight(w, ad, key)
 
-    return _map_targets(params, adapters, to_weight, "wrap")
+    return map_targets(params, adapters, to_weight, "wrap")
 
 
 def unwrap(wrapped: PyTree) -> tuple[PyTree, PyTree]:
@@ -854,9 +849,7 @@ def summary(params: PyTree, adapters: PyTree, trainable_params: PyTree | None = 
     """
     def size(tree):  # a weight node (quantised kernel) counts its logical parameters and its stored bytes
         leaves = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=_targets.is_weight_node) if hasattr(x, "shape")]
-        stored = [jax.tree_util.tree_leaves(x) if _targets.is_weight_node(x) else [x] for x in leaves]
-        return (sum(int(np.prod(x.shape)) for x in leaves),
-                sum(int(np.prod(y.shape)) * y.dtype.itemsize for ys in stored for y in ys))
+        return sum(int(np.prod(x.shape)) for x in leaves), _tree.nbytes(leaves)
 
     base_n, base_b = size(params)
     lora_n, lora_b = size(adapters)

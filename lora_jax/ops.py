@@ -205,16 +205,15 @@ def dense(x: Array, kernel: Array | LoraWeight, bias: Array | None = None, axes:
     return y if bias is None else y + bias.astype(y.dtype)
 
 
-def _parse(subscripts: str) -> tuple[str, str, str]:
+def parse_subscripts(subscripts: str) -> tuple[str, str, str]:
+    """``"bsd,dh->bsh"`` as ``("bsd", "dh", "bsh")``: the input, weight and output subscripts of a two-operand
+    einsum (``ValueError`` for any other form)."""
     try:
         inputs, out = subscripts.replace(" ", "").split("->")
         xs, ws = inputs.split(",")
     except ValueError:
         raise ValueError(f"lora einsum needs explicit 'x,w->out' subscripts with two operands, got {subscripts!r}")
     return xs, ws, out
-
-
-parse_subscripts = _parse  # public: used by other modules
 
 
 def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) -> Array:
@@ -228,7 +227,7 @@ def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) 
         return w.lora_einsum(subscripts, x, precision=precision)
     if not isinstance(w, LoraWeight):
         return with_base(lambda x, w: jnp.einsum(subscripts, x, w, precision=precision), x, w)
-    xs, ws, out = _parse(subscripts)
+    xs, ws, out = parse_subscripts(subscripts)
     ad = w.adapter
     n_in = len(ad.in_shape)
     if "." in ws or len(ws) != w.ndim:

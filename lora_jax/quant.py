@@ -40,6 +40,7 @@ import numpy as np
 from lora_jax import core as _core
 from lora_jax import targets as _targets
 from lora_jax import tree as _tree
+from lora_jax.tree import nbytes  # public here too: the bytes a quantised tree stores
 
 PyTree = Any
 Array = jax.Array
@@ -141,7 +142,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes stored (codes and every scale), exactly."""
-        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(self))
+        return nbytes(self)
 
     @property
     def bits_per_weight(self) -> float:
@@ -372,12 +373,6 @@ def quantizer(params: PyTree, method: str = "nf4", *, block_size: int = 64, doub
     return Quantizer(frozenset(p for p, _ in selected),
                      dict(method=method, block_size=block_size, double_quant=double_quant,
                           absmax_block_size=absmax_block_size, compute_dtype=compute_dtype))
-
-
-def nbytes(tree: PyTree) -> int:
-    """Exact bytes stored by every array of ``tree`` (quantised kernels counted by their codes and scales)."""
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-               for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 def expected_nbytes(shape: Sequence[int], block_size: int = 64, double_quant: bool = True,
