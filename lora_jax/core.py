@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +38,7 @@ import numpy as np
 
 from lora_jax import targets as _targets
 from lora_jax import tree as _tree
-from lora_jax.errors import MergeStateError, TargetError
+from lora_jax.errors import ArgumentError, ArgumentTypeError, MergeStateError, TargetError, UnsupportedError
 
 PyTree = Any
 Array = jax.Array
@@ -245,9 +244,10 @@ def map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lora
         if ad is None:
             return leaf
         if is_lora_weight(leaf) or is_adapter(leaf):
-            raise ValueError(f"{what}: {'/'.join(key)} already holds a {type(leaf).__name__}; wrap/merge a tree once")
+            raise MergeStateError(f"{what}: {'/'.join(key)} already holds a {type(leaf).__name__}; wrap/merge a tree "
+                                  "once")
         if tuple(leaf.shape) != ad.kernel_shape:
-            raise ValueError(
+            raise ArgumentError(
                 f"{what}: adapter for {'/'.join(key)} expects a kernel of shape {ad.kernel_shape}, "
                 f"the params have {tuple(leaf.shape)}; this adapter belongs to another base model"
             )
@@ -257,7 +257,7 @@ def map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lora
     out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_node)
     missing = sorted("/".join(k) for k in adapter_paths.keys() - used)
     if missing:
-        raise ValueError(
+        raise ArgumentError(
             f"{what}: {len(missing)} adapter(s) have no matching leaf in params: {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}; this adapter belongs to another base model"
         )
@@ -273,8 +273,8 @@ INIT_METHODS = ("lora", "gaussian")
 def _column_norms(leaf: Any, path: str, n_in: int) -> Array:
     """``||W0[..., j]||`` over the first ``n_in`` axes, flattened over the output axes (DoRA's initial m)."""
     if not (_targets.is_weight_node(leaf) or isinstance(leaf, (jax.Array, np.ndarray))):
-        raise ValueError(f"init(use_dora=True): {path} is a {type(leaf).__name__} without values; DoRA starts its "
-                         "magnitude at the kernel's column norms, so it needs the real parameters")
+        raise ArgumentError(f"init(use_dora=True): {path} is a {type(leaf).__name__} without values; DoRA starts its "
+                            "magnitude at the kernel's column norms, so it needs the real parameters")
     w = as_dense(leaf, jnp.float32)
     w = w.reshape(math.prod(w.shape[:n_in]), -1)
     return jnp.sqrt(jnp.sum(w * w, axis=0))
@@ -334,12 +334,12 @@ def init(
       A nested dict mirroring ``params`` with a :class:`LoraAdapter` for each targeted leaf.
     """
     if not isinstance(r, (int, np.integer)) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
+        raise ArgumentError(f"r must be a positive int, got {r!r}")
     if init not in INIT_METHODS:
         hint = " (PiSSA also changes the base: use lora.init_pissa(params, r, ...))" if "pissa" in str(init) else ""
-        raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}{hint}")
+        raise ArgumentError(f"init must be one of {INIT_METHODS}, got {init!r}{hint}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise ArgumentError(f"dropout must be in [0, 1), got {dropout!r}")
     key = jax.random.key(0) if key is None else key
     dtype = jnp.float32 if dtype is None else jnp.dtype(dtype)
 
@@ -354,23 +354,23 @@ def init(
     for (path, leaf), k in zip(selected, keys):
         n_stack = int(expert_axes_of.get(path, _targets.default_expert_axes(path, leaf.ndim)))
         if not 0 <= n_stack <= leaf.ndim - 2:
-            raise ValueError(f"expert_axes for {path} must be in [0, {leaf.ndim - 2}] for a kernel of shape "
-                             f"{tuple(leaf.shape)} (each expert's kernel needs an input and an output axis), "
-                             f"got {n_stack}")
+            raise ArgumentError(f"expert_axes for {path} must be in [0, {leaf.ndim - 2}] for a kernel of shape "
+                                f"{tuple(leaf.shape)} (each expert's kernel needs an input and an output axis), "
+                                f"got {n_stack}")
         stack, per_expert = tuple(leaf.shape[:n_stack]), tuple(leaf.shape[n_stack:])
         n_in = in_axes_of.get(path, _targets.default_in_axes(path, len(per_expert)))
         if not 1 <= n_in < len(per_expert):
-            raise ValueError(f"in_axes for {path} must be in [1, {len(per_expert) - 1}] for a kernel of shape "
-                             f"{tuple(leaf.shape)}{f' ({n_stack} expert axes)' if n_stack else ''}, got {n_in}")
+            raise ArgumentError(f"in_axes for {path} must be in [1, {len(per_expert) - 1}] for a kernel of shape "
+                                f"{tuple(leaf.shape)}{f' ({n_stack} expert axes)' if n_stack else ''}, got {n_in}")
         in_shape, out_shape = per_expert[:n_in], per_expert[n_in:]
         d_in, d_out = math.prod(in_shape), math.prod(out_shape)
         leaf_r = int(rank_of.get(path, r))
         leaf_alpha = float(alpha_of.get(path, alpha if alpha is not None else leaf_r))
         if leaf_r < 1:
-            raise ValueError(f"rank for {path} must be positive, got {leaf_r}")
+            raise ArgumentError(f"rank for {path} must be positive, got {leaf_r}")
         if leaf_r > min(d_in, d_out):
-            raise ValueError(f"rank {leaf_r} for {path} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
-                             f"of its {d_in}x{d_out} kernel")
+            raise ArgumentError(f"rank {leaf_r} for {path} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
+                                f"of its {d_in}x{d_out} kernel")
         if init == "lora":
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(k, (*stack, d_in, leaf_r), dtype, -bound, bound)
@@ -381,10 +381,10 @@ def init(
         magnitude = None
         if use_dora:
             if _targets.is_embedding(path):
-                raise NotImplementedError(f"init(use_dora=True): {path} is an embedding table; DoRA is implemented "
-                                          "for dense kernels only")
+                raise UnsupportedError(f"init(use_dora=True): {path} is an embedding table; DoRA is implemented "
+                                       "for dense kernels only")
             if n_stack:
-                raise NotImplementedError(
+                raise UnsupportedError(
                     f"init(use_dora=True): {path} is a stack of {math.prod(stack)} expert kernels {tuple(leaf.shape)}; "
                     "DoRA is implemented for dense kernels only (PEFT refuses it on target_parameters too). Use plain "
                     "LoRA on the experts, or exclude them from the DoRA targets")
@@ -577,30 +577,30 @@ def _checked_adapters(adapters: Any, what: str) -> list[tuple[str, LoraAdapter]]
     """The items of an adapter tree, after checking that it is one (a mapping whose leaves are all
     ``LoraAdapter``; not empty)."""
     if isinstance(adapters, LoraAdapter):
-        raise TypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
-                        "got a single LoraAdapter")
+        raise ArgumentTypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init "
+                                "returns, got a single LoraAdapter")
     if not isinstance(adapters, Mapping):
-        raise TypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
-                        f"got {type(adapters).__name__}")
+        raise ArgumentTypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init "
+                                f"returns, got {type(adapters).__name__}")
     leaves = jax.tree.leaves(adapters, is_leaf=_is_node)
     other = [leaf for leaf in leaves if not is_adapter(leaf)]
     if other:
-        raise TypeError(f"{what}: adapters hold a leaf of type {type(other[0]).__name__}; an adapter tree holds only "
-                        "LoraAdapter (were params and adapters swapped?)")
+        raise ArgumentTypeError(f"{what}: adapters hold a leaf of type {type(other[0]).__name__}; an adapter tree "
+                                "holds only LoraAdapter (were params and adapters swapped?)")
     if not leaves:
-        raise ValueError(f"{what}: the adapter tree is empty: there is nothing to {what}")
+        raise ArgumentError(f"{what}: the adapter tree is empty: there is nothing to {what}")
     return adapter_items(adapters)
 
 
 def _check_flag(value: Any, what: str, name: str) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{what}: {name} must be True or False, got {value!r}")
+        raise ArgumentTypeError(f"{what}: {name} must be True or False, got {value!r}")
 
 
 def _check_params(params: Any, what: str) -> None:
     if isinstance(params, (str, bytes, LoraAdapter)) or hasattr(params, "shape"):
-        raise TypeError(f"{what}: params must be a parameter tree (nested dict of arrays), got "
-                        f"{type(params).__name__}")
+        raise ArgumentTypeError(f"{what}: params must be a parameter tree (nested dict of arrays), got "
+                                f"{type(params).__name__}")
 
 
 def _sample(paths) -> str:
@@ -687,9 +687,9 @@ def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) ->
             return (as_dense(w, jnp.float32) - ad.delta(jnp.float32)).astype(w.dtype)
         norm = _merged_norm(w, ad)
         if norm is None:
-            raise ValueError(f"unmerge: {path} has a DoRA adapter, whose unmerge needs the column norms "
-                             "||W0 + s*A@B|| used by merge; only a kernel returned by lora.merge in this process "
-                             "(outside jit, with this same adapter) remembers them. Keep the base params instead.")
+            raise MergeStateError(f"unmerge: {path} has a DoRA adapter, whose unmerge needs the column norms "
+                                  "||W0 + s*A@B|| used by merge; only a kernel returned by lora.merge in this process "
+                                  "(outside jit, with this same adapter) remembers them. Keep the base params instead.")
         d_in = math.prod(ad.in_shape)
         v = as_dense(w, jnp.float32).reshape(d_in, -1) * (norm / ad.magnitude.astype(jnp.float32))
         return (v.reshape(w.shape) - ad.delta(jnp.float32)).astype(w.dtype)
@@ -712,8 +712,8 @@ def wrap(params: PyTree, adapters: PyTree, *, dropout_key: Array | None = None, 
     merged adapter at these kernels raise :class:`~lora_jax.errors.MergeStateError` unless ``stack=True``.
     """
     if not isinstance(adapters, Mapping):
-        raise TypeError(f"wrap: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, got "
-                        f"{type(adapters).__name__}")
+        raise ArgumentTypeError(f"wrap: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
+                                f"got {type(adapters).__name__}")
     _check_flag(stack, "wrap", "stack")
     items = adapter_items(adapters)
     record = merge_record(params)
@@ -776,7 +776,7 @@ def split(params: PyTree, adapters: PyTree, train: str | Sequence[str] | None = 
         p = _targets.path_str(path)
         if any(rule.fullmatch(p) for rule in rules):
             if _nested_get(adapters, tuple(p.split("/"))) is not None:
-                raise ValueError(f"split: {p} has an adapter and is also trained in full; choose one")
+                raise ArgumentError(f"split: {p} has an adapter and is also trained in full; choose one")
             _nested_set(full, _targets.path_tuple(path), leaf)
             return None
         return leaf
@@ -793,7 +793,7 @@ def combine(frozen: PyTree, trainable: Mapping) -> tuple[PyTree, PyTree]:
         if leaf is None:
             value = _nested_get(full, _targets.path_tuple(path))
             if value is None:
-                raise ValueError(f"combine: {_targets.path_str(path)} is frozen as None but has no trained value")
+                raise ArgumentError(f"combine: {_targets.path_str(path)} is frozen as None but has no trained value")
             return value
         return leaf
 
