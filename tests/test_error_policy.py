@@ -1,10 +1,14 @@
 """The error policy (``lora_jax/errors.py``): every refusal ``lora_jax`` and ``train`` raise on purpose is a
-:class:`~lora_jax.errors.LoraJaxError` (with the built-in a caller expects as a second base).
+:class:`~lora_jax.errors.LoraJaxError` (with the built-in a caller expects as a second base), and the command lines
+(``train.cli``) treat exactly those as refused input: one line, exit 2; anything else is a bug: the traceback,
+exit 70.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -12,6 +16,7 @@ import pytest
 
 import lora_jax as lora
 from lora_jax import errors
+from train import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("lora_jax", "train")
@@ -73,3 +78,49 @@ def test_the_library_raises_its_own_classes():
         lora.init(params, r=0)
     with pytest.raises(errors.NotFoundError, match="no adapter named"):
         lora.AdapterSet().add("a", lora.init(params, r=2, targets=[".*kernel"])).activate("b")
+
+
+@pytest.mark.parametrize("exc, status, lines", [
+    (errors.DataError("data file 'x.csv' does not exist"), cli.EXIT_INPUT, 1),
+    (errors.NotFoundError("no adapter named 'c'"), cli.EXIT_INPUT, 1),
+    (errors.NonFiniteError("loss is nan at step 3"), cli.EXIT_NON_FINITE, 1),
+    (ValueError("a bug"), cli.EXIT_INTERNAL, None),
+    (KeyError("a bug"), cli.EXIT_INTERNAL, None),
+    (OSError("a bug"), cli.EXIT_INTERNAL, None),
+])
+def test_cli_refuses_exactly_the_library_errors(exc, status, lines, capsys, monkeypatch):
+    """A LoraJaxError is refused input (one line naming the class, exit 2); a built-in raised by anything else is an
+    internal error: the traceback and a line saying so, exit 70."""
+    monkeypatch.delenv("LORA_JAX_TRACEBACK", raising=False)
+
+    def fail():
+        raise exc
+
+    assert cli.guarded(fail) == status
+    err = capsys.readouterr().err
+    if lines is not None:
+        assert err.count("\n") == lines and "Traceback" not in err, err
+        assert status != cli.EXIT_INPUT or err.startswith(f"error: {type(exc).__name__}: "), err
+    else:
+        assert "Traceback" in err and f"internal error: {type(exc).__name__}" in err.splitlines()[-1], err
+    monkeypatch.setenv("LORA_JAX_TRACEBACK", "1")
+    with pytest.raises(type(exc)):
+        cli.guarded(fail)
+
+
+def test_only_cli_reads_the_traceback_switch():
+    """``LORA_JAX_TRACEBACK`` is read in one place (``train.cli.traceback_wanted``), not re-implemented per command."""
+    readers = sorted(str(p.relative_to(ROOT)) for d in LIBRARY for p in (ROOT / d).rglob("*.py")
+                     if "LORA_JAX_TRACEBACK\"" in p.read_text() or "LORA_JAX_TRACEBACK'" in p.read_text())
+    assert readers == ["train/cli.py"], readers
+
+
+def test_an_internal_error_exits_70_with_its_traceback():
+    """In a real process: a bug (any exception that is not the library's) prints its traceback and exits 70."""
+    code = ("import sys; from train import cli\n"
+            "def boom():\n    raise ZeroDivisionError('x')\n"
+            "sys.exit(cli.guarded(boom))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == cli.EXIT_INTERNAL, proc.stderr
+    assert "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
