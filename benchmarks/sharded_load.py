@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Recorder, table
+from benchmarks.common import ROOT, Recorder, table
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["lora_jax/models/placement.py", "lora_jax/models/hf.py", "lora_jax/models/__init__.py",
            "lora_jax/sharding.py", "train/loop.py", "train/memory.py", "benchmarks/sharded_load.py"]
 PRESETS = {

@@ -658,10 +658,7 @@ def test_8dev_dispatch_benchmark_quick(tmp_path):
     capacity, the dispatch gathers nothing while the placement-only program gathers and reduces activations, and
     the record keeps its provenance."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import moe_dispatch
 
     result = moe_dispatch.main(["--quick", "--out", str(tmp_path / "moe_dispatch_quick.json")])
