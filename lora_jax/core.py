@@ -108,20 +108,10 @@ class LoraAdapter:
         return dw.reshape(self.kernel_shape)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LoraWeight:
-    """A frozen kernel with its adapter, as seen by a model during a factored forward pass.
-
-    ``lora_jax.ops.dot`` / ``einsum`` on a ``LoraWeight`` compute
-    ``x @ base + ((dropout(x) @ A) @ B) * scale`` and never form ``base + A @ B``.
-    ``key`` is the dropout key (``None``: no dropout, e.g. at evaluation).
-    ``base`` may also be a weight node such as :class:`lora_jax.quant.QuantizedWeight` (QLoRA).
-    """
-
-    base: Array
-    adapter: LoraAdapter
-    key: Array | None = None
+class WrappedKernel:
+    """What a kernel wrapped for the factored ops (:class:`LoraWeight`, :class:`lora_jax.MultiLoraWeight`) shows
+    model code: the ``base`` kernel's ``shape``, ``dtype`` and ``ndim``, and a clear error where a model uses it
+    as an array instead of calling ``lora_jax.ops``."""
 
     # Enough of the array interface for model code that inspects its weights.
     @property
@@ -136,14 +126,6 @@ class LoraWeight:
     def ndim(self) -> int:
         return self.base.ndim
 
-    def __repr__(self) -> str:
-        return f"LoraWeight(base={describe(self.base)}, adapter={self.adapter!r}, key={self.key is not None})"
-
-    def materialize(self) -> Array:
-        """``base + scale * A @ B`` (dW in float32, cast to the base dtype), for code that needs the dense
-        kernel. The factored ops never call this."""
-        return merged_kernel(self.base, self.adapter).astype(self.base.dtype)
-
     # A model that was not written with lora_jax.ops treats its kernels as arrays: say what to do instead of
     # failing deep inside the model ("'LoraWeight' object is not subscriptable", "float() argument ...").
     def __getitem__(self, index):
@@ -156,10 +138,32 @@ class LoraWeight:
         raise not_an_array(self, "converts it to a NumPy array")
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeight(WrappedKernel):
+    """A frozen kernel with its adapter, as seen by a model during a factored forward pass.
+
+    ``lora_jax.ops.dot`` / ``einsum`` on a ``LoraWeight`` compute
+    ``x @ base + ((dropout(x) @ A) @ B) * scale`` and never form ``base + A @ B``.
+    ``key`` is the dropout key (``None``: no dropout, e.g. at evaluation).
+    ``base`` may also be a weight node such as :class:`lora_jax.quant.QuantizedWeight` (QLoRA).
+    """
+
+    base: Array
+    adapter: LoraAdapter
+    key: Array | None = None
+
+    def __repr__(self) -> str:
+        return f"LoraWeight(base={describe(self.base)}, adapter={self.adapter!r}, key={self.key is not None})"
+
+    def materialize(self) -> Array:
+        """``base + scale * A @ B`` (dW in float32, cast to the base dtype), for code that needs the dense
+        kernel. The factored ops never call this."""
+        return merged_kernel(self.base, self.adapter).astype(self.base.dtype)
+
+
 def not_an_array(w: Any, how: str) -> Exception:
     """The error for model code that uses a wrapped kernel (``LoraWeight``, ``MultiLoraWeight``) as an array."""
-    from lora_jax.errors import UnsupportedError
-
     return UnsupportedError(
         f"a model {how}, but it is a {type(w).__name__} (a frozen kernel {tuple(w.shape)} with its adapter), not an "
         "array. Models that do not call lora_jax.ops.dot / einsum need lora.transform around the function: "

@@ -274,6 +274,17 @@ def _qtype(name: str):
     return GGMLQuantizationType[name.upper()]
 
 
+def _write(writer, path: str | os.PathLike) -> Path:
+    """Write a filled ``gguf.GGUFWriter`` (header, metadata, tensors) to ``path``, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _encode(x: np.ndarray, qtype) -> np.ndarray:
     from gguf import GGMLQuantizationType, quants
 
@@ -358,13 +369,7 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
         for suffix, x in ((".lora_a", lora_a), (".lora_b", bt)):
             data = _encode(x, qtype)
             writer.add_tensor(tensor + suffix, data, raw_shape=data.shape, raw_dtype=qtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _write(writer, path)
 
 
 def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = None,
@@ -662,12 +667,7 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
     lossy = max(((k, e) for k, e in errors.items() if e.delta_rms > 0), key=lambda kv: kv[1].relative, default=None)
     if lossy is not None and lossy[1].relative > MAX_REQUANT_RELATIVE and not allow_lossy:
         raise ArgumentError(_lossy_message(path, t, lossy, weight_type(b.source) if t == "base" else t))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = _write(writer, path)
     if errors:
         worst = max(errors.items(), key=lambda kv: kv[1].relative)
         logger.info("%s: %d tensors merged; worst re-quantisation rms %.3g (%.2f of the update's rms) at %s",

@@ -416,7 +416,7 @@ def load_slot(stacked: PyTree, slot: int, adapters: PyTree | None) -> PyTree:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MultiLoraWeight:
+class MultiLoraWeight(core.WrappedKernel):
     """A frozen kernel with ``n`` stacked adapters, row ``i`` of the batch using adapter ``ids[i]``.
 
     :func:`lora_jax.ops.dot` / :func:`~lora_jax.ops.einsum` / :func:`~lora_jax.ops.embed` on it compute, for
@@ -428,29 +428,8 @@ class MultiLoraWeight:
     stacked: StackedAdapter
     ids: Array
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.base.ndim
-
     def __repr__(self) -> str:
         return f"MultiLoraWeight(base={core.describe(self.base)}, stacked={self.stacked!r}, rows={self.ids.shape})"
-
-    def __getitem__(self, index):
-        raise core.not_an_array(self, f"indexes it ([{index!r}])")
-
-    def __jax_array__(self):
-        raise core.not_an_array(self, "converts it to an array")
-
-    def __array__(self, *args, **kwargs):
-        raise core.not_an_array(self, "converts it to a NumPy array")
 
     # the per-row factors
     def _rows(self, x_rows: int, dtype) -> tuple[Array, Array, Array]:
