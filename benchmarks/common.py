@@ -221,14 +221,14 @@ class Recorder:
         args = list(sys.argv[1:] if argv is None else argv)
         self.command = " ".join(["python -m benchmarks." + benchmark, *map(shlex.quote, args)])
         self.t0 = time.perf_counter()
-        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.load_before = load_average()
         self.git = git_state(self.sources)
 
     def provenance(self) -> dict[str, Any]:
         return {"benchmark": self.benchmark, "command": self.command, "sources": self.sources, "git": self.git,
                 "date": self.started,
-                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "wall_s": time.perf_counter() - self.t0, "cpu": cpu_info(),
                 "load_average": {"before": self.load_before, "after": load_average()},
                 "libraries": library_versions(), "python": platform.python_version(),

@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 
-
 from benchmarks import peers, train_step
 from conftest import require, shared_data
 

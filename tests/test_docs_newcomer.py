@@ -9,7 +9,6 @@ import typing
 from pathlib import Path
 
 import jax
-import optax
 import pytest
 
 from benchmarks import report

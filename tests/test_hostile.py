@@ -589,7 +589,7 @@ def _typed(tp) -> st.SearchStrategy:
         return _typed(typing.get_args(tp)[0])
     if origin is typing.Literal:
         return st.sampled_from([str(a) for a in typing.get_args(tp)])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         return st.one_of([_typed(a) for a in typing.get_args(tp)])
     if tp is type(None):
         return st.just("null")
