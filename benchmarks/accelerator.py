@@ -40,21 +40,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import Recorder, median, table  # noqa: E402
-from train import loop  # noqa: E402
-from train.config import load_config  # noqa: E402
+from benchmarks.common import Recorder, median, memory_analysis, table
+from train import loop
+from train.config import load_config
 
 GiB = 2 ** 30
 SOURCES = ("lora_jax/models", "lora_jax/core.py", "lora_jax/ops.py", "lora_jax/losses.py", "train/loop.py",
@@ -167,9 +162,8 @@ def run_model(name: str, args) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(trainable, opt_state, frozen, batches, jax.random.key(2)).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    planned = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
-                  mem.temp_size_in_bytes) if mem is not None else None
+    mem = memory_analysis(compiled)
+    planned = mem["peak"] if mem is not None else None
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()

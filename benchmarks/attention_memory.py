@@ -26,22 +26,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import Recorder, block, median, paired_summary, table  # noqa: E402
-from benchmarks.loss_memory import AbstractLM, job_config, step_memory  # noqa: E402
-from benchmarks.train_step import time_rotated  # noqa: E402
-from lora_jax.models import attention  # noqa: E402
-from train import loop  # noqa: E402
+from benchmarks.common import Recorder, block, median, paired_summary, table, time_interleaved
+from benchmarks.loss_memory import AbstractLM, job_config, step_memory
+from lora_jax.models import attention
+from train import loop
 
 MiB = 2 ** 20
 GOAL = 10.0
@@ -121,7 +115,7 @@ def time_section(args) -> list[dict]:
                 losses[impl] = float(block(m["loss"]))
 
             fns[impl] = run
-        times = time_rotated(fns, rounds=args.rounds, warmup=1)
+        times = time_interleaved(fns, rounds=args.rounds, warmup=1, rotate=True)
         for impl in fns:
             paired = paired_summary(times[impl], times[args.impls[0]])
             rows.append({"seq": seq, "attention": impl, "median_ms": 1e3 * median(times[impl]),

@@ -51,7 +51,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,12 +58,8 @@ from typing import Any
 import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import (Recorder, bootstrap_median_ci, paired_summary, ratio_verdict,  # noqa: E402
-                               table)
-from benchmarks.time_to_accuracy import peft_lora, torch_update  # noqa: E402  (PEFT trained as the job trains)
+from benchmarks.common import ROOT, Recorder, bootstrap_median_ci, paired_summary, ratio_verdict, table
+from benchmarks.time_to_accuracy import peft_lora, torch_update  # (PEFT trained as the job trains)
 
 # The code this benchmark measures (benchmarks.staleness).
 SOURCES = ("benchmarks/causal_tokens.py", "benchmarks/common.py", "benchmarks/time_to_accuracy.py",

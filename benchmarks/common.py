@@ -1,5 +1,6 @@
-"""Shared helpers for the benchmarks: interleaved timing, paired statistics, provenance of every result (git
-commit, date, machine, load, library versions), a table printer, JSON output.
+"""The benchmarks' one harness: timing in interleaved rounds, paired ratios and their statistics, XLA's memory
+analysis of a compiled step, the provenance of every result (git commit, date, machine, load, library versions),
+a table printer, JSON output. Run a benchmark as a module from the repository root: ``python -m benchmarks.NAME``.
 
 Every benchmark module declares ``SOURCES``: the files and folders (relative to the repository root) whose code
 it measures, itself included. ``python -m benchmarks.staleness`` compares them with the commit a result records.
@@ -36,19 +37,51 @@ def block(x: Any) -> Any:
     return jax.block_until_ready(x)
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int = 10, warmup: int = 2) -> dict[str, list[float]]:
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int = 10, warmup: int = 2,
+                     rotate: bool = False) -> dict[str, list[float]]:
     """Time each zero-argument function ``rounds`` times, interleaving them round by round so that a noisy
-    neighbour slows all of them alike. Each function must block until its result is ready."""
-    for fn in fns.values():
+    neighbour slows all of them alike. Each function must block until its result is ready. ``rotate``: round
+    ``i`` starts at the ``i``-th function, so that no function always runs right after the same neighbour (e.g.
+    one that frees a lot of memory)."""
+    names = list(fns)
+    for name in names:
         for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        shift = i % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def paired_ratio(times: Mapping[str, Sequence[float]], name: str, base: str) -> float:
+    """Median over rounds of ``times[name] / times[base]`` measured in the same round: robust to the load of a
+    shared machine drifting between rounds (:func:`paired_summary` adds its CI and sign test)."""
+    return statistics.median([t / b for t, b in zip(times[name], times[base], strict=True)])
+
+
+def memory_analysis(compiled: Any) -> dict[str, int] | None:
+    """What XLA plans for a compiled step (``compiled.memory_analysis()``; nothing executed), in bytes:
+    ``argument``, ``output``, ``alias`` (outputs written in place of donated arguments), ``temp``; ``peak =
+    argument + output - alias + temp`` (every buffer held at once, donated state counted once) and ``sum =
+    argument + output + temp`` (the same without donation). None where the backend gives no analysis."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+           "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes)}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    out["sum"] = out["argument"] + out["output"] + out["temp"]
+    return out
+
+
+def donated_step_memory(step: Callable, *args: Any) -> dict[str, int] | None:
+    """:func:`memory_analysis` of ``step`` jitted with its first two arguments (the trained tree and its optimizer
+    state) donated, as ``train.loop`` runs it; ``args`` may be abstract (``jax.ShapeDtypeStruct``)."""
+    return memory_analysis(jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile())
 
 
 def median(xs: list[float]) -> float:
@@ -188,14 +221,14 @@ class Recorder:
         args = list(sys.argv[1:] if argv is None else argv)
         self.command = " ".join(["python -m benchmarks." + benchmark, *map(shlex.quote, args)])
         self.t0 = time.perf_counter()
-        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.load_before = load_average()
         self.git = git_state(self.sources)
 
     def provenance(self) -> dict[str, Any]:
         return {"benchmark": self.benchmark, "command": self.command, "sources": self.sources, "git": self.git,
                 "date": self.started,
-                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "wall_s": time.perf_counter() - self.t0, "cpu": cpu_info(),
                 "load_average": {"before": self.load_before, "after": load_average()},
                 "libraries": library_versions(), "python": platform.python_version(),

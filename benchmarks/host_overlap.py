@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import Recorder, median, paired_summary, ratio_verdict, table  # noqa: E402
-from benchmarks.time_to_accuracy import data_dir  # noqa: E402
+from benchmarks.common import ROOT, Recorder, median, paired_summary, ratio_verdict, table
+from benchmarks.time_to_accuracy import data_dir
 
 # The code this benchmark measures (benchmarks.staleness).
 SOURCES = ("benchmarks/host_overlap.py", "benchmarks/common.py", "configs/sst2_minilm_lora.yaml", "train/loop.py",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,14 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lora_jax as lora  # noqa: E402
-from benchmarks import common, llamacpp  # noqa: E402
-from lora_jax import gguf_export as ge  # noqa: E402
-from lora_jax.models import generate as gen  # noqa: E402
-from lora_jax.models import gguf as lgguf  # noqa: E402
-from lora_jax.models import resolve  # noqa: E402
+import lora_jax as lora
+from benchmarks import common, llamacpp
+from lora_jax import gguf_export as ge
+from lora_jax.models import generate as gen
+from lora_jax.models import gguf as lgguf
+from lora_jax.models import resolve
 
 SOURCES = ("lora_jax/gguf_export.py", "benchmarks/llamacpp_parity.py", "benchmarks/llamacpp.py",
            "benchmarks/common.py")

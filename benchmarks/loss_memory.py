@@ -35,23 +35,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import Recorder, block, median, paired_summary, table  # noqa: E402
-from benchmarks.train_step import build_lm, time_rotated  # noqa: E402
-from lora_jax.models.layers import REMAT_POLICIES  # noqa: E402
-from train import loop  # noqa: E402
-from train.config import load_config  # noqa: E402
+from benchmarks.common import (
+    Recorder,
+    block,
+    donated_step_memory,
+    median,
+    memory_analysis,
+    paired_summary,
+    table,
+    time_interleaved,
+)
+from benchmarks.train_step import build_lm
+from lora_jax.models.layers import REMAT_POLICIES
+from train import loop
+from train.config import load_config
 
 MiB = 2 ** 20
 GiB = 2 ** 30
@@ -96,10 +100,8 @@ def step_memory(lm, method: str, loss_chunk: Any, remat: str, batch: int, seq: i
     cfg = job_config(method, loss_chunk, remat, batch)
     step, args = abstract_setup(lm, cfg, batch, seq, whole)
     t0 = time.perf_counter()
-    m = step.lower(*args).compile().memory_analysis()
-    out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
-           "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes)}
-    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    m = memory_analysis(step.lower(*args).compile())
+    out = {k: m[k] for k in ("argument", "output", "alias", "temp", "peak")}
     out["compile_s"] = time.perf_counter() - t0
     return out
 
@@ -126,7 +128,7 @@ def abstract_lm(name: str, quick: bool) -> AbstractLM:
 def _config(name: str, quick: bool):
     import transformers
 
-    from benchmarks.train_step import _smollm2_config
+    from benchmarks.train_step import smollm2_config
     from lora_jax.models import gpt2, llama
 
     if name == "gpt2-small":
@@ -137,7 +139,7 @@ def _config(name: str, quick: bool):
         return llama.Config.from_hf(transformers.LlamaConfig(
             hidden_size=48, intermediate_size=128, num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=1,
             vocab_size=512, tie_word_embeddings=True, max_position_embeddings=4096))
-    return _smollm2_config()[0]
+    return smollm2_config()[0]
 
 
 def reference_memory(lm, kind: str, loss_chunk: Any, batch: int, seq: int) -> dict:
@@ -157,10 +159,8 @@ def reference_memory(lm, kind: str, loss_chunk: Any, batch: int, seq: int) -> di
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     args = (trainable, jax.eval_shape(tx.init, trainable), frozen,
             {"input_ids": ids, "attention_mask": ids, "loss_mask": ids})
-    m = jax.jit(make_step(lm.model, tx, kind, loss_chunk), donate_argnums=(0, 1)).lower(*args).compile()
-    m = m.memory_analysis()
-    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    return {"temp": int(m.temp_size_in_bytes), "peak": int(peak)}
+    m = donated_step_memory(make_step(lm.model, tx, kind, loss_chunk), *args)
+    return {"temp": m["temp"], "peak": m["peak"]}
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -262,7 +262,7 @@ def time_section(args) -> tuple[list[dict], dict]:
                 losses[label] = float(block(m["loss"]))
 
             fns[label] = run
-        times = time_rotated(fns, rounds=args.rounds, warmup=args.warmup)
+        times = time_interleaved(fns, rounds=args.rounds, warmup=args.warmup, rotate=True)
         raw[name] = times
         for label in fns:
             paired = paired_summary(times[label], times["plain"])

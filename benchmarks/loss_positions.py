@@ -36,18 +36,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import Recorder, block, median, paired_summary, ratio_verdict, table  # noqa: E402
+from benchmarks.common import ROOT, Recorder, block, median, paired_summary, ratio_verdict, table, time_interleaved
 
 # The code this benchmark measures (benchmarks.staleness).
 SOURCES = ("benchmarks/loss_positions.py", "benchmarks/common.py", "benchmarks/train_step.py",
@@ -134,7 +129,6 @@ def head_flops(lm, rows: int, width: int, capacity: int | None) -> float:
 
 def measure_width(args, lm, tok, path, rows: int, width: int) -> tuple[dict, dict]:
     """One ``data.pack_length``: FLOPs, loss and paired step times of both variants."""
-    from benchmarks.train_step import time_rotated
     from train import loop
 
     cfgs = {k: job_config(path, k, rows, width, args.quick) for k in ("all", "loss")}
@@ -159,7 +153,7 @@ def measure_width(args, lm, tok, path, rows: int, width: int) -> tuple[dict, dic
             losses_[label] = float(block(m["loss"]))
 
         fns[label] = run
-    times = time_rotated(fns, rounds=args.rounds, warmup=args.warmup)
+    times = time_interleaved(fns, rounds=args.rounds, warmup=args.warmup, rotate=True)
     paired = paired_summary(times["loss"], times["all"])
     head = {"all": head_flops(lm, rows, width, None), "loss": head_flops(lm, rows, width, capacity)}
     head_share = head["all"] / flops["all"]

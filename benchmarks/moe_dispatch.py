@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -36,12 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lora_jax as lora  # noqa: E402
-from benchmarks.common import Recorder, table  # noqa: E402
-from lora_jax import sharding  # noqa: E402
-from lora_jax.models import moe  # noqa: E402
+import lora_jax as lora
+from benchmarks.common import Recorder, table
+from lora_jax import sharding
+from lora_jax.models import moe
 
 SOURCES = ("lora_jax/models/moe.py", "lora_jax/sharding.py", "lora_jax/ops.py", "lora_jax/core.py",
            "benchmarks/moe_dispatch.py", "benchmarks/common.py")
@@ -105,7 +102,8 @@ def one_mesh(expert_devices: int):
 
 
 def section(experts: int, args) -> tuple[list[dict], dict]:
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     k, d, f, t = args.top_k, args.hidden, args.width, args.tokens
     params, ads, x = make_block(experts, d, f, args.r, t)

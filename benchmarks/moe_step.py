@@ -33,19 +33,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lora_jax as lora  # noqa: E402
-from benchmarks.common import Recorder, block, median, paired_summary, ratio_verdict, table  # noqa: E402
-from benchmarks.train_step import LM, make_batch, memory, paired_ratio, prepare, time_rotated  # noqa: E402
-from lora_jax.models import qwen3_moe  # noqa: E402
+import lora_jax as lora
+from benchmarks.common import (
+    Recorder,
+    block,
+    median,
+    memory_analysis,
+    paired_ratio,
+    paired_summary,
+    ratio_verdict,
+    table,
+    time_interleaved,
+)
+from benchmarks.train_step import LM, make_batch, prepare
+from lora_jax.models import qwen3_moe
 
 # The code this benchmark measures (benchmarks.staleness).
 SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/quant.py", "lora_jax/models/moe.py",
@@ -124,7 +130,7 @@ def section(experts: int, args) -> tuple[list[dict], list[dict], dict, dict]:
                 "lora-merged": "merged"}[name]
         v = prepare(model, kind, batch, adapters=adapters, name=name)
         fns[name] = compiled[name] = v
-    times = time_rotated(fns, rounds=args.rounds, warmup=args.warmup)
+    times = time_interleaved(fns, rounds=args.rounds, warmup=args.warmup, rotate=True)
     tokens = args.batch * args.seq
     rows, mems = [], []
     for name, fn in fns.items():
@@ -134,7 +140,7 @@ def section(experts: int, args) -> tuple[list[dict], list[dict], dict, dict]:
                      "ratio_to_full": paired_ratio(times, name, "full"),
                      "compile_s": getattr(fn, "compile_s", None)})
         if name in compiled:
-            m = memory(compiled[name].compiled)
+            m = memory_analysis(compiled[name].compiled)
             mems.append({"model": lm.name, "variant": LABELS[name], "peak_MiB": m["peak"] / MiB,
                          "temp_MiB": m["temp"] / MiB, "opt_state_MiB": compiled[name].opt_state_bytes / MiB,
                          "bytes": m})

@@ -12,14 +12,13 @@ the adapters saved with ``lora.save_peft`` and loaded with ``load_adapter``, the
 ``adapter_names=[...]`` (PEFT groups the rows by adapter and runs each group's LoRA path in a Python loop).
 All variants are timed round-robin in one process (medians).
 
-    python benchmarks/multi_adapter.py [--batch 64 --seq 32 --hidden 256 --layers 4 --r 8 --rounds 5]
+    python -m benchmarks.multi_adapter [--batch 64 --seq 32 --hidden 256 --layers 4 --r 8 --rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,11 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lora_jax as lora  # noqa: E402
-from benchmarks.common import Recorder, block, median, table, time_interleaved  # noqa: E402
-from lora_jax.models import llama, save_pretrained  # noqa: E402
+import lora_jax as lora
+from benchmarks.common import Recorder, block, median, table, time_interleaved
+from lora_jax.models import llama, save_pretrained
 
 MIXES = (1, 4, 16, 64)
 # The code this benchmark measures (benchmarks.staleness).

@@ -25,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS, ROOT, Recorder  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, Recorder
 
 # The definitions of what is timed (benchmarks.staleness). The times depend on the whole code base; a rerun on an
 # idle machine is what keeps them honest, and each section records the commit it ran on.

@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -47,12 +45,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lora_jax as lora  # noqa: E402
-from benchmarks.common import Recorder, block, median, paired_summary, ratio_verdict, table  # noqa: E402
-from benchmarks.train_step import build_lm, make_batch, paired_ratio, prepare, time_rotated  # noqa: E402
-from lora_jax.models.layers import attend  # noqa: E402
+import lora_jax as lora
+from benchmarks.common import (
+    Recorder,
+    block,
+    median,
+    paired_ratio,
+    paired_summary,
+    ratio_verdict,
+    table,
+    time_interleaved,
+)
+from benchmarks.train_step import build_lm, make_batch, prepare
+from lora_jax.models.layers import attend
 
 PEERS = ("ours", "peft", "nnx", "nnx-split", "qwix")
 # The code this benchmark measures (benchmarks.staleness).
@@ -349,7 +354,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         fn()
         info[name]["first_call_s"] = time.perf_counter() - t0
-    times = time_rotated(fns, rounds=args.rounds, warmup=args.warmup)
+    times = time_interleaved(fns, rounds=args.rounds, warmup=args.warmup, rotate=True)
     tokens = args.batch * args.seq
     rows = []
     for name, ts in times.items():

@@ -11,7 +11,7 @@ for this backend:
 - ``peak`` = argument + output - aliased + temp (the donated state is updated in place);
 - ``weights``: bytes stored for the frozen or trained kernels themselves.
 
-    python benchmarks/qlora_memory.py [--layers 12 --d 768 --batch 8 --seq 128 --r 16]
+    python -m benchmarks.qlora_memory [--layers 12 --d 768 --batch 8 --seq 128 --r 16]
 
 QLoRA settings follow the paper: NF4, block 64, double quantisation, bf16 compute, adapters (float32, r=16)
 on every linear layer. The quantised rows dequantise one layer at a time, in the forward and again in the
@@ -26,18 +26,14 @@ pass, which is why every LoRA row's ``temp`` exceeds what its activations alone 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lora_jax as lora  # noqa: E402
-from benchmarks.common import Recorder, table  # noqa: E402
-from lora_jax import ops, quant  # noqa: E402
+import lora_jax as lora
+from benchmarks.common import Recorder, donated_step_memory, table
+from lora_jax import ops, quant
 
 MiB = 2 ** 20
 # The code this benchmark measures (benchmarks.staleness).
@@ -85,13 +81,6 @@ def loss_fn(params: dict, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
     return jnp.mean((forward(params, x, dtype).astype(jnp.float32) - y) ** 2)
 
 
-def compiled_memory(step, *args) -> dict[str, int]:
-    m = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().memory_analysis()
-    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    return {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
-            "temp": m.temp_size_in_bytes, "peak": peak}
-
-
 def full_finetuning(params, batch, tx):
     state = jax.eval_shape(tx.init, params)
 
@@ -100,7 +89,7 @@ def full_finetuning(params, batch, tx):
         updates, state = tx.update(g, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    return compiled_memory(step, params, state, *batch)
+    return donated_step_memory(step, params, state, *batch)
 
 
 def lora_step(base, batch, tx, r: int, dtype):
@@ -113,7 +102,7 @@ def lora_step(base, batch, tx, r: int, dtype):
         updates, state = tx.update(g, state, adapters)
         return optax.apply_updates(adapters, updates), state, loss
 
-    return compiled_memory(step, adapters, state, base, *batch), quant.nbytes(adapters)
+    return donated_step_memory(step, adapters, state, base, *batch), quant.nbytes(adapters)
 
 
 def main(argv=None) -> dict:

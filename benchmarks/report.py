@@ -22,10 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import bootstrap_median_ci, paired_summary  # noqa: E402
+from benchmarks.common import ROOT, bootstrap_median_ci, paired_summary
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -648,7 +645,7 @@ def newcomer_block(results: dict) -> str:
             f"{before.get('bleu', float('nan')):.1f} to {after.get('bleu', float('nan')):.1f} and ROUGE-L from "
             f"{before.get('rougeL', float('nan')):.1f} to {after.get('rougeL', float('nan')):.1f}, in "
             f"**{_minutes(job['wall_s'])}** of wall time" + (f" ({split})" if split else "") +
-            f"; it ends by printing where its outputs went and writes `loss.png` into its run folder.")
+            "; it ends by printing where its outputs went and writes `loss.png` into its run folder.")
     tests = r.get("tests")
     if tests:
         counts = ", ".join(f"{n} {what}" for what, n in tests.get("counts", {}).items())

@@ -24,21 +24,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import Recorder, block, median, paired_summary, table  # noqa: E402
-from benchmarks.loss_memory import AbstractLM, job_config, step_memory  # noqa: E402
-from benchmarks.train_step import time_rotated  # noqa: E402
-from train import loop  # noqa: E402
+from benchmarks.common import Recorder, block, median, paired_summary, table, time_interleaved
+from benchmarks.loss_memory import AbstractLM, job_config, step_memory
+from train import loop
 
 MiB = 2 ** 20
 GOAL = 1.5
@@ -122,7 +116,7 @@ def time_section(args) -> list[dict]:
                 losses[form] = float(block(m["loss"]))
 
             fns[form] = run
-        times = time_rotated(fns, rounds=args.time_rounds, warmup=1)
+        times = time_interleaved(fns, rounds=args.time_rounds, warmup=1, rotate=True)
         paired = paired_summary(times["scanned"], times["unrolled"])
         for form in FORMS:
             rows.append({"layers": depth, "form": form, "median_ms": 1e3 * median(times[form]),

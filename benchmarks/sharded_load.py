@@ -37,9 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Recorder, table
+from benchmarks.common import ROOT, Recorder, table
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["lora_jax/models", "lora_jax/stacking.py", "lora_jax/sharding.py", "train/loop.py", "train/memory.py",
            "benchmarks/sharded_load.py"]
 PRESETS = {

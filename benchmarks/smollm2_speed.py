@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct (the offline GGUF) on this machine: load time, forward throughput, greedy decoding speed.
 
-    python benchmarks/smollm2_speed.py [--rounds 5 --batch 8 --seq 128 --new-tokens 64 --torch]
+    python -m benchmarks.smollm2_speed [--rounds 5 --batch 8 --seq 128 --new-tokens 64 --torch]
 
 - GGUF load: ``load_gguf`` wall time (read + dequantise Q4_1/Q8_0 + build the tokenizer), median of 2.
 - forward: a jitted ``model.apply`` on ``batch x seq`` token ids (logits for every position), float32 and
@@ -26,11 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import Recorder, block, median, table, time_interleaved  # noqa: E402
-from lora_jax.models import generate as gen  # noqa: E402
-from lora_jax.models import gguf as lgguf  # noqa: E402
+from benchmarks.common import Recorder, block, median, table, time_interleaved
+from lora_jax.models import generate as gen
+from lora_jax.models import gguf as lgguf
 
 # The code this benchmark measures (benchmarks.staleness).
 SOURCES = ("lora_jax/models", "benchmarks/smollm2_speed.py", "benchmarks/common.py")

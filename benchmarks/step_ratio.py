@@ -4,7 +4,7 @@ A stack of ``layers`` dense layers of ``d x d`` (GPT-2 small: 12 x 768), a batch
 AdamW. All three steps are jitted, warmed up and timed round-robin in one process; the table reports medians and
 the ratio to full fine-tuning.
 
-    python benchmarks/step_ratio.py [--layers 12 --d 768 --tokens 1024 --r 8 --rounds 12]
+    python -m benchmarks.step_ratio [--layers 12 --d 768 --tokens 1024 --r 8 --rounds 12]
 
 Why the factored form is faster: through ``W0 + A@B`` backprop must form the (d x d) gradient of the merged
 kernel in every layer and then project it onto A and B; ``x@W0 + ((x@A)@B)*s`` only forms (d x r) and (r x d)
@@ -14,17 +14,13 @@ gradients. Its floor is about 2/3 of full fine-tuning (the forward and the activ
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lora_jax as lora  # noqa: E402
-from benchmarks.common import Recorder, median, table, time_interleaved  # noqa: E402
+import lora_jax as lora
+from benchmarks.common import Recorder, median, table, time_interleaved
 
 # The code this benchmark measures (benchmarks.staleness).
 SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "benchmarks/step_ratio.py", "benchmarks/common.py")

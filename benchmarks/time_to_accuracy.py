@@ -36,18 +36,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import Recorder, paired_summary, ratio_verdict, table  # noqa: E402
+from benchmarks.common import ROOT, Recorder, paired_summary, ratio_verdict, table
 
 # The code this benchmark measures (benchmarks.staleness).
 SOURCES = ("benchmarks/time_to_accuracy.py", "benchmarks/common.py", "configs/sst2_minilm_lora.yaml", "train/loop.py",

@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -57,12 +55,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lora_jax as lora  # noqa: E402
-from benchmarks.common import Recorder, block, median, paired_summary, table  # noqa: E402
-from lora_jax.models import gpt2, llama  # noqa: E402
-from train.tasks import causal_lm_loss  # noqa: E402
+import lora_jax as lora
+from benchmarks.common import (
+    Recorder,
+    block,
+    median,
+    memory_analysis,
+    paired_ratio,
+    paired_summary,
+    table,
+    time_interleaved,
+)
+from lora_jax.models import gpt2, llama
+from lora_jax.tree import nbytes as tree_nbytes
+from train.tasks import causal_lm_loss
 
 MiB = 2 ** 20
 KINDS = ("full", "merged", "factored")
@@ -93,7 +99,7 @@ class LM:
         return sum(int(x.size) for x in jax.tree_util.tree_leaves(self.params))
 
 
-def _smollm2_config() -> tuple[llama.Config, str]:
+def smollm2_config() -> tuple[llama.Config, str]:
     """SmolLM2-135M's config from the GGUF metadata (tensor data and tokenizer not read), or the same numbers."""
     from lora_jax.models import ALIASES
 
@@ -131,7 +137,7 @@ def build_lm(name: str, *, quick: bool = False, layers: int | None = None, vocab
                 num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256))
             source = "tiny LlamaConfig (quick)"
         else:
-            config, source = _smollm2_config()
+            config, source = smollm2_config()
     else:
         raise ValueError(f"unknown model {name!r}; expected gpt2-small or smollm2-135m")
     changes = {k: v for k, v in (("num_hidden_layers", layers), ("vocab_size", vocab)) if v is not None}
@@ -180,19 +186,6 @@ def make_step(model, tx: optax.GradientTransformation, kind: str, loss_chunk: An
     return step
 
 
-def nbytes(tree) -> int:
-    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype"))
-
-
-def memory(compiled) -> dict[str, int]:
-    m = compiled.memory_analysis()
-    out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
-           "temp": m.temp_size_in_bytes}
-    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    out["sum"] = out["argument"] + out["output"] + out["temp"]
-    return out
-
-
 @dataclasses.dataclass
 class Variant:
     """One compiled train step and the state it carries from call to call."""
@@ -221,34 +214,11 @@ def prepare(lm: LM, kind: str, batch: dict, *, adapters=None, lr: float = 1e-4, 
     compiled = jax.jit(make_step(lm.model, tx, kind), donate_argnums=(0, 1)).lower(
         trainable, opt_state, frozen, batch).compile()
     return Variant(name or kind, compiled, trainable, opt_state, frozen, batch, time.perf_counter() - t0,
-                   sum(int(x.size) for x in jax.tree_util.tree_leaves(trainable)), nbytes(opt_state))
-
-
-def time_rotated(fns: dict[str, Any], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Like ``benchmarks.common.time_interleaved`` (each round runs every function once), but round ``i`` starts
-    at the ``i``-th function, so that no variant always runs right after the same neighbour (e.g. one that
-    frees a lot of memory)."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(rounds):
-        for name in names[i % len(names):] + names[: i % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def paired_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
-    """Median over rounds of ``time[name] / time[base]`` measured in the same round: robust to the load of a
-    shared machine drifting between rounds."""
-    return median([t / b for t, b in zip(times[name], times[base])])
+                   sum(int(x.size) for x in jax.tree_util.tree_leaves(trainable)), tree_nbytes(opt_state))
 
 
 def time_variants(variants: list[Variant], rounds: int, warmup: int) -> dict[str, list[float]]:
-    return time_rotated({v.name: v for v in variants}, rounds=rounds, warmup=warmup)
+    return time_interleaved({v.name: v for v in variants}, rounds=rounds, warmup=warmup, rotate=True)
 
 
 def adapted_matrices(adapters) -> int:
@@ -262,7 +232,7 @@ def step_section(lm: LM, batch: dict, args) -> tuple[list[dict], list[dict], dic
     """Rows of the step table and of the memory table for one model, and the raw times."""
     adapters = lora.init(lm.params, r=args.r, alpha=2 * args.r, targets="qv")
     variants = [prepare(lm, kind, batch, adapters=adapters) for kind in KINDS]
-    mems = {v.name: memory(v.compiled) for v in variants}
+    mems = {v.name: memory_analysis(v.compiled) for v in variants}
     times = time_variants(variants, args.rounds, args.warmup)
     tokens = batch["input_ids"].size
     full_opt = variants[0].opt_state_bytes
@@ -307,7 +277,7 @@ def inference_section(lm: LM, batch: dict, args) -> tuple[list[dict], dict, dict
         "merge_jit": lambda: block(merge_jit(lm.params, adapters)),
         "merge_eager": lambda: block(lora.merge(lm.params, adapters)),
     }
-    times = time_rotated(fns, rounds=args.inference_rounds, warmup=args.warmup)
+    times = time_interleaved(fns, rounds=args.inference_rounds, warmup=args.warmup, rotate=True)
 
     labels = {"base": "forward, base params", "merged": "forward, merged params (lora.merge)",
               "base_again": "forward, base params again (noise control)",

@@ -25,19 +25,15 @@ asks for is ``temp`` of the NF4 row against the dense rows: if transform dequant
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lora_jax as lora  # noqa: E402
-from benchmarks.common import Recorder, table  # noqa: E402
-from lora_jax import quant  # noqa: E402
+import lora_jax as lora
+from benchmarks.common import Recorder, donated_step_memory, table
+from lora_jax import quant
 
 MiB = 2 ** 20
 # The code this benchmark measures (benchmarks.staleness).
@@ -79,13 +75,6 @@ class Model(nn.Module):
 TARGETS = r".*/(attn/(query|key|value|out)|fc|proj)/kernel"
 
 
-def compiled_memory(step, *args) -> dict[str, int]:
-    m = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().memory_analysis()
-    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    return {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
-            "temp": m.temp_size_in_bytes, "peak": peak}
-
-
 def lora_step(model: Model, base, adapters, batch, tx, dequantize_first: bool = False):
     """Compiled memory of one LoRA train step through ``lora.transform`` on ``base`` (abstract);
     ``dequantize_first``: the workaround before transform took quantised bases (``lora.dequantize`` of the
@@ -99,7 +88,7 @@ def lora_step(model: Model, base, adapters, batch, tx, dequantize_first: bool = 
         updates, state = tx.update(g, state, adapters)
         return optax.apply_updates(adapters, updates), state, loss
 
-    return compiled_memory(step, adapters, state, base, *batch)
+    return donated_step_memory(step, adapters, state, base, *batch)
 
 
 def abstract(tree):

@@ -45,8 +45,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # (not benchmarks.common's: that imports jax, which the parent must not)
 
 # The code this benchmark measures (benchmarks.staleness).
 SOURCES = ("benchmarks/xla_flags.py", "benchmarks/common.py", "benchmarks/train_step.py", "train/loop.py",

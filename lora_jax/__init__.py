@@ -32,18 +32,22 @@ from lora_jax.core import (
     wrap,
 )
 from lora_jax.errors import (
+    ArgumentError,
+    ArgumentTypeError,
     CheckpointError,
     ConfigError,
     DataError,
     LoraJaxError,
     MergeStateError,
+    MissingFileError,
     NonFiniteError,
+    NotFoundError,
     PeftError,
     TargetError,
     UnsupportedError,
 )
+from lora_jax.gguf_export import MergedGGUF, load_gguf_adapter, save_gguf_adapter, save_merged_gguf
 from lora_jax.losses import chunked_cross_entropy
-from lora_jax.ops import dense, dot, einsum, embed, materialize, ragged_dot
 from lora_jax.multi import (
     AdapterSet,
     MultiLoraWeight,
@@ -54,29 +58,85 @@ from lora_jax.multi import (
     weighted_adapter,
     wrap_mixed,
 )
+from lora_jax.ops import dense, dot, einsum, embed, materialize, ragged_dot
 from lora_jax.optim import lora_plus, masked, trainable_labels
-from lora_jax.quant import QuantizedWeight, dequantize, merge_quantized, quantize
-from lora_jax.variants import init_pissa, pissa_to_lora
 from lora_jax.peft import LoadedPeft, load_peft, save_peft
-from lora_jax.gguf_export import MergedGGUF, load_gguf_adapter, save_gguf_adapter, save_merged_gguf
+from lora_jax.quant import QuantizedWeight, dequantize, merge_quantized, quantize
 from lora_jax.targets import PRESETS
 from lora_jax.transform import init_stacked, transform, transform_report
+from lora_jax.variants import init_pissa, pissa_to_lora
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "LoraJaxError", "MergeStateError", "NonFiniteError", "PeftError",
-    "TargetError", "UnsupportedError",
-    "LoraAdapter", "LoraWeight", "MergedParams", "Summary", "PRESETS", "adapter_items", "chunked_cross_entropy", "combine", "dense", "dot", "einsum",
-    "embed", "init", "is_adapter", "is_lora_weight", "lora_plus", "masked", "materialize", "merge", "merge_record", "ragged_dot",
+    "AdapterSet",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "LoadedPeft",
+    "LoraAdapter",
+    "LoraJaxError",
+    "LoraWeight",
+    "MergeStateError",
+    "MergedGGUF",
+    "MergedParams",
+    "MissingFileError",
+    "MultiLoraWeight",
+    "NonFiniteError",
+    "NotFoundError",
+    "PRESETS",
+    "PeftError",
+    "QuantizedWeight",
+    "StackedAdapter",
+    "Summary",
+    "TargetError",
+    "TrainStateCheckpointer",
+    "UnsupportedError",
+    "adapter_items",
+    "chunked_cross_entropy",
+    "combine",
+    "dense",
+    "dequantize",
+    "dot",
+    "einsum",
+    "embed",
+    "init",
+    "init_pissa",
+    "init_stacked",
+    "is_adapter",
+    "is_lora_weight",
+    "load_adapters",
+    "load_gguf_adapter",
+    "load_peft",
+    "load_slot",
+    "load_trained_params",
+    "lora_plus",
+    "masked",
+    "materialize",
+    "merge",
+    "merge_quantized",
+    "merge_record",
+    "pissa_to_lora",
+    "quantize",
+    "ragged_dot",
+    "row_ids",
+    "save_adapters",
+    "save_gguf_adapter",
+    "save_merged_gguf",
+    "save_peft",
+    "save_trained_params",
     "split",
-    "summary", "trainable_labels", "unmerge", "unwrap", "wrap",
-    "init_stacked", "transform", "transform_report",
-    "QuantizedWeight", "dequantize", "init_pissa", "merge_quantized", "pissa_to_lora", "quantize",
-    "load_adapters", "save_adapters", "load_trained_params", "save_trained_params", "TrainStateCheckpointer",
-    "LoadedPeft", "load_peft", "save_peft",
-    "MergedGGUF", "load_gguf_adapter", "save_gguf_adapter", "save_merged_gguf",
-    "AdapterSet", "MultiLoraWeight", "StackedAdapter", "load_slot", "row_ids", "stack_adapters", "weighted_adapter",
+    "stack_adapters",
+    "summary",
+    "trainable_labels",
+    "transform",
+    "transform_report",
+    "unmerge",
+    "unwrap",
+    "weighted_adapter",
+    "wrap",
     "wrap_mixed",
 ]
 

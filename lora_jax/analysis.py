@@ -35,6 +35,7 @@ import numpy as np
 
 from lora_jax import stacking, tree
 from lora_jax.core import LoraAdapter, adapter_items
+from lora_jax.errors import ArgumentError, ArgumentTypeError, NotFoundError
 
 PyTree = Any
 Basis = Literal["A", "B", "input", "output"]
@@ -50,10 +51,10 @@ def _f64(x: Any) -> np.ndarray:
 
 def _check_2d(adapter: LoraAdapter, what: str) -> None:
     if not isinstance(adapter, LoraAdapter):
-        raise TypeError(f"{what}: expected a LoraAdapter, got {type(adapter).__name__}")
+        raise ArgumentTypeError(f"{what}: expected a LoraAdapter, got {type(adapter).__name__}")
     if np.ndim(adapter.a) != 2 or np.ndim(adapter.b) != 2:
-        raise ValueError(f"{what}: expected a (d_in, r) A and an (r, d_out) B, got A {tuple(np.shape(adapter.a))} "
-                         f"and B {tuple(np.shape(adapter.b))}; split stacked adapters with iter_matrices()")
+        raise ArgumentError(f"{what}: expected a (d_in, r) A and an (r, d_out) B, got A {tuple(np.shape(adapter.a))} "
+                            f"and B {tuple(np.shape(adapter.b))}; split stacked adapters with iter_matrices()")
 
 
 def delta_w(adapter: LoraAdapter) -> np.ndarray:
@@ -95,7 +96,7 @@ def svd(x: LoraAdapter | np.ndarray) -> Svd:
     if not isinstance(x, LoraAdapter):
         m = _f64(x)
         if m.ndim != 2:
-            raise ValueError(f"svd: expected a 2-D matrix or a LoraAdapter, got an array of shape {m.shape}")
+            raise ArgumentError(f"svd: expected a 2-D matrix or a LoraAdapter, got an array of shape {m.shape}")
         return _svd_dense(m)
     _check_2d(x, "svd")
     qa, ra = np.linalg.qr(_f64(x.a))
@@ -130,7 +131,7 @@ def basis(adapter: LoraAdapter, of: Basis = "A") -> np.ndarray:
         return svd(adapter).u
     if of == "output":
         return svd(adapter).v
-    raise ValueError(f"basis: `of` must be one of {BASES}, got {of!r}")
+    raise ArgumentError(f"basis: `of` must be one of {BASES}, got {of!r}")
 
 
 # ---------------------------------------------------------------------------------- subspace similarity
@@ -154,8 +155,8 @@ def grassmann_similarity(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
     """
     u1, u2 = _f64(u1), _f64(u2)
     if u1.ndim != 2 or u2.ndim != 2 or u1.shape[0] != u2.shape[0]:
-        raise ValueError(f"grassmann_similarity: expected two (d, k) bases in the same space, got {u1.shape} "
-                         f"and {u2.shape}")
+        raise ArgumentError(f"grassmann_similarity: expected two (d, k) bases in the same space, got {u1.shape} "
+                            f"and {u2.shape}")
     overlap = np.cumsum(np.cumsum((u1.T @ u2) ** 2, axis=0), axis=1)
     i = np.arange(1, u1.shape[1] + 1)[:, None]
     j = np.arange(1, u2.shape[1] + 1)[None, :]
@@ -177,8 +178,8 @@ def subspace_similarity(adapter1: LoraAdapter, adapter2: LoraAdapter, of: Basis 
     """
     u1, u2 = basis(adapter1, of), basis(adapter2, of)
     if u1.shape[0] != u2.shape[0]:
-        raise ValueError(f"subspace_similarity: the adapters' {of!r} bases live in spaces of different size "
-                         f"({u1.shape[0]} vs {u2.shape[0]}); they must adapt kernels of the same shape")
+        raise ArgumentError(f"subspace_similarity: the adapters' {of!r} bases live in spaces of different size "
+                            f"({u1.shape[0]} vs {u2.shape[0]}); they must adapt kernels of the same shape")
     return grassmann_similarity(u1, u2)
 
 
@@ -249,15 +250,15 @@ def amplification(w: np.ndarray, dw: LoraAdapter | np.ndarray, r: int | None = N
     w = _f64(w)
     dec = svd(dw)
     if w.ndim != 2 or (dec.u.shape[0], dec.v.shape[0]) != w.shape:
-        raise ValueError(f"amplification: W has shape {w.shape}, dW is ({dec.u.shape[0]}, {dec.v.shape[0]}); "
-                         "both must be (d_in, d_out)")
+        raise ArgumentError(f"amplification: W has shape {w.shape}, dW is ({dec.u.shape[0]}, {dec.v.shape[0]}); "
+                            "both must be (d_in, d_out)")
     if r is None:  # the adapter's rank, or an array's numerical rank
         r = len(dec.s) if isinstance(dw, LoraAdapter) else max(int(np.sum(dec.s > dec.s[0] * 1e-10)), 1)
     if not 1 <= r <= min(w.shape):
-        raise ValueError(f"amplification: r must be in [1, {min(w.shape)}], got {r}")
+        raise ArgumentError(f"amplification: r must be in [1, {min(w.shape)}], got {r}")
     u, v = dec.u[:, :r], dec.v[:, :r]
     if u.shape[1] < r:
-        raise ValueError(f"amplification: dW has only {u.shape[1]} singular directions, asked for r={r}")
+        raise ArgumentError(f"amplification: dW has only {u.shape[1]} singular directions, asked for r={r}")
     sw = np.linalg.svd(w, compute_uv=False)
     rng = np.random.default_rng(seed)
     rand = [np.linalg.norm(_random_frame(rng, w.shape[0], r).T @ w @ _random_frame(rng, w.shape[1], r))
@@ -287,7 +288,7 @@ def energy_rank(s: np.ndarray, fraction: float = 0.9) -> int:
     """The fewest singular values whose squares hold ``fraction`` of ``sum(s^2)`` (``||dW||_F^2``); 0 for a zero
     spectrum."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"energy_rank: fraction must be in (0, 1], got {fraction}")
+        raise ArgumentError(f"energy_rank: fraction must be in (0, 1], got {fraction}")
     e = np.sort(np.abs(_f64(s)).ravel())[::-1] ** 2
     if e.sum() == 0.0:
         return 0
@@ -327,13 +328,12 @@ def iter_matrices(adapters: PyTree) -> Iterator[tuple[str, tuple[int, ...], Lora
     Stacked adapters (``A: (L, d_in, r)`` from :func:`lora_jax.transform.init_stacked`) are split into one 2-D
     adapter per layer, labelled ``path[l]`` with ``index = (l,)``; ordinary ones have ``index = ()``.
     """
-    adapters = stacking.unstack(adapters)  # a scanned stack: its layers by name (layers_N)
     for path, ad in adapter_items(adapters):
         a, b = np.asarray(ad.a), np.asarray(ad.b)
         n = a.ndim - 2
         if n < 0 or b.ndim != a.ndim:
-            raise ValueError(f"{path}: adapter factors of shapes A {a.shape}, B {b.shape} are not (..., d_in, r) "
-                             "and (..., r, d_out)")
+            raise ArgumentError(f"{path}: adapter factors of shapes A {a.shape}, B {b.shape} are not (..., d_in, r) "
+                                "and (..., r, d_out)")
         if n == 0:
             yield path, (), ad
             continue
@@ -368,8 +368,8 @@ def find_kernel(params: PyTree, path: str) -> Any:
     if len(ends) == 1:
         return ends[0]
     top = sorted(params.keys())[:20] if isinstance(params, Mapping) else type(params).__name__
-    raise KeyError(f"base params have no {path!r} ({'several leaves end with it' if ends else 'nor any suffix of it'}"
-                   f"; top-level keys: {top}); was this adapter trained on another model?")
+    raise NotFoundError(f"base params have no {path!r} "
+                        f"({'several leaves end with it' if ends else 'nor any suffix of it'}; top-level keys: {top}); was this adapter trained on another model?")
 
 
 def kernel_2d(params: PyTree, path: str, adapter: LoraAdapter, index: tuple[int, ...] = ()) -> np.ndarray:
@@ -379,8 +379,8 @@ def kernel_2d(params: PyTree, path: str, adapter: LoraAdapter, index: tuple[int,
     w = _f64(find_kernel(params, path))
     w = w[index] if index else w
     if tuple(w.shape) != (*adapter.in_shape, *adapter.out_shape):
-        raise ValueError(f"{path}: base kernel has shape {tuple(w.shape)}, the adapter expects "
-                         f"{(*adapter.in_shape, *adapter.out_shape)}; was this adapter trained on another model?")
+        raise ArgumentError(f"{path}: base kernel has shape {tuple(w.shape)}, the adapter expects "
+                            f"{(*adapter.in_shape, *adapter.out_shape)}; was this adapter trained on another model?")
     return w.reshape(adapter.a.shape[-2], adapter.b.shape[-1])
 
 
@@ -417,6 +417,7 @@ def layer_stats(params: PyTree, adapters: PyTree, *, r: int | None = None, n_ran
                 seed: int = 0) -> list[LayerStats]:
     """:class:`LayerStats` for every adapted matrix of ``adapters`` against its base kernel in ``params``
     (amplification at rank ``r``, default each adapter's own rank)."""
+    adapters = stacking.conform(adapters, params)  # adapters trained scanned, params loaded unrolled (or back)
     rows = []
     for path, idx, ad in iter_matrices(adapters):
         w = kernel_2d(params, path.split("[")[0], ad, idx)
@@ -438,7 +439,7 @@ def concentration(rows: list[LayerStats], by: Literal["path", "layer", "matrix"]
     The shares sum to 1 (all 0 if every dW is zero); keys keep the rows' order.
     """
     if by not in ("path", "layer", "matrix"):
-        raise ValueError(f"concentration: `by` must be 'path', 'layer' or 'matrix', got {by!r}")
+        raise ArgumentError(f"concentration: `by` must be 'path', 'layer' or 'matrix', got {by!r}")
     energy: dict[Any, float] = {}
     for row in rows:
         key = getattr(row, by)

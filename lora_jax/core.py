@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +39,7 @@ import numpy as np
 from lora_jax import stacking as _stacking
 from lora_jax import targets as _targets
 from lora_jax import tree as _tree
-from lora_jax.errors import MergeStateError, TargetError
+from lora_jax.errors import ArgumentError, ArgumentTypeError, MergeStateError, TargetError, UnsupportedError
 
 PyTree = Any
 Array = jax.Array
@@ -93,9 +92,9 @@ class LoraAdapter:
 
     def __repr__(self) -> str:
         return (f"LoraAdapter(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, kernel={self.kernel_shape}, "
-                f"a={_describe(self.a)}, b={_describe(self.b)}"
+                f"a={describe(self.a)}, b={describe(self.b)}"
                 f"{f', dropout={self.dropout:g}' if self.dropout else ''}"
-                f"{f', dora magnitude={_describe(self.magnitude)}' if self.is_dora else ''})")
+                f"{f', dora magnitude={describe(self.magnitude)}' if self.is_dora else ''})")
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -110,20 +109,10 @@ class LoraAdapter:
         return dw.reshape(self.kernel_shape)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LoraWeight:
-    """A frozen kernel with its adapter, as seen by a model during a factored forward pass.
-
-    ``lora_jax.ops.dot`` / ``einsum`` on a ``LoraWeight`` compute
-    ``x @ base + ((dropout(x) @ A) @ B) * scale`` and never form ``base + A @ B``.
-    ``key`` is the dropout key (``None``: no dropout, e.g. at evaluation).
-    ``base`` may also be a weight node such as :class:`lora_jax.quant.QuantizedWeight` (QLoRA).
-    """
-
-    base: Array
-    adapter: LoraAdapter
-    key: Array | None = None
+class WrappedKernel:
+    """What a kernel wrapped for the factored ops (:class:`LoraWeight`, :class:`lora_jax.MultiLoraWeight`) shows
+    model code: the ``base`` kernel's ``shape``, ``dtype`` and ``ndim``, and a clear error where a model uses it
+    as an array instead of calling ``lora_jax.ops``."""
 
     # Enough of the array interface for model code that inspects its weights.
     @property
@@ -138,14 +127,6 @@ class LoraWeight:
     def ndim(self) -> int:
         return self.base.ndim
 
-    def __repr__(self) -> str:
-        return f"LoraWeight(base={_describe(self.base)}, adapter={self.adapter!r}, key={self.key is not None})"
-
-    def materialize(self) -> Array:
-        """``base + scale * A @ B`` (dW in float32, cast to the base dtype), for code that needs the dense
-        kernel. The factored ops never call this."""
-        return merged_kernel(self.base, self.adapter).astype(self.base.dtype)
-
     # A model that was not written with lora_jax.ops treats its kernels as arrays: say what to do instead of
     # failing deep inside the model ("'LoraWeight' object is not subscriptable", "float() argument ...").
     def __getitem__(self, index):
@@ -158,10 +139,32 @@ class LoraWeight:
         raise not_an_array(self, "converts it to a NumPy array")
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeight(WrappedKernel):
+    """A frozen kernel with its adapter, as seen by a model during a factored forward pass.
+
+    ``lora_jax.ops.dot`` / ``einsum`` on a ``LoraWeight`` compute
+    ``x @ base + ((dropout(x) @ A) @ B) * scale`` and never form ``base + A @ B``.
+    ``key`` is the dropout key (``None``: no dropout, e.g. at evaluation).
+    ``base`` may also be a weight node such as :class:`lora_jax.quant.QuantizedWeight` (QLoRA).
+    """
+
+    base: Array
+    adapter: LoraAdapter
+    key: Array | None = None
+
+    def __repr__(self) -> str:
+        return f"LoraWeight(base={describe(self.base)}, adapter={self.adapter!r}, key={self.key is not None})"
+
+    def materialize(self) -> Array:
+        """``base + scale * A @ B`` (dW in float32, cast to the base dtype), for code that needs the dense
+        kernel. The factored ops never call this."""
+        return merged_kernel(self.base, self.adapter).astype(self.base.dtype)
+
+
 def not_an_array(w: Any, how: str) -> Exception:
     """The error for model code that uses a wrapped kernel (``LoraWeight``, ``MultiLoraWeight``) as an array."""
-    from lora_jax.errors import UnsupportedError
-
     return UnsupportedError(
         f"a model {how}, but it is a {type(w).__name__} (a frozen kernel {tuple(w.shape)} with its adapter), not an "
         "array. Models that do not call lora_jax.ops.dot / einsum need lora.transform around the function: "
@@ -170,11 +173,9 @@ def not_an_array(w: Any, how: str) -> Exception:
         "(lora.merge(params, adapters))")
 
 
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
+    """An array as ``dtype[shape]`` (``float32[4, 8]``), anything else as its repr: for reprs and messages."""
     return f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") and hasattr(x, "dtype") else repr(x)
-
-
-describe = _describe  # public: used by other modules
 
 
 def is_adapter(x: Any) -> bool:
@@ -233,7 +234,7 @@ def adapter_items(adapters: PyTree) -> list[tuple[str, LoraAdapter]]:
     return [("/".join(p), leaf) for p, leaf in _leaves_by_path(adapters) if is_adapter(leaf)]
 
 
-def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, LoraAdapter], Any], what: str) -> PyTree:
+def map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, LoraAdapter], Any], what: str) -> PyTree:
     """Replace every leaf of ``params`` that has an adapter by ``fn(path, leaf, adapter)``.
 
     Raises if an adapter names a path that ``params`` lacks or whose shape differs: an adapter for another
@@ -249,9 +250,10 @@ def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lor
         if ad is None:
             return leaf
         if is_lora_weight(leaf) or is_adapter(leaf):
-            raise ValueError(f"{what}: {'/'.join(key)} already holds a {type(leaf).__name__}; wrap/merge a tree once")
+            raise MergeStateError(f"{what}: {'/'.join(key)} already holds a {type(leaf).__name__}; wrap/merge a tree "
+                                  "once")
         if tuple(leaf.shape) != ad.kernel_shape:
-            raise ValueError(
+            raise ArgumentError(
                 f"{what}: adapter for {'/'.join(key)} expects a kernel of shape {ad.kernel_shape}, "
                 f"the params have {tuple(leaf.shape)}; this adapter belongs to another base model"
             )
@@ -261,14 +263,11 @@ def _map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lor
     out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_node)
     missing = sorted("/".join(k) for k in adapter_paths.keys() - used)
     if missing:
-        raise ValueError(
+        raise ArgumentError(
             f"{what}: {len(missing)} adapter(s) have no matching leaf in params: {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}; this adapter belongs to another base model"
         )
     return out
-
-
-map_targets = _map_targets  # public: used by other modules
 
 
 # ------------------------------------------------------------------------------------------------ init
@@ -280,8 +279,8 @@ INIT_METHODS = ("lora", "gaussian")
 def _column_norms(leaf: Any, path: str, n_in: int) -> Array:
     """``||W0[..., j]||`` over the first ``n_in`` axes, flattened over the output axes (DoRA's initial m)."""
     if not (_targets.is_weight_node(leaf) or isinstance(leaf, (jax.Array, np.ndarray))):
-        raise ValueError(f"init(use_dora=True): {path} is a {type(leaf).__name__} without values; DoRA starts its "
-                         "magnitude at the kernel's column norms, so it needs the real parameters")
+        raise ArgumentError(f"init(use_dora=True): {path} is a {type(leaf).__name__} without values; DoRA starts its "
+                            "magnitude at the kernel's column norms, so it needs the real parameters")
     w = as_dense(leaf, jnp.float32)
     w = w.reshape(math.prod(w.shape[:n_in]), -1)
     return jnp.sqrt(jnp.sum(w * w, axis=0))
@@ -305,6 +304,7 @@ def init(
     allow_embeddings: bool = False,
     use_dora: bool = False,
     expert_axes: Mapping[str, int] | None = None,
+    layer_axes: Mapping[str, int] | None = None,
 ) -> PyTree:
     """Create LoRA adapters for the targeted kernels of ``params``.
 
@@ -330,6 +330,9 @@ def init(
         ``b (E, r, d_out)``, ``in_shape = (E, *in_shape)`` (so ``merge`` / ``unmerge`` / ``wrap`` work on it
         unchanged and :func:`lora_jax.ops.ragged_dot` applies it factored). Default: 1 for a 3-D kernel of
         routed experts (under a module named ``experts``, see :mod:`lora_jax.targets`), else 0.
+      layer_axes: ``{regex: n}``: how many leading kernel axes index the layers of a scanned stack (before any
+        expert axes); each layer gets its own adapter, stacked the same way. Default: 1 for a kernel under a module
+        named ``layers`` (:mod:`lora_jax.stacking`'s convention), else 0.
       dtype: dtype of ``A`` and ``B``; default float32 (adapters train in full precision over a low-precision
         base).
       allow_embeddings: embedding tables are never adapted unless this is set and a rule names them.
@@ -341,12 +344,12 @@ def init(
       A nested dict mirroring ``params`` with a :class:`LoraAdapter` for each targeted leaf.
     """
     if not isinstance(r, (int, np.integer)) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
+        raise ArgumentError(f"r must be a positive int, got {r!r}")
     if init not in INIT_METHODS:
         hint = " (PiSSA also changes the base: use lora.init_pissa(params, r, ...))" if "pissa" in str(init) else ""
-        raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}{hint}")
+        raise ArgumentError(f"init must be one of {INIT_METHODS}, got {init!r}{hint}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise ArgumentError(f"dropout must be in [0, 1), got {dropout!r}")
     key = jax.random.key(0) if key is None else key
     dtype = jnp.float32 if dtype is None else jnp.dtype(dtype)
 
@@ -355,30 +358,31 @@ def init(
     alpha_of = _targets.PatternMap(alpha_pattern, "alpha_pattern", [p for p, _ in selected])
     in_axes_of = _targets.PatternMap(in_axes, "in_axes", [p for p, _ in selected])
     expert_axes_of = _targets.PatternMap(expert_axes, "expert_axes", [p for p, _ in selected])
+    layer_axes_of = _targets.PatternMap(layer_axes, "layer_axes", [p for p, _ in selected])
 
     adapters: dict = {}
     keys = jax.random.split(key, max(len(selected), 1))
     for (path, leaf), k in zip(selected, keys):
-        n_layers = _stacking.layer_axes(path)  # a scanned layer stack: one adapter per layer, stacked
+        n_layers = int(layer_axes_of.get(path, _stacking.layer_axes(path)))  # a scanned stack: one per layer
         n_stack = n_layers + int(expert_axes_of.get(path, _targets.default_expert_axes(path, leaf.ndim - n_layers)))
         if not 0 <= n_stack <= leaf.ndim - 2:
-            raise ValueError(f"expert_axes for {path} must be in [0, {leaf.ndim - 2}] for a kernel of shape "
-                             f"{tuple(leaf.shape)} (each expert's kernel needs an input and an output axis), "
-                             f"got {n_stack}")
+            raise ArgumentError(f"expert_axes for {path} must be in [0, {leaf.ndim - 2}] for a kernel of shape "
+                                f"{tuple(leaf.shape)} (each expert's kernel needs an input and an output axis), "
+                                f"got {n_stack}")
         stack, per_expert = tuple(leaf.shape[:n_stack]), tuple(leaf.shape[n_stack:])
         n_in = in_axes_of.get(path, _targets.default_in_axes(path, len(per_expert)))
         if not 1 <= n_in < len(per_expert):
-            raise ValueError(f"in_axes for {path} must be in [1, {len(per_expert) - 1}] for a kernel of shape "
-                             f"{tuple(leaf.shape)}{f' ({n_stack} expert axes)' if n_stack else ''}, got {n_in}")
+            raise ArgumentError(f"in_axes for {path} must be in [1, {len(per_expert) - 1}] for a kernel of shape "
+                                f"{tuple(leaf.shape)}{f' ({n_stack} expert axes)' if n_stack else ''}, got {n_in}")
         in_shape, out_shape = per_expert[:n_in], per_expert[n_in:]
         d_in, d_out = math.prod(in_shape), math.prod(out_shape)
         leaf_r = int(rank_of.get(path, r))
         leaf_alpha = float(alpha_of.get(path, alpha if alpha is not None else leaf_r))
         if leaf_r < 1:
-            raise ValueError(f"rank for {path} must be positive, got {leaf_r}")
+            raise ArgumentError(f"rank for {path} must be positive, got {leaf_r}")
         if leaf_r > min(d_in, d_out):
-            raise ValueError(f"rank {leaf_r} for {path} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
-                             f"of its {d_in}x{d_out} kernel")
+            raise ArgumentError(f"rank {leaf_r} for {path} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
+                                f"of its {d_in}x{d_out} kernel")
         if init == "lora":
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(k, (*stack, d_in, leaf_r), dtype, -bound, bound)
@@ -389,12 +393,12 @@ def init(
         magnitude = None
         if use_dora:
             if _targets.is_embedding(path):
-                raise NotImplementedError(f"init(use_dora=True): {path} is an embedding table; DoRA is implemented "
-                                          "for dense kernels only")
+                raise UnsupportedError(f"init(use_dora=True): {path} is an embedding table; DoRA is implemented "
+                                       "for dense kernels only")
             if n_layers:
                 raise _stacking.unsupported(f"DoRA (init(use_dora=True) on {path})")
             if n_stack:
-                raise NotImplementedError(
+                raise UnsupportedError(
                     f"init(use_dora=True): {path} is a stack of {math.prod(stack)} expert kernels {tuple(leaf.shape)}; "
                     "DoRA is implemented for dense kernels only (PEFT refuses it on target_parameters too). Use plain "
                     "LoRA on the experts, or exclude them from the DoRA targets")
@@ -587,30 +591,30 @@ def _checked_adapters(adapters: Any, what: str) -> list[tuple[str, LoraAdapter]]
     """The items of an adapter tree, after checking that it is one (a mapping whose leaves are all
     ``LoraAdapter``; not empty)."""
     if isinstance(adapters, LoraAdapter):
-        raise TypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
-                        "got a single LoraAdapter")
+        raise ArgumentTypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init "
+                                "returns, got a single LoraAdapter")
     if not isinstance(adapters, Mapping):
-        raise TypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
-                        f"got {type(adapters).__name__}")
+        raise ArgumentTypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init "
+                                f"returns, got {type(adapters).__name__}")
     leaves = jax.tree.leaves(adapters, is_leaf=_is_node)
     other = [leaf for leaf in leaves if not is_adapter(leaf)]
     if other:
-        raise TypeError(f"{what}: adapters hold a leaf of type {type(other[0]).__name__}; an adapter tree holds only "
-                        "LoraAdapter (were params and adapters swapped?)")
+        raise ArgumentTypeError(f"{what}: adapters hold a leaf of type {type(other[0]).__name__}; an adapter tree "
+                                "holds only LoraAdapter (were params and adapters swapped?)")
     if not leaves:
-        raise ValueError(f"{what}: the adapter tree is empty: there is nothing to {what}")
+        raise ArgumentError(f"{what}: the adapter tree is empty: there is nothing to {what}")
     return adapter_items(adapters)
 
 
 def _check_flag(value: Any, what: str, name: str) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{what}: {name} must be True or False, got {value!r}")
+        raise ArgumentTypeError(f"{what}: {name} must be True or False, got {value!r}")
 
 
 def _check_params(params: Any, what: str) -> None:
     if isinstance(params, (str, bytes, LoraAdapter)) or hasattr(params, "shape"):
-        raise TypeError(f"{what}: params must be a parameter tree (nested dict of arrays), got "
-                        f"{type(params).__name__}")
+        raise ArgumentTypeError(f"{what}: params must be a parameter tree (nested dict of arrays), got "
+                                f"{type(params).__name__}")
 
 
 def _sample(paths) -> str:
@@ -650,7 +654,7 @@ def merge(params: PyTree, adapters: PyTree, *, stack: bool = False) -> PyTree:
         _mark_merged(out, ad, dora_norm(w, ad) if ad.is_dora and _concrete(out) else None)
         return out
 
-    out = _map_targets(params, adapters, fold, "merge")
+    out = map_targets(params, adapters, fold, "merge")
     return _with_record(out, paths, (*prior, paths), add=True)
 
 
@@ -697,14 +701,14 @@ def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) ->
             return (as_dense(w, jnp.float32) - ad.delta(jnp.float32)).astype(w.dtype)
         norm = _merged_norm(w, ad)
         if norm is None:
-            raise ValueError(f"unmerge: {path} has a DoRA adapter, whose unmerge needs the column norms "
-                             "||W0 + s*A@B|| used by merge; only a kernel returned by lora.merge in this process "
-                             "(outside jit, with this same adapter) remembers them. Keep the base params instead.")
+            raise MergeStateError(f"unmerge: {path} has a DoRA adapter, whose unmerge needs the column norms "
+                                  "||W0 + s*A@B|| used by merge; only a kernel returned by lora.merge in this process "
+                                  "(outside jit, with this same adapter) remembers them. Keep the base params instead.")
         d_in = math.prod(ad.in_shape)
         v = as_dense(w, jnp.float32).reshape(d_in, -1) * (norm / ad.magnitude.astype(jnp.float32))
         return (v.reshape(w.shape) - ad.delta(jnp.float32)).astype(w.dtype)
 
-    out = _map_targets(merged, adapters, unfold, "unmerge")
+    out = map_targets(merged, adapters, unfold, "unmerge")
     if record is None:
         return out
     return _with_record(out, record[hits[-1]] if hits else paths, remaining, add=False)
@@ -722,8 +726,8 @@ def wrap(params: PyTree, adapters: PyTree, *, dropout_key: Array | None = None, 
     merged adapter at these kernels raise :class:`~lora_jax.errors.MergeStateError` unless ``stack=True``.
     """
     if not isinstance(adapters, Mapping):
-        raise TypeError(f"wrap: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, got "
-                        f"{type(adapters).__name__}")
+        raise ArgumentTypeError(f"wrap: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
+                                f"got {type(adapters).__name__}")
     _check_flag(stack, "wrap", "stack")
     items = adapter_items(adapters)
     record = merge_record(params)
@@ -741,7 +745,7 @@ def wrap(params: PyTree, adapters: PyTree, *, dropout_key: Array | None = None, 
             key = jax.random.fold_in(dropout_key, index[path])
         return LoraWeight(w, ad, key)
 
-    return _map_targets(params, adapters, to_weight, "wrap")
+    return map_targets(params, adapters, to_weight, "wrap")
 
 
 def unwrap(wrapped: PyTree) -> tuple[PyTree, PyTree]:
@@ -786,7 +790,7 @@ def split(params: PyTree, adapters: PyTree, train: str | Sequence[str] | None = 
         p = _targets.path_str(path)
         if any(rule.fullmatch(p) for rule in rules):
             if _nested_get(adapters, tuple(p.split("/"))) is not None:
-                raise ValueError(f"split: {p} has an adapter and is also trained in full; choose one")
+                raise ArgumentError(f"split: {p} has an adapter and is also trained in full; choose one")
             _nested_set(full, _targets.path_tuple(path), leaf)
             return None
         return leaf
@@ -803,7 +807,7 @@ def combine(frozen: PyTree, trainable: Mapping) -> tuple[PyTree, PyTree]:
         if leaf is None:
             value = _nested_get(full, _targets.path_tuple(path))
             if value is None:
-                raise ValueError(f"combine: {_targets.path_str(path)} is frozen as None but has no trained value")
+                raise ArgumentError(f"combine: {_targets.path_str(path)} is frozen as None but has no trained value")
             return value
         return leaf
 
@@ -859,9 +863,7 @@ def summary(params: PyTree, adapters: PyTree, trainable_params: PyTree | None = 
     """
     def size(tree):  # a weight node (quantised kernel) counts its logical parameters and its stored bytes
         leaves = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=_targets.is_weight_node) if hasattr(x, "shape")]
-        stored = [jax.tree_util.tree_leaves(x) if _targets.is_weight_node(x) else [x] for x in leaves]
-        return (sum(int(np.prod(x.shape)) for x in leaves),
-                sum(int(np.prod(y.shape)) * y.dtype.itemsize for ys in stored for y in ys))
+        return sum(int(np.prod(x.shape)) for x in leaves), _tree.nbytes(leaves)
 
     base_n, base_b = size(params)
     lora_n, lora_b = size(adapters)

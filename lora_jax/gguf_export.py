@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import core, stacking, tree
-from lora_jax.errors import CheckpointError
+from lora_jax.errors import ArgumentError, CheckpointError, UnsupportedError
 from lora_jax.quant import RequantError
 from lora_jax.untrusted import check_array, check_number
 
@@ -156,13 +156,13 @@ class TensorMap:
         leaf = self.leaves[path]
         where = "/".join(path)
         if len(leaf.hf_names) != 1 or len(leaf.gguf_names[0]) != 1:
-            raise NotImplementedError(f"{where} is stored as {leaf.gguf_names} in GGUF; llama.cpp LoRA adapters "
-                                      "adapt single tensors: export the merged model instead")
+            raise UnsupportedError(f"{where} is stored as {leaf.gguf_names} in GGUF; llama.cpp LoRA adapters "
+                                   "adapt single tensors: export the merged model instead")
         hf = leaf.hf_names[0]
         embedding = path[-1] == "embedding"
         if embedding == bool(leaf.layout.transposed):
-            raise NotImplementedError(f"{where}: a {'transposed table' if embedding else 'kernel stored as it is'}"
-                                      " has no llama.cpp LoRA layout")
+            raise UnsupportedError(f"{where}: a {'transposed table' if embedding else 'kernel stored as it is'}"
+                                   " has no llama.cpp LoRA layout")
         rng = np.random.RandomState(0)
         n = self.shape(path)[-1 if not embedding else 0]
         probe, mix = rng.standard_normal((n, 3)).astype(np.float32), rng.standard_normal((3, 2)).astype(np.float32)
@@ -174,8 +174,8 @@ class TensorMap:
             # is not a row transform
             ok = False
         if not ok:
-            raise NotImplementedError(f"{where}: the family's GGUF fix of {hf} is not a transform of the output "
-                                      "rows alone, so a LoRA B cannot carry it; export the merged model instead")
+            raise UnsupportedError(f"{where}: the family's GGUF fix of {hf} is not a transform of the output "
+                                   "rows alone, so a LoRA B cannot carry it; export the merged model instead")
         return (lambda b: self._fix(hf, b, True)), (lambda b: self._fix(hf, b, False))
 
     @functools.cached_property
@@ -196,8 +196,8 @@ def _build_map(config) -> TensorMap:
     spec = family.gguf
     archs = [k for k, v in (spec.model_types.items() if spec is not None else ()) if v == config.model_type]
     if not archs:
-        raise NotImplementedError(f"GGUF export of a {config.model_type!r} model is not declared (families with "
-                                  f"GGUF: {arch_lib.gguf_architectures()})")
+        raise UnsupportedError(f"GGUF export of a {config.model_type!r} model is not declared (families with "
+                               f"GGUF: {arch_lib.gguf_architectures()})")
     task = spec.task
     prefix = family.tasks[task].backbone
     leaves = {}
@@ -274,6 +274,17 @@ def _qtype(name: str):
     return GGMLQuantizationType[name.upper()]
 
 
+def _write(writer, path: str | os.PathLike) -> Path:
+    """Write a filled ``gguf.GGUFWriter`` (header, metadata, tensors) to ``path``, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _encode(x: np.ndarray, qtype) -> np.ndarray:
     from gguf import GGMLQuantizationType, quants
 
@@ -302,29 +313,29 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
     import gguf
 
     if dtype not in ADAPTER_TYPES:
-        raise ValueError(f"save_gguf_adapter: dtype must be one of {ADAPTER_TYPES}, got {dtype!r}")
+        raise ArgumentError(f"save_gguf_adapter: dtype must be one of {ADAPTER_TYPES}, got {dtype!r}")
     b = _open_base(base)
     tmap = tensor_map(b.config)
     base_tensors = b.tensors()
     items = [(_normalise(tuple(p.split("/")), tmap), ad) for p, ad in core.adapter_items(adapters)]
     if not items:
-        raise ValueError("save_gguf_adapter: the adapter tree holds no LoraAdapter")
+        raise ArgumentError("save_gguf_adapter: the adapter tree holds no LoraAdapter")
     for p, ad in items:
         where = "/".join(p)
         if ad.is_dora:
-            raise ValueError(f"save_gguf_adapter: {where} is a DoRA adapter; llama.cpp's LoRA has no magnitude "
-                             "vector. Export the merged model instead (save_merged_gguf)")
+            raise ArgumentError(f"save_gguf_adapter: {where} is a DoRA adapter; llama.cpp's LoRA has no magnitude "
+                                "vector. Export the merged model instead (save_merged_gguf)")
         if len(ad.in_shape) != 1 or len(ad.out_shape) != 1:
-            raise ValueError(f"save_gguf_adapter: {where} adapts a kernel of shape {ad.kernel_shape}; llama.cpp "
-                             "LoRA tensors are 2-D")
+            raise ArgumentError(f"save_gguf_adapter: {where} adapts a kernel of shape {ad.kernel_shape}; llama.cpp "
+                                "LoRA tensors are 2-D")
         if p not in tmap.leaves:
             raise CheckpointError(f"save_gguf_adapter: {where} has no GGUF tensor in a {tmap.arch} model "
                                   f"({b.source})")
         tmap.lora_rows(p)  # raises for a leaf llama.cpp's LoRA cannot adapt
         if p[-1] == "embedding" and tmap.tied:
-            raise ValueError(f"save_gguf_adapter: {where} adapts the token embedding of a model with tied "
-                             "embeddings; llama.cpp uses that table as its output head too and cannot apply an "
-                             "adapter to it there. Export the merged model instead (save_merged_gguf)")
+            raise ArgumentError(f"save_gguf_adapter: {where} adapts the token embedding of a model with tied "
+                                "embeddings; llama.cpp uses that table as its output head too and cannot apply an "
+                                "adapter to it there. Export the merged model instead (save_merged_gguf)")
         name_ = tmap.names[p]
         if base_tensors:
             if name_ not in base_tensors:
@@ -339,7 +350,7 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
     products = [ad.scale * ad.r for _, ad in items]
     alpha = float(Counter(round(x, 9) for x in products).most_common(1)[0][0])
     if alpha == 0:
-        raise ValueError("save_gguf_adapter: the adapters' scale is 0 (llama.cpp reads alpha = 0 as scale 1)")
+        raise ArgumentError("save_gguf_adapter: the adapters' scale is 0 (llama.cpp reads alpha = 0 as scale 1)")
 
     qtype = _qtype(dtype)
     writer = gguf.GGUFWriter(os.fspath(path), tmap.arch)
@@ -359,13 +370,7 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
         for suffix, x in ((".lora_a", lora_a), (".lora_b", bt)):
             data = _encode(x, qtype)
             writer.add_tensor(tensor + suffix, data, raw_shape=data.shape, raw_dtype=qtype)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _write(writer, path)
 
 
 def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = None,
@@ -402,7 +407,7 @@ def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = 
         raise CheckpointError(f"{source}: an adapter for a {meta.get('general.architecture')!r} model; the base "
                               f"({b.source}) is {tmap.arch!r}")
     if meta.get("adapter.alora_invocation_tokens") is not None:
-        raise NotImplementedError(f"{source}: activated LoRA (adapter.alora_invocation_tokens) is not supported")
+        raise UnsupportedError(f"{source}: activated LoRA (adapter.alora_invocation_tokens) is not supported")
     alpha = check_number(meta.get("adapter.lora.alpha", 0.0), "adapter.lora.alpha", source)
     if alpha < 0:
         raise CheckpointError(f"{source}: adapter.lora.alpha must be >= 0 (0: scale 1), got {alpha!r}")
@@ -497,7 +502,7 @@ def check_merged_type(type: str) -> str:
     """``type`` lower-cased if it is one of :data:`MERGED_TYPES`, else ``ValueError`` listing them."""
     t = str(type).lower()
     if t not in MERGED_TYPES:
-        raise ValueError(f"GGUF export type must be one of {MERGED_TYPES}, got {type!r}")
+        raise ArgumentError(f"GGUF export type must be one of {MERGED_TYPES}, got {type!r}")
     return t
 
 
@@ -579,7 +584,7 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
     t = check_merged_type(type)
     b = _open_base(base)
     if b.reader is None:
-        raise ValueError("save_merged_gguf: base must be a GGUF file (its metadata and tokenizer are copied)")
+        raise ArgumentError("save_merged_gguf: base must be a GGUF file (its metadata and tokenizer are copied)")
     tmap = tensor_map(b.config)
     changes: dict[tuple[str, ...], Any] = {}
     for p, ad in core.adapter_items(adapters or {}):
@@ -588,7 +593,7 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
                       jax.tree_util.tree_flatten_with_path(trained or {})[0]}
     both = sorted("/".join(p) for p in set(changes) & set(trained_leaves))
     if both:
-        raise ValueError(f"save_merged_gguf: {both[:3]} have an adapter and a fully trained value; pass one")
+        raise ArgumentError(f"save_merged_gguf: {both[:3]} have an adapter and a fully trained value; pass one")
     unknown = sorted("/".join(p) for p in set(changes) | set(trained_leaves) if p not in tmap.leaves)
     if unknown:
         raise CheckpointError(f"save_merged_gguf: {unknown[:3]} have no tensor in a {tmap.arch} model ({b.source})")
@@ -667,13 +672,8 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
         raise CheckpointError(f"{b.source}: has no tensors for {missing[:3]}")
     lossy = max(((k, e) for k, e in errors.items() if e.delta_rms > 0), key=lambda kv: kv[1].relative, default=None)
     if lossy is not None and lossy[1].relative > MAX_REQUANT_RELATIVE and not allow_lossy:
-        raise ValueError(_lossy_message(path, t, lossy, weight_type(b.source) if t == "base" else t))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        raise ArgumentError(_lossy_message(path, t, lossy, weight_type(b.source) if t == "base" else t))
+    path = _write(writer, path)
     if errors:
         worst = max(errors.items(), key=lambda kv: kv[1].relative)
         logger.info("%s: %d tensors merged; worst re-quantisation rms %.3g (%.2f of the update's rms) at %s",

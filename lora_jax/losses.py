@@ -52,7 +52,7 @@ import numpy as np
 from lora_jax import core as _core
 from lora_jax import ops as _ops
 from lora_jax.core import LoraWeight
-from lora_jax.errors import DataError
+from lora_jax.errors import ArgumentError, DataError, UnsupportedError
 from lora_jax.quant import is_quantized
 
 Array = jax.Array
@@ -239,10 +239,10 @@ def loss_positions(weights: Any, capacity: int, *, multiple: int = 1) -> np.ndar
     """
     w = np.asarray(weights)
     if w.ndim < 1:
-        raise ValueError(f"loss_positions: weights must be (..., S), got a scalar of shape {w.shape}")
+        raise ArgumentError(f"loss_positions: weights must be (..., S), got a scalar of shape {w.shape}")
     k = int(capacity)
     if k < 1:
-        raise ValueError(f"loss_positions: capacity must be >= 1 slot, got {capacity}")
+        raise ArgumentError(f"loss_positions: capacity must be >= 1 slot, got {capacity}")
     k = -(-k // multiple) * multiple
     s = w.shape[-1]
     live = w.reshape(-1, s) != 0
@@ -266,19 +266,19 @@ def gather_positions(x: Array, positions: Array) -> Array:
     if x.ndim == positions.ndim:
         return jnp.take_along_axis(x, positions, axis=-1, mode="fill", fill_value=0)
     if x.ndim != positions.ndim + 1:
-        raise ValueError(f"gather_positions: positions of shape {tuple(positions.shape)} do not index the sequence "
-                         f"axis of an array of shape {tuple(x.shape)} (expected (..., S) or (..., S, D) with the "
-                         f"leading axes {tuple(positions.shape[:lead])})")
+        raise ArgumentError(f"gather_positions: positions of shape {tuple(positions.shape)} do not index the sequence "
+                            f"axis of an array of shape {tuple(x.shape)} (expected (..., S) or (..., S, D) with the "
+                            f"leading axes {tuple(positions.shape[:lead])})")
     return jnp.take_along_axis(x, positions[..., None], axis=-2, mode="fill", fill_value=0)
 
 
 def _gather_inputs(hidden, targets, weights, positions, who: str):
     """``hidden``, ``targets``, ``weights`` at ``positions`` (see :func:`gather_positions`), checked."""
     if tuple(positions.shape[:-1]) != tuple(hidden.shape[:-2]):
-        raise ValueError(f"{who}: positions of shape {tuple(positions.shape)} do not fit hidden states "
-                         f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-2])} + (K,))")
+        raise ArgumentError(f"{who}: positions of shape {tuple(positions.shape)} do not fit hidden states "
+                            f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-2])} + (K,))")
     if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise ValueError(f"{who}: positions must be integer indices, got {positions.dtype}")
+        raise ArgumentError(f"{who}: positions must be integer indices, got {positions.dtype}")
     if weights is None:  # an empty slot must weigh 0
         weights = jnp.ones(targets.shape, jnp.float32)
     return (gather_positions(hidden, positions), gather_positions(targets, positions),
@@ -320,27 +320,27 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
       logits up to float rounding.
     """
     if hidden.ndim < 2:
-        raise ValueError(f"chunked_cross_entropy: hidden must be (..., S, D), got shape {tuple(hidden.shape)}")
+        raise ArgumentError(f"chunked_cross_entropy: hidden must be (..., S, D), got shape {tuple(hidden.shape)}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"chunked_cross_entropy: targets of shape {tuple(targets.shape)} do not fit hidden states "
-                         f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-1])})")
+        raise ArgumentError(f"chunked_cross_entropy: targets of shape {tuple(targets.shape)} do not fit hidden states "
+                            f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-1])})")
     if weights is not None and tuple(weights.shape) != tuple(targets.shape):
-        raise ValueError(f"chunked_cross_entropy: weights of shape {tuple(weights.shape)}, expected "
-                         f"{tuple(targets.shape)} like targets")
+        raise ArgumentError(f"chunked_cross_entropy: weights of shape {tuple(weights.shape)}, expected "
+                            f"{tuple(targets.shape)} like targets")
     if not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise ValueError(f"chunked_cross_entropy: targets must be integer ids, got {targets.dtype}")
+        raise ArgumentError(f"chunked_cross_entropy: targets must be integer ids, got {targets.dtype}")
     if positions is not None:
         hidden, targets, weights = _gather_inputs(hidden, targets, weights, positions, "chunked_cross_entropy")
     if hasattr(head, "lora_dot"):
-        raise NotImplementedError(f"chunked_cross_entropy: a {type(head).__name__} head (several adapters in one "
-                                  "batch) is not supported; compute its logits with lora.dot")
+        raise UnsupportedError(f"chunked_cross_entropy: a {type(head).__name__} head (several adapters in one "
+                               "batch) is not supported; compute its logits with lora.dot")
     d = hidden.shape[-1]
     cdt = hidden.dtype
     shape = tuple(head.shape)
     if len(shape) != 2 or shape[1 if tied else 0] != d:
         want = "(V, D) table" if tied else "(D, V) kernel"
-        raise ValueError(f"chunked_cross_entropy: head of shape {shape} is not a {want} for hidden size {d} "
-                         f"(tied={tied})")
+        raise ArgumentError(f"chunked_cross_entropy: head of shape {shape} is not a {want} for hidden size {d} "
+                            f"(tied={tied})")
     vocab = shape[0] if tied else shape[1]
 
     lead = hidden.shape[:-2]
@@ -355,14 +355,14 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
         ad = head.adapter
         if ad.is_dora:
             if tied:
-                raise NotImplementedError("chunked_cross_entropy: a DoRA adapter on a tied embedding table is not "
-                                          "supported (lora.embed does not support it either)")
+                raise UnsupportedError("chunked_cross_entropy: a DoRA adapter on a tied embedding table is not "
+                                       "supported (lora.embed does not support it either)")
             w = _dora_kernel(head, cdt)
         else:
             want_in = (vocab,) if tied else (d,)
             if tuple(ad.in_shape) != want_in:
-                raise ValueError(f"chunked_cross_entropy: the head's adapter has input axes {ad.in_shape}, expected "
-                                 f"{want_in} for a {'table' if tied else 'kernel'} of shape {shape}")
+                raise ArgumentError(f"chunked_cross_entropy: the head's adapter has input axes {ad.in_shape}, expected "
+                                    f"{want_in} for a {'table' if tied else 'kernel'} of shape {shape}")
             w = _dense(head.base, cdt)
             a, b = ad.a.astype(cdt), ad.b.astype(cdt)
             fin, fout = (b, a) if tied else (a, b)
@@ -374,7 +374,7 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
     batch = h.shape[0]
     tokens = default_chunk_size(vocab) if chunk_size is None else int(chunk_size)
     if tokens < 1:
-        raise ValueError(f"chunked_cross_entropy: chunk_size must be >= 1 token, got {chunk_size}")
+        raise ArgumentError(f"chunked_cross_entropy: chunk_size must be >= 1 token, got {chunk_size}")
     rows = min(s, max(1, tokens // batch))
     rows = -(-s // -(-s // rows))  # ceil(S / n) for n = ceil(S / rows): equal chunks
     st = _Static(tied=bool(tied), scale=scale, rows=rows, z_loss=float(z_loss),
@@ -461,14 +461,14 @@ def preference_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps
     gradient. Raises ``ValueError`` for an unknown ``loss_type``, a non-positive ``beta`` or a missing input.
     """
     if loss_type not in PREFERENCE_LOSSES:
-        raise ValueError(f"preference_loss: loss_type must be one of {list(PREFERENCE_LOSSES)}, got {loss_type!r}")
+        raise ArgumentError(f"preference_loss: loss_type must be one of {list(PREFERENCE_LOSSES)}, got {loss_type!r}")
     if not beta > 0:
-        raise ValueError(f"preference_loss: beta must be > 0, got {beta}")
+        raise ArgumentError(f"preference_loss: beta must be > 0, got {beta}")
     if loss_type in ("ipo", "simpo") and (chosen_tokens is None or rejected_tokens is None):
-        raise ValueError(f"preference_loss: loss_type={loss_type!r} averages over the response tokens: pass "
-                         "chosen_tokens and rejected_tokens")
+        raise ArgumentError(f"preference_loss: loss_type={loss_type!r} averages over the response tokens: pass "
+                            "chosen_tokens and rejected_tokens")
     if loss_type != "simpo" and (ref_chosen_logps is None or ref_rejected_logps is None):
-        raise ValueError(f"preference_loss: loss_type={loss_type!r} needs the reference log-probabilities")
+        raise ArgumentError(f"preference_loss: loss_type={loss_type!r} needs the reference log-probabilities")
     sg = jax.lax.stop_gradient
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     chosen, rejected = f32(chosen_logps), f32(rejected_logps)

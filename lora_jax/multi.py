@@ -36,8 +36,9 @@ import numpy as np
 
 from lora_jax import core, ops
 from lora_jax import targets as _targets
-from lora_jax.tree import unflatten
 from lora_jax.core import LoraAdapter
+from lora_jax.errors import ArgumentError, NotFoundError, UnsupportedError
+from lora_jax.tree import unflatten
 
 PyTree = Any
 Array = jax.Array
@@ -45,14 +46,14 @@ Array = jax.Array
 
 def _no_dora(path: str, ad: LoraAdapter, what: str) -> None:
     if getattr(ad, "magnitude", None) is not None:
-        raise NotImplementedError(f"{what}: {path} is a DoRA adapter (it has a magnitude); {what} supports plain "
-                                  "LoRA adapters only")
+        raise UnsupportedError(f"{what}: {path} is a DoRA adapter (it has a magnitude); {what} supports plain "
+                               "LoRA adapters only")
 
 
 def _items(tree: PyTree, what: str) -> dict[str, LoraAdapter]:
     items = dict(core.adapter_items(tree))
     if not items:
-        raise ValueError(f"{what}: an adapter tree holds no LoraAdapter")
+        raise ArgumentError(f"{what}: an adapter tree holds no LoraAdapter")
     return items
 
 
@@ -80,9 +81,9 @@ class AdapterSet:
 
     def __post_init__(self):
         if len(self.names) != len(self.trees) or len(set(self.names)) != len(self.names):
-            raise ValueError(f"AdapterSet: names {self.names} must be unique and match the {len(self.trees)} trees")
+            raise ArgumentError(f"AdapterSet: names {self.names} must be unique and match the {len(self.trees)} trees")
         if self.active is not None and self.active not in self.names:
-            raise ValueError(f"AdapterSet: active adapter {self.active!r} is not one of {list(self.names)}")
+            raise ArgumentError(f"AdapterSet: active adapter {self.active!r} is not one of {list(self.names)}")
 
     # pytree protocol
     def tree_flatten(self):
@@ -105,18 +106,18 @@ class AdapterSet:
 
     def _index(self, name: str) -> int:
         if name not in self.names:
-            raise KeyError(f"no adapter named {name!r}; the set holds {list(self.names)}")
+            raise NotFoundError(f"no adapter named {name!r}; the set holds {list(self.names)}")
         return self.names.index(name)
 
     # edits (each returns a new set)
     def add(self, name: str, adapters: PyTree, *, activate: bool = False, overwrite: bool = False) -> AdapterSet:
         """Add (or with ``overwrite``, replace) the adapter tree ``adapters`` under ``name``."""
         if not isinstance(name, str) or not name:
-            raise ValueError(f"adapter names must be non-empty strings, got {name!r}")
+            raise ArgumentError(f"adapter names must be non-empty strings, got {name!r}")
         _items(adapters, f"AdapterSet.add({name!r})")
         if name in self.names:
             if not overwrite:
-                raise ValueError(f"an adapter named {name!r} exists; delete it first or pass overwrite=True")
+                raise ArgumentError(f"an adapter named {name!r} exists; delete it first or pass overwrite=True")
             trees = list(self.trees)
             trees[self._index(name)] = adapters
             new = dataclasses.replace(self, trees=tuple(trees))
@@ -179,7 +180,7 @@ def row_ids(rows: Sequence[str | None], slots: Sequence[str]) -> np.ndarray:
     index = {n: i for i, n in enumerate(slots)}
     missing = sorted({r for r in rows if r is not None and r not in index})
     if missing:
-        raise KeyError(f"rows name adapters {missing} that are in no slot; slots: {list(slots)}")
+        raise NotFoundError(f"rows name adapters {missing} that are in no slot; slots: {list(slots)}")
     return np.asarray([-1 if r is None else index[r] for r in rows], np.int32)
 
 
@@ -191,8 +192,8 @@ COMBINATIONS = ("linear", "cat", "svd")
 def _combine_linear(path: str, ads: list[LoraAdapter], ws: list[float]) -> LoraAdapter:
     ranks = {ad.r for ad in ads}
     if len(ranks) != 1:
-        raise ValueError(f"weighted_adapter 'linear': {path} has adapters of ranks {sorted(ranks)}; linear needs "
-                         "equal ranks (use 'cat' or 'svd')")
+        raise ArgumentError(f"weighted_adapter 'linear': {path} has adapters of ranks {sorted(ranks)}; linear needs "
+                            "equal ranks (use 'cat' or 'svd')")
     # PEFT's definition: sqrt(|w * scale|) on both factors, the sign of w * scale on A.
     a = sum(math.copysign(math.sqrt(abs(w * ad.scale)), w * ad.scale) * ad.a.astype(jnp.float32)
             for ad, w in zip(ads, ws))
@@ -241,12 +242,12 @@ def weighted_adapter(adapters: Sequence[PyTree], weights: Sequence[float], combi
     Kernels that only some adapters adapt combine over those. The result has ``scale = 1`` (``alpha = r``).
     """
     if combination not in COMBINATIONS:
-        raise ValueError(f"combination must be one of {COMBINATIONS}, got {combination!r}")
+        raise ArgumentError(f"combination must be one of {COMBINATIONS}, got {combination!r}")
     if len(adapters) != len(weights) or not adapters:
-        raise ValueError(f"weighted_adapter needs one weight per adapter, got {len(adapters)} adapters and "
-                         f"{len(weights)} weights")
+        raise ArgumentError(f"weighted_adapter needs one weight per adapter, got {len(adapters)} adapters and "
+                            f"{len(weights)} weights")
     if rank is not None and combination != "svd":
-        raise ValueError(f"rank is the target of 'svd'; {combination!r} sets the rank itself")
+        raise ArgumentError(f"rank is the target of 'svd'; {combination!r} sets the rank itself")
     items = [_items(t, "weighted_adapter") for t in adapters]
     paths = list(dict.fromkeys(p for it in items for p in it))
     out = {}
@@ -255,7 +256,7 @@ def weighted_adapter(adapters: Sequence[PyTree], weights: Sequence[float], combi
         ads, ws = [ad for ad, _ in present], [w for _, w in present]
         shapes = {ad.kernel_shape for ad in ads}
         if len(shapes) != 1:
-            raise ValueError(f"weighted_adapter: {path} has adapters for kernels of shapes {sorted(shapes)}")
+            raise ArgumentError(f"weighted_adapter: {path} has adapters for kernels of shapes {sorted(shapes)}")
         for ad in ads:
             _no_dora(path, ad, "weighted_adapter")
         if combination == "linear":
@@ -312,13 +313,13 @@ def _stacked_items(stacked: PyTree) -> dict[str, StackedAdapter]:
     items = {"/".join(_targets.path_tuple(p)): leaf for p, leaf in flat}
     bad = [p for p, leaf in items.items() if not is_stacked(leaf)]
     if bad or not items:
-        raise ValueError(f"expected a tree of StackedAdapter (from stack_adapters), found other leaves at {bad[:3]}")
+        raise ArgumentError(f"expected a tree of StackedAdapter (from stack_adapters), found other leaves at {bad[:3]}")
     return items
 
 
 def _pad(ad: LoraAdapter, rank: int, path: str, dtype) -> tuple[Array, Array]:
     if ad.r > rank:
-        raise ValueError(f"{path}: adapter rank {ad.r} exceeds the stack's rank {rank}; stack with rank >= {ad.r}")
+        raise ArgumentError(f"{path}: adapter rank {ad.r} exceeds the stack's rank {rank}; stack with rank >= {ad.r}")
     pad = rank - ad.r
     return (jnp.pad(ad.a.astype(dtype), ((0, 0), (0, pad))), jnp.pad(ad.b.astype(dtype), ((0, pad), (0, 0))))
 
@@ -334,10 +335,10 @@ def _stack_one(path: str, ads: Sequence[LoraAdapter | None], rank: int, slots: i
     for ad in present:
         _no_dora(path, ad, "stack_adapters")
         if ad.r > rank:
-            raise ValueError(f"{path}: adapter rank {ad.r} exceeds the stack's rank {rank}")
+            raise ArgumentError(f"{path}: adapter rank {ad.r} exceeds the stack's rank {rank}")
     layouts = {(ad.in_shape, ad.out_shape) for ad in present}
     if len(layouts) != 1:
-        raise ValueError(f"stack_adapters: {path} has adapters for different kernel layouts {sorted(layouts)}")
+        raise ArgumentError(f"stack_adapters: {path} has adapters for different kernel layouts {sorted(layouts)}")
     in_shape, out_shape = layouts.pop()
     d_in, d_out = math.prod(in_shape), math.prod(out_shape)
     scale = np.asarray([0.0 if ad is None else ad.scale for ad in ads] + [0.0] * (slots - len(ads)), np.float32)
@@ -375,7 +376,7 @@ def stack_adapters(adapters: Sequence[PyTree], *, rank: int | None = None, slots
     items = [_items(t, "stack_adapters") for t in adapters]
     slots = len(items) if slots is None else slots
     if slots < len(items):
-        raise ValueError(f"stack_adapters: {len(items)} adapters do not fit in {slots} slots")
+        raise ArgumentError(f"stack_adapters: {len(items)} adapters do not fit in {slots} slots")
     rank = rank if rank is not None else max(ad.r for it in items for ad in it.values())
     paths = list(dict.fromkeys(p for it in items for p in it))
     first = next(iter(items[0].values()))
@@ -393,20 +394,20 @@ def load_slot(stacked: PyTree, slot: int, adapters: PyTree | None) -> PyTree:
     stacked_items = _stacked_items(stacked)
     extra = sorted(set(items) - set(stacked_items))
     if extra:
-        raise ValueError(f"load_slot: the adapter adapts {extra[:5]}, which the stack does not hold; stack those "
-                         "kernels from the start (a new kernel changes the compiled structure)")
+        raise ArgumentError(f"load_slot: the adapter adapts {extra[:5]}, which the stack does not hold; stack those "
+                            "kernels from the start (a new kernel changes the compiled structure)")
     out = {}
     for path, st in stacked_items.items():
         if isinstance(slot, (int, np.integer)) and not 0 <= slot < st.slots:
-            raise IndexError(f"load_slot: slot {slot} is outside the stack's {st.slots} slots")
+            raise ArgumentError(f"load_slot: slot {slot} is outside the stack's {st.slots} slots")
         ad = items.get(path)
         if ad is None:
             a, b, s = jnp.zeros_like(st.a[0]), jnp.zeros_like(st.b[0]), 0.0
         else:
             _no_dora(path, ad, "load_slot")
             if (ad.in_shape, ad.out_shape) != (st.in_shape, st.out_shape):
-                raise ValueError(f"load_slot: {path} adapts a kernel {ad.kernel_shape}, the stack holds "
-                                 f"{st.kernel_shape}")
+                raise ArgumentError(f"load_slot: {path} adapts a kernel {ad.kernel_shape}, the stack holds "
+                                    f"{st.kernel_shape}")
             (a, b), s = _pad(ad, st.rank, path, st.a.dtype), ad.scale
         out[path] = dataclasses.replace(st, a=st.a.at[slot].set(a), b=st.b.at[slot].set(b),
                                         scale=st.scale.at[slot].set(s))
@@ -415,7 +416,7 @@ def load_slot(stacked: PyTree, slot: int, adapters: PyTree | None) -> PyTree:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MultiLoraWeight:
+class MultiLoraWeight(core.WrappedKernel):
     """A frozen kernel with ``n`` stacked adapters, row ``i`` of the batch using adapter ``ids[i]``.
 
     :func:`lora_jax.ops.dot` / :func:`~lora_jax.ops.einsum` / :func:`~lora_jax.ops.embed` on it compute, for
@@ -427,36 +428,15 @@ class MultiLoraWeight:
     stacked: StackedAdapter
     ids: Array
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.base.ndim
-
     def __repr__(self) -> str:
         return f"MultiLoraWeight(base={core.describe(self.base)}, stacked={self.stacked!r}, rows={self.ids.shape})"
-
-    def __getitem__(self, index):
-        raise core.not_an_array(self, f"indexes it ([{index!r}])")
-
-    def __jax_array__(self):
-        raise core.not_an_array(self, "converts it to an array")
-
-    def __array__(self, *args, **kwargs):
-        raise core.not_an_array(self, "converts it to a NumPy array")
 
     # the per-row factors
     def _rows(self, x_rows: int, dtype) -> tuple[Array, Array, Array]:
         """``A (B, d_in, R)``, ``B (B, R, d_out)`` and ``scale (B,)`` of each row, in ``dtype``."""
         if self.ids.ndim != 1 or self.ids.shape[0] != x_rows:
-            raise ValueError(f"mixed-adapter batch: {self.ids.shape} adapter ids for a batch of {x_rows} rows; pass "
-                             "one id per row (the activations' leading axis)")
+            raise ArgumentError(f"mixed-adapter batch: {self.ids.shape} adapter ids for a batch of {x_rows} rows; pass "
+                                "one id per row (the activations' leading axis)")
         st = self.stacked
         ids = self.ids.astype(jnp.int32)
         k = jnp.clip(ids, 0, st.slots - 1)
@@ -470,8 +450,8 @@ class MultiLoraWeight:
     def lora_dot(self, x: Array, axes: int = 1, *, precision=None) -> Array:
         st = self.stacked
         if len(st.in_shape) != axes or tuple(x.shape[x.ndim - axes:]) != st.in_shape:
-            raise ValueError(f"mixed lora dot: input of shape {tuple(x.shape)} contracting {axes} axes does not fit "
-                             f"adapters whose kernel inputs are {st.in_shape} (kernel {st.kernel_shape})")
+            raise ArgumentError(f"mixed lora dot: input of shape {tuple(x.shape)} contracting {axes} axes does not fit "
+                                f"adapters whose kernel inputs are {st.in_shape} (kernel {st.kernel_shape})")
         y = ops.dot(x, self.base, axes, precision=precision)  # the base may be quantised (lora_jax.quant)
         a, b, scale = self._rows(x.shape[0], y.dtype)
         batch = x.shape[: x.ndim - axes]
@@ -486,12 +466,12 @@ class MultiLoraWeight:
         n_in = len(st.in_shape)
         row = xs[:1]
         if "." in xs + ws or len(ws) != self.ndim or not row or row not in out or row in ws:
-            raise ValueError(f"mixed lora einsum {subscripts!r}: x's first index must be the batch row (kept in the "
-                             "output, not in the weight) and every axis must be named")
+            raise ArgumentError(f"mixed lora einsum {subscripts!r}: x's first index must be the batch row (kept in the "
+                                "output, not in the weight) and every axis must be named")
         w_in, w_out = ws[:n_in], ws[n_in:]
         if any(c not in xs or c in out for c in w_in) or any(c in xs or c not in out for c in w_out):
-            raise ValueError(f"mixed lora einsum {subscripts!r}: the kernel's input axes {w_in!r} must be contracted "
-                             f"with x and its output axes {w_out!r} kept")
+            raise ArgumentError(f"mixed lora einsum {subscripts!r}: the kernel's input axes {w_in!r} must be "
+                                f"contracted with x and its output axes {w_out!r} kept")
         y = ops.einsum(subscripts, x, self.base, precision=precision)
         a, b, scale = self._rows(x.shape[0], y.dtype)
         rank = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in subscripts)
@@ -507,7 +487,7 @@ class MultiLoraWeight:
         st = self.stacked
         ids = self.ids.astype(jnp.int32)
         if ids.ndim != 1 or ids.shape[0] != tokens.shape[0]:
-            raise ValueError(f"mixed-adapter batch: {ids.shape} adapter ids for token ids of shape {tokens.shape}")
+            raise ArgumentError(f"mixed-adapter batch: {ids.shape} adapter ids for token ids of shape {tokens.shape}")
         k = jnp.clip(ids, 0, st.slots - 1).reshape(-1, *([1] * (tokens.ndim - 1)))
         h = st.a[k, tokens].astype(y.dtype)                                     # (B, ..., R)
         h = jnp.einsum("b...r,brd->b...d", h, st.b[k.reshape(-1)].astype(y.dtype))
@@ -520,7 +500,7 @@ def wrap_mixed(params: PyTree, stacked: PyTree, ids: Array) -> PyTree:
     with slot ``ids[i]`` (``(B,)`` int, ``-1``: base model). Call inside ``jax.jit``; the ids are data."""
     ids = jnp.asarray(ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"ids must be a (batch,) integer array, got {ids.dtype}{list(ids.shape)}")
+        raise ArgumentError(f"ids must be a (batch,) integer array, got {ids.dtype}{list(ids.shape)}")
     stacked_items = _stacked_items(stacked)
     used = set()
 
@@ -530,17 +510,17 @@ def wrap_mixed(params: PyTree, stacked: PyTree, ids: Array) -> PyTree:
         if st is None:
             return leaf
         if not hasattr(leaf, "shape") or core.is_lora_weight(leaf) or isinstance(leaf, MultiLoraWeight):
-            raise ValueError(f"wrap_mixed: {key} holds a {type(leaf).__name__}; pass the plain base params")
+            raise ArgumentError(f"wrap_mixed: {key} holds a {type(leaf).__name__}; pass the plain base params")
         if tuple(leaf.shape) != st.kernel_shape:
-            raise ValueError(f"wrap_mixed: stacked adapters for {key} expect a kernel of shape {st.kernel_shape}, "
-                             f"the params have {tuple(leaf.shape)}")
+            raise ArgumentError(f"wrap_mixed: stacked adapters for {key} expect a kernel of shape {st.kernel_shape}, "
+                                f"the params have {tuple(leaf.shape)}")
         used.add(key)
         return MultiLoraWeight(leaf, st, ids)
 
     out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_targets.is_weight_node)
     missing = sorted(set(stacked_items) - used)
     if missing:
-        raise ValueError(f"wrap_mixed: stacked adapters for {missing[:5]} have no kernel in params")
+        raise ArgumentError(f"wrap_mixed: stacked adapters for {missing[:5]} have no kernel in params")
     return out
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from lora_jax import core as _core
 from lora_jax.core import LoraWeight
+from lora_jax.errors import ArgumentError, UnsupportedError
 from lora_jax.quant import QuantizedWeight, is_quantized
 
 Array = jax.Array
@@ -131,8 +132,8 @@ def dot(x: Array, w: Array | LoraWeight, axes: int = 1, *, precision=None) -> Ar
         return _tensordot(x, w, axes, precision)
     ad = w.adapter
     if len(ad.in_shape) != axes or tuple(x.shape[x.ndim - axes:]) != ad.in_shape:
-        raise ValueError(f"lora dot: input of shape {tuple(x.shape)} contracting {axes} axes does not fit an "
-                         f"adapter whose kernel inputs are {ad.in_shape} (kernel {ad.kernel_shape})")
+        raise ArgumentError(f"lora dot: input of shape {tuple(x.shape)} contracting {axes} axes does not fit an "
+                            f"adapter whose kernel inputs are {ad.in_shape} (kernel {ad.kernel_shape})")
     y = _tensordot(x, w.base, axes, precision)
     batch = x.shape[: x.ndim - axes]
     xd = adapter_dropout(x, w)
@@ -180,19 +181,19 @@ def ragged_dot(x: Array, w: Array | LoraWeight, group_sizes: Array, *, precision
 
     base = w.base if isinstance(w, LoraWeight) else w
     if x.ndim != 2 or len(base.shape) != 3 or x.shape[1] != base.shape[1] or group_sizes.shape != base.shape[:1]:
-        raise ValueError(f"lora ragged_dot: expected x (m, d_in), w (E, d_in, d_out) and group_sizes (E,), got x "
-                         f"{tuple(x.shape)}, w {tuple(base.shape)}, group_sizes {tuple(group_sizes.shape)}")
+        raise ArgumentError(f"lora ragged_dot: expected x (m, d_in), w (E, d_in, d_out) and group_sizes (E,), got x "
+                            f"{tuple(x.shape)}, w {tuple(base.shape)}, group_sizes {tuple(group_sizes.shape)}")
     if not isinstance(w, LoraWeight):
         return with_base(product, x, w, group_sizes)
     ad = w.adapter
     if ad.is_dora:
-        raise NotImplementedError("lora ragged_dot: DoRA adapters on expert kernels are not supported (a DoRA "
-                                  "magnitude per expert output is not implemented; PEFT refuses it there too)")
+        raise UnsupportedError("lora ragged_dot: DoRA adapters on expert kernels are not supported (a DoRA "
+                               "magnitude per expert output is not implemented; PEFT refuses it there too)")
     n_exp, d_in, d_out = base.shape
     if ad.stack_shape != (n_exp,) or ad.a.shape[1] != d_in or ad.b.shape[2] != d_out:
-        raise ValueError(f"lora ragged_dot: the adapter (a {tuple(ad.a.shape)}, b {tuple(ad.b.shape)}) is not one "
-                         f"adapter per expert of the ({n_exp}, {d_in}, {d_out}) expert stack; expected a "
-                         f"({n_exp}, {d_in}, r) and b ({n_exp}, r, {d_out}) (lora.init on a routed-expert kernel)")
+        raise ArgumentError(f"lora ragged_dot: the adapter (a {tuple(ad.a.shape)}, b {tuple(ad.b.shape)}) is not one "
+                            f"adapter per expert of the ({n_exp}, {d_in}, {d_out}) expert stack; expected a "
+                            f"({n_exp}, {d_in}, r) and b ({n_exp}, r, {d_out}) (lora.init on a routed-expert kernel)")
     y = with_base(product, x, base, group_sizes)
     h = product(adapter_dropout(x, w), ad.a.astype(x.dtype), group_sizes)
     h = product(h, ad.b.astype(h.dtype), group_sizes)
@@ -205,16 +206,16 @@ def dense(x: Array, kernel: Array | LoraWeight, bias: Array | None = None, axes:
     return y if bias is None else y + bias.astype(y.dtype)
 
 
-def _parse(subscripts: str) -> tuple[str, str, str]:
+def parse_subscripts(subscripts: str) -> tuple[str, str, str]:
+    """``"bsd,dh->bsh"`` as ``("bsd", "dh", "bsh")``: the input, weight and output subscripts of a two-operand
+    einsum (``ArgumentError`` for any other form)."""
     try:
         inputs, out = subscripts.replace(" ", "").split("->")
         xs, ws = inputs.split(",")
     except ValueError:
-        raise ValueError(f"lora einsum needs explicit 'x,w->out' subscripts with two operands, got {subscripts!r}")
+        raise ArgumentError(f"lora einsum needs explicit 'x,w->out' subscripts with two operands, got "
+                            f"{subscripts!r}") from None
     return xs, ws, out
-
-
-parse_subscripts = _parse  # public: used by other modules
 
 
 def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) -> Array:
@@ -228,15 +229,15 @@ def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) 
         return w.lora_einsum(subscripts, x, precision=precision)
     if not isinstance(w, LoraWeight):
         return with_base(lambda x, w: jnp.einsum(subscripts, x, w, precision=precision), x, w)
-    xs, ws, out = _parse(subscripts)
+    xs, ws, out = parse_subscripts(subscripts)
     ad = w.adapter
     n_in = len(ad.in_shape)
     if "." in ws or len(ws) != w.ndim:
-        raise ValueError(f"lora einsum: weight subscripts {ws!r} must name each of its {w.ndim} axes explicitly")
+        raise ArgumentError(f"lora einsum: weight subscripts {ws!r} must name each of its {w.ndim} axes explicitly")
     w_in, w_out = ws[:n_in], ws[n_in:]
     if any(c not in xs or c in out for c in w_in) or any(c in xs or c not in out for c in w_out):
-        raise ValueError(f"lora einsum {subscripts!r}: the adapter's input axes {w_in!r} (kernel {ad.kernel_shape}) "
-                         f"must be contracted with x and its output axes {w_out!r} must be kept")
+        raise ArgumentError(f"lora einsum {subscripts!r}: the adapter's input axes {w_in!r} (kernel {ad.kernel_shape}) "
+                            f"must be contracted with x and its output axes {w_out!r} must be kept")
     def base_product(x, w):
         return jnp.einsum(subscripts, x, w, precision=precision)
 
@@ -274,7 +275,7 @@ def embed(ids: Array, table: Array | LoraWeight) -> Array:
         return jnp.take(_core.as_dense(table, table.dtype) if is_quantized(table) else table, ids, axis=0)
     ad = table.adapter
     if ad.is_dora:
-        raise NotImplementedError("lora embed: DoRA adapters on embedding tables are not supported")
+        raise UnsupportedError("lora embed: DoRA adapters on embedding tables are not supported")
     base = table.base
     y = jnp.take(_core.as_dense(base, base.dtype) if is_quantized(base) else base, ids, axis=0)
     h = jnp.take(ad.a.astype(y.dtype), ids, axis=0) @ ad.b.astype(y.dtype)

@@ -17,6 +17,7 @@ import jax
 import optax
 
 from lora_jax.core import LoraAdapter, LoraWeight, is_adapter, is_lora_weight
+from lora_jax.errors import ArgumentError
 
 PyTree = Any
 
@@ -76,7 +77,7 @@ def lora_plus(make_tx: Callable[[Any], optax.GradientTransformation], learning_r
     Use on the trainable tree of :func:`lora_jax.split` or on an adapter tree.
     """
     if ratio <= 0:
-        raise ValueError(f"LoRA+ ratio must be positive, got {ratio}")
+        raise ArgumentError(f"LoRA+ ratio must be positive, got {ratio}")
     scaled = (lambda step: learning_rate(step) * ratio) if callable(learning_rate) else learning_rate * ratio
     return optax.multi_transform(
         {

@@ -57,8 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import core, regex, stacking, tree
+from lora_jax.errors import ArgumentTypeError, MissingFileError, PeftError, UnsupportedError
 from lora_jax.untrusted import check_array, nonfinite_summary
-from lora_jax.errors import CheckpointError, PeftError
 
 PyTree = Any
 logger = logging.getLogger("lora_jax.peft")
@@ -191,7 +191,7 @@ def with_leaves(params: PyTree, leaves: Mapping) -> PyTree:
     out = jax.tree_util.tree_map_with_path(put, params, is_leaf=core.is_lora_weight)
     missing = sorted("/".join(k) for k in set(new) - used)
     if missing:
-        raise ValueError(f"trained leaves {missing[:5]} have no place in these params")
+        raise PeftError(f"trained leaves {missing[:5]} have no place in these params")
     return out
 
 
@@ -205,7 +205,7 @@ def _resolve(folder_or_hub_id: str | os.PathLike, revision: str | None) -> Path:
     from lora_jax.models import hf
 
     if os.path.isabs(name) or name.startswith((".", "~")) or not hf.is_hub_id(name):
-        raise FileNotFoundError(f"no such adapter folder: {name!r}")
+        raise MissingFileError(f"no such adapter folder: {name!r}")
     import huggingface_hub
 
     try:
@@ -213,7 +213,7 @@ def _resolve(folder_or_hub_id: str | os.PathLike, revision: str | None) -> Path:
                                                       allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        raise OSError(
+        raise MissingFileError(
             f"could not fetch the adapter {name!r} from the Hugging Face hub"
             f"{' (HF_HUB_OFFLINE is set and it is not in the local cache)' if offline else ''}: "
             f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].rstrip('.')}. Pass a local folder with "
@@ -235,7 +235,7 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise PeftError(f"{file}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters ('LORA') are supported")
     for field, what in _UNSUPPORTED.items():
         if cfg.get(field):
-            raise NotImplementedError(f"{file}: {what} is not supported ({field}={cfg[field]!r})")
+            raise UnsupportedError(f"{file}: {what} is not supported ({field}={cfg[field]!r})")
     if cfg.get("use_dora") and not _has_dora():
         raise _dora_missing(str(file))
     _check_numbers_and_patterns(cfg, file)
@@ -318,8 +318,8 @@ def _index(params: PyTree, names: Naming) -> dict[str, tuple[tuple[str, ...], An
     aliases: dict[str, tuple[tuple[str, ...], Any]] = {}
     for path, leaf in _paths(params):
         if core.is_lora_weight(leaf) or core.is_adapter(leaf):
-            raise ValueError(f"load_peft: params hold a {type(leaf).__name__} at {'/'.join(path)}; pass the plain "
-                             "base params (not wrapped or merged)")
+            raise PeftError(f"load_peft: params hold a {type(leaf).__name__} at {'/'.join(path)}; pass the plain "
+                            "base params (not wrapped or merged)")
         name = names.tensor_name(path)
         index[name] = (path, leaf)
         for backbone in names.backbones:
@@ -403,7 +403,7 @@ def _load_parameter_adapter(wrapper, parts: Mapping, cfg: Mapping, use_rslora: b
 def _restack(tree_: PyTree, like: PyTree, source: Any) -> PyTree:
     try:
         return stacking.stack(tree_, like=like)
-    except ValueError as e:
+    except ValueError as e:  # ArgumentError from stacking.stack
         raise PeftError(f"{source}: the adapter does not cover every layer of the scanned model's stack the same way "
                         f"({e}); load the model with unrolled layers (scan_layers=False) to use it") from e
 
@@ -620,7 +620,7 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
     modules_to_save = None if modules_to_save is None else stacking.unstack(modules_to_save)
     items = [(tree.split(p), ad) for p, ad in core.adapter_items(adapters)]
     if not items:
-        raise ValueError("save_peft: the adapter tree holds no LoraAdapter")
+        raise PeftError("save_peft: the adapter tree holds no LoraAdapter")
     names = naming(config, [p for p, _ in items])
     tensors: dict[str, np.ndarray] = {}
 
@@ -651,8 +651,8 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
         if ad.stack_shape:
             continue
         if len(ad.in_shape) != 1 or len(ad.out_shape) != 1:
-            raise ValueError(f"save_peft: {'/'.join(path)} adapts a kernel of shape {ad.kernel_shape}; PEFT LoRA "
-                             "layers are 2-D (in, out)")
+            raise PeftError(f"save_peft: {'/'.join(path)} adapts a kernel of shape {ad.kernel_shape}; PEFT LoRA "
+                            "layers are 2-D (in, out)")
         module = names.module_name(path)
         modules[path] = module
         ranks[module] = ad.r
@@ -668,8 +668,8 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
             tensors[f"{key}.lora_magnitude_vector"] = array(magnitude)
             dora.append(module)
     if dora and len(dora) != len(items):
-        raise ValueError(f"save_peft: PEFT's use_dora is one switch for the whole adapter, but only {len(dora)} of "
-                         f"{len(items)} modules have a DoRA magnitude")
+        raise PeftError(f"save_peft: PEFT's use_dora is one switch for the whole adapter, but only {len(dora)} of "
+                        f"{len(items)} modules have a DoRA magnitude")
 
     # One rsLoRA switch for all modules: on when every scale is alpha / sqrt(r) and some are not alpha / r.
     rs = [_close_to(ad.scale, ad.alpha / math.sqrt(ad.r)) for _, ad in items]
@@ -684,12 +684,12 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
     saved_modules: list[str] = []
     for path, leaf in _paths(modules_to_save or {}):
         if not hasattr(leaf, "shape"):
-            raise TypeError(f"save_peft: modules_to_save leaf {'/'.join(path)} is a {type(leaf).__name__}, expected "
-                            "an array")
+            raise ArgumentTypeError(f"save_peft: modules_to_save leaf {'/'.join(path)} is a {type(leaf).__name__}, "
+                                    "expected an array")
         tensors[PREFIX + names.tensor_name(path)] = array(names.to_hf(path, np.asarray(leaf)))
         module = names.module_name(path)
         if module in ranks or any(p.startswith(module + ".") for p in params_adapted):
-            raise ValueError(f"save_peft: {module} has an adapter and is also in modules_to_save; choose one")
+            raise PeftError(f"save_peft: {module} has an adapter and is also in modules_to_save; choose one")
         if module not in saved_modules:
             saved_modules.append(module)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -41,6 +41,8 @@ from lora_jax import core as _core
 from lora_jax import stacking as _stacking
 from lora_jax import targets as _targets
 from lora_jax import tree as _tree
+from lora_jax.errors import ArgumentError
+from lora_jax.tree import nbytes  # public here too: the bytes a quantised tree stores
 
 PyTree = Any
 Array = jax.Array
@@ -142,7 +144,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes stored (codes and every scale), exactly."""
-        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(self))
+        return nbytes(self)
 
     @property
     def bits_per_weight(self) -> float:
@@ -246,21 +248,22 @@ def quantize_array(
       stack_ndim: leading expert axes of an expert stack (int8: one set of scales per expert).
     """
     if method not in METHODS:
-        raise ValueError(f"quantize: method must be one of {METHODS}, got {method!r}")
+        raise ArgumentError(f"quantize: method must be one of {METHODS}, got {method!r}")
     if not hasattr(w, "shape") or not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(f"quantize: expected a float array, got {type(w).__name__} of dtype {getattr(w, 'dtype', None)}")
+        raise ArgumentError(f"quantize: expected a float array, got {type(w).__name__} of dtype "
+                            f"{getattr(w, 'dtype', None)}")
     dtype = jnp.dtype(w.dtype if compute_dtype is None else compute_dtype)
     shape = tuple(int(s) for s in w.shape)
     if method == "int8":
         if not 0 <= stack_ndim <= len(shape) - 2 or not 1 <= in_ndim < len(shape) - stack_ndim:
-            raise ValueError(f"quantize int8: in_ndim must be in [1, {len(shape) - stack_ndim - 1}] and stack_ndim in "
-                             f"[0, {len(shape) - 2}] for shape {shape}, got {in_ndim} and {stack_ndim}")
+            raise ArgumentError(f"quantize int8: in_ndim must be in [1, {len(shape) - stack_ndim - 1}] and stack_ndim "
+                                f"in [0, {len(shape) - 2}] for shape {shape}, got {in_ndim} and {stack_ndim}")
         return QuantizedWeight(**_jit_int8(w, in_ndim, stack_ndim), shape=shape, dtype=dtype, method="int8",
                                block_size=0, in_ndim=in_ndim, stack_ndim=stack_ndim)
     if block_size not in _BLOCK_SIZES:
-        raise ValueError(f"quantize nf4: block_size must be one of {_BLOCK_SIZES}, got {block_size}")
+        raise ArgumentError(f"quantize nf4: block_size must be one of {_BLOCK_SIZES}, got {block_size}")
     if double_quant and absmax_block_size not in _BLOCK_SIZES:
-        raise ValueError(f"quantize nf4: absmax_block_size must be one of {_BLOCK_SIZES}, got {absmax_block_size}")
+        raise ArgumentError(f"quantize nf4: absmax_block_size must be one of {_BLOCK_SIZES}, got {absmax_block_size}")
     second = absmax_block_size if double_quant else 0
     return QuantizedWeight(**_jit_nf4(w, block_size, second), shape=shape, dtype=dtype, method="nf4",
                            block_size=block_size, absmax_block_size=second, in_ndim=in_ndim, stack_ndim=stack_ndim)
@@ -330,8 +333,8 @@ def quantize(
     abstract = [(p, type(leaf).__name__) for p, leaf in _targets.leaf_paths(params)
                 if one.targets(p) and not isinstance(leaf, (jax.Array, np.ndarray))]
     if abstract:
-        raise ValueError(f"quantize: {abstract[0][0]} is a {abstract[0][1]}, not an array with values; quantise "
-                         "concrete parameters")
+        raise ArgumentError(f"quantize: {abstract[0][0]} is a {abstract[0][1]}, not an array with values; quantise "
+                            "concrete parameters")
     return jax.tree_util.tree_map_with_path(lambda path, leaf: one(_targets.path_str(path), leaf), params,
                                             is_leaf=_targets.is_weight_node)
 
@@ -368,19 +371,13 @@ def quantizer(params: PyTree, method: str = "nf4", *, block_size: int = 64, doub
     selected = _targets.select(params, targets, exclude=exclude, allow_embeddings=allow_embeddings)
     already = [p for p, leaf in selected if is_quantized(leaf)]
     if already:
-        raise ValueError(f"quantize: {len(already)} targeted kernel(s) are already quantised, e.g. {already[0]}; "
-                         "dequantize them first or exclude them")
+        raise ArgumentError(f"quantize: {len(already)} targeted kernel(s) are already quantised, e.g. {already[0]}; "
+                            "dequantize them first or exclude them")
     if method not in METHODS:
-        raise ValueError(f"quantize: method must be one of {METHODS}, got {method!r}")
+        raise ArgumentError(f"quantize: method must be one of {METHODS}, got {method!r}")
     return Quantizer(frozenset(p for p, _ in selected),
                      dict(method=method, block_size=block_size, double_quant=double_quant,
                           absmax_block_size=absmax_block_size, compute_dtype=compute_dtype))
-
-
-def nbytes(tree: PyTree) -> int:
-    """Exact bytes stored by every array of ``tree`` (quantised kernels counted by their codes and scales)."""
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-               for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 def expected_nbytes(shape: Sequence[int], block_size: int = 64, double_quant: bool = True,

@@ -18,7 +18,7 @@ from typing import Any
 
 import re2
 
-from lora_jax.errors import TargetError
+from lora_jax.errors import LoraJaxError, TargetError
 
 Pattern = Any  # re2._Regexp: .fullmatch(text), .match(text), .search(text), .pattern
 
@@ -32,7 +32,7 @@ def _compile(pattern: str) -> Pattern:
     return re2.compile(pattern, _OPTIONS)
 
 
-def compile(pattern: Any, what: str, error: type[Exception] = TargetError, *,  # noqa: A001
+def compile(pattern: Any, what: str, error: type[LoraJaxError] = TargetError, *,  # noqa: A001
             shown: str | None = None) -> Pattern:
     """``pattern`` compiled by RE2, or ``error`` naming ``what`` (and the pattern, or ``shown`` in its place) and
     saying why RE2 refused it.

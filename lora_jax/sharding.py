@@ -34,10 +34,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lora_jax import regex
 from lora_jax.core import LoraAdapter
+from lora_jax.errors import ArgumentError
 from lora_jax.stacking import layer_axes
 from lora_jax.targets import default_expert_axes
 from lora_jax.tree import path_str, path_tuple
@@ -63,25 +65,25 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if tensor < 1 or n % tensor:
-        raise ValueError(f"mesh: tensor={tensor} must be a positive divisor of the {n} devices")
+        raise ArgumentError(f"mesh: tensor={tensor} must be a positive divisor of the {n} devices")
     n //= tensor
     if expert < 1 or n % expert:
-        raise ValueError(f"mesh: expert={expert} must be a positive divisor of the {n * tensor} devices / "
-                         f"tensor={tensor}")
+        raise ArgumentError(f"mesh: expert={expert} must be a positive divisor of the {n * tensor} devices / "
+                            f"tensor={tensor}")
     n //= expert
     if data == -1 and fsdp == -1:
-        raise ValueError("mesh: at most one of data/fsdp may be -1")
+        raise ArgumentError("mesh: at most one of data/fsdp may be -1")
     if data == -1:
         if n % fsdp:
-            raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n * expert} devices / expert={expert}")
+            raise ArgumentError(f"mesh: fsdp={fsdp} does not divide the {n * expert} devices / expert={expert}")
         data = n // fsdp
     if fsdp == -1:
         if n % data:
-            raise ValueError(f"mesh: data={data} does not divide the {n * expert} devices / expert={expert}")
+            raise ArgumentError(f"mesh: data={data} does not divide the {n * expert} devices / expert={expert}")
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh: data={data} x fsdp={fsdp} x expert={expert} x tensor={tensor} = "
-                         f"{data * fsdp * expert * tensor} devices, but {n * expert * tensor} are available")
+        raise ArgumentError(f"mesh: data={data} x fsdp={fsdp} x expert={expert} x tensor={tensor} = "
+                            f"{data * fsdp * expert * tensor} devices, but {n * expert * tensor} are available")
     sizes = {"data": data, "fsdp": fsdp, EXPERT_AXIS: expert, TENSOR_AXIS: tensor}
     names = (*BATCH_AXES, *(a for a in (EXPERT_AXIS, TENSOR_AXIS) if sizes[a] > 1))
     return Mesh(np.asarray(devices).reshape(*(sizes[a] for a in names)), names)
@@ -136,7 +138,7 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) 
     """The ``PartitionSpec`` of a leaf whose axes have logical ``names``, through :data:`LOGICAL_AXES`: an axis is
     split over its mesh axis when the mesh has it and it divides the axis evenly, and left whole otherwise."""
     if len(names) != len(shape):
-        raise ValueError(f"sharding: logical axes {tuple(names)} do not fit a leaf of shape {tuple(shape)}")
+        raise ArgumentError(f"sharding: logical axes {tuple(names)} do not fit a leaf of shape {tuple(shape)}")
     spec = []
     for name, size in zip(names, shape):
         axis = LOGICAL_AXES.get(name) if name is not None else None
@@ -208,7 +210,7 @@ def _rule_spec(pattern: str | None, spec: Any, shape: Sequence[int], mesh: Mesh)
         return fsdp_spec(shape, fsdp)
     if isinstance(spec, tuple) and spec[0] == "fsdp-if-large":
         return fsdp_spec(shape, fsdp) if int(np.prod(shape)) >= spec[1] else P()
-    raise ValueError(f"sharding rule {pattern!r}: unknown spec {spec!r}")
+    raise ArgumentError(f"sharding rule {pattern!r}: unknown spec {spec!r}")
 
 
 def _axis_size(mesh: Mesh, entry: Any) -> int:

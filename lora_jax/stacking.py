@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lora_jax.errors import UnsupportedError
+from lora_jax.errors import ArgumentError, UnsupportedError
 
 PyTree = Any
 
@@ -60,7 +60,7 @@ def num_layers(tree: PyTree) -> int:
             return int(_stack_size(leaf))
         if hasattr(v, "items") and is_stacked(v):
             return num_layers(v)
-    raise ValueError("num_layers: the tree holds no scanned stack")
+    raise ArgumentError("num_layers: the tree holds no scanned stack")
 
 
 # ----------------------------------------------------------------------------------------------- nodes
@@ -155,7 +155,7 @@ def _join(nodes: list) -> Any:
         for i, x in enumerate(nodes[1:], 1):
             for field in ("r", "alpha", "scale", "dropout", "in_shape", "out_shape"):
                 if getattr(x, field) != getattr(first, field):
-                    raise ValueError(f"layer {i}'s adapter has {field}={getattr(x, field)}, layer 0's "
+                    raise ArgumentError(f"layer {i}'s adapter has {field}={getattr(x, field)}, layer 0's "
                                      f"{getattr(first, field)}: a scanned stack holds one adapter shape and scale for "
                                      "all its layers (per-layer rank / alpha patterns need unrolled layers)")
         mags = [x.magnitude for x in nodes]
@@ -222,12 +222,12 @@ def stack(tree: PyTree, like: PyTree | None = None) -> PyTree:
         have = [i for i, _ in numbered]
         if have != list(range(n)):
             missing = sorted(set(range(n)) - set(have))
-            raise ValueError(f"stack: layers {missing[:8]} of {n} are missing (have {have[:8]}...)")
+            raise ArgumentError(f"stack: layers {missing[:8]} of {n} are missing (have {have[:8]}...)")
         per_layer = [tree[f"{STACK}_{i}"] for i in range(n)]
         structure = jax.tree_util.tree_structure(per_layer[0], is_leaf=is_node)
         for i, t in enumerate(per_layer[1:], 1):
             if jax.tree_util.tree_structure(t, is_leaf=is_node) != structure:
-                raise ValueError(f"stack: layer {i} holds other leaves than layer 0; only identical layers stack")
+                raise ArgumentError(f"stack: layer {i} holds other leaves than layer 0; only identical layers stack")
         out[STACK] = jax.tree_util.tree_map(lambda *xs: _join(list(xs)), *per_layer, is_leaf=is_node)
     for k in keys:
         if join and _UNROLLED.fullmatch(k):

@@ -111,7 +111,7 @@ from lora_jax import multi as _multi
 from lora_jax import ops as _ops
 from lora_jax import targets as _targets
 from lora_jax.core import LoraWeight
-from lora_jax.errors import UnsupportedError
+from lora_jax.errors import ArgumentError, UnsupportedError
 
 Array = jax.Array
 PyTree = Any
@@ -275,7 +275,7 @@ def _from_weight(w: LoraWeight, name: str) -> _Lora:
           and b.shape[-1] == math.prod(ad.out_shape) and a.shape[-1] == b.shape[-2]
           and tuple(base.shape) == ad.kernel_shape)
     if not ok:
-        raise ValueError(
+        raise ArgumentError(
             f"lora.transform: the LoraWeight at {name!r} does not fit together: base {tuple(base.shape)}, "
             f"a {tuple(a.shape)}, b {tuple(b.shape)}, in_shape {ad.in_shape}, out_shape {ad.out_shape}; expected "
             "a (*stack, prod(in_shape without stack), r), b (*stack, r, prod(out_shape)) and a base of shape "
@@ -305,8 +305,8 @@ def _from_multi(w: Any, name: str) -> _Lora:
                                f"{tuple(st.a.shape)} / {tuple(st.b.shape)} for a kernel {tuple(base.shape)}; "
                                "transform handles slots of single kernels, a (n, d_in, R) / (n, R, d_out)")
     if ids.ndim != 1:
-        raise ValueError(f"lora.transform: the mixed-adapter weight at {name!r} has ids of shape {ids.shape}; "
-                         "expected one id per batch row, (rows,)")
+        raise ArgumentError(f"lora.transform: the mixed-adapter weight at {name!r} has ids of shape {ids.shape}; "
+                            "expected one id per batch row, (rows,)")
     n, d_in, rank = st.a.shape
     left = jnp.transpose(st.a, (1, 0, 2)).reshape(*st.in_shape, n * rank)
     right = jnp.transpose(st.b, (2, 0, 1)).reshape(*st.out_shape, n * rank)
@@ -458,8 +458,8 @@ class _Context:
             self.note_factored("gather", ("dense", slot))
             return _dense(v)
         if self.strict:
-            raise ValueError(f"lora.transform(strict=True): {reason} needs the dense kernel W0 + s*A@B of "
-                             f"{v.name!r} (shape {v.shape}, axis kinds {''.join(v.kinds)})")
+            raise ArgumentError(f"lora.transform(strict=True): {reason} needs the dense kernel W0 + s*A@B of "
+                                f"{v.name!r} (shape {v.shape}, axis kinds {''.join(v.kinds)})")
         self.materialized[(self.stack, slot)] = (reason, v.name)
         return _dense(v)
 
@@ -1215,15 +1215,16 @@ def init_stacked(params: PyTree, r: int = 8, *, stack_axes: int = 1, key: Array 
     """
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
-        raise ValueError("init_stacked: params has no array leaves")
+        raise ArgumentError("init_stacked: params has no array leaves")
     stack = tuple(leaves[0].shape[:stack_axes])
     bad = [(p, tuple(x.shape)) for p, x in _targets.leaf_paths(params) if tuple(x.shape[:stack_axes]) != stack
            or x.ndim <= stack_axes]
     if bad or len(stack) != stack_axes:
-        raise ValueError(f"init_stacked: every leaf must lead with the same {stack_axes} stack axes {stack}; "
-                         f"these do not: {bad[:5]}")
+        raise ArgumentError(f"init_stacked: every leaf must lead with the same {stack_axes} stack axes {stack}; "
+                            f"these do not: {bad[:5]}")
     per_layer = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[stack_axes:], x.dtype), params)
     keys = jax.random.split(jax.random.key(0) if key is None else key, math.prod(stack))
+    init_kwargs = {"layer_axes": {".*": 0}, **init_kwargs}  # the per-layer shapes are what init sees
     flat = jax.jit(jax.vmap(lambda k: _core.init(per_layer, r, key=k, **init_kwargs)))(keys)
 
     def restack(ad):

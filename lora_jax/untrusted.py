@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.errors import CheckpointError
+from lora_jax.errors import CheckpointError, LoraJaxError
 from lora_jax.tree import path_str
 
 
@@ -52,7 +52,7 @@ def nonfinite_summary(x: Any) -> str | None:
 
 
 def check_array(x: Any, name: str, source: str, *, shape: Sequence[int] | None = None,
-                error: type[Exception] = CheckpointError) -> Any:
+                error: type[LoraJaxError] = CheckpointError) -> Any:
     """``x`` unchanged when it is a floating-point array (of ``shape``, when given) whose values are all finite;
     else ``error`` naming ``source`` (the file) and ``name`` (the tensor) and saying what was expected."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
@@ -67,7 +67,7 @@ def check_array(x: Any, name: str, source: str, *, shape: Sequence[int] | None =
     return x
 
 
-def check_number(value: Any, name: str, source: str, error: type[Exception] = CheckpointError) -> float:
+def check_number(value: Any, name: str, source: str, error: type[LoraJaxError] = CheckpointError) -> float:
     """``value`` as a float when it is a finite real number (not a bool), else ``error`` naming it."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     if not ok or not np.isfinite(float(value)):
@@ -75,7 +75,7 @@ def check_number(value: Any, name: str, source: str, error: type[Exception] = Ch
     return float(value)
 
 
-def check_tree(tree: Any, source: str, *, error: type[Exception] = CheckpointError, is_leaf=None) -> Any:
+def check_tree(tree: Any, source: str, *, error: type[LoraJaxError] = CheckpointError, is_leaf=None) -> Any:
     """``tree`` unchanged when every floating-point leaf is finite, else ``error`` naming the first bad leaf by
     its '/'-joined path (``attention/kernel/b``). Integer leaves (a step counter) are not checked."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:

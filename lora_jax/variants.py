@@ -27,7 +27,7 @@ import numpy as np
 from lora_jax import core as _core
 from lora_jax import quant as _quant
 from lora_jax import tree as _tree
-from lora_jax.errors import TargetError
+from lora_jax.errors import ArgumentError, TargetError
 
 PyTree = Any
 Array = jax.Array
@@ -54,7 +54,7 @@ def pissa_factors(w: Array, r: int, scale: float, *, niter: int | None = None,
     """
     w = jnp.asarray(w, jnp.float32)
     if w.ndim != 2:
-        raise ValueError(f"pissa_factors: expected a 2-D kernel (d_in, d_out), got shape {tuple(w.shape)}")
+        raise ArgumentError(f"pissa_factors: expected a 2-D kernel (d_in, d_out), got shape {tuple(w.shape)}")
     if niter is None:
         u, s, vt = jnp.linalg.svd(w, full_matrices=False)
     else:
@@ -84,7 +84,7 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
       quantises with less error than ``W`` (quantised kernels are refused here, as PEFT refuses them).
     """
     if "init" in init_kwargs:
-        raise ValueError("init_pissa: PiSSA is the initialisation; do not pass init=")
+        raise ArgumentError("init_pissa: PiSSA is the initialisation; do not pass init=")
     adapters = _core.init(params, r, **init_kwargs)
     dtype = _core.adapter_items(adapters)[0][1].a.dtype
     factors: dict[str, tuple[Array, Array]] = {}
@@ -92,11 +92,11 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
 
     def residual(path: str, leaf, ad: _core.LoraAdapter):
         if _quant.is_quantized(leaf):
-            raise ValueError(f"init_pissa: {path} is already quantised; run PiSSA on the full-precision params and "
-                             "quantise the residual it returns (QPiSSA): lora.quantize(residual_params)")
+            raise ArgumentError(f"init_pissa: {path} is already quantised; run PiSSA on the full-precision params and "
+                                "quantise the residual it returns (QPiSSA): lora.quantize(residual_params)")
         if not isinstance(leaf, (jax.Array, np.ndarray)):
-            raise ValueError(f"init_pissa: {path} is a {type(leaf).__name__} without values; PiSSA needs the "
-                             "real kernel for its SVD")
+            raise ArgumentError(f"init_pissa: {path} is a {type(leaf).__name__} without values; PiSSA needs the "
+                                "real kernel for its SVD")
         w = jnp.asarray(leaf, jnp.float32).reshape(math.prod(ad.in_shape), -1)
         a, b, res = pissa_factors(w, ad.r, ad.scale, niter=niter, key=next(keys))
         factors[path] = (a.astype(dtype), b.astype(dtype))

@@ -7,16 +7,14 @@ import copy
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the benchmarks folder is not an installed package
+from benchmarks import common, report, staleness, train_step
 
-from benchmarks import common, report, staleness, train_step  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------- README <-> JSON
@@ -67,6 +65,23 @@ def test_every_benchmark_declares_existing_sources():
         sources = staleness.declared_sources(module)
         assert f"benchmarks/{module.name}" in sources, module
         assert all((ROOT / s).exists() for s in sources), (module, sources)
+
+
+def test_benchmarks_run_as_modules_on_one_harness():
+    """Each benchmark runs as ``python -m benchmarks.NAME`` (none edits ``sys.path``), and none imports another's
+    private helper: what they share (timing rounds, paired ratios, memory analysis, provenance) is in
+    ``benchmarks.common``."""
+    import ast
+
+    for module in sorted((ROOT / "benchmarks").glob("*.py")):
+        text = module.read_text()
+        assert "sys.path" not in text, f"{module.name} edits sys.path; run it as python -m benchmarks.{module.stem}"
+        assert f"python benchmarks/{module.name}" not in text, module
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{module.name} imports {private} from {node.module}"
+    assert {"time_interleaved", "paired_ratio", "paired_summary", "memory_analysis", "Recorder"} <= set(vars(common))
 
 
 def _git(repo: Path, *args: str) -> str:

@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks folder is not an installed package
-
-from benchmarks import peers, train_step  # noqa: E402
-from conftest import require, shared_data  # noqa: E402
+from benchmarks import peers, train_step
+from conftest import require, shared_data
 
 
 def _positive(x) -> bool:

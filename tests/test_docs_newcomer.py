@@ -5,23 +5,19 @@ the README's times are rendered from the record ``benchmarks.newcomer`` writes."
 
 import copy
 import json
-import sys
 import typing
 from pathlib import Path
 
 import jax
-import optax
 import pytest
 
+from benchmarks import report
 from lora_jax.errors import DataError
 from train import loop, plot
 from train import run as run_cli
 from train.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import report  # noqa: E402
 
 
 def test_help_lists_every_config_key_with_its_meaning(capsys):

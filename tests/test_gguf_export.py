@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lora
+from benchmarks import llamacpp
 from conftest import require
 from lora_jax import gguf_export as ge
 from lora_jax import tree
@@ -28,8 +28,6 @@ from lora_jax.models import gguf as lgguf
 from lora_jax.models import llama
 
 gguf = require("gguf")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks folder is not an installed package
-from benchmarks import llamacpp  # noqa: E402
 
 # A byte-level BPE vocabulary: three special tokens, the 256 byte symbols, five merges.
 MERGES = ["h e", "l l", "he ll", "Ġ w", "o r"]

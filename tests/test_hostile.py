@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -588,7 +589,7 @@ def _typed(tp) -> st.SearchStrategy:
         return _typed(typing.get_args(tp)[0])
     if origin is typing.Literal:
         return st.sampled_from([str(a) for a in typing.get_args(tp)])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         return st.one_of([_typed(a) for a in typing.get_args(tp)])
     if tp is type(None):
         return st.just("null")
@@ -616,6 +617,8 @@ def _value_for(key: str) -> st.SearchStrategy:
 
 OVERRIDES = st.lists(st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k), _value_for(k))), min_size=1,
                      max_size=3)
+# The classes a refusal of train.run may name: lora_jax's error classes (a non-finite stop is exit 3, not 2).
+LIBRARY_ERRORS = {name for name in lora.errors.__all__ if name not in ("LoraJaxError", "NonFiniteError")}
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -623,8 +626,10 @@ FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCh
 @given(OVERRIDES)
 def test_fuzz_run_check_over_every_key(tiny_bert, tmp_path_factory, capsys, monkeypatch, pairs):
     """``python -m train.run --check`` with random overrides of any key (over a tiny valid base config): exit 0
-    with every override in effect, or exit 2 with one line that names the input and what was expected; never a
-    traceback, never another exit status. (``-m slow``: 150 examples.)"""
+    with every override in effect, or exit 2 with one line that names the input and what was expected, raised as
+    the right kind of error (the config's own refusals a ``ConfigError`` from ``load_config``; a later refusal one
+    of the library's error classes, named in the line); never a traceback, never another exit status (an
+    internal error is exit 70). (``-m slow``: 150 examples.)"""
     _fuzz_check(tiny_bert, tmp_path_factory, capsys, monkeypatch, pairs)
 
 
@@ -665,7 +670,15 @@ def _fuzz_check(tiny_bert, tmp_path_factory, capsys, monkeypatch, pairs):
     assert "Traceback" not in err
     if status == 2:
         assert err.count("\n") == 1 and len(err) < 800, err
-        event("refused: " + ("config" if err.startswith("config error") else "later"))
+        if err.startswith("config error: "):  # refused while loading the config: load_config raises ConfigError
+            with pytest.raises(ConfigError):
+                load_config(None, [*base, *given_])
+            event("refused: config")
+            return
+        kind = re.match(r"error: (\w+): ", err)
+        assert kind and kind[1] in LIBRARY_ERRORS, f"refused as {kind and kind[1]}, not a library error: {err}"
+        load_config(None, [*base, *given_])  # the config itself was valid
+        event(f"refused later: {kind[1]}")
         return
     event("checked: valid")
     cfg = load_config(None, [*base, *given_])

@@ -400,7 +400,6 @@ def test_sharded_batch_on_8_cpu_devices():
 @pytest.mark.slow
 def test_loss_memory_benchmark_quick(tmp_path):
     """benchmarks/loss_memory.py --quick: its tables, ratios and goals come out consistent."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks import loss_memory
 
     result = loss_memory.main(["--quick", "--models", "gpt2-small", "--sections", "memory", "time", "--policies",

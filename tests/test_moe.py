@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require
 
 import lora_jax as lora
+from conftest import require
 from lora_jax import ops
 from lora_jax import peft as lpeft
 from lora_jax import targets as targets_lib
@@ -525,8 +525,10 @@ def test_8dev_expert_dispatch_moves_tokens_not_activations_and_equals_one_device
     per-expert adapters and of the tokens) all-to-alls tokens to their experts and back, and has no all-gather and
     no all-reduce of anything as large as one device's tokens; losses and gradients equal one device's; with a
     capacity, the dropped pairs are those of the rule applied to each device's own tokens."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from lora_jax import sharding
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     n_exp, d, f, t = 8, 32, 16, 256
     ks = jax.random.split(jax.random.key(0), 4)
@@ -587,7 +589,8 @@ def test_8dev_qwen3_moe_training_equals_one_device():
     """A tiny Qwen3-MoE (8 experts, top-2, aux loss on) on a mesh with expert=8 (and on data=2 x expert=4):
     its causal-LM loss and adapter gradients, and three train.loop steps, equal one device's; the traced step
     dispatches with all-to-alls and the blocks sow no dropped pair."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from lora_jax import sharding
     from lora_jax import tree as ltree
@@ -658,10 +661,7 @@ def test_8dev_dispatch_benchmark_quick(tmp_path):
     capacity, the dispatch gathers nothing while the placement-only program gathers and reduces activations, and
     the record keeps its provenance."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import moe_dispatch
 
     result = moe_dispatch.main(["--quick", "--out", str(tmp_path / "moe_dispatch_quick.json")])

@@ -193,3 +193,19 @@ def test_adapters_trained_scanned_apply_to_the_unrolled_model_and_back():
     partial = {"model": {"layers_0": adapters["model"]["layers_0"]}}  # one layer only: no stack to make
     with pytest.raises(ValueError, match=r"layers \[1, 2\] of 3 are missing"):
         lora.merge(stacked, partial)
+
+
+def test_dw_analysis_of_a_scanned_stack_is_per_layer():
+    from lora_jax import analysis
+
+    mod, config, scanned, params, stacked = pair("llama")
+    adapters = jax.tree.map(lambda x: x + 0.01, lora.init(params, r=2, targets="qv"))
+    want = {(r.layer, r.matrix): r.amp.norm_dw for r in analysis.layer_stats(params, adapters, n_random=2)}
+    got = {(r.layer, r.matrix): r.amp.norm_dw
+           for r in analysis.layer_stats(stacked, stacking.stack(adapters), n_random=2)}
+    assert set(got) == set(want) == {(i, m) for i in range(3) for m in ("q_proj", "v_proj")}
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5)
+    # scanned adapters against the model loaded unrolled (the library's default form)
+    mixed = {(r.layer, r.matrix): r.amp.norm_dw for r in analysis.layer_stats(params, stacking.stack(adapters), n_random=2)}
+    assert mixed.keys() == want.keys()

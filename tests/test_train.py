@@ -663,7 +663,6 @@ def test_sst2_methods_runs_each_method_for_the_same_steps_an_epoch_times_scale(t
     """train.experiment sst2_methods on the built-in sentiment set (600 rows, 540 after the 10% held out) with a
     tiny BERT: the steps are one epoch (68 batches of 8) x scale for every method, and the README block renders
     from the JSON it writes."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks import report
     from train import experiment
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_jax import analysis
+from lora_jax.errors import ArgumentError
 from train.cli import ArgumentParser
 
 # Subspaces compared between the first two adapters: the paper's (A's input directions) and dW's column space
@@ -267,13 +268,13 @@ def analyze(base: str, folders: Sequence[str | Path], out: str | Path, labels: S
 
     folders = [Path(f) for f in folders]
     if not folders:
-        raise ValueError("give at least one adapter folder")
+        raise ArgumentError("give at least one adapter folder")
     labels = list(labels) if labels else labels_for(folders)
     if len(labels) != len(folders):
-        raise ValueError(f"{len(labels)} labels for {len(folders)} adapter folders")
+        raise ArgumentError(f"{len(labels)} labels for {len(folders)} adapter folders")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file, expected a folder")
+        raise ArgumentError(f"--out {str(out)!r} is a file, expected a folder")
     trees = [load_adapters(adapter_folder(f)) for f in folders]  # checked before the (slow) base model loads
     print_fn(f"loading base model {base}")
     params = load(base)[1]

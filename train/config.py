@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import reprlib
 import string
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
@@ -33,6 +33,7 @@ from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 from lora_jax import regex
 from lora_jax.errors import ConfigError
+from train import sources
 
 NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # as lora_jax.quant (bitsandbytes' block sizes)
 SEED_MAX = 2**32 - 1
@@ -607,18 +608,11 @@ def uses_adapters(cfg: Config) -> bool:
 
 
 def _local(cfg: Config) -> bool:
-    return not cfg.data.source.startswith("builtin:") and _looks_local(cfg.data.source)
-
-
-def _looks_local(source: str) -> bool:
-    from train.data import FILE_TYPES  # noqa: PLC0415 - data imports this module
-
-    paths = [p.strip() for p in source.split(",") if p.strip()]
-    return any(Path(p).suffix.lower() in FILE_TYPES or "/" in p and Path(p).exists() for p in paths)
+    return sources.kind(cfg.data.source) == "files"
 
 
 def _hub(cfg: Config) -> bool:
-    return not cfg.data.source.startswith("builtin:") and not _looks_local(cfg.data.source)
+    return sources.kind(cfg.data.source) == "hub"
 
 
 def _causal(cfg: Config) -> bool:
@@ -824,7 +818,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.eval_source and cfg.data.eval_split:
         raise ConfigError("data.eval_source and data.eval_split are both set; give one (eval_source: local files, "
                           "eval_split: a split of the hub data set)")
-    if cfg.data.eval_source is not None and cfg.data.eval_source.startswith("builtin:"):
+    if cfg.data.eval_source is not None and sources.kind(cfg.data.eval_source) == "builtin":
         raise ConfigError(f"data.eval_source={short(cfg.data.eval_source)}: built-in data sets are split from "
                           "data.source (leave data.eval_source null)")
 

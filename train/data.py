@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from lora_jax.errors import DataError
-from train import builtin
+from train import builtin, sources
 from train.config import DataConfig
 
-FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_TYPES = sources.FILE_TYPES  # (train.loop reads it here)
 
 
 
@@ -327,7 +327,8 @@ def load_rows(cfg: DataConfig, split: str, pairs: bool = False) -> list[dict]:
 
 def _load_rows(cfg: DataConfig, split: str, pairs: bool = False) -> list[dict]:
     source = cfg.source
-    if source.startswith("builtin:"):
+    kind = sources.kind(source)
+    if kind == "builtin":
         name = source.split(":", 1)[1]
         if name not in builtin.BUILTIN:
             raise DataError(f"unknown built-in data set {name!r}; choose from {sorted(builtin.BUILTIN)}")
@@ -340,8 +341,8 @@ def _load_rows(cfg: DataConfig, split: str, pairs: bool = False) -> list[dict]:
                                       {"role": "assistant", "content": r["completion"]}], "group": r["group"]}
                         for r in rows]
         return _check_columns(_tag([dict(r) for r in rows], source), cfg, f"data.source={source!r}", pairs)
-    paths = [p.strip() for p in source.split(",") if p.strip()]
-    if any(Path(p).suffix.lower() in FILE_TYPES for p in paths) or any(os.sep in p and Path(p).exists() for p in paths):
+    if kind == "files":
+        paths = sources.paths(source)
         rows = _load_files(paths, _required_columns(cfg, pairs))
         if cfg.task == "audio-classification":  # audio paths relative to the data file's folder
             base = Path(paths[0]).parent

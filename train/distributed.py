@@ -13,6 +13,8 @@ import os
 
 import jax
 
+from lora_jax.errors import ConfigError
+
 
 def initialize_from_env() -> bool:
     """Initialise the JAX cluster if the environment describes one; return whether it did."""
@@ -22,7 +24,7 @@ def initialize_from_env() -> bool:
     if address and n and pid is not None:
         for name, value in (("JAX_NUM_PROCESSES", n), ("JAX_PROCESS_ID", pid)):
             if not value.strip().isdigit():
-                raise ValueError(f"environment variable {name}={value!r}: expected a non-negative integer")
+                raise ConfigError(f"environment variable {name}={value!r}: expected a non-negative integer")
         if int(n) > 1:
             local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
             if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes need gloo

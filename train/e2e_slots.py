@@ -24,6 +24,8 @@ import re
 import sys
 from dataclasses import dataclass
 
+from lora_jax.errors import DataError
+
 # The E2E ontology (training, development and test sets together), so that a value the development set never
 # uses is still recognised as wrong or added.
 NAMES = ["Alimentum", "Aromi", "Bibimbap House", "Blue Spice", "Browns Cambridge", "Clowns", "Cocum", "Cotto",
@@ -86,10 +88,10 @@ def parse_mr(mr: str) -> dict[str, str]:
     for m in re.finditer(r"\s*([A-Za-z ]+?)\s*\[([^\]]*)\]\s*(?:,|\||$)", mr):
         slot, value = m.group(1).strip(), m.group(2).strip()
         if slot not in SLOTS:
-            raise ValueError(f"unknown E2E slot {slot!r} in MR {mr!r} (slots: {SLOTS})")
+            raise DataError(f"unknown E2E slot {slot!r} in MR {mr!r} (slots: {SLOTS})")
         slots[slot] = value
     if not slots:
-        raise ValueError(f"{mr!r} is not an E2E meaning representation (slot[value], ...)")
+        raise DataError(f"{mr!r} is not an E2E meaning representation (slot[value], ...)")
     return slots
 
 
@@ -175,7 +177,7 @@ def corpus_ser(mrs: list[str], texts: list[str]) -> dict[str, float]:
     """Corpus slot error rate of ``texts`` (one per MR): the summed errors over the summed slots, and each
     kind's share."""
     if len(mrs) != len(texts):
-        raise ValueError(f"corpus_ser: {len(mrs)} MRs but {len(texts)} texts")
+        raise DataError(f"corpus_ser: {len(mrs)} MRs but {len(texts)} texts")
     errs = [slot_errors(m, t) for m, t in zip(mrs, texts)]
     slots = sum(e.slots for e in errs)
     out = {"ser": sum(e.errors for e in errs) / max(slots, 1), "slots": slots, "texts": len(texts),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lora_jax.errors import DataError, MissingFileError
 from train.cli import ArgumentParser, guarded
 from train.metrics import read_log
 
@@ -22,8 +23,8 @@ def run_folder(path: str | Path) -> Path:
         return path
     if (path / "latest" / "metrics.jsonl").is_file():
         return (path / "latest").resolve()
-    raise FileNotFoundError(f"{path} is neither a run folder nor a job folder with a latest run (no metrics.jsonl "
-                            "in it or in its latest/)")
+    raise MissingFileError(f"{path} is neither a run folder nor a job folder with a latest run (no metrics.jsonl "
+                           "in it or in its latest/)")
 
 
 def plot_run(folder: str | Path, out: str | Path | None = None) -> Path:
@@ -39,7 +40,7 @@ def plot_run(folder: str | Path, out: str | Path | None = None) -> Path:
     train = [r for r in records if r.get("kind") == "train" and r.get("finite", True)]
     evals = [r for r in records if r.get("kind") == "eval" and "loss" in r]
     if not train and not evals:
-        raise ValueError(f"{folder / 'metrics.jsonl'} holds no training or evaluation loss yet")
+        raise DataError(f"{folder / 'metrics.jsonl'} holds no training or evaluation loss yet")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2, label="training loss")

@@ -9,7 +9,8 @@ representations.
 Each run writes a new folder ``output.dir/run-N`` and points ``output.dir/latest`` at it: running the same command
 again starts a second run beside the first. ``--resume`` continues ``output.dir/latest`` (or ``output.dir`` when it
 is a run folder) from its last checkpoint. Bad input exits with status 2 and one line that says what was expected;
-a run stopped by a non-finite loss or update exits 3 (``LORA_JAX_TRACEBACK=1`` shows tracebacks).
+a run stopped by a non-finite loss or update exits 3; an internal error (a bug) shows its traceback and exits 70
+(:mod:`train.cli`; ``LORA_JAX_TRACEBACK=1`` shows every traceback).
 """
 
 from __future__ import annotations
@@ -56,16 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from train.cli import EXIT_INPUT, guarded, one_line
-    from train.config import ConfigError, dump, load_config
+    from train.cli import guarded
+    from train.config import dump, load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        if os.environ.get("LORA_JAX_TRACEBACK", "") not in ("", "0"):
-            raise
-        print(f"config error: {one_line(e)}", file=sys.stderr)
-        return EXIT_INPUT
+    loaded = []
+    status = guarded(lambda: loaded.append(load_config(args.config, args.overrides)), prefix="config error")
+    if status:
+        return status
+    cfg = loaded[0]
     if args.print_config:
         print(dump(cfg), end="")
         return 0

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax import tree
-from lora_jax.errors import CheckpointError
+from lora_jax.errors import ArgumentTypeError, CheckpointError, MissingFileError
 from lora_jax.models import arch as _arch
 from lora_jax.models import placement
 from lora_jax.models.arch import Architecture, for_config, for_model_type
@@ -153,14 +153,14 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         path = ALIASES[name]()
         if path is not None:
             if not path.exists():
-                raise FileNotFoundError(f"alias {name!r} points to {path}, which does not exist (reinstall its "
-                                        "package)")
+                raise MissingFileError(f"alias {name!r} points to {path}, which does not exist (reinstall its "
+                                       "package)")
             return path
     path = Path(name).expanduser()
     if path.exists():
         return path
     if os.path.isabs(name) or name.startswith((".", "~")) or not hf.is_hub_id(name):
-        raise FileNotFoundError(f"no such model file or folder: {name!r}")
+        raise MissingFileError(f"no such model file or folder: {name!r}")
     return hf.fetch(name)
 
 
@@ -281,12 +281,13 @@ def open_checkpoint(name_or_path: str | os.PathLike, task: str | None = None, *,
     path = resolve(name_or_path)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
+            raise CheckpointError(f"{path}: expected a Hugging Face model folder or a .gguf file")
         from lora_jax.models import gguf
 
         scan = config_overrides.pop("scan_layers", None)  # how to build the model, not what the file holds
         if config_overrides:
-            raise ValueError(f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF files")
+            raise CheckpointError(f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF "
+                                  "files")
         family, config, task, sources, tok = gguf.open_gguf_checkpoint(path, task, tokenizer, scan_layers=scan)
         shapes = family.shapes(config, task)
         return Checkpoint(family, config, task, tok, sources, [], shapes, str(path))
@@ -298,7 +299,7 @@ def open_checkpoint(name_or_path: str | os.PathLike, task: str | None = None, *,
     try:
         arch = for_model_type(getattr(hf_config, "model_type", None))
     except ValueError as e:
-        raise ValueError(f"{path / 'config.json'}: {e}") from None
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     config = _override(arch.config.from_hf(hf_config), config_overrides, path)
     tensors = hf.open_weights(path)
     names = list(tensors.keys())
@@ -328,8 +329,8 @@ def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TypeError(f"{path}: {type(config).__module__}.Config has no field(s) {unknown}; fields: "
-                        f"{sorted(fields)}")
+        raise ArgumentTypeError(f"{path}: {type(config).__module__}.Config has no field(s) {unknown}; fields: "
+                                f"{sorted(fields)}")
     return dataclasses.replace(config, **overrides)
 
 

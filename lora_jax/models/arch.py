@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ArgumentError, ArgumentTypeError
 from lora_jax import stacking, tree
 
 Path = tuple[str, ...]
@@ -247,7 +248,7 @@ class Names:
             return 0
         n = getattr(config, "num_hidden_layers", None)
         if n is None:
-            raise ValueError(f"{tree.join(path)} is in a scanned layer stack; its checkpoint names need the config "
+            raise ArgumentError(f"{tree.join(path)} is in a scanned layer stack; its checkpoint names need the config "
                              "(its num_hidden_layers)")
         return int(n)
 
@@ -411,7 +412,7 @@ class Architecture:
 
     def __post_init__(self):
         if not self.tasks:
-            raise ValueError(f"architecture {self.name!r} declares no task")
+            raise ArgumentError(f"architecture {self.name!r} declares no task")
 
     # --- tasks
 
@@ -423,7 +424,7 @@ class Architecture:
         """``task`` checked (``None``: the default task)."""
         task = self.default_task if task is None else task
         if task not in self.tasks:
-            raise ValueError(f"{self.name} supports tasks {tuple(self.tasks)}, got {task!r}")
+            raise ArgumentError(f"{self.name} supports tasks {tuple(self.tasks)}, got {task!r}")
         return task
 
     def build(self, config: Any, dtype: Any = jnp.float32, task: str | None = None):
@@ -493,7 +494,7 @@ class Architecture:
         """The regexes over '/'-joined paths that select the kernels of the PEFT ``target_modules`` of
         ``preset`` (PEFT's rule: a module matches an entry that equals it or is a dot-separated suffix of it)."""
         if preset not in self.presets:
-            raise ValueError(f"{self.name} declares presets {sorted(self.presets)}, got {preset!r}")
+            raise ArgumentError(f"{self.name} declares presets {sorted(self.presets)}, got {preset!r}")
         return ["(.*/)?" + "/".join(map(re.escape, m.split("."))) + "/kernel" for m in self.presets[preset]]
 
 
@@ -529,7 +530,7 @@ def for_model_type(model_type: str | None) -> Architecture:
     for arch in families():
         if model_type in arch.model_types:
             return arch
-    raise ValueError(f"unsupported model_type {model_type!r}; lora_jax.models supports {model_types()}")
+    raise ArgumentError(f"unsupported model_type {model_type!r}; lora_jax.models supports {model_types()}")
 
 
 def for_config(config: Any) -> Architecture:
@@ -537,7 +538,7 @@ def for_config(config: Any) -> Architecture:
     for arch in families():
         if type(config) is arch.config:
             return arch
-    raise TypeError(f"expected the Config of a lora_jax model family ({[a.name for a in families()]}), got "
+    raise ArgumentTypeError(f"expected the Config of a lora_jax model family ({[a.name for a in families()]}), got "
                     f"{type(config).__module__}.{type(config).__qualname__}")
 
 

@@ -37,11 +37,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lora_jax.errors import ArgumentError
 
 Array = jax.Array
 
@@ -53,7 +54,7 @@ SPLASH_BLOCK = 512  # the splash kernel's largest block (smaller when the sequen
 def check_implementation(name: str) -> str:
     """``name`` when it is one of :data:`IMPLEMENTATIONS`, else ``ValueError`` listing them."""
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
+        raise ArgumentError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
     return name
 
 
@@ -84,7 +85,7 @@ class Mask:
     def __post_init__(self):
         check_implementation(self.implementation)
         if self.window is not None and self.window < 1:
-            raise ValueError(f"a sliding window must be at least 1 slot, got {self.window}")
+            raise ArgumentError(f"a sliding window must be at least 1 slot, got {self.window}")
 
     def dense(self, seq_len: int, kv_len: int) -> Array:
         """The ``(B, S, T)`` boolean mask this describes (what the ``xla`` implementation applies)."""
@@ -147,14 +148,14 @@ def attend(q: Array, k: Array, v: Array, mask: Mask | Array, scale: float | None
     docstring.
     """
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"attend expects q (B, S, H, hd) and k, v (B, T, KV, hd) of one batch and head width, got "
-                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+        raise ArgumentError(f"attend expects q (B, S, H, hd) and k, v (B, T, KV, hd) of one batch and head width, got "
+                            f"q {q.shape}, k {k.shape}, v {v.shape}")
     if q.shape[2] % k.shape[2]:
-        raise ValueError(f"the {q.shape[2]} query heads must be a multiple of the {k.shape[2]} key/value heads")
+        raise ArgumentError(f"the {q.shape[2]} query heads must be a multiple of the {k.shape[2]} key/value heads")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if isinstance(mask, LayerMask):
         if mask.use_sliding is None:
-            raise ValueError("attend: a LayerMask needs use_sliding (the layer's flag) set")
+            raise ArgumentError("attend: a LayerMask needs use_sliding (the layer's flag) set")
         return jax.lax.cond(mask.use_sliding, lambda: attend(q, k, v, mask.sliding, scale, softcap),
                             lambda: attend(q, k, v, mask.full, scale, softcap))
     if not isinstance(mask, Mask):
@@ -198,9 +199,9 @@ def blockwise(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: f
         x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
     seg = mask.segment_ids
     if seg is not None and seg.shape != (b, s):
-        raise ValueError(f"segment_ids must be (B, S) = {(b, s)}, got {seg.shape}")
+        raise ArgumentError(f"segment_ids must be (B, S) = {(b, s)}, got {seg.shape}")
     if seg is not None and t != s:
-        raise ValueError(f"packed rows (segment_ids) need as many keys as queries, got {s} queries and {t} keys")
+        raise ArgumentError(f"packed rows (segment_ids) need as many keys as queries, got {s} queries and {t} keys")
     qb = pad(q, sp).reshape(b, sp // bq, bq, kvh, h // kvh, d)
     kb, vb = pad(k, tp).reshape(b, tp // bk, bk, kvh, d), pad(v, tp).reshape(b, tp // bk, bk, kvh, d)
     spec = _Spec(window=mask.window, scale=scale, softcap=softcap, bq=bq, bk=bk)
@@ -356,9 +357,9 @@ def cudnn(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: float
     """cuDNN flash attention via ``jax.nn.dot_product_attention(..., implementation="cudnn")``; padding and
     packed segments as a boolean ``(B, 1, S, T)`` mask. Not run on a GPU in this project yet."""
     if softcap is not None:
-        raise ValueError("the cudnn attention has no logit soft-capping; use attention='blockwise' (or 'auto')")
+        raise ArgumentError("the cudnn attention has no logit soft-capping; use attention='blockwise' (or 'auto')")
     if mask.cached:
-        raise ValueError("the cudnn attention is for training (no KV cache); decode with attention='xla' or 'auto'")
+        raise ArgumentError("the cudnn attention is for training (no KV cache); decode with attention='xla' or 'auto'")
     s, t = q.shape[1], k.shape[1]
     dense = None
     if mask.key_valid is not None or mask.segment_ids is not None:
@@ -380,12 +381,12 @@ def splash(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: floa
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     if mask.cached:
-        raise ValueError("the splash attention is for training (no KV cache); decode with attention='xla' or 'auto'")
+        raise ArgumentError("the splash attention is for training (no KV cache); decode with attention='xla' or 'auto'")
     b, s, h, d = q.shape
     t, kvh = k.shape[1], k.shape[2]
     if s != t or s % 128:
-        raise ValueError(f"the splash attention needs as many queries as keys, a multiple of 128, got {s} and {t}; "
-                         "use attention='blockwise'")
+        raise ArgumentError(f"the splash attention needs as many queries as keys, a multiple of 128, got {s} and {t}; "
+                            "use attention='blockwise'")
     base = sm.CausalMask((s, t)) if mask.window is None else sm.LocalMask((s, t), (mask.window - 1, 0), 0)
     blk = math.gcd(s, block)
     sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,

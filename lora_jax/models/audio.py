@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_jax.errors import ArgumentError, DataError
+
 PREPROCESSOR_NAME = "preprocessor_config.json"
 
 
@@ -90,21 +92,22 @@ class FeatureExtractor:
 
     def __call__(self, waveforms, num_frames: int | None = None, sampling_rate: int | None = None) -> np.ndarray:
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
-            raise ValueError(f"Whisper features need audio at {self.sampling_rate} Hz, got {sampling_rate} Hz "
-                             "(resample it first)")
+            raise ArgumentError(f"Whisper features need audio at {self.sampling_rate} Hz, got {sampling_rate} Hz "
+                                "(resample it first)")
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
             waveforms = [waveforms]
         elif isinstance(waveforms, np.ndarray) and waveforms.ndim != 2:
-            raise ValueError(f"expected a waveform (N,) or a batch (B, N) of mono audio, got shape {waveforms.shape}")
+            raise ArgumentError(f"expected a waveform (N,) or a batch (B, N) of mono audio, got shape "
+                                f"{waveforms.shape}")
         frames = self.nb_max_frames if num_frames is None else int(num_frames)
         if frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+            raise ArgumentError(f"num_frames must be >= 1, got {num_frames}")
         return np.stack([self.log_mel(np.asarray(w, np.float32), frames) for w in waveforms])
 
     def log_mel(self, waveform: np.ndarray, num_frames: int) -> np.ndarray:
         """``(feature_size, num_frames)`` features of one mono waveform (padded or cut to the window)."""
         if waveform.ndim != 1:
-            raise ValueError(f"expected a mono waveform (N,), got shape {waveform.shape}")
+            raise ArgumentError(f"expected a mono waveform (N,), got shape {waveform.shape}")
         n = num_frames * self.hop_length
         x = np.full(n, self.padding_value, np.float32)
         x[: min(n, len(waveform))] = waveform[:n]
@@ -174,7 +177,7 @@ def read_wav(path) -> tuple[np.ndarray, int]:
     elif width == 1:
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     else:
-        raise ValueError(f"{path}: {8 * width}-bit WAV samples are not supported (8, 16 or 32-bit PCM)")
+        raise DataError(f"{path}: {8 * width}-bit WAV samples are not supported (8, 16 or 32-bit PCM)")
     if channels > 1:
         x = x.reshape(-1, channels).mean(axis=1)
     return x, rate

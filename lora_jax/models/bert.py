@@ -41,9 +41,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ArgumentError
 from lora_jax.models.arch import Architecture, Names, Task
-from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, check_activation, layer_norm, normal
-from lora_jax.models.layers import check_labels, check_model_type, check_multiple, id2label, labels_from_hf
+from lora_jax.models.layers import (
+    ACTIVATIONS,
+    Dense,
+    Embed,
+    check_activation,
+    check_labels,
+    check_model_type,
+    check_multiple,
+    id2label,
+    labels_from_hf,
+    layer_norm,
+    normal,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -100,11 +112,11 @@ class Config:
         """
         check_model_type(hf_config, MODEL_TYPES, "bert.Config.from_hf")
         if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
-            raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported: this is the "
-                             "bidirectional encoder only")
+            raise ArgumentError("BERT as a decoder (is_decoder / add_cross_attention) is not supported: this is the "
+                                "bidirectional encoder only")
         pos = getattr(hf_config, "position_embedding_type", "absolute")
         if pos not in (None, "absolute"):
-            raise ValueError(f"BERT position_embedding_type {pos!r} is not supported; only 'absolute'")
+            raise ArgumentError(f"BERT position_embedding_type {pos!r} is not supported; only 'absolute'")
         check_activation(hf_config.hidden_act, "BERT hidden_act")
         num_labels, labels = labels_from_hf(hf_config)
         return cls(
@@ -298,10 +310,10 @@ class BertModel(nn.Module):
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
                  position_ids: Array | None = None, deterministic: bool = True) -> ModelOutput:
         if input_ids.ndim != 2:
-            raise ValueError(f"BertModel expects input_ids of shape (batch, seq), got {input_ids.shape}")
+            raise ArgumentError(f"BertModel expects input_ids of shape (batch, seq), got {input_ids.shape}")
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+            raise ArgumentError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                                f"{self.config.max_position_embeddings}")
         mask, types, positions = _default_inputs(input_ids, attention_mask, token_type_ids, position_ids)
         x = Embeddings(self.config, self.dtype, name="embeddings")(input_ids, types, positions, deterministic)
         x = Encoder(self.config, self.dtype, name="encoder")(x, mask, deterministic)
@@ -321,7 +333,7 @@ class BertForSequenceClassification(nn.Module):
                  position_ids: Array | None = None, deterministic: bool = True) -> Array:
         c = self.config
         if not c.pooler:
-            raise ValueError("BertForSequenceClassification needs the pooler (Config.pooler=True)")
+            raise ArgumentError("BertForSequenceClassification needs the pooler (Config.pooler=True)")
         out = BertModel(c, self.dtype, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
                                                     deterministic)
         rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_jax.errors import CheckpointError
+from lora_jax.errors import ArgumentTypeError, CheckpointError
 
 logger = logging.getLogger("lora_jax.models")
 
@@ -282,7 +282,7 @@ def open_ct2_checkpoint(path: str | os.PathLike, task: str | None = None, **conf
     fields = {f.name for f in dataclasses.fields(whisper.Config)}
     unknown = sorted(set(config_overrides) - fields)
     if unknown:
-        raise TypeError(f"{path}: whisper.Config has no field(s) {unknown}; fields: {sorted(fields)}")
+        raise ArgumentTypeError(f"{path}: whisper.Config has no field(s) {unknown}; fields: {sorted(fields)}")
     config = whisper_config(parsed, **config_overrides)
     plan = hf.plan_hf_weights(config, whisper_to_hf(parsed, decoder=False), parsed.source, arch.task(task))
     return config, plan, whisper.feature_extractor(None, config), parsed.source

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ArgumentError
 from lora_jax import stacking, tree
 from lora_jax.models import attention
 from lora_jax.models.arch import Names, Task
@@ -97,16 +98,16 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.model_type not in self.MODEL_TYPES:
-            raise ValueError(f"{type(self).__module__}.Config model_type must be one of {self.MODEL_TYPES}, got "
+            raise ArgumentError(f"{type(self).__module__}.Config model_type must be one of {self.MODEL_TYPES}, got "
                              f"{self.model_type!r}")
         check_multiple("num_attention_heads", self.num_attention_heads, "num_key_value_heads",
                        self.num_key_value_heads, "grouped-query attention")
         if self.head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+            raise ArgumentError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         check_activation(self.hidden_act, "hidden_act")
         self.rope  # noqa: B018  (validates the rope type)
         if self.sliding_layers is not None and len(self.sliding_layers) != self.num_hidden_layers:
-            raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_hidden_layers} "
+            raise ArgumentError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_hidden_layers} "
                              "layers")
 
     @property
@@ -150,10 +151,10 @@ class DecoderConfig:
         rope = dict(rope.get("full_attention") or {}) if "full_attention" in rope else rope
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"{model_type} rope scaling {rope_type!r} is not supported; supported: "
+            raise ArgumentError(f"{model_type} rope scaling {rope_type!r} is not supported; supported: "
                              "('default', 'linear', 'llama3')")
         if float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-            raise ValueError(f"{model_type}: partial rotary embeddings (partial_rotary_factor "
+            raise ArgumentError(f"{model_type}: partial rotary embeddings (partial_rotary_factor "
                              f"{rope.get('partial_rotary_factor')}) are not supported")
         act = getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", None)  # Gemma's name
         check_activation(act, f"{model_type} hidden_act")

@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ArgumentError
 from lora_jax.models import decoder
 from lora_jax.models.arch import GGUF, Architecture
 from lora_jax.models.decoder import DecoderConfig, DecoderModel
@@ -79,7 +80,7 @@ class Config(DecoderConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.qk_norm or self.qkv_bias != self.o_bias or self.mlp_bias:
-            raise ValueError("a Gemma 3 config has q/k norms, one attention_bias for q, k, v and o and no MLP bias; "
+            raise ArgumentError("a Gemma 3 config has q/k norms, one attention_bias for q, k, v and o and no MLP bias; "
                              "this Config differs")
 
     @property
@@ -93,10 +94,10 @@ class Config(DecoderConfig):
     @classmethod
     def fields_from_hf(cls, hf_config) -> dict:
         if getattr(hf_config, "use_bidirectional_attention", False):
-            raise ValueError("gemma3_text: use_bidirectional_attention (an encoder) is not supported")
+            raise ArgumentError("gemma3_text: use_bidirectional_attention (an encoder) is not supported")
         local = dict((getattr(hf_config, "rope_parameters", None) or {}).get("sliding_attention") or {})
         if local.get("rope_type", "default") != "default":
-            raise ValueError(f"gemma3_text: a scaled RoPE on the sliding layers ({local}) is not supported")
+            raise ArgumentError(f"gemma3_text: a scaled RoPE on the sliding layers ({local}) is not supported")
         caps = {k: (None if getattr(hf_config, k, None) is None else float(getattr(hf_config, k)))
                 for k in ("final_logit_softcapping", "attn_logit_softcapping")}
         return dict(caps, rope_local_base_freq=float(local.get("rope_theta", 10_000.0)),

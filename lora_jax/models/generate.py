@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ArgumentError
 from lora_jax.models import attention
 
 Array = jax.Array
@@ -73,7 +74,7 @@ def init_cache(config: Any, batch: int, max_len: int, dtype: Any = jnp.float32) 
     ``num_key_value_heads`` and ``head_dim``): zeros of ``(batch, max_len, num_kv_heads, head_dim)`` per layer
     (stacked into one ``(layers, ...)`` array when ``config.scanned``), no slot filled, index 0."""
     if batch < 1 or max_len < 1:
-        raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        raise ArgumentError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
     shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
     if getattr(config, "scanned", False):
         stacked = (config.num_hidden_layers, *shape)
@@ -150,16 +151,16 @@ def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KV
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids)
         if segment_ids.shape != (batch, seq_len):
-            raise ValueError(f"segment_ids must have shape (batch, seq_len) = {(batch, seq_len)}, got "
+            raise ArgumentError(f"segment_ids must have shape (batch, seq_len) = {(batch, seq_len)}, got "
                              f"{tuple(segment_ids.shape)}")
         if cache is not None:
-            raise ValueError("segment_ids (packed rows) are for calls without a KV cache; decode one sequence per "
+            raise ArgumentError("segment_ids (packed rows) are for calls without a KV cache; decode one sequence per "
                              "row (left-padded) with a cache")
         if attention_mask is None:
             attention_mask = segment_ids != 0
     new_valid = jnp.ones((batch, seq_len), bool) if attention_mask is None else jnp.asarray(attention_mask) != 0
     if new_valid.shape != (batch, seq_len):
-        raise ValueError(f"attention_mask must have shape (batch, seq_len) = {(batch, seq_len)}, got "
+        raise ArgumentError(f"attention_mask must have shape (batch, seq_len) = {(batch, seq_len)}, got "
                          f"{tuple(new_valid.shape)}")
     if cache is None:
         start = jnp.zeros((), jnp.int32)
@@ -167,11 +168,11 @@ def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KV
         key_slots = jnp.arange(seq_len)
     else:
         if cache.batch != batch:
-            raise ValueError(f"the cache holds {cache.batch} rows, the input has {batch}")
+            raise ArgumentError(f"the cache holds {cache.batch} rows, the input has {batch}")
         if seq_len > cache.max_len:
-            raise ValueError(f"{seq_len} tokens do not fit a cache of max_len {cache.max_len}")
+            raise ArgumentError(f"{seq_len} tokens do not fit a cache of max_len {cache.max_len}")
         if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + seq_len > cache.max_len:
-            raise ValueError(f"the cache is full: {int(cache.index)} of {cache.max_len} slots used, {seq_len} more "
+            raise ArgumentError(f"the cache is full: {int(cache.index)} of {cache.max_len} slots used, {seq_len} more "
                              "tokens do not fit (init_cache with a larger max_len)")
         start = cache.index
         key_valid = jax.lax.dynamic_update_slice(cache.mask, new_valid, (0, start))
@@ -328,23 +329,23 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+            raise ArgumentError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
-            raise ValueError("beam search with sampling is not supported: use num_beams=1 with do_sample=True, or "
+            raise ArgumentError("beam search with sampling is not supported: use num_beams=1 with do_sample=True, or "
                              "do_sample=False with num_beams > 1")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+            raise ArgumentError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.no_repeat_ngram_size < 0:
-            raise ValueError(f"top_k and no_repeat_ngram_size must be >= 0, got {self.top_k}, "
+            raise ArgumentError(f"top_k and no_repeat_ngram_size must be >= 0, got {self.top_k}, "
                              f"{self.no_repeat_ngram_size}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+            raise ArgumentError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
 
 
 def process_logits(logits: Array, sequences: Array, length: Array, g: GenerationConfig) -> Array:
@@ -577,24 +578,24 @@ def generate(model, params: PyTree, input_ids, attention_mask=None, *, key: Arra
 
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, prompt_length) with a non-empty prompt, got shape "
+        raise ArgumentError(f"input_ids must be (batch, prompt_length) with a non-empty prompt, got shape "
                          f"{tuple(input_ids.shape)}")
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
+        raise ArgumentError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
     mask_np = np.asarray(mask)
     if (np.diff(mask_np, axis=1) < 0).any():
-        raise ValueError("attention_mask must be left-padded (zeros only before the first real token of a row); "
+        raise ArgumentError("attention_mask must be left-padded (zeros only before the first real token of a row); "
                          "pad prompts on the left for generation (tokenizer.padding_side = 'left')")
     if not mask_np[:, -1].all():
-        raise ValueError("every prompt needs at least one real token at the end (left padding only)")
+        raise ArgumentError("every prompt needs at least one real token at the end (left padding only)")
     limit = getattr(model_config, "position_limit", None)
     if limit is not None and input_ids.shape[1] + g.max_new_tokens > limit:
-        raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {g.max_new_tokens} exceeds the "
+        raise ArgumentError(f"prompt length {input_ids.shape[1]} + max_new_tokens {g.max_new_tokens} exceeds the "
                          f"model's {limit} learned positions")
     vocab = model_config.vocab_size
     if int(jnp.max(input_ids)) >= vocab or int(jnp.min(input_ids)) < 0:
-        raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{int(jnp.min(input_ids))}, "
+        raise ArgumentError(f"input_ids must lie in [0, {vocab}), got values in [{int(jnp.min(input_ids))}, "
                          f"{int(jnp.max(input_ids))}]")
     key = jax.random.key(0) if key is None else key
     return _compiled(model, g)(params, input_ids, mask, key)

@@ -109,7 +109,7 @@ def _parse(path: Path) -> GGUFFile:
         nonlocal pos
         n = read("Q")
         if pos + n > len(buf):
-            raise ValueError(f"a string of {n} bytes at offset {pos} runs past the end of the file")
+            raise CheckpointError(f"a string of {n} bytes at offset {pos} runs past the end of the file")
         pos += n
         return buf[pos - n:pos].decode("utf-8")
 
@@ -120,7 +120,7 @@ def _parse(path: Path) -> GGUFFile:
         if kind == 8:
             return string()
         if kind != 9:
-            raise ValueError(f"unknown metadata value type {kind} at offset {pos}")
+            raise CheckpointError(f"unknown metadata value type {kind} at offset {pos}")
         item, n = read("IQ")
         if item in _SCALARS and item != 7:
             dtype = np.dtype("<" + _SCALARS[item])
@@ -130,7 +130,7 @@ def _parse(path: Path) -> GGUFFile:
 
     version, n_tensors, n_kv = read("IQQ")
     if version not in (2, 3):
-        raise ValueError(f"GGUF version {version} (expected 2 or 3, little-endian)")
+        raise CheckpointError(f"GGUF version {version} (expected 2 or 3, little-endian)")
     meta, types = {}, {}
     for _ in range(n_kv):
         key = string()
@@ -157,7 +157,7 @@ def _parse(path: Path) -> GGUFFile:
             dtype, rows = np.dtype(np.uint8), rows[:-1] + (rows[-1] // block * size,)
             count = int(np.prod(rows))
         if start + offset + count * dtype.itemsize > len(buf):
-            raise ValueError(f"tensor {name!r} runs past the end of the file ({len(buf)} bytes)")
+            raise CheckpointError(f"tensor {name!r} runs past the end of the file ({len(buf)} bytes)")
         tensors.append(GGUFTensor(name, kind, shape, np.frombuffer(buf, dtype, count, start + offset).reshape(rows)))
     return GGUFFile(path, meta, tensors, types)
 
@@ -378,11 +378,11 @@ def _byte_level_model(meta: Mapping[str, Any], tokens: list[str], source: str):
 
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in GPT2_PRE + DIGIT_PRE:
-        raise ValueError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported (supported: {GPT2_PRE + DIGIT_PRE}); "
-                         "pass tokenizer=False to load_gguf to load the weights alone")
+        raise CheckpointError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported (supported: "
+                              f"{GPT2_PRE + DIGIT_PRE}); pass tokenizer=False to load_gguf to load the weights alone")
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     if any(len(m) != 2 for m in merges):
-        raise ValueError(f"{source}: tokenizer.ggml.merges holds entries without a space separator")
+        raise CheckpointError(f"{source}: tokenizer.ggml.merges holds entries without a space separator")
     model = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
                        byte_fallback=False)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)),
@@ -411,8 +411,8 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], source: str = "<gguf>"):
     if kind is None:
         return None
     if kind not in ("gpt2", "llama"):
-        raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2', "
-                         "SentencePiece BPE 'llama'); pass tokenizer=False to load_gguf to load the weights alone")
+        raise CheckpointError(f"{source}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2', "
+                              "SentencePiece BPE 'llama'); pass tokenizer=False to load_gguf to load the weights alone")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
 
@@ -481,7 +481,7 @@ def open_gguf_checkpoint(path: str | os.PathLike, task: str | None = None, token
     task = own if task is None else family.task(task)
     backbone = family.tasks[own].backbone
     if task != own and not (family.tasks[task].backbone is None and backbone is not None):
-        raise ValueError(f"{path}: a GGUF file holds a {own} model; task {task!r} cannot be read from it")
+        raise CheckpointError(f"{path}: a GGUF file holds a {own} model; task {task!r} cannot be read from it")
     config = config_from_metadata(meta, names, str(path))
     if scan_layers is not None and hasattr(config, "scan_layers"):
         config = dataclasses.replace(config, scan_layers=bool(scan_layers))

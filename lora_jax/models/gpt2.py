@@ -34,11 +34,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import ArgumentError
 from lora_jax.models.arch import SAME, Architecture, Names, Rule, Task
 from lora_jax.models.decoder import CausalLM
 from lora_jax.models.generate import KVCache, begin_step, input_positions, run_layers, write_cache
-from lora_jax.models.layers import ACTIVATIONS, Dense, Embed, attend, layer_norm, normal, remat
-from lora_jax.models.layers import check_activation, check_model_type, check_multiple
+from lora_jax.models.layers import (
+    ACTIVATIONS,
+    Dense,
+    Embed,
+    attend,
+    check_activation,
+    check_model_type,
+    check_multiple,
+    layer_norm,
+    normal,
+    remat,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -95,7 +106,7 @@ class Config:
         an encoder-decoder) and for an unknown activation."""
         check_model_type(hf_config, MODEL_TYPES, "gpt2.Config.from_hf")
         if getattr(hf_config, "add_cross_attention", False):
-            raise ValueError("GPT-2 with add_cross_attention is not supported: this is the decoder-only model")
+            raise ArgumentError("GPT-2 with add_cross_attention is not supported: this is the decoder-only model")
         check_activation(hf_config.activation_function, "GPT-2 activation_function")
         eos = hf_config.eos_token_id
         return cls(

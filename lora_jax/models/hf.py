@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from lora_jax import tree
-from lora_jax.errors import CheckpointError
+from lora_jax.errors import ArgumentError, CheckpointError, MissingFileError
 from lora_jax.untrusted import check_array
 
 logger = logging.getLogger("lora_jax.models")
@@ -184,7 +184,7 @@ def read_block(fd: int, offset: int, shape: tuple[int, ...], dtype: np.dtype, in
         while done < run:
             got = os.preadv(fd, [buf[pos + done: pos + run]], at + done)
             if got <= 0:
-                raise OSError(f"unexpected end of file at byte {at + done}")
+                raise CheckpointError(f"unexpected end of file at byte {at + done}")
             done += got
         pos += run
     return out
@@ -205,7 +205,7 @@ class TensorView:
         index = index if isinstance(index, tuple) else (index,)
         index = tuple(slice(*s.indices(n)) for s, n in zip(index, self.shape))
         if any(s.step != 1 for s in index) or len(index) != len(self.shape):
-            raise ValueError(f"{self.name}: blocks are read with one slice of step 1 per axis, got {index}")
+            raise ArgumentError(f"{self.name}: blocks are read with one slice of step 1 per axis, got {index}")
         file = Path(self.weights._where[self.name])
         if _reads is not None:
             _reads.append((self.name, index))
@@ -213,7 +213,7 @@ class TensorView:
             start, header = self.weights._offsets(file)
             begin, end = header[self.name]["data_offsets"]
             if end - begin != int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize:
-                raise ValueError(f"header says {end - begin} bytes for shape {self.shape} of {self.dtype}")
+                raise CheckpointError(f"header says {end - begin} bytes for shape {self.shape} of {self.dtype}")
             fd = os.open(file, os.O_RDONLY)
             try:
                 return read_block(fd, start + begin, self.shape, self.dtype, index)
@@ -318,7 +318,7 @@ def fetch(repo_id: str, revision: str | None = None) -> Path:
         return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        raise OSError(
+        raise MissingFileError(
             f"could not fetch {repo_id!r} from the Hugging Face hub"
             f"{' (HF_HUB_OFFLINE is set and it is not in the local cache)' if offline else ''}: "
             f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].rstrip('.')}. "
@@ -335,7 +335,7 @@ def parse_size(size: int | str) -> int:
         return int(size)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size must be bytes or a string like '5GB', got {size!r}")
+        raise ArgumentError(f"max_shard_size must be bytes or a string like '5GB', got {size!r}")
     base = 1024 if m.group(3) else 1000
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
@@ -375,7 +375,7 @@ def _write_file(file: Path, names: list[str], specs: Mapping[str, tuple], get) -
         for name in names:
             x = np.asarray(get(name), order="C")
             if tuple(x.shape) != tuple(specs[name][0]) or x.dtype != np.dtype(specs[name][1]):
-                raise ValueError(f"{name}: got {x.dtype}{tuple(x.shape)}, announced {specs[name]}")
+                raise ArgumentError(f"{name}: got {x.dtype}{tuple(x.shape)}, announced {specs[name]}")
             f.write(memoryview(x.reshape(-1).view(np.uint8)))
     os.replace(tmp, file)
 
@@ -635,7 +635,7 @@ def _hf_leaves(params: Mapping, config: Any) -> list[tuple[Any, Any]]:
     flat = tree.flatten(params)
     wrapped = [p for p, v in flat.items() if is_lora_weight(v) or is_adapter(v)]
     if wrapped:
-        raise ValueError(f"to_hf_weights: params hold LoRA-wrapped kernels {[tree.join(p) for p in wrapped][:3]}; "
+        raise ArgumentError(f"to_hf_weights: params hold LoRA-wrapped kernels {[tree.join(p) for p in wrapped][:3]}; "
                          "save lora.merge(params, adapters) instead")
     task = arch.task_of(set(params))
     expected = arch.shapes(config, task) if task is not None else {}
@@ -644,14 +644,14 @@ def _hf_leaves(params: Mapping, config: Any) -> list[tuple[Any, Any]]:
                      if not any(r.fullmatch(tree.join(p)) for r in optional))
     extra = sorted(tree.join(p) for p in set(flat) - set(expected))
     if missing or extra:
-        raise ValueError(f"to_hf_weights: params do not match a {arch.name} {task} model of this config: missing "
+        raise ArgumentError(f"to_hf_weights: params do not match a {arch.name} {task} model of this config: missing "
                          f"{missing[:5]}, unexpected {extra[:5]}")
     out = []
     for path, spec in expected.items():
         if path not in flat:
             continue
         if tuple(np.shape(flat[path])) != tuple(spec.shape):
-            raise ValueError(f"to_hf_weights: {tree.join(path)} has shape {tuple(np.shape(flat[path]))}, the config "
+            raise ArgumentError(f"to_hf_weights: {tree.join(path)} has shape {tuple(np.shape(flat[path]))}, the config "
                              f"needs {tuple(spec.shape)}")
         out.append((flat[path], arch.names.tensor(path, config)))
     return out

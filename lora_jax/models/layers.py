@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ArgumentError
 from lora_jax import ops
 from lora_jax.models import attention
 from lora_jax.sharding import constrain
@@ -60,7 +61,7 @@ ACTIVATIONS = {
 def check_activation(name: str, what: str) -> None:
     """Raise ``ValueError`` naming the supported activations when ``name`` is not one."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"{what} {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        raise ArgumentError(f"{what} {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
 
 
 def check_multiple(what: str, value: int, of: str, divisor: int, why: str | None = None) -> None:
@@ -68,7 +69,7 @@ def check_multiple(what: str, value: int, of: str, divisor: int, why: str | None
     ``divisor`` (the field ``of``, e.g. ``"num_attention_heads"``): ``"<what> <value> must be a multiple of <of>
     <divisor>"``, then `` (<why>)`` when given."""
     if value % divisor:
-        raise ValueError(f"{what} {value} must be a multiple of {of} {divisor}" + (f" ({why})" if why else ""))
+        raise ArgumentError(f"{what} {value} must be a multiple of {of} {divisor}" + (f" ({why})" if why else ""))
 
 
 def check_model_type(hf_config: Any, model_types: tuple[str, ...], who: str) -> str:
@@ -76,7 +77,7 @@ def check_model_type(hf_config: Any, model_types: tuple[str, ...], who: str) -> 
     e.g. ``"bert.Config.from_hf"``), the model types it reads and the one that came."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in model_types:
-        raise ValueError(f"{who} expects a config with model_type in {model_types}, got {model_type!r}")
+        raise ArgumentError(f"{who} expects a config with model_type in {model_types}, got {model_type!r}")
     return model_type
 
 
@@ -84,7 +85,7 @@ def check_labels(what: str, labels: tuple[str, ...] | None, num_labels: int) -> 
     """Raise ``ValueError`` when a classification head's class names ``labels`` (``None``: the defaults) are not
     ``num_labels`` of them; ``what`` names the family (``"BERT"``)."""
     if labels is not None and len(labels) != num_labels:
-        raise ValueError(f"{what} labels {labels} must have num_labels={num_labels} entries")
+        raise ArgumentError(f"{what} labels {labels} must have num_labels={num_labels} entries")
 
 
 def labels_from_hf(hf_config: Any) -> tuple[int, tuple[str, ...] | None]:
@@ -202,7 +203,7 @@ class Rope:
 
     def __post_init__(self):
         if self.type not in ROPE_TYPES:
-            raise ValueError(f"rope_type {self.type!r} is not supported; expected one of {ROPE_TYPES}")
+            raise ArgumentError(f"rope_type {self.type!r} is not supported; expected one of {ROPE_TYPES}")
 
     def inv_freq(self, dim: int) -> np.ndarray:
         """Inverse frequencies ``(dim // 2,)`` float32 after the scaling:
@@ -360,7 +361,7 @@ def remat(block: Any, policy: str) -> Any:
     """The module class ``block`` itself for ``policy="none"``, else ``nn.remat(block)`` with that policy of
     :data:`REMAT_POLICIES` (parameter paths are unchanged)."""
     if policy not in REMAT_POLICIES:
-        raise ValueError(f"remat policy must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+        raise ArgumentError(f"remat policy must be one of {sorted(REMAT_POLICIES)}, got {policy!r}")
     return block if policy == "none" else nn.remat(block, policy=REMAT_POLICIES[policy])
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from lora_jax.errors import ArgumentError
 from lora_jax.models import decoder
 from lora_jax.models.arch import GGUF, Architecture
 from lora_jax.models.decoder import DecoderConfig, permute_rope_rows, rope_rows, unpermute_rope_rows
@@ -34,7 +35,7 @@ class Config(DecoderConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.qk_norm:
-            raise ValueError(f"{self.model_type} has no q/k norms (qk_norm=True is Qwen3: lora_jax.models.qwen3)")
+            raise ArgumentError(f"{self.model_type} has no q/k norms (qk_norm=True is Qwen3: lora_jax.models.qwen3)")
 
     @classmethod
     def fields_from_hf(cls, hf_config) -> dict:
@@ -46,7 +47,7 @@ class Config(DecoderConfig):
         fields = super().hf_fields()
         if self.model_type == "llama":
             if self.qkv_bias != self.o_bias:
-                raise ValueError("a Llama config has one attention_bias for q, k, v and o; this Config differs")
+                raise ArgumentError("a Llama config has one attention_bias for q, k, v and o; this Config differs")
             fields.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         elif self.model_type == "mistral":
             fields.update(sliding_window=self.sliding_window)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from lora_jax.errors import ArgumentError
 from lora_jax.models import decoder, moe
 from lora_jax.models.arch import TRANSPOSE, Architecture, Names, Rule, stacked
 from lora_jax.models.decoder import DecoderConfig
@@ -65,9 +66,9 @@ class Config(DecoderConfig):
 
     def hf_fields(self) -> dict:
         if self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm:
-            raise ValueError("a Mixtral config has no attention / MLP biases and no q/k norms; this Config differs")
+            raise ArgumentError("a Mixtral config has no attention / MLP biases and no q/k norms; this Config differs")
         if self.sliding_layers is not None and not all(self.sliding_layers):
-            raise ValueError("Mixtral applies its sliding window to every layer; this Config marks only some")
+            raise ArgumentError("Mixtral applies its sliding window to every layer; this Config marks only some")
         return {**super().hf_fields(), "sliding_window": self.sliding_window, "num_local_experts": self.num_experts,
                 "num_experts_per_tok": self.num_experts_per_tok, "router_aux_loss_coef": self.router_aux_loss_coef,
                 "output_router_logits": self.output_router_logits, "router_jitter_noise": self.router_jitter_noise}

@@ -46,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax import ops, tree
 from lora_jax.core import LoraWeight
+from lora_jax.errors import ArgumentError, UnsupportedError
 from lora_jax.models.arch import Layout, permuted
 from lora_jax.models.decoder import DecoderLayer, DecoderModel
 from lora_jax.models.layers import ACTIVATIONS, Dense
@@ -164,10 +165,10 @@ def experts_glu(
       ``(T, D)`` in ``x``'s dtype.
     """
     if dispatch not in DISPATCHES:
-        raise ValueError(f"experts_glu: dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+        raise ArgumentError(f"experts_glu: dispatch must be one of {DISPATCHES}, got {dispatch!r}")
     if (gate_up is None) == (gate is None or up is None) or \
             (gate_up is not None and (gate is not None or up is not None)):
-        raise ValueError("experts_glu: pass either gate_up (E, D, 2F) or both gate and up (E, D, F)")
+        raise ArgumentError("experts_glu: pass either gate_up (E, D, 2F) or both gate and up (E, D, F)")
     n_tok, k = routing.experts.shape
     n_exp = down.shape[0]
     if dispatch == "dense":
@@ -211,7 +212,8 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: 
     if capacity_factor is None:
         return tokens
     if not capacity_factor > 0:
-        raise ValueError(f"expert capacity: capacity_factor must be > 0 (or None: never drop), got {capacity_factor}")
+        raise ArgumentError(f"expert capacity: capacity_factor must be > 0 (or None: never drop), got "
+                            f"{capacity_factor}")
     return int(min(tokens, max(1, int(np.ceil(capacity_factor * tokens * top_k / num_experts)))))
 
 
@@ -239,7 +241,7 @@ def _per_expert(x: Array, w: Array | LoraWeight) -> Array:
         return y
     ad = w.adapter
     if ad.is_dora:
-        raise NotImplementedError("experts_glu_sharded: DoRA adapters on expert kernels are not supported")
+        raise UnsupportedError("experts_glu_sharded: DoRA adapters on expert kernels are not supported")
     h = jnp.einsum("ecd,edr->ecr", ops.adapter_dropout(x, w), ad.a.astype(x.dtype))
     return y + jnp.einsum("ecr,erf->ecf", h, ad.b.astype(x.dtype)) * jnp.asarray(ad.scale, x.dtype)
 
@@ -305,11 +307,11 @@ def experts_glu_sharded(
 
     if (gate_up is None) == (gate is None or up is None) or \
             (gate_up is not None and (gate is not None or up is not None)):
-        raise ValueError("experts_glu_sharded: pass either gate_up (E, D, 2F) or both gate and up (E, D, F)")
+        raise ArgumentError("experts_glu_sharded: pass either gate_up (E, D, 2F) or both gate and up (E, D, F)")
     kernels = {"down": down, **({"gate_up": gate_up} if gate_up is not None else {"gate": gate, "up": up})}
     why = expert_parallel_blocker(mesh, x.shape[0], kernels)
     if why is not None:
-        raise ValueError(f"experts_glu_sharded: cannot dispatch over the expert axis: {why}")
+        raise ArgumentError(f"experts_glu_sharded: cannot dispatch over the expert axis: {why}")
     axis = sharding.EXPERT_AXIS
     tok_axes = sharding.token_axes(mesh)
     n_exp = down.shape[0]
@@ -393,13 +395,13 @@ def check_config(config: Any, experts: str = "num_experts") -> None:
     :data:`DISPATCHES` and ``1 <= num_experts_per_tok <= num_experts``; ``experts`` names the expert count as the
     family's ``transformers`` config does (Mixtral: ``num_local_experts``). Raises ``ValueError``."""
     if config.moe_dispatch not in DISPATCHES:
-        raise ValueError(f"moe_dispatch must be one of {DISPATCHES}, got {config.moe_dispatch!r}")
+        raise ArgumentError(f"moe_dispatch must be one of {DISPATCHES}, got {config.moe_dispatch!r}")
     cf = getattr(config, "moe_capacity_factor", None)
     if cf is not None and not (isinstance(cf, int | float) and cf > 0):
-        raise ValueError(f"moe_capacity_factor must be a number > 0 or None (never drop a token), got {cf!r}")
+        raise ArgumentError(f"moe_capacity_factor must be a number > 0 or None (never drop a token), got {cf!r}")
     if not 1 <= config.num_experts_per_tok <= config.num_experts:
-        raise ValueError(f"num_experts_per_tok {config.num_experts_per_tok} must be in [1, {experts} "
-                         f"{config.num_experts}]")
+        raise ArgumentError(f"num_experts_per_tok {config.num_experts_per_tok} must be in [1, {experts} "
+                            f"{config.num_experts}]")
 
 
 # ------------------------------------------------------------------------------------------ Linen modules
@@ -498,8 +500,8 @@ def aux_loss(intermediates: Mapping, config: Any, attention_mask: Array | None =
     ``output_router_logits`` is set. ``attention_mask (B, S)`` leaves padding out."""
     logits = collect_router_logits(intermediates)
     if not logits:
-        raise ValueError("aux_loss: no router_logits in intermediates; apply the model with "
-                         "mutable=['intermediates']")
+        raise ArgumentError("aux_loss: no router_logits in intermediates; apply the model with "
+                            "mutable=['intermediates']")
     return config.router_aux_loss_coef * load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok,
                                                              attention_mask)
 

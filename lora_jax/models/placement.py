@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import CheckpointError
+
 Path = tuple[str, ...]
 DtypeFor = Any  # a dtype, or ``(path) -> dtype``
 
@@ -61,7 +63,7 @@ def place_leaf(source: Any, sharding: jax.sharding.Sharding, dtype: Any = None) 
             x = np.asarray(source.block(index) if whole is None else whole[index])
             want = tuple(s.stop - s.start for s in index)
             if x.shape != want:
-                raise ValueError(f"{source.what}: block {index} read with shape {x.shape}, expected {want}")
+                raise CheckpointError(f"{source.what}: block {index} read with shape {x.shape}, expected {want}")
             blocks[key] = np.ascontiguousarray(x.astype(target, copy=False))
         return blocks[key]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from lora_jax.errors import ArgumentError
 from lora_jax.models import decoder
 from lora_jax.models.arch import GGUF, Architecture
 from lora_jax.models.decoder import DecoderConfig
@@ -38,8 +39,8 @@ def attention_hf_fields(config: DecoderConfig, family: str) -> dict:
     ``attention_bias`` (one for q, k, v and o), ``use_sliding_window`` and ``sliding_window``. Raises
     ``ValueError`` for a ``config`` such a family cannot express (no q/k norms, or biases that differ)."""
     if config.qkv_bias != config.o_bias or not config.qk_norm:
-        raise ValueError(f"a {family} config has q/k norms and one attention_bias for q, k, v and o; this Config "
-                         "differs")
+        raise ArgumentError(f"a {family} config has q/k norms and one attention_bias for q, k, v and o; this Config "
+                            "differs")
     return {"attention_bias": config.qkv_bias, "use_sliding_window": config.sliding_window is not None,
             "sliding_window": config.sliding_window}
 

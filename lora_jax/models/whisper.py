@@ -60,9 +60,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import ops
+from lora_jax.errors import ArgumentError, UnsupportedError
 from lora_jax.models.arch import SAME, Architecture, Names, Rule, Task
-from lora_jax.models.layers import ACTIVATIONS, Dense, attend, check_activation, layer_norm, normal
-from lora_jax.models.layers import check_labels, check_model_type, check_multiple, id2label, labels_from_hf
+from lora_jax.models.layers import (
+    ACTIVATIONS,
+    Dense,
+    attend,
+    check_activation,
+    check_labels,
+    check_model_type,
+    check_multiple,
+    id2label,
+    labels_from_hf,
+    layer_norm,
+    normal,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -170,7 +182,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     """Whisper's position table ``(length, channels)``: ``[sin(t * f_i), cos(t * f_i)]`` with ``channels / 2``
     frequencies ``f_i`` geometrically spaced from 1 to ``1 / max_timescale``."""
     if channels % 2:
-        raise ValueError(f"sinusoids need an even number of channels, got {channels}")
+        raise ArgumentError(f"sinusoids need an even number of channels, got {channels}")
     increment = math.log(max_timescale) / (channels // 2 - 1)
     inv = np.exp(-increment * np.arange(channels // 2, dtype=np.float64))
     t = np.arange(length, dtype=np.float64)[:, None] * inv[None, :]
@@ -228,8 +240,8 @@ class Attention(nn.Module):
         heads = lambda h: h.reshape(b, t, c.encoder_attention_heads, c.head_dim)  # noqa: E731
         q, k, v = heads(dense("q_proj")(x)), heads(dense("k_proj", bias=False)(x)), heads(dense("v_proj")(x))
         if c.attention_dropout and not deterministic:
-            raise NotImplementedError("Whisper attention_dropout > 0 in training is not implemented (Whisper's "
-                                      "checkpoints use 0.0)")
+            raise UnsupportedError("Whisper attention_dropout > 0 in training is not implemented (Whisper's "
+                                   "checkpoints use 0.0)")
         out = attend(q, k, v, jnp.ones((b, t, t), bool)).reshape(b, t, c.d_model)  # scores / sqrt(head_dim)
         return dense("out_proj")(out)
 
@@ -280,13 +292,13 @@ class WhisperEncoder(nn.Module):
                  output_hidden_states: bool = False) -> EncoderOutput:
         c = self.config
         if input_features.ndim != 3 or input_features.shape[1] != c.num_mel_bins:
-            raise ValueError(f"Whisper expects log-mel features of shape (batch, {c.num_mel_bins}, frames), got "
-                             f"{input_features.shape}")
+            raise ArgumentError(f"Whisper expects log-mel features of shape (batch, {c.num_mel_bins}, frames), got "
+                                f"{input_features.shape}")
         frames = input_features.shape[2]
         if frames != c.num_frames and not (self.allow_shorter and frames % 2 == 0 and 0 < frames < c.num_frames):
             hint = "or an even number below it" if self.allow_shorter else \
                 "(allow_shorter=True accepts an even number below it)"
-            raise ValueError(f"Whisper expects {c.num_frames} mel frames {hint}, got {frames}")
+            raise ArgumentError(f"Whisper expects {c.num_frames} mel frames {hint}, got {frames}")
         act = ACTIVATIONS[c.activation_function]
         x = jnp.swapaxes(input_features, 1, 2).astype(self.dtype)  # (B, T, M)
         x = act(Conv1d(c.d_model, dtype=self.dtype, init_std=c.init_std, name="conv1")(x))
