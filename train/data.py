@@ -27,7 +27,7 @@ from lora_jax.errors import DataError
 from train import builtin, sources
 from train.config import DataConfig
 
-FILE_TYPES = sources.FILE_TYPES  # (train.loop reads it here)
+FILE_TYPES = sources.FILE_TYPES
 
 
 

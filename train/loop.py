@@ -32,12 +32,14 @@ from lora_jax import sharding
 from lora_jax.models import placement
 from lora_jax.checkpoint import Checkpointer, load_trained, save_adapters, save_trained  # noqa: F401 (load_trained: train.predict)
 from lora_jax.errors import NonFiniteError
+from lora_jax.tree import nbytes
 from lora_jax.variants import pissa_to_lora
 from train import config as config_lib
 from train import data as data_lib
 from train import memory
 from train import metrics as metrics_lib
 from train import outputs
+from train import sources as sources_lib
 from train.config import Config, ConfigError
 from train.tasks import loss_for
 
@@ -876,7 +878,7 @@ def check_data_source(cfg: Config) -> None:
     sources = [dc.source] + ([dc.eval_source] if dc.eval_source else [])
     for source in sources:
         is_local = source.startswith("builtin:") or any(
-            Path(p.strip()).suffix.lower() in data_lib.FILE_TYPES for p in source.split(","))
+            Path(p).suffix.lower() in sources_lib.FILE_TYPES for p in sources_lib.paths(source))
         if is_local:
             data_lib.load_rows(dataclasses.replace(dc, source=source), dc.train_split,
                                pairs=cfg.train.objective == "dpo")
@@ -930,7 +932,7 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     summary = lora.summary(lora.combine(frozen, {"adapters": {}, "params": trainable["params"]})[0],
                            trainable["adapters"], trainable["params"])
     n_trainable = summary.trainable
-    frozen_bytes = _nbytes(frozen)
+    frozen_bytes = nbytes(frozen)
     say(f"method {cfg.train.method}: training {n_trainable:,} of {summary.total:,} parameters "
         f"({100 * n_trainable / summary.total:.2f}%); frozen base {frozen_bytes / 2**20:,.1f} MiB as stored"
         + (f" ({cfg.quant.type})" if cfg.train.method == "qlora" else f" ({cfg.train.precision})"))
@@ -1314,8 +1316,8 @@ def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, ph
     (folder / "result.json").write_text(json.dumps({
         "steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
         "trainable_params": s.n_trainable, "total_params": s.total_params, "wall_s": result.wall_s,
-        "train_s": p.train_s, "optimizer_state_bytes": _nbytes(state.opt_state),
-        "trainable_bytes": _nbytes(state.trainable), "frozen_bytes": s.frozen_bytes, "memory_plan": s.memory_plan,
+        "train_s": p.train_s, "optimizer_state_bytes": nbytes(state.opt_state),
+        "trainable_bytes": nbytes(state.trainable), "frozen_bytes": s.frozen_bytes, "memory_plan": s.memory_plan,
         "step_memory_bytes": (step_memory or {}).get("peak"), "step_memory": step_memory,
         "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
         if last.exists() else None,
@@ -1478,10 +1480,6 @@ def export_gguf(cfg: Config, folder: Path, adapters: Any, trained: Any, pissa_in
         say(f"exported merged GGUF ({cfg.output.export_gguf}) to {folder / GGUF_MERGED}"
             + (f"; worst re-quantisation error rms {worst[1].rms:.3g} = {worst[1].relative:.2f} x the update's rms "
                f"({worst[0]})" if worst else ""))
-
-
-def _nbytes(tree: Any) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
 
 
 def _fmt(d: dict) -> str:
