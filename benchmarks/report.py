@@ -702,8 +702,11 @@ def sharded_load_block(results: dict) -> str:
              f"<= {x['goal']}x" if x["goal"] else "", x["met"]] for x in r["rows"]]
     out = [f"A Llama-shaped checkpoint of {r['checkpoint_bytes'] / 2**30:.2f} GiB (bfloat16, HF sharded safetensors, "
            f"preset `{r['preset']}`), peak resident memory of each process (`/usr/bin/time`):", "",
-           _table(["run", "peak RSS GiB", "x checkpoint", "load s", "goal", "met"], rows), "",
-           provenance(r, "python -m benchmarks.sharded_load")]
+           _table(["run", "peak RSS GiB", "x checkpoint", "load s", "goal", "met"], rows), ""]
+    plans = [f"- {x['run']}: {x['plan']}" for x in r["rows"] if x.get("plan")]
+    if plans:  # what each job's compiled step holds per device (8 CPU devices share the one host's memory)
+        out += ["Each job's own memory plan (XLA's compiled memory analysis of its step):", "", *plans, ""]
+    out.append(provenance(r, "python -m benchmarks.sharded_load"))
     return "\n".join(out)
 
 

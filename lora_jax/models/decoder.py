@@ -247,18 +247,36 @@ class DecoderLayer(nn.Module):
         """The feed-forward submodule ``mlp`` of this layer: ``(B, S, D) -> (B, S, D)``. Called from the compact
         ``__call__``, so the module it builds is bound there under the name ``mlp``."""
         c = self.config
-        return GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, c.initializer_range, self.dtype,
-                        name="mlp")
+        return GatedMLP(
+            features=c.hidden_size,
+            intermediate=c.intermediate_size,
+            activation=c.hidden_act,
+            use_bias=c.mlp_bias,
+            init_std=c.initializer_range,
+            dtype=self.dtype,
+            name="mlp",
+        )
 
     @nn.compact
     def __call__(self, x, positions, mask, kv, start):
         c = self.config
-        attn = Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.qkv_bias,
-                         c.o_bias, c.rope, c.rms_norm_eps if c.qk_norm else None, init_std=c.initializer_range,
-                         dtype=self.dtype, name="self_attn")
-        h, kv = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, mask, kv, start)
+        attn = Attention(
+            num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            features=c.hidden_size,
+            qkv_bias=c.qkv_bias,
+            o_bias=c.o_bias,
+            rope=c.rope,
+            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+            init_std=c.initializer_range,
+            dtype=self.dtype,
+            name="self_attn",
+        )
+        norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=self.dtype)
+        h, kv = attn(norm(name="input_layernorm")(x), positions, mask, kv, start)
         x = x + h
-        return x + self.feed_forward()(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)), kv
+        return x + self.feed_forward()(norm(name="post_attention_layernorm")(x)), kv
 
 
 class LayerStack(nn.Module):
@@ -334,13 +352,14 @@ class DecoderModel(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, c.initializer_range)
+        self.embed_tokens = Embed(num_embeddings=c.vocab_size, features=c.hidden_size, dtype=self.dtype,
+                                  init_std=c.initializer_range)
         if c.scanned:
             mixed = len({c.is_sliding(i) for i in range(c.num_hidden_layers)}) > 1
-            self.layers = LayerStack(self.layer, c, self.dtype, self.remat, mixed)
+            self.layers = LayerStack(layer=self.layer, config=c, dtype=self.dtype, remat=self.remat, mixed=mixed)
         else:
             self.layers = [remat(self.layer, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.norm_offset)
+        self.norm = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, offset=self.norm_offset)
 
     def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
                  cache: KVCache | None = None, segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:

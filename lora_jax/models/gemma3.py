@@ -129,17 +129,36 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, kv, start):
         c = self.config
-        norm = functools.partial(RMSNorm, c.rms_norm_eps, self.dtype, 1.0)
+        norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=self.dtype, offset=1.0)
         mixed = self.layer is None  # a scanned stack of local and global layers: the mask says which (LayerMask)
-        attn = Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.qkv_bias,
-                         c.o_bias, c.rope if mixed else c.layer_rope(self.layer),
-                         sliding_rope=c.local_rope if mixed else None, qk_norm_eps=c.rms_norm_eps, norm_offset=1.0,
-                         scale=c.query_pre_attn_scalar ** -0.5, softcap=c.attn_logit_softcapping,
-                         init_std=c.initializer_range, dtype=self.dtype, name="self_attn")
+        attn = Attention(
+            num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            features=c.hidden_size,
+            qkv_bias=c.qkv_bias,
+            o_bias=c.o_bias,
+            rope=c.rope if mixed else c.layer_rope(self.layer),
+            sliding_rope=c.local_rope if mixed else None,
+            qk_norm_eps=c.rms_norm_eps,
+            norm_offset=1.0,
+            scale=c.query_pre_attn_scalar ** -0.5,
+            softcap=c.attn_logit_softcapping,
+            init_std=c.initializer_range,
+            dtype=self.dtype,
+            name="self_attn",
+        )
         h, kv = attn(norm(name="input_layernorm")(x), positions, mask, kv, start)
         x = x + norm(name="post_attention_layernorm")(h)
-        mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, False, c.initializer_range, self.dtype,
-                       name="mlp")
+        mlp = GatedMLP(
+            features=c.hidden_size,
+            intermediate=c.intermediate_size,
+            activation=c.hidden_act,
+            use_bias=False,
+            init_std=c.initializer_range,
+            dtype=self.dtype,
+            name="mlp",
+        )
         return x + norm(name="post_feedforward_layernorm")(mlp(norm(name="pre_feedforward_layernorm")(x))), kv
 
 

@@ -484,9 +484,19 @@ class MoeDecoderLayer(DecoderLayer):
         c = self.config
         if not c.is_sparse(0 if self.layer is None else self.layer):  # a scanned stack: every layer alike
             return super().feed_forward()
-        return SparseMoeBlock(c.num_experts, c.num_experts_per_tok, c.hidden_size, c.moe_intermediate_size,
-                              c.norm_topk_prob, c.hidden_act, c.initializer_range, self.dtype, c.moe_dispatch,
-                              getattr(c, "moe_capacity_factor", None), name="mlp")
+        return SparseMoeBlock(
+            num_experts=c.num_experts,
+            top_k=c.num_experts_per_tok,
+            features=c.hidden_size,
+            intermediate=c.moe_intermediate_size,
+            norm_topk_prob=c.norm_topk_prob,
+            activation=c.hidden_act,
+            init_std=c.initializer_range,
+            dtype=self.dtype,
+            dispatch=c.moe_dispatch,
+            capacity_factor=getattr(c, "moe_capacity_factor", None),
+            name="mlp",
+        )
 
 
 MoeDecoderModel = functools.partial(DecoderModel, layer=MoeDecoderLayer)
