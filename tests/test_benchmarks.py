@@ -183,6 +183,7 @@ def test_time_to_accuracy_quick(tmp_path):
     # the same first batch, the same initial head: the same first loss up to dropout masks and float32
     assert result["losses"]["ours"][0] == pytest.approx(result["losses"]["peft"][0], abs=0.05)
     assert set(result["widths_used"]) <= set(result["widths"]) and len(result["widths"]) <= 2
+    assert result["compilations"] == len(set(result["widths_used"]))  # one per batch width, none in the rounds
     assert result["rows"][1]["pad_fraction"] <= result["rows"][0]["pad_fraction"]  # per-batch padding is tighter
     assert result["eval_examples"] == 64 and result["train_examples"] == 512
     assert all(isinstance(g["met"], bool) for g in result["goals"].values()) and len(result["goals"]) == 2

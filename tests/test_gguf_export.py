@@ -450,25 +450,25 @@ def test_train_run_exports_gguf_and_predict_reads_it(tiny, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, _run_overrides(path, out, **{"output.export_gguf_adapter": True,
                                                            "output.export_gguf": "q8_0"}))
-    loop.run(cfg, print_fn=lambda *a, **k: None)
-    trained = load_adapters(out / "adapters")
-    back = ge.load_gguf_adapter(out / "adapter.gguf", path, params=params)
+    run = loop.run(cfg, print_fn=lambda *a, **k: None).folder  # out/run-1: each run has its own folder
+    trained = load_adapters(run / "adapters")
+    back = ge.load_gguf_adapter(run / "adapter.gguf", path, params=params)
     for (p, want), (_, got) in zip(lora.adapter_items(trained), lora.adapter_items(back)):
         np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=p)
-    report = json.loads((out / "merged_gguf_errors.json").read_text())
+    report = json.loads((run / "merged_gguf_errors.json").read_text())
     assert set(report["errors"]) == {p for p, _ in lora.adapter_items(trained)}
     assert report["types"]["blk.0.attn_q.weight"] == "Q8_0"
-    _, merged, _, _ = lgguf.load_gguf(out / "merged.gguf", tokenizer=False)
+    _, merged, _, _ = lgguf.load_gguf(run / "merged.gguf", tokenizer=False)
     flat, exact = tree.flatten(merged), tree.flatten(lora.merge(params, trained))
     for p, e in report["errors"].items():
         key = tuple(p.split("/"))
         assert np.isclose(np.abs(np.asarray(flat[key]) - np.asarray(exact[key])).max(), e["max_abs"], rtol=1e-5)
 
-    p = predict.from_base(str(path), str(out / "adapter.gguf"))  # what train.predict --adapter X.gguf runs
+    p = predict.from_base(str(path), str(run / "adapter.gguf"))  # what train.predict --adapter X.gguf runs
     _, loaded = lora.unwrap(p.weights)
     for (q, want), (_, got) in zip(lora.adapter_items(trained), lora.adapter_items(loaded)):
         np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=q)
-    records = predict.predict(predict.parse_args(["--base", str(path), "--adapter", str(out / "adapter.gguf"),
+    records = predict.predict(predict.parse_args(["--base", str(path), "--adapter", str(run / "adapter.gguf"),
                                                   "--max-new-tokens", "2", "--text", "The Eagle"]),
                               print_fn=lambda *a: None)
     assert len(records) == 1 and records[0]["prompt"] == "The Eagle"
