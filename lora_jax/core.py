@@ -877,3 +877,42 @@ def summary(params: PyTree, adapters: PyTree, trainable_params: PyTree | None = 
         total=base_n + lora_n, trainable=lora_n + full_n, total_bytes=base_b + lora_b,
         trainable_bytes=lora_b + full_b, targeted=sum(r[3] for r in rows), rows=rows,
     )
+
+
+# ---------------------------------------------------------------------------------------- scanned stacks
+# How adapters and wrapped kernels live in a scanned layer stack (lora_jax.stacking imports nothing from here).
+
+
+def _adapter_join(nodes: list[LoraAdapter]) -> LoraAdapter:
+    first = nodes[0]
+    for i, x in enumerate(nodes[1:], 1):
+        for field in ("r", "alpha", "scale", "dropout", "in_shape", "out_shape"):
+            if getattr(x, field) != getattr(first, field):
+                raise ArgumentError(f"layer {i}'s adapter has {field}={getattr(x, field)}, layer 0's "
+                                    f"{getattr(first, field)}: a scanned stack holds one adapter shape and scale for "
+                                    "all its layers (per-layer rank / alpha patterns need unrolled layers)")
+    mags = [x.magnitude for x in nodes]
+    return dataclasses.replace(first, a=_stacking.stack_arrays([x.a for x in nodes]),
+                               b=_stacking.stack_arrays([x.b for x in nodes]), in_shape=(len(nodes), *first.in_shape),
+                               magnitude=None if mags[0] is None else _stacking.stack_arrays(mags))
+
+
+_stacking.register_node(LoraAdapter, _stacking.NodeRule(
+    size=lambda ad: ad.a.shape[0],
+    view=lambda ad, n: dataclasses.replace(ad, in_shape=ad.in_shape[1:]),
+    slice=lambda ad, i: dataclasses.replace(ad, a=ad.a[i], b=ad.b[i], in_shape=ad.in_shape[1:],
+                                            magnitude=None if ad.magnitude is None else ad.magnitude[i]),
+    join=_adapter_join,
+))
+_stacking.register_node(LoraWeight, _stacking.NodeRule(
+    size=lambda w: w.adapter.a.shape[0],
+    view=lambda w, n: dataclasses.replace(w, base=_stacking.layer_view(w.base, n),
+                                          adapter=_stacking.layer_view(w.adapter, n),
+                                          key=_stacking.key_per_layer(w.key, n)),
+    slice=lambda w, i: dataclasses.replace(
+        w, base=_stacking.layer_slice(w.base, i), adapter=_stacking.layer_slice(w.adapter, i),
+        key=None if w.key is None else _stacking.key_per_layer(w.key, w.adapter.a.shape[0])[i]),
+    join=lambda ws: dataclasses.replace(
+        ws[0], base=_stacking.join([w.base for w in ws]), adapter=_stacking.join([w.adapter for w in ws]),
+        key=None if ws[0].key is None else _stacking.stack_arrays([w.key for w in ws])),
+))

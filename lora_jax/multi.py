@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import core, ops
+from lora_jax import core, ops, stacking
 from lora_jax import targets as _targets
 from lora_jax.core import LoraAdapter
 from lora_jax.errors import ArgumentError, NotFoundError, UnsupportedError
@@ -523,6 +523,9 @@ def wrap_mixed(params: PyTree, stacked: PyTree, ids: Array) -> PyTree:
         raise ArgumentError(f"wrap_mixed: stacked adapters for {missing[:5]} have no kernel in params")
     return out
 
+
+
+stacking.register_node(MultiLoraWeight, stacking.refusing("a mixed-adapter batch (lora.wrap_mixed)"))
 
 __all__ = ["COMBINATIONS", "AdapterSet", "MultiLoraWeight", "StackedAdapter", "is_stacked", "load_slot", "row_ids",
            "stack_adapters", "weighted_adapter", "wrap_mixed"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,9 +41,10 @@ _UNROLLED = re.compile(rf"{STACK}_(\d+)")
 
 def layer_axes(path: str | tuple[str, ...]) -> int:
     """How many leading axes of the leaf at ``path`` ('/'-joined or a tuple) index layers of a scanned stack: 1
-    when a module on the path is named :data:`STACK` (and not the leaf itself), else 0."""
+    when a module on the path is named :data:`STACK` (and not the leaf itself) and is not a list indexed by the
+    next part (PyTorch-style names, ``model/layers/0/...``), else 0."""
     parts = path.split("/") if isinstance(path, str) else tuple(path)
-    return 1 if STACK in parts[:-1] else 0
+    return int(any(p == STACK and not parts[i + 1].isdigit() for i, p in enumerate(parts[:-1])))
 
 
 def is_stacked(tree: PyTree) -> bool:
@@ -66,25 +68,55 @@ def num_layers(tree: PyTree) -> int:
 # ----------------------------------------------------------------------------------------------- nodes
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeRule:
+    """How a pytree node type (an adapter, a wrapped kernel) lives in a scanned stack: ``size(node)`` its layer
+    count, ``view(node, n)`` its :func:`layer_view`, ``slice(node, i)`` layer ``i``, ``join(nodes)`` the stack of
+    per-layer nodes. The module that defines the type registers it (:func:`register_node`), so this module
+    imports none of them."""
+
+    size: Callable[[Any], int]
+    view: Callable[[Any, int], Any]
+    slice: Callable[[Any, int], Any]
+    join: Callable[[list], Any]
+
+
+_RULES: dict[type, NodeRule] = {}
+
+
+def register_node(cls: type, rule: NodeRule) -> type:
+    """Teach stacking a node type (see :class:`NodeRule`)."""
+    _RULES[cls] = rule
+    return cls
+
+
+def refusing(what: str) -> NodeRule:
+    """The rule of a node type that cannot live in a scanned stack yet: every operation raises naming ``what``."""
+    def refuse(*_):
+        raise unsupported(what)
+
+    return NodeRule(size=refuse, view=refuse, slice=refuse, join=refuse)
+
+
 def is_node(x: Any) -> bool:
+    """Whether ``x`` is a registered node (a leaf of the tree functions here, not a subtree)."""
     from lora_jax import targets
-    from lora_jax.core import is_adapter, is_lora_weight
 
-    return is_adapter(x) or is_lora_weight(x) or targets.is_weight_node(x) or _is_multi(x)
+    return type(x) in _RULES or targets.is_weight_node(x)
 
 
-def _is_multi(x: Any) -> bool:
-    return type(x).__name__ == "MultiLoraWeight" and type(x).__module__ == "lora_jax.multi"
+def _rule(x: Any) -> NodeRule | None:
+    from lora_jax import targets
+
+    rule = _RULES.get(type(x))
+    if rule is None and targets.is_weight_node(x):
+        return refusing(f"a {type(x).__name__} (a quantised base: QLoRA)")
+    return rule
 
 
 def _stack_size(x: Any) -> int:
-    from lora_jax.core import is_adapter, is_lora_weight
-
-    if is_lora_weight(x):
-        return _stack_size(x.adapter)
-    if is_adapter(x):
-        return x.a.shape[0]
-    return x.shape[0]
+    rule = _rule(x)
+    return rule.size(x) if rule is not None else x.shape[0]
 
 
 def unsupported(what: str) -> UnsupportedError:
@@ -93,7 +125,7 @@ def unsupported(what: str) -> UnsupportedError:
         "(the config's scan_layers=False; in the training job model.scan_layers: false)")
 
 
-def _key_per_layer(key: Any, n: int) -> Any:
+def key_per_layer(key: Any, n: int) -> Any:
     """A dropout key for each layer: the stacked node's key split ``n`` ways (each layer draws its own mask)."""
     if key is None:
         return None
@@ -107,69 +139,32 @@ def layer_view(node: Any, n: int) -> Any:
     """``node`` (stacked over ``n`` layers) with the static metadata of one layer and its arrays still stacked,
     so that slicing every array along axis 0 (what ``jax.lax.scan`` does to its inputs) gives a valid node of
     that layer. Plain arrays are returned as they are."""
-    from lora_jax import targets
-    from lora_jax.core import is_adapter, is_lora_weight
-
-    if is_lora_weight(node):
-        return dataclasses.replace(node, base=layer_view(node.base, n), adapter=layer_view(node.adapter, n),
-                                   key=_key_per_layer(node.key, n))
-    if is_adapter(node):
-        return dataclasses.replace(node, in_shape=node.in_shape[1:])
-    if _is_multi(node):
-        raise unsupported("a mixed-adapter batch (lora.wrap_mixed)")
-    if targets.is_weight_node(node):
-        raise unsupported(f"a {type(node).__name__} (a quantised base: QLoRA)")
-    return node
+    rule = _rule(node)
+    return rule.view(node, n) if rule is not None else node
 
 
-def _slice(node: Any, i: int) -> Any:
+def layer_slice(node: Any, i: int) -> Any:
     """Layer ``i`` of a stacked node or array."""
-    from lora_jax import targets
-    from lora_jax.core import is_adapter, is_lora_weight
-
-    if is_lora_weight(node):
-        return dataclasses.replace(node, base=_slice(node.base, i), adapter=_slice(node.adapter, i),
-                                   key=None if node.key is None else _key_per_layer(node.key, _stack_size(node))[i])
-    if is_adapter(node):
-        return dataclasses.replace(node, a=node.a[i], b=node.b[i], in_shape=node.in_shape[1:],
-                                   magnitude=None if node.magnitude is None else node.magnitude[i])
-    if targets.is_weight_node(node):
-        raise unsupported(f"a {type(node).__name__} (a quantised base: QLoRA)")
+    rule = _rule(node)
+    if rule is not None:
+        return rule.slice(node, i)
     if isinstance(node, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(node.shape[1:], node.dtype, sharding=None)
     return node[i]
 
 
-def _join(nodes: list) -> Any:
-    """The stacked node of per-layer ``nodes``."""
-    from lora_jax import targets
-    from lora_jax.core import is_adapter, is_lora_weight
-
+def join(nodes: list) -> Any:
+    """The stacked node (or array) of per-layer ``nodes``."""
     first = nodes[0]
-    if is_lora_weight(first):
-        keys = [x.key for x in nodes]
-        return dataclasses.replace(first, base=_join([x.base for x in nodes]),
-                                   adapter=_join([x.adapter for x in nodes]),
-                                   key=None if keys[0] is None else _stack_arrays(keys))
-    if is_adapter(first):
-        for i, x in enumerate(nodes[1:], 1):
-            for field in ("r", "alpha", "scale", "dropout", "in_shape", "out_shape"):
-                if getattr(x, field) != getattr(first, field):
-                    raise ArgumentError(f"layer {i}'s adapter has {field}={getattr(x, field)}, layer 0's "
-                                     f"{getattr(first, field)}: a scanned stack holds one adapter shape and scale for "
-                                     "all its layers (per-layer rank / alpha patterns need unrolled layers)")
-        mags = [x.magnitude for x in nodes]
-        return dataclasses.replace(first, a=_stack_arrays([x.a for x in nodes]), b=_stack_arrays([x.b for x in nodes]),
-                                   in_shape=(len(nodes), *first.in_shape),
-                                   magnitude=None if mags[0] is None else _stack_arrays(mags))
-    if targets.is_weight_node(first):
-        raise unsupported(f"a {type(first).__name__} (a quantised base: QLoRA)")
+    rule = _rule(first)
+    if rule is not None:
+        return rule.join(nodes)
     if isinstance(first, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct((len(nodes), *first.shape), first.dtype)
-    return _stack_arrays(nodes)
+    return stack_arrays(nodes)
 
 
-def _stack_arrays(xs: list) -> Any:
+def stack_arrays(xs: list) -> Any:
     if isinstance(xs[0], jax.Array):
         import jax.numpy as jnp
 
@@ -195,7 +190,7 @@ def unstack(tree: PyTree) -> PyTree:
         if k == STACK and hasattr(v, "items"):
             n = num_layers({k: v})
             for i in range(n):
-                out[f"{STACK}_{i}"] = _map_nodes(unstack_plain(v), lambda x, i=i: _slice(x, i))
+                out[f"{STACK}_{i}"] = _map_nodes(unstack_plain(v), lambda x, i=i: layer_slice(x, i))
         else:
             out[k] = unstack(v) if hasattr(v, "items") else v
     return out
@@ -215,9 +210,9 @@ def stack(tree: PyTree, like: PyTree | None = None) -> PyTree:
         return tree
     keys = list(tree)
     numbered = sorted((int(m.group(1)), k) for k in keys if (m := _UNROLLED.fullmatch(k)))
-    join = bool(numbered) if like is None else (hasattr(like, "items") and STACK in like)
+    joining = bool(numbered) if like is None else (hasattr(like, "items") and STACK in like)
     out = {}
-    if join and numbered:
+    if joining and numbered:
         n = num_layers({STACK: like[STACK]}) if like is not None else len(numbered)
         have = [i for i, _ in numbered]
         if have != list(range(n)):
@@ -228,9 +223,9 @@ def stack(tree: PyTree, like: PyTree | None = None) -> PyTree:
         for i, t in enumerate(per_layer[1:], 1):
             if jax.tree_util.tree_structure(t, is_leaf=is_node) != structure:
                 raise ArgumentError(f"stack: layer {i} holds other leaves than layer 0; only identical layers stack")
-        out[STACK] = jax.tree_util.tree_map(lambda *xs: _join(list(xs)), *per_layer, is_leaf=is_node)
+        out[STACK] = jax.tree_util.tree_map(lambda *xs: join(list(xs)), *per_layer, is_leaf=is_node)
     for k in keys:
-        if join and _UNROLLED.fullmatch(k):
+        if joining and _UNROLLED.fullmatch(k):
             continue
         v = tree[k]
         sub_like = like.get(k) if hasattr(like, "get") else None
@@ -268,5 +263,25 @@ def per_layer_path(path: tuple[str, ...], layer: int) -> tuple[str, ...]:
     return tuple(f"{STACK}_{layer}" if (p == STACK and i < len(path) - 1) else p for i, p in enumerate(path))
 
 
-__all__ = ["STACK", "conform", "is_node", "is_stacked", "layer_axes", "layer_view", "num_layers", "per_layer_path", "unsupported", "stack", "unrolled", "unstack",
-           "unstack_plain"]
+__all__ = [
+    "STACK",
+    "NodeRule",
+    "conform",
+    "is_node",
+    "is_stacked",
+    "join",
+    "key_per_layer",
+    "layer_axes",
+    "layer_slice",
+    "layer_view",
+    "num_layers",
+    "per_layer_path",
+    "refusing",
+    "register_node",
+    "stack",
+    "stack_arrays",
+    "unrolled",
+    "unstack",
+    "unstack_plain",
+    "unsupported",
+]

@@ -96,7 +96,7 @@ def _open(models: Any, name: str, task: str, overrides: dict) -> Any:
     except TypeError as e:
         if "scan_layers" not in str(e):
             raise
-    # a family whose layers never scan (BERT, GPT-2, Whisper): its Config has no scan_layers
+    # a family whose layers never scan: its Config has no scan_layers
     return models.open_checkpoint(name, task=task, **{k: v for k, v in overrides.items() if k != "scan_layers"})
 
 
