@@ -442,6 +442,7 @@ def test_export_gguf_writes_the_run_files(tiny, adapters, tmp_path):
 def test_train_run_exports_gguf_and_predict_reads_it(tiny, tmp_path):
     """output.export_gguf_adapter / output.export_gguf write files that hold the trained adapters (read back
     here), with the merged file's error report; train.predict --adapter X.gguf runs the same adapters."""
+    from lora_jax import stacking
     from lora_jax.checkpoint import load_adapters
     from train import loop, predict
     from train.config import load_config
@@ -451,7 +452,9 @@ def test_train_run_exports_gguf_and_predict_reads_it(tiny, tmp_path):
     cfg = load_config(None, _run_overrides(path, out, **{"output.export_gguf_adapter": True,
                                                            "output.export_gguf": "q8_0"}))
     run = loop.run(cfg, print_fn=lambda *a, **k: None).folder  # out/run-1: each run has its own folder
-    trained = load_adapters(run / "adapters")
+    # the job trained the layers scanned (stacked adapters); the files and these params name layers one by one
+    trained = stacking.unstack(load_adapters(run / "adapters"))
+    assert any(p.startswith("model/layers_1/") for p, _ in lora.adapter_items(trained))
     back = ge.load_gguf_adapter(run / "adapter.gguf", path, params=params)
     for (p, want), (_, got) in zip(lora.adapter_items(trained), lora.adapter_items(back)):
         np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=p)
