@@ -13,7 +13,7 @@ import transformers
 
 import lora_jax as lora
 from lora_jax import stacking
-from lora_jax.models import gemma3, generate, hf, llama, moe, qwen3, qwen3_moe, mixtral
+from lora_jax.models import gemma3, generate, hf, llama, mixtral, moe, qwen3, qwen3_moe
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
              max_position_embeddings=64)
@@ -148,7 +148,8 @@ def test_peft_files_of_a_scanned_model_are_the_unrolled_files(tmp_path):
     assert set(a) == set(b) and any(".layers.2." in k for k in a)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    assert (tmp_path / "unrolled/adapter_config.json").read_text() == (tmp_path / "scanned/adapter_config.json").read_text()
+    configs = [(tmp_path / d / "adapter_config.json").read_text() for d in ("unrolled", "scanned")]
+    assert configs[0] == configs[1]
     back = lora.load_peft(tmp_path / "scanned", stacked, config=scanned).adapters
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(stacking.stack(adapters))):
         np.testing.assert_array_equal(x, y)
@@ -207,5 +208,6 @@ def test_dw_analysis_of_a_scanned_stack_is_per_layer():
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-5)
     # scanned adapters against the model loaded unrolled (the library's default form)
-    mixed = {(r.layer, r.matrix): r.amp.norm_dw for r in analysis.layer_stats(params, stacking.stack(adapters), n_random=2)}
+    rows = analysis.layer_stats(params, stacking.stack(adapters), n_random=2)
+    mixed = {(r.layer, r.matrix): r.amp.norm_dw for r in rows}
     assert mixed.keys() == want.keys()
