@@ -99,15 +99,21 @@ def build_config(args, path: Path):
 
 def load_model(cfg, layers: int | None):
     """:func:`train.loop.load_model`; ``layers``: keep only the first ``layers`` decoder layers (``--quick``)."""
-    from lora_jax import models
+    import jax
+
+    from lora_jax import models, stacking
     from train import loop
 
     model, params, tokenizer, model_cfg = loop.load_model(cfg)
     if layers:
         model_cfg = dataclasses.replace(model_cfg, num_hidden_layers=layers)
-        keep = {f"layers_{i}" for i in range(layers)}
-        params = {**params, "model": {k: v for k, v in params["model"].items()
-                                      if not k.startswith("layers_") or k in keep}}
+        if stacking.STACK in params["model"]:  # scanned: every leaf of the stack leads with the layer axis
+            body = {**params["model"], stacking.STACK: jax.tree.map(lambda a: a[:layers],
+                                                                    params["model"][stacking.STACK])}
+        else:
+            keep = {f"layers_{i}" for i in range(layers)}
+            body = {k: v for k, v in params["model"].items() if not k.startswith("layers_") or k in keep}
+        params = {**params, "model": body}
         model = models.build(model_cfg, task="causal-lm")
         if hasattr(model, "remat"):  # as loop.load_model sets it
             model = model.clone(remat=loop.remat_name(cfg.train.remat))
