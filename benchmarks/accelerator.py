@@ -51,15 +51,34 @@ from benchmarks.common import Recorder, median, memory_analysis, table
 from train import loop
 from train.config import load_config
 
-GiB = 2 ** 30
-SOURCES = ("lora_jax/models", "lora_jax/core.py", "lora_jax/ops.py", "lora_jax/losses.py", "train/loop.py",
-           "train/tasks.py", "train/config.py", "benchmarks/accelerator.py", "benchmarks/common.py")
+GiB = 2**30
+SOURCES = (
+    "lora_jax/models",
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "lora_jax/losses.py",
+    "train/loop.py",
+    "train/tasks.py",
+    "train/config.py",
+    "benchmarks/accelerator.py",
+    "benchmarks/common.py",
+)
 
 # Peak dense bfloat16 FLOP/s per device (vendor datasheets; without sparsity), by the start of ``device_kind``.
 PEAK_BF16_TFLOPS = {
-    "NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100": 989.4,
-    "NVIDIA A100": 312.0, "NVIDIA L4": 121.0, "NVIDIA A10G": 125.0,
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0,
+    "NVIDIA H200": 989.4,
+    "NVIDIA H100 80GB HBM3": 989.4,
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100": 989.4,
+    "NVIDIA A100": 312.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA A10G": 125.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
     "TPU v6e": 918.0,
 }
 
@@ -77,18 +96,55 @@ def model_config(name: str, quick: bool):
     from lora_jax.models import gemma3, llama
 
     if name == "llama":
-        size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=512) if quick else dict(
-            hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-            num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0)
-        return llama.Config.from_hf(transformers.LlamaConfig(**size, tie_word_embeddings=True,
-                                                             max_position_embeddings=131072))
+        size = (
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=512,
+            )
+            if quick
+            else dict(
+                hidden_size=2048,
+                intermediate_size=8192,
+                num_hidden_layers=16,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=64,
+                vocab_size=128256,
+                rope_theta=500000.0,
+            )
+        )
+        return llama.Config.from_hf(
+            transformers.LlamaConfig(**size, tie_word_embeddings=True, max_position_embeddings=131072)
+        )
     if name == "gemma3":
-        size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=1, head_dim=16, vocab_size=512, sliding_window=64,
-                    layer_types=["sliding_attention", "full_attention"]) if quick else dict(
-            hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512)
+        size = (
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=16,
+                vocab_size=512,
+                sliding_window=64,
+                layer_types=["sliding_attention", "full_attention"],
+            )
+            if quick
+            else dict(
+                hidden_size=1152,
+                intermediate_size=6912,
+                num_hidden_layers=26,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=256,
+                vocab_size=262144,
+                sliding_window=512,
+            )
+        )
         return gemma3.Config.from_hf(transformers.Gemma3TextConfig(**size, max_position_embeddings=32768))
     raise ValueError(f"unknown model {name!r}; expected llama or gemma3")
 
@@ -115,9 +171,19 @@ def attention_flops_per_token(config: Any, seq: int) -> float:
 
 
 def job_config(args):
-    return load_config(None, ["train.method=lora", "lora.r=16", "lora.targets=all-linear", "train.precision=bfloat16",
-                              f"train.batch_size={args.batch}", f"train.remat={args.remat}", "train.loss_chunk=auto",
-                              f"train.steps={args.steps + args.warmup}"])
+    return load_config(
+        None,
+        [
+            "train.method=lora",
+            "lora.r=16",
+            "lora.targets=all-linear",
+            "train.precision=bfloat16",
+            f"train.batch_size={args.batch}",
+            f"train.remat={args.remat}",
+            "train.loss_chunk=auto",
+            f"train.steps={args.steps + args.warmup}",
+        ],
+    )
 
 
 def device_memory() -> list[int | None]:
@@ -155,10 +221,13 @@ def run_model(name: str, args) -> dict:
     rng = np.random.RandomState(0)
     ids = rng.randint(0, config.vocab_size, (1, args.batch, args.seq)).astype(np.int32)
     shard = NamedSharding(mesh, PartitionSpec(None, "data"))
-    batches = {k: jax.device_put(v, shard) for k, v in
-               {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}.items()}
-    step = jax.jit(loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1),
-                   compiler_options=loop.step_compiler_options(cfg))
+    batches = {
+        k: jax.device_put(v, shard)
+        for k, v in {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}.items()
+    }
+    step = jax.jit(
+        loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1), compiler_options=loop.step_compiler_options(cfg)
+    )
     t0 = time.perf_counter()
     compiled = step.lower(trainable, opt_state, frozen, batches, jax.random.key(2)).compile()
     compile_s = time.perf_counter() - t0
@@ -179,17 +248,32 @@ def run_model(name: str, args) -> dict:
     kind = getattr(devices[0], "device_kind", str(devices[0]))
     peak = args.peak_tflops or peak_tflops(kind)
     measured = device_memory()
-    row = {"model": name, "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size,
-           "batch": args.batch, "seq": args.seq, "devices": len(devices), "device_kind": kind,
-           "matmul_params_N": n, "adapter_params_Na": n_a, "compile_s": compile_s, "step_s": step_s,
-           "step_times_s": times, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / len(devices),
-           "flops_per_token": flops, "attention_flops_per_token": attention_flops_per_token(config, args.seq),
-           "peak_tflops_per_device": peak, "losses": losses,
-           "peak_memory_per_device_GiB": ([m / GiB for m in measured] if all(m is not None for m in measured)
-                                          else None),
-           "compiled_plan_per_device_GiB": None if planned is None else planned / GiB,
-           "memory_source": "runtime peak_bytes_in_use" if all(m is not None for m in measured) else
-           "XLA compiled plan (argument + output - alias + temp); this backend reports no runtime peak"}
+    row = {
+        "model": name,
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "vocab": config.vocab_size,
+        "batch": args.batch,
+        "seq": args.seq,
+        "devices": len(devices),
+        "device_kind": kind,
+        "matmul_params_N": n,
+        "adapter_params_Na": n_a,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "step_times_s": times,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / len(devices),
+        "flops_per_token": flops,
+        "attention_flops_per_token": attention_flops_per_token(config, args.seq),
+        "peak_tflops_per_device": peak,
+        "losses": losses,
+        "peak_memory_per_device_GiB": ([m / GiB for m in measured] if all(m is not None for m in measured) else None),
+        "compiled_plan_per_device_GiB": None if planned is None else planned / GiB,
+        "memory_source": "runtime peak_bytes_in_use"
+        if all(m is not None for m in measured)
+        else "XLA compiled plan (argument + output - alias + temp); this backend reports no runtime peak",
+    }
     row["mfu"] = {k: (f * tokens_per_s / (len(devices) * peak * 1e12) if peak else None) for k, f in flops.items()}
     return row
 
@@ -216,28 +300,49 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     recorder = Recorder("accelerator", SOURCES, argv)
     dev = jax.devices()[0]
-    print(f"{jax.default_backend()} x{jax.device_count()} ({getattr(dev, 'device_kind', dev)}), commit "
-          f"{recorder.git.get('commit')}", flush=True)
+    print(
+        f"{jax.default_backend()} x{jax.device_count()} ({getattr(dev, 'device_kind', dev)}), commit "
+        f"{recorder.git.get('commit')}",
+        flush=True,
+    )
     rows = []
     for name in args.models:
         row = run_model(name, args)
         rows.append(row)
         mfu = row["mfu"]
         mem = row["peak_memory_per_device_GiB"]
-        print(f"  {name}: {row['tokens_per_s']:,.0f} tokens/s ({row['step_s'] * 1e3:,.0f} ms/step, compiled in "
-              f"{row['compile_s']:.0f} s), peak memory/device "
-              + (f"{max(mem):.2f} GiB" if mem else f"{row['compiled_plan_per_device_GiB']:.3f} GiB (compiled plan)")
-              + ", MFU " + ("6N {:.1%}, LoRA-aware {:.1%}".format(mfu["6N"], mfu["lora_aware_4N_plus_6Na"])
-                            if mfu["6N"] is not None else "n/a (no peak FLOP/s known for this device)"), flush=True)
-    view = [{"model": r["model"], "tokens_per_s": r["tokens_per_s"], "step_ms": r["step_s"] * 1e3,
-             "mem_GiB": max(r["peak_memory_per_device_GiB"]) if r["peak_memory_per_device_GiB"] else
-             r["compiled_plan_per_device_GiB"],
-             "MFU_6N": "n/a" if r["mfu"]["6N"] is None else f"{r['mfu']['6N']:.1%}",
-             "MFU_lora": "n/a" if r["mfu"]["6N"] is None else f"{r['mfu']['lora_aware_4N_plus_6Na']:.1%}"}
-            for r in rows]
+        print(
+            f"  {name}: {row['tokens_per_s']:,.0f} tokens/s ({row['step_s'] * 1e3:,.0f} ms/step, compiled in "
+            f"{row['compile_s']:.0f} s), peak memory/device "
+            + (f"{max(mem):.2f} GiB" if mem else f"{row['compiled_plan_per_device_GiB']:.3f} GiB (compiled plan)")
+            + ", MFU "
+            + (
+                "6N {:.1%}, LoRA-aware {:.1%}".format(mfu["6N"], mfu["lora_aware_4N_plus_6Na"])
+                if mfu["6N"] is not None
+                else "n/a (no peak FLOP/s known for this device)"
+            ),
+            flush=True,
+        )
+    view = [
+        {
+            "model": r["model"],
+            "tokens_per_s": r["tokens_per_s"],
+            "step_ms": r["step_s"] * 1e3,
+            "mem_GiB": max(r["peak_memory_per_device_GiB"])
+            if r["peak_memory_per_device_GiB"]
+            else r["compiled_plan_per_device_GiB"],
+            "MFU_6N": "n/a" if r["mfu"]["6N"] is None else f"{r['mfu']['6N']:.1%}",
+            "MFU_lora": "n/a" if r["mfu"]["6N"] is None else f"{r['mfu']['lora_aware_4N_plus_6Na']:.1%}",
+        }
+        for r in rows
+    ]
     print(table(view, ["model", "tokens_per_s", "step_ms", "mem_GiB", "MFU_6N", "MFU_lora"]))
-    result = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "config": dict(vars(args)), "runs": rows,
-              "measured_on_accelerator": jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")}
+    result = {
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "config": dict(vars(args)),
+        "runs": rows,
+        "measured_on_accelerator": jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"),
+    }
     path = recorder.write(args.out, result, args.out_dir)
     print(f"wrote {path}")
     return result

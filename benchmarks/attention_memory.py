@@ -37,11 +37,20 @@ from benchmarks.loss_memory import AbstractLM, job_config, step_memory
 from lora_jax.models import attention
 from train import loop
 
-MiB = 2 ** 20
+MiB = 2**20
 GOAL = 10.0
-SOURCES = ("lora_jax/models", "lora_jax/losses.py", "lora_jax/core.py", "lora_jax/ops.py", "train/loop.py",
-           "train/tasks.py", "train/config.py", "benchmarks/attention_memory.py", "benchmarks/loss_memory.py",
-           "benchmarks/common.py")
+SOURCES = (
+    "lora_jax/models",
+    "lora_jax/losses.py",
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "train/loop.py",
+    "train/tasks.py",
+    "train/config.py",
+    "benchmarks/attention_memory.py",
+    "benchmarks/loss_memory.py",
+    "benchmarks/common.py",
+)
 
 
 def llama_config(quick: bool, max_len: int):
@@ -51,12 +60,26 @@ def llama_config(quick: bool, max_len: int):
     from lora_jax.models import llama
 
     if quick:
-        hf = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, vocab_size=512, max_position_embeddings=max_len)
+        hf = transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=512,
+            max_position_embeddings=max_len,
+        )
     else:
-        hf = transformers.LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=32000,
-                                      max_position_embeddings=max_len)
+        hf = transformers.LlamaConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            vocab_size=32000,
+            max_position_embeddings=max_len,
+        )
     return llama.Config.from_hf(hf)
 
 
@@ -74,10 +97,22 @@ def memory_section(args) -> list[dict]:
         lm = abstract_lm(impl, args.quick, max(args.seqs))
         for seq in args.seqs:
             m = step_memory(lm, "lora", "auto", "none", args.batch, seq)
-            rows.append({"attention": impl, "seq": seq, "batch": args.batch, "temp_MiB": m["temp"] / MiB,
-                         "peak_MiB": m["peak"] / MiB, "compile_s": m["compile_s"], "bytes": m})
-            print(f"  {impl} seq {seq}: temp {m['temp'] / MiB:,.1f} MiB, peak {m['peak'] / MiB:,.1f} MiB "
-                  f"(compiled in {m['compile_s']:.0f} s)", flush=True)
+            rows.append(
+                {
+                    "attention": impl,
+                    "seq": seq,
+                    "batch": args.batch,
+                    "temp_MiB": m["temp"] / MiB,
+                    "peak_MiB": m["peak"] / MiB,
+                    "compile_s": m["compile_s"],
+                    "bytes": m,
+                }
+            )
+            print(
+                f"  {impl} seq {seq}: temp {m['temp'] / MiB:,.1f} MiB, peak {m['peak'] / MiB:,.1f} MiB "
+                f"(compiled in {m['compile_s']:.0f} s)",
+                flush=True,
+            )
     return rows
 
 
@@ -87,9 +122,13 @@ def growth(rows: list[dict], impl: str) -> dict[str, Any] | None:
     if len(mine) < 2:
         return None
     lo, hi = mine[0], mine[-1]
-    return {"short": lo["seq"], "long": hi["seq"], "tokens_ratio": hi["seq"] / lo["seq"],
-            "temp_ratio": hi["bytes"]["temp"] / lo["bytes"]["temp"],
-            "peak_ratio": hi["bytes"]["peak"] / lo["bytes"]["peak"]}
+    return {
+        "short": lo["seq"],
+        "long": hi["seq"],
+        "tokens_ratio": hi["seq"] / lo["seq"],
+        "temp_ratio": hi["bytes"]["temp"] / lo["bytes"]["temp"],
+        "peak_ratio": hi["bytes"]["peak"] / lo["bytes"]["peak"],
+    }
 
 
 def time_section(args) -> list[dict]:
@@ -118,12 +157,23 @@ def time_section(args) -> list[dict]:
         times = time_interleaved(fns, rounds=args.rounds, warmup=1, rotate=True)
         for impl in fns:
             paired = paired_summary(times[impl], times[args.impls[0]])
-            rows.append({"seq": seq, "attention": impl, "median_ms": 1e3 * median(times[impl]),
-                         f"ratio_to_{args.impls[0]}": paired["median"], "ci95": paired["ci95"], "paired": paired,
-                         "loss": losses[impl], "times_s": times[impl]})
-            print(f"  seq {seq} {impl}: {1e3 * median(times[impl]):,.0f} ms, {paired['median']:.2f} x "
-                  f"{args.impls[0]} (95% CI {paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f}), loss {losses[impl]:.6f}",
-                  flush=True)
+            rows.append(
+                {
+                    "seq": seq,
+                    "attention": impl,
+                    "median_ms": 1e3 * median(times[impl]),
+                    f"ratio_to_{args.impls[0]}": paired["median"],
+                    "ci95": paired["ci95"],
+                    "paired": paired,
+                    "loss": losses[impl],
+                    "times_s": times[impl],
+                }
+            )
+            print(
+                f"  seq {seq} {impl}: {1e3 * median(times[impl]):,.0f} ms, {paired['median']:.2f} x "
+                f"{args.impls[0]} (95% CI {paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f}), loss {losses[impl]:.6f}",
+                flush=True,
+            )
     return rows
 
 
@@ -149,10 +199,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     recorder = Recorder("attention_memory", SOURCES, argv)
     resolved = attention.choose(attention.Mask(None, None, jnp.zeros((), jnp.int32)), jnp.zeros((1, 1, 1, 1)), None)
-    result: dict[str, Any] = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "config": dict(vars(args)),
-                              "auto_is": resolved}
-    print(f"{jax.default_backend()} x{jax.device_count()} (auto attention here: {resolved}), commit "
-          f"{recorder.git.get('commit')}")
+    result: dict[str, Any] = {
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "config": dict(vars(args)),
+        "auto_is": resolved,
+    }
+    print(
+        f"{jax.default_backend()} x{jax.device_count()} (auto attention here: {resolved}), commit "
+        f"{recorder.git.get('commit')}"
+    )
     if "memory" in args.sections:
         print(f"== compiled LoRA step memory, batch {args.batch}, float32 ==")
         rows = memory_section(args)
@@ -163,14 +218,18 @@ def main(argv=None) -> dict:
         default = "auto" if "auto" in args.impls else next((i for i in args.impls if i != "xla"), None)
         g = result["growth"].get(default) if default else None
         if g is not None:
-            key = (f"temp at {g['long']} tokens / temp at {g['short']} <= {GOAL:g} with attention={default} "
-                   f"({resolved if default == 'auto' else default})")
+            key = (
+                f"temp at {g['long']} tokens / temp at {g['short']} <= {GOAL:g} with attention={default} "
+                f"({resolved if default == 'auto' else default})"
+            )
             goals[key] = {"value": g["temp_ratio"], "met": g["temp_ratio"] <= GOAL}
         result["goals"] = goals
         for impl, g in result["growth"].items():
             if g:
-                print(f"  {impl}: {g['tokens_ratio']:.0f}x the tokens -> {g['temp_ratio']:.1f}x the temporaries, "
-                      f"{g['peak_ratio']:.1f}x the peak")
+                print(
+                    f"  {impl}: {g['tokens_ratio']:.0f}x the tokens -> {g['temp_ratio']:.1f}x the temporaries, "
+                    f"{g['peak_ratio']:.1f}x the peak"
+                )
         for k, g in goals.items():
             print(f"{'MET   ' if g['met'] else 'MISSED'} {k}: {g['value']:.2f}")
     if "time" in args.sections:

@@ -62,14 +62,24 @@ from benchmarks.common import ROOT, Recorder, bootstrap_median_ci, paired_summar
 from benchmarks.time_to_accuracy import peft_lora, torch_update  # (PEFT trained as the job trains)
 
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("benchmarks/causal_tokens.py", "benchmarks/common.py", "benchmarks/time_to_accuracy.py",
-           "configs/e2e_smollm2_lora.yaml", "train/loop.py", "train/data.py", "train/tasks.py", "train/config.py",
-           "lora_jax/core.py", "lora_jax/ops.py", "lora_jax/models/decoder.py", "lora_jax/models/llama.py",
-           "lora_jax/models/layers.py")
+SOURCES = (
+    "benchmarks/causal_tokens.py",
+    "benchmarks/common.py",
+    "benchmarks/time_to_accuracy.py",
+    "configs/e2e_smollm2_lora.yaml",
+    "train/loop.py",
+    "train/data.py",
+    "train/tasks.py",
+    "train/config.py",
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "lora_jax/models/decoder.py",
+    "lora_jax/models/llama.py",
+    "lora_jax/models/layers.py",
+)
 CONFIG = ROOT / "configs" / "e2e_smollm2_lora.yaml"
 SPEEDUP_GOAL = 1.3  # ours' useful tokens per second / PEFT's
-LABELS = {"ours": "ours (make_train_step, packed rows)",
-          "peft": "HF PEFT + transformers (DataCollatorWithFlattening)"}
+LABELS = {"ours": "ours (make_train_step, packed rows)", "peft": "HF PEFT + transformers (DataCollatorWithFlattening)"}
 
 
 def data_file(given: str | None) -> Path:
@@ -78,20 +88,30 @@ def data_file(given: str | None) -> Path:
     candidates = [Path(given)] if given else []
     if os.environ.get("LORA_JAX_SHARED_DATA"):
         candidates.append(Path(os.environ["LORA_JAX_SHARED_DATA"]) / "e2e" / "devset.csv")
-    candidates += [ROOT.parent / "shared" / "data" / "e2e" / "devset.csv",
-                   ROOT / "shared" / "data" / "e2e" / "devset.csv"]
+    candidates += [
+        ROOT.parent / "shared" / "data" / "e2e" / "devset.csv",
+        ROOT / "shared" / "data" / "e2e" / "devset.csv",
+    ]
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"E2E devset.csv not found in {[str(p) for p in candidates]}: pass --data or set "
-                            "LORA_JAX_SHARED_DATA")
+    raise FileNotFoundError(
+        f"E2E devset.csv not found in {[str(p) for p in candidates]}: pass --data or set LORA_JAX_SHARED_DATA"
+    )
 
 
 def build_config(args, path: Path):
     from train.config import load_config
 
-    overrides = [f"data.source={path}", f"train.steps={args.steps + 1}", f"train.batch_size={args.batch}",
-                 f"lora.r={args.r}", f"lora.alpha={2 * args.r}", "lora.targets=qv", f"train.seed={args.seed}"]
+    overrides = [
+        f"data.source={path}",
+        f"train.steps={args.steps + 1}",
+        f"train.batch_size={args.batch}",
+        f"lora.r={args.r}",
+        f"lora.alpha={2 * args.r}",
+        "lora.targets=qv",
+        f"train.seed={args.seed}",
+    ]
     if args.max_train:
         overrides.append(f"data.max_train_examples={args.max_train}")
     return load_config(str(CONFIG), overrides)
@@ -108,8 +128,10 @@ def load_model(cfg, layers: int | None):
     if layers:
         model_cfg = dataclasses.replace(model_cfg, num_hidden_layers=layers)
         if stacking.STACK in params["model"]:  # scanned: every leaf of the stack leads with the layer axis
-            body = {**params["model"], stacking.STACK: jax.tree.map(lambda a: a[:layers],
-                                                                    params["model"][stacking.STACK])}
+            body = {
+                **params["model"],
+                stacking.STACK: jax.tree.map(lambda a: a[:layers], params["model"][stacking.STACK]),
+            }
         else:
             keep = {f"layers_{i}" for i in range(layers)}
             body = {k: v for k, v in params["model"].items() if not k.startswith("layers_") or k in keep}
@@ -151,8 +173,11 @@ class Ours:
         self.frozen, self.trainable = jax.device_put((prepared.frozen, prepared.trainable), device)
         tx = loop.make_optimizer(cfg)
         self.opt_state = jax.device_put(tx.init(self.trainable), device)
-        self.step_fn = jax.jit(loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1),
-                               compiler_options=loop.step_compiler_options(cfg))
+        self.step_fn = jax.jit(
+            loop.make_train_step(model, cfg, tx),
+            donate_argnums=(0, 1),
+            compiler_options=loop.step_compiler_options(cfg),
+        )
         self.losses: list[float] = []
         self.real_tokens: list[int] = []
         self.loss_tokens: list[int] = []
@@ -169,8 +194,9 @@ class Ours:
             self.loss_tokens.append(int(host["loss_mask"][:, :-1].sum()))
             self.slots.append(int(host["attention_mask"].size))
             batch = jax.device_put(loop.micro_batches(host, 1))  # a gradient-accumulation axis of 1
-            self.trainable, self.opt_state, m = self.step_fn(self.trainable, self.opt_state, self.frozen, batch,
-                                                             jax.random.fold_in(self.step_key, step))
+            self.trainable, self.opt_state, m = self.step_fn(
+                self.trainable, self.opt_state, self.frozen, batch, jax.random.fold_in(self.step_key, step)
+            )
             metrics.append(m["loss"])
         self.losses += [float(x) for x in jax.block_until_ready(metrics)]  # read once per round
 
@@ -207,8 +233,9 @@ class Peft:
         missing, unexpected = base.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if hf_cfg.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
-            raise RuntimeError(f"the converted weights do not fit LlamaForCausalLM: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+            raise RuntimeError(
+                f"the converted weights do not fit LlamaForCausalLM: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         if tied:
             base.tie_weights()
         self.base_parameters = sum(p.numel() for p in base.parameters())
@@ -221,10 +248,15 @@ class Peft:
         self.real_tokens: list[int] = []
         self.loss_tokens: list[int] = []
         self.slots: list[int] = []
-        self.info = {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
-                     "threads": torch.get_num_threads(), "attn_implementation": base.config._attn_implementation,
-                     "use_cache": False,
-                     "weights": "ours, dequantised float32, converted by lora_jax.models.to_hf_weights"}
+        self.info = {
+            "torch": torch.__version__,
+            "peft": peft.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "attn_implementation": base.config._attn_implementation,
+            "use_cache": False,
+            "weights": "ours, dequantised float32, converted by lora_jax.models.to_hf_weights",
+        }
 
     def batch(self, step: int) -> dict:
         return self.collate([self.features[i] for i in self.examples(step)])
@@ -252,13 +284,14 @@ class Peft:
         self.model.eval()
         diffs = []
         with torch.no_grad():
-            packed = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                use_cache=False).logits[0]
+            packed = self.model(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            ).logits[0]
             at = 0
             for i in idx:
                 ids = torch.tensor([self.features[i]["input_ids"]])
                 alone = self.model(input_ids=ids, use_cache=False).logits[0]
-                diffs.append(float((packed[at: at + ids.shape[1]] - alone).abs().max()))
+                diffs.append(float((packed[at : at + ids.shape[1]] - alone).abs().max()))
                 at += ids.shape[1]
         self.model.train()
         return {"examples": len(idx), "max_abs_logit_diff": max(diffs), "per_example": diffs}
@@ -269,25 +302,37 @@ class Peft:
 
 def goals(speedup: float) -> dict[str, dict]:
     """The issue's goal as a check that can fail."""
-    return {f"ours / PEFT useful tokens per second >= {SPEEDUP_GOAL}": {"value": speedup,
-                                                                       "met": speedup >= SPEEDUP_GOAL}}
+    return {
+        f"ours / PEFT useful tokens per second >= {SPEEDUP_GOAL}": {"value": speedup, "met": speedup >= SPEEDUP_GOAL}
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.causal_tokens", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.causal_tokens",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="1 layer, 2 rows, 32 examples, 2 steps in 2 rounds")
     ap.add_argument("--steps", type=int, default=8, help="timed steps (after one warm-up step each)")
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=2, help="packed rows per step (train.batch_size; the config's 8 "
-                    "makes a run of several minutes per round on 2 cores)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=2,
+        help="packed rows per step (train.batch_size; the config's 8 "
+        "makes a run of several minutes per round on 2 cores)",
+    )
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     ap.add_argument("--max-train", type=int, default=None, help="use only the first N training examples")
-    ap.add_argument("--threads", default=None,
-                    help="PEFT runs once per torch thread count in this comma-separated list; the goal compares ours "
-                         "with the fastest (default: 1 and all cores)")
+    ap.add_argument(
+        "--threads",
+        default=None,
+        help="PEFT runs once per torch thread count in this comma-separated list; the goal compares ours "
+        "with the fastest (default: 1 and all cores)",
+    )
     ap.add_argument("--data", default=None, help="the E2E devset.csv")
     ap.add_argument("--out", default=None, help="results name (default causal_tokens[_quick])")
     ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
@@ -297,8 +342,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.layers, args.max_train = args.layers or 1, args.max_train or 32
     if not 1 <= args.rounds <= args.steps:
         ap.error(f"--rounds must be between 1 and --steps ({args.steps}), got {args.rounds}")
-    args.threads = sorted({int(t) for t in args.threads.split(",")}) if args.threads else \
-        sorted({1, os.cpu_count() or 1})
+    args.threads = (
+        sorted({int(t) for t in args.threads.split(",")}) if args.threads else sorted({1, os.cpu_count() or 1})
+    )
     args.out = args.out or ("causal_tokens_quick" if args.quick else "causal_tokens")
     return args
 
@@ -313,8 +359,9 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     model, params, tokenizer, model_cfg = load_model(cfg, args.layers)
-    train_data, _ = data_lib.load_tokenized(cfg.data, tokenizer, cfg.model.name,
-                                            getattr(model_cfg, "max_position_embeddings", None))
+    train_data, _ = data_lib.load_tokenized(
+        cfg.data, tokenizer, cfg.model.name, getattr(model_cfg, "max_position_embeddings", None)
+    )
     ours = Ours(cfg, train_data, model, params)
     setup = {"ours_s": time.perf_counter() - t0}
 
@@ -329,8 +376,7 @@ def main(argv=None) -> dict:
         setup[f"peft-{t}t_s"] = time.perf_counter() - t0
     del params
     pefts = [n for n in runners if n != "ours"]
-    labels = {"ours": LABELS["ours"], **{n: f"{LABELS['peft']}, {runners[n].threads} torch thread(s)"
-                                         for n in pefts}}
+    labels = {"ours": LABELS["ours"], **{n: f"{LABELS['peft']}, {runners[n].threads} torch thread(s)" for n in pefts}}
     packing_check = runners[pefts[0]].packing_check(0)
 
     warmup: dict[str, float] = {}
@@ -344,20 +390,25 @@ def main(argv=None) -> dict:
     tokens_per_round: list[int] = []
     step = 1
     for i, steps in enumerate(per_round):
-        for name in names[i % len(names):] + names[: i % len(names)]:  # each round starts at the next runner
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # each round starts at the next runner
             t0 = time.perf_counter()
             runners[name].run(step, steps)
             times[name].append(time.perf_counter() - t0)
-        tokens_per_round.append(sum(ours.real_tokens[step: step + steps]))
+        tokens_per_round.append(sum(ours.real_tokens[step : step + steps]))
         step += steps
-        print(f"round {i + 1}/{args.rounds} ({steps} steps, {tokens_per_round[-1]:,} useful tokens): "
-              + ", ".join(f"{n} {times[n][-1]:.1f} s (loss {runners[n].losses[-1]:.3f})" for n in names), flush=True)
+        print(
+            f"round {i + 1}/{args.rounds} ({steps} steps, {tokens_per_round[-1]:,} useful tokens): "
+            + ", ".join(f"{n} {times[n][-1]:.1f} s (loss {runners[n].losses[-1]:.3f})" for n in names),
+            flush=True,
+        )
 
     for n in pefts:
         r = runners[n]
         if r.real_tokens != ours.real_tokens or r.loss_tokens != ours.loss_tokens:
-            raise AssertionError(f"ours and {n} consumed different tokens: real {ours.real_tokens} vs "
-                                 f"{r.real_tokens}, loss-bearing {ours.loss_tokens} vs {r.loss_tokens}")
+            raise AssertionError(
+                f"ours and {n} consumed different tokens: real {ours.real_tokens} vs "
+                f"{r.real_tokens}, loss-bearing {ours.loss_tokens} vs {r.loss_tokens}"
+            )
     total = {n: float(sum(ts)) for n, ts in times.items()}
     best = min(pefts, key=lambda n: total[n])  # the baseline: PEFT at its fastest thread count on this machine
     useful = sum(tokens_per_round)
@@ -368,45 +419,95 @@ def main(argv=None) -> dict:
     rows = []
     for n, r in runners.items():
         timed = slice(1, None)
-        rows.append({"runner": n, "method": labels[n], "trainable": r.trainable_count, "train_s": total[n],
-                     "useful_tokens": sum(r.real_tokens[timed]), "loss_tokens": sum(r.loss_tokens[timed]),
-                     "token_slots": sum(r.slots[timed]), "useful_tokens/s": useful / total[n],
-                     "pad_fraction": 1.0 - sum(r.real_tokens[timed]) / sum(r.slots[timed]),
-                     "warmup_s": warmup[n], "final_loss": float(np.mean(r.losses[-5:]))})
+        rows.append(
+            {
+                "runner": n,
+                "method": labels[n],
+                "trainable": r.trainable_count,
+                "train_s": total[n],
+                "useful_tokens": sum(r.real_tokens[timed]),
+                "loss_tokens": sum(r.loss_tokens[timed]),
+                "token_slots": sum(r.slots[timed]),
+                "useful_tokens/s": useful / total[n],
+                "pad_fraction": 1.0 - sum(r.real_tokens[timed]) / sum(r.slots[timed]),
+                "warmup_s": warmup[n],
+                "final_loss": float(np.mean(r.losses[-5:])),
+            }
+        )
     goal = goals(speedup)
     notes = [ratio_verdict(paired[n], "ours", n) + " (per-round times, warm-up step excluded)" for n in pefts]
-    notes += [f"the goal compares ours with {best}, PEFT's fastest thread count in this run",
-              f"ours: {ours.compilations()} compilation(s) of the step; warm-up (compilation + step 0) "
-              f"{warmup['ours']:.1f} s; PEFT's first step " + ", ".join(f"{warmup[n]:.1f} s ({n})" for n in pefts),
-              f"PEFT packing check: the first {packing_check['examples']} examples of a flattened batch give their "
-              f"logits as run alone within {packing_check['max_abs_logit_diff']:.2g}"]
+    notes += [
+        f"the goal compares ours with {best}, PEFT's fastest thread count in this run",
+        f"ours: {ours.compilations()} compilation(s) of the step; warm-up (compilation + step 0) "
+        f"{warmup['ours']:.1f} s; PEFT's first step " + ", ".join(f"{warmup[n]:.1f} s ({n})" for n in pefts),
+        f"PEFT packing check: the first {packing_check['examples']} examples of a flattened batch give their "
+        f"logits as run alone within {packing_check['max_abs_logit_diff']:.2g}",
+    ]
     if args.quick:
         notes.insert(0, "quick: 1 layer, 2 steps; no conclusions from these times")
     if args.layers:
         notes.append(f"both sides use the first {args.layers} decoder layers only")
 
-    print(f"\nE2E / SmolLM2-135M-Instruct{' (first %d layers)' % args.layers if args.layers else ''}, LoRA r={args.r} "
-          f"on q,v, {args.batch} packed rows x {ours.batches.width} tokens per step, {args.steps} timed steps in "
-          f"{args.rounds} rotating rounds, {os.cpu_count()} cores{' [quick]' if args.quick else ''}")
-    print(table(rows, ["runner", "trainable", "useful_tokens", "loss_tokens", "pad_fraction", "train_s",
-                       "useful_tokens/s", "warmup_s", "final_loss"]))
-    print(f"ours / PEFT ({best}) useful tokens per second: {speedup:.2f}x; per round: median "
-          f"{statistics.median(per_round_speedup):.2f} (95% CI {ci[0]:.2f}-{ci[1]:.2f})")
+    print(
+        f"\nE2E / SmolLM2-135M-Instruct{' (first %d layers)' % args.layers if args.layers else ''}, LoRA r={args.r} "
+        f"on q,v, {args.batch} packed rows x {ours.batches.width} tokens per step, {args.steps} timed steps in "
+        f"{args.rounds} rotating rounds, {os.cpu_count()} cores{' [quick]' if args.quick else ''}"
+    )
+    print(
+        table(
+            rows,
+            [
+                "runner",
+                "trainable",
+                "useful_tokens",
+                "loss_tokens",
+                "pad_fraction",
+                "train_s",
+                "useful_tokens/s",
+                "warmup_s",
+                "final_loss",
+            ],
+        )
+    )
+    print(
+        f"ours / PEFT ({best}) useful tokens per second: {speedup:.2f}x; per round: median "
+        f"{statistics.median(per_round_speedup):.2f} (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
+    )
     for k, g in goal.items():
         print(f"{'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.2f}")
     for n in notes:
         print("note:", n)
-    result = {"config": vars(args), "runners": names, "best_peft": best, "rows": rows, "times_s": times,
-              "steps_per_round": per_round, "useful_tokens_per_round": tokens_per_round, "speedup": speedup,
-              "per_round_speedup": {"values": per_round_speedup, "median": statistics.median(per_round_speedup),
-                                    "ci95": list(ci)},
-              "paired_ours_over_peft": paired, "goals": goal, "warmup_s": warmup,
-              "compilations": ours.compilations(), "pack_width": ours.batches.width,
-              "tokens": {k: {n: getattr(r, attr) for n, r in runners.items()}
-                         for k, attr in (("real", "real_tokens"), ("loss", "loss_tokens"), ("slots", "slots"))},
-              "losses": {n: r.losses for n, r in runners.items()}, "peft_packing_check": packing_check,
-              "peft_info": {n: runners[n].info for n in pefts}, "setup_s": setup,
-              "train_examples": len(train_data), "notes": notes, "wall_s": time.perf_counter() - t_start}
+    result = {
+        "config": vars(args),
+        "runners": names,
+        "best_peft": best,
+        "rows": rows,
+        "times_s": times,
+        "steps_per_round": per_round,
+        "useful_tokens_per_round": tokens_per_round,
+        "speedup": speedup,
+        "per_round_speedup": {
+            "values": per_round_speedup,
+            "median": statistics.median(per_round_speedup),
+            "ci95": list(ci),
+        },
+        "paired_ours_over_peft": paired,
+        "goals": goal,
+        "warmup_s": warmup,
+        "compilations": ours.compilations(),
+        "pack_width": ours.batches.width,
+        "tokens": {
+            k: {n: getattr(r, attr) for n, r in runners.items()}
+            for k, attr in (("real", "real_tokens"), ("loss", "loss_tokens"), ("slots", "slots"))
+        },
+        "losses": {n: r.losses for n, r in runners.items()},
+        "peft_packing_check": packing_check,
+        "peft_info": {n: runners[n].info for n in pefts},
+        "setup_s": setup,
+        "train_examples": len(train_data),
+        "notes": notes,
+        "wall_s": time.perf_counter() - t_start,
+    }
     print(f"wall time {result['wall_s']:.0f} s; wrote {recorder.write(args.out, result, args.out_dir)}")
     return result
 

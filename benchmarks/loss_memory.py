@@ -57,19 +57,37 @@ from lora_jax.models.layers import REMAT_POLICIES
 from train import loop
 from train.config import load_config
 
-MiB = 2 ** 20
-GiB = 2 ** 30
+MiB = 2**20
+GiB = 2**30
 GOAL = 0.35
 POLICIES = list(REMAT_POLICIES)  # none, full, dots, dots_no_batch
 # The code this benchmark measures (benchmarks.staleness: a result older than their last commit is stale).
-SOURCES = ("lora_jax/losses.py", "lora_jax/core.py", "lora_jax/ops.py", "lora_jax/models", "train/tasks.py",
-           "train/loop.py", "train/config.py", "benchmarks/loss_memory.py", "benchmarks/train_step.py",
-           "benchmarks/common.py")
+SOURCES = (
+    "lora_jax/losses.py",
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "lora_jax/models",
+    "train/tasks.py",
+    "train/loop.py",
+    "train/config.py",
+    "benchmarks/loss_memory.py",
+    "benchmarks/train_step.py",
+    "benchmarks/common.py",
+)
 
 
 def job_config(method: str, loss_chunk: Any, remat: str, batch: int):
-    return load_config(None, [f"train.method={method}", f"train.loss_chunk={loss_chunk}", f"train.remat={remat}",
-                              f"train.batch_size={batch}", "lora.r=8", "lora.targets=qv"])
+    return load_config(
+        None,
+        [
+            f"train.method={method}",
+            f"train.loss_chunk={loss_chunk}",
+            f"train.remat={remat}",
+            f"train.batch_size={batch}",
+            "lora.r=8",
+            "lora.targets=qv",
+        ],
+    )
 
 
 def abstract_setup(lm, cfg, batch: int, seq: int, whole: bool = False):
@@ -90,8 +108,9 @@ def abstract_setup(lm, cfg, batch: int, seq: int, whole: bool = False):
     ids = jax.ShapeDtypeStruct((cfg.train.grad_accum, batch, seq), jnp.int32)
     batches = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
     key = jax.eval_shape(lambda: jax.random.key(0))
-    step = jax.jit(loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1),
-                   compiler_options=loop.step_compiler_options(cfg))
+    step = jax.jit(
+        loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1), compiler_options=loop.step_compiler_options(cfg)
+    )
     return step, (trainable, opt_state, frozen, batches, key)
 
 
@@ -132,13 +151,25 @@ def _config(name: str, quick: bool):
     from lora_jax.models import gpt2, llama
 
     if name == "gpt2-small":
-        hf = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=512) if quick else \
-            transformers.GPT2Config()
+        hf = (
+            transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=512)
+            if quick
+            else transformers.GPT2Config()
+        )
         return gpt2.Config.from_hf(hf)
     if quick:
-        return llama.Config.from_hf(transformers.LlamaConfig(
-            hidden_size=48, intermediate_size=128, num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=1,
-            vocab_size=512, tie_word_embeddings=True, max_position_embeddings=4096))
+        return llama.Config.from_hf(
+            transformers.LlamaConfig(
+                hidden_size=48,
+                intermediate_size=128,
+                num_hidden_layers=1,
+                num_attention_heads=3,
+                num_key_value_heads=1,
+                vocab_size=512,
+                tie_word_embeddings=True,
+                max_position_embeddings=4096,
+            )
+        )
     return smollm2_config()[0]
 
 
@@ -157,8 +188,12 @@ def reference_memory(lm, kind: str, loss_chunk: Any, batch: int, seq: int) -> di
         trainable = jax.eval_shape(lambda p: lora.init(p, r=8, alpha=16, targets="qv"), lm.params)
         frozen = lm.params
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    args = (trainable, jax.eval_shape(tx.init, trainable), frozen,
-            {"input_ids": ids, "attention_mask": ids, "loss_mask": ids})
+    args = (
+        trainable,
+        jax.eval_shape(tx.init, trainable),
+        frozen,
+        {"input_ids": ids, "attention_mask": ids, "loss_mask": ids},
+    )
     m = donated_step_memory(make_step(lm.model, tx, kind, loss_chunk), *args)
     return {"temp": m["temp"], "peak": m["peak"]}
 
@@ -177,25 +212,53 @@ def memory_section(args) -> tuple[list[dict], list[dict]]:
             runs += [("lora", "auto", "dots_no_batch", True)]
         mems = {}
         for method, chunk, policy, whole in runs:
-            mems[(method, chunk, policy, whole)] = m = step_memory(lm, method, chunk, policy, args.batch, args.seq,
-                                                                   whole)
-            print(f"  {name} {method} loss_chunk={chunk} remat={policy}{' (whole loss)' if whole else ''}: peak "
-                  f"{m['peak'] / MiB:,.1f} MiB (temp {m['temp'] / MiB:,.1f}, compiled in {m['compile_s']:.0f} s)",
-                  flush=True)
+            mems[(method, chunk, policy, whole)] = m = step_memory(
+                lm, method, chunk, policy, args.batch, args.seq, whole
+            )
+            print(
+                f"  {name} {method} loss_chunk={chunk} remat={policy}{' (whole loss)' if whole else ''}: peak "
+                f"{m['peak'] / MiB:,.1f} MiB (temp {m['temp'] / MiB:,.1f}, compiled in {m['compile_s']:.0f} s)",
+                flush=True,
+            )
         full = mems[("full", 0, "none", False)]["peak"]
         for (method, chunk, policy, whole), m in mems.items():
-            rows.append({"model": name, "method": method, "loss": "chunked" if chunk else "plain",
-                         "remat": policy + (" (whole loss)" if whole else " (per layer)" if policy != "none" else ""),
-                         "argument_MiB": m["argument"] / MiB, "temp_MiB": m["temp"] / MiB, "peak_MiB": m["peak"] / MiB,
-                         "ratio_to_full": m["peak"] / full, "bytes": m})
-        ref = {k: reference_memory(lm, kind, chunk, args.batch, args.seq)
-               for k, (kind, chunk) in {"full": ("full", 0), "lora plain": ("factored", 0),
-                                        "lora chunked": ("factored", "auto")}.items()}
+            rows.append(
+                {
+                    "model": name,
+                    "method": method,
+                    "loss": "chunked" if chunk else "plain",
+                    "remat": policy + (" (whole loss)" if whole else " (per layer)" if policy != "none" else ""),
+                    "argument_MiB": m["argument"] / MiB,
+                    "temp_MiB": m["temp"] / MiB,
+                    "peak_MiB": m["peak"] / MiB,
+                    "ratio_to_full": m["peak"] / full,
+                    "bytes": m,
+                }
+            )
+        ref = {
+            k: reference_memory(lm, kind, chunk, args.batch, args.seq)
+            for k, (kind, chunk) in {
+                "full": ("full", 0),
+                "lora plain": ("factored", 0),
+                "lora chunked": ("factored", "auto"),
+            }.items()
+        }
         for k, m in ref.items():
-            ref_rows.append({"model": name, "step": k, "temp_MiB": m["temp"] / MiB, "peak_MiB": m["peak"] / MiB,
-                             "ratio_to_full": m["peak"] / ref["full"]["peak"], "bytes": m})
-        print(f"  {name} benchmarks.train_step's step: " + ", ".join(
-            f"{k} {m['peak'] / MiB:,.1f} MiB" for k, m in ref.items()), flush=True)
+            ref_rows.append(
+                {
+                    "model": name,
+                    "step": k,
+                    "temp_MiB": m["temp"] / MiB,
+                    "peak_MiB": m["peak"] / MiB,
+                    "ratio_to_full": m["peak"] / ref["full"]["peak"],
+                    "bytes": m,
+                }
+            )
+        print(
+            f"  {name} benchmarks.train_step's step: "
+            + ", ".join(f"{k} {m['peak'] / MiB:,.1f} MiB" for k, m in ref.items()),
+            flush=True,
+        )
         del lm
     return rows, ref_rows
 
@@ -219,21 +282,36 @@ def longest_sequence(lm, loss_chunk: Any, remat: str, batch: int, budget: int, s
                 lo_n = mid
             else:
                 hi_n = mid
-    return {"longest": lo_n * step, "capped": lo_n * step == hi,
-            "peaks_MiB": {s: p / MiB for s, p in sorted(tried.items())}}
+    return {
+        "longest": lo_n * step,
+        "capped": lo_n * step == hi,
+        "peaks_MiB": {s: p / MiB for s, p in sorted(tried.items())},
+    }
 
 
 def long_section(args) -> list[dict]:
     lm = abstract_lm("smollm2-135m", args.quick)
     rows = []
     for chunk, policy in args.long_runs:
-        r = longest_sequence(lm, chunk, policy, args.long_batch, int(args.budget_gib * GiB), args.long_step,
-                             args.long_max)
-        rows.append({"model": "smollm2-135m", "batch": args.long_batch, "loss": "chunked" if chunk else "plain",
-                     "remat": policy, "longest_seq": r["longest"], "capped_at_max": r["capped"],
-                     "peaks_MiB": r["peaks_MiB"]})
-        print(f"  loss_chunk={chunk} remat={policy}: longest {r['longest']} tokens"
-              f"{' (the cap)' if r['capped'] else ''}; tried {r['peaks_MiB']}", flush=True)
+        r = longest_sequence(
+            lm, chunk, policy, args.long_batch, int(args.budget_gib * GiB), args.long_step, args.long_max
+        )
+        rows.append(
+            {
+                "model": "smollm2-135m",
+                "batch": args.long_batch,
+                "loss": "chunked" if chunk else "plain",
+                "remat": policy,
+                "longest_seq": r["longest"],
+                "capped_at_max": r["capped"],
+                "peaks_MiB": r["peaks_MiB"],
+            }
+        )
+        print(
+            f"  loss_chunk={chunk} remat={policy}: longest {r['longest']} tokens"
+            f"{' (the cap)' if r['capped'] else ''}; tried {r['peaks_MiB']}",
+            flush=True,
+        )
     return rows
 
 
@@ -266,12 +344,22 @@ def time_section(args) -> tuple[list[dict], dict]:
         raw[name] = times
         for label in fns:
             paired = paired_summary(times[label], times["plain"])
-            rows.append({"model": name, "variant": label, "median_ms": 1e3 * median(times[label]),
-                         "ratio_to_plain": paired["median"], "ratio_to_plain_ci95": paired["ci95"],
-                         "paired": paired, "loss": losses[label]})
-            print(f"  {name} {label}: {paired['median']:.3f} x plain (95% CI {paired['ci95'][0]:.3f}-"
-                  f"{paired['ci95'][1]:.3f}; median {rows[-1]['median_ms']:.0f} ms, loss {losses[label]:.6f})",
-                  flush=True)
+            rows.append(
+                {
+                    "model": name,
+                    "variant": label,
+                    "median_ms": 1e3 * median(times[label]),
+                    "ratio_to_plain": paired["median"],
+                    "ratio_to_plain_ci95": paired["ci95"],
+                    "paired": paired,
+                    "loss": losses[label],
+                }
+            )
+            print(
+                f"  {name} {label}: {paired['median']:.3f} x plain (95% CI {paired['ci95'][0]:.3f}-"
+                f"{paired['ci95'][1]:.3f}; median {rows[-1]['median_ms']:.0f} ms, loss {losses[label]:.6f})",
+                flush=True,
+            )
         del lm, fns
     return rows, raw
 
@@ -288,8 +376,12 @@ def parse_args(argv=None):
     ap.add_argument("--long-batch", type=int, default=1)
     ap.add_argument("--long-step", type=int, default=128)
     ap.add_argument("--long-max", type=int, default=8192, help="SmolLM2's max_position_embeddings")
-    ap.add_argument("--long-runs", nargs="+", default=["0:none", "auto:none", "0:full", "auto:full"],
-                    help="LOSS_CHUNK:REMAT pairs searched in the longest-sequence section")
+    ap.add_argument(
+        "--long-runs",
+        nargs="+",
+        default=["0:none", "auto:none", "0:full", "auto:full"],
+        help="LOSS_CHUNK:REMAT pairs searched in the longest-sequence section",
+    )
     ap.add_argument("--whole", action="store_true", help="also the whole loss checkpointed (dots_no_batch)")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=1)
@@ -315,17 +407,21 @@ def explain_misses(goals: dict[str, dict], rows: list[dict], ref_rows: list[dict
         full = by.get((model, "full", "plain", "none"))
         ref_full = next((r for r in ref_rows if r["model"] == model and r["step"] == "full"), None)
         if not g["met"] and "train_step's" in key and ref_full and full and plain:
-            g["why"] = (f"the same LoRA step ({plain['peak_MiB']:,.0f} MiB) against a full fine-tuning step without "
-                        f"the job's gradient clipping and finiteness check, whose peak is {ref_full['peak_MiB']:,.0f} "
-                        f"MiB instead of the job's {full['peak_MiB']:,.0f}")
+            g["why"] = (
+                f"the same LoRA step ({plain['peak_MiB']:,.0f} MiB) against a full fine-tuning step without "
+                f"the job's gradient clipping and finiteness check, whose peak is {ref_full['peak_MiB']:,.0f} "
+                f"MiB instead of the job's {full['peak_MiB']:,.0f}"
+            )
             continue
         if g["met"] or "remat none" not in key or not (plain and ckpt and full):
             continue
-        g["why"] = (f"the chunked LoRA step's temporaries are {plain['temp_MiB']:,.0f} MiB; checkpointing each layer "
-                    f"(train.remat=full) cuts them to {ckpt['temp_MiB']:,.0f} MiB with the same arguments, so "
-                    f"{plain['temp_MiB'] - ckpt['temp_MiB']:,.0f} MiB are activations every layer keeps for the "
-                    f"backward pass; the goal needs a peak of {GOAL * full['peak_MiB']:,.0f} MiB, the step has "
-                    f"{plain['peak_MiB']:,.0f}")
+        g["why"] = (
+            f"the chunked LoRA step's temporaries are {plain['temp_MiB']:,.0f} MiB; checkpointing each layer "
+            f"(train.remat=full) cuts them to {ckpt['temp_MiB']:,.0f} MiB with the same arguments, so "
+            f"{plain['temp_MiB'] - ckpt['temp_MiB']:,.0f} MiB are activations every layer keeps for the "
+            f"backward pass; the goal needs a peak of {GOAL * full['peak_MiB']:,.0f} MiB, the step has "
+            f"{plain['peak_MiB']:,.0f}"
+        )
 
 
 def main(argv=None) -> dict:
@@ -336,8 +432,9 @@ def main(argv=None) -> dict:
     if "memory" in args.sections:
         print(f"== compiled step memory, batch {args.batch} x {args.seq}, float32 ==")
         rows, ref_rows = memory_section(args)
-        print(table(rows, ["model", "method", "loss", "remat", "argument_MiB", "temp_MiB", "peak_MiB",
-                           "ratio_to_full"]))
+        print(
+            table(rows, ["model", "method", "loss", "remat", "argument_MiB", "temp_MiB", "peak_MiB", "ratio_to_full"])
+        )
         print("benchmarks.train_step's step (the issue's 0.48x / 0.51x), no remat:")
         print(table(ref_rows, ["model", "step", "temp_MiB", "peak_MiB", "ratio_to_full"]))
         result["memory"], result["memory_train_step"] = rows, ref_rows
@@ -353,14 +450,20 @@ def main(argv=None) -> dict:
         explain_misses(goals, rows, ref_rows)
         result["goals"] = goals
         for k, g in goals.items():
-            print(f"{'MET   ' if g['met'] else 'MISSED'} {k}: {g['value']:.3f}" + (f" ({g['why']})" if "why" in g else ""))
+            print(
+                f"{'MET   ' if g['met'] else 'MISSED'} {k}: {g['value']:.3f}" + (f" ({g['why']})" if "why" in g else "")
+            )
     if "long" in args.sections:
-        print(f"== longest sequence of a SmolLM2-135M LoRA step (batch {args.long_batch}) within "
-              f"{args.budget_gib:g} GiB of compiled memory ==")
+        print(
+            f"== longest sequence of a SmolLM2-135M LoRA step (batch {args.long_batch}) within "
+            f"{args.budget_gib:g} GiB of compiled memory =="
+        )
         result["longest_sequence"] = long_section(args)
     if "time" in args.sections:
-        print(f"== LoRA step time, batch {args.batch} x {args.seq}, {args.rounds} interleaved rounds (shared machine: "
-              "ratios measured side by side) ==")
+        print(
+            f"== LoRA step time, batch {args.batch} x {args.seq}, {args.rounds} interleaved rounds (shared machine: "
+            "ratios measured side by side) =="
+        )
         rows, raw = time_section(args)
         result["time"] = rows
         result["times_s"] = raw

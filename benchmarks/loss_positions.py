@@ -45,10 +45,20 @@ import jax.numpy as jnp
 from benchmarks.common import ROOT, Recorder, block, median, paired_summary, ratio_verdict, table, time_interleaved
 
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("benchmarks/loss_positions.py", "benchmarks/common.py", "benchmarks/train_step.py",
-           "configs/e2e_smollm2_lora.yaml", "lora_jax/losses.py", "lora_jax/models/decoder.py",
-           "lora_jax/models/llama.py", "lora_jax/models/layers.py", "train/data.py", "train/tasks.py",
-           "train/loop.py", "train/config.py")
+SOURCES = (
+    "benchmarks/loss_positions.py",
+    "benchmarks/common.py",
+    "benchmarks/train_step.py",
+    "configs/e2e_smollm2_lora.yaml",
+    "lora_jax/losses.py",
+    "lora_jax/models/decoder.py",
+    "lora_jax/models/llama.py",
+    "lora_jax/models/layers.py",
+    "train/data.py",
+    "train/tasks.py",
+    "train/loop.py",
+    "train/config.py",
+)
 CONFIG = ROOT / "configs" / "e2e_smollm2_lora.yaml"
 FLOPS_TOLERANCE = 0.2  # the measured FLOPs drop within 20% of the expected one
 LOSS_RTOL = 1e-4
@@ -60,8 +70,10 @@ def data_file(given: str | None) -> Path | None:
     candidates = [Path(given)] if given else []
     if os.environ.get("LORA_JAX_SHARED_DATA"):
         candidates.append(Path(os.environ["LORA_JAX_SHARED_DATA"]) / "e2e" / "devset.csv")
-    candidates += [ROOT.parent / "shared" / "data" / "e2e" / "devset.csv",
-                   ROOT / "shared" / "data" / "e2e" / "devset.csv"]
+    candidates += [
+        ROOT.parent / "shared" / "data" / "e2e" / "devset.csv",
+        ROOT / "shared" / "data" / "e2e" / "devset.csv",
+    ]
     found = next((p for p in candidates if p.is_file()), None)
     if given and found != Path(given):
         raise FileNotFoundError(f"--data {given}: no such file")
@@ -82,11 +94,25 @@ def tokenizer():
 def job_config(path: Path | None, logits: str, rows: int, width: int, quick: bool):
     from train.config import load_config
 
-    source = ([f"data.source={path}"] if path is not None else
-              ["data.source=builtin:restaurants", "data.prompt_column=prompt", "data.completion_column=completion",
-               "data.group_column=group"])
-    overrides = source + [f"train.logits={logits}", f"train.batch_size={rows}", f"data.pack_length={width}",
-                          f"train.loss_chunk={rows * width}", "lora.r=8", "lora.alpha=16", "lora.targets=qv"]
+    source = (
+        [f"data.source={path}"]
+        if path is not None
+        else [
+            "data.source=builtin:restaurants",
+            "data.prompt_column=prompt",
+            "data.completion_column=completion",
+            "data.group_column=group",
+        ]
+    )
+    overrides = source + [
+        f"train.logits={logits}",
+        f"train.batch_size={rows}",
+        f"data.pack_length={width}",
+        f"train.loss_chunk={rows * width}",
+        "lora.r=8",
+        "lora.alpha=16",
+        "lora.targets=qv",
+    ]
     if quick:
         overrides.append("data.max_train_examples=64")
     return load_config(str(CONFIG), overrides)
@@ -120,8 +146,9 @@ def head_flops(lm, rows: int, width: int, capacity: int | None) -> float:
     pos = None if capacity is None else jax.ShapeDtypeStruct((rows, capacity), jnp.int32)
 
     def f(h, table_, targets, weights, positions):
-        return losses.chunked_cross_entropy(h, table_, targets, weights, tied=True, chunk_size=rows * width,
-                                            positions=positions)[0]
+        return losses.chunked_cross_entropy(
+            h, table_, targets, weights, tied=True, chunk_size=rows * width, positions=positions
+        )[0]
 
     grad = jax.jit(jax.value_and_grad(f))
     return float(grad.lower(h, table_, ids, w, pos).compile().cost_analysis()["flops"])
@@ -160,24 +187,40 @@ def measure_width(args, lm, tok, path, rows: int, width: int) -> tuple[dict, dic
     slot_share = 1 - capacity / width  # positions per row that get no logits
     drop = 1 - flops["loss"] / flops["all"]
     expected = head_share * slot_share
-    row = {"pack_length": width, "rows": rows, "capacity": capacity, "batching": batches.describe(),
-           "loss_tokens": loss_tokens, "real_tokens": real_tokens, "positions": rows * width,
-           "no_loss_share": 1 - loss_tokens / (rows * width), "no_logits_share": slot_share,
-           "step_gflops": {k: v / 1e9 for k, v in flops.items()}, "head_gflops": {k: v / 1e9 for k, v in head.items()},
-           "head_share": head_share, "flops_drop": drop, "expected_drop": expected,
-           "ideal_drop": head_share * (1 - loss_tokens / (rows * width)),
-           "median_ms": {k: 1e3 * median(v) for k, v in times.items()},
-           "time_ratio": paired["median"], "time_ratio_ci95": paired["ci95"], "paired": paired,
-           "loss_tokens_per_s": {k: loss_tokens / median(v) for k, v in times.items()},
-           "speedup": 1 / paired["median"], "verdict": ratio_verdict(paired, "logits at loss positions",
-                                                                     "logits everywhere"),
-           "loss": losses_}
-    print(f"  pack_length {width} x {rows} rows: {capacity} loss slots per row ({100 * slot_share:.0f}% of the "
-          f"positions get no logits; {100 * row['no_loss_share']:.0f}% carry no loss); step "
-          f"{flops['all'] / 1e9:,.1f} -> {flops['loss'] / 1e9:,.1f} GFLOP (-{100 * drop:.1f}%; head share "
-          f"{100 * head_share:.1f}%, expected -{100 * expected:.1f}%); time x{paired['median']:.3f} "
-          f"(95% CI {paired['ci95'][0]:.3f}-{paired['ci95'][1]:.3f}); loss {losses_['all']:.6f} vs "
-          f"{losses_['loss']:.6f}", flush=True)
+    row = {
+        "pack_length": width,
+        "rows": rows,
+        "capacity": capacity,
+        "batching": batches.describe(),
+        "loss_tokens": loss_tokens,
+        "real_tokens": real_tokens,
+        "positions": rows * width,
+        "no_loss_share": 1 - loss_tokens / (rows * width),
+        "no_logits_share": slot_share,
+        "step_gflops": {k: v / 1e9 for k, v in flops.items()},
+        "head_gflops": {k: v / 1e9 for k, v in head.items()},
+        "head_share": head_share,
+        "flops_drop": drop,
+        "expected_drop": expected,
+        "ideal_drop": head_share * (1 - loss_tokens / (rows * width)),
+        "median_ms": {k: 1e3 * median(v) for k, v in times.items()},
+        "time_ratio": paired["median"],
+        "time_ratio_ci95": paired["ci95"],
+        "paired": paired,
+        "loss_tokens_per_s": {k: loss_tokens / median(v) for k, v in times.items()},
+        "speedup": 1 / paired["median"],
+        "verdict": ratio_verdict(paired, "logits at loss positions", "logits everywhere"),
+        "loss": losses_,
+    }
+    print(
+        f"  pack_length {width} x {rows} rows: {capacity} loss slots per row ({100 * slot_share:.0f}% of the "
+        f"positions get no logits; {100 * row['no_loss_share']:.0f}% carry no loss); step "
+        f"{flops['all'] / 1e9:,.1f} -> {flops['loss'] / 1e9:,.1f} GFLOP (-{100 * drop:.1f}%; head share "
+        f"{100 * head_share:.1f}%, expected -{100 * expected:.1f}%); time x{paired['median']:.3f} "
+        f"(95% CI {paired['ci95'][0]:.3f}-{paired['ci95'][1]:.3f}); loss {losses_['all']:.6f} vs "
+        f"{losses_['loss']:.6f}",
+        flush=True,
+    )
     return row, times
 
 
@@ -188,14 +231,19 @@ def goals(rows: list[dict]) -> dict[str, dict]:
     for r in rows:
         w = r["pack_length"]
         rel = abs(r["flops_drop"] - r["expected_drop"]) / max(r["expected_drop"], 1e-12)
-        out[f"pack_length {w}: FLOPs drop ~ head share x share of positions without logits (within "
-            f"{FLOPS_TOLERANCE:.0%})"] = {"value": r["flops_drop"], "expected": r["expected_drop"],
-                                           "met": rel <= FLOPS_TOLERANCE}
+        out[
+            f"pack_length {w}: FLOPs drop ~ head share x share of positions without logits (within "
+            f"{FLOPS_TOLERANCE:.0%})"
+        ] = {"value": r["flops_drop"], "expected": r["expected_drop"], "met": rel <= FLOPS_TOLERANCE}
         out[f"pack_length {w}: loss tokens per second rise (paired time ratio's 95% CI below 1)"] = {
-            "value": r["speedup"], "met": r["time_ratio_ci95"][1] < 1}
+            "value": r["speedup"],
+            "met": r["time_ratio_ci95"][1] < 1,
+        }
         la, ll = r["loss"]["all"], r["loss"]["loss"]
         out[f"pack_length {w}: the same loss (relative {LOSS_RTOL:g})"] = {
-            "value": abs(la - ll) / max(abs(la), 1e-12), "met": abs(la - ll) <= LOSS_RTOL * max(abs(la), 1e-12)}
+            "value": abs(la - ll) / max(abs(la), 1e-12),
+            "met": abs(la - ll) <= LOSS_RTOL * max(abs(la), 1e-12),
+        }
     return out
 
 
@@ -207,8 +255,9 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--data", default=None, help="the E2E devset.csv (default: the shared data folder)")
-    ap.add_argument("--out", default=None, help="results name (default loss_positions, loss_positions_quick with "
-                                                "--quick)")
+    ap.add_argument(
+        "--out", default=None, help="results name (default loss_positions, loss_positions_quick with --quick)"
+    )
     ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
     args = ap.parse_args(argv)
     if args.quick:
@@ -227,21 +276,54 @@ def main(argv=None) -> dict:
     path = data_file(args.data)
     lm = build_lm("smollm2-135m", quick=args.quick)
     tok = tokenizer()
-    print(f"{jax.default_backend()} x{jax.device_count()}, commit {recorder.git.get('commit')}; data "
-          f"{path or 'builtin:restaurants'}; model {lm.source}")
+    print(
+        f"{jax.default_backend()} x{jax.device_count()}, commit {recorder.git.get('commit')}; data "
+        f"{path or 'builtin:restaurants'}; model {lm.source}"
+    )
     rows, raw = [], {}
     for width, n in zip(args.widths, args.rows):
         row, times = measure_width(args, lm, tok, path, n, width)
         rows.append(row)
         raw[str(width)] = times
         if len(rows) < len(args.widths):  # a long run keeps what it has measured so far
-            recorder.write(args.out, {"config": dict(vars(args)), "data": str(path or "builtin:restaurants"),
-                                      "model": lm.source, "rows": rows, "times_s": raw, "goals": goals(rows),
-                                      "partial": f"{len(rows)} of {len(args.widths)} widths"}, args.out_dir)
-    print(table(rows, ["pack_length", "rows", "capacity", "no_loss_share", "no_logits_share", "head_share",
-                       "flops_drop", "expected_drop", "time_ratio", "speedup"]))
-    result: dict[str, Any] = {"config": dict(vars(args)), "data": str(path or "builtin:restaurants"),
-                              "model": lm.source, "rows": rows, "times_s": raw, "goals": goals(rows)}
+            recorder.write(
+                args.out,
+                {
+                    "config": dict(vars(args)),
+                    "data": str(path or "builtin:restaurants"),
+                    "model": lm.source,
+                    "rows": rows,
+                    "times_s": raw,
+                    "goals": goals(rows),
+                    "partial": f"{len(rows)} of {len(args.widths)} widths",
+                },
+                args.out_dir,
+            )
+    print(
+        table(
+            rows,
+            [
+                "pack_length",
+                "rows",
+                "capacity",
+                "no_loss_share",
+                "no_logits_share",
+                "head_share",
+                "flops_drop",
+                "expected_drop",
+                "time_ratio",
+                "speedup",
+            ],
+        )
+    )
+    result: dict[str, Any] = {
+        "config": dict(vars(args)),
+        "data": str(path or "builtin:restaurants"),
+        "model": lm.source,
+        "rows": rows,
+        "times_s": raw,
+        "goals": goals(rows),
+    }
     for k, g in result["goals"].items():
         print(f"{'MET   ' if g['met'] else 'MISSED'} {k}: {g['value']:.4g}")
     out = recorder.write(args.out, result, args.out_dir)

@@ -40,8 +40,14 @@ from benchmarks.common import Recorder, table
 from lora_jax import sharding
 from lora_jax.models import moe
 
-SOURCES = ("lora_jax/models/moe.py", "lora_jax/sharding.py", "lora_jax/ops.py", "lora_jax/core.py",
-           "benchmarks/moe_dispatch.py", "benchmarks/common.py")
+SOURCES = (
+    "lora_jax/models/moe.py",
+    "lora_jax/sharding.py",
+    "lora_jax/ops.py",
+    "lora_jax/core.py",
+    "benchmarks/moe_dispatch.py",
+    "benchmarks/common.py",
+)
 DEVICES = 8
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -52,8 +58,10 @@ def collectives(hlo: str) -> dict[str, dict]:
     for line in hlo.splitlines():
         m = re.search(rf"= (.*?) ({'|'.join(COLLECTIVES)})(-start)?\(", line)
         if m:
-            sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
-                     for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", m.group(1))]
+            sizes = [
+                int(np.prod([int(d) for d in dims.split(",") if d]))
+                for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", m.group(1))
+            ]
             c = found.setdefault(m.group(2), {"count": 0, "largest_elements": 0})
             c["count"] += 1
             c["largest_elements"] = max(c["largest_elements"], max(sizes, default=0))
@@ -62,12 +70,19 @@ def collectives(hlo: str) -> dict[str, dict]:
 
 def make_block(experts: int, d: int, f: int, r: int, tokens: int):
     ks = jax.random.split(jax.random.key(0), 5)
-    params = {"mlp": {"gate": {"kernel": jax.random.normal(ks[0], (d, experts)) * d ** -0.5},
-                      "experts": {"gate_up_proj": jax.random.normal(ks[1], (experts, d, 2 * f)) * d ** -0.5,
-                                  "down_proj": jax.random.normal(ks[2], (experts, f, d)) * f ** -0.5}}}
+    params = {
+        "mlp": {
+            "gate": {"kernel": jax.random.normal(ks[0], (d, experts)) * d**-0.5},
+            "experts": {
+                "gate_up_proj": jax.random.normal(ks[1], (experts, d, 2 * f)) * d**-0.5,
+                "down_proj": jax.random.normal(ks[2], (experts, f, d)) * f**-0.5,
+            },
+        }
+    }
     ads = lora.init(params, r=r, alpha=2 * r, targets="experts", key=ks[3])
-    ads = jax.tree_util.tree_map(lambda ad: dataclasses.replace(ad, b=jnp.full(ad.b.shape, 0.01)), ads,
-                                 is_leaf=lora.is_adapter)
+    ads = jax.tree_util.tree_map(
+        lambda ad: dataclasses.replace(ad, b=jnp.full(ad.b.shape, 0.01)), ads, is_leaf=lora.is_adapter
+    )
     x = jax.random.normal(ks[4], (tokens, d))
     return params, ads, x
 
@@ -79,8 +94,9 @@ def block_loss(ads, x, params, *, top_k: int, mesh=None, capacity_factor=None):
     if mesh is None:
         y, dropped = moe.experts_glu(x, routing, gate_up=e["gate_up_proj"], down=e["down_proj"]), jnp.zeros((), int)
     else:
-        y, dropped, _ = moe.experts_glu_sharded(x, routing, mesh=mesh, gate_up=e["gate_up_proj"], down=e["down_proj"],
-                                                capacity_factor=capacity_factor)
+        y, dropped, _ = moe.experts_glu_sharded(
+            x, routing, mesh=mesh, gate_up=e["gate_up_proj"], down=e["down_proj"], capacity_factor=capacity_factor
+        )
     return jnp.mean(y.astype(jnp.float32) ** 2), dropped
 
 
@@ -97,8 +113,10 @@ def compiled(fn, *args, mesh=None):
 def one_mesh(expert_devices: int):
     from jax.sharding import Mesh
 
-    return Mesh(np.asarray(jax.devices()[:expert_devices]).reshape(1, 1, expert_devices), sharding.BATCH_AXES +
-                (sharding.EXPERT_AXIS,))
+    return Mesh(
+        np.asarray(jax.devices()[:expert_devices]).reshape(1, 1, expert_devices),
+        sharding.BATCH_AXES + (sharding.EXPERT_AXIS,),
+    )
 
 
 def section(experts: int, args) -> tuple[list[dict], dict]:
@@ -118,9 +136,16 @@ def section(experts: int, args) -> tuple[list[dict], dict]:
         (loss, dropped), _ = out
         losses[name if cf == "-" else f"{name}, capacity factor {cf}"] = float(loss)
         cap = None if cf == "-" else moe.expert_capacity(per_device_tokens, k, experts, cf)
-        row = {"E": experts, "variant": name, "capacity_factor": "none (dropless)" if cf is None else cf,
-               "capacity": cap, "flops_per_device": flops, "dropped_pairs": int(dropped),
-               "dropped_share": int(dropped) / (t * k), "collectives": collectives(comp.as_text())}
+        row = {
+            "E": experts,
+            "variant": name,
+            "capacity_factor": "none (dropless)" if cf is None else cf,
+            "capacity": cap,
+            "flops_per_device": flops,
+            "dropped_pairs": int(dropped),
+            "dropped_share": int(dropped) / (t * k),
+            "collectives": collectives(comp.as_text()),
+        }
         row["to_1dev_capacity"] = flops / reference if reference else None
         rows.append(row)
         return flops
@@ -130,14 +155,38 @@ def section(experts: int, args) -> tuple[list[dict], dict]:
     record("8 devices, placement", "-", *compiled(plain, a8, x8, p8), t)
     for cf in args.capacity_factors:
         one = one_mesh(1)
-        ref = record("1 device, capacity", cf, *compiled(
-            lambda a, x, p, cf=cf: block_loss(a, x, p, top_k=k, mesh=one, capacity_factor=cf), ads, x, params), t)
-        record("8 devices, all-to-all", cf, *compiled(
-            lambda a, x, p, cf=cf: block_loss(a, x, p, top_k=k, mesh=sharding.expert_mesh(), capacity_factor=cf),
-            a8, x8, p8, mesh=mesh8), t // DEVICES, reference=ref)
+        ref = record(
+            "1 device, capacity",
+            cf,
+            *compiled(
+                lambda a, x, p, cf=cf: block_loss(a, x, p, top_k=k, mesh=one, capacity_factor=cf), ads, x, params
+            ),
+            t,
+        )
+        record(
+            "8 devices, all-to-all",
+            cf,
+            *compiled(
+                lambda a, x, p, cf=cf: block_loss(a, x, p, top_k=k, mesh=sharding.expert_mesh(), capacity_factor=cf),
+                a8,
+                x8,
+                p8,
+                mesh=mesh8,
+            ),
+            t // DEVICES,
+            reference=ref,
+        )
     grouped_fwd = 2 * t * k * 3 * d * f  # the routed rows' three expert products, forward, grouped exactly
-    info = {"experts": experts, "top_k": k, "hidden": d, "expert_width": f, "tokens": t, "r": args.r,
-            "grouped_expert_forward_flops": grouped_fwd, "losses": losses}
+    info = {
+        "experts": experts,
+        "top_k": k,
+        "hidden": d,
+        "expert_width": f,
+        "tokens": t,
+        "r": args.r,
+        "grouped_expert_forward_flops": grouped_fwd,
+        "losses": losses,
+    }
     return rows, info
 
 
@@ -156,16 +205,27 @@ def markdown(record: dict) -> str:
             return "-" if not n else f"{n:,} ({n / own:.3g}x)"
 
         share = "-" if r["to_1dev_capacity"] is None else f"{r['to_1dev_capacity']:.3f}"
-        rows.append(f"| {r['E']} | {r['variant']} | {r['capacity_factor']} | {r['flops_per_device'] / 1e9:,.2f} | "
-                    f"{share} | {r['dropped_share']:.1%} | {c.get('all-to-all', {}).get('count', 0)} | "
-                    f"{largest('all-gather')} | {largest('all-reduce')} |")
+        rows.append(
+            f"| {r['E']} | {r['variant']} | {r['capacity_factor']} | {r['flops_per_device'] / 1e9:,.2f} | "
+            f"{share} | {r['dropped_share']:.1%} | {c.get('all-to-all', {}).get('count', 0)} | "
+            f"{largest('all-gather')} | {largest('all-reduce')} |"
+        )
     m = next(iter(record["models"].values()))
-    head = (f"One MoE block (d={m['hidden']}, experts of width {m['expert_width']}, top-{m['top_k']}, LoRA r={m['r']} "
-            f"on every expert, {m['tokens']} tokens), forward + backward, {record['devices']} CPU devices, "
-            "expert axis of 8; the largest arrays in elements and in units of one device's tokens x hidden:")
-    return "\n".join([head, "", "| E | program | capacity factor | GFLOP per device | share of 1 device at the same "
-                       "capacity | pairs dropped | all-to-alls | largest all-gather | largest all-reduce |",
-                       "|---|---|---|---|---|---|---|---|---|", *rows])
+    head = (
+        f"One MoE block (d={m['hidden']}, experts of width {m['expert_width']}, top-{m['top_k']}, LoRA r={m['r']} "
+        f"on every expert, {m['tokens']} tokens), forward + backward, {record['devices']} CPU devices, "
+        "expert axis of 8; the largest arrays in elements and in units of one device's tokens x hidden:"
+    )
+    return "\n".join(
+        [
+            head,
+            "",
+            "| E | program | capacity factor | GFLOP per device | share of 1 device at the same "
+            "capacity | pairs dropped | all-to-alls | largest all-gather | largest all-reduce |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -177,8 +237,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--capacity-factors", type=lambda s: None if s == "none" else float(s), nargs="+",
-                    default=[None, 1.25], help="'none': never drop a token")
+    ap.add_argument(
+        "--capacity-factors",
+        type=lambda s: None if s == "none" else float(s),
+        nargs="+",
+        default=[None, 1.25],
+        help="'none': never drop a token",
+    )
     ap.add_argument("--out", default=None, help="write the results JSON here (with provenance)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -189,8 +254,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if jax.device_count() < DEVICES:
-        raise SystemExit(f"moe_dispatch needs {DEVICES} devices, found {jax.device_count()}: run with "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}")
+        raise SystemExit(
+            f"moe_dispatch needs {DEVICES} devices, found {jax.device_count()}: run with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}"
+        )
     recorder = Recorder("moe_dispatch", SOURCES, argv)
     t0 = time.perf_counter()
     rows, models = [], {}
@@ -198,18 +265,46 @@ def main(argv=None) -> dict:
         r, info = section(experts, args)
         rows += r
         models[f"E={experts}"] = info
-    show = [{**{k: v for k, v in row.items() if k != "collectives"},
-             "all-to-all": row["collectives"].get("all-to-all", {}).get("count", 0),
-             "largest all-gather": row["collectives"].get("all-gather", {}).get("largest_elements", 0),
-             "largest all-reduce": row["collectives"].get("all-reduce", {}).get("largest_elements", 0)} for row in rows]
-    print(table(show, ["E", "variant", "capacity_factor", "capacity", "flops_per_device", "to_1dev_capacity",
-                       "dropped_share", "all-to-all", "largest all-gather", "largest all-reduce"]))
-    payload = {"config": vars(args), "devices": DEVICES, "models": models, "rows": rows, "notes": [
-        "flops_per_device: XLA cost analysis of one device's compiled program (forward + backward of the block).",
-        "XLA:CPU lowers ragged_dot to a product masked per expert: '1 device, grouped' and '8 devices, placement' "
-        "count E x the grouped work; the capacity variants use batched products and count what they compute.",
-        "largest all-gather / all-reduce: elements of the largest array one such collective moves; the tokens' "
-        "activations are tokens x hidden elements."], "wall_s": time.perf_counter() - t0}
+    show = [
+        {
+            **{k: v for k, v in row.items() if k != "collectives"},
+            "all-to-all": row["collectives"].get("all-to-all", {}).get("count", 0),
+            "largest all-gather": row["collectives"].get("all-gather", {}).get("largest_elements", 0),
+            "largest all-reduce": row["collectives"].get("all-reduce", {}).get("largest_elements", 0),
+        }
+        for row in rows
+    ]
+    print(
+        table(
+            show,
+            [
+                "E",
+                "variant",
+                "capacity_factor",
+                "capacity",
+                "flops_per_device",
+                "to_1dev_capacity",
+                "dropped_share",
+                "all-to-all",
+                "largest all-gather",
+                "largest all-reduce",
+            ],
+        )
+    )
+    payload = {
+        "config": vars(args),
+        "devices": DEVICES,
+        "models": models,
+        "rows": rows,
+        "notes": [
+            "flops_per_device: XLA cost analysis of one device's compiled program (forward + backward of the block).",
+            "XLA:CPU lowers ragged_dot to a product masked per expert: '1 device, grouped' and '8 devices, placement' "
+            "count E x the grouped work; the capacity variants use batched products and count what they compute.",
+            "largest all-gather / all-reduce: elements of the largest array one such collective moves; the tokens' "
+            "activations are tokens x hidden elements.",
+        ],
+        "wall_s": time.perf_counter() - t0,
+    }
     print()
     print(markdown(payload))
     if args.out:

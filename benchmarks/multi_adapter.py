@@ -32,8 +32,15 @@ from lora_jax.models import llama, save_pretrained
 
 MIXES = (1, 4, 16, 64)
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/multi.py", "lora_jax/peft.py", "lora_jax/models",
-           "benchmarks/multi_adapter.py", "benchmarks/common.py")
+SOURCES = (
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "lora_jax/multi.py",
+    "lora_jax/peft.py",
+    "lora_jax/models",
+    "benchmarks/multi_adapter.py",
+    "benchmarks/common.py",
+)
 
 
 def make_adapters(params, n: int, r: int, seed: int = 0) -> list:
@@ -43,11 +50,17 @@ def make_adapters(params, n: int, r: int, seed: int = 0) -> list:
         rank = r if i % 2 == 0 else max(1, r // 2)
         rng = np.random.RandomState(seed + i)
         template = lora.init(params, r=rank, alpha=2.0 * rank, targets="attention")
-        out.append(jax.tree_util.tree_map(
-            lambda ad: dataclasses.replace(ad, a=jnp.asarray(rng.uniform(-1, 1, ad.a.shape) / np.sqrt(ad.a.shape[0]),
-                                                             jnp.float32),
-                                           b=jnp.asarray(0.05 * rng.standard_normal(ad.b.shape), jnp.float32)),
-            template, is_leaf=lora.is_adapter))
+        out.append(
+            jax.tree_util.tree_map(
+                lambda ad: dataclasses.replace(
+                    ad,
+                    a=jnp.asarray(rng.uniform(-1, 1, ad.a.shape) / np.sqrt(ad.a.shape[0]), jnp.float32),
+                    b=jnp.asarray(0.05 * rng.standard_normal(ad.b.shape), jnp.float32),
+                ),
+                template,
+                is_leaf=lora.is_adapter,
+            )
+        )
     return out
 
 
@@ -68,10 +81,16 @@ def main(argv=None) -> dict:
     if args.batch % max(MIXES):
         raise SystemExit(f"--batch must be a multiple of {max(MIXES)} so that every mix fills whole groups")
 
-    config = llama.Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden),
-                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64 or 1,
-                          num_key_value_heads=args.hidden // 64 or 1, head_dim=min(64, args.hidden),
-                          max_position_embeddings=max(128, args.seq))
+    config = llama.Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(2.75 * args.hidden),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64 or 1,
+        num_key_value_heads=args.hidden // 64 or 1,
+        head_dim=min(64, args.hidden),
+        max_position_embeddings=max(128, args.seq),
+    )
     params = jax.jit(llama.init_params, static_argnums=0)(config, jax.random.key(0))
     model = llama.build(config)
     adapters = make_adapters(params, max(MIXES), args.r)
@@ -83,12 +102,14 @@ def main(argv=None) -> dict:
     single_step = jax.jit(lambda p, a, x: model.apply({"params": lora.wrap(p, a)}, x)[0])
     mixed_step = jax.jit(lambda p, st, ids, x: model.apply({"params": lora.wrap_mixed(p, st, ids)}, x)[0])
 
-    fns = {"base model (no adapter)": lambda: block(base_step(params, x)),
-           "one adapter (lora.wrap)": lambda: block(single_step(params, adapters[0], x))}
+    fns = {
+        "base model (no adapter)": lambda: block(base_step(params, x)),
+        "one adapter (lora.wrap)": lambda: block(single_step(params, adapters[0], x)),
+    }
     stacks = {}
     for n in MIXES:
         stacks[n] = (lora.stack_adapters(adapters[:n], rank=args.r), jnp.asarray(np.arange(args.batch) % n, jnp.int32))
-        fns[f"mixed batch, {n} adapter(s)"] = (lambda n=n: block(mixed_step(params, stacks[n][0], stacks[n][1], x)))
+        fns[f"mixed batch, {n} adapter(s)"] = lambda n=n: block(mixed_step(params, stacks[n][0], stacks[n][1], x))
 
     # correctness spot check of the mixed step (rows of adapter 0 equal the one-adapter forward)
     got = np.asarray(mixed_step(params, stacks[4][0], stacks[4][1], x))[::4]
@@ -117,11 +138,12 @@ def main(argv=None) -> dict:
                 return peft_model(tx, adapter_names=names).logits
 
         ref = peft_forward([f"a{i % 4}" for i in range(args.batch)]).numpy()
-        np.testing.assert_allclose(ref, np.asarray(mixed_step(params, stacks[4][0], stacks[4][1], x)),
-                                   atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(
+            ref, np.asarray(mixed_step(params, stacks[4][0], stacks[4][1], x)), atol=1e-3, rtol=1e-3
+        )
         for n in MIXES:
             names = [f"a{i % n}" for i in range(args.batch)]
-            fns[f"PEFT adapter_names=, {n} adapter(s)"] = (lambda names=names: peft_forward(names))
+            fns[f"PEFT adapter_names=, {n} adapter(s)"] = lambda names=names: peft_forward(names)
 
     times = time_interleaved(fns, rounds=args.rounds, warmup=1)
     one = median(times["one adapter (lora.wrap)"])
@@ -129,22 +151,38 @@ def main(argv=None) -> dict:
     rows = []
     for name, ts in times.items():
         t = median(ts)
-        row = {"variant": name, "median_ms": 1e3 * t, "tokens_per_s": tokens_per_call / t,
-               "throughput_vs_one_adapter": one / t}
+        row = {
+            "variant": name,
+            "median_ms": 1e3 * t,
+            "tokens_per_s": tokens_per_call / t,
+            "throughput_vs_one_adapter": one / t,
+        }
         for n in MIXES:
             if name == f"mixed batch, {n} adapter(s)" and peft_model is not None:
                 row["speedup_vs_peft_same_mix"] = median(times[f"PEFT adapter_names=, {n} adapter(s)"]) / t
         if name.startswith("PEFT") and peft_one is not None:
             row["throughput_vs_peft_1_adapter"] = peft_one / t
         rows.append(row)
-    print(f"Llama-style decoder: {args.layers} layers, d={args.hidden}, vocab {args.vocab}; batch {args.batch} x "
-          f"{args.seq} tokens; LoRA r={args.r} (and r/2) on q,k,v,o; float32, CPU; medians of {args.rounds} rounds")
-    print(table(rows, ["variant", "median_ms", "tokens_per_s", "throughput_vs_one_adapter",
-                       "speedup_vs_peft_same_mix", "throughput_vs_peft_1_adapter"]))
+    print(
+        f"Llama-style decoder: {args.layers} layers, d={args.hidden}, vocab {args.vocab}; batch {args.batch} x "
+        f"{args.seq} tokens; LoRA r={args.r} (and r/2) on q,k,v,o; float32, CPU; medians of {args.rounds} rounds"
+    )
+    print(
+        table(
+            rows,
+            [
+                "variant",
+                "median_ms",
+                "tokens_per_s",
+                "throughput_vs_one_adapter",
+                "speedup_vs_peft_same_mix",
+                "throughput_vs_peft_1_adapter",
+            ],
+        )
+    )
     at16 = one / median(times["mixed batch, 16 adapter(s)"])
     print(f"\nmixed batch over 16 adapters: {at16:.2f}x the throughput of the same batch on one adapter (goal >= 0.8)")
-    path = recorder.write(args.out, {"config": vars(args), "rows": rows, "ratio_16_vs_one_adapter": at16},
-                          args.out_dir)
+    path = recorder.write(args.out, {"config": vars(args), "rows": rows, "ratio_16_vs_one_adapter": at16}, args.out_dir)
     print(f"wrote {path}")
     return {"rows": rows, "ratio_16": at16}
 

@@ -39,10 +39,15 @@ def timed(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float | N
     before = os.times()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     after = os.times()
-    return {"command": " ".join(cmd), "wall_s": time.perf_counter() - t0,
-            "user_s": after.children_user - before.children_user,
-            "system_s": after.children_system - before.children_system, "returncode": proc.returncode,
-            "stdout": proc.stdout, "stderr": proc.stderr}
+    return {
+        "command": " ".join(cmd),
+        "wall_s": time.perf_counter() - t0,
+        "user_s": after.children_user - before.children_user,
+        "system_s": after.children_system - before.children_system,
+        "returncode": proc.returncode,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+    }
 
 
 def python() -> str:
@@ -60,11 +65,16 @@ def main_job() -> dict:
         folder = (out / "latest").resolve()
         result = json.loads((folder / "result.json").read_text())
         printed = (run["stdout"] + run["stderr"]).splitlines()
-        return {"wall_s": run["wall_s"], "user_s": run["user_s"], "system_s": run["system_s"],
-                "command": "python -m train.run", "loss_plot": (folder / "loss.png").is_file(),
-                "printed_outputs": [line for line in printed if str(out) in line][-12:],
-                "result": {k: v for k, v in result.items() if not k.startswith("samples")},
-                "samples_after": result.get("samples_after", [])[:3]}
+        return {
+            "wall_s": run["wall_s"],
+            "user_s": run["user_s"],
+            "system_s": run["system_s"],
+            "command": "python -m train.run",
+            "loss_plot": (folder / "loss.png").is_file(),
+            "printed_outputs": [line for line in printed if str(out) in line][-12:],
+            "result": {k: v for k, v in result.items() if not k.startswith("samples")},
+            "samples_after": result.get("samples_after", [])[:3],
+        }
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -82,9 +92,15 @@ def tests() -> dict:
             if n.isdigit():
                 counts[what] = int(n)
     durations = [line for line in run["stdout"].splitlines() if re.match(r"^\d+\.\d+s (call|setup|teardown)", line)]
-    return {"wall_s": run["wall_s"], "user_s": run["user_s"], "system_s": run["system_s"],
-            "command": "python -m pytest", "returncode": run["returncode"], "counts": counts,
-            "slowest": durations[:15]}
+    return {
+        "wall_s": run["wall_s"],
+        "user_s": run["user_s"],
+        "system_s": run["system_s"],
+        "command": "python -m pytest",
+        "returncode": run["returncode"],
+        "counts": counts,
+        "slowest": durations[:15],
+    }
 
 
 def setup() -> dict:
@@ -94,9 +110,13 @@ def setup() -> dict:
         run = timed(["bash", "scripts/setup.sh", "test"], clone)
         if run["returncode"] != 0:
             raise SystemExit(f"setup failed (exit {run['returncode']}):\n{run['stderr'][-3000:]}")
-        return {"wall_s": run["wall_s"], "user_s": run["user_s"], "system_s": run["system_s"],
-                "command": "bash scripts/setup.sh test", "pip_cache": "warm" if (Path.home() / ".cache" / "pip").exists()
-                else "cold"}
+        return {
+            "wall_s": run["wall_s"],
+            "user_s": run["user_s"],
+            "system_s": run["system_s"],
+            "command": "bash scripts/setup.sh test",
+            "pip_cache": "warm" if (Path.home() / ".cache" / "pip").exists() else "cold",
+        }
 
 
 def main(argv=None) -> int:
@@ -105,8 +125,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tests", action="store_true", help="time python -m pytest (the default tier)")
     ap.add_argument("--setup", action="store_true", help="time bash scripts/setup.sh test in a fresh clone")
     args = ap.parse_args(argv)
-    parts = [(name, fn) for name, fn, on in (("main_job", main_job, args.main_job), ("tests", tests, args.tests),
-                                             ("setup", setup, args.setup)) if on]
+    parts = [
+        (name, fn)
+        for name, fn, on in (
+            ("main_job", main_job, args.main_job),
+            ("tests", tests, args.tests),
+            ("setup", setup, args.setup),
+        )
+        if on
+    ]
     if not parts:
         ap.error("name at least one of --main-job, --tests, --setup")
     record = json.loads(PATH.read_text()) if PATH.exists() else {}
@@ -117,8 +144,9 @@ def main(argv=None) -> int:
         record[name] = section
         print(f"{name}: {section['wall_s']:.0f} s wall (load average {section['provenance']['load_average']})")
     # The file's own provenance (benchmarks.staleness reads it): that of its oldest section.
-    record["provenance"] = min((record[k]["provenance"] for k in ("main_job", "tests", "setup") if k in record),
-                               key=lambda p: p["date"])
+    record["provenance"] = min(
+        (record[k]["provenance"] for k in ("main_job", "tests", "setup") if k in record), key=lambda p: p["date"]
+    )
     PATH.parent.mkdir(parents=True, exist_ok=True)
     PATH.write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"wrote {PATH}")

@@ -61,10 +61,22 @@ from lora_jax.models.layers import attend
 
 PEERS = ("ours", "peft", "nnx", "nnx-split", "qwix")
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/models", "train/tasks.py", "benchmarks/peers.py",
-           "benchmarks/train_step.py", "benchmarks/common.py")
-LABELS = {"ours": "ours (lora_jax factored)", "peft": "HF PEFT (torch CPU)", "nnx": "flax nnx.LoRALinear (nnx.jit)",
-          "nnx-split": "flax nnx.LoRALinear (split + jax.jit)", "qwix": "qwix LoraProvider (nnx.jit)"}
+SOURCES = (
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "lora_jax/models",
+    "train/tasks.py",
+    "benchmarks/peers.py",
+    "benchmarks/train_step.py",
+    "benchmarks/common.py",
+)
+LABELS = {
+    "ours": "ours (lora_jax factored)",
+    "peft": "HF PEFT (torch CPU)",
+    "nnx": "flax nnx.LoRALinear (nnx.jit)",
+    "nnx-split": "flax nnx.LoRALinear (split + jax.jit)",
+    "qwix": "qwix LoraProvider (nnx.jit)",
+}
 
 
 def hf_config(quick: bool):
@@ -184,9 +196,17 @@ def peft_step(cfg, ids: np.ndarray, r: int, lr: float, threads: int):
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True,
-        task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        transformers.GPT2LMHeadModel(cfg),
+        peft.LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=["c_attn"],
+            lora_dropout=0.0,
+            fan_in_fan_out=True,
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr)
@@ -199,9 +219,13 @@ def peft_step(cfg, ids: np.ndarray, r: int, lr: float, threads: int):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    info = {"torch": torch.__version__, "peft": peft.__version__, "threads": torch.get_num_threads(),
-            "attn_implementation": getattr(model.config, "_attn_implementation", None),
-            "trainable": sum(p.numel() for p in trainable)}
+    info = {
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "threads": torch.get_num_threads(),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "trainable": sum(p.numel() for p in trainable),
+    }
     return run, info
 
 
@@ -242,8 +266,10 @@ def explain(rows: dict[str, dict], info: dict[str, dict], quick: bool) -> list[s
         flops = info.get(name, {}).get("flops_per_step")
         if flops and name in rows:
             ms = rows[name]["median_ms"]
-            rates.append(f"{name}: {flops / 1e9:,.4g} GFLOP per step ({info[name]['flops_counter']}) in "
-                         f"{ms / 1e3:.2f} s = {flops / 1e6 / ms:,.4g} GFLOP/s")
+            rates.append(
+                f"{name}: {flops / 1e9:,.4g} GFLOP per step ({info[name]['flops_counter']}) in "
+                f"{ms / 1e3:.2f} s = {flops / 1e6 / ms:,.4g} GFLOP/s"
+            )
     if rates:
         notes.append("measured in this run (the two counters count different op sets): " + "; ".join(rates))
     return notes
@@ -257,15 +283,21 @@ def throughput_goal(rows: dict[str, dict], info: dict[str, dict]) -> dict:
     met when that median is at least :data:`GOAL`. When it is missed, ``why`` says what this run measured: the work
     each side does per step and the rate it runs at."""
     p = rows["peft"]["paired"]
-    goal = {"value": 1 / p["median"], "ci95": [1 / p["ci95"][1], 1 / p["ci95"][0]], "target": GOAL,
-            "met": 1 / p["median"] >= GOAL}
+    goal = {
+        "value": 1 / p["median"],
+        "ci95": [1 / p["ci95"][1], 1 / p["ci95"][0]],
+        "target": GOAL,
+        "met": 1 / p["median"] >= GOAL,
+    }
     f_ours, f_peft = (info.get(n, {}).get("flops_per_step") for n in ("ours", "peft"))
     if not goal["met"] and f_ours and f_peft:
         rate = {n: info[n]["flops_per_step"] / (rows[n]["median_ms"] / 1e3) for n in ("ours", "peft")}
-        goal["why"] = (f"ours does {f_ours / f_peft:.2f}x PEFT's counted FLOPs per step, at {rate['ours'] / 1e9:,.0f} "
-                       f"GFLOP/s against PEFT's {rate['peft'] / 1e9:,.0f} ({rate['ours'] / rate['peft']:.2f}x): "
-                       "the smaller graph runs at a lower FLOP rate on this CPU (the two counters count different "
-                       "op sets)")
+        goal["why"] = (
+            f"ours does {f_ours / f_peft:.2f}x PEFT's counted FLOPs per step, at {rate['ours'] / 1e9:,.0f} "
+            f"GFLOP/s against PEFT's {rate['peft'] / 1e9:,.0f} ({rate['ours'] / rate['peft']:.2f}x): "
+            "the smaller graph runs at a lower FLOP rate on this CPU (the two counters count different "
+            "op sets)"
+        )
     return goal
 
 
@@ -314,8 +346,12 @@ def main(argv=None) -> dict:
     adapters = lora.init(lm.params, r=args.r, alpha=2 * args.r, targets="qv")
     ours = prepare(lm, "factored", batch, adapters=adapters, lr=args.lr)
     fns["ours"] = ours
-    info["ours"] = {"trainable": ours.trainable_params, "setup_s": time.perf_counter() - t0,
-                    "flops_per_step": xla_flops(ours.compiled), "flops_counter": "XLA cost analysis"}
+    info["ours"] = {
+        "trainable": ours.trainable_params,
+        "setup_s": time.perf_counter() - t0,
+        "flops_per_step": xla_flops(ours.compiled),
+        "flops_counter": "XLA cost analysis",
+    }
 
     if "peft" in args.peers:
         if importlib.util.find_spec("peft") and importlib.util.find_spec("torch"):
@@ -360,25 +396,50 @@ def main(argv=None) -> dict:
     for name, ts in times.items():
         t = median(ts)
         paired = paired_summary(times["ours"], ts)
-        rows.append({"peer": LABELS[name], "trainable": info[name]["trainable"], "median_ms": 1e3 * t,
-                     "tokens/s": tokens / t, "ours/peer": paired_ratio(times, "ours", name),
-                     "ours/peer CI95": f"{paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f}",
-                     "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts), "paired": paired})
+        rows.append(
+            {
+                "peer": LABELS[name],
+                "trainable": info[name]["trainable"],
+                "median_ms": 1e3 * t,
+                "tokens/s": tokens / t,
+                "ours/peer": paired_ratio(times, "ours", name),
+                "ours/peer CI95": f"{paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f}",
+                "min_ms": 1e3 * min(ts),
+                "max_ms": 1e3 * max(ts),
+                "paired": paired,
+            }
+        )
     notes += explain(dict(zip(times, rows)), info, args.quick)
-    goals = {} if args.quick or "peft" not in times else {"ours >= 1.3x PEFT's throughput": throughput_goal(
-        dict(zip(times, rows)), info)}
+    goals = (
+        {}
+        if args.quick or "peft" not in times
+        else {"ours >= 1.3x PEFT's throughput": throughput_goal(dict(zip(times, rows)), info)}
+    )
 
-    print(f"GPT-2-small-shaped LM ({cfg.n_layer} layers, d={cfg.n_embd}, vocab {cfg.vocab_size}), batch {args.batch} x "
-          f"{args.seq}, LoRA r={args.r} on c_attn, AdamW, float32, {os.cpu_count()} cores, medians of {args.rounds} "
-          f"interleaved rounds{' [quick]' if args.quick else ''}")
-    print(table(rows, ["peer", "trainable", "median_ms", "tokens/s", "ours/peer", "ours/peer CI95", "min_ms",
-                       "max_ms"]))
+    print(
+        f"GPT-2-small-shaped LM ({cfg.n_layer} layers, d={cfg.n_embd}, vocab {cfg.vocab_size}), batch {args.batch} x "
+        f"{args.seq}, LoRA r={args.r} on c_attn, AdamW, float32, {os.cpu_count()} cores, medians of {args.rounds} "
+        f"interleaved rounds{' [quick]' if args.quick else ''}"
+    )
+    print(
+        table(rows, ["peer", "trainable", "median_ms", "tokens/s", "ours/peer", "ours/peer CI95", "min_ms", "max_ms"])
+    )
     for n in notes:
         print("note:", n)
     for k, g in goals.items():
-        print(f"goal {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.2f}" + (f" ({g['why']})" if g.get("why") else ""))
-    result = {"config": vars(args), "rows": rows, "info": info, "notes": notes, "goals": goals, "times_s": times,
-              "wall_s": time.perf_counter() - t_start}
+        print(
+            f"goal {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.2f}"
+            + (f" ({g['why']})" if g.get("why") else "")
+        )
+    result = {
+        "config": vars(args),
+        "rows": rows,
+        "info": info,
+        "notes": notes,
+        "goals": goals,
+        "times_s": times,
+        "wall_s": time.perf_counter() - t_start,
+    }
     print(f"wall time {result['wall_s']:.0f} s; wrote {recorder.write(args.out, result, args.out_dir)}")
     return result
 

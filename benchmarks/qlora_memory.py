@@ -35,10 +35,15 @@ import lora_jax as lora
 from benchmarks.common import Recorder, donated_step_memory, table
 from lora_jax import ops, quant
 
-MiB = 2 ** 20
+MiB = 2**20
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/quant.py", "benchmarks/qlora_memory.py",
-           "benchmarks/common.py")
+SOURCES = (
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "lora_jax/quant.py",
+    "benchmarks/qlora_memory.py",
+    "benchmarks/common.py",
+)
 
 
 def kernel_shapes(d: int) -> dict[str, tuple[int, int]]:
@@ -52,8 +57,10 @@ def abstract_params(layers: int, d: int, dtype) -> dict:
         block: dict = {}
         for name, (d_in, d_out) in kernel_shapes(d).items():
             scope, leaf = name.split("/")
-            block.setdefault(scope, {})[leaf] = {"kernel": jax.ShapeDtypeStruct((d_in, d_out), dtype),
-                                                 "bias": jax.ShapeDtypeStruct((d_out,), dtype)}
+            block.setdefault(scope, {})[leaf] = {
+                "kernel": jax.ShapeDtypeStruct((d_in, d_out), dtype),
+                "bias": jax.ShapeDtypeStruct((d_out,), dtype),
+            }
         params[f"h_{i}"] = block
     return params
 
@@ -130,10 +137,18 @@ def main(argv=None) -> dict:
     rows = []
 
     def add(method, weights_tree, mem, trainable_bytes):
-        rows.append({"method": method, "weights MiB": quant.nbytes(kernels(weights_tree)) / MiB,
-                     "bits/weight": 8 * quant.nbytes(kernels(weights_tree)) / n_weights,
-                     "trainable MiB": trainable_bytes / MiB, "argument MiB": mem["argument"] / MiB,
-                     "temp MiB": mem["temp"] / MiB, "peak MiB": mem["peak"] / MiB, **{f"_{k}": v for k, v in mem.items()}})
+        rows.append(
+            {
+                "method": method,
+                "weights MiB": quant.nbytes(kernels(weights_tree)) / MiB,
+                "bits/weight": 8 * quant.nbytes(kernels(weights_tree)) / n_weights,
+                "trainable MiB": trainable_bytes / MiB,
+                "argument MiB": mem["argument"] / MiB,
+                "temp MiB": mem["temp"] / MiB,
+                "peak MiB": mem["peak"] / MiB,
+                **{f"_{k}": v for k, v in mem.items()},
+            }
+        )
         print(f"  compiled {method}", flush=True)
 
     add("full fine-tuning f32 (AdamW)", f32, full_finetuning(f32, batch, tx), quant.nbytes(f32))
@@ -147,17 +162,23 @@ def main(argv=None) -> dict:
     add(f"QLoRA r={args.r}, NF4 + double quant", nf4, mem, ad_bytes)
 
     columns = ["method", "weights MiB", "bits/weight", "trainable MiB", "argument MiB", "temp MiB", "peak MiB"]
-    print(f"\n{args.layers} blocks, d={args.d} ({n_weights / 1e6:.1f}M kernel weights), batch {args.batch}x{args.seq}, "
-          f"backend {jax.default_backend()}\n")
+    print(
+        f"\n{args.layers} blocks, d={args.d} ({n_weights / 1e6:.1f}M kernel weights), batch {args.batch}x{args.seq}, "
+        f"backend {jax.default_backend()}\n"
+    )
     print(table(rows, columns))
-    result = {"config": vars(args), "kernel_weights": n_weights,
-              "rows": [{k.lstrip("_"): v for k, v in r.items()} for r in rows]}
+    result = {
+        "config": vars(args),
+        "kernel_weights": n_weights,
+        "rows": [{k.lstrip("_"): v for k, v in r.items()} for r in rows],
+    }
     print(f"\nwrote {recorder.write('qlora_memory', result, args.out_dir)}")
     return result
 
 
 def _abstract_quantize(params: dict, method: str) -> dict:
     """The quantised tree's structure and shapes, without quantising anything (every kernel is abstract)."""
+
     def q(path, leaf):
         if not lora.targets.path_str(path).endswith("kernel"):
             return leaf

@@ -27,7 +27,7 @@ from benchmarks.common import ROOT, bootstrap_median_ci, paired_summary
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 MARKER = re.compile(r"<!-- report:(?P<id>[\w.-]+) -->(?P<body>.*?)<!-- /report:(?P=id) -->", re.S)
-MiB = 2 ** 20
+MiB = 2**20
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -56,27 +56,39 @@ def provenance(record: dict[str, Any], command: str) -> str:
     p = record.get("provenance")
     env = record.get("environment", {})
     if not p:
-        return (f"*Run: `{command}` on {env.get('time', '?')}, {env.get('cpu_count', '?')} cores, jax "
-                f"{env.get('jax', '?')}; commit, CPU model, load and other versions not recorded (this result "
-                "predates provenance recording: rerun it).*")
+        return (
+            f"*Run: `{command}` on {env.get('time', '?')}, {env.get('cpu_count', '?')} cores, jax "
+            f"{env.get('jax', '?')}; commit, CPU model, load and other versions not recorded (this result "
+            "predates provenance recording: rerun it).*"
+        )
     git = p.get("git", {})
     commit = git.get("commit")
-    state = "not a git checkout" if not commit else \
-        f"commit {commit[:10]}" + (" with uncommitted changes" if git.get("dirty") else "")
+    state = (
+        "not a git checkout"
+        if not commit
+        else f"commit {commit[:10]}" + (" with uncommitted changes" if git.get("dirty") else "")
+    )
     cpu = p.get("cpu", {})
     load = p.get("load_average", {})
-    libs = ", ".join(f"{k} {v}" for k, v in p.get("libraries", {}).items()
-                     if v and k in ("jax", "jaxlib", "flax", "torch", "peft", "transformers", "qwix"))
+    libs = ", ".join(
+        f"{k} {v}"
+        for k, v in p.get("libraries", {}).items()
+        if v and k in ("jax", "jaxlib", "flax", "torch", "peft", "transformers", "qwix")
+    )
     before, after = load.get("before") or ["?"], load.get("after") or ["?"]
-    return (f"*Run: `{p.get('command', command)}`, {state}, {p.get('date', '?')[:16].replace('T', ' ')} UTC, "
-            f"{cpu.get('model', '?')}, {cpu.get('usable_cores', cpu.get('logical_cores', '?'))} cores, load average "
-            f"{before[0]} before / {after[0]} after, {p.get('wall_s', 0) / 60:.0f} min; {libs}.*")
+    return (
+        f"*Run: `{p.get('command', command)}`, {state}, {p.get('date', '?')[:16].replace('T', ' ')} UTC, "
+        f"{cpu.get('model', '?')}, {cpu.get('usable_cores', cpu.get('logical_cores', '?'))} cores, load average "
+        f"{before[0]} before / {after[0]} after, {p.get('wall_s', 0) / 60:.0f} min; {libs}.*"
+    )
 
 
 def _verdict(s: dict[str, Any]) -> str:
     lo, hi = s["ci95"]
-    return (f"median {_x(s['median'])}x (95% CI {_x(lo)}-{_x(hi)}, slower in {s['slower_rounds']} of "
-            f"{s['rounds']} rounds, sign test p = {s['sign_test_p_slower']:.2g})")
+    return (
+        f"median {_x(s['median'])}x (95% CI {_x(lo)}-{_x(hi)}, slower in {s['slower_rounds']} of "
+        f"{s['rounds']} rounds, sign test p = {s['sign_test_p_slower']:.2g})"
+    )
 
 
 # ---------------------------------------------------------------------------------------- train_step
@@ -92,9 +104,11 @@ def train_step_headline(results: dict) -> str:
     ratio = {(s["model"], s["method"]): s["ratio_to_full"] for s in r["step"]}
     opt = {(m["model"], m["method"]): m["opt_state_MiB"] for m in r["memory"]}
     fac = "LoRA factored (lora.wrap)"
-    return (f"A GPT-2-small train step costs **{_x(ratio[('gpt2-small', fac)])}x** full fine-tuning, SmolLM2-135M "
-            f"**{_x(ratio[('smollm2-135m', fac)])}x**; the optimizer state is {opt[('gpt2-small', fac)]:.1f} MiB "
-            f"instead of {opt[('gpt2-small', 'full fine-tuning')]:,.0f} MiB")
+    return (
+        f"A GPT-2-small train step costs **{_x(ratio[('gpt2-small', fac)])}x** full fine-tuning, SmolLM2-135M "
+        f"**{_x(ratio[('smollm2-135m', fac)])}x**; the optimizer state is {opt[('gpt2-small', fac)]:.1f} MiB "
+        f"instead of {opt[('gpt2-small', 'full fine-tuning')]:,.0f} MiB"
+    )
 
 
 def merged_headline(results: dict) -> str:
@@ -106,52 +120,87 @@ def merged_headline(results: dict) -> str:
 def train_step_block(results: dict) -> str:
     r = results["train_step"]
     names = {"gpt2-small": "GPT-2-small", "smollm2-135m": "SmolLM2-135M"}
-    methods = {"full fine-tuning": "full fine-tuning", "LoRA merge-then-forward": "LoRA merge-then-forward",
-               "LoRA factored (lora.wrap)": "LoRA factored (ours)"}
+    methods = {
+        "full fine-tuning": "full fine-tuning",
+        "LoRA merge-then-forward": "LoRA merge-then-forward",
+        "LoRA factored (lora.wrap)": "LoRA factored (ours)",
+    }
     mem = {(m["model"], m["method"]): m for m in r["memory"]}
     rows = []
     for s in r["step"]:
         m = mem[(s["model"], s["method"])]
         full = s["method"] == "full fine-tuning"
-        rows.append([names.get(s["model"], s["model"]), methods.get(s["method"], s["method"]), _params(s["trainable"]),
-                     _ms(s["median_ms"]), _x(s["ratio_to_full"]),
-                     f"{m['peak_MiB']:,.0f}" + ("" if full else f" ({_x(m['peak_ratio_to_full'])})"),
-                     f"{m['sum_MiB']:,.0f}" + ("" if full else f" ({_x(m['sum_ratio_to_full'])})"),
-                     f"{m['opt_state_MiB']:,.1f} MiB"])
+        rows.append(
+            [
+                names.get(s["model"], s["model"]),
+                methods.get(s["method"], s["method"]),
+                _params(s["trainable"]),
+                _ms(s["median_ms"]),
+                _x(s["ratio_to_full"]),
+                f"{m['peak_MiB']:,.0f}" + ("" if full else f" ({_x(m['peak_ratio_to_full'])})"),
+                f"{m['sum_MiB']:,.0f}" + ("" if full else f" ({_x(m['sum_ratio_to_full'])})"),
+                f"{m['opt_state_MiB']:,.1f} MiB",
+            ]
+        )
     cfg = r["config"]
-    out = [f"Batch {cfg['batch']} x {cfg['seq']} tokens, r={cfg['r']} on q, v, AdamW, medians of {cfg['rounds']} "
-           "rotated rounds; ratios are medians of per-round ratios.", "",
-           _table(["model", "method", "trainable", "step ms", "ratio to full", "step peak MiB (donated)",
-                   "without donation", "optimizer state"], rows), ""]
+    out = [
+        f"Batch {cfg['batch']} x {cfg['seq']} tokens, r={cfg['r']} on q, v, AdamW, medians of {cfg['rounds']} "
+        "rotated rounds; ratios are medians of per-round ratios.",
+        "",
+        _table(
+            [
+                "model",
+                "method",
+                "trainable",
+                "step ms",
+                "ratio to full",
+                "step peak MiB (donated)",
+                "without donation",
+                "optimizer state",
+            ],
+            rows,
+        ),
+        "",
+    ]
     merged, control = _inference_summaries(r)
     goals = []
     for name, g in r.get("goals", {}).items():
         if name.startswith("merged/base"):
             continue  # restated below from the raw rounds, with the current rule
-        goals.append(f"- {'MET' if g['met'] else 'MISSED'}: {name}: {_x(g['value'])}" +
-                     (f" (measured why: {g['why']})" if g.get("why") else ""))
+        goals.append(
+            f"- {'MET' if g['met'] else 'MISSED'}: {name}: {_x(g['value'])}"
+            + (f" (measured why: {g['why']})" if g.get("why") else "")
+        )
     from benchmarks.train_step import MERGED_GOAL  # the rule the benchmark applies now
 
     met = merged["ci95"][1] <= MERGED_GOAL
-    goals.append(f"- {'MET' if met else 'MISSED'}: merged/base forward <= {MERGED_GOAL} (upper end of the 95% CI of "
-                 f"the median paired ratio): {_verdict(merged)}; the base timed twice per round, as a noise "
-                 f"control: {_verdict(control)}")
+    goals.append(
+        f"- {'MET' if met else 'MISSED'}: merged/base forward <= {MERGED_GOAL} (upper end of the 95% CI of "
+        f"the median paired ratio): {_verdict(merged)}; the base timed twice per round, as a noise "
+        f"control: {_verdict(control)}"
+    )
     out += ["Goals:", "", *goals, ""]
     inf = {i["what"]: i for i in r["inference"]}
     info = r["inference_info"]
-    out.append(f"Inference ({names.get(r['config']['inference_model'], '?')}, {info['adapted_matrices']} all-linear "
-               f"adapters, {cfg['batch']} x {cfg['seq']} tokens): base forward "
-               f"{_ms(inf['forward, base params']['median_ms'])} ms, factored unmerged forward "
-               f"{_x(inf['forward, unmerged (lora.wrap, factored)']['ratio_to_base_forward'])}x of it, `lora.merge` of "
-               f"all adapters {_ms(inf['lora.merge (jitted)']['median_ms'])} ms jitted / "
-               f"{_ms(inf['lora.merge (eager, op by op)']['median_ms'])} ms eager; max |logits(merged) - "
-               f"logits(factored)| = {info['max_abs_diff_merged_vs_factored_logits']:.0e}.")
+    out.append(
+        f"Inference ({names.get(r['config']['inference_model'], '?')}, {info['adapted_matrices']} all-linear "
+        f"adapters, {cfg['batch']} x {cfg['seq']} tokens): base forward "
+        f"{_ms(inf['forward, base params']['median_ms'])} ms, factored unmerged forward "
+        f"{_x(inf['forward, unmerged (lora.wrap, factored)']['ratio_to_base_forward'])}x of it, `lora.merge` of "
+        f"all adapters {_ms(inf['lora.merge (jitted)']['median_ms'])} ms jitted / "
+        f"{_ms(inf['lora.merge (eager, op by op)']['median_ms'])} ms eager; max |logits(merged) - "
+        f"logits(factored)| = {info['max_abs_diff_merged_vs_factored_logits']:.0e}."
+    )
     sweeps: dict[str, list[str]] = {}
     for s in r["scaling"]:
         if s["variant"] != "full fine-tuning":
             sweeps.setdefault(f"{s['sweep']}, {s['model']}", []).append(f"{s['variant']} {_x(s['ratio_to_full'])}x")
-    out += ["", "Scaling (step time relative to full fine-tuning of the same smaller model): " +
-            "; ".join(f"{k}: {', '.join(v)}" for k, v in sweeps.items()) + "."]
+    out += [
+        "",
+        "Scaling (step time relative to full fine-tuning of the same smaller model): "
+        + "; ".join(f"{k}: {', '.join(v)}" for k, v in sweeps.items())
+        + ".",
+    ]
     notes = r.get("notes") or []
     if notes:
         out += ["", *[f"Note from this run: {n}" for n in notes]]
@@ -165,37 +214,58 @@ def train_step_block(results: dict) -> str:
 def peers_block(results: dict) -> str:
     r = results["peers"]
     times = r["times_s"]
-    label = {"ours": "lora_jax (factored)", "peft": "Hugging Face PEFT {peft} on PyTorch {torch} CPU",
-             "nnx": "Flax `nnx.LoRALinear` (`nnx.jit`)", "nnx-split": "Flax `nnx.LoRALinear` (split + `jax.jit`)",
-             "qwix": "qwix `LoraProvider` {qwix}"}
+    label = {
+        "ours": "lora_jax (factored)",
+        "peft": "Hugging Face PEFT {peft} on PyTorch {torch} CPU",
+        "nnx": "Flax `nnx.LoRALinear` (`nnx.jit`)",
+        "nnx-split": "Flax `nnx.LoRALinear` (split + `jax.jit`)",
+        "qwix": "qwix `LoraProvider` {qwix}",
+    }
     info = r.get("info", {})
-    fmt = {"peft": info.get("peft", {}).get("peft", "?"), "torch": info.get("peft", {}).get("torch", "?"),
-           "qwix": info.get("qwix", {}).get("version", "").replace("qwix ", "")}
+    fmt = {
+        "peft": info.get("peft", {}).get("peft", "?"),
+        "torch": info.get("peft", {}).get("torch", "?"),
+        "qwix": info.get("qwix", {}).get("version", "").replace("qwix ", ""),
+    }
     rows, verdicts = [], []
     for name, ts in times.items():
-        ms = 1e3 * sorted(ts)[len(ts) // 2] if len(ts) % 2 else 1e3 * sum(sorted(ts)[len(ts) // 2 - 1:][:2]) / 2
+        ms = 1e3 * sorted(ts)[len(ts) // 2] if len(ts) % 2 else 1e3 * sum(sorted(ts)[len(ts) // 2 - 1 :][:2]) / 2
         if name == "ours":
             rows.append([label[name], _ms(ms), "1.00", ""])
             continue
         s = paired_summary(times["ours"], ts)
-        rows.append([label.get(name, name).format(**fmt), _ms(ms), _x(s["median"]),
-                     f"{_x(s['ci95'][0])}-{_x(s['ci95'][1])}"])
+        rows.append(
+            [label.get(name, name).format(**fmt), _ms(ms), _x(s["median"]), f"{_x(s['ci95'][0])}-{_x(s['ci95'][1])}"]
+        )
         lo, hi = s["ci95"]
-        verdicts.append(f"{label.get(name, name).format(**fmt)}: " +
-                        ("ours slower" if lo > 1 else "ours faster" if hi < 1 else "no difference detected") +
-                        f" ({s['slower_rounds']} of {s['rounds']} rounds ours slower)")
+        verdicts.append(
+            f"{label.get(name, name).format(**fmt)}: "
+            + ("ours slower" if lo > 1 else "ours faster" if hi < 1 else "no difference detected")
+            + f" ({s['slower_rounds']} of {s['rounds']} rounds ours slower)"
+        )
     cfg = r["config"]
-    out = [f"GPT-2-small train step, batch {cfg['batch']} x {cfg['seq']}, r={cfg['r']} on c_attn, medians of "
-           f"{cfg['rounds']} rotated rounds:", "",
-           _table(["implementation", "median step ms", "our time / theirs (median of paired rounds)", "95% CI"], rows),
-           "", "From the paired rounds: " + "; ".join(verdicts) + "."]
+    out = [
+        f"GPT-2-small train step, batch {cfg['batch']} x {cfg['seq']}, r={cfg['r']} on c_attn, medians of "
+        f"{cfg['rounds']} rotated rounds:",
+        "",
+        _table(["implementation", "median step ms", "our time / theirs (median of paired rounds)", "95% CI"], rows),
+        "",
+        "From the paired rounds: " + "; ".join(verdicts) + ".",
+    ]
     flops = [(n, info[n]) for n in ("ours", "peft") if info.get(n, {}).get("flops_per_step")]
     if flops:
-        out += ["", "Measured in this run: " + "; ".join(
-            f"{n} {i['flops_per_step'] / 1e9:,.4g} GFLOP per step ({i['flops_counter']})" for n, i in flops) + "."]
+        out += [
+            "",
+            "Measured in this run: "
+            + "; ".join(f"{n} {i['flops_per_step'] / 1e9:,.4g} GFLOP per step ({i['flops_counter']})" for n, i in flops)
+            + ".",
+        ]
     for k, g in r.get("goals", {}).items():
-        out += ["", f"Goal: {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])} (95% CI {_x(g['ci95'][0])}-"
-                    f"{_x(g['ci95'][1])})" + (f"; measured why: {g['why']}." if g.get("why") else ".")]
+        out += [
+            "",
+            f"Goal: {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])} (95% CI {_x(g['ci95'][0])}-"
+            f"{_x(g['ci95'][1])})" + (f"; measured why: {g['why']}." if g.get("why") else "."),
+        ]
     out += ["", provenance(r, "python -m benchmarks.peers")]
     return "\n".join(out)
 
@@ -205,33 +275,63 @@ def peers_block(results: dict) -> str:
 
 def qlora_block(results: dict) -> str:
     r = results["qlora_memory"]
-    rows = [[x["method"], f"{x['weights MiB']:.1f}", f"{x['bits/weight']:.3f}".rstrip("0").rstrip("."),
-             f"{x['peak MiB']:,.0f}"] for x in r["rows"]]
+    rows = [
+        [
+            x["method"],
+            f"{x['weights MiB']:.1f}",
+            f"{x['bits/weight']:.3f}".rstrip("0").rstrip("."),
+            f"{x['peak MiB']:,.0f}",
+        ]
+        for x in r["rows"]
+    ]
     cfg = r["config"]
-    return "\n".join([f"{cfg['layers']} blocks of d={cfg['d']} ({r['kernel_weights'] / 1e6:.0f}M kernel weights), "
-                      f"batch {cfg['batch']} x {cfg['seq']}, r={cfg['r']} on every linear layer:", "",
-                      _table(["method", "kernels MiB", "bits/weight", "step peak MiB"], rows), "",
-                      provenance(r, "python -m benchmarks.qlora_memory")])
+    return "\n".join(
+        [
+            f"{cfg['layers']} blocks of d={cfg['d']} ({r['kernel_weights'] / 1e6:.0f}M kernel weights), "
+            f"batch {cfg['batch']} x {cfg['seq']}, r={cfg['r']} on every linear layer:",
+            "",
+            _table(["method", "kernels MiB", "bits/weight", "step peak MiB"], rows),
+            "",
+            provenance(r, "python -m benchmarks.qlora_memory"),
+        ]
+    )
 
 
 def multi_adapter_block(results: dict) -> str:
     r = results["multi_adapter"]
-    rows = [[x["variant"], _ms(x["median_ms"]), _x(x["throughput_vs_one_adapter"]),
-             _x(x["speedup_vs_peft_same_mix"]) if "speedup_vs_peft_same_mix" in x else ""] for x in r["rows"]]
+    rows = [
+        [
+            x["variant"],
+            _ms(x["median_ms"]),
+            _x(x["throughput_vs_one_adapter"]),
+            _x(x["speedup_vs_peft_same_mix"]) if "speedup_vs_peft_same_mix" in x else "",
+        ]
+        for x in r["rows"]
+    ]
     cfg = r["config"]
-    return "\n".join([f"{cfg['layers']} layers, hidden {cfg['hidden']}, a batch of {cfg['batch']} rows x {cfg['seq']} "
-                      f"tokens, medians of {cfg['rounds']} rounds:", "",
-                      _table(["variant", "median ms", "throughput vs one adapter", "speed-up vs PEFT, same mix"], rows),
-                      "", provenance(r, "python -m benchmarks.multi_adapter")])
+    return "\n".join(
+        [
+            f"{cfg['layers']} layers, hidden {cfg['hidden']}, a batch of {cfg['batch']} rows x {cfg['seq']} "
+            f"tokens, medians of {cfg['rounds']} rounds:",
+            "",
+            _table(["variant", "median ms", "throughput vs one adapter", "speed-up vs PEFT, same mix"], rows),
+            "",
+            provenance(r, "python -m benchmarks.multi_adapter"),
+        ]
+    )
 
 
 def smollm2_block(results: dict) -> str:
     r = results["smollm2_speed"]
-    rows = [[x["what"], f"{x['seconds']:.2f}", f"{x['tokens/s']:,.0f}" if x["tokens/s"] != "" else ""]
-            for x in r["rows"]]
+    rows = [
+        [x["what"], f"{x['seconds']:.2f}", f"{x['tokens/s']:,.0f}" if x["tokens/s"] != "" else ""] for x in r["rows"]
+    ]
     args = r["args"]
-    cmd = "python -m benchmarks.smollm2_speed" + (" --torch" if args.get("torch") else "") + \
-        (f" --rounds {args['rounds']}" if args.get("rounds") != 5 else "")
+    cmd = (
+        "python -m benchmarks.smollm2_speed"
+        + (" --torch" if args.get("torch") else "")
+        + (f" --rounds {args['rounds']}" if args.get("rounds") != 5 else "")
+    )
     return "\n".join([_table(["what", "seconds (median)", "tokens/s"], rows), "", provenance(r, cmd)])
 
 
@@ -240,8 +340,15 @@ def step_ratio_block(results: dict) -> str:
     rows = [[x["method"], _ms(x["median_ms"]), _x(x["ratio_to_full"])] for x in r["rows"]]
     cfg = r["config"]
     cmd = "python -m benchmarks.step_ratio" + (f" --rounds {cfg['rounds']}" if cfg.get("rounds") != 12 else "")
-    return "\n".join([f"{cfg['layers']} dense layers of {cfg['d']} x {cfg['d']}, {cfg['tokens']} tokens, r={cfg['r']}:",
-                      "", _table(["method", "median ms", "ratio to full"], rows), "", provenance(r, cmd)])
+    return "\n".join(
+        [
+            f"{cfg['layers']} dense layers of {cfg['d']} x {cfg['d']}, {cfg['tokens']} tokens, r={cfg['r']}:",
+            "",
+            _table(["method", "median ms", "ratio to full"], rows),
+            "",
+            provenance(r, cmd),
+        ]
+    )
 
 
 def loss_memory_block(results: dict) -> str:
@@ -249,31 +356,73 @@ def loss_memory_block(results: dict) -> str:
     long = r if "longest_sequence" in r else results["loss_memory_long"]  # one run of every section, or two
     names = {"gpt2-small": "GPT-2-small", "smollm2-135m": "SmolLM2-135M"}
     cfg = r["config"]
-    rows = [[names.get(m["model"], m["model"]), "full fine-tuning" if m["method"] == "full" else "LoRA", m["loss"],
-             m["remat"], f"{m['temp_MiB']:,.0f}", f"{m['peak_MiB']:,.0f}", _x(m["ratio_to_full"])] for m in r["memory"]]
-    ref = [[names.get(m["model"], m["model"]), m["step"], f"{m['peak_MiB']:,.0f}", _x(m["ratio_to_full"])]
-           for m in r["memory_train_step"]]
-    out = [f"The job's own step (`train.loop.make_train_step`, AdamW, LoRA r=8 on q, v), batch {cfg['batch']} x "
-           f"{cfg['seq']}, float32; compiled memory (`peak` = argument + output - alias + temp; ratio to full "
-           "fine-tuning with the plain loss and no remat):", "",
-           _table(["model", "method", "loss", "train.remat", "temp MiB", "step peak MiB", "ratio to full"], rows), "",
-           "`benchmarks.train_step`'s step (no gradient clipping or finiteness check; where the 0.48x / 0.51x of "
-           "issue 16 came from), no remat:", "", _table(["model", "step", "step peak MiB", "ratio to full"], ref), "",
-           "Goals:", ""]
-    out += [f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" + (f" (measured why: {g['why']})"
-            if g.get("why") else "") for k, g in r.get("goals", {}).items()]
+    rows = [
+        [
+            names.get(m["model"], m["model"]),
+            "full fine-tuning" if m["method"] == "full" else "LoRA",
+            m["loss"],
+            m["remat"],
+            f"{m['temp_MiB']:,.0f}",
+            f"{m['peak_MiB']:,.0f}",
+            _x(m["ratio_to_full"]),
+        ]
+        for m in r["memory"]
+    ]
+    ref = [
+        [names.get(m["model"], m["model"]), m["step"], f"{m['peak_MiB']:,.0f}", _x(m["ratio_to_full"])]
+        for m in r["memory_train_step"]
+    ]
+    out = [
+        f"The job's own step (`train.loop.make_train_step`, AdamW, LoRA r=8 on q, v), batch {cfg['batch']} x "
+        f"{cfg['seq']}, float32; compiled memory (`peak` = argument + output - alias + temp; ratio to full "
+        "fine-tuning with the plain loss and no remat):",
+        "",
+        _table(["model", "method", "loss", "train.remat", "temp MiB", "step peak MiB", "ratio to full"], rows),
+        "",
+        "`benchmarks.train_step`'s step (no gradient clipping or finiteness check; where the 0.48x / 0.51x of "
+        "issue 16 came from), no remat:",
+        "",
+        _table(["model", "step", "step peak MiB", "ratio to full"], ref),
+        "",
+        "Goals:",
+        "",
+    ]
+    out += [
+        f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}"
+        + (f" (measured why: {g['why']})" if g.get("why") else "")
+        for k, g in r.get("goals", {}).items()
+    ]
     lc = long["config"]
-    lrows = [[m["loss"], m["remat"], f"{m['longest_seq']:,}" + (" (the cap)" if m["capped_at_max"] else "")]
-             for m in long["longest_sequence"]]
-    out += ["", f"Longest sequence of a SmolLM2-135M LoRA step (batch {lc['long_batch']}, a multiple of "
-            f"{lc['long_step']} tokens, at most {lc['long_max']:,}) whose compiled peak fits {lc['budget_gib']:g} GiB:",
-            "", _table(["loss", "train.remat", "longest sequence"], lrows), ""]
-    trows = [[names.get(t["model"], t["model"]), t["variant"], _ms(t["median_ms"]), _x(t["ratio_to_plain"]),
-              f"{_x(t['ratio_to_plain_ci95'][0])}-{_x(t['ratio_to_plain_ci95'][1])}"] for t in r.get("time", [])]
+    lrows = [
+        [m["loss"], m["remat"], f"{m['longest_seq']:,}" + (" (the cap)" if m["capped_at_max"] else "")]
+        for m in long["longest_sequence"]
+    ]
+    out += [
+        "",
+        f"Longest sequence of a SmolLM2-135M LoRA step (batch {lc['long_batch']}, a multiple of "
+        f"{lc['long_step']} tokens, at most {lc['long_max']:,}) whose compiled peak fits {lc['budget_gib']:g} GiB:",
+        "",
+        _table(["loss", "train.remat", "longest sequence"], lrows),
+        "",
+    ]
+    trows = [
+        [
+            names.get(t["model"], t["model"]),
+            t["variant"],
+            _ms(t["median_ms"]),
+            _x(t["ratio_to_plain"]),
+            f"{_x(t['ratio_to_plain_ci95'][0])}-{_x(t['ratio_to_plain_ci95'][1])}",
+        ]
+        for t in r.get("time", [])
+    ]
     if trows:
-        out += [f"LoRA step time, batch {cfg['batch']} x {cfg['seq']}, {cfg['rounds']} rotated rounds on a shared "
-                "machine (compare the paired ratios, not the times):", "",
-                _table(["model", "variant", "median ms", "time / plain (paired median)", "95% CI"], trows), ""]
+        out += [
+            f"LoRA step time, batch {cfg['batch']} x {cfg['seq']}, {cfg['rounds']} rotated rounds on a shared "
+            "machine (compare the paired ratios, not the times):",
+            "",
+            _table(["model", "variant", "median ms", "time / plain (paired median)", "95% CI"], trows),
+            "",
+        ]
     out += [provenance(r, "python -m benchmarks.loss_memory")]
     if long is not r:
         out += ["", provenance(long, "python -m benchmarks.loss_memory --sections long")]
@@ -284,71 +433,122 @@ def _llamacpp_family(name: str, r: dict) -> list[str]:
     rows = []
     for c in r["comparisons"]:
         warn = c["warnings_beyond_base"]
-        rows.append([c["llama_cpp"], c["reference"], f"{c['tokens_agreeing']} / {c['tokens']}",
-                     f"{c['identical_continuations']} / {c['prompts']}",
-                     f"{c['max_abs_logit_diff']:.3g} ({c['max_abs_logit']:.0f})", str(len(warn)) if warn else "none"])
+        rows.append(
+            [
+                c["llama_cpp"],
+                c["reference"],
+                f"{c['tokens_agreeing']} / {c['tokens']}",
+                f"{c['identical_continuations']} / {c['prompts']}",
+                f"{c['max_abs_logit_diff']:.3g} ({c['max_abs_logit']:.0f})",
+                str(len(warn)) if warn else "none",
+            ]
+        )
     q = r["requantisation"]
-    lines = [f"**{name}** (`{r['base']}`, {r['adapters']['count']} adapters r={'/'.join(map(str, r['adapters']['r']))}"
-             f"; {r['prompts']} prompts x {r['max_new_tokens']} greedy tokens):", "",
-             _table(["llama.cpp runs", "against", "tokens agreeing", "identical continuations",
-                     "max logit diff (max logit)", "new warnings"], rows), "",
-             "Re-quantisation error of the merged files (rms of requant(W) - W over the rms of the update dW, per "
-             f"tensor): the base's own types ({', '.join(q['base']['types_of_changed_tensors'])}) worst "
-             f"{q['base']['worst_relative']:.2f}, median {q['base']['median_relative']:.2f}; Q8_0 worst "
-             f"{q['q8_0']['worst_relative']:.2f}, median {q['q8_0']['median_relative']:.2f}."]
+    lines = [
+        f"**{name}** (`{r['base']}`, {r['adapters']['count']} adapters r={'/'.join(map(str, r['adapters']['r']))}"
+        f"; {r['prompts']} prompts x {r['max_new_tokens']} greedy tokens):",
+        "",
+        _table(
+            [
+                "llama.cpp runs",
+                "against",
+                "tokens agreeing",
+                "identical continuations",
+                "max logit diff (max logit)",
+                "new warnings",
+            ],
+            rows,
+        ),
+        "",
+        "Re-quantisation error of the merged files (rms of requant(W) - W over the rms of the update dW, per "
+        f"tensor): the base's own types ({', '.join(q['base']['types_of_changed_tensors'])}) worst "
+        f"{q['base']['worst_relative']:.2f}, median {q['base']['median_relative']:.2f}; Q8_0 worst "
+        f"{q['q8_0']['worst_relative']:.2f}, median {q['q8_0']['median_relative']:.2f}.",
+    ]
     c = r.get("converter")
     if c:
-        lines[-1] += (f" llama.cpp's `convert_lora_to_gguf.py` on our PEFT export writes "
-                      f"{'the same tensors' if c['same_tensor_names'] else 'other tensor names'} (max difference "
-                      f"{c['max_abs_tensor_diff']:.3g}), which load here to dW within {c['loaded_here_max_abs_dW_diff']:.3g}.")
+        lines[-1] += (
+            f" llama.cpp's `convert_lora_to_gguf.py` on our PEFT export writes "
+            f"{'the same tensors' if c['same_tensor_names'] else 'other tensor names'} (max difference "
+            f"{c['max_abs_tensor_diff']:.3g}), which load here to dW within {c['loaded_here_max_abs_dW_diff']:.3g}."
+        )
     if r.get("base_warnings"):
-        lines[-1] += " The base file alone makes llama.cpp warn: " + "; ".join(
-            f"\"{w[:90]}\"" for w in r["base_warnings"]) + "."
+        lines[-1] += (
+            " The base file alone makes llama.cpp warn: " + "; ".join(f'"{w[:90]}"' for w in r["base_warnings"]) + "."
+        )
     return lines
 
 
 def llamacpp_block(results: dict) -> str:
     r = results["llamacpp_parity"]
-    head = (f"llama-cpp-python {r['llama_cpp_python']} ({r['llama_cpp_settings']}); token ids from our tokenizer go "
-            "into both; logits teacher-forced on prompt + our continuation, every position and vocabulary entry.")
+    head = (
+        f"llama-cpp-python {r['llama_cpp_python']} ({r['llama_cpp_settings']}); token ids from our tokenizer go "
+        "into both; logits teacher-forced on prompt + our continuation, every position and vocabulary entry."
+    )
     if r.get("run_eval_after"):
         ev = r["run_eval_after"]
-        head += (f" The SmolLM2 adapter is `{r['run']}` ({r['run_steps']} steps; held-out BLEU {ev.get('bleu', 0):.1f}"
-                 f", loss {ev.get('loss', 0):.3f}).")
+        head += (
+            f" The SmolLM2 adapter is `{r['run']}` ({r['run_steps']} steps; held-out BLEU {ev.get('bleu', 0):.1f}"
+            f", loss {ev.get('loss', 0):.3f})."
+        )
     parts = [head, ""] + _llamacpp_family("SmolLM2-135M-Instruct", r["smollm2"])
     if "gemma3" in r:
         parts += ["", *_llamacpp_family("Gemma 3 270M, a deterministic nonzero adapter", r["gemma3"])]
-    return "\n".join(parts + ["", provenance(r, "python -m benchmarks.llamacpp_parity --run runs/llamacpp_parity "
-                                                "--gemma3")])
+    return "\n".join(
+        parts + ["", provenance(r, "python -m benchmarks.llamacpp_parity --run runs/llamacpp_parity --gemma3")]
+    )
 
 
 def moe_step_block(results: dict) -> str:
     r = results["moe_step"]
     cfg = r["config"]
     mem = {(m["model"], m["variant"]): m for m in r["memory"]}
-    keys = {v: k for k, v in {"full": "full fine-tuning (grouped)", "lora": "LoRA factored (grouped ragged_dot)",
-                              "lora-merged": "LoRA merge-then-forward (grouped)",
-                              "lora-dense": "LoRA factored (dense one-hot dispatch)",
-                              "full-dense": "full fine-tuning (dense one-hot dispatch)",
-                              "peft": "HF PEFT target_parameters (torch CPU)"}.items()}
+    keys = {
+        v: k
+        for k, v in {
+            "full": "full fine-tuning (grouped)",
+            "lora": "LoRA factored (grouped ragged_dot)",
+            "lora-merged": "LoRA merge-then-forward (grouped)",
+            "lora-dense": "LoRA factored (dense one-hot dispatch)",
+            "full-dense": "full fine-tuning (dense one-hot dispatch)",
+            "peft": "HF PEFT target_parameters (torch CPU)",
+        }.items()
+    }
     rows = []
     for s in r["step"]:
         e = s["model"].split("E=")[-1]
         key = keys.get(s["variant"])
         ps = r["models"][f"E={e}"]["paired_to_full"].get(key) if key != "full" else None
         m = mem.get((s["model"], s["variant"]))
-        rows.append([e, s["variant"], _params(s["trainable"]), _ms(s["median_ms"]),
-                     "1.00" if ps is None else f"{_x(ps['median'])} ({_x(ps['ci95'][0])}-{_x(ps['ci95'][1])})",
-                     "-" if m is None else f"{m['peak_MiB']:,.1f}", "-" if m is None else f"{m['opt_state_MiB']:,.2f}"])
+        rows.append(
+            [
+                e,
+                s["variant"],
+                _params(s["trainable"]),
+                _ms(s["median_ms"]),
+                "1.00" if ps is None else f"{_x(ps['median'])} ({_x(ps['ci95'][0])}-{_x(ps['ci95'][1])})",
+                "-" if m is None else f"{m['peak_MiB']:,.1f}",
+                "-" if m is None else f"{m['opt_state_MiB']:,.2f}",
+            ]
+        )
     info = next(iter(r["models"].values()))
     verdicts = [f"E={i['experts']}: {v}" for i in r["models"].values() for v in i["verdicts"].values()]
-    out = [f"Qwen3-MoE-shaped model (d={info['hidden']}, {info['layers']} layers, experts of width "
-           f"{info['expert_width']}, top-{info['top_k']}, vocab {info['vocab']}), batch {cfg['batch']} x {cfg['seq']}, "
-           f"LoRA r={cfg['r']} on the routed experts and q/k/v/o, AdamW, medians of {cfg['rounds']} rotated rounds:",
-           "", _table(["E", "variant", "trained", "median step ms", "time / full (95% CI)", "peak MiB",
-                       "optimizer state MiB"], rows), "", "From the paired rounds:", "",
-           *(f"- {v}" for v in verdicts),
-           "", provenance(r, "python -m benchmarks.moe_step")]
+    out = [
+        f"Qwen3-MoE-shaped model (d={info['hidden']}, {info['layers']} layers, experts of width "
+        f"{info['expert_width']}, top-{info['top_k']}, vocab {info['vocab']}), batch {cfg['batch']} x {cfg['seq']}, "
+        f"LoRA r={cfg['r']} on the routed experts and q/k/v/o, AdamW, medians of {cfg['rounds']} rotated rounds:",
+        "",
+        _table(
+            ["E", "variant", "trained", "median step ms", "time / full (95% CI)", "peak MiB", "optimizer state MiB"],
+            rows,
+        ),
+        "",
+        "From the paired rounds:",
+        "",
+        *(f"- {v}" for v in verdicts),
+        "",
+        provenance(r, "python -m benchmarks.moe_step"),
+    ]
     return "\n".join(out)
 
 
@@ -358,21 +558,47 @@ def time_to_accuracy_block(results: dict) -> str:
     r = results["time_to_accuracy"]
     cfg, times, acc = r["config"], r["times_s"], r["accuracy"]
     total = {n: sum(ts) for n, ts in times.items()}
-    rows = [[x["method"], _params(x["trainable"]), f"{total[n]:,.1f}", f"{x['pad_fraction']:.2f}",
-             f"{100 * acc[n]:.1f}%", f"{x['final_loss']:.3f}"] for n, x in zip(("ours", "peft"), r["rows"])]
+    rows = [
+        [
+            x["method"],
+            _params(x["trainable"]),
+            f"{total[n]:,.1f}",
+            f"{x['pad_fraction']:.2f}",
+            f"{100 * acc[n]:.1f}%",
+            f"{x['final_loss']:.3f}",
+        ]
+        for n, x in zip(("ours", "peft"), r["rows"])
+    ]
     paired = paired_summary(times["ours"], times["peft"])
     lo, hi = paired["ci95"]
     goal = goals(total["peft"] / total["ours"], acc["ours"], acc["peft"])
-    out = [f"SST-2, all-MiniLM-L6-v2, LoRA r={cfg['r']} on query/value + a new head, batch {cfg['batch']}, lr "
-           f"{cfg['lr']:g}, {cfg['steps']} steps on the same examples in {cfg['rounds']} alternating rounds; dev "
-           f"accuracy on {r['eval_examples']} sentences; ours used widths {sorted(set(r['widths_used']))} "
-           f"({r['compilations']} compilations):", "",
-           _table(["implementation", "trainable", "training wall s", "padding fraction", "dev accuracy",
-                   "final loss (last 10 steps)"], rows), "",
-           f"PEFT's training time / ours: **{_x(total['peft'] / total['ours'])}x**; per round, ours / PEFT: median "
-           f"{_x(paired['median'])} (95% CI {_x(lo)}-{_x(hi)}, round 1 includes our compilations).", "", "Goals:", "",
-           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in goal.items()), "",
-           provenance(r, "python -m benchmarks.time_to_accuracy")]
+    out = [
+        f"SST-2, all-MiniLM-L6-v2, LoRA r={cfg['r']} on query/value + a new head, batch {cfg['batch']}, lr "
+        f"{cfg['lr']:g}, {cfg['steps']} steps on the same examples in {cfg['rounds']} alternating rounds; dev "
+        f"accuracy on {r['eval_examples']} sentences; ours used widths {sorted(set(r['widths_used']))} "
+        f"({r['compilations']} compilations):",
+        "",
+        _table(
+            [
+                "implementation",
+                "trainable",
+                "training wall s",
+                "padding fraction",
+                "dev accuracy",
+                "final loss (last 10 steps)",
+            ],
+            rows,
+        ),
+        "",
+        f"PEFT's training time / ours: **{_x(total['peft'] / total['ours'])}x**; per round, ours / PEFT: median "
+        f"{_x(paired['median'])} (95% CI {_x(lo)}-{_x(hi)}, round 1 includes our compilations).",
+        "",
+        "Goals:",
+        "",
+        *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in goal.items()),
+        "",
+        provenance(r, "python -m benchmarks.time_to_accuracy"),
+    ]
     return "\n".join(out)
 
 
@@ -382,9 +608,19 @@ def causal_tokens_block(results: dict) -> str:
     r = results["causal_tokens"]
     cfg, times, best = r["config"], r["times_s"], r["best_peft"]
     total = {n: sum(ts) for n, ts in times.items()}
-    rows = [[x["method"], _params(x["trainable"]), f"{x['useful_tokens']:,}", f"{x['loss_tokens']:,}",
-             f"{x['pad_fraction']:.2f}", f"{total[x['runner']]:,.1f}",
-             f"{x['useful_tokens'] / total[x['runner']]:,.0f}", f"{x['warmup_s']:,.1f}"] for x in r["rows"]]
+    rows = [
+        [
+            x["method"],
+            _params(x["trainable"]),
+            f"{x['useful_tokens']:,}",
+            f"{x['loss_tokens']:,}",
+            f"{x['pad_fraction']:.2f}",
+            f"{total[x['runner']]:,.1f}",
+            f"{x['useful_tokens'] / total[x['runner']]:,.0f}",
+            f"{x['warmup_s']:,.1f}",
+        ]
+        for x in r["rows"]
+    ]
     per_round = [p / o for o, p in zip(times["ours"], times[best])]
     lo, hi = bootstrap_median_ci(per_round)
     speedup = total[best] / total["ours"]
@@ -392,47 +628,86 @@ def causal_tokens_block(results: dict) -> str:
     check = r["peft_packing_check"]
     info = r["peft_info"][best]
     layers = f" (first {cfg['layers']} layers)" if cfg.get("layers") else ""
-    out = [f"E2E (training split), SmolLM2-135M-Instruct{layers}, LoRA r={cfg['r']} on q,v, {cfg['batch']} packed "
-           f"rows x {r['pack_width']} tokens per step on our side, the same examples flattened into one "
-           f"padding-free row per step on PEFT's; {cfg['steps']} steps after one warm-up step each, in "
-           f"{cfg['rounds']} rotating rounds; ours: {r['compilations']} compilation(s) of the step; PEFT: "
-           f"{info['attn_implementation']} attention, no KV cache (its packed-sequence mask checked: logits as run "
-           f"alone within {check['max_abs_logit_diff']:.1g}), run at each torch thread count listed:", "",
-           _table(["implementation", "trainable", "useful tokens", "loss tokens", "padding fraction",
-                   "training wall s", "useful tokens/s", "warm-up s (excluded)"], rows), "",
-           f"Ours / PEFT's fastest ({info['threads']} torch thread(s)) useful tokens per second: **{_x(speedup)}x**; "
-           f"per round: median {_x(statistics.median(per_round))} (95% CI {_x(lo)}-{_x(hi)}).", "", "Goal:", "",
-           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in goal.items()), ""]
+    out = [
+        f"E2E (training split), SmolLM2-135M-Instruct{layers}, LoRA r={cfg['r']} on q,v, {cfg['batch']} packed "
+        f"rows x {r['pack_width']} tokens per step on our side, the same examples flattened into one "
+        f"padding-free row per step on PEFT's; {cfg['steps']} steps after one warm-up step each, in "
+        f"{cfg['rounds']} rotating rounds; ours: {r['compilations']} compilation(s) of the step; PEFT: "
+        f"{info['attn_implementation']} attention, no KV cache (its packed-sequence mask checked: logits as run "
+        f"alone within {check['max_abs_logit_diff']:.1g}), run at each torch thread count listed:",
+        "",
+        _table(
+            [
+                "implementation",
+                "trainable",
+                "useful tokens",
+                "loss tokens",
+                "padding fraction",
+                "training wall s",
+                "useful tokens/s",
+                "warm-up s (excluded)",
+            ],
+            rows,
+        ),
+        "",
+        f"Ours / PEFT's fastest ({info['threads']} torch thread(s)) useful tokens per second: **{_x(speedup)}x**; "
+        f"per round: median {_x(statistics.median(per_round))} (95% CI {_x(lo)}-{_x(hi)}).",
+        "",
+        "Goal:",
+        "",
+        *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in goal.items()),
+        "",
+    ]
     if not all(g["met"] for g in goal.values()):
         by = {x["runner"]: x for x in r["rows"]}
         ms = {n: 1e3 * total[n] / by[n]["token_slots"] for n in ("ours", best)}
-        out += [f"Measured why (this run): per computed token (padding included) ours takes {ms['ours']:.2f} ms and "
-                f"PEFT {ms[best]:.2f} ms ({_x(ms['ours'] / ms[best])}x); ours computes {by['ours']['token_slots']:,} "
-                f"token slots for {by['ours']['useful_tokens']:,} useful tokens ({by['ours']['pad_fraction']:.0%} "
-                f"padding in the packed rows' tails), PEFT's flattened rows none.", ""]
+        out += [
+            f"Measured why (this run): per computed token (padding included) ours takes {ms['ours']:.2f} ms and "
+            f"PEFT {ms[best]:.2f} ms ({_x(ms['ours'] / ms[best])}x); ours computes {by['ours']['token_slots']:,} "
+            f"token slots for {by['ours']['useful_tokens']:,} useful tokens ({by['ours']['pad_fraction']:.0%} "
+            f"padding in the packed rows' tails), PEFT's flattened rows none.",
+            "",
+        ]
     out += [provenance(r, "python -m benchmarks.causal_tokens")]
     return "\n".join(out)
 
+
 def xla_flags_block(results: dict) -> str:
     r = results["xla_flags"]
-    out = [f"Each set in its own process, {r['config']['rounds']} alternating rounds against a reference process "
-           "without extra flags; time / default is the median of the per-round ratios; outputs: the first step's "
-           "loss and updated adapters against the reference's:", ""]
+    out = [
+        f"Each set in its own process, {r['config']['rounds']} alternating rounds against a reference process "
+        "without extra flags; time / default is the median of the per-round ratios; outputs: the first step's "
+        "loss and updated adapters against the reference's:",
+        "",
+    ]
     for m in r["results"]:
         rows = []
         for row in m["rows"]:
             s = row.get("ratio_to_default")
-            rows.append([row["set"], f"`{row['flags']}`" if row["flags"] else "",
-                         _ms(row["median_step_ms"]) if row.get("median_step_ms") else "",
-                         f"{_x(s['median'])} ({_x(s['ci95'][0])}-{_x(s['ci95'][1])})" if s else "",
-                         "unchanged" if row.get("unchanged") else ("differ" if row["status"] == "ran" else ""),
-                         row["verdict"] + (f": {row['error']}" if row.get("error") else "")])
-        out += [f"**{m['model']}** ({m['steps_per_round']} steps per round):", "",
-                _table(["set", "XLA_FLAGS", "median step ms", "time / default (95% CI)", "outputs", "verdict"], rows),
-                ""]
+            rows.append(
+                [
+                    row["set"],
+                    f"`{row['flags']}`" if row["flags"] else "",
+                    _ms(row["median_step_ms"]) if row.get("median_step_ms") else "",
+                    f"{_x(s['median'])} ({_x(s['ci95'][0])}-{_x(s['ci95'][1])})" if s else "",
+                    "unchanged" if row.get("unchanged") else ("differ" if row["status"] == "ran" else ""),
+                    row["verdict"] + (f": {row['error']}" if row.get("error") else ""),
+                ]
+            )
+        out += [
+            f"**{m['model']}** ({m['steps_per_round']} steps per round):",
+            "",
+            _table(["set", "XLA_FLAGS", "median step ms", "time / default (95% CI)", "outputs", "verdict"], rows),
+            "",
+        ]
     helps = {m: ", ".join(v) or "none" for m, v in r["helps"].items()}
-    out += ["Helps (outputs unchanged, CI below 1, sign test p < 0.05): " +
-            "; ".join(f"{m}: {v}" for m, v in helps.items()) + ".", "", provenance(r, "python -m benchmarks.xla_flags")]
+    out += [
+        "Helps (outputs unchanged, CI below 1, sign test p < 0.05): "
+        + "; ".join(f"{m}: {v}" for m, v in helps.items())
+        + ".",
+        "",
+        provenance(r, "python -m benchmarks.xla_flags"),
+    ]
     return "\n".join(out)
 
 
@@ -442,18 +717,31 @@ def host_overlap_block(results: dict) -> str:
     r = results["host_overlap"]
     cfg, times = r["config"], r["times_s"]
     paired = paired_summary(times["on"], times["off"])
-    rows = [[mode, f"{x['median_round_s']:.2f}", f"{x['steps_per_s']:.2f}"]
-            for mode, x in zip(("on", "off"), sorted(r["rows"], key=lambda x: x["prefetch"] != "on"))]
-    out = [("**A smoke run (`--quick`), not a measurement: rerun `python -m benchmarks.host_overlap`.** " if
-            cfg.get("quick") else "") +
-           f"SST-2 / all-MiniLM-L6-v2 LoRA (`configs/sst2_minilm_lora.yaml`), `train.loop.train_steps` with "
-           f"`train.prefetch` on and off, {cfg['steps']} steps per round, {cfg['rounds']} alternating rounds after "
-           f"a warm-up that compiled the step for the {r['compilations']} of the batch widths {r['widths']} "
-           "that the rounds' batches use:", "",
-           _table(["train.prefetch", "median round s", "steps / s"], rows), "",
-           f"Time with prefetch on / off: {_verdict(paired)}.", "", "Goals:", "",
-           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3f}" for k, g in goals(paired).items()), "",
-           provenance(r, "python -m benchmarks.host_overlap")]
+    rows = [
+        [mode, f"{x['median_round_s']:.2f}", f"{x['steps_per_s']:.2f}"]
+        for mode, x in zip(("on", "off"), sorted(r["rows"], key=lambda x: x["prefetch"] != "on"))
+    ]
+    out = [
+        (
+            "**A smoke run (`--quick`), not a measurement: rerun `python -m benchmarks.host_overlap`.** "
+            if cfg.get("quick")
+            else ""
+        )
+        + f"SST-2 / all-MiniLM-L6-v2 LoRA (`configs/sst2_minilm_lora.yaml`), `train.loop.train_steps` with "
+        f"`train.prefetch` on and off, {cfg['steps']} steps per round, {cfg['rounds']} alternating rounds after "
+        f"a warm-up that compiled the step for the {r['compilations']} of the batch widths {r['widths']} "
+        "that the rounds' batches use:",
+        "",
+        _table(["train.prefetch", "median round s", "steps / s"], rows),
+        "",
+        f"Time with prefetch on / off: {_verdict(paired)}.",
+        "",
+        "Goals:",
+        "",
+        *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3f}" for k, g in goals(paired).items()),
+        "",
+        provenance(r, "python -m benchmarks.host_overlap"),
+    ]
     return "\n".join(out)
 
 
@@ -477,21 +765,38 @@ def e2e_block(results: dict) -> str:
     scale = t["steps"] / E2E_STEPS
     capped = any(o.startswith("data.max_eval_examples=") for o in run["overrides"])
     over = "a capped part of the held-out rows" if capped else f"{h['references']} rows"
-    rows = [[d["name"].replace("beam10_lp0.9_norepeat4", "beam 10, length penalty 0.9, no repeated 4-grams"),
-             f"{d['bleu']:.1f}", f"{d['rougeL']:.1f}", str(d["prompts_scored"]), str(d["references"]),
-             f"{d['decode_s']:,.0f}"] for d in r["table"]]
-    return "\n".join([
-        f"{t['steps']} steps of {t['batching']} batches ({t['examples_seen']:,} examples: {t['epochs']:.2f} epochs of "
-        f"the {t['train_rows']:,} training rows, {t['train_mrs']} MRs), LoRA r=8 on q, v; held-out loss over "
-        f"{over} of {h['prompts']} MRs never seen in training: {before['loss']:.3f} before, "
-        f"{after['loss']:.3f} after (perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}).", "",
-        "The saved adapter (merged) on every held-out MR, against all its references:", "",
-        _table(["decoding", "BLEU", "ROUGE-L", "MRs", "references", "decode s"], rows), "",
-        *[f"Before training: `{p.strip()}` -> \"{b.strip()}\"; after: \"{a.strip()}\"" + "\n"
-          for (p, b), (_, a) in list(zip(run["result"].get("samples_before") or [],
-                                         run["result"].get("samples_after") or []))[:1]],
-        f"*Run: `python -m train.experiment e2e_smollm2 --scale {scale:.2g}` (results: `experiments/e2e_smollm2.json`; "
-        f"`--scale 1` = {E2E_STEPS} steps, two epochs).*"])
+    rows = [
+        [
+            d["name"].replace("beam10_lp0.9_norepeat4", "beam 10, length penalty 0.9, no repeated 4-grams"),
+            f"{d['bleu']:.1f}",
+            f"{d['rougeL']:.1f}",
+            str(d["prompts_scored"]),
+            str(d["references"]),
+            f"{d['decode_s']:,.0f}",
+        ]
+        for d in r["table"]
+    ]
+    return "\n".join(
+        [
+            f"{t['steps']} steps of {t['batching']} batches ({t['examples_seen']:,} examples: {t['epochs']:.2f} epochs of "
+            f"the {t['train_rows']:,} training rows, {t['train_mrs']} MRs), LoRA r=8 on q, v; held-out loss over "
+            f"{over} of {h['prompts']} MRs never seen in training: {before['loss']:.3f} before, "
+            f"{after['loss']:.3f} after (perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}).",
+            "",
+            "The saved adapter (merged) on every held-out MR, against all its references:",
+            "",
+            _table(["decoding", "BLEU", "ROUGE-L", "MRs", "references", "decode s"], rows),
+            "",
+            *[
+                f'Before training: `{p.strip()}` -> "{b.strip()}"; after: "{a.strip()}"' + "\n"
+                for (p, b), (_, a) in list(
+                    zip(run["result"].get("samples_before") or [], run["result"].get("samples_after") or [])
+                )[:1]
+            ],
+            f"*Run: `python -m train.experiment e2e_smollm2 --scale {scale:.2g}` (results: `experiments/e2e_smollm2.json`; "
+            f"`--scale 1` = {E2E_STEPS} steps, two epochs).*",
+        ]
+    )
 
 
 def e2e_headline(results: dict) -> str:
@@ -505,14 +810,19 @@ def e2e_headline(results: dict) -> str:
     parts = [f"greedy BLEU {greedy['bleu']:.1f} / ROUGE-L {greedy['rougeL']:.1f}"] if greedy else []
     if beam:
         parts.append(f"beam search BLEU {beam['bleu']:.1f} / ROUGE-L {beam['rougeL']:.1f}")
-    return (f"E2E NLG with SmolLM2-135M-Instruct and LoRA r=8 ({t['steps']} steps): "
-            f"{' and '.join(parts)} on all {h['prompts']} held-out meaning representations "
-            f"(`python -m train.experiment e2e_smollm2 --scale {t['steps'] / E2E_STEPS:.2g}`)")
+    return (
+        f"E2E NLG with SmolLM2-135M-Instruct and LoRA r=8 ({t['steps']} steps): "
+        f"{' and '.join(parts)} on all {h['prompts']} held-out meaning representations "
+        f"(`python -m train.experiment e2e_smollm2 --scale {t['steps'] / E2E_STEPS:.2g}`)"
+    )
 
 
 SST2 = "experiments/sst2_methods"  # results key of train.experiment sst2_methods' JSON
-SST2_NAMES = {"lora": "LoRA r=8 on W_q, W_v + head", "full": "full fine-tuning",
-              "linear_probe": "frozen encoder + linear head"}
+SST2_NAMES = {
+    "lora": "LoRA r=8 on W_q, W_v + head",
+    "full": "full fine-tuning",
+    "linear_probe": "frozen encoder + linear head",
+}
 
 
 def _bytes(n: int | None) -> str:
@@ -533,24 +843,58 @@ def sst2_block(results: dict) -> str:
     def metric(row: dict, k: str) -> str:
         return f"**{row[k]:.3f}**" if row[k] == best[k] else f"{row[k]:.3f}"
 
-    rows = [[SST2_NAMES.get(row["name"], row["name"]), f"{row['trainable_params']:,}", f"{row['steps']:,}",
-             f"{row['epochs']:.2f}", f"{row['train_s']:,.0f}", f"{per_step[row['name']] * 1e3:,.0f}",
-             metric(row, "auc"), metric(row, "accuracy"), metric(row, "loss"),
-             _bytes(row["optimizer_state_bytes"]), _bytes(row["checkpoint_bytes"])] for row in table]
+    rows = [
+        [
+            SST2_NAMES.get(row["name"], row["name"]),
+            f"{row['trainable_params']:,}",
+            f"{row['steps']:,}",
+            f"{row['epochs']:.2f}",
+            f"{row['train_s']:,.0f}",
+            f"{per_step[row['name']] * 1e3:,.0f}",
+            metric(row, "auc"),
+            metric(row, "accuracy"),
+            metric(row, "loss"),
+            _bytes(row["optimizer_state_bytes"]),
+            _bytes(row["checkpoint_bytes"]),
+        ]
+        for row in table
+    ]
     widths = sorted({w for row in table for w in row.get("batch_widths") or []})
-    ratios = ", ".join(f"{SST2_NAMES.get(n, n)} {t / per_step['full']:.2f}x" for n, t in per_step.items()
-                       if n != "full") if "full" in per_step else ""
+    ratios = (
+        ", ".join(f"{SST2_NAMES.get(n, n)} {t / per_step['full']:.2f}x" for n, t in per_step.items() if n != "full")
+        if "full" in per_step
+        else ""
+    )
     scale = "" if r["scale"] == 1 else f" --scale {r['scale']:g}"
-    return "\n".join([
-        f"{r['steps']:,} steps of {r['batch_size']} sentences each ({table[0]['epochs']:.2f} epochs of the "
-        f"{r['train_rows']:,} training sentences), {table[0]['batching']} batches (widths {widths}), the same data "
-        "order for every method; validation on the 872 sentences of the dev set. Training time excludes evaluation "
-        "and includes the step's compilations.", "",
-        _table(["method", "trainable params", "steps", "epochs", "train s", "ms / step", "val AUC", "val accuracy",
-                "val loss", "optimizer state", "checkpoint"], rows), "",
-        *([f"Time per step relative to full fine-tuning: {ratios}.", ""] if ratios else []),
-        f"*Run: `python -m train.experiment sst2_methods{scale}` "
-        "(results: `experiments/sst2_methods.json`; `--scale 1` = one epoch).*"])
+    return "\n".join(
+        [
+            f"{r['steps']:,} steps of {r['batch_size']} sentences each ({table[0]['epochs']:.2f} epochs of the "
+            f"{r['train_rows']:,} training sentences), {table[0]['batching']} batches (widths {widths}), the same data "
+            "order for every method; validation on the 872 sentences of the dev set. Training time excludes evaluation "
+            "and includes the step's compilations.",
+            "",
+            _table(
+                [
+                    "method",
+                    "trainable params",
+                    "steps",
+                    "epochs",
+                    "train s",
+                    "ms / step",
+                    "val AUC",
+                    "val accuracy",
+                    "val loss",
+                    "optimizer state",
+                    "checkpoint",
+                ],
+                rows,
+            ),
+            "",
+            *([f"Time per step relative to full fine-tuning: {ratios}.", ""] if ratios else []),
+            f"*Run: `python -m train.experiment sst2_methods{scale}` "
+            "(results: `experiments/sst2_methods.json`; `--scale 1` = one epoch).*",
+        ]
+    )
 
 
 E2E_ANALYSIS = "experiments/analysis_e2e/analysis"  # python -m train.analyze on the E2E experiment's adapter
@@ -561,55 +905,103 @@ def e2e_analysis_block(results: dict) -> str:
     ‖dW‖/‖W‖, effective rank, W along dW's directions against random frames and against W's own top directions,
     and the amplification factor; then the layers holding most of Σ‖dW‖²."""
     r = results[E2E_ANALYSIS]
-    (label, adapter), = r["adapters"].items()
+    ((label, adapter),) = r["adapters"].items()
     ms = adapter["matrices"]
     rows = []
     for name in sorted({m["matrix"] for m in ms}):
         group = [m for m in ms if m["matrix"] == name]
         rel = [m["relative"] for m in group]
         amp = [m["amplification"] for m in group]
-        rows.append([name, f"{statistics.median(rel):.3f} ({min(rel):.3f}-{max(rel):.3f})",
-                     f"{statistics.median([m['effective_rank'] for m in group]):.1f}",
-                     f"{statistics.median([m['proj_dw'] / m['proj_random'] for m in group]):.2f}",
-                     f"{statistics.median([m['proj_w'] / m['proj_dw'] for m in group]):.1f}",
-                     f"{statistics.median(amp):.1f} ({min(amp):.1f}-{max(amp):.1f})"])
+        rows.append(
+            [
+                name,
+                f"{statistics.median(rel):.3f} ({min(rel):.3f}-{max(rel):.3f})",
+                f"{statistics.median([m['effective_rank'] for m in group]):.1f}",
+                f"{statistics.median([m['proj_dw'] / m['proj_random'] for m in group]):.2f}",
+                f"{statistics.median([m['proj_w'] / m['proj_dw'] for m in group]):.1f}",
+                f"{statistics.median(amp):.1f} ({min(amp):.1f}-{max(amp):.1f})",
+            ]
+        )
     by_layer: dict[int, float] = {}
     for m in ms:
         by_layer[m["layer"]] = by_layer.get(m["layer"], 0.0) + m["norm_dw"] ** 2
     top = sorted(by_layer, key=by_layer.get, reverse=True)[:6]
     share = sum(by_layer[k] for k in top) / sum(by_layer.values())
     ranks = sorted({m["r"] for m in ms})
-    return "\n".join([
-        f"E2E / SmolLM2-135M, r={'/'.join(map(str, ranks))} on q, v ({len(ms)} matrices of the `{label}` adapter; "
-        f"`python -m train.analyze --base {r['base']} --adapters experiments/runs/e2e_lora --out "
-        "experiments/analysis_e2e`; medians over the layers):", "",
-        _table(["matrix", "‖dW‖/‖W‖ (median, range)", f"effective rank of dW (of {ranks[-1]})",
-                "‖UᵀWV‖ / random frame", f"W's own top-{ranks[-1]} / ‖UᵀWV‖", "amplification (median, range)"],
-               rows), "",
-        f"The 6 layers with the largest Σ‖dW‖² (layers {', '.join(map(str, sorted(top)))}) hold "
-        f"{100 * share:.0f}% of it ({len(by_layer)} layers)."])
+    return "\n".join(
+        [
+            f"E2E / SmolLM2-135M, r={'/'.join(map(str, ranks))} on q, v ({len(ms)} matrices of the `{label}` adapter; "
+            f"`python -m train.analyze --base {r['base']} --adapters experiments/runs/e2e_lora --out "
+            "experiments/analysis_e2e`; medians over the layers):",
+            "",
+            _table(
+                [
+                    "matrix",
+                    "‖dW‖/‖W‖ (median, range)",
+                    f"effective rank of dW (of {ranks[-1]})",
+                    "‖UᵀWV‖ / random frame",
+                    f"W's own top-{ranks[-1]} / ‖UᵀWV‖",
+                    "amplification (median, range)",
+                ],
+                rows,
+            ),
+            "",
+            f"The 6 layers with the largest Σ‖dW‖² (layers {', '.join(map(str, sorted(top)))}) hold "
+            f"{100 * share:.0f}% of it ({len(by_layer)} layers).",
+        ]
+    )
 
 
 def loss_positions_block(results: dict) -> str:
     """Logits everywhere vs at the loss positions: FLOPs (XLA) and paired step times per ``data.pack_length``."""
     r = results["loss_positions"]
-    rows = [[str(x["pack_length"]), str(x["rows"]), f"{x['capacity']}", f"{x['no_loss_share']:.0%}",
-             f"{x['no_logits_share']:.0%}", f"{x['head_share']:.0%}",
-             f"{x['step_gflops']['all']:,.0f} -> {x['step_gflops']['loss']:,.0f}",
-             f"-{x['flops_drop']:.1%} (expected -{x['expected_drop']:.1%})",
-             f"{_ms(x['median_ms']['all'])} -> {_ms(x['median_ms']['loss'])}",
-             " -> ".join(f"{x['loss_tokens_per_s'][k]:,.1f}" for k in ("all", "loss")),
-             _verdict(x["paired"])] for x in r["rows"]]
-    out = [f"SmolLM2-135M shapes (tied 49,152-token head), LoRA r=8 on q,v, float32, packed rows of `{r['data']}`; "
-           "the job's step with the head and cross-entropy at every position (`train.logits=all`) vs at the loss "
-           "positions only (`train.logits=loss`, K loss slots per row), the same batch:", "",
-           _table(["pack_length", "rows", "K", "positions without loss", "positions without logits",
-                   "head's share of the FLOPs", "step GFLOP (XLA)", "FLOPs", "step ms (median)", "loss tokens/s",
-                   "time at loss positions / everywhere"], rows), "", "Goals:", "",
-           *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3g}" for k, g in r["goals"].items()), "",
-           "Step times come from the medians of each variant's rounds, the ratio from the rounds paired; on a loaded "
-           "machine the two can disagree, and only the paired ratio is the claim.", "",
-           provenance(r, "python -m benchmarks.loss_positions")]
+    rows = [
+        [
+            str(x["pack_length"]),
+            str(x["rows"]),
+            f"{x['capacity']}",
+            f"{x['no_loss_share']:.0%}",
+            f"{x['no_logits_share']:.0%}",
+            f"{x['head_share']:.0%}",
+            f"{x['step_gflops']['all']:,.0f} -> {x['step_gflops']['loss']:,.0f}",
+            f"-{x['flops_drop']:.1%} (expected -{x['expected_drop']:.1%})",
+            f"{_ms(x['median_ms']['all'])} -> {_ms(x['median_ms']['loss'])}",
+            " -> ".join(f"{x['loss_tokens_per_s'][k]:,.1f}" for k in ("all", "loss")),
+            _verdict(x["paired"]),
+        ]
+        for x in r["rows"]
+    ]
+    out = [
+        f"SmolLM2-135M shapes (tied 49,152-token head), LoRA r=8 on q,v, float32, packed rows of `{r['data']}`; "
+        "the job's step with the head and cross-entropy at every position (`train.logits=all`) vs at the loss "
+        "positions only (`train.logits=loss`, K loss slots per row), the same batch:",
+        "",
+        _table(
+            [
+                "pack_length",
+                "rows",
+                "K",
+                "positions without loss",
+                "positions without logits",
+                "head's share of the FLOPs",
+                "step GFLOP (XLA)",
+                "FLOPs",
+                "step ms (median)",
+                "loss tokens/s",
+                "time at loss positions / everywhere",
+            ],
+            rows,
+        ),
+        "",
+        "Goals:",
+        "",
+        *(f"- {'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.3g}" for k, g in r["goals"].items()),
+        "",
+        "Step times come from the medians of each variant's rounds, the ratio from the rounds paired; on a loaded "
+        "machine the two can disagree, and only the paired ratio is the claim.",
+        "",
+        provenance(r, "python -m benchmarks.loss_positions"),
+    ]
     return "\n".join(out)
 
 
@@ -623,9 +1015,11 @@ def _ran_on(section: dict) -> str:
     cpu, load = p.get("cpu", {}), p.get("load_average", {})
     git = p.get("git", {})
     commit = (git.get("commit") or "?")[:10] + (" with uncommitted changes" if git.get("dirty") else "")
-    return (f"{cpu.get('model', '?')}, {cpu.get('usable_cores', cpu.get('logical_cores', '?'))} cores, load average "
-            f"{(load.get('before') or ['?'])[0]} before / {(load.get('after') or ['?'])[0]} after, commit {commit}, "
-            f"{p.get('date', '?')[:16].replace('T', ' ')} UTC")
+    return (
+        f"{cpu.get('model', '?')}, {cpu.get('usable_cores', cpu.get('logical_cores', '?'))} cores, load average "
+        f"{(load.get('before') or ['?'])[0]} before / {(load.get('after') or ['?'])[0]} after, commit {commit}, "
+        f"{p.get('date', '?')[:16].replace('T', ' ')} UTC"
+    )
 
 
 def newcomer_block(results: dict) -> str:
@@ -644,29 +1038,44 @@ def newcomer_block(results: dict) -> str:
             f"trained on from {before['loss']:.3f} to {after['loss']:.3f} and, on {gen} of them, BLEU from "
             f"{before.get('bleu', float('nan')):.1f} to {after.get('bleu', float('nan')):.1f} and ROUGE-L from "
             f"{before.get('rougeL', float('nan')):.1f} to {after.get('rougeL', float('nan')):.1f}, in "
-            f"**{_minutes(job['wall_s'])}** of wall time" + (f" ({split})" if split else "") +
-            "; it ends by printing where its outputs went and writes `loss.png` into its run folder.")
+            f"**{_minutes(job['wall_s'])}** of wall time"
+            + (f" ({split})" if split else "")
+            + "; it ends by printing where its outputs went and writes `loss.png` into its run folder."
+        )
     tests = r.get("tests")
     if tests:
         counts = ", ".join(f"{n} {what}" for what, n in tests.get("counts", {}).items())
-        out.append(f"**The tests** (`{tests['command']}`): {counts or 'no summary'} in "
-                   f"**{_minutes(tests['wall_s'])}** of wall time.")
+        out.append(
+            f"**The tests** (`{tests['command']}`): {counts or 'no summary'} in "
+            f"**{_minutes(tests['wall_s'])}** of wall time."
+        )
     setup = r.get("setup")
     if setup:
-        out.append(f"**The setup** (`{setup['command']}`, pip's cache {setup.get('pip_cache', '?')}): "
-                   f"{_minutes(setup['wall_s'])}.")
+        out.append(
+            f"**The setup** (`{setup['command']}`, pip's cache {setup.get('pip_cache', '?')}): "
+            f"{_minutes(setup['wall_s'])}."
+        )
     for name, what in (("main_job", "the main job"), ("tests", "the tests"), ("setup", "the setup")):
         if name in r:
             p = r[name].get("provenance", {})
             load = ((p.get("load_average") or {}).get("before") or [0])[0]
             cores = (p.get("cpu") or {}).get("usable_cores") or 1
-            busy = (f" **A busy machine** (load average {load} on {cores} cores): these times are inflated; rerun "
-                    f"on an idle one.") if load > 2 * cores else ""
-            out.append(f"*Timed by `python -m benchmarks.newcomer --{name.replace('_', '-')}` ({what}): "
-                       f"{_ran_on(r[name])}.*{busy}")
+            busy = (
+                (
+                    f" **A busy machine** (load average {load} on {cores} cores): these times are inflated; rerun "
+                    f"on an idle one."
+                )
+                if load > 2 * cores
+                else ""
+            )
+            out.append(
+                f"*Timed by `python -m benchmarks.newcomer --{name.replace('_', '-')}` ({what}): "
+                f"{_ran_on(r[name])}.*{busy}"
+            )
         else:
-            out.append(f"*{what.capitalize()}: not recorded yet (`python -m benchmarks.newcomer "
-                       f"--{name.replace('_', '-')}`).*")
+            out.append(
+                f"*{what.capitalize()}: not recorded yet (`python -m benchmarks.newcomer --{name.replace('_', '-')}`).*"
+            )
     return "\n\n".join(out)
 
 
@@ -677,9 +1086,11 @@ def withdrawn(records: list[dict], inline: bool) -> str:
     if inline:
         return f"(withdrawn until {cmds} is rerun on the current code)"
     commits = ", ".join((r.get("provenance", {}).get("git", {}).get("commit") or "?")[:10] for r in records)
-    return (f"*Withdrawn: these figures were measured on commit {commits}, and the code they measure has changed "
-            f"since. They are not quoted until {cmds} is rerun (`python -m benchmarks.staleness` lists what is "
-            "stale).*")
+    return (
+        f"*Withdrawn: these figures were measured on commit {commits}, and the code they measure has changed "
+        f"since. They are not quoted until {cmds} is rerun (`python -m benchmarks.staleness` lists what is "
+        "stale).*"
+    )
 
 
 def transform_qlora_block(results: dict) -> str:
@@ -687,10 +1098,16 @@ def transform_qlora_block(results: dict) -> str:
     r = results["transform_qlora"]
     rows = [[x["base"], f"{x['base MiB']:.1f}", f"{x['temp MiB']:.1f}", f"{x['peak MiB']:.1f}"] for x in r["rows"]]
     c = r["config"]
-    return "\n".join([f"{c['blocks']} blocks of `nn.MultiHeadDotProductAttention` + MLP, d={c['d']}, batch "
-                      f"{c['batch']} x {c['seq']}, r={c['r']}; XLA's compiled memory analysis of the train step:", "",
-                      _table(["base", "stored base MiB", "temp MiB", "peak MiB"], rows), "",
-                      provenance(r, "python -m benchmarks.transform_qlora")])
+    return "\n".join(
+        [
+            f"{c['blocks']} blocks of `nn.MultiHeadDotProductAttention` + MLP, d={c['d']}, batch "
+            f"{c['batch']} x {c['seq']}, r={c['r']}; XLA's compiled memory analysis of the train step:",
+            "",
+            _table(["base", "stored base MiB", "temp MiB", "peak MiB"], rows),
+            "",
+            provenance(r, "python -m benchmarks.transform_qlora"),
+        ]
+    )
 
 
 def sharded_load_block(results: dict) -> str:
@@ -698,11 +1115,24 @@ def sharded_load_block(results: dict) -> str:
     r = results.get("sharded_load")
     if r is None:
         return "*Not recorded on the current code yet: `python -m benchmarks.sharded_load`.*"
-    rows = [[x["run"], f"{x['peak_rss_gib']:.2f}", f"{x['x_checkpoint']:.2f}x", f"{x['load_s']:.0f}",
-             f"<= {x['goal']}x" if x["goal"] else "", x["met"]] for x in r["rows"]]
-    out = [f"A Llama-shaped checkpoint of {r['checkpoint_bytes'] / 2**30:.2f} GiB (bfloat16, HF sharded safetensors, "
-           f"preset `{r['preset']}`), peak resident memory of each process (`/usr/bin/time`):", "",
-           _table(["run", "peak RSS GiB", "x checkpoint", "load s", "goal", "met"], rows), ""]
+    rows = [
+        [
+            x["run"],
+            f"{x['peak_rss_gib']:.2f}",
+            f"{x['x_checkpoint']:.2f}x",
+            f"{x['load_s']:.0f}",
+            f"<= {x['goal']}x" if x["goal"] else "",
+            x["met"],
+        ]
+        for x in r["rows"]
+    ]
+    out = [
+        f"A Llama-shaped checkpoint of {r['checkpoint_bytes'] / 2**30:.2f} GiB (bfloat16, HF sharded safetensors, "
+        f"preset `{r['preset']}`), peak resident memory of each process (`/usr/bin/time`):",
+        "",
+        _table(["run", "peak RSS GiB", "x checkpoint", "load s", "goal", "met"], rows),
+        "",
+    ]
     plans = [f"- {x['run']}: {x['plan']}" for x in r["rows"] if x.get("plan")]
     if plans:  # what each job's compiled step holds per device (8 CPU devices share the one host's memory)
         out += ["Each job's own memory plan (XLA's compiled memory analysis of its step):", "", *plans, ""]
@@ -713,22 +1143,53 @@ def sharded_load_block(results: dict) -> str:
 # Results whose block says "not recorded yet" until their command has run (what it says names the command).
 OPTIONAL = frozenset({"newcomer", "sharded_load"})
 
+
 def attention_memory_block(results: dict) -> str:
     r = results["attention_memory"]
     cfg = r["config"]
-    rows = [[m["attention"] + (f" ({r.get('auto_is')})" if m["attention"] == "auto" else ""), f"{m['seq']:,}",
-             f"{m['temp_MiB']:,.0f}", f"{m['peak_MiB']:,.0f}"] for m in r["memory"]]
-    growth = [f"- `{impl}`: {g['tokens_ratio']:.0f}x the tokens, {g['temp_ratio']:.1f}x the temporaries"
-              for impl, g in r.get("growth", {}).items() if g]
-    out = [f"The job's LoRA step (r=8 on q, v, AdamW, chunked loss, float32, no remat) of a 2-layer width-128 Llama, "
-           f"batch {cfg['batch']}, compiled memory by `model.attention`:", "",
-           _table(["attention", "tokens", "temp MiB", "step peak MiB"], rows), "", *growth, "", "Goals:", ""]
+    rows = [
+        [
+            m["attention"] + (f" ({r.get('auto_is')})" if m["attention"] == "auto" else ""),
+            f"{m['seq']:,}",
+            f"{m['temp_MiB']:,.0f}",
+            f"{m['peak_MiB']:,.0f}",
+        ]
+        for m in r["memory"]
+    ]
+    growth = [
+        f"- `{impl}`: {g['tokens_ratio']:.0f}x the tokens, {g['temp_ratio']:.1f}x the temporaries"
+        for impl, g in r.get("growth", {}).items()
+        if g
+    ]
+    out = [
+        f"The job's LoRA step (r=8 on q, v, AdamW, chunked loss, float32, no remat) of a 2-layer width-128 Llama, "
+        f"batch {cfg['batch']}, compiled memory by `model.attention`:",
+        "",
+        _table(["attention", "tokens", "temp MiB", "step peak MiB"], rows),
+        "",
+        *growth,
+        "",
+        "Goals:",
+        "",
+    ]
     out += [f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in r.get("goals", {}).items()]
-    trows = [[t["attention"], f"{t['seq']:,}", _ms(t["median_ms"]), _x(t[f"ratio_to_{cfg['impls'][0]}"]),
-              f"{_x(t['ci95'][0])}-{_x(t['ci95'][1])}"] for t in r.get("time", [])]
+    trows = [
+        [
+            t["attention"],
+            f"{t['seq']:,}",
+            _ms(t["median_ms"]),
+            _x(t[f"ratio_to_{cfg['impls'][0]}"]),
+            f"{_x(t['ci95'][0])}-{_x(t['ci95'][1])}",
+        ]
+        for t in r.get("time", [])
+    ]
     if trows:
-        out += ["", f"Step time, {cfg['rounds']} rotated rounds on a shared machine (compare the paired ratios):", "",
-                _table(["attention", "tokens", "median ms", f"time / {cfg['impls'][0]}", "95% CI"], trows)]
+        out += [
+            "",
+            f"Step time, {cfg['rounds']} rotated rounds on a shared machine (compare the paired ratios):",
+            "",
+            _table(["attention", "tokens", "median ms", f"time / {cfg['impls'][0]}", "95% CI"], trows),
+        ]
     return "\n".join(out + ["", provenance(r, "python -m benchmarks.attention_memory")])
 
 
@@ -736,35 +1197,88 @@ def scan_layers_block(results: dict) -> str:
     r = results["scan_layers"]
     cfg = r["config"]
     rows = [[str(m["layers"]), m["form"], f"{m['compile_s']:.2f}", f"{m['temp_MiB']:,.0f}"] for m in r["compile"]]
-    growth = [f"- {form}: compile({g['deep']} layers) / compile({g['shallow']} layers) = {_x(g['compile_ratio'])}"
-              for form, g in r["growth"].items()]
-    out = [f"Compiling the job's LoRA step (r=8 on q, v, AdamW, float32, train.remat={r['remat']}) of a width-128 Llama, "
-           f"batch {cfg['batch']} x {cfg['seq']}, medians of {cfg['rounds']} interleaved rounds:", "",
-           _table(["layers", "form", "compile s", "temp MiB"], rows), "", *growth, "", "Goals:", ""]
+    growth = [
+        f"- {form}: compile({g['deep']} layers) / compile({g['shallow']} layers) = {_x(g['compile_ratio'])}"
+        for form, g in r["growth"].items()
+    ]
+    out = [
+        f"Compiling the job's LoRA step (r=8 on q, v, AdamW, float32, train.remat={r['remat']}) of a width-128 Llama, "
+        f"batch {cfg['batch']} x {cfg['seq']}, medians of {cfg['rounds']} interleaved rounds:",
+        "",
+        _table(["layers", "form", "compile s", "temp MiB"], rows),
+        "",
+        *growth,
+        "",
+        "Goals:",
+        "",
+    ]
     out += [f"- {'MET' if g['met'] else 'MISSED'}: {k}: {_x(g['value'])}" for k, g in r.get("goals", {}).items()]
-    trows = [[str(t["layers"]), _ms(next(u["median_ms"] for u in r["time"] if u["layers"] == t["layers"]
-                                         and u["form"] == "unrolled")), _ms(t["median_ms"]),
-              _x(t["ratio_to_unrolled"]), f"{_x(t['ci95'][0])}-{_x(t['ci95'][1])}"]
-             for t in r.get("time", []) if t["form"] == "scanned"]
+    trows = [
+        [
+            str(t["layers"]),
+            _ms(next(u["median_ms"] for u in r["time"] if u["layers"] == t["layers"] and u["form"] == "unrolled")),
+            _ms(t["median_ms"]),
+            _x(t["ratio_to_unrolled"]),
+            f"{_x(t['ci95'][0])}-{_x(t['ci95'][1])}",
+        ]
+        for t in r.get("time", [])
+        if t["form"] == "scanned"
+    ]
     if trows:
-        out += ["", f"Step time on this CPU, {cfg['time_rounds']} rotated rounds (compare the paired ratios):", "",
-                _table(["layers", "unrolled ms", "scanned ms", "scanned / unrolled", "95% CI"], trows)]
+        out += [
+            "",
+            f"Step time on this CPU, {cfg['time_rounds']} rotated rounds (compare the paired ratios):",
+            "",
+            _table(["layers", "unrolled ms", "scanned ms", "scanned / unrolled", "95% CI"], trows),
+        ]
     return "\n".join(out + ["", provenance(r, "python -m benchmarks.scan_layers")])
 
 
 def accelerator_block(results: dict) -> str:
     r = results["accelerator"]
     pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
-    rows = [[m["model"], f"{m['layers']} x {m['hidden']}", f"{m['batch']} x {m['seq']}", m["device_kind"],
-             f"{m['tokens_per_s']:,.0f}", f"{max(m['peak_memory_per_device_GiB']):.2f}"
-             if m["peak_memory_per_device_GiB"] else f"{m['compiled_plan_per_device_GiB']:.3f} (plan)",
-             pct(m["mfu"]["6N"]), pct(m["mfu"]["lora_aware_4N_plus_6Na"])] for m in r["runs"]]
-    head = ("Measured on an accelerator:" if r.get("measured_on_accelerator") else
-            "**No accelerator has run this yet**: the record is the `--quick` CPU smoke run (tiny models), which only "
-            "shows the command works; the accelerator row is unmeasured until a device is lent.")
-    return "\n".join([head, "", _table(["model", "layers x width", "batch x tokens", "device", "tokens/s",
-                                         "peak GiB / device", "MFU 6N", "MFU LoRA-aware"], rows), "",
-                      provenance(r, "python -m benchmarks.accelerator")])
+    rows = [
+        [
+            m["model"],
+            f"{m['layers']} x {m['hidden']}",
+            f"{m['batch']} x {m['seq']}",
+            m["device_kind"],
+            f"{m['tokens_per_s']:,.0f}",
+            f"{max(m['peak_memory_per_device_GiB']):.2f}"
+            if m["peak_memory_per_device_GiB"]
+            else f"{m['compiled_plan_per_device_GiB']:.3f} (plan)",
+            pct(m["mfu"]["6N"]),
+            pct(m["mfu"]["lora_aware_4N_plus_6Na"]),
+        ]
+        for m in r["runs"]
+    ]
+    head = (
+        "Measured on an accelerator:"
+        if r.get("measured_on_accelerator")
+        else "**No accelerator has run this yet**: the record is the `--quick` CPU smoke run (tiny models), which only "
+        "shows the command works; the accelerator row is unmeasured until a device is lent."
+    )
+    return "\n".join(
+        [
+            head,
+            "",
+            _table(
+                [
+                    "model",
+                    "layers x width",
+                    "batch x tokens",
+                    "device",
+                    "tokens/s",
+                    "peak GiB / device",
+                    "MFU 6N",
+                    "MFU LoRA-aware",
+                ],
+                rows,
+            ),
+            "",
+            provenance(r, "python -m benchmarks.accelerator"),
+        ]
+    )
 
 
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
@@ -811,6 +1325,7 @@ def load_results(results_dir: Path = RESULTS, experiments_dir: Path = EXPERIMENT
 
 def render(readme: str, results: dict[str, dict]) -> str:
     """``readme`` with every marked part regenerated from ``results``. Unknown ids are an error."""
+
     def one(m: re.Match) -> str:
         rid = m.group("id")
         if rid not in RENDERERS:
@@ -820,8 +1335,11 @@ def render(readme: str, results: dict[str, dict]) -> str:
         if any(f"stale/{n}" not in results for n in missing):
             raise FileNotFoundError(f"report:{rid} needs benchmarks/results/{missing[0]}.json")
         body = withdrawn([results[f"stale/{n}"] for n in missing], inline) if missing else fn(results)
-        return f"<!-- report:{rid} -->{body}<!-- /report:{rid} -->" if inline else \
-            f"<!-- report:{rid} -->\n{body}\n<!-- /report:{rid} -->"
+        return (
+            f"<!-- report:{rid} -->{body}<!-- /report:{rid} -->"
+            if inline
+            else f"<!-- report:{rid} -->\n{body}\n<!-- /report:{rid} -->"
+        )
 
     return MARKER.sub(one, readme)
 

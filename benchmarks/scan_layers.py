@@ -34,11 +34,20 @@ from benchmarks.common import Recorder, block, median, paired_summary, table, ti
 from benchmarks.loss_memory import AbstractLM, job_config, step_memory
 from train import loop
 
-MiB = 2 ** 20
+MiB = 2**20
 GOAL = 1.5
-SOURCES = ("lora_jax/models", "lora_jax/stacking.py", "lora_jax/core.py", "lora_jax/ops.py", "lora_jax/losses.py",
-           "train/loop.py", "train/config.py", "benchmarks/scan_layers.py", "benchmarks/loss_memory.py",
-           "benchmarks/common.py")
+SOURCES = (
+    "lora_jax/models",
+    "lora_jax/stacking.py",
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "lora_jax/losses.py",
+    "train/loop.py",
+    "train/config.py",
+    "benchmarks/scan_layers.py",
+    "benchmarks/loss_memory.py",
+    "benchmarks/common.py",
+)
 FORMS = ("scanned", "unrolled")
 
 
@@ -48,11 +57,24 @@ def llama_config(layers: int, quick: bool):
     from lora_jax.models import llama
 
     if quick:
-        hf = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=512)
+        hf = transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=512,
+        )
     else:
-        hf = transformers.LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=32000)
+        hf = transformers.LlamaConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            vocab_size=32000,
+        )
     return llama.Config.from_hf(hf)
 
 
@@ -71,21 +93,36 @@ def compile_section(args, remat: str) -> list[dict]:
             for form in FORMS if r % 2 == 0 else FORMS[::-1]:  # each round starts with the other form
                 m = step_memory(abstract_lm(depth, form, args.quick), "lora", "auto", remat, args.batch, args.seq)
                 runs.setdefault((depth, form), []).append(m)
-                print(f"  round {r}: {depth} layers {form}: compiled in {m['compile_s']:.2f} s, temp "
-                      f"{m['temp'] / MiB:,.1f} MiB", flush=True)
+                print(
+                    f"  round {r}: {depth} layers {form}: compiled in {m['compile_s']:.2f} s, temp "
+                    f"{m['temp'] / MiB:,.1f} MiB",
+                    flush=True,
+                )
     rows = []
     for (depth, form), ms in sorted(runs.items()):
-        rows.append({"layers": depth, "form": form, "compile_s": median([m["compile_s"] for m in ms]),
-                     "compile_runs_s": [m["compile_s"] for m in ms], "temp_MiB": ms[0]["temp"] / MiB,
-                     "peak_MiB": ms[0]["peak"] / MiB, "bytes": ms[0]})
+        rows.append(
+            {
+                "layers": depth,
+                "form": form,
+                "compile_s": median([m["compile_s"] for m in ms]),
+                "compile_runs_s": [m["compile_s"] for m in ms],
+                "temp_MiB": ms[0]["temp"] / MiB,
+                "peak_MiB": ms[0]["peak"] / MiB,
+                "bytes": ms[0],
+            }
+        )
     return rows
 
 
 def growth(rows: list[dict], form: str) -> dict[str, Any]:
     mine = sorted((r for r in rows if r["form"] == form), key=lambda r: r["layers"])
     lo, hi = mine[0], mine[-1]
-    return {"shallow": lo["layers"], "deep": hi["layers"], "compile_ratio": hi["compile_s"] / lo["compile_s"],
-            "temp_ratio": hi["bytes"]["temp"] / lo["bytes"]["temp"]}
+    return {
+        "shallow": lo["layers"],
+        "deep": hi["layers"],
+        "compile_ratio": hi["compile_s"] / lo["compile_s"],
+        "temp_ratio": hi["bytes"]["temp"] / lo["bytes"]["temp"],
+    }
 
 
 def time_section(args) -> list[dict]:
@@ -119,13 +156,26 @@ def time_section(args) -> list[dict]:
         times = time_interleaved(fns, rounds=args.time_rounds, warmup=1, rotate=True)
         paired = paired_summary(times["scanned"], times["unrolled"])
         for form in FORMS:
-            rows.append({"layers": depth, "form": form, "median_ms": 1e3 * median(times[form]),
-                         "loss": losses[form], "times_s": times[form],
-                         **({"ratio_to_unrolled": paired["median"], "ci95": paired["ci95"], "paired": paired}
-                            if form == "scanned" else {})})
-        print(f"  {depth} layers: scanned {1e3 * median(times['scanned']):,.0f} ms, unrolled "
-              f"{1e3 * median(times['unrolled']):,.0f} ms: {paired['median']:.2f}x (95% CI {paired['ci95'][0]:.2f}-"
-              f"{paired['ci95'][1]:.2f}); losses {losses['scanned']:.6f} / {losses['unrolled']:.6f}", flush=True)
+            rows.append(
+                {
+                    "layers": depth,
+                    "form": form,
+                    "median_ms": 1e3 * median(times[form]),
+                    "loss": losses[form],
+                    "times_s": times[form],
+                    **(
+                        {"ratio_to_unrolled": paired["median"], "ci95": paired["ci95"], "paired": paired}
+                        if form == "scanned"
+                        else {}
+                    ),
+                }
+            )
+        print(
+            f"  {depth} layers: scanned {1e3 * median(times['scanned']):,.0f} ms, unrolled "
+            f"{1e3 * median(times['unrolled']):,.0f} ms: {paired['median']:.2f}x (95% CI {paired['ci95'][0]:.2f}-"
+            f"{paired['ci95'][1]:.2f}); losses {losses['scanned']:.6f} / {losses['unrolled']:.6f}",
+            flush=True,
+        )
     return rows
 
 
@@ -167,11 +217,15 @@ def main(argv=None) -> dict:
         result["compile"] = rows
         result["growth"] = {form: growth(rows, form) for form in FORMS}
         for form, g in result["growth"].items():
-            print(f"  {form}: {g['deep']} / {g['shallow']} layers: compile {g['compile_ratio']:.2f}x, temporaries "
-                  f"{g['temp_ratio']:.2f}x")
+            print(
+                f"  {form}: {g['deep']} / {g['shallow']} layers: compile {g['compile_ratio']:.2f}x, temporaries "
+                f"{g['temp_ratio']:.2f}x"
+            )
         g = result["growth"]["scanned"]
         goals[f"scanned: compile({g['deep']} layers) / compile({g['shallow']} layers) <= {GOAL:g}"] = {
-            "value": g["compile_ratio"], "met": g["compile_ratio"] <= GOAL}
+            "value": g["compile_ratio"],
+            "met": g["compile_ratio"] <= GOAL,
+        }
     if "time" in args.sections:
         print(f"== LoRA step time, scanned vs unrolled, {args.time_rounds} interleaved rounds ==")
         result["time"] = time_section(args)

@@ -39,13 +39,21 @@ import numpy as np
 
 from benchmarks.common import ROOT, Recorder, table
 
-SOURCES = ["lora_jax/models", "lora_jax/stacking.py", "lora_jax/sharding.py", "train/loop.py", "train/memory.py",
-           "benchmarks/sharded_load.py"]
+SOURCES = [
+    "lora_jax/models",
+    "lora_jax/stacking.py",
+    "lora_jax/sharding.py",
+    "train/loop.py",
+    "train/memory.py",
+    "benchmarks/sharded_load.py",
+]
 PRESETS = {
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
+    "1.1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+    ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
 }
 GOALS = {"sharded 1x8": 1.4, "sharded 2x4": 0.8}
 
@@ -62,8 +70,14 @@ def make_checkpoint(folder: Path, preset: str, shard_size: str = "500MB") -> int
 
     index = folder / hf.INDEX_NAME
     if not index.is_file():
-        hf_config = transformers.LlamaConfig(vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                                             tie_word_embeddings=False, torch_dtype="bfloat16", **PRESETS[preset])
+        hf_config = transformers.LlamaConfig(
+            vocab_size=49152,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            torch_dtype="bfloat16",
+            **PRESETS[preset],
+        )
         config = llama.Config.from_hf(hf_config)
         family = arch_lib.for_config(config)
         specs, fill = {}, {}
@@ -89,8 +103,14 @@ def make_checkpoint(folder: Path, preset: str, shard_size: str = "500MB") -> int
 
 
 def _timed(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        ["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _finish(proc: subprocess.Popen, what: str) -> dict:
@@ -102,24 +122,51 @@ def _finish(proc: subprocess.Popen, what: str) -> dict:
     loader = re.findall(r"LOAD_S ([\d.]+)", out)
     plan = re.findall(r"memory plan per device: .*", out)
     losses = [float(x) for x in re.findall(r"\bloss ([\d.]+)", out)]
-    return {"peak_rss_bytes": rss, "load_s": float((load or loader or ["nan"])[0]), "plan": plan[0] if plan else None,
-            "losses": losses}
+    return {
+        "peak_rss_bytes": rss,
+        "load_s": float((load or loader or ["nan"])[0]),
+        "plan": plan[0] if plan else None,
+        "losses": losses,
+    }
 
 
 def _env(devices: int, **extra: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               HF_HUB_OFFLINE="1", **extra)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        **extra,
+    )
     env.pop("LORA_JAX_8DEV", None)
     return env
 
 
 def _job_args(folder: Path, out: Path, steps: int, fsdp: int) -> list[str]:
-    return [sys.executable, "-m", "train.run", f"model.name={folder}", "data.task=causal-lm",
-            "data.source=builtin:restaurants", "lora.targets=qv", "lora.r=8", f"train.steps={steps}",
-            "train.batch_size=8", "data.max_length=64", "train.precision=bfloat16", "train.remat=full",
-            f"mesh.fsdp={fsdp}", "eval.every=100000", "eval.generate_samples=0", "eval.generate_eval=0",
-            "data.max_eval_examples=8", "eval.batch_size=8", "checkpoint.every=100000", f"output.dir={out}",
-            "optim.warmup_steps=0"]
+    return [
+        sys.executable,
+        "-m",
+        "train.run",
+        f"model.name={folder}",
+        "data.task=causal-lm",
+        "data.source=builtin:restaurants",
+        "lora.targets=qv",
+        "lora.r=8",
+        f"train.steps={steps}",
+        "train.batch_size=8",
+        "data.max_length=64",
+        "train.precision=bfloat16",
+        "train.remat=full",
+        f"mesh.fsdp={fsdp}",
+        "eval.every=100000",
+        "eval.generate_samples=0",
+        "eval.generate_eval=0",
+        "data.max_eval_examples=8",
+        "eval.batch_size=8",
+        "checkpoint.every=100000",
+        f"output.dir={out}",
+        "optim.warmup_steps=0",
+    ]
 
 
 def _free_port() -> int:
@@ -129,18 +176,30 @@ def _free_port() -> int:
 
 
 def measure(folder: Path, steps: int, work: Path) -> dict[str, list[dict]]:
-    whole = _timed([sys.executable, "-c", (
-        "import time, jax.numpy as jnp; from lora_jax import models; t = time.perf_counter(); "
-        f"models.load({str(folder)!r}, dtype=jnp.float32); print('LOAD_S', time.perf_counter() - t)")], _env(8))
+    whole = _timed(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time, jax.numpy as jnp; from lora_jax import models; t = time.perf_counter(); "
+                f"models.load({str(folder)!r}, dtype=jnp.float32); print('LOAD_S', time.perf_counter() - t)"
+            ),
+        ],
+        _env(8),
+    )
     rows = {"whole": [_finish(whole, "whole-model load")]}
     one = _timed(_job_args(folder, work / "one", steps, 8), _env(8))
     rows["sharded 1x8"] = [_finish(one, "train.run on 8 devices")]
     unrolled = _timed([*_job_args(folder, work / "unrolled", steps, 8), "model.scan_layers=false"], _env(8))
     rows["sharded 1x8 unrolled"] = [_finish(unrolled, "train.run on 8 devices, unrolled layers")]
     port = _free_port()
-    procs = [_timed(_job_args(folder, work / "two", steps, 8),
-                    _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
+    procs = [
+        _timed(
+            _job_args(folder, work / "two", steps, 8),
+            _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
     rows["sharded 2x4"] = [_finish(p, f"train.run process {i} of 2") for i, p in enumerate(procs)]
     return rows
 
@@ -164,17 +223,30 @@ def main(argv: list[str] | None = None) -> dict:
         for i, r in enumerate(runs):
             ratio = r["peak_rss_bytes"] / ckpt_bytes
             goal = GOALS.get(name)
-            rows.append({"run": name + (f" p{i}" if len(runs) > 1 else ""), "peak_rss_gib": r["peak_rss_bytes"] / 2**30,
-                         "x_checkpoint": ratio, "load_s": r["load_s"], "goal": goal if goal else "",
-                         "met": ("yes" if ratio <= goal else "NO") if goal and not args.quick else "",
-                         "losses": r["losses"], "plan": r["plan"]})
+            rows.append(
+                {
+                    "run": name + (f" p{i}" if len(runs) > 1 else ""),
+                    "peak_rss_gib": r["peak_rss_bytes"] / 2**30,
+                    "x_checkpoint": ratio,
+                    "load_s": r["load_s"],
+                    "goal": goal if goal else "",
+                    "met": ("yes" if ratio <= goal else "NO") if goal and not args.quick else "",
+                    "losses": r["losses"],
+                    "plan": r["plan"],
+                }
+            )
     print(f"checkpoint: {folder} ({ckpt_bytes / 2**30:.2f} GiB of bfloat16 weights)")
     print(table(rows, ["run", "peak_rss_gib", "x_checkpoint", "load_s", "goal", "met"]))
     for r in rows:
         if r["plan"]:
             print(f"{r['run']}: {r['plan']}")
-    payload = {"preset": preset, "quick": args.quick, "checkpoint_bytes": ckpt_bytes, "rows": rows,
-               "goals_met": None if args.quick else all(r["met"] == "yes" for r in rows if r["goal"])}
+    payload = {
+        "preset": preset,
+        "quick": args.quick,
+        "checkpoint_bytes": ckpt_bytes,
+        "rows": rows,
+        "goals_met": None if args.quick else all(r["met"] == "yes" for r in rows if r["goal"]),
+    }
     path = recorder.write(args.out, payload)
     print(f"wrote {path}")
     return payload

@@ -68,8 +68,9 @@ def main(argv=None) -> dict:
     prompt = tok(["The capital of France is"] * args.batch, return_tensors="np")["input_ids"]
     decode = {}
     for b in sorted({1, args.batch}):
-        decode[b] = (lambda b=b: block(gen.generate(model, params, prompt[:b], max_new_tokens=args.new_tokens,
-                                                    eos_token_id=())))
+        decode[b] = lambda b=b: block(
+            gen.generate(model, params, prompt[:b], max_new_tokens=args.new_tokens, eos_token_id=())
+        )
 
     fns = {
         "jax forward f32": lambda: block(forward(params, ids)),
@@ -81,8 +82,9 @@ def main(argv=None) -> dict:
         import transformers
 
         torch.set_num_threads(os.cpu_count() or 1)
-        ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                dtype=torch.float32).eval()
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        ).eval()
         ids_t = torch.tensor(np.asarray(ids))
 
         def torch_forward():
@@ -91,8 +93,13 @@ def main(argv=None) -> dict:
 
         def torch_greedy(b):
             with torch.no_grad():
-                ref.generate(torch.tensor(prompt[:b]), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                             do_sample=False, pad_token_id=config.pad_token_id)
+                ref.generate(
+                    torch.tensor(prompt[:b]),
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=config.pad_token_id,
+                )
 
         fns["torch forward f32"] = torch_forward
         for b in decode:
@@ -103,14 +110,26 @@ def main(argv=None) -> dict:
     for name, ts in times.items():
         batch = int(name.rsplit(" ", 1)[1]) if "greedy" in name else args.batch
         tokens = batch * (args.new_tokens if "greedy" in name else args.seq)
-        rows.append({"what": f"{name} ({batch} x {args.new_tokens if 'greedy' in name else args.seq})",
-                     "seconds": median(ts), "tokens/s": tokens / median(ts)})
+        rows.append(
+            {
+                "what": f"{name} ({batch} x {args.new_tokens if 'greedy' in name else args.seq})",
+                "seconds": median(ts),
+                "tokens/s": tokens / median(ts),
+            }
+        )
     print(table(rows, ["what", "seconds", "tokens/s"]))
     sample = tok.decode(np.asarray(gen.generate(model, params, prompt[:1], max_new_tokens=8))[0])
     result = {
-        "args": vars(args), "rows": rows, "times": times, "load_times": load_times, "sample": sample,
-        "model": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "params": int(sum(
-            x.size for x in jax.tree_util.tree_leaves(params)))},
+        "args": vars(args),
+        "rows": rows,
+        "times": times,
+        "load_times": load_times,
+        "sample": sample,
+        "model": {
+            "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size,
+            "params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
+        },
     }
     print(f"sample: {sample!r}\nwrote {recorder.write('smollm2_speed', result, args.out_dir)}")
     return result

@@ -52,11 +52,15 @@ def require_history(root: Path) -> None:
     out = _git(root, "rev-parse", "--is-inside-work-tree", "--is-shallow-repository", check=False)
     lines = out.stdout.split()
     if out.returncode != 0 or not lines or lines[0] != "true":
-        raise NoHistory(f"{root} is not a git checkout ({out.stderr.strip() or 'no work tree'}): the staleness of "
-                        "benchmark results is decided from the history, so it cannot be checked here")
+        raise NoHistory(
+            f"{root} is not a git checkout ({out.stderr.strip() or 'no work tree'}): the staleness of "
+            "benchmark results is decided from the history, so it cannot be checked here"
+        )
     if len(lines) > 1 and lines[1] == "true":
-        raise NoHistory(f"{root} is a shallow clone: fetch the full history (git fetch --unshallow) to check the "
-                        "staleness of benchmark results")
+        raise NoHistory(
+            f"{root} is a shallow clone: fetch the full history (git fetch --unshallow) to check the "
+            "staleness of benchmark results"
+        )
 
 
 def declared_sources(module: Path) -> list[str]:
@@ -104,8 +108,10 @@ def check(results_dir: Path = RESULTS, root: Path = ROOT) -> list[Stale]:
         elif last and _git(root, "merge-base", "--is-ancestor", last, commit, check=False).returncode != 0:
             changed = _git(root, "log", "--format=%h %s", f"{commit}..HEAD", "--", *sources).stdout.splitlines()
             files = _git(root, "diff", "--name-only", commit, "HEAD", "--", *sources).stdout.split()
-            why = (f"measured at {commit[:12]}; {len(changed)} later commit(s) changed "
-                   f"{', '.join(files) or 'its sources'}" + (f" (latest: {changed[0][:100]})" if changed else ""))
+            why = (
+                f"measured at {commit[:12]}; {len(changed)} later commit(s) changed "
+                f"{', '.join(files) or 'its sources'}" + (f" (latest: {changed[0][:100]})" if changed else "")
+            )
         elif git.get("dirty_sources"):
             why = f"measured with uncommitted changes to {', '.join(git['dirty_sources'])}"
         if why:

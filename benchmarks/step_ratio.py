@@ -28,9 +28,10 @@ SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "benchmarks/step_ratio.py", "b
 
 def make_params(layers: int, d: int, key) -> dict:
     keys = jax.random.split(key, layers)
-    return {f"layer_{i}": {"attention": {"kernel": jax.random.normal(k, (d, d)) / jnp.sqrt(d),
-                                         "bias": jnp.zeros((d,))}}
-            for i, k in enumerate(keys)}
+    return {
+        f"layer_{i}": {"attention": {"kernel": jax.random.normal(k, (d, d)) / jnp.sqrt(d), "bias": jnp.zeros((d,))}}
+        for i, k in enumerate(keys)
+    }
 
 
 def forward(params: dict, x: jax.Array) -> jax.Array:
@@ -85,25 +86,41 @@ def main(argv=None) -> dict:
     y = jax.random.normal(jax.random.key(2), (args.tokens, args.d))
     tx = optax.adamw(1e-4)
     full_step, merged_step, factored_step = build_steps(params, adapters, tx)
-    state = {"full": (params, tx.init(params)), "merged": (adapters, tx.init(adapters)),
-             "factored": (adapters, tx.init(adapters))}
+    state = {
+        "full": (params, tx.init(params)),
+        "merged": (adapters, tx.init(adapters)),
+        "factored": (adapters, tx.init(adapters)),
+    }
 
     def runner(name, step):
         def run():
             p, s = step(*state[name], x, y)
             jax.block_until_ready(p)
             state[name] = (p, s)
+
         return run
 
-    times = time_interleaved({"full": runner("full", full_step), "merged": runner("merged", merged_step),
-                              "factored": runner("factored", factored_step)}, rounds=args.rounds)
+    times = time_interleaved(
+        {
+            "full": runner("full", full_step),
+            "merged": runner("merged", merged_step),
+            "factored": runner("factored", factored_step),
+        },
+        rounds=args.rounds,
+    )
     base = median(times["full"])
-    labels = {"full": "full fine-tuning (grad w.r.t. W)", "merged": "LoRA merge-then-forward (W0 + s*A@B)",
-              "factored": "LoRA factored (x@W0 + ((x@A)@B)*s)"}
-    rows = [{"method": labels[k], "median_ms": 1e3 * median(v), "ratio_to_full": median(v) / base}
-            for k, v in times.items()]
-    print(f"{args.layers} layers of {args.d}x{args.d}, {args.tokens} tokens, r={args.r}, f32, AdamW, "
-          f"{jax.default_backend()}, medians of {args.rounds} rounds")
+    labels = {
+        "full": "full fine-tuning (grad w.r.t. W)",
+        "merged": "LoRA merge-then-forward (W0 + s*A@B)",
+        "factored": "LoRA factored (x@W0 + ((x@A)@B)*s)",
+    }
+    rows = [
+        {"method": labels[k], "median_ms": 1e3 * median(v), "ratio_to_full": median(v) / base} for k, v in times.items()
+    ]
+    print(
+        f"{args.layers} layers of {args.d}x{args.d}, {args.tokens} tokens, r={args.r}, f32, AdamW, "
+        f"{jax.default_backend()}, medians of {args.rounds} rounds"
+    )
     print(table(rows, ["method", "median_ms", "ratio_to_full"]))
     result = {"config": vars(args), "rows": rows, "times_s": times}
     print(f"wrote {recorder.write(args.out, result, args.out_dir)}")

@@ -45,9 +45,19 @@ import numpy as np
 from benchmarks.common import ROOT, Recorder, paired_summary, ratio_verdict, table
 
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("benchmarks/time_to_accuracy.py", "benchmarks/common.py", "configs/sst2_minilm_lora.yaml", "train/loop.py",
-           "train/data.py", "train/tasks.py", "train/config.py", "lora_jax/core.py", "lora_jax/ops.py",
-           "lora_jax/models/bert.py", "lora_jax/models/layers.py")
+SOURCES = (
+    "benchmarks/time_to_accuracy.py",
+    "benchmarks/common.py",
+    "configs/sst2_minilm_lora.yaml",
+    "train/loop.py",
+    "train/data.py",
+    "train/tasks.py",
+    "train/config.py",
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "lora_jax/models/bert.py",
+    "lora_jax/models/layers.py",
+)
 CONFIG = ROOT / "configs" / "sst2_minilm_lora.yaml"
 SPEEDUP_GOAL = 1.5  # PEFT's training wall time / ours
 ACCURACY_MARGIN = 0.005  # ours may be at most 0.5 point below PEFT's dev accuracy
@@ -64,8 +74,9 @@ def data_dir(given: str | None) -> Path:
     for root in roots:
         if (root / "train.tsv").is_file() and (root / "dev.tsv").is_file():
             return root
-    raise FileNotFoundError(f"SST-2 (train.tsv, dev.tsv) not found in {[str(r) for r in roots]}: pass --data or "
-                            "set LORA_JAX_SHARED_DATA")
+    raise FileNotFoundError(
+        f"SST-2 (train.tsv, dev.tsv) not found in {[str(r) for r in roots]}: pass --data or set LORA_JAX_SHARED_DATA"
+    )
 
 
 def lr_schedule(cfg):
@@ -75,11 +86,21 @@ def lr_schedule(cfg):
     oc, steps = cfg.optim, cfg.train.steps
     warmup = min(oc.warmup_steps, max(steps - 1, 0))
     if oc.schedule == "constant":
-        sched = optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
-                                      optax.constant_schedule(oc.lr)], [warmup]) if warmup else (lambda s: oc.lr)
+        sched = (
+            optax.join_schedules(
+                [optax.linear_schedule(0.0, oc.lr, max(warmup, 1)), optax.constant_schedule(oc.lr)], [warmup]
+            )
+            if warmup
+            else (lambda s: oc.lr)
+        )
     elif oc.schedule == "linear":
-        sched = optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
-                                      optax.linear_schedule(oc.lr, 0.0, max(steps - warmup, 1))], [warmup])
+        sched = optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
+                optax.linear_schedule(oc.lr, 0.0, max(steps - warmup, 1)),
+            ],
+            [warmup],
+        )
     else:
         sched = optax.warmup_cosine_decay_schedule(0.0, oc.lr, max(warmup, 1), max(steps, warmup + 1))
     return lambda step: float(sched(step))
@@ -93,8 +114,12 @@ def peft_lora(base, cfg, task_type: str, targets: list[str]):
     import torch
 
     lc, oc = cfg.lora, cfg.optim
-    model = peft.get_peft_model(base, peft.LoraConfig(task_type=task_type, r=lc.r, lora_alpha=lc.alpha,
-                                                      lora_dropout=lc.dropout, target_modules=targets))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            task_type=task_type, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets
+        ),
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=oc.lr, betas=(oc.b1, oc.b2), weight_decay=oc.weight_decay)
@@ -117,9 +142,17 @@ def torch_update(loss, params, opt, scheduler, grad_clip: float | None) -> None:
 def build_config(args, root: Path):
     from train.config import load_config
 
-    overrides = [f"data.source={root / 'train.tsv'}", f"data.eval_source={root / 'dev.tsv'}",
-                 f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"optim.lr={args.lr}",
-                 f"lora.r={args.r}", f"lora.alpha={2 * args.r}", "lora.targets=qv", f"train.seed={args.seed}"]
+    overrides = [
+        f"data.source={root / 'train.tsv'}",
+        f"data.eval_source={root / 'dev.tsv'}",
+        f"train.steps={args.steps}",
+        f"train.batch_size={args.batch}",
+        f"optim.lr={args.lr}",
+        f"lora.r={args.r}",
+        f"lora.alpha={2 * args.r}",
+        "lora.targets=qv",
+        f"train.seed={args.seed}",
+    ]
     if args.max_train:
         overrides.append(f"data.max_train_examples={args.max_train}")
     return load_config(str(CONFIG), overrides)
@@ -156,8 +189,11 @@ class Ours:
         self.frozen, self.trainable = jax.device_put((prepared.frozen, prepared.trainable), device)
         tx = loop.make_optimizer(cfg)
         self.opt_state = jax.device_put(tx.init(self.trainable), device)
-        self.step_fn = jax.jit(loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1),
-                               compiler_options=loop.step_compiler_options(cfg))
+        self.step_fn = jax.jit(
+            loop.make_train_step(model, cfg, tx),
+            donate_argnums=(0, 1),
+            compiler_options=loop.step_compiler_options(cfg),
+        )
         self.eval_fn = jax.jit(loop.make_eval_step(model, cfg))
         self.eval_data = eval_data
         self.step, self.losses, self.widths_used = 0, [], []
@@ -169,8 +205,9 @@ class Ours:
             host = self.batches(self.step)
             self.widths_used.append(int(host["attention_mask"].shape[1]))
             batch = jax.device_put({k: v[None] for k, v in host.items()})  # a gradient-accumulation axis of 1
-            self.trainable, self.opt_state, m = self.step_fn(self.trainable, self.opt_state, self.frozen, batch,
-                                                             jax.random.fold_in(self.step_key, self.step))
+            self.trainable, self.opt_state, m = self.step_fn(
+                self.trainable, self.opt_state, self.frozen, batch, jax.random.fold_in(self.step_key, self.step)
+            )
             metrics.append(m["loss"])
             self.step += 1
         self.losses += [float(x) for x in jax.block_until_ready(metrics)]  # read once per round
@@ -198,8 +235,16 @@ class Ours:
 class Peft:
     """transformers + PEFT, a plain training loop over ``DataCollatorWithPadding`` batches of the same examples."""
 
-    def __init__(self, cfg, model_path: Path, train_rows: list[dict], eval_rows: list[dict], indices,
-                 head_init: tuple[np.ndarray, np.ndarray], threads: int):
+    def __init__(
+        self,
+        cfg,
+        model_path: Path,
+        train_rows: list[dict],
+        eval_rows: list[dict],
+        indices,
+        head_init: tuple[np.ndarray, np.ndarray],
+        threads: int,
+    ):
         import peft
         import torch
         import transformers
@@ -209,8 +254,9 @@ class Peft:
         self.torch = torch
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
         self.collate = transformers.DataCollatorWithPadding(self.tokenizer)
-        base = transformers.BertForSequenceClassification.from_pretrained(str(model_path),
-                                                                          num_labels=cfg.model.num_labels)
+        base = transformers.BertForSequenceClassification.from_pretrained(
+            str(model_path), num_labels=cfg.model.num_labels
+        )
         with torch.no_grad():  # the same initial head as ours
             base.classifier.weight.copy_(torch.tensor(np.array(head_init[0].T)))
             base.classifier.bias.copy_(torch.tensor(np.array(head_init[1])))
@@ -220,16 +266,24 @@ class Peft:
         # tokenised up front, as datasets.map would (untimed, like our own tokenisation)
         text, label, length = cfg.data.text_column, cfg.data.label_column, cfg.data.max_length
         enc = self.tokenizer([str(r[text]) for r in train_rows], truncation=True, max_length=length)
-        self.features = [{"input_ids": ids, "attention_mask": m, "labels": int(r[label])}
-                         for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], train_rows)]
+        self.features = [
+            {"input_ids": ids, "attention_mask": m, "labels": int(r[label])}
+            for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], train_rows)
+        ]
         enc = self.tokenizer([str(r[text]) for r in eval_rows], truncation=True, max_length=length)
-        self.eval_features = [{"input_ids": ids, "attention_mask": m, "labels": int(r[label])}
-                              for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], eval_rows)]
+        self.eval_features = [
+            {"input_ids": ids, "attention_mask": m, "labels": int(r[label])}
+            for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], eval_rows)
+        ]
         self.indices = indices
         self.step, self.losses, self.pad_fraction = 0, [], []
-        self.info = {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
-                     "threads": torch.get_num_threads(),
-                     "attn_implementation": getattr(base.config, "_attn_implementation", None)}
+        self.info = {
+            "torch": torch.__version__,
+            "peft": peft.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "attn_implementation": getattr(base.config, "_attn_implementation", None),
+        }
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
@@ -247,7 +301,7 @@ class Peft:
         correct = 0
         with torch.no_grad():
             for start in range(0, len(self.eval_features), eval_batch):
-                batch = self.collate(self.eval_features[start: start + eval_batch])
+                batch = self.collate(self.eval_features[start : start + eval_batch])
                 labels = batch.pop("labels")
                 correct += int((self.model(**batch).logits.argmax(-1) == labels).sum())
         self.model.train()
@@ -259,14 +313,21 @@ class Peft:
 
 def goals(speedup: float, acc_ours: float, acc_peft: float) -> dict[str, dict]:
     """The issue's goal, as two checks that can each fail: the speed-up and the accuracy it is bought at."""
-    return {f"PEFT training wall time / ours >= {SPEEDUP_GOAL}": {"value": speedup, "met": speedup >= SPEEDUP_GOAL},
-            f"dev accuracy ours - PEFT >= -{100 * ACCURACY_MARGIN:g} point": {
-                "value": 100 * (acc_ours - acc_peft), "met": acc_ours >= acc_peft - ACCURACY_MARGIN - 1e-12}}
+    return {
+        f"PEFT training wall time / ours >= {SPEEDUP_GOAL}": {"value": speedup, "met": speedup >= SPEEDUP_GOAL},
+        f"dev accuracy ours - PEFT >= -{100 * ACCURACY_MARGIN:g} point": {
+            "value": 100 * (acc_ours - acc_peft),
+            "met": acc_ours >= acc_peft - ACCURACY_MARGIN - 1e-12,
+        },
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.time_to_accuracy", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.time_to_accuracy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="4 steps, 2 rounds, 512 train / 64 dev sentences, 2 widths")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=10)
@@ -310,16 +371,19 @@ def main(argv=None) -> dict:
     train_rows = data_lib.load_rows(cfg.data, cfg.data.train_split)[: args.max_train or None]
     eval_rows = data_lib.load_rows(dataclasses.replace(cfg.data, source=cfg.data.eval_source), "validation")
     eval_rows = eval_rows[: args.max_eval or None]
-    train_data = data_lib.tokenize(train_rows, tokenizer, cfg.data, model_cfg.max_position_embeddings,
-                                   cfg.model.num_labels)
-    eval_data = data_lib.tokenize(eval_rows, tokenizer, cfg.data, model_cfg.max_position_embeddings,
-                                  cfg.model.num_labels)
+    train_data = data_lib.tokenize(
+        train_rows, tokenizer, cfg.data, model_cfg.max_position_embeddings, cfg.model.num_labels
+    )
+    eval_data = data_lib.tokenize(
+        eval_rows, tokenizer, cfg.data, model_cfg.max_position_embeddings, cfg.model.num_labels
+    )
     ours = Ours(cfg, train_data, eval_data, model, params, args.shapes)
     del params
     setup = {"ours_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    peft_ = Peft(cfg, models.resolve(cfg.model.name), train_rows, eval_rows, ours.batches.indices, ours.head_init,
-                 args.threads)
+    peft_ = Peft(
+        cfg, models.resolve(cfg.model.name), train_rows, eval_rows, ours.batches.indices, ours.head_init, args.threads
+    )
     setup["peft_s"] = time.perf_counter() - t0
     # the same tokens on both sides (one tokenizer.json, two implementations)
     ours_ids = [list(r[m > 0]) for r, m in zip(train_data.input_ids, train_data.attention_mask)]
@@ -334,8 +398,11 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             runners[name].run(steps)
             times[name].append(time.perf_counter() - t0)
-        print(f"round {i + 1}/{args.rounds} ({steps} steps): ours {times['ours'][-1]:.1f} s, peft "
-              f"{times['peft'][-1]:.1f} s; loss ours {ours.losses[-1]:.3f}, peft {peft_.losses[-1]:.3f}", flush=True)
+        print(
+            f"round {i + 1}/{args.rounds} ({steps} steps): ours {times['ours'][-1]:.1f} s, peft "
+            f"{times['peft'][-1]:.1f} s; loss ours {ours.losses[-1]:.3f}, peft {peft_.losses[-1]:.3f}",
+            flush=True,
+        )
 
     t0 = time.perf_counter()
     acc = {"ours": ours.accuracy()}
@@ -348,37 +415,68 @@ def main(argv=None) -> dict:
     paired = paired_summary(times["ours"], times["peft"])
     speedup = total["peft"] / total["ours"]
     widths = ours.widths_used
-    pad_ours = 1.0 - float(np.mean([ours.batches.lengths[ours.batches.indices(s)].sum() / (args.batch * w)
-                                    for s, w in enumerate(widths)]))
-    rows = [{"method": LABELS[n], "trainable": r.trainable_count, "train_s": total[n],
-             "steps/s": args.steps / total[n], "dev_accuracy": acc[n], "final_loss": float(np.mean(r.losses[-10:])),
-             "eval_s": eval_s[n]} for n, r in runners.items()]
+    pad_ours = 1.0 - float(
+        np.mean([ours.batches.lengths[ours.batches.indices(s)].sum() / (args.batch * w) for s, w in enumerate(widths)])
+    )
+    rows = [
+        {
+            "method": LABELS[n],
+            "trainable": r.trainable_count,
+            "train_s": total[n],
+            "steps/s": args.steps / total[n],
+            "dev_accuracy": acc[n],
+            "final_loss": float(np.mean(r.losses[-10:])),
+            "eval_s": eval_s[n],
+        }
+        for n, r in runners.items()
+    ]
     rows[0]["pad_fraction"], rows[1]["pad_fraction"] = pad_ours, float(np.mean(peft_.pad_fraction))
     goal = goals(speedup, acc["ours"], acc["peft"])
-    notes = [ratio_verdict(paired, "ours", "peft") + " (per-round times; round 1 includes our compilations)",
-             f"ours used widths {sorted(set(widths))} of {list(ours.batches.widths)} "
-             f"({ours.compilations()} compilations of the step)"]
+    notes = [
+        ratio_verdict(paired, "ours", "peft") + " (per-round times; round 1 includes our compilations)",
+        f"ours used widths {sorted(set(widths))} of {list(ours.batches.widths)} "
+        f"({ours.compilations()} compilations of the step)",
+    ]
     if same_tokens < 1:
         notes.append(f"only {100 * same_tokens:.1f}% of the training sentences tokenise identically on both sides")
     if args.quick:
         notes.insert(0, "quick: a few steps on a subset; no conclusions from these times or accuracies")
 
-    print(f"\nSST-2 / all-MiniLM-L6-v2, LoRA r={args.r} on query/value + head, batch {args.batch}, lr {args.lr:g}, "
-          f"{args.steps} steps in {args.rounds} alternating rounds, {os.cpu_count()} cores"
-          f"{' [quick]' if args.quick else ''}")
+    print(
+        f"\nSST-2 / all-MiniLM-L6-v2, LoRA r={args.r} on query/value + head, batch {args.batch}, lr {args.lr:g}, "
+        f"{args.steps} steps in {args.rounds} alternating rounds, {os.cpu_count()} cores"
+        f"{' [quick]' if args.quick else ''}"
+    )
     print(table(rows, ["method", "trainable", "train_s", "steps/s", "dev_accuracy", "final_loss", "pad_fraction"]))
-    print(f"speed-up (PEFT time / ours): {speedup:.2f}x; paired per-round ours/peft: median {paired['median']:.2f} "
-          f"(95% CI {paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f})")
+    print(
+        f"speed-up (PEFT time / ours): {speedup:.2f}x; paired per-round ours/peft: median {paired['median']:.2f} "
+        f"(95% CI {paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f})"
+    )
     for k, g in goal.items():
         print(f"{'MET' if g['met'] else 'MISSED'}: {k}: {g['value']:.2f}")
     for n in notes:
         print("note:", n)
-    result = {"config": vars(args), "rows": rows, "times_s": times, "steps_per_round": per_round,
-              "speedup": speedup, "paired_ours_over_peft": paired, "accuracy": acc, "goals": goal,
-              "losses": {"ours": ours.losses, "peft": peft_.losses}, "widths": list(ours.batches.widths),
-              "widths_used": widths, "compilations": ours.compilations(), "same_tokens": same_tokens,
-              "setup_s": setup, "peft_info": peft_.info, "train_examples": len(train_rows),
-              "eval_examples": len(eval_rows), "notes": notes, "wall_s": time.perf_counter() - t_start}
+    result = {
+        "config": vars(args),
+        "rows": rows,
+        "times_s": times,
+        "steps_per_round": per_round,
+        "speedup": speedup,
+        "paired_ours_over_peft": paired,
+        "accuracy": acc,
+        "goals": goal,
+        "losses": {"ours": ours.losses, "peft": peft_.losses},
+        "widths": list(ours.batches.widths),
+        "widths_used": widths,
+        "compilations": ours.compilations(),
+        "same_tokens": same_tokens,
+        "setup_s": setup,
+        "peft_info": peft_.info,
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "notes": notes,
+        "wall_s": time.perf_counter() - t_start,
+    }
     print(f"wall time {result['wall_s']:.0f} s; wrote {recorder.write(args.out, result, args.out_dir)}")
     return result
 

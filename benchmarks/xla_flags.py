@@ -48,8 +48,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]  # (not benchmarks.common's: that imports jax, which the parent must not)
 
 # The code this benchmark measures (benchmarks.staleness).
-SOURCES = ("benchmarks/xla_flags.py", "benchmarks/common.py", "benchmarks/train_step.py", "train/loop.py",
-           "train/tasks.py", "lora_jax/models", "lora_jax/ops.py", "lora_jax/core.py")
+SOURCES = (
+    "benchmarks/xla_flags.py",
+    "benchmarks/common.py",
+    "benchmarks/train_step.py",
+    "train/loop.py",
+    "train/tasks.py",
+    "lora_jax/models",
+    "lora_jax/ops.py",
+    "lora_jax/core.py",
+)
 
 # name -> XLA_FLAGS added to the environment's own
 FLAG_SETS: dict[str, str] = {
@@ -79,16 +87,31 @@ def _minilm(quick: bool):
 
     from train.config import load_config
 
-    cfg = load_config(None, ["data.task=classification", "model.num_labels=2", "lora.targets=qv", "lora.r=8",
-                             "lora.alpha=16", "optim.lr=1e-3"])
+    cfg = load_config(
+        None,
+        [
+            "data.task=classification",
+            "model.num_labels=2",
+            "lora.targets=qv",
+            "lora.r=8",
+            "lora.alpha=16",
+            "optim.lr=1e-3",
+        ],
+    )
     if quick:
         import transformers
 
         from lora_jax import models
         from lora_jax.models import bert
 
-        hf = transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, num_labels=2)
+        hf = transformers.BertConfig(
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_labels=2,
+        )
         config = bert.Config.from_hf(hf)
         model = models.build(config, task="sequence-classification")
         params = models.init_params(config, jax.random.key(0), "sequence-classification")
@@ -99,9 +122,11 @@ def _minilm(quick: bool):
     vocab = config.vocab_size
     batch, seq = (4, 16) if quick else (32, 32)
     rng = np.random.default_rng(0)
-    data = {"input_ids": rng.integers(min(1000, vocab // 2), vocab, (1, batch, seq)).astype(np.int32),
-            "attention_mask": np.ones((1, batch, seq), np.int32),
-            "labels": rng.integers(0, 2, (1, batch)).astype(np.int32)}
+    data = {
+        "input_ids": rng.integers(min(1000, vocab // 2), vocab, (1, batch, seq)).astype(np.int32),
+        "attention_mask": np.ones((1, batch, seq), np.int32),
+        "labels": rng.integers(0, 2, (1, batch)).astype(np.int32),
+    }
     return cfg, model, params, data
 
 
@@ -129,8 +154,9 @@ def worker(model_name: str, quick: bool, out: str) -> None:
     cfg, model, params, batch = (_minilm if model_name == "minilm" else _gpt2)(quick)
     prepared = loop.prepare(cfg, params, jax.random.key(0))
     tx = loop.make_optimizer(cfg)
-    step = jax.jit(loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1),
-                   compiler_options=loop.step_compiler_options(cfg))
+    step = jax.jit(
+        loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1), compiler_options=loop.step_compiler_options(cfg)
+    )
     batch = jax.device_put(batch)
     frozen = jax.device_put(prepared.frozen)
     key = jax.random.key(1)
@@ -177,8 +203,9 @@ class Worker:
         cmd = [sys.executable, "-m", "benchmarks.xla_flags", "--worker", "--models", model, "--out", str(self.out)]
         cmd += ["--quick"] if quick else []
         self._err = open(self.err_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err, text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True
+        )
         self.error: str | None = None
         self.compile_s: float | None = None
 
@@ -194,10 +221,16 @@ class Worker:
             return
         self.proc.wait()
         err = self.stderr()
-        known = [x for x in err.splitlines() if "Unknown flag" in x or "Illegal value" in x or "flag" in x.lower()
-                 and "XLA_FLAGS" in x]
-        last = (known or [x for x in err.strip().splitlines() if x.strip()] or
-                [f"exited with status {self.proc.returncode} and no message"])
+        known = [
+            x
+            for x in err.splitlines()
+            if "Unknown flag" in x or "Illegal value" in x or "flag" in x.lower() and "XLA_FLAGS" in x
+        ]
+        last = (
+            known
+            or [x for x in err.strip().splitlines() if x.strip()]
+            or [f"exited with status {self.proc.returncode} and no message"]
+        )
         self.error = (last[0] if known else last[-1]).split("] ", 1)[-1].strip()[:300]
 
     def time(self, steps: int) -> list[float]:
@@ -226,8 +259,11 @@ def compare(ref: dict, other: dict) -> dict[str, Any]:
     loss_rel = abs(float(other["loss"]) - float(ref["loss"])) / max(abs(float(ref["loss"])), 1e-30)
     a, b = np.asarray(ref["tree"]), np.asarray(other["tree"])
     tree_rel = float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-30)) if a.shape == b.shape else np.inf
-    return {"loss_rel_diff": loss_rel, "updated_tree_max_rel_diff": tree_rel,
-            "unchanged": bool(loss_rel <= LOSS_RTOL and tree_rel <= TREE_RTOL)}
+    return {
+        "loss_rel_diff": loss_rel,
+        "updated_tree_max_rel_diff": tree_rel,
+        "unchanged": bool(loss_rel <= LOSS_RTOL and tree_rel <= TREE_RTOL),
+    }
 
 
 def verdict(row: dict) -> str:
@@ -278,24 +314,39 @@ def measure(model: str, sets: dict[str, str], rounds: int, steps: int, quick: bo
                     w.time(1)
                     mine, theirs = [], []
                     for r in range(rounds):
-                        for who in ((ref, w) if r % 2 == 0 else (w, ref)):
+                        for who in (ref, w) if r % 2 == 0 else (w, ref):
                             (theirs if who is ref else mine).append(float(np.median(who.time(steps))))
                     ref_times += theirs
                     s = paired_summary(mine, theirs)
-                    row.update(status="ran", compile_s=w.compile_s, median_step_ms=1e3 * float(np.median(mine)),
-                               times_s=mine, reference_times_s=theirs, ratio_to_default=s,
-                               paired=ratio_verdict(s, name, "default"), **compare(ref_out, dict(np.load(w.out))))
+                    row.update(
+                        status="ran",
+                        compile_s=w.compile_s,
+                        median_step_ms=1e3 * float(np.median(mine)),
+                        times_s=mine,
+                        reference_times_s=theirs,
+                        ratio_to_default=s,
+                        paired=ratio_verdict(s, name, "default"),
+                        **compare(ref_out, dict(np.load(w.out))),
+                    )
                     rows.append(row)
-                    say(f"{model} {name}: {row['median_step_ms']:.1f} ms vs {1e3 * np.median(theirs):.1f} ms, "
+                    say(
+                        f"{model} {name}: {row['median_step_ms']:.1f} ms vs {1e3 * np.median(theirs):.1f} ms, "
                         f"ratio {s['median']:.3f} ({s['ci95'][0]:.3f}-{s['ci95'][1]:.3f}), outputs "
-                        f"{'unchanged' if row['unchanged'] else 'DIFFER'}")
+                        f"{'unchanged' if row['unchanged'] else 'DIFFER'}"
+                    )
                 finally:
                     w.close()
         finally:
             ref.close()
-    default = {"set": "default", "flags": sets["default"], "status": "ran", "compile_s": ref.compile_s,
-               "median_step_ms": 1e3 * float(np.median(ref_times)) if ref_times else None, "times_s": ref_times,
-               **compare(ref_out, ref_out)}
+    default = {
+        "set": "default",
+        "flags": sets["default"],
+        "status": "ran",
+        "compile_s": ref.compile_s,
+        "median_step_ms": 1e3 * float(np.median(ref_times)) if ref_times else None,
+        "times_s": ref_times,
+        **compare(ref_out, ref_out),
+    }
     rows = [default, *rows]
     for row in rows:
         row["verdict"] = verdict(row)
@@ -303,18 +354,32 @@ def measure(model: str, sets: dict[str, str], rounds: int, steps: int, quick: bo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.xla_flags", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.xla_flags", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="tiny models, 2 rounds of 2 steps (a smoke run)")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    ap.add_argument("--sets", nargs="+", default=None, choices=list(FLAG_SETS),
-                    help="the flag sets to try (default: all; the reference 'default' is always run)")
-    ap.add_argument("--flags", nargs="+", default=[], metavar="NAME=XLA_FLAGS",
-                    help="extra sets, e.g. tiling='--xla_cpu_enable_custom_matmul_tiling=true'")
+    ap.add_argument(
+        "--sets",
+        nargs="+",
+        default=None,
+        choices=list(FLAG_SETS),
+        help="the flag sets to try (default: all; the reference 'default' is always run)",
+    )
+    ap.add_argument(
+        "--flags",
+        nargs="+",
+        default=[],
+        metavar="NAME=XLA_FLAGS",
+        help="extra sets, e.g. tiling='--xla_cpu_enable_custom_matmul_tiling=true'",
+    )
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=None, help="steps per worker per round (default 8 MiniLM, 2 GPT-2)")
-    ap.add_argument("--out", default=None, help="results name (default xla_flags, xla_flags_quick with --quick); "
-                                                "the worker's .npz with --worker")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results name (default xla_flags, xla_flags_quick with --quick); the worker's .npz with --worker",
+    )
     ap.add_argument("--out-dir", default=None, help="write the JSON here instead of benchmarks/results/")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -342,22 +407,35 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     results = [measure(m, args.flag_sets, args.rounds, args.steps or STEPS[m], args.quick) for m in args.models]
     helps = {r["model"]: [row["set"] for row in r["rows"] if row["verdict"] == "helps"] for r in results}
-    print(f"\nXLA:CPU flag sets on the training step, {args.rounds} alternating rounds against a reference worker"
-          f"{' [quick]' if args.quick else ''}; environment XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
+    print(
+        f"\nXLA:CPU flag sets on the training step, {args.rounds} alternating rounds against a reference worker"
+        f"{' [quick]' if args.quick else ''}; environment XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}"
+    )
     for r in results:
         print(f"\n{r['model']} ({r['steps_per_round']} steps per round):")
-        shown = [{"set": row["set"], "median_ms": row.get("median_step_ms") or "",
-                  "ratio": row["ratio_to_default"]["median"] if "ratio_to_default" in row else "",
-                  "ratio CI95": "{:.3f}-{:.3f}".format(*row["ratio_to_default"]["ci95"])
-                  if "ratio_to_default" in row else "",
-                  "loss rel diff": f"{row['loss_rel_diff']:.1e}" if "loss_rel_diff" in row else "",
-                  "tree rel diff": f"{row['updated_tree_max_rel_diff']:.1e}" if "loss_rel_diff" in row else "",
-                  "verdict": row["verdict"] + (f" ({row['error'][:70]})" if "error" in row else "")}
-                 for row in r["rows"]]
+        shown = [
+            {
+                "set": row["set"],
+                "median_ms": row.get("median_step_ms") or "",
+                "ratio": row["ratio_to_default"]["median"] if "ratio_to_default" in row else "",
+                "ratio CI95": "{:.3f}-{:.3f}".format(*row["ratio_to_default"]["ci95"])
+                if "ratio_to_default" in row
+                else "",
+                "loss rel diff": f"{row['loss_rel_diff']:.1e}" if "loss_rel_diff" in row else "",
+                "tree rel diff": f"{row['updated_tree_max_rel_diff']:.1e}" if "loss_rel_diff" in row else "",
+                "verdict": row["verdict"] + (f" ({row['error'][:70]})" if "error" in row else ""),
+            }
+            for row in r["rows"]
+        ]
         print(table(shown, ["set", "median_ms", "ratio", "ratio CI95", "loss rel diff", "tree rel diff", "verdict"]))
     name = args.out or ("xla_flags_quick" if args.quick else "xla_flags")
-    config = {"quick": args.quick, "rounds": args.rounds, "models": args.models, "sets": args.flag_sets,
-              "environment_XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    config = {
+        "quick": args.quick,
+        "rounds": args.rounds,
+        "models": args.models,
+        "sets": args.flag_sets,
+        "environment_XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    }
     payload = {"config": config, "results": results, "helps": helps, "wall_s": time.perf_counter() - t_start}
     print(f"\nhelps (ran, outputs unchanged, 95% CI of the ratio below 1, sign test p < 0.05): {helps}")
     print(f"wrote {rec.write(name, payload, args.out_dir)}")

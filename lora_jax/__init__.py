@@ -142,9 +142,13 @@ __all__ = [
 
 
 # Checkpoints import Orbax, which takes a while: these names load lora_jax.checkpoint on first use.
-_CHECKPOINT_NAMES = {"save_adapters": "save_adapters", "load_adapters": "load_adapters",
-                     "save_trained_params": "save_trained_params", "load_trained_params": "load_trained_params",
-                     "TrainStateCheckpointer": "Checkpointer"}
+_CHECKPOINT_NAMES = {
+    "save_adapters": "save_adapters",
+    "load_adapters": "load_adapters",
+    "save_trained_params": "save_trained_params",
+    "load_trained_params": "load_trained_params",
+    "TrainStateCheckpointer": "Checkpointer",
+}
 _DEPRECATED = {"save_trained": "save_trained_params", "load_trained": "load_trained_params"}
 
 

@@ -53,8 +53,10 @@ def _check_2d(adapter: LoraAdapter, what: str) -> None:
     if not isinstance(adapter, LoraAdapter):
         raise ArgumentTypeError(f"{what}: expected a LoraAdapter, got {type(adapter).__name__}")
     if np.ndim(adapter.a) != 2 or np.ndim(adapter.b) != 2:
-        raise ArgumentError(f"{what}: expected a (d_in, r) A and an (r, d_out) B, got A {tuple(np.shape(adapter.a))} "
-                            f"and B {tuple(np.shape(adapter.b))}; split stacked adapters with iter_matrices()")
+        raise ArgumentError(
+            f"{what}: expected a (d_in, r) A and an (r, d_out) B, got A {tuple(np.shape(adapter.a))} "
+            f"and B {tuple(np.shape(adapter.b))}; split stacked adapters with iter_matrices()"
+        )
 
 
 def delta_w(adapter: LoraAdapter) -> np.ndarray:
@@ -155,8 +157,9 @@ def grassmann_similarity(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
     """
     u1, u2 = _f64(u1), _f64(u2)
     if u1.ndim != 2 or u2.ndim != 2 or u1.shape[0] != u2.shape[0]:
-        raise ArgumentError(f"grassmann_similarity: expected two (d, k) bases in the same space, got {u1.shape} "
-                            f"and {u2.shape}")
+        raise ArgumentError(
+            f"grassmann_similarity: expected two (d, k) bases in the same space, got {u1.shape} and {u2.shape}"
+        )
     overlap = np.cumsum(np.cumsum((u1.T @ u2) ** 2, axis=0), axis=1)
     i = np.arange(1, u1.shape[1] + 1)[:, None]
     j = np.arange(1, u2.shape[1] + 1)[None, :]
@@ -178,8 +181,10 @@ def subspace_similarity(adapter1: LoraAdapter, adapter2: LoraAdapter, of: Basis 
     """
     u1, u2 = basis(adapter1, of), basis(adapter2, of)
     if u1.shape[0] != u2.shape[0]:
-        raise ArgumentError(f"subspace_similarity: the adapters' {of!r} bases live in spaces of different size "
-                            f"({u1.shape[0]} vs {u2.shape[0]}); they must adapt kernels of the same shape")
+        raise ArgumentError(
+            f"subspace_similarity: the adapters' {of!r} bases live in spaces of different size "
+            f"({u1.shape[0]} vs {u2.shape[0]}); they must adapt kernels of the same shape"
+        )
     return grassmann_similarity(u1, u2)
 
 
@@ -229,8 +234,9 @@ def _random_frame(rng: np.random.Generator, d: int, r: int) -> np.ndarray:
     return q * np.sign(np.diag(rr))  # Haar-distributed
 
 
-def amplification(w: np.ndarray, dw: LoraAdapter | np.ndarray, r: int | None = None, *, n_random: int = 16,
-                  seed: int = 0) -> Amplification:
+def amplification(
+    w: np.ndarray, dw: LoraAdapter | np.ndarray, r: int | None = None, *, n_random: int = 16, seed: int = 0
+) -> Amplification:
     """How much dW amplifies directions of W (Hu et al. 2021, Sec. 7.3, Table 7).
 
     Args:
@@ -250,8 +256,10 @@ def amplification(w: np.ndarray, dw: LoraAdapter | np.ndarray, r: int | None = N
     w = _f64(w)
     dec = svd(dw)
     if w.ndim != 2 or (dec.u.shape[0], dec.v.shape[0]) != w.shape:
-        raise ArgumentError(f"amplification: W has shape {w.shape}, dW is ({dec.u.shape[0]}, {dec.v.shape[0]}); "
-                            "both must be (d_in, d_out)")
+        raise ArgumentError(
+            f"amplification: W has shape {w.shape}, dW is ({dec.u.shape[0]}, {dec.v.shape[0]}); "
+            "both must be (d_in, d_out)"
+        )
     if r is None:  # the adapter's rank, or an array's numerical rank
         r = len(dec.s) if isinstance(dw, LoraAdapter) else max(int(np.sum(dec.s > dec.s[0] * 1e-10)), 1)
     if not 1 <= r <= min(w.shape):
@@ -261,11 +269,18 @@ def amplification(w: np.ndarray, dw: LoraAdapter | np.ndarray, r: int | None = N
         raise ArgumentError(f"amplification: dW has only {u.shape[1]} singular directions, asked for r={r}")
     sw = np.linalg.svd(w, compute_uv=False)
     rng = np.random.default_rng(seed)
-    rand = [np.linalg.norm(_random_frame(rng, w.shape[0], r).T @ w @ _random_frame(rng, w.shape[1], r))
-            for _ in range(n_random)]
-    return Amplification(r=r, norm_w=float(np.linalg.norm(w)), norm_dw=float(np.sqrt(np.sum(dec.s ** 2))),
-                         proj_dw=float(np.linalg.norm(u.T @ w @ v)), proj_w=float(np.sqrt(np.sum(sw[:r] ** 2))),
-                         proj_random=float(np.mean(rand)))
+    rand = [
+        np.linalg.norm(_random_frame(rng, w.shape[0], r).T @ w @ _random_frame(rng, w.shape[1], r))
+        for _ in range(n_random)
+    ]
+    return Amplification(
+        r=r,
+        norm_w=float(np.linalg.norm(w)),
+        norm_dw=float(np.sqrt(np.sum(dec.s**2))),
+        proj_dw=float(np.linalg.norm(u.T @ w @ v)),
+        proj_w=float(np.sqrt(np.sum(sw[:r] ** 2))),
+        proj_random=float(np.mean(rand)),
+    )
 
 
 # ------------------------------------------------------------------------------------------ rank
@@ -332,8 +347,9 @@ def iter_matrices(adapters: PyTree) -> Iterator[tuple[str, tuple[int, ...], Lora
         a, b = np.asarray(ad.a), np.asarray(ad.b)
         n = a.ndim - 2
         if n < 0 or b.ndim != a.ndim:
-            raise ArgumentError(f"{path}: adapter factors of shapes A {a.shape}, B {b.shape} are not (..., d_in, r) "
-                                "and (..., r, d_out)")
+            raise ArgumentError(
+                f"{path}: adapter factors of shapes A {a.shape}, B {b.shape} are not (..., d_in, r) and (..., r, d_out)"
+            )
         if n == 0:
             yield path, (), ad
             continue
@@ -341,8 +357,11 @@ def iter_matrices(adapters: PyTree) -> Iterator[tuple[str, tuple[int, ...], Lora
         magnitude = getattr(ad, "magnitude", None)  # DoRA: (*stack, d_out)
         for idx in np.ndindex(*stack):
             extra = {"magnitude": np.asarray(magnitude)[idx]} if magnitude is not None else {}
-            yield (f"{path}[{','.join(map(str, idx))}]", idx,
-                   dataclasses.replace(ad, a=a[idx], b=b[idx], in_shape=tuple(ad.in_shape[n:]), **extra))
+            yield (
+                f"{path}[{','.join(map(str, idx))}]",
+                idx,
+                dataclasses.replace(ad, a=a[idx], b=b[idx], in_shape=tuple(ad.in_shape[n:]), **extra),
+            )
 
 
 def find_kernel(params: PyTree, path: str) -> Any:
@@ -368,8 +387,10 @@ def find_kernel(params: PyTree, path: str) -> Any:
     if len(ends) == 1:
         return ends[0]
     top = sorted(params.keys())[:20] if isinstance(params, Mapping) else type(params).__name__
-    raise NotFoundError(f"base params have no {path!r} "
-                        f"({'several leaves end with it' if ends else 'nor any suffix of it'}; top-level keys: {top}); was this adapter trained on another model?")
+    raise NotFoundError(
+        f"base params have no {path!r} "
+        f"({'several leaves end with it' if ends else 'nor any suffix of it'}; top-level keys: {top}); was this adapter trained on another model?"
+    )
 
 
 def kernel_2d(params: PyTree, path: str, adapter: LoraAdapter, index: tuple[int, ...] = ()) -> np.ndarray:
@@ -379,8 +400,10 @@ def kernel_2d(params: PyTree, path: str, adapter: LoraAdapter, index: tuple[int,
     w = _f64(find_kernel(params, path))
     w = w[index] if index else w
     if tuple(w.shape) != (*adapter.in_shape, *adapter.out_shape):
-        raise ArgumentError(f"{path}: base kernel has shape {tuple(w.shape)}, the adapter expects "
-                            f"{(*adapter.in_shape, *adapter.out_shape)}; was this adapter trained on another model?")
+        raise ArgumentError(
+            f"{path}: base kernel has shape {tuple(w.shape)}, the adapter expects "
+            f"{(*adapter.in_shape, *adapter.out_shape)}; was this adapter trained on another model?"
+        )
     return w.reshape(adapter.a.shape[-2], adapter.b.shape[-1])
 
 
@@ -413,8 +436,9 @@ class LayerStats:
     amp: Amplification
 
 
-def layer_stats(params: PyTree, adapters: PyTree, *, r: int | None = None, n_random: int = 16,
-                seed: int = 0) -> list[LayerStats]:
+def layer_stats(
+    params: PyTree, adapters: PyTree, *, r: int | None = None, n_random: int = 16, seed: int = 0
+) -> list[LayerStats]:
     """:class:`LayerStats` for every adapted matrix of ``adapters`` against its base kernel in ``params``
     (amplification at rank ``r``, default each adapter's own rank)."""
     adapters = stacking.conform(adapters, params)  # adapters trained scanned, params loaded unrolled (or back)
@@ -424,11 +448,21 @@ def layer_stats(params: PyTree, adapters: PyTree, *, r: int | None = None, n_ran
         dec = svd(ad)
         amp = amplification(w, ad, min(r or ad.r, ad.r), n_random=n_random, seed=seed)
         layer = layer_of(path)
-        rows.append(LayerStats(path=path, layer=layer if layer is not None else (idx[0] if idx else None),
-                               matrix=matrix_of(path), shape=(w.shape[0], w.shape[1]), r=ad.r,
-                               scale=float(ad.scale), spectrum=dec.s, effective_rank=effective_rank(dec.s),
-                               rank90=energy_rank(dec.s, 0.9), relative=amp.norm_dw / amp.norm_w if amp.norm_w else
-                               math.nan, amp=amp))
+        rows.append(
+            LayerStats(
+                path=path,
+                layer=layer if layer is not None else (idx[0] if idx else None),
+                matrix=matrix_of(path),
+                shape=(w.shape[0], w.shape[1]),
+                r=ad.r,
+                scale=float(ad.scale),
+                spectrum=dec.s,
+                effective_rank=effective_rank(dec.s),
+                rank90=energy_rank(dec.s, 0.9),
+                relative=amp.norm_dw / amp.norm_w if amp.norm_w else math.nan,
+                amp=amp,
+            )
+        )
     return rows
 
 
@@ -443,13 +477,30 @@ def concentration(rows: list[LayerStats], by: Literal["path", "layer", "matrix"]
     energy: dict[Any, float] = {}
     for row in rows:
         key = getattr(row, by)
-        energy[key] = energy.get(key, 0.0) + row.amp.norm_dw ** 2
+        energy[key] = energy.get(key, 0.0) + row.amp.norm_dw**2
     total = sum(energy.values())
     return {k: (e / total if total else 0.0) for k, e in energy.items()}
 
 
 __all__ = [
-    "Amplification", "BASES", "LayerStats", "Svd", "amplification", "basis", "concentration", "delta_w",
-    "effective_rank", "energy_rank", "find_kernel", "grassmann_similarity", "iter_matrices", "kernel_2d", "layer_of",
-    "layer_stats", "matrix_of", "random_similarity", "subspace_similarity", "svd",
+    "Amplification",
+    "BASES",
+    "LayerStats",
+    "Svd",
+    "amplification",
+    "basis",
+    "concentration",
+    "delta_w",
+    "effective_rank",
+    "energy_rank",
+    "find_kernel",
+    "grassmann_similarity",
+    "iter_matrices",
+    "kernel_2d",
+    "layer_of",
+    "layer_stats",
+    "matrix_of",
+    "random_similarity",
+    "subspace_similarity",
+    "svd",
 ]

@@ -36,8 +36,6 @@ from lora_jax.untrusted import check_tree
 META_FILE = "lora_adapters.json"
 
 
-
-
 @contextlib.contextmanager
 def _quiet_absl():
     """Orbax logs a damaged file through absl at ERROR level before raising; the raised error is reported."""
@@ -63,9 +61,16 @@ def _abstract(tree: Any) -> Any:
 
 def adapter_metadata(adapters: Any) -> dict:
     return {
-        path: {"r": ad.r, "alpha": ad.alpha, "scale": ad.scale, "in_shape": list(ad.in_shape),
-               "out_shape": list(ad.out_shape), "dropout": ad.dropout, "dtype": str(ad.a.dtype),
-               **({"dora": True} if ad.is_dora else {})}
+        path: {
+            "r": ad.r,
+            "alpha": ad.alpha,
+            "scale": ad.scale,
+            "in_shape": list(ad.in_shape),
+            "out_shape": list(ad.out_shape),
+            "dropout": ad.dropout,
+            "dtype": str(ad.a.dtype),
+            **({"dora": True} if ad.is_dora else {}),
+        }
         for path, ad in adapter_items(adapters)
     }
 
@@ -91,13 +96,15 @@ def check_metadata(meta: Any, where: str) -> dict:
     import math
 
     if not isinstance(meta, dict) or not meta:
-        raise CheckpointError(f"{where}: expected a non-empty mapping of kernel paths to adapter records, got "
-                              f"{type(meta).__name__}")
+        raise CheckpointError(
+            f"{where}: expected a non-empty mapping of kernel paths to adapter records, got {type(meta).__name__}"
+        )
 
     def bad(path, field, value, expected):
         text = repr(value)
-        raise CheckpointError(f"{where}: {path}: {field} must be {expected}, got "
-                              f"{text if len(text) < 60 else text[:57] + '...'}")
+        raise CheckpointError(
+            f"{where}: {path}: {field} must be {expected}, got {text if len(text) < 60 else text[:57] + '...'}"
+        )
 
     for path, m in meta.items():
         if not isinstance(path, str) or not path or any(not p for p in path.split("/")):
@@ -116,8 +123,12 @@ def check_metadata(meta: Any, where: str) -> dict:
                 bad(path, field, v, "a finite number")
         for field in ("in_shape", "out_shape"):
             v = m[field]
-            if not isinstance(v, list) or not v or any(isinstance(d, bool) or not isinstance(d, int) or not
-                                                       1 <= d <= 2**31 - 1 for d in v) or math.prod(v) > 2**40:
+            if (
+                not isinstance(v, list)
+                or not v
+                or any(isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= 2**31 - 1 for d in v)
+                or math.prod(v) > 2**40
+            ):
                 bad(path, field, v, "a non-empty list of positive integers")
         dropout = m.get("dropout", 0.0)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
@@ -135,11 +146,20 @@ def abstract_adapters(meta: dict) -> dict:
     for path, m in meta.items():
         d_in, d_out = int(np.prod(m["in_shape"])), int(np.prod(m["out_shape"]))
         dtype = np.dtype(m["dtype"]) if m["dtype"] != "bfloat16" else jax.numpy.bfloat16
-        put(tree, path, LoraAdapter(
-            jax.ShapeDtypeStruct((d_in, m["r"]), dtype), jax.ShapeDtypeStruct((m["r"], d_out), dtype),
-            alpha=float(m["alpha"]), scale=float(m["scale"]), in_shape=tuple(m["in_shape"]),
-            out_shape=tuple(m["out_shape"]), dropout=float(m["dropout"]),
-            magnitude=jax.ShapeDtypeStruct((d_out,), dtype) if m.get("dora") else None))
+        put(
+            tree,
+            path,
+            LoraAdapter(
+                jax.ShapeDtypeStruct((d_in, m["r"]), dtype),
+                jax.ShapeDtypeStruct((m["r"], d_out), dtype),
+                alpha=float(m["alpha"]),
+                scale=float(m["scale"]),
+                in_shape=tuple(m["in_shape"]),
+                out_shape=tuple(m["out_shape"]),
+                dropout=float(m["dropout"]),
+                magnitude=jax.ShapeDtypeStruct((d_out,), dtype) if m.get("dora") else None,
+            ),
+        )
     return tree
 
 
@@ -167,10 +187,13 @@ def _shape_mismatches(saved: dict[str, tuple[int, ...]], target: Any, where: str
         diff += [f"{p}: not in the checkpoint (expected {want[p]})" for p in want if p not in saved]
         diff += [f"{p}: saved {saved[p]}, not expected" for p in saved if p not in want]
     if diff:
-        raise CheckpointError(f"{where} does not fit the tree it is restored into ({len(diff)} difference(s)): "
-                              + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
-                              + ". A different rank or targets than the run that wrote it? Restore with the same "
-                              "settings, or load the adapters on their own (lora.load_adapters(folder)).")
+        raise CheckpointError(
+            f"{where} does not fit the tree it is restored into ({len(diff)} difference(s)): "
+            + "; ".join(diff[:6])
+            + (" ..." if len(diff) > 6 else "")
+            + ". A different rank or targets than the run that wrote it? Restore with the same "
+            "settings, or load the adapters on their own (lora.load_adapters(folder))."
+        )
 
 
 def _check_like(meta: dict, like: Any, where: str) -> None:
@@ -187,11 +210,15 @@ def _check_like(meta: dict, like: Any, where: str) -> None:
         else:
             s, g = saved_items[p], got[p]
             if (tuple(s.a.shape), tuple(s.b.shape)) != (tuple(np.shape(g.a)), tuple(np.shape(g.b))):
-                diff.append(f"{p}: saved A {tuple(s.a.shape)} / B {tuple(s.b.shape)} (r={s.r}), expected "
-                            f"A {tuple(np.shape(g.a))} / B {tuple(np.shape(g.b))} (r={g.r})")
+                diff.append(
+                    f"{p}: saved A {tuple(s.a.shape)} / B {tuple(s.b.shape)} (r={s.r}), expected "
+                    f"A {tuple(np.shape(g.a))} / B {tuple(np.shape(g.b))} (r={g.r})"
+                )
     if diff:
-        raise CheckpointError(f"{where}: the saved adapters do not fit the expected tree ({len(diff)} "
-                              f"difference(s)): " + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else ""))
+        raise CheckpointError(
+            f"{where}: the saved adapters do not fit the expected tree ({len(diff)} "
+            f"difference(s)): " + "; ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
+        )
 
 
 def load_adapters(folder: str | Path, like: Any = None) -> Any:
@@ -215,8 +242,9 @@ def load_adapters(folder: str | Path, like: Any = None) -> Any:
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(folder / "arrays", abstract_adapters(meta))
     except Exception as e:
-        raise CheckpointError(f"could not restore adapters from {folder / 'arrays'}: {type(e).__name__}: "
-                              f"{_first_line(e)}") from e
+        raise CheckpointError(
+            f"could not restore adapters from {folder / 'arrays'}: {type(e).__name__}: {_first_line(e)}"
+        ) from e
     return check_tree(restored, str(folder / "arrays"))  # a NaN / inf factor: one error naming it
 
 
@@ -247,8 +275,9 @@ def load_trained_params(folder: str | Path, like: Any) -> Any:
         with _quiet_absl(), ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(folder, target)
     except Exception as e:
-        raise CheckpointError(f"could not restore trained parameters from {folder}: {type(e).__name__}: "
-                              f"{_first_line(e)}") from e
+        raise CheckpointError(
+            f"could not restore trained parameters from {folder}: {type(e).__name__}: {_first_line(e)}"
+        ) from e
     return check_tree(restored, str(folder))
 
 
@@ -263,8 +292,9 @@ class Checkpointer:
     def __init__(self, folder: str | Path, *, every: int = 100, keep: int = 2, primary: bool = True):
         self.folder = Path(folder).absolute()
         self.every = every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
-                                               enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=1, create=True, enable_async_checkpointing=False
+        )
         with _quiet_absl():  # (damaged step metadata is reported when the step is restored)
             self.manager = ocp.CheckpointManager(self.folder, options=options)
 
@@ -272,9 +302,14 @@ class Checkpointer:
         return step % self.every == 0
 
     def save(self, step: int, trainable: Any, opt_state: Any, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
@@ -289,19 +324,25 @@ class Checkpointer:
                 saved = _saved_shapes(self.manager.item_metadata(step)["state"])
         except Exception:  # damaged metadata: restore reports it
             return
-        _shape_mismatches(saved, {"trainable": trainable_like, "opt_state": opt_state_like},
-                          f"checkpoint step {step} in {self.folder}", keys=False)
+        _shape_mismatches(
+            saved,
+            {"trainable": trainable_like, "opt_state": opt_state_like},
+            f"checkpoint step {step} in {self.folder}",
+            keys=False,
+        )
 
     def restore(self, step: int, trainable_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict]:
         self.check_shapes(step, trainable_like, opt_state_like)
         target = _abstract({"trainable": trainable_like, "opt_state": opt_state_like})
         try:
             with _quiet_absl():  # a damaged step: the error below says it in one line
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+                out = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+                )
         except Exception as e:
-            raise CheckpointError(f"checkpoint step {step} in {self.folder} cannot be restored: "
-                                  f"{type(e).__name__}: {_first_line(e)}") from e
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.folder} cannot be restored: {type(e).__name__}: {_first_line(e)}"
+            ) from e
         return out["state"]["trainable"], out["state"]["opt_state"], dict(out["meta"])
 
     def restore_untyped(self, step: int) -> Any:
@@ -340,8 +381,10 @@ class Checkpointer:
                 self.manager.reload()
             return restored
         if errors:
-            raise CheckpointError(f"no checkpoint in {self.folder} could be restored (steps "
-                                  f"{', '.join(map(str, damaged))} are damaged; newest: {errors[0]})")
+            raise CheckpointError(
+                f"no checkpoint in {self.folder} could be restored (steps "
+                f"{', '.join(map(str, damaged))} are damaged; newest: {errors[0]})"
+            )
         return None
 
     def close(self) -> None:

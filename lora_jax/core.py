@@ -91,10 +91,12 @@ class LoraAdapter:
         return tuple(self.a.shape[:-2])
 
     def __repr__(self) -> str:
-        return (f"LoraAdapter(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, kernel={self.kernel_shape}, "
-                f"a={describe(self.a)}, b={describe(self.b)}"
-                f"{f', dropout={self.dropout:g}' if self.dropout else ''}"
-                f"{f', dora magnitude={describe(self.magnitude)}' if self.is_dora else ''})")
+        return (
+            f"LoraAdapter(r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, kernel={self.kernel_shape}, "
+            f"a={describe(self.a)}, b={describe(self.b)}"
+            f"{f', dropout={self.dropout:g}' if self.dropout else ''}"
+            f"{f', dora magnitude={describe(self.magnitude)}' if self.is_dora else ''})"
+        )
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -170,7 +172,8 @@ def not_an_array(w: Any, how: str) -> Exception:
         "array. Models that do not call lora_jax.ops.dot / einsum need lora.transform around the function: "
         "lora.transform(lambda p, x: model.apply({'params': p}, x))(lora.wrap(params, adapters), x), or for NNX "
         "lora.transform(lambda s, x: nnx.merge(graphdef, s)(x))(lora.wrap(state, adapters), x); or merge first "
-        "(lora.merge(params, adapters))")
+        "(lora.merge(params, adapters))"
+    )
 
 
 def describe(x: Any) -> str:
@@ -250,15 +253,16 @@ def map_targets(params: PyTree, adapters: PyTree, fn: Callable[[str, Array, Lora
         if ad is None:
             return leaf
         if is_lora_weight(leaf) or is_adapter(leaf):
-            raise MergeStateError(f"{what}: {'/'.join(key)} already holds a {type(leaf).__name__}; wrap/merge a tree "
-                                  "once")
+            raise MergeStateError(
+                f"{what}: {'/'.join(key)} already holds a {type(leaf).__name__}; wrap/merge a tree once"
+            )
         if tuple(leaf.shape) != ad.kernel_shape:
             raise ArgumentError(
                 f"{what}: adapter for {'/'.join(key)} expects a kernel of shape {ad.kernel_shape}, "
                 f"the params have {tuple(leaf.shape)}; this adapter belongs to another base model"
             )
         used.add(key)
-        return fn('/'.join(key), leaf, ad)
+        return fn("/".join(key), leaf, ad)
 
     out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_node)
     missing = sorted("/".join(k) for k in adapter_paths.keys() - used)
@@ -279,8 +283,10 @@ INIT_METHODS = ("lora", "gaussian")
 def _column_norms(leaf: Any, path: str, n_in: int) -> Array:
     """``||W0[..., j]||`` over the first ``n_in`` axes, flattened over the output axes (DoRA's initial m)."""
     if not (_targets.is_weight_node(leaf) or isinstance(leaf, (jax.Array, np.ndarray))):
-        raise ArgumentError(f"init(use_dora=True): {path} is a {type(leaf).__name__} without values; DoRA starts its "
-                            "magnitude at the kernel's column norms, so it needs the real parameters")
+        raise ArgumentError(
+            f"init(use_dora=True): {path} is a {type(leaf).__name__} without values; DoRA starts its "
+            "magnitude at the kernel's column norms, so it needs the real parameters"
+        )
     w = as_dense(leaf, jnp.float32)
     w = w.reshape(math.prod(w.shape[:n_in]), -1)
     return jnp.sqrt(jnp.sum(w * w, axis=0))
@@ -366,14 +372,18 @@ def init(
         n_layers = int(layer_axes_of.get(path, _stacking.layer_axes(path)))  # a scanned stack: one per layer
         n_stack = n_layers + int(expert_axes_of.get(path, _targets.default_expert_axes(path, leaf.ndim - n_layers)))
         if not 0 <= n_stack <= leaf.ndim - 2:
-            raise ArgumentError(f"expert_axes for {path} must be in [0, {leaf.ndim - 2}] for a kernel of shape "
-                                f"{tuple(leaf.shape)} (each expert's kernel needs an input and an output axis), "
-                                f"got {n_stack}")
+            raise ArgumentError(
+                f"expert_axes for {path} must be in [0, {leaf.ndim - 2}] for a kernel of shape "
+                f"{tuple(leaf.shape)} (each expert's kernel needs an input and an output axis), "
+                f"got {n_stack}"
+            )
         stack, per_expert = tuple(leaf.shape[:n_stack]), tuple(leaf.shape[n_stack:])
         n_in = in_axes_of.get(path, _targets.default_in_axes(path, len(per_expert)))
         if not 1 <= n_in < len(per_expert):
-            raise ArgumentError(f"in_axes for {path} must be in [1, {len(per_expert) - 1}] for a kernel of shape "
-                                f"{tuple(leaf.shape)}{f' ({n_stack} expert axes)' if n_stack else ''}, got {n_in}")
+            raise ArgumentError(
+                f"in_axes for {path} must be in [1, {len(per_expert) - 1}] for a kernel of shape "
+                f"{tuple(leaf.shape)}{f' ({n_stack} expert axes)' if n_stack else ''}, got {n_in}"
+            )
         in_shape, out_shape = per_expert[:n_in], per_expert[n_in:]
         d_in, d_out = math.prod(in_shape), math.prod(out_shape)
         leaf_r = int(rank_of.get(path, r))
@@ -381,8 +391,9 @@ def init(
         if leaf_r < 1:
             raise ArgumentError(f"rank for {path} must be positive, got {leaf_r}")
         if leaf_r > min(d_in, d_out):
-            raise ArgumentError(f"rank {leaf_r} for {path} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
-                                f"of its {d_in}x{d_out} kernel")
+            raise ArgumentError(
+                f"rank {leaf_r} for {path} exceeds min(d_in, d_out) = {min(d_in, d_out)} of its {d_in}x{d_out} kernel"
+            )
         if init == "lora":
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(k, (*stack, d_in, leaf_r), dtype, -bound, bound)
@@ -393,19 +404,32 @@ def init(
         magnitude = None
         if use_dora:
             if _targets.is_embedding(path):
-                raise UnsupportedError(f"init(use_dora=True): {path} is an embedding table; DoRA is implemented "
-                                       "for dense kernels only")
+                raise UnsupportedError(
+                    f"init(use_dora=True): {path} is an embedding table; DoRA is implemented for dense kernels only"
+                )
             if n_layers:
                 raise _stacking.unsupported(f"DoRA (init(use_dora=True) on {path})")
             if n_stack:
                 raise UnsupportedError(
                     f"init(use_dora=True): {path} is a stack of {math.prod(stack)} expert kernels {tuple(leaf.shape)}; "
                     "DoRA is implemented for dense kernels only (PEFT refuses it on target_parameters too). Use plain "
-                    "LoRA on the experts, or exclude them from the DoRA targets")
+                    "LoRA on the experts, or exclude them from the DoRA targets"
+                )
             magnitude = _column_norms(leaf, path, n_in).astype(dtype)
-        _nested_set(adapters, tuple(path.split("/")),
-                    LoraAdapter(a, b, alpha=leaf_alpha, scale=scale, in_shape=(*stack, *in_shape),
-                                out_shape=out_shape, dropout=float(dropout), magnitude=magnitude))
+        _nested_set(
+            adapters,
+            tuple(path.split("/")),
+            LoraAdapter(
+                a,
+                b,
+                alpha=leaf_alpha,
+                scale=scale,
+                in_shape=(*stack, *in_shape),
+                out_shape=out_shape,
+                dropout=float(dropout),
+                magnitude=magnitude,
+            ),
+        )
     return adapters
 
 
@@ -460,8 +484,11 @@ def _unflatten_merged(aux, children) -> MergedParams:
 
 
 jax.tree_util.register_pytree_with_keys(
-    MergedParams, _flatten_merged, _unflatten_merged,
-    lambda t: ([t[k] for k in sorted(t.keys())], (tuple(sorted(t.keys())), t.merges)))
+    MergedParams,
+    _flatten_merged,
+    _unflatten_merged,
+    lambda t: ([t[k] for k in sorted(t.keys())], (tuple(sorted(t.keys())), t.merges)),
+)
 
 
 def _frozen_dict_type():
@@ -499,8 +526,11 @@ def _merged_frozen_cls():
         return MergedFrozenDict(dict(zip(keys, children)), __unsafe_skip_copy__=True, merges=merges)
 
     jax.tree_util.register_pytree_with_keys(
-        MergedFrozenDict, flatten, unflatten,
-        lambda t: ([t[k] for k in sorted(t.keys())], (tuple(sorted(t.keys())), t.merges)))
+        MergedFrozenDict,
+        flatten,
+        unflatten,
+        lambda t: ([t[k] for k in sorted(t.keys())], (tuple(sorted(t.keys())), t.merges)),
+    )
     _MERGED_FROZEN[base] = MergedFrozenDict
     return MergedFrozenDict
 
@@ -511,8 +541,12 @@ def _rebuild_frozen(items: dict, merges):
 
 def _is_variable(x: Any) -> bool:
     """A Flax NNX ``Variable`` (``nnx.Param``, ...): its metadata is static pytree data that ``jit`` keeps."""
-    return type(x).__module__.startswith("flax.") and hasattr(x, "get_metadata") and hasattr(x, "replace") \
+    return (
+        type(x).__module__.startswith("flax.")
+        and hasattr(x, "get_metadata")
+        and hasattr(x, "replace")
         and hasattr(x, "has_metadata")
+    )
 
 
 _META = "lora_merges"  # the NNX Variable metadata key: the merges folded into this kernel, oldest first
@@ -539,7 +573,7 @@ def merge_record(params: PyTree) -> tuple[frozenset, ...] | None:
         return None
     merges: list[frozenset] = []
     for _, v in variables:
-        for rec in (v.get_metadata().get(_META, ()) if v.has_metadata(_META) else ()):
+        for rec in v.get_metadata().get(_META, ()) if v.has_metadata(_META) else ():
             if frozenset(rec) not in merges:
                 merges.append(frozenset(rec))
     return tuple(merges)
@@ -554,8 +588,11 @@ def _with_record(tree: PyTree, paths: frozenset, merges: tuple[frozenset, ...], 
     frozen = _frozen_dict_type()
     if frozen is not None and isinstance(tree, frozen):
         items = dict(tree._dict)
-        return _merged_frozen_cls()(items, __unsafe_skip_copy__=True, merges=merges) if merges else \
-            frozen(items, __unsafe_skip_copy__=True)
+        return (
+            _merged_frozen_cls()(items, __unsafe_skip_copy__=True, merges=merges)
+            if merges
+            else frozen(items, __unsafe_skip_copy__=True)
+        )
     sig = tuple(sorted(paths))
 
     def mark(path, v):
@@ -591,16 +628,22 @@ def _checked_adapters(adapters: Any, what: str) -> list[tuple[str, LoraAdapter]]
     """The items of an adapter tree, after checking that it is one (a mapping whose leaves are all
     ``LoraAdapter``; not empty)."""
     if isinstance(adapters, LoraAdapter):
-        raise ArgumentTypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init "
-                                "returns, got a single LoraAdapter")
+        raise ArgumentTypeError(
+            f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init "
+            "returns, got a single LoraAdapter"
+        )
     if not isinstance(adapters, Mapping):
-        raise ArgumentTypeError(f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init "
-                                f"returns, got {type(adapters).__name__}")
+        raise ArgumentTypeError(
+            f"{what}: adapters must be the tree (nested dict) of LoraAdapter that lora.init "
+            f"returns, got {type(adapters).__name__}"
+        )
     leaves = jax.tree.leaves(adapters, is_leaf=_is_node)
     other = [leaf for leaf in leaves if not is_adapter(leaf)]
     if other:
-        raise ArgumentTypeError(f"{what}: adapters hold a leaf of type {type(other[0]).__name__}; an adapter tree "
-                                "holds only LoraAdapter (were params and adapters swapped?)")
+        raise ArgumentTypeError(
+            f"{what}: adapters hold a leaf of type {type(other[0]).__name__}; an adapter tree "
+            "holds only LoraAdapter (were params and adapters swapped?)"
+        )
     if not leaves:
         raise ArgumentError(f"{what}: the adapter tree is empty: there is nothing to {what}")
     return adapter_items(adapters)
@@ -613,8 +656,9 @@ def _check_flag(value: Any, what: str, name: str) -> None:
 
 def _check_params(params: Any, what: str) -> None:
     if isinstance(params, (str, bytes, LoraAdapter)) or hasattr(params, "shape"):
-        raise ArgumentTypeError(f"{what}: params must be a parameter tree (nested dict of arrays), got "
-                                f"{type(params).__name__}")
+        raise ArgumentTypeError(
+            f"{what}: params must be a parameter tree (nested dict of arrays), got {type(params).__name__}"
+        )
 
 
 def _sample(paths) -> str:
@@ -641,15 +685,19 @@ def merge(params: PyTree, adapters: PyTree, *, stack: bool = False) -> PyTree:
     prior = merge_record(params) or ()
     shared = set().union(*(rec & paths for rec in prior)) if prior else set()
     if shared and not stack:
-        raise MergeStateError(f"merge: {_sample(shared)} already hold a merged adapter (these params, or a copy of "
-                              "them, come from lora.merge); merging the same adapter again would add dW twice. "
-                              "Unmerge first or merge into the original params, or pass stack=True to add a "
-                              "different adapter on top")
+        raise MergeStateError(
+            f"merge: {_sample(shared)} already hold a merged adapter (these params, or a copy of "
+            "them, come from lora.merge); merging the same adapter again would add dW twice. "
+            "Unmerge first or merge into the original params, or pass stack=True to add a "
+            "different adapter on top"
+        )
 
     def fold(path: str, w, ad: LoraAdapter):
         if _merged_with(w, ad):
-            raise MergeStateError(f"merge: {path} already has this adapter merged in; merging again would add dW "
-                                  "twice (unmerge first, or merge into the original params)")
+            raise MergeStateError(
+                f"merge: {path} already has this adapter merged in; merging again would add dW "
+                "twice (unmerge first, or merge into the original params)"
+            )
         out = merged_kernel(w, ad).astype(w.dtype)
         _mark_merged(out, ad, dora_norm(w, ad) if ad.is_dora and _concrete(out) else None)
         return out
@@ -682,28 +730,36 @@ def unmerge(merged: PyTree, adapters: PyTree, *, assume_merged: bool = False) ->
     if record is not None and not (assume_merged and not any(rec & paths for rec in record)):
         hits = [i for i, rec in enumerate(record) if rec & paths]
         if not hits:
-            raise MergeStateError(f"unmerge: these params record no merge at {_sample(paths)}; unmerging would "
-                                  "subtract a dW that was never added")
+            raise MergeStateError(
+                f"unmerge: these params record no merge at {_sample(paths)}; unmerging would "
+                "subtract a dW that was never added"
+            )
         i = hits[-1]
         if record[i] != paths:
-            raise MergeStateError(f"unmerge: the merge recorded at {_sample(record[i] & paths)} covered "
-                                  f"{len(record[i])} kernels, these adapters cover {len(paths)}; unmerge with the "
-                                  "adapter tree that was merged")
-        remaining = record[:i] + record[i + 1:]
+            raise MergeStateError(
+                f"unmerge: the merge recorded at {_sample(record[i] & paths)} covered "
+                f"{len(record[i])} kernels, these adapters cover {len(paths)}; unmerge with the "
+                "adapter tree that was merged"
+            )
+        remaining = record[:i] + record[i + 1 :]
     elif not assume_merged:
-        raise MergeStateError(f"unmerge: params of type {type(merged).__name__} carry no merge record, so whether "
-                              "they hold these adapters cannot be told (lora.merge's result records it, for a dict, "
-                              "a FrozenDict and an nnx.State, through copies and jit; dict(...) and files do not "
-                              "keep it). If they do hold them, pass assume_merged=True")
+        raise MergeStateError(
+            f"unmerge: params of type {type(merged).__name__} carry no merge record, so whether "
+            "they hold these adapters cannot be told (lora.merge's result records it, for a dict, "
+            "a FrozenDict and an nnx.State, through copies and jit; dict(...) and files do not "
+            "keep it). If they do hold them, pass assume_merged=True"
+        )
 
     def unfold(path: str, w, ad: LoraAdapter):
         if not ad.is_dora:
             return (as_dense(w, jnp.float32) - ad.delta(jnp.float32)).astype(w.dtype)
         norm = _merged_norm(w, ad)
         if norm is None:
-            raise MergeStateError(f"unmerge: {path} has a DoRA adapter, whose unmerge needs the column norms "
-                                  "||W0 + s*A@B|| used by merge; only a kernel returned by lora.merge in this process "
-                                  "(outside jit, with this same adapter) remembers them. Keep the base params instead.")
+            raise MergeStateError(
+                f"unmerge: {path} has a DoRA adapter, whose unmerge needs the column norms "
+                "||W0 + s*A@B|| used by merge; only a kernel returned by lora.merge in this process "
+                "(outside jit, with this same adapter) remembers them. Keep the base params instead."
+            )
         d_in = math.prod(ad.in_shape)
         v = as_dense(w, jnp.float32).reshape(d_in, -1) * (norm / ad.magnitude.astype(jnp.float32))
         return (v.reshape(w.shape) - ad.delta(jnp.float32)).astype(w.dtype)
@@ -726,17 +782,21 @@ def wrap(params: PyTree, adapters: PyTree, *, dropout_key: Array | None = None, 
     merged adapter at these kernels raise :class:`~lora_jax.errors.MergeStateError` unless ``stack=True``.
     """
     if not isinstance(adapters, Mapping):
-        raise ArgumentTypeError(f"wrap: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
-                                f"got {type(adapters).__name__}")
+        raise ArgumentTypeError(
+            f"wrap: adapters must be the tree (nested dict) of LoraAdapter that lora.init returns, "
+            f"got {type(adapters).__name__}"
+        )
     _check_flag(stack, "wrap", "stack")
     items = adapter_items(adapters)
     record = merge_record(params)
     if record and not stack:
         shared = set().union(*(rec & {p for p, _ in items} for rec in record))
         if shared:
-            raise MergeStateError(f"wrap: {_sample(shared)} already hold a merged adapter (these params come from "
-                                  "lora.merge); wrapping the same adapter would add dW a second time. Wrap the "
-                                  "original params, or pass stack=True to add a different adapter on top")
+            raise MergeStateError(
+                f"wrap: {_sample(shared)} already hold a merged adapter (these params come from "
+                "lora.merge); wrapping the same adapter would add dW a second time. Wrap the "
+                "original params, or pass stack=True to add a different adapter on top"
+            )
     index = {p: i for i, (p, _) in enumerate(items)}
 
     def to_weight(path: str, w, ad: LoraAdapter):
@@ -861,6 +921,7 @@ def summary(params: PyTree, adapters: PyTree, trainable_params: PyTree | None = 
     >>> s.trainable, s.targeted, f"{1 - s.trainable / s.targeted:.0%} fewer"
     (4608, 32768, '86% fewer')
     """
+
     def size(tree):  # a weight node (quantised kernel) counts its logical parameters and its stored bytes
         leaves = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=_targets.is_weight_node) if hasattr(x, "shape")]
         return sum(int(np.prod(x.shape)) for x in leaves), _tree.nbytes(leaves)
@@ -869,13 +930,22 @@ def summary(params: PyTree, adapters: PyTree, trainable_params: PyTree | None = 
     lora_n, lora_b = size(adapters)
     full_n, full_b = size(trainable_params) if trainable_params is not None else (0, 0)
     rows = tuple(
-        (p, ad.kernel_shape, ad.r, math.prod(ad.kernel_shape),
-         int(ad.a.size + ad.b.size + (ad.magnitude.size if ad.is_dora else 0)))
+        (
+            p,
+            ad.kernel_shape,
+            ad.r,
+            math.prod(ad.kernel_shape),
+            int(ad.a.size + ad.b.size + (ad.magnitude.size if ad.is_dora else 0)),
+        )
         for p, ad in adapter_items(adapters)
     )
     return Summary(
-        total=base_n + lora_n, trainable=lora_n + full_n, total_bytes=base_b + lora_b,
-        trainable_bytes=lora_b + full_b, targeted=sum(r[3] for r in rows), rows=rows,
+        total=base_n + lora_n,
+        trainable=lora_n + full_n,
+        total_bytes=base_b + lora_b,
+        trainable_bytes=lora_b + full_b,
+        targeted=sum(r[3] for r in rows),
+        rows=rows,
     )
 
 
@@ -888,31 +958,57 @@ def _adapter_join(nodes: list[LoraAdapter]) -> LoraAdapter:
     for i, x in enumerate(nodes[1:], 1):
         for field in ("r", "alpha", "scale", "dropout", "in_shape", "out_shape"):
             if getattr(x, field) != getattr(first, field):
-                raise ArgumentError(f"layer {i}'s adapter has {field}={getattr(x, field)}, layer 0's "
-                                    f"{getattr(first, field)}: a scanned stack holds one adapter shape and scale for "
-                                    "all its layers (per-layer rank / alpha patterns need unrolled layers)")
+                raise ArgumentError(
+                    f"layer {i}'s adapter has {field}={getattr(x, field)}, layer 0's "
+                    f"{getattr(first, field)}: a scanned stack holds one adapter shape and scale for "
+                    "all its layers (per-layer rank / alpha patterns need unrolled layers)"
+                )
     mags = [x.magnitude for x in nodes]
-    return dataclasses.replace(first, a=_stacking.stack_arrays([x.a for x in nodes]),
-                               b=_stacking.stack_arrays([x.b for x in nodes]), in_shape=(len(nodes), *first.in_shape),
-                               magnitude=None if mags[0] is None else _stacking.stack_arrays(mags))
+    return dataclasses.replace(
+        first,
+        a=_stacking.stack_arrays([x.a for x in nodes]),
+        b=_stacking.stack_arrays([x.b for x in nodes]),
+        in_shape=(len(nodes), *first.in_shape),
+        magnitude=None if mags[0] is None else _stacking.stack_arrays(mags),
+    )
 
 
-_stacking.register_node(LoraAdapter, _stacking.NodeRule(
-    size=lambda ad: ad.a.shape[0],
-    view=lambda ad, n: dataclasses.replace(ad, in_shape=ad.in_shape[1:]),
-    slice=lambda ad, i: dataclasses.replace(ad, a=ad.a[i], b=ad.b[i], in_shape=ad.in_shape[1:],
-                                            magnitude=None if ad.magnitude is None else ad.magnitude[i]),
-    join=_adapter_join,
-))
-_stacking.register_node(LoraWeight, _stacking.NodeRule(
-    size=lambda w: w.adapter.a.shape[0],
-    view=lambda w, n: dataclasses.replace(w, base=_stacking.layer_view(w.base, n),
-                                          adapter=_stacking.layer_view(w.adapter, n),
-                                          key=_stacking.key_per_layer(w.key, n)),
-    slice=lambda w, i: dataclasses.replace(
-        w, base=_stacking.layer_slice(w.base, i), adapter=_stacking.layer_slice(w.adapter, i),
-        key=None if w.key is None else _stacking.key_per_layer(w.key, w.adapter.a.shape[0])[i]),
-    join=lambda ws: dataclasses.replace(
-        ws[0], base=_stacking.join([w.base for w in ws]), adapter=_stacking.join([w.adapter for w in ws]),
-        key=None if ws[0].key is None else _stacking.stack_arrays([w.key for w in ws])),
-))
+_stacking.register_node(
+    LoraAdapter,
+    _stacking.NodeRule(
+        size=lambda ad: ad.a.shape[0],
+        view=lambda ad, n: dataclasses.replace(ad, in_shape=ad.in_shape[1:]),
+        slice=lambda ad, i: dataclasses.replace(
+            ad,
+            a=ad.a[i],
+            b=ad.b[i],
+            in_shape=ad.in_shape[1:],
+            magnitude=None if ad.magnitude is None else ad.magnitude[i],
+        ),
+        join=_adapter_join,
+    ),
+)
+_stacking.register_node(
+    LoraWeight,
+    _stacking.NodeRule(
+        size=lambda w: w.adapter.a.shape[0],
+        view=lambda w, n: dataclasses.replace(
+            w,
+            base=_stacking.layer_view(w.base, n),
+            adapter=_stacking.layer_view(w.adapter, n),
+            key=_stacking.key_per_layer(w.key, n),
+        ),
+        slice=lambda w, i: dataclasses.replace(
+            w,
+            base=_stacking.layer_slice(w.base, i),
+            adapter=_stacking.layer_slice(w.adapter, i),
+            key=None if w.key is None else _stacking.key_per_layer(w.key, w.adapter.a.shape[0])[i],
+        ),
+        join=lambda ws: dataclasses.replace(
+            ws[0],
+            base=_stacking.join([w.base for w in ws]),
+            adapter=_stacking.join([w.adapter for w in ws]),
+            key=None if ws[0].key is None else _stacking.stack_arrays([w.key for w in ws]),
+        ),
+    ),
+)

@@ -112,8 +112,11 @@ class TensorMap:
     @functools.cached_property
     def names(self) -> dict[tuple[str, ...], str]:
         """Path -> GGUF tensor name, for the leaves stored as one GGUF tensor."""
-        return {p: leaf.gguf_names[0][0] for p, leaf in self.leaves.items()
-                if len(leaf.gguf_names) == 1 and len(leaf.gguf_names[0]) == 1}
+        return {
+            p: leaf.gguf_names[0][0]
+            for p, leaf in self.leaves.items()
+            if len(leaf.gguf_names) == 1 and len(leaf.gguf_names[0]) == 1
+        }
 
     @functools.cached_property
     def _owner(self) -> dict[str, tuple[str, ...]]:
@@ -147,8 +150,9 @@ class TensorMap:
             arrays.append(self._fix(hf, np.asarray(arr, np.float32), False))
         return np.ascontiguousarray(np.asarray(leaf.layout.load(arrays), np.float32))
 
-    def lora_rows(self, path: tuple[str, ...]) -> tuple[Callable[[np.ndarray], np.ndarray],
-                                                           Callable[[np.ndarray], np.ndarray]]:
+    def lora_rows(
+        self, path: tuple[str, ...]
+    ) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
         """``(to_gguf, from_gguf)`` for a LoRA ``B.T`` ``(out, r)`` of the kernel at ``path``: the family's fix
         of that tensor applied to B's rows. Raises ``NotImplementedError`` when llama.cpp's LoRA cannot express
         an adapter of this leaf: not one 2-D tensor stored transposed (a kernel) or as it is (a token table), or
@@ -156,26 +160,33 @@ class TensorMap:
         leaf = self.leaves[path]
         where = "/".join(path)
         if len(leaf.hf_names) != 1 or len(leaf.gguf_names[0]) != 1:
-            raise UnsupportedError(f"{where} is stored as {leaf.gguf_names} in GGUF; llama.cpp LoRA adapters "
-                                   "adapt single tensors: export the merged model instead")
+            raise UnsupportedError(
+                f"{where} is stored as {leaf.gguf_names} in GGUF; llama.cpp LoRA adapters "
+                "adapt single tensors: export the merged model instead"
+            )
         hf = leaf.hf_names[0]
         embedding = path[-1] == "embedding"
         if embedding == bool(leaf.layout.transposed):
-            raise UnsupportedError(f"{where}: a {'transposed table' if embedding else 'kernel stored as it is'}"
-                                   " has no llama.cpp LoRA layout")
+            raise UnsupportedError(
+                f"{where}: a {'transposed table' if embedding else 'kernel stored as it is'}"
+                " has no llama.cpp LoRA layout"
+            )
         rng = np.random.RandomState(0)
         n = self.shape(path)[-1 if not embedding else 0]
         probe, mix = rng.standard_normal((n, 3)).astype(np.float32), rng.standard_normal((3, 2)).astype(np.float32)
         try:
             fixed = self._fix(hf, probe, True)
             ok = np.allclose(self._fix(hf, probe @ mix, True), fixed @ mix, atol=1e-4) and (
-                not embedding or np.allclose(fixed, probe))
+                not embedding or np.allclose(fixed, probe)
+            )
         except (ValueError, IndexError, TypeError):  # a fix that needs the whole tensor's shape (a reshape of it)
             # is not a row transform
             ok = False
         if not ok:
-            raise UnsupportedError(f"{where}: the family's GGUF fix of {hf} is not a transform of the output "
-                                   "rows alone, so a LoRA B cannot carry it; export the merged model instead")
+            raise UnsupportedError(
+                f"{where}: the family's GGUF fix of {hf} is not a transform of the output "
+                "rows alone, so a LoRA B cannot carry it; export the merged model instead"
+            )
         return (lambda b: self._fix(hf, b, True)), (lambda b: self._fix(hf, b, False))
 
     @functools.cached_property
@@ -196,8 +207,10 @@ def _build_map(config) -> TensorMap:
     spec = family.gguf
     archs = [k for k, v in (spec.model_types.items() if spec is not None else ()) if v == config.model_type]
     if not archs:
-        raise UnsupportedError(f"GGUF export of a {config.model_type!r} model is not declared (families with "
-                               f"GGUF: {arch_lib.gguf_architectures()})")
+        raise UnsupportedError(
+            f"GGUF export of a {config.model_type!r} model is not declared (families with "
+            f"GGUF: {arch_lib.gguf_architectures()})"
+        )
     task = spec.task
     prefix = family.tasks[task].backbone
     leaves = {}
@@ -292,8 +305,9 @@ def _encode(x: np.ndarray, qtype) -> np.ndarray:
     return x if qtype == GGMLQuantizationType.F32 else quants.quantize(x, qtype)
 
 
-def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype: str = "f32",
-                      name: str | None = None) -> Path:
+def save_gguf_adapter(
+    adapters: PyTree, path: str | os.PathLike, *, base, dtype: str = "f32", name: str | None = None
+) -> Path:
     """Write ``adapters`` as a llama.cpp LoRA adapter (``llama-cli -m BASE.gguf --lora PATH``;
     ``llama_cpp.Llama(model_path=BASE, lora_path=PATH)``; Ollama's ``ADAPTER``).
 
@@ -323,19 +337,23 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
     for p, ad in items:
         where = "/".join(p)
         if ad.is_dora:
-            raise ArgumentError(f"save_gguf_adapter: {where} is a DoRA adapter; llama.cpp's LoRA has no magnitude "
-                                "vector. Export the merged model instead (save_merged_gguf)")
+            raise ArgumentError(
+                f"save_gguf_adapter: {where} is a DoRA adapter; llama.cpp's LoRA has no magnitude "
+                "vector. Export the merged model instead (save_merged_gguf)"
+            )
         if len(ad.in_shape) != 1 or len(ad.out_shape) != 1:
-            raise ArgumentError(f"save_gguf_adapter: {where} adapts a kernel of shape {ad.kernel_shape}; llama.cpp "
-                                "LoRA tensors are 2-D")
+            raise ArgumentError(
+                f"save_gguf_adapter: {where} adapts a kernel of shape {ad.kernel_shape}; llama.cpp LoRA tensors are 2-D"
+            )
         if p not in tmap.leaves:
-            raise CheckpointError(f"save_gguf_adapter: {where} has no GGUF tensor in a {tmap.arch} model "
-                                  f"({b.source})")
+            raise CheckpointError(f"save_gguf_adapter: {where} has no GGUF tensor in a {tmap.arch} model ({b.source})")
         tmap.lora_rows(p)  # raises for a leaf llama.cpp's LoRA cannot adapt
         if p[-1] == "embedding" and tmap.tied:
-            raise ArgumentError(f"save_gguf_adapter: {where} adapts the token embedding of a model with tied "
-                                "embeddings; llama.cpp uses that table as its output head too and cannot apply an "
-                                "adapter to it there. Export the merged model instead (save_merged_gguf)")
+            raise ArgumentError(
+                f"save_gguf_adapter: {where} adapts the token embedding of a model with tied "
+                "embeddings; llama.cpp uses that table as its output head too and cannot apply an "
+                "adapter to it there. Export the merged model instead (save_merged_gguf)"
+            )
         name_ = tmap.names[p]
         if base_tensors:
             if name_ not in base_tensors:
@@ -343,8 +361,10 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
             want = _gguf_shape(base_tensors[name_])
             got = tuple(reversed(ad.kernel_shape)) if p[-1] == "kernel" else tuple(ad.kernel_shape)
             if want != got:
-                raise CheckpointError(f"{b.source}: tensor {name_!r} has shape {want}; the adapter of {where} "
-                                      f"is for a kernel {ad.kernel_shape} (GGUF layout {got})")
+                raise CheckpointError(
+                    f"{b.source}: tensor {name_!r} has shape {want}; the adapter of {where} "
+                    f"is for a kernel {ad.kernel_shape} (GGUF layout {got})"
+                )
 
     # One alpha for the file: the most common scale * r; other adapters carry the ratio in lora_b.
     products = [ad.scale * ad.r for _, ad in items]
@@ -357,8 +377,13 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
+    writer.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        }[dtype]
+    )
     if name:
         writer.add_name(name)
     for p, ad in items:
@@ -373,8 +398,7 @@ def save_gguf_adapter(adapters: PyTree, path: str | os.PathLike, *, base, dtype:
     return _write(writer, path)
 
 
-def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = None,
-                      dtype=jnp.float32) -> PyTree:
+def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = None, dtype=jnp.float32) -> PyTree:
     """Read a llama.cpp LoRA adapter (ours, or one ``convert_lora_to_gguf.py`` made from a PEFT folder) as an
     adapter tree for :func:`lora_jax.wrap` / :func:`lora_jax.merge`.
 
@@ -391,8 +415,9 @@ def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = 
     this architecture, a tensor the base lacks, an unpaired or mis-shaped ``lora_a`` / ``lora_b``.
     """
     if params is not None and stacking.is_stacked(params):  # a scanned model: read per layer, stack
-        return stacking.stack(load_gguf_adapter(path, stacking.unrolled(base), params=stacking.unstack(params),
-                                                dtype=dtype), like=params)
+        return stacking.stack(
+            load_gguf_adapter(path, stacking.unrolled(base), params=stacking.unstack(params), dtype=dtype), like=params
+        )
     from lora_jax.models import gguf as gguf_io
 
     b = _open_base(base)
@@ -401,11 +426,15 @@ def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = 
     meta = gguf_io.metadata(reader)
     source = os.fspath(path)
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
-        raise CheckpointError(f"{source}: not a LoRA adapter (general.type={meta.get('general.type')!r}, "
-                              f"adapter.type={meta.get('adapter.type')!r}; expected 'adapter' / 'lora')")
+        raise CheckpointError(
+            f"{source}: not a LoRA adapter (general.type={meta.get('general.type')!r}, "
+            f"adapter.type={meta.get('adapter.type')!r}; expected 'adapter' / 'lora')"
+        )
     if meta.get("general.architecture") != tmap.arch:
-        raise CheckpointError(f"{source}: an adapter for a {meta.get('general.architecture')!r} model; the base "
-                              f"({b.source}) is {tmap.arch!r}")
+        raise CheckpointError(
+            f"{source}: an adapter for a {meta.get('general.architecture')!r} model; the base "
+            f"({b.source}) is {tmap.arch!r}"
+        )
     if meta.get("adapter.alora_invocation_tokens") is not None:
         raise UnsupportedError(f"{source}: activated LoRA (adapter.alora_invocation_tokens) is not supported")
     alpha = check_number(meta.get("adapter.lora.alpha", 0.0), "adapter.lora.alpha", source)
@@ -420,39 +449,58 @@ def load_gguf_adapter(path: str | os.PathLike, base, *, params: PyTree | None = 
             logger.warning("%s: skipping %s (a norm vector; llama.cpp ignores these in adapters too)", source, t.name)
         else:
             raise CheckpointError(f"{source}: tensor {t.name!r} is neither a .lora_a nor a .lora_b tensor")
-    kernels = {_normalise(p, tmap): v for p, v in tree.flatten(params).items()} if params is not None else {
-        p: leaf for p, leaf in tmap._shapes.items()}
+    kernels = (
+        {_normalise(p, tmap): v for p, v in tree.flatten(params).items()}
+        if params is not None
+        else {p: leaf for p, leaf in tmap._shapes.items()}
+    )
     bare = params is not None and not any(p in tmap.leaves for p in tree.flatten(params))
     adapters: dict = {}
     for name, ab in pairs.items():
         if set(ab) != {"a", "b"}:
-            raise CheckpointError(f"{source}: {name}.lora_{next(iter(ab))} has no matching "
-                                  f"{name}.lora_{'b' if 'a' in ab else 'a'}")
+            raise CheckpointError(
+                f"{source}: {name}.lora_{next(iter(ab))} has no matching {name}.lora_{'b' if 'a' in ab else 'a'}"
+            )
         p = tmap.path_of(name)
         if p is None:
             close = [n for n in tmap.names.values() if n.split(".")[-2:] == name.split(".")[-2:]][:3]
-            raise CheckpointError(f"{source}: {name}.lora_a targets {name!r}, which a {tmap.arch} model of this "
-                                  f"config does not have; close names: {close}")
+            raise CheckpointError(
+                f"{source}: {name}.lora_a targets {name!r}, which a {tmap.arch} model of this "
+                f"config does not have; close names: {close}"
+            )
         if p not in kernels:
             raise CheckpointError(f"{source}: {name} is {'/'.join(p)}, which these params do not have")
         a = check_array(gguf_io.dequantize(ab["a"], np.float32), f"{name}.lora_a", source)
         bt = check_array(gguf_io.dequantize(ab["b"], np.float32), f"{name}.lora_b", source)
         shape = tuple(kernels[p].shape)
         if len(shape) != 2 or a.ndim != 2 or bt.ndim != 2:
-            raise CheckpointError(f"{source}: {name}: 2-D lora tensors for a 2-D kernel expected, got lora_a "
-                                  f"{a.shape}, lora_b {bt.shape} for {'/'.join(p)} {shape}")
+            raise CheckpointError(
+                f"{source}: {name}: 2-D lora tensors for a 2-D kernel expected, got lora_a "
+                f"{a.shape}, lora_b {bt.shape} for {'/'.join(p)} {shape}"
+            )
         d_in, d_out = shape
         r = bt.shape[1]
         want_a = (d_in, r) if p[-1] == "embedding" else (r, d_in)
         if tuple(a.shape) != want_a or tuple(bt.shape) != (d_out, r):
-            raise CheckpointError(f"{source}: {name}: lora_a {a.shape} / lora_b {bt.shape} do not fit "
-                                  f"{'/'.join(p)} {shape}: expected {want_a} / {(d_out, r)} (numpy layout)")
+            raise CheckpointError(
+                f"{source}: {name}: lora_a {a.shape} / lora_b {bt.shape} do not fit "
+                f"{'/'.join(p)} {shape}: expected {want_a} / {(d_out, r)} (numpy layout)"
+            )
         bt = tmap.lora_rows(p)[1](bt)
         a_ours = a if p[-1] == "embedding" else a.T
         scale = alpha / r if alpha else 1.0
-        tree.put(adapters, p, core.LoraAdapter(
-            a=jnp.asarray(a_ours, dtype), b=jnp.asarray(bt.T, dtype), alpha=alpha if alpha else float(r),
-            scale=scale, in_shape=(d_in,), out_shape=(d_out,)))
+        tree.put(
+            adapters,
+            p,
+            core.LoraAdapter(
+                a=jnp.asarray(a_ours, dtype),
+                b=jnp.asarray(bt.T, dtype),
+                alpha=alpha if alpha else float(r),
+                scale=scale,
+                in_shape=(d_in,),
+                out_shape=(d_out,),
+            ),
+        )
     if not pairs:
         logger.warning("%s: the adapter holds no LoRA tensors", source)
     if bare:  # params of the bare backbone: adapters in its paths
@@ -542,16 +590,26 @@ def weight_type(base: str | os.PathLike) -> str:
 
 def _lossy_message(path, t: str, worst: tuple[str, RequantError], base_type: str) -> str:
     name, err = worst
-    return (f"save_merged_gguf: {path}: merging into {'the base types (' + base_type + ')' if t == 'base' else t} "
-            f"re-quantises {name} with an error of {err.relative:.2f} x the update's rms (over "
-            f"{MAX_REQUANT_RELATIVE:g}): the merged model would lose much of the fine-tune. Export type='f16' "
-            "(exact to float16) or 'q8_0' to keep it in one file, or the GGUF adapter beside the base "
-            "(save_gguf_adapter; train.run: output.export_gguf_adapter=true), or pass allow_lossy=True to write "
-            "this file anyway. Nothing was written")
+    return (
+        f"save_merged_gguf: {path}: merging into {'the base types (' + base_type + ')' if t == 'base' else t} "
+        f"re-quantises {name} with an error of {err.relative:.2f} x the update's rms (over "
+        f"{MAX_REQUANT_RELATIVE:g}): the merged model would lose much of the fine-tune. Export type='f16' "
+        "(exact to float16) or 'q8_0' to keep it in one file, or the GGUF adapter beside the base "
+        "(save_gguf_adapter; train.run: output.export_gguf_adapter=true), or pass allow_lossy=True to write "
+        "this file anyway. Nothing was written"
+    )
 
 
-def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: str = "base",
-                     trained: PyTree | None = None, fallback: str = "q8_0", allow_lossy: bool = False) -> MergedGGUF:
+def save_merged_gguf(
+    adapters: PyTree,
+    path: str | os.PathLike,
+    *,
+    base,
+    type: str = "base",
+    trained: PyTree | None = None,
+    fallback: str = "q8_0",
+    allow_lossy: bool = False,
+) -> MergedGGUF:
     """Write the base GGUF with the adapters folded in (``W0 + scale * A @ B``; DoRA's re-normalised kernel),
     as a model file llama.cpp / Ollama load like the base.
 
@@ -589,8 +647,9 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
     changes: dict[tuple[str, ...], Any] = {}
     for p, ad in core.adapter_items(adapters or {}):
         changes[_normalise(tuple(p.split("/")), tmap)] = ad
-    trained_leaves = {_normalise(tree.path_tuple(k), tmap): v for k, v in
-                      jax.tree_util.tree_flatten_with_path(trained or {})[0]}
+    trained_leaves = {
+        _normalise(tree.path_tuple(k), tmap): v for k, v in jax.tree_util.tree_flatten_with_path(trained or {})[0]
+    }
     both = sorted("/".join(p) for p in set(changes) & set(trained_leaves))
     if both:
         raise ArgumentError(f"save_merged_gguf: {both[:3]} have an adapter and a fully trained value; pass one")
@@ -604,11 +663,18 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
     skip = {"general.architecture"}
     if target is not None:
         skip.add("general.file_type")
-        writer.add_file_type({
-            "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-            "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}[t])
+        writer.add_file_type(
+            {
+                "f32": gguf.LlamaFileType.ALL_F32,
+                "f16": gguf.LlamaFileType.MOSTLY_F16,
+                "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+                "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+            }[t]
+        )
     if "general.alignment" in b.reader.metadata:
         writer.data_alignment = int(b.reader.metadata["general.alignment"])
     _copy_metadata(b.reader, writer, skip)
@@ -630,8 +696,10 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
             else:
                 new = np.asarray(trained_leaves[p], np.float32)
                 if new.shape != leaf0.shape:
-                    raise CheckpointError(f"save_merged_gguf: trained {'/'.join(p)} has shape {new.shape}, the base "
-                                          f"holds {leaf0.shape} ({', '.join(names)})")
+                    raise CheckpointError(
+                        f"save_merged_gguf: trained {'/'.join(p)} has shape {new.shape}, the base "
+                        f"holds {leaf0.shape} ({', '.join(names)})"
+                    )
             exact_of[p] = (tmap.to_gguf(p, new), w0)
         return exact_of[p]
 
@@ -665,8 +733,10 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
             data = tensor.data
         writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=want)
         types[tensor.name] = want.name
-    errors = {"/".join(p): RequantError(max_abs=m, rms=math.sqrt(e / n), delta_rms=math.sqrt(d / n))
-              for p, (m, e, d, n) in stats.items()}
+    errors = {
+        "/".join(p): RequantError(max_abs=m, rms=math.sqrt(e / n), delta_rms=math.sqrt(d / n))
+        for p, (m, e, d, n) in stats.items()
+    }
     missing = sorted("/".join(p) for p in (set(changes) | set(trained_leaves)) - seen)
     if missing:
         raise CheckpointError(f"{b.source}: has no tensors for {missing[:3]}")
@@ -676,11 +746,28 @@ def save_merged_gguf(adapters: PyTree, path: str | os.PathLike, *, base, type: s
     path = _write(writer, path)
     if errors:
         worst = max(errors.items(), key=lambda kv: kv[1].relative)
-        logger.info("%s: %d tensors merged; worst re-quantisation rms %.3g (%.2f of the update's rms) at %s",
-                    path, len(errors), worst[1].rms, worst[1].relative, worst[0])
+        logger.info(
+            "%s: %d tensors merged; worst re-quantisation rms %.3g (%.2f of the update's rms) at %s",
+            path,
+            len(errors),
+            worst[1].rms,
+            worst[1].relative,
+            worst[0],
+        )
     return MergedGGUF(path, errors, types)
 
 
-__all__ = ["ADAPTER_TYPES", "MAX_REQUANT_RELATIVE", "MERGED_TYPES", "Leaf", "MergedGGUF", "TensorMap",
-           "check_merged_type", "load_gguf_adapter", "save_gguf_adapter", "save_merged_gguf", "tensor_map",
-           "weight_type"]
+__all__ = [
+    "ADAPTER_TYPES",
+    "MAX_REQUANT_RELATIVE",
+    "MERGED_TYPES",
+    "Leaf",
+    "MergedGGUF",
+    "TensorMap",
+    "check_merged_type",
+    "load_gguf_adapter",
+    "save_gguf_adapter",
+    "save_merged_gguf",
+    "tensor_map",
+    "weight_type",
+]

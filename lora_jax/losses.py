@@ -61,7 +61,7 @@ Array = jax.Array
 # whole head through two matmuls, so on a CPU, where they are bound by memory bandwidth, small chunks cost time:
 # GPT-2's tied head, 512 tokens, loss + gradient, measured side by side on 2 shared cores: 32 tokens per chunk
 # 1.9x the full-logits time, 64 1.4x, 128 1.16x, 256 1.08x.
-DEFAULT_CHUNK_BYTES = 64 * 2 ** 20
+DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
 def default_chunk_size(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -111,11 +111,13 @@ def _run(st: _Static, need: dict[str, bool], h, xl, w, fin, fout, targets, weigh
     def zeros_like(x):
         return jnp.zeros(x.shape, f32)
 
-    grads0 = {"h": jnp.zeros_like(h) if need["h"] else None,
-              "xl": jnp.zeros_like(xl) if need["xl"] else None,
-              "w": zeros_like(w) if need["w"] else None,
-              "fin": zeros_like(fin) if need["fin"] else None,
-              "fout": zeros_like(fout) if need["fout"] else None}
+    grads0 = {
+        "h": jnp.zeros_like(h) if need["h"] else None,
+        "xl": jnp.zeros_like(xl) if need["xl"] else None,
+        "w": zeros_like(w) if need["w"] else None,
+        "fin": zeros_like(fin) if need["fin"] else None,
+        "fout": zeros_like(fout) if need["fout"] else None,
+    }
     any_grad = any(need.values())
 
     def body(i, carry):
@@ -155,7 +157,8 @@ def _run(st: _Static, need: dict[str, bool], h, xl, w, fin, fout, targets, weigh
         g = dict(g)
         if need["h"]:
             g["h"] = jax.lax.dynamic_update_slice_in_dim(
-                g["h"], take(g["h"]) + ein(f"bsv,{ws}->bsd", dz, w).astype(cdt), start, axis=1)
+                g["h"], take(g["h"]) + ein(f"bsv,{ws}->bsd", dz, w).astype(cdt), start, axis=1
+            )
         if need["w"]:
             g["w"] = g["w"] + ein(f"bsv,bsd->{ws}", dz, h_c)
         if lora:
@@ -167,7 +170,8 @@ def _run(st: _Static, need: dict[str, bool], h, xl, w, fin, fout, targets, weigh
                     g["fin"] = g["fin"] + ein(f"bsr,bsd->{ins}", du, xl_c)
                 if need["xl"]:
                     g["xl"] = jax.lax.dynamic_update_slice_in_dim(
-                        g["xl"], take(g["xl"]) + ein(f"bsr,{ins}->bsd", du, fin).astype(cdt), start, axis=1)
+                        g["xl"], take(g["xl"]) + ein(f"bsr,{ins}->bsd", du, fin).astype(cdt), start, axis=1
+                    )
         return loss, g
 
     loss, grads = jax.lax.fori_loop(0, n, body, (jnp.zeros((), f32), grads0))
@@ -249,8 +253,10 @@ def loss_positions(weights: Any, capacity: int, *, multiple: int = 1) -> np.ndar
     counts = live.sum(axis=1)
     if counts.size and counts.max() > k:
         row = int(np.argmax(counts))
-        raise DataError(f"loss_positions: row {row} carries loss at {int(counts[row])} positions, more than the "
-                        f"capacity of {k} slots per row (raise the capacity, or pack fewer loss tokens per row)")
+        raise DataError(
+            f"loss_positions: row {row} carries loss at {int(counts[row])} positions, more than the "
+            f"capacity of {k} slots per row (raise the capacity, or pack fewer loss tokens per row)"
+        )
     out = np.full((live.shape[0], k), s, np.int32)
     rows, cols = np.nonzero(live)  # row-major: each row's positions in increasing order
     slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -266,29 +272,45 @@ def gather_positions(x: Array, positions: Array) -> Array:
     if x.ndim == positions.ndim:
         return jnp.take_along_axis(x, positions, axis=-1, mode="fill", fill_value=0)
     if x.ndim != positions.ndim + 1:
-        raise ArgumentError(f"gather_positions: positions of shape {tuple(positions.shape)} do not index the sequence "
-                            f"axis of an array of shape {tuple(x.shape)} (expected (..., S) or (..., S, D) with the "
-                            f"leading axes {tuple(positions.shape[:lead])})")
+        raise ArgumentError(
+            f"gather_positions: positions of shape {tuple(positions.shape)} do not index the sequence "
+            f"axis of an array of shape {tuple(x.shape)} (expected (..., S) or (..., S, D) with the "
+            f"leading axes {tuple(positions.shape[:lead])})"
+        )
     return jnp.take_along_axis(x, positions[..., None], axis=-2, mode="fill", fill_value=0)
 
 
 def _gather_inputs(hidden, targets, weights, positions, who: str):
     """``hidden``, ``targets``, ``weights`` at ``positions`` (see :func:`gather_positions`), checked."""
     if tuple(positions.shape[:-1]) != tuple(hidden.shape[:-2]):
-        raise ArgumentError(f"{who}: positions of shape {tuple(positions.shape)} do not fit hidden states "
-                            f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-2])} + (K,))")
+        raise ArgumentError(
+            f"{who}: positions of shape {tuple(positions.shape)} do not fit hidden states "
+            f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-2])} + (K,))"
+        )
     if not jnp.issubdtype(positions.dtype, jnp.integer):
         raise ArgumentError(f"{who}: positions must be integer indices, got {positions.dtype}")
     if weights is None:  # an empty slot must weigh 0
         weights = jnp.ones(targets.shape, jnp.float32)
-    return (gather_positions(hidden, positions), gather_positions(targets, positions),
-            gather_positions(weights, positions))
+    return (
+        gather_positions(hidden, positions),
+        gather_positions(targets, positions),
+        gather_positions(weights, positions),
+    )
 
 
-def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | None = None, *,
-                          tied: bool = False, chunk_size: int | None = None, z_loss: float = 0.0,
-                          label_smoothing: float = 0.0, logit_softcap: float | None = None,
-                          positions: Array | None = None) -> tuple[Array, Array]:
+def chunked_cross_entropy(
+    hidden: Array,
+    head: Any,
+    targets: Array,
+    weights: Array | None = None,
+    *,
+    tied: bool = False,
+    chunk_size: int | None = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    logit_softcap: float | None = None,
+    positions: Array | None = None,
+) -> tuple[Array, Array]:
     """Summed cross-entropy of ``hidden @ head`` against ``targets``, never holding all the logits.
 
     Args:
@@ -322,25 +344,32 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
     if hidden.ndim < 2:
         raise ArgumentError(f"chunked_cross_entropy: hidden must be (..., S, D), got shape {tuple(hidden.shape)}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ArgumentError(f"chunked_cross_entropy: targets of shape {tuple(targets.shape)} do not fit hidden states "
-                            f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-1])})")
+        raise ArgumentError(
+            f"chunked_cross_entropy: targets of shape {tuple(targets.shape)} do not fit hidden states "
+            f"{tuple(hidden.shape)} (expected {tuple(hidden.shape[:-1])})"
+        )
     if weights is not None and tuple(weights.shape) != tuple(targets.shape):
-        raise ArgumentError(f"chunked_cross_entropy: weights of shape {tuple(weights.shape)}, expected "
-                            f"{tuple(targets.shape)} like targets")
+        raise ArgumentError(
+            f"chunked_cross_entropy: weights of shape {tuple(weights.shape)}, expected "
+            f"{tuple(targets.shape)} like targets"
+        )
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ArgumentError(f"chunked_cross_entropy: targets must be integer ids, got {targets.dtype}")
     if positions is not None:
         hidden, targets, weights = _gather_inputs(hidden, targets, weights, positions, "chunked_cross_entropy")
     if hasattr(head, "lora_dot"):
-        raise UnsupportedError(f"chunked_cross_entropy: a {type(head).__name__} head (several adapters in one "
-                               "batch) is not supported; compute its logits with lora.dot")
+        raise UnsupportedError(
+            f"chunked_cross_entropy: a {type(head).__name__} head (several adapters in one "
+            "batch) is not supported; compute its logits with lora.dot"
+        )
     d = hidden.shape[-1]
     cdt = hidden.dtype
     shape = tuple(head.shape)
     if len(shape) != 2 or shape[1 if tied else 0] != d:
         want = "(V, D) table" if tied else "(D, V) kernel"
-        raise ArgumentError(f"chunked_cross_entropy: head of shape {shape} is not a {want} for hidden size {d} "
-                            f"(tied={tied})")
+        raise ArgumentError(
+            f"chunked_cross_entropy: head of shape {shape} is not a {want} for hidden size {d} (tied={tied})"
+        )
     vocab = shape[0] if tied else shape[1]
 
     lead = hidden.shape[:-2]
@@ -355,14 +384,18 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
         ad = head.adapter
         if ad.is_dora:
             if tied:
-                raise UnsupportedError("chunked_cross_entropy: a DoRA adapter on a tied embedding table is not "
-                                       "supported (lora.embed does not support it either)")
+                raise UnsupportedError(
+                    "chunked_cross_entropy: a DoRA adapter on a tied embedding table is not "
+                    "supported (lora.embed does not support it either)"
+                )
             w = _dora_kernel(head, cdt)
         else:
             want_in = (vocab,) if tied else (d,)
             if tuple(ad.in_shape) != want_in:
-                raise ArgumentError(f"chunked_cross_entropy: the head's adapter has input axes {ad.in_shape}, expected "
-                                    f"{want_in} for a {'table' if tied else 'kernel'} of shape {shape}")
+                raise ArgumentError(
+                    f"chunked_cross_entropy: the head's adapter has input axes {ad.in_shape}, expected "
+                    f"{want_in} for a {'table' if tied else 'kernel'} of shape {shape}"
+                )
             w = _dense(head.base, cdt)
             a, b = ad.a.astype(cdt), ad.b.astype(cdt)
             fin, fout = (b, a) if tied else (a, b)
@@ -377,15 +410,30 @@ def chunked_cross_entropy(hidden: Array, head: Any, targets: Array, weights: Arr
         raise ArgumentError(f"chunked_cross_entropy: chunk_size must be >= 1 token, got {chunk_size}")
     rows = min(s, max(1, tokens // batch))
     rows = -(-s // -(-s // rows))  # ceil(S / n) for n = ceil(S / rows): equal chunks
-    st = _Static(tied=bool(tied), scale=scale, rows=rows, z_loss=float(z_loss),
-                 label_smoothing=float(label_smoothing), softcap=float(logit_softcap) if logit_softcap else None)
+    st = _Static(
+        tied=bool(tied),
+        scale=scale,
+        rows=rows,
+        z_loss=float(z_loss),
+        label_smoothing=float(label_smoothing),
+        softcap=float(logit_softcap) if logit_softcap else None,
+    )
     loss = _loss_sum(st, h, xl, w, fin, fout, t, wt)
     return loss, jnp.sum(wt)
 
 
-def cross_entropy(hidden: Array, head: Any, targets: Array, weights: Array | None = None, *, tied: bool = False,
-                  z_loss: float = 0.0, label_smoothing: float = 0.0, logit_softcap: float | None = None,
-                  positions: Array | None = None) -> tuple[Array, Array]:
+def cross_entropy(
+    hidden: Array,
+    head: Any,
+    targets: Array,
+    weights: Array | None = None,
+    *,
+    tied: bool = False,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    logit_softcap: float | None = None,
+    positions: Array | None = None,
+) -> tuple[Array, Array]:
     """The plain path, for comparison: full float32 logits (``hidden @ head`` through :func:`lora_jax.ops.dot`,
     or ``hidden @ materialize(head).T`` for a table), then optax's cross-entropy. Same signature and result as
     :func:`chunked_cross_entropy` (``positions``: the logits of those positions only)."""
@@ -441,10 +489,18 @@ def sequence_logps(token_logps: Array, mask: Array) -> tuple[Array, Array]:
     return jnp.sum(token_logps.astype(jnp.float32) * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
-def preference_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array | None = None,
-                    ref_rejected_logps: Array | None = None, *, chosen_tokens: Array | None = None,
-                    rejected_tokens: Array | None = None, loss_type: str = "sigmoid", beta: float = 0.1,
-                    simpo_gamma: float = 0.5) -> PreferenceOutput:
+def preference_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array | None = None,
+    ref_rejected_logps: Array | None = None,
+    *,
+    chosen_tokens: Array | None = None,
+    rejected_tokens: Array | None = None,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    simpo_gamma: float = 0.5,
+) -> PreferenceOutput:
     """The per-pair preference loss of ``loss_type``, as TRL computes it. Inputs ``(B,)``: log-probabilities
     *summed* over each response's tokens (:func:`sequence_logps`), and (``ipo``, ``simpo``) the number of
     response tokens of each answer, ``chosen_tokens`` / ``rejected_tokens``.
@@ -465,8 +521,10 @@ def preference_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps
     if not beta > 0:
         raise ArgumentError(f"preference_loss: beta must be > 0, got {beta}")
     if loss_type in ("ipo", "simpo") and (chosen_tokens is None or rejected_tokens is None):
-        raise ArgumentError(f"preference_loss: loss_type={loss_type!r} averages over the response tokens: pass "
-                            "chosen_tokens and rejected_tokens")
+        raise ArgumentError(
+            f"preference_loss: loss_type={loss_type!r} averages over the response tokens: pass "
+            "chosen_tokens and rejected_tokens"
+        )
     if loss_type != "simpo" and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ArgumentError(f"preference_loss: loss_type={loss_type!r} needs the reference log-probabilities")
     sg = jax.lax.stop_gradient
@@ -492,10 +550,24 @@ def preference_metrics(out: PreferenceOutput, weight: Array | None = None) -> di
     ``rewards/rejected``, ``rewards/margins`` and ``rewards/accuracies`` (chosen reward > rejected reward)."""
     w = jnp.ones_like(out.losses) if weight is None else weight.astype(jnp.float32)
     c, r = out.chosen_rewards, out.rejected_rewards
-    return {"rewards/chosen": jnp.sum(c * w), "rewards/rejected": jnp.sum(r * w),
-            "rewards/margins": jnp.sum((c - r) * w), "rewards/accuracies": jnp.sum((c > r).astype(jnp.float32) * w)}
+    return {
+        "rewards/chosen": jnp.sum(c * w),
+        "rewards/rejected": jnp.sum(r * w),
+        "rewards/margins": jnp.sum((c - r) * w),
+        "rewards/accuracies": jnp.sum((c > r).astype(jnp.float32) * w),
+    }
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "PREFERENCE_LOSSES", "PreferenceOutput", "chunked_cross_entropy", "cross_entropy",
-           "default_chunk_size", "gather_positions", "loss_positions", "preference_loss", "preference_metrics",
-           "sequence_logps"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "PREFERENCE_LOSSES",
+    "PreferenceOutput",
+    "chunked_cross_entropy",
+    "cross_entropy",
+    "default_chunk_size",
+    "gather_positions",
+    "loss_positions",
+    "preference_loss",
+    "preference_metrics",
+    "sequence_logps",
+]

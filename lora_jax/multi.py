@@ -46,8 +46,9 @@ Array = jax.Array
 
 def _no_dora(path: str, ad: LoraAdapter, what: str) -> None:
     if getattr(ad, "magnitude", None) is not None:
-        raise UnsupportedError(f"{what}: {path} is a DoRA adapter (it has a magnitude); {what} supports plain "
-                               "LoRA adapters only")
+        raise UnsupportedError(
+            f"{what}: {path} is a DoRA adapter (it has a magnitude); {what} supports plain LoRA adapters only"
+        )
 
 
 def _items(tree: PyTree, what: str) -> dict[str, LoraAdapter]:
@@ -134,9 +135,12 @@ class AdapterSet:
     def delete(self, name: str) -> AdapterSet:
         """Remove ``name``; deleting the active adapter leaves none active."""
         i = self._index(name)
-        return dataclasses.replace(self, names=self.names[:i] + self.names[i + 1:],
-                                   trees=self.trees[:i] + self.trees[i + 1:],
-                                   active=None if self.active == name else self.active)
+        return dataclasses.replace(
+            self,
+            names=self.names[:i] + self.names[i + 1 :],
+            trees=self.trees[:i] + self.trees[i + 1 :],
+            active=None if self.active == name else self.active,
+        )
 
     def enable(self) -> AdapterSet:
         return dataclasses.replace(self, enabled=True)
@@ -145,8 +149,16 @@ class AdapterSet:
         """Run the base model (the active adapter stays selected for :meth:`enable`)."""
         return dataclasses.replace(self, enabled=False)
 
-    def add_weighted(self, name: str, sources: Sequence[str], weights: Sequence[float], combination: str = "svd",
-                     rank: int | None = None, *, activate: bool = False) -> AdapterSet:
+    def add_weighted(
+        self,
+        name: str,
+        sources: Sequence[str],
+        weights: Sequence[float],
+        combination: str = "svd",
+        rank: int | None = None,
+        *,
+        activate: bool = False,
+    ) -> AdapterSet:
         """Add ``weighted_adapter([self[s] for s in sources], weights, combination, rank)`` as ``name``."""
         combined = weighted_adapter([self[s] for s in sources], weights, combination, rank)
         return self.add(name, combined, activate=activate)
@@ -167,8 +179,7 @@ class AdapterSet:
         current = self.current
         return params if current is None else core.merge(params, current)
 
-    def stack(self, names: Sequence[str] | None = None, *, rank: int | None = None,
-              slots: int | None = None) -> PyTree:
+    def stack(self, names: Sequence[str] | None = None, *, rank: int | None = None, slots: int | None = None) -> PyTree:
         """:func:`stack_adapters` of ``names`` (default: all, in order): slot ``i`` holds ``names[i]``."""
         names = list(self.names if names is None else names)
         return stack_adapters([self[n] for n in names], rank=rank, slots=slots)
@@ -192,11 +203,14 @@ COMBINATIONS = ("linear", "cat", "svd")
 def _combine_linear(path: str, ads: list[LoraAdapter], ws: list[float]) -> LoraAdapter:
     ranks = {ad.r for ad in ads}
     if len(ranks) != 1:
-        raise ArgumentError(f"weighted_adapter 'linear': {path} has adapters of ranks {sorted(ranks)}; linear needs "
-                            "equal ranks (use 'cat' or 'svd')")
+        raise ArgumentError(
+            f"weighted_adapter 'linear': {path} has adapters of ranks {sorted(ranks)}; linear needs "
+            "equal ranks (use 'cat' or 'svd')"
+        )
     # PEFT's definition: sqrt(|w * scale|) on both factors, the sign of w * scale on A.
-    a = sum(math.copysign(math.sqrt(abs(w * ad.scale)), w * ad.scale) * ad.a.astype(jnp.float32)
-            for ad, w in zip(ads, ws))
+    a = sum(
+        math.copysign(math.sqrt(abs(w * ad.scale)), w * ad.scale) * ad.a.astype(jnp.float32) for ad, w in zip(ads, ws)
+    )
     b = sum(math.sqrt(abs(w * ad.scale)) * ad.b.astype(jnp.float32) for ad, w in zip(ads, ws))
     return _like(ads[0], a, b)
 
@@ -220,12 +234,14 @@ def _combine_svd(path: str, ads: list[LoraAdapter], ws: list[float], rank: int |
 def _like(template: LoraAdapter, a: Array, b: Array) -> LoraAdapter:
     """An adapter with factors ``a``, ``b`` and scale 1 (alpha = r), on ``template``'s kernel."""
     r = a.shape[1]
-    return dataclasses.replace(template, a=a.astype(template.a.dtype), b=b.astype(template.b.dtype),
-                               alpha=float(r), scale=1.0)
+    return dataclasses.replace(
+        template, a=a.astype(template.a.dtype), b=b.astype(template.b.dtype), alpha=float(r), scale=1.0
+    )
 
 
-def weighted_adapter(adapters: Sequence[PyTree], weights: Sequence[float], combination: str = "svd",
-                     rank: int | None = None) -> PyTree:
+def weighted_adapter(
+    adapters: Sequence[PyTree], weights: Sequence[float], combination: str = "svd", rank: int | None = None
+) -> PyTree:
     """One adapter tree from a weighted combination of ``adapters`` (PEFT's ``add_weighted_adapter``).
 
     For each kernel, with ``dW_i = scale_i * A_i @ B_i`` and weights ``w_i``:
@@ -244,8 +260,9 @@ def weighted_adapter(adapters: Sequence[PyTree], weights: Sequence[float], combi
     if combination not in COMBINATIONS:
         raise ArgumentError(f"combination must be one of {COMBINATIONS}, got {combination!r}")
     if len(adapters) != len(weights) or not adapters:
-        raise ArgumentError(f"weighted_adapter needs one weight per adapter, got {len(adapters)} adapters and "
-                            f"{len(weights)} weights")
+        raise ArgumentError(
+            f"weighted_adapter needs one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights"
+        )
     if rank is not None and combination != "svd":
         raise ArgumentError(f"rank is the target of 'svd'; {combination!r} sets the rank itself")
     items = [_items(t, "weighted_adapter") for t in adapters]
@@ -325,8 +342,12 @@ def _pad(ad: LoraAdapter, rank: int, path: str, dtype) -> tuple[Array, Array]:
 
 
 def _concrete(ads: Sequence[LoraAdapter | None]) -> bool:
-    return all(isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
-               for ad in ads if ad is not None for x in (ad.a, ad.b))
+    return all(
+        isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+        for ad in ads
+        if ad is not None
+        for x in (ad.a, ad.b)
+    )
 
 
 def _stack_one(path: str, ads: Sequence[LoraAdapter | None], rank: int, slots: int, dtype) -> StackedAdapter:
@@ -357,8 +378,9 @@ def _stack_one(path: str, ads: Sequence[LoraAdapter | None], rank: int, slots: i
     return StackedAdapter(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale), in_shape, out_shape)
 
 
-def stack_adapters(adapters: Sequence[PyTree], *, rank: int | None = None, slots: int | None = None,
-                   dtype=None) -> PyTree:
+def stack_adapters(
+    adapters: Sequence[PyTree], *, rank: int | None = None, slots: int | None = None, dtype=None
+) -> PyTree:
     """Stack adapter trees slot by slot for mixed-adapter batches.
 
     Args:
@@ -394,8 +416,10 @@ def load_slot(stacked: PyTree, slot: int, adapters: PyTree | None) -> PyTree:
     stacked_items = _stacked_items(stacked)
     extra = sorted(set(items) - set(stacked_items))
     if extra:
-        raise ArgumentError(f"load_slot: the adapter adapts {extra[:5]}, which the stack does not hold; stack those "
-                            "kernels from the start (a new kernel changes the compiled structure)")
+        raise ArgumentError(
+            f"load_slot: the adapter adapts {extra[:5]}, which the stack does not hold; stack those "
+            "kernels from the start (a new kernel changes the compiled structure)"
+        )
     out = {}
     for path, st in stacked_items.items():
         if isinstance(slot, (int, np.integer)) and not 0 <= slot < st.slots:
@@ -406,11 +430,13 @@ def load_slot(stacked: PyTree, slot: int, adapters: PyTree | None) -> PyTree:
         else:
             _no_dora(path, ad, "load_slot")
             if (ad.in_shape, ad.out_shape) != (st.in_shape, st.out_shape):
-                raise ArgumentError(f"load_slot: {path} adapts a kernel {ad.kernel_shape}, the stack holds "
-                                    f"{st.kernel_shape}")
+                raise ArgumentError(
+                    f"load_slot: {path} adapts a kernel {ad.kernel_shape}, the stack holds {st.kernel_shape}"
+                )
             (a, b), s = _pad(ad, st.rank, path, st.a.dtype), ad.scale
-        out[path] = dataclasses.replace(st, a=st.a.at[slot].set(a), b=st.b.at[slot].set(b),
-                                        scale=st.scale.at[slot].set(s))
+        out[path] = dataclasses.replace(
+            st, a=st.a.at[slot].set(a), b=st.b.at[slot].set(b), scale=st.scale.at[slot].set(s)
+        )
     return _tree(out)
 
 
@@ -435,8 +461,10 @@ class MultiLoraWeight(core.WrappedKernel):
     def _rows(self, x_rows: int, dtype) -> tuple[Array, Array, Array]:
         """``A (B, d_in, R)``, ``B (B, R, d_out)`` and ``scale (B,)`` of each row, in ``dtype``."""
         if self.ids.ndim != 1 or self.ids.shape[0] != x_rows:
-            raise ArgumentError(f"mixed-adapter batch: {self.ids.shape} adapter ids for a batch of {x_rows} rows; pass "
-                                "one id per row (the activations' leading axis)")
+            raise ArgumentError(
+                f"mixed-adapter batch: {self.ids.shape} adapter ids for a batch of {x_rows} rows; pass "
+                "one id per row (the activations' leading axis)"
+            )
         st = self.stacked
         ids = self.ids.astype(jnp.int32)
         k = jnp.clip(ids, 0, st.slots - 1)
@@ -449,15 +477,17 @@ class MultiLoraWeight(core.WrappedKernel):
 
     def lora_dot(self, x: Array, axes: int = 1, *, precision=None) -> Array:
         st = self.stacked
-        if len(st.in_shape) != axes or tuple(x.shape[x.ndim - axes:]) != st.in_shape:
-            raise ArgumentError(f"mixed lora dot: input of shape {tuple(x.shape)} contracting {axes} axes does not fit "
-                                f"adapters whose kernel inputs are {st.in_shape} (kernel {st.kernel_shape})")
+        if len(st.in_shape) != axes or tuple(x.shape[x.ndim - axes :]) != st.in_shape:
+            raise ArgumentError(
+                f"mixed lora dot: input of shape {tuple(x.shape)} contracting {axes} axes does not fit "
+                f"adapters whose kernel inputs are {st.in_shape} (kernel {st.kernel_shape})"
+            )
         y = ops.dot(x, self.base, axes, precision=precision)  # the base may be quantised (lora_jax.quant)
         a, b, scale = self._rows(x.shape[0], y.dtype)
         batch = x.shape[: x.ndim - axes]
-        h = x.reshape(batch[0], -1, math.prod(st.in_shape))                     # (B, T, d_in)
-        h = jnp.matmul(h, a, precision=precision)                              # (B, T, R)
-        h = jnp.matmul(h * scale[:, None, None], b, precision=precision)       # (B, T, d_out)
+        h = x.reshape(batch[0], -1, math.prod(st.in_shape))  # (B, T, d_in)
+        h = jnp.matmul(h, a, precision=precision)  # (B, T, R)
+        h = jnp.matmul(h * scale[:, None, None], b, precision=precision)  # (B, T, d_out)
         return y + h.reshape(*batch, *st.out_shape)
 
     def lora_einsum(self, subscripts: str, x: Array, *, precision=None) -> Array:
@@ -466,12 +496,16 @@ class MultiLoraWeight(core.WrappedKernel):
         n_in = len(st.in_shape)
         row = xs[:1]
         if "." in xs + ws or len(ws) != self.ndim or not row or row not in out or row in ws:
-            raise ArgumentError(f"mixed lora einsum {subscripts!r}: x's first index must be the batch row (kept in the "
-                                "output, not in the weight) and every axis must be named")
+            raise ArgumentError(
+                f"mixed lora einsum {subscripts!r}: x's first index must be the batch row (kept in the "
+                "output, not in the weight) and every axis must be named"
+            )
         w_in, w_out = ws[:n_in], ws[n_in:]
         if any(c not in xs or c in out for c in w_in) or any(c in xs or c not in out for c in w_out):
-            raise ArgumentError(f"mixed lora einsum {subscripts!r}: the kernel's input axes {w_in!r} must be "
-                                f"contracted with x and its output axes {w_out!r} kept")
+            raise ArgumentError(
+                f"mixed lora einsum {subscripts!r}: the kernel's input axes {w_in!r} must be "
+                f"contracted with x and its output axes {w_out!r} kept"
+            )
         y = ops.einsum(subscripts, x, self.base, precision=precision)
         a, b, scale = self._rows(x.shape[0], y.dtype)
         rank = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in subscripts)
@@ -489,7 +523,7 @@ class MultiLoraWeight(core.WrappedKernel):
         if ids.ndim != 1 or ids.shape[0] != tokens.shape[0]:
             raise ArgumentError(f"mixed-adapter batch: {ids.shape} adapter ids for token ids of shape {tokens.shape}")
         k = jnp.clip(ids, 0, st.slots - 1).reshape(-1, *([1] * (tokens.ndim - 1)))
-        h = st.a[k, tokens].astype(y.dtype)                                     # (B, ..., R)
+        h = st.a[k, tokens].astype(y.dtype)  # (B, ..., R)
         h = jnp.einsum("b...r,brd->b...d", h, st.b[k.reshape(-1)].astype(y.dtype))
         scale = jnp.where(ids >= 0, st.scale[k.reshape(-1)], 0.0).astype(y.dtype)
         return y + h * scale.reshape(-1, *([1] * (h.ndim - 1)))
@@ -512,8 +546,10 @@ def wrap_mixed(params: PyTree, stacked: PyTree, ids: Array) -> PyTree:
         if not hasattr(leaf, "shape") or core.is_lora_weight(leaf) or isinstance(leaf, MultiLoraWeight):
             raise ArgumentError(f"wrap_mixed: {key} holds a {type(leaf).__name__}; pass the plain base params")
         if tuple(leaf.shape) != st.kernel_shape:
-            raise ArgumentError(f"wrap_mixed: stacked adapters for {key} expect a kernel of shape {st.kernel_shape}, "
-                                f"the params have {tuple(leaf.shape)}")
+            raise ArgumentError(
+                f"wrap_mixed: stacked adapters for {key} expect a kernel of shape {st.kernel_shape}, "
+                f"the params have {tuple(leaf.shape)}"
+            )
         used.add(key)
         return MultiLoraWeight(leaf, st, ids)
 
@@ -524,8 +560,17 @@ def wrap_mixed(params: PyTree, stacked: PyTree, ids: Array) -> PyTree:
     return out
 
 
-
 stacking.register_node(MultiLoraWeight, stacking.refusing("a mixed-adapter batch (lora.wrap_mixed)"))
 
-__all__ = ["COMBINATIONS", "AdapterSet", "MultiLoraWeight", "StackedAdapter", "is_stacked", "load_slot", "row_ids",
-           "stack_adapters", "weighted_adapter", "wrap_mixed"]
+__all__ = [
+    "COMBINATIONS",
+    "AdapterSet",
+    "MultiLoraWeight",
+    "StackedAdapter",
+    "is_stacked",
+    "load_slot",
+    "row_ids",
+    "stack_adapters",
+    "weighted_adapter",
+    "wrap_mixed",
+]

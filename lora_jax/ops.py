@@ -131,9 +131,11 @@ def dot(x: Array, w: Array | LoraWeight, axes: int = 1, *, precision=None) -> Ar
     if not isinstance(w, LoraWeight):
         return _tensordot(x, w, axes, precision)
     ad = w.adapter
-    if len(ad.in_shape) != axes or tuple(x.shape[x.ndim - axes:]) != ad.in_shape:
-        raise ArgumentError(f"lora dot: input of shape {tuple(x.shape)} contracting {axes} axes does not fit an "
-                            f"adapter whose kernel inputs are {ad.in_shape} (kernel {ad.kernel_shape})")
+    if len(ad.in_shape) != axes or tuple(x.shape[x.ndim - axes :]) != ad.in_shape:
+        raise ArgumentError(
+            f"lora dot: input of shape {tuple(x.shape)} contracting {axes} axes does not fit an "
+            f"adapter whose kernel inputs are {ad.in_shape} (kernel {ad.kernel_shape})"
+        )
     y = _tensordot(x, w.base, axes, precision)
     batch = x.shape[: x.ndim - axes]
     xd = adapter_dropout(x, w)
@@ -152,8 +154,9 @@ def dot(x: Array, w: Array | LoraWeight, axes: int = 1, *, precision=None) -> Ar
     return f * (y + h)
 
 
-def ragged_dot(x: Array, w: Array | LoraWeight, group_sizes: Array, *, precision=None,
-               preferred_element_type=None) -> Array:
+def ragged_dot(
+    x: Array, w: Array | LoraWeight, group_sizes: Array, *, precision=None, preferred_element_type=None
+) -> Array:
     """The grouped product of a mixture of experts: each row of ``x`` times the kernel of its group.
 
     Shapes: ``x (m, d_in)`` with its rows sorted by group (group ``g`` holds rows
@@ -176,24 +179,29 @@ def ragged_dot(x: Array, w: Array | LoraWeight, group_sizes: Array, *, precision
         return w.lora_ragged_dot(x, group_sizes, precision=precision, preferred_element_type=preferred_element_type)
 
     def product(x, w, group_sizes):
-        return jax.lax.ragged_dot(x, w, group_sizes, precision=precision,
-                                  preferred_element_type=preferred_element_type)
+        return jax.lax.ragged_dot(x, w, group_sizes, precision=precision, preferred_element_type=preferred_element_type)
 
     base = w.base if isinstance(w, LoraWeight) else w
     if x.ndim != 2 or len(base.shape) != 3 or x.shape[1] != base.shape[1] or group_sizes.shape != base.shape[:1]:
-        raise ArgumentError(f"lora ragged_dot: expected x (m, d_in), w (E, d_in, d_out) and group_sizes (E,), got x "
-                            f"{tuple(x.shape)}, w {tuple(base.shape)}, group_sizes {tuple(group_sizes.shape)}")
+        raise ArgumentError(
+            f"lora ragged_dot: expected x (m, d_in), w (E, d_in, d_out) and group_sizes (E,), got x "
+            f"{tuple(x.shape)}, w {tuple(base.shape)}, group_sizes {tuple(group_sizes.shape)}"
+        )
     if not isinstance(w, LoraWeight):
         return with_base(product, x, w, group_sizes)
     ad = w.adapter
     if ad.is_dora:
-        raise UnsupportedError("lora ragged_dot: DoRA adapters on expert kernels are not supported (a DoRA "
-                               "magnitude per expert output is not implemented; PEFT refuses it there too)")
+        raise UnsupportedError(
+            "lora ragged_dot: DoRA adapters on expert kernels are not supported (a DoRA "
+            "magnitude per expert output is not implemented; PEFT refuses it there too)"
+        )
     n_exp, d_in, d_out = base.shape
     if ad.stack_shape != (n_exp,) or ad.a.shape[1] != d_in or ad.b.shape[2] != d_out:
-        raise ArgumentError(f"lora ragged_dot: the adapter (a {tuple(ad.a.shape)}, b {tuple(ad.b.shape)}) is not one "
-                            f"adapter per expert of the ({n_exp}, {d_in}, {d_out}) expert stack; expected a "
-                            f"({n_exp}, {d_in}, r) and b ({n_exp}, r, {d_out}) (lora.init on a routed-expert kernel)")
+        raise ArgumentError(
+            f"lora ragged_dot: the adapter (a {tuple(ad.a.shape)}, b {tuple(ad.b.shape)}) is not one "
+            f"adapter per expert of the ({n_exp}, {d_in}, {d_out}) expert stack; expected a "
+            f"({n_exp}, {d_in}, r) and b ({n_exp}, r, {d_out}) (lora.init on a routed-expert kernel)"
+        )
     y = with_base(product, x, base, group_sizes)
     h = product(adapter_dropout(x, w), ad.a.astype(x.dtype), group_sizes)
     h = product(h, ad.b.astype(h.dtype), group_sizes)
@@ -213,8 +221,9 @@ def parse_subscripts(subscripts: str) -> tuple[str, str, str]:
         inputs, out = subscripts.replace(" ", "").split("->")
         xs, ws = inputs.split(",")
     except ValueError:
-        raise ArgumentError(f"lora einsum needs explicit 'x,w->out' subscripts with two operands, got "
-                            f"{subscripts!r}") from None
+        raise ArgumentError(
+            f"lora einsum needs explicit 'x,w->out' subscripts with two operands, got {subscripts!r}"
+        ) from None
     return xs, ws, out
 
 
@@ -236,8 +245,11 @@ def einsum(subscripts: str, x: Array, w: Array | LoraWeight, *, precision=None) 
         raise ArgumentError(f"lora einsum: weight subscripts {ws!r} must name each of its {w.ndim} axes explicitly")
     w_in, w_out = ws[:n_in], ws[n_in:]
     if any(c not in xs or c in out for c in w_in) or any(c in xs or c not in out for c in w_out):
-        raise ArgumentError(f"lora einsum {subscripts!r}: the adapter's input axes {w_in!r} (kernel {ad.kernel_shape}) "
-                            f"must be contracted with x and its output axes {w_out!r} must be kept")
+        raise ArgumentError(
+            f"lora einsum {subscripts!r}: the adapter's input axes {w_in!r} (kernel {ad.kernel_shape}) "
+            f"must be contracted with x and its output axes {w_out!r} must be kept"
+        )
+
     def base_product(x, w):
         return jnp.einsum(subscripts, x, w, precision=precision)
 

@@ -27,13 +27,22 @@ def _label_adapters(tree: PyTree, a_label: str, b_label: str, other: str) -> PyT
 
     def label(node):
         if is_adapter(node):  # a DoRA magnitude goes with B, as in PEFT's LoRA+ (1-D parameters join B's group)
-            return LoraAdapter(a_label, b_label, alpha=node.alpha, scale=node.scale, in_shape=node.in_shape,
-                               out_shape=node.out_shape, dropout=node.dropout,
-                               magnitude=None if node.magnitude is None else b_label)
+            return LoraAdapter(
+                a_label,
+                b_label,
+                alpha=node.alpha,
+                scale=node.scale,
+                in_shape=node.in_shape,
+                out_shape=node.out_shape,
+                dropout=node.dropout,
+                magnitude=None if node.magnitude is None else b_label,
+            )
         if is_lora_weight(node):  # the base may be a pytree node itself (a quantised kernel)
-            return LoraWeight(jax.tree_util.tree_map(lambda _: "frozen", node.base),
-                              _label_adapters(node.adapter, a_label, b_label, other),
-                              None if node.key is None else "frozen")
+            return LoraWeight(
+                jax.tree_util.tree_map(lambda _: "frozen", node.base),
+                _label_adapters(node.adapter, a_label, b_label, other),
+                None if node.key is None else "frozen",
+            )
         return other
 
     return jax.tree_util.tree_map(label, tree, is_leaf=lambda x: is_adapter(x) or is_lora_weight(x))
@@ -63,8 +72,12 @@ def masked(tx: optax.GradientTransformation, tree_or_labels: PyTree | Callable) 
     return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def lora_plus(make_tx: Callable[[Any], optax.GradientTransformation], learning_rate: Any, ratio: float = 16.0,
-              other_learning_rate: Any = None) -> optax.GradientTransformation:
+def lora_plus(
+    make_tx: Callable[[Any], optax.GradientTransformation],
+    learning_rate: Any,
+    ratio: float = 16.0,
+    other_learning_rate: Any = None,
+) -> optax.GradientTransformation:
     """LoRA+ (Hayou et al. 2024): B learns ``ratio`` times faster than A.
 
     Args:

@@ -69,8 +69,10 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 # The key suffixes of a LoRA module in PEFT's state dict (the adapter name is removed when PEFT saves).
-_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
-                       r"lora_magnitude_vector(?:\.weight)?)")
+_LORA_KEY = re.compile(
+    r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector(?:\.weight)?)"
+)
 # Settings that change what the saved tensors mean in ways this loader does not implement.
 _UNSUPPORTED = {
     "lora_bias": "a bias on lora_B (lora_bias=True)",
@@ -85,8 +87,6 @@ _UNSUPPORTED = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
-
-
 def _has_dora() -> bool:
     return "magnitude" in {f.name for f in dataclasses.fields(core.LoraAdapter)}
 
@@ -94,7 +94,8 @@ def _has_dora() -> bool:
 def _dora_missing(what: str) -> NotImplementedError:
     return NotImplementedError(
         f"{what} uses DoRA (lora_magnitude_vector / use_dora=True), and this lora_jax has no DoRA support: "
-        "lora_jax.core.LoraAdapter has no 'magnitude' field")
+        "lora_jax.core.LoraAdapter has no 'magnitude' field"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- naming
@@ -209,15 +210,17 @@ def _resolve(folder_or_hub_id: str | os.PathLike, revision: str | None) -> Path:
     import huggingface_hub
 
     try:
-        return Path(huggingface_hub.snapshot_download(name, revision=revision,
-                                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        return Path(
+            huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+        )
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         raise MissingFileError(
             f"could not fetch the adapter {name!r} from the Hugging Face hub"
             f"{' (HF_HUB_OFFLINE is set and it is not in the local cache)' if offline else ''}: "
             f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].rstrip('.')}. Pass a local folder with "
-            f"{CONFIG_NAME} and {WEIGHTS_NAME} instead.") from None
+            f"{CONFIG_NAME} and {WEIGHTS_NAME} instead."
+        ) from None
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -241,8 +244,12 @@ def read_config(folder: str | os.PathLike) -> dict:
     _check_numbers_and_patterns(cfg, file)
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        logger.warning("%s: init_lora_weights=%r rewrites the base weights in PEFT; unless the adapter was converted "
-                       "when saved, it only fits that modified base", file, init)
+        logger.warning(
+            "%s: init_lora_weights=%r rewrites the base weights in PEFT; unless the adapter was converted "
+            "when saved, it only fits that modified base",
+            file,
+            init,
+        )
     return cfg
 
 
@@ -252,13 +259,19 @@ def _check_numbers_and_patterns(cfg: dict, file: Path) -> None:
     backreferences or lookaround, so no pattern can take exponential time on a module name)."""
 
     def number(value, field, integer=False, low=0.0, low_ok=False, high=None):
-        ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and \
-            math.isfinite(value) and (value >= low if low_ok else value > low) and (high is None or value < high)
+        ok = (
+            not isinstance(value, bool)
+            and isinstance(value, int if integer else (int, float))
+            and math.isfinite(value)
+            and (value >= low if low_ok else value > low)
+            and (high is None or value < high)
+        )
         if not ok:
             kind = "an integer" if integer else "a finite number"
             bound = f">= {low:g}" if low_ok else f"> {low:g}"
-            raise PeftError(f"{file}: {field} must be {kind} {bound}{f' and < {high:g}' if high else ''}, got "
-                            f"{value!r:.60}")
+            raise PeftError(
+                f"{file}: {field} must be {kind} {bound}{f' and < {high:g}' if high else ''}, got {value!r:.60}"
+            )
 
     number(cfg.get("r"), "r", integer=True)
     number(cfg.get("lora_alpha"), "lora_alpha")
@@ -271,8 +284,9 @@ def _check_numbers_and_patterns(cfg: dict, file: Path) -> None:
         if patterns is None:
             continue
         if not isinstance(patterns, dict):
-            raise PeftError(f"{file}: {field} must be a mapping of module patterns to numbers, got "
-                            f"{type(patterns).__name__}")
+            raise PeftError(
+                f"{file}: {field} must be a mapping of module patterns to numbers, got {type(patterns).__name__}"
+            )
         for key, value in patterns.items():
             _suffix_pattern(key, f"{file}: {field} key")
             number(value, f"{field}[{key!r:.60}]", integer=integer)
@@ -299,8 +313,11 @@ def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any)
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
     file = folder / WEIGHTS_NAME
     if not file.is_file():
-        hint = f" It has {PICKLE_NAME}: only safetensors is read here (re-save the adapter with " \
-               "safe_serialization=True)." if (folder / PICKLE_NAME).is_file() else ""
+        hint = (
+            f" It has {PICKLE_NAME}: only safetensors is read here (re-save the adapter with safe_serialization=True)."
+            if (folder / PICKLE_NAME).is_file()
+            else ""
+        )
         raise PeftError(f"{folder}: no {WEIGHTS_NAME}.{hint}")
     from safetensors import SafetensorError, safe_open
 
@@ -318,13 +335,15 @@ def _index(params: PyTree, names: Naming) -> dict[str, tuple[tuple[str, ...], An
     aliases: dict[str, tuple[tuple[str, ...], Any]] = {}
     for path, leaf in _paths(params):
         if core.is_lora_weight(leaf) or core.is_adapter(leaf):
-            raise PeftError(f"load_peft: params hold a {type(leaf).__name__} at {'/'.join(path)}; pass the plain "
-                            "base params (not wrapped or merged)")
+            raise PeftError(
+                f"load_peft: params hold a {type(leaf).__name__} at {'/'.join(path)}; pass the plain "
+                "base params (not wrapped or merged)"
+            )
         name = names.tensor_name(path)
         index[name] = (path, leaf)
         for backbone in names.backbones:
             prefix = backbone + "."
-            alias = name[len(prefix):] if name.startswith(prefix) else prefix + name
+            alias = name[len(prefix) :] if name.startswith(prefix) else prefix + name
             aliases.setdefault(alias, (path, leaf))
     return {**aliases, **index}
 
@@ -333,8 +352,17 @@ def _index(params: PyTree, names: Naming) -> dict[str, tuple[tuple[str, ...], An
 # PEFT wraps each targeted nn.Parameter in a lora.ParamWrapper; several parameters of one module nest, the one
 # registered first innermost. transformers' expert modules register gate_up_proj (or gate_proj, up_proj) before
 # down_proj (biases after their weight), the order of the forward pass; other names follow, alphabetically.
-_PARAM_ORDER = ("gate_up_proj", "gate_up_proj_bias", "gate_proj", "up_proj", "w1", "w3", "down_proj",
-                "down_proj_bias", "w2")
+_PARAM_ORDER = (
+    "gate_up_proj",
+    "gate_up_proj_bias",
+    "gate_proj",
+    "up_proj",
+    "w1",
+    "w3",
+    "down_proj",
+    "down_proj_bias",
+    "w2",
+)
 
 
 def _registration_order(params: list[str]) -> list[str]:
@@ -352,14 +380,21 @@ def _parameter_target(module: str, parts: Mapping, targets: list[str], index: Ma
     has no targeted parameter (an ordinary ``target_modules`` LoRA)."""
     m = re.fullmatch(r"(?P<module>.+?)(?P<nest>(\.base_layer)*)", module)
     base, depth = m["module"], m["nest"].count(".base_layer")
-    wrapped = _registration_order([n[len(base) + 1:] for n in index if n.startswith(base + ".")
-                                   and "." not in n[len(base) + 1:] and _targets_parameter(n, targets)])
+    wrapped = _registration_order(
+        [
+            n[len(base) + 1 :]
+            for n in index
+            if n.startswith(base + ".") and "." not in n[len(base) + 1 :] and _targets_parameter(n, targets)
+        ]
+    )
     if not wrapped:
         return None
     if depth >= len(wrapped):
         key = next(iter(parts.values()))[0]
-        raise PeftError(f"{source}: tensor {key!r} is nested {depth} wrapper(s) deep in {base!r}, whose targeted "
-                        f"parameters are only {wrapped} (target_parameters)")
+        raise PeftError(
+            f"{source}: tensor {key!r} is nested {depth} wrapper(s) deep in {base!r}, whose targeted "
+            f"parameters are only {wrapped} (target_parameters)"
+        )
     param = wrapped[len(wrapped) - 1 - depth]  # the parameter registered last wraps outermost
     name = f"{base}.{param}"
     return param, name, *index[name]
@@ -373,23 +408,37 @@ def _load_parameter_adapter(wrapper, parts: Mapping, cfg: Mapping, use_rslora: b
         if k not in parts:
             raise PeftError(f"{source}: {next(iter(parts.values()))[0]!r} has no matching lora {k} for {name}")
     if set(parts) - {"lora_A.weight", "lora_B.weight"}:
-        raise PeftError(f"{source}: {name} (target_parameters) has tensors {sorted(parts)}; PEFT's ParamWrapper has "
-                        "only lora_A / lora_B")
+        raise PeftError(
+            f"{source}: {name} (target_parameters) has tensors {sorted(parts)}; PEFT's ParamWrapper has "
+            "only lora_A / lora_B"
+        )
     (a_key, a), (b_key, b) = parts["lora_A.weight"], parts["lora_B.weight"]
     if leaf.ndim not in (2, 3):
-        raise PeftError(f"{source}: {a_key!r} targets {'/'.join(path)} of shape {tuple(leaf.shape)}; PEFT adapts 2-D "
-                        "and 3-D parameters")
-    n_exp, d_in, d_out = (leaf.shape if leaf.ndim == 3 else (1, *leaf.shape))
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1] \
-            or a.shape[0] % n_exp:
-        raise PeftError(f"{source}: tensors {a_key!r} {tuple(a.shape)} / {b_key!r} {tuple(b.shape)} do not fit "
-                        f"{'/'.join(path)} of shape {tuple(leaf.shape)}: expected (r*{n_exp}, {d_in}) / "
-                        f"({d_out}, r*{n_exp})")
+        raise PeftError(
+            f"{source}: {a_key!r} targets {'/'.join(path)} of shape {tuple(leaf.shape)}; PEFT adapts 2-D "
+            "and 3-D parameters"
+        )
+    n_exp, d_in, d_out = leaf.shape if leaf.ndim == 3 else (1, *leaf.shape)
+    if (
+        a.ndim != 2
+        or b.ndim != 2
+        or a.shape[1] != d_in
+        or b.shape[0] != d_out
+        or a.shape[0] != b.shape[1]
+        or a.shape[0] % n_exp
+    ):
+        raise PeftError(
+            f"{source}: tensors {a_key!r} {tuple(a.shape)} / {b_key!r} {tuple(b.shape)} do not fit "
+            f"{'/'.join(path)} of shape {tuple(leaf.shape)}: expected (r*{n_exp}, {d_in}) / "
+            f"({d_out}, r*{n_exp})"
+        )
     r = a.shape[0] // n_exp
     want_r = pattern_value(cfg.get("rank_pattern"), name, cfg["r"])
     if int(want_r) != r:
-        raise PeftError(f"{source}: tensor {a_key!r} has rank {r} per expert, but {CONFIG_NAME} gives {name} rank "
-                        f"{want_r} (r / rank_pattern)")
+        raise PeftError(
+            f"{source}: tensor {a_key!r} has rank {r} per expert, but {CONFIG_NAME} gives {name} rank "
+            f"{want_r} (r / rank_pattern)"
+        )
     alpha = float(pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
     scale = alpha / (math.sqrt(r) if use_rslora else r)
     if leaf.ndim == 3:
@@ -404,8 +453,10 @@ def _restack(tree_: PyTree, like: PyTree, source: Any) -> PyTree:
     try:
         return stacking.stack(tree_, like=like)
     except ValueError as e:  # ArgumentError from stacking.stack
-        raise PeftError(f"{source}: the adapter does not cover every layer of the scanned model's stack the same way "
-                        f"({e}); load the model with unrolled layers (scan_layers=False) to use it") from e
+        raise PeftError(
+            f"{source}: the adapter does not cover every layer of the scanned model's stack the same way "
+            f"({e}); load the model with unrolled layers (scan_layers=False) to use it"
+        ) from e
 
 
 def _close(name: str, candidates: list[str], n: int = 3) -> list[str]:
@@ -413,8 +464,14 @@ def _close(name: str, candidates: list[str], n: int = 3) -> list[str]:
     return [c for c in candidates if c.split(".")[-2:] == tail][:n] or candidates[:n]
 
 
-def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: Any = None, dtype=jnp.float32,
-              revision: str | None = None) -> LoadedPeft:
+def load_peft(
+    folder_or_hub_id: str | os.PathLike,
+    params: PyTree,
+    *,
+    config: Any = None,
+    dtype=jnp.float32,
+    revision: str | None = None,
+) -> LoadedPeft:
     """Read a PEFT LoRA adapter onto this project's parameters.
 
     Args:
@@ -438,10 +495,14 @@ def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: An
       NotImplementedError: PEFT features that change the forward pass and are not implemented (named).
     """
     if stacking.is_stacked(params):  # a scanned model: PEFT files name layers; read per layer, then stack
-        loaded = load_peft(folder_or_hub_id, stacking.unstack(params), config=stacking.unrolled(config), dtype=dtype,
-                           revision=revision)
-        return LoadedPeft(_restack(loaded.adapters, params, folder_or_hub_id),
-                          _restack(loaded.trained, params, folder_or_hub_id), loaded.config)
+        loaded = load_peft(
+            folder_or_hub_id, stacking.unstack(params), config=stacking.unrolled(config), dtype=dtype, revision=revision
+        )
+        return LoadedPeft(
+            _restack(loaded.adapters, params, folder_or_hub_id),
+            _restack(loaded.trained, params, folder_or_hub_id),
+            loaded.config,
+        )
     folder = _resolve(folder_or_hub_id, revision)
     cfg = read_config(folder)
     tensors = _read_tensors(folder)
@@ -456,7 +517,7 @@ def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: An
         check_array(x, key, source, error=PeftError)  # a float tensor with finite values (shapes: below, per use)
         if not key.startswith(PREFIX):
             raise PeftError(f"{source}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT LoRA state dict")
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX) :]
         m = _LORA_KEY.fullmatch(name)
         if m:
             kind = m["kind"].removesuffix(".weight") if m["kind"].startswith("lora_magnitude") else m["kind"]
@@ -467,13 +528,17 @@ def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: An
         # PEFT saves the full table of an adapted embedding as "<module>.base_layer.weight" (save_embedding_layers)
         name = name.replace(".base_layer.", ".")
         if name not in index:
-            raise PeftError(f"{source}: tensor {key!r} (a module trained in full, modules_to_save) has no parameter "
-                            f"in these params; close names: {_close(name, known)}")
+            raise PeftError(
+                f"{source}: tensor {key!r} (a module trained in full, modules_to_save) has no parameter "
+                f"in these params; close names: {_close(name, known)}"
+            )
         path, leaf = index[name]
         value = names.from_hf(path, np.asarray(x))
         if tuple(value.shape) != tuple(leaf.shape):
-            raise PeftError(f"{source}: tensor {key!r} has shape {tuple(x.shape)}, but {'/'.join(path)} has shape "
-                            f"{tuple(leaf.shape)}{' (stored transposed)' if names.transposed(path) else ''}")
+            raise PeftError(
+                f"{source}: tensor {key!r} has shape {tuple(x.shape)}, but {'/'.join(path)} has shape "
+                f"{tuple(leaf.shape)}{' (stored transposed)' if names.transposed(path) else ''}"
+            )
         full[path] = jnp.asarray(value, leaf.dtype)
 
     use_rslora = bool(cfg.get("use_rslora", False))
@@ -496,31 +561,48 @@ def load_peft(folder_or_hub_id: str | os.PathLike, params: PyTree, *, config: An
         (a_key, a), (b_key, b) = parts[a_kind], parts[b_kind]
         target = f"{module}.weight"
         if target not in index:
-            raise PeftError(f"{source}: tensor {a_key!r} targets module {module!r}, which has no kernel in these "
-                            f"params; close names: {_close(target, known)}")
+            raise PeftError(
+                f"{source}: tensor {a_key!r} targets module {module!r}, which has no kernel in these "
+                f"params; close names: {_close(target, known)}"
+            )
         path, leaf = index[target]
         if leaf.ndim != 2:
-            raise PeftError(f"{source}: {a_key!r} targets {'/'.join(path)} of shape {tuple(leaf.shape)}; PEFT LoRA "
-                            "layers here are 2-D")
+            raise PeftError(
+                f"{source}: {a_key!r} targets {'/'.join(path)} of shape {tuple(leaf.shape)}; PEFT LoRA "
+                "layers here are 2-D"
+            )
         if embedding != (path[-1] == "embedding"):
-            raise PeftError(f"{source}: {a_key!r} is a {'n embedding' if embedding else ' linear'} LoRA tensor but "
-                            f"{'/'.join(path)} is {'not ' if embedding else ''}an embedding table")
+            raise PeftError(
+                f"{source}: {a_key!r} is a {'n embedding' if embedding else ' linear'} LoRA tensor but "
+                f"{'/'.join(path)} is {'not ' if embedding else ''}an embedding table"
+            )
         d_in, d_out = leaf.shape
         r = a.shape[0]
         want_a, want_b = ((r, d_in), (d_out, r))
         for key, x, want in ((a_key, a, want_a), (b_key, b, want_b)):
             if x.ndim != 2 or tuple(x.shape) != want:
-                raise PeftError(f"{source}: tensor {key!r} has shape {tuple(x.shape)}, expected {want} for "
-                                f"{'/'.join(path)} of shape {tuple(leaf.shape)} (our kernel layout: in, out) at "
-                                f"rank {r}")
+                raise PeftError(
+                    f"{source}: tensor {key!r} has shape {tuple(x.shape)}, expected {want} for "
+                    f"{'/'.join(path)} of shape {tuple(leaf.shape)} (our kernel layout: in, out) at "
+                    f"rank {r}"
+                )
         want_r = pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
         if int(want_r) != r:
-            raise PeftError(f"{source}: tensor {a_key!r} has rank {r}, but {CONFIG_NAME} gives {module} rank "
-                            f"{want_r} (r / rank_pattern)")
+            raise PeftError(
+                f"{source}: tensor {a_key!r} has rank {r}, but {CONFIG_NAME} gives {module} rank "
+                f"{want_r} (r / rank_pattern)"
+            )
         alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
         scale = alpha / (math.sqrt(r) if use_rslora else r)
-        fields = dict(a=jnp.asarray(a.T, dtype), b=jnp.asarray(b.T, dtype), alpha=alpha, scale=scale,
-                      in_shape=(d_in,), out_shape=(d_out,), dropout=float(cfg.get("lora_dropout", 0.0) or 0.0))
+        fields = dict(
+            a=jnp.asarray(a.T, dtype),
+            b=jnp.asarray(b.T, dtype),
+            alpha=alpha,
+            scale=scale,
+            in_shape=(d_in,),
+            out_shape=(d_out,),
+            dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+        )
         if "lora_magnitude_vector" in parts:
             m_key, mag = parts["lora_magnitude_vector"]
             if not _has_dora():
@@ -591,9 +673,17 @@ def target_modules(adapted: set[str], universe: set[str] | None) -> list[str]:
     return sorted(chosen)
 
 
-def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-              config: Any = None, modules_to_save: Mapping | None = None, task_type: str | None = None,
-              revision: str | None = None, dtype=None) -> Path:
+def save_peft(
+    adapters: PyTree,
+    folder: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    config: Any = None,
+    modules_to_save: Mapping | None = None,
+    task_type: str | None = None,
+    revision: str | None = None,
+    dtype=None,
+) -> Path:
     """Write ``adapters`` as a PEFT LoRA adapter folder that ``peft.PeftModel.from_pretrained`` loads.
 
     Args:
@@ -635,8 +725,10 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
         by_module.setdefault(names.module_name(path), []).append(path[-1])
     for path, ad in experts:  # expert stacks: PEFT's target_parameters (nested ParamWrappers)
         if len(ad.stack_shape) != 1 or len(ad.out_shape) != 1 or ad.is_dora or ad.dropout:
-            raise PeftError(f"save_peft: {'/'.join(path)} is a stacked adapter {ad!r}; PEFT's target_parameters "
-                            "takes one expert axis, no DoRA and no dropout")
+            raise PeftError(
+                f"save_peft: {'/'.join(path)} is a stacked adapter {ad!r}; PEFT's target_parameters "
+                "takes one expert axis, no DoRA and no dropout"
+            )
         module = names.module_name(path)
         order = _registration_order(by_module[module])
         depth = len(order) - 1 - order.index(path[-1])
@@ -646,13 +738,16 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
         params_adapted[name] = path
         key = PREFIX + module + ".base_layer" * depth
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = map(
-            array, expert_factors_to_peft(np.asarray(ad.a), np.asarray(ad.b)))
+            array, expert_factors_to_peft(np.asarray(ad.a), np.asarray(ad.b))
+        )
     for path, ad in items:
         if ad.stack_shape:
             continue
         if len(ad.in_shape) != 1 or len(ad.out_shape) != 1:
-            raise PeftError(f"save_peft: {'/'.join(path)} adapts a kernel of shape {ad.kernel_shape}; PEFT LoRA "
-                            "layers are 2-D (in, out)")
+            raise PeftError(
+                f"save_peft: {'/'.join(path)} adapts a kernel of shape {ad.kernel_shape}; PEFT LoRA "
+                "layers are 2-D (in, out)"
+            )
         module = names.module_name(path)
         modules[path] = module
         ranks[module] = ad.r
@@ -668,8 +763,10 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
             tensors[f"{key}.lora_magnitude_vector"] = array(magnitude)
             dora.append(module)
     if dora and len(dora) != len(items):
-        raise PeftError(f"save_peft: PEFT's use_dora is one switch for the whole adapter, but only {len(dora)} of "
-                        f"{len(items)} modules have a DoRA magnitude")
+        raise PeftError(
+            f"save_peft: PEFT's use_dora is one switch for the whole adapter, but only {len(dora)} of "
+            f"{len(items)} modules have a DoRA magnitude"
+        )
 
     # One rsLoRA switch for all modules: on when every scale is alpha / sqrt(r) and some are not alpha / r.
     rs = [_close_to(ad.scale, ad.alpha / math.sqrt(ad.r)) for _, ad in items]
@@ -684,8 +781,9 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
     saved_modules: list[str] = []
     for path, leaf in _paths(modules_to_save or {}):
         if not hasattr(leaf, "shape"):
-            raise ArgumentTypeError(f"save_peft: modules_to_save leaf {'/'.join(path)} is a {type(leaf).__name__}, "
-                                    "expected an array")
+            raise ArgumentTypeError(
+                f"save_peft: modules_to_save leaf {'/'.join(path)} is a {type(leaf).__name__}, expected an array"
+            )
         tensors[PREFIX + names.tensor_name(path)] = array(names.to_hf(path, np.asarray(leaf)))
         module = names.module_name(path)
         if module in ranks or any(p.startswith(module + ".") for p in params_adapted):
@@ -707,9 +805,11 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
         "r": r,
         "lora_alpha": alpha,
         "target_modules": target_modules(set(ranks) - set(params_adapted), _module_universe(names, config, task))
-        if len(ranks) > len(params_adapted) else None,
+        if len(ranks) > len(params_adapted)
+        else None,
         "target_parameters": target_modules(set(params_adapted), _parameter_universe(names, config, task))
-        if params_adapted else None,
+        if params_adapted
+        else None,
         "exclude_modules": None,
         "lora_dropout": _most_common(dropouts),
         "fan_in_fan_out": fan_in_fan_out,
@@ -727,13 +827,18 @@ def save_peft(adapters: PyTree, folder: str | os.PathLike, *, base_model_name_or
     for key, x in tensors.items():  # nothing is written when one is non-finite: such a file gives NaN outputs
         bad = nonfinite_summary(x)
         if bad is not None:
-            raise PeftError(f"save_peft: tensor {key!r} holds {bad}; refusing to write a PEFT adapter with "
-                            "non-finite weights (nothing was written)")
-    for field, value in (("lora_alpha", peft_config.get("lora_alpha")),
-                         *((f"alpha_pattern[{k!r}]", v) for k, v in (peft_config.get("alpha_pattern") or {}).items())):
+            raise PeftError(
+                f"save_peft: tensor {key!r} holds {bad}; refusing to write a PEFT adapter with "
+                "non-finite weights (nothing was written)"
+            )
+    for field, value in (
+        ("lora_alpha", peft_config.get("lora_alpha")),
+        *((f"alpha_pattern[{k!r}]", v) for k, v in (peft_config.get("alpha_pattern") or {}).items()),
+    ):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise PeftError(f"save_peft: {field} is {value!r}; refusing to write a non-finite alpha (nothing was "
-                            "written)")
+            raise PeftError(
+                f"save_peft: {field} is {value!r}; refusing to write a non-finite alpha (nothing was written)"
+            )
     from safetensors.numpy import save_file
 
     folder = Path(folder)
@@ -759,8 +864,10 @@ def expert_factors_from_peft(lora_a: np.ndarray, lora_b: np.ndarray, num_experts
     per-expert factors ``a (E, in, r)``, ``b (E, r, out)`` (``delta[e] = scale * a[e] @ b[e]``, ``(in, out)``)."""
     lora_a, lora_b = np.asarray(lora_a), np.asarray(lora_b)
     if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1] or lora_a.shape[0] % num_experts:
-        raise PeftError(f"expert LoRA tensors lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} are not "
-                        f"(r*E, in) / (out, r*E) with E = {num_experts}")
+        raise PeftError(
+            f"expert LoRA tensors lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} are not "
+            f"(r*E, in) / (out, r*E) with E = {num_experts}"
+        )
     r = lora_a.shape[0] // num_experts
     a = lora_a.reshape(num_experts, r, -1).transpose(0, 2, 1)
     b = lora_b.reshape(lora_b.shape[0], r, num_experts).transpose(2, 1, 0)
@@ -779,5 +886,17 @@ def expert_factors_to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np
     return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
 
 
-__all__ = ["LoadedPeft", "Naming", "PeftError", "expert_factors_from_peft", "expert_factors_to_peft", "load_peft",
-           "naming", "pattern_value", "read_config", "save_peft", "target_modules", "with_leaves"]
+__all__ = [
+    "LoadedPeft",
+    "Naming",
+    "PeftError",
+    "expert_factors_from_peft",
+    "expert_factors_to_peft",
+    "load_peft",
+    "naming",
+    "pattern_value",
+    "read_config",
+    "save_peft",
+    "target_modules",
+    "with_leaves",
+]

@@ -49,12 +49,27 @@ Array = jax.Array
 
 # The 16 NF4 values of bitsandbytes (``get_4bit_type("nf4")``): quantiles of N(0, 1) normalised to [-1, 1]
 # with an exact zero. Hard-coded: recomputing them from normal quantiles does not reproduce every entry.
-NF4 = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=np.float32)
+NF4 = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
 
 METHODS = ("nf4", "int8")
 _BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -67,7 +82,9 @@ def _linspace_f32(start: float, stop: float, num: int) -> np.ndarray:
     start32, stop32 = np.float32(start), np.float32(stop)
     step = np.float64((stop32 - start32) / np.float32(num - 1))
     i = np.arange(num, dtype=np.float64)
-    return np.where(i < num // 2, np.float64(start32) + step * i, np.float64(stop32) - step * (num - 1 - i)).astype(np.float32)
+    return np.where(i < num // 2, np.float64(start32) + step * i, np.float64(stop32) - step * (num - 1 - i)).astype(
+        np.float32
+    )
 
 
 def dynamic_map() -> np.ndarray:
@@ -77,7 +94,7 @@ def dynamic_map() -> np.ndarray:
     So small magnitudes get fine steps and large ones coarse steps, with 7 decades of range."""
     values = [0.0, 1.0]
     for e in range(7):
-        bounds = _linspace_f32(0.1, 1.0, 2 ** e + 1)
+        bounds = _linspace_f32(0.1, 1.0, 2**e + 1)
         means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
         scaled = np.float32(10.0 ** (e - 6)) * means  # in float32, as bitsandbytes multiplies
         values += [*scaled.tolist(), *(-scaled).tolist()]
@@ -159,10 +176,15 @@ class QuantizedWeight:
         return dequantize(self, dtype)
 
     def __repr__(self) -> str:
-        fmt = self.method if self.method == "int8" else \
-            f"{self.method}, block {self.block_size}{', double quant' if self.double_quant else ''}"
-        return (f"QuantizedWeight({fmt}, shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
-                f"{self.bits_per_weight:.3f} bits/weight)")
+        fmt = (
+            self.method
+            if self.method == "int8"
+            else f"{self.method}, block {self.block_size}{', double quant' if self.double_quant else ''}"
+        )
+        return (
+            f"QuantizedWeight({fmt}, shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
+            f"{self.bits_per_weight:.3f} bits/weight)"
+        )
 
 
 def is_quantized(x: Any) -> bool:
@@ -205,12 +227,11 @@ def _quantize_nf4(w: Array, block_size: int, absmax_block_size: int) -> dict[str
 
 def _quantize_int8(w: Array, in_ndim: int, stack_ndim: int = 0) -> dict[str, Array]:
     stack = w.shape[:stack_ndim]
-    d_in = math.prod(w.shape[stack_ndim:stack_ndim + in_ndim])
+    d_in = math.prod(w.shape[stack_ndim : stack_ndim + in_ndim])
     x = w.astype(jnp.float32).reshape(math.prod(stack), d_in, -1)
     absmax = jnp.max(jnp.abs(x), axis=1, keepdims=True)
     codes = jnp.round(x * (127.0 / jnp.maximum(absmax, 1e-38)))
-    return {"codes": jnp.clip(codes, -127, 127).astype(jnp.int8).reshape(w.shape),
-            "absmax": absmax.reshape(*stack, -1)}
+    return {"codes": jnp.clip(codes, -127, 127).astype(jnp.int8).reshape(w.shape), "absmax": absmax.reshape(*stack, -1)}
 
 
 def _absmax_f32(q: QuantizedWeight) -> Array:
@@ -250,23 +271,41 @@ def quantize_array(
     if method not in METHODS:
         raise ArgumentError(f"quantize: method must be one of {METHODS}, got {method!r}")
     if not hasattr(w, "shape") or not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ArgumentError(f"quantize: expected a float array, got {type(w).__name__} of dtype "
-                            f"{getattr(w, 'dtype', None)}")
+        raise ArgumentError(
+            f"quantize: expected a float array, got {type(w).__name__} of dtype {getattr(w, 'dtype', None)}"
+        )
     dtype = jnp.dtype(w.dtype if compute_dtype is None else compute_dtype)
     shape = tuple(int(s) for s in w.shape)
     if method == "int8":
         if not 0 <= stack_ndim <= len(shape) - 2 or not 1 <= in_ndim < len(shape) - stack_ndim:
-            raise ArgumentError(f"quantize int8: in_ndim must be in [1, {len(shape) - stack_ndim - 1}] and stack_ndim "
-                                f"in [0, {len(shape) - 2}] for shape {shape}, got {in_ndim} and {stack_ndim}")
-        return QuantizedWeight(**_jit_int8(w, in_ndim, stack_ndim), shape=shape, dtype=dtype, method="int8",
-                               block_size=0, in_ndim=in_ndim, stack_ndim=stack_ndim)
+            raise ArgumentError(
+                f"quantize int8: in_ndim must be in [1, {len(shape) - stack_ndim - 1}] and stack_ndim "
+                f"in [0, {len(shape) - 2}] for shape {shape}, got {in_ndim} and {stack_ndim}"
+            )
+        return QuantizedWeight(
+            **_jit_int8(w, in_ndim, stack_ndim),
+            shape=shape,
+            dtype=dtype,
+            method="int8",
+            block_size=0,
+            in_ndim=in_ndim,
+            stack_ndim=stack_ndim,
+        )
     if block_size not in _BLOCK_SIZES:
         raise ArgumentError(f"quantize nf4: block_size must be one of {_BLOCK_SIZES}, got {block_size}")
     if double_quant and absmax_block_size not in _BLOCK_SIZES:
         raise ArgumentError(f"quantize nf4: absmax_block_size must be one of {_BLOCK_SIZES}, got {absmax_block_size}")
     second = absmax_block_size if double_quant else 0
-    return QuantizedWeight(**_jit_nf4(w, block_size, second), shape=shape, dtype=dtype, method="nf4",
-                           block_size=block_size, absmax_block_size=second, in_ndim=in_ndim, stack_ndim=stack_ndim)
+    return QuantizedWeight(
+        **_jit_nf4(w, block_size, second),
+        shape=shape,
+        dtype=dtype,
+        method="nf4",
+        block_size=block_size,
+        absmax_block_size=second,
+        in_ndim=in_ndim,
+        stack_ndim=stack_ndim,
+    )
 
 
 _jit_nf4 = jax.jit(_quantize_nf4, static_argnums=(1, 2))
@@ -281,13 +320,14 @@ def dequantize(tree: QuantizedWeight | PyTree, dtype: Any = None) -> Array | PyT
     through). Pure jnp: inside ``jit`` it fuses into the computation that uses the kernel.
     """
     if not is_quantized(tree):
-        return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if is_quantized(x) else x, tree,
-                                      is_leaf=is_quantized)
+        return jax.tree_util.tree_map(
+            lambda x: dequantize(x, dtype) if is_quantized(x) else x, tree, is_leaf=is_quantized
+        )
     q = tree
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
     if q.method == "int8":
-        n_stack = math.prod(q.shape[:q.stack_ndim])
-        d_in = math.prod(q.shape[q.stack_ndim:q.stack_ndim + q.in_ndim])
+        n_stack = math.prod(q.shape[: q.stack_ndim])
+        d_in = math.prod(q.shape[q.stack_ndim : q.stack_ndim + q.in_ndim])
         scale = q.absmax.astype(jnp.float32).reshape(n_stack, 1, -1) / 127.0
         w = q.codes.reshape(n_stack, d_in, -1).astype(jnp.float32) * scale
         return w.reshape(q.shape).astype(dtype)
@@ -327,16 +367,29 @@ def quantize(
     Returns:
       ``params`` with the targeted leaves quantised (everything else is the same object).
     """
-    one = quantizer(params, method, block_size=block_size, double_quant=double_quant,
-                    absmax_block_size=absmax_block_size, targets=targets, exclude=exclude,
-                    compute_dtype=compute_dtype, allow_embeddings=allow_embeddings)
-    abstract = [(p, type(leaf).__name__) for p, leaf in _targets.leaf_paths(params)
-                if one.targets(p) and not isinstance(leaf, (jax.Array, np.ndarray))]
+    one = quantizer(
+        params,
+        method,
+        block_size=block_size,
+        double_quant=double_quant,
+        absmax_block_size=absmax_block_size,
+        targets=targets,
+        exclude=exclude,
+        compute_dtype=compute_dtype,
+        allow_embeddings=allow_embeddings,
+    )
+    abstract = [
+        (p, type(leaf).__name__)
+        for p, leaf in _targets.leaf_paths(params)
+        if one.targets(p) and not isinstance(leaf, (jax.Array, np.ndarray))
+    ]
     if abstract:
-        raise ArgumentError(f"quantize: {abstract[0][0]} is a {abstract[0][1]}, not an array with values; quantise "
-                            "concrete parameters")
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: one(_targets.path_str(path), leaf), params,
-                                            is_leaf=_targets.is_weight_node)
+        raise ArgumentError(
+            f"quantize: {abstract[0][0]} is a {abstract[0][1]}, not an array with values; quantise concrete parameters"
+        )
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: one(_targets.path_str(path), leaf), params, is_leaf=_targets.is_weight_node
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,31 +410,50 @@ class Quantizer:
         if _stacking.layer_axes(path):
             raise _stacking.unsupported(f"quantising {path} (QLoRA)")
         n_stack = _targets.default_expert_axes(path, leaf.ndim)
-        return quantize_array(leaf, **self.kwargs, in_ndim=_targets.default_in_axes(path, leaf.ndim - n_stack),
-                              stack_ndim=n_stack)
+        return quantize_array(
+            leaf, **self.kwargs, in_ndim=_targets.default_in_axes(path, leaf.ndim - n_stack), stack_ndim=n_stack
+        )
 
 
-def quantizer(params: PyTree, method: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
-              absmax_block_size: int = 256, targets: str | Sequence[str] | None = "all-linear+experts",
-              exclude: str | Sequence[str] | None = None, compute_dtype: Any = jnp.bfloat16,
-              allow_embeddings: bool = False) -> Quantizer:
+def quantizer(
+    params: PyTree,
+    method: str = "nf4",
+    *,
+    block_size: int = 64,
+    double_quant: bool = True,
+    absmax_block_size: int = 256,
+    targets: str | Sequence[str] | None = "all-linear+experts",
+    exclude: str | Sequence[str] | None = None,
+    compute_dtype: Any = jnp.bfloat16,
+    allow_embeddings: bool = False,
+) -> Quantizer:
     """The per-leaf :class:`Quantizer` of :func:`quantize` (same arguments) for the leaves ``params`` targets;
     ``params`` may be abstract (``jax.ShapeDtypeStruct`` leaves): only its paths and shapes are read. Raises
     as :func:`quantize` does for targets that match nothing or kernels already quantised."""
     selected = _targets.select(params, targets, exclude=exclude, allow_embeddings=allow_embeddings)
     already = [p for p, leaf in selected if is_quantized(leaf)]
     if already:
-        raise ArgumentError(f"quantize: {len(already)} targeted kernel(s) are already quantised, e.g. {already[0]}; "
-                            "dequantize them first or exclude them")
+        raise ArgumentError(
+            f"quantize: {len(already)} targeted kernel(s) are already quantised, e.g. {already[0]}; "
+            "dequantize them first or exclude them"
+        )
     if method not in METHODS:
         raise ArgumentError(f"quantize: method must be one of {METHODS}, got {method!r}")
-    return Quantizer(frozenset(p for p, _ in selected),
-                     dict(method=method, block_size=block_size, double_quant=double_quant,
-                          absmax_block_size=absmax_block_size, compute_dtype=compute_dtype))
+    return Quantizer(
+        frozenset(p for p, _ in selected),
+        dict(
+            method=method,
+            block_size=block_size,
+            double_quant=double_quant,
+            absmax_block_size=absmax_block_size,
+            compute_dtype=compute_dtype,
+        ),
+    )
 
 
-def expected_nbytes(shape: Sequence[int], block_size: int = 64, double_quant: bool = True,
-                    absmax_block_size: int = 256) -> int:
+def expected_nbytes(
+    shape: Sequence[int], block_size: int = 64, double_quant: bool = True, absmax_block_size: int = 256
+) -> int:
     """The bytes an NF4 :class:`QuantizedWeight` of ``shape`` stores: ``n_blocks * block_size / 2`` of codes,
     plus ``4 * n_blocks`` of absmax, or ``n_blocks + 4 * ceil(n_blocks / absmax_block_size) + 4`` with double
     quantisation."""
@@ -413,8 +485,9 @@ class RequantError:
         return self.rms / self.delta_rms if self.delta_rms > 0 else math.inf if self.rms > 0 else 0.0
 
 
-def merge_quantized(params: PyTree, adapters: PyTree, *,
-                    requantize: bool = True) -> tuple[PyTree, dict[str, RequantError]]:
+def merge_quantized(
+    params: PyTree, adapters: PyTree, *, requantize: bool = True
+) -> tuple[PyTree, dict[str, RequantError]]:
     """Merge adapters into a base whose kernels may be quantised.
 
     Every adapted kernel becomes ``dequant(W0) + dW`` (DoRA: its re-normalised form), computed in float32.
@@ -438,13 +511,23 @@ def merge_quantized(params: PyTree, adapters: PyTree, *,
         if p not in adapted or not is_quantized(q):
             return new
         exact = _core.merged_kernel(q, _tree.get(adapters, p))
-        out = quantize_array(exact, q.method, block_size=q.block_size or 64, double_quant=q.double_quant,
-                             absmax_block_size=q.absmax_block_size or 256, compute_dtype=q.dtype, in_ndim=q.in_ndim,
-                             stack_ndim=q.stack_ndim)
+        out = quantize_array(
+            exact,
+            q.method,
+            block_size=q.block_size or 64,
+            double_quant=q.double_quant,
+            absmax_block_size=q.absmax_block_size or 256,
+            compute_dtype=q.dtype,
+            in_ndim=q.in_ndim,
+            stack_ndim=q.stack_ndim,
+        )
         err = dequantize(out, jnp.float32) - exact
         delta = exact - dequantize(q, jnp.float32)
-        errors[p] = RequantError(max_abs=float(jnp.max(jnp.abs(err))), rms=float(jnp.sqrt(jnp.mean(err * err))),
-                                 delta_rms=float(jnp.sqrt(jnp.mean(delta * delta))))
+        errors[p] = RequantError(
+            max_abs=float(jnp.max(jnp.abs(err))),
+            rms=float(jnp.sqrt(jnp.mean(err * err))),
+            delta_rms=float(jnp.sqrt(jnp.mean(delta * delta))),
+        )
         return out
 
     record = _core.merge_record(merged)
@@ -456,6 +539,17 @@ def merge_quantized(params: PyTree, adapters: PyTree, *,
 
 
 __all__ = [
-    "DYNAMIC", "METHODS", "NF4", "QuantizedWeight", "RequantError", "dequantize", "dynamic_map", "expected_nbytes",
-    "is_quantized", "merge_quantized", "nbytes", "quantize", "quantize_array",
+    "DYNAMIC",
+    "METHODS",
+    "NF4",
+    "QuantizedWeight",
+    "RequantError",
+    "dequantize",
+    "dynamic_map",
+    "expected_nbytes",
+    "is_quantized",
+    "merge_quantized",
+    "nbytes",
+    "quantize",
+    "quantize_array",
 ]

@@ -32,8 +32,13 @@ def _compile(pattern: str) -> Pattern:
     return re2.compile(pattern, _OPTIONS)
 
 
-def compile(pattern: Any, what: str, error: type[LoraJaxError] = TargetError, *,  # noqa: A001
-            shown: str | None = None) -> Pattern:
+def compile(
+    pattern: Any,
+    what: str,
+    error: type[LoraJaxError] = TargetError,
+    *,  # noqa: A001
+    shown: str | None = None,
+) -> Pattern:
     """``pattern`` compiled by RE2, or ``error`` naming ``what`` (and the pattern, or ``shown`` in its place) and
     saying why RE2 refused it.
 
@@ -47,8 +52,10 @@ def compile(pattern: Any, what: str, error: type[LoraJaxError] = TargetError, *,
     except re2.error as e:
         detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
         name = shown if shown is not None else f"{what}: {pattern!r:.120}"
-        raise error(f"{name} is not a valid pattern for linear-time matching (RE2: {detail[:160]}; "
-                    "backreferences and lookaround are not supported)") from None
+        raise error(
+            f"{name} is not a valid pattern for linear-time matching (RE2: {detail[:160]}; "
+            "backreferences and lookaround are not supported)"
+        ) from None
 
 
 def fullmatch(pattern: str, text: str, what: str = "pattern") -> bool:

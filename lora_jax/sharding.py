@@ -49,15 +49,22 @@ EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 Rule = tuple[str, Any]
 
-LOGICAL_AXES = {"embed": "fsdp", "vocab": TENSOR_AXIS, "heads": TENSOR_AXIS, "kv_heads": TENSOR_AXIS,
-                "mlp": TENSOR_AXIS, "experts": EXPERT_AXIS}
+LOGICAL_AXES = {
+    "embed": "fsdp",
+    "vocab": TENSOR_AXIS,
+    "heads": TENSOR_AXIS,
+    "kv_heads": TENSOR_AXIS,
+    "mlp": TENSOR_AXIS,
+    "experts": EXPERT_AXIS,
+}
 """The one table from the logical axes that architectures declare for their kernels (``embed``, ``heads``, ...) to
 mesh axes: the model width is split over ``fsdp`` (gathered before use), attention heads, MLP columns and the
 vocabulary over ``tensor`` (each device computes its part: tensor parallelism), routed experts over ``expert``."""
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None, *, expert: int = 1,
-              tensor: int = 1) -> Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None, *, expert: int = 1, tensor: int = 1
+) -> Mesh:
     """A ``(data, fsdp)`` mesh over ``devices`` (default: all), with an ``expert`` axis when ``expert > 1``
     (routed experts split over ``expert`` devices) and a ``tensor`` axis, last (neighbouring devices), when
     ``tensor > 1`` (heads, MLP columns and vocabulary split over ``tensor`` devices, which see the same
@@ -68,8 +75,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
         raise ArgumentError(f"mesh: tensor={tensor} must be a positive divisor of the {n} devices")
     n //= tensor
     if expert < 1 or n % expert:
-        raise ArgumentError(f"mesh: expert={expert} must be a positive divisor of the {n * tensor} devices / "
-                            f"tensor={tensor}")
+        raise ArgumentError(
+            f"mesh: expert={expert} must be a positive divisor of the {n * tensor} devices / tensor={tensor}"
+        )
     n //= expert
     if data == -1 and fsdp == -1:
         raise ArgumentError("mesh: at most one of data/fsdp may be -1")
@@ -82,8 +90,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
             raise ArgumentError(f"mesh: data={data} does not divide the {n * expert} devices / expert={expert}")
         fsdp = n // data
     if data * fsdp != n:
-        raise ArgumentError(f"mesh: data={data} x fsdp={fsdp} x expert={expert} x tensor={tensor} = "
-                            f"{data * fsdp * expert * tensor} devices, but {n * expert * tensor} are available")
+        raise ArgumentError(
+            f"mesh: data={data} x fsdp={fsdp} x expert={expert} x tensor={tensor} = "
+            f"{data * fsdp * expert * tensor} devices, but {n * expert * tensor} are available"
+        )
     sizes = {"data": data, "fsdp": fsdp, EXPERT_AXIS: expert, TENSOR_AXIS: tensor}
     names = (*BATCH_AXES, *(a for a in (EXPERT_AXIS, TENSOR_AXIS) if sizes[a] > 1))
     return Mesh(np.asarray(devices).reshape(*(sizes[a] for a in names)), names)
@@ -187,8 +197,14 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule])
 def _spec_one(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule]) -> P:
     pattern, spec = _rule_for(path, rules)
     n_exp = expert_size(mesh)
-    if n_exp > 1 and default_expert_axes(path, len(shape)) and shape[0] % n_exp == 0 and spec is not None \
-            and not isinstance(spec, P) and spec != "replicate":
+    if (
+        n_exp > 1
+        and default_expert_axes(path, len(shape))
+        and shape[0] % n_exp == 0
+        and spec is not None
+        and not isinstance(spec, P)
+        and spec != "replicate"
+    ):
         rest = tuple(_rule_spec(pattern, spec, tuple(shape[1:]), mesh))  # the rule on one expert's kernel
         return P(EXPERT_AXIS, *rest)
     return _rule_spec(pattern, spec, shape, mesh)
@@ -247,9 +263,12 @@ def adapter_shardings(path: str, adapter: LoraAdapter, mesh: Mesh, rules: Sequen
         return NamedSharding(mesh, P(*spec) if any(e is not None for e in spec) else P())
 
     # Only the first input / output axis: flattening (in_shape) -> d_in keeps its blocks contiguous.
-    return dataclasses.replace(adapter, a=place(adapter.a, n_stack, entry_in),
-                               b=place(adapter.b, n_stack + 1, entry_out),
-                               magnitude=place(adapter.magnitude, 0, entry_out))
+    return dataclasses.replace(
+        adapter,
+        a=place(adapter.a, n_stack, entry_in),
+        b=place(adapter.b, n_stack + 1, entry_out),
+        magnitude=place(adapter.magnitude, 0, entry_out),
+    )
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule] | None = None) -> Any:

@@ -92,6 +92,7 @@ def register_node(cls: type, rule: NodeRule) -> type:
 
 def refusing(what: str) -> NodeRule:
     """The rule of a node type that cannot live in a scanned stack yet: every operation raises naming ``what``."""
+
     def refuse(*_):
         raise unsupported(what)
 
@@ -122,7 +123,8 @@ def _stack_size(x: Any) -> int:
 def unsupported(what: str) -> UnsupportedError:
     return UnsupportedError(
         f"{what} in a scanned layer stack is not supported yet; build the model with unrolled layers "
-        "(the config's scan_layers=False; in the training job model.scan_layers: false)")
+        "(the config's scan_layers=False; in the training job model.scan_layers: false)"
+    )
 
 
 def key_per_layer(key: Any, n: int) -> Any:

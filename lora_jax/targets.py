@@ -68,9 +68,11 @@ _ATTN_BLOCK = r"([^/]*(attention|attn)[^/]*|mha(_\d+)?)"
 _ATTN_COMPONENT = re.compile(_ATTN_BLOCK, re.IGNORECASE)
 # A module inside an attention-named block that is an MLP, not attention (a transformer layer named
 # "AttentionBlock" holding its feed-forward): its kernels are not attention kernels.
-_MLP_COMPONENT = re.compile(r"[^/]*(mlp|ffn|feed_?forward|moe)[^/]*|ff(_\d+)?|fc[12]|c_fc|intermediate|experts?(_\d+)?|"
-                            r"gate_proj|up_proj|down_proj|gate_up_proj|w[123]|wi(_\d+)?|dense_h_to_4h|dense_4h_to_h",
-                            re.IGNORECASE)
+_MLP_COMPONENT = re.compile(
+    r"[^/]*(mlp|ffn|feed_?forward|moe)[^/]*|ff(_\d+)?|fc[12]|c_fc|intermediate|experts?(_\d+)?|"
+    r"gate_proj|up_proj|down_proj|gate_up_proj|w[123]|wi(_\d+)?|dense_h_to_4h|dense_4h_to_h",
+    re.IGNORECASE,
+)
 _NOT_BIAS = r"(?!\w*bias)\w+"  # a leaf name that is not a bias (GPT-OSS stores expert biases (E, d_out))
 # Routed experts: anything (but a bias) under a component named exactly "experts" (or "experts_N").
 _ROUTED_RULE = rf"(.*/)?experts(_\d+)?/(.*/)?{_NOT_BIAS}"
@@ -82,24 +84,12 @@ _ROUTER = re.compile(rf"(?P<parent>(.*/)?)(gate|router)/{_NOT_BIAS}")
 _SHARED_GATE = re.compile(rf"(.*/)?shared_expert_gate/{_NOT_BIAS}")
 
 PRESETS: dict[str, tuple[str, ...]] = {
-    "qv": (
-        rf"(.*/)?(query|value|q_proj|v_proj|q|v|c_attn|wq|wv)/{_KERNEL}",
-    ),
-    "attention": (
-        rf"(?i)(.*/)?{_ATTN_BLOCK}/(.*/)?{_KERNEL}",
-    ),
-    "all-linear": (
-        rf"(.*/)?{_KERNEL}",
-    ),
-    "experts": (
-        _ROUTED_RULE,
-    ),
-    "shared-experts": (
-        _SHARED_RULE,
-    ),
-    "router": (
-        _ROUTER_RULE,
-    ),
+    "qv": (rf"(.*/)?(query|value|q_proj|v_proj|q|v|c_attn|wq|wv)/{_KERNEL}",),
+    "attention": (rf"(?i)(.*/)?{_ATTN_BLOCK}/(.*/)?{_KERNEL}",),
+    "all-linear": (rf"(.*/)?{_KERNEL}",),
+    "experts": (_ROUTED_RULE,),
+    "shared-experts": (_SHARED_RULE,),
+    "router": (_ROUTER_RULE,),
     "all-linear+experts": (
         rf"(.*/)?{_KERNEL}",
         _ROUTED_RULE,
@@ -111,8 +101,27 @@ DEFAULT_PRESET = "attention"
 # the node is called (a bare nnx.MultiHeadAttention's state has no block name at all): the kernel below one of
 # these children, when the node's children include one whole triple of QKV_NAMES.
 QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wq", "wk", "wv"))
-ATTENTION_PROJECTIONS = frozenset({"query", "key", "value", "out", "q_proj", "k_proj", "v_proj", "o_proj", "out_proj",
-                                   "q", "k", "v", "o", "wq", "wk", "wv", "wo"})
+ATTENTION_PROJECTIONS = frozenset(
+    {
+        "query",
+        "key",
+        "value",
+        "out",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "out_proj",
+        "q",
+        "k",
+        "v",
+        "o",
+        "wq",
+        "wk",
+        "wv",
+        "wo",
+    }
+)
 
 # The MoE roles (see moe_roles) each preset may select; None: a leaf outside any MoE role.
 ROUTED, SHARED, ROUTER = "routed expert", "shared expert", "router"
@@ -189,9 +198,12 @@ def in_attention_block(paths: Sequence[str]) -> set[str]:
             continue
         last[parts] = hits[-1]
         blocks = [i for i in hits if i < len(parts) - 2]
-        outer.update(parts[:j + 1] for j in blocks[:-1])
-    return {"/".join(parts) for parts, i in last.items()
-            if parts[:i + 1] not in outer and not any(_MLP_COMPONENT.fullmatch(c) for c in parts[i + 1:-1])}
+        outer.update(parts[: j + 1] for j in blocks[:-1])
+    return {
+        "/".join(parts)
+        for parts, i in last.items()
+        if parts[: i + 1] not in outer and not any(_MLP_COMPONENT.fullmatch(c) for c in parts[i + 1 : -1])
+    }
 
 
 def suggestions(candidates: Sequence[str], skip: str | None = None) -> str:
@@ -201,9 +213,12 @@ def suggestions(candidates: Sequence[str], skip: str | None = None) -> str:
     for name, rules in PRESETS.items():
         hits = [p for p in candidates if any(re.fullmatch(r, p) for r in rules)]
         if hits and name != skip:
-            lines.append(f"preset {name!r} would select {len(hits)} ({', '.join(hits[:2])}{', ...' if len(hits) > 2 else ''})")
-    parents = sorted({p.split("/")[-2] for p in candidates if p.count("/") >= 1
-                      and p.split("/")[-2] in ATTENTION_PROJECTIONS})
+            lines.append(
+                f"preset {name!r} would select {len(hits)} ({', '.join(hits[:2])}{', ...' if len(hits) > 2 else ''})"
+            )
+    parents = sorted(
+        {p.split("/")[-2] for p in candidates if p.count("/") >= 1 and p.split("/")[-2] in ATTENTION_PROJECTIONS}
+    )
     qv = [n for n in parents if n in ("query", "value", "q_proj", "v_proj", "q", "v", "wq", "wv")]
     if parents:
         lines.append(f"a regex: targets='(.*/)?({'|'.join(qv or parents)})/kernel'")
@@ -214,8 +229,10 @@ def no_match_message(what: str, rule: str, candidates: Sequence[str], limit: int
     shown = "\n  ".join(candidates[:limit])
     more = f"\n  ... and {len(candidates) - limit} more" if len(candidates) > limit else ""
     hint = suggestions(candidates, skip=rule) if what == "targets" else ""
-    return (f"{what} rule {rule!r} matches no leaf (rules must match the whole '/'-joined path).{hint} "
-            f"Candidates:\n  {shown}{more}")
+    return (
+        f"{what} rule {rule!r} matches no leaf (rules must match the whole '/'-joined path).{hint} "
+        f"Candidates:\n  {shown}{more}"
+    )
 
 
 def is_embedding(path: str) -> bool:
@@ -239,15 +256,23 @@ def attention_by_content(paths: Sequence[str]) -> set[str]:
     out = set()
     for p in paths:
         parts = tuple(p.split("/"))
-        if len(parts) >= 2 and re.fullmatch(_KERNEL, parts[-1]) and parts[-2] in ATTENTION_PROJECTIONS \
-                and parts[:-2] in blocks:
+        if (
+            len(parts) >= 2
+            and re.fullmatch(_KERNEL, parts[-1])
+            and parts[-2] in ATTENTION_PROJECTIONS
+            and parts[:-2] in blocks
+        ):
             out.add(p)
     return out
 
 
 def _is_kernel_like(leaf: Any) -> bool:
-    return hasattr(leaf, "shape") and hasattr(leaf, "dtype") and len(leaf.shape) >= 2 and \
-        jnp.issubdtype(leaf.dtype, jnp.floating)
+    return (
+        hasattr(leaf, "shape")
+        and hasattr(leaf, "dtype")
+        and len(leaf.shape) >= 2
+        and jnp.issubdtype(leaf.dtype, jnp.floating)
+    )
 
 
 def moe_roles(paths: Sequence[str]) -> dict[str, str | None]:
@@ -312,11 +337,15 @@ def select(
         preset = DEFAULT_PRESET
     elif isinstance(targets, str) and targets in PRESETS:
         preset = targets
-    elif isinstance(targets, str) and re.fullmatch(r"[a-z]+(-[a-z]+)*", targets) and not any(
-        regex.compile(targets, "targets").fullmatch(p) for p, _ in leaves
+    elif (
+        isinstance(targets, str)
+        and re.fullmatch(r"[a-z]+(-[a-z]+)*", targets)
+        and not any(regex.compile(targets, "targets").fullmatch(p) for p, _ in leaves)
     ):
-        raise TargetError(f"targets {targets!r} is neither a preset {sorted(PRESETS)} nor a regex that matches a "
-                         f"leaf path (e.g. '.*{targets}/kernel')")
+        raise TargetError(
+            f"targets {targets!r} is neither a preset {sorted(PRESETS)} nor a regex that matches a "
+            f"leaf path (e.g. '.*{targets}/kernel')"
+        )
 
     candidates = [p for p, leaf in leaves if _is_kernel_like(leaf) and not is_embedding(p)]
     roles = moe_roles([p for p, _ in leaves])
@@ -329,13 +358,21 @@ def select(
         by_name = in_attention_block(paths) if preset == "attention" else None
         for p, leaf in leaves:
             named = (any(r.fullmatch(p) for r in rules) and (by_name is None or p in by_name)) or p in by_content
-            if named and _is_kernel_like(leaf) and not is_embedding(p) and not is_head(p) and roles[p] in allowed \
-                    and not (leaf.ndim > 2 and _CONV.fullmatch(p)) \
-                    and not any(r.fullmatch(p) for r in excluded):
+            if (
+                named
+                and _is_kernel_like(leaf)
+                and not is_embedding(p)
+                and not is_head(p)
+                and roles[p] in allowed
+                and not (leaf.ndim > 2 and _CONV.fullmatch(p))
+                and not any(r.fullmatch(p) for r in excluded)
+            ):
                 chosen[p] = leaf
         if not chosen:
-            raise TargetError(f"targets preset {preset!r} matches no kernel of these params. Name the kernels with "
-                             f"a regex instead. {no_match_message('targets', preset, candidates)}")
+            raise TargetError(
+                f"targets preset {preset!r} matches no kernel of these params. Name the kernels with "
+                f"a regex instead. {no_match_message('targets', preset, candidates)}"
+            )
     else:
         rules = compile_rules(targets, "targets")
         for rule in rules:
@@ -346,21 +383,29 @@ def select(
                 if any(r.fullmatch(p) for r in excluded):
                     continue
                 if not hasattr(leaf, "shape") or not jnp.issubdtype(leaf.dtype, jnp.floating):
-                    raise TargetError(f"targets rule {rule.pattern!r} selects {p}, which is not a floating-point "
-                                     f"array (dtype {getattr(leaf, 'dtype', type(leaf).__name__)}); LoRA adapts "
-                                     "float kernels only")
+                    raise TargetError(
+                        f"targets rule {rule.pattern!r} selects {p}, which is not a floating-point "
+                        f"array (dtype {getattr(leaf, 'dtype', type(leaf).__name__)}); LoRA adapts "
+                        "float kernels only"
+                    )
                 if len(leaf.shape) < 2:
-                    raise TargetError(f"targets rule {rule.pattern!r} selects {p} of shape {tuple(leaf.shape)}; "
-                                     "LoRA adapts kernels with at least two axes (biases and norms are trained "
-                                     "in full with split(..., train=...) instead)")
+                    raise TargetError(
+                        f"targets rule {rule.pattern!r} selects {p} of shape {tuple(leaf.shape)}; "
+                        "LoRA adapts kernels with at least two axes (biases and norms are trained "
+                        "in full with split(..., train=...) instead)"
+                    )
                 if is_embedding(p) and not allow_embeddings:
-                    raise TargetError(f"targets rule {rule.pattern!r} selects the embedding table {p}; embeddings "
-                                     "are adapted only with allow_embeddings=True (and lora_jax.ops.embed)")
+                    raise TargetError(
+                        f"targets rule {rule.pattern!r} selects the embedding table {p}; embeddings "
+                        "are adapted only with allow_embeddings=True (and lora_jax.ops.embed)"
+                    )
                 chosen[p] = leaf
             _check_roles(rule.pattern, [p for p, _ in hits if not any(r.fullmatch(p) for r in excluded)], roles)
         if not chosen:
-            raise TargetError(f"targets {[r.pattern for r in rules]} select nothing once exclude "
-                             f"{[r.pattern for r in excluded]} is applied")
+            raise TargetError(
+                f"targets {[r.pattern for r in rules]} select nothing once exclude "
+                f"{[r.pattern for r in excluded]} is applied"
+            )
     return [(p, leaf) for p, leaf in leaves if p in chosen]
 
 
@@ -375,12 +420,14 @@ def _check_roles(rule: str, hits: Sequence[str], roles: Mapping[str, str | None]
             f"targets rule {rule!r} selects the router {by_role[ROUTER][0]} and also {other or 'non-MoE'} "
             f"kernel(s) such as {by_role[other][0]}; adapting a router changes which experts tokens go to, so it "
             "must be asked for alone (preset 'router' or a rule that selects only routers). For the experts use "
-            "preset 'experts' / 'shared-experts' or a rule that excludes the router")
+            "preset 'experts' / 'shared-experts' or a rule that excludes the router"
+        )
     if ROUTED in by_role and SHARED in by_role:
         raise TargetError(
             f"targets rule {rule!r} selects routed experts ({by_role[ROUTED][0]}) and shared experts "
             f"({by_role[SHARED][0]}) at once; name one (presets 'experts' and 'shared-experts', or e.g. "
-            "'(.*/)?mlp/experts/.*' for the routed ones), or give two rules to adapt both")
+            "'(.*/)?mlp/experts/.*' for the routed ones), or give two rules to adapt both"
+        )
 
 
 class PatternMap:

@@ -150,8 +150,10 @@ class _Lazy:
     def then(self, eqn, invals: Sequence[Any], pos: int) -> list[_Lazy]:
         """The outputs of ``eqn`` applied with this kernel at operand ``pos`` (the others are ``invals``)."""
         others = tuple(v for i, v in enumerate(invals) if i != pos)
-        return [_Lazy(self.q, (*self.extras, others), (*self.steps, (eqn, pos, k)), out.aval)
-                for k, out in enumerate(eqn.outvars)]
+        return [
+            _Lazy(self.q, (*self.extras, others), (*self.steps, (eqn, pos, k)), out.aval)
+            for k, out in enumerate(eqn.outvars)
+        ]
 
     def apply(self, dense: Array, extras: Sequence[Any] | None = None) -> Array:
         """The recorded ops applied to the dequantised kernel ``dense``."""
@@ -185,10 +187,10 @@ def _base_out(eqn, invals: Sequence[Any], w: _Lora, x_pos: int) -> Array:
     aux_pos = [i for i in range(len(invals)) if i not in (pos, x_pos)]
 
     def product(x, dense, *rest):
-        kernel = lz.apply(dense, jax.tree_util.tree_unflatten(tree, rest[:len(flat)]))
+        kernel = lz.apply(dense, jax.tree_util.tree_unflatten(tree, rest[: len(flat)]))
         args = list(invals)
         args[pos], args[x_pos] = kernel, x
-        for i, a in zip(aux_pos, rest[len(flat):]):
+        for i, a in zip(aux_pos, rest[len(flat) :]):
             args[i] = a
         return _bind(eqn, args)[0]
 
@@ -264,22 +266,31 @@ def _from_weight(w: LoraWeight, name: str) -> _Lora:
     :func:`lora_jax.ops.dot`) included."""
     ad, base = w.adapter, w.base
     if _targets.is_weight_node(base) and not hasattr(base, "dequantize"):
-        raise UnsupportedError(f"lora.transform: the base at {name!r} is a {type(base).__name__}, which has no "
-                               "dequantize(); transform handles arrays and lora_jax.quant.QuantizedWeight bases")
+        raise UnsupportedError(
+            f"lora.transform: the base at {name!r} is a {type(base).__name__}, which has no "
+            "dequantize(); transform handles arrays and lora_jax.quant.QuantizedWeight bases"
+        )
     a, b = ad.a, ad.b
     n_stack = a.ndim - 2
-    stack = tuple(a.shape[:max(n_stack, 0)])
-    in_rest = tuple(ad.in_shape[max(n_stack, 0):])
-    ok = (n_stack >= 0 and b.ndim == a.ndim and tuple(b.shape[:n_stack]) == stack
-          and tuple(ad.in_shape[:n_stack]) == stack and a.shape[-2] == math.prod(in_rest)
-          and b.shape[-1] == math.prod(ad.out_shape) and a.shape[-1] == b.shape[-2]
-          and tuple(base.shape) == ad.kernel_shape)
+    stack = tuple(a.shape[: max(n_stack, 0)])
+    in_rest = tuple(ad.in_shape[max(n_stack, 0) :])
+    ok = (
+        n_stack >= 0
+        and b.ndim == a.ndim
+        and tuple(b.shape[:n_stack]) == stack
+        and tuple(ad.in_shape[:n_stack]) == stack
+        and a.shape[-2] == math.prod(in_rest)
+        and b.shape[-1] == math.prod(ad.out_shape)
+        and a.shape[-1] == b.shape[-2]
+        and tuple(base.shape) == ad.kernel_shape
+    )
     if not ok:
         raise ArgumentError(
             f"lora.transform: the LoraWeight at {name!r} does not fit together: base {tuple(base.shape)}, "
             f"a {tuple(a.shape)}, b {tuple(b.shape)}, in_shape {ad.in_shape}, out_shape {ad.out_shape}; expected "
             "a (*stack, prod(in_shape without stack), r), b (*stack, r, prod(out_shape)) and a base of shape "
-            "in_shape + out_shape (stack axes lead in_shape)")
+            "in_shape + out_shape (stack axes lead in_shape)"
+        )
     r = a.shape[-1]
     left = a.reshape(*stack, *in_rest, r)
     right = jnp.moveaxis(b.reshape(*stack, r, *ad.out_shape), n_stack, -1)
@@ -288,8 +299,10 @@ def _from_weight(w: LoraWeight, name: str) -> _Lora:
     col = None
     if ad.is_dora:
         if n_stack:
-            raise UnsupportedError(f"lora.transform: the DoRA adapter at {name!r} is stacked {stack}; DoRA is "
-                                   "implemented for single kernels (use plain LoRA adapters on stacked kernels)")
+            raise UnsupportedError(
+                f"lora.transform: the DoRA adapter at {name!r} is stacked {stack}; DoRA is "
+                "implemented for single kernels (use plain LoRA adapters on stacked kernels)"
+            )
         norm = lax.stop_gradient(_core.dora_norm(base, ad))
         col = (ad.magnitude.astype(jnp.float32) / norm).reshape(ad.out_shape)
     lazy = _Lazy(base) if _targets.is_weight_node(base) else base
@@ -301,12 +314,16 @@ def _from_multi(w: Any, name: str) -> _Lora:
     the rank axis, and a per-row mask that keeps each row's slot (see ``_Lora.rowmask``)."""
     st, base, ids = w.stacked, w.base, jnp.asarray(w.ids)
     if st.a.ndim != 3 or tuple(base.shape) != st.kernel_shape:
-        raise UnsupportedError(f"lora.transform: the mixed-adapter weight at {name!r} has factors "
-                               f"{tuple(st.a.shape)} / {tuple(st.b.shape)} for a kernel {tuple(base.shape)}; "
-                               "transform handles slots of single kernels, a (n, d_in, R) / (n, R, d_out)")
+        raise UnsupportedError(
+            f"lora.transform: the mixed-adapter weight at {name!r} has factors "
+            f"{tuple(st.a.shape)} / {tuple(st.b.shape)} for a kernel {tuple(base.shape)}; "
+            "transform handles slots of single kernels, a (n, d_in, R) / (n, R, d_out)"
+        )
     if ids.ndim != 1:
-        raise ArgumentError(f"lora.transform: the mixed-adapter weight at {name!r} has ids of shape {ids.shape}; "
-                            "expected one id per batch row, (rows,)")
+        raise ArgumentError(
+            f"lora.transform: the mixed-adapter weight at {name!r} has ids of shape {ids.shape}; "
+            "expected one id per batch row, (rows,)"
+        )
     n, d_in, rank = st.a.shape
     left = jnp.transpose(st.a, (1, 0, 2)).reshape(*st.in_shape, n * rank)
     right = jnp.transpose(st.b, (2, 0, 1)).reshape(*st.out_shape, n * rank)
@@ -328,8 +345,8 @@ def _from_node(q: Any, name: str) -> _Lora:
     n_in = int(getattr(q, "in_ndim", 1))
     shape = tuple(q.shape)
     kinds = (B,) * stack + (L,) * n_in + (R,) * (len(shape) - stack - n_in)
-    left = jnp.zeros((*shape[:stack + n_in], 0), q.dtype)
-    right = jnp.zeros((*shape[:stack], *shape[stack + n_in:], 0), q.dtype)
+    left = jnp.zeros((*shape[: stack + n_in], 0), q.dtype)
+    right = jnp.zeros((*shape[:stack], *shape[stack + n_in :], 0), q.dtype)
     return _Lora(_Lazy(q), left, right, None, kinds, 1.0, 0.0, name)
 
 
@@ -354,9 +371,11 @@ def _dense(v: _Lora) -> Array:
     """``base + delta`` in the base dtype (the sum taken in at least float32, as ``LoraWeight.materialize``);
     DoRA: times the column factor."""
     if v.rowmask is not None:
-        raise UnsupportedError(f"lora.transform: the mixed-adapter weight at {v.name!r} would need its dense kernel "
-                               "(see the report's reason), but a mixed batch has one kernel per row; use the kernel "
-                               "only in products (dot_general) with the batch rows on the activations' first axis")
+        raise UnsupportedError(
+            f"lora.transform: the mixed-adapter weight at {v.name!r} would need its dense kernel "
+            "(see the report's reason), but a mixed batch has one kernel per row; use the kernel "
+            "only in products (dot_general) with the batch rows on the activations' first axis"
+        )
     base = v.base.materialize() if isinstance(v.base, _Lazy) else v.base
     if _rank0(v):
         return base
@@ -417,8 +436,10 @@ class Report:
         return sum(n for _, n in self.factored)
 
     def __str__(self) -> str:
-        lines = [f"lora.transform: {len(self.weights)} LoRA weight(s), {self.n_factored} factored product(s), "
-                 f"{self.n_materialized} materialisation(s)"]
+        lines = [
+            f"lora.transform: {len(self.weights)} LoRA weight(s), {self.n_factored} factored product(s), "
+            f"{self.n_materialized} materialisation(s)"
+        ]
         lines += [f"  factored     {n:4d}  {prim}" for prim, n in self.factored]
         lines += [f"  materialised {n:4d}  {why}" for why, n in self.materialized]
         lines += [f"    {why}: {name}" for why, name in self.details]
@@ -458,15 +479,16 @@ class _Context:
             self.note_factored("gather", ("dense", slot))
             return _dense(v)
         if self.strict:
-            raise ArgumentError(f"lora.transform(strict=True): {reason} needs the dense kernel W0 + s*A@B of "
-                                f"{v.name!r} (shape {v.shape}, axis kinds {''.join(v.kinds)})")
+            raise ArgumentError(
+                f"lora.transform(strict=True): {reason} needs the dense kernel W0 + s*A@B of "
+                f"{v.name!r} (shape {v.shape}, axis kinds {''.join(v.kinds)})"
+            )
         self.materialized[(self.stack, slot)] = (reason, v.name)
         return _dense(v)
 
     def report(self) -> Report:
         details = tuple(self.materialized.values())
-        return Report(tuple(self.weights), _counts(self.factored.values()), _counts(why for why, _ in details),
-                      details)
+        return Report(tuple(self.weights), _counts(self.factored.values()), _counts(why for why, _ in details), details)
 
 
 # ------------------------------------------------------------------------------------------ interpreter
@@ -495,9 +517,16 @@ def _eval(ctx: _Context, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> l
             invals = [read(v) for v in eqn.invars]
             ctx.stack = outer + (id(eqn),)
             if any(_is_lora(v) and v.col is not None for v in invals) and eqn.primitive.name not in _COL_SAFE:
-                invals = [ctx.materialize(v, f"{eqn.primitive.name} (a DoRA kernel keeps its factored form "
-                                             "through casts and products only)", ("dora", i))
-                          if _is_lora(v) and v.col is not None else v for i, v in enumerate(invals)]
+                invals = [
+                    ctx.materialize(
+                        v,
+                        f"{eqn.primitive.name} (a DoRA kernel keeps its factored form through casts and products only)",
+                        ("dora", i),
+                    )
+                    if _is_lora(v) and v.col is not None
+                    else v
+                    for i, v in enumerate(invals)
+                ]
             if any(map(_is_lora, invals)):
                 outvals = _RULES.get(eqn.primitive.name, _materialize_rule)(ctx, eqn, invals)
             else:
@@ -642,8 +671,12 @@ def _slice_rule(eqn, v: _Lora):
     r = v.left.shape[-1]
 
     def cut(side):
-        return lax.slice(v.factor(side), _per_axis(v, side, p["start_indices"], 0),
-                         _per_axis(v, side, p["limit_indices"], r), _per_axis(v, side, strides, 1))
+        return lax.slice(
+            v.factor(side),
+            _per_axis(v, side, p["start_indices"], 0),
+            _per_axis(v, side, p["limit_indices"], r),
+            _per_axis(v, side, strides, 1),
+        )
 
     return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0], left=cut(L), right=cut(R))]
 
@@ -700,12 +733,10 @@ def _unstack_rule(eqn, v: _Lora):
 
     def pick(side, i):
         axes = v.axes(side)
-        return lax.index_in_dim(v.factor(side), i, axes.index(axis), keepdims=False) if axis in axes \
-            else v.factor(side)
+        return lax.index_in_dim(v.factor(side), i, axes.index(axis), keepdims=False) if axis in axes else v.factor(side)
 
     bases = _on_base(eqn, [v], v)
-    return [dataclasses.replace(v, base=b, left=pick(L, i), right=pick(R, i), kinds=kinds)
-            for i, b in enumerate(bases)]
+    return [dataclasses.replace(v, base=b, left=pick(L, i), right=pick(R, i), kinds=kinds) for i, b in enumerate(bases)]
 
 
 @_structural
@@ -736,15 +767,23 @@ def _passthrough_rule(ctx: _Context, eqn, invals):
     if len(eqn.outvars) != len(invals):
         return _materialize_rule(ctx, eqn, invals)
     outs = _bind(eqn, [v.base if _is_lora(v) and not isinstance(v.base, _Lazy) else v for v in invals])
-    return [(v if isinstance(v.base, _Lazy) else dataclasses.replace(v, base=o)) if _is_lora(v) else o
-            for v, o in zip(invals, outs)]
+    return [
+        (v if isinstance(v.base, _Lazy) else dataclasses.replace(v, base=o)) if _is_lora(v) else o
+        for v, o in zip(invals, outs)
+    ]
 
 
 @_structural
 def _stop_gradient_rule(eqn, v: _Lora):
-    return [dataclasses.replace(v, base=_on_base(eqn, [v], v)[0], left=lax.stop_gradient(v.left),
-                                right=lax.stop_gradient(v.right),
-                                col=None if v.col is None else lax.stop_gradient(v.col))]
+    return [
+        dataclasses.replace(
+            v,
+            base=_on_base(eqn, [v], v)[0],
+            left=lax.stop_gradient(v.left),
+            right=lax.stop_gradient(v.right),
+            col=None if v.col is None else lax.stop_gradient(v.col),
+        )
+    ]
 
 
 # ------------------------------------------------------------------------------------------- products
@@ -791,8 +830,11 @@ def _dot_general_rule(ctx: _Context, eqn, invals):
             w_lab[i], nxt = nxt, nxt + 1
     rank = nxt
     l_lab, r_lab = (x_lab, w_lab) if w_is_rhs else (w_lab, x_lab)
-    out_lab = ([l_lab[i] for i in lb] + [l for i, l in enumerate(l_lab) if i not in lc and i not in lb]
-               + [l for i, l in enumerate(r_lab) if i not in rc and i not in rb])
+    out_lab = (
+        [l_lab[i] for i in lb]
+        + [l for i, l in enumerate(l_lab) if i not in lc and i not in lb]
+        + [l for i, l in enumerate(r_lab) if i not in rc and i not in rb]
+    )
 
     contracted = {x_lab[a] for a in xc}
     only = {side: {w_lab[i] for i, k in enumerate(w.kinds) if k == side} for side in (L, R)}
@@ -813,7 +855,8 @@ def _dot_general_rule(ctx: _Context, eqn, invals):
                 f"lora.transform: the mixed-adapter weight at {w.name!r} meets activations of shape "
                 f"{tuple(x.shape)} whose first axis is {'contracted' if row not in h_lab else 'not'} the batch of "
                 f"{w.rowmask.shape[0]} rows (one adapter id per row); a mixed batch needs the rows on the "
-                "activations' first axis, kept by every product with the kernel")
+                "activations' first axis, kept by every product with the kernel"
+            )
         h = h * lax.broadcast_in_dim(w.rowmask.astype(h.dtype), h.shape, [h_lab.index(row), h_lab.index(rank)])
     y_lab = [l for l in out_lab if l in set(h_lab) | set(f2_lab)]
     y = jnp.einsum(h, h_lab, w.factor(second).astype(w.dtype), f2_lab, y_lab, **kw)
@@ -825,8 +868,9 @@ def _dot_general_rule(ctx: _Context, eqn, invals):
         return [base_out + y.astype(base_out.dtype)]
     # DoRA, as lora_jax.ops.dot: (x @ W0 + s*(x A) B) * col; with dropout the magnitude's share of the base
     # path sees the dropped input: x @ W0 + (col - 1) * (xd @ W0) + col * s*(xd A) B.
-    col = lax.broadcast_in_dim(w.col.astype(base_out.dtype), base_out.shape,
-                               [out_lab.index(w_lab[i]) for i in _col_axes(w)])
+    col = lax.broadcast_in_dim(
+        w.col.astype(base_out.dtype), base_out.shape, [out_lab.index(w_lab[i]) for i in _col_axes(w)]
+    )
     if xd is x:
         return [(base_out + y.astype(base_out.dtype)) * col]
     base_d = _base_out(eqn, [xd, w] if w_is_rhs else [w, xd], w, x_pos)
@@ -851,10 +895,20 @@ def _ragged_dot_rule(ctx: _Context, eqn, invals):
     free = [i for i in range(rhs.ndim) if i != group and i not in rc]
     first = rhs.kinds[rc[0]] if rc else None
     second = R if first == L else L
-    if ragged in lc or rhs.kinds[group] != B or first not in (L, R) \
-            or any(rhs.kinds[i] != first for i in rc) or any(rhs.kinds[i] != second for i in free):
-        return _materialize_rule(ctx, eqn, invals, f"expert kernel axis kinds {''.join(rhs.kinds)} do not separate "
-                                                   "the expert axis, the inputs and the outputs")
+    if (
+        ragged in lc
+        or rhs.kinds[group] != B
+        or first not in (L, R)
+        or any(rhs.kinds[i] != first for i in rc)
+        or any(rhs.kinds[i] != second for i in free)
+    ):
+        return _materialize_rule(
+            ctx,
+            eqn,
+            invals,
+            f"expert kernel axis kinds {''.join(rhs.kinds)} do not separate "
+            "the expert axis, the inputs and the outputs",
+        )
     kw = dict(precision=p.get("precision"), preferred_element_type=p.get("preferred_element_type"))
     base_out = _base_out(eqn, [lhs, rhs, sizes], rhs, 0)
     if _rank0(rhs):
@@ -862,16 +916,30 @@ def _ragged_dot_rule(ctx: _Context, eqn, invals):
     f1_axes, f2_axes = rhs.axes(first), rhs.axes(second)
     f1 = rhs.factor(first).astype(rhs.dtype)  # axes: f1_axes + rank
     h = lax.ragged_dot_general(
-        _dropout(lhs, rhs), f1, sizes, lax.RaggedDotDimensionNumbers(
+        _dropout(lhs, rhs),
+        f1,
+        sizes,
+        lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=((tuple(lc), tuple(f1_axes.index(i) for i in rc)), ((), ())),
-            lhs_ragged_dimensions=(ragged,), rhs_group_dimensions=(f1_axes.index(group),)), **kw)
+            lhs_ragged_dimensions=(ragged,),
+            rhs_group_dimensions=(f1_axes.index(group),),
+        ),
+        **kw,
+    )
     # h: x's free axes (the ragged one among them) then the rank
     x_free = [i for i in range(lhs.ndim) if i not in lc]
     f2 = rhs.factor(second).astype(rhs.dtype)  # axes: f2_axes + rank
     y = lax.ragged_dot_general(
-        h, f2, sizes, lax.RaggedDotDimensionNumbers(
+        h,
+        f2,
+        sizes,
+        lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(((h.ndim - 1,), (f2.ndim - 1,)), ((), ())),
-            lhs_ragged_dimensions=(x_free.index(ragged),), rhs_group_dimensions=(f2_axes.index(group),)), **kw)
+            lhs_ragged_dimensions=(x_free.index(ragged),),
+            rhs_group_dimensions=(f2_axes.index(group),),
+        ),
+        **kw,
+    )
     y = y if rhs.scale == 1.0 else y * jnp.asarray(rhs.scale, y.dtype)
     ctx.note_factored("ragged_dot_general")
     return [base_out + y.astype(base_out.dtype)]
@@ -892,8 +960,9 @@ def _conv_rule(ctx: _Context, eqn, invals):
     inner = R if outer == L else L
     rest = [a for a in range(w.ndim) if a != o_ax]
     if outer not in (L, R) or any(w.kinds[a] != inner and not (w.kinds[a] == N and w.shape[a] == 1) for a in rest):
-        return _materialize_rule(ctx, eqn, invals, f"kernel axis kinds {''.join(w.kinds)} do not separate "
-                                                   "output features from the rest")
+        return _materialize_rule(
+            ctx, eqn, invals, f"kernel axis kinds {''.join(w.kinds)} do not separate output features from the rest"
+        )
     r = w.left.shape[-1]
     kernel = w.factor(inner).reshape(*[w.shape[a] for a in rest], r)  # size-1 N axes come back as 1s
     kernel = jnp.moveaxis(kernel, -1, o_ax).astype(w.dtype)
@@ -907,8 +976,15 @@ def _conv_rule(ctx: _Context, eqn, invals):
     h_lab[f] = rank
     y_lab = list(range(h.ndim))
     y_lab[f] = d_out
-    y = jnp.einsum(h, h_lab, w.factor(outer).astype(w.dtype), [d_out, rank], y_lab,
-                   precision=p.get("precision"), preferred_element_type=p.get("preferred_element_type"))
+    y = jnp.einsum(
+        h,
+        h_lab,
+        w.factor(outer).astype(w.dtype),
+        [d_out, rank],
+        y_lab,
+        precision=p.get("precision"),
+        preferred_element_type=p.get("preferred_element_type"),
+    )
     ctx.note_factored("conv_general_dilated")
     return [base_out + (y * jnp.asarray(w.scale, y.dtype)).astype(base_out.dtype)]
 
@@ -922,9 +998,11 @@ def _gather_rule(ctx: _Context, eqn, invals):
     if not _is_lora(v) or _is_lora(idx) or dn.operand_batching_dims:
         return _materialize_rule(ctx, eqn, invals, "batched gather")
     if v.rowmask is not None:
-        raise UnsupportedError(f"lora.transform: the mixed-adapter weight at {v.name!r} is indexed (an embedding "
-                               "lookup); transform runs mixed batches through products only. Leave embeddings out "
-                               "of the stacked adapters, or run the model with lora_jax.ops.embed")
+        raise UnsupportedError(
+            f"lora.transform: the mixed-adapter weight at {v.name!r} is indexed (an embedding "
+            "lookup); transform runs mixed batches through products only. Leave embeddings out "
+            "of the stacked adapters, or run the model with lora_jax.ops.embed"
+        )
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     kinds = {v.kinds[a] for a in indexed}
     side = kinds.pop() if len(kinds) == 1 else None
@@ -939,10 +1017,18 @@ def _gather_rule(ctx: _Context, eqn, invals):
     fdn = lax.GatherDimensionNumbers(
         offset_dims=tuple(range(n_batch, n_batch + n_offset)),
         collapsed_slice_dims=tuple(pos[a] for a in dn.collapsed_slice_dims),
-        start_index_map=tuple(pos[a] for a in dn.start_index_map))
-    gathered = lax.gather(factor, idx, fdn, tuple(sizes[a] for a in axes) + (factor.shape[-1],),
-                          mode=p["mode"], fill_value=p["fill_value"], unique_indices=p["unique_indices"],
-                          indices_are_sorted=p["indices_are_sorted"])
+        start_index_map=tuple(pos[a] for a in dn.start_index_map),
+    )
+    gathered = lax.gather(
+        factor,
+        idx,
+        fdn,
+        tuple(sizes[a] for a in axes) + (factor.shape[-1],),
+        mode=p["mode"],
+        fill_value=p["fill_value"],
+        unique_indices=p["unique_indices"],
+        indices_are_sorted=p["indices_are_sorted"],
+    )
     # The original output: batch axes where offset_dims are not, operand axes (not collapsed) at offset_dims.
     kept_axes = [a for a in range(v.ndim) if a not in dn.collapsed_slice_dims]
     kept_in_factor = [a for a in axes if a not in dn.collapsed_slice_dims]
@@ -960,9 +1046,13 @@ def _gather_rule(ctx: _Context, eqn, invals):
             n_b += 1
     gathered = gathered.transpose(perm + [gathered.ndim - 1])
     base = _on_base(eqn, [v, idx], v)[0]
-    out = dataclasses.replace(v, base=base, kinds=tuple(out_kinds), gathered=True,
-                              **{("left" if side == L else "right"): gathered,
-                                 ("right" if side == L else "left"): v.factor(other)})
+    out = dataclasses.replace(
+        v,
+        base=base,
+        kinds=tuple(out_kinds),
+        gathered=True,
+        **{("left" if side == L else "right"): gathered, ("right" if side == L else "left"): v.factor(other)},
+    )
     return [out]
 
 
@@ -994,7 +1084,7 @@ def _scan_rule(ctx: _Context, eqn, invals):
     sliced per step, base and factors alike; a LoRA value in the carry is materialised."""
     p = eqn.params
     nc, nk = p["num_consts"], p["num_carry"]
-    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
     init = _dense_all(ctx, init, "scan (LoRA value in the carry)", "carry")
     xs_in = []
     for v in xs:
@@ -1003,10 +1093,12 @@ def _scan_rule(ctx: _Context, eqn, invals):
                 raise UnsupportedError(
                     f"lora.transform: the quantised kernel at {v.name!r} {v.shape} is scanned over (a stacked "
                     "layer axis); a quantised stack cannot be sliced per layer. Quantise the layers unstacked, or "
-                    "lora.dequantize this kernel before transform")
+                    "lora.dequantize this kernel before transform"
+                )
             keys = None if v.key is None else jax.random.split(v.key, p["length"])
-            xs_in.append((v.base, v.left if v.kinds[0] in (L, B) else None,
-                          v.right if v.kinds[0] in (R, B) else None, keys))
+            xs_in.append(
+                (v.base, v.left if v.kinds[0] in (L, B) else None, v.right if v.kinds[0] in (R, B) else None, keys)
+            )
         else:
             xs_in.append(v)
 
@@ -1015,25 +1107,39 @@ def _scan_rule(ctx: _Context, eqn, invals):
         for v, xi in zip(xs, x):
             if _is_lora(v):
                 base, left, right, key = xi
-                xvals.append(dataclasses.replace(v, base=base, left=v.left if left is None else left,
-                                                 right=v.right if right is None else right, key=key,
-                                                 kinds=v.kinds[1:]))
+                xvals.append(
+                    dataclasses.replace(
+                        v,
+                        base=base,
+                        left=v.left if left is None else left,
+                        right=v.right if right is None else right,
+                        key=key,
+                        kinds=v.kinds[1:],
+                    )
+                )
             else:
                 xvals.append(xi)
         outs = _eval_closed(ctx, p["jaxpr"], [*consts, *carry, *xvals])
         outs = _dense_all(ctx, outs, "scan (LoRA value as a carry or output)", "out")
         return outs[:nk], outs[nk:]
 
-    carry, ys = lax.scan(body, list(init), xs_in, length=p["length"], reverse=p["reverse"], unroll=p["unroll"],
-                         _split_transpose=p.get("_split_transpose", False))
+    carry, ys = lax.scan(
+        body,
+        list(init),
+        xs_in,
+        length=p["length"],
+        reverse=p["reverse"],
+        unroll=p["unroll"],
+        _split_transpose=p.get("_split_transpose", False),
+    )
     return [*carry, *ys]
 
 
 def _while_rule(ctx: _Context, eqn, invals):
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    cond_consts, body_consts = invals[:cn], invals[cn:cn + bn]
-    init = _dense_all(ctx, invals[cn + bn:], "while (LoRA value in the carry)", "carry")
+    cond_consts, body_consts = invals[:cn], invals[cn : cn + bn]
+    init = _dense_all(ctx, invals[cn + bn :], "while (LoRA value in the carry)", "carry")
 
     def cond_fn(carry):
         return _eval_closed(ctx, p["cond_jaxpr"], [*cond_consts, *carry])[0]
@@ -1062,9 +1168,29 @@ def _cond_rule(ctx: _Context, eqn, invals):
 
 # Ops that keep a DoRA value's axes in place (its column factor stays valid); any other op on one gets the
 # dense DoRA kernel.
-_COL_SAFE = frozenset({"convert_element_type", "copy", "copy_p", "device_put", "sharding_constraint", "stop_gradient",
-                       "neg", "mul", "div", "dot_general", "jit", "pjit", "closed_call", "core_call", "remat",
-                       "remat2", "checkpoint", "cond", "while"})
+_COL_SAFE = frozenset(
+    {
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "device_put",
+        "sharding_constraint",
+        "stop_gradient",
+        "neg",
+        "mul",
+        "div",
+        "dot_general",
+        "jit",
+        "pjit",
+        "closed_call",
+        "core_call",
+        "remat",
+        "remat2",
+        "checkpoint",
+        "cond",
+        "while",
+    }
+)
 
 _RULES: dict[str, Callable] = {
     "transpose": _transpose_rule,
@@ -1198,8 +1324,7 @@ def transform_report(fn: Callable, *args, **kwargs) -> Report:
 # ------------------------------------------------------------------------------------- stacked adapters
 
 
-def init_stacked(params: PyTree, r: int = 8, *, stack_axes: int = 1, key: Array | None = None,
-                 **init_kwargs) -> PyTree:
+def init_stacked(params: PyTree, r: int = 8, *, stack_axes: int = 1, key: Array | None = None, **init_kwargs) -> PyTree:
     """Per-layer adapters for a tree whose leaves are all stacked along ``stack_axes`` leading axes.
 
     For the params of a Flax ``nn.scan`` module (kernels ``(L, d_in, d_out)``) this returns
@@ -1217,19 +1342,27 @@ def init_stacked(params: PyTree, r: int = 8, *, stack_axes: int = 1, key: Array 
     if not leaves:
         raise ArgumentError("init_stacked: params has no array leaves")
     stack = tuple(leaves[0].shape[:stack_axes])
-    bad = [(p, tuple(x.shape)) for p, x in _targets.leaf_paths(params) if tuple(x.shape[:stack_axes]) != stack
-           or x.ndim <= stack_axes]
+    bad = [
+        (p, tuple(x.shape))
+        for p, x in _targets.leaf_paths(params)
+        if tuple(x.shape[:stack_axes]) != stack or x.ndim <= stack_axes
+    ]
     if bad or len(stack) != stack_axes:
-        raise ArgumentError(f"init_stacked: every leaf must lead with the same {stack_axes} stack axes {stack}; "
-                            f"these do not: {bad[:5]}")
+        raise ArgumentError(
+            f"init_stacked: every leaf must lead with the same {stack_axes} stack axes {stack}; these do not: {bad[:5]}"
+        )
     per_layer = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[stack_axes:], x.dtype), params)
     keys = jax.random.split(jax.random.key(0) if key is None else key, math.prod(stack))
     init_kwargs = {"layer_axes": {".*": 0}, **init_kwargs}  # the per-layer shapes are what init sees
     flat = jax.jit(jax.vmap(lambda k: _core.init(per_layer, r, key=k, **init_kwargs)))(keys)
 
     def restack(ad):
-        return dataclasses.replace(ad, a=ad.a.reshape(*stack, *ad.a.shape[1:]), b=ad.b.reshape(*stack, *ad.b.shape[1:]),
-                                   in_shape=(*stack, *ad.in_shape))
+        return dataclasses.replace(
+            ad,
+            a=ad.a.reshape(*stack, *ad.a.shape[1:]),
+            b=ad.b.reshape(*stack, *ad.b.shape[1:]),
+            in_shape=(*stack, *ad.in_shape),
+        )
 
     return jax.tree_util.tree_map(restack, flat, is_leaf=_core.is_adapter)
 

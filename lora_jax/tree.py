@@ -120,9 +120,24 @@ def nbytes(tree: Any) -> int:
     >>> nbytes({"w": np.zeros((4, 8), np.float32), "step": 3, "b": np.zeros(8, np.int8)})
     136
     """
-    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-               for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype"))
+    return sum(
+        math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        for x in jax.tree_util.tree_leaves(tree)
+        if hasattr(x, "shape") and hasattr(x, "dtype")
+    )
 
 
-__all__ = ["Path", "flatten", "get", "join", "key_name", "leaves", "nbytes", "path_str", "path_tuple", "put",
-           "split", "unflatten"]
+__all__ = [
+    "Path",
+    "flatten",
+    "get",
+    "join",
+    "key_name",
+    "leaves",
+    "nbytes",
+    "path_str",
+    "path_tuple",
+    "put",
+    "split",
+    "unflatten",
+]

@@ -47,12 +47,15 @@ def nonfinite_summary(x: Any) -> str | None:
         return None
     nans = int(np.isnan(host).sum())
     first = tuple(int(i) for i in np.argwhere(~finite)[0])
-    return (f"{nans} NaN and {int((~finite).sum()) - nans} inf of {host.size} values (first at index "
-            f"{first if len(first) != 1 else first[0]})")
+    return (
+        f"{nans} NaN and {int((~finite).sum()) - nans} inf of {host.size} values (first at index "
+        f"{first if len(first) != 1 else first[0]})"
+    )
 
 
-def check_array(x: Any, name: str, source: str, *, shape: Sequence[int] | None = None,
-                error: type[LoraJaxError] = CheckpointError) -> Any:
+def check_array(
+    x: Any, name: str, source: str, *, shape: Sequence[int] | None = None, error: type[LoraJaxError] = CheckpointError
+) -> Any:
     """``x`` unchanged when it is a floating-point array (of ``shape``, when given) whose values are all finite;
     else ``error`` naming ``source`` (the file) and ``name`` (the tensor) and saying what was expected."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
@@ -82,8 +85,9 @@ def check_tree(tree: Any, source: str, *, error: type[LoraJaxError] = Checkpoint
         if hasattr(leaf, "dtype") and _is_float(leaf.dtype):
             bad = nonfinite_summary(leaf)
             if bad is not None:
-                raise error(f"{source}: tensor {path_str(path)!r} holds {bad}; a file with non-finite weights "
-                            "gives NaN outputs")
+                raise error(
+                    f"{source}: tensor {path_str(path)!r} holds {bad}; a file with non-finite weights gives NaN outputs"
+                )
     return tree
 
 

@@ -44,8 +44,9 @@ def _svd_lowrank(w: Array, r: int, niter: int, key: Array) -> tuple[Array, Array
     return q @ u, s, vt
 
 
-def pissa_factors(w: Array, r: int, scale: float, *, niter: int | None = None,
-                  key: Array | None = None) -> tuple[Array, Array, Array]:
+def pissa_factors(
+    w: Array, r: int, scale: float, *, niter: int | None = None, key: Array | None = None
+) -> tuple[Array, Array, Array]:
     """PiSSA for one 2-D kernel ``w (d_in, d_out)``: ``(A (d_in, r), B (r, d_out), residual (d_in, d_out))``,
     all float32, with ``residual + scale * A @ B == w`` up to rounding.
 
@@ -65,8 +66,9 @@ def pissa_factors(w: Array, r: int, scale: float, *, niter: int | None = None,
     return a, b, w - scale * (a @ b)
 
 
-def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Array | None = None,
-               **init_kwargs: Any) -> tuple[PyTree, PyTree]:
+def init_pissa(
+    params: PyTree, r: int = 8, *, niter: int | None = None, key: Array | None = None, **init_kwargs: Any
+) -> tuple[PyTree, PyTree]:
     """PiSSA adapters and the residual base they belong to.
 
     Args:
@@ -92,11 +94,14 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
 
     def residual(path: str, leaf, ad: _core.LoraAdapter):
         if _quant.is_quantized(leaf):
-            raise ArgumentError(f"init_pissa: {path} is already quantised; run PiSSA on the full-precision params and "
-                                "quantise the residual it returns (QPiSSA): lora.quantize(residual_params)")
+            raise ArgumentError(
+                f"init_pissa: {path} is already quantised; run PiSSA on the full-precision params and "
+                "quantise the residual it returns (QPiSSA): lora.quantize(residual_params)"
+            )
         if not isinstance(leaf, (jax.Array, np.ndarray)):
-            raise ArgumentError(f"init_pissa: {path} is a {type(leaf).__name__} without values; PiSSA needs the "
-                                "real kernel for its SVD")
+            raise ArgumentError(
+                f"init_pissa: {path} is a {type(leaf).__name__} without values; PiSSA needs the real kernel for its SVD"
+            )
         w = jnp.asarray(leaf, jnp.float32).reshape(math.prod(ad.in_shape), -1)
         a, b, res = pissa_factors(w, ad.r, ad.scale, niter=niter, key=next(keys))
         factors[path] = (a.astype(dtype), b.astype(dtype))
@@ -106,8 +111,16 @@ def init_pissa(params: PyTree, r: int = 8, *, niter: int | None = None, key: Arr
 
     def replace(path, ad):
         a, b = factors[_tree.path_str(path)]
-        return _core.LoraAdapter(a, b, alpha=ad.alpha, scale=ad.scale, in_shape=ad.in_shape, out_shape=ad.out_shape,
-                                 dropout=ad.dropout, magnitude=ad.magnitude)
+        return _core.LoraAdapter(
+            a,
+            b,
+            alpha=ad.alpha,
+            scale=ad.scale,
+            in_shape=ad.in_shape,
+            out_shape=ad.out_shape,
+            dropout=ad.dropout,
+            magnitude=ad.magnitude,
+        )
 
     return residual_params, jax.tree_util.tree_map_with_path(replace, adapters, is_leaf=_core.is_adapter)
 
@@ -132,16 +145,24 @@ def pissa_to_lora(adapters: PyTree, initial: PyTree) -> PyTree:
         name = _tree.path_str(path)
         a0 = init.get(name)
         if a0 is None or a0.r != ad.r:
-            raise TargetError(f"pissa_to_lora: {name} (rank {ad.r}) has "
-                              + ("no initial adapter" if a0 is None else f"an initial adapter of rank {a0.r}")
-                              + f"; the initial adapters hold {sorted(init)[:8]}")
+            raise TargetError(
+                f"pissa_to_lora: {name} (rank {ad.r}) has "
+                + ("no initial adapter" if a0 is None else f"an initial adapter of rank {a0.r}")
+                + f"; the initial adapters hold {sorted(init)[:8]}"
+            )
         r = 2 * ad.r
         rslora = not math.isclose(ad.scale, ad.alpha / ad.r) and math.isclose(ad.scale, ad.alpha / math.sqrt(ad.r))
         alpha = ad.scale * (math.sqrt(r) if rslora else r)
-        return _core.LoraAdapter(np.concatenate([np.asarray(ad.a), np.asarray(a0.a)], axis=1),
-                                 np.concatenate([np.asarray(ad.b), -np.asarray(a0.b)], axis=0),
-                                 alpha=alpha, scale=ad.scale, in_shape=ad.in_shape, out_shape=ad.out_shape,
-                                 dropout=ad.dropout, magnitude=ad.magnitude)
+        return _core.LoraAdapter(
+            np.concatenate([np.asarray(ad.a), np.asarray(a0.a)], axis=1),
+            np.concatenate([np.asarray(ad.b), -np.asarray(a0.b)], axis=0),
+            alpha=alpha,
+            scale=ad.scale,
+            in_shape=ad.in_shape,
+            out_shape=ad.out_shape,
+            dropout=ad.dropout,
+            magnitude=ad.magnitude,
+        )
 
     return jax.tree_util.tree_map_with_path(convert, adapters, is_leaf=_core.is_adapter)
 

@@ -30,8 +30,10 @@ CI = os.environ.get("LORA_JAX_CI") == "1"
 def missing(what: str, how: str):
     """Skip the test because ``what`` is missing, or fail it in CI (``LORA_JAX_CI=1``)."""
     if CI:
-        pytest.fail(f"{what} is missing and LORA_JAX_CI=1 (set by .ci/run): in CI this is an error, not a skip. "
-                    f"{how}", pytrace=False)
+        pytest.fail(
+            f"{what} is missing and LORA_JAX_CI=1 (set by .ci/run): in CI this is an error, not a skip. {how}",
+            pytrace=False,
+        )
     pytest.skip(f"{what} is missing ({how})", allow_module_level=True)
 
 
@@ -75,8 +77,9 @@ def shared_data(*parts: str) -> Path:
             return root / Path(*parts)
     # Not a project dependency (a user's machine, and possibly a CI machine, has no ../shared): a skip, never an
     # error, but one that names where it looked.
-    pytest.skip(f"shared data {'/'.join(parts)} is missing: looked in {[str(r) for r in roots]}; set "
-                "LORA_JAX_SHARED_DATA")
+    pytest.skip(
+        f"shared data {'/'.join(parts)} is missing: looked in {[str(r) for r in roots]}; set LORA_JAX_SHARED_DATA"
+    )
 
 
 @pytest.fixture(scope="session")

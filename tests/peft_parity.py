@@ -20,16 +20,20 @@ def assert_lora_gradients_match_peft(model, params, config, torch_model, ids, ta
     import torch
 
     torch.manual_seed(2)
-    peft_model = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))  # random A and B
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(torch_model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )  # random A and B
     names = lora.peft.naming(config)
     modules = dict(peft_model.base_model.model.named_modules())
     adapters = lora.init(params, r=4, alpha=8, targets=[rf".*/{t}/kernel" for t in targets])
 
     def from_peft(path, ad):
         m = modules[names.module_name(lora.tree.path_tuple(path))]
-        return dataclasses.replace(ad, a=jnp.asarray(m.lora_A["default"].weight.detach().numpy().T),
-                                   b=jnp.asarray(m.lora_B["default"].weight.detach().numpy().T))
+        return dataclasses.replace(
+            ad,
+            a=jnp.asarray(m.lora_A["default"].weight.detach().numpy().T),
+            b=jnp.asarray(m.lora_B["default"].weight.detach().numpy().T),
+        )
 
     adapters = jax.tree_util.tree_map_with_path(from_peft, adapters, is_leaf=lora.is_adapter)
     peft_model.train(False)

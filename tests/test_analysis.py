@@ -58,8 +58,8 @@ def test_bases_follow_the_papers_layout():
     ad = adapter(a_paper.T, b_paper.T)
     dw_paper = b_paper @ a_paper
 
-    _, _, vh_a = np.linalg.svd(a_paper, full_matrices=False)       # right-singular vectors of A: in R^{d_in}
-    u_b, _, _ = np.linalg.svd(b_paper, full_matrices=False)        # left-singular vectors of B: in R^{d_out}
+    _, _, vh_a = np.linalg.svd(a_paper, full_matrices=False)  # right-singular vectors of A: in R^{d_in}
+    u_b, _, _ = np.linalg.svd(b_paper, full_matrices=False)  # left-singular vectors of B: in R^{d_out}
     u_dw, _, vh_dw = np.linalg.svd(dw_paper, full_matrices=False)  # column space (d_out) / row space (d_in)
     assert same_span_in_order(analysis.basis(ad, "A"), vh_a[:r].T)
     assert same_span_in_order(analysis.basis(ad, "B"), u_b[:, :r])
@@ -86,8 +86,9 @@ def test_similarity_identical_orthogonal_and_random():
     np.testing.assert_allclose(analysis.grassmann_similarity(u2, u1), g.T, atol=1e-12)
     # Random subspaces: E phi(i, j) = max(i, j) / d.
     d, k1, k2, n = 400, 4, 16, 200
-    mean = np.mean([analysis.grassmann_similarity(orthonormal(rng, d, k1), orthonormal(rng, d, k2))
-                    for _ in range(n)], axis=0)
+    mean = np.mean(
+        [analysis.grassmann_similarity(orthonormal(rng, d, k1), orthonormal(rng, d, k2)) for _ in range(n)], axis=0
+    )
     np.testing.assert_allclose(mean, analysis.random_similarity(d, k1, k2), rtol=0.15)
 
 
@@ -135,8 +136,9 @@ def test_output_similarity_of_dw_column_spaces():
     ad2 = adapter(orthonormal(rng, 30, 4) @ np.diag([4.0, 3, 2, 1]), p[:, 2:6].T)
     grid = analysis.subspace_similarity(ad1, ad2, "output")
     # top directions: ad1 -> p0, p1, p2, p3 ; ad2 -> p2, p3, p4, p5
-    np.testing.assert_allclose(grid, [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1 / 2, 1 / 3, 1 / 3], [1, 1, 2 / 3, 2 / 4]],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        grid, [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1 / 2, 1 / 3, 1 / 3], [1, 1, 2 / 3, 2 / 4]], atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------- amplification
@@ -199,8 +201,14 @@ def test_effective_and_energy_rank():
 
 
 def toy_model(rng, d=16):
-    return {"encoder": {f"layer_{i}": {"attention": {m: {"kernel": rng.standard_normal((d, d)).astype(np.float32)}
-                                                     for m in ("query", "value")}} for i in range(2)}}
+    return {
+        "encoder": {
+            f"layer_{i}": {
+                "attention": {m: {"kernel": rng.standard_normal((d, d)).astype(np.float32)} for m in ("query", "value")}
+            }
+            for i in range(2)
+        }
+    }
 
 
 def test_layer_stats_and_concentration():
@@ -215,7 +223,8 @@ def test_layer_stats_and_concentration():
         return dataclasses.replace(ad, b=b)
 
     adapters = jax.tree_util.tree_map_with_path(
-        lambda kp, ad: fill("/".join(k.key for k in kp), ad), adapters, is_leaf=lora.is_adapter)
+        lambda kp, ad: fill("/".join(k.key for k in kp), ad), adapters, is_leaf=lora.is_adapter
+    )
     rows = analysis.layer_stats(params, adapters)
     assert [(r.layer, r.matrix) for r in rows] == [(0, "query"), (0, "value"), (1, "query"), (1, "value")]
     for row in rows:
@@ -223,9 +232,9 @@ def test_layer_stats_and_concentration():
         assert row.amp.norm_dw == pytest.approx(norms[row.path], rel=1e-6)
         assert row.relative == pytest.approx(norms[row.path] / np.linalg.norm(w.astype(np.float64)), rel=1e-6)
         assert row.spectrum.shape == (2,) and 1.0 <= row.effective_rank <= 2.0 and row.rank90 in (1, 2)
-    total = sum(v ** 2 for v in norms.values())
+    total = sum(v**2 for v in norms.values())
     by_layer = analysis.concentration(rows, "layer")
-    assert by_layer[1] == pytest.approx(sum(v ** 2 for p, v in norms.items() if "layer_1" in p) / total)
+    assert by_layer[1] == pytest.approx(sum(v**2 for p, v in norms.items() if "layer_1" in p) / total)
     assert sum(analysis.concentration(rows, "matrix").values()) == pytest.approx(1.0)
     assert list(analysis.concentration(rows, "path")) == [r.path for r in rows]
 
@@ -243,8 +252,11 @@ def test_stacked_adapters_split_per_layer():
     rng = np.random.default_rng(7)
     stacked = {"layers": {"query": {"kernel": rng.standard_normal((3, 12, 10)).astype(np.float32)}}}
     ads = lora.init_stacked(stacked, r=2, targets=".*kernel")
-    ads = jax.tree_util.tree_map(lambda ad: dataclasses.replace(ad, b=rng.standard_normal(ad.b.shape).astype(
-        np.float32)), ads, is_leaf=lora.is_adapter)
+    ads = jax.tree_util.tree_map(
+        lambda ad: dataclasses.replace(ad, b=rng.standard_normal(ad.b.shape).astype(np.float32)),
+        ads,
+        is_leaf=lora.is_adapter,
+    )
     items = list(analysis.iter_matrices(ads))
     assert [(p, idx) for p, idx, _ in items] == [(f"layers/query/kernel[{i}]", (i,)) for i in range(3)]
     full = np.asarray(ads["layers"]["query"]["kernel"].delta())
@@ -276,8 +288,11 @@ def test_report_verdict_tells_the_three_cases_apart():
 
     def verdict(idx=None):
         if idx is None:
-            return _verdict(analysis.layer_stats(params, {"query": {"kernel": adapter(
-                rng.standard_normal((d, r)), rng.standard_normal((r, d)))}}))[0]
+            return _verdict(
+                analysis.layer_stats(
+                    params, {"query": {"kernel": adapter(rng.standard_normal((d, r)), rng.standard_normal((r, d)))}}
+                )
+            )[0]
         a, b = p[:, idx], q[:, idx].T
         return _verdict(analysis.layer_stats(params, {"query": {"kernel": adapter(a, b)}}))[0]
 
@@ -296,8 +311,9 @@ def tiny_bert(tmp_path_factory, minilm_path):
 
     from lora_jax.models import bert, save_pretrained
 
-    config = bert.Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=128)
+    config = bert.Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128
+    )
     params = bert.init_params(config, jax.random.key(0), task="sequence-classification")
     folder = tmp_path_factory.mktemp("tiny_bert")
     save_pretrained(params, config, folder, tokenizer=AutoTokenizer.from_pretrained(str(minilm_path)))
@@ -309,8 +325,9 @@ def trained_like(params, r, seed):
     ads = lora.init(params, r=r, alpha=2 * r, targets="qv", key=jax.random.key(seed))
     leaves, treedef = jax.tree_util.tree_flatten(ads, is_leaf=lora.is_adapter)
     keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [
-        dataclasses.replace(ad, b=0.1 * jax.random.normal(k, ad.b.shape)) for ad, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(
+        treedef, [dataclasses.replace(ad, b=0.1 * jax.random.normal(k, ad.b.shape)) for ad, k in zip(leaves, keys)]
+    )
 
 
 def test_analyze_command_end_to_end(tiny_bert, tmp_path):
@@ -322,8 +339,17 @@ def test_analyze_command_end_to_end(tiny_bert, tmp_path):
         runs[name] = trained_like(params, r, seed=r)
         save_adapters(tmp_path / "runs" / name / "adapters", runs[name])
     out = tmp_path / "report"
-    rc = analyze.main(["--base", str(folder), "--adapters", str(tmp_path / "runs/r2_qv/adapters"),
-                       str(tmp_path / "runs/r8_qv/adapters"), "--out", str(out)])
+    rc = analyze.main(
+        [
+            "--base",
+            str(folder),
+            "--adapters",
+            str(tmp_path / "runs/r2_qv/adapters"),
+            str(tmp_path / "runs/r8_qv/adapters"),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = (out / "report.md").read_text()
     assert "## r2_qv: dW per matrix" in report and "## r8_qv: dW per matrix" in report
@@ -347,8 +373,21 @@ def test_analyze_command_end_to_end(tiny_bert, tmp_path):
 
     # One adapter: the per-matrix tables and no similarity.
     single = tmp_path / "single"
-    assert analyze.main(["--base", str(folder), "--adapters", str(tmp_path / "runs/r8_qv/adapters"),
-                         "--out", str(single), "--labels", "only"]) == 0
+    assert (
+        analyze.main(
+            [
+                "--base",
+                str(folder),
+                "--adapters",
+                str(tmp_path / "runs/r8_qv/adapters"),
+                "--out",
+                str(single),
+                "--labels",
+                "only",
+            ]
+        )
+        == 0
+    )
     text = (single / "report.md").read_text()
     assert "## only: dW per matrix" in text and "Only one adapter given" in text
     assert not (single / "similarity_A.png").exists() and (single / "spectra_only.png").exists()
@@ -358,13 +397,18 @@ def test_analyze_command_rejects_adapters_of_another_model(tiny_bert, tmp_path, 
     from train import analyze
 
     folder, _ = tiny_bert
-    other = {"bert": {"encoder": {"layer_0": {"attention": {"self": {"query": {
-        "kernel": np.zeros((48, 48), np.float32)}}}}}}}
+    other = {
+        "bert": {"encoder": {"layer_0": {"attention": {"self": {"query": {"kernel": np.zeros((48, 48), np.float32)}}}}}}
+    }
     save_adapters(tmp_path / "other", trained_like(other, 2, seed=0))
-    assert analyze.main(["--base", str(folder), "--adapters", str(tmp_path / "other"), "--out",
-                         str(tmp_path / "out")]) == 2
+    assert (
+        analyze.main(["--base", str(folder), "--adapters", str(tmp_path / "other"), "--out", str(tmp_path / "out")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "(32, 32)" in err and "(48, 48)" in err
-    assert analyze.main(["--base", str(folder), "--adapters", str(tmp_path / "missing"), "--out",
-                         str(tmp_path / "out")]) == 2
+    assert (
+        analyze.main(["--base", str(folder), "--adapters", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+        == 2
+    )
     assert "missing' does not exist" in capsys.readouterr().err

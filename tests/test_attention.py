@@ -21,8 +21,8 @@ def _inputs(b=2, s=50, h=4, kv=2, d=8, seed=0, dtype=jnp.float32):
     rng = np.random.RandomState(seed)
     q, k, v = (jnp.asarray(rng.randn(b, s, n, d), dtype) for n in (h, kv, kv))
     seg = np.zeros((b, s), np.int32)  # row 0: three examples then padding; row 1: one example then padding
-    seg[0, :17], seg[0, 17:40], seg[0, 40:s - 3] = 1, 2, 3
-    seg[1:, :s - 11] = 5
+    seg[0, :17], seg[0, 17:40], seg[0, 40 : s - 3] = 1, 2, 3
+    seg[1:, : s - 11] = 5
     return q, k, v, jnp.asarray(seg)
 
 
@@ -42,36 +42,53 @@ def _compare(fn, window, softcap, atol, inputs=None, grads=True):
     want = jax.jit(lambda q, k, v: dense_attend(q, k, v, dense, None, softcap))(q, k, v)
     got = jax.jit(lambda q, k, v: fn(q, k, v, mask, 1 / np.sqrt(d), softcap))(q, k, v)
     assert got.shape == want.shape and got.dtype == want.dtype
-    np.testing.assert_allclose(np.where(valid[..., None, None], got, 0), np.where(valid[..., None, None], want, 0),
-                               atol=atol, rtol=atol)
+    np.testing.assert_allclose(
+        np.where(valid[..., None, None], got, 0), np.where(valid[..., None, None], want, 0), atol=atol, rtol=atol
+    )
     if grads:
-        g_want = jax.jit(jax.grad(_loss(lambda q, k, v: dense_attend(q, k, v, dense, None, softcap), valid, d),
-                                  argnums=(0, 1, 2)))(q, k, v)
-        g_got = jax.jit(jax.grad(_loss(lambda q, k, v: fn(q, k, v, mask, 1 / np.sqrt(d), softcap), valid, d),
-                                 argnums=(0, 1, 2)))(q, k, v)
+        g_want = jax.jit(
+            jax.grad(_loss(lambda q, k, v: dense_attend(q, k, v, dense, None, softcap), valid, d), argnums=(0, 1, 2))
+        )(q, k, v)
+        g_got = jax.jit(
+            jax.grad(_loss(lambda q, k, v: fn(q, k, v, mask, 1 / np.sqrt(d), softcap), valid, d), argnums=(0, 1, 2))
+        )(q, k, v)
         for name, a, b in zip("qkv", g_got, g_want):
             scale = float(jnp.abs(b).max())
             np.testing.assert_allclose(a, b, atol=atol * scale, rtol=atol, err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("window,softcap,blocks", [
-    (7, 3.0, (8, 16)),
-    pytest.param(None, None, (16, 8), marks=pytest.mark.slow),
-    pytest.param(7, None, (512, 512), marks=pytest.mark.slow),
-    pytest.param(None, 3.0, (16, 16), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "window,softcap,blocks",
+    [
+        (7, 3.0, (8, 16)),
+        pytest.param(None, None, (16, 8), marks=pytest.mark.slow),
+        pytest.param(7, None, (512, 512), marks=pytest.mark.slow),
+        pytest.param(None, 3.0, (16, 16), marks=pytest.mark.slow),
+    ],
+)
 def test_blockwise_equals_dense_attention(window, softcap, blocks):
     """Outputs and q/k/v gradients on packed rows with padding, grouped heads (4 query heads on 2), a window, a
     soft-cap; uneven blocks (50 tokens in blocks of 8 / 16: padded last blocks, skipped future blocks) and one block."""
     bq, bk = blocks
-    _compare(lambda q, k, v, m, sc, cap: attention.blockwise(q, k, v, m, sc, cap, block_q=bq, block_k=bk),
-             window, softcap, 2e-5)
+    _compare(
+        lambda q, k, v, m, sc, cap: attention.blockwise(q, k, v, m, sc, cap, block_q=bq, block_k=bk),
+        window,
+        softcap,
+        2e-5,
+    )
 
 
 @pytest.mark.slow
 def test_blockwise_bfloat16_follows_the_dense_path():
     """In bfloat16 both cast the probabilities to bfloat16 before multiplying the values: close, not equal."""
-    _compare(lambda q, k, v, m, sc, cap: attention.blockwise(q, k, v, m, sc, cap, block_q=16, block_k=16),
-             5, None, 3e-2, _inputs(dtype=jnp.bfloat16), grads=False)
+    _compare(
+        lambda q, k, v, m, sc, cap: attention.blockwise(q, k, v, m, sc, cap, block_q=16, block_k=16),
+        5,
+        None,
+        3e-2,
+        _inputs(dtype=jnp.bfloat16),
+        grads=False,
+    )
 
 
 def test_blockwise_with_a_kv_cache_offset():
@@ -82,18 +99,19 @@ def test_blockwise_with_a_kv_cache_offset():
     k, v = (jnp.asarray(rng.randn(b, t, kv, d), jnp.float32) for _ in range(2))
     key_valid = jnp.asarray(np.arange(t)[None] >= np.array([[3], [0]])) & (jnp.arange(t) < 14)
     for window in (None, 4):
-        mask = attention.Mask(key_valid, None, jnp.asarray(9, jnp.int32), window, cached=True,
-                              implementation="blockwise")
+        mask = attention.Mask(
+            key_valid, None, jnp.asarray(9, jnp.int32), window, cached=True, implementation="blockwise"
+        )
         want = jax.jit(lambda q, k, v: dense_attend(q, k, v, mask.dense(s, t)))(q, k, v)
         assert attention.choose(mask, q, None) == "blockwise"  # said explicitly: a cache does not change it
-        got = jax.jit(lambda q, k, v: attention.blockwise(q, k, v, mask, 1 / np.sqrt(d), block_q=2, block_k=8))(
-            q, k, v)
+        got = jax.jit(lambda q, k, v: attention.blockwise(q, k, v, mask, 1 / np.sqrt(d), block_q=2, block_k=8))(q, k, v)
         np.testing.assert_allclose(got, want, atol=2e-6)
 
 
 def test_blockwise_backward_keeps_nothing_quadratic():
     """Compiled forward + backward temporaries grow linearly with the sequence: 4x the tokens, at most ~4.5x the
     bytes (the dense path grows ~16x: its scores are T x T)."""
+
     def temp(fn, s):
         q = jax.ShapeDtypeStruct((1, s, 4, 32), jnp.float32)
         k = jax.ShapeDtypeStruct((1, s, 2, 32), jnp.float32)
@@ -105,8 +123,15 @@ def test_blockwise_backward_keeps_nothing_quadratic():
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    blockwise = lambda q, k, v, step: attention.blockwise(q, k, v, step.mask(False), 0.2,  # noqa: E731
-                                                          block_q=128, block_k=128)
+    blockwise = lambda q, k, v, step: attention.blockwise(
+        q,
+        k,
+        v,
+        step.mask(False),
+        0.2,  # noqa: E731
+        block_q=128,
+        block_k=128,
+    )
     dense = lambda q, k, v, step: dense_attend(q, k, v, step.causal)  # noqa: E731
     small, large = temp(blockwise, 512), temp(blockwise, 2048)
     assert large <= 4.5 * small, (small, large)
@@ -117,8 +142,16 @@ def test_splash_forward_in_interpret_mode():
     """The Pallas TPU splash kernel, run by Pallas' interpreter on this backend: the dense outputs on packed rows
     with padding, a window, grouped heads and a soft-cap."""
     inputs = _inputs(b=1, s=128, h=2, kv=1, d=32)
-    splash = lambda q, k, v, m, sc, cap: attention.splash(q, k, v, m, sc, cap, interpret=True,  # noqa: E731
-                                                          block=128)
+    splash = lambda q, k, v, m, sc, cap: attention.splash(
+        q,
+        k,
+        v,
+        m,
+        sc,
+        cap,
+        interpret=True,  # noqa: E731
+        block=128,
+    )
     _compare(splash, 40, 5.0, 2e-5, inputs, grads=False)
 
 
@@ -127,8 +160,16 @@ def test_splash_forward_in_interpret_mode():
 def test_splash_gradients_in_interpret_mode(window, softcap):
     """The splash kernel's forward and backward (two blocks of 128) against the dense path."""
     inputs = _inputs(b=1, s=256, h=4, kv=2, d=32)
-    splash = lambda q, k, v, m, sc, cap: attention.splash(q, k, v, m, sc, cap, interpret=True,  # noqa: E731
-                                                          block=128)
+    splash = lambda q, k, v, m, sc, cap: attention.splash(
+        q,
+        k,
+        v,
+        m,
+        sc,
+        cap,
+        interpret=True,  # noqa: E731
+        block=128,
+    )
     _compare(splash, window, softcap, 2e-5, inputs)
 
 
@@ -152,8 +193,15 @@ def test_auto_and_refusals():
 
 
 def _tiny_llama(window=None):
-    hf = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    hf = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     config = llama.Config.from_hf(hf)
     if window is not None:
         import dataclasses
@@ -206,7 +254,7 @@ def test_cached_generation_is_unchanged_by_the_setting():
         logits, cache = apply({"params": params}, ids[:, :8], cache=cache)
         steps = [logits]
         for t in range(8, 12):
-            logits, cache = apply({"params": params}, ids[:, t:t + 1], cache=cache)
+            logits, cache = apply({"params": params}, ids[:, t : t + 1], cache=cache)
             steps.append(logits)
         outs[impl] = jnp.concatenate(steps, axis=1)
     full, _ = jax.jit(model.apply)({"params": params}, ids)

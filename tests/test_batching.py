@@ -38,7 +38,7 @@ def _causal(n=60, width=24, seed=0, vocab=64) -> data_lib.Tokenized:
         p, c = int(rng.integers(2, 6)), int(rng.integers(2, width - 6))
         ids[i, : p + c] = rng.integers(1, vocab, p + c)
         mask[i, : p + c] = 1
-        loss[i, p - 1: p + c - 1] = 1
+        loss[i, p - 1 : p + c - 1] = 1
     return data_lib.Tokenized(ids, mask, loss_mask=loss)
 
 
@@ -127,10 +127,10 @@ def test_packed_rows_hold_each_example_once_per_epoch_and_resume_exactly():
         at = 0
         for k, i in enumerate(row):
             n = lengths[i]
-            np.testing.assert_array_equal(b["input_ids"][r, at: at + n], data.input_ids[i, :n])
-            np.testing.assert_array_equal(b["loss_mask"][r, at: at + n], data.loss_mask[i, :n])
-            np.testing.assert_array_equal(b["positions"][r, at: at + n], np.arange(n))
-            assert (b["segment_ids"][r, at: at + n] == k + 1).all()
+            np.testing.assert_array_equal(b["input_ids"][r, at : at + n], data.input_ids[i, :n])
+            np.testing.assert_array_equal(b["loss_mask"][r, at : at + n], data.loss_mask[i, :n])
+            np.testing.assert_array_equal(b["positions"][r, at : at + n], np.arange(n))
+            assert (b["segment_ids"][r, at : at + n] == k + 1).all()
             at += n
         assert b["attention_mask"][r].sum() == at and (b["segment_ids"][r, at:] == 0).all()
     # a fresh instance (a resumed run) at any index, across epochs

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_figures_are_generated_from_the_results():
     """README.md and the docs pages (docs/**/*.md) show what benchmarks/results/*.json hold."""
-    assert not report.stale_pages(report.load_results()), \
+    assert not report.stale_pages(report.load_results()), (
         "a page disagrees with benchmarks/results/*.json: run python -m benchmarks.report"
+    )
 
 
 def test_report_follows_the_results_and_covers_them_all():
@@ -54,8 +55,9 @@ def test_report_follows_the_results_and_covers_them_all():
 def test_benchmark_results_are_not_older_than_the_code_they_measure():
     """Fails until every listed results file is rerun on the current code (see the rerun commands)."""
     stale = staleness.check()  # raises NoHistory outside a full git checkout: no silent pass
-    assert not stale, "stale benchmark results:\n" + "\n".join(f"  {s.results}: {s.why}\n    rerun: {s.rerun}"
-                                                             for s in stale)
+    assert not stale, "stale benchmark results:\n" + "\n".join(
+        f"  {s.results}: {s.why}\n    rerun: {s.rerun}" for s in stale
+    )
 
 
 def test_every_benchmark_declares_existing_sources():
@@ -85,9 +87,20 @@ def test_benchmarks_run_as_modules_on_one_harness():
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
-                          env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                               "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}).stdout.strip()
+    return subprocess.run(
+        ["git", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+            "PATH": "/usr/bin:/bin",
+        },
+    ).stdout.strip()
 
 
 def _commit(repo: Path, files: dict[str, str], message: str) -> str:
@@ -109,8 +122,11 @@ def test_staleness_from_git_history(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
-    measured = _commit(repo, {"lib/ops.py": "a = 1\n", "other.py": "",
-                              "benchmarks/foo.py": 'SOURCES = ("lib", "benchmarks/foo.py")\n'}, "code")
+    measured = _commit(
+        repo,
+        {"lib/ops.py": "a = 1\n", "other.py": "", "benchmarks/foo.py": 'SOURCES = ("lib", "benchmarks/foo.py")\n'},
+        "code",
+    )
     _result(repo, "foo", {"commit": measured, "dirty_sources": []})
     assert staleness.check(repo / "results", repo) == []
     _commit(repo, {"other.py": "x = 2\n"}, "unrelated")  # a change outside the sources keeps it fresh
@@ -160,7 +176,7 @@ def test_recorder_writes_the_run_it_measured(tmp_path):
 
 
 def test_paired_statistics():
-    assert common.sign_test_p(20, 20) == pytest.approx(2.0 ** -20)
+    assert common.sign_test_p(20, 20) == pytest.approx(2.0**-20)
     assert common.sign_test_p(0, 5) == 1.0 and common.sign_test_p(3, 6) == pytest.approx(42 / 64)
     s = common.paired_summary([1.1, 2.2, 3.3, 4.4], [1.0, 2.0, 3.0, 4.0])
     assert s["median"] == pytest.approx(1.1) and s["ci95"] == pytest.approx([1.1, 1.1])
@@ -173,8 +189,9 @@ def test_paired_statistics():
 
 def _goal(ratios, control=(1.0,) * 20):
     base = [1.0] * len(ratios)
-    return train_step.merged_goal(common.paired_summary(list(ratios), base),
-                                  common.paired_summary(list(control), [1.0] * len(control)))
+    return train_step.merged_goal(
+        common.paired_summary(list(ratios), base), common.paired_summary(list(control), [1.0] * len(control))
+    )
 
 
 def test_merged_latency_goal_can_fail():
@@ -204,10 +221,11 @@ def test_experiment_blocks_follow_their_results():
     """The experiments' blocks (E2E, SST-2 methods, the E2E dW analysis) change when their JSON does."""
     readme = "\n".join(p.read_text() for p in report.pages())
     results = report.load_results()
-    for key, edit in [(report.E2E, lambda r: r["table"][0].update(bleu=r["table"][0]["bleu"] + 1)),
-                      (report.SST2, lambda r: r["table"][0].update(auc=r["table"][0]["auc"] - 0.1)),
-                      (report.E2E_ANALYSIS,
-                       lambda r: next(iter(r["adapters"].values()))["matrices"][0].update(relative=9.0))]:
+    for key, edit in [
+        (report.E2E, lambda r: r["table"][0].update(bleu=r["table"][0]["bleu"] + 1)),
+        (report.SST2, lambda r: r["table"][0].update(auc=r["table"][0]["auc"] - 0.1)),
+        (report.E2E_ANALYSIS, lambda r: next(iter(r["adapters"].values()))["matrices"][0].update(relative=9.0)),
+    ]:
         changed = copy.deepcopy(results)
         edit(changed[key])
         assert report.render(readme, changed) != readme, key

@@ -25,7 +25,8 @@ def _check_times(times: dict) -> None:
 def _check_step_and_memory(result, models) -> None:
     rows = result["step"]
     assert [(r["model"], r["method"]) for r in rows] == [
-        (m, train_step.LABELS[k]) for m in models for k in train_step.KINDS]
+        (m, train_step.LABELS[k]) for m in models for k in train_step.KINDS
+    ]
     for r in rows:
         assert _positive(r["median_ms"]) and _positive(r["tokens/s"]) and _positive(r["ratio_to_full"])
     assert {r["method"]: r["ratio_to_full"] for r in rows if r["model"] == models[0]}["full fine-tuning"] == 1.0
@@ -67,7 +68,11 @@ def test_train_step_quick_all_sections(tmp_path):
     sweeps = [(r["sweep"], r["variant"]) for r in result["scaling"]]
     assert sweeps[0] == ("rank (qv)", "full fine-tuning") and ("rank (qv)", "r=4") in sweeps
     assert [v for s, v in sweeps if s.startswith("targets")] == [
-        "full fine-tuning", "qv (2/layer)", "attention (4/layer)", "all-linear (7/layer)"]
+        "full fine-tuning",
+        "qv (2/layer)",
+        "attention (4/layer)",
+        "all-linear (7/layer)",
+    ]
     assert all(_positive(r["median_ms"]) for r in result["scaling"])
 
 
@@ -87,8 +92,10 @@ def test_peers_notes_quote_only_this_runs_figures():
     """Verdicts come from the paired rounds and the FLOP rates from the run's own counts; nothing else."""
     summary = {"median": 1.2, "ci95": [1.1, 1.3], "rounds": 5, "slower_rounds": 5}
     rows = {"ours": {"median_ms": 2000.0, "paired": summary}, "peft": {"median_ms": 1000.0, "paired": summary}}
-    info = {"ours": {"flops_per_step": 4e11, "flops_counter": "XLA cost analysis"},
-            "peft": {"flops_per_step": 3e11, "flops_counter": "torch.utils.flop_counter"}}
+    info = {
+        "ours": {"flops_per_step": 4e11, "flops_counter": "XLA cost analysis"},
+        "peft": {"flops_per_step": 3e11, "flops_counter": "torch.utils.flop_counter"},
+    }
     notes = peers.explain(rows, info, quick=False)
     assert notes[0].startswith("ours is slower than peft (median 1.20, 95% CI 1.10-1.30")
     assert "ours: 400 GFLOP per step (XLA cost analysis) in 2.00 s = 200 GFLOP/s" in notes[1]
@@ -155,8 +162,17 @@ def test_time_to_accuracy_peft_schedule_is_the_jobs(schedule):
     from train import loop
     from train.config import load_config
 
-    cfg = load_config(None, ["optim.name=sgd", "optim.grad_clip=null", "optim.lr=1e-3", "optim.warmup_steps=5",
-                             "train.steps=20", f"optim.schedule={schedule}"])
+    cfg = load_config(
+        None,
+        [
+            "optim.name=sgd",
+            "optim.grad_clip=null",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=5",
+            "train.steps=20",
+            f"optim.schedule={schedule}",
+        ],
+    )
     tx = loop.make_optimizer(cfg)
     params = {"w": jnp.zeros(())}
     state = tx.init(params)
@@ -220,8 +236,11 @@ def test_xla_flags_verdicts_come_from_the_rows():
     assert not xla_flags.compare(ref, {"loss": 0.7001, "tree": ref["tree"]})["unchanged"]
 
     def row(ratios, unchanged=True):
-        return {"status": "ran", "unchanged": unchanged,
-                "ratio_to_default": common.paired_summary(list(ratios), [1.0] * len(ratios))}
+        return {
+            "status": "ran",
+            "unchanged": unchanged,
+            "ratio_to_default": common.paired_summary(list(ratios), [1.0] * len(ratios)),
+        }
 
     assert xla_flags.verdict(row([0.9] * 6)) == "helps"
     assert xla_flags.verdict(row([1.1] * 6)) == "slower"
@@ -246,8 +265,19 @@ def test_xla_flags_unknown_flag_is_recorded_not_raised(tmp_path):
 def test_xla_flags_quick(tmp_path):
     from benchmarks import xla_flags
 
-    result = xla_flags.main(["--quick", "--models", "minilm", "--sets", "onednn", "--flags",
-                             "bogus=--xla_cpu_no_such_flag_here=true", "--out-dir", str(tmp_path)])
+    result = xla_flags.main(
+        [
+            "--quick",
+            "--models",
+            "minilm",
+            "--sets",
+            "onednn",
+            "--flags",
+            "bogus=--xla_cpu_no_such_flag_here=true",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     (model,) = result["results"]
     rows = {r["set"]: r for r in model["rows"]}
     assert list(rows) == ["default", "onednn", "bogus"]
@@ -265,8 +295,10 @@ def test_peers_throughput_goal_can_fail_and_says_why_from_the_run():
     from benchmarks.peers import GOAL, throughput_goal
 
     def rows(median):  # ours / PEFT per paired round
-        return {"ours": {"median_ms": 1000.0 * median}, "peft": {"median_ms": 1000.0,
-                                                                 "paired": {"median": median, "ci95": [0.9 * median, 1.1 * median]}}}
+        return {
+            "ours": {"median_ms": 1000.0 * median},
+            "peft": {"median_ms": 1000.0, "paired": {"median": median, "ci95": [0.9 * median, 1.1 * median]}},
+        }
 
     info = {"ours": {"flops_per_step": 4e11}, "peft": {"flops_per_step": 5e11}}
     fast = throughput_goal(rows(0.5), info)
@@ -280,13 +312,25 @@ def test_peers_throughput_goal_can_fail_and_says_why_from_the_run():
 def test_loss_memory_missed_goal_explained_from_its_own_rows():
     from benchmarks.loss_memory import explain_misses
 
-    rows = [{"model": "m", "method": "full", "loss": "plain", "remat": "none", "peak_MiB": 1000.0, "temp_MiB": 500.0},
-            {"model": "m", "method": "lora", "loss": "chunked", "remat": "none", "peak_MiB": 400.0, "temp_MiB": 300.0},
-            {"model": "m", "method": "lora", "loss": "chunked", "remat": "full (per layer)", "peak_MiB": 150.0,
-             "temp_MiB": 50.0}]
-    goals = {"m: LoRA step peak / full fine-tuning <= 0.35 (chunked loss, remat none)": {"value": 0.4, "met": False},
-             "m: LoRA step peak / full fine-tuning <= 0.35 (chunked loss, remat full (per layer))": {"value": 0.15,
-                                                                                                   "met": True}}
+    rows = [
+        {"model": "m", "method": "full", "loss": "plain", "remat": "none", "peak_MiB": 1000.0, "temp_MiB": 500.0},
+        {"model": "m", "method": "lora", "loss": "chunked", "remat": "none", "peak_MiB": 400.0, "temp_MiB": 300.0},
+        {
+            "model": "m",
+            "method": "lora",
+            "loss": "chunked",
+            "remat": "full (per layer)",
+            "peak_MiB": 150.0,
+            "temp_MiB": 50.0,
+        },
+    ]
+    goals = {
+        "m: LoRA step peak / full fine-tuning <= 0.35 (chunked loss, remat none)": {"value": 0.4, "met": False},
+        "m: LoRA step peak / full fine-tuning <= 0.35 (chunked loss, remat full (per layer))": {
+            "value": 0.15,
+            "met": True,
+        },
+    }
     explain_misses(goals, rows, [])
     missed, met = goals.values()
     assert "300 MiB" in missed["why"] and "50 MiB" in missed["why"] and "250 MiB are activations" in missed["why"]
@@ -321,7 +365,7 @@ def test_causal_tokens_flattened_batches_hold_our_packed_rows_tokens():
         prompt = int(rng.integers(1, length - 1))
         ids[i, :length] = rng.integers(3, 100, length)
         mask[i, :length] = 1
-        loss_mask[i, prompt - 1: length - 1] = 1  # as train.data.tokenize marks a completion
+        loss_mask[i, prompt - 1 : length - 1] = 1  # as train.data.tokenize marks a completion
     data = data_lib.Tokenized(ids, mask, loss_mask=loss_mask)
     batches = data_lib.PackedBatches(data, rows=3, seed=0, width=width)
     features = ct.example_features(data)
@@ -389,8 +433,10 @@ def test_attention_memory_goal_can_fail():
     from benchmarks import attention_memory
 
     def rows(impl, temps):
-        return [{"attention": impl, "seq": s, "bytes": {"temp": t, "peak": t + 10}}
-                for s, t in zip((1024, 2048, 8192), temps)]
+        return [
+            {"attention": impl, "seq": s, "bytes": {"temp": t, "peak": t + 10}}
+            for s, t in zip((1024, 2048, 8192), temps)
+        ]
 
     quadratic = attention_memory.growth(rows("xla", [100, 400, 6400]), "xla")
     assert quadratic["tokens_ratio"] == 8 and quadratic["temp_ratio"] == 64 > attention_memory.GOAL
@@ -406,8 +452,13 @@ def test_accelerator_flops_and_peaks():
     assert accelerator.peak_tflops("TPU v5 lite") == 197.0 and accelerator.peak_tflops("cpu") is None
     config = accelerator.model_config("gemma3", quick=True)  # 2 layers: sliding (window 64), then global
     s = 256
-    want = 3 * 4 * config.num_attention_heads * config.head_dim * (
-        np.minimum(np.arange(1, s + 1), 64).mean() + np.arange(1, s + 1).mean())
+    want = (
+        3
+        * 4
+        * config.num_attention_heads
+        * config.head_dim
+        * (np.minimum(np.arange(1, s + 1), 64).mean() + np.arange(1, s + 1).mean())
+    )
     assert accelerator.attention_flops_per_token(config, s) == pytest.approx(want)
 
 

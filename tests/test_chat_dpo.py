@@ -33,15 +33,21 @@ CONVERSATION = [
 ]
 
 PAIRS = [
-    {"prompt": [{"role": "user", "content": "name[The Eagle], food[French], area[riverside]"}],
-     "chosen": [{"role": "assistant", "content": "The Eagle serves French food by the river."}],
-     "rejected": [{"role": "assistant", "content": "The Eagle serves Italian food in the city centre."}]},
-    {"prompt": [{"role": "user", "content": "name[Zizzi], eatType[pub]"}],
-     "chosen": [{"role": "assistant", "content": "Zizzi is a pub."}],
-     "rejected": [{"role": "assistant", "content": "Zizzi is a coffee shop that is not family friendly at all."}]},
-    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "name[Cotto], near[Ranch]"}],
-     "chosen": [{"role": "assistant", "content": "Cotto is near Ranch."}],
-     "rejected": [{"role": "assistant", "content": "Cotto."}]},
+    {
+        "prompt": [{"role": "user", "content": "name[The Eagle], food[French], area[riverside]"}],
+        "chosen": [{"role": "assistant", "content": "The Eagle serves French food by the river."}],
+        "rejected": [{"role": "assistant", "content": "The Eagle serves Italian food in the city centre."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "name[Zizzi], eatType[pub]"}],
+        "chosen": [{"role": "assistant", "content": "Zizzi is a pub."}],
+        "rejected": [{"role": "assistant", "content": "Zizzi is a coffee shop that is not family friendly at all."}],
+    },
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "name[Cotto], near[Ranch]"}],
+        "chosen": [{"role": "assistant", "content": "Cotto is near Ranch."}],
+        "rejected": [{"role": "assistant", "content": "Cotto."}],
+    },
 ]
 
 
@@ -94,16 +100,33 @@ def _trl_sft_rows(tokenizer, rows: list[dict], template: str | None = None, **co
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=512))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+        )
+    )
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(output_dir=tmp, report_to="none", max_length=None, packing=False, use_cpu=True,
-                         dataset_num_proc=None, **config)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok)
+        args = SFTConfig(
+            output_dir=tmp,
+            report_to="none",
+            max_length=None,
+            packing=False,
+            use_cpu=True,
+            dataset_num_proc=None,
+            **config,
+        )
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok
+        )
         return [dict(r) for r in trainer.train_dataset]
 
 
@@ -159,8 +182,10 @@ def test_gemma3_mask_equals_trl_assistant_only_loss(gemma3_tokenizer):
 
 def test_chat_rows_tokenize_with_shifted_loss_mask_and_generation_prompts(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    rows = [{"messages": CONVERSATION, data_lib.SOURCE_KEY: "f.jsonl row 1"},
-            {"messages": json.dumps(CONVERSATION[1:3]), data_lib.SOURCE_KEY: "f.jsonl row 2"}]  # a CSV cell
+    rows = [
+        {"messages": CONVERSATION, data_lib.SOURCE_KEY: "f.jsonl row 1"},
+        {"messages": json.dumps(CONVERSATION[1:3]), data_lib.SOURCE_KEY: "f.jsonl row 2"},
+    ]  # a CSV cell
     t = data_lib.tokenize(rows, tok, chat_cfg(max_length=128))
     ids, mask = data_lib.chat_token_mask(tok, CONVERSATION, tok.chat_template)
     assert t.input_ids[0, : len(ids)].tolist() == ids
@@ -168,15 +193,16 @@ def test_chat_rows_tokenize_with_shifted_loss_mask_and_generation_prompts(smollm
     assert t.prompts[0].endswith("<|im_start|>assistant\n") and "Burger King]?" in t.prompts[0]
     assert t.references[0] == [CONVERSATION[-1]["content"]]
     with pytest.raises(DataError, match="row 3.*last message must be the assistant"):
-        data_lib.tokenize([{"messages": CONVERSATION[:2], data_lib.SOURCE_KEY: "f.jsonl row 3"}], tok,
-                          chat_cfg())
+        data_lib.tokenize([{"messages": CONVERSATION[:2], data_lib.SOURCE_KEY: "f.jsonl row 3"}], tok, chat_cfg())
     with pytest.raises(DataError, match="role"):
         data_lib.tokenize([{"messages": [{"role": "bot", "content": "x"}]}], tok, chat_cfg())
 
 
 def test_chat_split_keeps_a_conversation_prefix_on_one_side():
-    rows = [{"messages": [{"role": "user", "content": f"q{i % 7}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(70)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i % 7}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(70)
+    ]
     train, evals = data_lib.split_rows(rows, chat_cfg(eval_fraction=0.3))
     key = data_lib.split_key(chat_cfg())
     assert not {key(r) for r in train} & {key(r) for r in evals}
@@ -201,10 +227,19 @@ def dpo_case(smollm2_tokenizer, tmp_path_factory):
     from lora_jax.models import from_hf_weights, llama
 
     tok = copy.deepcopy(smollm2_tokenizer)
-    hf_config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                         head_dim=8, max_position_embeddings=256, tie_word_embeddings=True,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     torch_model = transformers.LlamaForCausalLM(hf_config)
     with torch.no_grad():
@@ -216,13 +251,25 @@ def dpo_case(smollm2_tokenizer, tmp_path_factory):
 
     def make(loss_type: str, beta: float):
         torch.manual_seed(1)
-        args = DPOConfig(output_dir=str(tmp_path_factory.mktemp("dpo")), report_to="none", beta=beta,
-                         loss_type=[loss_type], max_length=None, use_cpu=True, per_device_train_batch_size=1,
-                         dataset_num_proc=None)
-        trainer = DPOTrainer(model=copy.deepcopy(torch_model), args=args, processing_class=tok,
-                             train_dataset=datasets.Dataset.from_list(PAIRS),
-                             peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                         init_lora_weights=False, lora_dropout=0.0))
+        args = DPOConfig(
+            output_dir=str(tmp_path_factory.mktemp("dpo")),
+            report_to="none",
+            beta=beta,
+            loss_type=[loss_type],
+            max_length=None,
+            use_cpu=True,
+            per_device_train_batch_size=1,
+            dataset_num_proc=None,
+        )
+        trainer = DPOTrainer(
+            model=copy.deepcopy(torch_model),
+            args=args,
+            processing_class=tok,
+            train_dataset=datasets.Dataset.from_list(PAIRS),
+            peft_config=peft.LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, lora_dropout=0.0
+            ),
+        )
         assert "ref" not in trainer.model.peft_config  # the reference: adapters disabled
         modules = dict(trainer.model.named_modules())
         gen = torch.Generator().manual_seed(2)
@@ -232,17 +279,22 @@ def dpo_case(smollm2_tokenizer, tmp_path_factory):
                     p.copy_(0.5 * torch.randn(p.shape, generator=gen))
 
         def module(path):
-            return modules["base_model.model." + path.removesuffix("/kernel").replace("/", ".").replace(
-                "layers_", "layers.")]
+            return modules[
+                "base_model.model." + path.removesuffix("/kernel").replace("/", ".").replace("layers_", "layers.")
+            ]
 
         def from_peft(path, ad):
             m = module(path)
-            return dataclasses.replace(ad, a=jnp.asarray(m.lora_A["default"].weight.detach().numpy().T),
-                                       b=jnp.asarray(m.lora_B["default"].weight.detach().numpy().T))
+            return dataclasses.replace(
+                ad,
+                a=jnp.asarray(m.lora_A["default"].weight.detach().numpy().T),
+                b=jnp.asarray(m.lora_B["default"].weight.detach().numpy().T),
+            )
 
         adapters = lora.init(params, r=4, alpha=8, targets="qv")
-        adapters = jax.tree_util.tree_map_with_path(lambda p, ad: from_peft(lora.targets.path_str(p), ad),
-                                                    adapters, is_leaf=lora.is_adapter)
+        adapters = jax.tree_util.tree_map_with_path(
+            lambda p, ad: from_peft(lora.targets.path_str(p), ad), adapters, is_leaf=lora.is_adapter
+        )
         assert all(float(jnp.abs(ad.b).max()) > 0 for _, ad in lora.adapter_items(adapters))
         return trainer, adapters, module
 
@@ -253,8 +305,9 @@ def _ours(case, adapters, loss: str, beta: float):
     """Per-pair losses and gradients (one jax.grad per pair) through the job's own preference step pieces."""
     from train import loop
 
-    cfg = load_config(None, ["data.task=chat", "train.objective=dpo", f"dpo.loss={loss}", f"dpo.beta={beta}",
-                             "train.loss_chunk=0"])
+    cfg = load_config(
+        None, ["data.task=chat", "train.objective=dpo", f"dpo.loss={loss}", f"dpo.beta={beta}", "train.loss_chunk=0"]
+    )
     t = data_lib.tokenize_pairs([dict(p) for p in PAIRS], case.tok, dataclasses.replace(cfg.data, max_length=64))
     frozen, trainable = lora.split(case.params, adapters)
     out = []
@@ -312,11 +365,23 @@ def test_simpo_equals_trl_cpo_loss():
     rng = np.random.default_rng(0)
     sums = rng.normal(-40, 10, (2, 5)).astype(np.float32)
     tokens = rng.integers(5, 30, (2, 5)).astype(np.float32)
-    out = lora.losses.preference_loss(jnp.asarray(sums[0]), jnp.asarray(sums[1]), chosen_tokens=jnp.asarray(tokens[0]),
-                                      rejected_tokens=jnp.asarray(tokens[1]), loss_type="simpo", beta=2.0,
-                                      simpo_gamma=0.7)
-    fake = types.SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.7, beta=2.0, label_smoothing=0.0,
-                                 accelerator=types.SimpleNamespace(device="cpu"))
+    out = lora.losses.preference_loss(
+        jnp.asarray(sums[0]),
+        jnp.asarray(sums[1]),
+        chosen_tokens=jnp.asarray(tokens[0]),
+        rejected_tokens=jnp.asarray(tokens[1]),
+        loss_type="simpo",
+        beta=2.0,
+        simpo_gamma=0.7,
+    )
+    fake = types.SimpleNamespace(
+        alpha=0.0,
+        loss_type="simpo",
+        simpo_gamma=0.7,
+        beta=2.0,
+        label_smoothing=0.0,
+        accelerator=types.SimpleNamespace(device="cpu"),
+    )
     avg = torch.tensor(sums / tokens)
     losses, chosen, rejected = CPOTrainer.cpo_loss(fake, avg[0], avg[1])
     np.testing.assert_allclose(np.asarray(out.losses), losses.numpy(), rtol=1e-5)
@@ -369,26 +434,65 @@ def job(tmp_path_factory, minilm_path):
 
     folder = tmp_path_factory.mktemp("dpo_job")
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
-    config = llama.Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    config = llama.Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+    )
     save_pretrained(llama.init_params(config, jax.random.key(0)), config, folder / "model", tokenizer=tokenizer)
     rows = builtin.BUILTIN["restaurants"](seed=0)[:96]
     with open(folder / "pairs.jsonl", "w") as f:
         for i, r in enumerate(rows):
-            f.write(json.dumps({"prompt": r["prompt"], "chosen": r["completion"],
-                                "rejected": rows[(i + 7) % len(rows)]["completion"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": r["prompt"],
+                        "chosen": r["completion"],
+                        "rejected": rows[(i + 7) % len(rows)]["completion"],
+                    }
+                )
+                + "\n"
+            )
     with open(folder / "chat.jsonl", "w") as f:
         for r in rows:
-            f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
-                                             {"role": "assistant", "content": r["completion"]}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": r["prompt"]},
+                            {"role": "assistant", "content": r["completion"]},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return folder
 
 
 def dpo_overrides(job: Path, out: Path, **extra) -> list[str]:
-    base = {"model.name": str(job / "model"), "data.source": str(job / "pairs.jsonl"), "train.objective": "dpo",
-            "data.max_length": 80, "train.steps": 4, "train.batch_size": 4, "eval.every": 100, "eval.batch_size": 8,
-            "eval.generate_samples": 0, "eval.generate_eval": 0, "checkpoint.every": 2, "checkpoint.keep": 10,
-            "optim.lr": 2e-2, "optim.warmup_steps": 1, "dpo.beta": 0.5, "output.dir": str(out)}
+    base = {
+        "model.name": str(job / "model"),
+        "data.source": str(job / "pairs.jsonl"),
+        "train.objective": "dpo",
+        "data.max_length": 80,
+        "train.steps": 4,
+        "train.batch_size": 4,
+        "eval.every": 100,
+        "eval.batch_size": 8,
+        "eval.generate_samples": 0,
+        "eval.generate_eval": 0,
+        "checkpoint.every": 2,
+        "checkpoint.keep": 10,
+        "optim.lr": 2e-2,
+        "optim.warmup_steps": 1,
+        "dpo.beta": 0.5,
+        "output.dir": str(out),
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -433,26 +537,30 @@ def test_dpo_run_resumes_exactly(dpo_run, job, tmp_path):
     shutil.rmtree(copy / "adapters")
     again = run(load_config(None, dpo_overrides(job, copy)), resume=True, print_fn=lambda *a: None)
     assert [h["step"] for h in again.history] == [3, 4]
-    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in result.history[2:]],
-                               rtol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in result.history[2:]], rtol=1e-6)
     a = lora.checkpoint.load_adapters(result.folder / "adapters")
     b = lora.checkpoint.load_adapters(copy / "adapters")
     for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
         np.testing.assert_allclose(x.b, y.b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("extra", [{"train.method": "qlora", "train.precision": "bfloat16"},
-                                   pytest.param({"lora.use_dora": "true", "dpo.loss": "ipo"}, marks=pytest.mark.slow),
-                                   pytest.param({"dpo.loss": "simpo", "train.grad_accum": 2, "train.batch_size": 2},
-                                                marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"train.method": "qlora", "train.precision": "bfloat16"},
+        pytest.param({"lora.use_dora": "true", "dpo.loss": "ipo"}, marks=pytest.mark.slow),
+        pytest.param({"dpo.loss": "simpo", "train.grad_accum": 2, "train.batch_size": 2}, marks=pytest.mark.slow),
+    ],
+)
 def test_dpo_with_qlora_dora_ipo_simpo_and_accumulation(job, tmp_path, extra):
     """QLoRA (the reference over the same NF4 base), DoRA (zero B: policy = reference), IPO, SimPO (no reference)
     with gradient accumulation: finite steps, and the DPO / IPO loss at zero adapters is the loss of equal
     policies (ln 2; IPO: (1 / (2 beta))^2)."""
     from train.loop import run
 
-    result = run(load_config(None, dpo_overrides(job, tmp_path / "r", **{"train.steps": 2, **extra})),
-                 print_fn=lambda *a: None)
+    result = run(
+        load_config(None, dpo_overrides(job, tmp_path / "r", **{"train.steps": 2, **extra})), print_fn=lambda *a: None
+    )
     assert all(h["finite"] for h in result.history)
     loss = extra.get("dpo.loss", "sigmoid")
     if loss == "sigmoid":
@@ -476,8 +584,9 @@ def test_dpo_on_a_sharded_mesh_equals_one_device(dpo_run, job, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     out = tmp_path / "sharded"
     args = dpo_overrides(job, out, **{"mesh.data": 2, "mesh.fsdp": 2})
-    proc = subprocess.run([sys.executable, "-m", "train.run", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     losses = [r["loss"] for r in read_log(out / "latest") if r["kind"] == "train"]
     np.testing.assert_allclose(losses, [h["loss"] for h in result.history], rtol=2e-5)
@@ -486,12 +595,23 @@ def test_dpo_on_a_sharded_mesh_equals_one_device(dpo_run, job, tmp_path):
 def test_chat_sft_run_masks_assistant_turns_and_generates_from_the_template(job, tmp_path):
     from train.loop import run
 
-    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [SEP] {% endfor %}"
-                "{% if add_generation_prompt %}[assistant] {% endif %}")
-    args = dpo_overrides(job, tmp_path / "chat", **{"data.source": str(job / "chat.jsonl"), "data.task": "chat",
-                                                    "train.objective": "sft", "data.max_length": 96,
-                                                    "eval.generate_samples": 1, "eval.max_new_tokens": 4,
-                                                    "train.steps": 2})
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [SEP] {% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    args = dpo_overrides(
+        job,
+        tmp_path / "chat",
+        **{
+            "data.source": str(job / "chat.jsonl"),
+            "data.task": "chat",
+            "train.objective": "sft",
+            "data.max_length": 96,
+            "eval.generate_samples": 1,
+            "eval.max_new_tokens": 4,
+            "train.steps": 2,
+        },
+    )
     args = [a for a in args if not a.startswith("dpo.")]
     result = run(load_config(None, [*args, f"data.chat_template={json.dumps(template)}"]), print_fn=lambda *a: None)
     assert all(h["finite"] for h in result.history)
@@ -513,8 +633,8 @@ def test_cached_reference_gives_the_same_steps(dpo_run, job, tmp_path):
     from train.loop import run
 
     cfg, result = dpo_run
-    cached = run(load_config(None, dpo_overrides(job, tmp_path / "c", **{"train.steps": 2,
-                                                                           "dpo.reference": "cached"})),
-                 print_fn=lambda *a: None)
-    np.testing.assert_allclose([h["loss"] for h in cached.history], [h["loss"] for h in result.history[:2]],
-                               rtol=1e-5)
+    cached = run(
+        load_config(None, dpo_overrides(job, tmp_path / "c", **{"train.steps": 2, "dpo.reference": "cached"})),
+        print_fn=lambda *a: None,
+    )
+    np.testing.assert_allclose([h["loss"] for h in cached.history], [h["loss"] for h in result.history[:2]], rtol=1e-5)

@@ -16,8 +16,13 @@ PARAMS = {"encoder": {"query": {"kernel": jnp.ones((16, 12))}, "value": {"kernel
 
 
 def test_top_level_names_and_dir():
-    for name in ("save_adapters", "load_adapters", "save_trained_params", "load_trained_params",
-                 "TrainStateCheckpointer"):
+    for name in (
+        "save_adapters",
+        "load_adapters",
+        "save_trained_params",
+        "load_trained_params",
+        "TrainStateCheckpointer",
+    ):
         assert name in dir(lora), name
         assert callable(getattr(lora, name))
     with pytest.warns(DeprecationWarning, match="save_trained_params"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SCRATCH_TEST = '''
+SCRATCH_TEST = """
 import importlib.util
 
 _find_spec = importlib.util.find_spec
@@ -35,16 +35,34 @@ def test_dependency():
 
 def test_shared_data():
     shared_data("no", "such", "file.csv")
-'''
+"""
 
 
 def _run(tmp_path: Path, ci: bool) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("LORA_JAX_CI", "LORA_JAX_SHARED_DATA")}
     if ci:
         env["LORA_JAX_CI"] = "1"
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:xdist",
-                           "--rootdir", str(tmp_path), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_missing_real_weights_fail_in_ci_and_skip_elsewhere(tmp_path):

@@ -53,8 +53,15 @@ def _random_b(adapters, key=jax.random.key(7), scale=0.1):
 
     def fill(path, ad):
         p = "/".join(lora.targets.path_tuple(path))
-        return lora.LoraAdapter(ad.a, scale * jax.random.normal(keys[p], ad.b.shape), alpha=ad.alpha, scale=ad.scale,
-                                in_shape=ad.in_shape, out_shape=ad.out_shape, dropout=ad.dropout)
+        return lora.LoraAdapter(
+            ad.a,
+            scale * jax.random.normal(keys[p], ad.b.shape),
+            alpha=ad.alpha,
+            scale=ad.scale,
+            in_shape=ad.in_shape,
+            out_shape=ad.out_shape,
+            dropout=ad.dropout,
+        )
 
     return jax.tree_util.tree_map_with_path(fill, adapters, is_leaf=lora.is_adapter)
 
@@ -70,7 +77,9 @@ def test_default_targets_attention_kernels(net):
     wrapped = {"encoder": {"attention": params["layer_0"]}}
     ad = lora.init(wrapped, r=4)
     assert [p for p, _ in lora.adapter_items(ad)] == [  # (not encoder/attention/mlp: an MLP inside the block)
-        "encoder/attention/out/kernel", "encoder/attention/query/kernel", "encoder/attention/value/kernel",
+        "encoder/attention/out/kernel",
+        "encoder/attention/query/kernel",
+        "encoder/attention/value/kernel",
     ]
 
 
@@ -93,8 +102,17 @@ def test_init_shapes_scale_and_determinism(net):
 
 def test_rslora_gaussian_and_patterns(net):
     _, params, _ = net
-    ad = lora.init(params, r=4, alpha=8, targets="all-linear", use_rslora=True, init="gaussian",
-                   rank_pattern={".*/mlp/kernel": 2}, alpha_pattern={"layer_1/.*": 2.0}, dtype=jnp.bfloat16)
+    ad = lora.init(
+        params,
+        r=4,
+        alpha=8,
+        targets="all-linear",
+        use_rslora=True,
+        init="gaussian",
+        rank_pattern={".*/mlp/kernel": 2},
+        alpha_pattern={"layer_1/.*": 2.0},
+        dtype=jnp.bfloat16,
+    )
     items = dict(lora.adapter_items(ad))
     assert "classifier/kernel" not in items and "embed/embedding" not in items  # head and embedding excluded
     assert items["layer_0/mlp/kernel"].r == 2 and items["layer_0/query/kernel"].r == 4
@@ -109,22 +127,28 @@ def test_rslora_gaussian_and_patterns(net):
 def test_exclude(net):
     _, params, _ = net
     ad = lora.init(params, r=2, targets="all-linear", exclude=["layer_1/.*", ".*/mlp/kernel"])
-    assert sorted(p for p, _ in lora.adapter_items(ad)) == ["layer_0/out/kernel", "layer_0/query/kernel",
-                                                             "layer_0/value/kernel"]
+    assert sorted(p for p, _ in lora.adapter_items(ad)) == [
+        "layer_0/out/kernel",
+        "layer_0/query/kernel",
+        "layer_0/value/kernel",
+    ]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(targets=".*/nope/kernel"), "matches no leaf"),
-    (dict(targets="qkv"), "neither a preset"),
-    (dict(targets=".*/query/bias"), "at least two axes"),
-    (dict(targets="embed/embedding"), "embedding"),
-    (dict(targets="all-linear", exclude="zzz"), "exclude rule"),
-    (dict(targets="all-linear", rank_pattern={"nothing": 2}), "rank_pattern"),
-    (dict(r=0), "positive"),
-    (dict(r=64, targets=".*/query/kernel"), "exceeds min"),
-    (dict(init="xavier"), "init must be"),
-    (dict(targets="[unclosed"), "not a valid pattern"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(targets=".*/nope/kernel"), "matches no leaf"),
+        (dict(targets="qkv"), "neither a preset"),
+        (dict(targets=".*/query/bias"), "at least two axes"),
+        (dict(targets="embed/embedding"), "embedding"),
+        (dict(targets="all-linear", exclude="zzz"), "exclude rule"),
+        (dict(targets="all-linear", rank_pattern={"nothing": 2}), "rank_pattern"),
+        (dict(r=0), "positive"),
+        (dict(r=64, targets=".*/query/kernel"), "exceeds min"),
+        (dict(init="xavier"), "init must be"),
+        (dict(targets="[unclosed"), "not a valid pattern"),
+    ],
+)
 def test_bad_targets_are_errors(net, kwargs, message):
     _, params, _ = net
     with pytest.raises(ValueError, match=message):
@@ -285,8 +309,9 @@ def test_factored_grad_forms_no_dense_weight_gradient():
         assert (d_in, d_out) not in shapes_in(factored.jaxpr)
         assert (d_in, d_out) in shapes_in(merged.jaxpr)  # the check can fail: the merged path does form it
     # under jit the products live only in the sub-jaxpr: the walk must descend to find them
-    top = [tuple(v.aval.shape) for e in jax.make_jaxpr(jax.jit(jax.grad(merged_loss)))(ad).jaxpr.eqns
-           for v in e.outvars]
+    top = [
+        tuple(v.aval.shape) for e in jax.make_jaxpr(jax.jit(jax.grad(merged_loss)))(ad).jaxpr.eqns for v in e.outvars
+    ]
     assert (d_in, d_out) not in top
 
 
@@ -297,15 +322,25 @@ def test_einsum_and_dot_multi_axis():
     params = {"attention": {"query": {"kernel": w}}, "o": {"kernel": jnp.transpose(w, (1, 2, 0))}}
     ad = _random_b(lora.init(params, r=3, targets=".*kernel"))
     wrapped, merged = lora.wrap(params, ad), lora.merge(params, ad)
-    np.testing.assert_allclose(lora.einsum("bsd,dnh->bsnh", x, wrapped["attention"]["query"]["kernel"]),
-                               jnp.einsum("bsd,dnh->bsnh", x, merged["attention"]["query"]["kernel"]), atol=1e-5)
-    np.testing.assert_allclose(lora.einsum("...d,dnh->...nh", x, wrapped["attention"]["query"]["kernel"]),
-                               jnp.einsum("...d,dnh->...nh", x, merged["attention"]["query"]["kernel"]), atol=1e-5)
-    np.testing.assert_allclose(lora.dot(x, wrapped["attention"]["query"]["kernel"]),
-                               jnp.tensordot(x, merged["attention"]["query"]["kernel"], 1), atol=1e-5)
+    np.testing.assert_allclose(
+        lora.einsum("bsd,dnh->bsnh", x, wrapped["attention"]["query"]["kernel"]),
+        jnp.einsum("bsd,dnh->bsnh", x, merged["attention"]["query"]["kernel"]),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        lora.einsum("...d,dnh->...nh", x, wrapped["attention"]["query"]["kernel"]),
+        jnp.einsum("...d,dnh->...nh", x, merged["attention"]["query"]["kernel"]),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        lora.dot(x, wrapped["attention"]["query"]["kernel"]),
+        jnp.tensordot(x, merged["attention"]["query"]["kernel"], 1),
+        atol=1e-5,
+    )
     h = jax.random.normal(jax.random.key(2), (2, 3, 4, 5))
-    np.testing.assert_allclose(lora.dot(h, wrapped["o"]["kernel"], axes=2),
-                               jnp.tensordot(h, merged["o"]["kernel"], 2), atol=1e-5)
+    np.testing.assert_allclose(
+        lora.dot(h, wrapped["o"]["kernel"], axes=2), jnp.tensordot(h, merged["o"]["kernel"], 2), atol=1e-5
+    )
     with pytest.raises(ValueError, match="does not fit"):
         lora.dot(h, wrapped["attention"]["query"]["kernel"])
     with pytest.raises(ValueError, match="must be contracted"):
@@ -319,8 +354,11 @@ def test_embed():
         lora.init(params, r=2, targets="embed/embedding")
     ad = _random_b(lora.init(params, r=2, targets="embed/embedding", allow_embeddings=True))
     ids = jnp.array([[1, 5, 19]])
-    np.testing.assert_allclose(lora.embed(ids, lora.wrap(params, ad)["embed"]["embedding"]),
-                               lora.merge(params, ad)["embed"]["embedding"][ids], atol=1e-6)
+    np.testing.assert_allclose(
+        lora.embed(ids, lora.wrap(params, ad)["embed"]["embedding"]),
+        lora.merge(params, ad)["embed"]["embedding"][ids],
+        atol=1e-6,
+    )
 
 
 def test_dropout_only_with_key():
@@ -422,8 +460,10 @@ def test_nnx_state_selection_and_merge():
     y = nnx.merge(graphdef, merged_state)(x)
     a = ad["attention"]["kernel"]
     w = state["attention"]["kernel"].value + a.scale * a.a @ a.b
-    expected = jax.nn.relu(x @ w + state["attention"]["bias"].value) @ state["mlp"]["kernel"].value + \
-        state["mlp"]["bias"].value
+    expected = (
+        jax.nn.relu(x @ w + state["attention"]["bias"].value) @ state["mlp"]["kernel"].value
+        + state["mlp"]["bias"].value
+    )
     np.testing.assert_allclose(y, expected, atol=1e-5)
 
 
@@ -475,8 +515,9 @@ def test_training_lowers_loss_and_merged_matches_factored(net):
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
     p, a = lora.combine(frozen, trainable)
-    np.testing.assert_allclose(model.apply({"params": lora.merge(p, a)}, ids),
-                               model.apply({"params": lora.wrap(p, a)}, ids), atol=1e-5)
+    np.testing.assert_allclose(
+        model.apply({"params": lora.merge(p, a)}, ids), model.apply({"params": lora.wrap(p, a)}, ids), atol=1e-5
+    )
     # the frozen base did not move
     chex.assert_trees_all_equal(p["layer_0"]["query"]["kernel"], params["layer_0"]["query"]["kernel"])
 

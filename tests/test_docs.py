@@ -31,10 +31,18 @@ def test_site_builds_strict(tmp_path):
     require("mkdocs", "bash scripts/setup.sh test installs the docs extra")
     require("mkdocstrings", "bash scripts/setup.sh test installs the docs extra")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line or "ERROR" in line]
-    assert proc.returncode == 0, "mkdocs build --strict failed:\n" + "\n".join(warnings or proc.stderr.splitlines()[-20:])
+    assert proc.returncode == 0, "mkdocs build --strict failed:\n" + "\n".join(
+        warnings or proc.stderr.splitlines()[-20:]
+    )
     site = tmp_path / "site"
     api = (site / "reference" / "api" / "core" / "index.html").read_text()
     assert "lora_jax.core.merge" in api and "lora_jax.core.init" in api  # the API pages come from the docstrings
@@ -58,8 +66,9 @@ def test_nav_holds_every_page():
 # ------------------------------------------------------------------------------------------------ examples
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if BLOCK.search(p.read_text())],
-                         ids=lambda p: p.relative_to(DOCS).as_posix())
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if BLOCK.search(p.read_text())], ids=lambda p: p.relative_to(DOCS).as_posix()
+)
 def test_docs_python_blocks_run(page, capsys):
     """Every ```` ```python ```` block of a page, in order, in one namespace (a later block may use an earlier
     one's names), as a reader would paste them."""
@@ -89,8 +98,9 @@ def test_doc_commands_run_from_a_fresh_clone():
             for module in re.findall(r"python -m ([\w.]+)", cmd):
                 if module.split(".")[0] in tools:
                     continue
-                assert (ROOT / (module.replace(".", "/") + ".py")).is_file() or \
-                    importlib.util.find_spec(module) is not None, f"{page.name}: no module {module}: {cmd}"
+                assert (ROOT / (module.replace(".", "/") + ".py")).is_file() or importlib.util.find_spec(
+                    module
+                ) is not None, f"{page.name}: no module {module}: {cmd}"
             for config in re.findall(r"--config (\S+)", cmd):
                 assert (ROOT / config).is_file(), f"{page.name}: no config {config}: {cmd}"
             if "train.run" in cmd:

@@ -33,8 +33,17 @@ def test_help_lists_every_config_key_with_its_meaning(capsys):
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_logged_learning_rate_is_the_one_the_optimizer_used(schedule):
-    cfg = load_config(None, [f"optim.schedule={schedule}", "optim.warmup_steps=3", "train.steps=10", "optim.lr=0.01",
-                             "optim.grad_clip=null", "optim.name=sgd"])
+    cfg = load_config(
+        None,
+        [
+            f"optim.schedule={schedule}",
+            "optim.warmup_steps=3",
+            "train.steps=10",
+            "optim.lr=0.01",
+            "optim.grad_clip=null",
+            "optim.name=sgd",
+        ],
+    )
     # an SGD step with gradient 1 moves a parameter by exactly the learning rate it used
     tx = loop.make_optimizer(cfg)
     params = {"w": jax.numpy.zeros(())}
@@ -48,9 +57,14 @@ def test_logged_learning_rate_is_the_one_the_optimizer_used(schedule):
 def test_plot_draws_loss_eval_and_learning_rate(tmp_path, capsys):
     run = tmp_path / "job" / "run-1"
     run.mkdir(parents=True)
-    records = [{"kind": "eval", "step": 0, "loss": 2.0}] + \
-        [{"kind": "train", "step": i, "loss": 2.0 / i, "lr": 1e-3 * min(i, 3) / 3, "finite": True} for i in range(1, 7)] + \
-        [{"kind": "eval", "step": 6, "loss": 0.5}]
+    records = (
+        [{"kind": "eval", "step": 0, "loss": 2.0}]
+        + [
+            {"kind": "train", "step": i, "loss": 2.0 / i, "lr": 1e-3 * min(i, 3) / 3, "finite": True}
+            for i in range(1, 7)
+        ]
+        + [{"kind": "eval", "step": 6, "loss": 0.5}]
+    )
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "job" / "latest").symlink_to(run)
     assert plot.main([str(tmp_path / "job")]) == 0  # a job folder: its latest run
@@ -89,8 +103,16 @@ def tiny_llama(tmp_path_factory, minilm_path):
     from lora_jax.models import llama, save_pretrained
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
-    config = llama.Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    config = llama.Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
     folder = tmp_path_factory.mktemp("tiny_llama")
     save_pretrained(llama.init_params(config, jax.random.key(0)), config, folder, tokenizer=tokenizer)
     return folder
@@ -107,10 +129,22 @@ def test_one_generation_pass_scores_and_prints_and_the_run_says_where_it_went(ti
     real = gen.generate
     monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append(a[2].shape) or real(*a, **k))
     said = []
-    cfg = load_config(None, [f"model.name={tiny_llama}", "train.steps=2", "train.batch_size=4", "data.max_length=64",
-                             "data.max_eval_examples=3", "eval.every=100", "eval.generate_samples=2",
-                             "eval.generate_eval=3", "eval.max_new_tokens=3", "optim.warmup_steps=1",
-                             f"output.dir={tmp_path / 'job'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_llama}",
+            "train.steps=2",
+            "train.batch_size=4",
+            "data.max_length=64",
+            "data.max_eval_examples=3",
+            "eval.every=100",
+            "eval.generate_samples=2",
+            "eval.generate_eval=3",
+            "eval.max_new_tokens=3",
+            "optim.warmup_steps=1",
+            f"output.dir={tmp_path / 'job'}",
+        ],
+    )
     result = loop.run(cfg, print_fn=lambda *a: said.append(" ".join(map(str, a))))
     assert calls == [(8, calls[0][1])] * 2  # one batch of the 3 scored prompts, before and after
     prompts = [p for p, _ in result.samples_after]
@@ -145,11 +179,24 @@ def test_newcomer_block_renders_the_record():
 
 def _fake_record() -> dict:
     """A newcomer record shaped as benchmarks.newcomer writes it (to render before the first measurement)."""
-    provenance = {"cpu": {"model": "Test CPU", "usable_cores": 2}, "load_average": {"before": [0.1], "after": [0.2]},
-                  "git": {"commit": "0" * 40, "dirty": False}, "date": "2026-12-07T00:00:00+00:00"}
-    return {"main_job": {"wall_s": 140.0, "command": "python -m train.run", "provenance": provenance,
-                         "result": {"steps": 40, "generate_eval": 16, "phases_s": {"setup": 20.0, "training": 80.0},
-                                    "eval_before": {"loss": 2.1, "bleu": 6.8, "rougeL": 21.2},
-                                    "eval_after": {"loss": 0.4, "bleu": 70.0, "rougeL": 80.0}}},
-            "tests": {"wall_s": 330.0, "command": "python -m pytest", "counts": {"passed": 600},
-                      "provenance": provenance}}
+    provenance = {
+        "cpu": {"model": "Test CPU", "usable_cores": 2},
+        "load_average": {"before": [0.1], "after": [0.2]},
+        "git": {"commit": "0" * 40, "dirty": False},
+        "date": "2026-12-07T00:00:00+00:00",
+    }
+    return {
+        "main_job": {
+            "wall_s": 140.0,
+            "command": "python -m train.run",
+            "provenance": provenance,
+            "result": {
+                "steps": 40,
+                "generate_eval": 16,
+                "phases_s": {"setup": 20.0, "training": 80.0},
+                "eval_before": {"loss": 2.1, "bleu": 6.8, "rougeL": 21.2},
+                "eval_after": {"loss": 0.4, "bleu": 70.0, "rougeL": 80.0},
+            },
+        },
+        "tests": {"wall_s": 330.0, "command": "python -m pytest", "counts": {"passed": 600}, "provenance": provenance},
+    }

@@ -11,22 +11,24 @@ MR = "name[The Eagle], eatType[coffee shop], food[French], priceRange[cheap], ar
 
 def test_parse_mr_and_refuses_what_is_not_one():
     assert S.parse_mr(MR)["priceRange"] == "cheap" and len(S.parse_mr(MR)) == 6
-    assert S.parse_mr("name[Aromi] | customer rating[5 out of 5]") == {"name": "Aromi",
-                                                                        "customer rating": "5 out of 5"}
+    assert S.parse_mr("name[Aromi] | customer rating[5 out of 5]") == {"name": "Aromi", "customer rating": "5 out of 5"}
     with pytest.raises(ValueError, match="unknown E2E slot"):
         S.parse_mr("colour[red]")
     with pytest.raises(ValueError, match="not an E2E meaning representation"):
         S.parse_mr("hello")
 
 
-@pytest.mark.parametrize("text,missing,wrong,added", [
-    ("The Eagle is a cheap French coffee shop by the riverside that is not family friendly.", 0, 0, 0),
-    ("The Eagle is a cheap French coffee shop that is not family friendly.", 1, 0, 0),          # area dropped
-    ("The Eagle is a cheap Italian coffee shop by the river. It is not kid friendly.", 0, 1, 0),  # food swapped
-    ("The Eagle is a cheap French coffee shop by the river, not family friendly, near Clare Hall.", 0, 0, 1),
-    ("Zizzi is a cheap French coffee shop by the riverside. No children.", 0, 1, 0),            # name swapped
-    ("The Eagle is an expensive French coffee shop by the riverside for families.", 0, 2, 0),
-])
+@pytest.mark.parametrize(
+    "text,missing,wrong,added",
+    [
+        ("The Eagle is a cheap French coffee shop by the riverside that is not family friendly.", 0, 0, 0),
+        ("The Eagle is a cheap French coffee shop that is not family friendly.", 1, 0, 0),  # area dropped
+        ("The Eagle is a cheap Italian coffee shop by the river. It is not kid friendly.", 0, 1, 0),  # food swapped
+        ("The Eagle is a cheap French coffee shop by the river, not family friendly, near Clare Hall.", 0, 0, 1),
+        ("Zizzi is a cheap French coffee shop by the riverside. No children.", 0, 1, 0),  # name swapped
+        ("The Eagle is an expensive French coffee shop by the riverside for families.", 0, 2, 0),
+    ],
+)
 def test_slot_errors_count_missing_wrong_and_added(text, missing, wrong, added):
     e = S.slot_errors(MR, text)
     assert (e.missing, e.wrong, e.added) == (missing, wrong, added), S.realised(text, S.parse_mr(MR))

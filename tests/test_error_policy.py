@@ -21,8 +21,16 @@ from train import cli
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("lora_jax", "train")
 # What a deliberate refusal must not raise bare: the built-ins the library's classes stand in for.
-BUILTINS = {"ValueError", "KeyError", "TypeError", "IndexError", "NotImplementedError", "FileNotFoundError",
-            "OSError", "RuntimeError"}
+BUILTINS = {
+    "ValueError",
+    "KeyError",
+    "TypeError",
+    "IndexError",
+    "NotImplementedError",
+    "FileNotFoundError",
+    "OSError",
+    "RuntimeError",
+}
 ALLOWED: set[str] = set()  # files allowed bare raises: none
 
 
@@ -71,14 +79,17 @@ def test_the_library_raises_its_own_classes():
         lora.AdapterSet().add("a", lora.init(params, r=2, targets=[".*kernel"])).activate("b")
 
 
-@pytest.mark.parametrize("exc, status, lines", [
-    (errors.DataError("data file 'x.csv' does not exist"), cli.EXIT_INPUT, 1),
-    (errors.NotFoundError("no adapter named 'c'"), cli.EXIT_INPUT, 1),
-    (errors.NonFiniteError("loss is nan at step 3"), cli.EXIT_NON_FINITE, 1),
-    (ValueError("a bug"), cli.EXIT_INTERNAL, None),
-    (KeyError("a bug"), cli.EXIT_INTERNAL, None),
-    (OSError("a bug"), cli.EXIT_INTERNAL, None),
-])
+@pytest.mark.parametrize(
+    "exc, status, lines",
+    [
+        (errors.DataError("data file 'x.csv' does not exist"), cli.EXIT_INPUT, 1),
+        (errors.NotFoundError("no adapter named 'c'"), cli.EXIT_INPUT, 1),
+        (errors.NonFiniteError("loss is nan at step 3"), cli.EXIT_NON_FINITE, 1),
+        (ValueError("a bug"), cli.EXIT_INTERNAL, None),
+        (KeyError("a bug"), cli.EXIT_INTERNAL, None),
+        (OSError("a bug"), cli.EXIT_INTERNAL, None),
+    ],
+)
 def test_cli_refuses_exactly_the_library_errors(exc, status, lines, capsys, monkeypatch):
     """A LoraJaxError is refused input (one line naming the class, exit 2); a built-in raised by anything else is an
     internal error: the traceback and a line saying so, exit 70."""
@@ -101,17 +112,29 @@ def test_cli_refuses_exactly_the_library_errors(exc, status, lines, capsys, monk
 
 def test_only_cli_reads_the_traceback_switch():
     """``LORA_JAX_TRACEBACK`` is read in one place (``train.cli.traceback_wanted``), not re-implemented per command."""
-    readers = sorted(str(p.relative_to(ROOT)) for d in LIBRARY for p in (ROOT / d).rglob("*.py")
-                     if "LORA_JAX_TRACEBACK\"" in p.read_text() or "LORA_JAX_TRACEBACK'" in p.read_text())
+    readers = sorted(
+        str(p.relative_to(ROOT))
+        for d in LIBRARY
+        for p in (ROOT / d).rglob("*.py")
+        if 'LORA_JAX_TRACEBACK"' in p.read_text() or "LORA_JAX_TRACEBACK'" in p.read_text()
+    )
     assert readers == ["train/cli.py"], readers
 
 
 def test_an_internal_error_exits_70_with_its_traceback():
     """In a real process: a bug (any exception that is not the library's) prints its traceback and exits 70."""
-    code = ("import sys; from train import cli\n"
-            "def boom():\n    raise ZeroDivisionError('x')\n"
-            "sys.exit(cli.guarded(boom))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys; from train import cli\n"
+        "def boom():\n    raise ZeroDivisionError('x')\n"
+        "sys.exit(cli.guarded(boom))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == cli.EXIT_INTERNAL, proc.stderr
     assert "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr

@@ -78,8 +78,9 @@ def test_e2e_config_evaluates_on_unseen_mrs(smollm2_tokenizer):
 def test_reference_groups_keeps_each_prompt_once_with_all_its_references():
     from train import predict
 
-    rows = [{"mr": m, "ref": r} for m, r in (("b", "b1"), ("a", "a1"), ("b", "b2"), ("c", "c1"), ("a", "a2"),
-                                             ("b", "b3"))]
+    rows = [
+        {"mr": m, "ref": r} for m, r in (("b", "b1"), ("a", "a1"), ("b", "b2"), ("c", "c1"), ("a", "a2"), ("b", "b3"))
+    ]
     cfg = load_config(None, ["data.prompt_column=mr", "data.completion_column=ref"]).data
     prompts, refs = predict.reference_groups(rows, cfg)
     assert prompts == ["b\n", "a\n", "c\n"] and refs == [["b1", "b2", "b3"], ["a1", "a2"], ["c1"]]
@@ -95,8 +96,10 @@ def test_max_eval_examples_caps_prompts_not_rows():
 
 def test_causal_lm_split_groups_by_rendered_prompt():
     """Without group_column the key is the prompt as the model sees it: two columns of the template, not one."""
-    rows = [{"a": a, "b": b, "completion": str(i)} for i, (a, b) in enumerate(
-        [(x, y) for x in "pqrs" for y in "xy" for _ in range(2)])]
+    rows = [
+        {"a": a, "b": b, "completion": str(i)}
+        for i, (a, b) in enumerate([(x, y) for x in "pqrs" for y in "xy" for _ in range(2)])
+    ]
     cfg = load_config(None, ['data.prompt_template="{a}-{b}: "']).data
     train, evals = data_lib.split_rows(rows, cfg)
     assert not {(r["a"], r["b"]) for r in train} & {(r["a"], r["b"]) for r in evals}

@@ -34,8 +34,7 @@ from lora_jax import targets as targets_lib
 from train import config as config_lib
 from train.config import Config, ConfigError, load_config
 
-SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                    derandomize=False)
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False)
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -43,8 +42,16 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 SECTION_TYPES = typing.get_type_hints(Config)
 FIELD_TYPES = {f"{s}.{name}": tp for s, cls in SECTION_TYPES.items() for name, tp in typing.get_type_hints(cls).items()}
 REAL_KEYS = sorted(FIELD_TYPES)
-PEFT_NAMES = ["lora.rank", "lora.lora_alpha", "lora.target_modules", "optim.learning_rate", "train.max_steps",
-              "optimizer.lr", "output.output_dir", "train.per_device_train_batch_size"]
+PEFT_NAMES = [
+    "lora.rank",
+    "lora.lora_alpha",
+    "lora.target_modules",
+    "optim.learning_rate",
+    "train.max_steps",
+    "optimizer.lr",
+    "output.output_dir",
+    "train.per_device_train_batch_size",
+]
 KEY_CHARS = string.ascii_lowercase + string.digits + "._-"
 
 
@@ -62,16 +69,17 @@ def near_miss(draw, key: str) -> str:
     """``key`` with one typo: a character dropped, doubled, swapped, replaced or upper-cased, a segment added or
     dropped, or blanks around it."""
     i = draw(st.integers(0, len(key) - 1))
-    kind = draw(st.sampled_from(["drop", "double", "swap", "replace", "upper", "deeper", "section", "blank",
-                                 "empty_segment"]))
+    kind = draw(
+        st.sampled_from(["drop", "double", "swap", "replace", "upper", "deeper", "section", "blank", "empty_segment"])
+    )
     if kind == "drop":
-        return key[:i] + key[i + 1:]
+        return key[:i] + key[i + 1 :]
     if kind == "double":
         return key[:i] + key[i] + key[i:]
     if kind == "swap" and i + 1 < len(key):
-        return key[:i] + key[i + 1] + key[i] + key[i + 2:]
+        return key[:i] + key[i + 1] + key[i] + key[i + 2 :]
     if kind == "replace":
-        return key[:i] + draw(st.sampled_from(KEY_CHARS)) + key[i + 1:]
+        return key[:i] + draw(st.sampled_from(KEY_CHARS)) + key[i + 1 :]
     if kind == "upper":
         return key.upper() if i % 2 else key.capitalize()
     if kind == "deeper":
@@ -93,11 +101,50 @@ keys = st.one_of(
 )
 
 scalars = st.one_of(
-    st.integers(-3, 10**6).map(str), st.integers().map(str),
+    st.integers(-3, 10**6).map(str),
+    st.integers().map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["null", "~", "true", "false", "yes", "no", "on", "off", "True", "3e-4", "3.0e-4", "1e3", ".5",
-                     "0x1F", "0o17", "1_000", ".inf", "-.inf", ".nan", "'quoted'", '"dq"', "''", "", "  ", "-1",
-                     "0", "2.5", "1.5", "0.1", "8", "64", "2001-12-14", "12:30", "a: b", "- x", "ä", "\t"]),
+    st.sampled_from(
+        [
+            "null",
+            "~",
+            "true",
+            "false",
+            "yes",
+            "no",
+            "on",
+            "off",
+            "True",
+            "3e-4",
+            "3.0e-4",
+            "1e3",
+            ".5",
+            "0x1F",
+            "0o17",
+            "1_000",
+            ".inf",
+            "-.inf",
+            ".nan",
+            "'quoted'",
+            '"dq"',
+            "''",
+            "",
+            "  ",
+            "-1",
+            "0",
+            "2.5",
+            "1.5",
+            "0.1",
+            "8",
+            "64",
+            "2001-12-14",
+            "12:30",
+            "a: b",
+            "- x",
+            "ä",
+            "\t",
+        ]
+    ),
     # values of the Literal fields, right and nearly right
     st.sampled_from(sorted(LITERALS) + ["Adamw", "fp16", "lora ", "qv", "attention", "all-linear"]),
     st.text(string.ascii_letters + string.digits + " ._-/:[]{},'\"!&*#", max_size=12),
@@ -112,11 +159,35 @@ values = st.one_of(
     scalars,
     st.lists(scalars, max_size=3).map(_yaml_list),
     st.dictionaries(st.sampled_from(["a", ".*q_proj", "r", "lr", "1", "x/kernel"]), scalars, max_size=2).map(
-        lambda d: "{" + ", ".join(f"{k!r}: {v}" for k, v in d.items()) + "}"),
-    st.sampled_from(["[unclosed", "{a: ", "!!int abc", "!!bool maybe", "!!float x", "!!timestamp 12", "!!binary ###",
-                     "!!python/object:os.system", "!!set {a}", "*alias", "&a [*a]", "&a {r: *a}", "[" * 200 + "]" * 200,
-                     "[" * 3000 + "]" * 3000, "{r: 4, alpha: 8}", "{r: 0}", "{}", "[]", "[[1]]", "[1, 2]",
-                     "[q_proj, v_proj]", "{'.*': 4}", "{'.*': 0}"]),
+        lambda d: "{" + ", ".join(f"{k!r}: {v}" for k, v in d.items()) + "}"
+    ),
+    st.sampled_from(
+        [
+            "[unclosed",
+            "{a: ",
+            "!!int abc",
+            "!!bool maybe",
+            "!!float x",
+            "!!timestamp 12",
+            "!!binary ###",
+            "!!python/object:os.system",
+            "!!set {a}",
+            "*alias",
+            "&a [*a]",
+            "&a {r: *a}",
+            "[" * 200 + "]" * 200,
+            "[" * 3000 + "]" * 3000,
+            "{r: 4, alpha: 8}",
+            "{r: 0}",
+            "{}",
+            "[]",
+            "[[1]]",
+            "[1, 2]",
+            "[q_proj, v_proj]",
+            "{'.*': 4}",
+            "{'.*': 0}",
+        ]
+    ),
 )
 
 
@@ -177,8 +248,9 @@ def _names_a_key(message: str, overrides: list[str]) -> bool:
 
 
 def _has_nan(cfg: Config) -> bool:
-    return any(isinstance(v, float) and math.isnan(v)
-               for section in dataclasses.asdict(cfg).values() for v in section.values())
+    return any(
+        isinstance(v, float) and math.isnan(v) for section in dataclasses.asdict(cfg).values() for v in section.values()
+    )
 
 
 @SETTINGS
@@ -299,11 +371,43 @@ def _to_yaml(value: Any) -> str:
 
 # --------------------------------------------------------------------------------------------- targets
 
-BRANCHES = ["attention", "attn", "self_attn", "mlp", "layer_0", "layer_1", "encoder", "query", "value", "key",
-            "q_proj", "v_proj", "o_proj", "out", "dense", "c_attn", "c_proj", "embeddings", "wte", "lm_head",
-            "classifier", "head", "norm"]
-ATTENTION_BRANCHES = ["attention", "attn", "self_attn", "query", "value", "q_proj", "v_proj", "c_attn",
-                      "SelfAttention_0", "attention_1"]
+BRANCHES = [
+    "attention",
+    "attn",
+    "self_attn",
+    "mlp",
+    "layer_0",
+    "layer_1",
+    "encoder",
+    "query",
+    "value",
+    "key",
+    "q_proj",
+    "v_proj",
+    "o_proj",
+    "out",
+    "dense",
+    "c_attn",
+    "c_proj",
+    "embeddings",
+    "wte",
+    "lm_head",
+    "classifier",
+    "head",
+    "norm",
+]
+ATTENTION_BRANCHES = [
+    "attention",
+    "attn",
+    "self_attn",
+    "query",
+    "value",
+    "q_proj",
+    "v_proj",
+    "c_attn",
+    "SelfAttention_0",
+    "attention_1",
+]
 LEAVES = ["kernel", "weight", "w", "bias", "scale", "embedding", "count", "step"]
 DTYPES = ["float32", "float32", "bfloat16", "float16", "int32", "int8", "uint8", "bool"]
 
@@ -328,8 +432,10 @@ def param_trees(draw, depth: int = 0) -> dict:
     if depth == 0 and draw(st.integers(0, 3)):  # most trees hold an attention block with a kernel
         block = tree.setdefault(draw(st.sampled_from(ATTENTION_BRANCHES)), {})
         if isinstance(block, dict):
-            block.setdefault(draw(st.sampled_from(["kernel", "weight", "w"])),
-                             (tuple(draw(st.lists(st.integers(2, 5), min_size=2, max_size=3))), "float32"))
+            block.setdefault(
+                draw(st.sampled_from(["kernel", "weight", "w"])),
+                (tuple(draw(st.lists(st.integers(2, 5), min_size=2, max_size=3))), "float32"),
+            )
     return tree
 
 
@@ -353,19 +459,37 @@ def _materialise(spec: dict, seed: int) -> dict:
 def rule_sets(draw, paths: list[str], kernels: list[str]):
     """A list of 1-3 regexes built from the tree's own paths (whole, by suffix, generalised; mostly of its
     kernels) and from nowhere."""
+
     def one():
         path = draw(st.sampled_from(kernels if kernels and draw(st.integers(0, 3)) else paths))
         parts = path.split("/")
         if draw(st.integers(0, 4)):  # mostly rules from the tree's own paths
-            return draw(st.sampled_from([
-                re.escape(path),
-                re.escape(path),
-                ".*" + re.escape(parts[-1]),
-                "(.*/)?" + "/".join(map(re.escape, parts[-2:])),
-                ".*" + re.escape(parts[0]) + "/.*",
-            ]))
-        return draw(st.sampled_from([r".*/(kernel|weight)", ".*kernel", ".*", ".*nothing/kernel", "attention/.*",
-                                     "q_proj/kernel", "(unclosed", "[a-", "*kernel"]))
+            return draw(
+                st.sampled_from(
+                    [
+                        re.escape(path),
+                        re.escape(path),
+                        ".*" + re.escape(parts[-1]),
+                        "(.*/)?" + "/".join(map(re.escape, parts[-2:])),
+                        ".*" + re.escape(parts[0]) + "/.*",
+                    ]
+                )
+            )
+        return draw(
+            st.sampled_from(
+                [
+                    r".*/(kernel|weight)",
+                    ".*kernel",
+                    ".*",
+                    ".*nothing/kernel",
+                    "attention/.*",
+                    "q_proj/kernel",
+                    "(unclosed",
+                    "[a-",
+                    "*kernel",
+                ]
+            )
+        )
 
     return [one() for _ in range(draw(st.integers(1, 3)))]
 
@@ -410,12 +534,18 @@ def _attention_by_content(paths: list[str]) -> set[str]:
     out = set()
     for p in paths:
         parts = p.split("/")
-        if len(parts) < 2 or parts[-1] not in ("kernel", "weight", "w") or \
-                parts[-2] not in targets_lib.ATTENTION_PROJECTIONS:
+        if (
+            len(parts) < 2
+            or parts[-1] not in ("kernel", "weight", "w")
+            or parts[-2] not in targets_lib.ATTENTION_PROJECTIONS
+        ):
             continue
         node = parts[:-2]
-        kids = {q.split("/")[len(node)] for q in paths if q.split("/")[:len(node)] == node and
-                len(q.split("/")) > len(node)}
+        kids = {
+            q.split("/")[len(node)]
+            for q in paths
+            if q.split("/")[: len(node)] == node and len(q.split("/")) > len(node)
+        }
         if any(set(qkv) <= kids for qkv in targets_lib.QKV_NAMES):
             out.add(p)
     return out
@@ -430,13 +560,16 @@ def _attention_by_name(paths: list[str]) -> set[str]:
     for p in paths:
         parts = p.split("/")
         blocks = [i for i in range(len(parts) - 2) if attn(parts[i])]
-        outer |= {"/".join(parts[:i + 1]) for i in blocks[:-1]}
+        outer |= {"/".join(parts[: i + 1]) for i in blocks[:-1]}
     out = set()
     for p in paths:
         parts = p.split("/")
         named = [i for i in range(len(parts) - 1) if attn(parts[i])]
-        if named and "/".join(parts[:named[-1] + 1]) not in outer and \
-                not any("mlp" in c.lower() for c in parts[named[-1] + 1:-1]):  # (BRANCHES' only MLP name)
+        if (
+            named
+            and "/".join(parts[: named[-1] + 1]) not in outer
+            and not any("mlp" in c.lower() for c in parts[named[-1] + 1 : -1])
+        ):  # (BRANCHES' only MLP name)
             out.add(p)
     return out
 
@@ -468,8 +601,13 @@ def expected_selection(params, targets, exclude) -> tuple[dict, set[str], dict]:
         by_name = _attention_by_name(list(leaves)) if name == "attention" else None
         for p, x in leaves.items():
             named = any(re.fullmatch(r, p) for r in preset) and (by_name is None or p in by_name)
-            if (named or p in by_content) and _kernel_like(x) \
-                    and not targets_lib.is_embedding(p) and not targets_lib.is_head(p) and p not in excluded:
+            if (
+                (named or p in by_content)
+                and _kernel_like(x)
+                and not targets_lib.is_embedding(p)
+                and not targets_lib.is_head(p)
+                and p not in excluded
+            ):
                 chosen[p] = x
         if not chosen:
             errors.add("preset matches nothing")
@@ -477,8 +615,11 @@ def expected_selection(params, targets, exclude) -> tuple[dict, set[str], dict]:
     rules = [targets] if isinstance(targets, str) else list(targets)
     if not all(_compiles(r) for r in rules):
         return {}, errors | {"invalid regex"}, candidates
-    if isinstance(targets, str) and re.fullmatch(r"[a-z]+(-[a-z]+)*", targets) and \
-            not any(re.fullmatch(targets, p) for p in leaves):
+    if (
+        isinstance(targets, str)
+        and re.fullmatch(r"[a-z]+(-[a-z]+)*", targets)
+        and not any(re.fullmatch(targets, p) for p in leaves)
+    ):
         return {}, errors | {"not a preset"}, candidates
     for rule in rules:
         hits = [p for p in leaves if re.fullmatch(rule, p)]
@@ -567,8 +708,13 @@ def test_init_adapts_exactly_the_selected_leaves(case):
         got = lora.dot(x, w, len(ad.in_shape))
         want = jnp.tensordot(x, chosen[path], len(ad.in_shape))
         assert got.shape == want.shape == (2, *ad.out_shape)
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                   rtol=1e-6 if w.dtype == jnp.float32 else 1e-2, atol=1e-6, err_msg=path)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32),
+            np.asarray(want, np.float32),
+            rtol=1e-6 if w.dtype == jnp.float32 else 1e-2,
+            atol=1e-6,
+            err_msg=path,
+        )
 
 
 def _get(tree, path: str):

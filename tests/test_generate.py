@@ -30,16 +30,32 @@ def randomize(module, seed=0):
 
 def make(arch: str):
     if arch == "llama":
-        hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=128, bos_token_id=0, eos_token_id=2,
-                                             pad_token_id=PAD)
+        hf_config = transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=PAD,
+        )
         torch_model = randomize(transformers.LlamaForCausalLM(hf_config))
         config = llama.Config.from_hf(hf_config)
         params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
         return torch_model, llama.build(config), params
-    hf_config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                        bos_token_id=0, eos_token_id=2, pad_token_id=PAD)
+    hf_config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=PAD,
+    )
     torch_model = randomize(transformers.GPT2LMHeadModel(hf_config))
     config = gpt2.Config.from_hf(hf_config)
     params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
@@ -74,15 +90,16 @@ def prompts(seed=0):
 
 def hf_generate(torch_model, ids, mask, **kw):
     with torch.no_grad():
-        return torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                                    pad_token_id=PAD, **kw).numpy()
+        return torch_model.generate(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, pad_token_id=PAD, **kw
+        ).numpy()
 
 
 def assert_same_tokens(ours, ref):
     """transformers stops when every row ended: compare its length, the rest of ours is padding."""
     ours = np.asarray(ours)
-    np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
-    assert (ours[:, ref.shape[1]:] == PAD).all()
+    np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
+    assert (ours[:, ref.shape[1] :] == PAD).all()
 
 
 def greedy_eos(torch_model, ids, mask):
@@ -103,8 +120,9 @@ def test_cached_greedy_equals_recomputing_the_full_forward(arch):
     # No cache: run the whole (fixed-size) buffer every step; causal attention makes the unfilled tail inert.
     buf = np.concatenate([ids, np.full((3, n), PAD)], axis=1)
     buf_mask = np.concatenate([mask, np.zeros((3, n), int)], axis=1)
-    full = jax.jit(lambda p, x, m: model.apply({"params": p}, x, positions=gen.prompt_positions(m),
-                                               attention_mask=m)[0])
+    full = jax.jit(
+        lambda p, x, m: model.apply({"params": p}, x, positions=gen.prompt_positions(m), attention_mask=m)[0]
+    )
     for t in range(ids.shape[1], ids.shape[1] + n):
         logits = full(params, buf, buf_mask)
         buf[:, t] = np.argmax(np.asarray(logits[:, t - 1]), axis=-1)
@@ -126,11 +144,14 @@ def test_greedy_matches_transformers(arch, ngram):
 # ------------------------------------------------------------------------------------------- beam search
 
 
-@pytest.mark.parametrize("arch, kw", [
-    ("llama", dict(num_beams=4, length_penalty=0.9, no_repeat_ngram_size=3)),
-    ("llama", dict(num_beams=3, length_penalty=1.5, early_stopping=True)),
-    ("gpt2", dict(num_beams=2, length_penalty=0.5, early_stopping="never", no_repeat_ngram_size=2)),
-])
+@pytest.mark.parametrize(
+    "arch, kw",
+    [
+        ("llama", dict(num_beams=4, length_penalty=0.9, no_repeat_ngram_size=3)),
+        ("llama", dict(num_beams=3, length_penalty=1.5, early_stopping=True)),
+        ("gpt2", dict(num_beams=2, length_penalty=0.5, early_stopping="never", no_repeat_ngram_size=2)),
+    ],
+)
 def test_beam_search_matches_transformers(arch, kw):
     torch_model, model, params = models(arch)
     ids, mask = prompts(2)
@@ -156,8 +177,9 @@ def test_warpers_match_transformers():
     logits = rng.randn(6, 50).astype(np.float32) * 3
     seqs = rng.randint(0, 4, (6, 20))  # a small alphabet: many repeated n-grams
     for temperature, top_k, top_p, ngram in [(0.7, 5, 1.0, 0), (1.0, 0, 0.8, 0), (1.3, 10, 0.6, 3), (1.0, 0, 1.0, 2)]:
-        g = gen.GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 no_repeat_ngram_size=ngram)
+        g = gen.GenerationConfig(
+            do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, no_repeat_ngram_size=ngram
+        )
         processors = transformers.LogitsProcessorList()
         if ngram:
             processors.append(hf_process.NoRepeatNGramLogitsProcessor(ngram))
@@ -198,13 +220,28 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny_llama):
     greedy = gen.generate(model, params, ids, mask, max_new_tokens=6, eos_token_id=())
     # one compilation per shape and setting: another batch of the same shape reuses it
     gen.generate(model, params, prompts(6)[0], mask, max_new_tokens=6, eos_token_id=())
-    assert gen._compiled(model, gen.GenerationConfig(max_new_tokens=6, eos_token_id=(), pad_token_id=PAD)
-                         )._cache_size() == 1
-    top1 = gen.generate(model, params, ids, mask, max_new_tokens=6, eos_token_id=(), do_sample=True, top_k=1,
-                        key=jax.random.key(7))
+    assert (
+        gen._compiled(model, gen.GenerationConfig(max_new_tokens=6, eos_token_id=(), pad_token_id=PAD))._cache_size()
+        == 1
+    )
+    top1 = gen.generate(
+        model, params, ids, mask, max_new_tokens=6, eos_token_id=(), do_sample=True, top_k=1, key=jax.random.key(7)
+    )
     np.testing.assert_array_equal(top1, greedy)
-    a, b, c = (gen.generate(model, params, ids, mask, max_new_tokens=6, eos_token_id=(), do_sample=True,
-                            temperature=2.0, key=jax.random.key(k)) for k in (1, 1, 2))  # one compilation
+    a, b, c = (
+        gen.generate(
+            model,
+            params,
+            ids,
+            mask,
+            max_new_tokens=6,
+            eos_token_id=(),
+            do_sample=True,
+            temperature=2.0,
+            key=jax.random.key(k),
+        )
+        for k in (1, 1, 2)
+    )  # one compilation
     np.testing.assert_array_equal(a, b)
     assert (np.asarray(a) != np.asarray(c)).any()
 
@@ -215,8 +252,9 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny_llama):
 def test_lora_wrapped_params_generate_like_merged(tiny_llama):
     _, model, params = tiny_llama
     adapters = lora.init(params, r=2, targets="all-linear")
-    adapters = jax.tree_util.tree_map(lambda ad: dataclasses.replace(ad, b=jnp.full(ad.b.shape, 0.3)), adapters,
-                                      is_leaf=lora.is_adapter)
+    adapters = jax.tree_util.tree_map(
+        lambda ad: dataclasses.replace(ad, b=jnp.full(ad.b.shape, 0.3)), adapters, is_leaf=lora.is_adapter
+    )
     ids, mask = prompts(6)
     kw = dict(max_new_tokens=6, eos_token_id=())
     wrapped = gen.generate(model, lora.wrap(params, adapters), ids, mask, **kw)
@@ -233,7 +271,15 @@ def test_bad_inputs_are_clear_errors(tiny_llama):
         gen.generate(model, params, ids, mask, num_beams=2, do_sample=True)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 64\)"):
         gen.generate(model, params, ids + VOCAB, mask)
-    gpt = gpt2.build(gpt2.Config(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                 max_position_embeddings=10, intermediate_size=8))
+    gpt = gpt2.build(
+        gpt2.Config(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=10,
+            intermediate_size=8,
+        )
+    )
     with pytest.raises(ValueError, match="exceeds the model's 10 learned positions"):
         gen.generate(gpt, None, ids, mask, max_new_tokens=4)

@@ -35,18 +35,34 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(path of a tiny Llama GGUF, the PyTorch model holding the same (dequantised) weights)."""
     tokens, types = tiny_vocab()
-    hf_config = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=96,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-5)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=1000.0,
+        rms_norm_eps=1e-5,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config).eval()
     with torch.no_grad():
@@ -83,11 +99,11 @@ def tiny(tmp_path_factory):
                 x = llama_cpp_permute(x, 4 if name == "attn_q" else 2)
             if name == "ffn_up":  # one quantised tensor; the reference model gets its dequantised values
                 q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(f"blk.{i}.{name}.weight", q, raw_shape=q.shape,
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(f"blk.{i}.{name}.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
                 with torch.no_grad():
-                    model.model.layers[i].mlp.up_proj.weight.copy_(torch.from_numpy(
-                        gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)))
+                    model.model.layers[i].mlp.up_proj.weight.copy_(
+                        torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0))
+                    )
             else:
                 w.add_tensor(f"blk.{i}.{name}.weight", x)
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -142,8 +158,9 @@ def test_gguf_saved_as_a_hugging_face_folder(tiny, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
-        np.testing.assert_allclose(reloaded(torch.tensor(ids)).logits.numpy(),
-                                   torch_model(torch.tensor(ids)).logits.numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            reloaded(torch.tensor(ids)).logits.numpy(), torch_model(torch.tensor(ids)).logits.numpy(), atol=1e-5
+        )
     _, params2, tok2, config2 = load(tmp_path / "hf")
     assert config2 == config
     jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
@@ -175,8 +192,11 @@ def test_metadata_that_does_not_fit_is_a_clear_error(tiny):
     meta = lgguf.metadata(reader)
     names = {t.name for t in reader.tensors}
     config = lgguf.config_from_metadata({**meta, "llama.feed_forward_length": 128}, names, "x.gguf")
-    with pytest.raises(CheckpointError, match=r"x.gguf: tensor 'blk.0.ffn_down.weight' has shape \(64, 96\), "
-                                              r"expected \(64, 128\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"x.gguf: tensor 'blk.0.ffn_down.weight' has shape \(64, 96\), "
+        r"expected \(64, 128\)",
+    ):
         lgguf.params_from_reader(reader, config, "llama", jnp.float32, "x.gguf")
     with pytest.raises(CheckpointError, match="GGUF architecture 'mamba' is not supported"):
         lgguf.config_from_metadata({**meta, "general.architecture": "mamba"}, names, "x.gguf")
@@ -201,8 +221,9 @@ def smollm2_reference(smollm2_gguf_path):
     """The same file through transformers' own GGUF conversion (PyTorch): tokenizer and model."""
     path = Path(smollm2_gguf_path)
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     return tok, model
 
 
@@ -224,22 +245,33 @@ def test_default_job_model_matches_transformers_gguf_loader(smollm2, smollm2_ref
 @pytest.mark.slow  # long; the default suite keeps a cheaper test of the same path
 def test_smollm2_knows_the_capital_of_france(smollm2):
     model, params, tok, config = smollm2
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-            config.num_key_value_heads, config.tie_word_embeddings) == (30, 576, 9, 3, True)
+    assert (
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.tie_word_embeddings,
+    ) == (30, 576, 9, 3, True)
     ids = jnp.asarray([tok("The capital of France is")["input_ids"]])
     out = gen.generate(model, params, ids, max_new_tokens=6)
-    assert "Paris" in tok.decode(np.asarray(out[0, ids.shape[1]:]))
+    assert "Paris" in tok.decode(np.asarray(out[0, ids.shape[1] :]))
 
 
 def test_smollm2_tokenizer(smollm2, smollm2_gguf_path):
     tok = smollm2[2]
     meta = lgguf.metadata(lgguf.open_gguf(smollm2_gguf_path))
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == tuple(
-        meta[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "padding", "unknown"))
+        meta[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "padding", "unknown")
+    )
     assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert len(tok) == 49152
-    for text in ["The capital of France is", "Hello world! It's 2024.", "  leading spaces\n\ttabs",
-                 "émoji 🤗 ünïcödé", "def f(x):\n    return x ** 2"]:
+    for text in [
+        "The capital of France is",
+        "Hello world! It's 2024.",
+        "  leading spaces\n\ttabs",
+        "émoji 🤗 ünïcödé",
+        "def f(x):\n    return x ** 2",
+    ]:
         assert tok.decode(tok(text)["input_ids"]) == text
     assert tok("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]
     assert tok.convert_ids_to_tokens(tok("in 2024")["input_ids"]) == ["in", "Ġ", "2", "0", "2", "4"]  # \p{N}
@@ -270,9 +302,13 @@ def test_smollm2_matches_transformers_gguf_loader(smollm2, smollm2_reference):
 def test_smollm2_lora_factored_equals_merged(smollm2):
     model, params, tok, _ = smollm2
     adapters = lora.init(params, r=8, targets="qv")
-    adapters = jax.tree_util.tree_map(lambda ad: type(ad)(ad.a, jnp.full(ad.b.shape, 0.01), ad.alpha, ad.scale,
-                                                          ad.in_shape, ad.out_shape, ad.dropout), adapters,
-                                      is_leaf=lora.is_adapter)
+    adapters = jax.tree_util.tree_map(
+        lambda ad: type(ad)(
+            ad.a, jnp.full(ad.b.shape, 0.01), ad.alpha, ad.scale, ad.in_shape, ad.out_shape, ad.dropout
+        ),
+        adapters,
+        is_leaf=lora.is_adapter,
+    )
     assert len(lora.adapter_items(adapters)) == 60  # q_proj and v_proj of 30 layers
     ids = jnp.asarray([tok("LoRA on a real model")["input_ids"]])
     factored, _ = model.apply({"params": lora.wrap(params, adapters)}, ids)

@@ -47,9 +47,21 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 TOKENS, TOKEN_TYPES = tiny_vocab()
-TINY = llama.Config(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+TINY = llama.Config(
+    vocab_size=len(TOKENS),
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 # Tests of the real llama.cpp (an optional extra that builds llama.cpp from source; CI does not install it) take
 # 20-60 s each here: they are marked slow and llamacpp (`pytest -m llamacpp -n 0`).
 
@@ -93,8 +105,15 @@ def nonzero(adapters, seed=1, std=0.05):
     rng = np.random.RandomState(seed)
 
     def fill(ad):
-        return lora.LoraAdapter(ad.a, jnp.asarray(std * rng.standard_normal(ad.b.shape), jnp.float32), alpha=ad.alpha,
-                                scale=ad.scale, in_shape=ad.in_shape, out_shape=ad.out_shape, magnitude=ad.magnitude)
+        return lora.LoraAdapter(
+            ad.a,
+            jnp.asarray(std * rng.standard_normal(ad.b.shape), jnp.float32),
+            alpha=ad.alpha,
+            scale=ad.scale,
+            in_shape=ad.in_shape,
+            out_shape=ad.out_shape,
+            magnitude=ad.magnitude,
+        )
 
     return jax.tree.map(fill, adapters, is_leaf=lora.is_adapter)
 
@@ -114,8 +133,15 @@ def adapters(tiny):
     """All-linear r=4 adapters plus an r=2 adapter with another alpha on o_proj (one file alpha cannot hold
     both scales: the ratio is folded into lora_b) and an adapter on the untied lm_head."""
     _, params, _ = tiny
-    ad = lora.init(params, r=4, alpha=8.0, targets="all-linear", key=jax.random.key(3),
-                   rank_pattern={r".*o_proj.*": 2}, alpha_pattern={r".*o_proj.*": 3.0})
+    ad = lora.init(
+        params,
+        r=4,
+        alpha=8.0,
+        targets="all-linear",
+        key=jax.random.key(3),
+        rank_pattern={r".*o_proj.*": 2},
+        alpha_pattern={r".*o_proj.*": 3.0},
+    )
     head = lora.init(params, r=4, alpha=8.0, targets=[r"lm_head/kernel"], key=jax.random.key(4))
     return nonzero({**ad, **head})
 
@@ -134,8 +160,9 @@ def test_permutation_is_llama_cpp_converters(tiny):
     # the tiny base written through the family mapping reads back (through the GGUF reader) as the params
     path, params, _ = tiny
     _, again, _, config = lgguf.load_gguf(path, tokenizer=False)
-    assert config == lgguf.config_from_metadata(lgguf.metadata(lgguf.open_gguf(path)),
-                                                {t.name for t in lgguf.open_gguf(path).tensors}, str(path))
+    assert config == lgguf.config_from_metadata(
+        lgguf.metadata(lgguf.open_gguf(path)), {t.name for t in lgguf.open_gguf(path).tensors}, str(path)
+    )
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, again))
 
 
@@ -188,16 +215,35 @@ def test_adapter_export_refuses_what_llama_cpp_cannot_run(tiny, adapters, tmp_pa
     with pytest.raises(ValueError, match="DoRA"):
         ge.save_gguf_adapter(dora, tmp_path / "d.gguf", base=path)
     # SmolLM2 ties its embeddings: llama.cpp uses token_embd as the output head too
-    smol = dataclasses.replace(TINY, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                               tie_word_embeddings=True)
-    emb = {"model": {"embed_tokens": {"embedding": lora.LoraAdapter(
-        jnp.ones((264, 2)), jnp.ones((2, 576)), alpha=2.0, scale=1.0, in_shape=(264,), out_shape=(576,))}}}
+    smol = dataclasses.replace(
+        TINY, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True
+    )
+    emb = {
+        "model": {
+            "embed_tokens": {
+                "embedding": lora.LoraAdapter(
+                    jnp.ones((264, 2)), jnp.ones((2, 576)), alpha=2.0, scale=1.0, in_shape=(264,), out_shape=(576,)
+                )
+            }
+        }
+    }
     with pytest.raises(ValueError, match="tied embeddings"):
         ge.save_gguf_adapter(emb, tmp_path / "e.gguf", base=smol)
     with pytest.raises(lora.CheckpointError, match="lm_head/kernel has no GGUF tensor"):  # no output.weight
         ge.save_gguf_adapter(adapters, tmp_path / "x.gguf", base=smol)
-    wrong = {"model": {"layers_0": {"self_attn": {"q_proj": {"kernel": lora.LoraAdapter(  # a 64 -> 32 kernel's
-        jnp.ones((64, 2)), jnp.ones((2, 32)), alpha=2.0, scale=1.0, in_shape=(64,), out_shape=(32,))}}}}}
+    wrong = {
+        "model": {
+            "layers_0": {
+                "self_attn": {
+                    "q_proj": {
+                        "kernel": lora.LoraAdapter(  # a 64 -> 32 kernel's
+                            jnp.ones((64, 2)), jnp.ones((2, 32)), alpha=2.0, scale=1.0, in_shape=(64,), out_shape=(32,)
+                        )
+                    }
+                }
+            }
+        }
+    }
     with pytest.raises(lora.CheckpointError, match=r"blk.0.attn_q.weight' has shape \(64, 64\)"):
         ge.save_gguf_adapter(wrong, tmp_path / "x.gguf", base=path)
     with pytest.raises(lora.CheckpointError, match="not a LoRA adapter"):
@@ -209,8 +255,9 @@ def test_adapter_export_refuses_what_llama_cpp_cannot_run(tiny, adapters, tmp_pa
 def test_embedding_adapter_layout(tiny, tmp_path):
     """token_embd's lora_a is (vocab, r) in numpy (rows gathered per token), lora_b (d, r): llm_build_inp_embd."""
     path, params, _ = tiny
-    ad = nonzero(lora.init(params, r=3, targets=[r".*embed_tokens/embedding"], allow_embeddings=True,
-                           key=jax.random.key(5)))
+    ad = nonzero(
+        lora.init(params, r=3, targets=[r".*embed_tokens/embedding"], allow_embeddings=True, key=jax.random.key(5))
+    )
     out = ge.save_gguf_adapter(ad, tmp_path / "emb.gguf", base=path)
     t = {x.name: lgguf.dequantize(x) for x in lgguf.open_gguf(out).tensors}
     a, b = t["token_embd.weight.lora_a"], t["token_embd.weight.lora_b"]
@@ -219,8 +266,9 @@ def test_embedding_adapter_layout(tiny, tmp_path):
     got = (a[ids] @ b.T) * (3.0 / 3)  # alpha / r with alpha = scale * r = r
     np.testing.assert_allclose(got, np.asarray(ad["model"]["embed_tokens"]["embedding"].delta())[ids], atol=1e-6)
     back = ge.load_gguf_adapter(out, path, params=params)
-    np.testing.assert_allclose(back["model"]["embed_tokens"]["embedding"].delta(),
-                               ad["model"]["embed_tokens"]["embedding"].delta(), atol=1e-6)
+    np.testing.assert_allclose(
+        back["model"]["embed_tokens"]["embedding"].delta(), ad["model"]["embed_tokens"]["embedding"].delta(), atol=1e-6
+    )
 
 
 def test_merged_gguf_reads_back_as_the_merge(tiny, adapters, tmp_path):
@@ -243,7 +291,7 @@ def test_merged_gguf_reads_back_as_the_merge(tiny, adapters, tmp_path):
     for p, err in q8.errors.items():
         diff = np.asarray(flat_b[tuple(p.split("/"))]) - np.asarray(flat_m[tuple(p.split("/"))])
         assert np.isclose(err.max_abs, np.abs(diff).max(), rtol=1e-5)
-        assert np.isclose(err.rms, np.sqrt(np.mean(diff ** 2)), rtol=1e-4)
+        assert np.isclose(err.rms, np.sqrt(np.mean(diff**2)), rtol=1e-4)
         assert 0 < err.rms < 0.05 * err.delta_rms * 10
 
     # "base" on a quantised base: untouched tensors are copied byte for byte, changed ones keep their type
@@ -268,8 +316,15 @@ def test_merged_gguf_that_loses_the_update_is_refused_unless_asked_for(tiny, ada
     with pytest.raises(ValueError) as e:
         ge.save_merged_gguf(small, tmp_path / "m.gguf", base=q41, type="base")
     msg = str(e.value)
-    for part in ("merging into the base types (Q4_1)", "x the update's rms (over 0.5)", "type='f16'", "'q8_0'",
-                 "GGUF adapter", "allow_lossy=True", "Nothing was written"):
+    for part in (
+        "merging into the base types (Q4_1)",
+        "x the update's rms (over 0.5)",
+        "type='f16'",
+        "'q8_0'",
+        "GGUF adapter",
+        "allow_lossy=True",
+        "Nothing was written",
+    ):
         assert part in msg, (part, msg)
     assert not (tmp_path / "m.gguf").exists()
     rep = ge.save_merged_gguf(small, tmp_path / "m.gguf", base=q41, type="base", allow_lossy=True)
@@ -322,8 +377,9 @@ def test_merged_gguf_falls_back_for_types_gguf_cannot_write(tiny, adapters, tmp_
     w.close()
     only_layer0 = {"model": {"layers_0": {"mlp": {"down_proj": adapters["model"]["layers_0"]["mlp"]["down_proj"]}}}}
     with caplog.at_level("WARNING", logger="lora_jax.gguf"):
-        rep = ge.save_merged_gguf(only_layer0, tmp_path / "m.gguf", base=tmp_path / "k.gguf", type="base",
-                                  allow_lossy=True)
+        rep = ge.save_merged_gguf(
+            only_layer0, tmp_path / "m.gguf", base=tmp_path / "k.gguf", type="base", allow_lossy=True
+        )
     assert rep.types["blk.0.ffn_down.weight"] == "Q8_0" and rep.types["blk.1.ffn_down.weight"] == "Q4_K"
     assert "Q8_0 instead of Q4_K" in caplog.text
     err = rep.errors["model/layers_0/mlp/down_proj/kernel"]
@@ -366,8 +422,11 @@ def test_llama_cpp_runs_our_adapter_and_merged_file(tiny, adapters, tmp_path):
     steps = 12
     from lora_jax.models import generate as gen
 
-    ours_greedy = np.asarray(gen.generate(model, lora.wrap(params, adapters), np.array([ids]), max_new_tokens=steps,
-                                          eos_token_id=2, pad_token_id=0))[0, len(ids):].tolist()
+    ours_greedy = np.asarray(
+        gen.generate(
+            model, lora.wrap(params, adapters), np.array([ids]), max_new_tokens=steps, eos_token_id=2, pad_token_id=0
+        )
+    )[0, len(ids) :].tolist()
     if 2 in ours_greedy:
         ours_greedy = ours_greedy[: ours_greedy.index(2) + 1]
     cpp_greedy = llamacpp.greedy(with_adapter, ids, steps, eos=2)
@@ -376,8 +435,11 @@ def test_llama_cpp_runs_our_adapter_and_merged_file(tiny, adapters, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-@pytest.mark.skipif(llamacpp.source_dir() is None, reason="llama.cpp's convert_lora_to_gguf.py is not unpacked "
-                    "(python -c 'from benchmarks import llamacpp; llamacpp.fetch_source()')")
+@pytest.mark.skipif(
+    llamacpp.source_dir() is None,
+    reason="llama.cpp's convert_lora_to_gguf.py is not unpacked "
+    "(python -c 'from benchmarks import llamacpp; llamacpp.fetch_source()')",
+)
 def test_llama_cpp_converter_writes_the_same_file(tiny, tmp_path):
     """A PEFT export converted by llama.cpp's own convert_lora_to_gguf.py holds the tensors our writer writes
     (same names, shapes, permutation, values), and reads back here to the same dW."""
@@ -407,10 +469,22 @@ def test_llama_cpp_converter_writes_the_same_file(tiny, tmp_path):
 
 
 def _run_overrides(model, out, **extra):
-    base = {"model.name": str(model), "data.max_length": 248, "train.steps": 3, "train.batch_size": 4,
-            "eval.every": 100, "eval.batch_size": 8, "eval.generate_samples": 0, "eval.generate_eval": 0,
-            "data.max_eval_examples": 8, "checkpoint.every": 100, "lora.r": 4, "lora.targets": "attention",
-            "optim.lr": 1e-2, "output.dir": str(out)}
+    base = {
+        "model.name": str(model),
+        "data.max_length": 248,
+        "train.steps": 3,
+        "train.batch_size": 4,
+        "eval.every": 100,
+        "eval.batch_size": 8,
+        "eval.generate_samples": 0,
+        "eval.generate_eval": 0,
+        "data.max_eval_examples": 8,
+        "checkpoint.every": 100,
+        "lora.r": 4,
+        "lora.targets": "attention",
+        "optim.lr": 1e-2,
+        "output.dir": str(out),
+    }
     base.update(extra)
     if base["train.method" if "train.method" in base else "lora.r"] == "full":  # no lora.* keys without adapters
         base = {k: v for k, v in base.items() if not k.startswith("lora.")}
@@ -424,8 +498,9 @@ def test_export_gguf_writes_the_run_files(tiny, adapters, tmp_path):
     from train.config import load_config
 
     path, params, _ = tiny
-    cfg = load_config(None, _run_overrides(path, tmp_path, **{"output.export_gguf_adapter": True,
-                                                                "output.export_gguf": "f16"}))
+    cfg = load_config(
+        None, _run_overrides(path, tmp_path, **{"output.export_gguf_adapter": True, "output.export_gguf": "f16"})
+    )
     said = []
     loop.export_gguf(cfg, tmp_path, {"model": adapters["model"]}, {}, None, said.append)
     back = ge.load_gguf_adapter(tmp_path / loop.GGUF_ADAPTER, path)
@@ -449,8 +524,9 @@ def test_train_run_exports_gguf_and_predict_reads_it(tiny, tmp_path):
 
     path, params, model = tiny
     out = tmp_path / "run"
-    cfg = load_config(None, _run_overrides(path, out, **{"output.export_gguf_adapter": True,
-                                                           "output.export_gguf": "q8_0"}))
+    cfg = load_config(
+        None, _run_overrides(path, out, **{"output.export_gguf_adapter": True, "output.export_gguf": "q8_0"})
+    )
     run = loop.run(cfg, print_fn=lambda *a, **k: None).folder  # out/run-1: each run has its own folder
     # the job trained the layers scanned (stacked adapters); the files and these params name layers one by one
     trained = stacking.unstack(load_adapters(run / "adapters"))
@@ -471,9 +547,21 @@ def test_train_run_exports_gguf_and_predict_reads_it(tiny, tmp_path):
     _, loaded = lora.unwrap(p.weights)
     for (q, want), (_, got) in zip(lora.adapter_items(trained), lora.adapter_items(loaded)):
         np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=q)
-    records = predict.predict(predict.parse_args(["--base", str(path), "--adapter", str(run / "adapter.gguf"),
-                                                  "--max-new-tokens", "2", "--text", "The Eagle"]),
-                              print_fn=lambda *a: None)
+    records = predict.predict(
+        predict.parse_args(
+            [
+                "--base",
+                str(path),
+                "--adapter",
+                str(run / "adapter.gguf"),
+                "--max-new-tokens",
+                "2",
+                "--text",
+                "The Eagle",
+            ]
+        ),
+        print_fn=lambda *a: None,
+    )
     assert len(records) == 1 and records[0]["prompt"] == "The Eagle"
 
 
@@ -482,14 +570,20 @@ def test_train_run_refuses_gguf_exports_it_cannot_write(tiny, tmp_path, minilm_p
     from train.config import ConfigError, load_config
 
     path, _, _ = tiny
-    bad = [({"output.export_gguf": "q4_k"}, "must be one of"),
-           ({"output.export_gguf_adapter": True, "lora.use_dora": True}, "no DoRA"),
-           ({"output.export_gguf_adapter": True, "train.method": "full"},
-            r"output.export_gguf_adapter=\w+ has no effect here: it applies only with train.method=lora or qlora")]
+    bad = [
+        ({"output.export_gguf": "q4_k"}, "must be one of"),
+        ({"output.export_gguf_adapter": True, "lora.use_dora": True}, "no DoRA"),
+        (
+            {"output.export_gguf_adapter": True, "train.method": "full"},
+            r"output.export_gguf_adapter=\w+ has no effect here: it applies only with train.method=lora or qlora",
+        ),
+    ]
     for extra, match in bad:
         with pytest.raises(ConfigError, match=match):
             loop.run(load_config(None, _run_overrides(path, tmp_path / "x", **extra)), print_fn=lambda *a: None)
     with pytest.raises(ConfigError, match="need a GGUF base"):
-        loop.run(load_config(None, _run_overrides(minilm_path, tmp_path / "y", **{"output.export_gguf": "f16"})),
-                 print_fn=lambda *a: None)
+        loop.run(
+            load_config(None, _run_overrides(minilm_path, tmp_path / "y", **{"output.export_gguf": "f16"})),
+            print_fn=lambda *a: None,
+        )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before anything was written

@@ -16,20 +16,37 @@ torch = require("torch")
 transformers = require("transformers")
 
 import lora_jax as lora  # noqa: E402
-from lora_jax.models import (CheckpointError, bert, from_hf_weights, hf, load, load_model, resolve,  # noqa: E402
-                             save_pretrained, to_hf_weights)
+from lora_jax.models import (
+    CheckpointError,
+    bert,
+    from_hf_weights,
+    hf,
+    load,
+    load_model,
+    resolve,  # noqa: E402
+    save_pretrained,
+    to_hf_weights,
+)
 
-TINY = bert.Config(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                   max_position_embeddings=64, num_labels=3, hidden_act="gelu")
+TINY = bert.Config(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    num_labels=3,
+    hidden_act="gelu",
+)
 
 
 def inputs(seed=0, batch=2, seq=7):
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, TINY.vocab_size, (batch, seq))
     mask = np.ones_like(ids)
-    mask[1, seq - 3:] = 0
+    mask[1, seq - 3 :] = 0
     types = np.zeros_like(ids)
-    types[:, seq // 2:] = 1
+    types[:, seq // 2 :] = 1
     return ids, mask, types
 
 
@@ -56,14 +73,16 @@ def assert_trees_equal(a, b):
 # --------------------------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("task, auto", [("base", "AutoModel"), ("sequence-classification",
-                                                                "AutoModelForSequenceClassification")])
+@pytest.mark.parametrize(
+    "task, auto", [("base", "AutoModel"), ("sequence-classification", "AutoModelForSequenceClassification")]
+)
 def test_save_pretrained_loads_in_transformers(tmp_path, task, auto):
     params = random_params(task)
     model = bert.build(TINY, task=task)
     save_pretrained(params, TINY, tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == \
-        [{"base": "BertModel", "sequence-classification": "BertForSequenceClassification"}[task]]
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [
+        {"base": "BertModel", "sequence-classification": "BertForSequenceClassification"}[task]
+    ]
     ref_model = getattr(transformers, auto).from_pretrained(tmp_path).eval()
     ids, mask, types = inputs()
     ref = torch_out(ref_model, ids, mask, types)
@@ -95,10 +114,18 @@ def test_minilm_round_trip_with_tokenizer(tmp_path, minilm_path):
     tok2 = transformers.AutoTokenizer.from_pretrained(tmp_path)
     enc = tokenizer(text, padding=True, return_tensors="np")
     assert (tok2(text, padding=True, return_tensors="np")["input_ids"] == enc["input_ids"]).all()
-    ref_orig = torch_out(transformers.AutoModel.from_pretrained(minilm_path).eval(), enc["input_ids"],
-                         enc["attention_mask"], enc["token_type_ids"])
-    ref_saved = torch_out(transformers.AutoModel.from_pretrained(tmp_path).eval(), enc["input_ids"],
-                          enc["attention_mask"], enc["token_type_ids"])
+    ref_orig = torch_out(
+        transformers.AutoModel.from_pretrained(minilm_path).eval(),
+        enc["input_ids"],
+        enc["attention_mask"],
+        enc["token_type_ids"],
+    )
+    ref_saved = torch_out(
+        transformers.AutoModel.from_pretrained(tmp_path).eval(),
+        enc["input_ids"],
+        enc["attention_mask"],
+        enc["token_type_ids"],
+    )
     np.testing.assert_array_equal(ref_saved.last_hidden_state.numpy(), ref_orig.last_hidden_state.numpy())
     # original checkpoint and our re-save hold the same tensors (bar the position_ids buffer)
     orig = load_file(minilm_path / "model.safetensors")
@@ -120,8 +147,11 @@ def test_sharded_checkpoint(tmp_path):
     assert_trees_equal(loaded.params, params)
     ref = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     ids, mask, types = inputs(1)
-    np.testing.assert_allclose(np.asarray(loaded.model.apply({"params": loaded.params}, ids, mask, types)),
-                               torch_out(ref, ids, mask, types).logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(loaded.model.apply({"params": loaded.params}, ids, mask, types)),
+        torch_out(ref, ids, mask, types).logits.numpy(),
+        atol=1e-4,
+    )
     # re-saving unsharded removes the shards, so nothing stale shadows the new file
     save_pretrained(params, TINY, tmp_path)
     assert not (tmp_path / hf.INDEX_NAME).exists() and not list(tmp_path.glob("model-*-of-*.safetensors"))
@@ -150,8 +180,11 @@ def test_prefixed_checkpoint_loads_as_base_model(tmp_path, caplog):
 def test_checkpoint_without_pooler_loads_without_one(tmp_path):
     params = random_params("base")
     tensors = to_hf_weights(params, TINY)
-    save_file({k: v for k, v in tensors.items() if not k.startswith("pooler.")}, str(tmp_path / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in tensors.items() if not k.startswith("pooler.")},
+        str(tmp_path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     TINY.to_hf().save_pretrained(tmp_path)
     model, loaded, _, config = load(tmp_path)
     assert not config.pooler and "pooler" not in loaded
@@ -227,10 +260,13 @@ def test_index_with_missing_shard(tmp_path):
         load(tmp_path)
 
 
-@pytest.mark.parametrize("model_type, error, match", [
-    ("t5", ValueError, r"unsupported model_type 't5'.*bert"),
-    ("no-such-architecture", CheckpointError, r"config\.json.*no-such-architecture"),
-])
+@pytest.mark.parametrize(
+    "model_type, error, match",
+    [
+        ("t5", ValueError, r"unsupported model_type 't5'.*bert"),
+        ("no-such-architecture", CheckpointError, r"config\.json.*no-such-architecture"),
+    ],
+)
 def test_unsupported_model_type(saved, model_type, error, match):
     folder, _ = saved
     config = json.loads((folder / "config.json").read_text())
@@ -286,8 +322,14 @@ def test_parse_size():
 
 def test_copied_minilm_folder_loads_like_the_original(tmp_path, minilm_path):
     """A plain copy of a Hugging Face folder (as a user would have after a download) loads by path."""
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-              "special_tokens_map.json"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ):
         shutil.copy(minilm_path / f, tmp_path / f)
     _, params, tokenizer, _ = load(str(tmp_path))
     assert tokenizer is not None and tokenizer("hello")["input_ids"][0] == tokenizer.cls_token_id

@@ -50,9 +50,18 @@ def random_bert(task=None, **sizes):
     ``bert.init_params`` gives (``jax.eval_shape``: 1 s, where running the Flax init takes 30 s on a busy CPU)."""
     from lora_jax.models import bert
 
-    config = bert.Config(**{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                            "intermediate_size": 64, "max_position_embeddings": 128, "hidden_dropout_prob": 0.0,
-                            "attention_probs_dropout_prob": 0.0, **sizes})
+    config = bert.Config(
+        **{
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "max_position_embeddings": 128,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            **sizes,
+        }
+    )
     shapes = jax.eval_shape(lambda k: bert.init_params(config, k, task=task), jax.random.key(0))
     rng = np.random.default_rng(0)
 
@@ -81,9 +90,19 @@ def tiny_bert(tmp_path_factory, minilm_path):
 
 
 def overrides(model_dir, out, **extra) -> list[str]:
-    base = {"model.name": str(model_dir), "data.source": "builtin:sentiment", "data.task": "classification",
-            "data.max_length": 16, "train.steps": 3, "train.batch_size": 8, "eval.every": 100, "eval.batch_size": 16,
-            "checkpoint.every": 100, "optim.warmup_steps": 0, "output.dir": str(out)}
+    base = {
+        "model.name": str(model_dir),
+        "data.source": "builtin:sentiment",
+        "data.task": "classification",
+        "data.max_length": 16,
+        "train.steps": 3,
+        "train.batch_size": 8,
+        "eval.every": 100,
+        "eval.batch_size": 16,
+        "checkpoint.every": 100,
+        "optim.warmup_steps": 0,
+        "output.dir": str(out),
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -116,9 +135,11 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_bert, tmp_path):
     job = tmp_path / "job"
     fake_job(job)
     before = snapshot(job)
-    for extra, error in (({"data.source": str(tmp_path / "typo.csv")}, DataError),
-                         ({"lora.targets": ".*/nothing/kernel"}, ValueError),
-                         ({"model.name": str(tmp_path / "no_model")}, OSError)):
+    for extra, error in (
+        ({"data.source": str(tmp_path / "typo.csv")}, DataError),
+        ({"lora.targets": ".*/nothing/kernel"}, ValueError),
+        ({"model.name": str(tmp_path / "no_model")}, OSError),
+    ):
         cfg = load_config(None, overrides(tiny_bert, job, **{"output.overwrite": "true", **extra}))
         with pytest.raises(error):
             loop.run(cfg, **QUIET)
@@ -165,8 +186,14 @@ def test_failed_update_is_not_kept_and_a_replaced_run_comes_back(tiny_bert, tmp_
     job = tmp_path / "job"
     fake_job(job)
     before = snapshot(job)
-    cfg = load_config(None, overrides(tiny_bert, job, **{
-        "optim.lr": 1e39, "optim.name": "sgd", "optim.schedule": "constant", "output.overwrite": "true"}))
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_bert,
+            job,
+            **{"optim.lr": 1e39, "optim.name": "sgd", "optim.schedule": "constant", "output.overwrite": "true"},
+        ),
+    )
     with pytest.raises(NonFiniteError) as e:
         loop.run(cfg, **QUIET)
     message = str(e.value)
@@ -178,37 +205,40 @@ def test_failed_update_is_not_kept_and_a_replaced_run_comes_back(tiny_bert, tmp_
 # --------------------------------------------------------------------------------------- config values
 
 
-@pytest.mark.parametrize("extra, message", [
-    # the sign of the update reversed, or nothing trained, or nothing kept
-    (["optim.lora_plus_ratio=-4"], "optim.lora_plus_ratio must be > 0, got -4"),
-    (["optim.grad_clip=-1"], "optim.grad_clip must be > 0"),
-    (["optim.grad_clip=0"], "optim.grad_clip must be > 0"),
-    (["optim.weight_decay=600"], "lr x weight_decay must be < 1"),
-    (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
-    (["optim.b1=1"], "optim.b1 must be in [0, 1)"),
-    (["lora.alpha=0"], "lora.alpha must be > 0"),
-    (["lora.alpha_pattern={'.*': 0}"], "lora.alpha_pattern['.*'] must be > 0"),
-    (["checkpoint.keep=0"], "checkpoint.keep must be in [1, 10000]"),
-    (["data.task=classification", "model.num_labels=1"], "model.num_labels must be >= 2"),
-    (["data.max_train_examples=0"], "data.max_train_examples must be >= 1"),
-    (["train.time_budget_s=0"], "train.time_budget_s must be > 0"),
-    (["optim.lr=.inf"], "optim.lr must be a finite number"),
-    (["lora.targets=[]"], "lora.targets must not be empty"),
-    (["train.seed=-1"], "train.seed must be >= 0"),
-    # accepted before, with no effect
-    (["quant.type=int8"], "quant.type='int8' has no effect here: it applies only with train.method=qlora"),
-    (["train.method=full", "lora.r=16"], "lora.r=16 has no effect here"),
-    (["optim.name=sgd", "optim.b2=0.9"], "optim.b2=0.9 has no effect here: it applies only with optim.name=adam"),
-    (["data.task=classification", "eval.num_beams=4"], "eval.num_beams=4 has no effect here"),
-    (["data.eval_split=test"], "data.eval_split='test' has no effect here"),
-    (["data.prompt_column=mr", "data.prompt_template='{mr}'"], "data.prompt_column='mr' has no effect"),
-    (["train.method=linear_probe", "output.export_peft=true"], "output.export_peft=True has no effect here"),
-    # templates and patterns that would fail (or hang) later
-    (["data.prompt_template='{}'"], "must be a column name"),
-    (["data.prompt_template='{prompt:>999999999}'"], "must be a plain {name}"),
-    (["data.prompt_template='no fields'"], "has no {column} field"),
-    (["lora.exclude=['(']"], "lora.exclude: '(' is not a valid pattern for linear-time matching"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # the sign of the update reversed, or nothing trained, or nothing kept
+        (["optim.lora_plus_ratio=-4"], "optim.lora_plus_ratio must be > 0, got -4"),
+        (["optim.grad_clip=-1"], "optim.grad_clip must be > 0"),
+        (["optim.grad_clip=0"], "optim.grad_clip must be > 0"),
+        (["optim.weight_decay=600"], "lr x weight_decay must be < 1"),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
+        (["optim.b1=1"], "optim.b1 must be in [0, 1)"),
+        (["lora.alpha=0"], "lora.alpha must be > 0"),
+        (["lora.alpha_pattern={'.*': 0}"], "lora.alpha_pattern['.*'] must be > 0"),
+        (["checkpoint.keep=0"], "checkpoint.keep must be in [1, 10000]"),
+        (["data.task=classification", "model.num_labels=1"], "model.num_labels must be >= 2"),
+        (["data.max_train_examples=0"], "data.max_train_examples must be >= 1"),
+        (["train.time_budget_s=0"], "train.time_budget_s must be > 0"),
+        (["optim.lr=.inf"], "optim.lr must be a finite number"),
+        (["lora.targets=[]"], "lora.targets must not be empty"),
+        (["train.seed=-1"], "train.seed must be >= 0"),
+        # accepted before, with no effect
+        (["quant.type=int8"], "quant.type='int8' has no effect here: it applies only with train.method=qlora"),
+        (["train.method=full", "lora.r=16"], "lora.r=16 has no effect here"),
+        (["optim.name=sgd", "optim.b2=0.9"], "optim.b2=0.9 has no effect here: it applies only with optim.name=adam"),
+        (["data.task=classification", "eval.num_beams=4"], "eval.num_beams=4 has no effect here"),
+        (["data.eval_split=test"], "data.eval_split='test' has no effect here"),
+        (["data.prompt_column=mr", "data.prompt_template='{mr}'"], "data.prompt_column='mr' has no effect"),
+        (["train.method=linear_probe", "output.export_peft=true"], "output.export_peft=True has no effect here"),
+        # templates and patterns that would fail (or hang) later
+        (["data.prompt_template='{}'"], "must be a column name"),
+        (["data.prompt_template='{prompt:>999999999}'"], "must be a plain {name}"),
+        (["data.prompt_template='no fields'"], "has no {column} field"),
+        (["lora.exclude=['(']"], "lora.exclude: '(' is not a valid pattern for linear-time matching"),
+    ],
+)
 def test_values_that_make_no_sense_are_refused(extra, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, extra)
@@ -228,8 +258,11 @@ def test_yaml_duplicate_keys_and_alias_bombs_are_refused(tmp_path):
     path.write_text("lora:\n  <<: {r: 4, alpha: 8}\n  r: 16\n")
     assert load_config(path).lora.r == 16 and load_config(path).lora.alpha == 8
     # billion laughs: 9 levels of 9 aliases (~4e8 values), refused in linear time without being built
-    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [
-        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)] + ["lora: {targets: *a9}"]
+    lines = (
+        ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+        + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+        + ["lora: {targets: *a9}"]
+    )
     path.write_text("\n".join(lines) + "\n")
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match="aliases expand to more than 100,000 values"):
@@ -248,16 +281,23 @@ def test_readme_key_table_is_the_generated_one():
     table = text.split("<!-- keys:begin -->\n", 1)[1].split("\n<!-- keys:end -->", 1)[0]
     assert table == config_lib.key_table()
     documented = {row.split("`")[1] for row in table.splitlines()[2:]}
-    assert documented == {f"{s}.{k}" for s, cls in typing.get_type_hints(Config).items()
-                          for k in cls.__pydantic_fields__}
+    assert documented == {
+        f"{s}.{k}" for s, cls in typing.get_type_hints(Config).items() for k in cls.__pydantic_fields__
+    }
 
 
 # ------------------------------------------------------------------------------------------ untrusted files
 
 
 def _peft_folder(tmp_path):
-    config, params = random_bert(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                 vocab_size=64, max_position_embeddings=32)
+    config, params = random_bert(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     adapters = lora.init(params, r=2, targets="qv")
     folder = lora.save_peft(adapters, tmp_path / "peft", config=config)
     return folder, params, config
@@ -297,10 +337,12 @@ def test_untrusted_lora_adapters_json(tmp_path):
     meta_path = folder / "lora_adapters.json"
     good = json.loads(meta_path.read_text())
     entry = good["attention/kernel"]
-    for change, message in [({"scale": float("nan")}, "scale must be a finite number"),
-                            ({"r": 0}, "r must be an integer >= 1"),
-                            ({"in_shape": [-4]}, "in_shape must be a non-empty list of positive integers"),
-                            ({"dtype": "object"}, "dtype must be one of")]:
+    for change, message in [
+        ({"scale": float("nan")}, "scale must be a finite number"),
+        ({"r": 0}, "r must be an integer >= 1"),
+        ({"in_shape": [-4]}, "in_shape must be a non-empty list of positive integers"),
+        ({"dtype": "object"}, "dtype must be one of"),
+    ]:
         meta_path.write_text(json.dumps({"attention/kernel": {**entry, **change}}))
         with pytest.raises(CheckpointError, match=message):
             lora.checkpoint.load_adapters(folder)
@@ -321,12 +363,18 @@ def test_trained_params_round_trip_and_a_missing_or_mismatched_folder_is_a_check
         lora.load_trained(folder, {"classifier": {"kernel": jnp.zeros((5, 2)), "bias": jnp.ones(2)}})
 
 
-@pytest.mark.parametrize("value, message", [
-    (1.5, "label 1.5 is not an integer class id"), ("pos", "label 'pos' is not an integer class id"),
-    (True, "label True is not an integer class id"), (None, "label None is not an integer class id"),
-    (2**40, "label 1099511627776 is outside [0, 2)"), (-1, "label -1 is outside [0, 2)"),
-    (float("nan"), "label nan is not an integer class id"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (1.5, "label 1.5 is not an integer class id"),
+        ("pos", "label 'pos' is not an integer class id"),
+        (True, "label True is not an integer class id"),
+        (None, "label None is not an integer class id"),
+        (2**40, "label 1099511627776 is outside [0, 2)"),
+        (-1, "label -1 is outside [0, 2)"),
+        (float("nan"), "label nan is not an integer class id"),
+    ],
+)
 def test_labels_that_are_not_class_ids_are_refused(value, message):
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         data_lib.class_id(value, 2, "f.csv row 3: label")
@@ -394,13 +442,19 @@ def test_metrics_records_after_the_checkpoint_are_dropped_on_resume(tmp_path):
         f.write('{"kind": "train", "st')  # a record cut by a kill
     assert metrics.truncate_log(tmp_path, 4) == 5
     assert [(r["kind"], r["step"]) for r in metrics.read_log(tmp_path)] == [
-        ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
+        ("train", 1),
+        ("train", 2),
+        ("train", 3),
+        ("train", 4),
+        ("eval", 4),
+    ]
 
 
 def _cli(module: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "LORA_JAX_TRACEBACK"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_cli_paths_answer_one_line_and_exit_2(tiny_bert, tmp_path, capsys):
@@ -415,18 +469,33 @@ def test_cli_paths_answer_one_line_and_exit_2(tiny_bert, tmp_path, capsys):
     (bad_peft / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": NaN}')
     cases = [
         (run_cli.main, ["--resume", f"output.dir={job}"], "config.yaml is damaged or from another version"),
-        (run_cli.main, [*overrides(tiny_bert, tmp_path / "x"), "model.num_labels=0"],
-         "model.num_labels must be >= 2, got 0"),
-        (run_cli.main, overrides(tiny_bert, tmp_path / "x", **{"data.source": job / "run-1" / "result.json"}),
-         "has columns"),
-        (run_cli.main, [*overrides(tiny_bert, tmp_path / "x"), "lora.r=8", "lora.r=16"],
-         "lora.r is already given on this command line ('lora.r=8'); give each key once"),
+        (
+            run_cli.main,
+            [*overrides(tiny_bert, tmp_path / "x"), "model.num_labels=0"],
+            "model.num_labels must be >= 2, got 0",
+        ),
+        (
+            run_cli.main,
+            overrides(tiny_bert, tmp_path / "x", **{"data.source": job / "run-1" / "result.json"}),
+            "has columns",
+        ),
+        (
+            run_cli.main,
+            [*overrides(tiny_bert, tmp_path / "x"), "lora.r=8", "lora.r=16"],
+            "lora.r is already given on this command line ('lora.r=8'); give each key once",
+        ),
         (predict.main, ["--run", str(job), "--text", "x"], "config.yaml is damaged"),
-        (predict.main, ["--base", str(tiny_bert), "--adapter", str(bad_peft), "--text", "x"],
-         "lora_alpha must be a finite number > 0, got nan"),
+        (
+            predict.main,
+            ["--base", str(tiny_bert), "--adapter", str(bad_peft), "--text", "x"],
+            "lora_alpha must be a finite number > 0, got nan",
+        ),
         (predict.main, ["--run", str(job), "--text", "x", "--template", "{x:>99999999999}"], "must be a plain"),
-        (analyze.main, ["--base", str(tiny_bert), "--adapters", str(tmp_path), "--out", str(tmp_path / "r")],
-         "holds no run"),
+        (
+            analyze.main,
+            ["--base", str(tiny_bert), "--adapters", str(tmp_path), "--out", str(tmp_path / "r")],
+            "holds no run",
+        ),
     ]
     for main, argv, message in cases:
         assert main(argv) == 2, argv
@@ -452,8 +521,13 @@ def test_merge_state_survives_copies_and_jit_and_arguments_are_checked():
     import copy
     import pickle
 
-    for twin in (jax.tree.map(jnp.copy, merged), copy.deepcopy(merged), pickle.loads(pickle.dumps(merged)),
-                 jax.device_put(merged), jax.jit(lambda p: p)(merged)):
+    for twin in (
+        jax.tree.map(jnp.copy, merged),
+        copy.deepcopy(merged),
+        pickle.loads(pickle.dumps(merged)),
+        jax.device_put(merged),
+        jax.jit(lambda p: p)(merged),
+    ):
         with pytest.raises(MergeStateError, match="already hold a merged adapter"):
             lora.merge(twin, ad)
         with pytest.raises(MergeStateError, match="already hold a merged adapter"):
@@ -463,20 +537,23 @@ def test_merge_state_survives_copies_and_jit_and_arguments_are_checked():
     with pytest.raises(MergeStateError, match="already hold"):  # merged inside jit, merged again outside
         lora.merge(jax.jit(lora.merge)(params, ad), ad)
     # unmerge: back to the base from copies and jit; never-merged params are refused, not silently subtracted
-    np.testing.assert_allclose(jax.jit(lora.unmerge)(merged, ad)["attn"]["kernel"], params["attn"]["kernel"],
-                               atol=1e-6)
+    np.testing.assert_allclose(jax.jit(lora.unmerge)(merged, ad)["attn"]["kernel"], params["attn"]["kernel"], atol=1e-6)
     with pytest.raises(MergeStateError, match="carry no merge record"):
         lora.unmerge(params, ad)
     head_merged = lora.merge(params, lora.init(params, r=2, targets=".*head/kernel"))
     with pytest.raises(MergeStateError, match="record no merge at attn/kernel"):
         lora.unmerge(head_merged, ad)
-    np.testing.assert_allclose(lora.unmerge(dict(merged), ad, assume_merged=True)["attn"]["kernel"],
-                               params["attn"]["kernel"], atol=1e-6)
+    np.testing.assert_allclose(
+        lora.unmerge(dict(merged), ad, assume_merged=True)["attn"]["kernel"], params["attn"]["kernel"], atol=1e-6
+    )
     # a different adapter on top, said explicitly
     other = jax.tree.map(lambda x: x * 2, ad)
     stacked = lora.merge(merged, other, stack=True)
-    np.testing.assert_allclose(stacked["attn"]["kernel"], params["attn"]["kernel"] + ad["attn"]["kernel"].delta() +
-                               other["attn"]["kernel"].delta(), atol=1e-5)
+    np.testing.assert_allclose(
+        stacked["attn"]["kernel"],
+        params["attn"]["kernel"] + ad["attn"]["kernel"].delta() + other["attn"]["kernel"].delta(),
+        atol=1e-5,
+    )
     for bad in ("adapters", ["x"], params, ad["attn"]["kernel"]):
         with pytest.raises(TypeError, match="adapters"):
             lora.merge(params, bad)
@@ -493,43 +570,98 @@ KEYS = [f"{s}.{k}" for s, cls in HINTS.items() for k in cls.__pydantic_fields__]
 
 # A valid non-default value of every key, and the overrides it needs to have an effect.
 NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
-    "model.name": ("all-MiniLM-L6-v2", []), "model.router_aux_loss_coef": ("0.01", []),
-    "model.attention": ("blockwise", []), "model.scan_layers": ("false", []),
+    "model.name": ("all-MiniLM-L6-v2", []),
+    "model.router_aux_loss_coef": ("0.01", []),
+    "model.attention": ("blockwise", []),
+    "model.scan_layers": ("false", []),
     "model.num_labels": ("3", ["data.task=classification"]),
-    "lora.r": ("4", []), "lora.alpha": ("16", []), "lora.targets": ("attention", []),
-    "lora.exclude": ("['.*layer_1.*']", []), "lora.dropout": ("0.1", []), "lora.use_rslora": ("true", []),
-    "lora.use_dora": ("true", []), "lora.init": ("gaussian", []), "lora.pissa_niter": ("2", ["lora.init=pissa"]),
-    "lora.rank_pattern": ("{'.*query.*': 2}", []), "lora.alpha_pattern": ("{'.*query.*': 4}", []),
-    "lora.train": ("['classifier/.*']", []), "quant.type": ("int8", ["train.method=qlora"]),
-    "quant.block_size": ("128", ["train.method=qlora"]), "quant.double_quant": ("false", ["train.method=qlora"]),
-    "quant.targets": ("qv", ["train.method=qlora"]), "data.source": ("builtin:sentiment", []),
-    "data.task": ("classification", []), "data.train_split": ("validation", ["data.source=glue"]),
-    "data.eval_source": ("x.csv", []), "data.eval_split": ("test", ["data.source=glue"]),
-    "data.eval_fraction": ("0.25", []), "data.prompt_column": ("mr", []),
-    "data.completion_column": ("ref", []), "data.text_column": ("text", ["data.task=classification"]),
+    "lora.r": ("4", []),
+    "lora.alpha": ("16", []),
+    "lora.targets": ("attention", []),
+    "lora.exclude": ("['.*layer_1.*']", []),
+    "lora.dropout": ("0.1", []),
+    "lora.use_rslora": ("true", []),
+    "lora.use_dora": ("true", []),
+    "lora.init": ("gaussian", []),
+    "lora.pissa_niter": ("2", ["lora.init=pissa"]),
+    "lora.rank_pattern": ("{'.*query.*': 2}", []),
+    "lora.alpha_pattern": ("{'.*query.*': 4}", []),
+    "lora.train": ("['classifier/.*']", []),
+    "quant.type": ("int8", ["train.method=qlora"]),
+    "quant.block_size": ("128", ["train.method=qlora"]),
+    "quant.double_quant": ("false", ["train.method=qlora"]),
+    "quant.targets": ("qv", ["train.method=qlora"]),
+    "data.source": ("builtin:sentiment", []),
+    "data.task": ("classification", []),
+    "data.train_split": ("validation", ["data.source=glue"]),
+    "data.eval_source": ("x.csv", []),
+    "data.eval_split": ("test", ["data.source=glue"]),
+    "data.eval_fraction": ("0.25", []),
+    "data.prompt_column": ("mr", []),
+    "data.completion_column": ("ref", []),
+    "data.text_column": ("text", ["data.task=classification"]),
     "data.label_column": ("y", ["data.task=classification"]),
-    "data.audio_column": ("wav", ["data.task=audio-classification"]), "data.group_column": ("prompt", []),
-    "data.max_length": ("32", []), "data.batching": ("fixed", []),
-    "data.buckets": ("2", ["data.task=classification"]), "data.pack_length": ("256", []), "data.loss_capacity": ("64", []), "data.max_train_examples": ("100", []), "data.max_eval_examples": ("10", []),
-    "data.prompt_template": ("'Q: {prompt}\\n'", []), "data.seed": ("3", []), "optim.name": ("sgd", []),
-    "optim.lr": ("0.001", []), "optim.weight_decay": ("0.01", []), "optim.b1": ("0.8", []), "optim.b2": ("0.99", []),
-    "optim.schedule": ("cosine", []), "optim.warmup_steps": ("2", []), "optim.grad_clip": ("null", []),
-    "optim.lora_plus_ratio": ("8", []), "train.method": ("full", []), "train.steps": ("5", []),
-    "train.batch_size": ("8", []), "train.grad_accum": ("2", []), "train.precision": ("bfloat16", []),
-    "train.remat": ("true", []), "train.loss_chunk": ("64", []), "train.logits": ("all", []), "train.seed": ("7", []), "train.nan_policy": ("skip", []),
-    "train.time_budget_s": ("60", []), "train.prefetch": ("false", []), "mesh.data": ("1", []), "mesh.fsdp": ("2", []), "mesh.expert": ("2", []),
-    "mesh.tensor": ("2", []), "train.device_memory": ("16GB", []),
-    "model.adapter": ("runs/sft", []), "train.objective": ("dpo", []),
+    "data.audio_column": ("wav", ["data.task=audio-classification"]),
+    "data.group_column": ("prompt", []),
+    "data.max_length": ("32", []),
+    "data.batching": ("fixed", []),
+    "data.buckets": ("2", ["data.task=classification"]),
+    "data.pack_length": ("256", []),
+    "data.loss_capacity": ("64", []),
+    "data.max_train_examples": ("100", []),
+    "data.max_eval_examples": ("10", []),
+    "data.prompt_template": ("'Q: {prompt}\\n'", []),
+    "data.seed": ("3", []),
+    "optim.name": ("sgd", []),
+    "optim.lr": ("0.001", []),
+    "optim.weight_decay": ("0.01", []),
+    "optim.b1": ("0.8", []),
+    "optim.b2": ("0.99", []),
+    "optim.schedule": ("cosine", []),
+    "optim.warmup_steps": ("2", []),
+    "optim.grad_clip": ("null", []),
+    "optim.lora_plus_ratio": ("8", []),
+    "train.method": ("full", []),
+    "train.steps": ("5", []),
+    "train.batch_size": ("8", []),
+    "train.grad_accum": ("2", []),
+    "train.precision": ("bfloat16", []),
+    "train.remat": ("true", []),
+    "train.loss_chunk": ("64", []),
+    "train.logits": ("all", []),
+    "train.seed": ("7", []),
+    "train.nan_policy": ("skip", []),
+    "train.time_budget_s": ("60", []),
+    "train.prefetch": ("false", []),
+    "mesh.data": ("1", []),
+    "mesh.fsdp": ("2", []),
+    "mesh.expert": ("2", []),
+    "mesh.tensor": ("2", []),
+    "train.device_memory": ("16GB", []),
+    "model.adapter": ("runs/sft", []),
+    "train.objective": ("dpo", []),
     "data.messages_column": ("conversation", ["data.task=chat"]),
     "data.chat_template": ("'{{ messages }}'", ["data.task=chat"]),
-    "data.chosen_column": ("good", ["train.objective=dpo"]), "data.rejected_column": ("bad", ["train.objective=dpo"]),
-    "dpo.loss": ("ipo", ["train.objective=dpo"]), "dpo.beta": ("0.5", ["train.objective=dpo"]),
+    "data.chosen_column": ("good", ["train.objective=dpo"]),
+    "data.rejected_column": ("bad", ["train.objective=dpo"]),
+    "dpo.loss": ("ipo", ["train.objective=dpo"]),
+    "dpo.beta": ("0.5", ["train.objective=dpo"]),
     "dpo.simpo_gamma": ("1.0", ["train.objective=dpo", "dpo.loss=simpo"]),
     "dpo.reference": ("cached", ["train.objective=dpo"]),
-    "eval.every": ("5", []), "eval.batch_size": ("8", []), "eval.generate_samples": ("0", []),
-    "eval.generate_eval": ("4", []), "eval.max_new_tokens": ("8", []), "eval.num_beams": ("2", []),
-    "checkpoint.every": ("2", []), "checkpoint.keep": ("3", []), "output.dir": ("runs/x", []),
-    "output.overwrite": ("true", []), "output.export_merged": ("true", []), "output.export_peft": ("true", []), "output.peft_base_model": ("org/base", ["output.export_peft=true"]), "output.export_gguf_adapter": ("true", []),
+    "eval.every": ("5", []),
+    "eval.batch_size": ("8", []),
+    "eval.generate_samples": ("0", []),
+    "eval.generate_eval": ("4", []),
+    "eval.max_new_tokens": ("8", []),
+    "eval.num_beams": ("2", []),
+    "checkpoint.every": ("2", []),
+    "checkpoint.keep": ("3", []),
+    "output.dir": ("runs/x", []),
+    "output.overwrite": ("true", []),
+    "output.export_merged": ("true", []),
+    "output.export_peft": ("true", []),
+    "output.peft_base_model": ("org/base", ["output.export_peft=true"]),
+    "output.export_gguf_adapter": ("true", []),
     "output.export_gguf": ("q8_0", []),
 }
 
@@ -548,8 +680,13 @@ def test_every_key_has_an_effect_or_is_refused():
         for keys, applies, _ in config_lib.APPLIES:
             if key not in keys:
                 continue
-            for other in (["train.method=full"], ["data.task=classification"], ["optim.name=sgd"],
-                          ["data.eval_source=x.csv"], ["eval.generate_samples=0", "eval.generate_eval=0"]):
+            for other in (
+                ["train.method=full"],
+                ["data.task=classification"],
+                ["optim.name=sgd"],
+                ["data.eval_source=x.csv"],
+                ["eval.generate_samples=0", "eval.generate_eval=0"],
+            ):
                 try:
                     cfg = load_config(None, [*needs, *other])
                 except ConfigError:
@@ -563,12 +700,56 @@ def test_every_key_has_an_effect_or_is_refused():
 
 
 VALUES = st.one_of(
-    st.sampled_from(["0", "1", "-1", "2", "3", "8", "16", "0.5", "1e-3", "1e39", "true", "false", "null", ".nan",
-                     "'x'", "''", "[]", "{}", "[a, b]", "{'.*query.*': 2}", "qv", "all-linear", "sgd", "cosine",
-                     "skip", "classification", "causal-lm", "qlora", "full", "linear_probe", "int8", "pissa",
-                     "bfloat16", "builtin:sentiment", "builtin:restaurants", "'{prompt}'", "'{'", "!!int x", "&a [*a]",
-                     "9999999999999", "1_0", "0x10", "~"]),
-    st.integers(-3, 70).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr))
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "-1",
+            "2",
+            "3",
+            "8",
+            "16",
+            "0.5",
+            "1e-3",
+            "1e39",
+            "true",
+            "false",
+            "null",
+            ".nan",
+            "'x'",
+            "''",
+            "[]",
+            "{}",
+            "[a, b]",
+            "{'.*query.*': 2}",
+            "qv",
+            "all-linear",
+            "sgd",
+            "cosine",
+            "skip",
+            "classification",
+            "causal-lm",
+            "qlora",
+            "full",
+            "linear_probe",
+            "int8",
+            "pissa",
+            "bfloat16",
+            "builtin:sentiment",
+            "builtin:restaurants",
+            "'{prompt}'",
+            "'{'",
+            "!!int x",
+            "&a [*a]",
+            "9999999999999",
+            "1_0",
+            "0x10",
+            "~",
+        ]
+    ),
+    st.integers(-3, 70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+)
 
 
 _load_model = loop.load_model
@@ -576,10 +757,19 @@ _load_model = loop.load_model
 
 @functools.lru_cache(maxsize=8)
 def _cached_model(name, task, num_labels, precision):
-    return _load_model(load_config(None, [f"model.name={name}", f"data.task={task}",
-                                              f"model.num_labels={num_labels}", f"train.precision={precision}"]
-                                       if task == "classification" else
-                                       [f"model.name={name}", f"train.precision={precision}"]))
+    return _load_model(
+        load_config(
+            None,
+            [
+                f"model.name={name}",
+                f"data.task={task}",
+                f"model.num_labels={num_labels}",
+                f"train.precision={precision}",
+            ]
+            if task == "classification"
+            else [f"model.name={name}", f"train.precision={precision}"],
+        )
+    )
 
 
 def _typed(tp) -> st.SearchStrategy:
@@ -604,8 +794,9 @@ def _typed(tp) -> st.SearchStrategy:
     if origin is list:
         return st.lists(_typed(typing.get_args(tp)[0]), max_size=2).map(lambda xs: "[" + ", ".join(xs) + "]")
     if origin is dict:
-        return st.dictionaries(st.sampled_from(["'.*query.*'", "'.*'", "'('"]), _typed(typing.get_args(tp)[1]),
-                               max_size=2).map(lambda d: "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}")
+        return st.dictionaries(
+            st.sampled_from(["'.*query.*'", "'.*'", "'('"]), _typed(typing.get_args(tp)[1]), max_size=2
+        ).map(lambda d: "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}")
     raise AssertionError(tp)
 
 
@@ -615,8 +806,9 @@ def _value_for(key: str) -> st.SearchStrategy:
     return st.one_of(st.just(NON_DEFAULT[key][0]), _typed(tp), VALUES)
 
 
-OVERRIDES = st.lists(st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k), _value_for(k))), min_size=1,
-                     max_size=3)
+OVERRIDES = st.lists(
+    st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k), _value_for(k))), min_size=1, max_size=3
+)
 # The classes a refusal of train.run may name: lora_jax's error classes (a non-finite stop is exit 3, not 2).
 LIBRARY_ERRORS = {name for name in lora.errors.__all__ if name not in ("LoraJaxError", "NonFiniteError")}
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -657,12 +849,18 @@ def _same_value(got, want) -> bool:
 def _fuzz_check(tiny_bert, tmp_path_factory, capsys, monkeypatch, pairs):
     from train import run as run_cli
 
-    monkeypatch.setattr(loop, "load_model", lambda cfg: _cached_model(
-        cfg.model.name, cfg.data.task, cfg.model.num_labels, cfg.train.precision))
+    monkeypatch.setattr(
+        loop,
+        "load_model",
+        lambda cfg: _cached_model(cfg.model.name, cfg.data.task, cfg.model.num_labels, cfg.train.precision),
+    )
     out = tmp_path_factory.mktemp("fuzz")
     given_ = [f"{k}={v}" for k, v in pairs]
-    base = [b for b in overrides(tiny_bert, out / "job", **{"eval.batch_size": 8})  # (a key given twice is refused)
-            if b.split("=", 1)[0] not in {k for k, _ in pairs}]
+    base = [
+        b
+        for b in overrides(tiny_bert, out / "job", **{"eval.batch_size": 8})  # (a key given twice is refused)
+        if b.split("=", 1)[0] not in {k for k, _ in pairs}
+    ]
     note(f"overrides: {given_}")
     status = run_cli.main(["--check", *base, *given_])
     err = capsys.readouterr().err

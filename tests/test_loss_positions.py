@@ -55,11 +55,11 @@ def test_gather_positions_fills_empty_slots_with_zeros_and_checks_shapes():
         losses.gather_positions(x[None], pos)
     h = jnp.zeros((2, 4, 3))
     with pytest.raises(ValueError, match=r"positions of shape \(3, 2\) do not fit hidden states"):
-        losses.chunked_cross_entropy(h, jnp.zeros((3, 5)), jnp.zeros((2, 4), jnp.int32), positions=jnp.zeros((3, 2),
-                                                                                                          jnp.int32))
+        losses.chunked_cross_entropy(
+            h, jnp.zeros((3, 5)), jnp.zeros((2, 4), jnp.int32), positions=jnp.zeros((3, 2), jnp.int32)
+        )
     with pytest.raises(ValueError, match="integer indices"):
-        losses.chunked_cross_entropy(h, jnp.zeros((3, 5)), jnp.zeros((2, 4), jnp.int32),
-                                     positions=jnp.zeros((2, 2)))
+        losses.chunked_cross_entropy(h, jnp.zeros((3, 5)), jnp.zeros((2, 4), jnp.int32), positions=jnp.zeros((2, 2)))
 
 
 # ------------------------------------------------------------------------------------------ the loss itself
@@ -83,14 +83,17 @@ def _case(tied: bool, lora_head: bool, seed: int = 0):
     return h, head, targets, jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("tied,lora_head,options,plain", [
-    (True, False, {}, False),
-    (False, False, {"logit_softcap": 5.0}, False),
-    (True, True, {"z_loss": 1e-3, "label_smoothing": 0.1}, False),
-    (False, True, {"logit_softcap": 3.0}, False),
-    (True, False, {}, True),
-    (False, True, {"logit_softcap": 3.0}, True),
-])
+@pytest.mark.parametrize(
+    "tied,lora_head,options,plain",
+    [
+        (True, False, {}, False),
+        (False, False, {"logit_softcap": 5.0}, False),
+        (True, True, {"z_loss": 1e-3, "label_smoothing": 0.1}, False),
+        (False, True, {"logit_softcap": 3.0}, False),
+        (True, False, {}, True),
+        (False, True, {"logit_softcap": 3.0}, True),
+    ],
+)
 def test_loss_and_gradients_at_loss_positions_equal_the_full_logits(tied, lora_head, options, plain):
     """Loss, count and the gradients of the hidden states and of the head (a plain array, or a LoRA adapter's
     factors) equal the full computation's; tied and untied heads, soft-capping, z-loss, label smoothing; the
@@ -145,7 +148,7 @@ def _tokenized(n: int = 60, width: int = 24, seed: int = 0):
         c = rng.randint(2, min(12, width - p) + 1)
         ids[i, : p + c] = rng.randint(1, VOCAB, p + c)
         att[i, : p + c] = 1
-        lm[i, p - 1: p + c - 1] = 1
+        lm[i, p - 1 : p + c - 1] = 1
     return Tokenized(ids, att, loss_mask=lm)
 
 
@@ -201,13 +204,31 @@ def _tiny_lm(family: str):
     from lora_jax.models import gemma3, llama
 
     if family == "gemma3":  # soft-capped logits, tied embeddings
-        config = gemma3.Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16.0,
-                               sliding_window=8, max_position_embeddings=128, final_logit_softcapping=4.0)
+        config = gemma3.Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=16.0,
+            sliding_window=8,
+            max_position_embeddings=128,
+            final_logit_softcapping=4.0,
+        )
         return gemma3.build(config), gemma3.init_params(config, jax.random.key(0))
-    config = llama.Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
-                          max_position_embeddings=128)
+    config = llama.Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+        max_position_embeddings=128,
+    )
     return llama.build(config), llama.init_params(config, jax.random.key(0))
 
 
@@ -215,21 +236,38 @@ def _step_setup(family: str, logits: str, accum: int, chunk="auto"):
     from train import loop
     from train.config import load_config
 
-    cfg = load_config(None, [f"train.logits={logits}", f"train.grad_accum={accum}", "train.batch_size=2",
-                             f"train.loss_chunk={chunk}", "lora.r=4", "lora.targets=all-linear"])
+    cfg = load_config(
+        None,
+        [
+            f"train.logits={logits}",
+            f"train.grad_accum={accum}",
+            "train.batch_size=2",
+            f"train.loss_chunk={chunk}",
+            "lora.r=4",
+            "lora.targets=all-linear",
+        ],
+    )
     model, params = _tiny_lm(family)
     prepared = loop.prepare(cfg, params, jax.random.key(0))
     # non-zero B, so that every adapter (and the head's input) gets a gradient
     keys = iter(jax.random.split(jax.random.key(3), 256))
-    trainable = jax.tree.map(lambda a: dataclasses.replace(a, b=0.05 * jax.random.normal(next(keys), a.b.shape)),
-                             prepared.trainable, is_leaf=lora.is_adapter)
+    trainable = jax.tree.map(
+        lambda a: dataclasses.replace(a, b=0.05 * jax.random.normal(next(keys), a.b.shape)),
+        prepared.trainable,
+        is_leaf=lora.is_adapter,
+    )
     tx = loop.make_optimizer(cfg)
     return cfg, model, prepared.frozen, trainable, tx
 
 
-@pytest.mark.parametrize("family,accum,chunk", [("llama", 2, "auto"),
-                                               pytest.param("gemma3", 1, 32, marks=pytest.mark.slow),
-                                               pytest.param("llama", 1, 0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "family,accum,chunk",
+    [
+        ("llama", 2, "auto"),
+        pytest.param("gemma3", 1, 32, marks=pytest.mark.slow),
+        pytest.param("llama", 1, 0, marks=pytest.mark.slow),
+    ],
+)
 def test_train_step_at_loss_positions_equals_full_logits(family, accum, chunk):
     """The job's step on packed rows (several examples per row, pack_length above max_length), with gradient
     accumulation: the loss, the gradient norm and the updated adapters equal the full-logits step's; its compiled
@@ -248,8 +286,13 @@ def test_train_step_at_loss_positions_equals_full_logits(family, accum, chunk):
     for logits in ("all", "loss"):
         cfg, model, frozen, trainable, tx = _step_setup(family, logits, accum, chunk)
         step = jax.jit(loop.make_train_step(model, cfg, tx))
-        args = (trainable, tx.init(trainable), frozen,
-                {k: jnp.asarray(v) for k, v in loop.micro_batches(host, accum).items()}, jax.random.key(0))
+        args = (
+            trainable,
+            tx.init(trainable),
+            frozen,
+            {k: jnp.asarray(v) for k, v in loop.micro_batches(host, accum).items()},
+            jax.random.key(0),
+        )
         steps[logits] = step.lower(*args).compile()
         new, _, m = steps[logits](*args)
         ev = jax.jit(loop.make_eval_step(model, cfg))
@@ -280,8 +323,14 @@ def test_logits_config_keys():
 
 
 def _bench_row(**changes):
-    row = {"pack_length": 96, "flops_drop": 0.10, "expected_drop": 0.11, "time_ratio_ci95": [0.85, 0.95],
-           "speedup": 1.1, "loss": {"all": 2.0, "loss": 2.0000001}}
+    row = {
+        "pack_length": 96,
+        "flops_drop": 0.10,
+        "expected_drop": 0.11,
+        "time_ratio_ci95": [0.85, 0.95],
+        "speedup": 1.1,
+        "loss": {"all": 2.0, "loss": 2.0000001},
+    }
     row.update(changes)
     return row
 
@@ -365,8 +414,9 @@ def test_loss_positions_on_8_devices_match_one_and_gather_nothing_more(tmp_path)
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_CHILD], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_CHILD], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     for r in out.values():

@@ -88,8 +88,9 @@ def test_z_loss_label_smoothing_and_softcap(tied):
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(h, head)
 
     def chunked(h, w):
-        return losses.chunked_cross_entropy(h, w, targets, mask, tied=tied, chunk_size=10, z_loss=1e-2,
-                                            label_smoothing=0.1, logit_softcap=3.0)[0]
+        return losses.chunked_cross_entropy(
+            h, w, targets, mask, tied=tied, chunk_size=10, z_loss=1e-2, label_smoothing=0.1, logit_softcap=3.0
+        )[0]
 
     loss, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(h, head)
     _assert_close(loss, ref_loss)
@@ -102,8 +103,11 @@ def _adapted(seed=2, targets=("lm_head/kernel", "embed/embedding"), **init_kw):
     params = {"lm_head": {"kernel": kernel}, "embed": {"embedding": table}}
     adapters = lora.init(params, r=4, alpha=8, targets=list(targets), allow_embeddings=True, **init_kw)
     keys = iter(jax.random.split(jax.random.key(seed), 8))
-    return params, jax.tree.map(lambda ad: dataclasses.replace(ad, b=0.1 * jax.random.normal(next(keys), ad.b.shape)),
-                                adapters, is_leaf=lora.is_adapter)
+    return params, jax.tree.map(
+        lambda ad: dataclasses.replace(ad, b=0.1 * jax.random.normal(next(keys), ad.b.shape)),
+        adapters,
+        is_leaf=lora.is_adapter,
+    )
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["lora-lm_head", "lora-tied-table"])
@@ -145,9 +149,12 @@ def test_lora_head_with_dropout_and_dora():
 
         ref = _reference(lambda h, a: ops.dot(h, head_of(a)), targets, mask)
         ref_loss, ref_grads = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(h, adapters)
-        loss, grads = jax.jit(jax.value_and_grad(
-            lambda h, a: losses.chunked_cross_entropy(h, head_of(a), targets, mask, chunk_size=16)[0],
-            argnums=(0, 1)))(h, adapters)
+        loss, grads = jax.jit(
+            jax.value_and_grad(
+                lambda h, a: losses.chunked_cross_entropy(h, head_of(a), targets, mask, chunk_size=16)[0],
+                argnums=(0, 1),
+            )
+        )(h, adapters)
         _assert_close(loss, ref_loss)
         _assert_close(grads, ref_grads)
 
@@ -159,8 +166,9 @@ def test_quantized_table_head():
     assert isinstance(q, lora.QuantizedWeight)
     dense = q.dequantize(jnp.float32)
     ref_loss, ref_grad = jax.jit(jax.value_and_grad(_reference(lambda h: h @ dense.T, targets, mask)))(h)
-    loss, grad = jax.jit(jax.value_and_grad(
-        lambda h: losses.chunked_cross_entropy(h, q, targets, mask, tied=True, chunk_size=16)[0]))(h)
+    loss, grad = jax.jit(
+        jax.value_and_grad(lambda h: losses.chunked_cross_entropy(h, q, targets, mask, tied=True, chunk_size=16)[0])
+    )(h)
     _assert_close(loss, ref_loss)
     _assert_close(grad, ref_grad)
 
@@ -226,8 +234,12 @@ def test_compiled_temporaries_stay_below_the_logits():
     the plain path's above it (hidden states differentiated, as under LoRA; then the head too)."""
     b, s, d, v = 4, 128, 64, 8192
     logits_bytes = b * s * v * 4
-    args = (jax.ShapeDtypeStruct((b, s, d), jnp.float32), jax.ShapeDtypeStruct((v, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, s), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.float32))
+    args = (
+        jax.ShapeDtypeStruct((b, s, d), jnp.float32),
+        jax.ShapeDtypeStruct((v, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, s), jnp.int32),
+        jax.ShapeDtypeStruct((b, s), jnp.float32),
+    )
 
     def temp(fn, argnums):
         grad = jax.jit(jax.value_and_grad(lambda h, w, t, m: fn(h, w, t, m)[0], argnums=argnums))
@@ -272,12 +284,33 @@ def _tiny(family: str, tied: bool):
     from lora_jax.models import gpt2, llama
 
     if family == "gpt2":
-        arch, config = gpt2, gpt2.Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                          intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=tied)
+        arch, config = (
+            gpt2,
+            gpt2.Config(
+                vocab_size=97,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                tie_word_embeddings=tied,
+            ),
+        )
     else:
-        arch, config = llama, llama.Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                           tie_word_embeddings=tied, max_position_embeddings=64)
+        arch, config = (
+            llama,
+            llama.Config(
+                vocab_size=97,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                tie_word_embeddings=tied,
+                max_position_embeddings=64,
+            ),
+        )
     return arch, config, arch.init_params(config, jax.random.key(0))
 
 
@@ -287,12 +320,17 @@ def _lm_batch(vocab: int, b: int = 2, s: int = 13):
     attention = jnp.asarray(np.arange(s)[None, :] < np.array([[s], [s - 4]]), jnp.int32)  # row 1 padded
     loss_mask = attention * jnp.asarray(np.arange(s)[None, :] >= 3, jnp.int32)
     loss_mask = loss_mask.at[1, s - 5].set(0)  # the last real token of row 1 predicts padding
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask,
-            "weight": jnp.asarray([1.0, 0.5], jnp.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "loss_mask": loss_mask,
+        "weight": jnp.asarray([1.0, 0.5], jnp.float32),
+    }
 
 
-@pytest.mark.parametrize("family,tied", [pytest.param("llama", False, marks=pytest.mark.slow), ("llama", True),
-                                         ("gpt2", True)])
+@pytest.mark.parametrize(
+    "family,tied", [pytest.param("llama", False, marks=pytest.mark.slow), ("llama", True), ("gpt2", True)]
+)
 def test_causal_lm_loss_chunked_equals_full_logits(family, tied):
     """train.tasks.causal_lm_loss through the model's hidden states + head() equals the full-logits path: loss,
     token count, and the gradients of LoRA adapters on q/v and on the head (lm_head, or the tied table)."""
@@ -300,13 +338,18 @@ def test_causal_lm_loss_chunked_equals_full_logits(family, tied):
 
     arch, config, params = _tiny(family, tied)
     model = arch.build(config)
-    head = ("model/embed_tokens/embedding" if family == "llama" else "transformer/wte/embedding") if tied \
+    head = (
+        ("model/embed_tokens/embedding" if family == "llama" else "transformer/wte/embedding")
+        if tied
         else "lm_head/kernel"
-    adapters = lora.init(params, r=4, targets=[".*(q_proj|v_proj|c_attn)/kernel", head],
-                         allow_embeddings=tied)
+    )
+    adapters = lora.init(params, r=4, targets=[".*(q_proj|v_proj|c_attn)/kernel", head], allow_embeddings=tied)
     keys = iter(jax.random.split(jax.random.key(1), 64))
-    adapters = jax.tree.map(lambda ad: dataclasses.replace(ad, b=0.1 * jax.random.normal(next(keys), ad.b.shape)),
-                            adapters, is_leaf=lora.is_adapter)
+    adapters = jax.tree.map(
+        lambda ad: dataclasses.replace(ad, b=0.1 * jax.random.normal(next(keys), ad.b.shape)),
+        adapters,
+        is_leaf=lora.is_adapter,
+    )
     batch = _lm_batch(config.vocab_size)
 
     def loss(a, chunk):
@@ -390,10 +433,17 @@ print("OK")
 def test_sharded_batch_on_8_cpu_devices():
     """A batch sharded over 8 devices (data 4 x fsdp 2, the head kernel split over fsdp): the loss and gradients of one
     device, and the hidden states' gradient keeps the batch's sharding."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED_CHILD)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SHARDED_CHILD)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
@@ -402,8 +452,21 @@ def test_loss_memory_benchmark_quick(tmp_path):
     """benchmarks/loss_memory.py --quick: its tables, ratios and goals come out consistent."""
     from benchmarks import loss_memory
 
-    result = loss_memory.main(["--quick", "--models", "gpt2-small", "--sections", "memory", "time", "--policies",
-                               "none", "full", "--out-dir", str(tmp_path)])
+    result = loss_memory.main(
+        [
+            "--quick",
+            "--models",
+            "gpt2-small",
+            "--sections",
+            "memory",
+            "time",
+            "--policies",
+            "none",
+            "full",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     rows = result["memory"]
     full = next(r for r in rows if r["method"] == "full" and r["loss"] == "plain" and r["remat"] == "none")
     assert full["ratio_to_full"] == 1.0
@@ -415,4 +478,6 @@ def test_loss_memory_benchmark_quick(tmp_path):
     losses_by_variant = [r["loss"] for r in result["time"]]
     np.testing.assert_allclose(losses_by_variant, losses_by_variant[0], rtol=1e-5)
     saved = json.loads((tmp_path / "loss_memory_quick.json").read_text())
-    assert saved["provenance"]["benchmark"] == "loss_memory" and saved["provenance"]["git"]["commit"] and result["goals"]
+    assert (
+        saved["provenance"]["benchmark"] == "loss_memory" and saved["provenance"]["git"]["commit"] and result["goals"]
+    )

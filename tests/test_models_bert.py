@@ -29,9 +29,18 @@ def _randomize(module: "torch.nn.Module", seed: int) -> None:
 
 
 def tiny_hf_config(**kw) -> "transformers.BertConfig":
-    base = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                max_position_embeddings=64, type_vocab_size=2, num_labels=3, hidden_dropout_prob=0.1,
-                attention_probs_dropout_prob=0.1)
+    base = dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        num_labels=3,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
     return transformers.BertConfig(**{**base, **kw})
 
 
@@ -86,8 +95,9 @@ def test_sequence_classification_parity(tiny):
     assert isinstance(model, bert.BertForSequenceClassification) and config.num_labels == 3
     ids, mask, types = inputs(seed=1)
     logits = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
-    np.testing.assert_allclose(np.asarray(logits), torch_forward(cls, ids, mask, types).logits.numpy(), atol=TOL,
-                               rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(logits), torch_forward(cls, ids, mask, types).logits.numpy(), atol=TOL, rtol=0
+    )
 
 
 def test_bfloat16_compute_stays_close(tiny):
@@ -207,8 +217,9 @@ def _random_b(adapters, key, scale=0.3):
 
     def fill(path, ad):
         b = scale * jax.random.normal(keys["/".join(lora.targets.path_tuple(path))], ad.b.shape)
-        return lora.LoraAdapter(ad.a, b, alpha=ad.alpha, scale=ad.scale, in_shape=ad.in_shape,
-                                out_shape=ad.out_shape, dropout=ad.dropout)
+        return lora.LoraAdapter(
+            ad.a, b, alpha=ad.alpha, scale=ad.scale, in_shape=ad.in_shape, out_shape=ad.out_shape, dropout=ad.dropout
+        )
 
     return jax.tree_util.tree_map_with_path(fill, adapters, is_leaf=lora.is_adapter)
 
@@ -217,8 +228,11 @@ def test_lora_qv_merged_equals_factored(tiny):
     _, cls_dir, _ = tiny
     model, params, _, config = load(cls_dir)
     adapters = lora.init(params, r=4, targets="qv", key=jax.random.key(1))
-    expected = {f"bert/encoder/layer_{i}/attention/self/{m}/kernel" for i in range(config.num_hidden_layers)
-                for m in ("query", "value")}
+    expected = {
+        f"bert/encoder/layer_{i}/attention/self/{m}/kernel"
+        for i in range(config.num_hidden_layers)
+        for m in ("query", "value")
+    }
     assert {p for p, _ in lora.adapter_items(adapters)} == expected
     adapters = _random_b(adapters, jax.random.key(2))
     ids, mask, types = inputs()

@@ -33,14 +33,29 @@ transformers = require("transformers")
 peft = require("peft")
 
 V, SEQ, WINDOW = 96, 12, 5
-TINY = dict(vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, max_position_embeddings=64,
-            sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                                "sliding_attention"],
-            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}},
-            attention_bias=True, tie_word_embeddings=False, final_logit_softcapping=3.0, bos_token_id=2,
-            eos_token_id=1, pad_token_id=0)
+TINY = dict(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    max_position_embeddings=64,
+    sliding_window=WINDOW,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e3},
+    },
+    attention_bias=True,
+    tie_word_embeddings=False,
+    final_logit_softcapping=3.0,
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+)
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -106,18 +121,27 @@ def test_config_and_parameters(tiny):
     assert (c.query_pre_attn_scalar, c.final_logit_softcapping, c.hidden_act) == (24, 3.0, "gelu_pytorch_tanh")
     assert gemma3.Config.from_hf(c.to_hf()) == c
     layer = tiny.params["model"]["layers_0"]
-    assert sorted(layer) == ["input_layernorm", "mlp", "post_attention_layernorm", "post_feedforward_layernorm",
-                             "pre_feedforward_layernorm", "self_attn"]
+    assert sorted(layer) == [
+        "input_layernorm",
+        "mlp",
+        "post_attention_layernorm",
+        "post_feedforward_layernorm",
+        "pre_feedforward_layernorm",
+        "self_attn",
+    ]
     assert layer["self_attn"]["q_norm"]["scale"].shape == (16,) and "bias" in layer["self_attn"]["o_proj"]
     ours = {k: v.shape for k, v in models.to_hf_weights(tiny.params, c).items()}
     assert ours == {k: tuple(v.shape) for k, v in tiny.torch_model.state_dict().items()}
 
 
-@pytest.mark.parametrize("preset, modules", [
-    ("qv", ["q_proj", "v_proj"]),
-    ("attention", ["k_proj", "o_proj", "q_proj", "v_proj"]),
-    ("all-linear", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
-])
+@pytest.mark.parametrize(
+    "preset, modules",
+    [
+        ("qv", ["q_proj", "v_proj"]),
+        ("attention", ["k_proj", "o_proj", "q_proj", "v_proj"]),
+        ("all-linear", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ],
+)
 def test_lora_presets_pick_the_projections(tiny, preset, modules):
     """Every layer's named projections and nothing else: not the embedding, the head, a norm or a bias."""
     adapters = lora.init(tiny.params, r=2, targets=preset)
@@ -184,8 +208,9 @@ def test_attention_softcap():
 
 def test_lora_gradients_match_peft(tiny):
     """The same A, B in PEFT and here: equal loss and gradients w.r.t. A and B (local and global layers)."""
-    assert_lora_gradients_match_peft(tiny.model, tiny.params, tiny.config, tiny.torch_model, batch(5)[0],
-                                     ["q_proj", "v_proj", "o_proj", "down_proj"])
+    assert_lora_gradients_match_peft(
+        tiny.model, tiny.params, tiny.config, tiny.torch_model, batch(5)[0], ["q_proj", "v_proj", "o_proj", "down_proj"]
+    )
 
 
 def test_cache_past_the_window_and_greedy_text(tiny):
@@ -198,7 +223,7 @@ def test_cache_past_the_window_and_greedy_text(tiny):
     out, cache = apply(tiny.params, ids[:, :3], mask[:, :3], gen.init_cache(tiny.config, 2, length))
     steps = [out]
     for t in range(3, length):
-        out, cache = apply(tiny.params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        out, cache = apply(tiny.params, ids[:, t : t + 1], mask[:, t : t + 1], cache)
         steps.append(out)
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.concatenate(steps, axis=1)[valid], full[valid], atol=1e-4, rtol=1e-4)
@@ -207,8 +232,9 @@ def test_cache_past_the_window_and_greedy_text(tiny):
     prompt = ids[:1, :4]
     ours = np.asarray(gen.generate(tiny.model, tiny.params, prompt, max_new_tokens=3 * WINDOW, eos_token_id=()))
     with torch.no_grad():
-        ref = tiny.torch_model.generate(torch.tensor(prompt), max_new_tokens=3 * WINDOW, do_sample=False,
-                                        eos_token_id=None, pad_token_id=0).numpy()
+        ref = tiny.torch_model.generate(
+            torch.tensor(prompt), max_new_tokens=3 * WINDOW, do_sample=False, eos_token_id=None, pad_token_id=0
+        ).numpy()
     np.testing.assert_array_equal(ours, ref)
 
 
@@ -218,12 +244,20 @@ def write_gguf(path, params, config, gguf_arch="gemma3"):
 
     c = config
     w = gguf.GGUFWriter(str(path), gguf_arch)
-    for add, value in [(w.add_block_count, c.num_hidden_layers), (w.add_context_length, c.max_position_embeddings),
-                       (w.add_embedding_length, c.hidden_size), (w.add_feed_forward_length, c.intermediate_size),
-                       (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
-                       (w.add_key_length, c.head_dim), (w.add_value_length, c.head_dim),
-                       (w.add_rope_freq_base, c.rope_theta), (w.add_layer_norm_rms_eps, c.rms_norm_eps),
-                       (w.add_sliding_window, c.sliding_window), (w.add_vocab_size, c.vocab_size)]:
+    for add, value in [
+        (w.add_block_count, c.num_hidden_layers),
+        (w.add_context_length, c.max_position_embeddings),
+        (w.add_embedding_length, c.hidden_size),
+        (w.add_feed_forward_length, c.intermediate_size),
+        (w.add_head_count, c.num_attention_heads),
+        (w.add_head_count_kv, c.num_key_value_heads),
+        (w.add_key_length, c.head_dim),
+        (w.add_value_length, c.head_dim),
+        (w.add_rope_freq_base, c.rope_theta),
+        (w.add_layer_norm_rms_eps, c.rms_norm_eps),
+        (w.add_sliding_window, c.sliding_window),
+        (w.add_vocab_size, c.vocab_size),
+    ]:
         add(value)
     spec = models.for_config(c).gguf
     for name, x in models.to_hf_weights(params, c).items():
@@ -238,13 +272,23 @@ def test_gguf_as_llama_cpp_writes_it(tiny, tmp_path):
     """Every tensor has gguf-py's own name for it; norms are stored as 1 + w; the file reads back to the same
     config (what GGUF metadata cannot say is llama.cpp's fixed Gemma 3 layout) and parameters."""
     gguf = require("gguf")
-    c = dataclasses.replace(tiny.config, sliding_layers=(True, True, True, True, True, False), num_hidden_layers=6,
-                            query_pre_attn_scalar=16.0, rope_type="default", rope_factor=1.0, rope_local_base_freq=1e4,
-                            qkv_bias=False,
-                            o_bias=False, tie_word_embeddings=True, final_logit_softcapping=None)
+    c = dataclasses.replace(
+        tiny.config,
+        sliding_layers=(True, True, True, True, True, False),
+        num_hidden_layers=6,
+        query_pre_attn_scalar=16.0,
+        rope_type="default",
+        rope_factor=1.0,
+        rope_local_base_freq=1e4,
+        qkv_bias=False,
+        o_bias=False,
+        tie_word_embeddings=True,
+        final_logit_softcapping=None,
+    )
     rng = np.random.RandomState(0)
-    params = lora.tree.unflatten({p: rng.randn(*x.shape).astype(np.float32)
-                                  for p, x in models.for_config(c).shapes(c).items()})
+    params = lora.tree.unflatten(
+        {p: rng.randn(*x.shape).astype(np.float32) for p, x in models.for_config(c).shapes(c).items()}
+    )
     table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, c.num_hidden_layers)
     spec = models.for_config(c).gguf
     weights = models.to_hf_weights(params, c)
@@ -255,8 +299,9 @@ def test_gguf_as_llama_cpp_writes_it(tiny, tmp_path):
     path = tmp_path / "tiny-gemma3.gguf"
     write_gguf(path, params, c)
     model, loaded, tok, config = models.load(path)
-    assert tok is None and config == dataclasses.replace(c, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                                                         rms_norm_eps=config.rms_norm_eps)
+    assert tok is None and config == dataclasses.replace(
+        c, bos_token_id=None, eos_token_id=None, pad_token_id=None, rms_norm_eps=config.rms_norm_eps
+    )
     assert lora.tree.flatten(loaded).keys() == lora.tree.flatten(params).keys()
     for path, x in lora.tree.flatten(params).items():  # so the same model: the same logits
         np.testing.assert_allclose(np.asarray(lora.tree.get(loaded, path)), x, rtol=1e-6, atol=1e-6)
@@ -265,9 +310,12 @@ def test_gguf_as_llama_cpp_writes_it(tiny, tmp_path):
 def test_peft_adapters_both_ways(tiny, tmp_path):
     """An adapter trained with real PEFT loads here with PEFT's logits; ours (mixed ranks) loads in PEFT with ours."""
     torch.manual_seed(1)
-    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny.folder),
-                                peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
-                                                target_modules=["q_proj", "v_proj", "gate_proj"]))
+    model = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tiny.folder),
+        peft.LoraConfig(
+            task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj"]
+        ),
+    )
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     ids = torch.tensor(batch(7)[0])
     for _ in range(3):
@@ -282,19 +330,27 @@ def test_peft_adapters_both_ways(tiny, tmp_path):
     test_ids, _ = batch(8)
     theirs_logits = torch_logits(model, test_ids)
     assert np.abs(theirs_logits - torch_logits(tiny.torch_model, test_ids)).max() > 1e-2  # training moved them
-    np.testing.assert_allclose(jax_logits(tiny.model, lora.wrap(tiny.params, loaded.adapters), test_ids),
-                               theirs_logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        jax_logits(tiny.model, lora.wrap(tiny.params, loaded.adapters), test_ids), theirs_logits, atol=1e-4, rtol=1e-4
+    )
 
-    ours = lora.init(tiny.params, r=4, alpha=16, targets="all-linear", rank_pattern={".*mlp.*": 2},
-                     key=jax.random.key(3))
-    ours = jax.tree_util.tree_map(lambda ad: dataclasses.replace(ad, b=0.1 * jnp.ones_like(ad.b)), ours,
-                                  is_leaf=lora.is_adapter)
+    ours = lora.init(
+        tiny.params, r=4, alpha=16, targets="all-linear", rank_pattern={".*mlp.*": 2}, key=jax.random.key(3)
+    )
+    ours = jax.tree_util.tree_map(
+        lambda ad: dataclasses.replace(ad, b=0.1 * jnp.ones_like(ad.b)), ours, is_leaf=lora.is_adapter
+    )
     lora.save_peft(ours, tmp_path / "ours", config=tiny.config)
-    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny.folder),
-                                            str(tmp_path / "ours")).eval()
+    theirs = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(tiny.folder), str(tmp_path / "ours")
+    ).eval()
     assert type(theirs.base_model.model).__name__ == "Gemma3ForCausalLM"
-    np.testing.assert_allclose(torch_logits(theirs, test_ids),
-                               jax_logits(tiny.model, lora.wrap(tiny.params, ours), test_ids), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        torch_logits(theirs, test_ids),
+        jax_logits(tiny.model, lora.wrap(tiny.params, ours), test_ids),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 # --------------------------------------------------------------------------------- the real Gemma 3 270M
@@ -323,8 +379,15 @@ def test_real_config_and_weights(real, gemma3_gguf_path):
     loaded, ids, _ = real
     c = loaded.config
     assert loaded.source == str(gemma3_gguf_path) and gemma3_gguf_path.name == "gemma-3-270m-q4_k_m.gguf"
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-            c.intermediate_size, c.vocab_size) == (18, 640, 4, 1, 256, 2048, 262_144)
+    assert (
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.vocab_size,
+    ) == (18, 640, 4, 1, 256, 2048, 262_144)
     assert c.sliding_layers == tuple((i + 1) % 6 != 0 for i in range(18)) and c.sliding_window == 512
     assert (c.rope_theta, c.rope_local_base_freq, c.query_pre_attn_scalar) == (1e6, 1e4, 256)
     assert c.tie_word_embeddings and "lm_head" not in loaded.params and c.final_logit_softcapping is None
@@ -332,10 +395,13 @@ def test_real_config_and_weights(real, gemma3_gguf_path):
     assert {t.tensor_type.name for t in reader.tensors} == {"F32", "Q5_0", "Q4_K", "Q8_0", "Q6_K"}
     stored = {t.name: t for t in reader.tensors}
     # llama.cpp stores 1 + w; the params hold w (the final norm and a q norm, F32 in the file)
-    for name, path in [("output_norm.weight", ("model", "norm", "scale")),
-                       ("blk.0.attn_q_norm.weight", ("model", "layers_0", "self_attn", "q_norm", "scale"))]:
-        np.testing.assert_array_equal(np.asarray(lora.tree.get(loaded.params, path)),
-                                      lgguf.dequantize(stored[name]) - 1)
+    for name, path in [
+        ("output_norm.weight", ("model", "norm", "scale")),
+        ("blk.0.attn_q_norm.weight", ("model", "layers_0", "self_attn", "q_norm", "scale")),
+    ]:
+        np.testing.assert_array_equal(
+            np.asarray(lora.tree.get(loaded.params, path)), lgguf.dequantize(stored[name]) - 1
+        )
     assert ids[0, 0] == c.bos_token_id == 2
 
 
@@ -345,7 +411,8 @@ def test_real_logits_match_transformers_on_the_same_weights(real):
     ref = transformers.Gemma3ForCausalLM(loaded.config.to_hf()).eval()
     missing, unexpected = ref.load_state_dict(
         {k: torch.from_numpy(np.array(v)) for k, v in models.to_hf_weights(loaded.params, loaded.config).items()},
-        strict=False)
+        strict=False,
+    )
     assert missing == ["lm_head.weight"] and not unexpected  # tied to the embedding
     ref.tie_weights()
     theirs = torch_logits(ref, ids)
@@ -360,16 +427,19 @@ def test_real_model_knows_paris(real):
     loaded, ids, logits = real
     tok = loaded.tokenizer
     order = list(np.argsort(-logits[0, -1]))
-    rank = {w: order.index(tok(w, add_special_tokens=False)["input_ids"][0])
-            for w in [" Paris", " London", " Berlin", " Rome", " Madrid", " Lyon"]}
+    rank = {
+        w: order.index(tok(w, add_special_tokens=False)["input_ids"][0])
+        for w in [" Paris", " London", " Berlin", " Rome", " Madrid", " Lyon"]
+    }
     print("next-token ranks:", rank)
     assert rank[" Paris"] < 3 and rank[" Paris"] == min(rank.values())
     question = tok("Q: What is the capital of France?\nA:")["input_ids"]
     prompts = np.zeros((2, len(question)), np.int32)  # both prompts in one batch, the shorter left-padded
-    prompts[0, -ids.shape[1]:], prompts[1] = ids[0], question
-    out = np.asarray(gen.generate(loaded.model, loaded.params, prompts, (prompts != 0).astype(np.int32),
-                                  max_new_tokens=16))
-    continuation, answer = tok.batch_decode(out[:, len(question):], skip_special_tokens=True)
+    prompts[0, -ids.shape[1] :], prompts[1] = ids[0], question
+    out = np.asarray(
+        gen.generate(loaded.model, loaded.params, prompts, (prompts != 0).astype(np.int32), max_new_tokens=16)
+    )
+    continuation, answer = tok.batch_decode(out[:, len(question) :], skip_special_tokens=True)
     print(f"{PROMPT!r} -> {continuation!r}\nQ: What is the capital of France?\\nA: -> {answer!r}")
     assert "Paris" in answer.split("\n")[0]
 
@@ -377,12 +447,19 @@ def test_real_model_knows_paris(real):
 def test_real_tokenizer(real):
     tok = real[0].tokenizer
     assert len(tok) == 262_144 and (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
-        "<bos>", "<eos>", "<pad>", "<unk>")
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        "<unk>",
+    )
     for text in ["The capital of France is", "  two  spaces\n\n\ttab", "émoji 🤗 日本語", "name[The Eagle] | a"]:
         ids = tok(text)["input_ids"]
         assert ids[0] == 2 and tok.decode(ids, skip_special_tokens=True) == text
     assert tok.convert_ids_to_tokens(tok("<start_of_turn>user\n", add_special_tokens=False)["input_ids"]) == [
-        "<start_of_turn>", "user", "\n"]  # control and user-defined tokens stay whole
+        "<start_of_turn>",
+        "user",
+        "\n",
+    ]  # control and user-defined tokens stay whole
     assert tok("\x07", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("<0x07>")]  # byte fallback
 
 
@@ -393,9 +470,14 @@ def test_real_matches_transformers_gguf_loader(real, gemma3_gguf_path):
     loaded, ids, logits = real
     folder, name = str(gemma3_gguf_path.parent), gemma3_gguf_path.name
     theirs_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    for text in [PROMPT, "Hello  world\n\ttabs  <start_of_turn>user\n  x", " leading space",
-                 "émoji 🤗 日本語 \x07", "name[The Eagle] | eatType[pub] | food[Indian]\n",
-                 "<bos><eos> <mask>[multimodal]"]:
+    for text in [
+        PROMPT,
+        "Hello  world\n\ttabs  <start_of_turn>user\n  x",
+        " leading space",
+        "émoji 🤗 日本語 \x07",
+        "name[The Eagle] | eatType[pub] | food[Indian]\n",
+        "<bos><eos> <mask>[multimodal]",
+    ]:
         assert loaded.tokenizer(text)["input_ids"] == theirs_tok(text)["input_ids"], text
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     assert type(ref).__name__ == "Gemma3ForCausalLM"
@@ -403,8 +485,9 @@ def test_real_matches_transformers_gguf_loader(real, gemma3_gguf_path):
     np.testing.assert_allclose(logits, theirs, atol=2e-4, rtol=1e-4)
     ours = np.asarray(gen.generate(loaded.model, loaded.params, ids, max_new_tokens=16, eos_token_id=()))
     with torch.no_grad():
-        greedy = ref.generate(torch.tensor(ids), max_new_tokens=16, do_sample=False, eos_token_id=None,
-                              pad_token_id=0).numpy()
+        greedy = ref.generate(
+            torch.tensor(ids), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+        ).numpy()
     np.testing.assert_array_equal(ours, greedy)
 
 
@@ -423,6 +506,6 @@ def test_real_cache_past_the_sliding_window(real):
     out, cache = apply(params, jnp.asarray(ids[:, :500]), gen.init_cache(loaded.config, 1, 600))
     steps = [out]
     for t in range(500, 600):
-        out, cache = apply(params, jnp.asarray(ids[:, t:t + 1]), cache)
+        out, cache = apply(params, jnp.asarray(ids[:, t : t + 1]), cache)
         steps.append(out)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=2e-3, rtol=1e-3)

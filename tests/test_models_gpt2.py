@@ -16,13 +16,15 @@ from lora_jax.models import from_hf_weights, gpt2, to_hf_weights
 from lora_jax.models.generate import init_cache
 from lora_jax.errors import CheckpointError
 
-SMALL = dict(vocab_size=80, n_embd=32, n_layer=2, n_head=4, n_positions=40, bos_token_id=1, eos_token_id=2,
-             pad_token_id=0)
+SMALL = dict(
+    vocab_size=80, n_embd=32, n_layer=2, n_head=4, n_positions=40, bos_token_id=1, eos_token_id=2, pad_token_id=0
+)
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(**SMALL),
     # an untied head, a custom inner size, the per-layer attention scaling and exact gelu
-    "gpt2-variant": lambda: transformers.GPT2Config(**SMALL, tie_word_embeddings=False, n_inner=48,
-                                                    scale_attn_by_inverse_layer_idx=True, activation_function="gelu"),
+    "gpt2-variant": lambda: transformers.GPT2Config(
+        **SMALL, tie_word_embeddings=False, n_inner=48, scale_attn_by_inverse_layer_idx=True, activation_function="gelu"
+    ),
 }
 SEQ = 12
 
@@ -45,7 +47,8 @@ def case(request):
     config = gpt2.Config.from_hf(hf_config)
     params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
     return dataclasses.make_dataclass("Case", ["hf_config", "torch_model", "config", "params"])(
-        hf_config, torch_model, config, params)
+        hf_config, torch_model, config, params
+    )
 
 
 def batch(seed: int = 0, pad: int = 3):
@@ -63,8 +66,9 @@ def torch_logits(model, ids, mask):
 
 
 def jax_logits(config, params, ids, mask=None, **kw):
-    logits, _ = gpt2.build(config).apply({"params": params}, jnp.asarray(ids),
-                                         attention_mask=None if mask is None else jnp.asarray(mask), **kw)
+    logits, _ = gpt2.build(config).apply(
+        {"params": params}, jnp.asarray(ids), attention_mask=None if mask is None else jnp.asarray(mask), **kw
+    )
     return np.asarray(logits)
 
 
@@ -83,8 +87,7 @@ def test_logits_match_transformers(case):
     valid = mask.astype(bool)
     ref = torch_logits(case.torch_model, ids, mask)
     assert np.abs(ref).max() > 1.0
-    np.testing.assert_allclose(jax_logits(case.config, case.params, ids, mask)[valid], ref[valid], atol=1e-4,
-                               rtol=1e-4)
+    np.testing.assert_allclose(jax_logits(case.config, case.params, ids, mask)[valid], ref[valid], atol=1e-4, rtol=1e-4)
 
 
 def test_to_hf_weights_load_into_transformers(case):
@@ -96,28 +99,35 @@ def test_to_hf_weights_load_into_transformers(case):
         with safe_open(f"{tmp}/model.safetensors", "np") as f:
             assert set(f.keys()) == set(tensors)
     fresh = transformers.GPT2LMHeadModel(case.config.to_hf()).eval()
-    missing, unexpected = fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
-                                                strict=False)
+    missing, unexpected = fresh.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=False
+    )
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if case.config.tie_word_embeddings else set())
     ids, mask = batch(1)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(torch_logits(fresh, ids, mask)[valid],
-                               jax_logits(case.config, case.params, ids, mask)[valid], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        torch_logits(fresh, ids, mask)[valid],
+        jax_logits(case.config, case.params, ids, mask)[valid],
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_unprefixed_checkpoint_with_mask_buffers_loads():
     """The original gpt2 weights are saved from GPT2Model: no 'transformer.' prefix, plus attn.bias buffers."""
     hf_config = CONFIGS["gpt2"]()
     torch_model = randomize(transformers.GPT2LMHeadModel(hf_config))
-    state = {k.removeprefix("transformer."): v.numpy() for k, v in torch_model.state_dict().items()
-             if k != "lm_head.weight"}
+    state = {
+        k.removeprefix("transformer."): v.numpy() for k, v in torch_model.state_dict().items() if k != "lm_head.weight"
+    }
     state.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 40, 40), bool)) for i in range(2)})
     config = gpt2.Config.from_hf(hf_config)
     params = from_hf_weights(config, state, "model.safetensors")
     ids, mask = batch(2)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(jax_logits(config, params, ids, mask)[valid],
-                               torch_logits(torch_model, ids, mask)[valid], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        jax_logits(config, params, ids, mask)[valid], torch_logits(torch_model, ids, mask)[valid], atol=1e-4, rtol=1e-4
+    )
     del state["h.1.mlp.c_fc.weight"]
     with pytest.raises(CheckpointError, match=r"model.safetensors: missing tensor 'h\.1\.mlp\.c_fc\.weight'"):
         from_hf_weights(config, state, "model.safetensors")
@@ -132,7 +142,7 @@ def test_cache_matches_full_forward(case):
     out, cache = apply(case.params, ids[:, :5], mask[:, :5], cache)
     steps = [out]
     for t in range(5, SEQ):
-        out, cache = apply(case.params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        out, cache = apply(case.params, ids[:, t : t + 1], mask[:, t : t + 1], cache)
         steps.append(out)
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.concatenate(steps, axis=1)[valid], full[valid], atol=1e-5, rtol=1e-5)
@@ -153,8 +163,11 @@ def test_presets_select_hf_module_names():
     qv = [p for p, _ in lora.adapter_items(lora.init(params, r=2, targets="qv"))]
     assert qv == ["transformer/h_0/attn/c_attn/kernel", "transformer/h_1/attn/c_attn/kernel"]
     everything = {p for p, _ in lora.adapter_items(lora.init(params, r=2, targets="all-linear"))}
-    assert everything == {f"transformer/h_{i}/{m}/kernel" for i in range(2)
-                          for m in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")}  # no wte/wpe/lm_head
+    assert everything == {
+        f"transformer/h_{i}/{m}/kernel"
+        for i in range(2)
+        for m in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
+    }  # no wte/wpe/lm_head
 
 
 def test_factored_forward_equals_merged_and_matches_peft():
@@ -164,16 +177,20 @@ def test_factored_forward_equals_merged_and_matches_peft():
     torch_model = randomize(transformers.GPT2LMHeadModel(hf_config))
     config = gpt2.Config.from_hf(hf_config)
     params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
-    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"],
-                                                                  fan_in_fan_out=True, init_lora_weights=False))
+    peft_model = peft.get_peft_model(
+        torch_model,
+        peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False),
+    )
     peft_model.eval()
     adapters = lora.init(params, r=4, alpha=16, targets="qv")
     for i in range(2):
         module = peft_model.base_model.model.transformer.h[i].attn.c_attn
         ad = adapters["transformer"][f"h_{i}"]["attn"]["c_attn"]["kernel"]
         adapters["transformer"][f"h_{i}"]["attn"]["c_attn"]["kernel"] = dataclasses.replace(
-            ad, a=jnp.asarray(module.lora_A["default"].weight.detach().numpy().T),
-            b=jnp.asarray(module.lora_B["default"].weight.detach().numpy().T))
+            ad,
+            a=jnp.asarray(module.lora_A["default"].weight.detach().numpy().T),
+            b=jnp.asarray(module.lora_B["default"].weight.detach().numpy().T),
+        )
     ids, mask = batch(4)
     valid = mask.astype(bool)
     factored = jax_logits(config, lora.wrap(params, adapters), ids, mask)

@@ -17,21 +17,42 @@ from lora_jax.models import from_hf_weights, llama, to_hf_weights
 from lora_jax.models.generate import init_cache
 from lora_jax.errors import CheckpointError
 
-SMALL = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-             num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SMALL = dict(
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 CONFIGS = {
     # grouped-query attention (6 query heads share 2 key/value heads), untied head
     "llama-gqa": lambda: transformers.LlamaConfig(**SMALL, rope_theta=1000.0),
     # Llama 3.1 RoPE scaling, tied embeddings, biases everywhere
     "llama3-tied-bias": lambda: transformers.LlamaConfig(
-        **SMALL, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
-        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16, "rope_theta": 5000.0}),
+        **SMALL,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 5000.0,
+        },
+    ),
     # q/k/v biases, no o bias
     "qwen2": lambda: transformers.Qwen2Config(**SMALL),
     # sliding window shorter than the test sequences; linear RoPE scaling
     "mistral-window": lambda: transformers.MistralConfig(
-        **SMALL, sliding_window=5, head_dim=8, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        **SMALL, sliding_window=5, head_dim=8, rope_scaling={"rope_type": "linear", "factor": 2.0}
+    ),
 }
 SEQ = 12
 
@@ -57,7 +78,8 @@ def case(request):
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     params = from_hf_weights(config, state, "state_dict")
     return dataclasses.make_dataclass("Case", ["name", "hf_config", "torch_model", "config", "params"])(
-        request.param, hf_config, torch_model, config, params)
+        request.param, hf_config, torch_model, config, params
+    )
 
 
 def batch(seed: int = 0, pad: int = 3):
@@ -76,8 +98,9 @@ def torch_logits(model, ids, mask):
 
 
 def jax_logits(config, params, ids, mask=None, **kw):
-    logits, _ = llama.build(config).apply({"params": params}, jnp.asarray(ids),
-                                          attention_mask=None if mask is None else jnp.asarray(mask), **kw)
+    logits, _ = llama.build(config).apply(
+        {"params": params}, jnp.asarray(ids), attention_mask=None if mask is None else jnp.asarray(mask), **kw
+    )
     return np.asarray(logits)
 
 
@@ -116,13 +139,18 @@ def test_to_hf_weights_load_into_transformers(case):
         with safe_open(f"{tmp}/model.safetensors", "np") as f:
             assert set(f.keys()) == set(tensors)
     fresh = transformers.AutoModelForCausalLM.from_config(case.config.to_hf()).eval()
-    missing, unexpected = fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
-                                                strict=False)
+    missing, unexpected = fresh.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=False
+    )
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if case.config.tie_word_embeddings else set())
     ids, mask = batch(1)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(torch_logits(fresh, ids, mask)[valid], jax_logits(case.config, case.params, ids,
-                                                                                mask)[valid], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        torch_logits(fresh, ids, mask)[valid],
+        jax_logits(case.config, case.params, ids, mask)[valid],
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_cache_matches_full_forward(case):
@@ -135,7 +163,7 @@ def test_cache_matches_full_forward(case):
     out, cache = apply(case.params, ids[:, :7], mask[:, :7], cache)
     steps = [out]
     for t in range(7, SEQ):
-        out, cache = apply(case.params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        out, cache = apply(case.params, ids[:, t : t + 1], mask[:, t : t + 1], cache)
         steps.append(out)
     assert int(cache.index) == SEQ
     valid = mask.astype(bool)
@@ -164,8 +192,11 @@ def test_missing_wrong_shape_and_extra_tensors_raise():
     with pytest.raises(CheckpointError, match=r"k_proj\.weight' has shape \(48, 48\), expected \(16, 48\)"):
         from_hf_weights(config, broken, "ckpt.safetensors")
     with pytest.raises(CheckpointError, match="model.layers.2.mlp.up_proj.weight"):
-        from_hf_weights(config, dict(state, **{"model.layers.2.mlp.up_proj.weight": state[
-            "model.layers.1.mlp.up_proj.weight"]}), "ckpt.safetensors")
+        from_hf_weights(
+            config,
+            dict(state, **{"model.layers.2.mlp.up_proj.weight": state["model.layers.1.mlp.up_proj.weight"]}),
+            "ckpt.safetensors",
+        )
     # rotary buffers of older checkpoints are harmless
     from_hf_weights(config, dict(state, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4)}), "x")
     # the base model reads the model.* tensors
@@ -173,8 +204,13 @@ def test_missing_wrong_shape_and_extra_tensors_raise():
     assert set(base) == {"embed_tokens", "layers_0", "layers_1", "norm"}
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32},
-                                  {"rope_type": "dynamic", "factor": 2.0}])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32},
+        {"rope_type": "dynamic", "factor": 2.0},
+    ],
+)
 def test_unsupported_rope_scaling_is_a_clear_error(rope):
     with pytest.raises(ValueError, match=f"rope scaling '{rope['rope_type']}' is not supported"):
         llama.Config.from_hf(transformers.LlamaConfig(**SMALL, rope_scaling=rope))
@@ -189,9 +225,19 @@ def test_presets_select_hf_module_names():
     qv = [p for p, _ in lora.adapter_items(lora.init(params, r=2, targets="qv"))]
     assert qv == [f"model/layers_{i}/self_attn/{m}/kernel" for i in range(2) for m in ("q_proj", "v_proj")]
     everything = {p for p, _ in lora.adapter_items(lora.init(params, r=2, targets="all-linear"))}
-    assert everything == {f"model/layers_{i}/{m}/kernel" for i in range(2) for m in (
-        "self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj", "mlp/gate_proj",
-        "mlp/up_proj", "mlp/down_proj")}  # no embed_tokens, no lm_head
+    assert everything == {
+        f"model/layers_{i}/{m}/kernel"
+        for i in range(2)
+        for m in (
+            "self_attn/q_proj",
+            "self_attn/k_proj",
+            "self_attn/v_proj",
+            "self_attn/o_proj",
+            "mlp/gate_proj",
+            "mlp/up_proj",
+            "mlp/down_proj",
+        )
+    }  # no embed_tokens, no lm_head
     attention = {p for p, _ in lora.adapter_items(lora.init(params, r=2, targets="attention"))}
     assert attention == {p for p in everything if "self_attn" in p}
 
@@ -200,8 +246,9 @@ def random_b(adapters, seed: int = 1):
     """Adapters with a nonzero B (at init B = 0 and LoRA is a no-op)."""
     leaves, treedef = jax.tree_util.tree_flatten(adapters, is_leaf=lora.is_adapter)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [
-        dataclasses.replace(ad, b=0.1 * jax.random.normal(k, ad.b.shape)) for ad, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(
+        treedef, [dataclasses.replace(ad, b=0.1 * jax.random.normal(k, ad.b.shape)) for ad, k in zip(leaves, keys)]
+    )
 
 
 def test_factored_forward_equals_merged(case):
@@ -229,13 +276,18 @@ def test_lora_matches_peft():
     modules = dict(peft_model.named_modules())
 
     def from_peft(path, ad):
-        module = modules["base_model.model." + path.removesuffix("/kernel").replace("/", ".").replace(
-            "layers_", "layers.")]
-        return dataclasses.replace(ad, a=jnp.asarray(module.lora_A["default"].weight.detach().numpy().T),
-                                   b=jnp.asarray(module.lora_B["default"].weight.detach().numpy().T))
+        module = modules[
+            "base_model.model." + path.removesuffix("/kernel").replace("/", ".").replace("layers_", "layers.")
+        ]
+        return dataclasses.replace(
+            ad,
+            a=jnp.asarray(module.lora_A["default"].weight.detach().numpy().T),
+            b=jnp.asarray(module.lora_B["default"].weight.detach().numpy().T),
+        )
 
     adapters = jax.tree_util.tree_map_with_path(
-        lambda p, ad: from_peft(lora.targets.path_str(p), ad), adapters, is_leaf=lora.is_adapter)
+        lambda p, ad: from_peft(lora.targets.path_str(p), ad), adapters, is_leaf=lora.is_adapter
+    )
     ids, mask = batch(4)
     valid = mask.astype(bool)
     ref = torch_logits(peft_model, ids, mask)

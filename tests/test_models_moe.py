@@ -28,18 +28,47 @@ from lora_jax.models import from_hf_weights, mixtral, moe, qwen3_moe, to_hf_weig
 from lora_jax.models.hf import open_weights  # noqa: E402
 
 V, SEQ = 64, 10
-SMALL = dict(vocab_size=V, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-             max_position_embeddings=64, num_experts_per_tok=2)
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    num_experts_per_tok=2,
+)
 CONFIGS = {
     # 3 layers, the middle one dense (mlp_only_layers); top-k weights not renormalised (Qwen3-MoE's default)
-    "qwen3_moe": lambda: (qwen3_moe, transformers.Qwen3MoeConfig(
-        **SMALL, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_experts=8,
-        norm_topk_prob=False, mlp_only_layers=[1], router_aux_loss_coef=0.02)),
-    "qwen3_moe-norm": lambda: (qwen3_moe, transformers.Qwen3MoeConfig(
-        **SMALL, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_experts=4,
-        norm_topk_prob=True)),
-    "mixtral": lambda: (mixtral, transformers.MixtralConfig(
-        **SMALL, intermediate_size=16, num_hidden_layers=2, num_local_experts=8, sliding_window=6)),
+    "qwen3_moe": lambda: (
+        qwen3_moe,
+        transformers.Qwen3MoeConfig(
+            **SMALL,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            num_experts=8,
+            norm_topk_prob=False,
+            mlp_only_layers=[1],
+            router_aux_loss_coef=0.02,
+        ),
+    ),
+    "qwen3_moe-norm": lambda: (
+        qwen3_moe,
+        transformers.Qwen3MoeConfig(
+            **SMALL,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_experts=4,
+            norm_topk_prob=True,
+        ),
+    ),
+    "mixtral": lambda: (
+        mixtral,
+        transformers.MixtralConfig(
+            **SMALL, intermediate_size=16, num_hidden_layers=2, num_local_experts=8, sliding_window=6
+        ),
+    ),
 }
 
 
@@ -98,7 +127,8 @@ def batch(seed: int = 0, pad: int = 3):
 
 def logits(case, params, ids, mask=None, config=None):
     out, _ = case.family.build(config or case.config).apply(
-        {"params": params}, jnp.asarray(ids), attention_mask=None if mask is None else jnp.asarray(mask))
+        {"params": params}, jnp.asarray(ids), attention_mask=None if mask is None else jnp.asarray(mask)
+    )
     return np.asarray(out)
 
 
@@ -176,7 +206,8 @@ def test_aux_loss_matches_transformers(case):
     with torch.no_grad():
         out = model(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(ids))
     (_, _), state = case.family.build(case.config).apply(
-        {"params": case.params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), mutable=["intermediates"])
+        {"params": case.params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), mutable=["intermediates"]
+    )
     sparse = sum(case.config.is_sparse(i) for i in range(case.config.num_hidden_layers))
     assert len(moe.collect_router_logits(state["intermediates"])) == sparse
     aux = moe.aux_loss(state["intermediates"], case.config, jnp.asarray(mask))
@@ -221,19 +252,22 @@ def test_lora_presets_on_the_model(case):
 def _random_b(adapters, seed=0, scale=0.3):
     leaves, treedef = jax.tree_util.tree_flatten(adapters, is_leaf=lora.is_adapter)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [
-        dataclasses.replace(ad, b=scale * jax.random.normal(k, ad.b.shape)) for ad, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(
+        treedef, [dataclasses.replace(ad, b=scale * jax.random.normal(k, ad.b.shape)) for ad, k in zip(leaves, keys)]
+    )
 
 
-@pytest.mark.parametrize("name", [pytest.param("qwen3_moe", marks=SLOW), pytest.param("qwen3_moe-norm", marks=SLOW),
-                                  "mixtral"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("qwen3_moe", marks=SLOW), pytest.param("qwen3_moe-norm", marks=SLOW), "mixtral"]
+)
 def test_lora_on_experts_trains_and_merges(name):
     """A few steps on the routed experts + attention q/v: the loss falls, no (E, d_in, d_out) gradient is
     formed, and the merged model gives the factored model's logits."""
     case = make_case(name)
     ids = jax.random.randint(jax.random.key(2), (4, 12), 3, V)
-    adapters = lora.init(case.params, r=4, targets=["(.*/)?mlp/experts/.*", ".*self_attn/(q|v)_proj/kernel"],
-                         key=jax.random.key(1))
+    adapters = lora.init(
+        case.params, r=4, targets=["(.*/)?mlp/experts/.*", ".*self_attn/(q|v)_proj/kernel"], key=jax.random.key(1)
+    )
     model = case.family.build(case.config)
 
     def loss_fn(ad):
@@ -269,8 +303,9 @@ def test_peft_adapters_both_ways(case, tmp_path):
     ids, mask = batch(4)
     valid = mask.astype(bool)
     targets = [f"mlp.experts.{k}" for k in ("gate_up_proj", "down_proj")]
-    pc = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], target_parameters=targets,
-                         init_lora_weights=False)
+    pc = peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], target_parameters=targets, init_lora_weights=False
+    )
     base = randomize(transformers.AutoModelForCausalLM.from_config(case.hf_config))
     base.load_state_dict(case.torch_model.state_dict())
     pm = peft.get_peft_model(base, pc).eval()
@@ -279,8 +314,9 @@ def test_peft_adapters_both_ways(case, tmp_path):
     n_sparse = sum(case.config.is_sparse(i) for i in range(case.config.num_hidden_layers))
     assert len(lora.adapter_items(loaded.adapters)) == 4 * n_sparse + 2 * (case.config.num_hidden_layers - n_sparse)
     ref = torch_logits(pm, ids, mask)
-    np.testing.assert_allclose(logits(case, lora.wrap(case.params, loaded.adapters), ids, mask)[valid], ref[valid],
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        logits(case, lora.wrap(case.params, loaded.adapters), ids, mask)[valid], ref[valid], atol=1e-4, rtol=1e-4
+    )
     # the adapters' gradients: PEFT's lora_A / lora_B grads mapped with the same layout
     targets_np = np.roll(ids, -1, axis=1)
     pm.zero_grad()
@@ -295,22 +331,36 @@ def test_peft_adapters_both_ways(case, tmp_path):
     layer = pm.base_model.model.model.layers[0]
     outer, inner = layer.mlp.experts, layer.mlp.experts.base_layer  # down_proj wraps gate_up_proj
     for wrapper, key in ((inner, "gate_up_proj"), (outer, "down_proj")):
-        ga, gb = lpeft.expert_factors_from_peft(wrapper.lora_A["default"].weight.grad.numpy(),
-                                                wrapper.lora_B["default"].weight.grad.numpy(), case.config.num_experts)
+        ga, gb = lpeft.expert_factors_from_peft(
+            wrapper.lora_A["default"].weight.grad.numpy(),
+            wrapper.lora_B["default"].weight.grad.numpy(),
+            case.config.num_experts,
+        )
         got = grads[f"model/layers_0/mlp/experts/{key}"]
         np.testing.assert_allclose(got.a, ga, atol=1e-5, rtol=1e-3)
         np.testing.assert_allclose(got.b, gb, atol=1e-5, rtol=1e-3)
 
-    ours = _random_b(lora.init(case.params, r=3, alpha=5, key=jax.random.key(7),
-                               targets=["(.*/)?mlp/experts/.*", ".*self_attn/o_proj/kernel"]))
+    ours = _random_b(
+        lora.init(
+            case.params,
+            r=3,
+            alpha=5,
+            key=jax.random.key(7),
+            targets=["(.*/)?mlp/experts/.*", ".*self_attn/o_proj/kernel"],
+        )
+    )
     lora.save_peft(ours, tmp_path / "ours", config=case.config)
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert sorted(cfg["target_parameters"]) == ["down_proj", "gate_up_proj"] and cfg["target_modules"] == ["o_proj"]
     fresh = randomize(transformers.AutoModelForCausalLM.from_config(case.hf_config))
     fresh.load_state_dict(case.torch_model.state_dict())
     theirs = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
-    np.testing.assert_allclose(torch_logits(theirs, ids, mask)[valid],
-                               logits(case, lora.wrap(case.params, ours), ids, mask)[valid], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        torch_logits(theirs, ids, mask)[valid],
+        logits(case, lora.wrap(case.params, ours), ids, mask)[valid],
+        atol=1e-4,
+        rtol=1e-4,
+    )
     back = lora.load_peft(tmp_path / "ours", case.params, config=case.config)  # and our own files round-trip
     for (p, a), (q, b) in zip(lora.adapter_items(ours), lora.adapter_items(back.adapters), strict=True):
         assert p == q and a.scale == pytest.approx(b.scale)
@@ -334,28 +384,62 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path):
     tokens = ["<unk>", "<s>", "</s>"] + sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in merges]
     n_exp, width, d, layers = 4, 768, 32, 2
     hf_config = transformers.Qwen3MoeConfig(
-        vocab_size=len(tokens), hidden_size=d, intermediate_size=48, moe_intermediate_size=width,
+        vocab_size=len(tokens),
+        hidden_size=d,
+        intermediate_size=48,
+        moe_intermediate_size=width,
         num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=n_exp, num_experts_per_tok=2,
-        norm_topk_prob=True, max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-6)
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=n_exp,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=64,
+        rope_theta=1000.0,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     model = randomize(transformers.Qwen3MoeForCausalLM(hf_config))
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     path = tmp_path / "tiny-moe.gguf"
     w = gguf.GGUFWriter(str(path), "qwen3moe")
-    for add, value in [(w.add_block_count, layers), (w.add_context_length, 64), (w.add_embedding_length, d),
-                       (w.add_feed_forward_length, 48), (w.add_head_count, 4), (w.add_head_count_kv, 2),
-                       (w.add_key_length, 8), (w.add_value_length, 8), (w.add_rope_freq_base, 1000.0),
-                       (w.add_layer_norm_rms_eps, 1e-6), (w.add_expert_count, n_exp), (w.add_expert_used_count, 2),
-                       (w.add_expert_feed_forward_length, width), (w.add_tokenizer_model, "gpt2"),
-                       (w.add_tokenizer_pre, "default"), (w.add_token_list, tokens),
-                       (w.add_token_types, [2, 3, 3] + [1] * (len(tokens) - 3)), (w.add_token_merges, merges),
-                       (w.add_bos_token_id, 1), (w.add_eos_token_id, 2), (w.add_unk_token_id, 0)]:
+    for add, value in [
+        (w.add_block_count, layers),
+        (w.add_context_length, 64),
+        (w.add_embedding_length, d),
+        (w.add_feed_forward_length, 48),
+        (w.add_head_count, 4),
+        (w.add_head_count_kv, 2),
+        (w.add_key_length, 8),
+        (w.add_value_length, 8),
+        (w.add_rope_freq_base, 1000.0),
+        (w.add_layer_norm_rms_eps, 1e-6),
+        (w.add_expert_count, n_exp),
+        (w.add_expert_used_count, 2),
+        (w.add_expert_feed_forward_length, width),
+        (w.add_tokenizer_model, "gpt2"),
+        (w.add_tokenizer_pre, "default"),
+        (w.add_token_list, tokens),
+        (w.add_token_types, [2, 3, 3] + [1] * (len(tokens) - 3)),
+        (w.add_token_merges, merges),
+        (w.add_bos_token_id, 1),
+        (w.add_eos_token_id, 2),
+        (w.add_unk_token_id, 0),
+    ]:
         add(value)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate": "ffn_gate_inp",
+    }
     for i in range(layers):
         for hf, g in names.items():
             w.add_tensor(f"blk.{i}.{g}.weight", sd[f"model.layers.{i}.{hf}.weight"])
@@ -367,7 +451,8 @@ def test_qwen3_moe_gguf_matches_transformers(tmp_path):
             w.add_tensor(f"blk.{i}.ffn_up_exps.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             with torch.no_grad():
                 model.model.layers[i].mlp.experts.gate_up_proj[:, width:] = torch.from_numpy(
-                    gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0))
+                    gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
+                )
         else:
             w.add_tensor(f"blk.{i}.ffn_up_exps.weight", up)
         w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"model.layers.{i}.mlp.experts.down_proj"])

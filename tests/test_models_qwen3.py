@@ -23,15 +23,31 @@ from lora_jax.models import qwen3
 
 V, SEQ = 96, 12
 # head_dim 16 != hidden 48 / 6 heads; 6 query heads share 2 key/value heads
-SMALL = dict(vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=1000.0, bos_token_id=1,
-             eos_token_id=2, pad_token_id=0)
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    rope_theta=1000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 CONFIGS = {
     "untied": lambda: transformers.Qwen3Config(**SMALL, tie_word_embeddings=False),
     # tied head; the second layer slides over 5 tokens; biases on q, k, v, o
     "tied-window-bias": lambda: transformers.Qwen3Config(
-        **SMALL, tie_word_embeddings=True, attention_bias=True, use_sliding_window=True, sliding_window=5,
-        max_window_layers=1),
+        **SMALL,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        use_sliding_window=True,
+        sliding_window=5,
+        max_window_layers=1,
+    ),
 }
 
 
@@ -114,8 +130,9 @@ def test_lora_gradients_match_peft(case):
     """The same A, B in PEFT and here: equal loss, and equal gradients of a cross-entropy w.r.t. A and B."""
     if case.name != "untied":
         pytest.skip("one gradient case")
-    assert_lora_gradients_match_peft(case.model, case.params, case.config, case.torch_model, batch(5)[0],
-                                     ["q_proj", "k_proj", "o_proj", "down_proj"])
+    assert_lora_gradients_match_peft(
+        case.model, case.params, case.config, case.torch_model, batch(5)[0], ["q_proj", "k_proj", "o_proj", "down_proj"]
+    )
 
 
 def test_cache_and_greedy_generation_match_transformers(case):
@@ -125,7 +142,7 @@ def test_cache_and_greedy_generation_match_transformers(case):
     out, cache = apply(case.params, ids[:, :7], mask[:, :7], gen.init_cache(case.config, 2, SEQ))
     steps = [out]
     for t in range(7, SEQ):
-        out, cache = apply(case.params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        out, cache = apply(case.params, ids[:, t : t + 1], mask[:, t : t + 1], cache)
         steps.append(out)
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.concatenate(steps, axis=1)[valid], full[valid], atol=1e-4, rtol=1e-4)
@@ -134,8 +151,9 @@ def test_cache_and_greedy_generation_match_transformers(case):
     prompt = ids[:1, :6]
     ours = np.asarray(gen.generate(model, case.params, prompt, max_new_tokens=8, eos_token_id=()))
     with torch.no_grad():
-        ref = case.torch_model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
-                                        eos_token_id=None, pad_token_id=0).numpy()
+        ref = case.torch_model.generate(
+            torch.tensor(prompt), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+        ).numpy()
     np.testing.assert_array_equal(ours, ref)
 
 
@@ -156,12 +174,19 @@ def test_gguf_as_llama_cpp_names_it(case, tmp_path):
     c = case.config
     path = tmp_path / "tiny-qwen3.gguf"
     w = gguf.GGUFWriter(str(path), "qwen3")
-    for add, value in [(w.add_block_count, c.num_hidden_layers), (w.add_context_length, c.max_position_embeddings),
-                       (w.add_embedding_length, c.hidden_size), (w.add_feed_forward_length, c.intermediate_size),
-                       (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
-                       (w.add_key_length, c.head_dim), (w.add_value_length, c.head_dim),
-                       (w.add_rope_freq_base, c.rope_theta), (w.add_layer_norm_rms_eps, c.rms_norm_eps),
-                       (w.add_vocab_size, c.vocab_size)]:
+    for add, value in [
+        (w.add_block_count, c.num_hidden_layers),
+        (w.add_context_length, c.max_position_embeddings),
+        (w.add_embedding_length, c.hidden_size),
+        (w.add_feed_forward_length, c.intermediate_size),
+        (w.add_head_count, c.num_attention_heads),
+        (w.add_head_count_kv, c.num_key_value_heads),
+        (w.add_key_length, c.head_dim),
+        (w.add_value_length, c.head_dim),
+        (w.add_rope_freq_base, c.rope_theta),
+        (w.add_layer_norm_rms_eps, c.rms_norm_eps),
+        (w.add_vocab_size, c.vocab_size),
+    ]:
         add(value)
     spec = models.for_config(c).gguf
     for name, x in models.to_hf_weights(case.params, c).items():
@@ -172,8 +197,9 @@ def test_gguf_as_llama_cpp_names_it(case, tmp_path):
     w.close()
     model, params, tok, config = models.load(path)
     assert tok is None and config.rms_norm_eps == pytest.approx(c.rms_norm_eps)  # stored as float32
-    assert config == dataclasses.replace(c, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                                         rms_norm_eps=config.rms_norm_eps)
+    assert config == dataclasses.replace(
+        c, bos_token_id=None, eos_token_id=None, pad_token_id=None, rms_norm_eps=config.rms_norm_eps
+    )
     ids, _ = batch(4)
     ref = torch_logits(case.torch_model, ids)
     np.testing.assert_allclose(jax_logits(model, params, ids), ref, atol=1e-4, rtol=1e-4)
@@ -184,9 +210,12 @@ def test_peft_adapters_both_ways(case, tmp_path):
     if case.name != "untied":
         pytest.skip("one PEFT case")
     torch.manual_seed(1)
-    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(case.folder),
-                                peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
-                                                target_modules=["q_proj", "v_proj", "gate_proj"]))
+    model = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(case.folder),
+        peft.LoraConfig(
+            task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj"]
+        ),
+    )
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     ids = torch.tensor(batch(7)[0])
     for _ in range(3):
@@ -199,15 +228,26 @@ def test_peft_adapters_both_ways(case, tmp_path):
     loaded = lora.load_peft(tmp_path / "theirs", case.params, config=case.config)
     assert len(lora.adapter_items(loaded.adapters)) == 3 * case.config.num_hidden_layers
     test_ids, _ = batch(8)
-    np.testing.assert_allclose(jax_logits(case.model, lora.wrap(case.params, loaded.adapters), test_ids),
-                               torch_logits(model, test_ids), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        jax_logits(case.model, lora.wrap(case.params, loaded.adapters), test_ids),
+        torch_logits(model, test_ids),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
-    ours = lora.init(case.params, r=4, alpha=16, targets="all-linear", rank_pattern={".*mlp.*": 2},
-                     key=jax.random.key(3))
-    ours = jax.tree_util.tree_map(lambda ad: dataclasses.replace(ad, b=0.1 * jnp.ones_like(ad.b)), ours,
-                                  is_leaf=lora.is_adapter)
+    ours = lora.init(
+        case.params, r=4, alpha=16, targets="all-linear", rank_pattern={".*mlp.*": 2}, key=jax.random.key(3)
+    )
+    ours = jax.tree_util.tree_map(
+        lambda ad: dataclasses.replace(ad, b=0.1 * jnp.ones_like(ad.b)), ours, is_leaf=lora.is_adapter
+    )
     lora.save_peft(ours, tmp_path / "ours", config=case.config)
-    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(case.folder),
-                                            str(tmp_path / "ours")).eval()
-    np.testing.assert_allclose(torch_logits(theirs, test_ids),
-                               jax_logits(case.model, lora.wrap(case.params, ours), test_ids), atol=1e-4, rtol=1e-4)
+    theirs = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(case.folder), str(tmp_path / "ours")
+    ).eval()
+    np.testing.assert_allclose(
+        torch_logits(theirs, test_ids),
+        jax_logits(case.model, lora.wrap(case.params, ours), test_ids),
+        atol=1e-4,
+        rtol=1e-4,
+    )

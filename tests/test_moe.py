@@ -46,7 +46,9 @@ def randomise_b(adapters, seed: int = 7):
     keys = dict(zip([p for p, _ in leaves], jax.random.split(jax.random.key(seed), len(leaves))))
     return jax.tree_util.tree_map_with_path(
         lambda p, ad: dataclasses.replace(ad, b=jax.random.normal(keys[targets_lib.path_str(p)], ad.b.shape) * 0.5),
-        adapters, is_leaf=lora.is_adapter)
+        adapters,
+        is_leaf=lora.is_adapter,
+    )
 
 
 def block(p, x, dispatch="ragged", norm_topk_prob=True):
@@ -89,8 +91,10 @@ def test_presets_tell_routed_shared_experts_and_router_apart():
     assert roles["dense_mlp/gate/kernel"] is None  # a "gate" without experts beside it is no router
     assert roles["mlp/experts/down_proj"] == targets_lib.ROUTED
     assert roles["mlp/shared_experts/down_proj/kernel"] == targets_lib.SHARED
-    sel = {name: adapted(lora.init(params, r=2, targets=name)) for name in
-           ("experts", "shared-experts", "router", "all-linear", "all-linear+experts", "attention")}
+    sel = {
+        name: adapted(lora.init(params, r=2, targets=name))
+        for name in ("experts", "shared-experts", "router", "all-linear", "all-linear+experts", "attention")
+    }
     routed = {"mlp/experts/gate_up_proj", "mlp/experts/down_proj"}
     shared = {"mlp/shared_experts/gate_proj/kernel", "mlp/shared_experts/down_proj/kernel"}
     attention = {"self_attn/q_proj/kernel", "self_attn/o_proj/kernel"}
@@ -104,12 +108,15 @@ def test_presets_tell_routed_shared_experts_and_router_apart():
         lora.init({"mlp": {"gate": {"kernel": jnp.ones((4, 4))}}}, r=1, targets="router")
 
 
-@pytest.mark.parametrize("rule, message", [
-    (".*experts/.*", "selects routed experts .* and shared experts"),     # also matches shared_experts/...
-    (".*gate.*", "selects the router mlp/gate/kernel and also"),           # gate_up_proj and the router gate
-    (".*mlp/.*kernel", "selects the router mlp/gate/kernel"),             # router + shared experts
-    (".*mlp/gate/kernel", "also non-MoE kernel.* dense_mlp/gate/kernel"),  # the router and a dense MLP's gate
-])
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        (".*experts/.*", "selects routed experts .* and shared experts"),  # also matches shared_experts/...
+        (".*gate.*", "selects the router mlp/gate/kernel and also"),  # gate_up_proj and the router gate
+        (".*mlp/.*kernel", "selects the router mlp/gate/kernel"),  # router + shared experts
+        (".*mlp/gate/kernel", "also non-MoE kernel.* dense_mlp/gate/kernel"),  # the router and a dense MLP's gate
+    ],
+)
 def test_rules_that_mix_experts_and_router_are_errors(rule, message):
     with pytest.raises(TargetError, match=message):
         lora.init(moe_params(), r=2, targets=rule)
@@ -117,8 +124,10 @@ def test_rules_that_mix_experts_and_router_are_errors(rule, message):
 
 def test_rules_that_name_one_role_are_fine():
     params = moe_params()
-    assert adapted(lora.init(params, r=2, targets="(.*/)?mlp/experts/.*")) == {"mlp/experts/gate_up_proj",
-                                                                              "mlp/experts/down_proj"}
+    assert adapted(lora.init(params, r=2, targets="(.*/)?mlp/experts/.*")) == {
+        "mlp/experts/gate_up_proj",
+        "mlp/experts/down_proj",
+    }
     assert adapted(lora.init(params, r=2, targets="mlp/gate/kernel")) == {"mlp/gate/kernel"}
     got = adapted(lora.init(params, r=2, targets=".*mlp/.*kernel", exclude=".*mlp/gate/kernel"))
     assert got == {"mlp/shared_experts/gate_proj/kernel", "mlp/shared_experts/down_proj/kernel"}
@@ -211,8 +220,9 @@ def test_expert_merge_unmerge_roundtrip(setup):
     back = lora.unmerge(merged, ads)
     for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(got, want, atol=2e-6)
-    np.testing.assert_allclose(block(merged, jax.numpy.ones((2, D))),
-                               block(lora.wrap(params, ads), jax.numpy.ones((2, D))), atol=2e-5)
+    np.testing.assert_allclose(
+        block(merged, jax.numpy.ones((2, D))), block(lora.wrap(params, ads), jax.numpy.ones((2, D))), atol=2e-5
+    )
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])
@@ -224,7 +234,7 @@ def test_qlora_on_quantised_experts(setup, method):
     if method == "int8":  # one scale per expert and output channel
         assert q.stack_ndim == 1 and q.absmax.shape == (E, 2 * F)
     w0 = params["mlp"]["experts"]["gate_up_proj"]
-    err = float(jnp.sqrt(jnp.mean((q.dequantize() - w0) ** 2) / jnp.mean(w0 ** 2)))  # relative RMS error
+    err = float(jnp.sqrt(jnp.mean((q.dequantize() - w0) ** 2) / jnp.mean(w0**2)))  # relative RMS error
     assert err < (0.12 if method == "nf4" else 0.01)
     assert isinstance(lora.quantize(params, method)["mlp"]["experts"]["down_proj"], lora.QuantizedWeight)  # default
     factored = block(lora.wrap(qp, ads), x)
@@ -248,8 +258,11 @@ def test_dora_on_experts_is_refused():
     ad = ads["mlp"]["experts"]["down_proj"]
     dora = dataclasses.replace(ad, magnitude=jnp.ones((D,)))
     with pytest.raises(NotImplementedError, match="DoRA adapters on expert kernels"):
-        ops.ragged_dot(jnp.ones((T, F)), lora.LoraWeight(params["mlp"]["experts"]["down_proj"], dora),
-                       jnp.array([T, 0, 0, 0], jnp.int32))
+        ops.ragged_dot(
+            jnp.ones((T, F)),
+            lora.LoraWeight(params["mlp"]["experts"]["down_proj"], dora),
+            jnp.array([T, 0, 0, 0], jnp.int32),
+        )
 
 
 def test_ragged_dot_rejects_a_non_expert_adapter():
@@ -272,7 +285,7 @@ def test_transform_factors_ragged_dot(setup):
         y1 = jax.lax.ragged_dot(x, e["gate_up_proj"], gs)
         dn = jax.lax.RaggedDotDimensionNumbers((((1,), (2,)), ((), ())), (0,), (0,))
         y2 = jax.lax.ragged_dot_general(h, jnp.swapaxes(e["down_proj"], 1, 2), gs, dn)  # (E, D, F) contracted on F
-        return jnp.sum(jnp.tanh(y1)) + jnp.sum(y2 ** 2)
+        return jnp.sum(jnp.tanh(y1)) + jnp.sum(y2**2)
 
     fn = lora.transform(plain, strict=True)
     out, report = lora.transform(plain, report=True)(lora.wrap(params, ads), x, h)
@@ -290,9 +303,19 @@ def test_transform_factors_ragged_dot(setup):
 def _tiny_qwen3_moe(seed=0):
     torch = require("torch")
     transformers = require("transformers")
-    cfg = transformers.Qwen3MoeConfig(vocab_size=32, hidden_size=D, intermediate_size=24, moe_intermediate_size=F,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                      num_experts=E, num_experts_per_tok=K, norm_topk_prob=True)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=32,
+        hidden_size=D,
+        intermediate_size=24,
+        moe_intermediate_size=F,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=E,
+        num_experts_per_tok=K,
+        norm_topk_prob=True,
+    )
     torch.manual_seed(seed)
     model = transformers.Qwen3MoeForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -307,8 +330,12 @@ def test_peft_target_parameters_layout():
     parameters of one module decides the tensor names."""
     torch, _, model = _tiny_qwen3_moe()
     peft = require("peft")
-    config = peft.LoraConfig(r=R, lora_alpha=6, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-                             init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=R,
+        lora_alpha=6,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        init_lora_weights=False,
+    )
     pm = peft.get_peft_model(model, config)
     outer = pm.base_model.model.model.layers[0].mlp.experts
     inner = outer.base_layer
@@ -339,8 +366,10 @@ def test_moe_layers_match_transformers():
     mlp = model.model.layers[0].mlp
     xt = torch.randn(T, D)
     gate_w = mlp.gate.weight.detach().numpy().T  # (D, E)
-    experts = {"gate_up_proj": jnp.asarray(mlp.experts.gate_up_proj.detach().numpy().transpose(0, 2, 1)),
-               "down_proj": jnp.asarray(mlp.experts.down_proj.detach().numpy().transpose(0, 2, 1))}
+    experts = {
+        "gate_up_proj": jnp.asarray(mlp.experts.gate_up_proj.detach().numpy().transpose(0, 2, 1)),
+        "down_proj": jnp.asarray(mlp.experts.down_proj.detach().numpy().transpose(0, 2, 1)),
+    }
     params = {"mlp": {"gate": {"kernel": jnp.asarray(gate_w)}, "experts": experts}}
     x = jnp.asarray(xt.numpy())
     for norm in (True, False):
@@ -357,8 +386,9 @@ def test_moe_layers_match_transformers():
     mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4])  # (batch 2, sequence 6): T = 12 rows
     for m in (None, mask):
         want = float(load_balancing_loss_func(tuple(logits), E, K, m))
-        got = moe.load_balancing_loss([jnp.asarray(t.numpy()) for t in logits], E, K,
-                                      None if m is None else jnp.asarray(m.numpy()))
+        got = moe.load_balancing_loss(
+            [jnp.asarray(t.numpy()) for t in logits], E, K, None if m is None else jnp.asarray(m.numpy())
+        )
         assert float(got) == pytest.approx(want, rel=1e-5)
 
 
@@ -376,7 +406,7 @@ child_only = pytest.mark.skipif(not CHILD, reason="runs in the 8-device child of
 def _mesh(expert: int):
     from jax.sharding import Mesh
 
-    devices = np.asarray(jax.devices()[: expert]).reshape(1, 1, expert)
+    devices = np.asarray(jax.devices()[:expert]).reshape(1, 1, expert)
     return Mesh(devices, ("data", "fsdp", "expert"))
 
 
@@ -438,8 +468,9 @@ def test_sharded_dispatch_on_one_device_equals_grouped_experts(setup, capacity_f
     def loss(a, sharded):
         e = lora.wrap(params, a)["mlp"]["experts"]
         if sharded:
-            out = moe.experts_glu_sharded(x, routing, mesh=mesh, gate_up=e["gate_up_proj"], down=e["down_proj"],
-                                          capacity_factor=capacity_factor)
+            out = moe.experts_glu_sharded(
+                x, routing, mesh=mesh, gate_up=e["gate_up_proj"], down=e["down_proj"], capacity_factor=capacity_factor
+            )
             return jnp.sum(jnp.tanh(out.y) ** 2), out
         y = moe.experts_glu(x, ref_routing, gate_up=e["gate_up_proj"], down=e["down_proj"])
         return jnp.sum(jnp.tanh(y) ** 2), None
@@ -485,11 +516,15 @@ def _run_8dev_child(select: str) -> None:
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               LORA_JAX_8DEV="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-k", select,
-                           __file__], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", LORA_JAX_8DEV="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-k", select, __file__],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
@@ -510,11 +545,12 @@ def _collectives(hlo: str) -> dict[str, list[int]]:
     """Each collective of a compiled module's HLO text -> the element counts of the arrays it moves."""
     found: dict[str, list[int]] = {}
     for line in hlo.splitlines():
-        m = re.search(r"= (.*?) (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(-start)?\(",
-                      line)
+        m = re.search(r"= (.*?) (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(-start)?\(", line)
         if m:
-            sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in
-                     re.findall(r"[a-z]+\d*\[([\d,]*)\]", m.group(1))]
+            sizes = [
+                int(np.prod([int(d) for d in dims.split(",") if d]))
+                for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", m.group(1))
+            ]
             found.setdefault(m.group(2), []).extend(sizes)
     return found
 
@@ -532,9 +568,15 @@ def test_8dev_expert_dispatch_moves_tokens_not_activations_and_equals_one_device
 
     n_exp, d, f, t = 8, 32, 16, 256
     ks = jax.random.split(jax.random.key(0), 4)
-    params = {"mlp": {"gate": {"kernel": jax.random.normal(ks[0], (d, n_exp))},
-                      "experts": {"gate_up_proj": jax.random.normal(ks[1], (n_exp, d, 2 * f)) * 0.2,
-                                  "down_proj": jax.random.normal(ks[2], (n_exp, f, d)) * 0.2}}}
+    params = {
+        "mlp": {
+            "gate": {"kernel": jax.random.normal(ks[0], (d, n_exp))},
+            "experts": {
+                "gate_up_proj": jax.random.normal(ks[1], (n_exp, d, 2 * f)) * 0.2,
+                "down_proj": jax.random.normal(ks[2], (n_exp, f, d)) * 0.2,
+            },
+        }
+    }
     ads = randomise_b(lora.init(params, r=R, targets="experts", key=ks[3]))
     x = jax.random.normal(jax.random.key(9), (t, d))
 
@@ -547,8 +589,9 @@ def test_8dev_expert_dispatch_moves_tokens_not_activations_and_equals_one_device
                 routing = routing._replace(weights=routing.weights * keep)
             y, dropped = moe.experts_glu(x, routing, gate_up=e["gate_up_proj"], down=e["down_proj"]), 0
         else:
-            y, dropped, _ = moe.experts_glu_sharded(x, routing, mesh=mesh, gate_up=e["gate_up_proj"],
-                                                    down=e["down_proj"], capacity_factor=cf)
+            y, dropped, _ = moe.experts_glu_sharded(
+                x, routing, mesh=mesh, gate_up=e["gate_up_proj"], down=e["down_proj"], capacity_factor=cf
+            )
         return jnp.mean(jnp.tanh(y) ** 2), dropped
 
     grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
@@ -598,18 +641,39 @@ def test_8dev_qwen3_moe_training_equals_one_device():
     from train import loop
     from train.config import load_config
 
-    config = qwen3_moe.Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-                              num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=32,
-                              output_router_logits=True, router_aux_loss_coef=0.05)
+    config = qwen3_moe.Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        max_position_embeddings=32,
+        output_router_logits=True,
+        router_aux_loss_coef=0.05,
+    )
     model = qwen3_moe.build(config)
-    cfg = load_config(None, ["data.task=causal-lm", "lora.targets=['(.*/)?mlp/experts/.*', "
-                             "'.*self_attn/(q|v)_proj/kernel']", "lora.r=4", "train.steps=3", "optim.warmup_steps=0",
-                             "optim.schedule=constant", "optim.lr=1e-2"])
+    cfg = load_config(
+        None,
+        [
+            "data.task=causal-lm",
+            "lora.targets=['(.*/)?mlp/experts/.*', '.*self_attn/(q|v)_proj/kernel']",
+            "lora.r=4",
+            "train.steps=3",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+            "optim.lr=1e-2",
+        ],
+    )
     params = qwen3_moe.init_params(config, jax.random.key(0))
     frozen0, trainable0 = loop.choose_trainable(cfg, params, jax.random.key(1))
-    trainable0 = jax.tree_util.tree_map(lambda ad: dataclasses.replace(ad, b=ad.b + 0.1), trainable0,
-                                        is_leaf=lora.is_adapter)
+    trainable0 = jax.tree_util.tree_map(
+        lambda ad: dataclasses.replace(ad, b=ad.b + 0.1), trainable0, is_leaf=lora.is_adapter
+    )
     ids = np.random.default_rng(0).integers(1, 128, (1, 8, 16)).astype(np.int32)
     host = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
 
@@ -652,7 +716,6 @@ def test_8dev_qwen3_moe_training_equals_one_device():
         assert losses[-1] < losses[0]
         for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(one[4]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
-
 
 
 @child_only

@@ -14,8 +14,18 @@ from lora_jax import multi, ops
 from lora_jax.models import bert, llama
 
 V, S = 64, 8
-LLAMA = llama.Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+LLAMA = llama.Config(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def spread(params):
@@ -33,10 +43,14 @@ def nonzero(adapters, seed: int, std: float = 0.3):
     """``adapters`` with random A and non-zero random B (numpy draws: fast on a busy CPU)."""
     rng = np.random.RandomState(seed)
     return jax.tree_util.tree_map(
-        lambda ad: dataclasses.replace(ad, a=jnp.asarray(rng.uniform(-1, 1, ad.a.shape) / np.sqrt(ad.a.shape[0]),
-                                                          jnp.float32),
-                                       b=jnp.asarray(std * rng.standard_normal(ad.b.shape), jnp.float32)),
-        adapters, is_leaf=lora.is_adapter)
+        lambda ad: dataclasses.replace(
+            ad,
+            a=jnp.asarray(rng.uniform(-1, 1, ad.a.shape) / np.sqrt(ad.a.shape[0]), jnp.float32),
+            b=jnp.asarray(std * rng.standard_normal(ad.b.shape), jnp.float32),
+        ),
+        adapters,
+        is_leaf=lora.is_adapter,
+    )
 
 
 def make_adapters(params, ranks, targets="all-linear", seed=10):
@@ -51,8 +65,12 @@ def make_adapters(params, ranks, targets="all-linear", seed=10):
         def draw(ad):
             d_in, d_out = ad.a.shape[0], ad.b.shape[1]
             return dataclasses.replace(
-                ad, a=jnp.asarray(rng.uniform(-1, 1, (d_in, r)) / np.sqrt(d_in), jnp.float32),
-                b=jnp.asarray(0.3 * rng.standard_normal((r, d_out)), jnp.float32), alpha=alpha, scale=alpha / r)
+                ad,
+                a=jnp.asarray(rng.uniform(-1, 1, (d_in, r)) / np.sqrt(d_in), jnp.float32),
+                b=jnp.asarray(0.3 * rng.standard_normal((r, d_out)), jnp.float32),
+                alpha=alpha,
+                scale=alpha / r,
+            )
 
         out.append(jax.tree_util.tree_map(draw, template, is_leaf=lora.is_adapter))
     return out
@@ -193,7 +211,7 @@ def row_by_row(model, params, adapters, ids, x, **kw):
         rows = []
         for i, k in enumerate(ids):
             p = params if k < 0 else lora.wrap(params, adapters[k])
-            out = model.apply({"params": p}, x[i:i + 1], **{n: v[i:i + 1] for n, v in kw.items()})
+            out = model.apply({"params": p}, x[i : i + 1], **{n: v[i : i + 1] for n, v in kw.items()})
             rows.append(out[0] if isinstance(out, tuple) else out)
         return jnp.concatenate(rows)
 
@@ -216,8 +234,15 @@ def test_llama_mixed_batch_equals_each_row_alone(tiny_llama):
 
 
 def test_bert_mixed_batch_and_padding_mask():
-    config = bert.Config(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    config = bert.Config(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     init = jax.jit(bert.init_params, static_argnums=(0, 2))
     params = spread(init(config, jax.random.key(1), "sequence-classification"))
     model = bert.build(config, task="sequence-classification")
@@ -240,7 +265,8 @@ def test_mixed_batch_on_a_quantised_base(tiny_llama):
     ids = jnp.array([1, -1, 0])
     x = jax.random.randint(jax.random.key(11), (3, S), 3, V)
     got = jax.jit(lambda p, st, x: model.apply({"params": lora.wrap_mixed(p, st, ids)}, x)[0])(
-        qparams, lora.stack_adapters(ads), x)
+        qparams, lora.stack_adapters(ads), x
+    )
     want = row_by_row(model, lora.dequantize(qparams), ads, ids, x)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
 
@@ -263,8 +289,11 @@ def test_hot_swap_and_new_ids_do_not_recompile(tiny_llama):
     assert step._cache_size() == 1
     # emptying a slot gives the base model for its rows
     emptied = lora.load_slot(stacked, 2, None)
-    np.testing.assert_allclose(np.asarray(step(params, emptied, ids, x))[[0, 3]],
-                               np.asarray(step(params, emptied, jnp.full((4,), -1, jnp.int32), x))[[0, 3]], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(step(params, emptied, ids, x))[[0, 3]],
+        np.asarray(step(params, emptied, jnp.full((4,), -1, jnp.int32), x))[[0, 3]],
+        atol=1e-5,
+    )
     assert step._cache_size() == 1
 
 
@@ -301,19 +330,20 @@ def test_greedy_generation_with_mixed_adapters(tiny_llama):
     prompts = jax.random.randint(jax.random.key(8), (3, 4), 3, V)
     ids = jnp.array([1, 0, 1])
     got = generate(model, lora.wrap_mixed(params, lora.stack_adapters(ads), ids), prompts, max_new_tokens=5)
-    alone = [generate(model, lora.wrap(params, ads[k]), prompts[i:i + 1], max_new_tokens=5)[0]
-             for i, k in enumerate(np.asarray(ids))]
+    alone = [
+        generate(model, lora.wrap(params, ads[k]), prompts[i : i + 1], max_new_tokens=5)[0]
+        for i, k in enumerate(np.asarray(ids))
+    ]
     np.testing.assert_array_equal(np.asarray(got), np.stack(alone))
     assert len({tuple(np.asarray(r[4:])) for r in alone}) > 1  # the adapters steer generation apart
 
 
 def test_ops_einsum_and_embed_per_row():
     k = jax.random.split(jax.random.key(9), 6)
-    base = jax.random.normal(k[0], (6, 2, 5))               # (d, heads, head_dim): in_shape (6,)
+    base = jax.random.normal(k[0], (6, 2, 5))  # (d, heads, head_dim): in_shape (6,)
     table = jax.random.normal(k[1], (11, 6))
     ad_w = lambda r, s: nonzero(lora.init({"w": base}, r=r, targets="w", key=k[2 + s]), s)  # noqa: E731
-    ad_t = lambda r, s: nonzero(lora.init({"t": table}, r=r, targets="t", key=k[4 + s], allow_embeddings=True),
-                                s)  # noqa: E731
+    ad_t = lambda r, s: nonzero(lora.init({"t": table}, r=r, targets="t", key=k[4 + s], allow_embeddings=True), s)  # noqa: E731
     ws, ts = [ad_w(2, 0), ad_w(3, 1)], [ad_t(1, 0), ad_t(3, 1)]
     ids = jnp.array([1, -1, 0])
     x = jax.random.normal(k[5], (3, 4, 6))
@@ -331,8 +361,8 @@ def test_ops_einsum_and_embed_per_row():
         for i, j in enumerate(np.asarray(ids)):
             w = base if j < 0 else lora.wrap({"w": base}, ws[j])["w"]
             t = table if j < 0 else lora.wrap({"t": table}, ts[j])["t"]
-            ys.append(ops.einsum("bsd,dnh->bsnh", x[i:i + 1], w)[0])
-            es.append(ops.embed(tok[i:i + 1], t)[0])
+            ys.append(ops.einsum("bsd,dnh->bsnh", x[i : i + 1], w)[0])
+            es.append(ops.embed(tok[i : i + 1], t)[0])
         return jnp.stack(ys), jnp.stack(es)
 
     got, want = mixed(lora.stack_adapters(ws), lora.stack_adapters(ts), x, tok), alone(ws, ts, x, tok)

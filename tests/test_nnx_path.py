@@ -119,8 +119,11 @@ def test_merge_record_survives_jit_and_copies(kind):
         params = plain if kind == "dict" else freeze(plain)
     adapters = lora.init(params, r=2, targets="qv")
     merged = lora.merge(params, adapters)
-    copies = {"jit": jax.jit(lambda t: t)(merged), "tree.map": jax.tree.map(lambda x: x, merged),
-              "jit(tree.map(+0))": jax.jit(lambda t: jax.tree.map(lambda x: x + 0, t))(merged)}
+    copies = {
+        "jit": jax.jit(lambda t: t)(merged),
+        "tree.map": jax.tree.map(lambda x: x, merged),
+        "jit(tree.map(+0))": jax.jit(lambda t: jax.tree.map(lambda x: x + 0, t))(merged),
+    }
     if kind != "nnx.State":
         copies["pickle"] = pickle.loads(pickle.dumps(merged))
         copies["deepcopy"] = copy.deepcopy(merged)

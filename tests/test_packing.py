@@ -29,16 +29,17 @@ def _pack(examples: list[np.ndarray], width: int, pad: int = 0) -> tuple[np.ndar
     seg = np.zeros((width,), np.int32)
     at = 0
     for i, ex in enumerate(examples):
-        ids[at: at + len(ex)] = ex
-        seg[at: at + len(ex)] = i + 1
+        ids[at : at + len(ex)] = ex
+        seg[at : at + len(ex)] = i + 1
         at += len(ex)
     return ids, seg
 
 
 def test_segment_positions_restart_per_example():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [3, 3, 3, 3, 3, 3, 3], [1, 2, 3, 4, 0, 0, 0]])
-    np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6],
-                                                           [0, 0, 0, 0, 0, 1, 2]])
+    np.testing.assert_array_equal(
+        segment_positions(seg), [[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 1, 2]]
+    )
 
 
 def test_segment_mask_never_crosses_examples():
@@ -92,9 +93,14 @@ def test_a_packed_row_gives_each_example_its_logits_alone(family):
         at = 0
         for i in order:
             n = lengths[i]
-            np.testing.assert_allclose(packed[row, at: at + n], alone[i, :n], atol=2e-5, rtol=1e-5,
-                                       err_msg=f"{family}: example {i} in row {row}")
+            np.testing.assert_allclose(
+                packed[row, at : at + n],
+                alone[i, :n],
+                atol=2e-5,
+                rtol=1e-5,
+                err_msg=f"{family}: example {i} in row {row}",
+            )
             at += n
     # without segment ids the second example of row 0 attends to the first: its logits differ from alone
     unpacked = np.asarray(padded(ids, jnp.ones_like(ids)))
-    assert not np.allclose(unpacked[0, 5: 16], alone[1, :11], atol=1e-3)
+    assert not np.allclose(unpacked[0, 5:16], alone[1, :11], atol=1e-3)

@@ -29,25 +29,63 @@ from lora_jax.models import load, save_pretrained
 V, S = 64, 10
 TINY = {
     "llama": lambda: transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
     "bert": lambda: transformers.BertConfig(
-        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    ),
 }
-TORCH_CLASS = {"llama": transformers.LlamaForCausalLM, "bert": transformers.BertForSequenceClassification,
-               "gpt2": transformers.GPT2LMHeadModel}
+TORCH_CLASS = {
+    "llama": transformers.LlamaForCausalLM,
+    "bert": transformers.BertForSequenceClassification,
+    "gpt2": transformers.GPT2LMHeadModel,
+}
 # What PEFT trains in each case: the settings whose semantics load_peft must honour.
 PEFT_CONFIGS = {
     "llama": lambda: peft.LoraConfig(
-        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
-        rank_pattern={"q_proj": 2}, alpha_pattern={"layers.1.self_attn.v_proj": 5}, lora_dropout=0.0),
-    "bert": lambda: peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=16, target_modules=["query", "value"],
-                                    modules_to_save=["classifier"], lora_dropout=0.0),
-    "gpt2": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
-                                    fan_in_fan_out=True, lora_dropout=0.0),
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        use_rslora=True,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"layers.1.self_attn.v_proj": 5},
+        lora_dropout=0.0,
+    ),
+    "bert": lambda: peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=4,
+        lora_alpha=16,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        lora_dropout=0.0,
+    ),
+    "gpt2": lambda: peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj"],
+        fan_in_fan_out=True,
+        lora_dropout=0.0,
+    ),
 }
 
 
@@ -80,8 +118,8 @@ def jax_logits(model, params, ids) -> np.ndarray:
 @dataclasses.dataclass
 class Case:
     arch: str
-    base_dir: str      # the base model as a Hugging Face folder
-    model: object      # our Flax model, params and config loaded from it
+    base_dir: str  # the base model as a Hugging Face folder
+    model: object  # our Flax model, params and config loaded from it
     params: dict
     config: object
 
@@ -137,10 +175,12 @@ def test_peft_trained_adapter_gives_peft_logits(case, trained):
     base = torch_logits(case.torch_base(), ids)
     assert np.abs(ref - base).max() > 1e-2  # the adapter changes the model: the check below means something
     params = loaded.update(case.params)
-    np.testing.assert_allclose(jax_logits(case.model, lora.wrap(params, loaded.adapters), ids), ref,
-                               atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(jax_logits(case.model, lora.merge(params, loaded.adapters), ids), ref,
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        jax_logits(case.model, lora.wrap(params, loaded.adapters), ids), ref, atol=1e-4, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        jax_logits(case.model, lora.merge(params, loaded.adapters), ids), ref, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_scaling_follows_rank_alpha_patterns_and_rslora(case, trained):
@@ -150,8 +190,9 @@ def test_scaling_follows_rank_alpha_patterns_and_rslora(case, trained):
     names = lpeft.naming(case.config)
     by_module = {names.module_name(tuple(p.split("/"))): ad for p, ad in items.items()}
     # every LoRA layer PEFT made is here, with PEFT's own rank and scaling for it
-    layers = {name: m for name, m in peft_model.base_model.model.named_modules()
-              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    layers = {
+        name: m for name, m in peft_model.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
     assert set(by_module) == set(layers) and layers
     for name, module in layers.items():
         ad = by_module[name]
@@ -221,8 +262,10 @@ def random_adapters(case: Case, **kw):
     adapters = lora.init(case.params, targets=targets, key=jax.random.key(3), **kw)
     keys = iter(jax.random.split(jax.random.key(4), 100))
     return jax.tree_util.tree_map(
-        lambda ad: dataclasses.replace(ad, b=0.3 * jax.random.normal(next(keys), ad.b.shape)), adapters,
-        is_leaf=lora.is_adapter)
+        lambda ad: dataclasses.replace(ad, b=0.3 * jax.random.normal(next(keys), ad.b.shape)),
+        adapters,
+        is_leaf=lora.is_adapter,
+    )
 
 
 @pytest.mark.parametrize("variant", ["plain", "rslora+patterns"])
@@ -237,8 +280,7 @@ def test_our_adapter_loads_in_peft_with_our_logits(case, variant, tmp_path):
     if case.arch == "bert":  # a trained classifier head travels as modules_to_save
         head = {"classifier": jax.tree_util.tree_map(lambda x: x + 0.5, case.params["classifier"])}
         params = lpeft.with_leaves(params, head)
-    lora.save_peft(adapters, tmp_path, config=case.config, base_model_name_or_path=case.base_dir,
-                   modules_to_save=head)
+    lora.save_peft(adapters, tmp_path, config=case.config, base_model_name_or_path=case.base_dir, modules_to_save=head)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["use_rslora"] is (variant != "plain") and cfg["fan_in_fan_out"] is (case.arch == "gpt2")
     if variant != "plain":
@@ -279,8 +321,13 @@ def test_pattern_lookup_is_peft_rule():
     from peft.utils.other import get_pattern_key
 
     patterns = {"q_proj": 2, "layers.1.self_attn.v_proj": 5, r"layers\.1\d\..*": 7}
-    for name in ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
-                 "model.layers.11.self_attn.v_proj", "model.layers.12.mlp.up_proj", "model.layers.0.mlp.up_proj"]:
+    for name in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+        "model.layers.11.self_attn.v_proj",
+        "model.layers.12.mlp.up_proj",
+        "model.layers.0.mlp.up_proj",
+    ]:
         key = get_pattern_key(patterns.keys(), name)
         assert lpeft.pattern_value(patterns, name, -1) == patterns.get(key, -1), name
 
@@ -350,13 +397,26 @@ def test_dora_is_loaded_or_refused_by_name(case, llama_adapter, tmp_path):
         with pytest.raises(NotImplementedError, match="lora_magnitude_vector"):
             lora.load_peft(write(tensors=dora), case.params, config=case.config)
         return
-    peft_model = train_with_peft(case, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True,
-                                                       target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    peft_model = train_with_peft(
+        case,
+        peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=4,
+            lora_alpha=8,
+            use_dora=True,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0.0,
+        ),
+    )
     peft_model.save_pretrained(str(tmp_path / "dora"))
     loaded = lora.load_peft(tmp_path / "dora", case.params, config=case.config)
     ids = inputs(5)
-    np.testing.assert_allclose(jax_logits(case.model, lora.wrap(case.params, loaded.adapters), ids),
-                               torch_logits(peft_model, ids), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        jax_logits(case.model, lora.wrap(case.params, loaded.adapters), ids),
+        torch_logits(peft_model, ids),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     lora.save_peft(loaded.adapters, tmp_path / "back", config=case.config)
     again = peft.PeftModel.from_pretrained(case.torch_base(), str(tmp_path / "back"))
     np.testing.assert_allclose(torch_logits(again, ids), torch_logits(peft_model, ids), atol=1e-5, rtol=1e-5)
@@ -366,22 +426,30 @@ def test_embedding_lora_and_backbone_prefix(case, trained, tmp_path):
     """PEFT's lora_embedding_A/B on a token table (Llama), and an adapter trained on the bare backbone
     (BertModel: no 'bert.' prefix) loading onto the classifier's params (BERT)."""
     if case.arch == "llama":
-        peft_model = train_with_peft(case, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
-                                                           target_modules=["embed_tokens", "o_proj"]))
+        peft_model = train_with_peft(
+            case, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])
+        )
         peft_model.save_pretrained(str(tmp_path))
         loaded = lora.load_peft(tmp_path, case.params, config=case.config)
         assert "embedding" in loaded.adapters["model"]["embed_tokens"]
         ids = inputs(6)
-        np.testing.assert_allclose(jax_logits(case.model, lora.wrap(case.params, loaded.adapters), ids),
-                                   torch_logits(peft_model, ids), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(
+            jax_logits(case.model, lora.wrap(case.params, loaded.adapters), ids),
+            torch_logits(peft_model, ids),
+            atol=1e-4,
+            rtol=1e-4,
+        )
         lora.save_peft(loaded.adapters, tmp_path / "back", config=case.config)
         again = peft.PeftModel.from_pretrained(case.torch_base(), str(tmp_path / "back"))
         np.testing.assert_allclose(torch_logits(again, ids), torch_logits(peft_model, ids), atol=1e-5, rtol=1e-5)
     elif case.arch == "bert":
         _, folder = trained
         with safe_open(str(folder / "adapter_model.safetensors"), "np") as f:
-            bare = {k.replace("base_model.model.bert.", "base_model.model."): f.get_tensor(k) for k in f.keys()
-                    if ".lora_" in k}
+            bare = {
+                k.replace("base_model.model.bert.", "base_model.model."): f.get_tensor(k)
+                for k in f.keys()
+                if ".lora_" in k
+            }
         save_file(bare, str(tmp_path / "adapter_model.safetensors"))
         (tmp_path / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
         a = lora.load_peft(folder, case.params, config=case.config).adapters

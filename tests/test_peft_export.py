@@ -41,10 +41,20 @@ def tiny_llama(tmp_path_factory, minilm_path):
     from lora_jax.models import llama, save_pretrained
 
     tok = AutoTokenizer.from_pretrained(str(minilm_path))
-    config = llama.Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                          bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
-                          tie_word_embeddings=True)
+    config = llama.Config(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
     params = llama.init_params(config, jax.random.key(1), task="causal-lm")
     folder = tmp_path_factory.mktemp("tiny_llama")
     save_pretrained(params, config, folder, tokenizer=tok)
@@ -52,11 +62,26 @@ def tiny_llama(tmp_path_factory, minilm_path):
 
 
 def _run(model_dir, out, **extra):
-    base = {"model.name": str(model_dir), "train.batch_size": 4, "eval.every": 100, "eval.batch_size": 16,
-            "checkpoint.every": 100, "lora.targets": "qv", "optim.lr": 2e-2, "optim.warmup_steps": 1,
-            "train.steps": 4, "output.dir": str(out), "data.source": "builtin:restaurants", "data.task": "causal-lm",
-            "data.max_length": 64, "data.max_eval_examples": 16, "eval.generate_samples": 0, "eval.generate_eval": 0,
-            "output.export_peft": "true", **extra}
+    base = {
+        "model.name": str(model_dir),
+        "train.batch_size": 4,
+        "eval.every": 100,
+        "eval.batch_size": 16,
+        "checkpoint.every": 100,
+        "lora.targets": "qv",
+        "optim.lr": 2e-2,
+        "optim.warmup_steps": 1,
+        "train.steps": 4,
+        "output.dir": str(out),
+        "data.source": "builtin:restaurants",
+        "data.task": "causal-lm",
+        "data.max_length": 64,
+        "data.max_eval_examples": 16,
+        "eval.generate_samples": 0,
+        "eval.generate_eval": 0,
+        "output.export_peft": "true",
+        **extra,
+    }
     return loop.run(load_config(None, [f"{k}={v}" for k, v in base.items()]), **QUIET).folder
 
 
@@ -99,13 +124,15 @@ def test_offline_gguf_recipe_loads_our_peft_adapter(tmp_path):
     model, params, _, config = models.load(alias, task="causal-lm")
     adapters = lora.init(params, r=4, targets="qv", key=jax.random.key(3))
     adapters = jax.tree.map(lambda x: x + 0.02 if x.ndim == 2 and x.shape[0] == 4 else x, adapters)  # B != 0
-    folder = lora.save_peft(adapters, tmp_path / "peft", base_model_name_or_path=models.peft_base_name(alias),
-                            config=config)
+    folder = lora.save_peft(
+        adapters, tmp_path / "peft", base_model_name_or_path=models.peft_base_name(alias), config=config
+    )
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-    base = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32
+    )
     tuned = peft.PeftModel.from_pretrained(base, str(folder if folder is not None else tmp_path / "peft")).eval()
     ids = np.array([[1, 504, 3458, 314, 253, 1345, 30]], np.int64)
     with torch.no_grad():

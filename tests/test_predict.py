@@ -23,8 +23,15 @@ def _save_bert(folder, minilm_path, hidden=32):
 
     from lora_jax.models import bert, save_pretrained
 
-    config = bert.Config(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = bert.Config(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     params = bert.init_params(config, jax.random.key(0), task="sequence-classification")
     save_pretrained(params, config, folder, tokenizer=AutoTokenizer.from_pretrained(str(minilm_path)))
     return folder
@@ -44,10 +51,20 @@ def tiny_llama(tmp_path_factory, minilm_path):
     from lora_jax.models import llama, save_pretrained
 
     tok = AutoTokenizer.from_pretrained(str(minilm_path))
-    config = llama.Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                          bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
-                          tie_word_embeddings=True)
+    config = llama.Config(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
     params = llama.init_params(config, jax.random.key(1), task="causal-lm")
     folder = tmp_path_factory.mktemp("tiny_llama")
     save_pretrained(params, config, folder, tokenizer=tok)
@@ -55,9 +72,18 @@ def tiny_llama(tmp_path_factory, minilm_path):
 
 
 def _overrides(model_dir, out, **extra):
-    base = {"model.name": str(model_dir), "train.batch_size": 8, "eval.every": 100, "eval.batch_size": 16,
-            "checkpoint.every": 100, "lora.targets": "qv", "optim.lr": 1e-2, "optim.warmup_steps": 2,
-            "train.steps": 6, "output.dir": str(out)}
+    base = {
+        "model.name": str(model_dir),
+        "train.batch_size": 8,
+        "eval.every": 100,
+        "eval.batch_size": 16,
+        "checkpoint.every": 100,
+        "lora.targets": "qv",
+        "optim.lr": 1e-2,
+        "optim.warmup_steps": 2,
+        "train.steps": 6,
+        "output.dir": str(out),
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -65,17 +91,46 @@ def _overrides(model_dir, out, **extra):
 @pytest.fixture(scope="module")
 def cls_run(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "cls"
-    return loop.run(load_config(None, _overrides(tiny_bert, out, **{
-        "data.source": "builtin:sentiment", "data.task": "classification", "data.max_length": 16,
-        "output.export_peft": "true"})), **QUIET).folder
+    return loop.run(
+        load_config(
+            None,
+            _overrides(
+                tiny_bert,
+                out,
+                **{
+                    "data.source": "builtin:sentiment",
+                    "data.task": "classification",
+                    "data.max_length": 16,
+                    "output.export_peft": "true",
+                },
+            ),
+        ),
+        **QUIET,
+    ).folder
 
 
 @pytest.fixture(scope="module")
 def lm_run(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lm"
-    loop.run(load_config(None, _overrides(tiny_llama, out, **{
-        "data.source": "builtin:restaurants", "data.task": "causal-lm", "data.max_length": 64, "train.batch_size": 4,
-        "data.max_eval_examples": 16, "eval.generate_samples": 0, "eval.generate_eval": 0})), **QUIET)
+    loop.run(
+        load_config(
+            None,
+            _overrides(
+                tiny_llama,
+                out,
+                **{
+                    "data.source": "builtin:restaurants",
+                    "data.task": "causal-lm",
+                    "data.max_length": 64,
+                    "train.batch_size": 4,
+                    "data.max_eval_examples": 16,
+                    "eval.generate_samples": 0,
+                    "eval.generate_eval": 0,
+                },
+            ),
+        ),
+        **QUIET,
+    )
     return out  # the job folder: train.predict --run follows its latest run
 
 
@@ -98,8 +153,23 @@ def test_causal_lm_predict_factored_equals_merged(lm_run, tmp_path):
     # jsonl rows that hold the template's fields fill it; beam search decodes too
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
-    assert predict.main(["--run", str(lm_run), "--file", str(rows), "--num-beams", "2", "--max-new-tokens", "4",
-                         "--out", str(tmp_path / "beams.jsonl")]) == 0
+    assert (
+        predict.main(
+            [
+                "--run",
+                str(lm_run),
+                "--file",
+                str(rows),
+                "--num-beams",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(tmp_path / "beams.jsonl"),
+            ]
+        )
+        == 0
+    )
     beams = _records(tmp_path / "beams.jsonl")
     assert [r["prompt"] for r in beams] == [p + "\n" for p in prompts] and all(r["output"] for r in beams)
 
@@ -108,8 +178,12 @@ def test_causal_lm_predict_factored_equals_merged(lm_run, tmp_path):
 
 
 def test_classification_predict_from_file(cls_run, tiny_bert, tmp_path):
-    sentences = ["a gorgeous, moving film", "dull , lifeless and far too long", "the cast is superb",
-                 "i walked out after an hour"]
+    sentences = [
+        "a gorgeous, moving film",
+        "dull , lifeless and far too long",
+        "the cast is superb",
+        "i walked out after an hour",
+    ]
     csv_file = tmp_path / "in.csv"
     csv_file.write_text("id,sentence\n" + "".join(f'{i},"{s}"\n' for i, s in enumerate(sentences)))
     assert predict.main(["--run", str(cls_run), "--file", str(csv_file), "--out", str(tmp_path / "a.jsonl")]) == 0
@@ -122,13 +196,29 @@ def test_classification_predict_from_file(cls_run, tiny_bert, tmp_path):
 
     txt = tmp_path / "in.txt"
     txt.write_text("\n".join(sentences) + "\n")
-    assert predict.main(["--run", str(cls_run), "--file", str(txt), "--merged", "--out",
-                         str(tmp_path / "b.jsonl")]) == 0
+    assert (
+        predict.main(["--run", str(cls_run), "--file", str(txt), "--merged", "--out", str(tmp_path / "b.jsonl")]) == 0
+    )
     np.testing.assert_allclose([r["probabilities"] for r in _records(tmp_path / "b.jsonl")], probs, atol=1e-5)
 
     # The same model from the base + the run's PEFT export (adapters + the trained head as modules_to_save).
-    assert predict.main(["--base", str(tiny_bert), "--adapter", str(cls_run / "peft"), "--file", str(csv_file),
-                         "--column", "sentence", "--out", str(tmp_path / "c.jsonl")]) == 0
+    assert (
+        predict.main(
+            [
+                "--base",
+                str(tiny_bert),
+                "--adapter",
+                str(cls_run / "peft"),
+                "--file",
+                str(csv_file),
+                "--column",
+                "sentence",
+                "--out",
+                str(tmp_path / "c.jsonl"),
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose([r["probabilities"] for r in _records(tmp_path / "c.jsonl")], probs, atol=1e-5)
 
     # ... and it is the trained model, not the base: the untrained head gives other probabilities.
@@ -160,11 +250,15 @@ def test_predict_errors(cls_run, tiny_bert, wide_bert, tmp_path, capsys):
         (["--run", str(cls_run), "--file", str(csv_file)], "no 'sentence'; name the text with --column"),
         (["--base", str(tiny_bert), "--adapter", str(empty), "--text", "x"], "holds neither a lora_jax adapter"),
         # an adapter trained on another base: the leaf and both shapes
-        (["--base", str(wide_bert), "--adapter", str(cls_run / "adapters"), "--text", "x"],
-         "adapter for bert/encoder/layer_0/attention/self/query/kernel expects a kernel of shape (32, 32), the "
-         "params have (48, 48)"),
-        (["--base", str(wide_bert), "--adapter", str(cls_run / "peft"), "--text", "x"],
-         "tensor 'base_model.model.classifier.weight' has shape (2, 32), but classifier/kernel has shape (48, 2)"),
+        (
+            ["--base", str(wide_bert), "--adapter", str(cls_run / "adapters"), "--text", "x"],
+            "adapter for bert/encoder/layer_0/attention/self/query/kernel expects a kernel of shape (32, 32), the "
+            "params have (48, 48)",
+        ),
+        (
+            ["--base", str(wide_bert), "--adapter", str(cls_run / "peft"), "--text", "x"],
+            "tensor 'base_model.model.classifier.weight' has shape (2, 32), but classifier/kernel has shape (48, 2)",
+        ),
     ]
     for argv, message in cases:
         assert predict.main(argv) == 2, argv
@@ -173,11 +267,17 @@ def test_predict_errors(cls_run, tiny_bert, wide_bert, tmp_path, capsys):
 
 
 def test_predict_cli_exit_code_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train.predict", "--run", str(tmp_path / "missing"), "--text", "x"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "LORA_JAX_TRACEBACK"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.predict", "--run", str(tmp_path / "missing"), "--text", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "LORA_JAX_TRACEBACK"},
+    )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "train.predict", "--text", "x"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.predict", "--text", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2 and "give either --run DIR or --base NAME --adapter DIR" in proc.stderr

@@ -58,8 +58,10 @@ def test_nf4_codes_equal_nearest_value_reference():
     reference = np.argmin(np.abs(scaled[..., None] - quant.NF4), axis=-1).reshape(-1)
     np.testing.assert_array_equal(_unpack(q.codes), reference)
     assert q.codes.dtype == jnp.uint8 and q.codes.shape == (4 * 64 // 2,)
-    np.testing.assert_array_equal(np.asarray(q.dequantize(jnp.float32)).reshape(-1),
-                                  (quant.NF4[reference].reshape(-1, 64) * absmax[:, None]).reshape(-1)[:210])
+    np.testing.assert_array_equal(
+        np.asarray(q.dequantize(jnp.float32)).reshape(-1),
+        (quant.NF4[reference].reshape(-1, 64) * absmax[:, None]).reshape(-1)[:210],
+    )
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -89,7 +91,7 @@ def test_round_trip():
     np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(q.codes))
     np.testing.assert_array_equal(np.asarray(again.dequantize(jnp.float32)), np.asarray(once))
     # Gaussian weights lose about 9% of their RMS to NF4, double quantisation adds next to nothing
-    rel = lambda d: float(jnp.sqrt(jnp.mean((d - w) ** 2) / jnp.mean(w ** 2)))  # noqa: E731
+    rel = lambda d: float(jnp.sqrt(jnp.mean((d - w) ** 2) / jnp.mean(w**2)))  # noqa: E731
     assert 0.05 < rel(once) < 0.11
     assert rel(quant.quantize_array(w, "nf4").dequantize(jnp.float32)) < rel(once) * 1.02
     # the compute dtype is what dequantize returns by default
@@ -135,14 +137,20 @@ def test_stored_bytes_exact():
 def test_quantize_tree_targets_and_errors():
     params = {
         "embed": {"embedding": jnp.ones((50, 64))},
-        "layer_0": {"attention": {"query": {"kernel": jnp.ones((64, 64)), "bias": jnp.zeros(64)}},
-                    "mlp": {"kernel": jnp.ones((64, 128))}, "norm": {"scale": jnp.ones(64)}},
+        "layer_0": {
+            "attention": {"query": {"kernel": jnp.ones((64, 64)), "bias": jnp.zeros(64)}},
+            "mlp": {"kernel": jnp.ones((64, 128))},
+            "norm": {"scale": jnp.ones(64)},
+        },
         "lm_head": {"kernel": jnp.ones((64, 50))},
     }
     qp = lora.quantize(params)
     quantized = sorted(p for p, leaf in lora.targets.leaf_paths(qp) if quant.is_quantized(leaf))
     assert quantized == ["layer_0/attention/query/kernel", "layer_0/mlp/kernel"]
-    assert qp["embed"]["embedding"] is params["embed"]["embedding"] and qp["lm_head"]["kernel"] is params["lm_head"]["kernel"]
+    assert (
+        qp["embed"]["embedding"] is params["embed"]["embedding"]
+        and qp["lm_head"]["kernel"] is params["lm_head"]["kernel"]
+    )
     assert qp["layer_0/attention/query/kernel".split("/")[0]]["attention"]["query"]["kernel"].dtype == jnp.bfloat16
     q = lora.quantize(params, targets=".*mlp/kernel", compute_dtype=None)["layer_0"]["mlp"]["kernel"]
     assert q.dtype == jnp.float32 and q.shape == (64, 128) and q.ndim == 2
@@ -179,8 +187,9 @@ def test_ops_on_quantized_kernels():
     np.testing.assert_array_equal(ops.materialize(q), dense)
     # multi-axis kernels: (d, heads, head_dim) and the output projection (heads, head_dim, d)
     w3 = quant.quantize_array(jnp.asarray(_weights((64, 4, 8))), "nf4", compute_dtype=jnp.float32)
-    np.testing.assert_allclose(ops.einsum("bd,dnh->bnh", x, w3), jnp.einsum("bd,dnh->bnh", x, w3.dequantize()),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ops.einsum("bd,dnh->bnh", x, w3), jnp.einsum("bd,dnh->bnh", x, w3.dequantize()), rtol=1e-5, atol=1e-6
+    )
     table = quant.quantize_array(jnp.asarray(_weights((20, 64))), "int8", compute_dtype=jnp.float32)
     np.testing.assert_array_equal(ops.embed(jnp.array([3, 7]), table), table.dequantize()[jnp.array([3, 7])])
 
@@ -190,9 +199,17 @@ def test_ops_on_quantized_kernels():
 
 def _random_b(adapters, scale=0.05):
     def fill(path, ad):
-        k = jax.random.fold_in(jax.random.key(11), hash("/".join(lora.targets.path_tuple(path))) % 2 ** 31)
-        return lora.LoraAdapter(ad.a, scale * jax.random.normal(k, ad.b.shape), alpha=ad.alpha, scale=ad.scale,
-                                in_shape=ad.in_shape, out_shape=ad.out_shape, dropout=ad.dropout, magnitude=ad.magnitude)
+        k = jax.random.fold_in(jax.random.key(11), hash("/".join(lora.targets.path_tuple(path))) % 2**31)
+        return lora.LoraAdapter(
+            ad.a,
+            scale * jax.random.normal(k, ad.b.shape),
+            alpha=ad.alpha,
+            scale=ad.scale,
+            in_shape=ad.in_shape,
+            out_shape=ad.out_shape,
+            dropout=ad.dropout,
+            magnitude=ad.magnitude,
+        )
 
     return jax.tree_util.tree_map_with_path(fill, adapters, is_leaf=lora.is_adapter)
 
@@ -219,7 +236,9 @@ def test_lora_over_nf4_factored_equals_dequantized_merge_and_grads_only_reach_ad
     np.testing.assert_allclose(g["attn"]["kernel"].a, g_dense["attn"]["kernel"].a, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(g["attn"]["kernel"].b, g_dense["attn"]["kernel"].b, rtol=1e-4, atol=1e-6)
     # unmerge of the dense merge gives back the dequantised base
-    np.testing.assert_allclose(lora.unmerge({"attn": {"kernel": merged}}, ad, assume_merged=True)["attn"]["kernel"], dense, atol=1e-6)
+    np.testing.assert_allclose(
+        lora.unmerge({"attn": {"kernel": merged}}, ad, assume_merged=True)["attn"]["kernel"], dense, atol=1e-6
+    )
 
 
 def test_backward_recomputes_the_dequantised_kernel_instead_of_storing_it():
@@ -283,8 +302,9 @@ def test_qlora_on_a_flax_model_trains_and_merges():
     p, a = lora.combine(frozen, trainable)
     merged = lora.merge(p, a)
     assert not any(quant.is_quantized(leaf) for leaf in jax.tree.leaves(merged, is_leaf=quant.is_quantized))
-    np.testing.assert_allclose(model.apply({"params": merged}, x), model.apply({"params": lora.wrap(p, a)}, x),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        model.apply({"params": merged}, x), model.apply({"params": lora.wrap(p, a)}, x), rtol=1e-4, atol=1e-4
+    )
     s = lora.summary(p, a)
     n_dense = sum(x.size for x in jax.tree.leaves(params))
     assert s.total == n_dense + sum(int(v.a.size + v.b.size) for _, v in lora.adapter_items(a))
@@ -316,7 +336,7 @@ def test_merge_quantized_requantizes_and_reports_the_error(method):
         err = errors["attn/kernel"]
         actual = np.abs(np.asarray(q_new.dequantize(jnp.float32) - exact))
         assert err.max_abs == pytest.approx(float(actual.max()), rel=1e-5)
-        assert err.rms == pytest.approx(float(np.sqrt(np.mean(actual ** 2))), rel=1e-4)
+        assert err.rms == pytest.approx(float(np.sqrt(np.mean(actual**2))), rel=1e-4)
         # a large update survives re-quantisation; a tiny one is below the grid and the report says so
         assert (err.relative < 1.0) == expect_kept, err
     dense, none = lora.merge_quantized(qp, ad, requantize=False)
@@ -346,11 +366,13 @@ def test_matches_bitsandbytes():
         step = float(np.max(np.diff(quant.DYNAMIC))) * float(np.max(q.absmax_scale))
         np.testing.assert_allclose(np.asarray(q.dequantize(jnp.float32)), ref, rtol=0, atol=step * 1.001)
         same = np.repeat(ours == theirs, 64)  # blocks whose scale codes agree: the same values up to rounding
-        np.testing.assert_allclose(np.asarray(q.dequantize(jnp.float32)).reshape(-1)[same], ref.reshape(-1)[same],
-                                   rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            np.asarray(q.dequantize(jnp.float32)).reshape(-1)[same], ref.reshape(-1)[same], rtol=1e-6, atol=1e-9
+        )
         _, plain = bnb.quantize_4bit(torch.from_numpy(w), blocksize=64, compress_statistics=False, quant_type="nf4")
-        np.testing.assert_array_equal(np.asarray(quant.quantize_array(jnp.asarray(w), "nf4", double_quant=False).absmax),
-                                      plain.absmax.numpy())
+        np.testing.assert_array_equal(
+            np.asarray(quant.quantize_array(jnp.asarray(w), "nf4", double_quant=False).absmax), plain.absmax.numpy()
+        )
 
 
 def test_bits_per_weight_matches_the_paper():
@@ -382,9 +404,13 @@ def test_real_minilm_in_nf4_keeps_its_sentence_embeddings(minilm_path):
     assert not any("embeddings" in p for p in quantized)
     shapes = [leaf.shape for p, leaf in lora.targets.leaf_paths(params) if p in quantized]
     assert quant.nbytes(qp) == quant.nbytes(params) - sum(4 * math.prod(s) for s in shapes) + sum(
-        quant.expected_nbytes(s) for s in shapes)  # exactly: the embeddings (half of MiniLM) stay float32
-    sentences = ["A man is playing a guitar.", "A person plays the guitar.",
-                 "The central bank raised interest rates by half a percentage point."]
+        quant.expected_nbytes(s) for s in shapes
+    )  # exactly: the embeddings (half of MiniLM) stay float32
+    sentences = [
+        "A man is playing a guitar.",
+        "A person plays the guitar.",
+        "The central bank raised interest rates by half a percentage point.",
+    ]
     enc = tokenizer(sentences, padding=True, return_tensors="np")
 
     def embed(p):

@@ -15,28 +15,62 @@ import lora_jax as lora
 from lora_jax import stacking
 from lora_jax.models import gemma3, generate, hf, llama, mixtral, moe, qwen3, qwen3_moe
 
-SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-             max_position_embeddings=64)
+SMALL = dict(
+    vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64
+)
 FAMILIES = {
     "llama": lambda: llama.Config.from_hf(transformers.LlamaConfig(**SMALL, intermediate_size=64, num_hidden_layers=3)),
     "qwen3": lambda: qwen3.Config.from_hf(transformers.Qwen3Config(**SMALL, intermediate_size=64, num_hidden_layers=3)),
     # local and global layers in one stack: each step's flag picks the window and the RoPE base
-    "gemma3": lambda: gemma3.Config.from_hf(transformers.Gemma3TextConfig(
-        **SMALL, intermediate_size=64, num_hidden_layers=4, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
-        query_pre_attn_scalar=8)),
-    "qwen2-mixed-window": lambda: llama.Config.from_hf(transformers.Qwen2Config(
-        **SMALL, intermediate_size=64, num_hidden_layers=3, use_sliding_window=True, sliding_window=3,
-        layer_types=["full_attention", "sliding_attention", "full_attention"])),
-    "mixtral": lambda: mixtral.Config.from_hf(transformers.MixtralConfig(
-        **SMALL, intermediate_size=16, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
-        output_router_logits=True)),
-    "qwen3_moe": lambda: qwen3_moe.Config.from_hf(transformers.Qwen3MoeConfig(
-        **SMALL, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_experts=4,
-        num_experts_per_tok=2)),
+    "gemma3": lambda: gemma3.Config.from_hf(
+        transformers.Gemma3TextConfig(
+            **SMALL,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+            query_pre_attn_scalar=8,
+        )
+    ),
+    "qwen2-mixed-window": lambda: llama.Config.from_hf(
+        transformers.Qwen2Config(
+            **SMALL,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            use_sliding_window=True,
+            sliding_window=3,
+            layer_types=["full_attention", "sliding_attention", "full_attention"],
+        )
+    ),
+    "mixtral": lambda: mixtral.Config.from_hf(
+        transformers.MixtralConfig(
+            **SMALL,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            output_router_logits=True,
+        )
+    ),
+    "qwen3_moe": lambda: qwen3_moe.Config.from_hf(
+        transformers.Qwen3MoeConfig(
+            **SMALL,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    ),
 }
-ARCH = {"llama": llama, "qwen3": qwen3, "gemma3": gemma3, "qwen2-mixed-window": llama, "mixtral": mixtral,
-        "qwen3_moe": qwen3_moe}
+ARCH = {
+    "llama": llama,
+    "qwen3": qwen3,
+    "gemma3": gemma3,
+    "qwen2-mixed-window": llama,
+    "mixtral": mixtral,
+    "qwen3_moe": qwen3_moe,
+}
 
 
 def pair(name):
@@ -60,8 +94,9 @@ def test_scanned_equals_unrolled_logits_gradients_and_merge(name):
     assert jax.tree.structure(mod.ARCHITECTURE.init_params(scanned, jax.random.key(0))) == jax.tree.structure(stacked)
     assert all(x.shape[0] == config.num_hidden_layers for x in jax.tree.leaves(stacked["model"]["layers"]))
     model, model_s = mod.ARCHITECTURE.build(config), mod.ARCHITECTURE.build(scanned)
-    np.testing.assert_allclose(model_s.apply({"params": stacked}, IDS)[0], model.apply({"params": params}, IDS)[0],
-                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        model_s.apply({"params": stacked}, IDS)[0], model.apply({"params": params}, IDS)[0], atol=2e-5, rtol=1e-5
+    )
 
     adapters = jax.tree.map(lambda x: x + 0.02, lora.init(params, r=2, targets="all-linear"))  # B != 0
     adapters_s = stacking.stack(adapters)
@@ -100,9 +135,17 @@ def test_scanned_moe_sows_router_logits_in_layer_order(name):
 
 
 def test_qwen3_moe_with_dense_layers_stays_unrolled():
-    c = qwen3_moe.Config.from_hf(transformers.Qwen3MoeConfig(
-        **SMALL, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_experts=4,
-        num_experts_per_tok=2, mlp_only_layers=[1]))
+    c = qwen3_moe.Config.from_hf(
+        transformers.Qwen3MoeConfig(
+            **SMALL,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+        )
+    )
     c = dataclasses.replace(c, scan_layers=True)
     assert not c.scanned  # dense and sparse layers hold different parameters: no one stack
     assert "layers_1" in qwen3_moe.ARCHITECTURE.init_params(c, jax.random.key(0))["model"]
@@ -114,10 +157,12 @@ def test_scanned_generation_with_the_kv_cache_equals_unrolled(name):
     assert generate.init_cache(scanned, 2, 8).keys.shape == (config.num_hidden_layers, 2, 8, 2, 8)
     for beams in (1, 2):
         out = generate.generate(mod.ARCHITECTURE.build(config), params, IDS[:, :4], max_new_tokens=5, num_beams=beams)
-        out_s = generate.generate(mod.ARCHITECTURE.build(scanned), stacked, IDS[:, :4], max_new_tokens=5,
-                                  num_beams=beams)
-        np.testing.assert_array_equal(np.asarray(getattr(out_s, "sequences", out_s)),
-                                      np.asarray(getattr(out, "sequences", out)))
+        out_s = generate.generate(
+            mod.ARCHITECTURE.build(scanned), stacked, IDS[:, :4], max_new_tokens=5, num_beams=beams
+        )
+        np.testing.assert_array_equal(
+            np.asarray(getattr(out_s, "sequences", out_s)), np.asarray(getattr(out, "sequences", out))
+        )
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3", "mixtral"])
@@ -173,8 +218,11 @@ def test_the_training_job_scans_unless_the_run_needs_layers_apart():
     assert ckpt.config.scanned and model.config.scanned
     assert any(p[:2] == ("model", "layers") for p in ckpt.sources)
     assert ckpt.sources[("model", "layers", "self_attn", "q_proj", "kernel")].shape[0] == ckpt.config.num_hidden_layers
-    for why in (["lora.use_dora=true"], ["lora.targets=[model/layers_1/self_attn/q_proj/kernel]"],
-                ["model.scan_layers=false"]):
+    for why in (
+        ["lora.use_dora=true"],
+        ["lora.targets=[model/layers_1/self_attn/q_proj/kernel]"],
+        ["model.scan_layers=false"],
+    ):
         assert not loop.scan_layers(load_config(None, why)), why
     with pytest.raises(ConfigError, match="lora.use_dora needs unrolled layers"):
         loop.scan_layers(load_config(None, ["model.scan_layers=true", "lora.use_dora=true"]))
@@ -202,8 +250,9 @@ def test_dw_analysis_of_a_scanned_stack_is_per_layer():
     mod, config, scanned, params, stacked = pair("llama")
     adapters = jax.tree.map(lambda x: x + 0.01, lora.init(params, r=2, targets="qv"))
     want = {(r.layer, r.matrix): r.amp.norm_dw for r in analysis.layer_stats(params, adapters, n_random=2)}
-    got = {(r.layer, r.matrix): r.amp.norm_dw
-           for r in analysis.layer_stats(stacked, stacking.stack(adapters), n_random=2)}
+    got = {
+        (r.layer, r.matrix): r.amp.norm_dw for r in analysis.layer_stats(stacked, stacking.stack(adapters), n_random=2)
+    }
     assert set(got) == set(want) == {(i, m) for i in range(3) for m in ("q_proj", "v_proj")}
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-5)

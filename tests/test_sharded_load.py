@@ -30,10 +30,15 @@ def test_sharded_load_on_8_cpu_devices():
     """Run this file's 8-device tests in a child process whose JAX starts with 8 CPU devices."""
     if CHILD:
         pytest.skip("already the 8-device child")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               LORA_JAX_8DEV="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-k", "8dev",
-                           str(Path(__file__))], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", LORA_JAX_8DEV="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-k", "8dev", str(Path(__file__))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
@@ -44,9 +49,17 @@ def test_sharded_load_on_8_cpu_devices():
 def _llama_config(layers: int = 2):
     from lora_jax.models import llama
 
-    return llama.Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                        tie_word_embeddings=False)
+    return llama.Config(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +116,18 @@ def test_streaming_writer_round_trips_and_loads_in_safetensors(tmp_path):
     from lora_jax.models import hf
 
     rng = np.random.default_rng(1)
-    tensors = {"a": rng.standard_normal((16, 8)).astype(ml_dtypes.bfloat16), "b": np.arange(5, dtype=np.int64),
-               "c": rng.standard_normal((3, 4, 5)).astype(np.float16)}
+    tensors = {
+        "a": rng.standard_normal((16, 8)).astype(ml_dtypes.bfloat16),
+        "b": np.arange(5, dtype=np.int64),
+        "c": rng.standard_normal((3, 4, 5)).astype(np.float16),
+    }
     asked = []
-    files = hf.write_safetensors_streaming({k: (v.shape, v.dtype) for k, v in tensors.items()},
-                                           lambda k: asked.append(k) or tensors[k], tmp_path, max_shard_size=256)
+    files = hf.write_safetensors_streaming(
+        {k: (v.shape, v.dtype) for k, v in tensors.items()},
+        lambda k: asked.append(k) or tensors[k],
+        tmp_path,
+        max_shard_size=256,
+    )
     assert asked == list(tensors)  # each tensor produced once, in order
     assert files[-1].name == hf.INDEX_NAME and len(files) == 3
     for f in files[:-1]:
@@ -138,9 +158,17 @@ def test_memory_plan_refuses_a_run_that_does_not_fit(llama_folder, tmp_path):
     from train.config import ConfigError, load_config
     from train.loop import run
 
-    base = [f"model.name={llama_folder}", "data.task=causal-lm", "train.steps=1", "train.batch_size=4",
-            "data.max_length=64", "eval.generate_samples=0", "eval.generate_eval=0", "data.max_eval_examples=4",
-            "eval.batch_size=4"]
+    base = [
+        f"model.name={llama_folder}",
+        "data.task=causal-lm",
+        "train.steps=1",
+        "train.batch_size=4",
+        "data.max_length=64",
+        "eval.generate_samples=0",
+        "eval.generate_eval=0",
+        "data.max_eval_examples=4",
+        "eval.batch_size=4",
+    ]
     with pytest.raises(ConfigError, match=r"GiB over\): try more fsdp/tensor devices.*train.batch_size"):
         run(load_config(None, [*base, f"output.dir={tmp_path / 'small'}", "train.device_memory=100KB"]))
     run(load_config(None, [*base, f"output.dir={tmp_path / 'ok'}", "train.device_memory=64GB"]))
@@ -174,14 +202,17 @@ def test_8dev_leaves_are_born_sharded_and_equal_the_whole_load(llama_folder, mon
     ckpt = models.open_checkpoint(llama_folder)
     mesh = _mesh()
     shardings = sharding.tree_shardings(ckpt.abstract(jnp.bfloat16), mesh, [(".*", "fsdp")])  # every leaf split
-    biggest_block = max(placement.shard_nbytes(jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s))
-                        for x, s in zip(jax.tree.leaves(ckpt.abstract()), jax.tree.leaves(shardings)))
+    biggest_block = max(
+        placement.shard_nbytes(jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s))
+        for x, s in zip(jax.tree.leaves(ckpt.abstract()), jax.tree.leaves(shardings))
+    )
     made = []
 
     def watch(fn):
         def wrapped(x, *args, **kwargs):
             made.append(int(np.asarray(x).nbytes) if hasattr(x, "shape") else 0)
             return fn(x, *args, **kwargs)
+
         return wrapped
 
     for mod, name in [(jnp, "asarray"), (jnp, "array"), (jax, "device_put")]:
@@ -191,8 +222,11 @@ def test_8dev_leaves_are_born_sharded_and_equal_the_whole_load(llama_folder, mon
     monkeypatch.undo()
     assert max(made, default=0) <= biggest_block, (max(made), biggest_block)
     whole = hf.from_hf_weights(ckpt.config, hf.open_weights(llama_folder), "whole")
-    for (path, x), (_, y), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(
-            whole), jax.tree.leaves(shardings)):
+    for (path, x), (_, y), s in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        jax.tree_util.tree_leaves_with_path(whole),
+        jax.tree.leaves(shardings),
+    ):
         assert x.sharding == s, path
         assert x.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -215,8 +249,9 @@ def test_8dev_qlora_base_is_quantised_leaf_by_leaf_on_the_mesh(llama_folder):
     from train import loop
     from train.config import load_config
 
-    cfg = load_config(None, [f"model.name={llama_folder}", "train.method=qlora", "train.precision=bfloat16",
-                             "data.task=causal-lm"])
+    cfg = load_config(
+        None, [f"model.name={llama_folder}", "train.method=qlora", "train.precision=bfloat16", "data.task=causal-lm"]
+    )
     ckpt = models.open_checkpoint(llama_folder)
     mesh = _mesh()
     prepared = loop.prepare(cfg, ckpt, jax.random.key(0), mesh)
@@ -226,8 +261,10 @@ def test_8dev_qlora_base_is_quantised_leaf_by_leaf_on_the_mesh(llama_folder):
     assert lora.quant.is_quantized(q)
     for got, want in zip(jax.tree.leaves(prepared.frozen), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert all(isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
-               for x in jax.tree.leaves(prepared.frozen))
+    assert all(
+        isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+        for x in jax.tree.leaves(prepared.frozen)
+    )
 
 
 @child_only
@@ -242,15 +279,29 @@ def test_8dev_tensor_parallel_trains_like_one_device(llama_folder):
     from train import loop
     from train.config import load_config
 
-    cfg = load_config(None, [f"model.name={llama_folder}", "data.task=causal-lm", "lora.targets=all-linear",
-                             "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={llama_folder}",
+            "data.task=causal-lm",
+            "lora.targets=all-linear",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+        ],
+    )
     ckpt = models.open_checkpoint(llama_folder)
     model = ckpt.build(jnp.float32)
     tx = loop.make_optimizer(cfg)
     rng = np.random.default_rng(0)
-    batches = [{"input_ids": rng.integers(0, 256, (1, 8, 16)).astype(np.int32),
-                "attention_mask": np.ones((1, 8, 16), np.int32),
-                "loss_mask": np.ones((1, 8, 16), np.float32)} for _ in range(5)]
+    batches = [
+        {
+            "input_ids": rng.integers(0, 256, (1, 8, 16)).astype(np.int32),
+            "attention_mask": np.ones((1, 8, 16), np.int32),
+            "loss_mask": np.ones((1, 8, 16), np.float32),
+        }
+        for _ in range(5)
+    ]
 
     def train(mesh):
         prepared = loop.prepare(cfg, ckpt, jax.random.key(0), mesh)
@@ -273,8 +324,9 @@ def test_8dev_tensor_parallel_trains_like_one_device(llama_folder):
     assert tuple(q.sharding.spec) == ("fsdp", "tensor")
     down = frozen["model"]["layers_0"]["mlp"]["down_proj"]["kernel"]
     assert tuple(down.sharding.spec) == ("tensor", "fsdp")
-    per_device = sum(s.data.nbytes for x in jax.tree.leaves(frozen) for s in x.addressable_shards
-                     if s.device == jax.devices()[0])
+    per_device = sum(
+        s.data.nbytes for x in jax.tree.leaves(frozen) for s in x.addressable_shards if s.device == jax.devices()[0]
+    )
     total = sum(x.nbytes for x in jax.tree.leaves(frozen))
     assert per_device <= total / 8 * 1.3, (per_device, total)  # norms (small) are replicated
     assert lora.summary(frozen, {}).total > 0
@@ -313,11 +365,23 @@ def test_two_processes_each_read_only_their_own_blocks(llama_folder, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(script), str(llama_folder)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                                       JAX_PLATFORMS="cpu", ADDR=f"127.0.0.1:{port}", PID=str(i)))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(llama_folder)],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(
+                os.environ,
+                XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                JAX_PLATFORMS="cpu",
+                ADDR=f"127.0.0.1:{port}",
+                PID=str(i),
+            ),
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     results = []
     for p, (out, err) in zip(procs, outs):
@@ -329,9 +393,11 @@ def test_two_processes_each_read_only_their_own_blocks(llama_folder, tmp_path):
     names = {"/".join(p): src.what for p, src in ckpt.sources.items()}
     for r in results:
         # a 2-D kernel is stored transposed: the block read is the held block with its axes reversed
-        held = {(names[path], tuple(tuple(b) for b in (block if len(block) == 1 or "kernel" not in path
-                                                       else block[::-1])))
-                for path, blocks in r["held"].items() for block in blocks}
+        held = {
+            (names[path], tuple(tuple(b) for b in (block if len(block) == 1 or "kernel" not in path else block[::-1])))
+            for path, blocks in r["held"].items()
+            for block in blocks
+        }
         read = {(n, tuple(tuple(s) for s in sl)) for n, sl in r["reads"]}
         assert read == held
         assert len(r["reads"]) == len(read)  # no block read twice

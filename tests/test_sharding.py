@@ -43,10 +43,15 @@ def test_sharding_on_8_cpu_devices():
     """Run this file's 8-device tests in a child process whose JAX starts with 8 CPU devices."""
     if CHILD:
         pytest.skip("already the 8-device child")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               LORA_JAX_8DEV="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "8dev",
-                           str(Path(__file__))], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", LORA_JAX_8DEV="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "8dev", str(Path(__file__))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
@@ -63,9 +68,16 @@ def _tiny_bert(layers: int = 1):
 
     from lora_jax.models import bert
 
-    config = bert.Config(vocab_size=512, hidden_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         intermediate_size=384, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
+    config = bert.Config(
+        vocab_size=512,
+        hidden_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=384,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = bert.build(config, jnp.float32, "sequence-classification")
     return model, lambda: bert.init_params(config, jax.random.key(0), "sequence-classification")
 
@@ -73,9 +85,21 @@ def _tiny_bert(layers: int = 1):
 def _cfg(*extra: str):
     from train.config import last_wins, load_config
 
-    return load_config(None, last_wins(["data.task=classification", "lora.targets=all-linear", "lora.r=8",
-                                        "train.steps=6", "optim.warmup_steps=0", "optim.schedule=constant",
-                                        "optim.lr=1e-2", *extra]))
+    return load_config(
+        None,
+        last_wins(
+            [
+                "data.task=classification",
+                "lora.targets=all-linear",
+                "lora.r=8",
+                "train.steps=6",
+                "optim.warmup_steps=0",
+                "optim.schedule=constant",
+                "optim.lr=1e-2",
+                *extra,
+            ]
+        ),
+    )
 
 
 def _state(mesh, rules=None, *extra: str):
@@ -99,10 +123,12 @@ def _batch(mesh, step: int, batch_size: int = 8, length: int = 16):
     from lora_jax import sharding
 
     rng = np.random.default_rng(step)
-    host = {"input_ids": rng.integers(1, 512, (1, batch_size, length)).astype(np.int32),
-            "attention_mask": np.ones((1, batch_size, length), np.int32),
-            "labels": rng.integers(0, 2, (1, batch_size)).astype(np.int32)}
-    host["attention_mask"][:, :, length - 3 - step % 4:] = 0  # some padding
+    host = {
+        "input_ids": rng.integers(1, 512, (1, batch_size, length)).astype(np.int32),
+        "attention_mask": np.ones((1, batch_size, length), np.int32),
+        "labels": rng.integers(0, 2, (1, batch_size)).astype(np.int32),
+    }
+    host["attention_mask"][:, :, length - 3 - step % 4 :] = 0  # some padding
     batch_3d = sharding.batch_sharding(mesh, ndim=3, leading=1)
     batch_2d = sharding.NamedSharding(mesh, sharding.P(None, sharding.BATCH_AXES))
     return host, {k: sharding.host_to_global(v, batch_3d if v.ndim == 3 else batch_2d) for k, v in host.items()}
@@ -207,7 +233,7 @@ def test_8dev_large_adapters_follow_their_base(mesh):
     for path, s in _specs(trainable).items():
         if not path.startswith("adapters/"):
             continue
-        kernel, factor = path[len("adapters/"):].rsplit("/", 1)
+        kernel, factor = path[len("adapters/") :].rsplit("/", 1)
         b_spec = _norm(base[kernel].spec)
         if factor == "a":  # (d_in, r): split iff the base is split along its input axis
             assert _norm(s.spec) == (("fsdp",) if b_spec == ("fsdp",) else ()), (path, b_spec, s.spec)
@@ -231,9 +257,13 @@ def test_8dev_multi_axis_kernels_follow_first_in_or_out_axis(mesh):
     import lora_jax as lora
     from lora_jax import sharding
 
-    params = {"attn": {"query": {"kernel": jnp.ones((256, 4, 32))},  # in (256,), out (4, 32): split on axis 0
-                       "out": {"kernel": jnp.ones((4, 32, 256))},  # in (4, 32), out (256,): axis 2
-                       "o": {"kernel": jnp.ones((2, 256, 64))}}}  # in (2, 256), out (64,): axis 1, not first
+    params = {
+        "attn": {
+            "query": {"kernel": jnp.ones((256, 4, 32))},  # in (256,), out (4, 32): split on axis 0
+            "out": {"kernel": jnp.ones((4, 32, 256))},  # in (4, 32), out (256,): axis 2
+            "o": {"kernel": jnp.ones((2, 256, 64))},
+        }
+    }  # in (2, 256), out (64,): axis 1, not first
     adapters = lora.init(params, r=32, targets=r"attn/.*/kernel")
     rules = sharding.default_rules(min_shard_size=512)
     base = sharding.tree_shardings(params, mesh, rules)
@@ -258,14 +288,20 @@ def test_8dev_quantized_base_shardings(mesh):
 
     from lora_jax import quant, sharding
 
-    params = quant.quantize({"attn": {"query": {"kernel": jax.random.normal(jax.random.key(0), (256, 512))}},
-                             "norm": {"scale": jnp.ones(256)}})
+    params = quant.quantize(
+        {
+            "attn": {"query": {"kernel": jax.random.normal(jax.random.key(0), (256, 512))}},
+            "norm": {"scale": jnp.ones(256)},
+        }
+    )
     shardings = sharding.tree_shardings(params, mesh)
     placed = sharding.put_tree(params, shardings)
     codes = placed["attn"]["query"]["kernel"].codes
     assert _norm(codes.sharding.spec) == ("fsdp",) and codes.addressable_shards[0].data.shape[0] == codes.shape[0] // 4
-    np.testing.assert_array_equal(np.asarray(quant.dequantize(placed)["attn"]["query"]["kernel"]),
-                                  np.asarray(quant.dequantize(params)["attn"]["query"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(quant.dequantize(placed)["attn"]["query"]["kernel"]),
+        np.asarray(quant.dequantize(params)["attn"]["query"]["kernel"]),
+    )
 
 
 @pytest.mark.parametrize("extra", [(), ("optim.lora_plus_ratio=16",)], ids=["adamw", "lora_plus"])
@@ -358,21 +394,36 @@ def _moe_train(mesh, steps: int):
     from lora_jax.models import qwen3_moe
     from train import loop
 
-    config = qwen3_moe.Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-                              num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=32,
-                              output_router_logits=True, router_aux_loss_coef=0.05)
+    config = qwen3_moe.Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        max_position_embeddings=32,
+        output_router_logits=True,
+        router_aux_loss_coef=0.05,
+    )
     model = qwen3_moe.build(config)
-    cfg = _cfg("data.task=causal-lm", "lora.targets=['(.*/)?mlp/experts/.*', '.*self_attn/(q|v)_proj/kernel']",
-               "lora.r=4")
+    cfg = _cfg(
+        "data.task=causal-lm", "lora.targets=['(.*/)?mlp/experts/.*', '.*self_attn/(q|v)_proj/kernel']", "lora.r=4"
+    )
     frozen, trainable = loop.choose_trainable(cfg, qwen3_moe.init_params(config, jax.random.key(0)), jax.random.key(1))
     frozen = sharding.put_tree(frozen, sharding.tree_shardings(frozen, mesh))
     trainable = sharding.put_tree(trainable, sharding.tree_shardings(trainable, mesh))
     tx = loop.make_optimizer(cfg)
     opt_state = sharding.init_opt_state(tx, trainable)
     rng = np.random.default_rng(0)
-    host = {"input_ids": rng.integers(1, 128, (1, 8, 16)).astype(np.int32),
-            "attention_mask": np.ones((1, 8, 16), np.int32), "loss_mask": np.ones((1, 8, 16), np.int32)}
+    host = {
+        "input_ids": rng.integers(1, 128, (1, 8, 16)).astype(np.int32),
+        "attention_mask": np.ones((1, 8, 16), np.int32),
+        "loss_mask": np.ones((1, 8, 16), np.int32),
+    }
     host["attention_mask"][:, 1, :3] = 0
     batch = {k: sharding.host_to_global(v, sharding.batch_sharding(mesh, ndim=3, leading=1)) for k, v in host.items()}
     step_fn = jax.jit(loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1))
@@ -425,8 +476,15 @@ def test_8dev_real_training_job_places_state_as_documented(mesh, tmp_path, minil
     from train import loop
     from train.config import load_config
 
-    config = bert.Config(hidden_size=128, num_hidden_layers=1, num_attention_heads=4, intermediate_size=256,
-                         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = bert.Config(
+        hidden_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     params = bert.init_params(config, jax.random.key(0), task="sequence-classification")
     save_pretrained(params, config, tmp_path / "model", tokenizer=AutoTokenizer.from_pretrained(str(minilm_path)))
 
@@ -468,10 +526,23 @@ def test_8dev_real_training_job_places_state_as_documented(mesh, tmp_path, minil
     logger = logging.getLogger("jax._src.interpreters.pxla")
     logger.addHandler(handler)
     monkeypatch.setattr(jax, "jit", spy_jit)
-    cfg = load_config(None, [f"model.name={tmp_path / 'model'}", "data.source=builtin:sentiment",
-                             "data.task=classification", "data.max_length=16", "train.steps=4", "train.batch_size=8",
-                             "eval.every=100", "checkpoint.every=100", "lora.targets=all-linear",
-                             f"mesh.data={DATA}", f"mesh.fsdp={FSDP}", f"output.dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tmp_path / 'model'}",
+            "data.source=builtin:sentiment",
+            "data.task=classification",
+            "data.max_length=16",
+            "train.steps=4",
+            "train.batch_size=8",
+            "eval.every=100",
+            "checkpoint.every=100",
+            "lora.targets=all-linear",
+            f"mesh.data={DATA}",
+            f"mesh.fsdp={FSDP}",
+            f"output.dir={tmp_path / 'run'}",
+        ],
+    )
     try:
         with jax.log_compiles(True):
             result = loop.run(cfg, print_fn=lambda *a: None)

@@ -51,9 +51,11 @@ def _verdict(samples: dict[int, float]) -> tuple[float, float, str]:
     end = float(np.median(values[-3:]))
     growth, rebound = end - float(np.median(values[:3])), end - float(values.min())
     slope = float(np.polyfit(np.array(steps, float), values, 1)[0] * 1000)
-    text = (f"RSS {samples[steps[0]]:.1f} MB at step {steps[0]} -> {samples[steps[-1]]:.1f} MB at step {steps[-1]} "
-            f"(range {values.min():.1f}-{values.max():.1f}; median growth {growth:+.1f} MB, {rebound:+.1f} MB above "
-            f"the lowest sample; fitted slope {slope:+.2f} MB / 1000 steps)")
+    text = (
+        f"RSS {samples[steps[0]]:.1f} MB at step {steps[0]} -> {samples[steps[-1]]:.1f} MB at step {steps[-1]} "
+        f"(range {values.min():.1f}-{values.max():.1f}; median growth {growth:+.1f} MB, {rebound:+.1f} MB above "
+        f"the lowest sample; fitted slope {slope:+.2f} MB / 1000 steps)"
+    )
     return growth, rebound, text
 
 
@@ -69,7 +71,7 @@ class _Compiles(logging.Handler):
     def emit(self, record):
         message = record.getMessage()
         if message.startswith("Compiling "):
-            name = message.split(" with ", 1)[0][len("Compiling "):]
+            name = message.split(" with ", 1)[0][len("Compiling ") :]
             self.all.append(name)
             if self.marked:
                 self.after_mark.append(name)
@@ -93,11 +95,19 @@ def compiles():
 def _tiny_bert():
     from lora_jax.models import bert
 
-    config = bert.Config(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
-    return bert.build(config, jnp.float32, "sequence-classification"), \
-        bert.init_params(config, jax.random.key(0), "sequence-classification")
+    config = bert.Config(
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return bert.build(config, jnp.float32, "sequence-classification"), bert.init_params(
+        config, jax.random.key(0), "sequence-classification"
+    )
 
 
 def test_soak_train_step(compiles):
@@ -105,8 +115,16 @@ def test_soak_train_step(compiles):
     from train import loop
     from train.config import load_config
 
-    cfg = load_config(None, ["data.task=classification", "lora.targets=all-linear", f"train.steps={STEPS}",
-                             "lora.dropout=0.1", "optim.lr=1e-3"])
+    cfg = load_config(
+        None,
+        [
+            "data.task=classification",
+            "lora.targets=all-linear",
+            f"train.steps={STEPS}",
+            "lora.dropout=0.1",
+            "optim.lr=1e-3",
+        ],
+    )
     model, params = _tiny_bert()
     mesh = sharding.make_mesh(1, 1)
     frozen, trainable = loop.choose_trainable(cfg, params, jax.random.key(1))
@@ -115,8 +133,9 @@ def test_soak_train_step(compiles):
     tx = loop.make_optimizer(cfg)
     opt_state = sharding.init_opt_state(tx, trainable)
     state_shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
-    step_fn = jax.jit(loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1),
-                      out_shardings=(*state_shardings, None))
+    step_fn = jax.jit(
+        loop.make_train_step(model, cfg, tx), donate_argnums=(0, 1), out_shardings=(*state_shardings, None)
+    )
     batch_3d = sharding.batch_sharding(mesh, ndim=3, leading=1)
     batch_2d = sharding.NamedSharding(mesh, sharding.P(None, sharding.BATCH_AXES))
     rng = np.random.default_rng(0)
@@ -127,8 +146,11 @@ def test_soak_train_step(compiles):
     losses, t0, rss = [], time.perf_counter(), {}
     for step in range(STEPS):
         idx = rng.integers(0, 64, 8)
-        host = {"input_ids": pool_ids[idx][None], "attention_mask": np.ones((1, 8, 16), np.int32),
-                "labels": pool_labels[idx][None]}
+        host = {
+            "input_ids": pool_ids[idx][None],
+            "attention_mask": np.ones((1, 8, 16), np.int32),
+            "labels": pool_labels[idx][None],
+        }
         batch = {k: sharding.host_to_global(v, batch_3d if v.ndim == 3 else batch_2d) for k, v in host.items()}
         trainable, opt_state, m = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(key, step))
         losses.append(float(m["loss"]))  # the loop reads the loss back every step too
@@ -141,10 +163,12 @@ def test_soak_train_step(compiles):
 
     growth, rebound, text = _verdict(rss)
     ms = 1e3 * (t_end - t_warm) / (STEPS - WARM)
-    print(f"\nsoak train step: {STEPS} steps in {t_end - t0:.1f}s ({ms:.2f} ms/step after warm-up); {text}; "
-          f"compilations: {len(compiles.all)} in all, {len(compiles.after_mark)} after step {WARM}; "
-          f"jit(step) cache size {step_fn._cache_size()}; loss {np.mean(losses[:50]):.3f} -> "
-          f"{np.mean(losses[-50:]):.3f}")
+    print(
+        f"\nsoak train step: {STEPS} steps in {t_end - t0:.1f}s ({ms:.2f} ms/step after warm-up); {text}; "
+        f"compilations: {len(compiles.all)} in all, {len(compiles.after_mark)} after step {WARM}; "
+        f"jit(step) cache size {step_fn._cache_size()}; loss {np.mean(losses[:50]):.3f} -> "
+        f"{np.mean(losses[-50:]):.3f}"
+    )
     assert compiles.all.count("jit(step)") == 1 and step_fn._cache_size() == 1
     assert compiles.after_mark == [], compiles.after_mark
     assert growth < MAX_GROWTH_MB and rebound < MAX_GROWTH_MB, text
@@ -159,8 +183,15 @@ def test_soak_training_job(compiles, tmp_path, minilm_path, monkeypatch):
     from train import metrics as metrics_lib
     from train.config import load_config
 
-    config = bert.Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = bert.Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     params = bert.init_params(config, jax.random.key(0), task="sequence-classification")
     save_pretrained(params, config, tmp_path / "model", tokenizer=AutoTokenizer.from_pretrained(str(minilm_path)))
 
@@ -175,20 +206,34 @@ def test_soak_training_job(compiles, tmp_path, minilm_path, monkeypatch):
                 compiles.mark()
 
     monkeypatch.setattr(metrics_lib.MetricLog, "write", write)
-    cfg = load_config(None, [f"model.name={tmp_path / 'model'}", "data.source=builtin:sentiment",
-                             "data.task=classification", "data.max_length=16", f"train.steps={STEPS}",
-                             "train.batch_size=8", f"eval.every={10 * STEPS}", f"checkpoint.every={10 * STEPS}",
-                             "lora.targets=all-linear", "optim.lr=1e-3", f"output.dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tmp_path / 'model'}",
+            "data.source=builtin:sentiment",
+            "data.task=classification",
+            "data.max_length=16",
+            f"train.steps={STEPS}",
+            "train.batch_size=8",
+            f"eval.every={10 * STEPS}",
+            f"checkpoint.every={10 * STEPS}",
+            "lora.targets=all-linear",
+            "optim.lr=1e-3",
+            f"output.dir={tmp_path / 'run'}",
+        ],
+    )
     t0 = time.perf_counter()
     result = loop.run(cfg, print_fn=lambda *a: None)
     wall = time.perf_counter() - t0
 
     growth, rebound, text = _verdict(rss)
     ms = 1e3 * (times[STEPS] - times[WARM]) / (STEPS - WARM)
-    print(f"\nsoak training job: {STEPS} steps, run() {wall:.1f}s ({ms:.2f} ms/step after warm-up); {text}; "
-          f"compilations: {len(compiles.all)} in all ({compiles.all.count('jit(step)')} of jit(step)), "
-          f"{len(compiles.after_mark)} after step {WARM}: {sorted(set(compiles.after_mark))}; "
-          f"eval loss {result.eval_before['loss']:.3f} -> {result.eval_after['loss']:.3f}")
+    print(
+        f"\nsoak training job: {STEPS} steps, run() {wall:.1f}s ({ms:.2f} ms/step after warm-up); {text}; "
+        f"compilations: {len(compiles.all)} in all ({compiles.all.count('jit(step)')} of jit(step)), "
+        f"{len(compiles.after_mark)} after step {WARM}: {sorted(set(compiles.after_mark))}; "
+        f"eval loss {result.eval_before['loss']:.3f} -> {result.eval_after['loss']:.3f}"
+    )
     assert result.steps_done == STEPS
     saved = json.loads((result.folder / "result.json").read_text())  # bucketed (classification's default)
     assert compiles.all.count("jit(step)") == saved["step_compilations"] <= cfg.data.buckets

@@ -24,8 +24,9 @@ LANGS = ["en", "de", "es"]
 def tiny_task(tmp_path_factory):
     """3 languages x (2 training sentences x 2 clips, 1 validation sentence x 2 clips)."""
     out = tmp_path_factory.mktemp("speech")
-    speech_data.generate(out, languages=LANGS, train_per_sentence=2, eval_per_sentence=2, n_train=2, n_eval=1,
-                         print_fn=lambda *a: None)
+    speech_data.generate(
+        out, languages=LANGS, train_per_sentence=2, eval_per_sentence=2, n_train=2, n_eval=1, print_fn=lambda *a: None
+    )
     return out
 
 
@@ -52,16 +53,37 @@ def test_same_key_keeps_the_folder_and_a_new_one_regenerates(tiny_task, tmp_path
     spec = json.loads((tiny_task / "spec.json").read_text())
     before = (tiny_task / "clips" / "train" / "00000.wav").stat().st_mtime_ns
     messages = []
-    speech_data.generate(tiny_task, languages=LANGS, train_per_sentence=2, eval_per_sentence=2, n_train=2, n_eval=1,
-                         print_fn=messages.append)
+    speech_data.generate(
+        tiny_task,
+        languages=LANGS,
+        train_per_sentence=2,
+        eval_per_sentence=2,
+        n_train=2,
+        n_eval=1,
+        print_fn=messages.append,
+    )
     assert messages == [f"{tiny_task}: up to date (key {spec['key']})"]
     assert (tiny_task / "clips" / "train" / "00000.wav").stat().st_mtime_ns == before
     # the same plan written elsewhere is the same audio, sample for sample (all randomness comes from the seed)
-    speech_data.generate(tmp_path, languages=["en"], train_per_sentence=1, eval_per_sentence=1, n_train=1,
-                         n_eval=1, print_fn=lambda *a: None)
+    speech_data.generate(
+        tmp_path,
+        languages=["en"],
+        train_per_sentence=1,
+        eval_per_sentence=1,
+        n_train=1,
+        n_eval=1,
+        print_fn=lambda *a: None,
+    )
     again = tmp_path / "again"
-    speech_data.generate(again, languages=["en"], train_per_sentence=1, eval_per_sentence=1, n_train=1, n_eval=1,
-                         print_fn=lambda *a: None)
+    speech_data.generate(
+        again,
+        languages=["en"],
+        train_per_sentence=1,
+        eval_per_sentence=1,
+        n_train=1,
+        n_eval=1,
+        print_fn=lambda *a: None,
+    )
     assert (tmp_path / "clips/train/00000.wav").read_bytes() == (again / "clips/train/00000.wav").read_bytes()
     other = speech_data.plan(["en"], 1, 1, seed=1, n_train=1, n_eval=1)
     assert speech_data.spec_key(other) != speech_data.spec_key(speech_data.plan(["en"], 1, 1, 0, 1, 1))
@@ -70,8 +92,9 @@ def test_same_key_keeps_the_folder_and_a_new_one_regenerates(tiny_task, tmp_path
 
 
 def test_featurize_reads_the_manifest(tiny_task, tmp_path):
-    cfg = load_config(None, [f"data.source={tiny_task / 'train.jsonl'}", "data.task=audio-classification",
-                             "data.max_length=200"]).data
+    cfg = load_config(
+        None, [f"data.source={tiny_task / 'train.jsonl'}", "data.task=audio-classification", "data.max_length=200"]
+    ).data
     rows = data_lib.load_rows(cfg, "train")
     feats = data_lib.tokenize(rows, audio.FeatureExtractor(), cfg, num_labels=3)
     assert feats.input_features.shape == (12, 80, 200) and feats.input_ids is None
@@ -80,8 +103,11 @@ def test_featurize_reads_the_manifest(tiny_task, tmp_path):
     assert feats.attention_mask[0].sum() == min(200, -(-wave.size // 160))
     assert list(feats.labels) == [r["label"] for r in rows]
     with pytest.raises(DataError, match="even number of at most 3000"):
-        data_lib.tokenize(rows, audio.FeatureExtractor(), load_config(None, [
-            "data.task=audio-classification", "data.max_length=301"]).data)
+        data_lib.tokenize(
+            rows,
+            audio.FeatureExtractor(),
+            load_config(None, ["data.task=audio-classification", "data.max_length=301"]).data,
+        )
     with pytest.raises(DataError, match="outside \\[0, 2\\)"):
         data_lib.tokenize(rows, audio.FeatureExtractor(), cfg, num_labels=2)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"audio": "missing.wav", "label": 0}) + "\n")
@@ -95,25 +121,56 @@ def tiny_whisper(tmp_path_factory):
     """A random 2-layer, 32-wide Whisper speech model (80 mel bins, 1 s of positions) saved by transformers."""
     import transformers
 
-    config = transformers.WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=48,
-                                        max_source_positions=50, classifier_proj_size=16, num_labels=3, vocab_size=60,
-                                        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=48,
-                                        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                        decoder_start_token_id=1)
+    config = transformers.WhisperConfig(
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        max_source_positions=50,
+        classifier_proj_size=16,
+        num_labels=3,
+        vocab_size=60,
+        decoder_layers=1,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=48,
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
     folder = tmp_path_factory.mktemp("tiny_whisper")
     transformers.WhisperForConditionalGeneration(config).save_pretrained(folder)
     return folder
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=pytest.mark.slow),
-                                    pytest.param("linear_probe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method",
+    ["lora", pytest.param("full", marks=pytest.mark.slow), pytest.param("linear_probe", marks=pytest.mark.slow)],
+)
 def test_train_run_on_audio(tiny_task, tiny_whisper, tmp_path, method):
-    cfg = load_config(None, [f"model.name={tiny_whisper}", "model.num_labels=3",
-                             f"data.source={tiny_task / 'train.jsonl'}", f"data.eval_source={tiny_task / 'eval.jsonl'}",
-                             "data.task=audio-classification", "data.max_length=100", f"train.method={method}",
-                             "train.steps=4", "train.batch_size=4", "eval.every=2", "eval.batch_size=4",
-                             "checkpoint.every=100", "lora.targets=qv", "optim.lr=1e-2", "optim.warmup_steps=1",
-                             f"output.dir={tmp_path / 'run'}", f"output.export_peft={method == 'lora'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_whisper}",
+            "model.num_labels=3",
+            f"data.source={tiny_task / 'train.jsonl'}",
+            f"data.eval_source={tiny_task / 'eval.jsonl'}",
+            "data.task=audio-classification",
+            "data.max_length=100",
+            f"train.method={method}",
+            "train.steps=4",
+            "train.batch_size=4",
+            "eval.every=2",
+            "eval.batch_size=4",
+            "checkpoint.every=100",
+            "lora.targets=qv",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=1",
+            f"output.dir={tmp_path / 'run'}",
+            f"output.export_peft={method == 'lora'}",
+        ],
+    )
     result = run(cfg, print_fn=lambda *a, **k: None)
     folder = result.folder  # output.dir/run-1 (output.dir/latest points at it)
     saved = json.loads((folder / "result.json").read_text())

@@ -52,14 +52,16 @@ class LinenTransformer(nn.Module):
 
 def test_linen_multi_head_dot_product_attention_auto_names():
     params = linen_params(LinenTransformer())
-    assert {"Embed_0", "MultiHeadDotProductAttention_0", "SelfAttention_0", "Dense_0", "Dense_1", "head"} == \
-        set(params)
+    assert {"Embed_0", "MultiHeadDotProductAttention_0", "SelfAttention_0", "Dense_0", "Dense_1", "head"} == set(params)
     attn = qkvo("MultiHeadDotProductAttention_0") + qkvo("SelfAttention_0")
     assert selected(params) == attn
     assert selected(params, "attention") == attn
     assert selected(params, "qv") == [
-        "MultiHeadDotProductAttention_0/query/kernel", "MultiHeadDotProductAttention_0/value/kernel",
-        "SelfAttention_0/query/kernel", "SelfAttention_0/value/kernel"]
+        "MultiHeadDotProductAttention_0/query/kernel",
+        "MultiHeadDotProductAttention_0/value/kernel",
+        "SelfAttention_0/query/kernel",
+        "SelfAttention_0/value/kernel",
+    ]
     assert selected(params, "all-linear") == ["Dense_0/kernel", "Dense_1/kernel"] + attn  # no head, no Embed_0
 
 
@@ -157,8 +159,9 @@ def test_nnx_multi_head_attention_state():
 class NnxModel(nnx.Module):
     def __init__(self, rngs):
         self.embed = nnx.Embed(50, D, rngs=rngs)
-        self.blocks = nnx.List([nnx.MultiHeadAttention(num_heads=HEADS, in_features=D, decode=False, rngs=rngs)
-                                for _ in range(2)])
+        self.blocks = nnx.List(
+            [nnx.MultiHeadAttention(num_heads=HEADS, in_features=D, decode=False, rngs=rngs) for _ in range(2)]
+        )
         self.up, self.down = nnx.Linear(D, 2 * D, rngs=rngs), nnx.Linear(2 * D, D, rngs=rngs)
         self.head = nnx.Linear(D, 3, rngs=rngs)
 
@@ -186,20 +189,41 @@ def _tree(paths: dict[str, tuple[int, ...]]) -> dict:
 
 
 HF_TREES = {
-    "llama": ({"model/embed_tokens/weight": (50, D), "lm_head/weight": (50, D), "model/norm/weight": (D,),
-               **{f"model/layers/0/self_attn/{n}/weight": (D, D) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-               **{f"model/layers/0/mlp/{n}/weight": (D, D) for n in ("gate_proj", "up_proj", "down_proj")}},
-              ["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "v_proj"]),
-    "bert": ({"bert/embeddings/word_embeddings/weight": (50, D), "classifier/weight": (3, D),
-              **{f"bert/encoder/layer/0/attention/self/{n}/weight": (D, D) for n in ("query", "key", "value")},
-              "bert/encoder/layer/0/attention/output/dense/weight": (D, D),
-              "bert/encoder/layer/0/intermediate/dense/weight": (D, D),
-              "bert/encoder/layer/0/output/dense/weight": (D, D)},
-             ["self/query", "self/key", "self/value", "output/dense"], ["self/query", "self/value"]),
-    "gpt2": ({"transformer/wte/weight": (50, D), "transformer/wpe/weight": (8, D),
-              "transformer/h/0/attn/c_attn/weight": (D, 3 * D), "transformer/h/0/attn/c_proj/weight": (D, D),
-              "transformer/h/0/mlp/c_fc/weight": (D, D), "transformer/h/0/mlp/c_proj/weight": (D, D)},
-             ["c_attn", "c_proj"], ["c_attn"]),
+    "llama": (
+        {
+            "model/embed_tokens/weight": (50, D),
+            "lm_head/weight": (50, D),
+            "model/norm/weight": (D,),
+            **{f"model/layers/0/self_attn/{n}/weight": (D, D) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            **{f"model/layers/0/mlp/{n}/weight": (D, D) for n in ("gate_proj", "up_proj", "down_proj")},
+        },
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        ["q_proj", "v_proj"],
+    ),
+    "bert": (
+        {
+            "bert/embeddings/word_embeddings/weight": (50, D),
+            "classifier/weight": (3, D),
+            **{f"bert/encoder/layer/0/attention/self/{n}/weight": (D, D) for n in ("query", "key", "value")},
+            "bert/encoder/layer/0/attention/output/dense/weight": (D, D),
+            "bert/encoder/layer/0/intermediate/dense/weight": (D, D),
+            "bert/encoder/layer/0/output/dense/weight": (D, D),
+        },
+        ["self/query", "self/key", "self/value", "output/dense"],
+        ["self/query", "self/value"],
+    ),
+    "gpt2": (
+        {
+            "transformer/wte/weight": (50, D),
+            "transformer/wpe/weight": (8, D),
+            "transformer/h/0/attn/c_attn/weight": (D, 3 * D),
+            "transformer/h/0/attn/c_proj/weight": (D, D),
+            "transformer/h/0/mlp/c_fc/weight": (D, D),
+            "transformer/h/0/mlp/c_proj/weight": (D, D),
+        },
+        ["c_attn", "c_proj"],
+        ["c_attn"],
+    ),
 }
 
 
@@ -207,12 +231,22 @@ HF_TREES = {
 def test_hugging_face_names(arch):
     shapes, attention, qv = HF_TREES[arch]
     params = _tree(shapes)
-    block = {"llama": "model/layers/0/self_attn", "bert": "bert/encoder/layer/0/attention",
-             "gpt2": "transformer/h/0/attn"}[arch]
+    block = {
+        "llama": "model/layers/0/self_attn",
+        "bert": "bert/encoder/layer/0/attention",
+        "gpt2": "transformer/h/0/attn",
+    }[arch]
     assert set(selected(params)) == {f"{block}/{n}/weight" for n in attention}
     assert set(selected(params, "qv")) == {f"{block}/{n}/weight" for n in qv}
-    kernels = {p for p, s in shapes.items() if len(s) == 2 and "embed" not in p and "wte" not in p and
-               "wpe" not in p and not p.startswith(("lm_head", "classifier"))}
+    kernels = {
+        p
+        for p, s in shapes.items()
+        if len(s) == 2
+        and "embed" not in p
+        and "wte" not in p
+        and "wpe" not in p
+        and not p.startswith(("lm_head", "classifier"))
+    }
     assert set(selected(params, "all-linear")) == kernels
 
 
@@ -223,26 +257,54 @@ def _project_params(arch: str):
     from lora_jax.models import bert, gpt2, llama
 
     module, hf = {
-        "llama": (llama, transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)),
-        "bert": (bert, transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                               num_attention_heads=4, intermediate_size=48)),
-        "gpt2": (gpt2, transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, bos_token_id=0,
-                                               eos_token_id=0)),
+        "llama": (
+            llama,
+            transformers.LlamaConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            ),
+        ),
+        "bert": (
+            bert,
+            transformers.BertConfig(
+                vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48
+            ),
+        ),
+        "gpt2": (
+            gpt2,
+            transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0),
+        ),
     }[arch]
     return module.init_params(module.Config.from_hf(hf), jax.random.key(0))
 
 
 PROJECT = {
-    "llama": ("model/layers_0/self_attn", ["k_proj", "o_proj", "q_proj", "v_proj"], ["q_proj", "v_proj"],
-              ["model/layers_0/mlp/down_proj/kernel", "model/layers_0/mlp/gate_proj/kernel",
-               "model/layers_0/mlp/up_proj/kernel"]),
-    "bert": ("encoder/layer_0/attention", ["output/dense", "self/key", "self/query", "self/value"],
-             ["self/query", "self/value"],
-             ["encoder/layer_0/intermediate/dense/kernel", "encoder/layer_0/output/dense/kernel",
-              "pooler/dense/kernel"]),
-    "gpt2": ("transformer/h_0/attn", ["c_attn", "c_proj"], ["c_attn"],
-             ["transformer/h_0/mlp/c_fc/kernel", "transformer/h_0/mlp/c_proj/kernel"]),
+    "llama": (
+        "model/layers_0/self_attn",
+        ["k_proj", "o_proj", "q_proj", "v_proj"],
+        ["q_proj", "v_proj"],
+        [
+            "model/layers_0/mlp/down_proj/kernel",
+            "model/layers_0/mlp/gate_proj/kernel",
+            "model/layers_0/mlp/up_proj/kernel",
+        ],
+    ),
+    "bert": (
+        "encoder/layer_0/attention",
+        ["output/dense", "self/key", "self/query", "self/value"],
+        ["self/query", "self/value"],
+        ["encoder/layer_0/intermediate/dense/kernel", "encoder/layer_0/output/dense/kernel", "pooler/dense/kernel"],
+    ),
+    "gpt2": (
+        "transformer/h_0/attn",
+        ["c_attn", "c_proj"],
+        ["c_attn"],
+        ["transformer/h_0/mlp/c_fc/kernel", "transformer/h_0/mlp/c_proj/kernel"],
+    ),
 }
 
 
@@ -274,6 +336,13 @@ def test_query_and_value_alone_are_not_an_attention_block():
     params = _tree({"layer/query/kernel": (D, D), "layer/value/kernel": (D, D), "layer/out/kernel": (D, D)})
     with pytest.raises(TargetError, match="matches no kernel"):
         lora.init(params, r=2)
-    params = _tree({"layer/query/kernel": (D, D), "layer/key/kernel": (D, D), "layer/value/kernel": (D, D),
-                    "layer/out/kernel": (D, D), "layer/mlp/kernel": (D, D)})
+    params = _tree(
+        {
+            "layer/query/kernel": (D, D),
+            "layer/key/kernel": (D, D),
+            "layer/value/kernel": (D, D),
+            "layer/out/kernel": (D, D),
+            "layer/mlp/kernel": (D, D),
+        }
+    )
     assert selected(params) == ["layer/key/kernel", "layer/out/kernel", "layer/query/kernel", "layer/value/kernel"]

@@ -29,8 +29,15 @@ def tiny_bert(tmp_path_factory, minilm_path):
 
     from lora_jax.models import bert, save_pretrained
 
-    config = bert.Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = bert.Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     params = bert.init_params(config, jax.random.key(0), task="sequence-classification")
     folder = tmp_path_factory.mktemp("tiny_bert")
     save_pretrained(params, config, folder, tokenizer=AutoTokenizer.from_pretrained(str(minilm_path)))
@@ -45,8 +52,16 @@ def tiny_llama(tmp_path_factory, minilm_path):
     from lora_jax.models import llama, save_pretrained
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path))
-    config = llama.Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    config = llama.Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+    )
     params = llama.init_params(config, jax.random.key(0))
     folder = tmp_path_factory.mktemp("tiny_llama")
     save_pretrained(params, config, folder, tokenizer=tokenizer)
@@ -55,19 +70,43 @@ def tiny_llama(tmp_path_factory, minilm_path):
 
 def lm_overrides(model_dir, out, **extra):
     """The built-in restaurants task (causal LM) on :func:`tiny_llama`, no generation."""
-    base = {"model.name": str(model_dir), "data.max_length": 96, "train.steps": 6, "train.batch_size": 4,
-            "eval.every": 100, "eval.batch_size": 16, "eval.generate_samples": 0, "eval.generate_eval": 0,
-            "data.max_eval_examples": 8, "checkpoint.every": 3, "checkpoint.keep": 10, "optim.lr": 5e-3,
-            "optim.warmup_steps": 1, "output.dir": str(out)}
+    base = {
+        "model.name": str(model_dir),
+        "data.max_length": 96,
+        "train.steps": 6,
+        "train.batch_size": 4,
+        "eval.every": 100,
+        "eval.batch_size": 16,
+        "eval.generate_samples": 0,
+        "eval.generate_eval": 0,
+        "data.max_eval_examples": 8,
+        "checkpoint.every": 3,
+        "checkpoint.keep": 10,
+        "optim.lr": 5e-3,
+        "optim.warmup_steps": 1,
+        "output.dir": str(out),
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def overrides(model_dir, out, **extra):
-    base = {"model.name": str(model_dir), "data.source": "builtin:sentiment", "data.task": "classification",
-            "data.max_length": 16, "train.steps": 12, "train.batch_size": 8, "eval.every": 6, "eval.batch_size": 16,
-            "checkpoint.every": 4, "checkpoint.keep": 10, "lora.targets": "qv", "optim.lr": 5e-3,
-            "optim.warmup_steps": 2, "output.dir": str(out)}
+    base = {
+        "model.name": str(model_dir),
+        "data.source": "builtin:sentiment",
+        "data.task": "classification",
+        "data.max_length": 16,
+        "train.steps": 12,
+        "train.batch_size": 8,
+        "eval.every": 6,
+        "eval.batch_size": 16,
+        "checkpoint.every": 4,
+        "checkpoint.keep": 10,
+        "lora.targets": "qv",
+        "optim.lr": 5e-3,
+        "optim.warmup_steps": 2,
+        "output.dir": str(out),
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -92,32 +131,44 @@ def test_default_batching_packs_causal_lm_and_buckets_classification():
     assert batching(load_config(None, ["data.batching=bucketed", "data.buckets=2"])) == "bucketed"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["data.batching=padded"], r"^data.batching: expected one of \['auto', 'fixed', 'bucketed', 'packed'\], got "
-                               r"'padded' \(str\)$"),
-    (["data.task=classification", "data.batching=packed"], r"^data.batching=packed needs data.task=causal-lm"),
-    (["data.task=audio-classification", "data.batching=bucketed"], r"^data.batching=bucketed with data.task=audio"),
-    (["data.buckets=2"], r"^data.buckets=2 has no effect here: it applies only with data.batching=bucketed"),
-    (["data.batching=fixed", "data.pack_length=128"], r"^data.pack_length=128 has no effect here: it applies only "
-                                                      r"with data.batching=packed"),
-    (["data.task=classification", "data.buckets=0"], r"^data.buckets must be in \[1, 64\], got 0$"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["data.batching=padded"],
+            r"^data.batching: expected one of \['auto', 'fixed', 'bucketed', 'packed'\], got "
+            r"'padded' \(str\)$",
+        ),
+        (["data.task=classification", "data.batching=packed"], r"^data.batching=packed needs data.task=causal-lm"),
+        (["data.task=audio-classification", "data.batching=bucketed"], r"^data.batching=bucketed with data.task=audio"),
+        (["data.buckets=2"], r"^data.buckets=2 has no effect here: it applies only with data.batching=bucketed"),
+        (
+            ["data.batching=fixed", "data.pack_length=128"],
+            r"^data.pack_length=128 has no effect here: it applies only "
+            r"with data.batching=packed",
+        ),
+        (["data.task=classification", "data.buckets=0"], r"^data.buckets must be in \[1, 64\], got 0$"),
+    ],
+)
 def test_bad_batching_is_refused_in_one_line(extra, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config(None, extra)
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lora.rank=4", "unknown config key 'lora.rank'; did you mean 'lora.r'"),
-    ("optimizer.lr=1", "unknown config key 'optimizer'; did you mean 'optim'"),
-    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
-    ("train.steps=2.5", "train.steps: expected an integer"),
-    ("train.method=qlora2", "train.method: expected one of"),
-    ("lora.r=0", "lora.r must be >= 1"),
-    ("lora", "must look like section.key=value"),
-    ("lora.dropout=1.5", "lora.dropout must be in"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lora.rank=4", "unknown config key 'lora.rank'; did you mean 'lora.r'"),
+        ("optimizer.lr=1", "unknown config key 'optimizer'; did you mean 'optim'"),
+        ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+        ("train.steps=2.5", "train.steps: expected an integer"),
+        ("train.method=qlora2", "train.method: expected one of"),
+        ("lora.r=0", "lora.r must be >= 1"),
+        ("lora", "must look like section.key=value"),
+        ("lora.dropout=1.5", "lora.dropout must be in"),
+    ],
+)
 def test_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(None, [override])
@@ -229,7 +280,8 @@ def test_run_trains_and_writes_everything(full_run):
     assert {"accuracy", "auc", "f1", "loss"} <= set(next(r for r in log if r["kind"] == "eval"))
     adapters = lora.checkpoint.load_adapters(out / "adapters")
     assert {p for p, _ in lora.adapter_items(adapters)} == {
-        f"bert/encoder/layer_{i}/attention/self/{m}/kernel" for i in range(2) for m in ("query", "value")}
+        f"bert/encoder/layer_{i}/attention/self/{m}/kernel" for i in range(2) for m in ("query", "value")
+    }
 
 
 def test_run_logs_the_learning_rate_and_draws_its_loss(full_run):
@@ -248,8 +300,13 @@ def _train_batches(cfg, model_dir):
 
     from train.loop import training_batches
 
-    train_data, _ = data_lib.load_tokenized(cfg.data, AutoTokenizer.from_pretrained(str(model_dir)), cfg.model.name,
-                                            None, cfg.model.num_labels if cfg.data.task != "causal-lm" else None)
+    train_data, _ = data_lib.load_tokenized(
+        cfg.data,
+        AutoTokenizer.from_pretrained(str(model_dir)),
+        cfg.model.name,
+        None,
+        cfg.model.num_labels if cfg.data.task != "causal-lm" else None,
+    )
     return train_data, training_batches(cfg, train_data)
 
 
@@ -312,8 +369,9 @@ def test_packed_run_trains_on_full_rows_and_records_its_shape(packed_run, tiny_l
     assert saved["real_token_share"] > max(0.9, 1.8 * train_data.attention_mask.mean())  # fixed: about 0.49
     assert result.eval_after["loss"] < result.eval_before["loss"]
     # data.pack_length: rows twice as wide hold about twice the examples
-    wide = training_batches(load_config(None, lm_overrides(tiny_llama, "x", **{"train.grad_accum": 2,
-                                                                               "data.pack_length": 192})), train_data)
+    wide = training_batches(
+        load_config(None, lm_overrides(tiny_llama, "x", **{"train.grad_accum": 2, "data.pack_length": 192})), train_data
+    )
     assert wide.widths == (192,) and wide(0)["input_ids"].shape == (8, 192)
     assert sum(wide.examples(s) for s in range(6)) > 1.8 * saved["examples_seen"]
     log = [r for r in read_log(result.folder) if r["kind"] == "train"]
@@ -324,14 +382,19 @@ def test_packed_run_resumes_exactly_and_accumulation_equals_one_batch(packed_run
     """Resumed at the step-3 checkpoint, the packed run trains the same batches: equal losses and adapters. And
     2 micro-batches of 4 rows give the losses of one batch of 8 rows (the same packed rows, one width)."""
     cfg, result = packed_run
-    again = _resume_after(result.folder, tmp_path / "resumed", 3,
-                          lm_overrides(tiny_llama, tmp_path / "resumed", **{"train.grad_accum": 2}))
+    again = _resume_after(
+        result.folder,
+        tmp_path / "resumed",
+        3,
+        lm_overrides(tiny_llama, tmp_path / "resumed", **{"train.grad_accum": 2}),
+    )
     assert [h["step"] for h in again.history] == [4, 5, 6]
-    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in result.history[3:]],
-                               rtol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in result.history[3:]], rtol=1e-6)
     _same_adapters(result.folder / "adapters", tmp_path / "resumed" / "adapters")
-    one = run(load_config(None, lm_overrides(tiny_llama, tmp_path / "one", **{"train.batch_size": 8})),
-              print_fn=lambda *a: None)
+    one = run(
+        load_config(None, lm_overrides(tiny_llama, tmp_path / "one", **{"train.batch_size": 8})),
+        print_fn=lambda *a: None,
+    )
     assert json.loads((one.folder / "result.json").read_text())["step_shapes"] == [[1, 8, 96]]
     np.testing.assert_allclose([h["loss"] for h in one.history], [h["loss"] for h in result.history], rtol=2e-5)
 
@@ -346,8 +409,7 @@ def test_resume_continues_exactly(full_run, tiny_bert, tmp_path):
     shutil.rmtree(resumed / "adapters")
     again = run(load_config(None, overrides(tiny_bert, resumed)), resume=True, print_fn=lambda *a: None)
     assert [h["step"] for h in again.history] == list(range(5, 13))
-    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in result.history[4:]],
-                               rtol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in result.history[4:]], rtol=1e-6)
     a = lora.checkpoint.load_adapters(out / "adapters")
     b = lora.checkpoint.load_adapters(resumed / "adapters")
     for (pa, x), (pb, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
@@ -369,9 +431,21 @@ def test_a_second_run_goes_beside_the_first_and_a_run_folder_is_not_reused(full_
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_bert, tmp_path):
-    cfg = load_config(None, overrides(tiny_bert, tmp_path / "nan", **{
-        "optim.lr": 1e38, "optim.grad_clip": "null", "optim.name": "sgd", "optim.warmup_steps": 0,
-        "optim.schedule": "constant", "checkpoint.every": 1}))
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_bert,
+            tmp_path / "nan",
+            **{
+                "optim.lr": 1e38,
+                "optim.grad_clip": "null",
+                "optim.name": "sgd",
+                "optim.warmup_steps": 0,
+                "optim.schedule": "constant",
+                "checkpoint.every": 1,
+            },
+        ),
+    )
     with pytest.raises(NonFiniteError, match=r"step \d+: loss .* is not finite"):
         run(cfg, print_fn=lambda *a: None)
     from lora_jax.checkpoint import Checkpointer
@@ -398,8 +472,10 @@ def test_prefetch_off_trains_and_logs_exactly_as_on(full_run, tiny_bert, tmp_pat
     step runs) changes only when the host works: the same records in the same order (every loss, gradient norm
     and evaluation equal to the bit), the same checkpoints, the same adapters."""
     out, result = full_run
-    off = run(load_config(None, overrides(tiny_bert, tmp_path / "off", **{"train.prefetch": "false"})),
-              print_fn=lambda *a: None)
+    off = run(
+        load_config(None, overrides(tiny_bert, tmp_path / "off", **{"train.prefetch": "false"})),
+        print_fn=lambda *a: None,
+    )
     assert _records(off.folder) == _records(out)
     assert [h["loss"] for h in off.history] == [h["loss"] for h in result.history]
     assert sorted(os.listdir(off.folder / "checkpoints")) == sorted(os.listdir(out / "checkpoints"))
@@ -418,9 +494,23 @@ def test_nan_with_prefetch_stops_as_without_it(tiny_bert, tmp_path):
     seen = {}
     for prefetch in ("true", "false"):
         out = tmp_path / prefetch
-        cfg = load_config(None, overrides(tiny_bert, out, **{
-            "optim.lr": 1e38, "optim.grad_clip": "null", "optim.name": "sgd", "optim.warmup_steps": 8,
-            "optim.schedule": "constant", "checkpoint.every": 2, "eval.every": 100, "train.prefetch": prefetch}))
+        cfg = load_config(
+            None,
+            overrides(
+                tiny_bert,
+                out,
+                **{
+                    "optim.lr": 1e38,
+                    "optim.grad_clip": "null",
+                    "optim.name": "sgd",
+                    "optim.warmup_steps": 8,
+                    "optim.schedule": "constant",
+                    "checkpoint.every": 2,
+                    "eval.every": 100,
+                    "train.prefetch": prefetch,
+                },
+            ),
+        )
         with pytest.raises(NonFiniteError, match=r"step \d+: .*not finite") as e:
             run(cfg, print_fn=lambda *a: None)
         folder = (out / "latest").resolve()
@@ -443,13 +533,15 @@ def test_nan_with_prefetch_stops_as_without_it(tiny_bert, tmp_path):
 def test_eight_devices_match_one(tiny_bert, tmp_path):
     """The same run on 8 forced CPU devices (data 4 x fsdp 2) gives the losses of the 1-device run."""
     losses = {}
-    for name, devices, mesh in (("one", 1, ["mesh.data=1", "mesh.fsdp=1"]),
-                                ("eight", 8, ["mesh.data=4", "mesh.fsdp=2"])):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   JAX_PLATFORMS="cpu")
+    for name, devices, mesh in (
+        ("one", 1, ["mesh.data=1", "mesh.fsdp=1"]),
+        ("eight", 8, ["mesh.data=4", "mesh.fsdp=2"]),
+    ):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
         args = overrides(tiny_bert, tmp_path / name, **{"train.steps": 6, "eval.every": 100}) + mesh
-        proc = subprocess.run([sys.executable, "-m", "train.run", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "train.run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"over {devices} cpu device(s)" in proc.stdout
         losses[name] = [r["loss"] for r in read_log(tmp_path / name / "latest") if r["kind"] == "train"]
@@ -473,23 +565,45 @@ def test_two_processes_match_one(tiny_bert, tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, "-m", "train.run", *args, "mesh.data=4", "mesh.fsdp=2"],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            JAX_PLATFORMS="cpu",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "train.run", *args, "mesh.data=4", "mesh.fsdp=2"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     assert "over 8 cpu device(s), 2 process(es)" in outs[0][0]
     # only process 0 prints (gloo's own connection messages aside, which its threads may split across lines)
-    assert [line for line in outs[1][0].splitlines()
-            if not line.startswith("[Gloo]") and "connected to" not in line and "peer ranks" not in line] == []
+    assert [
+        line
+        for line in outs[1][0].splitlines()
+        if not line.startswith("[Gloo]") and "connected to" not in line and "peer ranks" not in line
+    ] == []
 
     single = tmp_path / "single"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "train.run",
-                           *overrides(tiny_bert, single, **{"train.steps": 6, "eval.every": 3})],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.run", *overrides(tiny_bert, single, **{"train.steps": 6, "eval.every": 3})],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     multi = [r["loss"] for r in read_log(tmp_path / "multi" / "latest") if r["kind"] == "train"]
     one = [r["loss"] for r in read_log(single / "latest") if r["kind"] == "train"]
@@ -511,8 +625,14 @@ def _start_and_interrupt(tiny_bert, out, sig, at_step) -> subprocess.Popen:
     import time
 
     args = overrides(tiny_bert, out, **{"checkpoint.every": 1, "eval.every": 100})
-    proc = subprocess.Popen([sys.executable, "-m", "train.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.run", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (out / "latest" / "metrics.jsonl").exists() and max(_losses_by_step(out / "latest"), default=0) >= at_step:
@@ -524,7 +644,9 @@ def _start_and_interrupt(tiny_bert, out, sig, at_step) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("sig", [pytest.param("kill", marks=pytest.mark.slow), pytest.param("term", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "sig", [pytest.param("kill", marks=pytest.mark.slow), pytest.param("term", marks=pytest.mark.slow)]
+)
 def test_interrupted_run_resumes_to_the_same_result(full_run, tiny_bert, tmp_path, sig):
     """SIGKILL at a random step (or SIGTERM, the preemption notice) and --resume: per-step losses and final
     adapters equal the uninterrupted run's."""
@@ -533,20 +655,31 @@ def test_interrupted_run_resumes_to_the_same_result(full_run, tiny_bert, tmp_pat
     proc = _start_and_interrupt(tiny_bert, tmp_path / sig, sig, at_step)
     if sig == "term":
         assert proc.returncode == 0  # a clean exit after saving
-        assert max(int(p.name) for p in (tmp_path / sig / "latest" / "checkpoints").iterdir() if p.name.isdigit()) \
+        assert (
+            max(int(p.name) for p in (tmp_path / sig / "latest" / "checkpoints").iterdir() if p.name.isdigit())
             >= at_step
+        )
     else:
         assert proc.returncode == -9
-    again = subprocess.run([sys.executable, "-m", "train.run", "--resume",
-                            *overrides(tiny_bert, tmp_path / sig, **{"checkpoint.every": 1, "eval.every": 100})],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.run",
+            "--resume",
+            *overrides(tiny_bert, tmp_path / sig, **{"checkpoint.every": 1, "eval.every": 100}),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     losses = _losses_by_step(tmp_path / sig / "latest")
     assert sorted(losses) == list(range(1, 13))
     steps = [r["step"] for r in read_log(tmp_path / sig / "latest") if r["kind"] == "train"]
     assert steps == list(range(1, 13))  # the steps trained again after the checkpoint are logged once
-    np.testing.assert_allclose([losses[s] for s in range(1, 13)], [h["loss"] for h in uninterrupted.history],
-                               rtol=1e-6)
+    np.testing.assert_allclose([losses[s] for s in range(1, 13)], [h["loss"] for h in uninterrupted.history], rtol=1e-6)
     a = lora.checkpoint.load_adapters(out / "adapters")
     b = lora.checkpoint.load_adapters(tmp_path / sig / "latest" / "adapters")
     for (_, x), (_, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
@@ -572,8 +705,9 @@ def test_damaged_latest_checkpoint_falls_back(full_run, tiny_bert, tmp_path):
         again = run(load_config(None, overrides(tiny_bert, damaged)), resume=True, print_fn=lambda *a: None)
     assert again.history[0]["step"] == 5  # resumed from step 4
     assert [p.name.split("-")[0] for p in (damaged / "checkpoints-damaged").iterdir()] == ["8"]  # kept aside
-    np.testing.assert_allclose([h["loss"] for h in again.history], [h["loss"] for h in uninterrupted.history[4:]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [h["loss"] for h in again.history], [h["loss"] for h in uninterrupted.history[4:]], rtol=1e-6
+    )
 
 
 def test_orbax_never_lists_an_unfinished_step(tmp_path):
@@ -590,18 +724,22 @@ def test_orbax_never_lists_an_unfinished_step(tmp_path):
     assert Checkpointer(tmp_path / "c").steps() == [1]
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"lora.targets": ".*/nothing/kernel"}, "matches no leaf"),
-    ({"model.name": "/nonexistent/model"}, "no such model"),
-    # each case starts a fresh interpreter (~15 s on 2 cores): the default run keeps two, -m slow runs all five
-    pytest.param({"data.source": "/nonexistent/data.csv"}, "does not exist", marks=pytest.mark.slow),
-    pytest.param({"data.max_length": 4096}, "exceeds the model's 128 positions", marks=pytest.mark.slow),
-    pytest.param({"model.num_labels": 5}, "has shape (2,), expected (5,)", marks=pytest.mark.slow),  # 2-way head
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"lora.targets": ".*/nothing/kernel"}, "matches no leaf"),
+        ({"model.name": "/nonexistent/model"}, "no such model"),
+        # each case starts a fresh interpreter (~15 s on 2 cores): the default run keeps two, -m slow runs all five
+        pytest.param({"data.source": "/nonexistent/data.csv"}, "does not exist", marks=pytest.mark.slow),
+        pytest.param({"data.max_length": 4096}, "exceeds the model's 128 positions", marks=pytest.mark.slow),
+        pytest.param({"model.num_labels": 5}, "has shape (2,), expected (5,)", marks=pytest.mark.slow),  # 2-way head
+    ],
+)
 def test_cli_bad_input_is_a_clear_error(tiny_bert, tmp_path, extra, message):
     args = overrides(tiny_bert, tmp_path / "bad", **{"train.steps": 1, **extra})
-    proc = subprocess.run([sys.executable, "-m", "train.run", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.run", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -617,8 +755,11 @@ def test_e2e_experiment_scores_every_heldout_mr_greedy_and_with_the_papers_beam(
 
     rng = random.Random(0)
     mrs = [f"name[N{i}], food[F{i % 3}]" for i in range(12)]
-    rows = [{"mr": mr, "ref": f"N{i} serves F{i % 3} food, version {k}."}
-            for i, mr in enumerate(mrs) for k in range(1 + rng.randrange(3))]
+    rows = [
+        {"mr": mr, "ref": f"N{i} serves F{i % 3} food, version {k}."}
+        for i, mr in enumerate(mrs)
+        for k in range(1 + rng.randrange(3))
+    ]
     rng.shuffle(rows)
     source = tmp_path / "e2e.csv"
     with open(source, "w", newline="") as f:
@@ -628,10 +769,22 @@ def test_e2e_experiment_scores_every_heldout_mr_greedy_and_with_the_papers_beam(
     calls = []
     real = gen.generate
     monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append((a[2].shape, k)) or real(*a, **k))
-    extra = lm_overrides(tiny_llama, tmp_path / "unused", **{
-        "data.source": source, "data.prompt_column": "mr", "data.completion_column": "ref", "data.group_column": "mr",
-        "data.eval_fraction": 0.25, "data.max_eval_examples": 2, "eval.max_new_tokens": 3, "eval.batch_size": 8,
-        "eval.generate_samples": 1, "train.steps": 2})
+    extra = lm_overrides(
+        tiny_llama,
+        tmp_path / "unused",
+        **{
+            "data.source": source,
+            "data.prompt_column": "mr",
+            "data.completion_column": "ref",
+            "data.group_column": "mr",
+            "data.eval_fraction": 0.25,
+            "data.max_eval_examples": 2,
+            "eval.max_new_tokens": 3,
+            "eval.batch_size": 8,
+            "eval.generate_samples": 1,
+            "train.steps": 2,
+        },
+    )
     out = experiment.e2e_smollm2(tmp_path, 0.001, config=None, extra=[o for o in extra if "output.dir" not in o])
     json.dumps(out, default=float)  # what main() writes
 
@@ -666,8 +819,11 @@ def test_sst2_methods_runs_each_method_for_the_same_steps_an_epoch_times_scale(t
     from benchmarks import report
     from train import experiment
 
-    extra = [o for o in overrides(tiny_bert, tmp_path / "unused") if not o.startswith(("output.dir=", "train.steps=",
-                                                                                         "eval.every="))]
+    extra = [
+        o
+        for o in overrides(tiny_bert, tmp_path / "unused")
+        if not o.startswith(("output.dir=", "train.steps=", "eval.every="))
+    ]
     out = experiment.sst2_methods(tmp_path, 0.1, config=None, extra=tuple(extra))
     out = json.loads(json.dumps(out, default=float))  # what main() writes
     assert out["train_rows"] == 540 and out["steps"] == 7  # ceil(540 / 8 x 0.1)
@@ -687,12 +843,14 @@ def test_sst2_methods_runs_each_method_for_the_same_steps_an_epoch_times_scale(t
     assert f"**{best_auc:.3f}**" in block and block.count("**") >= 6  # the best of each metric column is bold
 
 
-def test_experiment_run_records_evals_and_reuse_skips_only_an_identical_finished_run(tiny_bert, tmp_path,
-                                                                                     monkeypatch):
+def test_experiment_run_records_evals_and_reuse_skips_only_an_identical_finished_run(tiny_bert, tmp_path, monkeypatch):
     from train import experiment
 
-    ov = [o for o in overrides(tiny_bert, tmp_path / "unused", **{"train.steps": 4, "eval.every": 2})
-          if not o.startswith("output.dir=")]
+    ov = [
+        o
+        for o in overrides(tiny_bert, tmp_path / "unused", **{"train.steps": 4, "eval.every": 2})
+        if not o.startswith("output.dir=")
+    ]
     first = experiment._run("tiny", None, ov, tmp_path)
     assert [e["step"] for e in first["evals"]] == [0, 2, 4] and first["result"]["steps"] == 4
     assert np.isfinite(first["final_train_loss"])
@@ -704,5 +862,8 @@ def test_experiment_run_records_evals_and_reuse_skips_only_an_identical_finished
     again = experiment._run("tiny", None, ov, tmp_path)  # same config: reused, not trained
     assert calls == [] and again["result"] == first["result"] and again["evals"] == first["evals"]
     changed = experiment._run("tiny", None, [*ov, "lora.r=2"], tmp_path)  # another config: trained again
-    assert len(calls) == 1 and calls[0].lora.r == 2 and changed["result"]["trainable_params"] != \
-        first["result"]["trainable_params"]
+    assert (
+        len(calls) == 1
+        and calls[0].lora.r == 2
+        and changed["result"]["trainable_params"] != first["result"]["trainable_params"]
+    )

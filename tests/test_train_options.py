@@ -28,8 +28,15 @@ def tiny_bert(tmp_path_factory, minilm_path):
 
     from lora_jax.models import bert, save_pretrained
 
-    config = bert.Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = bert.Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     params = bert.init_params(config, jax.random.key(0), task="sequence-classification")
     folder = tmp_path_factory.mktemp("tiny_bert")
     save_pretrained(params, config, folder, tokenizer=AutoTokenizer.from_pretrained(str(minilm_path)))
@@ -37,10 +44,21 @@ def tiny_bert(tmp_path_factory, minilm_path):
 
 
 def overrides(model_dir, out, **extra):
-    base = {"model.name": str(model_dir), "data.source": "builtin:sentiment", "data.task": "classification",
-            "data.max_length": 16, "train.steps": 8, "train.batch_size": 8, "eval.every": 100, "eval.batch_size": 16,
-            "checkpoint.every": 100, "lora.targets": "qv", "optim.lr": 1e-2, "optim.warmup_steps": 2,
-            "output.dir": str(out)}
+    base = {
+        "model.name": str(model_dir),
+        "data.source": "builtin:sentiment",
+        "data.task": "classification",
+        "data.max_length": 16,
+        "train.steps": 8,
+        "train.batch_size": 8,
+        "eval.every": 100,
+        "eval.batch_size": 16,
+        "checkpoint.every": 100,
+        "lora.targets": "qv",
+        "optim.lr": 1e-2,
+        "optim.warmup_steps": 2,
+        "output.dir": str(out),
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -87,26 +105,46 @@ def _merged_matches_factored(folder, model, full, adapters, batch):
 
 
 def test_option_overrides_parse():
-    cfg = load_config(None, ["train.method=qlora", "quant.type=nf4", "quant.block_size=128",
-                             "quant.double_quant=false", "lora.use_dora=true", "lora.init=pissa", "lora.pissa_niter=4",
-                             'lora.rank_pattern={".*/layer_0/.*": 2}', 'lora.alpha_pattern={".*value.*": 3}',
-                             "optim.lora_plus_ratio=16", "lora.use_rslora=true", "lora.dropout=0.1"])
-    assert (cfg.train.method, cfg.quant.type, cfg.quant.block_size, cfg.quant.double_quant) == ("qlora", "nf4", 128,
-                                                                                                False)
+    cfg = load_config(
+        None,
+        [
+            "train.method=qlora",
+            "quant.type=nf4",
+            "quant.block_size=128",
+            "quant.double_quant=false",
+            "lora.use_dora=true",
+            "lora.init=pissa",
+            "lora.pissa_niter=4",
+            'lora.rank_pattern={".*/layer_0/.*": 2}',
+            'lora.alpha_pattern={".*value.*": 3}',
+            "optim.lora_plus_ratio=16",
+            "lora.use_rslora=true",
+            "lora.dropout=0.1",
+        ],
+    )
+    assert (cfg.train.method, cfg.quant.type, cfg.quant.block_size, cfg.quant.double_quant) == (
+        "qlora",
+        "nf4",
+        128,
+        False,
+    )
     assert cfg.lora.use_dora and cfg.lora.init == "pissa" and cfg.lora.pissa_niter == 4
     assert cfg.lora.rank_pattern == {".*/layer_0/.*": 2} and cfg.lora.alpha_pattern == {".*value.*": 3.0}
     assert cfg.optim.lora_plus_ratio == 16.0 and cfg.lora.use_rslora and cfg.lora.dropout == 0.1
     assert load_config(None).quant == type(cfg.quant)()  # defaults: nf4, block 64, double quant
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["quant.block_size=100"], "quant.block_size must be one of"),
-    (["quant.type=fp8"], "quant.type: expected one of ['nf4', 'int8']"),
-    (["lora.init=svd"], "lora.init: expected one of ['lora', 'gaussian', 'pissa']"),
-    (["lora.pissa_niter=2"], "lora.pissa_niter=2 has no effect here: it applies only with lora.init=pissa"),
-    (['lora.rank_pattern={".*": 0}'], "lora.rank_pattern['.*'] must be >= 1"),
-    (["train.method=qlora", "lora.init=pissa", "output.export_peft=true"], "quantised PiSSA residual"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["quant.block_size=100"], "quant.block_size must be one of"),
+        (["quant.type=fp8"], "quant.type: expected one of ['nf4', 'int8']"),
+        (["lora.init=svd"], "lora.init: expected one of ['lora', 'gaussian', 'pissa']"),
+        (["lora.pissa_niter=2"], "lora.pissa_niter=2 has no effect here: it applies only with lora.init=pissa"),
+        (['lora.rank_pattern={".*": 0}'], "lora.rank_pattern['.*'] must be >= 1"),
+        (["train.method=qlora", "lora.init=pissa", "output.export_peft=true"], "quantised PiSSA residual"),
+    ],
+)
 def test_option_config_errors(extra, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, extra)
@@ -121,9 +159,18 @@ def test_qlora_base_is_stored_quantised(tiny_bert, tmp_path, qtype, block, doubl
     """Every frozen linear kernel is a QuantizedWeight of exactly the expected bytes; embeddings, norms and the
     trained head are not; the jitted train step runs on it (dequantising inside) and the gradient reaches the
     adapters."""
-    cfg = config(tiny_bert, tmp_path, **{"train.method": "qlora", "quant.type": qtype, "quant.block_size": block,
-                                         "quant.double_quant": double, "optim.warmup_steps": 0,
-                                         "optim.schedule": "constant"})
+    cfg = config(
+        tiny_bert,
+        tmp_path,
+        **{
+            "train.method": "qlora",
+            "quant.type": qtype,
+            "quant.block_size": block,
+            "quant.double_quant": double,
+            "optim.warmup_steps": 0,
+            "optim.schedule": "constant",
+        },
+    )
     model, params, _, batch = _data(cfg)
     prepared = loop.prepare(cfg, params, jax.random.key(0))
     leaves = dict(lora.targets.leaf_paths(prepared.frozen))
@@ -154,8 +201,12 @@ def test_qlora_base_is_stored_quantised(tiny_bert, tmp_path, qtype, block, doubl
         state, opt_state, m = step(state, opt_state, prepared.frozen, batches, jax.random.key(i))
         assert bool(m["finite"])
         losses.append(float(m["loss"]))
-    moved = [float(jnp.abs(n.b - o.b).max()) for (_, n), (_, o) in
-             zip(lora.adapter_items(state["adapters"]), lora.adapter_items(prepared.trainable["adapters"]))]
+    moved = [
+        float(jnp.abs(n.b - o.b).max())
+        for (_, n), (_, o) in zip(
+            lora.adapter_items(state["adapters"]), lora.adapter_items(prepared.trainable["adapters"])
+        )
+    ]
     assert min(moved) > 0
     assert len(losses) == 2 or losses[-1] < 0.7 * losses[0], losses
 
@@ -163,8 +214,9 @@ def test_qlora_base_is_stored_quantised(tiny_bert, tmp_path, qtype, block, doubl
 @pytest.fixture(scope="module")
 def qlora_run(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "qlora"
-    cfg, result = _run(tiny_bert, out, **{"train.method": "qlora", "train.steps": 12, "optim.lr": 5e-3,
-                                          "output.export_merged": "true"})
+    cfg, result = _run(
+        tiny_bert, out, **{"train.method": "qlora", "train.steps": 12, "optim.lr": 5e-3, "output.export_merged": "true"}
+    )
     return cfg, result.folder, result
 
 
@@ -190,8 +242,9 @@ def test_qlora_run_trains_reports_memory_and_exports_merged(qlora_run):
 @pytest.fixture(scope="module")
 def dora_run(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "dora"
-    cfg, result = _run(tiny_bert, out, **{"lora.use_dora": "true", "output.export_merged": "true",
-                                          "output.export_peft": "true"})
+    cfg, result = _run(
+        tiny_bert, out, **{"lora.use_dora": "true", "output.export_merged": "true", "output.export_peft": "true"}
+    )
     return cfg, result.folder, result
 
 
@@ -231,27 +284,47 @@ def test_pissa_starts_on_the_principal_directions_and_equals_the_base(tiny_bert,
         w = np.asarray(lora.core._nested_get(params, tuple(path.split("/"))))
         res = np.asarray(lora.core._nested_get(full, tuple(path.split("/"))))
         s = np.linalg.svd(w, compute_uv=False)
-        np.testing.assert_allclose(np.linalg.svd(ad.scale * np.asarray(ad.a @ ad.b), compute_uv=False)[:4], s[:4],
-                                   rtol=1e-4)  # A @ B holds W's top-4 singular values; the residual the rest
+        np.testing.assert_allclose(
+            np.linalg.svd(ad.scale * np.asarray(ad.a @ ad.b), compute_uv=False)[:4], s[:4], rtol=1e-4
+        )  # A @ B holds W's top-4 singular values; the residual the rest
         np.testing.assert_allclose(np.linalg.svd(res, compute_uv=False)[:4], s[4:8], rtol=1e-4)
-    np.testing.assert_allclose(_logits(model, lora.wrap(full, adapters), batch), _logits(model, params, batch),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        _logits(model, lora.wrap(full, adapters), batch), _logits(model, params, batch), atol=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
 def options_run(tiny_bert, tmp_path_factory):
     """rsLoRA with rank / alpha patterns, LoRA+ and adapter dropout in one run."""
     out = tmp_path_factory.mktemp("runs") / "options"
-    cfg, result = _run(tiny_bert, out, **{
-        "lora.r": 4, "lora.alpha": 8, "lora.use_rslora": "true", "lora.dropout": 0.3, "optim.lora_plus_ratio": 4,
-        "lora.rank_pattern": '{".*/layer_0/attention/self/query/kernel": 2}',
-        "lora.alpha_pattern": '{".*/layer_1/.*/value/kernel": 2}'})
+    cfg, result = _run(
+        tiny_bert,
+        out,
+        **{
+            "lora.r": 4,
+            "lora.alpha": 8,
+            "lora.use_rslora": "true",
+            "lora.dropout": 0.3,
+            "optim.lora_plus_ratio": 4,
+            "lora.rank_pattern": '{".*/layer_0/attention/self/query/kernel": 2}',
+            "lora.alpha_pattern": '{".*/layer_1/.*/value/kernel": 2}',
+        },
+    )
     return cfg, result.folder, result
 
 
 def test_pissa_run_equals_base_at_step_0_and_exports_for_the_original_base(tiny_bert, tmp_path, options_run):
-    cfg, result = _run(tiny_bert, tmp_path / "pissa", **{"lora.init": "pissa", "lora.r": 4, "lora.use_rslora": "true",
-                                                          "output.export_merged": "true", "output.export_peft": "true"})
+    cfg, result = _run(
+        tiny_bert,
+        tmp_path / "pissa",
+        **{
+            "lora.init": "pissa",
+            "lora.r": 4,
+            "lora.use_rslora": "true",
+            "output.export_merged": "true",
+            "output.export_peft": "true",
+        },
+    )
     # At step 0 the model is the base model: the same validation loss as a LoRA run (B = 0) of the same base.
     np.testing.assert_allclose(result.eval_before["loss"], options_run[2].eval_before["loss"], rtol=1e-5)
     assert result.eval_after["loss"] != result.eval_before["loss"]
@@ -262,8 +335,9 @@ def test_pissa_run_equals_base_at_step_0_and_exports_for_the_original_base(tiny_
     # The PEFT export states the update against the ORIGINAL base (rank 2r: [A, A0] @ [B; -B0]).
     peft = lora.load_peft(out / "peft", params, config=model_cfg)
     assert {ad.r for _, ad in lora.adapter_items(peft.adapters)} == {8}
-    np.testing.assert_allclose(_logits(model, lora.wrap(peft.update(params), peft.adapters), batch), want,
-                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        _logits(model, lora.wrap(peft.update(params), peft.adapters), batch), want, atol=2e-5, rtol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------ rsLoRA, patterns, LoRA+, dropout

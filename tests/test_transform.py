@@ -33,11 +33,23 @@ def randomise_b(adapters, seed=1, std=0.2):
     """Adapters fresh from ``lora.init`` have B = 0; give B values so that dW and dL/dA are non-zero."""
     leaves, treedef = jax.tree_util.tree_flatten(adapters, is_leaf=lora.is_adapter)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [
-        ad if not lora.is_adapter(ad) else
-        type(ad)(ad.a, std * jax.random.normal(k, ad.b.shape, ad.b.dtype), ad.alpha, ad.scale, ad.in_shape,
-                 ad.out_shape, ad.dropout)
-        for ad, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(
+        treedef,
+        [
+            ad
+            if not lora.is_adapter(ad)
+            else type(ad)(
+                ad.a,
+                std * jax.random.normal(k, ad.b.shape, ad.b.dtype),
+                ad.alpha,
+                ad.scale,
+                ad.in_shape,
+                ad.out_shape,
+                ad.dropout,
+            )
+            for ad, k in zip(leaves, keys)
+        ],
+    )
 
 
 def assert_parity(fn, params, adapters, *args, expect_materialized=0, forward_mode=False):
@@ -49,7 +61,8 @@ def assert_parity(fn, params, adapters, *args, expect_materialized=0, forward_mo
     if forward_mode:
         tangent = randomise_b(jax.tree_util.tree_map(jnp.ones_like, adapters), seed=3)
         got, want = jax.jit(lambda ad, t: (jax.jvp(factored_fn, (ad,), (t,)), jax.jvp(merged_fn, (ad,), (t,))))(
-            adapters, tangent)
+            adapters, tangent
+        )
         assert float(jnp.abs(jax.tree_util.tree_leaves(got[1])[0]).max()) > 0
         names = ["output", "directional derivative"]
     else:
@@ -69,8 +82,8 @@ def assert_parity(fn, params, adapters, *args, expect_materialized=0, forward_mo
         names = ["output", "gradient"]
     for name, a, b in zip(names, got, want):
         jax.tree_util.tree_map_with_path(
-            lambda path, x, y: np.testing.assert_allclose(x, y, **TOL, err_msg=name + jax.tree_util.keystr(path)),
-            a, b)
+            lambda path, x, y: np.testing.assert_allclose(x, y, **TOL, err_msg=name + jax.tree_util.keystr(path)), a, b
+        )
     report = transform_report(fn, lora.wrap(params, adapters), *args)
     assert report.n_materialized == expect_materialized, str(report)
     return report
@@ -192,8 +205,10 @@ def test_nnx_model_through_split_and_merge():
 
 def mlp_params(d_in=6, d_hidden=10, d_out=4, seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
-    return {"w1": jax.random.normal(k1, (d_in, d_hidden)) / np.sqrt(d_in),
-            "w2": jax.random.normal(k2, (d_hidden, d_out)) / np.sqrt(d_hidden)}
+    return {
+        "w1": jax.random.normal(k1, (d_in, d_hidden)) / np.sqrt(d_in),
+        "w2": jax.random.normal(k2, (d_hidden, d_out)) / np.sqrt(d_hidden),
+    }
 
 
 def test_checkpointed_layers():
@@ -202,8 +217,9 @@ def test_checkpointed_layers():
     x = jax.random.normal(jax.random.key(0), (3, 6))
 
     def fn(p, x):
-        layer = jax.checkpoint(lambda h, w1, w2: h + jnp.tanh(h @ w1) @ w2,
-                               policy=jax.checkpoint_policies.nothing_saveable)
+        layer = jax.checkpoint(
+            lambda h, w1, w2: h + jnp.tanh(h @ w1) @ w2, policy=jax.checkpoint_policies.nothing_saveable
+        )
         for _ in range(2):
             x = layer(x, p["w1"], p["w2"])
         return x
@@ -230,8 +246,9 @@ def test_custom_jvp_activation_and_custom_rule_on_the_weight():
     adapters = randomise_b(lora.init(params, r=2, targets="w.*"))
     x = jax.random.normal(jax.random.key(0), (3, 6))
     assert_parity(lambda p, x: softplus(x @ p["w1"]) @ p["w2"], params, adapters, x)
-    report = assert_parity(lambda p, x: softplus(x @ p["w1"]) @ scaled(p["w2"]), params, adapters, x,
-                           expect_materialized=1)
+    report = assert_parity(
+        lambda p, x: softplus(x @ p["w1"]) @ scaled(p["w2"]), params, adapters, x, expect_materialized=1
+    )
     assert report.details == (("custom_vjp_call (its custom derivative rule takes the dense kernel)", "0/w2"),)
 
 
@@ -258,18 +275,20 @@ def test_cond_and_while_bodies_use_the_weight():
 
 
 def test_structural_ops_are_pushed_through_the_factors():
-    params = {"qkv": jax.random.normal(jax.random.key(0), (8, 12)) / 3,
-              "w": jax.random.normal(jax.random.key(1), (8, 8))}
+    params = {
+        "qkv": jax.random.normal(jax.random.key(0), (8, 12)) / 3,
+        "w": jax.random.normal(jax.random.key(1), (8, 8)),
+    }
     adapters = randomise_b(lora.init(params, r=2, targets=["qkv", "w"]))
     x = jax.random.normal(jax.random.key(2), (2, 3, 8))
 
     def fn(p, x):
-        q, k, v = jnp.split(p["qkv"], 3, axis=1)           # split along the output axis
-        heads = p["w"].reshape(8, 2, 4)                     # split the output axis into heads
+        q, k, v = jnp.split(p["qkv"], 3, axis=1)  # split along the output axis
+        heads = p["w"].reshape(8, 2, 4)  # split the output axis into heads
         y = jnp.einsum("bsd,dhk->bshk", x, heads).reshape(2, 3, 8)
         z = x @ (0.5 * q.astype(jnp.float32)) @ k.T[:, :4] @ v[:4]  # scalar, cast, transpose, slices
-        t = jnp.dot(p["w"].T, x.reshape(-1, 8).T)                 # the weight as the left operand
-        return y, z, t, x @ -jnp.flip(p["w"], 0)[::-1]             # neg, rev twice
+        t = jnp.dot(p["w"].T, x.reshape(-1, 8).T)  # the weight as the left operand
+        return y, z, t, x @ -jnp.flip(p["w"], 0)[::-1]  # neg, rev twice
 
     report = assert_parity(fn, params, adapters, x)
     assert dict(report.factored) == {"dot_general": 6}
@@ -283,8 +302,9 @@ def test_low_precision_compute_casts_the_factors():
     fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
     out = jax.jit(transform(fn))(lora.wrap(params, adapters), x)
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(out.astype(jnp.float32), fn(lora.merge(params, adapters), x).astype(jnp.float32),
-                               rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(
+        out.astype(jnp.float32), fn(lora.merge(params, adapters), x).astype(jnp.float32), rtol=2e-2, atol=2e-2
+    )
     assert transform_report(fn, lora.wrap(params, adapters), x).n_materialized == 0
 
 
@@ -294,13 +314,16 @@ def test_materialisations_are_counted_and_strict_refuses_them():
     x = jax.random.normal(jax.random.key(0), (3, 6))
 
     def fn(p, x):
-        masked = p["w1"] * (jnp.arange(10) % 2)            # elementwise with a tensor: needs W
-        flat = p["w2"].reshape(-1)                          # merges input with output axes
+        masked = p["w1"] * (jnp.arange(10) % 2)  # elementwise with a tensor: needs W
+        flat = p["w2"].reshape(-1)  # merges input with output axes
         return jnp.tanh(x @ masked) @ p["w2"] + flat.sum(), p["w1"].T  # the second output is a weight
 
     report = assert_parity(fn, params, adapters, x, expect_materialized=3)
-    assert dict(report.materialized) == {"mul (by a non-scalar)": 1, "output (fn returns a LoRA value)": 1,
-                                         "reshape ((10, 4) -> (40,) mixes axes of different factors (LR))": 1}
+    assert dict(report.materialized) == {
+        "mul (by a non-scalar)": 1,
+        "output (fn returns a LoRA value)": 1,
+        "reshape ((10, 4) -> (40,) mixes axes of different factors (LR))": 1,
+    }
     assert dict(report.factored) == {"dot_general": 1}
     with pytest.raises(ValueError, match=r"strict=True.*mul.*'0/w1'"):
         transform(fn, strict=True)(lora.wrap(params, adapters), x)
@@ -326,8 +349,7 @@ def test_jit_report_closure_and_static_args():
     def fn(p, x, *, act):
         return (jnp.tanh if act == "tanh" else jnp.sin)(x @ p["w1"]) @ p["w2"]
 
-    out, report = jax.jit(transform(fn, report=True), static_argnames="act")(lora.wrap(params, adapters), x,
-                                                                               act="sin")
+    out, report = jax.jit(transform(fn, report=True), static_argnames="act")(lora.wrap(params, adapters), x, act="sin")
     np.testing.assert_allclose(out, fn(lora.merge(params, adapters), x, act="sin"), **TOL)
     assert report.n_materialized == 0 and dict(report.factored) == {"dot_general": 2}
     assert report.weights == ("0/w1", "0/w2")
@@ -353,7 +375,7 @@ def test_no_dense_weight_gradient_in_the_jaxpr():
         for eqn in jaxpr.eqns:
             yield from (tuple(v.aval.shape) for v in eqn.outvars)
             for param in eqn.params.values():
-                for sub in (param if isinstance(param, (tuple, list)) else [param]):
+                for sub in param if isinstance(param, (tuple, list)) else [param]:
                     inner = getattr(sub, "jaxpr", sub)
                     if hasattr(inner, "eqns"):
                         yield from shapes(inner)

@@ -92,8 +92,10 @@ def train(base, adapters, steps=4):
 def test_qlora_trains_through_transform_like_the_dequantised_model():
     """Fails before this issue: transform refused a QuantizedWeight base (NotImplementedError)."""
     q = lora.quantize(PARAMS, "nf4", block_size=64)
-    assert any(isinstance(x, lora.QuantizedWeight)
-               for x in jax.tree.leaves(q, is_leaf=lambda z: isinstance(z, lora.QuantizedWeight)))
+    assert any(
+        isinstance(x, lora.QuantizedWeight)
+        for x in jax.tree.leaves(q, is_leaf=lambda z: isinstance(z, lora.QuantizedWeight))
+    )
     dense = lora.dequantize(q)
     adapters = bump(lora.init(PARAMS, r=4, targets="qv"))
     np.testing.assert_allclose(FWD(lora.wrap(q, adapters), X), FWD(lora.wrap(dense, adapters), X), atol=1e-5)
@@ -111,8 +113,13 @@ def test_qlora_step_does_not_hold_the_dense_base():
     x = jax.ShapeDtypeStruct((2, 4, 256), jnp.float32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape))["params"])
     q = jax.tree_util.tree_map_with_path(
-        lambda p, a: jax.eval_shape(lambda w: lora.quant.quantize_array(w, "nf4"), a)
-        if lora.targets.path_str(p).endswith("kernel") else a, params)
+        lambda p, a: (
+            jax.eval_shape(lambda w: lora.quant.quantize_array(w, "nf4"), a)
+            if lora.targets.path_str(p).endswith("kernel")
+            else a
+        ),
+        params,
+    )
     adapters = jax.eval_shape(lambda p: lora.init(p, r=4, targets="qv"), params)
     fwd = lora.transform(lambda p, x: model.apply({"params": p}, x))
 
@@ -132,13 +139,15 @@ def test_qlora_step_does_not_hold_the_dense_base():
 
 def test_mixed_batch_of_four_adapters_on_a_stock_linen_model():
     """Fails before this issue: TypeError 'float() argument must be ... not MultiLoraWeight' inside Flax."""
-    ads = [bump(lora.init(PARAMS, r=2 + i, alpha=3.0, targets="all-linear", key=jax.random.key(i)), seed=i)
-           for i in range(4)]
+    ads = [
+        bump(lora.init(PARAMS, r=2 + i, alpha=3.0, targets="all-linear", key=jax.random.key(i)), seed=i)
+        for i in range(4)
+    ]
     ids = jnp.array([2, 0, 3, 1])
     mixed = jax.jit(lambda p, s, ids, x: FWD(lora.wrap_mixed(p, s, ids), x))(PARAMS, lora.stack_adapters(ads), ids, X)
     base = MODEL.apply({"params": PARAMS}, X)
     for row, k in enumerate(ids.tolist()):
-        alone = FWD(lora.wrap(PARAMS, ads[k]), X[row:row + 1])[0]
+        alone = FWD(lora.wrap(PARAMS, ads[k]), X[row : row + 1])[0]
         np.testing.assert_allclose(mixed[row], alone, atol=2e-5)
         assert float(jnp.abs(alone - base[row]).max()) > 1e-2  # each adapter really changes its row
     # -1: the base model alone; and the same compiled step over a quantised base
@@ -173,6 +182,7 @@ def test_mixed_batch_errors_name_the_leaf():
 
 def dora_reference(wrapped):
     """DoRA's definition: m * (W0 + s*A@B) / ||W0 + s*A@B||, the norm detached (Liu et al. 2024, sec. 4.3)."""
+
     def kernel(w):
         if not lora.is_lora_weight(w):
             return w

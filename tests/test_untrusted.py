@@ -37,8 +37,14 @@ def small_bert():
     """``(config, params)`` of a one-layer, 16-wide random BERT (numpy draws in ``init_params``' shapes)."""
     from lora_jax.models import bert
 
-    config = bert.Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=64, max_position_embeddings=32)
+    config = bert.Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     shapes = jax.eval_shape(lambda k: bert.init_params(config, k), jax.random.key(0))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
@@ -80,8 +86,11 @@ def test_catastrophic_patterns_finish_in_bounded_time():
 
 def test_lookaround_and_backreferences_are_refused_naming_the_rule():
     params = {"attn": {"kernel": jnp.ones((4, 4))}, "mlp": {"kernel": jnp.ones((4, 4))}}
-    for kw, where in (({"targets": "(?!mlp).*kernel"}, "targets"), ({"exclude": r"(a)\1"}, "exclude"),
-                      ({"targets": ".*kernel", "rank_pattern": {"(?<=a).*": 2}}, "rank_pattern")):
+    for kw, where in (
+        ({"targets": "(?!mlp).*kernel"}, "targets"),
+        ({"exclude": r"(a)\1"}, "exclude"),
+        ({"targets": ".*kernel", "rank_pattern": {"(?<=a).*": 2}}, "rank_pattern"),
+    ):
         with pytest.raises(TargetError) as e:
             lora.init(params, r=2, **kw)
         msg = str(e.value)
@@ -149,13 +158,19 @@ def test_attention_preset_skips_mlp_kernels_inside_an_attention_named_block():
     x = lambda: jnp.ones((4, 4))  # noqa: E731
     params = {
         # a transformer layer named like attention: its inner attention counts, its own dense layers do not
-        "AttentionBlock_0": {"MultiHeadDotProductAttention_0": {n: {"kernel": x()} for n in ("query", "key", "value",
-                                                                                               "out")},
-                             "Dense_0": {"kernel": x()}, "Dense_1": {"kernel": x()}},
+        "AttentionBlock_0": {
+            "MultiHeadDotProductAttention_0": {n: {"kernel": x()} for n in ("query", "key", "value", "out")},
+            "Dense_0": {"kernel": x()},
+            "Dense_1": {"kernel": x()},
+        },
         # an attention block that holds its MLP in a module named like one
-        "layers_0": {"attention": {**{n: {"kernel": x()} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-                                   "mlp": {"fc1": {"kernel": x()}, "fc2": {"kernel": x()}},
-                                   "feed_forward": {"w1": {"kernel": x()}}}},
+        "layers_0": {
+            "attention": {
+                **{n: {"kernel": x()} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                "mlp": {"fc1": {"kernel": x()}, "fc2": {"kernel": x()}},
+                "feed_forward": {"w1": {"kernel": x()}},
+            }
+        },
         # GPT-2's names: the kernel's own module is called c_attn, its block attn
         "h_0": {"attn": {"c_attn": {"kernel": x()}, "c_proj": {"kernel": x()}}, "mlp": {"c_fc": {"kernel": x()}}},
     }
@@ -163,7 +178,9 @@ def test_attention_preset_skips_mlp_kernels_inside_an_attention_named_block():
     assert chosen == {
         *(f"AttentionBlock_0/MultiHeadDotProductAttention_0/{n}/kernel" for n in ("query", "key", "value", "out")),
         *(f"layers_0/attention/{n}/kernel" for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
-        "h_0/attn/c_attn/kernel", "h_0/attn/c_proj/kernel"}
+        "h_0/attn/c_attn/kernel",
+        "h_0/attn/c_proj/kernel",
+    }
 
 
 # ------------------------------------------------------------------------------------ untrusted tensors
@@ -213,8 +230,11 @@ def test_lora_jax_adapter_folder_and_trained_leaves_with_nan_are_refused(tmp_pat
     params = {"attention": {"kernel": jnp.ones((4, 4))}}
     adapters = jax.tree.map(lambda x: x.at[0, 0].set(jnp.inf) if x.ndim == 2 else x, lora.init(params, r=2))
     folder = checkpoint.save_adapters(tmp_path / "ad", adapters)
-    with pytest.raises(CheckpointError, match=r"arrays: tensor 'attention/kernel/a' holds 0 NaN and 1 inf of 8 "
-                                              r"values \(first at index \(0, 0\)\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"arrays: tensor 'attention/kernel/a' holds 0 NaN and 1 inf of 8 "
+        r"values \(first at index \(0, 0\)\)",
+    ):
         checkpoint.load_adapters(folder)
     head = {"classifier": {"kernel": jnp.ones((3, 2)).at[2, 1].set(jnp.nan), "bias": jnp.ones(2)}}
     saved = lora.save_trained(tmp_path / "params", head)
@@ -236,9 +256,19 @@ def test_hf_checkpoint_tensor_with_nan_is_refused_naming_it():
 def _tiny_llama():
     from lora_jax.models import llama
 
-    config = llama.Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                          rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    config = llama.Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     return config
 
 
@@ -268,8 +298,13 @@ def test_gguf_adapter_alpha_and_tensors_are_checked(tmp_path):
     from lora_jax import gguf_export as ge
 
     config = _tiny_llama()
-    params = {"model": {"layers_0": {"self_attn": {n: {"kernel": jnp.ones((32, 32 if n == "q_proj" else 16))}
-                                                   for n in ("q_proj", "v_proj")}}}}
+    params = {
+        "model": {
+            "layers_0": {
+                "self_attn": {n: {"kernel": jnp.ones((32, 32 if n == "q_proj" else 16))} for n in ("q_proj", "v_proj")}
+            }
+        }
+    }
     adapters = jax.tree.map(lambda x: x + 0.1, lora.init(params, r=2, targets="qv"))
     good = ge.save_gguf_adapter(adapters, tmp_path / "a.gguf", base=config)
     ge.load_gguf_adapter(good, config)  # reads back
@@ -278,8 +313,7 @@ def test_gguf_adapter_alpha_and_tensors_are_checked(tmp_path):
     with pytest.raises(CheckpointError, match="adapter.lora.alpha must be >= 0"):
         ge.load_gguf_adapter(_rewrite_gguf(good, tmp_path / "neg-alpha.gguf", alpha=-4.0), config)
     with pytest.raises(CheckpointError, match=r"tensor 'blk.0.attn_v.weight.lora_b' holds 1 NaN"):
-        ge.load_gguf_adapter(_rewrite_gguf(good, tmp_path / "nan-b.gguf", poison="blk.0.attn_v.weight.lora_b"),
-                             config)
+        ge.load_gguf_adapter(_rewrite_gguf(good, tmp_path / "nan-b.gguf", poison="blk.0.attn_v.weight.lora_b"), config)
 
 
 # ------------------------------------------------------------------------------------ configs read back
@@ -302,8 +336,10 @@ def test_a_run_folders_config_is_validated_when_read_back(tmp_path):
     run = tmp_path / "run-1"
     run.mkdir()
     good = config_lib.load_config(None).to_dict()
-    for section, key, value, message in (("lora", "targets", "(?=q).*kernel", "not a valid pattern"),
-                                         ("optim", "weight_decay", 20.0, "lr x weight_decay must be < 1")):
+    for section, key, value, message in (
+        ("lora", "targets", "(?=q).*kernel", "not a valid pattern"),
+        ("optim", "weight_decay", 20.0, "lr x weight_decay must be < 1"),
+    ):
         bad = json.loads(json.dumps(good))
         bad[section][key] = value
         if key == "weight_decay":
@@ -342,22 +378,43 @@ def test_tests_never_skip_a_required_dependency_directly():
             direct = name.endswith("import" + "orskip") or any(w in call for w in _MISSING_WORDS)
             if direct and not any(w in call for w in _OPTIONAL):
                 bad.append(f"{file.name}:{node.lineno}: {call[:100]}")
-    assert not bad, "skip a required dependency with conftest.require / require_program / missing:\n" + \
-        "\n".join(bad)
+    assert not bad, "skip a required dependency with conftest.require / require_program / missing:\n" + "\n".join(bad)
 
 
 def test_ci_mode_fails_where_a_skip_would_hide_a_missing_dependency(tmp_path):
     """Under LORA_JAX_CI=1 the helpers fail (exit 1, 'is an error, not a skip'); without it they skip."""
     test = tmp_path / "test_dep.py"
-    test.write_text("from conftest import require, require_program\n"
-                    "def test_module():\n    require('no_such_module_xyz')\n"
-                    "def test_program():\n    require_program('no-such-program-xyz')\n")
+    test.write_text(
+        "from conftest import require, require_program\n"
+        "def test_module():\n    require('no_such_module_xyz')\n"
+        "def test_program():\n    require_program('no-such-program-xyz')\n"
+    )
     (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
     for ci, want in (("1", "2 failed"), ("0", "2 skipped")):
-        out = subprocess.run([sys.executable, "-m", "pytest", str(test), "-q", "-p", "no:cacheprovider", "-n", "0",
-                              "-p", "no:randomly", "--rootdir", str(tmp_path), "-c", "/dev/null"],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                             env={**__import__("os").environ, "LORA_JAX_CI": ci})
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                str(test),
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-n",
+                "0",
+                "-p",
+                "no:randomly",
+                "--rootdir",
+                str(tmp_path),
+                "-c",
+                "/dev/null",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+            env={**__import__("os").environ, "LORA_JAX_CI": ci},
+        )
         assert want in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
@@ -369,8 +426,11 @@ def test_the_completion_column_may_not_also_fill_the_prompt():
     with the answer inside the prompt; --check refuses it."""
     from train.config import load_config
 
-    with pytest.raises(ConfigError, match=r"data.completion_column='text' is also read into the prompt \(through "
-                                          r"data.prompt_column\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.completion_column='text' is also read into the prompt \(through "
+        r"data.prompt_column\)",
+    ):
         load_config(None, ["data.prompt_column=text", "data.completion_column=text"])
     with pytest.raises(ConfigError, match=r"is also read into the prompt \(through data.prompt_template="):
         load_config(None, ["data.prompt_template='Q: {prompt} A: {completion}'"])
@@ -384,7 +444,8 @@ def test_cells_that_are_not_text_are_refused_naming_the_row(tmp_path):
     from train.config import load_config
 
     rows = [{"prompt": "hi", "completion": "hello"}] * 3 + [
-        {"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"}]
+        {"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"}
+    ]
     file = tmp_path / "chat.jsonl"
     file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = load_config(None, [f"data.source={file}"])
@@ -393,10 +454,15 @@ def test_cells_that_are_not_text_are_refused_naming_the_row(tmp_path):
     msg = str(e.value)
     assert f"{file} row 4: column 'prompt' holds a list" in msg and "expected text" in msg, msg
     assert "chat" in msg and "\n" not in msg, msg
-    file.write_text("\n".join(json.dumps(r) for r in [{"prompt": "hi", "completion": "a"},
-                                                      {"prompt": "ho", "completion": None}]) + "\n")
-    with pytest.raises(lora.LoraJaxError, match=r"row 2: column 'completion' holds a NoneType \(None\), expected "
-                                                r"text$"):
+    file.write_text(
+        "\n".join(json.dumps(r) for r in [{"prompt": "hi", "completion": "a"}, {"prompt": "ho", "completion": None}])
+        + "\n"
+    )
+    with pytest.raises(
+        lora.LoraJaxError,
+        match=r"row 2: column 'completion' holds a NoneType \(None\), expected "
+        r"text$",
+    ):
         data_lib.load_rows(cfg.data, "train")
     # a number in a template field is formatted as the template says: accepted
     file.write_text(json.dumps({"q": "2+2", "n": 4, "completion": "4"}) + "\n")

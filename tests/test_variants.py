@@ -28,15 +28,25 @@ def _perturb(adapters, seed=1, b_scale=0.1, m_scale=0.2):
     def fill(path, ad):
         k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), len(lora.targets.path_str(path))))
         m = None if ad.magnitude is None else ad.magnitude * (1 + m_scale * jax.random.normal(k2, ad.magnitude.shape))
-        return lora.LoraAdapter(ad.a, b_scale * jax.random.normal(k1, ad.b.shape), alpha=ad.alpha, scale=ad.scale,
-                                in_shape=ad.in_shape, out_shape=ad.out_shape, dropout=ad.dropout, magnitude=m)
+        return lora.LoraAdapter(
+            ad.a,
+            b_scale * jax.random.normal(k1, ad.b.shape),
+            alpha=ad.alpha,
+            scale=ad.scale,
+            in_shape=ad.in_shape,
+            out_shape=ad.out_shape,
+            dropout=ad.dropout,
+            magnitude=m,
+        )
 
     return jax.tree_util.tree_map_with_path(fill, adapters, is_leaf=lora.is_adapter)
 
 
 def _params():
-    return {"attn": {"query": {"kernel": _w((24, 4, 8), 1)}, "out": {"kernel": _w((4, 8, 24), 2)}},
-            "mlp": {"kernel": _w((24, 40), 3)}}
+    return {
+        "attn": {"query": {"kernel": _w((24, 4, 8), 1)}, "out": {"kernel": _w((4, 8, 24), 2)}},
+        "mlp": {"kernel": _w((24, 40), 3)},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ DoRA
@@ -49,10 +59,14 @@ def test_dora_init_magnitude_is_column_norms_and_model_equals_base():
     np.testing.assert_allclose(m, jnp.linalg.norm(params["mlp"]["kernel"], axis=0), rtol=1e-6)
     # DenseGeneral kernels: the norm is over the input axes, one magnitude per (flattened) output feature
     q = params["attn"]["query"]["kernel"]
-    np.testing.assert_allclose(ad["attn"]["query"]["kernel"].magnitude, jnp.linalg.norm(q.reshape(24, 32), axis=0),
-                               rtol=1e-6)
-    np.testing.assert_allclose(ad["attn"]["out"]["kernel"].magnitude,
-                               jnp.linalg.norm(params["attn"]["out"]["kernel"].reshape(32, 24), axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        ad["attn"]["query"]["kernel"].magnitude, jnp.linalg.norm(q.reshape(24, 32), axis=0), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        ad["attn"]["out"]["kernel"].magnitude,
+        jnp.linalg.norm(params["attn"]["out"]["kernel"].reshape(32, 24), axis=0),
+        rtol=1e-6,
+    )
     assert "dora magnitude=float32[40]" in repr(ad["mlp"]["kernel"])
     x = jax.random.normal(jax.random.key(0), (5, 24))
     w = lora.wrap(params, ad)
@@ -70,13 +84,18 @@ def test_dora_factored_equals_merged_after_updates():
     h = ops.einsum("bsd,dnh->bsnh", x, w["attn"]["query"]["kernel"])
     np.testing.assert_allclose(h, jnp.einsum("bsd,dnh->bsnh", x, merged["attn"]["query"]["kernel"]), atol=1e-5)
     # output axes in another order than the kernel's, and an ellipsis
-    np.testing.assert_allclose(ops.einsum("...d,dnh->...hn", x, w["attn"]["query"]["kernel"]),
-                               jnp.einsum("...d,dnh->...hn", x, merged["attn"]["query"]["kernel"]), atol=1e-5)
-    np.testing.assert_allclose(ops.dot(h, w["attn"]["out"]["kernel"], axes=2),
-                               jnp.tensordot(h, merged["attn"]["out"]["kernel"], 2), atol=1e-5)
+    np.testing.assert_allclose(
+        ops.einsum("...d,dnh->...hn", x, w["attn"]["query"]["kernel"]),
+        jnp.einsum("...d,dnh->...hn", x, merged["attn"]["query"]["kernel"]),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        ops.dot(h, w["attn"]["out"]["kernel"], axes=2), jnp.tensordot(h, merged["attn"]["out"]["kernel"], 2), atol=1e-5
+    )
     # the merged kernel has exactly the magnitudes m as column norms
-    np.testing.assert_allclose(jnp.linalg.norm(merged["mlp"]["kernel"], axis=0), ad["mlp"]["kernel"].magnitude,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(merged["mlp"]["kernel"], axis=0), ad["mlp"]["kernel"].magnitude, rtol=1e-5
+    )
     np.testing.assert_allclose(w["mlp"]["kernel"].materialize(), merged["mlp"]["kernel"], atol=1e-6)
 
 
@@ -118,10 +137,27 @@ def test_dora_with_dropout_follows_peft():
     ad = _perturb(lora.init(params, r=4, targets="all-linear", use_dora=True, dropout=0.5))
     k = ad["mlp"]["kernel"]
     norm = lora.core.dora_norm(params["mlp"]["kernel"], k)
-    unit = {"mlp": {"kernel": lora.LoraAdapter(k.a, k.b, alpha=k.alpha, scale=k.scale, in_shape=k.in_shape,
-                                               out_shape=k.out_shape, dropout=0.5, magnitude=norm)}}
-    plain = {"mlp": {"kernel": lora.LoraAdapter(k.a, k.b, alpha=k.alpha, scale=k.scale, in_shape=k.in_shape,
-                                                out_shape=k.out_shape, dropout=0.5)}}
+    unit = {
+        "mlp": {
+            "kernel": lora.LoraAdapter(
+                k.a,
+                k.b,
+                alpha=k.alpha,
+                scale=k.scale,
+                in_shape=k.in_shape,
+                out_shape=k.out_shape,
+                dropout=0.5,
+                magnitude=norm,
+            )
+        }
+    }
+    plain = {
+        "mlp": {
+            "kernel": lora.LoraAdapter(
+                k.a, k.b, alpha=k.alpha, scale=k.scale, in_shape=k.in_shape, out_shape=k.out_shape, dropout=0.5
+            )
+        }
+    }
     x = jax.random.normal(jax.random.key(0), (64, 24))
     key = jax.random.key(5)
     y_unit = ops.dot(x, lora.wrap(params, unit, dropout_key=key)["mlp"]["kernel"])
@@ -197,8 +233,9 @@ def test_dora_matches_peft_outputs_gradients_and_merge():
     params = {"lin": {"kernel": jnp.asarray(W.T)}}
     ad = lora.init(params, r=4, alpha=8, targets="lin/kernel", use_dora=True)
     # PEFT initialises the magnitude to the same norms
-    np.testing.assert_allclose(ad["lin"]["kernel"].magnitude, layer.lora_magnitude_vector["default"].weight.detach().numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        ad["lin"]["kernel"].magnitude, layer.lora_magnitude_vector["default"].weight.detach().numpy(), rtol=1e-6
+    )
     assert ad["lin"]["kernel"].scale == layer.scaling["default"]
     # give both the same trained-looking weights
     ad = _perturb(ad, b_scale=0.3, m_scale=0.3)
@@ -211,7 +248,7 @@ def test_dora_matches_peft_outputs_gradients_and_merge():
     xt = torch.from_numpy(x)
     pm.train()
     yt = pm(xt)
-    (yt ** 2).sum().backward()
+    (yt**2).sum().backward()
 
     def forward(a):
         return ops.dense(jnp.asarray(x), lora.wrap(params, a)["lin"]["kernel"], jnp.asarray(bias))
@@ -222,8 +259,9 @@ def test_dora_matches_peft_outputs_gradients_and_merge():
     g = g["lin"]["kernel"]
     np.testing.assert_allclose(g.a, layer.lora_A["default"].weight.grad.numpy().T, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(g.b, layer.lora_B["default"].weight.grad.numpy().T, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(g.magnitude, layer.lora_magnitude_vector["default"].weight.grad.numpy(), rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        g.magnitude, layer.lora_magnitude_vector["default"].weight.grad.numpy(), rtol=1e-4, atol=1e-5
+    )
     merged = pm.merge_and_unload().lin.weight.detach().numpy()
     np.testing.assert_allclose(lora.merge(params, ad)["lin"]["kernel"], merged.T, rtol=1e-5, atol=1e-6)
 
@@ -232,8 +270,10 @@ def test_dora_matches_peft_outputs_gradients_and_merge():
 
 
 def test_pissa_adapted_model_equals_original_and_residual_spectrum():
-    params = {"attn": {"query": {"kernel": _w((32, 24), 5)}, "out": {"kernel": _w((4, 6, 32), 6)}},
-              "bias": jnp.ones(24)}
+    params = {
+        "attn": {"query": {"kernel": _w((32, 24), 5)}, "out": {"kernel": _w((4, 6, 32), 6)}},
+        "bias": jnp.ones(24),
+    }
     r, alpha = 4, 16
     res, ad = lora.init_pissa(params, r, alpha=alpha, targets="all-linear")
     assert res["bias"] is params["bias"]
@@ -245,21 +285,24 @@ def test_pissa_adapted_model_equals_original_and_residual_spectrum():
         s0 = np.linalg.svd(np.asarray(w0).reshape(a.a.shape[0], -1), compute_uv=False)
         s_res = np.linalg.svd(np.asarray(w_res).reshape(a.a.shape[0], -1), compute_uv=False)
         assert s_res[0] == pytest.approx(s0[r], rel=1e-5)  # the top-r directions moved into the adapter
-        np.testing.assert_allclose(np.linalg.svd(np.asarray(a.delta()).reshape(a.a.shape[0], -1), compute_uv=False)[:r],
-                                   s0[:r], rtol=1e-5)
+        np.testing.assert_allclose(
+            np.linalg.svd(np.asarray(a.delta()).reshape(a.a.shape[0], -1), compute_uv=False)[:r], s0[:r], rtol=1e-5
+        )
         # A and B share the singular values evenly: A^T A = B B^T = S_r / s
         np.testing.assert_allclose(a.a.T @ a.a, a.b @ a.b.T, atol=1e-5)
     x = jax.random.normal(jax.random.key(0), (3, 32))
     wrapped = lora.wrap(res, ad)
-    np.testing.assert_allclose(ops.dot(x, wrapped["attn"]["query"]["kernel"]), x @ params["attn"]["query"]["kernel"],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        ops.dot(x, wrapped["attn"]["query"]["kernel"]), x @ params["attn"]["query"]["kernel"], atol=1e-5
+    )
 
 
 def test_pissa_matches_peft():
     model = _torch_model(3)
     W = model.lin.weight.detach().numpy().copy()
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"],
-                                                     init_lora_weights="pissa"))
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights="pissa")
+    )
     layer = pm.base_model.model.lin
     s = layer.scaling["default"]
     product_t = s * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().numpy()
@@ -267,8 +310,9 @@ def test_pissa_matches_peft():
     # singular vectors are defined up to sign: compare the products and the residual
     np.testing.assert_allclose(ad["lin"]["kernel"].delta(), product_t.T, atol=1e-5)
     np.testing.assert_allclose(res["lin"]["kernel"], layer.base_layer.weight.detach().numpy().T, atol=1e-5)
-    np.testing.assert_allclose(np.abs(ad["lin"]["kernel"].a), np.abs(layer.lora_A["default"].weight.detach().numpy().T),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.abs(ad["lin"]["kernel"].a), np.abs(layer.lora_A["default"].weight.detach().numpy().T), atol=1e-5
+    )
 
 
 def test_pissa_randomised_svd_and_quantized_base():
@@ -292,8 +336,9 @@ def test_pissa_randomised_svd_and_quantized_base():
 def test_pissa_with_dora_and_errors():
     params = {"mlp": {"kernel": _w((24, 40), 3)}}
     res, ad = lora.init_pissa(params, 4, targets="all-linear", use_dora=True)
-    np.testing.assert_allclose(ad["mlp"]["kernel"].magnitude, jnp.linalg.norm(params["mlp"]["kernel"], axis=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        ad["mlp"]["kernel"].magnitude, jnp.linalg.norm(params["mlp"]["kernel"], axis=0), rtol=1e-6
+    )
     x = jax.random.normal(jax.random.key(0), (3, 24))
     np.testing.assert_allclose(ops.dot(x, lora.wrap(res, ad)["mlp"]["kernel"]), x @ params["mlp"]["kernel"], atol=1e-5)
     with pytest.raises(ValueError, match="init_pissa"):
@@ -329,12 +374,14 @@ def test_scaling_with_rslora_and_patterns_matches_peft():
             self.q = torch.nn.Linear(16, 16)
             self.v = torch.nn.Linear(16, 16)
 
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"], use_rslora=True, rank_pattern={"v": 2},
-                          alpha_pattern={"v": 5})
+    cfg = peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q", "v"], use_rslora=True, rank_pattern={"v": 2}, alpha_pattern={"v": 5}
+    )
     pm = peft.get_peft_model(Two(), cfg)
     params = {"q": {"kernel": jnp.zeros((16, 16))}, "v": {"kernel": jnp.zeros((16, 16))}}
-    ad = lora.init(params, r=8, alpha=16, targets=".*/kernel", use_rslora=True, rank_pattern={"v/.*": 2},
-                   alpha_pattern={"v/.*": 5})
+    ad = lora.init(
+        params, r=8, alpha=16, targets=".*/kernel", use_rslora=True, rank_pattern={"v/.*": 2}, alpha_pattern={"v/.*": 5}
+    )
     for name in ("q", "v"):
         layer = getattr(pm.base_model.model, name)
         assert ad[name]["kernel"].scale == pytest.approx(layer.scaling["default"])

@@ -13,25 +13,78 @@ from __future__ import annotations
 
 import random
 
-NAMES = ["The Mill", "The Eagle", "Blue Spice", "The Punter", "Green Man", "The Vaults", "Aromi", "Zizzi",
-         "The Olive Grove", "Cotto", "The Phoenix", "Giraffe", "Loch Fyne", "The Wrestlers", "Fitzbillies",
-         "Strada", "The Cricketers", "Browns Cambridge", "The Golden Palace", "Wildwood", "Midsummer House",
-         "The Rice Boat", "Alimentum", "Bibimbap House", "The Dumpling Tree", "Clowns", "Taste of Cambridge",
-         "The Twenty Two", "Cocum", "The Waterman", "Travellers Rest Beefeater", "The Plough", "Caffe Nero",
-         "The Cambridge Blue", "Bar Crudo", "The Copper Kettle", "Harbour Lights", "The Red Lion", "Saffron Brasserie",
-         "The Lemon Tree", "Moonrise Diner", "The Gilded Fork", "Riverside Grill", "The Salt Cellar", "Little Havana"]
+NAMES = [
+    "The Mill",
+    "The Eagle",
+    "Blue Spice",
+    "The Punter",
+    "Green Man",
+    "The Vaults",
+    "Aromi",
+    "Zizzi",
+    "The Olive Grove",
+    "Cotto",
+    "The Phoenix",
+    "Giraffe",
+    "Loch Fyne",
+    "The Wrestlers",
+    "Fitzbillies",
+    "Strada",
+    "The Cricketers",
+    "Browns Cambridge",
+    "The Golden Palace",
+    "Wildwood",
+    "Midsummer House",
+    "The Rice Boat",
+    "Alimentum",
+    "Bibimbap House",
+    "The Dumpling Tree",
+    "Clowns",
+    "Taste of Cambridge",
+    "The Twenty Two",
+    "Cocum",
+    "The Waterman",
+    "Travellers Rest Beefeater",
+    "The Plough",
+    "Caffe Nero",
+    "The Cambridge Blue",
+    "Bar Crudo",
+    "The Copper Kettle",
+    "Harbour Lights",
+    "The Red Lion",
+    "Saffron Brasserie",
+    "The Lemon Tree",
+    "Moonrise Diner",
+    "The Gilded Fork",
+    "Riverside Grill",
+    "The Salt Cellar",
+    "Little Havana",
+]
 EAT_TYPES = ["restaurant", "pub", "coffee shop"]
 FOODS = ["Italian", "French", "Chinese", "Indian", "Japanese", "English", "fast food"]
 PRICES = ["cheap", "moderately priced", "expensive"]
 AREAS = ["riverside", "city centre"]
-NEAR = ["Burger King", "Café Rouge", "The Sorrento", "Raja Indian Cuisine", "Crowne Plaza Hotel", "All Bar One",
-        "Express by Holiday Inn", "Rainbow Vegetarian Café"]
+NEAR = [
+    "Burger King",
+    "Café Rouge",
+    "The Sorrento",
+    "Raja Indian Cuisine",
+    "Crowne Plaza Hotel",
+    "All Bar One",
+    "Express by Holiday Inn",
+    "Rainbow Vegetarian Café",
+]
 
 
 def _mr(rng: random.Random, name: str) -> dict[str, str]:
     mr = {"name": name, "eatType": rng.choice(EAT_TYPES)}
-    for attr, values, p in (("food", FOODS, 0.8), ("priceRange", PRICES, 0.6), ("area", AREAS, 0.6),
-                            ("familyFriendly", ["yes", "no"], 0.5), ("near", NEAR, 0.4)):
+    for attr, values, p in (
+        ("food", FOODS, 0.8),
+        ("priceRange", PRICES, 0.6),
+        ("area", AREAS, 0.6),
+        ("familyFriendly", ["yes", "no"], 0.5),
+        ("near", NEAR, 0.4),
+    ):
         if rng.random() < p:
             mr[attr] = rng.choice(values)
     return mr
@@ -41,12 +94,14 @@ def _sentence(rng: random.Random, mr: dict[str, str]) -> str:
     name, eat = mr["name"], mr["eatType"]
     food = mr.get("food")
     price = mr.get("priceRange")
-    first = rng.choice([
-        f"{name} is a{'n' if (price or food or eat)[0] in 'aeiouAEIOU' else ''} {price + ' ' if price else ''}"
-        f"{food + ' ' if food else ''}{eat}",
-        f"{name} is a {eat}{' serving ' + food + ' food' if food else ''}"
-        f"{' in the ' + price + ' price range' if price else ''}",
-    ])
+    first = rng.choice(
+        [
+            f"{name} is a{'n' if (price or food or eat)[0] in 'aeiouAEIOU' else ''} {price + ' ' if price else ''}"
+            f"{food + ' ' if food else ''}{eat}",
+            f"{name} is a {eat}{' serving ' + food + ' food' if food else ''}"
+            f"{' in the ' + price + ' price range' if price else ''}",
+        ]
+    )
     parts = [first]
     if "area" in mr:
         parts.append(rng.choice([f"in the {mr['area']} area", f"located in the {mr['area']}"]))
@@ -54,8 +109,11 @@ def _sentence(rng: random.Random, mr: dict[str, str]) -> str:
         parts.append(rng.choice([f"near {mr['near']}", f"close to {mr['near']}"]))
     sentence = " ".join(parts) + "."
     if "familyFriendly" in mr:
-        sentence += rng.choice([" It is family friendly.", " Children are welcome."]) if mr["familyFriendly"] == "yes" \
+        sentence += (
+            rng.choice([" It is family friendly.", " Children are welcome."])
+            if mr["familyFriendly"] == "yes"
             else rng.choice([" It is not family friendly.", " It is not suitable for children."])
+        )
     return sentence
 
 
@@ -75,12 +133,30 @@ def restaurants(n: int = 800, seed: int = 0) -> list[dict[str, str]]:
     return rows[:n]
 
 
-POSITIVE = ["a delight from start to finish", "warm, funny and beautifully acted", "the best film I have seen this year",
-            "sharp writing and a great cast", "moving and honest", "works perfectly, I love it", "a real pleasure",
-            "clever, fresh and full of heart", "stunning visuals and a gripping story", "worth every penny"]
-NEGATIVE = ["a tedious mess", "flat characters and a predictable plot", "the worst purchase I have made",
-            "broke after two days", "dull, slow and far too long", "a waste of time", "badly written and badly acted",
-            "nothing works as advertised", "boring from the first minute", "I regret buying it"]
+POSITIVE = [
+    "a delight from start to finish",
+    "warm, funny and beautifully acted",
+    "the best film I have seen this year",
+    "sharp writing and a great cast",
+    "moving and honest",
+    "works perfectly, I love it",
+    "a real pleasure",
+    "clever, fresh and full of heart",
+    "stunning visuals and a gripping story",
+    "worth every penny",
+]
+NEGATIVE = [
+    "a tedious mess",
+    "flat characters and a predictable plot",
+    "the worst purchase I have made",
+    "broke after two days",
+    "dull, slow and far too long",
+    "a waste of time",
+    "badly written and badly acted",
+    "nothing works as advertised",
+    "boring from the first minute",
+    "I regret buying it",
+]
 OPENERS = ["", "Honestly, ", "In short: ", "Overall ", "I think it is ", "This one is "]
 
 

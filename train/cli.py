@@ -91,11 +91,17 @@ def _guarded(fn: Callable[[], Any], prefix: str | None) -> int:
         if traceback_wanted():
             raise
         if isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" in str(e):  # XLA: a step that does not fit in memory
-            print(f"{prefix or 'error'}: out of memory: {one_line(e, 300)} (reduce train.batch_size, "
-                  "data.max_length or eval.batch_size, or use more devices)", file=sys.stderr)
+            print(
+                f"{prefix or 'error'}: out of memory: {one_line(e, 300)} (reduce train.batch_size, "
+                "data.max_length or eval.batch_size, or use more devices)",
+                file=sys.stderr,
+            )
             return EXIT_INPUT
         traceback.print_exc()
-        print(f"internal error: {type(e).__name__}: {one_line(e, 300)} (a bug, not your input: please report it with "
-              "the traceback above)", file=sys.stderr)
+        print(
+            f"internal error: {type(e).__name__}: {one_line(e, 300)} (a bug, not your input: please report it with "
+            "the traceback above)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
     return 0

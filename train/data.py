@@ -30,8 +30,6 @@ from train.config import DataConfig
 FILE_TYPES = sources.FILE_TYPES
 
 
-
-
 # ------------------------------------------------------------------------------------------------ rows
 
 
@@ -74,16 +72,19 @@ def _load_files(paths: list[str], required: list[str]) -> list[dict]:
             # that keeps both would be served stale (the tokenised cache above is keyed on the content).
             with tempfile.TemporaryDirectory(prefix="lora_jax_data_") as tmp:
                 try:
-                    ds = datasets.load_dataset(FILE_TYPES[suffix], data_files=[p], split="train", cache_dir=tmp,
-                                               **kwargs)
+                    ds = datasets.load_dataset(
+                        FILE_TYPES[suffix], data_files=[p], split="train", cache_dir=tmp, **kwargs
+                    )
                     columns, n, file_rows = ds.column_names, len(ds), ds.to_list()
                 except Exception as e:  # datasets raises many types for malformed files
                     detail = " ".join(f"{type(e).__name__}: {e}".split())
                     raise DataError(f"could not read {p!r} as {FILE_TYPES[suffix]}: {detail[:300]}") from None
             missing = [c for c in required if c not in columns]
             if missing:
-                raise DataError(f"{p!r} has columns {columns}; expected {missing} too "
-                                "(set data.*_column to the names your file uses)")
+                raise DataError(
+                    f"{p!r} has columns {columns}; expected {missing} too "
+                    "(set data.*_column to the names your file uses)"
+                )
             if n == 0:
                 raise DataError(f"{p!r} holds no rows")
             rows += _tag(file_rows, p)
@@ -99,20 +100,26 @@ def _load_hub(name: str, split: str) -> list[dict]:
     try:
         return datasets.load_dataset(name, split=split).to_list()
     except Exception as e:
-        raise DataError(f"could not load data set {name!r} split {split!r} from the hub ({type(e).__name__}: {e}); "
-                        "offline, give local files instead (csv/tsv/json/jsonl/parquet)") from None
+        raise DataError(
+            f"could not load data set {name!r} split {split!r} from the hub ({type(e).__name__}: {e}); "
+            "offline, give local files instead (csv/tsv/json/jsonl/parquet)"
+        ) from None
 
 
 def _required_columns(cfg: DataConfig, pairs: bool = False) -> list[str]:
     if pairs:  # preference pairs (train.objective=dpo): a prompt (chat: messages or the prompt column) + answers
-        prompt = ([] if cfg.task == "chat" else
-                  [cfg.prompt_column if c == "prompt" else c for c in _template_fields(cfg.prompt_template)])
+        prompt = (
+            []
+            if cfg.task == "chat"
+            else [cfg.prompt_column if c == "prompt" else c for c in _template_fields(cfg.prompt_template)]
+        )
         cols = prompt + [cfg.chosen_column, cfg.rejected_column]
     elif cfg.task == "chat":
         cols = [cfg.messages_column]
     elif cfg.task == "causal-lm":
-        cols = [cfg.completion_column] + [cfg.prompt_column if c == "prompt" else c
-                                          for c in _template_fields(cfg.prompt_template)]
+        cols = [cfg.completion_column] + [
+            cfg.prompt_column if c == "prompt" else c for c in _template_fields(cfg.prompt_template)
+        ]
     elif cfg.task == "audio-classification":
         cols = [cfg.audio_column, cfg.label_column]
     else:
@@ -124,8 +131,10 @@ def _check_columns(rows: list[dict], cfg: DataConfig, source: str, pairs: bool =
     columns = [c for c in rows[0] if c != SOURCE_KEY] if rows else []
     missing = [c for c in _required_columns(cfg, pairs) if c not in columns]
     if missing:
-        raise DataError(f"{source} has columns {columns}; expected {missing} too (set data.*_column / "
-                        "data.prompt_template to the names it uses)")
+        raise DataError(
+            f"{source} has columns {columns}; expected {missing} too (set data.*_column / "
+            "data.prompt_template to the names it uses)"
+        )
     return rows
 
 
@@ -155,11 +164,14 @@ def parse_messages(value: Any, where: str, what: str) -> list[dict]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise DataError(f"{where}: {what} must be a list of {{'role', 'content'}} messages (or its JSON text), "
-                            f"got the text {_short(value)}") from None
+            raise DataError(
+                f"{where}: {what} must be a list of {{'role', 'content'}} messages (or its JSON text), "
+                f"got the text {_short(value)}"
+            ) from None
     if not isinstance(value, (list, tuple)) or not value:
-        raise DataError(f"{where}: {what} must be a non-empty list of {{'role', 'content'}} messages, got "
-                        f"{_short(value)}")
+        raise DataError(
+            f"{where}: {what} must be a non-empty list of {{'role', 'content'}} messages, got {_short(value)}"
+        )
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -175,8 +187,10 @@ def chat_messages(row: dict, cfg: DataConfig) -> list[dict]:
     where = source_of(row)
     msgs = parse_messages(row[cfg.messages_column], where, f"column {cfg.messages_column!r}")
     if msgs[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the conversation ends with a {msgs[-1]['role']!r} message; the last message must "
-                        "be the assistant's (what the model learns to write)")
+        raise DataError(
+            f"{where}: the conversation ends with a {msgs[-1]['role']!r} message; the last message must "
+            "be the assistant's (what the model learns to write)"
+        )
     return msgs
 
 
@@ -191,8 +205,10 @@ def chat_prompt_messages(row: dict, cfg: DataConfig) -> list[dict]:
                 if isinstance(value, str) and not value.lstrip().startswith("["):
                     return [{"role": "user", "content": value}]
                 return parse_messages(value, source_of(row), f"column {col!r}")
-        raise DataError(f"{source_of(row)}: a preference row needs its prompt in column {cfg.messages_column!r} "
-                        f"or {cfg.prompt_column!r} (data.messages_column / data.prompt_column)")
+        raise DataError(
+            f"{source_of(row)}: a preference row needs its prompt in column {cfg.messages_column!r} "
+            f"or {cfg.prompt_column!r} (data.messages_column / data.prompt_column)"
+        )
     return chat_messages(row, cfg)[:-1]
 
 
@@ -222,23 +238,29 @@ def chat_template(tokenizer, cfg: DataConfig) -> str:
     if isinstance(own, dict):
         own = own.get("default")
     if not own:
-        raise DataError("data.task=chat: this model's tokenizer has no chat template (a base model, or a GGUF file "
-                        "without tokenizer.chat_template); give one with data.chat_template (the template text, or "
-                        "a .jinja file)")
+        raise DataError(
+            "data.task=chat: this model's tokenizer has no chat template (a base model, or a GGUF file "
+            "without tokenizer.chat_template); give one with data.chat_template (the template text, or "
+            "a .jinja file)"
+        )
     return own
 
 
 def render_chat(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False) -> str:
     """``messages`` rendered by ``template`` (``transformers``' ``apply_chat_template``), as text."""
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as e:  # noqa: BLE001 - the template's own raise_exception, or a Jinja error
-        raise DataError(f"the chat template cannot render this conversation ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:200]})") from None
+        raise DataError(
+            f"the chat template cannot render this conversation ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
 
 
-def assistant_spans(tokenizer, messages: list[dict], template: str, first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer, messages: list[dict], template: str, first: int = 0
+) -> tuple[str, list[tuple[int, int]]]:
     """``(text, spans)``: the rendered conversation and the character spans ``[start, end)`` of the assistant
     messages from index ``first`` on: what rendering message ``i`` adds to the rendering of ``messages[:i]`` with
     the generation prompt (the content and the template's end of turn; not the turn's header).
@@ -253,9 +275,11 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, first: int =
         before = render_chat(tokenizer, messages[:i], template, add_generation_prompt=True) if i else ""
         through = render_chat(tokenizer, messages[: i + 1], template)
         if not (through.startswith(before) and text.startswith(through)):
-            raise DataError(f"the chat template renders assistant message {i} differently inside the whole "
-                            "conversation than after its prefix; it cannot be masked turn by turn (give a template "
-                            "that renders each turn once, with data.chat_template)")
+            raise DataError(
+                f"the chat template renders assistant message {i} differently inside the whole "
+                "conversation than after its prefix; it cannot be masked turn by turn (give a template "
+                "that renders each turn once, with data.chat_template)"
+            )
         spans.append((len(before), len(through)))
     return text, spans
 
@@ -295,8 +319,10 @@ def _chat_hint() -> str:
     tasks = typing.get_args(typing.get_type_hints(DataConfig)["task"])
     if "chat" in tasks:
         return "a column of chat messages is read by data.task=chat"
-    return ("this version has no chat task (data.task is one of " + ", ".join(tasks) + "): flatten each "
-            "conversation into a prompt and a completion column")
+    return (
+        "this version has no chat task (data.task is one of " + ", ".join(tasks) + "): flatten each "
+        "conversation into a prompt and a completion column"
+    )
 
 
 def check_cells(rows: list[dict], cfg: DataConfig) -> list[dict]:
@@ -307,13 +333,16 @@ def check_cells(rows: list[dict], cfg: DataConfig) -> list[dict]:
     for row in rows:
         for col in text + numeric:
             value = row.get(col)
-            if isinstance(value, str) or (col in numeric and isinstance(value, (int, float)) and
-                                          not isinstance(value, bool)):
+            if isinstance(value, str) or (
+                col in numeric and isinstance(value, (int, float)) and not isinstance(value, bool)
+            ):
                 continue
             kind = type(value).__name__
             hint = f"; {_chat_hint()}" if isinstance(value, (list, dict)) else ""
-            raise DataError(f"{source_of(row)}: column {col!r} holds a {kind} ({_short(value)}), expected text"
-                            f"{' or a number' if col in numeric else ''}{hint}")
+            raise DataError(
+                f"{source_of(row)}: column {col!r} holds a {kind} ({_short(value)}), expected text"
+                f"{' or a number' if col in numeric else ''}{hint}"
+            )
     return rows
 
 
@@ -336,10 +365,17 @@ def _load_rows(cfg: DataConfig, split: str, pairs: bool = False) -> list[dict]:
         if name == "restaurants":  # its columns are prompt / completion / group
             rows = [{"prompt": r["prompt"], "completion": r["completion"], "group": r["group"]} for r in rows]
             if cfg.task == "chat" and not pairs:  # as conversations: a system message, the MR, the description
-                rows = [{"messages": [{"role": "system", "content": CHAT_SYSTEM},
-                                      {"role": "user", "content": r["prompt"]},
-                                      {"role": "assistant", "content": r["completion"]}], "group": r["group"]}
-                        for r in rows]
+                rows = [
+                    {
+                        "messages": [
+                            {"role": "system", "content": CHAT_SYSTEM},
+                            {"role": "user", "content": r["prompt"]},
+                            {"role": "assistant", "content": r["completion"]},
+                        ],
+                        "group": r["group"],
+                    }
+                    for r in rows
+                ]
         return _check_columns(_tag([dict(r) for r in rows], source), cfg, f"data.source={source!r}", pairs)
     if kind == "files":
         paths = sources.paths(source)
@@ -458,8 +494,13 @@ def _pad_id(tokenizer) -> int:
 
 def _labels(rows: list[dict], cfg: DataConfig, num_labels: int | None) -> np.ndarray:
     """Each row's ``label_column`` as a class id in ``[0, num_labels)`` (:func:`class_id`)."""
-    return np.array([class_id(row[cfg.label_column], num_labels, f"{source_of(row, f'row {i}')}: {cfg.label_column}")
-                     for i, row in enumerate(rows)], np.int32).reshape(len(rows))
+    return np.array(
+        [
+            class_id(row[cfg.label_column], num_labels, f"{source_of(row, f'row {i}')}: {cfg.label_column}")
+            for i, row in enumerate(rows)
+        ],
+        np.int32,
+    ).reshape(len(rows))
 
 
 def featurize(rows: list[dict], feature_extractor, cfg: DataConfig, num_labels: int | None = None) -> Tokenized:
@@ -471,12 +512,16 @@ def featurize(rows: list[dict], feature_extractor, cfg: DataConfig, num_labels: 
 
     fe = feature_extractor
     if not hasattr(fe, "log_mel"):
-        raise DataError(f"data.task=audio-classification needs an audio model (its loader gives a feature "
-                        f"extractor); this model's preprocessor is a {type(fe).__name__}")
+        raise DataError(
+            f"data.task=audio-classification needs an audio model (its loader gives a feature "
+            f"extractor); this model's preprocessor is a {type(fe).__name__}"
+        )
     frames = cfg.max_length
     if frames % 2 or frames > fe.nb_max_frames:
-        raise DataError(f"data.max_length={frames} mel frames: the model needs an even number of at most "
-                        f"{fe.nb_max_frames} ({fe.nb_max_frames * fe.hop_length // fe.sampling_rate} s)")
+        raise DataError(
+            f"data.max_length={frames} mel frames: the model needs an even number of at most "
+            f"{fe.nb_max_frames} ({fe.nb_max_frames * fe.hop_length // fe.sampling_rate} s)"
+        )
     feats = np.zeros((len(rows), fe.feature_size, frames), np.float32)
     mask = np.zeros((len(rows), frames), np.int32)
     for i, row in enumerate(rows):
@@ -486,15 +531,23 @@ def featurize(rows: list[dict], feature_extractor, cfg: DataConfig, num_labels: 
         except (OSError, EOFError, ValueError, wave_lib.Error) as e:
             raise DataError(f"row {i}: cannot read {path!r} as a PCM WAV file ({type(e).__name__}: {e})") from None
         if rate != fe.sampling_rate:
-            raise DataError(f"row {i}: {path!r} is sampled at {rate} Hz; the model needs {fe.sampling_rate} Hz "
-                            f"(resample it, e.g. sox in.wav -r {fe.sampling_rate} out.wav)")
+            raise DataError(
+                f"row {i}: {path!r} is sampled at {rate} Hz; the model needs {fe.sampling_rate} Hz "
+                f"(resample it, e.g. sox in.wav -r {fe.sampling_rate} out.wav)"
+            )
         feats[i] = fe.log_mel(wave, frames)
         mask[i, : min(frames, -(-len(wave) // fe.hop_length))] = 1
     return Tokenized(None, mask, labels=_labels(rows, cfg, num_labels), input_features=feats)
 
 
-def tokenize(rows: list[dict], tokenizer, cfg: DataConfig, max_positions: int | None = None,
-             num_labels: int | None = None, pairs: bool = False) -> Tokenized:
+def tokenize(
+    rows: list[dict],
+    tokenizer,
+    cfg: DataConfig,
+    max_positions: int | None = None,
+    num_labels: int | None = None,
+    pairs: bool = False,
+) -> Tokenized:
     if cfg.task == "audio-classification":
         return featurize(rows, tokenizer, cfg, num_labels)
     if max_positions is not None and cfg.max_length > max_positions:
@@ -523,15 +576,16 @@ def tokenize(rows: list[dict], tokenizer, cfg: DataConfig, max_positions: int | 
         c = tokenizer(str(row[cfg.completion_column]), add_special_tokens=False)["input_ids"]
         c = c + ([eos] if eos is not None else [])
         if len(p) >= length:
-            raise DataError(f"{source_of(row, f'row {i}')}: the prompt alone has {len(p)} tokens, data.max_length is "
-                            f"{length}")
+            raise DataError(
+                f"{source_of(row, f'row {i}')}: the prompt alone has {len(p)} tokens, data.max_length is {length}"
+            )
         if len(p) + len(c) > length:
             too_long += 1
         toks = (p + c)[:length]
         ids[i, : len(toks)] = toks
         mask[i, : len(toks)] = 1
         # position t predicts token t+1: mark positions whose next token is a completion token
-        loss_mask[i, len(p) - 1: len(toks) - 1] = 1
+        loss_mask[i, len(p) - 1 : len(toks) - 1] = 1
         prompts.append(prompt)
     if too_long > 0.5 * n:
         raise DataError(f"{too_long} of {n} examples are cut at data.max_length={length}; raise it")
@@ -547,8 +601,10 @@ def _place(ids: list[int], target: list[int], length: int, row: int, out: dict, 
     ``(n, [2,] length)`` arrays, cut to ``length``; the loss mask is shifted (position ``t`` predicts ``t + 1``).
     Returns whether it was cut; an example with no learnt token left is a :class:`DataError`."""
     if not any(target[1:length]):
-        raise DataError(f"{where}: no answer token is left within data.max_length={length} (the prompt takes "
-                        f"{target.index(1) if 1 in target else len(ids)} tokens); raise data.max_length")
+        raise DataError(
+            f"{where}: no answer token is left within data.max_length={length} (the prompt takes "
+            f"{target.index(1) if 1 in target else len(ids)} tokens); raise data.max_length"
+        )
     n = min(len(ids), length)
     out["input_ids"][row][:n] = ids[:n]
     out["attention_mask"][row][:n] = 1
@@ -562,8 +618,11 @@ def tokenize_chat(rows: list[dict], tokenizer, cfg: DataConfig) -> Tokenized:
     generation prompt (what generation continues), ``references``: every last answer of that prompt."""
     template = chat_template(tokenizer, cfg)
     n, length = len(rows), cfg.max_length
-    out = {"input_ids": np.full((n, length), _pad_id(tokenizer), np.int32),
-           "attention_mask": np.zeros((n, length), np.int32), "loss_mask": np.zeros((n, length), np.int32)}
+    out = {
+        "input_ids": np.full((n, length), _pad_id(tokenizer), np.int32),
+        "attention_mask": np.zeros((n, length), np.int32),
+        "loss_mask": np.zeros((n, length), np.int32),
+    }
     prompts, answers, cut = [], [], 0
     for i, row in enumerate(rows):
         msgs = chat_messages(row, cfg)
@@ -580,8 +639,13 @@ def tokenize_chat(rows: list[dict], tokenizer, cfg: DataConfig) -> Tokenized:
     refs: dict[str, list[str]] = {}
     for prompt, answer in zip(prompts, answers):
         refs.setdefault(prompt, []).append(answer)
-    return Tokenized(out["input_ids"], out["attention_mask"], loss_mask=out["loss_mask"], prompts=prompts,
-                     references=[refs[p] for p in prompts])
+    return Tokenized(
+        out["input_ids"],
+        out["attention_mask"],
+        loss_mask=out["loss_mask"],
+        prompts=prompts,
+        references=[refs[p] for p in prompts],
+    )
 
 
 def tokenize_pairs(rows: list[dict], tokenizer, cfg: DataConfig) -> Tokenized:
@@ -595,8 +659,11 @@ def tokenize_pairs(rows: list[dict], tokenizer, cfg: DataConfig) -> Tokenized:
     template = chat_template(tokenizer, cfg) if chat else None
     eos = getattr(tokenizer, "eos_token_id", None)
     n, length = len(rows), cfg.max_length
-    out = {"input_ids": np.full((n, 2, length), _pad_id(tokenizer), np.int32),
-           "attention_mask": np.zeros((n, 2, length), np.int32), "loss_mask": np.zeros((n, 2, length), np.int32)}
+    out = {
+        "input_ids": np.full((n, 2, length), _pad_id(tokenizer), np.int32),
+        "attention_mask": np.zeros((n, 2, length), np.int32),
+        "loss_mask": np.zeros((n, 2, length), np.int32),
+    }
     prompts, chosen, cut = [], [], 0
     for i, row in enumerate(rows):
         where = source_of(row, f"row {i}")
@@ -628,8 +695,13 @@ def tokenize_pairs(rows: list[dict], tokenizer, cfg: DataConfig) -> Tokenized:
     refs: dict[str, list[str]] = {}
     for prompt, answer in zip(prompts, chosen):
         refs.setdefault(prompt, []).append(answer)
-    return Tokenized(out["input_ids"], out["attention_mask"], loss_mask=out["loss_mask"], prompts=prompts,
-                     references=[refs[p] for p in prompts])
+    return Tokenized(
+        out["input_ids"],
+        out["attention_mask"],
+        loss_mask=out["loss_mask"],
+        prompts=prompts,
+        references=[refs[p] for p in prompts],
+    )
 
 
 def class_id(value: Any, num_labels: int | None, where: str) -> int:
@@ -674,8 +746,7 @@ def tokenizer_digest(tokenizer) -> str:
     if backend is not None and hasattr(backend, "to_str"):
         text = backend.to_str()
     else:
-        text = json.dumps(sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else
-                          repr(tokenizer))
+        text = json.dumps(sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else repr(tokenizer))
     extra = {k: getattr(tokenizer, k, None) for k in ("pad_token_id", "eos_token_id", "bos_token_id")}
     return hashlib.sha256((text + json.dumps(extra, default=str)).encode()).hexdigest()
 
@@ -689,8 +760,14 @@ def cache_key(cfg: DataConfig, split: str, tokenizer_name: str, tokenizer=None) 
     the code, and the *content* of every local data file (not its path, size or modification time, which an
     edit can leave unchanged)."""
     # split_rule: bump when split_rows / cap_eval_rows change what a config selects (2: split by prompt)
-    payload = {"cfg": dataclasses.asdict(cfg), "split": split, "tokenizer": tokenizer_name, "code": _CODE,
-               "tokenizer_digest": tokenizer_digest(tokenizer) if tokenizer is not None else None, "split_rule": 2}
+    payload = {
+        "cfg": dataclasses.asdict(cfg),
+        "split": split,
+        "tokenizer": tokenizer_name,
+        "code": _CODE,
+        "tokenizer_digest": tokenizer_digest(tokenizer) if tokenizer is not None else None,
+        "split_rule": 2,
+    }
     if cfg.task == "chat":  # the tokenizer's own chat template renders the rows
         payload["chat_template"] = str(getattr(tokenizer, "chat_template", None))
     paths = [p.strip() for p in f"{cfg.source},{cfg.eval_source or ''}".split(",") if p.strip()]
@@ -698,9 +775,15 @@ def cache_key(cfg: DataConfig, split: str, tokenizer_name: str, tokenizer=None) 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def load_tokenized(cfg: DataConfig, tokenizer, tokenizer_name: str, max_positions: int | None = None,
-                   num_labels: int | None = None, cache_dir: str | Path | None = None,
-                   pairs: bool = False) -> tuple[Tokenized, Tokenized]:
+def load_tokenized(
+    cfg: DataConfig,
+    tokenizer,
+    tokenizer_name: str,
+    max_positions: int | None = None,
+    num_labels: int | None = None,
+    cache_dir: str | Path | None = None,
+    pairs: bool = False,
+) -> tuple[Tokenized, Tokenized]:
     """Train and eval splits, tokenised; cached as .npz under ``cache_dir`` keyed by config, files and tokenizer.
     ``pairs``: preference rows (:func:`tokenize_pairs`)."""
     key = cache_key(cfg, "pairs" if pairs else "both", tokenizer_name, tokenizer)
@@ -762,7 +845,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
         epoch, offset = divmod(start + len(out), n)
         perm = np.random.default_rng([seed, epoch]).permutation(n)
         take = min(batch_size - len(out), n - offset)
-        out.extend(perm[offset: offset + take].tolist())
+        out.extend(perm[offset : offset + take].tolist())
     return np.asarray(out, np.int64)
 
 
@@ -864,7 +947,7 @@ class EpochStream:
         out: list = []
         while len(out) < count:
             items = self._order(epoch)
-            out.extend(items[offset: offset + count - len(out)])
+            out.extend(items[offset : offset + count - len(out)])
             epoch, offset = epoch + 1, 0
         return out
 
@@ -880,12 +963,12 @@ def grouped_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, g
     n = len(lengths)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     window = batch_size * group
-    chunks = [perm[i: i + window] for i in range(0, n, window)]
+    chunks = [perm[i : i + window] for i in range(0, n, window)]
     ordered = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
     full = n // batch_size
     batches = ordered[: full * batch_size].reshape(full, batch_size)
     batches = batches[np.random.default_rng([seed, epoch, 1]).permutation(full)]
-    return np.concatenate([batches.reshape(-1), ordered[full * batch_size:]])
+    return np.concatenate([batches.reshape(-1), ordered[full * batch_size :]])
 
 
 def bucket_widths(needed: np.ndarray, top: int, n_shapes: int = 4, multiple: int = 8) -> tuple[int, ...]:
@@ -913,7 +996,7 @@ def bucket_widths(needed: np.ndarray, top: int, n_shapes: int = 4, multiple: int
     for k in range(2, n_shapes + 1):
         for j in range(m):
             for i in range(j):
-                cost = best[k - 1][i] + cands[j] * counts[i + 1: j + 1].sum()
+                cost = best[k - 1][i] + cands[j] * counts[i + 1 : j + 1].sum()
                 if cost < best[k][j]:
                     best[k][j], back[k][j] = cost, i
     k = min(range(1, n_shapes + 1), key=lambda k: (best[k][m - 1], k))
@@ -950,15 +1033,17 @@ class FixedBatches(Batches):
         self.capacity = example_capacity(data) if loss_positions and data.loss_mask is not None else None
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        return with_loss_positions(self.data.take(batch_indices(len(self.data), self.batch_size, index, self.seed)),
-                                   self.capacity)
+        return with_loss_positions(
+            self.data.take(batch_indices(len(self.data), self.batch_size, index, self.seed)), self.capacity
+        )
 
     def examples(self, index: int) -> int:
         return self.batch_size
 
     def describe(self) -> str:
-        return f"fixed batches of {self.batch_size} x {self.widths[0]} tokens" + _describe_capacity(self.capacity,
-                                                                                                 self.widths[0])
+        return f"fixed batches of {self.batch_size} x {self.widths[0]} tokens" + _describe_capacity(
+            self.capacity, self.widths[0]
+        )
 
 
 def _describe_capacity(capacity: int | None, width: int) -> str:
@@ -974,8 +1059,16 @@ class BucketedBatches(Batches):
     longest example. ``widths`` default to :func:`bucket_widths` of the first epoch's batches (``n_shapes`` of
     them, the largest the longest example rounded up to a multiple of 8, at most the tokenised width)."""
 
-    def __init__(self, data: Tokenized, batch_size: int, seed: int, n_shapes: int = 4,
-                 widths: tuple[int, ...] | None = None, group: int = 50, loss_positions: bool = False):
+    def __init__(
+        self,
+        data: Tokenized,
+        batch_size: int,
+        seed: int,
+        n_shapes: int = 4,
+        widths: tuple[int, ...] | None = None,
+        group: int = 50,
+        loss_positions: bool = False,
+    ):
         self.data, self.batch_size, self.seed, self.group = data, batch_size, seed, group
         # a batch cut to width w gets min(capacity, w) slots: one shape per width
         self.capacity = example_capacity(data) if loss_positions and data.loss_mask is not None else None
@@ -985,13 +1078,14 @@ class BucketedBatches(Batches):
         if widths is None:
             first = np.asarray(self.stream.take(0, len(data)))
             ends = range(0, len(first), batch_size)
-            needed = np.array([self.lengths[first[i: i + batch_size]].max() for i in ends])
+            needed = np.array([self.lengths[first[i : i + batch_size]].max() for i in ends])
             top = min(-(-int(self.lengths.max()) // 8) * 8, full)
             widths = bucket_widths(needed, top, n_shapes)
         self.widths = tuple(sorted(widths))
         if self.widths[-1] < self.lengths.max():
-            raise DataError(f"bucket widths {self.widths} do not hold the longest example ({self.lengths.max()} "
-                            "tokens)")
+            raise DataError(
+                f"bucket widths {self.widths} do not hold the longest example ({self.lengths.max()} tokens)"
+            )
 
     def indices(self, index: int) -> np.ndarray:
         return np.asarray(self.stream.take(index * self.batch_size, self.batch_size), np.int64)
@@ -1009,8 +1103,15 @@ class BucketedBatches(Batches):
         return f"length-bucketed batches of {self.batch_size} examples, widths {list(self.widths)}"
 
 
-def pack_order(lengths: np.ndarray, width: int, seed: int, epoch: int, window: int = 1024,
-               losses: np.ndarray | None = None, capacity: int | None = None) -> list[np.ndarray]:
+def pack_order(
+    lengths: np.ndarray,
+    width: int,
+    seed: int,
+    epoch: int,
+    window: int = 1024,
+    losses: np.ndarray | None = None,
+    capacity: int | None = None,
+) -> list[np.ndarray]:
     """An epoch's packed rows: lists of example indices whose lengths sum to at most ``width``.
 
     A seeded permutation is cut into windows of ``window`` examples; each window is packed best-fit decreasing
@@ -1023,13 +1124,15 @@ def pack_order(lengths: np.ndarray, width: int, seed: int, epoch: int, window: i
     """
     if capacity is not None and losses is not None and len(losses) and int(np.max(losses)) > capacity:
         i = int(np.argmax(losses))
-        raise DataError(f"example {i} carries loss at {int(losses[i])} positions, more than the capacity of "
-                        f"{capacity} loss positions per packed row (data.loss_capacity)")
+        raise DataError(
+            f"example {i} carries loss at {int(losses[i])} positions, more than the capacity of "
+            f"{capacity} loss positions per packed row (data.loss_capacity)"
+        )
     bound = capacity is not None and losses is not None
     perm = np.random.default_rng([seed, epoch]).permutation(len(lengths))
     rows: list[list[int]] = []
     for start in range(0, len(perm), window):
-        chunk = perm[start: start + window]
+        chunk = perm[start : start + window]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
         free: list[list[int]] = [[] for _ in range(width + 1)]  # free[s]: open rows with s tokens left
         local: list[list[int]] = []
@@ -1042,8 +1145,11 @@ def pack_order(lengths: np.ndarray, width: int, seed: int, epoch: int, window: i
                 if not free[s]:
                     continue
                 # the last row opened with s tokens left, as without a capacity; else the last that has room
-                at = next((j for j in range(len(free[s]) - 1, -1, -1) if room[free[s][j]] >= need), None) \
-                    if bound else len(free[s]) - 1
+                at = (
+                    next((j for j in range(len(free[s]) - 1, -1, -1) if room[free[s][j]] >= need), None)
+                    if bound
+                    else len(free[s]) - 1
+                )
                 if at is not None:
                     r = free[s].pop(at)
                     local[r].append(int(i))
@@ -1068,21 +1174,23 @@ def pack_rows(data: Tokenized, rows: list[np.ndarray], width: int) -> dict[str, 
     per example, 0 on padding) and ``positions`` (restarting at 0 in each example)."""
     lengths = example_lengths(data)
     shape = (len(rows), width)
-    out = {k: np.zeros(shape, np.int32) for k in ("input_ids", "attention_mask", "loss_mask", "segment_ids",
-                                                   "positions")}
+    out = {
+        k: np.zeros(shape, np.int32) for k in ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")
+    }
     for r, row in enumerate(rows):
         at = 0
         for k, i in enumerate(row):
             n = min(int(lengths[i]), width - at)
-            out["input_ids"][r, at: at + n] = data.input_ids[i, :n]
-            out["loss_mask"][r, at: at + n] = data.loss_mask[i, :n]
-            out["segment_ids"][r, at: at + n] = k + 1
-            out["positions"][r, at: at + n] = np.arange(n)
+            out["input_ids"][r, at : at + n] = data.input_ids[i, :n]
+            out["loss_mask"][r, at : at + n] = data.loss_mask[i, :n]
+            out["segment_ids"][r, at : at + n] = k + 1
+            out["positions"][r, at : at + n] = np.arange(n)
             at += n
         out["attention_mask"][r, :at] = 1
     # an example cut at the row's end must not predict past it
-    ends = np.concatenate([out["segment_ids"][:, 1:] != out["segment_ids"][:, :-1], np.ones((len(rows), 1), bool)],
-                          axis=1)
+    ends = np.concatenate(
+        [out["segment_ids"][:, 1:] != out["segment_ids"][:, :-1], np.ones((len(rows), 1), bool)], axis=1
+    )
     out["loss_mask"][ends] = 0
     return out
 
@@ -1096,8 +1204,16 @@ class PackedBatches(Batches):
     the first epoch packed without a limit (rounded up to a multiple of :data:`CAPACITY_MULTIPLE`), so the first
     epoch's rows are the rows packed without loss positions, and later epochs rarely differ."""
 
-    def __init__(self, data: Tokenized, rows: int, seed: int, width: int | None = None, window: int = 1024,
-                 loss_positions: bool = False, capacity: int | None = None):
+    def __init__(
+        self,
+        data: Tokenized,
+        rows: int,
+        seed: int,
+        width: int | None = None,
+        window: int = 1024,
+        loss_positions: bool = False,
+        capacity: int | None = None,
+    ):
         if data.loss_mask is None:
             raise DataError("packing is for causal-LM data (examples with a loss mask)")
         self.data, self.rows, self.seed = data, rows, seed
@@ -1113,11 +1229,14 @@ class PackedBatches(Batches):
             self.capacity = min(int(capacity), self.width)
             if len(data) and int(self.losses.max()) > self.capacity:
                 i = int(np.argmax(self.losses))
-                raise DataError(f"example {i} carries loss at {int(self.losses[i])} positions, more than the "
-                                f"capacity of {self.capacity} loss positions per packed row (data.loss_capacity); "
-                                f"raise it to at least {int(self.losses[i])}")
-        self.stream = EpochStream(lambda e: pack_order(self.lengths, self.width, seed, e, window, self.losses,
-                                                       self.capacity))
+                raise DataError(
+                    f"example {i} carries loss at {int(self.losses[i])} positions, more than the "
+                    f"capacity of {self.capacity} loss positions per packed row (data.loss_capacity); "
+                    f"raise it to at least {int(self.losses[i])}"
+                )
+        self.stream = EpochStream(
+            lambda e: pack_order(self.lengths, self.width, seed, e, window, self.losses, self.capacity)
+        )
 
     def row_indices(self, index: int) -> list[np.ndarray]:
         return self.stream.take(index * self.rows, self.rows)
@@ -1131,6 +1250,8 @@ class PackedBatches(Batches):
     def describe(self) -> str:
         rows = self.stream.take(0, self.stream._size(0))
         used = sum(min(int(self.lengths[i]), self.width) for r in rows for i in r)
-        return (f"packed batches of {self.rows} rows x {self.width} tokens ({len(self.data) / len(rows):.2f} "
-                f"examples and {100 * used / (len(rows) * self.width):.1f}% real tokens per row in the first epoch)"
-                + _describe_capacity(self.capacity, self.width))
+        return (
+            f"packed batches of {self.rows} rows x {self.width} tokens ({len(self.data) / len(rows):.2f} "
+            f"examples and {100 * used / (len(rows) * self.width):.1f}% real tokens per row in the first epoch)"
+            + _describe_capacity(self.capacity, self.width)
+        )

@@ -29,12 +29,16 @@ def initialize_from_env() -> bool:
             local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
             if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes need gloo
                 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            jax.distributed.initialize(address, int(n), int(pid),
-                                       local_device_ids=[int(x) for x in local.split(",")] if local else None)
+            jax.distributed.initialize(
+                address, int(n), int(pid), local_device_ids=[int(x) for x in local.split(",")] if local else None
+            )
             return True
         return False
-    if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1" or \
-            os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1":
+    if (
+        os.environ.get("TPU_WORKER_HOSTNAMES")
+        or os.environ.get("SLURM_NTASKS", "1") != "1"
+        or os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1"
+    ):
         jax.distributed.initialize()
         return True
     if importlib.util.find_spec("libtpu") is not None:

@@ -28,33 +28,89 @@ from lora_jax.errors import DataError
 
 # The E2E ontology (training, development and test sets together), so that a value the development set never
 # uses is still recognised as wrong or added.
-NAMES = ["Alimentum", "Aromi", "Bibimbap House", "Blue Spice", "Browns Cambridge", "Clowns", "Cocum", "Cotto",
-         "Fitzbillies", "Giraffe", "Green Man", "Loch Fyne", "Midsummer House", "Strada", "Taste of Cambridge",
-         "The Cambridge Blue", "The Cricketers", "The Dumpling Tree", "The Eagle", "The Golden Curry",
-         "The Golden Palace", "The Mill", "The Olive Grove", "The Phoenix", "The Plough", "The Punter",
-         "The Rice Boat", "The Twenty Two", "The Vaults", "The Waterman", "The Wrestlers",
-         "Travellers Rest Beefeater", "Wildwood", "Zizzi"]
-NEAR = ["All Bar One", "Avalon", "Burger King", "Café Adriatic", "Café Brazil", "Café Rouge", "Café Sicilia",
-        "Clare Hall", "Crowne Plaza Hotel", "Express by Holiday Inn", "Rainbow Vegetarian Café",
-        "Raja Indian Cuisine", "Ranch", "The Bakers", "The Portland Arms", "The Rice Boat", "The Sorrento",
-        "Yippee Noodle Bar"]
+NAMES = [
+    "Alimentum",
+    "Aromi",
+    "Bibimbap House",
+    "Blue Spice",
+    "Browns Cambridge",
+    "Clowns",
+    "Cocum",
+    "Cotto",
+    "Fitzbillies",
+    "Giraffe",
+    "Green Man",
+    "Loch Fyne",
+    "Midsummer House",
+    "Strada",
+    "Taste of Cambridge",
+    "The Cambridge Blue",
+    "The Cricketers",
+    "The Dumpling Tree",
+    "The Eagle",
+    "The Golden Curry",
+    "The Golden Palace",
+    "The Mill",
+    "The Olive Grove",
+    "The Phoenix",
+    "The Plough",
+    "The Punter",
+    "The Rice Boat",
+    "The Twenty Two",
+    "The Vaults",
+    "The Waterman",
+    "The Wrestlers",
+    "Travellers Rest Beefeater",
+    "Wildwood",
+    "Zizzi",
+]
+NEAR = [
+    "All Bar One",
+    "Avalon",
+    "Burger King",
+    "Café Adriatic",
+    "Café Brazil",
+    "Café Rouge",
+    "Café Sicilia",
+    "Clare Hall",
+    "Crowne Plaza Hotel",
+    "Express by Holiday Inn",
+    "Rainbow Vegetarian Café",
+    "Raja Indian Cuisine",
+    "Ranch",
+    "The Bakers",
+    "The Portland Arms",
+    "The Rice Boat",
+    "The Sorrento",
+    "Yippee Noodle Bar",
+]
 
 _RATING = r"(?:customer[- ])?(?:rat(?:ing|ed|es)|review|star)"
 # slot -> value -> pattern (case-insensitive) of the value's realisations
 PATTERNS: dict[str, dict[str, str]] = {
-    "eatType": {"coffee shop": r"coffee[- ]?shop|\bcaf[eé]\b|coffee house", "pub": r"\bpubs?\b",
-                "restaurant": r"restaurant|\bdiner\b|eatery"},
-    "food": {"Chinese": r"chinese", "English": r"english|british", "Fast food": r"fast[- ]?food",
-             "French": r"french", "Indian": r"indian", "Italian": r"italian", "Japanese": r"japanese|sushi"},
+    "eatType": {
+        "coffee shop": r"coffee[- ]?shop|\bcaf[eé]\b|coffee house",
+        "pub": r"\bpubs?\b",
+        "restaurant": r"restaurant|\bdiner\b|eatery",
+    },
+    "food": {
+        "Chinese": r"chinese",
+        "English": r"english|british",
+        "Fast food": r"fast[- ]?food",
+        "French": r"french",
+        "Indian": r"indian",
+        "Italian": r"italian",
+        "Japanese": r"japanese|sushi",
+    },
     "priceRange": {
         "cheap": r"\bcheap|inexpensive|low[- ]cost|low[- ]pric|affordabl|budget",
         "less than £20": r"(?:less than|under|below|lower than|up to|within) (?:£ ?20|20 ?(?:£|pounds|gbp))"
-                         r"|£ ?20 or less|cheap",
+        r"|£ ?20 or less|cheap",
         "moderate": r"moderate|mid[- ]?(?:range|pric)|average[- ]pric|average price|reasonabl|fair(?:ly)? pric",
         "£20-25": r"£ ?20 ?(?:-|–|to) ?£? ?25|20 ?(?:-|to) ?25|twenty (?:to|-) twenty[- ]five",
         "high": r"high[- ]pric|expensive|pricey|high price|costly|high[- ]end|upscale|high cost",
         "more than £30": r"(?:more than|over|above|greater than|exceeds?|higher than|in excess of) (?:£ ?30|30 ?"
-                         r"(?:£|pounds|gbp))|£ ?30 (?:or|and) (?:more|above|over|up)|£ ?30\+|expensive",
+        r"(?:£|pounds|gbp))|£ ?30 (?:or|and) (?:more|above|over|up)|£ ?30\+|expensive",
     },
     "customer rating": {
         "1 out of 5": r"\b1 out of 5|\bone out of five|\b1 star|one[- ]star|\b1/5",
@@ -62,18 +118,20 @@ PATTERNS: dict[str, dict[str, str]] = {
         "5 out of 5": r"\b5 out of 5|\bfive out of five|\b5 star|five[- ]star|\b5/5",
         "low": rf"\b(?:low|poor(?:ly)?|bad(?:ly)?)\b[\w -]{{0,12}}{_RATING}|{_RATING}[\w -]{{0,20}}\b(?:low|poor)",
         "average": rf"\b(?:average|mediocre|decent|ok(?:ay)?)\b[\w -]{{0,12}}{_RATING}|{_RATING}[\w -]{{0,20}}"
-                   r"\baverage",
+        r"\baverage",
         "high": rf"\b(?:high(?:ly)?|excellent|great|good|top)\b[\w -]{{0,12}}{_RATING}|{_RATING}[\w -]{{0,20}}"
-                r"\b(?:high|excellent)",
+        r"\b(?:high|excellent)",
     },
-    "area": {"city centre": r"city cent(?:re|er)|cent(?:re|er) of (?:the )?(?:city|town)|town cent(?:re|er)"
-                            r"|\bcentral|\bdowntown|in the cent(?:re|er)",
-             "riverside": r"riverside|\briver\b|waterfront"},
+    "area": {
+        "city centre": r"city cent(?:re|er)|cent(?:re|er) of (?:the )?(?:city|town)|town cent(?:re|er)"
+        r"|\bcentral|\bdowntown|in the cent(?:re|er)",
+        "riverside": r"riverside|\briver\b|waterfront",
+    },
     "familyFriendly": {
         # negation first: "not family friendly", "isn't kid friendly", "not for families", "adults only"
         "no": r"(?:\bnot?\b|n't|\bnon|\bun)[- ](?:\w+ ){0,3}?(?:family|kid|child|children)"
-              r"|(?:not|n't)\b[\w ]{0,25}\b(?:famil|kids|child)|adults?[- ]only|no (?:kids|children|families)"
-              r"|(?:family|kid|child)[- ]unfriendly|(?:family|kid|child)[- ]friendly[\w ]{0,6}\bno\b",
+        r"|(?:not|n't)\b[\w ]{0,25}\b(?:famil|kids|child)|adults?[- ]only|no (?:kids|children|families)"
+        r"|(?:family|kid|child)[- ]unfriendly|(?:family|kid|child)[- ]friendly[\w ]{0,6}\bno\b",
         "yes": r"(?:family|kid|child|children)[- ]?friendly|famil(?:y|ies)|\bkids\b|\bchildren\b|\bchild\b",
     },
 }
@@ -143,12 +201,20 @@ class SlotErrors:
 
 # Values that one wording realises together: a text saying "cheap" realises priceRange[cheap] and
 # priceRange[less than £20] alike; neither is then wrong for the other.
-_EQUIVALENT = {("priceRange", "cheap"): {"less than £20"}, ("priceRange", "less than £20"): {"cheap"},
-               ("priceRange", "high"): {"more than £30"}, ("priceRange", "more than £30"): {"high"},
-               ("priceRange", "moderate"): {"£20-25"}, ("priceRange", "£20-25"): {"moderate"},
-               ("customer rating", "5 out of 5"): {"high"}, ("customer rating", "high"): {"5 out of 5"},
-               ("customer rating", "1 out of 5"): {"low"}, ("customer rating", "low"): {"1 out of 5"},
-               ("customer rating", "3 out of 5"): {"average"}, ("customer rating", "average"): {"3 out of 5"}}
+_EQUIVALENT = {
+    ("priceRange", "cheap"): {"less than £20"},
+    ("priceRange", "less than £20"): {"cheap"},
+    ("priceRange", "high"): {"more than £30"},
+    ("priceRange", "more than £30"): {"high"},
+    ("priceRange", "moderate"): {"£20-25"},
+    ("priceRange", "£20-25"): {"moderate"},
+    ("customer rating", "5 out of 5"): {"high"},
+    ("customer rating", "high"): {"5 out of 5"},
+    ("customer rating", "1 out of 5"): {"low"},
+    ("customer rating", "low"): {"1 out of 5"},
+    ("customer rating", "3 out of 5"): {"average"},
+    ("customer rating", "average"): {"3 out of 5"},
+}
 
 
 def slot_errors(mr: str | dict[str, str], text: str) -> SlotErrors:
@@ -180,8 +246,12 @@ def corpus_ser(mrs: list[str], texts: list[str]) -> dict[str, float]:
         raise DataError(f"corpus_ser: {len(mrs)} MRs but {len(texts)} texts")
     errs = [slot_errors(m, t) for m, t in zip(mrs, texts)]
     slots = sum(e.slots for e in errs)
-    out = {"ser": sum(e.errors for e in errs) / max(slots, 1), "slots": slots, "texts": len(texts),
-           "texts_with_errors": sum(e.errors > 0 for e in errs)}
+    out = {
+        "ser": sum(e.errors for e in errs) / max(slots, 1),
+        "slots": slots,
+        "texts": len(texts),
+        "texts_with_errors": sum(e.errors > 0 for e in errs),
+    }
     for kind in ("missing", "wrong", "added"):
         out[kind] = sum(getattr(e, kind) for e in errs) / max(slots, 1)
     return out
@@ -193,10 +263,15 @@ def corpus_ser(mrs: list[str], texts: list[str]) -> dict[str, float]:
 # only when :func:`slot_errors` counts more errors for it than for the reference.
 
 VALUES: dict[str, list[str]] = {"name": NAMES, "near": NEAR, **{s: list(v) for s, v in PATTERNS.items()}}
-_INVENT = {"food": "It serves {} food.", "area": "It is located in the {} area.",
-           "eatType": "It is a {}.", "near": "It is near {}.", "customer rating": "It has a customer rating of {}.",
-           "priceRange": "It has a {} price range.",
-           "familyFriendly": {"yes": "It is family friendly.", "no": "It is not family friendly."}}
+_INVENT = {
+    "food": "It serves {} food.",
+    "area": "It is located in the {} area.",
+    "eatType": "It is a {}.",
+    "near": "It is near {}.",
+    "customer rating": "It has a customer rating of {}.",
+    "priceRange": "It has a {} price range.",
+    "familyFriendly": {"yes": "It is family friendly.", "no": "It is not family friendly."},
+}
 
 
 def _swap(mr: dict[str, str], ref: str, rng) -> str | None:
@@ -216,7 +291,7 @@ def _drop(mr: dict[str, str], ref: str, rng) -> str | None:
     if len(sentences) < 2:
         return None
     k = rng.randrange(1, len(sentences))
-    return " ".join(sentences[:k] + sentences[k + 1:])
+    return " ".join(sentences[:k] + sentences[k + 1 :])
 
 
 def _invent(mr: dict[str, str], ref: str, rng) -> str | None:
@@ -253,8 +328,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print(__doc__.split("\n\n")[0], file=sys.stderr)
-        print("usage: python -m train.e2e_slots predictions.jsonl  (rows {\"mr\": ..., \"text\": ...})",
-              file=sys.stderr)
+        print('usage: python -m train.e2e_slots predictions.jsonl  (rows {"mr": ..., "text": ...})', file=sys.stderr)
         return 2
     rows = [json.loads(line) for line in open(argv[0]) if line.strip()]
     print(json.dumps(corpus_ser([r["mr"] for r in rows], [r["text"] for r in rows]), indent=1))

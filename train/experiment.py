@@ -48,8 +48,9 @@ def _run(name: str, config: str | None, overrides: list[str], out: Path) -> dict
     """Run (or, with ``--reuse``, reuse) one configuration; each name keeps one run, ``out/runs/NAME/latest``
     (``output.overwrite``: a rerun replaces it once the new run has checkpointed)."""
     job = out / "runs" / name
-    cfg = load_config(ROOT / config if config else None,
-                      last_wins([*overrides, f"output.dir={job}", "output.overwrite=true"]))
+    cfg = load_config(
+        ROOT / config if config else None, last_wins([*overrides, f"output.dir={job}", "output.overwrite=true"])
+    )
     folder = job / "latest"
     if REUSE and _finished(folder, cfg):
         print(f"\n=== {name}: reusing the finished run in {folder.resolve()}", flush=True)
@@ -60,8 +61,13 @@ def _run(name: str, config: str | None, overrides: list[str], out: Path) -> dict
     evals = [r for r in log if r["kind"] == "eval"]
     train = [r for r in log if r["kind"] == "train"]
     saved = json.loads((folder / "result.json").read_text())
-    return {"name": name, "overrides": overrides, "evals": evals, "result": saved,
-            "final_train_loss": train[-1]["loss"] if train else None}
+    return {
+        "name": name,
+        "overrides": overrides,
+        "evals": evals,
+        "result": saved,
+        "final_train_loss": train[-1]["loss"] if train else None,
+    }
 
 
 def _plot(runs: list[dict], metric: str, path: Path, title: str, x: str = "train_s") -> None:
@@ -103,8 +109,12 @@ def sst2_methods(out: Path, scale: float, config: str | None = SST2, extra: tupl
         _run("lora", config, [*common, "train.method=lora", "optim.lr=1e-3", *extra], out),
         # (the config's lora.alpha applies to adapters only)
         _run("full", config, [*common, "train.method=full", "optim.lr=5e-5", "lora.alpha=null", *extra], out),
-        _run("linear_probe", config, [*common, "train.method=linear_probe", "optim.lr=5e-3", "lora.alpha=null",
-                                      *extra], out),
+        _run(
+            "linear_probe",
+            config,
+            [*common, "train.method=linear_probe", "optim.lr=5e-3", "lora.alpha=null", *extra],
+            out,
+        ),
     ]
     title = f"SST-2, MiniLM-L6: {steps:,} steps of {cfg.train.batch_size} each"
     _plot(runs, "auc", out / "sst2_methods_auc.png", title)
@@ -112,8 +122,14 @@ def sst2_methods(out: Path, scale: float, config: str | None = SST2, extra: tupl
     table = _table(runs)
     for row in table:
         row["epochs"] = row["examples_seen"] / train_rows
-    return {"runs": runs, "table": table, "train_rows": train_rows, "steps": steps,
-            "batch_size": cfg.train.batch_size, "scale": scale}
+    return {
+        "runs": runs,
+        "table": table,
+        "train_rows": train_rows,
+        "steps": steps,
+        "batch_size": cfg.train.batch_size,
+        "scale": scale,
+    }
 
 
 def _table(runs: list[dict]) -> list[dict]:
@@ -121,20 +137,31 @@ def _table(runs: list[dict]) -> list[dict]:
     rows = []
     for r in runs:
         res = r["result"]
-        rows.append({"name": r["name"], "trainable_params": res["trainable_params"], "steps": res["steps"],
-                     "examples_seen": res.get("examples_seen"), "train_s": res["train_s"],
-                     "wall_s": res.get("wall_s"),
-                     "step_compilations": res.get("step_compilations"), "batching": res.get("batching"),
-                     "batch_widths": res.get("batch_widths"),
-                     **{k: res["eval_after"].get(k) for k in ("auc", "accuracy", "loss")},
-                     "optimizer_state_bytes": res["optimizer_state_bytes"],
-                     "checkpoint_bytes": res["checkpoint_bytes"]})
-    print(f"\n{'run':<22} {'trainable':>11} {'steps':>6} {'AUC':>7} {'acc':>7} {'loss':>7} {'opt MB':>8} "
-          f"{'ckpt MB':>8}")
+        rows.append(
+            {
+                "name": r["name"],
+                "trainable_params": res["trainable_params"],
+                "steps": res["steps"],
+                "examples_seen": res.get("examples_seen"),
+                "train_s": res["train_s"],
+                "wall_s": res.get("wall_s"),
+                "step_compilations": res.get("step_compilations"),
+                "batching": res.get("batching"),
+                "batch_widths": res.get("batch_widths"),
+                **{k: res["eval_after"].get(k) for k in ("auc", "accuracy", "loss")},
+                "optimizer_state_bytes": res["optimizer_state_bytes"],
+                "checkpoint_bytes": res["checkpoint_bytes"],
+            }
+        )
+    print(
+        f"\n{'run':<22} {'trainable':>11} {'steps':>6} {'AUC':>7} {'acc':>7} {'loss':>7} {'opt MB':>8} {'ckpt MB':>8}"
+    )
     for row in rows:
-        print(f"{row['name']:<22} {row['trainable_params']:>11,} {row['steps']:>6} {row['auc']:>7.4f} "
-              f"{row['accuracy']:>7.4f} {row['loss']:>7.4f} {row['optimizer_state_bytes'] / 1e6:>8.2f} "
-              f"{(row['checkpoint_bytes'] or 0) / 1e6:>8.2f}")
+        print(
+            f"{row['name']:<22} {row['trainable_params']:>11,} {row['steps']:>6} {row['auc']:>7.4f} "
+            f"{row['accuracy']:>7.4f} {row['loss']:>7.4f} {row['optimizer_state_bytes'] / 1e6:>8.2f} "
+            f"{(row['checkpoint_bytes'] or 0) / 1e6:>8.2f}"
+        )
     return rows
 
 
@@ -149,15 +176,18 @@ def whisper_methods(out: Path, scale: float) -> dict:
 
     speech_data.generate(ROOT / "data" / "speech_langid")
     budget = 600 * scale
-    common = ["train.steps=100000", f"train.time_budget_s={budget}", "checkpoint.every=100000",
-              f"data.source={ROOT / 'data/speech_langid/train.jsonl'}",
-              f"data.eval_source={ROOT / 'data/speech_langid/eval.jsonl'}"]
+    common = [
+        "train.steps=100000",
+        f"train.time_budget_s={budget}",
+        "checkpoint.every=100000",
+        f"data.source={ROOT / 'data/speech_langid/train.jsonl'}",
+        f"data.eval_source={ROOT / 'data/speech_langid/eval.jsonl'}",
+    ]
     every = lambda steps_per_budget: f"eval.every={max(int(steps_per_budget * scale / 8), 1)}"  # noqa: E731
     runs = [
         _run("whisper_lora", SPEECH, [*common, "train.method=lora", "optim.lr=1e-3", every(90)], out),
         _run("whisper_full", SPEECH, [*common, "train.method=full", "optim.lr=1e-4", every(35)], out),
-        _run("whisper_frozen_head", SPEECH, [*common, "train.method=linear_probe", "optim.lr=3e-3", every(160)],
-             out),
+        _run("whisper_frozen_head", SPEECH, [*common, "train.method=linear_probe", "optim.lr=3e-3", every(160)], out),
     ]
     title = f"Spoken-language ID, {load_config(ROOT / SPEECH).model.name}: {budget:.0f}s budget each"
     _plot(runs, "auc", out / "whisper_methods_auc.png", title)
@@ -169,18 +199,35 @@ def rank_study(out: Path, scale: float) -> dict:
     """Rank r at fixed targets (q, v); then which matrices at a fixed budget of adapter parameters."""
     steps = max(int(300 * scale), 2)
     common = [f"train.steps={steps}", f"eval.every={max(steps // 4, 1)}", "checkpoint.every=100000", "optim.lr=1e-3"]
-    runs = [_run(f"r{r}_qv", SST2, [*common, f"lora.r={r}", f"lora.alpha={2 * r}", "lora.targets=qv"], out)
-            for r in (1, 2, 4, 8, 16, 64)]
+    runs = [
+        _run(f"r{r}_qv", SST2, [*common, f"lora.r={r}", f"lora.alpha={2 * r}", "lora.targets=qv"], out)
+        for r in (1, 2, 4, 8, 16, 64)
+    ]
     # Fixed budget: 8 x (384 + 384) adapter parameters per layer, spread over more matrices at lower rank. Every
     # linear layer at the lowest rank, r=1 (4 x 768 + 2 x 1920 per layer, plus the pooler), is 1.15x the budget.
-    layouts = {"Wq r=8": (".*/self/query/kernel", 8), "Wq,Wv r=4": ("qv", 4),
-               "Wq,Wk,Wv,Wo r=2": ("attention", 2), "all-linear r=1": ("all-linear", 1)}
+    layouts = {
+        "Wq r=8": (".*/self/query/kernel", 8),
+        "Wq,Wv r=4": ("qv", 4),
+        "Wq,Wk,Wv,Wo r=2": ("attention", 2),
+        "all-linear r=1": ("all-linear", 1),
+    }
     for name, (targets, r) in layouts.items():
-        runs.append(_run(name.replace(",", "").replace(" ", "_").replace("=", ""), SST2,
-                         [*common, f"lora.r={r}", f"lora.alpha={2 * r}", f"lora.targets={targets}"], out))
+        runs.append(
+            _run(
+                name.replace(",", "").replace(" ", "_").replace("=", ""),
+                SST2,
+                [*common, f"lora.r={r}", f"lora.alpha={2 * r}", f"lora.targets={targets}"],
+                out,
+            )
+        )
     _plot(runs[:6], "auc", out / "rank_study_auc.png", "SST-2, MiniLM-L6: LoRA rank (W_q, W_v)", x="step")
-    _plot(runs[6:], "auc", out / "rank_study_matrices_auc.png",
-          "SST-2, MiniLM-L6: which matrices, ~6K adapter params per layer", x="step")
+    _plot(
+        runs[6:],
+        "auc",
+        out / "rank_study_matrices_auc.png",
+        "SST-2, MiniLM-L6: which matrices, ~6K adapter params per layer",
+        x="step",
+    )
     return {"runs": runs}
 
 
@@ -201,8 +248,9 @@ def _shared_data(*parts: str) -> Path | None:
     return None
 
 
-def e2e_smollm2(out: Path, scale: float, config: str | None = "configs/e2e_smollm2_lora.yaml",
-                extra: tuple[str, ...] = ()) -> dict:
+def e2e_smollm2(
+    out: Path, scale: float, config: str | None = "configs/e2e_smollm2_lora.yaml", extra: tuple[str, ...] = ()
+) -> dict:
     """E2E NLG (split by MR) with SmolLM2-135M-Instruct and LoRA r=8 on q_proj, v_proj, packed rows, ``E2E_STEPS``
     (two epochs of the training MRs) x ``scale`` steps. The saved adapter is then scored on every held-out MR
     against all its references, greedy and with the LoRA paper's beam search (:func:`train.predict.score_heldout`);
@@ -212,8 +260,12 @@ def e2e_smollm2(out: Path, scale: float, config: str | None = "configs/e2e_smoll
 
     steps = max(int(math.ceil(E2E_STEPS * scale)), 2)
     # Four evaluations in training, the last at the final step (not one two steps before it).
-    overrides = [f"train.steps={steps}", f"eval.every={max(-(-steps // 4), 1)}", "checkpoint.every=100000",
-                 "eval.generate_eval=0"]
+    overrides = [
+        f"train.steps={steps}",
+        f"eval.every={max(-(-steps // 4), 1)}",
+        "checkpoint.every=100000",
+        "eval.generate_eval=0",
+    ]
     source = _shared_data("e2e", "devset.csv")
     if config is not None and source is not None and not Path(load_config(ROOT / config).data.source).is_file():
         overrides.append(f"data.source={source}")
@@ -221,22 +273,35 @@ def e2e_smollm2(out: Path, scale: float, config: str | None = "configs/e2e_smoll
     _plot(runs, "loss", out / "e2e_smollm2_loss.png", "E2E, SmolLM2-135M + LoRA", x="step")
     folder = out / "runs" / "e2e_lora" / "latest"
     print("\n=== scoring the adapter on every held-out MR", flush=True)
-    scores = predict.score_heldout(predict.from_run(str(folder), merged=True),
-                                   {"greedy": predict.GREEDY, "beam10_lp0.9_norepeat4": predict.PAPER_BEAM},
-                                   print_fn=lambda *a: print(*a, flush=True))
+    scores = predict.score_heldout(
+        predict.from_run(str(folder), merged=True),
+        {"greedy": predict.GREEDY, "beam10_lp0.9_norepeat4": predict.PAPER_BEAM},
+        print_fn=lambda *a: print(*a, flush=True),
+    )
     res = runs[0]["result"]
-    training = {"steps": res["steps"], "examples_seen": res["examples_seen"], "train_rows": scores["train_rows"],
-                "train_mrs": scores["train_prompts"], "epochs": res["examples_seen"] / scores["train_rows"],
-                "batching": res.get("batching"), "train_s": res["train_s"]}
-    table = [{"name": name, **{k: v for k, v in d.items() if k != "predictions"}}
-             for name, d in scores["decodings"].items()]
-    print(f"\ntraining: {training['steps']} steps, {training['examples_seen']} examples seen = "
-          f"{training['epochs']:.2f} epochs of {training['train_rows']} training rows ({training['train_mrs']} MRs), "
-          f"{training['train_s']:.0f} s")
+    training = {
+        "steps": res["steps"],
+        "examples_seen": res["examples_seen"],
+        "train_rows": scores["train_rows"],
+        "train_mrs": scores["train_prompts"],
+        "epochs": res["examples_seen"] / scores["train_rows"],
+        "batching": res.get("batching"),
+        "train_s": res["train_s"],
+    }
+    table = [
+        {"name": name, **{k: v for k, v in d.items() if k != "predictions"}} for name, d in scores["decodings"].items()
+    ]
+    print(
+        f"\ntraining: {training['steps']} steps, {training['examples_seen']} examples seen = "
+        f"{training['epochs']:.2f} epochs of {training['train_rows']} training rows ({training['train_mrs']} MRs), "
+        f"{training['train_s']:.0f} s"
+    )
     print(f"{'decoding':<24} {'BLEU':>6} {'ROUGE-L':>8} {'MRs':>5} {'refs':>5} {'decode s':>9}")
     for row in table:
-        print(f"{row['name']:<24} {row['bleu']:>6.2f} {row['rougeL']:>8.2f} {row['prompts_scored']:>5} "
-              f"{row['references']:>5} {row['decode_s']:>9.1f}")
+        print(
+            f"{row['name']:<24} {row['bleu']:>6.2f} {row['rougeL']:>8.2f} {row['prompts_scored']:>5} "
+            f"{row['references']:>5} {row['decode_s']:>9.1f}"
+        )
     return {"runs": runs, "training": training, "heldout": scores, "table": table}
 
 
@@ -246,8 +311,14 @@ E2E_DPO_SFT_STEPS = 120
 E2E_DPO = "configs/e2e_smollm2_dpo.yaml"
 
 
-def build_e2e_pairs(train_rows: list[dict], eval_rows: list[dict], folder: Path, seed: int = 0,
-                    mr_column: str = "mr", ref_column: str = "ref") -> dict:
+def build_e2e_pairs(
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    folder: Path,
+    seed: int = 0,
+    mr_column: str = "mr",
+    ref_column: str = "ref",
+) -> dict:
     """Preference pairs for E2E: each training reference is a chosen answer, its rejected twin contradicts the
     MR (:func:`train.e2e_slots.rejected_answer`); the held-out MRs get one pair each (their first reference), for
     the DPO run's evaluation. Writes ``folder/train.jsonl`` and ``folder/eval.jsonl``; returns the counts of
@@ -260,21 +331,33 @@ def build_e2e_pairs(train_rows: list[dict], eval_rows: list[dict], folder: Path,
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     kinds: dict[str, collections.Counter] = {}
-    for name, rows in (("train", train_rows), ("eval", list({r[mr_column]: r for r in eval_rows[::-1]}.values())[::-1])):
+    for name, rows in (
+        ("train", train_rows),
+        ("eval", list({r[mr_column]: r for r in eval_rows[::-1]}.values())[::-1]),
+    ):
         counts: collections.Counter = collections.Counter()
         with open(folder / f"{name}.jsonl", "w") as f:
             for row in rows:
                 made = e2e_slots.rejected_answer(row[mr_column], row[ref_column], rng)
                 counts[made[1] if made else "none"] += 1
                 if made:
-                    f.write(json.dumps({"mr": row[mr_column], "chosen": row[ref_column], "rejected": made[0],
-                                        "kind": made[1]}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {"mr": row[mr_column], "chosen": row[ref_column], "rejected": made[0], "kind": made[1]}
+                        )
+                        + "\n"
+                    )
         kinds[name] = dict(counts)
     return kinds
 
 
-def e2e_dpo(out: Path, scale: float, sft_config: str | None = "configs/e2e_smollm2_lora.yaml",
-            dpo_config: str | None = E2E_DPO, extra: tuple[str, ...] = ()) -> dict:
+def e2e_dpo(
+    out: Path,
+    scale: float,
+    sft_config: str | None = "configs/e2e_smollm2_lora.yaml",
+    dpo_config: str | None = E2E_DPO,
+    extra: tuple[str, ...] = (),
+) -> dict:
     """SFT, then DPO from the SFT adapter, on E2E with SmolLM2-135M-Instruct: slot error rate
     (:mod:`train.e2e_slots`) and BLEU / ROUGE-L of greedy decoding on every held-out MR, SFT alone vs SFT + DPO.
 
@@ -297,8 +380,15 @@ def e2e_dpo(out: Path, scale: float, sft_config: str | None = "configs/e2e_smoll
     loads = {"start": load()}
     sft_steps = max(int(math.ceil(E2E_DPO_SFT_STEPS * scale)), 2)
     # (evaluation before and after only, on 8 held-out MRs: the held-out scoring below covers all of them)
-    sft_over = [f"train.steps={sft_steps}", "eval.every=100000", "data.max_eval_examples=8", "checkpoint.every=100000",
-                "eval.generate_eval=0", "eval.generate_samples=1", f"optim.warmup_steps={max(sft_steps // 10, 1)}"]
+    sft_over = [
+        f"train.steps={sft_steps}",
+        "eval.every=100000",
+        "data.max_eval_examples=8",
+        "checkpoint.every=100000",
+        "eval.generate_eval=0",
+        "eval.generate_samples=1",
+        f"optim.warmup_steps={max(sft_steps // 10, 1)}",
+    ]
     source = _shared_data("e2e", "devset.csv")
     if sft_config is not None and source is not None and not Path(load_config(ROOT / sft_config).data.source).is_file():
         sft_over.append(f"data.source={source}")
@@ -309,14 +399,24 @@ def e2e_dpo(out: Path, scale: float, sft_config: str | None = "configs/e2e_smoll
 
     train_rows, eval_rows = predict.heldout_split(sft_cfg)
     pairs_dir = out / "runs" / "e2e_dpo_pairs"  # generated, reproducible: not committed
-    kinds = build_e2e_pairs(train_rows, eval_rows, pairs_dir, mr_column=sft_cfg.data.prompt_column,
-                            ref_column=sft_cfg.data.completion_column)
+    kinds = build_e2e_pairs(
+        train_rows,
+        eval_rows,
+        pairs_dir,
+        mr_column=sft_cfg.data.prompt_column,
+        ref_column=sft_cfg.data.completion_column,
+    )
     dpo_cfg = load_config(ROOT / dpo_config if dpo_config else None)
     dpo_steps = max(int(math.ceil(dpo_cfg.train.steps * scale)), 2)
-    dpo_over = [f"train.steps={dpo_steps}", f"eval.every={max(-(-dpo_steps // 2), 1)}", "checkpoint.every=100000",
-                "data.max_eval_examples=16",
-                f"data.source={pairs_dir / 'train.jsonl'}", f"data.eval_source={pairs_dir / 'eval.jsonl'}",
-                f"model.adapter={sft_folder.resolve()}"]
+    dpo_over = [
+        f"train.steps={dpo_steps}",
+        f"eval.every={max(-(-dpo_steps // 2), 1)}",
+        "checkpoint.every=100000",
+        "data.max_eval_examples=16",
+        f"data.source={pairs_dir / 'train.jsonl'}",
+        f"data.eval_source={pairs_dir / 'eval.jsonl'}",
+        f"model.adapter={sft_folder.resolve()}",
+    ]
     dpo = _run("e2e_dpo", dpo_config, [*dpo_over, *extra], out)
     loads["after_dpo"] = load()
 
@@ -330,27 +430,52 @@ def e2e_dpo(out: Path, scale: float, sft_config: str | None = "configs/e2e_smoll
         print(f"\n=== {name}: decoding {len(prompts)} held-out MRs", flush=True)
         p = predict.from_run(str(folder), merged=True)
         t1 = time.perf_counter()
-        preds = predict.generate(p, prompts, num_beams=1, max_new_tokens=sft_cfg.eval.max_new_tokens,
-                                 batch_size=sft_cfg.eval.batch_size)
-        scores[name] = {**metrics_lib.generation(preds, refs), "slot_errors": e2e_slots.corpus_ser(mrs, preds),
-                        "decode_s": time.perf_counter() - t1, "predictions": preds}
+        preds = predict.generate(
+            p, prompts, num_beams=1, max_new_tokens=sft_cfg.eval.max_new_tokens, batch_size=sft_cfg.eval.batch_size
+        )
+        scores[name] = {
+            **metrics_lib.generation(preds, refs),
+            "slot_errors": e2e_slots.corpus_ser(mrs, preds),
+            "decode_s": time.perf_counter() - t1,
+            "predictions": preds,
+        }
     loads["end"] = load()
     _plot_e2e_dpo(scores, dpo, out)
-    table = [{"name": n, "ser": scores[n]["slot_errors"]["ser"], **{k: scores[n]["slot_errors"][k]
-             for k in ("missing", "wrong", "added")}, "bleu": scores[n].get("bleu"), "rougeL": scores[n].get("rougeL")}
-             for n in ("human_references", "sft", "sft_dpo")]
+    table = [
+        {
+            "name": n,
+            "ser": scores[n]["slot_errors"]["ser"],
+            **{k: scores[n]["slot_errors"][k] for k in ("missing", "wrong", "added")},
+            "bleu": scores[n].get("bleu"),
+            "rougeL": scores[n].get("rougeL"),
+        }
+        for n in ("human_references", "sft", "sft_dpo")
+    ]
     print(f"\n{'':<18} {'SER %':>7} {'missing':>8} {'wrong':>6} {'added':>6} {'BLEU':>6} {'ROUGE-L':>8}")
     for row in table:
-        print(f"{row['name']:<18} {100 * row['ser']:>7.2f} {100 * row['missing']:>8.2f} {100 * row['wrong']:>6.2f} "
-              f"{100 * row['added']:>6.2f} {row['bleu'] or float('nan'):>6.2f} {row['rougeL'] or float('nan'):>8.2f}")
+        print(
+            f"{row['name']:<18} {100 * row['ser']:>7.2f} {100 * row['missing']:>8.2f} {100 * row['wrong']:>6.2f} "
+            f"{100 * row['added']:>6.2f} {row['bleu'] or float('nan'):>6.2f} {row['rougeL'] or float('nan'):>8.2f}"
+        )
     from benchmarks.common import cpu_info, git_state
 
-    return {"runs": [sft, dpo], "pairs": kinds, "heldout": {"mrs": mrs, "references": refs, "prompts": prompts},
-            "scores": scores, "table": table, "sft_steps": sft_steps, "dpo_steps": dpo_steps,
-            "provenance": {"git": git_state(["train", "lora_jax", "configs"]), "cpu": cpu_info(),
-                           "load_average": loads, "wall_s": time.perf_counter() - t0,
-                           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                           "command": f"python -m train.experiment e2e_dpo --scale {scale:g}"}}
+    return {
+        "runs": [sft, dpo],
+        "pairs": kinds,
+        "heldout": {"mrs": mrs, "references": refs, "prompts": prompts},
+        "scores": scores,
+        "table": table,
+        "sft_steps": sft_steps,
+        "dpo_steps": dpo_steps,
+        "provenance": {
+            "git": git_state(["train", "lora_jax", "configs"]),
+            "cpu": cpu_info(),
+            "load_average": loads,
+            "wall_s": time.perf_counter() - t0,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "command": f"python -m train.experiment e2e_dpo --scale {scale:g}",
+        },
+    }
 
 
 def _plot_e2e_dpo(scores: dict, dpo: dict, out: Path) -> None:
@@ -407,30 +532,52 @@ def qlora_vs_lora(out: Path, scale: float) -> dict:
     variants = {
         "lora_f32": ["train.method=lora", "train.precision=float32"],
         "lora_bf16_base": ["train.method=lora", "train.precision=bfloat16"],
-        "qlora_nf4": ["train.method=qlora", "train.precision=bfloat16", "quant.type=nf4", "quant.block_size=64",
-                      "quant.double_quant=true"],
+        "qlora_nf4": [
+            "train.method=qlora",
+            "train.precision=bfloat16",
+            "quant.type=nf4",
+            "quant.block_size=64",
+            "quant.double_quant=true",
+        ],
     }
     runs = [_run(name, SST2, [*common, *extra], out) for name, extra in variants.items()]
     table = []
     for r in runs:
         res = r["result"]
-        table.append({"name": r["name"], **{k: res["eval_after"].get(k) for k in ("auc", "accuracy", "loss")},
-                      "frozen_bytes": res.get("frozen_bytes"), "optimizer_state_bytes": res["optimizer_state_bytes"],
-                      "trainable_bytes": res["trainable_bytes"], "step_memory_bytes": res.get("step_memory_bytes"),
-                      "train_s": res["train_s"]})
+        table.append(
+            {
+                "name": r["name"],
+                **{k: res["eval_after"].get(k) for k in ("auc", "accuracy", "loss")},
+                "frozen_bytes": res.get("frozen_bytes"),
+                "optimizer_state_bytes": res["optimizer_state_bytes"],
+                "trainable_bytes": res["trainable_bytes"],
+                "step_memory_bytes": res.get("step_memory_bytes"),
+                "train_s": res["train_s"],
+            }
+        )
     print(f"\n{'run':<16} {'AUC':>7} {'acc':>7} {'loss':>7} {'base MiB':>9} {'opt MiB':>8} {'step MiB':>9}")
     for row in table:
-        mib = [f"{row[k] / 2**20:.2f}" if row[k] is not None else "n/a"
-               for k in ("frozen_bytes", "optimizer_state_bytes", "step_memory_bytes")]
-        print(f"{row['name']:<16} {row['auc']:>7.4f} {row['accuracy']:>7.4f} {row['loss']:>7.4f} {mib[0]:>9} "
-              f"{mib[1]:>8} {mib[2]:>9}")
+        mib = [
+            f"{row[k] / 2**20:.2f}" if row[k] is not None else "n/a"
+            for k in ("frozen_bytes", "optimizer_state_bytes", "step_memory_bytes")
+        ]
+        print(
+            f"{row['name']:<16} {row['auc']:>7.4f} {row['accuracy']:>7.4f} {row['loss']:>7.4f} {mib[0]:>9} "
+            f"{mib[1]:>8} {mib[2]:>9}"
+        )
     _plot(runs, "auc", out / "qlora_vs_lora_auc.png", f"SST-2, MiniLM-L6: {steps} steps each", x="step")
     _plot(runs, "loss", out / "qlora_vs_lora_loss.png", f"SST-2, MiniLM-L6: {steps} steps each", x="step")
     return {"runs": runs, "table": table}
 
 
-EXPERIMENTS = {"sst2_methods": sst2_methods, "rank_study": rank_study, "e2e_smollm2": e2e_smollm2,
-               "qlora_vs_lora": qlora_vs_lora, "whisper_methods": whisper_methods, "e2e_dpo": e2e_dpo}
+EXPERIMENTS = {
+    "sst2_methods": sst2_methods,
+    "rank_study": rank_study,
+    "e2e_smollm2": e2e_smollm2,
+    "qlora_vs_lora": qlora_vs_lora,
+    "whisper_methods": whisper_methods,
+    "e2e_dpo": e2e_dpo,
+}
 
 
 def main(argv=None) -> int:

@@ -46,10 +46,12 @@ from train.tasks import loss_for
 logger = logging.getLogger(__name__)
 
 # data.task -> the model task it trains
-MODEL_TASKS = {"causal-lm": "causal-lm", "chat": "causal-lm", "classification": "sequence-classification",
-               "audio-classification": "audio-classification"}
-
-
+MODEL_TASKS = {
+    "causal-lm": "causal-lm",
+    "chat": "causal-lm",
+    "classification": "sequence-classification",
+    "audio-classification": "audio-classification",
+}
 
 
 # ------------------------------------------------------------------------------------------- output files
@@ -77,16 +79,20 @@ def open_model(cfg: Config):
     except TypeError as e:
         if coef is None or "router_aux_loss_coef" not in str(e):
             raise
-        raise ConfigError(f"model.router_aux_loss_coef={coef}: {cfg.model.name} is not a mixture of experts "
-                          "(its Config has no router); leave it unset") from None
+        raise ConfigError(
+            f"model.router_aux_loss_coef={coef}: {cfg.model.name} is not a mixture of experts "
+            "(its Config has no router); leave it unset"
+        ) from None
     model = ckpt.build(jnp.dtype(cfg.train.precision))
     if hasattr(model, "remat"):  # checkpoint each layer (train.remat); other models checkpoint the whole loss
         model = model.clone(remat=remat_name(cfg.train.remat))
     if hasattr(model, "attention"):  # the shared decoder's attention implementation (lora_jax.models.attention)
         model = model.clone(attention=cfg.model.attention)
     elif cfg.model.attention != "auto":
-        raise ConfigError(f"model.attention={cfg.model.attention}: {cfg.model.name} has its own attention (only the "
-                          "shared decoder's families choose one); leave it auto")
+        raise ConfigError(
+            f"model.attention={cfg.model.attention}: {cfg.model.name} has its own attention (only the "
+            "shared decoder's families choose one); leave it auto"
+        )
     return ckpt, model
 
 
@@ -109,14 +115,22 @@ def scan_layers(cfg: Config) -> bool:
         return False
     rules = [cfg.lora.targets, cfg.lora.exclude, cfg.lora.train, cfg.lora.rank_pattern, cfg.lora.alpha_pattern]
     texts = [t for r in rules if r for t in ([r] if isinstance(r, str) else list(r))]
-    why = [k for k, on in (("train.method=qlora", cfg.train.method == "qlora"), ("lora.use_dora", cfg.lora.use_dora),
-                           ("a lora rule naming one layer", any(re.search(r"layers_(\\d|\d)", t) for t in texts)))
-           if on]
+    why = [
+        k
+        for k, on in (
+            ("train.method=qlora", cfg.train.method == "qlora"),
+            ("lora.use_dora", cfg.lora.use_dora),
+            ("a lora rule naming one layer", any(re.search(r"layers_(\\d|\d)", t) for t in texts)),
+        )
+        if on
+    ]
     if not why:
         return True
     if choice is True:
-        raise ConfigError(f"model.scan_layers=true: {', '.join(why)} needs unrolled layers (not supported over a "
-                          "scanned stack yet); set model.scan_layers=false or auto")
+        raise ConfigError(
+            f"model.scan_layers=true: {', '.join(why)} needs unrolled layers (not supported over a "
+            "scanned stack yet); set model.scan_layers=false or auto"
+        )
     logger.info("model.scan_layers=auto: unrolled layers, for %s", ", ".join(why))
     return False
 
@@ -142,9 +156,16 @@ def _head_rules(cfg: Config, params: Any) -> list[str] | None:
 
 def _adapter_kwargs(cfg: Config) -> dict:
     lc = cfg.lora
-    return dict(alpha=lc.alpha, targets=lc.targets, exclude=lc.exclude, dropout=lc.dropout,
-                use_rslora=lc.use_rslora, rank_pattern=lc.rank_pattern, alpha_pattern=lc.alpha_pattern,
-                use_dora=lc.use_dora)
+    return dict(
+        alpha=lc.alpha,
+        targets=lc.targets,
+        exclude=lc.exclude,
+        dropout=lc.dropout,
+        use_rslora=lc.use_rslora,
+        rank_pattern=lc.rank_pattern,
+        alpha_pattern=lc.alpha_pattern,
+        use_dora=lc.use_dora,
+    )
 
 
 def choose_trainable(cfg: Config, params: Any, key: jax.Array) -> tuple[Any, dict]:
@@ -174,7 +195,8 @@ def _needs_base_values(cfg: Config) -> bool:
     """Whether what is trained is made from the base's values: DoRA's magnitudes, PiSSA's SVD, or a start adapter
     (``model.adapter``) merged into the base first."""
     return cfg.model.adapter is not None or (
-        cfg.train.method in ("lora", "qlora") and (cfg.lora.use_dora or cfg.lora.init == "pissa"))
+        cfg.train.method in ("lora", "qlora") and (cfg.lora.use_dora or cfg.lora.init == "pissa")
+    )
 
 
 def _cast_floats(tree: Any, dtype) -> Any:
@@ -194,8 +216,13 @@ def quantize_base(cfg: Config, frozen: Any) -> Any:
 
 def _quant_kwargs(cfg: Config) -> dict:
     qc = cfg.quant
-    return dict(method=qc.type, block_size=qc.block_size, double_quant=qc.double_quant, targets=qc.targets,
-                compute_dtype=jnp.dtype(cfg.train.precision))
+    return dict(
+        method=qc.type,
+        block_size=qc.block_size,
+        double_quant=qc.double_quant,
+        targets=qc.targets,
+        compute_dtype=jnp.dtype(cfg.train.precision),
+    )
 
 
 def _quantizer(cfg: Config, frozen: Any) -> lora.quant.Quantizer:
@@ -305,11 +332,21 @@ def prepare(cfg: Config, base: Any, key: jax.Array, mesh: Any = None) -> Prepare
         placed = sharding.tree_shardings(lora.tree.unflatten({path: q}), mesh, rules)
         return jax.device_put(q, lora.tree.get(placed, path))
 
-    frozen = _like(frozen_abs, source.load(shardings(frozen_abs, frozen_dtype), dtype=frozen_dtype, only=frozen_abs,
-                                           then=requantize if quantize is not None else None))
+    frozen = _like(
+        frozen_abs,
+        source.load(
+            shardings(frozen_abs, frozen_dtype),
+            dtype=frozen_dtype,
+            only=frozen_abs,
+            then=requantize if quantize is not None else None,
+        ),
+    )
     trained = trainable_abs["params"]
-    params = source.load(shardings(trained, trained_dtype), dtype=trained_dtype, only=trained) \
-        if lora.tree.leaves(trained) else {}
+    params = (
+        source.load(shardings(trained, trained_dtype), dtype=trained_dtype, only=trained)
+        if lora.tree.leaves(trained)
+        else {}
+    )
     trainable = {"adapters": trainable_abs["adapters"], "params": params}
     if concrete:
         frozen, trainable = choose_trainable(cfg, merge_start_adapter(cfg, lora.combine(frozen, trainable)[0]), key)
@@ -317,8 +354,11 @@ def prepare(cfg: Config, base: Any, key: jax.Array, mesh: Any = None) -> Prepare
             frozen = quantize_base(cfg, frozen)
         frozen = _cast_floats(frozen, compute)
     pissa_init = None
-    if cfg.lora.init == "pissa" and method in ("lora", "qlora") and (
-            cfg.output.export_peft or cfg.output.export_gguf_adapter or cfg.output.export_gguf):
+    if (
+        cfg.lora.init == "pissa"
+        and method in ("lora", "qlora")
+        and (cfg.output.export_peft or cfg.output.export_gguf_adapter or cfg.output.export_gguf)
+    ):
         pissa_init = jax.device_get(trainable["adapters"])
     return Prepared(frozen, trainable, pissa_init)
 
@@ -336,13 +376,16 @@ def merge_start_adapter(cfg: Config, params: Any) -> Any:
     elif (folder / "latest" / "adapters").is_dir():
         folder = folder / "latest" / "adapters"
     if not folder.is_dir():
-        raise ConfigError(f"model.adapter={cfg.model.adapter!r}: no such folder (expected a run folder or its "
-                          "adapters/ folder)")
+        raise ConfigError(
+            f"model.adapter={cfg.model.adapter!r}: no such folder (expected a run folder or its adapters/ folder)"
+        )
     try:
         merged = lora.merge(params, load_adapters(folder))
     except Exception as e:  # noqa: BLE001 - an adapter of another model: say which setting is wrong
-        raise ConfigError(f"model.adapter={cfg.model.adapter!r} does not fit {cfg.model.name} "
-                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        raise ConfigError(
+            f"model.adapter={cfg.model.adapter!r} does not fit {cfg.model.name} "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
     return dict(merged)  # plain params: the new adapters are not a second merge of the same one
 
 
@@ -366,11 +409,21 @@ def lr_schedule(cfg: Config) -> optax.Schedule | float:
     oc, steps = cfg.optim, cfg.train.steps
     warmup = min(oc.warmup_steps, max(steps - 1, 0))
     if oc.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
-                                     optax.constant_schedule(oc.lr)], [warmup]) if warmup else oc.lr
+        return (
+            optax.join_schedules(
+                [optax.linear_schedule(0.0, oc.lr, max(warmup, 1)), optax.constant_schedule(oc.lr)], [warmup]
+            )
+            if warmup
+            else oc.lr
+        )
     if oc.schedule == "linear":
-        return optax.join_schedules([optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
-                                     optax.linear_schedule(oc.lr, 0.0, max(steps - warmup, 1))], [warmup])
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, oc.lr, max(warmup, 1)),
+                optax.linear_schedule(oc.lr, 0.0, max(steps - warmup, 1)),
+            ],
+            [warmup],
+        )
     return optax.warmup_cosine_decay_schedule(0.0, oc.lr, max(warmup, 1), max(steps, warmup + 1))
 
 
@@ -412,11 +465,18 @@ def training_batches(cfg: Config, data: data_lib.Tokenized) -> data_lib.Batches:
     # causal LM with train.logits=loss: batches carry loss_positions, a fixed number per row (one compilation)
     at_loss = cfg.data.task == "causal-lm" and cfg.train.logits == "loss" and cfg.train.objective != "dpo"
     if kind == "packed":
-        return data_lib.PackedBatches(data, per_step, cfg.train.seed, width=cfg.data.pack_length,
-                                      loss_positions=at_loss, capacity=cfg.data.loss_capacity)
+        return data_lib.PackedBatches(
+            data,
+            per_step,
+            cfg.train.seed,
+            width=cfg.data.pack_length,
+            loss_positions=at_loss,
+            capacity=cfg.data.loss_capacity,
+        )
     if kind == "bucketed":
-        return data_lib.BucketedBatches(data, per_step, cfg.train.seed, n_shapes=cfg.data.buckets,
-                                        loss_positions=at_loss)
+        return data_lib.BucketedBatches(
+            data, per_step, cfg.train.seed, n_shapes=cfg.data.buckets, loss_positions=at_loss
+        )
     return data_lib.FixedBatches(data, per_step, cfg.train.seed, loss_positions=at_loss)
 
 
@@ -456,8 +516,9 @@ def step_compiler_options(cfg: Config) -> dict | None:
     return {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
-def apply_if_finite(tx: optax.GradientTransformation, trainable: Any, opt_state: Any, grads: Any,
-                    loss: jax.Array) -> tuple[Any, Any, dict]:
+def apply_if_finite(
+    tx: optax.GradientTransformation, trainable: Any, opt_state: Any, grads: Any, loss: jax.Array
+) -> tuple[Any, Any, dict]:
     """One optimizer update of ``trainable`` by ``grads``, kept only if everything it produced is finite (a finite
     loss and gradient can still give NaN / inf parameters: an infinite learning rate, an overflowing moment);
     otherwise the state comes back unchanged. Returns ``(trainable, opt_state, {loss, grad_norm, finite,
@@ -468,8 +529,11 @@ def apply_if_finite(tx: optax.GradientTransformation, trainable: Any, opt_state:
     state_finite = all_finite((new_trainable, new_opt))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    return keep(new_trainable, trainable), keep(new_opt, opt_state), {
-        "loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite}
+    return (
+        keep(new_trainable, trainable),
+        keep(new_opt, opt_state),
+        {"loss": loss, "grad_norm": grad_norm, "finite": finite, "state_finite": state_finite},
+    )
 
 
 def make_train_step(model, cfg: Config, tx: optax.GradientTransformation):
@@ -530,14 +594,16 @@ def sequence_logps(model, params: Any, batch: dict, loss_chunk: int | str = "aut
     targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
     mask = mask.at[:, -1].set(0.0)
     if loss_chunk != 0 and callable(getattr(type(model), "head", None)):
+
         def hidden_and_head(module, ids, attention_mask):
             h, _ = module(ids, attention_mask=attention_mask, hidden=True)
             return h, module.head()
 
         h, head = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head)
         chunk = None if loss_chunk == "auto" else int(loss_chunk)
-        per_row = jax.vmap(lambda hh, tt, ww: lora.losses.chunked_cross_entropy(
-            hh, targets=tt, weights=ww, chunk_size=chunk, **head))
+        per_row = jax.vmap(
+            lambda hh, tt, ww: lora.losses.chunked_cross_entropy(hh, targets=tt, weights=ww, chunk_size=chunk, **head)
+        )
         ce, tokens = per_row(h, targets, mask)
         return -ce, tokens
     logits, _ = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"])
@@ -554,16 +620,18 @@ def pair_logps(model, params: Any, batch: dict, loss_chunk: int | str = "auto") 
     return logps.reshape(-1, 2), tokens.reshape(-1, 2)
 
 
-def preference_terms(model, cfg: Config, trainable: Any, frozen: Any, batch: dict,
-                     dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
+def preference_terms(
+    model, cfg: Config, trainable: Any, frozen: Any, batch: dict, dropout_key: jax.Array | None
+) -> tuple[jax.Array, dict]:
     """``(losses (B,), metrics)`` of preference pairs (``batch`` arrays ``(B, 2, T)``) under ``dpo.loss``: the
     policy is the base with the adapters (dropout with ``dropout_key``), the reference the same frozen base with
     the adapters off (no gradient; ``batch["ref_logps"]`` ``(B, 2)`` when cached). ``metrics``: TRL's ``rewards/*`` and ``logps/chosen`` / ``logps/rejected``,
     summed over the pairs (``weight`` applied when the batch has it)."""
     dc = cfg.dpo
     params, adapters = lora.combine(frozen, trainable)
-    policy, tokens = pair_logps(model, lora.wrap(params, adapters, dropout_key=dropout_key), batch,
-                                cfg.train.loss_chunk)
+    policy, tokens = pair_logps(
+        model, lora.wrap(params, adapters, dropout_key=dropout_key), batch, cfg.train.loss_chunk
+    )
     ref = (None, None)
     if dc.loss != "simpo":
         if "ref_logps" in batch:  # dpo.reference=cached: computed once by cache_reference_logps
@@ -572,14 +640,24 @@ def preference_terms(model, cfg: Config, trainable: Any, frozen: Any, batch: dic
             r, _ = pair_logps(model, lora.wrap(params, {}), batch, cfg.train.loss_chunk)
         r = jax.lax.stop_gradient(r)
         ref = (r[:, 0], r[:, 1])
-    out = lora.losses.preference_loss(policy[:, 0], policy[:, 1], *ref, chosen_tokens=tokens[:, 0],
-                                      rejected_tokens=tokens[:, 1], loss_type=dc.loss, beta=dc.beta,
-                                      simpo_gamma=dc.simpo_gamma)
+    out = lora.losses.preference_loss(
+        policy[:, 0],
+        policy[:, 1],
+        *ref,
+        chosen_tokens=tokens[:, 0],
+        rejected_tokens=tokens[:, 1],
+        loss_type=dc.loss,
+        beta=dc.beta,
+        simpo_gamma=dc.simpo_gamma,
+    )
     weight = batch.get("weight")
     w = jnp.ones_like(out.losses) if weight is None else weight.astype(jnp.float32)
     sg = jax.lax.stop_gradient
-    metrics = {**lora.losses.preference_metrics(out, w), "logps/chosen": jnp.sum(sg(policy[:, 0]) * w),
-               "logps/rejected": jnp.sum(sg(policy[:, 1]) * w)}
+    metrics = {
+        **lora.losses.preference_metrics(out, w),
+        "logps/chosen": jnp.sum(sg(policy[:, 0]) * w),
+        "logps/rejected": jnp.sum(sg(policy[:, 1]) * w),
+    }
     return out.losses * w, metrics
 
 
@@ -590,9 +668,11 @@ def cache_reference_logps(s: "Setup") -> None:
     otherwise, in one forward pass per pair instead of one per step that sees it."""
     data = s.batches.data
     cfg = s.cfg
-    fn = jax.jit(lambda frozen, batch: pair_logps(s.model, lora.wrap(lora.combine(frozen, {"adapters": {},
-                                                                      "params": {}})[0], {}), batch,
-                                                  cfg.train.loss_chunk)[0])
+    fn = jax.jit(
+        lambda frozen, batch: pair_logps(
+            s.model, lora.wrap(lora.combine(frozen, {"adapters": {}, "params": {}})[0], {}), batch, cfg.train.loss_chunk
+        )[0]
+    )
     out = np.zeros((len(data), 2), np.float32)
     names = ("input_ids", "attention_mask", "loss_mask")
     for start in range(0, len(data), s.eval_bsz):
@@ -633,8 +713,14 @@ def make_dpo_step(model, cfg: Config, tx: optax.GradientTransformation):
             (l, m), g = jax.value_and_grad(micro_loss, has_aux=True)(trainable, frozen, batch, k, total)
             return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, metrics, m)), None
 
-        names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                 "logps/rejected")
+        names = (
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+        )
         init = (zeros, jnp.zeros((), jnp.float32), {n: jnp.zeros((), jnp.float32) for n in names})
         (grads, loss, metrics), _ = jax.lax.scan(body, init, (batches, keys))
         new_trainable, new_opt, m = apply_if_finite(tx, trainable, opt_state, grads, loss)
@@ -658,8 +744,10 @@ def evaluate_pairs(s: "Setup", trainable: Any) -> dict:
     """The preference loss and TRL's reward metrics (means over the pairs) on the whole evaluation set."""
     loss_sum, count, sums = 0.0, 0.0, {}
     for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz, loss_positions=False):
-        dev = {k: sharding.host_to_global(v, s.eval_shardings[0] if v.ndim >= 2 else s.eval_shardings[1])
-               for k, v in batch.items()}
+        dev = {
+            k: sharding.host_to_global(v, s.eval_shardings[0] if v.ndim >= 2 else s.eval_shardings[1])
+            for k, v in batch.items()
+        }
         l, c, m = s.eval_fn(trainable, s.frozen, dev)
         loss_sum += float(l)
         count += float(c)
@@ -671,35 +759,43 @@ def evaluate_pairs(s: "Setup", trainable: Any) -> dict:
 
 def all_finite(tree: Any) -> jax.Array:
     """Whether every floating-point value of ``tree`` is finite (a scalar bool array; jit-able)."""
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # train.nan_policy=skip gives up after this many non-finite steps in a row
 
 
-def _non_finite_message(step: int, m: dict, last_finite: int, in_a_row: int, ckpt: Checkpointer,
-                        cfg: Config) -> str:
+def _non_finite_message(step: int, m: dict, last_finite: int, in_a_row: int, ckpt: Checkpointer, cfg: Config) -> str:
     """Why the run stops at ``step``: what was not finite, the last finite step and the newest checkpoint."""
     loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
     if math.isfinite(loss) and math.isfinite(grad_norm) and not bool(m["state_finite"]):
-        what = (f"loss {loss:.4g} and grad norm {grad_norm:.4g} are finite, but the update made the trained "
-                "parameters or the optimizer state NaN / inf (is optim.lr too large?)")
+        what = (
+            f"loss {loss:.4g} and grad norm {grad_norm:.4g} are finite, but the update made the trained "
+            "parameters or the optimizer state NaN / inf (is optim.lr too large?)"
+        )
     else:
         what = f"loss {loss} / grad norm {grad_norm} is not finite"
     saved = ckpt.steps()
-    where = (f"the newest checkpoint is step {saved[-1]} in {ckpt.folder} (finite)" if saved else
-             "no checkpoint was written")
-    policy = (f"train.nan_policy=skip skipped {in_a_row} steps in a row, so nothing is being trained. "
-              if cfg.train.nan_policy == "skip" else "")
-    return (f"step {step}: {what}; the update was not applied. {policy}The last finite step is {last_finite}; "
-            f"{where}")
+    where = (
+        f"the newest checkpoint is step {saved[-1]} in {ckpt.folder} (finite)" if saved else "no checkpoint was written"
+    )
+    policy = (
+        f"train.nan_policy=skip skipped {in_a_row} steps in a row, so nothing is being trained. "
+        if cfg.train.nan_policy == "skip"
+        else ""
+    )
+    return f"step {step}: {what}; the update was not applied. {policy}The last finite step is {last_finite}; {where}"
 
 
 def on_mesh(fn: Callable, mesh: Any) -> Callable:
     """``fn`` traced inside :func:`lora_jax.sharding.activation_mesh`: the shared layers pin their activations to
     ``mesh`` (what tensor parallelism needs; nothing changes on a mesh without a ``tensor`` axis)."""
+
     @functools.wraps(fn)  # keeps the step's name: jit(step) in compile logs and profiles
     def traced(*args):
         with sharding.activation_mesh(mesh):
@@ -734,8 +830,12 @@ def compile_step(step_fn, *args) -> tuple[Any, dict]:
     memory: dict = {}
     try:
         stats = compiled.memory_analysis()
-        memory = {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
-                  "aliased": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
+        memory = {
+            "arguments": int(stats.argument_size_in_bytes),
+            "outputs": int(stats.output_size_in_bytes),
+            "aliased": int(stats.alias_size_in_bytes),
+            "temp": int(stats.temp_size_in_bytes),
+        }
         memory["peak"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temp"]
     except Exception:  # noqa: BLE001 - a backend without memory statistics: the run goes on without them
         memory = {}
@@ -744,7 +844,8 @@ def compile_step(step_fn, *args) -> tuple[Any, dict]:
         outs = jax.tree.leaves(compiled.output_shardings[:2])
         ndims = [x.ndim for x in jax.tree.leaves(args[:2])]
         reusable = len(ins) == len(outs) == len(ndims) and all(
-            a.is_equivalent_to(b, n) for a, b, n in zip(ins, outs, ndims))
+            a.is_equivalent_to(b, n) for a, b, n in zip(ins, outs, ndims)
+        )
     except Exception:  # noqa: BLE001
         reusable = False
     return (compiled if reusable else step_fn), memory
@@ -769,13 +870,13 @@ def generate_texts(model, params, tokenizer, prompts: list[str], cfg: Config, ba
         settings.update(num_beams=cfg.eval.num_beams, length_penalty=0.9, no_repeat_ngram_size=4)
     texts = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start: start + batch_size]
+        chunk = encoded[start : start + batch_size]
         rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
         ids = np.full((batch_size, width), pad, np.int32)
         mask = np.zeros((batch_size, width), np.int32)
         for i, e in enumerate(rows):
-            ids[i, width - len(e):] = e
-            mask[i, width - len(e):] = 1
+            ids[i, width - len(e) :] = e
+            mask[i, width - len(e) :] = 1
         out = np.asarray(gen.generate(model, params, ids, mask, **settings))[:, width:]
         for row in out[: len(chunk)]:
             texts.append(tokenizer.decode([int(t) for t in row if t != pad], skip_special_tokens=True).strip())
@@ -878,10 +979,12 @@ def check_data_source(cfg: Config) -> None:
     sources = [dc.source] + ([dc.eval_source] if dc.eval_source else [])
     for source in sources:
         is_local = source.startswith("builtin:") or any(
-            Path(p).suffix.lower() in sources_lib.FILE_TYPES for p in sources_lib.paths(source))
+            Path(p).suffix.lower() in sources_lib.FILE_TYPES for p in sources_lib.paths(source)
+        )
         if is_local:
-            data_lib.load_rows(dataclasses.replace(dc, source=source), dc.train_split,
-                               pairs=cfg.train.objective == "dpo")
+            data_lib.load_rows(
+                dataclasses.replace(dc, source=source), dc.train_split, pairs=cfg.train.objective == "dpo"
+            )
 
 
 def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) -> tuple[Setup, TrainState] | None:
@@ -892,12 +995,16 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     that they passed, and return ``None`` (nothing placed, nothing written)."""
     primary = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, expert=cfg.mesh.expert, tensor=cfg.mesh.tensor)
-    say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
-        f"{jax.process_count()} process(es)")
+    say(
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
+        f"{jax.process_count()} process(es)"
+    )
     replicas = mesh.size // mesh.shape.get(sharding.TENSOR_AXIS, 1)  # the devices that see different examples
     if cfg.train.batch_size % replicas:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {replicas} devices of "
-                          "the mesh that see different examples (data x fsdp x expert)")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the {replicas} devices of "
+            "the mesh that see different examples (data x fsdp x expert)"
+        )
 
     check_data_source(cfg)  # a wrong path or column fails here, before the model is loaded
     t0 = time.perf_counter()
@@ -906,16 +1013,26 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     max_positions = getattr(model_cfg, "max_position_embeddings", None)
     num_labels = cfg.model.num_labels if cfg.data.task != "causal-lm" else None
     train_data, eval_data = data_lib.load_tokenized(
-        cfg.data, tokenizer, cfg.model.name, max_positions, num_labels,
-        cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized", pairs=cfg.train.objective == "dpo")
+        cfg.data,
+        tokenizer,
+        cfg.model.name,
+        max_positions,
+        num_labels,
+        cache_dir=Path.home() / ".cache" / "lora_jax" / "tokenized",
+        pairs=cfg.train.objective == "dpo",
+    )
     say(f"data: {len(train_data)} train / {len(eval_data)} eval examples of {cfg.data.max_length} tokens")
     batches = training_batches(cfg, train_data)
-    say(f"training on {batches.describe()}" + (f", {cfg.train.grad_accum} micro-batches per step"
-                                                if cfg.train.grad_accum > 1 else ""))
+    say(
+        f"training on {batches.describe()}"
+        + (f", {cfg.train.grad_accum} micro-batches per step" if cfg.train.grad_accum > 1 else "")
+    )
     warmup = min(cfg.optim.warmup_steps, max(cfg.train.steps - 1, 0))
     if warmup < cfg.optim.warmup_steps:
-        say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} is not below train.steps={cfg.train.steps}: the "
-            f"warmup is shortened to {warmup} steps")
+        say(
+            f"note: optim.warmup_steps={cfg.optim.warmup_steps} is not below train.steps={cfg.train.steps}: the "
+            f"warmup is shortened to {warmup} steps"
+        )
 
     init_key, step_key = run_keys(cfg)
     tx = make_optimizer(cfg)
@@ -929,13 +1046,18 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     prepared = prepare(cfg, ckpt, init_key, mesh)
     frozen, trainable = prepared.frozen, prepared.trainable
     say(f"loaded {cfg.model.name} into the mesh in {time.perf_counter() - t0:.1f}s")
-    summary = lora.summary(lora.combine(frozen, {"adapters": {}, "params": trainable["params"]})[0],
-                           trainable["adapters"], trainable["params"])
+    summary = lora.summary(
+        lora.combine(frozen, {"adapters": {}, "params": trainable["params"]})[0],
+        trainable["adapters"],
+        trainable["params"],
+    )
     n_trainable = summary.trainable
     frozen_bytes = nbytes(frozen)
-    say(f"method {cfg.train.method}: training {n_trainable:,} of {summary.total:,} parameters "
+    say(
+        f"method {cfg.train.method}: training {n_trainable:,} of {summary.total:,} parameters "
         f"({100 * n_trainable / summary.total:.2f}%); frozen base {frozen_bytes / 2**20:,.1f} MiB as stored"
-        + (f" ({cfg.quant.type})" if cfg.train.method == "qlora" else f" ({cfg.train.precision})"))
+        + (f" ({cfg.quant.type})" if cfg.train.method == "qlora" else f" ({cfg.train.precision})")
+    )
 
     # The trainable tree by the same rules (adapters are small: replicated); the base is already in place.
     trainable = sharding.put_tree(trainable, sharding.tree_shardings(trainable, mesh, sharding_rules(ckpt)))
@@ -945,26 +1067,56 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     # FSDP-split, and the next step would compile again for them).
     state_shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
     dpo = cfg.train.objective == "dpo"
-    step_fn = jax.jit(on_mesh((make_dpo_step if dpo else make_train_step)(model, cfg, tx), mesh), donate_argnums=(0, 1),
-                      out_shardings=(*state_shardings, None), compiler_options=step_compiler_options(cfg))
+    step_fn = jax.jit(
+        on_mesh((make_dpo_step if dpo else make_train_step)(model, cfg, tx), mesh),
+        donate_argnums=(0, 1),
+        out_shardings=(*state_shardings, None),
+        compiler_options=step_compiler_options(cfg),
+    )
     eval_fn = jax.jit(on_mesh((make_dpo_eval_step if dpo else make_eval_step)(model, cfg), mesh))
     rows = sharding.batch_axes(mesh)
-    batch_shardings = (sharding.batch_sharding(mesh, ndim=3, leading=1),
-                       sharding.NamedSharding(mesh, sharding.P(None, rows)))
+    batch_shardings = (
+        sharding.batch_sharding(mesh, ndim=3, leading=1),
+        sharding.NamedSharding(mesh, sharding.P(None, rows)),
+    )
     eval_shardings = (sharding.batch_sharding(mesh, ndim=2, leading=0), sharding.NamedSharding(mesh, sharding.P(rows)))
     # (no larger than the evaluation set needs: padding rows cost memory and count for nothing)
     n_devices = mesh.size
     eval_bsz = max(min(cfg.eval.batch_size, -(-len(eval_data) // n_devices) * n_devices) // n_devices, 1) * n_devices
 
     multi_process = jax.process_count() > 1
-    if multi_process and cfg.data.task in ("causal-lm", "chat") and (cfg.eval.generate_samples or cfg.eval.generate_eval):
-        say("note: sample generation and BLEU/ROUGE run single-process only; skipped in this multi-process run "
-            "(evaluate the saved adapter with python -m train.predict)")
-    s = Setup(cfg=cfg, model=model, model_cfg=model_cfg, tokenizer=tokenizer, mesh=mesh, frozen=frozen,
-              eval_data=eval_data, batches=batches, step_fn=step_fn, eval_fn=eval_fn, step_key=step_key,
-              batch_shardings=batch_shardings, eval_shardings=eval_shardings, eval_bsz=eval_bsz,
-              pissa_init=prepared.pissa_init, n_trainable=n_trainable, total_params=summary.total,
-              frozen_bytes=frozen_bytes, primary=primary, multi_process=multi_process, say=say)
+    if (
+        multi_process
+        and cfg.data.task in ("causal-lm", "chat")
+        and (cfg.eval.generate_samples or cfg.eval.generate_eval)
+    ):
+        say(
+            "note: sample generation and BLEU/ROUGE run single-process only; skipped in this multi-process run "
+            "(evaluate the saved adapter with python -m train.predict)"
+        )
+    s = Setup(
+        cfg=cfg,
+        model=model,
+        model_cfg=model_cfg,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        frozen=frozen,
+        eval_data=eval_data,
+        batches=batches,
+        step_fn=step_fn,
+        eval_fn=eval_fn,
+        step_key=step_key,
+        batch_shardings=batch_shardings,
+        eval_shardings=eval_shardings,
+        eval_bsz=eval_bsz,
+        pissa_init=prepared.pissa_init,
+        n_trainable=n_trainable,
+        total_params=summary.total,
+        frozen_bytes=frozen_bytes,
+        primary=primary,
+        multi_process=multi_process,
+        say=say,
+    )
     return plan_memory(s, TrainState(trainable, opt_state)), TrainState(trainable, opt_state)
 
 
@@ -975,11 +1127,14 @@ def plan_memory(s: Setup, state: TrainState) -> Setup:
     placed = place(s, 0)
     args = (state.trainable, state.opt_state, s.frozen, placed.batch, jax.random.fold_in(s.step_key, 0))
     compiled = compile_step(s.step_fn, *args)
-    p = memory.plan(s.frozen, state.trainable, state.opt_state, placed.batch, compiled[1],
-                    memory.device_capacity(s.cfg))
+    p = memory.plan(
+        s.frozen, state.trainable, state.opt_state, placed.batch, compiled[1], memory.device_capacity(s.cfg)
+    )
     s.say(p.describe())
     memory.check(p, s.cfg)
-    return dataclasses.replace(s, memory_plan=p.as_dict(), first_compiled=(placed.shape, tuple(sorted(placed.batch)), compiled))
+    return dataclasses.replace(
+        s, memory_plan=p.as_dict(), first_compiled=(placed.shape, tuple(sorted(placed.batch)), compiled)
+    )
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -994,8 +1149,10 @@ def evaluate(s: Setup, trainable: Any) -> dict:
     loss_sum, count, logits, labels = 0.0, 0.0, [], []
     for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz):
         weight = batch["weight"]
-        dev = {k: sharding.host_to_global(v, s.eval_shardings[0] if v.ndim == 2 else s.eval_shardings[1])
-               for k, v in batch.items()}
+        dev = {
+            k: sharding.host_to_global(v, s.eval_shardings[0] if v.ndim == 2 else s.eval_shardings[1])
+            for k, v in batch.items()
+        }
         l, c, lg = s.eval_fn(trainable, s.frozen, dev)
         loss_sum += float(l)
         count += float(c)
@@ -1048,8 +1205,14 @@ def evaluate_all(s: Setup, trainable: Any) -> tuple[dict, list[tuple[str, str]]]
     unique = list(dict.fromkeys(s.eval_data.prompts))[:n_scored]
     refs = {p: r for p, r in zip(s.eval_data.prompts, s.eval_data.references)}
     params_now, adapters_now = lora.combine(s.frozen, trainable)
-    preds = generate_texts(s.model, merged_params(params_now, adapters_now), s.tokenizer, unique, cfg,
-                           batch_size=min(16, -(-len(unique) // 8) * 8))
+    preds = generate_texts(
+        s.model,
+        merged_params(params_now, adapters_now),
+        s.tokenizer,
+        unique,
+        cfg,
+        batch_size=min(16, -(-len(unique) // 8) * 8),
+    )
     scores = metrics_lib.generation(preds, [refs[p] for p in unique])
     return {**evaluate(s, trainable), **scores}, list(zip(unique, preds))[:n_samples]
 
@@ -1065,9 +1228,11 @@ def restore(s: Setup, ckpt: Checkpointer, folder: Path, state: TrainState) -> tu
         raise ConfigError(f"--resume: {folder / 'checkpoints'} holds no checkpoint")
     start, r_trainable, r_opt, meta = restored
     if not all_finite((r_trainable, r_opt)):
-        raise NonFiniteError(f"--resume: checkpoint step {start} in {folder / 'checkpoints'} holds NaN / inf "
-                             "values (written by an older version?); move it aside to resume from an "
-                             "earlier one")
+        raise NonFiniteError(
+            f"--resume: checkpoint step {start} in {folder / 'checkpoints'} holds NaN / inf "
+            "values (written by an older version?); move it aside to resume from an "
+            "earlier one"
+        )
     trainable = sharding.put_tree(r_trainable, jax.tree.map(lambda x: x.sharding, state.trainable))
     opt_state = sharding.put_tree(r_opt, jax.tree.map(lambda x: x.sharding, state.opt_state))
     cfg = s.cfg
@@ -1075,16 +1240,19 @@ def restore(s: Setup, ckpt: Checkpointer, folder: Path, state: TrainState) -> tu
     s.say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
     if s.primary:  # the steps after the checkpoint are trained again: drop their records
         metrics_lib.truncate_log(folder, start)
-    progress = Progress(start=start, step=start, train_s=float(meta.get("train_s", 0.0)), examples_seen=examples0,
-                        last_finite=start)
+    progress = Progress(
+        start=start, step=start, train_s=float(meta.get("train_s", 0.0)), examples_seen=examples0, last_finite=start
+    )
     return TrainState(trainable, opt_state), progress
 
 
 def put_batch(s: Setup, host: dict[str, np.ndarray]) -> dict:
     """A step's host batch as global arrays ``(accum, B, ...)``, split along B over the mesh."""
     stacked = micro_batches(host, s.cfg.train.grad_accum)
-    return {k: sharding.host_to_global(v, s.batch_shardings[0] if v.ndim == 3 else s.batch_shardings[1])
-            for k, v in stacked.items()}
+    return {
+        k: sharding.host_to_global(v, s.batch_shardings[0] if v.ndim == 3 else s.batch_shardings[1])
+        for k, v in stacked.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1125,8 +1293,9 @@ class _StopFlag:
         self.signal = signum
 
 
-def _read_metrics(s: Setup, p: Progress, done: _Dispatched, clock: list[float], log: metrics_lib.MetricLog, bar,
-                  ckpt: Checkpointer) -> None:
+def _read_metrics(
+    s: Setup, p: Progress, done: _Dispatched, clock: list[float], log: metrics_lib.MetricLog, bar, ckpt: Checkpointer
+) -> None:
     """Read a dispatched step's metrics (waiting for it) into ``p``: its wall time (since the previous read, or
     the last evaluation / checkpoint: ``clock[0]``), the non-finite check (raises :class:`NonFiniteError` as
     ``train.nan_policy`` says), the counters, the history and the ``train`` log record."""
@@ -1151,17 +1320,29 @@ def _read_metrics(s: Setup, p: Progress, done: _Dispatched, clock: list[float], 
         p.tokens_seen += n_real
         p.steady_s += dt
     tok_s = p.tokens_seen / p.steady_s if p.steady_s else 0.0
-    record = {"loss": loss, "lr": lr_at(cfg, step), "grad_norm": float(m["grad_norm"]), "finite": finite,
-              "tokens_per_s": tok_s, "train_s": p.train_s,
-              **{k: float(v) for k, v in m.items() if "/" in k}}  # DPO: rewards/...
+    record = {
+        "loss": loss,
+        "lr": lr_at(cfg, step),
+        "grad_norm": float(m["grad_norm"]),
+        "finite": finite,
+        "tokens_per_s": tok_s,
+        "train_s": p.train_s,
+        **{k: float(v) for k, v in m.items() if "/" in k},
+    }  # DPO: rewards/...
     p.history.append({"step": step, **record})
     log.write("train", step, **record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
     bar.update(1)
 
 
-def train_steps(s: Setup, state: TrainState, p: Progress, ckpt: Checkpointer, log: metrics_lib.MetricLog,
-                run_folder: outputs.RunFolder) -> tuple[TrainState, Progress]:
+def train_steps(
+    s: Setup,
+    state: TrainState,
+    p: Progress,
+    ckpt: Checkpointer,
+    log: metrics_lib.MetricLog,
+    run_folder: outputs.RunFolder,
+) -> tuple[TrainState, Progress]:
     """Train from step ``p.step`` to ``train.steps``: evaluate every ``eval.every`` steps, checkpoint as
     ``checkpoint.every`` says and at the end, stop cleanly (with a checkpoint) on SIGTERM or when
     ``train.time_budget_s`` is spent, raise :class:`NonFiniteError` on non-finite steps as ``train.nan_policy``
@@ -1182,8 +1363,9 @@ def train_steps(s: Setup, state: TrainState, p: Progress, ckpt: Checkpointer, lo
     signal.signal(signal.SIGTERM, stop)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=p.step, disable=not s.primary, mininterval=2.0, dynamic_ncols=True,
-               desc=cfg.train.method)
+    bar = tqdm(
+        total=steps, initial=p.step, disable=not s.primary, mininterval=2.0, dynamic_ncols=True, desc=cfg.train.method
+    )
     n_widths = len(s.batches.widths)
     clock = [time.perf_counter()]  # when the time charged to the next step read began
     nxt: _Placed | None = None  # the next step's batch, placed while a step runs
@@ -1192,8 +1374,11 @@ def train_steps(s: Setup, state: TrainState, p: Progress, ckpt: Checkpointer, lo
         while p.step < steps:
             placed = nxt if nxt is not None else place(s, p.step)
             nxt = None
-            if s.first_compiled is not None and placed.shape not in p.compiled and \
-                    s.first_compiled[:2] == (placed.shape, tuple(sorted(placed.batch))):
+            if (
+                s.first_compiled is not None
+                and placed.shape not in p.compiled
+                and s.first_compiled[:2] == (placed.shape, tuple(sorted(placed.batch)))
+            ):
                 p.compiled[placed.shape] = s.first_compiled[2]  # compiled by plan_memory for this batch's shape
             step_args = (trainable, opt_state, s.frozen, placed.batch, jax.random.fold_in(s.step_key, p.step))
             new_shape = placed.shape not in p.compiled
@@ -1203,9 +1388,11 @@ def train_steps(s: Setup, state: TrainState, p: Progress, ckpt: Checkpointer, lo
                     pending = None
                 p.compiled[placed.shape] = compile_step(s.step_fn, *step_args)
                 if s.primary and n_widths > 1:
-                    bar.write(f"step {p.step + 1}: compiled the step for batches of "
-                              f"{' x '.join(map(str, placed.shape))} tokens ({len(p.compiled)} of at most "
-                              f"{n_widths} shapes)")
+                    bar.write(
+                        f"step {p.step + 1}: compiled the step for batches of "
+                        f"{' x '.join(map(str, placed.shape))} tokens ({len(p.compiled)} of at most "
+                        f"{n_widths} shapes)"
+                    )
             trainable, opt_state, m = p.compiled[placed.shape][0](*step_args)
             step = p.step = p.step + 1
             if prefetch and step < steps:
@@ -1214,8 +1401,13 @@ def train_steps(s: Setup, state: TrainState, p: Progress, ckpt: Checkpointer, lo
                 _read_metrics(s, p, pending, clock, log, bar, ckpt)
             pending = _Dispatched(step, m, placed.host, new_shape)
             live_s = p.train_s + time.perf_counter() - clock[0]
-            if prefetch and not (step % every == 0 or ckpt.should_save(step) or step == steps or stop.signal
-                                 or (budget is not None and live_s > budget)):
+            if prefetch and not (
+                step % every == 0
+                or ckpt.should_save(step)
+                or step == steps
+                or stop.signal
+                or (budget is not None and live_s > budget)
+            ):
                 continue  # nothing to decide at this step: read its metrics after the next one is dispatched
             _read_metrics(s, p, pending, clock, log, bar, ckpt)
             pending = None
@@ -1227,8 +1419,9 @@ def train_steps(s: Setup, state: TrainState, p: Progress, ckpt: Checkpointer, lo
                 bar.write(f"step {step}: " + _fmt(ev)) if s.primary else None
             if ckpt.should_save(step) or step == steps or stop.signal or out_of_time:
                 if p.last_finite == p.start and p.skipped and (step == steps or stop.signal or out_of_time):
-                    raise NonFiniteError(_non_finite_message(step, p.last_metrics, p.last_finite, p.in_a_row, ckpt,
-                                                             cfg))
+                    raise NonFiniteError(
+                        _non_finite_message(step, p.last_metrics, p.last_finite, p.in_a_row, ckpt, cfg)
+                    )
                 ckpt.save(step, trainable, opt_state, meta)  # the state of step last_finite: always finite
                 run_folder.commit()
             clock[0] = time.perf_counter()  # evaluation and checkpoints are not training time
@@ -1256,8 +1449,9 @@ def export(s: Setup, folder: Path, trainable: Any) -> None:
     if cfg.output.export_merged:  # merged on the mesh, sharded like the base; written below leaf by leaf
         from lora_jax import models
 
-        models.save_pretrained(merged_params(params_final, adapters_final), s.model_cfg, folder / "merged",
-                               tokenizer=s.tokenizer)  # every process gathers each leaf in turn, process 0 writes
+        models.save_pretrained(
+            merged_params(params_final, adapters_final), s.model_cfg, folder / "merged", tokenizer=s.tokenizer
+        )  # every process gathers each leaf in turn, process 0 writes
         say(f"exported merged weights to {folder / 'merged'}")
     if s.multi_process:  # the other exports are written by process 0 from host copies of the (small) arrays
         adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)
@@ -1274,12 +1468,23 @@ def export(s: Setup, folder: Path, trainable: Any) -> None:
         from lora_jax import models
 
         base_name = cfg.output.peft_base_model or models.peft_base_name(cfg.model.name)
-        lora.save_peft(peft_adapters, folder / "peft", base_model_name_or_path=base_name, config=s.model_cfg,
-                       modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None)
+        lora.save_peft(
+            peft_adapters,
+            folder / "peft",
+            base_model_name_or_path=base_name,
+            config=s.model_cfg,
+            modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None,
+        )
         say(f"exported PEFT adapter to {folder / 'peft'}")
     if primary and (cfg.output.export_gguf_adapter or cfg.output.export_gguf):
-        export_gguf(cfg, folder, jax.device_get(adapters_final) if uses_adapters else {},
-                    jax.device_get(trained_final), s.pissa_init, say)
+        export_gguf(
+            cfg,
+            folder,
+            jax.device_get(adapters_final) if uses_adapters else {},
+            jax.device_get(trained_final),
+            s.pissa_init,
+            say,
+        )
 
 
 def say_outputs(s: Setup, folder: Path, result: RunResult) -> None:
@@ -1293,17 +1498,25 @@ def say_outputs(s: Setup, folder: Path, result: RunResult) -> None:
         s.say(f"note: could not draw the loss plot ({type(e).__name__}: {e})")
     job = folder.parent
     s.say(f"\nfinished in {result.wall_s:.0f}s; outputs in {folder}:")
-    for name, what in (("result.json", "metrics before / after, sizes, times"),
-                       ("metrics.jsonl", "loss, learning rate, gradient norm, tokens/s by step; evaluations"),
-                       ("loss.png", "loss and learning rate by step"), ("tensorboard", "TensorBoard events"),
-                       ("adapters", "the trained adapters"), ("params", "leaves trained in full"),
-                       ("checkpoints", "resume with --resume"), ("peft", "PEFT adapter (transformers, vLLM)"),
-                       ("merged", "merged Hugging Face weights"), (GGUF_ADAPTER, "llama.cpp LoRA adapter"),
-                       (GGUF_MERGED, "merged GGUF model")):
+    for name, what in (
+        ("result.json", "metrics before / after, sizes, times"),
+        ("metrics.jsonl", "loss, learning rate, gradient norm, tokens/s by step; evaluations"),
+        ("loss.png", "loss and learning rate by step"),
+        ("tensorboard", "TensorBoard events"),
+        ("adapters", "the trained adapters"),
+        ("params", "leaves trained in full"),
+        ("checkpoints", "resume with --resume"),
+        ("peft", "PEFT adapter (transformers, vLLM)"),
+        ("merged", "merged Hugging Face weights"),
+        (GGUF_ADAPTER, "llama.cpp LoRA adapter"),
+        (GGUF_MERGED, "merged GGUF model"),
+    ):
         if (folder / name).exists() and (name != "loss.png" or png is not None):
             s.say(f"  {folder / name}  ({what})")
-    s.say(f"look at it: python -m train.plot {folder} (redraws loss.png)  |  python -m train.predict --run {job} "
-          f"--text ...  |  tensorboard --logdir {job} (if TensorBoard is installed)")
+    s.say(
+        f"look at it: python -m train.plot {folder} (redraws loss.png)  |  python -m train.predict --run {job} "
+        f"--text ...  |  tensorboard --logdir {job} (if TensorBoard is installed)"
+    )
 
 
 def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, phases: dict | None = None) -> None:
@@ -1313,19 +1526,40 @@ def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, ph
     # the widest shape's memory: the step's peak (one compiled executable is held per shape)
     step_memory = max((mem for _, mem in p.compiled.values()), key=lambda mem: mem.get("peak", 0), default=None)
     last = folder / "checkpoints" / str(step)
-    (folder / "result.json").write_text(json.dumps({
-        "steps": step, "eval_before": result.eval_before, "eval_after": result.eval_after,
-        "trainable_params": s.n_trainable, "total_params": s.total_params, "wall_s": result.wall_s,
-        "train_s": p.train_s, "optimizer_state_bytes": nbytes(state.opt_state),
-        "trainable_bytes": nbytes(state.trainable), "frozen_bytes": s.frozen_bytes, "memory_plan": s.memory_plan,
-        "step_memory_bytes": (step_memory or {}).get("peak"), "step_memory": step_memory,
-        "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
-        if last.exists() else None,
-        "batching": config_lib.batching(s.cfg), "batch_widths": list(s.batches.widths),
-        "step_shapes": sorted(list(k) for k in p.compiled), "step_compilations": len(p.compiled),
-        "examples_seen": p.examples_seen, "real_token_share": p.real_tokens / p.slots if p.slots else None,
-        "phases_s": phases or {}, "generate_eval": s.cfg.eval.generate_eval if s.cfg.data.task == "causal-lm" else 0,
-        "samples_before": result.samples_before, "samples_after": result.samples_after}, indent=1, default=float))
+    (folder / "result.json").write_text(
+        json.dumps(
+            {
+                "steps": step,
+                "eval_before": result.eval_before,
+                "eval_after": result.eval_after,
+                "trainable_params": s.n_trainable,
+                "total_params": s.total_params,
+                "wall_s": result.wall_s,
+                "train_s": p.train_s,
+                "optimizer_state_bytes": nbytes(state.opt_state),
+                "trainable_bytes": nbytes(state.trainable),
+                "frozen_bytes": s.frozen_bytes,
+                "memory_plan": s.memory_plan,
+                "step_memory_bytes": (step_memory or {}).get("peak"),
+                "step_memory": step_memory,
+                "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
+                if last.exists()
+                else None,
+                "batching": config_lib.batching(s.cfg),
+                "batch_widths": list(s.batches.widths),
+                "step_shapes": sorted(list(k) for k in p.compiled),
+                "step_compilations": len(p.compiled),
+                "examples_seen": p.examples_seen,
+                "real_token_share": p.real_tokens / p.slots if p.slots else None,
+                "phases_s": phases or {},
+                "generate_eval": s.cfg.eval.generate_eval if s.cfg.data.task == "causal-lm" else 0,
+                "samples_before": result.samples_before,
+                "samples_after": result.samples_after,
+            },
+            indent=1,
+            default=float,
+        )
+    )
 
 
 def _final_eval_logged(folder: Path, p: Progress) -> dict | None:
@@ -1333,8 +1567,14 @@ def _final_eval_logged(folder: Path, p: Progress) -> dict | None:
     finished): the values of that record, else None."""
     if p.step != p.start or p.step == 0:
         return None
-    return next(({k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
-                 for r in metrics_lib.read_log(folder) if r["kind"] == "eval" and r["step"] == p.step), None)
+    return next(
+        (
+            {k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
+            for r in metrics_lib.read_log(folder)
+            if r["kind"] == "eval" and r["step"] == p.step
+        ),
+        None,
+    )
 
 
 def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=print) -> RunResult | None:
@@ -1369,8 +1609,14 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
 
         eval_before, samples_before = {}, []
         if resume:  # the evaluation before training, as the run's first part logged it
-            eval_before = next(({k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
-                                for r in metrics_lib.read_log(folder) if r["kind"] == "eval" and r["step"] == 0), {})
+            eval_before = next(
+                (
+                    {k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
+                    for r in metrics_lib.read_log(folder)
+                    if r["kind"] == "eval" and r["step"] == 0
+                ),
+                {},
+            )
         if progress.start == 0:
             t0 = time.perf_counter()
             eval_before, samples_before = evaluate_all(s, state.trainable)
@@ -1404,8 +1650,18 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
         log.close()
         run_folder.commit()
         phases["export"] = time.perf_counter() - t0
-        result = RunResult(folder, progress.step, progress.history, eval_before, eval_after, samples_before,
-                           samples_after, s.n_trainable, s.total_params, time.perf_counter() - t_start)
+        result = RunResult(
+            folder,
+            progress.step,
+            progress.history,
+            eval_before,
+            eval_after,
+            samples_before,
+            samples_after,
+            s.n_trainable,
+            s.total_params,
+            time.perf_counter() - t_start,
+        )
         if primary:
             write_result(s, result, state, progress, phases)
             say_outputs(s, folder, result)
@@ -1413,8 +1669,10 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     except BaseException:
         if not run_folder.committed and not resume:
             run_folder.abort()
-            say(f"the run stopped before its first checkpoint: {folder} was removed"
-                + (", the run it was replacing put back" if out_plan.replaces is not None else ""))
+            say(
+                f"the run stopped before its first checkpoint: {folder} was removed"
+                + (", the run it was replacing put back" if out_plan.replaces is not None else "")
+            )
         raise
 
 
@@ -1441,19 +1699,27 @@ def check_gguf_exports(cfg: Config) -> None:
     except (FileNotFoundError, OSError):
         is_gguf = str(cfg.model.name).lower().endswith(".gguf")
     if not is_gguf:
-        raise ConfigError(f"{keys} need a GGUF base (model.name {cfg.model.name!r} is not a .gguf file): the "
-                          "file's tensor names, tokenizer and metadata are what the exports are written against")
+        raise ConfigError(
+            f"{keys} need a GGUF base (model.name {cfg.model.name!r} is not a .gguf file): the "
+            "file's tensor names, tokenizer and metadata are what the exports are written against"
+        )
     if out.export_gguf_adapter:
         if cfg.train.method not in ("lora", "qlora"):
-            raise ConfigError(f"output.export_gguf_adapter with train.method={cfg.train.method}: there are no "
-                              "adapters; use output.export_gguf")
+            raise ConfigError(
+                f"output.export_gguf_adapter with train.method={cfg.train.method}: there are no "
+                "adapters; use output.export_gguf"
+            )
         if cfg.lora.use_dora:
-            raise ConfigError("output.export_gguf_adapter with lora.use_dora: llama.cpp's LoRA has no DoRA "
-                              "magnitude; use output.export_gguf (the merged model)")
+            raise ConfigError(
+                "output.export_gguf_adapter with lora.use_dora: llama.cpp's LoRA has no DoRA "
+                "magnitude; use output.export_gguf (the merged model)"
+            )
         if cfg.train.method == "qlora" and cfg.lora.init == "pissa":
-            raise ConfigError("output.export_gguf_adapter with lora.init=pissa and train.method=qlora: the adapters "
-                              "belong to the quantised PiSSA residual, not to the GGUF base; use "
-                              "output.export_gguf")
+            raise ConfigError(
+                "output.export_gguf_adapter with lora.init=pissa and train.method=qlora: the adapters "
+                "belong to the quantised PiSSA residual, not to the GGUF base; use "
+                "output.export_gguf"
+            )
 
 
 def export_gguf(cfg: Config, folder: Path, adapters: Any, trained: Any, pissa_init: Any, say) -> None:
@@ -1467,19 +1733,39 @@ def export_gguf(cfg: Config, folder: Path, adapters: Any, trained: Any, pissa_in
         adapters = pissa_to_lora(adapters, pissa_init)
     if cfg.output.export_gguf_adapter:
         gguf_export.save_gguf_adapter(adapters, folder / GGUF_ADAPTER, base=base, name=f"{folder.name} LoRA")
-        say(f"exported llama.cpp LoRA adapter to {folder / GGUF_ADAPTER} (llama-cli -m {base} --lora "
-            f"{folder / GGUF_ADAPTER})")
+        say(
+            f"exported llama.cpp LoRA adapter to {folder / GGUF_ADAPTER} (llama-cli -m {base} --lora "
+            f"{folder / GGUF_ADAPTER})"
+        )
     if cfg.output.export_gguf:
-        rep = gguf_export.save_merged_gguf(adapters, folder / GGUF_MERGED, base=base, type=cfg.output.export_gguf,
-                                           trained=trained if jax.tree.leaves(trained) else None)
-        (folder / GGUF_MERGED_REPORT).write_text(json.dumps({
-            "type": cfg.output.export_gguf, "types": rep.types,
-            "errors": {p: dataclasses.asdict(e) | {"relative": e.relative} for p, e in rep.errors.items()}},
-            indent=1, default=float))
+        rep = gguf_export.save_merged_gguf(
+            adapters,
+            folder / GGUF_MERGED,
+            base=base,
+            type=cfg.output.export_gguf,
+            trained=trained if jax.tree.leaves(trained) else None,
+        )
+        (folder / GGUF_MERGED_REPORT).write_text(
+            json.dumps(
+                {
+                    "type": cfg.output.export_gguf,
+                    "types": rep.types,
+                    "errors": {p: dataclasses.asdict(e) | {"relative": e.relative} for p, e in rep.errors.items()},
+                },
+                indent=1,
+                default=float,
+            )
+        )
         worst = rep.worst()
-        say(f"exported merged GGUF ({cfg.output.export_gguf}) to {folder / GGUF_MERGED}"
-            + (f"; worst re-quantisation error rms {worst[1].rms:.3g} = {worst[1].relative:.2f} x the update's rms "
-               f"({worst[0]})" if worst else ""))
+        say(
+            f"exported merged GGUF ({cfg.output.export_gguf}) to {folder / GGUF_MERGED}"
+            + (
+                f"; worst re-quantisation error rms {worst[1].rms:.3g} = {worst[1].relative:.2f} x the update's rms "
+                f"({worst[0]})"
+                if worst
+                else ""
+            )
+        )
 
 
 def _fmt(d: dict) -> str:

@@ -65,9 +65,14 @@ class MemoryPlan:
         return self.base + self.trainable + self.optimizer + self.batch + self.temp + self.outputs
 
     def describe(self) -> str:
-        parts = [f"base {self.base / GiB:.2f}", f"trainable {self.trainable / GiB:.3f}",
-                 f"optimizer {self.optimizer / GiB:.3f}", f"batch {self.batch / GiB:.3f}",
-                 f"step temporaries {self.temp / GiB:.2f}", f"outputs {self.outputs / GiB:.3f}"]
+        parts = [
+            f"base {self.base / GiB:.2f}",
+            f"trainable {self.trainable / GiB:.3f}",
+            f"optimizer {self.optimizer / GiB:.3f}",
+            f"batch {self.batch / GiB:.3f}",
+            f"step temporaries {self.temp / GiB:.2f}",
+            f"outputs {self.outputs / GiB:.3f}",
+        ]
         cap = f" of {self.capacity / GiB:.2f} GiB" if self.capacity is not None else " (capacity not reported)"
         return f"memory plan per device: {self.total / GiB:.2f} GiB{cap} = " + " + ".join(parts) + " GiB"
 
@@ -79,10 +84,16 @@ def plan(frozen: Any, trainable: Any, opt_state: Any, batch: Any, compiled: dict
     """The plan of a step over these placed trees, with ``compiled`` the step's memory analysis
     (:func:`train.loop.compile_step`'s dict: ``temp``, ``outputs``, ``aliased``, ``arguments``; empty where the
     backend reports none, and then the plan counts only the arrays)."""
-    return MemoryPlan(base=device_bytes(frozen), trainable=device_bytes(trainable), optimizer=device_bytes(opt_state),
-                      batch=device_bytes(batch), temp=int(compiled.get("temp", 0)),
-                      outputs=max(int(compiled.get("outputs", 0)) - int(compiled.get("aliased", 0)), 0),
-                      xla_arguments=int(compiled.get("arguments", 0)), capacity=capacity)
+    return MemoryPlan(
+        base=device_bytes(frozen),
+        trainable=device_bytes(trainable),
+        optimizer=device_bytes(opt_state),
+        batch=device_bytes(batch),
+        temp=int(compiled.get("temp", 0)),
+        outputs=max(int(compiled.get("outputs", 0)) - int(compiled.get("aliased", 0)), 0),
+        xla_arguments=int(compiled.get("arguments", 0)),
+        capacity=capacity,
+    )
 
 
 def check(p: MemoryPlan, cfg: Config) -> None:
@@ -91,19 +102,27 @@ def check(p: MemoryPlan, cfg: Config) -> None:
         return
     over = p.total - p.capacity
     sharded = p.base + p.optimizer
-    hints = [f"more fsdp/tensor devices (mesh.fsdp={cfg.mesh.fsdp}, mesh.tensor={cfg.mesh.tensor}: doubling them "
-             f"saves about {sharded / 2 / GiB:.2f} GiB)"]
+    hints = [
+        f"more fsdp/tensor devices (mesh.fsdp={cfg.mesh.fsdp}, mesh.tensor={cfg.mesh.tensor}: doubling them "
+        f"saves about {sharded / 2 / GiB:.2f} GiB)"
+    ]
     if cfg.train.remat in (False, "none"):
         hints.append("train.remat=full (keeps only each layer's input for the backward pass)")
-    hints.append(f"a smaller train.batch_size (now {cfg.train.batch_size}; the step's temporaries are "
-                 f"{p.temp / GiB:.2f} GiB) or more train.grad_accum")
+    hints.append(
+        f"a smaller train.batch_size (now {cfg.train.batch_size}; the step's temporaries are "
+        f"{p.temp / GiB:.2f} GiB) or more train.grad_accum"
+    )
     if cfg.data.task == "causal-lm":
         hints.append("a smaller loss chunk (the logits' share of the temporaries)")
     if cfg.train.method != "qlora":
-        hints.append("train.method=qlora (a 4-bit base: about a quarter of the base's "
-                     f"{p.base / GiB:.2f} GiB in {cfg.train.precision})")
-    raise ConfigError(f"the run needs {p.total / GiB:.2f} GiB per device but the device has "
-                      f"{p.capacity / GiB:.2f} GiB ({over / GiB:.2f} GiB over): try " + "; ".join(hints))
+        hints.append(
+            "train.method=qlora (a 4-bit base: about a quarter of the base's "
+            f"{p.base / GiB:.2f} GiB in {cfg.train.precision})"
+        )
+    raise ConfigError(
+        f"the run needs {p.total / GiB:.2f} GiB per device but the device has "
+        f"{p.capacity / GiB:.2f} GiB ({over / GiB:.2f} GiB over): try " + "; ".join(hints)
+    )
 
 
 __all__ = ["MemoryPlan", "check", "device_bytes", "device_capacity", "plan"]

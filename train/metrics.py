@@ -42,8 +42,9 @@ def generation(predictions: list[str], references: list[list[str]]) -> dict[str,
     ref_streams = [[r[i] if i < len(r) else r[0] for r in references] for i in range(n_refs)]
     bleu = sacrebleu.corpus_bleu(predictions, ref_streams).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = np.mean([max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
-                     for pred, refs in zip(predictions, references)])
+    rouge = np.mean(
+        [max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)]
+    )
     return {"bleu": float(bleu), "rougeL": float(100 * rouge)}
 
 

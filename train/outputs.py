@@ -54,8 +54,9 @@ def resolve_run(folder: str | Path, what: str = "folder") -> Path:
         except (OSError, RuntimeError) as e:  # a dangling link, a link loop
             raise ConfigError(f"{what} {str(folder)!r}: {LATEST} does not lead to a run folder ({e})") from None
         if not is_run(target):
-            raise ConfigError(f"{what} {str(folder)!r}: {LATEST} points to {str(target)!r}, which holds no run "
-                              f"({CONFIG} missing)")
+            raise ConfigError(
+                f"{what} {str(folder)!r}: {LATEST} points to {str(target)!r}, which holds no run ({CONFIG} missing)"
+            )
         return target
     runs = sorted(p.name for p in folder.iterdir() if _RUN.fullmatch(p.name))
     hint = f" (it has {', '.join(runs[:3])}: name one)" if runs else ""
@@ -93,8 +94,11 @@ def _writable_ancestor(path: Path) -> Path:
 
 
 def _next_run(job: Path) -> int:
-    numbers = [int(m.group(1)) for p in (job.iterdir() if job.is_dir() else ())
-               if (m := _RUN.fullmatch(p.name.split(".replaced-")[0].lstrip(".")))]
+    numbers = [
+        int(m.group(1))
+        for p in (job.iterdir() if job.is_dir() else ())
+        if (m := _RUN.fullmatch(p.name.split(".replaced-")[0].lstrip(".")))
+    ]
     return max(numbers, default=0) + 1
 
 
@@ -239,19 +243,25 @@ def plan(cfg: Config, resume: bool) -> Plan:
         saved = saved_config(folder, "--resume")
         if _comparable(saved.to_dict()) != _comparable(cfg.to_dict()):
             diff = _first_difference(_comparable(saved.to_dict()), _comparable(cfg.to_dict()))
-            raise ConfigError(f"--resume: {folder} holds a run with a different config ({diff}); resume with the "
-                              f"config saved in {folder / CONFIG} (train.steps, eval.*, checkpoint.* and output.* "
-                              "may differ)")
+            raise ConfigError(
+                f"--resume: {folder} holds a run with a different config ({diff}); resume with the "
+                f"config saved in {folder / CONFIG} (train.steps, eval.*, checkpoint.* and output.* "
+                "may differ)"
+            )
         ckpts = folder / "checkpoints"
         if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
-            raise ConfigError(f"--resume: {folder} has no checkpoint (the run stopped before its first one); start "
-                              "a new run without --resume")
+            raise ConfigError(
+                f"--resume: {folder} has no checkpoint (the run stopped before its first one); start "
+                "a new run without --resume"
+            )
         return Plan(job, folder, True)
     if is_run(job):  # output.dir names a run folder (e.g. runs/x/run-3, or a run written before run folders)
         if not cfg.output.overwrite:
-            raise ConfigError(f"output.dir={str(job)!r} is itself a run folder ({CONFIG} is there): pass --resume to "
-                              "continue it, set output.overwrite=true to replace it, or give its parent (each run "
-                              "then gets its own run-N folder)")
+            raise ConfigError(
+                f"output.dir={str(job)!r} is itself a run folder ({CONFIG} is there): pass --resume to "
+                "continue it, set output.overwrite=true to replace it, or give its parent (each run "
+                "then gets its own run-N folder)"
+            )
         return Plan(job, job, False, replaces=job)
     latest = job / LATEST
     if cfg.output.overwrite and (latest.is_symlink() or latest.exists()):
@@ -305,7 +315,10 @@ def describe(p: Plan) -> str:
     if p.resume:
         return f"the run to resume ({p.folder})"
     if p.replaces is not None:
-        return (f"the output folder ({p.folder}, replacing the run there)" if p.replaces == p.folder else
-                f"the output folder (a new run would go to {p.folder} and replace {p.replaces} at its first "
-                "checkpoint)")
+        return (
+            f"the output folder ({p.folder}, replacing the run there)"
+            if p.replaces == p.folder
+            else f"the output folder (a new run would go to {p.folder} and replace {p.replaces} at its first "
+            "checkpoint)"
+        )
     return f"the output folder (a new run would go to {p.folder})"

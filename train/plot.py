@@ -23,8 +23,9 @@ def run_folder(path: str | Path) -> Path:
         return path
     if (path / "latest" / "metrics.jsonl").is_file():
         return (path / "latest").resolve()
-    raise MissingFileError(f"{path} is neither a run folder nor a job folder with a latest run (no metrics.jsonl "
-                           "in it or in its latest/)")
+    raise MissingFileError(
+        f"{path} is neither a run folder nor a job folder with a latest run (no metrics.jsonl in it or in its latest/)"
+    )
 
 
 def plot_run(folder: str | Path, out: str | Path | None = None) -> Path:

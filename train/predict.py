@@ -52,16 +52,24 @@ class PredictError(LoraJaxError, ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(
+        prog="python -m train.predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = ap.add_argument_group("model (one of --run, or --base with --adapter)")
     src.add_argument("--run", help="a finished train.run run folder, or its output.dir (the latest run)")
     src.add_argument("--base", help="base model: a Hugging Face folder, .gguf file or offline alias")
-    src.add_argument("--adapter", help="with --base: a lora_jax adapters folder, a PEFT adapter folder or a "
-                                       "llama.cpp LoRA adapter .gguf file")
-    src.add_argument("--task", choices=["causal-lm", "classification"],
-                     help="with --base: the task (default: a PEFT adapter's task_type, else causal-lm for a model "
-                          "family that has one, classification for the others)")
+    src.add_argument(
+        "--adapter",
+        help="with --base: a lora_jax adapters folder, a PEFT adapter folder or a llama.cpp LoRA adapter .gguf file",
+    )
+    src.add_argument(
+        "--task",
+        choices=["causal-lm", "classification"],
+        help="with --base: the task (default: a PEFT adapter's task_type, else causal-lm for a model "
+        "family that has one, classification for the others)",
+    )
     src.add_argument("--num-labels", type=int, help="with --base, classification: number of classes")
     src.add_argument("--precision", choices=["float32", "bfloat16"], help="compute dtype (default: the run's)")
     ap.add_argument("--merged", action="store_true", help="merge the adapters into the base before inference")
@@ -69,21 +77,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     inp.add_argument("--text", action="append", default=[], help="an input text (repeatable)")
     inp.add_argument("--file", help="a .txt, .jsonl, .csv or .tsv file of inputs")
     inp.add_argument("--column", help="the field of --file rows to read (default: the run's text/prompt column)")
-    inp.add_argument("--template", help="prompt template for a causal LM (default: the run's data.prompt_template; "
-                                        "'{text}' for --base)")
+    inp.add_argument(
+        "--template",
+        help="prompt template for a causal LM (default: the run's data.prompt_template; '{text}' for --base)",
+    )
     gen = ap.add_argument_group("generation / classification")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
     gen.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (default 1: greedy)")
-    gen.add_argument("--max-length", type=int, default=None, help="classification: tokens per input "
-                                                                   "(default: the run's data.max_length)")
+    gen.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="classification: tokens per input (default: the run's data.max_length)",
+    )
     gen.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", help="write one JSON record per input to this .jsonl file")
     args = ap.parse_args(argv)
     if bool(args.run) == bool(args.base):
         ap.error("give either --run DIR or --base NAME --adapter DIR")
     if args.base and not args.adapter:
-        ap.error("--base needs --adapter DIR (to run the base model alone, point --adapter at nothing: not "
-                 "supported; use lora_jax.models.load)")
+        ap.error(
+            "--base needs --adapter DIR (to run the base model alone, point --adapter at nothing: not "
+            "supported; use lora_jax.models.load)"
+        )
     if args.run and (args.adapter or args.task or args.num_labels):
         ap.error("--adapter / --task / --num-labels go with --base; a --run folder names its own")
     if not args.text and not args.file:
@@ -139,8 +155,9 @@ def _read_inputs(texts: list[str], file: str | None, column: str | None) -> list
     if column is not None:
         for i, row in enumerate(rows):
             if isinstance(row, dict) and column not in row:
-                raise PredictError(f"{file}: row {i + 1 - len(texts)} has columns {sorted(row)}, no {column!r} "
-                                   "(--column)")
+                raise PredictError(
+                    f"{file}: row {i + 1 - len(texts)} has columns {sorted(row)}, no {column!r} (--column)"
+                )
     return rows
 
 
@@ -150,12 +167,15 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise PredictError(f"template {template!r} is not valid ({e}); write fields as {{name}}, a literal brace "
-                           "as {{ or }}") from None
+        raise PredictError(
+            f"template {template!r} is not valid ({e}); write fields as {{name}}, a literal brace as {{{{ or }}}}"
+        ) from None
     for _, name, spec, conversion in parsed:
         if name is not None and (not name.isidentifier() or spec or conversion):
-            raise PredictError(f"template {template!r}: field {{{name}{'!' + conversion if conversion else ''}"
-                               f"{':' + spec if spec else ''}}} must be a plain {{name}}")
+            raise PredictError(
+                f"template {template!r}: field {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} must be a plain {{name}}"
+            )
     return [f for _, f, _, _ in parsed if f]
 
 
@@ -180,8 +200,10 @@ def as_prompt(row: dict | str, column: str | None, template: str, prompt_column:
         if column is None and fields and all(f in row for f in fields):
             return template.format(**row)
         if column is None:
-            raise PredictError(f"an input row has columns {sorted(row)}, not the template's fields {fields}; name "
-                               "the prompt with --column")
+            raise PredictError(
+                f"an input row has columns {sorted(row)}, not the template's fields {fields}; name "
+                "the prompt with --column"
+            )
         row = str(row[column])
     if len(fields) == 1:
         return template.format(**{fields[0]: row})
@@ -266,19 +288,25 @@ def from_run(folder: str, *, merged: bool = False, precision: str | None = None)
     adapters: Any = {}
     if cfg.train.method in ("lora", "qlora"):
         if not (run_dir / "adapters").is_dir():
-            raise PredictError(f"--run {folder!r}: {run_dir} has no adapters/ folder: the run did not finish "
-                               "(resume it with python -m train.run --resume)")
+            raise PredictError(
+                f"--run {folder!r}: {run_dir} has no adapters/ folder: the run did not finish "
+                "(resume it with python -m train.run --resume)"
+            )
         adapters = load_adapters(run_dir / "adapters")
         expected = {p: ad.kernel_shape for p, ad in lora.adapter_items(prepared.trainable["adapters"])}
         found = {p: ad.kernel_shape for p, ad in lora.adapter_items(adapters)}
         if set(found) != set(expected):
-            raise PredictError(f"{run_dir / 'adapters'} adapts {sorted(found)[:4]}..., its config.yaml targets "
-                               f"{sorted(expected)[:4]}...; the folder mixes two runs")
+            raise PredictError(
+                f"{run_dir / 'adapters'} adapts {sorted(found)[:4]}..., its config.yaml targets "
+                f"{sorted(expected)[:4]}...; the folder mixes two runs"
+            )
     trained = prepared.trainable["params"]
     if lora.targets.leaf_paths(trained):
         if not (run_dir / "params").is_dir():
-            raise PredictError(f"--run {folder!r} has no params/ folder (the leaves trained in full, e.g. the "
-                               "classifier head): the run did not finish, or was written by an older train.run")
+            raise PredictError(
+                f"--run {folder!r} has no params/ folder (the leaves trained in full, e.g. the "
+                "classifier head): the run did not finish, or was written by an older train.run"
+            )
         trained = loop.load_trained(run_dir / "params", trained)
     params, adapters = lora.combine(prepared.frozen, {"adapters": adapters, "params": trained})
     return _finish(model, params, adapters, tokenizer, cfg, merged, str(run_dir))
@@ -291,12 +319,21 @@ def _adapter_kind(folder: Path) -> str:
         return "peft"
     if (folder / META_FILE).is_file():
         return "lora_jax"
-    raise PredictError(f"--adapter {str(folder)!r} holds neither a lora_jax adapter ({META_FILE}) nor a PEFT "
-                       "adapter (adapter_config.json)")
+    raise PredictError(
+        f"--adapter {str(folder)!r} holds neither a lora_jax adapter ({META_FILE}) nor a PEFT "
+        "adapter (adapter_config.json)"
+    )
 
 
-def from_base(base: str, adapter: str, *, task: str | None = None, num_labels: int | None = None,
-              merged: bool = False, precision: str | None = None) -> Predictor:
+def from_base(
+    base: str,
+    adapter: str,
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    merged: bool = False,
+    precision: str | None = None,
+) -> Predictor:
     """A base model (anything :func:`lora_jax.models.load` takes) with a lora_jax or PEFT adapter."""
     from lora_jax import models
     from lora_jax.checkpoint import load_adapters
@@ -315,9 +352,11 @@ def from_base(base: str, adapter: str, *, task: str | None = None, num_labels: i
 
         run_cfg = outputs.saved_config(folder.parent, f"--adapter {adapter!r}")
         if run_cfg.train.method == "qlora" or run_cfg.lora.init == "pissa":
-            raise PredictError(f"{folder} was trained over a {'quantised' if run_cfg.train.method == 'qlora' else ''}"
-                               f"{' PiSSA residual' if run_cfg.lora.init == 'pissa' else ''} base, not over "
-                               f"{base!r} as it is; use --run {folder.parent}")
+            raise PredictError(
+                f"{folder} was trained over a {'quantised' if run_cfg.train.method == 'qlora' else ''}"
+                f"{' PiSSA residual' if run_cfg.lora.init == 'pissa' else ''} base, not over "
+                f"{base!r} as it is; use --run {folder.parent}"
+            )
     if kind == "peft":
         from lora_jax.peft import read_config
 
@@ -328,17 +367,24 @@ def from_base(base: str, adapter: str, *, task: str | None = None, num_labels: i
         task = "classification" if peft_cfg["task_type"] == "SEQ_CLS" else "causal-lm"
     path = models.resolve(base)
     if task is None:
-        task = "causal-lm" if not path.is_dir() or "causal-lm" in models.for_model_type(_model_type(path)).tasks \
+        task = (
+            "causal-lm"
+            if not path.is_dir() or "causal-lm" in models.for_model_type(_model_type(path)).tasks
             else "classification"
+        )
     if num_labels is not None and task != "classification":
         raise PredictError("--num-labels is for classification")
     default = load_config(None)
     cfg = dataclasses.replace(
         default,
-        model=dataclasses.replace(default.model, name=str(base), num_labels=num_labels or (
-            _num_labels(path) if task == "classification" else default.model.num_labels)),
+        model=dataclasses.replace(
+            default.model,
+            name=str(base),
+            num_labels=num_labels or (_num_labels(path) if task == "classification" else default.model.num_labels),
+        ),
         data=dataclasses.replace(default.data, task=task, prompt_template="{text}"),
-        train=dataclasses.replace(default.train, precision=precision or "float32"))
+        train=dataclasses.replace(default.train, precision=precision or "float32"),
+    )
     load_task = "causal-lm" if task == "causal-lm" else "sequence-classification"
     extra = {"num_labels": cfg.model.num_labels} if task == "classification" else {}
     loaded = models.load_model(base, dtype=cfg.train.precision, task=load_task, **extra)
@@ -358,9 +404,11 @@ def from_base(base: str, adapter: str, *, task: str | None = None, num_labels: i
         adapters = load_adapters(folder)
         fresh = list(loaded.new_params)
     if fresh:
-        raise PredictError(f"{base!r} has no trained {', '.join(fresh[:2])} (a new head would be random) and the "
-                           f"adapter does not bring it; use --run with the training folder, or a PEFT export with "
-                           f"modules_to_save")
+        raise PredictError(
+            f"{base!r} has no trained {', '.join(fresh[:2])} (a new head would be random) and the "
+            f"adapter does not bring it; use --run with the training folder, or a PEFT export with "
+            f"modules_to_save"
+        )
     return _finish(loaded.model, params, adapters, loaded.tokenizer, cfg, merged, f"{base} + {folder}")
 
 
@@ -413,7 +461,7 @@ def classify(p: Predictor, texts: list[str], *, max_length: int | None = None, b
 
     out = []
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start: start + batch_size]
+        chunk = texts[start : start + batch_size]
         ids = np.full((batch_size, length), pad, np.int32)
         mask = np.zeros((batch_size, length), np.int32)
         for i, t in enumerate(chunk + [chunk[-1]] * (batch_size - len(chunk))):
@@ -425,15 +473,18 @@ def classify(p: Predictor, texts: list[str], *, max_length: int | None = None, b
     return out
 
 
-def generate(p: Predictor, prompts: list[str], *, max_new_tokens: int | None = None, num_beams: int = 1,
-             batch_size: int = 8) -> list[str]:
+def generate(
+    p: Predictor, prompts: list[str], *, max_new_tokens: int | None = None, num_beams: int = 1, batch_size: int = 8
+) -> list[str]:
     """Continuations of ``prompts`` (greedy, or beam search as the run's evaluation decodes)."""
     from train import loop
 
-    ev = dataclasses.replace(p.cfg.eval, num_beams=num_beams,
-                             max_new_tokens=max_new_tokens or p.cfg.eval.max_new_tokens)
-    return loop.generate_texts(p.model, p.weights, p.tokenizer, prompts, dataclasses.replace(p.cfg, eval=ev),
-                               batch_size=batch_size)
+    ev = dataclasses.replace(
+        p.cfg.eval, num_beams=num_beams, max_new_tokens=max_new_tokens or p.cfg.eval.max_new_tokens
+    )
+    return loop.generate_texts(
+        p.model, p.weights, p.tokenizer, prompts, dataclasses.replace(p.cfg, eval=ev), batch_size=batch_size
+    )
 
 
 # The decodings :func:`score_heldout` runs: greedy, and the LoRA paper's E2E decoding (beam 10, length penalty 0.9,
@@ -472,8 +523,7 @@ def heldout_split(cfg) -> tuple[list[dict], list[dict]]:
     return train_rows, eval_rows
 
 
-def score_heldout(p: Predictor, decodings: dict[str, dict], *, batch_size: int | None = None,
-                  print_fn=None) -> dict:
+def score_heldout(p: Predictor, decodings: dict[str, dict], *, batch_size: int | None = None, print_fn=None) -> dict:
     """BLEU / ROUGE-L (:func:`train.metrics.generation`) of ``p`` on every distinct held-out prompt of its run's
     split (:func:`heldout_split`), each decoded once and scored against all its references, once per entry of
     ``decodings`` (``name -> {"num_beams": K, ...}``; :data:`GREEDY`, :data:`PAPER_BEAM`).
@@ -489,25 +539,38 @@ def score_heldout(p: Predictor, decodings: dict[str, dict], *, batch_size: int |
         raise PredictError(f"scoring held-out prompts is for causal-lm runs, this one is {p.cfg.data.task}")
     train_rows, eval_rows = heldout_split(p.cfg)
     prompts, refs = reference_groups(eval_rows, p.cfg.data)
-    out = {"prompts": len(prompts), "references": sum(map(len, refs)), "prompt_texts": prompts,
-           "train_rows": len(train_rows),
-           "train_prompts": len(reference_groups(train_rows, p.cfg.data)[0]), "decodings": {}}
+    out = {
+        "prompts": len(prompts),
+        "references": sum(map(len, refs)),
+        "prompt_texts": prompts,
+        "train_rows": len(train_rows),
+        "train_prompts": len(reference_groups(train_rows, p.cfg.data)[0]),
+        "decodings": {},
+    }
     for name, settings in decodings.items():
         beams = int(settings.get("num_beams", 1))
         stated = PAPER_BEAM if beams > 1 else GREEDY
         if {**stated, **settings} != stated:
-            raise PredictError(f"decoding {name!r}: {settings} cannot be run; train.loop.generate_texts decodes "
-                               f"greedily or as {PAPER_BEAM}")
+            raise PredictError(
+                f"decoding {name!r}: {settings} cannot be run; train.loop.generate_texts decodes "
+                f"greedily or as {PAPER_BEAM}"
+            )
         t0 = time.perf_counter()
         preds = generate(p, prompts, num_beams=beams, batch_size=batch_size or p.cfg.eval.batch_size)
         seconds = time.perf_counter() - t0
-        out["decodings"][name] = {**metrics_lib.generation(preds, refs), "prompts_scored": len(prompts),
-                                  "references": sum(map(len, refs)),
-                                  "decoding": {**stated, "max_new_tokens": p.cfg.eval.max_new_tokens},
-                                  "decode_s": seconds, "predictions": preds}
+        out["decodings"][name] = {
+            **metrics_lib.generation(preds, refs),
+            "prompts_scored": len(prompts),
+            "references": sum(map(len, refs)),
+            "decoding": {**stated, "max_new_tokens": p.cfg.eval.max_new_tokens},
+            "decode_s": seconds,
+            "predictions": preds,
+        }
         if print_fn is not None:
-            print_fn(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in out["decodings"][name].items()
-                                              if isinstance(v, float)))
+            print_fn(
+                f"{name}: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in out["decodings"][name].items() if isinstance(v, float))
+            )
     return out
 
 
@@ -520,8 +583,14 @@ def predict(args: argparse.Namespace, print_fn=print) -> list[dict]:
     if args.run:
         p = from_run(args.run, merged=args.merged, precision=args.precision)
     else:
-        p = from_base(args.base, args.adapter, task=args.task, num_labels=args.num_labels, merged=args.merged,
-                      precision=args.precision)
+        p = from_base(
+            args.base,
+            args.adapter,
+            task=args.task,
+            num_labels=args.num_labels,
+            merged=args.merged,
+            precision=args.precision,
+        )
     dc = p.cfg.data
     records = []
     if dc.task == "classification":
@@ -536,8 +605,9 @@ def predict(args: argparse.Namespace, print_fn=print) -> list[dict]:
         else:
             template = args.template if args.template is not None else dc.prompt_template
             prompts = [as_prompt(r, args.column, template, dc.prompt_column) for r in rows]
-        outs = generate(p, prompts, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                        batch_size=args.batch_size)
+        outs = generate(
+            p, prompts, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size
+        )
         for prompt, out in zip(prompts, outs):
             records.append({"prompt": prompt, "output": out})
             print_fn(f"{prompt.strip()!r} -> {out!r}")

@@ -30,8 +30,10 @@ def config_keys_help(width: int = 118) -> str:
     from train.config import key_table
 
     row = re.compile(r"^\| `(?P<key>[^`]+)` \| `(?P<default>[^`]*)` \| (?P<allowed>.*?) \| (?P<meaning>.*) \|$")
-    lines = ["config keys (section.key=value; the full table with allowed values: docs/reference/config.md, or "
-             "python -m train.config):"]
+    lines = [
+        "config keys (section.key=value; the full table with allowed values: docs/reference/config.md, or "
+        "python -m train.config):"
+    ]
     for line in key_table().splitlines()[2:]:
         m = row.match(line)
         if m:
@@ -42,15 +44,22 @@ def config_keys_help(width: int = 118) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     wants_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
-    ap = ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0].replace("``", ""),
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog=config_keys_help() if wants_help else None)
+    ap = ArgumentParser(
+        prog="python -m train.run",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_keys_help() if wants_help else None,
+    )
     ap.add_argument("--config", help="YAML config (default: the embedded offline default)")
-    ap.add_argument("--resume", action="store_true", help="continue the latest run in output.dir from its last "
-                                                          "checkpoint")
+    ap.add_argument(
+        "--resume", action="store_true", help="continue the latest run in output.dir from its last checkpoint"
+    )
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    ap.add_argument("--check", action="store_true", help="check the config, output folder, model, data and targets, "
-                                                         "write nothing, exit")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, output folder, model, data and targets, write nothing, exit",
+    )
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. lora.r=16 optim.lr=1e-3")
     return ap.parse_intermixed_args(argv)  # options may come after overrides
 

@@ -48,28 +48,46 @@ def tools() -> dict[str, str]:
     out = {}
     for tool, flag in (("espeak-ng", "--version"), ("sox", "--version")):
         if shutil.which(tool) is None:
-            raise DataError(f"{tool} is not installed; the speech task needs espeak-ng and sox "
-                            "(Debian/Ubuntu: apt-get install -y espeak-ng sox; scripts/setup.sh installs them)")
+            raise DataError(
+                f"{tool} is not installed; the speech task needs espeak-ng and sox "
+                "(Debian/Ubuntu: apt-get install -y espeak-ng sox; scripts/setup.sh installs them)"
+            )
         res = subprocess.run([tool, flag], capture_output=True, text=True, check=False)
         out[tool] = (res.stdout or res.stderr).strip().splitlines()[0] if (res.stdout or res.stderr) else "?"
     return out
 
 
-def synthesize(text: str, voice: str, *, speed: int = 175, pitch: int = 50, tempo: float = 1.0,
-               reverb: int | None = None, workdir: str | os.PathLike | None = None) -> np.ndarray:
+def synthesize(
+    text: str,
+    voice: str,
+    *,
+    speed: int = 175,
+    pitch: int = 50,
+    tempo: float = 1.0,
+    reverb: int | None = None,
+    workdir: str | os.PathLike | None = None,
+) -> np.ndarray:
     """``text`` spoken by espeak-ng ``voice`` (e.g. ``"de+m3"``) at ``speed`` words per minute and ``pitch``
     (0-99), resampled by sox to 16 kHz mono with ``tempo`` (time stretch without a pitch change) and
     ``reverb`` (0-100, ``None``: none): float32 samples in [-1, 1]."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         raw, out = Path(tmp) / "espeak.wav", Path(tmp) / "clip.wav"
-        res = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), text],
-                             capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), text],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if res.returncode or not raw.is_file():
             raise DataError(f"espeak-ng -v {voice} failed on {text!r}: {res.stderr.strip()}")
         effects = (["tempo", f"{tempo:.3f}"] if tempo != 1.0 else []) + (["reverb", str(reverb)] if reverb else [])
         # -D: no dither (sox dithers with fresh noise by default, so its output would differ from run to run)
-        res = subprocess.run(["sox", "-D", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", str(out), *effects],
-                             capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            ["sox", "-D", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", str(out), *effects],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if res.returncode:
             raise DataError(f"sox failed on the clip of {text!r} ({' '.join(effects)}): {res.stderr.strip()}")
         wave, rate = read_wav(out)
@@ -89,37 +107,57 @@ def _noise(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
 
 def make_clip(rng: np.random.Generator, text: str, voice: str, workdir=None) -> tuple[np.ndarray, dict]:
     """One augmented clip of ``text`` in ``voice`` with settings drawn from ``rng``: ``(samples, settings)``."""
-    s = {"speed": int(rng.integers(130, 211)), "pitch": int(rng.integers(20, 81)),
-         "tempo": round(float(rng.uniform(0.9, 1.1)), 3),
-         "reverb": int(rng.integers(10, 60)) if rng.random() < 0.5 else None,
-         "lead_s": round(float(rng.uniform(0.0, 0.25)), 3), "peak": round(float(rng.uniform(0.3, 0.9)), 3),
-         "noise": str(rng.choice(["white", "pink"])), "snr_db": round(float(rng.uniform(5.0, 30.0)), 1)}
-    speech = synthesize(text, voice, speed=s["speed"], pitch=s["pitch"], tempo=s["tempo"], reverb=s["reverb"],
-                        workdir=workdir)
+    s = {
+        "speed": int(rng.integers(130, 211)),
+        "pitch": int(rng.integers(20, 81)),
+        "tempo": round(float(rng.uniform(0.9, 1.1)), 3),
+        "reverb": int(rng.integers(10, 60)) if rng.random() < 0.5 else None,
+        "lead_s": round(float(rng.uniform(0.0, 0.25)), 3),
+        "peak": round(float(rng.uniform(0.3, 0.9)), 3),
+        "noise": str(rng.choice(["white", "pink"])),
+        "snr_db": round(float(rng.uniform(5.0, 30.0)), 1),
+    }
+    speech = synthesize(
+        text, voice, speed=s["speed"], pitch=s["pitch"], tempo=s["tempo"], reverb=s["reverb"], workdir=workdir
+    )
     speech = speech / max(float(np.abs(speech).max()), 1e-6) * s["peak"]
     wave = np.concatenate([np.zeros(int(s["lead_s"] * RATE), np.float32), speech])
     noise = _noise(rng, wave.size, s["noise"])
     power = float(np.mean(speech.astype(np.float64) ** 2))
-    noise *= np.sqrt(power / 10 ** (s["snr_db"] / 10) / max(float(np.mean(noise ** 2)), 1e-12))
+    noise *= np.sqrt(power / 10 ** (s["snr_db"] / 10) / max(float(np.mean(noise**2)), 1e-12))
     return np.clip(wave + noise, -1.0, 1.0).astype(np.float32), s
 
 
-def plan(languages: list[str], train_per_sentence: int, eval_per_sentence: int, seed: int,
-         n_train: int = N_TRAIN_SENTENCES, n_eval: int | None = None) -> dict[str, list[dict]]:
+def plan(
+    languages: list[str],
+    train_per_sentence: int,
+    eval_per_sentence: int,
+    seed: int,
+    n_train: int = N_TRAIN_SENTENCES,
+    n_eval: int | None = None,
+) -> dict[str, list[dict]]:
     """Every clip to make, per split: ``{"train": [...], "eval": [...]}`` rows with language, label, text,
     voice and the clip's own seed; a pure function of its arguments."""
     rng = np.random.default_rng(seed)
     rows: dict[str, list[dict]] = {"train": [], "eval": []}
     for label, lang in enumerate(languages):
         sentences = SENTENCES[lang]
-        splits = {"train": (sentences[:n_train], TRAIN_VARIANTS, train_per_sentence),
-                  "eval": (sentences[N_TRAIN_SENTENCES:][:n_eval], EVAL_VARIANTS, eval_per_sentence)}
+        splits = {
+            "train": (sentences[:n_train], TRAIN_VARIANTS, train_per_sentence),
+            "eval": (sentences[N_TRAIN_SENTENCES:][:n_eval], EVAL_VARIANTS, eval_per_sentence),
+        }
         for split, (texts, variants, per) in splits.items():
             for text in texts:
                 for v in rng.choice(len(variants), size=per, replace=per > len(variants)):
-                    rows[split].append({"language": lang, "label": label, "text": text,
-                                        "voice": f"{VOICES[lang]}+{variants[int(v)]}",
-                                        "seed": int(rng.integers(2**31))})
+                    rows[split].append(
+                        {
+                            "language": lang,
+                            "label": label,
+                            "text": text,
+                            "voice": f"{VOICES[lang]}+{variants[int(v)]}",
+                            "seed": int(rng.integers(2**31)),
+                        }
+                    )
     return rows
 
 
@@ -127,9 +165,18 @@ def spec_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def generate(out: str | os.PathLike, *, languages: list[str] | None = None, train_per_sentence: int = 5,
-             eval_per_sentence: int = 4, seed: int = 0, n_train: int = N_TRAIN_SENTENCES, n_eval: int | None = None,
-             workers: int = 2, print_fn=print) -> Path:
+def generate(
+    out: str | os.PathLike,
+    *,
+    languages: list[str] | None = None,
+    train_per_sentence: int = 5,
+    eval_per_sentence: int = 4,
+    seed: int = 0,
+    n_train: int = N_TRAIN_SENTENCES,
+    n_eval: int | None = None,
+    workers: int = 2,
+    print_fn=print,
+) -> Path:
     """Write the task into ``out`` (see the module docstring), or keep it when ``out/spec.json`` has the same
     key. ``n_train`` / ``n_eval``: sentences per language used (a tiny slice for tests). Returns ``out``."""
     languages = list(languages or VOICES)
@@ -141,8 +188,11 @@ def generate(out: str | os.PathLike, *, languages: list[str] | None = None, trai
     spec = {"version": VERSION, "languages": languages, "rows": rows, "tools": tools(), "rate": RATE}
     key = spec_key(spec)
     spec_file = out / "spec.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()).get("key") == key and \
-            all((out / f"{s}.jsonl").is_file() for s in rows):
+    if (
+        spec_file.is_file()
+        and json.loads(spec_file.read_text()).get("key") == key
+        and all((out / f"{s}.jsonl").is_file() for s in rows)
+    ):
         print_fn(f"{out}: up to date (key {key})")
         return out
     if spec_file.exists():
@@ -156,8 +206,12 @@ def generate(out: str | os.PathLike, *, languages: list[str] | None = None, trai
         wave, settings = make_clip(np.random.default_rng(row["seed"]), row["text"], row["voice"])
         path = Path("clips") / split / f"{i:05d}.wav"
         write_wav(out / path, wave, RATE)
-        return {"audio": str(path), **{k: row[k] for k in ("label", "language", "text", "voice")}, **settings,
-                "seconds": round(wave.size / RATE, 3)}
+        return {
+            "audio": str(path),
+            **{k: row[k] for k in ("label", "language", "text", "voice")},
+            **settings,
+            "seconds": round(wave.size / RATE, 3),
+        }
 
     for split, split_rows in rows.items():
         jobs = [(split, i, r) for i, r in enumerate(split_rows)]
@@ -169,9 +223,21 @@ def generate(out: str | os.PathLike, *, languages: list[str] | None = None, trai
         secs = [m["seconds"] for m in made]
         print_fn(f"{split}: {len(made)} clips, {np.mean(secs):.2f} s on average ({min(secs):.2f}-{max(secs):.2f})")
     (out / "labels.json").write_text(json.dumps(languages) + "\n")
-    spec_file.write_text(json.dumps({"key": key, "version": VERSION, "languages": languages,
-                                     "train_per_sentence": train_per_sentence, "eval_per_sentence": eval_per_sentence,
-                                     "seed": seed, "tools": spec["tools"]}, indent=1) + "\n")
+    spec_file.write_text(
+        json.dumps(
+            {
+                "key": key,
+                "version": VERSION,
+                "languages": languages,
+                "train_per_sentence": train_per_sentence,
+                "eval_per_sentence": eval_per_sentence,
+                "seed": seed,
+                "tools": spec["tools"],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return out
 
 
@@ -184,8 +250,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
-    generate(args.out, languages=args.languages.split(","), train_per_sentence=args.train_per_sentence,
-             eval_per_sentence=args.eval_per_sentence, seed=args.seed, workers=args.workers)
+    generate(
+        args.out,
+        languages=args.languages.split(","),
+        train_per_sentence=args.train_per_sentence,
+        eval_per_sentence=args.eval_per_sentence,
+        seed=args.seed,
+        workers=args.workers,
+    )
     return 0
 
 

@@ -17,8 +17,16 @@ def packing(batch: dict) -> dict:
     return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
 
 
-def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | None,
-                   loss_chunk: int | str = "auto", logits: str = "loss") -> tuple[jax.Array, dict]:
+def causal_lm_loss(
+    model,
+    params,
+    batch: dict,
+    *,
+    train: bool,
+    rng: jax.Array | None,
+    loss_chunk: int | str = "auto",
+    logits: str = "loss",
+) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy over completion tokens only (the prompt is context, not a target).
 
     ``batch["loss_mask"][i, t] = 1`` when token ``t + 1`` belongs to the completion. A packed batch
@@ -59,12 +67,14 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
     positions = batch.get("loss_positions") if logits == "loss" else None
     has_head = callable(getattr(type(model), "head", None))
     if has_head and (loss_chunk != 0 or positions is not None):
+
         def hidden_and_head(module, ids, attention_mask, **packed):
             h, _ = module(ids, attention_mask=attention_mask, hidden=True, **packed)
             return h, module.head()
 
-        out = model.apply({"params": params}, ids, batch["attention_mask"], method=hidden_and_head, mutable=mutable,
-                          **packing(batch))
+        out = model.apply(
+            {"params": params}, ids, batch["attention_mask"], method=hidden_and_head, mutable=mutable, **packing(batch)
+        )
         (h, head), state = out if with_aux else (out, None)
         # Position t predicts token t + 1; the last position predicts nothing (weight 0, target 0).
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
@@ -73,11 +83,13 @@ def causal_lm_loss(model, params, batch: dict, *, train: bool, rng: jax.Array | 
             loss_sum, count = losses.cross_entropy(h, targets=targets, weights=mask, positions=positions, **head)
         else:
             chunk = None if loss_chunk == "auto" else int(loss_chunk)
-            loss_sum, count = losses.chunked_cross_entropy(h, targets=targets, weights=mask, chunk_size=chunk,
-                                                           positions=positions, **head)
+            loss_sum, count = losses.chunked_cross_entropy(
+                h, targets=targets, weights=mask, chunk_size=chunk, positions=positions, **head
+            )
         return finish(loss_sum, count, state)
-    out = model.apply({"params": params}, ids, attention_mask=batch["attention_mask"], mutable=mutable,
-                      **packing(batch))
+    out = model.apply(
+        {"params": params}, ids, attention_mask=batch["attention_mask"], mutable=mutable, **packing(batch)
+    )
     (logits, _), state = out if with_aux else (out, None)
     logits = logits[:, :-1].astype(jnp.float32)
     mask = mask[:, :-1]
@@ -92,16 +104,25 @@ def classification_loss(model, params, batch: dict, *, train: bool, rng: jax.Arr
     if "input_features" in batch:
         logits = model.apply({"params": params}, batch["input_features"], deterministic=not train, rngs=rngs)
     else:
-        logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                             deterministic=not train, rngs=rngs)
+        logits = model.apply(
+            {"params": params},
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            deterministic=not train,
+            rngs=rngs,
+        )
     logits = logits.astype(jnp.float32)
     weight = batch.get("weight", jnp.ones(logits.shape[:1], jnp.float32))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return jnp.sum(ce * weight), {"count": jnp.sum(weight), "logits": logits}
 
 
-LOSSES: dict[str, Any] = {"causal-lm": causal_lm_loss, "chat": causal_lm_loss, "classification": classification_loss,
-                          "audio-classification": classification_loss}
+LOSSES: dict[str, Any] = {
+    "causal-lm": causal_lm_loss,
+    "chat": causal_lm_loss,
+    "classification": classification_loss,
+    "audio-classification": classification_loss,
+}
 
 
 def loss_for(cfg) -> Any:

@@ -153,8 +153,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         path = ALIASES[name]()
         if path is not None:
             if not path.exists():
-                raise MissingFileError(f"alias {name!r} points to {path}, which does not exist (reinstall its "
-                                       "package)")
+                raise MissingFileError(f"alias {name!r} points to {path}, which does not exist (reinstall its package)")
             return path
     path = Path(name).expanduser()
     if path.exists():
@@ -222,14 +221,21 @@ class Checkpoint:
     def abstract(self, dtype: Any = None) -> dict:
         """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (float leaves in ``dtype``, or ``dtype(path)``;
         ``None``: float32): what sharding rules, ``lora.init`` and the optimizer need before any value exists."""
+
         def one(path, x):
             want = placement.dtype_of(dtype, path)
             return jax.ShapeDtypeStruct(x.shape, want if want is not None and placement.is_float(x.dtype) else x.dtype)
 
         return tree.unflatten({p: one(p, x) for p, x in self.shapes.items()})
 
-    def load(self, shardings: Any = None, dtype: Any = jnp.float32, key: jax.Array | None = None,
-             only: Any = None, then: Any = None) -> dict:
+    def load(
+        self,
+        shardings: Any = None,
+        dtype: Any = jnp.float32,
+        key: jax.Array | None = None,
+        only: Any = None,
+        then: Any = None,
+    ) -> dict:
         """The parameters, each created with its final sharding and dtype.
 
         Args:
@@ -261,18 +267,23 @@ class Checkpoint:
     def _init_fresh(self, paths: list, sharding_of, dtype_of, key) -> dict:
         """The leaves the checkpoint lacks, initialised by the family's scheme under ``jit`` with their shardings
         (only these leaves are computed: jit drops the rest of the model's initialisation)."""
+
         def init(k):
             full = tree.flatten(self.arch.init_params(self.config, k, self.task))
-            return {tree.join(p): full[p].astype(dtype_of(p)) if placement.is_float(full[p].dtype) else full[p]
-                    for p in paths}
+            return {
+                tree.join(p): full[p].astype(dtype_of(p)) if placement.is_float(full[p].dtype) else full[p]
+                for p in paths
+            }
 
         out = jax.jit(init, out_shardings={tree.join(p): sharding_of(p) for p in paths})(
-            jax.random.key(0) if key is None else key)
+            jax.random.key(0) if key is None else key
+        )
         return {tree.split(k): v for k, v in out.items()}
 
 
-def open_checkpoint(name_or_path: str | os.PathLike, task: str | None = None, *, tokenizer: bool = True,
-                    **config_overrides: Any) -> Checkpoint:
+def open_checkpoint(
+    name_or_path: str | os.PathLike, task: str | None = None, *, tokenizer: bool = True, **config_overrides: Any
+) -> Checkpoint:
     """Open a model for :meth:`Checkpoint.load`: read its config, tokenizer and tensor names and shapes, check
     that they fit the family's parameters, and read no weight yet. ``name_or_path``, ``task`` and
     ``config_overrides`` are as for :func:`load`."""
@@ -286,15 +297,17 @@ def open_checkpoint(name_or_path: str | os.PathLike, task: str | None = None, *,
 
         scan = config_overrides.pop("scan_layers", None)  # how to build the model, not what the file holds
         if config_overrides:
-            raise CheckpointError(f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF "
-                                  "files")
+            raise CheckpointError(
+                f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF files"
+            )
         family, config, task, sources, tok = gguf.open_gguf_checkpoint(path, task, tokenizer, scan_layers=scan)
         shapes = family.shapes(config, task)
         return Checkpoint(family, config, task, tok, sources, [], shapes, str(path))
     if ct2.is_ct2_folder(path):
         config, plan, preprocessor, source = ct2.open_ct2_checkpoint(path, task, **config_overrides)
-        return Checkpoint(for_config(config), config, plan.task, preprocessor, plan.sources, plan.fresh, plan.shapes,
-                          source)
+        return Checkpoint(
+            for_config(config), config, plan.task, preprocessor, plan.sources, plan.fresh, plan.shapes, source
+        )
     hf_config = hf.read_config(path)
     try:
         arch = for_model_type(getattr(hf_config, "model_type", None))
@@ -313,14 +326,14 @@ def open_checkpoint(name_or_path: str | os.PathLike, task: str | None = None, *,
     return Checkpoint(arch, config, task, preprocessor, plan.sources, plan.fresh, plan.shapes, tensors.source)
 
 
-def load_model(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None,
-               **config_overrides: Any) -> Loaded:
+def load_model(
+    name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = None, **config_overrides: Any
+) -> Loaded:
     """Like :func:`load`, returning a :class:`Loaded` that also says which parameters were newly
     initialised."""
     ckpt = open_checkpoint(name_or_path, task, **config_overrides)
     dtype = jnp.dtype(dtype)
-    return Loaded(ckpt.build(dtype), ckpt.load(dtype=dtype), ckpt.tokenizer, ckpt.config, ckpt.new_params,
-                  ckpt.source)
+    return Loaded(ckpt.build(dtype), ckpt.load(dtype=dtype), ckpt.tokenizer, ckpt.config, ckpt.new_params, ckpt.source)
 
 
 def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
@@ -329,8 +342,9 @@ def _override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ArgumentTypeError(f"{path}: {type(config).__module__}.Config has no field(s) {unknown}; fields: "
-                                f"{sorted(fields)}")
+        raise ArgumentTypeError(
+            f"{path}: {type(config).__module__}.Config has no field(s) {unknown}; fields: {sorted(fields)}"
+        )
     return dataclasses.replace(config, **overrides)
 
 
@@ -356,6 +370,24 @@ def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = 
     return loaded.model, loaded.params, loaded.tokenizer, loaded.config
 
 
-__all__ = ["ALIASES", "HUB_IDS", "Architecture", "Checkpoint", "CheckpointError", "Loaded", "build", "for_config",
-           "for_model_type", "from_hf_weights", "head_rules", "init_params", "load", "load_model", "open_checkpoint",
-           "peft_base_name", "resolve", "save_pretrained", "to_hf_weights"]
+__all__ = [
+    "ALIASES",
+    "HUB_IDS",
+    "Architecture",
+    "Checkpoint",
+    "CheckpointError",
+    "Loaded",
+    "build",
+    "for_config",
+    "for_model_type",
+    "from_hf_weights",
+    "head_rules",
+    "init_params",
+    "load",
+    "load_model",
+    "open_checkpoint",
+    "peft_base_name",
+    "resolve",
+    "save_pretrained",
+    "to_hf_weights",
+]

@@ -120,8 +120,12 @@ def _reverse(x):
 SAME = Layout(load=lambda xs: xs[0], save=lambda x: [x], read=lambda vs, index: vs[0][index])
 """Stored as it is (norm scales, biases, embedding tables, GPT-2's ``Conv1D`` kernels)."""
 
-TRANSPOSE = Layout(load=lambda xs: _reverse(xs[0]), save=lambda x: [_reverse(x)], transposed=True,
-                   read=lambda vs, index: _reverse(np.asarray(vs[0][index[::-1]])))
+TRANSPOSE = Layout(
+    load=lambda xs: _reverse(xs[0]),
+    save=lambda x: [_reverse(x)],
+    transposed=True,
+    read=lambda vs, index: _reverse(np.asarray(vs[0][index[::-1]])),
+)
 """Stored with the axes reversed: ``nn.Linear`` ``(out, in)`` <-> kernel ``(in, out)``; ``nn.Conv1d``
 ``(out, in, k)`` <-> Flax ``nn.Conv`` ``(k, in, out)``."""
 
@@ -131,9 +135,12 @@ def permuted(axes: Sequence[int]) -> Layout:
     ``(E, out, in)``)."""
     axes = tuple(axes)
     inverse = tuple(int(i) for i in np.argsort(axes))
-    return Layout(load=lambda xs: xs[0].transpose(inverse), save=lambda x: [x.transpose(axes)],
-                  transposed=axes == tuple(range(len(axes)))[::-1],
-                  read=lambda vs, index: np.asarray(vs[0][tuple(index[a] for a in axes)]).transpose(inverse))
+    return Layout(
+        load=lambda xs: xs[0].transpose(inverse),
+        save=lambda x: [x.transpose(axes)],
+        transposed=axes == tuple(range(len(axes)))[::-1],
+        read=lambda vs, index: np.asarray(vs[0][tuple(index[a] for a in axes)]).transpose(inverse),
+    )
 
 
 def stacked(each: Layout = TRANSPOSE) -> Layout:
@@ -145,9 +152,12 @@ def stacked(each: Layout = TRANSPOSE) -> Layout:
     def read(views, index):  # only the tensors of the experts in the block, each read blockwise
         return np.stack([each.read_block([views[e]], index[1:]) for e in range(*index[0].indices(len(views)))])
 
-    return Layout(load=lambda xs: stack([each.load([x]) for x in xs]),
-                  save=lambda x: [each.save(x[i])[0] for i in range(x.shape[0])], transposed=each.transposed,
-                  read=read)
+    return Layout(
+        load=lambda xs: stack([each.load([x]) for x in xs]),
+        save=lambda x: [each.save(x[i])[0] for i in range(x.shape[0])],
+        transposed=each.transposed,
+        read=read,
+    )
 
 
 def layer_stacked(each: Layout, per_layer: int, layers: int) -> Layout:
@@ -156,15 +166,20 @@ def layer_stacked(each: Layout, per_layer: int, layers: int) -> Layout:
     k = per_layer
 
     def load(xs):
-        parts = [each.load(xs[i * k:(i + 1) * k]) for i in range(layers)]
+        parts = [each.load(xs[i * k : (i + 1) * k]) for i in range(layers)]
         return (jnp if isinstance(parts[0], jax.Array) else np).stack(parts)
 
     def read(views, index):  # only the layers in the block, each read blockwise as its layout allows
-        return np.stack([each.read_block(views[i * k:(i + 1) * k], index[1:])
-                         for i in range(*index[0].indices(layers))])
+        return np.stack(
+            [each.read_block(views[i * k : (i + 1) * k], index[1:]) for i in range(*index[0].indices(layers))]
+        )
 
-    return Layout(load=load, save=lambda x: [t for i in range(x.shape[0]) for t in each.save(x[i])],
-                  transposed=each.transposed, read=read if each.read is not None else None)
+    return Layout(
+        load=load,
+        save=lambda x: [t for i in range(x.shape[0]) for t in each.save(x[i])],
+        transposed=each.transposed,
+        read=read if each.read is not None else None,
+    )
 
 
 # -------------------------------------------------------------------------------------------- names
@@ -238,8 +253,7 @@ class Names:
             if m and isinstance(rule.name, str):
                 return m.expand(rule.name)
         list_re = self._list_re
-        parts = [list_re.sub(r"\1.\2", p) if list_re is not None and list_re.fullmatch(p) else p
-                 for p in path[:-1]]
+        parts = [list_re.sub(r"\1.\2", p) if list_re is not None and list_re.fullmatch(p) else p for p in path[:-1]]
         return ".".join(parts)
 
     def _stack_size(self, path: Path, config: Any) -> int:
@@ -248,8 +262,10 @@ class Names:
             return 0
         n = getattr(config, "num_hidden_layers", None)
         if n is None:
-            raise ArgumentError(f"{tree.join(path)} is in a scanned layer stack; its checkpoint names need the config "
-                             "(its num_hidden_layers)")
+            raise ArgumentError(
+                f"{tree.join(path)} is in a scanned layer stack; its checkpoint names need the config "
+                "(its num_hidden_layers)"
+            )
         return int(n)
 
     def tensor(self, path: Sequence[str], config: Any = None) -> Tensor:
@@ -279,8 +295,13 @@ class Names:
         if rule is None or not rule.also:
             return (first,)
         default = f"{self.module(path)}.{LEAF_NAMES.get(path[-1], path[-1])}"
-        return (first, *(Tensor(tuple(name(default, config)) if callable(name) else (default,), layout)
-                         for layout, name in rule.also))
+        return (
+            first,
+            *(
+                Tensor(tuple(name(default, config)) if callable(name) else (default,), layout)
+                for layout, name in rule.also
+            ),
+        )
 
     def hf_name(self, path: Sequence[str]) -> str:
         """The (first) tensor name of leaf ``path``: ``model.layers.0.self_attn.q_proj.weight`` (layer 0's for a
@@ -296,8 +317,9 @@ class Names:
 
 def _stack_tensors(per_layer: Sequence[Tensor]) -> Tensor:
     first = per_layer[0]
-    return Tensor(tuple(n for t in per_layer for n in t.names),
-                  layer_stacked(first.layout, len(first.names), len(per_layer)))
+    return Tensor(
+        tuple(n for t in per_layer for n in t.names), layer_stacked(first.layout, len(first.names), len(per_layer))
+    )
 
 
 GENERIC_NAMES = Names(lists=None)
@@ -479,8 +501,11 @@ class Architecture:
             if not t.head:
                 continue
             heads = [p for p in self.shapes(config, name) if any(re.fullmatch(h, tree.join(p)) for h in t.head)]
-            if heads and all(n in present for p in heads
-                             for n in self.names.tensor(self.checkpoint_path(p, name, prefix), config).names):
+            if heads and all(
+                n in present
+                for p in heads
+                for n in self.names.tensor(self.checkpoint_path(p, name, prefix), config).names
+            ):
                 return name
         return self.default_task
 
@@ -538,8 +563,10 @@ def for_config(config: Any) -> Architecture:
     for arch in families():
         if type(config) is arch.config:
             return arch
-    raise ArgumentTypeError(f"expected the Config of a lora_jax model family ({[a.name for a in families()]}), got "
-                    f"{type(config).__module__}.{type(config).__qualname__}")
+    raise ArgumentTypeError(
+        f"expected the Config of a lora_jax model family ({[a.name for a in families()]}), got "
+        f"{type(config).__module__}.{type(config).__qualname__}"
+    )
 
 
 def for_gguf(gguf_arch: str | None) -> Architecture | None:
@@ -564,6 +591,28 @@ def for_paths(paths: Sequence[Sequence[str]]) -> Architecture | None:
     return None
 
 
-__all__ = ["FAMILIES", "GENERIC_NAMES", "GGUF", "LEAF_NAMES", "SAME", "TRANSPOSE", "Architecture", "Layout",
-           "Names", "Rule", "Task", "Tensor", "families", "for_config", "for_gguf", "for_model_type", "for_paths",
-           "gguf_architectures", "layer_stacked", "model_types", "permuted", "register", "stacked"]
+__all__ = [
+    "FAMILIES",
+    "GENERIC_NAMES",
+    "GGUF",
+    "LEAF_NAMES",
+    "SAME",
+    "TRANSPOSE",
+    "Architecture",
+    "Layout",
+    "Names",
+    "Rule",
+    "Task",
+    "Tensor",
+    "families",
+    "for_config",
+    "for_gguf",
+    "for_model_type",
+    "for_paths",
+    "gguf_architectures",
+    "layer_stacked",
+    "model_types",
+    "permuted",
+    "register",
+    "stacked",
+]

@@ -58,8 +58,11 @@ def check_implementation(name: str) -> str:
     return name
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("key_valid", "segment_ids", "start"),
-                   meta_fields=("window", "cached", "implementation"))
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("key_valid", "segment_ids", "start"),
+    meta_fields=("window", "cached", "implementation"),
+)
 @dataclasses.dataclass(frozen=True)
 class Mask:
     """Which keys each query may attend, in ``O(B * (S + T))`` numbers.
@@ -89,11 +92,11 @@ class Mask:
 
     def dense(self, seq_len: int, kv_len: int) -> Array:
         """The ``(B, S, T)`` boolean mask this describes (what the ``xla`` implementation applies)."""
-        return self.block(jnp.arange(seq_len), jnp.arange(kv_len), self.key_valid, self.segment_ids,
-                          self.segment_ids)
+        return self.block(jnp.arange(seq_len), jnp.arange(kv_len), self.key_valid, self.segment_ids, self.segment_ids)
 
-    def block(self, q_idx: Array, k_idx: Array, key_valid: Array | None, q_seg: Array | None,
-              k_seg: Array | None) -> Array:
+    def block(
+        self, q_idx: Array, k_idx: Array, key_valid: Array | None, q_seg: Array | None, k_seg: Array | None
+    ) -> Array:
         """The mask of queries ``q_idx (bq,)`` (indices into the queries) against key slots ``k_idx (bk,)``, given
         those keys' ``key_valid (B, bk)`` and the segment ids of both ``(B, bq)`` / ``(B, bk)``: ``(B or 1, bq, bk)``
         bool."""
@@ -138,8 +141,9 @@ def choose(mask: Mask, q: Array, softcap: float | None) -> str:
     return "blockwise"
 
 
-def attend(q: Array, k: Array, v: Array, mask: Mask | Array, scale: float | None = None,
-           softcap: float | None = None) -> Array:
+def attend(
+    q: Array, k: Array, v: Array, mask: Mask | Array, scale: float | None = None, softcap: float | None = None
+) -> Array:
     """Softmax attention with grouped key/value heads under ``mask``: ``q (B, S, H, hd)``, ``k`` / ``v``
     ``(B, T, KV, hd)`` -> ``(B, S, H, hd)`` in ``q``'s dtype.
 
@@ -148,16 +152,21 @@ def attend(q: Array, k: Array, v: Array, mask: Mask | Array, scale: float | None
     docstring.
     """
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ArgumentError(f"attend expects q (B, S, H, hd) and k, v (B, T, KV, hd) of one batch and head width, got "
-                            f"q {q.shape}, k {k.shape}, v {v.shape}")
+        raise ArgumentError(
+            f"attend expects q (B, S, H, hd) and k, v (B, T, KV, hd) of one batch and head width, got "
+            f"q {q.shape}, k {k.shape}, v {v.shape}"
+        )
     if q.shape[2] % k.shape[2]:
         raise ArgumentError(f"the {q.shape[2]} query heads must be a multiple of the {k.shape[2]} key/value heads")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if isinstance(mask, LayerMask):
         if mask.use_sliding is None:
             raise ArgumentError("attend: a LayerMask needs use_sliding (the layer's flag) set")
-        return jax.lax.cond(mask.use_sliding, lambda: attend(q, k, v, mask.sliding, scale, softcap),
-                            lambda: attend(q, k, v, mask.full, scale, softcap))
+        return jax.lax.cond(
+            mask.use_sliding,
+            lambda: attend(q, k, v, mask.sliding, scale, softcap),
+            lambda: attend(q, k, v, mask.full, scale, softcap),
+        )
     if not isinstance(mask, Mask):
         return xla(q, k, v, mask, scale, softcap)
     name = choose(mask, q, softcap)
@@ -180,8 +189,16 @@ def xla(q: Array, k: Array, v: Array, mask: Array, scale: float, softcap: float 
 # ------------------------------------------------------------------------------------------------ blockwise
 
 
-def blockwise(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: float | None = None,
-              block_q: int | None = None, block_k: int | None = None) -> Array:
+def blockwise(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Mask,
+    scale: float,
+    softcap: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> Array:
     """Blockwise online-softmax attention (see the module docstring); shapes as :func:`attend`.
 
     ``block_q`` / ``block_k``: query / key block (default :data:`BLOCK`, at most the sequence). Sequences are padded
@@ -195,8 +212,13 @@ def blockwise(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: f
     key_valid = mask.key_valid
     if tp != t:
         key_valid = jnp.ones((b, t), bool) if key_valid is None else key_valid
-    pad = lambda x, n: x if x is None or x.shape[1] == n else jnp.pad(  # noqa: E731
-        x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    pad = lambda x, n: (
+        x
+        if x is None or x.shape[1] == n
+        else jnp.pad(  # noqa: E731
+            x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+        )
+    )
     seg = mask.segment_ids
     if seg is not None and seg.shape != (b, s):
         raise ArgumentError(f"segment_ids must be (B, S) = {(b, s)}, got {seg.shape}")
@@ -223,8 +245,12 @@ class _Spec:
         """``(B or 1, 1, 1, bq, bk)`` bool mask of query block ``i`` against key block ``j``."""
         take = lambda x, n, blk: None if x is None else jax.lax.dynamic_slice_in_dim(x, n * blk, blk, 1)  # noqa: E731
         m = Mask(None, None, start, self.window).block(
-            i * self.bq + jnp.arange(self.bq), j * self.bk + jnp.arange(self.bk), take(key_valid, j, self.bk),
-            take(q_seg, i, self.bq), take(k_seg, j, self.bk))
+            i * self.bq + jnp.arange(self.bq),
+            j * self.bk + jnp.arange(self.bk),
+            take(key_valid, j, self.bk),
+            take(q_seg, i, self.bq),
+            take(k_seg, j, self.bk),
+        )
         return m[:, None, None]
 
     def scores(self, qi: Array, kj: Array) -> tuple[Array, Array | None]:
@@ -275,8 +301,11 @@ def _forward(spec: _Spec, q, k, v, key_valid, q_seg, k_seg, start):
             pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(v.dtype), v[:, j], preferred_element_type=jnp.float32)
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-        init = (jnp.full((b, kvh, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kvh, g, bq), jnp.float32),
-                jnp.zeros((b, kvh, g, bq, d), jnp.float32))
+        init = (
+            jnp.full((b, kvh, g, bq), -jnp.inf, jnp.float32),
+            jnp.zeros((b, kvh, g, bq), jnp.float32),
+            jnp.zeros((b, kvh, g, bq, d), jnp.float32),
+        )
         lo, hi = spec.key_blocks(i, start, nk)
         m, l, acc = jax.lax.fori_loop(lo, hi, key_block, init)
         seen = l > 0
@@ -307,7 +336,8 @@ def _flash_bwd(spec, residuals, dout):
     nk, bk = k.shape[1], k.shape[2]
     # D_i = sum_d dO * O: the softmax's correction term, (B, KV, G, nq * bq)
     delta = jnp.einsum("bnqkgd,bnqkgd->bkgnq", dout.astype(jnp.float32), out.astype(jnp.float32)).reshape(
-        b, kvh, g, nq * bq)
+        b, kvh, g, nq * bq
+    )
 
     def key_block(dq, j):
         kj, vj = k[:, j], v[:, j]
@@ -338,8 +368,15 @@ def _flash_bwd(spec, residuals, dout):
 
     dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
     dk, dv = dk.transpose(1, 0, 2, 3, 4), dv.transpose(1, 0, 2, 3, 4)  # (B, nk, bk, KV, d)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _zero(key_valid), _zero(q_seg),
-            _zero(k_seg), _zero(start))
+    return (
+        dq.astype(q.dtype),
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        _zero(key_valid),
+        _zero(q_seg),
+        _zero(k_seg),
+        _zero(start),
+    )
 
 
 def _zero(x):
@@ -365,15 +402,24 @@ def cudnn(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: float
     if mask.key_valid is not None or mask.segment_ids is not None:
         dense = Mask(mask.key_valid, mask.segment_ids, mask.start).dense(s, t)[:, None]
     window = None if mask.window is None else (mask.window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, is_causal=True, local_window_size=window,
-                                        implementation="cudnn")
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=dense, scale=scale, is_causal=True, local_window_size=window, implementation="cudnn"
+    )
 
 
 # --------------------------------------------------------------------------------------- splash (TPU)
 
 
-def splash(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: float | None = None,
-           interpret: bool = False, block: int = SPLASH_BLOCK) -> Array:
+def splash(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Mask,
+    scale: float,
+    softcap: float | None = None,
+    interpret: bool = False,
+    block: int = SPLASH_BLOCK,
+) -> Array:
     """JAX's Pallas splash attention (TPU): a static causal / local mask, segment ids for packing and padding,
     soft-capping in the kernel; grouped heads through its multi-query kernel per key/value head. ``interpret``:
     run the kernel in Pallas' interpreter (any backend). Lengths must be multiples of 128."""
@@ -385,14 +431,25 @@ def splash(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: floa
     b, s, h, d = q.shape
     t, kvh = k.shape[1], k.shape[2]
     if s != t or s % 128:
-        raise ArgumentError(f"the splash attention needs as many queries as keys, a multiple of 128, got {s} and {t}; "
-                            "use attention='blockwise'")
+        raise ArgumentError(
+            f"the splash attention needs as many queries as keys, a multiple of 128, got {s} and {t}; "
+            "use attention='blockwise'"
+        )
     base = sm.CausalMask((s, t)) if mask.window is None else sm.LocalMask((s, t), (mask.window - 1, 0), 0)
     blk = math.gcd(s, block)
-    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([base] * (h // kvh)), block_sizes=sizes,
-                                              attn_logits_soft_cap=softcap, interpret=interpret)
+    sizes = sk.BlockSizes(
+        block_q=blk,
+        block_kv=blk,
+        block_kv_compute=blk,
+        block_q_dkv=blk,
+        block_kv_dkv=blk,
+        block_kv_dkv_compute=blk,
+        block_q_dq=blk,
+        block_kv_dq=blk,
+    )
+    kernel = sk.make_splash_mqa_single_device(
+        sm.MultiHeadMask([base] * (h // kvh)), block_sizes=sizes, attn_logits_soft_cap=softcap, interpret=interpret
+    )
     valid = jnp.ones((b, s), bool) if mask.key_valid is None else mask.key_valid
     seg = jnp.where(valid, 1 if mask.segment_ids is None else mask.segment_ids, -1).astype(jnp.int32)  # pad: -1
     qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)  # (B,KV,G,S,d)
@@ -405,5 +462,16 @@ def splash(q: Array, k: Array, v: Array, mask: Mask, scale: float, softcap: floa
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)
 
 
-__all__ = ["BLOCK", "IMPLEMENTATIONS", "LayerMask", "Mask", "attend", "blockwise", "check_implementation", "choose", "cudnn",
-           "splash", "xla"]
+__all__ = [
+    "BLOCK",
+    "IMPLEMENTATIONS",
+    "LayerMask",
+    "Mask",
+    "attend",
+    "blockwise",
+    "check_implementation",
+    "choose",
+    "cudnn",
+    "splash",
+    "xla",
+]

@@ -45,8 +45,13 @@ def mel_to_hz(mels: np.ndarray) -> np.ndarray:
     return np.where(mels >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mels - 15.0)), freq)
 
 
-def mel_filter_bank(num_frequency_bins: int = 201, num_mel_filters: int = 80, sampling_rate: int = 16000,
-                    min_frequency: float = 0.0, max_frequency: float = 8000.0) -> np.ndarray:
+def mel_filter_bank(
+    num_frequency_bins: int = 201,
+    num_mel_filters: int = 80,
+    sampling_rate: int = 16000,
+    min_frequency: float = 0.0,
+    max_frequency: float = 8000.0,
+) -> np.ndarray:
     """Triangular filters equally spaced on the Slaney mel scale, each scaled to unit area (Slaney
     normalisation): ``(num_frequency_bins, num_mel_filters)`` float64, the matrix Whisper multiplies the power
     spectrum by."""
@@ -92,13 +97,15 @@ class FeatureExtractor:
 
     def __call__(self, waveforms, num_frames: int | None = None, sampling_rate: int | None = None) -> np.ndarray:
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
-            raise ArgumentError(f"Whisper features need audio at {self.sampling_rate} Hz, got {sampling_rate} Hz "
-                                "(resample it first)")
+            raise ArgumentError(
+                f"Whisper features need audio at {self.sampling_rate} Hz, got {sampling_rate} Hz (resample it first)"
+            )
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
             waveforms = [waveforms]
         elif isinstance(waveforms, np.ndarray) and waveforms.ndim != 2:
-            raise ArgumentError(f"expected a waveform (N,) or a batch (B, N) of mono audio, got shape "
-                                f"{waveforms.shape}")
+            raise ArgumentError(
+                f"expected a waveform (N,) or a batch (B, N) of mono audio, got shape {waveforms.shape}"
+            )
         frames = self.nb_max_frames if num_frames is None else int(num_frames)
         if frames < 1:
             raise ArgumentError(f"num_frames must be >= 1, got {num_frames}")
@@ -124,11 +131,19 @@ class FeatureExtractor:
     # ---- Hugging Face's preprocessor_config.json
 
     def to_dict(self) -> dict:
-        return {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": self.feature_size,
-                "sampling_rate": self.sampling_rate, "hop_length": self.hop_length,
-                "chunk_length": self.chunk_length, "n_fft": self.n_fft, "padding_value": self.padding_value,
-                "n_samples": self.chunk_length * self.sampling_rate, "nb_max_frames": self.nb_max_frames,
-                "padding_side": "right", "return_attention_mask": False}
+        return {
+            "feature_extractor_type": "WhisperFeatureExtractor",
+            "feature_size": self.feature_size,
+            "sampling_rate": self.sampling_rate,
+            "hop_length": self.hop_length,
+            "chunk_length": self.chunk_length,
+            "n_fft": self.n_fft,
+            "padding_value": self.padding_value,
+            "n_samples": self.chunk_length * self.sampling_rate,
+            "nb_max_frames": self.nb_max_frames,
+            "padding_side": "right",
+            "return_attention_mask": False,
+        }
 
     def save_pretrained(self, folder) -> Path:
         """Write ``preprocessor_config.json`` (``transformers.WhisperFeatureExtractor.from_pretrained`` reads it)."""
@@ -195,5 +210,4 @@ def write_wav(path, samples: np.ndarray, sampling_rate: int = 16000) -> None:
         f.writeframes(pcm.tobytes())
 
 
-__all__ = ["FeatureExtractor", "hann_window", "hz_to_mel", "mel_filter_bank", "mel_to_hz", "read_wav",
-           "write_wav"]
+__all__ = ["FeatureExtractor", "hann_window", "hz_to_mel", "mel_filter_bank", "mel_to_hz", "read_wav", "write_wav"]

@@ -112,24 +112,33 @@ class Config:
         """
         check_model_type(hf_config, MODEL_TYPES, "bert.Config.from_hf")
         if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
-            raise ArgumentError("BERT as a decoder (is_decoder / add_cross_attention) is not supported: this is the "
-                                "bidirectional encoder only")
+            raise ArgumentError(
+                "BERT as a decoder (is_decoder / add_cross_attention) is not supported: this is the "
+                "bidirectional encoder only"
+            )
         pos = getattr(hf_config, "position_embedding_type", "absolute")
         if pos not in (None, "absolute"):
             raise ArgumentError(f"BERT position_embedding_type {pos!r} is not supported; only 'absolute'")
         check_activation(hf_config.hidden_act, "BERT hidden_act")
         num_labels, labels = labels_from_hf(hf_config)
         return cls(
-            vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-            num_hidden_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
-            intermediate_size=hf_config.intermediate_size, hidden_act=hf_config.hidden_act,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            num_hidden_layers=hf_config.num_hidden_layers,
+            num_attention_heads=hf_config.num_attention_heads,
+            intermediate_size=hf_config.intermediate_size,
+            hidden_act=hf_config.hidden_act,
             hidden_dropout_prob=float(hf_config.hidden_dropout_prob),
             attention_probs_dropout_prob=float(hf_config.attention_probs_dropout_prob),
-            max_position_embeddings=hf_config.max_position_embeddings, type_vocab_size=hf_config.type_vocab_size,
-            layer_norm_eps=float(hf_config.layer_norm_eps), initializer_range=float(hf_config.initializer_range),
+            max_position_embeddings=hf_config.max_position_embeddings,
+            type_vocab_size=hf_config.type_vocab_size,
+            layer_norm_eps=float(hf_config.layer_norm_eps),
+            initializer_range=float(hf_config.initializer_range),
             pad_token_id=hf_config.pad_token_id,
             classifier_dropout=None if hf_config.classifier_dropout is None else float(hf_config.classifier_dropout),
-            num_labels=num_labels, labels=labels, problem_type=getattr(hf_config, "problem_type", None),
+            num_labels=num_labels,
+            labels=labels,
+            problem_type=getattr(hf_config, "problem_type", None),
         )
 
     def to_hf(self):
@@ -138,14 +147,23 @@ class Config:
 
         names = id2label(self.labels, self.num_labels)
         return transformers.BertConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            hidden_act=self.hidden_act, hidden_dropout_prob=self.hidden_dropout_prob,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act,
+            hidden_dropout_prob=self.hidden_dropout_prob,
             attention_probs_dropout_prob=self.attention_probs_dropout_prob,
-            max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
-            layer_norm_eps=self.layer_norm_eps, initializer_range=self.initializer_range,
-            pad_token_id=self.pad_token_id, classifier_dropout=self.classifier_dropout,
-            id2label=names, label2id={v: k for k, v in names.items()}, problem_type=self.problem_type,
+            max_position_embeddings=self.max_position_embeddings,
+            type_vocab_size=self.type_vocab_size,
+            layer_norm_eps=self.layer_norm_eps,
+            initializer_range=self.initializer_range,
+            pad_token_id=self.pad_token_id,
+            classifier_dropout=self.classifier_dropout,
+            id2label=names,
+            label2id={v: k for k, v in names.items()},
+            problem_type=self.problem_type,
         )
 
 
@@ -307,13 +325,21 @@ class BertModel(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
-                 position_ids: Array | None = None, deterministic: bool = True) -> ModelOutput:
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        position_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> ModelOutput:
         if input_ids.ndim != 2:
             raise ArgumentError(f"BertModel expects input_ids of shape (batch, seq), got {input_ids.shape}")
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ArgumentError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
-                                f"{self.config.max_position_embeddings}")
+            raise ArgumentError(
+                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
         mask, types, positions = _default_inputs(input_ids, attention_mask, token_type_ids, position_ids)
         x = Embeddings(self.config, self.dtype, name="embeddings")(input_ids, types, positions, deterministic)
         x = Encoder(self.config, self.dtype, name="encoder")(x, mask, deterministic)
@@ -329,13 +355,20 @@ class BertForSequenceClassification(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
-                 position_ids: Array | None = None, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        position_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
         c = self.config
         if not c.pooler:
             raise ArgumentError("BertForSequenceClassification needs the pooler (Config.pooler=True)")
-        out = BertModel(c, self.dtype, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
-                                                    deterministic)
+        out = BertModel(c, self.dtype, name="bert")(
+            input_ids, attention_mask, token_type_ids, position_ids, deterministic
+        )
         rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         h = nn.Dropout(rate)(out.pooler_output, deterministic=deterministic)
         return _dense(c, c.num_labels, self.dtype, "classifier")(h)
@@ -384,13 +417,21 @@ ARCHITECTURE = Architecture(
     tasks={
         "base": Task(BertModel, optional=(r"pooler/.*",)),
         # a base checkpoint gets a new classifier (and pooler, if it has none)
-        "sequence-classification": Task(BertForSequenceClassification, backbone="bert", head=(r"classifier/.*",),
-                                        optional=(r"bert/pooler/.*",), hf_class="{}ForSequenceClassification",
-                                        peft_task_type="SEQ_CLS"),
+        "sequence-classification": Task(
+            BertForSequenceClassification,
+            backbone="bert",
+            head=(r"classifier/.*",),
+            optional=(r"bert/pooler/.*",),
+            hf_class="{}ForSequenceClassification",
+            peft_task_type="SEQ_CLS",
+        ),
     },
     names=Names(lists=("layer",), ignore=(r"embeddings\.(position_ids|token_type_ids)",)),
-    presets={"qv": ("query", "value"), "attention": ("query", "key", "value", "attention.output.dense"),
-             "all-linear": ("query", "key", "value", "dense")},
+    presets={
+        "qv": ("query", "value"),
+        "attention": ("query", "key", "value", "attention.output.dense"),
+        "all-linear": ("query", "key", "value", "dense"),
+    },
     adapt=adapt_to_checkpoint,
 )
 build = ARCHITECTURE.build

@@ -50,8 +50,14 @@ logger = logging.getLogger("lora_jax.models")
 MODEL_NAME = "model.bin"
 SUPPORTED_VERSIONS = (6,)
 # CTranslate2's DataType enumeration, in order.
-DTYPES = {0: np.dtype("<f4"), 1: np.dtype("i1"), 2: np.dtype("<i2"), 3: np.dtype("<i4"), 4: np.dtype("<f2"),
-          5: "bfloat16"}
+DTYPES = {
+    0: np.dtype("<f4"),
+    1: np.dtype("i1"),
+    2: np.dtype("<i2"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<f2"),
+    5: "bfloat16",
+}
 
 
 @dataclass
@@ -74,14 +80,16 @@ class _Reader:
         self.buf, self.source, self.pos = buf, source, 0
 
     def fail(self, what: str, detail: str) -> CheckpointError:
-        return CheckpointError(f"{self.source}: {detail} at byte {self.pos} while reading {what} (file of "
-                               f"{len(self.buf)} bytes); the file is truncated or corrupt, assemble or download it "
-                               "again")
+        return CheckpointError(
+            f"{self.source}: {detail} at byte {self.pos} while reading {what} (file of "
+            f"{len(self.buf)} bytes); the file is truncated or corrupt, assemble or download it "
+            "again"
+        )
 
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > len(self.buf):
             raise self.fail(what, f"{n} bytes needed, {len(self.buf) - self.pos} left")
-        out = self.buf[self.pos: self.pos + n]
+        out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -122,8 +130,10 @@ def read_model(path_or_parts: str | os.PathLike | list) -> Ct2Model:
     r = _Reader(buf, source)
     version = r.uint("I", "the binary version")
     if version not in SUPPORTED_VERSIONS:
-        raise CheckpointError(f"{source}: CTranslate2 binary version {version}; this reader supports "
-                              f"{list(SUPPORTED_VERSIONS)} (is this a CTranslate2 model.bin?)")
+        raise CheckpointError(
+            f"{source}: CTranslate2 binary version {version}; this reader supports "
+            f"{list(SUPPORTED_VERSIONS)} (is this a CTranslate2 model.bin?)"
+        )
     model = Ct2Model(source, version, r.string("the spec name"), r.uint("I", "the spec revision"))
     count = r.uint("I", "the variable count")
     for i in range(count):
@@ -159,23 +169,36 @@ def read_model(path_or_parts: str | os.PathLike | list) -> Ct2Model:
             raise CheckpointError(f"{source}: alias {alias!r} points to {target!r}, which is not a variable")
         model.aliases[alias] = target
     if r.pos != len(buf):
-        raise CheckpointError(f"{source}: {len(buf) - r.pos} bytes after the last record (byte {r.pos} of "
-                              f"{len(buf)}); the file is corrupt or not one CTranslate2 model")
+        raise CheckpointError(
+            f"{source}: {len(buf) - r.pos} bytes after the last record (byte {r.pos} of "
+            f"{len(buf)}); the file is corrupt or not one CTranslate2 model"
+        )
     return model
 
 
 # ------------------------------------------------------------------------------------------------ Whisper
 
-_ATTN_LN = {"self_attention": "self_attn_layer_norm", "attention": "encoder_attn_layer_norm",
-            "ffn": "final_layer_norm"}
+_ATTN_LN = {"self_attention": "self_attn_layer_norm", "attention": "encoder_attn_layer_norm", "ffn": "final_layer_norm"}
 _LN_PARAM = {"gamma": "weight", "beta": "bias"}
-_NORM = {"layer_norm/gamma": "layer_norm.weight", "layer_norm/beta": "layer_norm.bias",
-         "position_encodings/encodings": "embed_positions.weight"}
-_TOP = {"encoder": {"conv1/weight": "conv1.weight", "conv1/bias": "conv1.bias", "conv2/weight": "conv2.weight",
-                    "conv2/bias": "conv2.bias", **_NORM},
-        "decoder": {"embeddings/weight": "embed_tokens.weight", **_NORM}}
-_SCALARS = re.compile(r"(encoder|decoder)/(num_heads|activation|alibi|alignment_heads|alignment_layer|pre_norm|"
-                      r"scale_embeddings|start_from_zero_embedding|embeddings_merge|layernorm_embedding)")
+_NORM = {
+    "layer_norm/gamma": "layer_norm.weight",
+    "layer_norm/beta": "layer_norm.bias",
+    "position_encodings/encodings": "embed_positions.weight",
+}
+_TOP = {
+    "encoder": {
+        "conv1/weight": "conv1.weight",
+        "conv1/bias": "conv1.bias",
+        "conv2/weight": "conv2.weight",
+        "conv2/bias": "conv2.bias",
+        **_NORM,
+    },
+    "decoder": {"embeddings/weight": "embed_tokens.weight", **_NORM},
+}
+_SCALARS = re.compile(
+    r"(encoder|decoder)/(num_heads|activation|alibi|alignment_heads|alignment_layer|pre_norm|"
+    r"scale_embeddings|start_from_zero_embedding|embeddings_merge|layernorm_embedding)"
+)
 
 
 def _split(x: np.ndarray, parts: int, name: str, source: str) -> list[np.ndarray]:
@@ -249,22 +272,33 @@ def whisper_config(model: Ct2Model, **overrides: Any):
     from lora_jax.models import whisper
 
     v = model.variables
-    need = ["encoder/conv1/weight", "encoder/num_heads", "encoder/position_encodings/encodings",
-            "encoder/layer_0/ffn/linear_0/weight"]
+    need = [
+        "encoder/conv1/weight",
+        "encoder/num_heads",
+        "encoder/position_encodings/encodings",
+        "encoder/layer_0/ffn/linear_0/weight",
+    ]
     missing = [n for n in need if n not in v]
     if missing:
         raise CheckpointError(f"{model.source}: a WhisperSpec needs {missing}, which the file lacks")
     layers = lambda side: len({m.group(1) for n in v if (m := re.match(rf"{side}/layer_(\d+)/", n))})  # noqa
     d_model, mels, _ = v["encoder/conv1/weight"].shape
-    sizes = dict(num_mel_bins=int(mels), d_model=int(d_model), encoder_layers=layers("encoder"),
-                 encoder_attention_heads=int(v["encoder/num_heads"]),
-                 encoder_ffn_dim=int(v["encoder/layer_0/ffn/linear_0/weight"].shape[0]),
-                 max_source_positions=int(v["encoder/position_encodings/encodings"].shape[0]))
+    sizes = dict(
+        num_mel_bins=int(mels),
+        d_model=int(d_model),
+        encoder_layers=layers("encoder"),
+        encoder_attention_heads=int(v["encoder/num_heads"]),
+        encoder_ffn_dim=int(v["encoder/layer_0/ffn/linear_0/weight"].shape[0]),
+        max_source_positions=int(v["encoder/position_encodings/encodings"].shape[0]),
+    )
     if "decoder/embeddings/weight" in v:
-        sizes.update(vocab_size=int(v["decoder/embeddings/weight"].shape[0]), decoder_layers=layers("decoder"),
-                     decoder_attention_heads=int(v["decoder/num_heads"]),
-                     decoder_ffn_dim=int(v["decoder/layer_0/ffn/linear_0/weight"].shape[0]),
-                     max_target_positions=int(v["decoder/position_encodings/encodings"].shape[0]))
+        sizes.update(
+            vocab_size=int(v["decoder/embeddings/weight"].shape[0]),
+            decoder_layers=layers("decoder"),
+            decoder_attention_heads=int(v["decoder/num_heads"]),
+            decoder_ffn_dim=int(v["decoder/layer_0/ffn/linear_0/weight"].shape[0]),
+            max_target_positions=int(v["decoder/position_encodings/encodings"].shape[0]),
+        )
     return whisper.Config(**{**sizes, **overrides})
 
 
@@ -335,8 +369,10 @@ def assemble_whisper_base(folder: str | os.PathLike | None = None) -> Path | Non
     parts = [dirs[0] / "model.bin.part1", dirs[1] / "model.bin.part2"]
     for p in parts:
         if not p.is_file():
-            raise CheckpointError(f"{p}: part of Whisper base's model.bin is missing; reinstall "
-                                  f"{' and '.join(n.replace('_', '-') for n in PACKAGES)}")
+            raise CheckpointError(
+                f"{p}: part of Whisper base's model.bin is missing; reinstall "
+                f"{' and '.join(n.replace('_', '-') for n in PACKAGES)}"
+            )
     folder = Path(folder) if folder is not None else cache_dir() / "whisper-base-ct2"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / MODEL_NAME
@@ -356,5 +392,13 @@ def assemble_whisper_base(folder: str | os.PathLike | None = None) -> Path | Non
     return folder
 
 
-__all__ = ["Ct2Model", "assemble_whisper_base", "is_ct2_folder", "load_ct2", "open_ct2_checkpoint", "read_model", "whisper_config",
-           "whisper_to_hf"]
+__all__ = [
+    "Ct2Model",
+    "assemble_whisper_base",
+    "is_ct2_folder",
+    "load_ct2",
+    "open_ct2_checkpoint",
+    "read_model",
+    "whisper_config",
+    "whisper_to_hf",
+]

@@ -98,17 +98,24 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.model_type not in self.MODEL_TYPES:
-            raise ArgumentError(f"{type(self).__module__}.Config model_type must be one of {self.MODEL_TYPES}, got "
-                             f"{self.model_type!r}")
-        check_multiple("num_attention_heads", self.num_attention_heads, "num_key_value_heads",
-                       self.num_key_value_heads, "grouped-query attention")
+            raise ArgumentError(
+                f"{type(self).__module__}.Config model_type must be one of {self.MODEL_TYPES}, got {self.model_type!r}"
+            )
+        check_multiple(
+            "num_attention_heads",
+            self.num_attention_heads,
+            "num_key_value_heads",
+            self.num_key_value_heads,
+            "grouped-query attention",
+        )
         if self.head_dim % 2:
             raise ArgumentError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         check_activation(self.hidden_act, "hidden_act")
         self.rope  # noqa: B018  (validates the rope type)
         if self.sliding_layers is not None and len(self.sliding_layers) != self.num_hidden_layers:
-            raise ArgumentError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_hidden_layers} "
-                             "layers")
+            raise ArgumentError(
+                f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_hidden_layers} layers"
+            )
 
     @property
     def num_groups(self) -> int:
@@ -117,9 +124,15 @@ class DecoderConfig:
 
     @property
     def rope(self) -> Rope:
-        return Rope(self.rope_theta, self.rope_type, self.rope_factor, self.rope_low_freq_factor,
-                    self.rope_high_freq_factor, self.rope_original_max_position_embeddings,
-                    self.max_position_embeddings)
+        return Rope(
+            self.rope_theta,
+            self.rope_type,
+            self.rope_factor,
+            self.rope_low_freq_factor,
+            self.rope_high_freq_factor,
+            self.rope_original_max_position_embeddings,
+            self.max_position_embeddings,
+        )
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and (self.sliding_layers is None or self.sliding_layers[layer])
@@ -151,31 +164,42 @@ class DecoderConfig:
         rope = dict(rope.get("full_attention") or {}) if "full_attention" in rope else rope
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
-            raise ArgumentError(f"{model_type} rope scaling {rope_type!r} is not supported; supported: "
-                             "('default', 'linear', 'llama3')")
+            raise ArgumentError(
+                f"{model_type} rope scaling {rope_type!r} is not supported; supported: ('default', 'linear', 'llama3')"
+            )
         if float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-            raise ArgumentError(f"{model_type}: partial rotary embeddings (partial_rotary_factor "
-                             f"{rope.get('partial_rotary_factor')}) are not supported")
+            raise ArgumentError(
+                f"{model_type}: partial rotary embeddings (partial_rotary_factor "
+                f"{rope.get('partial_rotary_factor')}) are not supported"
+            )
         act = getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", None)  # Gemma's name
         check_activation(act, f"{model_type} hidden_act")
         heads = hf_config.num_attention_heads
         eos = getattr(hf_config, "eos_token_id", None)
         fields = dict(
-            vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size, num_hidden_layers=hf_config.num_hidden_layers,
-            num_attention_heads=heads, num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_hidden_layers=hf_config.num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
             head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
-            hidden_act=act, max_position_embeddings=hf_config.max_position_embeddings,
-            rms_norm_eps=float(hf_config.rms_norm_eps), initializer_range=float(hf_config.initializer_range),
-            rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))), rope_type=rope_type,
-            rope_factor=float(rope.get("factor", 1.0)), rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            hidden_act=act,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            rms_norm_eps=float(hf_config.rms_norm_eps),
+            initializer_range=float(hf_config.initializer_range),
+            rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
             rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
             rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
-            pad_token_id=getattr(hf_config, "pad_token_id", None), model_type=model_type,
+            pad_token_id=getattr(hf_config, "pad_token_id", None),
+            model_type=model_type,
         )
         bias = bool(getattr(hf_config, "attention_bias", False))
         fields.update(qkv_bias=bias, o_bias=bias)
@@ -201,15 +225,26 @@ class DecoderConfig:
         if self.rope_type != "default":
             rope["factor"] = self.rope_factor
         if self.rope_type == "llama3":
-            rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
-                        original_max_position_embeddings=self.rope_original_max_position_embeddings)
+            rope.update(
+                low_freq_factor=self.rope_low_freq_factor,
+                high_freq_factor=self.rope_high_freq_factor,
+                original_max_position_embeddings=self.rope_original_max_position_embeddings,
+            )
         return dict(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
-            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
-            initializer_range=self.initializer_range, rope_parameters=rope,
-            tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            hidden_act=self.hidden_act,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            initializer_range=self.initializer_range,
+            rope_parameters=rope,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
@@ -306,21 +341,22 @@ class LayerStack(nn.Module):
             probe = attention.Mask(None, None, jnp.zeros((), jnp.int32), implementation="xla")
 
             def init_one(key):
-                return block.init(key, x[:1, :1], jnp.zeros((1, 1), jnp.int32), probe, None,
-                                  jnp.zeros((), jnp.int32))["params"]
+                return block.init(key, x[:1, :1], jnp.zeros((1, 1), jnp.int32), probe, None, jnp.zeros((), jnp.int32))[
+                    "params"
+                ]
 
             stacked = jax.vmap(init_one)(jax.random.split(self.make_rng("params"), n))
             params = {name: self.param(name, lambda _, v=v: v) for name, v in stacked.items()}
         else:
             params = self.variables["params"]
-        views = jax.tree_util.tree_map(lambda p: stacking.layer_view(p, n), dict(params),
-                                       is_leaf=stacking.is_node)
+        views = jax.tree_util.tree_map(lambda p: stacking.layer_view(p, n), dict(params), is_leaf=stacking.is_node)
 
         def step(h, xs):
             p, layer_kv, flag = xs
             m = mask if flag is None else dataclasses.replace(mask, use_sliding=flag)
-            (h, layer_kv), state = block.apply({"params": p}, h, positions, m, layer_kv, start,
-                                               mutable=["intermediates"])
+            (h, layer_kv), state = block.apply(
+                {"params": p}, h, positions, m, layer_kv, start, mutable=["intermediates"]
+            )
             return h, (layer_kv, state.get("intermediates", {}))
 
         if self.remat != "none":
@@ -328,8 +364,13 @@ class LayerStack(nn.Module):
         x, (kv, sown) = jax.lax.scan(step, x, (views, kv, use_sliding))
         for path, value in tree.flatten(sown).items():  # a sow's tuple per layer: re-sown in layer order
             for call in value if isinstance(value, tuple) else (value,):
-                self.sow("intermediates", path[-1], tuple(call[i] for i in range(n)), init_fn=tuple,
-                         reduce_fn=lambda xs, x: xs + x)
+                self.sow(
+                    "intermediates",
+                    path[-1],
+                    tuple(call[i] for i in range(n)),
+                    init_fn=tuple,
+                    reduce_fn=lambda xs, x: xs + x,
+                )
         return x, kv
 
 
@@ -352,8 +393,9 @@ class DecoderModel(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed_tokens = Embed(num_embeddings=c.vocab_size, features=c.hidden_size, dtype=self.dtype,
-                                  init_std=c.initializer_range)
+        self.embed_tokens = Embed(
+            num_embeddings=c.vocab_size, features=c.hidden_size, dtype=self.dtype, init_std=c.initializer_range
+        )
         if c.scanned:
             mixed = len({c.is_sliding(i) for i in range(c.num_hidden_layers)}) > 1
             self.layers = LayerStack(layer=self.layer, config=c, dtype=self.dtype, remat=self.remat, mixed=mixed)
@@ -361,14 +403,20 @@ class DecoderModel(nn.Module):
             self.layers = [remat(self.layer, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, offset=self.norm_offset)
 
-    def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None, segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        cache: KVCache | None = None,
+        segment_ids: Array | None = None,
+    ) -> tuple[Array, KVCache | None]:
         b, s = input_ids.shape
         step = begin_step(b, s, attention_mask, cache, self.config.sliding_window, segment_ids)
         positions = input_positions(positions, segment_ids, b, s, step.start)
         x = self.embed_tokens(input_ids)
         if self.scale_embeddings:
-            x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
+            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
         c = self.config
         if c.scanned:
             kinds = [c.is_sliding(i) for i in range(c.num_hidden_layers)]
@@ -377,12 +425,18 @@ class DecoderModel(nn.Module):
             else:
                 mask = attention.LayerMask(step.mask(False, self.attention), step.mask(True, self.attention))
                 flags = jnp.asarray(kinds)
-            x, kv = self.layers(x, positions, mask, None if cache is None else (cache.keys, cache.values),
-                                step.start, flags)
+            x, kv = self.layers(
+                x, positions, mask, None if cache is None else (cache.keys, cache.values), step.start, flags
+            )
             cache = None if cache is None else finish_step(cache, step, kv[0], kv[1], s)
         else:
-            x, cache = run_layers(self.layers, x, cache, step, lambda i, layer, x, kv: layer(
-                x, positions, step.mask(c.is_sliding(i), self.attention), kv, step.start))
+            x, cache = run_layers(
+                self.layers,
+                x,
+                cache,
+                step,
+                lambda i, layer, x, kv: layer(x, positions, step.mask(c.is_sliding(i), self.attention), kv, step.start),
+            )
         return self.norm(x), cache
 
     def attend(self, h: Array) -> Array:
@@ -417,9 +471,15 @@ class CausalLM(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None, hidden: bool = False,
-                 segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        cache: KVCache | None = None,
+        hidden: bool = False,
+        segment_ids: Array | None = None,
+    ) -> tuple[Array, KVCache | None]:
         extra = {} if self.remat == "none" else {"remat": self.remat}  # a backbone without remat still builds
         extra.update({} if self.attention == "auto" else {"attention": self.attention})
         body = self.backbone(self.config, self.dtype, name=self.backbone_name, **extra)
@@ -429,8 +489,13 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             logits = body.attend(h)
         else:
-            logits = Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
-                           kernel_init=normal(self.config.initializer_range), name="lm_head")(h)
+            logits = Dense(
+                self.config.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=normal(self.config.initializer_range),
+                name="lm_head",
+            )(h)
         cap = getattr(self.config, "final_logit_softcapping", None)
         return (logits if cap is None else cap * jnp.tanh(logits / cap)), cache
 
@@ -447,12 +512,18 @@ class CausalLM(nn.Module):
 # --------------------------------------------------------------------------------------- declarations
 
 
-def tasks(backbone: Any = DecoderModel, backbone_name: str = "model", lm_class: str = "{}ForCausalLM",
-          base_class: str = "{}Model") -> dict[str, Task]:
+def tasks(
+    backbone: Any = DecoderModel,
+    backbone_name: str = "model",
+    lm_class: str = "{}ForCausalLM",
+    base_class: str = "{}Model",
+) -> dict[str, Task]:
     """``{"causal-lm": CausalLM over backbone, "base": the backbone}`` for a decoder family's declaration."""
     lm = functools.partial(CausalLM, backbone=backbone, backbone_name=backbone_name)
-    return {"causal-lm": Task(lm, backbone=backbone_name, hf_class=lm_class, peft_task_type="CAUSAL_LM"),
-            "base": Task(backbone, hf_class=base_class)}
+    return {
+        "causal-lm": Task(lm, backbone=backbone_name, hf_class=lm_class, peft_task_type="CAUSAL_LM"),
+        "base": Task(backbone, hf_class=base_class),
+    }
 
 
 NAMES = Names(lists=("layers",), ignore=(r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",), tied="lm_head.weight")
@@ -495,8 +566,14 @@ GGUF_CONFIG = {
     "attention.key_length": "head_dim",
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
 }
-GGUF_REQUIRED = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-                 "attention.layer_norm_rms_epsilon")
+GGUF_REQUIRED = (
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.layer_norm_rms_epsilon",
+)
 
 
 LOGICAL_AXES = (
@@ -544,5 +621,19 @@ def rope_rows(permute) -> Any:
     return fix
 
 
-__all__ = ["GGUF_CONFIG", "GGUF_REQUIRED", "GGUF_TENSORS", "NAMES", "PRESETS", "CausalLM", "DecoderConfig",
-           "DecoderLayer", "DecoderModel", "LayerStack", "permute_rope_rows", "rope_rows", "tasks", "unpermute_rope_rows"]
+__all__ = [
+    "GGUF_CONFIG",
+    "GGUF_REQUIRED",
+    "GGUF_TENSORS",
+    "NAMES",
+    "PRESETS",
+    "CausalLM",
+    "DecoderConfig",
+    "DecoderLayer",
+    "DecoderModel",
+    "LayerStack",
+    "permute_rope_rows",
+    "rope_rows",
+    "tasks",
+    "unpermute_rope_rows",
+]

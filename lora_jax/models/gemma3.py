@@ -80,8 +80,10 @@ class Config(DecoderConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.qk_norm or self.qkv_bias != self.o_bias or self.mlp_bias:
-            raise ArgumentError("a Gemma 3 config has q/k norms, one attention_bias for q, k, v and o and no MLP bias; "
-                             "this Config differs")
+            raise ArgumentError(
+                "a Gemma 3 config has q/k norms, one attention_bias for q, k, v and o and no MLP bias; "
+                "this Config differs"
+            )
 
     @property
     def local_rope(self) -> Rope:
@@ -98,24 +100,34 @@ class Config(DecoderConfig):
         local = dict((getattr(hf_config, "rope_parameters", None) or {}).get("sliding_attention") or {})
         if local.get("rope_type", "default") != "default":
             raise ArgumentError(f"gemma3_text: a scaled RoPE on the sliding layers ({local}) is not supported")
-        caps = {k: (None if getattr(hf_config, k, None) is None else float(getattr(hf_config, k)))
-                for k in ("final_logit_softcapping", "attn_logit_softcapping")}
-        return dict(caps, rope_local_base_freq=float(local.get("rope_theta", 10_000.0)),
-                    query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar), qk_norm=True)
+        caps = {
+            k: (None if getattr(hf_config, k, None) is None else float(getattr(hf_config, k)))
+            for k in ("final_logit_softcapping", "attn_logit_softcapping")
+        }
+        return dict(
+            caps,
+            rope_local_base_freq=float(local.get("rope_theta", 10_000.0)),
+            query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar),
+            qk_norm=True,
+        )
 
     def hf_fields(self) -> dict:
         fields = super().hf_fields()
         fields["hidden_activation"] = fields.pop("hidden_act")
         scalar = self.query_pre_attn_scalar
-        return {**fields, "attention_bias": self.qkv_bias,
-                "rope_parameters": {"full_attention": fields["rope_parameters"],
-                                    "sliding_attention": {"rope_type": "default",
-                                                          "rope_theta": self.rope_local_base_freq}},
-                "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
-                "final_logit_softcapping": self.final_logit_softcapping,
-                "attn_logit_softcapping": self.attn_logit_softcapping,
-                "sliding_window": self.sliding_window,
-                "layer_types": self.layer_types()}
+        return {
+            **fields,
+            "attention_bias": self.qkv_bias,
+            "rope_parameters": {
+                "full_attention": fields["rope_parameters"],
+                "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_base_freq},
+            },
+            "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "sliding_window": self.sliding_window,
+            "layer_types": self.layer_types(),
+        }
 
 
 class DecoderLayer(nn.Module):
@@ -142,7 +154,7 @@ class DecoderLayer(nn.Module):
             sliding_rope=c.local_rope if mixed else None,
             qk_norm_eps=c.rms_norm_eps,
             norm_offset=1.0,
-            scale=c.query_pre_attn_scalar ** -0.5,
+            scale=c.query_pre_attn_scalar**-0.5,
             softcap=c.attn_logit_softcapping,
             init_std=c.initializer_range,
             dtype=self.dtype,
@@ -185,10 +197,13 @@ def _gguf_fields(meta: Mapping[str, Any], names: set[str], arch: str) -> dict:
     layers, heads, hidden = int(get("block_count")), int(get("attention.head_count")), int(get("embedding_length"))
     head_dim = int(get("attention.key_length", hidden // heads))
     return {
-        "rope_parameters": {"full_attention": full, "sliding_attention": {
-            "rope_type": "default", "rope_theta": float(get("rope.freq_base_swa", 10_000.0))}},
-        "layer_types": ["sliding_attention" if (i + 1) % SLIDING_WINDOW_PATTERN else "full_attention"
-                        for i in range(layers)],
+        "rope_parameters": {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(get("rope.freq_base_swa", 10_000.0))},
+        },
+        "layer_types": [
+            "sliding_attention" if (i + 1) % SLIDING_WINDOW_PATTERN else "full_attention" for i in range(layers)
+        ],
         "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
     }
 
@@ -210,10 +225,15 @@ ARCHITECTURE = Architecture(
     names=decoder.NAMES,
     presets=decoder.PRESETS,
     logical_axes=decoder.LOGICAL_AXES,
-    gguf=GGUF(model_types={"gemma3": "gemma3_text"}, tensors=GGUF_TENSORS,
-              config={**decoder.GGUF_CONFIG, "attention.sliding_window": "sliding_window"},
-              required=decoder.GGUF_REQUIRED, derive=_gguf_fields, from_gguf=_norm_shift(-1.0),
-              to_gguf=_norm_shift(1.0)),
+    gguf=GGUF(
+        model_types={"gemma3": "gemma3_text"},
+        tensors=GGUF_TENSORS,
+        config={**decoder.GGUF_CONFIG, "attention.sliding_window": "sliding_window"},
+        required=decoder.GGUF_REQUIRED,
+        derive=_gguf_fields,
+        from_gguf=_norm_shift(-1.0),
+        to_gguf=_norm_shift(1.0),
+    ),
 )
 build = ARCHITECTURE.build
 init_params = ARCHITECTURE.init_params

@@ -78,11 +78,19 @@ def init_cache(config: Any, batch: int, max_len: int, dtype: Any = jnp.float32) 
     shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
     if getattr(config, "scanned", False):
         stacked = (config.num_hidden_layers, *shape)
-        return KVCache(keys=jnp.zeros(stacked, dtype), values=jnp.zeros(stacked, dtype),
-                       mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+        return KVCache(
+            keys=jnp.zeros(stacked, dtype),
+            values=jnp.zeros(stacked, dtype),
+            mask=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
-    return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
-                   mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+    return KVCache(
+        keys=zeros,
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+        mask=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
 
 
 def reorder_cache(cache: KVCache, rows: Array) -> KVCache:
@@ -131,12 +139,24 @@ class StepMask:
     def mask(self, sliding: bool, implementation: str = "auto") -> attention.Mask:
         """The :class:`lora_jax.models.attention.Mask` of a layer (``sliding``: with the window, as
         :attr:`sliding`, else as :attr:`causal`) for the attention ``implementation``."""
-        return attention.Mask(self.key_valid if self.padded else None, self.segment_ids, self.start,
-                              self.window if sliding else None, self.cached, implementation)
+        return attention.Mask(
+            self.key_valid if self.padded else None,
+            self.segment_ids,
+            self.start,
+            self.window if sliding else None,
+            self.cached,
+            implementation,
+        )
 
 
-def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KVCache | None,
-               sliding_window: int | None = None, segment_ids: Array | None = None) -> StepMask:
+def begin_step(
+    batch: int,
+    seq_len: int,
+    attention_mask: Array | None,
+    cache: KVCache | None,
+    sliding_window: int | None = None,
+    segment_ids: Array | None = None,
+) -> StepMask:
     """The attention masks for ``seq_len`` new tokens of ``batch`` rows.
 
     Query ``i`` (slot ``start + i``) may attend key slot ``j`` when ``j`` holds a real token and
@@ -151,17 +171,21 @@ def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KV
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids)
         if segment_ids.shape != (batch, seq_len):
-            raise ArgumentError(f"segment_ids must have shape (batch, seq_len) = {(batch, seq_len)}, got "
-                             f"{tuple(segment_ids.shape)}")
+            raise ArgumentError(
+                f"segment_ids must have shape (batch, seq_len) = {(batch, seq_len)}, got {tuple(segment_ids.shape)}"
+            )
         if cache is not None:
-            raise ArgumentError("segment_ids (packed rows) are for calls without a KV cache; decode one sequence per "
-                             "row (left-padded) with a cache")
+            raise ArgumentError(
+                "segment_ids (packed rows) are for calls without a KV cache; decode one sequence per "
+                "row (left-padded) with a cache"
+            )
         if attention_mask is None:
             attention_mask = segment_ids != 0
     new_valid = jnp.ones((batch, seq_len), bool) if attention_mask is None else jnp.asarray(attention_mask) != 0
     if new_valid.shape != (batch, seq_len):
-        raise ArgumentError(f"attention_mask must have shape (batch, seq_len) = {(batch, seq_len)}, got "
-                         f"{tuple(new_valid.shape)}")
+        raise ArgumentError(
+            f"attention_mask must have shape (batch, seq_len) = {(batch, seq_len)}, got {tuple(new_valid.shape)}"
+        )
     if cache is None:
         start = jnp.zeros((), jnp.int32)
         key_valid = new_valid
@@ -172,8 +196,10 @@ def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KV
         if seq_len > cache.max_len:
             raise ArgumentError(f"{seq_len} tokens do not fit a cache of max_len {cache.max_len}")
         if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + seq_len > cache.max_len:
-            raise ArgumentError(f"the cache is full: {int(cache.index)} of {cache.max_len} slots used, {seq_len} more "
-                             "tokens do not fit (init_cache with a larger max_len)")
+            raise ArgumentError(
+                f"the cache is full: {int(cache.index)} of {cache.max_len} slots used, {seq_len} more "
+                "tokens do not fit (init_cache with a larger max_len)"
+            )
         start = cache.index
         key_valid = jax.lax.dynamic_update_slice(cache.mask, new_valid, (0, start))
         key_slots = jnp.arange(cache.max_len)
@@ -183,8 +209,16 @@ def begin_step(batch: int, seq_len: int, attention_mask: Array | None, cache: KV
     if segment_ids is not None:
         causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
     sliding = None if sliding_window is None else causal & (distance < sliding_window)[None]
-    return StepMask(start, key_valid, causal, sliding, segment_ids, sliding_window,
-                    padded=attention_mask is not None or cache is not None, cached=cache is not None)
+    return StepMask(
+        start,
+        key_valid,
+        causal,
+        sliding,
+        segment_ids,
+        sliding_window,
+        padded=attention_mask is not None or cache is not None,
+        cached=cache is not None,
+    )
 
 
 def write_cache(cached: Array, new: Array, start: Array) -> Array:
@@ -192,8 +226,9 @@ def write_cache(cached: Array, new: Array, start: Array) -> Array:
     return jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), (0, start) + (0,) * (cached.ndim - 2))
 
 
-def finish_step(cache: KVCache, step: StepMask, keys: Sequence[Array] | Array, values: Sequence[Array] | Array,
-                seq_len: int) -> KVCache:
+def finish_step(
+    cache: KVCache, step: StepMask, keys: Sequence[Array] | Array, values: Sequence[Array] | Array, seq_len: int
+) -> KVCache:
     """The cache after a call that wrote ``seq_len`` tokens: the layers' new keys/values (a sequence per layer,
     or the stacked arrays of a scanned stack), the filled mask, the index moved on."""
     if not isinstance(keys, jax.Array):
@@ -201,8 +236,9 @@ def finish_step(cache: KVCache, step: StepMask, keys: Sequence[Array] | Array, v
     return KVCache(keys, values, step.key_valid, cache.index + seq_len)
 
 
-def run_layers(layers: Sequence[Any], x: Array, cache: KVCache | None, step: StepMask,
-               call: Any) -> tuple[Array, KVCache | None]:
+def run_layers(
+    layers: Sequence[Any], x: Array, cache: KVCache | None, step: StepMask, call: Any
+) -> tuple[Array, KVCache | None]:
     """Run a decoder's layers in order, each ``x, kv = call(i, layer, x, kv)`` with ``kv`` its ``(keys,
     values)`` from ``cache`` (``None`` without one), and collect the updated cache."""
     keys, values = [], []
@@ -228,14 +264,16 @@ def segment_positions(segment_ids: Array) -> Array:
     """
     segment_ids = jnp.asarray(segment_ids)
     t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
-    begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                             axis=1)
+    begins = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
     first = jax.lax.cummax(jnp.where(begins, t[None, :], 0), axis=1)
     return t[None, :] - first
 
 
-def input_positions(positions: Array | None, segment_ids: Array | None, batch: int, seq_len: int,
-                    start: Array) -> Array:
+def input_positions(
+    positions: Array | None, segment_ids: Array | None, batch: int, seq_len: int, start: Array
+) -> Array:
     """The positions a decoder gives its ``(B, S)`` new tokens: ``positions`` when given, else restarting per
     segment of a packed row (:func:`segment_positions`), else :func:`default_positions`."""
     if positions is not None:
@@ -263,15 +301,16 @@ def ban_repeated_ngrams(scores: Array, sequences: Array, length: Array, n: int) 
     if n > total:
         return scores
     # Every n-gram that starts at slot i: (R, T - n + 1, n).
-    grams = jnp.stack([sequences[:, j: total - n + 1 + j] for j in range(n)], axis=-1)
+    grams = jnp.stack([sequences[:, j : total - n + 1 + j] for j in range(n)], axis=-1)
     complete = jnp.arange(total - n + 1) + n <= length  # the n-gram lies inside the filled prefix
     if n == 1:
         match = jnp.broadcast_to(complete, grams.shape[:2])
     else:
         prefix = jax.lax.dynamic_slice_in_dim(sequences, length - (n - 1), n - 1, axis=1)  # (R, n - 1)
         match = jnp.all(grams[:, :, :-1] == prefix[:, None, :], axis=-1) & complete[None]
-    banned = jnp.zeros(scores.shape, jnp.int32).at[jnp.arange(rows)[:, None], grams[:, :, -1]].add(
-        match.astype(jnp.int32))
+    banned = (
+        jnp.zeros(scores.shape, jnp.int32).at[jnp.arange(rows)[:, None], grams[:, :, -1]].add(match.astype(jnp.int32))
+    )
     banned = (banned > 0) & (length + 1 >= n)
     return jnp.where(banned, NEG_INF, scores)
 
@@ -333,15 +372,18 @@ class GenerationConfig:
         if self.num_beams < 1:
             raise ArgumentError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
-            raise ArgumentError("beam search with sampling is not supported: use num_beams=1 with do_sample=True, or "
-                             "do_sample=False with num_beams > 1")
+            raise ArgumentError(
+                "beam search with sampling is not supported: use num_beams=1 with do_sample=True, or "
+                "do_sample=False with num_beams > 1"
+            )
         if self.temperature <= 0:
             raise ArgumentError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise ArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.no_repeat_ngram_size < 0:
-            raise ArgumentError(f"top_k and no_repeat_ngram_size must be >= 0, got {self.top_k}, "
-                             f"{self.no_repeat_ngram_size}")
+            raise ArgumentError(
+                f"top_k and no_repeat_ngram_size must be >= 0, got {self.top_k}, {self.no_repeat_ngram_size}"
+            )
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.early_stopping not in (True, False, "never"):
@@ -369,8 +411,9 @@ def prompt_positions(attention_mask: Array) -> Array:
 
 
 def _forward(model, params, ids, positions, attention_mask, cache):
-    logits, cache = model.apply({"params": params}, ids, positions=positions, attention_mask=attention_mask,
-                                cache=cache)
+    logits, cache = model.apply(
+        {"params": params}, ids, positions=positions, attention_mask=attention_mask, cache=cache
+    )
     return logits[:, -1].astype(jnp.float32), cache
 
 
@@ -471,7 +514,7 @@ def _beam_step(g: GenerationConfig, prompt_len: int, s: BeamState, logits: Array
     # Finished hypotheses: merge the ones that just ended (among the top K) with the previous best.
     just_ended = ended & (jnp.arange(c) < k)[None]
     generated = (s.length + 1 - prompt_len).astype(jnp.float32)
-    end_scores = top_scores / generated ** g.length_penalty
+    end_scores = top_scores / generated**g.length_penalty
     if g.early_stopping is True:
         end_scores += jnp.all(s.is_finished, axis=-1, keepdims=True).astype(jnp.float32) * -1.0e9
     end_scores += (~s.improvable).astype(jnp.float32) * -1.0e9
@@ -488,14 +531,13 @@ def _beam_step(g: GenerationConfig, prompt_len: int, s: BeamState, logits: Array
         best_length = jnp.asarray(total - prompt_len, jnp.float32)
     else:
         best_length = (length - prompt_len).astype(jnp.float32)
-    best_possible = running_scores[:, :1] / best_length ** g.length_penalty
+    best_possible = running_scores[:, :1] / best_length**g.length_penalty
     worst = jnp.where(is_finished, jnp.min(finished_scores, axis=1, keepdims=True), -1.0e9)
     improvable = s.improvable & jnp.any(best_possible > worst, axis=-1, keepdims=True)
     go = jnp.any(improvable) & ~jnp.all(ended)
     if g.early_stopping is True:
         go &= ~jnp.all(is_finished)
-    return BeamState(running, running_scores, parent, finished, finished_scores, is_finished, improvable, length,
-                     go)
+    return BeamState(running, running_scores, parent, finished, finished_scores, is_finished, improvable, length, go)
 
 
 def _beam_search(model, g: GenerationConfig, params, input_ids, attention_mask, key):
@@ -511,10 +553,16 @@ def _beam_search(model, g: GenerationConfig, params, input_ids, attention_mask, 
 
     seqs = jnp.full((b, k, total), g.pad_token_id, jnp.int32).at[:, :, :p].set(input_ids[:, None, :])
     state = BeamState(
-        running=seqs, running_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(-1.0e9),
-        parent=jnp.zeros((b, k), jnp.int32), finished=seqs, finished_scores=jnp.full((b, k), -1.0e9, jnp.float32),
-        is_finished=jnp.zeros((b, k), bool), improvable=jnp.ones((b, 1), bool), length=jnp.asarray(p, jnp.int32),
-        go=jnp.asarray(True))
+        running=seqs,
+        running_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(-1.0e9),
+        parent=jnp.zeros((b, k), jnp.int32),
+        finished=seqs,
+        finished_scores=jnp.full((b, k), -1.0e9, jnp.float32),
+        is_finished=jnp.zeros((b, k), bool),
+        improvable=jnp.ones((b, 1), bool),
+        length=jnp.asarray(p, jnp.int32),
+        go=jnp.asarray(True),
+    )
     state = _beam_step(g, p, state, logits)
 
     def body(carry):
@@ -544,8 +592,16 @@ def _token_ids(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def generate(model, params: PyTree, input_ids, attention_mask=None, *, key: Array | None = None,
-             config: GenerationConfig | None = None, **settings) -> Array:
+def generate(
+    model,
+    params: PyTree,
+    input_ids,
+    attention_mask=None,
+    *,
+    key: Array | None = None,
+    config: GenerationConfig | None = None,
+    **settings,
+) -> Array:
     """Continue each prompt of a (left-padded) batch.
 
     Args:
@@ -578,29 +634,52 @@ def generate(model, params: PyTree, input_ids, attention_mask=None, *, key: Arra
 
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ArgumentError(f"input_ids must be (batch, prompt_length) with a non-empty prompt, got shape "
-                         f"{tuple(input_ids.shape)}")
+        raise ArgumentError(
+            f"input_ids must be (batch, prompt_length) with a non-empty prompt, got shape {tuple(input_ids.shape)}"
+        )
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if mask.shape != input_ids.shape:
         raise ArgumentError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
     mask_np = np.asarray(mask)
     if (np.diff(mask_np, axis=1) < 0).any():
-        raise ArgumentError("attention_mask must be left-padded (zeros only before the first real token of a row); "
-                         "pad prompts on the left for generation (tokenizer.padding_side = 'left')")
+        raise ArgumentError(
+            "attention_mask must be left-padded (zeros only before the first real token of a row); "
+            "pad prompts on the left for generation (tokenizer.padding_side = 'left')"
+        )
     if not mask_np[:, -1].all():
         raise ArgumentError("every prompt needs at least one real token at the end (left padding only)")
     limit = getattr(model_config, "position_limit", None)
     if limit is not None and input_ids.shape[1] + g.max_new_tokens > limit:
-        raise ArgumentError(f"prompt length {input_ids.shape[1]} + max_new_tokens {g.max_new_tokens} exceeds the "
-                         f"model's {limit} learned positions")
+        raise ArgumentError(
+            f"prompt length {input_ids.shape[1]} + max_new_tokens {g.max_new_tokens} exceeds the "
+            f"model's {limit} learned positions"
+        )
     vocab = model_config.vocab_size
     if int(jnp.max(input_ids)) >= vocab or int(jnp.min(input_ids)) < 0:
-        raise ArgumentError(f"input_ids must lie in [0, {vocab}), got values in [{int(jnp.min(input_ids))}, "
-                         f"{int(jnp.max(input_ids))}]")
+        raise ArgumentError(
+            f"input_ids must lie in [0, {vocab}), got values in [{int(jnp.min(input_ids))}, {int(jnp.max(input_ids))}]"
+        )
     key = jax.random.key(0) if key is None else key
     return _compiled(model, g)(params, input_ids, mask, key)
 
 
-__all__ = ["BeamState", "GenerationConfig", "KVCache", "ban_repeated_ngrams", "begin_step", "default_positions",
-           "generate", "init_cache", "input_positions", "process_logits", "prompt_positions", "reorder_cache",
-           "repeat_cache", "run_layers", "segment_positions", "top_k_filter", "top_p_filter", "write_cache"]
+__all__ = [
+    "BeamState",
+    "GenerationConfig",
+    "KVCache",
+    "ban_repeated_ngrams",
+    "begin_step",
+    "default_positions",
+    "generate",
+    "init_cache",
+    "input_positions",
+    "process_logits",
+    "prompt_positions",
+    "reorder_cache",
+    "repeat_cache",
+    "run_layers",
+    "segment_positions",
+    "top_k_filter",
+    "top_p_filter",
+    "write_cache",
+]

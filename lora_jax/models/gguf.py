@@ -111,7 +111,7 @@ def _parse(path: Path) -> GGUFFile:
         if pos + n > len(buf):
             raise CheckpointError(f"a string of {n} bytes at offset {pos} runs past the end of the file")
         pos += n
-        return buf[pos - n:pos].decode("utf-8")
+        return buf[pos - n : pos].decode("utf-8")
 
     def value(kind: int):
         nonlocal pos
@@ -175,8 +175,10 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     try:
         return _parse(path)
     except Exception as e:  # struct / value / unicode errors on a damaged file
-        raise CheckpointError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {e}); it may be truncated "
-                              "or corrupt, re-download it") from None
+        raise CheckpointError(
+            f"{path}: cannot read this GGUF file ({type(e).__name__}: {e}); it may be truncated "
+            "or corrupt, re-download it"
+        ) from None
 
 
 def metadata(reader: GGUFFile) -> dict[str, Any]:
@@ -205,8 +207,9 @@ def architecture(meta: Mapping[str, Any], source: str) -> arch_lib.Architecture:
     name = meta.get("general.architecture")
     arch = arch_lib.for_gguf(name)
     if arch is None:
-        raise CheckpointError(f"{source}: GGUF architecture {name!r} is not supported; supported: "
-                              f"{arch_lib.gguf_architectures()}")
+        raise CheckpointError(
+            f"{source}: GGUF architecture {name!r} is not supported; supported: {arch_lib.gguf_architectures()}"
+        )
     return arch
 
 
@@ -223,28 +226,38 @@ def hf_config_fields(meta: Mapping[str, Any], tensor_names: set[str], source: st
             raise CheckpointError(f"{source}: GGUF metadata {name}.{key} is missing")
     fields = {field: get(key) for key, field in spec.config.items() if get(key) is not None}
     if "rope_freqs.weight" in tensor_names:
-        raise CheckpointError(f"{source}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 scaling) are not "
-                              "supported in GGUF files; load the Hugging Face checkpoint instead")
+        raise CheckpointError(
+            f"{source}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 scaling) are not "
+            "supported in GGUF files; load the Hugging Face checkpoint instead"
+        )
     heads, hidden = get("attention.head_count"), get("embedding_length")
     head_dim = get("attention.key_length", hidden // heads if heads and hidden else None)
     rope_dim = get("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
-        raise CheckpointError(f"{source}: partial rotary embeddings ({name}.rope.dimension_count {rope_dim} < head "
-                              f"dim {head_dim}) are not supported")
+        raise CheckpointError(
+            f"{source}: partial rotary embeddings ({name}.rope.dimension_count {rope_dim} < head "
+            f"dim {head_dim}) are not supported"
+        )
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise CheckpointError(f"{source}: {name}.rope.scaling.type {scaling!r} is not supported (none, linear)")
-    rope = {"rope_type": "linear" if scaling == "linear" else "default",
-            "rope_theta": float(get("rope.freq_base", 10000.0))}
+    rope = {
+        "rope_type": "linear" if scaling == "linear" else "default",
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+    }
     if scaling == "linear":
         rope["factor"] = float(get("rope.scaling.factor", 1.0))
     vocab = fields.get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     if not vocab:
         raise CheckpointError(f"{source}: no vocabulary size ({name}.vocab_size or tokenizer.ggml.tokens)")
     fields.update(
-        vocab_size=int(vocab), rope_parameters=rope, tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+        vocab_size=int(vocab),
+        rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
     if spec.derive is not None:
         fields.update(spec.derive(meta, tensor_names, name))
     return spec.model_types[name], fields
@@ -276,8 +289,9 @@ def sources_from_reader(reader, config: Any, arch: str, source: str) -> dict:
 
     family = arch_lib.for_gguf(arch)
     if family is None:
-        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; supported: "
-                              f"{arch_lib.gguf_architectures()}")
+        raise CheckpointError(
+            f"{source}: GGUF architecture {arch!r} is not supported; supported: {arch_lib.gguf_architectures()}"
+        )
     spec = family.gguf
     tensors = {t.name: t for t in reader.tensors}
     task = spec.task
@@ -310,26 +324,33 @@ def sources_from_reader(reader, config: Any, arch: str, source: str) -> dict:
                         xs.append(stacks[stem])
                         continue
                     if index >= stacks[stem].shape[0]:
-                        raise CheckpointError(f"{source}: tensor {stem!r} of shape {stacks[stem].shape} has no expert "
-                                              f"{index} (for {tree.join(path)})")
+                        raise CheckpointError(
+                            f"{source}: tensor {stem!r} of shape {stacks[stem].shape} has no expert "
+                            f"{index} (for {tree.join(path)})"
+                        )
                     xs.append(stacks[stem][index])
                 x = np.concatenate(xs, axis=-2) if len(xs) > 1 else xs[0]
                 if tuple(x.shape) != want:
                     names = " + ".join(dict.fromkeys(stem for stem, _ in parts))
-                    raise CheckpointError(f"{source}: tensor {names!r} has shape {tuple(x.shape)}, expected "
-                                          f"{want} for {tree.join(path)}")
+                    raise CheckpointError(
+                        f"{source}: tensor {names!r} has shape {tuple(x.shape)}, expected {want} for {tree.join(path)}"
+                    )
                 check_array(x, " + ".join(dict.fromkeys(stem for stem, _ in parts)), source)  # NaN / inf weights
                 arrays.append(spec.from_gguf(hf_name, x, config) if spec.from_gguf is not None else x)
             return np.ascontiguousarray(where.layout.load(arrays))
 
-        sources[path] = LeafSource(tuple(shape.shape), np.dtype(np.float32),
-                                   lambda index, value=value: value()[index],
-                                   " + ".join(dict.fromkeys(stem for *_, parts in plan for stem, _ in parts)),
-                                   blockwise=False)
+        sources[path] = LeafSource(
+            tuple(shape.shape),
+            np.dtype(np.float32),
+            lambda index, value=value: value()[index],
+            " + ".join(dict.fromkeys(stem for *_, parts in plan for stem, _ in parts)),
+            blockwise=False,
+        )
     unused = sorted(set(tensors) - used)
     if unused:
-        raise CheckpointError(f"{source}: {len(unused)} tensor(s) do not fit the {arch} config read from its "
-                              f"metadata: {unused[:5]}")
+        raise CheckpointError(
+            f"{source}: {len(unused)} tensor(s) do not fit the {arch} config read from its metadata: {unused[:5]}"
+        )
     return sources
 
 
@@ -337,8 +358,12 @@ def params_from_reader(reader, config: Any, arch: str, dtype, source: str) -> di
     """The params of the family's GGUF task (a causal LM) from a GGUF file (``arch``: its
     ``general.architecture``), dequantised to ``dtype``, whole, on the default device; a missing tensor, a wrong
     shape or an unused tensor raises naming the tensor and ``source``."""
-    return tree.unflatten({path: jnp.asarray(src.value(), dtype)
-                           for path, src in sources_from_reader(reader, config, arch, source).items()})
+    return tree.unflatten(
+        {
+            path: jnp.asarray(src.value(), dtype)
+            for path, src in sources_from_reader(reader, config, arch, source).items()
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -350,8 +375,12 @@ def sentencepiece_merges(pieces: list[str]) -> list[tuple[str, str]]:
     position in the vocabulary (SentencePiece lists BPE pieces in the order they were learned; the scores of
     some files, Gemma's, do not follow it), then by the longer left part first."""
     vocab = set(pieces)
-    return [(piece[:cut], piece[cut:]) for piece in pieces for cut in range(len(piece) - 1, 0, -1)
-            if piece[:cut] in vocab and piece[cut:] in vocab]
+    return [
+        (piece[:cut], piece[cut:])
+        for piece in pieces
+        for cut in range(len(piece) - 1, 0, -1)
+        if piece[:cut] in vocab and piece[cut:] in vocab
+    ]
 
 
 def _sentencepiece_model(meta: Mapping[str, Any], tokens: list[str], unk: str | None):
@@ -362,12 +391,21 @@ def _sentencepiece_model(meta: Mapping[str, Any], tokens: list[str], unk: str | 
 
     # A piece of spaces stored as real spaces (Gemma's "  ") could never match the normalised text.
     pieces = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
-    model = models.BPE(vocab={t: i for i, t in enumerate(pieces)}, merges=sentencepiece_merges(pieces),
-                       unk_token=unk, fuse_unk=True, byte_fallback=True)
+    model = models.BPE(
+        vocab={t: i for i, t in enumerate(pieces)},
+        merges=sentencepiece_merges(pieces),
+        unk_token=unk,
+        fuse_unk=True,
+        byte_fallback=True,
+    )
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if meta.get("tokenizer.ggml.add_space_prefix", True):
-        return (model, None, pre_tokenizers.Metaspace("\u2581", prepend_scheme="first", split=False),
-                decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)]))
+        return (
+            model,
+            None,
+            pre_tokenizers.Metaspace("\u2581", prepend_scheme="first", split=False),
+            decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)]),
+        )
     return model, normalizers.Replace(" ", "\u2581"), None, decoders.Sequence(steps)
 
 
@@ -378,17 +416,22 @@ def _byte_level_model(meta: Mapping[str, Any], tokens: list[str], source: str):
 
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in GPT2_PRE + DIGIT_PRE:
-        raise CheckpointError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported (supported: "
-                              f"{GPT2_PRE + DIGIT_PRE}); pass tokenizer=False to load_gguf to load the weights alone")
+        raise CheckpointError(
+            f"{source}: GGUF pre-tokenizer {pre!r} is not supported (supported: "
+            f"{GPT2_PRE + DIGIT_PRE}); pass tokenizer=False to load_gguf to load the weights alone"
+        )
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     if any(len(m) != 2 for m in merges):
         raise CheckpointError(f"{source}: tokenizer.ggml.merges holds entries without a space separator")
-    model = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                       byte_fallback=False)
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)),
-                                          use_regex=True)
-    pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                     if pre in DIGIT_PRE else byte_level)
+    model = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+    byte_level = pre_tokenizers.ByteLevel(
+        add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)), use_regex=True
+    )
+    pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if pre in DIGIT_PRE
+        else byte_level
+    )
     return model, None, pre_tokenizer, decoders.ByteLevel()
 
 
@@ -411,8 +454,10 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], source: str = "<gguf>"):
     if kind is None:
         return None
     if kind not in ("gpt2", "llama"):
-        raise CheckpointError(f"{source}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2', "
-                              "SentencePiece BPE 'llama'); pass tokenizer=False to load_gguf to load the weights alone")
+        raise CheckpointError(
+            f"{source}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2', "
+            "SentencePiece BPE 'llama'); pass tokenizer=False to load_gguf to load the weights alone"
+        )
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
 
@@ -430,12 +475,17 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], source: str = "<gguf>"):
     if pre_tokenizer is not None:
         tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoder
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind == TOKEN_CONTROL])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == TOKEN_CONTROL]
+    )
     # (a user-defined piece the vocabulary respelled, Gemma's "  " -> "▁▁", is left to the model)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for i, (t, kind) in enumerate(zip(tokens, types))
-                    if kind == TOKEN_USER_DEFINED and tok.token_to_id(t) == i])
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for i, (t, kind) in enumerate(zip(tokens, types))
+            if kind == TOKEN_USER_DEFINED and tok.token_to_id(t) == i
+        ]
+    )
 
     bos, eos = token("bos"), token("eos")
     bos = bos if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") else None
@@ -445,25 +495,35 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], source: str = "<gguf>"):
         tok.post_processor = processors.TemplateProcessing(
             single=" ".join(first + ["$A"] + last),
             pair=" ".join(first + ["$A"] + last + [f"{t}:1" for t in first] + ["$B:1"] + [f"{t}:1" for t in last]),
-            special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(first + last)])
+            special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(first + last)],
+        )
     elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    kwargs = {k: v for k, v in dict(bos_token=token("bos"), eos_token=token("eos"), unk_token=token("unknown"),
-                                     pad_token=token("padding")).items() if v is not None}
+    kwargs = {
+        k: v
+        for k, v in dict(
+            bos_token=token("bos"), eos_token=token("eos"), unk_token=token("unknown"), pad_token=token("padding")
+        ).items()
+        if v is not None
+    }
     if "tokenizer.chat_template" in meta:
         kwargs["chat_template"] = meta["tokenizer.chat_template"]
     arch = meta.get("general.architecture")
     context = meta.get(f"{arch}.context_length")
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, clean_up_tokenization_spaces=False,
-        model_max_length=int(context) if context else int(1e30), **kwargs)
+        tokenizer_object=tok,
+        clean_up_tokenization_spaces=False,
+        model_max_length=int(context) if context else int(1e30),
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ load
 
 
-def open_gguf_checkpoint(path: str | os.PathLike, task: str | None = None, tokenizer: bool = True,
-                         scan_layers: bool | None = None):
+def open_gguf_checkpoint(
+    path: str | os.PathLike, task: str | None = None, tokenizer: bool = True, scan_layers: bool | None = None
+):
     """A GGUF file opened but not read: ``(family, config, task, sources, tokenizer)``, ``sources`` being
     ``{path: LeafSource}`` of ``task``'s params (paths relative to the task's tree). See :func:`load_gguf`.
     ``scan_layers``: build a decoder scanned or not (``None``: the config's default); the only setting a GGUF file
@@ -474,8 +534,9 @@ def open_gguf_checkpoint(path: str | os.PathLike, task: str | None = None, token
         meta = metadata(reader)
         names = {t.name for t in reader.tensors}
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the GGUF metadata ({type(e).__name__}: {e}); the file may be "
-                              "corrupt") from None
+        raise CheckpointError(
+            f"{path}: cannot read the GGUF metadata ({type(e).__name__}: {e}); the file may be corrupt"
+        ) from None
     family = architecture(meta, str(path))
     own = family.gguf.task
     task = own if task is None else family.task(task)
@@ -509,11 +570,29 @@ def load_gguf(path: str | os.PathLike, dtype=jnp.float32, task: str | None = Non
     start = time.perf_counter()
     family, config, task, sources, tok = open_gguf_checkpoint(path, task, tokenizer)
     params = tree.unflatten({p: jnp.asarray(src.value(), dtype) for p, src in sources.items()})
-    logger.info("%s: loaded %s (%d layers) in %.1f s", path, family.name,
-                getattr(config, "num_hidden_layers", -1), time.perf_counter() - start)
+    logger.info(
+        "%s: loaded %s (%d layers) in %.1f s",
+        path,
+        family.name,
+        getattr(config, "num_hidden_layers", -1),
+        time.perf_counter() - start,
+    )
     return family.build(config, jnp.dtype(dtype), task), params, tok, config
 
 
-__all__ = ["GGUFFile", "GGUFTensor", "architecture", "config_from_metadata", "dequantize", "hf_config_fields",
-           "load_gguf", "metadata", "open_gguf", "open_gguf_checkpoint", "params_from_reader", "sentencepiece_merges",
-           "sources_from_reader", "tokenizer_from_metadata"]
+__all__ = [
+    "GGUFFile",
+    "GGUFTensor",
+    "architecture",
+    "config_from_metadata",
+    "dequantize",
+    "hf_config_fields",
+    "load_gguf",
+    "metadata",
+    "open_gguf",
+    "open_gguf_checkpoint",
+    "params_from_reader",
+    "sentencepiece_merges",
+    "sources_from_reader",
+    "tokenizer_from_metadata",
+]

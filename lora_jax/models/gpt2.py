@@ -110,8 +110,11 @@ class Config:
         check_activation(hf_config.activation_function, "GPT-2 activation_function")
         eos = hf_config.eos_token_id
         return cls(
-            vocab_size=hf_config.vocab_size, hidden_size=hf_config.n_embd, num_hidden_layers=hf_config.n_layer,
-            num_attention_heads=hf_config.n_head, max_position_embeddings=hf_config.n_positions,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.n_embd,
+            num_hidden_layers=hf_config.n_layer,
+            num_attention_heads=hf_config.n_head,
+            max_position_embeddings=hf_config.n_positions,
             intermediate_size=hf_config.n_inner or 4 * hf_config.n_embd,
             activation_function=hf_config.activation_function,
             layer_norm_epsilon=float(hf_config.layer_norm_epsilon),
@@ -119,7 +122,8 @@ class Config:
             scale_attn_weights=bool(hf_config.scale_attn_weights),
             scale_attn_by_inverse_layer_idx=bool(hf_config.scale_attn_by_inverse_layer_idx),
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
-            bos_token_id=hf_config.bos_token_id, eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
+            bos_token_id=hf_config.bos_token_id,
+            eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
             pad_token_id=hf_config.pad_token_id,
         )
 
@@ -128,13 +132,19 @@ class Config:
         import transformers
 
         return transformers.GPT2Config(
-            vocab_size=self.vocab_size, n_embd=self.hidden_size, n_layer=self.num_hidden_layers,
-            n_head=self.num_attention_heads, n_positions=self.max_position_embeddings,
+            vocab_size=self.vocab_size,
+            n_embd=self.hidden_size,
+            n_layer=self.num_hidden_layers,
+            n_head=self.num_attention_heads,
+            n_positions=self.max_position_embeddings,
             n_inner=None if self.intermediate_size == 4 * self.hidden_size else self.intermediate_size,
-            activation_function=self.activation_function, layer_norm_epsilon=self.layer_norm_epsilon,
-            initializer_range=self.initializer_range, scale_attn_weights=self.scale_attn_weights,
+            activation_function=self.activation_function,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            initializer_range=self.initializer_range,
+            scale_attn_weights=self.scale_attn_weights,
             scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx,
-            tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
@@ -216,13 +226,24 @@ class GPT2Model(nn.Module):
         self.h = [remat(Block, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
         self.ln_f = layer_norm(c.layer_norm_epsilon, self.dtype)
 
-    def __call__(self, input_ids: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 cache: KVCache | None = None, segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        cache: KVCache | None = None,
+        segment_ids: Array | None = None,
+    ) -> tuple[Array, KVCache | None]:
         b, s = input_ids.shape
         step = begin_step(b, s, attention_mask, cache, segment_ids=segment_ids)
         positions = input_positions(positions, segment_ids, b, s, step.start)
-        x, cache = run_layers(self.h, self.wte(input_ids) + self.wpe(positions), cache, step,
-                              lambda i, block, x, kv: block(x, step.causal, kv, step.start))
+        x, cache = run_layers(
+            self.h,
+            self.wte(input_ids) + self.wpe(positions),
+            cache,
+            step,
+            lambda i, block, x, kv: block(x, step.causal, kv, step.start),
+        )
         return self.ln_f(x), cache
 
     def attend(self, h: Array) -> Array:
@@ -239,16 +260,20 @@ ARCHITECTURE = Architecture(
     name="gpt2",
     model_types=MODEL_TYPES,
     config=Config,
-    tasks={"causal-lm": Task(GPT2LMHeadModel, backbone="transformer", hf_class="{}LMHeadModel",
-                             peft_task_type="CAUSAL_LM"),
-           "base": Task(GPT2Model, hf_class="{}Model")},
+    tasks={
+        "causal-lm": Task(
+            GPT2LMHeadModel, backbone="transformer", hf_class="{}LMHeadModel", peft_task_type="CAUSAL_LM"
+        ),
+        "base": Task(GPT2Model, hf_class="{}Model"),
+    },
     names=Names(
         lists=("h",),
         # Conv1D stores its weight (in, out) like our kernels; only an untied lm_head is an nn.Linear.
         rules=(Rule(r"(.*/)?h_\d+/.*/kernel", SAME),),
         # causal-mask buffers that older checkpoints (the original gpt2 weights among them) store per layer
         ignore=(r"h\.\d+\.attn\.(bias|masked_bias)",),
-        tied="lm_head.weight"),
+        tied="lm_head.weight",
+    ),
     presets={"qv": ("c_attn",), "attention": ("c_attn", "attn.c_proj"), "all-linear": ("c_attn", "c_proj", "c_fc")},
 )
 build = ARCHITECTURE.build

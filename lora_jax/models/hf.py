@@ -44,9 +44,21 @@ logger = logging.getLogger("lora_jax.models")
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                "merges.txt", "tokenizer.model", "added_tokens.json", "*.tiktoken"]
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "*.tiktoken",
+]
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
 
@@ -61,8 +73,9 @@ def _open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="np")
     except Exception as e:  # safetensors raises its own SafetensorError (an Exception subclass)
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated or corrupt, "
-                              "re-download or re-save it") from None
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({e}); it may be truncated or corrupt, re-download or re-save it"
+        ) from None
 
 
 class SafetensorsWeights(Mapping):
@@ -96,8 +109,10 @@ class SafetensorsWeights(Mapping):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file}: not a safetensors index with a 'weight_map' ({e})") from None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard files, got "
-                                  f"{type(weight_map).__name__} {str(weight_map)[:80]}")
+            raise CheckpointError(
+                f"{index_file}: 'weight_map' must map tensor names to shard files, got "
+                f"{type(weight_map).__name__} {str(weight_map)[:80]}"
+            )
         shards = {f: index_file.parent / f for f in set(weight_map.values())}
         for f, path in shards.items():
             if not path.is_file():
@@ -137,8 +152,9 @@ class SafetensorsWeights(Mapping):
         try:
             return handle.get_tensor(name)
         except Exception as e:
-            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e}); the index and the shard disagree "
-                                  "or the file is corrupt") from None
+            raise CheckpointError(
+                f"{file}: cannot read tensor {name!r} ({e}); the index and the shard disagree or the file is corrupt"
+            ) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -173,16 +189,19 @@ def read_block(fd: int, offset: int, shape: tuple[int, ...], dtype: np.dtype, in
     partial = [i for i in range(len(shape)) if ext[i] != shape[i]]
     k = partial[-1] if partial else 0  # runs: axis k's range with all later axes whole
     item = dtype.itemsize
-    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+    strides = [int(np.prod(shape[i + 1 :], dtype=np.int64)) for i in range(len(shape))]
     run = ext[k] * strides[k] * item if shape else item
     buf = memoryview(out.reshape(-1).view(np.uint8))
     pos = 0
     for lead in np.ndindex(*ext[:k]):
-        at = offset + (sum((starts[i] + j) * strides[i] for i, j in enumerate(lead)) + starts[k] * strides[k]) * item \
-            if shape else offset
+        at = (
+            offset + (sum((starts[i] + j) * strides[i] for i, j in enumerate(lead)) + starts[k] * strides[k]) * item
+            if shape
+            else offset
+        )
         done = 0
         while done < run:
-            got = os.preadv(fd, [buf[pos + done: pos + run]], at + done)
+            got = os.preadv(fd, [buf[pos + done : pos + run]], at + done)
             if got <= 0:
                 raise CheckpointError(f"unexpected end of file at byte {at + done}")
             done += got
@@ -220,8 +239,9 @@ class TensorView:
             finally:
                 os.close(fd)
         except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{file}: cannot read block {index} of tensor {self.name!r} ({e}); the file may be "
-                                  "truncated or corrupt") from None
+            raise CheckpointError(
+                f"{file}: cannot read block {index} of tensor {self.name!r} ({e}); the file may be truncated or corrupt"
+            ) from None
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         x = self[tuple(slice(0, n) for n in self.shape)]
@@ -242,9 +262,20 @@ def recording_reads() -> Iterator[list[tuple[str, tuple[slice, ...]]]]:
     finally:
         _reads = outer
 
+
 # safetensors' dtype codes -> numpy (bfloat16 through ml_dtypes, which jax installs)
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def open_weights(folder: str | os.PathLike) -> SafetensorsWeights:
@@ -254,12 +285,15 @@ def open_weights(folder: str | os.PathLike) -> SafetensorsWeights:
         return SafetensorsWeights.from_file(folder / WEIGHTS_NAME)
     if (folder / INDEX_NAME).is_file():
         return SafetensorsWeights.from_index(folder / INDEX_NAME)
-    others = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".h5",
-                                                                     ".msgpack", ".gguf"))
+    others = sorted(
+        p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".gguf")
+    )
     hint = ""
     if others:
-        hint = (f" It has {others}: only safetensors is read here (convert PyTorch .bin files with "
-                "transformers' save_pretrained(..., safe_serialization=True)).")
+        hint = (
+            f" It has {others}: only safetensors is read here (convert PyTorch .bin files with "
+            "transformers' save_pretrained(..., safe_serialization=True))."
+        )
     raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} in this folder.{hint}")
 
 
@@ -281,8 +315,9 @@ def read_config(folder: str | os.PathLike):
             model_type = json.loads(file.read_text()).get("model_type")
         except ValueError:
             raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-        raise CheckpointError(f"{file}: transformers cannot read this config (model_type {model_type!r}): "
-                              f"{str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{file}: transformers cannot read this config (model_type {model_type!r}): {str(e).splitlines()[0]}"
+        ) from None
 
 
 def load_tokenizer(folder: str | os.PathLike):
@@ -290,8 +325,10 @@ def load_tokenizer(folder: str | os.PathLike):
     import transformers
 
     folder = Path(folder)
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                                                 "tokenizer.model", "vocab.json")):
+    if not any(
+        (folder / f).is_file()
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+    ):
         return None
     return transformers.AutoTokenizer.from_pretrained(str(folder))
 
@@ -323,7 +360,8 @@ def fetch(repo_id: str, revision: str | None = None) -> Path:
             f"{' (HF_HUB_OFFLINE is set and it is not in the local cache)' if offline else ''}: "
             f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].rstrip('.')}. "
             "Pass a local path instead: a folder with config.json and model.safetensors (and tokenizer files), "
-            "or a .gguf file.") from None
+            "or a .gguf file."
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------- save
@@ -363,8 +401,11 @@ def _write_file(file: Path, names: list[str], specs: Mapping[str, tuple], get) -
     for name in names:
         shape, dtype = specs[name]
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _ST_CODES[np.dtype(dtype)], "shape": [int(d) for d in shape],
-                        "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": _ST_CODES[np.dtype(dtype)],
+            "shape": [int(d) for d in shape],
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -380,8 +421,12 @@ def _write_file(file: Path, names: list[str], specs: Mapping[str, tuple], get) -
     os.replace(tmp, file)
 
 
-def write_safetensors_streaming(specs: Mapping[str, tuple[tuple[int, ...], Any]], get, folder: str | os.PathLike,
-                                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[Path]:
+def write_safetensors_streaming(
+    specs: Mapping[str, tuple[tuple[int, ...], Any]],
+    get,
+    folder: str | os.PathLike,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> list[Path]:
     """Write tensors that are produced one at a time: ``specs`` gives each name's ``(shape, dtype)`` up front,
     ``get(name)`` its values when its turn comes (in ``specs`` order), so at most one tensor need exist on the
     host at once (a sharded tree gathered leaf by leaf, a merge computed leaf by leaf). The layout is
@@ -408,8 +453,9 @@ def write_safetensors_streaming(specs: Mapping[str, tuple[tuple[int, ...], Any]]
     return [*files, folder / INDEX_NAME]
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLike,
-                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[Path]:
+def write_safetensors(
+    tensors: Mapping[str, np.ndarray], folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> list[Path]:
     """Write ``tensors`` as ``model.safetensors``, or as shards of at most ``max_shard_size`` bytes (a tensor
     larger than that gets a shard of its own) plus ``model.safetensors.index.json``. Weight files of an earlier
     save in ``folder`` are removed first, so that a stale ``model.safetensors`` cannot shadow new shards.
@@ -418,8 +464,13 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLi
     return write_safetensors_streaming(specs, lambda k: np.asarray(tensors[k]), folder, max_shard_size)
 
 
-def save_pretrained(params: Mapping, config: Any, folder: str | os.PathLike, tokenizer: Any = None,
-                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def save_pretrained(
+    params: Mapping,
+    config: Any,
+    folder: str | os.PathLike,
+    tokenizer: Any = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write ``params`` as a Hugging Face folder that ``transformers.AutoModel.from_pretrained`` loads.
 
     The weights are written leaf by leaf (:func:`write_hf_weights`): a sharded tree is never gathered whole.
@@ -458,8 +509,11 @@ def save_pretrained(params: Mapping, config: Any, folder: str | os.PathLike, tok
 
 def _summary(config: Any) -> str:
     """The integer fields of a config, for errors that say which config produced an expected shape."""
-    return ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
-                     if type(getattr(config, f.name)) is int)
+    return ", ".join(
+        f"{f.name}={getattr(config, f.name)}"
+        for f in dataclasses.fields(config)
+        if type(getattr(config, f.name)) is int
+    )
 
 
 def _hf_shapes(layout, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -519,6 +573,7 @@ def _tensor_view(tensors: Mapping, name: str) -> Any:
 def _checked(read, what: str, source: str):
     """``read`` whose blocks are checked as they come (float, finite: :func:`lora_jax.untrusted.check_array`), so a
     NaN in a file the user did not make fails naming the tensor, whichever device's block holds it."""
+
     def block(index):
         return check_array(read(index), what, source)
 
@@ -554,7 +609,8 @@ def plan_hf_weights(config: Any, tensors: Mapping[str, Any], source: str, task: 
                 f"{source}: missing tensor {missing[0]!r} (for parameter {tree.join(path)}, shape "
                 f"{_hf_shapes(spec_t.layout, spec.shape)[0]}) of a {arch.name} {task} model ({_summary(config)}); "
                 f"the checkpoint has {len(names)} tensors{f', e.g. {similar}' if similar else ''}. Is the config "
-                "from the same model?")
+                "from the same model?"
+            )
         wants = _hf_shapes(spec_t.layout, spec.shape)
         dtypes = []
         for n, want in zip(spec_t.names, wants):
@@ -562,38 +618,68 @@ def plan_hf_weights(config: Any, tensors: Mapping[str, Any], source: str, task: 
             if shape != want:
                 raise CheckpointError(
                     f"{where(n) if where else source}: tensor {n!r} has shape {shape}, expected {want} for "
-                    f"{tree.join(path)} of a {arch.name} {task} model ({_summary(config)})")
+                    f"{tree.join(path)} of a {arch.name} {task} model ({_summary(config)})"
+                )
             dtype = _tensor_dtype(tensors, n)
             if not _is_float(np.empty(0, dtype)):
                 raise CheckpointError(f"{source}: tensor {n!r} has dtype {dtype}, expected a float tensor")
             dtypes.append(dtype)
         views = tuple(_tensor_view(tensors, n) for n in spec_t.names)
         what = " + ".join(spec_t.names)
-        sources[path] = LeafSource(tuple(spec.shape), np.result_type(*dtypes),
-                                   _checked(functools.partial(spec_t.layout.read_block, views), what,
-                                            where(spec_t.names[0]) if where else source),
-                                   what, blockwise=spec_t.layout.read is not None)
+        sources[path] = LeafSource(
+            tuple(spec.shape),
+            np.result_type(*dtypes),
+            _checked(
+                functools.partial(spec_t.layout.read_block, views), what, where(spec_t.names[0]) if where else source
+            ),
+            what,
+            blockwise=spec_t.layout.read is not None,
+        )
         used.update(spec_t.names)
 
-    strip = lambda n: n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else n  # noqa: E731
+    strip = lambda n: n[len(prefix) + 1 :] if prefix and n.startswith(prefix + ".") else n  # noqa: E731
     unused = [n for n in names if n not in used and not arch.names.is_ignored(strip(n), config)]
-    backbone_modules = {strip(arch.names.hf_name(arch.checkpoint_path(p, task, prefix))).split(".")[0]
-                        for p in expected if t.backbone is None or p[0] == t.backbone}
+    backbone_modules = {
+        strip(arch.names.hf_name(arch.checkpoint_path(p, task, prefix))).split(".")[0]
+        for p in expected
+        if t.backbone is None or p[0] == t.backbone
+    }
     in_backbone = [n for n in unused if strip(n).split(".")[0] in backbone_modules]
     if in_backbone:
-        raise CheckpointError(f"{source}: {len(in_backbone)} tensor(s) of the backbone do not fit this {arch.name} "
-                              f"config ({_summary(config)}): {in_backbone[:5]}")
+        raise CheckpointError(
+            f"{source}: {len(in_backbone)} tensor(s) of the backbone do not fit this {arch.name} "
+            f"config ({_summary(config)}): {in_backbone[:5]}"
+        )
     if unused:
-        logger.warning("%s: %d tensor(s) not used by the %s %s model: %s%s", source, len(unused), arch.name, task,
-                       unused[:8], " ..." if len(unused) > 8 else "")
+        logger.warning(
+            "%s: %d tensor(s) not used by the %s %s model: %s%s",
+            source,
+            len(unused),
+            arch.name,
+            task,
+            unused[:8],
+            " ..." if len(unused) > 8 else "",
+        )
     if fresh:
-        logger.warning("%s: no %s in the checkpoint; initialised new parameters %s for task %r (train them)",
-                       source, sorted({arch.names.module(p) for p in fresh}), [tree.join(p) for p in fresh], task)
+        logger.warning(
+            "%s: no %s in the checkpoint; initialised new parameters %s for task %r (train them)",
+            source,
+            sorted({arch.names.module(p) for p in fresh}),
+            [tree.join(p) for p in fresh],
+            task,
+        )
     return WeightPlan(task, sources, fresh, expected)
 
 
-def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str, task: str | None = None, *,
-                    key: Any = None, new: list | None = None) -> dict:
+def from_hf_weights(
+    config: Any,
+    tensors: Mapping[str, np.ndarray],
+    source: str,
+    task: str | None = None,
+    *,
+    key: Any = None,
+    new: list | None = None,
+) -> dict:
     """The parameters of ``config``'s family for ``task`` from checkpoint tensors (names as in the checkpoint),
     whole, on the default device.
 
@@ -617,8 +703,9 @@ def from_hf_weights(config: Any, tensors: Mapping[str, np.ndarray], source: str,
     plan = plan_hf_weights(config, tensors, source, task)
     params = {path: jnp.asarray(np.ascontiguousarray(src.value())) for path, src in plan.sources.items()}
     if plan.fresh:
-        init = tree.flatten(arch_lib.for_config(config).init_params(
-            config, jax.random.key(0) if key is None else key, plan.task))
+        init = tree.flatten(
+            arch_lib.for_config(config).init_params(config, jax.random.key(0) if key is None else key, plan.task)
+        )
         params.update({path: init[path] for path in plan.fresh})
         if new is not None:
             new.extend(plan.fresh)
@@ -635,24 +722,31 @@ def _hf_leaves(params: Mapping, config: Any) -> list[tuple[Any, Any]]:
     flat = tree.flatten(params)
     wrapped = [p for p, v in flat.items() if is_lora_weight(v) or is_adapter(v)]
     if wrapped:
-        raise ArgumentError(f"to_hf_weights: params hold LoRA-wrapped kernels {[tree.join(p) for p in wrapped][:3]}; "
-                         "save lora.merge(params, adapters) instead")
+        raise ArgumentError(
+            f"to_hf_weights: params hold LoRA-wrapped kernels {[tree.join(p) for p in wrapped][:3]}; "
+            "save lora.merge(params, adapters) instead"
+        )
     task = arch.task_of(set(params))
     expected = arch.shapes(config, task) if task is not None else {}
     optional = [re.compile(p) for p in arch.tasks[task].optional] if task is not None else []
-    missing = sorted(tree.join(p) for p in set(expected) - set(flat)
-                     if not any(r.fullmatch(tree.join(p)) for r in optional))
+    missing = sorted(
+        tree.join(p) for p in set(expected) - set(flat) if not any(r.fullmatch(tree.join(p)) for r in optional)
+    )
     extra = sorted(tree.join(p) for p in set(flat) - set(expected))
     if missing or extra:
-        raise ArgumentError(f"to_hf_weights: params do not match a {arch.name} {task} model of this config: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}")
+        raise ArgumentError(
+            f"to_hf_weights: params do not match a {arch.name} {task} model of this config: missing "
+            f"{missing[:5]}, unexpected {extra[:5]}"
+        )
     out = []
     for path, spec in expected.items():
         if path not in flat:
             continue
         if tuple(np.shape(flat[path])) != tuple(spec.shape):
-            raise ArgumentError(f"to_hf_weights: {tree.join(path)} has shape {tuple(np.shape(flat[path]))}, the config "
-                             f"needs {tuple(spec.shape)}")
+            raise ArgumentError(
+                f"to_hf_weights: {tree.join(path)} has shape {tuple(np.shape(flat[path]))}, the config "
+                f"needs {tuple(spec.shape)}"
+            )
         out.append((flat[path], arch.names.tensor(path, config)))
     return out
 
@@ -668,8 +762,9 @@ def to_hf_weights(params: Mapping, config: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def write_hf_weights(params: Mapping, config: Any, folder: str | os.PathLike,
-                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> dict[str, Any]:
+def write_hf_weights(
+    params: Mapping, config: Any, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> dict[str, Any]:
     """:func:`to_hf_weights` written straight to safetensors files, one leaf at a time: a sharded leaf is gathered
     to the host when its turn comes and dropped after, so the host holds at most one leaf's tensors (never the
     whole model). In a multi-process run every process takes part in each gather and process 0 alone writes.

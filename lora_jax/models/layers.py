@@ -119,8 +119,11 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.variable("params", "kernel", lambda: self.kernel_init(
-            self.make_rng("params"), (x.shape[-1], self.features), self.param_dtype)).value
+        kernel = self.variable(
+            "params",
+            "kernel",
+            lambda: self.kernel_init(self.make_rng("params"), (x.shape[-1], self.features), self.param_dtype),
+        ).value
         dtype = self.dtype or x.dtype
         y = ops.dot(x.astype(dtype), ops.astype(kernel, dtype))
         if self.use_bias:
@@ -141,8 +144,14 @@ class Embed(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.table = self.variable("params", "embedding", lambda: self.init_std * jax.random.normal(
-            self.make_rng("params"), (self.num_embeddings, self.features), self.param_dtype))
+        self.table = self.variable(
+            "params",
+            "embedding",
+            lambda: (
+                self.init_std
+                * jax.random.normal(self.make_rng("params"), (self.num_embeddings, self.features), self.param_dtype)
+            ),
+        )
 
     def __call__(self, ids: Array) -> Array:
         """``(...,)`` int -> ``(..., features)`` in ``dtype``."""
@@ -244,8 +253,9 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 # ----------------------------------------------------------------------------------------- attention
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, scale: float | None = None,
-           softcap: float | None = None) -> Array:
+def attend(
+    q: Array, k: Array, v: Array, mask: Array, scale: float | None = None, softcap: float | None = None
+) -> Array:
     """Softmax attention with grouped key/value heads.
 
     Shapes: ``q (B, S, H, hd)``, ``k``/``v`` ``(B, T, KV, hd)`` with ``H`` a multiple of ``KV``, ``mask
@@ -304,8 +314,13 @@ class Attention(nn.Module):
         implementation attends, or a ``(B, S, T)`` bool array) -> ``(B, S, features)`` and the layer's updated
         ``(keys, values)`` (``None`` without cache)."""
         b, s, _ = x.shape
-        dense = lambda n, bias, name: Dense(n, use_bias=bias, dtype=self.dtype, name=name,  # noqa: E731
-                                            kernel_init=normal(self.init_std))
+        dense = lambda n, bias, name: Dense(
+            n,
+            use_bias=bias,
+            dtype=self.dtype,
+            name=name,  # noqa: E731
+            kernel_init=normal(self.init_std),
+        )
         q = dense(self.num_heads * self.head_dim, self.qkv_bias, "q_proj")(x)
         k = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "k_proj")(x)
         v = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "v_proj")(x)
@@ -340,10 +355,16 @@ class GatedMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dense = lambda n, name: Dense(n, use_bias=self.use_bias, dtype=self.dtype, name=name,  # noqa: E731
-                                      kernel_init=normal(self.init_std))
-        h = ACTIVATIONS[self.activation](dense(self.intermediate, "gate_proj")(x)) * dense(self.intermediate,
-                                                                                         "up_proj")(x)
+        dense = lambda n, name: Dense(
+            n,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            name=name,  # noqa: E731
+            kernel_init=normal(self.init_std),
+        )
+        h = ACTIVATIONS[self.activation](dense(self.intermediate, "gate_proj")(x)) * dense(
+            self.intermediate, "up_proj"
+        )(x)
         return dense(self.features, "down_proj")(constrain(h, ("batch", None, "mlp")))
 
 
@@ -365,6 +386,25 @@ def remat(block: Any, policy: str) -> Any:
     return block if policy == "none" else nn.remat(block, policy=REMAT_POLICIES[policy])
 
 
-__all__ = ["ACTIVATIONS", "REMAT_POLICIES", "ROPE_TYPES", "Attention", "Dense", "Embed", "GatedMLP", "RMSNorm", "Rope",
-           "apply_rope", "attend", "check_activation", "check_labels", "check_model_type", "check_multiple", "id2label",
-           "labels_from_hf", "layer_norm", "normal", "remat"]
+__all__ = [
+    "ACTIVATIONS",
+    "REMAT_POLICIES",
+    "ROPE_TYPES",
+    "Attention",
+    "Dense",
+    "Embed",
+    "GatedMLP",
+    "RMSNorm",
+    "Rope",
+    "apply_rope",
+    "attend",
+    "check_activation",
+    "check_labels",
+    "check_model_type",
+    "check_multiple",
+    "id2label",
+    "labels_from_hf",
+    "layer_norm",
+    "normal",
+    "remat",
+]

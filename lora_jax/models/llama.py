@@ -52,8 +52,11 @@ class Config(DecoderConfig):
         elif self.model_type == "mistral":
             fields.update(sliding_window=self.sliding_window)
         else:
-            fields.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
-                          layer_types=self.layer_types() if self.sliding_window is not None else None)
+            fields.update(
+                use_sliding_window=self.sliding_window is not None,
+                sliding_window=self.sliding_window,
+                layer_types=self.layer_types() if self.sliding_window is not None else None,
+            )
         return fields
 
 

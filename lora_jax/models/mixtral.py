@@ -59,19 +59,28 @@ class Config(DecoderConfig):
 
     @classmethod
     def fields_from_hf(cls, hf_config) -> dict:
-        return {"num_experts": hf_config.num_local_experts, "num_experts_per_tok": hf_config.num_experts_per_tok,
-                "router_aux_loss_coef": float(hf_config.router_aux_loss_coef),
-                "output_router_logits": bool(hf_config.output_router_logits),
-                "router_jitter_noise": float(getattr(hf_config, "router_jitter_noise", 0.0) or 0.0)}
+        return {
+            "num_experts": hf_config.num_local_experts,
+            "num_experts_per_tok": hf_config.num_experts_per_tok,
+            "router_aux_loss_coef": float(hf_config.router_aux_loss_coef),
+            "output_router_logits": bool(hf_config.output_router_logits),
+            "router_jitter_noise": float(getattr(hf_config, "router_jitter_noise", 0.0) or 0.0),
+        }
 
     def hf_fields(self) -> dict:
         if self.qkv_bias or self.o_bias or self.mlp_bias or self.qk_norm:
             raise ArgumentError("a Mixtral config has no attention / MLP biases and no q/k norms; this Config differs")
         if self.sliding_layers is not None and not all(self.sliding_layers):
             raise ArgumentError("Mixtral applies its sliding window to every layer; this Config marks only some")
-        return {**super().hf_fields(), "sliding_window": self.sliding_window, "num_local_experts": self.num_experts,
-                "num_experts_per_tok": self.num_experts_per_tok, "router_aux_loss_coef": self.router_aux_loss_coef,
-                "output_router_logits": self.output_router_logits, "router_jitter_noise": self.router_jitter_noise}
+        return {
+            **super().hf_fields(),
+            "sliding_window": self.sliding_window,
+            "num_local_experts": self.num_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+            "output_router_logits": self.output_router_logits,
+            "router_jitter_noise": self.router_jitter_noise,
+        }
 
 
 def _router_name(default: str, config) -> tuple[str, ...]:
@@ -80,12 +89,25 @@ def _router_name(default: str, config) -> tuple[str, ...]:
 
 _EXPERT = "layers.{layer}.block_sparse_moe.experts.{expert}.{name}"
 NAMES = Names(
-    lists=decoder.NAMES.lists, ignore=decoder.NAMES.ignore, tied=decoder.NAMES.tied,
-    rules=(Rule(r"(.*/)?layers_\d+/mlp/gate/kernel", TRANSPOSE, _router_name, also=((TRANSPOSE, None),)),
-           Rule(r"(.*/)?layers_\d+/mlp/experts/gate_up_proj", moe.per_expert(2),
-                moe.expert_tensor_names(_EXPERT, ("w1", "w3")), also=moe.FUSED),
-           Rule(r"(.*/)?layers_\d+/mlp/experts/down_proj", stacked(), moe.expert_tensor_names(_EXPERT, ("w2",)),
-                also=moe.FUSED)))
+    lists=decoder.NAMES.lists,
+    ignore=decoder.NAMES.ignore,
+    tied=decoder.NAMES.tied,
+    rules=(
+        Rule(r"(.*/)?layers_\d+/mlp/gate/kernel", TRANSPOSE, _router_name, also=((TRANSPOSE, None),)),
+        Rule(
+            r"(.*/)?layers_\d+/mlp/experts/gate_up_proj",
+            moe.per_expert(2),
+            moe.expert_tensor_names(_EXPERT, ("w1", "w3")),
+            also=moe.FUSED,
+        ),
+        Rule(
+            r"(.*/)?layers_\d+/mlp/experts/down_proj",
+            stacked(),
+            moe.expert_tensor_names(_EXPERT, ("w2",)),
+            also=moe.FUSED,
+        ),
+    ),
+)
 
 ARCHITECTURE = Architecture(
     name="mixtral",

@@ -89,8 +89,12 @@ def route_sharded(logits: Array, top_k: int, *, norm_topk_prob: bool = True, mes
     if logits.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
         return route(logits, top_k, norm_topk_prob=norm_topk_prob)
     tok = P(axes)
-    return jax.shard_map(functools.partial(route, top_k=top_k, norm_topk_prob=norm_topk_prob), mesh=mesh,
-                         in_specs=tok, out_specs=Routing(tok, tok, tok))(logits)
+    return jax.shard_map(
+        functools.partial(route, top_k=top_k, norm_topk_prob=norm_topk_prob),
+        mesh=mesh,
+        in_specs=tok,
+        out_specs=Routing(tok, tok, tok),
+    )(logits)
 
 
 def _expert_mesh() -> Any:
@@ -166,8 +170,9 @@ def experts_glu(
     """
     if dispatch not in DISPATCHES:
         raise ArgumentError(f"experts_glu: dispatch must be one of {DISPATCHES}, got {dispatch!r}")
-    if (gate_up is None) == (gate is None or up is None) or \
-            (gate_up is not None and (gate is not None or up is not None)):
+    if (gate_up is None) == (gate is None or up is None) or (
+        gate_up is not None and (gate is not None or up is not None)
+    ):
         raise ArgumentError("experts_glu: pass either gate_up (E, D, 2F) or both gate and up (E, D, F)")
     n_tok, k = routing.experts.shape
     n_exp = down.shape[0]
@@ -212,8 +217,9 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: 
     if capacity_factor is None:
         return tokens
     if not capacity_factor > 0:
-        raise ArgumentError(f"expert capacity: capacity_factor must be > 0 (or None: never drop), got "
-                            f"{capacity_factor}")
+        raise ArgumentError(
+            f"expert capacity: capacity_factor must be > 0 (or None: never drop), got {capacity_factor}"
+        )
     return int(min(tokens, max(1, int(np.ceil(capacity_factor * tokens * top_k / num_experts)))))
 
 
@@ -305,8 +311,9 @@ def experts_glu_sharded(
     """
     from lora_jax import sharding
 
-    if (gate_up is None) == (gate is None or up is None) or \
-            (gate_up is not None and (gate is not None or up is not None)):
+    if (gate_up is None) == (gate is None or up is None) or (
+        gate_up is not None and (gate is not None or up is not None)
+    ):
         raise ArgumentError("experts_glu_sharded: pass either gate_up (E, D, 2F) or both gate and up (E, D, F)")
     kernels = {"down": down, **({"gate_up": gate_up} if gate_up is not None else {"gate": gate, "up": up})}
     why = expert_parallel_blocker(mesh, x.shape[0], kernels)
@@ -322,15 +329,15 @@ def experts_glu_sharded(
     capacity = expert_capacity(t, k, n_exp, capacity_factor)
 
     def split(w):  # a stack, its per-expert factors: along expert; a dropout key: the same on every device
-        return jax.tree.map(lambda leaf: P(axis) if getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] == n_exp
-                            else P(), w)
+        return jax.tree.map(
+            lambda leaf: P(axis) if getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] == n_exp else P(), w
+        )
 
     def local(x, weights, experts, kernels):
         d = x.shape[-1]
         slot, keep = dispatch_slots(experts, n_exp, capacity)
         kernels = {name: _fold_key(w, tok_axes) for name, w in kernels.items()}
-        send = jnp.zeros((n_exp * capacity, d), x.dtype).at[slot].set(x[jnp.arange(slot.shape[0]) // k],
-                                                                       mode="drop")
+        send = jnp.zeros((n_exp * capacity, d), x.dtype).at[slot].set(x[jnp.arange(slot.shape[0]) // k], mode="drop")
         recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # (src, local expert, C) rows
         h = recv.reshape(n_dev, local_experts, capacity, d).transpose(1, 0, 2, 3)
         h = h.reshape(local_experts, n_dev * capacity, d)
@@ -347,8 +354,9 @@ def experts_glu_sharded(
         return out, dropped
 
     tok = P(tok_axes)
-    y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, split(kernels)),
-                               out_specs=(tok, P()))(x, routing.weights, routing.experts, kernels)
+    y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, split(kernels)), out_specs=(tok, P()))(
+        x, routing.weights, routing.experts, kernels
+    )
     return Dispatch(y, dropped, capacity)
 
 
@@ -360,8 +368,9 @@ def _fold_key(w: Any, axes: tuple[str, ...]) -> Any:
     return dataclasses.replace(w, key=jax.random.fold_in(w.key, jax.lax.axis_index(axes)))
 
 
-def load_balancing_loss(router_logits: Sequence[Array], num_experts: int, top_k: int,
-                        attention_mask: Array | None = None) -> Array:
+def load_balancing_loss(
+    router_logits: Sequence[Array], num_experts: int, top_k: int, attention_mask: Array | None = None
+) -> Array:
     """The auxiliary load-balancing loss of ``transformers``' ``load_balancing_loss_func`` (Switch Transformer
     eqs. 4-6), in float32.
 
@@ -400,8 +409,9 @@ def check_config(config: Any, experts: str = "num_experts") -> None:
     if cf is not None and not (isinstance(cf, int | float) and cf > 0):
         raise ArgumentError(f"moe_capacity_factor must be a number > 0 or None (never drop a token), got {cf!r}")
     if not 1 <= config.num_experts_per_tok <= config.num_experts:
-        raise ArgumentError(f"num_experts_per_tok {config.num_experts_per_tok} must be in [1, {experts} "
-                            f"{config.num_experts}]")
+        raise ArgumentError(
+            f"num_experts_per_tok {config.num_experts_per_tok} must be in [1, {experts} {config.num_experts}]"
+        )
 
 
 # ------------------------------------------------------------------------------------------ Linen modules
@@ -432,8 +442,15 @@ class Experts(nn.Module):
         act = ACTIVATIONS[self.activation]
         mesh = _expert_mesh() if self.dispatch == "ragged" and not self.is_initializing() else None
         if mesh is not None and expert_parallel_blocker(mesh, x.shape[0], {"gate_up": gate_up, "down": down}) is None:
-            out = experts_glu_sharded(x.astype(self.dtype), routing, mesh=mesh, gate_up=gate_up, down=down, act=act,
-                                      capacity_factor=self.capacity_factor)
+            out = experts_glu_sharded(
+                x.astype(self.dtype),
+                routing,
+                mesh=mesh,
+                gate_up=gate_up,
+                down=down,
+                act=act,
+                capacity_factor=self.capacity_factor,
+            )
             self.sow("intermediates", "dropped_pairs", out.dropped)
             return out.y
         return experts_glu(x.astype(self.dtype), routing, gate_up=gate_up, down=down, act=act, dispatch=self.dispatch)
@@ -461,13 +478,31 @@ class SparseMoeBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         b, s, d = x.shape
         h = x.reshape(b * s, d)
-        logits = Dense(self.num_experts, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.normal(
-            self.init_std), name="gate")(h)
+        logits = Dense(
+            self.num_experts,
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(self.init_std),
+            name="gate",
+        )(h)
         self.sow("intermediates", "router_logits", logits)
-        routing = route_sharded(logits, self.top_k, norm_topk_prob=self.norm_topk_prob,
-                                mesh=None if self.is_initializing() else _expert_mesh())
-        y = Experts(self.num_experts, d, self.intermediate, self.activation, self.init_std, self.dtype, self.dispatch,
-                    self.capacity_factor, name="experts")(h, routing)
+        routing = route_sharded(
+            logits,
+            self.top_k,
+            norm_topk_prob=self.norm_topk_prob,
+            mesh=None if self.is_initializing() else _expert_mesh(),
+        )
+        y = Experts(
+            self.num_experts,
+            d,
+            self.intermediate,
+            self.activation,
+            self.init_std,
+            self.dtype,
+            self.dispatch,
+            self.capacity_factor,
+            name="experts",
+        )(h, routing)
         return y.reshape(b, s, d)
 
 
@@ -510,10 +545,12 @@ def aux_loss(intermediates: Mapping, config: Any, attention_mask: Array | None =
     ``output_router_logits`` is set. ``attention_mask (B, S)`` leaves padding out."""
     logits = collect_router_logits(intermediates)
     if not logits:
-        raise ArgumentError("aux_loss: no router_logits in intermediates; apply the model with "
-                            "mutable=['intermediates']")
-    return config.router_aux_loss_coef * load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok,
-                                                             attention_mask)
+        raise ArgumentError(
+            "aux_loss: no router_logits in intermediates; apply the model with mutable=['intermediates']"
+        )
+    return config.router_aux_loss_coef * load_balancing_loss(
+        logits, config.num_experts, config.num_experts_per_tok, attention_mask
+    )
 
 
 def collect_router_logits(intermediates: Mapping) -> list[Array]:
@@ -541,8 +578,11 @@ def expert_tensor_names(module_template: str, names: Sequence[str]) -> Callable:
         layer = re.search(r"layers\.(\d+)\.", default).group(1)
         prefix = default[: default.index("layers.")]
         experts = 1 if config is None else config.num_experts  # without a config: the first tensor's name
-        return tuple(prefix + module_template.format(layer=layer, expert=e, name=n) + ".weight"
-                     for e in range(experts) for n in names)
+        return tuple(
+            prefix + module_template.format(layer=layer, expert=e, name=n) + ".weight"
+            for e in range(experts)
+            for n in names
+        )
 
     return rule
 
@@ -565,12 +605,33 @@ def per_expert(parts: int) -> Layout:
 
     def save(x):
         f = x.shape[2] // parts
-        return [x[e, :, i * f:(i + 1) * f].T for e in range(x.shape[0]) for i in range(parts)]
+        return [x[e, :, i * f : (i + 1) * f].T for e in range(x.shape[0]) for i in range(parts)]
 
     return Layout(load=load, save=save, transposed=True)
 
 
-__all__ = ["DISPATCHES", "FUSED", "Dispatch", "Experts", "MoeDecoderLayer", "MoeDecoderModel", "Routing", "Sorted",
-           "SparseMoeBlock", "aux_loss", "check_config", "collect_router_logits", "dispatch_slots", "expert_capacity",
-           "expert_parallel_blocker", "expert_tensor_names", "experts_glu", "experts_glu_sharded",
-           "load_balancing_loss", "per_expert", "route", "route_sharded", "sort_by_expert"]
+__all__ = [
+    "DISPATCHES",
+    "FUSED",
+    "Dispatch",
+    "Experts",
+    "MoeDecoderLayer",
+    "MoeDecoderModel",
+    "Routing",
+    "Sorted",
+    "SparseMoeBlock",
+    "aux_loss",
+    "check_config",
+    "collect_router_logits",
+    "dispatch_slots",
+    "expert_capacity",
+    "expert_parallel_blocker",
+    "expert_tensor_names",
+    "experts_glu",
+    "experts_glu_sharded",
+    "load_balancing_loss",
+    "per_expert",
+    "route",
+    "route_sharded",
+    "sort_by_expert",
+]

@@ -70,8 +70,12 @@ def place_leaf(source: Any, sharding: jax.sharding.Sharding, dtype: Any = None) 
     return jax.make_array_from_callback(shape, sharding, read, dtype=target)
 
 
-def place(sources: Mapping[Path, Any], shardings: Mapping[Path, jax.sharding.Sharding] | Callable[[Path], Any],
-          dtype: DtypeFor = None, then: Callable[[Path, jax.Array], Any] | None = None) -> dict[Path, Any]:
+def place(
+    sources: Mapping[Path, Any],
+    shardings: Mapping[Path, jax.sharding.Sharding] | Callable[[Path], Any],
+    dtype: DtypeFor = None,
+    then: Callable[[Path, jax.Array], Any] | None = None,
+) -> dict[Path, Any]:
     """:func:`place_leaf` for every ``{path: source}``, with ``shardings[path]`` (or ``shardings(path)``) and
     ``dtype`` (one dtype, or ``dtype(path)``), one leaf after the other; ``then(path, array)``, if given, replaces
     each leaf as soon as it is placed (a quantiser: the dense leaf is dropped before the next one is read)."""

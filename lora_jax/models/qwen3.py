@@ -39,10 +39,14 @@ def attention_hf_fields(config: DecoderConfig, family: str) -> dict:
     ``attention_bias`` (one for q, k, v and o), ``use_sliding_window`` and ``sliding_window``. Raises
     ``ValueError`` for a ``config`` such a family cannot express (no q/k norms, or biases that differ)."""
     if config.qkv_bias != config.o_bias or not config.qk_norm:
-        raise ArgumentError(f"a {family} config has q/k norms and one attention_bias for q, k, v and o; this Config "
-                            "differs")
-    return {"attention_bias": config.qkv_bias, "use_sliding_window": config.sliding_window is not None,
-            "sliding_window": config.sliding_window}
+        raise ArgumentError(
+            f"a {family} config has q/k norms and one attention_bias for q, k, v and o; this Config differs"
+        )
+    return {
+        "attention_bias": config.qkv_bias,
+        "use_sliding_window": config.sliding_window is not None,
+        "sliding_window": config.sliding_window,
+    }
 
 
 ARCHITECTURE = Architecture(
@@ -53,8 +57,12 @@ ARCHITECTURE = Architecture(
     names=decoder.NAMES,
     presets=decoder.PRESETS,
     logical_axes=decoder.LOGICAL_AXES,
-    gguf=GGUF(model_types={"qwen3": "qwen3"}, tensors=decoder.GGUF_TENSORS, config=decoder.GGUF_CONFIG,
-              required=decoder.GGUF_REQUIRED),
+    gguf=GGUF(
+        model_types={"qwen3": "qwen3"},
+        tensors=decoder.GGUF_TENSORS,
+        config=decoder.GGUF_CONFIG,
+        required=decoder.GGUF_REQUIRED,
+    ),
 )
 build = ARCHITECTURE.build
 init_params = ARCHITECTURE.init_params

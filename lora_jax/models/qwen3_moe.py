@@ -57,38 +57,62 @@ class Config(DecoderConfig):
 
     def is_sparse(self, layer: int) -> bool:
         """Whether ``layer`` has the sparse MoE block (``transformers``' rule)."""
-        return (layer not in self.mlp_only_layers and self.num_experts > 0
-                and (layer + 1) % self.decoder_sparse_step == 0)
+        return (
+            layer not in self.mlp_only_layers and self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     def layer_structure(self, layer: int) -> bool:
         return self.is_sparse(layer)  # dense and sparse layers cannot share a scanned stack
 
     @classmethod
     def fields_from_hf(cls, hf_config) -> dict:
-        return {"qk_norm": True, "num_experts": hf_config.num_experts,
-                "num_experts_per_tok": hf_config.num_experts_per_tok,
-                "moe_intermediate_size": hf_config.moe_intermediate_size,
-                "norm_topk_prob": bool(hf_config.norm_topk_prob),
-                "decoder_sparse_step": hf_config.decoder_sparse_step,
-                "mlp_only_layers": tuple(hf_config.mlp_only_layers or ()),
-                "router_aux_loss_coef": float(hf_config.router_aux_loss_coef),
-                "output_router_logits": bool(hf_config.output_router_logits)}
+        return {
+            "qk_norm": True,
+            "num_experts": hf_config.num_experts,
+            "num_experts_per_tok": hf_config.num_experts_per_tok,
+            "moe_intermediate_size": hf_config.moe_intermediate_size,
+            "norm_topk_prob": bool(hf_config.norm_topk_prob),
+            "decoder_sparse_step": hf_config.decoder_sparse_step,
+            "mlp_only_layers": tuple(hf_config.mlp_only_layers or ()),
+            "router_aux_loss_coef": float(hf_config.router_aux_loss_coef),
+            "output_router_logits": bool(hf_config.output_router_logits),
+        }
 
     def hf_fields(self) -> dict:
-        return {**super().hf_fields(), **qwen3.attention_hf_fields(self, "Qwen3-MoE"),
-                "num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
-                "moe_intermediate_size": self.moe_intermediate_size, "norm_topk_prob": self.norm_topk_prob,
-                "decoder_sparse_step": self.decoder_sparse_step, "mlp_only_layers": list(self.mlp_only_layers),
-                "router_aux_loss_coef": self.router_aux_loss_coef, "output_router_logits": self.output_router_logits}
+        return {
+            **super().hf_fields(),
+            **qwen3.attention_hf_fields(self, "Qwen3-MoE"),
+            "num_experts": self.num_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "norm_topk_prob": self.norm_topk_prob,
+            "decoder_sparse_step": self.decoder_sparse_step,
+            "mlp_only_layers": list(self.mlp_only_layers),
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+            "output_router_logits": self.output_router_logits,
+        }
 
 
 _EXPERT = "layers.{layer}.mlp.experts.{expert}.{name}"
 NAMES = Names(
-    lists=decoder.NAMES.lists, ignore=decoder.NAMES.ignore, tied=decoder.NAMES.tied,
-    rules=(Rule(r"(.*/)?layers_\d+/mlp/experts/gate_up_proj", moe.per_expert(2),
-                moe.expert_tensor_names(_EXPERT, ("gate_proj", "up_proj")), also=moe.FUSED),
-           Rule(r"(.*/)?layers_\d+/mlp/experts/down_proj", stacked(), moe.expert_tensor_names(_EXPERT, ("down_proj",)),
-                also=moe.FUSED)))
+    lists=decoder.NAMES.lists,
+    ignore=decoder.NAMES.ignore,
+    tied=decoder.NAMES.tied,
+    rules=(
+        Rule(
+            r"(.*/)?layers_\d+/mlp/experts/gate_up_proj",
+            moe.per_expert(2),
+            moe.expert_tensor_names(_EXPERT, ("gate_proj", "up_proj")),
+            also=moe.FUSED,
+        ),
+        Rule(
+            r"(.*/)?layers_\d+/mlp/experts/down_proj",
+            stacked(),
+            moe.expert_tensor_names(_EXPERT, ("down_proj",)),
+            also=moe.FUSED,
+        ),
+    ),
+)
 
 PRESETS = {
     **decoder.PRESETS,
@@ -119,9 +143,13 @@ ARCHITECTURE = Architecture(
     presets=PRESETS,
     logical_axes=decoder.LOGICAL_AXES,
     # llama.cpp's qwen3moe graph always renormalises the top-k weights (transformers' GGUF reader sets it too)
-    gguf=GGUF(model_types={"qwen3moe": "qwen3_moe"}, tensors=GGUF_TENSORS, config=GGUF_CONFIG,
-              required=(*decoder.GGUF_REQUIRED, "expert_count", "expert_used_count"),
-              derive=lambda meta, names, arch: {"norm_topk_prob": True}),
+    gguf=GGUF(
+        model_types={"qwen3moe": "qwen3_moe"},
+        tensors=GGUF_TENSORS,
+        config=GGUF_CONFIG,
+        required=(*decoder.GGUF_REQUIRED, "expert_count", "expert_used_count"),
+        derive=lambda meta, names, arch: {"norm_topk_prob": True},
+    ),
 )
 build = ARCHITECTURE.build
 init_params = ARCHITECTURE.init_params

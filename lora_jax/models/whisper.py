@@ -143,17 +143,31 @@ class Config:
         check_activation(hf_config.activation_function, "Whisper activation_function")
         num_labels, labels = labels_from_hf(hf_config)
         return cls(
-            num_mel_bins=hf_config.num_mel_bins, d_model=hf_config.d_model, encoder_layers=hf_config.encoder_layers,
-            encoder_attention_heads=hf_config.encoder_attention_heads, encoder_ffn_dim=hf_config.encoder_ffn_dim,
-            activation_function=hf_config.activation_function, max_source_positions=hf_config.max_source_positions,
-            dropout=float(hf_config.dropout), attention_dropout=float(hf_config.attention_dropout),
-            activation_dropout=float(hf_config.activation_dropout), init_std=float(hf_config.init_std),
-            classifier_proj_size=int(hf_config.classifier_proj_size), num_labels=num_labels, labels=labels,
-            use_weighted_layer_sum=bool(hf_config.use_weighted_layer_sum), vocab_size=hf_config.vocab_size,
-            decoder_layers=hf_config.decoder_layers, decoder_attention_heads=hf_config.decoder_attention_heads,
-            decoder_ffn_dim=hf_config.decoder_ffn_dim, max_target_positions=hf_config.max_target_positions,
-            **{k: getattr(hf_config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id",
-                                                        "decoder_start_token_id")})
+            num_mel_bins=hf_config.num_mel_bins,
+            d_model=hf_config.d_model,
+            encoder_layers=hf_config.encoder_layers,
+            encoder_attention_heads=hf_config.encoder_attention_heads,
+            encoder_ffn_dim=hf_config.encoder_ffn_dim,
+            activation_function=hf_config.activation_function,
+            max_source_positions=hf_config.max_source_positions,
+            dropout=float(hf_config.dropout),
+            attention_dropout=float(hf_config.attention_dropout),
+            activation_dropout=float(hf_config.activation_dropout),
+            init_std=float(hf_config.init_std),
+            classifier_proj_size=int(hf_config.classifier_proj_size),
+            num_labels=num_labels,
+            labels=labels,
+            use_weighted_layer_sum=bool(hf_config.use_weighted_layer_sum),
+            vocab_size=hf_config.vocab_size,
+            decoder_layers=hf_config.decoder_layers,
+            decoder_attention_heads=hf_config.decoder_attention_heads,
+            decoder_ffn_dim=hf_config.decoder_ffn_dim,
+            max_target_positions=hf_config.max_target_positions,
+            **{
+                k: getattr(hf_config, k, None)
+                for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+            },
+        )
 
     def to_hf(self):
         """The equivalent ``transformers.WhisperConfig``."""
@@ -161,18 +175,31 @@ class Config:
 
         names = id2label(self.labels, self.num_labels)
         return transformers.WhisperConfig(
-            num_mel_bins=self.num_mel_bins, d_model=self.d_model, encoder_layers=self.encoder_layers,
-            encoder_attention_heads=self.encoder_attention_heads, encoder_ffn_dim=self.encoder_ffn_dim,
-            activation_function=self.activation_function, max_source_positions=self.max_source_positions,
-            dropout=self.dropout, attention_dropout=self.attention_dropout,
-            activation_dropout=self.activation_dropout, init_std=self.init_std,
-            classifier_proj_size=self.classifier_proj_size, use_weighted_layer_sum=self.use_weighted_layer_sum,
-            vocab_size=self.vocab_size, decoder_layers=self.decoder_layers,
-            decoder_attention_heads=self.decoder_attention_heads, decoder_ffn_dim=self.decoder_ffn_dim,
-            max_target_positions=self.max_target_positions, pad_token_id=self.pad_token_id,
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
-            decoder_start_token_id=self.decoder_start_token_id, id2label=names,
-            label2id={v: k for k, v in names.items()})
+            num_mel_bins=self.num_mel_bins,
+            d_model=self.d_model,
+            encoder_layers=self.encoder_layers,
+            encoder_attention_heads=self.encoder_attention_heads,
+            encoder_ffn_dim=self.encoder_ffn_dim,
+            activation_function=self.activation_function,
+            max_source_positions=self.max_source_positions,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            activation_dropout=self.activation_dropout,
+            init_std=self.init_std,
+            classifier_proj_size=self.classifier_proj_size,
+            use_weighted_layer_sum=self.use_weighted_layer_sum,
+            vocab_size=self.vocab_size,
+            decoder_layers=self.decoder_layers,
+            decoder_attention_heads=self.decoder_attention_heads,
+            decoder_ffn_dim=self.decoder_ffn_dim,
+            max_target_positions=self.max_target_positions,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            decoder_start_token_id=self.decoder_start_token_id,
+            id2label=names,
+            label2id={v: k for k, v in names.items()},
+        )
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -214,12 +241,15 @@ class Conv1d(nn.Module):
     def __call__(self, x: Array) -> Array:
         b, t, c = x.shape
         k, s = self.kernel_size, self.stride
-        kernel = self.variable("params", "kernel", lambda: self.init_std * jax.random.normal(
-            self.make_rng("params"), (k, c, self.features), jnp.float32)).value
+        kernel = self.variable(
+            "params",
+            "kernel",
+            lambda: self.init_std * jax.random.normal(self.make_rng("params"), (k, c, self.features), jnp.float32),
+        ).value
         bias = self.variable("params", "bias", lambda: jnp.zeros((self.features,), jnp.float32)).value
         out = (t + 2 * self.padding - k) // s + 1
         xp = jnp.pad(x.astype(self.dtype), ((0, 0), (self.padding, self.padding), (0, 0)))
-        patches = jnp.concatenate([xp[:, i: i + s * (out - 1) + 1: s] for i in range(k)], axis=-1)
+        patches = jnp.concatenate([xp[:, i : i + s * (out - 1) + 1 : s] for i in range(k)], axis=-1)
         w = ops.astype(kernel, self.dtype).reshape(k * c, self.features)
         return jnp.matmul(patches, w) + bias.astype(self.dtype)
 
@@ -235,13 +265,19 @@ class Attention(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         c = self.config
         b, t, _ = x.shape
-        dense = lambda name, bias=True: Dense(c.d_model, use_bias=bias, dtype=self.dtype,  # noqa: E731
-                                              kernel_init=normal(c.init_std), name=name)
+        dense = lambda name, bias=True: Dense(
+            c.d_model,
+            use_bias=bias,
+            dtype=self.dtype,  # noqa: E731
+            kernel_init=normal(c.init_std),
+            name=name,
+        )
         heads = lambda h: h.reshape(b, t, c.encoder_attention_heads, c.head_dim)  # noqa: E731
         q, k, v = heads(dense("q_proj")(x)), heads(dense("k_proj", bias=False)(x)), heads(dense("v_proj")(x))
         if c.attention_dropout and not deterministic:
-            raise UnsupportedError("Whisper attention_dropout > 0 in training is not implemented (Whisper's "
-                                   "checkpoints use 0.0)")
+            raise UnsupportedError(
+                "Whisper attention_dropout > 0 in training is not implemented (Whisper's checkpoints use 0.0)"
+            )
         out = attend(q, k, v, jnp.ones((b, t, t), bool)).reshape(b, t, c.d_model)  # scores / sqrt(head_dim)
         return dense("out_proj")(out)
 
@@ -256,11 +292,13 @@ class EncoderLayer(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         c = self.config
         dense = lambda n, name: Dense(n, dtype=self.dtype, kernel_init=normal(c.init_std), name=name)  # noqa: E731
-        h = Attention(c, self.dtype, name="self_attn")(_layer_norm(c, self.dtype, "self_attn_layer_norm")(x),
-                                                       deterministic)
+        h = Attention(c, self.dtype, name="self_attn")(
+            _layer_norm(c, self.dtype, "self_attn_layer_norm")(x), deterministic
+        )
         x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
-        h = ACTIVATIONS[c.activation_function](dense(c.encoder_ffn_dim, "fc1")(
-            _layer_norm(c, self.dtype, "final_layer_norm")(x)))
+        h = ACTIVATIONS[c.activation_function](
+            dense(c.encoder_ffn_dim, "fc1")(_layer_norm(c, self.dtype, "final_layer_norm")(x))
+        )
         h = nn.Dropout(c.activation_dropout)(h, deterministic=deterministic)
         h = dense(c.d_model, "fc2")(h)
         return x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
@@ -288,23 +326,32 @@ class WhisperEncoder(nn.Module):
     allow_shorter: bool = False
 
     @nn.compact
-    def __call__(self, input_features: Array, deterministic: bool = True,
-                 output_hidden_states: bool = False) -> EncoderOutput:
+    def __call__(
+        self, input_features: Array, deterministic: bool = True, output_hidden_states: bool = False
+    ) -> EncoderOutput:
         c = self.config
         if input_features.ndim != 3 or input_features.shape[1] != c.num_mel_bins:
-            raise ArgumentError(f"Whisper expects log-mel features of shape (batch, {c.num_mel_bins}, frames), got "
-                                f"{input_features.shape}")
+            raise ArgumentError(
+                f"Whisper expects log-mel features of shape (batch, {c.num_mel_bins}, frames), got "
+                f"{input_features.shape}"
+            )
         frames = input_features.shape[2]
         if frames != c.num_frames and not (self.allow_shorter and frames % 2 == 0 and 0 < frames < c.num_frames):
-            hint = "or an even number below it" if self.allow_shorter else \
-                "(allow_shorter=True accepts an even number below it)"
+            hint = (
+                "or an even number below it"
+                if self.allow_shorter
+                else "(allow_shorter=True accepts an even number below it)"
+            )
             raise ArgumentError(f"Whisper expects {c.num_frames} mel frames {hint}, got {frames}")
         act = ACTIVATIONS[c.activation_function]
         x = jnp.swapaxes(input_features, 1, 2).astype(self.dtype)  # (B, T, M)
         x = act(Conv1d(c.d_model, dtype=self.dtype, init_std=c.init_std, name="conv1")(x))
         x = act(Conv1d(c.d_model, stride=2, dtype=self.dtype, init_std=c.init_std, name="conv2")(x))
-        table = self.variable("params", "embed_positions", lambda: {"embedding": jnp.asarray(
-            sinusoids(c.max_source_positions, c.d_model))}).value["embedding"]
+        table = self.variable(
+            "params",
+            "embed_positions",
+            lambda: {"embedding": jnp.asarray(sinusoids(c.max_source_positions, c.d_model))},
+        ).value["embedding"]
         x = x + ops.astype(table, self.dtype)[: x.shape[1]]
         x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
         states = [x]
@@ -326,7 +373,8 @@ class _Encoders(nn.Module):
     @nn.compact
     def __call__(self, input_features: Array, deterministic: bool, output_hidden_states: bool) -> EncoderOutput:
         return WhisperEncoder(self.config, self.dtype, self.allow_shorter, name="encoder")(
-            input_features, deterministic, output_hidden_states)
+            input_features, deterministic, output_hidden_states
+        )
 
 
 class WhisperEncoderModel(nn.Module):
@@ -338,10 +386,12 @@ class WhisperEncoderModel(nn.Module):
     allow_shorter: bool = True
 
     @nn.compact
-    def __call__(self, input_features: Array, deterministic: bool = True,
-                 output_hidden_states: bool = False) -> EncoderOutput:
+    def __call__(
+        self, input_features: Array, deterministic: bool = True, output_hidden_states: bool = False
+    ) -> EncoderOutput:
         return _Encoders(self.config, self.dtype, self.allow_shorter, name="model")(
-            input_features, deterministic, output_hidden_states)
+            input_features, deterministic, output_hidden_states
+        )
 
 
 class WhisperForAudioClassification(nn.Module):
@@ -357,7 +407,8 @@ class WhisperForAudioClassification(nn.Module):
     def __call__(self, input_features: Array, deterministic: bool = True) -> Array:
         c = self.config
         out = WhisperEncoder(c, self.dtype, self.allow_shorter, name="encoder")(
-            input_features, deterministic, output_hidden_states=c.use_weighted_layer_sum)
+            input_features, deterministic, output_hidden_states=c.use_weighted_layer_sum
+        )
         if c.use_weighted_layer_sum:
             n = c.encoder_layers + 1
             weights = self.param("layer_weights", lambda _: jnp.full((n,), 1.0 / n, jnp.float32))
@@ -388,21 +439,41 @@ ARCHITECTURE = Architecture(
     model_types=MODEL_TYPES,
     config=Config,
     tasks={
-        "base": Task(WhisperEncoderModel, backbone="model", hf_class="{}ForConditionalGeneration",
-                     inputs=_features),
-        "audio-classification": Task(WhisperForAudioClassification,
-                                     head=(r"projector/.*", r"classifier/.*", r"layer_weights"),
-                                     hf_class="{}ForAudioClassification", peft_task_type=None, inputs=_features),
+        "base": Task(WhisperEncoderModel, backbone="model", hf_class="{}ForConditionalGeneration", inputs=_features),
+        "audio-classification": Task(
+            WhisperForAudioClassification,
+            head=(r"projector/.*", r"classifier/.*", r"layer_weights"),
+            hf_class="{}ForAudioClassification",
+            peft_task_type=None,
+            inputs=_features,
+        ),
     },
-    names=Names(lists=("layers",), rules=(Rule(r"layer_weights", SAME, name=lambda _, c: ("layer_weights",)),),
-                # the speech recogniser's decoder and output head (tied to the decoder's token embeddings)
-                ignore=(r"decoder\..*", r"proj_out\.weight")),
-    presets={"qv": ("q_proj", "v_proj"), "attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
-             "all-linear": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "projector")},
+    names=Names(
+        lists=("layers",),
+        rules=(Rule(r"layer_weights", SAME, name=lambda _, c: ("layer_weights",)),),
+        # the speech recogniser's decoder and output head (tied to the decoder's token embeddings)
+        ignore=(r"decoder\..*", r"proj_out\.weight"),
+    ),
+    presets={
+        "qv": ("q_proj", "v_proj"),
+        "attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+        "all-linear": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "projector"),
+    },
     preprocessor=feature_extractor,
 )
 build = ARCHITECTURE.build
 init_params = ARCHITECTURE.init_params
 
-__all__ = ["ARCHITECTURE", "MODEL_TYPES", "Config", "EncoderOutput", "WhisperEncoder", "WhisperEncoderModel",
-           "WhisperForAudioClassification", "build", "feature_extractor", "init_params", "sinusoids"]
+__all__ = [
+    "ARCHITECTURE",
+    "MODEL_TYPES",
+    "Config",
+    "EncoderOutput",
+    "WhisperEncoder",
+    "WhisperEncoderModel",
+    "WhisperForAudioClassification",
+    "build",
+    "feature_extractor",
+    "init_params",
+    "sinusoids",
+]
