@@ -449,7 +449,7 @@ def main(argv=None) -> dict:
         notes.append(f"both sides use the first {args.layers} decoder layers only")
 
     print(
-        f"\nE2E / SmolLM2-135M-Instruct{' (first %d layers)' % args.layers if args.layers else ''}, LoRA r={args.r} "
+        f"\nE2E / SmolLM2-135M-Instruct{f' (first {args.layers} layers)' if args.layers else ''}, LoRA r={args.r} "
         f"on q,v, {args.batch} packed rows x {ours.batches.width} tokens per step, {args.steps} timed steps in "
         f"{args.rounds} rotating rounds, {os.cpu_count()} cores{' [quick]' if args.quick else ''}"
     )

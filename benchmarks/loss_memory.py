@@ -15,9 +15,9 @@ Sections:
 1. **memory** (batch ``--batch`` x ``--seq``): for each model, full fine-tuning (plain loss; chunked loss with every
    layer checkpointed) and LoRA with ``train.loss_chunk`` 0 (full float32 logits + optax) and ``auto``
    (``lora_jax.losses.chunked_cross_entropy``) under each ``--policies`` ``train.remat`` policy (each layer
-   checkpointed; with ``--whole`` also the whole loss, as ``train.remat=true`` did before). Ratios are to full fine-tuning with the plain loss and
-   no remat. The same for ``benchmarks.train_step``'s own step (no clipping, no finiteness check), which is where
-   the issue's 0.48x / 0.51x came from. Goal: LoRA <= 0.35x full.
+   checkpointed; with ``--whole`` also the whole loss, as ``train.remat=true`` did before). Ratios are to full
+   fine-tuning with the plain loss and no remat. The same for ``benchmarks.train_step``'s own step (no clipping,
+   no finiteness check), which is where the issue's 0.48x / 0.51x came from. Goal: LoRA <= 0.35x full.
 2. **longest sequence** (SmolLM2-135M, LoRA, batch ``--long-batch``): the largest sequence length (a multiple of
    ``--long-step`` tokens, at most ``--long-max``) whose compiled step peak fits ``--budget-gib`` GiB, found by
    binary search over compiled memory only, for plain vs chunked loss, without remat and with each layer

@@ -778,9 +778,10 @@ def e2e_block(results: dict) -> str:
     ]
     return "\n".join(
         [
-            f"{t['steps']} steps of {t['batching']} batches ({t['examples_seen']:,} examples: {t['epochs']:.2f} epochs of "
-            f"the {t['train_rows']:,} training rows, {t['train_mrs']} MRs), LoRA r=8 on q, v; held-out loss over "
-            f"{over} of {h['prompts']} MRs never seen in training: {before['loss']:.3f} before, "
+            f"{t['steps']} steps of {t['batching']} batches ({t['examples_seen']:,} examples: "
+            f"{t['epochs']:.2f} epochs of the {t['train_rows']:,} training rows, {t['train_mrs']} MRs), "
+            f"LoRA r=8 on q, v; held-out loss over {over} of {h['prompts']} MRs never seen in training: "
+            f"{before['loss']:.3f} before, "
             f"{after['loss']:.3f} after (perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}).",
             "",
             "The saved adapter (merged) on every held-out MR, against all its references:",
@@ -793,8 +794,8 @@ def e2e_block(results: dict) -> str:
                     zip(run["result"].get("samples_before") or [], run["result"].get("samples_after") or [])
                 )[:1]
             ],
-            f"*Run: `python -m train.experiment e2e_smollm2 --scale {scale:.2g}` (results: `experiments/e2e_smollm2.json`; "
-            f"`--scale 1` = {E2E_STEPS} steps, two epochs).*",
+            f"*Run: `python -m train.experiment e2e_smollm2 --scale {scale:.2g}` "
+            f"(results: `experiments/e2e_smollm2.json`; `--scale 1` = {E2E_STEPS} steps, two epochs).*",
         ]
     )
 

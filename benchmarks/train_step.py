@@ -545,7 +545,7 @@ def main(argv=None) -> dict:
             mem_rows += m
             result["times_s"][f"step/{name}"] = times
             del lm
-        print("\n== train step: full vs LoRA merge-then-forward vs LoRA factored (r=%d on q,v) ==" % args.r)
+        print(f"\n== train step: full vs LoRA merge-then-forward vs LoRA factored (r={args.r} on q,v) ==")
         print(table(step_rows, ["model", "method", "trainable", "median_ms", "tokens/s", "ratio_to_full"]))
         print(
             "\n== compiled step memory (MiB; peak = argument + output - alias + temp, the step as run with its "

@@ -389,7 +389,8 @@ def find_kernel(params: PyTree, path: str) -> Any:
     top = sorted(params.keys())[:20] if isinstance(params, Mapping) else type(params).__name__
     raise NotFoundError(
         f"base params have no {path!r} "
-        f"({'several leaves end with it' if ends else 'nor any suffix of it'}; top-level keys: {top}); was this adapter trained on another model?"
+        f"({'several leaves end with it' if ends else 'nor any suffix of it'}; top-level keys: {top}); "
+        "was this adapter trained on another model?"
     )
 
 

@@ -28,8 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax.errors import CheckpointError
 from lora_jax.core import LoraAdapter, adapter_items
+from lora_jax.errors import CheckpointError
 from lora_jax.tree import put
 from lora_jax.untrusted import check_tree
 
@@ -287,7 +287,8 @@ load_trained = load_trained_params
 
 
 class Checkpointer:
-    """Training-state checkpoints (``lora.TrainStateCheckpointer``): ``{"trainable", "opt_state"}`` arrays plus a JSON ``meta`` record per step."""
+    """Training-state checkpoints (``lora.TrainStateCheckpointer``): ``{"trainable", "opt_state"}`` arrays plus a
+    JSON ``meta`` record per step."""
 
     def __init__(self, folder: str | Path, *, every: int = 100, keep: int = 2, primary: bool = True):
         self.folder = Path(folder).absolute()

@@ -13,8 +13,8 @@ Three tools, each a small set of pure functions over adapter trees (the base par
   run it unchanged: :mod:`lora_jax.ops` hands a ``MultiLoraWeight`` its own product, which gathers each row's
   factors and runs two batched matmuls through the rank bottleneck (no loop over adapters). Any other model
   (stock Flax layers, NNX) runs it through :func:`lora_jax.transform`:
-  ``lora.transform(lambda p, x: model.apply({"params": p}, x))(lora.wrap_mixed(params, stacked, ids), x)``. Adapter values,
-  scales and ids are arrays, so a compiled step serves any ids and any set of same-shaped adapters;
+  ``lora.transform(lambda p, x: model.apply({"params": p}, x))(lora.wrap_mixed(params, stacked, ids), x)``.
+  Adapter values, scales and ids are arrays, so a compiled step serves any ids and any set of same-shaped adapters;
   :func:`load_slot` hot-swaps one adapter (of the same or a smaller rank) without recompiling.
 
     stacked = lora.stack_adapters([ad_a, ad_b, ad_c])                 # slots 0, 1, 2

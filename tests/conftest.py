@@ -1,7 +1,8 @@
 """Shared test setup: no network (HF_HUB_OFFLINE), the paths of the real offline models and of the shared data.
 
 In CI (``.ci/run`` exports ``LORA_JAX_CI=1``) a missing real-weight package or test dependency is an error, not a
-skip (the shared data folder is not the project's and may be absent: its tests skip, naming where they looked): a suite that quietly skips its real-model checks would still pass.
+skip (the shared data folder is not the project's and may be absent: its tests skip, naming where they looked):
+a suite that quietly skips its real-model checks would still pass.
 
 Every test asks for a dependency through one of these helpers, never with a bare ``pytest.skip`` /
 ``pytest.importorskip`` (``tests/test_untrusted.py`` greps for them):

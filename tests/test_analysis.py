@@ -260,7 +260,7 @@ def test_stacked_adapters_split_per_layer():
     items = list(analysis.iter_matrices(ads))
     assert [(p, idx) for p, idx, _ in items] == [(f"layers/query/kernel[{i}]", (i,)) for i in range(3)]
     full = np.asarray(ads["layers"]["query"]["kernel"].delta())
-    for p, idx, ad in items:
+    for _, idx, ad in items:
         np.testing.assert_allclose(analysis.delta_w(ad), full[idx], rtol=1e-5, atol=1e-6)
     rows = analysis.layer_stats(stacked, ads)
     assert [r.layer for r in rows] == [0, 1, 2] and all(r.shape == (12, 10) for r in rows)

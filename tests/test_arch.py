@@ -14,11 +14,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import require
-import torch
 import transformers
 
 import lora_jax as lora
+from conftest import require
 from lora_jax import models, tree
 from lora_jax.models import arch as arch_lib
 from lora_jax.models import bert, gpt2, hf, llama, mixtral, qwen3, qwen3_moe, whisper
@@ -211,8 +210,8 @@ def test_unknown_family_and_task_are_clear_errors():
         ),
         (
             lambda: llama.Config.from_hf(transformers.BertConfig()),
-            "lora_jax.models.llama.Config.from_hf expects a config with model_type in ('llama', 'mistral', 'qwen2'), got "
-            "'bert'",
+            "lora_jax.models.llama.Config.from_hf expects a config with model_type in "
+            "('llama', 'mistral', 'qwen2'), got 'bert'",
         ),
     ],
 )

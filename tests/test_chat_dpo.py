@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import missing, require
 
 import lora_jax as lora
+from conftest import missing, require
 from lora_jax.errors import DataError
 from train import data as data_lib
 from train.config import ConfigError, last_wins, load_config

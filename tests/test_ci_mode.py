@@ -1,5 +1,6 @@
 """In CI (``LORA_JAX_CI=1``, exported by ``.ci/run``) a missing real-weight package or test dependency fails the
-tests that need it; elsewhere they skip and say why (missing shared data skips everywhere). Checked on a scratch copy of the real conftest."""
+tests that need it; elsewhere they skip and say why (missing shared data skips everywhere). Checked on a scratch
+copy of the real conftest."""
 
 from __future__ import annotations
 

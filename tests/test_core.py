@@ -46,9 +46,10 @@ def net():
     return model, params, ids
 
 
-def _random_b(adapters, key=jax.random.key(7), scale=0.1):
+def _random_b(adapters, key=None, scale=0.1):
     """Adapters with non-zero B, so that merge/wrap actually change the model."""
     items = lora.adapter_items(adapters)
+    key = jax.random.key(7) if key is None else key
     keys = dict(zip([p for p, _ in items], jax.random.split(key, len(items))))
 
     def fill(path, ad):

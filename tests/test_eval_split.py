@@ -9,8 +9,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from conftest import shared_data
 
+from conftest import shared_data
 from train import data as data_lib
 from train.config import load_config
 

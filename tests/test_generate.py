@@ -13,8 +13,8 @@ import transformers
 from transformers.generation import logits_process as hf_process
 
 import lora_jax as lora
-from lora_jax.models import generate as gen
 from lora_jax.models import from_hf_weights, gpt2, llama
+from lora_jax.models import generate as gen
 
 VOCAB, PAD = 64, 1
 

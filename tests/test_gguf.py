@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require
 import torch
 import transformers
 
 import lora_jax as lora
+from conftest import require
+from lora_jax.errors import CheckpointError
 from lora_jax.models import generate as gen
 from lora_jax.models import gguf as lgguf
-from lora_jax.errors import CheckpointError
 
 gguf = require("gguf")
 

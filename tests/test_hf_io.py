@@ -9,14 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require
 from safetensors.numpy import load_file, save_file
+
+from conftest import require
 
 torch = require("torch")
 transformers = require("transformers")
 
 import lora_jax as lora  # noqa: E402
-from lora_jax.models import (
+from lora_jax.models import (  # noqa: E402
     CheckpointError,
     bert,
     from_hf_weights,

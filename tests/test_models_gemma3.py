@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import missing, require
 from peft_parity import assert_lora_gradients_match_peft
 
 import lora_jax as lora
+from conftest import missing, require
 from lora_jax import models
 from lora_jax.models import gemma3
 from lora_jax.models import generate as gen

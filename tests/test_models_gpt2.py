@@ -12,9 +12,9 @@ import torch
 import transformers
 
 import lora_jax as lora
+from lora_jax.errors import CheckpointError
 from lora_jax.models import from_hf_weights, gpt2, to_hf_weights
 from lora_jax.models.generate import init_cache
-from lora_jax.errors import CheckpointError
 
 SMALL = dict(
     vocab_size=80, n_embd=32, n_layer=2, n_head=4, n_positions=40, bos_token_id=1, eos_token_id=2, pad_token_id=0

@@ -13,9 +13,9 @@ import torch
 import transformers
 
 import lora_jax as lora
+from lora_jax.errors import CheckpointError
 from lora_jax.models import from_hf_weights, llama, to_hf_weights
 from lora_jax.models.generate import init_cache
-from lora_jax.errors import CheckpointError
 
 SMALL = dict(
     vocab_size=96,

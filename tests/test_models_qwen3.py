@@ -10,13 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-from conftest import require
 import torch
 import transformers
-
 from peft_parity import assert_lora_gradients_match_peft
 
 import lora_jax as lora
+from conftest import require
 from lora_jax import models
 from lora_jax.models import generate as gen
 from lora_jax.models import qwen3

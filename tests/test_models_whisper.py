@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from conftest import missing, require, require_program
 
 torch = require("torch")
@@ -18,7 +19,7 @@ transformers = require("transformers")
 
 import lora_jax as lora  # noqa: E402
 from lora_jax.errors import CheckpointError  # noqa: E402
-from lora_jax.models import (
+from lora_jax.models import (  # noqa: E402
     audio,
     ct2,
     from_hf_weights,

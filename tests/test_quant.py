@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import require
 
 import lora_jax as lora
+from conftest import require
 from lora_jax import ops, quant
 from lora_jax.models.layers import Dense
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+
 from conftest import require_program
 
 require_program("espeak-ng", "sox")

@@ -10,9 +10,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import shared_data
 
 import lora_jax as lora
+from conftest import shared_data
 from train import data as data_lib
 from train import loop
 from train.config import ConfigError, load_config
@@ -413,6 +413,7 @@ def test_resume_continues_exactly(full_run, tiny_bert, tmp_path):
     a = lora.checkpoint.load_adapters(out / "adapters")
     b = lora.checkpoint.load_adapters(resumed / "adapters")
     for (pa, x), (pb, y) in zip(lora.adapter_items(a), lora.adapter_items(b)):
+        assert pa == pb
         np.testing.assert_allclose(x.b, y.b, rtol=1e-6, atol=1e-7)
 
 
@@ -584,7 +585,7 @@ def test_two_processes_match_one(tiny_bert, tmp_path):
             )
         )
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (_, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     assert "over 8 cpu device(s), 2 process(es)" in outs[0][0]
     # only process 0 prints (gloo's own connection messages aside, which its threads may split across lines)
@@ -830,10 +831,10 @@ def test_sst2_methods_runs_each_method_for_the_same_steps_an_epoch_times_scale(t
     assert [r["name"] for r in out["table"]] == ["lora", "full", "linear_probe"]
     trainable = {r["name"]: r["trainable_params"] for r in out["table"]}
     assert trainable["linear_probe"] < trainable["lora"] < trainable["full"]
-    for run, row in zip(out["runs"], out["table"]):
+    for one, row in zip(out["runs"], out["table"]):
         assert row["steps"] == 7 and row["examples_seen"] == 56 and row["epochs"] == pytest.approx(56 / 540)
-        assert [e["step"] for e in run["evals"]] == list(range(8))  # before training, then every step (7 // 16 -> 1)
-        assert row["auc"] == run["evals"][-1]["auc"] and row["batching"] == "bucketed"
+        assert [e["step"] for e in one["evals"]] == list(range(8))  # before training, then every step (7 // 16 -> 1)
+        assert row["auc"] == one["evals"][-1]["auc"] and row["batching"] == "bucketed"
     for name in ("sst2_methods_auc.png", "sst2_methods_loss.png"):
         assert (tmp_path / name).stat().st_size > 0
     block = report.sst2_block({report.SST2: out})

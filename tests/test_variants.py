@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import require
 import torch
 
 import lora_jax as lora
-from lora_jax import ops, quant
+from conftest import require
+from lora_jax import ops
 from lora_jax.checkpoint import load_adapters, save_adapters
 
 peft = require("peft")

@@ -8,7 +8,8 @@ first two (e.g. an r=8 and an r=64 run) at every common matrix.
 ``MODEL`` is anything :func:`lora_jax.models.load` accepts (``all-MiniLM-L6-v2``, a Hugging Face folder, a GGUF
 file); each ``DIR`` is a folder written by :func:`lora_jax.checkpoint.save_adapters` (``runs/<name>/run-N/adapters``
 for a training run), a run folder, or a job folder (``runs/<name>``: its latest run). Writes
-``REPORT_DIR/report.md`` (tables), ``analysis.json`` (every number), ``spectra_<label>.png`` and, with two adapters, ``similarity_A.png`` / ``similarity_output.png`` (heat maps of phi(i, j)).
+``REPORT_DIR/report.md`` (tables), ``analysis.json`` (every number), ``spectra_<label>.png`` and, with two
+adapters, ``similarity_A.png`` / ``similarity_output.png`` (heat maps of phi(i, j)).
 """
 
 from __future__ import annotations

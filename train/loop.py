@@ -19,8 +19,9 @@ import math
 import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +30,15 @@ import optax
 
 import lora_jax as lora
 from lora_jax import sharding
-from lora_jax.models import placement
 from lora_jax.checkpoint import Checkpointer, load_trained, save_adapters, save_trained  # noqa: F401 (load_trained: train.predict)
 from lora_jax.errors import NonFiniteError
+from lora_jax.models import placement
 from lora_jax.tree import nbytes
 from lora_jax.variants import pissa_to_lora
 from train import config as config_lib
 from train import data as data_lib
-from train import memory
+from train import memory, outputs
 from train import metrics as metrics_lib
-from train import outputs
 from train import sources as sources_lib
 from train.config import Config, ConfigError
 from train.tasks import loss_for
@@ -625,7 +625,8 @@ def preference_terms(
 ) -> tuple[jax.Array, dict]:
     """``(losses (B,), metrics)`` of preference pairs (``batch`` arrays ``(B, 2, T)``) under ``dpo.loss``: the
     policy is the base with the adapters (dropout with ``dropout_key``), the reference the same frozen base with
-    the adapters off (no gradient; ``batch["ref_logps"]`` ``(B, 2)`` when cached). ``metrics``: TRL's ``rewards/*`` and ``logps/chosen`` / ``logps/rejected``,
+    the adapters off (no gradient; ``batch["ref_logps"]`` ``(B, 2)`` when cached). ``metrics``: TRL's
+    ``rewards/*`` and ``logps/chosen`` / ``logps/rejected``,
     summed over the pairs (``weight`` applied when the batch has it)."""
     dc = cfg.dpo
     params, adapters = lora.combine(frozen, trainable)
@@ -661,7 +662,7 @@ def preference_terms(
     return out.losses * w, metrics
 
 
-def cache_reference_logps(s: "Setup") -> None:
+def cache_reference_logps(s: Setup) -> None:
     """``dpo.reference=cached``: the reference log-probabilities of every training pair, computed once (the base
     with the adapters off, batches of the evaluation size) and stored with the training data, so that each step
     runs the policy alone. The reference never changes in training, so the steps compute what they would
@@ -740,7 +741,7 @@ def make_dpo_eval_step(model, cfg: Config):
     return evaluate
 
 
-def evaluate_pairs(s: "Setup", trainable: Any) -> dict:
+def evaluate_pairs(s: Setup, trainable: Any) -> dict:
     """The preference loss and TRL's reward metrics (means over the pairs) on the whole evaluation set."""
     loss_sum, count, sums = 0.0, 0.0, {}
     for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz, loss_positions=False):

@@ -116,7 +116,7 @@ class Plan:
     resume: bool
     replaces: Path | None = None
 
-    def create(self, cfg: Config, primary: bool = True) -> "RunFolder":
+    def create(self, cfg: Config, primary: bool = True) -> RunFolder:
         """Write the run folder, its ``config.yaml`` and the ``latest`` pointer (on the primary process)."""
         rf = RunFolder(self, primary)
         if self.resume or not primary:

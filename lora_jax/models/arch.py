@@ -66,8 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.errors import ArgumentError, ArgumentTypeError
 from lora_jax import stacking, tree
+from lora_jax.errors import ArgumentError, ArgumentTypeError
 
 Path = tuple[str, ...]
 

@@ -36,13 +36,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.errors import ArgumentError
 from lora_jax import stacking, tree
+from lora_jax.errors import ArgumentError
 from lora_jax.models import attention
 from lora_jax.models.arch import Names, Task
 from lora_jax.models.generate import KVCache, begin_step, finish_step, input_positions, run_layers
-from lora_jax.models.layers import REMAT_POLICIES, Attention, Dense, Embed, GatedMLP, RMSNorm, Rope, normal, remat
-from lora_jax.models.layers import check_activation, check_model_type, check_multiple
+from lora_jax.models.layers import (
+    REMAT_POLICIES,
+    Attention,
+    Dense,
+    Embed,
+    GatedMLP,
+    RMSNorm,
+    Rope,
+    check_activation,
+    check_model_type,
+    check_multiple,
+    normal,
+    remat,
+)
 
 Array = jax.Array
 Dtype = Any

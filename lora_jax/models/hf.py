@@ -484,9 +484,9 @@ def save_pretrained(
 
     Returns the folder.
     """
-    from lora_jax.models import arch as arch_lib
-
     import jax
+
+    from lora_jax.models import arch as arch_lib
 
     arch = arch_lib.for_config(config)
     folder = Path(folder)

@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.errors import ArgumentError
 from lora_jax import ops
+from lora_jax.errors import ArgumentError
 from lora_jax.models import attention
-from lora_jax.sharding import constrain
 from lora_jax.models.generate import write_cache
+from lora_jax.sharding import constrain
 
 Array = jax.Array
 Dtype = Any
