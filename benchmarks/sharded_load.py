@@ -15,7 +15,9 @@ Face sharded safetensors (``model-0000K-of-0000N`` + index, 500 MB shards) with 
    layers scanned (the job's default); ``sharded 1x8 unrolled``: the same with ``model.scan_layers=false`` (the
    reference: unrolled, XLA keeps each layer's gathered weights from the forward to the backward pass);
 3. ``sharded 2x4``: the same job as two processes of 4 CPU devices each forming a JAX cluster on 127.0.0.1 (each
-   process's peak is reported; each reads only the blocks its devices hold).
+   process's peak is reported; each reads only the blocks its devices hold);
+4. ``runtime (no weights)``: what the job's process holds before it reads a weight (its imports, 8 CPU devices,
+   ``open_checkpoint``: config, tokenizer, tensor headers), the part of each peak that is not the model.
 
 CPU devices live in host memory, so the sharded base alone is 1.0x the checkpoint's bytes in one process and
 0.5x in each of two. Goals (issue 25): peak RSS <= 1.4x the checkpoint's bytes for ``sharded 1x8``, <= 0.8x per
@@ -188,6 +190,20 @@ def measure(folder: Path, steps: int, work: Path) -> dict[str, list[dict]]:
         _env(8),
     )
     rows = {"whole": [_finish(whole, "whole-model load")]}
+    # What the job's process holds before it reads a weight: Python, JAX with its devices, transformers (which
+    # imports torch when it is installed, as in this project's test environment), the config and tokenizer.
+    runtime = _timed(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import jax, jax.numpy as jnp, train.run; from lora_jax import models; "
+                f"jnp.zeros(jax.device_count()).block_until_ready(); models.open_checkpoint({str(folder)!r})"
+            ),
+        ],
+        _env(8),
+    )
+    rows["runtime (no weights)"] = [_finish(runtime, "the job's imports and open_checkpoint")]
     one = _timed(_job_args(folder, work / "one", steps, 8), _env(8))
     rows["sharded 1x8"] = [_finish(one, "train.run on 8 devices")]
     unrolled = _timed([*_job_args(folder, work / "unrolled", steps, 8), "model.scan_layers=false"], _env(8))
