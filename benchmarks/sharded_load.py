@@ -17,7 +17,10 @@ Face sharded safetensors (``model-0000K-of-0000N`` + index, 500 MB shards) with 
 3. ``sharded 2x4``: the same job as two processes of 4 CPU devices each forming a JAX cluster on 127.0.0.1 (each
    process's peak is reported; each reads only the blocks its devices hold);
 4. ``runtime (no weights)``: what the job's process holds before it reads a weight (its imports, 8 CPU devices,
-   ``open_checkpoint``: config, tokenizer, tensor headers), the part of each peak that is not the model.
+   ``open_checkpoint``: config, tokenizer, tensor headers), the part of each peak that is not the model; and the
+   same with torch importable, as this project's test environment has it.
+
+Every measured process runs as the ``train`` extra installs the job, without torch (see ``HIDE_TORCH``).
 
 CPU devices live in host memory, so the sharded base alone is 1.0x the checkpoint's bytes in one process and
 0.5x in each of two. Goals (issue 25): peak RSS <= 1.4x the checkpoint's bytes for ``sharded 1x8``, <= 0.8x per
@@ -124,7 +127,9 @@ def _finish(proc: subprocess.Popen, what: str) -> dict:
     loader = re.findall(r"LOAD_S ([\d.]+)", out)
     plan = re.findall(r"memory plan per device: .*", out)
     losses = [float(x) for x in re.findall(r"\bloss ([\d.]+)", out)]
+    torch = re.findall(r"TORCH (True|False)", out)
     return {
+        "torch": torch[0] == "True" if torch else None,
         "peak_rss_bytes": rss,
         "load_s": float((load or loader or ["nan"])[0]),
         "plan": plan[0] if plan else None,
@@ -144,11 +149,23 @@ def _env(devices: int, **extra: str) -> dict:
     return env
 
 
+# The job as the ``train`` extra installs it, which has no torch: this project's test environment installs torch
+# (for the parity tests) and transformers imports it whenever it is importable (~0.3 GB of resident memory that a
+# user's training process does not have). Each measured process hides it: ``find_spec`` answers None and an
+# ``import torch`` fails as if it were not installed.
+HIDE_TORCH = (
+    "import importlib.util as u, sys; f = u.find_spec; "
+    "u.find_spec = lambda n, *a, **k: None if n.split('.')[0] == 'torch' else f(n, *a, **k); "
+    "sys.meta_path.insert(0, type('NoTorch', (), {'find_spec': staticmethod(lambda n, *a: "
+    "(_ for _ in ()).throw(ModuleNotFoundError(n)) if n.split('.')[0] == 'torch' else None)})()); "
+)
+
+
 def _job_args(folder: Path, out: Path, steps: int, fsdp: int) -> list[str]:
     return [
         sys.executable,
-        "-m",
-        "train.run",
+        "-c",
+        HIDE_TORCH + "import runpy; runpy.run_module('train.run', run_name='__main__', alter_sys=True)",
         f"model.name={folder}",
         "data.task=causal-lm",
         "data.source=builtin:restaurants",
@@ -183,7 +200,7 @@ def measure(folder: Path, steps: int, work: Path) -> dict[str, list[dict]]:
             sys.executable,
             "-c",
             (
-                "import time, jax.numpy as jnp; from lora_jax import models; t = time.perf_counter(); "
+                HIDE_TORCH + "import time, jax.numpy as jnp; from lora_jax import models; t = time.perf_counter(); "
                 f"models.load({str(folder)!r}, dtype=jnp.float32); print('LOAD_S', time.perf_counter() - t)"
             ),
         ],
@@ -192,18 +209,16 @@ def measure(folder: Path, steps: int, work: Path) -> dict[str, list[dict]]:
     rows = {"whole": [_finish(whole, "whole-model load")]}
     # What the job's process holds before it reads a weight: Python, JAX with its devices, transformers (which
     # imports torch when it is installed, as in this project's test environment), the config and tokenizer.
-    runtime = _timed(
-        [
-            sys.executable,
-            "-c",
-            (
-                "import jax, jax.numpy as jnp, train.run; from lora_jax import models; "
-                f"jnp.zeros(jax.device_count()).block_until_ready(); models.open_checkpoint({str(folder)!r})"
-            ),
-        ],
-        _env(8),
+    opened = (
+        "import sys, jax, jax.numpy as jnp, train.run; from lora_jax import models; "
+        f"jnp.zeros(jax.device_count()).block_until_ready(); models.open_checkpoint({str(folder)!r}); "
+        "print('TORCH', 'torch' in sys.modules)"
     )
-    rows["runtime (no weights)"] = [_finish(runtime, "the job's imports and open_checkpoint")]
+    for name, hide in (("runtime (no weights)", True), ("runtime (no weights), torch importable", False)):
+        runtime = _timed([sys.executable, "-c", (HIDE_TORCH if hide else "") + opened], _env(8))
+        rows[name] = [_finish(runtime, "the job's imports and open_checkpoint")]
+        if rows[name][0]["torch"] == hide:
+            raise RuntimeError(f"{name}: torch {'imported although hidden' if hide else 'not imported'}")
     one = _timed(_job_args(folder, work / "one", steps, 8), _env(8))
     rows["sharded 1x8"] = [_finish(one, "train.run on 8 devices")]
     unrolled = _timed([*_job_args(folder, work / "unrolled", steps, 8), "model.scan_layers=false"], _env(8))
