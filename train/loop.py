@@ -1559,7 +1559,7 @@ def say_outputs(job: Setup, folder: Path, result: RunResult) -> None:
     except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn does not fail a finished run
         png = None
         job.say(f"note: could not draw the loss plot ({type(e).__name__}: {e})")
-    job = folder.parent
+    job_dir = folder.parent
     job.say(f"\nfinished in {result.wall_s:.0f}s; outputs in {folder}:")
     for name, what in (
         ("result.json", "metrics before / after, sizes, times"),
@@ -1577,8 +1577,8 @@ def say_outputs(job: Setup, folder: Path, result: RunResult) -> None:
         if (folder / name).exists() and (name != "loss.png" or png is not None):
             job.say(f"  {folder / name}  ({what})")
     job.say(
-        f"look at it: python -m train.plot {folder} (redraws loss.png)  |  python -m train.predict --run {job} "
-        f"--text ...  |  tensorboard --logdir {job} (if TensorBoard is installed)"
+        f"look at it: python -m train.plot {folder} (redraws loss.png)  |  python -m train.predict --run {job_dir} "
+        f"--text ...  |  tensorboard --logdir {job_dir} (if TensorBoard is installed)"
     )
 
 
