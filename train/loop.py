@@ -673,27 +673,30 @@ def preference_terms(
     return out.losses * w, metrics
 
 
-def cache_reference_logps(s: Setup) -> None:
+def cache_reference_logps(job: Setup) -> None:
     """``dpo.reference=cached``: the reference log-probabilities of every training pair, computed once (the base
     with the adapters off, batches of the evaluation size) and stored with the training data, so that each step
     runs the policy alone. The reference never changes in training, so the steps compute what they would
     otherwise, in one forward pass per pair instead of one per step that sees it."""
-    data = s.batches.data
-    cfg = s.cfg
+    data = job.batches.data
+    cfg = job.cfg
     fn = jax.jit(
         lambda frozen, batch: pair_logps(
-            s.model, lora.wrap(lora.combine(frozen, {"adapters": {}, "params": {}})[0], {}), batch, cfg.train.loss_chunk
+            job.model,
+            lora.wrap(lora.combine(frozen, {"adapters": {}, "params": {}})[0], {}),
+            batch,
+            cfg.train.loss_chunk,
         )[0]
     )
     out = np.zeros((len(data), 2), np.float32)
     names = ("input_ids", "attention_mask", "loss_mask")
-    for start in range(0, len(data), s.eval_bsz):
-        idx = np.minimum(np.arange(start, start + s.eval_bsz), len(data) - 1)
-        batch = {k: sharding.host_to_global(getattr(data, k)[idx], s.eval_shardings[0]) for k in names}
-        got = sharding.global_to_host(fn(s.frozen, batch))
+    for start in range(0, len(data), job.eval_bsz):
+        idx = np.minimum(np.arange(start, start + job.eval_bsz), len(data) - 1)
+        batch = {k: sharding.host_to_global(getattr(data, k)[idx], job.eval_shardings[0]) for k in names}
+        got = sharding.global_to_host(fn(job.frozen, batch))
         out[idx] = got
     data.ref_logps = out
-    s.say(f"dpo.reference=cached: reference log-probabilities of {len(data)} training pairs computed once")
+    job.say(f"dpo.reference=cached: reference log-probabilities of {len(data)} training pairs computed once")
 
 
 def make_dpo_step(model, cfg: Config, tx: optax.GradientTransformation):
@@ -752,15 +755,15 @@ def make_dpo_eval_step(model, cfg: Config):
     return evaluate
 
 
-def evaluate_pairs(s: Setup, trainable: Any) -> dict:
+def evaluate_pairs(job: Setup, trainable: Any) -> dict:
     """The preference loss and TRL's reward metrics (means over the pairs) on the whole evaluation set."""
     loss_sum, count, sums = 0.0, 0.0, {}
-    for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz, loss_positions=False):
+    for batch in data_lib.eval_batches(job.eval_data, job.eval_bsz, loss_positions=False):
         dev = {
-            k: sharding.host_to_global(v, s.eval_shardings[0] if v.ndim >= 2 else s.eval_shardings[1])
+            k: sharding.host_to_global(v, job.eval_shardings[0] if v.ndim >= 2 else job.eval_shardings[1])
             for k, v in batch.items()
         }
-        l, c, m = s.eval_fn(trainable, s.frozen, dev)
+        l, c, m = job.eval_fn(trainable, job.frozen, dev)
         loss_sum += float(l)
         count += float(c)
         for k, v in m.items():
@@ -914,13 +917,27 @@ class RunResult:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What a run reads and never changes, from :func:`setup`: the model and its frozen base (placed on the
-    mesh), the data, the jitted step and evaluation, the shardings of the batches.
+    """What a run reads and never changes, from :func:`setup` (the loop's functions take it as ``job``).
 
-    ``step_fn``: ``jax.jit`` of :func:`make_train_step` (donates the trainable and optimizer state);
-    ``eval_fn``: ``jax.jit`` of :func:`make_eval_step`; ``step_key``: folded with the step number for the
-    step's dropout; ``eval_bsz``: global evaluation batch size (a multiple of the devices); ``pissa_init``: as
-    :class:`Prepared`; ``say``: prints on process 0 only.
+    Attributes:
+      cfg: the run's config.
+      model: the Linen module (computing in ``train.precision``); model_cfg: its family's config.
+      tokenizer: the checkpoint's tokenizer.
+      mesh: the device mesh of every process.
+      frozen: the frozen base, placed on the mesh (``None`` where a leaf is trained).
+      eval_data: the tokenized evaluation set; batches: the training batches (:class:`data_lib.Batches`).
+      step_fn: ``jax.jit`` of :func:`make_train_step` (donates the trainable and optimizer state), or of the DPO
+        step; eval_fn: ``jax.jit`` of :func:`make_eval_step`.
+      step_key: folded with the step number for the step's dropout.
+      batch_shardings: of the ``(accum, B, T)`` and ``(accum, B)`` training arrays; eval_shardings: of the
+        ``(B, T)`` and ``(B,)`` evaluation arrays.
+      eval_bsz: global evaluation batch size (a multiple of the devices).
+      pissa_init: as :class:`Prepared`.
+      n_trainable / total_params / frozen_bytes: what the run trains, holds, and the frozen base's bytes.
+      primary: this process writes (process 0); multi_process: more than one process.
+      say: prints on process 0 only.
+      memory_plan: :func:`train.memory.plan` as a dict (for ``result.json``).
+      first_compiled: ``(batch shape, batch keys, compile_step's result)`` from :func:`plan_memory`.
     """
 
     cfg: Config
@@ -960,12 +977,18 @@ class TrainState:
 class Progress:
     """The step loop's counters, carried from :func:`restore` through :func:`train_steps` into the run's result.
 
-    ``step``: steps done; ``start``: the step the loop started from (0, or the resumed checkpoint's);
-    ``train_s``: wall time of the training steps (compiling included, evaluation and checkpoints excluded);
-    ``steady_s`` / ``tokens_seen``: the same over the steps that did not compile (the throughput's clock and
-    tokens); ``real_tokens`` / ``slots``: non-padding tokens / token slots of every batch; ``last_finite``: the
-    last step whose update was applied; ``in_a_row``: non-finite steps in a row; ``compiled``: one compiled step
-    per batch shape, ``{shape: (callable, memory)}``; ``last_metrics``: the newest step's metrics (host values).
+    Attributes:
+      start: the step the loop started from (0, or the resumed checkpoint's); step: steps done.
+      skipped: steps whose update was not applied (not finite).
+      tokens_seen / steady_s: tokens and wall time of the steps that did not compile (the throughput's clock).
+      train_s: wall time of the training steps (compiling included, evaluation and checkpoints excluded).
+      examples_seen: training examples the steps read.
+      real_tokens / slots: non-padding tokens / token slots of every batch.
+      last_finite: the last step whose update was applied; in_a_row: non-finite steps in a row.
+      history: the ``train`` log records.
+      compiled: one compiled step per batch shape, ``{shape: (callable, memory)}``.
+      last_metrics: the newest step's metrics (host values).
+      clock: when the time charged to the next step read began (``time.perf_counter``).
     """
 
     start: int = 0
@@ -982,6 +1005,7 @@ class Progress:
     history: list[dict] = dataclasses.field(default_factory=list)
     compiled: dict[tuple[int, ...], tuple[Any, dict]] = dataclasses.field(default_factory=dict)
     last_metrics: dict = dataclasses.field(default_factory=dict)
+    clock: float = 0.0
 
 
 def check_data_source(cfg: Config) -> None:
@@ -1135,40 +1159,40 @@ def setup(cfg: Config, say: Callable[..., None], *, check: str | None = None) ->
     return plan_memory(s, TrainState(trainable, opt_state)), TrainState(trainable, opt_state)
 
 
-def plan_memory(s: Setup, state: TrainState) -> Setup:
+def plan_memory(job: Setup, state: TrainState) -> Setup:
     """Compile the step for the first batch's shape and check the memory plan (:mod:`train.memory`) before any
     step runs: a run that would not fit stops here with a :class:`ConfigError` that names what would help. The
     compiled step is kept for the loop (``Setup.first_compiled``) and the plan for ``result.json``."""
-    placed = place(s, 0)
-    args = (state.trainable, state.opt_state, s.frozen, placed.batch, jax.random.fold_in(s.step_key, 0))
-    compiled = compile_step(s.step_fn, *args)
-    p = memory.plan(
-        s.frozen, state.trainable, state.opt_state, placed.batch, compiled[1], memory.device_capacity(s.cfg)
+    placed = place(job, 0)
+    args = (state.trainable, state.opt_state, job.frozen, placed.batch, jax.random.fold_in(job.step_key, 0))
+    compiled = compile_step(job.step_fn, *args)
+    plan = memory.plan(
+        job.frozen, state.trainable, state.opt_state, placed.batch, compiled[1], memory.device_capacity(job.cfg)
     )
-    s.say(p.describe())
-    memory.check(p, s.cfg)
+    job.say(plan.describe())
+    memory.check(plan, job.cfg)
     return dataclasses.replace(
-        s, memory_plan=p.as_dict(), first_compiled=(placed.shape, tuple(sorted(placed.batch)), compiled)
+        job, memory_plan=plan.as_dict(), first_compiled=(placed.shape, tuple(sorted(placed.batch)), compiled)
     )
 
 
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(s: Setup, trainable: Any) -> dict:
+def evaluate(job: Setup, trainable: Any) -> dict:
     """Loss (and perplexity, or the classification metrics; preference pairs: :func:`evaluate_pairs`) of
     ``trainable`` on the whole evaluation set."""
-    cfg = s.cfg
+    cfg = job.cfg
     if cfg.train.objective == "dpo":
-        return evaluate_pairs(s, trainable)
+        return evaluate_pairs(job, trainable)
     loss_sum, count, logits, labels = 0.0, 0.0, [], []
-    for batch in data_lib.eval_batches(s.eval_data, s.eval_bsz):
+    for batch in data_lib.eval_batches(job.eval_data, job.eval_bsz):
         weight = batch["weight"]
         dev = {
-            k: sharding.host_to_global(v, s.eval_shardings[0] if v.ndim == 2 else s.eval_shardings[1])
+            k: sharding.host_to_global(v, job.eval_shardings[0] if v.ndim == 2 else job.eval_shardings[1])
             for k, v in batch.items()
         }
-        l, c, lg = s.eval_fn(trainable, s.frozen, dev)
+        l, c, lg = job.eval_fn(trainable, job.frozen, dev)
         loss_sum += float(l)
         count += float(c)
         if lg is not None:
@@ -1183,59 +1207,59 @@ def evaluate(s: Setup, trainable: Any) -> dict:
     return out
 
 
-def samples(s: Setup, trainable: Any, n: int) -> list[tuple[str, str]]:
+def samples(job: Setup, trainable: Any, n: int) -> list[tuple[str, str]]:
     """``(prompt, continuation)`` for the first ``n`` distinct evaluation prompts (causal LM, single process)."""
-    if s.cfg.data.task not in ("causal-lm", "chat") or n <= 0 or s.multi_process:
+    if job.cfg.data.task not in ("causal-lm", "chat") or n <= 0 or job.multi_process:
         return []
-    prompts = list(dict.fromkeys(s.eval_data.prompts))[:n]
-    params_now, adapters_now = lora.combine(s.frozen, trainable)
-    outs = generate_texts(s.model, lora.wrap(params_now, adapters_now), s.tokenizer, prompts, s.cfg)
+    prompts = list(dict.fromkeys(job.eval_data.prompts))[:n]
+    params_now, adapters_now = lora.combine(job.frozen, trainable)
+    outs = generate_texts(job.model, lora.wrap(params_now, adapters_now), job.tokenizer, prompts, job.cfg)
     return list(zip(prompts, outs))
 
 
-def generation_metrics(s: Setup, trainable: Any) -> dict:
+def generation_metrics(job: Setup, trainable: Any) -> dict:
     """BLEU / ROUGE of the merged model's continuations of ``eval.generate_eval`` distinct evaluation prompts
     (causal LM, single process; ``{}`` otherwise)."""
-    n = s.cfg.eval.generate_eval
-    if s.cfg.data.task not in ("causal-lm", "chat") or n <= 0 or s.multi_process:
+    n = job.cfg.eval.generate_eval
+    if job.cfg.data.task not in ("causal-lm", "chat") or n <= 0 or job.multi_process:
         return {}
-    eval_data = s.eval_data
+    eval_data = job.eval_data
     unique = list(dict.fromkeys(eval_data.prompts))[:n]
     refs = {p: r for p, r in zip(eval_data.prompts, eval_data.references)}
-    params_now, adapters_now = lora.combine(s.frozen, trainable)
-    preds = generate_texts(s.model, merged_params(params_now, adapters_now), s.tokenizer, unique, s.cfg)
+    params_now, adapters_now = lora.combine(job.frozen, trainable)
+    preds = generate_texts(job.model, merged_params(params_now, adapters_now), job.tokenizer, unique, job.cfg)
     return metrics_lib.generation(preds, [refs[p] for p in unique])
 
 
-def evaluate_all(s: Setup, trainable: Any) -> tuple[dict, list[tuple[str, str]]]:
+def evaluate_all(job: Setup, trainable: Any) -> tuple[dict, list[tuple[str, str]]]:
     """The evaluation before and after training: ``({**evaluate, **generation_metrics}, samples)``.
 
     The printed samples are the first ``eval.generate_samples`` of the continuations scored for BLEU / ROUGE-L
     (the merged model's, which equal the factored model's up to rounding) when those cover them: one generation
     pass, one compilation of the decoder, instead of two."""
-    cfg = s.cfg
+    cfg = job.cfg
     n_samples, n_scored = cfg.eval.generate_samples, cfg.eval.generate_eval
-    if cfg.data.task != "causal-lm" or s.multi_process or not (0 < n_samples <= n_scored):
-        return {**evaluate(s, trainable), **generation_metrics(s, trainable)}, samples(s, trainable, n_samples)
-    unique = list(dict.fromkeys(s.eval_data.prompts))[:n_scored]
-    refs = {p: r for p, r in zip(s.eval_data.prompts, s.eval_data.references)}
-    params_now, adapters_now = lora.combine(s.frozen, trainable)
+    if cfg.data.task != "causal-lm" or job.multi_process or not (0 < n_samples <= n_scored):
+        return {**evaluate(job, trainable), **generation_metrics(job, trainable)}, samples(job, trainable, n_samples)
+    unique = list(dict.fromkeys(job.eval_data.prompts))[:n_scored]
+    refs = {p: r for p, r in zip(job.eval_data.prompts, job.eval_data.references)}
+    params_now, adapters_now = lora.combine(job.frozen, trainable)
     preds = generate_texts(
-        s.model,
+        job.model,
         merged_params(params_now, adapters_now),
-        s.tokenizer,
+        job.tokenizer,
         unique,
         cfg,
         batch_size=min(16, -(-len(unique) // 8) * 8),
     )
     scores = metrics_lib.generation(preds, [refs[p] for p in unique])
-    return {**evaluate(s, trainable), **scores}, list(zip(unique, preds))[:n_samples]
+    return {**evaluate(job, trainable), **scores}, list(zip(unique, preds))[:n_samples]
 
 
 # ------------------------------------------------------------------------------------------- the step loop
 
 
-def restore(s: Setup, ckpt: Checkpointer, folder: Path, state: TrainState) -> tuple[TrainState, Progress]:
+def restore(job: Setup, ckpt: Checkpointer, folder: Path, state: TrainState) -> tuple[TrainState, Progress]:
     """The newest checkpoint in ``ckpt`` placed like ``state``, and the loop's progress at that step (its
     records after the checkpoint are dropped from the metric log)."""
     restored = ckpt.restore_latest(state.trainable, state.opt_state)
@@ -1250,10 +1274,10 @@ def restore(s: Setup, ckpt: Checkpointer, folder: Path, state: TrainState) -> tu
         )
     trainable = sharding.put_tree(r_trainable, jax.tree.map(lambda x: x.sharding, state.trainable))
     opt_state = sharding.put_tree(r_opt, jax.tree.map(lambda x: x.sharding, state.opt_state))
-    cfg = s.cfg
+    cfg = job.cfg
     examples0 = int(meta.get("examples_seen", start * cfg.train.grad_accum * cfg.train.batch_size))
-    s.say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
-    if s.primary:  # the steps after the checkpoint are trained again: drop their records
+    job.say(f"resumed from step {start} ({meta.get('examples_seen', '?')} examples seen)")
+    if job.primary:  # the steps after the checkpoint are trained again: drop their records
         metrics_lib.truncate_log(folder, start)
     progress = Progress(
         start=start, step=start, train_s=float(meta.get("train_s", 0.0)), examples_seen=examples0, last_finite=start
@@ -1261,11 +1285,11 @@ def restore(s: Setup, ckpt: Checkpointer, folder: Path, state: TrainState) -> tu
     return TrainState(trainable, opt_state), progress
 
 
-def put_batch(s: Setup, host: dict[str, np.ndarray]) -> dict:
+def put_batch(job: Setup, host: dict[str, np.ndarray]) -> dict:
     """A step's host batch as global arrays ``(accum, B, ...)``, split along B over the mesh."""
-    stacked = micro_batches(host, s.cfg.train.grad_accum)
+    stacked = micro_batches(host, job.cfg.train.grad_accum)
     return {
-        k: sharding.host_to_global(v, s.batch_shardings[0] if v.ndim == 3 else s.batch_shardings[1])
+        k: sharding.host_to_global(v, job.batch_shardings[0] if v.ndim == 3 else job.batch_shardings[1])
         for k, v in stacked.items()
     }
 
@@ -1280,12 +1304,12 @@ class _Placed:
     batch: dict
 
 
-def place(s: Setup, step: int) -> _Placed:
+def place(job: Setup, step: int) -> _Placed:
     """Gather step ``step``'s batch on the host and start placing it on the mesh."""
-    host = s.batches(step)
-    accum = s.cfg.train.grad_accum
+    host = job.batches(step)
+    accum = job.cfg.train.grad_accum
     shape = (accum, *micro_batches(host, accum)["attention_mask"].shape[1:])
-    return _Placed(step, host, shape, put_batch(s, host))
+    return _Placed(step, host, shape, put_batch(job, host))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1309,56 +1333,56 @@ class _StopFlag:
 
 
 def _read_metrics(
-    s: Setup, p: Progress, done: _Dispatched, clock: list[float], log: metrics_lib.MetricLog, bar, ckpt: Checkpointer
+    job: Setup, progress: Progress, done: _Dispatched, log: metrics_lib.MetricLog, bar, ckpt: Checkpointer
 ) -> None:
-    """Read a dispatched step's metrics (waiting for it) into ``p``: its wall time (since the previous read, or
-    the last evaluation / checkpoint: ``clock[0]``), the non-finite check (raises :class:`NonFiniteError` as
+    """Read a dispatched step's metrics (waiting for it) into ``progress``: its wall time (since the previous read,
+    or the last evaluation / checkpoint: ``progress.clock``), the non-finite check (raises :class:`NonFiniteError` as
     ``train.nan_policy`` says), the counters, the history and the ``train`` log record."""
-    cfg, m = s.cfg, done.metrics
+    cfg, m = job.cfg, done.metrics
     loss, finite = float(m["loss"]), bool(m["finite"])
     now = time.perf_counter()
-    dt, clock[0] = now - clock[0], now
-    p.train_s += dt
+    dt, progress.clock = now - progress.clock, now
+    progress.train_s += dt
     step = done.step
-    p.last_metrics = m = {k: np.asarray(v) for k, v in m.items()}
+    progress.last_metrics = m = {k: np.asarray(v) for k, v in m.items()}
     if finite:
-        p.last_finite, p.in_a_row = step, 0
+        progress.last_finite, progress.in_a_row = step, 0
     else:
-        p.skipped, p.in_a_row = p.skipped + 1, p.in_a_row + 1
-        if cfg.train.nan_policy == "stop" or p.in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise NonFiniteError(_non_finite_message(step, m, p.last_finite, p.in_a_row, ckpt, cfg))
+        progress.skipped, progress.in_a_row = progress.skipped + 1, progress.in_a_row + 1
+        if cfg.train.nan_policy == "stop" or progress.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteError(_non_finite_message(step, m, progress.last_finite, progress.in_a_row, ckpt, cfg))
     mask = done.host["attention_mask"]
     n_real = int(mask.sum())  # tokens that are not padding
-    p.real_tokens, p.slots = p.real_tokens + n_real, p.slots + mask.size
-    p.examples_seen += s.batches.examples(step - 1)
+    progress.real_tokens, progress.slots = progress.real_tokens + n_real, progress.slots + mask.size
+    progress.examples_seen += job.batches.examples(step - 1)
     if not done.compiled_now:  # throughput excludes the steps that compiled
-        p.tokens_seen += n_real
-        p.steady_s += dt
-    tok_s = p.tokens_seen / p.steady_s if p.steady_s else 0.0
+        progress.tokens_seen += n_real
+        progress.steady_s += dt
+    tok_s = progress.tokens_seen / progress.steady_s if progress.steady_s else 0.0
     record = {
         "loss": loss,
         "lr": lr_at(cfg, step),
         "grad_norm": float(m["grad_norm"]),
         "finite": finite,
         "tokens_per_s": tok_s,
-        "train_s": p.train_s,
+        "train_s": progress.train_s,
         **{k: float(v) for k, v in m.items() if "/" in k},
     }  # DPO: rewards/...
-    p.history.append({"step": step, **record})
+    progress.history.append({"step": step, **record})
     log.write("train", step, **record)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
     bar.update(1)
 
 
 def train_steps(
-    s: Setup,
+    job: Setup,
     state: TrainState,
-    p: Progress,
+    progress: Progress,
     ckpt: Checkpointer,
     log: metrics_lib.MetricLog,
     run_folder: outputs.RunFolder,
 ) -> tuple[TrainState, Progress]:
-    """Train from step ``p.step`` to ``train.steps``: evaluate every ``eval.every`` steps, checkpoint as
+    """Train from step ``progress.step`` to ``train.steps``: evaluate every ``eval.every`` steps, checkpoint as
     ``checkpoint.every`` says and at the end, stop cleanly (with a checkpoint) on SIGTERM or when
     ``train.time_budget_s`` is spent, raise :class:`NonFiniteError` on non-finite steps as ``train.nan_policy``
     says. Returns the trained state and ``p``, updated in place.
@@ -1370,7 +1394,7 @@ def train_steps(
     the pending metrics are read, so no decision is taken on unread metrics and a checkpoint always follows
     the non-finite check of its own step. Same batches, keys and updates either way: the same losses.
     """
-    cfg = s.cfg
+    cfg = job.cfg
     steps, every, budget, prefetch = cfg.train.steps, cfg.eval.every, cfg.train.time_budget_s, cfg.train.prefetch
     trainable, opt_state = state.trainable, state.opt_state
     stop = _StopFlag()
@@ -1379,43 +1403,56 @@ def train_steps(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=steps, initial=p.step, disable=not s.primary, mininterval=2.0, dynamic_ncols=True, desc=cfg.train.method
+        total=steps,
+        initial=progress.step,
+        disable=not job.primary,
+        mininterval=2.0,
+        dynamic_ncols=True,
+        desc=cfg.train.method,
     )
-    n_widths = len(s.batches.widths)
-    clock = [time.perf_counter()]  # when the time charged to the next step read began
+    n_widths = len(job.batches.widths)
+    progress.clock = time.perf_counter()
     nxt: _Placed | None = None  # the next step's batch, placed while a step runs
     pending: _Dispatched | None = None  # a dispatched step whose metrics are not read yet
     try:
-        while p.step < steps:
-            placed = nxt if nxt is not None else place(s, p.step)
+        while progress.step < steps:
+            placed = nxt if nxt is not None else place(job, progress.step)
             nxt = None
             if (
-                s.first_compiled is not None
-                and placed.shape not in p.compiled
-                and s.first_compiled[:2] == (placed.shape, tuple(sorted(placed.batch)))
+                job.first_compiled is not None
+                and placed.shape not in progress.compiled
+                and job.first_compiled[:2] == (placed.shape, tuple(sorted(placed.batch)))
             ):
-                p.compiled[placed.shape] = s.first_compiled[2]  # compiled by plan_memory for this batch's shape
-            step_args = (trainable, opt_state, s.frozen, placed.batch, jax.random.fold_in(s.step_key, p.step))
-            new_shape = placed.shape not in p.compiled
+                progress.compiled[placed.shape] = job.first_compiled[
+                    2
+                ]  # compiled by plan_memory for this batch's shape
+            step_args = (
+                trainable,
+                opt_state,
+                job.frozen,
+                placed.batch,
+                jax.random.fold_in(job.step_key, progress.step),
+            )
+            new_shape = placed.shape not in progress.compiled
             if new_shape:  # compile ahead of time, once per shape, to read the compiled step's memory use
                 if pending is not None:  # charge the compilation to this step, not to the previous one
-                    _read_metrics(s, p, pending, clock, log, bar, ckpt)
+                    _read_metrics(job, progress, pending, log, bar, ckpt)
                     pending = None
-                p.compiled[placed.shape] = compile_step(s.step_fn, *step_args)
-                if s.primary and n_widths > 1:
+                progress.compiled[placed.shape] = compile_step(job.step_fn, *step_args)
+                if job.primary and n_widths > 1:
                     bar.write(
-                        f"step {p.step + 1}: compiled the step for batches of "
-                        f"{' x '.join(map(str, placed.shape))} tokens ({len(p.compiled)} of at most "
+                        f"step {progress.step + 1}: compiled the step for batches of "
+                        f"{' x '.join(map(str, placed.shape))} tokens ({len(progress.compiled)} of at most "
                         f"{n_widths} shapes)"
                     )
-            trainable, opt_state, m = p.compiled[placed.shape][0](*step_args)
-            step = p.step = p.step + 1
+            trainable, opt_state, m = progress.compiled[placed.shape][0](*step_args)
+            step = progress.step = progress.step + 1
             if prefetch and step < steps:
-                nxt = place(s, step)  # host work of the next step while this one runs
+                nxt = place(job, step)  # host work of the next step while this one runs
             if pending is not None:  # the previous step: finished, its outputs are this step's inputs
-                _read_metrics(s, p, pending, clock, log, bar, ckpt)
+                _read_metrics(job, progress, pending, log, bar, ckpt)
             pending = _Dispatched(step, m, placed.host, new_shape)
-            live_s = p.train_s + time.perf_counter() - clock[0]
+            live_s = progress.train_s + time.perf_counter() - progress.clock
             if prefetch and not (
                 step % every == 0
                 or ckpt.should_save(step)
@@ -1424,51 +1461,62 @@ def train_steps(
                 or (budget is not None and live_s > budget)
             ):
                 continue  # nothing to decide at this step: read its metrics after the next one is dispatched
-            _read_metrics(s, p, pending, clock, log, bar, ckpt)
+            _read_metrics(job, progress, pending, log, bar, ckpt)
             pending = None
-            meta = {"step": step, "examples_seen": p.examples_seen, "skipped": p.skipped, "train_s": p.train_s}
-            out_of_time = budget is not None and p.train_s > budget
+            meta = {
+                "step": step,
+                "examples_seen": progress.examples_seen,
+                "skipped": progress.skipped,
+                "train_s": progress.train_s,
+            }
+            out_of_time = budget is not None and progress.train_s > budget
             if step % every == 0 and step < steps and not out_of_time:
-                ev = evaluate(s, trainable)
-                log.write("eval", step, **ev, train_s=p.train_s)
-                bar.write(f"step {step}: " + _fmt(ev)) if s.primary else None
+                ev = evaluate(job, trainable)
+                log.write("eval", step, **ev, train_s=progress.train_s)
+                bar.write(f"step {step}: " + _fmt(ev)) if job.primary else None
             if ckpt.should_save(step) or step == steps or stop.signal or out_of_time:
-                if p.last_finite == p.start and p.skipped and (step == steps or stop.signal or out_of_time):
+                if (
+                    progress.last_finite == progress.start
+                    and progress.skipped
+                    and (step == steps or stop.signal or out_of_time)
+                ):
                     raise NonFiniteError(
-                        _non_finite_message(step, p.last_metrics, p.last_finite, p.in_a_row, ckpt, cfg)
+                        _non_finite_message(
+                            step, progress.last_metrics, progress.last_finite, progress.in_a_row, ckpt, cfg
+                        )
                     )
                 ckpt.save(step, trainable, opt_state, meta)  # the state of step last_finite: always finite
                 run_folder.commit()
-            clock[0] = time.perf_counter()  # evaluation and checkpoints are not training time
+            progress.clock = time.perf_counter()  # evaluation and checkpoints are not training time
             if stop.signal:
-                s.say(f"SIGTERM: saved step {step}, exiting")
+                job.say(f"SIGTERM: saved step {step}, exiting")
                 break
             if out_of_time:
-                s.say(f"time budget of {budget:.0f}s spent after step {step}")
+                job.say(f"time budget of {budget:.0f}s spent after step {step}")
                 break
     finally:
         bar.close()
         signal.signal(signal.SIGTERM, previous)
-    return TrainState(trainable, opt_state), p
+    return TrainState(trainable, opt_state), progress
 
 
 # ------------------------------------------------------------------------------------------------ export
 
 
-def export(s: Setup, folder: Path, trainable: Any) -> None:
+def export(job: Setup, folder: Path, trainable: Any) -> None:
     """Write the trained adapters (``adapters/``) and leaves trained in full (``params/``), and the exports
     ``output.*`` asks for: merged weights, a PEFT adapter, GGUF files."""
-    cfg, say, primary = s.cfg, s.say, s.primary
-    params_final, adapters_final = lora.combine(s.frozen, trainable)
+    cfg, say, primary = job.cfg, job.say, job.primary
+    params_final, adapters_final = lora.combine(job.frozen, trainable)
     trained_final = trainable["params"]
     if cfg.output.export_merged:  # merged on the mesh, sharded like the base; written below leaf by leaf
         from lora_jax import models
 
         models.save_pretrained(
-            merged_params(params_final, adapters_final), s.model_cfg, folder / "merged", tokenizer=s.tokenizer
+            merged_params(params_final, adapters_final), job.model_cfg, folder / "merged", tokenizer=job.tokenizer
         )  # every process gathers each leaf in turn, process 0 writes
         say(f"exported merged weights to {folder / 'merged'}")
-    if s.multi_process:  # the other exports are written by process 0 from host copies of the (small) arrays
+    if job.multi_process:  # the other exports are written by process 0 from host copies of the (small) arrays
         adapters_final = jax.tree.map(sharding.global_to_host, adapters_final)
         trained_final = jax.tree.map(sharding.global_to_host, trained_final)
     uses_adapters = cfg.train.method in ("lora", "qlora")
@@ -1478,8 +1526,8 @@ def export(s: Setup, folder: Path, trainable: Any) -> None:
         save_trained(folder / "params", jax.device_get(trained_final))
     if primary and cfg.output.export_peft and uses_adapters:
         peft_adapters = jax.device_get(adapters_final)
-        if s.pissa_init is not None:  # PEFT applies adapters to the original base, not PiSSA's residual
-            peft_adapters = pissa_to_lora(peft_adapters, s.pissa_init)
+        if job.pissa_init is not None:  # PEFT applies adapters to the original base, not PiSSA's residual
+            peft_adapters = pissa_to_lora(peft_adapters, job.pissa_init)
         from lora_jax import models
 
         base_name = cfg.output.peft_base_model or models.peft_base_name(cfg.model.name)
@@ -1487,7 +1535,7 @@ def export(s: Setup, folder: Path, trainable: Any) -> None:
             peft_adapters,
             folder / "peft",
             base_model_name_or_path=base_name,
-            config=s.model_cfg,
+            config=job.model_cfg,
             modules_to_save=jax.device_get(trained_final) if jax.tree.leaves(trained_final) else None,
         )
         say(f"exported PEFT adapter to {folder / 'peft'}")
@@ -1497,12 +1545,12 @@ def export(s: Setup, folder: Path, trainable: Any) -> None:
             folder,
             jax.device_get(adapters_final) if uses_adapters else {},
             jax.device_get(trained_final),
-            s.pissa_init,
+            job.pissa_init,
             say,
         )
 
 
-def say_outputs(s: Setup, folder: Path, result: RunResult) -> None:
+def say_outputs(job: Setup, folder: Path, result: RunResult) -> None:
     """Draw ``loss.png`` and say where the run's outputs are and how to look at them."""
     from train import plot
 
@@ -1510,9 +1558,9 @@ def say_outputs(s: Setup, folder: Path, result: RunResult) -> None:
         png = plot.plot_run(folder)
     except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn does not fail a finished run
         png = None
-        s.say(f"note: could not draw the loss plot ({type(e).__name__}: {e})")
-    job = folder.parent
-    s.say(f"\nfinished in {result.wall_s:.0f}s; outputs in {folder}:")
+        job.say(f"note: could not draw the loss plot ({type(e).__name__}: {e})")
+    job_dir = folder.parent
+    job.say(f"\nfinished in {result.wall_s:.0f}s; outputs in {folder}:")
     for name, what in (
         ("result.json", "metrics before / after, sizes, times"),
         ("metrics.jsonl", "loss, learning rate, gradient norm, tokens/s by step; evaluations"),
@@ -1527,19 +1575,21 @@ def say_outputs(s: Setup, folder: Path, result: RunResult) -> None:
         (GGUF_MERGED, "merged GGUF model"),
     ):
         if (folder / name).exists() and (name != "loss.png" or png is not None):
-            s.say(f"  {folder / name}  ({what})")
-    s.say(
-        f"look at it: python -m train.plot {folder} (redraws loss.png)  |  python -m train.predict --run {job} "
-        f"--text ...  |  tensorboard --logdir {job} (if TensorBoard is installed)"
+            job.say(f"  {folder / name}  ({what})")
+    job.say(
+        f"look at it: python -m train.plot {folder} (redraws loss.png)  |  python -m train.predict --run {job_dir} "
+        f"--text ...  |  tensorboard --logdir {job_dir} (if TensorBoard is installed)"
     )
 
 
-def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, phases: dict | None = None) -> None:
+def write_result(
+    job: Setup, result: RunResult, state: TrainState, progress: Progress, phases: dict | None = None
+) -> None:
     """``result.json``: the run's evaluations, sizes, times (``phases_s``: wall seconds by phase), the compiled
     step's memory and the batch shapes."""
-    folder, step = result.folder, p.step
+    folder, step = result.folder, progress.step
     # the widest shape's memory: the step's peak (one compiled executable is held per shape)
-    step_memory = max((mem for _, mem in p.compiled.values()), key=lambda mem: mem.get("peak", 0), default=None)
+    step_memory = max((mem for _, mem in progress.compiled.values()), key=lambda mem: mem.get("peak", 0), default=None)
     last = folder / "checkpoints" / str(step)
     (folder / "result.json").write_text(
         json.dumps(
@@ -1547,27 +1597,27 @@ def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, ph
                 "steps": step,
                 "eval_before": result.eval_before,
                 "eval_after": result.eval_after,
-                "trainable_params": s.n_trainable,
-                "total_params": s.total_params,
+                "trainable_params": job.n_trainable,
+                "total_params": job.total_params,
                 "wall_s": result.wall_s,
-                "train_s": p.train_s,
+                "train_s": progress.train_s,
                 "optimizer_state_bytes": nbytes(state.opt_state),
                 "trainable_bytes": nbytes(state.trainable),
-                "frozen_bytes": s.frozen_bytes,
-                "memory_plan": s.memory_plan,
+                "frozen_bytes": job.frozen_bytes,
+                "memory_plan": job.memory_plan,
                 "step_memory_bytes": (step_memory or {}).get("peak"),
                 "step_memory": step_memory,
                 "checkpoint_bytes": sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
                 if last.exists()
                 else None,
-                "batching": config_lib.batching(s.cfg),
-                "batch_widths": list(s.batches.widths),
-                "step_shapes": sorted(list(k) for k in p.compiled),
-                "step_compilations": len(p.compiled),
-                "examples_seen": p.examples_seen,
-                "real_token_share": p.real_tokens / p.slots if p.slots else None,
+                "batching": config_lib.batching(job.cfg),
+                "batch_widths": list(job.batches.widths),
+                "step_shapes": sorted(list(k) for k in progress.compiled),
+                "step_compilations": len(progress.compiled),
+                "examples_seen": progress.examples_seen,
+                "real_token_share": progress.real_tokens / progress.slots if progress.slots else None,
                 "phases_s": phases or {},
-                "generate_eval": s.cfg.eval.generate_eval if s.cfg.data.task == "causal-lm" else 0,
+                "generate_eval": job.cfg.eval.generate_eval if job.cfg.data.task == "causal-lm" else 0,
                 "samples_before": result.samples_before,
                 "samples_after": result.samples_after,
             },
@@ -1577,16 +1627,16 @@ def write_result(s: Setup, result: RunResult, state: TrainState, p: Progress, ph
     )
 
 
-def _final_eval_logged(folder: Path, p: Progress) -> dict | None:
+def _final_eval_logged(folder: Path, progress: Progress) -> dict | None:
     """The evaluation a resumed run already logged at its last step, when it trained no step this time (it was
     finished): the values of that record, else None."""
-    if p.step != p.start or p.step == 0:
+    if progress.step != progress.start or progress.step == 0:
         return None
     return next(
         (
             {k: v for k, v in r.items() if k not in ("kind", "step", "train_s")}
             for r in metrics_lib.read_log(folder)
-            if r["kind"] == "eval" and r["step"] == p.step
+            if r["kind"] == "eval" and r["step"] == progress.step
         ),
         None,
     )
@@ -1608,7 +1658,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     ready = setup(cfg, say, check=outputs.describe(out_plan) if check else None)
     if ready is None:
         return None
-    s, state = ready
+    job, state = ready
     phases = {"setup": time.perf_counter() - t_start}  # wall seconds by phase (result.json: phases_s)
 
     # Every input is checked: now the run folder is written (and removed again if the run fails before its
@@ -1619,7 +1669,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
     say(f"run folder {folder}" + (" (resumed)" if resume else ""))
     try:
         ckpt = Checkpointer(folder / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-        state, progress = restore(s, ckpt, folder, state) if resume else (state, Progress())
+        state, progress = restore(job, ckpt, folder, state) if resume else (state, Progress())
         log = metrics_lib.MetricLog(folder, enabled=primary, purge_step=progress.start + 1 if resume else None)
 
         eval_before, samples_before = {}, []
@@ -1634,7 +1684,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
             )
         if progress.start == 0:
             t0 = time.perf_counter()
-            eval_before, samples_before = evaluate_all(s, state.trainable)
+            eval_before, samples_before = evaluate_all(job, state.trainable)
             phases["eval_before"] = time.perf_counter() - t0
             log.write("eval", 0, **eval_before, train_s=0.0)
             say("before training: " + _fmt(eval_before))
@@ -1642,9 +1692,9 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
                 say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
         if cfg.train.objective == "dpo" and cfg.dpo.loss != "simpo" and cfg.dpo.reference == "cached":
-            cache_reference_logps(s)
+            cache_reference_logps(job)
         t0 = time.perf_counter()
-        state, progress = train_steps(s, state, progress, ckpt, log, run_folder)
+        state, progress = train_steps(job, state, progress, ckpt, log, run_folder)
         phases["training"] = time.perf_counter() - t0  # steps, their compilation, evaluations, checkpoints
 
         logged = _final_eval_logged(folder, progress) if resume else None
@@ -1652,7 +1702,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
         if logged is not None:  # a finished run resumed: its final evaluation is in the log already, once
             eval_after, samples_after = logged, []
         else:
-            eval_after, samples_after = evaluate_all(s, state.trainable)
+            eval_after, samples_after = evaluate_all(job, state.trainable)
             log.write("eval", progress.step, **eval_after, train_s=progress.train_s)
         phases["eval_after"] = time.perf_counter() - t0
         say("after training:  " + _fmt(eval_after))
@@ -1660,7 +1710,7 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
             say(f"  {prompt.strip()!r} -> {out.strip()!r}")
 
         t0 = time.perf_counter()
-        export(s, folder, state.trainable)
+        export(job, folder, state.trainable)
         ckpt.close()
         log.close()
         run_folder.commit()
@@ -1673,13 +1723,13 @@ def run(cfg: Config, *, resume: bool = False, check: bool = False, print_fn=prin
             eval_after,
             samples_before,
             samples_after,
-            s.n_trainable,
-            s.total_params,
+            job.n_trainable,
+            job.total_params,
             time.perf_counter() - t_start,
         )
         if primary:
-            write_result(s, result, state, progress, phases)
-            say_outputs(s, folder, result)
+            write_result(job, result, state, progress, phases)
+            say_outputs(job, folder, result)
         return result
     except BaseException:
         if not run_folder.committed and not resume:
