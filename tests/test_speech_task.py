@@ -16,7 +16,7 @@ from train import data as data_lib  # noqa: E402
 from train import speech_data  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loop import run  # noqa: E402
-from train.speech_sentences import EVAL_VARIANTS, SENTENCES, TRAIN_VARIANTS  # noqa: E402
+from train.speech_sentences import EVAL_VARIANTS, SENTENCES, TRAIN_VARIANTS, family  # noqa: E402
 
 LANGS = ["en", "de", "es"]
 
@@ -41,13 +41,31 @@ def test_split_holds_out_sentences_and_voices(tiny_task):
     assert json.loads((tiny_task / "labels.json").read_text()) == LANGS
     assert {r["label"] for r in train} == {0, 1, 2} and all(LANGS[r["label"]] == r["language"] for r in train + evals)
     assert {r["text"] for r in train}.isdisjoint({r["text"] for r in evals})
-    assert all(r["text"] in SENTENCES[r["language"]][24:] for r in evals)
+    assert all(r["text"] in SENTENCES[r["language"]][speech_data.N_TRAIN_SENTENCES :] for r in evals)
     variant = lambda r: r["voice"].split("+")[1]  # noqa: E731
     assert {variant(r) for r in train} <= set(TRAIN_VARIANTS) and {variant(r) for r in evals} <= set(EVAL_VARIANTS)
     for r in train[:3]:
         wave, rate = audio.read_wav(tiny_task / r["audio"])
         assert rate == 16000 and abs(wave.size / rate - r["seconds"]) < 1e-3 and 0.25 < np.abs(wave).max() <= 1.0
         assert 5.0 <= r["snr_db"] <= 30.0 and 130 <= r["speed"] <= 210
+
+
+def test_the_full_task_holds_out_whole_voice_families_and_sentences():
+    """The plan the experiment uses (all ten languages, the default counts): no voice family (a voice and its
+    numbered variants, or a named twin) and no sentence is heard on both sides, and validation has enough of
+    both to measure on."""
+    rows = speech_data.plan(list(speech_data.VOICES), 6, 2, seed=0)
+    train, evals = rows["train"], rows["eval"]
+    families = lambda split: {family(r["voice"].split("+")[1]) for r in split}  # noqa: E731
+    assert families(train).isdisjoint(families(evals))
+    assert {family(v) for v in TRAIN_VARIANTS}.isdisjoint({family(v) for v in EVAL_VARIANTS})
+    assert family("edward2") == family("edward") and family("klatt3") == family("klatt") and family("m7") == "m"
+    assert family("robert") == family("rob") and family("Andy") == "andy"
+    assert {r["text"] for r in train}.isdisjoint({r["text"] for r in evals})
+    assert len(train) == 1200 and len(evals) == 200
+    assert len({r["text"] for r in evals}) == 100 and len(families(evals)) >= 15
+    for lang in speech_data.VOICES:  # every language is validated on 10 sentences
+        assert len({r["text"] for r in evals if r["language"] == lang}) == 10
 
 
 def test_same_key_keeps_the_folder_and_a_new_one_regenerates(tiny_task, tmp_path):

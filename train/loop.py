@@ -1358,6 +1358,8 @@ def train_steps(
     """
     cfg = s.cfg
     steps, every, budget, prefetch = cfg.train.steps, cfg.eval.every, cfg.train.time_budget_s, cfg.train.prefetch
+    every_s = cfg.eval.every_s
+    last_eval_s = p.train_s  # training time at the last evaluation (before training, or the resumed checkpoint)
     trainable, opt_state = state.trainable, state.opt_state
     stop = _StopFlag()
     previous = signal.getsignal(signal.SIGTERM)
@@ -1402,8 +1404,9 @@ def train_steps(
                 _read_metrics(s, p, pending, clock, log, bar, ckpt)
             pending = _Dispatched(step, m, placed.host, new_shape)
             live_s = p.train_s + time.perf_counter() - clock[0]
+            due = step % every == 0 or (every_s is not None and live_s - last_eval_s >= every_s)
             if prefetch and not (
-                step % every == 0
+                due
                 or ckpt.should_save(step)
                 or step == steps
                 or stop.signal
@@ -1414,7 +1417,9 @@ def train_steps(
             pending = None
             meta = {"step": step, "examples_seen": p.examples_seen, "skipped": p.skipped, "train_s": p.train_s}
             out_of_time = budget is not None and p.train_s > budget
-            if step % every == 0 and step < steps and not out_of_time:
+            due = step % every == 0 or (every_s is not None and p.train_s - last_eval_s >= every_s)
+            if due and step < steps and not out_of_time:
+                last_eval_s = p.train_s
                 ev = evaluate(s, trainable)
                 log.write("eval", step, **ev, train_s=p.train_s)
                 bar.write(f"step {step}: " + _fmt(ev)) if s.primary else None
