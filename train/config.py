@@ -348,7 +348,7 @@ class EvalConfig:
     every: int = key(20, "evaluate every N steps (and before and after training)", ge=1, le=INT_MAX)
     every_s: Float | None = key(
         None,
-        "also evaluate once this many seconds of training time have passed since the last evaluation "
+        "also evaluate at the first step past each multiple of this many seconds of training time "
         "(time-budgeted runs whose step rate is not known in advance)",
         gt=0,
     )

@@ -1359,7 +1359,10 @@ def train_steps(
     cfg = s.cfg
     steps, every, budget, prefetch = cfg.train.steps, cfg.eval.every, cfg.train.time_budget_s, cfg.train.prefetch
     every_s = cfg.eval.every_s
-    last_eval_s = p.train_s  # training time at the last evaluation (before training, or the resumed checkpoint)
+    # eval.every_s: an evaluation at the first step past each multiple of every_s seconds of training time (the
+    # multiples do not drift with the step boundaries, so a budget of n * every_s gets n - 1 of them in training)
+    tick = (lambda t: math.floor(t / every_s)) if every_s is not None else (lambda t: 0)
+    last_tick = tick(p.train_s)
     trainable, opt_state = state.trainable, state.opt_state
     stop = _StopFlag()
     previous = signal.getsignal(signal.SIGTERM)
@@ -1404,7 +1407,7 @@ def train_steps(
                 _read_metrics(s, p, pending, clock, log, bar, ckpt)
             pending = _Dispatched(step, m, placed.host, new_shape)
             live_s = p.train_s + time.perf_counter() - clock[0]
-            due = step % every == 0 or (every_s is not None and live_s - last_eval_s >= every_s)
+            due = step % every == 0 or tick(live_s) > last_tick
             if prefetch and not (
                 due
                 or ckpt.should_save(step)
@@ -1417,9 +1420,9 @@ def train_steps(
             pending = None
             meta = {"step": step, "examples_seen": p.examples_seen, "skipped": p.skipped, "train_s": p.train_s}
             out_of_time = budget is not None and p.train_s > budget
-            due = step % every == 0 or (every_s is not None and p.train_s - last_eval_s >= every_s)
+            due = step % every == 0 or tick(p.train_s) > last_tick
             if due and step < steps and not out_of_time:
-                last_eval_s = p.train_s
+                last_tick = tick(p.train_s)
                 ev = evaluate(s, trainable)
                 log.write("eval", step, **ev, train_s=p.train_s)
                 bar.write(f"step {step}: " + _fmt(ev)) if s.primary else None
