@@ -1067,6 +1067,23 @@ def whisper_window_block(results: dict) -> str:
         if short and full
         else ""
     )
+    rank = ""
+    exp = results.get(WHISPER)
+    if short and full and exp:
+        means = {row["method"]: row["auc"]["mean"] for row in exp["table"]}
+        if "frozen_head" in means and len(means) > 1:
+            head = means.pop("frozen_head")
+            nearest = min(means, key=lambda m: abs(means[m] - head))
+            gap, shift = abs(means[nearest] - head), abs(full["auc"] - short["auc"])
+            rank = (
+                f" In the methods experiment the frozen encoder + head ends {gap:.3f} AUC from the nearest method "
+                f"({WHISPER_NAMES.get(nearest, nearest)}); the window moves the probe by {shift:.3f}, "
+                + (
+                    "less than that: on this evidence the baseline would rank the same with Whisper's own window."
+                    if shift < gap
+                    else "not less than that: with Whisper's own window the baseline could rank differently."
+                )
+            )
     return "\n".join(
         [
             f"{r['model']}, {c['train']} training and {c['eval']} validation clips of "
@@ -1082,7 +1099,7 @@ def whisper_window_block(results: dict) -> str:
             "",
             f"{verdict}. The forward pass of {t['batch']} clips: {_ms(t['short_ms'])} ms at {f['short']} frames, "
             f"{_ms(t['full_ms'])} ms at {f['full']}: {s['median']:.1f}x faster (95% CI {s['ci95'][0]:.1f}-"
-            f"{s['ci95'][1]:.1f}, {s['rounds']} paired rounds).",
+            f"{s['ci95'][1]:.1f}, {s['rounds']} paired rounds).{rank}",
             "",
             provenance(r, "python -m benchmarks.whisper_window"),
         ]

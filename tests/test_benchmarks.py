@@ -503,3 +503,9 @@ def test_whisper_window_quick(tmp_path):
     _check_provenance(saved, "whisper_window", "--quick")
     block = report.whisper_window_block({"whisper_window": saved})
     assert f"{t['speedup']['median']:.1f}x faster" in block and "synthetic chirps" in block
+    shift = abs(result["probe"][2]["auc"] - result["probe"][0]["auc"])
+    for gap, verdict in ((shift + 0.05, "would rank the same"), (shift / 2, "could rank differently")):
+        methods = {
+            "table": [{"method": "frozen_head", "auc": {"mean": 0.5}}, {"method": "lora", "auc": {"mean": 0.5 + gap}}]
+        }
+        assert verdict in report.whisper_window_block({"whisper_window": saved, report.WHISPER: methods})
