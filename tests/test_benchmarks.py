@@ -503,7 +503,7 @@ def test_whisper_window_quick(tmp_path):
     _check_provenance(saved, "whisper_window", "--quick")
     block = report.whisper_window_block({"whisper_window": saved})
     assert f"{t['speedup']['median']:.1f}x faster" in block and "synthetic chirps" in block
-    shift = abs(result["probe"][2]["auc"] - result["probe"][0]["auc"])
+    shift = max(abs(p["auc"] - result["probe"][0]["auc"]) for p in result["probe"][1:])
     for gap, verdict in ((shift + 0.05, "would rank the same"), (shift / 2, "could rank differently")):
         methods = {
             "table": [{"method": "frozen_head", "auc": {"mean": 0.5}}, {"method": "lora", "auc": {"mean": 0.5 + gap}}]
