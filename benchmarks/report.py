@@ -1108,6 +1108,21 @@ def whisper_window_block(results: dict) -> str:
     )
 
 
+def whisper_headline(results: dict) -> str:
+    """One line for the README: the Whisper methods' final validation AUC (mean over seeds) and its command."""
+    r = results[WHISPER]
+    rows = sorted(r["table"], key=lambda row: -row["auc"]["mean"])
+    final = r["leaders"][-1]
+    agree = "in every seed" if final["holds_in_every_seed"] else "not in every seed"
+    scale = "" if r["scale"] == 1 else f" --scale {r['scale']:g}"
+    return (
+        f"spoken-language ID with the pretrained Whisper base encoder, {r['budget_s']:.0f} s of CPU training per "
+        f"method, {len(r['seeds'])} seeds: validation AUC "
+        + ", ".join(f"{WHISPER_NAMES.get(row['method'], row['method'])} {row['auc']['mean']:.3f}" for row in rows)
+        + f" (first {agree}; `python -m train.experiment whisper_methods{scale}`)"
+    )
+
+
 RANK = "experiments/rank_study"
 QLORA_EXP = "experiments/qlora_vs_lora"
 E2E_DPO = "experiments/e2e_dpo"
@@ -1614,6 +1629,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "sst2_methods": ((SST2,), sst2_block, False),
     "e2e_analysis": ((E2E_ANALYSIS,), e2e_analysis_block, False),
     "whisper_methods": ((WHISPER,), whisper_block, False),
+    "whisper_methods.headline": ((WHISPER,), whisper_headline, True),
     "whisper_window": (("whisper_window",), whisper_window_block, False),
     "rank_study": ((RANK,), rank_study_block, False),
     "qlora_vs_lora": ((QLORA_EXP,), qlora_experiment_block, False),
