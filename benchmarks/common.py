@@ -247,13 +247,22 @@ def environment() -> dict[str, Any]:
 
 class Recorder:
     """Provenance of one benchmark run: call at the start (git state and load average before), ``write`` at
-    the end (load average after, wall time). Every results JSON goes through it."""
+    the end (load average after, wall time). Every results JSON goes through it, the experiments' too
+    (``python -m train.experiment``: ``kind="experiment"`` and their own ``command``)."""
 
-    def __init__(self, benchmark: str, sources: Sequence[str], argv: Sequence[str] | None = None):
+    def __init__(
+        self,
+        benchmark: str,
+        sources: Sequence[str],
+        argv: Sequence[str] | None = None,
+        command: str | None = None,
+        kind: str = "benchmark",
+    ):
         self.benchmark = benchmark
+        self.kind = kind
         self.sources = list(sources)
         args = list(sys.argv[1:] if argv is None else argv)
-        self.command = " ".join(["python -m benchmarks." + benchmark, *map(shlex.quote, args)])
+        self.command = command or " ".join(["python -m benchmarks." + benchmark, *map(shlex.quote, args)])
         self.t0 = time.perf_counter()
         self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.load_before = load_average()
@@ -261,7 +270,7 @@ class Recorder:
 
     def provenance(self) -> dict[str, Any]:
         return {
-            "benchmark": self.benchmark,
+            self.kind: self.benchmark,
             "command": self.command,
             "sources": self.sources,
             "git": self.git,

@@ -953,6 +953,306 @@ def e2e_analysis_block(results: dict) -> str:
     )
 
 
+WHISPER = "experiments/whisper_methods"  # train.experiment whisper_methods
+WHISPER_NAMES = {
+    "lora": "LoRA r=8 on q_proj, v_proj + head",
+    "full": "full fine-tuning",
+    "frozen_head": "frozen encoder + head",
+}
+
+
+def _spread(d: dict) -> str:
+    return f"{d['mean']:.3f} ({d['min']:.3f}-{d['max']:.3f})"
+
+
+def whisper_block(results: dict) -> str:
+    """The Whisper methods experiment: per method over its seeds, the final validation AUC / accuracy / loss
+    (mean and range), steps in the budget; which method leads at each fraction of the budget and whether it leads
+    in every seed; whether the seed spread is smaller than the gaps between methods; the load while they ran."""
+    r = results[WHISPER]
+    table = r["table"]
+    rows = [
+        [
+            WHISPER_NAMES.get(row["method"], row["method"]),
+            f"{row['trainable_params']:,}",
+            " / ".join(map(str, row["steps"])),
+            _spread(row["auc"]),
+            _spread(row["accuracy"]),
+            _spread(row["loss"]),
+            f"{min(row['eval_points'])}",
+            f"{row['overloaded_runs']} of {len(row['seeds'])}",
+        ]
+        for row in table
+    ]
+    leads = []
+    for lead in r["leaders"]:
+        best = WHISPER_NAMES.get(lead["best"], lead["best"])
+        per_seed = lead["best_per_seed"]
+        held = (
+            "in every seed"
+            if lead["holds_in_every_seed"]
+            else "not in every seed: "
+            + ", ".join(f"seed {k} {WHISPER_NAMES.get(v, v)}" for k, v in per_seed.items() if v != lead["best"])
+        )
+        leads.append(f"- after {lead['seconds']:.0f} s of training: {best} has the best mean AUC, {held}.")
+    means = sorted(row["auc"]["mean"] for row in table)
+    gap = min(b - a for a, b in zip(means, means[1:])) if len(means) > 1 else float("nan")
+    spread = max(row["auc"]["max"] - row["auc"]["min"] for row in table)
+    runs = r["runs"]
+    loads = [x["load"] for x in runs if x.get("load")]
+    over = sum(bool(x["overloaded"]) for x in loads)
+    cores = loads[0]["cores"] if loads else "?"
+    load_line = (
+        f"The machine's 1-minute load average while the runs trained: {min(x['mean_1min'] for x in loads):.1f}-"
+        f"{max(x['max_1min'] for x in loads):.1f} on {cores} cores; {over} of {len(runs)} runs went above the core "
+        "count (dashed in the plots), so their times carry other jobs' load"
+        if loads
+        else "The load while the runs trained was not recorded"
+    )
+    scale = "" if r["scale"] == 1 else f" --scale {r['scale']:g}"
+    return "\n".join(
+        [
+            f"{len(r['seeds'])} seeds per method, {r['budget_s']:.0f} s of training each (evaluation excluded), batch "
+            f"{r['batch_size']}, the encoder on the clip's first {r['frames']} mel frames "
+            f"({r['frames'] // 100} s; Whisper's own window is 30 s); {r['train_clips']:,} training clips, "
+            f"{r['eval_clips']:,} validation clips whose sentences and voice families never occur in training. "
+            "Final validation metrics, mean (min-max) over the seeds:",
+            "",
+            _table(
+                [
+                    "method",
+                    "trainable params",
+                    "steps (per seed)",
+                    "val AUC",
+                    "val accuracy",
+                    "val loss",
+                    "points per curve",
+                    "runs above the core count",
+                ],
+                rows,
+            ),
+            "",
+            *leads,
+            "",
+            f"Largest spread of final AUC between seeds of one method: {spread:.3f}; smallest gap between two "
+            f"methods' mean final AUC: {gap:.3f}"
+            + (" (the seeds separate the methods)." if spread < gap else " (the seeds do not separate every pair)."),
+            f"{load_line}.",
+            "",
+            provenance(r, f"python -m train.experiment whisper_methods{scale}"),
+        ]
+    )
+
+
+def whisper_window_block(results: dict) -> str:
+    """The encoder on the clip's own frames vs Whisper's 30 s window (benchmarks/whisper_window.py): pooled
+    features' cosine similarity, the frozen-encoder probe both ways, the forward pass's speed-up."""
+    r = results.get("whisper_window")
+    if r is None:
+        return "*Not measured on the current code yet: `python -m benchmarks.whisper_window`.*"
+    f, t, c = r["frames"], r["time"], r["clips"]
+    pool = {x["pooling"]: x for x in r["features"]}
+    what = {
+        "clip_positions": "mean over the clip's own positions, both windows",
+        "whole_window": f"short window's mean vs the {f['full']}-frame window's mean over all its positions",
+    }
+    rows = [[what.get(k, k), f"{x['median_cosine']:.3f}", f"{x['min_cosine']:.3f}"] for k, x in pool.items()]
+    probes = {p["features"]: p for p in r["probe"]}
+    prow = [[p["window"], f"{p['auc']:.3f}", f"{p['accuracy']:.3f}"] for p in r["probe"]]
+    s = t["speedup"]
+    short, full = probes.get("short"), probes.get("full_all")
+    verdict = (
+        f"The frozen-encoder probe's validation AUC moves by {full['auc'] - short['auc']:+.3f} from the short "
+        f"window to Whisper's own"
+        if short and full
+        else ""
+    )
+    rank = ""
+    exp = results.get(WHISPER)
+    if short and full and exp:
+        means = {row["method"]: row["auc"]["mean"] for row in exp["table"]}
+        if "frozen_head" in means and len(means) > 1:
+            head = means.pop("frozen_head")
+            nearest = min(means, key=lambda m: abs(means[m] - head))
+            gap = abs(means[nearest] - head)
+            shift = max(abs(p["auc"] - short["auc"]) for k, p in probes.items() if k != "short")
+            rank = (
+                f" In the methods experiment the frozen encoder + head ends {gap:.3f} AUC from the nearest method "
+                f"({WHISPER_NAMES.get(nearest, nearest)}); Whisper's own window moves the probe by at most "
+                f"{shift:.3f}, "
+                + (
+                    "less than that: on this evidence the baseline would rank the same with Whisper's own window."
+                    if shift < gap
+                    else "not less than that: with Whisper's own window the baseline could rank differently."
+                )
+            )
+    return "\n".join(
+        [
+            f"{r['model']}, {c['train']} training and {c['eval']} validation clips of "
+            f"{c.get('source', 'the speech task')} ({len(c['classes'])} classes); the encoder's last hidden state at "
+            f"the task's {f['short']} frames against {f['full']} (the clip padded with silence to 30 s). Cosine "
+            "similarity of pooled features per clip:",
+            "",
+            _table(["pooling", "median cosine", "lowest cosine"], rows),
+            "",
+            "The frozen-encoder baseline on each (softmax regression on the training clips' pooled features):",
+            "",
+            _table(["features", "val AUC", "val accuracy"], prow),
+            "",
+            f"{verdict}. The forward pass of {t['batch']} clips: {_ms(t['short_ms'])} ms at {f['short']} frames, "
+            f"{_ms(t['full_ms'])} ms at {f['full']}: {s['median']:.1f}x faster (95% CI {s['ci95'][0]:.1f}-"
+            f"{s['ci95'][1]:.1f}, {s['rounds']} paired rounds).{rank}",
+            "",
+            provenance(r, "python -m benchmarks.whisper_window"),
+        ]
+    )
+
+
+def whisper_headline(results: dict) -> str:
+    """One line for the README: the Whisper methods' final validation AUC (mean over seeds) and its command."""
+    r = results[WHISPER]
+    rows = sorted(r["table"], key=lambda row: -row["auc"]["mean"])
+    final = r["leaders"][-1]
+    agree = "in every seed" if final["holds_in_every_seed"] else "not in every seed"
+    scale = "" if r["scale"] == 1 else f" --scale {r['scale']:g}"
+    return (
+        f"spoken-language ID with the pretrained Whisper base encoder, {r['budget_s']:.0f} s of CPU training per "
+        f"method, {len(r['seeds'])} seeds: validation AUC "
+        + ", ".join(f"{WHISPER_NAMES.get(row['method'], row['method'])} {row['auc']['mean']:.3f}" for row in rows)
+        + f" (first {agree}; `python -m train.experiment whisper_methods{scale}`)"
+    )
+
+
+RANK = "experiments/rank_study"
+QLORA_EXP = "experiments/qlora_vs_lora"
+E2E_DPO = "experiments/e2e_dpo"
+SST2_ANALYSIS = "experiments/analysis_sst2/analysis"
+
+
+def _override(run: dict, key: str) -> str:
+    return next((o.split("=", 1)[1] for o in run["overrides"] if o.startswith(key + "=")), "-")
+
+
+def rank_study_block(results: dict) -> str:
+    """The rank study: per run its targets, rank, trainable parameters and final validation metrics."""
+    r = results[RANK]
+    rows = [
+        [
+            x["name"],
+            _override(x, "lora.targets"),
+            _override(x, "lora.r"),
+            f"{x['result']['trainable_params']:,}",
+            str(x["result"]["steps"]),
+            *(f"{x['result']['eval_after'][k]:.3f}" for k in ("auc", "accuracy", "loss")),
+        ]
+        for x in r["runs"]
+    ]
+    return "\n".join(
+        [
+            _table(
+                ["run", "targets", "r", "trainable params (with head)", "steps", "val AUC", "val accuracy", "val loss"],
+                rows,
+            ),
+            "",
+            provenance(r, "python -m train.experiment rank_study"),
+        ]
+    )
+
+
+def qlora_experiment_block(results: dict) -> str:
+    """QLoRA vs LoRA on SST-2: final validation metrics and memory per variant."""
+    r = results[QLORA_EXP]
+    rows = [
+        [
+            x["name"],
+            *(f"{x[k]:.3f}" for k in ("auc", "accuracy", "loss")),
+            *(
+                f"{x[k] / MiB:.1f}" if x.get(k) is not None else "-"
+                for k in ("frozen_bytes", "optimizer_state_bytes", "step_memory_bytes")
+            ),
+        ]
+        for x in r["table"]
+    ]
+    return "\n".join(
+        [
+            _table(
+                [
+                    "run",
+                    "val AUC",
+                    "val accuracy",
+                    "val loss",
+                    "frozen base MiB",
+                    "optimizer state MiB",
+                    "step peak MiB",
+                ],
+                rows,
+            ),
+            "",
+            provenance(r, "python -m train.experiment qlora_vs_lora"),
+        ]
+    )
+
+
+def e2e_dpo_block(results: dict) -> str:
+    """SFT vs SFT + DPO on E2E: slot error rate and BLEU / ROUGE-L on every held-out MR."""
+    r = results[E2E_DPO]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    rows = [
+        [
+            x["name"],
+            pct(x["ser"]),
+            pct(x["missing"]),
+            pct(x["wrong"]),
+            pct(x["added"]),
+            "-" if x.get("bleu") is None else f"{x['bleu']:.1f}",
+            "-" if x.get("rougeL") is None else f"{x['rougeL']:.1f}",
+        ]
+        for x in r["table"]
+    ]
+    return "\n".join(
+        [
+            f"{r['sft_steps']} SFT steps, then {r['dpo_steps']} DPO steps; greedy outputs on the "
+            f"{len(r['heldout']['mrs'])} held-out MRs:",
+            "",
+            _table(["outputs", "SER %", "missing %", "wrong %", "added %", "BLEU", "ROUGE-L"], rows),
+            "",
+            provenance(r, "python -m train.experiment e2e_dpo"),
+        ]
+    )
+
+
+def sst2_analysis_block(results: dict) -> str:
+    """dW of the rank study's r=8 and r=64 adapters: per adapter and matrix kind, medians over the layers."""
+    r = results[SST2_ANALYSIS]
+    rows = []
+    for label, adapter in r["adapters"].items():
+        ms = adapter["matrices"]
+        for name in sorted({m["matrix"] for m in ms}):
+            group = [m for m in ms if m["matrix"] == name]
+            amp = [m["amplification"] for m in group]
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{statistics.median([m['relative'] for m in group]):.3f}",
+                    f"{statistics.median([m['effective_rank'] for m in group]):.1f} of {group[0]['r']}",
+                    f"{statistics.median([m['proj_dw'] / m['proj_random'] for m in group]):.2f}",
+                    f"{statistics.median(amp):.2f} ({min(amp):.2f}-{max(amp):.2f})",
+                ]
+            )
+    return _table(
+        [
+            "adapter",
+            "matrix",
+            "‖dW‖/‖W‖ (median)",
+            "effective rank of dW",
+            "‖UᵀWV‖ / random frame",
+            "amplification (median, range)",
+        ],
+        rows,
+    )
+
+
 def loss_positions_block(results: dict) -> str:
     """Logits everywhere vs at the loss positions: FLOPs (XLA) and paired step times per ``data.pack_length``."""
     r = results["loss_positions"]
@@ -1080,15 +1380,40 @@ def newcomer_block(results: dict) -> str:
     return "\n\n".join(out)
 
 
-def withdrawn(records: list[dict], inline: bool) -> str:
+# The command that measures again a withdrawn experiment whose record names none (it predates provenance recording).
+RERUN = {
+    "experiments/sst2_methods": "python -m train.experiment sst2_methods",
+    "experiments/e2e_smollm2": "python -m train.experiment e2e_smollm2",
+    "experiments/rank_study": "python -m train.experiment rank_study",
+    "experiments/qlora_vs_lora": "python -m train.experiment qlora_vs_lora",
+    "experiments/e2e_dpo": "python -m train.experiment e2e_dpo",
+    "experiments/whisper_methods": "python -m train.experiment whisper_methods",
+    "experiments/analysis_e2e/analysis": "python -m train.experiment e2e_smollm2 && python -m train.analyze --base "
+    "SmolLM2-135M-Instruct-Q4_1 --adapters experiments/runs/e2e_lora --out experiments/analysis_e2e",
+    "experiments/analysis_sst2/analysis": "python -m train.experiment rank_study && python -m train.analyze --base "
+    "all-MiniLM-L6-v2 --adapters experiments/runs/r8_qv experiments/runs/r64_qv --out experiments/analysis_sst2",
+}
+
+
+def withdrawn(records: list[dict], inline: bool, names: list[str] | None = None) -> str:
     """What a page says in place of results whose code changed after they were measured (moved to
-    ``benchmarks/results/stale/``): no figure, the commit they measured and the command that measures them again."""
-    cmds = ", ".join(f"`{r.get('provenance', {}).get('command', '?')}`" for r in records)
+    ``benchmarks/results/stale/`` or ``experiments/stale/``): no figure, the commit they measured and the command
+    that measures them again (``names``: their results keys, for the commands of records that name none)."""
+    names = names or [""] * len(records)
+    cmds = ", ".join(
+        f"`{r.get('provenance', {}).get('command') or RERUN.get(n) or f'python -m benchmarks.{n}'}`"
+        for r, n in zip(records, names)
+    )
     if inline:
         return f"(withdrawn until {cmds} is rerun on the current code)"
-    commits = ", ".join((r.get("provenance", {}).get("git", {}).get("commit") or "?")[:10] for r in records)
+    commits = [(r.get("provenance", {}).get("git", {}).get("commit") or "")[:10] for r in records]
+    measured = (
+        f"measured on commit {', '.join(c or '?' for c in commits)}"
+        if any(commits)
+        else "measured before results recorded their commit, CPU and load"
+    )
     return (
-        f"*Withdrawn: these figures were measured on commit {commits}, and the code they measure has changed "
+        f"*Withdrawn: these figures were {measured}, and the code they measure has changed "
         f"since. They are not quoted until {cmds} is rerun (`python -m benchmarks.staleness` lists what is "
         "stale).*"
     )
@@ -1142,7 +1467,7 @@ def sharded_load_block(results: dict) -> str:
 
 
 # Results whose block says "not recorded yet" until their command has run (what it says names the command).
-OPTIONAL = frozenset({"newcomer", "sharded_load"})
+OPTIONAL = frozenset({"newcomer", "sharded_load", "whisper_window"})
 
 
 def attention_memory_block(results: dict) -> str:
@@ -1303,6 +1628,13 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
     "e2e_experiment.headline": ((E2E,), e2e_headline, True),
     "sst2_methods": ((SST2,), sst2_block, False),
     "e2e_analysis": ((E2E_ANALYSIS,), e2e_analysis_block, False),
+    "whisper_methods": ((WHISPER,), whisper_block, False),
+    "whisper_methods.headline": ((WHISPER,), whisper_headline, True),
+    "whisper_window": (("whisper_window",), whisper_window_block, False),
+    "rank_study": ((RANK,), rank_study_block, False),
+    "qlora_vs_lora": ((QLORA_EXP,), qlora_experiment_block, False),
+    "e2e_dpo": ((E2E_DPO,), e2e_dpo_block, False),
+    "sst2_analysis": ((SST2_ANALYSIS,), sst2_analysis_block, False),
     "newcomer": (("newcomer",), newcomer_block, False),
     "attention_memory": (("attention_memory",), attention_memory_block, False),
     "accelerator": (("accelerator",), accelerator_block, False),
@@ -1312,15 +1644,23 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[[dict], str], bool]] = {
 }
 
 
+EXPERIMENT_KEYS = (E2E, SST2, E2E_ANALYSIS, WHISPER, RANK, QLORA_EXP, E2E_DPO, SST2_ANALYSIS)
+
+
 def load_results(results_dir: Path = RESULTS, experiments_dir: Path = EXPERIMENTS) -> dict[str, dict]:
     """Every benchmark's results (by name) and the experiments the pages report (``experiments/NAME``); results
-    withdrawn because the code they measured changed (``benchmarks/results/stale/NAME.json``) as ``stale/NAME``."""
+    withdrawn because the code they measured changed (``benchmarks/results/stale/NAME.json``,
+    ``experiments/stale/NAME.json``) as ``stale/NAME`` and ``stale/experiments/NAME``."""
     out = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
     out.update({f"stale/{p.stem}": json.loads(p.read_text()) for p in sorted((results_dir / "stale").glob("*.json"))})
-    for key in (E2E, SST2, E2E_ANALYSIS):
-        path = experiments_dir / f"{key.split('/', 1)[1]}.json"
+    for key in EXPERIMENT_KEYS:
+        rel = key.split("/", 1)[1]
+        path = experiments_dir / f"{rel}.json"
         if path.is_file():
             out[key] = json.loads(path.read_text())
+        withdrawn_path = experiments_dir / "stale" / f"{rel}.json"
+        if withdrawn_path.is_file():
+            out[f"stale/{key}"] = json.loads(withdrawn_path.read_text())
     return out
 
 
@@ -1335,7 +1675,7 @@ def render(readme: str, results: dict[str, dict]) -> str:
         missing = [n for n in needs if n not in results and n not in OPTIONAL]
         if any(f"stale/{n}" not in results for n in missing):
             raise FileNotFoundError(f"report:{rid} needs benchmarks/results/{missing[0]}.json")
-        body = withdrawn([results[f"stale/{n}"] for n in missing], inline) if missing else fn(results)
+        body = withdrawn([results[f"stale/{n}"] for n in missing], inline, missing) if missing else fn(results)
         return (
             f"<!-- report:{rid} -->{body}<!-- /report:{rid} -->"
             if inline

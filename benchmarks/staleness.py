@@ -8,6 +8,12 @@ the module ``NAME``, or ``NAME`` without ``_quick``). It is fresh when its recor
 commit that touched any of those sources and it was not measured with uncommitted changes to them; otherwise
 it is stale: no recorded commit, a commit unknown to this clone, a later change to a source, or dirty sources.
 
+The experiments' results (``experiments/**/*.json`` outside ``experiments/stale/`` and ``experiments/runs/``)
+are checked the same way against ``train/experiment.py``'s ``SOURCES[NAME]``, ``NAME`` being the experiment
+their provenance names (else the file's name); a JSON there that no experiment measures is stale too.
+Withdrawn results (``benchmarks/results/stale/``, ``experiments/stale/``) are not checked: the pages say they
+are withdrawn.
+
 The check needs the repository's history: outside a git checkout, or in a shallow clone, it raises
 :class:`NoHistory` instead of passing.
 """
@@ -24,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+EXPERIMENTS = ROOT / "experiments"
 
 
 class NoHistory(RuntimeError):
@@ -63,13 +70,23 @@ def require_history(root: Path) -> None:
         )
 
 
-def declared_sources(module: Path) -> list[str]:
-    """The ``SOURCES = (...)`` literal of a benchmark module, read without importing it."""
+def _sources_literal(module: Path):
     tree = ast.parse(module.read_text(), str(module))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SOURCES" for t in node.targets):
-            return list(ast.literal_eval(node.value))
+            return ast.literal_eval(node.value)
     raise ValueError(f"{module} declares no SOURCES (the files whose code it measures)")
+
+
+def declared_sources(module: Path) -> list[str]:
+    """The ``SOURCES = (...)`` literal of a benchmark module, read without importing it."""
+    return list(_sources_literal(module))
+
+
+def experiment_sources(root: Path = ROOT) -> dict[str, list[str]]:
+    """``train/experiment.py``'s ``SOURCES = {NAME: (...)}``: the code each experiment measures (not imported)."""
+    module = root / "train" / "experiment.py"
+    return {k: list(v) for k, v in _sources_literal(module).items()} if module.is_file() else {}
 
 
 def benchmark_of(path: Path, record: dict) -> str:
@@ -81,22 +98,48 @@ def benchmark_of(path: Path, record: dict) -> str:
 
 
 def rerun_command(benchmark: str, root: Path = ROOT) -> str:
+    if benchmark in experiment_sources(root):
+        return f"python -m train.experiment {benchmark}"
     return f"python -m benchmarks.{benchmark}"
 
 
-def check(results_dir: Path = RESULTS, root: Path = ROOT) -> list[Stale]:
-    """The stale results files under ``results_dir`` (empty: all fresh). Raises :class:`NoHistory`."""
+def experiment_results(experiments_dir: Path) -> list[Path]:
+    """The experiments' results files: ``experiments_dir/**/*.json`` outside ``stale/`` and ``runs/``."""
+    return sorted(
+        p
+        for p in experiments_dir.rglob("*.json")
+        if not {"stale", "runs"} & set(p.relative_to(experiments_dir).parts[:-1])
+    )
+
+
+def check(results_dir: Path = RESULTS, root: Path = ROOT, experiments_dir: Path | None = None) -> list[Stale]:
+    """The stale results files under ``results_dir`` and ``experiments_dir`` (default ``root/experiments``; empty
+    list: all fresh). Raises :class:`NoHistory`."""
     require_history(root)
     stale = []
+    jobs = []
     for path in sorted(results_dir.glob("*.json")):
         record = json.loads(path.read_text())
         name = benchmark_of(path, record)
         module = root / "benchmarks" / f"{name}.py"
-        rel = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
         if not module.is_file():
-            stale.append(Stale(rel, name, f"no benchmark module benchmarks/{name}.py measures it", "delete it"))
+            jobs.append((path, record, name, None, f"no benchmark module benchmarks/{name}.py measures it"))
+        else:
+            jobs.append((path, record, name, declared_sources(module), None))
+    experiments = experiment_sources(root)
+    for path in experiment_results(root / "experiments" if experiments_dir is None else experiments_dir):
+        record = json.loads(path.read_text())
+        name = (record.get("provenance") or {}).get("experiment") or path.stem
+        if name in experiments:
+            jobs.append((path, record, name, experiments[name], None))
+        else:
+            why = f"no experiment of train/experiment.py (SOURCES: {sorted(experiments)}) measures it"
+            jobs.append((path, record, name, None, why))
+    for path, record, name, sources, orphan in jobs:
+        rel = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        if sources is None:
+            stale.append(Stale(rel, name, orphan, "delete it (or move it to a stale/ folder: withdrawn)"))
             continue
-        sources = declared_sources(module)
         git = (record.get("provenance") or {}).get("git") or {}
         commit = git.get("commit")
         last = _git(root, "log", "-1", "--format=%H", "--", *sources).stdout.strip()

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def on_files(files: Files, config) -> Files:
     for png in sorted((ROOT / "experiments").rglob("*.png")):
         rel = png.relative_to(ROOT)
-        if "runs" in rel.parts:  # run folders are not committed
+        if "runs" in rel.parts or "stale" in rel.parts:  # run folders are not committed; withdrawn plots not shown
             continue
         files.append(File.generated(config, rel.as_posix(), abs_src_path=str(png)))
     return files

@@ -217,15 +217,61 @@ def test_git_state_names_the_changed_sources(tmp_path, monkeypatch):
     assert common.git_state(["other.py"])["dirty_sources"] == []
 
 
-def test_experiment_blocks_follow_their_results():
-    """The experiments' blocks (E2E, SST-2 methods, the E2E dW analysis) change when their JSON does."""
+EXPERIMENT_EDITS = [
+    (report.E2E, lambda r: r["table"][0].update(bleu=r["table"][0]["bleu"] + 1)),
+    (report.SST2, lambda r: r["table"][0].update(auc=r["table"][0]["auc"] - 0.1)),
+    (report.E2E_ANALYSIS, lambda r: next(iter(r["adapters"].values()))["matrices"][0].update(relative=9.0)),
+    (report.RANK, lambda r: r["runs"][0]["result"]["eval_after"].update(auc=0.123)),
+    (report.QLORA_EXP, lambda r: r["table"][0].update(auc=0.123)),
+    (report.E2E_DPO, lambda r: r["table"][1].update(ser=0.5)),
+    (report.SST2_ANALYSIS, lambda r: next(iter(r["adapters"].values()))["matrices"][0].update(relative=9.0)),
+    (report.WHISPER, lambda r: r["table"][0]["auc"].update(mean=0.123)),
+]
+
+
+@pytest.mark.parametrize("key, edit", EXPERIMENT_EDITS, ids=[k for k, _ in EXPERIMENT_EDITS])
+def test_experiment_blocks_follow_their_results(key, edit):
+    """Each experiment's block renders from its JSON and changes when the JSON does; a withdrawn result
+    (``experiments/stale/``) is rendered as if it were fresh, so its renderer is checked before its rerun."""
     readme = "\n".join(p.read_text() for p in report.pages())
     results = report.load_results()
-    for key, edit in [
-        (report.E2E, lambda r: r["table"][0].update(bleu=r["table"][0]["bleu"] + 1)),
-        (report.SST2, lambda r: r["table"][0].update(auc=r["table"][0]["auc"] - 0.1)),
-        (report.E2E_ANALYSIS, lambda r: next(iter(r["adapters"].values()))["matrices"][0].update(relative=9.0)),
-    ]:
-        changed = copy.deepcopy(results)
-        edit(changed[key])
-        assert report.render(readme, changed) != readme, key
+    assert key in results or f"stale/{key}" in results, key
+    if key not in results:  # withdrawn: the page says so, and names the command that measures it again
+        rerun = results[f"stale/{key}"].get("provenance", {}).get("command") or report.RERUN[key]
+        assert f"`{rerun}`" in readme and "withdrawn" in readme.lower()
+        results = {**results, key: results[f"stale/{key}"]}
+        readme = report.render(readme, results)
+    changed = copy.deepcopy(results)
+    edit(changed[key])
+    assert report.render(readme, changed) != readme, key
+
+
+def test_staleness_covers_the_experiments(tmp_path):
+    """experiments/**/*.json are checked against train/experiment.py's SOURCES like benchmark results against
+    their module's; experiments/stale/ (withdrawn) and experiments/runs/ are not; a JSON no experiment measures is
+    stale."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    measured = _commit(
+        repo,
+        {"lib/ops.py": "a = 1\n", "other.py": "", "train/experiment.py": 'SOURCES = {"exp": ("lib",)}\n'},
+        "code",
+    )
+    (repo / "results").mkdir()
+    exp = repo / "experiments"
+    for name in ("exp.json", "stale/old.json", "runs/x/result.json"):
+        (exp / name).parent.mkdir(parents=True, exist_ok=True)
+        (exp / name).write_text(json.dumps({"provenance": {"experiment": "exp", "git": {"commit": measured}}}))
+    assert staleness.check(repo / "results", repo) == []
+    _commit(repo, {"other.py": "x = 2\n"}, "unrelated")
+    assert staleness.check(repo / "results", repo) == []
+    _commit(repo, {"lib/ops.py": "a = 2\n"}, "faster ops")
+    (stale,) = staleness.check(repo / "results", repo)
+    assert stale.results == "experiments/exp.json" and "faster ops" in stale.why
+    assert stale.rerun == staleness.rerun_command("exp", repo) == "python -m train.experiment exp"
+    (exp / "exp.json").write_text(json.dumps({"rows": []}))  # no provenance: stale
+    assert "no git commit" in staleness.check(repo / "results", repo)[0].why
+    (exp / "exp.json").unlink()
+    (exp / "orphan.json").write_text("{}")
+    assert "no experiment" in staleness.check(repo / "results", repo)[0].why

@@ -476,3 +476,36 @@ def test_accelerator_quick(tmp_path):
         assert r["peak_memory_per_device_GiB"] or _positive(r["compiled_plan_per_device_GiB"])
     written = json.loads((tmp_path / "accelerator.json").read_text())
     assert written["provenance"]["benchmark"] == "accelerator" and not written["measured_on_accelerator"]
+
+
+# ---------------------------------------------------------------------------------------------- whisper window
+
+
+@pytest.mark.slow
+def test_whisper_window_quick(tmp_path):
+    """The encoder at the task's short window against 30 s, on a random 2-layer Whisper and synthetic chirps: the
+    pooled features, the probe both ways and the timing come out, and the report renders them."""
+    from benchmarks import report, whisper_window
+
+    result = whisper_window.main(["--quick", "--out-dir", str(tmp_path)])
+    assert result["frames"] == {"short": 200, "full": 3000}
+    assert result["clips"]["train"] == result["clips"]["eval"] == 12
+    pool = {x["pooling"]: x for x in result["features"]}
+    for x in pool.values():
+        assert -1.0 <= x["min_cosine"] <= x["median_cosine"] <= 1.0 + 1e-6 and x["clips"] == 24
+    # the same positions, seen with 27 s more silence to attend to: close; pooled over the silence too: not
+    assert pool["clip_positions"]["median_cosine"] > pool["whole_window"]["median_cosine"]
+    assert [p["features"] for p in result["probe"]] == ["short", "full_clip", "full_all"]
+    assert all(0.0 <= p["auc"] <= 1.0 and 0.0 <= p["accuracy"] <= 1.0 for p in result["probe"])
+    t = result["time"]
+    assert _positive(t["short_ms"]) and _positive(t["full_ms"]) and t["speedup"]["median"] > 1  # 15x the positions
+    saved = json.loads((tmp_path / "whisper_window_quick.json").read_text())
+    _check_provenance(saved, "whisper_window", "--quick")
+    block = report.whisper_window_block({"whisper_window": saved})
+    assert f"{t['speedup']['median']:.1f}x faster" in block and "synthetic chirps" in block
+    shift = max(abs(p["auc"] - result["probe"][0]["auc"]) for p in result["probe"][1:])
+    for gap, verdict in ((shift + 0.05, "would rank the same"), (shift / 2, "could rank differently")):
+        methods = {
+            "table": [{"method": "frozen_head", "auc": {"mean": 0.5}}, {"method": "lora", "auc": {"mean": 0.5 + gap}}]
+        }
+        assert verdict in report.whisper_window_block({"whisper_window": saved, report.WHISPER: methods})

@@ -649,6 +649,7 @@ NON_DEFAULT: dict[str, tuple[str, list[str]]] = {
     "dpo.simpo_gamma": ("1.0", ["train.objective=dpo", "dpo.loss=simpo"]),
     "dpo.reference": ("cached", ["train.objective=dpo"]),
     "eval.every": ("5", []),
+    "eval.every_s": ("30", []),
     "eval.batch_size": ("8", []),
     "eval.generate_samples": ("0", []),
     "eval.generate_eval": ("4", []),

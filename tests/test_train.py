@@ -284,6 +284,20 @@ def test_run_trains_and_writes_everything(full_run):
     }
 
 
+def test_eval_every_s_evaluates_by_training_time(tiny_bert, tmp_path):
+    """``eval.every_s``: an evaluation whenever that much training time has passed since the last one, beside
+    ``eval.every``'s steps (a time-budgeted run gets its curve's points whatever its step rate)."""
+
+    def eval_steps(every_s: str) -> list[int]:
+        extra = {"train.steps": 5, "eval.every": 1000, "eval.every_s": every_s, "checkpoint.every": 1000}
+        folder = run(load_config(None, overrides(tiny_bert, tmp_path / every_s, **extra)), print_fn=lambda *a: None)
+        return [r["step"] for r in read_log(folder.folder) if r["kind"] == "eval"]
+
+    inner = lambda steps: [s for s in steps if 0 < s < 5]  # noqa: E731 (before and after training are always there)
+    assert inner(eval_steps("1e-9")) == [1, 2, 3, 4]  # every step takes longer than a nanosecond
+    assert inner(eval_steps("1e6")) == []
+
+
 def test_run_logs_the_learning_rate_and_draws_its_loss(full_run):
     """Each training record carries the learning rate its update used, and the run leaves loss.png behind."""
     out, result = full_run

@@ -346,6 +346,12 @@ class MeshConfig:
 @section
 class EvalConfig:
     every: int = key(20, "evaluate every N steps (and before and after training)", ge=1, le=INT_MAX)
+    every_s: Float | None = key(
+        None,
+        "also evaluate at the first step past each multiple of this many seconds of training time "
+        "(time-budgeted runs whose step rate is not known in advance)",
+        gt=0,
+    )
     batch_size: int = key(16, "evaluation batch size", ge=1, le=2**24)
     generate_samples: int = key(3, "causal-lm: sample generations printed before and after training", ge=0, le=10_000)
     generate_eval: int = key(

@@ -9,9 +9,12 @@
 Options: ``--out DIR`` (default ``experiments/``), ``--scale F`` (multiplies budgets and steps, e.g. 0.1 for a
 smoke run) and ``--reuse`` (take the result of a finished run whose saved config is the same instead of training
 it again: an experiment extended by a run, or one interrupted part-way, only trains what is missing). Each
-writes ``DIR/NAME.json`` (every run's config, eval history and result) and PNG plots beside it.
-The runs of one experiment execute one after another in this process; on a shared machine their wall-clock times
-carry its noise, which the JSON records with each evaluation.
+writes ``DIR/NAME.json`` (every run's config, eval history and result, and the provenance benchmark results
+carry: commit, dirty flag, date, CPU, cores, load before / after, library versions, the exact command) and PNG
+plots beside it. ``SOURCES`` names the code each experiment measures: ``python -m benchmarks.staleness`` fails
+when a committed result is older than it. The runs of one experiment execute one after another in this process;
+on a shared machine their wall-clock times carry its noise, so each run records the machine's load average
+while it trained.
 """
 
 from __future__ import annotations
@@ -35,6 +38,72 @@ SPEECH = "configs/whisper_langid_lora.yaml"
 
 REUSE = False  # --reuse
 
+# The code each experiment measures (files and folders relative to the repository root), read by
+# ``python -m benchmarks.staleness`` without importing this module: keep it a literal.
+SOURCES = {
+    "sst2_methods": ("lora_jax", "train", "configs/sst2_minilm_lora.yaml"),
+    "rank_study": ("lora_jax", "train", "configs/sst2_minilm_lora.yaml"),
+    "qlora_vs_lora": ("lora_jax", "train", "configs/sst2_minilm_lora.yaml"),
+    "e2e_smollm2": ("lora_jax", "train", "configs/e2e_smollm2_lora.yaml"),
+    "e2e_dpo": ("lora_jax", "train", "configs/e2e_smollm2_lora.yaml", "configs/e2e_smollm2_dpo.yaml"),
+    "whisper_methods": ("lora_jax", "train", "configs/whisper_langid_lora.yaml"),
+}
+
+
+class LoadSampler:
+    """The machine's 1-minute load average sampled every ``every_s`` seconds in a background thread while a
+    run trains: ``with LoadSampler() as load: ...``, then ``load.summary()``."""
+
+    def __init__(self, every_s: float = 2.0):
+        import threading
+
+        self.every_s = every_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(round(_load()[0], 2))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> LoadSampler:
+        self.before = _load()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.after = _load()
+
+    def summary(self) -> dict:
+        """Load before / after (1, 5, 15 min), the 1-minute average's max and mean while training, the usable
+        cores, and ``overloaded``: whether the 1-minute average exceeded the core count at any sample."""
+        cores = _cores()
+        peak = max(self.samples, default=self.before[0])
+        return {
+            "before": self.before,
+            "after": self.after,
+            "max_1min": peak,
+            "mean_1min": round(sum(self.samples) / len(self.samples), 2) if self.samples else None,
+            "samples": len(self.samples),
+            "cores": cores,
+            "overloaded": peak > cores,
+        }
+
+
+def _load() -> list[float]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def _finished(folder: Path, cfg) -> bool:
     """Whether ``folder`` holds a finished run of exactly ``cfg``."""
@@ -52,11 +121,22 @@ def _run(name: str, config: str | None, overrides: list[str], out: Path) -> dict
         ROOT / config if config else None, last_wins([*overrides, f"output.dir={job}", "output.overwrite=true"])
     )
     folder = job / "latest"
+    load = None
     if REUSE and _finished(folder, cfg):
         print(f"\n=== {name}: reusing the finished run in {folder.resolve()}", flush=True)
+        saved_load = folder / "load.json"
+        load = json.loads(saved_load.read_text()) if saved_load.is_file() else None
     else:
         print(f"\n=== {name}: {' '.join(overrides)}", flush=True)
-        folder = run(cfg, print_fn=lambda *a, **k: print(*a, **k, flush=True)).folder
+        with LoadSampler() as sampler:
+            folder = run(cfg, print_fn=lambda *a, **k: print(*a, **k, flush=True)).folder
+        load = sampler.summary()
+        (folder / "load.json").write_text(json.dumps(load))
+        print(
+            f"load average while {name} ran: max {load['max_1min']}, mean {load['mean_1min']} on {load['cores']} cores"
+            + (" (OVERLOADED: above the core count)" if load["overloaded"] else ""),
+            flush=True,
+        )
     log = read_log(folder)
     evals = [r for r in log if r["kind"] == "eval"]
     train = [r for r in log if r["kind"] == "train"]
@@ -67,6 +147,7 @@ def _run(name: str, config: str | None, overrides: list[str], out: Path) -> dict
         "evals": evals,
         "result": saved,
         "final_train_loss": train[-1]["loss"] if train else None,
+        "load": load,
     }
 
 
@@ -165,34 +246,190 @@ def _table(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def whisper_methods(out: Path, scale: float) -> dict:
-    """The seed presentation's experiment: the pretrained speech encoder of ``SPEECH`` (OpenAI's base model) + a
-    new classification head on spoken-language identification (10 languages of synthesised speech, validation
-    sentences and voices unseen in training; generated by train.speech_data if missing), 2 s clips. LoRA r=8 on
-    the self-attention's q_proj / v_proj (+ head) vs full fine-tuning vs the frozen encoder + trained head, the
-    same wall-clock training budget each (evaluation excluded). Evaluations are spaced by each method's step
-    rate (about 8 per run)."""
+# whisper_methods: the training-time budget of each run at --scale 1, the seeds, the evaluations per run (spaced by
+# training time, so every curve gets them whatever its method's step rate) and the methods with their learning rates.
+WHISPER_BUDGET_S = 120
+WHISPER_SEEDS = (0, 1, 2)
+WHISPER_EVALS = 10
+WHISPER_METHODS = {
+    "lora": ["train.method=lora", "optim.lr=1e-3"],
+    "full": ["train.method=full", "optim.lr=1e-4", "lora.alpha=null"],
+    "frozen_head": ["train.method=linear_probe", "optim.lr=3e-3", "lora.alpha=null"],
+}
+WHISPER_LABELS = {
+    "lora": "LoRA r=8 on q_proj, v_proj + head",
+    "full": "full fine-tuning",
+    "frozen_head": "frozen encoder + head",
+}
+
+
+def metric_at(evals: list[dict], metric: str, t: float) -> float | None:
+    """A run's validation ``metric`` as it stood after ``t`` seconds of training: the newest evaluation made at
+    or before ``t`` (``None`` before the first)."""
+    past = [e for e in evals if metric in e and e.get("train_s", 0.0) <= t]
+    return past[-1][metric] if past else None
+
+
+def whisper_summary(runs: list[dict], budget: float, checkpoints: tuple[float, ...] = (0.25, 0.5, 1.0)) -> dict:
+    """Per method over its seeds: final validation AUC / accuracy / loss (mean, min, max), steps; and at each
+    fraction of the budget in ``checkpoints``, the method with the best mean AUC and whether it led in every
+    seed (a ranking a reader can trust holds seed by seed, not only on average)."""
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        by_method.setdefault(r["method"], []).append(r)
+    table = []
+    for method, rs in by_method.items():
+        row = {"method": method, "seeds": [r["seed"] for r in rs]}
+        for k in ("auc", "accuracy", "loss"):
+            vals = [r["result"]["eval_after"][k] for r in rs]
+            row[k] = {"mean": float(np.mean(vals)), "min": min(vals), "max": max(vals), "values": vals}
+        row["steps"] = [r["result"]["steps"] for r in rs]
+        row["train_s"] = [r["result"]["train_s"] for r in rs]
+        row["trainable_params"] = rs[0]["result"]["trainable_params"]
+        row["eval_points"] = [len([e for e in r["evals"] if "auc" in e]) for r in rs]
+        row["overloaded_runs"] = sum(bool((r.get("load") or {}).get("overloaded")) for r in rs)
+        table.append(row)
+    seeds = sorted({r["seed"] for r in runs})
+    leaders = []
+    for frac in checkpoints:
+        t = frac * budget
+        per_seed = {}
+        for seed in seeds:
+            at = {
+                r["method"]: (r["result"]["eval_after"]["auc"] if frac >= 1 else metric_at(r["evals"], "auc", t))
+                for r in runs
+                if r["seed"] == seed
+            }
+            at = {m: v for m, v in at.items() if v is not None}
+            per_seed[seed] = max(at, key=at.get) if at else None
+        means = {}
+        for method, rs in by_method.items():
+            vals = [r["result"]["eval_after"]["auc"] if frac >= 1 else metric_at(r["evals"], "auc", t) for r in rs]
+            if all(v is not None for v in vals):
+                means[method] = float(np.mean(vals))
+        best = max(means, key=means.get) if means else None
+        leaders.append(
+            {
+                "fraction": frac,
+                "seconds": t,
+                "mean_auc": means,
+                "best": best,
+                "best_per_seed": {str(k): v for k, v in per_seed.items()},
+                "holds_in_every_seed": best is not None and all(v == best for v in per_seed.values()),
+            }
+        )
+    return {"table": table, "leaders": leaders}
+
+
+def _plot_seeds(runs: list[dict], metric: str, path: Path, title: str, cores: int) -> None:
+    """Validation ``metric`` against training time: each seed a thin line (dashed when the machine's load
+    average exceeded ``cores`` while it ran), the mean over seeds bold, the min-max band over seeds shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = dict(zip(WHISPER_METHODS, ("#4c72b0", "#c44e52", "#55a868")))
+    overloaded = False
+    for method, colour in colours.items():
+        rs = [r for r in runs if r["method"] == method]
+        if not rs:
+            continue
+        curves = []
+        for r in rs:
+            pts = [(e.get("train_s", 0.0), e[metric]) for e in r["evals"] if metric in e]
+            loaded = bool((r.get("load") or {}).get("overloaded"))
+            overloaded |= loaded
+            ax.plot(*zip(*pts), color=colour, lw=0.8, alpha=0.6, ls="--" if loaded else "-", marker=".", ms=3)
+            curves.append(pts)
+        end = min(max(t for t, _ in c) for c in curves)
+        grid = np.linspace(0.0, end, 50)
+        vals = np.array(
+            [[metric_at([{"train_s": t, metric: v} for t, v in c], metric, g) for g in grid] for c in curves]
+        )
+        ax.fill_between(grid, vals.min(0), vals.max(0), color=colour, alpha=0.15, lw=0)
+        ax.plot(grid, vals.mean(0), color=colour, lw=2, label=f"{WHISPER_LABELS[method]} ({len(rs)} seeds)")
+    ax.set_xlabel("training time (s; evaluation excluded)")
+    ax.set_ylabel(f"validation {metric}")
+    note = f"dashed: load average above {cores} cores during the run" if overloaded else f"load <= {cores} cores"
+    ax.set_title(f"{title}\n{note}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def whisper_methods(
+    out: Path,
+    scale: float,
+    config: str | None = SPEECH,
+    extra: tuple[str, ...] = (),
+    seeds: tuple[int, ...] = WHISPER_SEEDS,
+    data: Path | None = None,
+) -> dict:
+    """The seed presentation's experiment: the pretrained speech encoder of ``SPEECH`` (OpenAI's Whisper base) +
+    a new classification head on spoken-language identification (10 languages of synthesised speech; validation
+    sentences and whole voice families unseen in training; generated by train.speech_data if missing), the
+    encoder run on the clip's own 2 s window (``data.max_length`` frames, not Whisper's 30 s).
+
+    LoRA r=8 on the self-attention's q_proj / v_proj (+ head) vs full fine-tuning vs the frozen encoder + trained
+    head, the same training-time budget each (``WHISPER_BUDGET_S x scale``, evaluation excluded), every method
+    with each of ``seeds`` (the head's and adapters' init and the batch order), evaluated at every
+    ``1 / WHISPER_EVALS`` of the budget (``eval.every_s``: with the evaluations before and after training,
+    ``WHISPER_EVALS + 1`` points per curve), the machine's load sampled while each run trains. ``config`` / ``extra``
+    (overrides applied last) / ``data`` (a generated task folder): for tests."""
     from train import speech_data
 
-    speech_data.generate(ROOT / "data" / "speech_langid")
-    budget = 600 * scale
+    folder = data if data is not None else speech_data.generate(ROOT / "data" / "speech_langid")
+    budget = WHISPER_BUDGET_S * scale
     common = [
-        "train.steps=100000",
-        f"train.time_budget_s={budget}",
-        "checkpoint.every=100000",
-        f"data.source={ROOT / 'data/speech_langid/train.jsonl'}",
-        f"data.eval_source={ROOT / 'data/speech_langid/eval.jsonl'}",
+        "train.steps=1000000",
+        f"train.time_budget_s={budget:g}",
+        "eval.every=1000000",
+        f"eval.every_s={budget / WHISPER_EVALS:g}",
+        "checkpoint.every=1000000",
+        f"data.source={folder / 'train.jsonl'}",
+        f"data.eval_source={folder / 'eval.jsonl'}",
     ]
-    every = lambda steps_per_budget: f"eval.every={max(int(steps_per_budget * scale / 8), 1)}"  # noqa: E731
-    runs = [
-        _run("whisper_lora", SPEECH, [*common, "train.method=lora", "optim.lr=1e-3", every(90)], out),
-        _run("whisper_full", SPEECH, [*common, "train.method=full", "optim.lr=1e-4", every(35)], out),
-        _run("whisper_frozen_head", SPEECH, [*common, "train.method=linear_probe", "optim.lr=3e-3", every(160)], out),
-    ]
-    title = f"Spoken-language ID, {load_config(ROOT / SPEECH).model.name}: {budget:.0f}s budget each"
-    _plot(runs, "auc", out / "whisper_methods_auc.png", title)
-    _plot(runs, "loss", out / "whisper_methods_loss.png", title)
-    return {"runs": runs, "table": _table(runs)}
+    runs = []
+    for seed in seeds:  # the methods alternate, so that a change in the machine's load reaches all of them
+        for method, over in WHISPER_METHODS.items():
+            r = _run(f"whisper_{method}_s{seed}", config, [*common, *over, f"train.seed={seed}", *extra], out)
+            runs.append({**r, "method": method, "seed": seed})
+    cfg = load_config(ROOT / config if config else None, list(extra))
+    title = f"Spoken-language ID, {cfg.model.name}: {budget:.0f} s of training each"
+    _plot_seeds(runs, "auc", out / "whisper_methods_auc.png", title, _cores())
+    _plot_seeds(runs, "loss", out / "whisper_methods_loss.png", title, _cores())
+    summary = whisper_summary(runs, budget)
+    eval_rows = sum(1 for _ in open(folder / "eval.jsonl"))
+    train_rows = sum(1 for _ in open(folder / "train.jsonl"))
+    print(f"\n{'method':<14} {'AUC mean (min-max)':>22} {'loss mean':>10} {'steps':>16} {'overloaded':>10}")
+    for row in summary["table"]:
+        a = row["auc"]
+        print(
+            f"{row['method']:<14} {a['mean']:>8.3f} ({a['min']:.3f}-{a['max']:.3f}) {row['loss']['mean']:>10.3f} "
+            f"{str(row['steps']):>16} {row['overloaded_runs']:>10}"
+        )
+    for lead in summary["leaders"]:
+        print(
+            f"at {lead['seconds']:.0f} s: best mean AUC {lead['best']}"
+            + ("" if lead["holds_in_every_seed"] else f" (not in every seed: {lead['best_per_seed']})")
+        )
+    return {
+        "runs": runs,
+        **summary,
+        "budget_s": budget,
+        "scale": scale,
+        "seeds": list(seeds),
+        "evals_per_run": WHISPER_EVALS,
+        "batch_size": cfg.train.batch_size,
+        "frames": cfg.data.max_length,
+        "train_clips": train_rows,
+        "eval_clips": eval_rows,
+        "data_spec": json.loads((folder / "spec.json").read_text()),
+    }
 
 
 def rank_study(out: Path, scale: float) -> dict:
@@ -596,9 +833,20 @@ def main(argv=None) -> int:
         ap.error(f"--out {args.out!r} is a file, expected a folder")
 
     def go():
+        import shlex
+
+        from benchmarks.common import Recorder
+
+        argv_ = list(sys.argv[1:] if argv is None else argv)
+        recorder = Recorder(
+            args.name,
+            SOURCES[args.name],
+            command=" ".join(["python -m train.experiment", *map(shlex.quote, argv_)]),
+            kind="experiment",
+        )
         result = EXPERIMENTS[args.name](out, args.scale)
-        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float))
-        print(f"\nwrote {out / (args.name + '.json')}")
+        path = recorder.write(args.name, result, out)
+        print(f"\nwrote {path}")
 
     from train.cli import guarded
 

@@ -1396,6 +1396,11 @@ def train_steps(
     """
     cfg = job.cfg
     steps, every, budget, prefetch = cfg.train.steps, cfg.eval.every, cfg.train.time_budget_s, cfg.train.prefetch
+    every_s = cfg.eval.every_s
+    # eval.every_s: an evaluation at the first step past each multiple of every_s seconds of training time (the
+    # multiples do not drift with the step boundaries, so a budget of n * every_s gets n - 1 of them in training)
+    tick = (lambda t: math.floor(t / every_s)) if every_s is not None else (lambda t: 0)
+    last_tick = tick(progress.train_s)
     trainable, opt_state = state.trainable, state.opt_state
     stop = _StopFlag()
     previous = signal.getsignal(signal.SIGTERM)
@@ -1453,8 +1458,9 @@ def train_steps(
                 _read_metrics(job, progress, pending, log, bar, ckpt)
             pending = _Dispatched(step, m, placed.host, new_shape)
             live_s = progress.train_s + time.perf_counter() - progress.clock
+            due = step % every == 0 or tick(live_s) > last_tick
             if prefetch and not (
-                step % every == 0
+                due
                 or ckpt.should_save(step)
                 or step == steps
                 or stop.signal
@@ -1470,7 +1476,9 @@ def train_steps(
                 "train_s": progress.train_s,
             }
             out_of_time = budget is not None and progress.train_s > budget
-            if step % every == 0 and step < steps and not out_of_time:
+            due = step % every == 0 or tick(progress.train_s) > last_tick
+            if due and step < steps and not out_of_time:
+                last_tick = tick(progress.train_s)
                 ev = evaluate(job, trainable)
                 log.write("eval", step, **ev, train_s=progress.train_s)
                 bar.write(f"step {step}: " + _fmt(ev)) if job.primary else None

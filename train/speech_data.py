@@ -1,12 +1,13 @@
 """Spoken-language identification from synthesised speech: the audio task of ``whisper_methods``.
 
-    python -m train.speech_data --out data/speech_langid      # ~1,440 clips of 1.5-3.5 s, a few minutes
+    python -m train.speech_data --out data/speech_langid      # 1,400 clips of 1.5-3.5 s, a few minutes
 
 Ten languages (English, German, Dutch, Swedish, Danish, Spanish, Portuguese, Italian, French, Polish: three
 groups of close relatives) are spoken by ``espeak-ng`` and reshaped by ``sox``; the label is the language. The
-split cannot leak: validation clips use sentences *and* voices that never occur in training
-(:mod:`train.speech_sentences`: per language 24 training and 6 validation sentences; 42 training and 22
-validation voice variants). Every clip draws its own speaking rate (130-210 words per minute), pitch (20-80 of
+split cannot leak: validation clips use sentences *and* voice families that never occur in training
+(:mod:`train.speech_sentences`: per language 20 training and 10 validation sentences, 6 and 2 clips of each:
+1,200 training and 200 validation clips; 39 training and 25 validation voice variants, a voice and its numbered
+variants always on the same side). Every clip draws its own speaking rate (130-210 words per minute), pitch (20-80 of
 espeak's 0-99), ``sox`` tempo (0.9-1.1x) and, for half the clips, reverberation; then a leading silence of up
 to 0.25 s, a gain (peak 0.3-0.9) and white or pink noise at 5-30 dB SNR. All draws come from one seed, so
 the same command writes the same clips.
@@ -38,9 +39,9 @@ from lora_jax.errors import DataError
 from lora_jax.models.audio import read_wav, write_wav
 from train.speech_sentences import EVAL_VARIANTS, SENTENCES, TRAIN_VARIANTS, VOICES
 
-VERSION = 2  # bump when the synthesis or the augmentation changes
+VERSION = 3  # bump when the synthesis or the augmentation changes
 RATE = 16000
-N_TRAIN_SENTENCES = 24  # per language; the rest are validation sentences
+N_TRAIN_SENTENCES = 20  # per language; the rest are validation sentences
 
 
 def tools() -> dict[str, str]:
@@ -169,8 +170,8 @@ def generate(
     out: str | os.PathLike,
     *,
     languages: list[str] | None = None,
-    train_per_sentence: int = 5,
-    eval_per_sentence: int = 4,
+    train_per_sentence: int = 6,
+    eval_per_sentence: int = 2,
     seed: int = 0,
     n_train: int = N_TRAIN_SENTENCES,
     n_eval: int | None = None,
@@ -245,8 +246,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.speech_data", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="data/speech_langid")
     ap.add_argument("--languages", default=",".join(VOICES), help="comma-separated, of " + ",".join(VOICES))
-    ap.add_argument("--train-per-sentence", type=int, default=5, help="clips per training sentence")
-    ap.add_argument("--eval-per-sentence", type=int, default=4, help="clips per validation sentence")
+    ap.add_argument("--train-per-sentence", type=int, default=6, help="clips per training sentence")
+    ap.add_argument("--eval-per-sentence", type=int, default=2, help="clips per validation sentence")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
