@@ -260,3 +260,21 @@ def test_dw_analysis_of_a_scanned_stack_is_per_layer():
     rows = analysis.layer_stats(params, stacking.stack(adapters), n_random=2)
     mixed = {(r.layer, r.matrix): r.amp.norm_dw for r in rows}
     assert mixed.keys() == want.keys()
+
+
+def test_open_checkpoint_takes_scan_layers_as_a_build_option(tmp_path):
+    from lora_jax import models
+
+    mod, config, scanned, params, stacked = pair("llama")
+    hf.save_pretrained(params, config, tmp_path / "llama")
+    for scan in (True, False):
+        ckpt = models.open_checkpoint(tmp_path / "llama", scan_layers=scan, tokenizer=False)
+        assert ckpt.config.scanned is scan
+        assert (("model", "layers", "self_attn", "q_proj", "kernel") in ckpt.sources) is scan
+        for a, b in zip(jax.tree.leaves(ckpt.load()), jax.tree.leaves(stacked if scan else params)):
+            np.testing.assert_array_equal(a, b)
+    # a family whose layers never scan ignores it; a field no Config has still raises
+    ckpt = models.open_checkpoint("all-MiniLM-L6-v2", scan_layers=True, tokenizer=False)
+    assert not hasattr(ckpt.config, "scan_layers")
+    with pytest.raises(lora.LoraJaxError, match="no field"):
+        models.open_checkpoint(tmp_path / "llama", tokenizer=False, not_a_field=1)

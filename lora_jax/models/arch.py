@@ -329,6 +329,14 @@ GENERIC_NAMES = Names(lists=None)
 # -------------------------------------------------------------------------------------------- tasks
 
 
+def with_scan_layers(config: Any, scan_layers: bool | None) -> Any:
+    """``config`` built scanned or unrolled (``scan_layers``; ``None``: as it is). A build option, not a file
+    setting: a family whose ``Config`` has no ``scan_layers`` (layers that never scan) ignores it."""
+    if scan_layers is None or not hasattr(config, "scan_layers"):
+        return config
+    return dataclasses.replace(config, scan_layers=bool(scan_layers))
+
+
 def _token_ids(config: Any) -> tuple:
     return (jnp.zeros((1, 2), jnp.int32),)
 
@@ -615,4 +623,5 @@ __all__ = [
     "permuted",
     "register",
     "stacked",
+    "with_scan_layers",
 ]
