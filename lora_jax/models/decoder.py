@@ -149,6 +149,11 @@ class DecoderConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and (self.sliding_layers is None or self.sliding_layers[layer])
 
+    @property
+    def layer_kinds(self) -> tuple[bool, ...]:
+        """Per layer, whether it attends through the sliding window (:meth:`is_sliding`)."""
+        return tuple(self.is_sliding(i) for i in range(self.num_hidden_layers))
+
     def layer_structure(self, layer: int) -> Any:
         """What decides layer ``layer``'s parameters (a family whose layers differ overrides it: Qwen3-MoE's dense
         layers among sparse ones). Layers of one structure can share a scanned stack; layers that differ only in
@@ -263,7 +268,7 @@ class DecoderConfig:
 
     def layer_types(self) -> list[str]:
         """``transformers``' ``layer_types``: ``"sliding_attention"`` / ``"full_attention"`` per layer."""
-        return ["sliding_attention" if self.is_sliding(i) else "full_attention" for i in range(self.num_hidden_layers)]
+        return ["sliding_attention" if sliding else "full_attention" for sliding in self.layer_kinds]
 
     def to_hf(self):
         """The equivalent ``transformers`` config (``AutoConfig.for_model(model_type, **hf_fields())``)."""
@@ -409,7 +414,7 @@ class DecoderModel(nn.Module):
             num_embeddings=c.vocab_size, features=c.hidden_size, dtype=self.dtype, init_std=c.initializer_range
         )
         if c.scanned:
-            mixed = len({c.is_sliding(i) for i in range(c.num_hidden_layers)}) > 1
+            mixed = len(set(c.layer_kinds)) > 1
             self.layers = LayerStack(layer=self.layer, config=c, dtype=self.dtype, remat=self.remat, mixed=mixed)
         else:
             self.layers = [remat(self.layer, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
@@ -431,7 +436,7 @@ class DecoderModel(nn.Module):
             x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
         c = self.config
         if c.scanned:
-            kinds = [c.is_sliding(i) for i in range(c.num_hidden_layers)]
+            kinds = c.layer_kinds
             if len(set(kinds)) == 1:
                 mask, flags = step.mask(kinds[0], self.attention), None
             else:
