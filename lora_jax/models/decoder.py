@@ -154,6 +154,21 @@ class DecoderConfig:
         """Per layer, whether it attends through the sliding window (:meth:`is_sliding`)."""
         return tuple(self.is_sliding(i) for i in range(self.num_hidden_layers))
 
+    def attention_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~lora_jax.models.layers.Attention` that this config decides; a family's
+        layer adds (or replaces) only what differs (Gemma 3: the RoPE per layer, the score scale, soft-capping)."""
+        return dict(
+            num_heads=self.num_attention_heads,
+            num_kv_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            features=self.hidden_size,
+            qkv_bias=self.qkv_bias,
+            o_bias=self.o_bias,
+            rope=self.rope,
+            qk_norm_eps=self.rms_norm_eps if self.qk_norm else None,
+            init_std=self.initializer_range,
+        )
+
     def layer_structure(self, layer: int) -> Any:
         """What decides layer ``layer``'s parameters (a family whose layers differ overrides it: Qwen3-MoE's dense
         layers among sparse ones). Layers of one structure can share a scanned stack; layers that differ only in
@@ -312,19 +327,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, kv, start):
         c = self.config
-        attn = Attention(
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads,
-            head_dim=c.head_dim,
-            features=c.hidden_size,
-            qkv_bias=c.qkv_bias,
-            o_bias=c.o_bias,
-            rope=c.rope,
-            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
-            init_std=c.initializer_range,
-            dtype=self.dtype,
-            name="self_attn",
-        )
+        attn = Attention(**c.attention_kwargs(), dtype=self.dtype, name="self_attn")
         norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=self.dtype)
         h, kv = attn(norm(name="input_layernorm")(x), positions, mask, kv, start)
         x = x + h
