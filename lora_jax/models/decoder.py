@@ -10,7 +10,9 @@ stack, the language-model head, and the tables for their checkpoints.
 - :data:`NAMES`, :func:`tasks`, :data:`PRESETS`, :data:`GGUF_TENSORS`, :data:`GGUF_CONFIG` and
   :func:`permute_rope_rows` for the families' declarations.
 
-Parameter paths mirror ``transformers`` (``LlamaForCausalLM`` and its relatives)::
+Parameter paths mirror ``transformers`` (``LlamaForCausalLM`` and its relatives); these are the unrolled model's
+(``scan_layers=False``), and the scanned one (the default) holds each ``layers_N`` leaf once, under ``layers``, with
+a leading layer axis (``model/layers/self_attn/q_proj/kernel (L, D, H*hd)``; :mod:`lora_jax.stacking`)::
 
     model/embed_tokens/embedding           (V, D)          model.embed_tokens.weight
     model/layers_N/input_layernorm/scale   (D,)            model.layers.N.input_layernorm.weight
@@ -71,9 +73,10 @@ class DecoderConfig:
     ``rope_*``: rotary embedding base and scaling (see :class:`~lora_jax.models.layers.Rope`). ``qkv_bias`` /
     ``o_bias`` / ``mlp_bias``: which projections have biases. ``qk_norm``: per-head RMSNorm of queries and keys
     before RoPE. ``sliding_window``: local attention span in tokens, applied to the layers marked in
-    ``sliding_layers`` (``None``: all layers). ``scan_layers``: run the layers as one scanned layer over stacked
-    parameters (:mod:`lora_jax.stacking`; see :attr:`scanned`), not a file setting: ``from_hf`` / ``to_hf``
-    leave it alone.
+    ``sliding_layers`` (``None``: all layers). ``scan_layers`` (default ``True``): run the layers as one scanned
+    layer over stacked parameters (:mod:`lora_jax.stacking`; see :attr:`scanned`); ``False`` builds them unrolled
+    (``layers_N``), which QLoRA, DoRA and LoRA rules naming single layers still need. Not a file setting:
+    ``from_hf`` / ``to_hf`` leave it alone.
     """
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
@@ -106,7 +109,7 @@ class DecoderConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     model_type: str = ""
-    scan_layers: bool = False
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.model_type not in self.MODEL_TYPES:
