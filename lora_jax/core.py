@@ -39,7 +39,7 @@ import numpy as np
 from lora_jax import stacking as _stacking
 from lora_jax import targets as _targets
 from lora_jax import tree as _tree
-from lora_jax.errors import ArgumentError, ArgumentTypeError, MergeStateError, TargetError, UnsupportedError
+from lora_jax.errors import ArgumentError, ArgumentTypeError, MergeStateError, UnsupportedError
 
 PyTree = Any
 Array = jax.Array
@@ -843,7 +843,7 @@ def split(params: PyTree, adapters: PyTree, train: str | Sequence[str] | None = 
     candidates = [p for p, _ in _targets.leaf_paths(params)]
     for rule in rules:
         if not any(rule.fullmatch(p) for p in candidates):
-            raise TargetError(_targets.no_match_message("train", rule.pattern, candidates))
+            raise _targets.no_match_error("train", rule, candidates)
     full: dict = {}
 
     def pick(path, leaf):

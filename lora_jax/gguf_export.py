@@ -251,8 +251,8 @@ def _open_base(base) -> _Base:
     ``Config``."""
     from lora_jax.models import gguf as gguf_io
 
-    if not isinstance(base, (str, os.PathLike)):
-        return _Base(base, None, f"<{type(base).__name__} {base.model_type}>")
+    if not isinstance(base, (str, os.PathLike)):  # GGUF names layers one by one: the unrolled model's config
+        return _Base(stacking.unrolled(base), None, f"<{type(base).__name__} {base.model_type}>")
     from lora_jax.models import resolve
 
     try:
@@ -262,7 +262,7 @@ def _open_base(base) -> _Base:
     reader = gguf_io.open_gguf(path)
     meta = gguf_io.metadata(reader)
     config = gguf_io.config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
-    return _Base(config, reader, str(path))
+    return _Base(stacking.unrolled(config), reader, str(path))
 
 
 def _gguf_shape(tensor) -> tuple[int, ...]:

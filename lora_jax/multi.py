@@ -55,6 +55,9 @@ def _items(tree: PyTree, what: str) -> dict[str, LoraAdapter]:
     items = dict(core.adapter_items(tree))
     if not items:
         raise ArgumentError(f"{what}: an adapter tree holds no LoraAdapter")
+    layered = [p for p in items if stacking.layer_axes(p)]
+    if layered:  # slots would stack on the layer axis: refused by name, not a shape error further on
+        raise stacking.unsupported(f"{what} on adapters of a scanned model ({layered[0]}: one adapter per layer)")
     return items
 
 

@@ -57,7 +57,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from lora_jax import regex
+from lora_jax import regex, stacking
 from lora_jax.errors import TargetError
 from lora_jax.tree import join, leaves, path_str, path_tuple  # noqa: F401  (path_str, path_tuple: public here too)
 
@@ -235,6 +235,26 @@ def no_match_message(what: str, rule: str, candidates: Sequence[str], limit: int
     )
 
 
+_MAX_LAYERS = 1024  # the layer indices tried when a rule may name single layers of a scanned stack
+
+
+def _unrolled(path: str, i: int) -> str:
+    """``path`` of a scanned stack (``.../layers/...``) named as layer ``i`` of the unrolled model."""
+    parts = path.split("/")
+    k = next(j for j, p in enumerate(parts[:-1]) if p == stacking.STACK and not parts[j + 1].isdigit())
+    return "/".join((*parts[:k], f"{stacking.STACK}_{i}", *parts[k + 1 :]))
+
+
+def no_match_error(what: str, rule: Any, candidates: Sequence[str]) -> Exception:
+    """The error for a ``what`` rule (a compiled pattern) that matches none of ``candidates``: an
+    :class:`~lora_jax.errors.UnsupportedError` naming ``scan_layers=False`` when the rule names layers of a scanned
+    stack one by one (it matches the unrolled names ``layers_N`` of a stacked leaf), else a ``TargetError``."""
+    stacked = [p for p in candidates if stacking.layer_axes(p)]
+    if any(rule.fullmatch(_unrolled(p, i)) for p in stacked for i in range(_MAX_LAYERS)):
+        return stacking.unsupported(f"{what} rule {rule.pattern!r} (it names single layers, {stacking.STACK}_N)")
+    return TargetError(no_match_message(what, rule.pattern, list(candidates)))
+
+
 def is_embedding(path: str) -> bool:
     return _EMBEDDING.fullmatch(path) is not None
 
@@ -330,7 +350,7 @@ def select(
     excluded = compile_rules(exclude, "exclude")
     for rule in excluded:
         if not any(rule.fullmatch(p) for p, _ in leaves):
-            raise TargetError(no_match_message("exclude", rule.pattern, [p for p, _ in leaves]))
+            raise no_match_error("exclude", rule, [p for p, _ in leaves])
 
     preset = None
     if targets is None:
@@ -378,7 +398,7 @@ def select(
         for rule in rules:
             hits = [(p, leaf) for p, leaf in leaves if rule.fullmatch(p)]
             if not hits:
-                raise TargetError(no_match_message("targets", rule.pattern, candidates))
+                raise no_match_error("targets", rule, candidates)
             for p, leaf in hits:
                 if any(r.fullmatch(p) for r in excluded):
                     continue
@@ -440,7 +460,7 @@ class PatternMap:
         self._rules = [(regex.compile(k, what), v) for k, v in (patterns or {}).items()]
         for rule, _ in self._rules:
             if not any(rule.fullmatch(p) for p in paths):
-                raise TargetError(no_match_message(what, rule.pattern, list(paths)))
+                raise no_match_error(what, rule, paths)
 
     def get(self, path: str, default: Any) -> Any:
         for rule, value in self._rules:

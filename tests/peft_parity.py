@@ -11,11 +11,13 @@ import numpy as np
 import optax
 
 import lora_jax as lora
+from lora_jax import stacking
 
 
 def assert_lora_gradients_match_peft(model, params, config, torch_model, ids, targets: list[str]) -> None:
     """The same random A, B (r=4, alpha=8 on ``targets``) in PEFT over ``torch_model`` and here over ``params``:
-    equal next-token cross-entropy on ``ids`` and equal gradients w.r.t. every A and B (4 modules per layer)."""
+    equal next-token cross-entropy on ``ids`` and equal gradients w.r.t. every A and B (4 modules per layer).
+    ``params`` scanned or unrolled: PEFT's modules are matched layer by layer (:func:`lora_jax.stacking.unstack`)."""
     import peft
     import torch
 
@@ -35,7 +37,8 @@ def assert_lora_gradients_match_peft(model, params, config, torch_model, ids, ta
             b=jnp.asarray(m.lora_B["default"].weight.detach().numpy().T),
         )
 
-    adapters = jax.tree_util.tree_map_with_path(from_peft, adapters, is_leaf=lora.is_adapter)
+    per_layer = jax.tree_util.tree_map_with_path(from_peft, stacking.unstack(adapters), is_leaf=lora.is_adapter)
+    adapters = stacking.conform(per_layer, params)  # stacked again when the model is scanned
     peft_model.train(False)
     out = peft_model(torch.tensor(ids), labels=torch.tensor(ids))
     out.loss.backward()
@@ -47,7 +50,7 @@ def assert_lora_gradients_match_peft(model, params, config, torch_model, ids, ta
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(adapters)
     np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
     checked = 0
-    for path, g in lora.adapter_items(grads):
+    for path, g in lora.adapter_items(stacking.unstack(grads)):
         m = modules[names.module_name(lora.tree.split(path))]
         ga, gb = m.lora_A["default"].weight.grad.numpy().T, m.lora_B["default"].weight.grad.numpy().T
         assert np.abs(gb).max() > 1e-4

@@ -245,7 +245,7 @@ def dpo_case(smollm2_tokenizer, tmp_path_factory):
     with torch.no_grad():
         for p in torch_model.parameters():
             p.copy_(0.5 * torch.randn(p.shape))  # logits far from uniform: log-probabilities that differ
-    config = llama.Config.from_hf(hf_config)
+    config = dataclasses.replace(llama.Config.from_hf(hf_config), scan_layers=False)  # PEFT's modules, layer by layer
     params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
     model = llama.build(config)
 

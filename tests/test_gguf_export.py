@@ -23,7 +23,7 @@ import lora_jax as lora
 from benchmarks import llamacpp
 from conftest import require
 from lora_jax import gguf_export as ge
-from lora_jax import tree
+from lora_jax import stacking, tree
 from lora_jax.models import gguf as lgguf
 from lora_jax.models import llama
 
@@ -62,6 +62,7 @@ TINY = llama.Config(
     bos_token_id=1,
     eos_token_id=2,
 )
+UNROLLED = dataclasses.replace(TINY, scan_layers=False)  # the per-layer names GGUF files use (TINY builds scanned)
 # Tests of the real llama.cpp (an optional extra that builds llama.cpp from source; CI does not install it) take
 # 20-60 s each here: they are marked slow and llamacpp (`pytest -m llamacpp -n 0`).
 
@@ -98,6 +99,11 @@ def write_tiny_gguf(params, config, path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def per_layer(adapters):
+    """``(path, adapter)`` per layer (a scanned model's stacked adapters split), as GGUF files name them."""
+    return lora.adapter_items(stacking.unstack(adapters))
 
 
 def nonzero(adapters, seed=1, std=0.05):
@@ -149,7 +155,7 @@ def adapters(tiny):
 def test_permutation_is_llama_cpp_converters(tiny):
     """The family mapping (read from the Llama declaration) stores Q / K as llama.cpp's converter does, and
     reads it back."""
-    tmap = ge.tensor_map(TINY)
+    tmap = ge.tensor_map(UNROLLED)
     for proj, name, heads in (("q_proj", "attn_q", 4), ("k_proj", "attn_k", 2), ("v_proj", "attn_v", None)):
         path = ("model", "layers_1", "self_attn", proj, "kernel")
         kernel = np.random.RandomState(0).standard_normal(tmap.shape(path)).astype(np.float32)
@@ -175,10 +181,10 @@ def test_adapter_file_is_what_llama_cpp_reads(tiny, adapters, tmp_path):
     assert meta["adapter.lora.alpha"] == 8.0  # the most common scale * r (2.0 * 4)
     assert reader.types["adapter.lora.alpha"] == (gguf.GGUFValueType.FLOAT32, None)
     tensors = {t.name: t for t in reader.tensors}
-    assert len(tensors) == 2 * len(lora.adapter_items(adapters))
+    assert len(tensors) == 2 * len(per_layer(adapters))
     base = {t.name: t for t in lgguf.open_gguf(path).tensors}
-    for p, ad in lora.adapter_items(adapters):
-        name = ge.tensor_map(TINY).names[tuple(p.split("/"))]
+    for p, ad in per_layer(adapters):
+        name = ge.tensor_map(UNROLLED).names[tuple(p.split("/"))]
         ta, tb = tensors[name + ".lora_a"], tensors[name + ".lora_b"]
         d_in, d_out = (int(d) for d in base[name].shape)  # ne of the base weight
         assert [int(d) for d in ta.shape] == [d_in, ad.r] and [int(d) for d in tb.shape] == [ad.r, d_out]
@@ -197,21 +203,22 @@ def test_adapter_file_reads_back(tiny, adapters, tmp_path):
     out = ge.save_gguf_adapter(adapters, tmp_path / "a.gguf", base=path)
     for kwargs in ({}, {"params": params}):
         back = ge.load_gguf_adapter(out, path, **kwargs)
-        assert [p for p, _ in lora.adapter_items(back)] == [p for p, _ in lora.adapter_items(adapters)]
-        for (p, want), (_, got) in zip(lora.adapter_items(adapters), lora.adapter_items(back)):
+        assert stacking.is_stacked(back) == bool(kwargs)  # read into the params' (scanned) form when given them
+        assert [p for p, _ in per_layer(back)] == [p for p, _ in per_layer(adapters)]
+        for (p, want), (_, got) in zip(per_layer(adapters), per_layer(back)):
             assert got.r == want.r and got.scale == 8.0 / got.r
             np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=p)
     # a config names the layout as well as the base file; f16 factors read back to f16 precision
     half = ge.save_gguf_adapter(adapters, tmp_path / "h.gguf", base=TINY, dtype="f16")
     assert {t.tensor_type for t in lgguf.open_gguf(half).tensors} == {gguf.GGMLQuantizationType.F16}
     back = ge.load_gguf_adapter(half, TINY)
-    for (p, want), (_, got) in zip(lora.adapter_items(adapters), lora.adapter_items(back)):
+    for (p, want), (_, got) in zip(per_layer(adapters), per_layer(back)):
         np.testing.assert_allclose(got.delta(), want.delta(), atol=2e-3, err_msg=p)
 
 
 def test_adapter_export_refuses_what_llama_cpp_cannot_run(tiny, adapters, tmp_path):
     path, params, _ = tiny
-    dora = lora.init(params, r=2, targets="qv", use_dora=True, key=jax.random.key(0))
+    dora = lora.init(stacking.unstack(params), r=2, targets="qv", use_dora=True, key=jax.random.key(0))  # unrolled
     with pytest.raises(ValueError, match="DoRA"):
         ge.save_gguf_adapter(dora, tmp_path / "d.gguf", base=path)
     # SmolLM2 ties its embeddings: llama.cpp uses token_embd as the output head too
@@ -275,7 +282,7 @@ def test_merged_gguf_reads_back_as_the_merge(tiny, adapters, tmp_path):
     path, params, _ = tiny
     merged = lora.merge(params, adapters)
     rep = ge.save_merged_gguf(adapters, tmp_path / "m32.gguf", base=path, type="base")  # F32 base: exact
-    assert set(rep.errors) == {p for p, _ in lora.adapter_items(adapters)}
+    assert set(rep.errors) == {p for p, _ in per_layer(adapters)}  # named per layer, as the file names them
     assert all(e.max_abs == 0.0 and e.delta_rms > 0 for e in rep.errors.values())
     _, back, _, _ = lgguf.load_gguf(rep.path, tokenizer=False)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), dict(merged), back)
@@ -287,7 +294,7 @@ def test_merged_gguf_reads_back_as_the_merge(tiny, adapters, tmp_path):
     assert q8.types["blk.0.attn_q.weight"] == "Q8_0" and q8.types["blk.0.attn_norm.weight"] == "F32"
     assert lgguf.metadata(lgguf.open_gguf(q8.path))["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     _, back8, _, _ = lgguf.load_gguf(q8.path, tokenizer=False)
-    flat_m, flat_b = tree.flatten(merged), tree.flatten(back8)
+    flat_m, flat_b = tree.flatten(stacking.unstack(merged)), tree.flatten(stacking.unstack(back8))  # per layer
     for p, err in q8.errors.items():
         diff = np.asarray(flat_b[tuple(p.split("/"))]) - np.asarray(flat_m[tuple(p.split("/"))])
         assert np.isclose(err.max_abs, np.abs(diff).max(), rtol=1e-5)
@@ -300,7 +307,7 @@ def test_merged_gguf_reads_back_as_the_merge(tiny, adapters, tmp_path):
     t0 = {t.name: t for t in lgguf.open_gguf(q41).tensors}
     t1 = {t.name: t for t in lgguf.open_gguf(again.path).tensors}
     assert {n: t.tensor_type for n, t in t0.items()} == {n: t.tensor_type for n, t in t1.items()}
-    adapted = {ge.tensor_map(TINY).names[tuple(p.split("/"))] for p in again.errors}
+    adapted = {ge.tensor_map(UNROLLED).names[tuple(p.split("/"))] for p in again.errors}
     for n in t0:
         assert np.array_equal(t0[n].data, t1[n].data) == (n not in adapted), n
 
@@ -375,7 +382,8 @@ def test_merged_gguf_falls_back_for_types_gguf_cannot_write(tiny, adapters, tmp_
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    only_layer0 = {"model": {"layers_0": {"mlp": {"down_proj": adapters["model"]["layers_0"]["mlp"]["down_proj"]}}}}
+    layer0 = stacking.unstack(adapters)["model"]["layers_0"]
+    only_layer0 = {"model": {"layers_0": {"mlp": {"down_proj": layer0["mlp"]["down_proj"]}}}}
     with caplog.at_level("WARNING", logger="lora_jax.gguf"):
         rep = ge.save_merged_gguf(
             only_layer0, tmp_path / "m.gguf", base=tmp_path / "k.gguf", type="base", allow_lossy=True
@@ -504,10 +512,10 @@ def test_export_gguf_writes_the_run_files(tiny, adapters, tmp_path):
     said = []
     loop.export_gguf(cfg, tmp_path, {"model": adapters["model"]}, {}, None, said.append)
     back = ge.load_gguf_adapter(tmp_path / loop.GGUF_ADAPTER, path)
-    assert len(lora.adapter_items(back)) == len(lora.adapter_items(adapters["model"]))
+    assert len(lora.adapter_items(back)) == len(per_layer(adapters["model"]))
     report = json.loads((tmp_path / loop.GGUF_MERGED_REPORT).read_text())
     assert report["type"] == "f16" and report["types"]["blk.1.ffn_up.weight"] == "F16"
-    assert set(report["errors"]) == {"model/" + p for p, _ in lora.adapter_items(adapters["model"])}
+    assert set(report["errors"]) == {"model/" + p for p, _ in per_layer(adapters["model"])}
     assert all(0 < e["rms"] < e["delta_rms"] for e in report["errors"].values())
     assert lgguf.open_gguf(tmp_path / loop.GGUF_MERGED).metadata["general.file_type"] == 1  # MOSTLY_F16
     assert len(said) == 2 and "adapter.gguf" in said[0] and "merged GGUF (f16)" in said[1]

@@ -23,7 +23,7 @@ from peft_parity import assert_lora_gradients_match_peft
 
 import lora_jax as lora
 from conftest import missing, require
-from lora_jax import models
+from lora_jax import models, stacking
 from lora_jax.models import gemma3
 from lora_jax.models import generate as gen
 from lora_jax.models import gguf as lgguf
@@ -120,7 +120,8 @@ def test_config_and_parameters(tiny):
     assert (c.rope_theta, c.rope_type, c.rope_factor, c.rope_local_base_freq) == (1e5, "linear", 2.0, 1e3)
     assert (c.query_pre_attn_scalar, c.final_logit_softcapping, c.hidden_act) == (24, 3.0, "gelu_pytorch_tanh")
     assert gemma3.Config.from_hf(c.to_hf()) == c
-    layer = tiny.params["model"]["layers_0"]
+    assert c.scanned  # built scanned by default: one stack holding the four layers
+    layer = stacking.unstack(tiny.params)["model"]["layers_0"]
     assert sorted(layer) == [
         "input_layernorm",
         "mlp",
@@ -145,7 +146,7 @@ def test_config_and_parameters(tiny):
 def test_lora_presets_pick_the_projections(tiny, preset, modules):
     """Every layer's named projections and nothing else: not the embedding, the head, a norm or a bias."""
     adapters = lora.init(tiny.params, r=2, targets=preset)
-    paths = sorted(path for path, _ in lora.adapter_items(adapters))
+    paths = sorted(path for path, _ in lora.adapter_items(stacking.unstack(adapters)))
     block = {m: ("mlp" if m.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn") for m in modules}
     assert paths == sorted(f"model/layers_{i}/{block[m]}/{m}/kernel" for i in range(4) for m in modules)
 
@@ -168,7 +169,7 @@ def test_bfloat16_embeddings_are_scaled_in_the_compute_dtype(tiny):
     seen = {}
 
     def capture(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and context.module.name == "layers_0":
+        if context.method_name == "__call__" and context.module.name == stacking.STACK:  # the scanned stack's input
             seen["ours"] = args[0]
         return next_fun(*args, **kwargs)
 
@@ -326,7 +327,7 @@ def test_peft_adapters_both_ways(tiny, tmp_path):
     model.eval()
     model.save_pretrained(str(tmp_path / "theirs"))
     loaded = lora.load_peft(tmp_path / "theirs", tiny.params, config=tiny.config)
-    assert len(lora.adapter_items(loaded.adapters)) == 3 * tiny.config.num_hidden_layers
+    assert len(lora.adapter_items(stacking.unstack(loaded.adapters))) == 3 * tiny.config.num_hidden_layers
     test_ids, _ = batch(8)
     theirs_logits = torch_logits(model, test_ids)
     assert np.abs(theirs_logits - torch_logits(tiny.torch_model, test_ids)).max() > 1e-2  # training moved them
@@ -400,7 +401,7 @@ def test_real_config_and_weights(real, gemma3_gguf_path):
         ("blk.0.attn_q_norm.weight", ("model", "layers_0", "self_attn", "q_norm", "scale")),
     ]:
         np.testing.assert_array_equal(
-            np.asarray(lora.tree.get(loaded.params, path)), lgguf.dequantize(stored[name]) - 1
+            np.asarray(lora.tree.get(stacking.unstack(loaded.params), path)), lgguf.dequantize(stored[name]) - 1
         )
     assert ids[0, 0] == c.bos_token_id == 2
 

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import lora_jax as lora
+from lora_jax import stacking
 from lora_jax.errors import CheckpointError
 from lora_jax.models import from_hf_weights, llama, to_hf_weights
 from lora_jax.models.generate import init_cache
@@ -201,7 +202,8 @@ def test_missing_wrong_shape_and_extra_tensors_raise():
     from_hf_weights(config, dict(state, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4)}), "x")
     # the base model reads the model.* tensors
     base = from_hf_weights(config, state, "x", task="base")
-    assert set(base) == {"embed_tokens", "layers_0", "layers_1", "norm"}
+    assert set(base) == {"embed_tokens", "layers", "norm"}  # scanned by default: one stack of the two layers
+    assert set(stacking.unstack(base)) == {"embed_tokens", "layers_0", "layers_1", "norm"}
 
 
 @pytest.mark.parametrize(
@@ -222,9 +224,10 @@ def test_unsupported_rope_scaling_is_a_clear_error(rope):
 def test_presets_select_hf_module_names():
     config = llama.Config.from_hf(CONFIGS["llama-gqa"]())
     params = llama.init_params(config, jax.random.key(0))
-    qv = [p for p, _ in lora.adapter_items(lora.init(params, r=2, targets="qv"))]
+    names = lambda adapters: [p for p, _ in lora.adapter_items(stacking.unstack(adapters))]  # noqa: E731  (per layer)
+    qv = names(lora.init(params, r=2, targets="qv"))
     assert qv == [f"model/layers_{i}/self_attn/{m}/kernel" for i in range(2) for m in ("q_proj", "v_proj")]
-    everything = {p for p, _ in lora.adapter_items(lora.init(params, r=2, targets="all-linear"))}
+    everything = set(names(lora.init(params, r=2, targets="all-linear")))
     assert everything == {
         f"model/layers_{i}/{m}/kernel"
         for i in range(2)
@@ -238,7 +241,7 @@ def test_presets_select_hf_module_names():
             "mlp/down_proj",
         )
     }  # no embed_tokens, no lm_head
-    attention = {p for p, _ in lora.adapter_items(lora.init(params, r=2, targets="attention"))}
+    attention = set(names(lora.init(params, r=2, targets="attention")))
     assert attention == {p for p in everything if "self_attn" in p}
 
 
@@ -268,7 +271,7 @@ def test_lora_matches_peft():
     hf_config = CONFIGS["llama-gqa"]()
     torch.manual_seed(0)
     torch_model = randomize(transformers.LlamaForCausalLM(hf_config))
-    config = llama.Config.from_hf(hf_config)
+    config = dataclasses.replace(llama.Config.from_hf(hf_config), scan_layers=False)  # PEFT's modules, layer by layer
     params = from_hf_weights(config, {k: v.numpy() for k, v in torch_model.state_dict().items()}, "sd")
     peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     peft_model = peft.get_peft_model(torch_model, peft_config).eval()

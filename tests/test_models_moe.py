@@ -24,7 +24,7 @@ transformers = require("transformers")
 
 import lora_jax as lora  # noqa: E402
 from lora_jax import peft as lpeft  # noqa: E402
-from lora_jax import tree  # noqa: E402
+from lora_jax import stacking, tree  # noqa: E402
 from lora_jax.models import from_hf_weights, mixtral, moe, qwen3_moe, to_hf_weights  # noqa: E402
 from lora_jax.models.hf import open_weights  # noqa: E402
 
@@ -157,11 +157,13 @@ def test_checkpoint_names_both_ways(case):
     assert set(ours) == set(saved.keys())
     for name in ours:
         np.testing.assert_array_equal(ours[name], saved[name])
-    layer = case.params["model"]["layers_0"]["mlp"]
+    assert case.config.scanned == (case.name == "mixtral")  # qwen3_moe's dense layer keeps its layers unrolled
+    per_layer = stacking.unstack(case.params)["model"]
+    layer = per_layer["layers_0"]["mlp"]
     e, width = case.config.num_experts, case.config.moe_intermediate_size
     assert layer["experts"]["gate_up_proj"].shape == (e, 32, 2 * width)
     if case.name == "qwen3_moe":  # the dense layer has no experts
-        assert set(case.params["model"]["layers_1"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
+        assert set(per_layer["layers_1"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
 
 
 def test_logits_match_transformers(case):
@@ -184,7 +186,7 @@ def test_gradients_match_transformers(case):
         out = case.family.build(case.config).apply({"params": params}, jnp.asarray(ids))[0]
         return optax.softmax_cross_entropy_with_integer_labels(out, jnp.asarray(targets)).mean()
 
-    grads = tree.flatten(jax.grad(loss)(case.params))
+    grads = tree.flatten(stacking.unstack(jax.grad(loss)(case.params)))  # per layer, as the runtime names them
     model = case.torch_model
     model.zero_grad()
     out = model(torch.tensor(ids)).logits
@@ -241,13 +243,24 @@ def test_training_loss_is_transformers_loss_with_the_aux_loss():
 
 
 def test_lora_presets_on_the_model(case):
-    paths = lambda ads: {p for p, _ in lora.adapter_items(ads)}  # noqa: E731
+    paths = lambda ads: {p for p, _ in lora.adapter_items(stacking.unstack(ads))}  # noqa: E731  (per layer)
     experts = paths(lora.init(case.params, r=2, targets="experts"))
     sparse = [i for i in range(case.config.num_hidden_layers) if case.config.is_sparse(i)]
     assert experts == {f"model/layers_{i}/mlp/experts/{k}" for i in sparse for k in ("gate_up_proj", "down_proj")}
     assert paths(lora.init(case.params, r=2, targets="router")) == {f"model/layers_{i}/mlp/gate/kernel" for i in sparse}
     everything = paths(lora.init(case.params, r=2, targets="all-linear+experts"))
     assert experts <= everything and not any("mlp/gate/kernel" in p for p in everything)
+
+
+def _out_shapes(jaxpr):
+    """The shapes of every value an equation of ``jaxpr`` makes, in nested jaxprs (a scan's body) too."""
+    for eqn in jaxpr.eqns:
+        yield from (tuple(v.aval.shape) for v in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _out_shapes(inner)
 
 
 def _random_b(adapters, seed=0, scale=0.3):
@@ -289,9 +302,9 @@ def test_lora_on_experts_trains_and_merges(name):
         adapters, state, loss = step(adapters, state)
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.1, losses
-    stack = case.params["model"]["layers_0"]["mlp"]["experts"]["gate_up_proj"].shape
-    shapes = {tuple(v.aval.shape) for e in jax.make_jaxpr(jax.grad(loss_fn))(adapters).jaxpr.eqns for v in e.outvars}
-    assert stack not in shapes
+    stack = stacking.unstack(case.params)["model"]["layers_0"]["mlp"]["experts"]["gate_up_proj"].shape
+    shapes = set(_out_shapes(jax.make_jaxpr(jax.grad(loss_fn))(adapters).jaxpr))  # inside a layer scan's body too
+    assert stack not in shapes and (case.config.num_hidden_layers, *stack) not in shapes
     factored = logits(case, lora.wrap(case.params, adapters), np.asarray(ids))
     merged = logits(case, lora.merge(case.params, adapters), np.asarray(ids))
     np.testing.assert_allclose(factored, merged, atol=1e-4, rtol=1e-4)
@@ -313,7 +326,9 @@ def test_peft_adapters_both_ways(case, tmp_path):
     pm.save_pretrained(tmp_path / "theirs")
     loaded = lora.load_peft(tmp_path / "theirs", case.params, config=case.config)
     n_sparse = sum(case.config.is_sparse(i) for i in range(case.config.num_hidden_layers))
-    assert len(lora.adapter_items(loaded.adapters)) == 4 * n_sparse + 2 * (case.config.num_hidden_layers - n_sparse)
+    assert len(lora.adapter_items(stacking.unstack(loaded.adapters))) == 4 * n_sparse + 2 * (
+        case.config.num_hidden_layers - n_sparse
+    )
     ref = torch_logits(pm, ids, mask)
     np.testing.assert_allclose(
         logits(case, lora.wrap(case.params, loaded.adapters), ids, mask)[valid], ref[valid], atol=1e-4, rtol=1e-4
@@ -328,7 +343,7 @@ def test_peft_adapters_both_ways(case, tmp_path):
         out = case.family.build(case.config).apply({"params": lora.wrap(case.params, ad)}, jnp.asarray(ids))[0]
         return optax.softmax_cross_entropy_with_integer_labels(out, jnp.asarray(targets_np)).mean()
 
-    grads = dict(lora.adapter_items(jax.grad(loss)(loaded.adapters)))
+    grads = dict(lora.adapter_items(stacking.unstack(jax.grad(loss)(loaded.adapters))))
     layer = pm.base_model.model.model.layers[0]
     outer, inner = layer.mlp.experts, layer.mlp.experts.base_layer  # down_proj wraps gate_up_proj
     for wrapper, key in ((inner, "gate_up_proj"), (outer, "down_proj")):

@@ -16,7 +16,7 @@ from peft_parity import assert_lora_gradients_match_peft
 
 import lora_jax as lora
 from conftest import require
-from lora_jax import models
+from lora_jax import models, stacking
 from lora_jax.models import generate as gen
 from lora_jax.models import qwen3
 
@@ -108,7 +108,7 @@ def test_config_and_parameters(case):
     c = case.config
     assert isinstance(c, qwen3.Config) and c.qk_norm and (c.head_dim, c.num_key_value_heads) == (16, 2)
     assert qwen3.Config.from_hf(c.to_hf()) == c
-    attn = case.params["model"]["layers_0"]["self_attn"]
+    attn = stacking.unstack(case.params)["model"]["layers_0"]["self_attn"]
     assert attn["q_norm"]["scale"].shape == attn["k_norm"]["scale"].shape == (16,)
     assert attn["q_proj"]["kernel"].shape == (48, 6 * 16)
     assert ("bias" in attn["q_proj"]) == ("bias" in attn["o_proj"]) == (case.name == "tied-window-bias")
@@ -225,7 +225,7 @@ def test_peft_adapters_both_ways(case, tmp_path):
     model.eval()
     model.save_pretrained(str(tmp_path / "theirs"))
     loaded = lora.load_peft(tmp_path / "theirs", case.params, config=case.config)
-    assert len(lora.adapter_items(loaded.adapters)) == 3 * case.config.num_hidden_layers
+    assert len(lora.adapter_items(stacking.unstack(loaded.adapters))) == 3 * case.config.num_hidden_layers
     test_ids, _ = batch(8)
     np.testing.assert_allclose(
         jax_logits(case.model, lora.wrap(case.params, loaded.adapters), test_ids),

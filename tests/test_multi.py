@@ -25,6 +25,7 @@ LLAMA = llama.Config(
     max_position_embeddings=64,
     bos_token_id=1,
     eos_token_id=2,
+    scan_layers=False,  # several adapters at once (registry, combinations, mixed batches) need the layers apart
 )
 
 
@@ -391,3 +392,14 @@ def test_mixed_errors_are_clear(tiny_llama):
         lora.stack_adapters([ads[0], dora])
     with pytest.raises(NotImplementedError, match="DoRA adapter"):
         lora.weighted_adapter([dora], [1.0], "cat")
+    # on the scanned model (the library default) the multi-adapter paths refuse by name, before any shape error
+    scanned = llama.init_params(dataclasses.replace(LLAMA, scan_layers=True), jax.random.key(0))
+    layered = [lora.init(scanned, r=2, targets="qv", key=jax.random.key(i)) for i in range(2)]
+    for call in (
+        lambda: lora.stack_adapters(layered),
+        lambda: lora.weighted_adapter(layered, [0.5, 0.5], "cat"),
+        lambda: lora.AdapterSet().add("a", layered[0]),
+        lambda: lora.load_slot(stacked, 0, layered[0]),
+    ):
+        with pytest.raises(lora.UnsupportedError, match="scanned model .*scan_layers=False"):
+            call()

@@ -208,6 +208,21 @@ def test_scanned_stack_refuses_what_it_does_not_support_by_name():
         lora.quantize(stacked)
     with pytest.raises(ValueError, match=r"layers \[1\] of 3 are missing"):
         stacking.stack({"model": {"layers_0": {}, "layers_2": {}}}, like=stacked)
+    # rules naming single layers: refused by name on the stack, applied as before on the unrolled model
+    per_layer = [
+        dict(targets="model/layers_1/self_attn/q_proj/kernel"),
+        dict(targets="qv", exclude=r".*layers_[12]/.*"),
+        dict(targets="qv", rank_pattern={r".*layers_1/.*": 1}),
+        dict(targets="qv", alpha_pattern={r"model/layers_2/self_attn/v_proj/kernel": 3.0}),
+    ]
+    for kwargs in per_layer:
+        with pytest.raises(lora.UnsupportedError, match=r"names single layers.*scan_layers=False"):
+            lora.init(stacked, r=2, **kwargs)
+        assert lora.init(params, r=2, **kwargs)
+    with pytest.raises(lora.UnsupportedError, match=r"train rule .*names single layers.*scan_layers=False"):
+        lora.split(stacked, lora.init(stacked, r=2, targets="qv"), train="model/layers_0/input_layernorm/scale")
+    with pytest.raises(lora.TargetError, match="matches no leaf"):  # a rule that names nothing stays a TargetError
+        lora.init(stacked, r=2, targets="model/layer_1/.*")
 
 
 def test_the_training_job_scans_unless_the_run_needs_layers_apart():
@@ -260,3 +275,21 @@ def test_dw_analysis_of_a_scanned_stack_is_per_layer():
     rows = analysis.layer_stats(params, stacking.stack(adapters), n_random=2)
     mixed = {(r.layer, r.matrix): r.amp.norm_dw for r in rows}
     assert mixed.keys() == want.keys()
+
+
+def test_open_checkpoint_takes_scan_layers_as_a_build_option(tmp_path):
+    from lora_jax import models
+
+    mod, config, scanned, params, stacked = pair("llama")
+    hf.save_pretrained(params, config, tmp_path / "llama")
+    for scan in (True, False):
+        ckpt = models.open_checkpoint(tmp_path / "llama", scan_layers=scan, tokenizer=False)
+        assert ckpt.config.scanned is scan
+        assert (("model", "layers", "self_attn", "q_proj", "kernel") in ckpt.sources) is scan
+        for a, b in zip(jax.tree.leaves(ckpt.load()), jax.tree.leaves(stacked if scan else params)):
+            np.testing.assert_array_equal(a, b)
+    # a family whose layers never scan ignores it; a field no Config has still raises
+    ckpt = models.open_checkpoint("all-MiniLM-L6-v2", scan_layers=True, tokenizer=False)
+    assert not hasattr(ckpt.config, "scan_layers")
+    with pytest.raises(lora.LoraJaxError, match="no field"):
+        models.open_checkpoint(tmp_path / "llama", tokenizer=False, not_a_field=1)

@@ -148,8 +148,9 @@ def test_checkpoint_opens_without_reading_weights(llama_folder):
         ckpt = models.open_checkpoint(llama_folder)
         abstract = ckpt.abstract("bfloat16")
     assert reads == []
-    assert abstract["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].dtype == np.dtype("bfloat16")
-    assert abstract["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].shape == (64, 64)
+    q = abstract["model"]["layers"]["self_attn"]["q_proj"]["kernel"]  # scanned by default: the layers stacked
+    assert q.dtype == np.dtype("bfloat16")
+    assert q.shape == (ckpt.config.num_hidden_layers, 64, 64)
 
 
 def test_memory_plan_refuses_a_run_that_does_not_fit(llama_folder, tmp_path):
@@ -252,7 +253,8 @@ def test_8dev_qlora_base_is_quantised_leaf_by_leaf_on_the_mesh(llama_folder):
     cfg = load_config(
         None, [f"model.name={llama_folder}", "train.method=qlora", "train.precision=bfloat16", "data.task=causal-lm"]
     )
-    ckpt = models.open_checkpoint(llama_folder)
+    ckpt = models.open_checkpoint(llama_folder, scan_layers=loop.scan_layers(cfg))  # as the job: QLoRA unrolls
+    assert not ckpt.config.scanned
     mesh = _mesh()
     prepared = loop.prepare(cfg, ckpt, jax.random.key(0), mesh)
     # what the job did before: quantise the whole float32 tree, then cast the rest
@@ -320,10 +322,10 @@ def test_8dev_tensor_parallel_trains_like_one_device(llama_folder):
     tp_losses, frozen = train(tp)
     one_losses, _ = train(one)
     np.testing.assert_allclose(tp_losses, one_losses, rtol=2e-5)
-    q = frozen["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert tuple(q.sharding.spec) == ("fsdp", "tensor")
-    down = frozen["model"]["layers_0"]["mlp"]["down_proj"]["kernel"]
-    assert tuple(down.sharding.spec) == ("tensor", "fsdp")
+    q = frozen["model"]["layers"]["self_attn"]["q_proj"]["kernel"]  # scanned: the layer axis stays whole
+    assert tuple(q.sharding.spec) == (None, "fsdp", "tensor")
+    down = frozen["model"]["layers"]["mlp"]["down_proj"]["kernel"]
+    assert tuple(down.sharding.spec) == (None, "tensor", "fsdp")
     per_device = sum(
         s.data.nbytes for x in jax.tree.leaves(frozen) for s in x.addressable_shards if s.device == jax.devices()[0]
     )
@@ -387,17 +389,26 @@ def test_two_processes_each_read_only_their_own_blocks(llama_folder, tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-    from lora_jax import models
+    from lora_jax import models, stacking
 
-    ckpt = models.open_checkpoint(llama_folder)
-    names = {"/".join(p): src.what for p, src in ckpt.sources.items()}
+    ckpt = models.open_checkpoint(llama_folder)  # scanned: a stacked leaf's block spans layers, one tensor each
+    names = {
+        "/".join(p): src.what for p, src in models.open_checkpoint(llama_folder, scan_layers=False).sources.items()
+    }
+
+    def tensor_blocks(path, block):
+        """(tensor name, block read) of a held block; a 2-D kernel is stored transposed: its axes reversed."""
+        parts = tuple(path.split("/"))
+        if stacking.layer_axes(parts):
+            (start, stop), block = block[0], block[1:]
+            paths = ["/".join(stacking.per_layer_path(parts, i)) for i in range(start, stop)]
+        else:
+            paths = [path]
+        block = tuple(tuple(b) for b in (block if len(block) == 1 or "kernel" not in path else block[::-1]))
+        return {(names[p], block) for p in paths}
+
     for r in results:
-        # a 2-D kernel is stored transposed: the block read is the held block with its axes reversed
-        held = {
-            (names[path], tuple(tuple(b) for b in (block if len(block) == 1 or "kernel" not in path else block[::-1])))
-            for path, blocks in r["held"].items()
-            for block in blocks
-        }
+        held = {t for path, blocks in r["held"].items() for block in blocks for t in tensor_blocks(path, block)}
         read = {(n, tuple(tuple(s) for s in sl)) for n, sl in r["reads"]}
         assert read == held
         assert len(r["reads"]) == len(read)  # no block read twice

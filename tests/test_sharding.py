@@ -448,14 +448,14 @@ def test_8dev_expert_axis_splits_experts_and_matches_one_device():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4}
     assert sharding.batch_axes(mesh) == ("data", "fsdp", "expert")
     losses8, final8, (base, trained), frozen = _moe_train(mesh, steps=3)
-    stack = "model/layers_0/mlp/experts/gate_up_proj"
-    assert _norm(base[stack].spec) == ("expert",)
+    stack = "model/layers/mlp/experts/gate_up_proj"  # scanned: (layers, experts, ...), the layer axis whole
+    assert _norm(base[stack].spec) == (None, "expert")
     x = dict(leaf_paths(frozen))[stack]
-    assert {tuple(sh.data.shape) for sh in x.addressable_shards} == {(2, 64, 64)}  # 2 whole experts per device
-    assert _norm(base["model/layers_0/self_attn/q_proj/kernel"].spec) == ()  # (64, 64): below the threshold
+    assert {tuple(sh.data.shape) for sh in x.addressable_shards} == {(2, 2, 64, 64)}  # 2 whole experts per device
+    assert _norm(base["model/layers/self_attn/q_proj/kernel"].spec) == ()  # (2, 64, 64): below the threshold
     for factor in ("a", "b"):
-        assert _norm(trained[f"adapters/{stack}/{factor}"].spec) == ("expert",)  # small, but with its experts
-    assert _norm(trained["adapters/model/layers_0/self_attn/q_proj/kernel/a"].spec) == ()
+        assert _norm(trained[f"adapters/{stack}/{factor}"].spec) == (None, "expert")  # small, but with its experts
+    assert _norm(trained["adapters/model/layers/self_attn/q_proj/kernel/a"].spec) == ()
     one = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     losses1, final1, _, _ = _moe_train(one, steps=3)
     assert losses8[-1] < losses8[0]

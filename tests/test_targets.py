@@ -283,14 +283,14 @@ def _project_params(arch: str):
 
 
 PROJECT = {
-    "llama": (
-        "model/layers_0/self_attn",
+    "llama": (  # built scanned by default: one stack, model/layers, holding the layer
+        "model/layers/self_attn",
         ["k_proj", "o_proj", "q_proj", "v_proj"],
         ["q_proj", "v_proj"],
         [
-            "model/layers_0/mlp/down_proj/kernel",
-            "model/layers_0/mlp/gate_proj/kernel",
-            "model/layers_0/mlp/up_proj/kernel",
+            "model/layers/mlp/down_proj/kernel",
+            "model/layers/mlp/gate_proj/kernel",
+            "model/layers/mlp/up_proj/kernel",
         ],
     ),
     "bert": (

@@ -75,7 +75,7 @@ def open_model(cfg: Config):
     if coef is not None:
         overrides.update(router_aux_loss_coef=float(coef), output_router_logits=coef > 0)
     try:
-        ckpt = _open(models, cfg.model.name, task, overrides)
+        ckpt = models.open_checkpoint(cfg.model.name, task=task, **overrides)
     except TypeError as e:
         if coef is None or "router_aux_loss_coef" not in str(e):
             raise
@@ -94,16 +94,6 @@ def open_model(cfg: Config):
             "shared decoder's families choose one); leave it auto"
         )
     return ckpt, model
-
-
-def _open(models: Any, name: str, task: str, overrides: dict) -> Any:
-    try:
-        return models.open_checkpoint(name, task=task, **overrides)
-    except TypeError as e:
-        if "scan_layers" not in str(e):
-            raise
-    # a family whose layers never scan: its Config has no scan_layers
-    return models.open_checkpoint(name, task=task, **{k: v for k, v in overrides.items() if k != "scan_layers"})
 
 
 def scan_layers(cfg: Config) -> bool:

@@ -290,12 +290,12 @@ def open_checkpoint(
     from lora_jax.models import ct2, hf
 
     path = resolve(name_or_path)
+    scan = config_overrides.pop("scan_layers", None)  # how to build the model, not what the file holds
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: expected a Hugging Face model folder or a .gguf file")
         from lora_jax.models import gguf
 
-        scan = config_overrides.pop("scan_layers", None)  # how to build the model, not what the file holds
         if config_overrides:
             raise CheckpointError(
                 f"{path}: config overrides {sorted(config_overrides)} are not supported for GGUF files"
@@ -303,7 +303,7 @@ def open_checkpoint(
         family, config, task, sources, tok = gguf.open_gguf_checkpoint(path, task, tokenizer, scan_layers=scan)
         shapes = family.shapes(config, task)
         return Checkpoint(family, config, task, tok, sources, [], shapes, str(path))
-    if ct2.is_ct2_folder(path):
+    if ct2.is_ct2_folder(path):  # Whisper: layers that never scan, so scan_layers is ignored
         config, plan, preprocessor, source = ct2.open_ct2_checkpoint(path, task, **config_overrides)
         return Checkpoint(
             for_config(config), config, plan.task, preprocessor, plan.sources, plan.fresh, plan.shapes, source
@@ -313,7 +313,7 @@ def open_checkpoint(
         arch = for_model_type(getattr(hf_config, "model_type", None))
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    config = _override(arch.config.from_hf(hf_config), config_overrides, path)
+    config = _arch.with_scan_layers(_override(arch.config.from_hf(hf_config), config_overrides, path), scan)
     tensors = hf.open_weights(path)
     names = list(tensors.keys())
     task = arch.detect_task(config, names) if task is None else arch.task(task)
@@ -359,6 +359,8 @@ def load(name_or_path: str | os.PathLike, dtype=jnp.float32, task: str | None = 
         the family's tasks (``"base"``, ``"causal-lm"``, ``"sequence-classification"``, ...).
       **config_overrides: fields of the architecture's ``Config`` to replace before the weights are read, e.g.
         ``num_labels=3`` for a new classification head (a checkpoint whose head has another shape raises).
+        ``scan_layers`` is a build option every checkpoint takes (a GGUF file too): a decoder built scanned or
+        unrolled; families whose layers never scan ignore it.
 
     Returns:
       ``model`` (a Flax Linen module; call ``model.apply({"params": params}, ...)``), ``params`` (a nested

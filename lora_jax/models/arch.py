@@ -143,35 +143,21 @@ def permuted(axes: Sequence[int]) -> Layout:
     )
 
 
-def stacked(each: Layout = TRANSPOSE) -> Layout:
-    """One leaf stacked on a new first axis from several tensors, each stored in layout ``each`` (per-expert
-    ``experts.N.gate_proj.weight`` tensors -> one ``(E, in, out)`` kernel). Pair it with a :class:`Rule` whose
-    ``name`` gives the tensor names in order."""
-    stack = lambda xs: (jnp if isinstance(xs[0], jax.Array) else np).stack(xs)  # noqa: E731
+def _stack_of(each: Layout, per: int = 1, count: int | None = None) -> Layout:
+    """A leaf stacked on a new first axis: item ``i`` is stored as ``per`` tensors (names ``i * per`` up to ``(i +
+    1) * per``) in layout ``each``; ``count`` items (``None``: as many as there are tensors). A block reads only
+    its items' tensors, each blockwise, when ``each`` can read blocks."""
 
-    def read(views, index):  # only the tensors of the experts in the block, each read blockwise
-        return np.stack([each.read_block([views[e]], index[1:]) for e in range(*index[0].indices(len(views)))])
-
-    return Layout(
-        load=lambda xs: stack([each.load([x]) for x in xs]),
-        save=lambda x: [each.save(x[i])[0] for i in range(x.shape[0])],
-        transposed=each.transposed,
-        read=read,
-    )
-
-
-def layer_stacked(each: Layout, per_layer: int, layers: int) -> Layout:
-    """One leaf of a scanned layer stack (:mod:`lora_jax.stacking`): layer ``i`` is stored as ``per_layer``
-    tensors in layout ``each`` (the names of all layers in order), so files keep their per-layer names."""
-    k = per_layer
+    def items(xs):
+        return len(xs) // per if count is None else count
 
     def load(xs):
-        parts = [each.load(xs[i * k : (i + 1) * k]) for i in range(layers)]
+        parts = [each.load(xs[i * per : (i + 1) * per]) for i in range(items(xs))]
         return (jnp if isinstance(parts[0], jax.Array) else np).stack(parts)
 
-    def read(views, index):  # only the layers in the block, each read blockwise as its layout allows
+    def read(views, index):
         return np.stack(
-            [each.read_block(views[i * k : (i + 1) * k], index[1:]) for i in range(*index[0].indices(layers))]
+            [each.read_block(views[i * per : (i + 1) * per], index[1:]) for i in range(*index[0].indices(items(views)))]
         )
 
     return Layout(
@@ -180,6 +166,19 @@ def layer_stacked(each: Layout, per_layer: int, layers: int) -> Layout:
         transposed=each.transposed,
         read=read if each.read is not None else None,
     )
+
+
+def stacked(each: Layout = TRANSPOSE) -> Layout:
+    """One leaf stacked on a new first axis from several tensors, each stored in layout ``each`` (per-expert
+    ``experts.N.gate_proj.weight`` tensors -> one ``(E, in, out)`` kernel). Pair it with a :class:`Rule` whose
+    ``name`` gives the tensor names in order."""
+    return _stack_of(each)
+
+
+def layer_stacked(each: Layout, per_layer: int, layers: int) -> Layout:
+    """One leaf of a scanned layer stack (:mod:`lora_jax.stacking`): layer ``i`` is stored as ``per_layer``
+    tensors in layout ``each`` (the names of all layers in order), so files keep their per-layer names."""
+    return _stack_of(each, per_layer, layers)
 
 
 # -------------------------------------------------------------------------------------------- names
@@ -327,6 +326,14 @@ GENERIC_NAMES = Names(lists=None)
 
 
 # -------------------------------------------------------------------------------------------- tasks
+
+
+def with_scan_layers(config: Any, scan_layers: bool | None) -> Any:
+    """``config`` built scanned or unrolled (``scan_layers``; ``None``: as it is). A build option, not a file
+    setting: a family whose ``Config`` has no ``scan_layers`` (layers that never scan) ignores it."""
+    if scan_layers is None or not hasattr(config, "scan_layers"):
+        return config
+    return dataclasses.replace(config, scan_layers=bool(scan_layers))
 
 
 def _token_ids(config: Any) -> tuple:
@@ -615,4 +622,5 @@ __all__ = [
     "permuted",
     "register",
     "stacked",
+    "with_scan_layers",
 ]

@@ -10,7 +10,9 @@ stack, the language-model head, and the tables for their checkpoints.
 - :data:`NAMES`, :func:`tasks`, :data:`PRESETS`, :data:`GGUF_TENSORS`, :data:`GGUF_CONFIG` and
   :func:`permute_rope_rows` for the families' declarations.
 
-Parameter paths mirror ``transformers`` (``LlamaForCausalLM`` and its relatives)::
+Parameter paths mirror ``transformers`` (``LlamaForCausalLM`` and its relatives); these are the unrolled model's
+(``scan_layers=False``), and the scanned one (the default) holds each ``layers_N`` leaf once, under ``layers``, with
+a leading layer axis (``model/layers/self_attn/q_proj/kernel (L, D, H*hd)``; :mod:`lora_jax.stacking`)::
 
     model/embed_tokens/embedding           (V, D)          model.embed_tokens.weight
     model/layers_N/input_layernorm/scale   (D,)            model.layers.N.input_layernorm.weight
@@ -71,9 +73,10 @@ class DecoderConfig:
     ``rope_*``: rotary embedding base and scaling (see :class:`~lora_jax.models.layers.Rope`). ``qkv_bias`` /
     ``o_bias`` / ``mlp_bias``: which projections have biases. ``qk_norm``: per-head RMSNorm of queries and keys
     before RoPE. ``sliding_window``: local attention span in tokens, applied to the layers marked in
-    ``sliding_layers`` (``None``: all layers). ``scan_layers``: run the layers as one scanned layer over stacked
-    parameters (:mod:`lora_jax.stacking`; see :attr:`scanned`), not a file setting: ``from_hf`` / ``to_hf``
-    leave it alone.
+    ``sliding_layers`` (``None``: all layers). ``scan_layers`` (default ``True``): run the layers as one scanned
+    layer over stacked parameters (:mod:`lora_jax.stacking`; see :attr:`scanned`); ``False`` builds them unrolled
+    (``layers_N``), which QLoRA, DoRA and LoRA rules naming single layers still need. Not a file setting:
+    ``from_hf`` / ``to_hf`` leave it alone.
     """
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
@@ -106,7 +109,7 @@ class DecoderConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     model_type: str = ""
-    scan_layers: bool = False
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.model_type not in self.MODEL_TYPES:
@@ -148,6 +151,26 @@ class DecoderConfig:
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and (self.sliding_layers is None or self.sliding_layers[layer])
+
+    @property
+    def layer_kinds(self) -> tuple[bool, ...]:
+        """Per layer, whether it attends through the sliding window (:meth:`is_sliding`)."""
+        return tuple(self.is_sliding(i) for i in range(self.num_hidden_layers))
+
+    def attention_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~lora_jax.models.layers.Attention` that this config decides; a family's
+        layer adds (or replaces) only what differs (Gemma 3: the RoPE per layer, the score scale, soft-capping)."""
+        return dict(
+            num_heads=self.num_attention_heads,
+            num_kv_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            features=self.hidden_size,
+            qkv_bias=self.qkv_bias,
+            o_bias=self.o_bias,
+            rope=self.rope,
+            qk_norm_eps=self.rms_norm_eps if self.qk_norm else None,
+            init_std=self.initializer_range,
+        )
 
     def layer_structure(self, layer: int) -> Any:
         """What decides layer ``layer``'s parameters (a family whose layers differ overrides it: Qwen3-MoE's dense
@@ -263,7 +286,7 @@ class DecoderConfig:
 
     def layer_types(self) -> list[str]:
         """``transformers``' ``layer_types``: ``"sliding_attention"`` / ``"full_attention"`` per layer."""
-        return ["sliding_attention" if self.is_sliding(i) else "full_attention" for i in range(self.num_hidden_layers)]
+        return ["sliding_attention" if sliding else "full_attention" for sliding in self.layer_kinds]
 
     def to_hf(self):
         """The equivalent ``transformers`` config (``AutoConfig.for_model(model_type, **hf_fields())``)."""
@@ -307,19 +330,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, kv, start):
         c = self.config
-        attn = Attention(
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads,
-            head_dim=c.head_dim,
-            features=c.hidden_size,
-            qkv_bias=c.qkv_bias,
-            o_bias=c.o_bias,
-            rope=c.rope,
-            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
-            init_std=c.initializer_range,
-            dtype=self.dtype,
-            name="self_attn",
-        )
+        attn = Attention(**c.attention_kwargs(), dtype=self.dtype, name="self_attn")
         norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=self.dtype)
         h, kv = attn(norm(name="input_layernorm")(x), positions, mask, kv, start)
         x = x + h
@@ -409,7 +420,7 @@ class DecoderModel(nn.Module):
             num_embeddings=c.vocab_size, features=c.hidden_size, dtype=self.dtype, init_std=c.initializer_range
         )
         if c.scanned:
-            mixed = len({c.is_sliding(i) for i in range(c.num_hidden_layers)}) > 1
+            mixed = len(set(c.layer_kinds)) > 1
             self.layers = LayerStack(layer=self.layer, config=c, dtype=self.dtype, remat=self.remat, mixed=mixed)
         else:
             self.layers = [remat(self.layer, self.remat)(c, i, self.dtype) for i in range(c.num_hidden_layers)]
@@ -431,7 +442,7 @@ class DecoderModel(nn.Module):
             x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
         c = self.config
         if c.scanned:
-            kinds = [c.is_sliding(i) for i in range(c.num_hidden_layers)]
+            kinds = c.layer_kinds
             if len(set(kinds)) == 1:
                 mask, flags = step.mask(kinds[0], self.attention), None
             else:

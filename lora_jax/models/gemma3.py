@@ -144,19 +144,11 @@ class DecoderLayer(nn.Module):
         norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=self.dtype, offset=1.0)
         mixed = self.layer is None  # a scanned stack of local and global layers: the mask says which (LayerMask)
         attn = Attention(
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads,
-            head_dim=c.head_dim,
-            features=c.hidden_size,
-            qkv_bias=c.qkv_bias,
-            o_bias=c.o_bias,
-            rope=c.rope if mixed else c.layer_rope(self.layer),
+            **{**c.attention_kwargs(), "rope": c.rope if mixed else c.layer_rope(self.layer)},
             sliding_rope=c.local_rope if mixed else None,
-            qk_norm_eps=c.rms_norm_eps,
             norm_offset=1.0,
             scale=c.query_pre_attn_scalar**-0.5,
             softcap=c.attn_logit_softcapping,
-            init_std=c.initializer_range,
             dtype=self.dtype,
             name="self_attn",
         )

@@ -544,8 +544,7 @@ def open_gguf_checkpoint(
     if task != own and not (family.tasks[task].backbone is None and backbone is not None):
         raise CheckpointError(f"{path}: a GGUF file holds a {own} model; task {task!r} cannot be read from it")
     config = config_from_metadata(meta, names, str(path))
-    if scan_layers is not None and hasattr(config, "scan_layers"):
-        config = dataclasses.replace(config, scan_layers=bool(scan_layers))
+    config = arch_lib.with_scan_layers(config, scan_layers)
     sources = sources_from_reader(reader, config, meta["general.architecture"], str(path))
     if task != own:
         sources = {p[1:]: src for p, src in sources.items() if p[0] == backbone}
