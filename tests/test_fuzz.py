@@ -230,13 +230,15 @@ def conforms(value: Any, tp: Any) -> bool:
 
 
 def _names_a_key(message: str, overrides: list[str]) -> bool:
-    """The message names (a dotted prefix of) one of the override keys, or quotes an override that has no key."""
+    """The message names (a dotted prefix of) one of the override keys, or quotes an override that has no key
+    (whole, or as ``train.config.short`` bounds a long one)."""
     for text in overrides:
+        quoted = {repr(text), config_lib.short(text)}
         if "=" not in text:
-            if repr(text) in message:
+            if any(q in message for q in quoted):
                 return True
             continue
-        if repr(text) in message:  # 'override 'lora.r=!!int abc': value is not valid YAML'
+        if any(q in message for q in quoted):  # 'override 'lora.r=!!int abc': value is not valid YAML'
             return True
         key = text.split("=", 1)[0].strip()
         parts = key.split(".")

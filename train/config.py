@@ -532,6 +532,9 @@ def _explain(cls: type, where: str, raw: dict, error: ValidationError) -> str:
         return f"{full} must be a finite number, got {short(value)}"
     if kind == "string_too_short":
         return f"{full} must not be empty"
+    if kind == "string_pattern_mismatch":  # the right type in the wrong form: say the form
+        pattern = (first.get("ctx") or {}).get("pattern", "")
+        return f"{full} is not in a form it accepts (the pattern {pattern}), got {short(value)}"
     tp = typing.get_type_hints(cls, include_extras=True)[name]
     return f"{full}: expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})"
 

@@ -504,7 +504,7 @@ def step_compiler_options(cfg: Config) -> dict | None:
       pass hoists the convert of the whole stack out of the loop, and every device keeps a float32 copy of all
       its layers for the whole step: twice its bfloat16 base. Off, one layer is converted at a time (the step of
       a 32-layer stack of 2,048 x 5,632 MLPs on 8 devices: 388 MiB of temporaries with the pass, 28 MiB without;
-      the training job's 1.1B Llama: ``benchmarks.sharded_load``).
+      the training job's 1.1B model: ``benchmarks.sharded_load``).
     - ``cse_barrier_expander`` (with ``train.remat``): keep ``jax.checkpoint``'s optimization barriers, which
       XLA:CPU otherwise strips before CSE merges the backward pass's recomputation back into the forward pass,
       so that the checkpoint saves little (GPT-2 small, LoRA, 4 x 128 tokens, each block checkpointed: 394 MiB of
