@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import Recorder, median, memory_analysis, table
+from lora_jax import stacking
 from train import loop
 from train.config import load_config
 
@@ -153,8 +154,9 @@ def matmul_params(params: Any, config: Any) -> int:
     """``N``: every linear kernel's entries, plus the output head (``V x D``) once (tied or not)."""
     n = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = [getattr(p, "key", getattr(p, "name", "")) for p in path]
-        if keys and keys[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2 and "lm_head" not in keys:
+        keys = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+        layer_axis = 1 if stacking.layer_axes("/".join(keys)) else 0  # a scanned stack: (L, d_in, d_out)
+        if keys and keys[-1] == "kernel" and getattr(leaf, "ndim", 0) - layer_axis == 2 and "lm_head" not in keys:
             n += int(np.prod(leaf.shape))
     return n + config.vocab_size * config.hidden_size
 

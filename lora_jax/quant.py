@@ -187,6 +187,10 @@ class QuantizedWeight:
         )
 
 
+# A scanned stack cannot hold a quantised base yet: every stacking operation on one refuses, naming QLoRA.
+_stacking.register_node(QuantizedWeight, _stacking.refusing("a QuantizedWeight (a quantised base: QLoRA)"))
+
+
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedWeight)
 

@@ -101,18 +101,11 @@ def refusing(what: str) -> NodeRule:
 
 def is_node(x: Any) -> bool:
     """Whether ``x`` is a registered node (a leaf of the tree functions here, not a subtree)."""
-    from lora_jax import targets
-
-    return type(x) in _RULES or targets.is_weight_node(x)
+    return type(x) in _RULES
 
 
 def _rule(x: Any) -> NodeRule | None:
-    from lora_jax import targets
-
-    rule = _RULES.get(type(x))
-    if rule is None and targets.is_weight_node(x):
-        return refusing(f"a {type(x).__name__} (a quantised base: QLoRA)")
-    return rule
+    return _RULES.get(type(x))
 
 
 def _stack_size(x: Any) -> int:

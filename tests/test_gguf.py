@@ -309,7 +309,8 @@ def test_smollm2_lora_factored_equals_merged(smollm2):
         adapters,
         is_leaf=lora.is_adapter,
     )
-    assert len(lora.adapter_items(adapters)) == 60  # q_proj and v_proj of 30 layers
+    assert len(lora.adapter_items(adapters)) == 2  # q_proj and v_proj, each stacked over the 30 scanned layers
+    assert len(lora.adapter_items(lora.stacking.unstack(adapters))) == 60
     ids = jnp.asarray([tok("LoRA on a real model")["input_ids"]])
     factored, _ = model.apply({"params": lora.wrap(params, adapters)}, ids)
     merged, _ = model.apply({"params": lora.merge(params, adapters)}, ids)

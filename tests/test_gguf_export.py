@@ -539,20 +539,22 @@ def test_train_run_exports_gguf_and_predict_reads_it(tiny, tmp_path):
     # the job trained the layers scanned (stacked adapters); the files and these params name layers one by one
     trained = stacking.unstack(load_adapters(run / "adapters"))
     assert any(p.startswith("model/layers_1/") for p, _ in lora.adapter_items(trained))
-    back = ge.load_gguf_adapter(run / "adapter.gguf", path, params=params)
+    back = stacking.unstack(ge.load_gguf_adapter(run / "adapter.gguf", path, params=params))
     for (p, want), (_, got) in zip(lora.adapter_items(trained), lora.adapter_items(back)):
         np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=p)
     report = json.loads((run / "merged_gguf_errors.json").read_text())
     assert set(report["errors"]) == {p for p, _ in lora.adapter_items(trained)}
     assert report["types"]["blk.0.attn_q.weight"] == "Q8_0"
     _, merged, _, _ = lgguf.load_gguf(run / "merged.gguf", tokenizer=False)
-    flat, exact = tree.flatten(merged), tree.flatten(lora.merge(params, trained))
+    flat = tree.flatten(stacking.unstack(merged))
+    exact = tree.flatten(stacking.unstack(lora.merge(params, trained)))
     for p, e in report["errors"].items():
         key = tuple(p.split("/"))
         assert np.isclose(np.abs(np.asarray(flat[key]) - np.asarray(exact[key])).max(), e["max_abs"], rtol=1e-5)
 
     p = predict.from_base(str(path), str(run / "adapter.gguf"))  # what train.predict --adapter X.gguf runs
     _, loaded = lora.unwrap(p.weights)
+    loaded = stacking.unstack(loaded)
     for (q, want), (_, got) in zip(lora.adapter_items(trained), lora.adapter_items(loaded)):
         np.testing.assert_allclose(got.delta(), want.delta(), atol=1e-6, err_msg=q)
     records = predict.predict(
